@@ -1,0 +1,216 @@
+"""`sms-bridge` commands. A config problem becomes exit code 1 with every problem listed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from bridge import __version__
+from bridge.clock import SystemClock
+from bridge.config import Config, config_path_from, load_config, masked, parse_listen
+from bridge.errors import ConfigError, ProviderError
+from bridge.logs import setup_logging
+
+log = logging.getLogger("bridge")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sms-bridge",
+        description=(
+            "Email and webhook to SMS gateway. With no config file, runs on built-in defaults "
+            "with the in-process sandbox provider."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"sms-bridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", help="TOML file (default: $SMS_BRIDGE_CONFIG, else none)")
+        return p
+
+    with_config(sub.add_parser("serve", help="run SMTP, HTTP and the dispatcher"))
+    sandbox = sub.add_parser("sandbox", help="run the sandbox provider API on its own")
+    sandbox.add_argument("--listen", default="127.0.0.1:8099", help="HOST:PORT")
+    sandbox.add_argument(
+        "--api-key", default=os.environ.get("SMS_BRIDGE_SANDBOX_API_KEY", "sandbox-key")
+    )
+    sandbox.add_argument("--requests-per-minute", type=int, default=100)
+    sandbox.add_argument("--fail-share", type=float, default=0.0)
+    check = with_config(sub.add_parser("check-config", help="validate a config file"))
+    check.add_argument("file", nargs="?", help="the file (instead of --config)")
+    messages = with_config(sub.add_parser("messages", help="list stored messages"))
+    messages.add_argument("--status", "--state", dest="state")
+    messages.add_argument("--limit", type=int, default=50)
+    messages.add_argument("--json", action="store_true")
+    provider = with_config(sub.add_parser("provider", help="call the provider's account API"))
+    provider.add_argument("action", choices=["balance", "pricing", "account", "logs", "calculate"])
+    provider.add_argument("--json", action="store_true")
+    provider.add_argument("--page", type=int, default=1)
+    provider.add_argument("--per-page", type=int, default=20)
+    provider.add_argument("--status", choices=["delivered", "sent", "pending", "failed"])
+    provider.add_argument("--to", action="append", default=[], help="calculate: a recipient")
+    provider.add_argument("--message", default="", help="calculate: the text")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path = getattr(args, "file", None) or config_path_from(getattr(args, "config", None))
+    return load_config(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "sandbox":
+            return _run_sandbox(args)
+        config = _load(args)
+    except ConfigError as exc:
+        print("configuration problems:", file=sys.stderr)
+        for key, why in exc.problems:
+            print(f"  {key}: {why}", file=sys.stderr)
+        return 1
+    secrets = [
+        config.provider.api_key,
+        *(r.token for r in config.routes.values()),
+        *(r.secret for r in config.routes.values()),
+    ]
+    setup_logging(config.log.level, config.log.format, secrets)
+    if args.command == "check-config":
+        print(f"{config.source}: OK")
+        print(json.dumps(masked(config), indent=2, default=list))
+        return 0
+    if args.command == "serve":
+        from bridge.service import serve
+
+        asyncio.run(serve(config))
+        return 0
+    if args.command == "messages":
+        return asyncio.run(_messages(config, args))
+    if args.command == "provider":
+        return asyncio.run(_provider(config, args))
+    return 2
+
+
+def _run_sandbox(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from bridge.provider.sandbox import SandboxState, create_sandbox_app
+
+    setup_logging("info", "human", [args.api_key])
+    host, port = parse_listen(args.listen)
+    state = SandboxState(
+        clock=SystemClock(),
+        api_key=args.api_key,
+        rate_limit=args.requests_per_minute,
+        fail_share=args.fail_share,
+    )
+    log.warning("sandbox provider on http://%s:%d/api/v1 - nothing leaves this machine", host, port)
+    uvicorn.run(create_sandbox_app(state), host=host, port=port, log_config=None, access_log=False)
+    return 0
+
+
+async def _messages(config: Config, args: argparse.Namespace) -> int:
+    from bridge.store import Store
+
+    store = Store(config.store.path)
+    await store.open()
+    try:
+        rows = await store.list(state=args.state, limit=args.limit)
+    finally:
+        await store.close()
+    if args.json:
+        print(json.dumps([m.to_json() for m in rows], indent=2, ensure_ascii=False))
+        return 0
+    table = [
+        [
+            str(m.id),
+            m.to_json()["created_at"][:19],
+            m.recipient,
+            str(m.state),
+            str(m.attempts),
+            m.provider_message_id or "",
+            _short(m.reason or m.text, 50),
+        ]
+        for m in rows
+    ]
+    _print_table(["id", "created", "to", "state", "tries", "provider id", "reason / text"], table)
+    return 0
+
+
+async def _provider(config: Config, args: argparse.Namespace) -> int:
+    from bridge.service import Bridge
+
+    async with Bridge.build(config) as bridge:
+        client = bridge.client
+        try:
+            if args.action == "balance":
+                result: Any = await client.balance()
+            elif args.action == "pricing":
+                result = await client.pricing()
+            elif args.action == "account":
+                result = await client.account()
+            elif args.action == "logs":
+                page = await client.logs(page=args.page, per_page=args.per_page, status=args.status)
+                result = [
+                    vars(e)
+                    if not hasattr(e, "__slots__")
+                    else {k: getattr(e, k) for k in e.__slots__}
+                    for e in page.entries
+                ]
+            else:
+                if not args.to or not args.message:
+                    print(
+                        "calculate needs --to NUMBER (repeatable) and --message TEXT",
+                        file=sys.stderr,
+                    )
+                    return 2
+                result = await client.calculate(args.to, args.message)
+        except ProviderError as exc:
+            print(f"provider error: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        _print_any(result)
+    return 0
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+
+
+def _print_any(result: Any) -> None:
+    """A readable table of whatever shape the provider answered with."""
+    if isinstance(result, dict):
+        lists = {k: v for k, v in result.items() if isinstance(v, list)}
+        scalars = [
+            [str(k), json.dumps(v) if isinstance(v, dict) else str(v)]
+            for k, v in result.items()
+            if k not in lists
+        ]
+        if scalars:
+            _print_table(["key", "value"], scalars)
+        for name, items in lists.items():
+            print(f"\n{name}:")
+            _print_any(items)
+    elif isinstance(result, list) and result and all(isinstance(r, dict) for r in result):
+        keys = list(dict.fromkeys(k for r in result for k in r))
+        _print_table(keys, [[_short(str(r.get(k, "")), 40) for k in keys] for r in result])
+    elif isinstance(result, list) and not result:
+        print("(none)")
+    else:
+        print(result)

@@ -1,0 +1,469 @@
+"""Configuration: TOML file + `SMS_BRIDGE_<SECTION>_<KEY>` environment -> frozen dataclasses.
+
+Everything is checked once, at start; `load_config` raises one `ConfigError` listing every
+problem with its key path, so `serve` exits 1 before it opens a port. Secrets may be given
+as `<key>_file` naming a file to read (systemd credentials, Docker secrets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bridge.errors import ConfigError
+from bridge.phone import PhoneError, normalise_number
+
+ENV_PREFIX = "SMS_BRIDGE_"
+DEFAULT_SMTP_LISTEN = "127.0.0.1:2525"
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
+DEFAULT_STORE_PATH = "sms-bridge.db"
+ONE_MIB = 1024 * 1024
+ROUTE_FORMATS = ("alertmanager", "grafana", "github", "gitlab", "generic")
+GROUP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def _opt(default: Any, kind: str = "", secret: bool = False) -> Any:
+    """A config key: its default and how to read it from a string (the environment)."""
+    if isinstance(default, list | tuple):
+        return field(default=tuple(default), metadata={"kind": kind or "list", "secret": secret})
+    return field(default=default, metadata={"kind": kind, "secret": secret})
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    listen: str = _opt(DEFAULT_SMTP_LISTEN)
+    domains: tuple[str, ...] = _opt(["sms.localhost"])
+    hostname: str = _opt("")
+    max_message_bytes: int = _opt(ONE_MIB)
+    max_recipients: int = _opt(100)
+    default_region: str = _opt("")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: str = _opt(DEFAULT_HTTP_LISTEN)
+    max_body_bytes: int = _opt(ONE_MIB)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    base_url: str = _opt("")
+    api_key: str = _opt("", secret=True)
+    auth_header: str = _opt("x-api-key")  # x-api-key | bearer
+    sender_id: str = _opt("SMS")
+    requests_per_minute: int = _opt(100)
+    timeout: float = _opt(10.0, "duration")
+    connect_timeout: float = _opt(5.0, "duration")
+    pricing_path: str = _opt("/pricing")
+    account_path: str = _opt("/account")
+    calculate_path: str = _opt("/calculate")
+    bulk_message_type: bool = _opt(False)
+    max_bulk: int = _opt(1000)
+    retry_max_age: float = _opt(3600.0, "duration")
+    backoff_initial: float = _opt(5.0, "duration")
+    backoff_max: float = _opt(600.0, "duration")
+    auth_probe_interval: float = _opt(30.0, "duration")
+
+
+@dataclass(frozen=True, slots=True)
+class StatusConfig:
+    poll_interval: float = _opt(5.0, "duration")
+    budget_share: float = _opt(0.10)
+    give_up_after: float = _opt(172800.0, "duration")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    path: str = _opt(DEFAULT_STORE_PATH)
+
+
+@dataclass(frozen=True, slots=True)
+class PhoneConfig:
+    require_valid: bool = _opt(False)
+    default_region: str = _opt("")
+
+
+@dataclass(frozen=True, slots=True)
+class DedupeConfig:
+    window: float = _opt(600.0, "duration")
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = _opt("info")
+    format: str = _opt("human")  # human | json
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    """The in-process sandbox provider used when `provider.base_url` is empty."""
+
+    api_key: str = _opt("sandbox-key", secret=True)
+    balance: float = _opt(1000.0)
+    sent_after: float = _opt(1.0, "duration")
+    delivered_after: float = _opt(3.0, "duration")
+    fail_share: float = _opt(0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    format: str = "generic"
+    to: tuple[str, ...] = ()
+    token: str = ""
+    secret: str = ""
+    template: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    provider: ProviderConfig = field(default_factory=ProviderConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    phone: PhoneConfig = field(default_factory=PhoneConfig)
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    routes: Mapping[str, RouteConfig] = field(default_factory=dict)
+    source: str = "built-in defaults"
+
+    @property
+    def uses_sandbox(self) -> bool:
+        return not self.provider.base_url
+
+
+SECTIONS: dict[str, type] = {
+    "smtp": SmtpConfig,
+    "http": HttpConfig,
+    "provider": ProviderConfig,
+    "status": StatusConfig,
+    "store": StoreConfig,
+    "phone": PhoneConfig,
+    "dedupe": DedupeConfig,
+    "log": LogConfig,
+    "sandbox": SandboxConfig,
+}
+
+
+def parse_duration(value: object) -> float:
+    """`30s`, `10m`, `1.5h`, `2d`, `250ms` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s or 10m")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration such as 30s, 10m, 2h or 1d")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host:
+        raise ValueError(f"{value!r} has no host")
+    return host, int(port)
+
+
+def _from_env_text(text: str, kind: str, default: object) -> object:
+    """Turn an environment string into the type of the key it overrides."""
+    if kind == "list":
+        if text.strip().startswith("["):
+            return tomllib.loads(f"v = {text}")["v"]
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if kind == "duration":
+        return text
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{text!r} is not a boolean (true/false)")
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    return text
+
+
+def _coerce(value: object, kind: str, default: object) -> object:
+    """Check a TOML value against the key's type; raise ValueError saying what was expected."""
+    if kind == "duration":
+        return parse_duration(value)
+    if kind == "list":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ValueError("expected a list of strings")
+        return tuple(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("expected a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _read_secret_file(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8").strip()
+
+
+class _Loader:
+    """Collects problems instead of stopping at the first one."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[tuple[str, str]] = []
+
+    def problem(self, key: str, why: str) -> None:
+        self.problems.append((key, why))
+
+    def section(self, name: str, cls: type, raw: object) -> Any:
+        if not isinstance(raw, dict):
+            self.problem(name, "expected a table")
+            raw = {}
+        values: dict[str, object] = {}
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in raw:
+            base = key.removesuffix("_file")
+            if key not in known and not (key.endswith("_file") and base in known):
+                self.problem(f"{name}.{key}", "unknown key")
+        for fname, spec in known.items():
+            kind = spec.metadata.get("kind", "")
+            env_name = f"{ENV_PREFIX}{name.upper()}_{fname.upper()}"
+            value: object = dataclasses.MISSING
+            origin = f"{name}.{fname}"
+            try:
+                if env_name in self.env:
+                    origin = env_name
+                    value = _from_env_text(self.env[env_name], kind, spec.default)
+                elif f"{env_name}_FILE" in self.env:
+                    origin = f"{env_name}_FILE"
+                    value = _read_secret_file(self.env[f"{env_name}_FILE"])
+                elif fname in raw:
+                    value = raw[fname]
+                elif f"{fname}_file" in raw:
+                    origin = f"{name}.{fname}_file"
+                    file_name = raw[f"{fname}_file"]
+                    if not isinstance(file_name, str):
+                        raise ValueError("expected a file path")
+                    value = _read_secret_file(file_name)
+                if value is not dataclasses.MISSING:
+                    values[fname] = _coerce(value, kind, spec.default)
+            except (ValueError, tomllib.TOMLDecodeError) as exc:
+                self.problem(origin, str(exc))
+            except OSError as exc:
+                self.problem(origin, f"cannot read secret file: {exc.strerror or exc}")
+        return cls(**values)
+
+    def groups(self, raw: object) -> dict[str, tuple[str, ...]]:
+        if not isinstance(raw, dict):
+            self.problem("groups", "expected a table of name = [numbers]")
+            raw = {}
+        raw = dict(raw)
+        for env_name, text in self.env.items():
+            if env_name.startswith(f"{ENV_PREFIX}GROUPS_"):
+                raw[env_name.removeprefix(f"{ENV_PREFIX}GROUPS_").lower()] = _from_env_text(
+                    text, "list", ()
+                )
+        groups: dict[str, tuple[str, ...]] = {}
+        for name, members in raw.items():
+            key = f"groups.{name}"
+            if not GROUP_NAME.match(name):
+                self.problem(key, "a group name starts with a letter: letters, digits, _ . -")
+                continue
+            if isinstance(members, str):
+                members = [members]
+            if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+                self.problem(key, "expected a list of phone numbers")
+                continue
+            groups[name] = tuple(members)
+        return groups
+
+    def routes(self, raw: object) -> dict[str, RouteConfig]:
+        if not isinstance(raw, dict):
+            self.problem("routes", "expected tables [routes.NAME]")
+            return {}
+        routes: dict[str, RouteConfig] = {}
+        known = {f.name for f in dataclasses.fields(RouteConfig)} - {"name"}
+        for name, table in raw.items():
+            key = f"routes.{name}"
+            if not isinstance(table, dict):
+                self.problem(key, "expected a table")
+                continue
+            values: dict[str, Any] = {}
+            for option, value in table.items():
+                base = option.removesuffix("_file")
+                if option in known and option != "to" and not isinstance(value, str):
+                    self.problem(f"{key}.{option}", "expected a string")
+                elif option == "to":
+                    try:
+                        values["to"] = _coerce(value, "list", ())
+                    except ValueError as exc:
+                        self.problem(f"{key}.to", str(exc))
+                elif option in known:
+                    values[option] = value
+                elif option.endswith("_file") and base in ("token", "secret"):
+                    try:
+                        values[base] = _read_secret_file(str(value))
+                    except OSError as exc:
+                        self.problem(f"{key}.{option}", f"cannot read secret file: {exc}")
+                else:
+                    self.problem(f"{key}.{option}", "unknown key")
+            route = RouteConfig(name=name, **values)
+            if route.format not in ROUTE_FORMATS:
+                self.problem(f"{key}.format", f"must be one of {', '.join(ROUTE_FORMATS)}")
+            routes[name] = route
+        return routes
+
+
+def _validate(config: Config, loader: _Loader) -> None:
+    problem = loader.problem
+    for key, listen in (("smtp.listen", config.smtp.listen), ("http.listen", config.http.listen)):
+        if listen:
+            try:
+                parse_listen(listen)
+            except ValueError as exc:
+                problem(key, str(exc))
+    if config.smtp.listen and not config.smtp.domains:
+        problem("smtp.domains", "at least one domain is needed while SMTP is on")
+    p = config.provider
+    if p.base_url and not re.match(r"^https?://[^/\s]+", p.base_url):
+        problem("provider.base_url", "must be an http:// or https:// URL, or empty for the sandbox")
+    if p.auth_header not in ("x-api-key", "bearer"):
+        problem("provider.auth_header", "must be x-api-key or bearer")
+    if p.base_url and not p.api_key:
+        problem("provider.api_key", "required when provider.base_url is set")
+    if not 1 <= p.requests_per_minute <= 100_000:
+        problem("provider.requests_per_minute", "must be between 1 and 100000")
+    if not 1 <= p.max_bulk <= 1000:
+        problem("provider.max_bulk", "must be between 1 and 1000 (the provider's bulk limit)")
+    if not valid_sender_id(p.sender_id):
+        problem(
+            "provider.sender_id",
+            "up to 11 letters, digits or spaces with at least one letter, or up to 15 digits",
+        )
+    for key in ("pricing_path", "account_path", "calculate_path"):
+        if not getattr(p, key).startswith("/"):
+            problem(f"provider.{key}", "must start with /")
+    if not 0 < config.status.budget_share <= 1:
+        problem("status.budget_share", "must be above 0 and at most 1")
+    if not 0 <= config.sandbox.fail_share <= 1:
+        problem("sandbox.fail_share", "must be between 0 and 1")
+    if config.log.level.lower() not in ("debug", "info", "warning", "error"):
+        problem("log.level", "must be debug, info, warning or error")
+    if config.log.format not in ("human", "json"):
+        problem("log.format", "must be human or json")
+    for name, members in config.groups.items():
+        for index, member in enumerate(members):
+            try:
+                normalise_number(member, default_region=config.phone.default_region or None)
+            except PhoneError as exc:
+                problem(f"groups.{name}[{index}]", str(exc))
+    for name, route in config.routes.items():
+        for index, target in enumerate(route.to):
+            if target in config.groups:
+                continue
+            try:
+                normalise_number(target, default_region=config.phone.default_region or None)
+            except PhoneError as exc:
+                problem(f"routes.{name}.to[{index}]", f"neither a group nor a number: {exc}")
+
+
+def valid_sender_id(sender_id: str) -> bool:
+    """Alphanumeric: 1-11 of A-Z a-z 0-9 space with a letter; numeric: up to 15 digits."""
+    if re.fullmatch(r"\+?\d{1,15}", sender_id):
+        return True
+    return bool(
+        re.fullmatch(r"[A-Za-z0-9 ]{1,11}", sender_id) and re.search(r"[A-Za-z]", sender_id)
+    )
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Read `path` (None: built-in defaults) with environment overrides; raise ConfigError."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    loader = _Loader(env)
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}")]) from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError([(str(path), f"not valid TOML: {exc}")]) from exc
+    for key in raw:
+        if key not in SECTIONS and key not in ("groups", "routes"):
+            loader.problem(key, "unknown section")
+    sections = {
+        name: loader.section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()
+    }
+    config = Config(
+        **sections,
+        groups=loader.groups(raw.get("groups", {})),
+        routes=loader.routes(raw.get("routes", {})),
+        source=str(path) if path is not None else "built-in defaults",
+    )
+    _validate(config, loader)
+    if loader.problems:
+        raise ConfigError(loader.problems)
+    return config
+
+
+def config_path_from(arg: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """`--config` wins, then `$SMS_BRIDGE_CONFIG`, else no file at all."""
+    env = os.environ if env is None else env
+    return arg or env.get(f"{ENV_PREFIX}CONFIG") or None
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The config as plain data with every secret replaced, for logs and `check-config`."""
+    out: dict[str, Any] = {}
+    for name in SECTIONS:
+        section = getattr(config, name)
+        out[name] = {
+            f.name: (
+                "***"
+                if f.metadata.get("secret") and getattr(section, f.name)
+                else getattr(section, f.name)
+            )
+            for f in dataclasses.fields(section)
+        }
+    out["groups"] = {k: list(v) for k, v in config.groups.items()}
+    out["routes"] = {
+        k: {
+            "format": r.format,
+            "to": list(r.to),
+            "token": "***" if r.token else "",
+            "secret": "***" if r.secret else "",
+        }
+        for k, r in config.routes.items()
+    }
+    return out

@@ -1,0 +1,356 @@
+"""The dispatcher: queued messages -> provider requests, within the rate budget.
+
+Each step (`run_once`, arq's burst mode) claims what is due, coalesces messages with the
+same text, sender and type into `/send-bulk` calls of up to `max_bulk` recipients (a lone
+recipient goes through `/send`), books every request in the limiter and the store before
+sending it, and records each outcome:
+
+    success           -> sent, with the provider's id and cost
+    400               -> failed with the provider's reason (a refused bulk is retried
+                         one by one, so one bad number cannot sink the rest)
+    401/403/404       -> queue kept, sending paused, health red, /balance probed until OK
+    429               -> the whole key paused for Retry-After (or a backoff), then retried
+    5xx, connect fail -> retried with exponential backoff and jitter, failed past max age
+    unknown outcome   -> left in `sending` and checked against /logs before any resend
+
+Messages found in `sending` (a crash, a read timeout) are reconciled the same way, so a
+restart does not text anyone twice where the provider's /logs can tell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from bridge.clock import Clock, sleep_until_woken
+from bridge.config import ProviderConfig
+from bridge.errors import (
+    PermanentSendError,
+    ProviderAuthError,
+    ProviderError,
+    RateLimitedError,
+    StoreUnavailable,
+    TransientSendError,
+)
+from bridge.health import ProviderHealth
+from bridge.models import Message, State
+from bridge.provider.client import ProviderClient, SendResult, TransientUnknownOutcome
+from bridge.ratelimit import SlidingWindowLimiter
+from bridge.store import Store
+from bridge.text import TYPE_GSM
+
+log = logging.getLogger(__name__)
+IDLE_WAIT = 30.0  # nothing queued: look again this often even without a wake-up
+RECONCILE_DELAY = 5.0  # let the provider's /logs catch up before looking there
+RECONCILE_MAX_PAGES = 10
+CLOCK_SKEW = 120.0  # tolerance between our clock and the provider's timestamps
+DUE_BATCH = 5000
+
+
+def batch_key(m: Message) -> tuple[str, str, int] | None:
+    """Messages sharing this key may go in one bulk call; None: must go alone."""
+    if m.solo or m.schedule_time:
+        return None
+    return (m.text, m.sender_id, m.message_type)
+
+
+def plan_batches(due: Sequence[Message], *, max_bulk: int, bulk_types: bool) -> list[list[Message]]:
+    """Group due messages into requests, oldest first, bulk only where the API allows."""
+    groups: dict[tuple[str, str, int], list[Message]] = {}
+    batches: list[list[Message]] = []
+    for m in due:
+        key = batch_key(m)
+        if key is None or (m.message_type != TYPE_GSM and not bulk_types):
+            batches.append([m])
+            continue
+        group = groups.setdefault(key, [])
+        if not group:
+            batches.append(group)
+        group.append(m)
+        if len(group) == max_bulk:
+            del groups[key]
+    return batches
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        client: ProviderClient,
+        limiter: SlidingWindowLimiter,
+        clock: Clock,
+        config: ProviderConfig,
+        health: ProviderHealth,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.limiter = limiter
+        self.clock = clock
+        self.config = config
+        self.health = health
+        self.rng = rng or random.Random()
+        self.wake = asyncio.Event()
+        self._next_probe = 0.0
+        self._reconciled_at_start = False
+
+    async def load_budget(self) -> None:
+        """Take the requests booked before a restart into the window."""
+        now = self.clock.now()
+        await self.store.prune_requests(now - 2 * self.limiter.window)
+        self.limiter.load(await self.store.request_times(now - self.limiter.window))
+
+    # -- the loop ------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.load_budget()
+        while not stop.is_set():
+            try:
+                wait = await self.run_once()
+            except StoreUnavailable as exc:
+                log.error("dispatcher cannot use the store: %s", exc)
+                wait = 5.0
+            self.wake.clear()
+            await sleep_until_woken(self.clock, wait, self.wake, stop)
+
+    async def run_once(self) -> float:
+        """One step: send what is due and within budget; return seconds until the next."""
+        now = self.clock.now()
+        if not self.health.ready:
+            if now < self._next_probe:
+                return self._next_probe - now
+            if not await self._probe():
+                return self.config.auth_probe_interval
+        wait = await self._reconcile()
+        if wait is not None:
+            return wait
+        due = await self.store.due(now, DUE_BATCH)
+        for batch in plan_batches(
+            due, max_bulk=self.config.max_bulk, bulk_types=self.config.bulk_message_type
+        ):
+            wait = self.limiter.wait_time("send")
+            if wait > 0:
+                return wait
+            await self._send(batch)
+            if not self.health.ready or self.limiter.paused_until > self.clock.now():
+                return self.limiter.wait_time("send") or self.config.auth_probe_interval
+        if len(due) == DUE_BATCH:
+            return 0.0
+        next_due = await self.store.next_due_at()
+        if next_due is None:
+            return IDLE_WAIT
+        return max(0.0, min(IDLE_WAIT, next_due - self.clock.now()))
+
+    # -- one request ---------------------------------------------------------------------
+    async def _send(self, batch: list[Message]) -> None:
+        now = self.clock.now()
+        self.limiter.book(now, "send")
+        claimed = set(await self.store.claim([m.id for m in batch], now, "send"))
+        batch = [m for m in batch if m.id in claimed]
+        if not batch:
+            return
+        first = batch[0]
+        ids = [m.id for m in batch]
+        try:
+            if len(batch) == 1:
+                result = await self.client.send(
+                    first.recipient,
+                    first.text,
+                    sender_id=first.sender_id,
+                    message_type=first.message_type,
+                    schedule_time=first.schedule_time,
+                )
+            else:
+                result = await self.client.send_bulk(
+                    [m.recipient for m in batch],
+                    first.text,
+                    sender_id=first.sender_id,
+                    message_type=first.message_type,
+                )
+        except PermanentSendError as exc:
+            await self._refused(batch, exc)
+        except ProviderAuthError as exc:
+            self.health.auth_failed(str(exc), self.clock.now())
+            self._next_probe = self.clock.now() + self.config.auth_probe_interval
+            await self.store.requeue(
+                ids,
+                self.clock.now(),
+                at=self.clock.now(),
+                reason=f"waiting: provider refused the key ({exc})",
+                refund_attempt=True,
+            )
+        except RateLimitedError as exc:
+            pause = exc.retry_after if exc.retry_after is not None else self._backoff(1)
+            self.limiter.pause(self.clock.now() + pause)
+            log.warning("provider answered 429: pausing all requests for %.1fs", pause)
+            await self.store.requeue(
+                ids,
+                self.clock.now(),
+                at=self.clock.now() + pause,
+                reason=f"rate limited by the provider ({exc})",
+                refund_attempt=True,
+            )
+        except TransientUnknownOutcome as exc:
+            log.warning("outcome of request for %s unknown (%s): checking /logs first", ids, exc)
+            await self._note_unknown(ids, str(exc))
+        except TransientSendError as exc:
+            await self._retry_later(batch, exc)
+        else:
+            self.health.succeeded(self.clock.now())
+            await self.store.mark_sent(_sent_rows(batch, result), self.clock.now())
+
+    async def _refused(self, batch: list[Message], exc: ProviderError) -> None:
+        now = self.clock.now()
+        if len(batch) > 1:
+            log.warning(
+                "bulk call refused (%s): sending its %d messages one by one", exc, len(batch)
+            )
+            await self.store.requeue(
+                [m.id for m in batch],
+                now,
+                at=now,
+                solo=True,
+                reason=f"bulk refused, retrying one by one: {exc.reason}",
+                refund_attempt=True,
+            )
+            return
+        await self.store.finish(
+            [(batch[0].id, State.FAILED, f"provider refused: {exc.reason}")], now
+        )
+
+    async def _retry_later(self, batch: list[Message], exc: TransientSendError) -> None:
+        now = self.clock.now()
+        retry, give_up = [], []
+        for m in batch:
+            delay = max(self._backoff(m.attempts + 1), exc.retry_after or 0.0)
+            if now + delay - m.created_at > self.config.retry_max_age:
+                give_up.append(
+                    (m.id, State.FAILED, f"gave up after {m.attempts + 1} attempts: {exc}")
+                )
+            else:
+                retry.append((m.id, delay))
+        if give_up:
+            await self.store.finish(give_up, now)
+        for message_id, delay in retry:
+            await self.store.requeue([message_id], now, at=now + delay, reason=f"retrying: {exc}")
+
+    def _backoff(self, attempts: int) -> float:
+        base = min(self.config.backoff_max, self.config.backoff_initial * 2 ** max(0, attempts - 1))
+        return base * (0.5 + 0.5 * self.rng.random())
+
+    async def _note_unknown(self, ids: list[int], reason: str) -> None:
+        await self.store.write(
+            lambda db: [
+                db.execute(
+                    "UPDATE messages SET reason = ? WHERE id = ? AND state = 'sending'",
+                    (f"outcome unknown, checking the provider's logs: {reason}", i),
+                )
+                for i in ids
+            ]
+        )
+
+    async def _probe(self) -> bool:
+        """While the key is refused, one cheap /balance now and then tells when it works."""
+        if self.limiter.wait_time("send") > 0:
+            return False
+        now = self.clock.now()
+        self.limiter.book(now, "probe")
+        await self.store.record_request(now, "probe")
+        self._next_probe = now + self.config.auth_probe_interval
+        try:
+            await self.client.balance()
+        except ProviderAuthError as exc:
+            self.health.auth_failed(str(exc), self.clock.now())
+            return False
+        except ProviderError as exc:
+            log.info("probe inconclusive: %s", exc)
+            return False
+        self.health.succeeded(self.clock.now())
+        return True
+
+    # -- reconciliation ------------------------------------------------------------------
+    async def _reconcile(self) -> float | None:
+        """Settle messages left in `sending` by a crash or an unknown outcome.
+
+        Returns a wait when it needs more time or budget before sending anything new.
+        """
+        stale = await self.store.in_state(State.SENDING)
+        if not stale:
+            return None
+        now = self.clock.now()
+        ready = [m for m in stale if (m.claimed_at or 0) + RECONCILE_DELAY <= now]
+        if not ready:
+            return min((m.claimed_at or 0) + RECONCILE_DELAY for m in stale) - now
+        oldest = min(m.claimed_at or now for m in ready)
+        wanted = {(m.recipient, m.text): m for m in ready}
+        known = {m.provider_message_id for m in await self.store.in_state(State.SENT)}
+        found: list[tuple[int, str | None, float | None]] = []
+        date_from = datetime.fromtimestamp(oldest - CLOCK_SKEW, UTC).strftime("%Y-%m-%d")
+        page = 1
+        while wanted and page <= RECONCILE_MAX_PAGES:
+            wait = self.limiter.wait_time("send")
+            if wait > 0:
+                return wait
+            at = self.clock.now()
+            self.limiter.book(at, "reconcile")
+            await self.store.record_request(at, "reconcile")
+            try:
+                logs = await self.client.logs(page=page, date_from=date_from)
+            except ProviderAuthError as exc:
+                self.health.auth_failed(str(exc), self.clock.now())
+                self._next_probe = self.clock.now() + self.config.auth_probe_interval
+                return self.config.auth_probe_interval
+            except RateLimitedError as exc:
+                self.limiter.pause(self.clock.now() + (exc.retry_after or self._backoff(1)))
+                return self.limiter.wait_time("send")
+            except ProviderError as exc:
+                log.warning("cannot read /logs to reconcile %d messages: %s", len(wanted), exc)
+                return self._backoff(2)
+            older_seen = False
+            for entry in logs.entries:
+                created = _parse_stamp(entry.created_at)
+                if created is not None and created < oldest - CLOCK_SKEW:
+                    older_seen = True
+                    continue
+                m = wanted.get((entry.recipient, entry.message))
+                if m is not None and entry.id not in known:
+                    found.append((m.id, entry.id, entry.cost))
+                    known.add(entry.id)
+                    del wanted[(entry.recipient, entry.message)]
+            if not logs.has_more or older_seen:
+                break
+            page += 1
+        if found:
+            log.info("reconciled %d messages the provider had already accepted", len(found))
+            await self.store.mark_sent(found, self.clock.now())
+        if wanted:
+            ids = [m.id for m in wanted.values()]
+            log.info("%d messages not found at the provider: sending them again", len(ids))
+            await self.store.requeue(
+                ids,
+                self.clock.now(),
+                at=self.clock.now(),
+                reason="not found in the provider's logs; resending",
+            )
+        return None
+
+
+def _sent_rows(
+    batch: list[Message], result: SendResult
+) -> list[tuple[int, str | None, float | None]]:
+    share = None if result.cost is None else round(result.cost / len(batch), 6)
+    return [(m.id, result.message_ids.get(m.recipient, result.batch_id), share) for m in batch]
+
+
+def _parse_stamp(value: str | None) -> float | None:
+    if not value:
+        return None
+    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"):
+        try:
+            return datetime.strptime(value[:19], fmt).replace(tzinfo=UTC).timestamp()
+        except ValueError:
+            continue
+    return None

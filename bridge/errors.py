@@ -1,0 +1,70 @@
+"""The bridge's exception tree.
+
+BridgeError
+├── ConfigError             every problem of a config, each with its key path
+├── InputError              bad input from a sender: 400 / 5xx SMTP, names the field
+├── StoreUnavailable        the store cannot commit: 503 / 451, the sender retries
+└── ProviderError           the provider's answer, classified once for the dispatcher
+    ├── PermanentSendError  400: never retried, the provider's reason kept
+    ├── ProviderAuthError   401, 403, 404: stop sending, keep the queue, health red
+    └── TransientSendError  5xx, timeouts, resets, unparseable bodies: retry later
+        └── RateLimitedError   429: pause the whole key, honour retry_after
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every error the bridge raises on purpose."""
+
+
+class ConfigError(BridgeError):
+    """A configuration that cannot run; `problems` holds (key path, what is wrong)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {why}" for key, why in problems))
+
+
+class InputError(BridgeError):
+    """Input a sender must correct; `field` names what is wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class StoreUnavailable(BridgeError):
+    """The store could not commit; nothing was acknowledged."""
+
+
+class ProviderError(BridgeError):
+    """An unsuccessful exchange with the provider."""
+
+    def __init__(self, reason: str, *, status: int | None = None) -> None:
+        self.reason = reason
+        self.status = status
+        super().__init__(reason if status is None else f"HTTP {status}: {reason}")
+
+
+class PermanentSendError(ProviderError):
+    """The provider refused the request itself (400); retrying cannot help."""
+
+
+class ProviderAuthError(ProviderError):
+    """Key or configuration wrong (401, 403, 404); nothing can be sent until fixed."""
+
+
+class TransientSendError(ProviderError):
+    """Worth retrying; `retry_after` is the provider's hint in seconds, if any."""
+
+    def __init__(
+        self, reason: str, *, status: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(reason, status=status)
+        self.retry_after = retry_after
+
+
+class RateLimitedError(TransientSendError):
+    """429: the key's budget is spent; pause every request, not just this one."""

@@ -1,0 +1,113 @@
+"""The one ingest path: SMTP and HTTP both end here.
+
+`Ingestor.submit` shapes each draft (message type, parts), applies policy and inserts,
+all in one writer transaction, and returns only once that transaction is durable. The
+caller acknowledges after it returns, never before; a StoreUnavailable means "tell the
+sender to retry". The dispatcher is woken, never called: delivery is not the request's job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlite_utils import Database
+
+from bridge.clock import Clock
+from bridge.errors import StoreUnavailable
+from bridge.models import NewMessage, State
+from bridge.phone import is_assigned
+from bridge.policy import apply_dedupe
+from bridge.store import Store
+from bridge.text import shape
+
+log = logging.getLogger(__name__)
+MAX_PENDING_INGESTS = 2000  # beyond this the bridge answers 503 / 451, not an unbounded queue
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """One text to one or more already-resolved E.164 recipients."""
+
+    recipients: Sequence[str]
+    text: str
+    source: str
+    sender_id: str
+    route: str | None = None
+    dedupe_key: str | None = None
+    schedule_time: str | None = None
+    suppressed_reason: str | None = None  # e.g. an auto-reply: stored, never sent
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    id: int
+    recipient: str
+    state: State
+    reason: str | None
+
+
+class Ingestor:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        clock: Clock,
+        dedupe_window: float,
+        on_stored: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.dedupe_window = dedupe_window
+        self.on_stored = on_stored
+        self.pending = 0
+
+    def _messages(self, drafts: Sequence[Draft]) -> list[NewMessage]:
+        out = []
+        for draft in drafts:
+            form = shape(draft.text)
+            for recipient in draft.recipients:
+                if not is_assigned(recipient):
+                    log.warning(
+                        "%s is possible but not a known assigned number; sending anyway", recipient
+                    )
+                out.append(
+                    NewMessage(
+                        recipient=recipient,
+                        text=draft.text,
+                        source=draft.source,
+                        sender_id=draft.sender_id,
+                        message_type=form.message_type,
+                        parts=form.parts,
+                        route=draft.route,
+                        dedupe_key=draft.dedupe_key,
+                        schedule_time=draft.schedule_time,
+                        state=State.SUPPRESSED if draft.suppressed_reason else State.QUEUED,
+                        reason=draft.suppressed_reason,
+                    )
+                )
+        return out
+
+    async def submit(self, drafts: Sequence[Draft]) -> list[Accepted]:
+        if self.pending >= MAX_PENDING_INGESTS:
+            raise StoreUnavailable("overloaded: too many messages waiting for the store")
+        messages = self._messages(drafts)
+        now = self.clock.now()
+
+        def job(db: Database) -> list[Accepted]:
+            decided = apply_dedupe(db, messages, now=now, window=self.dedupe_window)
+            ids = Store.insert_messages(db, decided, now)
+            return [
+                Accepted(i, m.recipient, m.state, m.reason)
+                for i, m in zip(ids, decided, strict=True)
+            ]
+
+        self.pending += 1
+        try:
+            accepted = await self.store.write(job)
+        finally:
+            self.pending -= 1
+        if any(a.state == State.QUEUED for a in accepted):
+            self.on_stored()
+        return accepted

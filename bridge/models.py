@@ -1,0 +1,93 @@
+"""The message model and its states.
+
+queued -> sending -> sent -> delivered
+   ^         |         \\-> failed      (the provider's /logs says so)
+   \\---------/ retry
+queued/sending -> failed                (permanent, with a reason)
+(ingest) -> suppressed                   (duplicate or storm control, with a reason)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    SUPPRESSED = "suppressed"
+
+
+FINAL_STATES = frozenset({State.DELIVERED, State.FAILED, State.SUPPRESSED})
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A normalised message from any ingress, before it is stored."""
+
+    recipient: str
+    text: str
+    source: str
+    sender_id: str
+    message_type: int
+    parts: int
+    route: str | None = None
+    dedupe_key: str | None = None
+    schedule_time: str | None = None
+    state: State = State.QUEUED
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: int
+    recipient: str
+    text: str
+    source: str
+    sender_id: str
+    message_type: int
+    parts: int
+    route: str | None
+    dedupe_key: str | None
+    schedule_time: str | None
+    state: State
+    reason: str | None
+    attempts: int
+    provider_message_id: str | None
+    cost: float | None
+    created_at: float
+    updated_at: float
+    next_attempt_at: float
+    claimed_at: float | None
+    sent_at: float | None
+    solo: bool
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Message:
+        values = {name: row[name] for name in cls.__dataclass_fields__}
+        values["state"] = State(values["state"])
+        values["solo"] = bool(values["solo"])
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["state"] = str(self.state)
+        out.pop("solo")
+        out.pop("claimed_at")
+        for key in ("created_at", "updated_at", "next_attempt_at", "sent_at"):
+            out[key] = iso_time(out[key])
+        out["last_error"] = self.reason if self.state != State.DELIVERED else None
+        return out
+
+
+def iso_time(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")

@@ -1,0 +1,118 @@
+"""Recipients to E.164, decided by the `phonenumbers` library (pure, no I/O).
+
+A number that is not *possible* (wrong length, no country code and no default region) is
+refused with a reason. A possible number the metadata does not know as assigned is let
+through unless `require_valid`, because metadata lags new ranges and refusing an on-call
+phone loses alerts; callers log a warning for it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import phonenumbers
+from phonenumbers import NumberParseException
+
+from bridge.errors import InputError
+
+_SEPARATORS = re.compile(r"[\s().\-/]")
+_REASONS = {
+    phonenumbers.ValidationResult.INVALID_COUNTRY_CODE: "unknown country code",
+    phonenumbers.ValidationResult.TOO_SHORT: "too short",
+    phonenumbers.ValidationResult.TOO_LONG: "too long",
+    phonenumbers.ValidationResult.INVALID_LENGTH: "wrong length for its country",
+}
+
+
+class PhoneError(InputError):
+    """A recipient that cannot be a phone number; `field` is the recipient as given."""
+
+    def __init__(self, recipient: str, why: str) -> None:
+        super().__init__(recipient, why)
+
+    def __str__(self) -> str:
+        return f"{self.field!r} is not a possible phone number: {self.message}"
+
+
+def _candidates(text: str, default_region: str | None) -> list[tuple[str, str | None]]:
+    """The readings of `text` to try, most likely first: (digits as parsed, region)."""
+    compact = _SEPARATORS.sub("", text)
+    if compact.startswith("+"):
+        return [(compact, None)]
+    if compact.startswith("00"):
+        return [("+" + compact[2:], None)]
+    if default_region:
+        if compact.startswith("0"):
+            return [(compact, default_region)]
+        return [(compact, default_region), ("+" + compact, None)]
+    return [("+" + compact, None)]
+
+
+def _parse_possible(text: str, default_region: str | None) -> phonenumbers.PhoneNumber:
+    compact = _SEPARATORS.sub("", text)
+    if not compact or not re.fullmatch(r"\+?\d+", compact):
+        raise PhoneError(text, "only digits, an optional leading +, and separators - . ( ) space")
+    first_reason = "not a possible number"
+    candidates = _candidates(text, default_region)
+    for digits, region in candidates:
+        try:
+            number = phonenumbers.parse(digits, region)
+        except NumberParseException as exc:
+            first_reason = str(exc.args[0]) if exc.args else first_reason
+            continue
+        result = phonenumbers.is_possible_number_with_reason(number)
+        if result in (
+            phonenumbers.ValidationResult.IS_POSSIBLE,
+            phonenumbers.ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
+        ) and (region is None or phonenumbers.is_valid_number(number) or len(candidates) == 1):
+            return number
+        if digits == candidates[0][0]:
+            first_reason = _REASONS.get(result, "not a possible number")
+    if not default_region and not compact.startswith(("+", "00")) and len(compact) < 8:
+        first_reason += " (no country code, and no default region is configured)"
+    raise PhoneError(text, first_reason)
+
+
+def normalise_number(
+    text: str, *, default_region: str | None = None, require_valid: bool = False
+) -> str:
+    """One recipient as written by a person or a machine -> `+CCNNNN`, or PhoneError."""
+    number = _parse_possible(text.strip(), default_region)
+    if require_valid and not phonenumbers.is_valid_number(number):
+        raise PhoneError(text, "not an assigned number (phone.require_valid is on)")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def is_assigned(e164: str) -> bool:
+    """Whether the metadata knows the number's range as assigned (for warnings only)."""
+    return phonenumbers.is_valid_number(phonenumbers.parse(e164, None))
+
+
+def country_code(e164: str) -> int:
+    return int(phonenumbers.parse(e164, None).country_code)
+
+
+def resolve_recipients(
+    targets: Iterable[str],
+    groups: Mapping[str, Iterable[str]],
+    *,
+    default_region: str | None = None,
+    require_valid: bool = False,
+    field: str = "to",
+) -> list[str]:
+    """Numbers and group names -> unique E.164 numbers in first-seen order."""
+    seen: dict[str, None] = {}
+    for index, target in enumerate(targets):
+        members = groups.get(target)
+        for item in members if members is not None else [target]:
+            try:
+                seen[
+                    normalise_number(
+                        item, default_region=default_region, require_valid=require_valid
+                    )
+                ] = None
+            except PhoneError as exc:
+                where = f"{field}[{index}]" if members is None else f"{field}[{index}] ({target})"
+                raise InputError(where, str(exc)) from exc
+    return list(seen)

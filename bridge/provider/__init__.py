@@ -1,0 +1,1 @@
+"""The upstream SMS provider: its REST client and the sandbox that imitates it."""

@@ -1,0 +1,452 @@
+"""The sandbox provider: docs/sms-api.md served for real, on loopback, from memory.
+
+It is what `serve` talks to when `provider.base_url` is empty, what `sms-bridge sandbox`
+runs standalone, and what the tests send to. It keeps the documented behaviour: key check
+(`X-API-Key` or `Bearer`), 100 requests per sliding minute per key with 429 and
+`Retry-After`, 400 with a message for invalid parameters, `sender_id` <= 11 characters,
+bulk <= 1000, a balance that falls by a per-country price times the SMS parts, and `/logs`
+entries that move pending -> sent -> delivered (or failed, for `fail_share` of them) as
+its clock advances. Faults can be queued through `/_sandbox/faults` to make a real server
+misbehave in tests. Its state never touches the bridge's store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import re
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bridge.clock import Clock
+from bridge.phone import PhoneError, country_code, normalise_number
+from bridge.text import count_parts, is_gsm, split_parts
+
+RATE_WINDOW = 60.0
+MAX_BULK = 1000
+MAX_SENDER_ID = 11
+MAX_MESSAGE_CHARS = 1600
+DEFAULT_PRICES = {1: 0.5, 33: 0.9, 44: 0.8, 49: 0.9, 961: 1.5, 971: 1.2}
+DEFAULT_PRICE = 1.0
+LOG_STATUSES = ("delivered", "sent", "pending", "failed")
+_INTERNATIONAL = re.compile(r"^\+?[1-9]\d{6,14}$")
+SCHEDULE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+@dataclass
+class Fault:
+    """One scripted misbehaviour: answer `status` (or stall `delay` s) `times` times."""
+
+    status: int = 500
+    times: int = 1
+    path: str | None = None  # None: any API path
+    body: str | None = None  # raw body; None: the usual JSON error
+    retry_after: str | None = None
+    delay: float = 0.0
+
+
+@dataclass
+class SentEntry:
+    message_id: int
+    to: str
+    message: str
+    sender_id: str
+    message_type: int
+    parts: int
+    cost: float
+    created_at: float
+    deliver_from: float
+    fails: bool
+    bulk_id: str | None = None
+
+
+@dataclass
+class RequestRecord:
+    at: float
+    method: str
+    path: str
+    status: int
+
+
+@dataclass
+class SandboxState:
+    clock: Clock
+    api_key: str = "sandbox-key"
+    balance: float = 1000.0
+    rate_limit: int = 100
+    sent_after: float = 1.0
+    delivered_after: float = 3.0
+    fail_share: float = 0.0
+    send_retry_after: bool = True
+    prices: dict[int, float] = field(default_factory=lambda: dict(DEFAULT_PRICES))
+    seed: int = 0
+    entries: list[SentEntry] = field(default_factory=list)
+    requests: list[RequestRecord] = field(default_factory=list)
+    faults: deque[Fault] = field(default_factory=deque)
+    _window: deque[float] = field(default_factory=deque)
+    _next_id: int = 10_000
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def price(self, number: str) -> float:
+        try:
+            return self.prices.get(country_code(number), DEFAULT_PRICE)
+        except Exception:
+            return DEFAULT_PRICE
+
+    def status_of(self, entry: SentEntry) -> str:
+        now = self.clock.now()
+        if now < entry.deliver_from + self.sent_after:
+            return "pending"
+        if now < entry.deliver_from + self.delivered_after:
+            return "sent"
+        return "failed" if entry.fails else "delivered"
+
+    def admit(self) -> float | None:
+        """Book one request in the sliding window; None if admitted, else seconds to wait."""
+        now = self.clock.now()
+        while self._window and self._window[0] <= now - RATE_WINDOW:
+            self._window.popleft()
+        if len(self._window) >= self.rate_limit:
+            return self._window[0] + RATE_WINDOW - now
+        self._window.append(now)
+        return None
+
+    def record_send(
+        self,
+        to: str,
+        message: str,
+        sender_id: str,
+        message_type: int,
+        deliver_from: float,
+        bulk_id: str | None = None,
+    ) -> SentEntry:
+        parts = len(split_parts(message, gsm=message_type == 1 and is_gsm(message)))
+        entry = SentEntry(
+            message_id=self._next_id,
+            to=to,
+            message=message,
+            sender_id=sender_id,
+            message_type=message_type,
+            parts=parts,
+            cost=round(self.price(to) * parts, 4),
+            created_at=self.clock.now(),
+            deliver_from=deliver_from,
+            fails=self._rng.random() < self.fail_share,
+            bulk_id=bulk_id,
+        )
+        self._next_id += 1
+        self.entries.append(entry)
+        self.balance = round(self.balance - entry.cost, 4)
+        return entry
+
+    def to_log(self, entry: SentEntry) -> dict[str, Any]:
+        return {
+            "id": entry.message_id,
+            "message_id": entry.message_id,
+            "to": entry.to,
+            "message": entry.message,
+            "sender_id": entry.sender_id,
+            "message_type": entry.message_type,
+            "parts": entry.parts,
+            "cost": entry.cost,
+            "status": self.status_of(entry),
+            "created_at": _stamp(entry.created_at),
+            "bulk_id": entry.bulk_id,
+        }
+
+
+def _stamp(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime(SCHEDULE_FORMAT)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"success": False, "message": message}, status, headers=headers)
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _check_number(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _INTERNATIONAL.match(value.replace(" ", "")):
+        raise _BadRequest(f"The {what} field must be a phone number in international format.")
+    try:
+        return normalise_number(value)
+    except PhoneError as exc:
+        raise _BadRequest(f"The {what} field is not a valid phone number: {exc.message}.") from exc
+
+
+def _check_common(body: dict[str, Any]) -> tuple[str, str, int]:
+    message = body.get("message")
+    if not isinstance(message, str) or not message:
+        raise _BadRequest("The message field is required.")
+    if len(message) > MAX_MESSAGE_CHARS:
+        raise _BadRequest(f"The message may not be greater than {MAX_MESSAGE_CHARS} characters.")
+    sender_id = body.get("sender_id", "SMS")
+    if not isinstance(sender_id, str) or not sender_id or len(sender_id) > MAX_SENDER_ID:
+        raise _BadRequest(f"The sender id may not be greater than {MAX_SENDER_ID} characters.")
+    message_type = body.get("message_type", 1)
+    if message_type not in (1, 2, 4) or isinstance(message_type, bool):
+        raise _BadRequest("The message type must be 1, 2 or 4.")
+    return message, sender_id, message_type
+
+
+def create_sandbox_app(state: SandboxState) -> Starlette:
+    """The provider's API under /api/v1 and the test controls under /_sandbox."""
+
+    async def guarded(request: Request, handler: Any) -> Response:
+        status = 500
+        try:
+            key = request.headers.get("x-api-key") or ""
+            auth = request.headers.get("authorization", "")
+            if not key and auth.lower().startswith("bearer "):
+                key = auth[7:].strip()
+            fault = _take_fault(state, request.url.path)
+            if fault is not None:
+                if fault.delay:  # real seconds: the client's timeouts are real too
+                    await asyncio.sleep(fault.delay)
+                if fault.status:
+                    headers = {"Retry-After": fault.retry_after} if fault.retry_after else None
+                    if fault.body is not None:
+                        response: Response = Response(
+                            fault.body, fault.status, headers=headers, media_type="application/json"
+                        )
+                    else:
+                        response = _error(fault.status, "injected fault", headers)
+                    status = response.status_code
+                    return response
+            if key != state.api_key:
+                status = 401
+                return _error(401, "Invalid or missing API key.")
+            wait = state.admit()
+            if wait is not None:
+                status = 429
+                headers = {"Retry-After": str(math.ceil(wait))} if state.send_retry_after else None
+                return _error(429, "Too many requests.", headers)
+            try:
+                response = await handler(request)
+            except _BadRequest as exc:
+                response = _error(400, exc.message)
+            status = response.status_code
+            return response
+        finally:
+            state.requests.append(
+                RequestRecord(state.clock.now(), request.method, request.url.path, status)
+            )
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _BadRequest("The request body must be JSON.") from exc
+        if not isinstance(body, dict):
+            raise _BadRequest("The request body must be a JSON object.")
+        return body
+
+    async def send(request: Request) -> Response:
+        body = await json_body(request)
+        to = _check_number(body.get("to"), "to")
+        message, sender_id, message_type = _check_common(body)
+        deliver_from = state.clock.now()
+        if body.get("schedule_time") is not None:
+            try:
+                when = datetime.strptime(str(body["schedule_time"]), SCHEDULE_FORMAT)
+            except ValueError as exc:
+                raise _BadRequest("The schedule time must be in the format Y-m-d H:i:s.") from exc
+            deliver_from = max(deliver_from, when.replace(tzinfo=UTC).timestamp())
+        entry = state.record_send(to, message, sender_id, message_type, deliver_from)
+        return JSONResponse(
+            {
+                "success": True,
+                "message": "SMS sent successfully",
+                "data": {
+                    "message_id": entry.message_id,
+                    "cost": entry.cost,
+                    "balance": state.balance,
+                },
+            }
+        )
+
+    async def send_bulk(request: Request) -> Response:
+        body = await json_body(request)
+        recipients = body.get("recipients")
+        if not isinstance(recipients, list) or not recipients:
+            raise _BadRequest("The recipients field is required and must be an array.")
+        if len(recipients) > MAX_BULK:
+            raise _BadRequest(f"The recipients may not have more than {MAX_BULK} items.")
+        numbers = [_check_number(r, f"recipients.{i}") for i, r in enumerate(recipients)]
+        message, sender_id, message_type = _check_common(body)
+        bulk_id = f"bulk-{state._next_id}"
+        entries = [
+            state.record_send(n, message, sender_id, message_type, state.clock.now(), bulk_id)
+            for n in numbers
+        ]
+        return JSONResponse(
+            {
+                "success": True,
+                "message": "Bulk SMS sent successfully",
+                "data": {
+                    "batch_id": bulk_id,
+                    "count": len(entries),
+                    "messages": [{"to": e.to, "message_id": e.message_id} for e in entries],
+                    "cost": round(sum(e.cost for e in entries), 4),
+                    "balance": state.balance,
+                },
+            }
+        )
+
+    async def balance(request: Request) -> Response:
+        return JSONResponse(
+            {"success": True, "data": {"balance": state.balance, "currency": "points"}}
+        )
+
+    async def logs(request: Request) -> Response:
+        q = request.query_params
+        try:
+            page = int(q.get("page", "1"))
+            per_page = int(q.get("per_page", "20"))
+        except ValueError as exc:
+            raise _BadRequest("The page and per_page fields must be integers.") from exc
+        if page < 1 or not 1 <= per_page <= 100:
+            raise _BadRequest("The per page must be between 1 and 100.")
+        wanted = q.get("status")
+        if wanted is not None and wanted not in LOG_STATUSES:
+            raise _BadRequest("The selected status is invalid.")
+        rows = [state.to_log(e) for e in reversed(state.entries)]
+        for key, keep in (("date_from", lambda d, v: d >= v), ("date_to", lambda d, v: d <= v)):
+            if q.get(key):
+                try:
+                    datetime.strptime(q[key], "%Y-%m-%d")
+                except ValueError as exc:
+                    raise _BadRequest(f"The {key} must be a date (Y-m-d).") from exc
+                rows = [r for r in rows if keep(r["created_at"][:10], q[key])]
+        if wanted:
+            rows = [r for r in rows if r["status"] == wanted]
+        last_page = max(1, math.ceil(len(rows) / per_page))
+        chunk = rows[(page - 1) * per_page : page * per_page]
+        return JSONResponse(
+            {
+                "success": True,
+                "data": chunk,
+                "pagination": {
+                    "current_page": page,
+                    "per_page": per_page,
+                    "total": len(rows),
+                    "last_page": last_page,
+                },
+            }
+        )
+
+    async def pricing(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "success": True,
+                "data": {
+                    "currency": "points",
+                    "default": DEFAULT_PRICE,
+                    "countries": [
+                        {"country_code": f"+{c}", "price": p}
+                        for c, p in sorted(state.prices.items())
+                    ],
+                },
+            }
+        )
+
+    async def calculate(request: Request) -> Response:
+        body = await json_body(request)
+        if "recipients" in body:
+            raw = body["recipients"]
+            if not isinstance(raw, list) or not raw:
+                raise _BadRequest("The recipients field must be a non-empty array.")
+            numbers = [_check_number(r, f"recipients.{i}") for i, r in enumerate(raw)]
+        else:
+            numbers = [_check_number(body.get("to"), "to")]
+        message, _, _ = _check_common(body)
+        parts = count_parts(message)
+        cost = round(sum(state.price(n) * parts for n in numbers), 4)
+        return JSONResponse(
+            {
+                "success": True,
+                "data": {
+                    "recipients": len(numbers),
+                    "parts": parts,
+                    "cost": cost,
+                    "currency": "points",
+                    "balance": state.balance,
+                },
+            }
+        )
+
+    async def account(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "success": True,
+                "data": {
+                    "name": "Sandbox account",
+                    "status": "active",
+                    "balance": state.balance,
+                    "currency": "points",
+                    "rate_limit_per_minute": state.rate_limit,
+                    "messages_sent": len(state.entries),
+                },
+            }
+        )
+
+    # -- controls for tests and trials (not part of the provider's API) ---------------
+    async def control_requests(request: Request) -> Response:
+        return JSONResponse([asdict(r) for r in state.requests])
+
+    async def control_entries(request: Request) -> Response:
+        return JSONResponse([state.to_log(e) for e in state.entries])
+
+    async def control_faults(request: Request) -> Response:
+        try:
+            items = json.loads(await request.body())
+            items = items if isinstance(items, list) else [items]
+            state.faults.extend(Fault(**item) for item in items)
+        except (ValueError, TypeError) as exc:
+            return JSONResponse({"error": f"bad fault: {exc}"}, 400)
+        return JSONResponse({"queued": len(state.faults)})
+
+    def api(handler: Any) -> Any:
+        async def endpoint(request: Request) -> Response:
+            return await guarded(request, handler)
+
+        return endpoint
+
+    return Starlette(
+        routes=[
+            Route("/api/v1/send", api(send), methods=["POST"]),
+            Route("/api/v1/send-bulk", api(send_bulk), methods=["POST"]),
+            Route("/api/v1/balance", api(balance), methods=["GET"]),
+            Route("/api/v1/logs", api(logs), methods=["GET"]),
+            Route("/api/v1/pricing", api(pricing), methods=["GET"]),
+            Route("/api/v1/calculate", api(calculate), methods=["POST"]),
+            Route("/api/v1/account", api(account), methods=["GET"]),
+            Route("/_sandbox/requests", control_requests, methods=["GET"]),
+            Route("/_sandbox/entries", control_entries, methods=["GET"]),
+            Route("/_sandbox/faults", control_faults, methods=["POST"]),
+        ]
+    )
+
+
+def _take_fault(state: SandboxState, path: str) -> Fault | None:
+    for fault in state.faults:
+        if fault.path is None or path.endswith(fault.path):
+            fault.times -= 1
+            if fault.times <= 0:
+                state.faults.remove(fault)
+            return fault
+    return None

@@ -1,0 +1,223 @@
+"""The composition root: builds every part from a `Config` and runs them in one loop.
+
+`Bridge.build()` wires store, provider client (or the in-process sandbox), limiter,
+dispatcher, poller, ingestor and web app, each handed its collaborators as keyword
+arguments, so tests build the same object with a manual clock and a loopback sandbox.
+`serve()` runs uvicorn, the dispatcher and the poller in one `asyncio.TaskGroup` and owns
+shutdown: on SIGTERM/SIGINT it stops accepting, lets in-flight requests finish, lets the
+dispatcher finish the request it is making, and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+
+from bridge.clock import Clock, SystemClock
+from bridge.config import Config, parse_listen
+from bridge.dispatcher import Dispatcher
+from bridge.health import ProviderHealth
+from bridge.ingest import Ingestor
+from bridge.provider.client import ProviderClient
+from bridge.provider.sandbox import SandboxState, create_sandbox_app
+from bridge.ratelimit import SlidingWindowLimiter
+from bridge.status import StatusPoller
+from bridge.store import Store
+from bridge.web import create_app
+
+log = logging.getLogger("bridge")
+SANDBOX_BASE_URL = "http://sandbox.invalid/api/v1"  # never resolved: served in-process
+SHUTDOWN_GRACE = 8.0
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the service owns the lifecycle."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind_socket(listen: str) -> socket.socket:
+    host, port = parse_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def uvicorn_server(app: Starlette, *, lifespan: str = "off") -> QuietServer:
+    return QuietServer(
+        uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan=lifespan,
+            timeout_graceful_shutdown=SHUTDOWN_GRACE,
+        )
+    )
+
+
+def make_sandbox_state(config: Config, clock: Clock) -> SandboxState:
+    s = config.sandbox
+    return SandboxState(
+        clock=clock,
+        api_key=s.api_key,
+        balance=s.balance,
+        sent_after=s.sent_after,
+        delivered_after=s.delivered_after,
+        fail_share=s.fail_share,
+        rate_limit=config.provider.requests_per_minute,
+    )
+
+
+@dataclass
+class Bridge:
+    config: Config
+    clock: Clock
+    store: Store
+    http: httpx.AsyncClient
+    client: ProviderClient
+    limiter: SlidingWindowLimiter
+    health: ProviderHealth
+    dispatcher: Dispatcher
+    poller: StatusPoller
+    ingestor: Ingestor
+    app: Starlette
+    sandbox: SandboxState | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def build(
+        cls,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> AsyncIterator[Bridge]:
+        clock = clock or SystemClock()
+        sandbox = None
+        base_url, api_key = config.provider.base_url, config.provider.api_key
+        if config.uses_sandbox:
+            sandbox = make_sandbox_state(config, clock)
+            transport = httpx.ASGITransport(app=create_sandbox_app(sandbox))
+            base_url, api_key = SANDBOX_BASE_URL, sandbox.api_key
+        store = Store(config.store.path)
+        await store.open()
+        p = config.provider
+        http = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(p.timeout, connect=p.connect_timeout),
+            follow_redirects=False,
+        )
+        try:
+            client = ProviderClient(
+                http=http,
+                base_url=base_url,
+                api_key=api_key,
+                clock=clock,
+                auth_header=p.auth_header,
+                pricing_path=p.pricing_path,
+                account_path=p.account_path,
+                calculate_path=p.calculate_path,
+                bulk_message_type=p.bulk_message_type,
+            )
+            limiter = SlidingWindowLimiter(
+                limit=p.requests_per_minute, clock=clock, status_share=config.status.budget_share
+            )
+            health = ProviderHealth()
+            dispatcher = Dispatcher(
+                store=store, client=client, limiter=limiter, clock=clock, config=p, health=health
+            )
+            poller = StatusPoller(
+                store=store,
+                client=client,
+                limiter=limiter,
+                clock=clock,
+                config=config.status,
+                health=health,
+            )
+            ingestor = Ingestor(
+                store=store,
+                clock=clock,
+                dedupe_window=config.dedupe.window,
+                on_stored=dispatcher.wake.set,
+            )
+            app = create_app(config=config, store=store, ingestor=ingestor, health=health)
+            yield cls(
+                config=config,
+                clock=clock,
+                store=store,
+                http=http,
+                client=client,
+                limiter=limiter,
+                health=health,
+                dispatcher=dispatcher,
+                poller=poller,
+                ingestor=ingestor,
+                app=app,
+                sandbox=sandbox,
+            )
+        finally:
+            await http.aclose()
+            await store.close()
+
+    async def run(
+        self, *, http_socket: socket.socket | None = None, started: asyncio.Event | None = None
+    ) -> None:
+        """Serve until `self.stop` is set; then drain and return."""
+        server = uvicorn_server(self.app) if http_socket is not None else None
+        async with asyncio.TaskGroup() as tasks:
+            if server is not None and http_socket is not None:
+                tasks.create_task(server.serve(sockets=[http_socket]), name="http")
+            tasks.create_task(self.dispatcher.run(self.stop), name="dispatcher")
+            tasks.create_task(self.poller.run(self.stop), name="status-poller")
+            if server is not None:
+                while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag only
+                    await asyncio.sleep(0.01)
+            if started is not None:
+                started.set()
+            await self.stop.wait()
+            if server is not None:
+                server.should_exit = True
+
+
+async def serve(config: Config, *, clock: Clock | None = None) -> None:
+    """`sms-bridge serve`: everything in this event loop until SIGTERM or SIGINT."""
+    if config.uses_sandbox:
+        log.warning(
+            "no provider.base_url configured: using the in-process sandbox provider; "
+            "no SMS leaves this machine"
+        )
+    else:
+        log.info("provider %s (config: %s)", config.provider.base_url, config.source)
+    http_socket = bind_socket(config.http.listen) if config.http.listen else None
+    async with Bridge.build(config, clock=clock) as bridge:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, bridge.stop.set)
+        started = asyncio.Event()
+        runner = asyncio.create_task(bridge.run(http_socket=http_socket, started=started))
+        await started.wait()
+        if http_socket is not None:
+            log.info("HTTP listening on %s", config.http.listen)
+        log.info(
+            "store %s; %d requests/minute to the provider",
+            config.store.path,
+            config.provider.requests_per_minute,
+        )
+        await runner
+        log.info("stopped")

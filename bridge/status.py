@@ -1,0 +1,100 @@
+"""The delivery-status poller: `sent` -> `delivered` or `failed`, from the provider's /logs.
+
+The provider has no delivery callback, and /logs costs requests out of the same budget
+as sending, so the poller takes at most `status.budget_share` of it and stops asking
+about a message after `status.give_up_after` (it then stays `sent`, its last known state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from bridge.clock import Clock, sleep_until_woken
+from bridge.config import StatusConfig
+from bridge.errors import ProviderAuthError, ProviderError, RateLimitedError, StoreUnavailable
+from bridge.health import ProviderHealth
+from bridge.models import State
+from bridge.provider.client import ProviderClient
+from bridge.ratelimit import SlidingWindowLimiter
+from bridge.store import Store
+
+log = logging.getLogger(__name__)
+FINAL_PROVIDER_STATES = {"delivered": State.DELIVERED, "failed": State.FAILED}
+MAX_PAGES_PER_ROUND = 5
+
+
+class StatusPoller:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        client: ProviderClient,
+        limiter: SlidingWindowLimiter,
+        clock: Clock,
+        config: StatusConfig,
+        health: ProviderHealth,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.limiter = limiter
+        self.clock = clock
+        self.config = config
+        self.health = health
+
+    async def run(self, stop: asyncio.Event) -> None:
+        never = asyncio.Event()
+        while not stop.is_set():
+            try:
+                wait = await self.run_once()
+            except StoreUnavailable as exc:
+                log.error("status poller cannot use the store: %s", exc)
+                wait = self.config.poll_interval
+            await sleep_until_woken(self.clock, wait, never, stop)
+
+    async def run_once(self) -> float:
+        """One round over /logs; returns seconds until the next round."""
+        now = self.clock.now()
+        waiting = [
+            m
+            for m in await self.store.in_state(State.SENT)
+            if m.provider_message_id and (m.sent_at or now) > now - self.config.give_up_after
+        ]
+        self.limiter.status_demand = bool(waiting)
+        if not waiting or not self.health.ready:
+            return self.config.poll_interval
+        by_id = {m.provider_message_id: m for m in waiting}
+        oldest = min(m.sent_at or now for m in waiting)
+        date_from = datetime.fromtimestamp(oldest - 86400, UTC).strftime("%Y-%m-%d")
+        updates = []
+        for page in range(1, MAX_PAGES_PER_ROUND + 1):
+            wait = self.limiter.wait_time("status")
+            if wait > 0:
+                break
+            at = self.clock.now()
+            self.limiter.book(at, "status")
+            await self.store.record_request(at, "status")
+            try:
+                logs = await self.client.logs(page=page, date_from=date_from)
+            except RateLimitedError as exc:
+                self.limiter.pause(
+                    self.clock.now() + (exc.retry_after or self.config.poll_interval)
+                )
+                break
+            except ProviderAuthError as exc:
+                self.health.auth_failed(str(exc), self.clock.now())
+                break
+            except ProviderError as exc:
+                log.info("status poll failed: %s", exc)
+                break
+            for entry in logs.entries:
+                m = by_id.pop(entry.id, None)
+                if m is not None and entry.status in FINAL_PROVIDER_STATES:
+                    reason = None if entry.status == "delivered" else "provider reports failed"
+                    updates.append((m.id, FINAL_PROVIDER_STATES[entry.status], reason))
+            if not by_id or not logs.has_more:
+                break
+        if updates:
+            await self.store.finish(updates, self.clock.now())
+        return max(self.config.poll_interval, self.limiter.wait_time("status"))

@@ -1,0 +1,443 @@
+"""SQLite store: migrations, the single writer with group commit, claims and queries.
+
+One thread owns the write connection (Datasette's pattern). Jobs from the event loop are
+queued to it; it takes every job waiting, runs them in one `BEGIN IMMEDIATE` transaction
+(each in its own savepoint, so one bad job cannot spoil the others), commits with
+`synchronous=FULL`, and only then resolves each job's future. A caller that awaited
+`write()` therefore holds a durable result: that is when SMTP may say 250 and HTTP 202.
+Readers run on their own connections in a small thread pool; WAL lets them read while
+the writer writes. Every state change is logged to `events` by triggers, so no code path
+can change a state without leaving a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from bridge.errors import StoreUnavailable
+from bridge.models import Message, NewMessage, State
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_GROUP = 512  # jobs per transaction: bounds the latency one commit adds
+BUSY_TIMEOUT_MS = 5000
+
+migrations = Migrations("sms_bridge")
+
+
+@migrations(name="0001_messages_events_requests")
+def _initial_schema(db: Database) -> None:
+    db.execute("""
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            recipient TEXT NOT NULL,
+            text TEXT NOT NULL,
+            source TEXT NOT NULL,
+            sender_id TEXT NOT NULL,
+            message_type INTEGER NOT NULL,
+            parts INTEGER NOT NULL,
+            route TEXT,
+            dedupe_key TEXT,
+            schedule_time TEXT,
+            state TEXT NOT NULL,
+            reason TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            provider_message_id TEXT,
+            cost REAL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            next_attempt_at REAL NOT NULL,
+            claimed_at REAL,
+            sent_at REAL,
+            solo INTEGER NOT NULL DEFAULT 0
+        )""")
+    db.execute("CREATE INDEX messages_due ON messages(state, next_attempt_at, id)")
+    db.execute("CREATE INDEX messages_dedupe ON messages(dedupe_key, recipient, created_at)")
+    db.execute("""
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            message_id INTEGER NOT NULL,
+            at REAL NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            detail TEXT
+        )""")
+    db.execute("CREATE INDEX events_message ON events(message_id, id)")
+    db.execute("""
+        CREATE TRIGGER messages_insert_event AFTER INSERT ON messages BEGIN
+            INSERT INTO events(message_id, at, state, attempts, detail)
+            VALUES (new.id, new.updated_at, new.state, new.attempts, new.reason);
+        END""")
+    db.execute("""
+        CREATE TRIGGER messages_state_event AFTER UPDATE OF state ON messages
+        WHEN old.state != new.state BEGIN
+            INSERT INTO events(message_id, at, state, attempts, detail)
+            VALUES (new.id, new.updated_at, new.state, new.attempts, new.reason);
+        END""")
+    # Timestamps of provider requests: the sliding rate window survives a restart.
+    db.execute("CREATE TABLE provider_requests (at REAL NOT NULL, kind TEXT NOT NULL)")
+    db.execute("CREATE INDEX provider_requests_at ON provider_requests(at)")
+
+
+@dataclass
+class _Job:
+    fn: Callable[[Database], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return conn
+
+
+class Store:
+    """The bridge's only door to SQLite. `open()` before use, `close()` after."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read")
+        self._local = threading.local()
+        self.commits = 0  # transactions committed: lets tests see group commit happen
+        self.jobs_committed = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
+        self._thread.start()
+        await self.write(lambda db: None)  # surfaces a failed open or migration here
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self._readers.shutdown(wait=True)
+
+    # -- the writer thread ---------------------------------------------------------
+    def _writer(self) -> None:
+        try:
+            conn = _connect(self.path)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            db = Database(conn, execute_plugins=False)
+            migrations.apply(db)
+        except sqlite3.Error as exc:
+            self._fail_all(StoreUnavailable(f"cannot open store {self.path}: {exc}"))
+            return
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < MAX_GROUP:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stop = True
+                        break
+                    batch.append(job)
+                self._run_batch(conn, db, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, db: Database, batch: list[_Job]) -> None:
+        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = job.fn(db)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    if isinstance(exc, sqlite3.Error):
+                        exc = StoreUnavailable(f"store write failed: {exc}")
+                    outcomes.append((job, None, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((job, result, None))
+            conn.execute("COMMIT")
+            self.commits += 1
+            self.jobs_committed += len(batch)
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.error("store commit failed: %s", exc)
+            failure = StoreUnavailable(f"store commit failed: {exc}")
+            outcomes = [(job, None, failure) for job in batch]
+        for job, result, error in outcomes:
+            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+
+    # -- the async API -------------------------------------------------------------
+    async def write(self, fn: Callable[[Database], T]) -> T:
+        """Run `fn` in the writer's next transaction; return once it is durable."""
+        if self._thread is None or not self._thread.is_alive():
+            raise StoreUnavailable("store is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put(_Job(fn, future, loop))
+        return await future
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._read_in_thread, fn)
+
+    def _read_in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+        try:
+            return fn(conn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"store read failed: {exc}") from exc
+
+    # -- ingest ----------------------------------------------------------------------
+    @staticmethod
+    def insert_messages(db: Database, messages: Sequence[NewMessage], now: float) -> list[int]:
+        """Insert inside a writer job (policy decided the states already)."""
+        ids = []
+        for m in messages:
+            cursor = db.execute(
+                "INSERT INTO messages (recipient, text, source, sender_id, message_type, parts,"
+                " route, dedupe_key, schedule_time, state, reason, created_at, updated_at,"
+                " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    m.recipient,
+                    m.text,
+                    m.source,
+                    m.sender_id,
+                    m.message_type,
+                    m.parts,
+                    m.route,
+                    m.dedupe_key,
+                    m.schedule_time,
+                    str(m.state),
+                    m.reason,
+                    now,
+                    now,
+                    now,
+                ),
+            )
+            ids.append(int(cursor.lastrowid or 0))
+        return ids
+
+    @staticmethod
+    def find_duplicate(db: Database, recipient: str, dedupe_key: str, since: float) -> int | None:
+        row = db.execute(
+            "SELECT id FROM messages WHERE dedupe_key = ? AND recipient = ? AND created_at >= ?"
+            " AND state != 'failed' ORDER BY id LIMIT 1",
+            (dedupe_key, recipient, since),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    # -- dispatch --------------------------------------------------------------------
+    async def due(self, now: float, limit: int) -> list[Message]:
+        return await self.read(
+            lambda c: [
+                Message.from_row(r)
+                for r in c.execute(
+                    "SELECT * FROM messages WHERE state = 'queued' AND next_attempt_at <= ?"
+                    " ORDER BY next_attempt_at, id LIMIT ?",
+                    (now, limit),
+                )
+            ]
+        )
+
+    async def next_due_at(self) -> float | None:
+        return await self.read(
+            lambda c: c.execute(
+                "SELECT min(next_attempt_at) FROM messages WHERE state = 'queued'"
+            ).fetchone()[0]
+        )
+
+    async def in_state(self, state: State, limit: int = 10_000) -> list[Message]:
+        return await self.read(
+            lambda c: [
+                Message.from_row(r)
+                for r in c.execute(
+                    "SELECT * FROM messages WHERE state = ? ORDER BY id LIMIT ?",
+                    (str(state), limit),
+                )
+            ]
+        )
+
+    async def claim(self, ids: Sequence[int], now: float, kind: str) -> list[int]:
+        """queued -> sending for `ids`, and one provider request booked, in one commit."""
+
+        def job(db: Database) -> list[int]:
+            claimed = [
+                i
+                for i in ids
+                if db.execute(
+                    "UPDATE messages SET state = 'sending', attempts = attempts + 1,"
+                    " claimed_at = ?, updated_at = ?, reason = NULL"
+                    " WHERE id = ? AND state = 'queued'",
+                    (now, now, i),
+                ).rowcount
+            ]
+            db.execute("INSERT INTO provider_requests (at, kind) VALUES (?, ?)", (now, kind))
+            return claimed
+
+        return await self.write(job)
+
+    async def record_request(self, now: float, kind: str) -> None:
+        await self.write(
+            lambda db: db.execute(
+                "INSERT INTO provider_requests (at, kind) VALUES (?, ?)", (now, kind)
+            )
+        )
+
+    async def request_times(self, since: float) -> list[tuple[float, str]]:
+        return await self.read(
+            lambda c: [
+                (r[0], r[1])
+                for r in c.execute(
+                    "SELECT at, kind FROM provider_requests WHERE at > ? ORDER BY at", (since,)
+                )
+            ]
+        )
+
+    async def prune_requests(self, before: float) -> None:
+        await self.write(
+            lambda db: db.execute("DELETE FROM provider_requests WHERE at <= ?", (before,))
+        )
+
+    async def mark_sent(
+        self, results: Iterable[tuple[int, str | None, float | None]], now: float
+    ) -> None:
+        rows = list(results)
+
+        def job(db: Database) -> None:
+            for message_id, provider_id, cost in rows:
+                db.execute(
+                    "UPDATE messages SET state = 'sent', provider_message_id = ?, cost = ?,"
+                    " sent_at = ?, updated_at = ?, reason = NULL WHERE id = ?",
+                    (provider_id, cost, now, now, message_id),
+                )
+
+        await self.write(job)
+
+    async def requeue(
+        self,
+        ids: Sequence[int],
+        now: float,
+        *,
+        at: float,
+        reason: str | None,
+        refund_attempt: bool = False,
+        solo: bool | None = None,
+    ) -> None:
+        """Back to queued, due at `at`; `refund_attempt` when the send never really ran."""
+
+        def job(db: Database) -> None:
+            for i in ids:
+                db.execute(
+                    "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
+                    " reason = ?, attempts = attempts - ?, solo = coalesce(?, solo)"
+                    " WHERE id = ? AND state IN ('sending', 'queued')",
+                    (
+                        at,
+                        now,
+                        reason,
+                        1 if refund_attempt else 0,
+                        None if solo is None else int(solo),
+                        i,
+                    ),
+                )
+
+        await self.write(job)
+
+    async def finish(self, updates: Iterable[tuple[int, State, str | None]], now: float) -> None:
+        """Set final states (failed, delivered) with their reasons."""
+        rows = list(updates)
+
+        def job(db: Database) -> None:
+            for message_id, state, reason in rows:
+                db.execute(
+                    "UPDATE messages SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
+                    (str(state), reason, now, message_id),
+                )
+
+        await self.write(job)
+
+    # -- queries -----------------------------------------------------------------------
+    async def get(self, message_id: int) -> Message | None:
+        row = await self.read(
+            lambda c: c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        )
+        return None if row is None else Message.from_row(row)
+
+    async def events(self, message_id: int) -> list[dict[str, Any]]:
+        return await self.read(
+            lambda c: [
+                dict(r)
+                for r in c.execute(
+                    "SELECT at, state, attempts, detail FROM events WHERE message_id = ? ORDER BY id",
+                    (message_id,),
+                )
+            ]
+        )
+
+    async def list(
+        self, *, state: str | None = None, limit: int = 100, before_id: int | None = None
+    ) -> list[Message]:
+        sql, args = "SELECT * FROM messages WHERE 1=1", []
+        if state:
+            sql += " AND state = ?"
+            args.append(state)
+        if before_id:
+            sql += " AND id < ?"
+            args.append(before_id)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        return await self.read(lambda c: [Message.from_row(r) for r in c.execute(sql, args)])
+
+    async def counts(self) -> dict[str, int]:
+        return await self.read(
+            lambda c: {
+                r[0]: r[1] for r in c.execute("SELECT state, count(*) FROM messages GROUP BY state")
+            }
+        )
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the waiter was cancelled; the write happened regardless
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

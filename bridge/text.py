@@ -1,0 +1,87 @@
+"""SMS text arithmetic (pure): GSM 03.38 or UCS-2, the provider's message_type, parts.
+
+GSM 7-bit: 160 septets in one SMS, 153 per part when concatenated; the extension table
+(^ { } \\ [ ~ ] | € and form feed) costs two septets and an escape pair is never split.
+UCS-2: 70 UTF-16 units, 67 per part; a surrogate pair is never split.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass
+
+GSM_BASIC = (
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞ\x1bÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+GSM_EXTENSION = "\f^{}\\[~]|€"
+_GSM_BASIC_SET = frozenset(GSM_BASIC) - {"\x1b"}
+_GSM_EXTENSION_SET = frozenset(GSM_EXTENSION)
+
+TYPE_GSM = 1
+TYPE_UNICODE = 2
+TYPE_ARABIC = 4
+
+GSM_SINGLE, GSM_PART = 160, 153
+UCS2_SINGLE, UCS2_PART = 70, 67
+
+
+def is_gsm(text: str) -> bool:
+    return all(ch in _GSM_BASIC_SET or ch in _GSM_EXTENSION_SET for ch in text)
+
+
+def gsm_septets(ch: str) -> int:
+    return 2 if ch in _GSM_EXTENSION_SET else 1
+
+
+def _is_arabic(text: str) -> bool:
+    return any("ARABIC" in unicodedata.name(ch, "") for ch in text)
+
+
+def message_type(text: str, *, arabic_type: int = TYPE_UNICODE) -> int:
+    """1 for GSM text; else `arabic_type` for text with Arabic script, else 2."""
+    if is_gsm(text):
+        return TYPE_GSM
+    return arabic_type if _is_arabic(text) else TYPE_UNICODE
+
+
+def _units(text: str, gsm: bool) -> list[int]:
+    """Cost of each character: septets for GSM, UTF-16 code units for UCS-2."""
+    if gsm:
+        return [gsm_septets(ch) for ch in text]
+    return [2 if ord(ch) > 0xFFFF else 1 for ch in text]
+
+
+def split_parts(text: str, *, gsm: bool | None = None) -> list[str]:
+    """The text as the handset receives it: one string per SMS part."""
+    if gsm is None:
+        gsm = is_gsm(text)
+    single, per_part = (GSM_SINGLE, GSM_PART) if gsm else (UCS2_SINGLE, UCS2_PART)
+    units = _units(text, gsm)
+    if sum(units) <= single:
+        return [text]
+    parts: list[str] = []
+    start, used = 0, 0
+    for index, cost in enumerate(units):
+        if used + cost > per_part:
+            parts.append(text[start:index])
+            start, used = index, 0
+        used += cost
+    parts.append(text[start:])
+    return parts
+
+
+def count_parts(text: str) -> int:
+    return len(split_parts(text)) if text else 1
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What a text costs: its message_type and the number of SMS parts."""
+
+    message_type: int
+    parts: int
+
+
+def shape(text: str, *, arabic_type: int = TYPE_UNICODE) -> Shape:
+    return Shape(message_type(text, arabic_type=arabic_type), count_parts(text))

@@ -1,0 +1,238 @@
+"""The HTTP face: the generic API, message queries and health, as a Starlette app.
+
+Every error is JSON `{"error": ..., "field": ...}` with the status `contract.md` gives;
+bad input never produces a 500 and never touches the store. 202 is sent only after the
+ingest transaction is durable. Overload and storage trouble answer 503, never 429,
+because webhook senders retry 5xx and drop 4xx.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bridge.config import Config, valid_sender_id
+from bridge.errors import InputError, StoreUnavailable
+from bridge.health import ProviderHealth
+from bridge.ingest import Draft, Ingestor
+from bridge.phone import resolve_recipients
+from bridge.store import Store
+
+log = logging.getLogger(__name__)
+MAX_DEDUPE_KEY = 256
+MAX_TEXT_CHARS = 5000
+MAX_LIST_LIMIT = 1000
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        self.status = status
+        self.message = message
+        self.field = field
+
+
+def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if field:
+        body["field"] = field
+    return JSONResponse(body, status)
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The body as JSON, enforcing the size limit on the stream, not just the header."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise HttpError(415, "Content-Type must be application/json", "content-type")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise HttpError(413, f"body larger than {max_bytes} bytes", "body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise HttpError(413, f"body larger than {max_bytes} bytes", "body")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HttpError(400, f"body is not valid JSON: {exc}", "body") from exc
+
+
+def _string(
+    body: dict[str, Any], key: str, *, required: bool = False, max_len: int | None = None
+) -> str | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise HttpError(400, f"'{key}' is required", key)
+        return None
+    if not isinstance(value, str):
+        raise HttpError(400, f"'{key}' must be a string", key)
+    if required and not value.strip():
+        raise HttpError(400, f"'{key}' must not be empty", key)
+    if max_len is not None and len(value) > max_len:
+        raise HttpError(400, f"'{key}' is longer than {max_len} characters", key)
+    return value
+
+
+def parse_schedule_time(value: str) -> str:
+    """`Y-m-d H:i:s` (taken as UTC) or ISO 8601 with an offset -> the provider's format, UTC."""
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise HttpError(
+            400, "'schedule_time' must be 'YYYY-MM-DD HH:MM:SS' or ISO 8601", "schedule_time"
+        ) from exc
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC)
+    return when.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def recipients_field(value: Any, field: str = "to") -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    raise HttpError(
+        400, f"'{field}' must be a phone number, a group name, or a non-empty list of them", field
+    )
+
+
+def handle_errors(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except HttpError as exc:
+            return error_response(exc.status, exc.message, exc.field)
+        except InputError as exc:
+            return error_response(400, str(exc), exc.field)
+        except StoreUnavailable as exc:
+            log.error("refused with 503: %s", exc)
+            return error_response(503, f"not accepted, retry later: {exc}")
+
+    return wrapped
+
+
+def create_app(
+    *,
+    config: Config,
+    store: Store,
+    ingestor: Ingestor,
+    health: ProviderHealth,
+    lifespan: Any = None,
+) -> Starlette:
+    max_bytes = config.http.max_body_bytes
+
+    async def post_message(request: Request) -> Response:
+        body = await read_json(request, max_bytes)
+        if not isinstance(body, dict):
+            raise HttpError(400, "body must be a JSON object", "body")
+        targets = recipients_field(body.get("to"))
+        text = _string(body, "message", required=True, max_len=MAX_TEXT_CHARS)
+        sender_id = _string(body, "sender_id") or config.provider.sender_id
+        if not valid_sender_id(sender_id):
+            raise HttpError(
+                400,
+                "'sender_id' must be up to 11 letters, digits or spaces with a "
+                "letter, or up to 15 digits",
+                "sender_id",
+            )
+        dedupe_key = _string(body, "dedupe_key", max_len=MAX_DEDUPE_KEY)
+        schedule = _string(body, "schedule_time")
+        recipients = resolve_recipients(
+            targets,
+            config.groups,
+            default_region=config.phone.default_region or None,
+            require_valid=config.phone.require_valid,
+        )
+        accepted = await ingestor.submit(
+            [
+                Draft(
+                    recipients=recipients,
+                    text=text or "",
+                    source="http",
+                    sender_id=sender_id,
+                    dedupe_key=dedupe_key,
+                    schedule_time=parse_schedule_time(schedule) if schedule else None,
+                )
+            ]
+        )
+        return JSONResponse(
+            {
+                "ids": [a.id for a in accepted],
+                "messages": [
+                    {"id": a.id, "to": a.recipient, "state": str(a.state), "reason": a.reason}
+                    for a in accepted
+                ],
+            },
+            202,
+        )
+
+    async def list_messages(request: Request) -> Response:
+        q = request.query_params
+        try:
+            limit = min(MAX_LIST_LIMIT, int(q.get("limit", "100")))
+            before = int(q["before"]) if "before" in q else None
+        except ValueError as exc:
+            raise HttpError(400, "'limit' and 'before' must be integers", "limit") from exc
+        state = q.get("state") or q.get("status")
+        messages = await store.list(state=state, limit=max(1, limit), before_id=before)
+        return JSONResponse({"messages": [m.to_json() for m in messages]})
+
+    async def get_message(request: Request) -> Response:
+        raw = request.path_params["message_id"]
+        if not raw.isdigit():
+            raise HttpError(400, "message id must be an integer", "id")
+        message = await store.get(int(raw))
+        if message is None:
+            raise HttpError(404, f"no message {raw}", "id")
+        out = message.to_json()
+        out["events"] = await store.events(message.id)
+        return JSONResponse(out)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        problems: dict[str, str] = {}
+        try:
+            await store.write(lambda db: None)  # BEGIN IMMEDIATE: the write lock is ours
+        except StoreUnavailable as exc:
+            problems["store"] = str(exc)
+        if not health.ready:
+            problems["provider"] = health.auth_error or "not ready"
+        if problems:
+            return JSONResponse({"status": "unavailable", "problems": problems}, 503)
+        return JSONResponse({"status": "ready"})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error_response(404, f"no such endpoint: {request.url.path}")
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return error_response(405, f"{request.method} not allowed on {request.url.path}")
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(500, "internal error; nothing was acknowledged")
+
+    return Starlette(
+        routes=[
+            Route("/api/v1/messages", handle_errors(post_message), methods=["POST"]),
+            Route("/api/v1/messages", handle_errors(list_messages), methods=["GET"]),
+            Route("/api/v1/messages/{message_id}", handle_errors(get_message), methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+        ],
+        exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
+        lifespan=lifespan,
+    )
