@@ -71,7 +71,7 @@ class SlidingWindowLimiter:
         if len(relevant) >= cap:
             if cap <= 0:
                 return self.window
-            return relevant[len(relevant) - cap][0] + self.window - now
+            return relevant[len(relevant) - cap] + self.window - now
         return 0.0
 
     def book(self, at: float, kind: str = "send") -> None:

@@ -115,6 +115,9 @@ class Store:
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read")
         self._local = threading.local()
         self.commits = 0  # transactions committed: lets tests see group commit happen
+        # Fault seam for tests: called in the writer thread before each transaction; raise
+        # sqlite3.OperationalError from it to play a full or failing disk.
+        self.inject_fault: Callable[[], None] | None = None
         self.jobs_committed = 0
 
     # -- lifecycle -----------------------------------------------------------------
@@ -168,6 +171,8 @@ class Store:
     def _run_batch(self, conn: sqlite3.Connection, db: Database, batch: list[_Job]) -> None:
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         try:
+            if self.inject_fault is not None:
+                self.inject_fault()
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
                 conn.execute("SAVEPOINT job")

@@ -1,0 +1,100 @@
+"""Shared test plumbing: real servers on loopback, configs from TOML text, a pump."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from starlette.applications import Starlette
+
+from bridge.clock import ManualClock
+from bridge.config import Config, load_config
+from bridge.service import Bridge, bind_socket, uvicorn_server
+
+
+@contextlib.asynccontextmanager
+async def served(app: Starlette) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn on 127.0.0.1 and an ephemeral port; yield its base URL."""
+    sock = bind_socket("127.0.0.1:0")
+    port = sock.getsockname()[1]
+    server = uvicorn_server(app)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.005)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+def write_config(tmp_path: Path, body: str, name: str = "bridge.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body), encoding="utf-8")
+    return path
+
+
+def bridge_config(tmp_path: Path, provider_url: str, extra: str = "", **provider: object) -> Config:
+    lines = [f'base_url = "{provider_url}/api/v1"', 'api_key = "test-key"']
+    lines += [
+        f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}"
+        for k, v in provider.items()
+    ]
+    body = (
+        f'[store]\npath = "{tmp_path / "bridge.db"}"\n[provider]\n'
+        + "\n".join(lines)
+        + "\n"
+        + textwrap.dedent(extra)
+    )
+    return load_config(write_config(tmp_path, body), env={})
+
+
+@contextlib.asynccontextmanager
+async def running_bridge(config: Config, clock: ManualClock) -> AsyncIterator[tuple[Bridge, str]]:
+    """A bridge built as `serve` builds it, its web app on loopback, dispatcher not started."""
+    async with Bridge.build(config, clock=clock) as bridge, served(bridge.app) as url:
+        await bridge.dispatcher.load_budget()
+        yield bridge, url
+
+
+async def pump(
+    bridge: Bridge,
+    clock: ManualClock,
+    until: Callable[[], object],
+    *,
+    max_seconds: float = 3600,
+    step_cap: float = 5.0,
+) -> None:
+    """Run dispatcher and poller steps, moving the clock to whichever wants to run next.
+
+    `until` may be a coroutine function. Stops when it is true; fails after `max_seconds`
+    of simulated time.
+    """
+    start = clock.now()
+    while True:
+        result = until()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if clock.now() - start > max_seconds:
+            raise AssertionError(f"condition not reached in {max_seconds}s of simulated time")
+        wait = min(await bridge.dispatcher.run_once(), await bridge.poller.run_once(), step_cap)
+        clock.advance(max(wait, 0.01))
+
+
+def max_in_window(times: list[float], window: float = 60.0) -> int:
+    """The most requests that fall in any half-open window of `window` seconds."""
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best

@@ -1,0 +1,171 @@
+"""Configuration: TOML, environment overrides, secret files, durations, every problem named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bridge.config import load_config, parse_duration, parse_listen
+from bridge.errors import ConfigError
+from tests.helpers import write_config
+
+
+def test_no_file_means_built_in_defaults_with_the_sandbox() -> None:
+    config = load_config(None, env={})
+    assert config.uses_sandbox
+    assert config.http.listen == "127.0.0.1:8080"
+    assert config.smtp.domains == ("sms.localhost",)
+    assert config.provider.requests_per_minute == 100
+    assert config.dedupe.window == 600
+
+
+def test_file_values_and_environment_overrides(tmp_path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        [provider]
+        base_url = "https://sms.example.net/api/v1"
+        api_key = "from-file"
+        requests_per_minute = 60
+        timeout = "30s"
+        [dedupe]
+        window = "15m"
+        [groups]
+        oncall = ["+12025550101", "+1 202 555 0102"]
+        [routes.am]
+        format = "alertmanager"
+        to = ["oncall"]
+    """,
+    )
+    env = {
+        "SMS_BRIDGE_PROVIDER_API_KEY": "from-env",
+        "SMS_BRIDGE_HTTP_LISTEN": "[::1]:9000",
+        "SMS_BRIDGE_SMTP_DOMAINS": "a.example, b.example",
+        "SMS_BRIDGE_PROVIDER_BULK_MESSAGE_TYPE": "true",
+    }
+    config = load_config(path, env=env)
+    assert config.provider.api_key == "from-env"
+    assert config.provider.requests_per_minute == 60
+    assert config.provider.timeout == 30.0
+    assert config.provider.bulk_message_type is True
+    assert config.dedupe.window == 900.0
+    assert config.http.listen == "[::1]:9000"
+    assert config.smtp.domains == ("a.example", "b.example")
+    assert config.groups["oncall"] == ("+12025550101", "+1 202 555 0102")
+    assert config.routes["am"].to == ("oncall",)
+    with pytest.raises(AttributeError):
+        config.provider.api_key = "x"  # type: ignore[misc]
+
+
+def test_secrets_from_files(tmp_path) -> None:
+    (tmp_path / "key").write_text("s3cret-key\n")
+    path = write_config(
+        tmp_path,
+        f"""
+        [provider]
+        base_url = "https://sms.example.net/api/v1"
+        api_key_file = "{tmp_path / "key"}"
+    """,
+    )
+    assert load_config(path, env={}).provider.api_key == "s3cret-key"
+    (tmp_path / "key2").write_text("env-file-key")
+    env = {"SMS_BRIDGE_PROVIDER_API_KEY_FILE": str(tmp_path / "key2")}
+    assert load_config(path, env=env).provider.api_key == "env-file-key"
+
+
+def test_every_problem_is_reported_with_its_key(tmp_path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        [http]
+        listen = "nowhere"
+        [provider]
+        base_url = "ftp://x"
+        requests_per_minute = "lots"
+        sender_id = "THIS-IS-TOO-LONG"
+        timeout = "soon"
+        colour = "blue"
+        [groups]
+        oncall = ["+1555"]
+        [routes.x]
+        format = "carrier-pigeon"
+        to = ["nobody"]
+        [mystery]
+    """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={"SMS_BRIDGE_STORE_PATH": "ok.db"})
+    keys = [key for key, _ in caught.value.problems]
+    for expected in (
+        "http.listen",
+        "provider.base_url",
+        "provider.requests_per_minute",
+        "provider.sender_id",
+        "provider.timeout",
+        "provider.colour",
+        "groups.oncall[0]",
+        "routes.x.format",
+        "routes.x.to[0]",
+        "mystery",
+        "provider.api_key",
+    ):
+        assert expected in keys, (expected, keys)
+
+
+def test_bad_toml_and_missing_file(tmp_path) -> None:
+    bad = write_config(tmp_path, "[provider\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad, env={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml", env={})
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("10m", 600), ("1.5h", 5400), ("2d", 172800), ("250ms", 0.25), (45, 45)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_listen_addresses() -> None:
+    assert parse_listen("127.0.0.1:2525") == ("127.0.0.1", 2525)
+    assert parse_listen("[::1]:8080") == ("::1", 8080)
+    with pytest.raises(ValueError):
+        parse_listen("8080")
+
+
+def test_check_config_command_exits_1_naming_each_key(tmp_path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        [provider]
+        requests_per_minute = 0
+        [smtp]
+        listen = "localhost"
+    """,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "provider.requests_per_minute" in result.stderr
+    assert "smtp.listen" in result.stderr
+    good = write_config(
+        tmp_path,
+        '[provider]\nbase_url = "https://x.example/api/v1"\napi_key = "abcd-1234"\n',
+        name="good.toml",
+    )
+    ok = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "abcd-1234" not in ok.stdout  # secrets masked

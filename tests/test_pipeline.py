@@ -1,0 +1,341 @@
+"""The spine end to end: HTTP in, stored, dispatched within the limit, states recorded.
+
+Every test talks to real servers on loopback: the bridge's web app under uvicorn and the
+sandbox provider under uvicorn, both on ephemeral ports; time is a ManualClock shared by
+bridge and sandbox, so a minute of rate window passes without sleeping.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+
+import httpx
+
+from bridge.clock import ManualClock
+from bridge.models import State
+from bridge.provider.sandbox import Fault, SandboxState
+from tests.helpers import bridge_config, max_in_window, pump, running_bridge
+
+
+def numbers(count: int, start: int = 0) -> list[str]:
+    """Real-shaped, distinct US numbers (+1 202 5xx xxxx)."""
+    return [f"+1202{5000000 + start + i:07d}" for i in range(count)]
+
+
+async def post(url: str, body: dict[str, object]) -> httpx.Response:
+    async with httpx.AsyncClient() as http:
+        return await http.post(f"{url}/api/v1/messages", json=body)
+
+
+async def states(bridge, ids: list[int]) -> list[State]:
+    return [(await bridge.store.get(i)).state for i in ids]
+
+
+async def test_post_is_stored_before_202_and_reaches_delivered(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        commits_before = bridge.store.commits
+        response = await post(url, {"to": "+12025550143", "message": "disk full on db-2"})
+        assert response.status_code == 202
+        [message_id] = response.json()["ids"]
+        # The 202 came after a commit that holds the row: a reader connection sees it.
+        assert bridge.store.commits > commits_before
+        stored = await bridge.store.get(message_id)
+        assert stored is not None and stored.state == State.QUEUED
+
+        async def delivered() -> bool:
+            return (await bridge.store.get(message_id)).state == State.DELIVERED
+
+        await pump(bridge, clock, delivered, max_seconds=120)
+        async with httpx.AsyncClient() as http:
+            got = (await http.get(f"{url}/api/v1/messages/{message_id}")).json()
+            logs = (
+                await http.get(f"{sandbox_url}/api/v1/logs", headers={"X-API-Key": "test-key"})
+            ).json()
+        assert got["state"] == "delivered"
+        assert [e["state"] for e in got["events"]] == ["queued", "sending", "sent", "delivered"]
+        entry = next(e for e in logs["data"] if str(e["message_id"]) == got["provider_message_id"])
+        assert entry["status"] == "delivered" and entry["to"] == "+12025550143"
+        assert entry["message"] == "disk full on db-2"
+
+
+async def test_rate_limit_is_never_exceeded(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    sandbox_state.rate_limit = 20
+    config = bridge_config(tmp_path, sandbox_url, requests_per_minute=20)
+    async with running_bridge(config, clock) as (bridge, url):
+        ids = []
+        for i, number in enumerate(numbers(40)):
+            ids += (await post(url, {"to": number, "message": f"alert {i}"})).json()["ids"]
+
+        async def all_final() -> bool:
+            return all(s in (State.SENT, State.DELIVERED) for s in await states(bridge, ids))
+
+        await pump(bridge, clock, all_final, max_seconds=1800)
+    statuses = [r.status for r in sandbox_state.requests]
+    assert 429 not in statuses
+    assert max_in_window([r.at for r in sandbox_state.requests]) <= 20
+    sends = [r for r in sandbox_state.requests if r.path.endswith("/send")]
+    assert len(sends) == 40
+    # 40 sends need at least two full windows beyond the first.
+    assert sends[-1].at - sends[0].at >= 60
+
+
+async def test_2500_recipients_one_text_make_three_bulk_calls(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    recipients = numbers(2500)
+    async with running_bridge(config, clock) as (bridge, url):
+        response = await post(url, {"to": recipients, "message": "maintenance at 02:00 UTC"})
+        assert response.status_code == 202
+        ids = response.json()["ids"]
+        assert len(ids) == 2500
+
+        async def all_sent() -> bool:
+            return set(await states(bridge, ids)) <= {State.SENT, State.DELIVERED}
+
+        await pump(bridge, clock, all_sent, max_seconds=120)
+        one = await bridge.store.get(ids[1234])
+    bulk = [r for r in sandbox_state.requests if r.path.endswith("/send-bulk")]
+    assert len(bulk) == 3
+    assert not [r for r in sandbox_state.requests if r.path.endswith("/send")]
+    assert sorted(e.to for e in sandbox_state.entries) == sorted(recipients)
+    assert one.provider_message_id is not None
+
+
+async def test_500_three_times_then_delivered_after_four_attempts(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    sandbox_state.faults.append(Fault(status=500, times=3, path="/send"))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+
+        async def delivered() -> bool:
+            return (await bridge.store.get(message_id)).state == State.DELIVERED
+
+        await pump(bridge, clock, delivered, max_seconds=600)
+        message = await bridge.store.get(message_id)
+        events = await bridge.store.events(message_id)
+    assert message.attempts == 4
+    assert [e["state"] for e in events].count("sending") == 4
+    assert len(sandbox_state.entries) == 1
+    sends = [r.at for r in sandbox_state.requests if r.path.endswith("/send")]
+    gaps = [b - a for a, b in itertools.pairwise(sends)]
+    assert all(g > 0 for g in gaps) and gaps[2] > gaps[0]  # backoff grows
+
+
+async def test_400_fails_at_once_with_the_providers_reason(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        # Possible for phonenumbers, refused by the provider's stricter validation.
+        sandbox_state.faults.append(
+            Fault(status=400, path="/send", body='{"success": false, "message": "Invalid number."}')
+        )
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+
+        async def failed() -> bool:
+            return (await bridge.store.get(message_id)).state == State.FAILED
+
+        await pump(bridge, clock, failed, max_seconds=60)
+        for _ in range(20):
+            clock.advance(30)
+            await bridge.dispatcher.run_once()
+        message = await bridge.store.get(message_id)
+    assert message.attempts == 1
+    assert "Invalid number." in (message.reason or "")
+    assert len([r for r in sandbox_state.requests if r.path.endswith("/send")]) == 1
+
+
+async def test_bulk_refused_is_retried_one_by_one(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        sandbox_state.faults.append(Fault(status=400, path="/send-bulk"))
+        sandbox_state.faults.append(Fault(status=400, path="/send", times=1))
+        ids = (await post(url, {"to": numbers(3), "message": "x"})).json()["ids"]
+
+        async def settled() -> bool:
+            return all(
+                s in (State.SENT, State.DELIVERED, State.FAILED) for s in await states(bridge, ids)
+            )
+
+        await pump(bridge, clock, settled, max_seconds=120)
+        final = await states(bridge, ids)
+    assert final.count(State.FAILED) == 1
+    assert len(sandbox_state.entries) == 2
+
+
+async def test_401_keeps_the_queue_turns_ready_red_and_recovers(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        sandbox_state.api_key = "rotated-key"
+        ids = (await post(url, {"to": numbers(3), "message": "x"})).json()["ids"]
+        for _ in range(10):
+            clock.advance(await bridge.dispatcher.run_once())
+        assert await states(bridge, ids) == [State.QUEUED] * 3
+        async with httpx.AsyncClient() as http:
+            ready = await http.get(f"{url}/readyz")
+            assert ready.status_code == 503
+            assert "provider" in ready.json()["problems"]
+            sandbox_state.api_key = "test-key"  # the operator fixes the key upstream
+
+            async def sent() -> bool:
+                return set(await states(bridge, ids)) <= {State.SENT, State.DELIVERED}
+
+            await pump(bridge, clock, sent, max_seconds=300)
+            assert (await http.get(f"{url}/readyz")).status_code == 200
+        messages = [await bridge.store.get(i) for i in ids]
+    assert all(m.attempts == 1 for m in messages)  # waiting on a bad key is not an attempt
+    assert len(sandbox_state.entries) == 3
+
+
+async def test_429_pauses_the_key_and_loses_nothing(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    sandbox_state.faults.append(Fault(status=429, path="/send", retry_after="45"))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+        t0 = clock.now()
+
+        async def sent() -> bool:
+            return (await bridge.store.get(message_id)).state in (State.SENT, State.DELIVERED)
+
+        await pump(bridge, clock, sent, max_seconds=300)
+    sends = [r for r in sandbox_state.requests if r.path.endswith("/send")]
+    assert [r.status for r in sends] == [429, 200]
+    assert sends[1].at - t0 >= 45
+
+
+async def test_rate_window_survives_a_restart(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    sandbox_state.rate_limit = 5
+    config = bridge_config(tmp_path, sandbox_url, requests_per_minute=5)
+    async with running_bridge(config, clock) as (bridge, url):
+        for i, number in enumerate(numbers(5)):
+            await post(url, {"to": number, "message": f"first {i}"})
+        await bridge.dispatcher.run_once()
+        assert len(sandbox_state.entries) == 5
+    async with running_bridge(config, clock) as (bridge, url):
+        await post(url, {"to": "+12025550199", "message": "after restart"})
+        wait = await bridge.dispatcher.run_once()
+        assert len(sandbox_state.entries) == 5  # no fresh burst after the restart
+        assert wait > 50
+    assert 429 not in [r.status for r in sandbox_state.requests]
+
+
+async def test_unknown_outcome_is_checked_in_logs_not_resent(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    # The provider takes longer than our read timeout, then records the SMS anyway.
+    sandbox_state.faults.append(Fault(status=0, delay=0.6, path="/send"))
+    config = bridge_config(tmp_path, sandbox_url, timeout="0.2s")
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        assert (await bridge.store.get(message_id)).state == State.SENDING
+        import asyncio
+
+        await asyncio.sleep(0.8)  # the sandbox finishes the stalled request (real seconds)
+
+        async def sent() -> bool:
+            return (await bridge.store.get(message_id)).state in (State.SENT, State.DELIVERED)
+
+        await pump(bridge, clock, sent, max_seconds=120)
+        message = await bridge.store.get(message_id)
+    assert len(sandbox_state.entries) == 1
+    assert message.provider_message_id == str(sandbox_state.entries[0].message_id)
+
+
+async def test_bad_input_gets_json_errors_and_stores_nothing(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    cases = [
+        ({"message": "x"}, 400, "to"),
+        ({"to": "+12025550143"}, 400, "message"),
+        ({"to": "123", "message": "x"}, 400, "to[0]"),
+        ({"to": ["+12025550143", "nonsense"], "message": "x"}, 400, "to[1]"),
+        ({"to": "+12025550143", "message": 5}, 400, "message"),
+        ({"to": "+12025550143", "message": "x", "sender_id": "WAY-TOO-LONG-ID"}, 400, "sender_id"),
+        ({"to": "+12025550143", "message": "x", "schedule_time": "tomorrow"}, 400, "schedule_time"),
+        (["not", "an", "object"], 400, "body"),
+    ]
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for body, status, field in cases:
+            response = await http.post(f"{url}/api/v1/messages", json=body)
+            assert response.status_code == status, body
+            assert response.json()["field"] == field, body
+        raw = await http.post(
+            f"{url}/api/v1/messages", content=b"{nope", headers={"content-type": "application/json"}
+        )
+        assert raw.status_code == 400 and "JSON" in raw.json()["error"]
+        form = await http.post(f"{url}/api/v1/messages", data={"to": "x"})
+        assert form.status_code == 415
+        big = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x" * 2_000_000}
+        )
+        assert big.status_code == 413
+
+        async def chunks():
+            yield b'{"to": "+12025550143", "message": "'
+            for _ in range(300):
+                yield b"y" * 4096
+            yield b'"}'
+
+        streamed = await http.post(
+            f"{url}/api/v1/messages", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert streamed.status_code == 413
+        assert (await http.get(f"{url}/api/v1/messages/999")).status_code == 404
+        assert (await http.get(f"{url}/nowhere")).json()["error"]
+        assert await bridge.store.counts() == {}
+
+
+async def test_store_unwritable_answers_503(tmp_path, clock: ManualClock, sandbox_url: str) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+
+        def disk_full() -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        bridge.store.inject_fault = disk_full
+        response = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"}
+        )
+        assert response.status_code == 503
+        assert "retry" in response.json()["error"]
+        ready = await http.get(f"{url}/readyz")
+        assert ready.status_code == 503 and "store" in ready.json()["problems"]
+        assert await bridge.store.counts() == {}
+        bridge.store.inject_fault = None  # the disk recovers
+        ok = await http.post(f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"})
+        assert ok.status_code == 202
+        assert await bridge.store.counts() == {"queued": 1}
+
+
+async def test_dedupe_key_suppresses_a_repeat(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    body = {"to": "+12025550143", "message": "x", "dedupe_key": "db-2-disk"}
+    async with running_bridge(config, clock) as (_bridge, url):
+        first = (await post(url, body)).json()["messages"][0]
+        second = (await post(url, body)).json()["messages"][0]
+        clock.advance(601)
+        third = (await post(url, body)).json()["messages"][0]
+    assert first["state"] == "queued"
+    assert second["state"] == "suppressed" and str(first["id"]) in second["reason"]
+    assert third["state"] == "queued"
