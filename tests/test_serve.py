@@ -1,0 +1,186 @@
+"""`sms-bridge serve` as a real process: defaults, signals, SIGKILL and restart."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+KEY = "crash-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMS_BRIDGE_")}
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def process(
+    args: list[str], cwd: Path, env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", *args],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def wait_for(check, timeout: float = 30.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            result = check()
+            if result:
+                return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_serve_with_no_config_runs_on_the_sandbox_and_stops_on_sigterm(tmp_path) -> None:
+    log = tmp_path / "serve.log"
+    with process(["serve"], tmp_path, clean_env(), log) as proc:
+        url = "http://127.0.0.1:8080"
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, what="startup")
+        response = httpx.post(
+            f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "first light"}
+        )
+        assert response.status_code == 202
+        [mid] = response.json()["ids"]
+        wait_for(
+            lambda: httpx.get(f"{url}/api/v1/messages/{mid}").json()["state"] == "delivered",
+            timeout=60,
+            what="delivery",
+        )
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - started < 10
+    first_line = log.read_text().splitlines()[0]
+    assert "sandbox" in first_line and "no SMS leaves this machine" in first_line
+    assert (tmp_path / "sms-bridge.db").exists()
+
+
+def test_bad_config_exits_1_before_opening_ports(tmp_path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[http]\nlisten = "127.0.0.1:notaport"\n[provider]\nrequests_per_minute = -1\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "http.listen" in result.stderr and "provider.requests_per_minute" in result.stderr
+    assert not (tmp_path / "sms-bridge.db").exists()
+
+
+def _states(db: Path) -> list[str]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in conn.execute("SELECT state FROM messages ORDER BY id")]
+    except sqlite3.Error:
+        return []
+    finally:
+        conn.close()
+
+
+def test_sigkill_with_messages_queued_and_in_flight_sends_each_once(tmp_path) -> None:
+    sandbox_port, http_port = free_port(), free_port()
+    sandbox = f"http://127.0.0.1:{sandbox_port}"
+    bridge = f"http://127.0.0.1:{http_port}"
+    db = tmp_path / "bridge.db"
+    config = tmp_path / "bridge.toml"
+    config.write_text(f"""
+[http]
+listen = "127.0.0.1:{http_port}"
+[store]
+path = "{db}"
+[provider]
+base_url = "{sandbox}/api/v1"
+api_key = "{KEY}"
+[status]
+poll_interval = "1s"
+""")
+    env = clean_env()
+    log = tmp_path / "run.log"
+    with process(
+        ["sandbox", "--listen", f"127.0.0.1:{sandbox_port}", "--api-key", KEY], tmp_path, env, log
+    ):
+        wait_for(
+            lambda: httpx.get(f"{sandbox}/_sandbox/requests").status_code == 200, what="sandbox"
+        )
+        # Each /send stalls for a second, so the kill finds one in flight and others queued.
+        httpx.post(
+            f"{sandbox}/_sandbox/faults",
+            json={"status": 0, "delay": 1.0, "path": "/send", "times": 4},
+        )
+        recipients = [f"+1202555{i:04d}" for i in range(100, 112)]
+        with process(["serve", "--config", str(config)], tmp_path, env, log) as first:
+            wait_for(lambda: httpx.get(f"{bridge}/healthz").status_code == 200, what="bridge")
+            for i, number in enumerate(recipients):
+                r = httpx.post(
+                    f"{bridge}/api/v1/messages", json={"to": number, "message": f"alert number {i}"}
+                )
+                assert r.status_code == 202
+            wait_for(
+                lambda: "sending" in _states(db) and "queued" in _states(db),
+                what="a message in flight",
+            )
+            first.kill()
+            first.wait(timeout=10)
+        at_kill = _states(db)
+        assert "sending" in at_kill and "queued" in at_kill
+        with process(["serve", "--config", str(config)], tmp_path, env, log) as second:
+            wait_for(lambda: httpx.get(f"{bridge}/healthz").status_code == 200, what="restart")
+            wait_for(
+                lambda: set(_states(db)) <= {"sent", "delivered"},
+                timeout=90,
+                what="every message sent after the restart",
+            )
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=15) == 0
+        entries = httpx.get(f"{sandbox}/_sandbox/entries").json()
+    sent_to = sorted(e["to"] for e in entries)
+    duplicates = len(sent_to) - len(set(sent_to))
+    print(
+        json.dumps(
+            {
+                "messages": len(recipients),
+                "reached_provider": len(sent_to),
+                "duplicates": duplicates,
+                "states_at_kill": at_kill,
+            }
+        )
+    )
+    assert sorted(set(sent_to)) == sorted(recipients)  # nothing lost
+    assert duplicates == 0  # the in-flight one was found in /logs, not resent
