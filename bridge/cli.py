@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bridge import __version__
@@ -89,13 +89,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from bridge.service import serve
 
-        asyncio.run(serve(config))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve(config))
         return 0
     if args.command == "messages":
         return asyncio.run(_messages(config, args))
     if args.command == "provider":
         return asyncio.run(_provider(config, args))
     return 2
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where installed (as uvicorn itself would pick), else asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _run_sandbox(args: argparse.Namespace) -> int:

@@ -124,9 +124,12 @@ class Dispatcher:
                 return self._next_probe - now
             if not await self._probe():
                 return self.config.auth_probe_interval
-        wait = await self._reconcile()
-        if wait is not None:
+        wait = self.limiter.wait_time("send")
+        if wait > 0:  # no budget: do not even read the queue (ingest wakes us often)
             return wait
+        reconcile_wait = await self._reconcile()
+        if reconcile_wait is not None:
+            return reconcile_wait
         due = await self.store.due(now, DUE_BATCH)
         for batch in plan_batches(
             due, max_bulk=self.config.max_bulk, bulk_types=self.config.bulk_message_type

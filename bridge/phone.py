@@ -8,6 +8,7 @@ phone loses alerts; callers log a warning for it.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 
@@ -74,6 +75,7 @@ def _parse_possible(text: str, default_region: str | None) -> phonenumbers.Phone
     raise PhoneError(text, first_reason)
 
 
+@functools.lru_cache(maxsize=4096)  # on-call numbers repeat; parsing is the costly part
 def normalise_number(
     text: str, *, default_region: str | None = None, require_valid: bool = False
 ) -> str:
@@ -84,9 +86,10 @@ def normalise_number(
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+@functools.lru_cache(maxsize=4096)
 def is_assigned(e164: str) -> bool:
     """Whether the metadata knows the number's range as assigned (for warnings only)."""
-    return phonenumbers.is_valid_number(phonenumbers.parse(e164, None))
+    return bool(phonenumbers.is_valid_number(phonenumbers.parse(e164, None)))
 
 
 def country_code(e164: str) -> int:

@@ -64,7 +64,10 @@ def _initial_schema(db: Database) -> None:
             solo INTEGER NOT NULL DEFAULT 0
         )""")
     db.execute("CREATE INDEX messages_due ON messages(state, next_attempt_at, id)")
-    db.execute("CREATE INDEX messages_dedupe ON messages(dedupe_key, recipient, created_at)")
+    db.execute(
+        "CREATE INDEX messages_dedupe ON messages(dedupe_key, recipient, created_at)"
+        " WHERE dedupe_key IS NOT NULL"
+    )
     db.execute("""
         CREATE TABLE events (
             id INTEGER PRIMARY KEY,
@@ -89,6 +92,13 @@ def _initial_schema(db: Database) -> None:
     # Timestamps of provider requests: the sliding rate window survives a restart.
     db.execute("CREATE TABLE provider_requests (at REAL NOT NULL, kind TEXT NOT NULL)")
     db.execute("CREATE INDEX provider_requests_at ON provider_requests(at)")
+
+
+class _JobFailed(Exception):
+    """A job raised something other than a storage error; carries it."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
 @dataclass
@@ -169,35 +179,55 @@ class Store:
             conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, db: Database, batch: list[_Job]) -> None:
-        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        try:
+            outcomes = self._transaction(conn, db, batch)
+        except _JobFailed:
+            # A job raised: its group was rolled back whole. Run each job in a transaction
+            # of its own so that one bad job cannot sink the others (rare; jobs are plain
+            # database functions, safe to run again after a rollback).
+            outcomes = []
+            for job in batch:
+                try:
+                    outcomes += self._transaction(conn, db, [job])
+                except _JobFailed as failed:
+                    outcomes.append((job, None, failed.error))
+        self._settle(outcomes)
+
+    def _transaction(
+        self, conn: sqlite3.Connection, db: Database, jobs: list[_Job]
+    ) -> list[tuple[_Job, Any, BaseException | None]]:
+        """Run `jobs` in one BEGIN IMMEDIATE ... COMMIT; a storage error fails them all."""
         try:
             if self.inject_fault is not None:
                 self.inject_fault()
             conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                conn.execute("SAVEPOINT job")
+            results = []
+            for job in jobs:
                 try:
-                    result = job.fn(db)
+                    results.append((job, job.fn(db), None))
+                except sqlite3.Error:
+                    raise
                 except Exception as exc:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    if isinstance(exc, sqlite3.Error):
-                        exc = StoreUnavailable(f"store write failed: {exc}")
-                    outcomes.append((job, None, exc))
-                else:
-                    conn.execute("RELEASE job")
-                    outcomes.append((job, result, None))
+                    conn.execute("ROLLBACK")
+                    raise _JobFailed(exc) from exc
             conn.execute("COMMIT")
-            self.commits += 1
-            self.jobs_committed += len(batch)
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             log.error("store commit failed: %s", exc)
             failure = StoreUnavailable(f"store commit failed: {exc}")
-            outcomes = [(job, None, failure) for job in batch]
+            return [(job, None, failure) for job in jobs]
+        self.commits += 1
+        self.jobs_committed += len(jobs)
+        return results
+
+    def _settle(self, outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
+        # One wake-up of the event loop per transaction, not one per job.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
         for job, result, error in outcomes:
-            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+            by_loop.setdefault(job.loop, []).append((job.future, result, error))
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_settle_all, settled)
 
     def _fail_all(self, error: BaseException) -> None:
         while True:
@@ -263,7 +293,8 @@ class Store:
     @staticmethod
     def find_duplicate(db: Database, recipient: str, dedupe_key: str, since: float) -> int | None:
         row = db.execute(
-            "SELECT id FROM messages WHERE dedupe_key = ? AND recipient = ? AND created_at >= ?"
+            "SELECT id FROM messages WHERE dedupe_key = ? AND dedupe_key IS NOT NULL"
+            " AND recipient = ? AND created_at >= ?"
             " AND state != 'failed' ORDER BY id LIMIT 1",
             (dedupe_key, recipient, since),
         ).fetchone()
@@ -437,6 +468,11 @@ class Store:
                 r[0]: r[1] for r in c.execute("SELECT state, count(*) FROM messages GROUP BY state")
             }
         )
+
+
+def _settle_all(settled: list[tuple[Any, ...]]) -> None:
+    for future, result, error in settled:
+        _settle(future, result, error)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

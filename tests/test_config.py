@@ -169,3 +169,24 @@ def test_check_config_command_exits_1_naming_each_key(tmp_path) -> None:
     )
     assert ok.returncode == 0, ok.stderr
     assert "abcd-1234" not in ok.stdout  # secrets masked
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    import dataclasses
+    import tomllib
+    from pathlib import Path
+
+    from bridge.config import SECTIONS
+
+    example = Path(__file__).parent.parent / "config.example.toml"
+    load_config(example, env={})
+    parsed = tomllib.loads(example.read_text())
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name in parsed[section], f"{section}.{f.name} missing from the example"
+            shown = parsed[section][f.name]
+            if f.metadata.get("kind") == "duration":
+                shown = parse_duration(shown)
+            elif isinstance(f.default, tuple):
+                shown = tuple(shown)
+            assert shown == f.default, f"{section}.{f.name}: the example differs from the default"

@@ -1,0 +1,11 @@
+.PHONY: install test lint format bench
+install:
+	pip install -e '.[test]'
+test:
+	pytest
+lint:
+	ruff check . && ruff format --check .
+format:
+	ruff format . && ruff check --fix .
+bench:
+	python bench/ingest_http.py
