@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -155,10 +156,12 @@ async def _messages(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _provider(config: Config, args: argparse.Namespace) -> int:
-    from bridge.service import Bridge
+    from bridge.service import open_provider
 
-    async with Bridge.build(config) as bridge:
-        client = bridge.client
+    if args.action == "calculate" and (not args.to or not args.message):
+        print("calculate needs --to NUMBER (repeatable) and --message TEXT", file=sys.stderr)
+        return 2
+    async with open_provider(config, clock=SystemClock()) as (_, client, _sandbox):
         try:
             if args.action == "balance":
                 result: Any = await client.balance()
@@ -168,19 +171,8 @@ async def _provider(config: Config, args: argparse.Namespace) -> int:
                 result = await client.account()
             elif args.action == "logs":
                 page = await client.logs(page=args.page, per_page=args.per_page, status=args.status)
-                result = [
-                    vars(e)
-                    if not hasattr(e, "__slots__")
-                    else {k: getattr(e, k) for k in e.__slots__}
-                    for e in page.entries
-                ]
+                result = [dataclasses.asdict(entry) for entry in page.entries]
             else:
-                if not args.to or not args.message:
-                    print(
-                        "calculate needs --to NUMBER (repeatable) and --message TEXT",
-                        file=sys.stderr,
-                    )
-                    return 2
                 result = await client.calculate(args.to, args.message)
         except ProviderError as exc:
             print(f"provider error: {exc}", file=sys.stderr)

@@ -86,6 +86,40 @@ def make_sandbox_state(config: Config, clock: Clock) -> SandboxState:
     )
 
 
+@contextlib.asynccontextmanager
+async def open_provider(
+    config: Config, *, clock: Clock, transport: httpx.AsyncBaseTransport | None = None
+) -> AsyncIterator[tuple[httpx.AsyncClient, ProviderClient, SandboxState | None]]:
+    """The one HTTP client and the provider client; the in-process sandbox if no base_url."""
+    sandbox = None
+    base_url, api_key = config.provider.base_url, config.provider.api_key
+    if config.uses_sandbox:
+        sandbox = make_sandbox_state(config, clock)
+        transport = httpx.ASGITransport(app=create_sandbox_app(sandbox))
+        base_url, api_key = SANDBOX_BASE_URL, sandbox.api_key
+    p = config.provider
+    async with httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(p.timeout, connect=p.connect_timeout),
+        follow_redirects=False,
+    ) as http:
+        yield (
+            http,
+            ProviderClient(
+                http=http,
+                base_url=base_url,
+                api_key=api_key,
+                clock=clock,
+                auth_header=p.auth_header,
+                pricing_path=p.pricing_path,
+                account_path=p.account_path,
+                calculate_path=p.calculate_path,
+                bulk_message_type=p.bulk_message_type,
+            ),
+            sandbox,
+        )
+
+
 @dataclass
 class Bridge:
     config: Config
@@ -112,70 +146,59 @@ class Bridge:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> AsyncIterator[Bridge]:
         clock = clock or SystemClock()
-        sandbox = None
-        base_url, api_key = config.provider.base_url, config.provider.api_key
-        if config.uses_sandbox:
-            sandbox = make_sandbox_state(config, clock)
-            transport = httpx.ASGITransport(app=create_sandbox_app(sandbox))
-            base_url, api_key = SANDBOX_BASE_URL, sandbox.api_key
         store = Store(config.store.path)
         await store.open()
         p = config.provider
-        http = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(p.timeout, connect=p.connect_timeout),
-            follow_redirects=False,
-        )
         try:
-            client = ProviderClient(
-                http=http,
-                base_url=base_url,
-                api_key=api_key,
-                clock=clock,
-                auth_header=p.auth_header,
-                pricing_path=p.pricing_path,
-                account_path=p.account_path,
-                calculate_path=p.calculate_path,
-                bulk_message_type=p.bulk_message_type,
-            )
-            limiter = SlidingWindowLimiter(
-                limit=p.requests_per_minute, clock=clock, status_share=config.status.budget_share
-            )
-            health = ProviderHealth()
-            dispatcher = Dispatcher(
-                store=store, client=client, limiter=limiter, clock=clock, config=p, health=health
-            )
-            poller = StatusPoller(
-                store=store,
-                client=client,
-                limiter=limiter,
-                clock=clock,
-                config=config.status,
-                health=health,
-            )
-            ingestor = Ingestor(
-                store=store,
-                clock=clock,
-                dedupe_window=config.dedupe.window,
-                on_stored=dispatcher.wake.set,
-            )
-            app = create_app(config=config, store=store, ingestor=ingestor, health=health)
-            yield cls(
-                config=config,
-                clock=clock,
-                store=store,
-                http=http,
-                client=client,
-                limiter=limiter,
-                health=health,
-                dispatcher=dispatcher,
-                poller=poller,
-                ingestor=ingestor,
-                app=app,
-                sandbox=sandbox,
-            )
+            async with open_provider(config, clock=clock, transport=transport) as (
+                http,
+                client,
+                sandbox,
+            ):
+                limiter = SlidingWindowLimiter(
+                    limit=p.requests_per_minute,
+                    clock=clock,
+                    status_share=config.status.budget_share,
+                )
+                health = ProviderHealth()
+                dispatcher = Dispatcher(
+                    store=store,
+                    client=client,
+                    limiter=limiter,
+                    clock=clock,
+                    config=p,
+                    health=health,
+                )
+                poller = StatusPoller(
+                    store=store,
+                    client=client,
+                    limiter=limiter,
+                    clock=clock,
+                    config=config.status,
+                    health=health,
+                )
+                ingestor = Ingestor(
+                    store=store,
+                    clock=clock,
+                    dedupe_window=config.dedupe.window,
+                    on_stored=dispatcher.wake.set,
+                )
+                app = create_app(config=config, store=store, ingestor=ingestor, health=health)
+                yield cls(
+                    config=config,
+                    clock=clock,
+                    store=store,
+                    http=http,
+                    client=client,
+                    limiter=limiter,
+                    health=health,
+                    dispatcher=dispatcher,
+                    poller=poller,
+                    ingestor=ingestor,
+                    app=app,
+                    sandbox=sandbox,
+                )
         finally:
-            await http.aclose()
             await store.close()
 
     async def run(

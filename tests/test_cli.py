@@ -1,0 +1,99 @@
+"""The operator's commands, run as processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+
+from tests.test_serve import KEY, free_port, process, wait_for
+
+
+def run(*args: str, cwd, env=None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SMS_BRIDGE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**base, **(env or {})},
+    )
+
+
+def test_provider_commands_against_a_sandbox_on_loopback(tmp_path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"SMS_BRIDGE_PROVIDER_BASE_URL": f"{url}/api/v1", "SMS_BRIDGE_PROVIDER_API_KEY": KEY}
+    with process(
+        ["sandbox", "--listen", f"127.0.0.1:{port}", "--api-key", KEY],
+        tmp_path,
+        dict(os.environ),
+        tmp_path / "sandbox.log",
+    ):
+        wait_for(lambda: httpx.get(f"{url}/_sandbox/requests").status_code == 200)
+        httpx.post(
+            f"{url}/api/v1/send",
+            headers={"X-API-Key": KEY},
+            json={"to": "+12025550143", "message": "hello"},
+        )
+        balance = run("provider", "balance", "--json", cwd=tmp_path, env=env)
+        assert balance.returncode == 0, balance.stderr
+        assert json.loads(balance.stdout)["balance"] == 999.5
+        table = run("provider", "logs", cwd=tmp_path, env=env)
+        assert "+12025550143" in table.stdout and "hello" in table.stdout
+        calc = run(
+            "provider",
+            "calculate",
+            "--to",
+            "+447911123456",
+            "--message",
+            "x" * 170,
+            "--json",
+            cwd=tmp_path,
+            env=env,
+        )
+        assert json.loads(calc.stdout)["cost"] == 1.6
+        assert run("provider", "pricing", cwd=tmp_path, env=env).returncode == 0
+        assert "Sandbox account" in run("provider", "account", cwd=tmp_path, env=env).stdout
+        wrong = run(
+            "provider",
+            "balance",
+            cwd=tmp_path,
+            env={**env, "SMS_BRIDGE_PROVIDER_API_KEY": "wrong-key"},
+        )
+        assert wrong.returncode == 1 and "401" in wrong.stderr
+        assert "wrong-key" not in wrong.stderr
+    assert not (tmp_path / "sms-bridge.db").exists()  # account commands never touch the store
+
+
+def test_messages_command_lists_the_store(tmp_path) -> None:
+    port = free_port()
+    env = {"SMS_BRIDGE_HTTP_LISTEN": f"127.0.0.1:{port}", "SMS_BRIDGE_STORE_PATH": "m.db"}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SMS_BRIDGE_")}
+    with process(["serve"], tmp_path, {**base, **env}, tmp_path / "serve.log") as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+        ids = httpx.post(
+            f"{url}/api/v1/messages",
+            json={"to": ["+12025550143", "+12025550144"], "message": "printer out of toner"},
+        ).json()
+        wait_for(
+            lambda: all(
+                httpx.get(f"{url}/api/v1/messages/{i}").json()["state"] == "delivered"
+                for i in ids["ids"]
+            ),
+            timeout=60,
+        )
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    listed = run("messages", "--json", cwd=tmp_path, env=env)
+    rows = json.loads(listed.stdout)
+    assert {r["recipient"] for r in rows} == {"+12025550143", "+12025550144"}
+    assert {r["state"] for r in rows} == {"delivered"}
+    table = run("messages", "--status", "delivered", cwd=tmp_path, env=env)
+    assert "printer out of toner" in table.stdout and table.stdout.count("delivered") == 2
+    assert run("messages", "--status", "failed", cwd=tmp_path, env=env).stdout.count("\n") == 1
