@@ -8,6 +8,7 @@ as `<key>_file` naming a file to read (systemd credentials, Docker secrets).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -15,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import phonenumbers
 
 from bridge.errors import ConfigError
 from bridge.phone import PhoneError, normalise_number
@@ -32,6 +35,10 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 def _opt(default: Any, kind: str = "", secret: bool = False) -> Any:
     """A config key: its default and how to read it from a string (the environment)."""
+    if isinstance(default, dict):
+        return field(
+            default_factory=lambda: dict(default), metadata={"kind": "table", "secret": secret}
+        )
     if isinstance(default, list | tuple):
         return field(default=tuple(default), metadata={"kind": kind or "list", "secret": secret})
     return field(default=default, metadata={"kind": kind, "secret": secret})
@@ -44,7 +51,26 @@ class SmtpConfig:
     hostname: str = _opt("")
     max_message_bytes: int = _opt(ONE_MIB)
     max_recipients: int = _opt(100)
+    idle_timeout: float = _opt(300.0, "duration")
     default_region: str = _opt("")
+    regions: Mapping[str, str] = _opt({})  # domain -> region for national numbers
+    allowed_networks: tuple[str, ...] = _opt([])  # CIDRs; empty: any client
+    allowed_senders: tuple[str, ...] = _opt([])  # MAIL FROM patterns (fnmatch); empty: any
+    require_auth: bool = _opt(False)
+    auth_allow_plaintext: bool = _opt(False)
+    users: Mapping[str, str] = _opt({}, secret=True)  # login -> password
+    tls_cert: str = _opt("")
+    tls_key: str = _opt("")
+    tls_listen: str = _opt("")  # implicit TLS (port 465 style); needs tls_cert
+    compose: str = _opt("subject_body")  # subject | body | subject_body | template
+    template: str = _opt("")
+    sender_id: str = _opt("")  # "" -> provider.sender_id
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_parts: int = _opt(3)  # longer texts are cut at a word boundary with an ellipsis
+    transliterate: bool = _opt(True)  # curly quotes, dashes, ... -> GSM look-alikes
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +160,7 @@ class Config:
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     log: LogConfig = field(default_factory=LogConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     routes: Mapping[str, RouteConfig] = field(default_factory=dict)
     source: str = "built-in defaults"
@@ -153,6 +180,7 @@ SECTIONS: dict[str, type] = {
     "dedupe": DedupeConfig,
     "log": LogConfig,
     "sandbox": SandboxConfig,
+    "limits": LimitsConfig,
 }
 
 
@@ -183,6 +211,11 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 def _from_env_text(text: str, kind: str, default: object) -> object:
     """Turn an environment string into the type of the key it overrides."""
+    if kind == "table":  # name=value,name2=value2
+        pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError("expected name=value pairs separated by commas")
+        return {k.strip(): v.strip() for k, v in pairs}
     if kind == "list":
         if text.strip().startswith("["):
             return tomllib.loads(f"v = {text}")["v"]
@@ -207,6 +240,13 @@ def _coerce(value: object, kind: str, default: object) -> object:
     """Check a TOML value against the key's type; raise ValueError saying what was expected."""
     if kind == "duration":
         return parse_duration(value)
+    if kind == "table":
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ValueError('expected a table of name = "text"')
+        return {
+            k.removesuffix("_file"): _read_secret_file(v) if k.endswith("_file") else v
+            for k, v in value.items()
+        }
     if kind == "list":
         if isinstance(value, str):
             value = [value]
@@ -351,6 +391,43 @@ def _validate(config: Config, loader: _Loader) -> None:
                 parse_listen(listen)
             except ValueError as exc:
                 problem(key, str(exc))
+    smtp = config.smtp
+    if smtp.tls_listen:
+        try:
+            parse_listen(smtp.tls_listen)
+        except ValueError as exc:
+            problem("smtp.tls_listen", str(exc))
+    if bool(smtp.tls_cert) != bool(smtp.tls_key):
+        problem("smtp.tls_cert", "tls_cert and tls_key go together")
+    for key in ("tls_cert", "tls_key"):
+        if getattr(smtp, key) and not Path(getattr(smtp, key)).is_file():
+            problem(f"smtp.{key}", f"no such file: {getattr(smtp, key)}")
+    if smtp.tls_listen and not smtp.tls_cert:
+        problem("smtp.tls_listen", "implicit TLS needs smtp.tls_cert and smtp.tls_key")
+    if smtp.require_auth and not smtp.users:
+        problem("smtp.require_auth", "no [smtp.users] to authenticate")
+    if smtp.require_auth and not smtp.tls_cert and not smtp.auth_allow_plaintext:
+        problem("smtp.require_auth", "AUTH needs TLS (smtp.tls_cert) or smtp.auth_allow_plaintext")
+    for index, net in enumerate(smtp.allowed_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problem(f"smtp.allowed_networks[{index}]", f"{net!r} is not an address or CIDR network")
+    if smtp.compose not in ("subject", "body", "subject_body", "template"):
+        problem("smtp.compose", "must be subject, body, subject_body or template")
+    if smtp.compose == "template" and not smtp.template:
+        problem("smtp.template", 'required when smtp.compose = "template"')
+    if smtp.sender_id and not valid_sender_id(smtp.sender_id):
+        problem("smtp.sender_id", "up to 11 letters, digits or spaces with a letter, or 15 digits")
+    for region_key, region in [
+        ("smtp.default_region", smtp.default_region),
+        ("phone.default_region", config.phone.default_region),
+        *((f"smtp.regions.{d}", r) for d, r in smtp.regions.items()),
+    ]:
+        if region and region.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            problem(region_key, f"{region!r} is not a region code such as US, GB or DE")
+    if not 1 <= config.limits.max_parts <= 10:
+        problem("limits.max_parts", "must be between 1 and 10")
     if config.smtp.listen and not config.smtp.domains:
         problem("smtp.domains", "at least one domain is needed while SMTP is on")
     p = config.provider
@@ -441,6 +518,12 @@ def config_path_from(arg: str | None, env: Mapping[str, str] | None = None) -> s
     """`--config` wins, then `$SMS_BRIDGE_CONFIG`, else no file at all."""
     env = os.environ if env is None else env
     return arg or env.get(f"{ENV_PREFIX}CONFIG") or None
+
+
+def _masked_value(spec: dataclasses.Field[Any], value: Any) -> Any:
+    if not spec.metadata.get("secret") or not value:
+        return dict(value) if isinstance(value, Mapping) else value
+    return {k: "***" for k in value} if isinstance(value, Mapping) else "***"
 
 
 def masked(config: Config) -> dict[str, Any]:

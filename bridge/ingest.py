@@ -20,7 +20,7 @@ from bridge.models import NewMessage, State
 from bridge.phone import is_assigned
 from bridge.policy import apply_dedupe
 from bridge.store import Store
-from bridge.text import shape
+from bridge.text import shape, transliterate, truncate_to_parts
 
 log = logging.getLogger(__name__)
 MAX_PENDING_INGESTS = 2000  # beyond this the bridge answers 503 / 451, not an unbounded queue
@@ -55,9 +55,13 @@ class Ingestor:
         store: Store,
         clock: Clock,
         dedupe_window: float,
+        max_parts: int = 3,
+        transliterate: bool = True,
         on_stored: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
+        self.max_parts = max_parts
+        self.transliterate = transliterate
         self.clock = clock
         self.dedupe_window = dedupe_window
         self.on_stored = on_stored
@@ -66,7 +70,9 @@ class Ingestor:
     def _messages(self, drafts: Sequence[Draft]) -> list[NewMessage]:
         out = []
         for draft in drafts:
-            form = shape(draft.text)
+            text = transliterate(draft.text) if self.transliterate else draft.text
+            text = truncate_to_parts(text, self.max_parts)
+            form = shape(text)
             for recipient in draft.recipients:
                 if not is_assigned(recipient):
                     log.warning(
@@ -75,7 +81,7 @@ class Ingestor:
                 out.append(
                     NewMessage(
                         recipient=recipient,
-                        text=draft.text,
+                        text=text,
                         source=draft.source,
                         sender_id=draft.sender_id,
                         message_type=form.message_type,

@@ -49,5 +49,5 @@ def setup_logging(level: str = "info", fmt: str = "human", secrets: Iterable[str
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "uvicorn.access"):
+    for noisy in ("httpx", "httpcore", "uvicorn.access", "mail.log"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -23,13 +23,15 @@ import uvicorn
 from starlette.applications import Starlette
 
 from bridge.clock import Clock, SystemClock
-from bridge.config import Config, parse_listen
+from bridge.config import Config
 from bridge.dispatcher import Dispatcher
 from bridge.health import ProviderHealth
 from bridge.ingest import Ingestor
 from bridge.provider.client import ProviderClient
 from bridge.provider.sandbox import SandboxState, create_sandbox_app
 from bridge.ratelimit import SlidingWindowLimiter
+from bridge.smtp import SmtpHandler, start_smtp
+from bridge.sockets import bind_socket
 from bridge.status import StatusPoller
 from bridge.store import Store
 from bridge.web import create_app
@@ -45,20 +47,6 @@ class QuietServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-def bind_socket(listen: str) -> socket.socket:
-    host, port = parse_listen(listen)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted sockets inherit this; without it uvicorn's separate header and body writes
-    # meet Nagle and delayed ACK, and every keep-alive request waits ~40 ms.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
 
 
 def uvicorn_server(app: Starlette, *, lifespan: str = "off") -> QuietServer:
@@ -133,6 +121,7 @@ class Bridge:
     poller: StatusPoller
     ingestor: Ingestor
     app: Starlette
+    smtp_handler: SmtpHandler
     sandbox: SandboxState | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -181,8 +170,11 @@ class Bridge:
                     store=store,
                     clock=clock,
                     dedupe_window=config.dedupe.window,
+                    max_parts=config.limits.max_parts,
+                    transliterate=config.limits.transliterate,
                     on_stored=dispatcher.wake.set,
                 )
+                smtp_handler = SmtpHandler(config=config, ingestor=ingestor)
                 app = create_app(config=config, store=store, ingestor=ingestor, health=health)
                 yield cls(
                     config=config,
@@ -196,29 +188,43 @@ class Bridge:
                     poller=poller,
                     ingestor=ingestor,
                     app=app,
+                    smtp_handler=smtp_handler,
                     sandbox=sandbox,
                 )
         finally:
             await store.close()
 
     async def run(
-        self, *, http_socket: socket.socket | None = None, started: asyncio.Event | None = None
+        self,
+        *,
+        http_socket: socket.socket | None = None,
+        smtp_sockets: list[socket.socket] | None = None,
+        started: asyncio.Event | None = None,
     ) -> None:
-        """Serve until `self.stop` is set; then drain and return."""
+        """Serve until `self.stop` is set; then stop accepting, drain and return."""
         server = uvicorn_server(self.app) if http_socket is not None else None
-        async with asyncio.TaskGroup() as tasks:
-            if server is not None and http_socket is not None:
-                tasks.create_task(server.serve(sockets=[http_socket]), name="http")
-            tasks.create_task(self.dispatcher.run(self.stop), name="dispatcher")
-            tasks.create_task(self.poller.run(self.stop), name="status-poller")
-            if server is not None:
-                while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag only
-                    await asyncio.sleep(0.01)
-            if started is not None:
-                started.set()
-            await self.stop.wait()
-            if server is not None:
-                server.should_exit = True
+        smtp_servers = (
+            await start_smtp(self.config, self.smtp_handler, smtp_sockets) if smtp_sockets else []
+        )
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                if server is not None and http_socket is not None:
+                    tasks.create_task(server.serve(sockets=[http_socket]), name="http")
+                tasks.create_task(self.dispatcher.run(self.stop), name="dispatcher")
+                tasks.create_task(self.poller.run(self.stop), name="status-poller")
+                if server is not None:
+                    while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag only
+                        await asyncio.sleep(0.01)
+                if started is not None:
+                    started.set()
+                await self.stop.wait()
+                for smtp_server in smtp_servers:
+                    smtp_server.close()  # no new SMTP connections; sessions finish on their own
+                if server is not None:
+                    server.should_exit = True
+        finally:
+            for smtp_server in smtp_servers:
+                smtp_server.close()
 
 
 async def serve(config: Config, *, clock: Clock | None = None) -> None:
@@ -231,15 +237,27 @@ async def serve(config: Config, *, clock: Clock | None = None) -> None:
     else:
         log.info("provider %s (config: %s)", config.provider.base_url, config.source)
     http_socket = bind_socket(config.http.listen) if config.http.listen else None
+    smtp_sockets = [bind_socket(config.smtp.listen)] if config.smtp.listen else None
     async with Bridge.build(config, clock=clock) as bridge:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, bridge.stop.set)
         started = asyncio.Event()
-        runner = asyncio.create_task(bridge.run(http_socket=http_socket, started=started))
-        await started.wait()
+        runner = asyncio.create_task(
+            bridge.run(http_socket=http_socket, smtp_sockets=smtp_sockets, started=started)
+        )
+        waiter = asyncio.create_task(started.wait())
+        await asyncio.wait({waiter, runner}, return_when=asyncio.FIRST_COMPLETED)
+        if runner.done():  # failed while starting: surface its error
+            waiter.cancel()
+            await runner
+            return
         if http_socket is not None:
             log.info("HTTP listening on %s", config.http.listen)
+        if smtp_sockets:
+            log.info(
+                "SMTP listening on %s for %s", config.smtp.listen, ", ".join(config.smtp.domains)
+            )
         log.info(
             "store %s; %d requests/minute to the provider",
             config.store.path,

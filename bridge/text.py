@@ -85,3 +85,60 @@ class Shape:
 
 def shape(text: str, *, arabic_type: int = TYPE_UNICODE) -> Shape:
     return Shape(message_type(text, arabic_type=arabic_type), count_parts(text))
+
+
+def _capacity(parts: int, gsm: bool) -> int:
+    single, per_part = (GSM_SINGLE, GSM_PART) if gsm else (UCS2_SINGLE, UCS2_PART)
+    return single if parts == 1 else parts * per_part
+
+
+def truncate_to_parts(text: str, max_parts: int) -> str:
+    """Cut `text` to fit `max_parts` SMS parts, at a word boundary, with an ellipsis.
+
+    The ellipsis is "..." for GSM text (U+2026 would switch the whole text to UCS-2).
+    """
+    if count_parts(text) <= max_parts:
+        return text
+    gsm = is_gsm(text)
+    ellipsis = "..." if gsm else "…"
+    budget = _capacity(max_parts, gsm) - sum(_units(ellipsis, gsm))
+    used, cut = 0, 0
+    for index, cost in enumerate(_units(text, gsm)):
+        if used + cost > budget:
+            break
+        used += cost
+        cut = index + 1
+    head = text[:cut]
+    boundary = max(head.rfind(" "), head.rfind("\n"))
+    if boundary > cut * 0.8:  # a word boundary near the end: do not chop a word
+        head = head[:boundary]
+    return head.rstrip() + ellipsis
+
+
+# Look-alikes that switch a whole text to UCS-2 (2 to 3 times the parts) for no gain.
+TRANSLITERATION = {
+    **dict.fromkeys("\u2018\u2019\u201a\u201b\u2032\u00b4\u0060", "'"),
+    **dict.fromkeys("\u201c\u201d\u201e\u201f\u2033\u00ab\u00bb", '"'),
+    **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212", "-"),
+    **dict.fromkeys(
+        "\u00a0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009"
+        "\u200a\u202f\u205f\u3000",
+        " ",
+    ),
+    **dict.fromkeys("\u200b\u200c\u200d\u2060\ufeff\u00ad", ""),
+    "\u2026": "...",
+    "\u2022": "*",
+    "\u00b7": "*",
+    "\u00d7": "x",
+    "\u2044": "/",
+    "\u02c6": "^",
+    "\u02dc": "~",
+    "\u2039": "<",
+    "\u203a": ">",
+}
+_TRANSLATE = str.maketrans(TRANSLITERATION)
+
+
+def transliterate(text: str) -> str:
+    """Replace typographic look-alikes with their GSM 03.38 equivalents."""
+    return text.translate(_TRANSLATE)

@@ -12,7 +12,8 @@ from starlette.applications import Starlette
 
 from bridge.clock import ManualClock
 from bridge.config import Config, load_config
-from bridge.service import Bridge, bind_socket, uvicorn_server
+from bridge.service import Bridge, uvicorn_server
+from bridge.sockets import bind_socket
 
 
 @contextlib.asynccontextmanager

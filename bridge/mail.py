@@ -1,0 +1,186 @@
+"""Mail to text (pure, no I/O): whatever a legacy box sends becomes a clean subject and body.
+
+Parsing uses the stdlib `email` package under `policy.default`; the plain-text part is
+preferred (note that `get_body()` prefers HTML unless told otherwise), HTML-only mail goes
+through inscriptis (Apache-2.0), every charset and transfer encoding is decoded with
+undecodable bytes replaced, and nothing here raises on any input: a mail that cannot be
+parsed still yields what could be read of it.
+"""
+
+from __future__ import annotations
+
+import email
+import email.header
+import email.policy
+import re
+from dataclasses import dataclass, field
+from email.message import EmailMessage, Message
+
+from inscriptis import get_text
+
+MAX_BODY_CHARS = 20_000  # an SMS needs a few hundred; bound the cleaning work
+_QUOTE_INTRO = re.compile(
+    r"^(On .{5,200} wrote:|Am .{5,200} schrieb .{1,100}:|Le .{5,200} a écrit\s?:|"
+    r"-+\s*Original Message\s*-+|-+\s*Forwarded message\s*-+|From: .+ Sent: .+)$",
+    re.IGNORECASE,
+)
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u202f\u205f\u3000]+")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@dataclass(frozen=True, slots=True)
+class MailText:
+    subject: str
+    body: str
+    sender: str  # the From header as text
+    message_id: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+    loop_reason: str | None = None  # set for bounces and auto-replies: store, never send
+
+
+def _decode_bytes(data: bytes, charset: str | None) -> str:
+    for candidate in (charset, "utf-8"):
+        if not candidate:
+            continue
+        try:
+            return data.decode(candidate)
+        except LookupError:  # unknown charset name: try the next reading
+            continue
+        except UnicodeDecodeError:
+            if candidate == charset:
+                return data.decode(candidate, errors="replace")
+    return data.decode("cp1252", errors="replace")
+
+
+def _header(msg: Message, name: str) -> str:
+    try:
+        value = msg.get(name)
+    except Exception:  # a malformed header the policy refuses to parse
+        value = None
+        raw = msg.get_all(name, failobj=[])
+        if raw:
+            value = _decode_rfc2047(str(raw[0]))
+    if value is None:
+        return ""
+    text = str(value)
+    if "=?" in text:  # an encoded word the policy left alone (e.g. unknown charset)
+        text = _decode_rfc2047(text)
+    return _CONTROL.sub("", text)
+
+
+def _decode_rfc2047(text: str) -> str:
+    try:
+        parts = email.header.decode_header(text)
+    except Exception:
+        return text
+    out = []
+    for chunk, charset in parts:
+        out.append(_decode_bytes(chunk, charset) if isinstance(chunk, bytes) else chunk)
+    return "".join(out)
+
+
+def _part_text(part: Message) -> str:
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        payload = str(part.get_payload()).encode("utf-8", errors="replace")
+    return _decode_bytes(payload[: MAX_BODY_CHARS * 4], part.get_content_charset())
+
+
+def _html_to_text(html: str) -> str:
+    try:
+        return get_text(html)
+    except Exception:  # inscriptis/lxml on hostile markup: fall back to raw text
+        return re.sub(r"<[^>]*>", " ", html)
+
+
+def _body(msg: Message) -> str:
+    if isinstance(msg, EmailMessage):
+        try:
+            part = msg.get_body(preferencelist=("plain", "html"))
+        except Exception:
+            part = None
+    else:
+        part = msg if not msg.is_multipart() else None
+    if part is None:
+        if msg.is_multipart() or msg.get_content_maintype() != "text":
+            return ""
+        part = msg
+    text = _part_text(part)
+    if part.get_content_subtype() == "html":
+        text = _html_to_text(text)
+    return text
+
+
+def clean_body(text: str) -> str:
+    """Drop signatures, quoted replies and blank lines; fold whitespace."""
+    lines = []
+    for raw in text[:MAX_BODY_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if raw in ("-- ", "--") or raw.rstrip() == "-- ":
+            break  # signature delimiter: the rest is the signature
+        line = _SPACES.sub(" ", _CONTROL.sub("", raw)).strip()
+        if line.startswith(">"):
+            continue
+        if _QUOTE_INTRO.match(line):
+            break
+        if line:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def _loop_reason(msg: Message, mail_from: str | None) -> str | None:
+    """Why this mail must never be texted on (bounce loops), or None. Most specific first."""
+    if msg.get_content_type() == "multipart/report":
+        return "delivery status notification (multipart/report)"
+    if mail_from is not None and mail_from in ("", "<>"):
+        return "null sender: a bounce or notification, never texted on"
+    auto = _header(msg, "Auto-Submitted").strip().lower()
+    if auto and auto != "no":
+        return f"auto-submitted mail (Auto-Submitted: {auto})"
+    return None
+
+
+def parse_mail(raw: bytes, *, mail_from: str | None = None) -> MailText:
+    """Any bytes -> subject, body and loop status; never raises."""
+    try:
+        msg: Message = email.message_from_bytes(raw, policy=email.policy.default)
+    except Exception:
+        msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    try:
+        body = clean_body(_body(msg))
+    except Exception:
+        body = clean_body(raw[:MAX_BODY_CHARS].decode("utf-8", errors="replace"))
+    headers = {}
+    for name in ("From", "To", "Subject", "Date", "Message-ID", "X-Mailer"):
+        value = _header(msg, name)
+        if value:
+            headers[name.lower()] = value
+    subject = _SPACES.sub(" ", _header(msg, "Subject").replace("\n", " ")).strip()
+    message_id = _header(msg, "Message-ID").strip() or None
+    return MailText(
+        subject=subject,
+        body=body,
+        sender=_header(msg, "From"),
+        message_id=message_id,
+        headers=headers,
+        loop_reason=_loop_reason(msg, mail_from),
+    )
+
+
+def _normalised(text: str) -> str:
+    return re.sub(r"\W+", " ", text).strip().lower()
+
+
+def compose(mail: MailText, mode: str) -> str:
+    """The SMS text from subject and body: `subject`, `body` or `subject_body`."""
+    if mode == "subject":
+        return mail.subject or mail.body
+    if mode == "body":
+        return mail.body or mail.subject
+    subject, body = mail.subject, mail.body
+    if not subject:
+        return body
+    if not body or _normalised(body).startswith(_normalised(subject)):
+        return body or subject
+    if _normalised(subject).startswith(_normalised(body)):
+        return subject
+    return f"{subject}\n{body}"

@@ -1,0 +1,257 @@
+"""The SMTP listener: aiosmtpd served on the service's own event loop.
+
+Recipients are checked at RCPT (`NUMBER@DOMAIN` or `GROUP@DOMAIN`, domains from
+`smtp.domains` only: no relay), senders at MAIL (client network and MAIL FROM
+allowlists), and DATA answers 250 only once `Ingestor.submit` has committed; 451 when the
+store cannot write, so the client keeps the mail and retries. Bounces, auto-replies and
+reports are stored as `suppressed`, never texted on. AUTH PLAIN/LOGIN against
+`[smtp.users]`, only over TLS unless `smtp.auth_allow_plaintext`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hmac
+import ipaddress
+import logging
+import socket
+import ssl
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from bridge.config import Config, parse_listen
+from bridge.errors import InputError, StoreUnavailable
+from bridge.ingest import Draft, Ingestor
+from bridge.mail import MailText, compose, parse_mail
+from bridge.phone import PhoneError, normalise_number
+from bridge.sockets import bind_socket
+from bridge.templates import TemplateError, render
+
+log = logging.getLogger(__name__)
+IDENT = "sms-bridge ESMTP"
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+class SmtpHandler:
+    """aiosmtpd handler hooks; names are aiosmtpd's."""
+
+    def __init__(self, *, config: Config, ingestor: Ingestor) -> None:
+        self.config = config
+        self.ingestor = ingestor
+        self.domains = {d.lower() for d in config.smtp.domains}
+        self.regions = {d.lower(): r.upper() for d, r in config.smtp.regions.items()}
+        self.networks = [
+            ipaddress.ip_network(n, strict=False) for n in config.smtp.allowed_networks
+        ]
+        self.groups = {name.lower(): name for name in config.groups}
+
+    # -- who may send --------------------------------------------------------------------
+    def _client_allowed(self, session: Session) -> bool:
+        if not self.networks:
+            return True
+        try:
+            address = ipaddress.ip_address(str(session.peer[0]).split("%")[0])
+        except (TypeError, ValueError, IndexError):
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if not self._client_allowed(session):
+            return f"550 5.7.1 Client {session.peer[0]} is not allowed to send here"
+        patterns = self.config.smtp.allowed_senders
+        if (
+            address
+            and patterns
+            and not any(fnmatch.fnmatch(address.lower(), p.lower()) for p in patterns)
+        ):
+            return f"550 5.7.1 Sender <{address}> is not allowed to send here"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    # -- recipients ----------------------------------------------------------------------
+    def resolve(self, address: str) -> list[str]:
+        """`NUMBER@DOMAIN` or `GROUP@DOMAIN` -> E.164 numbers; InputError says why not."""
+        local, at, domain = address.rpartition("@")
+        domain = domain.lower().rstrip(".")
+        if not at or domain not in self.domains:
+            raise InputError(
+                "domain", f"relaying denied: {domain or address!r} is not a domain of this bridge"
+            )
+        group = self.groups.get(local.lower())
+        region = self.regions.get(domain) or self.config.smtp.default_region or None
+        members = self.config.groups[group] if group else [local]
+        numbers = []
+        for member in members:
+            numbers.append(
+                normalise_number(
+                    member,
+                    default_region=region or self.config.phone.default_region or None,
+                    require_valid=self.config.phone.require_valid,
+                )
+            )
+        return numbers
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
+            return f"452 4.5.3 Too many recipients (at most {self.config.smtp.max_recipients})"
+        try:
+            self.resolve(address)
+        except PhoneError as exc:
+            return f"550 5.1.1 <{address}>: {exc}"
+        except InputError as exc:
+            if exc.field == "domain":
+                return f"550 5.7.1 <{address}>: {exc.message}"
+            return f"550 5.1.1 <{address}>: {exc.message}"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    # -- the message ---------------------------------------------------------------------
+    def text_for(self, mail: MailText, mail_from: str | None) -> str:
+        smtp = self.config.smtp
+        if smtp.compose == "template":
+            try:
+                text = render(
+                    smtp.template,
+                    {
+                        "subject": mail.subject,
+                        "body": mail.body,
+                        "sender": mail.sender,
+                        "mail_from": mail_from or "",
+                        "headers": mail.headers,
+                    },
+                )
+                if text:
+                    return text
+            except TemplateError as exc:
+                log.error("smtp.template failed (%s); using subject and body", exc)
+            return compose(mail, "subject_body")
+        return compose(mail, smtp.compose)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = (
+            envelope.content
+            if isinstance(envelope.content, bytes)
+            else (str(envelope.content or "").encode("utf-8", errors="replace"))
+        )
+        mail = parse_mail(raw, mail_from=envelope.mail_from)
+        recipients: dict[str, None] = {}
+        for address in envelope.rcpt_tos:
+            try:
+                recipients.update(dict.fromkeys(self.resolve(address)))
+            except InputError as exc:  # config changed between RCPT and DATA
+                return f"550 5.1.1 <{address}>: {exc.message}"
+        text = self.text_for(mail, envelope.mail_from)
+        if not text:
+            text = f"(empty mail from {mail.sender or envelope.mail_from or 'unknown sender'})"
+        draft = Draft(
+            recipients=list(recipients),
+            text=text,
+            source="smtp",
+            sender_id=self.config.smtp.sender_id or self.config.provider.sender_id,
+            dedupe_key=f"message-id:{mail.message_id}" if mail.message_id else None,
+            suppressed_reason=mail.loop_reason,
+        )
+        try:
+            accepted = await self.ingestor.submit([draft])
+        except StoreUnavailable as exc:
+            log.error("SMTP DATA refused with 451: %s", exc)
+            return "451 4.3.0 Cannot store the message now; try again later"
+        ids = ",".join(str(a.id) for a in accepted)
+        if mail.loop_reason:
+            log.info("mail stored as suppressed (%s): %s", mail.loop_reason, ids)
+        return f"250 2.0.0 OK: stored as message {ids}"
+
+
+class Authenticator:
+    """aiosmtpd authenticator over `[smtp.users]`, compared in constant time."""
+
+    def __init__(self, users: dict[str, str]) -> None:
+        self.users = {k.encode(): v.encode() for k, v in users.items()}
+
+    def __call__(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        expected = self.users.get(auth_data.login)
+        ok = expected is not None and hmac.compare_digest(expected, auth_data.password)
+        if not ok:
+            log.warning(
+                "SMTP AUTH failed for %r from %s",
+                auth_data.login.decode(errors="replace"),
+                session.peer,
+            )
+        return AuthResult(success=ok, handled=False)
+
+
+def smtp_factory(config: Config, handler: SmtpHandler) -> Any:
+    """A protocol factory for `loop.create_server`: one aiosmtpd `SMTP` per connection."""
+    smtp = config.smtp
+    context = tls_context(smtp.tls_cert, smtp.tls_key) if smtp.tls_cert else None
+    hostname = smtp.hostname or socket.gethostname()  # never getfqdn(): it can stall
+    authenticator = Authenticator(dict(smtp.users))
+    exclude = [] if smtp.users else ["LOGIN", "PLAIN"]
+
+    def factory() -> SMTP:
+        return SMTP(
+            handler,
+            hostname=hostname,
+            ident=IDENT,
+            data_size_limit=smtp.max_message_bytes,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=context,
+            timeout=smtp.idle_timeout,
+            auth_required=smtp.require_auth,
+            auth_require_tls=not smtp.auth_allow_plaintext,
+            auth_exclude_mechanism=exclude,
+            authenticator=authenticator,
+            loop=asyncio.get_running_loop(),
+        )
+
+    return factory
+
+
+async def start_smtp(
+    config: Config,
+    handler: SmtpHandler,
+    sockets: list[socket.socket] | None = None,
+) -> list[asyncio.Server]:
+    """Serve SMTP (and implicit TLS if configured) on this loop; the caller closes them."""
+    loop = asyncio.get_running_loop()
+    factory = smtp_factory(config, handler)
+    servers = []
+    plain = sockets[0] if sockets else bind_socket(config.smtp.listen)
+    servers.append(await loop.create_server(factory, sock=plain))
+    if config.smtp.tls_listen:
+        parse_listen(config.smtp.tls_listen)
+        context = tls_context(config.smtp.tls_cert, config.smtp.tls_key)
+        servers.append(
+            await loop.create_server(factory, sock=bind_socket(config.smtp.tls_listen), ssl=context)
+        )
+    return servers

@@ -1,0 +1,379 @@
+"""SMTP ingress through real smtplib sessions on loopback, out to the sandbox provider."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import smtplib
+import socket
+import sqlite3
+import ssl
+import tomllib
+from collections.abc import AsyncIterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+import trustme
+
+from bridge.clock import ManualClock
+from bridge.models import State
+from bridge.provider.sandbox import SandboxState
+from bridge.service import Bridge
+from bridge.smtp import start_smtp
+from bridge.sockets import bind_socket
+from bridge.text import count_parts
+from tests.helpers import bridge_config, pump, running_bridge
+
+MAIL_DIR = Path(__file__).parent / "data" / "mail"
+EXPECTED = tomllib.loads((MAIL_DIR / "expected.toml").read_text(encoding="utf-8"))
+DEFAULT_RCPT = "+12025550143@sms.localhost"
+SMTP_BASE = """
+[smtp]
+domains = ["sms.localhost", "us.sms.localhost"]
+regions = {"us.sms.localhost" = "US"}
+hostname = "bridge.test"
+[groups]
+oncall = ["+12025550101", "+12025550102"]
+"""
+
+
+def with_smtp(lines: str) -> str:
+    """SMTP_BASE with more keys in its [smtp] table."""
+    return SMTP_BASE.replace("[groups]", lines.rstrip("\n") + "\n[groups]")
+
+
+@contextlib.asynccontextmanager
+async def smtp_listening(bridge: Bridge) -> AsyncIterator[int]:
+    sock = bind_socket("127.0.0.1:0")
+    port = sock.getsockname()[1]
+    servers = await start_smtp(bridge.config, bridge.smtp_handler, [sock])
+    try:
+        yield port
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+
+
+def send(port: int, mail_from: str, rcpts: list[str], data: bytes | str) -> dict:
+    """A real smtplib session (blocking: run it in a thread)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        return client.sendmail(mail_from, rcpts, data)
+
+
+@contextlib.asynccontextmanager
+async def smtp_bridge(
+    tmp_path, clock, sandbox_url, extra: str = ""
+) -> AsyncIterator[tuple[Bridge, int]]:
+    config = bridge_config(tmp_path, sandbox_url, SMTP_BASE + extra)
+    async with running_bridge(config, clock) as (bridge, _url), smtp_listening(bridge) as port:
+        yield bridge, port
+
+
+async def settled(bridge: Bridge) -> bool:
+    counts = await bridge.store.counts()
+    return not counts.get("queued") and not counts.get("sending")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+async def test_corpus_mail_becomes_the_expected_sms(
+    name: str, tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    expected = EXPECTED[name]
+    raw = (MAIL_DIR / name).read_bytes()
+    rcpt = expected.get("rcpt", DEFAULT_RCPT)
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        refused = await asyncio.to_thread(
+            send, port, expected.get("mail_from", "monitor@example.org"), [rcpt], raw
+        )
+        assert refused == {}
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+        messages = await bridge.store.list()
+    assert messages, "nothing stored"
+    if expected.get("state") == "suppressed":
+        assert {m.state for m in messages} == {State.SUPPRESSED}
+        assert all(expected["reason"] in (m.reason or "") for m in messages)
+        assert sandbox_state.entries == []
+        return
+    texts = {e.message for e in sandbox_state.entries}
+    assert len(texts) == 1, texts
+    [text] = texts
+    if "text" in expected:
+        assert text == expected["text"]
+    else:
+        assert text.startswith(expected["starts_with"]) and text.endswith(expected["ends_with"])
+        assert count_parts(text) == expected["parts"]
+    if rcpt.startswith("oncall@"):
+        assert sorted(e.to for e in sandbox_state.entries) == ["+12025550101", "+12025550102"]
+        assert [r.path for r in sandbox_state.requests if "send" in r.path] == ["/api/v1/send-bulk"]
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(list(MAIL_DIR.glob("*.eml"))) >= 20
+    assert set(EXPECTED) == {p.name for p in MAIL_DIR.glob("*.eml")}
+
+
+async def test_rcpt_refusals_and_accepted_forms(tmp_path, clock, sandbox_url) -> None:
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (_bridge, port):
+
+        def session() -> list[tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("tester")
+                client.mail("nagios@example.org")
+                return [
+                    client.rcpt(r)
+                    for r in (
+                        "+12025550143@evil.example",
+                        "123@sms.localhost",
+                        "+1-202-555-0143@sms.localhost",
+                        "ONCALL@sms.localhost",
+                        "2025550144@us.sms.localhost",
+                        "+12025550145@SMS.LOCALHOST",
+                    )
+                ]
+
+        replies = await asyncio.to_thread(session)
+    codes = [(code, text.decode()) for code, text in replies]
+    assert (
+        codes[0][0] == 550 and codes[0][1].startswith("5.7.1") and "relaying denied" in codes[0][1]
+    )
+    assert codes[1][0] == 550 and codes[1][1].startswith("5.1.1") and "too short" in codes[1][1]
+    assert [c for c, _ in codes[2:]] == [250, 250, 250, 250]
+
+
+async def test_too_many_recipients(tmp_path, clock, sandbox_url) -> None:
+    config = bridge_config(tmp_path, sandbox_url, with_smtp("max_recipients = 2"))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def session() -> list[int]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("tester")
+                client.mail("a@example.org")
+                return [client.rcpt(f"+1202555010{i}@sms.localhost")[0] for i in range(4)]
+
+        assert await asyncio.to_thread(session) == [250, 250, 452, 452]
+
+
+async def test_several_rcpts_become_one_bulk_call(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        rcpts = ["+12025550143@sms.localhost", "+12025550144@sms.localhost", "oncall@sms.localhost"]
+        await asyncio.to_thread(
+            send,
+            port,
+            "ups@example.org",
+            rcpts,
+            "Subject: UPS on battery\r\n\r\nRuntime 12 min\r\n",
+        )
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    calls = [r.path for r in sandbox_state.requests if "send" in r.path]
+    assert calls == ["/api/v1/send-bulk"]
+    assert len(sandbox_state.entries) == 4
+
+
+async def test_a_retried_mail_is_texted_once(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    raw = (MAIL_DIR / "nagios-service.eml").read_bytes()
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        for _ in range(2):  # the client lost our 250 and sends the same Message-ID again
+            await asyncio.to_thread(send, port, "nagios@example.org", [DEFAULT_RCPT], raw)
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+        states = sorted(m.state for m in await bridge.store.list())
+    assert states == [State.SENT, State.SUPPRESSED] or states == [State.DELIVERED, State.SUPPRESSED]
+    assert len(sandbox_state.entries) == 1
+
+
+async def test_store_unwritable_answers_451_and_acknowledges_nothing(
+    tmp_path, clock, sandbox_url
+) -> None:
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+
+        def disk_full() -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        bridge.store.inject_fault = disk_full
+        with pytest.raises(smtplib.SMTPDataError) as caught:
+            await asyncio.to_thread(
+                send, port, "a@example.org", [DEFAULT_RCPT], "Subject: x\r\n\r\ny\r\n"
+            )
+        assert caught.value.smtp_code == 451
+        assert caught.value.smtp_error.startswith(b"4.3.0")
+        bridge.store.inject_fault = None
+        assert await bridge.store.counts() == {}
+        await asyncio.to_thread(
+            send, port, "a@example.org", [DEFAULT_RCPT], "Subject: x\r\n\r\ny\r\n"
+        )
+        assert await bridge.store.counts() == {"queued": 1}
+
+
+def _raw_session(port: int, steps: list[bytes]) -> list[bytes]:
+    """Send each step over a raw socket and read the reply to it (no line-end fixing)."""
+    replies = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+
+        def reply() -> bytes:
+            lines = [reader.readline()]
+            while lines[-1][3:4] == b"-":
+                lines.append(reader.readline())
+            return b"".join(lines)
+
+        reply()  # banner
+        for step in steps:
+            sock.sendall(step)
+            replies.append(reply())
+    return replies
+
+
+async def test_bare_lf_dot_cannot_smuggle_a_second_message(tmp_path, clock, sandbox_url) -> None:
+    steps = [
+        b"EHLO smuggler\r\n",
+        b"MAIL FROM:<a@example.org>\r\n",
+        b"RCPT TO:<+12025550143@sms.localhost>\r\n",
+        b"DATA\r\n",
+        # A bare-LF "end of data" followed by a second transaction, then the real end.
+        b"Subject: first\r\n\r\nhello\n.\nMAIL FROM:<b@example.org>\n"
+        b"RCPT TO:<+12025550199@sms.localhost>\nDATA\nSubject: smuggled\n\nsecond\n"
+        b"\r\n.\r\n",
+        b"QUIT\r\n",
+    ]
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        replies = await asyncio.to_thread(_raw_session, port, steps)
+        messages = await bridge.store.list()
+    assert replies[4].startswith(b"250 2.0.0"), replies
+    # One message, to the one recipient; the "second transaction" is just body text of it.
+    assert [m.recipient for m in messages] == ["+12025550143"]
+    assert "RCPT TO:<+12025550199" in messages[0].text
+
+
+async def test_overlong_lines_and_unknown_commands_get_errors(tmp_path, clock, sandbox_url) -> None:
+    steps = [
+        b"EHLO x\r\n",
+        b"MAIL FROM:<" + b"a" * 5000 + b"@example.org>\r\n",
+        b"FROB\r\n",
+        b"RCPT TO:<+12025550143@sms.localhost>\r\n",
+        b"QUIT\r\n",
+    ]
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        replies = await asyncio.to_thread(_raw_session, port, steps)
+        assert await bridge.store.counts() == {}
+    assert replies[1].startswith(b"500")
+    assert replies[2].startswith(b"500")
+    assert replies[3].startswith(b"503")  # no MAIL FROM accepted
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> tuple[trustme.CA, str, str]:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    folder = tmp_path_factory.mktemp("tls")
+    cert.cert_chain_pems[0].write_to_path(folder / "cert.pem")
+    cert.private_key_pem.write_to_path(folder / "key.pem")
+    return ca, str(folder / "cert.pem"), str(folder / "key.pem")
+
+
+def _client_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+async def test_auth_over_starttls_required_and_refused_in_plaintext(
+    tmp_path, clock, sandbox_url, tls_files
+) -> None:
+    ca, cert, key = tls_files
+    (tmp_path / "nagios.pw").write_text("s3cret\n")
+    extra = (
+        f'tls_cert = "{cert}"\ntls_key = "{key}"\nrequire_auth = true\n'
+        f'users = {{ups = "ups-pass", nagios_file = "{tmp_path / "nagios.pw"}"}}\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def plaintext() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("tester")
+                assert not client.has_extn("auth")  # not offered before TLS
+                code, _text = client.docmd("AUTH", "PLAIN AHVwcwB1cHMtcGFzcw==")
+                assert code == 538
+                return client.mail("ups@example.org")
+
+        code, _text = await asyncio.to_thread(plaintext)
+        assert code == 530  # require_auth
+
+        def over_tls(user: str, password: str) -> dict:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.starttls(context=_client_context(ca))
+                client.login(user, password)
+                return client.sendmail(
+                    "nagios@example.org", [DEFAULT_RCPT], "Subject: over TLS\r\n\r\nhello\r\n"
+                )
+
+        assert await asyncio.to_thread(over_tls, "nagios", "s3cret") == {}
+        assert await asyncio.to_thread(over_tls, "ups", "ups-pass") == {}
+        with pytest.raises(smtplib.SMTPAuthenticationError) as bad:
+            await asyncio.to_thread(over_tls, "ups", "wrong")
+        assert bad.value.smtp_code == 535
+        assert await bridge.store.counts() == {"queued": 2}
+
+
+async def test_implicit_tls_listener(tmp_path, clock, sandbox_url, tls_files) -> None:
+    ca, cert, key = tls_files
+    port = bind_socket("127.0.0.1:0")
+    tls_port = port.getsockname()[1]
+    port.close()
+    extra = f'tls_cert = "{cert}"\ntls_key = "{key}"\ntls_listen = "127.0.0.1:{tls_port}"\n'
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge):
+
+        def implicit() -> dict:
+            with smtplib.SMTP_SSL(
+                "127.0.0.1", tls_port, timeout=10, context=_client_context(ca)
+            ) as client:
+                return client.sendmail("a@example.org", [DEFAULT_RCPT], "Subject: 465\r\n\r\nx\r\n")
+
+        assert await asyncio.to_thread(implicit) == {}
+        assert await bridge.store.counts() == {"queued": 1}
+
+
+async def test_client_network_and_sender_allowlists(tmp_path, clock, sandbox_url) -> None:
+    config = bridge_config(tmp_path, sandbox_url, with_smtp('allowed_networks = ["10.0.0.0/8"]'))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            await asyncio.to_thread(send, port, "ups@example.org", [DEFAULT_RCPT], "x")
+        assert refused.value.smtp_code == 550 and b"127.0.0.1" in refused.value.smtp_error
+    (tmp_path / "b").mkdir()
+    config = bridge_config(
+        tmp_path / "b",
+        sandbox_url,
+        with_smtp('allowed_networks = ["127.0.0.0/8", "::1"]\nallowed_senders = ["*@example.org"]'),
+    )
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        with pytest.raises(smtplib.SMTPSenderRefused):
+            await asyncio.to_thread(send, port, "intruder@example.net", [DEFAULT_RCPT], "x")
+        assert (
+            await asyncio.to_thread(
+                send, port, "UPS@Example.org", [DEFAULT_RCPT], "Subject: ok\r\n\r\nx\r\n"
+            )
+            == {}
+        )
+        assert await bridge.store.counts() == {"queued": 1}
+
+
+async def test_template_compose(tmp_path, clock, sandbox_state, sandbox_url) -> None:
+    config = bridge_config(
+        tmp_path,
+        sandbox_url,
+        with_smtp('compose = "template"\ntemplate = "{{ sender }}: {{ subject | upper }}"'),
+    )
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        message = EmailMessage()
+        message["From"] = "ups@example.org"
+        message["Subject"] = "on battery"
+        message.set_content("runtime 12 min")
+        await asyncio.to_thread(send, port, "ups@example.org", [DEFAULT_RCPT], message.as_bytes())
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    assert [e.message for e in sandbox_state.entries] == ["ups@example.org: ON BATTERY"]
