@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {key}: {why}", file=sys.stderr)
         return 1
     secrets = [
+        *config.smtp.users.values(),
         config.provider.api_key,
         *(r.token for r in config.routes.values()),
         *(r.secret for r in config.routes.values()),

@@ -23,6 +23,8 @@ from bridge.store import Store
 log = logging.getLogger(__name__)
 FINAL_PROVIDER_STATES = {"delivered": State.DELIVERED, "failed": State.FAILED}
 MAX_PAGES_PER_ROUND = 5
+# Oldest first; more could not be matched in one round of MAX_PAGES_PER_ROUND pages anyway.
+MAX_TRACKED_PER_ROUND = 500
 
 
 class StatusPoller:
@@ -56,11 +58,9 @@ class StatusPoller:
     async def run_once(self) -> float:
         """One round over /logs; returns seconds until the next round."""
         now = self.clock.now()
-        waiting = [
-            m
-            for m in await self.store.in_state(State.SENT)
-            if m.provider_message_id and (m.sent_at or now) > now - self.config.give_up_after
-        ]
+        waiting = await self.store.awaiting_status(
+            since=now - self.config.give_up_after, limit=MAX_TRACKED_PER_ROUND
+        )
         self.limiter.status_demand = bool(waiting)
         if not waiting or not self.health.ready:
             return self.config.poll_interval

@@ -331,6 +331,19 @@ class Store:
             ]
         )
 
+    async def awaiting_status(self, *, since: float, limit: int) -> list[Message]:
+        """`sent` messages with a provider id, sent after `since`, oldest first."""
+        return await self.read(
+            lambda c: [
+                Message.from_row(r)
+                for r in c.execute(
+                    "SELECT * FROM messages WHERE state = 'sent' AND sent_at > ?"
+                    " AND provider_message_id IS NOT NULL ORDER BY sent_at, id LIMIT ?",
+                    (since, limit),
+                )
+            ]
+        )
+
     async def claim(self, ids: Sequence[int], now: float, kind: str) -> list[int]:
         """queued -> sending for `ids`, and one provider request booked, in one commit."""
 

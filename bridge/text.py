@@ -26,8 +26,11 @@ GSM_SINGLE, GSM_PART = 160, 153
 UCS2_SINGLE, UCS2_PART = 70, 67
 
 
+_GSM_ALL = _GSM_BASIC_SET | _GSM_EXTENSION_SET
+
+
 def is_gsm(text: str) -> bool:
-    return all(ch in _GSM_BASIC_SET or ch in _GSM_EXTENSION_SET for ch in text)
+    return _GSM_ALL.issuperset(text)
 
 
 def gsm_septets(ch: str) -> int:
@@ -57,9 +60,9 @@ def split_parts(text: str, *, gsm: bool | None = None) -> list[str]:
     if gsm is None:
         gsm = is_gsm(text)
     single, per_part = (GSM_SINGLE, GSM_PART) if gsm else (UCS2_SINGLE, UCS2_PART)
-    units = _units(text, gsm)
-    if sum(units) <= single:
+    if _total_units(text, gsm) <= single:
         return [text]
+    units = _units(text, gsm)
     parts: list[str] = []
     start, used = 0, 0
     for index, cost in enumerate(units):
@@ -71,8 +74,17 @@ def split_parts(text: str, *, gsm: bool | None = None) -> list[str]:
     return parts
 
 
+def _total_units(text: str, gsm: bool) -> int:
+    if gsm:
+        return len(text) + sum(map(text.count, GSM_EXTENSION))
+    return len(text.encode("utf-16-le")) // 2
+
+
 def count_parts(text: str) -> int:
-    return len(split_parts(text)) if text else 1
+    gsm = is_gsm(text)
+    if _total_units(text, gsm) <= (GSM_SINGLE if gsm else UCS2_SINGLE):
+        return 1  # the common case, without walking the text in Python
+    return len(split_parts(text, gsm=gsm))
 
 
 @dataclass(frozen=True, slots=True)

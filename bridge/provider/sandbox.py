@@ -324,18 +324,24 @@ def create_sandbox_app(state: SandboxState) -> Starlette:
         wanted = q.get("status")
         if wanted is not None and wanted not in LOG_STATUSES:
             raise _BadRequest("The selected status is invalid.")
-        rows = [state.to_log(e) for e in reversed(state.entries)]
-        for key, keep in (("date_from", lambda d, v: d >= v), ("date_to", lambda d, v: d <= v)):
-            if q.get(key):
-                try:
-                    datetime.strptime(q[key], "%Y-%m-%d")
-                except ValueError as exc:
-                    raise _BadRequest(f"The {key} must be a date (Y-m-d).") from exc
-                rows = [r for r in rows if keep(r["created_at"][:10], q[key])]
-        if wanted:
-            rows = [r for r in rows if r["status"] == wanted]
-        last_page = max(1, math.ceil(len(rows) / per_page))
-        chunk = rows[(page - 1) * per_page : page * per_page]
+        bounds = []
+        for key in ("date_from", "date_to"):
+            try:
+                day = datetime.strptime(q[key], "%Y-%m-%d") if q.get(key) else None
+            except ValueError as exc:
+                raise _BadRequest(f"The {key} must be a date (Y-m-d).") from exc
+            bounds.append(day.replace(tzinfo=UTC).timestamp() if day else None)
+        start = bounds[0] if bounds[0] is not None else -math.inf
+        end = bounds[1] + 86400 if bounds[1] is not None else math.inf
+        # Filter on plain fields; build response rows for the requested page only.
+        matching = [
+            e
+            for e in reversed(state.entries)
+            if start <= e.created_at < end and (not wanted or state.status_of(e) == wanted)
+        ]
+        last_page = max(1, math.ceil(len(matching) / per_page))
+        chunk = [state.to_log(e) for e in matching[(page - 1) * per_page : page * per_page]]
+        rows = matching
         return JSONResponse(
             {
                 "success": True,
