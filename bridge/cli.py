@@ -72,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sandbox":
             return _run_sandbox(args)
         config = _load(args)
+        if args.command == "check-config":
+            from bridge.formats import template_problems
+            from bridge.templates import render
+
+            if problems := template_problems(config.routes, render):
+                raise ConfigError(problems)
     except ConfigError as exc:
         print("configuration problems:", file=sys.stderr)
         for key, why in exc.problems:

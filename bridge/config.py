@@ -141,12 +141,27 @@ class SandboxConfig:
 
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
-    name: str
-    format: str = "generic"
-    to: tuple[str, ...] = ()
-    token: str = ""
-    secret: str = ""
-    template: str = ""
+    """`[routes.NAME]`: one webhook endpoint, `POST /hooks/NAME`."""
+
+    name: str = ""
+    format: str = _opt("generic")  # alertmanager | grafana | github | gitlab | generic
+    to: tuple[str, ...] = _opt([])  # numbers or group names
+    token: str = _opt("", secret=True)  # "Authorization: Bearer TOKEN" required when set
+    username: str = _opt("")  # HTTP basic auth, with password
+    password: str = _opt("", secret=True)
+    secret: str = _opt("", secret=True)  # github/grafana HMAC key; gitlab X-Gitlab-Token
+    template: str = _opt("")  # Jinja2 text of the SMS; "" = the format's default
+    allowed_networks: tuple[str, ...] = _opt([])  # client CIDRs; [] = any
+    allow_query_to: bool = _opt(False)  # may ?to=NUMBER add recipients
+    signature_header: str = _opt("X-Grafana-Alerting-Signature")  # grafana
+    timestamp_header: str = _opt("")  # grafana: signs "timestamp:body" when set
+    max_timestamp_skew: float = _opt(300.0, "duration")
+    conclusions: tuple[str, ...] = _opt([])  # github/gitlab: [] = failures only
+    branches: tuple[str, ...] = _opt([])  # github/gitlab: [] = every branch
+    to_path: str = _opt("to")  # generic: dotted path of extra recipients
+    text_path: str = _opt("message")  # generic: dotted path of the text
+    dedupe_path: str = _opt("")  # generic: dotted path of a dedupe key
+    sender_id: str = _opt("")  # "" = provider.sender_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,19 +299,28 @@ class _Loader:
     def problem(self, key: str, why: str) -> None:
         self.problems.append((key, why))
 
-    def section(self, name: str, cls: type, raw: object) -> Any:
+    def section(
+        self,
+        name: str,
+        cls: type,
+        raw: object,
+        *,
+        env: bool = True,
+        fixed: dict[str, Any] | None = None,
+    ) -> Any:
+        fixed = fixed or {}
         if not isinstance(raw, dict):
             self.problem(name, "expected a table")
             raw = {}
         values: dict[str, object] = {}
-        known = {f.name: f for f in dataclasses.fields(cls)}
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
         for key in raw:
             base = key.removesuffix("_file")
             if key not in known and not (key.endswith("_file") and base in known):
                 self.problem(f"{name}.{key}", "unknown key")
         for fname, spec in known.items():
             kind = spec.metadata.get("kind", "")
-            env_name = f"{ENV_PREFIX}{name.upper()}_{fname.upper()}"
+            env_name = f"{ENV_PREFIX}{name.upper()}_{fname.upper()}" if env else "\0"
             value: object = dataclasses.MISSING
             origin = f"{name}.{fname}"
             try:
@@ -320,7 +344,7 @@ class _Loader:
                 self.problem(origin, str(exc))
             except OSError as exc:
                 self.problem(origin, f"cannot read secret file: {exc.strerror or exc}")
-        return cls(**values)
+        return cls(**values, **fixed)
 
     def groups(self, raw: object) -> dict[str, tuple[str, ...]]:
         if not isinstance(raw, dict):
@@ -351,34 +375,15 @@ class _Loader:
             self.problem("routes", "expected tables [routes.NAME]")
             return {}
         routes: dict[str, RouteConfig] = {}
-        known = {f.name for f in dataclasses.fields(RouteConfig)} - {"name"}
         for name, table in raw.items():
-            key = f"routes.{name}"
-            if not isinstance(table, dict):
-                self.problem(key, "expected a table")
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                self.problem(f"routes.{name}", "a route name is letters, digits, _ . - only")
                 continue
-            values: dict[str, Any] = {}
-            for option, value in table.items():
-                base = option.removesuffix("_file")
-                if option in known and option != "to" and not isinstance(value, str):
-                    self.problem(f"{key}.{option}", "expected a string")
-                elif option == "to":
-                    try:
-                        values["to"] = _coerce(value, "list", ())
-                    except ValueError as exc:
-                        self.problem(f"{key}.to", str(exc))
-                elif option in known:
-                    values[option] = value
-                elif option.endswith("_file") and base in ("token", "secret"):
-                    try:
-                        values[base] = _read_secret_file(str(value))
-                    except OSError as exc:
-                        self.problem(f"{key}.{option}", f"cannot read secret file: {exc}")
-                else:
-                    self.problem(f"{key}.{option}", "unknown key")
-            route = RouteConfig(name=name, **values)
+            route = self.section(
+                f"routes.{name}", RouteConfig, table, env=False, fixed={"name": name}
+            )
             if route.format not in ROUTE_FORMATS:
-                self.problem(f"{key}.format", f"must be one of {', '.join(ROUTE_FORMATS)}")
+                self.problem(f"routes.{name}.format", f"must be one of {', '.join(ROUTE_FORMATS)}")
             routes[name] = route
         return routes
 
@@ -464,6 +469,20 @@ def _validate(config: Config, loader: _Loader) -> None:
             except PhoneError as exc:
                 problem(f"groups.{name}[{index}]", str(exc))
     for name, route in config.routes.items():
+        key = f"routes.{name}"
+        if bool(route.username) != bool(route.password):
+            problem(f"{key}.username", "username and password go together (basic auth)")
+        if route.format in ("github", "gitlab") and not route.secret:
+            problem(f"{key}.secret", f"{route.format} webhooks must be authenticated by a secret")
+        if not route.to and route.format != "generic" and not route.allow_query_to:
+            problem(f"{key}.to", "no recipients: set to = [numbers or groups]")
+        if route.sender_id and not valid_sender_id(route.sender_id):
+            problem(f"{key}.sender_id", "up to 11 letters, digits or spaces, or 15 digits")
+        for index, net in enumerate(route.allowed_networks):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                problem(f"{key}.allowed_networks[{index}]", f"{net!r} is not a CIDR network")
         for index, target in enumerate(route.to):
             if target in config.groups:
                 continue
@@ -541,12 +560,7 @@ def masked(config: Config) -> dict[str, Any]:
         }
     out["groups"] = {k: list(v) for k, v in config.groups.items()}
     out["routes"] = {
-        k: {
-            "format": r.format,
-            "to": list(r.to),
-            "token": "***" if r.token else "",
-            "secret": "***" if r.secret else "",
-        }
+        k: {f.name: _masked_value(f, getattr(r, f.name)) for f in dataclasses.fields(r)}
         for k, r in config.routes.items()
     }
     return out

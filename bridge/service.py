@@ -175,7 +175,9 @@ class Bridge:
                     on_stored=dispatcher.wake.set,
                 )
                 smtp_handler = SmtpHandler(config=config, ingestor=ingestor)
-                app = create_app(config=config, store=store, ingestor=ingestor, health=health)
+                app = create_app(
+                    config=config, store=store, ingestor=ingestor, health=health, clock=clock
+                )
                 yield cls(
                     config=config,
                     clock=clock,

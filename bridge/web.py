@@ -19,10 +19,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bridge.clock import Clock
 from bridge.config import Config, valid_sender_id
 from bridge.errors import InputError, StoreUnavailable
 from bridge.health import ProviderHealth
 from bridge.ingest import Draft, Ingestor
+from bridge.openapi import openapi_spec
 from bridge.phone import resolve_recipients
 from bridge.store import Store
 
@@ -46,8 +48,8 @@ def error_response(status: int, message: str, field: str | None = None) -> JSONR
     return JSONResponse(body, status)
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The body as JSON, enforcing the size limit on the stream, not just the header."""
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw JSON body, enforcing the size limit on the stream, not just the header."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise HttpError(415, "Content-Type must be application/json", "content-type")
@@ -60,10 +62,18 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise HttpError(413, f"body larger than {max_bytes} bytes", "body")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HttpError(400, f"body is not valid JSON: {exc}", "body") from exc
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    return parse_json(await read_body(request, max_bytes))
 
 
 def _string(
@@ -129,8 +139,11 @@ def create_app(
     store: Store,
     ingestor: Ingestor,
     health: ProviderHealth,
+    clock: Clock,
     lifespan: Any = None,
 ) -> Starlette:
+    from bridge.hooks import hook_endpoint  # hooks builds on this module's helpers
+
     max_bytes = config.http.max_body_bytes
 
     async def post_message(request: Request) -> Response:
@@ -200,6 +213,9 @@ def create_app(
         out["events"] = await store.events(message.id)
         return JSONResponse(out)
 
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_spec(config))
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -230,6 +246,12 @@ def create_app(
             Route("/api/v1/messages", handle_errors(post_message), methods=["POST"]),
             Route("/api/v1/messages", handle_errors(list_messages), methods=["GET"]),
             Route("/api/v1/messages/{message_id}", handle_errors(get_message), methods=["GET"]),
+            Route(
+                "/hooks/{name}",
+                handle_errors(hook_endpoint(config=config, ingestor=ingestor, clock=clock)),
+                methods=["POST"],
+            ),
+            Route("/openapi.json", openapi, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],

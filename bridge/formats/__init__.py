@@ -1,0 +1,112 @@
+"""Webhook payload formats: each module turns one sender's JSON into SMS messages.
+
+A format exposes `parse(request) -> list[HookMessage]`, may expose `verify(request)` (a
+signature check over the raw body, raising `Unauthorized`), and has a `SAMPLE` payload
+that `check-config` renders each route's template against. Payload problems raise
+`InputError` naming the field; events a route does not text raise `Ignored`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from bridge.config import RouteConfig
+from bridge.errors import BridgeError, InputError
+
+
+class Unauthorized(BridgeError):
+    """Missing or wrong token, basic auth or signature: 401, nothing stored."""
+
+
+class Ignored(BridgeError):
+    """A valid request that sends nothing (a ping, a filtered event): 200 with the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class HookRequest:
+    route: RouteConfig
+    headers: Mapping[str, str]  # case-insensitive (Starlette's Headers)
+    body: bytes
+    payload: Any
+    query: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class HookMessage:
+    text: str  # the format's default text
+    context: dict[str, Any]  # what a route's template sees
+    dedupe_key: str | None = None
+    recipients: tuple[str, ...] = ()  # recipients named by the payload itself
+
+
+def obj(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InputError(where, "must be a JSON object")
+    return value
+
+
+def text_field(value: Any, where: str, default: str = "") -> str:
+    if value is None:
+        return default
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise InputError(where, "must be a string")
+    return str(value)
+
+
+def dig(payload: Any, path: str) -> Any:
+    """`a.b.0.c` through objects and lists; None where the path does not lead."""
+    current = payload
+    for part in path.split(".") if path else []:
+        if isinstance(current, dict):
+            current = current.get(part)
+        elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
+            current = current[int(part)]
+        else:
+            return None
+    return current
+
+
+def registry() -> dict[str, ModuleType]:
+    from bridge.formats import alertmanager, generic, github, gitlab, grafana
+
+    return {
+        "alertmanager": alertmanager,
+        "grafana": grafana,
+        "github": github,
+        "gitlab": gitlab,
+        "generic": generic,
+    }
+
+
+def template_problems(
+    routes: Mapping[str, RouteConfig], render: Callable[[str, Mapping[str, Any]], str]
+) -> list[tuple[str, str]]:
+    """Render each route's template against its format's sample payload."""
+    problems = []
+    formats = registry()
+    for name, route in routes.items():
+        if not route.template:
+            continue
+        module = formats[route.format]
+        sample = HookRequest(
+            route=route,
+            headers=getattr(module, "SAMPLE_HEADERS", {}),
+            body=b"",
+            payload=module.SAMPLE,
+        )
+        try:
+            for message in module.parse(sample):
+                render(route.template, message.context)
+        except Ignored:
+            continue
+        except Exception as exc:
+            problems.append(
+                (
+                    f"routes.{name}.template",
+                    f"fails on a sample {route.format} payload: {type(exc).__name__}: {exc}",
+                )
+            )
+    return problems

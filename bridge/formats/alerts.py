@@ -1,0 +1,134 @@
+"""Alert groups (Alertmanager, Grafana) to one readable line per notification.
+
+[FIRING:3] HighLatency api-1, api-2 +1: p99 above 2s
+[RESOLVED] HighLatency api-1, api-2 +1: p99 above 2s
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from bridge.errors import InputError
+from bridge.formats import HookMessage, obj, text_field
+
+# Labels that tell alerts of one group apart, most telling first.
+INSTANCE_LABELS = ("instance", "host", "hostname", "pod", "node", "device", "service", "job")
+SHOWN_INSTANCES = 2
+SHOWN_NAMES = 2
+
+
+def _alerts(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    alerts = payload.get("alerts")
+    if not isinstance(alerts, list):
+        raise InputError("alerts", "must be a list of alerts")
+    out = []
+    for index, alert in enumerate(alerts):
+        alert = obj(alert, f"alerts[{index}]")
+        for key in ("labels", "annotations"):
+            if key in alert and alert[key] is not None:
+                obj(alert[key], f"alerts[{index}].{key}")
+        out.append(alert)
+    return out
+
+
+def _instance(labels: dict[str, Any], common: dict[str, Any]) -> str | None:
+    """What tells this alert apart: a known instance-like label, else any label that
+    is not common to the group (alertname aside)."""
+    for key in (*INSTANCE_LABELS, *sorted(labels)):
+        value = labels.get(key)
+        if key != "alertname" and value and value != common.get(key):
+            text = str(value)
+            # host:port -> host (IPv6 in brackets keeps its colons)
+            return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    return None
+
+
+def _listing(items: list[str], shown: int, total: int) -> str:
+    text = ", ".join(items[:shown])
+    return f"{text} +{total - shown}" if total > shown else text
+
+
+def _values(alert: dict[str, Any]) -> str:
+    values = alert.get("values")
+    if not isinstance(values, dict) or not values:
+        return ""
+    parts = [
+        f"{k}={v:.4g}" if isinstance(v, int | float) else f"{k}={v}"
+        for k, v in sorted(values.items())
+    ]
+    return " (" + ", ".join(parts) + ")"
+
+
+def summarize(payload: Any, *, source: str, with_values: bool = False) -> HookMessage:
+    payload = obj(payload, "body")
+    status = payload.get("status")
+    if status not in ("firing", "resolved"):
+        raise InputError("status", 'must be "firing" or "resolved"')
+    alerts = _alerts(payload)
+    truncated = payload.get("truncatedAlerts") or 0
+    if not isinstance(truncated, int) or isinstance(truncated, bool) or truncated < 0:
+        raise InputError("truncatedAlerts", "must be a non-negative integer")
+    common = payload.get("commonLabels") or {}
+    common_annotations = payload.get("commonAnnotations") or {}
+    obj(common, "commonLabels")
+    obj(common_annotations, "commonAnnotations")
+    listed = [a for a in alerts if a.get("status", status) == status] or alerts
+    total = len(listed) + truncated
+
+    names: list[str] = []
+    instances: list[str] = []
+    for alert in listed:
+        labels = alert.get("labels") or {}
+        name = text_field(labels.get("alertname"), "alerts[].labels.alertname")
+        if name and name not in names:
+            names.append(name)
+        instance = _instance(labels, common)
+        if instance and instance not in instances:
+            instances.append(instance)
+    if not instances and len(listed) == 1:  # one alert: name its instance even if common
+        instance = _instance(listed[0].get("labels") or {}, {})
+        instances = [instance] if instance else []
+    summaries = {
+        str(
+            (a.get("annotations") or {}).get("summary")
+            or (a.get("annotations") or {}).get("description")
+            or ""
+        )
+        for a in listed
+    }
+    # One summary for the group, or none: the first alert's would mislabel the others.
+    summary = str(
+        common_annotations.get("summary")
+        or common_annotations.get("description")
+        or (summaries.pop() if len(summaries) == 1 else "")
+    )
+    tag = f"[FIRING:{total}]" if status == "firing" else "[RESOLVED]"
+    head = " ".join(
+        part
+        for part in (
+            tag,
+            _listing(names, SHOWN_NAMES, len(names)),
+            _listing(instances, SHOWN_INSTANCES, max(len(instances), total) if instances else 0),
+        )
+        if part
+    )
+    text = f"{head}: {summary}" if summary else head
+    if with_values and len(listed) == 1:
+        text += _values(listed[0])
+
+    fingerprints = sorted(
+        str(a.get("fingerprint") or json.dumps(a.get("labels"), sort_keys=True)) for a in listed
+    )
+    digest = hashlib.sha256(
+        json.dumps([payload.get("groupKey"), status, fingerprints]).encode()
+    ).hexdigest()[:32]
+    context = dict(payload)
+    context.update(
+        firing=[a for a in alerts if a.get("status") == "firing"],
+        resolved=[a for a in alerts if a.get("status") == "resolved"],
+        summary=summary,
+        default_text=text,
+    )
+    return HookMessage(text=text, context=context, dedupe_key=f"{source}:{digest}")

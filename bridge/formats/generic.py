@@ -1,0 +1,39 @@
+"""Any JSON: the text, recipients and dedupe key taken by dotted paths, or a template."""
+
+from __future__ import annotations
+
+from bridge.errors import InputError
+from bridge.formats import HookMessage, HookRequest, dig, obj, text_field
+
+SAMPLE = {"to": ["+12025550143"], "message": "Backup failed on nas-1", "host": "nas-1"}
+
+
+def parse(request: HookRequest) -> list[HookMessage]:
+    route = request.route
+    payload = obj(request.payload, "body")
+    raw_text = dig(payload, route.text_path)
+    if raw_text is not None and not isinstance(raw_text, str):
+        raise InputError(route.text_path, "must be a string (the SMS text)")
+    text = raw_text or ""
+    if not text.strip() and not route.template:
+        raise InputError(route.text_path, "is required (the SMS text)")
+    targets = dig(payload, route.to_path)
+    if targets is None:
+        recipients: tuple[str, ...] = ()
+    elif isinstance(targets, str):
+        recipients = (targets,)
+    elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        recipients = tuple(targets)
+    else:
+        raise InputError(route.to_path, "must be a phone number, a group or a list of them")
+    dedupe = dig(payload, route.dedupe_path) if route.dedupe_path else None
+    return [
+        HookMessage(
+            text=text,
+            context=payload,
+            recipients=recipients,
+            dedupe_key=None
+            if dedupe is None
+            else f"generic:{text_field(dedupe, route.dedupe_path)}",
+        )
+    ]

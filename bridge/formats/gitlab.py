@@ -1,0 +1,99 @@
+"""GitLab webhooks: pipeline, job and deployment events, checked by `X-Gitlab-Token`.
+
+By default only failures are texted; `conclusions` (GitLab statuses) and `branches`
+change that per route. `X-Gitlab-Event-UUID` is the dedupe key where GitLab sends it.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from bridge.formats import HookMessage, HookRequest, Ignored, Unauthorized, obj, text_field
+
+DEFAULT_STATUSES = ("failed",)
+SAMPLE_HEADERS = {"X-Gitlab-Event": "Pipeline Hook"}
+SAMPLE = {
+    "object_kind": "pipeline",
+    "object_attributes": {
+        "id": 31,
+        "ref": "main",
+        "sha": "bcbb5ec396a2c0f828686f14fac9b80b780504f2",
+        "status": "failed",
+        "source": "push",
+    },
+    "user": {"username": "alice"},
+    "project": {"path_with_namespace": "group/project"},
+}
+
+
+def verify(request: HookRequest, now: float) -> None:
+    token = request.headers.get("x-gitlab-token", "")
+    if not token:
+        raise Unauthorized("missing X-Gitlab-Token")
+    if not hmac.compare_digest(token.encode(), request.route.secret.encode()):
+        raise Unauthorized("X-Gitlab-Token does not match")
+
+
+def _check(request: HookRequest, status: str, ref: str) -> None:
+    if status not in (request.route.conclusions or DEFAULT_STATUSES):
+        raise Ignored(f"status {status or '(none)'} is not texted by this route")
+    if request.route.branches and ref not in request.route.branches:
+        raise Ignored(f"branch {ref} is not texted by this route")
+
+
+def _project(payload: dict[str, Any]) -> str:
+    project = payload.get("project") or {}
+    if isinstance(project, dict) and project.get("path_with_namespace"):
+        return str(project["path_with_namespace"])
+    return str(
+        payload.get("project_name") or (payload.get("repository") or {}).get("name") or "?"
+    ).replace(" / ", "/")
+
+
+def parse(request: HookRequest) -> list[HookMessage]:
+    event = request.headers.get("x-gitlab-event", "")
+    payload = obj(request.payload, "body")
+    kind = payload.get("object_kind")
+    user = (payload.get("user") or {}).get("username") or ""
+    by = f" by {user}" if user else ""
+    if event == "Pipeline Hook" or kind == "pipeline":
+        attrs = obj(payload.get("object_attributes"), "object_attributes")
+        status = text_field(attrs.get("status"), "object_attributes.status")
+        ref = text_field(attrs.get("ref"), "object_attributes.ref")
+        _check(request, status, ref)
+        text = (
+            f"GitLab {_project(payload)}: pipeline #{attrs.get('id')} {status} on {ref} "
+            f"({str(attrs.get('sha') or '')[:8]}){by}"
+        )
+        key = f"pipeline:{attrs.get('id')}:{status}"
+    elif event == "Job Hook" or kind == "build":
+        status = text_field(payload.get("build_status"), "build_status")
+        ref = text_field(payload.get("ref"), "ref")
+        _check(request, status, ref)
+        name = text_field(payload.get("build_name"), "build_name", "job")
+        stage = text_field(payload.get("build_stage"), "build_stage")
+        text = (
+            f"GitLab {_project(payload)}: job {name}"
+            + (f" ({stage})" if stage else "")
+            + f" {status} on {ref} ({str(payload.get('sha') or '')[:8]})"
+        )
+        key = f"job:{payload.get('build_id')}:{status}"
+    elif event == "Deployment Hook" or kind == "deployment":
+        status = text_field(payload.get("status"), "status")
+        ref = text_field(payload.get("ref"), "ref")
+        _check(request, status, ref)
+        environment = text_field(payload.get("environment"), "environment", "?")
+        text = (
+            f"GitLab {_project(payload)}: deployment to {environment} {status} "
+            f"({ref}, {payload.get('short_sha') or ''}){by}"
+        )
+        key = f"deployment:{payload.get('deployment_id')}:{status}"
+    else:
+        raise Ignored(f"event {event or kind or '(none)'} is not texted")
+    uuid = request.headers.get("x-gitlab-event-uuid")
+    return [
+        HookMessage(
+            text=text, context={"event": event, **payload}, dedupe_key=f"gitlab:{uuid or key}"
+        )
+    ]

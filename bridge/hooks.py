@@ -1,0 +1,179 @@
+"""`POST /hooks/{name}`: a configured route turns a sender's webhook into stored SMS.
+
+Order of checks, cheapest and most telling first: route (404), client network (403),
+token or basic auth (401), content type and size on the stream (415, 413), signature over
+the raw body (401), JSON (400), the format's own fields (400 naming the field). Then the
+texts are rendered (a failing template falls back to the format's default text, so the
+alert still goes out), stored, and only then answered 202. A sender that is told 4xx
+drops the alert, so anything that is our trouble (store, overload) answers 503.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from bridge.clock import Clock
+from bridge.config import Config, RouteConfig
+from bridge.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
+from bridge.ingest import Draft, Ingestor
+from bridge.phone import resolve_recipients
+from bridge.templates import TemplateError, render
+from bridge.web import HttpError, parse_json, read_body
+
+log = logging.getLogger(__name__)
+FALLBACK_CHARS = 300
+
+
+def _check_network(route: RouteConfig, request: Request) -> None:
+    if not route.allowed_networks:
+        return
+    host = request.client.host if request.client else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise HttpError(403, f"client {host or '(unknown)'} is not allowed") from exc
+    if not any(address in ipaddress.ip_network(n, strict=False) for n in route.allowed_networks):
+        raise HttpError(403, f"client {host} is not allowed on this route")
+
+
+def _check_credentials(route: RouteConfig, request: Request) -> None:
+    """Bearer token and/or basic auth, compared in constant time."""
+    auth = request.headers.get("authorization", "")
+    if route.token:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), route.token.encode()
+        ):
+            raise Unauthorized("missing or wrong bearer token")
+    if route.username:
+        scheme, _, value = auth.partition(" ")
+        try:
+            user, _, password = (
+                base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            )
+        except (binascii.Error, UnicodeDecodeError):
+            user, password = "", ""
+        ok_user = hmac.compare_digest(user.encode(), route.username.encode())
+        ok_password = hmac.compare_digest(password.encode(), route.password.encode())
+        if scheme.lower() != "basic" or not (ok_user and ok_password):
+            raise Unauthorized("missing or wrong basic auth")
+
+
+def _text(route: RouteConfig, message: HookMessage) -> str:
+    if route.template:
+        try:
+            rendered = render(route.template, message.context)
+            if rendered:
+                return rendered
+            log.error("route %s: template rendered nothing; using the default text", route.name)
+        except TemplateError as exc:
+            log.error("route %s: template failed (%s); using the default text", route.name, exc)
+    if message.text.strip():
+        return message.text
+    compact = json.dumps(message.context, ensure_ascii=False, separators=(",", ":"))
+    return f"{route.name}: {compact[:FALLBACK_CHARS]}"
+
+
+def hook_endpoint(
+    *,
+    config: Config,
+    ingestor: Ingestor,
+    clock: Clock,
+) -> Callable[[Request], Awaitable[Response]]:
+    formats = registry()
+
+    async def endpoint(request: Request) -> Response:
+        name = request.path_params["name"]
+        route = config.routes.get(name)
+        if route is None:
+            raise HttpError(404, f"no route named {name!r}", "name")
+        _check_network(route, request)
+        module = formats[route.format]
+        try:
+            _check_credentials(route, request)
+            body = await read_body(request, config.http.max_body_bytes)
+            hook = HookRequest(
+                route=route,
+                headers=request.headers,
+                body=body,
+                payload=None,
+                query=request.query_params,
+            )
+            verify = getattr(module, "verify", None)
+            if verify is not None:
+                verify(hook, clock.now())
+        except Unauthorized as exc:
+            log.warning(
+                "route %s: 401 for %s: %s",
+                name,
+                request.client.host if request.client else "?",
+                exc,
+            )
+            return JSONResponse(
+                {"error": str(exc)},
+                401,
+                headers={"WWW-Authenticate": "Bearer" if route.token else "Basic"}
+                if route.token or route.username
+                else None,
+            )
+        hook = HookRequest(
+            route=route,
+            headers=request.headers,
+            body=body,
+            payload=parse_json(body),
+            query=request.query_params,
+        )
+        try:
+            messages = module.parse(hook)
+        except Ignored as exc:
+            return JSONResponse({"ignored": str(exc)}, 200)
+        extra = request.query_params.getlist("to")
+        if extra and not route.allow_query_to:
+            raise HttpError(400, "this route does not take ?to= (allow_query_to)", "to")
+        drafts = []
+        for message in messages:
+            targets = [*route.to, *message.recipients, *extra]
+            if not targets:
+                raise HttpError(
+                    400,
+                    "no recipients: the route has none and the payload named none",
+                    route.to_path if route.format == "generic" else "to",
+                )
+            recipients = resolve_recipients(
+                targets,
+                config.groups,
+                default_region=config.phone.default_region or None,
+                require_valid=config.phone.require_valid,
+            )
+            drafts.append(
+                Draft(
+                    recipients=recipients,
+                    text=_text(route, message),
+                    source="hook",
+                    sender_id=route.sender_id or config.provider.sender_id,
+                    route=name,
+                    dedupe_key=message.dedupe_key,
+                )
+            )
+        accepted = await ingestor.submit(drafts)
+        return JSONResponse(
+            {
+                "ids": [a.id for a in accepted],
+                "messages": [
+                    {"id": a.id, "to": a.recipient, "state": str(a.state), "reason": a.reason}
+                    for a in accepted
+                ],
+            },
+            202,
+        )
+
+    return endpoint

@@ -1,0 +1,170 @@
+"""`GET /openapi.json`: the generic API and the configured hooks, described for clients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridge import __version__
+from bridge.config import Config
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}, "field": {"type": "string"}},
+}
+_ACCEPTED = {
+    "type": "object",
+    "properties": {
+        "ids": {"type": "array", "items": {"type": "integer"}},
+        "messages": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer"},
+                    "to": {"type": "string"},
+                    "state": {"type": "string", "enum": ["queued", "suppressed"]},
+                    "reason": {"type": ["string", "null"]},
+                },
+            },
+        },
+    },
+}
+_RECIPIENTS = {
+    "oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}],
+    "description": "E.164 numbers or group names",
+}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    reasons = {
+        400: "bad input, naming the field",
+        401: "missing or wrong credentials",
+        404: "no such route or message",
+        413: "body too large",
+        415: "not JSON",
+        503: "not stored (store or overload): retry",
+    }
+    return {
+        str(c): {
+            "description": reasons[c],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        for c in codes
+    }
+
+
+def openapi_spec(config: Config) -> dict[str, Any]:
+    message_request = {
+        "type": "object",
+        "required": ["to", "message"],
+        "additionalProperties": True,
+        "properties": {
+            "to": _RECIPIENTS,
+            "message": {"type": "string", "minLength": 1, "maxLength": 5000},
+            "sender_id": {"type": "string", "maxLength": 15},
+            "dedupe_key": {"type": "string", "maxLength": 256},
+            "schedule_time": {
+                "type": "string",
+                "description": "YYYY-MM-DD HH:MM:SS (UTC) or ISO 8601",
+            },
+        },
+    }
+    hooks = {
+        f"/hooks/{name}": {
+            "post": {
+                "summary": f"{route.format} webhook",
+                "parameters": [
+                    {"name": "to", "in": "query", "required": False, "schema": {"type": "string"}}
+                ]
+                if route.allow_query_to
+                else [],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "202": {
+                        "description": "stored",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/Accepted"}
+                            }
+                        },
+                    },
+                    "200": {"description": "valid, nothing to send (ping, filtered event)"},
+                    **_errors(400, 401, 413, 415, 503),
+                },
+            }
+        }
+        for name, route in config.routes.items()
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "sms-bridge", "version": __version__},
+        "paths": {
+            "/api/v1/messages": {
+                "post": {
+                    "summary": "queue an SMS to one or more recipients",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/MessageRequest"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": {
+                            "description": "stored",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Accepted"}
+                                }
+                            },
+                        },
+                        **_errors(400, 413, 415, 503),
+                    },
+                },
+                "get": {
+                    "summary": "stored messages, newest first",
+                    "parameters": [
+                        {"name": "state", "in": "query", "schema": {"type": "string"}},
+                        {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                        {"name": "before", "in": "query", "schema": {"type": "integer"}},
+                    ],
+                    "responses": {"200": {"description": "messages"}, **_errors(400)},
+                },
+            },
+            "/api/v1/messages/{id}": {
+                "get": {
+                    "summary": "one message with its state changes",
+                    "parameters": [
+                        {
+                            "name": "id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "integer"},
+                        }
+                    ],
+                    "responses": {"200": {"description": "the message"}, **_errors(400, 404)},
+                }
+            },
+            "/healthz": {
+                "get": {"summary": "liveness", "responses": {"200": {"description": "up"}}}
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "readiness: store writable, provider usable",
+                    "responses": {
+                        "200": {"description": "ready"},
+                        "503": {"description": "not ready"},
+                    },
+                }
+            },
+            **hooks,
+        },
+        "components": {
+            "schemas": {"Error": _ERROR, "Accepted": _ACCEPTED, "MessageRequest": message_request}
+        },
+    }

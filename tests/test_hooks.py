@@ -1,0 +1,406 @@
+"""Webhook routes through a running bridge on loopback, out to the sandbox provider."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import sqlite3
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.config import RouteConfig
+from bridge.formats import HookRequest, Unauthorized, github
+from bridge.models import State
+from bridge.provider.sandbox import SandboxState
+from tests.helpers import bridge_config, pump, running_bridge, write_config
+
+HOOKS = Path(__file__).parent / "data" / "hooks"
+EXPECTED = tomllib.loads((HOOKS / "expected.toml").read_text(encoding="utf-8"))
+GITHUB_SECRET = "It's a Secret to Everybody"
+ROUTES = f"""
+[groups]
+oncall = ["+12025550101", "+12025550102"]
+[routes.am]
+format = "alertmanager"
+to = ["oncall"]
+token = "am-token"
+[routes.grafana]
+format = "grafana"
+to = ["+12025550143"]
+secret = "graf-secret"
+[routes.grafana_ts]
+format = "grafana"
+to = ["+12025550143"]
+secret = "graf-secret"
+signature_header = "X-Signature"
+timestamp_header = "X-Signature-Timestamp"
+[routes.github]
+format = "github"
+to = ["+12025550143"]
+secret = "{GITHUB_SECRET}"
+[routes.gitlab]
+format = "gitlab"
+to = ["+12025550143"]
+secret = "gl-token"
+[routes.generic]
+format = "generic"
+username = "script"
+password = "pa55"
+allow_query_to = true
+"""
+
+
+def auth_headers(route: str, body: bytes, extra: dict[str, str] | None = None) -> dict[str, str]:
+    headers = {"content-type": "application/json", **(extra or {})}
+    if route == "am":
+        headers["authorization"] = "Bearer am-token"
+    elif route == "grafana":
+        headers["X-Grafana-Alerting-Signature"] = hmac.new(
+            b"graf-secret", body, hashlib.sha256
+        ).hexdigest()
+    elif route == "github":
+        headers["X-Hub-Signature-256"] = (
+            "sha256=" + hmac.new(GITHUB_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        )
+    elif route == "gitlab":
+        headers["X-Gitlab-Token"] = "gl-token"
+    elif route == "generic":
+        headers["authorization"] = "Basic " + base64.b64encode(b"script:pa55").decode()
+    return headers
+
+
+async def settled(bridge) -> bool:
+    counts = await bridge.store.counts()
+    return not counts.get("queued") and not counts.get("sending")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+async def test_fixture_becomes_the_expected_sms(
+    name: str, tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    case = EXPECTED[name]
+    body = (HOOKS / name).read_bytes()
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{url}/hooks/{case['route']}",
+            content=body,
+            headers=auth_headers(case["route"], body, case.get("headers")),
+        )
+        if "ignored" in case:
+            assert response.status_code == 200, response.text
+            assert response.json() == {"ignored": case["ignored"]}
+            assert await bridge.store.counts() == {}
+            return
+        assert response.status_code == 202, response.text
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert {e.message for e in sandbox_state.entries} == {case["text"]}
+    if case["route"] == "am":
+        assert sorted(e.to for e in sandbox_state.entries) == ["+12025550101", "+12025550102"]
+
+
+def test_every_fixture_has_an_expectation() -> None:
+    assert set(EXPECTED) == {p.name for p in HOOKS.glob("*.json")}
+
+
+def test_githubs_published_signature_vector() -> None:
+    route = RouteConfig(name="gh", format="github", secret=GITHUB_SECRET)
+    good = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+    github.verify(
+        HookRequest(
+            route=route, headers={"x-hub-signature-256": good}, body=b"Hello, World!", payload=None
+        ),
+        0,
+    )
+    with pytest.raises(Unauthorized):
+        github.verify(
+            HookRequest(
+                route=route,
+                headers={"x-hub-signature-256": good},
+                body=b"Hello, World?",
+                payload=None,
+            ),
+            0,
+        )
+
+
+async def test_github_vector_over_http_passes_the_signature(tmp_path, clock, sandbox_url) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    headers = {
+        "content-type": "application/json",
+        "X-GitHub-Event": "ping",
+        "X-Hub-Signature-256": "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
+    }
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        response = await http.post(f"{url}/hooks/github", content=b"Hello, World!", headers=headers)
+    # Signed correctly, so it gets as far as the JSON parser, which refuses it.
+    assert response.status_code == 400 and response.json()["field"] == "body"
+
+
+@pytest.mark.parametrize(
+    ("route", "headers"),
+    [
+        ("am", {}),
+        ("am", {"authorization": "Bearer wrong"}),
+        ("am", {"authorization": "Basic YW06YW0="}),
+        ("github", {"X-GitHub-Event": "workflow_run"}),
+        ("github", {"X-GitHub-Event": "workflow_run", "X-Hub-Signature-256": "sha256=" + "0" * 64}),
+        ("gitlab", {"X-Gitlab-Event": "Pipeline Hook", "X-Gitlab-Token": "nope"}),
+        ("gitlab", {"X-Gitlab-Event": "Pipeline Hook"}),
+        ("grafana", {"X-Grafana-Alerting-Signature": "00ff"}),
+        ("grafana", {}),
+        ("generic", {"authorization": "Basic " + base64.b64encode(b"script:wrong").decode()}),
+        ("generic", {}),
+    ],
+)
+async def test_wrong_or_missing_credentials_give_401_and_store_nothing(
+    route: str, headers: dict[str, str], tmp_path, clock, sandbox_url
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    body = json.dumps({"status": "firing", "alerts": [], "message": "x"}).encode()
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{url}/hooks/{route}",
+            content=body,
+            headers={"content-type": "application/json", **headers},
+        )
+        assert response.status_code == 401, response.text
+        assert "error" in response.json()
+        assert await bridge.store.counts() == {}
+
+
+async def test_grafana_timestamped_signature_and_replay(tmp_path, clock, sandbox_url) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    body = (HOOKS / "grafana-single.json").read_bytes()
+
+    def signed(stamp: int) -> dict[str, str]:
+        mac = hmac.new(b"graf-secret", f"{stamp}:".encode() + body, hashlib.sha256).hexdigest()
+        return {
+            "content-type": "application/json",
+            "X-Signature": mac,
+            "X-Signature-Timestamp": str(stamp),
+        }
+
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        now = int(clock.now())
+        assert (
+            await http.post(f"{url}/hooks/grafana_ts", content=body, headers=signed(now))
+        ).status_code == 202
+        stale = await http.post(f"{url}/hooks/grafana_ts", content=body, headers=signed(now - 3600))
+        assert stale.status_code == 401 and "replay" in stale.json()["error"]
+        assert (await bridge.store.counts()) == {"queued": 1}
+
+
+async def test_alertmanager_repeat_is_deduplicated_and_resolved_is_sent(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    firing = (HOOKS / "alertmanager-firing.json").read_bytes()
+    resolved = (HOOKS / "alertmanager-resolved.json").read_bytes()
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for _ in range(2):  # Alertmanager's repeat_interval re-sends the same group
+            r = await http.post(
+                f"{url}/hooks/am", content=firing, headers=auth_headers("am", firing)
+            )
+            assert r.status_code == 202
+            clock.advance(60)
+        again = r.json()["messages"]
+        assert {m["state"] for m in again} == {"suppressed"}
+        r = await http.post(
+            f"{url}/hooks/am", content=resolved, headers=auth_headers("am", resolved)
+        )
+        assert {m["state"] for m in r.json()["messages"]} == {"queued"}
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    texts = sorted(e.message for e in sandbox_state.entries)
+    assert texts.count("[FIRING:3] HighLatency api-1, api-2 +1: p99 above 2s") == 2  # 2 phones
+    assert texts.count("[RESOLVED] HighLatency api-1, api-2 +1: p99 above 2s") == 2
+    assert len(texts) == 4
+
+
+async def test_bad_requests_get_clear_4xx_and_store_nothing(tmp_path, clock, sandbox_url) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    am = {"authorization": "Bearer am-token"}
+    big = b'{"status": "firing", "alerts": [' + b'{"labels": {}},' * 200_000 + b"{}]}"
+
+    async def chunks():
+        for _ in range(300):
+            yield b" " * 4096
+
+    cases = [
+        ("/hooks/nowhere", b"{}", {"content-type": "application/json"}, 404, "name"),
+        ("/hooks/am", b"{}", {**am, "content-type": "text/plain"}, 415, "content-type"),
+        ("/hooks/am", big, {**am, "content-type": "application/json"}, 413, "body"),
+        ("/hooks/am", chunks(), {**am, "content-type": "application/json"}, 413, "body"),
+        (
+            "/hooks/am",
+            b'{"status": "firing", "alerts": [',
+            {**am, "content-type": "application/json"},
+            400,
+            "body",
+        ),
+        (
+            "/hooks/am",
+            b'{"status": "firing", "alerts": "many"}',
+            {**am, "content-type": "application/json"},
+            400,
+            "alerts",
+        ),
+        (
+            "/hooks/am",
+            b'{"status": "burning", "alerts": []}',
+            {**am, "content-type": "application/json"},
+            400,
+            "status",
+        ),
+        (
+            "/hooks/am",
+            b'{"status": "firing", "alerts": [{"labels": "x"}]}',
+            {**am, "content-type": "application/json"},
+            400,
+            "alerts[0].labels",
+        ),
+        (
+            "/hooks/am",
+            b'{"status": "firing", "alerts": [], "truncatedAlerts": "3"}',
+            {**am, "content-type": "application/json"},
+            400,
+            "truncatedAlerts",
+        ),
+        (
+            "/hooks/generic?to=%2B12025550143",
+            b'{"message": 5}',
+            auth_headers("generic", b""),
+            400,
+            "message",
+        ),
+        ("/hooks/generic", b'{"message": "hi"}', auth_headers("generic", b""), 400, "to"),
+        (
+            "/hooks/generic",
+            b'{"message": "hi", "to": "12"}',
+            auth_headers("generic", b""),
+            400,
+            "to[0]",
+        ),
+        (
+            "/hooks/am?to=%2B12025550143",
+            b'{"status": "firing", "alerts": []}',
+            {**am, "content-type": "application/json"},
+            400,
+            "to",
+        ),
+    ]
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for path, body, headers, status, field in cases:
+            response = await http.post(f"{url}{path}", content=body, headers=headers)
+            assert response.status_code == status, (path, response.text)
+            assert response.json().get("field") == field, (path, response.text)
+        assert await bridge.store.counts() == {}
+
+
+async def test_store_unwritable_gives_503(tmp_path, clock, sandbox_url) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    body = (HOOKS / "alertmanager-firing.json").read_bytes()
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+
+        def failing() -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        bridge.store.inject_fault = failing
+        response = await http.post(
+            f"{url}/hooks/am", content=body, headers=auth_headers("am", body)
+        )
+        assert response.status_code == 503 and "retry" in response.json()["error"]
+        bridge.store.inject_fault = None
+        assert await bridge.store.counts() == {}
+
+
+async def test_templates_and_their_fallback(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    routes = (
+        ROUTES
+        + """
+[routes.custom]
+format = "alertmanager"
+to = ["+12025550143"]
+template = "{{ status | upper }}: {{ alerts | length }} x {{ commonLabels.alertname }}"
+[routes.broken]
+format = "alertmanager"
+to = ["+12025550144"]
+template = "{{ alerts[0].labels.alertname + 1 }}"
+"""
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    body = (HOOKS / "alertmanager-firing.json").read_bytes()
+    headers = {"content-type": "application/json"}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        assert (
+            await http.post(f"{url}/hooks/custom", content=body, headers=headers)
+        ).status_code == 202
+        assert (
+            await http.post(f"{url}/hooks/broken", content=body, headers=headers)
+        ).status_code == 202
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    sent = {e.to: e.message for e in sandbox_state.entries}
+    assert sent["+12025550143"] == "FIRING: 3 x HighLatency"
+    assert sent["+12025550144"] == "[FIRING:3] HighLatency api-1, api-2 +1: p99 above 2s"
+
+
+async def test_generic_recipients_from_payload_and_query(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{url}/hooks/generic?to=oncall",
+            content=b'{"message": "hi", "to": "+12025550143"}',
+            headers=auth_headers("generic", b""),
+        )
+        assert response.status_code == 202
+        assert sorted(m["to"] for m in response.json()["messages"]) == [
+            "+12025550101",
+            "+12025550102",
+            "+12025550143",
+        ]
+        assert {m.state for m in await bridge.store.list()} == {State.QUEUED}
+
+
+async def test_openapi_describes_api_and_hooks(tmp_path, clock, sandbox_url) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        spec = (await http.get(f"{url}/openapi.json")).json()
+    assert spec["openapi"].startswith("3.")
+    assert {"/api/v1/messages", "/hooks/am", "/hooks/github"} <= set(spec["paths"])
+
+
+def test_check_config_renders_route_templates_on_samples(tmp_path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        [routes.am]
+        format = "alertmanager"
+        to = ["+12025550143"]
+        template = "{{ alerts[0].labels.alertname + 1 }}"
+        [routes.ok]
+        format = "github"
+        to = ["+12025550143"]
+        secret = "s"
+        template = "{{ workflow_run.name }} {{ workflow_run.conclusion }}"
+    """,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "routes.am.template" in result.stderr and "routes.ok" not in result.stderr
