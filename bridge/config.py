@@ -71,6 +71,17 @@ class SmtpConfig:
 class LimitsConfig:
     max_parts: int = _opt(3)  # longer texts are cut at a word boundary with an ellipsis
     transliterate: bool = _opt(True)  # curly quotes, dashes, ... -> GSM look-alikes
+    per_recipient: int = _opt(0)  # texts per phone per window; beyond: held for a digest
+    per_recipient_window: float = _opt(600.0, "duration")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    texts_per_day: int = _opt(0)  # 0 = no cap; days are UTC
+    parts_per_day: int = _opt(0)
+    on_exceeded: str = _opt("wait")  # wait (until the next day) | fail
+    admin: tuple[str, ...] = _opt([])  # numbers or groups warned once a day
+    low_balance: float = _opt(0.0)  # warn the admin when the balance falls below
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +108,7 @@ class ProviderConfig:
     backoff_initial: float = _opt(5.0, "duration")
     backoff_max: float = _opt(600.0, "duration")
     auth_probe_interval: float = _opt(30.0, "duration")
+    arabic_type: int = _opt(2)  # message_type for Arabic script: 2 (Unicode) or 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +174,8 @@ class RouteConfig:
     text_path: str = _opt("message")  # generic: dotted path of the text
     dedupe_path: str = _opt("")  # generic: dotted path of a dedupe key
     sender_id: str = _opt("")  # "" = provider.sender_id
+    dedupe_window: float = _opt(-1.0, "duration")  # -1 = dedupe.window
+    max_texts_per_day: int = _opt(0)  # 0 = no cap for this route
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +190,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     routes: Mapping[str, RouteConfig] = field(default_factory=dict)
     source: str = "built-in defaults"
@@ -196,6 +211,7 @@ SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "sandbox": SandboxConfig,
     "limits": LimitsConfig,
+    "budget": BudgetConfig,
 }
 
 
@@ -431,6 +447,21 @@ def _validate(config: Config, loader: _Loader) -> None:
     ]:
         if region and region.upper() not in phonenumbers.SUPPORTED_REGIONS:
             problem(region_key, f"{region!r} is not a region code such as US, GB or DE")
+    if config.provider.arabic_type not in (2, 4):
+        problem("provider.arabic_type", "must be 2 (Unicode) or 4 (the provider's Arabic type)")
+    if config.limits.per_recipient < 0:
+        problem("limits.per_recipient", "must be 0 (off) or more")
+    b = config.budget
+    if b.on_exceeded not in ("wait", "fail"):
+        problem("budget.on_exceeded", "must be wait or fail")
+    if b.texts_per_day < 0 or b.parts_per_day < 0:
+        problem("budget.texts_per_day", "caps must be 0 (off) or more")
+    for index, target in enumerate(b.admin):
+        if target not in config.groups:
+            try:
+                normalise_number(target, default_region=config.phone.default_region or None)
+            except PhoneError as exc:
+                problem(f"budget.admin[{index}]", f"neither a group nor a number: {exc}")
     if not 1 <= config.limits.max_parts <= 10:
         problem("limits.max_parts", "must be between 1 and 10")
     if config.smtp.listen and not config.smtp.domains:

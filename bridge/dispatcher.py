@@ -25,6 +25,7 @@ import random
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from bridge.budget import BudgetGuard, day_bounds
 from bridge.clock import Clock, sleep_until_woken
 from bridge.config import ProviderConfig
 from bridge.errors import (
@@ -37,6 +38,7 @@ from bridge.errors import (
 )
 from bridge.health import ProviderHealth
 from bridge.models import Message, State
+from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient, SendResult, TransientUnknownOutcome
 from bridge.ratelimit import SlidingWindowLimiter
 from bridge.store import Store
@@ -85,9 +87,16 @@ class Dispatcher:
         clock: Clock,
         config: ProviderConfig,
         health: ProviderHealth,
+        budget: BudgetGuard | None = None,
+        prices: PriceBook | None = None,
+        low_balance: float = 0.0,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
+        self.budget = budget
+        self.prices = prices
+        self.low_balance = low_balance
+        self.balance: float | None = None  # the provider's last word on it
         self.client = client
         self.limiter = limiter
         self.clock = clock
@@ -96,7 +105,7 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.wake = asyncio.Event()
         self._next_probe = 0.0
-        self._reconciled_at_start = False
+        self._prices_loaded = prices is None
 
     async def load_budget(self) -> None:
         """Take the requests booked before a restart into the window."""
@@ -127,6 +136,8 @@ class Dispatcher:
         wait = self.limiter.wait_time("send")
         if wait > 0:  # no budget: do not even read the queue (ingest wakes us often)
             return wait
+        if not self._prices_loaded:
+            await self._load_prices()
         reconcile_wait = await self._reconcile()
         if reconcile_wait is not None:
             return reconcile_wait
@@ -148,7 +159,71 @@ class Dispatcher:
         return max(0.0, min(IDLE_WAIT, next_due - self.clock.now()))
 
     # -- one request ---------------------------------------------------------------------
+    async def _within_budget(self, batch: list[Message]) -> list[Message]:
+        """What of `batch` the daily caps allow; the rest waits for tomorrow or fails."""
+        if self.budget is None:
+            return batch
+        verdict = await self.budget.check(batch)
+        if verdict.over:
+            now = self.clock.now()
+            _, tomorrow, _ = day_bounds(now)
+            ids = [m.id for m in verdict.over]
+            reason = f"daily budget reached ({verdict.reason})"
+            log.warning(
+                "%s: %d messages %s",
+                reason,
+                len(ids),
+                "fail" if self.budget.config.on_exceeded == "fail" else "wait",
+            )
+            if self.budget.config.on_exceeded == "fail":
+                await self.store.finish(
+                    [(i, State.FAILED, reason) for i in ids], now, reason_kind="budget"
+                )
+            else:
+                await self.store.requeue(
+                    ids,
+                    now,
+                    at=tomorrow,
+                    reason=f"{reason}; waiting until 00:00 UTC",
+                    reason_kind="budget",
+                )
+            await self.budget.warn(
+                "cap",
+                f"sms-bridge: {reason}; further texts "
+                f"{'fail' if self.budget.config.on_exceeded == 'fail' else 'wait'}"
+                " until 00:00 UTC",
+            )
+            self.wake.set()  # the warning itself is queued: send it
+        return verdict.allowed
+
+    async def _load_prices(self) -> None:
+        """The provider's price list, once per start, for cost estimates."""
+        if self.prices is None or self.limiter.wait_time("send") > 0:
+            return  # try again on a later step
+        self._prices_loaded = True
+        now = self.clock.now()
+        self.limiter.book(now, "pricing")
+        await self.store.record_request(now, "pricing")
+        try:
+            self.prices.load(await self.client.pricing())
+        except ProviderError as exc:
+            log.info("no price list (%s): costs are not estimated", exc)
+
+    async def _check_balance(self, balance: float | None) -> None:
+        if balance is None:
+            return
+        self.balance = balance
+        if self.low_balance and balance < self.low_balance and self.budget is not None:
+            await self.budget.warn(
+                "low-balance",
+                f"sms-bridge: provider balance {balance:g} is below {self.low_balance:g}",
+            )
+            self.wake.set()
+
     async def _send(self, batch: list[Message]) -> None:
+        batch = await self._within_budget(batch)
+        if not batch:
+            return
         now = self.clock.now()
         self.limiter.book(now, "send")
         claimed = set(await self.store.claim([m.id for m in batch], now, "send"))
@@ -204,6 +279,7 @@ class Dispatcher:
         else:
             self.health.succeeded(self.clock.now())
             await self.store.mark_sent(_sent_rows(batch, result), self.clock.now())
+            await self._check_balance(result.balance)
 
     async def _refused(self, batch: list[Message], exc: ProviderError) -> None:
         now = self.clock.now()

@@ -162,6 +162,7 @@ def hook_endpoint(
                     sender_id=route.sender_id or config.provider.sender_id,
                     route=name,
                     dedupe_key=message.dedupe_key,
+                    topic=message.topic,
                 )
             )
         accepted = await ingestor.submit(drafts)

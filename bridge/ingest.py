@@ -18,12 +18,14 @@ from bridge.clock import Clock
 from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage, State
 from bridge.phone import is_assigned
-from bridge.policy import apply_dedupe
+from bridge.policy import Rules, decide
+from bridge.pricing import PriceBook
 from bridge.store import Store
 from bridge.text import shape, transliterate, truncate_to_parts
 
 log = logging.getLogger(__name__)
-MAX_PENDING_INGESTS = 2000  # beyond this the bridge answers 503 / 451, not an unbounded queue
+MAX_PENDING_INGESTS = 2000
+TOPIC_CHARS = 32  # beyond this the bridge answers 503 / 451, not an unbounded queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,7 @@ class Draft:
     dedupe_key: str | None = None
     schedule_time: str | None = None
     suppressed_reason: str | None = None  # e.g. an auto-reply: stored, never sent
+    topic: str | None = None  # what a storm digest counts it as; default: its first line
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,16 +57,20 @@ class Ingestor:
         *,
         store: Store,
         clock: Clock,
-        dedupe_window: float,
+        rules: Rules,
         max_parts: int = 3,
         transliterate: bool = True,
+        arabic_type: int = 2,
+        prices: PriceBook | None = None,
         on_stored: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
+        self.clock = clock
+        self.rules = rules
         self.max_parts = max_parts
         self.transliterate = transliterate
-        self.clock = clock
-        self.dedupe_window = dedupe_window
+        self.arabic_type = arabic_type
+        self.prices = prices or PriceBook()
         self.on_stored = on_stored
         self.pending = 0
 
@@ -72,7 +79,8 @@ class Ingestor:
         for draft in drafts:
             text = transliterate(draft.text) if self.transliterate else draft.text
             text = truncate_to_parts(text, self.max_parts)
-            form = shape(text)
+            form = shape(text, arabic_type=self.arabic_type)
+            topic = draft.topic or text.split("\n", 1)[0][:TOPIC_CHARS]
             for recipient in draft.recipients:
                 if not is_assigned(recipient):
                     log.warning(
@@ -91,6 +99,9 @@ class Ingestor:
                         schedule_time=draft.schedule_time,
                         state=State.SUPPRESSED if draft.suppressed_reason else State.QUEUED,
                         reason=draft.suppressed_reason,
+                        reason_kind="loop" if draft.suppressed_reason else None,
+                        topic=topic,
+                        estimated_cost=self.prices.estimate(recipient, form.parts),
                     )
                 )
         return out
@@ -102,18 +113,20 @@ class Ingestor:
         now = self.clock.now()
 
         def job(db: Database) -> list[Accepted]:
-            decided = apply_dedupe(db, messages, now=now, window=self.dedupe_window)
-            ids = Store.insert_messages(db, decided, now)
-            return [
-                Accepted(i, m.recipient, m.state, m.reason)
-                for i, m in zip(ids, decided, strict=True)
-            ]
+            accepted = []
+            for message in messages:  # one by one: each decision sees the rows before it
+                decided = decide(db, message, now=now, rules=self.rules)
+                [message_id] = Store.insert_messages(db, [decided], now)
+                accepted.append(
+                    Accepted(message_id, decided.recipient, decided.state, decided.reason)
+                )
+            return accepted
 
         self.pending += 1
         try:
             accepted = await self.store.write(job)
         finally:
             self.pending -= 1
-        if any(a.state == State.QUEUED for a in accepted):
+        if any(a.state in (State.QUEUED, State.HELD) for a in accepted):
             self.on_stored()
         return accepted

@@ -17,6 +17,7 @@ from typing import Any
 
 
 class State(StrEnum):
+    HELD = "held"  # storm control: waiting to be folded into a digest
     QUEUED = "queued"
     SENDING = "sending"
     SENT = "sent"
@@ -43,6 +44,9 @@ class NewMessage:
     schedule_time: str | None = None
     state: State = State.QUEUED
     reason: str | None = None
+    reason_kind: str | None = None  # duplicate | storm | loop | budget
+    topic: str | None = None  # what a digest counts this message as
+    estimated_cost: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,9 @@ class Message:
     claimed_at: float | None
     sent_at: float | None
     solo: bool
+    topic: str | None
+    reason_kind: str | None
+    estimated_cost: float | None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Message:

@@ -1,48 +1,96 @@
-"""Policy applied inside the ingest transaction: what is stored as queued or suppressed.
+"""Policy applied inside the ingest transaction: stored as queued, suppressed or held.
 
-It runs in the store's writer thread, inside the same transaction as the insert, so two
-concurrent duplicates cannot both slip through.
+It runs in the store's writer thread, one message at a time, in the same transaction as
+the inserts, so two concurrent duplicates cannot both slip through and a storm is counted
+exactly.
+
+- Deduplication: the same dedupe key (explicit: `dedupe_key`, Message-ID, delivery id,
+  alert fingerprints and status; otherwise the normalised text) to the same recipient
+  within the window -> `suppressed`, naming the original.
+- Storm control: more than `per_recipient` texts to one phone within the window ->
+  `held`; the digest worker (`bridge.storm`) later folds held messages into one SMS.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from sqlite_utils import Database
 
 from bridge.models import NewMessage, State
-from bridge.store import Store
+
+_WORDS = re.compile(r"\s+")
 
 
-def apply_dedupe(
-    db: Database, messages: list[NewMessage], *, now: float, window: float
-) -> list[NewMessage]:
-    """A message whose key and recipient match one stored within `window` is suppressed."""
-    decided: list[NewMessage] = []
-    seen: dict[tuple[str, str], int] = {}
-    for m in messages:
-        if m.dedupe_key is None or m.state != State.QUEUED:
-            decided.append(m)
-            continue
-        original = Store.find_duplicate(db, m.recipient, m.dedupe_key, now - window)
-        if original is None and (m.dedupe_key, m.recipient) in seen:
-            decided.append(
-                dataclasses.replace(
-                    m,
-                    state=State.SUPPRESSED,
-                    reason="duplicate of another recipient entry in the same request",
-                )
-            )
-            continue
+@dataclass(frozen=True, slots=True)
+class Rules:
+    dedupe_window: float
+    per_recipient: int = 0  # 0: no storm control
+    per_recipient_window: float = 600.0
+    route_windows: Mapping[str, float] = field(default_factory=dict)
+
+    def window_for(self, route: str | None) -> float:
+        window = self.route_windows.get(route or "", -1.0)
+        return self.dedupe_window if window < 0 else window
+
+
+def text_key(text: str) -> str:
+    """A dedupe key for messages without one: case and spacing do not make news."""
+    normalised = _WORDS.sub(" ", text).strip().casefold()
+    return "text:" + hashlib.sha256(normalised.encode()).hexdigest()[:24]
+
+
+def _duplicate_of(db: Database, recipient: str, key: str, since: float) -> int | None:
+    row = db.execute(
+        "SELECT id FROM messages WHERE dedupe_key = ? AND dedupe_key IS NOT NULL"
+        " AND recipient = ? AND created_at >= ? AND state != 'failed' ORDER BY id LIMIT 1",
+        (key, recipient, since),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _storming(db: Database, recipient: str, rules: Rules, now: float) -> bool:
+    held = db.execute(
+        "SELECT 1 FROM messages WHERE recipient = ? AND state = 'held' LIMIT 1", (recipient,)
+    ).fetchone()
+    if held:  # a digest is pending: join it rather than overtake it
+        return True
+    sent = db.execute(
+        "SELECT count(*) FROM messages WHERE recipient = ? AND created_at >= ?"
+        " AND state IN ('queued', 'sending', 'sent', 'delivered') AND source != 'digest'",
+        (recipient, now - rules.per_recipient_window),
+    ).fetchone()[0]
+    return int(sent) >= rules.per_recipient
+
+
+def decide(db: Database, message: NewMessage, *, now: float, rules: Rules) -> NewMessage:
+    """The state this message is stored in, with the reason when it is not `queued`."""
+    key = message.dedupe_key or text_key(message.text)
+    message = dataclasses.replace(message, dedupe_key=key)
+    if message.state != State.QUEUED:
+        return message
+    window = rules.window_for(message.route)
+    if window > 0:
+        original = _duplicate_of(db, message.recipient, key, now - window)
         if original is not None:
-            decided.append(
-                dataclasses.replace(
-                    m,
-                    state=State.SUPPRESSED,
-                    reason=f"duplicate of message {original} (dedupe key {m.dedupe_key!r})",
-                )
+            return dataclasses.replace(
+                message,
+                state=State.SUPPRESSED,
+                reason_kind="duplicate",
+                reason=f"duplicate of message {original} within {window:g}s",
             )
-            continue
-        seen[(m.dedupe_key, m.recipient)] = 1
-        decided.append(m)
-    return decided
+    if rules.per_recipient and _storming(db, message.recipient, rules, now):
+        return dataclasses.replace(
+            message,
+            state=State.HELD,
+            reason_kind="storm",
+            reason=(
+                f"storm control: over {rules.per_recipient} texts in "
+                f"{rules.per_recipient_window:g}s to this phone; held for the digest"
+            ),
+        )
+    return message

@@ -22,11 +22,15 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 
+from bridge.budget import BudgetGuard
 from bridge.clock import Clock, SystemClock
 from bridge.config import Config
 from bridge.dispatcher import Dispatcher
 from bridge.health import ProviderHealth
 from bridge.ingest import Ingestor
+from bridge.phone import resolve_recipients
+from bridge.policy import Rules
+from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.provider.sandbox import SandboxState, create_sandbox_app
 from bridge.ratelimit import SlidingWindowLimiter
@@ -34,6 +38,7 @@ from bridge.smtp import SmtpHandler, start_smtp
 from bridge.sockets import bind_socket
 from bridge.status import StatusPoller
 from bridge.store import Store
+from bridge.storm import DigestWorker
 from bridge.web import create_app
 
 log = logging.getLogger("bridge")
@@ -119,6 +124,8 @@ class Bridge:
     health: ProviderHealth
     dispatcher: Dispatcher
     poller: StatusPoller
+    digests: DigestWorker
+    budget: BudgetGuard
     ingestor: Ingestor
     app: Starlette
     smtp_handler: SmtpHandler
@@ -150,6 +157,15 @@ class Bridge:
                     status_share=config.status.budget_share,
                 )
                 health = ProviderHealth()
+                prices = PriceBook()
+                budget = BudgetGuard(
+                    store=store,
+                    clock=clock,
+                    config=config.budget,
+                    route_caps={n: r.max_texts_per_day for n, r in config.routes.items()},
+                    admins=resolve_recipients(config.budget.admin, config.groups),
+                    sender_id=p.sender_id,
+                )
                 dispatcher = Dispatcher(
                     store=store,
                     client=client,
@@ -157,6 +173,9 @@ class Bridge:
                     clock=clock,
                     config=p,
                     health=health,
+                    budget=budget,
+                    prices=prices,
+                    low_balance=config.budget.low_balance,
                 )
                 poller = StatusPoller(
                     store=store,
@@ -166,12 +185,27 @@ class Bridge:
                     config=config.status,
                     health=health,
                 )
+                digests = DigestWorker(
+                    store=store,
+                    clock=clock,
+                    window=config.limits.per_recipient_window,
+                    sender_id=p.sender_id,
+                    max_parts=config.limits.max_parts,
+                    on_created=dispatcher.wake.set,
+                )
                 ingestor = Ingestor(
                     store=store,
                     clock=clock,
-                    dedupe_window=config.dedupe.window,
+                    rules=Rules(
+                        dedupe_window=config.dedupe.window,
+                        per_recipient=config.limits.per_recipient,
+                        per_recipient_window=config.limits.per_recipient_window,
+                        route_windows={n: r.dedupe_window for n, r in config.routes.items()},
+                    ),
                     max_parts=config.limits.max_parts,
                     transliterate=config.limits.transliterate,
+                    arabic_type=p.arabic_type,
+                    prices=prices,
                     on_stored=dispatcher.wake.set,
                 )
                 smtp_handler = SmtpHandler(config=config, ingestor=ingestor)
@@ -188,6 +222,8 @@ class Bridge:
                     health=health,
                     dispatcher=dispatcher,
                     poller=poller,
+                    digests=digests,
+                    budget=budget,
                     ingestor=ingestor,
                     app=app,
                     smtp_handler=smtp_handler,
@@ -214,6 +250,7 @@ class Bridge:
                     tasks.create_task(server.serve(sockets=[http_socket]), name="http")
                 tasks.create_task(self.dispatcher.run(self.stop), name="dispatcher")
                 tasks.create_task(self.poller.run(self.stop), name="status-poller")
+                tasks.create_task(self.digests.run(self.stop), name="storm-digests")
                 if server is not None:
                     while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag only
                         await asyncio.sleep(0.01)

@@ -175,6 +175,7 @@ class SmtpHandler:
             sender_id=self.config.smtp.sender_id or self.config.provider.sender_id,
             dedupe_key=f"message-id:{mail.message_id}" if mail.message_id else None,
             suppressed_reason=mail.loop_reason,
+            topic=mail.subject[:32] or None,
         )
         try:
             accepted = await self.ingestor.submit([draft])

@@ -101,6 +101,16 @@ class _JobFailed(Exception):
         self.error = error
 
 
+@migrations(name="0002_storm_control_and_costs")
+def _storm_and_costs(db: Database) -> None:
+    # topic: what a digest counts ("HighLatency"); reason_kind: why suppressed or held,
+    # for grouping (duplicate, storm, loop, budget); estimated_cost from the price list.
+    for column in ("topic TEXT", "reason_kind TEXT", "estimated_cost REAL"):
+        db.execute(f"ALTER TABLE messages ADD COLUMN {column}")
+    db.execute("CREATE INDEX messages_recipient ON messages(recipient, created_at)")
+    db.execute("CREATE INDEX messages_sent_at ON messages(sent_at) WHERE sent_at IS NOT NULL")
+
+
 @dataclass
 class _Job:
     fn: Callable[[Database], Any]
@@ -269,7 +279,8 @@ class Store:
             cursor = db.execute(
                 "INSERT INTO messages (recipient, text, source, sender_id, message_type, parts,"
                 " route, dedupe_key, schedule_time, state, reason, created_at, updated_at,"
-                " next_attempt_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " next_attempt_at, topic, reason_kind, estimated_cost)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     m.recipient,
                     m.text,
@@ -285,20 +296,13 @@ class Store:
                     now,
                     now,
                     now,
+                    m.topic,
+                    m.reason_kind,
+                    m.estimated_cost,
                 ),
             )
             ids.append(int(cursor.lastrowid or 0))
         return ids
-
-    @staticmethod
-    def find_duplicate(db: Database, recipient: str, dedupe_key: str, since: float) -> int | None:
-        row = db.execute(
-            "SELECT id FROM messages WHERE dedupe_key = ? AND dedupe_key IS NOT NULL"
-            " AND recipient = ? AND created_at >= ?"
-            " AND state != 'failed' ORDER BY id LIMIT 1",
-            (dedupe_key, recipient, since),
-        ).fetchone()
-        return None if row is None else int(row[0])
 
     # -- dispatch --------------------------------------------------------------------
     async def due(self, now: float, limit: int) -> list[Message]:
@@ -409,6 +413,7 @@ class Store:
         reason: str | None,
         refund_attempt: bool = False,
         solo: bool | None = None,
+        reason_kind: str | None = None,
     ) -> None:
         """Back to queued, due at `at`; `refund_attempt` when the send never really ran."""
 
@@ -416,7 +421,8 @@ class Store:
             for i in ids:
                 db.execute(
                     "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
-                    " reason = ?, attempts = attempts - ?, solo = coalesce(?, solo)"
+                    " reason = ?, attempts = attempts - ?, solo = coalesce(?, solo),"
+                    " reason_kind = coalesce(?, reason_kind)"
                     " WHERE id = ? AND state IN ('sending', 'queued')",
                     (
                         at,
@@ -424,21 +430,28 @@ class Store:
                         reason,
                         1 if refund_attempt else 0,
                         None if solo is None else int(solo),
+                        reason_kind,
                         i,
                     ),
                 )
 
         await self.write(job)
 
-    async def finish(self, updates: Iterable[tuple[int, State, str | None]], now: float) -> None:
+    async def finish(
+        self,
+        updates: Iterable[tuple[int, State, str | None]],
+        now: float,
+        reason_kind: str | None = None,
+    ) -> None:
         """Set final states (failed, delivered) with their reasons."""
         rows = list(updates)
 
         def job(db: Database) -> None:
             for message_id, state, reason in rows:
                 db.execute(
-                    "UPDATE messages SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
-                    (str(state), reason, now, message_id),
+                    "UPDATE messages SET state = ?, reason = ?, updated_at = ?,"
+                    " reason_kind = coalesce(?, reason_kind) WHERE id = ?",
+                    (str(state), reason, now, reason_kind, message_id),
                 )
 
         await self.write(job)
@@ -462,18 +475,38 @@ class Store:
         )
 
     async def list(
-        self, *, state: str | None = None, limit: int = 100, before_id: int | None = None
+        self,
+        *,
+        state: str | None = None,
+        limit: int = 100,
+        before_id: int | None = None,
+        reason_kind: str | None = None,
+        route: str | None = None,
     ) -> list[Message]:
         sql, args = "SELECT * FROM messages WHERE 1=1", []
-        if state:
-            sql += " AND state = ?"
-            args.append(state)
+        for column, value in (("state", state), ("reason_kind", reason_kind), ("route", route)):
+            if value:
+                sql += f" AND {column} = ?"  # column names from this list only
+                args.append(value)
         if before_id:
             sql += " AND id < ?"
             args.append(before_id)
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
         return await self.read(lambda c: [Message.from_row(r) for r in c.execute(sql, args)])
+
+    async def counts_by_reason(self) -> dict[str, dict[str, int]]:
+        """{state: {reason kind: count}} for held, suppressed and failed messages."""
+        rows = await self.read(
+            lambda c: c.execute(
+                "SELECT state, coalesce(reason_kind, 'other'), count(*) FROM messages"
+                " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY 1, 2"
+            ).fetchall()
+        )
+        out: dict[str, dict[str, int]] = {}
+        for state, kind, count in rows:
+            out.setdefault(state, {})[kind] = count
+        return out
 
     async def counts(self) -> dict[str, int]:
         return await self.read(

@@ -199,7 +199,13 @@ def create_app(
         except ValueError as exc:
             raise HttpError(400, "'limit' and 'before' must be integers", "limit") from exc
         state = q.get("state") or q.get("status")
-        messages = await store.list(state=state, limit=max(1, limit), before_id=before)
+        messages = await store.list(
+            state=state,
+            limit=max(1, limit),
+            before_id=before,
+            reason_kind=q.get("reason"),
+            route=q.get("route"),
+        )
         return JSONResponse({"messages": [m.to_json() for m in messages]})
 
     async def get_message(request: Request) -> Response:
@@ -212,6 +218,11 @@ def create_app(
         out = message.to_json()
         out["events"] = await store.events(message.id)
         return JSONResponse(out)
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(
+            {"states": await store.counts(), "reasons": await store.counts_by_reason()}
+        )
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_spec(config))
@@ -246,6 +257,7 @@ def create_app(
             Route("/api/v1/messages", handle_errors(post_message), methods=["POST"]),
             Route("/api/v1/messages", handle_errors(list_messages), methods=["GET"]),
             Route("/api/v1/messages/{message_id}", handle_errors(get_message), methods=["GET"]),
+            Route("/api/v1/stats", handle_errors(stats), methods=["GET"]),
             Route(
                 "/hooks/{name}",
                 handle_errors(hook_endpoint(config=config, ingestor=ingestor, clock=clock)),

@@ -86,7 +86,12 @@ async def pump(
             return
         if clock.now() - start > max_seconds:
             raise AssertionError(f"condition not reached in {max_seconds}s of simulated time")
-        wait = min(await bridge.dispatcher.run_once(), await bridge.poller.run_once(), step_cap)
+        wait = min(
+            await bridge.dispatcher.run_once(),
+            await bridge.poller.run_once(),
+            await bridge.digests.run_once(),
+            step_cap,
+        )
         clock.advance(max(wait, 0.01))
 
 

@@ -404,3 +404,25 @@ def test_check_config_renders_route_templates_on_samples(tmp_path) -> None:
     )
     assert result.returncode == 1
     assert "routes.am.template" in result.stderr and "routes.ok" not in result.stderr
+
+
+async def test_route_client_allowlist(tmp_path, clock, sandbox_url) -> None:
+    routes = (
+        ROUTES
+        + """
+[routes.lan]
+format = "generic"
+to = ["+12025550143"]
+allowed_networks = ["10.0.0.0/8"]
+[routes.local]
+format = "generic"
+to = ["+12025550143"]
+allowed_networks = ["127.0.0.0/8", "::1/128"]
+"""
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        refused = await http.post(f"{url}/hooks/lan", json={"message": "x"})
+        assert refused.status_code == 403 and "127.0.0.1" in refused.json()["error"]
+        assert (await http.post(f"{url}/hooks/local", json={"message": "x"})).status_code == 202
+        assert await bridge.store.counts() == {"queued": 1}

@@ -309,7 +309,9 @@ async def test_auth_over_starttls_required_and_refused_in_plaintext(
                 client.starttls(context=_client_context(ca))
                 client.login(user, password)
                 return client.sendmail(
-                    "nagios@example.org", [DEFAULT_RCPT], "Subject: over TLS\r\n\r\nhello\r\n"
+                    "nagios@example.org",
+                    [DEFAULT_RCPT],
+                    f"Subject: over TLS from {user}\r\n\r\nhello\r\n",
                 )
 
         assert await asyncio.to_thread(over_tls, "nagios", "s3cret") == {}

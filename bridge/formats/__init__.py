@@ -40,6 +40,7 @@ class HookMessage:
     context: dict[str, Any]  # what a route's template sees
     dedupe_key: str | None = None
     recipients: tuple[str, ...] = ()  # recipients named by the payload itself
+    topic: str | None = None  # what a storm digest counts it as (e.g. the alert name)
 
 
 def obj(value: Any, where: str) -> dict[str, Any]:

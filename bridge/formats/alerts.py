@@ -131,4 +131,9 @@ def summarize(payload: Any, *, source: str, with_values: bool = False) -> HookMe
         summary=summary,
         default_text=text,
     )
-    return HookMessage(text=text, context=context, dedupe_key=f"{source}:{digest}")
+    return HookMessage(
+        text=text,
+        context=context,
+        dedupe_key=f"{source}:{digest}",
+        topic=", ".join(names) or "alerts",
+    )

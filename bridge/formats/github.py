@@ -113,5 +113,6 @@ def parse(request: HookRequest) -> list[HookMessage]:
             text=text,
             context={"event": event, **payload},
             dedupe_key=f"github:{delivery}" if delivery else None,
+            topic=f"{repo} {event}",
         )
     ]

@@ -94,6 +94,9 @@ def parse(request: HookRequest) -> list[HookMessage]:
     uuid = request.headers.get("x-gitlab-event-uuid")
     return [
         HookMessage(
-            text=text, context={"event": event, **payload}, dedupe_key=f"gitlab:{uuid or key}"
+            text=text,
+            context={"event": event, **payload},
+            dedupe_key=f"gitlab:{uuid or key}",
+            topic=f"{_project(payload)} {key.split(':')[0]}",
         )
     ]

@@ -1,0 +1,143 @@
+"""Daily caps on texts and SMS parts, overall and per route, and the admin's warnings.
+
+Days are UTC. A batch that would cross a cap is split: what fits goes, the rest waits
+for the next day (`budget.on_exceeded = "wait"`, nothing lost) or fails with the reason
+("fail"). The first time a cap bites in a day, and when the provider's balance falls
+below `budget.low_balance`, the admin recipients get one warning text; warnings are
+never held back by the caps they report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlite_utils import Database
+
+from bridge.clock import Clock
+from bridge.config import BudgetConfig
+from bridge.models import Message, NewMessage
+from bridge.store import Store
+from bridge.text import shape
+
+log = logging.getLogger(__name__)
+WARNING_SOURCE = "budget"
+
+
+def day_bounds(now: float) -> tuple[float, float, str]:
+    """Start and end of the UTC day holding `now`, and its date."""
+    day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day.timestamp(), (day + timedelta(days=1)).timestamp(), day.strftime("%Y-%m-%d")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: list[Message]
+    over: list[Message]
+    reason: str | None = None
+
+
+class BudgetGuard:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        clock: Clock,
+        config: BudgetConfig,
+        route_caps: Mapping[str, int],
+        admins: Sequence[str],
+        sender_id: str,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.config = config
+        self.route_caps = {name: cap for name, cap in route_caps.items() if cap > 0}
+        self.admins = list(admins)
+        self.sender_id = sender_id
+        self.over_cap_total = 0  # messages held back or failed by a cap, for metrics
+
+    @property
+    def active(self) -> bool:
+        return bool(self.config.texts_per_day or self.config.parts_per_day or self.route_caps)
+
+    async def _used(self, since: float, route: str | None = None) -> tuple[int, int]:
+        sql = (
+            "SELECT count(*), coalesce(sum(parts), 0) FROM messages WHERE sent_at >= ?"
+            " AND source != ?"
+        )
+        args: list[object] = [since, WARNING_SOURCE]
+        if route is not None:
+            sql += " AND route = ?"
+            args.append(route)
+        row = await self.store.read(lambda c: c.execute(sql, args).fetchone())
+        return int(row[0]), int(row[1])
+
+    async def check(self, batch: list[Message]) -> Verdict:
+        if not self.active:
+            return Verdict(batch, [])
+        start, _, _ = day_bounds(self.clock.now())
+        texts, parts = await self._used(start)
+        route_used: dict[str, int] = {}
+        allowed, over, reason = [], [], None
+        for m in batch:
+            if m.source == WARNING_SOURCE:
+                allowed.append(m)
+                continue
+            cap = self.route_caps.get(m.route or "")
+            if cap is not None and m.route not in route_used:
+                route_used[m.route or ""] = (await self._used(start, m.route))[0]
+            why = None
+            if self.config.texts_per_day and texts + 1 > self.config.texts_per_day:
+                why = f"texts_per_day={self.config.texts_per_day}"
+            elif self.config.parts_per_day and parts + m.parts > self.config.parts_per_day:
+                why = f"parts_per_day={self.config.parts_per_day}"
+            elif cap is not None and route_used[m.route or ""] + 1 > cap:
+                why = f"routes.{m.route}.max_texts_per_day={cap}"
+            if why:
+                over.append(m)
+                reason = reason or why
+                continue
+            allowed.append(m)
+            texts, parts = texts + 1, parts + m.parts
+            if cap is not None:
+                route_used[m.route or ""] += 1
+        self.over_cap_total += len(over)
+        return Verdict(allowed, over, reason)
+
+    async def warn(self, kind: str, text: str) -> bool:
+        """Queue one warning to the admins per kind and day; False if already sent today."""
+        if not self.admins:
+            return False
+        _, _, date = day_bounds(self.clock.now())
+        key = f"budget:{kind}:{date}"
+        now = self.clock.now()
+        form = shape(text)
+
+        def job(db: Database) -> bool:
+            if db.execute("SELECT 1 FROM messages WHERE dedupe_key = ? LIMIT 1", (key,)).fetchone():
+                return False
+            Store.insert_messages(
+                db,
+                [
+                    NewMessage(
+                        recipient=admin,
+                        text=text,
+                        source=WARNING_SOURCE,
+                        sender_id=self.sender_id,
+                        message_type=form.message_type,
+                        parts=form.parts,
+                        dedupe_key=key,
+                        topic="budget",
+                    )
+                    for admin in self.admins
+                ],
+                now,
+            )
+            return True
+
+        queued = await self.store.write(job)
+        if queued:
+            log.warning("budget warning to %d admin(s): %s", len(self.admins), text)
+        return queued

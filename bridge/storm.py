@@ -1,0 +1,120 @@
+"""Storm digests: held messages to one phone become one SMS when their window ends.
+
+    +37 more: HighLatency x20, DiskFull x17
+
+A phone that was held at `per_recipient` texts gets, `per_recipient_window` after its
+first held message, one digest counting what was held by topic; each held message then
+ends `suppressed` with a reason naming the digest. Nothing held is dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from sqlite_utils import Database
+
+from bridge.clock import Clock, sleep_until_woken
+from bridge.errors import StoreUnavailable
+from bridge.models import NewMessage, State
+from bridge.store import Store
+from bridge.text import shape, truncate_to_parts
+
+log = logging.getLogger(__name__)
+SHOWN_TOPICS = 3
+IDLE_WAIT = 30.0
+
+
+def digest_text(topics: list[str]) -> str:
+    counts = Counter(topics).most_common()
+    shown = ", ".join(f"{topic} x{count}" for topic, count in counts[:SHOWN_TOPICS])
+    others = len(counts) - SHOWN_TOPICS
+    return f"+{len(topics)} more: {shown}" + (f", +{others} other" if others > 0 else "")
+
+
+class DigestWorker:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        clock: Clock,
+        window: float,
+        sender_id: str,
+        max_parts: int,
+        on_created: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.window = window
+        self.sender_id = sender_id
+        self.max_parts = max_parts
+        self.on_created = on_created
+
+    async def run(self, stop: asyncio.Event) -> None:
+        never = asyncio.Event()
+        while not stop.is_set():
+            try:
+                wait = await self.run_once()
+            except StoreUnavailable as exc:
+                log.error("digest worker cannot use the store: %s", exc)
+                wait = IDLE_WAIT
+            await sleep_until_woken(self.clock, wait, never, stop)
+
+    async def run_once(self) -> float:
+        """Send the digests that are due; return seconds until the next one is."""
+        now = self.clock.now()
+        pending = await self.store.read(
+            lambda c: c.execute(
+                "SELECT recipient, min(created_at) FROM messages WHERE state = 'held'"
+                " GROUP BY recipient"
+            ).fetchall()
+        )
+        due = [recipient for recipient, first in pending if first + self.window <= now]
+        for recipient in due:
+            await self.store.write(lambda db, r=recipient: self._fold(db, r, now))
+        if due:
+            self.on_created()
+        later = [first + self.window - now for _, first in pending if first + self.window > now]
+        return min([IDLE_WAIT, *later])
+
+    def _fold(self, db: Database, recipient: str, now: float) -> int | None:
+        held = db.execute(
+            "SELECT id, topic, text FROM messages WHERE recipient = ? AND state = 'held'"
+            " ORDER BY id",
+            (recipient,),
+        ).fetchall()
+        if not held:
+            return None
+        topics = [row[1] or row[2].split("\n", 1)[0][:32] for row in held]
+        text = truncate_to_parts(digest_text(topics), self.max_parts)
+        form = shape(text)
+        [digest_id] = Store.insert_messages(
+            db,
+            [
+                NewMessage(
+                    recipient=recipient,
+                    text=text,
+                    source="digest",
+                    sender_id=self.sender_id,
+                    message_type=form.message_type,
+                    parts=form.parts,
+                    topic="digest",
+                )
+            ],
+            now,
+        )
+        db.execute(
+            "UPDATE messages SET state = ?, reason = ?, updated_at = ? WHERE recipient = ?"
+            " AND state = 'held' AND id <= ?",
+            (
+                str(State.SUPPRESSED),
+                f"storm control: folded into digest message {digest_id}",
+                now,
+                recipient,
+                held[-1][0],
+            ),
+        )
+        log.warning("storm digest %d to %s folds %d held messages", digest_id, recipient, len(held))
+        return digest_id

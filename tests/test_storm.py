@@ -1,0 +1,190 @@
+"""Storm control, deduplication, budgets and cost estimates, on a manual clock."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from bridge.clock import ManualClock
+from bridge.models import State
+from bridge.provider.sandbox import SandboxState
+from tests.helpers import bridge_config, max_in_window, pump, running_bridge
+
+ONCALL = """
+[groups]
+oncall = ["+12025550101", "+12025550102"]
+[routes.am]
+format = "alertmanager"
+to = ["oncall"]
+"""
+
+
+def alert(i: int) -> dict:
+    name = "HighLatency" if i % 5 < 3 else "DiskFull"
+    return {
+        "version": "4",
+        "groupKey": f'{{}}:{{alertname="{name}", n="{i}"}}',
+        "status": "firing",
+        "truncatedAlerts": 0,
+        "commonLabels": {"alertname": name},
+        "commonAnnotations": {"summary": "trouble"},
+        "alerts": [
+            {
+                "status": "firing",
+                "fingerprint": f"{i:016x}",
+                "labels": {"alertname": name, "instance": f"host-{i}"},
+                "annotations": {"summary": "trouble"},
+            }
+        ],
+    }
+
+
+async def settled(bridge) -> bool:
+    counts = await bridge.store.counts()
+    return not any(counts.get(s) for s in ("queued", "sending", "held"))
+
+
+async def test_storm_of_500_alerts_to_two_phones(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    extra = ONCALL + '[limits]\nper_recipient = 5\nper_recipient_window = "10m"\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    start = clock.now()
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for i in range(500):  # 500 alerts in 60 s, the dispatcher running alongside
+            response = await http.post(f"{url}/hooks/am", json=alert(i))
+            assert response.status_code == 202
+            clock.advance(0.12)
+            if i % 50 == 0:
+                await bridge.dispatcher.run_once()
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=3600)
+        clock.advance(30)
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+        messages = await bridge.store.list(limit=2000)
+        stats = (await http.get(f"{url}/api/v1/stats")).json()
+        held_listing = (await http.get(f"{url}/api/v1/messages?reason=storm&limit=5")).json()
+    alerts = [m for m in messages if m.source == "hook"]
+    assert len(alerts) == 1000
+    for m in alerts:
+        assert m.state in (State.SENT, State.DELIVERED, State.SUPPRESSED), m
+        if m.state == State.SUPPRESSED:
+            assert m.reason and "digest message" in m.reason
+    for phone in ("+12025550101", "+12025550102"):
+        texts = [e for e in sandbox_state.entries if e.to == phone]
+        digests = [e for e in texts if e.message.startswith("+")]
+        normal = [e for e in texts if not e.message.startswith("+")]
+        assert len(normal) == 5
+        assert len(digests) == 1
+        assert max_in_window([e.created_at for e in normal], 600) <= 5
+        assert digests[0].message == "+495 more: HighLatency x297, DiskFull x198"
+        assert digests[0].created_at - start >= 600  # when the window ends
+    assert stats["reasons"]["suppressed"]["storm"] == 990
+    assert len(held_listing["messages"]) == 5
+
+
+async def test_duplicates_inside_and_outside_the_window(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+
+        async def post(body: dict) -> dict:
+            return (await http.post(f"{url}/api/v1/messages", json=body)).json()["messages"][0]
+
+        first = await post({"to": "+12025550143", "message": "Disk full on db-2"})
+        same_text = await post({"to": "+12025550143", "message": "disk  FULL on db-2"})
+        other_phone = await post({"to": "+12025550144", "message": "Disk full on db-2"})
+        keyed_a = await post(
+            {"to": "+12025550143", "message": "Disk full on db-2", "dedupe_key": "a"}
+        )
+        keyed_b = await post(
+            {"to": "+12025550143", "message": "Disk full on db-2", "dedupe_key": "b"}
+        )
+        clock.advance(601)
+        later = await post({"to": "+12025550143", "message": "Disk full on db-2"})
+    assert first["state"] == "queued"
+    assert same_text["state"] == "suppressed" and f"message {first['id']}" in same_text["reason"]
+    assert other_phone["state"] == "queued"
+    assert keyed_a["state"] == "queued" and keyed_b["state"] == "queued"  # keys never merged
+    assert later["state"] == "queued"
+
+
+async def test_per_route_dedupe_window(tmp_path, clock: ManualClock, sandbox_url: str) -> None:
+    extra = '[routes.noisy]\nformat = "generic"\nto = ["+12025550143"]\ndedupe_window = "0s"\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for _ in range(3):
+            await http.post(f"{url}/hooks/noisy", json={"message": "ping"})
+        assert await bridge.store.counts() == {"queued": 3}
+
+
+async def test_budget_cap_waits_loses_nothing_and_warns_once(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    extra = '[budget]\ntexts_per_day = 3\nadmin = ["+12025550199"]\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    clock.advance(3600 * 20 - clock.now() % 86400)  # 20:00 UTC
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for i in range(5):
+            await http.post(
+                f"{url}/api/v1/messages", json={"to": f"+120255501{i:02d}", "message": f"alert {i}"}
+            )
+        for _ in range(5):
+            clock.advance(await bridge.dispatcher.run_once() or 1)
+        await http.post(f"{url}/api/v1/messages", json={"to": "+12025550188", "message": "6th"})
+        for _ in range(5):
+            clock.advance(min(await bridge.dispatcher.run_once(), 30))
+        sent_today = [e for e in sandbox_state.entries if e.to != "+12025550199"]
+        warnings = [e for e in sandbox_state.entries if e.to == "+12025550199"]
+        waiting = await bridge.store.list(reason_kind="budget")
+        assert len(sent_today) == 3  # nothing over the cap
+        assert len(warnings) == 1 and "texts_per_day=3" in warnings[0].message
+        assert {m.state for m in waiting} == {State.QUEUED} and len(waiting) == 3
+        clock.advance(5 * 3600)  # past midnight: a new day's budget
+
+        async def all_sent() -> bool:
+            counts = await bridge.store.counts()
+            return set(counts) <= {"sent", "delivered"}
+
+        await pump(bridge, clock, all_sent, max_seconds=600)
+    assert len([e for e in sandbox_state.entries if e.to != "+12025550199"]) == 6
+    assert len([e for e in sandbox_state.entries if e.to == "+12025550199"]) == 1
+
+
+async def test_budget_fail_mode(tmp_path, clock: ManualClock, sandbox_url: str) -> None:
+    extra = '[budget]\nparts_per_day = 2\non_exceeded = "fail"\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await http.post(f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "a"})
+        await http.post(
+            f"{url}/api/v1/messages", json={"to": "+12025550144", "message": "long " * 40}
+        )  # 2 parts
+        for _ in range(4):
+            clock.advance(min(await bridge.dispatcher.run_once(), 5))
+        failed = await bridge.store.list(state="failed")
+    assert len(failed) == 1 and "parts_per_day=2" in (failed[0].reason or "")
+
+
+async def test_low_balance_warning_once_and_cost_estimates(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    sandbox_state.balance = 10.0
+    extra = '[budget]\nlow_balance = 100\nadmin = ["+12025550199"]\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # loads the price list
+        for i in range(3):
+            r = await http.post(
+                f"{url}/api/v1/messages",
+                json={"to": "+447911123456", "message": f"x{i} " + "y" * 170},
+            )
+            [mid] = r.json()["ids"]
+            for _ in range(3):
+                clock.advance(min(await bridge.dispatcher.run_once(), 5))
+        message = await bridge.store.get(mid)
+        body = json.loads((await http.get(f"{url}/api/v1/messages/{mid}")).content)
+    warnings = [e for e in sandbox_state.entries if e.to == "+12025550199"]
+    assert len(warnings) == 1 and "balance" in warnings[0].message
+    assert message.estimated_cost == 1.6  # UK at 0.8 a part, 2 parts
+    assert body["estimated_cost"] == 1.6 and body["parts"] == 2 and body["message_type"] == 1
