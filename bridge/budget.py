@@ -58,6 +58,13 @@ class BudgetGuard:
         self.sender_id = sender_id
         self.over_cap_total = 0  # messages held back or failed by a cap, for metrics
 
+    def reload(
+        self, config: BudgetConfig, *, route_caps: Mapping[str, int], admins: Sequence[str]
+    ) -> None:
+        self.config = config
+        self.route_caps = {name: cap for name, cap in route_caps.items() if cap > 0}
+        self.admins = list(admins)
+
     @property
     def active(self) -> bool:
         return bool(self.config.texts_per_day or self.config.parts_per_day or self.route_caps)

@@ -14,7 +14,14 @@ from typing import Any
 
 from bridge import __version__
 from bridge.clock import SystemClock
-from bridge.config import Config, config_path_from, load_config, masked, parse_listen
+from bridge.config import (
+    Config,
+    config_path_from,
+    load_config,
+    masked,
+    parse_duration,
+    parse_listen,
+)
 from bridge.errors import ConfigError, ProviderError
 from bridge.logs import setup_logging
 
@@ -50,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     messages.add_argument("--status", "--state", dest="state")
     messages.add_argument("--limit", type=int, default=50)
     messages.add_argument("--json", action="store_true")
+    retry = with_config(sub.add_parser("retry", help="queue failed messages again"))
+    retry.add_argument("ids", nargs="*", type=int, help="message ids")
+    retry.add_argument("--failed", action="store_true", help="every failed message")
+    purge = with_config(sub.add_parser("purge", help="delete old finished messages"))
+    purge.add_argument("--older-than", required=True, help="a duration such as 30d")
     provider = with_config(sub.add_parser("provider", help="call the provider's account API"))
     provider.add_argument("action", choices=["balance", "pricing", "account", "logs", "calculate"])
     provider.add_argument("--json", action="store_true")
@@ -61,9 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_path(args: argparse.Namespace) -> str | None:
+    return getattr(args, "file", None) or config_path_from(getattr(args, "config", None))
+
+
 def _load(args: argparse.Namespace) -> Config:
-    path = getattr(args, "file", None) or config_path_from(getattr(args, "config", None))
-    return load_config(path)
+    return load_config(_config_path(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,12 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bridge.service import serve
 
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(serve(config))
+            runner.run(serve(config, config_path=_config_path(args)))
         return 0
     if args.command == "messages":
         return asyncio.run(_messages(config, args))
     if args.command == "provider":
         return asyncio.run(_provider(config, args))
+    if args.command in ("retry", "purge"):
+        return asyncio.run(_maintain(config, args))
     return 2
 
 
@@ -160,6 +177,34 @@ async def _messages(config: Config, args: argparse.Namespace) -> int:
     ]
     _print_table(["id", "created", "to", "state", "tries", "provider id", "reason / text"], table)
     return 0
+
+
+async def _maintain(config: Config, args: argparse.Namespace) -> int:
+    from bridge.store import Store
+
+    if args.command == "retry" and not (args.ids or args.failed):
+        print("retry needs message ids or --failed", file=sys.stderr)
+        return 2
+    try:
+        age = parse_duration(args.older_than) if args.command == "purge" else 0.0
+    except ValueError as exc:
+        print(f"--older-than: {exc}", file=sys.stderr)
+        return 2
+    store = Store(config.store.path)
+    await store.open()
+    try:
+        now = SystemClock().now()
+        if args.command == "purge":
+            print(f"purged {await store.purge(now - age)} messages")
+            return 0
+        chosen = await store.retry(None if args.failed else args.ids, now)
+    finally:
+        await store.close()
+    missing = sorted(set(args.ids) - set(chosen))
+    print(f"queued again: {', '.join(map(str, chosen)) or 'none'}")
+    if missing:
+        print(f"not failed (left alone): {', '.join(map(str, missing))}", file=sys.stderr)
+    return 0 if not missing else 1
 
 
 async def _provider(config: Config, args: argparse.Namespace) -> int:

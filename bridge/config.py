@@ -121,6 +121,7 @@ class StatusConfig:
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     path: str = _opt(DEFAULT_STORE_PATH)
+    retention: float = _opt(2592000.0, "duration")  # final messages older are purged; 0 = keep
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +214,17 @@ SECTIONS: dict[str, type] = {
     "limits": LimitsConfig,
     "budget": BudgetConfig,
 }
+
+
+class LiveConfig:
+    """The config in force; SIGHUP swaps `current` for a newly checked one.
+
+    Request handlers read `current` once per request, so a reload never changes the
+    rules under a request that is being handled and never drops a connection.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
 
 
 def parse_duration(value: object) -> float:

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from bridge.clock import Clock
-from bridge.config import Config, RouteConfig
+from bridge.config import LiveConfig, RouteConfig
 from bridge.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
 from bridge.ingest import Draft, Ingestor
 from bridge.phone import resolve_recipients
@@ -85,13 +85,14 @@ def _text(route: RouteConfig, message: HookMessage) -> str:
 
 def hook_endpoint(
     *,
-    config: Config,
+    live: LiveConfig,
     ingestor: Ingestor,
     clock: Clock,
 ) -> Callable[[Request], Awaitable[Response]]:
     formats = registry()
 
     async def endpoint(request: Request) -> Response:
+        config = live.current  # one config for the whole request, even across a reload
         name = request.path_params["name"]
         route = config.routes.get(name)
         if route is None:

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -23,11 +23,13 @@ import uvicorn
 from starlette.applications import Starlette
 
 from bridge.budget import BudgetGuard
-from bridge.clock import Clock, SystemClock
-from bridge.config import Config
+from bridge.clock import Clock, SystemClock, sleep_until_woken
+from bridge.config import Config, LiveConfig, load_config
 from bridge.dispatcher import Dispatcher
+from bridge.errors import ConfigError, StoreUnavailable
 from bridge.health import ProviderHealth
 from bridge.ingest import Ingestor
+from bridge.metrics import Metrics
 from bridge.phone import resolve_recipients
 from bridge.policy import Rules
 from bridge.pricing import PriceBook
@@ -44,6 +46,7 @@ from bridge.web import create_app
 log = logging.getLogger("bridge")
 SANDBOX_BASE_URL = "http://sandbox.invalid/api/v1"  # never resolved: served in-process
 SHUTDOWN_GRACE = 8.0
+RETENTION_INTERVAL = 3600.0
 
 
 class QuietServer(uvicorn.Server):
@@ -81,7 +84,11 @@ def make_sandbox_state(config: Config, clock: Clock) -> SandboxState:
 
 @contextlib.asynccontextmanager
 async def open_provider(
-    config: Config, *, clock: Clock, transport: httpx.AsyncBaseTransport | None = None
+    config: Config,
+    *,
+    clock: Clock,
+    transport: httpx.AsyncBaseTransport | None = None,
+    observe: Callable[[str, str, float], None] | None = None,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, ProviderClient, SandboxState | None]]:
     """The one HTTP client and the provider client; the in-process sandbox if no base_url."""
     sandbox = None
@@ -108,6 +115,7 @@ async def open_provider(
                 account_path=p.account_path,
                 calculate_path=p.calculate_path,
                 bulk_message_type=p.bulk_message_type,
+                observe=observe,
             ),
             sandbox,
         )
@@ -126,6 +134,8 @@ class Bridge:
     poller: StatusPoller
     digests: DigestWorker
     budget: BudgetGuard
+    metrics: Metrics
+    live: LiveConfig
     ingestor: Ingestor
     app: Starlette
     smtp_handler: SmtpHandler
@@ -145,8 +155,11 @@ class Bridge:
         store = Store(config.store.path)
         await store.open()
         p = config.provider
+        metrics = Metrics(store, clock.now)
         try:
-            async with open_provider(config, clock=clock, transport=transport) as (
+            async with open_provider(
+                config, clock=clock, transport=transport, observe=metrics.observe_request
+            ) as (
                 http,
                 client,
                 sandbox,
@@ -209,8 +222,34 @@ class Bridge:
                     on_stored=dispatcher.wake.set,
                 )
                 smtp_handler = SmtpHandler(config=config, ingestor=ingestor)
+                metrics.gauge(
+                    "rate_budget_left",
+                    "Provider requests left in the window",
+                    lambda: limiter.limit - limiter.used(),
+                )
+                metrics.gauge(
+                    "provider_ready",
+                    "1 when the provider accepts our key",
+                    lambda: 1.0 if health.ready else 0.0,
+                )
+                metrics.gauge(
+                    "provider_balance",
+                    "Balance last reported by the provider",
+                    lambda: dispatcher.balance,
+                )
+                metrics.gauge(
+                    "budget_over_cap",
+                    "Messages held back or failed by daily caps",
+                    lambda: budget.over_cap_total,
+                )
+                live = LiveConfig(config)
                 app = create_app(
-                    config=config, store=store, ingestor=ingestor, health=health, clock=clock
+                    live=live,
+                    store=store,
+                    ingestor=ingestor,
+                    health=health,
+                    clock=clock,
+                    metrics=metrics,
                 )
                 yield cls(
                     config=config,
@@ -224,6 +263,8 @@ class Bridge:
                     poller=poller,
                     digests=digests,
                     budget=budget,
+                    metrics=metrics,
+                    live=live,
                     ingestor=ingestor,
                     app=app,
                     smtp_handler=smtp_handler,
@@ -232,12 +273,88 @@ class Bridge:
         finally:
             await store.close()
 
+    def reload(self, new: Config) -> list[str]:
+        """Apply routes, groups, limits, budgets and SMTP rules from `new`.
+
+        Listen addresses, the store and the provider need a restart; the keys that differ
+        there are returned so the caller can say so.
+        """
+        old = self.config
+        needs_restart = [
+            key
+            for key, before, after in (
+                ("smtp.listen", old.smtp.listen, new.smtp.listen),
+                ("smtp.tls_listen", old.smtp.tls_listen, new.smtp.tls_listen),
+                ("http.listen", old.http.listen, new.http.listen),
+                ("store", old.store, new.store),
+                ("provider", old.provider, new.provider),
+                ("sandbox", old.sandbox, new.sandbox),
+                ("status", old.status, new.status),
+            )
+            if before != after
+        ]
+        self.config = new
+        self.live.current = new
+        self.smtp_handler.reload(new)
+        self.ingestor.rules = Rules(
+            dedupe_window=new.dedupe.window,
+            per_recipient=new.limits.per_recipient,
+            per_recipient_window=new.limits.per_recipient_window,
+            route_windows={n: r.dedupe_window for n, r in new.routes.items()},
+        )
+        self.ingestor.max_parts = new.limits.max_parts
+        self.ingestor.transliterate = new.limits.transliterate
+        self.digests.window = new.limits.per_recipient_window
+        self.digests.max_parts = new.limits.max_parts
+        self.budget.reload(
+            new.budget,
+            route_caps={n: r.max_texts_per_day for n, r in new.routes.items()},
+            admins=resolve_recipients(new.budget.admin, new.groups),
+        )
+        return needs_restart
+
+    async def _reloader(self, reloads: asyncio.Queue[str | None]) -> None:
+        """Each SIGHUP puts the config path here; a bad file keeps the running config."""
+        while not self.stop.is_set():
+            getter = asyncio.ensure_future(reloads.get())
+            stopper = asyncio.ensure_future(self.stop.wait())
+            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (getter, stopper):
+                task.cancel()
+            if getter not in done:
+                return
+            path = getter.result()
+            try:
+                new = load_config(path)
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running config: %s", exc)
+                continue
+            restart = self.reload(new)
+            log.warning("configuration reloaded from %s", path or "built-in defaults")
+            if restart:
+                log.warning("these keys changed but need a restart: %s", ", ".join(restart))
+
+    async def retention(self, stop: asyncio.Event) -> None:
+        """Purge final messages older than `store.retention`, hourly."""
+        never = asyncio.Event()
+        while not stop.is_set():
+            keep = self.config.store.retention
+            if keep > 0:
+                try:
+                    purged = await self.store.purge(self.clock.now() - keep)
+                    if purged:
+                        log.info("retention: purged %d messages older than %gs", purged, keep)
+                except StoreUnavailable as exc:
+                    log.error("retention purge failed: %s", exc)
+            await sleep_until_woken(self.clock, RETENTION_INTERVAL, never, stop)
+
     async def run(
         self,
         *,
         http_socket: socket.socket | None = None,
         smtp_sockets: list[socket.socket] | None = None,
         started: asyncio.Event | None = None,
+        reloads: asyncio.Queue[str | None] | None = None,
     ) -> None:
         """Serve until `self.stop` is set; then stop accepting, drain and return."""
         server = uvicorn_server(self.app) if http_socket is not None else None
@@ -251,6 +368,9 @@ class Bridge:
                 tasks.create_task(self.dispatcher.run(self.stop), name="dispatcher")
                 tasks.create_task(self.poller.run(self.stop), name="status-poller")
                 tasks.create_task(self.digests.run(self.stop), name="storm-digests")
+                tasks.create_task(self.retention(self.stop), name="retention")
+                if reloads is not None:
+                    tasks.create_task(self._reloader(reloads), name="reloader")
                 if server is not None:
                     while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag only
                         await asyncio.sleep(0.01)
@@ -266,7 +386,9 @@ class Bridge:
                 smtp_server.close()
 
 
-async def serve(config: Config, *, clock: Clock | None = None) -> None:
+async def serve(
+    config: Config, *, config_path: str | None = None, clock: Clock | None = None
+) -> None:
     """`sms-bridge serve`: everything in this event loop until SIGTERM or SIGINT."""
     if config.uses_sandbox:
         log.warning(
@@ -281,9 +403,16 @@ async def serve(config: Config, *, clock: Clock | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, bridge.stop.set)
+        reloads: asyncio.Queue[str | None] = asyncio.Queue()
+        loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, config_path)
         started = asyncio.Event()
         runner = asyncio.create_task(
-            bridge.run(http_socket=http_socket, smtp_sockets=smtp_sockets, started=started)
+            bridge.run(
+                http_socket=http_socket,
+                smtp_sockets=smtp_sockets,
+                started=started,
+                reloads=reloads,
+            )
         )
         waiter = asyncio.create_task(started.wait())
         await asyncio.wait({waiter, runner}, return_when=asyncio.FIRST_COMPLETED)

@@ -43,8 +43,12 @@ class SmtpHandler:
     """aiosmtpd handler hooks; names are aiosmtpd's."""
 
     def __init__(self, *, config: Config, ingestor: Ingestor) -> None:
-        self.config = config
         self.ingestor = ingestor
+        self.reload(config)
+
+    def reload(self, config: Config) -> None:
+        """Take new domains, groups and allowlists; sessions in progress carry on."""
+        self.config = config
         self.domains = {d.lower() for d in config.smtp.domains}
         self.regions = {d.lower(): r.upper() for d, r in config.smtp.regions.items()}
         self.networks = [

@@ -31,6 +31,8 @@ from bridge.models import Message, NewMessage, State
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# `sent` too: past status.give_up_after nothing will move it any more.
+PURGEABLE_SQL = "('sent', 'delivered', 'failed', 'suppressed')"
 MAX_GROUP = 512  # jobs per transaction: bounds the latency one commit adds
 BUSY_TIMEOUT_MS = 5000
 
@@ -494,6 +496,50 @@ class Store:
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
         return await self.read(lambda c: [Message.from_row(r) for r in c.execute(sql, args)])
+
+    async def purge(self, before: float) -> int:
+        """Delete messages that reached their end before `before`, with their events."""
+
+        def job(db: Database) -> int:
+            doomed = "SELECT id FROM messages WHERE created_at < ? AND state IN " + PURGEABLE_SQL
+            db.execute(f"DELETE FROM events WHERE message_id IN ({doomed})", (before,))
+            return int(
+                db.execute(
+                    "DELETE FROM messages WHERE created_at < ? AND state IN " + PURGEABLE_SQL,
+                    (before,),
+                ).rowcount
+            )
+
+        return await self.write(job)
+
+    async def retry(self, ids: Sequence[int] | None, now: float) -> list[int]:
+        """Failed messages (these ids, or all when None) back to queued, due now."""
+
+        def job(db: Database) -> list[int]:
+            if ids is None:
+                chosen = [
+                    r[0]
+                    for r in db.execute(
+                        "SELECT id FROM messages WHERE state = 'failed' ORDER BY id"
+                    )
+                ]
+            else:
+                chosen = [
+                    i
+                    for i in ids
+                    if db.execute(
+                        "SELECT 1 FROM messages WHERE id = ? AND state = 'failed'", (i,)
+                    ).fetchone()
+                ]
+            for message_id in chosen:
+                db.execute(
+                    "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
+                    " reason = 'retried by the operator', solo = 1 WHERE id = ?",
+                    (now, now, message_id),
+                )
+            return chosen
+
+        return await self.write(job)
 
     async def counts_by_reason(self) -> dict[str, dict[str, int]]:
         """{state: {reason kind: count}} for held, suppressed and failed messages."""

@@ -14,16 +14,18 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bridge.clock import Clock
-from bridge.config import Config, valid_sender_id
+from bridge.config import LiveConfig, valid_sender_id
 from bridge.errors import InputError, StoreUnavailable
 from bridge.health import ProviderHealth
 from bridge.ingest import Draft, Ingestor
+from bridge.metrics import Metrics
 from bridge.openapi import openapi_spec
 from bridge.phone import resolve_recipients
 from bridge.store import Store
@@ -135,19 +137,19 @@ def handle_errors(
 
 def create_app(
     *,
-    config: Config,
+    live: LiveConfig,
     store: Store,
     ingestor: Ingestor,
     health: ProviderHealth,
     clock: Clock,
+    metrics: Metrics | None = None,
     lifespan: Any = None,
 ) -> Starlette:
     from bridge.hooks import hook_endpoint  # hooks builds on this module's helpers
 
-    max_bytes = config.http.max_body_bytes
-
     async def post_message(request: Request) -> Response:
-        body = await read_json(request, max_bytes)
+        config = live.current
+        body = await read_json(request, config.http.max_body_bytes)
         if not isinstance(body, dict):
             raise HttpError(400, "body must be a JSON object", "body")
         targets = recipients_field(body.get("to"))
@@ -219,13 +221,18 @@ def create_app(
         out["events"] = await store.events(message.id)
         return JSONResponse(out)
 
+    async def metrics_endpoint(request: Request) -> Response:
+        if metrics is None:
+            raise HttpError(404, "metrics are not enabled")
+        return Response(await metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     async def stats(request: Request) -> Response:
         return JSONResponse(
             {"states": await store.counts(), "reasons": await store.counts_by_reason()}
         )
 
     async def openapi(request: Request) -> Response:
-        return JSONResponse(openapi_spec(config))
+        return JSONResponse(openapi_spec(live.current))
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -260,10 +267,11 @@ def create_app(
             Route("/api/v1/stats", handle_errors(stats), methods=["GET"]),
             Route(
                 "/hooks/{name}",
-                handle_errors(hook_endpoint(config=config, ingestor=ingestor, clock=clock)),
+                handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock)),
                 methods=["POST"],
             ),
             Route("/openapi.json", openapi, methods=["GET"]),
+            Route("/metrics", handle_errors(metrics_endpoint), methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import email.utils
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from bridge.clock import Clock
 from bridge.errors import (
     PermanentSendError,
     ProviderAuthError,
+    ProviderError,
     RateLimitedError,
     TransientSendError,
 )
@@ -62,6 +64,15 @@ class LogsPage:
 
 class TransientUnknownOutcome(TransientSendError):
     """The request may have reached the provider (read timeout, reset): verify before resending."""
+
+
+_OUTCOMES: dict[type[ProviderError], str] = {
+    PermanentSendError: "permanent",
+    ProviderAuthError: "auth",
+    RateLimitedError: "rate_limited",
+    TransientSendError: "transient",
+    TransientUnknownOutcome: "unknown",
+}
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -125,6 +136,7 @@ class ProviderClient:
         account_path: str = "/account",
         calculate_path: str = "/calculate",
         bulk_message_type: bool = False,
+        observe: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
@@ -137,8 +149,28 @@ class ProviderClient:
         self._headers["Accept"] = "application/json"
         self.paths = {"pricing": pricing_path, "account": account_path, "calculate": calculate_path}
         self.bulk_message_type = bulk_message_type
+        self._observe = observe  # (endpoint, outcome, seconds) for metrics
 
     async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        outcome = "success"
+        try:
+            return await self._exchange(method, path, body=body, params=params)
+        except ProviderError as exc:
+            outcome = _OUTCOMES.get(type(exc), "transient")
+            raise
+        finally:
+            if self._observe is not None:
+                self._observe(path.strip("/") or "/", outcome, time.perf_counter() - started)
+
+    async def _exchange(
         self,
         method: str,
         path: str,

@@ -1,0 +1,138 @@
+"""Prometheus metrics at `/metrics`, in a registry of this bridge's own (no globals).
+
+Counters and histograms are kept in process (provider requests by endpoint and outcome,
+their latency); everything about messages is read from the store at scrape time, so the
+figures are exact and survive restarts: messages by source and state, queue depth and
+oldest queued age, held and suppressed by reason, parts and cost sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from bridge.store import Store
+
+PREFIX = "sms_bridge"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+@dataclass
+class Snapshot:
+    """What the store says, read asynchronously just before each scrape."""
+
+    by_source_state: list[tuple[str, str, int]] = field(default_factory=list)
+    by_reason: list[tuple[str, str, int]] = field(default_factory=list)
+    oldest_queued_age: float = 0.0
+    parts_sent: int = 0
+    cost: float = 0.0
+
+
+class _StoreCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = self.metrics.snapshot
+        messages = GaugeMetricFamily(
+            f"{PREFIX}_messages", "Stored messages by source and state", labels=["source", "state"]
+        )
+        queued = 0
+        for source, state, count in snap.by_source_state:
+            messages.add_metric([source, state], count)
+            queued += count if state == "queued" else 0
+        yield messages
+        yield GaugeMetricFamily(
+            f"{PREFIX}_queue_depth", "Messages queued for sending", value=queued
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_oldest_queued_age_seconds",
+            "Age of the oldest queued message",
+            value=snap.oldest_queued_age,
+        )
+        reasons = GaugeMetricFamily(
+            f"{PREFIX}_messages_by_reason",
+            "Held, suppressed and failed messages by reason",
+            labels=["state", "reason"],
+        )
+        for state, reason, count in snap.by_reason:
+            reasons.add_metric([state, reason], count)
+        yield reasons
+        yield GaugeMetricFamily(f"{PREFIX}_sms_parts_sent", "SMS parts sent", value=snap.parts_sent)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_cost_sent", "Cost reported by the provider", value=snap.cost
+        )
+        for name, help_text, read in self.metrics.live_gauges:
+            value = read()
+            if value is not None:
+                yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
+
+
+class Metrics:
+    def __init__(self, store: Store, now: Callable[[], float]) -> None:
+        self.store = store
+        self.now = now
+        self.registry = CollectorRegistry()
+        self.snapshot = Snapshot()
+        self.live_gauges: list[tuple[str, str, Callable[[], float | None]]] = []
+        self.provider_requests = Counter(
+            f"{PREFIX}_provider_requests",
+            "Provider requests by endpoint and outcome",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.provider_latency = Histogram(
+            f"{PREFIX}_provider_request_seconds",
+            "Provider request latency",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StoreCollector(self))
+
+    def observe_request(self, endpoint: str, outcome: str, seconds: float) -> None:
+        self.provider_requests.labels(endpoint, outcome).inc()
+        self.provider_latency.labels(endpoint).observe(seconds)
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float | None]) -> None:
+        """A value read from a live component at scrape time (rate budget, balance...)."""
+        self.live_gauges.append((name, help_text, read))
+
+    async def refresh(self) -> None:
+        now = self.now()
+
+        def read(c: Any) -> Snapshot:
+            oldest = c.execute(
+                "SELECT min(created_at) FROM messages WHERE state = 'queued'"
+            ).fetchone()[0]
+            sent = c.execute(
+                "SELECT coalesce(sum(parts), 0), coalesce(sum(cost), 0) FROM messages"
+                " WHERE sent_at IS NOT NULL"
+            ).fetchone()
+            return Snapshot(
+                by_source_state=[
+                    tuple(r)
+                    for r in c.execute("SELECT source, state, count(*) FROM messages GROUP BY 1, 2")
+                ],
+                by_reason=[
+                    tuple(r)
+                    for r in c.execute(
+                        "SELECT state, coalesce(reason_kind, 'other'), count(*) FROM messages"
+                        " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY 1, 2"
+                    )
+                ],
+                oldest_queued_age=max(0.0, now - oldest) if oldest else 0.0,
+                parts_sent=int(sent[0]),
+                cost=float(sent[1]),
+            )
+
+        self.snapshot = await self.store.read(read)
+
+    async def exposition(self) -> bytes:
+        await self.refresh()
+        return generate_latest(self.registry)

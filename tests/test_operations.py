@@ -1,0 +1,209 @@
+"""Operations: SIGHUP reload, retry and purge, metrics, masked logs, the service unit."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.models import NewMessage, State
+from bridge.provider.sandbox import SandboxState
+from bridge.store import Store
+from tests.helpers import bridge_config, pump, running_bridge
+from tests.test_serve import clean_env, free_port, process, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _config(http_port: int, smtp_port: int, db: str, routes: str) -> str:
+    return textwrap.dedent(f"""
+        [http]
+        listen = "127.0.0.1:{http_port}"
+        [smtp]
+        listen = "127.0.0.1:{smtp_port}"
+        [store]
+        path = "{db}"
+        [groups]
+        oncall = ["+12025550101"]
+    """) + textwrap.dedent(routes)
+
+
+def test_sighup_reloads_routes_without_dropping_connections(tmp_path) -> None:
+    http_port, smtp_port = free_port(), free_port()
+    path = tmp_path / "bridge.toml"
+    db = str(tmp_path / "bridge.db")
+    path.write_text(
+        _config(
+            http_port,
+            smtp_port,
+            db,
+            """
+        [routes.first]
+        format = "generic"
+        to = ["oncall"]
+    """,
+        )
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    with process(
+        ["serve", "--config", str(path)], tmp_path, clean_env(), tmp_path / "serve.log"
+    ) as proc:
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+        smtp = smtplib.SMTP("127.0.0.1", smtp_port, timeout=10)
+        smtp.ehlo("before-reload")
+        assert httpx.post(f"{url}/hooks/second", json={"message": "x"}).status_code == 404
+        path.write_text(
+            _config(
+                http_port,
+                smtp_port,
+                db,
+                """
+            [routes.second]
+            format = "generic"
+            to = ["oncall"]
+        """,
+            )
+        )
+        proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: httpx.post(f"{url}/hooks/second", json={"message": "y"}).status_code == 202,
+            what="the new route",
+        )
+        assert httpx.post(f"{url}/hooks/first", json={"message": "z"}).status_code == 404
+        # The SMTP session opened before the reload carries on.
+        assert (
+            smtp.sendmail(
+                "a@example.org", ["oncall@sms.localhost"], "Subject: still here\r\n\r\nx\r\n"
+            )
+            == {}
+        )
+        smtp.quit()
+        path.write_text("[provider\n")  # a broken file: the running config stays
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in (tmp_path / "serve.log").read_text())
+        assert httpx.post(f"{url}/hooks/second", json={"message": "w"}).status_code == 202
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
+def _run(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = clean_env(SMS_BRIDGE_STORE_PATH=str(tmp_path / "ops.db"))
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+
+
+def _seed(tmp_path, rows: list[tuple[State, float]]) -> list[int]:
+    async def seed() -> list[int]:
+        store = Store(tmp_path / "ops.db")
+        await store.open()
+        ids = []
+        for state, created in rows:
+            message = NewMessage(
+                "+12025550143", f"m{len(ids)}", "http", "SMS", 1, 1, state=state, reason="seeded"
+            )
+            ids += await store.write(
+                lambda db, m=message, t=created: Store.insert_messages(db, [m], t)
+            )
+        await store.close()
+        return ids
+
+    return asyncio.run(seed())
+
+
+def test_retry_and_purge_commands(tmp_path) -> None:
+    import time
+
+    now = time.time()
+    old = now - 40 * 86400
+    ids = _seed(
+        tmp_path,
+        [
+            (State.FAILED, now),
+            (State.FAILED, now),
+            (State.QUEUED, now),
+            (State.SUPPRESSED, old),
+            (State.FAILED, old),
+            (State.QUEUED, old),
+        ],
+    )
+    one = _run(tmp_path, "retry", str(ids[0]), str(ids[2]))
+    assert one.returncode == 1  # ids[2] was not failed
+    assert f"queued again: {ids[0]}" in one.stdout and str(ids[2]) in one.stderr
+    rest = _run(tmp_path, "retry", "--failed")
+    assert rest.returncode == 0 and f"{ids[1]}" in rest.stdout
+    purge = _run(tmp_path, "purge", "--older-than", "30d")
+    assert purge.returncode == 0 and "purged 1 messages" in purge.stdout  # the old suppressed
+    listed = _run(tmp_path, "messages", "--json", "--limit", "100")
+    states = sorted(re.findall(r'"state": "(\w+)"', listed.stdout))
+    # retried: ids 0, 1 and the old failed one (4); queued 2 and 5 untouched; 3 purged
+    assert states == ["queued"] * 5
+    assert _run(tmp_path, "purge", "--older-than", "soon").returncode == 2
+
+
+async def test_metrics_after_a_known_sequence(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for text in ("one", "two", "one"):  # the second "one" is a duplicate
+            await http.post(f"{url}/api/v1/messages", json={"to": "+12025550143", "message": text})
+        before = (await http.get(f"{url}/metrics")).text
+        assert 'sms_bridge_messages{source="http",state="queued"} 2.0' in before
+        assert "sms_bridge_queue_depth 2.0" in before
+
+        async def sent() -> bool:
+            return (await bridge.store.counts()).get("queued", 0) == 0
+
+        await pump(bridge, clock, sent, max_seconds=60)
+        after = (await http.get(f"{url}/metrics")).text
+    assert 'sms_bridge_messages_by_reason{reason="duplicate",state="suppressed"} 1.0' in after
+    assert 'sms_bridge_provider_requests_total{endpoint="send",outcome="success"} 2.0' in after
+    assert 'sms_bridge_provider_request_seconds_count{endpoint="send"} 2.0' in after
+    assert "sms_bridge_sms_parts_sent 2.0" in after
+    assert "sms_bridge_cost_sent 1.0" in after
+    assert "sms_bridge_provider_ready 1.0" in after
+    assert re.search(r"sms_bridge_rate_budget_left \d+", after)
+
+
+def test_secrets_are_masked_in_logs() -> None:
+    code = textwrap.dedent("""
+        import logging
+        from bridge.logs import setup_logging
+        setup_logging("info", "json", ["key-1234567890"])
+        logging.getLogger("bridge").warning("calling with %s", "key-1234567890")
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert "key-1234567890" not in result.stderr
+    assert '"message": "calling with ***"' in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_unit_verifies(tmp_path) -> None:
+    text = (Path(__file__).parent.parent / "systemd" / "sms-bridge.service").read_text()
+    exe = shutil.which("sms-bridge") or sys.executable
+    (tmp_path / "sms-bridge.service").write_text(text.replace("/usr/local/bin/sms-bridge", exe))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "sms-bridge.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
