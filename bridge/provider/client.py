@@ -248,8 +248,10 @@ class ProviderClient:
         data = (await self._request("POST", SEND_PATH, body=body)).get("data")
         data = data if isinstance(data, dict) else {}
         message_id = _first(data, "message_id", "id")
+        if message_id is None:
+            raise TransientUnknownOutcome("provider answered success without a message id")
         return SendResult(
-            message_ids={to: str(message_id)} if message_id is not None else {},
+            message_ids={to: str(message_id)},
             cost=_number(data.get("cost")),
             balance=_number(data.get("balance")),
         )
@@ -268,7 +270,11 @@ class ProviderClient:
         if message_type is not None and self.bulk_message_type:
             body["message_type"] = message_type
         data = (await self._request("POST", BULK_PATH, body=body)).get("data")
-        return _parse_bulk(data, recipients)
+        result = _parse_bulk(data, recipients)
+        if not result.message_ids and result.batch_id is None:
+            # An unexpected body: whether the provider took it is unknown, so /logs decides.
+            raise TransientUnknownOutcome("provider answered success without any message id")
+        return result
 
     # -- account endpoints -----------------------------------------------------------
     async def balance(self) -> dict[str, Any]:

@@ -1,0 +1,147 @@
+"""Crash suite: `sms-bridge serve` SIGKILLed at random moments while HTTP and SMTP clients
+feed it and the dispatcher sends; restarted each time. Every acknowledged message must
+reach the sandbox provider, and none twice (the provider's /logs tells the restarted
+bridge what it had already taken).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import smtplib
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from tests.test_serve import KEY, clean_env, free_port, process, wait_for
+
+pytestmark = pytest.mark.slow
+KILLS = 4
+PER_FEEDER = 150  # bounded: every message must then be delivered within the test
+RATE = 600  # requests a minute, sandbox and bridge alike: the crash, not the limit, is tested
+
+
+def _feed(kind: str, port: int, start: int, acked: list[str], stop: threading.Event) -> None:
+    """Send distinct texts until stopped; remember those acknowledged (202 / 250)."""
+    n = start
+    while not stop.is_set() and n < start + PER_FEEDER:
+        text = f"{kind} message {n}"
+        recipient = f"+1202555{n % 10000:04d}"
+        try:
+            if kind == "http":
+                r = httpx.post(
+                    f"http://127.0.0.1:{port}/api/v1/messages",
+                    json={"to": recipient, "message": text},
+                    timeout=5,
+                )
+                if r.status_code == 202:
+                    acked.append(text)
+            else:
+                with smtplib.SMTP("127.0.0.1", port, timeout=5) as client:
+                    client.sendmail(
+                        "feeder@example.org",
+                        [f"{recipient}@sms.localhost"],
+                        f"Subject: {text}\r\n\r\n",
+                    )
+                acked.append(text)
+        except (OSError, httpx.HTTPError, smtplib.SMTPException):
+            time.sleep(0.05)  # the bridge is down: keep trying, as real senders do
+        n += 1
+        time.sleep(0.02)
+
+
+def test_sigkill_at_random_moments_loses_nothing(tmp_path) -> None:
+    rng = random.Random(20261125)
+    sandbox_port, http_port, smtp_port = free_port(), free_port(), free_port()
+    sandbox = f"http://127.0.0.1:{sandbox_port}"
+    db = tmp_path / "bridge.db"
+    config = tmp_path / "bridge.toml"
+    config.write_text(f"""
+[http]
+listen = "127.0.0.1:{http_port}"
+[smtp]
+listen = "127.0.0.1:{smtp_port}"
+[store]
+path = "{db}"
+[provider]
+base_url = "{sandbox}/api/v1"
+api_key = "{KEY}"
+requests_per_minute = {RATE}
+[status]
+poll_interval = "1s"
+""")
+    env = clean_env()
+    log = tmp_path / "run.log"
+    acked: list[str] = []
+    with process(
+        [
+            "sandbox",
+            "--listen",
+            f"127.0.0.1:{sandbox_port}",
+            "--api-key",
+            KEY,
+            "--requests-per-minute",
+            str(RATE),
+        ],
+        tmp_path,
+        env,
+        log,
+    ):
+        wait_for(lambda: httpx.get(f"{sandbox}/_sandbox/requests").status_code == 200)
+        # Stalled sends widen the moment between the provider's answer and our record.
+        httpx.post(
+            f"{sandbox}/_sandbox/faults",
+            json={"status": 0, "delay": 0.3, "path": "/send", "times": 30},
+        )
+        stop = threading.Event()
+        feeders = [
+            threading.Thread(target=_feed, args=(kind, port, base, acked, stop))
+            for kind, port, base in (("http", http_port, 0), ("smtp", smtp_port, 5000))
+        ]
+        for feeder in feeders:
+            feeder.start()
+        try:
+            for _ in range(KILLS):
+                with process(["serve", "--config", str(config)], tmp_path, env, log) as bridge:
+                    wait_for(
+                        lambda: (
+                            httpx.get(f"http://127.0.0.1:{http_port}/healthz").status_code == 200
+                        ),
+                        what="start",
+                    )
+                    time.sleep(rng.uniform(0.5, 2.5))
+                    bridge.kill()  # SIGKILL: no drain, no goodbye
+                    bridge.wait(timeout=10)
+        finally:
+            stop.set()
+            for feeder in feeders:
+                feeder.join(timeout=30)
+        with process(["serve", "--config", str(config)], tmp_path, env, log) as bridge:
+            wanted = set(acked)
+
+            def all_reached() -> bool:
+                entries = httpx.get(f"{sandbox}/_sandbox/entries").json()
+                return wanted <= {e["message"] for e in entries}
+
+            wait_for(all_reached, timeout=120, what="every acknowledged message at the provider")
+            bridge.terminate()
+            assert bridge.wait(timeout=15) == 0
+        entries = httpx.get(f"{sandbox}/_sandbox/entries").json()
+    reached = Counter(e["message"] for e in entries)
+    duplicates = {text: n for text, n in reached.items() if n > 1}
+    print(
+        json.dumps(
+            {
+                "acknowledged": len(wanted),
+                "reached": len(reached),
+                "duplicates": len(duplicates),
+                "kills": KILLS,
+            }
+        )
+    )
+    assert len(wanted) > 20
+    assert not wanted - set(reached)  # nothing acknowledged was lost
+    assert not duplicates, duplicates

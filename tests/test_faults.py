@@ -1,0 +1,130 @@
+"""The provider fault matrix: each fault ends with every message delivered or failed with
+a reason, no duplicate sends where the outcome could be known, and the rate limit kept.
+
+Faults come from the sandbox served for real (status codes, stalls, odd bodies) or, for
+what a live server cannot easily do on cue, from a transport wrapped around the real one
+(connect timeouts, a reset after the provider has taken the request).
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections import Counter
+
+import httpx
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.models import State
+from bridge.provider.sandbox import Fault, SandboxState
+from bridge.service import Bridge
+from tests.helpers import bridge_config, max_in_window, pump, served
+
+GROUP = '[groups]\noncall = ["+12025550101", "+12025550102", "+12025550103"]\n'
+
+
+class FaultyTransport(httpx.AsyncBaseTransport):
+    """The real HTTP transport, with faults injected on the first matching requests."""
+
+    def __init__(self, faults: list[str], path: str = "/send") -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.faults = faults
+        self.path = path
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        fault = None
+        if self.faults and request.url.path.endswith(self.path):
+            fault = self.faults.pop(0)
+        if fault == "connect-timeout":
+            raise httpx.ConnectTimeout("connect timed out", request=request)
+        if fault == "connect-refused":
+            raise httpx.ConnectError("connection refused", request=request)
+        response = await self.inner.handle_async_request(request)
+        if fault == "reset-after-send":  # the provider took it; we never hear so
+            await response.aread()
+            raise httpx.RemoteProtocolError("peer closed connection", request=request)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def scenarios(clock_now: float) -> dict[str, dict]:
+    date = email.utils.formatdate(clock_now + 90, usegmt=True)
+    return {
+        "500-burst": {"sandbox": [Fault(status=500, times=5, path="/send")]},
+        "429-seconds": {"sandbox": [Fault(status=429, retry_after="30", path="/send")]},
+        "429-http-date": {"sandbox": [Fault(status=429, retry_after=date, path="/send")]},
+        "429-absent": {"sandbox": [Fault(status=429, times=2, path="/send")]},
+        "connect-timeout": {"transport": ["connect-timeout"] * 3},
+        "connect-refused": {"transport": ["connect-refused"] * 2},
+        "read-timeout": {"sandbox": [Fault(status=0, delay=0.6, path="/send")], "timeout": "0.2s"},
+        "reset-after-send": {"transport": ["reset-after-send"] * 2},
+        "malformed-200": {"sandbox": [Fault(status=200, body="<html>ok</html>", path="/send")]},
+        "unexpected-json-200": {
+            "sandbox": [Fault(status=200, body='{"queued": true}', path="/send")]
+        },
+        "slow-provider": {
+            "sandbox": [Fault(status=0, delay=1.0, path="/send", times=2)],
+            "timeout": "5s",
+        },
+        "bulk-fails-whole": {"sandbox": [Fault(status=500, times=2, path="/send-bulk")]},
+        "bulk-reset-after-send": {
+            "transport": ["reset-after-send"],
+            "transport_path": "/send-bulk",
+        },
+        "400-refused": {
+            "sandbox": [
+                Fault(status=400, path="/send", body='{"success": false, "message": "Blocked."}')
+            ]
+        },
+    }
+
+
+NAMES = sorted(scenarios(0))
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_fault(
+    name: str, tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    case = scenarios(clock.now())[name]
+    injected_429 = sum(f.times for f in case.get("sandbox", []) if f.status == 429)
+    sandbox_state.faults.extend(case.get("sandbox", []))
+    config = bridge_config(tmp_path, sandbox_url, GROUP, timeout=case.get("timeout", "5s"))
+    transport = None
+    if "transport" in case:
+        transport = FaultyTransport(list(case["transport"]), case.get("transport_path", "/send"))
+    async with (
+        Bridge.build(config, clock=clock, transport=transport) as bridge,
+        served(bridge.app) as url,
+        httpx.AsyncClient() as http,
+    ):
+        await bridge.dispatcher.load_budget()
+        ids = []
+        for i in range(3):
+            r = await http.post(
+                f"{url}/api/v1/messages", json={"to": f"+1202555020{i}", "message": f"{name} {i}"}
+            )
+            ids += r.json()["ids"]
+        r = await http.post(f"{url}/api/v1/messages", json={"to": "oncall", "message": name})
+        ids += r.json()["ids"]
+
+        async def final() -> bool:
+            states = [(await bridge.store.get(i)).state for i in ids]
+            return all(s in (State.DELIVERED, State.FAILED) for s in states)
+
+        await pump(bridge, clock, final, max_seconds=3 * 3600)
+        messages = [await bridge.store.get(i) for i in ids]
+    for m in messages:
+        assert m.state == State.DELIVERED or (m.state == State.FAILED and m.reason), m
+    sent = Counter((e.to, e.message) for e in sandbox_state.entries)
+    assert all(n == 1 for n in sent.values()), f"duplicates: {sent}"
+    delivered = {(m.recipient, m.text) for m in messages if m.state == State.DELIVERED}
+    assert delivered <= set(sent)
+    assert max_in_window([r.at for r in sandbox_state.requests]) <= 100
+    assert [r.status for r in sandbox_state.requests].count(429) <= injected_429
+    if name == "400-refused":
+        assert sum(m.state == State.FAILED for m in messages) == 1
+    else:
+        assert all(m.state == State.DELIVERED for m in messages)
