@@ -178,3 +178,20 @@ def test_idle_clients_are_dropped_and_junk_answered(bridge) -> None:
         time.sleep(0.3)
         reply = sock.recv(4096)
         assert reply.startswith(b"500")
+
+
+def test_pipelined_commands_are_answered_in_order(bridge) -> None:
+    _, port = bridge
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(
+            b"EHLO x\r\nMAIL FROM:<a@example.org>\r\n"
+            b"RCPT TO:<+12025550143@sms.localhost>\r\nRCPT TO:<1@evil.example>\r\n"
+            b"DATA\r\nSubject: pipelined\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+        )
+        codes = []
+        while line := reader.readline():
+            if line[3:4] != b"-":
+                codes.append(int(line[:3]))
+    assert codes == [250, 250, 250, 550, 354, 250, 221]
