@@ -14,6 +14,7 @@ import smtplib
 import subprocess
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -65,33 +66,50 @@ def _postfix_config(folder: Path, listen: int, bridge: int) -> None:
     (folder / "master.cf").write_text(master)
 
 
+def _start_postfix(listen: int, bridge: int) -> tuple[Path, subprocess.Popen[bytes]]:
+    # Postfix's own user must reach its data folder: pytest's tmp_path is root-only.
+    folder = Path(tempfile.mkdtemp(prefix="sms-bridge-postfix-"))
+    folder.chmod(0o755)
+    _postfix_config(folder, listen, bridge)
+    master = subprocess.Popen(
+        ["postfix", "-c", str(folder), "start-fg"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return folder, master
+
+
+def _stop_postfix(folder: Path, master: subprocess.Popen[bytes]) -> None:
+    subprocess.run(["postfix", "-c", str(folder), "stop"], capture_output=True, timeout=30)
+    master.terminate()
+    master.wait(timeout=30)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _hand_to_postfix(port: int) -> None:
+    for _ in range(100):
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=5) as client:
+                client.sendmail(
+                    "ups@relay.test",
+                    ["+12025550143@sms.test"],
+                    "Subject: UPS on battery\r\n\r\nRuntime 12 min\r\n",
+                )
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("postfix never accepted the mail")
+
+
 async def test_mail_handed_to_postfix_reaches_the_sandbox(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
     postfix_port = free_port()
     config = bridge_config(tmp_path, sandbox_url, '[smtp]\ndomains = ["sms.test"]\n')
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
-        # Postfix's own user must reach its data folder: pytest's tmp_path is root-only.
-        folder = Path(tempfile.mkdtemp(prefix="sms-bridge-postfix-"))
-        folder.chmod(0o755)
-        _postfix_config(folder, postfix_port, port)
-        master = subprocess.Popen(
-            ["postfix", "-c", str(folder), "start-fg"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        folder, master = await asyncio.to_thread(_start_postfix, postfix_port, port)
         try:
-            for _ in range(100):
-                try:
-                    with smtplib.SMTP("127.0.0.1", postfix_port, timeout=5) as client:
-                        client.sendmail(
-                            "ups@relay.test",
-                            ["+12025550143@sms.test"],
-                            "Subject: UPS on battery\r\n\r\nRuntime 12 min\r\n",
-                        )
-                    break
-                except OSError:
-                    await asyncio.sleep(0.1)
+            await asyncio.to_thread(_hand_to_postfix, postfix_port)
             for _ in range(300):  # Postfix delivers on its own schedule, in real time
                 if await bridge.store.counts():
                     break
@@ -103,10 +121,7 @@ async def test_mail_handed_to_postfix_reaches_the_sandbox(
 
             await pump(bridge, clock, sent, max_seconds=60)
         finally:
-            subprocess.run(["postfix", "-c", str(folder), "stop"], capture_output=True, timeout=30)
-            master.terminate()
-            master.wait(timeout=30)
-            shutil.rmtree(folder, ignore_errors=True)
+            await asyncio.to_thread(_stop_postfix, folder, master)
     assert [(e.to, e.message) for e in sandbox_state.entries] == [
         ("+12025550143", "UPS on battery\nRuntime 12 min")
     ]
