@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="the file (instead of --config)")
     messages = with_config(sub.add_parser("messages", help="list stored messages"))
     messages.add_argument("--status", "--state", dest="state")
+    messages.add_argument("--reason", help="duplicate, storm, loop or budget")
+    messages.add_argument("--route", help="messages from this webhook route")
     messages.add_argument("--limit", type=int, default=50)
     messages.add_argument("--json", action="store_true")
     retry = with_config(sub.add_parser("retry", help="queue failed messages again"))
@@ -157,7 +159,9 @@ async def _messages(config: Config, args: argparse.Namespace) -> int:
     store = Store(config.store.path)
     await store.open()
     try:
-        rows = await store.list(state=args.state, limit=args.limit)
+        rows = await store.list(
+            state=args.state, limit=args.limit, reason_kind=args.reason, route=args.route
+        )
     finally:
         await store.close()
     if args.json:

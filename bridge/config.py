@@ -169,6 +169,7 @@ class RouteConfig:
     signature_header: str = _opt("X-Grafana-Alerting-Signature")  # grafana
     timestamp_header: str = _opt("")  # grafana: signs "timestamp:body" when set
     max_timestamp_skew: float = _opt(300.0, "duration")
+    match: Mapping[str, str] = _opt({})  # alertmanager/grafana: label = value, all must hold
     conclusions: tuple[str, ...] = _opt([])  # github/gitlab: [] = failures only
     branches: tuple[str, ...] = _opt([])  # github/gitlab: [] = every branch
     to_path: str = _opt("to")  # generic: dotted path of extra recipients

@@ -426,3 +426,32 @@ allowed_networks = ["127.0.0.0/8", "::1/128"]
         assert refused.status_code == 403 and "127.0.0.1" in refused.json()["error"]
         assert (await http.post(f"{url}/hooks/local", json={"message": "x"})).status_code == 202
         assert await bridge.store.counts() == {"queued": 1}
+
+
+async def test_label_match_filters_alerts(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    routes = (
+        ROUTES
+        + """
+[routes.pages]
+format = "alertmanager"
+to = ["+12025550143"]
+match = { severity = "page" }
+"""
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    payload = json.loads((HOOKS / "alertmanager-firing.json").read_text())
+    payload["alerts"][0]["labels"]["severity"] = "ticket"
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        r = await http.post(f"{url}/hooks/pages", json=payload)
+        assert r.status_code == 202
+        for alert in payload["alerts"]:
+            alert["labels"]["severity"] = "info"
+        payload["groupKey"] = "other"
+        quiet = await http.post(f"{url}/hooks/pages", json=payload)
+        assert quiet.status_code == 200 and "no alert matches" in quiet.json()["ignored"]
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    assert [e.message for e in sandbox_state.entries] == [
+        "[FIRING:2] HighLatency api-2, api-3: p99 above 2s"
+    ]

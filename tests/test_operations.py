@@ -154,6 +154,8 @@ def test_retry_and_purge_commands(tmp_path) -> None:
     # retried: ids 0, 1 and the old failed one (4); queued 2 and 5 untouched; 3 purged
     assert states == ["queued"] * 5
     assert _run(tmp_path, "purge", "--older-than", "soon").returncode == 2
+    assert "m0" in _run(tmp_path, "messages", "--status", "queued", "--json").stdout
+    assert _run(tmp_path, "messages", "--reason", "storm", "--json").stdout.strip() == "[]"
 
 
 async def test_metrics_after_a_known_sequence(

@@ -35,4 +35,4 @@ SAMPLE = {
 
 
 def parse(request: HookRequest) -> list[HookMessage]:
-    return [summarize(request.payload, source="alertmanager")]
+    return [summarize(request.payload, source="alertmanager", match=request.route.match)]

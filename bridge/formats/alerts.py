@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from bridge.errors import InputError
-from bridge.formats import HookMessage, obj, text_field
+from bridge.formats import HookMessage, Ignored, obj, text_field
 
 # Labels that tell alerts of one group apart, most telling first.
 INSTANCE_LABELS = ("instance", "host", "hostname", "pod", "node", "device", "service", "job")
@@ -61,7 +62,13 @@ def _values(alert: dict[str, Any]) -> str:
     return " (" + ", ".join(parts) + ")"
 
 
-def summarize(payload: Any, *, source: str, with_values: bool = False) -> HookMessage:
+def summarize(
+    payload: Any,
+    *,
+    source: str,
+    with_values: bool = False,
+    match: Mapping[str, str] | None = None,
+) -> HookMessage:
     payload = obj(payload, "body")
     status = payload.get("status")
     if status not in ("firing", "resolved"):
@@ -74,6 +81,14 @@ def summarize(payload: Any, *, source: str, with_values: bool = False) -> HookMe
     common_annotations = payload.get("commonAnnotations") or {}
     obj(common, "commonLabels")
     obj(common_annotations, "commonAnnotations")
+    if match:  # the route texts only alerts whose labels match, e.g. severity = "page"
+        alerts = [
+            a
+            for a in alerts
+            if all(str((a.get("labels") or {}).get(k)) == v for k, v in match.items())
+        ]
+        if not alerts:
+            raise Ignored("no alert matches this route's labels")
     listed = [a for a in alerts if a.get("status", status) == status] or alerts
     total = len(listed) + truncated
 

@@ -66,4 +66,6 @@ def verify(request: HookRequest, now: float) -> None:
 
 
 def parse(request: HookRequest) -> list[HookMessage]:
-    return [summarize(request.payload, source="grafana", with_values=True)]
+    return [
+        summarize(request.payload, source="grafana", with_values=True, match=request.route.match)
+    ]
