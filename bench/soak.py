@@ -41,7 +41,7 @@ def sample(pid: int) -> tuple[float, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
-async def smtp_send(port: int, n: int) -> bool:
+async def smtp_send(port: int, phone: str, text: str) -> bool:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
 
     async def reply() -> bytes:
@@ -55,12 +55,12 @@ async def smtp_send(port: int, n: int) -> bool:
         for command in (
             b"EHLO soak\r\n",
             b"MAIL FROM:<soak@example.org>\r\n",
-            b"RCPT TO:<+12025550143@sms.localhost>\r\n",
+            f"RCPT TO:<{phone}@sms.localhost>\r\n".encode(),
             b"DATA\r\n",
         ):
             writer.write(command)
             await reply()
-        writer.write(f"Subject: soak {n}\r\n\r\nsmtp message {n}\r\n.\r\n".encode())
+        writer.write(f"Subject: {text}\r\n\r\n.\r\n".encode())
         ok = (await reply()).startswith(b"250")
         writer.write(b"QUIT\r\n")
         await reply()
@@ -76,6 +76,7 @@ async def feed(
     seconds: float,
     pid: int,
     samples: list[tuple[float, float, int]],
+    shared: bool,
 ) -> tuple[int, int]:
     acked = failed = 0
     start = time.monotonic()
@@ -84,15 +85,19 @@ async def feed(
 
         async def one(k: int) -> None:
             nonlocal acked, failed
+            # --shared-text: one text per second to distinct phones, so the dispatcher
+            # coalesces a second's messages into one bulk call and the queue stays flat.
+            text = f"soak second {int(k // rate)}" if shared else f"soak {k}"
+            phone = f"+1202555{k % 10000:04d}" if shared else f"+120255501{43 + k % 2}"
             try:
                 if k % 2:
                     r = await http.post(
                         f"http://127.0.0.1:{http_port}/api/v1/messages",
-                        json={"to": "+12025550144", "message": f"http {k}"},
+                        json={"to": phone, "message": text},
                     )
                     ok = r.status_code == 202
                 else:
-                    ok = await smtp_send(smtp_port, k)
+                    ok = await smtp_send(smtp_port, phone, text)
             except (OSError, httpx.HTTPError):
                 ok = False
             acked, failed = acked + ok, failed + (not ok)
@@ -118,6 +123,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--rate", type=float, default=50)
+    parser.add_argument(
+        "--shared-text",
+        action="store_true",
+        help="one text per second to distinct phones: bulk calls, a flat queue",
+    )
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="soak-")
     http_port, smtp_port = free_port(), free_port()
@@ -139,7 +149,15 @@ def main() -> int:
                     break
             time.sleep(0.1)
         acked, failed = asyncio.run(
-            feed(http_port, smtp_port, args.rate, args.minutes * 60, proc.pid, samples)
+            feed(
+                http_port,
+                smtp_port,
+                args.rate,
+                args.minutes * 60,
+                proc.pid,
+                samples,
+                args.shared_text,
+            )
         )
     finally:
         proc.terminate()
