@@ -26,17 +26,17 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from bridge.budget import BudgetGuard, day_bounds
-from bridge.clock import Clock, sleep_until_woken
+from bridge.clock import Clock
 from bridge.config import ProviderConfig
 from bridge.errors import (
     PermanentSendError,
     ProviderAuthError,
     ProviderError,
     RateLimitedError,
-    StoreUnavailable,
     TransientSendError,
 )
 from bridge.health import ProviderHealth
+from bridge.loops import run_steps
 from bridge.models import Message, State
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient, SendResult, TransientUnknownOutcome
@@ -116,14 +116,14 @@ class Dispatcher:
     # -- the loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         await self.load_budget()
-        while not stop.is_set():
-            try:
-                wait = await self.run_once()
-            except StoreUnavailable as exc:
-                log.error("dispatcher cannot use the store: %s", exc)
-                wait = 5.0
-            self.wake.clear()
-            await sleep_until_woken(self.clock, wait, self.wake, stop)
+        await run_steps(
+            self.run_once,
+            name="dispatcher",
+            clock=self.clock,
+            stop=stop,
+            retry_after=5.0,
+            wake=self.wake,
+        )
 
     async def run_once(self) -> float:
         """One step: send what is due and within budget; return seconds until the next."""

@@ -23,12 +23,13 @@ import uvicorn
 from starlette.applications import Starlette
 
 from bridge.budget import BudgetGuard
-from bridge.clock import Clock, SystemClock, sleep_until_woken
+from bridge.clock import Clock, SystemClock
 from bridge.config import Config, LiveConfig, load_config
 from bridge.dispatcher import Dispatcher
-from bridge.errors import ConfigError, StoreUnavailable
+from bridge.errors import ConfigError
 from bridge.health import ProviderHealth
 from bridge.ingest import Ingestor
+from bridge.loops import run_steps
 from bridge.metrics import Metrics
 from bridge.phone import resolve_recipients
 from bridge.policy import Rules
@@ -335,18 +336,19 @@ class Bridge:
                 log.warning("these keys changed but need a restart: %s", ", ".join(restart))
 
     async def retention(self, stop: asyncio.Event) -> None:
-        """Purge final messages older than `store.retention`, hourly."""
-        never = asyncio.Event()
-        while not stop.is_set():
+        """Purge finished messages older than `store.retention`, hourly."""
+
+        async def purge() -> float:
             keep = self.config.store.retention
             if keep > 0:
-                try:
-                    purged = await self.store.purge(self.clock.now() - keep)
-                    if purged:
-                        log.info("retention: purged %d messages older than %gs", purged, keep)
-                except StoreUnavailable as exc:
-                    log.error("retention purge failed: %s", exc)
-            await sleep_until_woken(self.clock, RETENTION_INTERVAL, never, stop)
+                purged = await self.store.purge(self.clock.now() - keep)
+                if purged:
+                    log.info("retention: purged %d messages older than %gs", purged, keep)
+            return RETENTION_INTERVAL
+
+        await run_steps(
+            purge, name="retention", clock=self.clock, stop=stop, retry_after=RETENTION_INTERVAL
+        )
 
     async def run(
         self,

@@ -11,10 +11,11 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
-from bridge.clock import Clock, sleep_until_woken
+from bridge.clock import Clock
 from bridge.config import StatusConfig
-from bridge.errors import ProviderAuthError, ProviderError, RateLimitedError, StoreUnavailable
+from bridge.errors import ProviderAuthError, ProviderError, RateLimitedError
 from bridge.health import ProviderHealth
+from bridge.loops import run_steps
 from bridge.models import State
 from bridge.provider.client import ProviderClient
 from bridge.ratelimit import SlidingWindowLimiter
@@ -46,14 +47,13 @@ class StatusPoller:
         self.health = health
 
     async def run(self, stop: asyncio.Event) -> None:
-        never = asyncio.Event()
-        while not stop.is_set():
-            try:
-                wait = await self.run_once()
-            except StoreUnavailable as exc:
-                log.error("status poller cannot use the store: %s", exc)
-                wait = self.config.poll_interval
-            await sleep_until_woken(self.clock, wait, never, stop)
+        await run_steps(
+            self.run_once,
+            name="status poller",
+            clock=self.clock,
+            stop=stop,
+            retry_after=self.config.poll_interval,
+        )
 
     async def run_once(self) -> float:
         """One round over /logs; returns seconds until the next round."""

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from sqlite_utils import Database
 
-from bridge.clock import Clock, sleep_until_woken
-from bridge.errors import StoreUnavailable
+from bridge.clock import Clock
+from bridge.loops import run_steps
 from bridge.models import NewMessage, State
 from bridge.store import Store
 from bridge.text import shape, truncate_to_parts
@@ -53,14 +53,9 @@ class DigestWorker:
         self.on_created = on_created
 
     async def run(self, stop: asyncio.Event) -> None:
-        never = asyncio.Event()
-        while not stop.is_set():
-            try:
-                wait = await self.run_once()
-            except StoreUnavailable as exc:
-                log.error("digest worker cannot use the store: %s", exc)
-                wait = IDLE_WAIT
-            await sleep_until_woken(self.clock, wait, never, stop)
+        await run_steps(
+            self.run_once, name="digest worker", clock=self.clock, stop=stop, retry_after=IDLE_WAIT
+        )
 
     async def run_once(self) -> float:
         """Send the digests that are due; return seconds until the next one is."""
