@@ -164,6 +164,7 @@ def hook_endpoint(
                     route=name,
                     dedupe_key=message.dedupe_key,
                     topic=message.topic,
+                    instance=message.instance,
                 )
             )
         accepted = await ingestor.submit(drafts)

@@ -41,6 +41,7 @@ class Draft:
     schedule_time: str | None = None
     suppressed_reason: str | None = None  # e.g. an auto-reply: stored, never sent
     topic: str | None = None  # what a storm digest counts it as; default: its first line
+    instance: str | None = None  # what a storm digest names besides (a host, a pod)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,7 @@ class Ingestor:
                         reason=draft.suppressed_reason,
                         reason_kind="loop" if draft.suppressed_reason else None,
                         topic=topic,
+                        instance=draft.instance,
                         estimated_cost=self.prices.estimate(recipient, form.parts),
                     )
                 )

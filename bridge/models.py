@@ -47,6 +47,7 @@ class NewMessage:
     reason_kind: str | None = None  # duplicate | storm | loop | budget
     topic: str | None = None  # what a digest counts this message as
     estimated_cost: float | None = None
+    instance: str | None = None  # what a digest names besides the topic (a host...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class Message:
     topic: str | None
     reason_kind: str | None
     estimated_cost: float | None
+    instance: str | None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Message:

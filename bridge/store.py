@@ -113,6 +113,12 @@ def _storm_and_costs(db: Database) -> None:
     db.execute("CREATE INDEX messages_sent_at ON messages(sent_at) WHERE sent_at IS NOT NULL")
 
 
+@migrations(name="0003_instance")
+def _instance(db: Database) -> None:
+    # What a storm digest names besides the topic: "(api-1, db-2...)".
+    db.execute("ALTER TABLE messages ADD COLUMN instance TEXT")
+
+
 @dataclass
 class _Job:
     fn: Callable[[Database], Any]
@@ -281,8 +287,8 @@ class Store:
             cursor = db.execute(
                 "INSERT INTO messages (recipient, text, source, sender_id, message_type, parts,"
                 " route, dedupe_key, schedule_time, state, reason, created_at, updated_at,"
-                " next_attempt_at, topic, reason_kind, estimated_cost)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " next_attempt_at, topic, reason_kind, estimated_cost, instance)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     m.recipient,
                     m.text,
@@ -301,6 +307,7 @@ class Store:
                     m.topic,
                     m.reason_kind,
                     m.estimated_cost,
+                    m.instance,
                 ),
             )
             ids.append(int(cursor.lastrowid or 0))

@@ -24,14 +24,21 @@ from bridge.text import shape, truncate_to_parts
 
 log = logging.getLogger(__name__)
 SHOWN_TOPICS = 3
+SHOWN_INSTANCES = 2
 IDLE_WAIT = 30.0
 
 
-def digest_text(topics: list[str]) -> str:
+def digest_text(topics: list[str], instances: list[str | None] | None = None) -> str:
+    """`+37 more: HighLatency x20, DiskFull x17 (api-1, db-2...)`"""
     counts = Counter(topics).most_common()
     shown = ", ".join(f"{topic} x{count}" for topic, count in counts[:SHOWN_TOPICS])
     others = len(counts) - SHOWN_TOPICS
-    return f"+{len(topics)} more: {shown}" + (f", +{others} other" if others > 0 else "")
+    text = f"+{len(topics)} more: {shown}" + (f", +{others} other" if others > 0 else "")
+    names = list(dict.fromkeys(name for name in instances or [] if name))
+    if names:
+        more = "..." if len(names) > SHOWN_INSTANCES else ""
+        text += f" ({', '.join(names[:SHOWN_INSTANCES])}{more})"
+    return text
 
 
 class DigestWorker:
@@ -76,14 +83,16 @@ class DigestWorker:
 
     def _fold(self, db: Database, recipient: str, now: float) -> int | None:
         held = db.execute(
-            "SELECT id, topic, text FROM messages WHERE recipient = ? AND state = 'held'"
+            "SELECT id, topic, text, instance FROM messages WHERE recipient = ?"
+            " AND state = 'held'"
             " ORDER BY id",
             (recipient,),
         ).fetchall()
         if not held:
             return None
         topics = [row[1] or row[2].split("\n", 1)[0][:32] for row in held]
-        text = truncate_to_parts(digest_text(topics), self.max_parts)
+        instances = [row[3] for row in held]
+        text = truncate_to_parts(digest_text(topics, instances), self.max_parts)
         form = shape(text)
         [digest_id] = Store.insert_messages(
             db,

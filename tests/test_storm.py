@@ -77,7 +77,9 @@ async def test_storm_of_500_alerts_to_two_phones(
         assert len(normal) == 5
         assert len(digests) == 1
         assert max_in_window([e.created_at for e in normal], 600) <= 5
-        assert digests[0].message == "+495 more: HighLatency x297, DiskFull x198"
+        assert (
+            digests[0].message == "+495 more: HighLatency x297, DiskFull x198 (host-5, host-6...)"
+        )
         assert digests[0].created_at - start >= 600  # when the window ends
     assert stats["reasons"]["suppressed"]["storm"] == 990
     assert len(held_listing["messages"]) == 5

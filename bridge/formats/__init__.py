@@ -41,6 +41,7 @@ class HookMessage:
     dedupe_key: str | None = None
     recipients: tuple[str, ...] = ()  # recipients named by the payload itself
     topic: str | None = None  # what a storm digest counts it as (e.g. the alert name)
+    instance: str | None = None  # what a storm digest names besides (e.g. the host)
 
 
 def obj(value: Any, where: str) -> dict[str, Any]:

@@ -151,4 +151,5 @@ def summarize(
         context=context,
         dedupe_key=f"{source}:{digest}",
         topic=", ".join(names) or "alerts",
+        instance=", ".join(instances[:SHOWN_INSTANCES]) or None,
     )
