@@ -4,7 +4,7 @@ Run by hand:
 
     python bench/soak.py --minutes 10 --rate 50
 
-Starts `sms-bridge serve` (in-process sandbox) in its own process, feeds it `rate`
+Starts `sms-bridge sandbox` and `sms-bridge serve` in processes of their own, feeds `rate`
 messages a second (half HTTP, half SMTP, distinct texts), samples the server's RSS and
 open file descriptors every second, and prints the first, last and largest samples. Growth
 from the first minute to the last is what the soak is for.
@@ -138,6 +138,29 @@ def main() -> int:
         SMS_BRIDGE_STORE_PATH=f"{tmp}/soak.db",
         SMS_BRIDGE_LOG_LEVEL="warning",
     )
+    # The provider runs as its own process, so the bridge's RSS is the bridge's alone
+    # (the in-process sandbox would keep every SMS it was sent in the same process).
+    sandbox_port = free_port()
+    sandbox = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bridge",
+            "sandbox",
+            "--listen",
+            f"127.0.0.1:{sandbox_port}",
+            "--api-key",
+            "soak-key",
+        ],
+        env=env,
+        cwd=tmp,
+        stderr=subprocess.DEVNULL,
+    )
+    env.update(
+        SMS_BRIDGE_PROVIDER_BASE_URL=f"http://127.0.0.1:{sandbox_port}/api/v1",
+        SMS_BRIDGE_PROVIDER_API_KEY="soak-key",
+    )
+    time.sleep(1.0)
     proc = subprocess.Popen(
         [sys.executable, "-m", "bridge", "serve"], env=env, cwd=tmp, stderr=subprocess.DEVNULL
     )
@@ -162,6 +185,8 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+        sandbox.terminate()
+        sandbox.wait(timeout=20)
     counts = dict(
         sqlite3.connect(f"{tmp}/soak.db")
         .execute("SELECT state, count(*) FROM messages GROUP BY state")
