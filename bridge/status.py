@@ -17,7 +17,7 @@ from bridge.errors import ProviderAuthError, ProviderError, RateLimitedError
 from bridge.health import ProviderHealth
 from bridge.loops import run_steps
 from bridge.models import State
-from bridge.provider.client import ProviderClient
+from bridge.provider.client import MAX_LOGS_PER_PAGE, ProviderClient
 from bridge.ratelimit import SlidingWindowLimiter
 from bridge.store import Store
 
@@ -67,8 +67,14 @@ class StatusPoller:
         by_id = {m.provider_message_id: m for m in waiting}
         oldest = min(m.sent_at or now for m in waiting)
         date_from = datetime.fromtimestamp(oldest - 86400, UTC).strftime("%Y-%m-%d")
+        # /logs is newest first. The tracked messages are the oldest waiting, so skip the
+        # pages that hold what we sent after them (less one page of slack for entries
+        # from other clients of the same account), instead of rereading the newest.
+        newest = max(waiting, key=lambda m: (m.sent_at or now, m.id))
+        after = await self.store.sent_after(newest)
+        first_page = max(1, after // MAX_LOGS_PER_PAGE)
         updates = []
-        for page in range(1, MAX_PAGES_PER_ROUND + 1):
+        for page in range(first_page, first_page + MAX_PAGES_PER_ROUND):
             wait = self.limiter.wait_time("status")
             if wait > 0:
                 break
@@ -76,7 +82,9 @@ class StatusPoller:
             self.limiter.book(at, "status")
             await self.store.record_request(at, "status")
             try:
-                logs = await self.client.logs(page=page, date_from=date_from)
+                logs = await self.client.logs(
+                    page=page, per_page=MAX_LOGS_PER_PAGE, date_from=date_from
+                )
             except RateLimitedError as exc:
                 self.limiter.pause(
                     self.clock.now() + (exc.retry_after or self.config.poll_interval)

@@ -357,6 +357,17 @@ class Store:
             ]
         )
 
+    async def sent_after(self, message: Message) -> int:
+        """How many messages reached the provider after `message`: its /logs position.
+
+        A bulk call gives its messages one sent_at, so ids break the tie.
+        """
+        sent_at = message.sent_at or 0.0
+        sql = "SELECT count(*) FROM messages WHERE sent_at > ? OR (sent_at = ? AND id > ?)"
+        return await self.read(
+            lambda c: int(c.execute(sql, (sent_at, sent_at, message.id)).fetchone()[0])
+        )
+
     async def claim(self, ids: Sequence[int], now: float, kind: str) -> list[int]:
         """queued -> sending for `ids`, and one provider request booked, in one commit."""
 

@@ -340,3 +340,25 @@ async def test_dedupe_key_suppresses_a_repeat(
     assert first["state"] == "queued"
     assert second["state"] == "suppressed" and str(first["id"]) in second["reason"]
     assert third["state"] == "queued"
+
+
+async def test_delivery_states_are_found_deep_in_the_logs(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A backlog of sent messages: the poller reads the pages where they are, not page 1."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        for batch in range(3):
+            await post(url, {"to": numbers(1000, batch * 1000), "message": f"wave {batch}"})
+        for _ in range(5):
+            clock.advance(await bridge.dispatcher.run_once() or 1)
+        assert (await bridge.store.counts())["sent"] == 3000
+        clock.advance(10)  # the sandbox reports them all delivered by now
+        rounds = 0
+        while (await bridge.store.counts()).get("sent") and rounds < 40:
+            clock.advance(await bridge.poller.run_once())
+            rounds += 1
+        counts = await bridge.store.counts()
+    assert counts == {"delivered": 3000}
+    status_reads = [r for r in sandbox_state.requests if r.path.endswith("/logs")]
+    assert len(status_reads) <= 50  # 30 pages of 100 hold them: few are read twice
