@@ -4,7 +4,7 @@ install:
 test:
 	pytest
 lint:
-	ruff check . && ruff format --check .
+	ruff check . && ruff format --check . && mypy bridge
 format:
 	ruff format . && ruff check --fix .
 bench:

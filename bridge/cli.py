@@ -159,7 +159,7 @@ async def _messages(config: Config, args: argparse.Namespace) -> int:
     store = Store(config.store.path)
     await store.open()
     try:
-        rows = await store.list(
+        rows = await store.query(
             state=args.state, limit=args.limit, reason_kind=args.reason, route=args.route
         )
     finally:

@@ -113,6 +113,7 @@ def _html_to_text(html: str) -> str:
 
 
 def _body(msg: Message) -> str:
+    part: Message | None
     if isinstance(msg, EmailMessage):
         try:
             part = msg.get_body(preferencelist=("plain", "html"))

@@ -36,7 +36,7 @@ _RECIPIENTS = {
 }
 
 
-def _errors(*codes: int) -> dict[str, Any]:
+def _errors(*codes: int) -> dict[str, dict[str, Any]]:
     reasons = {
         400: "bad input, naming the field",
         401: "missing or wrong credentials",
@@ -52,6 +52,18 @@ def _errors(*codes: int) -> dict[str, Any]:
         }
         for c in codes
     }
+
+
+def _hook_responses() -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "202": {
+            "description": "stored",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}},
+        },
+        "200": {"description": "valid, nothing to send (ping, filtered event)"},
+    }
+    responses.update(_errors(400, 401, 413, 415, 503))
+    return responses
 
 
 def openapi_spec(config: Config) -> dict[str, Any]:
@@ -83,18 +95,7 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                     "required": True,
                     "content": {"application/json": {"schema": {"type": "object"}}},
                 },
-                "responses": {
-                    "202": {
-                        "description": "stored",
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/Accepted"}
-                            }
-                        },
-                    },
-                    "200": {"description": "valid, nothing to send (ping, filtered event)"},
-                    **_errors(400, 401, 413, 415, 503),
-                },
+                "responses": _hook_responses(),
             }
         }
         for name, route in config.routes.items()

@@ -93,7 +93,7 @@ def is_assigned(e164: str) -> bool:
 
 
 def country_code(e164: str) -> int:
-    return int(phonenumbers.parse(e164, None).country_code)
+    return int(phonenumbers.parse(e164, None).country_code or 0)
 
 
 def resolve_recipients(

@@ -17,6 +17,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import httpx
 import uvicorn
@@ -46,7 +47,7 @@ from bridge.web import create_app
 
 log = logging.getLogger("bridge")
 SANDBOX_BASE_URL = "http://sandbox.invalid/api/v1"  # never resolved: served in-process
-SHUTDOWN_GRACE = 8.0
+SHUTDOWN_GRACE = 8  # seconds uvicorn lets in-flight requests finish
 RETENTION_INTERVAL = 3600.0
 
 
@@ -58,7 +59,9 @@ class QuietServer(uvicorn.Server):
         yield
 
 
-def uvicorn_server(app: Starlette, *, lifespan: str = "off") -> QuietServer:
+def uvicorn_server(
+    app: Starlette, *, lifespan: Literal["auto", "on", "off"] = "off"
+) -> QuietServer:
     return QuietServer(
         uvicorn.Config(
             app,

@@ -39,6 +39,12 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
+def _peer_host(session: Session) -> str:
+    """The client's address (aiosmtpd keeps the socket's peername tuple in `peer`)."""
+    peer: Any = session.peer
+    return str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer or "")
+
+
 class SmtpHandler:
     """aiosmtpd handler hooks; names are aiosmtpd's."""
 
@@ -61,7 +67,7 @@ class SmtpHandler:
         if not self.networks:
             return True
         try:
-            address = ipaddress.ip_address(str(session.peer[0]).split("%")[0])
+            address = ipaddress.ip_address(_peer_host(session).split("%")[0])
         except (TypeError, ValueError, IndexError):
             return False
         if address.version == 6 and address.ipv4_mapped is not None:
@@ -77,7 +83,7 @@ class SmtpHandler:
         mail_options: list[str],
     ) -> str:
         if not self._client_allowed(session):
-            return f"550 5.7.1 Client {session.peer[0]} is not allowed to send here"
+            return f"550 5.7.1 Client {_peer_host(session)} is not allowed to send here"
         patterns = self.config.smtp.allowed_senders
         if (
             address

@@ -219,7 +219,7 @@ class Store:
             if self.inject_fault is not None:
                 self.inject_fault()
             conn.execute("BEGIN IMMEDIATE")
-            results = []
+            results: list[tuple[_Job, Any, BaseException | None]] = []
             for job in jobs:
                 try:
                     results.append((job, job.fn(db), None))
@@ -494,7 +494,7 @@ class Store:
             ]
         )
 
-    async def list(
+    async def query(
         self,
         *,
         state: str | None = None,
@@ -503,7 +503,7 @@ class Store:
         reason_kind: str | None = None,
         route: str | None = None,
     ) -> list[Message]:
-        sql, args = "SELECT * FROM messages WHERE 1=1", []
+        sql, args = "SELECT * FROM messages WHERE 1=1", list[object]()
         for column, value in (("state", state), ("reason_kind", reason_kind), ("route", route)):
             if value:
                 sql += f" AND {column} = ?"  # column names from this list only

@@ -10,6 +10,7 @@ ends `suppressed` with a reason naming the digest. Nothing held is dropped silen
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -75,13 +76,13 @@ class DigestWorker:
         )
         due = [recipient for recipient, first in pending if first + self.window <= now]
         for recipient in due:
-            await self.store.write(lambda db, r=recipient: self._fold(db, r, now))
+            await self.store.write(functools.partial(self._fold, recipient=recipient, now=now))
         if due:
             self.on_created()
         later = [first + self.window - now for _, first in pending if first + self.window > now]
         return min([IDLE_WAIT, *later])
 
-    def _fold(self, db: Database, recipient: str, now: float) -> int | None:
+    def _fold(self, db: Database, *, recipient: str, now: float) -> int | None:
         held = db.execute(
             "SELECT id, topic, text, instance FROM messages WHERE recipient = ?"
             " AND state = 'held'"

@@ -201,7 +201,7 @@ def create_app(
         except ValueError as exc:
             raise HttpError(400, "'limit' and 'before' must be integers", "limit") from exc
         state = q.get("state") or q.get("status")
-        messages = await store.list(
+        messages = await store.query(
             state=state,
             limit=max(1, limit),
             before_id=before,

@@ -370,7 +370,7 @@ async def test_generic_recipients_from_payload_and_query(
             "+12025550102",
             "+12025550143",
         ]
-        assert {m.state for m in await bridge.store.list()} == {State.QUEUED}
+        assert {m.state for m in await bridge.store.query()} == {State.QUEUED}
 
 
 async def test_openapi_describes_api_and_hooks(tmp_path, clock, sandbox_url) -> None:

@@ -89,7 +89,7 @@ async def test_corpus_mail_becomes_the_expected_sms(
         )
         assert refused == {}
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
-        messages = await bridge.store.list()
+        messages = await bridge.store.query()
     assert messages, "nothing stored"
     if expected.get("state") == "suppressed":
         assert {m.state for m in messages} == {State.SUPPRESSED}
@@ -181,7 +181,7 @@ async def test_a_retried_mail_is_texted_once(
         for _ in range(2):  # the client lost our 250 and sends the same Message-ID again
             await asyncio.to_thread(send, port, "nagios@example.org", [DEFAULT_RCPT], raw)
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
-        states = sorted(m.state for m in await bridge.store.list())
+        states = sorted(m.state for m in await bridge.store.query())
     assert states == [State.SENT, State.SUPPRESSED] or states == [State.DELIVERED, State.SUPPRESSED]
     assert len(sandbox_state.entries) == 1
 
@@ -242,7 +242,7 @@ async def test_bare_lf_dot_cannot_smuggle_a_second_message(tmp_path, clock, sand
     ]
     async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
         replies = await asyncio.to_thread(_raw_session, port, steps)
-        messages = await bridge.store.list()
+        messages = await bridge.store.query()
     assert replies[4].startswith(b"250 2.0.0"), replies
     # One message, to the one recipient; the "second transaction" is just body text of it.
     assert [m.recipient for m in messages] == ["+12025550143"]

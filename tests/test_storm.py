@@ -61,7 +61,7 @@ async def test_storm_of_500_alerts_to_two_phones(
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=3600)
         clock.advance(30)
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
-        messages = await bridge.store.list(limit=2000)
+        messages = await bridge.store.query(limit=2000)
         stats = (await http.get(f"{url}/api/v1/stats")).json()
         held_listing = (await http.get(f"{url}/api/v1/messages?reason=storm&limit=5")).json()
     alerts = [m for m in messages if m.source == "hook"]
@@ -139,7 +139,7 @@ async def test_budget_cap_waits_loses_nothing_and_warns_once(
             clock.advance(min(await bridge.dispatcher.run_once(), 30))
         sent_today = [e for e in sandbox_state.entries if e.to != "+12025550199"]
         warnings = [e for e in sandbox_state.entries if e.to == "+12025550199"]
-        waiting = await bridge.store.list(reason_kind="budget")
+        waiting = await bridge.store.query(reason_kind="budget")
         assert len(sent_today) == 3  # nothing over the cap
         assert len(warnings) == 1 and "texts_per_day=3" in warnings[0].message
         assert {m.state for m in waiting} == {State.QUEUED} and len(waiting) == 3
@@ -164,7 +164,7 @@ async def test_budget_fail_mode(tmp_path, clock: ManualClock, sandbox_url: str) 
         )  # 2 parts
         for _ in range(4):
             clock.advance(min(await bridge.dispatcher.run_once(), 5))
-        failed = await bridge.store.list(state="failed")
+        failed = await bridge.store.query(state="failed")
     assert len(failed) == 1 and "parts_per_day=2" in (failed[0].reason or "")
 
 
