@@ -96,9 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if problems := template_problems(config.routes, render):
                 raise ConfigError(problems)
     except ConfigError as exc:
-        print("configuration problems:", file=sys.stderr)
-        for key, why in exc.problems:
-            print(f"  {key}: {why}", file=sys.stderr)
+        _print_problems(exc)
         return 1
     secrets = [
         *config.smtp.users.values(),
@@ -114,8 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from bridge.service import serve
 
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(serve(config, config_path=_config_path(args)))
+        try:
+            with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+                runner.run(serve(config, config_path=_config_path(args)))
+        except ConfigError as exc:
+            _print_problems(exc)
+            return 1
         return 0
     if args.command == "messages":
         return asyncio.run(_messages(config, args))
@@ -124,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("retry", "purge"):
         return asyncio.run(_maintain(config, args))
     return 2
+
+
+def _print_problems(exc: ConfigError) -> None:
+    print("configuration problems:", file=sys.stderr)
+    for key, why in exc.problems:
+        print(f"  {key}: {why}", file=sys.stderr)
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

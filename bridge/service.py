@@ -391,6 +391,16 @@ class Bridge:
                 smtp_server.close()
 
 
+def _listen(key: str, listen: str) -> socket.socket | None:
+    """Bind before anything else starts; a taken port is a config problem, not a traceback."""
+    if not listen:
+        return None
+    try:
+        return bind_socket(listen)
+    except OSError as exc:
+        raise ConfigError([(key, f"cannot listen on {listen}: {exc.strerror or exc}")]) from exc
+
+
 async def serve(
     config: Config, *, config_path: str | None = None, clock: Clock | None = None
 ) -> None:
@@ -402,8 +412,9 @@ async def serve(
         )
     else:
         log.info("provider %s (config: %s)", config.provider.base_url, config.source)
-    http_socket = bind_socket(config.http.listen) if config.http.listen else None
-    smtp_sockets = [bind_socket(config.smtp.listen)] if config.smtp.listen else None
+    http_socket = _listen("http.listen", config.http.listen)
+    smtp_socket = _listen("smtp.listen", config.smtp.listen)
+    smtp_sockets = [smtp_socket] if smtp_socket is not None else None
     async with Bridge.build(config, clock=clock) as bridge:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

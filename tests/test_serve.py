@@ -184,3 +184,21 @@ poll_interval = "1s"
     )
     assert sorted(set(sent_to)) == sorted(recipients)  # nothing lost
     assert duplicates == 0  # the in-flight one was found in /logs, not resent
+
+
+def test_a_taken_port_is_a_clear_error(tmp_path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "bridge", "serve"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=clean_env(SMS_BRIDGE_HTTP_LISTEN=f"127.0.0.1:{port}", SMS_BRIDGE_SMTP_LISTEN=""),
+        )
+    assert result.returncode == 1
+    assert f"http.listen: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
