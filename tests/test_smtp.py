@@ -342,7 +342,7 @@ async def test_implicit_tls_listener(tmp_path, clock, sandbox_url, tls_files) ->
 
 
 async def test_client_network_and_sender_allowlists(tmp_path, clock, sandbox_url) -> None:
-    config = bridge_config(tmp_path, sandbox_url, with_smtp('allowed_networks = ["10.0.0.0/8"]'))
+    config = bridge_config(tmp_path, sandbox_url, with_smtp('allowed_networks = ["::1/128"]'))
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
         with pytest.raises(smtplib.SMTPSenderRefused) as refused:
             await asyncio.to_thread(send, port, "ups@example.org", [DEFAULT_RCPT], "x")
