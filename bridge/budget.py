@@ -10,15 +10,15 @@ never held back by the caps they report.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlite_utils import Database
 
 from bridge.clock import Clock
-from bridge.config import BudgetConfig
+from bridge.config import BudgetConfig, Config
 from bridge.models import Message, NewMessage
+from bridge.phone import resolve_recipients
 from bridge.store import Store
 from bridge.text import shape
 
@@ -45,25 +45,24 @@ class BudgetGuard:
         *,
         store: Store,
         clock: Clock,
-        config: BudgetConfig,
-        route_caps: Mapping[str, int],
-        admins: Sequence[str],
+        config: Config,
         sender_id: str,
     ) -> None:
         self.store = store
         self.clock = clock
-        self.config = config
-        self.route_caps = {name: cap for name, cap in route_caps.items() if cap > 0}
-        self.admins = list(admins)
         self.sender_id = sender_id
         self.over_cap_total = 0  # messages held back or failed by a cap, for metrics
+        self.reload(config)
 
-    def reload(
-        self, config: BudgetConfig, *, route_caps: Mapping[str, int], admins: Sequence[str]
-    ) -> None:
-        self.config = config
-        self.route_caps = {name: cap for name, cap in route_caps.items() if cap > 0}
-        self.admins = list(admins)
+    def reload(self, config: Config) -> None:
+        """Take the caps and admins of `config` (at start and on SIGHUP)."""
+        self.config: BudgetConfig = config.budget
+        self.route_caps: dict[str, int] = {
+            name: route.max_texts_per_day
+            for name, route in config.routes.items()
+            if route.max_texts_per_day > 0
+        }
+        self.admins = resolve_recipients(config.budget.admin, config.groups)
 
     @property
     def active(self) -> bool:

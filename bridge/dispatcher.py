@@ -365,7 +365,6 @@ class Dispatcher:
             return min((m.claimed_at or 0) + RECONCILE_DELAY for m in stale) - now
         oldest = min(m.claimed_at or now for m in ready)
         wanted = {(m.recipient, m.text): m for m in ready}
-        known = {m.provider_message_id for m in await self.store.in_state(State.SENT)}
         found: list[tuple[int, str | None, float | None]] = []
         date_from = datetime.fromtimestamp(oldest - CLOCK_SKEW, UTC).strftime("%Y-%m-%d")
         page = 1
@@ -389,6 +388,7 @@ class Dispatcher:
                 log.warning("cannot read /logs to reconcile %d messages: %s", len(wanted), exc)
                 return self._backoff(2)
             older_seen = False
+            known = await self.store.known_provider_ids([e.id for e in logs.entries])
             for entry in logs.entries:
                 created = _parse_stamp(entry.created_at)
                 if created is not None and created < oldest - CLOCK_SKEW:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from sqlite_utils import Database
 
+from bridge.config import Config
 from bridge.models import NewMessage, State
 
 _WORDS = re.compile(r"\s+")
@@ -32,6 +33,15 @@ class Rules:
     per_recipient: int = 0  # 0: no storm control
     per_recipient_window: float = 600.0
     route_windows: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Rules:
+        return cls(
+            dedupe_window=config.dedupe.window,
+            per_recipient=config.limits.per_recipient,
+            per_recipient_window=config.limits.per_recipient_window,
+            route_windows={name: r.dedupe_window for name, r in config.routes.items()},
+        )
 
     def window_for(self, route: str | None) -> float:
         window = self.route_windows.get(route or "", -1.0)

@@ -32,7 +32,6 @@ from bridge.health import ProviderHealth
 from bridge.ingest import Ingestor
 from bridge.loops import run_steps
 from bridge.metrics import Metrics
-from bridge.phone import resolve_recipients
 from bridge.policy import Rules
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
@@ -178,9 +177,7 @@ class Bridge:
                 budget = BudgetGuard(
                     store=store,
                     clock=clock,
-                    config=config.budget,
-                    route_caps={n: r.max_texts_per_day for n, r in config.routes.items()},
-                    admins=resolve_recipients(config.budget.admin, config.groups),
+                    config=config,
                     sender_id=p.sender_id,
                 )
                 dispatcher = Dispatcher(
@@ -213,12 +210,7 @@ class Bridge:
                 ingestor = Ingestor(
                     store=store,
                     clock=clock,
-                    rules=Rules(
-                        dedupe_window=config.dedupe.window,
-                        per_recipient=config.limits.per_recipient,
-                        per_recipient_window=config.limits.per_recipient_window,
-                        route_windows={n: r.dedupe_window for n, r in config.routes.items()},
-                    ),
+                    rules=Rules.from_config(config),
                     max_parts=config.limits.max_parts,
                     transliterate=config.limits.transliterate,
                     arabic_type=p.arabic_type,
@@ -300,21 +292,12 @@ class Bridge:
         self.config = new
         self.live.current = new
         self.smtp_handler.reload(new)
-        self.ingestor.rules = Rules(
-            dedupe_window=new.dedupe.window,
-            per_recipient=new.limits.per_recipient,
-            per_recipient_window=new.limits.per_recipient_window,
-            route_windows={n: r.dedupe_window for n, r in new.routes.items()},
-        )
+        self.ingestor.rules = Rules.from_config(new)
         self.ingestor.max_parts = new.limits.max_parts
         self.ingestor.transliterate = new.limits.transliterate
         self.digests.window = new.limits.per_recipient_window
         self.digests.max_parts = new.limits.max_parts
-        self.budget.reload(
-            new.budget,
-            route_caps={n: r.max_texts_per_day for n, r in new.routes.items()},
-            admins=resolve_recipients(new.budget.admin, new.groups),
-        )
+        self.budget.reload(new)
         return needs_restart
 
     async def _reloader(self, reloads: asyncio.Queue[str | None]) -> None:

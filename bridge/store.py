@@ -357,6 +357,14 @@ class Store:
             ]
         )
 
+    async def known_provider_ids(self, provider_ids: Sequence[str]) -> set[str]:
+        """Which of these provider ids a stored message already carries."""
+        if not provider_ids:
+            return set()
+        marks = ",".join("?" * len(provider_ids))
+        sql = f"SELECT provider_message_id FROM messages WHERE provider_message_id IN ({marks})"
+        return await self.read(lambda c: {r[0] for r in c.execute(sql, list(provider_ids))})
+
     async def sent_after(self, message: Message) -> int:
         """How many messages reached the provider after `message`: its /logs position.
 

@@ -71,6 +71,16 @@ def dig(payload: Any, path: str) -> Any:
     return current
 
 
+def check_filters(
+    route: RouteConfig, outcome: str, branch: str, default_outcomes: tuple[str, ...]
+) -> None:
+    """CI formats: text only the route's outcomes (default: failures) on its branches."""
+    if outcome not in (route.conclusions or default_outcomes):
+        raise Ignored(f"{outcome or 'no outcome'} is not texted by this route")
+    if route.branches and branch not in route.branches:
+        raise Ignored(f"branch {branch} is not texted by this route")
+
+
 def registry() -> dict[str, ModuleType]:
     from bridge.formats import alertmanager, generic, github, gitlab, grafana
 

@@ -11,7 +11,15 @@ import hashlib
 import hmac
 from typing import Any
 
-from bridge.formats import HookMessage, HookRequest, Ignored, Unauthorized, obj, text_field
+from bridge.formats import (
+    HookMessage,
+    HookRequest,
+    Ignored,
+    Unauthorized,
+    check_filters,
+    obj,
+    text_field,
+)
 
 DEFAULT_CONCLUSIONS = ("failure", "timed_out", "startup_failure")
 DEFAULT_DEPLOYMENT_STATES = ("failure", "error")
@@ -49,14 +57,6 @@ def _short(sha: Any) -> str:
     return str(sha or "")[:7]
 
 
-def _check(request: HookRequest, outcome: str, branch: str, defaults: tuple[str, ...]) -> None:
-    wanted = request.route.conclusions or defaults
-    if outcome not in wanted:
-        raise Ignored(f"{outcome or 'no conclusion'} is not texted by this route")
-    if request.route.branches and branch not in request.route.branches:
-        raise Ignored(f"branch {branch} is not texted by this route")
-
-
 def parse(request: HookRequest) -> list[HookMessage]:
     event = request.headers.get("x-github-event", "")
     payload = obj(request.payload, "body")
@@ -73,7 +73,7 @@ def parse(request: HookRequest) -> list[HookMessage]:
         run = obj(payload.get("workflow_run"), "workflow_run")
         outcome = text_field(run.get("conclusion"), "workflow_run.conclusion")
         branch = text_field(run.get("head_branch"), "workflow_run.head_branch")
-        _check(request, outcome, branch, DEFAULT_CONCLUSIONS)
+        check_filters(request.route, outcome, branch, DEFAULT_CONCLUSIONS)
         actor = (run.get("actor") or {}).get("login") or ""
         title = text_field(run.get("display_title"), "workflow_run.display_title")
         text = (
@@ -88,7 +88,7 @@ def parse(request: HookRequest) -> list[HookMessage]:
         suite = obj(payload.get("check_suite"), "check_suite")
         outcome = text_field(suite.get("conclusion"), "check_suite.conclusion")
         branch = text_field(suite.get("head_branch"), "check_suite.head_branch")
-        _check(request, outcome, branch, DEFAULT_CONCLUSIONS)
+        check_filters(request.route, outcome, branch, DEFAULT_CONCLUSIONS)
         app = (suite.get("app") or {}).get("name") or "checks"
         text = f"GitHub {repo}: {app} {outcome} on {branch} ({_short(suite.get('head_sha'))})"
     elif event == "deployment_status":
@@ -96,7 +96,7 @@ def parse(request: HookRequest) -> list[HookMessage]:
         deployment = obj(payload.get("deployment") or {}, "deployment")
         outcome = text_field(status.get("state"), "deployment_status.state")
         ref = text_field(deployment.get("ref"), "deployment.ref")
-        _check(request, outcome, ref, DEFAULT_DEPLOYMENT_STATES)
+        check_filters(request.route, outcome, ref, DEFAULT_DEPLOYMENT_STATES)
         environment = status.get("environment") or deployment.get("environment") or "?"
         text = (
             f"GitHub {repo}: deployment to {environment} {outcome} "

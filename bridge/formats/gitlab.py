@@ -9,7 +9,15 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from bridge.formats import HookMessage, HookRequest, Ignored, Unauthorized, obj, text_field
+from bridge.formats import (
+    HookMessage,
+    HookRequest,
+    Ignored,
+    Unauthorized,
+    check_filters,
+    obj,
+    text_field,
+)
 
 DEFAULT_STATUSES = ("failed",)
 SAMPLE_HEADERS = {"X-Gitlab-Event": "Pipeline Hook"}
@@ -35,13 +43,6 @@ def verify(request: HookRequest, now: float) -> None:
         raise Unauthorized("X-Gitlab-Token does not match")
 
 
-def _check(request: HookRequest, status: str, ref: str) -> None:
-    if status not in (request.route.conclusions or DEFAULT_STATUSES):
-        raise Ignored(f"status {status or '(none)'} is not texted by this route")
-    if request.route.branches and ref not in request.route.branches:
-        raise Ignored(f"branch {ref} is not texted by this route")
-
-
 def _project(payload: dict[str, Any]) -> str:
     project = payload.get("project") or {}
     if isinstance(project, dict) and project.get("path_with_namespace"):
@@ -61,7 +62,7 @@ def parse(request: HookRequest) -> list[HookMessage]:
         attrs = obj(payload.get("object_attributes"), "object_attributes")
         status = text_field(attrs.get("status"), "object_attributes.status")
         ref = text_field(attrs.get("ref"), "object_attributes.ref")
-        _check(request, status, ref)
+        check_filters(request.route, status, ref, DEFAULT_STATUSES)
         text = (
             f"GitLab {_project(payload)}: pipeline #{attrs.get('id')} {status} on {ref} "
             f"({str(attrs.get('sha') or '')[:8]}){by}"
@@ -70,7 +71,7 @@ def parse(request: HookRequest) -> list[HookMessage]:
     elif event == "Job Hook" or kind == "build":
         status = text_field(payload.get("build_status"), "build_status")
         ref = text_field(payload.get("ref"), "ref")
-        _check(request, status, ref)
+        check_filters(request.route, status, ref, DEFAULT_STATUSES)
         name = text_field(payload.get("build_name"), "build_name", "job")
         stage = text_field(payload.get("build_stage"), "build_stage")
         text = (
@@ -82,7 +83,7 @@ def parse(request: HookRequest) -> list[HookMessage]:
     elif event == "Deployment Hook" or kind == "deployment":
         status = text_field(payload.get("status"), "status")
         ref = text_field(payload.get("ref"), "ref")
-        _check(request, status, ref)
+        check_filters(request.route, status, ref, DEFAULT_STATUSES)
         environment = text_field(payload.get("environment"), "environment", "?")
         text = (
             f"GitLab {_project(payload)}: deployment to {environment} {status} "
