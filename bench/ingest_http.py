@@ -13,20 +13,16 @@ production. Idle RSS is read from /proc before the load.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+from common import free_port, server
 
 BODY = '{"to": "+12025550143", "message": "bench: disk full on db-2"}'
 BARE_APP = textwrap.dedent("""
@@ -50,33 +46,6 @@ BARE_APP = textwrap.dedent("""
     sock.bind(("127.0.0.1", int(sys.argv[1])))
     uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False)).run(sockets=[sock])
 """)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def server(args: list[str], port: int, env: dict[str, str], cwd: str) -> Iterator[int]:
-    proc = subprocess.Popen(
-        args, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            time.sleep(0.1)
-        time.sleep(1.0)  # let start-up settle before reading idle RSS
-        yield proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
 
 
 def rss_mib(pid: int) -> float:

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+from common import free_port, server
 
 MESSAGE = (
     b"From: ups@example.org\r\nTo: +12025550143@sms.localhost\r\n"
@@ -59,30 +57,6 @@ BARE_SERVER = textwrap.dedent("""
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(main(int(sys.argv[1])))
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def server(args: list[str], port: int, env: dict[str, str], cwd: str) -> Iterator[None]:
-    proc = subprocess.Popen(
-        args, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            time.sleep(0.1)
-        time.sleep(1.0)
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 class Client:

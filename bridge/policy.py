@@ -57,7 +57,9 @@ def text_key(text: str) -> str:
 def _duplicate_of(db: Database, recipient: str, key: str, since: float) -> int | None:
     row = db.execute(
         "SELECT id FROM messages WHERE dedupe_key = ? AND dedupe_key IS NOT NULL"
-        " AND recipient = ? AND created_at >= ? AND state != 'failed' ORDER BY id LIMIT 1",
+        # Ordered as the index is: the first hit answers, however many repeats are stored.
+        " AND recipient = ? AND created_at >= ? AND state != 'failed'"
+        " ORDER BY created_at LIMIT 1",
         (key, recipient, since),
     ).fetchone()
     return None if row is None else int(row[0])
