@@ -92,6 +92,7 @@ def is_assigned(e164: str) -> bool:
     return bool(phonenumbers.is_valid_number(phonenumbers.parse(e164, None)))
 
 
+@functools.lru_cache(maxsize=4096)  # called for every message's cost estimate
 def country_code(e164: str) -> int:
     return int(phonenumbers.parse(e164, None).country_code or 0)
 

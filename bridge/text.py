@@ -82,7 +82,9 @@ def _total_units(text: str, gsm: bool) -> int:
 
 def count_parts(text: str) -> int:
     gsm = is_gsm(text)
-    if _total_units(text, gsm) <= (GSM_SINGLE if gsm else UCS2_SINGLE):
+    single = GSM_SINGLE if gsm else UCS2_SINGLE
+    # No character costs more than two units in either alphabet: short texts skip counting.
+    if len(text) * 2 <= single or _total_units(text, gsm) <= single:
         return 1  # the common case, without walking the text in Python
     return len(split_parts(text, gsm=gsm))
 

@@ -181,6 +181,9 @@ async def test_metrics_after_a_known_sequence(
     assert "sms_bridge_cost_sent 1.0" in after
     assert "sms_bridge_provider_ready 1.0" in after
     assert re.search(r"sms_bridge_rate_budget_left \d+", after)
+    commits = float(re.search(r"^sms_bridge_store_commits (\S+)", after, re.M).group(1))
+    writes = float(re.search(r"^sms_bridge_store_writes_committed (\S+)", after, re.M).group(1))
+    assert 3 <= commits <= writes  # three ingests at least, each written and committed
 
 
 def test_secrets_are_masked_in_logs() -> None:
