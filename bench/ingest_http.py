@@ -2,10 +2,12 @@
 
 Run by hand (needs `wrk`: `apt-get install wrk`):
 
-    python bench/ingest_http.py [--duration 10] [--connections 32 64]
+    python bench/ingest_http.py [--duration 5] [--rounds 3] [--connections 32 64]
 
-Both servers run in the same run on this machine, one uvicorn process each, loaded in turn
-by wrk on loopback with the same body; the figure that matters is the ratio. The bridge
+Both servers run side by side on this machine, one uvicorn process each, and wrk loads
+them in turn on loopback with the same body, round after round (bare, bridge, bare,
+bridge...), so that a noisy neighbour hits both alike; each round gives a ratio and the
+median ratio is the figure that matters. The bridge
 runs as `sms-bridge serve` with its in-process sandbox, so its dispatcher runs too, as in
 production. Idle RSS is read from /proc before the load.
 """
@@ -16,6 +18,7 @@ import argparse
 import os
 import re
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,7 +94,8 @@ def _ms(value: str) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 64])
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-http-")
@@ -101,44 +105,52 @@ def main() -> int:
         "wrk.headers['Content-Type'] = 'application/json'\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMS_BRIDGE_")}
-    results: dict[str, dict[int, dict[str, float]]] = {"bare": {}, "bridge": {}}
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {
+        "bare": {c: [] for c in args.connections},
+        "bridge": {c: [] for c in args.connections},
+    }
     rss: dict[str, float] = {}
-    bare_port = free_port()
+    bare_port, bridge_port = free_port(), free_port()
     (Path(tmp) / "bare.py").write_text(BARE_APP)
-    with server(
-        [sys.executable, str(Path(tmp) / "bare.py"), str(bare_port)], bare_port, env, tmp
-    ) as pid:
-        rss["bare"] = rss_mib(pid)
-        for c in args.connections:
-            results["bare"][c] = wrk(bare_port, c, args.duration, str(script))
-    bridge_port = free_port()
     bridge_env = dict(
         env,
         SMS_BRIDGE_HTTP_LISTEN=f"127.0.0.1:{bridge_port}",
         SMS_BRIDGE_SMTP_LISTEN="",
         SMS_BRIDGE_STORE_PATH=f"{tmp}/bench.db",
     )
-    with server([sys.executable, "-m", "bridge", "serve"], bridge_port, bridge_env, tmp) as pid:
-        rss["bridge"] = rss_mib(pid)
-        for c in args.connections:
-            results["bridge"][c] = wrk(bridge_port, c, args.duration, str(script))
+    bare_cmd = [sys.executable, str(Path(tmp) / "bare.py"), str(bare_port)]
+    with (
+        server(bare_cmd, bare_port, env, tmp) as bare_pid,
+        server([sys.executable, "-m", "bridge", "serve"], bridge_port, bridge_env, tmp) as pid,
+    ):
+        rss["bare"], rss["bridge"] = rss_mib(bare_pid), rss_mib(pid)
+        for _ in range(args.rounds):
+            for c in args.connections:
+                for name, port in (("bare", bare_port), ("bridge", bridge_port)):
+                    runs[name][c].append(wrk(port, c, args.duration, str(script)))
     stored = (
         sqlite3.connect(f"{tmp}/bench.db").execute("SELECT count(*) FROM messages").fetchone()[0]
     )
-    print(f"HTTP ingest, {args.duration}s per run, wrk -t1 on loopback, {os.cpu_count()} cores")
     print(
-        f"{'conns':>5} {'bare req/s':>11} {'bridge req/s':>13} {'ratio':>6} "
+        f"HTTP ingest, {args.rounds} rounds of {args.duration}s per server, wrk -t1 on loopback,"
+        f" {os.cpu_count()} cores"
+    )
+    print(
+        f"{'conns':>5} {'round':>5} {'bare req/s':>11} {'bridge req/s':>13} {'ratio':>6} "
         f"{'bridge p50 ms':>14} {'bridge p99 ms':>14} {'bare p99 ms':>12}"
     )
     for c in args.connections:
-        b, s = results["bare"][c], results["bridge"][c]
-        print(
-            f"{c:>5} {b['rps']:>11.0f} {s['rps']:>13.0f} {s['rps'] / b['rps']:>6.2f} "
-            f"{s['p50']:>14.2f} {s['p99']:>14.2f} {b['p99']:>12.2f}"
-        )
-        for name, r in (("bare", b), ("bridge", s)):
-            if r["non2xx"] or r["socket_errors"]:
-                print(f"  {name}: non-2xx {r['non2xx']} {r['socket_errors']}")
+        ratios = []
+        for n, (b, s) in enumerate(zip(runs["bare"][c], runs["bridge"][c], strict=True), 1):
+            ratios.append(s["rps"] / b["rps"])
+            print(
+                f"{c:>5} {n:>5} {b['rps']:>11.0f} {s['rps']:>13.0f} {ratios[-1]:>6.2f} "
+                f"{s['p50']:>14.2f} {s['p99']:>14.2f} {b['p99']:>12.2f}"
+            )
+            for name, r in (("bare", b), ("bridge", s)):
+                if r["non2xx"] or r["socket_errors"]:
+                    print(f"  {name}: non-2xx {r['non2xx']} {r['socket_errors']}")
+        print(f"{c:>5} median ratio {statistics.median(ratios):.2f}")
     print(f"idle RSS: bridge {rss['bridge']:.1f} MiB, bare Starlette {rss['bare']:.1f} MiB")
     print(f"rows stored by the bridge: {stored}")
     return 0

@@ -8,6 +8,7 @@ as `<key>_file` naming a file to read (systemd credentials, Docker secrets).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
@@ -536,6 +537,7 @@ def _validate(config: Config, loader: _Loader) -> None:
                 problem(f"routes.{name}.to[{index}]", f"neither a group nor a number: {exc}")
 
 
+@functools.lru_cache(maxsize=256)  # checked on every message; senders are few
 def valid_sender_id(sender_id: str) -> bool:
     """Alphanumeric: 1-11 of A-Z a-z 0-9 space with a letter; numeric: up to 15 digits."""
     if re.fullmatch(r"\+?\d{1,15}", sender_id):

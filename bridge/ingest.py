@@ -1,13 +1,15 @@
 """The one ingest path: SMTP and HTTP both end here.
 
-`Ingestor.submit` shapes each draft (message type, parts), applies policy and inserts,
-all in one writer transaction, and returns only once that transaction is durable. The
+`Ingestor.submit` shapes each draft (message type, parts), then policy and insert run in
+the writer's next transaction, together with every other submit queued for it (one
+lookup and one insert for all of them), and it returns only once that is durable. The
 caller acknowledges after it returns, never before; a StoreUnavailable means "tell the
 sender to retry". The dispatcher is woken, never called: delivery is not the request's job.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,14 +20,26 @@ from bridge.clock import Clock
 from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage, State
 from bridge.phone import is_assigned
-from bridge.policy import Rules, decide
+from bridge.policy import Rules, decide_all, text_key
 from bridge.pricing import PriceBook
 from bridge.store import Store
-from bridge.text import shape, transliterate, truncate_to_parts
+from bridge.text import Shape, shape, transliterate, truncate_to_parts
 
 log = logging.getLogger(__name__)
 MAX_PENDING_INGESTS = 2000
 TOPIC_CHARS = 32  # beyond this the bridge answers 503 / 451, not an unbounded queue
+
+
+@functools.lru_cache(maxsize=1024)  # alert texts repeat, in a storm above all
+def _prepared(
+    text: str, replace_look_alikes: bool, max_parts: int, arabic_type: int
+) -> tuple[str, Shape, str]:
+    """The text as stored (look-alikes replaced, cut to `max_parts`), its shape, and the
+    dedupe key it has when its sender gives none."""
+    if replace_look_alikes:
+        text = transliterate(text)
+    text = truncate_to_parts(text, max_parts)
+    return text, shape(text, arabic_type=arabic_type), text_key(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +92,11 @@ class Ingestor:
     def _messages(self, drafts: Sequence[Draft]) -> list[NewMessage]:
         out = []
         for draft in drafts:
-            text = transliterate(draft.text) if self.transliterate else draft.text
-            text = truncate_to_parts(text, self.max_parts)
-            form = shape(text, arabic_type=self.arabic_type)
+            text, form, text_dedupe_key = _prepared(
+                draft.text, self.transliterate, self.max_parts, self.arabic_type
+            )
             topic = draft.topic or text.split("\n", 1)[0][:TOPIC_CHARS]
+            dedupe_key = draft.dedupe_key or text_dedupe_key
             for recipient in draft.recipients:
                 if not is_assigned(recipient):
                     log.warning(
@@ -96,7 +111,7 @@ class Ingestor:
                         message_type=form.message_type,
                         parts=form.parts,
                         route=draft.route,
-                        dedupe_key=draft.dedupe_key,
+                        dedupe_key=dedupe_key,
                         schedule_time=draft.schedule_time,
                         state=State.SUPPRESSED if draft.suppressed_reason else State.QUEUED,
                         reason=draft.suppressed_reason,
@@ -112,23 +127,26 @@ class Ingestor:
         if self.pending >= MAX_PENDING_INGESTS:
             raise StoreUnavailable("overloaded: too many messages waiting for the store")
         messages = self._messages(drafts)
-        now = self.clock.now()
-
-        def job(db: Database) -> list[Accepted]:
-            accepted = []
-            for message in messages:  # one by one: each decision sees the rows before it
-                decided = decide(db, message, now=now, rules=self.rules)
-                [message_id] = Store.insert_messages(db, [decided], now)
-                accepted.append(
-                    Accepted(message_id, decided.recipient, decided.state, decided.reason)
-                )
-            return accepted
-
         self.pending += 1
         try:
-            accepted = await self.store.write(job)
+            accepted: list[Accepted] = await self.store.write_batched(
+                self._store, (messages, self.clock.now())
+            )
         finally:
             self.pending -= 1
         if any(a.state in (State.QUEUED, State.HELD) for a in accepted):
             self.on_stored()
         return accepted
+
+    def _store(
+        self, db: Database, submits: list[tuple[list[NewMessage], float]]
+    ) -> list[list[Accepted]]:
+        """Every submit queued for one transaction: decided and inserted together."""
+        pending = [(message, now) for messages, now in submits for message in messages]
+        first_id = Store.next_message_id(db)
+        decided = decide_all(db, pending, first_id=first_id, rules=self.rules)
+        ids = Store.insert_messages(db, decided, [now for _, now in pending], first_id=first_id)
+        accepted = iter(
+            Accepted(i, m.recipient, m.state, m.reason) for i, m in zip(ids, decided, strict=True)
+        )
+        return [[next(accepted) for _ in messages] for messages, _ in submits]

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage, Message
+from typing import Any
 
 from inscriptis import get_text
 
@@ -45,6 +46,10 @@ _QUOTE_INTRO = re.compile(
 )
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u202f\u205f\u3000]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_LINESEP = re.compile(r"\r|\n")  # what policy.default removes to unfold a header
+_NON_WORDS = re.compile(r"\W+")
+TEMPLATE_HEADERS = ("from", "to", "subject", "date", "message-id")
+HEADERS_READ = frozenset((*TEMPLATE_HEADERS, "auto-submitted"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,20 +76,37 @@ def _decode_bytes(data: bytes, charset: str | None) -> str:
     return data.decode("cp1252", errors="replace")
 
 
-def _header(msg: Message, name: str) -> str:
+def policy_header_text(policy: Any, name: str, raw: Any) -> str:
+    """A raw header value decoded by the message's policy (RFC 2047 and all)."""
     try:
-        value = msg.get(name)
+        text = str(policy.header_fetch_parse(name, raw))
     except Exception:  # a malformed header the policy refuses to parse
-        value = None
-        raw = msg.get_all(name, failobj=[])
-        if raw:
-            value = _decode_rfc2047(str(raw[0]))
-    if value is None:
-        return ""
-    text = str(value)
+        text = _decode_rfc2047(str(raw))
     if "=?" in text:  # an encoded word the policy left alone (e.g. unknown charset)
         text = _decode_rfc2047(text)
     return _CONTROL.sub("", text)
+
+
+def header_text(policy: Any, name: str, raw: Any) -> str:
+    """As `policy_header_text`, without building a header object for plain ASCII.
+
+    For ASCII without encoded words the policy's unstructured header is the value itself
+    once unfolded (a property test holds the two to the same answer); building that object
+    was the costliest part of parsing a small mail.
+    """
+    if isinstance(raw, str) and raw.isascii() and "=?" not in raw:
+        return _CONTROL.sub("", _LINESEP.sub("", raw))
+    return policy_header_text(policy, name, raw)
+
+
+def _headers(msg: Message) -> dict[str, str]:
+    """The first value of each header in `HEADERS_READ`, in one pass over the header list."""
+    found: dict[str, str] = {}
+    for name, raw in msg.raw_items():
+        key = name.lower()
+        if key in HEADERS_READ and key not in found:
+            found[key] = header_text(msg.policy, name, raw)
+    return found
 
 
 def _decode_rfc2047(text: str) -> str:
@@ -147,13 +169,13 @@ def clean_body(text: str) -> str:
     return "\n".join(lines)
 
 
-def _loop_reason(msg: Message, mail_from: str | None) -> str | None:
+def _loop_reason(msg: Message, auto_submitted: str, mail_from: str | None) -> str | None:
     """Why this mail must never be texted on (bounce loops), or None. Most specific first."""
     if msg.get_content_type() == "multipart/report":
         return "delivery status notification (multipart/report)"
     if mail_from is not None and mail_from in ("", "<>"):
         return "null sender: a bounce or notification, never texted on"
-    auto = _header(msg, "Auto-Submitted").strip().lower()
+    auto = auto_submitted.strip().lower()
     if auto and auto != "no":
         return f"auto-submitted mail (Auto-Submitted: {auto})"
     return None
@@ -169,11 +191,8 @@ def parse_mail(raw: bytes, *, mail_from: str | None = None) -> MailText:
         body = clean_body(_body(msg))
     except Exception:
         body = clean_body(raw[:MAX_BODY_CHARS].decode("utf-8", errors="replace"))
-    headers = {}
-    for name in ("From", "To", "Subject", "Date", "Message-ID"):
-        value = _header(msg, name)
-        if value:
-            headers[name.lower()] = value
+    found = _headers(msg)
+    headers = {name: found[name] for name in TEMPLATE_HEADERS if found.get(name)}
     subject = _SPACES.sub(" ", headers.get("subject", "").replace("\n", " ")).strip()
     message_id = headers.get("message-id", "").strip() or None
     return MailText(
@@ -182,12 +201,12 @@ def parse_mail(raw: bytes, *, mail_from: str | None = None) -> MailText:
         sender=headers.get("from", ""),
         message_id=message_id,
         headers=headers,
-        loop_reason=_loop_reason(msg, mail_from),
+        loop_reason=_loop_reason(msg, found.get("auto-submitted", ""), mail_from),
     )
 
 
 def _normalised(text: str) -> str:
-    return re.sub(r"\W+", " ", text).strip().lower()
+    return _NON_WORDS.sub(" ", text).strip().lower()
 
 
 def compose(mail: MailText, mode: str) -> str:

@@ -1,8 +1,9 @@
 """Policy applied inside the ingest transaction: stored as queued, suppressed or held.
 
-It runs in the store's writer thread, one message at a time, in the same transaction as
-the inserts, so two concurrent duplicates cannot both slip through and a storm is counted
-exactly.
+It runs in the store's writer thread, in the same transaction as the inserts, for every
+ingest of that transaction at once (two lookups, whatever the number of messages), and
+decides each message as if the ones before it were already stored: two concurrent
+duplicates cannot both slip through, and a storm is counted exactly.
 
 - Deduplication: the same dedupe key (explicit: `dedupe_key`, Message-ID, delivery id,
   alert fingerprints and status; otherwise the normalised text) to the same recipient
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sqlite_utils import Database
@@ -25,6 +27,7 @@ from bridge.config import Config
 from bridge.models import NewMessage, State
 
 _WORDS = re.compile(r"\s+")
+LOOKUPS_PER_STATEMENT = 200  # up to four parameters each: under SQLite's oldest limit (999)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,48 +57,138 @@ def text_key(text: str) -> str:
     return "text:" + hashlib.sha256(normalised.encode()).hexdigest()[:24]
 
 
-def _duplicate_of(db: Database, recipient: str, key: str, since: float) -> int | None:
-    row = db.execute(
-        "SELECT id FROM messages WHERE dedupe_key = ? AND dedupe_key IS NOT NULL"
-        # Ordered as the index is: the first hit answers, however many repeats are stored.
-        " AND recipient = ? AND created_at >= ? AND state != 'failed'"
-        " ORDER BY created_at LIMIT 1",
-        (key, recipient, since),
-    ).fetchone()
-    return None if row is None else int(row[0])
+def _stored_originals(
+    db: Database, wanted: Sequence[tuple[str, str, float]]
+) -> dict[tuple[str, str, float], int]:
+    """For each (key, recipient, since): the first stored message it repeats, if any.
+
+    One statement for the whole batch, answering in one row (each row is a trip into
+    SQLite); ordered as the index is, so the first hit answers however many repeats exist.
+    """
+    found: dict[tuple[str, str, float], int] = {}
+    for start in range(0, len(wanted), LOOKUPS_PER_STATEMENT):
+        chunk = wanted[start : start + LOOKUPS_PER_STATEMENT]
+        values = ",".join(["(?,?,?,?)"] * len(chunk))
+        row = db.execute(
+            f"WITH wanted(i, key, recipient, since) AS (VALUES {values})"
+            " SELECT json_group_array(json_array(i, original)) FROM ("
+            "  SELECT i, (SELECT id FROM messages WHERE dedupe_key = key"
+            "   AND dedupe_key IS NOT NULL AND recipient = wanted.recipient"
+            "   AND created_at >= since AND state != 'failed'"
+            "   ORDER BY created_at LIMIT 1) AS original FROM wanted"
+            " ) WHERE original IS NOT NULL",
+            [v for i, triple in enumerate(chunk) for v in (i, *triple)],
+        ).fetchone()
+        for i, original in json.loads(row[0]):
+            found[chunk[i]] = int(original)
+    return found
 
 
-def _storming(db: Database, recipient: str, rules: Rules, now: float) -> bool:
-    held = db.execute(
-        "SELECT 1 FROM messages WHERE recipient = ? AND state = 'held' LIMIT 1", (recipient,)
-    ).fetchone()
-    if held:  # a digest is pending: join it rather than overtake it
-        return True
-    sent = db.execute(
-        "SELECT count(*) FROM messages WHERE recipient = ? AND created_at >= ?"
-        " AND state IN ('queued', 'sending', 'sent', 'delivered') AND source != 'digest'",
-        (recipient, now - rules.per_recipient_window),
-    ).fetchone()[0]
-    return int(sent) >= rules.per_recipient
+def _stored_storms(
+    db: Database, wanted: Sequence[tuple[str, float]]
+) -> dict[tuple[str, float], tuple[bool, int]]:
+    """For each (recipient, since): a digest pending?, and texts let through since then."""
+    found: dict[tuple[str, float], tuple[bool, int]] = {}
+    for start in range(0, len(wanted), LOOKUPS_PER_STATEMENT):
+        chunk = wanted[start : start + LOOKUPS_PER_STATEMENT]
+        values = ",".join(["(?,?,?)"] * len(chunk))
+        row = db.execute(
+            f"WITH wanted(i, recipient, since) AS (VALUES {values})"
+            " SELECT json_group_array(json_array(i,"
+            "  EXISTS(SELECT 1 FROM messages WHERE recipient = wanted.recipient"
+            "   AND state = 'held'),"
+            "  (SELECT count(*) FROM messages WHERE recipient = wanted.recipient"
+            "   AND created_at >= since AND state IN ('queued', 'sending', 'sent', 'delivered')"
+            "   AND source != 'digest'))) FROM wanted",
+            [v for i, pair in enumerate(chunk) for v in (i, *pair)],
+        ).fetchone()
+        for i, held, recent in json.loads(row[0]):
+            found[chunk[i]] = (bool(held), int(recent))
+    return found
 
 
-def decide(db: Database, message: NewMessage, *, now: float, rules: Rules) -> NewMessage:
-    """The state this message is stored in, with the reason when it is not `queued`."""
-    key = message.dedupe_key or text_key(message.text)
-    message = dataclasses.replace(message, dedupe_key=key)
+@dataclass
+class _Batch:
+    """What the decisions of one transaction see: the stored rows and the batch so far."""
+
+    rules: Rules
+    originals: dict[tuple[str, str, float], int]  # (key, recipient, since) -> stored id
+    storms: dict[tuple[str, float], tuple[bool, int]]  # (recipient, since) -> stored state
+    # (key, phone) -> [(id, arrival)] of this batch, oldest first
+    earlier: dict[tuple[str, str], list[tuple[int, float]]] = field(default_factory=dict)
+    held: set[str] = field(default_factory=set)  # phones held within this batch
+    let_through: dict[str, list[float]] = field(default_factory=dict)  # phone -> arrivals
+
+    def original(self, message: NewMessage, since: float) -> int | None:
+        key = message.dedupe_key or ""
+        stored = self.originals.get((key, message.recipient, since))
+        if stored is not None:
+            return stored
+        repeats = self.earlier.get((key, message.recipient), [])
+        return next((i for i, at in repeats if at >= since), None)
+
+    def storming(self, message: NewMessage, now: float) -> bool:
+        since = now - self.rules.per_recipient_window
+        held, recent = self.storms.get((message.recipient, since), (False, 0))
+        recent += sum(1 for at in self.let_through.get(message.recipient, []) if at >= since)
+        return held or message.recipient in self.held or recent >= self.rules.per_recipient
+
+    def record(self, message: NewMessage, message_id: int, now: float) -> None:
+        pair = (message.dedupe_key or "", message.recipient)
+        self.earlier.setdefault(pair, []).append((message_id, now))
+        if message.state == State.HELD:
+            self.held.add(message.recipient)
+        elif message.state == State.QUEUED:
+            self.let_through.setdefault(message.recipient, []).append(now)
+
+
+def decide_all(
+    db: Database, pending: Sequence[tuple[NewMessage, float]], *, first_id: int, rules: Rules
+) -> list[NewMessage]:
+    """The state each message is stored in (with the reason when not `queued`).
+
+    `pending` are (message, arrival time) in order, to be inserted with ids `first_id`,
+    `first_id + 1`, ...; each decision sees the stored rows and the messages before it,
+    exactly as if they had been decided and inserted one at a time.
+    """
+    keyed = [
+        (m if m.dedupe_key else dataclasses.replace(m, dedupe_key=text_key(m.text)), now)
+        for m, now in pending
+    ]
+    queued = [(m, now) for m, now in keyed if m.state == State.QUEUED]
+    lookups = {
+        (m.dedupe_key or "", m.recipient, now - window)
+        for m, now in queued
+        if (window := rules.window_for(m.route)) > 0
+    }
+    phones = {(m.recipient, now - rules.per_recipient_window) for m, now in queued}
+    batch = _Batch(
+        rules=rules,
+        originals=_stored_originals(db, sorted(lookups)),
+        storms=_stored_storms(db, sorted(phones)) if rules.per_recipient else {},
+    )
+    out = []
+    for offset, (message, now) in enumerate(keyed):
+        decided = _decide(message, now, batch)
+        batch.record(decided, first_id + offset, now)
+        out.append(decided)
+    return out
+
+
+def _decide(message: NewMessage, now: float, batch: _Batch) -> NewMessage:
     if message.state != State.QUEUED:
         return message
+    rules = batch.rules
     window = rules.window_for(message.route)
-    if window > 0:
-        original = _duplicate_of(db, message.recipient, key, now - window)
-        if original is not None:
-            return dataclasses.replace(
-                message,
-                state=State.SUPPRESSED,
-                reason_kind="duplicate",
-                reason=f"duplicate of message {original} within {window:g}s",
-            )
-    if rules.per_recipient and _storming(db, message.recipient, rules, now):
+    original = batch.original(message, now - window) if window > 0 else None
+    if original is not None:
+        return dataclasses.replace(
+            message,
+            state=State.SUPPRESSED,
+            reason_kind="duplicate",
+            reason=f"duplicate of message {original} within {window:g}s",
+        )
+    if rules.per_recipient and batch.storming(message, now):
         return dataclasses.replace(
             message,
             state=State.HELD,

@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import socket
 import ssl
-from typing import Any
+from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
@@ -31,6 +31,7 @@ from bridge.templates import TemplateError, render
 
 log = logging.getLogger(__name__)
 IDENT = "sms-bridge ESMTP"
+ADDRESS_CACHE_SIZE = 1024
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -43,6 +44,29 @@ def _peer_host(session: Session) -> str:
     """The client's address (aiosmtpd keeps the socket's peername tuple in `peer`)."""
     peer: Any = session.peer
     return str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer or "")
+
+
+class BridgeSMTP(SMTP):
+    """aiosmtpd's SMTP session, with MAIL FROM and RCPT TO address parsing memoised.
+
+    aiosmtpd 1.4.6 parses each address with the email package's header parser and
+    defines a `typing.Protocol` class on every call: over a third of a bare aiosmtpd
+    server's time per mail (BENCHMARKS.md). Senders and recipients repeat (a UPS mails the
+    same number every time), so each argument's parse is kept; the result depends on
+    nothing else but `local_part_limit`. Bounded: a client sending junk only clears it.
+    """
+
+    _addresses: ClassVar[dict[tuple[str, int], tuple[str | None, str | None]]] = {}
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        key = (arg, self.local_part_limit)
+        parsed = self._addresses.get(key)
+        if parsed is None:
+            parsed = super()._getaddr(arg)
+            if len(self._addresses) >= ADDRESS_CACHE_SIZE:
+                self._addresses.clear()
+            self._addresses[key] = parsed
+        return parsed
 
 
 class SmtpHandler:
@@ -229,7 +253,7 @@ def smtp_factory(config: Config, handler: SmtpHandler) -> Any:
     exclude = [] if smtp.users else ["LOGIN", "PLAIN"]
 
     def factory() -> SMTP:
-        return SMTP(
+        return BridgeSMTP(
             handler,
             hostname=hostname,
             ident=IDENT,

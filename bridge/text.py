@@ -151,8 +151,11 @@ TRANSLITERATION = {
     "\u203a": ">",
 }
 _TRANSLATE = str.maketrans(TRANSLITERATION)
+_ASCII_LOOK_ALIKES = [ch for ch in TRANSLITERATION if ch.isascii()]  # the backtick
 
 
 def transliterate(text: str) -> str:
     """Replace typographic look-alikes with their GSM 03.38 equivalents."""
+    if text.isascii() and not any(ch in text for ch in _ASCII_LOOK_ALIKES):
+        return text  # the common case, without a table lookup per character
     return text.translate(_TRANSLATE)

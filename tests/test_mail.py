@@ -7,7 +7,15 @@ from email.message import EmailMessage
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.mail import MailText, clean_body, compose, parse_mail
+from bridge.mail import (
+    POLICY,
+    MailText,
+    clean_body,
+    compose,
+    header_text,
+    parse_mail,
+    policy_header_text,
+)
 
 
 def test_signature_quotes_and_blank_lines_are_dropped() -> None:
@@ -105,3 +113,33 @@ def test_mail_shaped_input_never_raises(headers: list[tuple[str, str]], body: by
     head = "".join(f"{k}: {v}\r\n" for k, v in headers).encode("utf-8", errors="replace")
     mail = parse_mail(head + b"\r\n" + body)
     assert "\x00" not in mail.body
+
+
+# ASCII header values as mail carries them: folded lines, tabs, control characters,
+# quotes and brackets, but no encoded words (those always take the policy's path).
+ascii_header_values = (
+    st.lists(
+        st.sampled_from([*'abcXYZ019 \t"()<>@,;:\\.[]?=_-', "\r\n ", "\r\n\t", "\x00", "\x7f"]),
+        max_size=60,
+    )
+    .map("".join)
+    .filter(lambda v: "=?" not in v)
+)
+
+
+@settings(max_examples=500)
+@given(header_names, ascii_header_values)
+def test_plain_ascii_header_fast_path_reads_as_the_policy_does(name: str, raw: str) -> None:
+    assert header_text(POLICY, name, raw) == policy_header_text(POLICY, name, raw)
+
+
+def test_headers_read_from_a_parsed_mail_match_the_policy() -> None:
+    raw = (
+        b"Subject: UPS on\r\n  battery\t(site 2)\r\n"
+        b'From: "Ups, Main" <ups@example.org>\r\n'
+        b"Message-ID: <1@example.org>\r\n\r\nbody\r\n"
+    )
+    mail = parse_mail(raw)
+    assert mail.subject == "UPS on battery (site 2)"
+    assert mail.sender == '"Ups, Main" <ups@example.org>'
+    assert mail.message_id == "<1@example.org>"

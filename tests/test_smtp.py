@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pytest
 import trustme
+from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from bridge.service import Bridge
-from bridge.smtp import start_smtp
+from bridge.smtp import ADDRESS_CACHE_SIZE, BridgeSMTP, start_smtp
 from bridge.sockets import bind_socket
 from bridge.text import count_parts
 from tests.helpers import bridge_config, pump, running_bridge
@@ -379,3 +382,38 @@ async def test_template_compose(tmp_path, clock, sandbox_state, sandbox_url) -> 
         await asyncio.to_thread(send, port, "ups@example.org", [DEFAULT_RCPT], message.as_bytes())
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
     assert [e.message for e in sandbox_state.entries] == ["ups@example.org: ON BATTERY"]
+
+
+address_args = st.one_of(
+    st.text(max_size=40),
+    st.builds(
+        lambda local, domain, params: f"<{local}@{domain}>{params}",
+        st.text(alphabet='+0123456789abc.-_"\\ ', max_size=70),
+        st.sampled_from(["sms.localhost", "example.org", "", "[127.0.0.1]", "a..b"]),
+        st.sampled_from(["", " SIZE=100", " BODY=8BITMIME", "  SMTPUTF8"]),
+    ),
+)
+
+
+@settings(max_examples=400)
+@given(address_args)
+def test_memoised_address_parsing_answers_as_aiosmtpd_does(arg: str) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        ours, theirs = BridgeSMTP(object(), loop=loop), SMTP(object(), loop=loop)
+        expected = theirs._getaddr(arg)
+        assert ours._getaddr(arg) == expected  # parsed
+        assert ours._getaddr(arg) == expected  # remembered
+    finally:
+        loop.close()
+
+
+def test_address_memo_is_bounded() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        server = BridgeSMTP(object(), loop=loop)
+        for n in range(ADDRESS_CACHE_SIZE * 3):
+            server._getaddr(f"<+1202555{n:04d}@sms.localhost>")
+        assert len(BridgeSMTP._addresses) <= ADDRESS_CACHE_SIZE
+    finally:
+        loop.close()

@@ -80,6 +80,13 @@ def test_gsm_text_stays_type_1(text: str) -> None:
     assert message_type(transliterate(text)) == 1
 
 
+@given(st.text(alphabet=st.sampled_from([*"abc `'-. ", *TRANSLITERATION, "é", "😀"])))
+def test_transliteration_replaces_every_look_alike(text: str) -> None:
+    out = transliterate(text)
+    assert not any(ch in out for ch in TRANSLITERATION)
+    assert out == "".join(TRANSLITERATION.get(ch, ch) for ch in text)
+
+
 def test_transliteration_only_maps_to_gsm() -> None:
     assert all(is_gsm(value) for value in TRANSLITERATION.values())
     assert shape(transliterate("It\u2019s \u201cdone\u201d \u2013 really\u2026")).message_type == 1

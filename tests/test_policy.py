@@ -1,0 +1,94 @@
+"""Policy decided for a whole transaction at once answers as one message at a time would."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlite_utils import Database
+
+from bridge.models import NewMessage, State
+from bridge.policy import Rules, decide_all
+from bridge.store import Store, migrations
+
+
+def fresh_db() -> Database:
+    db = Database(sqlite3.connect(":memory:", isolation_level=None))
+    migrations.apply(db)
+    return db
+
+
+def store_all(
+    db: Database, pending: list[tuple[NewMessage, float]], rules: Rules
+) -> list[tuple[int, str, str | None]]:
+    first_id = Store.next_message_id(db)
+    decided = decide_all(db, pending, first_id=first_id, rules=rules)
+    ids = Store.insert_messages(db, decided, [now for _, now in pending], first_id=first_id)
+    return [(i, str(m.state), m.reason) for i, m in zip(ids, decided, strict=True)]
+
+
+messages = st.builds(
+    lambda phone, text, key, route, gap: (
+        NewMessage(
+            recipient=f"+1202555010{phone}",
+            text=text,
+            source="http",
+            sender_id="Bridge",
+            message_type=1,
+            parts=1,
+            route=route,
+            dedupe_key=key,
+        ),
+        gap,
+    ),
+    phone=st.integers(0, 2),
+    text=st.sampled_from(["disk full", "Disk  FULL", "load high", "back to normal"]),
+    key=st.sampled_from([None, None, "a", "b"]),
+    route=st.sampled_from([None, "quick", "never"]),
+    gap=st.sampled_from([0.0, 0.5, 30.0, 400.0]),
+)
+rules_cases = st.builds(
+    lambda window, per_recipient, storm_window: Rules(
+        dedupe_window=window,
+        per_recipient=per_recipient,
+        per_recipient_window=storm_window,
+        route_windows={"quick": 60.0, "never": 0.0},
+    ),
+    window=st.sampled_from([0.0, 0.2, 600.0]),
+    per_recipient=st.sampled_from([0, 1, 3]),
+    storm_window=st.sampled_from([0.2, 600.0]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    history=st.lists(messages, max_size=12),
+    batch=st.lists(messages, min_size=1, max_size=25),
+    rules=rules_cases,
+    looped=st.sets(st.integers(0, 24), max_size=4),
+)
+def test_a_batch_is_decided_as_one_at_a_time(history, batch, rules, looped) -> None:
+    now, timed_history = 1_000_000.0, []
+    for message, gap in history:
+        now += gap
+        timed_history.append((message, now))
+    now += 1.0
+    arrivals = []
+    for index, (message, gap) in enumerate(batch):
+        now += gap / 1000  # one transaction's submits arrive within moments (or not: 0.4 s)
+        if index in looped:  # stored as suppressed by the ingest itself (a bounce)
+            message = dataclasses.replace(
+                message, state=State.SUPPRESSED, reason="auto-submitted mail"
+            )
+        arrivals.append((message, now))
+    together, alone = fresh_db(), fresh_db()
+    for db in (together, alone):
+        for one in timed_history:
+            store_all(db, [one], rules)
+    batched = store_all(together, arrivals, rules)
+    sequential = [row for one in arrivals for row in store_all(alone, [one], rules)]
+    assert batched == sequential
+    rows = "SELECT id, state, reason, dedupe_key, created_at FROM messages ORDER BY id"
+    assert together.execute(rows).fetchall() == alone.execute(rows).fetchall()
