@@ -22,7 +22,7 @@ from bridge.config import (
     parse_duration,
     parse_listen,
 )
-from bridge.errors import ConfigError, ProviderError
+from bridge.errors import ConfigError, ProviderError, StoreUnavailable
 from bridge.logs import setup_logging
 
 log = logging.getLogger("bridge")
@@ -109,6 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{config.source}: OK")
         print(json.dumps(masked(config), indent=2, default=list))
         return 0
+    try:
+        return _run_command(config, args)
+    except StoreUnavailable as exc:
+        print(f"store {config.store.path}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run_command(config: Config, args: argparse.Namespace) -> int:
     if args.command == "serve":
         from bridge.service import serve
 

@@ -218,8 +218,11 @@ def compose(mail: MailText, mode: str) -> str:
     subject, body = mail.subject, mail.body
     if not subject:
         return body
-    if not body or _normalised(body).startswith(_normalised(subject)):
-        return body or subject
-    if _normalised(subject).startswith(_normalised(body)):
+    if not body:
+        return subject
+    plain_subject, plain_body = _normalised(subject), _normalised(body)
+    if plain_body.startswith(plain_subject):
+        return body
+    if plain_subject.startswith(plain_body):
         return subject
     return f"{subject}\n{body}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import queue
 import sqlite3
@@ -143,6 +144,12 @@ _INSERT_COLUMNS = (
 )
 _ROW_MARKS = "(" + ",".join("?" * 19) + ")"
 ROWS_PER_INSERT = 50
+# Many rows changed by one statement: ids (or rows) passed as one JSON parameter, exact
+# for integers and strings; each statement is one trip into SQLite, not one per row.
+# Filters on state are written `+state` so that SQLite looks the ids up by rowid rather
+# than walking every queued message through the state index.
+_JSON_IDS = "(SELECT value FROM json_each(?))"
+MIN_SQLITE = (3, 38, 0)  # UPDATE ... FROM (3.33) and the ->> operator (3.38)
 
 
 def _row(message_id: int, m: NewMessage, now: float) -> tuple[Any, ...]:
@@ -198,8 +205,16 @@ class Store:
 
     # -- lifecycle -----------------------------------------------------------------
     async def open(self) -> None:
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise StoreUnavailable(
+                f"SQLite {'.'.join(map(str, MIN_SQLITE))} or later is needed; this Python"
+                f" has {sqlite3.sqlite_version}"
+            )
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot create the store's directory: {exc}") from exc
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
         await self.write(lambda db: None)  # surfaces a failed open or migration here
@@ -432,19 +447,26 @@ class Store:
     async def claim(self, ids: Sequence[int], now: float, kind: str) -> list[int]:
         """queued -> sending for `ids`, and one provider request booked, in one commit."""
 
+        wanted = json.dumps(list(ids))
+
         def job(db: Database) -> list[int]:
-            claimed = [
-                i
-                for i in ids
-                if db.execute(
-                    "UPDATE messages SET state = 'sending', attempts = attempts + 1,"
-                    " claimed_at = ?, updated_at = ?, reason = NULL"
-                    " WHERE id = ? AND state = 'queued'",
-                    (now, now, i),
-                ).rowcount
-            ]
+            queued = set(
+                json.loads(
+                    db.execute(
+                        "SELECT json_group_array(id) FROM messages"
+                        f" WHERE id IN {_JSON_IDS} AND +state = 'queued'",
+                        (wanted,),
+                    ).fetchone()[0]
+                )
+            )
+            db.execute(
+                "UPDATE messages SET state = 'sending', attempts = attempts + 1,"
+                f" claimed_at = ?, updated_at = ?, reason = NULL WHERE id IN {_JSON_IDS}"
+                " AND +state = 'queued'",
+                (now, now, wanted),
+            )
             db.execute("INSERT INTO provider_requests (at, kind) VALUES (?, ?)", (now, kind))
-            return claimed
+            return [i for i in ids if i in queued]
 
         return await self.write(job)
 
@@ -473,17 +495,15 @@ class Store:
     async def mark_sent(
         self, results: Iterable[tuple[int, str | None, float | None]], now: float
     ) -> None:
-        rows = list(results)
-
-        def job(db: Database) -> None:
-            for message_id, provider_id, cost in rows:
-                db.execute(
-                    "UPDATE messages SET state = 'sent', provider_message_id = ?, cost = ?,"
-                    " sent_at = ?, updated_at = ?, reason = NULL WHERE id = ?",
-                    (provider_id, cost, now, now, message_id),
-                )
-
-        await self.write(job)
+        rows = json.dumps(list(results))
+        await self.write(
+            lambda db: db.execute(
+                "UPDATE messages SET state = 'sent', provider_message_id = r.value ->> 1,"
+                " cost = r.value ->> 2, sent_at = ?, updated_at = ?, reason = NULL"
+                " FROM json_each(?) AS r WHERE messages.id = r.value ->> 0",
+                (now, now, rows),
+            )
+        )
 
     async def requeue(
         self,
@@ -498,25 +518,24 @@ class Store:
     ) -> None:
         """Back to queued, due at `at`; `refund_attempt` when the send never really ran."""
 
-        def job(db: Database) -> None:
-            for i in ids:
-                db.execute(
-                    "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
-                    " reason = ?, attempts = attempts - ?, solo = coalesce(?, solo),"
-                    " reason_kind = coalesce(?, reason_kind)"
-                    " WHERE id = ? AND state IN ('sending', 'queued')",
-                    (
-                        at,
-                        now,
-                        reason,
-                        1 if refund_attempt else 0,
-                        None if solo is None else int(solo),
-                        reason_kind,
-                        i,
-                    ),
-                )
-
-        await self.write(job)
+        args = (
+            at,
+            now,
+            reason,
+            1 if refund_attempt else 0,
+            None if solo is None else int(solo),
+            reason_kind,
+            json.dumps(list(ids)),
+        )
+        await self.write(
+            lambda db: db.execute(
+                "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
+                " reason = ?, attempts = attempts - ?, solo = coalesce(?, solo),"
+                f" reason_kind = coalesce(?, reason_kind) WHERE id IN {_JSON_IDS}"
+                " AND +state IN ('sending', 'queued')",
+                args,
+            )
+        )
 
     async def finish(
         self,
@@ -525,17 +544,15 @@ class Store:
         reason_kind: str | None = None,
     ) -> None:
         """Set final states (failed, delivered) with their reasons."""
-        rows = list(updates)
-
-        def job(db: Database) -> None:
-            for message_id, state, reason in rows:
-                db.execute(
-                    "UPDATE messages SET state = ?, reason = ?, updated_at = ?,"
-                    " reason_kind = coalesce(?, reason_kind) WHERE id = ?",
-                    (str(state), reason, now, reason_kind, message_id),
-                )
-
-        await self.write(job)
+        rows = json.dumps([(i, str(state), reason) for i, state, reason in updates])
+        await self.write(
+            lambda db: db.execute(
+                "UPDATE messages SET state = r.value ->> 1, reason = r.value ->> 2,"
+                " updated_at = ?, reason_kind = coalesce(?, reason_kind)"
+                " FROM json_each(?) AS r WHERE messages.id = r.value ->> 0",
+                (now, reason_kind, rows),
+            )
+        )
 
     # -- queries -----------------------------------------------------------------------
     async def get(self, message_id: int) -> Message | None:

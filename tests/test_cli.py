@@ -97,3 +97,15 @@ def test_messages_command_lists_the_store(tmp_path) -> None:
     table = run("messages", "--status", "delivered", cwd=tmp_path, env=env)
     assert "printer out of toner" in table.stdout and table.stdout.count("delivered") == 2
     assert run("messages", "--status", "failed", cwd=tmp_path, env=env).stdout.count("\n") == 1
+
+
+def test_a_store_that_cannot_be_opened_is_a_clear_error(tmp_path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the store's directory should be")
+    env = {"SMS_BRIDGE_STORE_PATH": str(blocker / "bridge.db"), "SMS_BRIDGE_SMTP_LISTEN": ""}
+    for command in (["serve"], ["messages"], ["purge", "--older-than", "30d"]):
+        env["SMS_BRIDGE_HTTP_LISTEN"] = f"127.0.0.1:{free_port()}"
+        result = run(*command, cwd=tmp_path, env=env)
+        assert result.returncode == 1, command
+        assert f"store {blocker / 'bridge.db'}: cannot create" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -61,6 +61,23 @@ async def test_every_state_change_is_logged(store: Store) -> None:
     assert message.provider_message_id == "p-1" and message.cost == 0.5
 
 
+async def test_set_based_updates_give_each_row_its_own_values(store: Store) -> None:
+    ids = await store.write(lambda db: Store.insert_messages(db, [MESSAGE] * 4, 1.0))
+    assert await store.claim(list(reversed(ids)), 2.0, "send") == list(reversed(ids))
+    await store.mark_sent([(ids[0], "p-0", 0.25), (ids[1], "p-1", None), (ids[2], "p-2", 1.5)], 3.0)
+    await store.requeue([ids[3]], 3.0, at=9.0, reason="retrying: HTTP 503")
+    await store.finish([(ids[0], State.DELIVERED, None), (ids[1], State.FAILED, "expired")], 4.0)
+    got = {i: await store.get(i) for i in ids}
+    assert [(got[i].state, got[i].provider_message_id, got[i].cost) for i in ids] == [
+        (State.DELIVERED, "p-0", 0.25),
+        (State.FAILED, "p-1", None),
+        (State.SENT, "p-2", 1.5),
+        (State.QUEUED, None, None),
+    ]
+    assert got[ids[1]].reason == "expired" and got[ids[3]].next_attempt_at == 9.0
+    assert got[ids[3]].reason == "retrying: HTTP 503" and got[ids[2]].sent_at == 3.0
+
+
 async def test_claim_only_takes_queued_messages(store: Store) -> None:
     ids = await store.write(lambda db: Store.insert_messages(db, [MESSAGE] * 3, 1.0))
     assert await store.claim(ids[:2], 2.0, "send") == ids[:2]
