@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class State(StrEnum):
@@ -29,9 +29,13 @@ class State(StrEnum):
 FINAL_STATES = frozenset({State.DELIVERED, State.FAILED, State.SUPPRESSED})
 
 
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """A normalised message from any ingress, before it is stored."""
+class NewMessage(NamedTuple):
+    """A normalised message from any ingress, before it is stored.
+
+    A named tuple rather than a frozen dataclass: as immutable, and built and copied
+    (`_replace`, for each message policy suppresses or holds) several times faster, which
+    shows on the ingest path.
+    """
 
     recipient: str
     text: str

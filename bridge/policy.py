@@ -14,7 +14,6 @@ duplicates cannot both slip through, and a storm is counted exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -152,8 +151,7 @@ def decide_all(
     exactly as if they had been decided and inserted one at a time.
     """
     keyed = [
-        (m if m.dedupe_key else dataclasses.replace(m, dedupe_key=text_key(m.text)), now)
-        for m, now in pending
+        (m if m.dedupe_key else m._replace(dedupe_key=text_key(m.text)), now) for m, now in pending
     ]
     queued = [(m, now) for m, now in keyed if m.state == State.QUEUED]
     lookups = {
@@ -161,11 +159,15 @@ def decide_all(
         for m, now in queued
         if (window := rules.window_for(m.route)) > 0
     }
-    phones = {(m.recipient, now - rules.per_recipient_window) for m, now in queued}
+    phones = (
+        {(m.recipient, now - rules.per_recipient_window) for m, now in queued}
+        if rules.per_recipient
+        else set()
+    )
     batch = _Batch(
         rules=rules,
         originals=_stored_originals(db, sorted(lookups)),
-        storms=_stored_storms(db, sorted(phones)) if rules.per_recipient else {},
+        storms=_stored_storms(db, sorted(phones)),
     )
     out = []
     for offset, (message, now) in enumerate(keyed):
@@ -182,15 +184,13 @@ def _decide(message: NewMessage, now: float, batch: _Batch) -> NewMessage:
     window = rules.window_for(message.route)
     original = batch.original(message, now - window) if window > 0 else None
     if original is not None:
-        return dataclasses.replace(
-            message,
+        return message._replace(
             state=State.SUPPRESSED,
             reason_kind="duplicate",
             reason=f"duplicate of message {original} within {window:g}s",
         )
     if rules.per_recipient and batch.storming(message, now):
-        return dataclasses.replace(
-            message,
+        return message._replace(
             state=State.HELD,
             reason_kind="storm",
             reason=(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 
 from hypothesis import given, settings
@@ -79,9 +78,7 @@ def test_a_batch_is_decided_as_one_at_a_time(history, batch, rules, looped) -> N
     for index, (message, gap) in enumerate(batch):
         now += gap / 1000  # one transaction's submits arrive within moments (or not: 0.4 s)
         if index in looped:  # stored as suppressed by the ingest itself (a bounce)
-            message = dataclasses.replace(
-                message, state=State.SUPPRESSED, reason="auto-submitted mail"
-            )
+            message = message._replace(state=State.SUPPRESSED, reason="auto-submitted mail")
         arrivals.append((message, now))
     together, alone = fresh_db(), fresh_db()
     for db in (together, alone):
