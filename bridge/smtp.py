@@ -54,6 +54,8 @@ class BridgeSMTP(SMTP):
     server's time per mail (BENCHMARKS.md). Senders and recipients repeat (a UPS mails the
     same number every time), so each argument's parse is kept; the result depends on
     nothing else but `local_part_limit`. Bounded: a client sending junk only clears it.
+    Junk that crashes the parser is a malformed address (553), not aiosmtpd's 500 with
+    the exception's text.
     """
 
     _addresses: ClassVar[dict[tuple[str, int], tuple[str | None, str | None]]] = {}
@@ -62,7 +64,10 @@ class BridgeSMTP(SMTP):
         key = (arg, self.local_part_limit)
         parsed = self._addresses.get(key)
         if parsed is None:
-            parsed = super()._getaddr(arg)
+            try:
+                parsed = super()._getaddr(arg)
+            except Exception:  # the stdlib parser crashes on some junk ("0@"): malformed
+                parsed = (None, None)
             if len(self._addresses) >= ADDRESS_CACHE_SIZE:
                 self._addresses.clear()
             self._addresses[key] = parsed

@@ -195,3 +195,14 @@ def test_pipelined_commands_are_answered_in_order(bridge) -> None:
             if line[3:4] != b"-":
                 codes.append(int(line[:3]))
     assert codes == [250, 250, 250, 550, 354, 250, 221]
+
+
+def test_addresses_that_crash_the_parser_are_malformed_not_500(bridge) -> None:
+    _, port = bridge
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("abuser")
+        code, text = client.docmd("MAIL FROM:0@")
+        assert (code, b"malformed address" in text) == (553, True)
+        assert client.mail("a@example.org")[0] == 250
+        code, text = client.docmd("RCPT TO:0@")
+        assert (code, b"malformed address" in text) == (553, True)

@@ -401,7 +401,10 @@ def test_memoised_address_parsing_answers_as_aiosmtpd_does(arg: str) -> None:
     loop = asyncio.new_event_loop()
     try:
         ours, theirs = BridgeSMTP(object(), loop=loop), SMTP(object(), loop=loop)
-        expected = theirs._getaddr(arg)
+        try:
+            expected = theirs._getaddr(arg)
+        except Exception:  # aiosmtpd crashes on some junk ("0@"); ours calls it malformed
+            expected = (None, None)
         assert ours._getaddr(arg) == expected  # parsed
         assert ours._getaddr(arg) == expected  # remembered
     finally:
