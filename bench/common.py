@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -32,3 +33,19 @@ def server(args: list[str], port: int, env: dict[str, str], cwd: str) -> Iterato
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+SANDBOX_KEY = "bench-key"
+
+
+@contextlib.contextmanager
+def sandbox_provider(env: dict[str, str], cwd: str) -> Iterator[dict[str, str]]:
+    """`sms-bridge sandbox` in a process of its own, as a remote provider would be; yield
+    the settings that point a bridge at it (its work then stays out of the bridge's loop)."""
+    port = free_port()
+    args = [sys.executable, "-m", "bridge", "sandbox", "--listen", f"127.0.0.1:{port}"]
+    with server([*args, "--api-key", SANDBOX_KEY], port, env, cwd):
+        yield {
+            "SMS_BRIDGE_PROVIDER_BASE_URL": f"http://127.0.0.1:{port}/api/v1",
+            "SMS_BRIDGE_PROVIDER_API_KEY": SANDBOX_KEY,
+        }

@@ -7,9 +7,10 @@ Run by hand (needs `wrk`: `apt-get install wrk`):
 Both servers run side by side on this machine, one uvicorn process each, and wrk loads
 them in turn on loopback with the same body, round after round (bare, bridge, bare,
 bridge...), so that a noisy neighbour hits both alike; each round gives a ratio and the
-median ratio is the figure that matters. The bridge
-runs as `sms-bridge serve` with its in-process sandbox, so its dispatcher runs too, as in
-production. Idle RSS is read from /proc before the load.
+median ratio is the figure that matters. The bridge runs as `sms-bridge serve`, its
+dispatcher and status poller working as in production against the sandbox provider in a
+process of its own (as a remote provider would be). Idle RSS is read from /proc before
+the load.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-from common import free_port, server
+from common import free_port, sandbox_provider, server
 
 BODY = '{"to": "+12025550143", "message": "bench: disk full on db-2"}'
 BARE_APP = textwrap.dedent("""
@@ -120,8 +121,11 @@ def main() -> int:
     )
     bare_cmd = [sys.executable, str(Path(tmp) / "bare.py"), str(bare_port)]
     with (
+        sandbox_provider(env, tmp) as provider,
         server(bare_cmd, bare_port, env, tmp) as bare_pid,
-        server([sys.executable, "-m", "bridge", "serve"], bridge_port, bridge_env, tmp) as pid,
+        server(
+            [sys.executable, "-m", "bridge", "serve"], bridge_port, bridge_env | provider, tmp
+        ) as pid,
     ):
         rss["bare"], rss["bridge"] = rss_mib(bare_pid), rss_mib(pid)
         for _ in range(args.rounds):
