@@ -149,7 +149,7 @@ ROWS_PER_INSERT = 50
 # Filters on state are written `+state` so that SQLite looks the ids up by rowid rather
 # than walking every queued message through the state index.
 _JSON_IDS = "(SELECT value FROM json_each(?))"
-MIN_SQLITE = (3, 38, 0)  # UPDATE ... FROM (3.33) and the ->> operator (3.38)
+MIN_SQLITE = (3, 33, 0)  # UPDATE ... FROM; and the JSON functions, checked at open
 
 
 def _row(message_id: int, m: NewMessage, now: float) -> tuple[Any, ...]:
@@ -181,6 +181,18 @@ def _call_each(db: Database, fns: list[Callable[[Database], Any]]) -> list[Any]:
     return [fn(db) for fn in fns]
 
 
+def _check_sqlite() -> None:
+    needed = ".".join(map(str, MIN_SQLITE))
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise StoreUnavailable(
+            f"SQLite {needed} or later is needed; this Python has {sqlite3.sqlite_version}"
+        )
+    try:
+        sqlite3.connect(":memory:").execute("SELECT json_array()").close()
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"this Python's SQLite lacks the JSON functions: {exc}") from exc
+
+
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
@@ -205,11 +217,7 @@ class Store:
 
     # -- lifecycle -----------------------------------------------------------------
     async def open(self) -> None:
-        if sqlite3.sqlite_version_info < MIN_SQLITE:
-            raise StoreUnavailable(
-                f"SQLite {'.'.join(map(str, MIN_SQLITE))} or later is needed; this Python"
-                f" has {sqlite3.sqlite_version}"
-            )
+        _check_sqlite()
         if self.path != ":memory:":
             try:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -498,9 +506,11 @@ class Store:
         rows = json.dumps(list(results))
         await self.write(
             lambda db: db.execute(
-                "UPDATE messages SET state = 'sent', provider_message_id = r.value ->> 1,"
-                " cost = r.value ->> 2, sent_at = ?, updated_at = ?, reason = NULL"
-                " FROM json_each(?) AS r WHERE messages.id = r.value ->> 0",
+                "UPDATE messages SET state = 'sent',"
+                " provider_message_id = json_extract(r.value, '$[1]'),"
+                " cost = json_extract(r.value, '$[2]'), sent_at = ?, updated_at = ?,"
+                " reason = NULL FROM json_each(?) AS r"
+                " WHERE messages.id = json_extract(r.value, '$[0]')",
                 (now, now, rows),
             )
         )
@@ -547,9 +557,10 @@ class Store:
         rows = json.dumps([(i, str(state), reason) for i, state, reason in updates])
         await self.write(
             lambda db: db.execute(
-                "UPDATE messages SET state = r.value ->> 1, reason = r.value ->> 2,"
-                " updated_at = ?, reason_kind = coalesce(?, reason_kind)"
-                " FROM json_each(?) AS r WHERE messages.id = r.value ->> 0",
+                "UPDATE messages SET state = json_extract(r.value, '$[1]'),"
+                " reason = json_extract(r.value, '$[2]'), updated_at = ?,"
+                " reason_kind = coalesce(?, reason_kind) FROM json_each(?) AS r"
+                " WHERE messages.id = json_extract(r.value, '$[0]')",
                 (now, reason_kind, rows),
             )
         )
