@@ -4,10 +4,11 @@ One thread owns the write connection (Datasette's pattern). Jobs from the event 
 queued to it; it takes every job waiting, runs them in one `BEGIN IMMEDIATE` transaction
 (if one raises, the group is rolled back and each job rerun alone, so one bad job cannot
 spoil the others), commits with `synchronous=FULL`, and only then resolves each job's
-future. Consecutive jobs for the same batch function (`write_batched`: every ingest) run
-as one call, so a hundred concurrent ingests cost a handful of statements, not two
-hundred: each statement hands the GIL to the event loop and waits to get it back. A caller that awaited
-`write()` therefore holds a durable result: that is when SMTP may say 250 and HTTP 202.
+future. A caller that awaited `write()` therefore holds a durable result: that is when
+SMTP may say 250 and HTTP 202. Consecutive jobs for the same batch function
+(`write_batched`: every ingest) run as one call, so a hundred concurrent ingests cost a
+handful of statements, not two hundred: each statement is a trip into SQLite that hands
+the GIL to the event loop and waits to get it back.
 Readers run on their own connections in a small thread pool; WAL lets them read while
 the writer writes. Every state change is logged to `events` by triggers, so no code path
 can change a state without leaving a row.
