@@ -1,17 +1,17 @@
-"""SQLite store: migrations, the single writer with group commit, claims and queries.
+"""SQLite store: the single writer with group commit, claims and queries.
 
-One thread owns the write connection (Datasette's pattern). Jobs from the event loop are
-queued to it; it takes every job waiting, runs them in one `BEGIN IMMEDIATE` transaction
-(if one raises, the group is rolled back and each job rerun alone, so one bad job cannot
-spoil the others), commits with `synchronous=FULL`, and only then resolves each job's
-future. A caller that awaited `write()` therefore holds a durable result: that is when
-SMTP may say 250 and HTTP 202. Consecutive jobs for the same batch function
-(`write_batched`: every ingest) run as one call, so a hundred concurrent ingests cost a
-handful of statements, not two hundred: each statement is a trip into SQLite that hands
-the GIL to the event loop and waits to get it back.
-Readers run on their own connections in a small thread pool; WAL lets them read while
-the writer writes. Every state change is logged to `events` by triggers, so no code path
-can change a state without leaving a row.
+The schema and its migrations are in `bridge.schema`. One thread owns the write
+connection (Datasette's pattern). Jobs from the event loop are queued to it; it takes
+every job waiting, runs them in one `BEGIN IMMEDIATE` transaction (if one raises, the
+group is rolled back and each job rerun alone, so one bad job cannot spoil the others),
+commits with `synchronous=FULL`, and only then resolves each job's future. A caller that
+awaited `write()` therefore holds a durable result: that is when SMTP may say 250 and
+HTTP 202. Consecutive jobs for the same batch function (`write_batched`: every ingest)
+run as one call, so a hundred concurrent ingests cost a handful of statements, not two
+hundred: each statement is a trip into SQLite that hands the GIL to the event loop and
+waits to get it back. Readers run on their own connections in a small thread pool; WAL
+lets them read while the writer writes. Every state change is logged to `events` by
+triggers, so no code path can change a state without leaving a row.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlite_utils import Database
-from sqlite_utils.migrations import Migrations
 
 from bridge.errors import StoreUnavailable
 from bridge.models import Message, NewMessage, State
+from bridge.schema import INSERT_COLUMNS, ROW_MARKS, ROWS_PER_INSERT, migrations, row
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,87 +42,12 @@ PURGEABLE_SQL = "('sent', 'delivered', 'failed', 'suppressed')"
 MAX_GROUP = 512  # jobs per transaction: bounds the latency one commit adds
 BUSY_TIMEOUT_MS = 5000
 
-migrations = Migrations("sms_bridge")
-
-
-@migrations(name="0001_messages_events_requests")
-def _initial_schema(db: Database) -> None:
-    db.execute("""
-        CREATE TABLE messages (
-            id INTEGER PRIMARY KEY,
-            recipient TEXT NOT NULL,
-            text TEXT NOT NULL,
-            source TEXT NOT NULL,
-            sender_id TEXT NOT NULL,
-            message_type INTEGER NOT NULL,
-            parts INTEGER NOT NULL,
-            route TEXT,
-            dedupe_key TEXT,
-            schedule_time TEXT,
-            state TEXT NOT NULL,
-            reason TEXT,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            provider_message_id TEXT,
-            cost REAL,
-            created_at REAL NOT NULL,
-            updated_at REAL NOT NULL,
-            next_attempt_at REAL NOT NULL,
-            claimed_at REAL,
-            sent_at REAL,
-            solo INTEGER NOT NULL DEFAULT 0
-        )""")
-    db.execute("CREATE INDEX messages_due ON messages(state, next_attempt_at, id)")
-    db.execute(
-        "CREATE INDEX messages_dedupe ON messages(dedupe_key, recipient, created_at)"
-        " WHERE dedupe_key IS NOT NULL"
-    )
-    db.execute("""
-        CREATE TABLE events (
-            id INTEGER PRIMARY KEY,
-            message_id INTEGER NOT NULL,
-            at REAL NOT NULL,
-            state TEXT NOT NULL,
-            attempts INTEGER NOT NULL,
-            detail TEXT
-        )""")
-    db.execute("CREATE INDEX events_message ON events(message_id, id)")
-    db.execute("""
-        CREATE TRIGGER messages_insert_event AFTER INSERT ON messages BEGIN
-            INSERT INTO events(message_id, at, state, attempts, detail)
-            VALUES (new.id, new.updated_at, new.state, new.attempts, new.reason);
-        END""")
-    db.execute("""
-        CREATE TRIGGER messages_state_event AFTER UPDATE OF state ON messages
-        WHEN old.state != new.state BEGIN
-            INSERT INTO events(message_id, at, state, attempts, detail)
-            VALUES (new.id, new.updated_at, new.state, new.attempts, new.reason);
-        END""")
-    # Timestamps of provider requests: the sliding rate window survives a restart.
-    db.execute("CREATE TABLE provider_requests (at REAL NOT NULL, kind TEXT NOT NULL)")
-    db.execute("CREATE INDEX provider_requests_at ON provider_requests(at)")
-
 
 class _JobFailed(Exception):
     """A job raised something other than a storage error; carries it."""
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
-
-
-@migrations(name="0002_storm_control_and_costs")
-def _storm_and_costs(db: Database) -> None:
-    # topic: what a digest counts ("HighLatency"); reason_kind: why suppressed or held,
-    # for grouping (duplicate, storm, loop, budget); estimated_cost from the price list.
-    for column in ("topic TEXT", "reason_kind TEXT", "estimated_cost REAL"):
-        db.execute(f"ALTER TABLE messages ADD COLUMN {column}")
-    db.execute("CREATE INDEX messages_recipient ON messages(recipient, created_at)")
-    db.execute("CREATE INDEX messages_sent_at ON messages(sent_at) WHERE sent_at IS NOT NULL")
-
-
-@migrations(name="0003_instance")
-def _instance(db: Database) -> None:
-    # What a storm digest names besides the topic: "(api-1, db-2...)".
-    db.execute("ALTER TABLE messages ADD COLUMN instance TEXT")
 
 
 Batch = Callable[[Database, list[Any]], list[Any]]  # items in, one result per item out
@@ -136,45 +61,12 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
-# Columns an ingest sets; the rest keep their defaults. Rows per INSERT statement: 19
-# parameters each stays under SQLite's oldest variable limit (999).
-_INSERT_COLUMNS = (
-    "id, recipient, text, source, sender_id, message_type, parts, route, dedupe_key,"
-    " schedule_time, state, reason, created_at, updated_at, next_attempt_at, topic,"
-    " reason_kind, estimated_cost, instance"
-)
-_ROW_MARKS = "(" + ",".join("?" * 19) + ")"
-ROWS_PER_INSERT = 50
 # Many rows changed by one statement: ids (or rows) passed as one JSON parameter, exact
 # for integers and strings; each statement is one trip into SQLite, not one per row.
 # Filters on state are written `+state` so that SQLite looks the ids up by rowid rather
 # than walking every queued message through the state index.
 _JSON_IDS = "(SELECT value FROM json_each(?))"
 MIN_SQLITE = (3, 33, 0)  # UPDATE ... FROM; and the JSON functions, checked at open
-
-
-def _row(message_id: int, m: NewMessage, now: float) -> tuple[Any, ...]:
-    return (
-        message_id,
-        m.recipient,
-        m.text,
-        m.source,
-        m.sender_id,
-        m.message_type,
-        m.parts,
-        m.route,
-        m.dedupe_key,
-        m.schedule_time,
-        str(m.state),
-        m.reason,
-        now,
-        now,
-        now,
-        m.topic,
-        m.reason_kind,
-        m.estimated_cost,
-        m.instance,
-    )
 
 
 def _call_each(db: Database, fns: list[Callable[[Database], Any]]) -> list[Any]:
@@ -378,14 +270,14 @@ class Store:
         first = Store.next_message_id(db) if first_id is None else first_id
         times = [now] * len(messages) if isinstance(now, float | int) else list(now)
         rows = [
-            _row(first + offset, m, at)
+            row(first + offset, m, at)
             for offset, (m, at) in enumerate(zip(messages, times, strict=True))
         ]
         for start in range(0, len(rows), ROWS_PER_INSERT):
             chunk = rows[start : start + ROWS_PER_INSERT]
-            marks = ",".join([_ROW_MARKS] * len(chunk))
+            marks = ",".join([ROW_MARKS] * len(chunk))
             db.execute(
-                f"INSERT INTO messages ({_INSERT_COLUMNS}) VALUES {marks}",
+                f"INSERT INTO messages ({INSERT_COLUMNS}) VALUES {marks}",
                 [value for row in chunk for value in row],
             )
         return [row[0] for row in rows]

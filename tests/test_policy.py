@@ -10,7 +10,8 @@ from sqlite_utils import Database
 
 from bridge.models import NewMessage, State
 from bridge.policy import Rules, decide_all
-from bridge.store import Store, migrations
+from bridge.schema import migrations
+from bridge.store import Store
 
 
 def fresh_db() -> Database:

@@ -1,0 +1,124 @@
+"""The store's schema: forward migrations, and the layout of a message row as inserted.
+
+Applied by the store's writer at open (sqlite-utils migrations, recorded in the
+database); never edited once released, only followed by new ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from bridge.models import NewMessage
+
+migrations = Migrations("sms_bridge")
+
+
+@migrations(name="0001_messages_events_requests")
+def _initial_schema(db: Database) -> None:
+    db.execute("""
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            recipient TEXT NOT NULL,
+            text TEXT NOT NULL,
+            source TEXT NOT NULL,
+            sender_id TEXT NOT NULL,
+            message_type INTEGER NOT NULL,
+            parts INTEGER NOT NULL,
+            route TEXT,
+            dedupe_key TEXT,
+            schedule_time TEXT,
+            state TEXT NOT NULL,
+            reason TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            provider_message_id TEXT,
+            cost REAL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            next_attempt_at REAL NOT NULL,
+            claimed_at REAL,
+            sent_at REAL,
+            solo INTEGER NOT NULL DEFAULT 0
+        )""")
+    db.execute("CREATE INDEX messages_due ON messages(state, next_attempt_at, id)")
+    db.execute(
+        "CREATE INDEX messages_dedupe ON messages(dedupe_key, recipient, created_at)"
+        " WHERE dedupe_key IS NOT NULL"
+    )
+    db.execute("""
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY,
+            message_id INTEGER NOT NULL,
+            at REAL NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL,
+            detail TEXT
+        )""")
+    db.execute("CREATE INDEX events_message ON events(message_id, id)")
+    db.execute("""
+        CREATE TRIGGER messages_insert_event AFTER INSERT ON messages BEGIN
+            INSERT INTO events(message_id, at, state, attempts, detail)
+            VALUES (new.id, new.updated_at, new.state, new.attempts, new.reason);
+        END""")
+    db.execute("""
+        CREATE TRIGGER messages_state_event AFTER UPDATE OF state ON messages
+        WHEN old.state != new.state BEGIN
+            INSERT INTO events(message_id, at, state, attempts, detail)
+            VALUES (new.id, new.updated_at, new.state, new.attempts, new.reason);
+        END""")
+    # Timestamps of provider requests: the sliding rate window survives a restart.
+    db.execute("CREATE TABLE provider_requests (at REAL NOT NULL, kind TEXT NOT NULL)")
+    db.execute("CREATE INDEX provider_requests_at ON provider_requests(at)")
+
+
+@migrations(name="0002_storm_control_and_costs")
+def _storm_and_costs(db: Database) -> None:
+    # topic: what a digest counts ("HighLatency"); reason_kind: why suppressed or held,
+    # for grouping (duplicate, storm, loop, budget); estimated_cost from the price list.
+    for column in ("topic TEXT", "reason_kind TEXT", "estimated_cost REAL"):
+        db.execute(f"ALTER TABLE messages ADD COLUMN {column}")
+    db.execute("CREATE INDEX messages_recipient ON messages(recipient, created_at)")
+    db.execute("CREATE INDEX messages_sent_at ON messages(sent_at) WHERE sent_at IS NOT NULL")
+
+
+@migrations(name="0003_instance")
+def _instance(db: Database) -> None:
+    # What a storm digest names besides the topic: "(api-1, db-2...)".
+    db.execute("ALTER TABLE messages ADD COLUMN instance TEXT")
+
+
+# Columns an ingest sets; the rest keep their defaults. Rows per INSERT statement: 19
+# parameters each stays under SQLite's oldest variable limit (999).
+INSERT_COLUMNS = (
+    "id, recipient, text, source, sender_id, message_type, parts, route, dedupe_key,"
+    " schedule_time, state, reason, created_at, updated_at, next_attempt_at, topic,"
+    " reason_kind, estimated_cost, instance"
+)
+ROW_MARKS = "(" + ",".join("?" * len(INSERT_COLUMNS.split(","))) + ")"
+ROWS_PER_INSERT = 50
+
+
+def row(message_id: int, m: NewMessage, now: float) -> tuple[Any, ...]:
+    return (
+        message_id,
+        m.recipient,
+        m.text,
+        m.source,
+        m.sender_id,
+        m.message_type,
+        m.parts,
+        m.route,
+        m.dedupe_key,
+        m.schedule_time,
+        str(m.state),
+        m.reason,
+        now,
+        now,
+        now,
+        m.topic,
+        m.reason_kind,
+        m.estimated_cost,
+        m.instance,
+    )
