@@ -50,8 +50,8 @@ class BridgeSMTP(SMTP):
     """aiosmtpd's SMTP session, with MAIL FROM and RCPT TO address parsing memoised.
 
     aiosmtpd 1.4.6 parses each address with the email package's header parser and
-    defines a `typing.Protocol` class on every call: over a third of a bare aiosmtpd
-    server's time per mail (BENCHMARKS.md). Senders and recipients repeat (a UPS mails the
+    defines a `typing.Protocol` class on every call: about two thirds of a bare aiosmtpd
+    server's time per mail over a reused connection (BENCHMARKS.md). Senders and recipients repeat (a UPS mails the
     same number every time), so each argument's parse is kept; the result depends on
     nothing else but `local_part_limit`. Bounded: a client sending junk only clears it.
     Junk that crashes the parser is a malformed address (553), not aiosmtpd's 500 with
