@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,19 @@ class RouteConfig:
     max_texts_per_day: int = _opt(0)  # 0 = no cap for this route
 
 
+SCOPES = ("send", "read", "admin", "metrics")
+MIN_TOKEN_CHARS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class TokenConfig:
+    """`[tokens.NAME]`: an API token and what it may do (`Authorization: Bearer TOKEN`)."""
+
+    name: str = ""
+    token: str = _opt("", secret=True)
+    scopes: tuple[str, ...] = _opt([])  # send | read | admin | metrics
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
@@ -196,6 +209,7 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     routes: Mapping[str, RouteConfig] = field(default_factory=dict)
+    tokens: Mapping[str, TokenConfig] = field(default_factory=dict)
     source: str = "built-in defaults"
 
     @property
@@ -417,6 +431,22 @@ class _Loader:
             routes[name] = route
         return routes
 
+    def tokens(self, raw: object) -> dict[str, TokenConfig]:
+        if not isinstance(raw, dict):
+            self.problem("tokens", "expected tables [tokens.NAME]")
+            return {}
+        tokens: dict[str, TokenConfig] = {}
+        for name, table in raw.items():
+            if not GROUP_NAME.match(name):
+                self.problem(
+                    f"tokens.{name}", "a token name starts with a letter: letters, digits, _ . -"
+                )
+                continue
+            tokens[name] = self.section(
+                f"tokens.{name}", TokenConfig, table, env=False, fixed={"name": name}
+            )
+        return tokens
+
 
 def _validate(config: Config, loader: _Loader) -> None:
     problem = loader.problem
@@ -537,6 +567,26 @@ def _validate(config: Config, loader: _Loader) -> None:
                 problem(f"routes.{name}.to[{index}]", f"neither a group nor a number: {exc}")
 
 
+def _validate_tokens(config: Config, problem: Callable[[str, str], None]) -> None:
+    seen: dict[str, str] = {}
+    for name, spec in config.tokens.items():
+        key = f"tokens.{name}"
+        if len(spec.token) < MIN_TOKEN_CHARS:
+            problem(
+                f"{key}.token",
+                f"at least {MIN_TOKEN_CHARS} characters (e.g. from `openssl rand -hex 24`)",
+            )
+        elif spec.token in seen:
+            problem(f"{key}.token", f"the same token as tokens.{seen[spec.token]}")
+        else:
+            seen[spec.token] = name
+        if not spec.scopes:
+            problem(f"{key}.scopes", f"at least one of {', '.join(SCOPES)}")
+        for scope in spec.scopes:
+            if scope not in SCOPES:
+                problem(f"{key}.scopes", f"{scope!r} is not one of {', '.join(SCOPES)}")
+
+
 @functools.lru_cache(maxsize=256)  # checked on every message; senders are few
 def valid_sender_id(sender_id: str) -> bool:
     """Alphanumeric: 1-11 of A-Z a-z 0-9 space with a letter; numeric: up to 15 digits."""
@@ -562,7 +612,7 @@ def load_config(
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError([(str(path), f"not valid TOML: {exc}")]) from exc
     for key in raw:
-        if key not in SECTIONS and key not in ("groups", "routes"):
+        if key not in SECTIONS and key not in ("groups", "routes", "tokens"):
             loader.problem(key, "unknown section")
     sections = {
         name: loader.section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()
@@ -571,9 +621,11 @@ def load_config(
         **sections,
         groups=loader.groups(raw.get("groups", {})),
         routes=loader.routes(raw.get("routes", {})),
+        tokens=loader.tokens(raw.get("tokens", {})),
         source=str(path) if path is not None else "built-in defaults",
     )
     _validate(config, loader)
+    _validate_tokens(config, loader.problem)
     if loader.problems:
         raise ConfigError(loader.problems)
     return config
@@ -605,6 +657,10 @@ def masked(config: Config) -> dict[str, Any]:
             for f in dataclasses.fields(section)
         }
     out["groups"] = {k: list(v) for k, v in config.groups.items()}
+    out["tokens"] = {
+        k: {f.name: _masked_value(f, getattr(t, f.name)) for f in dataclasses.fields(t)}
+        for k, t in config.tokens.items()
+    }
     out["routes"] = {
         k: {f.name: _masked_value(f, getattr(r, f.name)) for f in dataclasses.fields(r)}
         for k, r in config.routes.items()

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bridge.auth import AuthError, authorize
 from bridge.clock import Clock
 from bridge.config import LiveConfig, valid_sender_id
 from bridge.errors import InputError, StoreUnavailable
@@ -118,12 +119,18 @@ def recipients_field(value: Any, field: str = "to") -> list[str]:
     )
 
 
-def handle_errors(
-    handler: Callable[[Request], Awaitable[Response]],
-) -> Callable[[Request], Awaitable[Response]]:
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def handle_errors(handler: Handler) -> Handler:
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
+        except AuthError as exc:
+            headers = (
+                {"WWW-Authenticate": 'Bearer realm="sms-bridge"'} if exc.status == 401 else None
+            )
+            return JSONResponse({"error": exc.message}, exc.status, headers=headers)
         except HttpError as exc:
             return error_response(exc.status, exc.message, exc.field)
         except InputError as exc:
@@ -133,6 +140,18 @@ def handle_errors(
             return error_response(503, f"not accepted, retry later: {exc}")
 
     return wrapped
+
+
+def requires(scope: str, live: LiveConfig, handler: Handler) -> Handler:
+    """`handler` for callers whose token has `scope`; the principal in `request.state`."""
+
+    async def guarded(request: Request) -> Response:
+        request.state.principal = authorize(
+            live.current.tokens, request.headers.get("authorization"), scope
+        )
+        return await handler(request)
+
+    return handle_errors(guarded)
 
 
 def create_app(
@@ -261,17 +280,21 @@ def create_app(
 
     return Starlette(
         routes=[
-            Route("/api/v1/messages", handle_errors(post_message), methods=["POST"]),
-            Route("/api/v1/messages", handle_errors(list_messages), methods=["GET"]),
-            Route("/api/v1/messages/{message_id}", handle_errors(get_message), methods=["GET"]),
-            Route("/api/v1/stats", handle_errors(stats), methods=["GET"]),
+            Route("/api/v1/messages", requires("send", live, post_message), methods=["POST"]),
+            Route("/api/v1/messages", requires("read", live, list_messages), methods=["GET"]),
+            Route(
+                "/api/v1/messages/{message_id}",
+                requires("read", live, get_message),
+                methods=["GET"],
+            ),
+            Route("/api/v1/stats", requires("read", live, stats), methods=["GET"]),
             Route(
                 "/hooks/{name}",
                 handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock)),
                 methods=["POST"],
             ),
             Route("/openapi.json", openapi, methods=["GET"]),
-            Route("/metrics", handle_errors(metrics_endpoint), methods=["GET"]),
+            Route("/metrics", requires("metrics", live, metrics_endpoint), methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],
