@@ -5,9 +5,10 @@ ingest of that transaction at once (two lookups, whatever the number of messages
 decides each message as if the ones before it were already stored: two concurrent
 duplicates cannot both slip through, and a storm is counted exactly.
 
-- Deduplication: the same dedupe key (explicit: `dedupe_key`, Message-ID, delivery id,
-  alert fingerprints and status; otherwise the normalised text) to the same recipient
-  within the window -> `suppressed`, naming the original.
+- Deduplication: the same dedupe key (explicit: `dedupe_key`, Message-ID and content,
+  GitHub body hash, alert fingerprints and status; otherwise the normalised text) to the
+  same recipient within the window -> `suppressed`, naming the original. Every key
+  carries its scope (`dedupe_scope`): keys from the API, a route or mail never meet.
 - Storm control: more than `per_recipient` texts to one phone within the window ->
   `held`; the digest worker (`bridge.storm`) later folds held messages into one SMS.
 """
@@ -49,6 +50,32 @@ class Rules:
     def window_for(self, route: str | None) -> float:
         window = self.route_windows.get(route or "", -1.0)
         return self.dedupe_window if window < 0 else window
+
+
+def dedupe_scope(kind: str, name: str | None = None) -> str:
+    """Where dedupe keys come from: `api`, `api@TOKEN`, `route@NAME`, `mail`.
+
+    Ingest puts the scope before every key (`scoped_key`), so an API caller's
+    `"github:deliv-77"` is `api:github:deliv-77` and can never match route `gh`'s
+    delivery, `route@gh:github:...`. A name cannot hold `:` (escaped), so no scope ends
+    inside another's key.
+    """
+    if name is None:
+        return kind
+    return f"{kind}@{name.replace('%', '%25').replace(':', '%3A')}"
+
+
+def scoped_key(scope: str, key: str) -> str:
+    return f"{scope}:{key}"
+
+
+def content_hash(*parts: str | bytes) -> str:
+    """A short digest of some content, for keys that must change when it does."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8", "surrogatepass") if isinstance(part, str) else part
+        digest.update(len(data).to_bytes(8, "big") + data)  # lengths: no ambiguous joins
+    return digest.hexdigest()[:32]
 
 
 def text_key(text: str) -> str:
