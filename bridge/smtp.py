@@ -209,14 +209,7 @@ class SmtpHandler:
             source="smtp",
             sender_id=self.config.smtp.sender_id or self.config.provider.sender_id,
             scope=dedupe_scope("mail"),
-            # A resend is the same Message-ID *and* the same content: cheap devices and
-            # test fixtures give different mails one Message-ID, and each must be texted.
-            dedupe_key=(
-                f"message-id:{mail.message_id}:"
-                + content_hash(mail.sender, mail.subject, mail.body)
-                if mail.message_id
-                else None
-            ),
+            dedupe_key=mail_dedupe_key(mail),
             suppressed_reason=mail.loop_reason,
             topic=mail.subject[:32] or None,
         )
@@ -229,6 +222,14 @@ class SmtpHandler:
         if mail.loop_reason:
             log.info("mail stored as suppressed (%s): %s", mail.loop_reason, ids)
         return f"250 2.0.0 OK: stored as message {ids}"
+
+
+def mail_dedupe_key(mail: MailText) -> str | None:
+    """A resend is the same Message-ID *and* the same content: cheap devices and test
+    fixtures give different mails one Message-ID, and each of them must be texted."""
+    if not mail.message_id:
+        return None  # the text is the key
+    return f"message-id:{mail.message_id}:{content_hash(mail.sender, mail.subject, mail.body)}"
 
 
 class Authenticator:
