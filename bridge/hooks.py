@@ -146,16 +146,23 @@ def hook_endpoint(
         for message in messages:
             # A route texts its own recipients; whoever can post to it may add others
             # only where the owner said so (else the payload's `to` is just data).
-            named = [*message.recipients, *extra] if route.allow_payload_to else extra
-            cap_recipients(named, config.http.max_recipients, route.to_path)
-            targets = [*route.to, *named]
-            if not targets:
+            payload_to = message.recipients if route.allow_payload_to else ()
+            cap_recipients([*payload_to, *extra], config.http.max_recipients, route.to_path)
+            if not (route.to or payload_to or extra):
                 raise HttpError(
                     400,
                     "no recipients: the route has none and the payload named none",
                     route.to_path if route.format == "generic" else "to",
                 )
-            recipients = firewall.resolve(targets, config.groups)
+            recipients = list(
+                dict.fromkeys(
+                    [
+                        *firewall.resolve(route.to, config.groups, field=f"routes.{name}.to"),
+                        *firewall.resolve(payload_to, config.groups, field=route.to_path),
+                        *firewall.resolve(extra, config.groups, field="?to"),
+                    ]
+                )
+            )
             drafts.append(
                 Draft(
                     recipients=recipients,

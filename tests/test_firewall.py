@@ -147,6 +147,7 @@ async def test_allowed_countries_over_api_hooks_and_smtp(
             f"{url}/hooks/open", json={"message": "x", "to": ["+16135550100", "+4915112345678"]}
         )
         assert hook.status_code == 400 and "+4915112345678" in hook.json()["error"]
+        assert hook.json()["field"] == "to[1]"  # the generic route's to_path, indexed
         canada = await http.post(f"{url}/hooks/open", json={"message": "x", "to": "+16135550100"})
         assert canada.status_code == 202  # CA is allowed
         code, message = await asyncio.to_thread(rcpt, port, "+442079460000@sms.localhost")
@@ -223,6 +224,7 @@ async def test_routes_text_only_their_own_recipients(
         payload_to = await http.post(
             f"{url}/hooks/fixed", json={"message": "backup failed", "to": "+12025550199"}
         )
+        odd_to = await http.post(f"{url}/hooks/fixed", json={"message": "x", "to": 5})
         query_to = await http.post(
             f"{url}/hooks/fixed?to=%2B12025550199", json={"message": "backup failed"}
         )
@@ -232,6 +234,7 @@ async def test_routes_text_only_their_own_recipients(
         messages = await bridge.store.query()
     assert payload_to.status_code == 202
     assert [m["to"] for m in payload_to.json()["messages"]] == [OK]  # the payload's is data
+    assert odd_to.status_code == 202  # not a recipient here: not even read
     assert query_to.status_code == 400 and "allow_payload_to" in query_to.json()["error"]
     assert opened.status_code == 202
     assert sorted(m["to"] for m in opened.json()["messages"]) == [
