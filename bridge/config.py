@@ -183,9 +183,7 @@ class RouteConfig:
     sender_id: str = _opt("")  # "" = provider.sender_id
     dedupe_window: float = _opt(-1.0, "duration")  # -1 = dedupe.window
     max_texts_per_day: int = _opt(0)  # 0 = no cap for this route
-    allow_payload_to: bool = _opt(
-        False
-    )  # may the payload (generic to_path) and ?to= add recipients
+    allow_payload_to: bool = _opt(False)  # may the payload's to_path and ?to= add recipients
 
 
 @dataclass(frozen=True, slots=True)
