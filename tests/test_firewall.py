@@ -440,3 +440,24 @@ async def test_mail_resend_is_same_message_id_and_same_content(
         messages = sorted(await bridge.store.query(), key=lambda m: m.id)
     assert [m.state for m in messages] == [State.QUEUED, State.QUEUED, State.SUPPRESSED]
     assert f"message {messages[0].id}" in (messages[2].reason or "")
+
+
+async def test_reload_applies_the_firewall_to_every_path(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    base = ROUTES + '[smtp]\ndomains = ["sms.localhost"]\n'
+    config = bridge_config(tmp_path, sandbox_url, base)
+    stricter = bridge_config(tmp_path, sandbox_url, base + '[phone]\nallowed_countries = ["US"]\n')
+    uk = "+442079460000"
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        assert (await asyncio.to_thread(rcpt, port, f"{uk}@sms.localhost"))[0] == 250
+        assert bridge.reload(stricter) == []
+        code, _ = await asyncio.to_thread(rcpt, port, f"{uk}@sms.localhost")
+        api = await http.post(f"{url}/api/v1/messages", json={"to": uk, "message": "x"})
+        hook = await http.post(f"{url}/hooks/open", json={"to": uk, "message": "x"})
+    assert code == 550
+    assert api.status_code == 400 and hook.status_code == 400
