@@ -29,6 +29,9 @@ from bridge.models import NewMessage, State
 
 _WORDS = re.compile(r"\s+")
 LOOKUPS_PER_STATEMENT = 200  # up to four parameters each: under SQLite's oldest limit (999)
+# GitHub signs no timestamp, so a captured body can be replayed at any time; its key is
+# the body's hash, and no genuine event repeats a body, so a long window costs nothing.
+SIGNED_REPLAY_WINDOW = 7 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,12 +47,25 @@ class Rules:
             dedupe_window=config.dedupe.window,
             per_recipient=config.limits.per_recipient,
             per_recipient_window=config.limits.per_recipient_window,
-            route_windows={name: r.dedupe_window for name, r in config.routes.items()},
+            route_windows={
+                name: _route_window(r.format, r.dedupe_window, config.dedupe.window)
+                for name, r in config.routes.items()
+            },
         )
 
     def window_for(self, route: str | None) -> float:
         window = self.route_windows.get(route or "", -1.0)
         return self.dedupe_window if window < 0 else window
+
+
+def _route_window(route_format: str, window: float, default: float) -> float:
+    """A route's own window, else the default; a GitHub route's default is at least a week
+    (SIGNED_REPLAY_WINDOW), unless dedupe is off altogether."""
+    if window >= 0:
+        return window
+    if route_format == "github" and default > 0:
+        return max(default, SIGNED_REPLAY_WINDOW)
+    return default
 
 
 def dedupe_scope(kind: str, name: str | None = None) -> str:

@@ -420,13 +420,18 @@ async def test_replayed_github_body_under_a_new_delivery_id_texts_once(
     config = bridge_config(tmp_path, sandbox_url, ROUTES)
     async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
         states = []
-        for delivery in ("deliv-1", "deliv-1", "replay-2"):
+        for delivery in ("deliv-1", "deliv-1", "replay-2", "replay-a-day-later"):
+            if delivery.endswith("later"):
+                clock.advance(86400)  # far past dedupe.window: GitHub signs no timestamp
             response = await http.post(
                 f"{url}/hooks/gh", content=GITHUB_BODY, headers=signed(GITHUB_BODY, delivery)
             )
             assert response.status_code == 202
             states.append(response.json()["messages"][0]["state"])
-    assert states == ["queued", "suppressed", "suppressed"]
+        other = json.dumps({**github.SAMPLE, "action": "completed", "n": 2}).encode()
+        new_event = await http.post(f"{url}/hooks/gh", content=other, headers=signed(other, "d3"))
+    assert states == ["queued", "suppressed", "suppressed", "suppressed"]
+    assert new_event.json()["messages"][0]["state"] == "queued"  # another body is news
 
 
 async def test_mail_resend_is_same_message_id_and_same_content(
