@@ -6,6 +6,7 @@ from typing import Any
 
 from bridge import __version__
 from bridge.config import Config
+from bridge.firewall import SENDER_ID_RULE
 
 _ERROR = {
     "type": "object",
@@ -72,10 +73,31 @@ def openapi_spec(config: Config) -> dict[str, Any]:
         "required": ["to", "message"],
         "additionalProperties": True,
         "properties": {
-            "to": _RECIPIENTS,
+            "to": {
+                **_RECIPIENTS,
+                "description": str(_RECIPIENTS["description"])
+                + (
+                    f"; at most {config.http.max_recipients} per request"
+                    if config.http.max_recipients
+                    else ""
+                )
+                + "; a number the bridge may not text (phone.allowed_countries,"
+                " phone.allow_premium) is a 400 naming it",
+            },
             "message": {"type": "string", "minLength": 1, "maxLength": 5000},
-            "sender_id": {"type": "string", "maxLength": 15},
-            "dedupe_key": {"type": "string", "maxLength": 256},
+            "sender_id": {
+                "type": "string",
+                "maxLength": 11,
+                "description": f"{SENDER_ID_RULE}; one of "
+                + ", ".join([config.provider.sender_id, *config.provider.allowed_sender_ids])
+                + " (provider.sender_id and provider.allowed_sender_ids)",
+            },
+            "dedupe_key": {
+                "type": "string",
+                "maxLength": 256,
+                "description": "suppresses a repeat to the same recipient within the dedupe"
+                " window; scoped to the API, so it never meets a webhook's or a mail's key",
+            },
             "schedule_time": {
                 "type": "string",
                 "description": "YYYY-MM-DD HH:MM:SS (UTC) or ISO 8601",
@@ -89,7 +111,7 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                 "parameters": [
                     {"name": "to", "in": "query", "required": False, "schema": {"type": "string"}}
                 ]
-                if route.allow_query_to
+                if route.allow_query_to or route.allow_payload_to
                 else [],
                 "requestBody": {
                     "required": True,

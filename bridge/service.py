@@ -180,6 +180,7 @@ class Bridge:
                     clock=clock,
                     config=config,
                     sender_id=p.sender_id,
+                    prices=prices,
                 )
                 dispatcher = Dispatcher(
                     store=store,

@@ -20,15 +20,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bridge.auth import AuthError, authorize
+from bridge.auth import AuthError, Principal, authorize
 from bridge.clock import Clock
-from bridge.config import LiveConfig, valid_sender_id
+from bridge.config import LiveConfig
 from bridge.errors import InputError, StoreUnavailable
+from bridge.firewall import Firewall, cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
 from bridge.ingest import Draft, Ingestor
 from bridge.metrics import Metrics
 from bridge.openapi import openapi_spec
-from bridge.phone import resolve_recipients
+from bridge.policy import dedupe_scope
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
@@ -172,23 +173,13 @@ def create_app(
         if not isinstance(body, dict):
             raise HttpError(400, "body must be a JSON object", "body")
         targets = recipients_field(body.get("to"))
+        cap_recipients(targets, config.http.max_recipients)
         text = _string(body, "message", required=True, max_len=MAX_TEXT_CHARS)
-        sender_id = _string(body, "sender_id") or config.provider.sender_id
-        if not valid_sender_id(sender_id):
-            raise HttpError(
-                400,
-                "'sender_id' must be up to 11 letters, digits or spaces with a "
-                "letter, or up to 15 digits",
-                "sender_id",
-            )
+        sender_id = sender_id_for(config, _string(body, "sender_id"))
         dedupe_key = _string(body, "dedupe_key", max_len=MAX_DEDUPE_KEY)
         schedule = _string(body, "schedule_time")
-        recipients = resolve_recipients(
-            targets,
-            config.groups,
-            default_region=config.phone.default_region or None,
-            require_valid=config.phone.require_valid,
-        )
+        recipients = Firewall.from_config(config).resolve(targets, config.groups)
+        caller: Principal = request.state.principal
         accepted = await ingestor.submit(
             [
                 Draft(
@@ -196,6 +187,9 @@ def create_app(
                     text=text or "",
                     source="http",
                     sender_id=sender_id,
+                    # API keys never meet a route's or a mail's, and one token's keys
+                    # never mute another's (no tokens: one anonymous caller, "api").
+                    scope=dedupe_scope("api", caller.name if config.tokens else None),
                     dedupe_key=dedupe_key,
                     schedule_time=parse_schedule_time(schedule) if schedule else None,
                 )
