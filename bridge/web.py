@@ -163,8 +163,26 @@ def create_app(
     clock: Clock,
     metrics: Metrics | None = None,
     lifespan: Any = None,
+    status: Callable[[], dict[str, Any]] | None = None,
+    wake: Callable[[], None] | None = None,
 ) -> Starlette:
+    """The HTTP app; `status` and `wake` let the console show the dispatcher's rate
+    window and balance and wake it after a retry."""
+    from bridge.console.activity import RouteActivity
+    from bridge.console.app import Console
     from bridge.hooks import hook_endpoint  # hooks builds on this module's helpers
+
+    activity = RouteActivity(live=live, clock=clock)
+    console = Console(
+        live=live,
+        store=store,
+        ingestor=ingestor,
+        health=health,
+        clock=clock,
+        activity=activity,
+        status=status,
+        wake=wake,
+    )
 
     async def post_message(request: Request) -> Response:
         config = live.current
@@ -290,13 +308,16 @@ def create_app(
             Route("/api/v1/stats", requires("read", live, stats), methods=["GET"]),
             Route(
                 "/hooks/{name}",
-                handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock)),
+                activity.observe(
+                    handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock))
+                ),
                 methods=["POST"],
             ),
             Route("/openapi.json", openapi, methods=["GET"]),
             Route("/metrics", requires("metrics", live, metrics_endpoint), methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            *console.routes(),
         ],
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
         lifespan=lifespan,
