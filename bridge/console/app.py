@@ -16,6 +16,7 @@ nothing from another origin.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import re
@@ -432,8 +433,7 @@ class Console:
         config = self.live.current
         now = self.clock.now()
         day_start, _, date = day_bounds(now)
-        since = now - CHART_MINUTES * 60
-        since -= since % 60
+        since = now - now % 60 - (CHART_MINUTES - 1) * 60  # the last bar is this minute
         summary = await self.store.overview(
             now=now, day_start=day_start, since=now - DELIVERY_WINDOW
         )
@@ -590,7 +590,7 @@ class Console:
                     "format": route.format,
                     "to": list(route.to),
                     "authentication": authentication(route),
-                    "last_call": None if call is None else call.__dict__,
+                    "last_call": None if call is None else dataclasses.asdict(call),
                     "last_message": stored.get(name),
                 }
             )
