@@ -652,7 +652,8 @@ class Store:
                 c.execute(
                     "SELECT state, count(*) FROM messages WHERE created_at >= ?"
                     " AND state IN ('sent', 'delivered', 'failed')"
-                    " AND coalesce(reason_kind, '') != 'cancelled' GROUP BY state",
+                    " AND NOT (state = 'failed' AND coalesce(reason_kind, '') = 'cancelled')"
+                    " GROUP BY state",
                     (since,),
                 ).fetchall()
             )

@@ -244,6 +244,9 @@ def create_app(
             before_id=before,
             reason_kind=q.get("reason"),
             route=q.get("route"),
+            source=q.get("source"),
+            recipient=q.get("recipient"),
+            text=q.get("q"),
         )
         return JSONResponse({"messages": [m.to_json() for m in messages]})
 
@@ -257,6 +260,32 @@ def create_app(
         out = message.to_json()
         out["events"] = await store.events(message.id)
         return JSONResponse(out)
+
+    def change(action: str) -> Handler:
+        async def changed(request: Request) -> Response:
+            return await change_message(request, action)
+
+        return changed
+
+    async def change_message(request: Request, action: str) -> Response:
+        """`POST .../retry` (failed -> queued) or `.../cancel` (queued, held -> failed)."""
+        raw = request.path_params["message_id"]
+        if not raw.isdigit():
+            raise HttpError(400, "message id must be an integer", "id")
+        who = request.state.principal.name
+        if action == "retry":
+            done = await store.retry([int(raw)], clock.now(), by=who)
+        else:
+            done = await store.cancel([int(raw)], clock.now(), by=who)
+        message = await store.get(int(raw))
+        if message is None:
+            raise HttpError(404, f"no message {raw}", "id")
+        if not done:
+            allowed = "failed" if action == "retry" else "queued or held"
+            raise HttpError(409, f"message {raw} is {message.state}: only {allowed} can {action}")
+        if wake is not None:
+            wake()
+        return JSONResponse(message.to_json())
 
     async def metrics_endpoint(request: Request) -> Response:
         if metrics is None:
@@ -304,6 +333,14 @@ def create_app(
                 "/api/v1/messages/{message_id}",
                 requires("read", live, get_message),
                 methods=["GET"],
+            ),
+            *(
+                Route(
+                    f"/api/v1/messages/{{message_id}}/{action}",
+                    requires("admin", live, change(action)),
+                    methods=["POST"],
+                )
+                for action in ("retry", "cancel")
             ),
             Route("/api/v1/stats", requires("read", live, stats), methods=["GET"]),
             Route(

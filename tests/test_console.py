@@ -217,6 +217,8 @@ async def test_admin_cancels_and_retries_with_the_name_in_the_event_log(
             lambda: _state_is(bridge, queued, State.DELIVERED),
             max_seconds=120,
         )
+        delivery = (await http.get("/ui/overview.json")).json()["delivery"]
+        assert (delivery["delivered"], delivery["failed"]) == (1, 0)  # the cancel is history
         delivered = await http.post(f"/ui/messages/{queued}/retry", data={"csrf": token})
         assert delivered.status_code == 409 and "only a failed message" in delivered.text
         missing = await http.post("/ui/messages/999/retry", data={"csrf": token})
@@ -474,3 +476,50 @@ async def test_preview_shows_the_sms_and_stores_nothing(served_bridge) -> None:
         assert forged.status_code == 403
         assert (await http.get("/ui/routes/nope")).status_code == 404
         assert await bridge.store.counts() == {}
+
+
+def test_chart_puts_requests_against_the_limit() -> None:
+    from bridge.console.chart import build
+
+    requests = [0] * 10
+    requests[9] = 60  # this minute
+    messages = [0] * 9 + [300]
+    drawn = build(requests, messages, limit=100, since=0.0, bucket=60.0)
+    [bar] = drawn.bars
+    assert bar.label == "00:09 UTC: 60 requests, 300 messages"
+    assert drawn.y_ticks[-1].label == "400"  # the axis holds the tallest series
+    assert drawn.plot_top < drawn.limit_y < bar.y < drawn.plot_bottom  # limit above the bar
+    assert round(bar.height / (drawn.plot_bottom - drawn.plot_top), 3) == 60 / 400
+    quiet = build([1, 0], [1, 0], limit=100, since=0.0, bucket=60.0)
+    assert quiet.y_ticks[-1].label == "120" and len(quiet.bars) == 1
+
+
+async def test_api_retry_and_cancel_need_admin_and_name_the_token(served_bridge) -> None:
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        queued = await send(http, "+12025550143", "disk full on db-2")
+        cancel = f"/api/v1/messages/{queued}/cancel"
+        reader = await http.post(cancel, headers={"Authorization": f"Bearer {READER}"})
+        nobody = await http.post(cancel)
+        assert [reader.status_code, nobody.status_code] == [403, 401]
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        done = await http.post(cancel, headers=admin)
+        assert done.status_code == 200 and done.json()["reason"] == "cancelled by root"
+        again = await http.post(cancel, headers=admin)
+        assert again.status_code == 409 and "only queued or held" in again.json()["error"]
+        retried = await http.post(f"/api/v1/messages/{queued}/retry", headers=admin)
+        assert retried.status_code == 200 and retried.json()["state"] == "queued"
+        assert (await http.post("/api/v1/messages/77/retry", headers=admin)).status_code == 404
+        assert (await http.post(f"/api/v1/messages/{queued}/purge", headers=admin)).status_code in (
+            404,
+            405,
+        )
+        found = await http.get(
+            "/api/v1/messages?q=db-2&recipient=2025550143",
+            headers={"Authorization": f"Bearer {READER}"},
+        )
+        assert [m["id"] for m in found.json()["messages"]] == [queued]
+        assert [e["detail"] for e in await bridge.store.events(queued)][-2:] == [
+            "cancelled by root",
+            "retried by root",
+        ]

@@ -47,11 +47,14 @@ class Chart:
 
 
 def _nice_top(value: float) -> int:
-    """A round axis top at or above `value`."""
-    for step in (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000):
-        if value <= step:
-            return step
-    return int(value) + 1
+    """A round axis top at or above `value`: 1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 x 10^n."""
+    magnitude = 1
+    while True:
+        for step in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8):
+            top = int(step * magnitude)
+            if top >= value and top == step * magnitude:
+                return top
+        magnitude *= 10
 
 
 def build(

@@ -28,7 +28,12 @@
     toggle.setAttribute("aria-pressed", paused ? "true" : "false");
     toggle.textContent = paused ? "Resume updates" : "Pause updates";
   });
-  live.parentNode.insertBefore(toggle, live);
+  var controls = document.getElementById("live-controls");
+  if (controls) {
+    controls.appendChild(toggle);
+  } else {
+    live.parentNode.insertBefore(toggle, live);
+  }
 
   function refresh() {
     // Never replace what the keyboard is on, nor refresh an unseen tab.
