@@ -106,9 +106,11 @@ async def test_sign_in_needs_a_configured_token_with_read(served_bridge) -> None
         assert (
             "sms_bridge_session" not in http.cookies or (await http.get("/ui/")).status_code == 303
         )  # a refused sign-in leaves no way in
+        visitor = http.cookies["sms_bridge_session"]
         reader = await sign_in(http, READER)
         assert reader.status_code == 303 and reader.headers["location"] == "/ui/messages"
         cookie = reader.headers["set-cookie"]
+        assert visitor not in cookie  # a new session id on sign-in: no fixation
         assert READER not in cookie  # the cookie is a random session id, not the token
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/ui" in cookie
         assert "Secure" not in cookie  # plain HTTP on loopback: a Secure cookie would vanish
