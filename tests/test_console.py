@@ -299,6 +299,9 @@ async def test_every_answer_carries_the_security_headers(served_bridge) -> None:
         page = (await http.get("/ui/")).text
         assert "<script>" not in page and " style=" not in page and "http://" not in page
         assert (await http.get("/ui/")).headers["cache-control"] == "no-store"
+        missing = await http.get("/ui/nowhere")
+        assert missing.status_code == 404 and "content-security-policy" in missing.headers
+        assert "no page /ui/nowhere" in missing.text
 
 
 async def test_cookie_is_secure_over_tls(config, clock: ManualClock) -> None:
