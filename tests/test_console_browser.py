@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.async_api import async_playwright
 
 from bridge.config import Config, load_config
 from bridge.service import Bridge
@@ -119,8 +120,7 @@ class ConsoleErrors:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[object]:
-    playwright_api = pytest.importorskip("playwright.async_api")
-    async with playwright_api.async_playwright() as p:
+    async with async_playwright() as p:
         chromium = await p.chromium.launch(
             executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"]
         )
