@@ -401,6 +401,11 @@ async def test_message_page_shows_text_encoding_timeline_and_duplicates(
         page = await http.get(f"/ui/messages/{duplicate}")
         assert f'<a href="/ui/messages/{first}">message {first}</a>' in page.text
         assert "suppressed" in page.text
+        [twin] = data["mentioned_by"]  # the original names its duplicate
+        assert twin["id"] == duplicate and twin["reason"].startswith(
+            f"duplicate of message {first}"
+        )
+        assert (await http.get(f"/ui/messages/{long_id}.json")).json()["mentioned_by"] == []
         long_page = (await http.get(f"/ui/messages/{long_id}.json")).json()
         assert long_page["encoding"] == "GSM-7" and long_page["parts"] == 2
         assert [len(p) for p in long_page["parts_text"]] == [153, 47]
@@ -528,3 +533,25 @@ async def test_api_retry_and_cancel_need_admin_and_name_the_token(served_bridge)
             "cancelled by root",
             "retried by root",
         ]
+
+
+async def test_digest_page_lists_what_it_folded(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, TOKENS + "[limits]\nper_recipient = 1\n")
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await send(http, "+12025550143", "disk full on db-1")
+        held = [await send(http, "+12025550143", f"disk full on db-{i}") for i in (2, 3)]
+        await pump(bridge, clock, lambda: _state_is(bridge, held[-1], State.SUPPRESSED))
+        reason = (await bridge.store.get(held[0])).reason
+        digest = int(reason.rsplit(" ", 1)[1])
+        await sign_in(http, READER)
+        data = (await http.get(f"/ui/messages/{digest}.json")).json()
+        assert data["source"] == "digest" and data["text"].startswith("+2 more")
+        assert [m["id"] for m in data["mentioned_by"]] == held
+        page = await http.get(f"/ui/messages/{held[0]}")
+        assert f'<a href="/ui/messages/{digest}">message {digest}</a>' in page.text
+        assert "Folded into this digest (2)" in (await http.get(f"/ui/messages/{digest}")).text

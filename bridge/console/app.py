@@ -219,6 +219,7 @@ class Console(Gate):
             {**e, "at": iso_time(e["at"]), "epoch": e["at"]}
             for e in await self.store.events(message.id)
         ]
+        data["mentioned_by"] = await self.store.mentioned_by(message.id)
         data["can_retry"] = message.state == State.FAILED
         data["can_cancel"] = message.state in (State.QUEUED, State.HELD)
         return "message.html", data
