@@ -555,3 +555,18 @@ async def test_digest_page_lists_what_it_folded(
         page = await http.get(f"/ui/messages/{held[0]}")
         assert f'<a href="/ui/messages/{digest}">message {digest}</a>' in page.text
         assert "Folded into this digest (2)" in (await http.get(f"/ui/messages/{digest}")).text
+
+
+async def test_mentions_match_whole_message_numbers(served_bridge) -> None:
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        for i in range(3):
+            await send(http, f"+1202555014{i}", f"text {i}")
+    await bridge.store.write(
+        lambda db: db.execute(
+            "UPDATE messages SET state = 'suppressed',"
+            " reason = 'duplicate of message 12 within 600s' WHERE id = 2"
+        )
+    )
+    assert await bridge.store.mentioned_by(1) == []
+    assert [m["id"] for m in await bridge.store.mentioned_by(12)] == [2]
