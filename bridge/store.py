@@ -714,6 +714,21 @@ class Store:
             }
         )
 
+    async def mentioned_by(self, message_id: int, limit: int = 200) -> list[dict[str, Any]]:
+        """Suppressed messages whose reason names this one: its duplicates, or what a
+        digest folded. Reasons say "message N" (policy, storm digests)."""
+        return await self.read(
+            lambda c: [
+                dict(r)
+                for r in c.execute(
+                    "SELECT id, recipient, reason, created_at FROM messages"
+                    " WHERE state = 'suppressed' AND (reason LIKE ? OR reason LIKE ?)"
+                    " ORDER BY id LIMIT ?",
+                    (f"% message {message_id} %", f"% message {message_id}", limit),
+                )
+            ]
+        )
+
     # -- end of the console's queries ---------------------------------------------------
 
 
