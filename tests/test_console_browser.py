@@ -221,6 +221,7 @@ async def test_admin_signs_in_filters_cancels_retries_previews_and_signs_out(
         await result.wait_for()
         assert "[FIRING:1] HighLatency api-1: p99 above 2s" in await result.inner_text()
         assert await bridge.store.counts() == before
+        await page.screenshot(path=str(shots(tmp_path) / "console-route.png"), full_page=True)
 
         # The overview, as an on-call engineer sees it: screenshot for the docs.
         await page.goto(f"{url}/ui/")
