@@ -69,7 +69,8 @@ def _check_credentials(route: RouteConfig, request: Request) -> None:
             raise Unauthorized("missing or wrong basic auth")
 
 
-def _text(route: RouteConfig, message: HookMessage) -> str:
+def route_text(route: RouteConfig, message: HookMessage) -> str:
+    """The SMS text of one hook message: the route's template, else the format's text."""
     if route.template:
         try:
             rendered = render(route.template, message.context)
@@ -166,7 +167,7 @@ def hook_endpoint(
             drafts.append(
                 Draft(
                     recipients=recipients,
-                    text=_text(route, message),
+                    text=route_text(route, message),
                     source="hook",
                     sender_id=route.sender_id or config.provider.sender_id,
                     route=name,

@@ -126,6 +126,11 @@ class Ingestor:
                 )
         return out
 
+    def preview(self, drafts: Sequence[Draft]) -> list[NewMessage]:
+        """What `submit` would store, before policy: texts cut and shaped, costs
+        estimated. Stores nothing (the console's route preview)."""
+        return self._messages(drafts)
+
     async def submit(self, drafts: Sequence[Draft]) -> list[Accepted]:
         if self.pending >= MAX_PENDING_INGESTS:
             raise StoreUnavailable("overloaded: too many messages waiting for the store")

@@ -41,7 +41,9 @@ def _errors(*codes: int) -> dict[str, dict[str, Any]]:
     reasons = {
         400: "bad input, naming the field",
         401: "missing or wrong credentials",
+        403: "the token lacks the scope",
         404: "no such route or message",
+        409: "the message's state does not allow it",
         413: "body too large",
         415: "not JSON",
         503: "not stored (store or overload): retry",
@@ -155,6 +157,10 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                         {"name": "state", "in": "query", "schema": {"type": "string"}},
                         {"name": "limit", "in": "query", "schema": {"type": "integer"}},
                         {"name": "before", "in": "query", "schema": {"type": "integer"}},
+                        {"name": "route", "in": "query", "schema": {"type": "string"}},
+                        {"name": "source", "in": "query", "schema": {"type": "string"}},
+                        {"name": "recipient", "in": "query", "schema": {"type": "string"}},
+                        {"name": "q", "in": "query", "schema": {"type": "string"}},
                     ],
                     "responses": {"200": {"description": "messages"}, **_errors(400)},
                 },
@@ -172,6 +178,32 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                     ],
                     "responses": {"200": {"description": "the message"}, **_errors(400, 404)},
                 }
+            },
+            **{
+                f"/api/v1/messages/{{id}}/{action}": {
+                    "post": {
+                        "summary": summary,
+                        "parameters": [
+                            {
+                                "name": "id",
+                                "in": "path",
+                                "required": True,
+                                "schema": {"type": "integer"},
+                            }
+                        ],
+                        "responses": {
+                            "200": {"description": "the message"},
+                            **_errors(400, 401, 403, 404, 409),
+                        },
+                    }
+                }
+                for action, summary in (
+                    ("retry", "queue a failed message again (admin)"),
+                    (
+                        "cancel",
+                        "end a queued or held message as failed, 'cancelled by NAME' (admin)",
+                    ),
+                )
             },
             "/healthz": {
                 "get": {"summary": "liveness", "responses": {"200": {"description": "up"}}}

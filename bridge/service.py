@@ -257,6 +257,12 @@ class Bridge:
                     health=health,
                     clock=clock,
                     metrics=metrics,
+                    status=lambda: {
+                        "rate_used": limiter.used(),
+                        "paused_until": limiter.paused_until or None,
+                        "balance": dispatcher.balance,
+                    },
+                    wake=dispatcher.wake.set,
                 )
                 yield cls(
                     config=config,

@@ -164,8 +164,26 @@ def create_app(
     clock: Clock,
     metrics: Metrics | None = None,
     lifespan: Any = None,
+    status: Callable[[], dict[str, Any]] | None = None,
+    wake: Callable[[], None] | None = None,
 ) -> Starlette:
+    """The HTTP app; `status` and `wake` let the console show the dispatcher's rate
+    window and balance and wake it after a retry."""
+    from bridge.console.activity import RouteActivity
+    from bridge.console.app import Console
     from bridge.hooks import hook_endpoint  # hooks builds on this module's helpers
+
+    activity = RouteActivity(live=live, clock=clock)
+    console = Console(
+        live=live,
+        store=store,
+        ingestor=ingestor,
+        health=health,
+        clock=clock,
+        activity=activity,
+        status=status,
+        wake=wake,
+    )
 
     async def post_message(request: Request) -> Response:
         config = live.current
@@ -220,6 +238,9 @@ def create_app(
             before_id=before,
             reason_kind=q.get("reason"),
             route=q.get("route"),
+            source=q.get("source"),
+            recipient=q.get("recipient"),
+            text=q.get("q"),
         )
         return JSONResponse({"messages": [m.to_json() for m in messages]})
 
@@ -233,6 +254,32 @@ def create_app(
         out = message.to_json()
         out["events"] = await store.events(message.id)
         return JSONResponse(out)
+
+    def change(action: str) -> Handler:
+        async def changed(request: Request) -> Response:
+            return await change_message(request, action)
+
+        return changed
+
+    async def change_message(request: Request, action: str) -> Response:
+        """`POST .../retry` (failed -> queued) or `.../cancel` (queued, held -> failed)."""
+        raw = request.path_params["message_id"]
+        if not raw.isdigit():
+            raise HttpError(400, "message id must be an integer", "id")
+        who = request.state.principal.name
+        if action == "retry":
+            done = await store.retry([int(raw)], clock.now(), by=who)
+        else:
+            done = await store.cancel([int(raw)], clock.now(), by=who)
+        message = await store.get(int(raw))
+        if message is None:
+            raise HttpError(404, f"no message {raw}", "id")
+        if not done:
+            allowed = "failed" if action == "retry" else "queued or held"
+            raise HttpError(409, f"message {raw} is {message.state}: only {allowed} can {action}")
+        if wake is not None:
+            wake()
+        return JSONResponse(message.to_json())
 
     async def metrics_endpoint(request: Request) -> Response:
         if metrics is None:
@@ -281,16 +328,27 @@ def create_app(
                 requires("read", live, get_message),
                 methods=["GET"],
             ),
+            *(
+                Route(
+                    f"/api/v1/messages/{{message_id}}/{action}",
+                    requires("admin", live, change(action)),
+                    methods=["POST"],
+                )
+                for action in ("retry", "cancel")
+            ),
             Route("/api/v1/stats", requires("read", live, stats), methods=["GET"]),
             Route(
                 "/hooks/{name}",
-                handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock)),
+                activity.observe(
+                    handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock))
+                ),
                 methods=["POST"],
             ),
             Route("/openapi.json", openapi, methods=["GET"]),
             Route("/metrics", requires("metrics", live, metrics_endpoint), methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            *console.routes(),
         ],
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
         lifespan=lifespan,
