@@ -36,10 +36,10 @@ from bridge.console.routes import (
     snippets,
 )
 from bridge.errors import InputError
+from bridge.firewall import Firewall
 from bridge.health import ProviderHealth
 from bridge.ingest import Draft, Ingestor
 from bridge.models import State, iso_time
-from bridge.phone import resolve_recipients
 from bridge.store import Store
 from bridge.text import split_parts
 
@@ -331,11 +331,9 @@ class Console(Gate):
                 raise InputError("to", "a phone number or a group name is needed")
             if not text or len(text) > MAX_TEST_TEXT:
                 raise InputError("text", f"the text must be 1 to {MAX_TEST_TEXT} characters")
-            recipients = resolve_recipients(
+            recipients = Firewall.from_config(config).resolve(
                 [t.strip() for t in to.split(",") if t.strip()],
                 config.groups,
-                default_region=config.phone.default_region or None,
-                require_valid=config.phone.require_valid,
             )
         except InputError as exc:
             data["error"] = str(exc)

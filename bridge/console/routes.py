@@ -15,10 +15,10 @@ from typing import Any
 
 from bridge.config import Config, RouteConfig
 from bridge.errors import BridgeError
+from bridge.firewall import Firewall
 from bridge.formats import HookRequest, Ignored, registry
 from bridge.hooks import route_text
 from bridge.ingest import Draft, Ingestor
-from bridge.phone import resolve_recipients
 from bridge.text import TYPE_GSM, split_parts
 
 # The header that names the event, for formats whose parsing depends on it.
@@ -227,10 +227,9 @@ def preview(
     )
     try:
         for message in module.parse(hook):
-            recipients = resolve_recipients(
+            recipients = Firewall.from_config(config).resolve(
                 [*route.to, *message.recipients],
                 config.groups,
-                default_region=config.phone.default_region or None,
             )
             if not recipients:
                 result.error = "no recipients: the route has none and the payload named none"
