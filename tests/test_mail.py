@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from email.message import EmailMessage
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -65,11 +66,44 @@ def test_unknown_charset_and_broken_encodings_do_not_raise() -> None:
     assert isinstance(mail.body, str) and isinstance(mail.subject, str)
 
 
-def test_loop_detection() -> None:
-    assert parse_mail(b"Subject: x\r\n\r\nbody", mail_from="").loop_reason
-    assert parse_mail(b"Auto-Submitted: auto-generated\r\n\r\nbody").loop_reason
-    assert parse_mail(b"Auto-Submitted: no\r\n\r\nbody").loop_reason is None
-    assert parse_mail(b"Subject: x\r\n\r\nbody", mail_from="a@b").loop_reason is None
+@pytest.mark.parametrize(
+    ("head", "mail_from", "reason"),
+    [
+        # bounces
+        (b"Subject: x", "", "null sender"),
+        (b"Subject: x", "<>", "null sender"),
+        (b"Content-Type: multipart/report; report-type=delivery-status", "a@b", "multipart/report"),
+        (b"Content-Type: message/delivery-status", "a@b", "message/delivery-status"),
+        (b"From: MAILER-DAEMON@mx.example.org\r\nSubject: failure", "a@b", "mail system"),
+        (b"From: Postmaster <postmaster@example.org>", "a@b", "mail system"),
+        # auto-replies
+        (b"Auto-Submitted: auto-replied", "a@b", "Auto-Submitted: auto-replied"),
+        (b"Auto-Submitted: Auto-Replied (vacation)", "a@b", "auto-replied (vacation)"),
+        (b"X-Autoreply: yes", "a@b", "x-autoreply"),
+        (b"X-Autorespond: Out of office", "a@b", "x-autorespond"),
+        (b"Precedence: auto_reply", "a@b", "Precedence: auto_reply"),
+        (b"Subject: Automatic reply: disk full", "a@b", "out-of-office subject"),
+        (b"Subject: Out of Office: disk full", "a@b", "out-of-office subject"),
+        # robots' notifications: texted (cron, Jenkins, monitors)
+        (b"Auto-Submitted: auto-generated", "a@b", None),
+        (b"Auto-Submitted: auto-generated\r\nPrecedence: bulk\r\nList-ID: <ci.x>", "a@b", None),
+        (b"Auto-Submitted: no", "a@b", None),
+        (b"Precedence: list", "a@b", None),
+        (b"X-Autoreply: no", "a@b", None),
+        (b"Subject: Cron <root@db-2> /usr/local/bin/out-of-office-sync", "a@b", None),
+        (b"From: daemon@example.org", "a@b", None),
+        (b"Subject: x", "a@b", None),
+        (b"Subject: x", None, None),
+    ],
+)
+def test_only_bounces_and_auto_replies_are_loops(
+    head: bytes, mail_from: str | None, reason: str | None
+) -> None:
+    found = parse_mail(head + b"\r\n\r\nbody", mail_from=mail_from).loop_reason
+    if reason is None:
+        assert found is None
+    else:
+        assert found is not None and reason.lower() in found.lower()
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
