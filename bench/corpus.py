@@ -256,4 +256,3 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -33,7 +33,7 @@ CYRILLIC = "Сервер db-2 недоступен, диск заполнен н
         ("disk".encode("utf-16"), "utf-16", "disk"),  # ASCII in UTF-16 is valid UTF-8 too
         (CYRILLIC.encode("koi8-r"), "koi8-r", CYRILLIC),
         # iso-8859-1 read as browsers do (cp1252): 0x80 is the euro sign, not a control
-        (b"Budget \x80 4,850 \x96 97%", "iso-8859-1", "Budget € 4,850 – 97%"),
+        (b"Budget \x80 4,850 \x96 97%", "iso-8859-1", "Budget € 4,850 \u2013 97%"),
         ("plain ascii", None, "plain ascii"),
     ],
 )

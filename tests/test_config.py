@@ -212,7 +212,9 @@ def test_smtp_rules_are_read_in_order(tmp_path) -> None:
     )
     rules = load_config(path, env={}).smtp.rules
     assert [r.name for r in rules] == ["proxmox", ""]
-    assert rules[0].keep == ("ERROR",) and rules[0].first_line_matching == r"Backup of VM \d+ failed"
+    assert (
+        rules[0].keep == ("ERROR",) and rules[0].first_line_matching == r"Backup of VM \d+ failed"
+    )
     assert rules[1].sender == ("nagios@*",) and rules[1].max_lines == 2
     env = {"SMS_BRIDGE_SMTP_RULES": '[{subject = "UPS", keep = ["STATUS"]}]'}
     assert [r.keep for r in load_config(path, env=env).smtp.rules] == [("STATUS",)]

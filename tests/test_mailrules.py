@@ -48,6 +48,8 @@ def test_without_a_rule_the_failed_vm_is_cut_off_with_one_it_comes_first() -> No
     parsed = parse_mail((MAIL_DIR / "proxmox-vzdump-failed.eml").read_bytes())
     plain = truncate_to_parts(compose(parsed, "subject_body"), 3)
     assert "Backup of VM 203 failed" not in plain
-    rule = MailRule(subject="^vzdump", keep=("ERROR",), first_line_matching=r"Backup of VM \d+ failed")
+    rule = MailRule(
+        subject="^vzdump", keep=("ERROR",), first_line_matching=r"Backup of VM \d+ failed"
+    )
     text = truncate_to_parts(compose(apply_rule(rule, parsed), "subject_body"), 3)
     assert "Backup of VM 203 failed" in text[:160]
