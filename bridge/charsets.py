@@ -8,9 +8,9 @@ iso-8859-1, raw cp1252 bytes in a Subject with no charset at all. The reading ch
    stale label is common (only UTF-16/32, UTF-7 and ISO-2022 labels, which are not
    ASCII-compatible, are believed first);
 2. else the declared charset, when it decodes cleanly (no error, no U+FFFD);
-3. else charset-normalizer's readings, least mess first, a tie going to the commonest
-   legacy charset (the detector is unsure between cp1250 and cp1252 on short Latin text,
-   and cp1252 is what Windows boxes send);
+3. else charset-normalizer's least messy reading, or cp1252's where it is as clean (the
+   detector is unsure between cp1250 and cp1252 on short Latin text, and cp1252 is what
+   Windows boxes send);
 4. else UTF-8 with each undecodable byte as "?" (U+FFFD would turn the SMS into UCS-2
    and show a box on the handset).
 """
@@ -24,8 +24,6 @@ from charset_normalizer.md import mess_ratio
 
 # Labels whose bytes are not an ASCII superset: believed before the UTF-8 check.
 _NON_ASCII_LABELS = ("utf_16", "utf_32", "utf_7", "iso2022")
-# Ties between equally clean detector readings go to the commonest legacy charsets.
-_LEGACY_PREFERENCE = ("cp1252", "iso8859_1", "iso8859_15")
 
 
 def _codec(label: str | None) -> str | None:
@@ -56,22 +54,18 @@ def _strict(data: bytes, codec: str, cut: bool = False) -> str | None:
 
 
 def _detected(data: bytes) -> str | None:
-    """charset-normalizer's least messy reading; cp1252's own reading is a candidate
-    too (the detector, unsure on a few bytes, may not list it), and wins a tie."""
+    """charset-normalizer's least messy reading, or cp1252's if it is as clean: the
+    detector, unsure on a few bytes of Latin text, says cp1250 or lists no cp1252 at all,
+    and cp1252 is what Windows boxes send."""
     try:
         matches = list(charset_normalizer.from_bytes(data))
     except Exception:  # the detector on hostile input: fall back to a plain reading
         matches = []
     least = min((m.chaos for m in matches), default=1.0)
-    clean = [m for m in matches if m.chaos == least]
-    for preferred in _LEGACY_PREFERENCE:
-        for match in clean:
-            if _codec(match.encoding) == preferred:
-                return str(match)
     legacy = _strict(data, "cp1252")
     if legacy is not None and mess_ratio(legacy, 1.0) <= least:
         return legacy
-    return str(clean[0]) if clean else None
+    return next((str(m) for m in matches if m.chaos == least), None)
 
 
 def decode_best(data: bytes, declared: str | None = None, *, cut: bool = False) -> str:

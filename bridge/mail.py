@@ -79,10 +79,13 @@ def policy_header_text(policy: Any, name: str, raw: Any) -> str:
         text = str(policy.header_fetch_parse(name, raw))
     except Exception:  # a malformed header the policy refuses to parse
         text = _decode_rfc2047(str(raw))
-    if "=?" in text or ("\ufffd" in text and "\ufffd" not in str(raw)):
-        # an encoded word the policy left alone (unknown charset) or read with the wrong
-        # one (its declared charset fails): each word decoded by the best reading instead
-        text = _decode_rfc2047(str(raw))
+    if "=?" in str(raw):
+        # Encoded words read by their bytes, not only their label (UTF-8 labelled
+        # iso-8859-1 is common and decodes without error into mojibake); the policy's
+        # reading stands where that one is not clean (a word it alone could parse).
+        best = _decode_rfc2047(_LINESEP.sub("", str(raw)))
+        if "=?" not in best and "\ufffd" not in best:
+            text = best
     return _CONTROL.sub("", text)
 
 

@@ -80,7 +80,7 @@ def _instance(labels: dict[str, Any], common: dict[str, Any], *, distinct: bool)
     folder). Never an arbitrary label of a lone alert (that named `debug=true`)."""
     for key in INSTANCE_LABELS:
         value = labels.get(key)
-        if value and str(value).lower() not in FLAG_VALUES and value != common.get(key):
+        if value and value != common.get(key):
             return _host(value)
     if distinct:
         for key in sorted(labels):
