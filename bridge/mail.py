@@ -59,7 +59,14 @@ _AUTO_REPLY_SUBJECT = re.compile(
     r"automatische antwort|r[ée]ponse automatique|respuesta autom[áa]tica)\b",
     re.IGNORECASE,
 )
-_BOUNCE_SENDER = re.compile(r"\b(mailer-daemon|postmaster)@", re.IGNORECASE)
+_MAILER_DAEMON = re.compile(r"\bmailer-daemon@", re.IGNORECASE)
+# postmaster@ also sends mail that is not a bounce (some boxes notify from it): a bounce
+# only with a bounce's subject.
+_POSTMASTER = re.compile(r"\bpostmaster@", re.IGNORECASE)
+_BOUNCE_SUBJECT = re.compile(
+    r"undeliver|delivery (status|fail)|returned mail|failure notice|not be delivered",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +209,10 @@ def _loop_reason(msg: Message, found: dict[str, str], mail_from: str | None) -> 
         return f"delivery status notification ({content_type})"
     if mail_from is not None and mail_from in ("", "<>"):
         return "null sender: a bounce or auto-reply, never texted on"
-    if _BOUNCE_SENDER.search(found.get("from", "")):
+    sender = found.get("from", "")
+    if _MAILER_DAEMON.search(sender) or (
+        _POSTMASTER.search(sender) and _BOUNCE_SUBJECT.search(found.get("subject", ""))
+    ):
         return "bounce from the mail system (MAILER-DAEMON or postmaster)"
     auto = found.get("auto-submitted", "").strip().lower()
     if auto.startswith("auto-replied"):

@@ -75,7 +75,7 @@ def test_unknown_charset_and_broken_encodings_do_not_raise() -> None:
         (b"Content-Type: multipart/report; report-type=delivery-status", "a@b", "multipart/report"),
         (b"Content-Type: message/delivery-status", "a@b", "message/delivery-status"),
         (b"From: MAILER-DAEMON@mx.example.org\r\nSubject: failure", "a@b", "mail system"),
-        (b"From: Postmaster <postmaster@example.org>", "a@b", "mail system"),
+        (b"From: <postmaster@example.org>\r\nSubject: Undeliverable: x", "a@b", "mail system"),
         # auto-replies
         (b"Auto-Submitted: auto-replied", "a@b", "Auto-Submitted: auto-replied"),
         (b"Auto-Submitted: Auto-Replied (vacation)", "a@b", "auto-replied (vacation)"),
@@ -92,6 +92,7 @@ def test_unknown_charset_and_broken_encodings_do_not_raise() -> None:
         (b"X-Autoreply: no", "a@b", None),
         (b"Subject: Cron <root@db-2> /usr/local/bin/out-of-office-sync", "a@b", None),
         (b"From: daemon@example.org", "a@b", None),
+        (b"From: postmaster@nas.example.org\r\nSubject: Volume 1 degraded", "a@b", None),
         (b"Subject: x", "a@b", None),
         (b"Subject: x", None, None),
     ],
