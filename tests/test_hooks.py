@@ -296,6 +296,32 @@ async def test_bad_requests_get_clear_4xx_and_store_nothing(tmp_path, clock, san
             400,
             "to",
         ),
+        *(
+            ("/hooks/grafana", body, auth_headers("grafana", body), 400, field)
+            for body, field in (
+                (b'{"state": "burning", "ruleName": "r"}', "state"),
+                (b'{"state": "alerting", "ruleName": "r", "evalMatches": "x"}', "evalMatches"),
+                (b'{"state": "ok", "ruleName": ["r"]}', "ruleName"),
+            )
+        ),
+        *(
+            (
+                "/hooks/github",
+                body,
+                auth_headers("github", body, {"X-GitHub-Event": event}),
+                400,
+                field,
+            )
+            for event, body, field in (
+                ("workflow_job", b'{"action": "completed", "workflow_job": "x"}', "workflow_job"),
+                (
+                    "check_run",
+                    b'{"action": "completed", "check_run": {"conclusion": "failure", "output": 1}}',
+                    "check_run.output",
+                ),
+                ("status", b'{"state": "failure", "context": {}}', "context"),
+            )
+        ),
     ]
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         for path, body, headers, status, field in cases:
