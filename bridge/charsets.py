@@ -76,9 +76,9 @@ def decode_best(data: bytes, declared: str | None = None, *, cut: bool = False) 
         codec = "cp1252" if _strict(data, "cp1252") is not None else codec
     declared_text = _strict(data, codec, cut) if codec else None
     if declared_text is not None and (
-        data.isascii() or (codec or "").startswith(_NON_ASCII_LABELS)
+        data.isascii() or codec == "utf_8" or (codec or "").startswith(_NON_ASCII_LABELS)
     ):
-        return declared_text
+        return declared_text  # nothing to second-guess (and no second decode of UTF-8)
     if data.isascii():
         return data.decode("ascii")
     utf8 = _strict(data, "utf_8", cut)

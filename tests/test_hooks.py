@@ -519,3 +519,15 @@ def test_alert_instance_is_where_never_a_flag_or_an_arbitrary_label() -> None:
         {"alertname": "CPU", "canary": "false", "severity": "info"},
     ]
     assert text(flagged) == "[FIRING:2] CPU"
+
+
+def test_grafana_legacy_route_match_is_on_the_rules_tags() -> None:
+    from bridge.formats import Ignored, grafana
+
+    payload = json.loads((HOOKS / "grafana-legacy-alerting.json").read_text())
+    paging = RouteConfig(name="g", format="grafana", match={"severity": "page"})
+    ticket = RouteConfig(name="g", format="grafana", match={"severity": "ticket"})
+    [message] = grafana.parse(HookRequest(route=paging, headers={}, body=b"", payload=payload))
+    assert message.text.startswith("[ALERTING] Disk usage /var") and message.dedupe_key is None
+    with pytest.raises(Ignored, match="tags do not match"):
+        grafana.parse(HookRequest(route=ticket, headers={}, body=b"", payload=payload))
