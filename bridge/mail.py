@@ -140,7 +140,10 @@ def _decode_rfc2047(text: str) -> str:
         if isinstance(chunk, str):
             out.append(chunk)
         elif charset is None:  # text between encoded words, kept by decode_header as bytes
-            out.append(chunk.decode("raw-unicode-escape"))
+            try:  # its encoding of str (raw-unicode-escape), undone...
+                out.append(chunk.decode("raw-unicode-escape"))
+            except UnicodeDecodeError:  # ...unless the text held a literal "\u" (C:\users)
+                out.append(decode_best(chunk))
         else:
             out.append(decode_best(chunk, charset))
     return "".join(out)

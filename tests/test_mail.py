@@ -136,6 +136,7 @@ header_values = st.one_of(
             "quoted-printable",
             "=?utf-8?b?w6k=?=",
             "=?iso-8859-1?q?caf=E9?=",
+            "=?utf-8?q?caf=C3=A9?= C:\\users\\new",
             "multipart/report",
         ]
     ),
@@ -166,6 +167,20 @@ ascii_header_values = (
 @given(header_names, ascii_header_values)
 def test_plain_ascii_header_fast_path_reads_as_the_policy_does(name: str, raw: str) -> None:
     assert header_text(POLICY, name, raw) == policy_header_text(POLICY, name, raw)
+
+
+@pytest.mark.parametrize(
+    ("subject", "expected"),
+    [
+        (b"=?utf-8?q?caf=C3=A9?= C:\\users\\x", "café C:\\users\\x"),  # a literal \u
+        (b"=?utf-8?q?caf=C3=A9?= on \xc3\xa9t\xc3\xa9", "café on été"),  # raw 8-bit too
+        (b"=?iso-8859-1?q?Espa=C3=A7o?= livre", "Espaço livre"),  # UTF-8 under latin-1
+        (b"=?x-unknown?q?caf=E9?=", "café"),
+        (b"Forma\xe7\xe3o conclu\xedda", "Formação concluída"),  # raw cp1252
+    ],
+)
+def test_headers_mixing_encoded_words_and_raw_text(subject: bytes, expected: str) -> None:
+    assert parse_mail(b"Subject: " + subject + b"\r\n\r\nbody").subject == expected
 
 
 def test_headers_read_from_a_parsed_mail_match_the_policy() -> None:
