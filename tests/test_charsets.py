@@ -54,7 +54,10 @@ def test_undecodable_junk_becomes_question_marks_not_replacement_characters() ->
 
 
 @settings(max_examples=300)
-@given(st.binary(max_size=600), st.sampled_from([None, "utf-8", "gb2312", "us-ascii", "bogus"]))
+@given(
+    st.binary(max_size=600),
+    st.sampled_from([None, "utf-8", "gb2312", "us-ascii", "bogus", "idna", "punycode", "utf-16"]),
+)
 def test_never_raises_never_yields_a_replacement_character(data: bytes, label: str | None) -> None:
     text = decode_best(data, label)
     assert isinstance(text, str) and "\ufffd" not in text
