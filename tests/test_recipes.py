@@ -82,6 +82,12 @@ CASES = {
         "IP Address: 192.0.2.70\nDate/Time: 2026/11/26 10:00:00\nLevel: Error\n"
         "[Storage & Snapshots] Host: Disk 3 failed. Replace it and rebuild RAID Group 1.",
     ),
+    "mail/jenkins-build-failed.eml": (
+        "jenkins",
+        "Build failed in Jenkins: payments-api #912\n"
+        "FAILED tests/test_refunds.py::test_partial_refund - AssertionError\n"
+        "[dana] Bump httpx to 0.28\nBuild step 'Execute shell' marked build as failure",
+    ),
     "mail/cron-output.eml": (
         "cron",
         "Cron <root@backup-01> /usr/local/bin/nightly-backup.sh\n"
