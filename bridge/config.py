@@ -45,6 +45,74 @@ def _opt(default: Any, kind: str = "", secret: bool = False) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
+class MailRule:
+    """`[[smtp.rules]]`: for mail from a sender or with a subject, which lines to text.
+
+    The first rule whose `sender` and `subject` both match (an absent one matches all)
+    applies; `bridge.mailrules` does the picking.
+    """
+
+    name: str = ""  # shown in logs and check-config
+    sender: tuple[str, ...] = ()  # globs on the From address or MAIL FROM, any matches
+    subject: str = ""  # regular expression searched in the subject (case-insensitive)
+    keep: tuple[str, ...] = ()  # regexes: only body lines matching one are kept
+    drop: tuple[str, ...] = ()  # regexes: body lines matching one are dropped
+    first_line_matching: str = ""  # regex: the first body line matching it goes first
+    max_lines: int = 0  # body lines kept at most; 0 = all
+    compose: str = ""  # subject | body | subject_body | template; "" = smtp.compose
+    template: str = ""  # Jinja2 as smtp.template, for compose = "template"
+
+
+MAIL_RULE_KEYS = {f.name for f in dataclasses.fields(MailRule)}
+COMPOSE_MODES = ("subject", "body", "subject_body", "template")
+
+
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"{pattern!r} is not a regular expression: {exc}"
+    return None
+
+
+def _mail_rule(index: int, table: object) -> MailRule:
+    """One `[[smtp.rules]]` table, checked; ValueError names the rule and the key."""
+    where = f"[{index}]"
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a table")
+    unknown = sorted(set(table) - MAIL_RULE_KEYS)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown key")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        default = getattr(MailRule(), key)
+        if isinstance(default, tuple):
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{where}.{key}: expected a list of strings")
+            value = tuple(value)
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}.{key}: expected an integer, 0 or more")
+        elif not isinstance(value, str):
+            raise ValueError(f"{where}.{key}: expected a string")
+        values[key] = value
+    rule = MailRule(**values)
+    if not rule.sender and not rule.subject:
+        raise ValueError(f"{where}: a rule needs sender or subject to match on")
+    for key in ("subject", "first_line_matching", "keep", "drop"):
+        patterns = getattr(rule, key)
+        for pattern in (patterns,) if isinstance(patterns, str) else patterns:
+            if pattern and (why := _regex_problem(pattern)):
+                raise ValueError(f"{where}.{key}: {why}")
+    if rule.compose and rule.compose not in COMPOSE_MODES:
+        raise ValueError(f"{where}.compose: must be {', '.join(COMPOSE_MODES)}")
+    if rule.compose == "template" and not rule.template:
+        raise ValueError(f'{where}.template: required when compose = "template"')
+    return rule
+
+
+@dataclass(frozen=True, slots=True)
 class SmtpConfig:
     listen: str = _opt(DEFAULT_SMTP_LISTEN)
     domains: tuple[str, ...] = _opt(["sms.localhost"])
@@ -65,6 +133,7 @@ class SmtpConfig:
     compose: str = _opt("subject_body")  # subject | body | subject_body | template
     template: str = _opt("")
     sender_id: str = _opt("")  # "" -> provider.sender_id
+    rules: tuple[MailRule, ...] = _opt([], "rules")  # [[smtp.rules]]: per-sender line picks
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +349,8 @@ def _from_env_text(text: str, kind: str, default: object) -> object:
         if any(len(p) != 2 for p in pairs):
             raise ValueError("expected name=value pairs separated by commas")
         return {k.strip(): v.strip() for k, v in pairs}
+    if kind == "rules":  # a TOML array of inline tables
+        return tomllib.loads(f"v = {text}")["v"]
     if kind == "list":
         if text.strip().startswith("["):
             return tomllib.loads(f"v = {text}")["v"]
@@ -304,6 +375,10 @@ def _coerce(value: object, kind: str, default: object) -> object:
     """Check a TOML value against the key's type; raise ValueError saying what was expected."""
     if kind == "duration":
         return parse_duration(value)
+    if kind == "rules":
+        if not isinstance(value, list):
+            raise ValueError("expected an array of tables [[smtp.rules]]")
+        return tuple(_mail_rule(index, table) for index, table in enumerate(value))
     if kind == "table":
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ValueError('expected a table of name = "text"')
@@ -656,6 +731,13 @@ def _masked_value(spec: dataclasses.Field[Any], value: Any) -> Any:
     return {k: "***" for k in value} if isinstance(value, Mapping) else "***"
 
 
+def _plain(value: Any) -> Any:
+    """Tables of tables (`[[smtp.rules]]`) as plain data, for JSON."""
+    if isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+        return [dataclasses.asdict(v) for v in value]
+    return value
+
+
 def masked(config: Config) -> dict[str, Any]:
     """The config as plain data with every secret replaced, for logs and `check-config`."""
     out: dict[str, Any] = {}
@@ -665,7 +747,7 @@ def masked(config: Config) -> dict[str, Any]:
             f.name: (
                 "***"
                 if f.metadata.get("secret") and getattr(section, f.name)
-                else getattr(section, f.name)
+                else _plain(getattr(section, f.name))
             )
             for f in dataclasses.fields(section)
         }

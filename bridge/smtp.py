@@ -26,6 +26,7 @@ from bridge.errors import InputError, StoreUnavailable
 from bridge.firewall import Firewall, RefusedNumber
 from bridge.ingest import Draft, Ingestor
 from bridge.mail import MailText, compose, parse_mail
+from bridge.mailrules import apply_rule, rule_for
 from bridge.phone import PhoneError
 from bridge.policy import content_hash, dedupe_scope
 from bridge.sockets import bind_socket
@@ -167,11 +168,18 @@ class SmtpHandler:
 
     # -- the message ---------------------------------------------------------------------
     def text_for(self, mail: MailText, mail_from: str | None) -> str:
+        """The SMS text: the first matching `[[smtp.rules]]` picks the body's lines and may
+        set its own compose mode and template; else `smtp.compose`."""
         smtp = self.config.smtp
-        if smtp.compose == "template":
+        rule = rule_for(smtp.rules, mail, mail_from)
+        mode, template = smtp.compose, smtp.template
+        if rule is not None:
+            mail = apply_rule(rule, mail)
+            mode, template = rule.compose or mode, rule.template or template
+        if mode == "template":
             try:
                 text = render(
-                    smtp.template,
+                    template,
                     {
                         "subject": mail.subject,
                         "body": mail.body,
@@ -185,7 +193,7 @@ class SmtpHandler:
             except TemplateError as exc:
                 log.error("smtp.template failed (%s); using subject and body", exc)
             return compose(mail, "subject_body")
-        return compose(mail, smtp.compose)
+        return compose(mail, mode)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = (
