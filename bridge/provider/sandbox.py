@@ -351,40 +351,38 @@ def create_sandbox_app(state: SandboxState) -> Starlette:
             raise _BadRequest("The request body must be a JSON object.")
         return body
 
-    shape = state.shape
-
     def covered(numbers: list[str], message: str, message_type: int) -> None:
         """Strict: a send the balance does not cover is refused, as real accounts do."""
         cost = sum(state.price(n) * sms_parts(message, message_type) for n in numbers)
-        if shape.strict and cost > state.balance:
+        if state.shape.strict and cost > state.balance:
             raise _Refused("Insufficient balance.")
 
     async def send(request: Request) -> Response:
         body = await json_body(request)
-        if shape.strict:
+        if state.shape.strict:
             _check_fields(body, SEND_FIELDS)
-        to = _check_number(body.get("to"), "to", shape.strict)
+        to = _check_number(body.get("to"), "to", state.shape.strict)
         message, sender_id, message_type = _check_common(body)
         deliver_from = state.clock.now()
         if body.get("schedule_time") is not None:
             raw = str(body["schedule_time"])
             try:
-                when = datetime.strptime(raw, SCHEDULE_FORMAT).replace(tzinfo=shape.zone)
+                when = datetime.strptime(raw, SCHEDULE_FORMAT).replace(tzinfo=state.shape.zone)
             except ValueError as exc:
                 raise _BadRequest("The schedule time must be in the format Y-m-d H:i:s.") from exc
-            if shape.strict and not _PADDED_SCHEDULE.match(raw):
+            if state.shape.strict and not _PADDED_SCHEDULE.match(raw):
                 raise _BadRequest("The schedule time must be in the format Y-m-d H:i:s.")
-            if shape.strict and when.timestamp() <= deliver_from:
+            if state.shape.strict and when.timestamp() <= deliver_from:
                 raise _BadRequest("The schedule time must be a date after now.")
             deliver_from = max(deliver_from, when.timestamp())
         covered([to], message, message_type)
         entry = state.record_send(to, message, sender_id, message_type, deliver_from)
         data: dict[str, Any] = {"cost": entry.cost, "balance": state.balance}
-        if shape.send_answer == "id":
+        if state.shape.send_answer == "id":
             data = {"message_id": entry.message_id, **data}
         return JSONResponse(
             {"success": True, "message": "SMS sent successfully", "data": data},
-            shape.created_status,
+            state.shape.created_status,
         )
 
     async def send_bulk(request: Request) -> Response:
@@ -394,10 +392,11 @@ def create_sandbox_app(state: SandboxState) -> Starlette:
             raise _BadRequest("The recipients field is required and must be an array.")
         if len(recipients) > MAX_BULK:
             raise _BadRequest(f"The recipients may not have more than {MAX_BULK} items.")
-        if shape.strict:
+        if state.shape.strict:
             _check_fields(body, BULK_FIELDS)
         numbers = [
-            _check_number(r, f"recipients.{i}", shape.strict) for i, r in enumerate(recipients)
+            _check_number(r, f"recipients.{i}", state.shape.strict)
+            for i, r in enumerate(recipients)
         ]
         message, sender_id, message_type = _check_common(body)
         covered(numbers, message, message_type)
@@ -408,9 +407,9 @@ def create_sandbox_app(state: SandboxState) -> Starlette:
         ]
         cost = round(sum(e.cost for e in entries), 4)
         data: dict[str, Any]
-        if shape.bulk_answer == "count":
+        if state.shape.bulk_answer == "count":
             data = {"total": len(entries), "cost": cost}
-        elif shape.bulk_answer == "batch":
+        elif state.shape.bulk_answer == "batch":
             data = {"batch_id": bulk_id, "cost": cost, "balance": state.balance}
         else:
             data = {
@@ -424,7 +423,7 @@ def create_sandbox_app(state: SandboxState) -> Starlette:
             }
         return JSONResponse(
             {"success": True, "message": "Bulk SMS sent successfully", "data": data},
-            shape.created_status,
+            state.shape.created_status,
         )
 
     async def balance(request: Request) -> Response:
@@ -450,7 +449,7 @@ def create_sandbox_app(state: SandboxState) -> Starlette:
                 day = datetime.strptime(q[key], "%Y-%m-%d") if q.get(key) else None
             except ValueError as exc:
                 raise _BadRequest(f"The {key} must be a date (Y-m-d).") from exc
-            bounds.append(day.replace(tzinfo=shape.zone).timestamp() if day else None)
+            bounds.append(day.replace(tzinfo=state.shape.zone).timestamp() if day else None)
         start = bounds[0] if bounds[0] is not None else -math.inf
         end = bounds[1] + 86400 if bounds[1] is not None else math.inf
         # Filter on plain fields; build response rows for the requested page only.
