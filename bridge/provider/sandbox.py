@@ -121,6 +121,9 @@ class Fault:
     # Real seconds to stall. With status 0 the request is handled first (the SMS is
     # taken and logged) and the answer stalls: what a client's read timeout hides.
     delay: float = 0.0
+    # Handle the request for real (the SMS is taken and logged), then answer with this
+    # fault instead: a 502 from a gateway, a 200 that says nothing, after the fact.
+    taken: bool = False
 
 
 @dataclass
@@ -312,6 +315,8 @@ def create_sandbox_app(state: SandboxState) -> Starlette:
                 await asyncio.sleep(fault.delay)  # real seconds: client timeouts are too
                 return response
             await asyncio.sleep(fault.delay)
+        if fault is not None and fault.taken:
+            await answer(request, handler, None)
         response = await answer(request, handler, fault)
         record.status = response.status_code
         return response
