@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="the file (instead of --config)")
     messages = with_config(sub.add_parser("messages", help="list stored messages"))
     messages.add_argument("--status", "--state", dest="state")
-    messages.add_argument("--reason", help="duplicate, storm, loop or budget")
+    messages.add_argument("--reason", help="duplicate, storm, loop, budget or unknown")
     messages.add_argument("--route", help="messages from this webhook route")
     messages.add_argument("--limit", type=int, default=50)
     messages.add_argument("--json", action="store_true")

@@ -78,7 +78,8 @@ def openapi_spec(config: Config) -> dict[str, Any]:
             "dedupe_key": {"type": "string", "maxLength": 256},
             "schedule_time": {
                 "type": "string",
-                "description": "YYYY-MM-DD HH:MM:SS (UTC) or ISO 8601",
+                "description": "YYYY-MM-DD HH:MM:SS in provider.timezone, or ISO 8601"
+                " with an offset; must be in the future",
             },
         },
     }

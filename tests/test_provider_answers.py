@@ -37,9 +37,7 @@ async def test_an_unknown_outcome_is_resent_once_then_ends_sent_outcome_unknown(
     sandbox_state.faults.append(Fault(status=200, body='{"queued": true}', path="/send", times=99))
     config = bridge_config(tmp_path, sandbox_url, ADMIN)
     async with running_bridge(config, clock) as (bridge, url):
-        [message_id] = (await post(url, {"to": "+12025550143", "message": "db down"})).json()[
-            "ids"
-        ]
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "db down"})).json()["ids"]
 
         start = clock.now()
         while clock.now() - start < 3600:  # a simulated hour: no third copy, ever

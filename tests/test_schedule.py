@@ -137,9 +137,7 @@ async def test_cli_calls_book_the_window_serve_keeps(
         try:
             for _ in range(3):  # three account calls while serve runs
                 await book_cli_request(cli, config, clock, "balance", sleep=sleep)
-                await http.get(
-                    f"{sandbox_url}/api/v1/balance", headers={"X-API-Key": "test-key"}
-                )
+                await http.get(f"{sandbox_url}/api/v1/balance", headers={"X-API-Key": "test-key"})
             for i in range(4):
                 await http.post(
                     f"{url}/api/v1/messages", json={"to": f"+1202555015{i}", "message": f"x{i}"}
