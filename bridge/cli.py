@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sandbox.add_argument("--requests-per-minute", type=int, default=100)
     sandbox.add_argument("--fail-share", type=float, default=0.0)
+    sandbox.add_argument(
+        "--variant", default="documented", help="answer shapes (see sandbox.variant)"
+    )
     check = with_config(sub.add_parser("check-config", help="validate a config file"))
     check.add_argument("file", nargs="?", help="the file (instead of --config)")
     messages = with_config(sub.add_parser("messages", help="list stored messages"))
@@ -160,8 +163,11 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def _run_sandbox(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from bridge.provider.sandbox import SandboxState, create_sandbox_app
+    from bridge.provider.sandbox import VARIANTS, SandboxState, create_sandbox_app
 
+    if args.variant not in VARIANTS:
+        print(f"--variant must be one of {', '.join(sorted(VARIANTS))}", file=sys.stderr)
+        return 2
     setup_logging("info", "human", [args.api_key])
     host, port = parse_listen(args.listen)
     state = SandboxState(
@@ -169,6 +175,7 @@ def _run_sandbox(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         rate_limit=args.requests_per_minute,
         fail_share=args.fail_share,
+        shape=VARIANTS[args.variant],
     )
     log.warning("sandbox provider on http://%s:%d/api/v1 - nothing leaves this machine", host, port)
     uvicorn.run(create_sandbox_app(state), host=host, port=port, log_config=None, access_log=False)

@@ -182,3 +182,21 @@ def test_log_matcher_takes_each_entry_once() -> None:
     assert matcher.take("12025550152", "same text") is a
     assert matcher.take("12025550152", "same  text") is b
     assert matcher.take("12025550152", "same text") is None and not matcher
+
+
+def test_new_provider_keys_are_checked(tmp_path) -> None:
+    from bridge.config import load_config
+    from bridge.errors import ConfigError
+    from tests.helpers import write_config
+
+    body = (
+        '[provider]\nmax_unknown_resends = 9\ntimezone = "Mars/Olympus"\n'
+        '[sandbox]\nvariant = "kind"\n'
+    )
+    with pytest.raises(ConfigError) as bad:
+        load_config(write_config(tmp_path, body), env={})
+    keys = {key for key, _ in bad.value.problems}
+    assert keys == {"provider.max_unknown_resends", "provider.timezone", "sandbox.variant"}
+    good = '[provider]\nmax_unknown_resends = 0\ntimezone = "Asia/Beirut"\n'
+    config = load_config(write_config(tmp_path, good, "good.toml"), env={})
+    assert config.provider.timezone == "Asia/Beirut" and config.sandbox.variant == "documented"
