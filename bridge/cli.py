@@ -9,11 +9,12 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bridge import __version__
-from bridge.clock import SystemClock
+from bridge.clock import Clock, SystemClock
 from bridge.config import (
     Config,
     config_path_from,
@@ -24,6 +25,9 @@ from bridge.config import (
 )
 from bridge.errors import ConfigError, ProviderError, StoreUnavailable
 from bridge.logs import setup_logging
+
+if TYPE_CHECKING:  # imported where used: each command loads only what it needs
+    from bridge.store import Store
 
 log = logging.getLogger("bridge")
 
@@ -51,11 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     sandbox.add_argument("--requests-per-minute", type=int, default=100)
     sandbox.add_argument("--fail-share", type=float, default=0.0)
+    sandbox.add_argument(
+        "--variant", default="documented", help="answer shapes (see sandbox.variant)"
+    )
     check = with_config(sub.add_parser("check-config", help="validate a config file"))
     check.add_argument("file", nargs="?", help="the file (instead of --config)")
     messages = with_config(sub.add_parser("messages", help="list stored messages"))
     messages.add_argument("--status", "--state", dest="state")
-    messages.add_argument("--reason", help="duplicate, storm, loop or budget")
+    messages.add_argument("--reason", help="duplicate, storm, loop, budget or unknown")
     messages.add_argument("--route", help="messages from this webhook route")
     messages.add_argument("--limit", type=int, default=50)
     messages.add_argument("--json", action="store_true")
@@ -130,7 +137,9 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
     if args.command == "messages":
         return asyncio.run(_messages(config, args))
     if args.command == "provider":
-        return asyncio.run(_provider(config, args))
+        # Only a store `serve` keeps holds a window to share; none is created for this.
+        shared = not config.uses_sandbox and Path(config.store.path).is_file()
+        return asyncio.run(_provider(config, args, shared))
     if args.command in ("retry", "purge"):
         return asyncio.run(_maintain(config, args))
     return 2
@@ -154,8 +163,11 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def _run_sandbox(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from bridge.provider.sandbox import SandboxState, create_sandbox_app
+    from bridge.provider.sandbox import VARIANTS, SandboxState, create_sandbox_app
 
+    if args.variant not in VARIANTS:
+        print(f"--variant must be one of {', '.join(sorted(VARIANTS))}", file=sys.stderr)
+        return 2
     setup_logging("info", "human", [args.api_key])
     host, port = parse_listen(args.listen)
     state = SandboxState(
@@ -163,6 +175,7 @@ def _run_sandbox(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         rate_limit=args.requests_per_minute,
         fail_share=args.fail_share,
+        shape=VARIANTS[args.variant],
     )
     log.warning("sandbox provider on http://%s:%d/api/v1 - nothing leaves this machine", host, port)
     uvicorn.run(create_sandbox_app(state), host=host, port=port, log_config=None, access_log=False)
@@ -227,14 +240,62 @@ async def _maintain(config: Config, args: argparse.Namespace) -> int:
     return 0 if not missing else 1
 
 
-async def _provider(config: Config, args: argparse.Namespace) -> int:
-    from bridge.service import open_provider
+CLI_MAX_WAIT = 65.0  # longer than one window: the budget is not coming back soon
+
+
+async def book_cli_request(
+    store: Store,
+    config: Config,
+    clock: Clock,
+    kind: str,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Book one request in the window `serve` persists (and reads back, see the
+    dispatcher): waits while it is full, so a CLI call cannot push `serve` into 429s."""
+    from bridge.dispatcher import FOREIGN_PREFIX
+    from bridge.ratelimit import SlidingWindowLimiter
+
+    waited = 0.0
+    while True:
+        limiter = SlidingWindowLimiter(limit=config.provider.requests_per_minute, clock=clock)
+        limiter.load(await store.request_times(clock.now() - limiter.window))
+        wait = limiter.wait_time(FOREIGN_PREFIX)
+        if wait <= 0:
+            await store.record_request(clock.now(), f"{FOREIGN_PREFIX}:{kind}")
+            return
+        if waited + wait > CLI_MAX_WAIT:
+            raise ProviderError(f"the provider's rate window is full for {wait:.0f}s more")
+        print(f"rate window full (serve is busy): waiting {wait:.1f}s", file=sys.stderr)
+        await sleep(wait)
+        waited += wait
+
+
+async def _provider(config: Config, args: argparse.Namespace, shared: bool) -> int:
+    from bridge import store as stores
 
     if args.action == "calculate" and (not args.to or not args.message):
         print("calculate needs --to NUMBER (repeatable) and --message TEXT", file=sys.stderr)
         return 2
-    async with open_provider(config, clock=SystemClock()) as (_, client, _sandbox):
+    clock = SystemClock()
+    if not shared:
+        return await _provider_call(config, args, None, clock)
+    store = stores.Store(config.store.path)
+    await store.open()
+    try:
+        return await _provider_call(config, args, store, clock)
+    finally:
+        await store.close()
+
+
+async def _provider_call(
+    config: Config, args: argparse.Namespace, store: Store | None, clock: Clock
+) -> int:
+    from bridge.service import open_provider
+
+    async with open_provider(config, clock=clock) as (_, client, _sandbox):
         try:
+            if store is not None:
+                await book_cli_request(store, config, clock, args.action)
             if args.action == "balance":
                 result: Any = await client.balance()
             elif args.action == "pricing":

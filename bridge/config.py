@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,8 @@ class ProviderConfig:
     auth_probe_interval: float = _opt(30.0, "duration")
     arabic_type: int = _opt(2)  # message_type for Arabic script: 2 (Unicode) or 4
     allowed_sender_ids: tuple[str, ...] = _opt([])  # callers may ask for; [] = only sender_id
+    max_unknown_resends: int = _opt(1)  # resends after an outcome /logs cannot settle
+    timezone: str = _opt("UTC")  # the provider's zone: schedule_time, /logs timestamps
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +227,7 @@ class SandboxConfig:
     sent_after: float = _opt(1.0, "duration")
     delivered_after: float = _opt(3.0, "duration")
     fail_share: float = _opt(0.0)
+    variant: str = _opt("documented")  # answer shapes: see bridge.provider.sandbox.VARIANTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -604,6 +608,7 @@ def _validate(config: Config, loader: _Loader) -> None:
         problem("status.budget_share", "must be above 0 and at most 1")
     if not 0 <= config.sandbox.fail_share <= 1:
         problem("sandbox.fail_share", "must be between 0 and 1")
+    _validate_provider_extras(config, problem)
     if config.log.level.lower() not in ("debug", "info", "warning", "error"):
         problem("log.level", "must be debug, info, warning or error")
     if config.log.format not in ("human", "json"):
@@ -683,6 +688,20 @@ def _validate_tokens(config: Config, problem: Callable[[str, str], None]) -> Non
         for scope in spec.scopes:
             if scope not in SCOPES:
                 problem(f"{key}.scopes", f"{scope!r} is not one of {', '.join(SCOPES)}")
+
+
+def _validate_provider_extras(config: Config, problem: Callable[[str, str], None]) -> None:
+    """Keys of the provider-shape work (issue 17), kept apart for easy merging."""
+    from bridge.provider.sandbox import VARIANTS  # the sandbox's own table of shapes
+
+    if not 0 <= config.provider.max_unknown_resends <= 5:
+        problem("provider.max_unknown_resends", "must be between 0 and 5")
+    try:
+        zoneinfo.ZoneInfo(config.provider.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        problem("provider.timezone", f"{config.provider.timezone!r} is not an IANA time zone")
+    if config.sandbox.variant not in VARIANTS:
+        problem("sandbox.variant", f"must be one of {', '.join(sorted(VARIANTS))}")
 
 
 def load_config(

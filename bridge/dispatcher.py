@@ -8,13 +8,21 @@ sending it, and records each outcome:
     success           -> sent, with the provider's id and cost
     400               -> failed with the provider's reason (a refused bulk is retried
                          one by one, so one bad number cannot sink the rest)
-    401/403/404       -> queue kept, sending paused, health red, /balance probed until OK
-    429               -> the whole key paused for Retry-After (or a backoff), then retried
-    5xx, connect fail -> retried with exponential backoff and jitter, failed past max age
-    unknown outcome   -> left in `sending` and checked against /logs before any resend
+    2xx without ids   -> sent without a provider id (the poller matches recipient + text)
+    401/404           -> queue kept, sending paused, health red, /balance probed until OK
+    403               -> account not active: paused with a doubling wait; the next send is
+                         the probe (/balance answers for an inactive account: no flapping)
+    429               -> the whole key paused for Retry-After, else a doubling backoff
+    connect fail      -> retried with exponential backoff and jitter, failed past max age
+    5xx               -> checked in /logs first; if not there, retried as above
+    unknown outcome   -> left in `sending` and checked against /logs before any resend;
+                         if /logs cannot settle it, sent again at most
+                         `provider.max_unknown_resends` times, then ended `sent` with the
+                         reason "outcome unknown" (reason_kind `unknown`), admin warned
 
 Messages found in `sending` (a crash, a read timeout) are reconciled the same way, so a
-restart does not text anyone twice where the provider's /logs can tell.
+restart does not text anyone twice where the provider's /logs can tell, and never more
+than once more where it cannot.
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ import asyncio
 import logging
 import random
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 from bridge.budget import BudgetGuard, day_bounds
 from bridge.clock import Clock
@@ -32,6 +39,7 @@ from bridge.errors import (
     PermanentSendError,
     ProviderAuthError,
     ProviderError,
+    ProviderInactiveError,
     RateLimitedError,
     TransientSendError,
 )
@@ -39,8 +47,15 @@ from bridge.health import ProviderHealth
 from bridge.loops import run_steps
 from bridge.models import Message, State
 from bridge.pricing import PriceBook
-from bridge.provider.client import ProviderClient, SendResult, TransientUnknownOutcome
+from bridge.provider.client import (
+    ProviderClient,
+    ProviderFailed,
+    SendResult,
+    TransientUnknownOutcome,
+)
+from bridge.provider.logmatch import LogMatcher, provider_date, provider_time, zone
 from bridge.ratelimit import SlidingWindowLimiter
+from bridge.schedule import for_provider
 from bridge.store import Store
 from bridge.text import TYPE_GSM
 
@@ -50,6 +65,8 @@ RECONCILE_DELAY = 5.0  # let the provider's /logs catch up before looking there
 RECONCILE_MAX_PAGES = 10
 CLOCK_SKEW = 120.0  # tolerance between our clock and the provider's timestamps
 DUE_BATCH = 5000
+LOGS_TRIES = 3  # /logs failing this often in a row: the outcomes waiting on it stay unknown
+FOREIGN_PREFIX = "cli"  # request kinds booked by `sms-bridge provider ...` in the store
 
 
 def batch_key(m: Message) -> tuple[str, str, int] | None:
@@ -106,12 +123,27 @@ class Dispatcher:
         self.wake = asyncio.Event()
         self._next_probe = 0.0
         self._prices_loaded = prices is None
+        self._inactive_strikes = 0  # 403s in a row: the wait before the next try doubles
+        self._logs_failures = 0
+        self._foreign_rowid = 0  # last request booked by another process already counted
+        self.tz = zone(config.timezone)
 
     async def load_budget(self) -> None:
         """Take the requests booked before a restart into the window."""
         now = self.clock.now()
         await self.store.prune_requests(now - 2 * self.limiter.window)
-        self.limiter.load(await self.store.request_times(now - self.limiter.window))
+        rows = await self.store.request_rows(now - self.limiter.window)
+        self.limiter.load((at, kind) for _, at, kind in rows)
+        self._foreign_rowid = max((rowid for rowid, _, _ in rows), default=0)
+
+    async def _count_foreign(self) -> None:
+        """Requests another process (the CLI) booked since we looked: same window."""
+        rows = await self.store.request_rows(
+            self.clock.now() - self.limiter.window, FOREIGN_PREFIX, self._foreign_rowid
+        )
+        if rows:
+            self.limiter.load((at, kind) for _, at, kind in rows)
+            self._foreign_rowid = max(rowid for rowid, _, _ in rows)
 
     # -- the loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -128,10 +160,12 @@ class Dispatcher:
     async def run_once(self) -> float:
         """One step: send what is due and within budget; return seconds until the next."""
         now = self.clock.now()
+        await self._count_foreign()
         if not self.health.ready:
             if now < self._next_probe:
                 return self._next_probe - now
-            if not await self._probe():
+            # An inactive account: the next send is the probe (see the module docstring).
+            if not self.health.inactive and not await self._probe():
                 return self.config.auth_probe_interval
         wait = self.limiter.wait_time("send")
         if wait > 0:  # no budget: do not even read the queue (ingest wakes us often)
@@ -149,8 +183,10 @@ class Dispatcher:
             if wait > 0:
                 return wait
             await self._send(batch)
-            if not self.health.ready or self.limiter.paused_until > self.clock.now():
-                return self.limiter.wait_time("send") or self.config.auth_probe_interval
+            if not self.health.ready:
+                return max(0.01, self._next_probe - self.clock.now())
+            if self.limiter.paused_until > self.clock.now():
+                return self.limiter.wait_time("send")
         if len(due) == DUE_BATCH:
             return 0.0
         next_due = await self.store.next_due_at()
@@ -239,7 +275,7 @@ class Dispatcher:
                     first.text,
                     sender_id=first.sender_id,
                     message_type=first.message_type,
-                    schedule_time=first.schedule_time,
+                    schedule_time=for_provider(first.schedule_time, now=now, tz=self.tz),
                 )
             else:
                 result = await self.client.send_bulk(
@@ -251,18 +287,21 @@ class Dispatcher:
         except PermanentSendError as exc:
             await self._refused(batch, exc)
         except ProviderAuthError as exc:
-            self.health.auth_failed(str(exc), self.clock.now())
-            self._next_probe = self.clock.now() + self.config.auth_probe_interval
+            self._key_refused(exc)
+            what = (
+                "provider says the account is not active"
+                if isinstance(exc, ProviderInactiveError)
+                else "provider refused the key"
+            )
             await self.store.requeue(
                 ids,
                 self.clock.now(),
                 at=self.clock.now(),
-                reason=f"waiting: provider refused the key ({exc})",
+                reason=f"waiting: {what} ({exc})",
                 refund_attempt=True,
             )
         except RateLimitedError as exc:
-            pause = exc.retry_after if exc.retry_after is not None else self._backoff(1)
-            self.limiter.pause(self.clock.now() + pause)
+            pause = self.limiter.rate_limited(exc.retry_after)
             log.warning("provider answered 429: pausing all requests for %.1fs", pause)
             await self.store.requeue(
                 ids,
@@ -273,10 +312,21 @@ class Dispatcher:
             )
         except TransientUnknownOutcome as exc:
             log.warning("outcome of request for %s unknown (%s): checking /logs first", ids, exc)
-            await self._note_unknown(ids, str(exc))
+            self.limiter.answered()
+            await self.store.note_unknown(
+                ids, f"outcome unknown, checking the provider's logs: {exc}", "unknown"
+            )
+        except ProviderFailed as exc:
+            # It says it failed; /logs still decides, a 5xx is not proof of nothing sent.
+            self.limiter.answered()
+            await self.store.note_unknown(
+                ids, f"provider error, checking its logs before a retry: {exc}", "provider-error"
+            )
         except TransientSendError as exc:
             await self._retry_later(batch, exc)
         else:
+            self.limiter.answered()
+            self._inactive_strikes = 0
             self.health.succeeded(self.clock.now())
             await self.store.mark_sent(_sent_rows(batch, result), self.clock.now())
             await self._check_balance(result.balance)
@@ -300,6 +350,18 @@ class Dispatcher:
             [(batch[0].id, State.FAILED, f"provider refused: {exc.reason}")], now
         )
 
+    def _key_refused(self, exc: ProviderAuthError) -> float:
+        """401/403/404: health red; seconds until the next try (403: doubling)."""
+        now = self.clock.now()
+        inactive = isinstance(exc, ProviderInactiveError)
+        self.health.auth_failed(str(exc), now, inactive=inactive)
+        wait = self.config.auth_probe_interval
+        if inactive:
+            self._inactive_strikes += 1
+            wait = min(self.config.backoff_max, wait * 2 ** (self._inactive_strikes - 1))
+        self._next_probe = now + wait
+        return wait
+
     async def _retry_later(self, batch: list[Message], exc: TransientSendError) -> None:
         now = self.clock.now()
         retry, give_up = [], []
@@ -320,17 +382,6 @@ class Dispatcher:
         base = min(self.config.backoff_max, self.config.backoff_initial * 2 ** max(0, attempts - 1))
         return base * (0.5 + 0.5 * self.rng.random())
 
-    async def _note_unknown(self, ids: list[int], reason: str) -> None:
-        await self.store.write(
-            lambda db: [
-                db.execute(
-                    "UPDATE messages SET reason = ? WHERE id = ? AND state = 'sending'",
-                    (f"outcome unknown, checking the provider's logs: {reason}", i),
-                )
-                for i in ids
-            ]
-        )
-
     async def _probe(self) -> bool:
         """While the key is refused, one cheap /balance now and then tells when it works."""
         if self.limiter.wait_time("send") > 0:
@@ -342,11 +393,15 @@ class Dispatcher:
         try:
             await self.client.balance()
         except ProviderAuthError as exc:
-            self.health.auth_failed(str(exc), self.clock.now())
+            self._key_refused(exc)
+            return False
+        except RateLimitedError as exc:
+            self.limiter.rate_limited(exc.retry_after)
             return False
         except ProviderError as exc:
             log.info("probe inconclusive: %s", exc)
             return False
+        self.limiter.answered()
         self.health.succeeded(self.clock.now())
         return True
 
@@ -364,11 +419,11 @@ class Dispatcher:
         if not ready:
             return min((m.claimed_at or 0) + RECONCILE_DELAY for m in stale) - now
         oldest = min(m.claimed_at or now for m in ready)
-        wanted = {(m.recipient, m.text): m for m in ready}
+        matcher = LogMatcher(ready)
         found: list[tuple[int, str | None, float | None]] = []
-        date_from = datetime.fromtimestamp(oldest - CLOCK_SKEW, UTC).strftime("%Y-%m-%d")
+        date_from = provider_date(oldest - CLOCK_SKEW, self.tz)
         page = 1
-        while wanted and page <= RECONCILE_MAX_PAGES:
+        while matcher and page <= RECONCILE_MAX_PAGES:
             wait = self.limiter.wait_time("send")
             if wait > 0:
                 return wait
@@ -378,58 +433,89 @@ class Dispatcher:
             try:
                 logs = await self.client.logs(page=page, date_from=date_from)
             except ProviderAuthError as exc:
-                self.health.auth_failed(str(exc), self.clock.now())
-                self._next_probe = self.clock.now() + self.config.auth_probe_interval
-                return self.config.auth_probe_interval
+                return self._key_refused(exc)
             except RateLimitedError as exc:
-                self.limiter.pause(self.clock.now() + (exc.retry_after or self._backoff(1)))
+                self.limiter.rate_limited(exc.retry_after)
                 return self.limiter.wait_time("send")
             except ProviderError as exc:
-                log.warning("cannot read /logs to reconcile %d messages: %s", len(wanted), exc)
-                return self._backoff(2)
+                self._logs_failures += 1
+                if self._logs_failures < LOGS_TRIES:
+                    log.warning("cannot read /logs to reconcile %d messages: %s", len(ready), exc)
+                    return self._backoff(self._logs_failures + 1)
+                log.error("/logs unreadable %d times (%s): outcomes stay unknown", LOGS_TRIES, exc)
+                break
+            self._logs_failures = 0
+            self.limiter.answered()
             older_seen = False
             known = await self.store.known_provider_ids([e.id for e in logs.entries])
             for entry in logs.entries:
-                created = _parse_stamp(entry.created_at)
+                created = provider_time(entry.created_at, self.tz)
                 if created is not None and created < oldest - CLOCK_SKEW:
-                    older_seen = True
+                    older_seen = True  # before our request: an earlier text, not this one
                     continue
-                m = wanted.get((entry.recipient, entry.message))
-                if m is not None and entry.id not in known:
+                if entry.id in known:
+                    continue
+                m = matcher.take(entry.recipient, entry.message)
+                if m is not None:
                     found.append((m.id, entry.id, entry.cost))
                     known.add(entry.id)
-                    del wanted[(entry.recipient, entry.message)]
             if not logs.has_more or older_seen:
                 break
             page += 1
+        self._logs_failures = 0
         if found:
             log.info("reconciled %d messages the provider had already accepted", len(found))
             await self.store.mark_sent(found, self.clock.now())
-        if wanted:
-            ids = [m.id for m in wanted.values()]
-            log.info("%d messages not found at the provider: sending them again", len(ids))
-            await self.store.requeue(
-                ids,
-                self.clock.now(),
-                at=self.clock.now(),
-                reason="not found in the provider's logs; resending",
-            )
+        await self._not_found(matcher.remaining())
         return None
+
+    async def _not_found(self, missing: list[Message]) -> None:
+        """/logs did not show these: retry a provider error; resend an unknown outcome
+        at most `max_unknown_resends` times, then end it `sent`, "outcome unknown"."""
+        if not missing:
+            return
+        now = self.clock.now()
+        errors = [m for m in missing if m.reason_kind == "provider-error"]
+        if errors:
+            await self._retry_later(
+                errors, TransientSendError("provider error, and not in its logs")
+            )
+        unknown = [m for m in missing if m.reason_kind != "provider-error"]
+        cap = self.config.max_unknown_resends
+        again = [m.id for m in unknown if m.unknown_resends < cap]
+        if again:
+            log.warning("%d messages not found in the provider's logs: sending again", len(again))
+            await self.store.resend_unknown(
+                again,
+                now,
+                f"outcome unknown and not in the provider's logs: resent (at most {cap})",
+            )
+        given_up = [m.id for m in unknown if m.unknown_resends >= cap]
+        if given_up:
+            log.error(
+                "outcome of %d messages unknown after %d resends: not sent again (%s)",
+                len(given_up),
+                cap,
+                given_up[:20],
+            )
+            await self.store.settle_unknown(
+                given_up,
+                now,
+                f"outcome unknown: sent {cap + 1} times, the provider's answers and logs"
+                " never said whether it went; not sent again",
+            )
+            if self.budget is not None and await self.budget.warn(
+                "unknown-outcome",
+                f"sms-bridge: {len(given_up)} texts have an unknown outcome (the provider"
+                " did not say whether they went); see messages in state sent, reason"
+                " 'outcome unknown'",
+            ):
+                self.wake.set()
 
 
 def _sent_rows(
     batch: list[Message], result: SendResult
 ) -> list[tuple[int, str | None, float | None]]:
+    """Each message's own id, or none (never the batch id: the poller could not match it)."""
     share = None if result.cost is None else round(result.cost / len(batch), 6)
-    return [(m.id, result.message_ids.get(m.recipient, result.batch_id), share) for m in batch]
-
-
-def _parse_stamp(value: str | None) -> float | None:
-    if not value:
-        return None
-    for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"):
-        try:
-            return datetime.strptime(value[:19], fmt).replace(tzinfo=UTC).timestamp()
-        except ValueError:
-            continue
-    return None
+    return [(m.id, result.message_ids.get(m.recipient), share) for m in batch]

@@ -7,6 +7,7 @@ BridgeError
 └── ProviderError           the provider's answer, classified once for the dispatcher
     ├── PermanentSendError  400: never retried, the provider's reason kept
     ├── ProviderAuthError   401, 403, 404: stop sending, keep the queue, health red
+    │   └── ProviderInactiveError  403 "account not active": paused with its own backoff
     └── TransientSendError  5xx, timeouts, resets, unparseable bodies: retry later
         └── RateLimitedError   429: pause the whole key, honour retry_after
 """
@@ -54,6 +55,10 @@ class PermanentSendError(ProviderError):
 
 class ProviderAuthError(ProviderError):
     """Key or configuration wrong (401, 403, 404); nothing can be sent until fixed."""
+
+
+class ProviderInactiveError(ProviderAuthError):
+    """403: the key is known but the account is not active; /balance may still answer."""
 
 
 class TransientSendError(ProviderError):

@@ -22,11 +22,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from bridge.clock import Clock
-from bridge.config import LiveConfig, RouteConfig
+from bridge.config import Config, LiveConfig, RouteConfig
 from bridge.firewall import Firewall, cap_recipients
 from bridge.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
 from bridge.ingest import Draft, Ingestor
 from bridge.policy import dedupe_scope
+from bridge.provider.logmatch import zone
+from bridge.schedule import FIELD, MAIL_HEADER, parse_schedule_time
 from bridge.templates import TemplateError, render
 from bridge.web import HttpError, parse_json, read_body
 
@@ -85,6 +87,14 @@ def route_text(route: RouteConfig, message: HookMessage) -> str:
     return f"{route.name}: {compact[:FALLBACK_CHARS]}"
 
 
+def _schedule(request: Request, config: Config, now: float) -> str | None:
+    """`?schedule_time=` or the `X-SMS-Schedule` header (as for mail): one parser."""
+    value = request.query_params.get(FIELD) or request.headers.get(MAIL_HEADER)
+    if not value:
+        return None
+    return parse_schedule_time(value, now=now, tz=zone(config.provider.timezone))
+
+
 def hook_endpoint(
     *,
     live: LiveConfig,
@@ -139,6 +149,7 @@ def hook_endpoint(
             messages = module.parse(hook)
         except Ignored as exc:
             return JSONResponse({"ignored": str(exc)}, 200)
+        schedule = _schedule(request, config, clock.now())
         extra = request.query_params.getlist("to")
         if extra and not (route.allow_payload_to or route.allow_query_to):
             raise HttpError(400, "this route does not take ?to= (allow_payload_to)", "to")
@@ -175,6 +186,7 @@ def hook_endpoint(
                     dedupe_key=message.dedupe_key,
                     topic=message.topic,
                     instance=message.instance,
+                    schedule_time=schedule,
                 )
             )
         accepted = await ingestor.submit(drafts)

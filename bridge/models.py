@@ -81,6 +81,7 @@ class Message:
     reason_kind: str | None
     estimated_cost: float | None
     instance: str | None
+    unknown_resends: int = 0
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Message:

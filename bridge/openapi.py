@@ -102,7 +102,8 @@ def openapi_spec(config: Config) -> dict[str, Any]:
             },
             "schedule_time": {
                 "type": "string",
-                "description": "YYYY-MM-DD HH:MM:SS (UTC) or ISO 8601",
+                "description": "YYYY-MM-DD HH:MM:SS in provider.timezone, or ISO 8601"
+                " with an offset; must be in the future",
             },
         },
     }

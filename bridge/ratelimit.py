@@ -4,7 +4,9 @@ The documentation does not say whether the provider's window is fixed or sliding
 assume the strictest reading: a sliding 60 s window, counting every endpoint. Each request
 is booked before it is sent (and persisted by the caller, so a restart does not grant a
 fresh burst). A small margin covers the delay between booking and the provider's own
-timestamp. A 429 pauses every kind of request until its `Retry-After`.
+timestamp. A 429 pauses every kind of request until its `Retry-After`; without one, for
+a pause that doubles with each 429 in a row (a success resets it). Requests booked by
+other processes (`sms-bridge provider ...`) are read from the store and counted too.
 """
 
 from __future__ import annotations
@@ -27,7 +29,12 @@ class SlidingWindowLimiter:
         clock: Clock,
         status_share: float = 0.1,
         window: float = WINDOW_SECONDS + WINDOW_MARGIN,
+        backoff_initial: float = 5.0,
+        backoff_max: float = 600.0,
     ) -> None:
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.strikes = 0  # 429s in a row
         self.limit = limit
         self.window = window
         self.clock = clock
@@ -79,6 +86,19 @@ class SlidingWindowLimiter:
 
     def pause(self, until: float) -> None:
         self.paused_until = max(self.paused_until, until)
+
+    def rate_limited(self, retry_after: float | None) -> float:
+        """A 429: pause every request for `retry_after`, else for a doubling backoff."""
+        self.strikes += 1
+        pause = retry_after
+        if pause is None:
+            pause = min(self.backoff_max, self.backoff_initial * 2 ** (self.strikes - 1))
+        self.pause(self.clock.now() + pause)
+        return pause
+
+    def answered(self) -> None:
+        """The provider answered without a 429: the next one starts the backoff afresh."""
+        self.strikes = 0
 
     def oldest_relevant(self) -> float:
         return self.clock.now() - self.window

@@ -89,6 +89,13 @@ def _instance(db: Database) -> None:
     db.execute("ALTER TABLE messages ADD COLUMN instance TEXT")
 
 
+@migrations(name="0004_unknown_resends")
+def _unknown_resends(db: Database) -> None:
+    # Resends after an outcome /logs could not settle: capped by
+    # provider.max_unknown_resends, so an unreadable provider cannot become a spam cannon.
+    db.execute("ALTER TABLE messages ADD COLUMN unknown_resends INTEGER NOT NULL DEFAULT 0")
+
+
 # Columns an ingest sets; the rest keep their defaults. Rows per INSERT statement: 19
 # parameters each stays under SQLite's oldest variable limit (999).
 INSERT_COLUMNS = (

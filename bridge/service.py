@@ -36,7 +36,7 @@ from bridge.metrics import Metrics
 from bridge.policy import Rules
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
-from bridge.provider.sandbox import SandboxState, create_sandbox_app
+from bridge.provider.sandbox import VARIANTS, SandboxState, create_sandbox_app
 from bridge.ratelimit import SlidingWindowLimiter
 from bridge.smtp import SmtpHandler, start_smtp
 from bridge.sockets import bind_socket
@@ -83,6 +83,7 @@ def make_sandbox_state(config: Config, clock: Clock) -> SandboxState:
         delivered_after=s.delivered_after,
         fail_share=s.fail_share,
         rate_limit=config.provider.requests_per_minute,
+        shape=VARIANTS[s.variant],
     )
 
 
@@ -172,6 +173,8 @@ class Bridge:
                     limit=p.requests_per_minute,
                     clock=clock,
                     status_share=config.status.budget_share,
+                    backoff_initial=p.backoff_initial,
+                    backoff_max=p.backoff_max,
                 )
                 health = ProviderHealth()
                 prices = PriceBook()
@@ -200,6 +203,7 @@ class Bridge:
                     clock=clock,
                     config=config.status,
                     health=health,
+                    timezone=p.timezone,
                 )
                 digests = DigestWorker(
                     store=store,

@@ -11,6 +11,8 @@ reports are stored as `suppressed`, never texted on. AUTH PLAIN/LOGIN against
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
 import fnmatch
 import hmac
 import ipaddress
@@ -29,12 +31,17 @@ from bridge.mail import MailText, compose, parse_mail
 from bridge.mailrules import apply_rule, rule_for
 from bridge.phone import PhoneError
 from bridge.policy import content_hash, dedupe_scope
+from bridge.provider.logmatch import zone
+from bridge.schedule import MAIL_HEADER, parse_schedule_time
 from bridge.sockets import bind_socket
 from bridge.templates import TemplateError, render
 
 log = logging.getLogger(__name__)
 IDENT = "sms-bridge ESMTP"
 ADDRESS_CACHE_SIZE = 1024
+
+
+_HEADERS = email.parser.BytesParser(policy=email.policy.compat32)
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -195,6 +202,18 @@ class SmtpHandler:
             return compose(mail, "subject_body")
         return compose(mail, mode)
 
+    def schedule_of(self, raw: bytes) -> str | None:
+        """The `X-SMS-Schedule` header, read with the one parser every ingress uses."""
+        value = _HEADERS.parsebytes(raw, headersonly=True).get(MAIL_HEADER)
+        if not value:
+            return None
+        return parse_schedule_time(
+            str(value),
+            now=self.ingestor.clock.now(),
+            tz=zone(self.config.provider.timezone),
+            field=MAIL_HEADER,
+        )
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = (
             envelope.content
@@ -208,6 +227,10 @@ class SmtpHandler:
                 recipients.update(dict.fromkeys(self.resolve(address)))
             except InputError as exc:  # config changed between RCPT and DATA
                 return f"550 5.1.1 <{address}>: {exc.message}"
+        try:
+            schedule = self.schedule_of(raw)
+        except InputError as exc:
+            return f"554 5.6.0 {MAIL_HEADER}: {exc.message}"
         text = self.text_for(mail, envelope.mail_from)
         if not text:
             text = f"(empty mail from {mail.sender or envelope.mail_from or 'unknown sender'})"
@@ -220,6 +243,7 @@ class SmtpHandler:
             dedupe_key=mail_dedupe_key(mail),
             suppressed_reason=mail.loop_reason,
             topic=mail.subject[:32] or None,
+            schedule_time=schedule,
         )
         try:
             accepted = await self.ingestor.submit([draft])

@@ -2,7 +2,10 @@
 
 The provider has no delivery callback, and /logs costs requests out of the same budget
 as sending, so the poller takes at most `status.budget_share` of it and stops asking
-about a message after `status.give_up_after` (it then stays `sent`, its last known state).
+about a message after `status.give_up_after` (it then stays `sent`, its last known state);
+a scheduled message is asked about until `give_up_after` past its scheduled time. A
+message the provider took without giving an id is found by recipient and text (the same
+tolerant matching as reconciliation), and keeps the id found.
 """
 
 from __future__ import annotations
@@ -13,12 +16,19 @@ from datetime import UTC, datetime
 
 from bridge.clock import Clock
 from bridge.config import StatusConfig
-from bridge.errors import ProviderAuthError, ProviderError, RateLimitedError
+from bridge.errors import (
+    ProviderAuthError,
+    ProviderError,
+    ProviderInactiveError,
+    RateLimitedError,
+)
 from bridge.health import ProviderHealth
 from bridge.loops import run_steps
 from bridge.models import State
 from bridge.provider.client import MAX_LOGS_PER_PAGE, ProviderClient
+from bridge.provider.logmatch import LogMatcher, provider_date, zone
 from bridge.ratelimit import SlidingWindowLimiter
+from bridge.schedule import STORED_FORMAT
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
@@ -38,7 +48,9 @@ class StatusPoller:
         clock: Clock,
         config: StatusConfig,
         health: ProviderHealth,
+        timezone: str = "UTC",
     ) -> None:
+        self.tz = zone(timezone)
         self.store = store
         self.client = client
         self.limiter = limiter
@@ -58,15 +70,19 @@ class StatusPoller:
     async def run_once(self) -> float:
         """One round over /logs; returns seconds until the next round."""
         now = self.clock.now()
+        horizon = now - self.config.give_up_after
         waiting = await self.store.awaiting_status(
-            since=now - self.config.give_up_after, limit=MAX_TRACKED_PER_ROUND
+            since=horizon,
+            limit=MAX_TRACKED_PER_ROUND,
+            scheduled_after=datetime.fromtimestamp(horizon, UTC).strftime(STORED_FORMAT),
         )
         self.limiter.status_demand = bool(waiting)
         if not waiting or not self.health.ready:
             return self.config.poll_interval
-        by_id = {m.provider_message_id: m for m in waiting}
+        by_id = {m.provider_message_id: m for m in waiting if m.provider_message_id}
+        id_less = LogMatcher(m for m in waiting if not m.provider_message_id)
         oldest = min(m.sent_at or now for m in waiting)
-        date_from = datetime.fromtimestamp(oldest - 86400, UTC).strftime("%Y-%m-%d")
+        date_from = provider_date(oldest - 86400, self.tz)
         # /logs is newest first. The tracked messages are the oldest waiting, so skip the
         # pages that hold what we sent after them (less one page of slack for entries
         # from other clients of the same account), instead of rereading the newest.
@@ -74,6 +90,7 @@ class StatusPoller:
         after = await self.store.sent_after(newest)
         first_page = max(1, after // MAX_LOGS_PER_PAGE)
         updates = []
+        found_ids: list[tuple[int, str]] = []
         for page in range(first_page, first_page + MAX_PAGES_PER_ROUND):
             wait = self.limiter.wait_time("status")
             if wait > 0:
@@ -86,23 +103,34 @@ class StatusPoller:
                     page=page, per_page=MAX_LOGS_PER_PAGE, date_from=date_from
                 )
             except RateLimitedError as exc:
-                self.limiter.pause(
-                    self.clock.now() + (exc.retry_after or self.config.poll_interval)
-                )
+                self.limiter.rate_limited(exc.retry_after)
                 break
             except ProviderAuthError as exc:
-                self.health.auth_failed(str(exc), self.clock.now())
+                inactive = isinstance(exc, ProviderInactiveError)
+                self.health.auth_failed(str(exc), self.clock.now(), inactive=inactive)
                 break
-            except ProviderError as exc:
+            except ProviderError as exc:  # a 404 from /logs included: not an auth failure
                 log.info("status poll failed: %s", exc)
                 break
+            self.limiter.answered()
+            known = (
+                await self.store.known_provider_ids([e.id for e in logs.entries])
+                if id_less
+                else set()
+            )
             for entry in logs.entries:
                 m = by_id.pop(entry.id, None)
+                if m is None and id_less and entry.id not in known:
+                    m = id_less.take(entry.recipient, entry.message)
+                    if m is not None:
+                        found_ids.append((m.id, entry.id))
                 if m is not None and entry.status in FINAL_PROVIDER_STATES:
                     reason = None if entry.status == "delivered" else "provider reports failed"
                     updates.append((m.id, FINAL_PROVIDER_STATES[entry.status], reason))
-            if not by_id or not logs.has_more:
+            if (not by_id and not id_less) or not logs.has_more:
                 break
+        if found_ids:
+            await self.store.set_provider_ids(found_ids)
         if updates:
             await self.store.finish(updates, self.clock.now())
         return max(self.config.poll_interval, self.limiter.wait_time("status"))

@@ -313,15 +313,21 @@ class Store:
             ]
         )
 
-    async def awaiting_status(self, *, since: float, limit: int) -> list[Message]:
-        """`sent` messages with a provider id, sent after `since`, oldest first."""
+    async def awaiting_status(
+        self, *, since: float, limit: int, scheduled_after: str = ""
+    ) -> list[Message]:
+        """`sent` messages sent after `since`, or scheduled (UTC text) after
+        `scheduled_after`, oldest first; with or without a provider id (the poller
+        matches an id-less one by recipient and text, an unsettled outcome included:
+        /logs may show it late)."""
         return await self.read(
             lambda c: [
                 Message.from_row(r)
                 for r in c.execute(
-                    "SELECT * FROM messages WHERE state = 'sent' AND sent_at > ?"
-                    " AND provider_message_id IS NOT NULL ORDER BY sent_at, id LIMIT ?",
-                    (since, limit),
+                    "SELECT * FROM messages WHERE state = 'sent' AND (sent_at > ?"
+                    " OR (schedule_time IS NOT NULL AND schedule_time > ?))"
+                    " ORDER BY sent_at, id LIMIT ?",
+                    (since, scheduled_after or "9999", limit),
                 )
             ]
         )
@@ -351,6 +357,13 @@ class Store:
         wanted = json.dumps(list(ids))
 
         def job(db: Database) -> list[int]:
+            # A new attempt: what an earlier unknown outcome was (reason_kind) no longer holds.
+            db.execute(
+                "UPDATE messages SET reason_kind = NULL"
+                f" WHERE id IN {_JSON_IDS} AND +state = 'queued'"
+                " AND reason_kind IN ('unknown', 'provider-error')",
+                (wanted,),
+            )
             queued = set(
                 json.loads(
                     db.execute(
@@ -378,12 +391,24 @@ class Store:
             )
         )
 
-    async def request_times(self, since: float) -> list[tuple[float, str]]:
+    async def request_times(
+        self, since: float, *, kind_prefix: str = "", after_rowid: int = 0
+    ) -> list[tuple[float, str]]:
+        return [
+            (at, kind) for _, at, kind in await self.request_rows(since, kind_prefix, after_rowid)
+        ]
+
+    async def request_rows(
+        self, since: float, kind_prefix: str = "", after_rowid: int = 0
+    ) -> list[tuple[int, float, str]]:
+        """(rowid, at, kind) of booked requests: `kind_prefix` picks another process's."""
         return await self.read(
             lambda c: [
-                (r[0], r[1])
+                (r[0], r[1], r[2])
                 for r in c.execute(
-                    "SELECT at, kind FROM provider_requests WHERE at > ? ORDER BY at", (since,)
+                    "SELECT rowid, at, kind FROM provider_requests WHERE at > ? AND rowid > ?"
+                    " AND kind LIKE ? ORDER BY at",
+                    (since, after_rowid, kind_prefix + "%"),
                 )
             ]
         )
@@ -405,6 +430,50 @@ class Store:
                 " reason = NULL FROM json_each(?) AS r"
                 " WHERE messages.id = json_extract(r.value, '$[0]')",
                 (now, now, rows),
+            )
+        )
+
+    async def note_unknown(self, ids: Sequence[int], reason: str, kind: str) -> None:
+        """A send whose outcome /logs must settle: stays `sending`, says why and how."""
+        await self.write(
+            lambda db: db.execute(
+                "UPDATE messages SET reason = ?, reason_kind = ?"
+                f" WHERE id IN {_JSON_IDS} AND +state = 'sending'",
+                (reason, kind, json.dumps(list(ids))),
+            )
+        )
+
+    async def resend_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
+        """sending -> queued, due now, counting one resend of an unsettled outcome."""
+        await self.write(
+            lambda db: db.execute(
+                "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
+                " reason = ?, unknown_resends = unknown_resends + 1"
+                f" WHERE id IN {_JSON_IDS} AND +state = 'sending'",
+                (now, now, reason, json.dumps(list(ids))),
+            )
+        )
+
+    async def settle_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
+        """sending -> sent with no provider id: the last word on an outcome nobody knows."""
+        await self.write(
+            lambda db: db.execute(
+                "UPDATE messages SET state = 'sent', sent_at = ?, updated_at = ?, reason = ?,"
+                " reason_kind = 'unknown', provider_message_id = NULL"
+                f" WHERE id IN {_JSON_IDS} AND +state = 'sending'",
+                (now, now, reason, json.dumps(list(ids))),
+            )
+        )
+
+    async def set_provider_ids(self, rows: Iterable[tuple[int, str]]) -> None:
+        """Provider ids found for id-less sent messages (matched in /logs)."""
+        data = json.dumps(list(rows))
+        await self.write(
+            lambda db: db.execute(
+                "UPDATE messages SET provider_message_id = json_extract(r.value, '$[1]')"
+                " FROM json_each(?) AS r WHERE messages.id = json_extract(r.value, '$[0]')"
+                " AND provider_message_id IS NULL",
+                (data,),
             )
         )
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -30,6 +29,8 @@ from bridge.ingest import Draft, Ingestor
 from bridge.metrics import Metrics
 from bridge.openapi import openapi_spec
 from bridge.policy import dedupe_scope
+from bridge.provider.logmatch import zone
+from bridge.schedule import parse_schedule_time
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
@@ -95,19 +96,6 @@ def _string(
     if max_len is not None and len(value) > max_len:
         raise HttpError(400, f"'{key}' is longer than {max_len} characters", key)
     return value
-
-
-def parse_schedule_time(value: str) -> str:
-    """`Y-m-d H:i:s` (taken as UTC) or ISO 8601 with an offset -> the provider's format, UTC."""
-    try:
-        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise HttpError(
-            400, "'schedule_time' must be 'YYYY-MM-DD HH:MM:SS' or ISO 8601", "schedule_time"
-        ) from exc
-    if when.tzinfo is not None:
-        when = when.astimezone(UTC)
-    return when.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def recipients_field(value: Any, field: str = "to") -> list[str]:
@@ -209,7 +197,11 @@ def create_app(
                     # never mute another's (no tokens: one anonymous caller, "api").
                     scope=dedupe_scope("api", caller.name if config.tokens else None),
                     dedupe_key=dedupe_key,
-                    schedule_time=parse_schedule_time(schedule) if schedule else None,
+                    schedule_time=parse_schedule_time(
+                        schedule, now=clock.now(), tz=zone(config.provider.timezone)
+                    )
+                    if schedule
+                    else None,
                 )
             ]
         )

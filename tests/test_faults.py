@@ -8,15 +8,17 @@ what a live server cannot easily do on cue, from a transport wrapped around the 
 
 from __future__ import annotations
 
+import copy
 import email.utils
 from collections import Counter
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 
 from bridge.clock import ManualClock
 from bridge.models import State
-from bridge.provider.sandbox import Fault, SandboxState
+from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
 from bridge.service import Bridge
 from tests.helpers import bridge_config, max_in_window, pump, served
 
@@ -58,8 +60,13 @@ def scenarios(clock_now: float) -> dict[str, dict]:
         "429-absent": {"sandbox": [Fault(status=429, times=2, path="/send")]},
         "connect-timeout": {"transport": ["connect-timeout"] * 3},
         "connect-refused": {"transport": ["connect-refused"] * 2},
-        "read-timeout": {"sandbox": [Fault(status=0, delay=0.6, path="/send")], "timeout": "0.2s"},
-        "reset-after-send": {"transport": ["reset-after-send"] * 2},
+        # The provider takes the SMS, then answers too late: checked in /logs, not resent.
+        "read-timeout": {
+            "sandbox": [Fault(status=0, delay=0.6, path="/send")],
+            "timeout": "0.2s",
+            "sends": 4,  # three singles and one bulk, each exactly once
+        },
+        "reset-after-send": {"transport": ["reset-after-send"] * 2, "sends": 4},
         "malformed-200": {"sandbox": [Fault(status=200, body="<html>ok</html>", path="/send")]},
         "unexpected-json-200": {
             "sandbox": [Fault(status=200, body='{"queued": true}', path="/send")]
@@ -72,6 +79,7 @@ def scenarios(clock_now: float) -> dict[str, dict]:
         "bulk-reset-after-send": {
             "transport": ["reset-after-send"],
             "transport_path": "/send-bulk",
+            "sends": 4,
         },
         "400-refused": {
             "sandbox": [
@@ -124,7 +132,105 @@ async def test_fault(
     assert delivered <= set(sent)
     assert max_in_window([r.at for r in sandbox_state.requests]) <= 100
     assert [r.status for r in sandbox_state.requests].count(429) <= injected_429
+    if "sends" in case:  # an outcome /logs could settle: never a second request
+        sends = [r for r in sandbox_state.requests if r.path.endswith(("/send", "/send-bulk"))]
+        assert len(sends) == case["sends"], sends
     if name == "400-refused":
         assert sum(m.state == State.FAILED for m in messages) == 1
     else:
         assert all(m.state == State.DELIVERED for m in messages)
+
+
+# -- every sandbox shape x every fault, over a simulated hour (issue 17) -------------------
+MATRIX_FAULTS: dict[str, dict] = {
+    "none": {},
+    "read-timeout": {"sandbox": [Fault(status=0, delay=0.4, path="/send")], "timeout": "0.2s"},
+    "5xx-json": {"sandbox": [Fault(status=500, times=3, path="/send")]},
+    "502-after-send": {
+        "sandbox": [Fault(status=502, body="<html>Bad Gateway</html>", taken=True, times=2)]
+    },
+    "bulk-reset": {"transport": ["reset-after-send"], "transport_path": "/send-bulk"},
+    "429-absent": {"sandbox": [Fault(status=429, times=2)]},
+    "logs-404": {"sandbox": [Fault(status=404, times=6, path="/logs")]},
+    "silent-200": {"sandbox": [Fault(status=200, body='{"queued": true}', times=2, path="/send")]},
+    # Taken and logged, answered with nothing, and /logs unreadable: only the cap stops it.
+    "silent-200-taken-logs-hidden": {
+        "sandbox": [
+            Fault(status=200, body='{"queued": true}', taken=True, times=999, path="/send"),
+            Fault(status=404, times=9999, path="/logs"),
+        ],
+        "logs_hidden": True,
+    },
+}
+
+
+@pytest.mark.slow  # 72 simulated hours: ~80 s on two shared cores
+@pytest.mark.parametrize("fault", sorted(MATRIX_FAULTS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+async def test_variant_and_fault_matrix(
+    variant: str,
+    fault: str,
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+) -> None:
+    """Whatever shape the provider answers in, and whatever goes wrong: every message ends
+    in a state, never more than two copies to anyone, nothing `sending`, no 429."""
+    case = MATRIX_FAULTS[fault]
+    shape = VARIANTS[variant]
+    sandbox_state.shape = shape
+    sandbox_state.faults.extend(copy.deepcopy(case.get("sandbox", [])))
+    # A poll every 30 s keeps the simulated hour to ~120 steps.
+    extra = GROUP + '[budget]\nadmin = ["+12025550199"]\n[status]\npoll_interval = "30s"\n'
+    config = bridge_config(
+        tmp_path, sandbox_url, extra, timeout=case.get("timeout", "5s"), timezone=shape.timezone
+    )
+    transport = None
+    if "transport" in case:
+        transport = FaultyTransport(list(case["transport"]), case["transport_path"])
+    scheduled_at = datetime.fromtimestamp(clock.now() + 600, UTC).isoformat()
+    async with (
+        Bridge.build(config, clock=clock, transport=transport) as bridge,
+        served(bridge.app) as url,
+        httpx.AsyncClient() as http,
+    ):
+        await bridge.dispatcher.load_budget()
+        for i in range(3):
+            await http.post(
+                f"{url}/api/v1/messages", json={"to": f"+1202555020{i}", "message": f"single {i}"}
+            )
+        await http.post(f"{url}/api/v1/messages", json={"to": "oncall", "message": "to a group"})
+        later = await http.post(
+            f"{url}/api/v1/messages",
+            json={"to": "+12025550300", "message": "later", "schedule_time": scheduled_at},
+        )
+        assert later.status_code == 202, later.text
+        start = clock.now()
+        while clock.now() - start < 3600:
+            wait = min(
+                await bridge.dispatcher.run_once(),
+                await bridge.poller.run_once(),
+                await bridge.digests.run_once(),
+                30.0,
+            )
+            counts = await bridge.store.counts()
+            if set(counts) <= {"delivered", "failed"}:
+                wait = 300.0  # all settled: the rest of the hour in long steps, still run
+            clock.advance(max(wait, 0.01))
+        messages = await bridge.store.query(limit=100)
+    copies = Counter((e.to, e.message) for e in sandbox_state.entries)
+    assert max(copies.values()) <= 2, copies
+    for m in messages:
+        assert m.state in (State.DELIVERED, State.SENT, State.FAILED), m
+        if m.state == State.SENT and case.get("logs_hidden"):
+            continue  # sent, and no /logs to say more: its last known state
+        if m.state != State.DELIVERED:  # ends elsewhere only with a reason saying why
+            assert m.reason and "outcome unknown" in m.reason, m
+    injected_429 = sum(f.times for f in case.get("sandbox", []) if f.status == 429)
+    assert [r.status for r in sandbox_state.requests].count(429) <= injected_429
+    assert max_in_window([r.at for r in sandbox_state.requests]) <= 100
+    delivered = {(m.recipient, m.text) for m in messages if m.state == State.DELIVERED}
+    assert {("+12025550300", "later"), ("+12025550200", "single 0")} <= delivered | {
+        (m.recipient, m.text) for m in messages if m.state == State.SENT
+    }

@@ -96,7 +96,7 @@ async def test_reopen_keeps_data_and_migrations_run_once(tmp_path) -> None:
     applied = await second.read(
         lambda c: c.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0]
     )
-    assert applied == 3  # each migration once, none again on reopen
+    assert applied == 4  # each migration once, none again on reopen
     await second.close()
 
 

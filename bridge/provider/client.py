@@ -1,16 +1,22 @@
 """The provider's REST API (docs/sms-api.md) and the one classification of its answers.
 
 Every call goes through `_request`, which turns an HTTP exchange into either a parsed JSON
-object or one of the exceptions in `bridge.errors`: 400 permanent; 401/403/404 (and
-redirects) auth or configuration; 429 rate-limited with `Retry-After` (seconds or an
-HTTP-date); 5xx, timeouts, resets and unparseable bodies transient. Response parsing is
-tolerant because the bulk, logs, pricing and account bodies are not documented.
+object or one of the exceptions in `bridge.errors`: 400 permanent; 401/404 (and
+redirects) auth or configuration; 403 an inactive account; 429 rate-limited with
+`Retry-After` (seconds or an HTTP-date); 5xx, timeouts, resets and unparseable bodies
+transient. Any 2xx is a success (201 = 200); a 2xx saying `"success": false` is transient
+when its reason reads so (balance, limit, try again), else permanent. A 2xx that says it
+took the message but gives no id is a success without ids (the poller then matches the
+message by recipient and text); only an answer that says nothing is an unknown outcome.
+Response parsing is tolerant because the bulk, logs, pricing and account bodies are not
+documented: numbers are mapped back to ours whatever their form, keys have variants.
 """
 
 from __future__ import annotations
 
 import email.utils
 import json
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,9 +29,11 @@ from bridge.errors import (
     PermanentSendError,
     ProviderAuthError,
     ProviderError,
+    ProviderInactiveError,
     RateLimitedError,
     TransientSendError,
 )
+from bridge.provider.logmatch import same_number
 
 SEND_PATH = "/send"
 BULK_PATH = "/send-bulk"
@@ -33,6 +41,18 @@ BALANCE_PATH = "/balance"
 LOGS_PATH = "/logs"
 MAX_LOGS_PER_PAGE = 100
 _TRANSIENT_4XX = {408, 425}
+# A `"success": false` whose reason reads like one of these may pass: retry, do not fail.
+_TRANSIENT_WORDS = re.compile(
+    r"balance|credit|insufficient|limit|too many|try again|later|temporar|busy|throttl|"
+    r"unavailable|timeout|maintenance",
+    re.IGNORECASE,
+)
+_ACCEPTED_WORDS = {"success", "ok", "sent", "queued", "accepted", "pending", "true"}
+ID_KEYS = ("message_id", "id", "messageId", "sms_id", "uuid")
+NUMBER_KEYS = ("to", "recipient", "number", "phone", "msisdn", "mobile", "destination")
+TEXT_KEYS = ("message", "sms", "text", "content", "body")
+STATUS_KEYS = ("status", "state", "delivery_status")
+TIME_KEYS = ("created_at", "sent_at", "date", "timestamp", "created", "time")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +86,16 @@ class TransientUnknownOutcome(TransientSendError):
     """The request may have reached the provider (read timeout, reset): verify before resending."""
 
 
+class ProviderFailed(TransientSendError):
+    """A 5xx in the provider's own error shape (`"success": false`): it says it failed, but
+    a send is still looked up in /logs before it goes again."""
+
+
 _OUTCOMES: dict[type[ProviderError], str] = {
     PermanentSendError: "permanent",
     ProviderAuthError: "auth",
+    ProviderInactiveError: "inactive",
+    ProviderFailed: "transient",
     RateLimitedError: "rate_limited",
     TransientSendError: "transient",
     TransientUnknownOutcome: "unknown",
@@ -105,6 +132,23 @@ def _error_message(response: httpx.Response) -> str:
                 value = body[key]
                 return value if isinstance(value, str) else json.dumps(value)[:200]
     return json.dumps(body)[:200]
+
+
+def _error_body(response: httpx.Response) -> bool:
+    """Is this the provider's documented error shape, `{"success": false, ...}`?"""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("success") is False
+
+
+def accepted(body: Mapping[str, Any]) -> bool:
+    """Does the answer say the provider took the request (whatever else it omits)?"""
+    if body.get("success") is True:
+        return True
+    status = body.get("status")
+    return isinstance(status, str) and status.strip().lower() in _ACCEPTED_WORDS
 
 
 def _first(mapping: Mapping[str, Any], *keys: str) -> Any:
@@ -201,14 +245,21 @@ class ProviderClient:
             retry_after = parse_retry_after(response.headers.get("Retry-After"), self._clock.now())
             raise RateLimitedError(_error_message(response), status=status, retry_after=retry_after)
         if status >= 500 or status in _TRANSIENT_4XX:
-            raise TransientSendError(
+            # The provider's own error body says it failed; anything else (a gateway's
+            # HTML, an empty 502/504) may have come after the provider took the request.
+            kind: type[TransientSendError] = TransientSendError
+            if status >= 500:
+                kind = ProviderFailed if _error_body(response) else TransientUnknownOutcome
+            raise kind(
                 _error_message(response),
                 status=status,
                 retry_after=parse_retry_after(
                     response.headers.get("Retry-After"), self._clock.now()
                 ),
             )
-        if status in (401, 403, 404) or 300 <= status < 400:
+        if status == 403:
+            raise ProviderInactiveError(_error_message(response), status=status)
+        if status in (401, 404) or 300 <= status < 400:
             raise ProviderAuthError(_error_message(response), status=status)
         if status >= 400:
             raise PermanentSendError(_error_message(response), status=status)
@@ -225,7 +276,10 @@ class ProviderClient:
                 status=status,
             )
         if body.get("success") is False:
-            raise PermanentSendError(_error_message(response), status=status)
+            reason = _error_message(response)
+            if _TRANSIENT_WORDS.search(reason):
+                raise TransientSendError(reason, status=status)
+            raise PermanentSendError(reason, status=status)
         return body
 
     # -- sending -------------------------------------------------------------------
@@ -245,13 +299,13 @@ class ProviderClient:
             body["message_type"] = message_type
         if schedule_time:
             body["schedule_time"] = schedule_time
-        data = (await self._request("POST", SEND_PATH, body=body)).get("data")
-        data = data if isinstance(data, dict) else {}
-        message_id = _first(data, "message_id", "id")
-        if message_id is None:
-            raise TransientUnknownOutcome("provider answered success without a message id")
+        answer = await self._request("POST", SEND_PATH, body=body)
+        data = _data(answer)
+        message_id = _first(data, *ID_KEYS)
+        if message_id is None and not accepted(answer):
+            raise TransientUnknownOutcome("provider answered without an id or a success flag")
         return SendResult(
-            message_ids={to: str(message_id)},
+            message_ids={} if message_id is None else {to: str(message_id)},
             cost=_number(data.get("cost")),
             balance=_number(data.get("balance")),
         )
@@ -269,11 +323,17 @@ class ProviderClient:
             body["sender_id"] = sender_id
         if message_type is not None and self.bulk_message_type:
             body["message_type"] = message_type
-        data = (await self._request("POST", BULK_PATH, body=body)).get("data")
-        result = _parse_bulk(data, recipients)
-        if not result.message_ids and result.batch_id is None:
-            # An unexpected body: whether the provider took it is unknown, so /logs decides.
-            raise TransientUnknownOutcome("provider answered success without any message id")
+        answer = await self._request("POST", BULK_PATH, body=body)
+        result, count = _parse_bulk(answer.get("data"), recipients)
+        if count is not None and count != len(recipients) and not result.message_ids:
+            # Some were taken, we cannot tell which: /logs decides for each.
+            raise TransientUnknownOutcome(
+                f"provider accepted {count} of {len(recipients)} recipients, without ids"
+            )
+        nothing = not result.message_ids and result.batch_id is None and count is None
+        if nothing and not accepted(answer):
+            # An unexpected body: whether the provider took it is unknown: /logs decides.
+            raise TransientUnknownOutcome("provider answered without ids or a success flag")
         return result
 
     # -- account endpoints -----------------------------------------------------------
@@ -307,7 +367,17 @@ class ProviderClient:
         for key, value in (("status", status), ("date_from", date_from), ("date_to", date_to)):
             if value:
                 params[key] = value
-        return _parse_logs(await self._request("GET", LOGS_PATH, params=params), page, per_page)
+        try:
+            body = await self._request("GET", LOGS_PATH, params=params)
+        except ProviderInactiveError:
+            raise
+        except ProviderAuthError as exc:
+            if exc.status != 404:
+                raise
+            # /balance and /send work with this key and base URL, so a 404 here says
+            # nothing about them (an empty page, a path the plan lacks): not an auth error.
+            raise TransientSendError(f"/logs answered 404: {exc.reason}", status=404) from exc
+        return _parse_logs(body, page, per_page)
 
 
 def _data(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -315,37 +385,62 @@ def _data(body: Mapping[str, Any]) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _parse_bulk(data: Any, recipients: Sequence[str]) -> SendResult:
+def _ours(number: Any, recipients: Sequence[str]) -> str | None:
+    """Which of our recipients the provider's `number` is, in whatever form it wrote it."""
+    text = str(number)
+    if text in recipients:
+        return text
+    return next((r for r in recipients if same_number(r, text)), None)
+
+
+def _parse_bulk(data: Any, recipients: Sequence[str]) -> tuple[SendResult, int | None]:
+    """Per-recipient ids (never the batch id), the batch id, cost; and an accepted count."""
     if not isinstance(data, dict):
-        return SendResult()
+        return SendResult(), None
     ids: dict[str, str] = {}
-    items = _first(data, "messages", "results", "message_ids", "recipients")
+    items = _first(data, "messages", "results", "message_ids", "ids", "recipients")
     if isinstance(items, dict):
-        ids = {str(k): str(v) for k, v in items.items()}
+        for number, mid in items.items():
+            ours = _ours(number, recipients)
+            if ours is not None and not isinstance(mid, dict | list):
+                ids[ours] = str(mid)
     elif isinstance(items, list):
         for index, item in enumerate(items):
             if isinstance(item, dict):
-                to = _first(item, "to", "recipient", "number", "phone")
-                mid = _first(item, "message_id", "id")
-                if to is not None and mid is not None:
-                    ids[str(to)] = str(mid)
-            elif isinstance(item, str | int) and index < len(recipients):
-                ids[recipients[index]] = str(item)
-    batch = _first(data, "batch_id", "bulk_id", "message_id")
-    return SendResult(
-        message_ids=ids,
-        batch_id=None if batch is None else str(batch),
-        cost=_number(_first(data, "cost", "total_cost")),
-        balance=_number(data.get("balance")),
+                to, mid = _first(item, *NUMBER_KEYS), _first(item, *ID_KEYS)
+                ours = None if to is None else _ours(to, recipients)
+                if ours is not None and mid is not None:
+                    ids[ours] = str(mid)
+            elif isinstance(item, int) and not isinstance(item, bool):
+                if len(items) == len(recipients):  # ids in the order sent
+                    ids[recipients[index]] = str(item)
+            elif (
+                isinstance(item, str)
+                and len(items) == len(recipients)
+                and _ours(item, recipients) is None  # an id, not a number echoed back
+            ):
+                ids[recipients[index]] = item
+    batch = _first(data, "batch_id", "bulk_id", "batch", "campaign_id")
+    count = _first(data, "count", "total", "accepted", "total_recipients", "sent")
+    if isinstance(count, list | bool) or _number(count) is None:
+        count = None
+    return (
+        SendResult(
+            message_ids=ids,
+            batch_id=None if batch is None else str(batch),
+            cost=_number(_first(data, "cost", "total_cost", "price")),
+            balance=_number(data.get("balance")),
+        ),
+        None if count is None else int(float(count)),
     )
 
 
 def _parse_logs(body: Mapping[str, Any], page: int, per_page: int) -> LogsPage:
-    data = body.get("data")
+    data = _first(body, "data", "logs", "items", "entries", "messages", "records")
     meta: Mapping[str, Any] = body
     if isinstance(data, dict):
         meta = data
-        data = _first(data, "data", "logs", "items", "entries", "messages")
+        data = _first(data, "data", "logs", "items", "entries", "messages", "records")
     rows = data if isinstance(data, list) else []
     paging = _first(meta, "pagination", "meta") or _first(body, "pagination", "meta") or meta
     paging = paging if isinstance(paging, dict) else {}
@@ -353,17 +448,18 @@ def _parse_logs(body: Mapping[str, Any], page: int, per_page: int) -> LogsPage:
     for row in rows:
         if not isinstance(row, dict):
             continue
-        entry_id = _first(row, "message_id", "id")
+        entry_id = _first(row, *ID_KEYS)
         if entry_id is None:
             continue
+        created = _first(row, *TIME_KEYS)
         entries.append(
             LogEntry(
                 id=str(entry_id),
-                recipient=str(_first(row, "to", "recipient", "number", "phone") or ""),
-                message=str(_first(row, "message", "text", "body") or ""),
-                status=str(row.get("status") or "").lower(),
+                recipient=str(_first(row, *NUMBER_KEYS) or ""),
+                message=str(_first(row, *TEXT_KEYS) or ""),
+                status=str(_first(row, *STATUS_KEYS) or "").strip().lower(),
                 cost=_number(row.get("cost")),
-                created_at=_first(row, "created_at", "sent_at", "date"),
+                created_at=None if created is None else str(created),
             )
         )
     last_page = _first(paging, "last_page", "total_pages", "pages")

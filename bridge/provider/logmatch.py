@@ -1,0 +1,129 @@
+"""Finding our messages in the provider's /logs, however the provider writes them.
+
+The shape of a /logs entry is not documented: numbers may come back with or without `+`,
+with `00`, or national; texts with their whitespace changed or cut short; timestamps in
+the provider's own time zone. Reconciliation (did an unknown outcome go out?) and the
+status poller (which entry is this id-less message?) both match through `LogMatcher`, so
+one tolerant rule decides everywhere. Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import zoneinfo
+from collections.abc import Iterable
+from datetime import UTC, datetime, tzinfo
+from typing import Generic, Protocol, TypeVar
+
+_NOT_DIGITS = re.compile(r"\D")
+SUFFIX_DIGITS = 7  # a national number keeps at least this many of the E.164 digits
+MIN_TRUNCATED = 20  # a cut text must keep this much (or all of ours) to count as ours
+_ELLIPSES = ("...", "…")
+_STAMP_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%d/%m/%Y %H:%M:%S")
+
+
+@functools.lru_cache(maxsize=64)
+def zone(name: str) -> tzinfo:
+    """An IANA zone by name (config validated it); UTC for "" or "UTC"."""
+    return UTC if name in ("", "UTC") else zoneinfo.ZoneInfo(name)
+
+
+def number_digits(value: object) -> str:
+    """The international digits of a number as the provider may write it (no national)."""
+    text = str(value).strip()
+    digits = _NOT_DIGITS.sub("", text)
+    if not text.startswith("+") and digits.startswith("00"):
+        digits = digits[2:]
+    return digits
+
+
+def same_number(ours: str, theirs: object) -> bool:
+    """`ours` is E.164; `theirs` with `+`, `00`, digits only, separators, or national."""
+    mine = number_digits(ours)
+    text = str(theirs).strip()
+    other = number_digits(text)
+    if other == mine:
+        return True
+    # National form ("0XX..."): the trunk 0 dropped, the rest ends our number.
+    national = other[1:] if other.startswith("0") and not text.startswith("+") else ""
+    return len(national) >= SUFFIX_DIGITS and mine.endswith(national)
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def same_text(ours: str, theirs: object) -> bool:
+    """Equal after whitespace is collapsed, or a truncation of ours long enough to tell."""
+    mine, other = _squash(ours), _squash(str(theirs))
+    if mine == other:
+        return True
+    for ellipsis in _ELLIPSES:
+        other = other.removesuffix(ellipsis).rstrip()
+    return bool(other) and len(other) >= min(len(mine), MIN_TRUNCATED) and mine.startswith(other)
+
+
+def provider_time(value: object, tz: tzinfo) -> float | None:
+    """A provider timestamp as epoch seconds: epoch numbers, ISO 8601 with an offset, or
+    a naive `Y-m-d H:i:s` read in the provider's zone `tz`."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) / (1000 if value > 1e11 else 1)  # milliseconds, if that large
+    text = str(value).strip()
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        when = None
+        for fmt in _STAMP_FORMATS:
+            try:
+                when = datetime.strptime(text[:19], fmt)
+                break
+            except ValueError:
+                continue
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=tz)
+    return when.timestamp()
+
+
+def provider_date(epoch: float, tz: tzinfo) -> str:
+    """`Y-m-d` of `epoch` in the provider's zone (for /logs' `date_from`)."""
+    return datetime.fromtimestamp(epoch, tz).strftime("%Y-%m-%d")
+
+
+class Sent(Protocol):
+    @property
+    def recipient(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+
+
+M = TypeVar("M", bound=Sent)
+
+
+class LogMatcher(Generic[M]):
+    """Our messages indexed by the tail of their number; each matches one entry at most."""
+
+    def __init__(self, messages: Iterable[M]) -> None:
+        self._by_tail: dict[str, list[M]] = {}
+        for m in messages:
+            self._by_tail.setdefault(number_digits(m.recipient)[-SUFFIX_DIGITS:], []).append(m)
+
+    def __bool__(self) -> bool:
+        return any(self._by_tail.values())
+
+    def remaining(self) -> list[M]:
+        return [m for group in self._by_tail.values() for m in group]
+
+    def take(self, recipient: object, text: object) -> M | None:
+        """The first waiting message this entry is, removed from the waiting; else None."""
+        group = self._by_tail.get(number_digits(recipient)[-SUFFIX_DIGITS:])
+        if not group:
+            return None
+        for index, m in enumerate(group):
+            if same_number(m.recipient, recipient) and same_text(m.text, text):
+                return group.pop(index)
+        return None

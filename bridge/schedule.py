@@ -1,0 +1,53 @@
+"""`schedule_time`: one parser for every ingress (HTTP API, mail header, webhooks).
+
+The provider takes `schedule_time` as `Y-m-d H:i:s` in its own time zone
+(`provider.timezone`). A sender may give that naive form (read in the provider's zone)
+or ISO 8601 with an offset. It is stored in UTC, so the poller can compare it with the
+clock, and turned into the provider's zone only when sent. A time already past is
+refused at the edge: the provider would refuse it too, after the sender was told "ok".
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, tzinfo
+
+from bridge.errors import InputError
+
+STORED_FORMAT = "%Y-%m-%d %H:%M:%S"  # UTC in the store; the provider's format too
+FIELD = "schedule_time"
+MAIL_HEADER = "X-SMS-Schedule"
+
+
+def parse_schedule_time(value: str, *, now: float, tz: tzinfo, field: str = FIELD) -> str:
+    """The sender's time -> UTC `Y-m-d H:M:S`; InputError when unreadable or past."""
+    text = value.strip()
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise InputError(
+            field, "must be 'YYYY-MM-DD HH:MM:SS' (the provider's time zone) or ISO 8601"
+        ) from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=tz)
+    if when.timestamp() <= now:
+        raise InputError(field, f"{text!r} is in the past; leave it out to send now")
+    return when.astimezone(UTC).strftime(STORED_FORMAT)
+
+
+def scheduled_epoch(stored: str | None) -> float | None:
+    if not stored:
+        return None
+    try:
+        return datetime.strptime(stored, STORED_FORMAT).replace(tzinfo=UTC).timestamp()
+    except ValueError:  # a row from before this module: taken as it was sent then
+        return None
+
+
+def for_provider(stored: str | None, *, now: float, tz: tzinfo) -> str | None:
+    """The stored UTC time in the provider's zone; None once it has passed (send now)."""
+    epoch = scheduled_epoch(stored)
+    if epoch is None:
+        return stored or None
+    if epoch <= now:
+        return None
+    return datetime.fromtimestamp(epoch, tz).strftime(STORED_FORMAT)

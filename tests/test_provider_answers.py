@@ -1,0 +1,270 @@
+"""Each provider answer handled for what it means, end to end (issue 17).
+
+The bridge built as `serve` builds it, the sandbox served on loopback, a ManualClock:
+an unknown outcome is resent at most once and then ends `sent` with "outcome unknown";
+a 2xx without ids is a success the poller still follows; 403 pauses without flapping;
+a 404 from /logs is not an auth failure; `success: false` is read for transient words;
+429 without Retry-After backs off exponentially; a 5xx is checked in /logs first.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import httpx
+
+from bridge.clock import ManualClock
+from bridge.models import State
+from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
+from tests.helpers import bridge_config, pump, running_bridge
+
+ADMIN = '[budget]\nadmin = ["+12025550199"]\n'
+
+
+async def post(url: str, body: dict[str, object]) -> httpx.Response:
+    async with httpx.AsyncClient() as http:
+        return await http.post(f"{url}/api/v1/messages", json=body)
+
+
+def sends(state: SandboxState) -> list[float]:
+    return [r.at for r in state.requests if r.path.endswith(("/send", "/send-bulk"))]
+
+
+async def test_an_unknown_outcome_is_resent_once_then_ends_sent_outcome_unknown(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    # Every send answers a 200 that says nothing, and nothing ever shows in /logs.
+    sandbox_state.faults.append(Fault(status=200, body='{"queued": true}', path="/send", times=99))
+    config = bridge_config(tmp_path, sandbox_url, ADMIN)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "db down"})).json()["ids"]
+
+        start = clock.now()
+        while clock.now() - start < 3600:  # a simulated hour: no third copy, ever
+            clock.advance(min(await bridge.dispatcher.run_once(), 30.0) or 0.01)
+        message = await bridge.store.get(message_id)
+        warnings = await bridge.store.query(limit=10)
+    to_him = [r for r in sandbox_state.requests if r.path.endswith("/send")]
+    assert message.state == State.SENT and message.reason_kind == "unknown"
+    assert "outcome unknown" in (message.reason or "") and message.unknown_resends == 1
+    # Two copies to the recipient (one resend); the admin's warning meets the same silent
+    # provider and gets its two copies too; nothing more in an hour.
+    assert len(to_him) == 4
+    assert any(m.recipient == "+12025550199" and "unknown outcome" in m.text for m in warnings)
+
+
+async def test_max_unknown_resends_zero_never_resends(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    sandbox_state.faults.append(Fault(status=200, body='{"queued": true}', path="/send", times=99))
+    config = bridge_config(tmp_path, sandbox_url, max_unknown_resends=0)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+        for _ in range(60):
+            clock.advance(min(await bridge.dispatcher.run_once(), 30.0) or 0.01)
+        message = await bridge.store.get(message_id)
+    assert message.state == State.SENT and "outcome unknown" in (message.reason or "")
+    assert len(sends(sandbox_state)) == 1
+
+
+async def test_a_2xx_without_ids_is_sent_and_the_poller_matches_recipient_and_text(
+    tmp_path, clock: ManualClock, sandbox_url: str, sandbox_state: SandboxState
+) -> None:
+    # The measured stand-in: count-only bulk answers, /logs with phone/sms/state keys and
+    # numbers without "+". Before: 6 copies in 150 s, 121 in 10 minutes.
+    sandbox_state.shape = VARIANTS["stand-in"]
+    config = bridge_config(tmp_path, sandbox_url)
+    recipients = ["+12025550152", "+12025550153", "+12025550154"]
+    async with running_bridge(config, clock) as (bridge, url):
+        ids = (await post(url, {"to": recipients, "message": "rack 4 on fire"})).json()["ids"]
+        [solo] = (await post(url, {"to": "+12025550155", "message": "alone"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        after_send = [await bridge.store.get(i) for i in [*ids, solo]]
+
+        async def delivered() -> bool:
+            return all(m.state == State.DELIVERED for m in await bridge.store.query())
+
+        await pump(bridge, clock, delivered, max_seconds=600)
+        clock.advance(600)
+        for _ in range(20):
+            clock.advance(await bridge.dispatcher.run_once() or 1)
+        final = [await bridge.store.get(i) for i in [*ids, solo]]
+    assert all(m.state == State.SENT and m.provider_message_id is None for m in after_send)
+    assert len(sends(sandbox_state)) == 2  # one bulk, one single: nothing resent
+    assert len(sandbox_state.entries) == 4
+    by_number = {e.to: str(e.message_id) for e in sandbox_state.entries}
+    assert all(m.provider_message_id == by_number[m.recipient] for m in final)
+
+
+async def test_a_batch_id_is_never_taken_for_a_message_id(
+    tmp_path, clock: ManualClock, sandbox_url: str, sandbox_state: SandboxState
+) -> None:
+    sandbox_state.shape = VARIANTS["batch-only"]
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        ids = (await post(url, {"to": ["+12025550152", "+12025550153"], "message": "x"})).json()[
+            "ids"
+        ]
+        await bridge.dispatcher.run_once()
+        sent = [await bridge.store.get(i) for i in ids]
+
+        async def delivered() -> bool:
+            return all(m.state == State.DELIVERED for m in await bridge.store.query())
+
+        await pump(bridge, clock, delivered, max_seconds=300)
+    assert [m.provider_message_id for m in sent] == [None, None]
+    assert len(sends(sandbox_state)) == 1
+
+
+async def test_403_inactive_account_pauses_with_a_growing_wait_and_no_flapping(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    body = '{"success": false, "message": "Account is not active."}'
+    sandbox_state.faults.append(Fault(status=403, path="/send", body=body, times=3))
+    config = bridge_config(tmp_path, sandbox_url)
+    readiness = []
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+
+        async def sent() -> bool:
+            readiness.append((await http.get(f"{url}/readyz")).json())
+            return (await bridge.store.get(message_id)).state in (State.SENT, State.DELIVERED)
+
+        await pump(bridge, clock, sent, max_seconds=900)
+        message = await bridge.store.get(message_id)
+    attempts = [r for r in sandbox_state.requests if r.path.endswith("/send")]
+    assert [r.status for r in attempts] == [403, 403, 403, 200]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(attempts)]
+    assert gaps[0] >= 30 and gaps[1] >= 2 * gaps[0] * 0.99 and gaps[2] >= 2 * gaps[1] * 0.99
+    # /balance answers for an inactive account: it must not turn health green between.
+    assert not [r for r in sandbox_state.requests if r.path.endswith("/balance")]
+    red = [r for r in readiness if r["status"] != "ready"]
+    first_red = readiness.index(red[0])
+    assert all(r["status"] != "ready" for r in readiness[first_red : first_red + len(red)])
+    assert "account not active" in red[0]["problems"]["provider"]
+    assert message.attempts == 1
+
+
+async def test_404_from_logs_is_not_an_auth_failure(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        sandbox_state.faults.append(Fault(status=404, path="/logs", times=3))
+        for _ in range(3):
+            clock.advance(10)
+            await bridge.poller.run_once()
+        ready = await http.get(f"{url}/readyz")
+        assert bridge.health.ready and ready.status_code == 200
+
+        async def delivered() -> bool:
+            return (await bridge.store.get(message_id)).state == State.DELIVERED
+
+        await pump(bridge, clock, delivered, max_seconds=300)
+    assert [r.status for r in sandbox_state.requests if r.path.endswith("/logs")][:3] == [404] * 3
+
+
+async def test_success_false_with_a_transient_reason_is_retried_not_failed(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    low = '{"success": false, "message": "Insufficient balance, please try again later"}'
+    sandbox_state.faults.append(Fault(status=200, body=low, path="/send", times=2))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [first] = (await post(url, {"to": "+12025550143", "message": "a"})).json()["ids"]
+
+        async def delivered() -> bool:
+            return (await bridge.store.get(first)).state == State.DELIVERED
+
+        await pump(bridge, clock, delivered, max_seconds=600)
+        invalid = '{"success": false, "message": "Invalid sender."}'
+        sandbox_state.faults.append(Fault(status=200, body=invalid, path="/send"))
+        [second] = (await post(url, {"to": "+12025550144", "message": "b"})).json()["ids"]
+
+        async def failed() -> bool:
+            return (await bridge.store.get(second)).state == State.FAILED
+
+        await pump(bridge, clock, failed, max_seconds=60)
+        refused = await bridge.store.get(second)
+        taken = await bridge.store.get(first)
+    assert taken.attempts == 3
+    assert "Invalid sender." in (refused.reason or "") and refused.attempts == 1
+
+
+async def test_429_without_retry_after_backs_off_exponentially(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    sandbox_state.faults.append(Fault(status=429, path="/send", times=4))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+
+        async def sent() -> bool:
+            return (await bridge.store.get(message_id)).state in (State.SENT, State.DELIVERED)
+
+        await pump(bridge, clock, sent, max_seconds=900)
+    attempts = [r.at for r in sandbox_state.requests if r.path.endswith("/send")]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert len(attempts) == 5
+    assert gaps[0] >= 5 and all(b >= 1.9 * a for a, b in itertools.pairwise(gaps))
+
+
+async def test_a_5xx_after_the_provider_took_it_is_found_in_logs_not_resent(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    class TookItThen502(httpx.AsyncBaseTransport):
+        def __init__(self) -> None:
+            self.inner = httpx.AsyncHTTPTransport()
+            self.left = 1
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            response = await self.inner.handle_async_request(request)
+            if request.url.path.endswith("/send") and self.left:
+                self.left -= 1
+                await response.aread()
+                return httpx.Response(502, text="<html>Bad Gateway</html>")
+            return response
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    from bridge.service import Bridge
+    from tests.helpers import served
+
+    config = bridge_config(tmp_path, sandbox_url)
+    async with (
+        Bridge.build(config, clock=clock, transport=TookItThen502()) as bridge,
+        served(bridge.app) as url,
+    ):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+
+        async def delivered() -> bool:
+            return (await bridge.store.get(message_id)).state == State.DELIVERED
+
+        await pump(bridge, clock, delivered, max_seconds=300)
+        message = await bridge.store.get(message_id)
+    assert len([r for r in sandbox_state.requests if r.path.endswith("/send")]) == 1
+    assert message.provider_message_id == str(sandbox_state.entries[0].message_id)
+    logs = [r for r in sandbox_state.requests if r.path.endswith("/logs")]
+    assert logs and logs[0].at < clock.now()
+
+
+async def test_a_5xx_error_answer_is_looked_up_in_logs_before_the_retry(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    sandbox_state.faults.append(Fault(status=500, path="/send", times=2))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+
+        async def delivered() -> bool:
+            return (await bridge.store.get(message_id)).state == State.DELIVERED
+
+        await pump(bridge, clock, delivered, max_seconds=600)
+    paths = [r.path.rsplit("/", 1)[-1] for r in sandbox_state.requests]
+    first_send = paths.index("send")
+    # After each 5xx, a /logs read comes before the next send.
+    order = [p for p in paths[first_send:] if p in ("send", "logs")]
+    assert order[:5] == ["send", "logs", "send", "logs", "send"]

@@ -1,0 +1,159 @@
+"""`schedule_time` from every ingress, in the provider's time zone, refused when past, and
+followed by the poller until its time has passed; CLI calls share serve's rate window."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+from datetime import UTC, datetime
+
+import httpx
+
+from bridge.cli import book_cli_request
+from bridge.clock import ManualClock
+from bridge.models import State
+from bridge.provider.sandbox import VARIANTS, SandboxState
+from bridge.store import Store
+from tests.helpers import bridge_config, max_in_window, pump, running_bridge
+from tests.test_smtp import smtp_listening
+
+BEIRUT = 'timezone = "Asia/Beirut"'  # UTC+2 in winter: 1800000000 is 2027-01-15 08:00 UTC
+HOOK = '[routes.generic]\nformat = "generic"\nto = ["+12025550101"]\n'
+SMTP = '[smtp]\ndomains = ["sms.localhost"]\n'
+
+
+def local(epoch: float, tz: str = "Asia/Beirut") -> str:
+    from zoneinfo import ZoneInfo
+
+    return datetime.fromtimestamp(epoch, ZoneInfo(tz)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+async def test_schedule_from_api_mail_and_hooks_in_the_providers_zone(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    sandbox_state.shape = VARIANTS["local-time"]  # Asia/Beirut, as configured below
+    config = bridge_config(tmp_path, sandbox_url, HOOK + SMTP, timezone="Asia/Beirut")
+    when = clock.now() + 7200
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        api = await http.post(
+            f"{url}/api/v1/messages",
+            json={"to": "+12025550143", "message": "api", "schedule_time": local(when)},
+        )
+        iso = datetime.fromtimestamp(when, UTC).isoformat()
+        hook = await http.post(
+            f"{url}/hooks/generic", params={"schedule_time": iso}, json={"message": "hook"}
+        )
+        past = await http.post(
+            f"{url}/api/v1/messages",
+            json={"to": "+12025550143", "message": "x", "schedule_time": local(clock.now() - 60)},
+        )
+        bad_hook = await http.post(
+            f"{url}/hooks/generic", params={"schedule_time": "soon"}, json={"message": "x"}
+        )
+        async with smtp_listening(bridge) as port:
+            mail = (
+                f"From: ops@example.com\r\nSubject: mail\r\nX-SMS-Schedule: {local(when)}\r\n"
+                "\r\nbody\r\n"
+            )
+            stale = mail.replace(local(when), local(clock.now() - 3600))
+
+            def deliver() -> tuple[dict, int]:
+                with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                    ok = smtp.sendmail("ops@example.com", ["+12025550144@sms.localhost"], mail)
+                    try:
+                        smtp.sendmail("ops@example.com", ["+12025550144@sms.localhost"], stale)
+                    except smtplib.SMTPDataError as exc:
+                        return ok, exc.smtp_code
+                return ok, 250
+
+            ok, refused_code = await asyncio.to_thread(deliver)
+        stored = {m.text.split("\n")[0]: m for m in await bridge.store.query()}
+        clock.advance(1)
+        await bridge.dispatcher.run_once()
+    assert api.status_code == 202 and hook.status_code == 202 and ok == {}
+    assert past.status_code == 400 and past.json()["field"] == "schedule_time"
+    assert "past" in past.json()["error"]
+    assert bad_hook.status_code == 400 and refused_code == 554
+    utc = datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    assert [m.schedule_time for m in stored.values()] == [utc] * 3
+    # Sent with the provider's local time: the sandbox (same zone) holds each until then.
+    assert len(sandbox_state.entries) == 3
+    assert {e.deliver_from for e in sandbox_state.entries} == {when}
+
+
+async def test_the_poller_follows_a_scheduled_message_past_give_up_after(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, '[status]\ngive_up_after = "1h"\n')
+    when = clock.now() + 3 * 3600
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        iso = datetime.fromtimestamp(when, UTC).isoformat()
+        body = {"to": "+12025550143", "message": "later", "schedule_time": iso}
+        [message_id] = (await http.post(f"{url}/api/v1/messages", json=body)).json()["ids"]
+
+        async def delivered() -> bool:
+            return (await bridge.store.get(message_id)).state == State.DELIVERED
+
+        await pump(bridge, clock, delivered, max_seconds=4 * 3600, step_cap=60)
+    assert clock.now() >= when
+
+
+async def test_a_schedule_that_passed_in_the_queue_is_sent_now_not_refused(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    sandbox_state.shape = VARIANTS["strict"]  # refuses a past schedule_time
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        sandbox_state.api_key = "rotated"  # nothing goes out for a while
+        iso = datetime.fromtimestamp(clock.now() + 60, UTC).isoformat()
+        body = {"to": "+12025550143", "message": "soon", "schedule_time": iso}
+        [message_id] = (await http.post(f"{url}/api/v1/messages", json=body)).json()["ids"]
+        await bridge.dispatcher.run_once()
+        clock.advance(600)
+        sandbox_state.api_key = "test-key"
+
+        async def sent() -> bool:
+            return (await bridge.store.get(message_id)).state in (State.SENT, State.DELIVERED)
+
+        await pump(bridge, clock, sent, max_seconds=300)
+    # The key was refused once; then sent without the stale time, not refused with a 400.
+    assert [r.status for r in sandbox_state.requests if r.path.endswith("/send")] == [401, 200]
+
+
+async def test_cli_calls_book_the_window_serve_keeps(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    sandbox_state.rate_limit = 5
+    config = bridge_config(tmp_path, sandbox_url, requests_per_minute=5)
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock.advance(seconds)
+
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        cli = Store(config.store.path)  # as `sms-bridge provider ...` opens it
+        await cli.open()
+        try:
+            for _ in range(3):  # three account calls while serve runs
+                await book_cli_request(cli, config, clock, "balance", sleep=sleep)
+                await http.get(f"{sandbox_url}/api/v1/balance", headers={"X-API-Key": "test-key"})
+            for i in range(4):
+                await http.post(
+                    f"{url}/api/v1/messages", json={"to": f"+1202555015{i}", "message": f"x{i}"}
+                )
+            await bridge.dispatcher.run_once()  # price list + 1 send: the CLI took 3
+            assert len(sandbox_state.entries) == 1
+            # And the other way: serve's window is full, so the CLI waits its turn.
+            await book_cli_request(cli, config, clock, "logs", sleep=sleep)
+        finally:
+            await cli.close()
+        await http.get(f"{sandbox_url}/api/v1/balance", headers={"X-API-Key": "test-key"})
+
+        async def all_sent() -> bool:
+            return len(sandbox_state.entries) == 4
+
+        await pump(bridge, clock, all_sent, max_seconds=600)
+    assert waits and waits[0] > 50
+    assert 429 not in [r.status for r in sandbox_state.requests]
+    assert max_in_window([r.at for r in sandbox_state.requests]) <= 5
