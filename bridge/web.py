@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 MAX_DEDUPE_KEY = 256
 MAX_TEXT_CHARS = 5000
 MAX_LIST_LIMIT = 1000
+MAX_JSON_DEPTH = 64  # real payloads nest under 10; deeper costs recursion in every reader
+MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER: a larger bound overflows the driver
+_INTEGER = re.compile(r"-?[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes "²"
 
 
 class HttpError(Exception):
@@ -69,9 +73,56 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 def parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        value = json.loads(body)
+    except RecursionError as exc:
+        raise HttpError(400, "body is JSON nested too deeply", "body") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise HttpError(400, f"body is not valid JSON: {exc}", "body") from exc
+    check_json(value)
+    return value
+
+
+def check_json(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse what parses but cannot be handled: deep nesting and lone surrogates.
+
+    JSON's `\\ud800` escape yields a str that UTF-8 cannot encode; it would fail in the
+    store or the provider call, long after the caller was told anything. Walked with a
+    stack, not recursion, so the check itself cannot overflow.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, "", 1)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > max_depth:
+                raise HttpError(400, f"body is JSON nested deeper than {max_depth}", "body")
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                if isinstance(key, str):
+                    _check_text(key, path or "body")
+                stack.append((child, f"{path}.{key}" if path else str(key), depth + 1))
+        elif isinstance(item, str):
+            _check_text(item, path or "body")
+
+
+def _check_text(text: str, path: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise HttpError(
+                400, f"'{path}' holds a lone surrogate (\\u{ord(exc.object[exc.start]):04x})", path
+            ) from exc
+
+
+def query_int(
+    raw: str | None, name: str, *, default: int | None = None, minimum: int = 0
+) -> int | None:
+    """An integer query or path value in the range SQLite can bind, else a 400 naming it."""
+    if raw is None:
+        return default
+    if not _INTEGER.fullmatch(raw) or not minimum <= int(raw) <= MAX_ROW_ID:
+        raise HttpError(400, f"'{name}' must be an integer from {minimum} to {MAX_ROW_ID}", name)
+    return int(raw)
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -195,11 +246,8 @@ def create_app(
 
     async def list_messages(request: Request) -> Response:
         q = request.query_params
-        try:
-            limit = min(MAX_LIST_LIMIT, int(q.get("limit", "100")))
-            before = int(q["before"]) if "before" in q else None
-        except ValueError as exc:
-            raise HttpError(400, "'limit' and 'before' must be integers", "limit") from exc
+        limit = min(MAX_LIST_LIMIT, query_int(q.get("limit"), "limit", default=100) or 1)
+        before = query_int(q.get("before"), "before")
         state = q.get("state") or q.get("status")
         messages = await store.query(
             state=state,
@@ -212,9 +260,8 @@ def create_app(
 
     async def get_message(request: Request) -> Response:
         raw = request.path_params["message_id"]
-        if not raw.isdigit():
-            raise HttpError(400, "message id must be an integer", "id")
-        message = await store.get(int(raw))
+        message_id = query_int(raw, "id", minimum=1)
+        message = await store.get(message_id or 0)
         if message is None:
             raise HttpError(404, f"no message {raw}", "id")
         out = message.to_json()

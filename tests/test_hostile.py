@@ -3,6 +3,8 @@ and SMTP abuse (thousands of RCPTs, idle clients, junk) gets answers, not a cras
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import smtplib
 import socket
@@ -25,7 +27,7 @@ max_recipients = 50
 idle_timeout = "1s"
 [http]
 listen = "127.0.0.1:{http}"
-max_body_bytes = 65536
+max_body_bytes = 131072
 [store]
 path = "{db}"
 [groups]
@@ -43,6 +45,11 @@ allow_query_to = true
 format = "github"
 to = ["oncall"]
 secret = "s"
+[routes.grafana-signed]
+format = "grafana"
+to = ["oncall"]
+secret = "s"
+timestamp_header = "X-Grafana-Alerting-Signature-Timestamp"
 [routes.gitlab]
 format = "gitlab"
 to = ["oncall"]
@@ -206,3 +213,210 @@ def test_addresses_that_crash_the_parser_are_malformed_not_500(bridge) -> None:
         assert client.mail("a@example.org")[0] == 250
         code, text = client.docmd("RCPT TO:0@")
         assert (code, b"malformed address" in text) == (553, True)
+
+
+def _signed(body: bytes, secret: str = "s") -> str:
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def _post(url: str, path: str, content: bytes, **headers: str | bytes) -> httpx.Response:
+    return httpx.post(
+        url + path,
+        content=content,
+        headers={"content-type": "application/json", **headers},
+        timeout=30,
+    )
+
+
+def _refused(response: httpx.Response, status: int, words: str) -> None:
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"], response.json()
+
+
+def test_json_nested_50000_deep_is_a_400(bridge) -> None:
+    url, _ = bridge
+    deep = b"[" * 50_000 + b"]" * 50_000
+    for path in ("/api/v1/messages", "/hooks/generic"):
+        _refused(_post(url, path, deep), 400, "nested too deeply")
+    # Under the parser's recursion limit but past any real payload: still refused.
+    medium = b'{"to": "+12025550143", "message": "x", "n": ' + b"[" * 500 + b"]" * 500 + b"}"
+    _refused(_post(url, "/api/v1/messages", medium), 400, "nested deeper than 64")
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_field(bridge) -> None:
+    url, _ = bridge
+    body = b'{"to": "+12025550143", "message": "disk \\ud800 full"}'
+    response = _post(url, "/api/v1/messages", body)
+    _refused(response, 400, "lone surrogate")
+    assert response.json()["field"] == "message"
+    nested = b'{"message": "ok", "to": "+12025550143", "x": {"y": ["\\udfff"]}}'
+    response = _post(url, "/hooks/generic", nested)
+    _refused(response, 400, "lone surrogate")
+    assert response.json()["field"] == "x.y.0"
+
+
+def test_message_ids_and_cursors_outside_sqlite_integers_are_400(bridge) -> None:
+    url, _ = bridge
+    for path, field in (
+        ("/api/v1/messages/%C2%B2", "id"),  # "²": str.isdigit() says yes, int() says no
+        ("/api/v1/messages/99999999999999999999999", "id"),
+        ("/api/v1/messages?before=99999999999999999999999", "before"),
+        ("/api/v1/messages?before=%C2%B2", "before"),
+        ("/api/v1/messages?limit=1e3", "limit"),
+    ):
+        response = httpx.get(url + path, timeout=10)
+        _refused(response, 400, "must be an integer")
+        assert response.json()["field"] == field
+    assert httpx.get(f"{url}/api/v1/messages/9223372036854775807").status_code == 404
+
+
+def test_non_ascii_signatures_are_401_not_500(bridge) -> None:
+    url, _ = bridge
+    body = b'{"action": "completed"}'
+    response = _post(
+        url,
+        "/hooks/github",
+        body,
+        **{
+            "X-GitHub-Event": "workflow_run",
+            "X-Hub-Signature-256": "sha256=\u00e9t\u00e9".encode(),
+        },
+    )
+    _refused(response, 401, "does not match")
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"x-hub-signature-256", b"sha256=\xc3\xa9\xff"),
+        (b"x-github-event", b"workflow_run"),
+    ]
+    response = httpx.post(f"{url}/hooks/github", content=body, headers=raw_headers, timeout=10)
+    _refused(response, 401, "does not match")
+    stamp = str(int(time.time()))
+    grafana = b'{"status": "firing", "alerts": []}'
+    for signature, stamp_value, words in (
+        (("\u00e9" * 64).encode(), stamp, "does not match"),
+        (
+            _signed(f"{stamp}:".encode() + grafana),
+            "\u00b2".encode(),
+            "malformed",
+        ),  # superscript two
+    ):
+        response = _post(
+            url,
+            "/hooks/grafana-signed",
+            grafana,
+            **{
+                "X-Grafana-Alerting-Signature": signature,
+                "X-Grafana-Alerting-Signature-Timestamp": stamp_value,
+            },
+        )
+        _refused(response, 401, words)
+
+
+@pytest.mark.parametrize(
+    ("event", "payload", "field"),
+    [
+        (
+            "workflow_run",
+            {
+                "action": "completed",
+                "workflow_run": {"conclusion": "failure", "head_branch": "main", "actor": "str"},
+            },
+            "workflow_run.actor",
+        ),
+        (
+            "check_suite",
+            {
+                "action": "completed",
+                "check_suite": {"conclusion": "failure", "head_branch": "main", "app": ["x"]},
+            },
+            "check_suite.app",
+        ),
+        (
+            "workflow_run",
+            {"action": "completed", "workflow_run": {"conclusion": "failure"}, "repository": 7},
+            "repository",
+        ),
+    ],
+)
+def test_signed_github_payloads_of_the_wrong_shape_are_400(bridge, event, payload, field) -> None:
+    url, _ = bridge
+    body = json.dumps(payload).encode()
+    response = _post(
+        url,
+        "/hooks/github",
+        body,
+        **{"X-GitHub-Event": event, "X-Hub-Signature-256": "sha256=" + _signed(body)},
+    )
+    _refused(response, 400, "must be")
+    assert response.json()["field"] == field
+
+
+def test_gitlab_payloads_of_the_wrong_shape_are_400(bridge) -> None:
+    url, _ = bridge
+    for payload, field in (
+        ({"object_kind": "pipeline", "user": "str"}, "user"),
+        (
+            {
+                "object_kind": "pipeline",
+                "object_attributes": {"status": "failed", "ref": "main"},
+                "repository": "str",
+            },
+            "repository",
+        ),
+    ):
+        response = _post(
+            url, "/hooks/gitlab", json.dumps(payload).encode(), **{"X-Gitlab-Token": "s"}
+        )
+        _refused(response, 400, "must be")
+        assert response.json()["field"] == field
+
+
+GITHUB_EVENTS = ("workflow_run", "check_suite", "deployment_status", "ping", "push")
+GITLAB_EVENTS = ("Pipeline Hook", "Job Hook", "Deployment Hook", "Push Hook")
+confused = st.fixed_dictionaries(
+    {},
+    optional={
+        key: json_values | st.fixed_dictionaries({}, optional={k: json_values for k in inner})
+        for key, inner in {
+            "action": (),
+            "workflow_run": ("conclusion", "head_branch", "actor", "name", "head_sha"),
+            "check_suite": ("conclusion", "head_branch", "app", "head_sha"),
+            "deployment_status": ("state", "environment", "description"),
+            "deployment": ("ref", "environment", "sha"),
+            "repository": ("full_name", "name"),
+            "object_kind": (),
+            "object_attributes": ("status", "ref", "id", "sha"),
+            "user": ("username",),
+            "project": ("path_with_namespace",),
+            "build_status": (),
+            "ref": (),
+            "status": (),
+            "alerts": (),
+        }.items()
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    payload=confused,
+    which=st.sampled_from(["github", "gitlab", "grafana-signed"]),
+    event=st.sampled_from(GITHUB_EVENTS + GITLAB_EVENTS),
+)
+def test_signed_payloads_of_any_shape_never_get_a_500(bridge, payload, which, event) -> None:
+    """Past the signature check every format reads sender-shaped JSON: no .get on a str."""
+    url, _ = bridge
+    if which == "github" and isinstance(payload.get("action"), str | None):
+        payload = {**payload, "action": "completed"}
+    body = json.dumps(payload).encode()
+    stamp = str(int(time.time()))
+    headers = {
+        "github": {"X-GitHub-Event": event, "X-Hub-Signature-256": "sha256=" + _signed(body)},
+        "gitlab": {"X-Gitlab-Event": event, "X-Gitlab-Token": "s"},
+        "grafana-signed": {
+            "X-Grafana-Alerting-Signature": _signed(f"{stamp}:".encode() + body),
+            "X-Grafana-Alerting-Signature-Timestamp": stamp,
+        },
+    }[which]
+    response = _post(url, f"/hooks/{which}", body, **headers)
+    assert response.status_code in (200, 202, 400), response.text
