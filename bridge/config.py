@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,13 @@ class SmtpConfig:
     compose: str = _opt("subject_body")  # subject | body | subject_body | template
     template: str = _opt("")
     sender_id: str = _opt("")  # "" -> provider.sender_id
+    max_sessions: int = _opt(100)  # open SMTP sessions in all; beyond: 421 at connect
+    max_sessions_per_client: int = _opt(10)  # from one client address
+    max_mails_per_session: int = _opt(1000)  # MAIL and DATA commands in one session
+    max_commands: int = _opt(20)  # each other command (NOOP, EHLO, AUTH...) per session
+    max_mime_depth: int = _opt(20)  # deeper parts are not read
+    max_mime_parts: int = _opt(100)  # parts past this are not read
+    parse_timeout: float = _opt(5.0, "duration")  # a mail not parsed by then: 554
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +96,10 @@ class BudgetConfig:
 class HttpConfig:
     listen: str = _opt(DEFAULT_HTTP_LISTEN)
     max_body_bytes: int = _opt(ONE_MIB)
+    max_concurrency: int = _opt(100)  # open connections and requests; beyond: 503
+    max_header_bytes: int = _opt(16384)  # request line and headers; beyond: 431
+    header_timeout: float = _opt(10.0, "duration")  # to send the request line and headers
+    keep_alive_timeout: float = _opt(5.0, "duration")  # idle between requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,6 +487,7 @@ def _validate(config: Config, loader: _Loader) -> None:
                 normalise_number(target, default_region=config.phone.default_region or None)
             except PhoneError as exc:
                 problem(f"budget.admin[{index}]", f"neither a group nor a number: {exc}")
+    _validate_listener_limits(config, problem)
     if not 1 <= config.limits.max_parts <= 10:
         problem("limits.max_parts", "must be between 1 and 10")
     if config.smtp.listen and not config.smtp.domains:
@@ -535,6 +547,30 @@ def _validate(config: Config, loader: _Loader) -> None:
                 normalise_number(target, default_region=config.phone.default_region or None)
             except PhoneError as exc:
                 problem(f"routes.{name}.to[{index}]", f"neither a group nor a number: {exc}")
+
+
+def _validate_listener_limits(config: Config, problem: Callable[[str, str], None]) -> None:
+    """Connection, command and parse limits: each at least 1 (or above 0 for times)."""
+    for section, keys in (
+        (
+            "smtp",
+            (
+                "max_sessions",
+                "max_sessions_per_client",
+                "max_mails_per_session",
+                "max_commands",
+                "max_mime_depth",
+                "max_mime_parts",
+                "parse_timeout",
+            ),
+        ),
+        ("http", ("max_concurrency", "max_header_bytes", "header_timeout", "keep_alive_timeout")),
+    ):
+        for key in keys:
+            if getattr(getattr(config, section), key) <= 0:
+                problem(f"{section}.{key}", "must be above 0")
+    if config.http.max_header_bytes < 1024:
+        problem("http.max_header_bytes", "must be at least 1024")
 
 
 @functools.lru_cache(maxsize=256)  # checked on every message; senders are few

@@ -160,6 +160,7 @@ class Bridge:
         await store.open()
         p = config.provider
         metrics = Metrics(store, clock.now)
+        smtp_handler: SmtpHandler | None = None
         try:
             async with open_provider(
                 config, clock=clock, transport=transport, observe=metrics.observe_request
@@ -277,17 +278,21 @@ class Bridge:
                     sandbox=sandbox,
                 )
         finally:
+            if smtp_handler is not None:
+                smtp_handler.close()
             await store.close()
 
     def reload(self, new: Config) -> list[str]:
-        """Apply routes, groups, limits, budgets and SMTP rules from `new`.
+        """Apply everything but listen addresses, the store, the provider and logging.
 
-        Listen addresses, the store and the provider need a restart; the keys that differ
-        there are returned so the caller can say so.
+        Routes, groups, limits, budgets, HTTP limits and every SMTP setting (auth, users,
+        networks, sizes, limits, TLS certificates) hold for the next request or session.
+        Returns warnings: each key that changed but needs a restart, by name, and
+        anything that could not be applied (a certificate that does not load).
         """
         old = self.config
-        needs_restart = [
-            key
+        warnings = [
+            f"{key} changed but needs a restart"
             for key, before, after in (
                 ("smtp.listen", old.smtp.listen, new.smtp.listen),
                 ("smtp.tls_listen", old.smtp.tls_listen, new.smtp.tls_listen),
@@ -296,19 +301,21 @@ class Bridge:
                 ("provider", old.provider, new.provider),
                 ("sandbox", old.sandbox, new.sandbox),
                 ("status", old.status, new.status),
+                ("log", old.log, new.log),
             )
             if before != after
         ]
+        warnings += self.smtp_handler.reload(new)
+        new = self.smtp_handler.config  # with the TLS files that stayed, if any
         self.config = new
         self.live.current = new
-        self.smtp_handler.reload(new)
         self.ingestor.rules = Rules.from_config(new)
         self.ingestor.max_parts = new.limits.max_parts
         self.ingestor.transliterate = new.limits.transliterate
         self.digests.window = new.limits.per_recipient_window
         self.digests.max_parts = new.limits.max_parts
         self.budget.reload(new)
-        return needs_restart
+        return warnings
 
     async def _reloader(self, reloads: asyncio.Queue[str | None]) -> None:
         """Each SIGHUP puts the config path here; a bad file keeps the running config."""
@@ -326,10 +333,10 @@ class Bridge:
             except ConfigError as exc:
                 log.error("reload refused, keeping the running config: %s", exc)
                 continue
-            restart = self.reload(new)
+            warnings = self.reload(new)
             log.warning("configuration reloaded from %s", path or "built-in defaults")
-            if restart:
-                log.warning("these keys changed but need a restart: %s", ", ".join(restart))
+            for warning in warnings:
+                log.warning("reload: %s", warning)
 
     async def retention(self, stop: asyncio.Event) -> None:
         """Purge finished messages older than `store.retention`, hourly."""
