@@ -30,6 +30,7 @@ from bridge.config import Config, LiveConfig, load_config
 from bridge.dispatcher import Dispatcher
 from bridge.errors import ConfigError
 from bridge.health import ProviderHealth
+from bridge.httplimits import limited_protocol
 from bridge.ingest import Ingestor
 from bridge.loops import run_steps
 from bridge.metrics import Metrics
@@ -60,8 +61,12 @@ class QuietServer(uvicorn.Server):
 
 
 def uvicorn_server(
-    app: Starlette, *, lifespan: Literal["auto", "on", "off"] = "off"
+    app: Starlette,
+    *,
+    lifespan: Literal["auto", "on", "off"] = "off",
+    live: LiveConfig | None = None,
 ) -> QuietServer:
+    """uvicorn for `app`; with `live`, under the `[http]` limits (bridge.httplimits)."""
     return QuietServer(
         uvicorn.Config(
             app,
@@ -69,6 +74,7 @@ def uvicorn_server(
             access_log=False,
             lifespan=lifespan,
             timeout_graceful_shutdown=SHUTDOWN_GRACE,
+            http=limited_protocol(live) if live is not None else "auto",
         )
     )
 
@@ -362,7 +368,7 @@ class Bridge:
         reloads: asyncio.Queue[str | None] | None = None,
     ) -> None:
         """Serve until `self.stop` is set; then stop accepting, drain and return."""
-        server = uvicorn_server(self.app) if http_socket is not None else None
+        server = uvicorn_server(self.app, live=self.live) if http_socket is not None else None
         smtp_servers = (
             await start_smtp(self.config, self.smtp_handler, smtp_sockets) if smtp_sockets else []
         )

@@ -3,6 +3,7 @@ and SMTP abuse (thousands of RCPTs, idle clients, junk) gets answers, not a cras
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -28,6 +29,8 @@ idle_timeout = "1s"
 [http]
 listen = "127.0.0.1:{http}"
 max_body_bytes = 131072
+header_timeout = "1s"
+max_concurrency = 8
 [store]
 path = "{db}"
 [groups]
@@ -420,3 +423,68 @@ def test_signed_payloads_of_any_shape_never_get_a_500(bridge, payload, which, ev
     }[which]
     response = _post(url, f"/hooks/{which}", body, **headers)
     assert response.status_code in (200, 202, 400), response.text
+
+
+def _http_reply(sock: socket.socket) -> tuple[int, dict]:
+    """Status and JSON body of one response on a raw socket (the server closes after)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_client_trickling_headers_is_cut_with_408(bridge) -> None:
+    url, _ = bridge
+    port = int(url.rsplit(":", 1)[1])
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        with contextlib.suppress(OSError):  # the server closes while we trickle
+            for _ in range(50):
+                sock.sendall(b"X")
+                time.sleep(0.1)
+        status, body = _http_reply(sock)
+    assert status == 408 and "within 1s" in body["error"]
+    assert time.monotonic() - started < 3
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+        started = time.monotonic()
+        status, _ = _http_reply(silent)  # a connection that never sends a byte
+    assert status == 408 and 0.8 < time.monotonic() - started < 3
+
+
+def test_4mb_of_headers_are_refused_with_431(bridge) -> None:
+    url, _ = bridge
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with contextlib.suppress(OSError):  # refused and closed before we finish
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+            for _ in range(64):  # 4 MB, never finished: refused as it grows, not at the end
+                sock.sendall(b"a" * 65536)
+        status, body = _http_reply(sock)
+    assert status == 431 and "larger than 16384 bytes" in body["error"]
+    # Headers that arrive whole in one read are measured as parsed.
+    response = httpx.get(f"{url}/healthz", headers={"X-Big": "a" * 20_000}, timeout=10)
+    assert response.status_code == 431
+    assert httpx.get(f"{url}/healthz", headers={"X-Ok": "a" * 8_000}).status_code == 200
+
+
+def test_past_max_concurrency_requests_get_a_503(bridge) -> None:
+    url, _ = bridge
+    port = int(url.rsplit(":", 1)[1])
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    held = []
+    try:
+        for _ in range(8):  # kept alive after their answer: they count
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(request)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            held.append(sock)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+            extra.sendall(request)
+            status, body = _http_reply(extra)
+        assert status == 503 and "overloaded" in body["error"]
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, what="room again")
