@@ -100,6 +100,7 @@ class HttpConfig:
     max_header_bytes: int = _opt(16384)  # request line and headers; beyond: 431
     header_timeout: float = _opt(10.0, "duration")  # to send the request line and headers
     keep_alive_timeout: float = _opt(5.0, "duration")  # idle between requests
+    body_timeout: float = _opt(30.0, "duration")  # to send the whole body; beyond: 408
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,7 +565,16 @@ def _validate_listener_limits(config: Config, problem: Callable[[str, str], None
                 "parse_timeout",
             ),
         ),
-        ("http", ("max_concurrency", "max_header_bytes", "header_timeout", "keep_alive_timeout")),
+        (
+            "http",
+            (
+                "max_concurrency",
+                "max_header_bytes",
+                "header_timeout",
+                "keep_alive_timeout",
+                "body_timeout",
+            ),
+        ),
     ):
         for key in keys:
             if getattr(getattr(config, section), key) <= 0:

@@ -8,6 +8,7 @@ because webhook senders retry 5xx and drop 4xx.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -17,7 +18,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -54,8 +55,23 @@ def error_response(status: int, message: str, field: str | None = None) -> JSONR
     return JSONResponse(body, status)
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The raw JSON body, enforcing the size limit on the stream, not just the header."""
+async def read_body(request: Request, max_bytes: int, within: float = 0) -> bytes:
+    """The raw JSON body, enforcing the size limit on the stream, not just the header.
+
+    With `within` (seconds) the whole body must arrive in that time (408, and the
+    connection closed): a client trickling its body would otherwise hold a connection
+    and a concurrency slot for as long as it likes.
+    """
+    try:
+        async with asyncio.timeout(within or None):
+            return await _read_body(request, max_bytes)
+    except TimeoutError as exc:
+        raise HttpError(408, f"request body not received within {within:g}s", "body") from exc
+    except ClientDisconnect as exc:  # nobody is left to answer; no traceback for it
+        raise HttpError(400, "client went away before the whole body arrived", "body") from exc
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise HttpError(415, "Content-Type must be application/json", "content-type")
@@ -125,8 +141,8 @@ def query_int(
     return int(raw)
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    return parse_json(await read_body(request, max_bytes))
+async def read_json(request: Request, max_bytes: int, within: float = 0) -> Any:
+    return parse_json(await read_body(request, max_bytes, within))
 
 
 def _string(
@@ -176,7 +192,10 @@ def handle_errors(
         try:
             return await handler(request)
         except HttpError as exc:
-            return error_response(exc.status, exc.message, exc.field)
+            response = error_response(exc.status, exc.message, exc.field)
+            if exc.status == 408:  # the rest of the body may still come: not on this connection
+                response.headers["connection"] = "close"
+            return response
         except InputError as exc:
             return error_response(400, str(exc), exc.field)
         except StoreUnavailable as exc:
@@ -200,7 +219,7 @@ def create_app(
 
     async def post_message(request: Request) -> Response:
         config = live.current
-        body = await read_json(request, config.http.max_body_bytes)
+        body = await read_json(request, config.http.max_body_bytes, config.http.body_timeout)
         if not isinstance(body, dict):
             raise HttpError(400, "body must be a JSON object", "body")
         targets = recipients_field(body.get("to"))

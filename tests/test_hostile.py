@@ -32,6 +32,7 @@ idle_timeout = "1s"
 listen = "127.0.0.1:{http}"
 max_body_bytes = 131072
 header_timeout = "1s"
+body_timeout = "1s"
 max_concurrency = 8
 [store]
 path = "{db}"
@@ -453,6 +454,31 @@ def test_a_client_trickling_headers_is_cut_with_408(bridge) -> None:
         started = time.monotonic()
         status, _ = _http_reply(silent)  # a connection that never sends a byte
     assert status == 408 and 0.8 < time.monotonic() - started < 3
+
+
+def test_a_client_trickling_its_body_gets_408(bridge) -> None:
+    url, _ = bridge
+    port = int(url.rsplit(":", 1)[1])
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+        )
+        with contextlib.suppress(OSError):
+            for _ in range(50):
+                sock.sendall(b" ")
+                time.sleep(0.1)
+        status, body = _http_reply(sock)
+    assert status == 408 and "body not received within 1s" in body["error"]
+    assert time.monotonic() - started < 3
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(  # half a body, then gone: no traceback (the fixture checks the log)
+            b"POST /api/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+        )
+        time.sleep(0.2)
+    time.sleep(0.5)  # the server notices the disconnect before anything else runs
 
 
 def test_4mb_of_headers_are_refused_with_431(bridge) -> None:
