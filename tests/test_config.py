@@ -191,3 +191,30 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
             elif isinstance(f.default, tuple):
                 shown = tuple(shown)
             assert shown == default, f"{section}.{f.name}: the example differs from the default"
+
+
+def test_listener_limits_must_be_positive(tmp_path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        [smtp]
+        max_sessions = 0
+        max_mime_parts = -1
+        parse_timeout = "0s"
+        [http]
+        max_concurrency = 0
+        max_header_bytes = 100
+        header_timeout = 0
+    """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    keys = {key for key, _ in caught.value.problems}
+    assert keys == {
+        "smtp.max_sessions",
+        "smtp.max_mime_parts",
+        "smtp.parse_timeout",
+        "http.max_concurrency",
+        "http.max_header_bytes",
+        "http.header_timeout",
+    }

@@ -582,8 +582,26 @@ async def test_noop_does_not_keep_an_idle_session_and_commands_are_budgeted(
                 replies.append(reader.readline())
                 return replies
 
+        def progress_keeps_it() -> list[bytes]:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                reader = sock.makefile("rb")
+                reader.readline()
+                replies = []
+                for command in (
+                    b"HELO x",
+                    b"MAIL FROM:<a@example.org>",
+                    b"RCPT TO:<" + DEFAULT_RCPT.encode() + b">",
+                    b"RSET",
+                ):
+                    time.sleep(0.7)  # 2.8 s in all, each step within the 1 s timer
+                    sock.sendall(command + b"\r\n")
+                    replies.append(reader.readline())
+                return replies
+
         lived = await asyncio.to_thread(noops_until_closed)
         replies = await asyncio.to_thread(over_budget)
+        progressed = await asyncio.to_thread(progress_keeps_it)
+    assert [r[:3] for r in progressed] == [b"250"] * 4
     assert 0.9 < lived < 1.6, lived  # 1 s after EHLO, though NOOPs came at 0.4 and 0.8 s
     assert [r[:3] for r in replies[:3]] == [b"250"] * 3
     assert replies[3].startswith(b"421 4.7.0 NOOP sent too many times")
