@@ -67,7 +67,7 @@ class SmtpConfig:
     template: str = _opt("")
     sender_id: str = _opt("")  # "" -> provider.sender_id
     max_sessions: int = _opt(100)  # open SMTP sessions in all; beyond: 421 at connect
-    max_sessions_per_client: int = _opt(10)  # from one client address
+    max_sessions_per_client: int = _opt(25)  # from one address (a relay: Postfix opens 20)
     max_mails_per_session: int = _opt(1000)  # MAIL and DATA commands in one session
     max_commands: int = _opt(20)  # each other command (NOOP, EHLO, AUTH...) per session
     max_mime_depth: int = _opt(20)  # deeper parts are not read
