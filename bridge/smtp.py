@@ -7,26 +7,22 @@ store cannot write, so the client keeps the mail and retries. Bounces, auto-repl
 reports are stored as `suppressed`, never texted on. AUTH PLAIN/LOGIN against
 `[smtp.users]`, only over TLS unless `smtp.auth_allow_plaintext`.
 
-Limits: sessions in all and per client (421 at connect), per-session command budgets
-(aiosmtpd's call limits: 421 and close), an idle timer only progress restarts, and the
-mail parsed in a worker thread under MIME depth, part and time bounds. Every session
+Session limits live in `bridge.smtplimits`; here the mail is parsed in a worker thread
+under MIME depth, part and time bounds. Every session
 takes the settings in force when it connects, so a SIGHUP reaches the next session.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import fnmatch
-import functools
 import hmac
 import ipaddress
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -37,6 +33,7 @@ from bridge.errors import InputError, StoreUnavailable
 from bridge.ingest import Draft, Ingestor
 from bridge.mail import MailText, ParseBounds, ParseTimeout, compose, parse_mail
 from bridge.phone import PhoneError, normalise_number
+from bridge.smtplimits import LimitedSMTP, Sessions, call_limits
 from bridge.sockets import bind_socket
 from bridge.templates import TemplateError, render
 
@@ -44,9 +41,6 @@ log = logging.getLogger(__name__)
 IDENT = "sms-bridge ESMTP"
 ADDRESS_CACHE_SIZE = 1024
 PARSE_WORKERS = 2  # mail parsing threads; a slow mail holds one, never the event loop
-# Commands that move a session forward: only their success restarts the idle timer.
-# NOOP, RSET, HELP, VRFY, EXPN and refused commands never do (aiosmtpd's every command).
-PROGRESS = ("HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA")
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -61,7 +55,7 @@ def _peer_host(session: Session) -> str:
     return str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer or "")
 
 
-class BridgeSMTP(SMTP):
+class BridgeSMTP(LimitedSMTP):
     """aiosmtpd's SMTP session, with MAIL FROM and RCPT TO address parsing memoised.
 
     aiosmtpd 1.4.6 parses each address with the email package's header parser and
@@ -87,97 +81,6 @@ class BridgeSMTP(SMTP):
                 self._addresses.clear()
             self._addresses[key] = parsed
         return parsed
-
-    def __init__(self, *args: Any, sessions: Sessions | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._sessions = sessions
-        self._client: str | None = None  # counted in `sessions` while set
-        self._refused = False
-        self._last_reply = ""
-        for name in PROGRESS:
-            self._smtp_methods[name] = self._progressing(self._smtp_methods[name])
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.transport is None and self._sessions is not None:  # not the STARTTLS switch
-            peer = transport.get_extra_info("peername")
-            client = str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer)
-            refusal = self._sessions.admit(client)
-            if refusal is not None:
-                log.warning("SMTP connection from %s refused: %s", client, refusal)
-                self._refused = True
-                transport.write(f"421 4.7.0 {refusal}; try again later\r\n".encode())  # type: ignore[attr-defined]
-                transport.close()
-                return
-            self._client = client
-        super().connection_made(transport)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        if self._refused:
-            return  # aiosmtpd never saw this connection
-        if self._client is not None and self._sessions is not None:
-            self._sessions.release(self._client)
-            self._client = None
-        super().connection_lost(error)
-
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        # aiosmtpd restarts the idle timer before every recognised command, NOOP included;
-        # here only the connection (and a PROXY wait) arm it, and progress restarts it.
-        if self._timeout_handle is None or duration is not None:
-            super()._reset_timeout(duration)
-
-    def _progressing(
-        self, method: Callable[[str | None], Awaitable[None]]
-    ) -> Callable[[str | None], Awaitable[None]]:
-        @functools.wraps(method)  # keeps the syntax attributes HELP reads
-        async def progressing(arg: str | None) -> None:
-            await method(arg)
-            if self._last_reply[:1] in ("2", "3"):
-                SMTP._reset_timeout(self)
-
-        return progressing
-
-    async def push(self, status: Any) -> None:
-        self._last_reply = status if isinstance(status, str) else bytes(status).decode("latin-1")
-        await super().push(status)
-
-
-class Sessions:
-    """Open SMTP sessions, in all and per client address, against the limits in force."""
-
-    def __init__(self, limits: Callable[[], SmtpConfig]) -> None:
-        self._limits = limits
-        self.total = 0
-        self.per_client: collections.Counter[str] = collections.Counter()
-
-    def admit(self, client: str) -> str | None:
-        """Count the session in, or say why not."""
-        smtp = self._limits()
-        if self.total >= smtp.max_sessions:
-            return f"too many SMTP sessions (at most {smtp.max_sessions})"
-        if self.per_client[client] >= smtp.max_sessions_per_client:
-            return f"too many sessions from {client} (at most {smtp.max_sessions_per_client})"
-        self.total += 1
-        self.per_client[client] += 1
-        return None
-
-    def release(self, client: str) -> None:
-        self.total -= 1
-        self.per_client[client] -= 1
-        if self.per_client[client] <= 0:
-            del self.per_client[client]
-
-
-def call_limits(smtp: SmtpConfig) -> dict[str, int]:
-    """aiosmtpd's per-session command budgets; past one it answers 421 and closes."""
-    mails = smtp.max_mails_per_session
-    return {
-        "*": smtp.max_commands,
-        "MAIL": mails,
-        "DATA": mails,
-        "RSET": mails + smtp.max_commands,  # some clients reset before every mail
-        "RCPT": mails * smtp.max_recipients,
-        "QUIT": 1,
-    }
 
 
 class SmtpHandler:
