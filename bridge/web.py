@@ -111,11 +111,12 @@ def check_json(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
         if isinstance(item, dict | list):
             if depth > max_depth:
                 raise HttpError(400, f"body is JSON nested deeper than {max_depth}", "body")
-            pairs = item.items() if isinstance(item, dict) else enumerate(item)
-            for key, child in pairs:
-                if isinstance(key, str):
-                    _check_text(key, path or "body")
-                stack.append((child, f"{path}.{key}" if path else str(key), depth + 1))
+            if isinstance(item, list):  # paths as the rest of the API names them: a.b[0]
+                stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+                continue
+            for key, child in item.items():
+                _check_text(key, path or "body")
+                stack.append((child, f"{path}.{key}" if path else key, depth + 1))
         elif isinstance(item, str):
             _check_text(item, path or "body")
 
