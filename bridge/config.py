@@ -135,6 +135,13 @@ class SmtpConfig:
     template: str = _opt("")
     sender_id: str = _opt("")  # "" -> provider.sender_id
     rules: tuple[MailRule, ...] = _opt([], "rules")  # [[smtp.rules]]: per-sender line picks
+    max_sessions: int = _opt(100)  # open SMTP sessions in all; beyond: 421 at connect
+    max_sessions_per_client: int = _opt(25)  # from one address (a relay: Postfix opens 20)
+    max_mails_per_session: int = _opt(1000)  # MAIL and DATA commands in one session
+    max_commands: int = _opt(20)  # each other command (NOOP, EHLO, AUTH...) per session
+    max_mime_depth: int = _opt(20)  # deeper parts are not read
+    max_mime_parts: int = _opt(100)  # parts past this are not read
+    parse_timeout: float = _opt(5.0, "duration")  # a mail not parsed by then: 554
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +167,11 @@ class HttpConfig:
     listen: str = _opt(DEFAULT_HTTP_LISTEN)
     max_body_bytes: int = _opt(ONE_MIB)
     max_recipients: int = _opt(100)  # recipients one API or hook request may name; 0 = no cap
+    max_concurrency: int = _opt(100)  # open connections and requests; beyond: 503
+    max_header_bytes: int = _opt(16384)  # request line and headers; beyond: 431
+    header_timeout: float = _opt(10.0, "duration")  # to send the request line and headers
+    keep_alive_timeout: float = _opt(5.0, "duration")  # idle between requests
+    body_timeout: float = _opt(30.0, "duration")  # to send the whole body; beyond: 408
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,6 +596,7 @@ def _validate(config: Config, loader: _Loader) -> None:
         problem("budget.on_exceeded", "must be wait or fail")
     if b.texts_per_day < 0 or b.parts_per_day < 0:
         problem("budget.texts_per_day", "caps must be 0 (off) or more")
+    _validate_listener_limits(config, problem)
     if not 1 <= config.limits.max_parts <= 10:
         problem("limits.max_parts", "must be between 1 and 10")
     if config.smtp.listen and not config.smtp.domains:
@@ -702,6 +715,39 @@ def _validate_provider_extras(config: Config, problem: Callable[[str, str], None
         problem("provider.timezone", f"{config.provider.timezone!r} is not an IANA time zone")
     if config.sandbox.variant not in VARIANTS:
         problem("sandbox.variant", f"must be one of {', '.join(sorted(VARIANTS))}")
+
+
+def _validate_listener_limits(config: Config, problem: Callable[[str, str], None]) -> None:
+    """Connection, command and parse limits: each at least 1 (or above 0 for times)."""
+    for section, keys in (
+        (
+            "smtp",
+            (
+                "max_sessions",
+                "max_sessions_per_client",
+                "max_mails_per_session",
+                "max_commands",
+                "max_mime_depth",
+                "max_mime_parts",
+                "parse_timeout",
+            ),
+        ),
+        (
+            "http",
+            (
+                "max_concurrency",
+                "max_header_bytes",
+                "header_timeout",
+                "keep_alive_timeout",
+                "body_timeout",
+            ),
+        ),
+    ):
+        for key in keys:
+            if getattr(getattr(config, section), key) <= 0:
+                problem(f"{section}.{key}", "must be above 0")
+    if config.http.max_header_bytes < 1024:
+        problem("http.max_header_bytes", "must be at least 1024")
 
 
 def load_config(

@@ -13,7 +13,9 @@ import email
 import email.header
 import email.policy
 import re
+import time
 from dataclasses import dataclass, field
+from email.feedparser import BytesFeedParser
 from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage, Message
 from typing import Any
@@ -77,6 +79,70 @@ class MailText:
     message_id: str | None
     headers: dict[str, str] = field(default_factory=dict)
     loop_reason: str | None = None  # set for bounces and auto-replies: store, never send
+    truncated: str | None = None  # why only part of the MIME structure was read
+
+
+@dataclass(frozen=True, slots=True)
+class ParseBounds:
+    """How much MIME structure a mail may make the parser build, and for how long."""
+
+    max_depth: int = 20  # the message itself is depth 1
+    max_parts: int = 100  # every part counts, the message and containers included
+    seconds: float = 0.0  # 0: no limit
+
+
+class ParseTimeout(Exception):
+    """The parse outran `ParseBounds.seconds`; what was read so far is not trusted."""
+
+
+class _Truncated(Exception):
+    """Stop building parts; the tree built so far is still a message to read."""
+
+
+class _BoundedParser(BytesFeedParser):
+    """The stdlib feed parser, counting the parts it creates (its one per-part hook).
+
+    A thousand nested multiparts cost seconds and end in RecursionError; 20,000 flat
+    parts in under 1 MB cost two seconds: both are stopped at the bound, cheaply.
+    """
+
+    def __init__(self, policy: Any, bounds: ParseBounds, deadline: float | None) -> None:
+        super().__init__(policy=policy)
+        self._bounds = bounds
+        self._deadline = deadline
+        self._parts = 0
+
+    def _new_message(self) -> None:
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise ParseTimeout(f"mail not parsed within {self._bounds.seconds:g}s")
+        self._parts += 1
+        if self._parts > self._bounds.max_parts:
+            raise _Truncated(f"more than {self._bounds.max_parts} MIME parts")
+        if len(self._msgstack) >= self._bounds.max_depth:  # type: ignore[attr-defined]
+            raise _Truncated(f"MIME parts nested deeper than {self._bounds.max_depth}")
+        super()._new_message()  # type: ignore[misc]
+
+    def partial(self) -> Message:
+        """The root as far as it was built; parts cut short read as empty."""
+        stack: list[Message] = self._msgstack  # type: ignore[attr-defined]
+        for part in stack:
+            if part.get_payload() is None:
+                part.set_payload("")
+        return stack[0]
+
+
+def _parse(
+    raw: bytes, policy: Any, bounds: ParseBounds, deadline: float | None
+) -> tuple[Message, str | None]:
+    parser = _BoundedParser(policy, bounds, deadline)
+    try:
+        parser.feed(raw)
+        message: Message = parser.close()
+        return message, None
+    except _Truncated as exc:
+        return parser.partial(), str(exc)
+    except RecursionError:  # the bounds were set above what the interpreter can nest
+        return parser.partial(), "MIME structure too deep to read"
 
 
 def policy_header_text(policy: Any, name: str, raw: Any) -> str:
@@ -230,16 +296,36 @@ def _loop_reason(msg: Message, found: dict[str, str], mail_from: str | None) -> 
     return None
 
 
-def parse_mail(raw: bytes, *, mail_from: str | None = None) -> MailText:
-    """Any bytes -> subject, body and loop status; never raises."""
+def _unreadable(raw: bytes) -> str:
+    return clean_body(raw[:MAX_BODY_CHARS].decode("utf-8", errors="replace"))
+
+
+def parse_mail(
+    raw: bytes, *, mail_from: str | None = None, bounds: ParseBounds = ParseBounds()
+) -> MailText:
+    """Any bytes -> subject, body and loop status.
+
+    Raises only ParseTimeout. Past `bounds` the mail is read from the parts built before
+    the bound (`truncated` says which bound); a mail no parser reads is its raw text.
+    """
+    deadline = time.monotonic() + bounds.seconds if bounds.seconds > 0 else None
+    msg: Message
+    truncated: str | None = None
     try:
-        msg: Message = email.message_from_bytes(raw, policy=POLICY)
-    except Exception:
-        msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+        msg, truncated = _parse(raw, POLICY, bounds, deadline)
+    except ParseTimeout:
+        raise
+    except Exception:  # the fallback parse is bounded and guarded alike
+        try:
+            msg, truncated = _parse(raw, email.policy.compat32, bounds, deadline)
+        except ParseTimeout:
+            raise
+        except Exception:
+            msg, truncated = Message(), "not a readable MIME message"
     try:
-        body = clean_body(_body(msg))
+        body = clean_body(_body(msg)) if len(msg) or msg.get_payload() else _unreadable(raw)
     except Exception:
-        body = clean_body(raw[:MAX_BODY_CHARS].decode("utf-8", errors="replace"))
+        body = _unreadable(raw)
     found = _headers(msg)
     headers = {name: found[name] for name in TEMPLATE_HEADERS if found.get(name)}
     subject = _SPACES.sub(" ", headers.get("subject", "").replace("\n", " ")).strip()
@@ -251,6 +337,7 @@ def parse_mail(raw: bytes, *, mail_from: str | None = None) -> MailText:
         message_id=message_id,
         headers=headers,
         loop_reason=_loop_reason(msg, found, mail_from),
+        truncated=truncated,
     )
 
 

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
 
+MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER: a larger id cannot even be bound
+
 
 class State(StrEnum):
     HELD = "held"  # storm control: waiting to be folded into a digest

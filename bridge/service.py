@@ -30,6 +30,7 @@ from bridge.config import Config, LiveConfig, load_config
 from bridge.dispatcher import Dispatcher
 from bridge.errors import ConfigError
 from bridge.health import ProviderHealth
+from bridge.httplimits import limited_protocol
 from bridge.ingest import Ingestor
 from bridge.loops import run_steps
 from bridge.metrics import Metrics
@@ -60,8 +61,12 @@ class QuietServer(uvicorn.Server):
 
 
 def uvicorn_server(
-    app: Starlette, *, lifespan: Literal["auto", "on", "off"] = "off"
+    app: Starlette,
+    *,
+    lifespan: Literal["auto", "on", "off"] = "off",
+    live: LiveConfig | None = None,
 ) -> QuietServer:
+    """uvicorn for `app`; with `live`, under the `[http]` limits (bridge.httplimits)."""
     return QuietServer(
         uvicorn.Config(
             app,
@@ -69,6 +74,7 @@ def uvicorn_server(
             access_log=False,
             lifespan=lifespan,
             timeout_graceful_shutdown=SHUTDOWN_GRACE,
+            http=limited_protocol(live) if live is not None else "auto",
         )
     )
 
@@ -161,6 +167,7 @@ class Bridge:
         await store.open()
         p = config.provider
         metrics = Metrics(store, clock.now)
+        smtp_handler: SmtpHandler | None = None
         try:
             async with open_provider(
                 config, clock=clock, transport=transport, observe=metrics.observe_request
@@ -288,17 +295,21 @@ class Bridge:
                     sandbox=sandbox,
                 )
         finally:
+            if smtp_handler is not None:
+                smtp_handler.close()
             await store.close()
 
     def reload(self, new: Config) -> list[str]:
-        """Apply routes, groups, limits, budgets and SMTP rules from `new`.
+        """Apply everything but listen addresses, the store, the provider and logging.
 
-        Listen addresses, the store and the provider need a restart; the keys that differ
-        there are returned so the caller can say so.
+        Routes, groups, limits, budgets, HTTP limits and every SMTP setting (auth, users,
+        networks, sizes, limits, TLS certificates) hold for the next request or session.
+        Returns warnings: each key that changed but needs a restart, by name, and
+        anything that could not be applied (a certificate that does not load).
         """
         old = self.config
-        needs_restart = [
-            key
+        warnings = [
+            f"{key} changed but needs a restart"
             for key, before, after in (
                 ("smtp.listen", old.smtp.listen, new.smtp.listen),
                 ("smtp.tls_listen", old.smtp.tls_listen, new.smtp.tls_listen),
@@ -307,19 +318,21 @@ class Bridge:
                 ("provider", old.provider, new.provider),
                 ("sandbox", old.sandbox, new.sandbox),
                 ("status", old.status, new.status),
+                ("log", old.log, new.log),
             )
             if before != after
         ]
+        warnings += self.smtp_handler.reload(new)
+        new = self.smtp_handler.config  # with the TLS files that stayed, if any
         self.config = new
         self.live.current = new
-        self.smtp_handler.reload(new)
         self.ingestor.rules = Rules.from_config(new)
         self.ingestor.max_parts = new.limits.max_parts
         self.ingestor.transliterate = new.limits.transliterate
         self.digests.window = new.limits.per_recipient_window
         self.digests.max_parts = new.limits.max_parts
         self.budget.reload(new)
-        return needs_restart
+        return warnings
 
     async def _reloader(self, reloads: asyncio.Queue[str | None]) -> None:
         """Each SIGHUP puts the config path here; a bad file keeps the running config."""
@@ -337,10 +350,10 @@ class Bridge:
             except ConfigError as exc:
                 log.error("reload refused, keeping the running config: %s", exc)
                 continue
-            restart = self.reload(new)
+            warnings = self.reload(new)
             log.warning("configuration reloaded from %s", path or "built-in defaults")
-            if restart:
-                log.warning("these keys changed but need a restart: %s", ", ".join(restart))
+            for warning in warnings:
+                log.warning("reload: %s", warning)
 
     async def retention(self, stop: asyncio.Event) -> None:
         """Purge finished messages older than `store.retention`, hourly."""
@@ -366,7 +379,7 @@ class Bridge:
         reloads: asyncio.Queue[str | None] | None = None,
     ) -> None:
         """Serve until `self.stop` is set; then stop accepting, drain and return."""
-        server = uvicorn_server(self.app) if http_socket is not None else None
+        server = uvicorn_server(self.app, live=self.live) if http_socket is not None else None
         smtp_servers = (
             await start_smtp(self.config, self.smtp_handler, smtp_sockets) if smtp_sockets else []
         )

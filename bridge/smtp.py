@@ -6,11 +6,16 @@ allowlists), and DATA answers 250 only once `Ingestor.submit` has committed; 451
 store cannot write, so the client keeps the mail and retries. Bounces, auto-replies and
 reports are stored as `suppressed`, never texted on. AUTH PLAIN/LOGIN against
 `[smtp.users]`, only over TLS unless `smtp.auth_allow_plaintext`.
+
+Session limits live in `bridge.smtplimits`; here the mail is parsed in a worker thread
+under MIME depth, part and time bounds. Every session
+takes the settings in force when it connects, so a SIGHUP reaches the next session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.parser
 import email.policy
 import fnmatch
@@ -19,26 +24,30 @@ import ipaddress
 import logging
 import socket
 import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from bridge.config import Config, parse_listen
+from bridge.config import Config, SmtpConfig, parse_listen
 from bridge.errors import InputError, StoreUnavailable
 from bridge.firewall import Firewall, RefusedNumber
 from bridge.ingest import Draft, Ingestor
-from bridge.mail import MailText, compose, parse_mail
+from bridge.mail import MailText, ParseBounds, ParseTimeout, compose, parse_mail
 from bridge.mailrules import apply_rule, rule_for
 from bridge.phone import PhoneError
 from bridge.policy import content_hash, dedupe_scope
 from bridge.provider.logmatch import zone
 from bridge.schedule import MAIL_HEADER, parse_schedule_time
+from bridge.smtplimits import LimitedSMTP, Sessions, call_limits
 from bridge.sockets import bind_socket
 from bridge.templates import TemplateError, render
 
 log = logging.getLogger(__name__)
 IDENT = "sms-bridge ESMTP"
 ADDRESS_CACHE_SIZE = 1024
+PARSE_WORKERS = 2  # mail parsing threads; a slow mail holds one, never the event loop
 
 
 _HEADERS = email.parser.BytesParser(policy=email.policy.compat32)
@@ -56,7 +65,7 @@ def _peer_host(session: Session) -> str:
     return str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer or "")
 
 
-class BridgeSMTP(SMTP):
+class BridgeSMTP(LimitedSMTP):
     """aiosmtpd's SMTP session, with MAIL FROM and RCPT TO address parsing memoised.
 
     aiosmtpd 1.4.6 parses each address with the email package's header parser and
@@ -89,11 +98,29 @@ class SmtpHandler:
 
     def __init__(self, *, config: Config, ingestor: Ingestor) -> None:
         self.ingestor = ingestor
+        self.config: Config = config
+        self.tls: ssl.SSLContext | None = None
+        self.tls = self._tls(config.smtp)  # at start a certificate that does not load is fatal
+        self.sessions = Sessions(lambda: self.config.smtp)
+        self.parsers = ThreadPoolExecutor(PARSE_WORKERS, thread_name_prefix="mail-parse")
         self.reload(config)
 
-    def reload(self, config: Config) -> None:
-        """Take new domains, groups and allowlists; sessions in progress carry on."""
+    def close(self) -> None:
+        self.parsers.shutdown(wait=False, cancel_futures=True)
+
+    def reload(self, config: Config) -> list[str]:
+        """Take everything new sessions use; sessions in progress carry on as they were.
+
+        Returns problems to warn about (a certificate that does not load keeps the old).
+        """
+        problems = []
+        try:
+            self.tls = self._tls(config.smtp)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"smtp.tls_cert: cannot load, the previous certificate stays: {exc}")
+            config = _keep_tls(config, self.config)
         self.config = config
+        self.authenticator = Authenticator(dict(config.smtp.users))
         self.domains = {d.lower() for d in config.smtp.domains}
         self.regions = {d.lower(): r.upper() for d, r in config.smtp.regions.items()}
         self.networks = [
@@ -101,6 +128,22 @@ class SmtpHandler:
         ]
         self.groups = {name.lower(): name for name in config.groups}
         self.firewall = Firewall.from_config(config)
+        return problems
+
+    def _tls(self, smtp: SmtpConfig) -> ssl.SSLContext | None:
+        """The TLS context for STARTTLS and implicit TLS, certificate read afresh.
+
+        Loaded into the running context when there is one, so the implicit-TLS listener
+        (whose context is fixed at bind) serves a renewed certificate too; a throwaway
+        context loads it first, so a bad file never leaves the live one half-changed.
+        """
+        if not smtp.tls_cert:
+            return None
+        fresh = tls_context(smtp.tls_cert, smtp.tls_key)
+        if self.tls is None:
+            return fresh
+        self.tls.load_cert_chain(smtp.tls_cert, smtp.tls_key)
+        return self.tls
 
     # -- who may send --------------------------------------------------------------------
     def _client_allowed(self, session: Session) -> bool:
@@ -214,13 +257,46 @@ class SmtpHandler:
             field=MAIL_HEADER,
         )
 
+    async def parse(self, raw: bytes, mail_from: str | None) -> MailText | str:
+        """The mail parsed in a worker thread under the MIME bounds, or the SMTP refusal.
+
+        A parse still running at `smtp.parse_timeout` is refused with 554 (it also stops
+        itself at the next part); one that never got a worker in that time is a 451.
+        """
+        smtp = self.config.smtp
+        bounds = ParseBounds(smtp.max_mime_depth, smtp.max_mime_parts, smtp.parse_timeout)
+        started: list[float] = []
+
+        def work() -> MailText:
+            started.append(time.monotonic())
+            return parse_mail(raw, mail_from=mail_from, bounds=bounds)
+
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(smtp.parse_timeout):
+                mail = await loop.run_in_executor(self.parsers, work)
+        except (TimeoutError, ParseTimeout):
+            if not started:
+                log.warning("SMTP DATA refused with 451: every mail parser is busy")
+                return "451 4.3.2 Too busy to read the mail now; try again later"
+            log.warning("SMTP DATA refused with 554: not parsed in %gs", smtp.parse_timeout)
+            return (
+                f"554 5.6.0 Mail structure too costly: not parsed within "
+                f"{smtp.parse_timeout:g}s; not accepted"
+            )
+        if mail.truncated:
+            log.warning("mail read only in part (%s); texted from what was read", mail.truncated)
+        return mail
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = (
             envelope.content
             if isinstance(envelope.content, bytes)
             else (str(envelope.content or "").encode("utf-8", errors="replace"))
         )
-        mail = parse_mail(raw, mail_from=envelope.mail_from)
+        mail = await self.parse(raw, envelope.mail_from)
+        if isinstance(mail, str):
+            return mail
         recipients: dict[str, None] = {}
         for address in envelope.rcpt_tos:
             try:
@@ -253,7 +329,8 @@ class SmtpHandler:
         ids = ",".join(str(a.id) for a in accepted)
         if mail.loop_reason:
             log.info("mail stored as suppressed (%s): %s", mail.loop_reason, ids)
-        return f"250 2.0.0 OK: stored as message {ids}"
+        partly = f" (read in part: {mail.truncated})" if mail.truncated else ""
+        return f"250 2.0.0 OK: stored as message {ids}{partly}"
 
 
 def mail_dedupe_key(mail: MailText) -> str | None:
@@ -286,28 +363,36 @@ class Authenticator:
         return AuthResult(success=ok, handled=False)
 
 
-def smtp_factory(config: Config, handler: SmtpHandler) -> Any:
-    """A protocol factory for `loop.create_server`: one aiosmtpd `SMTP` per connection."""
-    smtp = config.smtp
-    context = tls_context(smtp.tls_cert, smtp.tls_key) if smtp.tls_cert else None
-    hostname = smtp.hostname or socket.gethostname()  # never getfqdn(): it can stall
-    authenticator = Authenticator(dict(smtp.users))
-    exclude = [] if smtp.users else ["LOGIN", "PLAIN"]
+def _keep_tls(new: Config, old: Config) -> Config:
+    """`new` with the TLS files of `old`: what stays in force when new ones do not load."""
+    smtp = dataclasses.replace(new.smtp, tls_cert=old.smtp.tls_cert, tls_key=old.smtp.tls_key)
+    return dataclasses.replace(new, smtp=smtp)
+
+
+def smtp_factory(handler: SmtpHandler) -> Any:
+    """A protocol factory for `loop.create_server`: one aiosmtpd `SMTP` per connection.
+
+    Each connection reads the handler's settings when it is made: require_auth, users,
+    TLS, sizes, timeouts and limits reloaded by SIGHUP apply from the next session on.
+    """
 
     def factory() -> SMTP:
+        smtp = handler.config.smtp
         return BridgeSMTP(
             handler,
-            hostname=hostname,
+            sessions=handler.sessions,
+            hostname=smtp.hostname or socket.gethostname(),  # never getfqdn(): it can stall
             ident=IDENT,
             data_size_limit=smtp.max_message_bytes,
             enable_SMTPUTF8=True,
             decode_data=False,
-            tls_context=context,
+            tls_context=handler.tls,
             timeout=smtp.idle_timeout,
             auth_required=smtp.require_auth,
             auth_require_tls=not smtp.auth_allow_plaintext,
-            auth_exclude_mechanism=exclude,
-            authenticator=authenticator,
+            auth_exclude_mechanism=[] if smtp.users else ["LOGIN", "PLAIN"],
+            authenticator=handler.authenticator,
+            command_call_limit=call_limits(smtp),
             loop=asyncio.get_running_loop(),
         )
 
@@ -321,14 +406,15 @@ async def start_smtp(
 ) -> list[asyncio.Server]:
     """Serve SMTP (and implicit TLS if configured) on this loop; the caller closes them."""
     loop = asyncio.get_running_loop()
-    factory = smtp_factory(config, handler)
+    factory = smtp_factory(handler)
     servers = []
     plain = sockets[0] if sockets else bind_socket(config.smtp.listen)
     servers.append(await loop.create_server(factory, sock=plain))
     if config.smtp.tls_listen:
         parse_listen(config.smtp.tls_listen)
-        context = tls_context(config.smtp.tls_cert, config.smtp.tls_key)
         servers.append(
-            await loop.create_server(factory, sock=bind_socket(config.smtp.tls_listen), ssl=context)
+            await loop.create_server(
+                factory, sock=bind_socket(config.smtp.tls_listen), ssl=handler.tls
+            )
         )
     return servers

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from sqlite_utils import Database
 
 from bridge.errors import StoreUnavailable
-from bridge.models import Message, NewMessage, State
+from bridge.models import MAX_ROW_ID, Message, NewMessage, State
 from bridge.schema import INSERT_COLUMNS, ROW_MARKS, ROWS_PER_INSERT, migrations, row
 
 log = logging.getLogger(__name__)
@@ -529,6 +529,8 @@ class Store:
 
     # -- queries -----------------------------------------------------------------------
     async def get(self, message_id: int) -> Message | None:
+        if not 0 < message_id <= MAX_ROW_ID:
+            return None  # no such row, and SQLite could not even bind the number
         row = await self.read(
             lambda c: c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
         )
@@ -572,7 +574,7 @@ class Store:
             if value:
                 sql += f" AND {column} LIKE ? ESCAPE '\\'"
                 args.append("%" + _like_escape(value) + "%")
-        if before_id:
+        if before_id and before_id <= MAX_ROW_ID:  # beyond it, every row is "before"
             sql += " AND id < ?"
             args.append(before_id)
         sql += " ORDER BY id DESC LIMIT ?"
@@ -613,7 +615,8 @@ class Store:
                 chosen = [
                     i
                     for i in ids
-                    if db.execute(
+                    if 0 < i <= MAX_ROW_ID
+                    and db.execute(
                         "SELECT 1 FROM messages WHERE id = ? AND state = 'failed'", (i,)
                     ).fetchone()
                 ]
@@ -654,7 +657,7 @@ class Store:
         A message the dispatcher already claimed (`sending`) is not cancelled: the
         provider may have it, and only its answer can tell.
         """
-        wanted = json.dumps(list(ids))
+        wanted = json.dumps([i for i in ids if 0 < i <= MAX_ROW_ID])
 
         def job(db: Database) -> list[int]:
             chosen = json.loads(

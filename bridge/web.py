@@ -8,14 +8,16 @@ because webhook senders retry 5xx and drop 4xx.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -27,6 +29,7 @@ from bridge.firewall import Firewall, cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
 from bridge.ingest import Draft, Ingestor
 from bridge.metrics import Metrics
+from bridge.models import MAX_ROW_ID
 from bridge.openapi import openapi_spec
 from bridge.policy import dedupe_scope
 from bridge.provider.logmatch import zone
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 MAX_DEDUPE_KEY = 256
 MAX_TEXT_CHARS = 5000
 MAX_LIST_LIMIT = 1000
+MAX_JSON_DEPTH = 64  # real payloads nest under 10; deeper costs recursion in every reader
+_INTEGER = re.compile(r"-?[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes "²"
 
 
 class HttpError(Exception):
@@ -53,8 +58,23 @@ def error_response(status: int, message: str, field: str | None = None) -> JSONR
     return JSONResponse(body, status)
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The raw JSON body, enforcing the size limit on the stream, not just the header."""
+async def read_body(request: Request, max_bytes: int, within: float = 0) -> bytes:
+    """The raw JSON body, enforcing the size limit on the stream, not just the header.
+
+    With `within` (seconds) the whole body must arrive in that time (408, and the
+    connection closed): a client trickling its body would otherwise hold a connection
+    and a concurrency slot for as long as it likes.
+    """
+    try:
+        async with asyncio.timeout(within or None):
+            return await _read_body(request, max_bytes)
+    except TimeoutError as exc:
+        raise HttpError(408, f"request body not received within {within:g}s", "body") from exc
+    except ClientDisconnect as exc:  # nobody is left to answer; no traceback for it
+        raise HttpError(400, "client went away before the whole body arrived", "body") from exc
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise HttpError(415, "Content-Type must be application/json", "content-type")
@@ -72,13 +92,61 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 def parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        value = json.loads(body)
+    except RecursionError as exc:
+        raise HttpError(400, "body is JSON nested too deeply", "body") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise HttpError(400, f"body is not valid JSON: {exc}", "body") from exc
+    check_json(value)
+    return value
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    return parse_json(await read_body(request, max_bytes))
+def check_json(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse what parses but cannot be handled: deep nesting and lone surrogates.
+
+    JSON's `\\ud800` escape yields a str that UTF-8 cannot encode; it would fail in the
+    store or the provider call, long after the caller was told anything. Walked with a
+    stack, not recursion, so the check itself cannot overflow.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, "", 1)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > max_depth:
+                raise HttpError(400, f"body is JSON nested deeper than {max_depth}", "body")
+            if isinstance(item, list):  # paths as the rest of the API names them: a.b[0]
+                stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+                continue
+            for key, child in item.items():
+                _check_text(key, path or "body")
+                stack.append((child, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(item, str):
+            _check_text(item, path or "body")
+
+
+def _check_text(text: str, path: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise HttpError(
+                400, f"'{path}' holds a lone surrogate (\\u{ord(exc.object[exc.start]):04x})", path
+            ) from exc
+
+
+def query_int(
+    raw: str | None, name: str, *, default: int | None = None, minimum: int = 0
+) -> int | None:
+    """An integer query or path value in the range SQLite can bind, else a 400 naming it."""
+    if raw is None:
+        return default
+    if not _INTEGER.fullmatch(raw) or not minimum <= int(raw) <= MAX_ROW_ID:
+        raise HttpError(400, f"'{name}' must be an integer from {minimum} to {MAX_ROW_ID}", name)
+    return int(raw)
+
+
+async def read_json(request: Request, max_bytes: int, within: float = 0) -> Any:
+    return parse_json(await read_body(request, max_bytes, within))
 
 
 def _string(
@@ -121,7 +189,10 @@ def handle_errors(handler: Handler) -> Handler:
             )
             return JSONResponse({"error": exc.message}, exc.status, headers=headers)
         except HttpError as exc:
-            return error_response(exc.status, exc.message, exc.field)
+            response = error_response(exc.status, exc.message, exc.field)
+            if exc.status == 408:  # the rest of the body may still come: not on this connection
+                response.headers["connection"] = "close"
+            return response
         except InputError as exc:
             return error_response(400, str(exc), exc.field)
         except StoreUnavailable as exc:
@@ -175,7 +246,7 @@ def create_app(
 
     async def post_message(request: Request) -> Response:
         config = live.current
-        body = await read_json(request, config.http.max_body_bytes)
+        body = await read_json(request, config.http.max_body_bytes, config.http.body_timeout)
         if not isinstance(body, dict):
             raise HttpError(400, "body must be a JSON object", "body")
         targets = recipients_field(body.get("to"))
@@ -218,11 +289,8 @@ def create_app(
 
     async def list_messages(request: Request) -> Response:
         q = request.query_params
-        try:
-            limit = min(MAX_LIST_LIMIT, int(q.get("limit", "100")))
-            before = int(q["before"]) if "before" in q else None
-        except ValueError as exc:
-            raise HttpError(400, "'limit' and 'before' must be integers", "limit") from exc
+        limit = min(MAX_LIST_LIMIT, query_int(q.get("limit"), "limit", default=100) or 1)
+        before = query_int(q.get("before"), "before")
         state = q.get("state") or q.get("status")
         messages = await store.query(
             state=state,
@@ -238,9 +306,8 @@ def create_app(
 
     async def get_message(request: Request) -> Response:
         raw = request.path_params["message_id"]
-        if not raw.isdigit():
-            raise HttpError(400, "message id must be an integer", "id")
-        message = await store.get(int(raw))
+        message_id = query_int(raw, "id", minimum=1)
+        message = await store.get(message_id or 0)  # never None: a path value
         if message is None:
             raise HttpError(404, f"no message {raw}", "id")
         out = message.to_json()
@@ -256,14 +323,13 @@ def create_app(
     async def change_message(request: Request, action: str) -> Response:
         """`POST .../retry` (failed -> queued) or `.../cancel` (queued, held -> failed)."""
         raw = request.path_params["message_id"]
-        if not raw.isdigit():
-            raise HttpError(400, "message id must be an integer", "id")
+        message_id = query_int(raw, "id", minimum=1) or 0  # never None: a path value
         who = request.state.principal.name
         if action == "retry":
-            done = await store.retry([int(raw)], clock.now(), by=who)
+            done = await store.retry([message_id], clock.now(), by=who)
         else:
-            done = await store.cancel([int(raw)], clock.now(), by=who)
-        message = await store.get(int(raw))
+            done = await store.cancel([message_id], clock.now(), by=who)
+        message = await store.get(message_id)
         if message is None:
             raise HttpError(404, f"no message {raw}", "id")
         if not done:

@@ -250,3 +250,30 @@ def test_check_config_shows_smtp_rules(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert '"keep": [' in result.stdout and '"STATUS"' in result.stdout
+
+
+def test_listener_limits_must_be_positive(tmp_path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        [smtp]
+        max_sessions = 0
+        max_mime_parts = -1
+        parse_timeout = "0s"
+        [http]
+        max_concurrency = 0
+        max_header_bytes = 100
+        header_timeout = 0
+    """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    keys = {key for key, _ in caught.value.problems}
+    assert keys == {
+        "smtp.max_sessions",
+        "smtp.max_mime_parts",
+        "smtp.parse_timeout",
+        "http.max_concurrency",
+        "http.max_header_bytes",
+        "http.header_timeout",
+    }

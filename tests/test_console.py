@@ -570,3 +570,20 @@ async def test_mentions_match_whole_message_numbers(served_bridge) -> None:
     )
     assert await bridge.store.mentioned_by(1) == []
     assert [m["id"] for m in await bridge.store.mentioned_by(12)] == [2]
+
+
+async def test_ids_beyond_sqlites_integers_are_not_found_not_500(
+    tmp_path, clock: ManualClock
+) -> None:
+    """A console or API path id past 2**63-1 cannot be bound by SQLite: absent, not a 500."""
+
+    huge = 2**63
+    async with httpx.AsyncClient() as http:
+        config = bridge_config(tmp_path, "http://127.0.0.1:9")
+        async with running_bridge(config, clock) as (_, url):
+            page = await http.get(f"{url}/ui/messages/{huge}.json")
+            listed = await http.get(f"{url}/ui/messages.json", params={"before": str(huge)})
+            api = await http.post(f"{url}/api/v1/messages/{huge}/retry")
+    assert page.status_code == 404, page.text
+    assert listed.status_code == 200, listed.text
+    assert api.status_code == 400 and "'id'" in api.json()["error"]

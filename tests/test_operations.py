@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import textwrap
@@ -212,3 +213,184 @@ def test_systemd_unit_verifies(tmp_path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def _reloaded(proc, log: Path, path: Path, text: str) -> str:
+    """Write `text` as the config, SIGHUP, wait for the reload; the log lines it wrote."""
+    before = log.read_text()
+    path.write_text(text)
+    proc.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: (
+            log.read_text().count("configuration reloaded") > before.count("configuration reloaded")
+        ),
+        what="the reload",
+    )
+    return log.read_text()[len(before) :]
+
+
+def _smtp_config(http_port: int, smtp_port: int, db: str, smtp: str, http: str = "") -> str:
+    return (
+        _config(http_port, smtp_port, db, "")
+        .replace("[smtp]\n", "[smtp]\n" + textwrap.dedent(smtp))
+        .replace("[http]\n", "[http]\n" + textwrap.dedent(http))
+    )
+
+
+def _mail(size: int = 0) -> str:
+    return "Subject: reload\r\n\r\n" + ("x" * 58 + "\r\n") * (size // 60) + "body\r\n"
+
+
+def test_sighup_applies_smtp_auth_users_networks_sizes_and_limits(tmp_path) -> None:
+    http_port, smtp_port = free_port(), free_port()
+    path, log = tmp_path / "bridge.toml", tmp_path / "serve.log"
+    db = str(tmp_path / "bridge.db")
+    path.write_text(_smtp_config(http_port, smtp_port, db, ""))
+    url = f"http://127.0.0.1:{http_port}"
+    rcpt = ["oncall@sms.localhost"]
+    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+        earlier = smtplib.SMTP("127.0.0.1", smtp_port, timeout=10)
+        earlier.ehlo("before-reload")
+        assert httpx.get(f"{url}/healthz", headers={"X-Pad": "a" * 3000}).status_code == 200
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as client:
+            assert client.sendmail("a@example.org", rcpt, _mail(3000)) == {}
+
+        _reloaded(
+            proc,
+            log,
+            path,
+            _smtp_config(
+                http_port,
+                smtp_port,
+                db,
+                """
+                require_auth = true
+                auth_allow_plaintext = true
+                users = {ups = "first-password"}
+                max_message_bytes = 2000
+                max_sessions_per_client = 3
+                """,
+                "max_header_bytes = 2048\n",
+            ),
+        )
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as client:
+            client.ehlo("after")
+            assert client.mail("a@example.org")[0] == 530  # require_auth, for new sessions
+            client.login("ups", "first-password")
+            assert client.mail("a@example.org")[0] == 250
+            client.rcpt(rcpt[0])
+            assert client.data(_mail(3000))[0] == 552  # max_message_bytes
+            client.rset()
+            assert client.sendmail("a@example.org", rcpt, _mail()) == {}
+        # The session opened before the reload carries on under the rules it began with.
+        assert earlier.sendmail("a@example.org", rcpt, _mail(3000)) == {}
+        # max_sessions_per_client: `earlier` and two more, then 421.
+        more = [smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) for _ in range(2)]
+        with socket.create_connection(("127.0.0.1", smtp_port), timeout=10) as refused:
+            assert refused.makefile("rb").readline().startswith(b"421 4.7.0 too many sessions")
+        for client in [*more, earlier]:
+            client.quit()
+        response = httpx.get(f"{url}/healthz", headers={"X-Pad": "a" * 3000})
+        assert response.status_code == 431  # http.max_header_bytes, for new connections
+
+        _reloaded(
+            proc,
+            log,
+            path,
+            _smtp_config(
+                http_port,
+                smtp_port,
+                db,
+                """
+                require_auth = true
+                auth_allow_plaintext = true
+                users = {ups = "second-password"}
+                allowed_networks = ["192.0.2.0/24"]
+                """,
+            ),
+        )
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as client:
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login("ups", "first-password")  # users replaced
+            client.login("ups", "second-password")
+            code, text = client.mail("a@example.org")
+            assert code == 550 and b"127.0.0.1 is not allowed" in text  # allowed_networks
+
+        moved = _reloaded(
+            proc,
+            log,
+            path,
+            _smtp_config(http_port, free_port(), db, "").replace('level = "info"', 'level = "info"')
+            + '[log]\nlevel = "debug"\n',
+        )
+        assert "reload: smtp.listen changed but needs a restart" in moved
+        assert "reload: log changed but needs a restart" in moved
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    assert "Traceback" not in log.read_text()
+
+
+def _issue_cert(ca, folder: Path) -> tuple[str, str]:
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(folder / "cert.pem")
+    cert.private_key_pem.write_to_path(folder / "key.pem")
+    return str(folder / "cert.pem"), str(folder / "key.pem")
+
+
+def test_sighup_applies_tls_settings_and_keeps_a_certificate_that_loads(tmp_path) -> None:
+    import ssl
+
+    import trustme
+
+    http_port, smtp_port, tls_port = free_port(), free_port(), free_port()
+    path, log = tmp_path / "bridge.toml", tmp_path / "serve.log"
+    db = str(tmp_path / "bridge.db")
+    path.write_text(_smtp_config(http_port, smtp_port, db, ""))
+    first_ca, second_ca = trustme.CA(), trustme.CA()
+    rcpt = ["oncall@sms.localhost"]
+
+    def trusting(ca) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        return context
+
+    def starttls(ca) -> dict:
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as client:
+            client.starttls(context=trusting(ca))
+            return client.sendmail("a@example.org", rcpt, _mail())
+
+    def implicit(ca) -> dict:
+        with smtplib.SMTP_SSL("127.0.0.1", tls_port, timeout=10, context=trusting(ca)) as client:
+            return client.sendmail("a@example.org", rcpt, _mail())
+
+    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{http_port}/healthz").status_code == 200)
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as client:
+            client.ehlo("x")
+            assert not client.has_extn("starttls")
+        cert, key = _issue_cert(first_ca, tmp_path)
+        tls = f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
+        _reloaded(proc, log, path, _smtp_config(http_port, smtp_port, db, tls))
+        assert starttls(first_ca) == {}  # STARTTLS offered from the next session on
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+    # Implicit TLS from the start, then the certificate renewed in place (same paths).
+    tls += f'tls_listen = "127.0.0.1:{tls_port}"\n'
+    path.write_text(_smtp_config(http_port, smtp_port, db, tls))
+    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{http_port}/healthz").status_code == 200)
+        assert implicit(first_ca) == {}
+        _issue_cert(second_ca, tmp_path)
+        _reloaded(proc, log, path, _smtp_config(http_port, smtp_port, db, tls))
+        assert starttls(second_ca) == {} and implicit(second_ca) == {}
+        with pytest.raises(ssl.SSLCertVerificationError):
+            implicit(first_ca)
+        Path(cert).write_text("not a certificate\n")
+        lines = _reloaded(proc, log, path, _smtp_config(http_port, smtp_port, db, tls))
+        assert "reload: smtp.tls_cert: cannot load, the previous certificate stays" in lines
+        assert starttls(second_ca) == {} and implicit(second_ca) == {}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    assert "Traceback" not in log.read_text()

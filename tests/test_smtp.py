@@ -8,11 +8,13 @@ import smtplib
 import socket
 import sqlite3
 import ssl
+import time
 import tomllib
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
 
+import httpx
 import pytest
 import trustme
 from aiosmtpd.smtp import SMTP
@@ -421,3 +423,189 @@ def test_address_memo_is_bounded() -> None:
         assert len(BridgeSMTP._addresses) <= ADDRESS_CACHE_SIZE
     finally:
         loop.close()
+
+
+def nested_mail(depth: int) -> bytes:
+    """One text part inside `depth` nested multiparts (the 68 KB mail of issue #11)."""
+    out = b"From: deep@example.org\r\nSubject: deep alert\r\nMIME-Version: 1.0\r\n"
+    for level in range(depth):
+        out += b'Content-Type: multipart/mixed; boundary="b%d"\r\n\r\n--b%d\r\n' % (level, level)
+    out += b"Content-Type: text/plain\r\n\r\nthe innermost text\r\n"
+    for level in reversed(range(depth)):
+        out += b"--b%d--\r\n" % level
+    return out
+
+
+def flat_mail(parts: int) -> bytes:
+    out = (
+        b"From: wide@example.org\r\nSubject: wide alert\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+    )
+    for n in range(parts):
+        out += b"--b\r\nContent-Type: text/plain\r\n\r\npart %d\r\n" % n
+    return out + b"--b--\r\n"
+
+
+def data_reply(port: int, raw: bytes) -> tuple[int, bytes]:
+    """The reply to DATA (smtplib raises on 5xx; this hands back any code)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("tester")
+        client.mail("monitor@example.org")
+        client.rcpt(DEFAULT_RCPT)
+        return client.data(raw)
+
+
+async def test_healthz_stays_fast_while_a_1000_deep_mail_is_parsed(
+    tmp_path, clock, sandbox_url
+) -> None:
+    # Bounds far above the mail: it is parsed to the interpreter's recursion limit,
+    # seconds of work, all of it in a parse thread.
+    extra = with_smtp('max_mime_depth = 5000\nmax_mime_parts = 5000\nparse_timeout = "60s"')
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        sending = asyncio.create_task(asyncio.to_thread(data_reply, port, nested_mail(1000)))
+        await asyncio.sleep(0.2)  # the mail is in DATA
+        slowest, probes = 0.0, 0
+        while not sending.done():
+            started = time.perf_counter()
+            assert (await http.get(f"{url}/healthz")).status_code == 200
+            slowest = max(slowest, time.perf_counter() - started)
+            probes += 1
+            await asyncio.sleep(0.02)
+        code, text = await sending
+    # Parsed on the loop, this mail holds it for 1.3-2.6 s; off the loop a probe waits only
+    # for GIL turns (5 ms each), which a loaded 2-core machine stretches: 0.6 s tells both.
+    assert slowest < 0.6, f"/healthz took {slowest:.2f}s while the mail was parsed"
+    assert probes >= 5, "the mail was handled too fast to measure anything"
+    assert code == 250 and b"read in part" in text, text
+
+
+async def test_mime_bounds_text_what_was_read(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        deep = await asyncio.to_thread(data_reply, port, nested_mail(1000))
+        wide = await asyncio.to_thread(data_reply, port, flat_mail(20_000))
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    assert deep[0] == 250 and b"nested deeper than 20" in deep[1], deep
+    assert wide[0] == 250 and b"more than 100 MIME parts" in wide[1], wide
+    assert sorted(e.message for e in sandbox_state.entries) == [
+        "deep alert",
+        "wide alert\npart 0",
+    ]
+
+
+async def test_a_mail_not_parsed_in_time_gets_554(tmp_path, clock, sandbox_url) -> None:
+    extra = with_smtp('max_mime_parts = 50000\nparse_timeout = "50ms"')
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        code, text = await asyncio.to_thread(data_reply, port, flat_mail(20_000))
+        assert await bridge.store.counts() == {}
+        # The worker stopped itself: the next mail is parsed at once.
+        ok = await asyncio.to_thread(data_reply, port, b"Subject: next\r\n\r\nx\r\n")
+    assert code == 554 and text.startswith(b"5.6.0") and b"within 0.05s" in text, text
+    assert ok[0] == 250
+
+
+def _banner(sock: socket.socket) -> bytes:
+    return sock.makefile("rb").readline()
+
+
+async def test_sessions_in_all_and_per_client_are_limited(tmp_path, clock, sandbox_url) -> None:
+    extra = with_smtp("max_sessions = 3\nmax_sessions_per_client = 2")
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def connect(source: str) -> tuple[socket.socket, bytes]:
+            sock = socket.create_connection(("127.0.0.1", port), 10, (source, 0))
+            return sock, _banner(sock)
+
+        def scenario() -> list[bytes]:
+            opened = [connect("127.0.0.1"), connect("127.0.0.1")]
+            banners = [b for _, b in opened]
+            third, banner = connect("127.0.0.1")  # a third from the same client
+            banners.append(banner)
+            third.close()
+            other, banner = connect("127.0.0.2")  # another client: room in all
+            banners.append(banner)
+            fourth, banner = connect("127.0.0.3")  # over the total
+            banners.append(banner)
+            fourth.close()
+            for sock, _ in [*opened, (other, b"")]:
+                sock.sendall(b"QUIT\r\n")
+                sock.recv(100)
+                sock.close()
+            time.sleep(0.2)
+            again, banner = connect("127.0.0.1")  # closed sessions are counted out
+            banners.append(banner)
+            again.close()
+            return banners
+
+        banners = await asyncio.to_thread(scenario)
+    assert [b[:3] for b in banners] == [b"220", b"220", b"421", b"220", b"421", b"220"]
+    assert b"too many sessions from 127.0.0.1 (at most 2)" in banners[2]
+    assert b"too many SMTP sessions (at most 3)" in banners[4]
+    assert bridge.smtp_handler.sessions.total == 0
+
+
+async def test_noop_does_not_keep_an_idle_session_and_commands_are_budgeted(
+    tmp_path, clock, sandbox_url
+) -> None:
+    extra = with_smtp('idle_timeout = "1s"\nmax_commands = 3')
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def noops_until_closed() -> float:
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                reader = sock.makefile("rb")
+                reader.readline()
+                sock.sendall(b"EHLO x\r\n")
+                while reader.readline()[3:4] == b"-":
+                    pass
+                for _ in range(2):  # within the budget, but no progress
+                    time.sleep(0.4)
+                    sock.sendall(b"NOOP\r\n")
+                    assert reader.readline().startswith(b"250")
+                assert reader.readline() == b""  # closed by the idle timer
+            return time.monotonic() - started
+
+        def over_budget() -> list[bytes]:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                reader = sock.makefile("rb")
+                reader.readline()
+                replies = []
+                for _ in range(4):
+                    sock.sendall(b"NOOP\r\n")
+                    replies.append(reader.readline())
+                replies.append(reader.readline())
+                return replies
+
+        def progress_keeps_it() -> list[bytes]:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                reader = sock.makefile("rb")
+                reader.readline()
+                replies = []
+                for command in (
+                    b"HELO x",
+                    b"MAIL FROM:<a@example.org>",
+                    b"RCPT TO:<" + DEFAULT_RCPT.encode() + b">",
+                    b"RSET",
+                ):
+                    time.sleep(0.7)  # 2.8 s in all, each step within the 1 s timer
+                    sock.sendall(command + b"\r\n")
+                    replies.append(reader.readline())
+                return replies
+
+        lived = await asyncio.to_thread(noops_until_closed)
+        replies = await asyncio.to_thread(over_budget)
+        progressed = await asyncio.to_thread(progress_keeps_it)
+    assert [r[:3] for r in progressed] == [b"250"] * 4
+    assert 0.9 < lived < 1.6, lived  # 1 s after EHLO, though NOOPs came at 0.4 and 0.8 s
+    assert [r[:3] for r in replies[:3]] == [b"250"] * 3
+    assert replies[3].startswith(b"421 4.7.0 NOOP sent too many times")
+    assert replies[4] == b""  # and closed

@@ -50,6 +50,15 @@ def obj(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
+def field_of(payload: dict[str, Any], key: str, inner: str, where: str = "") -> Any:
+    """`payload[key][inner]`, None when `payload[key]` is absent or null.
+
+    An optional sub-object that is not an object (`"actor": "str"`) is a 400 naming it,
+    like every other field of the wrong type, not an AttributeError on `.get`.
+    """
+    return obj(payload.get(key) or {}, where or key).get(inner)
+
+
 def text_field(value: Any, where: str, default: str = "") -> str:
     if value is None:
         return default

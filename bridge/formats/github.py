@@ -23,6 +23,7 @@ from bridge.formats import (
     Ignored,
     Unauthorized,
     check_filters,
+    field_of,
     obj,
     text_field,
 )
@@ -58,7 +59,8 @@ def verify(request: HookRequest, now: float) -> None:
         "sha256="
         + hmac.new(request.route.secret.encode(), request.body, hashlib.sha256).hexdigest()
     )
-    if not hmac.compare_digest(expected, signature.strip()):
+    # bytes: compare_digest raises TypeError on a str with non-ASCII (headers are latin-1)
+    if not hmac.compare_digest(expected.encode(), signature.strip().encode("latin-1")):
         raise Unauthorized("X-Hub-Signature-256 does not match the body")
 
 
@@ -101,7 +103,9 @@ def parse(request: HookRequest) -> list[HookMessage]:
         outcome = text_field(run.get("conclusion"), "workflow_run.conclusion")
         branch = text_field(run.get("head_branch"), "workflow_run.head_branch")
         check_filters(request.route, outcome, branch, DEFAULT_CONCLUSIONS)
-        actor = (run.get("actor") or {}).get("login") or ""
+        actor = text_field(
+            field_of(run, "actor", "login", "workflow_run.actor"), "workflow_run.actor.login"
+        )
         title = text_field(run.get("display_title"), "workflow_run.display_title")
         workflow = obj(payload.get("workflow") or {}, "workflow")
         name = text_field(run.get("name"), "workflow_run.name") or text_field(
@@ -144,7 +148,10 @@ def parse(request: HookRequest) -> list[HookMessage]:
         outcome = text_field(suite.get("conclusion"), "check_suite.conclusion")
         branch = text_field(suite.get("head_branch"), "check_suite.head_branch")
         check_filters(request.route, outcome, branch, DEFAULT_CONCLUSIONS)
-        app = (suite.get("app") or {}).get("name") or "checks"
+        app = (
+            text_field(field_of(suite, "app", "name", "check_suite.app"), "check_suite.app.name")
+            or "checks"
+        )
         text = f"GitHub {repo}: {app} {outcome}{_at(branch, suite.get('head_sha'))}"
     elif event == "status":
         outcome = text_field(payload.get("state"), "state")
@@ -164,7 +171,9 @@ def parse(request: HookRequest) -> list[HookMessage]:
         outcome = text_field(deploy_status.get("state"), "deployment_status.state")
         ref = text_field(deployment.get("ref"), "deployment.ref")
         check_filters(request.route, outcome, ref, DEFAULT_DEPLOYMENT_STATES)
-        environment = deploy_status.get("environment") or deployment.get("environment") or "?"
+        environment = text_field(
+            deploy_status.get("environment") or deployment.get("environment"), "environment", "?"
+        )
         where = ", ".join(p for p in (ref, _short(deployment.get("sha"))) if p)
         text = f"GitHub {repo}: deployment to {environment} {outcome}" + (
             f" ({where})" if where else ""

@@ -17,6 +17,7 @@ from bridge.formats import (
     Ignored,
     Unauthorized,
     check_filters,
+    field_of,
     obj,
     text_field,
 )
@@ -46,11 +47,11 @@ def verify(request: HookRequest, now: float) -> None:
 
 
 def _project(payload: dict[str, Any]) -> str:
-    project = payload.get("project") or {}
-    if isinstance(project, dict) and project.get("path_with_namespace"):
-        return str(project["path_with_namespace"])
+    named = field_of(payload, "project", "path_with_namespace")
+    if named:
+        return str(named)
     return str(
-        payload.get("project_name") or (payload.get("repository") or {}).get("name") or "?"
+        payload.get("project_name") or field_of(payload, "repository", "name") or "?"
     ).replace(" / ", "/")
 
 
@@ -82,7 +83,7 @@ def parse(request: HookRequest) -> list[HookMessage]:
     event = request.headers.get("x-gitlab-event", "")
     payload = obj(request.payload, "body")
     kind = payload.get("object_kind")
-    user = (payload.get("user") or {}).get("username") or ""
+    user = text_field(field_of(payload, "user", "username"), "user.username")
     by = f" by {user}" if user else ""
     if event == "Pipeline Hook" or kind == "pipeline":
         attrs = obj(payload.get("object_attributes"), "object_attributes")

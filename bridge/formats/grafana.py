@@ -62,13 +62,14 @@ def verify(request: HookRequest, now: float) -> None:
     signed = request.body
     if route.timestamp_header:
         stamp = request.headers.get(route.timestamp_header, "")
-        if not stamp.isdigit():
+        if not (stamp.isascii() and stamp.isdigit()):  # "²".isdigit() is True
             raise Unauthorized(f"missing or malformed {route.timestamp_header}")
         if abs(now - int(stamp)) > route.max_timestamp_skew:
             raise Unauthorized(f"{route.timestamp_header} too far from now (replay?)")
         signed = stamp.encode() + b":" + request.body
     expected = hmac.new(route.secret.encode(), signed, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, signature.strip().lower()):
+    # bytes: compare_digest raises TypeError on a str with non-ASCII (headers are latin-1)
+    if not hmac.compare_digest(expected.encode(), signature.strip().lower().encode("latin-1")):
         raise Unauthorized(f"{route.signature_header} does not match the body")
 
 

@@ -1,0 +1,165 @@
+"""HTTP connection limits: header size, header-read time and concurrency, read live.
+
+uvicorn 0.54 with httptools (its parser whenever httptools is installed, as here) arms
+no timer on a new connection until a first response is sent, and httptools takes
+headers of any size: a client trickling headers held a connection for 71 s, and 4 MB
+of headers were parsed and served. This protocol is uvicorn's httptools protocol with
+three additions, each answered in the bridge's JSON error shape:
+
+- `http.header_timeout`: the request line and headers must arrive within it, from the
+  connection's start or the first byte of the next request on a kept-alive one: 408.
+- `http.max_header_bytes`: request line and headers together: 431.
+- `http.max_concurrency`: open connections and requests in flight; beyond it 503
+  (never 429: webhook senders retry 5xx and drop 4xx). uvicorn's own check counts the
+  same things but answers text/plain.
+
+Every connection reads the limits in force when it is made, so SIGHUP applies them
+to new connections. `http.keep_alive_timeout` is uvicorn's idle time between requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from bridge.config import LiveConfig
+
+log = logging.getLogger(__name__)
+
+
+def _body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+def refusal_app(status: int, message: str) -> Any:
+    """An ASGI app answering `status` with a JSON error and closing the connection."""
+    body = _body(message)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits above; `live` is set per server."""
+
+    live: LiveConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        limits = self.live.current.http
+        self.max_header_bytes = limits.max_header_bytes
+        self.header_timeout = limits.header_timeout
+        self.max_concurrency = limits.max_concurrency
+        self.timeout_keep_alive = limits.keep_alive_timeout  # type: ignore[assignment]
+        self.limit_concurrency = None  # ours answers in JSON; uvicorn's would be text
+        self.reading_headers = True
+        self.header_bytes = 0  # what arrived since the current request began
+        self.header_size = 0  # request line and headers as parsed
+        self.header_timer: asyncio.TimerHandle | None = None
+
+    # -- time ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        if self.header_timer is None:
+            self.header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self.header_timer = None
+        if self.transport.is_closing():
+            return
+        log.info("HTTP client %s too slow to send its headers: closed", self.client)
+        if self.cycle is None or self.cycle.response_complete:
+            self._refuse(408, f"request headers not received within {self.header_timeout:g}s")
+        else:
+            self.transport.close()
+
+    # -- size ------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self.reading_headers:
+            self._arm_header_timer()  # first byte of a request on a kept-alive connection
+            self.header_bytes += len(data)
+        super().data_received(data)
+        # Headers still incomplete past the limit: httptools would keep buffering.
+        if (
+            self.reading_headers
+            and self.header_bytes > self.max_header_bytes
+            and not self.transport.is_closing()
+        ):
+            self._refuse(431, f"request headers larger than {self.max_header_bytes} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.header_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        self.header_size += len(url) + 16  # method, version, line end
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)
+        self.header_size += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        self.reading_headers = False
+        limit = self.max_concurrency
+        if self.header_size > self.max_header_bytes:  # arrived whole, in one read
+            self.app = refusal_app(
+                431, f"request headers larger than {self.max_header_bytes} bytes"
+            )
+        elif len(self.connections) > limit or len(self.tasks) >= limit:
+            log.warning("HTTP overloaded (%d connections): 503", len(self.connections))
+            self.app = refusal_app(503, f"overloaded: more than {limit} requests; retry")
+        else:
+            self.app = self.config.loaded_app
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.reading_headers = True
+        self.header_bytes = 0
+
+    def _refuse(self, status: int, message: str) -> None:
+        body = _body(message)
+        head = (
+            f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+            "content-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        self.transport.close()
+
+
+def limited_protocol(live: LiveConfig) -> type[LimitedHttpProtocol]:
+    """The protocol class for one server, reading limits from `live`."""
+    return type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"live": live})
