@@ -93,8 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bridge.formats import template_problems
             from bridge.templates import render
 
-            if problems := template_problems(config.routes, render):
+            warnings: list[tuple[str, str]] = []
+            if problems := template_problems(config.routes, render, warnings):
                 raise ConfigError(problems)
+            for key, why in warnings:
+                print(f"warning: {key}: {why}", file=sys.stderr)
     except ConfigError as exc:
         _print_problems(exc)
         return 1

@@ -459,6 +459,16 @@ class Store:
         )
 
     # -- queries -----------------------------------------------------------------------
+    async def heartbeat(self, now: float) -> None:
+        """Rewrite the one heartbeat row and commit: the readiness probe's real write."""
+        await self.write(
+            lambda db: db.execute(
+                "INSERT INTO heartbeat (id, at) VALUES (1, ?)"
+                " ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                [now],
+            )
+        )
+
     async def get(self, message_id: int) -> Message | None:
         row = await self.read(
             lambda c: c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
