@@ -24,6 +24,7 @@ from bridge.config import (
 )
 from bridge.errors import ConfigError, ProviderError, StoreUnavailable
 from bridge.logs import setup_logging
+from bridge.models import State
 
 log = logging.getLogger("bridge")
 
@@ -54,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     check = with_config(sub.add_parser("check-config", help="validate a config file"))
     check.add_argument("file", nargs="?", help="the file (instead of --config)")
     messages = with_config(sub.add_parser("messages", help="list stored messages"))
-    messages.add_argument("--status", "--state", dest="state")
-    messages.add_argument("--reason", help="duplicate, storm, loop or budget")
+    messages.add_argument("--status", "--state", dest="state", choices=[str(s) for s in State])
+    messages.add_argument("--reason", choices=["duplicate", "storm", "loop", "budget"])
     messages.add_argument("--route", help="messages from this webhook route")
     messages.add_argument("--limit", type=int, default=50)
     messages.add_argument("--json", action="store_true")
@@ -172,9 +173,32 @@ def _run_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_store(config: Config) -> str | None:
+    """The store file the commands read, said on stderr; None (and why) if there is none.
+
+    The commands find the store as `serve` does: `store.path` from `--config`, else
+    `$SMS_BRIDGE_CONFIG`, else `$SMS_BRIDGE_STORE_PATH`, else `sms-bridge.db` in the
+    current directory. Opening a missing file would create an empty store and list
+    nothing, which reads as "no messages": refuse instead.
+    """
+    path = os.path.abspath(config.store.path)
+    if config.store.path == ":memory:" or os.path.isfile(path):
+        print(f"store: {path}", file=sys.stderr)
+        return config.store.path
+    print(
+        f"store {path}: no such file (store.path = {config.store.path!r} from "
+        f"{config.source}, relative to {os.getcwd()}). Run this where `sms-bridge serve` "
+        "runs, or give the same --config / SMS_BRIDGE_CONFIG / SMS_BRIDGE_STORE_PATH.",
+        file=sys.stderr,
+    )
+    return None
+
+
 async def _messages(config: Config, args: argparse.Namespace) -> int:
     from bridge.store import Store
 
+    if _existing_store(config) is None:
+        return 1
     store = Store(config.store.path)
     await store.open()
     try:
@@ -213,6 +237,8 @@ async def _maintain(config: Config, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"--older-than: {exc}", file=sys.stderr)
         return 2
+    if _existing_store(config) is None:
+        return 1
     store = Store(config.store.path)
     await store.open()
     try:
@@ -223,8 +249,12 @@ async def _maintain(config: Config, args: argparse.Namespace) -> int:
         chosen = await store.retry(None if args.failed else args.ids, now)
     finally:
         await store.close()
+    from bridge.dispatcher import IDLE_WAIT
+
     missing = sorted(set(args.ids) - set(chosen))
     print(f"queued again: {', '.join(map(str, chosen)) or 'none'}")
+    if chosen:  # this process only wrote the store: the running serve finds them on its own
+        print(f"a running `sms-bridge serve` sends them within {IDLE_WAIT:.0f} s")
     if missing:
         print(f"not failed (left alone): {', '.join(map(str, missing))}", file=sys.stderr)
     return 0 if not missing else 1
@@ -236,6 +266,16 @@ async def _provider(config: Config, args: argparse.Namespace) -> int:
     if args.action == "calculate" and (not args.to or not args.message):
         print("calculate needs --to NUMBER (repeatable) and --message TEXT", file=sys.stderr)
         return 2
+    if config.uses_sandbox:
+        print(
+            "note: provider.base_url is empty, so this command asks a fresh in-process sandbox "
+            "of its own, not the one inside a running `sms-bridge serve`: it has sent nothing "
+            "and its logs are empty. See what serve sent with `sms-bridge messages` or "
+            "GET /api/v1/messages. To share one sandbox, run `sms-bridge sandbox` and give "
+            "both SMS_BRIDGE_PROVIDER_BASE_URL=http://127.0.0.1:8099/api/v1 and "
+            "SMS_BRIDGE_PROVIDER_API_KEY=sandbox-key.",
+            file=sys.stderr,
+        )
     async with open_provider(config, clock=SystemClock()) as (_, client, _sandbox):
         try:
             if args.action == "balance":
