@@ -160,6 +160,9 @@ class SmtpHandler:
         try:
             self.resolve(address)
         except PhoneError as exc:
+            local = address.rpartition("@")[0]
+            if any(c.isalpha() for c in local):  # a name, not a number: a group typo
+                return f"550 5.1.1 <{address}>: no group named {local!r} in [groups]"
             return f"550 5.1.1 <{address}>: {exc}"
         except InputError as exc:
             if exc.field == "domain":
