@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -133,3 +134,20 @@ def test_provider_command_on_the_sandbox_says_it_is_a_sandbox_of_its_own(tmp_pat
     assert logs.returncode == 0, logs.stderr
     assert "fresh in-process sandbox of its own" in logs.stderr
     assert "sms-bridge sandbox" in logs.stderr
+
+
+async def test_retry_says_when_the_running_serve_sends(tmp_path) -> None:
+    from bridge.clock import SystemClock
+    from bridge.models import NewMessage, State
+    from bridge.store import Store
+
+    store = Store(tmp_path / "sms-bridge.db")
+    await store.open()
+    now = SystemClock().now()
+    message = NewMessage("+12025550143", "hi", "http", "SMS", 1, 1, state=State.FAILED)
+    [mid] = await store.write(lambda db: Store.insert_messages(db, [message], now))
+    await store.close()
+    result = await asyncio.to_thread(run, "retry", str(mid), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"queued again: {mid}" in result.stdout
+    assert "a running `sms-bridge serve` sends them within 30 s" in result.stdout

@@ -356,3 +356,14 @@ async def test_the_jenkins_recipe_texts_a_jenkins_notification(
         texts = {(await bridge.store.get(i)).text for i in response.json()["ids"]}
     assert texts == {"Jenkins nightly #42: FAILURE"}
     assert len(response.json()["ids"]) == 2  # the oncall group's two phones
+
+
+def test_senders_are_pointed_at_an_address_the_bridge_serves() -> None:
+    """No plain-HTTP address the bridge does not listen on: https (the TLS proxy), the
+    loopback, or the host of the "listening on the network directly" setting."""
+    text = RECIPES.read_text(encoding="utf-8")
+    for url in re.findall(r"https?://[^\s`)\"'>]+", text):
+        assert url.startswith(("https://", "http://127.0.0.1:", "http://THIS-HOST:")), url
+    reach = section_of(RECIPES, "Reaching the bridge from other hosts")
+    assert 'listen = "0.0.0.0:8080"' in reach and "[tokens." in reach
+    assert "reverse_proxy 127.0.0.1:8080" in reach  # TLS in front of the loopback bridge
