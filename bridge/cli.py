@@ -173,8 +173,8 @@ def _run_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
-def _existing_store(config: Config) -> str | None:
-    """The store file the commands read, said on stderr; None (and why) if there is none.
+def _store_exists(config: Config) -> bool:
+    """Whether the store file the commands read exists; says which file (or why not) on stderr.
 
     The commands find the store as `serve` does: `store.path` from `--config`, else
     `$SMS_BRIDGE_CONFIG`, else `$SMS_BRIDGE_STORE_PATH`, else `sms-bridge.db` in the
@@ -184,20 +184,20 @@ def _existing_store(config: Config) -> str | None:
     path = os.path.abspath(config.store.path)
     if config.store.path == ":memory:" or os.path.isfile(path):
         print(f"store: {path}", file=sys.stderr)
-        return config.store.path
+        return True
     print(
         f"store {path}: no such file (store.path = {config.store.path!r} from "
         f"{config.source}, relative to {os.getcwd()}). Run this where `sms-bridge serve` "
         "runs, or give the same --config / SMS_BRIDGE_CONFIG / SMS_BRIDGE_STORE_PATH.",
         file=sys.stderr,
     )
-    return None
+    return False
 
 
 async def _messages(config: Config, args: argparse.Namespace) -> int:
     from bridge.store import Store
 
-    if _existing_store(config) is None:
+    if not _store_exists(config):
         return 1
     store = Store(config.store.path)
     await store.open()
@@ -227,6 +227,7 @@ async def _messages(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _maintain(config: Config, args: argparse.Namespace) -> int:
+    from bridge.dispatcher import IDLE_WAIT
     from bridge.store import Store
 
     if args.command == "retry" and not (args.ids or args.failed):
@@ -237,7 +238,7 @@ async def _maintain(config: Config, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"--older-than: {exc}", file=sys.stderr)
         return 2
-    if _existing_store(config) is None:
+    if not _store_exists(config):
         return 1
     store = Store(config.store.path)
     await store.open()
@@ -249,8 +250,6 @@ async def _maintain(config: Config, args: argparse.Namespace) -> int:
         chosen = await store.retry(None if args.failed else args.ids, now)
     finally:
         await store.close()
-    from bridge.dispatcher import IDLE_WAIT
-
     missing = sorted(set(args.ids) - set(chosen))
     print(f"queued again: {', '.join(map(str, chosen)) or 'none'}")
     if chosen:  # this process only wrote the store: the running serve finds them on its own
