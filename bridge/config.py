@@ -8,7 +8,6 @@ as `<key>_file` naming a file to read (systemd credentials, Docker secrets).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import ipaddress
 import os
 import re
@@ -20,8 +19,8 @@ from typing import Any
 
 import phonenumbers
 
-from bridge.errors import ConfigError
-from bridge.phone import PhoneError, normalise_number
+from bridge.errors import ConfigError, InputError
+from bridge.firewall import SENDER_ID_RULE, Firewall, valid_sender_id
 
 ENV_PREFIX = "SMS_BRIDGE_"
 DEFAULT_SMTP_LISTEN = "127.0.0.1:2525"
@@ -83,12 +82,14 @@ class BudgetConfig:
     on_exceeded: str = _opt("wait")  # wait (until the next day) | fail
     admin: tuple[str, ...] = _opt([])  # numbers or groups warned once a day
     low_balance: float = _opt(0.0)  # warn the admin when the balance falls below
+    cost_per_day: float = _opt(0.0)  # estimated spend per UTC day, provider's currency; 0 = no cap
 
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
     listen: str = _opt(DEFAULT_HTTP_LISTEN)
     max_body_bytes: int = _opt(ONE_MIB)
+    max_recipients: int = _opt(100)  # recipients one API or hook request may name; 0 = no cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,7 @@ class ProviderConfig:
     backoff_max: float = _opt(600.0, "duration")
     auth_probe_interval: float = _opt(30.0, "duration")
     arabic_type: int = _opt(2)  # message_type for Arabic script: 2 (Unicode) or 4
+    allowed_sender_ids: tuple[str, ...] = _opt([])  # callers may ask for; [] = only sender_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,8 @@ class StoreConfig:
 class PhoneConfig:
     require_valid: bool = _opt(False)
     default_region: str = _opt("")
+    allowed_countries: tuple[str, ...] = _opt([])  # ISO 3166 codes; [] = any country
+    allow_premium: bool = _opt(False)  # premium, shared-cost, international-network numbers
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +183,7 @@ class RouteConfig:
     sender_id: str = _opt("")  # "" = provider.sender_id
     dedupe_window: float = _opt(-1.0, "duration")  # -1 = dedupe.window
     max_texts_per_day: int = _opt(0)  # 0 = no cap for this route
+    allow_payload_to: bool = _opt(False)  # may the payload's to_path and ?to= add recipients
 
 
 SCOPES = ("send", "read", "admin", "metrics")
@@ -518,7 +523,7 @@ def _validate(config: Config, loader: _Loader) -> None:
     if smtp.compose == "template" and not smtp.template:
         problem("smtp.template", 'required when smtp.compose = "template"')
     if smtp.sender_id and not valid_sender_id(smtp.sender_id):
-        problem("smtp.sender_id", "up to 11 letters, digits or spaces with a letter, or 15 digits")
+        problem("smtp.sender_id", SENDER_ID_RULE)
     for region_key, region in [
         ("smtp.default_region", smtp.default_region),
         ("phone.default_region", config.phone.default_region),
@@ -535,12 +540,6 @@ def _validate(config: Config, loader: _Loader) -> None:
         problem("budget.on_exceeded", "must be wait or fail")
     if b.texts_per_day < 0 or b.parts_per_day < 0:
         problem("budget.texts_per_day", "caps must be 0 (off) or more")
-    for index, target in enumerate(b.admin):
-        if target not in config.groups:
-            try:
-                normalise_number(target, default_region=config.phone.default_region or None)
-            except PhoneError as exc:
-                problem(f"budget.admin[{index}]", f"neither a group nor a number: {exc}")
     if not 1 <= config.limits.max_parts <= 10:
         problem("limits.max_parts", "must be between 1 and 10")
     if config.smtp.listen and not config.smtp.domains:
@@ -557,10 +556,7 @@ def _validate(config: Config, loader: _Loader) -> None:
     if not 1 <= p.max_bulk <= 1000:
         problem("provider.max_bulk", "must be between 1 and 1000 (the provider's bulk limit)")
     if not valid_sender_id(p.sender_id):
-        problem(
-            "provider.sender_id",
-            "up to 11 letters, digits or spaces with at least one letter, or up to 15 digits",
-        )
+        problem("provider.sender_id", SENDER_ID_RULE)
     for key in ("pricing_path", "account_path", "calculate_path"):
         if not getattr(p, key).startswith("/"):
             problem(f"provider.{key}", "must start with /")
@@ -572,34 +568,61 @@ def _validate(config: Config, loader: _Loader) -> None:
         problem("log.level", "must be debug, info, warning or error")
     if config.log.format not in ("human", "json"):
         problem("log.format", "must be human or json")
-    for name, members in config.groups.items():
-        for index, member in enumerate(members):
-            try:
-                normalise_number(member, default_region=config.phone.default_region or None)
-            except PhoneError as exc:
-                problem(f"groups.{name}[{index}]", str(exc))
     for name, route in config.routes.items():
         key = f"routes.{name}"
         if bool(route.username) != bool(route.password):
             problem(f"{key}.username", "username and password go together (basic auth)")
         if route.format in ("github", "gitlab") and not route.secret:
             problem(f"{key}.secret", f"{route.format} webhooks must be authenticated by a secret")
-        if not route.to and route.format != "generic" and not route.allow_query_to:
-            problem(f"{key}.to", "no recipients: set to = [numbers or groups]")
+        if not route.to and not route.allow_payload_to and not route.allow_query_to:
+            problem(
+                f"{key}.to",
+                "no recipients: set to = [numbers or groups] (or allow_payload_to = true)",
+            )
         if route.sender_id and not valid_sender_id(route.sender_id):
-            problem(f"{key}.sender_id", "up to 11 letters, digits or spaces, or 15 digits")
+            problem(f"{key}.sender_id", SENDER_ID_RULE)
         for index, net in enumerate(route.allowed_networks):
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 problem(f"{key}.allowed_networks[{index}]", f"{net!r} is not a CIDR network")
-        for index, target in enumerate(route.to):
-            if target in config.groups:
-                continue
+    _validate_recipients(config, problem)
+
+
+def _validate_recipients(config: Config, problem: Callable[[str, str], None]) -> None:
+    """Phone rules, and every number the config names passes the same firewall as a
+    caller's: a config that texts a refused number is a config error, not a surprise."""
+    phone = config.phone
+    for index, country in enumerate(phone.allowed_countries):
+        if country.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            problem(
+                f"phone.allowed_countries[{index}]", f"{country!r} is not an ISO code such as US"
+            )
+    if config.http.max_recipients < 0:
+        problem("http.max_recipients", "must be 0 (no cap) or more")
+    if config.budget.cost_per_day < 0:
+        problem("budget.cost_per_day", "must be 0 (no cap) or more")
+    for index, sender_id in enumerate(config.provider.allowed_sender_ids):
+        if not valid_sender_id(sender_id):
+            problem(f"provider.allowed_sender_ids[{index}]", SENDER_ID_RULE)
+    firewall = Firewall.from_config(config)
+    for name, members in config.groups.items():
+        for index, member in enumerate(members):
             try:
-                normalise_number(target, default_region=config.phone.default_region or None)
-            except PhoneError as exc:
-                problem(f"routes.{name}.to[{index}]", f"neither a group nor a number: {exc}")
+                firewall.number(member)
+            except InputError as exc:
+                problem(f"groups.{name}[{index}]", str(exc))
+    named = [("budget.admin", config.budget.admin)] + [
+        (f"routes.{name}.to", route.to) for name, route in config.routes.items()
+    ]
+    for key, targets in named:
+        for index, target in enumerate(targets):
+            if target in config.groups:
+                continue  # its members are checked above
+            try:
+                firewall.number(target)
+            except InputError as exc:
+                problem(f"{key}[{index}]", f"neither a group nor an allowed number: {exc}")
 
 
 def _validate_tokens(config: Config, problem: Callable[[str, str], None]) -> None:
@@ -620,16 +643,6 @@ def _validate_tokens(config: Config, problem: Callable[[str, str], None]) -> Non
         for scope in spec.scopes:
             if scope not in SCOPES:
                 problem(f"{key}.scopes", f"{scope!r} is not one of {', '.join(SCOPES)}")
-
-
-@functools.lru_cache(maxsize=256)  # checked on every message; senders are few
-def valid_sender_id(sender_id: str) -> bool:
-    """Alphanumeric: 1-11 of A-Z a-z 0-9 space with a letter; numeric: up to 15 digits."""
-    if re.fullmatch(r"\+?\d{1,15}", sender_id):
-        return True
-    return bool(
-        re.fullmatch(r"[A-Za-z0-9 ]{1,11}", sender_id) and re.search(r"[A-Za-z]", sender_id)
-    )
 
 
 def load_config(

@@ -23,9 +23,11 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from bridge.config import Config, parse_listen
 from bridge.errors import InputError, StoreUnavailable
+from bridge.firewall import Firewall, RefusedNumber
 from bridge.ingest import Draft, Ingestor
 from bridge.mail import MailText, compose, parse_mail
-from bridge.phone import PhoneError, normalise_number
+from bridge.phone import PhoneError
+from bridge.policy import content_hash, dedupe_scope
 from bridge.sockets import bind_socket
 from bridge.templates import TemplateError, render
 
@@ -90,6 +92,7 @@ class SmtpHandler:
             ipaddress.ip_network(n, strict=False) for n in config.smtp.allowed_networks
         ]
         self.groups = {name.lower(): name for name in config.groups}
+        self.firewall = Firewall.from_config(config)
 
     # -- who may send --------------------------------------------------------------------
     def _client_allowed(self, session: Session) -> bool:
@@ -136,16 +139,7 @@ class SmtpHandler:
         group = self.groups.get(local.lower())
         region = self.regions.get(domain) or self.config.smtp.default_region or None
         members = self.config.groups[group] if group else [local]
-        numbers = []
-        for member in members:
-            numbers.append(
-                normalise_number(
-                    member,
-                    default_region=region or self.config.phone.default_region or None,
-                    require_valid=self.config.phone.require_valid,
-                )
-            )
-        return numbers
+        return [self.firewall.number(member, region=region) for member in members]
 
     async def handle_RCPT(
         self,
@@ -164,6 +158,8 @@ class SmtpHandler:
             if any(c.isalpha() for c in local):  # a name, not a number: a group typo
                 return f"550 5.1.1 <{address}>: no group named {local!r} in [groups]"
             return f"550 5.1.1 <{address}>: {exc}"
+        except RefusedNumber as exc:  # a possible number this bridge may not text
+            return f"550 5.7.1 <{address}>: {exc}"
         except InputError as exc:
             if exc.field == "domain":
                 return f"550 5.7.1 <{address}>: {exc.message}"
@@ -215,7 +211,8 @@ class SmtpHandler:
             text=text,
             source="smtp",
             sender_id=self.config.smtp.sender_id or self.config.provider.sender_id,
-            dedupe_key=f"message-id:{mail.message_id}" if mail.message_id else None,
+            scope=dedupe_scope("mail"),
+            dedupe_key=mail_dedupe_key(mail),
             suppressed_reason=mail.loop_reason,
             topic=mail.subject[:32] or None,
         )
@@ -228,6 +225,14 @@ class SmtpHandler:
         if mail.loop_reason:
             log.info("mail stored as suppressed (%s): %s", mail.loop_reason, ids)
         return f"250 2.0.0 OK: stored as message {ids}"
+
+
+def mail_dedupe_key(mail: MailText) -> str | None:
+    """A resend is the same Message-ID *and* the same content: cheap devices and test
+    fixtures give different mails one Message-ID, and each of them must be texted."""
+    if not mail.message_id:
+        return None  # the text is the key
+    return f"message-id:{mail.message_id}:{content_hash(mail.sender, mail.subject, mail.body)}"
 
 
 class Authenticator:

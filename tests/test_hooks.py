@@ -54,7 +54,7 @@ secret = "gl-token"
 format = "generic"
 username = "script"
 password = "pa55"
-allow_query_to = true
+allow_payload_to = true
 """
 
 

@@ -1,7 +1,8 @@
 """GitHub webhooks: workflow_run, check_suite and deployment_status; ping answers 200.
 
 `X-Hub-Signature-256` (HMAC-SHA256 of the raw body with the route's secret) is required;
-`X-GitHub-Delivery` is the dedupe key, so GitHub's redeliveries text nobody twice. By
+a hash of the signed body is the dedupe key, so neither GitHub's redeliveries nor a
+replayed body under a new `X-GitHub-Delivery` text anybody twice. By
 default only failures are texted; `conclusions` and `branches` change that per route.
 """
 
@@ -20,6 +21,7 @@ from bridge.formats import (
     obj,
     text_field,
 )
+from bridge.policy import content_hash
 
 DEFAULT_CONCLUSIONS = ("failure", "timed_out", "startup_failure")
 DEFAULT_DEPLOYMENT_STATES = ("failure", "error")
@@ -107,12 +109,14 @@ def parse(request: HookRequest) -> list[HookMessage]:
             text += f": {text_field(description, 'deployment_status.description')}"
     else:
         raise Ignored(f"event {event or '(none)'} is not texted")
-    delivery = request.headers.get("x-github-delivery")
     return [
         HookMessage(
             text=text,
             context={"event": event, **payload},
-            dedupe_key=f"github:{delivery}" if delivery else None,
+            # The signed body, not X-GitHub-Delivery (which the signature does not cover):
+            # a redelivery repeats both, while a replayed body under a new delivery id
+            # would otherwise text again.
+            dedupe_key=f"github:{content_hash(request.body)}",
             topic=f"{repo} {event}",
         )
     ]
