@@ -1,9 +1,13 @@
 # syntax=docker/dockerfile:1
 # sms-bridge: two stages, a build stage that makes a wheel and a slim runtime.
 #   docker build -t sms-bridge .
-#   docker run -p 2525:2525 -p 8080:8080 -v sms-bridge:/data sms-bridge
-# Configure with a file (-v ./config.toml:/etc/sms-bridge/config.toml:ro) or with
-# SMS_BRIDGE_<SECTION>_<KEY> environment variables; secrets as *_FILE (Docker secrets).
+#   docker run -p 127.0.0.1:2525:2525 -p 127.0.0.1:8080:8080 -v sms-bridge:/data sms-bridge
+# The bridge reads /etc/sms-bridge/config.toml (SMS_BRIDGE_CONFIG); the image's own is
+# docker/config.toml. Mount yours over it (it replaces the image's whole):
+#   --mount type=bind,src="$PWD/config.toml",dst=/etc/sms-bridge/config.toml,readonly
+# and secrets as files its *_file keys name:
+#   --mount type=bind,src="$PWD/secrets",dst=/run/secrets,readonly
+# Single keys: -e SMS_BRIDGE_<SECTION>_<KEY>. See docs/recipes.md, "Docker".
 
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
@@ -18,11 +22,10 @@ RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin sms-
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 
+COPY docker/config.toml /etc/sms-bridge/config.toml
+# Only the file's location here: a key set by ENV would win over a mounted file's value.
 ENV PYTHONUNBUFFERED=1 \
-    SMS_BRIDGE_STORE_PATH=/data/sms-bridge.db \
-    SMS_BRIDGE_SMTP_LISTEN=0.0.0.0:2525 \
-    SMS_BRIDGE_HTTP_LISTEN=0.0.0.0:8080 \
-    SMS_BRIDGE_LOG_FORMAT=json
+    SMS_BRIDGE_CONFIG=/etc/sms-bridge/config.toml
 VOLUME ["/data"]
 WORKDIR /data
 USER sms-bridge

@@ -25,6 +25,7 @@ from bridge.config import (
 )
 from bridge.errors import ConfigError, ProviderError, StoreUnavailable
 from bridge.logs import setup_logging
+from bridge.models import State
 
 if TYPE_CHECKING:  # imported where used: each command loads only what it needs
     from bridge.store import Store
@@ -61,8 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     check = with_config(sub.add_parser("check-config", help="validate a config file"))
     check.add_argument("file", nargs="?", help="the file (instead of --config)")
     messages = with_config(sub.add_parser("messages", help="list stored messages"))
-    messages.add_argument("--status", "--state", dest="state")
-    messages.add_argument("--reason", help="duplicate, storm, loop, budget or unknown")
+    messages.add_argument("--status", "--state", dest="state", choices=[str(s) for s in State])
+    messages.add_argument(
+        "--reason",
+        choices=["duplicate", "storm", "loop", "budget", "unknown", "provider-error", "cancelled"],
+    )
     messages.add_argument("--route", help="messages from this webhook route")
     messages.add_argument("--limit", type=int, default=50)
     messages.add_argument("--json", action="store_true")
@@ -100,8 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bridge.formats import template_problems
             from bridge.templates import render
 
-            if problems := template_problems(config.routes, render):
+            warnings: list[tuple[str, str]] = []
+            if problems := template_problems(config.routes, render, warnings):
                 raise ConfigError(problems)
+            for key, why in warnings:
+                print(f"warning: {key}: {why}", file=sys.stderr)
     except ConfigError as exc:
         _print_problems(exc)
         return 1
@@ -182,9 +189,32 @@ def _run_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_exists(config: Config) -> bool:
+    """Whether the store file the commands read exists; says which file (or why not) on stderr.
+
+    The commands find the store as `serve` does: `store.path` from `--config`, else
+    `$SMS_BRIDGE_CONFIG`, else `$SMS_BRIDGE_STORE_PATH`, else `sms-bridge.db` in the
+    current directory. Opening a missing file would create an empty store and list
+    nothing, which reads as "no messages": refuse instead.
+    """
+    path = os.path.abspath(config.store.path)
+    if config.store.path == ":memory:" or os.path.isfile(path):
+        print(f"store: {path}", file=sys.stderr)
+        return True
+    print(
+        f"store {path}: no such file (store.path = {config.store.path!r} from "
+        f"{config.source}, relative to {os.getcwd()}). Run this where `sms-bridge serve` "
+        "runs, or give the same --config / SMS_BRIDGE_CONFIG / SMS_BRIDGE_STORE_PATH.",
+        file=sys.stderr,
+    )
+    return False
+
+
 async def _messages(config: Config, args: argparse.Namespace) -> int:
     from bridge.store import Store
 
+    if not _store_exists(config):
+        return 1
     store = Store(config.store.path)
     await store.open()
     try:
@@ -213,6 +243,7 @@ async def _messages(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _maintain(config: Config, args: argparse.Namespace) -> int:
+    from bridge.dispatcher import IDLE_WAIT
     from bridge.store import Store
 
     if args.command == "retry" and not (args.ids or args.failed):
@@ -223,6 +254,8 @@ async def _maintain(config: Config, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"--older-than: {exc}", file=sys.stderr)
         return 2
+    if not _store_exists(config):
+        return 1
     store = Store(config.store.path)
     await store.open()
     try:
@@ -235,6 +268,8 @@ async def _maintain(config: Config, args: argparse.Namespace) -> int:
         await store.close()
     missing = sorted(set(args.ids) - set(chosen))
     print(f"queued again: {', '.join(map(str, chosen)) or 'none'}")
+    if chosen:  # this process only wrote the store: the running serve finds them on its own
+        print(f"a running `sms-bridge serve` sends them within {IDLE_WAIT:.0f} s")
     if missing:
         print(f"not failed (left alone): {', '.join(map(str, missing))}", file=sys.stderr)
     return 0 if not missing else 1
@@ -276,6 +311,16 @@ async def _provider(config: Config, args: argparse.Namespace, shared: bool) -> i
     if args.action == "calculate" and (not args.to or not args.message):
         print("calculate needs --to NUMBER (repeatable) and --message TEXT", file=sys.stderr)
         return 2
+    if config.uses_sandbox:
+        print(
+            "note: provider.base_url is empty, so this command asks a fresh in-process sandbox "
+            "of its own, not the one inside a running `sms-bridge serve`: it has sent nothing "
+            "and its logs are empty. See what serve sent with `sms-bridge messages` or "
+            "GET /api/v1/messages. To share one sandbox, run `sms-bridge sandbox` and give "
+            "both SMS_BRIDGE_PROVIDER_BASE_URL=http://127.0.0.1:8099/api/v1 and "
+            "SMS_BRIDGE_PROVIDER_API_KEY=sandbox-key.",
+            file=sys.stderr,
+        )
     clock = SystemClock()
     if not shared:
         return await _provider_call(config, args, None, clock)

@@ -446,6 +446,7 @@ class _Loader:
         raw: object,
         *,
         env: bool = True,
+        env_prefix: str | None = None,
         fixed: dict[str, Any] | None = None,
     ) -> Any:
         fixed = fixed or {}
@@ -460,7 +461,8 @@ class _Loader:
                 self.problem(f"{name}.{key}", "unknown key")
         for fname, spec in known.items():
             kind = spec.metadata.get("kind", "")
-            env_name = f"{ENV_PREFIX}{name.upper()}_{fname.upper()}" if env else "\0"
+            prefix = f"{ENV_PREFIX}{name.upper()}_" if env_prefix is None else env_prefix
+            env_name = f"{prefix}{fname.upper()}" if env else "\0"
             value: object = dataclasses.MISSING
             origin = f"{name}.{fname}"
             try:
@@ -520,12 +522,40 @@ class _Loader:
                 self.problem(f"routes.{name}", "a route name is letters, digits, _ . - only")
                 continue
             route = self.section(
-                f"routes.{name}", RouteConfig, table, env=False, fixed={"name": name}
+                f"routes.{name}",
+                RouteConfig,
+                table,
+                env_prefix=route_env_prefix(name),
+                fixed={"name": name},
             )
             if route.format not in ROUTE_FORMATS:
                 self.problem(f"routes.{name}.format", f"must be one of {', '.join(ROUTE_FORMATS)}")
             routes[name] = route
+        self._unused_route_env(routes)
         return routes
+
+    def _unused_route_env(self, routes: Mapping[str, RouteConfig]) -> None:
+        """An override that names no route or no key is a typo: say so, never ignore it."""
+        keys = {f.name.upper() for f in dataclasses.fields(RouteConfig) if f.name != "name"}
+        for env_name in self.env:
+            if not env_name.startswith(f"{ENV_PREFIX}ROUTES_"):
+                continue
+            rests = [
+                env_name.removeprefix(route_env_prefix(name))
+                for name in routes
+                if env_name.startswith(route_env_prefix(name))
+            ]
+            if any(rest.removesuffix("_FILE") in keys for rest in rests):
+                continue
+            if rests:
+                self.problem(env_name, "no such route key (see config.example.toml)")
+            else:
+                known = ", ".join(sorted(routes)) or "none"
+                self.problem(
+                    env_name,
+                    "names no route in the config file (routes: "
+                    f"{known}); the environment overrides a route's keys, it cannot add a route",
+                )
 
     def tokens(self, raw: object) -> dict[str, TokenConfig]:
         if not isinstance(raw, dict):
@@ -542,6 +572,11 @@ class _Loader:
                 f"tokens.{name}", TokenConfig, table, env=False, fixed={"name": name}
             )
         return tokens
+
+
+def route_env_prefix(name: str) -> str:
+    """`SMS_BRIDGE_ROUTES_<NAME>_`: the name upper-cased, `-` and `.` as `_`."""
+    return f"{ENV_PREFIX}ROUTES_{re.sub(r'[.-]', '_', name).upper()}_"
 
 
 def _validate(config: Config, loader: _Loader) -> None:

@@ -96,6 +96,13 @@ def _unknown_resends(db: Database) -> None:
     db.execute("ALTER TABLE messages ADD COLUMN unknown_resends INTEGER NOT NULL DEFAULT 0")
 
 
+@migrations(name="0005_readiness_heartbeat")
+def _heartbeat(db: Database) -> None:
+    # One row /readyz rewrites: its probe is a real write, so a disk that refuses writes
+    # turns readiness red as it turns POST into 503 (an empty transaction wrote nothing).
+    db.execute("CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL)")
+
+
 # Columns an ingest sets; the rest keep their defaults. Rows per INSERT statement: 19
 # parameters each stays under SQLite's oldest variable limit (999).
 INSERT_COLUMNS = (

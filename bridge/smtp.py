@@ -205,6 +205,9 @@ class SmtpHandler:
         try:
             self.resolve(address)
         except PhoneError as exc:
+            local = address.rpartition("@")[0]
+            if any(c.isalpha() for c in local):  # a name, not a number: a group typo
+                return f"550 5.1.1 <{address}>: no group named {local!r} in [groups]"
             return f"550 5.1.1 <{address}>: {exc}"
         except RefusedNumber as exc:  # a possible number this bridge may not text
             return f"550 5.7.1 <{address}>: {exc}"

@@ -528,6 +528,16 @@ class Store:
         )
 
     # -- queries -----------------------------------------------------------------------
+    async def heartbeat(self, now: float) -> None:
+        """Rewrite the one heartbeat row and commit: the readiness probe's real write."""
+        await self.write(
+            lambda db: db.execute(
+                "INSERT INTO heartbeat (id, at) VALUES (1, ?)"
+                " ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                [now],
+            )
+        )
+
     async def get(self, message_id: int) -> Message | None:
         if not 0 < message_id <= MAX_ROW_ID:
             return None  # no such row, and SQLite could not even bind the number

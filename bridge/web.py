@@ -358,7 +358,7 @@ def create_app(
     async def readyz(request: Request) -> Response:
         problems: dict[str, str] = {}
         try:
-            await store.write(lambda db: None)  # BEGIN IMMEDIATE: the write lock is ours
+            await store.heartbeat(clock.now())  # a real write: a full disk fails it
         except StoreUnavailable as exc:
             problems["store"] = str(exc)
         if not health.ready:

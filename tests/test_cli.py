@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -107,5 +108,46 @@ def test_a_store_that_cannot_be_opened_is_a_clear_error(tmp_path) -> None:
         env["SMS_BRIDGE_HTTP_LISTEN"] = f"127.0.0.1:{free_port()}"
         result = run(*command, cwd=tmp_path, env=env)
         assert result.returncode == 1, command
-        assert f"store {blocker / 'bridge.db'}: cannot create" in result.stderr
+        # serve tries to create it; the reading commands refuse to create an empty store
+        why = "cannot create" if command == ["serve"] else "no such file"
+        assert f"store {blocker / 'bridge.db'}: {why}" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_reading_commands_say_which_store_and_never_create_an_empty_one(tmp_path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    missing = run("messages", cwd=elsewhere)
+    assert missing.returncode == 1
+    assert f"store {elsewhere / 'sms-bridge.db'}: no such file" in missing.stderr
+    assert "where `sms-bridge serve` runs" in missing.stderr
+    assert not (elsewhere / "sms-bridge.db").exists()
+    assert run("retry", "--failed", cwd=elsewhere).returncode == 1
+    assert not (elsewhere / "sms-bridge.db").exists()
+
+    bad = run("messages", "--status", "bogus", cwd=elsewhere)
+    assert bad.returncode == 2 and "invalid choice: 'bogus'" in bad.stderr
+
+
+def test_provider_command_on_the_sandbox_says_it_is_a_sandbox_of_its_own(tmp_path) -> None:
+    logs = run("provider", "logs", cwd=tmp_path)
+    assert logs.returncode == 0, logs.stderr
+    assert "fresh in-process sandbox of its own" in logs.stderr
+    assert "sms-bridge sandbox" in logs.stderr
+
+
+async def test_retry_says_when_the_running_serve_sends(tmp_path) -> None:
+    from bridge.clock import SystemClock
+    from bridge.models import NewMessage, State
+    from bridge.store import Store
+
+    store = Store(tmp_path / "sms-bridge.db")
+    await store.open()
+    now = SystemClock().now()
+    message = NewMessage("+12025550143", "hi", "http", "SMS", 1, 1, state=State.FAILED)
+    [mid] = await store.write(lambda db: Store.insert_messages(db, [message], now))
+    await store.close()
+    result = await asyncio.to_thread(run, "retry", str(mid), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"queued again: {mid}" in result.stdout
+    assert "a running `sms-bridge serve` sends them within 30 s" in result.stdout

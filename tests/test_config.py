@@ -277,3 +277,47 @@ def test_listener_limits_must_be_positive(tmp_path) -> None:
         "http.max_header_bytes",
         "http.header_timeout",
     }
+
+
+def test_route_keys_are_overridden_from_the_environment(tmp_path) -> None:
+    secret = tmp_path / "grafana.hmac"
+    secret.write_text("from-a-file\n")
+    path = write_config(
+        tmp_path,
+        """
+        [routes.alertmanager]
+        format = "alertmanager"
+        to = ["+12025550143"]
+        [routes.grafana-prod]
+        format = "grafana"
+        to = ["+12025550143"]
+    """,
+    )
+    env = {
+        "SMS_BRIDGE_ROUTES_ALERTMANAGER_TOKEN": "abc",
+        "SMS_BRIDGE_ROUTES_ALERTMANAGER_TO": "+12025550144,+12025550145",
+        "SMS_BRIDGE_ROUTES_GRAFANA_PROD_SECRET_FILE": str(secret),
+    }
+    config = load_config(path, env=env)
+    assert config.routes["alertmanager"].token == "abc"
+    assert config.routes["alertmanager"].to == ("+12025550144", "+12025550145")
+    assert config.routes["grafana-prod"].secret == "from-a-file"
+
+
+def test_a_route_override_naming_nothing_is_a_problem_not_silence(tmp_path) -> None:
+    path = write_config(
+        tmp_path, '[routes.alertmanager]\nformat = "alertmanager"\nto = ["+12025550143"]\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            path,
+            env={
+                "SMS_BRIDGE_ROUTES_ALERTMANGER_TOKEN": "typo-in-the-route",
+                "SMS_BRIDGE_ROUTES_ALERTMANAGER_TOKNE": "typo-in-the-key",
+            },
+        )
+    problems = dict(caught.value.problems)
+    assert "names no route" in problems["SMS_BRIDGE_ROUTES_ALERTMANGER_TOKEN"]
+    assert "alertmanager" in problems["SMS_BRIDGE_ROUTES_ALERTMANGER_TOKEN"]
+    assert "no such route key" in problems["SMS_BRIDGE_ROUTES_ALERTMANAGER_TOKNE"]
+    assert "typo" not in str(caught.value.problems)  # values (maybe secrets) never echoed

@@ -531,3 +531,37 @@ def test_grafana_legacy_route_match_is_on_the_rules_tags() -> None:
     assert message.text.startswith("[ALERTING] Disk usage /var") and message.dedupe_key is None
     with pytest.raises(Ignored, match="tags do not match"):
         grafana.parse(HookRequest(route=ticket, headers={}, body=b"", payload=payload))
+
+
+@pytest.mark.parametrize(
+    ("alerts", "truncated", "expected"),
+    [
+        (1, 29, "[FIRING:30] T a-1 +29"),  # Alertmanager's max_alerts = 1 of 30
+        (1, 2, "[FIRING:3] T a-1 +2"),
+        (2, 1, "[FIRING:3] T a-1, a-2 +1"),
+        (3, 0, "[FIRING:3] T a-1, a-2 +1"),
+        (2, 0, "[FIRING:2] T a-1, a-2"),
+    ],
+)
+async def test_truncated_alerts_are_counted_after_the_named_ones(
+    alerts: int, truncated: int, expected: str, tmp_path, clock, sandbox_url
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    body = json.dumps(
+        {
+            "status": "firing",
+            "truncatedAlerts": truncated,
+            "commonLabels": {"alertname": "T"},
+            "alerts": [
+                {"status": "firing", "labels": {"alertname": "T", "instance": f"a-{i}:9100"}}
+                for i in range(1, alerts + 1)
+            ],
+        }
+    ).encode()
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{url}/hooks/am", content=body, headers=auth_headers("am", body)
+        )
+        assert response.status_code == 202, response.text
+        stored = await bridge.store.get(response.json()["ids"][0])
+    assert stored is not None and stored.text == expected

@@ -331,6 +331,33 @@ async def test_store_unwritable_answers_503(tmp_path, clock: ManualClock, sandbo
         assert await bridge.store.counts() == {"queued": 1}
 
 
+async def test_readyz_turns_red_when_the_disk_refuses_writes(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """A full disk refuses every row written while BEGIN and COMMIT of an empty
+    transaction still pass. An SQLite authorizer that denies writes plays it on the
+    writer's own connection; /readyz must turn red with POST, not stay 200."""
+
+    def refuse_writes(action: int, *_: object) -> int:
+        writes = (sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE)
+        return sqlite3.SQLITE_DENY if action in writes else sqlite3.SQLITE_OK
+
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        assert (await http.get(f"{url}/readyz")).status_code == 200
+        await bridge.store.write(lambda db: db.conn.set_authorizer(refuse_writes))
+        post = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"}
+        )
+        assert post.status_code == 503
+        ready = await http.get(f"{url}/readyz")
+        assert ready.status_code == 503, ready.text
+        assert "not authorized" in ready.json()["problems"]["store"]
+        await bridge.store.write(lambda db: db.conn.set_authorizer(None))  # space freed
+        assert (await http.get(f"{url}/readyz")).status_code == 200
+        assert await bridge.store.counts() == {}
+
+
 async def test_dedupe_key_suppresses_a_repeat(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:

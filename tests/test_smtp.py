@@ -136,6 +136,7 @@ async def test_rcpt_refusals_and_accepted_forms(tmp_path, clock, sandbox_url) ->
                         "ONCALL@sms.localhost",
                         "2025550144@us.sms.localhost",
                         "+12025550145@SMS.LOCALHOST",
+                        "oncal@sms.localhost",
                     )
                 ]
 
@@ -145,7 +146,9 @@ async def test_rcpt_refusals_and_accepted_forms(tmp_path, clock, sandbox_url) ->
         codes[0][0] == 550 and codes[0][1].startswith("5.7.1") and "relaying denied" in codes[0][1]
     )
     assert codes[1][0] == 550 and codes[1][1].startswith("5.1.1") and "too short" in codes[1][1]
-    assert [c for c, _ in codes[2:]] == [250, 250, 250, 250]
+    assert [c for c, _ in codes[2:6]] == [250, 250, 250, 250]
+    # a mistyped group name is called that, not "not a possible phone number"
+    assert codes[6] == (550, "5.1.1 <oncal@sms.localhost>: no group named 'oncal' in [groups]")
 
 
 async def test_too_many_recipients(tmp_path, clock, sandbox_url) -> None:

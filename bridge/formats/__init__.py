@@ -103,9 +103,19 @@ def registry() -> dict[str, ModuleType]:
 
 
 def template_problems(
-    routes: Mapping[str, RouteConfig], render: Callable[[str, Mapping[str, Any]], str]
+    routes: Mapping[str, RouteConfig],
+    render: Callable[[str, Mapping[str, Any]], str],
+    warnings: list[tuple[str, str]] | None = None,
 ) -> list[tuple[str, str]]:
-    """Render each route's template against its format's sample payload."""
+    """Render each route's template against its format's sample payload.
+
+    A format whose payload has a fixed shape (Alertmanager, GitHub...) makes any failure a
+    problem. A `generic` route receives whatever JSON its sender posts, so the sample is
+    only an example: a template that fails on it (say `{{ build.number }}` for Jenkins) is
+    reported in `warnings`, and only a template that cannot compile is a problem.
+    """
+    from jinja2 import TemplateSyntaxError
+
     problems = []
     formats = registry()
     for name, route in routes.items():
@@ -124,10 +134,16 @@ def template_problems(
         except Ignored:
             continue
         except Exception as exc:
-            problems.append(
-                (
-                    f"routes.{name}.template",
-                    f"fails on a sample {route.format} payload: {type(exc).__name__}: {exc}",
-                )
-            )
+            why = f"fails on a sample {route.format} payload: {type(exc).__name__}: {exc}"
+            example_only = getattr(module, "SAMPLE_IS_EXAMPLE", False)
+            if example_only and not isinstance(exc, TemplateSyntaxError):
+                if warnings is not None:
+                    warnings.append(
+                        (
+                            f"routes.{name}.template",
+                            f"{why} (fine if your sender's JSON has these fields)",
+                        )
+                    )
+                continue
+            problems.append((f"routes.{name}.template", why))
     return problems

@@ -96,8 +96,10 @@ def _instance(labels: dict[str, Any], common: dict[str, Any], *, distinct: bool)
 
 
 def _listing(items: list[str], shown: int, total: int) -> str:
-    text = ", ".join(items[:shown])
-    return f"{text} +{total - shown}" if total > shown else text
+    """The first `shown` items, then "+N" for the rest of `total`, however few were named."""
+    named = items[:shown]
+    rest = total - len(named)
+    return f"{', '.join(named)} +{rest}" if rest > 0 else ", ".join(named)
 
 
 def _values(alert: dict[str, Any]) -> str:

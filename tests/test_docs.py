@@ -1,0 +1,370 @@
+"""The docs work when pasted: README and recipe snippets, read from the docs themselves,
+through the real tools (sms-bridge check-config, amtool, systemd-analyze, postconf, bash).
+
+A snippet that stops working fails here, not in a new user's terminal. Tools that are not
+installed skip their check with the reason; nothing is copied out of the docs by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.config import SECTIONS, Config, RouteConfig, TokenConfig, load_config
+from tests.helpers import running_bridge, write_config
+from tests.test_hooks import HOOKS
+from tests.test_serve import clean_env, free_port
+
+ROOT = Path(__file__).parent.parent
+README = ROOT / "README.md"
+RECIPES = ROOT / "docs" / "recipes.md"
+TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
+_FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+_SECRET_FILE = re.compile(r'^(\s*\w+_file\s*=\s*)"([^"]+)"', re.MULTILINE)
+
+
+def blocks(path: Path, lang: str) -> list[str]:
+    return [body for kind, body in _FENCE.findall(path.read_text(encoding="utf-8")) if kind == lang]
+
+
+def section_of(path: Path, heading: str) -> str:
+    """The text under `## heading` up to the next `## `."""
+    text = path.read_text(encoding="utf-8")
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def toml_snippets(path: Path) -> list[str]:
+    """Each TOML block; one that opens with a bare key (no [table]) continues the one
+    before it, as the text says ("add a template to the route")."""
+    snippets: list[str] = []
+    for body in blocks(path, "toml"):
+        first = next((ln for ln in body.splitlines() if ln.strip() and not ln.startswith("#")), "")
+        if snippets and not first.startswith("["):
+            snippets[-1] += body
+        else:
+            snippets.append(body)
+    return snippets
+
+
+def with_secret_files(snippet: str, tmp_path: Path) -> str:
+    """Every `*_file = "/etc/..."` pointed at a file of ours holding a 24-character secret."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(exist_ok=True)
+
+    def replace(match: re.Match[str]) -> str:
+        target = secrets / Path(match.group(2)).name
+        target.write_text("0123456789abcdef01234567\n")
+        return f'{match.group(1)}"{target}"'
+
+    return _SECRET_FILE.sub(replace, snippet)
+
+
+def check_config(text: str, tmp_path: Path, name: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / name
+    path.write_text(with_secret_files(text, tmp_path), encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+
+
+def _snippet_cases() -> list[tuple[str, int]]:
+    return [
+        *((README.name, i) for i in range(len(toml_snippets(README)))),
+        *((RECIPES.name, i) for i in range(len(toml_snippets(RECIPES)))),
+    ]
+
+
+@pytest.mark.parametrize(("doc", "index"), _snippet_cases())
+def test_every_toml_snippet_passes_check_config(doc: str, index: int, tmp_path) -> None:
+    path = README if doc == README.name else RECIPES
+    snippet = toml_snippets(path)[index]
+    if path == RECIPES and "[groups]" not in snippet:
+        # "Each recipe assumes ... a group named oncall": the first block.
+        snippet = toml_snippets(RECIPES)[0] + snippet
+    result = check_config(snippet, tmp_path, f"{doc}-{index}.toml")
+    assert result.returncode == 0, f"{doc} snippet {index}:\n{snippet}\n{result.stderr}"
+    if "[routes.jenkins]" in snippet:  # the text promises a warning, and acceptance
+        assert "warning: routes.jenkins.template" in result.stderr
+
+
+def test_the_snippets_cover_every_recipe() -> None:
+    recipes = "".join(toml_snippets(RECIPES))
+    for table in ("alertmanager", "grafana", "github", "gitlab", "jenkins"):
+        assert f"[routes.{table}]" in recipes
+    assert "[tokens.scripts]" in recipes and "[smtp]" in recipes
+
+
+def test_the_images_own_config_passes_check_config(tmp_path) -> None:
+    text = (ROOT / "docker" / "config.toml").read_text(encoding="utf-8")
+    result = check_config(text, tmp_path, "image.toml")
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_dockerfile_reads_a_mounted_config_and_no_env_overrides_it() -> None:
+    """A key set by ENV wins over the file: the image sets only the file's location, and
+    the recipe mounts its file at that very place."""
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    env_block = re.search(r"^ENV (.*?)(?<!\\)$", dockerfile, re.MULTILINE | re.DOTALL)
+    assert env_block is not None
+    names = re.findall(r"(\w+)=", env_block.group(1))
+    assert [n for n in names if n.startswith("SMS_BRIDGE_")] == ["SMS_BRIDGE_CONFIG"]
+    config_path = re.search(r"SMS_BRIDGE_CONFIG=(\S+)", dockerfile)
+    assert config_path is not None
+    assert f"COPY docker/config.toml {config_path.group(1)}" in dockerfile
+    docker = section_of(RECIPES, "Docker")
+    assert f"dst={config_path.group(1)},readonly" in docker
+    assert "dst=/run/secrets" in docker  # what the config's *_file keys name is mounted
+    for name in re.findall(r"/run/secrets/([\w.-]+)", docker):
+        assert f"secrets/{name}" in docker, f"nothing puts {name} in ./secrets"
+
+
+def test_the_alertmanager_config_passes_amtool(tmp_path) -> None:
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        pytest.skip("amtool not installed (Debian: prometheus-alertmanager)")
+    [yaml] = blocks(RECIPES, "yaml")
+    token = tmp_path / "sms-bridge.token"
+    token.write_text("0123456789abcdef01234567\n")
+    config = tmp_path / "alertmanager.yml"
+    config.write_text(yaml.replace("/etc/alertmanager/sms-bridge.token", str(token)))
+    result = subprocess.run(
+        [amtool, "check-config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "/hooks/alertmanager" in yaml and "[routes.alertmanager]" in section_of(
+        RECIPES, "Prometheus Alertmanager"
+    )
+
+
+def test_the_postfix_snippet_passes_postconf(tmp_path) -> None:
+    postconf = shutil.which("postconf") or (
+        "/usr/sbin/postconf" if Path("/usr/sbin/postconf").exists() else None
+    )
+    [block] = blocks_in(section_of(RECIPES, "Postfix relaying a domain to the bridge"), "")
+    main_cf, transport = block.split("# /etc/postfix/transport")
+    assert "relay_domains = sms.example.org" in main_cf  # else 454 Relay access denied
+    if postconf is None:
+        pytest.skip("postconf not installed (Debian: postfix)")
+    (tmp_path / "main.cf").write_text(main_cf)
+    (tmp_path / "master.cf").write_text("")
+    result = subprocess.run(
+        [postconf, "-c", str(tmp_path), "-n"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    assert "relay_domains = sms.example.org" in result.stdout
+    assert "transport_maps = hash:/etc/postfix/transport" in result.stdout
+    # the transport line, compiled by postmap as the comment says to
+    (tmp_path / "transport").write_text(transport.split("\n", 1)[1])
+    postmap = Path(postconf).with_name("postmap")
+    made = subprocess.run(
+        [str(postmap), "-c", str(tmp_path), f"hash:{tmp_path / 'transport'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert made.returncode == 0 and not made.stderr, made.stderr
+    looked_up = subprocess.run(
+        [
+            str(postmap),
+            "-c",
+            str(tmp_path),
+            "-q",
+            "sms.example.org",
+            f"hash:{tmp_path / 'transport'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert looked_up.stdout.strip() == "smtp:[127.0.0.1]:2525"
+
+
+def blocks_in(text: str, lang: str) -> list[str]:
+    return [body for kind, body in _FENCE.findall(text) if kind == lang]
+
+
+def test_the_unit_passes_systemd_analyze_and_starts_the_recipes_venv(tmp_path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    unit = (ROOT / "systemd" / "sms-bridge.service").read_text(encoding="utf-8")
+    systemd = section_of(RECIPES, "systemd")
+    venv = re.search(r"python3 -m venv (\S+)", systemd)
+    assert venv is not None
+    executable = f"{venv.group(1)}/bin/sms-bridge"
+    assert f"ExecStart={executable} serve" in unit
+    assert f"{venv.group(1)}/bin/pip install" in systemd
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    # verify wants the ExecStart binary to exist: a stand-in of ours, at a path we own.
+    stand_in = tmp_path / "sms-bridge"
+    stand_in.write_text("#!/bin/sh\n")
+    stand_in.chmod(0o755)
+    [drop_in] = blocks_in(systemd, "ini")
+    service = unit.replace(executable, str(stand_in)).replace(
+        "[Install]", drop_in.replace("[Service]\n", "") + "\n[Install]"
+    )
+    path = tmp_path / "sms-bridge.service"
+    path.write_text(service)
+    result = subprocess.run(
+        [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_every_config_key_the_docs_name_exists() -> None:
+    """`section.key` anywhere in the docs, and every key of every TOML snippet."""
+    fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+    fields["routes.NAME"] = {f.name for f in dataclasses.fields(RouteConfig)}
+    fields["tokens.NAME"] = {f.name for f in dataclasses.fields(TokenConfig)}
+    # not inside a file or host name: console-phone.png, sms.example.org
+    named = re.compile(rf"(?<![\w./-])({'|'.join(SECTIONS)})\.([a-z_]+)\b")
+    seen = 0
+    for doc in (README, RECIPES, TROUBLESHOOTING, ROOT / "config.example.toml"):
+        text = doc.read_text(encoding="utf-8")
+        for section, key in named.findall(text):
+            if key in ("md", "db", "toml", "example", "localhost", "internal"):
+                continue  # file and host names: sms-bridge.db, sms.example.org
+            seen += 1
+            assert key in fields[section], f"{doc.name} names {section}.{key}: no such key"
+    assert seen > 20
+
+
+def test_the_docs_name_every_override_form_the_loader_reads() -> None:
+    text = README.read_text(encoding="utf-8")
+    assert "SMS_BRIDGE_ROUTES_<NAME>_<KEY>" in text
+    assert "SMS_BRIDGE_ROUTES_ALERTMANAGER_TOKEN" in text
+    assert "(webhooks: coming)" not in (ROOT / "config.example.toml").read_text()
+
+
+@pytest.mark.slow
+def test_the_readme_try_it_block_runs_pasted_as_one_script(tmp_path) -> None:
+    """The README's own block, run by bash in an empty directory. Only the ports change
+    (other tests may hold 8080 and 2525); every line runs as written."""
+    if shutil.which("swaks") is None:
+        pytest.skip("swaks not installed (Debian: swaks)")
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    [script] = blocks_in(section_of(README, "Try it"), "sh")
+    http, smtp = free_port(), free_port()
+    script = script.replace("localhost:8080", f"localhost:{http}").replace(
+        "127.0.0.1:2525", f"127.0.0.1:{smtp}"
+    )
+    env = clean_env(
+        SMS_BRIDGE_HTTP_LISTEN=f"127.0.0.1:{http}",
+        SMS_BRIDGE_SMTP_LISTEN=f"127.0.0.1:{smtp}",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
+    work = tmp_path / "work"  # the empty directory the text asks for
+    work.mkdir()
+    with open(tmp_path / "out", "w") as out_file, open(tmp_path / "err", "w") as err_file:
+        proc = subprocess.Popen(
+            ["bash", "-e", "-c", script],
+            cwd=work,
+            env=env,
+            stdout=out_file,
+            stderr=err_file,
+            start_new_session=True,  # the block's `serve &` is in our process group
+        )
+        try:
+            proc.wait(timeout=90)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+    out = (tmp_path / "out").read_text()
+    err = (tmp_path / "err").read_text()
+    assert proc.returncode == 0, err
+    promised = re.search(r"^# (\{\"ids\".*\})$", script, re.MULTILINE)
+    assert promised is not None
+    lines = out.splitlines()
+    assert lines[0] == promised.group(1)  # the POST answered what the comment says
+    assert '"state":"delivered"' in lines[1]  # the GET after the wait
+    table = [ln for ln in lines if ln.startswith("1 ")]
+    assert table and "delivered" in table[0] and "disk full on db-2" in table[0]
+    assert "250 2.0.0 OK: stored as message 2" in out  # swaks took the number
+    assert f"store: {work / 'sms-bridge.db'}" in err
+
+
+def recipe_route(name: str, tmp_path: Path, sandbox_url: str) -> Config:
+    """The recipe's `[routes.NAME]` snippet (with the oncall group), as a bridge config."""
+    [snippet] = [s for s in toml_snippets(RECIPES) if f"[routes.{name}]" in s]
+    body = (
+        f'[store]\npath = "{tmp_path / "bridge.db"}"\n'
+        f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
+        + toml_snippets(RECIPES)[0]
+        + with_secret_files(snippet, tmp_path)
+    )
+    return load_config(write_config(tmp_path, body), env={})
+
+
+async def test_the_grafana_recipe_accepts_what_grafana_sends_by_default(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """Grafana signs the body and sends no timestamp header unless told to: the recipe's
+    route must take such a request (it answered 401 to every one)."""
+    config = recipe_route("grafana", tmp_path, sandbox_url)
+    secret = (tmp_path / "secrets" / "grafana.hmac").read_text().strip().encode()
+    body = (HOOKS / "grafana-firing.json").read_bytes()
+    signature = hmac.new(secret, body, hashlib.sha256).hexdigest()
+    async with running_bridge(config, clock) as (_bridge, url), httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{url}/hooks/grafana",
+            content=body,
+            headers={"content-type": "application/json", "X-Grafana-Alerting-Signature": signature},
+        )
+    assert response.status_code == 202, response.text
+
+
+async def test_the_jenkins_recipe_texts_a_jenkins_notification(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """The template check-config only warns about works on what Jenkins' Notification
+    plugin posts, with the recipe's basic auth."""
+    config = recipe_route("jenkins", tmp_path, sandbox_url)
+    password = (tmp_path / "secrets" / "jenkins.password").read_text().strip()
+    notification = {
+        "name": "nightly",
+        "url": "job/nightly/",
+        "build": {
+            "full_url": "https://ci.example.org/job/nightly/42/",
+            "number": 42,
+            "phase": "COMPLETED",
+            "status": "FAILURE",
+        },
+    }
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        refused = await http.post(f"{url}/hooks/jenkins", json=notification)
+        assert refused.status_code == 401
+        response = await http.post(
+            f"{url}/hooks/jenkins", json=notification, auth=("jenkins", password)
+        )
+        assert response.status_code == 202, response.text
+        texts = {(await bridge.store.get(i)).text for i in response.json()["ids"]}
+    assert texts == {"Jenkins nightly #42: FAILURE"}
+    assert len(response.json()["ids"]) == 2  # the oncall group's two phones
+
+
+def test_senders_are_pointed_at_an_address_the_bridge_serves() -> None:
+    """No plain-HTTP address the bridge does not listen on: https (the TLS proxy), the
+    loopback, or the host of the "listening on the network directly" setting."""
+    text = RECIPES.read_text(encoding="utf-8")
+    for url in re.findall(r"https?://[^\s`)\"'>]+", text):
+        assert url.startswith(("https://", "http://127.0.0.1:", "http://THIS-HOST:")), url
+    reach = section_of(RECIPES, "Reaching the bridge from other hosts")
+    assert 'listen = "0.0.0.0:8080"' in reach and "[tokens." in reach
+    assert "reverse_proxy 127.0.0.1:8080" in reach  # TLS in front of the loopback bridge
