@@ -26,11 +26,12 @@ from starlette.applications import Starlette
 
 from bridge.budget import BudgetGuard
 from bridge.clock import Clock, SystemClock
-from bridge.config import Config, LiveConfig, load_config
+from bridge.config import Config, HttpConfig, LiveConfig, load_config, secret_values
 from bridge.dispatcher import Dispatcher
 from bridge.errors import ConfigError
 from bridge.health import ProviderHealth
 from bridge.ingest import Ingestor
+from bridge.logs import mask_secrets
 from bridge.loops import run_steps
 from bridge.metrics import Metrics
 from bridge.policy import Rules
@@ -60,8 +61,13 @@ class QuietServer(uvicorn.Server):
 
 
 def uvicorn_server(
-    app: Starlette, *, lifespan: Literal["auto", "on", "off"] = "off"
+    app: Starlette,
+    *,
+    lifespan: Literal["auto", "on", "off"] = "off",
+    http: HttpConfig | None = None,
 ) -> QuietServer:
+    """The one place uvicorn is configured; `http` brings proxies and TLS (None: neither)."""
+    http = http or HttpConfig()
     return QuietServer(
         uvicorn.Config(
             app,
@@ -69,6 +75,13 @@ def uvicorn_server(
             access_log=False,
             lifespan=lifespan,
             timeout_graceful_shutdown=SHUTDOWN_GRACE,
+            # uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise, which
+            # would let any local process (or a loopback caller) pick its client address
+            # and pass a route's allowed_networks: only http.trusted_proxies are believed.
+            proxy_headers=bool(http.trusted_proxies),
+            forwarded_allow_ips=list(http.trusted_proxies),
+            ssl_certfile=http.tls_cert or None,
+            ssl_keyfile=http.tls_key or None,
         )
     )
 
@@ -292,6 +305,9 @@ class Bridge:
                 ("smtp.listen", old.smtp.listen, new.smtp.listen),
                 ("smtp.tls_listen", old.smtp.tls_listen, new.smtp.tls_listen),
                 ("http.listen", old.http.listen, new.http.listen),
+                ("http.trusted_proxies", old.http.trusted_proxies, new.http.trusted_proxies),
+                ("http.tls_cert", old.http.tls_cert, new.http.tls_cert),
+                ("http.tls_key", old.http.tls_key, new.http.tls_key),
                 ("store", old.store, new.store),
                 ("provider", old.provider, new.provider),
                 ("sandbox", old.sandbox, new.sandbox),
@@ -327,6 +343,7 @@ class Bridge:
                 log.error("reload refused, keeping the running config: %s", exc)
                 continue
             restart = self.reload(new)
+            mask_secrets(secret_values(new))  # a new route token is masked from now on
             log.warning("configuration reloaded from %s", path or "built-in defaults")
             if restart:
                 log.warning("these keys changed but need a restart: %s", ", ".join(restart))
@@ -355,7 +372,9 @@ class Bridge:
         reloads: asyncio.Queue[str | None] | None = None,
     ) -> None:
         """Serve until `self.stop` is set; then stop accepting, drain and return."""
-        server = uvicorn_server(self.app) if http_socket is not None else None
+        server = (
+            uvicorn_server(self.app, http=self.config.http) if http_socket is not None else None
+        )
         smtp_servers = (
             await start_smtp(self.config, self.smtp_handler, smtp_sockets) if smtp_sockets else []
         )

@@ -16,6 +16,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -25,6 +26,7 @@ from bridge.clock import Clock
 from bridge.config import LiveConfig, valid_sender_id
 from bridge.errors import InputError, StoreUnavailable
 from bridge.health import ProviderHealth
+from bridge.hosts import HostCheck
 from bridge.ingest import Draft, Ingestor
 from bridge.metrics import Metrics
 from bridge.openapi import openapi_spec
@@ -299,5 +301,6 @@ def create_app(
             Route("/readyz", readyz, methods=["GET"]),
         ],
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
+        middleware=[Middleware(HostCheck, live=live)],  # before any route: DNS rebinding
         lifespan=lifespan,
     )

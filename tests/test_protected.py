@@ -1,0 +1,242 @@
+"""Protected mode, https to the provider, file modes: what `check-config` and `serve` refuse.
+
+With a real provider (`provider.base_url` set), nothing that other machines can reach
+may be open: `serve` and `check-config` exit 1 naming the key. The sandbox stays open so
+the README's two-command start keeps working. Refused configs are never served, so no
+test here binds a non-loopback address.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge.config import inline_secrets, load_config, secret_values
+from bridge.errors import ConfigError
+from bridge.store import Store
+from tests.helpers import write_config
+from tests.test_serve import clean_env
+
+TOKEN = "deploy-token-0123456789abcdef"
+REAL = '[provider]\nbase_url = "https://sms.example.net/api/v1"\napi_key = "live-key-123"\n'
+LOOPBACK = '[http]\nlisten = "127.0.0.1:8080"\n[smtp]\nlisten = "127.0.0.1:2525"\n'
+TOKENS = f'[tokens.deploy]\ntoken = "{TOKEN}"\nscopes = ["send"]\n'
+
+
+def problems(tmp_path: Path, body: str) -> list[str]:
+    """The keys `load_config` names for `body` ([] when it loads)."""
+    try:
+        load_config(write_config(tmp_path, body), env={})
+    except ConfigError as exc:
+        return [key for key, _ in exc.problems]
+    return []
+
+
+@pytest.mark.parametrize(
+    ("body", "keys"),
+    [
+        # HTTP on every address with no token: refused; a token or loopback makes it fine.
+        (REAL + '[http]\nlisten = "0.0.0.0:8080"\n', ["http.listen"]),
+        (REAL + '[http]\nlisten = "[::]:8080"\n' + TOKENS, []),
+        (REAL + '[http]\nlisten = "192.0.2.10:8080"\n', ["http.listen"]),
+        (REAL + '[http]\nlisten = "localhost:8080"\n', []),
+        # SMTP beyond loopback needs AUTH or a client allowlist; tls_listen counts too.
+        (REAL + '[smtp]\nlisten = "0.0.0.0:2525"\n', ["smtp.listen"]),
+        (REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["192.0.2.0/24"]\n', []),
+        (
+            REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nrequire_auth = true\n'
+            'auth_allow_plaintext = true\nusers = { ups = "ups-password" }\n',
+            [],
+        ),
+        # Routes: any authentication, or public = true said out loud.
+        (REAL + '[routes.open]\nformat = "generic"\n', ["routes.open"]),
+        (REAL + '[routes.open]\nformat = "generic"\npublic = true\n', []),
+        (REAL + '[routes.t]\nformat = "generic"\ntoken = "route-token"\n', []),
+        (REAL + '[routes.b]\nformat = "generic"\nusername = "u"\npassword = "pw"\n', []),
+        (REAL + '[routes.n]\nformat = "generic"\nallowed_networks = ["10.1.0.0/16"]\n', []),
+        # A route on a bridge without an HTTP listener cannot be reached.
+        (REAL + '[http]\nlisten = ""\n[routes.open]\nformat = "generic"\n', []),
+        # The sandbox (no base_url) stays open on every address: nothing is sent.
+        (
+            '[http]\nlisten = "0.0.0.0:8080"\n[smtp]\nlisten = "0.0.0.0:2525"\n'
+            '[routes.open]\nformat = "generic"\n',
+            [],
+        ),
+        # All three at once: each is named.
+        (
+            REAL + '[http]\nlisten = "0.0.0.0:8080"\n[smtp]\nlisten = "127.0.0.1:2525"\n'
+            'tls_listen = "0.0.0.0:4650"\ntls_cert = "/nonexistent"\ntls_key = "/nonexistent"\n'
+            '[routes.open]\nformat = "generic"\n',
+            ["http.listen", "smtp.tls_listen", "routes.open"],
+        ),
+    ],
+)
+def test_protected_mode(tmp_path, body: str, keys: list[str]) -> None:
+    named = problems(tmp_path, body)
+    named = [k for k in named if not k.startswith(("smtp.tls_cert", "smtp.tls_key"))]
+    assert named == keys
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("http://sms.example.net/api/v1", True),
+        ("HTTP://192.0.2.10:8000/api/v1", True),
+        ("https://sms.example.net/api/v1", False),
+        ("http://127.0.0.1:8099/api/v1", False),
+        ("http://[::1]:8099/api/v1", False),
+        ("http://localhost:8099/api/v1", False),
+    ],
+)
+def test_the_api_key_crosses_the_network_only_over_https(
+    tmp_path, url: str, refused: bool
+) -> None:
+    body = f'{LOOPBACK}[provider]\nbase_url = "{url}"\napi_key = "live-key-123"\n'
+    assert ("provider.base_url" in problems(tmp_path, body)) is refused
+
+
+def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=clean_env(**(env or {})),
+    )
+
+
+@pytest.mark.slow
+def test_check_config_and_serve_refuse_an_open_bridge_with_a_real_provider(tmp_path) -> None:
+    config = write_config(
+        tmp_path,
+        f'[store]\npath = "{tmp_path / "b.db"}"\n' + REAL + '[http]\nlisten = "0.0.0.0:8080"\n'
+        '[smtp]\nlisten = "0.0.0.0:2525"\n[routes.open]\nformat = "generic"\n',
+    )
+    os.chmod(config, 0o600)
+    for command in ("check-config", "serve"):
+        result = run(command, "--config", str(config), cwd=tmp_path)
+        assert result.returncode == 1, (command, result.stderr)
+        for key in ("http.listen", "smtp.listen", "routes.open"):
+            assert f"  {key}: " in result.stderr, (command, key)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "b.db").exists()  # refused before anything opened
+
+    # The Docker way: the same listeners, with the environment adding what protects them.
+    token = tmp_path / "deploy.token"
+    token.write_text(TOKEN + "\n")
+    fixed = write_config(
+        tmp_path,
+        config.read_text().replace('format = "generic"\n', 'format = "generic"\npublic = true\n')
+        + f'[tokens.deploy]\ntoken_file = "{token}"\nscopes = ["send"]\n',
+        name="fixed.toml",
+    )
+    os.chmod(fixed, 0o600)
+    ok = run(
+        "check-config",
+        str(fixed),
+        cwd=tmp_path,
+        env={"SMS_BRIDGE_SMTP_ALLOWED_NETWORKS": "192.0.2.0/24"},
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert TOKEN not in ok.stdout + ok.stderr
+
+    # With no provider the same open listeners are the sandbox: accepted as they are.
+    sandbox = run(
+        "check-config",
+        cwd=tmp_path,
+        env={"SMS_BRIDGE_HTTP_LISTEN": "0.0.0.0:8080", "SMS_BRIDGE_SMTP_LISTEN": "0.0.0.0:2525"},
+    )
+    assert sandbox.returncode == 0, sandbox.stderr
+
+
+@pytest.mark.slow
+def test_check_config_warns_when_a_world_readable_file_holds_secrets(tmp_path) -> None:
+    secret = tmp_path / "am.token"
+    secret.write_text("route-token-from-file")
+    inline = write_config(
+        tmp_path,
+        '[routes.am]\nformat = "generic"\ntoken = "route-token-inline"\n'
+        '[smtp.users]\nups = "ups-password"\n',
+        name="inline.toml",
+    )
+    from_files = write_config(
+        tmp_path,
+        f'[routes.am]\nformat = "generic"\ntoken_file = "{secret}"\n',
+        name="files.toml",
+    )
+    os.chmod(inline, 0o644)
+    os.chmod(from_files, 0o644)
+    loud = run("check-config", str(inline), cwd=tmp_path)
+    assert loud.returncode == 0, loud.stderr  # a warning, not a refusal
+    assert "warning:" in loud.stderr and "readable by every user" in loud.stderr
+    assert "routes.am.token" in loud.stderr and "smtp.users.ups" in loud.stderr
+    assert "route-token-inline" not in loud.stderr + loud.stdout
+    assert "warning:" not in run("check-config", str(from_files), cwd=tmp_path).stderr
+    os.chmod(inline, 0o600)
+    assert "warning:" not in run("check-config", str(inline), cwd=tmp_path).stderr
+
+
+def test_inline_secrets_and_secret_values_come_from_the_secret_fields(tmp_path) -> None:
+    password = tmp_path / "pw"
+    password.write_text("basic-pass-from-file")
+    path = write_config(
+        tmp_path,
+        f"""
+        [sandbox]
+        api_key = "sandbox-secret"
+        [smtp.users]
+        ups = "ups-password"
+        nas_file = "{password}"
+        [routes.j]
+        format = "generic"
+        username = "jenkins"
+        password_file = "{password}"
+        secret = "s"
+        [tokens.deploy]
+        token = "{TOKEN}"
+        scopes = ["send"]
+        """,
+    )
+    config = load_config(path, env={"SMS_BRIDGE_PROVIDER_API_KEY": "env-api-key"})
+    assert sorted(secret_values(config)) == sorted(
+        [
+            "env-api-key",
+            "sandbox-secret",
+            "ups-password",
+            "basic-pass-from-file",
+            "basic-pass-from-file",
+            "s",
+            TOKEN,
+        ]
+    )
+    assert "jenkins" not in secret_values(config)  # a user name is not a secret
+    assert inline_secrets(path) == [
+        "smtp.users.ups",
+        "sandbox.api_key",
+        "routes.j.secret",
+        "tokens.deploy.token",
+    ]
+
+
+async def test_the_store_and_its_journals_are_created_0600(tmp_path) -> None:
+    old = os.umask(0o022)  # the usual umask, which would give 0644
+    try:
+        store = Store(tmp_path / "private" / "bridge.db")
+        await store.open()
+        try:
+            await store.write(lambda db: db.execute("SELECT 1"))
+            files = sorted(p.name for p in (tmp_path / "private").iterdir())
+            assert files == ["bridge.db", "bridge.db-shm", "bridge.db-wal"]
+            for name in files:
+                mode = stat.S_IMODE((tmp_path / "private" / name).stat().st_mode)
+                assert mode == 0o600, f"{name}: {oct(mode)}"
+        finally:
+            await store.close()
+    finally:
+        os.umask(old)
