@@ -2,8 +2,22 @@
 # sms-bridge: two stages, a build stage that makes a wheel and a slim runtime.
 #   docker build -t sms-bridge .
 #   docker run -p 2525:2525 -p 8080:8080 -v sms-bridge:/data sms-bridge
-# Configure with a file (-v ./config.toml:/etc/sms-bridge/config.toml:ro) or with
-# SMS_BRIDGE_<SECTION>_<KEY> environment variables; secrets as *_FILE (Docker secrets).
+# That runs the sandbox provider: nothing leaves the machine, so the open listeners are
+# fine. With the real provider the bridge refuses to start (protected mode) until its
+# listeners are protected; give it tokens and the SMTP clients' networks, secrets as files:
+#   docker run -p 2525:2525 -p 8080:8080 -v sms-bridge:/data \
+#     -e SMS_BRIDGE_PROVIDER_BASE_URL=https://sms.massej.li/api/v1 \
+#     -e SMS_BRIDGE_PROVIDER_API_KEY_FILE=/run/secrets/sms_api_key \
+#     -e SMS_BRIDGE_TOKENS_DEPLOY_TOKEN_FILE=/run/secrets/deploy_token \
+#     -e SMS_BRIDGE_TOKENS_DEPLOY_SCOPES=send \
+#     -e SMS_BRIDGE_SMTP_ALLOWED_NETWORKS=192.0.2.0/24 \
+#     -e SMS_BRIDGE_HTTP_ALLOWED_HOSTS=sms-bridge.example.org \
+#     sms-bridge
+# (the secrets from `docker secret`/compose `secrets:`, or -v FILE:/run/secrets/NAME:ro).
+# Or configure with a file (-v ./config.toml:/etc/sms-bridge/config.toml:ro and
+# -e SMS_BRIDGE_CONFIG=/etc/sms-bridge/config.toml); chmod 600 it if it holds secrets.
+# Other machines reach the API by name only once it is in http.allowed_hosts (any IP
+# address works as it is). See docs/security.md.
 
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src

@@ -86,12 +86,12 @@ class HostCheck:
         if host_allowed(header, http.allowed_hosts, http.listen):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(
-            {
-                "error": f"Host {header!r} is not served here: add it to http.allowed_hosts",
-                "field": "host",
-            }
-        ).encode()
+        why = (
+            f"Host {header!r} is not served here: add it to http.allowed_hosts"
+            if header is not None
+            else "a Host header is required"
+        )
+        body = json.dumps({"error": why, "field": "host"}).encode()
         await send(
             {
                 "type": "http.response.start",
