@@ -5,9 +5,14 @@ auth, and secrets masked in the log whichever key they came from.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import logging
 import ssl
+import subprocess
+import sys
+import textwrap
 
 import httpx
 import pytest
@@ -254,3 +259,49 @@ def test_every_secret_field_is_masked_in_the_log(tmp_path) -> None:
     assert "route-basic-password" not in traced and "refused key ***" in traced
     # Two characters are masked; a single character would garble every line and is kept.
     assert MaskingFilter(["ab", "x"]).mask("tab x") == "t*** x"
+
+
+async def test_a_request_without_host_is_refused(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (_, url):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /api/v1/messages HTTP/1.0\r\n\r\n")  # HTTP/1.0 may omit Host
+        answer = await reader.read()
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert json.loads(body) == {"error": "a Host header is required", "field": "host"}
+
+
+@pytest.mark.slow
+def test_the_cli_masks_every_secret_key_it_loaded(tmp_path) -> None:
+    """`sms-bridge` installs the masking: a route password and a token, not a list in cli."""
+    path = write_config(
+        tmp_path,
+        """
+        [routes.j]
+        format = "generic"
+        username = "jenkins"
+        password = "route-basic-password"
+        [tokens.deploy]
+        token = "deploy-token-0123456789abcdef"
+        scopes = ["send"]
+        """,
+    )
+    path.chmod(0o600)
+    code = textwrap.dedent(f"""
+        import logging
+        from bridge.cli import main
+        assert main(["check-config", {str(path)!r}]) == 0
+        log = logging.getLogger("bridge")
+        log.warning("basic %s token %s", "route-basic-password", "deploy-token-0123456789abcdef")
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "basic *** token ***" in result.stderr
+    assert "route-basic-password" not in result.stderr + result.stdout
