@@ -103,7 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     setup_logging(config.log.level, config.log.format, secret_values(config))
     if args.command in ("check-config", "serve") and (warning := _exposed_secrets(args)):
-        print(f"warning: {warning}", file=sys.stderr)
+        if args.command == "serve":
+            log.warning("%s", warning)  # in the service's log, JSON or not
+        else:
+            print(f"warning: {warning}", file=sys.stderr)
     if args.command == "check-config":
         print(f"{config.source}: OK")
         print(json.dumps(masked(config), indent=2, default=list))

@@ -21,6 +21,7 @@ from bridge.clock import ManualClock
 from bridge.config import load_config, secret_values
 from bridge.hosts import host_allowed
 from bridge.logs import JsonFormatter, MaskingFilter
+from bridge.service import Bridge
 from tests.helpers import bridge_config, running_bridge, write_config
 from tests.test_smtp import _client_context, tls_files  # noqa: F401 - a fixture
 
@@ -305,3 +306,32 @@ def test_the_cli_masks_every_secret_key_it_loaded(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert "basic *** token ***" in result.stderr
     assert "route-basic-password" not in result.stderr + result.stdout
+
+
+async def test_a_reload_masks_the_new_secrets(tmp_path, sandbox_url: str, clock) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    handler = logging.StreamHandler()
+    masking = MaskingFilter(secret_values(config))
+    handler.addFilter(masking)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    reloaded = write_config(
+        tmp_path,
+        f'[store]\npath = "{tmp_path / "bridge.db"}"\n[provider]\n'
+        f'base_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
+        '[routes.new]\nformat = "generic"\ntoken = "new-route-token"\n',
+        name="reloaded.toml",
+    )
+    try:
+        async with Bridge.build(config, clock=clock) as bridge:
+            reloads: asyncio.Queue[str | None] = asyncio.Queue()
+            task = asyncio.create_task(bridge._reloader(reloads))
+            await reloads.put(str(reloaded))
+            async with asyncio.timeout(10):  # a refused reload would never add the route
+                while "new" not in bridge.live.current.routes:  # noqa: ASYNC110 - an attribute
+                    await asyncio.sleep(0.01)
+            bridge.stop.set()
+            await task
+    finally:
+        root.removeHandler(handler)
+    assert "new-route-token" in masking.secrets
