@@ -618,7 +618,7 @@ def _validate_tokens(config: Config, problem: Callable[[str, str], None]) -> Non
 def is_loopback_host(host: str) -> bool:
     """`localhost`, 127.0.0.0/8 or ::1: reachable from this machine only."""
     host = host.strip("[]").rstrip(".").lower()
-    if host == "localhost" or host.endswith(".localhost"):
+    if host == "localhost":  # not *.localhost: only some resolvers keep those on loopback
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -45,6 +45,7 @@ def problems(tmp_path: Path, body: str) -> list[str]:
         (REAL + '[http]\nlisten = "[::]:8080"\n' + TOKENS, []),
         (REAL + '[http]\nlisten = "192.0.2.10:8080"\n', ["http.listen"]),
         (REAL + '[http]\nlisten = "localhost:8080"\n', []),
+        (REAL + '[http]\nlisten = "bridge.localhost:8080"\n', ["http.listen"]),  # DNS decides
         # SMTP beyond loopback needs AUTH or a client allowlist; tls_listen counts too.
         (REAL + '[smtp]\nlisten = "0.0.0.0:2525"\n', ["smtp.listen"]),
         (REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["192.0.2.0/24"]\n', []),
