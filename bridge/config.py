@@ -30,6 +30,7 @@ DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 DEFAULT_STORE_PATH = "sms-bridge.db"
 ONE_MIB = 1024 * 1024
 ROUTE_FORMATS = ("alertmanager", "grafana", "github", "gitlab", "generic")
+SIGNED_FORMATS = ("grafana", "github", "gitlab")  # the formats that check routes.NAME.secret
 GROUP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -694,11 +695,12 @@ def _validate_protected(config: Config, problem: Callable[[str, str], None]) -> 
     for name, route in config.routes.items():
         if route.public:
             continue
-        if not (route.token or route.username or route.secret or route.allowed_networks):
+        signed = route.secret and route.format in SIGNED_FORMATS  # others never check it
+        if not (route.token or route.username or signed or route.allowed_networks):
             problem(
                 f"routes.{name}",
-                f"no authentication {real}: set token, username/password, secret or "
-                "allowed_networks, or public = true to accept anyone",
+                f"no authentication {real}: set token, username/password, secret "
+                "(grafana, github, gitlab) or allowed_networks, or public = true to accept anyone",
             )
 
 

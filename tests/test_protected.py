@@ -58,6 +58,9 @@ def problems(tmp_path: Path, body: str) -> list[str]:
         (REAL + '[routes.open]\nformat = "generic"\n', ["routes.open"]),
         (REAL + '[routes.open]\nformat = "generic"\npublic = true\n', []),
         (REAL + '[routes.t]\nformat = "generic"\ntoken = "route-token"\n', []),
+        (REAL + '[routes.g]\nformat = "grafana"\nto = ["+12025550143"]\nsecret = "k"\n', []),
+        # A generic route never checks a secret: it protects nothing there.
+        (REAL + '[routes.s]\nformat = "generic"\nsecret = "ignored"\n', ["routes.s"]),
         (REAL + '[routes.b]\nformat = "generic"\nusername = "u"\npassword = "pw"\n', []),
         (REAL + '[routes.n]\nformat = "generic"\nallowed_networks = ["10.1.0.0/16"]\n', []),
         # A route on a bridge without an HTTP listener cannot be reached.
