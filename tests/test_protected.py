@@ -49,6 +49,12 @@ def problems(tmp_path: Path, body: str) -> list[str]:
         # SMTP beyond loopback needs AUTH or a client allowlist; tls_listen counts too.
         (REAL + '[smtp]\nlisten = "0.0.0.0:2525"\n', ["smtp.listen"]),
         (REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["192.0.2.0/24"]\n', []),
+        # An allowlist of everyone is no allowlist.
+        (
+            REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["10.0.0.0/8", "::/0"]\n',
+            ["smtp.listen"],
+        ),
+        (REAL + '[routes.n]\nformat = "generic"\nallowed_networks = ["0.0.0.0/0"]\n', ["routes.n"]),
         (
             REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nrequire_auth = true\n'
             'auth_allow_plaintext = true\nusers = { ups = "ups-password" }\n',
