@@ -634,6 +634,16 @@ def _listen_host(listen: str) -> str | None:
         return None  # reported by _validate
 
 
+def _restricts(networks: tuple[str, ...]) -> bool:
+    """Does this allowlist leave someone out? `0.0.0.0/0` or `::/0` admit everyone."""
+    try:
+        return bool(networks) and all(
+            ipaddress.ip_network(n, strict=False).prefixlen > 0 for n in networks
+        )
+    except ValueError:
+        return True  # the bad entry is reported by _validate
+
+
 def _validate_http(config: Config, problem: Callable[[str, str], None]) -> None:
     http = config.http
     for index, net in enumerate(http.trusted_proxies):
@@ -680,7 +690,7 @@ def _validate_protected(config: Config, problem: Callable[[str, str], None]) -> 
             f"configured {real}: add a token, or listen on 127.0.0.1",
         )
     smtp = config.smtp
-    if not smtp.require_auth and not smtp.allowed_networks:
+    if not smtp.require_auth and not _restricts(smtp.allowed_networks):
         for key in ("smtp.listen", "smtp.tls_listen"):
             listen = getattr(smtp, key.removeprefix("smtp."))
             smtp_host = _listen_host(listen)
@@ -696,7 +706,7 @@ def _validate_protected(config: Config, problem: Callable[[str, str], None]) -> 
         if route.public:
             continue
         signed = route.secret and route.format in SIGNED_FORMATS  # others never check it
-        if not (route.token or route.username or signed or route.allowed_networks):
+        if not (route.token or route.username or signed or _restricts(route.allowed_networks)):
             problem(
                 f"routes.{name}",
                 f"no authentication {real}: set token, username/password, secret "
