@@ -61,6 +61,11 @@ def _expand(scopes: tuple[str, ...]) -> frozenset[str]:
     return frozenset().union(*(_IMPLIED.get(s, frozenset()) for s in scopes))
 
 
+def principal_of(spec: TokenConfig) -> Principal:
+    """The principal a configured token stands for."""
+    return Principal(spec.name, _expand(spec.scopes))
+
+
 def bearer_token(authorization: str | None) -> str | None:
     """The token of an `Authorization: Bearer TOKEN` header, else None."""
     if not authorization:

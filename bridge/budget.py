@@ -1,15 +1,22 @@
-"""Daily caps on texts and SMS parts, overall and per route, and the admin's warnings.
+"""Daily caps on texts, SMS parts and cost, overall and per route, and the admin's warnings.
 
 Days are UTC. A batch that would cross a cap is split: what fits goes, the rest waits
 for the next day (`budget.on_exceeded = "wait"`, nothing lost) or fails with the reason
 ("fail"). The first time a cap bites in a day, and when the provider's balance falls
 below `budget.low_balance`, the admin recipients get one warning text; warnings are
 never held back by the caps they report.
+
+The cost cap (`budget.cost_per_day`, in the provider's currency) counts what today's sent
+messages cost (the provider's figure, else the estimate made at ingest, else one made now)
+plus the estimate for the next one, from the price list the dispatcher fetches. A country
+the list does not price is counted at its highest price: a cap that guards against toll
+fraud must not let the unpriced destinations through for free.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -17,8 +24,9 @@ from sqlite_utils import Database
 
 from bridge.clock import Clock
 from bridge.config import BudgetConfig, Config
+from bridge.firewall import Firewall
 from bridge.models import Message, NewMessage
-from bridge.phone import resolve_recipients
+from bridge.pricing import PriceBook
 from bridge.store import Store
 from bridge.text import shape
 
@@ -47,8 +55,10 @@ class BudgetGuard:
         clock: Clock,
         config: Config,
         sender_id: str,
+        prices: PriceBook | None = None,
     ) -> None:
         self.store = store
+        self.prices = prices or PriceBook()
         self.clock = clock
         self.sender_id = sender_id
         self.over_cap_total = 0  # messages held back or failed by a cap, for metrics
@@ -62,11 +72,42 @@ class BudgetGuard:
             for name, route in config.routes.items()
             if route.max_texts_per_day > 0
         }
-        self.admins = resolve_recipients(config.budget.admin, config.groups)
+        self.admins = Firewall.from_config(config).resolve(
+            config.budget.admin, config.groups, field="budget.admin"
+        )
 
     @property
     def active(self) -> bool:
-        return bool(self.config.texts_per_day or self.config.parts_per_day or self.route_caps)
+        return bool(
+            self.config.texts_per_day
+            or self.config.parts_per_day
+            or self.config.cost_per_day
+            or self.route_caps
+        )
+
+    def _cost(self, recipient: str, parts: int, known: float | None = None) -> float:
+        """What one message costs or will cost; the highest price where none is known."""
+        if known is not None:
+            return known
+        estimate = self.prices.estimate(recipient, parts)
+        return estimate if estimate is not None else self.prices.ceiling() * parts
+
+    async def _spent(self, since: float) -> float:
+        """Today's cost so far, in the provider's currency: summed in SQL where a cost or
+        estimate is stored; the rare rows with neither are estimated here."""
+        where = "WHERE sent_at >= ? AND source != ?"
+        known_sql = f"SELECT coalesce(sum(coalesce(cost, estimated_cost)), 0) FROM messages {where}"
+        unknown_sql = (
+            f"SELECT recipient, sum(parts) FROM messages {where}"
+            " AND cost IS NULL AND estimated_cost IS NULL GROUP BY recipient"
+        )
+        args = (since, WARNING_SOURCE)
+
+        def read(c: sqlite3.Connection) -> tuple[float, list[tuple[str, int]]]:
+            return c.execute(known_sql, args).fetchone()[0], c.execute(unknown_sql, args).fetchall()
+
+        known, unknown = await self.store.read(read)
+        return float(known) + sum(self._cost(r, int(p)) for r, p in unknown)
 
     async def _used(self, since: float, route: str | None = None) -> tuple[int, int]:
         sql = (
@@ -85,6 +126,8 @@ class BudgetGuard:
             return Verdict(batch, [])
         start, _, _ = day_bounds(self.clock.now())
         texts, parts = await self._used(start)
+        cost_cap = self.config.cost_per_day
+        spent = await self._spent(start) if cost_cap else 0.0
         route_used: dict[str, int] = {}
         allowed, over, reason = [], [], None
         for m in batch:
@@ -101,12 +144,17 @@ class BudgetGuard:
                 why = f"parts_per_day={self.config.parts_per_day}"
             elif cap is not None and route_used[m.route or ""] + 1 > cap:
                 why = f"routes.{m.route}.max_texts_per_day={cap}"
+            elif cost_cap and spent + self._cost(m.recipient, m.parts, m.estimated_cost) > cost_cap:
+                currency = f" {self.prices.currency}" if self.prices.currency else ""
+                why = f"cost_per_day={cost_cap:g}{currency}, {spent:g} spent"
             if why:
                 over.append(m)
                 reason = reason or why
                 continue
             allowed.append(m)
             texts, parts = texts + 1, parts + m.parts
+            if cost_cap:
+                spent += self._cost(m.recipient, m.parts, m.estimated_cost)
             if cap is not None:
                 route_used[m.route or ""] += 1
         self.over_cap_total += len(over)

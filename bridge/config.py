@@ -8,7 +8,6 @@ as `<key>_file` naming a file to read (systemd credentials, Docker secrets).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import ipaddress
 import os
 import re
@@ -21,8 +20,8 @@ from typing import Any
 
 import phonenumbers
 
-from bridge.errors import ConfigError
-from bridge.phone import PhoneError, normalise_number
+from bridge.errors import ConfigError, InputError
+from bridge.firewall import SENDER_ID_RULE, Firewall, valid_sender_id
 
 ENV_PREFIX = "SMS_BRIDGE_"
 DEFAULT_SMTP_LISTEN = "127.0.0.1:2525"
@@ -48,6 +47,74 @@ def _opt(default: Any, kind: str = "", secret: bool = False) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
+class MailRule:
+    """`[[smtp.rules]]`: for mail from a sender or with a subject, which lines to text.
+
+    The first rule whose `sender` and `subject` both match (an absent one matches all)
+    applies; `bridge.mailrules` does the picking.
+    """
+
+    name: str = ""  # shown in logs and check-config
+    sender: tuple[str, ...] = ()  # globs on the From address or MAIL FROM, any matches
+    subject: str = ""  # regular expression searched in the subject (case-insensitive)
+    keep: tuple[str, ...] = ()  # regexes: only body lines matching one are kept
+    drop: tuple[str, ...] = ()  # regexes: body lines matching one are dropped
+    first_line_matching: str = ""  # regex: the first body line matching it goes first
+    max_lines: int = 0  # body lines kept at most; 0 = all
+    compose: str = ""  # subject | body | subject_body | template; "" = smtp.compose
+    template: str = ""  # Jinja2 as smtp.template, for compose = "template"
+
+
+MAIL_RULE_KEYS = {f.name for f in dataclasses.fields(MailRule)}
+COMPOSE_MODES = ("subject", "body", "subject_body", "template")
+
+
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"{pattern!r} is not a regular expression: {exc}"
+    return None
+
+
+def _mail_rule(index: int, table: object) -> MailRule:
+    """One `[[smtp.rules]]` table, checked; ValueError names the rule and the key."""
+    where = f"[{index}]"
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a table")
+    unknown = sorted(set(table) - MAIL_RULE_KEYS)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown key")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        default = getattr(MailRule(), key)
+        if isinstance(default, tuple):
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{where}.{key}: expected a list of strings")
+            value = tuple(value)
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}.{key}: expected an integer, 0 or more")
+        elif not isinstance(value, str):
+            raise ValueError(f"{where}.{key}: expected a string")
+        values[key] = value
+    rule = MailRule(**values)
+    if not rule.sender and not rule.subject:
+        raise ValueError(f"{where}: a rule needs sender or subject to match on")
+    for key in ("subject", "first_line_matching", "keep", "drop"):
+        patterns = getattr(rule, key)
+        for pattern in (patterns,) if isinstance(patterns, str) else patterns:
+            if pattern and (why := _regex_problem(pattern)):
+                raise ValueError(f"{where}.{key}: {why}")
+    if rule.compose and rule.compose not in COMPOSE_MODES:
+        raise ValueError(f"{where}.compose: must be {', '.join(COMPOSE_MODES)}")
+    if rule.compose == "template" and not rule.template:
+        raise ValueError(f'{where}.template: required when compose = "template"')
+    return rule
+
+
+@dataclass(frozen=True, slots=True)
 class SmtpConfig:
     listen: str = _opt(DEFAULT_SMTP_LISTEN)
     domains: tuple[str, ...] = _opt(["sms.localhost"])
@@ -68,6 +135,7 @@ class SmtpConfig:
     compose: str = _opt("subject_body")  # subject | body | subject_body | template
     template: str = _opt("")
     sender_id: str = _opt("")  # "" -> provider.sender_id
+    rules: tuple[MailRule, ...] = _opt([], "rules")  # [[smtp.rules]]: per-sender line picks
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +153,14 @@ class BudgetConfig:
     on_exceeded: str = _opt("wait")  # wait (until the next day) | fail
     admin: tuple[str, ...] = _opt([])  # numbers or groups warned once a day
     low_balance: float = _opt(0.0)  # warn the admin when the balance falls below
+    cost_per_day: float = _opt(0.0)  # estimated spend per UTC day, provider's currency; 0 = no cap
 
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
     listen: str = _opt(DEFAULT_HTTP_LISTEN)
     max_body_bytes: int = _opt(ONE_MIB)
+    max_recipients: int = _opt(100)  # recipients one API or hook request may name; 0 = no cap
     # Host header values served (names, "*.example.org", "*"); [] = the listen host,
     # localhost, 127.0.0.1 and [::1] (any IP literal when listening on a wildcard).
     allowed_hosts: tuple[str, ...] = _opt([])
@@ -118,6 +188,7 @@ class ProviderConfig:
     backoff_max: float = _opt(600.0, "duration")
     auth_probe_interval: float = _opt(30.0, "duration")
     arabic_type: int = _opt(2)  # message_type for Arabic script: 2 (Unicode) or 4
+    allowed_sender_ids: tuple[str, ...] = _opt([])  # callers may ask for; [] = only sender_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +208,8 @@ class StoreConfig:
 class PhoneConfig:
     require_valid: bool = _opt(False)
     default_region: str = _opt("")
+    allowed_countries: tuple[str, ...] = _opt([])  # ISO 3166 codes; [] = any country
+    allow_premium: bool = _opt(False)  # premium, shared-cost, international-network numbers
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +260,7 @@ class RouteConfig:
     sender_id: str = _opt("")  # "" = provider.sender_id
     dedupe_window: float = _opt(-1.0, "duration")  # -1 = dedupe.window
     max_texts_per_day: int = _opt(0)  # 0 = no cap for this route
+    allow_payload_to: bool = _opt(False)  # may the payload's to_path and ?to= add recipients
     public: bool = _opt(False)  # no authentication, knowingly (protected mode allows it)
 
 
@@ -284,6 +358,8 @@ def _from_env_text(text: str, kind: str, default: object) -> object:
         if any(len(p) != 2 for p in pairs):
             raise ValueError("expected name=value pairs separated by commas")
         return {k.strip(): v.strip() for k, v in pairs}
+    if kind == "rules":  # a TOML array of inline tables
+        return tomllib.loads(f"v = {text}")["v"]
     if kind == "list":
         if text.strip().startswith("["):
             return tomllib.loads(f"v = {text}")["v"]
@@ -308,6 +384,10 @@ def _coerce(value: object, kind: str, default: object) -> object:
     """Check a TOML value against the key's type; raise ValueError saying what was expected."""
     if kind == "duration":
         return parse_duration(value)
+    if kind == "rules":
+        if not isinstance(value, list):
+            raise ValueError("expected an array of tables [[smtp.rules]]")
+        return tuple(_mail_rule(index, table) for index, table in enumerate(value))
     if kind == "table":
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ValueError('expected a table of name = "text"')
@@ -512,7 +592,7 @@ def _validate(config: Config, loader: _Loader) -> None:
     if smtp.compose == "template" and not smtp.template:
         problem("smtp.template", 'required when smtp.compose = "template"')
     if smtp.sender_id and not valid_sender_id(smtp.sender_id):
-        problem("smtp.sender_id", "up to 11 letters, digits or spaces with a letter, or 15 digits")
+        problem("smtp.sender_id", SENDER_ID_RULE)
     for region_key, region in [
         ("smtp.default_region", smtp.default_region),
         ("phone.default_region", config.phone.default_region),
@@ -529,12 +609,6 @@ def _validate(config: Config, loader: _Loader) -> None:
         problem("budget.on_exceeded", "must be wait or fail")
     if b.texts_per_day < 0 or b.parts_per_day < 0:
         problem("budget.texts_per_day", "caps must be 0 (off) or more")
-    for index, target in enumerate(b.admin):
-        if target not in config.groups:
-            try:
-                normalise_number(target, default_region=config.phone.default_region or None)
-            except PhoneError as exc:
-                problem(f"budget.admin[{index}]", f"neither a group nor a number: {exc}")
     if not 1 <= config.limits.max_parts <= 10:
         problem("limits.max_parts", "must be between 1 and 10")
     if config.smtp.listen and not config.smtp.domains:
@@ -551,10 +625,7 @@ def _validate(config: Config, loader: _Loader) -> None:
     if not 1 <= p.max_bulk <= 1000:
         problem("provider.max_bulk", "must be between 1 and 1000 (the provider's bulk limit)")
     if not valid_sender_id(p.sender_id):
-        problem(
-            "provider.sender_id",
-            "up to 11 letters, digits or spaces with at least one letter, or up to 15 digits",
-        )
+        problem("provider.sender_id", SENDER_ID_RULE)
     for key in ("pricing_path", "account_path", "calculate_path"):
         if not getattr(p, key).startswith("/"):
             problem(f"provider.{key}", "must start with /")
@@ -566,34 +637,61 @@ def _validate(config: Config, loader: _Loader) -> None:
         problem("log.level", "must be debug, info, warning or error")
     if config.log.format not in ("human", "json"):
         problem("log.format", "must be human or json")
-    for name, members in config.groups.items():
-        for index, member in enumerate(members):
-            try:
-                normalise_number(member, default_region=config.phone.default_region or None)
-            except PhoneError as exc:
-                problem(f"groups.{name}[{index}]", str(exc))
     for name, route in config.routes.items():
         key = f"routes.{name}"
         if bool(route.username) != bool(route.password):
             problem(f"{key}.username", "username and password go together (basic auth)")
         if route.format in ("github", "gitlab") and not route.secret:
             problem(f"{key}.secret", f"{route.format} webhooks must be authenticated by a secret")
-        if not route.to and route.format != "generic" and not route.allow_query_to:
-            problem(f"{key}.to", "no recipients: set to = [numbers or groups]")
+        if not route.to and not route.allow_payload_to and not route.allow_query_to:
+            problem(
+                f"{key}.to",
+                "no recipients: set to = [numbers or groups] (or allow_payload_to = true)",
+            )
         if route.sender_id and not valid_sender_id(route.sender_id):
-            problem(f"{key}.sender_id", "up to 11 letters, digits or spaces, or 15 digits")
+            problem(f"{key}.sender_id", SENDER_ID_RULE)
         for index, net in enumerate(route.allowed_networks):
             try:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 problem(f"{key}.allowed_networks[{index}]", f"{net!r} is not a CIDR network")
-        for index, target in enumerate(route.to):
-            if target in config.groups:
-                continue
+    _validate_recipients(config, problem)
+
+
+def _validate_recipients(config: Config, problem: Callable[[str, str], None]) -> None:
+    """Phone rules, and every number the config names passes the same firewall as a
+    caller's: a config that texts a refused number is a config error, not a surprise."""
+    phone = config.phone
+    for index, country in enumerate(phone.allowed_countries):
+        if country.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            problem(
+                f"phone.allowed_countries[{index}]", f"{country!r} is not an ISO code such as US"
+            )
+    if config.http.max_recipients < 0:
+        problem("http.max_recipients", "must be 0 (no cap) or more")
+    if config.budget.cost_per_day < 0:
+        problem("budget.cost_per_day", "must be 0 (no cap) or more")
+    for index, sender_id in enumerate(config.provider.allowed_sender_ids):
+        if not valid_sender_id(sender_id):
+            problem(f"provider.allowed_sender_ids[{index}]", SENDER_ID_RULE)
+    firewall = Firewall.from_config(config)
+    for name, members in config.groups.items():
+        for index, member in enumerate(members):
             try:
-                normalise_number(target, default_region=config.phone.default_region or None)
-            except PhoneError as exc:
-                problem(f"routes.{name}.to[{index}]", f"neither a group nor a number: {exc}")
+                firewall.number(member)
+            except InputError as exc:
+                problem(f"groups.{name}[{index}]", str(exc))
+    named = [("budget.admin", config.budget.admin)] + [
+        (f"routes.{name}.to", route.to) for name, route in config.routes.items()
+    ]
+    for key, targets in named:
+        for index, target in enumerate(targets):
+            if target in config.groups:
+                continue  # its members are checked above
+            try:
+                firewall.number(target)
+            except InputError as exc:
+                problem(f"{key}[{index}]", f"neither a group nor an allowed number: {exc}")
 
 
 def _validate_tokens(config: Config, problem: Callable[[str, str], None]) -> None:
@@ -714,16 +812,6 @@ def _validate_protected(config: Config, problem: Callable[[str, str], None]) -> 
             )
 
 
-@functools.lru_cache(maxsize=256)  # checked on every message; senders are few
-def valid_sender_id(sender_id: str) -> bool:
-    """Alphanumeric: 1-11 of A-Z a-z 0-9 space with a letter; numeric: up to 15 digits."""
-    if re.fullmatch(r"\+?\d{1,15}", sender_id):
-        return True
-    return bool(
-        re.fullmatch(r"[A-Za-z0-9 ]{1,11}", sender_id) and re.search(r"[A-Za-z]", sender_id)
-    )
-
-
 def load_config(
     path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
 ) -> Config:
@@ -772,6 +860,13 @@ def _masked_value(spec: dataclasses.Field[Any], value: Any) -> Any:
     return {k: "***" for k in value} if isinstance(value, Mapping) else "***"
 
 
+def _plain(value: Any) -> Any:
+    """Tables of tables (`[[smtp.rules]]`) as plain data, for JSON."""
+    if isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+        return [dataclasses.asdict(v) for v in value]
+    return value
+
+
 def masked(config: Config) -> dict[str, Any]:
     """The config as plain data with every secret replaced, for logs and `check-config`."""
     out: dict[str, Any] = {}
@@ -781,7 +876,7 @@ def masked(config: Config) -> dict[str, Any]:
             f.name: (
                 "***"
                 if f.metadata.get("secret") and getattr(section, f.name)
-                else getattr(section, f.name)
+                else _plain(getattr(section, f.name))
             )
             for f in dataclasses.fields(section)
         }

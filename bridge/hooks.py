@@ -23,9 +23,10 @@ from starlette.responses import JSONResponse, Response
 
 from bridge.clock import Clock
 from bridge.config import LiveConfig, RouteConfig
+from bridge.firewall import Firewall, cap_recipients
 from bridge.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
 from bridge.ingest import Draft, Ingestor
-from bridge.phone import resolve_recipients
+from bridge.policy import dedupe_scope
 from bridge.templates import TemplateError, render
 from bridge.web import HttpError, parse_json, read_body
 
@@ -91,7 +92,8 @@ def _challenge(route: RouteConfig) -> str | None:
     return ", ".join(challenges) or None
 
 
-def _text(route: RouteConfig, message: HookMessage) -> str:
+def route_text(route: RouteConfig, message: HookMessage) -> str:
+    """The SMS text of one hook message: the route's template, else the format's text."""
     if route.template:
         try:
             rendered = render(route.template, message.context)
@@ -161,30 +163,38 @@ def hook_endpoint(
         except Ignored as exc:
             return JSONResponse({"ignored": str(exc)}, 200)
         extra = request.query_params.getlist("to")
-        if extra and not route.allow_query_to:
-            raise HttpError(400, "this route does not take ?to= (allow_query_to)", "to")
+        if extra and not (route.allow_payload_to or route.allow_query_to):
+            raise HttpError(400, "this route does not take ?to= (allow_payload_to)", "to")
+        firewall = Firewall.from_config(config)
         drafts = []
         for message in messages:
-            targets = [*route.to, *message.recipients, *extra]
-            if not targets:
+            # A route texts its own recipients; whoever can post to it may add others
+            # only where the owner said so (else the payload's `to` is just data).
+            payload_to = message.recipients if route.allow_payload_to else ()
+            cap_recipients([*payload_to, *extra], config.http.max_recipients, route.to_path)
+            if not (route.to or payload_to or extra):
                 raise HttpError(
                     400,
                     "no recipients: the route has none and the payload named none",
                     route.to_path if route.format == "generic" else "to",
                 )
-            recipients = resolve_recipients(
-                targets,
-                config.groups,
-                default_region=config.phone.default_region or None,
-                require_valid=config.phone.require_valid,
+            recipients = list(
+                dict.fromkeys(
+                    [
+                        *firewall.resolve(route.to, config.groups, field=f"routes.{name}.to"),
+                        *firewall.resolve(payload_to, config.groups, field=route.to_path),
+                        *firewall.resolve(extra, config.groups, field="?to"),
+                    ]
+                )
             )
             drafts.append(
                 Draft(
                     recipients=recipients,
-                    text=_text(route, message),
+                    text=route_text(route, message),
                     source="hook",
                     sender_id=route.sender_id or config.provider.sender_id,
                     route=name,
+                    scope=dedupe_scope("route", name),
                     dedupe_key=message.dedupe_key,
                     topic=message.topic,
                     instance=message.instance,

@@ -20,7 +20,7 @@ from bridge.clock import Clock
 from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage, State
 from bridge.phone import is_assigned
-from bridge.policy import Rules, decide_all, text_key
+from bridge.policy import Rules, decide_all, scoped_key, text_key
 from bridge.pricing import PriceBook
 from bridge.store import Store
 from bridge.text import Shape, shape, transliterate, truncate_to_parts
@@ -44,7 +44,7 @@ def _prepared(
 
 @dataclass(frozen=True, slots=True)
 class Draft:
-    """One text to one or more already-resolved E.164 recipients."""
+    """One text to one or more already-resolved E.164 recipients (Firewall.resolve)."""
 
     recipients: Sequence[str]
     text: str
@@ -56,6 +56,7 @@ class Draft:
     suppressed_reason: str | None = None  # e.g. an auto-reply: stored, never sent
     topic: str | None = None  # what a storm digest counts it as; default: its first line
     instance: str | None = None  # what a storm digest names besides (a host, a pod)
+    scope: str | None = None  # where dedupe keys come from (policy.dedupe_scope); default: source
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +97,9 @@ class Ingestor:
                 draft.text, self.transliterate, self.max_parts, self.arabic_type
             )
             topic = draft.topic or text.split("\n", 1)[0][:TOPIC_CHARS]
-            dedupe_key = draft.dedupe_key or text_dedupe_key
+            dedupe_key = scoped_key(
+                draft.scope or draft.source, draft.dedupe_key or text_dedupe_key
+            )
             for recipient in draft.recipients:
                 if not is_assigned(recipient):
                     log.warning(
@@ -122,6 +125,11 @@ class Ingestor:
                     )
                 )
         return out
+
+    def preview(self, drafts: Sequence[Draft]) -> list[NewMessage]:
+        """What `submit` would store, before policy: texts cut and shaped, costs
+        estimated. Stores nothing (the console's route preview)."""
+        return self._messages(drafts)
 
     async def submit(self, drafts: Sequence[Draft]) -> list[Accepted]:
         if self.pending >= MAX_PENDING_INGESTS:

@@ -20,6 +20,8 @@ from typing import Any
 
 from inscriptis import get_text
 
+from bridge.charsets import decode_best
+
 
 # policy.default, but every header read as unstructured text: we need RFC 2047 decoding,
 # not address parsing, which costs ten times the rest of the parse (measured).
@@ -49,7 +51,22 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _LINESEP = re.compile(r"\r|\n")  # what policy.default removes to unfold a header
 _NON_WORDS = re.compile(r"\W+")
 TEMPLATE_HEADERS = ("from", "to", "subject", "date", "message-id")
-HEADERS_READ = frozenset((*TEMPLATE_HEADERS, "auto-submitted"))
+# What tells an auto-reply: RFC 3834's header, and what vacation responders send instead.
+AUTO_REPLY_HEADERS = ("auto-submitted", "x-autoreply", "x-autorespond", "precedence")
+HEADERS_READ = frozenset((*TEMPLATE_HEADERS, *AUTO_REPLY_HEADERS))
+_AUTO_REPLY_SUBJECT = re.compile(
+    r"^(automatic reply|auto-?reply|auto-?response|out of (the )?office|abwesenheitsnotiz|"
+    r"automatische antwort|r[ée]ponse automatique|respuesta autom[áa]tica)\b",
+    re.IGNORECASE,
+)
+_MAILER_DAEMON = re.compile(r"\bmailer-daemon@", re.IGNORECASE)
+# postmaster@ also sends mail that is not a bounce (some boxes notify from it): a bounce
+# only with a bounce's subject.
+_POSTMASTER = re.compile(r"\bpostmaster@", re.IGNORECASE)
+_BOUNCE_SUBJECT = re.compile(
+    r"undeliver|delivery (status|fail)|returned mail|failure notice|not be delivered",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,29 +79,33 @@ class MailText:
     loop_reason: str | None = None  # set for bounces and auto-replies: store, never send
 
 
-def _decode_bytes(data: bytes, charset: str | None) -> str:
-    for candidate in (charset, "utf-8"):
-        if not candidate:
-            continue
-        try:
-            return data.decode(candidate)
-        except LookupError:  # unknown charset name: try the next reading
-            continue
-        except UnicodeDecodeError:
-            if candidate == charset:
-                return data.decode(candidate, errors="replace")
-    return data.decode("cp1252", errors="replace")
-
-
 def policy_header_text(policy: Any, name: str, raw: Any) -> str:
     """A raw header value decoded by the message's policy (RFC 2047 and all)."""
+    raw = _raw_8bit(raw)
     try:
         text = str(policy.header_fetch_parse(name, raw))
     except Exception:  # a malformed header the policy refuses to parse
         text = _decode_rfc2047(str(raw))
-    if "=?" in text:  # an encoded word the policy left alone (e.g. unknown charset)
-        text = _decode_rfc2047(text)
+    if "=?" in str(raw):
+        # Encoded words read by their bytes, not only their label (UTF-8 labelled
+        # iso-8859-1 is common and decodes without error into mojibake); the policy's
+        # reading stands where that one is not clean (a word it alone could parse).
+        best = _decode_rfc2047(_LINESEP.sub("", str(raw)))
+        if "=?" not in best and "\ufffd" not in best:
+            text = best
     return _CONTROL.sub("", text)
+
+
+def _raw_8bit(raw: Any) -> Any:
+    """Raw 8-bit bytes in a header (the parser keeps them as surrogate escapes) decoded by
+    the best reading: a Subject in raw cp1252 is not UTF-8 with holes."""
+    if not isinstance(raw, str) or raw.isascii():
+        return raw
+    try:
+        data = raw.encode("ascii", errors="surrogateescape")
+    except UnicodeEncodeError:  # already text (a header set from str): nothing to decode
+        return raw
+    return decode_best(data)
 
 
 def header_text(policy: Any, name: str, raw: Any) -> str:
@@ -116,7 +137,15 @@ def _decode_rfc2047(text: str) -> str:
         return text
     out = []
     for chunk, charset in parts:
-        out.append(_decode_bytes(chunk, charset) if isinstance(chunk, bytes) else chunk)
+        if isinstance(chunk, str):
+            out.append(chunk)
+        elif charset is None:  # text between encoded words, kept by decode_header as bytes
+            try:  # its encoding of str (raw-unicode-escape), undone...
+                out.append(chunk.decode("raw-unicode-escape"))
+            except UnicodeDecodeError:  # ...unless the text held a literal "\u" (C:\users)
+                out.append(decode_best(chunk))
+        else:
+            out.append(decode_best(chunk, charset))
     return "".join(out)
 
 
@@ -124,7 +153,8 @@ def _part_text(part: Message) -> str:
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         payload = str(part.get_payload()).encode("utf-8", errors="replace")
-    return _decode_bytes(payload[: MAX_BODY_CHARS * 4], part.get_content_charset())
+    bound = MAX_BODY_CHARS * 4
+    return decode_best(payload[:bound], part.get_content_charset(), cut=len(payload) > bound)
 
 
 def _html_to_text(html: str) -> str:
@@ -169,15 +199,34 @@ def clean_body(text: str) -> str:
     return "\n".join(lines)
 
 
-def _loop_reason(msg: Message, auto_submitted: str, mail_from: str | None) -> str | None:
-    """Why this mail must never be texted on (bounce loops), or None. Most specific first."""
-    if msg.get_content_type() == "multipart/report":
-        return "delivery status notification (multipart/report)"
+def _loop_reason(msg: Message, found: dict[str, str], mail_from: str | None) -> str | None:
+    """Why this mail must never be texted on, or None. Most specific first.
+
+    Only bounces and auto-replies: texting them (or answering them) is what loops.
+    `Auto-Submitted: auto-generated`, `Precedence: bulk` and `List-ID` mark mail a robot
+    wrote, which is what cron, Jenkins and every monitor send: RFC 3834 asks not to
+    auto-reply to those, not to drop them.
+    """
+    content_type = msg.get_content_type()
+    if content_type in ("multipart/report", "message/delivery-status"):
+        return f"delivery status notification ({content_type})"
     if mail_from is not None and mail_from in ("", "<>"):
-        return "null sender: a bounce or notification, never texted on"
-    auto = auto_submitted.strip().lower()
-    if auto and auto != "no":
+        return "null sender: a bounce or auto-reply, never texted on"
+    sender = found.get("from", "")
+    if _MAILER_DAEMON.search(sender) or (
+        _POSTMASTER.search(sender) and _BOUNCE_SUBJECT.search(found.get("subject", ""))
+    ):
+        return "bounce from the mail system (MAILER-DAEMON or postmaster)"
+    auto = found.get("auto-submitted", "").strip().lower()
+    if auto.startswith("auto-replied"):
         return f"auto-submitted mail (Auto-Submitted: {auto})"
+    for name in ("x-autoreply", "x-autorespond"):
+        if found.get(name, "").strip().lower() not in ("", "no", "false", "0"):
+            return f"auto-reply ({name})"
+    if found.get("precedence", "").strip().lower() == "auto_reply":
+        return "auto-reply (Precedence: auto_reply)"
+    if _AUTO_REPLY_SUBJECT.match(found.get("subject", "").strip()):
+        return "auto-reply (vacation or out-of-office subject)"
     return None
 
 
@@ -201,7 +250,7 @@ def parse_mail(raw: bytes, *, mail_from: str | None = None) -> MailText:
         sender=headers.get("from", ""),
         message_id=message_id,
         headers=headers,
-        loop_reason=_loop_reason(msg, found.get("auto-submitted", ""), mail_from),
+        loop_reason=_loop_reason(msg, found, mail_from),
     )
 
 

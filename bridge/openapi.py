@@ -6,6 +6,7 @@ from typing import Any
 
 from bridge import __version__
 from bridge.config import Config
+from bridge.firewall import SENDER_ID_RULE
 
 _ERROR = {
     "type": "object",
@@ -40,7 +41,9 @@ def _errors(*codes: int) -> dict[str, dict[str, Any]]:
     reasons = {
         400: "bad input, naming the field",
         401: "missing or wrong credentials",
+        403: "the token lacks the scope",
         404: "no such route or message",
+        409: "the message's state does not allow it",
         413: "body too large",
         415: "not JSON",
         503: "not stored (store or overload): retry",
@@ -72,10 +75,31 @@ def openapi_spec(config: Config) -> dict[str, Any]:
         "required": ["to", "message"],
         "additionalProperties": True,
         "properties": {
-            "to": _RECIPIENTS,
+            "to": {
+                **_RECIPIENTS,
+                "description": str(_RECIPIENTS["description"])
+                + (
+                    f"; at most {config.http.max_recipients} per request"
+                    if config.http.max_recipients
+                    else ""
+                )
+                + "; a number the bridge may not text (phone.allowed_countries,"
+                " phone.allow_premium) is a 400 naming it",
+            },
             "message": {"type": "string", "minLength": 1, "maxLength": 5000},
-            "sender_id": {"type": "string", "maxLength": 15},
-            "dedupe_key": {"type": "string", "maxLength": 256},
+            "sender_id": {
+                "type": "string",
+                "maxLength": 11,
+                "description": f"{SENDER_ID_RULE}; one of "
+                + ", ".join([config.provider.sender_id, *config.provider.allowed_sender_ids])
+                + " (provider.sender_id and provider.allowed_sender_ids)",
+            },
+            "dedupe_key": {
+                "type": "string",
+                "maxLength": 256,
+                "description": "suppresses a repeat to the same recipient within the dedupe"
+                " window; scoped to the API, so it never meets a webhook's or a mail's key",
+            },
             "schedule_time": {
                 "type": "string",
                 "description": "YYYY-MM-DD HH:MM:SS (UTC) or ISO 8601",
@@ -89,7 +113,7 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                 "parameters": [
                     {"name": "to", "in": "query", "required": False, "schema": {"type": "string"}}
                 ]
-                if route.allow_query_to
+                if route.allow_query_to or route.allow_payload_to
                 else [],
                 "requestBody": {
                     "required": True,
@@ -133,6 +157,10 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                         {"name": "state", "in": "query", "schema": {"type": "string"}},
                         {"name": "limit", "in": "query", "schema": {"type": "integer"}},
                         {"name": "before", "in": "query", "schema": {"type": "integer"}},
+                        {"name": "route", "in": "query", "schema": {"type": "string"}},
+                        {"name": "source", "in": "query", "schema": {"type": "string"}},
+                        {"name": "recipient", "in": "query", "schema": {"type": "string"}},
+                        {"name": "q", "in": "query", "schema": {"type": "string"}},
                     ],
                     "responses": {"200": {"description": "messages"}, **_errors(400)},
                 },
@@ -150,6 +178,32 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                     ],
                     "responses": {"200": {"description": "the message"}, **_errors(400, 404)},
                 }
+            },
+            **{
+                f"/api/v1/messages/{{id}}/{action}": {
+                    "post": {
+                        "summary": summary,
+                        "parameters": [
+                            {
+                                "name": "id",
+                                "in": "path",
+                                "required": True,
+                                "schema": {"type": "integer"},
+                            }
+                        ],
+                        "responses": {
+                            "200": {"description": "the message"},
+                            **_errors(400, 401, 403, 404, 409),
+                        },
+                    }
+                }
+                for action, summary in (
+                    ("retry", "queue a failed message again (admin)"),
+                    (
+                        "cancel",
+                        "end a queued or held message as failed, 'cancelled by NAME' (admin)",
+                    ),
+                )
             },
             "/healthz": {
                 "get": {"summary": "liveness", "responses": {"200": {"description": "up"}}}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping
 
 import phonenumbers
 from phonenumbers import NumberParseException
@@ -95,28 +94,3 @@ def is_assigned(e164: str) -> bool:
 @functools.lru_cache(maxsize=4096)  # called for every message's cost estimate
 def country_code(e164: str) -> int:
     return int(phonenumbers.parse(e164, None).country_code or 0)
-
-
-def resolve_recipients(
-    targets: Iterable[str],
-    groups: Mapping[str, Iterable[str]],
-    *,
-    default_region: str | None = None,
-    require_valid: bool = False,
-    field: str = "to",
-) -> list[str]:
-    """Numbers and group names -> unique E.164 numbers in first-seen order."""
-    seen: dict[str, None] = {}
-    for index, target in enumerate(targets):
-        members = groups.get(target)
-        for item in members if members is not None else [target]:
-            try:
-                seen[
-                    normalise_number(
-                        item, default_region=default_region, require_valid=require_valid
-                    )
-                ] = None
-            except PhoneError as exc:
-                where = f"{field}[{index}]" if members is None else f"{field}[{index}] ({target})"
-                raise InputError(where, str(exc)) from exc
-    return list(seen)

@@ -5,9 +5,10 @@ ingest of that transaction at once (two lookups, whatever the number of messages
 decides each message as if the ones before it were already stored: two concurrent
 duplicates cannot both slip through, and a storm is counted exactly.
 
-- Deduplication: the same dedupe key (explicit: `dedupe_key`, Message-ID, delivery id,
-  alert fingerprints and status; otherwise the normalised text) to the same recipient
-  within the window -> `suppressed`, naming the original.
+- Deduplication: the same dedupe key (explicit: `dedupe_key`, Message-ID and content,
+  GitHub body hash, alert fingerprints and status; otherwise the normalised text) to the
+  same recipient within the window -> `suppressed`, naming the original. Every key
+  carries its scope (`dedupe_scope`): keys from the API, a route or mail never meet.
 - Storm control: more than `per_recipient` texts to one phone within the window ->
   `held`; the digest worker (`bridge.storm`) later folds held messages into one SMS.
 """
@@ -28,6 +29,9 @@ from bridge.models import NewMessage, State
 
 _WORDS = re.compile(r"\s+")
 LOOKUPS_PER_STATEMENT = 200  # up to four parameters each: under SQLite's oldest limit (999)
+# GitHub signs no timestamp, so a captured body can be replayed at any time; its key is
+# the body's hash, and no genuine event repeats a body, so a long window costs nothing.
+SIGNED_REPLAY_WINDOW = 7 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +47,51 @@ class Rules:
             dedupe_window=config.dedupe.window,
             per_recipient=config.limits.per_recipient,
             per_recipient_window=config.limits.per_recipient_window,
-            route_windows={name: r.dedupe_window for name, r in config.routes.items()},
+            route_windows={
+                name: _route_window(r.format, r.dedupe_window, config.dedupe.window)
+                for name, r in config.routes.items()
+            },
         )
 
     def window_for(self, route: str | None) -> float:
         window = self.route_windows.get(route or "", -1.0)
         return self.dedupe_window if window < 0 else window
+
+
+def _route_window(route_format: str, window: float, default: float) -> float:
+    """A route's own window, else the default; a GitHub route's default is at least a week
+    (SIGNED_REPLAY_WINDOW), unless dedupe is off altogether."""
+    if window >= 0:
+        return window
+    if route_format == "github" and default > 0:
+        return max(default, SIGNED_REPLAY_WINDOW)
+    return default
+
+
+def dedupe_scope(kind: str, name: str | None = None) -> str:
+    """Where dedupe keys come from: `api`, `api@TOKEN`, `route@NAME`, `mail`.
+
+    Ingest puts the scope before every key (`scoped_key`), so an API caller's
+    `"github:deliv-77"` is `api:github:deliv-77` and can never match route `gh`'s
+    delivery, `route@gh:github:...`. A name cannot hold `:` (escaped), so no scope ends
+    inside another's key.
+    """
+    if name is None:
+        return kind
+    return f"{kind}@{name.replace('%', '%25').replace(':', '%3A')}"
+
+
+def scoped_key(scope: str, key: str) -> str:
+    return f"{scope}:{key}"
+
+
+def content_hash(*parts: str | bytes) -> str:
+    """A short digest of some content, for keys that must change when it does."""
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8", "surrogatepass") if isinstance(part, str) else part
+        digest.update(len(data).to_bytes(8, "big") + data)  # lengths: no ambiguous joins
+    return digest.hexdigest()[:32]
 
 
 def text_key(text: str) -> str:

@@ -36,6 +36,7 @@ class PriceBook:
     ) -> None:
         self.prices = dict(prices or {})
         self.default = default
+        self.currency = ""  # as the price list names it ("USD", "points"); "" = not said
 
     def estimate(self, e164: str, parts: int) -> float | None:
         try:
@@ -44,6 +45,10 @@ class PriceBook:
             price = self.default
         return None if price is None else round(price * parts, 6)
 
+    def ceiling(self) -> float:
+        """The highest price of one part anywhere: a safe guess where none is known."""
+        return max([*self.prices.values(), self.default or 0.0])
+
     def load(self, data: Any) -> None:
         """Replace the prices with what a pricing response says (tolerantly)."""
         prices: dict[int, float] = {}
@@ -51,6 +56,9 @@ class PriceBook:
         entries: Any = data
         if isinstance(data, dict):
             default = _price(data.get("default"))
+            currency = data.get("currency")
+            if isinstance(currency, str):
+                self.currency = currency[:16]
             entries = (
                 data.get("countries")
                 or data.get("prices")

@@ -193,6 +193,7 @@ class Bridge:
                     clock=clock,
                     config=config,
                     sender_id=p.sender_id,
+                    prices=prices,
                 )
                 dispatcher = Dispatcher(
                     store=store,
@@ -269,6 +270,12 @@ class Bridge:
                     health=health,
                     clock=clock,
                     metrics=metrics,
+                    status=lambda: {
+                        "rate_used": limiter.used(),
+                        "paused_until": limiter.paused_until or None,
+                        "balance": dispatcher.balance,
+                    },
+                    wake=dispatcher.wake.set,
                 )
                 yield cls(
                     config=config,

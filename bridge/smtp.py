@@ -23,9 +23,12 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from bridge.config import Config, parse_listen
 from bridge.errors import InputError, StoreUnavailable
+from bridge.firewall import Firewall, RefusedNumber
 from bridge.ingest import Draft, Ingestor
 from bridge.mail import MailText, compose, parse_mail
-from bridge.phone import PhoneError, normalise_number
+from bridge.mailrules import apply_rule, rule_for
+from bridge.phone import PhoneError
+from bridge.policy import content_hash, dedupe_scope
 from bridge.sockets import bind_socket
 from bridge.templates import TemplateError, render
 
@@ -90,6 +93,7 @@ class SmtpHandler:
             ipaddress.ip_network(n, strict=False) for n in config.smtp.allowed_networks
         ]
         self.groups = {name.lower(): name for name in config.groups}
+        self.firewall = Firewall.from_config(config)
 
     # -- who may send --------------------------------------------------------------------
     def _client_allowed(self, session: Session) -> bool:
@@ -136,16 +140,7 @@ class SmtpHandler:
         group = self.groups.get(local.lower())
         region = self.regions.get(domain) or self.config.smtp.default_region or None
         members = self.config.groups[group] if group else [local]
-        numbers = []
-        for member in members:
-            numbers.append(
-                normalise_number(
-                    member,
-                    default_region=region or self.config.phone.default_region or None,
-                    require_valid=self.config.phone.require_valid,
-                )
-            )
-        return numbers
+        return [self.firewall.number(member, region=region) for member in members]
 
     async def handle_RCPT(
         self,
@@ -161,6 +156,8 @@ class SmtpHandler:
             self.resolve(address)
         except PhoneError as exc:
             return f"550 5.1.1 <{address}>: {exc}"
+        except RefusedNumber as exc:  # a possible number this bridge may not text
+            return f"550 5.7.1 <{address}>: {exc}"
         except InputError as exc:
             if exc.field == "domain":
                 return f"550 5.7.1 <{address}>: {exc.message}"
@@ -171,11 +168,18 @@ class SmtpHandler:
 
     # -- the message ---------------------------------------------------------------------
     def text_for(self, mail: MailText, mail_from: str | None) -> str:
+        """The SMS text: the first matching `[[smtp.rules]]` picks the body's lines and may
+        set its own compose mode and template; else `smtp.compose`."""
         smtp = self.config.smtp
-        if smtp.compose == "template":
+        rule = rule_for(smtp.rules, mail, mail_from)
+        mode, template = smtp.compose, smtp.template
+        if rule is not None:
+            mail = apply_rule(rule, mail)
+            mode, template = rule.compose or mode, rule.template or template
+        if mode == "template":
             try:
                 text = render(
-                    smtp.template,
+                    template,
                     {
                         "subject": mail.subject,
                         "body": mail.body,
@@ -189,7 +193,7 @@ class SmtpHandler:
             except TemplateError as exc:
                 log.error("smtp.template failed (%s); using subject and body", exc)
             return compose(mail, "subject_body")
-        return compose(mail, smtp.compose)
+        return compose(mail, mode)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = (
@@ -212,7 +216,8 @@ class SmtpHandler:
             text=text,
             source="smtp",
             sender_id=self.config.smtp.sender_id or self.config.provider.sender_id,
-            dedupe_key=f"message-id:{mail.message_id}" if mail.message_id else None,
+            scope=dedupe_scope("mail"),
+            dedupe_key=mail_dedupe_key(mail),
             suppressed_reason=mail.loop_reason,
             topic=mail.subject[:32] or None,
         )
@@ -225,6 +230,14 @@ class SmtpHandler:
         if mail.loop_reason:
             log.info("mail stored as suppressed (%s): %s", mail.loop_reason, ids)
         return f"250 2.0.0 OK: stored as message {ids}"
+
+
+def mail_dedupe_key(mail: MailText) -> str | None:
+    """A resend is the same Message-ID *and* the same content: cheap devices and test
+    fixtures give different mails one Message-ID, and each of them must be texted."""
+    if not mail.message_id:
+        return None  # the text is the key
+    return f"message-id:{mail.message_id}:{content_hash(mail.sender, mail.subject, mail.body)}"
 
 
 class Authenticator:

@@ -21,16 +21,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bridge.auth import AuthError, authorize
+from bridge.auth import AuthError, Principal, authorize
 from bridge.clock import Clock
-from bridge.config import LiveConfig, valid_sender_id
+from bridge.config import LiveConfig
 from bridge.errors import InputError, StoreUnavailable
+from bridge.firewall import Firewall, cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
 from bridge.hosts import HostCheck
 from bridge.ingest import Draft, Ingestor
 from bridge.metrics import Metrics
 from bridge.openapi import openapi_spec
-from bridge.phone import resolve_recipients
+from bridge.policy import dedupe_scope
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,26 @@ def create_app(
     clock: Clock,
     metrics: Metrics | None = None,
     lifespan: Any = None,
+    status: Callable[[], dict[str, Any]] | None = None,
+    wake: Callable[[], None] | None = None,
 ) -> Starlette:
+    """The HTTP app; `status` and `wake` let the console show the dispatcher's rate
+    window and balance and wake it after a retry."""
+    from bridge.console.activity import RouteActivity
+    from bridge.console.app import Console
     from bridge.hooks import hook_endpoint  # hooks builds on this module's helpers
+
+    activity = RouteActivity(live=live, clock=clock)
+    console = Console(
+        live=live,
+        store=store,
+        ingestor=ingestor,
+        health=health,
+        clock=clock,
+        activity=activity,
+        status=status,
+        wake=wake,
+    )
 
     async def post_message(request: Request) -> Response:
         config = live.current
@@ -174,23 +193,13 @@ def create_app(
         if not isinstance(body, dict):
             raise HttpError(400, "body must be a JSON object", "body")
         targets = recipients_field(body.get("to"))
+        cap_recipients(targets, config.http.max_recipients)
         text = _string(body, "message", required=True, max_len=MAX_TEXT_CHARS)
-        sender_id = _string(body, "sender_id") or config.provider.sender_id
-        if not valid_sender_id(sender_id):
-            raise HttpError(
-                400,
-                "'sender_id' must be up to 11 letters, digits or spaces with a "
-                "letter, or up to 15 digits",
-                "sender_id",
-            )
+        sender_id = sender_id_for(config, _string(body, "sender_id"))
         dedupe_key = _string(body, "dedupe_key", max_len=MAX_DEDUPE_KEY)
         schedule = _string(body, "schedule_time")
-        recipients = resolve_recipients(
-            targets,
-            config.groups,
-            default_region=config.phone.default_region or None,
-            require_valid=config.phone.require_valid,
-        )
+        recipients = Firewall.from_config(config).resolve(targets, config.groups)
+        caller: Principal = request.state.principal
         accepted = await ingestor.submit(
             [
                 Draft(
@@ -198,6 +207,9 @@ def create_app(
                     text=text or "",
                     source="http",
                     sender_id=sender_id,
+                    # API keys never meet a route's or a mail's, and one token's keys
+                    # never mute another's (no tokens: one anonymous caller, "api").
+                    scope=dedupe_scope("api", caller.name if config.tokens else None),
                     dedupe_key=dedupe_key,
                     schedule_time=parse_schedule_time(schedule) if schedule else None,
                 )
@@ -228,6 +240,9 @@ def create_app(
             before_id=before,
             reason_kind=q.get("reason"),
             route=q.get("route"),
+            source=q.get("source"),
+            recipient=q.get("recipient"),
+            text=q.get("q"),
         )
         return JSONResponse({"messages": [m.to_json() for m in messages]})
 
@@ -241,6 +256,32 @@ def create_app(
         out = message.to_json()
         out["events"] = await store.events(message.id)
         return JSONResponse(out)
+
+    def change(action: str) -> Handler:
+        async def changed(request: Request) -> Response:
+            return await change_message(request, action)
+
+        return changed
+
+    async def change_message(request: Request, action: str) -> Response:
+        """`POST .../retry` (failed -> queued) or `.../cancel` (queued, held -> failed)."""
+        raw = request.path_params["message_id"]
+        if not raw.isdigit():
+            raise HttpError(400, "message id must be an integer", "id")
+        who = request.state.principal.name
+        if action == "retry":
+            done = await store.retry([int(raw)], clock.now(), by=who)
+        else:
+            done = await store.cancel([int(raw)], clock.now(), by=who)
+        message = await store.get(int(raw))
+        if message is None:
+            raise HttpError(404, f"no message {raw}", "id")
+        if not done:
+            allowed = "failed" if action == "retry" else "queued or held"
+            raise HttpError(409, f"message {raw} is {message.state}: only {allowed} can {action}")
+        if wake is not None:
+            wake()
+        return JSONResponse(message.to_json())
 
     async def metrics_endpoint(request: Request) -> Response:
         if metrics is None:
@@ -289,16 +330,27 @@ def create_app(
                 requires("read", live, get_message),
                 methods=["GET"],
             ),
+            *(
+                Route(
+                    f"/api/v1/messages/{{message_id}}/{action}",
+                    requires("admin", live, change(action)),
+                    methods=["POST"],
+                )
+                for action in ("retry", "cancel")
+            ),
             Route("/api/v1/stats", requires("read", live, stats), methods=["GET"]),
             Route(
                 "/hooks/{name}",
-                handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock)),
+                activity.observe(
+                    handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock))
+                ),
                 methods=["POST"],
             ),
             Route("/openapi.json", openapi, methods=["GET"]),
             Route("/metrics", requires("metrics", live, metrics_endpoint), methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            *console.routes(),
         ],
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
         middleware=[Middleware(HostCheck, live=live)],  # before any route: DNS rebinding

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import pytest
@@ -24,3 +25,23 @@ async def sandbox_url(sandbox_state: SandboxState) -> AsyncIterator[str]:
     """The sandbox provider served for real on a loopback port."""
     async with served(create_sandbox_app(sandbox_state)) as url:
         yield url
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under CI (`SMS_BRIDGE_NO_SKIPS=1`, set by .ci/run), a skipped test fails the run.
+
+    The tests that skip where a tool is missing (Postfix, Chromium, systemd-analyze, the
+    shared corpus) are exactly the ones CI installs what they need for; a skip there means
+    CI's setup broke, and a green run would hide it.
+    """
+    if os.environ.get("SMS_BRIDGE_NO_SKIPS") != "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped and exitstatus == 0:
+        reporter.ensure_newline()
+        for report in skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+            reporter.write_line(f"CI: {report.nodeid} was skipped ({reason})", red=True)
+        reporter.write_line(f"CI: {len(skipped)} skipped test(s): failing the run", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -148,3 +148,14 @@ def test_a_token_may_come_from_a_file(tmp_path) -> None:
         f'[tokens.deploy]\ntoken_file = "{secret}"\nscopes = ["send"]\n',
     )
     assert config.tokens["deploy"].token == SENDER
+
+
+async def test_one_tokens_dedupe_keys_never_mute_anothers(config, clock: ManualClock) -> None:
+    keyed = {**MESSAGE, "dedupe_key": "deploy-42"}
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        endpoint = f"{url}/api/v1/messages"
+        first = await http.post(endpoint, json=keyed, headers=bearer(SENDER))
+        again = await http.post(endpoint, json=keyed, headers=bearer(SENDER))
+        other = await http.post(endpoint, json=keyed, headers=bearer(ADMIN))
+    states = [r.json()["messages"][0]["state"] for r in (first, again, other)]
+    assert states == ["queued", "suppressed", "queued"]

@@ -192,3 +192,62 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
             elif isinstance(f.default, tuple):
                 shown = tuple(shown)
             assert shown == default, f"{section}.{f.name}: the example differs from the default"
+
+
+def test_smtp_rules_are_read_in_order(tmp_path) -> None:
+    path = write_config(
+        tmp_path,
+        """
+        [smtp]
+        compose = "subject_body"
+        [[smtp.rules]]
+        name = "proxmox"
+        subject = "^vzdump backup status"
+        keep = ["ERROR"]
+        first_line_matching = "Backup of VM \\\\d+ failed"
+        [[smtp.rules]]
+        sender = "nagios@*"
+        max_lines = 2
+        compose = "body"
+    """,
+    )
+    rules = load_config(path, env={}).smtp.rules
+    assert [r.name for r in rules] == ["proxmox", ""]
+    assert (
+        rules[0].keep == ("ERROR",) and rules[0].first_line_matching == r"Backup of VM \d+ failed"
+    )
+    assert rules[1].sender == ("nagios@*",) and rules[1].max_lines == 2
+    env = {"SMS_BRIDGE_SMTP_RULES": '[{subject = "UPS", keep = ["STATUS"]}]'}
+    assert [r.keep for r in load_config(path, env=env).smtp.rules] == [("STATUS",)]
+
+
+@pytest.mark.parametrize(
+    ("rule", "problem"),
+    [
+        ('subject = "("', "[0].subject: '(' is not a regular expression"),
+        ('sender = "a@*"\nkeep = ["ok", "[z-a]"]', "[0].keep: '[z-a]' is not a regular expression"),
+        ('sender = "a@*"\nkeeep = ["x"]', "[0].keeep: unknown key"),
+        ('keep = ["x"]', "[0]: a rule needs sender or subject to match on"),
+        ('sender = "a@*"\nmax_lines = -1', "[0].max_lines: expected an integer, 0 or more"),
+        ('sender = "a@*"\ncompose = "all"', "[0].compose: must be subject, body"),
+        ('sender = "a@*"\ncompose = "template"', "[0].template: required when compose"),
+        ("sender = 5", "[0].sender: expected a list of strings"),
+    ],
+)
+def test_smtp_rule_problems_name_the_rule_and_key(tmp_path, rule: str, problem: str) -> None:
+    path = write_config(tmp_path, "[[smtp.rules]]\n" + rule + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert any(key == "smtp.rules" and problem in why for key, why in caught.value.problems)
+
+
+def test_check_config_shows_smtp_rules(tmp_path) -> None:
+    path = write_config(tmp_path, '[[smtp.rules]]\nsender = "ups@*"\nkeep = ["STATUS"]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"keep": [' in result.stdout and '"STATUS"' in result.stdout

@@ -217,6 +217,7 @@ def test_every_secret_field_is_masked_in_the_log(tmp_path) -> None:
             ups = "ups-password"
             [routes.j]
             format = "generic"
+            to = ["+12025550143"]
             username = "jenkins"
             password = "route-basic-password"
             [tokens.deploy]
@@ -285,6 +286,7 @@ def test_the_cli_masks_every_secret_key_it_loaded(tmp_path) -> None:
         """
         [routes.j]
         format = "generic"
+        to = ["+12025550143"]
         username = "jenkins"
         password = "route-basic-password"
         [tokens.deploy]
@@ -319,7 +321,7 @@ async def test_a_reload_masks_the_new_secrets(tmp_path, sandbox_url: str, clock)
         tmp_path,
         f'[store]\npath = "{tmp_path / "bridge.db"}"\n[provider]\n'
         f'base_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
-        '[routes.new]\nformat = "generic"\ntoken = "new-route-token"\n',
+        '[routes.new]\nformat = "generic"\nto = ["+12025550143"]\ntoken = "new-route-token"\n',
         name="reloaded.toml",
     )
     try:

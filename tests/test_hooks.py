@@ -54,7 +54,7 @@ secret = "gl-token"
 format = "generic"
 username = "script"
 password = "pa55"
-allow_query_to = true
+allow_payload_to = true
 """
 
 
@@ -296,6 +296,32 @@ async def test_bad_requests_get_clear_4xx_and_store_nothing(tmp_path, clock, san
             400,
             "to",
         ),
+        *(
+            ("/hooks/grafana", body, auth_headers("grafana", body), 400, field)
+            for body, field in (
+                (b'{"state": "burning", "ruleName": "r"}', "state"),
+                (b'{"state": "alerting", "ruleName": "r", "evalMatches": "x"}', "evalMatches"),
+                (b'{"state": "ok", "ruleName": ["r"]}', "ruleName"),
+            )
+        ),
+        *(
+            (
+                "/hooks/github",
+                body,
+                auth_headers("github", body, {"X-GitHub-Event": event}),
+                400,
+                field,
+            )
+            for event, body, field in (
+                ("workflow_job", b'{"action": "completed", "workflow_job": "x"}', "workflow_job"),
+                (
+                    "check_run",
+                    b'{"action": "completed", "check_run": {"conclusion": "failure", "output": 1}}',
+                    "check_run.output",
+                ),
+                ("status", b'{"state": "failure", "context": {}}', "context"),
+            )
+        ),
     ]
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         for path, body, headers, status, field in cases:
@@ -458,3 +484,53 @@ match = { severity = "page" }
     assert [e.message for e in sandbox_state.entries] == [
         "[FIRING:2] HighLatency api-2, api-3: p99 above 2s"
     ]
+
+
+def _alert_group(
+    labels: list[dict[str, str]], group: dict[str, str] | None = None, common: bool = True
+) -> dict:
+    common = common and {k: v for k, v in labels[0].items() if all(x.get(k) == v for x in labels)}
+    alerts = [{"status": "firing", "labels": x, "annotations": {}} for x in labels]
+    return {
+        "status": "firing",
+        "alerts": alerts,
+        "groupLabels": group or {},
+        "commonLabels": common,
+    }
+
+
+def test_alert_instance_is_where_never_a_flag_or_an_arbitrary_label() -> None:
+    from bridge.formats.alerts import summarize
+
+    def text(
+        labels: list[dict[str, str]], group: dict[str, str] | None = None, common: bool = True
+    ) -> str:
+        return summarize(_alert_group(labels, group, common), source="test").text
+
+    # a lone alert: a known instance-like label or what the group is grouped by, no other
+    # (with or without commonLabels: old Alertmanagers send none)
+    lone = [{"alertname": "Memory", "debug": "true", "tier": "gold"}]
+    assert text(lone) == text(lone, common=False) == "[FIRING:1] Memory"
+    site = [{"alertname": "Down", "site": "ams-1", "severity": "page"}]
+    assert text(site, {"alertname": "Down", "site": "ams-1"}) == "[FIRING:1] Down ams-1"
+    assert text([{"alertname": "Disk", "host": "db-2", "debug": "true"}]) == "[FIRING:1] Disk db-2"
+    # several: what tells them apart, flags and severities aside
+    zones = [{"alertname": "CPU", "zone": "us-1"}, {"alertname": "CPU", "zone": "eu-1"}]
+    assert text(zones) == "[FIRING:2] CPU us-1, eu-1"
+    flagged = [
+        {"alertname": "CPU", "canary": "true", "severity": "page"},
+        {"alertname": "CPU", "canary": "false", "severity": "info"},
+    ]
+    assert text(flagged) == "[FIRING:2] CPU"
+
+
+def test_grafana_legacy_route_match_is_on_the_rules_tags() -> None:
+    from bridge.formats import Ignored, grafana
+
+    payload = json.loads((HOOKS / "grafana-legacy-alerting.json").read_text())
+    paging = RouteConfig(name="g", format="grafana", match={"severity": "page"})
+    ticket = RouteConfig(name="g", format="grafana", match={"severity": "ticket"})
+    [message] = grafana.parse(HookRequest(route=paging, headers={}, body=b"", payload=payload))
+    assert message.text.startswith("[ALERTING] Disk usage /var") and message.dedupe_key is None
+    with pytest.raises(Ignored, match="tags do not match"):
+        grafana.parse(HookRequest(route=ticket, headers={}, body=b"", payload=payload))

@@ -38,7 +38,7 @@ format = "grafana"
 to = ["oncall"]
 [routes.generic]
 format = "generic"
-allow_query_to = true
+allow_payload_to = true
 [routes.github]
 format = "github"
 to = ["oncall"]

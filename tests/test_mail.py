@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from email.message import EmailMessage
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -65,11 +66,45 @@ def test_unknown_charset_and_broken_encodings_do_not_raise() -> None:
     assert isinstance(mail.body, str) and isinstance(mail.subject, str)
 
 
-def test_loop_detection() -> None:
-    assert parse_mail(b"Subject: x\r\n\r\nbody", mail_from="").loop_reason
-    assert parse_mail(b"Auto-Submitted: auto-generated\r\n\r\nbody").loop_reason
-    assert parse_mail(b"Auto-Submitted: no\r\n\r\nbody").loop_reason is None
-    assert parse_mail(b"Subject: x\r\n\r\nbody", mail_from="a@b").loop_reason is None
+@pytest.mark.parametrize(
+    ("head", "mail_from", "reason"),
+    [
+        # bounces
+        (b"Subject: x", "", "null sender"),
+        (b"Subject: x", "<>", "null sender"),
+        (b"Content-Type: multipart/report; report-type=delivery-status", "a@b", "multipart/report"),
+        (b"Content-Type: message/delivery-status", "a@b", "message/delivery-status"),
+        (b"From: MAILER-DAEMON@mx.example.org\r\nSubject: failure", "a@b", "mail system"),
+        (b"From: <postmaster@example.org>\r\nSubject: Undeliverable: x", "a@b", "mail system"),
+        # auto-replies
+        (b"Auto-Submitted: auto-replied", "a@b", "Auto-Submitted: auto-replied"),
+        (b"Auto-Submitted: Auto-Replied (vacation)", "a@b", "auto-replied (vacation)"),
+        (b"X-Autoreply: yes", "a@b", "x-autoreply"),
+        (b"X-Autorespond: Out of office", "a@b", "x-autorespond"),
+        (b"Precedence: auto_reply", "a@b", "Precedence: auto_reply"),
+        (b"Subject: Automatic reply: disk full", "a@b", "out-of-office subject"),
+        (b"Subject: Out of Office: disk full", "a@b", "out-of-office subject"),
+        # robots' notifications: texted (cron, Jenkins, monitors)
+        (b"Auto-Submitted: auto-generated", "a@b", None),
+        (b"Auto-Submitted: auto-generated\r\nPrecedence: bulk\r\nList-ID: <ci.x>", "a@b", None),
+        (b"Auto-Submitted: no", "a@b", None),
+        (b"Precedence: list", "a@b", None),
+        (b"X-Autoreply: no", "a@b", None),
+        (b"Subject: Cron <root@db-2> /usr/local/bin/out-of-office-sync", "a@b", None),
+        (b"From: daemon@example.org", "a@b", None),
+        (b"From: postmaster@nas.example.org\r\nSubject: Volume 1 degraded", "a@b", None),
+        (b"Subject: x", "a@b", None),
+        (b"Subject: x", None, None),
+    ],
+)
+def test_only_bounces_and_auto_replies_are_loops(
+    head: bytes, mail_from: str | None, reason: str | None
+) -> None:
+    found = parse_mail(head + b"\r\n\r\nbody", mail_from=mail_from).loop_reason
+    if reason is None:
+        assert found is None
+    else:
+        assert found is not None and reason.lower() in found.lower()
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -101,6 +136,7 @@ header_values = st.one_of(
             "quoted-printable",
             "=?utf-8?b?w6k=?=",
             "=?iso-8859-1?q?caf=E9?=",
+            "=?utf-8?q?caf=C3=A9?= C:\\users\\new",
             "multipart/report",
         ]
     ),
@@ -131,6 +167,20 @@ ascii_header_values = (
 @given(header_names, ascii_header_values)
 def test_plain_ascii_header_fast_path_reads_as_the_policy_does(name: str, raw: str) -> None:
     assert header_text(POLICY, name, raw) == policy_header_text(POLICY, name, raw)
+
+
+@pytest.mark.parametrize(
+    ("subject", "expected"),
+    [
+        (b"=?utf-8?q?caf=C3=A9?= C:\\users\\x", "café C:\\users\\x"),  # a literal \u
+        (b"=?utf-8?q?caf=C3=A9?= on \xc3\xa9t\xc3\xa9", "café on été"),  # raw 8-bit too
+        (b"=?iso-8859-1?q?Espa=C3=A7o?= livre", "Espaço livre"),  # UTF-8 under latin-1
+        (b"=?x-unknown?q?caf=E9?=", "café"),
+        (b"Forma\xe7\xe3o conclu\xedda", "Formação concluída"),  # raw cp1252
+    ],
+)
+def test_headers_mixing_encoded_words_and_raw_text(subject: bytes, expected: str) -> None:
+    assert parse_mail(b"Subject: " + subject + b"\r\n\r\nbody").subject == expected
 
 
 def test_headers_read_from_a_parsed_mail_match_the_policy() -> None:

@@ -88,7 +88,7 @@ async def test_rate_limit_is_never_exceeded(
 async def test_2500_recipients_one_text_make_three_bulk_calls(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
-    config = bridge_config(tmp_path, sandbox_url)
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 2500\n")
     recipients = numbers(2500)
     async with running_bridge(config, clock) as (bridge, url):
         response = await post(url, {"to": recipients, "message": "maintenance at 02:00 UTC"})
@@ -346,7 +346,7 @@ async def test_delivery_states_are_found_deep_in_the_logs(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
     """A backlog of sent messages: the poller reads the pages where they are, not page 1."""
-    config = bridge_config(tmp_path, sandbox_url)
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
     async with running_bridge(config, clock) as (bridge, url):
         for batch in range(3):
             await post(url, {"to": numbers(1000, batch * 1000), "message": f"wave {batch}"})

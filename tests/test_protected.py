@@ -54,34 +54,56 @@ def problems(tmp_path: Path, body: str) -> list[str]:
             REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["10.0.0.0/8", "::/0"]\n',
             ["smtp.listen"],
         ),
-        (REAL + '[routes.n]\nformat = "generic"\nallowed_networks = ["0.0.0.0/0"]\n', ["routes.n"]),
+        (
+            REAL
+            + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\nallowed_networks = ["0.0.0.0/0"]\n',
+            ["routes.n"],
+        ),
         (
             REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nrequire_auth = true\n'
             'auth_allow_plaintext = true\nusers = { ups = "ups-password" }\n',
             [],
         ),
         # Routes: any authentication, or public = true said out loud.
-        (REAL + '[routes.open]\nformat = "generic"\n', ["routes.open"]),
-        (REAL + '[routes.open]\nformat = "generic"\npublic = true\n', []),
-        (REAL + '[routes.t]\nformat = "generic"\ntoken = "route-token"\n', []),
+        (REAL + '[routes.open]\nformat = "generic"\nto = ["+12025550143"]\n', ["routes.open"]),
+        (REAL + '[routes.open]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n', []),
+        (
+            REAL + '[routes.t]\nformat = "generic"\nto = ["+12025550143"]\ntoken = "route-token"\n',
+            [],
+        ),
         (REAL + '[routes.g]\nformat = "grafana"\nto = ["+12025550143"]\nsecret = "k"\n', []),
         # A generic route never checks a secret: it protects nothing there.
-        (REAL + '[routes.s]\nformat = "generic"\nsecret = "ignored"\n', ["routes.s"]),
-        (REAL + '[routes.b]\nformat = "generic"\nusername = "u"\npassword = "pw"\n', []),
-        (REAL + '[routes.n]\nformat = "generic"\nallowed_networks = ["10.1.0.0/16"]\n', []),
+        (
+            REAL + '[routes.s]\nformat = "generic"\nto = ["+12025550143"]\nsecret = "ignored"\n',
+            ["routes.s"],
+        ),
+        (
+            REAL
+            + '[routes.b]\nformat = "generic"\nto = ["+12025550143"]\nusername = "u"\npassword = "pw"\n',
+            [],
+        ),
+        (
+            REAL
+            + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\nallowed_networks = ["10.1.0.0/16"]\n',
+            [],
+        ),
         # A route on a bridge without an HTTP listener cannot be reached.
-        (REAL + '[http]\nlisten = ""\n[routes.open]\nformat = "generic"\n', []),
+        (
+            REAL
+            + '[http]\nlisten = ""\n[routes.open]\nformat = "generic"\nto = ["+12025550143"]\n',
+            [],
+        ),
         # The sandbox (no base_url) stays open on every address: nothing is sent.
         (
             '[http]\nlisten = "0.0.0.0:8080"\n[smtp]\nlisten = "0.0.0.0:2525"\n'
-            '[routes.open]\nformat = "generic"\n',
+            '[routes.open]\nformat = "generic"\nto = ["+12025550143"]\n',
             [],
         ),
         # All three at once: each is named.
         (
             REAL + '[http]\nlisten = "0.0.0.0:8080"\n[smtp]\nlisten = "127.0.0.1:2525"\n'
             'tls_listen = "0.0.0.0:4650"\ntls_cert = "/nonexistent"\ntls_key = "/nonexistent"\n'
-            '[routes.open]\nformat = "generic"\n',
+            '[routes.open]\nformat = "generic"\nto = ["+12025550143"]\n',
             ["http.listen", "smtp.tls_listen", "routes.open"],
         ),
     ],
@@ -124,7 +146,7 @@ def test_check_config_and_serve_refuse_an_open_bridge_with_a_real_provider(tmp_p
     config = write_config(
         tmp_path,
         f'[store]\npath = "{tmp_path / "b.db"}"\n' + REAL + '[http]\nlisten = "0.0.0.0:8080"\n'
-        '[smtp]\nlisten = "0.0.0.0:2525"\n[routes.open]\nformat = "generic"\n',
+        '[smtp]\nlisten = "0.0.0.0:2525"\n[routes.open]\nformat = "generic"\nto = ["+12025550143"]\n',
     )
     os.chmod(config, 0o600)
     for command in ("check-config", "serve"):
@@ -140,7 +162,10 @@ def test_check_config_and_serve_refuse_an_open_bridge_with_a_real_provider(tmp_p
     token.write_text(TOKEN + "\n")
     fixed = write_config(
         tmp_path,
-        config.read_text().replace('format = "generic"\n', 'format = "generic"\npublic = true\n')
+        config.read_text().replace(
+            'format = "generic"\nto = ["+12025550143"]\n',
+            'format = "generic"\nto = ["+12025550143"]\npublic = true\n',
+        )
         + f'[tokens.deploy]\ntoken_file = "{token}"\nscopes = ["send"]\n',
         name="fixed.toml",
     )
@@ -169,13 +194,13 @@ def test_check_config_warns_when_a_world_readable_file_holds_secrets(tmp_path) -
     secret.write_text("route-token-from-file")
     inline = write_config(
         tmp_path,
-        '[routes.am]\nformat = "generic"\ntoken = "route-token-inline"\n'
+        '[routes.am]\nformat = "generic"\nto = ["+12025550143"]\ntoken = "route-token-inline"\n'
         '[smtp.users]\nups = "ups-password"\n',
         name="inline.toml",
     )
     from_files = write_config(
         tmp_path,
-        f'[routes.am]\nformat = "generic"\ntoken_file = "{secret}"\n',
+        f'[routes.am]\nformat = "generic"\nto = ["+12025550143"]\ntoken_file = "{secret}"\n',
         name="files.toml",
     )
     os.chmod(inline, 0o644)
@@ -203,6 +228,7 @@ def test_inline_secrets_and_secret_values_come_from_the_secret_fields(tmp_path) 
         nas_file = "{password}"
         [routes.j]
         format = "generic"
+        to = ["+12025550143"]
         username = "jenkins"
         password_file = "{password}"
         secret = "s"

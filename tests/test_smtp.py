@@ -86,7 +86,8 @@ async def test_corpus_mail_becomes_the_expected_sms(
     expected = EXPECTED[name]
     raw = (MAIL_DIR / name).read_bytes()
     rcpt = expected.get("rcpt", DEFAULT_RCPT)
-    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+    config = expected.get("config", "")  # e.g. [[smtp.rules]] for this sender
+    async with smtp_bridge(tmp_path, clock, sandbox_url, config) as (bridge, port):
         refused = await asyncio.to_thread(
             send, port, expected.get("mail_from", "monitor@example.org"), [rcpt], raw
         )

@@ -8,14 +8,37 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from bridge.errors import InputError
 from bridge.formats import HookMessage, Ignored, obj, text_field
 
-# Labels that tell alerts of one group apart, most telling first.
-INSTANCE_LABELS = ("instance", "host", "hostname", "pod", "node", "device", "service", "job")
+# Labels that say where an alert is, most telling first.
+INSTANCE_LABELS = (
+    "instance",
+    "host",
+    "hostname",
+    "nodename",
+    "pod",
+    "node",
+    "container",
+    "device",
+    "service",
+    "job",
+    "namespace",
+    "service_name",  # OpenTelemetry's service.name, host.name, k8s.pod.name as labels
+    "host_name",
+    "k8s_pod_name",
+)
+# Labels that never say where: how bad, how it is filed, Grafana's internals.
+NOT_INSTANCE_LABELS = frozenset(("alertname", "severity", "priority", "grafana_folder", "team"))
+# Flag-like values ("debug=true") say nothing about where either.
+FLAG_VALUES = frozenset(("true", "false", "yes", "no", "on", "off", "0", "1", ""))
+# Grafana's `valueString`: [ var='A' labels={instance=node:9100, job=node} value=2.4e+09 ]
+_VALUE_LABELS = re.compile(r"labels=\{([^}]*)\}")
+NO_VALUE = "<no value>"  # what a Go template prints for a missing label or annotation
 SHOWN_INSTANCES = 2
 SHOWN_NAMES = 2
 
@@ -34,15 +57,41 @@ def _alerts(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _instance(labels: dict[str, Any], common: dict[str, Any]) -> str | None:
-    """What tells this alert apart: a known instance-like label, else any label that
-    is not common to the group (alertname aside)."""
-    for key in (*INSTANCE_LABELS, *sorted(labels)):
+def _host(value: Any) -> str:
+    text = str(value)
+    # host:port -> host (IPv6 in brackets keeps its colons)
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+def _value_labels(alert: dict[str, Any]) -> dict[str, str]:
+    """The series labels Grafana lists in `valueString` (the query's, not the rule's)."""
+    found: dict[str, str] = {}
+    for group in _VALUE_LABELS.findall(str(alert.get("valueString") or "")):
+        for pair in group.split(","):
+            key, sep, value = pair.partition("=")
+            if sep and key.strip() not in found:
+                found[key.strip()] = value.strip()
+    return found
+
+
+def _instance(labels: dict[str, Any], common: dict[str, Any], *, distinct: bool) -> str | None:
+    """Where this alert is: a known instance-like label; with `distinct`, else any
+    label that tells it apart from the rest of its group (not a flag, a severity or the
+    folder). Never an arbitrary label of a lone alert (that named `debug=true`)."""
+    for key in INSTANCE_LABELS:
         value = labels.get(key)
-        if key != "alertname" and value and value != common.get(key):
-            text = str(value)
-            # host:port -> host (IPv6 in brackets keeps its colons)
-            return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+        if value and value != common.get(key):
+            return _host(value)
+    if distinct:
+        for key in sorted(labels):
+            value = labels[key]
+            if (
+                key not in NOT_INSTANCE_LABELS
+                and not key.startswith("__")
+                and str(value).lower() not in FLAG_VALUES
+                and value != common.get(key)
+            ):
+                return _host(value)
     return None
 
 
@@ -99,11 +148,17 @@ def summarize(
         name = text_field(labels.get("alertname"), "alerts[].labels.alertname")
         if name and name not in names:
             names.append(name)
-        instance = _instance(labels, common)
+        instance = _instance(labels, common, distinct=len(listed) > 1) or _instance(
+            _value_labels(alert), {}, distinct=False
+        )
         if instance and instance not in instances:
             instances.append(instance)
     if not instances and len(listed) == 1:  # one alert: name its instance even if common
-        instance = _instance(listed[0].get("labels") or {}, {})
+        # else what the group is grouped by (group_by: [alertname, service_name])
+        group_labels = obj(payload.get("groupLabels") or {}, "groupLabels")
+        instance = _instance(listed[0].get("labels") or {}, {}, distinct=False) or _instance(
+            group_labels, {}, distinct=True
+        )
         instances = [instance] if instance else []
     summaries = {
         str(
@@ -129,6 +184,7 @@ def summarize(
         )
         if part
     )
+    summary = summary.replace(NO_VALUE, "?")  # Grafana's text for a missing value
     text = f"{head}: {summary}" if summary else head
     if with_values and len(listed) == 1:
         text += _values(listed[0])

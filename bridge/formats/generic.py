@@ -1,4 +1,8 @@
-"""Any JSON: the text, recipients and dedupe key taken by dotted paths, or a template."""
+"""Any JSON: the text, recipients and dedupe key taken by dotted paths, or a template.
+
+Recipients are read from the payload only on a route with `allow_payload_to`; elsewhere
+whatever sits at `to_path` is just data (a route texts its own `to`).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ def parse(request: HookRequest) -> list[HookMessage]:
     text = raw_text or ""
     if not text.strip() and not route.template:
         raise InputError(route.text_path, "is required (the SMS text)")
-    targets = dig(payload, route.to_path)
+    targets = dig(payload, route.to_path) if route.allow_payload_to else None
     if targets is None:
         recipients: tuple[str, ...] = ()
     elif isinstance(targets, str):

@@ -1,7 +1,13 @@
-"""GitHub webhooks: workflow_run, check_suite and deployment_status; ping answers 200.
+"""GitHub webhooks: workflow_run, workflow_job, check_run, check_suite, status and
+deployment_status; ping answers 200.
+
+Failures name the repository and what failed: the workflow (or, for a job, the job and
+its first failing step; for a check run, the check and its output title), the branch and
+the short SHA when the payload has one.
 
 `X-Hub-Signature-256` (HMAC-SHA256 of the raw body with the route's secret) is required;
-`X-GitHub-Delivery` is the dedupe key, so GitHub's redeliveries text nobody twice. By
+a hash of the signed body is the dedupe key, so neither GitHub's redeliveries nor a
+replayed body under a new `X-GitHub-Delivery` text anybody twice. By
 default only failures are texted; `conclusions` and `branches` change that per route.
 """
 
@@ -20,9 +26,12 @@ from bridge.formats import (
     obj,
     text_field,
 )
+from bridge.policy import content_hash
 
 DEFAULT_CONCLUSIONS = ("failure", "timed_out", "startup_failure")
 DEFAULT_DEPLOYMENT_STATES = ("failure", "error")
+DEFAULT_STATUS_STATES = ("failure", "error")  # the commit status API's failures
+FAILED_STEPS = ("failure", "timed_out", "cancelled")
 SAMPLE_HEADERS = {"X-GitHub-Event": "workflow_run", "X-GitHub-Delivery": "sample"}
 SAMPLE = {
     "action": "completed",
@@ -57,6 +66,25 @@ def _short(sha: Any) -> str:
     return str(sha or "")[:7]
 
 
+def _at(branch: str, sha: Any) -> str:
+    """` on BRANCH (SHA)`, each part only where the payload has it."""
+    return (f" on {branch}" if branch else "") + (f" ({_short(sha)})" if sha else "")
+
+
+def _completed(payload: dict[str, Any], event: str) -> None:
+    if payload.get("action") != "completed":
+        raise Ignored(f"{event} {payload.get('action')} is not texted")
+
+
+def _failing_step(job: dict[str, Any]) -> str:
+    """The first step that failed (or timed out, or was cancelled), by its name."""
+    steps = job.get("steps") or []
+    for step in steps if isinstance(steps, list) else []:
+        if isinstance(step, dict) and step.get("conclusion") in FAILED_STEPS:
+            return text_field(step.get("name"), "workflow_job.steps[].name")
+    return ""
+
+
 def parse(request: HookRequest) -> list[HookMessage]:
     event = request.headers.get("x-github-event", "")
     payload = obj(request.payload, "body")
@@ -68,51 +96,91 @@ def parse(request: HookRequest) -> list[HookMessage]:
         "?",
     )
     if event == "workflow_run":
-        if payload.get("action") != "completed":
-            raise Ignored(f"workflow_run {payload.get('action')} is not texted")
+        _completed(payload, event)
         run = obj(payload.get("workflow_run"), "workflow_run")
         outcome = text_field(run.get("conclusion"), "workflow_run.conclusion")
         branch = text_field(run.get("head_branch"), "workflow_run.head_branch")
         check_filters(request.route, outcome, branch, DEFAULT_CONCLUSIONS)
         actor = (run.get("actor") or {}).get("login") or ""
         title = text_field(run.get("display_title"), "workflow_run.display_title")
+        workflow = obj(payload.get("workflow") or {}, "workflow")
+        name = text_field(run.get("name"), "workflow_run.name") or text_field(
+            workflow.get("name"), "workflow.name", "workflow"
+        )
         text = (
-            f"GitHub {repo}: {run.get('name') or 'workflow'} {outcome} on {branch} "
-            f"({_short(run.get('head_sha'))})"
+            f"GitHub {repo}: {name} {outcome}{_at(branch, run.get('head_sha'))}"
             + (f" by {actor}" if actor else "")
             + (f": {title}" if title else "")
         )
+    elif event == "workflow_job":
+        _completed(payload, event)
+        job = obj(payload.get("workflow_job"), "workflow_job")
+        outcome = text_field(job.get("conclusion"), "workflow_job.conclusion")
+        branch = text_field(job.get("head_branch"), "workflow_job.head_branch")
+        check_filters(request.route, outcome, branch, DEFAULT_CONCLUSIONS)
+        workflow_name = text_field(job.get("workflow_name"), "workflow_job.workflow_name")
+        name = text_field(job.get("name"), "workflow_job.name", "job")
+        step = _failing_step(job)
+        text = (
+            f"GitHub {repo}: job {f'{workflow_name} / ' if workflow_name else ''}{name} {outcome}"
+            f"{_at(branch, job.get('head_sha'))}" + (f", step: {step}" if step else "")
+        )
+    elif event == "check_run":
+        _completed(payload, event)
+        check = obj(payload.get("check_run"), "check_run")
+        outcome = text_field(check.get("conclusion"), "check_run.conclusion")
+        suite = obj(check.get("check_suite") or {}, "check_run.check_suite")
+        branch = text_field(suite.get("head_branch"), "check_run.check_suite.head_branch")
+        check_filters(request.route, outcome, branch, DEFAULT_CONCLUSIONS)
+        name = text_field(check.get("name"), "check_run.name", "check")
+        output = obj(check.get("output") or {}, "check_run.output")
+        title = text_field(output.get("title"), "check_run.output.title")
+        text = f"GitHub {repo}: check {name} {outcome}{_at(branch, check.get('head_sha'))}" + (
+            f": {title}" if title else ""
+        )
     elif event == "check_suite":
-        if payload.get("action") != "completed":
-            raise Ignored(f"check_suite {payload.get('action')} is not texted")
+        _completed(payload, event)
         suite = obj(payload.get("check_suite"), "check_suite")
         outcome = text_field(suite.get("conclusion"), "check_suite.conclusion")
         branch = text_field(suite.get("head_branch"), "check_suite.head_branch")
         check_filters(request.route, outcome, branch, DEFAULT_CONCLUSIONS)
         app = (suite.get("app") or {}).get("name") or "checks"
-        text = f"GitHub {repo}: {app} {outcome} on {branch} ({_short(suite.get('head_sha'))})"
+        text = f"GitHub {repo}: {app} {outcome}{_at(branch, suite.get('head_sha'))}"
+    elif event == "status":
+        outcome = text_field(payload.get("state"), "state")
+        branches = payload.get("branches") or []
+        names = [str(b["name"]) for b in branches if isinstance(b, dict) and b.get("name")] or [""]
+        # a commit on several branches: the route's branch if it names one, else the first
+        branch = next((b for b in names if b in request.route.branches), names[0])
+        check_filters(request.route, outcome, branch, DEFAULT_STATUS_STATES)
+        context = text_field(payload.get("context"), "context", "status")
+        description = text_field(payload.get("description"), "description")
+        text = f"GitHub {repo}: {context} {outcome}{_at(branch, payload.get('sha'))}" + (
+            f": {description}" if description else ""
+        )
     elif event == "deployment_status":
-        status = obj(payload.get("deployment_status"), "deployment_status")
+        deploy_status = obj(payload.get("deployment_status"), "deployment_status")
         deployment = obj(payload.get("deployment") or {}, "deployment")
-        outcome = text_field(status.get("state"), "deployment_status.state")
+        outcome = text_field(deploy_status.get("state"), "deployment_status.state")
         ref = text_field(deployment.get("ref"), "deployment.ref")
         check_filters(request.route, outcome, ref, DEFAULT_DEPLOYMENT_STATES)
-        environment = status.get("environment") or deployment.get("environment") or "?"
-        text = (
-            f"GitHub {repo}: deployment to {environment} {outcome} "
-            f"({ref}, {_short(deployment.get('sha'))})"
+        environment = deploy_status.get("environment") or deployment.get("environment") or "?"
+        where = ", ".join(p for p in (ref, _short(deployment.get("sha"))) if p)
+        text = f"GitHub {repo}: deployment to {environment} {outcome}" + (
+            f" ({where})" if where else ""
         )
-        description = status.get("description")
-        if description:
-            text += f": {text_field(description, 'deployment_status.description')}"
+        detail = text_field(deploy_status.get("description"), "deployment_status.description")
+        text += f": {detail}" if detail else ""
     else:
         raise Ignored(f"event {event or '(none)'} is not texted")
-    delivery = request.headers.get("x-github-delivery")
     return [
         HookMessage(
             text=text,
             context={"event": event, **payload},
-            dedupe_key=f"github:{delivery}" if delivery else None,
+            # The signed body, not X-GitHub-Delivery (which the signature does not cover):
+            # a redelivery repeats both, while a replayed body under a new delivery id
+            # would otherwise text again.
+            dedupe_key=f"github:{content_hash(request.body)}",
             topic=f"{repo} {event}",
         )
     ]

@@ -1,5 +1,7 @@
 """GitLab webhooks: pipeline, job and deployment events, checked by `X-Gitlab-Token`.
 
+A failed pipeline names its failed jobs, a failed job its failure reason.
+
 By default only failures are texted; `conclusions` (GitLab statuses) and `branches`
 change that per route. `X-Gitlab-Event-UUID` is the dedupe key where GitLab sends it.
 """
@@ -52,6 +54,30 @@ def _project(payload: dict[str, Any]) -> str:
     ).replace(" / ", "/")
 
 
+SHOWN_JOBS = 2
+
+
+def _sha(sha: Any) -> str:
+    """` (SHORT_SHA)`, or nothing when the payload has none."""
+    return f" ({str(sha)[:8]})" if sha else ""
+
+
+def _failed_jobs(payload: dict[str, Any]) -> str:
+    """`; failed job: test (unit)` from a pipeline's `builds`, two named at most."""
+    builds = payload.get("builds") or []
+    failed = [
+        text_field(b.get("name"), "builds[].name", "job")
+        + (f" ({b['stage']})" if isinstance(b.get("stage"), str) and b["stage"] else "")
+        for b in (builds if isinstance(builds, list) else [])
+        if isinstance(b, dict) and b.get("status") == "failed" and not b.get("allow_failure")
+    ]
+    if not failed:
+        return ""
+    more = f" +{len(failed) - SHOWN_JOBS}" if len(failed) > SHOWN_JOBS else ""
+    label = "failed job" if len(failed) == 1 else "failed jobs"
+    return f"; {label}: {', '.join(failed[:SHOWN_JOBS])}{more}"
+
+
 def parse(request: HookRequest) -> list[HookMessage]:
     event = request.headers.get("x-gitlab-event", "")
     payload = obj(request.payload, "body")
@@ -64,8 +90,8 @@ def parse(request: HookRequest) -> list[HookMessage]:
         ref = text_field(attrs.get("ref"), "object_attributes.ref")
         check_filters(request.route, status, ref, DEFAULT_STATUSES)
         text = (
-            f"GitLab {_project(payload)}: pipeline #{attrs.get('id')} {status} on {ref} "
-            f"({str(attrs.get('sha') or '')[:8]}){by}"
+            f"GitLab {_project(payload)}: pipeline #{attrs.get('id')} {status} on {ref}"
+            f"{_sha(attrs.get('sha'))}{by}{_failed_jobs(payload)}"
         )
         key = f"pipeline:{attrs.get('id')}:{status}"
     elif event == "Job Hook" or kind == "build":
@@ -74,10 +100,13 @@ def parse(request: HookRequest) -> list[HookMessage]:
         check_filters(request.route, status, ref, DEFAULT_STATUSES)
         name = text_field(payload.get("build_name"), "build_name", "job")
         stage = text_field(payload.get("build_stage"), "build_stage")
+        reason = text_field(payload.get("build_failure_reason"), "build_failure_reason")
+        reason = "" if reason in ("", "unknown_failure") or status != "failed" else reason
         text = (
             f"GitLab {_project(payload)}: job {name}"
             + (f" ({stage})" if stage else "")
-            + f" {status} on {ref} ({str(payload.get('sha') or '')[:8]})"
+            + f" {status} on {ref}{_sha(payload.get('sha'))}"
+            + (f": {reason.replace('_', ' ')}" if reason else "")
         )
         key = f"job:{payload.get('build_id')}:{status}"
     elif event == "Deployment Hook" or kind == "deployment":
@@ -85,9 +114,11 @@ def parse(request: HookRequest) -> list[HookMessage]:
         ref = text_field(payload.get("ref"), "ref")
         check_filters(request.route, status, ref, DEFAULT_STATUSES)
         environment = text_field(payload.get("environment"), "environment", "?")
+        where = ", ".join(p for p in (ref, str(payload.get("short_sha") or "")) if p)
         text = (
-            f"GitLab {_project(payload)}: deployment to {environment} {status} "
-            f"({ref}, {payload.get('short_sha') or ''}){by}"
+            f"GitLab {_project(payload)}: deployment to {environment} {status}"
+            + (f" ({where})" if where else "")
+            + by
         )
         key = f"deployment:{payload.get('deployment_id')}:{status}"
     else:

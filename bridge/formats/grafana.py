@@ -1,4 +1,5 @@
-"""Grafana unified alerting webhook: alert groups as for Alertmanager, plus values.
+"""Grafana webhooks: unified alerting (alert groups as for Alertmanager, plus values) and
+legacy alerting (Grafana 8-10 with legacy alerting on: one rule, `state`, `evalMatches`).
 
 Optional HMAC-SHA256 signature (Grafana 12+): lowercase hex over the raw body, or over
 `timestamp:body` when the contact point sets a timestamp header; the header names are
@@ -9,9 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Any
 
-from bridge.formats import HookMessage, HookRequest, Unauthorized
-from bridge.formats.alerts import summarize
+from bridge.errors import InputError
+from bridge.formats import HookMessage, HookRequest, Ignored, Unauthorized, obj, text_field
+from bridge.formats.alerts import NO_VALUE, summarize
+
+# Legacy alerting's notified states and how a text names them.
+LEGACY_STATES = {"alerting": "ALERTING", "ok": "OK", "no_data": "NO DATA"}
+SHOWN_MATCHES = 3
 
 SAMPLE = {
     "receiver": "sms",
@@ -65,7 +72,60 @@ def verify(request: HookRequest, now: float) -> None:
         raise Unauthorized(f"{route.signature_header} does not match the body")
 
 
+def _is_legacy(payload: Any) -> bool:
+    """Legacy alerting has `state` and `ruleName` but no `status` (unified has both)."""
+    return isinstance(payload, dict) and "status" not in payload and "state" in payload
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, int | float) else str(value)
+
+
+def _matches(payload: dict[str, Any]) -> str:
+    """` (metric=value, ... +N)` from `evalMatches`, the series that crossed the threshold."""
+    matches = payload.get("evalMatches") or []
+    if not isinstance(matches, list):
+        raise InputError("evalMatches", "must be a list")
+    shown = [
+        f"{text_field(m.get('metric'), 'evalMatches[].metric', '?')}={_number(m.get('value'))}"
+        for m in matches[:SHOWN_MATCHES]
+        if isinstance(m, dict)
+    ]
+    if not shown:
+        return ""
+    more = f" +{len(matches) - SHOWN_MATCHES}" if len(matches) > SHOWN_MATCHES else ""
+    return f" ({', '.join(shown)}{more})"
+
+
+def legacy(request: HookRequest) -> HookMessage:
+    """`[ALERTING] rule: message (metric=value)`, `[OK] rule: ...`, `[NO DATA] rule: ...`."""
+    payload = obj(request.payload, "body")
+    state = text_field(payload.get("state"), "state")
+    if state not in LEGACY_STATES:
+        if state in ("paused", "pending", "unknown"):
+            raise Ignored(f"state {state} is not texted")
+        raise InputError("state", 'must be "alerting", "ok" or "no_data" (legacy alerting)')
+    tags = obj(payload.get("tags") or {}, "tags")
+    match = request.route.match
+    if match and not all(str(tags.get(k)) == v for k, v in match.items()):
+        raise Ignored("the rule's tags do not match this route")
+    rule = text_field(payload.get("ruleName"), "ruleName") or text_field(
+        payload.get("title"), "title", "Grafana alert"
+    )
+    message = text_field(payload.get("message"), "message").replace(NO_VALUE, "?").strip()
+    text = f"[{LEGACY_STATES[state]}] {rule}" + (f": {message}" if message else "")
+    if state == "alerting":
+        text += _matches(payload)
+    context = dict(payload)
+    context.update(summary=message, default_text=text)
+    # No dedupe key: legacy payloads carry no group key or fingerprint; the text's own
+    # key (the bridge's default) keeps a repeated notification from texting twice.
+    return HookMessage(text=text, context=context, topic=rule)
+
+
 def parse(request: HookRequest) -> list[HookMessage]:
+    if _is_legacy(request.payload):
+        return [legacy(request)]
     return [
         summarize(request.payload, source="grafana", with_values=True, match=request.route.match)
     ]

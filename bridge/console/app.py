@@ -1,0 +1,417 @@
+"""The web console's pages at `/ui/`: server-rendered over the store's queries.
+
+Every page is plain HTML that works without script (a small same-origin script only
+refreshes live figures and asks before a cancel), and every page is also JSON at the
+same path with `.json` appended (Datasette's convention), with the same data. Who may
+see and do what, and how a browser signs in, is `bridge.console.gate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, Router
+from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+
+from bridge.budget import day_bounds
+from bridge.clock import Clock
+from bridge.config import LiveConfig
+from bridge.console import chart
+from bridge.console.activity import RouteActivity
+from bridge.console.gate import HERE, Caller, Gate, Refused, SecureHeaders
+from bridge.console.routes import (
+    authentication,
+    encoding_name,
+    postfix_snippet,
+    preview,
+    sample_payload,
+    snippets,
+)
+from bridge.errors import InputError
+from bridge.firewall import Firewall
+from bridge.health import ProviderHealth
+from bridge.ingest import Draft, Ingestor
+from bridge.models import State, iso_time
+from bridge.store import Store
+from bridge.text import split_parts
+
+log = logging.getLogger(__name__)
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+MAX_TEST_TEXT = 1000
+CHART_MINUTES = 180
+DELIVERY_WINDOW = 86400.0
+RECENT_FAILURES = 10
+
+
+class Console(Gate):
+    def __init__(
+        self,
+        *,
+        live: LiveConfig,
+        store: Store,
+        ingestor: Ingestor,
+        health: ProviderHealth,
+        clock: Clock,
+        activity: RouteActivity,
+        status: Callable[[], dict[str, Any]] | None = None,
+        wake: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(live=live, clock=clock)
+        self.store = store
+        self.ingestor = ingestor
+        self.health = health
+        self.activity = activity
+        # What only the running dispatcher knows (rate window, balance); None in tests
+        # that build the app alone.
+        self.status = status or (lambda: {})
+        self.wake = wake or (lambda: None)
+
+    # -- pages -------------------------------------------------------------------------
+    async def overview(self, request: Request, caller: Caller) -> tuple[str, dict[str, Any]]:
+        config = self.live.current
+        now = self.clock.now()
+        day_start, _, date = day_bounds(now)
+        since = now - now % 60 - (CHART_MINUTES - 1) * 60  # the last bar is this minute
+        summary = await self.store.overview(
+            now=now, day_start=day_start, since=now - DELIVERY_WINDOW
+        )
+        activity = await self.store.activity(since, 60.0)
+        requests = [0] * CHART_MINUTES
+        for kind, series in activity.items():
+            if kind != "messages":
+                for index, count in series.items():
+                    if 0 <= index < CHART_MINUTES:
+                        requests[index] += count
+        messages = [activity["messages"].get(i, 0) for i in range(CHART_MINUTES)]
+        answers = summary["answers"]
+        delivered, failed = answers.get("delivered", 0), answers.get("failed", 0)
+        status = self.status()
+        today = summary["today"]
+        caps = {
+            "texts_per_day": config.budget.texts_per_day,
+            "parts_per_day": config.budget.parts_per_day,
+            "on_exceeded": config.budget.on_exceeded,
+            "routes": {
+                name: {"cap": route.max_texts_per_day, "used": today["routes"].get(name, 0)}
+                for name, route in config.routes.items()
+                if route.max_texts_per_day
+            },
+        }
+        storms = [
+            {**s, "digest_at": s["first_at"] + config.limits.per_recipient_window}
+            for s in await self.store.held_storms()
+        ]
+        failures = await self.store.query(state="failed", limit=RECENT_FAILURES)
+        queue = summary["queue"]
+        data: dict[str, Any] = {
+            "states": {str(s): 0 for s in State} | await self.store.counts(),
+            "queue": {
+                **queue,
+                "oldest_age_seconds": None
+                if queue["oldest_created_at"] is None
+                else now - queue["oldest_created_at"],
+            },
+            "delivery": {
+                "since_at": now - DELIVERY_WINDOW,
+                "delivered": delivered,
+                "failed": failed,
+                "awaiting": answers.get("sent", 0),
+                "ratio": delivered / (delivered + failed) if delivered + failed else None,
+            },
+            "rate": {
+                "limit_per_minute": config.provider.requests_per_minute,
+                "used_in_window": status.get("rate_used"),
+                "paused_until_at": paused
+                if (paused := status.get("paused_until")) and paused > now
+                else None,
+                "chart": {
+                    "since_at": since,
+                    "minutes": CHART_MINUTES,
+                    "requests": requests,
+                    "messages": messages,
+                },
+            },
+            "provider": {
+                "sandbox": config.uses_sandbox,
+                "ready": self.health.ready,
+                "problem": self.health.auth_error,
+                "problem_since_at": self.health.since,
+                "last_success_at": self.health.last_success,
+                "balance": status.get("balance"),
+                "low_balance": config.budget.low_balance,
+            },
+            "today": {"date": date, **today, "caps": caps},
+            "storms": storms,
+            "failures": [
+                {
+                    "id": m.id,
+                    "recipient": m.recipient,
+                    "reason": m.reason,
+                    "updated_at": m.updated_at,
+                }
+                for m in failures
+            ],
+        }
+        if request.url.path.endswith(".json"):
+            return "", data
+        data["chart"] = chart.build(
+            requests,
+            messages,
+            limit=config.provider.requests_per_minute,
+            since=since,
+            bucket=60.0,
+        )
+        return "overview.html", data
+
+    async def messages(self, request: Request, caller: Caller) -> tuple[str, dict[str, Any]]:
+        q = request.query_params
+        filters = {
+            key: q.get(key, "").strip() for key in ("state", "recipient", "route", "source", "q")
+        }
+        if filters["state"] and filters["state"] not in {str(s) for s in State}:
+            raise InputError("state", f"unknown state {filters['state']!r}")
+        try:
+            limit = max(1, min(MAX_PAGE_SIZE, int(q.get("limit") or PAGE_SIZE)))
+            before = int(q["before"]) if q.get("before") else None
+        except ValueError as exc:
+            raise InputError("before", "'limit' and 'before' must be integers") from exc
+        found = await self.store.query(
+            state=filters["state"] or None,
+            recipient=filters["recipient"].lstrip("+ ") or None,
+            route=filters["route"] or None,
+            source=filters["source"] or None,
+            text=filters["q"] or None,
+            before_id=before,
+            limit=limit + 1,  # one more tells whether there is an older page
+        )
+        page, more = found[:limit], len(found) > limit
+        kept = {k: v for k, v in filters.items() if v}
+        older = urlencode({**kept, "before": page[-1].id}) if more and page else None
+        config = self.live.current
+        return "messages.html", {
+            "filters": filters,
+            "states": [str(s) for s in State],
+            "routes": sorted(config.routes),
+            "sources": ["http", "hook", "smtp", "console", "digest", "budget"],
+            "messages": [m.to_json() for m in page],
+            "older": f"?{older}" if older else None,
+            "newest": f"?{urlencode(kept)}" if before else None,
+        }
+
+    async def message(self, request: Request, caller: Caller) -> tuple[str, dict[str, Any]]:
+        message_id = request.path_params["message_id"]
+        message = await self.store.get(message_id)
+        if message is None:
+            raise Refused(404, f"no message {message_id}")
+        data = message.to_json()
+        data["encoding"] = encoding_name(message.message_type)
+        data["parts_text"] = split_parts(message.text)
+        data["events"] = [
+            {**e, "at": iso_time(e["at"]), "epoch": e["at"]}
+            for e in await self.store.events(message.id)
+        ]
+        data["mentioned_by"] = await self.store.mentioned_by(message.id)
+        data["can_retry"] = message.state == State.FAILED
+        data["can_cancel"] = message.state in (State.QUEUED, State.HELD)
+        return "message.html", data
+
+    async def route_list(self, request: Request, caller: Caller) -> tuple[str, dict[str, Any]]:
+        config = self.live.current
+        stored = await self.store.route_last_messages()
+        base = str(request.base_url).rstrip("/")
+        routes = []
+        for name, route in sorted(config.routes.items()):
+            call = self.activity.last.get(name)
+            routes.append(
+                {
+                    "name": name,
+                    "url": f"{base}/hooks/{name}",
+                    "format": route.format,
+                    "to": list(route.to),
+                    "authentication": authentication(route),
+                    "last_call": None if call is None else dataclasses.asdict(call),
+                    "last_message": stored.get(name),
+                }
+            )
+        return "routes.html", {
+            "routes": routes,
+            "postfix": postfix_snippet(config),
+            "smtp_domains": list(config.smtp.domains),
+        }
+
+    def _route(self, name: str) -> Any:
+        route = self.live.current.routes.get(name)
+        if route is None:
+            raise Refused(404, f"no route named {name!r}")
+        return route
+
+    async def route_page(
+        self, request: Request, caller: Caller, result: Any = None
+    ) -> tuple[str, dict[str, Any]]:
+        name = request.path_params["name"]
+        route = self._route(name)
+        listing = (await self.route_list(request, caller))[1]
+        [entry] = [r for r in listing["routes"] if r["name"] == name]
+        entry["snippets"] = [{"title": t, "text": s} for t, s in snippets(route, entry["url"])]
+        entry["sample"] = sample_payload(route)
+        entry["event_header"] = {"github": "X-GitHub-Event", "gitlab": "X-Gitlab-Event"}.get(
+            route.format
+        )
+        entry["preview"] = result
+        return "route.html", entry
+
+    async def route_preview(
+        self, request: Request, caller: Caller, form: dict[str, str]
+    ) -> Response:
+        route = self._route(request.path_params["name"])
+        payload = sample_payload(route) if "sample" in form else form.get("payload", "")
+        result = preview(
+            route,
+            payload,
+            event=form.get("event", "").strip(),
+            config=self.live.current,
+            ingestor=self.ingestor,
+        )
+        _, data = await self.route_page(request, caller, result)
+        return self._render(request, caller, "route.html", data)
+
+    # -- actions (admin) ---------------------------------------------------------------
+    async def retry(self, request: Request, caller: Caller, form: dict[str, str]) -> Response:
+        message_id = request.path_params["message_id"]
+        done = await self.store.retry([message_id], self.clock.now(), by=caller.principal.name)
+        if not done:
+            return await self._not_now(request, message_id, "only a failed message can be retried")
+        self.wake()
+        log.info("console: %s retried message %d", caller.principal.name, message_id)
+        return self._back(
+            caller, f"/ui/messages/{message_id}", f"Message {message_id} queued again."
+        )
+
+    async def cancel(self, request: Request, caller: Caller, form: dict[str, str]) -> Response:
+        message_id = request.path_params["message_id"]
+        done = await self.store.cancel([message_id], self.clock.now(), by=caller.principal.name)
+        if not done:
+            return await self._not_now(
+                request, message_id, "only a queued or held message can be cancelled"
+            )
+        log.info("console: %s cancelled message %d", caller.principal.name, message_id)
+        return self._back(caller, f"/ui/messages/{message_id}", f"Message {message_id} cancelled.")
+
+    async def _not_now(self, request: Request, message_id: int, why: str) -> Response:
+        message = await self.store.get(message_id)
+        if message is None:
+            return self._error(request, 404, f"no message {message_id}", as_json=False)
+        return self._error(
+            request, 409, f"message {message_id} is {message.state}: {why}", as_json=False
+        )
+
+    async def send_form(self, request: Request, caller: Caller) -> tuple[str, dict[str, Any]]:
+        return "send.html", {
+            "to": "",
+            "text": "Test from the sms-bridge console",
+            "error": None,
+            "groups": sorted(self.live.current.groups),
+        }
+
+    async def send(self, request: Request, caller: Caller, form: dict[str, str]) -> Response:
+        config = self.live.current
+        to, text = form.get("to", "").strip(), form.get("text", "").strip()
+        data = {"to": to, "text": text, "error": None, "groups": sorted(config.groups)}
+        try:
+            if not to:
+                raise InputError("to", "a phone number or a group name is needed")
+            if not text or len(text) > MAX_TEST_TEXT:
+                raise InputError("text", f"the text must be 1 to {MAX_TEST_TEXT} characters")
+            recipients = Firewall.from_config(config).resolve(
+                [t.strip() for t in to.split(",") if t.strip()],
+                config.groups,
+            )
+        except InputError as exc:
+            data["error"] = str(exc)
+            return self._render(request, caller, "send.html", data, 400)
+        accepted = await self.ingestor.submit(
+            [
+                Draft(
+                    recipients=recipients,
+                    text=text,
+                    source="console",
+                    sender_id=config.provider.sender_id,
+                    # A test is meant to go, even when the same test went a minute ago.
+                    dedupe_key=f"console-test:{secrets.token_hex(8)}",
+                )
+            ]
+        )
+        ids = [a.id for a in accepted]
+        await self.store.note(
+            ids, f"test message sent from the console by {caller.principal.name}", self.clock.now()
+        )
+        log.info("console: %s sent a test message to %s", caller.principal.name, recipients)
+        count = len(ids)
+        return self._back(
+            caller,
+            f"/ui/messages/{ids[0]}" if count == 1 else "/ui/messages?source=console",
+            f"Test message stored for {count} recipient{'s' if count != 1 else ''}.",
+        )
+
+    # -- the routes --------------------------------------------------------------------
+    def routes(self) -> list[BaseRoute]:
+        def both(path: str, scope: str, handler: Any) -> list[Route]:
+            html, as_json = self.page(scope, handler)
+            json_path = path.rstrip("/") + (".json" if path != "/" else "/overview.json")
+            # JSON first: "/routes/{name}" would also match "/routes/x.json".
+            return [
+                Route(json_path, as_json, methods=["GET"]),
+                Route(path, html, methods=["GET"]),
+            ]
+
+        async def to_slash(request: Request) -> Response:
+            return RedirectResponse("/ui/", 308)
+
+        inner: list[BaseRoute] = [
+            *both("/", "read", self.overview),
+            *both("/messages", "read", self.messages),
+            *both("/messages/{message_id:int}", "read", self.message),
+            *both("/routes", "read", self.route_list),
+            *both("/routes/{name}", "read", self.route_page),
+            Route("/send", self.page("admin", self.send_form)[0], methods=["GET"]),
+            Route("/send", self.action("admin", self.send), methods=["POST"]),
+            Route(
+                "/messages/{message_id:int}/retry",
+                self.action("admin", self.retry),
+                methods=["POST"],
+            ),
+            Route(
+                "/messages/{message_id:int}/cancel",
+                self.action("admin", self.cancel),
+                methods=["POST"],
+            ),
+            Route(
+                "/routes/{name}/preview",
+                self.action("read", self.route_preview),
+                methods=["POST"],
+            ),
+            Route("/signin", self.signin_form, methods=["GET"]),
+            Route("/signin", self.signin, methods=["POST"]),
+            Route("/signout", self.action("read", self.signout), methods=["POST"]),
+            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        ]
+
+        async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+            request = Request(scope, receive)
+            path = request.url.path
+            answer = self._error(request, 404, f"no page {path}", as_json=path.endswith(".json"))
+            await answer(scope, receive, send)
+
+        return [
+            Route("/ui", to_slash, methods=["GET"]),
+            Mount("/ui", app=SecureHeaders(Router(routes=inner, default=not_found))),
+        ]

@@ -1,0 +1,61 @@
+/* sms-bridge console: progressive enhancement only; every page works without it.
+   Served by the bridge itself (the CSP allows no other script). MIT, as the project. */
+(function () {
+  "use strict";
+
+  // Ask before a form marked data-confirm (cancel) is sent.
+  document.addEventListener("submit", function (event) {
+    var question = event.target.getAttribute("data-confirm");
+    if (question && !window.confirm(question)) {
+      event.preventDefault();
+    }
+  });
+
+  // Refresh the live part of the page in place while it is visible.
+  var live = document.getElementById("live");
+  if (!live || !window.fetch || !window.DOMParser) {
+    return;
+  }
+  var seconds = Number(live.getAttribute("data-refresh")) || 10;
+  var paused = false;
+  var toggle = document.createElement("button");
+  toggle.type = "button";
+  toggle.className = "secondary pause";
+  toggle.setAttribute("aria-pressed", "false");
+  toggle.textContent = "Pause updates";
+  toggle.addEventListener("click", function () {
+    paused = !paused;
+    toggle.setAttribute("aria-pressed", paused ? "true" : "false");
+    toggle.textContent = paused ? "Resume updates" : "Pause updates";
+  });
+  var controls = document.getElementById("live-controls");
+  if (controls) {
+    controls.appendChild(toggle);
+  } else {
+    live.parentNode.insertBefore(toggle, live);
+  }
+
+  function refresh() {
+    // Never replace what the keyboard is on, nor refresh an unseen tab.
+    if (paused || document.hidden || live.contains(document.activeElement)) {
+      return;
+    }
+    fetch(window.location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
+      .then(function (response) {
+        return response.ok && !response.redirected ? response.text() : null;
+      })
+      .then(function (html) {
+        if (!html) {
+          return;
+        }
+        var fresh = new DOMParser().parseFromString(html, "text/html").getElementById("live");
+        if (fresh) {
+          live.innerHTML = fresh.innerHTML;
+        }
+      })
+      .catch(function () {
+        /* the bridge is restarting or gone: try again on the next tick */
+      });
+  }
+  window.setInterval(refresh, seconds * 1000);
+})();

@@ -1,0 +1,73 @@
+"""Per-sender rules for machine mail (pure): which lines of a long mail are texted.
+
+Nagios, apcupsd, mdadm, fail2ban or Proxmox put the line that matters after lines of
+boilerplate (or a whole log), so a text cut at `limits.max_parts` can lose it. The first
+`[[smtp.rules]]` entry whose sender glob and subject pattern match picks the body's lines
+before the text is composed: `keep` only lines matching one of its patterns, `drop` lines
+matching one, put the `first_line_matching` line first, cut at `max_lines`. Patterns are
+Python regular expressions matched case-insensitively anywhere in the line; sender globs
+are matched against the From address and the envelope sender.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import re
+from collections.abc import Sequence
+
+from bridge.config import MailRule
+from bridge.mail import MailText
+
+_ADDRESS = re.compile(r"<([^<>]*)>")
+
+
+@functools.lru_cache(maxsize=512)  # a few rules, each pattern compiled once
+def _pattern(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.IGNORECASE)
+
+
+def _address(header: str) -> str:
+    """`Name <a@b>` -> `a@b`; a bare address as is; lowercased."""
+    found = _ADDRESS.search(header)
+    return (found.group(1) if found else header).strip().lower()
+
+
+def _sender_matches(rule: MailRule, mail: MailText, mail_from: str | None) -> bool:
+    addresses = [a for a in (_address(mail.sender), (mail_from or "").lower()) if a]
+    return any(fnmatch.fnmatchcase(a, glob.lower()) for a in addresses for glob in rule.sender)
+
+
+def rule_for(rules: Sequence[MailRule], mail: MailText, mail_from: str | None) -> MailRule | None:
+    """The first rule whose sender and subject (each where given) match this mail."""
+    for rule in rules:
+        if rule.sender and not _sender_matches(rule, mail, mail_from):
+            continue
+        if rule.subject and not _pattern(rule.subject).search(mail.subject):
+            continue
+        return rule
+    return None
+
+
+def _any(patterns: Sequence[str], line: str) -> bool:
+    return any(_pattern(p).search(line) for p in patterns)
+
+
+def apply_rule(rule: MailRule, mail: MailText) -> MailText:
+    """The mail with its body reduced to the lines the rule picks, in the order it says."""
+    lines = mail.body.split("\n") if mail.body else []
+    picked = [
+        line
+        for line in lines
+        if (not rule.keep or _any(rule.keep, line)) and not _any(rule.drop, line)
+    ]
+    if rule.first_line_matching:
+        first = _pattern(rule.first_line_matching)
+        # searched in the whole body: the line that matters may be one `keep` left out
+        lead = next((line for line in lines if first.search(line)), None)
+        if lead is not None:
+            picked = [lead, *(line for line in picked if line != lead)]
+    if rule.max_lines:
+        picked = picked[: rule.max_lines]
+    return dataclasses.replace(mail, body="\n".join(picked))

@@ -1,0 +1,573 @@
+"""The web console's views, through the real HTTP listener with httpx.
+
+Sign-in, scopes, CSRF and headers first (no page works without the scope it needs, no
+change works without the CSRF token), then what each page shows, each also as JSON.
+The browser's view of the same pages is in `test_console_browser.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.models import State
+from tests.helpers import bridge_config, pump, running_bridge
+
+READER = "read-token-0123456789abcdef"
+ADMIN = "admin-token-0123456789abcdef"
+SENDER = "send-token-0123456789abcdef"
+ROUTE_TOKEN = "route-secret-token-0123456789"
+TOKENS = f"""
+[tokens.ops]
+token = "{READER}"
+scopes = ["read"]
+[tokens.root]
+token = "{ADMIN}"
+scopes = ["admin"]
+[tokens.deploy]
+token = "{SENDER}"
+scopes = ["send"]
+[groups]
+oncall = ["+12025550101", "+12025550102"]
+[routes.am]
+format = "alertmanager"
+to = ["oncall"]
+token = "{ROUTE_TOKEN}"
+"""
+CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+def csrf_of(page: httpx.Response) -> str:
+    found = CSRF.search(page.text)
+    assert found, f"no CSRF token on {page.url}"
+    return found[1]
+
+
+async def sign_in(http: httpx.AsyncClient, token: str) -> httpx.Response:
+    form = await http.get("/ui/signin")
+    return await http.post(
+        "/ui/signin", data={"csrf": csrf_of(form), "token": token, "next": "/ui/messages"}
+    )
+
+
+async def send(http: httpx.AsyncClient, to: str, text: str) -> int:
+    answer = await http.post(
+        "/api/v1/messages",
+        json={"to": to, "message": text},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert answer.status_code == 202, answer.text
+    return int(answer.json()["ids"][0])
+
+
+@pytest.fixture
+def config(tmp_path, sandbox_url: str):
+    return bridge_config(tmp_path, sandbox_url, TOKENS)
+
+
+@pytest.fixture
+async def served_bridge(config, clock: ManualClock) -> AsyncIterator[tuple[object, str]]:
+    async with running_bridge(config, clock) as served:
+        yield served
+
+
+async def test_no_token_no_page(served_bridge) -> None:
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        for path in (
+            "/ui/",
+            "/ui/messages?state=failed",
+            "/ui/messages/1",
+            "/ui/routes",
+            "/ui/send",
+        ):
+            answer = await http.get(path)
+            assert answer.status_code == 303, path
+            assert answer.headers["location"].startswith("/ui/signin?next=/ui/")
+        for path in ("/ui/overview.json", "/ui/messages.json", "/ui/routes.json"):
+            assert (await http.get(path)).status_code == 401
+        retry = await http.post("/ui/messages/1/retry", data={"csrf": "x"})
+        assert retry.status_code == 303 and retry.headers["location"].startswith("/ui/signin")
+        assert (await http.get("/ui")).headers["location"] == "/ui/"
+
+
+async def test_sign_in_needs_a_configured_token_with_read(served_bridge) -> None:
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        wrong = await sign_in(http, READER + "x")
+        assert wrong.status_code == 401 and "not a configured API token" in wrong.text
+        sender = await sign_in(http, SENDER)
+        assert sender.status_code == 403 and "lacks the &#39;read&#39; scope" in sender.text
+        assert (
+            "sms_bridge_session" not in http.cookies or (await http.get("/ui/")).status_code == 303
+        )  # a refused sign-in leaves no way in
+        visitor = http.cookies["sms_bridge_session"]
+        reader = await sign_in(http, READER)
+        assert reader.status_code == 303 and reader.headers["location"] == "/ui/messages"
+        cookie = reader.headers["set-cookie"]
+        assert visitor not in cookie  # a new session id on sign-in: no fixation
+        assert READER not in cookie  # the cookie is a random session id, not the token
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/ui" in cookie
+        assert "Secure" not in cookie  # plain HTTP on loopback: a Secure cookie would vanish
+        assert (await http.get("/ui/")).status_code == 200
+
+
+async def test_next_after_sign_in_stays_in_the_console(served_bridge) -> None:
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        form = await http.get("/ui/signin")
+        answer = await http.post(
+            "/ui/signin",
+            data={"csrf": csrf_of(form), "token": READER, "next": "//evil.example.org/"},
+        )
+        assert answer.headers["location"] == "/ui/"
+
+
+async def test_sign_in_form_is_csrf_protected_too(served_bridge) -> None:
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        await http.get("/ui/signin")
+        forged = await http.post("/ui/signin", data={"token": ADMIN})
+        assert forged.status_code == 403 and "CSRF" in forged.text
+        assert (await http.get("/ui/")).status_code == 303
+
+
+async def test_reader_may_look_but_not_act(served_bridge, clock: ManualClock) -> None:
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        queued = await send(http, "+12025550143", "disk full on db-2")
+        await sign_in(http, READER)
+        page = await http.get(f"/ui/messages/{queued}")
+        assert page.status_code == 200 and "need a token with the <code>admin</code>" in page.text
+        token = csrf_of(page)
+        for path in (f"/ui/messages/{queued}/cancel", f"/ui/messages/{queued}/retry", "/ui/send"):
+            refused = await http.post(path, data={"csrf": token, "to": "oncall", "text": "x"})
+            assert refused.status_code == 403, path
+            assert "lacks the &#39;admin&#39; scope" in refused.text
+        assert (await http.get("/ui/send")).status_code == 403
+        assert (await bridge.store.get(queued)).state == State.QUEUED
+        assert (await bridge.store.counts()) == {"queued": 1}  # no test message went in
+
+
+async def test_a_forged_post_without_the_csrf_token_changes_nothing(served_bridge) -> None:
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        queued = await send(http, "+12025550143", "disk full on db-2")
+        await sign_in(http, ADMIN)
+        page = await http.get(f"/ui/messages/{queued}")
+        missing = await http.post(f"/ui/messages/{queued}/cancel", data={"reason": "x"})
+        wrong = await http.post(f"/ui/messages/{queued}/cancel", data={"csrf": "0" * 43})
+        cross_site = await http.post(
+            f"/ui/messages/{queued}/cancel",
+            data={"csrf": csrf_of(page)},
+            headers={"Origin": "https://evil.example.org"},
+        )
+        as_json = await http.post(f"/ui/messages/{queued}/cancel", json={"csrf": csrf_of(page)})
+        assert [r.status_code for r in (missing, wrong, cross_site, as_json)] == [
+            403,
+            403,
+            403,
+            415,
+        ]
+        assert "CSRF" in missing.text and "evil.example.org" in cross_site.text
+        assert (await bridge.store.get(queued)).state == State.QUEUED
+        # Another signed-in browser's token does not fit this session either.
+        async with httpx.AsyncClient(base_url=url) as other:
+            await sign_in(other, ADMIN)
+            theirs = csrf_of(await other.get("/ui/"))
+        stolen = await http.post(f"/ui/messages/{queued}/cancel", data={"csrf": theirs})
+        assert stolen.status_code == 403
+        assert (await bridge.store.get(queued)).state == State.QUEUED
+
+
+async def test_admin_cancels_and_retries_with_the_name_in_the_event_log(
+    served_bridge, clock: ManualClock
+) -> None:
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        queued = await send(http, "+12025550143", "disk full on db-2")
+        await sign_in(http, ADMIN)
+        token = csrf_of(await http.get(f"/ui/messages/{queued}"))
+        cancelled = await http.post(f"/ui/messages/{queued}/cancel", data={"csrf": token})
+        assert cancelled.status_code == 303
+        message = await bridge.store.get(queued)
+        assert message.state == State.FAILED and message.reason == "cancelled by root"
+        page = await http.get(cancelled.headers["location"])
+        assert "Message 1 cancelled." in page.text  # said once
+        assert "Message 1 cancelled." not in (await http.get(f"/ui/messages/{queued}")).text
+        again = await http.post(f"/ui/messages/{queued}/cancel", data={"csrf": token})
+        assert again.status_code == 409 and "only a queued or held message" in again.text
+
+        clock.advance(5)
+        retried = await http.post(f"/ui/messages/{queued}/retry", data={"csrf": token})
+        assert retried.status_code == 303
+        assert (await bridge.store.get(queued)).state == State.QUEUED
+        events = await bridge.store.events(queued)
+        assert [(e["state"], e["detail"]) for e in events] == [
+            ("queued", None),
+            ("failed", "cancelled by root"),
+            ("queued", "retried by root"),
+        ]
+        await pump(
+            bridge,
+            clock,
+            lambda: _state_is(bridge, queued, State.DELIVERED),
+            max_seconds=120,
+        )
+        delivery = (await http.get("/ui/overview.json")).json()["delivery"]
+        assert (delivery["delivered"], delivery["failed"]) == (1, 0)  # the cancel is history
+        delivered = await http.post(f"/ui/messages/{queued}/retry", data={"csrf": token})
+        assert delivered.status_code == 409 and "only a failed message" in delivered.text
+        missing = await http.post("/ui/messages/999/retry", data={"csrf": token})
+        assert missing.status_code == 404
+
+
+async def _state_is(bridge, message_id: int, state: State) -> bool:
+    message = await bridge.store.get(message_id)
+    return message is not None and message.state == state
+
+
+async def test_test_message_to_a_group_goes_out_and_names_its_sender(
+    served_bridge, clock: ManualClock
+) -> None:
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, ADMIN)
+        token = csrf_of(await http.get("/ui/send"))
+        bad = await http.post("/ui/send", data={"csrf": token, "to": "nobody", "text": "hi"})
+        assert bad.status_code == 400 and "to[0]" in bad.text
+        sent = await http.post("/ui/send", data={"csrf": token, "to": "oncall", "text": "hi"})
+        assert sent.status_code == 303
+        assert sent.headers["location"] == "/ui/messages?source=console"
+        again = await http.post("/ui/send", data={"csrf": token, "to": "oncall", "text": "hi"})
+        assert again.status_code == 303  # a second test is not a duplicate: it goes too
+        messages = await bridge.store.query(source="console")
+        assert len(messages) == 4 and {m.state for m in messages} == {State.QUEUED}
+        events = await bridge.store.events(messages[0].id)
+        assert events[-1]["detail"] == "test message sent from the console by root"
+        await pump(
+            bridge,
+            clock,
+            lambda: _state_is(bridge, messages[0].id, State.DELIVERED),
+            max_seconds=120,
+        )
+
+
+async def test_session_ends_at_sign_out_and_when_its_token_goes(served_bridge, config) -> None:
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http, httpx.AsyncClient(base_url=url) as b:
+        await sign_in(http, ADMIN)
+        copied = http.cookies["sms_bridge_session"]
+        out = await http.post("/ui/signout", data={"csrf": csrf_of(await http.get("/ui/"))})
+        assert out.status_code == 303 and out.headers["location"] == "/ui/signin"
+        b.cookies.set("sms_bridge_session", copied)
+        assert (await b.get("/ui/")).status_code == 303  # the copied cookie died with it
+
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        assert (await http.get("/ui/")).status_code == 200
+        tokens = {k: v for k, v in config.tokens.items() if k != "ops"}
+        bridge.reload(dataclasses.replace(config, tokens=tokens))
+        assert (await http.get("/ui/")).status_code == 303
+
+
+async def test_rotated_token_ends_its_sessions(served_bridge, config) -> None:
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        rotated = dataclasses.replace(config.tokens["ops"], token="a-new-read-token-0123456789")
+        bridge.reload(dataclasses.replace(config, tokens={**config.tokens, "ops": rotated}))
+        assert (await http.get("/ui/")).status_code == 303
+
+
+async def test_every_answer_carries_the_security_headers(served_bridge) -> None:
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        for path in ("/ui/", "/ui/signin", "/ui/messages.json", "/ui/static/console.js"):
+            answer = await http.get(path)
+            csp = answer.headers["content-security-policy"]
+            assert "script-src 'self'" in csp and "default-src 'none'" in csp, path
+            assert "unsafe-inline" not in csp
+            assert answer.headers["x-content-type-options"] == "nosniff"
+            assert answer.headers["x-frame-options"] == "DENY"
+        page = (await http.get("/ui/")).text
+        assert "<script>" not in page and " style=" not in page and "http://" not in page
+        assert (await http.get("/ui/")).headers["cache-control"] == "no-store"
+        missing = await http.get("/ui/nowhere")
+        assert missing.status_code == 404 and "content-security-policy" in missing.headers
+        assert "no page /ui/nowhere" in missing.text
+
+
+async def test_cookie_is_secure_over_tls(config, clock: ManualClock) -> None:
+    from bridge.service import Bridge
+
+    async with Bridge.build(config, clock=clock) as bridge:
+        transport = httpx.ASGITransport(app=bridge.app)
+        # The Host must be one the bridge serves (http.allowed_hosts): localhost is.
+        async with httpx.AsyncClient(transport=transport, base_url="https://localhost") as http:
+            answer = await sign_in(http, READER)
+            assert answer.status_code == 303
+            assert "Secure" in answer.headers["set-cookie"]
+
+
+async def test_open_bridge_needs_no_sign_in_but_still_a_csrf_token(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        async with httpx.AsyncClient(base_url=url) as http:
+            queued = await send(http, "+12025550143", "disk full")
+            page = await http.get(f"/ui/messages/{queued}")
+            assert page.status_code == 200 and "open bridge" in page.text
+            assert (await http.get("/ui/signin")).headers["location"] == "/ui/"
+            assert (await http.get("/ui/overview.json")).status_code == 200
+            forged = await http.post(f"/ui/messages/{queued}/cancel", data={"a": "1"})
+            assert forged.status_code == 403
+            ok = await http.post(f"/ui/messages/{queued}/cancel", data={"csrf": csrf_of(page)})
+            assert ok.status_code == 303
+            assert (await bridge.store.get(queued)).reason == "cancelled by anonymous"
+        async with httpx.AsyncClient(base_url=url) as fresh:  # no cookie: no session to act in
+            assert (
+                await fresh.post(f"/ui/messages/{queued}/retry", data={"a": "1"})
+            ).status_code == 403
+
+
+async def test_json_pages_take_a_bearer_token(served_bridge) -> None:
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        reader = {"Authorization": f"Bearer {READER}"}
+        sender = {"Authorization": f"Bearer {SENDER}"}
+        assert (await http.get("/ui/overview.json", headers=reader)).status_code == 200
+        refused = await http.get("/ui/messages.json", headers=sender)
+        assert refused.status_code == 403 and "lacks the 'read' scope" in refused.json()["error"]
+
+
+async def test_messages_list_filters_and_pages(served_bridge) -> None:
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        ids = [
+            await send(http, f"+1202555014{i}", f"backup {i} failed on nas-{i}") for i in range(5)
+        ]
+        await send(http, "+12025550149", "100% disk_full")
+        await sign_in(http, READER)
+
+        async def listed(query: str) -> list[int]:
+            answer = await http.get(f"/ui/messages.json?{query}")
+            assert answer.status_code == 200, answer.text
+            return [m["id"] for m in answer.json()["messages"]]
+
+        assert await listed("q=NAS-3") == [ids[3]]
+        assert await listed("recipient=%2B12025550142") == [ids[2]]
+        assert await listed("recipient=2025550142") == [ids[2]]
+        assert len(await listed("q=%25")) == 1  # LIKE wildcards are literal
+        assert len(await listed("q=_")) == 1
+        assert await listed("state=failed") == []
+        assert len(await listed("source=http")) == 6
+        assert await listed("route=am") == []
+        bad = await http.get("/ui/messages.json?state=lost")
+        assert bad.status_code == 400 and "unknown state" in bad.json()["error"]
+
+        first = (await http.get("/ui/messages.json?limit=4&source=http")).json()
+        assert [m["id"] for m in first["messages"]] == [6, 5, 4, 3]
+        second = (await http.get(f"/ui/messages.json{first['older']}")).json()
+        assert [m["id"] for m in second["messages"]] == [2, 1] and second["older"] is None
+        assert "source=http" in first["older"]
+        html = await http.get("/ui/messages?q=nas-3")
+        assert html.status_code == 200 and "backup 3 failed on nas-3" in html.text
+        assert "backup 2 failed" not in html.text
+
+
+async def test_message_page_shows_text_encoding_timeline_and_duplicates(
+    served_bridge, clock: ManualClock
+) -> None:
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        first = await send(http, "+12025550143", "Température élevée sur db-2 ✓")
+        duplicate = await send(http, "+12025550143", "Température élevée sur db-2 ✓")
+        long_id = await send(http, "+12025550144", "x" * 200)
+        await pump(
+            bridge, clock, lambda: _state_is(bridge, first, State.DELIVERED), max_seconds=120
+        )
+        await sign_in(http, READER)
+        data = (await http.get(f"/ui/messages/{first}.json")).json()
+        assert data["encoding"] == "UCS-2" and data["parts"] == 1
+        assert data["provider_message_id"] and data["attempts"] == 1
+        assert [e["state"] for e in data["events"]] == ["queued", "sending", "sent", "delivered"]
+        page = await http.get(f"/ui/messages/{duplicate}")
+        assert f'<a href="/ui/messages/{first}">message {first}</a>' in page.text
+        assert "suppressed" in page.text
+        [twin] = data["mentioned_by"]  # the original names its duplicate
+        assert twin["id"] == duplicate and twin["reason"].startswith(
+            f"duplicate of message {first}"
+        )
+        assert (await http.get(f"/ui/messages/{long_id}.json")).json()["mentioned_by"] == []
+        long_page = (await http.get(f"/ui/messages/{long_id}.json")).json()
+        assert long_page["encoding"] == "GSM-7" and long_page["parts"] == 2
+        assert [len(p) for p in long_page["parts_text"]] == [153, 47]
+        assert (await http.get("/ui/messages/999")).status_code == 404
+
+
+async def test_overview_counts_ratio_rate_and_storms(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    extra = TOKENS + "[limits]\nper_recipient = 1\n[budget]\ntexts_per_day = 50\n"
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        first = await send(http, "+12025550143", "disk full on db-1")
+        await send(http, "+12025550143", "disk full on db-2")  # held: storm control
+        other = await send(http, "+12025550144", "disk full on db-3")
+        await pump(
+            bridge, clock, lambda: _state_is(bridge, other, State.DELIVERED), max_seconds=120
+        )
+        await sign_in(http, READER)
+        data = (await http.get("/ui/overview.json")).json()
+        assert data["states"]["delivered"] == 2 and data["states"]["held"] == 1
+        assert data["delivery"]["ratio"] == 1.0 and data["delivery"]["delivered"] == 2
+        assert sum(data["rate"]["chart"]["messages"]) == 2
+        assert sum(data["rate"]["chart"]["requests"]) >= 2  # sends, plus status polls
+        assert data["rate"]["limit_per_minute"] == 100
+        assert data["today"]["texts"] == 2 and data["today"]["caps"]["texts_per_day"] == 50
+        assert data["today"]["cost"] is not None and data["provider"]["balance"] is not None
+        [storm] = data["storms"]
+        assert storm["recipient"] == "+12025550143" and storm["held"] == 1
+        assert data["provider"]["ready"] is True
+        assert first  # delivered: none of it is a failure
+        assert data["failures"] == []
+        html = await http.get("/ui/")
+        assert "<svg" in html.text and "limit 100/min" in html.text
+        assert 'aria-labelledby="chart-title chart-desc"' in html.text
+
+
+async def test_routes_show_auth_snippets_last_call_and_never_a_secret(served_bridge) -> None:
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        listing = (await http.get("/ui/routes.json")).json()
+        [route] = listing["routes"]
+        assert route["url"] == f"{url}/hooks/am" and route["last_call"] is None
+        assert route["authentication"] == ["bearer token (Authorization: Bearer ...)"]
+        refused = await http.post(f"{url}/hooks/am", json={})
+        assert refused.status_code == 401
+        route = (await http.get("/ui/routes/am.json")).json()
+        assert route["last_call"]["status"] == 401
+        assert "bearer token" in route["last_call"]["answer"]
+        assert "webhook_configs" in route["snippets"][0]["text"]
+        page = await http.get("/ui/routes/am")
+        assert ROUTE_TOKEN not in page.text and ROUTE_TOKEN not in str(route)
+        assert "transport_maps" in (await http.get("/ui/routes")).text
+        await http.post("/hooks/nonexistent", json={})
+        assert "nonexistent" not in (await http.get("/ui/routes")).text
+
+
+async def test_preview_shows_the_sms_and_stores_nothing(served_bridge) -> None:
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)  # read is enough: a preview changes nothing
+        token = csrf_of(await http.get("/ui/routes/am"))
+        sample = await http.post("/ui/routes/am/preview", data={"csrf": token, "sample": "1"})
+        assert sample.status_code == 200
+        assert "[FIRING:1] HighLatency api-1: p99 above 2s" in sample.text
+        assert "+12025550101, +12025550102" in sample.text and "GSM-7" in sample.text
+        broken = await http.post("/ui/routes/am/preview", data={"csrf": token, "payload": "{"})
+        assert "not valid JSON" in broken.text
+        wrong = await http.post(
+            "/ui/routes/am/preview", data={"csrf": token, "payload": '{"alerts": 3}'}
+        )
+        assert "Refused" in wrong.text and "alerts" in wrong.text
+        forged = await http.post("/ui/routes/am/preview", data={"sample": "1"})
+        assert forged.status_code == 403
+        assert (await http.get("/ui/routes/nope")).status_code == 404
+        assert await bridge.store.counts() == {}
+
+
+def test_chart_puts_requests_against_the_limit() -> None:
+    from bridge.console.chart import build
+
+    requests = [0] * 10
+    requests[9] = 60  # this minute
+    messages = [0] * 9 + [300]
+    drawn = build(requests, messages, limit=100, since=0.0, bucket=60.0)
+    [bar] = drawn.bars
+    assert bar.label == "00:09 UTC: 60 requests, 300 messages"
+    assert drawn.y_ticks[-1].label == "400"  # the axis holds the tallest series
+    assert drawn.plot_top < drawn.limit_y < bar.y < drawn.plot_bottom  # limit above the bar
+    assert round(bar.height / (drawn.plot_bottom - drawn.plot_top), 3) == 60 / 400
+    quiet = build([1, 0], [1, 0], limit=100, since=0.0, bucket=60.0)
+    assert quiet.y_ticks[-1].label == "120" and len(quiet.bars) == 1
+
+
+async def test_api_retry_and_cancel_need_admin_and_name_the_token(served_bridge) -> None:
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        queued = await send(http, "+12025550143", "disk full on db-2")
+        cancel = f"/api/v1/messages/{queued}/cancel"
+        reader = await http.post(cancel, headers={"Authorization": f"Bearer {READER}"})
+        nobody = await http.post(cancel)
+        assert [reader.status_code, nobody.status_code] == [403, 401]
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        done = await http.post(cancel, headers=admin)
+        assert done.status_code == 200 and done.json()["reason"] == "cancelled by root"
+        again = await http.post(cancel, headers=admin)
+        assert again.status_code == 409 and "only queued or held" in again.json()["error"]
+        retried = await http.post(f"/api/v1/messages/{queued}/retry", headers=admin)
+        assert retried.status_code == 200 and retried.json()["state"] == "queued"
+        assert (await http.post("/api/v1/messages/77/retry", headers=admin)).status_code == 404
+        assert (await http.post(f"/api/v1/messages/{queued}/purge", headers=admin)).status_code in (
+            404,
+            405,
+        )
+        found = await http.get(
+            "/api/v1/messages?q=db-2&recipient=2025550143",
+            headers={"Authorization": f"Bearer {READER}"},
+        )
+        assert [m["id"] for m in found.json()["messages"]] == [queued]
+        assert [e["detail"] for e in await bridge.store.events(queued)][-2:] == [
+            "cancelled by root",
+            "retried by root",
+        ]
+
+
+async def test_digest_page_lists_what_it_folded(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, TOKENS + "[limits]\nper_recipient = 1\n")
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await send(http, "+12025550143", "disk full on db-1")
+        held = [await send(http, "+12025550143", f"disk full on db-{i}") for i in (2, 3)]
+        await pump(bridge, clock, lambda: _state_is(bridge, held[-1], State.SUPPRESSED))
+        reason = (await bridge.store.get(held[0])).reason
+        digest = int(reason.rsplit(" ", 1)[1])
+        await sign_in(http, READER)
+        data = (await http.get(f"/ui/messages/{digest}.json")).json()
+        assert data["source"] == "digest" and data["text"].startswith("+2 more")
+        assert [m["id"] for m in data["mentioned_by"]] == held
+        page = await http.get(f"/ui/messages/{held[0]}")
+        assert f'<a href="/ui/messages/{digest}">message {digest}</a>' in page.text
+        assert "Folded into this digest (2)" in (await http.get(f"/ui/messages/{digest}")).text
+
+
+async def test_mentions_match_whole_message_numbers(served_bridge) -> None:
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        for i in range(3):
+            await send(http, f"+1202555014{i}", f"text {i}")
+    await bridge.store.write(
+        lambda db: db.execute(
+            "UPDATE messages SET state = 'suppressed',"
+            " reason = 'duplicate of message 12 within 600s' WHERE id = 2"
+        )
+    )
+    assert await bridge.store.mentioned_by(1) == []
+    assert [m["id"] for m in await bridge.store.mentioned_by(12)] == [2]

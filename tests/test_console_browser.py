@@ -1,0 +1,300 @@
+"""The web console in a real browser: Debian's Chromium driven by Playwright.
+
+The bridge runs as `serve` runs it (uvicorn on 127.0.0.1, dispatcher, status poller and
+the in-process sandbox provider on the real clock), so the browser sees messages arrive
+and turn delivered by itself. Every page must load without a console error (a CSP
+violation is one). Screenshots of the main pages go to the test's temporary directory,
+or to `docs/` with `SMS_BRIDGE_SCREENSHOTS=docs` (how the ones in the README are made).
+
+Skipped only where /usr/bin/chromium is absent (`apt-get install chromium`); CI
+installs it and fails when these tests were skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.async_api import async_playwright
+
+from bridge.config import Config, load_config
+from bridge.service import Bridge
+from bridge.sockets import bind_socket
+from tests.helpers import write_config
+
+CHROMIUM = Path("/usr/bin/chromium")
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def shots(tmp_path: Path) -> Path:
+    return DOCS if os.environ.get("SMS_BRIDGE_SCREENSHOTS") == "docs" else tmp_path
+
+
+ADMIN = "admin-token-0123456789abcdef"
+READER = "read-token-0123456789abcdef"
+WAIT_MS = 30_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="/usr/bin/chromium is absent: apt-get install chromium"
+    ),
+]
+
+
+def console_config(tmp_path: Path) -> Config:
+    return load_config(
+        write_config(
+            tmp_path,
+            f"""
+            [store]
+            path = "{tmp_path / "bridge.db"}"
+            [smtp]
+            listen = ""
+            [sandbox]
+            sent_after = "0.2s"
+            delivered_after = "0.5s"
+            [status]
+            poll_interval = "0.5s"
+            [limits]
+            per_recipient = 1
+            [groups]
+            oncall = ["+12025550101", "+12025550102"]
+            [routes.alertmanager]
+            format = "alertmanager"
+            to = ["oncall"]
+            token = "route-secret-token-0123456789"
+            [tokens.root]
+            token = "{ADMIN}"
+            scopes = ["admin"]
+            [tokens.ops]
+            token = "{READER}"
+            scopes = ["read"]
+            """,
+        ),
+        env={},
+    )
+
+
+@contextlib.asynccontextmanager
+async def serving(config: Config) -> AsyncIterator[tuple[Bridge, str]]:
+    """The whole bridge on the real clock, its HTTP listener on an ephemeral port."""
+    sock = bind_socket("127.0.0.1:0")
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    async with Bridge.build(config) as bridge:
+        started = asyncio.Event()
+        runner = asyncio.create_task(bridge.run(http_socket=sock, started=started))
+        waiter = asyncio.create_task(started.wait())
+        await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if runner.done():
+            waiter.cancel()
+            await runner
+        try:
+            yield bridge, url
+        finally:
+            bridge.stop.set()
+            await runner
+    sock.close()
+
+
+class ConsoleErrors:
+    """Console errors and uncaught exceptions of every page it watches."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def watch(self, page) -> None:  # type: ignore[no-untyped-def]
+        page.on(
+            "console",
+            lambda m: self.errors.append(f"{page.url}: {m.text}") if m.type == "error" else None,
+        )
+        page.on("pageerror", lambda e: self.errors.append(f"{page.url}: {e}"))
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[object]:
+    async with async_playwright() as p:
+        chromium = await p.chromium.launch(
+            executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+async def post_messages(url: str, messages: list[tuple[str, str]]) -> list[int]:
+    async with httpx.AsyncClient(base_url=url) as http:
+        ids = []
+        for to, text in messages:
+            answer = await http.post(
+                "/api/v1/messages",
+                json={"to": to, "message": text},
+                headers={"Authorization": f"Bearer {ADMIN}"},
+            )
+            assert answer.status_code == 202, answer.text
+            ids.append(answer.json()["ids"][0])
+        return ids
+
+
+async def sign_in(page, url: str, token: str) -> None:  # type: ignore[no-untyped-def]
+    await page.goto(f"{url}/ui/")
+    assert "/ui/signin" in page.url
+    await page.get_by_label("API token").fill(token)
+    await page.get_by_role("button", name="Sign in").click()
+    await page.wait_for_url(f"{url}/ui/")
+
+
+async def test_admin_signs_in_filters_cancels_retries_previews_and_signs_out(
+    tmp_path: Path, browser
+) -> None:
+    errors = ConsoleErrors()
+    async with serving(console_config(tmp_path)) as (bridge, url):
+        first, held, other = await post_messages(
+            url,
+            [
+                ("+12025550143", "disk full on db-1"),
+                ("+12025550143", "disk full on db-2"),  # held: storm control, 1 per window
+                ("+12025550144", "backup failed on nas-1"),
+            ],
+        )
+        context = await browser.new_context(viewport={"width": 1280, "height": 900})
+        page = await context.new_page()
+        errors.watch(page)
+
+        # Sign-in: a wrong token is refused with a reason, the admin token lets in.
+        await page.goto(f"{url}/ui/messages")
+        assert "/ui/signin" in page.url
+        await page.get_by_label("API token").fill("not-a-token-0123456789")
+        await page.get_by_role("button", name="Sign in").click()
+        await page.get_by_role("alert").wait_for()
+        assert "not a configured API token" in await page.get_by_role("alert").inner_text()
+        errors.errors = [e for e in errors.errors if "401" not in e]  # the refusal's status
+        await page.get_by_label("API token").fill(ADMIN)
+        await page.get_by_role("button", name="Sign in").click()
+        await page.wait_for_url(f"{url}/ui/messages")
+
+        # The list refreshes itself: the first message turns delivered without a reload.
+        row = page.locator("tr", has=page.get_by_role("link", name=f"Message {first}", exact=True))
+        await row.locator(".s-delivered").wait_for(timeout=WAIT_MS)
+
+        # A filter: text search.
+        await page.get_by_label("Text contains").fill("nas-1")
+        await page.get_by_role("button", name="Filter").click()
+        await page.wait_for_url(re.compile(r".*q=nas-1.*"))
+        links = page.locator("table.messages tbody tr")
+        assert await links.count() == 1
+        assert "backup failed on nas-1" in await links.first.inner_text()
+
+        # A held message: its timeline says why; cancel it (after the confirmation).
+        await page.goto(f"{url}/ui/messages?state=held")
+        await page.get_by_role("link", name=f"Message {held}", exact=True).click()
+        await page.wait_for_url(f"{url}/ui/messages/{held}")
+        timeline = page.locator("ol.timeline")
+        assert "held for the digest" in await timeline.inner_text()
+        page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        await page.get_by_role("button", name="Cancel").click()
+        await page.get_by_role("status").filter(has_text="cancelled").wait_for()
+        assert "cancelled by root" in await timeline.inner_text()
+
+        # Retry it: it goes out and the page shows it delivered by itself.
+        await page.get_by_role("button", name="Retry").click()
+        await page.get_by_role("status").filter(has_text="queued again").wait_for()
+        assert "retried by root" in await page.locator("ol.timeline").inner_text()
+        await page.locator("h1 .s-delivered").wait_for(timeout=WAIT_MS)
+        assert (await bridge.store.get(held)).state == "delivered"
+        await page.screenshot(path=str(shots(tmp_path) / "console-message.png"), full_page=True)
+
+        # The route page: preview the format's sample without sending anything.
+        before = await bridge.store.counts()
+        await page.goto(f"{url}/ui/routes/alertmanager")
+        assert "route-secret-token" not in await page.content()
+        await page.get_by_role("button", name="Preview the sample payload").click()
+        result = page.locator("section.preview")
+        await result.wait_for()
+        assert "[FIRING:1] HighLatency api-1: p99 above 2s" in await result.inner_text()
+        assert await bridge.store.counts() == before
+        await page.screenshot(path=str(shots(tmp_path) / "console-route.png"), full_page=True)
+
+        # The overview, as an on-call engineer sees it: screenshot for the docs.
+        await page.goto(f"{url}/ui/")
+        await page.locator("svg.chart").wait_for()
+        await page.screenshot(path=str(shots(tmp_path) / "console-overview.png"), full_page=True)
+        await page.goto(f"{url}/ui/messages")
+        await page.screenshot(path=str(shots(tmp_path) / "console-messages.png"), full_page=True)
+
+        # Sign out: the console is closed again.
+        await page.get_by_role("button", name="Sign out").click()
+        await page.wait_for_url(f"{url}/ui/signin")
+        await page.goto(f"{url}/ui/")
+        assert "/ui/signin" in page.url
+        await context.close()
+    assert errors.errors == []
+    assert other
+
+
+async def test_reader_sees_no_actions_and_is_refused_them(tmp_path: Path, browser) -> None:
+    errors = ConsoleErrors()
+    async with serving(console_config(tmp_path)) as (bridge, url):
+        _, held = await post_messages(
+            url, [("+12025550143", "disk full on db-1"), ("+12025550143", "disk full on db-2")]
+        )
+        context = await browser.new_context()
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, READER)
+        await page.goto(f"{url}/ui/messages/{held}")
+        assert await page.get_by_role("button", name="Cancel").count() == 0
+        assert "need a token with the admin scope" in await page.locator("main").inner_text()
+        assert await page.get_by_role("link", name="Send a test").count() == 0
+        csrf = await page.locator("input[name=csrf]").first.get_attribute("value")
+        # The browser's own session, CSRF token and all: the scope still says no.
+        refused = await page.request.post(
+            f"{url}/ui/messages/{held}/cancel", form={"csrf": csrf or ""}
+        )
+        assert refused.status == 403
+        assert (await bridge.store.get(held)).state == "held"
+        await context.close()
+    assert errors.errors == []
+
+
+async def test_phone_screen_and_keyboard(tmp_path: Path, browser) -> None:
+    errors = ConsoleErrors()
+    async with serving(console_config(tmp_path)) as (_, url):
+        await post_messages(url, [("+12025550143", "disk full on db-1")])
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        )
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        for path in ("/ui/", "/ui/messages", "/ui/routes/alertmanager", "/ui/send"):
+            await page.goto(url + path)
+            overflow = await page.evaluate(
+                "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert overflow <= 0, f"{path} scrolls sideways on a phone by {overflow}px"
+        await page.goto(f"{url}/ui/")
+        await page.screenshot(path=str(shots(tmp_path) / "console-phone.png"), full_page=False)
+
+        # Keyboard: the first Tab reaches "Skip to content", Enter moves to the page.
+        await page.keyboard.press("Tab")
+        assert await page.evaluate("document.activeElement.textContent") == "Skip to content"
+        await page.keyboard.press("Enter")
+        assert await page.evaluate("document.activeElement.id") == "main"
+        # Every form control has a label a screen reader can read.
+        await page.goto(f"{url}/ui/messages")
+        unlabelled = await page.evaluate(
+            """[...document.querySelectorAll('input:not([type=hidden]), select, textarea')]
+                 .filter(e => !e.labels || e.labels.length === 0).map(e => e.name)"""
+        )
+        assert unlabelled == []
+        await context.close()
+    assert errors.errors == []

@@ -1,0 +1,472 @@
+"""Who may be texted, as whom, at what cost, and whose dedupe key counts (issue #11).
+
+Each case goes through the real listeners: HTTP via httpx to the served app, SMTP via
+smtplib, out to the sandbox provider on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import smtplib
+from email.message import EmailMessage
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.datastructures import Headers
+
+from bridge.clock import ManualClock
+from bridge.config import RouteConfig, load_config
+from bridge.errors import ConfigError
+from bridge.formats import HookRequest, alertmanager, github
+from bridge.mail import parse_mail
+from bridge.models import State
+from bridge.provider.sandbox import SandboxState
+from bridge.smtp import mail_dedupe_key
+from tests.helpers import bridge_config, pump, running_bridge, write_config
+from tests.test_smtp import smtp_listening
+
+OK = "+12025550143"
+SECRET = "gh-secret"
+# Refused by default: what each is, as the phone metadata says.
+COSTLY = {
+    "+882130123456": "international network",
+    "+8816123456789": "satellite",
+    "+80012345678": "UIFN",
+    "+19005550123": "premium-rate",
+    "+33810123456": "shared-cost",
+    "+97912345678": "international premium",
+}
+ROUTES = f"""
+[groups]
+oncall = ["+12025550101", "+12025550102"]
+[routes.am]
+format = "alertmanager"
+to = ["{OK}"]
+public = true
+[routes.gh]
+format = "github"
+to = ["{OK}"]
+secret = "{SECRET}"
+[routes.fixed]
+format = "generic"
+to = ["{OK}"]
+dedupe_path = "id"
+public = true
+[routes.fixed2]
+format = "generic"
+to = ["{OK}"]
+dedupe_path = "id"
+public = true
+[routes.open]
+format = "generic"
+allow_payload_to = true
+public = true
+"""
+GITHUB_BODY = json.dumps(github.SAMPLE).encode()
+
+
+def signed(body: bytes, delivery: str) -> dict[str, str]:
+    digest = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    return {
+        "content-type": "application/json",
+        "x-github-event": "workflow_run",
+        "x-github-delivery": delivery,
+        "x-hub-signature-256": f"sha256={digest}",
+    }
+
+
+def mail(subject: str, body: str, message_id: str = "<same@device>") -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "ups@example.org"
+    msg["To"] = f"{OK}@sms.localhost"
+    msg["Subject"] = subject
+    msg["Message-ID"] = message_id
+    msg.set_content(body)
+    return msg.as_bytes()
+
+
+def send_mail(port: int, data: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.sendmail("ups@example.org", [f"{OK}@sms.localhost"], data)
+
+
+def rcpt(port: int, address: str) -> tuple[int, str]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("test")
+        client.mail("ups@example.org")
+        code, message = client.rcpt(address)
+        return code, message.decode()
+
+
+def config_problems(tmp_path: Path, body: str) -> dict[str, str]:
+    try:
+        load_config(write_config(tmp_path, body, "check.toml"), env={})
+    except ConfigError as exc:
+        return dict(exc.problems)
+    return {}
+
+
+# -- the recipient firewall ----------------------------------------------------------------
+@pytest.mark.parametrize("number", sorted(COSTLY))
+async def test_api_refuses_costly_numbers_unless_allowed(
+    number: str, tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        refused = await http.post(
+            f"{url}/api/v1/messages", json={"to": [OK, number], "message": "win a prize"}
+        )
+        assert refused.status_code == 400, refused.text
+        assert number in refused.json()["error"] and refused.json()["field"] == "to[1]"
+        assert "allow_premium" in refused.json()["error"]
+        assert await bridge.store.counts() == {}  # nothing of the request is stored
+    allowed = bridge_config(tmp_path, sandbox_url, "[phone]\nallow_premium = true\n")
+    async with running_bridge(allowed, clock) as (_, url), httpx.AsyncClient() as http:
+        response = await http.post(f"{url}/api/v1/messages", json={"to": number, "message": "x"})
+        assert response.status_code == 202, response.text
+
+
+async def test_allowed_countries_over_api_hooks_and_smtp(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    extra = (
+        ROUTES + '[phone]\nallowed_countries = ["us", "CA"]\n[smtp]\ndomains = ["sms.localhost"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        api = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+442079460000", "message": "x"}
+        )
+        assert api.status_code == 400
+        assert "+442079460000" in api.json()["error"] and "GB" in api.json()["error"]
+        hook = await http.post(
+            f"{url}/hooks/open", json={"message": "x", "to": ["+16135550100", "+4915112345678"]}
+        )
+        assert hook.status_code == 400 and "+4915112345678" in hook.json()["error"]
+        assert hook.json()["field"] == "to[1]"  # the generic route's to_path, indexed
+        canada = await http.post(f"{url}/hooks/open", json={"message": "x", "to": "+16135550100"})
+        assert canada.status_code == 202  # CA is allowed
+        code, message = await asyncio.to_thread(rcpt, port, "+442079460000@sms.localhost")
+        assert code == 550 and "5.7.1" in message and "+442079460000" in message
+        assert "allowed_countries" in message
+        code, _ = await asyncio.to_thread(rcpt, port, "+882130123456@sms.localhost")
+        assert code == 550
+        code, _ = await asyncio.to_thread(rcpt, port, f"{OK}@sms.localhost")
+        assert code == 250
+        assert await bridge.store.counts() == {"queued": 1}
+
+
+async def test_unknown_range_of_a_shared_code_is_refused_under_allowed_countries(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """+1 999 is no area code anywhere yet: it might be any of +1's countries."""
+    config = bridge_config(tmp_path, sandbox_url, '[phone]\nallowed_countries = ["US"]\n')
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+19995550100", "message": "x"}
+        )
+    assert response.status_code == 400 and "cannot be told" in response.json()["error"]
+
+
+def test_check_config_refuses_config_numbers_the_firewall_refuses(tmp_path) -> None:
+    problems = config_problems(
+        tmp_path,
+        """
+        [phone]
+        allowed_countries = ["US", "XX"]
+        [groups]
+        oncall = ["+12025550101", "+442079460000"]
+        [budget]
+        admin = ["+19005550123"]
+        [routes.am]
+        format = "alertmanager"
+        to = ["+882130123456", "oncall"]
+        [routes.nobody]
+        format = "generic"
+        """,
+    )
+    assert "GB" in problems["groups.oncall[1]"]
+    assert "premium-rate" in problems["budget.admin[0]"]
+    assert "+882" in problems["routes.am.to[0]"]
+    assert "routes.am.to[1]" not in problems  # a group: its members are named above
+    assert "allow_payload_to" in problems["routes.nobody.to"]  # it could never text anyone
+    assert "phone.allowed_countries[1]" in problems
+
+
+async def test_recipients_per_request_are_capped(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES + "[http]\nmax_recipients = 5\n")
+    many = [f"+120255501{i:02d}" for i in range(6)]
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        api = await http.post(f"{url}/api/v1/messages", json={"to": many, "message": "x"})
+        hook = await http.post(f"{url}/hooks/open", json={"to": many, "message": "x"})
+        query = "&".join(f"to=%2B{n[1:]}" for n in many)
+        by_query = await http.post(f"{url}/hooks/open?{query}", json={"message": "x"})
+        assert await bridge.store.counts() == {}
+        five = await http.post(f"{url}/api/v1/messages", json={"to": many[:5], "message": "x"})
+        group = await http.post(f"{url}/hooks/open", json={"to": "oncall", "message": "x"})
+    for response in (api, hook, by_query):
+        assert response.status_code == 400, response.text
+        assert "at most 5" in response.json()["error"]
+    assert five.status_code == 202 and group.status_code == 202
+
+
+async def test_routes_text_only_their_own_recipients(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        payload_to = await http.post(
+            f"{url}/hooks/fixed", json={"message": "backup failed", "to": "+12025550199"}
+        )
+        odd_to = await http.post(f"{url}/hooks/fixed", json={"message": "x", "to": 5})
+        query_to = await http.post(
+            f"{url}/hooks/fixed?to=%2B12025550199", json={"message": "backup failed"}
+        )
+        opened = await http.post(
+            f"{url}/hooks/open?to=oncall", json={"message": "x", "to": "+12025550199"}
+        )
+        messages = await bridge.store.query()
+    assert payload_to.status_code == 202
+    assert [m["to"] for m in payload_to.json()["messages"]] == [OK]  # the payload's is data
+    assert odd_to.status_code == 202  # not a recipient here: not even read
+    assert query_to.status_code == 400 and "allow_payload_to" in query_to.json()["error"]
+    assert opened.status_code == 202
+    assert sorted(m["to"] for m in opened.json()["messages"]) == [
+        "+12025550101",
+        "+12025550102",
+        "+12025550199",
+    ]
+    assert "+12025550199" not in {m.recipient for m in messages if m.route == "fixed"}
+
+
+# -- sender ids ----------------------------------------------------------------------------
+async def test_sender_id_only_from_the_allowlist(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    config = bridge_config(
+        tmp_path, sandbox_url, sender_id="ACME", allowed_sender_ids=["OPS", "12025550143"]
+    )
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+
+        async def post(sender_id: str | None) -> httpx.Response:
+            body = {"to": OK, "message": f"as {sender_id}"}
+            if sender_id is not None:
+                body["sender_id"] = sender_id
+            return await http.post(f"{url}/api/v1/messages", json=body)
+
+        paypal = await post("PAYPAL")
+        too_long = await post("120255501430")  # 12 digits: beyond the provider's 11
+        answers = [await post(s) for s in (None, "ACME", "OPS", "12025550143")]
+        await pump(bridge, clock, lambda: len(sandbox_state.entries) == 4, max_seconds=60)
+    assert paypal.status_code == 400 and "'PAYPAL'" in paypal.json()["error"]
+    assert paypal.json()["field"] == "sender_id" and "allowed_sender_ids" in paypal.json()["error"]
+    assert too_long.status_code == 400 and "11 characters" in too_long.json()["error"]
+    assert [a.status_code for a in answers] == [202] * 4
+    assert sorted(e.sender_id for e in sandbox_state.entries) == [
+        "12025550143",
+        "ACME",
+        "ACME",
+        "OPS",
+    ]
+
+
+def test_sender_ids_beyond_11_characters_are_config_errors(tmp_path) -> None:
+    problems = config_problems(
+        tmp_path,
+        """
+        [provider]
+        sender_id = "120255501430"
+        allowed_sender_ids = ["OPS", "+120255501430"]
+        [smtp]
+        sender_id = "ABCDEFGHIJKL"
+        """,
+    )
+    assert set(problems) == {
+        "provider.sender_id",
+        "provider.allowed_sender_ids[1]",
+        "smtp.sender_id",
+    }
+    assert all("11 characters" in why for why in problems.values())
+
+
+async def test_openapi_states_the_sender_id_rule(tmp_path, clock, sandbox_url) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        spec = (await http.get(f"{url}/openapi.json")).json()
+    sender = spec["components"]["schemas"]["MessageRequest"]["properties"]["sender_id"]
+    assert sender["maxLength"] == 11 and "allowed_sender_ids" in sender["description"]
+
+
+# -- daily cost cap ------------------------------------------------------------------------
+async def test_cost_per_day_holds_back_what_would_cross_it_and_warns_once(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The sandbox prices +1 at 0.5 and +44 at 0.8 "points" a part: 1.4 allows two +1 texts
+    on the first day, then +1 and +44 (1.3) on the next."""
+    admin = "+12025550199"
+    extra = f'[budget]\ncost_per_day = 1.4\nadmin = ["{admin}"]\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    clock.advance(3600 * 20 - clock.now() % 86400)  # 20:00 UTC
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for to in ("+12025550101", "+12025550102", "+12025550103", "+447911123456"):
+            response = await http.post(f"{url}/api/v1/messages", json={"to": to, "message": to})
+            assert response.status_code == 202
+            for _ in range(3):
+                clock.advance(min(await bridge.dispatcher.run_once(), 5))
+        texts = [e.to for e in sandbox_state.entries if e.to != admin]
+        warnings = [e.message for e in sandbox_state.entries if e.to == admin]
+        waiting = await bridge.store.query(reason_kind="budget")
+        assert texts == ["+12025550101", "+12025550102"]
+        assert len(warnings) == 1 and "cost_per_day=1.4 points, 1 spent" in warnings[0]
+        assert {m.state for m in waiting} == {State.QUEUED} and len(waiting) == 2
+        clock.advance(5 * 3600)  # a new UTC day
+        await pump(bridge, clock, lambda: len(sandbox_state.entries) == 5, max_seconds=600)
+    assert sorted(e.to for e in sandbox_state.entries[3:]) == ["+12025550103", "+447911123456"]
+
+
+# -- scoped dedupe keys --------------------------------------------------------------------
+def _route(fmt: str) -> RouteConfig:
+    return RouteConfig(name="x", format=fmt, to=(OK,), secret=SECRET)
+
+
+def _github_key() -> str:
+    """The key the format gives this delivery (what a caller would copy)."""
+    hook = HookRequest(
+        route=_route("github"),
+        headers=Headers(signed(GITHUB_BODY, "deliv-77")),
+        body=GITHUB_BODY,
+        payload=github.SAMPLE,
+    )
+    key = github.parse(hook)[0].dedupe_key
+    assert key
+    return key
+
+
+async def test_api_dedupe_key_cannot_suppress_a_github_delivery(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """The finding: `"dedupe_key": "github:deliv-77"` muted the genuine delivery. Here the
+    caller sends exactly the key the delivery carries, whatever its form."""
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        for key in ("github:deliv-77", _github_key()):
+            api = await http.post(
+                f"{url}/api/v1/messages", json={"to": OK, "message": "ok", "dedupe_key": key}
+            )
+            assert api.json()["messages"][0]["state"] == "queued"
+        genuine = await http.post(
+            f"{url}/hooks/gh", content=GITHUB_BODY, headers=signed(GITHUB_BODY, "deliv-77")
+        )
+    assert genuine.status_code == 202
+    assert genuine.json()["messages"][0]["state"] == "queued", genuine.json()
+
+
+async def test_api_dedupe_key_cannot_suppress_an_alert(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    hook = HookRequest(
+        route=_route("alertmanager"), headers={}, body=b"", payload=alertmanager.SAMPLE
+    )
+    key = alertmanager.parse(hook)[0].dedupe_key
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        await http.post(
+            f"{url}/api/v1/messages", json={"to": OK, "message": "ok", "dedupe_key": key}
+        )
+        genuine = await http.post(f"{url}/hooks/am", json=alertmanager.SAMPLE)
+    assert genuine.status_code == 202
+    assert {m["state"] for m in genuine.json()["messages"]} == {"queued"}
+
+
+async def test_api_dedupe_key_and_text_cannot_suppress_a_mail(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    raw = mail("UPS on battery", "Power failure at site 2")
+    key = mail_dedupe_key(parse_mail(raw))
+    config = bridge_config(tmp_path, sandbox_url, '[smtp]\ndomains = ["sms.localhost"]\n')
+    async with running_bridge(config, clock) as (bridge, url), smtp_listening(bridge) as port:
+        async with httpx.AsyncClient() as http:
+            for body in (
+                {"to": OK, "message": "muted", "dedupe_key": key},
+                {"to": OK, "message": "UPS on battery: Power failure at site 2"},  # its text
+            ):
+                await http.post(f"{url}/api/v1/messages", json=body)
+        await asyncio.to_thread(send_mail, port, raw)
+        [texted] = [m for m in await bridge.store.query() if m.source == "smtp"]
+    assert texted.state == State.QUEUED, texted.reason
+
+
+async def test_route_keys_are_scoped_by_route(tmp_path, clock: ManualClock, sandbox_url) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        body = {"message": "backup failed", "id": "job-7"}
+        first = await http.post(f"{url}/hooks/fixed", json=body)
+        other_route = await http.post(f"{url}/hooks/fixed2", json=body)
+        again = await http.post(f"{url}/hooks/fixed", json=body)
+    assert first.json()["messages"][0]["state"] == "queued"
+    assert other_route.json()["messages"][0]["state"] == "queued"
+    assert again.json()["messages"][0]["state"] == "suppressed"  # its own key still counts
+
+
+async def test_replayed_github_body_under_a_new_delivery_id_texts_once(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        states = []
+        for delivery in ("deliv-1", "deliv-1", "replay-2", "replay-a-day-later"):
+            if delivery.endswith("later"):
+                clock.advance(86400)  # far past dedupe.window: GitHub signs no timestamp
+            response = await http.post(
+                f"{url}/hooks/gh", content=GITHUB_BODY, headers=signed(GITHUB_BODY, delivery)
+            )
+            assert response.status_code == 202
+            states.append(response.json()["messages"][0]["state"])
+        other = json.dumps({**github.SAMPLE, "action": "completed", "n": 2}).encode()
+        new_event = await http.post(f"{url}/hooks/gh", content=other, headers=signed(other, "d3"))
+    assert states == ["queued", "suppressed", "suppressed", "suppressed"]
+    assert new_event.json()["messages"][0]["state"] == "queued"  # another body is news
+
+
+async def test_mail_resend_is_same_message_id_and_same_content(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, '[smtp]\ndomains = ["sms.localhost"]\n')
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        await asyncio.to_thread(send_mail, port, mail("Test 1", "first device"))
+        await asyncio.to_thread(send_mail, port, mail("Test 2", "second device"))  # same id
+        await asyncio.to_thread(send_mail, port, mail("Test 1", "first device"))  # a resend
+        messages = sorted(await bridge.store.query(), key=lambda m: m.id)
+    assert [m.state for m in messages] == [State.QUEUED, State.QUEUED, State.SUPPRESSED]
+    assert f"message {messages[0].id}" in (messages[2].reason or "")
+
+
+async def test_reload_applies_the_firewall_to_every_path(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    base = ROUTES + '[smtp]\ndomains = ["sms.localhost"]\n'
+    config = bridge_config(tmp_path, sandbox_url, base)
+    stricter = bridge_config(tmp_path, sandbox_url, base + '[phone]\nallowed_countries = ["US"]\n')
+    uk = "+442079460000"
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        assert (await asyncio.to_thread(rcpt, port, f"{uk}@sms.localhost"))[0] == 250
+        assert bridge.reload(stricter) == []
+        code, _ = await asyncio.to_thread(rcpt, port, f"{uk}@sms.localhost")
+        api = await http.post(f"{url}/api/v1/messages", json={"to": uk, "message": "x"})
+        hook = await http.post(f"{url}/hooks/open", json={"to": uk, "message": "x"})
+    assert code == 550
+    assert api.status_code == 400 and hook.status_code == 400
