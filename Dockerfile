@@ -8,6 +8,10 @@
 # and secrets as files its *_file keys name:
 #   --mount type=bind,src="$PWD/secrets",dst=/run/secrets,readonly
 # Single keys: -e SMS_BRIDGE_<SECTION>_<KEY>. See docs/recipes.md, "Docker".
+# With the sandbox (no provider.base_url) nothing leaves the machine. With the real
+# provider the bridge refuses to start (protected mode) until its listeners are
+# protected: tokens, smtp.allowed_networks or require_auth, http.allowed_hosts for the
+# names clients use. See docs/security.md.
 
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src

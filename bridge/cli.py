@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -18,10 +19,12 @@ from bridge.clock import Clock, SystemClock
 from bridge.config import (
     Config,
     config_path_from,
+    inline_secrets,
     load_config,
     masked,
     parse_duration,
     parse_listen,
+    secret_values,
 )
 from bridge.errors import ConfigError, ProviderError, StoreUnavailable
 from bridge.logs import setup_logging
@@ -112,13 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _print_problems(exc)
         return 1
-    secrets = [
-        *config.smtp.users.values(),
-        config.provider.api_key,
-        *(r.token for r in config.routes.values()),
-        *(r.secret for r in config.routes.values()),
-    ]
-    setup_logging(config.log.level, config.log.format, secrets)
+    setup_logging(config.log.level, config.log.format, secret_values(config))
+    if args.command in ("check-config", "serve") and (warning := _exposed_secrets(args)):
+        if args.command == "serve":
+            log.warning("%s", warning)  # in the service's log, JSON or not
+        else:
+            print(f"warning: {warning}", file=sys.stderr)
     if args.command == "check-config":
         print(f"{config.source}: OK")
         print(json.dumps(masked(config), indent=2, default=list))
@@ -150,6 +152,24 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
     if args.command in ("retry", "purge"):
         return asyncio.run(_maintain(config, args))
     return 2
+
+
+def _exposed_secrets(args: argparse.Namespace) -> str | None:
+    """Why the config file's mode exposes secrets written into it, or None."""
+    path = _config_path(args)
+    if path is None:
+        return None
+    try:
+        world_readable = bool(os.stat(path).st_mode & stat.S_IROTH)
+    except OSError:
+        return None
+    keys = inline_secrets(path) if world_readable else []
+    if not keys:
+        return None
+    return (
+        f"{path} is readable by every user and holds secrets ({', '.join(keys)}): "
+        f"chmod 600 {path}, or move them to *_file keys"
+    )
 
 
 def _print_problems(exc: ConfigError) -> None:

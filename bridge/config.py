@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 DEFAULT_STORE_PATH = "sms-bridge.db"
 ONE_MIB = 1024 * 1024
 ROUTE_FORMATS = ("alertmanager", "grafana", "github", "gitlab", "generic")
+SIGNED_FORMATS = ("grafana", "github", "gitlab")  # the formats that check routes.NAME.secret
 GROUP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -172,6 +174,12 @@ class HttpConfig:
     header_timeout: float = _opt(10.0, "duration")  # to send the request line and headers
     keep_alive_timeout: float = _opt(5.0, "duration")  # idle between requests
     body_timeout: float = _opt(30.0, "duration")  # to send the whole body; beyond: 408
+    # Host header values served (names, "*.example.org", "*"); [] = the listen host,
+    # localhost, 127.0.0.1 and [::1] (any IP literal when listening on a wildcard).
+    allowed_hosts: tuple[str, ...] = _opt([])
+    trusted_proxies: tuple[str, ...] = _opt([])  # CIDRs whose X-Forwarded-* is believed
+    tls_cert: str = _opt("")  # PEM files: HTTPS on http.listen
+    tls_key: str = _opt("")
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +277,7 @@ class RouteConfig:
     dedupe_window: float = _opt(-1.0, "duration")  # -1 = dedupe.window
     max_texts_per_day: int = _opt(0)  # 0 = no cap for this route
     allow_payload_to: bool = _opt(False)  # may the payload's to_path and ?to= add recipients
+    public: bool = _opt(False)  # no authentication, knowingly (protected mode allows it)
 
 
 SCOPES = ("send", "read", "admin", "metrics")
@@ -561,6 +570,7 @@ class _Loader:
         if not isinstance(raw, dict):
             self.problem("tokens", "expected tables [tokens.NAME]")
             return {}
+        raw = self._tokens_from_env({k: v for k, v in raw.items()})
         tokens: dict[str, TokenConfig] = {}
         for name, table in raw.items():
             if not GROUP_NAME.match(name):
@@ -572,6 +582,25 @@ class _Loader:
                 f"tokens.{name}", TokenConfig, table, env=False, fixed={"name": name}
             )
         return tokens
+
+    def _tokens_from_env(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """`SMS_BRIDGE_TOKENS_<NAME>_TOKEN[_FILE]` and `..._SCOPES`: tokens for containers
+        configured by environment and secrets alone. The environment wins over the file."""
+        pattern = re.compile(rf"{ENV_PREFIX}TOKENS_(.+)_(TOKEN_FILE|TOKEN|SCOPES)")
+        for env_name, text in sorted(self.env.items()):
+            match = pattern.fullmatch(env_name)
+            if not match:
+                continue
+            name, key = match.group(1).lower(), match.group(2).lower()
+            table = raw.get(name)
+            table = dict(table) if isinstance(table, dict) else {}
+            if key == "scopes":
+                table["scopes"] = _from_env_text(text, "list", ())
+            else:  # token and token_file replace each other
+                table.pop("token_file" if key == "token" else "token", None)
+                table[key] = text
+            raw[name] = table
+        return raw
 
 
 def route_env_prefix(name: str) -> str:
@@ -785,6 +814,104 @@ def _validate_listener_limits(config: Config, problem: Callable[[str, str], None
         problem("http.max_header_bytes", "must be at least 1024")
 
 
+def is_loopback_host(host: str) -> bool:
+    """`localhost`, 127.0.0.0/8 or ::1: reachable from this machine only."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost":  # not *.localhost: only some resolvers keep those on loopback
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen_host(listen: str) -> str | None:
+    try:
+        return parse_listen(listen)[0] if listen else None
+    except ValueError:
+        return None  # reported by _validate
+
+
+def _restricts(networks: tuple[str, ...]) -> bool:
+    """Does this allowlist leave someone out? `0.0.0.0/0` or `::/0` admit everyone."""
+    try:
+        return bool(networks) and all(
+            ipaddress.ip_network(n, strict=False).prefixlen > 0 for n in networks
+        )
+    except ValueError:
+        return True  # the bad entry is reported by _validate
+
+
+def _validate_http(config: Config, problem: Callable[[str, str], None]) -> None:
+    http = config.http
+    for index, net in enumerate(http.trusted_proxies):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problem(f"http.trusted_proxies[{index}]", f"{net!r} is not an address or CIDR network")
+    for index, host in enumerate(http.allowed_hosts):
+        if not re.fullmatch(r"\*|(\*\.)?[A-Za-z0-9_.:\[\]-]+", host):
+            problem(
+                f"http.allowed_hosts[{index}]",
+                f"{host!r} is not a host name, an address, '*.example.org' or '*'",
+            )
+    if bool(http.tls_cert) != bool(http.tls_key):
+        problem("http.tls_cert", "tls_cert and tls_key go together")
+    for key in ("tls_cert", "tls_key"):
+        if getattr(http, key) and not Path(getattr(http, key)).is_file():
+            problem(f"http.{key}", f"no such file: {getattr(http, key)}")
+
+
+def _validate_protected(config: Config, problem: Callable[[str, str], None]) -> None:
+    """Protected mode: with a real provider, nothing reachable from the network is open.
+
+    Every SMS costs the owner money, so a listener that other machines can reach must
+    know who is calling. The sandbox sends nothing and stays open, so the two-command
+    start in the README keeps working.
+    """
+    base_url = config.provider.base_url
+    if not base_url:
+        return
+    host = urllib.parse.urlsplit(base_url).hostname or ""
+    if not base_url.startswith("https://") and not is_loopback_host(host):
+        problem(
+            "provider.base_url",
+            "must be https:// unless its host is loopback: the API key would cross the "
+            "network in clear text",
+        )
+    real = "while provider.base_url is set (a real provider: every SMS costs money)"
+    http_host = _listen_host(config.http.listen)
+    if http_host is not None and not is_loopback_host(http_host) and not config.tokens:
+        problem(
+            "http.listen",
+            f"{config.http.listen} is reachable from the network but no [tokens.NAME] is "
+            f"configured {real}: add a token, or listen on 127.0.0.1",
+        )
+    smtp = config.smtp
+    if not smtp.require_auth and not _restricts(smtp.allowed_networks):
+        for key in ("smtp.listen", "smtp.tls_listen"):
+            listen = getattr(smtp, key.removeprefix("smtp."))
+            smtp_host = _listen_host(listen)
+            if smtp_host is not None and not is_loopback_host(smtp_host):
+                problem(
+                    key,
+                    f"{listen} is reachable from the network with neither smtp.require_auth "
+                    f"nor smtp.allowed_networks {real}",
+                )
+    if http_host is None:
+        return  # no HTTP listener: the routes cannot be reached
+    for name, route in config.routes.items():
+        if route.public:
+            continue
+        signed = route.secret and route.format in SIGNED_FORMATS  # others never check it
+        if not (route.token or route.username or signed or _restricts(route.allowed_networks)):
+            problem(
+                f"routes.{name}",
+                f"no authentication {real}: set token, username/password, secret "
+                "(grafana, github, gitlab) or allowed_networks, or public = true to accept anyone",
+            )
+
+
 def load_config(
     path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
 ) -> Config:
@@ -814,6 +941,8 @@ def load_config(
     )
     _validate(config, loader)
     _validate_tokens(config, loader.problem)
+    _validate_http(config, loader.problem)
+    _validate_protected(config, loader.problem)
     if loader.problems:
         raise ConfigError(loader.problems)
     return config
@@ -861,3 +990,51 @@ def masked(config: Config) -> dict[str, Any]:
         for k, r in config.routes.items()
     }
     return out
+
+
+def _tables(config: Config) -> list[tuple[str, Any]]:
+    """Every config dataclass with the key prefix it is written under."""
+    return [
+        *((name, getattr(config, name)) for name in SECTIONS),
+        *((f"routes.{k}", r) for k, r in config.routes.items()),
+        *((f"tokens.{k}", t) for k, t in config.tokens.items()),
+    ]
+
+
+def secret_values(config: Config) -> list[str]:
+    """Every value of a key marked `secret=True`, for log masking: none is hand-listed."""
+    out: list[str] = []
+    for _, table in _tables(config):
+        for spec in dataclasses.fields(table):
+            if spec.metadata.get("secret"):
+                value = getattr(table, spec.name)
+                out += list(value.values()) if isinstance(value, Mapping) else [value]
+    return [v for v in out if v]
+
+
+def inline_secrets(path: str | os.PathLike[str]) -> list[str]:
+    """Keys of secrets written into the file itself (not `*_file`), for the mode warning."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return []
+    tables: list[tuple[str, type, object]] = [
+        (name, cls, raw.get(name)) for name, cls in SECTIONS.items()
+    ]
+    for kind, named_cls in (("routes", RouteConfig), ("tokens", TokenConfig)):
+        named = raw.get(kind)
+        if isinstance(named, dict):
+            tables += [(f"{kind}.{k}", named_cls, v) for k, v in named.items()]
+    keys: list[str] = []
+    for prefix, cls, table in tables:
+        if not isinstance(table, dict):
+            continue
+        for spec in dataclasses.fields(cls):
+            value = table.get(spec.name)
+            if not spec.metadata.get("secret") or not value:
+                continue
+            if isinstance(value, dict):  # smtp.users: login = "password" or login_file
+                keys += [f"{prefix}.{spec.name}.{k}" for k in value if not k.endswith("_file")]
+            else:
+                keys.append(f"{prefix}.{spec.name}")
+    return keys

@@ -48,27 +48,50 @@ def _check_network(route: RouteConfig, request: Request) -> None:
         raise HttpError(403, f"client {host} is not allowed on this route")
 
 
+def _token_matches(route: RouteConfig, value: str) -> bool:
+    return hmac.compare_digest(value.encode(), route.token.encode())
+
+
+def _basic_matches(route: RouteConfig, value: str) -> bool:
+    try:
+        user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        user, password = "", ""
+    # Both compared every time (and over bytes: a non-ASCII str would raise), so the
+    # answer time does not tell whether the user name was right.
+    ok_user = hmac.compare_digest(user.encode(), route.username.encode())
+    ok_password = hmac.compare_digest(password.encode(), route.password.encode())
+    return ok_user and ok_password
+
+
 def _check_credentials(route: RouteConfig, request: Request) -> None:
-    """Bearer token and/or basic auth, compared in constant time."""
-    auth = request.headers.get("authorization", "")
-    if route.token:
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.strip().encode(), route.token.encode()
-        ):
-            raise Unauthorized("missing or wrong bearer token")
-    if route.username:
-        scheme, _, value = auth.partition(" ")
-        try:
-            user, _, password = (
-                base64.b64decode(value.strip(), validate=True).decode().partition(":")
-            )
-        except (binascii.Error, UnicodeDecodeError):
-            user, password = "", ""
-        ok_user = hmac.compare_digest(user.encode(), route.username.encode())
-        ok_password = hmac.compare_digest(password.encode(), route.password.encode())
-        if scheme.lower() != "basic" or not (ok_user and ok_password):
-            raise Unauthorized("missing or wrong basic auth")
+    """A bearer token or basic auth, compared in constant time.
+
+    A route with both accepts either: one `Authorization` header cannot carry both, so
+    demanding both would refuse every request.
+    """
+    if not route.token and not route.username:
+        return
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    scheme, value = scheme.lower(), value.strip()
+    if route.token and scheme == "bearer" and _token_matches(route, value):
+        return
+    if route.username and scheme == "basic" and _basic_matches(route, value):
+        return
+    accepted = " or ".join(
+        name for name, on in (("bearer token", route.token), ("basic auth", route.username)) if on
+    )
+    raise Unauthorized(f"missing or wrong {accepted}")
+
+
+def _challenge(route: RouteConfig) -> str | None:
+    """`WWW-Authenticate`: one challenge per scheme the route accepts (RFC 9110 11.6.1)."""
+    challenges = [
+        f'{scheme} realm="sms-bridge"'
+        for scheme, on in (("Bearer", route.token), ("Basic", route.username))
+        if on
+    ]
+    return ", ".join(challenges) or None
 
 
 def route_text(route: RouteConfig, message: HookMessage) -> str:
@@ -134,8 +157,8 @@ def hook_endpoint(
             return JSONResponse(
                 {"error": str(exc)},
                 401,
-                headers={"WWW-Authenticate": "Bearer" if route.token else "Basic"}
-                if route.token or route.username
+                headers={"WWW-Authenticate": challenge}
+                if (challenge := _challenge(route))
                 else None,
             )
         hook = HookRequest(

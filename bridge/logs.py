@@ -8,21 +8,39 @@ import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
+# A one-character secret would turn every line into stars and show, by where the stars
+# fall, what it is; such a "secret" protects nothing anyway. Two characters and up are
+# masked even if that garbles some words: a garbled line is a nuisance, a leaked
+# password is not.
+MIN_MASKED_CHARS = 2
+
 
 class MaskingFilter(logging.Filter):
     """Replaces every configured secret in a record's final text with `***`."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
-        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self.secrets: list[str] = []
+        self.update(secrets)
+
+    def update(self, secrets: Iterable[str]) -> None:
+        """Mask these from now on (a reload may bring new ones); longest first."""
+        chosen = {s for s in secrets if len(s) >= MIN_MASKED_CHARS}
+        self.secrets = sorted(chosen, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
-            text = record.getMessage()
-            for secret in self.secrets:
-                text = text.replace(secret, "***")
-            record.msg, record.args = text, None
+            record.msg, record.args = self.mask(record.getMessage()), None
+            if record.exc_info and not record.exc_text:  # a traceback may quote a secret
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = self.mask(record.exc_text)
         return True
+
+    def mask(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,8 +51,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exception"] = record.exc_text
         return json.dumps(out, ensure_ascii=False)
 
 
@@ -51,3 +71,11 @@ def setup_logging(level: str = "info", fmt: str = "human", secrets: Iterable[str
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "uvicorn.access", "mail.log"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def mask_secrets(secrets: Iterable[str]) -> None:
+    """Replace the masked secrets of the installed handlers (after a reload)."""
+    for handler in logging.getLogger().handlers:
+        for filt in handler.filters:
+            if isinstance(filt, MaskingFilter):
+                filt.update(secrets)

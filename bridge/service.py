@@ -26,12 +26,13 @@ from starlette.applications import Starlette
 
 from bridge.budget import BudgetGuard
 from bridge.clock import Clock, SystemClock
-from bridge.config import Config, LiveConfig, load_config
+from bridge.config import Config, HttpConfig, LiveConfig, load_config, secret_values
 from bridge.dispatcher import Dispatcher
 from bridge.errors import ConfigError
 from bridge.health import ProviderHealth
 from bridge.httplimits import limited_protocol
 from bridge.ingest import Ingestor
+from bridge.logs import mask_secrets
 from bridge.loops import run_steps
 from bridge.metrics import Metrics
 from bridge.policy import Rules
@@ -65,8 +66,12 @@ def uvicorn_server(
     *,
     lifespan: Literal["auto", "on", "off"] = "off",
     live: LiveConfig | None = None,
+    http: HttpConfig | None = None,
 ) -> QuietServer:
-    """uvicorn for `app`; with `live`, under the `[http]` limits (bridge.httplimits)."""
+    """The one place uvicorn is configured. With `live`, under the `[http]` limits, read
+    per connection (bridge.httplimits); proxies and TLS from `http` (default: the live
+    config's at start; neither without both)."""
+    http = http or (live.current.http if live is not None else HttpConfig())
     return QuietServer(
         uvicorn.Config(
             app,
@@ -75,6 +80,13 @@ def uvicorn_server(
             lifespan=lifespan,
             timeout_graceful_shutdown=SHUTDOWN_GRACE,
             http=limited_protocol(live) if live is not None else "auto",
+            # uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise, which
+            # would let any local process (or a loopback caller) pick its client address
+            # and pass a route's allowed_networks: only http.trusted_proxies are believed.
+            proxy_headers=bool(http.trusted_proxies),
+            forwarded_allow_ips=list(http.trusted_proxies),
+            ssl_certfile=http.tls_cert or None,
+            ssl_keyfile=http.tls_key or None,
         )
     )
 
@@ -314,6 +326,9 @@ class Bridge:
                 ("smtp.listen", old.smtp.listen, new.smtp.listen),
                 ("smtp.tls_listen", old.smtp.tls_listen, new.smtp.tls_listen),
                 ("http.listen", old.http.listen, new.http.listen),
+                ("http.trusted_proxies", old.http.trusted_proxies, new.http.trusted_proxies),
+                ("http.tls_cert", old.http.tls_cert, new.http.tls_cert),
+                ("http.tls_key", old.http.tls_key, new.http.tls_key),
                 ("store", old.store, new.store),
                 ("provider", old.provider, new.provider),
                 ("sandbox", old.sandbox, new.sandbox),
@@ -351,6 +366,7 @@ class Bridge:
                 log.error("reload refused, keeping the running config: %s", exc)
                 continue
             warnings = self.reload(new)
+            mask_secrets(secret_values(new))  # a new route token is masked from now on
             log.warning("configuration reloaded from %s", path or "built-in defaults")
             for warning in warnings:
                 log.warning("reload: %s", warning)

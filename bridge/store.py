@@ -17,11 +17,14 @@ triggers, so no code path can change a state without leaving a row.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
+import os
 import queue
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +96,23 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+def _create_private(path: str) -> None:
+    """Create the store file 0600 before SQLite does: it holds numbers and texts.
+
+    SQLite gives the WAL and SHM files the database file's mode, so they follow. A store
+    that already exists keeps its mode (the owner may have chosen it); a world-readable
+    one is named in the log.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mode & stat.S_IROTH:
+                log.warning("store %s is readable by every user: chmod 600 it", path)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot create the store: {exc.strerror or exc}") from exc
+
+
 class Store:
     """The bridge's only door to SQLite. `open()` before use, `close()` after."""
 
@@ -116,6 +136,7 @@ class Store:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreUnavailable(f"cannot create the store's directory: {exc}") from exc
+            _create_private(self.path)
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
         await self.write(lambda db: None)  # surfaces a failed open or migration here

@@ -17,6 +17,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -27,6 +28,7 @@ from bridge.config import LiveConfig
 from bridge.errors import InputError, StoreUnavailable
 from bridge.firewall import Firewall, cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
+from bridge.hosts import HostCheck
 from bridge.ingest import Draft, Ingestor
 from bridge.metrics import Metrics
 from bridge.models import MAX_ROW_ID
@@ -409,5 +411,6 @@ def create_app(
             *console.routes(),
         ],
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
+        middleware=[Middleware(HostCheck, live=live)],  # before any route: DNS rebinding
         lifespan=lifespan,
     )

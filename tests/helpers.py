@@ -11,24 +11,29 @@ from pathlib import Path
 from starlette.applications import Starlette
 
 from bridge.clock import ManualClock
-from bridge.config import Config, load_config
+from bridge.config import Config, HttpConfig, load_config
 from bridge.service import Bridge, uvicorn_server
 from bridge.sockets import bind_socket
 
 
 @contextlib.asynccontextmanager
-async def served(app: Starlette) -> AsyncIterator[str]:
-    """Serve `app` with uvicorn on 127.0.0.1 and an ephemeral port; yield its base URL."""
+async def served(app: Starlette, http: HttpConfig | None = None) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn on 127.0.0.1 and an ephemeral port; yield its base URL.
+
+    `http` is the listener's config as `serve` applies it (proxies, TLS); its listen
+    address is ignored.
+    """
     sock = bind_socket("127.0.0.1:0")
     port = sock.getsockname()[1]
-    server = uvicorn_server(app)
+    server = uvicorn_server(app, http=http)
+    scheme = "https" if http is not None and http.tls_cert else "http"
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
             task.result()
         await asyncio.sleep(0.005)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{scheme}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await task
@@ -59,7 +64,10 @@ def bridge_config(tmp_path: Path, provider_url: str, extra: str = "", **provider
 @contextlib.asynccontextmanager
 async def running_bridge(config: Config, clock: ManualClock) -> AsyncIterator[tuple[Bridge, str]]:
     """A bridge built as `serve` builds it, its web app on loopback, dispatcher not started."""
-    async with Bridge.build(config, clock=clock) as bridge, served(bridge.app) as url:
+    async with (
+        Bridge.build(config, clock=clock) as bridge,
+        served(bridge.app, config.http) as url,
+    ):
         await bridge.dispatcher.load_budget()
         yield bridge, url
 

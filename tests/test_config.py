@@ -37,6 +37,7 @@ def test_file_values_and_environment_overrides(tmp_path) -> None:
         [routes.am]
         format = "alertmanager"
         to = ["oncall"]
+        public = true
     """,
     )
     env = {

@@ -32,7 +32,8 @@ README = ROOT / "README.md"
 RECIPES = ROOT / "docs" / "recipes.md"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
-_SECRET_FILE = re.compile(r'^(\s*\w+_file\s*=\s*)"([^"]+)"', re.MULTILINE)
+# Keys naming a file that must exist: secrets (`*_file`) and TLS certificates and keys.
+_SECRET_FILE = re.compile(r'^(\s*(?:\w+_file|tls_cert|tls_key)\s*=\s*)"([^"]+)"', re.MULTILINE)
 
 
 def blocks(path: Path, lang: str) -> list[str]:
@@ -61,7 +62,8 @@ def toml_snippets(path: Path) -> list[str]:
 
 
 def with_secret_files(snippet: str, tmp_path: Path) -> str:
-    """Every `*_file = "/etc/..."` pointed at a file of ours holding a 24-character secret."""
+    """Every `*_file = "/etc/..."` (and `tls_cert`, `tls_key`) pointed at a file of ours
+    holding a 24-character secret: check-config asks only that such files exist."""
     secrets = tmp_path / "secrets"
     secrets.mkdir(exist_ok=True)
 
@@ -140,7 +142,7 @@ def test_the_alertmanager_config_passes_amtool(tmp_path) -> None:
     amtool = shutil.which("amtool")
     if amtool is None:
         pytest.skip("amtool not installed (Debian: prometheus-alertmanager)")
-    [yaml] = blocks(RECIPES, "yaml")
+    [yaml] = blocks_in(section_of(RECIPES, "Prometheus Alertmanager"), "yaml")
     token = tmp_path / "sms-bridge.token"
     token.write_text("0123456789abcdef01234567\n")
     config = tmp_path / "alertmanager.yml"

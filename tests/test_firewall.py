@@ -46,6 +46,7 @@ oncall = ["+12025550101", "+12025550102"]
 [routes.am]
 format = "alertmanager"
 to = ["{OK}"]
+public = true
 [routes.gh]
 format = "github"
 to = ["{OK}"]
@@ -54,13 +55,16 @@ secret = "{SECRET}"
 format = "generic"
 to = ["{OK}"]
 dedupe_path = "id"
+public = true
 [routes.fixed2]
 format = "generic"
 to = ["{OK}"]
 dedupe_path = "id"
+public = true
 [routes.open]
 format = "generic"
 allow_payload_to = true
+public = true
 """
 GITHUB_BODY = json.dumps(github.SAMPLE).encode()
 

@@ -357,10 +357,12 @@ async def test_templates_and_their_fallback(
 [routes.custom]
 format = "alertmanager"
 to = ["+12025550143"]
+public = true
 template = "{{ status | upper }}: {{ alerts | length }} x {{ commonLabels.alertname }}"
 [routes.broken]
 format = "alertmanager"
 to = ["+12025550144"]
+public = true
 template = "{{ alerts[0].labels.alertname + 1 }}"
 """
     )
@@ -463,6 +465,7 @@ async def test_label_match_filters_alerts(
 [routes.pages]
 format = "alertmanager"
 to = ["+12025550143"]
+public = true
 match = { severity = "page" }
 """
     )

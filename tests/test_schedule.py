@@ -18,7 +18,7 @@ from tests.helpers import bridge_config, max_in_window, pump, running_bridge
 from tests.test_smtp import smtp_listening
 
 BEIRUT = 'timezone = "Asia/Beirut"'  # UTC+2 in winter: 1800000000 is 2027-01-15 08:00 UTC
-HOOK = '[routes.generic]\nformat = "generic"\nto = ["+12025550101"]\n'
+HOOK = '[routes.generic]\nformat = "generic"\nto = ["+12025550101"]\npublic = true\n'
 SMTP = '[smtp]\ndomains = ["sms.localhost"]\n'
 
 

@@ -17,6 +17,7 @@ oncall = ["+12025550101", "+12025550102"]
 [routes.am]
 format = "alertmanager"
 to = ["oncall"]
+public = true
 """
 
 
@@ -113,7 +114,7 @@ async def test_duplicates_inside_and_outside_the_window(
 
 
 async def test_per_route_dedupe_window(tmp_path, clock: ManualClock, sandbox_url: str) -> None:
-    extra = '[routes.noisy]\nformat = "generic"\nto = ["+12025550143"]\ndedupe_window = "0s"\n'
+    extra = '[routes.noisy]\nformat = "generic"\nto = ["+12025550143"]\ndedupe_window = "0s"\npublic = true\n'
     config = bridge_config(tmp_path, sandbox_url, extra)
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         for _ in range(3):

@@ -1,0 +1,326 @@
+"""Protected mode, https to the provider, file modes: what `check-config` and `serve` refuse.
+
+With a real provider (`provider.base_url` set), nothing that other machines can reach
+may be open: `serve` and `check-config` exit 1 naming the key. The sandbox stays open so
+the README's two-command start keeps working. Refused configs are never served, so no
+test here binds a non-loopback address.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge.config import inline_secrets, load_config, secret_values
+from bridge.errors import ConfigError
+from bridge.store import Store
+from tests.helpers import write_config
+from tests.test_serve import clean_env
+
+TOKEN = "deploy-token-0123456789abcdef"
+REAL = '[provider]\nbase_url = "https://sms.example.net/api/v1"\napi_key = "live-key-123"\n'
+LOOPBACK = '[http]\nlisten = "127.0.0.1:8080"\n[smtp]\nlisten = "127.0.0.1:2525"\n'
+TOKENS = f'[tokens.deploy]\ntoken = "{TOKEN}"\nscopes = ["send"]\n'
+
+
+def problems(tmp_path: Path, body: str) -> list[str]:
+    """The keys `load_config` names for `body` ([] when it loads)."""
+    try:
+        load_config(write_config(tmp_path, body), env={})
+    except ConfigError as exc:
+        return [key for key, _ in exc.problems]
+    return []
+
+
+@pytest.mark.parametrize(
+    ("body", "keys"),
+    [
+        # HTTP on every address with no token: refused; a token or loopback makes it fine.
+        (REAL + '[http]\nlisten = "0.0.0.0:8080"\n', ["http.listen"]),
+        (REAL + '[http]\nlisten = "[::]:8080"\n' + TOKENS, []),
+        (REAL + '[http]\nlisten = "192.0.2.10:8080"\n', ["http.listen"]),
+        (REAL + '[http]\nlisten = "localhost:8080"\n', []),
+        (REAL + '[http]\nlisten = "bridge.localhost:8080"\n', ["http.listen"]),  # DNS decides
+        # SMTP beyond loopback needs AUTH or a client allowlist; tls_listen counts too.
+        (REAL + '[smtp]\nlisten = "0.0.0.0:2525"\n', ["smtp.listen"]),
+        (REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["192.0.2.0/24"]\n', []),
+        # An allowlist of everyone is no allowlist.
+        (
+            REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["10.0.0.0/8", "::/0"]\n',
+            ["smtp.listen"],
+        ),
+        (
+            REAL
+            + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\nallowed_networks = ["0.0.0.0/0"]\n',
+            ["routes.n"],
+        ),
+        (
+            REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nrequire_auth = true\n'
+            'auth_allow_plaintext = true\nusers = { ups = "ups-password" }\n',
+            [],
+        ),
+        # Routes: any authentication, or public = true said out loud.
+        (REAL + '[routes.open]\nformat = "generic"\nto = ["+12025550143"]\n', ["routes.open"]),
+        (REAL + '[routes.open]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n', []),
+        (
+            REAL + '[routes.t]\nformat = "generic"\nto = ["+12025550143"]\ntoken = "route-token"\n',
+            [],
+        ),
+        (REAL + '[routes.g]\nformat = "grafana"\nto = ["+12025550143"]\nsecret = "k"\n', []),
+        # A generic route never checks a secret: it protects nothing there.
+        (
+            REAL + '[routes.s]\nformat = "generic"\nto = ["+12025550143"]\nsecret = "ignored"\n',
+            ["routes.s"],
+        ),
+        (
+            REAL
+            + '[routes.b]\nformat = "generic"\nto = ["+12025550143"]\nusername = "u"\npassword = "pw"\n',
+            [],
+        ),
+        (
+            REAL
+            + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\nallowed_networks = ["10.1.0.0/16"]\n',
+            [],
+        ),
+        # A route on a bridge without an HTTP listener cannot be reached.
+        (
+            REAL
+            + '[http]\nlisten = ""\n[routes.open]\nformat = "generic"\nto = ["+12025550143"]\n',
+            [],
+        ),
+        # The sandbox (no base_url) stays open on every address: nothing is sent.
+        (
+            '[http]\nlisten = "0.0.0.0:8080"\n[smtp]\nlisten = "0.0.0.0:2525"\n'
+            '[routes.open]\nformat = "generic"\nto = ["+12025550143"]\n',
+            [],
+        ),
+        # All three at once: each is named.
+        (
+            REAL + '[http]\nlisten = "0.0.0.0:8080"\n[smtp]\nlisten = "127.0.0.1:2525"\n'
+            'tls_listen = "0.0.0.0:4650"\ntls_cert = "/nonexistent"\ntls_key = "/nonexistent"\n'
+            '[routes.open]\nformat = "generic"\nto = ["+12025550143"]\n',
+            ["http.listen", "smtp.tls_listen", "routes.open"],
+        ),
+    ],
+)
+def test_protected_mode(tmp_path, body: str, keys: list[str]) -> None:
+    named = problems(tmp_path, body)
+    named = [k for k in named if not k.startswith(("smtp.tls_cert", "smtp.tls_key"))]
+    assert named == keys
+
+
+@pytest.mark.parametrize(
+    ("url", "refused"),
+    [
+        ("http://sms.example.net/api/v1", True),
+        ("http://192.0.2.10:8000/api/v1", True),
+        ("https://sms.example.net/api/v1", False),
+        ("http://127.0.0.1:8099/api/v1", False),
+        ("http://[::1]:8099/api/v1", False),
+        ("http://localhost:8099/api/v1", False),
+    ],
+)
+def test_the_api_key_crosses_the_network_only_over_https(tmp_path, url: str, refused: bool) -> None:
+    body = f'{LOOPBACK}[provider]\nbase_url = "{url}"\napi_key = "live-key-123"\n'
+    assert ("provider.base_url" in problems(tmp_path, body)) is refused
+
+
+def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=clean_env(**(env or {})),
+    )
+
+
+@pytest.mark.slow
+def test_check_config_and_serve_refuse_an_open_bridge_with_a_real_provider(tmp_path) -> None:
+    config = write_config(
+        tmp_path,
+        f'[store]\npath = "{tmp_path / "b.db"}"\n' + REAL + '[http]\nlisten = "0.0.0.0:8080"\n'
+        '[smtp]\nlisten = "0.0.0.0:2525"\n[routes.open]\nformat = "generic"\nto = ["+12025550143"]\n',
+    )
+    os.chmod(config, 0o600)
+    for command in ("check-config", "serve"):
+        result = run(command, "--config", str(config), cwd=tmp_path)
+        assert result.returncode == 1, (command, result.stderr)
+        for key in ("http.listen", "smtp.listen", "routes.open"):
+            assert f"  {key}: " in result.stderr, (command, key)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "b.db").exists()  # refused before anything opened
+
+    # The Docker way: the same listeners, with the environment adding what protects them.
+    token = tmp_path / "deploy.token"
+    token.write_text(TOKEN + "\n")
+    fixed = write_config(
+        tmp_path,
+        config.read_text().replace(
+            'format = "generic"\nto = ["+12025550143"]\n',
+            'format = "generic"\nto = ["+12025550143"]\npublic = true\n',
+        )
+        + f'[tokens.deploy]\ntoken_file = "{token}"\nscopes = ["send"]\n',
+        name="fixed.toml",
+    )
+    os.chmod(fixed, 0o600)
+    ok = run(
+        "check-config",
+        str(fixed),
+        cwd=tmp_path,
+        env={"SMS_BRIDGE_SMTP_ALLOWED_NETWORKS": "192.0.2.0/24"},
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert TOKEN not in ok.stdout + ok.stderr
+
+    # With no provider the same open listeners are the sandbox: accepted as they are.
+    sandbox = run(
+        "check-config",
+        cwd=tmp_path,
+        env={"SMS_BRIDGE_HTTP_LISTEN": "0.0.0.0:8080", "SMS_BRIDGE_SMTP_LISTEN": "0.0.0.0:2525"},
+    )
+    assert sandbox.returncode == 0, sandbox.stderr
+
+
+@pytest.mark.slow
+def test_check_config_warns_when_a_world_readable_file_holds_secrets(tmp_path) -> None:
+    secret = tmp_path / "am.token"
+    secret.write_text("route-token-from-file")
+    inline = write_config(
+        tmp_path,
+        '[routes.am]\nformat = "generic"\nto = ["+12025550143"]\ntoken = "route-token-inline"\n'
+        '[smtp.users]\nups = "ups-password"\n',
+        name="inline.toml",
+    )
+    from_files = write_config(
+        tmp_path,
+        f'[routes.am]\nformat = "generic"\nto = ["+12025550143"]\ntoken_file = "{secret}"\n',
+        name="files.toml",
+    )
+    os.chmod(inline, 0o644)
+    os.chmod(from_files, 0o644)
+    loud = run("check-config", str(inline), cwd=tmp_path)
+    assert loud.returncode == 0, loud.stderr  # a warning, not a refusal
+    assert "warning:" in loud.stderr and "readable by every user" in loud.stderr
+    assert "routes.am.token" in loud.stderr and "smtp.users.ups" in loud.stderr
+    assert "route-token-inline" not in loud.stderr + loud.stdout
+    assert "warning:" not in run("check-config", str(from_files), cwd=tmp_path).stderr
+    os.chmod(inline, 0o600)
+    assert "warning:" not in run("check-config", str(inline), cwd=tmp_path).stderr
+
+
+def test_inline_secrets_and_secret_values_come_from_the_secret_fields(tmp_path) -> None:
+    password = tmp_path / "pw"
+    password.write_text("basic-pass-from-file")
+    path = write_config(
+        tmp_path,
+        f"""
+        [sandbox]
+        api_key = "sandbox-secret"
+        [smtp.users]
+        ups = "ups-password"
+        nas_file = "{password}"
+        [routes.j]
+        format = "generic"
+        to = ["+12025550143"]
+        username = "jenkins"
+        password_file = "{password}"
+        secret = "s"
+        [tokens.deploy]
+        token = "{TOKEN}"
+        scopes = ["send"]
+        """,
+    )
+    config = load_config(path, env={"SMS_BRIDGE_PROVIDER_API_KEY": "env-api-key"})
+    assert sorted(secret_values(config)) == sorted(
+        [
+            "env-api-key",
+            "sandbox-secret",
+            "ups-password",
+            "basic-pass-from-file",
+            "basic-pass-from-file",
+            "s",
+            TOKEN,
+        ]
+    )
+    assert "jenkins" not in secret_values(config)  # a user name is not a secret
+    assert inline_secrets(path) == [
+        "smtp.users.ups",
+        "sandbox.api_key",
+        "routes.j.secret",
+        "tokens.deploy.token",
+    ]
+
+
+async def test_the_store_and_its_journals_are_created_0600(tmp_path) -> None:
+    old = os.umask(0o022)  # the usual umask, which would give 0644
+    try:
+        store = Store(tmp_path / "private" / "bridge.db")
+        await store.open()
+        try:
+            await store.write(lambda db: db.execute("SELECT 1"))
+            files = sorted(p.name for p in (tmp_path / "private").iterdir())
+            assert files == ["bridge.db", "bridge.db-shm", "bridge.db-wal"]
+            for name in files:
+                mode = stat.S_IMODE((tmp_path / "private" / name).stat().st_mode)
+                assert mode == 0o600, f"{name}: {oct(mode)}"
+        finally:
+            await store.close()
+    finally:
+        os.umask(old)
+
+
+def test_tokens_from_the_environment(tmp_path) -> None:
+    secret = tmp_path / "deploy.token"
+    secret.write_text(TOKEN + "\n")
+    path = write_config(
+        tmp_path, '[tokens.ci]\ntoken = "in-the-file-0123456789"\nscopes = ["read"]\n'
+    )
+    config = load_config(
+        path,
+        env={
+            "SMS_BRIDGE_TOKENS_DEPLOY_BOT_TOKEN_FILE": str(secret),
+            "SMS_BRIDGE_TOKENS_DEPLOY_BOT_SCOPES": "send,read",
+            "SMS_BRIDGE_TOKENS_CI_TOKEN": "from-the-env-0123456789",
+        },
+    )
+    assert {name: (t.token, t.scopes) for name, t in config.tokens.items()} == {
+        "ci": ("from-the-env-0123456789", ("read",)),
+        "deploy_bot": (TOKEN, ("send", "read")),
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, env={"SMS_BRIDGE_TOKENS_X_TOKEN": "short"})
+    assert [k for k, _ in caught.value.problems] == ["tokens.x.token", "tokens.x.scopes"]
+
+
+@pytest.mark.slow
+def test_the_docker_recipe_is_protected_and_refused_without_its_tokens(tmp_path) -> None:
+    """The environment docs/recipes.md and the Dockerfile give, on the image's listeners."""
+    (tmp_path / "sms_api_key").write_text("live-key-123\n")
+    (tmp_path / "deploy_token").write_text(TOKEN + "\n")
+    image = {
+        "SMS_BRIDGE_STORE_PATH": str(tmp_path / "sms-bridge.db"),
+        "SMS_BRIDGE_SMTP_LISTEN": "0.0.0.0:2525",
+        "SMS_BRIDGE_HTTP_LISTEN": "0.0.0.0:8080",
+    }
+    recipe = {
+        "SMS_BRIDGE_PROVIDER_BASE_URL": "https://sms.massej.li/api/v1",
+        "SMS_BRIDGE_PROVIDER_API_KEY_FILE": str(tmp_path / "sms_api_key"),
+        "SMS_BRIDGE_TOKENS_DEPLOY_TOKEN_FILE": str(tmp_path / "deploy_token"),
+        "SMS_BRIDGE_TOKENS_DEPLOY_SCOPES": "send",
+        "SMS_BRIDGE_SMTP_ALLOWED_NETWORKS": "192.0.2.0/24",
+        "SMS_BRIDGE_HTTP_ALLOWED_HOSTS": "sms-bridge.example.org",
+    }
+    ok = run("check-config", cwd=tmp_path, env={**image, **recipe})
+    assert ok.returncode == 0, ok.stderr
+    assert TOKEN not in ok.stdout and "live-key-123" not in ok.stdout
+    bare = {k: v for k, v in recipe.items() if "TOKENS" not in k and "ALLOWED" not in k}
+    refused = run("check-config", cwd=tmp_path, env={**image, **bare})
+    assert refused.returncode == 1
+    assert "  http.listen: " in refused.stderr and "  smtp.listen: " in refused.stderr
