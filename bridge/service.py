@@ -41,7 +41,7 @@ from bridge.provider.client import ProviderClient
 from bridge.provider.sandbox import VARIANTS, SandboxState, create_sandbox_app
 from bridge.ratelimit import SlidingWindowLimiter
 from bridge.smtp import SmtpHandler, start_smtp
-from bridge.sockets import bind_socket
+from bridge.sockets import bind_socket, bound_address
 from bridge.status import StatusPoller
 from bridge.store import Store
 from bridge.storm import DigestWorker
@@ -447,7 +447,8 @@ async def serve(
         log.info("provider %s (config: %s)", config.provider.base_url, config.source)
     http_socket = _listen("http.listen", config.http.listen)
     smtp_socket = _listen("smtp.listen", config.smtp.listen)
-    smtp_sockets = [smtp_socket] if smtp_socket is not None else None
+    tls_socket = _listen("smtp.tls_listen", config.smtp.tls_listen) if smtp_socket else None
+    smtp_sockets = [s for s in (smtp_socket, tls_socket) if s is not None] or None
     async with Bridge.build(config, clock=clock) as bridge:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -469,12 +470,15 @@ async def serve(
             waiter.cancel()
             await runner
             return
+        # The addresses actually bound, so `listen = "127.0.0.1:0"` is usable: whoever
+        # started the process (a test, a supervisor script) reads the port from here.
         if http_socket is not None:
-            log.info("HTTP listening on %s", config.http.listen)
-        if smtp_sockets:
-            log.info(
-                "SMTP listening on %s for %s", config.smtp.listen, ", ".join(config.smtp.domains)
-            )
+            log.info("HTTP listening on %s", bound_address(http_socket))
+        if smtp_socket is not None:
+            domains = ", ".join(config.smtp.domains)
+            log.info("SMTP listening on %s for %s", bound_address(smtp_socket), domains)
+        if tls_socket is not None:
+            log.info("SMTPS listening on %s", bound_address(tls_socket))
         log.info(
             "store %s; %d requests/minute to the provider",
             config.store.path,

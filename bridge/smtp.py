@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from bridge.config import Config, SmtpConfig, parse_listen
+from bridge.config import Config, SmtpConfig
 from bridge.errors import InputError, StoreUnavailable
 from bridge.firewall import Firewall, RefusedNumber
 from bridge.ingest import Draft, Ingestor
@@ -411,13 +411,11 @@ async def start_smtp(
     loop = asyncio.get_running_loop()
     factory = smtp_factory(handler)
     servers = []
+    # `serve` binds both before start-up (a taken port is a config error there); tests
+    # that call this directly let it bind.
     plain = sockets[0] if sockets else bind_socket(config.smtp.listen)
     servers.append(await loop.create_server(factory, sock=plain))
     if config.smtp.tls_listen:
-        parse_listen(config.smtp.tls_listen)
-        servers.append(
-            await loop.create_server(
-                factory, sock=bind_socket(config.smtp.tls_listen), ssl=handler.tls
-            )
-        )
+        tls = sockets[1] if sockets and len(sockets) > 1 else bind_socket(config.smtp.tls_listen)
+        servers.append(await loop.create_server(factory, sock=tls, ssl=handler.tls))
     return servers

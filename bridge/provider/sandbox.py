@@ -147,6 +147,19 @@ class RequestRecord:
     method: str
     path: str
     status: int
+    # How the request authenticated ("x-api-key", "bearer", both joined by "+", or "none"):
+    # the sandbox accepts either, so a test of the client's auth_header reads it here.
+    auth: str = "none"
+
+
+def auth_scheme(request: Request) -> str:
+    """Which of the documented auth headers the request carried."""
+    schemes = []
+    if "x-api-key" in request.headers:
+        schemes.append("x-api-key")
+    if request.headers.get("authorization", "").lower().startswith("bearer "):
+        schemes.append("bearer")
+    return "+".join(schemes) or "none"
 
 
 @dataclass
@@ -305,7 +318,9 @@ def create_sandbox_app(state: SandboxState) -> Starlette:
 
     async def guarded(request: Request, handler: Any) -> Response:
         # Recorded on arrival, so a request whose answer stalls is already on the list.
-        record = RequestRecord(state.clock.now(), request.method, request.url.path, 500)
+        record = RequestRecord(
+            state.clock.now(), request.method, request.url.path, 500, auth_scheme(request)
+        )
         state.requests.append(record)
         fault = _take_fault(state, request.url.path)
         if fault is not None and fault.delay:
