@@ -30,16 +30,17 @@ from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from bridge.clock import zone
 from bridge.config import Config, SmtpConfig
 from bridge.errors import InputError, StoreUnavailable
 from bridge.firewall import Firewall, RefusedNumber
-from bridge.ingest import Draft, Ingestor
+from bridge.ingest import Ingestor
 from bridge.mail import MailText, ParseBounds, ParseTimeout, compose, parse_mail
 from bridge.mailrules import apply_rule, rule_for
 from bridge.phone import PhoneError
 from bridge.policy import content_hash, dedupe_scope
-from bridge.provider.logmatch import zone
 from bridge.schedule import MAIL_HEADER, parse_schedule_time
+from bridge.shaping import Draft
 from bridge.smtplimits import LimitedSMTP, Sessions, call_limits
 from bridge.sockets import bind_socket
 from bridge.templates import TemplateError, render

@@ -1,4 +1,4 @@
-"""The sandbox provider: docs/sms-api.md served for real, on loopback, from memory.
+"""The sandbox provider: the SMS provider's v1 API served for real, on loopback, from memory.
 
 It is what `serve` talks to when `provider.base_url` is empty, what `sms-bridge sandbox`
 runs standalone, and what the tests send to. It keeps the documented behaviour: key check
@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bridge.clock import Clock
+from bridge.config import SANDBOX_VARIANTS, Config
 
 RATE_WINDOW = 60.0
 MAX_BULK = 1000
@@ -107,6 +108,8 @@ VARIANTS: dict[str, Shape] = {
     # The stand-in of issue 17: count-only answers, other keys, numbers without +.
     "stand-in": Shape(numbers="plain", log_keys="other", bulk_answer="count", send_answer="no-id"),
 }
+if set(VARIANTS) != set(SANDBOX_VARIANTS):  # config validates names from its own list
+    raise RuntimeError("bridge.config.SANDBOX_VARIANTS and VARIANTS disagree")
 
 
 @dataclass
@@ -596,3 +599,18 @@ def _take_fault(state: SandboxState, path: str) -> Fault | None:
                 state.faults.remove(fault)
             return fault
     return None
+
+
+def state_from_config(config: Config, clock: Clock) -> SandboxState:
+    """The in-process sandbox `serve` runs when no provider.base_url is configured."""
+    s = config.sandbox
+    return SandboxState(
+        clock=clock,
+        api_key=s.api_key,
+        balance=s.balance,
+        sent_after=s.sent_after,
+        delivered_after=s.delivered_after,
+        fail_share=s.fail_share,
+        rate_limit=config.provider.requests_per_minute,
+        shape=VARIANTS[s.variant],
+    )
