@@ -15,12 +15,10 @@ fraud must not let the unpriced destinations through for free.
 
 from __future__ import annotations
 
+import functools
 import logging
-import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-
-from sqlite_utils import Database
 
 from bridge.clock import Clock
 from bridge.config import BudgetConfig, Config
@@ -28,7 +26,7 @@ from bridge.firewall import Firewall
 from bridge.models import Message
 from bridge.pricing import PriceBook
 from bridge.shaping import Draft, Shaper
-from bridge.store import Store
+from bridge.store import Store, queries
 
 log = logging.getLogger(__name__)
 WARNING_SOURCE = "budget"
@@ -98,31 +96,17 @@ class BudgetGuard:
     async def _spent(self, since: float) -> float:
         """Today's cost so far, in the provider's currency: summed in SQL where a cost or
         estimate is stored; the rare rows with neither are estimated here."""
-        where = "WHERE sent_at >= ? AND source != ?"
-        known_sql = f"SELECT coalesce(sum(coalesce(cost, estimated_cost)), 0) FROM messages {where}"
-        unknown_sql = (
-            f"SELECT recipient, sum(parts) FROM messages {where}"
-            " AND cost IS NULL AND estimated_cost IS NULL GROUP BY recipient"
+        known, unknown = await self.store.read(
+            functools.partial(queries.spent_since, since=since, exclude_source=WARNING_SOURCE)
         )
-        args = (since, WARNING_SOURCE)
-
-        def read(c: sqlite3.Connection) -> tuple[float, list[tuple[str, int]]]:
-            return c.execute(known_sql, args).fetchone()[0], c.execute(unknown_sql, args).fetchall()
-
-        known, unknown = await self.store.read(read)
         return float(known) + sum(self._cost(r, int(p)) for r, p in unknown)
 
     async def _used(self, since: float, route: str | None = None) -> tuple[int, int]:
-        sql = (
-            "SELECT count(*), coalesce(sum(parts), 0) FROM messages WHERE sent_at >= ?"
-            " AND source != ?"
+        return await self.store.read(
+            functools.partial(
+                queries.used_since, since=since, exclude_source=WARNING_SOURCE, route=route
+            )
         )
-        args: list[object] = [since, WARNING_SOURCE]
-        if route is not None:
-            sql += " AND route = ?"
-            args.append(route)
-        row = await self.store.read(lambda c: c.execute(sql, args).fetchone())
-        return int(row[0]), int(row[1])
 
     async def check(self, batch: list[Message]) -> Verdict:
         if not self.active:
@@ -178,15 +162,9 @@ class BudgetGuard:
             topic="budget",
         )
         messages = self.shaper.messages([draft])
-        key = messages[0].dedupe_key
-
-        def job(db: Database) -> bool:
-            if db.execute("SELECT 1 FROM messages WHERE dedupe_key = ? LIMIT 1", (key,)).fetchone():
-                return False
-            Store.insert_messages(db, messages, now)
-            return True
-
-        queued = await self.store.write(job)
+        queued = await self.store.write(
+            functools.partial(queries.insert_once, messages=messages, now=now)
+        )
         if queued:
             log.warning("budget warning to %d admin(s): %s", len(self.admins), text)
         return queued

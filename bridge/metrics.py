@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from bridge.store import Store
+from bridge.store import Store, queries
 
 PREFIX = "sms_bridge"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -106,32 +105,15 @@ class Metrics:
     async def refresh(self) -> None:
         now = self.now()
 
-        def read(c: Any) -> Snapshot:
-            oldest = c.execute(
-                "SELECT min(created_at) FROM messages WHERE state = 'queued'"
-            ).fetchone()[0]
-            sent = c.execute(
-                "SELECT coalesce(sum(parts), 0), coalesce(sum(cost), 0) FROM messages"
-                " WHERE sent_at IS NOT NULL"
-            ).fetchone()
-            return Snapshot(
-                by_source_state=[
-                    tuple(r)
-                    for r in c.execute("SELECT source, state, count(*) FROM messages GROUP BY 1, 2")
-                ],
-                by_reason=[
-                    tuple(r)
-                    for r in c.execute(
-                        "SELECT state, coalesce(reason_kind, 'other'), count(*) FROM messages"
-                        " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY 1, 2"
-                    )
-                ],
-                oldest_queued_age=max(0.0, now - oldest) if oldest else 0.0,
-                parts_sent=int(sent[0]),
-                cost=float(sent[1]),
-            )
-
-        self.snapshot = await self.store.read(read)
+        counts = await self.store.read(queries.counts_for_metrics)
+        oldest = counts.oldest_queued
+        self.snapshot = Snapshot(
+            by_source_state=counts.by_source_state,
+            by_reason=counts.by_reason,
+            oldest_queued_age=max(0.0, now - oldest) if oldest else 0.0,
+            parts_sent=counts.parts_sent,
+            cost=counts.cost,
+        )
 
     async def exposition(self) -> bytes:
         await self.refresh()

@@ -16,19 +16,17 @@ duplicates cannot both slip through, and a storm is counted exactly.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlite_utils import Database
 
 from bridge.config import Config
 from bridge.models import NewMessage, State
+from bridge.store import queries
 
 _WORDS = re.compile(r"\s+")
-LOOKUPS_PER_STATEMENT = 200  # up to four parameters each: under SQLite's oldest limit (999)
 # GitHub signs no timestamp, so a captured body can be replayed at any time; its key is
 # the body's hash, and no genuine event repeats a body, so a long window costs nothing.
 SIGNED_REPLAY_WINDOW = 7 * 86400.0
@@ -100,62 +98,6 @@ def text_key(text: str) -> str:
     return "text:" + hashlib.sha256(normalised.encode()).hexdigest()[:24]
 
 
-def _lookup(
-    db: Database,
-    wanted: Sequence[tuple[Any, ...]],
-    columns: str,
-    answer: str,
-    source: str = "wanted",
-) -> Iterator[tuple[tuple[Any, ...], list[Any]]]:
-    """Ask about many rows in one statement, answered in one row (each row is a trip into
-    SQLite): `wanted` becomes the table `wanted(i, <columns>)`; yield each wanted row with
-    what `answer` gave for it, for the rows `source` keeps."""
-    marks = "(" + ",".join("?" * (len(columns.split(",")) + 1)) + ")"
-    for start in range(0, len(wanted), LOOKUPS_PER_STATEMENT):
-        chunk = wanted[start : start + LOOKUPS_PER_STATEMENT]
-        row = db.execute(
-            f"WITH wanted(i, {columns}) AS (VALUES {','.join([marks] * len(chunk))})"
-            f" SELECT json_group_array(json_array(i, {answer})) FROM {source}",
-            [value for i, asked in enumerate(chunk) for value in (i, *asked)],
-        ).fetchone()
-        for i, *answers in json.loads(row[0]):
-            yield chunk[i], answers
-
-
-def _stored_originals(
-    db: Database, wanted: Sequence[tuple[str, str, float]]
-) -> dict[tuple[str, str, float], int]:
-    """For each (key, recipient, since): the first stored message it repeats, if any,
-    ordered as the index is, so the first hit answers however many repeats exist."""
-    found = _lookup(
-        db,
-        wanted,
-        "key, recipient, since",
-        "original",
-        "(SELECT i, (SELECT id FROM messages WHERE dedupe_key = key"
-        " AND dedupe_key IS NOT NULL AND recipient = wanted.recipient"
-        " AND created_at >= since AND state != 'failed'"
-        " ORDER BY created_at LIMIT 1) AS original FROM wanted) WHERE original IS NOT NULL",
-    )
-    return {asked: int(original) for asked, (original,) in found}
-
-
-def _stored_storms(
-    db: Database, wanted: Sequence[tuple[str, float]]
-) -> dict[tuple[str, float], tuple[bool, int]]:
-    """For each (recipient, since): a digest pending?, and texts let through since then."""
-    found = _lookup(
-        db,
-        wanted,
-        "recipient, since",
-        "EXISTS(SELECT 1 FROM messages WHERE recipient = wanted.recipient AND state = 'held'),"
-        " (SELECT count(*) FROM messages WHERE recipient = wanted.recipient"
-        " AND created_at >= since AND state IN ('queued', 'sending', 'sent', 'delivered')"
-        " AND source != 'digest')",
-    )
-    return {asked: (bool(held), int(recent)) for asked, (held, recent) in found}
-
-
 @dataclass
 class _Batch:
     """What the decisions of one transaction see: the stored rows and the batch so far."""
@@ -216,8 +158,8 @@ def decide_all(
     )
     batch = _Batch(
         rules=rules,
-        originals=_stored_originals(db, sorted(lookups)),
-        storms=_stored_storms(db, sorted(phones)),
+        originals=queries.stored_originals(db, sorted(lookups)),
+        storms=queries.stored_storms(db, sorted(phones)),
     )
     out = []
     for offset, (message, now) in enumerate(keyed):

@@ -19,9 +19,9 @@ from sqlite_utils import Database
 
 from bridge.clock import Clock
 from bridge.loops import run_steps
-from bridge.models import State
+from bridge.models import NewMessage
 from bridge.shaping import Draft, Shaper, default_topic
-from bridge.store import Store
+from bridge.store import Store, queries
 
 log = logging.getLogger(__name__)
 SHOWN_TOPICS = 3
@@ -68,12 +68,7 @@ class DigestWorker:
     async def run_once(self) -> float:
         """Send the digests that are due; return seconds until the next one is."""
         now = self.clock.now()
-        pending = await self.store.read(
-            lambda c: c.execute(
-                "SELECT recipient, min(created_at) FROM messages WHERE state = 'held'"
-                " GROUP BY recipient"
-            ).fetchall()
-        )
+        pending = await self.store.read(queries.held_since)
         due = [recipient for recipient, first in pending if first + self.window <= now]
         for recipient in due:
             await self.store.write(functools.partial(self._fold, recipient=recipient, now=now))
@@ -83,40 +78,24 @@ class DigestWorker:
         return min([IDLE_WAIT, *later])
 
     def _fold(self, db: Database, *, recipient: str, now: float) -> int | None:
-        held = db.execute(
-            "SELECT id, topic, text, instance FROM messages WHERE recipient = ?"
-            " AND state = 'held'"
-            " ORDER BY id",
-            (recipient,),
-        ).fetchall()
-        if not held:
+        def digest(held: list[queries.Held]) -> NewMessage:
+            draft = Draft(
+                recipients=[recipient],
+                text=digest_text(
+                    [m.topic or default_topic(m.text) for m in held], [m.instance for m in held]
+                ),
+                source="digest",
+                sender_id=self.sender_id,
+                topic="digest",
+            )
+            # Shaped as every text is; no dedupe key: a digest is never held back as a repeat.
+            return self.shaper.messages([draft])[0]._replace(dedupe_key=None)
+
+        folded = queries.fold_held(
+            db, recipient, now, digest, lambda i: f"storm control: folded into digest message {i}"
+        )
+        if folded is None:
             return None
-        topics = [row[1] or default_topic(row[2]) for row in held]
-        instances = [row[3] for row in held]
-        draft = Draft(
-            recipients=[recipient],
-            text=digest_text(topics, instances),
-            source="digest",
-            sender_id=self.sender_id,
-            topic="digest",
-        )
-        # Shaped as every text is; no dedupe key: a digest is never held back as a repeat.
-        digest = self.shaper.messages([draft])[0]._replace(dedupe_key=None)
-        [digest_id] = Store.insert_messages(
-            db,
-            [digest],
-            now,
-        )
-        db.execute(
-            "UPDATE messages SET state = ?, reason = ?, updated_at = ? WHERE recipient = ?"
-            " AND state = 'held' AND id <= ?",
-            (
-                str(State.SUPPRESSED),
-                f"storm control: folded into digest message {digest_id}",
-                now,
-                recipient,
-                held[-1][0],
-            ),
-        )
-        log.warning("storm digest %d to %s folds %d held messages", digest_id, recipient, len(held))
+        digest_id, count = folded
+        log.warning("storm digest %d to %s folds %d held messages", digest_id, recipient, count)
         return digest_id

@@ -26,7 +26,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         *("pricing", "charsets", "templates", "logs", "health", "loops", "schedule", "hosts"),
         *("sockets", "auth"),
     ),
-    "store": ("store", "schema"),
+    "store": ("store",),
     "policy": ("policy", "shaping", "budget", "storm"),
     "provider": ("provider", "provider.client", "provider.logmatch", "provider.sandbox"),
     "delivery": ("dispatcher", "ratelimit", "status"),
@@ -177,3 +177,19 @@ def test_the_production_root_does_not_load_the_sandbox() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+SQL = ("SELECT ", "UPDATE ", "INSERT ", "DELETE ", "WITH ", "CREATE ", "PRAGMA ")
+
+
+def test_only_the_store_package_speaks_sql() -> None:
+    speaking = sorted(
+        f"{path.relative_to(BRIDGE.parent)}:{node.lineno}"
+        for name, path in _modules().items()
+        if not (name == "bridge.store" or name.startswith("bridge.store."))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.lstrip().startswith(SQL)  # the code writes SQL keywords in capitals
+    )
+    assert speaking == []

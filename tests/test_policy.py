@@ -11,8 +11,8 @@ from sqlite_utils import Database
 
 from bridge.models import NewMessage, State
 from bridge.policy import Rules, decide_all
-from bridge.schema import migrations
 from bridge.store import Store
+from bridge.store.schema import migrations
 
 
 def fresh_db() -> Database:

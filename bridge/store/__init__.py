@@ -1,6 +1,6 @@
 """SQLite store: the single writer with group commit, claims and queries.
 
-The schema and its migrations are in `bridge.schema`. One thread owns the write
+The schema and its migrations are in `bridge.store.schema`. One thread owns the write
 connection (Datasette's pattern). Jobs from the event loop are queued to it; it takes
 every job waiting, runs them in one `BEGIN IMMEDIATE` transaction (if one raises, the
 group is rolled back and each job rerun alone, so one bad job cannot spoil the others),
@@ -36,7 +36,7 @@ from sqlite_utils import Database
 
 from bridge.errors import StoreUnavailable
 from bridge.models import MAX_ROW_ID, Message, NewMessage, State
-from bridge.schema import INSERT_COLUMNS, ROW_MARKS, ROWS_PER_INSERT, migrations, row
+from bridge.store.schema import INSERT_COLUMNS, ROW_MARKS, ROWS_PER_INSERT, migrations, row
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

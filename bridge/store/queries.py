@@ -1,0 +1,202 @@
+"""The store's queries that policy, budgets, storm digests and metrics ask: the SQL they
+need, kept in the store package so nothing above it speaks SQL.
+
+Each takes the connection the store hands a reader or writer job (`Store.read`,
+`Store.write`), so a caller composes them into one transaction where it must.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlite_utils import Database
+
+from bridge.models import NewMessage, State
+from bridge.store import Store
+
+LOOKUPS_PER_STATEMENT = 200  # up to four parameters each: under SQLite's oldest limit (999)
+
+
+# -- policy: dedupe and storm lookups for a whole ingest batch ----------------------------
+def _lookup(
+    db: Database,
+    wanted: Sequence[tuple[Any, ...]],
+    columns: str,
+    answer: str,
+    source: str = "wanted",
+) -> Iterator[tuple[tuple[Any, ...], list[Any]]]:
+    """Ask about many rows in one statement, answered in one row (each row is a trip into
+    SQLite): `wanted` becomes the table `wanted(i, <columns>)`; yield each wanted row with
+    what `answer` gave for it, for the rows `source` keeps."""
+    marks = "(" + ",".join("?" * (len(columns.split(",")) + 1)) + ")"
+    for start in range(0, len(wanted), LOOKUPS_PER_STATEMENT):
+        chunk = wanted[start : start + LOOKUPS_PER_STATEMENT]
+        row = db.execute(
+            f"WITH wanted(i, {columns}) AS (VALUES {','.join([marks] * len(chunk))})"
+            f" SELECT json_group_array(json_array(i, {answer})) FROM {source}",
+            [value for i, asked in enumerate(chunk) for value in (i, *asked)],
+        ).fetchone()
+        for i, *answers in json.loads(row[0]):
+            yield chunk[i], answers
+
+
+def stored_originals(
+    db: Database, wanted: Sequence[tuple[str, str, float]]
+) -> dict[tuple[str, str, float], int]:
+    """For each (key, recipient, since): the first stored message it repeats, if any,
+    ordered as the index is, so the first hit answers however many repeats exist."""
+    found = _lookup(
+        db,
+        wanted,
+        "key, recipient, since",
+        "original",
+        "(SELECT i, (SELECT id FROM messages WHERE dedupe_key = key"
+        " AND dedupe_key IS NOT NULL AND recipient = wanted.recipient"
+        " AND created_at >= since AND state != 'failed'"
+        " ORDER BY created_at LIMIT 1) AS original FROM wanted) WHERE original IS NOT NULL",
+    )
+    return {asked: int(original) for asked, (original,) in found}
+
+
+def stored_storms(
+    db: Database, wanted: Sequence[tuple[str, float]]
+) -> dict[tuple[str, float], tuple[bool, int]]:
+    """For each (recipient, since): a digest pending?, and texts let through since then."""
+    found = _lookup(
+        db,
+        wanted,
+        "recipient, since",
+        "EXISTS(SELECT 1 FROM messages WHERE recipient = wanted.recipient AND state = 'held'),"
+        " (SELECT count(*) FROM messages WHERE recipient = wanted.recipient"
+        " AND created_at >= since AND state IN ('queued', 'sending', 'sent', 'delivered')"
+        " AND source != 'digest')",
+    )
+    return {asked: (bool(held), int(recent)) for asked, (held, recent) in found}
+
+
+# -- budgets --------------------------------------------------------------------------
+def spent_since(c: Any, since: float, exclude_source: str) -> tuple[float, list[tuple[str, int]]]:
+    """Cost of what was sent since `since` where a cost or estimate is stored, and the
+    (recipient, parts) of the rare rows with neither, for the caller to estimate."""
+    where = "WHERE sent_at >= ? AND source != ?"
+    args = (since, exclude_source)
+    known = c.execute(
+        f"SELECT coalesce(sum(coalesce(cost, estimated_cost)), 0) FROM messages {where}", args
+    ).fetchone()[0]
+    unknown = c.execute(
+        f"SELECT recipient, sum(parts) FROM messages {where}"
+        " AND cost IS NULL AND estimated_cost IS NULL GROUP BY recipient",
+        args,
+    ).fetchall()
+    return float(known), [(r, int(p)) for r, p in unknown]
+
+
+def used_since(
+    c: Any, since: float, exclude_source: str, route: str | None = None
+) -> tuple[int, int]:
+    """Texts and parts sent since `since` (of one route, if given)."""
+    sql = (
+        "SELECT count(*), coalesce(sum(parts), 0) FROM messages WHERE sent_at >= ? AND source != ?"
+    )
+    args: list[object] = [since, exclude_source]
+    if route is not None:
+        sql += " AND route = ?"
+        args.append(route)
+    row = c.execute(sql, args).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def insert_once(db: Database, messages: Sequence[NewMessage], now: float) -> bool:
+    """Insert `messages` unless a row with their dedupe key exists; whether it did."""
+    key = messages[0].dedupe_key
+    if db.execute("SELECT 1 FROM messages WHERE dedupe_key = ? LIMIT 1", (key,)).fetchone():
+        return False
+    Store.insert_messages(db, messages, now)
+    return True
+
+
+# -- storm digests --------------------------------------------------------------------
+def held_since(c: Any) -> list[tuple[str, float]]:
+    """Each phone with held messages and when its oldest was stored."""
+    return [
+        (r, float(t))
+        for r, t in c.execute(
+            "SELECT recipient, min(created_at) FROM messages WHERE state = 'held'"
+            " GROUP BY recipient"
+        ).fetchall()
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    id: int
+    topic: str | None
+    text: str
+    instance: str | None
+
+
+def fold_held(
+    db: Database,
+    recipient: str,
+    now: float,
+    digest: Callable[[list[Held]], NewMessage],
+    reason: Callable[[int], str],
+) -> tuple[int, int] | None:
+    """Replace the phone's held messages by one digest (built by `digest` from them):
+    the digest is queued, each held one suppressed with `reason(digest_id)`. The
+    digest's id and how many it folded; None if none was held."""
+    held = [
+        Held(*row)
+        for row in db.execute(
+            "SELECT id, topic, text, instance FROM messages WHERE recipient = ?"
+            " AND state = 'held' ORDER BY id",
+            (recipient,),
+        ).fetchall()
+    ]
+    if not held:
+        return None
+    [digest_id] = Store.insert_messages(db, [digest(held)], now)
+    db.execute(
+        "UPDATE messages SET state = ?, reason = ?, updated_at = ? WHERE recipient = ?"
+        " AND state = 'held' AND id <= ?",
+        (str(State.SUPPRESSED), reason(digest_id), now, recipient, held[-1].id),
+    )
+    return digest_id, len(held)
+
+
+# -- metrics --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class MetricCounts:
+    by_source_state: list[tuple[Any, ...]]
+    by_reason: list[tuple[Any, ...]]
+    oldest_queued: float | None
+    parts_sent: int
+    cost: float
+
+
+def counts_for_metrics(c: Any) -> MetricCounts:
+    """What /metrics reports from the messages table, read in one go at scrape time."""
+    oldest = c.execute("SELECT min(created_at) FROM messages WHERE state = 'queued'").fetchone()
+    sent = c.execute(
+        "SELECT coalesce(sum(parts), 0), coalesce(sum(cost), 0) FROM messages"
+        " WHERE sent_at IS NOT NULL"
+    ).fetchone()
+    return MetricCounts(
+        by_source_state=[
+            tuple(r)
+            for r in c.execute("SELECT source, state, count(*) FROM messages GROUP BY 1, 2")
+        ],
+        by_reason=[
+            tuple(r)
+            for r in c.execute(
+                "SELECT state, coalesce(reason_kind, 'other'), count(*) FROM messages"
+                " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY 1, 2"
+            )
+        ],
+        oldest_queued=oldest[0],
+        parts_sent=int(sent[0]),
+        cost=float(sent[1]),
+    )
