@@ -112,6 +112,11 @@ INSERT_COLUMNS = (
 )
 ROW_MARKS = "(" + ",".join("?" * len(INSERT_COLUMNS.split(","))) + ")"
 ROWS_PER_INSERT = 50
+# Many rows changed by one statement: ids (or rows) passed as one JSON parameter, exact
+# for integers and strings; each statement is one trip into SQLite, not one per row.
+# Filters on state are written `+state` so that SQLite looks the ids up by rowid rather
+# than walking every queued message through the state index.
+JSON_IDS = "(SELECT value FROM json_each(?))"
 
 
 def row(message_id: int, m: NewMessage, now: float) -> tuple[Any, ...]:

@@ -1,0 +1,278 @@
+"""The store's engine: one writer thread with group commit, and readers.
+
+One thread owns the write connection (Datasette's pattern). Jobs from the event loop are
+queued to it; it takes every job waiting, runs them in one `BEGIN IMMEDIATE` transaction
+(if one raises, the group is rolled back and each job rerun alone, so one bad job cannot
+spoil the others), commits with `synchronous=FULL`, and only then resolves each job's
+future. A caller that awaited `write()` therefore holds a durable result: that is when
+SMTP may say 250 and HTTP 202. Consecutive jobs for the same batch function
+(`write_batched`: every ingest) run as one call, so a hundred concurrent ingests cost a
+handful of statements, not two hundred: each statement is a trip into SQLite that hands
+the GIL to the event loop and waits to get it back. Readers run on their own connections
+in a small thread pool; WAL lets them read while the writer writes.
+
+Knows nothing of messages: `bridge.store.Store` builds the operations on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import sqlite3
+import stat
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlite_utils import Database
+
+from bridge.errors import StoreUnavailable
+from bridge.store.schema import migrations
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_GROUP = 512  # jobs per transaction: bounds the latency one commit adds
+BUSY_TIMEOUT_MS = 5000
+
+
+class _JobFailed(Exception):
+    """A job raised something other than a storage error; carries it."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+Batch = Callable[[Database, list[Any]], list[Any]]  # items in, one result per item out
+
+
+@dataclass
+class _Job:
+    batch: Batch
+    item: Any
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+MIN_SQLITE = (3, 33, 0)  # UPDATE ... FROM; and the JSON functions, checked at open
+
+
+def _call_each(db: Database, fns: list[Callable[[Database], Any]]) -> list[Any]:
+    """The batch behind plain `write(fn)`: each function in turn."""
+    return [fn(db) for fn in fns]
+
+
+def _check_sqlite() -> None:
+    needed = ".".join(map(str, MIN_SQLITE))
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise StoreUnavailable(
+            f"SQLite {needed} or later is needed; this Python has {sqlite3.sqlite_version}"
+        )
+    try:
+        sqlite3.connect(":memory:").execute("SELECT json_array()").close()
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"this Python's SQLite lacks the JSON functions: {exc}") from exc
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return conn
+
+
+def _create_private(path: str) -> None:
+    """Create the store file 0600 before SQLite does: it holds numbers and texts.
+
+    SQLite gives the WAL and SHM files the database file's mode, so they follow. A store
+    that already exists keeps its mode (the owner may have chosen it); a world-readable
+    one is named in the log.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mode & stat.S_IROTH:
+                log.warning("store %s is readable by every user: chmod 600 it", path)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot create the store: {exc.strerror or exc}") from exc
+
+
+class Engine:
+    """SQLite behind one writer thread and a reader pool. `open()` before use, `close()` after."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read")
+        self._local = threading.local()
+        self.commits = 0  # transactions committed: lets tests see group commit happen
+        # Fault seam for tests: called in the writer thread before each transaction; raise
+        # sqlite3.OperationalError from it to play a full or failing disk.
+        self.inject_fault: Callable[[], None] | None = None
+        self.jobs_committed = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def open(self) -> None:
+        _check_sqlite()
+        if self.path != ":memory:":
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot create the store's directory: {exc}") from exc
+            _create_private(self.path)
+        self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
+        self._thread.start()
+        await self.write(lambda db: None)  # surfaces a failed open or migration here
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self._readers.shutdown(wait=True)
+
+    # -- the writer thread ---------------------------------------------------------
+    def _writer(self) -> None:
+        try:
+            conn = _connect(self.path)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            db = Database(conn, execute_plugins=False)
+            migrations.apply(db)
+        except sqlite3.Error as exc:
+            self._fail_all(StoreUnavailable(f"cannot open store {self.path}: {exc}"))
+            return
+        try:
+            while True:
+                first = self._jobs.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < MAX_GROUP:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stop = True
+                        break
+                    batch.append(job)
+                self._run_batch(conn, db, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, db: Database, batch: list[_Job]) -> None:
+        try:
+            outcomes = self._transaction(conn, db, batch)
+        except _JobFailed:
+            # A job raised: its group was rolled back whole. Run each job in a transaction
+            # of its own so that one bad job cannot sink the others (rare; jobs are plain
+            # database functions, safe to run again after a rollback).
+            outcomes = []
+            for job in batch:
+                try:
+                    outcomes += self._transaction(conn, db, [job])
+                except _JobFailed as failed:
+                    outcomes.append((job, None, failed.error))
+        self._settle(outcomes)
+
+    def _transaction(
+        self, conn: sqlite3.Connection, db: Database, jobs: list[_Job]
+    ) -> list[tuple[_Job, Any, BaseException | None]]:
+        """Run `jobs` in one BEGIN IMMEDIATE ... COMMIT; a storage error fails them all."""
+        try:
+            if self.inject_fault is not None:
+                self.inject_fault()
+            conn.execute("BEGIN IMMEDIATE")
+            results: list[tuple[_Job, Any, BaseException | None]] = []
+            for batch, group in itertools.groupby(jobs, key=lambda job: job.batch):
+                run = list(group)
+                try:
+                    outs = batch(db, [job.item for job in run])
+                    results += [(job, out, None) for job, out in zip(run, outs, strict=True)]
+                except sqlite3.Error:
+                    raise
+                except Exception as exc:
+                    conn.execute("ROLLBACK")
+                    raise _JobFailed(exc) from exc
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.error("store commit failed: %s", exc)
+            failure = StoreUnavailable(f"store commit failed: {exc}")
+            return [(job, None, failure) for job in jobs]
+        self.commits += 1
+        self.jobs_committed += len(jobs)
+        return results
+
+    def _settle(self, outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
+        # One wake-up of the event loop per transaction, not one per job.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
+        for job, result, error in outcomes:
+            by_loop.setdefault(job.loop, []).append((job.future, result, error))
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_settle_all, settled)
+
+    def _fail_all(self, error: BaseException) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+
+    # -- the async API -------------------------------------------------------------
+    async def write(self, fn: Callable[[Database], T]) -> T:
+        """Run `fn` in the writer's next transaction; return once it is durable."""
+        result: T = await self.write_batched(_call_each, fn)
+        return result
+
+    async def write_batched(self, batch: Batch, item: Any) -> Any:
+        """`batch(db, [item, ...])` in the next transaction, with the items of every job
+        queued next to this one for the same `batch`; this item's result once durable."""
+        if self._thread is None or not self._thread.is_alive():
+            raise StoreUnavailable("store is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._jobs.put(_Job(batch, item, future, loop))
+        return await future
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._read_in_thread, fn)
+
+    def _read_in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+        try:
+            return fn(conn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"store read failed: {exc}") from exc
+
+
+def _settle_all(settled: list[tuple[Any, ...]]) -> None:
+    for future, result, error in settled:
+        _settle(future, result, error)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the waiter was cancelled; the write happened regardless
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
