@@ -27,8 +27,8 @@ from bridge.config import (
     secret_values,
 )
 from bridge.errors import ConfigError, ProviderError, StoreUnavailable
-from bridge.logs import setup_logging
 from bridge.models import State
+from bridge.ops.logs import setup_logging
 
 if TYPE_CHECKING:  # imported where used: each command loads only what it needs
     from bridge.store import Store

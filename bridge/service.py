@@ -32,9 +32,9 @@ from bridge.errors import ConfigError
 from bridge.health import ProviderHealth
 from bridge.httplimits import limited_protocol
 from bridge.ingest import Ingestor
-from bridge.logs import mask_secrets
 from bridge.loops import run_steps
-from bridge.metrics import Metrics
+from bridge.ops.logs import mask_secrets
+from bridge.ops.metrics import Metrics
 from bridge.policy import Rules
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient

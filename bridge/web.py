@@ -32,9 +32,9 @@ from bridge.hooks import hook_endpoint
 from bridge.hosts import HostCheck
 from bridge.httpbody import error_response, parse_json, read_body
 from bridge.ingest import Ingestor
-from bridge.metrics import Metrics
 from bridge.models import MAX_ROW_ID
 from bridge.openapi import openapi_spec
+from bridge.ops.metrics import Metrics
 from bridge.policy import dedupe_scope
 from bridge.schedule import parse_schedule_time
 from bridge.shaping import Draft

@@ -20,7 +20,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.config import load_config, secret_values
 from bridge.hosts import host_allowed
-from bridge.logs import JsonFormatter, MaskingFilter
+from bridge.ops.logs import JsonFormatter, MaskingFilter
 from bridge.service import Bridge
 from tests.helpers import bridge_config, running_bridge, write_config
 from tests.test_smtp import _client_context, tls_files  # noqa: F401 - a fixture

@@ -23,7 +23,8 @@ BRIDGE = Path(__file__).parent.parent / "bridge"
 LAYERS: dict[str, tuple[str, ...]] = {
     "core": (
         *("bridge", "errors", "clock", "models", "config", "firewall", "phone", "text"),
-        *("pricing", "charsets", "templates", "logs", "health", "loops", "schedule", "hosts"),
+        *("pricing", "charsets", "templates", "health", "loops", "schedule"),
+        "hosts",
         *("sockets", "auth"),
     ),
     "store": ("store",),
@@ -34,7 +35,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         *("ingest", "smtp", "smtplimits", "mail", "mailrules", "web", "httpbody"),
         *("httplimits", "hooks", "openapi", "formats", "console"),
     ),
-    "ops": ("metrics",),
+    "ops": ("ops",),
     "root": ("service", "cli", "__main__"),
 }
 ALLOWED: dict[str, set[str]] = {
