@@ -273,7 +273,7 @@ async def _messages(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _maintain(config: Config, args: argparse.Namespace) -> int:
-    from bridge.dispatcher import IDLE_WAIT
+    from bridge.delivery.dispatcher import IDLE_WAIT
     from bridge.store import Store
 
     if args.command == "retry" and not (args.ids or args.failed):
@@ -317,8 +317,8 @@ async def book_cli_request(
 ) -> None:
     """Book one request in the window `serve` persists (and reads back, see the
     dispatcher): waits while it is full, so a CLI call cannot push `serve` into 429s."""
-    from bridge.dispatcher import FOREIGN_PREFIX
-    from bridge.ratelimit import SlidingWindowLimiter
+    from bridge.delivery.dispatcher import FOREIGN_PREFIX
+    from bridge.delivery.ratelimit import SlidingWindowLimiter
 
     waited = 0.0
     while True:

@@ -10,7 +10,7 @@ duplicates cannot both slip through, and a storm is counted exactly.
   same recipient within the window -> `suppressed`, naming the original. Every key
   carries its scope (`dedupe_scope`): keys from the API, a route or mail never meet.
 - Storm control: more than `per_recipient` texts to one phone within the window ->
-  `held`; the digest worker (`bridge.storm`) later folds held messages into one SMS.
+  `held`; the digest worker (`bridge.delivery.digests`) later folds held messages into one SMS.
 """
 
 from __future__ import annotations

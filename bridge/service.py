@@ -27,7 +27,10 @@ from starlette.applications import Starlette
 from bridge.budget import BudgetGuard
 from bridge.clock import Clock, SystemClock
 from bridge.config import Config, HttpConfig, LiveConfig, load_config, secret_values
-from bridge.dispatcher import Dispatcher
+from bridge.delivery.digests import DigestWorker
+from bridge.delivery.dispatcher import Dispatcher
+from bridge.delivery.poller import StatusPoller
+from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.errors import ConfigError
 from bridge.health import ProviderHealth
 from bridge.httplimits import limited_protocol
@@ -38,13 +41,10 @@ from bridge.ops.metrics import Metrics
 from bridge.policy import Rules
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
-from bridge.ratelimit import SlidingWindowLimiter
 from bridge.shaping import Shaper
 from bridge.smtp import SmtpHandler, start_smtp
 from bridge.sockets import bind_socket, bound_address
-from bridge.status import StatusPoller
 from bridge.store import Store
-from bridge.storm import DigestWorker
 from bridge.web import create_app
 
 if TYPE_CHECKING:  # the sandbox itself is imported only when configured

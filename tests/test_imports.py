@@ -28,9 +28,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
         *("sockets", "auth"),
     ),
     "store": ("store",),
-    "policy": ("policy", "shaping", "budget", "storm"),
+    "policy": ("policy", "shaping", "budget"),
     "provider": ("provider", "provider.client", "provider.logmatch", "provider.sandbox"),
-    "delivery": ("dispatcher", "ratelimit", "status"),
+    "delivery": ("delivery",),
     "ingress": (
         *("ingest", "smtp", "smtplimits", "mail", "mailrules", "web", "httpbody"),
         *("httplimits", "hooks", "openapi", "formats", "console"),

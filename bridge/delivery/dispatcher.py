@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from bridge.budget import BudgetGuard, day_bounds
 from bridge.clock import Clock, zone
 from bridge.config import ProviderConfig
+from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.errors import (
     PermanentSendError,
     ProviderAuthError,
@@ -54,7 +55,6 @@ from bridge.provider.client import (
     TransientUnknownOutcome,
 )
 from bridge.provider.logmatch import LogMatcher, provider_date, provider_time
-from bridge.ratelimit import SlidingWindowLimiter
 from bridge.schedule import for_provider
 from bridge.store import Store
 from bridge.text import TYPE_GSM

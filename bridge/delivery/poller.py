@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from bridge.clock import Clock, zone
 from bridge.config import StatusConfig
+from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.errors import (
     ProviderAuthError,
     ProviderError,
@@ -27,7 +28,6 @@ from bridge.loops import run_steps
 from bridge.models import State
 from bridge.provider.client import MAX_LOGS_PER_PAGE, ProviderClient
 from bridge.provider.logmatch import LogMatcher, provider_date
-from bridge.ratelimit import SlidingWindowLimiter
 from bridge.schedule import STORED_FORMAT
 from bridge.store import Store
 
