@@ -28,9 +28,9 @@ from bridge.firewall import Firewall, cap_recipients
 from bridge.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
 from bridge.httpbody import parse_json, read_body
 from bridge.ingest import Ingestor
-from bridge.policy import dedupe_scope
+from bridge.policy.decide import dedupe_scope
+from bridge.policy.shaping import Draft
 from bridge.schedule import FIELD, MAIL_HEADER, parse_schedule_time
-from bridge.shaping import Draft
 from bridge.templates import TemplateError, render
 
 log = logging.getLogger(__name__)

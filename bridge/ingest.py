@@ -1,8 +1,9 @@
 """The one ingest path: SMTP and HTTP both end here.
 
-`Ingestor.submit` shapes each draft (bridge.shaping: message type, parts), then policy and insert run in
-the writer's next transaction, together with every other submit queued for it (one
-lookup and one insert for all of them), and it returns only once that is durable. The
+`Ingestor.submit` shapes each draft (bridge.policy.shaping: type, parts), then policy
+and insert run in the writer's next transaction, together with every other submit
+queued for it (one lookup and one insert for all of them), and it returns only once
+that is durable. The
 caller acknowledges after it returns, never before; a StoreUnavailable means "tell the
 sender to retry". The dispatcher is woken, never called: delivery is not the request's job.
 """
@@ -18,8 +19,8 @@ from sqlite_utils import Database
 from bridge.clock import Clock
 from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage, State
-from bridge.policy import Rules, decide_all
-from bridge.shaping import Draft, Shaper
+from bridge.policy.decide import Rules, decide_all
+from bridge.policy.shaping import Draft, Shaper
 from bridge.store import Store
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,6 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 
-from bridge.budget import BudgetGuard
 from bridge.clock import Clock, SystemClock
 from bridge.config import Config, HttpConfig, LiveConfig, load_config, secret_values
 from bridge.delivery.digests import DigestWorker
@@ -38,10 +37,11 @@ from bridge.ingest import Ingestor
 from bridge.loops import run_steps
 from bridge.ops.logs import mask_secrets
 from bridge.ops.metrics import Metrics
-from bridge.policy import Rules
+from bridge.policy.budgets import BudgetGuard
+from bridge.policy.decide import Rules
+from bridge.policy.shaping import Shaper
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
-from bridge.shaping import Shaper
 from bridge.smtp import SmtpHandler, start_smtp
 from bridge.sockets import bind_socket, bound_address
 from bridge.store import Store

@@ -38,9 +38,9 @@ from bridge.ingest import Ingestor
 from bridge.mail import MailText, ParseBounds, ParseTimeout, compose, parse_mail
 from bridge.mailrules import apply_rule, rule_for
 from bridge.phone import PhoneError
-from bridge.policy import content_hash, dedupe_scope
+from bridge.policy.decide import content_hash, dedupe_scope
+from bridge.policy.shaping import Draft
 from bridge.schedule import MAIL_HEADER, parse_schedule_time
-from bridge.shaping import Draft
 from bridge.smtplimits import LimitedSMTP, Sessions, call_limits
 from bridge.sockets import bind_socket
 from bridge.templates import TemplateError, render

@@ -35,9 +35,9 @@ from bridge.ingest import Ingestor
 from bridge.models import MAX_ROW_ID
 from bridge.openapi import openapi_spec
 from bridge.ops.metrics import Metrics
-from bridge.policy import dedupe_scope
+from bridge.policy.decide import dedupe_scope
+from bridge.policy.shaping import Draft
 from bridge.schedule import parse_schedule_time
-from bridge.shaping import Draft
 from bridge.store import Store
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         *("sockets", "auth"),
     ),
     "store": ("store",),
-    "policy": ("policy", "shaping", "budget"),
+    "policy": ("policy",),
     "provider": ("provider", "provider.client", "provider.logmatch", "provider.sandbox"),
     "delivery": ("delivery",),
     "ingress": (

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from sqlite_utils import Database
 
 from bridge.models import NewMessage, State
-from bridge.policy import Rules, decide_all
+from bridge.policy.decide import Rules, decide_all
 from bridge.store import Store
 from bridge.store.schema import migrations
 

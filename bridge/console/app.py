@@ -21,7 +21,6 @@ from starlette.routing import BaseRoute, Mount, Route, Router
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from bridge.budget import day_bounds
 from bridge.clock import Clock
 from bridge.config import LiveConfig
 from bridge.console import chart
@@ -40,7 +39,8 @@ from bridge.firewall import Firewall
 from bridge.health import ProviderHealth
 from bridge.ingest import Ingestor
 from bridge.models import State, iso_time
-from bridge.shaping import Draft
+from bridge.policy.budgets import day_bounds
+from bridge.policy.shaping import Draft
 from bridge.store import Store
 from bridge.text import split_parts
 

@@ -19,7 +19,7 @@ from bridge.firewall import Firewall
 from bridge.formats import HookRequest, Ignored, registry
 from bridge.hooks import route_text
 from bridge.ingest import Ingestor
-from bridge.shaping import Draft
+from bridge.policy.shaping import Draft
 from bridge.text import TYPE_GSM, split_parts
 
 # The header that names the event, for formats whose parsing depends on it.

@@ -20,7 +20,7 @@ from sqlite_utils import Database
 from bridge.clock import Clock
 from bridge.loops import run_steps
 from bridge.models import NewMessage
-from bridge.shaping import Draft, Shaper, default_topic
+from bridge.policy.shaping import Draft, Shaper, default_topic
 from bridge.store import Store, queries
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,6 @@ import logging
 import random
 from collections.abc import Sequence
 
-from bridge.budget import BudgetGuard, day_bounds
 from bridge.clock import Clock, zone
 from bridge.config import ProviderConfig
 from bridge.delivery.ratelimit import SlidingWindowLimiter
@@ -47,6 +46,7 @@ from bridge.errors import (
 from bridge.health import ProviderHealth
 from bridge.loops import run_steps
 from bridge.models import Message, State
+from bridge.policy.budgets import BudgetGuard, day_bounds
 from bridge.pricing import PriceBook
 from bridge.provider.client import (
     ProviderClient,

@@ -27,7 +27,7 @@ from bridge.formats.base import (
     obj,
     text_field,
 )
-from bridge.policy import content_hash
+from bridge.policy.decide import content_hash
 
 DEFAULT_CONCLUSIONS = ("failure", "timed_out", "startup_failure")
 DEFAULT_DEPLOYMENT_STATES = ("failure", "error")

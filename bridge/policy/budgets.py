@@ -24,8 +24,8 @@ from bridge.clock import Clock
 from bridge.config import BudgetConfig, Config
 from bridge.firewall import Firewall
 from bridge.models import Message
+from bridge.policy.shaping import Draft, Shaper
 from bridge.pricing import PriceBook
-from bridge.shaping import Draft, Shaper
 from bridge.store import Store, queries
 
 log = logging.getLogger(__name__)

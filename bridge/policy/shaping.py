@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from bridge.config import Config
 from bridge.models import NewMessage, State
 from bridge.phone import is_assigned
-from bridge.policy import scoped_key, text_key
+from bridge.policy.decide import scoped_key, text_key
 from bridge.pricing import PriceBook
 from bridge.text import Shape, shape, transliterate, truncate_to_parts
 
