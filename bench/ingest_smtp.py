@@ -45,7 +45,7 @@ BARE_SERVER = textwrap.dedent("""
     import asyncio, socket, sys
     from aiosmtpd.smtp import SMTP
     if sys.argv[2:] == ["memo"]:
-        from bridge.smtp import BridgeSMTP as SMTP
+        from bridge.ingress.smtp import BridgeSMTP as SMTP
 
     class Bare:
         async def handle_DATA(self, server, session, envelope):

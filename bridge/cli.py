@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_sandbox(args)
         config = _load(args)
         if args.command == "check-config":
-            from bridge.formats import template_problems
+            from bridge.ingress.formats import template_problems
             from bridge.templates import render
 
             warnings: list[tuple[str, str]] = []

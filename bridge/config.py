@@ -52,7 +52,7 @@ class MailRule:
     """`[[smtp.rules]]`: for mail from a sender or with a subject, which lines to text.
 
     The first rule whose `sender` and `subject` both match (an absent one matches all)
-    applies; `bridge.mailrules` does the picking.
+    applies; `bridge.ingress.mailrules` does the picking.
     """
 
     name: str = ""  # shown in logs and check-config

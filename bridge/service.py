@@ -32,8 +32,10 @@ from bridge.delivery.poller import StatusPoller
 from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.errors import ConfigError
 from bridge.health import ProviderHealth
-from bridge.httplimits import limited_protocol
-from bridge.ingest import Ingestor
+from bridge.ingress.http.app import create_app
+from bridge.ingress.http.limits import limited_protocol
+from bridge.ingress.ingest import Ingestor
+from bridge.ingress.smtp import SmtpHandler, start_smtp
 from bridge.loops import run_steps
 from bridge.ops.logs import mask_secrets
 from bridge.ops.metrics import Metrics
@@ -42,10 +44,8 @@ from bridge.policy.decide import Rules
 from bridge.policy.shaping import Shaper
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
-from bridge.smtp import SmtpHandler, start_smtp
 from bridge.sockets import bind_socket, bound_address
 from bridge.store import Store
-from bridge.web import create_app
 
 if TYPE_CHECKING:  # the sandbox itself is imported only when configured
     from bridge.provider.sandbox import SandboxState
@@ -72,7 +72,7 @@ def uvicorn_server(
     http: HttpConfig | None = None,
 ) -> QuietServer:
     """The one place uvicorn is configured. With `live`, under the `[http]` limits, read
-    per connection (bridge.httplimits); proxies and TLS from `http` (default: the live
+    per connection (bridge.ingress.http.limits); proxies and TLS from `http` (default: the live
     config's at start; neither without both)."""
     http = http or (live.current.http if live is not None else HttpConfig())
     return QuietServer(

@@ -10,10 +10,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from bridge.auth import ANONYMOUS, authorize, identify
 from bridge.clock import ManualClock
 from bridge.config import TokenConfig
 from bridge.errors import ConfigError
+from bridge.ingress.http.auth import ANONYMOUS, authorize, identify
 from tests.helpers import bridge_config, running_bridge
 
 SENDER = "send-token-0123456789abcdef"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.charsets import decode_best
+from bridge.ingress.charsets import decode_best
 
 CYRILLIC = "Сервер db-2 недоступен, диск заполнен на 97 процентов"
 

@@ -490,7 +490,7 @@ async def test_preview_shows_the_sms_and_stores_nothing(served_bridge) -> None:
 
 
 def test_chart_puts_requests_against_the_limit() -> None:
-    from bridge.console.chart import build
+    from bridge.ingress.http.console.chart import build
 
     requests = [0] * 10
     requests[9] = 60  # this minute

@@ -19,7 +19,7 @@ import pytest
 
 from bridge.clock import ManualClock
 from bridge.config import load_config, secret_values
-from bridge.hosts import host_allowed
+from bridge.ingress.http.hosts import host_allowed
 from bridge.ops.logs import JsonFormatter, MaskingFilter
 from bridge.service import Bridge
 from tests.helpers import bridge_config, running_bridge, write_config

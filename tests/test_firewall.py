@@ -21,11 +21,11 @@ from starlette.datastructures import Headers
 from bridge.clock import ManualClock
 from bridge.config import RouteConfig, load_config
 from bridge.errors import ConfigError
-from bridge.formats import HookRequest, alertmanager, github
-from bridge.mail import parse_mail
+from bridge.ingress.formats import HookRequest, alertmanager, github
+from bridge.ingress.mail import parse_mail
+from bridge.ingress.smtp import mail_dedupe_key
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
-from bridge.smtp import mail_dedupe_key
 from tests.helpers import bridge_config, pump, running_bridge, write_config
 from tests.test_smtp import smtp_listening
 

@@ -17,7 +17,7 @@ import pytest
 
 from bridge.clock import ManualClock
 from bridge.config import RouteConfig
-from bridge.formats import HookRequest, Unauthorized, github
+from bridge.ingress.formats import HookRequest, Unauthorized, github
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from tests.helpers import bridge_config, pump, running_bridge, write_config
@@ -503,7 +503,7 @@ def _alert_group(
 
 
 def test_alert_instance_is_where_never_a_flag_or_an_arbitrary_label() -> None:
-    from bridge.formats.alerts import summarize
+    from bridge.ingress.formats.alerts import summarize
 
     def text(
         labels: list[dict[str, str]], group: dict[str, str] | None = None, common: bool = True
@@ -528,7 +528,7 @@ def test_alert_instance_is_where_never_a_flag_or_an_arbitrary_label() -> None:
 
 
 def test_grafana_legacy_route_match_is_on_the_rules_tags() -> None:
-    from bridge.formats import Ignored, grafana
+    from bridge.ingress.formats import Ignored, grafana
 
     payload = json.loads((HOOKS / "grafana-legacy-alerting.json").read_text())
     paging = RouteConfig(name="g", format="grafana", match={"severity": "page"})

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.mail import (
+from bridge.ingress.mail import (
     POLICY,
     MailText,
     clean_body,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from bridge.config import MailRule
-from bridge.mail import MailText, compose, parse_mail
-from bridge.mailrules import apply_rule, rule_for
+from bridge.ingress.mail import MailText, compose, parse_mail
+from bridge.ingress.mailrules import apply_rule, rule_for
 from bridge.text import truncate_to_parts
 
 MAIL_DIR = Path(__file__).parent / "data" / "mail"

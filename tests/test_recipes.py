@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bridge.config import load_config
-from bridge.mail import compose, parse_mail
-from bridge.mailrules import apply_rule, rule_for
+from bridge.ingress.mail import compose, parse_mail
+from bridge.ingress.mailrules import apply_rule, rule_for
 from bridge.text import truncate_to_parts
 from tests.helpers import write_config
 

@@ -22,10 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
+from bridge.ingress.smtp import ADDRESS_CACHE_SIZE, BridgeSMTP, start_smtp
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from bridge.service import Bridge
-from bridge.smtp import ADDRESS_CACHE_SIZE, BridgeSMTP, start_smtp
 from bridge.sockets import bind_socket
 from bridge.text import count_parts
 from tests.helpers import bridge_config, pump, running_bridge

@@ -1,4 +1,4 @@
-"""The web console's queries (bridge.console): activity, overview, storms, actions.
+"""The web console's queries (bridge.ingress.http.console): activity, overview, storms, actions.
 
 A part of `Store` (it mixes this in), kept apart so the message operations in
 `bridge.store` stay one concern.

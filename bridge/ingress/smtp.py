@@ -7,7 +7,7 @@ store cannot write, so the client keeps the mail and retries. Bounces, auto-repl
 reports are stored as `suppressed`, never texted on. AUTH PLAIN/LOGIN against
 `[smtp.users]`, only over TLS unless `smtp.auth_allow_plaintext`.
 
-Session limits live in `bridge.smtplimits`; here the mail is parsed in a worker thread
+Session limits live in `bridge.ingress.smtplimits`; here the mail is parsed in a worker thread
 under MIME depth, part and time bounds. Every session
 takes the settings in force when it connects, so a SIGHUP reaches the next session.
 """
@@ -34,14 +34,14 @@ from bridge.clock import zone
 from bridge.config import Config, SmtpConfig
 from bridge.errors import InputError, StoreUnavailable
 from bridge.firewall import Firewall, RefusedNumber
-from bridge.ingest import Ingestor
-from bridge.mail import MailText, ParseBounds, ParseTimeout, compose, parse_mail
-from bridge.mailrules import apply_rule, rule_for
+from bridge.ingress.ingest import Ingestor
+from bridge.ingress.mail import MailText, ParseBounds, ParseTimeout, compose, parse_mail
+from bridge.ingress.mailrules import apply_rule, rule_for
+from bridge.ingress.smtplimits import LimitedSMTP, Sessions, call_limits
 from bridge.phone import PhoneError
 from bridge.policy.decide import content_hash, dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import MAIL_HEADER, parse_schedule_time
-from bridge.smtplimits import LimitedSMTP, Sessions, call_limits
 from bridge.sockets import bind_socket
 from bridge.templates import TemplateError, render
 

@@ -4,7 +4,7 @@ A format exposes `parse(request) -> list[HookMessage]`, may expose `verify(reque
 (a signature check over the raw body, raising `Unauthorized`; `now` for timestamped
 signatures), and has a `SAMPLE` payload that `check-config` renders each route's template
 against. Payload problems raise `InputError` naming the field; events a route does not
-text raise `Ignored`. The shared types live in `bridge.formats.base`.
+text raise `Ignored`. The shared types live in `bridge.ingress.formats.base`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from types import ModuleType
 from typing import Any
 
 from bridge.config import RouteConfig
-from bridge.formats import alertmanager, generic, github, gitlab, grafana
-from bridge.formats.base import (
+from bridge.ingress.formats import alertmanager, generic, github, gitlab, grafana
+from bridge.ingress.formats.base import (
     HookMessage,
     HookRequest,
     Ignored,

@@ -16,9 +16,9 @@ from typing import Any
 from bridge.config import Config, RouteConfig
 from bridge.errors import BridgeError
 from bridge.firewall import Firewall
-from bridge.formats import HookRequest, Ignored, registry
-from bridge.hooks import route_text
-from bridge.ingest import Ingestor
+from bridge.ingress.formats import HookRequest, Ignored, registry
+from bridge.ingress.http.hooks import route_text
+from bridge.ingress.ingest import Ingestor
 from bridge.policy.shaping import Draft
 from bridge.text import TYPE_GSM, split_parts
 

@@ -22,8 +22,8 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from bridge.auth import ANONYMOUS, Principal, principal_of
 from bridge.config import TokenConfig
+from bridge.ingress.http.auth import ANONYMOUS, Principal, principal_of
 
 COOKIE = "sms_bridge_session"
 LIFETIME = 12 * 3600.0  # signed in: one on-call shift

@@ -1,7 +1,7 @@
 """What every webhook format shares: the request and message types, the two outcomes
 that are not messages (`Unauthorized`, `Ignored`) and small payload readers.
 
-Apart from `bridge.formats` (the registry) so the format modules import this and the
+Apart from `bridge.ingress.formats` (the registry) so the format modules import this and the
 registry imports them: one direction, no cycle.
 """
 

@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 
 from bridge.config import MailRule
-from bridge.mail import MailText
+from bridge.ingress.mail import MailText
 
 _ADDRESS = re.compile(r"<([^<>]*)>")
 

@@ -3,7 +3,7 @@
 Every page is plain HTML that works without script (a small same-origin script only
 refreshes live figures and asks before a cancel), and every page is also JSON at the
 same path with `.json` appended (Datasette's convention), with the same data. Who may
-see and do what, and how a browser signs in, is `bridge.console.gate`.
+see and do what, and how a browser signs in, is `bridge.ingress.http.console.gate`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ from starlette.types import Receive, Scope, Send
 
 from bridge.clock import Clock
 from bridge.config import LiveConfig
-from bridge.console import chart
-from bridge.console.activity import RouteActivity
-from bridge.console.gate import HERE, Caller, Gate, Refused, SecureHeaders
-from bridge.console.routes import (
+from bridge.errors import InputError
+from bridge.firewall import Firewall
+from bridge.health import ProviderHealth
+from bridge.ingress.http.console import chart
+from bridge.ingress.http.console.activity import RouteActivity
+from bridge.ingress.http.console.gate import HERE, Caller, Gate, Refused, SecureHeaders
+from bridge.ingress.http.console.routes import (
     authentication,
     encoding_name,
     postfix_snippet,
@@ -34,10 +37,7 @@ from bridge.console.routes import (
     sample_payload,
     snippets,
 )
-from bridge.errors import InputError
-from bridge.firewall import Firewall
-from bridge.health import ProviderHealth
-from bridge.ingest import Ingestor
+from bridge.ingress.ingest import Ingestor
 from bridge.models import State, iso_time
 from bridge.policy.budgets import day_bounds
 from bridge.policy.shaping import Draft

@@ -20,20 +20,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bridge.auth import AuthError, Principal, authorize
 from bridge.clock import Clock, zone
 from bridge.config import LiveConfig
-from bridge.console.activity import RouteActivity
-from bridge.console.app import Console
 from bridge.errors import HttpError, InputError, StoreUnavailable
 from bridge.firewall import Firewall, cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
-from bridge.hooks import hook_endpoint
-from bridge.hosts import HostCheck
-from bridge.httpbody import error_response, parse_json, read_body
-from bridge.ingest import Ingestor
+from bridge.ingress.http.auth import AuthError, Principal, authorize
+from bridge.ingress.http.bodies import error_response, parse_json, read_body
+from bridge.ingress.http.console.activity import RouteActivity
+from bridge.ingress.http.console.app import Console
+from bridge.ingress.http.hooks import hook_endpoint
+from bridge.ingress.http.hosts import HostCheck
+from bridge.ingress.http.openapi import openapi_spec
+from bridge.ingress.ingest import Ingestor
 from bridge.models import MAX_ROW_ID
-from bridge.openapi import openapi_spec
 from bridge.ops.metrics import Metrics
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft

@@ -1,7 +1,7 @@
 """How the console lets people in: sign-in, sessions, scopes, CSRF and headers.
 
 Looking needs `read`, acting (retry, cancel, test message) needs `admin`. A browser signs
-in with an API token once and then carries a session cookie (`bridge.console.sessions`);
+in with an API token once and then carries a session cookie (`bridge.ingress.http.console.sessions`);
 a script may instead send `Authorization: Bearer TOKEN` to the `.json` pages. On a bridge
 with no tokens the console is open, as the API is. Every POST needs the session's CSRF
 token and, when the browser sends one, an Origin equal to the console's own; the cookie
@@ -30,12 +30,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bridge.auth import ANONYMOUS, AuthError, Principal, authorize, identify
 from bridge.clock import Clock
 from bridge.config import LiveConfig
-from bridge.console.routes import encoding_name
-from bridge.console.sessions import COOKIE, LIFETIME, Session, Sessions
 from bridge.errors import InputError, StoreUnavailable
+from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize, identify
+from bridge.ingress.http.console.routes import encoding_name
+from bridge.ingress.http.console.sessions import COOKIE, LIFETIME, Session, Sessions
 from bridge.models import iso_time
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ from bridge.clock import Clock, zone
 from bridge.config import Config, LiveConfig, RouteConfig
 from bridge.errors import HttpError
 from bridge.firewall import Firewall, cap_recipients
-from bridge.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
-from bridge.httpbody import parse_json, read_body
-from bridge.ingest import Ingestor
+from bridge.ingress.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
+from bridge.ingress.http.bodies import parse_json, read_body
+from bridge.ingress.ingest import Ingestor
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import FIELD, MAIL_HEADER, parse_schedule_time

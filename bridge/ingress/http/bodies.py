@@ -1,7 +1,7 @@
 """Reading HTTP request bodies for the API and the webhooks: bounded in size and time,
 JSON checked for depth and unencodable text, and the one JSON error answer.
 
-Apart from `bridge.web` (the app) so `bridge.hooks` reads bodies the same way without
+Apart from `bridge.ingress.http.app` (the app) so `bridge.ingress.http.hooks` reads bodies the same way without
 importing the app that mounts it.
 """
 

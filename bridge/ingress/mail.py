@@ -22,7 +22,7 @@ from typing import Any
 
 from inscriptis import get_text
 
-from bridge.charsets import decode_best
+from bridge.ingress.charsets import decode_best
 
 
 # policy.default, but every header read as unstructured text: we need RFC 2047 decoding,
