@@ -36,7 +36,7 @@ from bridge.console.routes import (
     snippets,
 )
 from bridge.errors import InputError
-from bridge.firewall import Firewall
+from bridge.firewall import Firewall, cap_recipients
 from bridge.health import ProviderHealth
 from bridge.ingest import Draft, Ingestor
 from bridge.models import State, iso_time
@@ -331,10 +331,9 @@ class Console(Gate):
                 raise InputError("to", "a phone number or a group name is needed")
             if not text or len(text) > MAX_TEST_TEXT:
                 raise InputError("text", f"the text must be 1 to {MAX_TEST_TEXT} characters")
-            recipients = Firewall.from_config(config).resolve(
-                [t.strip() for t in to.split(",") if t.strip()],
-                config.groups,
-            )
+            targets = [t.strip() for t in to.split(",") if t.strip()]
+            cap_recipients(targets, config.http.max_recipients)  # as the API caps them
+            recipients = Firewall.from_config(config).resolve(targets, config.groups)
         except InputError as exc:
             data["error"] = str(exc)
             return self._render(request, caller, "send.html", data, 400)

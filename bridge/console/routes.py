@@ -20,6 +20,7 @@ from bridge.formats import HookRequest, Ignored, registry
 from bridge.hooks import route_text
 from bridge.ingest import Draft, Ingestor
 from bridge.text import TYPE_GSM, split_parts
+from bridge.web import HttpError, parse_json
 
 # The header that names the event, for formats whose parsing depends on it.
 EVENT_HEADERS = {"github": "X-GitHub-Event", "gitlab": "X-Gitlab-Event"}
@@ -210,10 +211,10 @@ def preview(
     if len(body) > MAX_PREVIEW_BYTES:
         result.error = f"payload larger than {MAX_PREVIEW_BYTES} bytes"
         return result
-    try:
-        data = json.loads(payload)
-    except ValueError as exc:
-        result.error = f"not valid JSON: {exc}"
+    try:  # the webhook's own reading: same depth and surrogate limits, same words
+        data = parse_json(body)
+    except HttpError as exc:
+        result.error = exc.message
         return result
     module = registry()[route.format]
     headers = dict(getattr(module, "SAMPLE_HEADERS", {}))
