@@ -862,6 +862,48 @@ def _validate_http(config: Config, problem: Callable[[str, str], None]) -> None:
             problem(f"http.{key}", f"no such file: {getattr(http, key)}")
 
 
+# What a reload cannot change under a running bridge: listeners, the store, the provider,
+# logging. A section name alone means the whole section.
+RESTART_ONLY: dict[str, tuple[str, ...]] = {
+    "smtp": ("listen", "tls_listen"),
+    "http": ("listen", "trusted_proxies", "tls_cert", "tls_key"),
+    "store": (),
+    "provider": (),
+    "sandbox": (),
+    "status": (),
+    "log": (),
+}
+
+
+def as_reloaded(new: Config, running: Config) -> tuple[Config, list[str]]:
+    """`new` as a reload applies it: every RESTART_ONLY key keeps its running value.
+
+    Returns that config and the keys whose new value waits for a restart. Checks made
+    on it (protected mode) judge what will really run: a file that drops the provider
+    and a route's credentials at once must not open the route while the provider that
+    is still running keeps sending.
+    """
+    sections: dict[str, Any] = {}
+    waiting: list[str] = []
+    for name, keys in RESTART_ONLY.items():
+        before, after = getattr(running, name), getattr(new, name)
+        if not keys:
+            sections[name] = before
+            waiting += [name] if before != after else []
+            continue
+        kept = {key: getattr(before, key) for key in keys}
+        sections[name] = dataclasses.replace(after, **kept)
+        waiting += [f"{name}.{key}" for key in keys if getattr(after, key) != kept[key]]
+    return dataclasses.replace(new, **sections), waiting
+
+
+def protection_problems(config: Config) -> list[tuple[str, str]]:
+    """What protected mode refuses in `config` (see `_validate_protected`)."""
+    problems: list[tuple[str, str]] = []
+    _validate_protected(config, lambda key, why: problems.append((key, why)))
+    return problems
+
+
 def _validate_protected(config: Config, problem: Callable[[str, str], None]) -> None:
     """Protected mode: with a real provider, nothing reachable from the network is open.
 
@@ -881,12 +923,32 @@ def _validate_protected(config: Config, problem: Callable[[str, str], None]) -> 
         )
     real = "while provider.base_url is set (a real provider: every SMS costs money)"
     http_host = _listen_host(config.http.listen)
-    if http_host is not None and not is_loopback_host(http_host) and not config.tokens:
-        problem(
-            "http.listen",
-            f"{config.http.listen} is reachable from the network but no [tokens.NAME] is "
-            f"configured {real}: add a token, or listen on 127.0.0.1",
+    # A loopback listener that trusts a proxy, or serves names other than loopback's, is
+    # reachable from the network through that proxy: it needs tokens all the same.
+    proxied = [
+        key
+        for key, hosts in (
+            ("http.trusted_proxies", config.http.trusted_proxies),
+            (
+                "http.allowed_hosts",
+                [h for h in config.http.allowed_hosts if not is_loopback_host(h)],
+            ),
         )
+        if hosts
+    ]
+    if http_host is not None and not config.tokens:
+        if not is_loopback_host(http_host):
+            problem(
+                "http.listen",
+                f"{config.http.listen} is reachable from the network but no [tokens.NAME] is "
+                f"configured {real}: add a token, or listen on 127.0.0.1",
+            )
+        elif proxied:
+            problem(
+                proxied[0],
+                f"a proxy makes {config.http.listen} reachable from the network but no "
+                f"[tokens.NAME] is configured {real}: add a token",
+            )
     smtp = config.smtp
     if not smtp.require_auth and not _restricts(smtp.allowed_networks):
         for key in ("smtp.listen", "smtp.tls_listen"):
