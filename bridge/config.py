@@ -1076,6 +1076,16 @@ def secret_values(config: Config) -> list[str]:
 
 def inline_secrets(path: str | os.PathLike[str]) -> list[str]:
     """Keys of secrets written into the file itself (not `*_file`), for the mode warning."""
+    return [key for key, file in _secret_keys(path) if file is None]
+
+
+def secret_files(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """(key, file) of every secret the config reads from a file (`*_file` keys)."""
+    return [(key, file) for key, file in _secret_keys(path) if file is not None]
+
+
+def _secret_keys(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
+    """Each secret key the file sets: (its key path, the file it names or None if inline)."""
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
@@ -1087,16 +1097,22 @@ def inline_secrets(path: str | os.PathLike[str]) -> list[str]:
         named = raw.get(kind)
         if isinstance(named, dict):
             tables += [(f"{kind}.{k}", named_cls, v) for k, v in named.items()]
-    keys: list[str] = []
+    keys: list[tuple[str, str | None]] = []
     for prefix, cls, table in tables:
         if not isinstance(table, dict):
             continue
         for spec in dataclasses.fields(cls):
-            value = table.get(spec.name)
-            if not spec.metadata.get("secret") or not value:
+            if not spec.metadata.get("secret"):
                 continue
+            value, file = table.get(spec.name), table.get(f"{spec.name}_file")
+            if isinstance(file, str):
+                keys.append((f"{prefix}.{spec.name}_file", file))
             if isinstance(value, dict):  # smtp.users: login = "password" or login_file
-                keys += [f"{prefix}.{spec.name}.{k}" for k in value if not k.endswith("_file")]
-            else:
-                keys.append(f"{prefix}.{spec.name}")
+                keys += [
+                    (f"{prefix}.{spec.name}.{k}", v if k.endswith("_file") else None)
+                    for k, v in value.items()
+                    if isinstance(v, str) and v
+                ]
+            elif value:
+                keys.append((f"{prefix}.{spec.name}", None))
     return keys

@@ -217,7 +217,13 @@ def test_check_config_warns_when_a_world_readable_file_holds_secrets(tmp_path) -
     assert "warning:" in loud.stderr and "readable by every user" in loud.stderr
     assert "routes.am.token" in loud.stderr and "smtp.users.ups" in loud.stderr
     assert "route-token-inline" not in loud.stderr + loud.stdout
+    os.chmod(secret, 0o600)
     assert "warning:" not in run("check-config", str(from_files), cwd=tmp_path).stderr
+    # A secret file anyone may read exposes its secret as much as an inline one.
+    os.chmod(secret, 0o644)
+    exposed = run("check-config", str(from_files), cwd=tmp_path)
+    assert exposed.returncode == 0, exposed.stderr
+    assert f"warning: routes.am.token_file: {secret} is readable by every user" in exposed.stderr
     os.chmod(inline, 0o600)
     assert "warning:" not in run("check-config", str(inline), cwd=tmp_path).stderr
 
