@@ -1,8 +1,10 @@
-.PHONY: install test lint format bench
+.PHONY: install test test-fast lint format bench
 install:
 	pip install -e '.[test]'
 test:
 	pytest
+test-fast:
+	pytest -m "not slow"
 lint:
 	ruff check . && ruff format --check . && mypy bridge
 format:

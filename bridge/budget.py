@@ -25,10 +25,10 @@ from sqlite_utils import Database
 from bridge.clock import Clock
 from bridge.config import BudgetConfig, Config
 from bridge.firewall import Firewall
-from bridge.models import Message, NewMessage
+from bridge.models import Message
 from bridge.pricing import PriceBook
+from bridge.shaping import Draft, Shaper
 from bridge.store import Store
-from bridge.text import shape
 
 log = logging.getLogger(__name__)
 WARNING_SOURCE = "budget"
@@ -56,9 +56,12 @@ class BudgetGuard:
         config: Config,
         sender_id: str,
         prices: PriceBook | None = None,
+        shaper: Shaper | None = None,
     ) -> None:
         self.store = store
         self.prices = prices or PriceBook()
+        # Warnings are shaped as every other text is (transliterated, cut, priced).
+        self.shaper = shaper or Shaper(prices=self.prices)
         self.clock = clock
         self.sender_id = sender_id
         self.over_cap_total = 0  # messages held back or failed by a cap, for metrics
@@ -165,30 +168,22 @@ class BudgetGuard:
         if not self.admins:
             return False
         _, _, date = day_bounds(self.clock.now())
-        key = f"budget:{kind}:{date}"
         now = self.clock.now()
-        form = shape(text)
+        draft = Draft(
+            recipients=self.admins,
+            text=text,
+            source=WARNING_SOURCE,
+            sender_id=self.sender_id,
+            dedupe_key=f"{kind}:{date}",  # stored as budget:KIND:DATE: once a day
+            topic="budget",
+        )
+        messages = self.shaper.messages([draft])
+        key = messages[0].dedupe_key
 
         def job(db: Database) -> bool:
             if db.execute("SELECT 1 FROM messages WHERE dedupe_key = ? LIMIT 1", (key,)).fetchone():
                 return False
-            Store.insert_messages(
-                db,
-                [
-                    NewMessage(
-                        recipient=admin,
-                        text=text,
-                        source=WARNING_SOURCE,
-                        sender_id=self.sender_id,
-                        message_type=form.message_type,
-                        parts=form.parts,
-                        dedupe_key=key,
-                        topic="budget",
-                    )
-                    for admin in self.admins
-                ],
-                now,
-            )
+            Store.insert_messages(db, messages, now)
             return True
 
         queued = await self.store.write(job)

@@ -201,12 +201,18 @@ def _run_sandbox(args: argparse.Namespace) -> int:
     import uvicorn
 
     from bridge.provider.sandbox import VARIANTS, SandboxState, create_sandbox_app
+    from bridge.sockets import bind_socket, bound_address
 
     if args.variant not in VARIANTS:
         print(f"--variant must be one of {', '.join(sorted(VARIANTS))}", file=sys.stderr)
         return 2
     setup_logging("info", "human", [args.api_key])
-    host, port = parse_listen(args.listen)
+    try:
+        parse_listen(args.listen)
+        sock = bind_socket(args.listen)
+    except (ValueError, OSError) as exc:
+        print(f"--listen: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        return 2
     state = SandboxState(
         clock=SystemClock(),
         api_key=args.api_key,
@@ -214,8 +220,12 @@ def _run_sandbox(args: argparse.Namespace) -> int:
         fail_share=args.fail_share,
         shape=VARIANTS[args.variant],
     )
-    log.warning("sandbox provider on http://%s:%d/api/v1 - nothing leaves this machine", host, port)
-    uvicorn.run(create_sandbox_app(state), host=host, port=port, log_config=None, access_log=False)
+    # The bound address, not --listen: with port 0 the caller reads the port from here.
+    log.warning(
+        "sandbox provider on http://%s/api/v1 - nothing leaves this machine", bound_address(sock)
+    )
+    config = uvicorn.Config(create_sandbox_app(state), log_config=None, access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

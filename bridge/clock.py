@@ -7,7 +7,10 @@ rate window of a minute passes without anyone sleeping for one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+import zoneinfo
+from datetime import UTC, tzinfo
 from typing import Protocol
 
 
@@ -70,3 +73,9 @@ async def sleep_until_woken(
         for task in (sleeper, waker, stopper):
             task.cancel()
         await asyncio.gather(sleeper, waker, stopper, return_exceptions=True)
+
+
+@functools.lru_cache(maxsize=64)
+def zone(name: str) -> tzinfo:
+    """An IANA zone by name (config validated it); UTC for "" or "UTC"."""
+    return UTC if name in ("", "UTC") else zoneinfo.ZoneInfo(name)

@@ -767,18 +767,31 @@ def _validate_tokens(config: Config, problem: Callable[[str, str], None]) -> Non
                 problem(f"{key}.scopes", f"{scope!r} is not one of {', '.join(SCOPES)}")
 
 
+# The sandbox's answer shapes by name (bridge.provider.sandbox.VARIANTS, which checks it
+# matches): named here so config, below the provider, never imports the sandbox.
+SANDBOX_VARIANTS = (
+    "documented",
+    "plain-numbers",
+    "other-keys",
+    "batch-only",
+    "count-only",
+    "local-time",
+    "created-201",
+    "strict",
+    "stand-in",
+)
+
+
 def _validate_provider_extras(config: Config, problem: Callable[[str, str], None]) -> None:
     """Keys of the provider-shape work (issue 17), kept apart for easy merging."""
-    from bridge.provider.sandbox import VARIANTS  # the sandbox's own table of shapes
-
     if not 0 <= config.provider.max_unknown_resends <= 5:
         problem("provider.max_unknown_resends", "must be between 0 and 5")
     try:
         zoneinfo.ZoneInfo(config.provider.timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         problem("provider.timezone", f"{config.provider.timezone!r} is not an IANA time zone")
-    if config.sandbox.variant not in VARIANTS:
-        problem("sandbox.variant", f"must be one of {', '.join(sorted(VARIANTS))}")
+    if config.sandbox.variant not in SANDBOX_VARIANTS:
+        problem("sandbox.variant", f"must be one of {', '.join(sorted(SANDBOX_VARIANTS))}")
 
 
 def _validate_listener_limits(config: Config, problem: Callable[[str, str], None]) -> None:

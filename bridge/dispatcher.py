@@ -33,7 +33,7 @@ import random
 from collections.abc import Sequence
 
 from bridge.budget import BudgetGuard, day_bounds
-from bridge.clock import Clock
+from bridge.clock import Clock, zone
 from bridge.config import ProviderConfig
 from bridge.errors import (
     PermanentSendError,
@@ -53,7 +53,7 @@ from bridge.provider.client import (
     SendResult,
     TransientUnknownOutcome,
 )
-from bridge.provider.logmatch import LogMatcher, provider_date, provider_time, zone
+from bridge.provider.logmatch import LogMatcher, provider_date, provider_time
 from bridge.ratelimit import SlidingWindowLimiter
 from bridge.schedule import for_provider
 from bridge.store import Store

@@ -73,3 +73,13 @@ class TransientSendError(ProviderError):
 
 class RateLimitedError(TransientSendError):
     """429: the key's budget is spent; pause every request, not just this one."""
+
+
+class HttpError(BridgeError):
+    """A request the HTTP face refuses: answered as JSON with this status and field."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field

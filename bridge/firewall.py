@@ -163,7 +163,7 @@ def cap_recipients(targets: list[str], limit: int, field: str = "to") -> None:
 
 @functools.lru_cache(maxsize=256)  # checked on every message; senders are few
 def valid_sender_id(sender_id: str) -> bool:
-    """What the provider takes (docs/sms-api.md): at most 11 characters, either a name
+    """What the provider takes (its API documentation): at most 11 characters, either a name
     of letters, digits and spaces with a letter, or a number with an optional +."""
     if not 1 <= len(sender_id) <= 11:
         return False

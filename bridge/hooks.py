@@ -21,16 +21,17 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from bridge.clock import Clock
+from bridge.clock import Clock, zone
 from bridge.config import Config, LiveConfig, RouteConfig
+from bridge.errors import HttpError
 from bridge.firewall import Firewall, cap_recipients
 from bridge.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
-from bridge.ingest import Draft, Ingestor
+from bridge.httpbody import parse_json, read_body
+from bridge.ingest import Ingestor
 from bridge.policy import dedupe_scope
-from bridge.provider.logmatch import zone
 from bridge.schedule import FIELD, MAIL_HEADER, parse_schedule_time
+from bridge.shaping import Draft
 from bridge.templates import TemplateError, render
-from bridge.web import HttpError, parse_json, read_body
 
 log = logging.getLogger(__name__)
 FALLBACK_CHARS = 300

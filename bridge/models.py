@@ -1,10 +1,11 @@
 """The message model and its states.
 
+(ingest) -> held -> suppressed          (storm control: folded into a digest message)
 queued -> sending -> sent -> delivered
    ^         |         \\-> failed      (the provider's /logs says so)
    \\---------/ retry
 queued/sending -> failed                (permanent, with a reason)
-(ingest) -> suppressed                   (duplicate or storm control, with a reason)
+(ingest) -> suppressed                   (duplicate or loop, with a reason)
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import httpx
 import uvicorn
@@ -46,14 +46,17 @@ from bridge.metrics import Metrics
 from bridge.policy import Rules
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
-from bridge.provider.sandbox import VARIANTS, SandboxState, create_sandbox_app
 from bridge.ratelimit import SlidingWindowLimiter
+from bridge.shaping import Shaper
 from bridge.smtp import SmtpHandler, start_smtp
-from bridge.sockets import bind_socket
+from bridge.sockets import bind_socket, bound_address
 from bridge.status import StatusPoller
 from bridge.store import Store
 from bridge.storm import DigestWorker
 from bridge.web import create_app
+
+if TYPE_CHECKING:  # the sandbox itself is imported only when configured
+    from bridge.provider.sandbox import SandboxState
 
 log = logging.getLogger("bridge")
 SANDBOX_BASE_URL = "http://sandbox.invalid/api/v1"  # never resolved: served in-process
@@ -99,20 +102,6 @@ def uvicorn_server(
     )
 
 
-def make_sandbox_state(config: Config, clock: Clock) -> SandboxState:
-    s = config.sandbox
-    return SandboxState(
-        clock=clock,
-        api_key=s.api_key,
-        balance=s.balance,
-        sent_after=s.sent_after,
-        delivered_after=s.delivered_after,
-        fail_share=s.fail_share,
-        rate_limit=config.provider.requests_per_minute,
-        shape=VARIANTS[s.variant],
-    )
-
-
 @contextlib.asynccontextmanager
 async def open_provider(
     config: Config,
@@ -125,7 +114,11 @@ async def open_provider(
     sandbox = None
     base_url, api_key = config.provider.base_url, config.provider.api_key
     if config.uses_sandbox:
-        sandbox = make_sandbox_state(config, clock)
+        # Imported only here: a bridge with a real provider never loads the sandbox and
+        # its fault-injection endpoints.
+        from bridge.provider.sandbox import create_sandbox_app, state_from_config
+
+        sandbox = state_from_config(config, clock)
         transport = httpx.ASGITransport(app=create_sandbox_app(sandbox))
         base_url, api_key = SANDBOX_BASE_URL, sandbox.api_key
     p = config.provider
@@ -205,12 +198,14 @@ class Bridge:
                 )
                 health = ProviderHealth()
                 prices = PriceBook()
+                shaper = Shaper.from_config(config, prices)
                 budget = BudgetGuard(
                     store=store,
                     clock=clock,
                     config=config,
                     sender_id=p.sender_id,
                     prices=prices,
+                    shaper=shaper,
                 )
                 dispatcher = Dispatcher(
                     store=store,
@@ -237,17 +232,14 @@ class Bridge:
                     clock=clock,
                     window=config.limits.per_recipient_window,
                     sender_id=p.sender_id,
-                    max_parts=config.limits.max_parts,
+                    shaper=shaper,
                     on_created=dispatcher.wake.set,
                 )
                 ingestor = Ingestor(
                     store=store,
                     clock=clock,
                     rules=Rules.from_config(config),
-                    max_parts=config.limits.max_parts,
-                    transliterate=config.limits.transliterate,
-                    arabic_type=p.arabic_type,
-                    prices=prices,
+                    shaper=shaper,
                     on_stored=dispatcher.wake.set,
                 )
                 smtp_handler = SmtpHandler(config=config, ingestor=ingestor)
@@ -338,10 +330,8 @@ class Bridge:
         self.config = new
         self.live.current = new
         self.ingestor.rules = Rules.from_config(new)
-        self.ingestor.max_parts = new.limits.max_parts
-        self.ingestor.transliterate = new.limits.transliterate
+        self.ingestor.shaper.reload(new)  # budget warnings and digests share it
         self.digests.window = new.limits.per_recipient_window
-        self.digests.max_parts = new.limits.max_parts
         self.budget.reload(new)
         return warnings
 
@@ -442,7 +432,8 @@ async def serve(
         log.info("provider %s (config: %s)", config.provider.base_url, config.source)
     http_socket = _listen("http.listen", config.http.listen)
     smtp_socket = _listen("smtp.listen", config.smtp.listen)
-    smtp_sockets = [smtp_socket] if smtp_socket is not None else None
+    tls_socket = _listen("smtp.tls_listen", config.smtp.tls_listen) if smtp_socket else None
+    smtp_sockets = [s for s in (smtp_socket, tls_socket) if s is not None] or None
     async with Bridge.build(config, clock=clock) as bridge:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -464,12 +455,15 @@ async def serve(
             waiter.cancel()
             await runner
             return
+        # The addresses actually bound, so `listen = "127.0.0.1:0"` is usable: whoever
+        # started the process (a test, a supervisor script) reads the port from here.
         if http_socket is not None:
-            log.info("HTTP listening on %s", config.http.listen)
-        if smtp_sockets:
-            log.info(
-                "SMTP listening on %s for %s", config.smtp.listen, ", ".join(config.smtp.domains)
-            )
+            log.info("HTTP listening on %s", bound_address(http_socket))
+        if smtp_socket is not None:
+            domains = ", ".join(config.smtp.domains)
+            log.info("SMTP listening on %s for %s", bound_address(smtp_socket), domains)
+        if tls_socket is not None:
+            log.info("SMTPS listening on %s", bound_address(tls_socket))
         log.info(
             "store %s; %d requests/minute to the provider",
             config.store.path,

@@ -30,16 +30,17 @@ from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from bridge.config import Config, SmtpConfig, parse_listen
+from bridge.clock import zone
+from bridge.config import Config, SmtpConfig
 from bridge.errors import InputError, StoreUnavailable
 from bridge.firewall import Firewall, RefusedNumber
-from bridge.ingest import Draft, Ingestor
+from bridge.ingest import Ingestor
 from bridge.mail import MailText, ParseBounds, ParseTimeout, compose, parse_mail
 from bridge.mailrules import apply_rule, rule_for
 from bridge.phone import PhoneError
 from bridge.policy import content_hash, dedupe_scope
-from bridge.provider.logmatch import zone
 from bridge.schedule import MAIL_HEADER, parse_schedule_time
+from bridge.shaping import Draft
 from bridge.smtplimits import LimitedSMTP, Sessions, call_limits
 from bridge.sockets import bind_socket
 from bridge.templates import TemplateError, render
@@ -416,15 +417,15 @@ async def start_smtp(
     loop = asyncio.get_running_loop()
     factory = smtp_factory(handler)
     servers = []
+    # `serve` binds both before start-up (a taken port is a config error there); tests
+    # that call this directly let it bind.
     plain = sockets[0] if sockets else bind_socket(config.smtp.listen)
     servers.append(await loop.create_server(factory, sock=plain))
     if config.smtp.tls_listen:
-        parse_listen(config.smtp.tls_listen)
+        tls = sockets[1] if sockets and len(sockets) > 1 else bind_socket(config.smtp.tls_listen)
         servers.append(
             await loop.create_server(
-                smtp_factory(handler, implicit_tls=True),
-                sock=bind_socket(config.smtp.tls_listen),
-                ssl=handler.tls,
+                smtp_factory(handler, implicit_tls=True), sock=tls, ssl=handler.tls
             )
         )
     return servers

@@ -19,3 +19,9 @@ def bind_socket(listen: str) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def bound_address(sock: socket.socket) -> str:
+    """`host:port` (or `[v6]:port`) the socket is bound to: the real port when 0 was asked."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
-from bridge.clock import Clock
+from bridge.clock import Clock, zone
 from bridge.config import StatusConfig
 from bridge.errors import (
     ProviderAuthError,
@@ -26,7 +26,7 @@ from bridge.health import ProviderHealth
 from bridge.loops import run_steps
 from bridge.models import State
 from bridge.provider.client import MAX_LOGS_PER_PAGE, ProviderClient
-from bridge.provider.logmatch import LogMatcher, provider_date, zone
+from bridge.provider.logmatch import LogMatcher, provider_date
 from bridge.ratelimit import SlidingWindowLimiter
 from bridge.schedule import STORED_FORMAT
 from bridge.store import Store

@@ -19,9 +19,9 @@ from sqlite_utils import Database
 
 from bridge.clock import Clock
 from bridge.loops import run_steps
-from bridge.models import NewMessage, State
+from bridge.models import State
+from bridge.shaping import Draft, Shaper, default_topic
 from bridge.store import Store
-from bridge.text import shape, truncate_to_parts
 
 log = logging.getLogger(__name__)
 SHOWN_TOPICS = 3
@@ -50,14 +50,14 @@ class DigestWorker:
         clock: Clock,
         window: float,
         sender_id: str,
-        max_parts: int,
+        shaper: Shaper,
         on_created: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.window = window
         self.sender_id = sender_id
-        self.max_parts = max_parts
+        self.shaper = shaper
         self.on_created = on_created
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -91,23 +91,20 @@ class DigestWorker:
         ).fetchall()
         if not held:
             return None
-        topics = [row[1] or row[2].split("\n", 1)[0][:32] for row in held]
+        topics = [row[1] or default_topic(row[2]) for row in held]
         instances = [row[3] for row in held]
-        text = truncate_to_parts(digest_text(topics, instances), self.max_parts)
-        form = shape(text)
+        draft = Draft(
+            recipients=[recipient],
+            text=digest_text(topics, instances),
+            source="digest",
+            sender_id=self.sender_id,
+            topic="digest",
+        )
+        # Shaped as every text is; no dedupe key: a digest is never held back as a repeat.
+        digest = self.shaper.messages([draft])[0]._replace(dedupe_key=None)
         [digest_id] = Store.insert_messages(
             db,
-            [
-                NewMessage(
-                    recipient=recipient,
-                    text=text,
-                    source="digest",
-                    sender_id=self.sender_id,
-                    message_type=form.message_type,
-                    parts=form.parts,
-                    topic="digest",
-                )
-            ],
+            [digest],
             now,
         )
         db.execute(

@@ -1,6 +1,6 @@
 """The HTTP face: the generic API, message queries and health, as a Starlette app.
 
-Every error is JSON `{"error": ..., "field": ...}` with the status `contract.md` gives;
+Every error is JSON `{"error": ..., "field": ...}` with the status the README documents;
 bad input never produces a 500 and never touches the store. 202 is sent only after the
 ingest transaction is durable. Overload and storage trouble answer 503, never 429,
 because webhook senders retry 5xx and drop 4xx.
@@ -8,8 +8,6 @@ because webhook senders retry 5xx and drop 4xx.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -18,122 +16,35 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bridge.auth import AuthError, Principal, authorize
-from bridge.clock import Clock
+from bridge.clock import Clock, zone
 from bridge.config import LiveConfig
-from bridge.errors import InputError, StoreUnavailable
+from bridge.console.activity import RouteActivity
+from bridge.console.app import Console
+from bridge.errors import HttpError, InputError, StoreUnavailable
 from bridge.firewall import Firewall, cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
+from bridge.hooks import hook_endpoint
 from bridge.hosts import HostCheck
-from bridge.ingest import Draft, Ingestor
+from bridge.httpbody import error_response, parse_json, read_body
+from bridge.ingest import Ingestor
 from bridge.metrics import Metrics
 from bridge.models import MAX_ROW_ID
 from bridge.openapi import openapi_spec
 from bridge.policy import dedupe_scope
-from bridge.provider.logmatch import zone
 from bridge.schedule import parse_schedule_time
+from bridge.shaping import Draft
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
 MAX_DEDUPE_KEY = 256
 MAX_TEXT_CHARS = 5000
 MAX_LIST_LIMIT = 1000
-MAX_JSON_DEPTH = 64  # real payloads nest under 10; deeper costs recursion in every reader
 _INTEGER = re.compile(r"-?[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes "²"
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
-        self.status = status
-        self.message = message
-        self.field = field
-
-
-def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"error": message}
-    if field:
-        body["field"] = field
-    return JSONResponse(body, status)
-
-
-async def read_body(request: Request, max_bytes: int, within: float = 0) -> bytes:
-    """The raw JSON body, enforcing the size limit on the stream, not just the header.
-
-    With `within` (seconds) the whole body must arrive in that time (408, and the
-    connection closed): a client trickling its body would otherwise hold a connection
-    and a concurrency slot for as long as it likes.
-    """
-    try:
-        async with asyncio.timeout(within or None):
-            return await _read_body(request, max_bytes)
-    except TimeoutError as exc:
-        raise HttpError(408, f"request body not received within {within:g}s", "body") from exc
-    except ClientDisconnect as exc:  # nobody is left to answer; no traceback for it
-        raise HttpError(400, "client went away before the whole body arrived", "body") from exc
-
-
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json" and not ctype.endswith("+json"):
-        raise HttpError(415, "Content-Type must be application/json", "content-type")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise HttpError(413, f"body larger than {max_bytes} bytes", "body")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise HttpError(413, f"body larger than {max_bytes} bytes", "body")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_json(body: bytes) -> Any:
-    try:
-        value = json.loads(body)
-    except RecursionError as exc:
-        raise HttpError(400, "body is JSON nested too deeply", "body") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HttpError(400, f"body is not valid JSON: {exc}", "body") from exc
-    check_json(value)
-    return value
-
-
-def check_json(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
-    """Refuse what parses but cannot be handled: deep nesting and lone surrogates.
-
-    JSON's `\\ud800` escape yields a str that UTF-8 cannot encode; it would fail in the
-    store or the provider call, long after the caller was told anything. Walked with a
-    stack, not recursion, so the check itself cannot overflow.
-    """
-    stack: list[tuple[Any, str, int]] = [(value, "", 1)]
-    while stack:
-        item, path, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > max_depth:
-                raise HttpError(400, f"body is JSON nested deeper than {max_depth}", "body")
-            if isinstance(item, list):  # paths as the rest of the API names them: a.b[0]
-                stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
-                continue
-            for key, child in item.items():
-                _check_text(key, path or "body")
-                stack.append((child, f"{path}.{key}" if path else key, depth + 1))
-        elif isinstance(item, str):
-            _check_text(item, path or "body")
-
-
-def _check_text(text: str, path: str) -> None:
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise HttpError(
-                400, f"'{path}' holds a lone surrogate (\\u{ord(exc.object[exc.start]):04x})", path
-            ) from exc
 
 
 def query_int(
@@ -230,10 +141,6 @@ def create_app(
 ) -> Starlette:
     """The HTTP app; `status` and `wake` let the console show the dispatcher's rate
     window and balance and wake it after a retry."""
-    from bridge.console.activity import RouteActivity
-    from bridge.console.app import Console
-    from bridge.hooks import hook_endpoint  # hooks builds on this module's helpers
-
     activity = RouteActivity(live=live, clock=clock)
     console = Console(
         live=live,

@@ -9,8 +9,12 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
-from tests.test_serve import KEY, free_port, process, wait_for
+from tests.processes import ANY_PORT, process, wait_for
+
+pytestmark = pytest.mark.slow  # every test here runs the CLI as a process
+KEY = "cli-test-key"
 
 
 def run(*args: str, cwd, env=None) -> subprocess.CompletedProcess[str]:
@@ -26,15 +30,17 @@ def run(*args: str, cwd, env=None) -> subprocess.CompletedProcess[str]:
 
 
 def test_provider_commands_against_a_sandbox_on_loopback(tmp_path) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {"SMS_BRIDGE_PROVIDER_BASE_URL": f"{url}/api/v1", "SMS_BRIDGE_PROVIDER_API_KEY": KEY}
     with process(
-        ["sandbox", "--listen", f"127.0.0.1:{port}", "--api-key", KEY],
+        ["sandbox", "--listen", ANY_PORT, "--api-key", KEY],
         tmp_path,
         dict(os.environ),
         tmp_path / "sandbox.log",
-    ):
+    ) as sandbox:
+        url = sandbox.url("sandbox")
+        env = {
+            "SMS_BRIDGE_PROVIDER_BASE_URL": f"{url}/api/v1",
+            "SMS_BRIDGE_PROVIDER_API_KEY": KEY,
+        }
         wait_for(lambda: httpx.get(f"{url}/_sandbox/requests").status_code == 200)
         httpx.post(
             f"{url}/api/v1/send",
@@ -72,11 +78,14 @@ def test_provider_commands_against_a_sandbox_on_loopback(tmp_path) -> None:
 
 
 def test_messages_command_lists_the_store(tmp_path) -> None:
-    port = free_port()
-    env = {"SMS_BRIDGE_HTTP_LISTEN": f"127.0.0.1:{port}", "SMS_BRIDGE_STORE_PATH": "m.db"}
+    env = {
+        "SMS_BRIDGE_HTTP_LISTEN": ANY_PORT,
+        "SMS_BRIDGE_SMTP_LISTEN": ANY_PORT,
+        "SMS_BRIDGE_STORE_PATH": "m.db",
+    }
     base = {k: v for k, v in os.environ.items() if not k.startswith("SMS_BRIDGE_")}
     with process(["serve"], tmp_path, {**base, **env}, tmp_path / "serve.log") as proc:
-        url = f"http://127.0.0.1:{port}"
+        url = proc.url()
         wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
         ids = httpx.post(
             f"{url}/api/v1/messages",
@@ -105,7 +114,7 @@ def test_a_store_that_cannot_be_opened_is_a_clear_error(tmp_path) -> None:
     blocker.write_text("a file where the store's directory should be")
     env = {"SMS_BRIDGE_STORE_PATH": str(blocker / "bridge.db"), "SMS_BRIDGE_SMTP_LISTEN": ""}
     for command in (["serve"], ["messages"], ["purge", "--older-than", "30d"]):
-        env["SMS_BRIDGE_HTTP_LISTEN"] = f"127.0.0.1:{free_port()}"
+        env["SMS_BRIDGE_HTTP_LISTEN"] = ANY_PORT
         result = run(*command, cwd=tmp_path, env=env)
         assert result.returncode == 1, command
         # serve tries to create it; the reading commands refuse to create an empty store

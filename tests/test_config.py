@@ -138,6 +138,7 @@ def test_listen_addresses() -> None:
         parse_listen("8080")
 
 
+@pytest.mark.slow  # runs a subprocess
 def test_check_config_command_exits_1_naming_each_key(tmp_path) -> None:
     path = write_config(
         tmp_path,
@@ -241,6 +242,7 @@ def test_smtp_rule_problems_name_the_rule_and_key(tmp_path, rule: str, problem: 
     assert any(key == "smtp.rules" and problem in why for key, why in caught.value.problems)
 
 
+@pytest.mark.slow  # runs a subprocess
 def test_check_config_shows_smtp_rules(tmp_path) -> None:
     path = write_config(tmp_path, '[[smtp.rules]]\nsender = "ups@*"\nkeep = ["STATUS"]\n')
     result = subprocess.run(

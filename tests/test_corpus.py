@@ -86,6 +86,7 @@ CI_FAILURES = {
     not CORPUS.is_dir(),
     reason=f"the shared corpus is not here ({CORPUS}): it belongs to its authors, not the repo",
 )
+@pytest.mark.slow  # over ~2 s
 async def test_the_shared_corpus_reads_right(tmp_path, clock: ManualClock, sandbox_url) -> None:
     config = bridge_config(tmp_path, sandbox_url, replay.ROUTES)
     stored: dict[str, list[Message]] = {}

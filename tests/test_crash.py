@@ -12,13 +12,15 @@ import smtplib
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.test_serve import KEY, clean_env, free_port, process, wait_for
+from tests.processes import ANY_PORT, clean_env, process, wait_for
 
 pytestmark = pytest.mark.slow
+KEY = "crash-test-key"
 KILLS = 4
 PER_FEEDER = 150  # bounded: every message must then be delivered within the test
 RATE = 600  # requests a minute, sandbox and bridge alike: the crash, not the limit, is tested
@@ -53,17 +55,12 @@ def _feed(kind: str, port: int, start: int, acked: list[str], stop: threading.Ev
         time.sleep(0.02)
 
 
-def test_sigkill_at_random_moments_loses_nothing(tmp_path) -> None:
-    rng = random.Random(20261125)
-    sandbox_port, http_port, smtp_port = free_port(), free_port(), free_port()
-    sandbox = f"http://127.0.0.1:{sandbox_port}"
-    db = tmp_path / "bridge.db"
-    config = tmp_path / "bridge.toml"
-    config.write_text(f"""
+def _config(db: Path, sandbox: str, http: str, smtp: str) -> str:
+    return f"""
 [http]
-listen = "127.0.0.1:{http_port}"
+listen = "{http}"
 [smtp]
-listen = "127.0.0.1:{smtp_port}"
+listen = "{smtp}"
 [store]
 path = "{db}"
 [provider]
@@ -72,46 +69,54 @@ api_key = "{KEY}"
 requests_per_minute = {RATE}
 [status]
 poll_interval = "1s"
-""")
+"""
+
+
+def test_sigkill_at_random_moments_loses_nothing(tmp_path) -> None:
+    rng = random.Random(20261125)
+    db = tmp_path / "bridge.db"
+    config = tmp_path / "bridge.toml"
     env = clean_env()
     log = tmp_path / "run.log"
     acked: list[str] = []
     with process(
-        [
-            "sandbox",
-            "--listen",
-            f"127.0.0.1:{sandbox_port}",
-            "--api-key",
-            KEY,
-            "--requests-per-minute",
-            str(RATE),
-        ],
+        ["sandbox", "--listen", ANY_PORT, "--api-key", KEY, "--requests-per-minute", str(RATE)],
         tmp_path,
         env,
         log,
-    ):
+    ) as sandbox_process:
+        sandbox = sandbox_process.url("sandbox")
         wait_for(lambda: httpx.get(f"{sandbox}/_sandbox/requests").status_code == 200)
         # Stalled sends widen the moment between the provider's answer and our record.
         httpx.post(
             f"{sandbox}/_sandbox/faults",
             json={"status": 0, "delay": 0.3, "path": "/send", "times": 30},
         )
+        config.write_text(_config(db, sandbox, ANY_PORT, ANY_PORT))
         stop = threading.Event()
-        feeders = [
-            threading.Thread(target=_feed, args=(kind, port, base, acked, stop))
-            for kind, port, base in (("http", http_port, 0), ("smtp", smtp_port, 5000))
-        ]
-        for feeder in feeders:
-            feeder.start()
+        feeders: list[threading.Thread] = []
+        http_port = 0
         try:
             for _ in range(KILLS):
                 with process(["serve", "--config", str(config)], tmp_path, env, log) as bridge:
-                    wait_for(
-                        lambda: (
-                            httpx.get(f"http://127.0.0.1:{http_port}/healthz").status_code == 200
-                        ),
-                        what="start",
-                    )
+                    if not feeders:
+                        # The first start picks free ports; restarts keep them, as a real
+                        # bridge keeps its address while its senders retry.
+                        http_port, smtp_port = bridge.port("HTTP"), bridge.port("SMTP")
+                        config.write_text(
+                            _config(db, sandbox, f"127.0.0.1:{http_port}", f"127.0.0.1:{smtp_port}")
+                        )
+                        feeders = [
+                            threading.Thread(target=_feed, args=(kind, port, base, acked, stop))
+                            for kind, port, base in (
+                                ("http", http_port, 0),
+                                ("smtp", smtp_port, 5000),
+                            )
+                        ]
+                        for feeder in feeders:
+                            feeder.start()
+                    health = f"http://127.0.0.1:{http_port}/healthz"
+                    wait_for(lambda: httpx.get(health).status_code == 200, what="start")  # noqa: B023
                     time.sleep(rng.uniform(0.5, 2.5))
                     bridge.kill()  # SIGKILL: no drain, no goodbye
                     bridge.wait(timeout=10)

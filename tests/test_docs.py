@@ -24,8 +24,8 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.config import SECTIONS, Config, RouteConfig, TokenConfig, load_config
 from tests.helpers import running_bridge, write_config
+from tests.processes import clean_env, free_port
 from tests.test_hooks import HOOKS
-from tests.test_serve import clean_env, free_port
 
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
@@ -95,6 +95,7 @@ def _snippet_cases() -> list[tuple[str, int]]:
 
 
 @pytest.mark.parametrize(("doc", "index"), _snippet_cases())
+@pytest.mark.slow  # runs a subprocess
 def test_every_toml_snippet_passes_check_config(doc: str, index: int, tmp_path) -> None:
     path = README if doc == README.name else RECIPES
     snippet = toml_snippets(path)[index]
@@ -114,6 +115,7 @@ def test_the_snippets_cover_every_recipe() -> None:
     assert "[tokens.scripts]" in recipes and "[smtp]" in recipes
 
 
+@pytest.mark.slow  # runs a subprocess
 def test_the_images_own_config_passes_check_config(tmp_path) -> None:
     text = (ROOT / "docker" / "config.toml").read_text(encoding="utf-8")
     result = check_config(text, tmp_path, "image.toml")
@@ -138,6 +140,7 @@ def test_the_dockerfile_reads_a_mounted_config_and_no_env_overrides_it() -> None
         assert f"secrets/{name}" in docker, f"nothing puts {name} in ./secrets"
 
 
+@pytest.mark.slow  # runs a subprocess
 def test_the_alertmanager_config_passes_amtool(tmp_path) -> None:
     amtool = shutil.which("amtool")
     if amtool is None:
@@ -156,6 +159,7 @@ def test_the_alertmanager_config_passes_amtool(tmp_path) -> None:
     )
 
 
+@pytest.mark.slow  # runs a subprocess
 def test_the_postfix_snippet_passes_postconf(tmp_path) -> None:
     postconf = shutil.which("postconf") or (
         "/usr/sbin/postconf" if Path("/usr/sbin/postconf").exists() else None
@@ -203,6 +207,7 @@ def blocks_in(text: str, lang: str) -> list[str]:
     return [body for kind, body in _FENCE.findall(text) if kind == lang]
 
 
+@pytest.mark.slow  # runs a subprocess
 def test_the_unit_passes_systemd_analyze_and_starts_the_recipes_venv(tmp_path) -> None:
     analyze = shutil.which("systemd-analyze")
     unit = (ROOT / "systemd" / "sms-bridge.service").read_text(encoding="utf-8")
@@ -258,7 +263,8 @@ def test_the_docs_name_every_override_form_the_loader_reads() -> None:
 @pytest.mark.slow
 def test_the_readme_try_it_block_runs_pasted_as_one_script(tmp_path) -> None:
     """The README's own block, run by bash in an empty directory. Only the ports change
-    (other tests may hold 8080 and 2525); every line runs as written."""
+    (other tests may hold 8080 and 2525); every line runs as written. The one place a
+    port is picked before the bridge starts: the pasted block must name its ports."""
     if shutil.which("swaks") is None:
         pytest.skip("swaks not installed (Debian: swaks)")
     if shutil.which("curl") is None:

@@ -92,7 +92,13 @@ def scenarios(clock_now: float) -> dict[str, dict]:
 NAMES = sorted(scenarios(0))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n == "slow-provider" else n  # real stalls
+        for n in NAMES
+    ],
+)
 async def test_fault(
     name: str, tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

@@ -102,9 +102,11 @@ async def test_fixture_becomes_the_expected_sms(
             return
         assert response.status_code == 202, response.text
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
-    assert {e.message for e in sandbox_state.entries} == {case["text"]}
-    if case["route"] == "am":
-        assert sorted(e.to for e in sandbox_state.entries) == ["+12025550101", "+12025550102"]
+    # A list, not a set: a second send of the same text must fail the test.
+    recipients = ["+12025550101", "+12025550102"] if case["route"] == "am" else ["+12025550143"]
+    assert sorted((e.to, e.message) for e in sandbox_state.entries) == [
+        (to, case["text"]) for to in recipients
+    ]
 
 
 def test_every_fixture_has_an_expectation() -> None:
@@ -409,6 +411,7 @@ async def test_openapi_describes_api_and_hooks(tmp_path, clock, sandbox_url) -> 
     assert {"/api/v1/messages", "/hooks/am", "/hooks/github"} <= set(spec["paths"])
 
 
+@pytest.mark.slow  # runs a subprocess
 def test_check_config_renders_route_templates_on_samples(tmp_path) -> None:
     path = write_config(
         tmp_path,

@@ -19,17 +19,17 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_serve import clean_env, free_port, process, wait_for
+from tests.processes import ANY_PORT, clean_env, process, wait_for
 
 pytestmark = pytest.mark.slow
 
 ROUTES = """
 [smtp]
-listen = "127.0.0.1:{smtp}"
+listen = "{smtp}"
 max_recipients = 50
 idle_timeout = "1s"
 [http]
-listen = "127.0.0.1:{http}"
+listen = "{http}"
 max_body_bytes = 131072
 header_timeout = "1s"
 body_timeout = "1s"
@@ -66,11 +66,10 @@ secret = "s"
 @pytest.fixture(scope="module")
 def bridge(tmp_path_factory) -> Iterator[tuple[str, int]]:
     tmp = tmp_path_factory.mktemp("hostile")
-    http_port, smtp_port = free_port(), free_port()
     path = tmp / "bridge.toml"
-    path.write_text(ROUTES.format(smtp=smtp_port, http=http_port, db=tmp / "bridge.db"))
+    path.write_text(ROUTES.format(smtp=ANY_PORT, http=ANY_PORT, db=tmp / "bridge.db"))
     with process(["serve", "--config", str(path)], tmp, clean_env(), tmp / "serve.log") as proc:
-        url = f"http://127.0.0.1:{http_port}"
+        url, smtp_port = proc.url(), proc.port("SMTP")
         wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
         yield url, smtp_port
         assert proc.poll() is None, "the bridge died"

@@ -11,6 +11,7 @@ import itertools
 import sqlite3
 
 import httpx
+import pytest
 
 from bridge.clock import ManualClock
 from bridge.models import State
@@ -62,6 +63,7 @@ async def test_post_is_stored_before_202_and_reaches_delivered(
         assert entry["message"] == "disk full on db-2"
 
 
+@pytest.mark.slow  # over ~2 s
 async def test_rate_limit_is_never_exceeded(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlite_utils import Database
@@ -62,6 +63,7 @@ rules_cases = st.builds(
 )
 
 
+@pytest.mark.slow  # over ~2 s
 @settings(max_examples=300, deadline=None)
 @given(
     history=st.lists(messages, max_size=12),

@@ -22,7 +22,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.provider.sandbox import SandboxState
 from tests.helpers import bridge_config, pump, running_bridge
-from tests.test_serve import free_port
+from tests.processes import free_port
 from tests.test_smtp import smtp_listening
 
 pytestmark = [

@@ -22,7 +22,7 @@ from bridge.config import inline_secrets, load_config, secret_values
 from bridge.errors import ConfigError
 from bridge.store import Store
 from tests.helpers import bridge_config, running_bridge, write_config
-from tests.test_serve import clean_env
+from tests.processes import clean_env
 
 TOKEN = "deploy-token-0123456789abcdef"
 REAL = '[provider]\nbase_url = "https://sms.example.net/api/v1"\napi_key = "live-key-123"\n'

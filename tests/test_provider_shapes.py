@@ -11,14 +11,14 @@ import httpx
 import pytest
 
 import bridge.provider.sandbox as sandbox_module
-from bridge.clock import ManualClock
+from bridge.clock import ManualClock, zone
 from bridge.errors import (
     PermanentSendError,
     ProviderInactiveError,
     TransientSendError,
 )
 from bridge.provider.client import ProviderClient, ProviderFailed, TransientUnknownOutcome
-from bridge.provider.logmatch import LogMatcher, provider_time, same_number, same_text, zone
+from bridge.provider.logmatch import LogMatcher, provider_time, same_number, same_text
 from bridge.provider.sandbox import VARIANTS, Fault, SandboxState, sms_parts
 from bridge.text import shape
 

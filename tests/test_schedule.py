@@ -8,6 +8,7 @@ import smtplib
 from datetime import UTC, datetime
 
 import httpx
+import pytest
 
 from bridge.cli import book_cli_request
 from bridge.clock import ManualClock
@@ -81,6 +82,7 @@ async def test_schedule_from_api_mail_and_hooks_in_the_providers_zone(
     assert {e.deliver_from for e in sandbox_state.entries} == {when}
 
 
+@pytest.mark.slow  # over ~2 s
 async def test_the_poller_follows_a_scheduled_message_past_give_up_after(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

@@ -2,72 +2,46 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.processes import ANY_PORT, clean_env, process, wait_for
+
 pytestmark = pytest.mark.slow
 KEY = "crash-test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMS_BRIDGE_")}
-    env.update(extra)
-    return env
-
-
-@contextlib.contextmanager
-def process(
-    args: list[str], cwd: Path, env: dict[str, str], log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bridge", *args],
-            cwd=cwd,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
-
-
-def wait_for(check, timeout: float = 30.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            result = check()
-            if result:
-                return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_serve_with_no_config_runs_on_the_sandbox_and_stops_on_sigterm(tmp_path) -> None:
+    # The built-in defaults, as `check-config` reads them with no config anywhere ...
+    checked = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        cwd=tmp_path,
+    )
+    assert checked.returncode == 0 and "built-in defaults: OK" in checked.stdout
+    defaults = json.loads(checked.stdout[checked.stdout.index("{") :])
+    assert defaults["http"]["listen"] == "127.0.0.1:8080"
+    assert defaults["smtp"]["listen"] == "127.0.0.1:2525"
+    assert defaults["provider"]["base_url"] == "" and defaults["store"]["path"] == "sms-bridge.db"
+    # ... and `serve` on them, only the ports moved to free ones: other tests on this
+    # machine may hold 8080 and 2525.
     log = tmp_path / "serve.log"
-    with process(["serve"], tmp_path, clean_env(), log) as proc:
-        url = "http://127.0.0.1:8080"
+    env = clean_env(SMS_BRIDGE_HTTP_LISTEN=ANY_PORT, SMS_BRIDGE_SMTP_LISTEN=ANY_PORT)
+    with process(["serve"], tmp_path, env, log) as proc:
+        url = proc.url()
+        assert proc.address("SMTP").startswith("127.0.0.1:")
         wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, what="startup")
         response = httpx.post(
             f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "first light"}
@@ -115,14 +89,18 @@ def _states(db: Path) -> list[str]:
 
 
 def test_sigkill_with_messages_queued_and_in_flight_sends_each_once(tmp_path) -> None:
-    sandbox_port, http_port = free_port(), free_port()
-    sandbox = f"http://127.0.0.1:{sandbox_port}"
-    bridge = f"http://127.0.0.1:{http_port}"
     db = tmp_path / "bridge.db"
     config = tmp_path / "bridge.toml"
-    config.write_text(f"""
+    env = clean_env()
+    log = tmp_path / "run.log"
+    sandbox_args = ["sandbox", "--listen", ANY_PORT, "--api-key", KEY]
+    with process(sandbox_args, tmp_path, env, log) as sandbox_child:
+        sandbox = sandbox_child.url("sandbox")
+        config.write_text(f"""
 [http]
-listen = "127.0.0.1:{http_port}"
+listen = "{ANY_PORT}"
+[smtp]
+listen = ""
 [store]
 path = "{db}"
 [provider]
@@ -131,11 +109,6 @@ api_key = "{KEY}"
 [status]
 poll_interval = "1s"
 """)
-    env = clean_env()
-    log = tmp_path / "run.log"
-    with process(
-        ["sandbox", "--listen", f"127.0.0.1:{sandbox_port}", "--api-key", KEY], tmp_path, env, log
-    ):
         wait_for(
             lambda: httpx.get(f"{sandbox}/_sandbox/requests").status_code == 200, what="sandbox"
         )
@@ -146,6 +119,7 @@ poll_interval = "1s"
         )
         recipients = [f"+1202555{i:04d}" for i in range(100, 112)]
         with process(["serve", "--config", str(config)], tmp_path, env, log) as first:
+            bridge = first.url()
             wait_for(lambda: httpx.get(f"{bridge}/healthz").status_code == 200, what="bridge")
             for i, number in enumerate(recipients):
                 r = httpx.post(
@@ -161,6 +135,7 @@ poll_interval = "1s"
         at_kill = _states(db)
         assert "sending" in at_kill and "queued" in at_kill
         with process(["serve", "--config", str(config)], tmp_path, env, log) as second:
+            bridge = second.url()  # a new port: nothing here needs the old one
             wait_for(lambda: httpx.get(f"{bridge}/healthz").status_code == 200, what="restart")
             wait_for(
                 lambda: set(_states(db)) <= {"sent", "delivered"},

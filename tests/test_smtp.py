@@ -567,6 +567,7 @@ async def test_sessions_in_all_and_per_client_are_limited(tmp_path, clock, sandb
     assert bridge.smtp_handler.sessions.total == 0
 
 
+@pytest.mark.slow  # over ~2 s
 async def test_noop_does_not_keep_an_idle_session_and_commands_are_budgeted(
     tmp_path, clock, sandbox_url
 ) -> None:

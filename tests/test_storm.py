@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
 from bridge.clock import ManualClock
 from bridge.models import State
@@ -46,6 +47,7 @@ async def settled(bridge) -> bool:
     return not any(counts.get(s) for s in ("queued", "sending", "held"))
 
 
+@pytest.mark.slow  # over ~2 s
 async def test_storm_of_500_alerts_to_two_phones(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -83,6 +85,8 @@ async def test_storm_of_500_alerts_to_two_phones(
         )
         assert digests[0].created_at - start >= 600  # when the window ends
     assert stats["reasons"]["suppressed"]["storm"] == 990
+    digests = [m for m in messages if m.source == "digest"]
+    assert len(digests) == 2 and {m.estimated_cost for m in digests} == {0.5}  # shaped, priced
     assert len(held_listing["messages"]) == 5
 
 
@@ -191,3 +195,27 @@ async def test_low_balance_warning_once_and_cost_estimates(
     assert len(warnings) == 1 and "balance" in warnings[0].message
     assert message.estimated_cost == 1.6  # UK at 0.8 a part, 2 parts
     assert body["estimated_cost"] == 1.6 and body["parts"] == 2 and body["message_type"] == 1
+
+
+async def test_a_national_admin_number_gets_a_warning_shaped_like_any_text(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """`phone.default_region = "GB"` with `budget.admin = ["07700 900123"]` once passed
+    check-config and then killed `serve` at start; the warning is priced as texts are."""
+    extra = (
+        '[phone]\ndefault_region = "GB"\n[budget]\ntexts_per_day = 1\nadmin = ["07700 900123"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # loads the price list
+        for i in range(2):
+            await http.post(
+                f"{url}/api/v1/messages", json={"to": "+447911123456", "message": f"alert {i}"}
+            )
+        for _ in range(5):
+            clock.advance(min(await bridge.dispatcher.run_once(), 5))
+        [warning] = await bridge.store.query(source="budget")
+    assert warning.recipient == "+447700900123"
+    assert "texts_per_day=1" in warning.text
+    assert warning.estimated_cost == 0.8  # the sandbox's GB price, estimated at ingest
+    assert [e.to for e in sandbox_state.entries].count("+447700900123") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,12 +19,43 @@ from bridge.text import (
     truncate_to_parts,
 )
 
+# The reference alphabet, written out apart from bridge/text.py from 3GPP TS 23.038
+# section 6.2.1 (the GSM 7-bit default alphabet), one row of the table per line as code
+# points, septet 0x00 first. A wrong or missing character in the module's table then
+# disagrees with this one instead of agreeing with itself.
+REFERENCE_BASIC = "".join(
+    map(
+        chr,
+        [
+            *(0x40, 0xA3, 0x24, 0xA5, 0xE8, 0xE9, 0xF9, 0xEC, 0xF2, 0xC7, 0x0A, 0xD8, 0xF8),
+            *(0x0D, 0xC5, 0xE5, 0x394, 0x5F, 0x3A6, 0x393, 0x39B, 0x3A9, 0x3A0, 0x3A8, 0x3A3),
+            *(0x398, 0x39E),  # 0x1B, the escape to the extension table, is not a character
+            *(0xC6, 0xE6, 0xDF, 0xC9, 0x20, 0x21, 0x22, 0x23, 0xA4),
+            *range(0x25, 0x40),  # % & ' ( ) * + , - . / 0-9 : ; < = > ?
+            0xA1,
+            *range(0x41, 0x5B),  # A-Z
+            *(0xC4, 0xD6, 0xD1, 0xDC, 0xA7, 0xBF),
+            *range(0x61, 0x7B),  # a-z
+            *(0xE4, 0xF6, 0xF1, 0xFC, 0xE0),
+        ],
+    )
+)
+# The extension table: each costs two septets (escape, then its code).
+REFERENCE_EXTENSION = "".join(
+    map(chr, (0x0C, 0x5E, 0x7B, 0x7D, 0x5C, 0x5B, 0x7E, 0x5D, 0x7C, 0x20AC))
+)
+
+
+def test_the_module_table_is_the_standard_one() -> None:
+    assert len(REFERENCE_BASIC) == 127 and len(set(REFERENCE_BASIC)) == 127
+    assert set(GSM_BASIC) - {"\x1b"} == set(REFERENCE_BASIC)
+    assert set(GSM_EXTENSION) == set(REFERENCE_EXTENSION)
+
 
 def reference_parts(text: str) -> int:
     """Encode for real (GSM septets with escapes, or UTF-16-BE), then pack whole characters."""
-    basic = set(GSM_BASIC) - {"\x1b"}
-    if all(c in basic or c in GSM_EXTENSION for c in text):
-        tokens = [[0x1B, ord(c)] if c in GSM_EXTENSION else [ord(c)] for c in text]
+    if all(c in REFERENCE_BASIC or c in REFERENCE_EXTENSION for c in text):
+        tokens = [[0x1B, ord(c)] if c in REFERENCE_EXTENSION else [ord(c)] for c in text]
         single, per_part = 160, 153
     else:
         raw = text.encode("utf-16-be")
@@ -43,7 +75,7 @@ def reference_parts(text: str) -> int:
 
 alphabet = st.sampled_from(
     [
-        *list(GSM_BASIC.replace("\x1b", "") + GSM_EXTENSION),
+        *list(REFERENCE_BASIC + REFERENCE_EXTENSION),
         "é",
         "ü",
         "☃",
@@ -60,6 +92,28 @@ alphabet = st.sampled_from(
 texts = st.text(alphabet=alphabet, max_size=700) | st.text(max_size=400)
 
 
+@pytest.mark.parametrize(
+    ("text", "parts"),
+    [
+        ("a" * 160, 1),
+        ("a" * 161, 2),
+        ("a" * 306, 2),
+        ("a" * 307, 3),
+        ("€" * 80, 1),  # two septets each
+        ("€" * 81, 2),
+        ("a" * 159 + "€", 2),  # 161 septets: the escape pair is not split
+        ("é" * 70, 1),  # é is GSM; ł is not
+        ("ł" * 70, 1),
+        ("ł" * 71, 2),
+        ("ł" * 134, 2),
+        ("ł" * 135, 3),
+    ],
+)
+def test_part_count_at_the_boundaries(text: str, parts: int) -> None:
+    assert reference_parts(text) == parts
+    assert count_parts(text) == parts
+
+
 @given(texts)
 def test_part_count_matches_reference(text: str) -> None:
     assert count_parts(text) == reference_parts(text)
@@ -74,7 +128,7 @@ def test_truncation_never_exceeds_max_parts(text: str, max_parts: int) -> None:
         assert cut == text
 
 
-@given(st.text(alphabet=st.sampled_from(list(GSM_BASIC.replace("\x1b", "") + GSM_EXTENSION))))
+@given(st.text(alphabet=st.sampled_from(list(REFERENCE_BASIC + REFERENCE_EXTENSION))))
 def test_gsm_text_stays_type_1(text: str) -> None:
     assert message_type(text) == 1
     assert message_type(transliterate(text)) == 1

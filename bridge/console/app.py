@@ -38,8 +38,9 @@ from bridge.console.routes import (
 from bridge.errors import InputError
 from bridge.firewall import Firewall, cap_recipients
 from bridge.health import ProviderHealth
-from bridge.ingest import Draft, Ingestor
+from bridge.ingest import Ingestor
 from bridge.models import State, iso_time
+from bridge.shaping import Draft
 from bridge.store import Store
 from bridge.text import split_parts
 

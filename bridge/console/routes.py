@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.config import Config, RouteConfig
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, HttpError
 from bridge.firewall import Firewall
 from bridge.formats import HookRequest, Ignored, registry
 from bridge.hooks import route_text
-from bridge.ingest import Draft, Ingestor
+from bridge.httpbody import parse_json
+from bridge.ingest import Ingestor
+from bridge.shaping import Draft
 from bridge.text import TYPE_GSM, split_parts
-from bridge.web import HttpError, parse_json
 
 # The header that names the event, for formats whose parsing depends on it.
 EVENT_HEADERS = {"github": "X-GitHub-Event", "gitlab": "X-Gitlab-Event"}

@@ -7,8 +7,8 @@ change (another alert joins, or the group resolves) does.
 
 from __future__ import annotations
 
-from bridge.formats import HookMessage, HookRequest
 from bridge.formats.alerts import summarize
+from bridge.formats.base import HookMessage, HookRequest
 
 SAMPLE = {
     "version": "4",

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from bridge.errors import InputError
-from bridge.formats import HookMessage, Ignored, obj, text_field
+from bridge.formats.base import HookMessage, Ignored, obj, text_field
 
 # Labels that say where an alert is, most telling first.
 INSTANCE_LABELS = (

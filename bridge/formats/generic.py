@@ -7,7 +7,7 @@ whatever sits at `to_path` is just data (a route texts its own `to`).
 from __future__ import annotations
 
 from bridge.errors import InputError
-from bridge.formats import HookMessage, HookRequest, dig, obj, text_field
+from bridge.formats.base import HookMessage, HookRequest, dig, obj, text_field
 
 SAMPLE = {"to": ["+12025550143"], "message": "Backup failed on nas-1", "host": "nas-1"}
 # Any JSON may arrive here: check-config warns, not refuses, when a template fails on it.

@@ -17,7 +17,7 @@ import hashlib
 import hmac
 from typing import Any
 
-from bridge.formats import (
+from bridge.formats.base import (
     HookMessage,
     HookRequest,
     Ignored,

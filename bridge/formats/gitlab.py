@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from bridge.formats import (
+from bridge.formats.base import (
     HookMessage,
     HookRequest,
     Ignored,

@@ -13,8 +13,8 @@ import hmac
 from typing import Any
 
 from bridge.errors import InputError
-from bridge.formats import HookMessage, HookRequest, Ignored, Unauthorized, obj, text_field
 from bridge.formats.alerts import NO_VALUE, summarize
+from bridge.formats.base import HookMessage, HookRequest, Ignored, Unauthorized, obj, text_field
 
 # Legacy alerting's notified states and how a text names them.
 LEGACY_STATES = {"alerting": "ALERTING", "ok": "OK", "no_data": "NO DATA"}

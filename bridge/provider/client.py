@@ -1,4 +1,4 @@
-"""The provider's REST API (docs/sms-api.md) and the one classification of its answers.
+"""The provider's REST API (the SMS provider's published v1 API) and the one classification of its answers.
 
 Every call goes through `_request`, which turns an HTTP exchange into either a parsed JSON
 object or one of the exceptions in `bridge.errors`: 400 permanent; 401/404 (and

@@ -9,11 +9,9 @@ one tolerant rule decides everywhere. Pure functions, no I/O.
 
 from __future__ import annotations
 
-import functools
 import re
-import zoneinfo
 from collections.abc import Iterable
-from datetime import UTC, datetime, tzinfo
+from datetime import datetime, tzinfo
 from typing import Generic, Protocol, TypeVar
 
 _NOT_DIGITS = re.compile(r"\D")
@@ -21,12 +19,6 @@ SUFFIX_DIGITS = 7  # a national number keeps at least this many of the E.164 dig
 MIN_TRUNCATED = 20  # a cut text must keep this much (or all of ours) to count as ours
 _ELLIPSES = ("...", "…")
 _STAMP_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%d/%m/%Y %H:%M:%S")
-
-
-@functools.lru_cache(maxsize=64)
-def zone(name: str) -> tzinfo:
-    """An IANA zone by name (config validated it); UTC for "" or "UTC"."""
-    return UTC if name in ("", "UTC") else zoneinfo.ZoneInfo(name)
 
 
 def number_digits(value: object) -> str:

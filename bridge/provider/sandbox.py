@@ -1,4 +1,4 @@
-"""The sandbox provider: docs/sms-api.md served for real, on loopback, from memory.
+"""The sandbox provider: the SMS provider's v1 API served for real, on loopback, from memory.
 
 It is what `serve` talks to when `provider.base_url` is empty, what `sms-bridge sandbox`
 runs standalone, and what the tests send to. It keeps the documented behaviour: key check
@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bridge.clock import Clock
+from bridge.config import SANDBOX_VARIANTS, Config
 
 RATE_WINDOW = 60.0
 MAX_BULK = 1000
@@ -107,6 +108,8 @@ VARIANTS: dict[str, Shape] = {
     # The stand-in of issue 17: count-only answers, other keys, numbers without +.
     "stand-in": Shape(numbers="plain", log_keys="other", bulk_answer="count", send_answer="no-id"),
 }
+if set(VARIANTS) != set(SANDBOX_VARIANTS):  # config validates names from its own list
+    raise RuntimeError("bridge.config.SANDBOX_VARIANTS and VARIANTS disagree")
 
 
 @dataclass
@@ -147,6 +150,19 @@ class RequestRecord:
     method: str
     path: str
     status: int
+    # How the request authenticated ("x-api-key", "bearer", both joined by "+", or "none"):
+    # the sandbox accepts either, so a test of the client's auth_header reads it here.
+    auth: str = "none"
+
+
+def auth_scheme(request: Request) -> str:
+    """Which of the documented auth headers the request carried."""
+    schemes = []
+    if "x-api-key" in request.headers:
+        schemes.append("x-api-key")
+    if request.headers.get("authorization", "").lower().startswith("bearer "):
+        schemes.append("bearer")
+    return "+".join(schemes) or "none"
 
 
 @dataclass
@@ -305,7 +321,9 @@ def create_sandbox_app(state: SandboxState) -> Starlette:
 
     async def guarded(request: Request, handler: Any) -> Response:
         # Recorded on arrival, so a request whose answer stalls is already on the list.
-        record = RequestRecord(state.clock.now(), request.method, request.url.path, 500)
+        record = RequestRecord(
+            state.clock.now(), request.method, request.url.path, 500, auth_scheme(request)
+        )
         state.requests.append(record)
         fault = _take_fault(state, request.url.path)
         if fault is not None and fault.delay:
@@ -581,3 +599,18 @@ def _take_fault(state: SandboxState, path: str) -> Fault | None:
                 state.faults.remove(fault)
             return fault
     return None
+
+
+def state_from_config(config: Config, clock: Clock) -> SandboxState:
+    """The in-process sandbox `serve` runs when no provider.base_url is configured."""
+    s = config.sandbox
+    return SandboxState(
+        clock=clock,
+        api_key=s.api_key,
+        balance=s.balance,
+        sent_after=s.sent_after,
+        delivered_after=s.delivered_after,
+        fail_share=s.fail_share,
+        rate_limit=config.provider.requests_per_minute,
+        shape=VARIANTS[s.variant],
+    )

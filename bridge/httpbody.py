@@ -1,0 +1,102 @@
+"""Reading HTTP request bodies for the API and the webhooks: bounded in size and time,
+JSON checked for depth and unencodable text, and the one JSON error answer.
+
+Apart from `bridge.web` (the app) so `bridge.hooks` reads bodies the same way without
+importing the app that mounts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+
+from bridge.errors import HttpError
+
+MAX_JSON_DEPTH = 64  # real payloads nest under 10; deeper costs recursion in every reader
+
+
+def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if field:
+        body["field"] = field
+    return JSONResponse(body, status)
+
+
+async def read_body(request: Request, max_bytes: int, within: float = 0) -> bytes:
+    """The raw JSON body, enforcing the size limit on the stream, not just the header.
+
+    With `within` (seconds) the whole body must arrive in that time (408, and the
+    connection closed): a client trickling its body would otherwise hold a connection
+    and a concurrency slot for as long as it likes.
+    """
+    try:
+        async with asyncio.timeout(within or None):
+            return await _read_body(request, max_bytes)
+    except TimeoutError as exc:
+        raise HttpError(408, f"request body not received within {within:g}s", "body") from exc
+    except ClientDisconnect as exc:  # nobody is left to answer; no traceback for it
+        raise HttpError(400, "client went away before the whole body arrived", "body") from exc
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise HttpError(415, "Content-Type must be application/json", "content-type")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise HttpError(413, f"body larger than {max_bytes} bytes", "body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise HttpError(413, f"body larger than {max_bytes} bytes", "body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        value = json.loads(body)
+    except RecursionError as exc:
+        raise HttpError(400, "body is JSON nested too deeply", "body") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HttpError(400, f"body is not valid JSON: {exc}", "body") from exc
+    check_json(value)
+    return value
+
+
+def check_json(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse what parses but cannot be handled: deep nesting and lone surrogates.
+
+    JSON's `\\ud800` escape yields a str that UTF-8 cannot encode; it would fail in the
+    store or the provider call, long after the caller was told anything. Walked with a
+    stack, not recursion, so the check itself cannot overflow.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, "", 1)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > max_depth:
+                raise HttpError(400, f"body is JSON nested deeper than {max_depth}", "body")
+            if isinstance(item, list):  # paths as the rest of the API names them: a.b[0]
+                stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+                continue
+            for key, child in item.items():
+                _check_text(key, path or "body")
+                stack.append((child, f"{path}.{key}" if path else key, depth + 1))
+        elif isinstance(item, str):
+            _check_text(item, path or "body")
+
+
+def _check_text(text: str, path: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise HttpError(
+                400, f"'{path}' holds a lone surrogate (\\u{ord(exc.object[exc.start]):04x})", path
+            ) from exc

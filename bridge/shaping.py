@@ -1,0 +1,126 @@
+"""Shaping: every text the bridge stores, from a sender or of its own (budget warnings,
+storm digests), is made ready to send here, one way.
+
+Look-alike punctuation replaced (limits.transliterate), cut to limits.max_parts, its
+encoding and provider message_type (provider.arabic_type), its parts, a cost estimate,
+its dedupe key and the topic a digest counts it as. Pure: no I/O, so it runs inside a
+writer job as well as before one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bridge.config import Config
+from bridge.models import NewMessage, State
+from bridge.phone import is_assigned
+from bridge.policy import scoped_key, text_key
+from bridge.pricing import PriceBook
+from bridge.text import Shape, shape, transliterate, truncate_to_parts
+
+log = logging.getLogger(__name__)
+TOPIC_CHARS = 32  # a message with no topic of its own is counted by its first line, cut here
+
+
+def default_topic(text: str) -> str:
+    return text.split("\n", 1)[0][:TOPIC_CHARS]
+
+
+@functools.lru_cache(maxsize=1024)  # alert texts repeat, in a storm above all
+def _prepared(
+    text: str, replace_look_alikes: bool, max_parts: int, arabic_type: int
+) -> tuple[str, Shape, str]:
+    """The text as stored (look-alikes replaced, cut to `max_parts`), its shape, and the
+    dedupe key it has when its sender gives none."""
+    if replace_look_alikes:
+        text = transliterate(text)
+    text = truncate_to_parts(text, max_parts)
+    return text, shape(text, arabic_type=arabic_type), text_key(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """One text to one or more already-resolved E.164 recipients (Firewall.resolve)."""
+
+    recipients: Sequence[str]
+    text: str
+    source: str
+    sender_id: str
+    route: str | None = None
+    dedupe_key: str | None = None
+    schedule_time: str | None = None
+    suppressed_reason: str | None = None  # e.g. an auto-reply: stored, never sent
+    topic: str | None = None  # what a storm digest counts it as; default: its first line
+    instance: str | None = None  # what a storm digest names besides (a host, a pod)
+    scope: str | None = None  # where dedupe keys come from (policy.dedupe_scope); default: source
+
+
+class Shaper:
+    """The shaping settings of the running config; `reload` takes a new one's."""
+
+    def __init__(
+        self,
+        *,
+        max_parts: int = 3,
+        transliterate: bool = True,
+        arabic_type: int = 2,
+        prices: PriceBook | None = None,
+    ) -> None:
+        self.max_parts = max_parts
+        self.transliterate = transliterate
+        self.arabic_type = arabic_type
+        self.prices = prices or PriceBook()
+
+    @classmethod
+    def from_config(cls, config: Config, prices: PriceBook | None = None) -> Shaper:
+        return cls(
+            max_parts=config.limits.max_parts,
+            transliterate=config.limits.transliterate,
+            arabic_type=config.provider.arabic_type,
+            prices=prices,
+        )
+
+    def reload(self, config: Config) -> None:
+        """The limits apply on SIGHUP; arabic_type is the provider's, fixed until restart."""
+        self.max_parts = config.limits.max_parts
+        self.transliterate = config.limits.transliterate
+
+    def messages(self, drafts: Sequence[Draft]) -> list[NewMessage]:
+        """The rows `drafts` become, before policy decides their state."""
+        out = []
+        for draft in drafts:
+            text, form, text_dedupe_key = _prepared(
+                draft.text, self.transliterate, self.max_parts, self.arabic_type
+            )
+            topic = draft.topic or default_topic(text)
+            dedupe_key = scoped_key(
+                draft.scope or draft.source, draft.dedupe_key or text_dedupe_key
+            )
+            for recipient in draft.recipients:
+                if not is_assigned(recipient):
+                    log.warning(
+                        "%s is possible but not a known assigned number; sending anyway", recipient
+                    )
+                out.append(
+                    NewMessage(
+                        recipient=recipient,
+                        text=text,
+                        source=draft.source,
+                        sender_id=draft.sender_id,
+                        message_type=form.message_type,
+                        parts=form.parts,
+                        route=draft.route,
+                        dedupe_key=dedupe_key,
+                        schedule_time=draft.schedule_time,
+                        state=State.SUPPRESSED if draft.suppressed_reason else State.QUEUED,
+                        reason=draft.suppressed_reason,
+                        reason_kind="loop" if draft.suppressed_reason else None,
+                        topic=topic,
+                        instance=draft.instance,
+                        estimated_cost=self.prices.estimate(recipient, form.parts),
+                    )
+                )
+        return out

@@ -1,0 +1,179 @@
+"""The shape of the code, checked: no import cycle, dependencies one way between layers,
+the sandbox out of a production bridge.
+
+The import graph is read from the source with `ast` (every `import` the interpreter can
+run, module level or inside a function; `if TYPE_CHECKING:` blocks are type-only and
+left out), so a lazy import cannot hide a cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BRIDGE = Path(__file__).parent.parent / "bridge"
+
+# Each module's layer. A module may import its own layer and those its layer lists:
+# ingress -> policy -> store; delivery -> store, policy, provider; nothing imports
+# upward, and ingress and delivery (the two ends of the queue) not each other.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "core": (
+        *("bridge", "errors", "clock", "models", "config", "firewall", "phone", "text"),
+        *("pricing", "charsets", "templates", "logs", "health", "loops", "schedule", "hosts"),
+        *("sockets", "auth"),
+    ),
+    "store": ("store", "schema"),
+    "policy": ("policy", "shaping", "budget", "storm"),
+    "provider": ("provider", "provider.client", "provider.logmatch", "provider.sandbox"),
+    "delivery": ("dispatcher", "ratelimit", "status"),
+    "ingress": (
+        *("ingest", "smtp", "smtplimits", "mail", "mailrules", "web", "httpbody"),
+        *("httplimits", "hooks", "openapi", "formats", "console"),
+    ),
+    "ops": ("metrics",),
+    "root": ("service", "cli", "__main__"),
+}
+ALLOWED: dict[str, set[str]] = {
+    "core": {"core"},
+    "store": {"core", "store"},
+    "policy": {"core", "store", "policy"},
+    "provider": {"core", "provider"},
+    "delivery": {"core", "store", "policy", "provider", "delivery"},
+    "ingress": {"core", "store", "policy", "ingress", "ops"},
+    "ops": {"core", "store", "ops"},
+    "root": set(LAYERS),
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in BRIDGE.rglob("*.py"):
+        parts = list(path.relative_to(BRIDGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _runtime_imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    found: list[ast.Import | ast.ImportFrom] = []
+
+    def walk(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                for other in child.orelse:
+                    walk(other)
+                continue
+            if isinstance(child, ast.Import | ast.ImportFrom):
+                found.append(child)
+            walk(child)
+
+    walk(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in _runtime_imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of `bridge.x.y`: the longest listed prefix decides."""
+    name = module.removeprefix("bridge.") if module != "bridge" else "bridge"
+    best: tuple[int, str] | None = None
+    for layer, members in LAYERS.items():
+        for member in members:
+            inside = name == member or name.startswith(member + ".")
+            if inside and (best is None or len(member) > best[0]):
+                best = (len(member), layer)
+    return best[1] if best else None
+
+
+def test_no_import_cycles() -> None:
+    assert cycles(import_graph()) == []
+
+
+def test_every_module_has_a_layer() -> None:
+    assert [m for m in import_graph() if layer_of(m) is None] == []
+
+
+def test_dependencies_point_one_way() -> None:
+    graph = import_graph()
+    upward = sorted(
+        f"{source} ({layer_of(source)}) imports {target} ({layer_of(target)})"
+        for source, targets in graph.items()
+        for target in targets
+        if layer_of(target) not in ALLOWED[layer_of(source) or "root"]
+    )
+    assert upward == []
+
+
+def test_the_checker_sees_a_cycle_and_an_upward_import() -> None:
+    graph = {"bridge.a": {"bridge.b"}, "bridge.b": {"bridge.c"}, "bridge.c": {"bridge.a"}}
+    assert cycles(graph) == [["bridge.a", "bridge.b", "bridge.c"]]
+    assert layer_of("bridge.formats.github") == "ingress"
+    assert layer_of("bridge.provider.sandbox") == "provider"
+    assert "ingress" not in ALLOWED["store"]
+
+
+@pytest.mark.slow  # a fresh interpreter: what importing the production root loads
+def test_the_production_root_does_not_load_the_sandbox() -> None:
+    code = (
+        "import sys, bridge.service, bridge.cli\nprint('bridge.provider.sandbox' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "False"
