@@ -24,6 +24,7 @@ from bridge.config import (
     masked,
     parse_duration,
     parse_listen,
+    secret_files,
     secret_values,
 )
 from bridge.errors import ConfigError, ProviderError, StoreUnavailable
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_problems(exc)
         return 1
     setup_logging(config.log.level, config.log.format, secret_values(config))
-    if args.command in ("check-config", "serve") and (warning := _exposed_secrets(args)):
+    for warning in _exposed_secrets(args) if args.command in ("check-config", "serve") else []:
         if args.command == "serve":
             log.warning("%s", warning)  # in the service's log, JSON or not
         else:
@@ -154,22 +155,31 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
     return 2
 
 
-def _exposed_secrets(args: argparse.Namespace) -> str | None:
-    """Why the config file's mode exposes secrets written into it, or None."""
+def _world_readable(path: str) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & stat.S_IROTH)
+    except OSError:
+        return False  # a file that cannot be read is check-config's own problem
+
+
+def _exposed_secrets(args: argparse.Namespace) -> list[str]:
+    """Why files' modes expose secrets: the config's inline ones, or a secret file's."""
     path = _config_path(args)
     if path is None:
-        return None
-    try:
-        world_readable = bool(os.stat(path).st_mode & stat.S_IROTH)
-    except OSError:
-        return None
-    keys = inline_secrets(path) if world_readable else []
-    if not keys:
-        return None
-    return (
-        f"{path} is readable by every user and holds secrets ({', '.join(keys)}): "
-        f"chmod 600 {path}, or move them to *_file keys"
-    )
+        return []
+    warnings = []
+    keys = inline_secrets(path) if _world_readable(path) else []
+    if keys:
+        warnings.append(
+            f"{path} is readable by every user and holds secrets ({', '.join(keys)}): "
+            f"chmod 600 {path}, or move them to *_file keys"
+        )
+    warnings += [
+        f"{key}: {file} is readable by every user: chmod 600 {file}"
+        for key, file in secret_files(path)
+        if _world_readable(file)
+    ]
+    return warnings
 
 
 def _print_problems(exc: ConfigError) -> None:

@@ -875,6 +875,48 @@ def _validate_http(config: Config, problem: Callable[[str, str], None]) -> None:
             problem(f"http.{key}", f"no such file: {getattr(http, key)}")
 
 
+# What a reload cannot change under a running bridge: listeners, the store, the provider,
+# logging. A section name alone means the whole section.
+RESTART_ONLY: dict[str, tuple[str, ...]] = {
+    "smtp": ("listen", "tls_listen"),
+    "http": ("listen", "trusted_proxies", "tls_cert", "tls_key"),
+    "store": (),
+    "provider": (),
+    "sandbox": (),
+    "status": (),
+    "log": (),
+}
+
+
+def as_reloaded(new: Config, running: Config) -> tuple[Config, list[str]]:
+    """`new` as a reload applies it: every RESTART_ONLY key keeps its running value.
+
+    Returns that config and the keys whose new value waits for a restart. Checks made
+    on it (protected mode) judge what will really run: a file that drops the provider
+    and a route's credentials at once must not open the route while the provider that
+    is still running keeps sending.
+    """
+    sections: dict[str, Any] = {}
+    waiting: list[str] = []
+    for name, keys in RESTART_ONLY.items():
+        before, after = getattr(running, name), getattr(new, name)
+        if not keys:
+            sections[name] = before
+            waiting += [name] if before != after else []
+            continue
+        kept = {key: getattr(before, key) for key in keys}
+        sections[name] = dataclasses.replace(after, **kept)
+        waiting += [f"{name}.{key}" for key in keys if getattr(after, key) != kept[key]]
+    return dataclasses.replace(new, **sections), waiting
+
+
+def protection_problems(config: Config) -> list[tuple[str, str]]:
+    """What protected mode refuses in `config` (see `_validate_protected`)."""
+    problems: list[tuple[str, str]] = []
+    _validate_protected(config, lambda key, why: problems.append((key, why)))
+    return problems
+
+
 def _validate_protected(config: Config, problem: Callable[[str, str], None]) -> None:
     """Protected mode: with a real provider, nothing reachable from the network is open.
 
@@ -894,12 +936,32 @@ def _validate_protected(config: Config, problem: Callable[[str, str], None]) -> 
         )
     real = "while provider.base_url is set (a real provider: every SMS costs money)"
     http_host = _listen_host(config.http.listen)
-    if http_host is not None and not is_loopback_host(http_host) and not config.tokens:
-        problem(
-            "http.listen",
-            f"{config.http.listen} is reachable from the network but no [tokens.NAME] is "
-            f"configured {real}: add a token, or listen on 127.0.0.1",
+    # A loopback listener that trusts a proxy, or serves names other than loopback's, is
+    # reachable from the network through that proxy: it needs tokens all the same.
+    proxied = [
+        key
+        for key, hosts in (
+            ("http.trusted_proxies", config.http.trusted_proxies),
+            (
+                "http.allowed_hosts",
+                [h for h in config.http.allowed_hosts if not is_loopback_host(h)],
+            ),
         )
+        if hosts
+    ]
+    if http_host is not None and not config.tokens:
+        if not is_loopback_host(http_host):
+            problem(
+                "http.listen",
+                f"{config.http.listen} is reachable from the network but no [tokens.NAME] is "
+                f"configured {real}: add a token, or listen on 127.0.0.1",
+            )
+        elif proxied:
+            problem(
+                proxied[0],
+                f"a proxy makes {config.http.listen} reachable from the network but no "
+                f"[tokens.NAME] is configured {real}: add a token",
+            )
     smtp = config.smtp
     if not smtp.require_auth and not _restricts(smtp.allowed_networks):
         for key in ("smtp.listen", "smtp.tls_listen"):
@@ -1027,6 +1089,16 @@ def secret_values(config: Config) -> list[str]:
 
 def inline_secrets(path: str | os.PathLike[str]) -> list[str]:
     """Keys of secrets written into the file itself (not `*_file`), for the mode warning."""
+    return [key for key, file in _secret_keys(path) if file is None]
+
+
+def secret_files(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """(key, file) of every secret the config reads from a file (`*_file` keys)."""
+    return [(key, file) for key, file in _secret_keys(path) if file is not None]
+
+
+def _secret_keys(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
+    """Each secret key the file sets: (its key path, the file it names or None if inline)."""
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
@@ -1038,16 +1110,22 @@ def inline_secrets(path: str | os.PathLike[str]) -> list[str]:
         named = raw.get(kind)
         if isinstance(named, dict):
             tables += [(f"{kind}.{k}", named_cls, v) for k, v in named.items()]
-    keys: list[str] = []
+    keys: list[tuple[str, str | None]] = []
     for prefix, cls, table in tables:
         if not isinstance(table, dict):
             continue
         for spec in dataclasses.fields(cls):
-            value = table.get(spec.name)
-            if not spec.metadata.get("secret") or not value:
+            if not spec.metadata.get("secret"):
                 continue
+            value, file = table.get(spec.name), table.get(f"{spec.name}_file")
+            if isinstance(file, str):
+                keys.append((f"{prefix}.{spec.name}_file", file))
             if isinstance(value, dict):  # smtp.users: login = "password" or login_file
-                keys += [f"{prefix}.{spec.name}.{k}" for k in value if not k.endswith("_file")]
-            else:
-                keys.append(f"{prefix}.{spec.name}")
+                keys += [
+                    (f"{prefix}.{spec.name}.{k}", v if k.endswith("_file") else None)
+                    for k, v in value.items()
+                    if isinstance(v, str) and v
+                ]
+            elif value:
+                keys.append((f"{prefix}.{spec.name}", None))
     return keys

@@ -17,6 +17,15 @@ from phonenumbers import NumberParseException
 from bridge.errors import InputError
 
 _SEPARATORS = re.compile(r"[\s().\-/]")
+# The library's own words ("Could not interpret numbers after plus-sign.") name its
+# parser's state, not what the sender got wrong.
+_PARSE_REASONS = {
+    NumberParseException.INVALID_COUNTRY_CODE: "no country has that code",
+    NumberParseException.NOT_A_NUMBER: "too short to be a phone number",
+    NumberParseException.TOO_SHORT_AFTER_IDD: "too short after the country code",
+    NumberParseException.TOO_SHORT_NSN: "too short",
+    NumberParseException.TOO_LONG: "too long",
+}
 _REASONS = {
     phonenumbers.ValidationResult.INVALID_COUNTRY_CODE: "unknown country code",
     phonenumbers.ValidationResult.TOO_SHORT: "too short",
@@ -59,7 +68,7 @@ def _parse_possible(text: str, default_region: str | None) -> phonenumbers.Phone
         try:
             number = phonenumbers.parse(digits, region)
         except NumberParseException as exc:
-            first_reason = str(exc.args[0]) if exc.args else first_reason
+            first_reason = _PARSE_REASONS.get(exc.error_type, first_reason)
             continue
         result = phonenumbers.is_possible_number_with_reason(number)
         if result in (

@@ -25,7 +25,15 @@ import uvicorn
 from starlette.applications import Starlette
 
 from bridge.clock import Clock, SystemClock
-from bridge.config import Config, HttpConfig, LiveConfig, load_config, secret_values
+from bridge.config import (
+    Config,
+    HttpConfig,
+    LiveConfig,
+    as_reloaded,
+    load_config,
+    protection_problems,
+    secret_values,
+)
 from bridge.delivery.digests import DigestWorker
 from bridge.delivery.dispatcher import Dispatcher
 from bridge.delivery.poller import StatusPoller
@@ -309,26 +317,14 @@ class Bridge:
         Routes, groups, limits, budgets, HTTP limits and every SMTP setting (auth, users,
         networks, sizes, limits, TLS certificates) hold for the next request or session.
         Returns warnings: each key that changed but needs a restart, by name, and
-        anything that could not be applied (a certificate that does not load).
+        anything that could not be applied (a certificate that does not load). Raises
+        ConfigError, applying nothing, where protected mode refuses what would then run.
         """
-        old = self.config
-        warnings = [
-            f"{key} changed but needs a restart"
-            for key, before, after in (
-                ("smtp.listen", old.smtp.listen, new.smtp.listen),
-                ("smtp.tls_listen", old.smtp.tls_listen, new.smtp.tls_listen),
-                ("http.listen", old.http.listen, new.http.listen),
-                ("http.trusted_proxies", old.http.trusted_proxies, new.http.trusted_proxies),
-                ("http.tls_cert", old.http.tls_cert, new.http.tls_cert),
-                ("http.tls_key", old.http.tls_key, new.http.tls_key),
-                ("store", old.store, new.store),
-                ("provider", old.provider, new.provider),
-                ("sandbox", old.sandbox, new.sandbox),
-                ("status", old.status, new.status),
-                ("log", old.log, new.log),
-            )
-            if before != after
-        ]
+        new, waiting = as_reloaded(new, self.config)
+        refused = protection_problems(new)
+        if refused:  # judged on what would run: the running provider and listeners
+            raise ConfigError(refused)
+        warnings = [f"{key} changed but needs a restart" for key in waiting]
         warnings += self.smtp_handler.reload(new)
         new = self.smtp_handler.config  # with the TLS files that stayed, if any
         self.config = new
@@ -351,12 +347,11 @@ class Bridge:
                 return
             path = getter.result()
             try:
-                new = load_config(path)
+                warnings = self.reload(load_config(path))
             except ConfigError as exc:
                 log.error("reload refused, keeping the running config: %s", exc)
                 continue
-            warnings = self.reload(new)
-            mask_secrets(secret_values(new))  # a new route token is masked from now on
+            mask_secrets(secret_values(self.config))  # a new route token is masked from now on
             log.warning("configuration reloaded from %s", path or "built-in defaults")
             for warning in warnings:
                 log.warning("reload: %s", warning)

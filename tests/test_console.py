@@ -588,3 +588,26 @@ async def test_ids_beyond_sqlites_integers_are_not_found_not_500(
     assert page.status_code == 404, page.text
     assert listed.status_code == 200, listed.text
     assert api.status_code == 400 and "'id'" in api.json()["error"]
+
+
+async def test_hostile_previews_and_oversized_sends_are_refused_not_500(
+    served_bridge,
+) -> None:
+    """A preview reads a payload as the webhook does (depth, lone surrogates), and the
+    console's send form is held to http.max_recipients like the API."""
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, ADMIN)
+        token = csrf_of(await http.get("/ui/routes/am"))
+        deep = "[" * 50_000 + "]" * 50_000
+        for payload, why in ((deep, "nested"), ('{"message": "\\ud800"}', "surrogate")):
+            answer = await http.post(
+                "/ui/routes/am/preview", data={"csrf": token, "payload": payload}
+            )
+            assert answer.status_code == 200, answer.text[:300]
+            assert why in answer.text
+        token = csrf_of(await http.get("/ui/send"))
+        many = ",".join(f"+1202555{i:04d}" for i in range(101))
+        refused = await http.post("/ui/send", data={"csrf": token, "to": many, "text": "hi"})
+        assert refused.status_code == 400 and "http.max_recipients" in refused.text
+    assert await bridge.store.counts() == {}

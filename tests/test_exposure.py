@@ -26,6 +26,8 @@ from tests.helpers import bridge_config, running_bridge, write_config
 from tests.test_smtp import _client_context, tls_files  # noqa: F401 - a fixture
 
 MESSAGE = {"to": "+12025550143", "message": "disk full on db-2"}
+API_TOKEN = '[tokens.api]\ntoken = "api-token-0123456789abcdef"\nscopes = ["send"]\n'
+BEARER = {"Authorization": "Bearer api-token-0123456789abcdef"}
 
 
 async def test_a_host_that_is_not_allowed_is_refused_before_anything_is_stored(
@@ -59,10 +61,17 @@ async def test_a_host_that_is_not_allowed_is_refused_before_anything_is_stored(
 async def test_allowed_hosts_lists_the_names_served(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:
+    # Names beyond loopback mean a proxy or DNS reaches the bridge: protected mode wants
+    # a token for that (API_TOKEN), which every request below carries.
     config = bridge_config(
-        tmp_path, sandbox_url, '[http]\nallowed_hosts = ["sms.example.org", "*.ops.example"]\n'
+        tmp_path,
+        sandbox_url,
+        '[http]\nallowed_hosts = ["sms.example.org", "*.ops.example"]\n' + API_TOKEN,
     )
-    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(headers=BEARER) as http,
+    ):
         endpoint = f"{url}/api/v1/messages"
         codes = {
             host: (await http.post(endpoint, json=MESSAGE, headers={"Host": host})).status_code
@@ -87,7 +96,8 @@ async def test_allowed_hosts_lists_the_names_served(
         bridge.live.current = load_config(
             write_config(
                 tmp_path,
-                f'[store]\npath = "{tmp_path / "bridge.db"}"\n[http]\nallowed_hosts = ["*"]\n',
+                f'[store]\npath = "{tmp_path / "bridge.db"}"\n[http]\nallowed_hosts = ["*"]\n'
+                + API_TOKEN,
                 name="reloaded.toml",
             ),
             env={},
@@ -127,7 +137,8 @@ allowed_networks = ["192.0.2.0/24"]
 async def test_forwarded_for_is_believed_only_from_trusted_proxies(
     tmp_path, sandbox_url: str, clock: ManualClock, proxies: str, status: int
 ) -> None:
-    config = bridge_config(tmp_path, sandbox_url, f"[http]\ntrusted_proxies = {proxies}\n{ROUTE}")
+    extra = f"[http]\ntrusted_proxies = {proxies}\n{ROUTE}{API_TOKEN}"  # proxies want a token
+    config = bridge_config(tmp_path, sandbox_url, extra)
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         response = await http.post(
             f"{url}/hooks/lan",

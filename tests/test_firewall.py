@@ -470,3 +470,18 @@ async def test_reload_applies_the_firewall_to_every_path(
         hook = await http.post(f"{url}/hooks/open", json={"to": uk, "message": "x"})
     assert code == 550
     assert api.status_code == 400 and hook.status_code == 400
+
+
+async def test_an_impossible_number_is_refused_in_the_senders_words(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """Not the library's parser state ("Could not interpret numbers after plus-sign")."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        unknown_code = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+999123456789", "message": "x"}
+        )
+        short = await http.post(f"{url}/api/v1/messages", json={"to": "+12", "message": "x"})
+    assert unknown_code.status_code == 400 and short.status_code == 400
+    assert "no country has that code" in unknown_code.json()["error"]
+    assert "too short to be a phone number" in short.json()["error"]

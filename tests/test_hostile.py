@@ -304,6 +304,11 @@ def test_non_ascii_signatures_are_401_not_500(bridge) -> None:
             "\u00b2".encode(),
             "malformed",
         ),  # superscript two
+        (
+            _signed(f"{stamp}:".encode() + grafana),
+            b"9" * 5000,  # int() refuses past 4300 digits: once a 500
+            "malformed",
+        ),
     ):
         response = _post(
             url,

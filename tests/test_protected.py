@@ -14,12 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
+from bridge.clock import ManualClock
 from bridge.config import inline_secrets, load_config, secret_values
 from bridge.errors import ConfigError
 from bridge.store import Store
-from tests.helpers import write_config
+from tests.helpers import bridge_config, running_bridge, write_config
 from tests.processes import clean_env
 
 TOKEN = "deploy-token-0123456789abcdef"
@@ -46,6 +48,11 @@ def problems(tmp_path: Path, body: str) -> list[str]:
         (REAL + '[http]\nlisten = "192.0.2.10:8080"\n', ["http.listen"]),
         (REAL + '[http]\nlisten = "localhost:8080"\n', []),
         (REAL + '[http]\nlisten = "bridge.localhost:8080"\n', ["http.listen"]),  # DNS decides
+        # Behind a proxy a loopback listener is reachable from the network all the same.
+        (REAL + '[http]\ntrusted_proxies = ["127.0.0.1/32"]\n', ["http.trusted_proxies"]),
+        (REAL + '[http]\nallowed_hosts = ["sms.example.org"]\n', ["http.allowed_hosts"]),
+        (REAL + '[http]\nallowed_hosts = ["localhost", "[::1]"]\n', []),
+        (REAL + '[http]\ntrusted_proxies = ["127.0.0.1/32"]\n' + TOKENS, []),
         # SMTP beyond loopback needs AUTH or a client allowlist; tls_listen counts too.
         (REAL + '[smtp]\nlisten = "0.0.0.0:2525"\n', ["smtp.listen"]),
         (REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["192.0.2.0/24"]\n', []),
@@ -210,7 +217,13 @@ def test_check_config_warns_when_a_world_readable_file_holds_secrets(tmp_path) -
     assert "warning:" in loud.stderr and "readable by every user" in loud.stderr
     assert "routes.am.token" in loud.stderr and "smtp.users.ups" in loud.stderr
     assert "route-token-inline" not in loud.stderr + loud.stdout
+    os.chmod(secret, 0o600)
     assert "warning:" not in run("check-config", str(from_files), cwd=tmp_path).stderr
+    # A secret file anyone may read exposes its secret as much as an inline one.
+    os.chmod(secret, 0o644)
+    exposed = run("check-config", str(from_files), cwd=tmp_path)
+    assert exposed.returncode == 0, exposed.stderr
+    assert f"warning: routes.am.token_file: {secret} is readable by every user" in exposed.stderr
     os.chmod(inline, 0o600)
     assert "warning:" not in run("check-config", str(inline), cwd=tmp_path).stderr
 
@@ -324,3 +337,34 @@ def test_the_docker_recipe_is_protected_and_refused_without_its_tokens(tmp_path)
     refused = run("check-config", cwd=tmp_path, env={**image, **bare})
     assert refused.returncode == 1
     assert "  http.listen: " in refused.stderr and "  smtp.listen: " in refused.stderr
+
+
+async def test_a_reload_cannot_open_what_the_running_provider_would_send_through(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """Provider and listeners need a restart, so a reload is judged on what would run:
+    the running provider with the new routes. Dropping `base_url` and a route's only
+    credential in one edit must not open that route while real SMS still go out."""
+    route = '[routes.net]\nformat = "generic"\nto = ["+12025550143"]\n'
+    config = bridge_config(tmp_path, sandbox_url, route + 'allowed_networks = ["192.0.2.0/24"]\n')
+    dropped = load_config(write_config(tmp_path, route, "dropped.toml"), env={})
+    assert dropped.uses_sandbox  # on its own the edited file is fine: the sandbox is open
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        post = {"json": {"message": "reload bypass"}, "url": f"{url}/hooks/net"}
+        assert (await http.post(**post)).status_code == 403
+        with pytest.raises(ConfigError) as refused:
+            bridge.reload(dropped)
+        assert [key for key, _ in refused.value.problems] == ["routes.net"]
+        assert (await http.post(**post)).status_code == 403  # nothing was applied
+        assert bridge.config.routes["net"].allowed_networks == ("192.0.2.0/24",)
+        # A reload that keeps the route protected applies, and says what waits.
+        kept = load_config(
+            write_config(tmp_path, route + 'token = "route-token-123"\n', "kept.toml"), env={}
+        )
+        assert "provider changed but needs a restart" in bridge.reload(kept)
+        assert not bridge.config.uses_sandbox  # still the running provider
+        assert (await http.post(**post)).status_code == 401
+        # Compared with what runs, not with the last file: the running provider and store
+        # in the file again wait for nothing.
+        restored = bridge_config(tmp_path, sandbox_url, route + 'token = "route-token-123"\n')
+        assert bridge.reload(restored) == []

@@ -336,17 +336,29 @@ async def test_implicit_tls_listener(tmp_path, clock, sandbox_url, tls_files) ->
     port = bind_socket("127.0.0.1:0")
     tls_port = port.getsockname()[1]
     port.close()
-    extra = f'tls_cert = "{cert}"\ntls_key = "{key}"\ntls_listen = "127.0.0.1:{tls_port}"\n'
+    extra = (
+        f'tls_cert = "{cert}"\ntls_key = "{key}"\ntls_listen = "127.0.0.1:{tls_port}"\n'
+        'require_auth = true\nusers = { ups = "ups-pass" }\n'
+    )
     config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge):
 
-        def implicit() -> dict:
+        def implicit(login: bool) -> tuple[str, dict]:
             with smtplib.SMTP_SSL(
                 "127.0.0.1", tls_port, timeout=10, context=_client_context(ca)
             ) as client:
-                return client.sendmail("a@example.org", [DEFAULT_RCPT], "Subject: 465\r\n\r\nx\r\n")
+                client.ehlo()
+                offered = str(client.esmtp_features)
+                if login:  # AUTH on a connection that is encrypted from its first byte
+                    client.login("ups", "ups-pass")
+                sent = client.sendmail("a@example.org", [DEFAULT_RCPT], "Subject: 465\r\n\r\nx")
+                return offered, sent
 
-        assert await asyncio.to_thread(implicit) == {}
+        offered, sent = await asyncio.to_thread(implicit, True)
+        assert sent == {} and "auth" in offered and "starttls" not in offered
+        with pytest.raises(smtplib.SMTPSenderRefused) as anonymous:
+            await asyncio.to_thread(implicit, False)
+        assert anonymous.value.smtp_code == 530  # require_auth holds there too
         assert await bridge.store.counts() == {"queued": 1}
 
 

@@ -373,11 +373,15 @@ def _keep_tls(new: Config, old: Config) -> Config:
     return dataclasses.replace(new, smtp=smtp)
 
 
-def smtp_factory(handler: SmtpHandler) -> Any:
+def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
     """A protocol factory for `loop.create_server`: one aiosmtpd `SMTP` per connection.
 
     Each connection reads the handler's settings when it is made: require_auth, users,
     TLS, sizes, timeouts and limits reloaded by SIGHUP apply from the next session on.
+    On the implicit-TLS listener the connection is encrypted before aiosmtpd sees it,
+    which aiosmtpd cannot tell by itself: it would offer STARTTLS again and refuse AUTH
+    with 538 ("encryption required"); there it gets no STARTTLS context and is told the
+    session is encrypted (LimitedSMTP's `encrypted_from_start`).
     """
 
     def factory() -> SMTP:
@@ -390,7 +394,7 @@ def smtp_factory(handler: SmtpHandler) -> Any:
             data_size_limit=smtp.max_message_bytes,
             enable_SMTPUTF8=True,
             decode_data=False,
-            tls_context=handler.tls,
+            tls_context=None if implicit_tls else handler.tls,
             timeout=smtp.idle_timeout,
             auth_required=smtp.require_auth,
             auth_require_tls=not smtp.auth_allow_plaintext,
@@ -398,6 +402,7 @@ def smtp_factory(handler: SmtpHandler) -> Any:
             authenticator=handler.authenticator,
             command_call_limit=call_limits(smtp),
             loop=asyncio.get_running_loop(),
+            encrypted_from_start=implicit_tls,
         )
 
     return factory
@@ -418,5 +423,9 @@ async def start_smtp(
     servers.append(await loop.create_server(factory, sock=plain))
     if config.smtp.tls_listen:
         tls = sockets[1] if sockets and len(sockets) > 1 else bind_socket(config.smtp.tls_listen)
-        servers.append(await loop.create_server(factory, sock=tls, ssl=handler.tls))
+        servers.append(
+            await loop.create_server(
+                smtp_factory(handler, implicit_tls=True), sock=tls, ssl=handler.tls
+            )
+        )
     return servers

@@ -16,7 +16,7 @@ import collections
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP
 
@@ -70,8 +70,15 @@ def call_limits(smtp: SmtpConfig) -> dict[str, int]:
 class LimitedSMTP(SMTP):
     """aiosmtpd's session under `Sessions` and the progress-only idle timer."""
 
-    def __init__(self, *args: Any, sessions: Sessions | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        sessions: Sessions | None = None,
+        encrypted_from_start: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self._encrypted_from_start = encrypted_from_start
         self._sessions = sessions
         self._client: str | None = None  # counted in `sessions` while set
         self._refused = False
@@ -92,6 +99,10 @@ class LimitedSMTP(SMTP):
                 return
             self._client = client
         super().connection_made(transport)
+        if self._encrypted_from_start:
+            # Implicit TLS (port 465 style): aiosmtpd knows TLS only from its own STARTTLS
+            # and checks `_tls_protocol` for truth alone (AUTH, the STARTTLS offer).
+            self._tls_protocol = cast(Any, transport.get_extra_info("ssl_object"))
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:

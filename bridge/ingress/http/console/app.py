@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from bridge.clock import Clock
 from bridge.config import LiveConfig
 from bridge.errors import InputError
-from bridge.firewall import Firewall
+from bridge.firewall import Firewall, cap_recipients
 from bridge.health import ProviderHealth
 from bridge.ingress.http.console import chart
 from bridge.ingress.http.console.activity import RouteActivity
@@ -332,10 +332,9 @@ class Console(Gate):
                 raise InputError("to", "a phone number or a group name is needed")
             if not text or len(text) > MAX_TEST_TEXT:
                 raise InputError("text", f"the text must be 1 to {MAX_TEST_TEXT} characters")
-            recipients = Firewall.from_config(config).resolve(
-                [t.strip() for t in to.split(",") if t.strip()],
-                config.groups,
-            )
+            targets = [t.strip() for t in to.split(",") if t.strip()]
+            cap_recipients(targets, config.http.max_recipients)  # as the API caps them
+            recipients = Firewall.from_config(config).resolve(targets, config.groups)
         except InputError as exc:
             data["error"] = str(exc)
             return self._render(request, caller, "send.html", data, 400)

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.config import Config, RouteConfig
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, HttpError
 from bridge.firewall import Firewall
 from bridge.ingress.formats import HookRequest, Ignored, registry
+from bridge.ingress.http.bodies import parse_json
 from bridge.ingress.http.hooks import route_text
 from bridge.ingress.ingest import Ingestor
 from bridge.policy.shaping import Draft
@@ -211,10 +212,10 @@ def preview(
     if len(body) > MAX_PREVIEW_BYTES:
         result.error = f"payload larger than {MAX_PREVIEW_BYTES} bytes"
         return result
-    try:
-        data = json.loads(payload)
-    except ValueError as exc:
-        result.error = f"not valid JSON: {exc}"
+    try:  # the webhook's own reading: same depth and surrogate limits, same words
+        data = parse_json(body)
+    except HttpError as exc:
+        result.error = exc.message
         return result
     module = registry()[route.format]
     headers = dict(getattr(module, "SAMPLE_HEADERS", {}))
