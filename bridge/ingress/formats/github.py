@@ -78,6 +78,19 @@ def _completed(payload: dict[str, Any], event: str) -> None:
         raise Ignored(f"{event} {payload.get('action')} is not texted")
 
 
+def _finished(
+    request: HookRequest, payload: dict[str, Any], event: str
+) -> tuple[dict[str, Any], str, str]:
+    """A completed run, job or suite (`payload[event]`): it, its conclusion and branch,
+    past the route's outcome and branch filters."""
+    _completed(payload, event)
+    item = obj(payload.get(event), event)
+    outcome = text_field(item.get("conclusion"), f"{event}.conclusion")
+    branch = text_field(item.get("head_branch"), f"{event}.head_branch")
+    check_filters(request.route, outcome, branch, DEFAULT_CONCLUSIONS)
+    return item, outcome, branch
+
+
 def _failing_step(job: dict[str, Any]) -> str:
     """The first step that failed (or timed out, or was cancelled), by its name."""
     steps = job.get("steps") or []
@@ -98,11 +111,7 @@ def parse(request: HookRequest) -> list[HookMessage]:
         "?",
     )
     if event == "workflow_run":
-        _completed(payload, event)
-        run = obj(payload.get("workflow_run"), "workflow_run")
-        outcome = text_field(run.get("conclusion"), "workflow_run.conclusion")
-        branch = text_field(run.get("head_branch"), "workflow_run.head_branch")
-        check_filters(request.route, outcome, branch, DEFAULT_CONCLUSIONS)
+        run, outcome, branch = _finished(request, payload, event)
         actor = text_field(
             field_of(run, "actor", "login", "workflow_run.actor"), "workflow_run.actor.login"
         )
@@ -117,11 +126,7 @@ def parse(request: HookRequest) -> list[HookMessage]:
             + (f": {title}" if title else "")
         )
     elif event == "workflow_job":
-        _completed(payload, event)
-        job = obj(payload.get("workflow_job"), "workflow_job")
-        outcome = text_field(job.get("conclusion"), "workflow_job.conclusion")
-        branch = text_field(job.get("head_branch"), "workflow_job.head_branch")
-        check_filters(request.route, outcome, branch, DEFAULT_CONCLUSIONS)
+        job, outcome, branch = _finished(request, payload, event)
         workflow_name = text_field(job.get("workflow_name"), "workflow_job.workflow_name")
         name = text_field(job.get("name"), "workflow_job.name", "job")
         step = _failing_step(job)
@@ -143,11 +148,7 @@ def parse(request: HookRequest) -> list[HookMessage]:
             f": {title}" if title else ""
         )
     elif event == "check_suite":
-        _completed(payload, event)
-        suite = obj(payload.get("check_suite"), "check_suite")
-        outcome = text_field(suite.get("conclusion"), "check_suite.conclusion")
-        branch = text_field(suite.get("head_branch"), "check_suite.head_branch")
-        check_filters(request.route, outcome, branch, DEFAULT_CONCLUSIONS)
+        suite, outcome, branch = _finished(request, payload, event)
         app = (
             text_field(field_of(suite, "app", "name", "check_suite.app"), "check_suite.app.name")
             or "checks"
