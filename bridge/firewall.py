@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,10 +24,10 @@ import phonenumbers
 from phonenumbers import PhoneNumberType
 
 from bridge.errors import InputError
-from bridge.phone import PhoneError, normalise_number
+from bridge.phone import normalise_number
 
 if TYPE_CHECKING:
-    from bridge.config import Config
+    from bridge.config.sections import Config
 
 SENDER_ID_RULE = "at most 11 characters: letters, digits or spaces with a letter, or digits"
 NON_GEOGRAPHIC = "001"  # phonenumbers' region for calling codes that belong to no country
@@ -90,7 +89,7 @@ def refusal(e164: str, allowed_countries: frozenset[str], allow_premium: bool) -
 
 @dataclass(frozen=True, slots=True)
 class Firewall:
-    """The phone rules in force; built from the config at each request or reload."""
+    """The phone rules in force (bridge.config.recipients.Recipients holds the one in use)."""
 
     default_region: str | None = None
     require_valid: bool = False
@@ -120,24 +119,6 @@ class Firewall:
         )
         self.check(e164)
         return e164
-
-    def resolve(
-        self, targets: Iterable[str], groups: Mapping[str, Iterable[str]], *, field: str = "to"
-    ) -> list[str]:
-        """Numbers and group names -> unique allowed E.164 numbers in first-seen order;
-        an InputError names the entry (`to[2]`, `to[0] (oncall)`) and why."""
-        seen: dict[str, None] = {}
-        for index, target in enumerate(targets):
-            members = groups.get(target)
-            for item in members if members is not None else [target]:
-                try:
-                    seen[self.number(item)] = None
-                except (PhoneError, RefusedNumber) as exc:
-                    where = (
-                        f"{field}[{index}]" if members is None else f"{field}[{index}] ({target})"
-                    )
-                    raise InputError(where, str(exc)) from exc
-        return list(seen)
 
 
 @functools.lru_cache(maxsize=16)  # one per config in force: not rebuilt per request

@@ -328,7 +328,7 @@ class Bridge:
         warnings += self.smtp_handler.reload(new)
         new = self.smtp_handler.config  # with the TLS files that stayed, if any
         self.config = new
-        self.live.current = new
+        self.live.update(new)
         self.ingestor.rules = Rules.from_config(new)
         self.ingestor.shaper.reload(new)  # budget warnings and digests share it
         self.digests.window = new.limits.per_recipient_window

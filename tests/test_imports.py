@@ -31,7 +31,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "delivery": ("delivery",),
     "ingress": ("ingress",),
     "ops": ("ops",),
-    "root": ("service", "cli", "__main__"),
+    "root": ("app", "service", "cli", "__main__"),
 }
 ALLOWED: dict[str, set[str]] = {
     "core": {"core"},
@@ -167,12 +167,34 @@ def test_the_checker_sees_a_cycle_and_an_upward_import() -> None:
 @pytest.mark.slow  # a fresh interpreter: what importing the production root loads
 def test_the_production_root_does_not_load_the_sandbox() -> None:
     code = (
-        "import sys, bridge.service, bridge.cli\nprint('bridge.provider.sandbox' in sys.modules)\n"
+        "import sys, bridge.app, bridge.service, bridge.cli\n"
+        "print('bridge.provider.sandbox' in sys.modules)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+# Inside the config package each module imports only those before it here: the shape
+# of the config first, the checks on it next, then loading, masking and the live view.
+CONFIG_ORDER = (
+    *("sections", "parsing", "recipients", "exposure", "validate", "loader", "masking"),
+    "live",
+)
+
+
+def test_the_config_package_is_layered_in_its_documented_order() -> None:
+    graph = import_graph()
+    modules = {f"bridge.config.{name}": rank for rank, name in enumerate(CONFIG_ORDER)}
+    assert sorted(m for m in graph if m.startswith("bridge.config.")) == sorted(modules)
+    backward = sorted(
+        f"{source} imports {target}"
+        for source, rank in modules.items()
+        for target in graph[source]
+        if target in modules and modules[target] >= rank
+    )
+    assert backward == []
 
 
 SQL = ("SELECT ", "UPDATE ", "INSERT ", "DELETE ", "WITH ", "CREATE ", "PRAGMA ")

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from bridge.clock import Clock
-from bridge.config import BudgetConfig, Config
-from bridge.firewall import Firewall
+from bridge.config import BudgetConfig, Config, Recipients
 from bridge.models import Message
 from bridge.policy.shaping import Draft, Shaper
 from bridge.pricing import PriceBook
@@ -73,8 +72,8 @@ class BudgetGuard:
             for name, route in config.routes.items()
             if route.max_texts_per_day > 0
         }
-        self.admins = Firewall.from_config(config).resolve(
-            config.budget.admin, config.groups, field="budget.admin"
+        self.admins = Recipients.from_config(config).resolve(
+            config.budget.admin, field="budget.admin"
         )
 
     @property

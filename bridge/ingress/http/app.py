@@ -23,7 +23,7 @@ from starlette.routing import Route
 from bridge.clock import Clock, zone
 from bridge.config import LiveConfig
 from bridge.errors import HttpError, InputError, StoreUnavailable
-from bridge.firewall import Firewall, cap_recipients, sender_id_for
+from bridge.firewall import cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import AuthError, Principal, authorize
 from bridge.ingress.http.bodies import error_response, parse_json, read_body
@@ -154,7 +154,7 @@ def create_app(
     )
 
     async def post_message(request: Request) -> Response:
-        config = live.current
+        config, resolver = live.current, live.recipients  # both before the first await
         body = await read_json(request, config.http.max_body_bytes, config.http.body_timeout)
         if not isinstance(body, dict):
             raise HttpError(400, "body must be a JSON object", "body")
@@ -164,7 +164,7 @@ def create_app(
         sender_id = sender_id_for(config, _string(body, "sender_id"))
         dedupe_key = _string(body, "dedupe_key", max_len=MAX_DEDUPE_KEY)
         schedule = _string(body, "schedule_time")
-        recipients = Firewall.from_config(config).resolve(targets, config.groups)
+        recipients = resolver.resolve(targets)
         caller: Principal = request.state.principal
         accepted = await ingestor.submit(
             [

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from bridge.clock import Clock, zone
 from bridge.config import Config, LiveConfig, RouteConfig
 from bridge.errors import HttpError
-from bridge.firewall import Firewall, cap_recipients
+from bridge.firewall import cap_recipients
 from bridge.ingress.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
 from bridge.ingress.http.bodies import parse_json, read_body
 from bridge.ingress.ingest import Ingestor
@@ -128,7 +128,9 @@ def hook_endpoint(
     formats = registry()
 
     async def endpoint(request: Request) -> Response:
-        config = live.current  # one config for the whole request, even across a reload
+        # One config and resolver for the whole request, even across a reload: both are
+        # read before the first await.
+        config, resolver = live.current, live.recipients
         name = request.path_params["name"]
         route = config.routes.get(name)
         if route is None:
@@ -177,7 +179,6 @@ def hook_endpoint(
         extra = request.query_params.getlist("to")
         if extra and not (route.allow_payload_to or route.allow_query_to):
             raise HttpError(400, "this route does not take ?to= (allow_payload_to)", "to")
-        firewall = Firewall.from_config(config)
         drafts = []
         for message in messages:
             # A route texts its own recipients; whoever can post to it may add others
@@ -193,9 +194,9 @@ def hook_endpoint(
             recipients = list(
                 dict.fromkeys(
                     [
-                        *firewall.resolve(route.to, config.groups, field=f"routes.{name}.to"),
-                        *firewall.resolve(payload_to, config.groups, field=route.to_path),
-                        *firewall.resolve(extra, config.groups, field="?to"),
+                        *resolver.resolve(route.to, field=f"routes.{name}.to"),
+                        *resolver.resolve(payload_to, field=route.to_path),
+                        *resolver.resolve(extra, field="?to"),
                     ]
                 )
             )

@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from bridge.clock import Clock
 from bridge.config import LiveConfig
 from bridge.errors import InputError
-from bridge.firewall import Firewall, cap_recipients
+from bridge.firewall import cap_recipients
 from bridge.health import ProviderHealth
 from bridge.ingress.http.console import chart
 from bridge.ingress.http.console.activity import RouteActivity
@@ -280,6 +280,7 @@ class Console(Gate):
             payload,
             event=form.get("event", "").strip(),
             config=self.live.current,
+            resolver=self.live.recipients,
             ingestor=self.ingestor,
         )
         _, data = await self.route_page(request, caller, result)
@@ -324,7 +325,7 @@ class Console(Gate):
         }
 
     async def send(self, request: Request, caller: Caller, form: dict[str, str]) -> Response:
-        config = self.live.current
+        config, resolver = self.live.current, self.live.recipients
         to, text = form.get("to", "").strip(), form.get("text", "").strip()
         data = {"to": to, "text": text, "error": None, "groups": sorted(config.groups)}
         try:
@@ -334,7 +335,7 @@ class Console(Gate):
                 raise InputError("text", f"the text must be 1 to {MAX_TEST_TEXT} characters")
             targets = [t.strip() for t in to.split(",") if t.strip()]
             cap_recipients(targets, config.http.max_recipients)  # as the API caps them
-            recipients = Firewall.from_config(config).resolve(targets, config.groups)
+            recipients = resolver.resolve(targets)
         except InputError as exc:
             data["error"] = str(exc)
             return self._render(request, caller, "send.html", data, 400)

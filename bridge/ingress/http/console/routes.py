@@ -13,9 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from bridge.config import Config, RouteConfig
+from bridge.config import Config, Recipients, RouteConfig
 from bridge.errors import BridgeError, HttpError
-from bridge.firewall import Firewall
 from bridge.ingress.formats import HookRequest, Ignored, registry
 from bridge.ingress.http.bodies import parse_json
 from bridge.ingress.http.hooks import route_text
@@ -204,7 +203,13 @@ def sample_payload(route: RouteConfig) -> str:
 
 
 def preview(
-    route: RouteConfig, payload: str, *, event: str, config: Config, ingestor: Ingestor
+    route: RouteConfig,
+    payload: str,
+    *,
+    event: str,
+    config: Config,
+    resolver: Recipients,
+    ingestor: Ingestor,
 ) -> Preview:
     """The SMS `payload` would produce on `route`: texts, parts, costs. Stores nothing."""
     result = Preview(payload=payload)
@@ -229,10 +234,7 @@ def preview(
     )
     try:
         for message in module.parse(hook):
-            recipients = Firewall.from_config(config).resolve(
-                [*route.to, *message.recipients],
-                config.groups,
-            )
+            recipients = resolver.resolve([*route.to, *message.recipients])
             if not recipients:
                 result.error = "no recipients: the route has none and the payload named none"
                 return result

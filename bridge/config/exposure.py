@@ -1,0 +1,159 @@
+"""Protected mode and reloads: what may be reachable from the network, what a SIGHUP
+may change.
+
+With a real provider every SMS costs money, so `validate_protected` refuses listeners
+and routes that other machines could use unauthenticated. `as_reloaded` is the config a
+reload really runs (restart-only keys keep their running values), and protected mode
+judges that, not the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from bridge.config.parsing import parse_listen
+from bridge.config.sections import SIGNED_FORMATS, Config
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost`, 127.0.0.0/8 or ::1: reachable from this machine only."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost":  # not *.localhost: only some resolvers keep those on loopback
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _listen_host(listen: str) -> str | None:
+    try:
+        return parse_listen(listen)[0] if listen else None
+    except ValueError:
+        return None  # reported by _validate
+
+
+def _restricts(networks: tuple[str, ...]) -> bool:
+    """Does this allowlist leave someone out? `0.0.0.0/0` or `::/0` admit everyone."""
+    try:
+        return bool(networks) and all(
+            ipaddress.ip_network(n, strict=False).prefixlen > 0 for n in networks
+        )
+    except ValueError:
+        return True  # the bad entry is reported by _validate
+
+
+# What a reload cannot change under a running bridge: listeners, the store, the provider,
+# logging. A section name alone means the whole section.
+RESTART_ONLY: dict[str, tuple[str, ...]] = {
+    "smtp": ("listen", "tls_listen"),
+    "http": ("listen", "trusted_proxies", "tls_cert", "tls_key"),
+    "store": (),
+    "provider": (),
+    "sandbox": (),
+    "status": (),
+    "log": (),
+}
+
+
+def as_reloaded(new: Config, running: Config) -> tuple[Config, list[str]]:
+    """`new` as a reload applies it: every RESTART_ONLY key keeps its running value.
+
+    Returns that config and the keys whose new value waits for a restart. Checks made
+    on it (protected mode) judge what will really run: a file that drops the provider
+    and a route's credentials at once must not open the route while the provider that
+    is still running keeps sending.
+    """
+    sections: dict[str, Any] = {}
+    waiting: list[str] = []
+    for name, keys in RESTART_ONLY.items():
+        before, after = getattr(running, name), getattr(new, name)
+        if not keys:
+            sections[name] = before
+            waiting += [name] if before != after else []
+            continue
+        kept = {key: getattr(before, key) for key in keys}
+        sections[name] = dataclasses.replace(after, **kept)
+        waiting += [f"{name}.{key}" for key in keys if getattr(after, key) != kept[key]]
+    return dataclasses.replace(new, **sections), waiting
+
+
+def protection_problems(config: Config) -> list[tuple[str, str]]:
+    """What protected mode refuses in `config` (see `validate_protected`)."""
+    problems: list[tuple[str, str]] = []
+    validate_protected(config, lambda key, why: problems.append((key, why)))
+    return problems
+
+
+def validate_protected(config: Config, problem: Callable[[str, str], None]) -> None:
+    """Protected mode: with a real provider, nothing reachable from the network is open.
+
+    Every SMS costs the owner money, so a listener that other machines can reach must
+    know who is calling. The sandbox sends nothing and stays open, so the two-command
+    start in the README keeps working.
+    """
+    base_url = config.provider.base_url
+    if not base_url:
+        return
+    host = urllib.parse.urlsplit(base_url).hostname or ""
+    if not base_url.startswith("https://") and not is_loopback_host(host):
+        problem(
+            "provider.base_url",
+            "must be https:// unless its host is loopback: the API key would cross the "
+            "network in clear text",
+        )
+    real = "while provider.base_url is set (a real provider: every SMS costs money)"
+    http_host = _listen_host(config.http.listen)
+    # A loopback listener that trusts a proxy, or serves names other than loopback's, is
+    # reachable from the network through that proxy: it needs tokens all the same.
+    proxied = [
+        key
+        for key, hosts in (
+            ("http.trusted_proxies", config.http.trusted_proxies),
+            (
+                "http.allowed_hosts",
+                [h for h in config.http.allowed_hosts if not is_loopback_host(h)],
+            ),
+        )
+        if hosts
+    ]
+    if http_host is not None and not config.tokens:
+        if not is_loopback_host(http_host):
+            problem(
+                "http.listen",
+                f"{config.http.listen} is reachable from the network but no [tokens.NAME] is "
+                f"configured {real}: add a token, or listen on 127.0.0.1",
+            )
+        elif proxied:
+            problem(
+                proxied[0],
+                f"a proxy makes {config.http.listen} reachable from the network but no "
+                f"[tokens.NAME] is configured {real}: add a token",
+            )
+    smtp = config.smtp
+    if not smtp.require_auth and not _restricts(smtp.allowed_networks):
+        for key in ("smtp.listen", "smtp.tls_listen"):
+            listen = getattr(smtp, key.removeprefix("smtp."))
+            smtp_host = _listen_host(listen)
+            if smtp_host is not None and not is_loopback_host(smtp_host):
+                problem(
+                    key,
+                    f"{listen} is reachable from the network with neither smtp.require_auth "
+                    f"nor smtp.allowed_networks {real}",
+                )
+    if http_host is None:
+        return  # no HTTP listener: the routes cannot be reached
+    for name, route in config.routes.items():
+        if route.public:
+            continue
+        signed = route.secret and route.format in SIGNED_FORMATS  # others never check it
+        if not (route.token or route.username or signed or _restricts(route.allowed_networks)):
+            problem(
+                f"routes.{name}",
+                f"no authentication {real}: set token, username/password, secret "
+                "(grafana, github, gitlab) or allowed_networks, or public = true to accept anyone",
+            )

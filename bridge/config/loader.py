@@ -1,0 +1,237 @@
+"""Loading: TOML file + `SMS_BRIDGE_<SECTION>_<KEY>` environment + `*_file` secrets.
+
+`load_config` collects every problem (unknown keys, wrong types, then the checks of
+`bridge.config.validate`) and raises one ConfigError listing them by key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bridge.config.parsing import coerce, from_env_text, read_secret_file
+from bridge.config.sections import (
+    ENV_PREFIX,
+    GROUP_NAME,
+    ROUTE_FORMATS,
+    SECTIONS,
+    Config,
+    RouteConfig,
+    TokenConfig,
+)
+from bridge.config.validate import validate
+from bridge.errors import ConfigError
+
+
+class _Loader:
+    """Collects problems instead of stopping at the first one."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[tuple[str, str]] = []
+
+    def problem(self, key: str, why: str) -> None:
+        self.problems.append((key, why))
+
+    def section(
+        self,
+        name: str,
+        cls: type,
+        raw: object,
+        *,
+        env: bool = True,
+        env_prefix: str | None = None,
+        fixed: dict[str, Any] | None = None,
+    ) -> Any:
+        fixed = fixed or {}
+        if not isinstance(raw, dict):
+            self.problem(name, "expected a table")
+            raw = {}
+        values: dict[str, object] = {}
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
+        for key in raw:
+            base = key.removesuffix("_file")
+            if key not in known and not (key.endswith("_file") and base in known):
+                self.problem(f"{name}.{key}", "unknown key")
+        for fname, spec in known.items():
+            kind = spec.metadata.get("kind", "")
+            prefix = f"{ENV_PREFIX}{name.upper()}_" if env_prefix is None else env_prefix
+            env_name = f"{prefix}{fname.upper()}" if env else "\0"
+            value: object = dataclasses.MISSING
+            origin = f"{name}.{fname}"
+            try:
+                if env_name in self.env:
+                    origin = env_name
+                    value = from_env_text(self.env[env_name], kind, spec.default)
+                elif f"{env_name}_FILE" in self.env:
+                    origin = f"{env_name}_FILE"
+                    value = read_secret_file(self.env[f"{env_name}_FILE"])
+                elif fname in raw:
+                    value = raw[fname]
+                elif f"{fname}_file" in raw:
+                    origin = f"{name}.{fname}_file"
+                    file_name = raw[f"{fname}_file"]
+                    if not isinstance(file_name, str):
+                        raise ValueError("expected a file path")
+                    value = read_secret_file(file_name)
+                if value is not dataclasses.MISSING:
+                    values[fname] = coerce(value, kind, spec.default)
+            except (ValueError, tomllib.TOMLDecodeError) as exc:
+                self.problem(origin, str(exc))
+            except OSError as exc:
+                self.problem(origin, f"cannot read secret file: {exc.strerror or exc}")
+        return cls(**values, **fixed)
+
+    def groups(self, raw: object) -> dict[str, tuple[str, ...]]:
+        if not isinstance(raw, dict):
+            self.problem("groups", "expected a table of name = [numbers]")
+            raw = {}
+        raw = dict(raw)
+        for env_name, text in self.env.items():
+            if env_name.startswith(f"{ENV_PREFIX}GROUPS_"):
+                raw[env_name.removeprefix(f"{ENV_PREFIX}GROUPS_").lower()] = from_env_text(
+                    text, "list", ()
+                )
+        groups: dict[str, tuple[str, ...]] = {}
+        for name, members in raw.items():
+            key = f"groups.{name}"
+            if not GROUP_NAME.match(name):
+                self.problem(key, "a group name starts with a letter: letters, digits, _ . -")
+                continue
+            if isinstance(members, str):
+                members = [members]
+            if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+                self.problem(key, "expected a list of phone numbers")
+                continue
+            groups[name] = tuple(members)
+        return groups
+
+    def routes(self, raw: object) -> dict[str, RouteConfig]:
+        if not isinstance(raw, dict):
+            self.problem("routes", "expected tables [routes.NAME]")
+            return {}
+        routes: dict[str, RouteConfig] = {}
+        for name, table in raw.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+                self.problem(f"routes.{name}", "a route name is letters, digits, _ . - only")
+                continue
+            route = self.section(
+                f"routes.{name}",
+                RouteConfig,
+                table,
+                env_prefix=route_env_prefix(name),
+                fixed={"name": name},
+            )
+            if route.format not in ROUTE_FORMATS:
+                self.problem(f"routes.{name}.format", f"must be one of {', '.join(ROUTE_FORMATS)}")
+            routes[name] = route
+        self._unused_route_env(routes)
+        return routes
+
+    def _unused_route_env(self, routes: Mapping[str, RouteConfig]) -> None:
+        """An override that names no route or no key is a typo: say so, never ignore it."""
+        keys = {f.name.upper() for f in dataclasses.fields(RouteConfig) if f.name != "name"}
+        for env_name in self.env:
+            if not env_name.startswith(f"{ENV_PREFIX}ROUTES_"):
+                continue
+            rests = [
+                env_name.removeprefix(route_env_prefix(name))
+                for name in routes
+                if env_name.startswith(route_env_prefix(name))
+            ]
+            if any(rest.removesuffix("_FILE") in keys for rest in rests):
+                continue
+            if rests:
+                self.problem(env_name, "no such route key (see config.example.toml)")
+            else:
+                known = ", ".join(sorted(routes)) or "none"
+                self.problem(
+                    env_name,
+                    "names no route in the config file (routes: "
+                    f"{known}); the environment overrides a route's keys, it cannot add a route",
+                )
+
+    def tokens(self, raw: object) -> dict[str, TokenConfig]:
+        if not isinstance(raw, dict):
+            self.problem("tokens", "expected tables [tokens.NAME]")
+            return {}
+        raw = self._tokens_from_env({k: v for k, v in raw.items()})
+        tokens: dict[str, TokenConfig] = {}
+        for name, table in raw.items():
+            if not GROUP_NAME.match(name):
+                self.problem(
+                    f"tokens.{name}", "a token name starts with a letter: letters, digits, _ . -"
+                )
+                continue
+            tokens[name] = self.section(
+                f"tokens.{name}", TokenConfig, table, env=False, fixed={"name": name}
+            )
+        return tokens
+
+    def _tokens_from_env(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """`SMS_BRIDGE_TOKENS_<NAME>_TOKEN[_FILE]` and `..._SCOPES`: tokens for containers
+        configured by environment and secrets alone. The environment wins over the file."""
+        pattern = re.compile(rf"{ENV_PREFIX}TOKENS_(.+)_(TOKEN_FILE|TOKEN|SCOPES)")
+        for env_name, text in sorted(self.env.items()):
+            match = pattern.fullmatch(env_name)
+            if not match:
+                continue
+            name, key = match.group(1).lower(), match.group(2).lower()
+            table = raw.get(name)
+            table = dict(table) if isinstance(table, dict) else {}
+            if key == "scopes":
+                table["scopes"] = from_env_text(text, "list", ())
+            else:  # token and token_file replace each other
+                table.pop("token_file" if key == "token" else "token", None)
+                table[key] = text
+            raw[name] = table
+        return raw
+
+
+def route_env_prefix(name: str) -> str:
+    """`SMS_BRIDGE_ROUTES_<NAME>_`: the name upper-cased, `-` and `.` as `_`."""
+    return f"{ENV_PREFIX}ROUTES_{re.sub(r'[.-]', '_', name).upper()}_"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Read `path` (None: built-in defaults) with environment overrides; raise ConfigError."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    loader = _Loader(env)
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}")]) from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError([(str(path), f"not valid TOML: {exc}")]) from exc
+    for key in raw:
+        if key not in SECTIONS and key not in ("groups", "routes", "tokens"):
+            loader.problem(key, "unknown section")
+    sections = {
+        name: loader.section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()
+    }
+    config = Config(
+        **sections,
+        groups=loader.groups(raw.get("groups", {})),
+        routes=loader.routes(raw.get("routes", {})),
+        tokens=loader.tokens(raw.get("tokens", {})),
+        source=str(path) if path is not None else "built-in defaults",
+    )
+    validate(config, loader.problem)
+    if loader.problems:
+        raise ConfigError(loader.problems)
+    return config
+
+
+def config_path_from(arg: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """`--config` wins, then `$SMS_BRIDGE_CONFIG`, else no file at all."""
+    env = os.environ if env is None else env
+    return arg or env.get(f"{ENV_PREFIX}CONFIG") or None

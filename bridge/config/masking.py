@@ -1,0 +1,116 @@
+"""Secrets: every key marked `secret=True` is masked in output and logs, and found in
+files (inline or `*_file`) for the permission warnings; none is listed by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bridge.config.sections import SECTIONS, Config, RouteConfig, TokenConfig
+
+
+def _masked_value(spec: dataclasses.Field[Any], value: Any) -> Any:
+    if not spec.metadata.get("secret") or not value:
+        return dict(value) if isinstance(value, Mapping) else value
+    return {k: "***" for k in value} if isinstance(value, Mapping) else "***"
+
+
+def _plain(value: Any) -> Any:
+    """Tables of tables (`[[smtp.rules]]`) as plain data, for JSON."""
+    if isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+        return [dataclasses.asdict(v) for v in value]
+    return value
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The config as plain data with every secret replaced, for logs and `check-config`."""
+    out: dict[str, Any] = {}
+    for name in SECTIONS:
+        section = getattr(config, name)
+        out[name] = {
+            f.name: (
+                "***"
+                if f.metadata.get("secret") and getattr(section, f.name)
+                else _plain(getattr(section, f.name))
+            )
+            for f in dataclasses.fields(section)
+        }
+    out["groups"] = {k: list(v) for k, v in config.groups.items()}
+    out["tokens"] = {
+        k: {f.name: _masked_value(f, getattr(t, f.name)) for f in dataclasses.fields(t)}
+        for k, t in config.tokens.items()
+    }
+    out["routes"] = {
+        k: {f.name: _masked_value(f, getattr(r, f.name)) for f in dataclasses.fields(r)}
+        for k, r in config.routes.items()
+    }
+    return out
+
+
+def _tables(config: Config) -> list[tuple[str, Any]]:
+    """Every config dataclass with the key prefix it is written under."""
+    return [
+        *((name, getattr(config, name)) for name in SECTIONS),
+        *((f"routes.{k}", r) for k, r in config.routes.items()),
+        *((f"tokens.{k}", t) for k, t in config.tokens.items()),
+    ]
+
+
+def secret_values(config: Config) -> list[str]:
+    """Every value of a key marked `secret=True`, for log masking: none is hand-listed."""
+    out: list[str] = []
+    for _, table in _tables(config):
+        for spec in dataclasses.fields(table):
+            if spec.metadata.get("secret"):
+                value = getattr(table, spec.name)
+                out += list(value.values()) if isinstance(value, Mapping) else [value]
+    return [v for v in out if v]
+
+
+def inline_secrets(path: str | os.PathLike[str]) -> list[str]:
+    """Keys of secrets written into the file itself (not `*_file`), for the mode warning."""
+    return [key for key, file in _secret_keys(path) if file is None]
+
+
+def secret_files(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """(key, file) of every secret the config reads from a file (`*_file` keys)."""
+    return [(key, file) for key, file in _secret_keys(path) if file is not None]
+
+
+def _secret_keys(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
+    """Each secret key the file sets: (its key path, the file it names or None if inline)."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return []
+    tables: list[tuple[str, type, object]] = [
+        (name, cls, raw.get(name)) for name, cls in SECTIONS.items()
+    ]
+    for kind, named_cls in (("routes", RouteConfig), ("tokens", TokenConfig)):
+        named = raw.get(kind)
+        if isinstance(named, dict):
+            tables += [(f"{kind}.{k}", named_cls, v) for k, v in named.items()]
+    keys: list[tuple[str, str | None]] = []
+    for prefix, cls, table in tables:
+        if not isinstance(table, dict):
+            continue
+        for spec in dataclasses.fields(cls):
+            if not spec.metadata.get("secret"):
+                continue
+            value, file = table.get(spec.name), table.get(f"{spec.name}_file")
+            if isinstance(file, str):
+                keys.append((f"{prefix}.{spec.name}_file", file))
+            if isinstance(value, dict):  # smtp.users: login = "password" or login_file
+                keys += [
+                    (f"{prefix}.{spec.name}.{k}", v if k.endswith("_file") else None)
+                    for k, v in value.items()
+                    if isinstance(v, str) and v
+                ]
+            elif value:
+                keys.append((f"{prefix}.{spec.name}", None))
+    return keys

@@ -1,0 +1,158 @@
+"""Reading one value: durations, listen addresses, environment strings, `[[smtp.rules]]`.
+
+Each function raises ValueError saying what was expected; the loader turns that into a
+problem under the key's path.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from bridge.config.sections import COMPOSE_MODES, MAIL_RULE_KEYS, MailRule
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: object) -> float:
+    """`30s`, `10m`, `1.5h`, `2d`, `250ms` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s or 10m")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration such as 30s, 10m, 2h or 1d")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host:
+        raise ValueError(f"{value!r} has no host")
+    return host, int(port)
+
+
+def from_env_text(text: str, kind: str, default: object) -> object:
+    """Turn an environment string into the type of the key it overrides."""
+    if kind == "table":  # name=value,name2=value2
+        pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError("expected name=value pairs separated by commas")
+        return {k.strip(): v.strip() for k, v in pairs}
+    if kind == "rules":  # a TOML array of inline tables
+        return tomllib.loads(f"v = {text}")["v"]
+    if kind == "list":
+        if text.strip().startswith("["):
+            return tomllib.loads(f"v = {text}")["v"]
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if kind == "duration":
+        return text
+    if isinstance(default, bool):
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{text!r} is not a boolean (true/false)")
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    return text
+
+
+def coerce(value: object, kind: str, default: object) -> object:
+    """Check a TOML value against the key's type; raise ValueError saying what was expected."""
+    if kind == "duration":
+        return parse_duration(value)
+    if kind == "rules":
+        if not isinstance(value, list):
+            raise ValueError("expected an array of tables [[smtp.rules]]")
+        return tuple(_mail_rule(index, table) for index, table in enumerate(value))
+    if kind == "table":
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ValueError('expected a table of name = "text"')
+        return {
+            k.removesuffix("_file"): read_secret_file(v) if k.endswith("_file") else v
+            for k, v in value.items()
+        }
+    if kind == "list":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ValueError("expected a list of strings")
+        return tuple(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("expected an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("expected a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def read_secret_file(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8").strip()
+
+
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"{pattern!r} is not a regular expression: {exc}"
+    return None
+
+
+def _mail_rule(index: int, table: object) -> MailRule:
+    """One `[[smtp.rules]]` table, checked; ValueError names the rule and the key."""
+    where = f"[{index}]"
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a table")
+    unknown = sorted(set(table) - MAIL_RULE_KEYS)
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown key")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        default = getattr(MailRule(), key)
+        if isinstance(default, tuple):
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{where}.{key}: expected a list of strings")
+            value = tuple(value)
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{where}.{key}: expected an integer, 0 or more")
+        elif not isinstance(value, str):
+            raise ValueError(f"{where}.{key}: expected a string")
+        values[key] = value
+    rule = MailRule(**values)
+    if not rule.sender and not rule.subject:
+        raise ValueError(f"{where}: a rule needs sender or subject to match on")
+    for key in ("subject", "first_line_matching", "keep", "drop"):
+        patterns = getattr(rule, key)
+        for pattern in (patterns,) if isinstance(patterns, str) else patterns:
+            if pattern and (why := _regex_problem(pattern)):
+                raise ValueError(f"{where}.{key}: {why}")
+    if rule.compose and rule.compose not in COMPOSE_MODES:
+        raise ValueError(f"{where}.compose: must be {', '.join(COMPOSE_MODES)}")
+    if rule.compose == "template" and not rule.template:
+        raise ValueError(f'{where}.template: required when compose = "template"')
+    return rule

@@ -1,0 +1,72 @@
+"""The one recipient resolver: numbers, group names and mailboxes -> allowed E.164 numbers.
+
+Built from a config once (phone rules, `[groups]`, the SMTP domains' regions) and handed
+to every path that turns a written recipient into a number: the API, webhook routes, the
+console, SMTP RCPT and DATA, the budget's admins and `check-config`. Before, each built
+its own from pieces of the config, and one (the budget's admins) forgot
+`phone.default_region`: `check-config` passed a national admin number that `serve` then
+died on. One resolver, one answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from bridge.config.sections import Config
+from bridge.errors import InputError
+from bridge.firewall import Firewall, RefusedNumber
+from bridge.phone import PhoneError
+
+
+@dataclass(frozen=True, slots=True)
+class Recipients:
+    firewall: Firewall  # phone.*: the default region, which numbers may be texted
+    groups: Mapping[str, tuple[str, ...]]  # [groups]: name -> members as written
+    mail_groups: Mapping[str, str]  # a group's name in lower case -> its name (SMTP: any case)
+    mail_regions: Mapping[str, str]  # SMTP domain (lower case) -> region of national numbers
+    mail_region: str | None = None  # smtp.default_region: mail to other domains
+
+    @classmethod
+    def from_config(cls, config: Config) -> Recipients:
+        smtp = config.smtp
+        return cls(
+            firewall=Firewall.from_config(config),
+            groups=dict(config.groups),
+            mail_groups={name.lower(): name for name in config.groups},
+            mail_regions={d.lower(): r.upper() for d, r in smtp.regions.items()},
+            mail_region=smtp.default_region.upper() or None,
+        )
+
+    def number(self, text: str, *, region: str | None = None) -> str:
+        """One number as written -> E.164: PhoneError if impossible, RefusedNumber if not
+        allowed. `region` (an SMTP domain's) wins over `phone.default_region`."""
+        return self.firewall.number(text, region=region)
+
+    def resolve(self, targets: Iterable[str], *, field: str = "to") -> list[str]:
+        """Numbers and group names -> unique allowed E.164 numbers in first-seen order;
+        an InputError names the entry (`to[2]`, `to[0] (oncall)`) and why."""
+        seen: dict[str, None] = {}
+        for index, target in enumerate(targets):
+            members = self.groups.get(target)
+            for item in members if members is not None else [target]:
+                try:
+                    seen[self.number(item)] = None
+                except (PhoneError, RefusedNumber) as exc:
+                    where = (
+                        f"{field}[{index}]" if members is None else f"{field}[{index}] ({target})"
+                    )
+                    raise InputError(where, str(exc)) from exc
+        return list(seen)
+
+    def mailbox(self, local: str, domain: str) -> list[str]:
+        """`GROUP@DOMAIN` (the group's name in any case) or `NUMBER@DOMAIN` -> numbers.
+
+        National numbers read in the domain's `smtp.regions` entry, else
+        `smtp.default_region`, else `phone.default_region`. PhoneError or RefusedNumber
+        say why not; whether the domain is this bridge's is the listener's question.
+        """
+        group = self.mail_groups.get(local.lower())
+        region = self.mail_regions.get(domain.lower()) or self.mail_region
+        members = self.groups[group] if group else [local]
+        return [self.number(member, region=region) for member in members]

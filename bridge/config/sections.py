@@ -1,0 +1,288 @@
+"""The config's shape: one frozen dataclass per TOML section, with each key's default.
+
+`_opt` records how a key is read from a string (the environment) and whether it is a
+secret; log masking and the secret-file checks derive from `secret=True`, so no secret
+is listed by hand anywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "SMS_BRIDGE_"
+DEFAULT_SMTP_LISTEN = "127.0.0.1:2525"
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
+DEFAULT_STORE_PATH = "sms-bridge.db"
+ONE_MIB = 1024 * 1024
+ROUTE_FORMATS = ("alertmanager", "grafana", "github", "gitlab", "generic")
+SIGNED_FORMATS = ("grafana", "github", "gitlab")  # the formats that check routes.NAME.secret
+GROUP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+
+
+def _opt(default: Any, kind: str = "", secret: bool = False) -> Any:
+    """A config key: its default and how to read it from a string (the environment)."""
+    if isinstance(default, dict):
+        return field(
+            default_factory=lambda: dict(default), metadata={"kind": "table", "secret": secret}
+        )
+    if isinstance(default, list | tuple):
+        return field(default=tuple(default), metadata={"kind": kind or "list", "secret": secret})
+    return field(default=default, metadata={"kind": kind, "secret": secret})
+
+
+@dataclass(frozen=True, slots=True)
+class MailRule:
+    """`[[smtp.rules]]`: for mail from a sender or with a subject, which lines to text.
+
+    The first rule whose `sender` and `subject` both match (an absent one matches all)
+    applies; `bridge.ingress.mailrules` does the picking.
+    """
+
+    name: str = ""  # shown in logs and check-config
+    sender: tuple[str, ...] = ()  # globs on the From address or MAIL FROM, any matches
+    subject: str = ""  # regular expression searched in the subject (case-insensitive)
+    keep: tuple[str, ...] = ()  # regexes: only body lines matching one are kept
+    drop: tuple[str, ...] = ()  # regexes: body lines matching one are dropped
+    first_line_matching: str = ""  # regex: the first body line matching it goes first
+    max_lines: int = 0  # body lines kept at most; 0 = all
+    compose: str = ""  # subject | body | subject_body | template; "" = smtp.compose
+    template: str = ""  # Jinja2 as smtp.template, for compose = "template"
+
+
+MAIL_RULE_KEYS = {f.name for f in dataclasses.fields(MailRule)}
+COMPOSE_MODES = ("subject", "body", "subject_body", "template")
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    listen: str = _opt(DEFAULT_SMTP_LISTEN)
+    domains: tuple[str, ...] = _opt(["sms.localhost"])
+    hostname: str = _opt("")
+    max_message_bytes: int = _opt(ONE_MIB)
+    max_recipients: int = _opt(100)
+    idle_timeout: float = _opt(300.0, "duration")
+    default_region: str = _opt("")
+    regions: Mapping[str, str] = _opt({})  # domain -> region for national numbers
+    allowed_networks: tuple[str, ...] = _opt([])  # CIDRs; empty: any client
+    allowed_senders: tuple[str, ...] = _opt([])  # MAIL FROM patterns (fnmatch); empty: any
+    require_auth: bool = _opt(False)
+    auth_allow_plaintext: bool = _opt(False)
+    users: Mapping[str, str] = _opt({}, secret=True)  # login -> password
+    tls_cert: str = _opt("")
+    tls_key: str = _opt("")
+    tls_listen: str = _opt("")  # implicit TLS (port 465 style); needs tls_cert
+    compose: str = _opt("subject_body")  # subject | body | subject_body | template
+    template: str = _opt("")
+    sender_id: str = _opt("")  # "" -> provider.sender_id
+    rules: tuple[MailRule, ...] = _opt([], "rules")  # [[smtp.rules]]: per-sender line picks
+    max_sessions: int = _opt(100)  # open SMTP sessions in all; beyond: 421 at connect
+    max_sessions_per_client: int = _opt(25)  # from one address (a relay: Postfix opens 20)
+    max_mails_per_session: int = _opt(1000)  # MAIL and DATA commands in one session
+    max_commands: int = _opt(20)  # each other command (NOOP, EHLO, AUTH...) per session
+    max_mime_depth: int = _opt(20)  # deeper parts are not read
+    max_mime_parts: int = _opt(100)  # parts past this are not read
+    parse_timeout: float = _opt(5.0, "duration")  # a mail not parsed by then: 554
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_parts: int = _opt(3)  # longer texts are cut at a word boundary with an ellipsis
+    transliterate: bool = _opt(True)  # curly quotes, dashes, ... -> GSM look-alikes
+    per_recipient: int = _opt(0)  # texts per phone per window; beyond: held for a digest
+    per_recipient_window: float = _opt(600.0, "duration")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    texts_per_day: int = _opt(0)  # 0 = no cap; days are UTC
+    parts_per_day: int = _opt(0)
+    on_exceeded: str = _opt("wait")  # wait (until the next day) | fail
+    admin: tuple[str, ...] = _opt([])  # numbers or groups warned once a day
+    low_balance: float = _opt(0.0)  # warn the admin when the balance falls below
+    cost_per_day: float = _opt(0.0)  # estimated spend per UTC day, provider's currency; 0 = no cap
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: str = _opt(DEFAULT_HTTP_LISTEN)
+    max_body_bytes: int = _opt(ONE_MIB)
+    max_recipients: int = _opt(100)  # recipients one API or hook request may name; 0 = no cap
+    max_concurrency: int = _opt(100)  # open connections and requests; beyond: 503
+    max_header_bytes: int = _opt(16384)  # request line and headers; beyond: 431
+    header_timeout: float = _opt(10.0, "duration")  # to send the request line and headers
+    keep_alive_timeout: float = _opt(5.0, "duration")  # idle between requests
+    body_timeout: float = _opt(30.0, "duration")  # to send the whole body; beyond: 408
+    # Host header values served (names, "*.example.org", "*"); [] = the listen host,
+    # localhost, 127.0.0.1 and [::1] (any IP literal when listening on a wildcard).
+    allowed_hosts: tuple[str, ...] = _opt([])
+    trusted_proxies: tuple[str, ...] = _opt([])  # CIDRs whose X-Forwarded-* is believed
+    tls_cert: str = _opt("")  # PEM files: HTTPS on http.listen
+    tls_key: str = _opt("")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    base_url: str = _opt("")
+    api_key: str = _opt("", secret=True)
+    auth_header: str = _opt("x-api-key")  # x-api-key | bearer
+    sender_id: str = _opt("SMS")
+    requests_per_minute: int = _opt(100)
+    timeout: float = _opt(10.0, "duration")
+    connect_timeout: float = _opt(5.0, "duration")
+    pricing_path: str = _opt("/pricing")
+    account_path: str = _opt("/account")
+    calculate_path: str = _opt("/calculate")
+    bulk_message_type: bool = _opt(False)
+    max_bulk: int = _opt(1000)
+    retry_max_age: float = _opt(3600.0, "duration")
+    backoff_initial: float = _opt(5.0, "duration")
+    backoff_max: float = _opt(600.0, "duration")
+    auth_probe_interval: float = _opt(30.0, "duration")
+    arabic_type: int = _opt(2)  # message_type for Arabic script: 2 (Unicode) or 4
+    allowed_sender_ids: tuple[str, ...] = _opt([])  # callers may ask for; [] = only sender_id
+    max_unknown_resends: int = _opt(1)  # resends after an outcome /logs cannot settle
+    timezone: str = _opt("UTC")  # the provider's zone: schedule_time, /logs timestamps
+
+
+@dataclass(frozen=True, slots=True)
+class StatusConfig:
+    poll_interval: float = _opt(5.0, "duration")
+    budget_share: float = _opt(0.10)
+    give_up_after: float = _opt(172800.0, "duration")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    path: str = _opt(DEFAULT_STORE_PATH)
+    retention: float = _opt(2592000.0, "duration")  # final messages older are purged; 0 = keep
+
+
+@dataclass(frozen=True, slots=True)
+class PhoneConfig:
+    require_valid: bool = _opt(False)
+    default_region: str = _opt("")
+    allowed_countries: tuple[str, ...] = _opt([])  # ISO 3166 codes; [] = any country
+    allow_premium: bool = _opt(False)  # premium, shared-cost, international-network numbers
+
+
+@dataclass(frozen=True, slots=True)
+class DedupeConfig:
+    window: float = _opt(600.0, "duration")
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = _opt("info")
+    format: str = _opt("human")  # human | json
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    """The in-process sandbox provider used when `provider.base_url` is empty."""
+
+    api_key: str = _opt("sandbox-key", secret=True)
+    balance: float = _opt(1000.0)
+    sent_after: float = _opt(1.0, "duration")
+    delivered_after: float = _opt(3.0, "duration")
+    fail_share: float = _opt(0.0)
+    variant: str = _opt("documented")  # answer shapes: see bridge.provider.sandbox.VARIANTS
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """`[routes.NAME]`: one webhook endpoint, `POST /hooks/NAME`."""
+
+    name: str = ""
+    format: str = _opt("generic")  # alertmanager | grafana | github | gitlab | generic
+    to: tuple[str, ...] = _opt([])  # numbers or group names
+    token: str = _opt("", secret=True)  # "Authorization: Bearer TOKEN" required when set
+    username: str = _opt("")  # HTTP basic auth, with password
+    password: str = _opt("", secret=True)
+    secret: str = _opt("", secret=True)  # github/grafana HMAC key; gitlab X-Gitlab-Token
+    template: str = _opt("")  # Jinja2 text of the SMS; "" = the format's default
+    allowed_networks: tuple[str, ...] = _opt([])  # client CIDRs; [] = any
+    allow_query_to: bool = _opt(False)  # may ?to=NUMBER add recipients
+    signature_header: str = _opt("X-Grafana-Alerting-Signature")  # grafana
+    timestamp_header: str = _opt("")  # grafana: signs "timestamp:body" when set
+    max_timestamp_skew: float = _opt(300.0, "duration")
+    match: Mapping[str, str] = _opt({})  # alertmanager/grafana: label = value, all must hold
+    conclusions: tuple[str, ...] = _opt([])  # github/gitlab: [] = failures only
+    branches: tuple[str, ...] = _opt([])  # github/gitlab: [] = every branch
+    to_path: str = _opt("to")  # generic: dotted path of extra recipients
+    text_path: str = _opt("message")  # generic: dotted path of the text
+    dedupe_path: str = _opt("")  # generic: dotted path of a dedupe key
+    sender_id: str = _opt("")  # "" = provider.sender_id
+    dedupe_window: float = _opt(-1.0, "duration")  # -1 = dedupe.window
+    max_texts_per_day: int = _opt(0)  # 0 = no cap for this route
+    allow_payload_to: bool = _opt(False)  # may the payload's to_path and ?to= add recipients
+    public: bool = _opt(False)  # no authentication, knowingly (protected mode allows it)
+
+
+SCOPES = ("send", "read", "admin", "metrics")
+MIN_TOKEN_CHARS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class TokenConfig:
+    """`[tokens.NAME]`: an API token and what it may do (`Authorization: Bearer TOKEN`)."""
+
+    name: str = ""
+    token: str = _opt("", secret=True)
+    scopes: tuple[str, ...] = _opt([])  # send | read | admin | metrics
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    provider: ProviderConfig = field(default_factory=ProviderConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    phone: PhoneConfig = field(default_factory=PhoneConfig)
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    routes: Mapping[str, RouteConfig] = field(default_factory=dict)
+    tokens: Mapping[str, TokenConfig] = field(default_factory=dict)
+    source: str = "built-in defaults"
+
+    @property
+    def uses_sandbox(self) -> bool:
+        return not self.provider.base_url
+
+
+SECTIONS: dict[str, type] = {
+    "smtp": SmtpConfig,
+    "http": HttpConfig,
+    "provider": ProviderConfig,
+    "status": StatusConfig,
+    "store": StoreConfig,
+    "phone": PhoneConfig,
+    "dedupe": DedupeConfig,
+    "log": LogConfig,
+    "sandbox": SandboxConfig,
+    "limits": LimitsConfig,
+    "budget": BudgetConfig,
+}
+
+
+# The sandbox's answer shapes by name (bridge.provider.sandbox.VARIANTS, which checks it
+# matches): named here so config, below the provider, never imports the sandbox.
+SANDBOX_VARIANTS = (
+    "documented",
+    "plain-numbers",
+    "other-keys",
+    "batch-only",
+    "count-only",
+    "local-time",
+    "created-201",
+    "strict",
+    "stand-in",
+)

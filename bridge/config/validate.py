@@ -1,0 +1,256 @@
+"""Checks across keys, each problem reported under its key path (nothing stops early).
+
+Every number the config names is resolved by the one recipient resolver the running
+bridge uses (`bridge.config.recipients`), so `check-config` and `serve` agree.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import zoneinfo
+from collections.abc import Callable
+from pathlib import Path
+
+import phonenumbers
+
+from bridge.config.exposure import validate_protected
+from bridge.config.parsing import parse_listen
+from bridge.config.recipients import Recipients
+from bridge.config.sections import MIN_TOKEN_CHARS, SANDBOX_VARIANTS, SCOPES, Config
+from bridge.errors import InputError
+from bridge.firewall import SENDER_ID_RULE, valid_sender_id
+
+Problem = Callable[[str, str], None]
+
+
+def validate(config: Config, problem: Problem) -> None:
+    """Every cross-key check of a loaded config; each problem goes to `problem(key, why)`."""
+    _validate_sections(config, problem)
+    _validate_tokens(config, problem)
+    _validate_http(config, problem)
+    validate_protected(config, problem)
+
+
+def _validate_sections(config: Config, problem: Problem) -> None:
+    for key, listen in (("smtp.listen", config.smtp.listen), ("http.listen", config.http.listen)):
+        if listen:
+            try:
+                parse_listen(listen)
+            except ValueError as exc:
+                problem(key, str(exc))
+    smtp = config.smtp
+    if smtp.tls_listen:
+        try:
+            parse_listen(smtp.tls_listen)
+        except ValueError as exc:
+            problem("smtp.tls_listen", str(exc))
+    if bool(smtp.tls_cert) != bool(smtp.tls_key):
+        problem("smtp.tls_cert", "tls_cert and tls_key go together")
+    for key in ("tls_cert", "tls_key"):
+        if getattr(smtp, key) and not Path(getattr(smtp, key)).is_file():
+            problem(f"smtp.{key}", f"no such file: {getattr(smtp, key)}")
+    if smtp.tls_listen and not smtp.tls_cert:
+        problem("smtp.tls_listen", "implicit TLS needs smtp.tls_cert and smtp.tls_key")
+    if smtp.require_auth and not smtp.users:
+        problem("smtp.require_auth", "no [smtp.users] to authenticate")
+    if smtp.require_auth and not smtp.tls_cert and not smtp.auth_allow_plaintext:
+        problem("smtp.require_auth", "AUTH needs TLS (smtp.tls_cert) or smtp.auth_allow_plaintext")
+    for index, net in enumerate(smtp.allowed_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problem(f"smtp.allowed_networks[{index}]", f"{net!r} is not an address or CIDR network")
+    if smtp.compose not in ("subject", "body", "subject_body", "template"):
+        problem("smtp.compose", "must be subject, body, subject_body or template")
+    if smtp.compose == "template" and not smtp.template:
+        problem("smtp.template", 'required when smtp.compose = "template"')
+    if smtp.sender_id and not valid_sender_id(smtp.sender_id):
+        problem("smtp.sender_id", SENDER_ID_RULE)
+    for region_key, region in [
+        ("smtp.default_region", smtp.default_region),
+        ("phone.default_region", config.phone.default_region),
+        *((f"smtp.regions.{d}", r) for d, r in smtp.regions.items()),
+    ]:
+        if region and region.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            problem(region_key, f"{region!r} is not a region code such as US, GB or DE")
+    if config.provider.arabic_type not in (2, 4):
+        problem("provider.arabic_type", "must be 2 (Unicode) or 4 (the provider's Arabic type)")
+    if config.limits.per_recipient < 0:
+        problem("limits.per_recipient", "must be 0 (off) or more")
+    b = config.budget
+    if b.on_exceeded not in ("wait", "fail"):
+        problem("budget.on_exceeded", "must be wait or fail")
+    if b.texts_per_day < 0 or b.parts_per_day < 0:
+        problem("budget.texts_per_day", "caps must be 0 (off) or more")
+    _validate_listener_limits(config, problem)
+    if not 1 <= config.limits.max_parts <= 10:
+        problem("limits.max_parts", "must be between 1 and 10")
+    if config.smtp.listen and not config.smtp.domains:
+        problem("smtp.domains", "at least one domain is needed while SMTP is on")
+    p = config.provider
+    if p.base_url and not re.match(r"^https?://[^/\s]+", p.base_url):
+        problem("provider.base_url", "must be an http:// or https:// URL, or empty for the sandbox")
+    if p.auth_header not in ("x-api-key", "bearer"):
+        problem("provider.auth_header", "must be x-api-key or bearer")
+    if p.base_url and not p.api_key:
+        problem("provider.api_key", "required when provider.base_url is set")
+    if not 1 <= p.requests_per_minute <= 100_000:
+        problem("provider.requests_per_minute", "must be between 1 and 100000")
+    if not 1 <= p.max_bulk <= 1000:
+        problem("provider.max_bulk", "must be between 1 and 1000 (the provider's bulk limit)")
+    if not valid_sender_id(p.sender_id):
+        problem("provider.sender_id", SENDER_ID_RULE)
+    for key in ("pricing_path", "account_path", "calculate_path"):
+        if not getattr(p, key).startswith("/"):
+            problem(f"provider.{key}", "must start with /")
+    if not 0 < config.status.budget_share <= 1:
+        problem("status.budget_share", "must be above 0 and at most 1")
+    if not 0 <= config.sandbox.fail_share <= 1:
+        problem("sandbox.fail_share", "must be between 0 and 1")
+    _validate_provider_extras(config, problem)
+    if config.log.level.lower() not in ("debug", "info", "warning", "error"):
+        problem("log.level", "must be debug, info, warning or error")
+    if config.log.format not in ("human", "json"):
+        problem("log.format", "must be human or json")
+    for name, route in config.routes.items():
+        key = f"routes.{name}"
+        if bool(route.username) != bool(route.password):
+            problem(f"{key}.username", "username and password go together (basic auth)")
+        if route.format in ("github", "gitlab") and not route.secret:
+            problem(f"{key}.secret", f"{route.format} webhooks must be authenticated by a secret")
+        if not route.to and not route.allow_payload_to and not route.allow_query_to:
+            problem(
+                f"{key}.to",
+                "no recipients: set to = [numbers or groups] (or allow_payload_to = true)",
+            )
+        if route.sender_id and not valid_sender_id(route.sender_id):
+            problem(f"{key}.sender_id", SENDER_ID_RULE)
+        for index, net in enumerate(route.allowed_networks):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                problem(f"{key}.allowed_networks[{index}]", f"{net!r} is not a CIDR network")
+    _validate_recipients(config, problem)
+
+
+def _validate_recipients(config: Config, problem: Problem) -> None:
+    """Phone rules, and every number the config names goes through the resolver the
+    running bridge uses: a config that texts a refused number is a config error, not a
+    surprise (nor a traceback at start, as `budget.admin` once was)."""
+    phone = config.phone
+    for index, country in enumerate(phone.allowed_countries):
+        if country.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            problem(
+                f"phone.allowed_countries[{index}]", f"{country!r} is not an ISO code such as US"
+            )
+    if config.http.max_recipients < 0:
+        problem("http.max_recipients", "must be 0 (no cap) or more")
+    if config.budget.cost_per_day < 0:
+        problem("budget.cost_per_day", "must be 0 (no cap) or more")
+    for index, sender_id in enumerate(config.provider.allowed_sender_ids):
+        if not valid_sender_id(sender_id):
+            problem(f"provider.allowed_sender_ids[{index}]", SENDER_ID_RULE)
+    recipients = Recipients.from_config(config)
+    for name, members in config.groups.items():
+        for index, member in enumerate(members):
+            try:
+                recipients.number(member)
+            except InputError as exc:
+                problem(f"groups.{name}[{index}]", str(exc))
+    named = [("budget.admin", config.budget.admin)] + [
+        (f"routes.{name}.to", route.to) for name, route in config.routes.items()
+    ]
+    for key, targets in named:
+        for index, target in enumerate(targets):
+            if target in config.groups:
+                continue  # its members are checked above
+            try:
+                recipients.number(target)
+            except InputError as exc:
+                problem(f"{key}[{index}]", f"neither a group nor an allowed number: {exc}")
+
+
+def _validate_tokens(config: Config, problem: Problem) -> None:
+    seen: dict[str, str] = {}
+    for name, spec in config.tokens.items():
+        key = f"tokens.{name}"
+        if len(spec.token) < MIN_TOKEN_CHARS:
+            problem(
+                f"{key}.token",
+                f"at least {MIN_TOKEN_CHARS} characters (e.g. from `openssl rand -hex 24`)",
+            )
+        elif spec.token in seen:
+            problem(f"{key}.token", f"the same token as tokens.{seen[spec.token]}")
+        else:
+            seen[spec.token] = name
+        if not spec.scopes:
+            problem(f"{key}.scopes", f"at least one of {', '.join(SCOPES)}")
+        for scope in spec.scopes:
+            if scope not in SCOPES:
+                problem(f"{key}.scopes", f"{scope!r} is not one of {', '.join(SCOPES)}")
+
+
+def _validate_provider_extras(config: Config, problem: Problem) -> None:
+    """Keys of the provider-shape work (issue 17), kept apart for easy merging."""
+    if not 0 <= config.provider.max_unknown_resends <= 5:
+        problem("provider.max_unknown_resends", "must be between 0 and 5")
+    try:
+        zoneinfo.ZoneInfo(config.provider.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        problem("provider.timezone", f"{config.provider.timezone!r} is not an IANA time zone")
+    if config.sandbox.variant not in SANDBOX_VARIANTS:
+        problem("sandbox.variant", f"must be one of {', '.join(sorted(SANDBOX_VARIANTS))}")
+
+
+def _validate_listener_limits(config: Config, problem: Problem) -> None:
+    """Connection, command and parse limits: each at least 1 (or above 0 for times)."""
+    for section, keys in (
+        (
+            "smtp",
+            (
+                "max_sessions",
+                "max_sessions_per_client",
+                "max_mails_per_session",
+                "max_commands",
+                "max_mime_depth",
+                "max_mime_parts",
+                "parse_timeout",
+            ),
+        ),
+        (
+            "http",
+            (
+                "max_concurrency",
+                "max_header_bytes",
+                "header_timeout",
+                "keep_alive_timeout",
+                "body_timeout",
+            ),
+        ),
+    ):
+        for key in keys:
+            if getattr(getattr(config, section), key) <= 0:
+                problem(f"{section}.{key}", "must be above 0")
+    if config.http.max_header_bytes < 1024:
+        problem("http.max_header_bytes", "must be at least 1024")
+
+
+def _validate_http(config: Config, problem: Problem) -> None:
+    http = config.http
+    for index, net in enumerate(http.trusted_proxies):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problem(f"http.trusted_proxies[{index}]", f"{net!r} is not an address or CIDR network")
+    for index, host in enumerate(http.allowed_hosts):
+        if not re.fullmatch(r"\*|(\*\.)?[A-Za-z0-9_.:\[\]-]+", host):
+            problem(
+                f"http.allowed_hosts[{index}]",
+                f"{host!r} is not a host name, an address, '*.example.org' or '*'",
+            )
+    if bool(http.tls_cert) != bool(http.tls_key):
+        problem("http.tls_cert", "tls_cert and tls_key go together")
+    for key in ("tls_cert", "tls_key"):
+        if getattr(http, key) and not Path(getattr(http, key)).is_file():
+            problem(f"http.{key}", f"no such file: {getattr(http, key)}")
