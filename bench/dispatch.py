@@ -29,10 +29,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bridge.app import build as build_bridge
 from bridge.clock import ManualClock, SystemClock
 from bridge.config import load_config
 from bridge.provider.sandbox import SandboxState, create_sandbox_app
-from bridge.service import Bridge
 from tests.helpers import max_in_window, served
 
 
@@ -51,7 +51,7 @@ async def budget_use(minutes: float) -> None:
     async with served(create_sandbox_app(sandbox)) as url:
         config = config_for(tempfile.mkdtemp(), url, 100)
         async with (
-            Bridge.build(config, clock=clock) as bridge,
+            build_bridge(config, clock=clock) as bridge,
             served(bridge.app) as api,
             httpx.AsyncClient() as http,
         ):
@@ -81,7 +81,7 @@ async def latency(samples: int) -> None:
     async with served(create_sandbox_app(sandbox)) as url:
         config = config_for(tempfile.mkdtemp(), url, 6000)
         async with (
-            Bridge.build(config, clock=clock) as bridge,
+            build_bridge(config, clock=clock) as bridge,
             served(bridge.app) as api,
             httpx.AsyncClient() as http,
         ):

@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_command(config: Config, args: argparse.Namespace) -> int:
     if args.command == "serve":
-        from bridge.service import serve
+        from bridge.app import serve
 
         try:
             with asyncio.Runner(loop_factory=_loop_factory()) as runner:
@@ -375,7 +375,7 @@ async def _provider(config: Config, args: argparse.Namespace, shared: bool) -> i
 async def _provider_call(
     config: Config, args: argparse.Namespace, store: Store | None, clock: Clock
 ) -> int:
-    from bridge.service import open_provider
+    from bridge.app import open_provider
 
     async with open_provider(config, clock=clock) as (_, client, _sandbox):
         try:

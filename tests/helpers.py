@@ -10,6 +10,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 
+from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
 from bridge.config import Config, HttpConfig, load_config
 from bridge.service import Bridge, uvicorn_server
@@ -65,7 +66,7 @@ def bridge_config(tmp_path: Path, provider_url: str, extra: str = "", **provider
 async def running_bridge(config: Config, clock: ManualClock) -> AsyncIterator[tuple[Bridge, str]]:
     """A bridge built as `serve` builds it, its web app on loopback, dispatcher not started."""
     async with (
-        Bridge.build(config, clock=clock) as bridge,
+        build_bridge(config, clock=clock) as bridge,
         served(bridge.app, config.http) as url,
     ):
         await bridge.dispatcher.load_budget()

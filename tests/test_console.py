@@ -305,9 +305,9 @@ async def test_every_answer_carries_the_security_headers(served_bridge) -> None:
 
 
 async def test_cookie_is_secure_over_tls(config, clock: ManualClock) -> None:
-    from bridge.service import Bridge
+    from bridge.app import build as build_bridge
 
-    async with Bridge.build(config, clock=clock) as bridge:
+    async with build_bridge(config, clock=clock) as bridge:
         transport = httpx.ASGITransport(app=bridge.app)
         # The Host must be one the bridge serves (http.allowed_hosts): localhost is.
         async with httpx.AsyncClient(transport=transport, base_url="https://localhost") as http:

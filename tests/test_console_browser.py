@@ -23,6 +23,7 @@ import httpx
 import pytest
 from playwright.async_api import async_playwright
 
+from bridge.app import build as build_bridge
 from bridge.config import Config, load_config
 from bridge.service import Bridge
 from bridge.sockets import bind_socket
@@ -88,7 +89,7 @@ async def serving(config: Config) -> AsyncIterator[tuple[Bridge, str]]:
     """The whole bridge on the real clock, its HTTP listener on an ephemeral port."""
     sock = bind_socket("127.0.0.1:0")
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    async with Bridge.build(config) as bridge:
+    async with build_bridge(config) as bridge:
         started = asyncio.Event()
         runner = asyncio.create_task(bridge.run(http_socket=sock, started=started))
         waiter = asyncio.create_task(started.wait())

@@ -17,11 +17,11 @@ import textwrap
 import httpx
 import pytest
 
+from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
 from bridge.config import load_config, secret_values
 from bridge.ingress.http.hosts import host_allowed
 from bridge.ops.logs import JsonFormatter, MaskingFilter
-from bridge.service import Bridge
 from tests.helpers import bridge_config, running_bridge, write_config
 from tests.test_smtp import _client_context, tls_files  # noqa: F401 - a fixture
 
@@ -336,7 +336,7 @@ async def test_a_reload_masks_the_new_secrets(tmp_path, sandbox_url: str, clock)
         name="reloaded.toml",
     )
     try:
-        async with Bridge.build(config, clock=clock) as bridge:
+        async with build_bridge(config, clock=clock) as bridge:
             reloads: asyncio.Queue[str | None] = asyncio.Queue()
             task = asyncio.create_task(bridge._reloader(reloads))
             await reloads.put(str(reloaded))

@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
+from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
-from bridge.service import Bridge
 from tests.helpers import bridge_config, max_in_window, pump, served
 
 GROUP = '[groups]\noncall = ["+12025550101", "+12025550102", "+12025550103"]\n'
@@ -110,7 +110,7 @@ async def test_fault(
     if "transport" in case:
         transport = FaultyTransport(list(case["transport"]), case.get("transport_path", "/send"))
     async with (
-        Bridge.build(config, clock=clock, transport=transport) as bridge,
+        build_bridge(config, clock=clock, transport=transport) as bridge,
         served(bridge.app) as url,
         httpx.AsyncClient() as http,
     ):
@@ -197,7 +197,7 @@ async def test_variant_and_fault_matrix(
         transport = FaultyTransport(list(case["transport"]), case["transport_path"])
     scheduled_at = datetime.fromtimestamp(clock.now() + 600, UTC).isoformat()
     async with (
-        Bridge.build(config, clock=clock, transport=transport) as bridge,
+        build_bridge(config, clock=clock, transport=transport) as bridge,
         served(bridge.app) as url,
         httpx.AsyncClient() as http,
     ):

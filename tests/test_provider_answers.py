@@ -157,7 +157,7 @@ async def test_404_from_logs_is_not_an_auth_failure(
             clock.advance(10)
             await bridge.poller.run_once()
         ready = await http.get(f"{url}/readyz")
-        assert bridge.health.ready and ready.status_code == 200
+        assert bridge.dispatcher.health.ready and ready.status_code == 200
 
         async def delivered() -> bool:
             return (await bridge.store.get(message_id)).state == State.DELIVERED
@@ -230,12 +230,12 @@ async def test_a_5xx_after_the_provider_took_it_is_found_in_logs_not_resent(
         async def aclose(self) -> None:
             await self.inner.aclose()
 
-    from bridge.service import Bridge
+    from bridge.app import build as build_bridge
     from tests.helpers import served
 
     config = bridge_config(tmp_path, sandbox_url)
     async with (
-        Bridge.build(config, clock=clock, transport=TookItThen502()) as bridge,
+        build_bridge(config, clock=clock, transport=TookItThen502()) as bridge,
         served(bridge.app) as url,
     ):
         [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]

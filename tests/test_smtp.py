@@ -52,7 +52,7 @@ def with_smtp(lines: str) -> str:
 async def smtp_listening(bridge: Bridge) -> AsyncIterator[int]:
     sock = bind_socket("127.0.0.1:0")
     port = sock.getsockname()[1]
-    servers = await start_smtp(bridge.config, bridge.smtp_handler, [sock])
+    servers = await start_smtp(bridge.smtp_handler, [sock])
     try:
         yield port
     finally:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from sqlite_utils import Database
 
 from bridge.clock import Clock
+from bridge.config import LimitsConfig, ProviderConfig
 from bridge.loops import run_steps
 from bridge.models import NewMessage
 from bridge.policy.shaping import Draft, Shaper, default_topic
@@ -48,17 +49,21 @@ class DigestWorker:
         *,
         store: Store,
         clock: Clock,
-        window: float,
-        sender_id: str,
+        limits: LimitsConfig,
+        provider: ProviderConfig,
         shaper: Shaper,
         on_created: Callable[[], None] = lambda: None,
     ) -> None:
         self.store = store
         self.clock = clock
-        self.window = window
-        self.sender_id = sender_id
+        self.sender_id = provider.sender_id  # the bridge's own texts: fixed until restart
+        self.reload(limits)
         self.shaper = shaper
         self.on_created = on_created
+
+    def reload(self, limits: LimitsConfig) -> None:
+        """`limits.per_recipient_window`: when a held phone's digest is due (SIGHUP)."""
+        self.window = limits.per_recipient_window
 
     async def run(self, stop: asyncio.Event) -> None:
         await run_steps(

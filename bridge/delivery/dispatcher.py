@@ -106,13 +106,11 @@ class Dispatcher:
         health: ProviderHealth,
         budget: BudgetGuard | None = None,
         prices: PriceBook | None = None,
-        low_balance: float = 0.0,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.budget = budget
         self.prices = prices
-        self.low_balance = low_balance
         self.balance: float | None = None  # the provider's last word on it
         self.client = client
         self.limiter = limiter
@@ -249,10 +247,12 @@ class Dispatcher:
         if balance is None:
             return
         self.balance = balance
-        if self.low_balance and balance < self.low_balance and self.budget is not None:
+        if self.budget is None:
+            return
+        low = self.budget.config.low_balance  # the budget's, so a reload moves it
+        if low and balance < low:
             await self.budget.warn(
-                "low-balance",
-                f"sms-bridge: provider balance {balance:g} is below {self.low_balance:g}",
+                "low-balance", f"sms-bridge: provider balance {balance:g} is below {low:g}"
             )
             self.wake.set()
 

@@ -15,7 +15,7 @@ import logging
 from datetime import UTC, datetime
 
 from bridge.clock import Clock, zone
-from bridge.config import StatusConfig
+from bridge.config import ProviderConfig, StatusConfig
 from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.errors import (
     ProviderAuthError,
@@ -47,10 +47,10 @@ class StatusPoller:
         limiter: SlidingWindowLimiter,
         clock: Clock,
         config: StatusConfig,
+        provider: ProviderConfig,
         health: ProviderHealth,
-        timezone: str = "UTC",
     ) -> None:
-        self.tz = zone(timezone)
+        self.tz = zone(provider.timezone)  # the provider's /logs dates; fixed until restart
         self.store = store
         self.client = client
         self.limiter = limiter

@@ -52,6 +52,11 @@ class Ingestor:
         self.on_stored = on_stored
         self.pending = 0
 
+    def reload(self, rules: Rules) -> None:
+        """Dedupe windows and storm limits for the next ingest (SIGHUP). The shaper is
+        shared with budget warnings and digests and is reloaded on its own."""
+        self.rules = rules
+
     def preview(self, drafts: Sequence[Draft]) -> list[NewMessage]:
         """What `submit` would store, before policy: texts cut and shaped, costs
         estimated. Stores nothing (the console's route preview)."""

@@ -31,9 +31,9 @@ from typing import Any, ClassVar
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from bridge.clock import zone
-from bridge.config import Config, SmtpConfig
+from bridge.config import ProviderConfig, Recipients, SmtpConfig
 from bridge.errors import InputError, StoreUnavailable
-from bridge.firewall import Firewall, RefusedNumber
+from bridge.firewall import RefusedNumber
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.mail import MailText, ParseBounds, ParseTimeout, compose, parse_mail
 from bridge.ingress.mailrules import apply_rule, rule_for
@@ -97,38 +97,43 @@ class BridgeSMTP(LimitedSMTP):
 class SmtpHandler:
     """aiosmtpd handler hooks; names are aiosmtpd's."""
 
-    def __init__(self, *, config: Config, ingestor: Ingestor) -> None:
+    def __init__(
+        self,
+        *,
+        smtp: SmtpConfig,
+        provider: ProviderConfig,
+        recipients: Recipients,
+        ingestor: Ingestor,
+    ) -> None:
         self.ingestor = ingestor
-        self.config: Config = config
+        self.provider = provider  # default sender id and time zone: fixed until restart
+        self.smtp = smtp
         self.tls: ssl.SSLContext | None = None
-        self.tls = self._tls(config.smtp)  # at start a certificate that does not load is fatal
-        self.sessions = Sessions(lambda: self.config.smtp)
+        self.tls = self._tls(smtp)  # at start a certificate that does not load is fatal
+        self.sessions = Sessions(lambda: self.smtp)
         self.parsers = ThreadPoolExecutor(PARSE_WORKERS, thread_name_prefix="mail-parse")
-        self.reload(config)
+        self.reload(smtp=smtp, recipients=recipients)
 
     def close(self) -> None:
         self.parsers.shutdown(wait=False, cancel_futures=True)
 
-    def reload(self, config: Config) -> list[str]:
+    def reload(self, *, smtp: SmtpConfig, recipients: Recipients) -> list[str]:
         """Take everything new sessions use; sessions in progress carry on as they were.
 
-        Returns problems to warn about (a certificate that does not load keeps the old).
+        Returns problems to warn about (a certificate that does not load keeps the old:
+        `self.smtp` then names the files still in force).
         """
         problems = []
         try:
-            self.tls = self._tls(config.smtp)
+            self.tls = self._tls(smtp)
         except (OSError, ssl.SSLError) as exc:
             problems.append(f"smtp.tls_cert: cannot load, the previous certificate stays: {exc}")
-            config = _keep_tls(config, self.config)
-        self.config = config
-        self.authenticator = Authenticator(dict(config.smtp.users))
-        self.domains = {d.lower() for d in config.smtp.domains}
-        self.regions = {d.lower(): r.upper() for d, r in config.smtp.regions.items()}
-        self.networks = [
-            ipaddress.ip_network(n, strict=False) for n in config.smtp.allowed_networks
-        ]
-        self.groups = {name.lower(): name for name in config.groups}
-        self.firewall = Firewall.from_config(config)
+            smtp = dataclasses.replace(smtp, tls_cert=self.smtp.tls_cert, tls_key=self.smtp.tls_key)
+        self.smtp = smtp
+        self.recipients = recipients
+        self.authenticator = Authenticator(dict(smtp.users))
+        self.domains = {d.lower() for d in smtp.domains}
+        self.networks = [ipaddress.ip_network(n, strict=False) for n in smtp.allowed_networks]
         return problems
 
     def _tls(self, smtp: SmtpConfig) -> ssl.SSLContext | None:
@@ -168,7 +173,7 @@ class SmtpHandler:
     ) -> str:
         if not self._client_allowed(session):
             return f"550 5.7.1 Client {_peer_host(session)} is not allowed to send here"
-        patterns = self.config.smtp.allowed_senders
+        patterns = self.smtp.allowed_senders
         if (
             address
             and patterns
@@ -188,10 +193,7 @@ class SmtpHandler:
             raise InputError(
                 "domain", f"relaying denied: {domain or address!r} is not a domain of this bridge"
             )
-        group = self.groups.get(local.lower())
-        region = self.regions.get(domain) or self.config.smtp.default_region or None
-        members = self.config.groups[group] if group else [local]
-        return [self.firewall.number(member, region=region) for member in members]
+        return self.recipients.mailbox(local, domain)
 
     async def handle_RCPT(
         self,
@@ -201,8 +203,8 @@ class SmtpHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
-            return f"452 4.5.3 Too many recipients (at most {self.config.smtp.max_recipients})"
+        if len(envelope.rcpt_tos) >= self.smtp.max_recipients:
+            return f"452 4.5.3 Too many recipients (at most {self.smtp.max_recipients})"
         try:
             self.resolve(address)
         except PhoneError as exc:
@@ -224,7 +226,7 @@ class SmtpHandler:
     def text_for(self, mail: MailText, mail_from: str | None) -> str:
         """The SMS text: the first matching `[[smtp.rules]]` picks the body's lines and may
         set its own compose mode and template; else `smtp.compose`."""
-        smtp = self.config.smtp
+        smtp = self.smtp
         rule = rule_for(smtp.rules, mail, mail_from)
         mode, template = smtp.compose, smtp.template
         if rule is not None:
@@ -257,7 +259,7 @@ class SmtpHandler:
         return parse_schedule_time(
             str(value),
             now=self.ingestor.clock.now(),
-            tz=zone(self.config.provider.timezone),
+            tz=zone(self.provider.timezone),
             field=MAIL_HEADER,
         )
 
@@ -267,7 +269,7 @@ class SmtpHandler:
         A parse still running at `smtp.parse_timeout` is refused with 554 (it also stops
         itself at the next part); one that never got a worker in that time is a 451.
         """
-        smtp = self.config.smtp
+        smtp = self.smtp
         bounds = ParseBounds(smtp.max_mime_depth, smtp.max_mime_parts, smtp.parse_timeout)
         started: list[float] = []
 
@@ -318,7 +320,7 @@ class SmtpHandler:
             recipients=list(recipients),
             text=text,
             source="smtp",
-            sender_id=self.config.smtp.sender_id or self.config.provider.sender_id,
+            sender_id=self.smtp.sender_id or self.provider.sender_id,
             scope=dedupe_scope("mail"),
             dedupe_key=mail_dedupe_key(mail),
             suppressed_reason=mail.loop_reason,
@@ -367,12 +369,6 @@ class Authenticator:
         return AuthResult(success=ok, handled=False)
 
 
-def _keep_tls(new: Config, old: Config) -> Config:
-    """`new` with the TLS files of `old`: what stays in force when new ones do not load."""
-    smtp = dataclasses.replace(new.smtp, tls_cert=old.smtp.tls_cert, tls_key=old.smtp.tls_key)
-    return dataclasses.replace(new, smtp=smtp)
-
-
 def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
     """A protocol factory for `loop.create_server`: one aiosmtpd `SMTP` per connection.
 
@@ -385,7 +381,7 @@ def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
     """
 
     def factory() -> SMTP:
-        smtp = handler.config.smtp
+        smtp = handler.smtp
         return BridgeSMTP(
             handler,
             sessions=handler.sessions,
@@ -409,9 +405,7 @@ def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
 
 
 async def start_smtp(
-    config: Config,
-    handler: SmtpHandler,
-    sockets: list[socket.socket] | None = None,
+    handler: SmtpHandler, sockets: list[socket.socket] | None = None
 ) -> list[asyncio.Server]:
     """Serve SMTP (and implicit TLS if configured) on this loop; the caller closes them."""
     loop = asyncio.get_running_loop()
@@ -419,10 +413,10 @@ async def start_smtp(
     servers = []
     # `serve` binds both before start-up (a taken port is a config error there); tests
     # that call this directly let it bind.
-    plain = sockets[0] if sockets else bind_socket(config.smtp.listen)
+    plain = sockets[0] if sockets else bind_socket(handler.smtp.listen)
     servers.append(await loop.create_server(factory, sock=plain))
-    if config.smtp.tls_listen:
-        tls = sockets[1] if sockets and len(sockets) > 1 else bind_socket(config.smtp.tls_listen)
+    if handler.smtp.tls_listen:
+        tls = sockets[1] if sockets and len(sockets) > 1 else bind_socket(handler.smtp.tls_listen)
         servers.append(
             await loop.create_server(
                 smtp_factory(handler, implicit_tls=True), sock=tls, ssl=handler.tls

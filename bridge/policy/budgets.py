@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from bridge.clock import Clock
-from bridge.config import BudgetConfig, Config, Recipients
+from bridge.config import BudgetConfig, ProviderConfig, Recipients, RouteConfig
 from bridge.models import Message
 from bridge.policy.shaping import Draft, Shaper
 from bridge.pricing import PriceBook
@@ -50,31 +51,42 @@ class BudgetGuard:
         *,
         store: Store,
         clock: Clock,
-        config: Config,
-        sender_id: str,
+        budget: BudgetConfig,
+        routes: Mapping[str, RouteConfig],
+        recipients: Recipients,
+        provider: ProviderConfig,
+        shaper: Shaper,
         prices: PriceBook | None = None,
-        shaper: Shaper | None = None,
     ) -> None:
         self.store = store
         self.prices = prices or PriceBook()
         # Warnings are shaped as every other text is (transliterated, cut, priced).
-        self.shaper = shaper or Shaper(prices=self.prices)
+        self.shaper = shaper
         self.clock = clock
-        self.sender_id = sender_id
+        self.sender_id = provider.sender_id  # the bridge's own texts: fixed until restart
         self.over_cap_total = 0  # messages held back or failed by a cap, for metrics
-        self.reload(config)
+        self.reload(budget=budget, routes=routes, recipients=recipients)
 
-    def reload(self, config: Config) -> None:
-        """Take the caps and admins of `config` (at start and on SIGHUP)."""
-        self.config: BudgetConfig = config.budget
+    def reload(
+        self,
+        *,
+        budget: BudgetConfig,
+        routes: Mapping[str, RouteConfig],
+        recipients: Recipients,
+    ) -> None:
+        """Take the caps, admins and low-balance mark (at start and on SIGHUP).
+
+        The admins are resolved first, by the resolver every ingress uses: an InputError
+        there leaves the running budget as it was.
+        """
+        admins = recipients.resolve(budget.admin, field="budget.admin")
+        self.config = budget
         self.route_caps: dict[str, int] = {
             name: route.max_texts_per_day
-            for name, route in config.routes.items()
+            for name, route in routes.items()
             if route.max_texts_per_day > 0
         }
-        self.admins = Recipients.from_config(config).resolve(
-            config.budget.admin, field="budget.admin"
-        )
+        self.admins = admins
 
     @property
     def active(self) -> bool:

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bridge.config import Config
+from bridge.config import LimitsConfig, ProviderConfig
 from bridge.models import NewMessage, State
 from bridge.phone import is_assigned
 from bridge.policy.decide import scoped_key, text_key
@@ -59,41 +59,30 @@ class Draft:
 
 
 class Shaper:
-    """The shaping settings of the running config; `reload` takes a new one's."""
+    """The shaping settings in force: `[limits]` (reloadable) and the provider's
+    `arabic_type` (fixed until restart, as the whole provider section is)."""
 
     def __init__(
         self,
         *,
-        max_parts: int = 3,
-        transliterate: bool = True,
-        arabic_type: int = 2,
+        limits: LimitsConfig,
+        provider: ProviderConfig,
         prices: PriceBook | None = None,
     ) -> None:
-        self.max_parts = max_parts
-        self.transliterate = transliterate
-        self.arabic_type = arabic_type
+        self.arabic_type = provider.arabic_type
         self.prices = prices or PriceBook()
+        self.reload(limits)
 
-    @classmethod
-    def from_config(cls, config: Config, prices: PriceBook | None = None) -> Shaper:
-        return cls(
-            max_parts=config.limits.max_parts,
-            transliterate=config.limits.transliterate,
-            arabic_type=config.provider.arabic_type,
-            prices=prices,
-        )
-
-    def reload(self, config: Config) -> None:
-        """The limits apply on SIGHUP; arabic_type is the provider's, fixed until restart."""
-        self.max_parts = config.limits.max_parts
-        self.transliterate = config.limits.transliterate
+    def reload(self, limits: LimitsConfig) -> None:
+        """max_parts and transliterate, from the next text on (SIGHUP)."""
+        self.limits = limits
 
     def messages(self, drafts: Sequence[Draft]) -> list[NewMessage]:
         """The rows `drafts` become, before policy decides their state."""
         out = []
         for draft in drafts:
             text, form, text_dedupe_key = _prepared(
-                draft.text, self.transliterate, self.max_parts, self.arabic_type
+                draft.text, self.limits.transliterate, self.limits.max_parts, self.arabic_type
             )
             topic = draft.topic or default_topic(text)
             dedupe_key = scoped_key(

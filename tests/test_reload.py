@@ -1,0 +1,183 @@
+"""Each part a reload re-configures, checked through the real Bridge: a new config file
+is loaded as SIGHUP loads it (`load_config`) and handed to `Bridge.reload`, then the
+setting is shown to hold on the next message, mail or request.
+
+One test per reloadable part (shaper, ingest rules, digests, budget, SMTP handler, the
+live view), so dropping one part's `reload` call from `Bridge.reload` fails the test
+named for it. SIGHUP through a real `serve` process is driven in test_operations.py
+(routes, SMTP auth, sizes, limits, TLS, restart warnings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.config import BudgetConfig, Config, load_config
+from bridge.errors import ConfigError
+from bridge.provider.sandbox import SandboxState
+from bridge.service import Bridge
+from tests.helpers import bridge_config, running_bridge, write_config
+from tests.test_firewall import rcpt
+from tests.test_smtp import smtp_listening
+
+PHONE = "+12025550143"
+
+
+def reloaded(bridge: Bridge, tmp_path: Path, sandbox_url: str, extra: str) -> list[str]:
+    """The running store and provider with `extra`, written to a file, loaded and applied
+    as SIGHUP does; the reload's warnings."""
+    text = (
+        f'[store]\npath = "{bridge.config.store.path}"\n'
+        f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n{extra}'
+    )
+    return bridge.reload(load_config(write_config(tmp_path, text, "reloaded.toml"), env={}))
+
+
+async def post(http: httpx.AsyncClient, url: str, to: str, message: str) -> dict:
+    response = await http.post(f"{url}/api/v1/messages", json={"to": to, "message": message})
+    assert response.status_code == 202, response.text
+    return response.json()["messages"][0]
+
+
+async def test_limits_max_parts_reaches_the_shaper(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    long_text = "word " * 100  # 500 GSM characters: 4 parts, cut to limits.max_parts
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        before = await post(http, url, PHONE, long_text)
+        assert reloaded(bridge, tmp_path, sandbox_url, "[limits]\nmax_parts = 1\n") == []
+        after = await post(http, url, "+12025550144", long_text)
+        stored = [await bridge.store.get(m["id"]) for m in (before, after)]
+    assert [m.parts for m in stored] == [3, 1]
+    assert len(stored[1].text) <= 160
+
+
+async def test_dedupe_window_reaches_the_ingest_rules(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)  # dedupe.window = 10m
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        states = [(await post(http, url, PHONE, "disk full"))["state"] for _ in range(2)]
+        reloaded(bridge, tmp_path, sandbox_url, "[dedupe]\nwindow = 0\n")  # off
+        states += [(await post(http, url, PHONE, "cpu hot"))["state"] for _ in range(2)]
+    assert states == ["queued", "suppressed", "queued", "queued"]
+
+
+async def test_per_recipient_window_reaches_the_digest_worker(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    storm = '[limits]\nper_recipient = 1\nper_recipient_window = "{}"\n'
+    config = bridge_config(tmp_path, sandbox_url, storm.format("30m"))
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        reloaded(bridge, tmp_path, sandbox_url, storm.format("2m"))
+        states = [(await post(http, url, PHONE, f"alert {i}"))["state"] for i in range(2)]
+        held_at = clock.now()
+        while not (digests := await bridge.store.query(source="digest")):
+            assert clock.now() - held_at <= 120, "no digest 2m after the hold"
+            clock.advance(await bridge.digests.run_once())
+    assert states == ["queued", "held"]
+    assert len(digests) == 1 and digests[0].recipient == PHONE
+
+
+async def test_budget_caps_admins_and_low_balance_reach_the_budget_and_dispatcher(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """No budget at start; the reload adds a daily cap, a national admin number read in
+    the new phone.default_region (the GB case, now on reload) and a low-balance mark,
+    which the dispatcher reads through the budget."""
+    sandbox_state.balance = 10.0
+    config = bridge_config(tmp_path, sandbox_url)
+    budget = (
+        '[phone]\ndefault_region = "GB"\n'
+        '[budget]\ntexts_per_day = 1\nlow_balance = 100\nadmin = ["07700 900123"]\n'
+    )
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        assert reloaded(bridge, tmp_path, sandbox_url, budget) == []
+        for i in range(2):
+            await post(http, url, f"+1202555014{i}", f"alert {i}")
+        for _ in range(6):
+            clock.advance(min(await bridge.dispatcher.run_once(), 5))
+        waiting = await bridge.store.query(reason_kind="budget")
+    admin = [e.message for e in sandbox_state.entries if e.to == "+447700900123"]
+    assert len([e for e in sandbox_state.entries if e.to.startswith("+1202")]) == 1
+    assert len(waiting) == 1
+    assert any("texts_per_day=1" in text for text in admin)
+    assert any("is below 100" in text for text in admin)
+
+
+async def test_groups_and_regions_reach_smtp_and_the_api(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, '[smtp]\ndomains = ["sms.localhost"]\n')
+    after = (
+        '[smtp]\ndomains = ["sms.localhost", "uk.localhost"]\n'
+        '[smtp.regions]\n"uk.localhost" = "GB"\n'
+        '[groups]\nops = ["+12025550150"]\n'
+    )
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        before = [
+            (await asyncio.to_thread(rcpt, port, address))[0]
+            for address in ("ops@sms.localhost", "07700900123@uk.localhost")
+        ]
+        api_before = await http.post(f"{url}/api/v1/messages", json={"to": "ops", "message": "x"})
+        assert reloaded(bridge, tmp_path, sandbox_url, after) == []
+        codes = [
+            (await asyncio.to_thread(rcpt, port, address))[0]
+            for address in ("OPS@sms.localhost", "07700900123@uk.localhost")
+        ]
+        api_after = await http.post(f"{url}/api/v1/messages", json={"to": "ops", "message": "x"})
+    assert before == [550, 550] and api_before.status_code == 400
+    assert codes == [250, 250]
+    assert api_after.status_code == 202
+    assert api_after.json()["messages"][0]["to"] == "+12025550150"
+
+
+async def test_a_reload_the_budget_cannot_resolve_applies_nothing(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """A config built without `load_config`'s checks (an admin no resolver reads) is
+    refused by `Bridge.reload` before any part changed: no half-applied reload."""
+    config = bridge_config(tmp_path, sandbox_url)
+    bad: Config = dataclasses.replace(
+        config,
+        budget=BudgetConfig(texts_per_day=1, admin=("07700 900123",)),  # no default region
+        limits=dataclasses.replace(config.limits, max_parts=1),
+    )
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        with pytest.raises(ConfigError) as refused:
+            bridge.reload(bad)
+        message = await post(http, url, PHONE, "word " * 100)
+        stored = await bridge.store.get(message["id"])
+    assert "budget.admin[0]" in str(refused.value)
+    assert bridge.config is config and bridge.live.current is config
+    assert stored.parts == 3 and not bridge.budget.active
+
+
+async def test_restart_only_sections_are_named_and_keep_running(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, _):
+        warnings = reloaded(
+            bridge,
+            tmp_path,
+            sandbox_url,
+            '[status]\npoll_interval = "1m"\n[http]\nlisten = "127.0.0.1:0"\n',
+        )
+    assert warnings == [
+        "http.listen changed but needs a restart",
+        "status changed but needs a restart",
+    ]
+    assert bridge.config.status.poll_interval == config.status.poll_interval
+    assert bridge.poller.config.poll_interval == config.status.poll_interval
