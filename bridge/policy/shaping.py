@@ -43,7 +43,7 @@ def _prepared(
 
 @dataclass(frozen=True, slots=True)
 class Draft:
-    """One text to one or more already-resolved E.164 recipients (Firewall.resolve)."""
+    """One text to one or more already-resolved E.164 recipients (Recipients.resolve)."""
 
     recipients: Sequence[str]
     text: str
