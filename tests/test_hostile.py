@@ -166,12 +166,16 @@ def test_random_bytes_never_get_a_500(bridge, raw: bytes, ctype: str) -> None:
 
 def test_thousands_of_rcpts_get_452_beyond_the_limit(bridge) -> None:
     _, port = bridge
+    codes: list[int] = []
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.ehlo("abuser")
         client.mail("a@example.org")
-        codes = [client.rcpt(f"+1202555{i:04d}@sms.localhost")[0] for i in range(2000)]
-        client.rset()
-    assert codes[:50] == [250] * 50 and set(codes[50:]) == {452}
+        # Refusals are not progress: past smtp.idle_timeout (1 s here) of nothing but 452s
+        # the server may drop the session, which a loaded machine reaches before 2000.
+        with contextlib.suppress(smtplib.SMTPServerDisconnected):
+            for i in range(2000):
+                codes.append(client.rcpt(f"+1202555{i:04d}@sms.localhost")[0])
+    assert codes[:50] == [250] * 50 and set(codes[50:]) == {452} and len(codes) > 100
 
 
 def test_idle_clients_are_dropped_and_junk_answered(bridge) -> None:
