@@ -87,7 +87,7 @@ async def test_logs_move_pending_sent_delivered_and_filter(
         assert bad.status_code == 400
 
 
-# What the provider bills, written out from docs sms-api.md ("Message types and length")
+# What the provider bills, written out from the provider's API reference ("Message types and length")
 # rather than from the sandbox's tables: type 1 is GSM 03.38, 160 septets in one SMS and
 # 153 per part, extension characters two septets; types 2 and 4 count UTF-16 units, 70
 # then 67; a type 1 text with a character outside GSM 03.38 counts as UCS-2.

@@ -1,5 +1,5 @@
-"""The provider's REST API (the SMS provider's published v1 API, docs sms-api.md): one
-client per process over the injected `httpx.AsyncClient`.
+"""The provider's REST API (the SMS provider's published v1 API): one client per
+process over the injected `httpx.AsyncClient`.
 
 It builds each request (auth header as configured, the undocumented paths from config,
 `message_type` on bulk only where the provider takes it) and turns transport failures

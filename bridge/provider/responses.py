@@ -10,7 +10,7 @@ ids (the poller then matches the message by recipient and text); only an answer 
 nothing is an unknown outcome, to be checked in /logs before anything is resent.
 
 Parsing is tolerant because the bulk, logs, pricing and account bodies are not
-documented (docs sms-api.md): numbers are mapped back to ours whatever their form, keys
+documented by the provider: numbers are mapped back to ours whatever their form, keys
 have variants. Pure functions over what the client received; no I/O.
 """
 

@@ -2,7 +2,7 @@
 
 `serve` runs it in-process when `provider.base_url` is empty, `sms-bridge sandbox` runs
 it standalone, and the tests send to it. It keeps the provider's documented behaviour
-(docs sms-api.md) and, where the documentation is silent, answers in one of several
+(its published v1 API reference) and, where the documentation is silent, answers in one of several
 shapes rather than the way the client guesses. It is an independent oracle: parts,
 prices and number checks come from its own tables, never from the bridge's `text`,
 `phone` or `pricing` modules (tests/test_imports.py holds that), so a bug there

@@ -1,10 +1,11 @@
 """What the sandbox bills: its own GSM 03.38 tables, part counts and prices per country.
 
-Written here from the provider's documentation (docs sms-api.md, "Message types and
-length"), not imported from the bridge's `text`, `phone` or `pricing` modules: the
-sandbox is the oracle the bridge's estimates are checked against, so a part-count or
-pricing bug in the bridge must disagree with it rather than agree with itself
-(tests/test_imports.py keeps these imports out).
+Written here from the provider's API documentation ("Message types and length": 160
+septets then 153 per part, extension characters two; UCS-2 70 then 67), not imported
+from the bridge's `text`, `phone` or `pricing` modules: the sandbox is the oracle the
+bridge's estimates are checked against, so a part-count or pricing bug in the bridge
+must disagree with it rather than agree with itself (tests/test_imports.py keeps these
+imports out).
 """
 
 from __future__ import annotations
