@@ -197,6 +197,28 @@ def test_the_config_package_is_layered_in_its_documented_order() -> None:
     assert backward == []
 
 
+# The sandbox is the oracle the bridge's estimates and parsing are checked against: it
+# counts parts, prices and reads numbers from its own tables, so it may not borrow the
+# modules it checks (a bug there would then agree with itself).
+ORACLE_MAY_NOT_IMPORT = (
+    *("bridge.text", "bridge.phone", "bridge.pricing"),
+    *("bridge.provider.client", "bridge.provider.responses", "bridge.provider.logmatch"),
+)
+
+
+def test_the_sandbox_borrows_nothing_it_is_an_oracle_for() -> None:
+    graph = import_graph()
+    sandbox = [m for m in graph if m.startswith("bridge.provider.sandbox")]
+    assert "bridge.provider.sandbox.billing" in sandbox  # the package is where we look
+    borrowed = sorted(
+        f"{source} imports {target}"
+        for source in sandbox
+        for target in graph[source]
+        if target.startswith(ORACLE_MAY_NOT_IMPORT)
+    )
+    assert borrowed == []
+
+
 SQL = ("SELECT ", "UPDATE ", "INSERT ", "DELETE ", "WITH ", "CREATE ", "PRAGMA ")
 
 

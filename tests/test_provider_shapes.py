@@ -3,14 +3,11 @@ its own; /logs matching tolerates how a provider writes numbers, texts and times
 
 from __future__ import annotations
 
-import ast
-import inspect
 from datetime import UTC, datetime
 
 import httpx
 import pytest
 
-import bridge.provider.sandbox as sandbox_module
 from bridge.clock import ManualClock, zone
 from bridge.errors import (
     PermanentSendError,
@@ -138,14 +135,9 @@ async def test_strict_sandbox_refuses_what_the_real_api_may(
     assert sandbox_state.entries == [] and sandbox_state.balance == 0.4
 
 
-def test_the_sandbox_is_an_independent_oracle() -> None:
-    imported = {
-        node.module
-        for node in ast.walk(ast.parse(inspect.getsource(sandbox_module)))
-        if isinstance(node, ast.ImportFrom) and node.module
-    }
-    assert not imported & {"bridge.text", "bridge.phone", "bridge.provider.client"}
-    # Its own tables agree with the bridge's on what a text costs.
+def test_the_sandbox_agrees_with_the_bridge_on_parts() -> None:
+    # Two tables written apart (tests/test_imports.py keeps the sandbox off bridge.text)
+    # agree on what a text costs: a part-count bug on either side shows here.
     samples = ["x" * 160, "x" * 161, "{}" * 80, "€" * 81, "é" * 200, "héllo ☃", "مرحبا" * 20]
     for text in samples:
         form = shape(text)

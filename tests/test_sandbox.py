@@ -85,3 +85,78 @@ async def test_logs_move_pending_sent_delivered_and_filter(
             "/send", json={"to": "+12025550143", "message": "x", "schedule_time": "soon"}
         )
         assert bad.status_code == 400
+
+
+# What the provider bills, written out from the provider's API reference ("Message types and length")
+# rather than from the sandbox's tables: type 1 is GSM 03.38, 160 septets in one SMS and
+# 153 per part, extension characters two septets; types 2 and 4 count UTF-16 units, 70
+# then 67; a type 1 text with a character outside GSM 03.38 counts as UCS-2.
+# The GSM 03.38 basic set beyond A-Z, a-z, 0-9 and ASCII punctuation (3GPP TS 23.038
+# 6.2.1): written out here, so a character lost from the sandbox's table makes a text UCS-2.
+GSM_NOT_ASCII = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ¤¡ÄÖÑÜ§¿äöñüà"
+BILLED_PARTS = [
+    ("a" * 160, 1, 1),
+    ("a" * 161, 1, 2),
+    ("a" * 306, 1, 2),
+    ("a" * 307, 1, 3),
+    ("€" * 80, 1, 1),  # 160 septets
+    ("€" * 81, 1, 2),
+    ("{" * 76 + "a" * 9, 1, 2),  # 161 septets in 85 characters
+    ((GSM_NOT_ASCII * 4)[:160], 1, 1),  # one septet each: a lost one makes it UCS-2
+    ((GSM_NOT_ASCII * 4)[:161], 1, 2),
+    ("é" * 70, 2, 1),  # a GSM character sent as Unicode counts as Unicode
+    ("é" * 71, 2, 2),
+    ("ł" * 70, 1, 1),  # outside GSM 03.38: UCS-2 whatever the type says
+    ("ł" * 71, 1, 2),
+    ("ł" * 134, 1, 2),
+    ("ł" * 135, 1, 3),
+    ("مرحبا" * 14, 4, 1),  # Arabic type: counted as UCS-2
+    ("مرحبا" * 15, 4, 2),
+    ("😀" * 35, 2, 1),  # each a surrogate pair: two units
+    ("😀" * 36, 2, 2),
+]
+# The sandbox's price per part by country (its /pricing), and anything else.
+PRICES = {"+12025550143": 0.5, "+447911123456": 0.8, "+33612345678": 0.9}
+PRICES |= {"+4915123456789": 0.9, "+96171123456": 1.5, "+971501234567": 1.2}
+PRICES |= {"+81312345678": 1.0}  # Japan is not priced: the default
+
+
+@pytest.mark.parametrize(("text", "message_type", "parts"), BILLED_PARTS)
+async def test_the_sandbox_bills_the_documented_parts(
+    text: str, message_type: int, parts: int, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    async with httpx.AsyncClient(base_url=f"{sandbox_url}/api/v1", headers=KEY) as http:
+        answer = await http.post(
+            "/send", json={"to": "+81312345678", "message": text, "message_type": message_type}
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["data"]["cost"] == pytest.approx(parts * 1.0)
+        logged = (await http.get("/logs")).json()["data"][0]
+        assert logged["parts"] == parts
+        if message_type == 1 or text[0] in "ł😀":  # the calculator picks the type itself
+            calculated = await http.post("/calculate", json={"to": "+81312345678", "message": text})
+            assert calculated.json()["data"]["parts"] == parts
+
+
+async def test_the_sandbox_prices_each_country_from_its_own_list(
+    sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    async with httpx.AsyncClient(base_url=f"{sandbox_url}/api/v1", headers=KEY) as http:
+        for number, price in PRICES.items():
+            answer = await http.post("/send", json={"to": number, "message": "a" * 161})
+            assert answer.json()["data"]["cost"] == pytest.approx(2 * price), number
+        everyone = await http.post(
+            "/calculate", json={"recipients": list(PRICES), "message": "€" * 81}
+        )
+        assert everyone.json()["data"]["cost"] == pytest.approx(2 * sum(PRICES.values()))
+        listed = (await http.get("/pricing")).json()["data"]
+    assert listed["default"] == 1.0
+    assert {c["country_code"]: c["price"] for c in listed["countries"]} == {
+        "+1": 0.5,
+        "+33": 0.9,
+        "+44": 0.8,
+        "+49": 0.9,
+        "+961": 1.5,
+        "+971": 1.2,
+    }
+    assert sandbox_state.balance == pytest.approx(1000 - 2 * sum(PRICES.values()))
