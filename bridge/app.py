@@ -42,7 +42,7 @@ from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.service import Bridge
 from bridge.sockets import bind_socket, bound_address
-from bridge.store import Store
+from bridge.store import Store, open_store
 
 if TYPE_CHECKING:  # the sandbox itself is imported only when configured
     from bridge.provider.sandbox import SandboxState
@@ -123,11 +123,13 @@ def _gauges(
         lambda: budget.over_cap_total,
     )
     # Their ratio is the group-commit batch size: writes per fsync.
-    metrics.gauge("store_commits", "Store transactions committed", lambda: store.commits)
+    metrics.gauge(
+        "store_commits", "Store transactions committed", lambda: store.stats().transactions
+    )
     metrics.gauge(
         "store_writes_committed",
         "Store writes committed (several share one transaction)",
-        lambda: store.jobs_committed,
+        lambda: store.stats().writes,
     )
 
 
@@ -137,10 +139,13 @@ async def build(
     *,
     clock: Clock | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    store: Store | None = None,
 ) -> AsyncIterator[Bridge]:
-    """Every part, built once from `config`; closed when the block ends."""
+    """Every part, built once from `config`; closed when the block ends. `store`: one
+    built elsewhere (not opened: this opens and closes it) instead of the one
+    `config.store` names; tests pass one that can play a failing disk."""
     clock = clock or SystemClock()
-    store = Store(config.store.path)
+    store = store or open_store(config.store)
     await store.open()
     p = config.provider
     metrics = Metrics(store, clock.now)

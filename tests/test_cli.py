@@ -147,16 +147,30 @@ def test_provider_command_on_the_sandbox_says_it_is_a_sandbox_of_its_own(tmp_pat
 
 async def test_retry_says_when_the_running_serve_sends(tmp_path) -> None:
     from bridge.clock import SystemClock
+    from bridge.config import StoreConfig
     from bridge.models import NewMessage, State
-    from bridge.store import Store
+    from bridge.store import open_store
+    from tests.stores import seed
 
-    store = Store(tmp_path / "sms-bridge.db")
+    store = open_store(StoreConfig(path=str(tmp_path / "sms-bridge.db")))
     await store.open()
     now = SystemClock().now()
     message = NewMessage("+12025550143", "hi", "http", "SMS", 1, 1, state=State.FAILED)
-    [mid] = await store.write(lambda db: Store.insert_messages(db, [message], now))
+    [mid] = await seed(store, [message], now)
     await store.close()
     result = await asyncio.to_thread(run, "retry", str(mid), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"queued again: {mid}" in result.stdout
     assert "a running `sms-bridge serve` sends them within 30 s" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["messages"], ["serve"]])
+def test_a_postgresql_store_is_refused_clearly_until_it_lands(tmp_path, command) -> None:
+    (tmp_path / "bridge.toml").write_text(
+        '[store]\nurl = "postgresql://sms:hunter2@127.0.0.1/sms"\n'
+        '[http]\nlisten = "127.0.0.1:0"\n[smtp]\nlisten = ""\n'
+    )
+    result = run(*command, "--config", str(tmp_path / "bridge.toml"), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "store.url: PostgreSQL store not available in this build" in result.stderr
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr

@@ -324,3 +324,14 @@ def test_a_route_override_naming_nothing_is_a_problem_not_silence(tmp_path) -> N
     assert "alertmanager" in problems["SMS_BRIDGE_ROUTES_ALERTMANGER_TOKEN"]
     assert "no such route key" in problems["SMS_BRIDGE_ROUTES_ALERTMANAGER_TOKNE"]
     assert "typo" not in str(caught.value.problems)  # values (maybe secrets) never echoed
+
+
+def test_store_url_is_a_postgresql_url_or_empty(tmp_path) -> None:
+    bad = write_config(tmp_path, '[store]\nurl = "mysql://db.example/sms"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    assert [key for key, _ in caught.value.problems] == ["store.url"]
+    assert "postgresql://" in caught.value.problems[0][1]
+    good = write_config(tmp_path, '[store]\nurl = "postgresql://sms:pw@db/sms"\n', "pg.toml")
+    assert load_config(good).store.url == "postgresql://sms:pw@db/sms"
+    assert load_config(write_config(tmp_path, "", "empty.toml")).store.url == ""

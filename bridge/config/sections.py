@@ -158,6 +158,9 @@ class StatusConfig:
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     path: str = _opt(DEFAULT_STORE_PATH)
+    # "postgresql://user@host/db": a store shared by a cluster; "" = SQLite at `path`.
+    # Secret: a URL may carry a password.
+    url: str = _opt("", secret=True)
     retention: float = _opt(2592000.0, "duration")  # final messages older are purged; 0 = keep
 
 

@@ -88,6 +88,8 @@ def _validate_sections(config: Config, problem: Problem) -> None:
         problem("limits.max_parts", "must be between 1 and 10")
     if config.smtp.listen and not config.smtp.domains:
         problem("smtp.domains", "at least one domain is needed while SMTP is on")
+    if config.store.url and not re.match(r"^postgres(ql)?://\S*$", config.store.url):
+        problem("store.url", "must be a postgresql:// URL, or empty for SQLite at store.path")
     p = config.provider
     if p.base_url and not re.match(r"^https?://[^/\s]+", p.base_url):
         problem("provider.base_url", "must be an http:// or https:// URL, or empty for the sandbox")
