@@ -20,9 +20,10 @@ sending it, and records each outcome:
                          `provider.max_unknown_resends` times, then ended `sent` with the
                          reason "outcome unknown" (reason_kind `unknown`), admin warned
 
-Messages found in `sending` (a crash, a read timeout) are reconciled the same way, so a
-restart does not text anyone twice where the provider's /logs can tell, and never more
-than once more where it cannot.
+Messages found in `sending` (a crash, a read timeout) are reconciled the same way
+(`bridge.delivery.reconcile`, before anything new is sent), so a restart does not text
+anyone twice where the provider's /logs can tell, and never more than once more where it
+cannot.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from bridge.clock import Clock, zone
 from bridge.config import ProviderConfig
 from bridge.delivery.ratelimit import SlidingWindowLimiter
+from bridge.delivery.reconcile import Reconciler
 from bridge.errors import (
     PermanentSendError,
     ProviderAuthError,
@@ -54,18 +56,13 @@ from bridge.provider.client import (
     SendResult,
     TransientUnknownOutcome,
 )
-from bridge.provider.logmatch import LogMatcher, provider_date, provider_time
 from bridge.schedule import for_provider
 from bridge.store import Store
 from bridge.text import TYPE_GSM
 
 log = logging.getLogger(__name__)
 IDLE_WAIT = 30.0  # nothing queued: look again this often even without a wake-up
-RECONCILE_DELAY = 5.0  # let the provider's /logs catch up before looking there
-RECONCILE_MAX_PAGES = 10
-CLOCK_SKEW = 120.0  # tolerance between our clock and the provider's timestamps
 DUE_BATCH = 5000
-LOGS_TRIES = 3  # /logs failing this often in a row: the outcomes waiting on it stay unknown
 FOREIGN_PREFIX = "cli"  # request kinds booked by `sms-bridge provider ...` in the store
 
 
@@ -124,9 +121,19 @@ class Dispatcher:
         self._next_probe = 0.0
         self._prices_loaded = prices is None
         self._inactive_strikes = 0  # 403s in a row: the wait before the next try doubles
-        self._logs_failures = 0
         self._foreign_rowid = 0  # last request booked by another process already counted
         self.tz = zone(config.timezone)
+        self.reconciler = Reconciler(
+            store=store,
+            client=client,
+            limiter=limiter,
+            clock=clock,
+            config=config,
+            tz=self.tz,
+            outcomes=self,
+            wake=self.wake,
+            budget=budget,
+        )
 
     async def load_budget(self) -> None:
         """Take the requests booked before a restart into the window."""
@@ -172,7 +179,7 @@ class Dispatcher:
             return wait
         if not self._prices_loaded:
             await self._load_prices()
-        reconcile_wait = await self._reconcile()
+        reconcile_wait = await self.reconciler.run_once()
         if reconcile_wait is not None:
             return reconcile_wait
         due = await self.store.due(now, DUE_BATCH)
@@ -287,7 +294,7 @@ class Dispatcher:
         except PermanentSendError as exc:
             await self._refused(batch, exc)
         except ProviderAuthError as exc:
-            self._key_refused(exc)
+            self.key_refused(exc)
             what = (
                 "provider says the account is not active"
                 if isinstance(exc, ProviderInactiveError)
@@ -323,7 +330,7 @@ class Dispatcher:
                 ids, f"provider error, checking its logs before a retry: {exc}", "provider-error"
             )
         except TransientSendError as exc:
-            await self._retry_later(batch, exc)
+            await self.retry_later(batch, exc)
         else:
             self.limiter.answered()
             self._inactive_strikes = 0
@@ -350,7 +357,7 @@ class Dispatcher:
             [(batch[0].id, State.FAILED, f"provider refused: {exc.reason}")], now
         )
 
-    def _key_refused(self, exc: ProviderAuthError) -> float:
+    def key_refused(self, exc: ProviderAuthError) -> float:
         """401/403/404: health red; seconds until the next try (403: doubling)."""
         now = self.clock.now()
         inactive = isinstance(exc, ProviderInactiveError)
@@ -362,11 +369,11 @@ class Dispatcher:
         self._next_probe = now + wait
         return wait
 
-    async def _retry_later(self, batch: list[Message], exc: TransientSendError) -> None:
+    async def retry_later(self, batch: list[Message], exc: TransientSendError) -> None:
         now = self.clock.now()
         retry, give_up = [], []
         for m in batch:
-            delay = max(self._backoff(m.attempts + 1), exc.retry_after or 0.0)
+            delay = max(self.backoff(m.attempts + 1), exc.retry_after or 0.0)
             if now + delay - m.created_at > self.config.retry_max_age:
                 give_up.append(
                     (m.id, State.FAILED, f"gave up after {m.attempts + 1} attempts: {exc}")
@@ -378,7 +385,7 @@ class Dispatcher:
         for message_id, delay in retry:
             await self.store.requeue([message_id], now, at=now + delay, reason=f"retrying: {exc}")
 
-    def _backoff(self, attempts: int) -> float:
+    def backoff(self, attempts: int) -> float:
         base = min(self.config.backoff_max, self.config.backoff_initial * 2 ** max(0, attempts - 1))
         return base * (0.5 + 0.5 * self.rng.random())
 
@@ -393,7 +400,7 @@ class Dispatcher:
         try:
             await self.client.balance()
         except ProviderAuthError as exc:
-            self._key_refused(exc)
+            self.key_refused(exc)
             return False
         except RateLimitedError as exc:
             self.limiter.rate_limited(exc.retry_after)
@@ -404,113 +411,6 @@ class Dispatcher:
         self.limiter.answered()
         self.health.succeeded(self.clock.now())
         return True
-
-    # -- reconciliation ------------------------------------------------------------------
-    async def _reconcile(self) -> float | None:
-        """Settle messages left in `sending` by a crash or an unknown outcome.
-
-        Returns a wait when it needs more time or budget before sending anything new.
-        """
-        stale = await self.store.in_state(State.SENDING)
-        if not stale:
-            return None
-        now = self.clock.now()
-        ready = [m for m in stale if (m.claimed_at or 0) + RECONCILE_DELAY <= now]
-        if not ready:
-            return min((m.claimed_at or 0) + RECONCILE_DELAY for m in stale) - now
-        oldest = min(m.claimed_at or now for m in ready)
-        matcher = LogMatcher(ready)
-        found: list[tuple[int, str | None, float | None]] = []
-        date_from = provider_date(oldest - CLOCK_SKEW, self.tz)
-        page = 1
-        while matcher and page <= RECONCILE_MAX_PAGES:
-            wait = self.limiter.wait_time("send")
-            if wait > 0:
-                return wait
-            at = self.clock.now()
-            self.limiter.book(at, "reconcile")
-            await self.store.record_request(at, "reconcile")
-            try:
-                logs = await self.client.logs(page=page, date_from=date_from)
-            except ProviderAuthError as exc:
-                return self._key_refused(exc)
-            except RateLimitedError as exc:
-                self.limiter.rate_limited(exc.retry_after)
-                return self.limiter.wait_time("send")
-            except ProviderError as exc:
-                self._logs_failures += 1
-                if self._logs_failures < LOGS_TRIES:
-                    log.warning("cannot read /logs to reconcile %d messages: %s", len(ready), exc)
-                    return self._backoff(self._logs_failures + 1)
-                log.error("/logs unreadable %d times (%s): outcomes stay unknown", LOGS_TRIES, exc)
-                break
-            self._logs_failures = 0
-            self.limiter.answered()
-            older_seen = False
-            known = await self.store.known_provider_ids([e.id for e in logs.entries])
-            for entry in logs.entries:
-                created = provider_time(entry.created_at, self.tz)
-                if created is not None and created < oldest - CLOCK_SKEW:
-                    older_seen = True  # before our request: an earlier text, not this one
-                    continue
-                if entry.id in known:
-                    continue
-                m = matcher.take(entry.recipient, entry.message)
-                if m is not None:
-                    found.append((m.id, entry.id, entry.cost))
-                    known.add(entry.id)
-            if not logs.has_more or older_seen:
-                break
-            page += 1
-        self._logs_failures = 0
-        if found:
-            log.info("reconciled %d messages the provider had already accepted", len(found))
-            await self.store.mark_sent(found, self.clock.now())
-        await self._not_found(matcher.remaining())
-        return None
-
-    async def _not_found(self, missing: list[Message]) -> None:
-        """/logs did not show these: retry a provider error; resend an unknown outcome
-        at most `max_unknown_resends` times, then end it `sent`, "outcome unknown"."""
-        if not missing:
-            return
-        now = self.clock.now()
-        errors = [m for m in missing if m.reason_kind == "provider-error"]
-        if errors:
-            await self._retry_later(
-                errors, TransientSendError("provider error, and not in its logs")
-            )
-        unknown = [m for m in missing if m.reason_kind != "provider-error"]
-        cap = self.config.max_unknown_resends
-        again = [m.id for m in unknown if m.unknown_resends < cap]
-        if again:
-            log.warning("%d messages not found in the provider's logs: sending again", len(again))
-            await self.store.resend_unknown(
-                again,
-                now,
-                f"outcome unknown and not in the provider's logs: resent (at most {cap})",
-            )
-        given_up = [m.id for m in unknown if m.unknown_resends >= cap]
-        if given_up:
-            log.error(
-                "outcome of %d messages unknown after %d resends: not sent again (%s)",
-                len(given_up),
-                cap,
-                given_up[:20],
-            )
-            await self.store.settle_unknown(
-                given_up,
-                now,
-                f"outcome unknown: sent {cap + 1} times, the provider's answers and logs"
-                " never said whether it went; not sent again",
-            )
-            if self.budget is not None and await self.budget.warn(
-                "unknown-outcome",
-                f"sms-bridge: {len(given_up)} texts have an unknown outcome (the provider"
-                " did not say whether they went); see messages in state sent, reason"
-                " 'outcome unknown'",
-            ):
-                self.wake.set()
 
 
 def _sent_rows(
