@@ -31,10 +31,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
 
 from bridge.clock import Clock, zone
 from bridge.config import ProviderConfig
+from bridge.delivery.pacing import GroupKey, group_key, hold, plan_batches
 from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.delivery.reconcile import Reconciler
 from bridge.errors import (
@@ -58,37 +58,11 @@ from bridge.provider.client import (
 )
 from bridge.schedule import for_provider
 from bridge.store import Store
-from bridge.text import TYPE_GSM
 
 log = logging.getLogger(__name__)
 IDLE_WAIT = 30.0  # nothing queued: look again this often even without a wake-up
 DUE_BATCH = 5000
 FOREIGN_PREFIX = "cli"  # request kinds booked by `sms-bridge provider ...` in the store
-
-
-def batch_key(m: Message) -> tuple[str, str, int] | None:
-    """Messages sharing this key may go in one bulk call; None: must go alone."""
-    if m.solo or m.schedule_time:
-        return None
-    return (m.text, m.sender_id, m.message_type)
-
-
-def plan_batches(due: Sequence[Message], *, max_bulk: int, bulk_types: bool) -> list[list[Message]]:
-    """Group due messages into requests, oldest first, bulk only where the API allows."""
-    groups: dict[tuple[str, str, int], list[Message]] = {}
-    batches: list[list[Message]] = []
-    for m in due:
-        key = batch_key(m)
-        if key is None or (m.message_type != TYPE_GSM and not bulk_types):
-            batches.append([m])
-            continue
-        group = groups.setdefault(key, [])
-        if not group:
-            batches.append(group)
-        group.append(m)
-        if len(group) == max_bulk:
-            del groups[key]
-    return batches
 
 
 class Dispatcher:
@@ -122,6 +96,7 @@ class Dispatcher:
         self._prices_loaded = prices is None
         self._inactive_strikes = 0  # 403s in a row: the wait before the next try doubles
         self._foreign_rowid = 0  # last request booked by another process already counted
+        self._last_call: dict[GroupKey, float] = {}  # each text's last call, for pacing
         self.tz = zone(config.timezone)
         self.reconciler = Reconciler(
             store=store,
@@ -168,6 +143,8 @@ class Dispatcher:
         """One step: send what is due and within budget; return seconds until the next."""
         now = self.clock.now()
         await self._count_foreign()
+        for text in [k for k, at in self._last_call.items() if at <= now - self.limiter.window]:
+            del self._last_call[text]  # a text not sent for a window is new again
         if not self.health.ready:
             if now < self._next_probe:
                 return self._next_probe - now
@@ -183,23 +160,50 @@ class Dispatcher:
         if reconcile_wait is not None:
             return reconcile_wait
         due = await self.store.due(now, DUE_BATCH)
+        held, sent = IDLE_WAIT, False
         for batch in plan_batches(
             due, max_bulk=self.config.max_bulk, bulk_types=self.config.bulk_message_type
         ):
             wait = self.limiter.wait_time("send")
             if wait > 0:
                 return wait
+            key, pause = self._pace(batch)
+            if pause > 0:
+                held = min(held, pause)  # other texts still go now
+                continue
+            if key is not None:
+                self._last_call[key] = self.clock.now()
             await self._send(batch)
+            sent = True
             if not self.health.ready:
                 return max(0.01, self._next_probe - self.clock.now())
             if self.limiter.paused_until > self.clock.now():
                 return self.limiter.wait_time("send")
-        if len(due) == DUE_BATCH:
+        if len(due) == DUE_BATCH and sent:
             return 0.0
+        if held < IDLE_WAIT:  # what is held is due already: wake for the rest or the hold
+            next_due = await self.store.next_due_after(now)
+            return held if next_due is None else max(0.0, min(held, next_due - now))
         next_due = await self.store.next_due_at()
         if next_due is None:
             return IDLE_WAIT
         return max(0.0, min(IDLE_WAIT, next_due - self.clock.now()))
+
+    def _pace(self, batch: list[Message]) -> tuple[GroupKey | None, float]:
+        """The call's text, and how long it waits for more recipients (see pacing)."""
+        key = group_key(batch[0], bulk_types=self.config.bulk_message_type)
+        if key is None:
+            return None, 0.0
+        now = self.clock.now()
+        last = self._last_call.get(key)
+        return key, hold(
+            queued=len(batch),
+            oldest_age=now - min(m.created_at for m in batch),
+            since_last=None if last is None else now - last,
+            remaining=self.limiter.remaining("send"),
+            window=self.limiter.window,
+            max_bulk=self.config.max_bulk,
+        )
 
     # -- one request ---------------------------------------------------------------------
     async def _within_budget(self, batch: list[Message]) -> list[Message]:

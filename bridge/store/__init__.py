@@ -81,6 +81,16 @@ class Store(ConsoleQueries):
             ).fetchone()[0]
         )
 
+    async def next_due_after(self, after: float) -> float | None:
+        """When the first queued message not yet due at `after` becomes due."""
+        return await self.read(
+            lambda c: c.execute(
+                "SELECT min(next_attempt_at) FROM messages"
+                " WHERE state = 'queued' AND next_attempt_at > ?",
+                (after,),
+            ).fetchone()[0]
+        )
+
     async def in_state(self, state: State, limit: int = 10_000) -> list[Message]:
         return await self.read(
             lambda c: [
