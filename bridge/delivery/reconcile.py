@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import tzinfo
-from typing import Protocol
 
 from bridge.clock import Clock
 from bridge.config import ProviderConfig
+from bridge.delivery.outcomes import Outcomes
 from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.errors import (
     ProviderAuthError,
@@ -39,17 +39,6 @@ RECONCILE_DELAY = 5.0  # let the provider's /logs catch up before looking there
 RECONCILE_MAX_PAGES = 10
 CLOCK_SKEW = 120.0  # tolerance between our clock and the provider's timestamps
 LOGS_TRIES = 3  # /logs failing this often in a row: the outcomes waiting on it stay unknown
-
-
-class Outcomes(Protocol):
-    """What the reconciler shares with the dispatcher: one reading of key refusals and
-    one retry policy, so a message retried after /logs waits as a fresh failure would."""
-
-    def key_refused(self, exc: ProviderAuthError) -> float: ...
-
-    def backoff(self, attempts: int) -> float: ...
-
-    async def retry_later(self, batch: list[Message], exc: TransientSendError) -> None: ...
 
 
 class Reconciler:
