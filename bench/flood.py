@@ -3,7 +3,7 @@ reaches the provider, and how many calls it took.
 
 Run by hand:
 
-    python bench/flood.py [--messages 3000] [--rounds 1] [--distinct]
+    python bench/flood.py [--messages 3000] [--rounds 1] [--distinct] [--baseline DIR]
 
 `sms-bridge serve` and `sms-bridge sandbox` run in processes of their own, the sandbox
 holding the provider's limit (100 requests a minute, `--requests-per-minute`) and the
@@ -16,6 +16,10 @@ requests it received (`/_sandbox/requests`, `/_sandbox/entries`) is the judge:
 - first ack -> first request at the provider (the idle path: should stay instant);
 - /send and /send-bulk calls, recipients per bulk call;
 - the most requests (every endpoint, status polls included) in any 60 s window, and 429s.
+
+`--baseline DIR` runs, before each round, the same flood against the bridge whose
+source tree is DIR (e.g. `git archive main | tar -x -C DIR`), so that a before/after
+comparison shares the machine's load, round by round.
 
 `--distinct` gives every request its own text, where the limit is physical (100 texts a
 minute): it reports the same figures and the bridge's `sms_bridge_oldest_queued_age_seconds`
@@ -67,7 +71,7 @@ def oldest_queued_age(api: str) -> float:
     return float(found.group(1)) if found else float("nan")
 
 
-def one_round(n: int, distinct: bool, rpm: int) -> dict[str, float]:
+def one_round(n: int, distinct: bool, rpm: int, source: str | None = None) -> dict[str, float]:
     tmp = tempfile.mkdtemp(prefix="bench-flood-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMS_BRIDGE_")}
     port = free_port()
@@ -78,6 +82,8 @@ def one_round(n: int, distinct: bool, rpm: int) -> dict[str, float]:
         SMS_BRIDGE_STORE_PATH=f"{tmp}/bench.db",
         SMS_BRIDGE_PROVIDER_REQUESTS_PER_MINUTE=str(rpm),
     )
+    if source:  # that tree's `bridge` before the installed one
+        bridge_env["PYTHONPATH"] = source
     api = f"http://127.0.0.1:{port}"
     with sandbox_provider(env, tmp, requests_per_minute=rpm) as provider:
         sandbox = provider["SMS_BRIDGE_PROVIDER_BASE_URL"].removesuffix("/api/v1")
@@ -117,6 +123,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--distinct", action="store_true", help="a different text each")
     parser.add_argument("--requests-per-minute", type=int, default=100)
+    parser.add_argument("--baseline", help="source tree of the bridge to compare with")
     args = parser.parse_args()
     load = os.getloadavg()
     print(
@@ -125,16 +132,19 @@ def main() -> int:
         f"load before {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} cores"
     )
     for n in range(1, args.rounds + 1):
-        r = one_round(args.messages, args.distinct, args.requests_per_minute)
-        print(
-            f"round {n}: acks over {r['ack_span']:.1f} s; last ack -> last recipient "
-            f"{r['last_ack_to_last']:.2f} s; first ack -> first request "
-            f"{r['first_ack_to_first'] * 1000:.0f} ms; {r['reached']:.0f} recipients in "
-            f"{r['send']:.0f} /send + {r['send_bulk']:.0f} /send-bulk "
-            f"({r['per_call']:.0f} per bulk call); {r['requests']:.0f} requests in all, "
-            f"most in any 60 s: {r['max_60s']:.0f}; 429s: {r['429']:.0f}; oldest queued "
-            f"age seen: {r['max_queue_age']:.0f} s; load now {os.getloadavg()[0]:.2f}"
-        )
+        runs = [("baseline", args.baseline)] if args.baseline else []
+        for name, source in [*runs, ("this tree", None)]:
+            r = one_round(args.messages, args.distinct, args.requests_per_minute, source)
+            print(
+                f"round {n}, {name}: acks over {r['ack_span']:.1f} s; last ack -> last "
+                f"recipient {r['last_ack_to_last']:.2f} s; first ack -> first request "
+                f"{r['first_ack_to_first'] * 1000:.0f} ms; {r['reached']:.0f} recipients in "
+                f"{r['send']:.0f} /send + {r['send_bulk']:.0f} /send-bulk "
+                f"({r['per_call']:.0f} per bulk call); {r['requests']:.0f} requests in all, "
+                f"most in any 60 s: {r['max_60s']:.0f}; 429s: {r['429']:.0f}; oldest queued "
+                f"age seen: {r['max_queue_age']:.0f} s; load now {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
     return 0
 
 
