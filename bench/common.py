@@ -39,11 +39,14 @@ SANDBOX_KEY = "bench-key"
 
 
 @contextlib.contextmanager
-def sandbox_provider(env: dict[str, str], cwd: str) -> Iterator[dict[str, str]]:
+def sandbox_provider(
+    env: dict[str, str], cwd: str, *, requests_per_minute: int = 100
+) -> Iterator[dict[str, str]]:
     """`sms-bridge sandbox` in a process of its own, as a remote provider would be; yield
     the settings that point a bridge at it (its work then stays out of the bridge's loop)."""
     port = free_port()
     args = [sys.executable, "-m", "bridge", "sandbox", "--listen", f"127.0.0.1:{port}"]
+    args += ["--requests-per-minute", str(requests_per_minute)]
     with server([*args, "--api-key", SANDBOX_KEY], port, env, cwd):
         yield {
             "SMS_BRIDGE_PROVIDER_BASE_URL": f"http://127.0.0.1:{port}/api/v1",

@@ -3,26 +3,13 @@
 Each step (`run_once`, arq's burst mode) claims what is due, coalesces messages with the
 same text, sender and type into `/send-bulk` calls of up to `max_bulk` recipients (a lone
 recipient goes through `/send`), books every request in the limiter and the store before
-sending it, and records each outcome:
+sending it, and hands each answer to `bridge.delivery.outcomes`, which says what it
+does to the messages (sent, failed, retried, checked in /logs) and to sending.
 
-    success           -> sent, with the provider's id and cost
-    400               -> failed with the provider's reason (a refused bulk is retried
-                         one by one, so one bad number cannot sink the rest)
-    2xx without ids   -> sent without a provider id (the poller matches recipient + text)
-    401/404           -> queue kept, sending paused, health red, /balance probed until OK
-    403               -> account not active: paused with a doubling wait; the next send is
-                         the probe (/balance answers for an inactive account: no flapping)
-    429               -> the whole key paused for Retry-After, else a doubling backoff
-    connect fail      -> retried with exponential backoff and jitter, failed past max age
-    5xx               -> checked in /logs first; if not there, retried as above
-    unknown outcome   -> left in `sending` and checked against /logs before any resend;
-                         if /logs cannot settle it, sent again at most
-                         `provider.max_unknown_resends` times, then ended `sent` with the
-                         reason "outcome unknown" (reason_kind `unknown`), admin warned
-
-Messages found in `sending` (a crash, a read timeout) are reconciled the same way, so a
-restart does not text anyone twice where the provider's /logs can tell, and never more
-than once more where it cannot.
+Messages found in `sending` (a crash, a read timeout) are reconciled the same way
+(`bridge.delivery.reconcile`, before anything new is sent), so a restart does not text
+anyone twice where the provider's /logs can tell, and never more than once more where it
+cannot.
 """
 
 from __future__ import annotations
@@ -30,16 +17,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
 
 from bridge.clock import Clock, zone
 from bridge.config import ProviderConfig
+from bridge.delivery.outcomes import Outcomes
+from bridge.delivery.pacing import GroupKey, group_key, hold, plan_batches
 from bridge.delivery.ratelimit import SlidingWindowLimiter
+from bridge.delivery.reconcile import Reconciler
 from bridge.errors import (
     PermanentSendError,
     ProviderAuthError,
     ProviderError,
-    ProviderInactiveError,
     RateLimitedError,
     TransientSendError,
 )
@@ -48,51 +36,15 @@ from bridge.loops import run_steps
 from bridge.models import Message, State
 from bridge.policy.budgets import BudgetGuard, day_bounds
 from bridge.pricing import PriceBook
-from bridge.provider.client import (
-    ProviderClient,
-    ProviderFailed,
-    SendResult,
-    TransientUnknownOutcome,
-)
-from bridge.provider.logmatch import LogMatcher, provider_date, provider_time
+from bridge.provider.client import ProviderClient
 from bridge.schedule import for_provider
 from bridge.store import Store
 from bridge.store.api import DEFAULT_LEASE, instance_name
-from bridge.text import TYPE_GSM
 
 log = logging.getLogger(__name__)
 IDLE_WAIT = 30.0  # nothing queued: look again this often even without a wake-up
-RECONCILE_DELAY = 5.0  # let the provider's /logs catch up before looking there
-RECONCILE_MAX_PAGES = 10
-CLOCK_SKEW = 120.0  # tolerance between our clock and the provider's timestamps
 DUE_BATCH = 5000
-LOGS_TRIES = 3  # /logs failing this often in a row: the outcomes waiting on it stay unknown
 FOREIGN_PREFIX = "cli"  # request kinds booked by `sms-bridge provider ...` in the store
-
-
-def batch_key(m: Message) -> tuple[str, str, int] | None:
-    """Messages sharing this key may go in one bulk call; None: must go alone."""
-    if m.solo or m.schedule_time:
-        return None
-    return (m.text, m.sender_id, m.message_type)
-
-
-def plan_batches(due: Sequence[Message], *, max_bulk: int, bulk_types: bool) -> list[list[Message]]:
-    """Group due messages into requests, oldest first, bulk only where the API allows."""
-    groups: dict[tuple[str, str, int], list[Message]] = {}
-    batches: list[list[Message]] = []
-    for m in due:
-        key = batch_key(m)
-        if key is None or (m.message_type != TYPE_GSM and not bulk_types):
-            batches.append([m])
-            continue
-        group = groups.setdefault(key, [])
-        if not group:
-            batches.append(group)
-        group.append(m)
-        if len(group) == max_bulk:
-            del groups[key]
-    return batches
 
 
 class Dispatcher:
@@ -108,28 +60,55 @@ class Dispatcher:
         budget: BudgetGuard | None = None,
         prices: PriceBook | None = None,
         rng: random.Random | None = None,
+        owner: str = "",
+        lease: float = DEFAULT_LEASE,
     ) -> None:
         self.store = store
         self.budget = budget
         self.prices = prices
-        self.balance: float | None = None  # the provider's last word on it
         self.client = client
         self.limiter = limiter
         self.clock = clock
         self.config = config
         self.health = health
-        self.rng = rng or random.Random()
         self.wake = asyncio.Event()
-        self._next_probe = 0.0
+        self.outcomes = Outcomes(
+            store=store,
+            limiter=limiter,
+            clock=clock,
+            config=config,
+            health=health,
+            wake=self.wake,
+            budget=budget,
+            rng=rng,
+        )
         self._prices_loaded = prices is None
-        self._inactive_strikes = 0  # 403s in a row: the wait before the next try doubles
-        self._logs_failures = 0
         self._foreign_rowid = 0  # last request booked by another process already counted
+        self._last_call: dict[GroupKey, float] = {}  # each text's last call, for pacing
+        self._held_until = 0.0  # a text held for more recipients: wake-ups wait till then
         # Who holds this dispatcher's claims, and for how long without news of it: a
         # shared store lets another instance take over claims whose lease has passed.
-        self.owner = instance_name()
-        self.lease = DEFAULT_LEASE
+        self.owner = owner or instance_name()
+        self.lease = lease
         self.tz = zone(config.timezone)
+        self.reconciler = Reconciler(
+            store=store,
+            client=client,
+            limiter=limiter,
+            clock=clock,
+            config=config,
+            tz=self.tz,
+            outcomes=self.outcomes,
+            wake=self.wake,
+            budget=budget,
+            owner=self.owner,
+            lease=lease,
+        )
+
+    @property
+    def balance(self) -> float | None:
+        """The provider's last word on it."""
+        return self.outcomes.balance
 
     async def load_budget(self) -> None:
         """Take the requests booked before a restart into the window."""
@@ -163,10 +142,17 @@ class Dispatcher:
     async def run_once(self) -> float:
         """One step: send what is due and within budget; return seconds until the next."""
         now = self.clock.now()
+        if now < self._held_until:
+            # A text is held for more recipients. During its flood every acknowledgement
+            # wakes us, and re-reading the queue on each took a third of ingest's speed
+            # (bench/flood.py); what arrives meanwhile goes when the hold ends.
+            return self._held_until - now
         await self._count_foreign()
+        for text in [k for k, at in self._last_call.items() if at <= now - self.limiter.window]:
+            del self._last_call[text]  # a text not sent for a window is new again
         if not self.health.ready:
-            if now < self._next_probe:
-                return self._next_probe - now
+            if now < self.outcomes.next_probe:
+                return self.outcomes.next_probe - now
             # An inactive account: the next send is the probe (see the module docstring).
             if not self.health.inactive and not await self._probe():
                 return self.config.auth_probe_interval
@@ -175,27 +161,56 @@ class Dispatcher:
             return wait
         if not self._prices_loaded:
             await self._load_prices()
-        reconcile_wait = await self._reconcile()
+        reconcile_wait = await self.reconciler.run_once()
         if reconcile_wait is not None:
             return reconcile_wait
         due = await self.store.due(now, DUE_BATCH)
+        held, sent = IDLE_WAIT, False
         for batch in plan_batches(
             due, max_bulk=self.config.max_bulk, bulk_types=self.config.bulk_message_type
         ):
             wait = self.limiter.wait_time("send")
             if wait > 0:
                 return wait
+            key, pause = self._pace(batch)
+            if pause > 0:
+                held = min(held, pause)  # other texts still go now
+                continue
+            if key is not None:
+                self._last_call[key] = self.clock.now()
             await self._send(batch)
+            sent = True
             if not self.health.ready:
-                return max(0.01, self._next_probe - self.clock.now())
+                return max(0.01, self.outcomes.next_probe - self.clock.now())
             if self.limiter.paused_until > self.clock.now():
                 return self.limiter.wait_time("send")
-        if len(due) == DUE_BATCH:
+        if len(due) == DUE_BATCH and sent:
             return 0.0
+        if held < IDLE_WAIT:  # what is held is due already: wake for the rest or the hold
+            next_due = await self.store.next_due_after(now)
+            held = held if next_due is None else max(0.0, min(held, next_due - now))
+            self._held_until = now + held
+            return held
         next_due = await self.store.next_due_at()
         if next_due is None:
             return IDLE_WAIT
         return max(0.0, min(IDLE_WAIT, next_due - self.clock.now()))
+
+    def _pace(self, batch: list[Message]) -> tuple[GroupKey | None, float]:
+        """The call's text, and how long it waits for more recipients (see pacing)."""
+        key = group_key(batch[0], bulk_types=self.config.bulk_message_type)
+        if key is None:
+            return None, 0.0
+        now = self.clock.now()
+        last = self._last_call.get(key)
+        return key, hold(
+            queued=len(batch),
+            oldest_age=now - min(m.created_at for m in batch),
+            since_last=None if last is None else now - last,
+            remaining=self.limiter.remaining("send"),
+            window=self.limiter.window,
+            max_bulk=self.config.max_bulk,
+        )
 
     # -- one request ---------------------------------------------------------------------
     async def _within_budget(self, batch: list[Message]) -> list[Message]:
@@ -248,19 +263,6 @@ class Dispatcher:
         except ProviderError as exc:
             log.info("no price list (%s): costs are not estimated", exc)
 
-    async def _check_balance(self, balance: float | None) -> None:
-        if balance is None:
-            return
-        self.balance = balance
-        if self.budget is None:
-            return
-        low = self.budget.config.low_balance  # the budget's, so a reload moves it
-        if low and balance < low:
-            await self.budget.warn(
-                "low-balance", f"sms-bridge: provider balance {balance:g} is below {low:g}"
-            )
-            self.wake.set()
-
     async def _send(self, batch: list[Message]) -> None:
         batch = await self._within_budget(batch)
         if not batch:
@@ -276,7 +278,6 @@ class Dispatcher:
         if not batch:
             return
         first = batch[0]
-        ids = [m.id for m in batch]
         try:
             if len(batch) == 1:
                 result = await self.client.send(
@@ -293,103 +294,10 @@ class Dispatcher:
                     sender_id=first.sender_id,
                     message_type=first.message_type,
                 )
-        except PermanentSendError as exc:
-            await self._refused(batch, exc)
-        except ProviderAuthError as exc:
-            self._key_refused(exc)
-            what = (
-                "provider says the account is not active"
-                if isinstance(exc, ProviderInactiveError)
-                else "provider refused the key"
-            )
-            await self.store.requeue(
-                ids,
-                self.clock.now(),
-                at=self.clock.now(),
-                reason=f"waiting: {what} ({exc})",
-                refund_attempt=True,
-            )
-        except RateLimitedError as exc:
-            pause = self.limiter.rate_limited(exc.retry_after)
-            log.warning("provider answered 429: pausing all requests for %.1fs", pause)
-            await self.store.requeue(
-                ids,
-                self.clock.now(),
-                at=self.clock.now() + pause,
-                reason=f"rate limited by the provider ({exc})",
-                refund_attempt=True,
-            )
-        except TransientUnknownOutcome as exc:
-            log.warning("outcome of request for %s unknown (%s): checking /logs first", ids, exc)
-            self.limiter.answered()
-            await self.store.note_unknown(
-                ids, f"outcome unknown, checking the provider's logs: {exc}", "unknown"
-            )
-        except ProviderFailed as exc:
-            # It says it failed; /logs still decides, a 5xx is not proof of nothing sent.
-            self.limiter.answered()
-            await self.store.note_unknown(
-                ids, f"provider error, checking its logs before a retry: {exc}", "provider-error"
-            )
-        except TransientSendError as exc:
-            await self._retry_later(batch, exc)
+        except (PermanentSendError, ProviderAuthError, TransientSendError) as exc:
+            await self.outcomes.failed(batch, exc)
         else:
-            self.limiter.answered()
-            self._inactive_strikes = 0
-            self.health.succeeded(self.clock.now())
-            await self.store.mark_sent(_sent_rows(batch, result), self.clock.now())
-            await self._check_balance(result.balance)
-
-    async def _refused(self, batch: list[Message], exc: ProviderError) -> None:
-        now = self.clock.now()
-        if len(batch) > 1:
-            log.warning(
-                "bulk call refused (%s): sending its %d messages one by one", exc, len(batch)
-            )
-            await self.store.requeue(
-                [m.id for m in batch],
-                now,
-                at=now,
-                solo=True,
-                reason=f"bulk refused, retrying one by one: {exc.reason}",
-                refund_attempt=True,
-            )
-            return
-        await self.store.finish(
-            [(batch[0].id, State.FAILED, f"provider refused: {exc.reason}")], now
-        )
-
-    def _key_refused(self, exc: ProviderAuthError) -> float:
-        """401/403/404: health red; seconds until the next try (403: doubling)."""
-        now = self.clock.now()
-        inactive = isinstance(exc, ProviderInactiveError)
-        self.health.auth_failed(str(exc), now, inactive=inactive)
-        wait = self.config.auth_probe_interval
-        if inactive:
-            self._inactive_strikes += 1
-            wait = min(self.config.backoff_max, wait * 2 ** (self._inactive_strikes - 1))
-        self._next_probe = now + wait
-        return wait
-
-    async def _retry_later(self, batch: list[Message], exc: TransientSendError) -> None:
-        now = self.clock.now()
-        retry, give_up = [], []
-        for m in batch:
-            delay = max(self._backoff(m.attempts + 1), exc.retry_after or 0.0)
-            if now + delay - m.created_at > self.config.retry_max_age:
-                give_up.append(
-                    (m.id, State.FAILED, f"gave up after {m.attempts + 1} attempts: {exc}")
-                )
-            else:
-                retry.append((m.id, delay))
-        if give_up:
-            await self.store.finish(give_up, now)
-        for message_id, delay in retry:
-            await self.store.requeue([message_id], now, at=now + delay, reason=f"retrying: {exc}")
-
-    def _backoff(self, attempts: int) -> float:
-        base = min(self.config.backoff_max, self.config.backoff_initial * 2 ** max(0, attempts - 1))
-        return base * (0.5 + 0.5 * self.rng.random())
+            await self.outcomes.succeeded(batch, result)
 
     async def _probe(self) -> bool:
         """While the key is refused, one cheap /balance now and then tells when it works."""
@@ -398,11 +306,11 @@ class Dispatcher:
         now = self.clock.now()
         self.limiter.book(now, "probe")
         await self.store.record_request(now, "probe")
-        self._next_probe = now + self.config.auth_probe_interval
+        self.outcomes.next_probe = now + self.config.auth_probe_interval
         try:
             await self.client.balance()
         except ProviderAuthError as exc:
-            self._key_refused(exc)
+            self.outcomes.key_refused(exc)
             return False
         except RateLimitedError as exc:
             self.limiter.rate_limited(exc.retry_after)
@@ -413,118 +321,3 @@ class Dispatcher:
         self.limiter.answered()
         self.health.succeeded(self.clock.now())
         return True
-
-    # -- reconciliation ------------------------------------------------------------------
-    async def _reconcile(self) -> float | None:
-        """Settle messages left in `sending` by a crash or an unknown outcome.
-
-        Returns a wait when it needs more time or budget before sending anything new.
-        """
-        now = self.clock.now()
-        stale = await self.store.unsettled(now, owner=self.owner, lease_until=now + self.lease)
-        if not stale:
-            return None
-        ready = [m for m in stale if (m.claimed_at or 0) + RECONCILE_DELAY <= now]
-        if not ready:
-            return min((m.claimed_at or 0) + RECONCILE_DELAY for m in stale) - now
-        oldest = min(m.claimed_at or now for m in ready)
-        matcher = LogMatcher(ready)
-        found: list[tuple[int, str | None, float | None]] = []
-        date_from = provider_date(oldest - CLOCK_SKEW, self.tz)
-        page = 1
-        while matcher and page <= RECONCILE_MAX_PAGES:
-            wait = self.limiter.wait_time("send")
-            if wait > 0:
-                return wait
-            at = self.clock.now()
-            self.limiter.book(at, "reconcile")
-            await self.store.record_request(at, "reconcile")
-            try:
-                logs = await self.client.logs(page=page, date_from=date_from)
-            except ProviderAuthError as exc:
-                return self._key_refused(exc)
-            except RateLimitedError as exc:
-                self.limiter.rate_limited(exc.retry_after)
-                return self.limiter.wait_time("send")
-            except ProviderError as exc:
-                self._logs_failures += 1
-                if self._logs_failures < LOGS_TRIES:
-                    log.warning("cannot read /logs to reconcile %d messages: %s", len(ready), exc)
-                    return self._backoff(self._logs_failures + 1)
-                log.error("/logs unreadable %d times (%s): outcomes stay unknown", LOGS_TRIES, exc)
-                break
-            self._logs_failures = 0
-            self.limiter.answered()
-            older_seen = False
-            known = await self.store.known_provider_ids([e.id for e in logs.entries])
-            for entry in logs.entries:
-                created = provider_time(entry.created_at, self.tz)
-                if created is not None and created < oldest - CLOCK_SKEW:
-                    older_seen = True  # before our request: an earlier text, not this one
-                    continue
-                if entry.id in known:
-                    continue
-                m = matcher.take(entry.recipient, entry.message)
-                if m is not None:
-                    found.append((m.id, entry.id, entry.cost))
-                    known.add(entry.id)
-            if not logs.has_more or older_seen:
-                break
-            page += 1
-        self._logs_failures = 0
-        if found:
-            log.info("reconciled %d messages the provider had already accepted", len(found))
-            await self.store.mark_sent(found, self.clock.now())
-        await self._not_found(matcher.remaining())
-        return None
-
-    async def _not_found(self, missing: list[Message]) -> None:
-        """/logs did not show these: retry a provider error; resend an unknown outcome
-        at most `max_unknown_resends` times, then end it `sent`, "outcome unknown"."""
-        if not missing:
-            return
-        now = self.clock.now()
-        errors = [m for m in missing if m.reason_kind == "provider-error"]
-        if errors:
-            await self._retry_later(
-                errors, TransientSendError("provider error, and not in its logs")
-            )
-        unknown = [m for m in missing if m.reason_kind != "provider-error"]
-        cap = self.config.max_unknown_resends
-        again = [m.id for m in unknown if m.unknown_resends < cap]
-        if again:
-            log.warning("%d messages not found in the provider's logs: sending again", len(again))
-            await self.store.resend_unknown(
-                again,
-                now,
-                f"outcome unknown and not in the provider's logs: resent (at most {cap})",
-            )
-        given_up = [m.id for m in unknown if m.unknown_resends >= cap]
-        if given_up:
-            log.error(
-                "outcome of %d messages unknown after %d resends: not sent again (%s)",
-                len(given_up),
-                cap,
-                given_up[:20],
-            )
-            await self.store.settle_unknown(
-                given_up,
-                now,
-                f"outcome unknown: sent {cap + 1} times, the provider's answers and logs"
-                " never said whether it went; not sent again",
-            )
-            if self.budget is not None and await self.budget.warn(
-                "unknown-outcome",
-                f"sms-bridge: {len(given_up)} texts have an unknown outcome (the provider"
-                " did not say whether they went); see messages in state sent, reason"
-                " 'outcome unknown'",
-            ):
-                self.wake.set()
-
-
-def _sent_rows(
-    batch: list[Message], result: SendResult
-) -> list[tuple[int, str | None, float | None]]:
-    """Each message's own id, or none (never the batch id: the poller could not match it)."""
-    share = None if result.cost is None else round(result.cost / len(batch), 6)
-    return [(m.id, result.message_ids.get(m.recipient), share) for m in batch]

@@ -81,6 +81,16 @@ class SlidingWindowLimiter:
             return relevant[len(relevant) - cap] + self.window - now
         return 0.0
 
+    def remaining(self, kind: str = "send") -> int:
+        """Requests of `kind` that may still go in the window now; 0 while paused."""
+        now = self.clock.now()
+        self._expire(now)
+        if now < self.paused_until:
+            return 0
+        cap, counted = self._cap(kind)
+        relevant = sum(1 for _, k in self._booked if counted is None or k == counted)
+        return max(0, min(self.limit - len(self._booked), cap - relevant))
+
     def book(self, at: float, kind: str = "send") -> None:
         self._booked.append((at, kind))
 

@@ -220,6 +220,11 @@ class DeliveryOperations(Protocol):
         """When the earliest queued message is due; None when nothing is queued."""
         ...
 
+    async def next_due_after(self, after: float) -> float | None:
+        """When the first queued message not yet due at `after` becomes due (the pacer
+        holds messages that are due already, so `next_due_at` would not move)."""
+        ...
+
     async def claim(
         self,
         ids: Sequence[int],

@@ -40,6 +40,15 @@ class DeliveryOperations(EngineBound):
             ).fetchone()[0]
         )
 
+    async def next_due_after(self, after: float) -> float | None:
+        return await self.engine.read(
+            lambda c: c.execute(
+                "SELECT min(next_attempt_at) FROM messages"
+                " WHERE state = 'queued' AND next_attempt_at > ?",
+                (after,),
+            ).fetchone()[0]
+        )
+
     async def unsettled(self, now: float, *, owner: str, lease_until: float) -> list[Message]:
         """Every message in `sending`: one process, so all of them are its own."""
         del now, owner, lease_until

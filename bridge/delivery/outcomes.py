@@ -1,0 +1,199 @@
+"""What each answer of the provider does to the messages of a call, and to sending:
+
+    success           -> sent, with the provider's id and cost; the balance it reports
+                         checked against `budget.low_balance`
+    400               -> failed with the provider's reason (a refused bulk is retried
+                         one by one, so one bad number cannot sink the rest)
+    2xx without ids   -> sent without a provider id (the poller matches recipient + text)
+    401/404           -> queue kept, sending paused, health red, /balance probed until OK
+    403               -> account not active: paused with a doubling wait; the next send is
+                         the probe (/balance answers for an inactive account: no flapping)
+    429               -> the whole key paused for Retry-After, else a doubling backoff
+    connect fail      -> retried with exponential backoff and jitter, failed past max age
+    5xx               -> checked in /logs first; if not there, retried as above
+    unknown outcome   -> left in `sending` and checked against /logs before any resend;
+                         if /logs cannot settle it, sent again at most
+                         `provider.max_unknown_resends` times, then ended `sent` with the
+                         reason "outcome unknown" (reason_kind `unknown`), admin warned
+
+The dispatcher hands every answer here; the reconciler shares the key refusals and the
+retry policy, so a message retried after /logs waits as a fresh failure would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+from bridge.clock import Clock
+from bridge.config import ProviderConfig
+from bridge.delivery.ratelimit import SlidingWindowLimiter
+from bridge.errors import (
+    PermanentSendError,
+    ProviderAuthError,
+    ProviderError,
+    ProviderInactiveError,
+    RateLimitedError,
+    TransientSendError,
+)
+from bridge.health import ProviderHealth
+from bridge.models import Message, State
+from bridge.policy.budgets import BudgetGuard
+from bridge.provider.client import ProviderFailed, SendResult, TransientUnknownOutcome
+from bridge.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Outcomes:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        limiter: SlidingWindowLimiter,
+        clock: Clock,
+        config: ProviderConfig,
+        health: ProviderHealth,
+        wake: asyncio.Event,
+        budget: BudgetGuard | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.limiter = limiter
+        self.clock = clock
+        self.config = config
+        self.health = health
+        self.wake = wake
+        self.budget = budget
+        self.rng = rng or random.Random()
+        self.balance: float | None = None  # the provider's last word on it
+        self.next_probe = 0.0  # while the key is refused: when to try it again
+        self._inactive_strikes = 0  # 403s in a row: the wait before the next try doubles
+
+    async def succeeded(self, batch: list[Message], result: SendResult) -> None:
+        self.limiter.answered()
+        self._inactive_strikes = 0
+        self.health.succeeded(self.clock.now())
+        await self.store.mark_sent(_sent_rows(batch, result), self.clock.now())
+        await self._check_balance(result.balance)
+
+    async def failed(self, batch: list[Message], exc: ProviderError) -> None:
+        """A call's error, read by its class (most specific first)."""
+        ids = [m.id for m in batch]
+        now = self.clock.now()
+        match exc:
+            case PermanentSendError():
+                await self._refused(batch, exc)
+            case ProviderAuthError():
+                self.key_refused(exc)
+                what = (
+                    "provider says the account is not active"
+                    if isinstance(exc, ProviderInactiveError)
+                    else "provider refused the key"
+                )
+                await self.store.requeue(
+                    ids, now, at=now, reason=f"waiting: {what} ({exc})", refund_attempt=True
+                )
+            case RateLimitedError():
+                pause = self.limiter.rate_limited(exc.retry_after)
+                log.warning("provider answered 429: pausing all requests for %.1fs", pause)
+                await self.store.requeue(
+                    ids,
+                    now,
+                    at=now + pause,
+                    reason=f"rate limited by the provider ({exc})",
+                    refund_attempt=True,
+                )
+            case TransientUnknownOutcome():
+                log.warning(
+                    "outcome of request for %s unknown (%s): checking /logs first", ids, exc
+                )
+                self.limiter.answered()
+                await self.store.note_unknown(
+                    ids, f"outcome unknown, checking the provider's logs: {exc}", "unknown"
+                )
+            case ProviderFailed():
+                # It says it failed; /logs still decides, a 5xx is not proof of nothing sent.
+                self.limiter.answered()
+                await self.store.note_unknown(
+                    ids,
+                    f"provider error, checking its logs before a retry: {exc}",
+                    "provider-error",
+                )
+            case TransientSendError():
+                await self.retry_later(batch, exc)
+            case _:
+                raise exc
+
+    async def _check_balance(self, balance: float | None) -> None:
+        if balance is None:
+            return
+        self.balance = balance
+        if self.budget is None:
+            return
+        low = self.budget.config.low_balance  # the budget's, so a reload moves it
+        if low and balance < low:
+            await self.budget.warn(
+                "low-balance", f"sms-bridge: provider balance {balance:g} is below {low:g}"
+            )
+            self.wake.set()
+
+    async def _refused(self, batch: list[Message], exc: ProviderError) -> None:
+        now = self.clock.now()
+        if len(batch) > 1:
+            log.warning(
+                "bulk call refused (%s): sending its %d messages one by one", exc, len(batch)
+            )
+            await self.store.requeue(
+                [m.id for m in batch],
+                now,
+                at=now,
+                solo=True,
+                reason=f"bulk refused, retrying one by one: {exc.reason}",
+                refund_attempt=True,
+            )
+            return
+        await self.store.finish(
+            [(batch[0].id, State.FAILED, f"provider refused: {exc.reason}")], now
+        )
+
+    def key_refused(self, exc: ProviderAuthError) -> float:
+        """401/403/404: health red; seconds until the next try (403: doubling)."""
+        now = self.clock.now()
+        inactive = isinstance(exc, ProviderInactiveError)
+        self.health.auth_failed(str(exc), now, inactive=inactive)
+        wait = self.config.auth_probe_interval
+        if inactive:
+            self._inactive_strikes += 1
+            wait = min(self.config.backoff_max, wait * 2 ** (self._inactive_strikes - 1))
+        self.next_probe = now + wait
+        return wait
+
+    async def retry_later(self, batch: list[Message], exc: TransientSendError) -> None:
+        now = self.clock.now()
+        retry, give_up = [], []
+        for m in batch:
+            delay = max(self.backoff(m.attempts + 1), exc.retry_after or 0.0)
+            if now + delay - m.created_at > self.config.retry_max_age:
+                give_up.append(
+                    (m.id, State.FAILED, f"gave up after {m.attempts + 1} attempts: {exc}")
+                )
+            else:
+                retry.append((m.id, delay))
+        if give_up:
+            await self.store.finish(give_up, now)
+        for message_id, delay in retry:
+            await self.store.requeue([message_id], now, at=now + delay, reason=f"retrying: {exc}")
+
+    def backoff(self, attempts: int) -> float:
+        base = min(self.config.backoff_max, self.config.backoff_initial * 2 ** max(0, attempts - 1))
+        return base * (0.5 + 0.5 * self.rng.random())
+
+
+def _sent_rows(
+    batch: list[Message], result: SendResult
+) -> list[tuple[int, str | None, float | None]]:
+    """Each message's own id, or none (never the batch id: the poller could not match it)."""
+    share = None if result.cost is None else round(result.cost / len(batch), 6)
+    return [(m.id, result.message_ids.get(m.recipient), share) for m in batch]

@@ -1,0 +1,176 @@
+"""Reconciliation: settle messages left in `sending` against the provider's /logs.
+
+A crash, a read timeout or a 5xx leaves a message whose fate the provider knows and we
+do not. Before anything is sent again, the provider's /logs is read (newest first, from
+a little before the oldest claim) and each entry matched by recipient and text:
+
+    found in /logs           -> sent, with the provider's id and cost
+    5xx, not in /logs        -> retried with the dispatcher's backoff
+    unknown, not in /logs    -> sent again, at most `provider.max_unknown_resends`
+                                times; then ended `sent`, "outcome unknown", admin warned
+
+Every /logs page is one request out of the same rate window as the sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import tzinfo
+
+from bridge.clock import Clock
+from bridge.config import ProviderConfig
+from bridge.delivery.outcomes import Outcomes
+from bridge.delivery.ratelimit import SlidingWindowLimiter
+from bridge.errors import (
+    ProviderAuthError,
+    ProviderError,
+    RateLimitedError,
+    TransientSendError,
+)
+from bridge.models import Message
+from bridge.policy.budgets import BudgetGuard
+from bridge.provider.client import ProviderClient
+from bridge.provider.logmatch import LogMatcher, provider_date, provider_time
+from bridge.store import Store
+
+log = logging.getLogger(__name__)
+RECONCILE_DELAY = 5.0  # let the provider's /logs catch up before looking there
+RECONCILE_MAX_PAGES = 10
+CLOCK_SKEW = 120.0  # tolerance between our clock and the provider's timestamps
+LOGS_TRIES = 3  # /logs failing this often in a row: the outcomes waiting on it stay unknown
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        client: ProviderClient,
+        limiter: SlidingWindowLimiter,
+        clock: Clock,
+        config: ProviderConfig,
+        tz: tzinfo,
+        outcomes: Outcomes,
+        wake: asyncio.Event,
+        budget: BudgetGuard | None = None,
+        owner: str,
+        lease: float,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.limiter = limiter
+        self.clock = clock
+        self.config = config
+        self.tz = tz
+        self.outcomes = outcomes
+        self.wake = wake
+        self.budget = budget
+        self._logs_failures = 0
+        self.owner, self.lease = owner, lease  # whose claims this settles (and takes over)
+
+    async def run_once(self) -> float | None:
+        """Settle messages left in `sending` by a crash or an unknown outcome.
+
+        Returns a wait when it needs more time or budget before sending anything new.
+        """
+        now = self.clock.now()
+        stale = await self.store.unsettled(now, owner=self.owner, lease_until=now + self.lease)
+        if not stale:
+            return None
+        ready = [m for m in stale if (m.claimed_at or 0) + RECONCILE_DELAY <= now]
+        if not ready:
+            return min((m.claimed_at or 0) + RECONCILE_DELAY for m in stale) - now
+        oldest = min(m.claimed_at or now for m in ready)
+        matcher = LogMatcher(ready)
+        found: list[tuple[int, str | None, float | None]] = []
+        date_from = provider_date(oldest - CLOCK_SKEW, self.tz)
+        page = 1
+        while matcher and page <= RECONCILE_MAX_PAGES:
+            wait = self.limiter.wait_time("send")
+            if wait > 0:
+                return wait
+            at = self.clock.now()
+            self.limiter.book(at, "reconcile")
+            await self.store.record_request(at, "reconcile")
+            try:
+                logs = await self.client.logs(page=page, date_from=date_from)
+            except ProviderAuthError as exc:
+                return self.outcomes.key_refused(exc)
+            except RateLimitedError as exc:
+                self.limiter.rate_limited(exc.retry_after)
+                return self.limiter.wait_time("send")
+            except ProviderError as exc:
+                self._logs_failures += 1
+                if self._logs_failures < LOGS_TRIES:
+                    log.warning("cannot read /logs to reconcile %d messages: %s", len(ready), exc)
+                    return self.outcomes.backoff(self._logs_failures + 1)
+                log.error("/logs unreadable %d times (%s): outcomes stay unknown", LOGS_TRIES, exc)
+                break
+            self._logs_failures = 0
+            self.limiter.answered()
+            older_seen = False
+            known = await self.store.known_provider_ids([e.id for e in logs.entries])
+            for entry in logs.entries:
+                created = provider_time(entry.created_at, self.tz)
+                if created is not None and created < oldest - CLOCK_SKEW:
+                    older_seen = True  # before our request: an earlier text, not this one
+                    continue
+                if entry.id in known:
+                    continue
+                m = matcher.take(entry.recipient, entry.message)
+                if m is not None:
+                    found.append((m.id, entry.id, entry.cost))
+                    known.add(entry.id)
+            if not logs.has_more or older_seen:
+                break
+            page += 1
+        self._logs_failures = 0
+        if found:
+            log.info("reconciled %d messages the provider had already accepted", len(found))
+            await self.store.mark_sent(found, self.clock.now())
+        await self._not_found(matcher.remaining())
+        return None
+
+    async def _not_found(self, missing: list[Message]) -> None:
+        """/logs did not show these: retry a provider error; resend an unknown outcome
+        at most `max_unknown_resends` times, then end it `sent`, "outcome unknown"."""
+        if not missing:
+            return
+        now = self.clock.now()
+        errors = [m for m in missing if m.reason_kind == "provider-error"]
+        if errors:
+            await self.outcomes.retry_later(
+                errors, TransientSendError("provider error, and not in its logs")
+            )
+        unknown = [m for m in missing if m.reason_kind != "provider-error"]
+        cap = self.config.max_unknown_resends
+        again = [m.id for m in unknown if m.unknown_resends < cap]
+        if again:
+            log.warning("%d messages not found in the provider's logs: sending again", len(again))
+            await self.store.resend_unknown(
+                again,
+                now,
+                f"outcome unknown and not in the provider's logs: resent (at most {cap})",
+            )
+        given_up = [m.id for m in unknown if m.unknown_resends >= cap]
+        if given_up:
+            log.error(
+                "outcome of %d messages unknown after %d resends: not sent again (%s)",
+                len(given_up),
+                cap,
+                given_up[:20],
+            )
+            await self.store.settle_unknown(
+                given_up,
+                now,
+                f"outcome unknown: sent {cap + 1} times, the provider's answers and logs"
+                " never said whether it went; not sent again",
+            )
+            if self.budget is not None and await self.budget.warn(
+                "unknown-outcome",
+                f"sms-bridge: {len(given_up)} texts have an unknown outcome (the provider"
+                " did not say whether they went); see messages in state sent, reason"
+                " 'outcome unknown'",
+            ):
+                self.wake.set()
