@@ -121,6 +121,9 @@ class SmtpConfig:
     domains: tuple[str, ...] = _opt(["sms.localhost"])
     hostname: str = _opt("")
     max_message_bytes: int = _opt(ONE_MIB)
+    # lines in one mail's DATA; beyond: 552 (1 MiB of base64 is ~14,000 lines). aiosmtpd
+    # reads DATA a line at a time on the event loop: a mail of 3-byte lines held it ~1 s.
+    max_lines: int = _opt(20000)
     max_recipients: int = _opt(100)
     idle_timeout: float = _opt(300.0, "duration")
     default_region: str = _opt("")
@@ -805,6 +808,7 @@ def _validate_listener_limits(config: Config, problem: Callable[[str, str], None
             (
                 "max_sessions",
                 "max_sessions_per_client",
+                "max_lines",
                 "max_mails_per_session",
                 "max_commands",
                 "max_mime_depth",
