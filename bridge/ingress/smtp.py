@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.parser
-import email.policy
 import fnmatch
 import hmac
 import ipaddress
@@ -49,9 +47,6 @@ log = logging.getLogger(__name__)
 IDENT = "sms-bridge ESMTP"
 ADDRESS_CACHE_SIZE = 1024
 PARSE_WORKERS = 2  # mail parsing threads; a slow mail holds one, never the event loop
-
-
-_HEADERS = email.parser.BytesParser(policy=email.policy.compat32)
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -249,13 +244,12 @@ class SmtpHandler:
             return compose(mail, "subject_body")
         return compose(mail, mode)
 
-    def schedule_of(self, raw: bytes) -> str | None:
-        """The `X-SMS-Schedule` header, read with the one parser every ingress uses."""
-        value = _HEADERS.parsebytes(raw, headersonly=True).get(MAIL_HEADER)
-        if not value:
+    def schedule_of(self, mail: MailText) -> str | None:
+        """The `X-SMS-Schedule` header (read by the parse worker) as a schedule time."""
+        if not mail.schedule:
             return None
         return parse_schedule_time(
-            str(value),
+            mail.schedule,
             now=self.ingestor.clock.now(),
             tz=zone(self.config.provider.timezone),
             field=MAIL_HEADER,
@@ -293,6 +287,10 @@ class SmtpHandler:
         return mail
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        refusal = getattr(server, "data_refusal", None)
+        if refusal:
+            log.warning("SMTP DATA from %s refused: %s", _peer_host(session), refusal)
+            return str(refusal)
         raw = (
             envelope.content
             if isinstance(envelope.content, bytes)
@@ -308,7 +306,7 @@ class SmtpHandler:
             except InputError as exc:  # config changed between RCPT and DATA
                 return f"550 5.1.1 <{address}>: {exc.message}"
         try:
-            schedule = self.schedule_of(raw)
+            schedule = self.schedule_of(mail)
         except InputError as exc:
             return f"554 5.6.0 {MAIL_HEADER}: {exc.message}"
         text = self.text_for(mail, envelope.mail_from)
@@ -401,6 +399,7 @@ def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
             auth_exclude_mechanism=[] if smtp.users else ["LOGIN", "PLAIN"],
             authenticator=handler.authenticator,
             command_call_limit=call_limits(smtp),
+            max_lines=smtp.max_lines,
             loop=asyncio.get_running_loop(),
             encrypted_from_start=implicit_tls,
         )
