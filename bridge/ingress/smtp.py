@@ -20,6 +20,7 @@ import fnmatch
 import hmac
 import ipaddress
 import logging
+import math
 import socket
 import ssl
 import time
@@ -36,6 +37,7 @@ from bridge.ingress.ingest import Ingestor
 from bridge.ingress.mail import MailText, ParseBounds, ParseTimeout, compose, parse_mail
 from bridge.ingress.mailrules import apply_rule, rule_for
 from bridge.ingress.smtplimits import LimitedSMTP, Sessions, call_limits
+from bridge.ingress.throttle import FailureThrottle, QuietLog
 from bridge.phone import PhoneError
 from bridge.policy.decide import content_hash, dedupe_scope
 from bridge.policy.shaping import Draft
@@ -99,6 +101,7 @@ class SmtpHandler:
         self.tls = self._tls(config.smtp)  # at start a certificate that does not load is fatal
         self.sessions = Sessions(lambda: self.config.smtp)
         self.parsers = ThreadPoolExecutor(PARSE_WORKERS, thread_name_prefix="mail-parse")
+        self.auth_throttle = FailureThrottle(ingestor.clock)  # kept across reloads
         self.reload(config)
 
     def close(self) -> None:
@@ -116,7 +119,7 @@ class SmtpHandler:
             problems.append(f"smtp.tls_cert: cannot load, the previous certificate stays: {exc}")
             config = _keep_tls(config, self.config)
         self.config = config
-        self.authenticator = Authenticator(dict(config.smtp.users))
+        self.authenticator = Authenticator(dict(config.smtp.users), self.auth_throttle)
         self.domains = {d.lower() for d in config.smtp.domains}
         self.regions = {d.lower(): r.upper() for d, r in config.smtp.regions.items()}
         self.networks = [
@@ -344,24 +347,44 @@ def mail_dedupe_key(mail: MailText) -> str | None:
 
 
 class Authenticator:
-    """aiosmtpd authenticator over `[smtp.users]`, compared in constant time."""
+    """aiosmtpd authenticator over `[smtp.users]`, compared in constant time, with
+    failures throttled per client (`FailureThrottle`): a locked-out client gets 454 for
+    every attempt, right or wrong, unchecked. A login is named in the log only when it
+    is a configured user (a password typed into the login field must not be logged),
+    and failures at most once a minute per client."""
 
-    def __init__(self, users: dict[str, str]) -> None:
+    def __init__(self, users: dict[str, str], throttle: FailureThrottle) -> None:
         self.users = {k.encode(): v.encode() for k, v in users.items()}
+        self.throttle = throttle
+        self.quiet = QuietLog(log, throttle.clock)
 
     def __call__(
         self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
     ) -> AuthResult:
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
+        host = _peer_host(session)
+        wait = self.throttle.locked(host)
+        if wait:
+            self.quiet.warning("smtp-locked", host, "SMTP AUTH from %s refused: locked out", host)
+            return AuthResult(
+                success=False,
+                handled=False,
+                message=f"454 4.7.0 Too many failed logins from {host}; "
+                f"try again in {math.ceil(wait)}s",
+            )
         expected = self.users.get(auth_data.login)
         ok = expected is not None and hmac.compare_digest(expected, auth_data.password)
         if not ok:
-            log.warning(
-                "SMTP AUTH failed for %r from %s",
-                auth_data.login.decode(errors="replace"),
-                session.peer,
-            )
+            who = auth_data.login.decode(errors="replace") if expected else "an unknown login"
+            if self.throttle.failed(host):
+                log.warning(
+                    "SMTP client %s locked out for %gs after %d failed logins",
+                    host,
+                    self.throttle.lockout,
+                    self.throttle.max_failures,
+                )
+            self.quiet.warning("smtp-auth", host, "SMTP AUTH failed for %s from %s", who, host)
         return AuthResult(success=ok, handled=False)
 
 

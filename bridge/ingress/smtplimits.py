@@ -24,7 +24,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, Session
 
 from bridge.config import SmtpConfig
 
@@ -123,6 +123,20 @@ def call_limits(smtp: SmtpConfig) -> dict[str, int]:
     }
 
 
+class QuietSession(Session):
+    """aiosmtpd's Session without its deprecation warning: aiosmtpd 1.4 itself sets the
+    deprecated `login_data` on every successful AUTH, which logged a WARNING each time.
+    Nothing in the bridge reads it (`auth_data` holds the login)."""
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
 class LimitedSMTP(SMTP):
     """aiosmtpd's session under `Sessions` and the progress-only idle timer."""
 
@@ -170,6 +184,9 @@ class LimitedSMTP(SMTP):
             self._client = None
         super().connection_lost(error)
 
+    def _create_session(self) -> Session:
+        return QuietSession(self.loop)
+
     async def smtp_DATA(self, arg: str) -> None:
         reader = self._reader
         lines = DataLines(reader, self.max_lines or sys.maxsize)
@@ -185,8 +202,7 @@ class LimitedSMTP(SMTP):
         lines: Any = self._reader
         if isinstance(lines, DataLines) and lines.over:
             return (
-                f"552 5.3.4 Too many lines: more than {lines.most} (smtp.max_lines);"
-                " not accepted"
+                f"552 5.3.4 Too many lines: more than {lines.most} (smtp.max_lines); not accepted"
             )
         return None
 

@@ -1,0 +1,98 @@
+"""Online guessing of HTTP credentials, throttled per client (ASGI middleware).
+
+A 401 to a request that presented a credential (an `Authorization` header, anything
+sent to a webhook route, a console sign-in) counts as a failed guess for its client
+(`bridge.ingress.throttle`: an IPv4 address or an IPv6 /64; behind `http.trusted_proxies`
+the forwarded client). Past the throttle's limit the client's requests get 503 with
+`Retry-After` until the lockout ends, right credentials included: answering a right
+guess differently would let the guessing go on. 503, not 429, as for overload (the
+contract): a genuine sender behind the same address (a NAT, an untrusted proxy) retries
+a 5xx later and keeps its alert, where it would drop a 4xx.
+
+A 401 to a request with no credential at all (a console page after its session
+expired, a probe) is not a guess and is not counted. `/healthz` and `/readyz` are never
+refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bridge.ingress.http.hosts import ALWAYS_SERVED_PATHS
+from bridge.ingress.throttle import FailureThrottle, QuietLog
+
+log = logging.getLogger(__name__)
+_GUESS_PATHS = ("/hooks/", "/ui/signin")
+
+
+def _presents_credential(scope: Scope) -> bool:
+    path: str = scope.get("path", "")
+    if path.startswith(_GUESS_PATHS):
+        return True
+    return any(name == b"authorization" for name, _ in scope["headers"])
+
+
+class AuthLockout:
+    """Counts failed guesses per client and refuses locked-out clients."""
+
+    def __init__(self, app: ASGIApp, throttle: FailureThrottle) -> None:
+        self.app = app
+        self.throttle = throttle
+        self.quiet = QuietLog(log, throttle.clock)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in ALWAYS_SERVED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        host = str(client[0]) if client else ""
+        wait = self.throttle.locked(host) if host else 0.0
+        if wait:
+            self.quiet.warning(
+                "http-locked",
+                host,
+                "HTTP request from %s refused: locked out after failed logins",
+                host,
+            )
+            await _refuse(send, wait)
+            return
+        if not host or not _presents_credential(scope):
+            await self.app(scope, receive, send)
+            return
+
+        async def watched(message: Message) -> None:
+            failed = message["type"] == "http.response.start" and message["status"] == 401
+            if failed and self.throttle.failed(host):
+                log.warning(
+                    "HTTP client %s locked out for %gs: %d failed logins within %gs",
+                    host,
+                    self.throttle.lockout,
+                    self.throttle.max_failures,
+                    self.throttle.window,
+                )
+            await send(message)
+
+        await self.app(scope, receive, watched)
+
+
+async def _refuse(send: Send, wait: float) -> None:
+    seconds = max(1, math.ceil(wait))
+    body = json.dumps(
+        {"error": f"too many failed logins from this address; retry in {seconds}s"}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(seconds).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
