@@ -17,17 +17,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fnmatch
-import hmac
 import ipaddress
 import logging
-import math
 import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from bridge.clock import zone
 from bridge.config import Config, SmtpConfig
@@ -36,8 +34,9 @@ from bridge.firewall import Firewall, RefusedNumber
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.mail import MailText, ParseBounds, ParseTimeout, compose, parse_mail
 from bridge.ingress.mailrules import apply_rule, rule_for
+from bridge.ingress.smtpauth import Authenticator, peer_host
 from bridge.ingress.smtplimits import LimitedSMTP, Sessions, call_limits
-from bridge.ingress.throttle import FailureThrottle, QuietLog
+from bridge.ingress.throttle import FailureThrottle
 from bridge.phone import PhoneError
 from bridge.policy.decide import content_hash, dedupe_scope
 from bridge.policy.shaping import Draft
@@ -55,12 +54,6 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     return context
-
-
-def _peer_host(session: Session) -> str:
-    """The client's address (aiosmtpd keeps the socket's peername tuple in `peer`)."""
-    peer: Any = session.peer
-    return str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer or "")
 
 
 class BridgeSMTP(LimitedSMTP):
@@ -149,7 +142,7 @@ class SmtpHandler:
         if not self.networks:
             return True
         try:
-            address = ipaddress.ip_address(_peer_host(session).split("%")[0])
+            address = ipaddress.ip_address(peer_host(session).split("%")[0])
         except (TypeError, ValueError, IndexError):
             return False
         if address.version == 6 and address.ipv4_mapped is not None:
@@ -165,7 +158,7 @@ class SmtpHandler:
         mail_options: list[str],
     ) -> str:
         if not self._client_allowed(session):
-            return f"550 5.7.1 Client {_peer_host(session)} is not allowed to send here"
+            return f"550 5.7.1 Client {peer_host(session)} is not allowed to send here"
         patterns = self.config.smtp.allowed_senders
         if (
             address
@@ -292,7 +285,7 @@ class SmtpHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         refusal = getattr(server, "data_refusal", None)
         if refusal:
-            log.warning("SMTP DATA from %s refused: %s", _peer_host(session), refusal)
+            log.warning("SMTP DATA from %s refused: %s", peer_host(session), refusal)
             return str(refusal)
         raw = (
             envelope.content
@@ -344,48 +337,6 @@ def mail_dedupe_key(mail: MailText) -> str | None:
     if not mail.message_id:
         return None  # the text is the key
     return f"message-id:{mail.message_id}:{content_hash(mail.sender, mail.subject, mail.body)}"
-
-
-class Authenticator:
-    """aiosmtpd authenticator over `[smtp.users]`, compared in constant time, with
-    failures throttled per client (`FailureThrottle`): a locked-out client gets 454 for
-    every attempt, right or wrong, unchecked. A login is named in the log only when it
-    is a configured user (a password typed into the login field must not be logged),
-    and failures at most once a minute per client."""
-
-    def __init__(self, users: dict[str, str], throttle: FailureThrottle) -> None:
-        self.users = {k.encode(): v.encode() for k, v in users.items()}
-        self.throttle = throttle
-        self.quiet = QuietLog(log, throttle.clock)
-
-    def __call__(
-        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
-    ) -> AuthResult:
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        host = _peer_host(session)
-        wait = self.throttle.locked(host)
-        if wait:
-            self.quiet.warning("smtp-locked", host, "SMTP AUTH from %s refused: locked out", host)
-            return AuthResult(
-                success=False,
-                handled=False,
-                message=f"454 4.7.0 Too many failed logins from {host}; "
-                f"try again in {math.ceil(wait)}s",
-            )
-        expected = self.users.get(auth_data.login)
-        ok = expected is not None and hmac.compare_digest(expected, auth_data.password)
-        if not ok:
-            who = auth_data.login.decode(errors="replace") if expected else "an unknown login"
-            if self.throttle.failed(host):
-                log.warning(
-                    "SMTP client %s locked out for %gs after %d failed logins",
-                    host,
-                    self.throttle.lockout,
-                    self.throttle.max_failures,
-                )
-            self.quiet.warning("smtp-auth", host, "SMTP AUTH failed for %s from %s", who, host)
-        return AuthResult(success=ok, handled=False)
 
 
 def _keep_tls(new: Config, old: Config) -> Config:
