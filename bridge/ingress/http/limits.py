@@ -62,7 +62,7 @@ def _body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-def refusal_app(status: int, message: str) -> Any:
+def refusal_app(status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> Any:
     """An ASGI app answering `status` with a JSON error and closing the connection."""
     body = _body(message)
 
@@ -75,6 +75,7 @@ def refusal_app(status: int, message: str) -> Any:
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"connection", b"close"),
+                    *headers,
                 ],
             }
         )

@@ -16,13 +16,13 @@ refused.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.ingress.http.hosts import ALWAYS_SERVED_PATHS
+from bridge.ingress.http.limits import refusal_app
 from bridge.ingress.throttle import FailureThrottle, QuietLog
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class AuthLockout:
                 "HTTP request from %s refused: locked out after failed logins",
                 host,
             )
-            await _refuse(send, wait)
+            await _refuse(scope, receive, send, wait)
             return
         if not host or not _presents_credential(scope):
             await self.app(scope, receive, send)
@@ -79,20 +79,8 @@ class AuthLockout:
         await self.app(scope, receive, watched)
 
 
-async def _refuse(send: Send, wait: float) -> None:
+async def _refuse(scope: Scope, receive: Receive, send: Send, wait: float) -> None:
     seconds = max(1, math.ceil(wait))
-    body = json.dumps(
-        {"error": f"too many failed logins from this address; retry in {seconds}s"}
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(seconds).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    message = f"too many failed logins from this address; retry in {seconds}s"
+    retry_after = ((b"retry-after", str(seconds).encode()),)
+    await refusal_app(503, message, retry_after)(scope, receive, send)
