@@ -201,6 +201,7 @@ def test_bearer_token_guessing_is_locked_out_per_client(bridge) -> None:
         codes = {
             forgetful.post(f"{url}/api/v1/messages", json=message).status_code for _ in range(15)
         }
+        codes |= {forgetful.post(f"{url}/hooks/am", json={}).status_code for _ in range(15)}
         assert codes == {401}
     right = {"Authorization": f"Bearer {SEND_TOKEN}"}
     assert httpx.post(f"{url}/api/v1/messages", json=message, headers=right).status_code == 202

@@ -323,7 +323,7 @@ def create_app(
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
         middleware=[
             Middleware(HostCheck, live=live),  # before any route: DNS rebinding
-            Middleware(AuthLockout, throttle=FailureThrottle(clock)),  # online guessing
+            Middleware(AuthLockout, throttle=FailureThrottle(clock), live=live),  # online guessing
         ],
         lifespan=lifespan,
     )

@@ -1,7 +1,7 @@
 """Online guessing of HTTP credentials, throttled per client (ASGI middleware).
 
-A 401 to a request that presented a credential (an `Authorization` header, anything
-sent to a webhook route, a console sign-in) counts as a failed guess for its client
+A 401 to a request that presented a credential (an `Authorization` header, a webhook
+signature or token header, a console sign-in) counts as a failed guess for its client
 (`bridge.ingress.throttle`: an IPv4 address or an IPv6 /64; behind `http.trusted_proxies`
 the forwarded client). Past the throttle's limit the client's requests get 503 with
 `Retry-After` until the lockout ends, right credentials included: answering a right
@@ -10,38 +10,53 @@ contract): a genuine sender behind the same address (a NAT, an untrusted proxy) 
 a 5xx later and keeps its alert, where it would drop a 4xx.
 
 A 401 to a request with no credential at all (a console page after its session
-expired, a probe) is not a guess and is not counted. `/healthz` and `/readyz` are never
+expired, a probe, a webhook sender not yet given its secret) is not a guess and is not
+counted: on a loopback install every local sender shares 127.0.0.1, and one of them
+without a credential must not lock the others out. `/healthz` and `/readyz` are never
 refused.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bridge.config import LiveConfig
 from bridge.ingress.http.hosts import ALWAYS_SERVED_PATHS
 from bridge.ingress.http.limits import refusal_app
 from bridge.ingress.throttle import FailureThrottle, QuietLog
 
 log = logging.getLogger(__name__)
-_GUESS_PATHS = ("/hooks/", "/ui/signin")
+# Headers that carry a credential: bearer/basic, GitHub's and GitLab's; each route's
+# `signature_header` (Grafana's) is added from the config in force.
+CREDENTIAL_HEADERS = frozenset(
+    {b"authorization", b"x-hub-signature-256", b"x-hub-signature", b"x-gitlab-token"}
+)
 
 
-def _presents_credential(scope: Scope) -> bool:
-    path: str = scope.get("path", "")
-    if path.startswith(_GUESS_PATHS):
+def _presents_credential(scope: Scope, signature_headers: frozenset[bytes]) -> bool:
+    if scope.get("path") == "/ui/signin":  # the sign-in form posts a token
         return True
-    return any(name == b"authorization" for name, _ in scope["headers"])
+    return any(
+        name in CREDENTIAL_HEADERS or name in signature_headers for name, _ in scope["headers"]
+    )
+
+
+@functools.lru_cache(maxsize=16)  # one per config in force
+def _signature_headers(names: tuple[str, ...]) -> frozenset[bytes]:
+    return frozenset(name.lower().encode("latin-1") for name in names if name)
 
 
 class AuthLockout:
     """Counts failed guesses per client and refuses locked-out clients."""
 
-    def __init__(self, app: ASGIApp, throttle: FailureThrottle) -> None:
+    def __init__(self, app: ASGIApp, throttle: FailureThrottle, live: LiveConfig) -> None:
         self.app = app
         self.throttle = throttle
+        self.live = live
         self.quiet = QuietLog(log, throttle.clock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -60,7 +75,9 @@ class AuthLockout:
             )
             await _refuse(scope, receive, send, wait)
             return
-        if not host or not _presents_credential(scope):
+        routes = self.live.current.routes.values()
+        signed = _signature_headers(tuple(route.signature_header for route in routes))
+        if not host or not _presents_credential(scope, signed):
             await self.app(scope, receive, send)
             return
 
