@@ -5,8 +5,10 @@ API, webhook routes, SMTP RCPT, and `check-config` for groups, route `to` and
 `budget.admin`. So a number refused in one place is refused in all of them. Refused:
 
 - a country outside `phone.allowed_countries` (ISO codes; empty = any country);
-- unless `phone.allow_premium`: premium-rate and shared-cost numbers, and every number of
-  the non-geographic calling codes (+800 UIFN, +808, +870 and +881 satellite, +882/+883
+- unless `phone.allow_premium`: premium-rate, shared-cost and personal numbers (UK 070:
+  they forward anywhere, at a premium), those the metadata does not know but that lie in
+  such a range (`bridge.ranges`: `+4990012345678`, a 0900 number one digit long), and
+  every number of the non-geographic calling codes (+800 UIFN, +808, +870 and +881 satellite, +882/+883
   international networks, +979 international premium rate), which cost far more than a
   text to a phone and are the classic toll-fraud targets.
 
@@ -25,6 +27,7 @@ from phonenumbers import PhoneNumberType
 
 from bridge.errors import InputError
 from bridge.phone import normalise_number
+from bridge.ranges import costly_range
 
 if TYPE_CHECKING:
     from bridge.config.sections import Config
@@ -34,6 +37,7 @@ NON_GEOGRAPHIC = "001"  # phonenumbers' region for calling codes that belong to 
 _COSTLY_TYPES = {
     PhoneNumberType.PREMIUM_RATE: "a premium-rate number",
     PhoneNumberType.SHARED_COST: "a shared-cost number",
+    PhoneNumberType.PERSONAL_NUMBER: "a personal number",
 }
 
 
@@ -71,6 +75,12 @@ def refusal(e164: str, allowed_countries: frozenset[str], allow_premium: bool) -
         kind = _COSTLY_TYPES.get(phonenumbers.number_type(number))
         if kind:
             return f"{kind} (phone.allow_premium is off)"
+        if not phonenumbers.is_valid_number(number):
+            kind = costly_range(code, phonenumbers.national_significant_number(number))
+            if kind:
+                return (
+                    f"not a known number, but in the range of {kind} (phone.allow_premium is off)"
+                )
     if allowed_countries:
         country = _country(number)
         allowed = ", ".join(sorted(allowed_countries))

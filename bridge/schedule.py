@@ -30,8 +30,17 @@ def parse_schedule_time(value: str, *, now: float, tz: tzinfo, field: str = FIEL
     if when.tzinfo is None:
         when = when.replace(tzinfo=tz)
     if when.timestamp() <= now:
-        raise InputError(field, f"{text!r} is in the past; leave it out to send now")
+        raise InputError(field, f"{_shown(text)} is in the past; leave it out to send now")
     return when.astimezone(UTC).strftime(STORED_FORMAT)
+
+
+SHOWN_CHARS = 40  # of a refused value echoed back: enough to recognise, never a payload
+
+
+def _shown(text: str) -> str:
+    """`text` quoted for an error, cut: fromisoformat takes any number of fraction
+    digits, and a 400 echoing a whole megabyte helps nobody."""
+    return repr(text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "...")
 
 
 def scheduled_epoch(stored: str | None) -> float | None:

@@ -92,11 +92,19 @@ async def test_a_metrics_token_reads_metrics_and_nothing_else(config, clock: Man
         assert [messages.status_code, send.status_code] == [403, 403]
 
 
-async def test_health_and_the_spec_stay_open(config, clock: ManualClock) -> None:
+async def test_health_stays_open_and_the_spec_needs_read(config, clock: ManualClock) -> None:
+    """Once tokens exist the spec (every route's name, the sender ids) is for callers
+    with `read`; it declares its security schemes."""
     async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
-        for path in ("/healthz", "/openapi.json"):
-            assert (await http.get(url + path)).status_code == 200, path
+        assert (await http.get(f"{url}/healthz")).status_code == 200
         assert (await http.get(f"{url}/readyz")).status_code in (200, 503)
+        assert (await http.get(f"{url}/openapi.json")).status_code == 401
+        sender = await http.get(f"{url}/openapi.json", headers=bearer(SENDER))
+        assert sender.status_code == 403
+        spec = (await http.get(f"{url}/openapi.json", headers=bearer(READER))).json()
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert spec["security"] == [{"bearer": []}]
+    assert spec["paths"]["/healthz"]["get"]["security"] == []
 
 
 async def test_without_tokens_the_api_is_open(tmp_path, sandbox_url, clock: ManualClock) -> None:

@@ -21,10 +21,12 @@ from starlette.datastructures import Headers
 from bridge.clock import ManualClock
 from bridge.config import RouteConfig, load_config
 from bridge.errors import ConfigError
+from bridge.firewall import Firewall, RefusedNumber
 from bridge.ingress.formats import HookRequest, alertmanager, github
 from bridge.ingress.mail import parse_mail
 from bridge.ingress.smtp import mail_dedupe_key
 from bridge.models import State
+from bridge.phone import normalise_number
 from bridge.provider.sandbox import SandboxState
 from tests.helpers import bridge_config, pump, running_bridge, write_config
 from tests.test_smtp import smtp_listening
@@ -39,7 +41,13 @@ COSTLY = {
     "+19005550123": "premium-rate",
     "+33810123456": "shared-cost",
     "+97912345678": "international premium",
+    "+447011234567": "UK 070 personal number",
+    "+4990012345678": "German 0900 premium, one digit too many: not a known number",
+    "+499002123456": "German 0900 premium, a block the metadata does not list",
 }
+# Not known to the metadata either, but nearest to ordinary ranges: let through (with a
+# warning in the log), as metadata lags new ranges and an on-call phone must not be lost.
+UNKNOWN_BUT_ORDINARY = ("+15555550143", "+4915799999999999", "+447400000000", "+33612345678")
 ROUTES = f"""
 [groups]
 oncall = ["+12025550101", "+12025550102"]
@@ -128,6 +136,15 @@ async def test_api_refuses_costly_numbers_unless_allowed(
     async with running_bridge(allowed, clock) as (_, url), httpx.AsyncClient() as http:
         response = await http.post(f"{url}/api/v1/messages", json={"to": number, "message": "x"})
         assert response.status_code == 202, response.text
+
+
+def test_unknown_numbers_near_ordinary_ranges_pass_and_costly_ones_do_not() -> None:
+    firewall = Firewall()
+    for number in UNKNOWN_BUT_ORDINARY:
+        firewall.check(normalise_number(number))
+    for number in COSTLY:
+        with pytest.raises(RefusedNumber, match="allow_premium"):
+            firewall.check(normalise_number(number))
 
 
 async def test_allowed_countries_over_api_hooks_and_smtp(

@@ -7,6 +7,7 @@ import collections
 import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import smtplib
 import socket
@@ -34,6 +35,7 @@ max_body_bytes = 131072
 header_timeout = "1s"
 body_timeout = "1s"
 max_concurrency = 8
+max_connections_per_client = 12
 [store]
 path = "{db}"
 [groups]
@@ -141,12 +143,7 @@ paths = st.sampled_from(
 )
 def test_random_json_never_gets_a_500(bridge, path: str, body: object, headers: dict) -> None:
     url, _ = bridge
-    response = httpx.post(
-        url + path,
-        content=json.dumps(body),
-        headers={"content-type": "application/json", **headers},
-        timeout=10,
-    )
+    response = _post(url, path, json.dumps(body).encode(), **headers)
     assert response.status_code in (200, 202, 400, 401, 404), response.text
     assert "error" in response.json() or response.status_code in (200, 202)
 
@@ -228,13 +225,19 @@ def _signed(body: bytes, secret: str = "s") -> str:
     return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+_SOURCES = itertools.count()
+
+
 def _post(url: str, path: str, content: bytes, **headers: str | bytes) -> httpx.Response:
-    return httpx.post(
-        url + path,
-        content=content,
-        headers={"content-type": "application/json", **headers},
-        timeout=30,
-    )
+    """POST from a fresh loopback address each time (127.1.x.y): a fuzzer presenting
+    wrong credentials is a guesser, and ten of them lock its address out (503), which
+    would leave the rest of the run unexercised."""
+    n = next(_SOURCES) % 65_000
+    transport = httpx.HTTPTransport(local_address=f"127.1.{n // 250}.{n % 250 + 1}")
+    with httpx.Client(transport=transport, timeout=30) as client:
+        return client.post(
+            url + path, content=content, headers={"content-type": "application/json", **headers}
+        )
 
 
 def _refused(response: httpx.Response, status: int, words: str) -> None:
@@ -505,25 +508,69 @@ def test_4mb_of_headers_are_refused_with_431(bridge) -> None:
     assert httpx.get(f"{url}/healthz", headers={"X-Ok": "a" * 8_000}).status_code == 200
 
 
-def test_past_max_concurrency_requests_get_a_503(bridge) -> None:
+def _held_post(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A request in flight: headers and the start of a body that never comes whole."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    sock.sendall(
+        b"POST /api/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+    )
+    return sock
+
+
+def test_past_max_concurrency_requests_in_flight_get_a_503(bridge) -> None:
+    """Eight requests in the handler (slow bodies, cut at body_timeout = 1 s): the ninth
+    is refused; once they are answered (408) there is room again."""
     url, _ = bridge
     port = int(url.rsplit(":", 1)[1])
-    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    held = []
+    held = [_held_post(port) for _ in range(8)]
     try:
-        for _ in range(8):  # kept alive after their answer: they count
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            sock.sendall(request)
-            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-            held.append(sock)
+        time.sleep(0.2)  # the server has read all eight
         with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
-            extra.sendall(request)
+            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             status, body = _http_reply(extra)
-        assert status == 503 and "overloaded" in body["error"]
+        assert status == 503 and "overloaded" in body["error"], body
+        assert [_http_reply(sock)[0] for sock in held] == [408] * 8
     finally:
         for sock in held:
             sock.close()
     wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, what="room again")
+
+
+def test_idle_connections_of_one_client_never_refuse_others(bridge) -> None:
+    """One client holding many idle connections (more than max_concurrency = 8) is cut
+    at max_connections_per_client = 12 with a 503; /healthz, even a POST, from another
+    client is answered all along (idle connections were once counted as requests)."""
+    url, _ = bridge
+    port = int(url.rsplit(":", 1)[1])
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    held, refused = [], []
+    try:
+        for _ in range(12):  # kept alive after an answer, then idle
+            sock = socket.create_connection(
+                ("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0)
+            )
+            sock.sendall(request)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            held.append(sock)
+        for _ in range(20):  # never sending a byte
+            sock = socket.create_connection(
+                ("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0)
+            )
+            refused.append(_http_reply(sock))
+            sock.close()
+        assert {status for status, _ in refused} == {503}
+        assert "too many connections from 127.0.0.2" in refused[0][1]["error"]
+        started = time.monotonic()
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+        response = httpx.post(
+            f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"}, timeout=10
+        )
+        assert response.status_code == 202, response.text
+        assert time.monotonic() - started < 1  # before the held ones' header timeout
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_openapi_described_requests_never_get_a_500(bridge) -> None:

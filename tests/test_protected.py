@@ -66,6 +66,21 @@ def problems(tmp_path: Path, body: str) -> list[str]:
             + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\nallowed_networks = ["0.0.0.0/0"]\n',
             ["routes.n"],
         ),
+        # Judged on the union: two halves are everyone; so is any public space past a /8.
+        (
+            REAL + '[smtp]\nlisten = "0.0.0.0:2525"\n'
+            'allowed_networks = ["0.0.0.0/1", "128.0.0.0/1"]\n',
+            ["smtp.listen"],
+        ),
+        (
+            REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["2000::/3"]\n',
+            ["smtp.listen"],
+        ),
+        (
+            REAL + '[smtp]\nlisten = "0.0.0.0:2525"\n'
+            'allowed_networks = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]\n',
+            [],
+        ),
         (
             REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nrequire_auth = true\n'
             'auth_allow_plaintext = true\nusers = { ups = "ups-password" }\n',

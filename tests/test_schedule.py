@@ -12,8 +12,10 @@ import pytest
 
 from bridge.cli import book_cli_request
 from bridge.clock import ManualClock
+from bridge.errors import InputError
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, SandboxState
+from bridge.schedule import parse_schedule_time
 from bridge.store import open_store
 from tests.helpers import bridge_config, max_in_window, pump, running_bridge
 from tests.test_smtp import smtp_listening
@@ -159,3 +161,12 @@ async def test_cli_calls_book_the_window_serve_keeps(
     assert waits and waits[0] > 50
     assert 429 not in [r.status for r in sandbox_state.requests]
     assert max_in_window([r.at for r in sandbox_state.requests]) <= 5
+
+
+def test_a_refused_schedule_time_is_echoed_cut() -> None:
+    """fromisoformat takes any number of fraction digits: the 400 shows 40 characters."""
+    long_past = "2020-01-01T00:00:00." + "1" * 100_000
+    with pytest.raises(InputError) as caught:
+        parse_schedule_time(long_past, now=2e9, tz=UTC)
+    assert "in the past" in str(caught.value) and len(str(caught.value)) < 120
+    assert "'2020-01-01T00:00:00.1111" in str(caught.value)

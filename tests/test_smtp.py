@@ -510,7 +510,7 @@ async def test_mime_bounds_text_what_was_read(
 ) -> None:
     async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
         deep = await asyncio.to_thread(data_reply, port, nested_mail(1000))
-        wide = await asyncio.to_thread(data_reply, port, flat_mail(20_000))
+        wide = await asyncio.to_thread(data_reply, port, flat_mail(4_000))
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
     assert deep[0] == 250 and b"nested deeper than 20" in deep[1], deep
     assert wide[0] == 250 and b"more than 100 MIME parts" in wide[1], wide
@@ -524,7 +524,7 @@ async def test_a_mail_not_parsed_in_time_gets_554(tmp_path, clock, sandbox_url) 
     extra = with_smtp('max_mime_parts = 50000\nparse_timeout = "50ms"')
     config = bridge_config(tmp_path, sandbox_url, extra)
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
-        code, text = await asyncio.to_thread(data_reply, port, flat_mail(20_000))
+        code, text = await asyncio.to_thread(data_reply, port, flat_mail(4_000))
         assert await bridge.store.counts() == {}
         # The worker stopped itself: the next mail is parsed at once.
         ok = await asyncio.to_thread(data_reply, port, b"Subject: next\r\n\r\nx\r\n")

@@ -37,14 +37,39 @@ def _listen_host(listen: str) -> str | None:
         return None  # reported by _validate
 
 
+# Ranges no one on the Internet reaches the bridge from: an allowlist of them restricts.
+_LOCAL_RANGES = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        *("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16"),
+        *("100.64.0.0/10", "fc00::/7", "fe80::/10", "::1/128"),
+    )
+)
+# The most public address space an allowlist may admit and still count as a restriction:
+# an IPv4 /8 (a large organisation) or an IPv6 /32 (a whole provider's allocation).
+_MOST_PUBLIC = {4: 2**24, 6: 2**96}
+
+
 def _restricts(networks: tuple[str, ...]) -> bool:
-    """Does this allowlist leave someone out? `0.0.0.0/0` or `::/0` admit everyone."""
+    """Does this allowlist leave the Internet out? Judged on the union, not each entry:
+    `0.0.0.0/1` plus `128.0.0.0/1` is everyone, as `0.0.0.0/0` is. Private, loopback
+    and link-local ranges are free; public space is summed per address family."""
     try:
-        return bool(networks) and all(
-            ipaddress.ip_network(n, strict=False).prefixlen > 0 for n in networks
-        )
+        parsed = [ipaddress.ip_network(n, strict=False) for n in networks]
     except ValueError:
         return True  # the bad entry is reported by _validate
+    if not parsed:
+        return False
+    for version, most in _MOST_PUBLIC.items():
+        family: list[Any] = [n for n in parsed if n.version == version]
+        local = [n for n in _LOCAL_RANGES if n.version == version]
+        public = 0
+        for network in ipaddress.collapse_addresses(family):
+            if not any(network.subnet_of(r) for r in local):
+                public += network.num_addresses
+        if public > most:
+            return False
+    return True
 
 
 # What a reload cannot change under a running bridge: listeners, the store, the provider,

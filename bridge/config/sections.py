@@ -63,6 +63,9 @@ class SmtpConfig:
     domains: tuple[str, ...] = _opt(["sms.localhost"])
     hostname: str = _opt("")
     max_message_bytes: int = _opt(ONE_MIB)
+    # lines in one mail's DATA; beyond: 552 (1 MiB of base64 is ~14,000 lines). aiosmtpd
+    # reads DATA a line at a time on the event loop: a mail of 3-byte lines held it ~1 s.
+    max_lines: int = _opt(20000)
     max_recipients: int = _opt(100)
     idle_timeout: float = _opt(300.0, "duration")
     default_region: str = _opt("")
@@ -111,7 +114,10 @@ class HttpConfig:
     listen: str = _opt(DEFAULT_HTTP_LISTEN)
     max_body_bytes: int = _opt(ONE_MIB)
     max_recipients: int = _opt(100)  # recipients one API or hook request may name; 0 = no cap
-    max_concurrency: int = _opt(100)  # open connections and requests; beyond: 503
+    max_concurrency: int = _opt(100)  # requests in flight; beyond: 503
+    # open connections from one client (an IPv4 address or an IPv6 /64); beyond: 503.
+    # Peers in trusted_proxies are not counted: the proxy must limit its own clients.
+    max_connections_per_client: int = _opt(32)
     max_header_bytes: int = _opt(16384)  # request line and headers; beyond: 431
     header_timeout: float = _opt(10.0, "duration")  # to send the request line and headers
     keep_alive_timeout: float = _opt(5.0, "duration")  # idle between requests

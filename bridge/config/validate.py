@@ -213,6 +213,7 @@ def _validate_listener_limits(config: Config, problem: Problem) -> None:
             (
                 "max_sessions",
                 "max_sessions_per_client",
+                "max_lines",
                 "max_mails_per_session",
                 "max_commands",
                 "max_mime_depth",
@@ -224,6 +225,7 @@ def _validate_listener_limits(config: Config, problem: Problem) -> None:
             "http",
             (
                 "max_concurrency",
+                "max_connections_per_client",
                 "max_header_bytes",
                 "header_timeout",
                 "keep_alive_timeout",

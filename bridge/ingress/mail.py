@@ -23,6 +23,7 @@ from typing import Any
 from inscriptis import get_text
 
 from bridge.ingress.charsets import decode_best
+from bridge.schedule import MAIL_HEADER
 
 
 # policy.default, but every header read as unstructured text: we need RFC 2047 decoding,
@@ -55,7 +56,8 @@ _NON_WORDS = re.compile(r"\W+")
 TEMPLATE_HEADERS = ("from", "to", "subject", "date", "message-id")
 # What tells an auto-reply: RFC 3834's header, and what vacation responders send instead.
 AUTO_REPLY_HEADERS = ("auto-submitted", "x-autoreply", "x-autorespond", "precedence")
-HEADERS_READ = frozenset((*TEMPLATE_HEADERS, *AUTO_REPLY_HEADERS))
+SCHEDULE_HEADER = MAIL_HEADER.lower()
+HEADERS_READ = frozenset((*TEMPLATE_HEADERS, *AUTO_REPLY_HEADERS, SCHEDULE_HEADER))
 _AUTO_REPLY_SUBJECT = re.compile(
     r"^(automatic reply|auto-?reply|auto-?response|out of (the )?office|abwesenheitsnotiz|"
     r"automatische antwort|r[ée]ponse automatique|respuesta autom[áa]tica)\b",
@@ -80,6 +82,8 @@ class MailText:
     headers: dict[str, str] = field(default_factory=dict)
     loop_reason: str | None = None  # set for bounces and auto-replies: store, never send
     truncated: str | None = None  # why only part of the MIME structure was read
+    schedule: str | None = None  # the X-SMS-Schedule header, as written: read in the
+    # parse worker, so the event loop never runs a header parser over a whole mail
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +342,7 @@ def parse_mail(
         headers=headers,
         loop_reason=_loop_reason(msg, found, mail_from),
         truncated=truncated,
+        schedule=found.get(SCHEDULE_HEADER) or None,
     )
 
 

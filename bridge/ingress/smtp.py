@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.parser
-import email.policy
 import fnmatch
-import hmac
 import ipaddress
 import logging
 import socket
@@ -28,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from bridge.clock import zone
 from bridge.config import ProviderConfig, Recipients, SmtpConfig
@@ -37,7 +34,9 @@ from bridge.firewall import RefusedNumber
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.mail import MailText, ParseBounds, ParseTimeout, compose, parse_mail
 from bridge.ingress.mailrules import apply_rule, rule_for
+from bridge.ingress.smtpauth import Authenticator, peer_host
 from bridge.ingress.smtplimits import LimitedSMTP, Sessions, call_limits
+from bridge.ingress.throttle import FailureThrottle
 from bridge.phone import PhoneError
 from bridge.policy.decide import content_hash, dedupe_scope
 from bridge.policy.shaping import Draft
@@ -51,19 +50,10 @@ ADDRESS_CACHE_SIZE = 1024
 PARSE_WORKERS = 2  # mail parsing threads; a slow mail holds one, never the event loop
 
 
-_HEADERS = email.parser.BytesParser(policy=email.policy.compat32)
-
-
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     return context
-
-
-def _peer_host(session: Session) -> str:
-    """The client's address (aiosmtpd keeps the socket's peername tuple in `peer`)."""
-    peer: Any = session.peer
-    return str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer or "")
 
 
 class BridgeSMTP(LimitedSMTP):
@@ -112,6 +102,7 @@ class SmtpHandler:
         self.tls = self._tls(smtp)  # at start a certificate that does not load is fatal
         self.sessions = Sessions(lambda: self.smtp)
         self.parsers = ThreadPoolExecutor(PARSE_WORKERS, thread_name_prefix="mail-parse")
+        self.auth_throttle = FailureThrottle(ingestor.clock)  # kept across reloads
         self.reload(smtp=smtp, recipients=recipients)
 
     def close(self) -> None:
@@ -131,7 +122,7 @@ class SmtpHandler:
             smtp = dataclasses.replace(smtp, tls_cert=self.smtp.tls_cert, tls_key=self.smtp.tls_key)
         self.smtp = smtp
         self.recipients = recipients
-        self.authenticator = Authenticator(dict(smtp.users))
+        self.authenticator = Authenticator(dict(smtp.users), self.auth_throttle)
         self.domains = {d.lower() for d in smtp.domains}
         self.networks = [ipaddress.ip_network(n, strict=False) for n in smtp.allowed_networks]
         return problems
@@ -156,7 +147,7 @@ class SmtpHandler:
         if not self.networks:
             return True
         try:
-            address = ipaddress.ip_address(_peer_host(session).split("%")[0])
+            address = ipaddress.ip_address(peer_host(session).split("%")[0])
         except (TypeError, ValueError, IndexError):
             return False
         if address.version == 6 and address.ipv4_mapped is not None:
@@ -172,7 +163,7 @@ class SmtpHandler:
         mail_options: list[str],
     ) -> str:
         if not self._client_allowed(session):
-            return f"550 5.7.1 Client {_peer_host(session)} is not allowed to send here"
+            return f"550 5.7.1 Client {peer_host(session)} is not allowed to send here"
         patterns = self.smtp.allowed_senders
         if (
             address
@@ -251,13 +242,12 @@ class SmtpHandler:
             return compose(mail, "subject_body")
         return compose(mail, mode)
 
-    def schedule_of(self, raw: bytes) -> str | None:
-        """The `X-SMS-Schedule` header, read with the one parser every ingress uses."""
-        value = _HEADERS.parsebytes(raw, headersonly=True).get(MAIL_HEADER)
-        if not value:
+    def schedule_of(self, mail: MailText) -> str | None:
+        """The `X-SMS-Schedule` header (read by the parse worker) as a schedule time."""
+        if not mail.schedule:
             return None
         return parse_schedule_time(
-            str(value),
+            mail.schedule,
             now=self.ingestor.clock.now(),
             tz=zone(self.provider.timezone),
             field=MAIL_HEADER,
@@ -295,6 +285,10 @@ class SmtpHandler:
         return mail
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        refusal = getattr(server, "data_refusal", None)
+        if refusal:
+            log.warning("SMTP DATA from %s refused: %s", peer_host(session), refusal)
+            return str(refusal)
         raw = (
             envelope.content
             if isinstance(envelope.content, bytes)
@@ -310,7 +304,7 @@ class SmtpHandler:
             except InputError as exc:  # config changed between RCPT and DATA
                 return f"550 5.1.1 <{address}>: {exc.message}"
         try:
-            schedule = self.schedule_of(raw)
+            schedule = self.schedule_of(mail)
         except InputError as exc:
             return f"554 5.6.0 {MAIL_HEADER}: {exc.message}"
         text = self.text_for(mail, envelope.mail_from)
@@ -347,28 +341,6 @@ def mail_dedupe_key(mail: MailText) -> str | None:
     return f"message-id:{mail.message_id}:{content_hash(mail.sender, mail.subject, mail.body)}"
 
 
-class Authenticator:
-    """aiosmtpd authenticator over `[smtp.users]`, compared in constant time."""
-
-    def __init__(self, users: dict[str, str]) -> None:
-        self.users = {k.encode(): v.encode() for k, v in users.items()}
-
-    def __call__(
-        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
-    ) -> AuthResult:
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
-        expected = self.users.get(auth_data.login)
-        ok = expected is not None and hmac.compare_digest(expected, auth_data.password)
-        if not ok:
-            log.warning(
-                "SMTP AUTH failed for %r from %s",
-                auth_data.login.decode(errors="replace"),
-                session.peer,
-            )
-        return AuthResult(success=ok, handled=False)
-
-
 def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
     """A protocol factory for `loop.create_server`: one aiosmtpd `SMTP` per connection.
 
@@ -397,6 +369,7 @@ def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
             auth_exclude_mechanism=[] if smtp.users else ["LOGIN", "PLAIN"],
             authenticator=handler.authenticator,
             command_call_limit=call_limits(smtp),
+            max_lines=smtp.max_lines,
             loop=asyncio.get_running_loop(),
             encrypted_from_start=implicit_tls,
         )

@@ -31,8 +31,10 @@ from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.app import Console
 from bridge.ingress.http.hooks import hook_endpoint
 from bridge.ingress.http.hosts import HostCheck
+from bridge.ingress.http.lockout import AuthLockout
 from bridge.ingress.http.openapi import openapi_spec
 from bridge.ingress.ingest import Ingestor
+from bridge.ingress.throttle import FailureThrottle
 from bridge.models import MAX_ROW_ID
 from bridge.ops.metrics import Metrics
 from bridge.policy.decide import dedupe_scope
@@ -311,13 +313,17 @@ def create_app(
                 ),
                 methods=["POST"],
             ),
-            Route("/openapi.json", openapi, methods=["GET"]),
+            # The route map is for callers with `read` once tokens exist (openapi.py says why).
+            Route("/openapi.json", requires("read", live, openapi), methods=["GET"]),
             Route("/metrics", requires("metrics", live, metrics_endpoint), methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             *console.routes(),
         ],
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
-        middleware=[Middleware(HostCheck, live=live)],  # before any route: DNS rebinding
+        middleware=[
+            Middleware(HostCheck, live=live),  # before any route: DNS rebinding
+            Middleware(AuthLockout, throttle=FailureThrottle(clock), live=live),  # online guessing
+        ],
         lifespan=lifespan,
     )

@@ -9,9 +9,15 @@ three additions, each answered in the bridge's JSON error shape:
 - `http.header_timeout`: the request line and headers must arrive within it, from the
   connection's start or the first byte of the next request on a kept-alive one: 408.
 - `http.max_header_bytes`: request line and headers together: 431.
-- `http.max_concurrency`: open connections and requests in flight; beyond it 503
-  (never 429: webhook senders retry 5xx and drop 4xx). uvicorn's own check counts the
-  same things but answers text/plain.
+- `http.max_concurrency`: requests in flight; beyond it 503 (never 429: webhook
+  senders retry 5xx and drop 4xx). Idle kept-alive connections do not count: uvicorn's
+  own check counts them, so 100 idle sockets (re-opened after each header timeout) made
+  every request, `/healthz` included, a 503.
+- `http.max_connections_per_client`: open connections from one client (an IPv4 address
+  or an IPv6 /64, as `bridge.ingress.throttle.client_key`); past it the new connection
+  gets a 503 and is closed at once, so one client cannot hold every file descriptor.
+  Peers in `http.trusted_proxies` are not counted: behind a proxy every connection
+  comes from it, and the proxy must limit its own clients.
 
 Every connection reads the limits in force when it is made, so SIGHUP applies them
 to new connections. `http.keep_alive_timeout` is uvicorn's idle time between requests.
@@ -20,23 +26,43 @@ to new connections. `http.keep_alive_timeout` is uvicorn's idle time between req
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import http
+import ipaddress
 import json
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from bridge.clock import SystemClock
 from bridge.config import LiveConfig
+from bridge.ingress.throttle import QuietLog, client_key
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=16)  # one per config in force
+def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def is_trusted_proxy(host: str, cidrs: tuple[str, ...]) -> bool:
+    if not cidrs:
+        return False
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    return any(address in network for network in _networks(cidrs))
 
 
 def _body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()
 
 
-def refusal_app(status: int, message: str) -> Any:
+def refusal_app(status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> Any:
     """An ASGI app answering `status` with a JSON error and closing the connection."""
     body = _body(message)
 
@@ -49,6 +75,7 @@ def refusal_app(status: int, message: str) -> Any:
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
                     (b"connection", b"close"),
+                    *headers,
                 ],
             }
         )
@@ -61,6 +88,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits above; `live` is set per server."""
 
     live: LiveConfig
+    per_client: ClassVar[collections.Counter[str]]  # open connections by client, per server
+    quiet: ClassVar[QuietLog]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -74,15 +103,37 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.header_bytes = 0  # what arrived since the current request began
         self.header_size = 0  # request line and headers as parsed
         self.header_timer: asyncio.TimerHandle | None = None
+        self.counted_as: str | None = None  # the key in `per_client` while counted
 
-    # -- time ------------------------------------------------------------------------
+    # -- connections -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        host = self.client[0] if self.client else ""
+        limits = self.live.current.http
+        if host and not is_trusted_proxy(host, limits.trusted_proxies):
+            key, most = client_key(host), limits.max_connections_per_client
+            if self.per_client[key] >= most:
+                self.quiet.warning("connections", host, "HTTP: too many connections from %s", key)
+                self._refuse(
+                    503,
+                    f"too many connections from {host} (at most {most}, "
+                    "http.max_connections_per_client); retry",
+                )
+                return
+            self.per_client[key] += 1
+            self.counted_as = key
         self._arm_header_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        if self.counted_as is not None:
+            self.per_client[self.counted_as] -= 1
+            if self.per_client[self.counted_as] <= 0:
+                del self.per_client[self.counted_as]
+            self.counted_as = None
         super().connection_lost(exc)
+
+    # -- time ------------------------------------------------------------------------
 
     def _arm_header_timer(self) -> None:
         if self.header_timer is None:
@@ -137,8 +188,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.app = refusal_app(
                 431, f"request headers larger than {self.max_header_bytes} bytes"
             )
-        elif len(self.connections) > limit or len(self.tasks) >= limit:
-            log.warning("HTTP overloaded (%d connections): 503", len(self.connections))
+        elif len(self.tasks) >= limit:  # requests in flight; idle connections cost nothing
+            self.quiet.warning(
+                "overload", "*", "HTTP overloaded (%d requests in flight): 503", limit
+            )
             self.app = refusal_app(503, f"overloaded: more than {limit} requests; retry")
         else:
             self.app = self.config.loaded_app
@@ -162,4 +215,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
 def limited_protocol(live: LiveConfig) -> type[LimitedHttpProtocol]:
     """The protocol class for one server, reading limits from `live`."""
-    return type("LimitedHttpProtocol", (LimitedHttpProtocol,), {"live": live})
+    attributes = {
+        "live": live,
+        "per_client": collections.Counter(),
+        "quiet": QuietLog(log, SystemClock()),
+    }
+    return type("LimitedHttpProtocol", (LimitedHttpProtocol,), attributes)

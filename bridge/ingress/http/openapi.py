@@ -1,4 +1,10 @@
-"""`GET /openapi.json`: the generic API and the configured hooks, described for clients."""
+"""`GET /openapi.json`: the generic API and the configured hooks, described for clients.
+
+Once a `[tokens.*]` exists the document itself needs a token with `read` (the app
+guards it): it names every route (which integrations exist, which take recipients
+from the payload) and the sender ids a caller may use, a map no anonymous caller
+needs. Security schemes are declared: bearer for the API, and per hook what it takes.
+"""
 
 from __future__ import annotations
 
@@ -69,6 +75,24 @@ def _hook_responses() -> dict[str, Any]:
     return responses
 
 
+_SCHEMES = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "[tokens.NAME] or a route's token",
+    },
+    "basic": {"type": "http", "scheme": "basic", "description": "a route's username and password"},
+}
+_OPEN: list[dict[str, list[str]]] = []  # no credential
+
+
+def _hook_security(route: Any) -> list[dict[str, list[str]]]:
+    """What a hook takes: bearer and/or basic; a signature `secret` or `allowed_networks`
+    (not OpenAPI schemes) or nothing at all show as open."""
+    schemes: list[dict[str, list[str]]] = [{"bearer": []}] if route.token else []
+    return schemes + ([{"basic": []}] if route.username else [])
+
+
 def openapi_spec(config: Config) -> dict[str, Any]:
     message_request = {
         "type": "object",
@@ -121,6 +145,7 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                     "content": {"application/json": {"schema": {"type": "object"}}},
                 },
                 "responses": _hook_responses(),
+                "security": _hook_security(route),
             }
         }
         for name, route in config.routes.items()
@@ -128,6 +153,9 @@ def openapi_spec(config: Config) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "sms-bridge", "version": __version__},
+        # With tokens every API call needs one (scopes: send, read, admin); without,
+        # the bridge is open, as on a loopback install.
+        "security": [{"bearer": []}] if config.tokens else _OPEN,
         "paths": {
             "/api/v1/messages": {
                 "post": {
@@ -207,11 +235,16 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                 )
             },
             "/healthz": {
-                "get": {"summary": "liveness", "responses": {"200": {"description": "up"}}}
+                "get": {
+                    "summary": "liveness",
+                    "security": _OPEN,
+                    "responses": {"200": {"description": "up"}},
+                }
             },
             "/readyz": {
                 "get": {
                     "summary": "readiness: store writable, provider usable",
+                    "security": _OPEN,
                     "responses": {
                         "200": {"description": "ready"},
                         "503": {"description": "not ready"},
@@ -221,6 +254,7 @@ def openapi_spec(config: Config) -> dict[str, Any]:
             **hooks,
         },
         "components": {
-            "schemas": {"Error": _ERROR, "Accepted": _ACCEPTED, "MessageRequest": message_request}
+            "schemas": {"Error": _ERROR, "Accepted": _ACCEPTED, "MessageRequest": message_request},
+            "securitySchemes": _SCHEMES,
         },
     }

@@ -1,0 +1,103 @@
+"""Online guessing of HTTP credentials, throttled per client (ASGI middleware).
+
+A 401 to a request that presented a credential (an `Authorization` header, a webhook
+signature or token header, a console sign-in) counts as a failed guess for its client
+(`bridge.ingress.throttle`: an IPv4 address or an IPv6 /64; behind `http.trusted_proxies`
+the forwarded client). Past the throttle's limit the client's requests get 503 with
+`Retry-After` until the lockout ends, right credentials included: answering a right
+guess differently would let the guessing go on. 503, not 429, as for overload (the
+contract): a genuine sender behind the same address (a NAT, an untrusted proxy) retries
+a 5xx later and keeps its alert, where it would drop a 4xx.
+
+A 401 to a request with no credential at all (a console page after its session
+expired, a probe, a webhook sender not yet given its secret) is not a guess and is not
+counted: on a loopback install every local sender shares 127.0.0.1, and one of them
+without a credential must not lock the others out. `/healthz` and `/readyz` are never
+refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bridge.config import LiveConfig
+from bridge.ingress.http.hosts import ALWAYS_SERVED_PATHS
+from bridge.ingress.http.limits import refusal_app
+from bridge.ingress.throttle import FailureThrottle, QuietLog
+
+log = logging.getLogger(__name__)
+# Headers that carry a credential: bearer/basic, GitHub's and GitLab's; each route's
+# `signature_header` (Grafana's) is added from the config in force.
+CREDENTIAL_HEADERS = frozenset(
+    {b"authorization", b"x-hub-signature-256", b"x-hub-signature", b"x-gitlab-token"}
+)
+
+
+def _presents_credential(scope: Scope, signature_headers: frozenset[bytes]) -> bool:
+    if scope.get("path") == "/ui/signin":  # the sign-in form posts a token
+        return True
+    return any(
+        name in CREDENTIAL_HEADERS or name in signature_headers for name, _ in scope["headers"]
+    )
+
+
+@functools.lru_cache(maxsize=16)  # one per config in force
+def _signature_headers(names: tuple[str, ...]) -> frozenset[bytes]:
+    return frozenset(name.lower().encode("latin-1") for name in names if name)
+
+
+class AuthLockout:
+    """Counts failed guesses per client and refuses locked-out clients."""
+
+    def __init__(self, app: ASGIApp, throttle: FailureThrottle, live: LiveConfig) -> None:
+        self.app = app
+        self.throttle = throttle
+        self.live = live
+        self.quiet = QuietLog(log, throttle.clock)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in ALWAYS_SERVED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        host = str(client[0]) if client else ""
+        wait = self.throttle.locked(host) if host else 0.0
+        if wait:
+            self.quiet.warning(
+                "http-locked",
+                host,
+                "HTTP request from %s refused: locked out after failed logins",
+                host,
+            )
+            await _refuse(scope, receive, send, wait)
+            return
+        routes = self.live.current.routes.values()
+        signed = _signature_headers(tuple(route.signature_header for route in routes))
+        if not host or not _presents_credential(scope, signed):
+            await self.app(scope, receive, send)
+            return
+
+        async def watched(message: Message) -> None:
+            failed = message["type"] == "http.response.start" and message["status"] == 401
+            if failed and self.throttle.failed(host):
+                log.warning(
+                    "HTTP client %s locked out for %gs: %d failed logins within %gs",
+                    host,
+                    self.throttle.lockout,
+                    self.throttle.max_failures,
+                    self.throttle.window,
+                )
+            await send(message)
+
+        await self.app(scope, receive, watched)
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, wait: float) -> None:
+    seconds = max(1, math.ceil(wait))
+    message = f"too many failed logins from this address; retry in {seconds}s"
+    retry_after = ((b"retry-after", str(seconds).encode()),)
+    await refusal_app(503, message, retry_after)(scope, receive, send)

@@ -1,0 +1,63 @@
+"""SMTP AUTH against `[smtp.users]`: constant-time comparison, failures throttled per
+client (`bridge.ingress.throttle`), and logged without ever naming a password."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from bridge.ingress.throttle import FailureThrottle, QuietLog
+
+log = logging.getLogger("bridge.ingress.smtp")  # where operators have always looked
+
+
+def peer_host(session: Session) -> str:
+    """The client's address (aiosmtpd keeps the socket's peername tuple in `peer`)."""
+    peer: Any = session.peer
+    return str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer or "")
+
+
+class Authenticator:
+    """aiosmtpd authenticator over `[smtp.users]`, compared in constant time, with
+    failures throttled per client (`FailureThrottle`): a locked-out client gets 454 for
+    every attempt, right or wrong, unchecked. A login is named in the log only when it
+    is a configured user (a password typed into the login field must not be logged),
+    and failures at most once a minute per client."""
+
+    def __init__(self, users: dict[str, str], throttle: FailureThrottle) -> None:
+        self.users = {k.encode(): v.encode() for k, v in users.items()}
+        self.throttle = throttle
+        self.quiet = QuietLog(log, throttle.clock)
+
+    def __call__(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        host = peer_host(session)
+        wait = self.throttle.locked(host)
+        if wait:
+            self.quiet.warning("smtp-locked", host, "SMTP AUTH from %s refused: locked out", host)
+            return AuthResult(
+                success=False,
+                handled=False,
+                message=f"454 4.7.0 Too many failed logins from {host}; "
+                f"try again in {math.ceil(wait)}s",
+            )
+        expected = self.users.get(auth_data.login)
+        ok = expected is not None and hmac.compare_digest(expected, auth_data.password)
+        if not ok:
+            who = auth_data.login.decode(errors="replace") if expected else "an unknown login"
+            if self.throttle.failed(host):
+                log.warning(
+                    "SMTP client %s locked out for %gs after %d failed logins",
+                    host,
+                    self.throttle.lockout,
+                    self.throttle.max_failures,
+                )
+            self.quiet.warning("smtp-auth", host, "SMTP AUTH failed for %s from %s", who, host)
+        return AuthResult(success=ok, handled=False)

@@ -1,0 +1,127 @@
+"""Per-client bookkeeping against abuse: failed logins throttled, warnings not flooded.
+
+`FailureThrottle` counts failed authentications (SMTP AUTH, bearer tokens, route
+credentials) per client. Past `max_failures` within `window` seconds the client is
+locked out for `lockout` seconds: every attempt it makes is refused *without being
+checked*, right or wrong, since answering a right guess differently would let the
+guessing go on at full speed. A success does not clear the count (a genuine client at
+the same address would otherwise reset an attacker's budget).
+
+`QuietLog` keeps one WARNING per client and kind a minute; the rest are counted and
+summed into the next line, so 25,000 failures make a few lines, not 25,000.
+
+A client is its IPv4 address, or its IPv6 /64: one host usually holds a whole /64, and
+counting single IPv6 addresses would give it 2**64 fresh budgets. Both tables are
+bounded; a flood of new clients evicts the oldest entries, never grows memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+from dataclasses import dataclass
+
+from bridge.clock import Clock
+
+MAX_FAILURES = 10  # failed authentications from one client within WINDOW
+WINDOW = 60.0
+LOCKOUT = 300.0  # seconds a client past MAX_FAILURES is refused
+MAX_CLIENTS = 10_000  # entries kept; beyond, the oldest go
+LOG_EVERY = 60.0  # seconds between two warnings of one kind about one client
+
+
+@functools.lru_cache(maxsize=4096)
+def client_key(host: str) -> str:
+    """The client an address belongs to: itself for IPv4, its /64 for IPv6."""
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.IPv6Address(host.split("%")[0])
+    except ValueError:
+        return host
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
+
+
+@dataclass(slots=True)
+class _Record:
+    failures: int
+    since: float  # start of the current counting window
+    locked_until: float = 0.0
+
+
+class FailureThrottle:
+    """Failed authentications per client, and the lockout that follows too many."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        max_failures: int = MAX_FAILURES,
+        window: float = WINDOW,
+        lockout: float = LOCKOUT,
+        max_clients: int = MAX_CLIENTS,
+    ) -> None:
+        self.clock = clock
+        self.max_failures = max_failures
+        self.window = window
+        self.lockout = lockout
+        self.max_clients = max_clients
+        self._records: dict[str, _Record] = {}
+
+    def locked(self, host: str) -> float:
+        """Seconds the client must still wait; 0 when it may try."""
+        record = self._records.get(client_key(host))
+        if record is None:
+            return 0.0
+        return max(0.0, record.locked_until - self.clock.now())
+
+    def failed(self, host: str) -> float:
+        """Count one failure; the lockout it starts (seconds), or 0."""
+        key, now = client_key(host), self.clock.now()
+        record = self._records.get(key)
+        if record is None or now - record.since > self.window:
+            if len(self._records) >= self.max_clients:
+                self._evict(now)
+            record = self._records[key] = _Record(0, now, getattr(record, "locked_until", 0.0))
+        record.failures += 1
+        if record.failures >= self.max_failures and record.locked_until <= now:
+            record.locked_until = now + self.lockout
+            record.failures, record.since = 0, now
+            return self.lockout
+        return 0.0
+
+    def _evict(self, now: float) -> None:
+        stale = [
+            k
+            for k, r in self._records.items()
+            if r.locked_until <= now and now - r.since > self.window
+        ]
+        for key in stale or list(self._records)[: max(1, self.max_clients // 10)]:
+            del self._records[key]
+
+
+class QuietLog:
+    """WARNINGs about one client and kind at most every `every` seconds, with a count of
+    those held back in between."""
+
+    def __init__(self, logger: logging.Logger, clock: Clock, *, every: float = LOG_EVERY) -> None:
+        self.logger = logger
+        self.clock = clock
+        self.every = every
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def warning(self, kind: str, host: str, message: str, *args: object) -> None:
+        key, now = (kind, client_key(host)), self.clock.now()
+        last, held = self._last.get(key, (float("-inf"), 0))
+        if now - last < self.every:
+            self._last[key] = (last, held + 1)
+            return
+        if len(self._last) >= MAX_CLIENTS:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        if held:
+            message += f" ({held} more like it in the last {self.every:g}s not logged)"
+        self.logger.warning(message, *args)
