@@ -9,6 +9,9 @@ from bridge.clock import ManualClock
 from bridge.provider.sandbox import SandboxState, create_sandbox_app
 from tests.helpers import served
 
+# A real PostgreSQL server and a fresh database per test (tests/postgres.py).
+pytest_plugins = ["tests.postgres"]
+
 
 @pytest.fixture
 def clock() -> ManualClock:
