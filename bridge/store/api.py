@@ -1,0 +1,436 @@
+"""The store as an interface of operations: what the bridge asks of its storage.
+
+Every caller outside `bridge.store` (ingress, policy, delivery, ops, the CLI) speaks to
+the store only through these operations, never through a connection, so a backend
+(SQLite embedded, PostgreSQL shared by a cluster) is one implementation of `Store` and
+nothing above it changes. `bridge.store.open_store` picks the implementation from config.
+
+Guarantees every implementation keeps:
+- An operation that writes returns only once its change is durable (committed and
+  flushed as the backend does it: SQLite `synchronous=FULL`, PostgreSQL a committed
+  transaction): the caller may acknowledge (SMTP 250, HTTP 202) right after.
+- Each operation is atomic: all of its change or none of it.
+- A storage failure raises `bridge.errors.StoreUnavailable` (nothing was changed); any
+  other exception comes from a caller's function (a decider, a digest builder) and leaves
+  nothing changed either.
+- Every state change of a message leaves a row in its event log (`events`).
+- Times are epoch seconds from the caller's clock (`bridge.clock`), never the backend's:
+  tests drive time by hand, and a cluster's instances agree through NTP as they must for
+  the provider's window anyway.
+
+Cluster notes (for a shared backend; SQLite, one process, may ignore them): `claim`
+carries an owner and a lease; `unsettled` hands back the owner's own unsettled messages
+and those whose lease has passed; `ingest` and `queue_once` must decide under a lock on
+what they ask about (see `IngestQuestions`); `book_request` counts and books in one
+atomic step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from bridge.models import Message, NewMessage, State
+
+# -- ingest: the policy's questions and the store's answers ------------------------------
+
+
+class OriginalQuestion(NamedTuple):
+    """Is there a stored message with this dedupe key to this recipient since `since`?"""
+
+    dedupe_key: str
+    recipient: str
+    since: float
+
+
+class StormQuestion(NamedTuple):
+    """What has this recipient been sent since `since`?"""
+
+    recipient: str
+    since: float
+
+
+class StormState(NamedTuple):
+    held: bool  # messages to this recipient wait for a storm digest
+    recent: int  # texts let through to it since then (queued, sending, sent, delivered)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestQuestions:
+    """What policy needs to know about stored messages to decide a batch.
+
+    A shared backend serialises on exactly these (a lock per dedupe key and recipient,
+    per storm recipient) before answering, so that two instances deciding the same alert
+    at the same instant cannot both let it through.
+    """
+
+    originals: Sequence[OriginalQuestion] = ()
+    storms: Sequence[StormQuestion] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Lookups:
+    """The store's answers to `IngestQuestions`, read inside the ingest transaction.
+
+    `originals`: the first stored message (lowest `created_at`, not failed) each question
+    repeats; questions without one are absent. `storms`: an entry for every question.
+    """
+
+    originals: Mapping[OriginalQuestion, int]
+    storms: Mapping[StormQuestion, StormState]
+
+
+Pending = tuple[NewMessage, float]  # a message to store, and when it arrived
+
+
+class Decider(Protocol):
+    """Policy as seen by the store: pure functions, no I/O, no store import."""
+
+    def questions(self, pending: Sequence[Pending]) -> IngestQuestions:
+        """What the decisions of `pending` need to know about stored messages."""
+        ...
+
+    def decide(
+        self, lookups: Lookups, pending: Sequence[Pending], ids: Sequence[int]
+    ) -> list[NewMessage]:
+        """Each message of `pending` as it is to be stored (its state and reason), given
+        the answers and the ids the messages get (`ids[i]` is `pending[i]`'s)."""
+        ...
+
+
+class Stored(NamedTuple):
+    id: int
+    message: NewMessage  # as decided and stored
+
+
+# -- what some operations answer ---------------------------------------------------------
+
+
+class Booking(NamedTuple):
+    """One provider request booked in the persisted rate window."""
+
+    seq: int  # increases with each booking: a reader asks for those after the last it saw
+    at: float
+    kind: str  # send, status, reconcile, probe, pricing; "cli:..." from `sms-bridge provider`
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A message held by storm control, as a digest counts it."""
+
+    id: int
+    topic: str | None
+    text: str
+    instance: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricCounts:
+    by_source_state: list[tuple[Any, ...]]  # (source, state, count)
+    by_reason: list[tuple[Any, ...]]  # (state, reason kind, count): held, suppressed, failed
+    oldest_queued: float | None  # created_at of the oldest queued message
+    parts_sent: int
+    cost: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Write counters since open: their ratio is the group-commit batch size."""
+
+    transactions: int  # transactions committed
+    writes: int  # write operations committed (several may share one transaction)
+
+
+# -- the interface -----------------------------------------------------------------------
+
+
+class Lifecycle(Protocol):
+    async def open(self) -> None:
+        """Connect and make the schema usable; raise StoreUnavailable (unreachable, not
+        writable, a schema this build does not know) with a message that says which.
+        SQLite applies its migrations here (embedded: nobody else would)."""
+        ...
+
+    async def migrate(self) -> list[str]:
+        """Apply the migrations this build knows and the store lacks (after `open`);
+        the names applied, [] when up to date. Safe to run twice or concurrently."""
+        ...
+
+    async def close(self) -> None:
+        """Wait for the writes under way, then release connections and threads."""
+        ...
+
+    def stats(self) -> StoreStats:
+        """Write counters, read without I/O (for /metrics)."""
+        ...
+
+    async def heartbeat(self, now: float) -> None:
+        """A real, durable write (readiness probe): fails as ingest would (full disk,
+        lost server), where an empty transaction would still pass."""
+        ...
+
+
+class IngestOperations(Protocol):
+    async def ingest(self, pending: Sequence[Pending], decider: Decider) -> list[Stored]:
+        """Decide and insert `pending` in one transaction; durable on return.
+
+        Inside that transaction the store reserves ids, asks `decider.questions`,
+        answers them (`Lookups`), calls `decider.decide` and inserts what it returns. The
+        decision sees every message committed before and none committed after it: two
+        concurrent ingests never both miss each other (SQLite: one writer; a cluster:
+        locks on the questions). An implementation may decide several concurrent
+        `ingest` calls in one transaction (group commit): it then passes their messages
+        in call order to one `decide`, as if they had come in one call.
+        """
+        ...
+
+    async def queue_once(self, messages: Sequence[NewMessage], now: float) -> bool:
+        """Insert `messages` as given unless a stored message has their (first message's)
+        dedupe key, in one transaction; whether it inserted (a warning once a day)."""
+        ...
+
+    async def held_phones(self) -> list[tuple[str, float]]:
+        """Each recipient with held messages, and the `created_at` of its oldest."""
+        ...
+
+    async def fold_held(
+        self,
+        recipient: str,
+        now: float,
+        digest: Callable[[list[Held]], NewMessage],
+        reason: Callable[[int], str],
+    ) -> tuple[int, int] | None:
+        """In one transaction: the recipient's held messages (oldest first) become one
+        queued digest built by `digest` (a pure function), each held message ends
+        `suppressed` with `reason(digest_id)`. (digest id, how many folded), or None
+        when none was held (and nothing is written)."""
+        ...
+
+
+class DeliveryOperations(Protocol):
+    async def due(self, now: float, limit: int) -> list[Message]:
+        """Queued messages due at `now`, oldest due first: candidates, not yet claimed."""
+        ...
+
+    async def next_due_at(self) -> float | None:
+        """When the earliest queued message is due; None when nothing is queued."""
+        ...
+
+    async def claim(
+        self,
+        ids: Sequence[int],
+        now: float,
+        *,
+        owner: str,
+        lease_until: float,
+        request_kind: str = "send",
+    ) -> list[int]:
+        """queued -> sending for those of `ids` still queued (attempts + 1, claimed_at =
+        now), and one provider request of `request_kind` booked, in one transaction; the
+        ids claimed, in the order asked. Two claims of one id never both get it (a
+        cluster: row locks, SKIP LOCKED). `owner` holds them until `lease_until`; past it
+        another instance may take them over through `unsettled`."""
+        ...
+
+    async def unsettled(self, now: float, *, owner: str, lease_until: float) -> list[Message]:
+        """Messages in `sending` this owner must settle (look for in /logs): its own,
+        and those whose owner's lease passed before `now`, which it takes over (lease
+        renewed to `lease_until`, in the same transaction). One process (SQLite): every
+        message in `sending`."""
+        ...
+
+    async def mark_sent(
+        self, results: Iterable[tuple[int, str | None, float | None]], now: float
+    ) -> None:
+        """(id, provider message id, cost) -> sent at `now`; reason cleared."""
+        ...
+
+    async def note_unknown(self, ids: Sequence[int], reason: str, kind: str) -> None:
+        """A send whose outcome /logs must settle: stays `sending`, with why and how."""
+        ...
+
+    async def resend_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
+        """sending -> queued, due now, counting one resend of an unsettled outcome."""
+        ...
+
+    async def settle_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
+        """sending -> sent without provider id, reason kind `unknown`: the last word."""
+        ...
+
+    async def requeue(
+        self,
+        ids: Sequence[int],
+        now: float,
+        *,
+        at: float,
+        reason: str | None,
+        refund_attempt: bool = False,
+        solo: bool | None = None,
+        reason_kind: str | None = None,
+    ) -> None:
+        """sending or queued -> queued, due at `at`; `refund_attempt` when the send never
+        really ran; `solo` / `reason_kind` replace the stored ones when given."""
+        ...
+
+    async def finish(
+        self,
+        updates: Iterable[tuple[int, State, str | None]],
+        now: float,
+        reason_kind: str | None = None,
+    ) -> None:
+        """Final states (failed, delivered) with their reasons."""
+        ...
+
+    async def awaiting_status(
+        self, *, since: float, limit: int, scheduled_after: str = ""
+    ) -> list[Message]:
+        """`sent` messages sent after `since`, or scheduled (UTC text) after
+        `scheduled_after`, oldest first, with or without a provider id."""
+        ...
+
+    async def known_provider_ids(self, provider_ids: Sequence[str]) -> set[str]:
+        """Which of these provider ids a stored message already carries."""
+        ...
+
+    async def sent_after(self, message: Message) -> int:
+        """How many messages reached the provider after `message` (its /logs position):
+        later `sent_at`, or the same one and a higher id."""
+        ...
+
+    async def set_provider_ids(self, rows: Iterable[tuple[int, str]]) -> None:
+        """(id, provider id) for sent messages that had none (matched in /logs)."""
+        ...
+
+
+class RateWindow(Protocol):
+    """The provider's sliding request window, persisted so that a restart (or another
+    process, or in a cluster another instance) counts what was already spent."""
+
+    async def record_request(self, at: float, kind: str) -> None:
+        """Book one request unconditionally (the caller's limiter allowed it)."""
+        ...
+
+    async def book_request(self, at: float, kind: str, *, limit: int, window: float) -> float:
+        """Atomically: if fewer than `limit` requests are booked in (at - window, at],
+        book this one and return 0.0; else book nothing and return the seconds until the
+        oldest of them leaves the window. A cluster does it under one lock per API key,
+        so N instances never book more than `limit` together."""
+        ...
+
+    async def request_rows(
+        self, since: float, kind_prefix: str = "", after: int = 0
+    ) -> list[Booking]:
+        """Bookings at or after `since` (strictly after), kinds starting with
+        `kind_prefix`, `seq` greater than `after`; oldest first."""
+        ...
+
+    async def prune_requests(self, before: float) -> None:
+        """Forget bookings at or before `before` (they left every window)."""
+        ...
+
+
+class Queries(Protocol):
+    """What the API, the console, budgets and metrics read, and the operator's actions."""
+
+    async def get(self, message_id: int) -> Message | None: ...
+
+    async def events(self, message_id: int) -> list[dict[str, Any]]:
+        """The message's event log, oldest first: at, state, attempts, detail."""
+        ...
+
+    async def query(
+        self,
+        *,
+        state: str | None = None,
+        limit: int = 100,
+        before_id: int | None = None,
+        reason_kind: str | None = None,
+        route: str | None = None,
+        source: str | None = None,
+        recipient: str | None = None,
+        text: str | None = None,
+    ) -> list[Message]:
+        """Newest first; `recipient` and `text` match anywhere in the field, any case,
+        taken literally (no wildcards)."""
+        ...
+
+    async def counts(self) -> dict[str, int]:
+        """Stored messages by state (states with none are absent)."""
+        ...
+
+    async def counts_by_reason(self) -> dict[str, dict[str, int]]:
+        """{state: {reason kind or "other": count}} for held, suppressed and failed."""
+        ...
+
+    async def counts_for_metrics(self) -> MetricCounts: ...
+
+    async def spent_since(
+        self, since: float, exclude_source: str
+    ) -> tuple[float, list[tuple[str, int]]]:
+        """Cost of what was sent since `since` (the provider's cost, else the estimate),
+        and the (recipient, parts) of the sent rows with neither, for the caller to price."""
+        ...
+
+    async def used_since(
+        self, since: float, exclude_source: str, route: str | None = None
+    ) -> tuple[int, int]:
+        """Texts and parts sent since `since`, of one route if given."""
+        ...
+
+    async def retry(
+        self, ids: Sequence[int] | None, now: float, *, by: str | None = None
+    ) -> list[int]:
+        """failed -> queued, due now, sent alone (these ids, or every failed one when
+        None); `by` names who asked, in the event log. The ids changed."""
+        ...
+
+    async def cancel(self, ids: Sequence[int], now: float, *, by: str) -> list[int]:
+        """queued or held -> failed, "cancelled by BY"; the ids changed. A message in
+        `sending` is never cancelled: the provider may have it."""
+        ...
+
+    async def note(self, ids: Sequence[int], detail: str, now: float) -> None:
+        """An event row per message that changes no state (who did what)."""
+        ...
+
+    async def activity(self, since: float, bucket: float) -> dict[str, dict[int, int]]:
+        """Per `bucket` seconds since `since`: provider requests by kind, and under
+        "messages" the messages sent."""
+        ...
+
+    async def overview(self, *, now: float, day_start: float, since: float) -> dict[str, Any]:
+        """Queue age, delivery answers since `since`, the day's sends and spend."""
+        ...
+
+    async def held_storms(self) -> list[dict[str, Any]]:
+        """Recipients with held messages: recipient, held, first_at; oldest first."""
+        ...
+
+    async def route_last_messages(self) -> dict[str, dict[str, Any]]:
+        """Each route's newest stored message: route, id, state, created_at."""
+        ...
+
+    async def mentioned_by(self, message_id: int, limit: int = 200) -> list[dict[str, Any]]:
+        """Suppressed messages whose reason names this one as "message N"."""
+        ...
+
+    async def purge(self, before: float) -> int:
+        """Retention: delete messages created before `before` that reached their end
+        (sent, delivered, failed, suppressed), with their events; how many."""
+        ...
+
+
+class Store(Lifecycle, IngestOperations, DeliveryOperations, RateWindow, Queries, Protocol):
+    """Everything the bridge asks of its storage; see the module docstring."""
+
+
+# -- who claims ----------------------------------------------------------------------
+DEFAULT_LEASE = 30.0  # seconds a claim holds before another instance may take it over
+
+
+def instance_name() -> str:
+    """This process as an owner of claims: host name and pid (`cluster.instance` = "")."""
+    return f"{socket.gethostname()}:{os.getpid()}"
