@@ -131,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreUnavailable as exc:
         print(f"store {config.store.path}: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # a store this build cannot open (store.url)
+        _print_problems(exc)
+        return 1
 
 
 def _run_command(config: Config, args: argparse.Namespace) -> int:
@@ -148,7 +151,9 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
         return asyncio.run(_messages(config, args))
     if args.command == "provider":
         # Only a store `serve` keeps holds a window to share; none is created for this.
-        shared = not config.uses_sandbox and Path(config.store.path).is_file()
+        shared = not config.uses_sandbox and (
+            bool(config.store.url) or Path(config.store.path).is_file()
+        )
         return asyncio.run(_provider(config, args, shared))
     if args.command in ("retry", "purge"):
         return asyncio.run(_maintain(config, args))
@@ -237,6 +242,8 @@ def _store_exists(config: Config) -> bool:
     current directory. Opening a missing file would create an empty store and list
     nothing, which reads as "no messages": refuse instead.
     """
+    if config.store.url:
+        return True  # a server: opening it says whether it is there
     path = os.path.abspath(config.store.path)
     if config.store.path == ":memory:" or os.path.isfile(path):
         print(f"store: {path}", file=sys.stderr)
@@ -251,11 +258,11 @@ def _store_exists(config: Config) -> bool:
 
 
 async def _messages(config: Config, args: argparse.Namespace) -> int:
-    from bridge.store import Store
+    from bridge.store import open_store
 
     if not _store_exists(config):
         return 1
-    store = Store(config.store.path)
+    store = open_store(config.store)
     await store.open()
     try:
         rows = await store.query(
@@ -284,7 +291,7 @@ async def _messages(config: Config, args: argparse.Namespace) -> int:
 
 async def _maintain(config: Config, args: argparse.Namespace) -> int:
     from bridge.delivery.dispatcher import IDLE_WAIT
-    from bridge.store import Store
+    from bridge.store import open_store
 
     if args.command == "retry" and not (args.ids or args.failed):
         print("retry needs message ids or --failed", file=sys.stderr)
@@ -296,7 +303,7 @@ async def _maintain(config: Config, args: argparse.Namespace) -> int:
         return 2
     if not _store_exists(config):
         return 1
-    store = Store(config.store.path)
+    store = open_store(config.store)
     await store.open()
     try:
         now = SystemClock().now()
@@ -326,17 +333,21 @@ async def book_cli_request(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
     """Book one request in the window `serve` persists (and reads back, see the
-    dispatcher): waits while it is full, so a CLI call cannot push `serve` into 429s."""
+    dispatcher): waits while it is full, so a CLI call cannot push `serve` into 429s.
+    Counting and booking are one step of the store's, so two CLI calls cannot both take
+    the last place."""
     from bridge.delivery.dispatcher import FOREIGN_PREFIX
-    from bridge.delivery.ratelimit import SlidingWindowLimiter
+    from bridge.delivery.ratelimit import WINDOW_MARGIN, WINDOW_SECONDS
 
     waited = 0.0
     while True:
-        limiter = SlidingWindowLimiter(limit=config.provider.requests_per_minute, clock=clock)
-        limiter.load(await store.request_times(clock.now() - limiter.window))
-        wait = limiter.wait_time(FOREIGN_PREFIX)
+        wait = await store.book_request(
+            clock.now(),
+            f"{FOREIGN_PREFIX}:{kind}",
+            limit=config.provider.requests_per_minute,
+            window=WINDOW_SECONDS + WINDOW_MARGIN,
+        )
         if wait <= 0:
-            await store.record_request(clock.now(), f"{FOREIGN_PREFIX}:{kind}")
             return
         if waited + wait > CLI_MAX_WAIT:
             raise ProviderError(f"the provider's rate window is full for {wait:.0f}s more")
@@ -364,7 +375,7 @@ async def _provider(config: Config, args: argparse.Namespace, shared: bool) -> i
     clock = SystemClock()
     if not shared:
         return await _provider_call(config, args, None, clock)
-    store = stores.Store(config.store.path)
+    store = stores.open_store(config.store)
     await store.open()
     try:
         return await _provider_call(config, args, store, clock)

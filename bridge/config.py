@@ -216,6 +216,9 @@ class StatusConfig:
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     path: str = _opt(DEFAULT_STORE_PATH)
+    # "postgresql://user@host/db": a store shared by a cluster; "" = SQLite at `path`.
+    # Secret: a URL may carry a password.
+    url: str = _opt("", secret=True)
     retention: float = _opt(2592000.0, "duration")  # final messages older are purged; 0 = keep
 
 
@@ -665,6 +668,8 @@ def _validate(config: Config, loader: _Loader) -> None:
         problem("limits.max_parts", "must be between 1 and 10")
     if config.smtp.listen and not config.smtp.domains:
         problem("smtp.domains", "at least one domain is needed while SMTP is on")
+    if config.store.url and not re.match(r"^postgres(ql)?://\S*$", config.store.url):
+        problem("store.url", "must be a postgresql:// URL, or empty for SQLite at store.path")
     p = config.provider
     if p.base_url and not re.match(r"^https?://[^/\s]+", p.base_url):
         problem("provider.base_url", "must be an http:// or https:// URL, or empty for the sandbox")

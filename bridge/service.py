@@ -53,7 +53,7 @@ from bridge.policy.shaping import Shaper
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.sockets import bind_socket, bound_address
-from bridge.store import Store
+from bridge.store import Store, open_store
 
 if TYPE_CHECKING:  # the sandbox itself is imported only when configured
     from bridge.provider.sandbox import SandboxState
@@ -174,9 +174,12 @@ class Bridge:
         *,
         clock: Clock | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        store: Store | None = None,
     ) -> AsyncIterator[Bridge]:
+        """`store`: one built elsewhere (not opened: this opens and closes it) instead of
+        the one `config.store` names; tests pass one that can play a failing disk."""
         clock = clock or SystemClock()
-        store = Store(config.store.path)
+        store = store or open_store(config.store)
         await store.open()
         p = config.provider
         metrics = Metrics(store, clock.now)
@@ -265,12 +268,14 @@ class Bridge:
                 )
                 # Their ratio is the group-commit batch size: writes per fsync.
                 metrics.gauge(
-                    "store_commits", "Store transactions committed", lambda: store.commits
+                    "store_commits",
+                    "Store transactions committed",
+                    lambda: store.stats().transactions,
                 )
                 metrics.gauge(
                     "store_writes_committed",
                     "Store writes committed (several share one transaction)",
-                    lambda: store.jobs_committed,
+                    lambda: store.stats().writes,
                 )
                 live = LiveConfig(config)
                 app = create_app(

@@ -7,7 +7,9 @@ import pytest
 
 from bridge.clock import ManualClock
 from bridge.provider.sandbox import SandboxState, create_sandbox_app
+from bridge.store import Store
 from tests.helpers import served
+from tests.stores import BACKENDS, FACTORIES
 
 # A real PostgreSQL server and a fresh database per test (tests/postgres.py).
 pytest_plugins = ["tests.postgres"]
@@ -28,6 +30,17 @@ async def sandbox_url(sandbox_state: SandboxState) -> AsyncIterator[str]:
     """The sandbox provider served for real on a loopback port."""
     async with served(create_sandbox_app(sandbox_state)) as url:
         yield url
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store]:
+    """A fresh store of each backend, opened, through the interface only."""
+    async with FACTORIES[request.param](tmp_path) as fresh:
+        await fresh.open()
+        try:
+            yield fresh
+        finally:
+            await fresh.close()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

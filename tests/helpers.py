@@ -14,6 +14,7 @@ from bridge.clock import ManualClock
 from bridge.config import Config, HttpConfig, load_config
 from bridge.service import Bridge, uvicorn_server
 from bridge.sockets import bind_socket
+from bridge.store import Store
 
 
 @contextlib.asynccontextmanager
@@ -62,10 +63,13 @@ def bridge_config(tmp_path: Path, provider_url: str, extra: str = "", **provider
 
 
 @contextlib.asynccontextmanager
-async def running_bridge(config: Config, clock: ManualClock) -> AsyncIterator[tuple[Bridge, str]]:
-    """A bridge built as `serve` builds it, its web app on loopback, dispatcher not started."""
+async def running_bridge(
+    config: Config, clock: ManualClock, store: Store | None = None
+) -> AsyncIterator[tuple[Bridge, str]]:
+    """A bridge built as `serve` builds it, its web app on loopback, dispatcher not started;
+    on `store` when given (unopened: e.g. tests.stores.faulty_store)."""
     async with (
-        Bridge.build(config, clock=clock) as bridge,
+        Bridge.build(config, clock=clock, store=store) as bridge,
         served(bridge.app, config.http) as url,
     ):
         await bridge.dispatcher.load_budget()

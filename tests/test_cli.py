@@ -147,14 +147,16 @@ def test_provider_command_on_the_sandbox_says_it_is_a_sandbox_of_its_own(tmp_pat
 
 async def test_retry_says_when_the_running_serve_sends(tmp_path) -> None:
     from bridge.clock import SystemClock
+    from bridge.config import StoreConfig
     from bridge.models import NewMessage, State
-    from bridge.store import Store
+    from bridge.store import open_store
+    from tests.stores import seed
 
-    store = Store(tmp_path / "sms-bridge.db")
+    store = open_store(StoreConfig(path=str(tmp_path / "sms-bridge.db")))
     await store.open()
     now = SystemClock().now()
     message = NewMessage("+12025550143", "hi", "http", "SMS", 1, 1, state=State.FAILED)
-    [mid] = await store.write(lambda db: Store.insert_messages(db, [message], now))
+    [mid] = await seed(store, [message], now)
     await store.close()
     result = await asyncio.to_thread(run, "retry", str(mid), cwd=tmp_path)
     assert result.returncode == 0, result.stderr

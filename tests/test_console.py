@@ -15,8 +15,9 @@ import httpx
 import pytest
 
 from bridge.clock import ManualClock
-from bridge.models import State
+from bridge.models import NewMessage, State
 from tests.helpers import bridge_config, pump, running_bridge
+from tests.stores import seed
 
 READER = "read-token-0123456789abcdef"
 ADMIN = "admin-token-0123456789abcdef"
@@ -563,14 +564,12 @@ async def test_mentions_match_whole_message_numbers(served_bridge) -> None:
     async with httpx.AsyncClient(base_url=url) as http:
         for i in range(3):
             await send(http, f"+1202555014{i}", f"text {i}")
-    await bridge.store.write(
-        lambda db: db.execute(
-            "UPDATE messages SET state = 'suppressed',"
-            " reason = 'duplicate of message 12 within 600s' WHERE id = 2"
-        )
+    repeat = NewMessage("+12025550140", "text 0", "http", "SMS", 1, 1, state=State.SUPPRESSED)
+    [suppressed] = await seed(
+        bridge.store, [repeat._replace(reason="duplicate of message 12 within 600s")], 1.0
     )
     assert await bridge.store.mentioned_by(1) == []
-    assert [m["id"] for m in await bridge.store.mentioned_by(12)] == [2]
+    assert [m["id"] for m in await bridge.store.mentioned_by(12)] == [suppressed]
 
 
 async def test_ids_beyond_sqlites_integers_are_not_found_not_500(

@@ -21,6 +21,7 @@ from bridge.ingress.formats import HookRequest, Unauthorized, github
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from tests.helpers import bridge_config, pump, running_bridge, write_config
+from tests.stores import faulty_store
 
 HOOKS = Path(__file__).parent / "data" / "hooks"
 EXPECTED = tomllib.loads((HOOKS / "expected.toml").read_text(encoding="utf-8"))
@@ -336,17 +337,18 @@ async def test_bad_requests_get_clear_4xx_and_store_nothing(tmp_path, clock, san
 async def test_store_unwritable_gives_503(tmp_path, clock, sandbox_url) -> None:
     config = bridge_config(tmp_path, sandbox_url, ROUTES)
     body = (HOOKS / "alertmanager-firing.json").read_bytes()
-    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+    store = faulty_store(config)
+    async with running_bridge(config, clock, store) as (bridge, url), httpx.AsyncClient() as http:
 
         def failing() -> None:
             raise sqlite3.OperationalError("disk I/O error")
 
-        bridge.store.inject_fault = failing
+        store.fail_commits(failing)
         response = await http.post(
             f"{url}/hooks/am", content=body, headers=auth_headers("am", body)
         )
         assert response.status_code == 503 and "retry" in response.json()["error"]
-        bridge.store.inject_fault = None
+        store.fail_commits(None)
         assert await bridge.store.counts() == {}
 
 

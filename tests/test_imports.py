@@ -189,3 +189,90 @@ def test_only_the_store_package_speaks_sql() -> None:
         and node.value.lstrip().startswith(SQL)  # the code writes SQL keywords in capitals
     )
     assert speaking == []
+
+
+def _all_imports(tree: ast.AST) -> list[str]:
+    """Every module an import statement names (type-only ones too)."""
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return names
+
+
+def _inside(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def test_only_the_sqlite_store_imports_sqlite() -> None:
+    """Every other module reaches storage through bridge.store's interface, so that a
+    second backend (PostgreSQL) changes nothing outside the store."""
+    offending = sorted(
+        f"{name} imports {target}"
+        for name, path in _modules().items()
+        if not _inside(name, "bridge.store.sqlite")
+        for target in _all_imports(ast.parse(path.read_text(encoding="utf-8")))
+        if target.split(".")[0] in ("sqlite3", "sqlite_utils")
+    )
+    assert offending == []
+
+
+def test_nothing_outside_the_store_reaches_into_a_backend() -> None:
+    """Outside bridge.store only the factory and the interface are known (bridge.store,
+    bridge.store.api); the backend's modules are the store's own business."""
+    modules = _modules()
+    offending = sorted(
+        f"{name} imports {target}"
+        for name, path in modules.items()
+        if not _inside(name, "bridge.store")
+        for target in _all_imports(ast.parse(path.read_text(encoding="utf-8")))
+        if target in modules and _inside(target, "bridge.store") and target not in CALLER_VIEW
+    )
+    assert offending == []
+
+
+CALLER_VIEW = ("bridge.store", "bridge.store.api")
+CONNECTIONS = ("Database", "Connection", "Cursor")
+
+
+def _annotations(tree: ast.AST) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            args = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+            args += [a for a in (node.args.vararg, node.args.kwarg) if a is not None]
+            found += [(node.lineno, ast.unparse(a.annotation)) for a in args if a.annotation]
+            if node.returns is not None:
+                found.append((node.lineno, ast.unparse(node.returns)))
+        elif isinstance(node, ast.AnnAssign):
+            found.append((node.lineno, ast.unparse(node.annotation)))
+    return found
+
+
+def test_no_connection_is_passed_outside_the_store() -> None:
+    """No signature outside bridge.store takes or gives a connection: callers hand the
+    store operations, never functions over its database."""
+    offending = sorted(
+        f"{path.relative_to(BRIDGE.parent)}:{line}: {annotation}"
+        for name, path in _modules().items()
+        if not _inside(name, "bridge.store")
+        for line, annotation in _annotations(ast.parse(path.read_text(encoding="utf-8")))
+        if any(word in annotation for word in CONNECTIONS)
+    )
+    assert offending == []
+
+
+def test_the_rules_see_a_backend_leak() -> None:
+    leak = ast.parse(
+        "from sqlite_utils import Database\n"
+        "from bridge.store.sqlite import queries\n"
+        "def f(db: Database) -> None: ...\n"
+    )
+    assert [t for t in _all_imports(leak) if t.startswith("sqlite")] == [
+        "sqlite_utils",
+        "sqlite_utils.Database",
+    ]
+    assert "bridge.store.sqlite" in _modules() and "bridge.store.sqlite" not in CALLER_VIEW
+    assert _annotations(leak) == [(3, "Database"), (3, "None")]

@@ -16,11 +16,13 @@ import httpx
 import pytest
 
 from bridge.clock import ManualClock
+from bridge.config import StoreConfig
 from bridge.models import NewMessage, State
 from bridge.provider.sandbox import SandboxState
-from bridge.store import Store
+from bridge.store import open_store
 from tests.helpers import bridge_config, pump, running_bridge
 from tests.processes import ANY_PORT, clean_env, process, wait_for
+from tests.stores import seed
 
 pytestmark = pytest.mark.slow
 
@@ -105,21 +107,19 @@ def _run(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _seed(tmp_path, rows: list[tuple[State, float]]) -> list[int]:
-    async def seed() -> list[int]:
-        store = Store(tmp_path / "ops.db")
+    async def seeded() -> list[int]:
+        store = open_store(StoreConfig(path=str(tmp_path / "ops.db")))
         await store.open()
         ids = []
         for state, created in rows:
             message = NewMessage(
                 "+12025550143", f"m{len(ids)}", "http", "SMS", 1, 1, state=state, reason="seeded"
             )
-            ids += await store.write(
-                lambda db, m=message, t=created: Store.insert_messages(db, [m], t)
-            )
+            ids += await seed(store, [message], created)
         await store.close()
         return ids
 
-    return asyncio.run(seed())
+    return asyncio.run(seeded())
 
 
 def test_retry_and_purge_commands(tmp_path) -> None:

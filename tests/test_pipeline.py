@@ -17,6 +17,7 @@ from bridge.clock import ManualClock
 from bridge.models import State
 from bridge.provider.sandbox import Fault, SandboxState
 from tests.helpers import bridge_config, max_in_window, pump, running_bridge
+from tests.stores import faulty_store
 
 
 def numbers(count: int, start: int = 0) -> list[str]:
@@ -38,12 +39,12 @@ async def test_post_is_stored_before_202_and_reaches_delivered(
 ) -> None:
     config = bridge_config(tmp_path, sandbox_url)
     async with running_bridge(config, clock) as (bridge, url):
-        commits_before = bridge.store.commits
+        commits_before = bridge.store.stats().transactions
         response = await post(url, {"to": "+12025550143", "message": "disk full on db-2"})
         assert response.status_code == 202
         [message_id] = response.json()["ids"]
         # The 202 came after a commit that holds the row: a reader connection sees it.
-        assert bridge.store.commits > commits_before
+        assert bridge.store.stats().transactions > commits_before
         stored = await bridge.store.get(message_id)
         assert stored is not None and stored.state == State.QUEUED
 
@@ -313,12 +314,9 @@ async def test_bad_input_gets_json_errors_and_stores_nothing(
 
 async def test_store_unwritable_answers_503(tmp_path, clock: ManualClock, sandbox_url: str) -> None:
     config = bridge_config(tmp_path, sandbox_url)
-    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
-
-        def disk_full() -> None:
-            raise sqlite3.OperationalError("database or disk is full")
-
-        bridge.store.inject_fault = disk_full
+    store = faulty_store(config)
+    async with running_bridge(config, clock, store) as (bridge, url), httpx.AsyncClient() as http:
+        store.disk_full()
         response = await http.post(
             f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"}
         )
@@ -327,7 +325,7 @@ async def test_store_unwritable_answers_503(tmp_path, clock: ManualClock, sandbo
         ready = await http.get(f"{url}/readyz")
         assert ready.status_code == 503 and "store" in ready.json()["problems"]
         assert await bridge.store.counts() == {}
-        bridge.store.inject_fault = None  # the disk recovers
+        store.fail_commits(None)  # the disk recovers
         ok = await http.post(f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"})
         assert ok.status_code == 202
         assert await bridge.store.counts() == {"queued": 1}
@@ -345,9 +343,10 @@ async def test_readyz_turns_red_when_the_disk_refuses_writes(
         return sqlite3.SQLITE_DENY if action in writes else sqlite3.SQLITE_OK
 
     config = bridge_config(tmp_path, sandbox_url)
-    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+    store = faulty_store(config)
+    async with running_bridge(config, clock, store) as (bridge, url), httpx.AsyncClient() as http:
         assert (await http.get(f"{url}/readyz")).status_code == 200
-        await bridge.store.write(lambda db: db.conn.set_authorizer(refuse_writes))
+        await store.on_writer(lambda db: db.conn.set_authorizer(refuse_writes))
         post = await http.post(
             f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"}
         )
@@ -355,7 +354,7 @@ async def test_readyz_turns_red_when_the_disk_refuses_writes(
         ready = await http.get(f"{url}/readyz")
         assert ready.status_code == 503, ready.text
         assert "not authorized" in ready.json()["problems"]["store"]
-        await bridge.store.write(lambda db: db.conn.set_authorizer(None))  # space freed
+        await store.on_writer(lambda db: db.conn.set_authorizer(None))  # space freed
         assert (await http.get(f"{url}/readyz")).status_code == 200
         assert await bridge.store.counts() == {}
 

@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from bridge.clock import ManualClock
-from bridge.config import inline_secrets, load_config, secret_values
+from bridge.config import StoreConfig, inline_secrets, load_config, secret_values
 from bridge.errors import ConfigError
-from bridge.store import Store
+from bridge.store import open_store
 from tests.helpers import bridge_config, running_bridge, write_config
 from tests.processes import clean_env
 
@@ -274,10 +274,10 @@ def test_inline_secrets_and_secret_values_come_from_the_secret_fields(tmp_path) 
 async def test_the_store_and_its_journals_are_created_0600(tmp_path) -> None:
     old = os.umask(0o022)  # the usual umask, which would give 0644
     try:
-        store = Store(tmp_path / "private" / "bridge.db")
+        store = open_store(StoreConfig(path=str(tmp_path / "private" / "bridge.db")))
         await store.open()
         try:
-            await store.write(lambda db: db.execute("SELECT 1"))
+            await store.heartbeat(1.0)
             files = sorted(p.name for p in (tmp_path / "private").iterdir())
             assert files == ["bridge.db", "bridge.db-shm", "bridge.db-wal"]
             for name in files:

@@ -14,7 +14,7 @@ from bridge.cli import book_cli_request
 from bridge.clock import ManualClock
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, SandboxState
-from bridge.store import Store
+from bridge.store import open_store
 from tests.helpers import bridge_config, max_in_window, pump, running_bridge
 from tests.test_smtp import smtp_listening
 
@@ -134,7 +134,7 @@ async def test_cli_calls_book_the_window_serve_keeps(
         clock.advance(seconds)
 
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
-        cli = Store(config.store.path)  # as `sms-bridge provider ...` opens it
+        cli = open_store(config.store)  # as `sms-bridge provider ...` opens it
         await cli.open()
         try:
             for _ in range(3):  # three account calls while serve runs

@@ -27,8 +27,10 @@ from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from bridge.service import Bridge
 from bridge.sockets import bind_socket
+from bridge.store import Store
 from bridge.text import count_parts
 from tests.helpers import bridge_config, pump, running_bridge
+from tests.stores import FaultySqliteStore
 
 MAIL_DIR = Path(__file__).parent / "data" / "mail"
 EXPECTED = tomllib.loads((MAIL_DIR / "expected.toml").read_text(encoding="utf-8"))
@@ -69,10 +71,13 @@ def send(port: int, mail_from: str, rcpts: list[str], data: bytes | str) -> dict
 
 @contextlib.asynccontextmanager
 async def smtp_bridge(
-    tmp_path, clock, sandbox_url, extra: str = ""
+    tmp_path, clock, sandbox_url, extra: str = "", store: Store | None = None
 ) -> AsyncIterator[tuple[Bridge, int]]:
     config = bridge_config(tmp_path, sandbox_url, SMTP_BASE + extra)
-    async with running_bridge(config, clock) as (bridge, _url), smtp_listening(bridge) as port:
+    async with (
+        running_bridge(config, clock, store) as (bridge, _url),
+        smtp_listening(bridge) as port,
+    ):
         yield bridge, port
 
 
@@ -198,19 +203,20 @@ async def test_a_retried_mail_is_texted_once(
 async def test_store_unwritable_answers_451_and_acknowledges_nothing(
     tmp_path, clock, sandbox_url
 ) -> None:
-    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+    store = FaultySqliteStore(tmp_path / "bridge.db")  # where bridge_config puts it
+    async with smtp_bridge(tmp_path, clock, sandbox_url, store=store) as (bridge, port):
 
-        def disk_full() -> None:
+        def disk_io_error() -> None:
             raise sqlite3.OperationalError("disk I/O error")
 
-        bridge.store.inject_fault = disk_full
+        store.fail_commits(disk_io_error)
         with pytest.raises(smtplib.SMTPDataError) as caught:
             await asyncio.to_thread(
                 send, port, "a@example.org", [DEFAULT_RCPT], "Subject: x\r\n\r\ny\r\n"
             )
         assert caught.value.smtp_code == 451
         assert caught.value.smtp_error.startswith(b"4.3.0")
-        bridge.store.inject_fault = None
+        store.fail_commits(None)
         assert await bridge.store.counts() == {}
         await asyncio.to_thread(
             send, port, "a@example.org", [DEFAULT_RCPT], "Subject: x\r\n\r\ny\r\n"

@@ -1,50 +1,39 @@
-"""The store on real SQLite: group commit, the event log, migrations, durability settings."""
+"""The store through its interface (`bridge.store.api.Store`), on every backend in
+tests/stores.py: group commit, the event log, ingest with policy lookups, claims, the
+rate window, budgets, digests, retention, migrations."""
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 import pytest
 
-from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage, State
+from bridge.policy.decide import Rules
 from bridge.store import Store
+from bridge.store.api import Held, IngestQuestions, Lookups
+from tests.stores import AS_GIVEN, BACKENDS, FACTORIES, seed
 
 MESSAGE = NewMessage("+12025550143", "hi", "http", "SMS", 1, 1)
+OWNER = {"owner": "test:1", "lease_until": 1e12}
 
 
-@pytest.fixture
-async def store(tmp_path):
-    store = Store(tmp_path / "s.db")
-    await store.open()
-    yield store
-    await store.close()
-
-
-async def test_concurrent_writes_share_transactions(store: Store) -> None:
-    before = store.commits
-    ids = await asyncio.gather(
-        *[store.write(lambda db: Store.insert_messages(db, [MESSAGE], 1.0)) for _ in range(200)]
-    )
+async def test_concurrent_ingests_share_transactions(store: Store) -> None:
+    before = store.stats()
+    ids = await asyncio.gather(*[seed(store, [MESSAGE], 1.0) for _ in range(200)])
     assert sorted(i for [i] in ids) == list(range(1, 201))
-    assert store.commits - before < 200  # group commit: fewer commits than acknowledgements
+    after = store.stats()
+    assert after.writes - before.writes == 200
+    # group commit: fewer commits than acknowledgements
+    assert after.transactions - before.transactions < 200
     assert (await store.counts()) == {"queued": 200}
 
 
-async def test_wal_and_full_sync(store: Store) -> None:
-    conn = sqlite3.connect(store.path)
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    conn.close()
-    sync = await store.write(lambda db: db.execute("PRAGMA synchronous").fetchone()[0])
-    assert sync == 2  # FULL
-
-
 async def test_every_state_change_is_logged(store: Store) -> None:
-    [mid] = await store.write(lambda db: Store.insert_messages(db, [MESSAGE], 1.0))
-    await store.claim([mid], 2.0, "send")
+    [mid] = await seed(store, [MESSAGE], 1.0)
+    await store.claim([mid], 2.0, **OWNER)
     await store.requeue([mid], 3.0, at=10.0, reason="retrying: HTTP 500")
-    await store.claim([mid], 11.0, "send")
+    await store.claim([mid], 11.0, **OWNER)
     await store.mark_sent([(mid, "p-1", 0.5)], 12.0)
     await store.finish([(mid, State.DELIVERED, None)], 20.0)
     events = await store.events(mid)
@@ -58,12 +47,13 @@ async def test_every_state_change_is_logged(store: Store) -> None:
     ]
     assert events[2]["detail"] == "retrying: HTTP 500"
     message = await store.get(mid)
+    assert message is not None
     assert message.provider_message_id == "p-1" and message.cost == 0.5
 
 
 async def test_set_based_updates_give_each_row_its_own_values(store: Store) -> None:
-    ids = await store.write(lambda db: Store.insert_messages(db, [MESSAGE] * 4, 1.0))
-    assert await store.claim(list(reversed(ids)), 2.0, "send") == list(reversed(ids))
+    ids = await seed(store, [MESSAGE] * 4, 1.0)
+    assert await store.claim(list(reversed(ids)), 2.0, **OWNER) == list(reversed(ids))
     await store.mark_sent([(ids[0], "p-0", 0.25), (ids[1], "p-1", None), (ids[2], "p-2", 1.5)], 3.0)
     await store.requeue([ids[3]], 3.0, at=9.0, reason="retrying: HTTP 503")
     await store.finish([(ids[0], State.DELIVERED, None), (ids[1], State.FAILED, "expired")], 4.0)
@@ -78,62 +68,187 @@ async def test_set_based_updates_give_each_row_its_own_values(store: Store) -> N
     assert got[ids[3]].reason == "retrying: HTTP 503" and got[ids[2]].sent_at == 3.0
 
 
-async def test_claim_only_takes_queued_messages(store: Store) -> None:
-    ids = await store.write(lambda db: Store.insert_messages(db, [MESSAGE] * 3, 1.0))
-    assert await store.claim(ids[:2], 2.0, "send") == ids[:2]
-    assert await store.claim(ids, 3.0, "send") == ids[2:]
-    assert [t for t, _ in await store.request_times(0)] == [2.0, 3.0]
+async def test_claim_only_takes_queued_messages_and_books_one_request(store: Store) -> None:
+    ids = await seed(store, [MESSAGE] * 3, 1.0)
+    assert await store.claim(ids[:2], 2.0, **OWNER) == ids[:2]
+    assert await store.claim(ids, 3.0, **OWNER) == ids[2:]
+    assert await store.claim(ids, 4.0, **OWNER, request_kind="send") == []
+    assert [(b.at, b.kind) for b in await store.request_rows(0)] == [
+        (2.0, "send"),
+        (3.0, "send"),
+        (4.0, "send"),
+    ]
+    assert [m.id for m in await store.unsettled(5.0, **OWNER)] == ids
 
 
-async def test_reopen_keeps_data_and_migrations_run_once(tmp_path) -> None:
-    def applied(c):
-        return c.execute("SELECT count(*), count(DISTINCT name) FROM _sqlite_migrations").fetchone()
-
-    first = Store(tmp_path / "s.db")
-    await first.open()
-    await first.write(lambda db: Store.insert_messages(db, [MESSAGE], 1.0))
-    at_first = await first.read(applied)
-    await first.close()
-    second = Store(tmp_path / "s.db")
-    await second.open()
-    assert await second.counts() == {"queued": 1}
-    # each migration once, none again on reopen (however many the schema has)
-    assert await second.read(applied) == at_first
-    assert at_first[0] == at_first[1] >= 4
-    await second.close()
+async def test_concurrent_claims_never_share_a_message(store: Store) -> None:
+    ids = await seed(store, [MESSAGE] * 6, 1.0)
+    got = await asyncio.gather(
+        *[store.claim(ids, 2.0, owner=f"i{n}", lease_until=40.0) for n in range(4)]
+    )
+    assert sorted(i for claimed in got for i in claimed) == ids
 
 
-async def test_one_bad_job_does_not_spoil_its_group(store: Store) -> None:
-    def bad(db):
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_reopen_keeps_data_and_migrations_run_once(tmp_path, backend: str) -> None:
+    factory = FACTORIES[backend]
+    async with factory(tmp_path) as first:
+        await first.open()
+        applied = await first.migrate()
+        assert len(applied) >= 5 and len(set(applied)) == len(applied)
+        await seed(first, [MESSAGE], 1.0)
+        await first.close()
+    async with factory(tmp_path) as second:
+        await second.open()
+        try:
+            assert await second.counts() == {"queued": 1}
+            assert await second.migrate() == []  # none again on reopen
+        finally:
+            await second.close()
+
+
+class Exploding:
+    def questions(self, pending):
+        return IngestQuestions()
+
+    def decide(self, lookups, pending, ids):
         raise ValueError("policy bug")
 
+
+async def test_one_bad_ingest_does_not_spoil_its_group(store: Store) -> None:
     results = await asyncio.gather(
-        store.write(lambda db: Store.insert_messages(db, [MESSAGE], 1.0)),
-        store.write(bad),
-        store.write(lambda db: Store.insert_messages(db, [MESSAGE], 1.0)),
+        seed(store, [MESSAGE], 1.0),
+        store.ingest([(MESSAGE, 1.0)], Exploding()),
+        seed(store, [MESSAGE], 1.0),
         return_exceptions=True,
     )
     assert isinstance(results[1], ValueError)
     assert await store.counts() == {"queued": 2}
 
 
-async def test_a_failing_disk_fails_every_waiter_and_stores_nothing(store: Store) -> None:
-    def disk_full() -> None:
-        raise sqlite3.OperationalError("database or disk is full")
+async def test_ingest_answers_policy_inside_its_transaction(store: Store) -> None:
+    """Concurrent ingests of one alert: decided as one, the repeats name the original."""
+    rules = Rules(dedupe_window=600.0, per_recipient=2, per_recipient_window=600.0)
+    alert = MESSAGE._replace(dedupe_key="api:disk-full")
+    other = [MESSAGE._replace(text=f"t{i}", dedupe_key=f"api:{i}") for i in range(3)]
+    stored = await asyncio.gather(*[store.ingest([(alert, 10.0)], rules) for _ in range(5)])
+    states = [s.message.state for [s] in stored]
+    assert states.count(State.QUEUED) == 1 and states.count(State.SUPPRESSED) == 4
+    original = next(s.id for [s] in stored if s.message.state == State.QUEUED)
+    for [s] in stored:
+        if s.message.state == State.SUPPRESSED:
+            assert s.message.reason == f"duplicate of message {original} within 600s"
+    # Later ingests see it stored: a repeat is suppressed, the third text held (storm).
+    [again] = await store.ingest([(alert, 20.0)], rules)
+    assert again.message.state == State.SUPPRESSED
+    later = await store.ingest([(m, 30.0) for m in other], rules)
+    assert [s.message.state for s in later] == [State.QUEUED, State.HELD, State.HELD]
+    assert (await store.get(later[1].id)).state == State.HELD
 
-    store.inject_fault = disk_full
-    results = await asyncio.gather(
-        *[store.write(lambda db: Store.insert_messages(db, [MESSAGE], 1.0)) for _ in range(5)],
-        return_exceptions=True,
+
+async def test_the_store_answers_what_policy_asks(store: Store) -> None:
+    keyed = MESSAGE._replace(dedupe_key="k")
+    [first, _, failed] = await seed(store, [keyed, keyed, keyed._replace(text="x")], 5.0)
+    await store.finish([(failed, State.FAILED, "refused")], 6.0)
+    [held] = await seed(store, [keyed._replace(recipient="+12025550144", state=State.HELD)], 7.0)
+    seen: list[Lookups] = []
+
+    class Asking:
+        def questions(self, pending):
+            return IngestQuestions(
+                originals=[("k", MESSAGE.recipient, 0.0), ("k", MESSAGE.recipient, 5.5)],
+                storms=[(MESSAGE.recipient, 0.0), ("+12025550144", 0.0), ("+447700900123", 0)],
+            )
+
+        def decide(self, lookups, pending, ids):
+            seen.append(lookups)
+            return [m for m, _ in pending]
+
+    await store.ingest([(MESSAGE, 8.0)], Asking())
+    assert seen[0].originals == {("k", MESSAGE.recipient, 0.0): first}
+    assert seen[0].storms == {
+        (MESSAGE.recipient, 0.0): (False, 2),  # the failed one is not counted
+        ("+12025550144", 0.0): (True, 0),
+        ("+447700900123", 0): (False, 0),
+    }
+    assert held > first
+
+
+async def test_book_request_never_books_past_the_limit(store: Store) -> None:
+    waits = await asyncio.gather(
+        *[store.book_request(100.0 + i / 10, "cli:balance", limit=3, window=60.0) for i in range(8)]
     )
-    assert all(isinstance(r, StoreUnavailable) for r in results)
-    store.inject_fault = None
-    assert await store.counts() == {}
+    assert sorted(waits)[:3] == [0.0, 0.0, 0.0] and all(w > 0 for w in sorted(waits)[3:])
+    assert len(await store.request_rows(0)) == 3
+    # When the oldest booking leaves the window there is room again, and not before.
+    booked = [b.at for b in await store.request_rows(0)]
+    assert await store.book_request(booked[0] + 59.9, "x", limit=3, window=60.0) > 0
+    assert await store.book_request(booked[0] + 60.0, "x", limit=3, window=60.0) == 0.0
+    rows = await store.request_rows(0, "cli", after=0)
+    assert [b.kind for b in rows] == ["cli:balance"] * 3
+    assert await store.request_rows(0, "cli", after=rows[-1].seq) == []
+    await store.prune_requests(booked[-1])
+    assert [b.kind for b in await store.request_rows(0)] == ["x"]
 
 
-async def test_unopenable_store_reports_clearly(tmp_path) -> None:
-    (tmp_path / "dir.db").mkdir()
-    store = Store(tmp_path / "dir.db")
-    with pytest.raises(StoreUnavailable, match="cannot open store"):
-        await store.open()
-    await store.close()
+async def test_warnings_queue_once_and_digests_fold_held_messages(store: Store) -> None:
+    warning = MESSAGE._replace(source="budget", dedupe_key="budget:cap:2024-01-01")
+    assert await store.queue_once([warning], 1.0) is True
+    assert await store.queue_once([warning], 2.0) is False
+    held = MESSAGE._replace(recipient="+12025550199", state=State.HELD, topic="Disk")
+    ids = await seed(store, [held, held._replace(topic="Load")], 3.0)
+    assert await store.held_phones() == [("+12025550199", 3.0)]
+    folded: list[list[Held]] = []
+
+    def digest(messages: list[Held]) -> NewMessage:
+        folded.append(messages)
+        return MESSAGE._replace(recipient="+12025550199", text="+2 more", source="digest")
+
+    digest_id, count = await store.fold_held("+12025550199", 9.0, digest, lambda i: f"in {i}")
+    assert count == 2 and [h.id for h in folded[0]] == ids
+    assert [h.topic for h in folded[0]] == ["Disk", "Load"]
+    assert [(await store.get(i)).reason for i in ids] == [f"in {digest_id}"] * 2
+    assert (await store.get(digest_id)).state == State.QUEUED
+    assert await store.held_phones() == []
+    assert await store.fold_held("+12025550199", 10.0, digest, str) is None
+
+
+async def test_budgets_and_metrics_count_what_was_sent(store: Store) -> None:
+    a, b, warning = await seed(
+        store,
+        [
+            MESSAGE._replace(parts=2, route="r", estimated_cost=0.3),
+            MESSAGE._replace(parts=1),
+            MESSAGE._replace(source="budget"),
+        ],
+        1.0,
+    )
+    await store.claim([a, b, warning], 2.0, **OWNER)
+    await store.mark_sent([(a, "p", None), (b, "q", 0.2), (warning, "w", 0.1)], 100.0)
+    spent, unpriced = await store.spent_since(50.0, "budget")
+    assert spent == pytest.approx(0.5) and unpriced == []
+    assert await store.used_since(50.0, "budget") == (2, 3)
+    assert await store.used_since(50.0, "budget", "r") == (1, 2)
+    assert await store.used_since(100.5, "budget") == (0, 0)
+    counts = await store.counts_for_metrics()
+    assert counts.parts_sent == 4 and counts.cost == pytest.approx(0.3)
+    assert sorted(counts.by_source_state) == [("budget", "sent", 1), ("http", "sent", 2)]
+
+
+async def test_purge_keeps_what_is_not_finished(store: Store) -> None:
+    done, queued = await seed(store, [MESSAGE._replace(state=State.SUPPRESSED), MESSAGE], 1.0)
+    assert await store.purge(2.0) == 1
+    assert await store.get(done) is None and await store.events(done) == []
+    assert (await store.get(queued)).state == State.QUEUED
+
+
+async def test_heartbeat_is_a_write(store: Store) -> None:
+    before = store.stats().writes
+    await store.heartbeat(5.0)
+    assert store.stats().writes == before + 1
+
+
+async def test_seeding_keeps_the_given_states(store: Store) -> None:
+    [i] = await store.ingest([(MESSAGE._replace(state=State.FAILED), 1.0)], AS_GIVEN)
+    assert (await store.get(i.id)).state == State.FAILED
+    assert await store.retry([i.id], 2.0, by="ops") == [i.id]

@@ -10,18 +10,16 @@ ends `suppressed` with a reason naming the digest. Nothing held is dropped silen
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections import Counter
 from collections.abc import Callable
-
-from sqlite_utils import Database
 
 from bridge.clock import Clock
 from bridge.loops import run_steps
 from bridge.models import NewMessage
 from bridge.policy.shaping import Draft, Shaper, default_topic
-from bridge.store import Store, queries
+from bridge.store import Store
+from bridge.store.api import Held
 
 log = logging.getLogger(__name__)
 SHOWN_TOPICS = 3
@@ -68,17 +66,17 @@ class DigestWorker:
     async def run_once(self) -> float:
         """Send the digests that are due; return seconds until the next one is."""
         now = self.clock.now()
-        pending = await self.store.read(queries.held_since)
+        pending = await self.store.held_phones()
         due = [recipient for recipient, first in pending if first + self.window <= now]
         for recipient in due:
-            await self.store.write(functools.partial(self._fold, recipient=recipient, now=now))
+            await self._fold(recipient, now)
         if due:
             self.on_created()
         later = [first + self.window - now for _, first in pending if first + self.window > now]
         return min([IDLE_WAIT, *later])
 
-    def _fold(self, db: Database, *, recipient: str, now: float) -> int | None:
-        def digest(held: list[queries.Held]) -> NewMessage:
+    async def _fold(self, recipient: str, now: float) -> int | None:
+        def digest(held: list[Held]) -> NewMessage:
             draft = Draft(
                 recipients=[recipient],
                 text=digest_text(
@@ -91,8 +89,8 @@ class DigestWorker:
             # Shaped as every text is; no dedupe key: a digest is never held back as a repeat.
             return self.shaper.messages([draft])[0]._replace(dedupe_key=None)
 
-        folded = queries.fold_held(
-            db, recipient, now, digest, lambda i: f"storm control: folded into digest message {i}"
+        folded = await self.store.fold_held(
+            recipient, now, digest, lambda i: f"storm control: folded into digest message {i}"
         )
         if folded is None:
             return None

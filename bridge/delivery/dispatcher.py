@@ -57,6 +57,7 @@ from bridge.provider.client import (
 from bridge.provider.logmatch import LogMatcher, provider_date, provider_time
 from bridge.schedule import for_provider
 from bridge.store import Store
+from bridge.store.api import DEFAULT_LEASE, instance_name
 from bridge.text import TYPE_GSM
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,10 @@ class Dispatcher:
         self._inactive_strikes = 0  # 403s in a row: the wait before the next try doubles
         self._logs_failures = 0
         self._foreign_rowid = 0  # last request booked by another process already counted
+        # Who holds this dispatcher's claims, and for how long without news of it: a
+        # shared store lets another instance take over claims whose lease has passed.
+        self.owner = instance_name()
+        self.lease = DEFAULT_LEASE
         self.tz = zone(config.timezone)
 
     async def load_budget(self) -> None:
@@ -262,7 +267,11 @@ class Dispatcher:
             return
         now = self.clock.now()
         self.limiter.book(now, "send")
-        claimed = set(await self.store.claim([m.id for m in batch], now, "send"))
+        claimed = set(
+            await self.store.claim(
+                [m.id for m in batch], now, owner=self.owner, lease_until=now + self.lease
+            )
+        )
         batch = [m for m in batch if m.id in claimed]
         if not batch:
             return
@@ -411,10 +420,10 @@ class Dispatcher:
 
         Returns a wait when it needs more time or budget before sending anything new.
         """
-        stale = await self.store.in_state(State.SENDING)
+        now = self.clock.now()
+        stale = await self.store.unsettled(now, owner=self.owner, lease_until=now + self.lease)
         if not stale:
             return None
-        now = self.clock.now()
         ready = [m for m in stale if (m.claimed_at or 0) + RECONCILE_DELAY <= now]
         if not ready:
             return min((m.claimed_at or 0) + RECONCILE_DELAY for m in stale) - now

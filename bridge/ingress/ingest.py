@@ -1,9 +1,9 @@
 """The one ingest path: SMTP and HTTP both end here.
 
-`Ingestor.submit` shapes each draft (bridge.policy.shaping: type, parts), then policy
-and insert run in the writer's next transaction, together with every other submit
-queued for it (one lookup and one insert for all of them), and it returns only once
-that is durable. The
+`Ingestor.submit` shapes each draft (bridge.policy.shaping: type, parts), then the
+store decides (with the policy's `Rules`) and inserts them in one transaction, which a
+store may share with every other submit queued for it (SQLite's group commit: one
+lookup and one insert for all of them), and it returns only once that is durable. The
 caller acknowledges after it returns, never before; a StoreUnavailable means "tell the
 sender to retry". The dispatcher is woken, never called: delivery is not the request's job.
 """
@@ -14,12 +14,10 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlite_utils import Database
-
 from bridge.clock import Clock
 from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage, State
-from bridge.policy.decide import Rules, decide_all
+from bridge.policy.decide import Rules
 from bridge.policy.shaping import Draft, Shaper
 from bridge.store import Store
 
@@ -63,24 +61,11 @@ class Ingestor:
         messages = self.shaper.messages(drafts)
         self.pending += 1
         try:
-            accepted: list[Accepted] = await self.store.write_batched(
-                self._store, (messages, self.clock.now())
-            )
+            now = self.clock.now()
+            stored = await self.store.ingest([(m, now) for m in messages], self.rules)
         finally:
             self.pending -= 1
+        accepted = [Accepted(i, m.recipient, m.state, m.reason) for i, m in stored]
         if any(a.state in (State.QUEUED, State.HELD) for a in accepted):
             self.on_stored()
         return accepted
-
-    def _store(
-        self, db: Database, submits: list[tuple[list[NewMessage], float]]
-    ) -> list[list[Accepted]]:
-        """Every submit queued for one transaction: decided and inserted together."""
-        pending = [(message, now) for messages, now in submits for message in messages]
-        first_id = Store.next_message_id(db)
-        decided = decide_all(db, pending, first_id=first_id, rules=self.rules)
-        ids = Store.insert_messages(db, decided, [now for _, now in pending], first_id=first_id)
-        accepted = iter(
-            Accepted(i, m.recipient, m.state, m.reason) for i, m in zip(ids, decided, strict=True)
-        )
-        return [[next(accepted) for _ in messages] for messages, _ in submits]

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from bridge.store import Store, queries
+from bridge.store import Store
 
 PREFIX = "sms_bridge"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -105,7 +105,7 @@ class Metrics:
     async def refresh(self) -> None:
         now = self.now()
 
-        counts = await self.store.read(queries.counts_for_metrics)
+        counts = await self.store.counts_for_metrics()
         oldest = counts.oldest_queued
         self.snapshot = Snapshot(
             by_source_state=counts.by_source_state,

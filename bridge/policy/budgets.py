@@ -15,7 +15,6 @@ fraud must not let the unpriced destinations through for free.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,7 +25,7 @@ from bridge.firewall import Firewall
 from bridge.models import Message
 from bridge.policy.shaping import Draft, Shaper
 from bridge.pricing import PriceBook
-from bridge.store import Store, queries
+from bridge.store import Store
 
 log = logging.getLogger(__name__)
 WARNING_SOURCE = "budget"
@@ -96,17 +95,11 @@ class BudgetGuard:
     async def _spent(self, since: float) -> float:
         """Today's cost so far, in the provider's currency: summed in SQL where a cost or
         estimate is stored; the rare rows with neither are estimated here."""
-        known, unknown = await self.store.read(
-            functools.partial(queries.spent_since, since=since, exclude_source=WARNING_SOURCE)
-        )
+        known, unknown = await self.store.spent_since(since, WARNING_SOURCE)
         return float(known) + sum(self._cost(r, int(p)) for r, p in unknown)
 
     async def _used(self, since: float, route: str | None = None) -> tuple[int, int]:
-        return await self.store.read(
-            functools.partial(
-                queries.used_since, since=since, exclude_source=WARNING_SOURCE, route=route
-            )
-        )
+        return await self.store.used_since(since, WARNING_SOURCE, route)
 
     async def check(self, batch: list[Message]) -> Verdict:
         if not self.active:
@@ -162,9 +155,7 @@ class BudgetGuard:
             topic="budget",
         )
         messages = self.shaper.messages([draft])
-        queued = await self.store.write(
-            functools.partial(queries.insert_once, messages=messages, now=now)
-        )
+        queued = await self.store.queue_once(messages, now)
         if queued:
             log.warning("budget warning to %d admin(s): %s", len(self.admins), text)
         return queued

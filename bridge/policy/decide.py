@@ -1,9 +1,11 @@
 """Policy applied inside the ingest transaction: stored as queued, suppressed or held.
 
-It runs in the store's writer thread, in the same transaction as the inserts, for every
-ingest of that transaction at once (two lookups, whatever the number of messages), and
-decides each message as if the ones before it were already stored: two concurrent
-duplicates cannot both slip through, and a storm is counted exactly.
+Pure functions over what the store answers: `Rules` is the store's `Decider`. The store
+(`Store.ingest`) asks `Rules.questions` what to look up, answers them inside the ingest
+transaction, and `Rules.decide` decides every message of that transaction at once,
+each as if the ones before it were already stored: two concurrent duplicates cannot
+both slip through, and a storm is counted exactly. No I/O here, no store import beyond
+the interface's vocabulary.
 
 - Deduplication: the same dedupe key (explicit: `dedupe_key`, Message-ID and content,
   GitHub body hash, alert fingerprints and status; otherwise the normalised text) to the
@@ -20,11 +22,16 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from sqlite_utils import Database
-
 from bridge.config import Config
 from bridge.models import NewMessage, State
-from bridge.store import queries
+from bridge.store.api import (
+    IngestQuestions,
+    Lookups,
+    OriginalQuestion,
+    Pending,
+    StormQuestion,
+    StormState,
+)
 
 _WORDS = re.compile(r"\s+")
 # GitHub signs no timestamp, so a captured body can be replayed at any time; its key is
@@ -54,6 +61,48 @@ class Rules:
     def window_for(self, route: str | None) -> float:
         window = self.route_windows.get(route or "", -1.0)
         return self.dedupe_window if window < 0 else window
+
+    # -- the store's Decider -------------------------------------------------------------
+    def questions(self, pending: Sequence[Pending]) -> IngestQuestions:
+        """The stored originals and storm counts the decisions of `pending` need."""
+        queued = [(m, now) for m, now in _keyed(pending) if m.state == State.QUEUED]
+        originals = {
+            OriginalQuestion(m.dedupe_key or "", m.recipient, now - window)
+            for m, now in queued
+            if (window := self.window_for(m.route)) > 0
+        }
+        storms = (
+            {StormQuestion(m.recipient, now - self.per_recipient_window) for m, now in queued}
+            if self.per_recipient
+            else set()
+        )
+        return IngestQuestions(originals=sorted(originals), storms=sorted(storms))
+
+    def decide(
+        self, lookups: Lookups, pending: Sequence[Pending], ids: Sequence[int]
+    ) -> list[NewMessage]:
+        """The state each message is stored in (with the reason when not `queued`).
+
+        `pending` are (message, arrival time) in order, to be inserted with `ids`; each
+        decision sees the stored rows and the messages before it, exactly as if they had
+        been decided and inserted one at a time.
+        """
+        batch = _Batch(rules=self, originals=lookups.originals, storms=lookups.storms)
+        out = []
+        for message_id, (message, now) in zip(ids, _keyed(pending), strict=True):
+            decided = _decide(message, now, batch)
+            batch.record(decided, message_id, now)
+            out.append(decided)
+        return out
+
+
+def _keyed(pending: Sequence[Pending]) -> Sequence[Pending]:
+    """Every message with a dedupe key (ingest shapes one for each; this covers the rest)."""
+    if all(m.dedupe_key for m, _ in pending):
+        return pending
+    return [
+        (m if m.dedupe_key else m._replace(dedupe_key=text_key(m.text)), now) for m, now in pending
+    ]
 
 
 def _route_window(route_format: str, window: float, default: float) -> float:
@@ -103,8 +152,8 @@ class _Batch:
     """What the decisions of one transaction see: the stored rows and the batch so far."""
 
     rules: Rules
-    originals: dict[tuple[str, str, float], int]  # (key, recipient, since) -> stored id
-    storms: dict[tuple[str, float], tuple[bool, int]]  # (recipient, since) -> stored state
+    originals: Mapping[OriginalQuestion, int]  # (key, recipient, since) -> stored id
+    storms: Mapping[StormQuestion, StormState]  # (recipient, since) -> stored state
     # (key, phone) -> [(id, arrival)] of this batch, oldest first
     earlier: dict[tuple[str, str], list[tuple[int, float]]] = field(default_factory=dict)
     held: set[str] = field(default_factory=set)  # phones held within this batch
@@ -112,7 +161,7 @@ class _Batch:
 
     def original(self, message: NewMessage, since: float) -> int | None:
         key = message.dedupe_key or ""
-        stored = self.originals.get((key, message.recipient, since))
+        stored = self.originals.get(OriginalQuestion(key, message.recipient, since))
         if stored is not None:
             return stored
         repeats = self.earlier.get((key, message.recipient), [])
@@ -120,7 +169,7 @@ class _Batch:
 
     def storming(self, message: NewMessage, now: float) -> bool:
         since = now - self.rules.per_recipient_window
-        held, recent = self.storms.get((message.recipient, since), (False, 0))
+        held, recent = self.storms.get(StormQuestion(message.recipient, since), (False, 0))
         recent += sum(1 for at in self.let_through.get(message.recipient, []) if at >= since)
         return held or message.recipient in self.held or recent >= self.rules.per_recipient
 
@@ -131,42 +180,6 @@ class _Batch:
             self.held.add(message.recipient)
         elif message.state == State.QUEUED:
             self.let_through.setdefault(message.recipient, []).append(now)
-
-
-def decide_all(
-    db: Database, pending: Sequence[tuple[NewMessage, float]], *, first_id: int, rules: Rules
-) -> list[NewMessage]:
-    """The state each message is stored in (with the reason when not `queued`).
-
-    `pending` are (message, arrival time) in order, to be inserted with ids `first_id`,
-    `first_id + 1`, ...; each decision sees the stored rows and the messages before it,
-    exactly as if they had been decided and inserted one at a time.
-    """
-    keyed = [
-        (m if m.dedupe_key else m._replace(dedupe_key=text_key(m.text)), now) for m, now in pending
-    ]
-    queued = [(m, now) for m, now in keyed if m.state == State.QUEUED]
-    lookups = {
-        (m.dedupe_key or "", m.recipient, now - window)
-        for m, now in queued
-        if (window := rules.window_for(m.route)) > 0
-    }
-    phones = (
-        {(m.recipient, now - rules.per_recipient_window) for m, now in queued}
-        if rules.per_recipient
-        else set()
-    )
-    batch = _Batch(
-        rules=rules,
-        originals=queries.stored_originals(db, sorted(lookups)),
-        storms=queries.stored_storms(db, sorted(phones)),
-    )
-    out = []
-    for offset, (message, now) in enumerate(keyed):
-        decided = _decide(message, now, batch)
-        batch.record(decided, first_id + offset, now)
-        out.append(decided)
-    return out
 
 
 def _decide(message: NewMessage, now: float, batch: _Batch) -> NewMessage:

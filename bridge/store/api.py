@@ -156,7 +156,8 @@ class Lifecycle(Protocol):
 
     async def migrate(self) -> list[str]:
         """Apply the migrations this build knows and the store lacks (after `open`);
-        the names applied, [] when up to date. Safe to run twice or concurrently."""
+        the names applied, [] when up to date. Safe to run twice or concurrently. A
+        backend that migrates at `open` (SQLite) reports what that open applied."""
         ...
 
     async def close(self) -> None:

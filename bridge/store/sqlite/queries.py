@@ -1,23 +1,71 @@
-"""The store's queries that policy, budgets, storm digests and metrics ask: the SQL they
-need, kept in the store package so nothing above it speaks SQL.
+"""The SQL behind the operations that run inside one reader or writer job: ingest (ids,
+policy lookups, inserts), budget warnings, storm digests, budgets and metrics.
 
-Each takes the connection the store hands a reader or writer job (`Store.read`,
-`Store.write`), so a caller composes them into one transaction where it must.
+Each takes the connection the engine hands a job, so `SqliteStore` composes them into
+one transaction where an operation must be atomic; nothing outside the package sees them.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from sqlite_utils import Database
 
 from bridge.models import NewMessage, State
-from bridge.store import Store
+from bridge.store.api import (
+    Held,
+    IngestQuestions,
+    Lookups,
+    MetricCounts,
+    OriginalQuestion,
+    StormQuestion,
+    StormState,
+)
+from bridge.store.sqlite.schema import INSERT_COLUMNS, ROW_MARKS, ROWS_PER_INSERT, row
 
 LOOKUPS_PER_STATEMENT = 200  # up to four parameters each: under SQLite's oldest limit (999)
+
+
+# -- ingest -------------------------------------------------------------------------
+def next_message_id(db: Database) -> int:
+    """The id the next inserted message gets (inside a writer job: no other writer)."""
+    return int(db.execute("SELECT coalesce(max(id), 0) + 1 FROM messages").fetchone()[0])
+
+
+def insert_messages(
+    db: Database,
+    messages: Sequence[NewMessage],
+    now: float | Sequence[float],
+    *,
+    first_id: int | None = None,
+) -> list[int]:
+    """Insert inside a writer job (states decided already), with ids `first_id`,
+    `first_id + 1`, ... (default: the next free ones); `now` per message or one for all.
+    A few rows per statement: each statement is a trip into SQLite."""
+    first = next_message_id(db) if first_id is None else first_id
+    times = [now] * len(messages) if isinstance(now, float | int) else list(now)
+    rows = [
+        row(first + offset, m, at)
+        for offset, (m, at) in enumerate(zip(messages, times, strict=True))
+    ]
+    for start in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[start : start + ROWS_PER_INSERT]
+        marks = ",".join([ROW_MARKS] * len(chunk))
+        db.execute(
+            f"INSERT INTO messages ({INSERT_COLUMNS}) VALUES {marks}",
+            [value for row in chunk for value in row],
+        )
+    return [row[0] for row in rows]
+
+
+def answer(db: Database, questions: IngestQuestions) -> Lookups:
+    """Policy's questions for one ingest transaction, in two statements or so."""
+    return Lookups(
+        originals=stored_originals(db, questions.originals),
+        storms=stored_storms(db, questions.storms),
+    )
 
 
 # -- policy: dedupe and storm lookups for a whole ingest batch ----------------------------
@@ -44,8 +92,8 @@ def _lookup(
 
 
 def stored_originals(
-    db: Database, wanted: Sequence[tuple[str, str, float]]
-) -> dict[tuple[str, str, float], int]:
+    db: Database, wanted: Sequence[OriginalQuestion]
+) -> dict[OriginalQuestion, int]:
     """For each (key, recipient, since): the first stored message it repeats, if any,
     ordered as the index is, so the first hit answers however many repeats exist."""
     found = _lookup(
@@ -58,12 +106,10 @@ def stored_originals(
         " AND created_at >= since AND state != 'failed'"
         " ORDER BY created_at LIMIT 1) AS original FROM wanted) WHERE original IS NOT NULL",
     )
-    return {asked: int(original) for asked, (original,) in found}
+    return {OriginalQuestion(*asked): int(original) for asked, (original,) in found}
 
 
-def stored_storms(
-    db: Database, wanted: Sequence[tuple[str, float]]
-) -> dict[tuple[str, float], tuple[bool, int]]:
+def stored_storms(db: Database, wanted: Sequence[StormQuestion]) -> dict[StormQuestion, StormState]:
     """For each (recipient, since): a digest pending?, and texts let through since then."""
     found = _lookup(
         db,
@@ -74,7 +120,10 @@ def stored_storms(
         " AND created_at >= since AND state IN ('queued', 'sending', 'sent', 'delivered')"
         " AND source != 'digest')",
     )
-    return {asked: (bool(held), int(recent)) for asked, (held, recent) in found}
+    return {
+        StormQuestion(*asked): StormState(bool(held), int(recent))
+        for asked, (held, recent) in found
+    }
 
 
 # -- budgets --------------------------------------------------------------------------
@@ -114,12 +163,12 @@ def insert_once(db: Database, messages: Sequence[NewMessage], now: float) -> boo
     key = messages[0].dedupe_key
     if db.execute("SELECT 1 FROM messages WHERE dedupe_key = ? LIMIT 1", (key,)).fetchone():
         return False
-    Store.insert_messages(db, messages, now)
+    insert_messages(db, messages, now)
     return True
 
 
 # -- storm digests --------------------------------------------------------------------
-def held_since(c: Any) -> list[tuple[str, float]]:
+def held_phones(c: Any) -> list[tuple[str, float]]:
     """Each phone with held messages and when its oldest was stored."""
     return [
         (r, float(t))
@@ -128,14 +177,6 @@ def held_since(c: Any) -> list[tuple[str, float]]:
             " GROUP BY recipient"
         ).fetchall()
     ]
-
-
-@dataclass(frozen=True, slots=True)
-class Held:
-    id: int
-    topic: str | None
-    text: str
-    instance: str | None
 
 
 def fold_held(
@@ -158,7 +199,7 @@ def fold_held(
     ]
     if not held:
         return None
-    [digest_id] = Store.insert_messages(db, [digest(held)], now)
+    [digest_id] = insert_messages(db, [digest(held)], now)
     db.execute(
         "UPDATE messages SET state = ?, reason = ?, updated_at = ? WHERE recipient = ?"
         " AND state = 'held' AND id <= ?",
@@ -168,15 +209,6 @@ def fold_held(
 
 
 # -- metrics --------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class MetricCounts:
-    by_source_state: list[tuple[Any, ...]]
-    by_reason: list[tuple[Any, ...]]
-    oldest_queued: float | None
-    parts_sent: int
-    cost: float
-
-
 def counts_for_metrics(c: Any) -> MetricCounts:
     """What /metrics reports from the messages table, read in one go at scrape time."""
     oldest = c.execute("SELECT min(created_at) FROM messages WHERE state = 'queued'").fetchone()

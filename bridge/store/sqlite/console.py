@@ -1,7 +1,8 @@
-"""The web console's queries (bridge.ingress.http.console): activity, overview, storms, actions.
+"""The SQLite store's queries and operator actions: the API's and the web console's
+(bridge.ingress.http.console) reads, retry, cancel, notes, and retention.
 
-A part of `Store` (it mixes this in), kept apart so the message operations in
-`bridge.store` stay one concern.
+A part of `SqliteStore` (it mixes this in), kept apart so that delivery's operations
+stay one concern.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from bridge.models import MAX_ROW_ID
-from bridge.store.engine import Engine
-from bridge.store.schema import JSON_IDS
+from bridge.models import MAX_ROW_ID, Message
+from bridge.store.sqlite.base import EngineBound
+from bridge.store.sqlite.schema import JSON_IDS
+
+# `sent` too: past status.give_up_after nothing will move it any more.
+PURGEABLE_SQL = "('sent', 'delivered', 'failed', 'suppressed')"
 
 
-class ConsoleQueries(Engine):
+class ConsoleQueries(EngineBound):
     async def cancel(self, ids: Sequence[int], now: float, *, by: str) -> list[int]:
         """Queued or held messages -> failed, reason "cancelled by BY"; the ids changed.
 
@@ -42,11 +46,11 @@ class ConsoleQueries(Engine):
             )
             return [int(i) for i in chosen]
 
-        return await self.write(job)
+        return await self.engine.write(job)
 
     async def note(self, ids: Sequence[int], detail: str, now: float) -> None:
         """An event row for each message that changes no state (who did what)."""
-        await self.write(
+        await self.engine.write(
             lambda db: db.execute(
                 "INSERT INTO events (message_id, at, state, attempts, detail)"
                 f" SELECT id, ?, state, attempts, ? FROM messages WHERE id IN {JSON_IDS}",
@@ -73,7 +77,7 @@ class ConsoleQueries(Engine):
                 out["messages"][index] = count
             return out
 
-        return await self.read(read)
+        return await self.engine.read(read)
 
     async def overview(self, *, now: float, day_start: float, since: float) -> dict[str, Any]:
         """Queue age, delivery answers since `since`, and the day's sends and spend.
@@ -128,11 +132,11 @@ class ConsoleQueries(Engine):
                 },
             }
 
-        return await self.read(read)
+        return await self.engine.read(read)
 
     async def held_storms(self) -> list[dict[str, Any]]:
         """Phones with messages held by storm control: how many, since when."""
-        return await self.read(
+        return await self.engine.read(
             lambda c: [
                 dict(r)
                 for r in c.execute(
@@ -144,7 +148,7 @@ class ConsoleQueries(Engine):
 
     async def route_last_messages(self) -> dict[str, dict[str, Any]]:
         """Each route's newest stored message: survives a restart, unlike call records."""
-        return await self.read(
+        return await self.engine.read(
             lambda c: {
                 r["route"]: dict(r)
                 for r in c.execute(
@@ -157,7 +161,7 @@ class ConsoleQueries(Engine):
     async def mentioned_by(self, message_id: int, limit: int = 200) -> list[dict[str, Any]]:
         """Suppressed messages whose reason names this one: its duplicates, or what a
         digest folded. Reasons say "message N" (policy, storm digests)."""
-        return await self.read(
+        return await self.engine.read(
             lambda c: [
                 dict(r)
                 for r in c.execute(
@@ -168,3 +172,130 @@ class ConsoleQueries(Engine):
                 )
             ]
         )
+
+    async def get(self, message_id: int) -> Message | None:
+        if not 0 < message_id <= MAX_ROW_ID:
+            return None  # no such row, and SQLite could not even bind the number
+        row = await self.engine.read(
+            lambda c: c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        )
+        return None if row is None else Message.from_row(row)
+
+    async def events(self, message_id: int) -> list[dict[str, Any]]:
+        return await self.engine.read(
+            lambda c: [
+                dict(r)
+                for r in c.execute(
+                    "SELECT at, state, attempts, detail FROM events WHERE message_id = ? ORDER BY id",
+                    (message_id,),
+                )
+            ]
+        )
+
+    async def query(
+        self,
+        *,
+        state: str | None = None,
+        limit: int = 100,
+        before_id: int | None = None,
+        reason_kind: str | None = None,
+        route: str | None = None,
+        source: str | None = None,
+        recipient: str | None = None,
+        text: str | None = None,
+    ) -> list[Message]:
+        """Newest first; `recipient` and `text` match anywhere in the field (any case)."""
+        sql, args = "SELECT * FROM messages WHERE 1=1", list[object]()
+        for column, value in (
+            ("state", state),
+            ("reason_kind", reason_kind),
+            ("route", route),
+            ("source", source),
+        ):
+            if value:
+                sql += f" AND {column} = ?"  # column names from this list only
+                args.append(value)
+        for column, value in (("recipient", recipient), ("text", text)):
+            if value:
+                sql += f" AND {column} LIKE ? ESCAPE '\\'"
+                args.append("%" + _like_escape(value) + "%")
+        if before_id and before_id <= MAX_ROW_ID:  # beyond it, every row is "before"
+            sql += " AND id < ?"
+            args.append(before_id)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        return await self.engine.read(lambda c: [Message.from_row(r) for r in c.execute(sql, args)])
+
+    async def purge(self, before: float) -> int:
+        """Delete messages that reached their end before `before`, with their events."""
+
+        def job(db: Database) -> int:
+            doomed = "SELECT id FROM messages WHERE created_at < ? AND state IN " + PURGEABLE_SQL
+            db.execute(f"DELETE FROM events WHERE message_id IN ({doomed})", (before,))
+            return int(
+                db.execute(
+                    "DELETE FROM messages WHERE created_at < ? AND state IN " + PURGEABLE_SQL,
+                    (before,),
+                ).rowcount
+            )
+
+        return await self.engine.write(job)
+
+    async def retry(
+        self, ids: Sequence[int] | None, now: float, *, by: str | None = None
+    ) -> list[int]:
+        """Failed messages (these ids, or all when None) back to queued, due now; `by`
+        names who asked, for the event log."""
+        reason = f"retried by {by}" if by else "retried by the operator"
+
+        def job(db: Database) -> list[int]:
+            if ids is None:
+                chosen = [
+                    r[0]
+                    for r in db.execute(
+                        "SELECT id FROM messages WHERE state = 'failed' ORDER BY id"
+                    )
+                ]
+            else:
+                chosen = [
+                    i
+                    for i in ids
+                    if 0 < i <= MAX_ROW_ID
+                    and db.execute(
+                        "SELECT 1 FROM messages WHERE id = ? AND state = 'failed'", (i,)
+                    ).fetchone()
+                ]
+            for message_id in chosen:
+                db.execute(
+                    "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
+                    " reason = ?, solo = 1 WHERE id = ?",
+                    (now, now, reason, message_id),
+                )
+            return chosen
+
+        return await self.engine.write(job)
+
+    async def counts_by_reason(self) -> dict[str, dict[str, int]]:
+        """{state: {reason kind: count}} for held, suppressed and failed messages."""
+        rows = await self.engine.read(
+            lambda c: c.execute(
+                "SELECT state, coalesce(reason_kind, 'other'), count(*) FROM messages"
+                " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY 1, 2"
+            ).fetchall()
+        )
+        out: dict[str, dict[str, int]] = {}
+        for state, kind, count in rows:
+            out.setdefault(state, {})[kind] = count
+        return out
+
+    async def counts(self) -> dict[str, int]:
+        return await self.engine.read(
+            lambda c: {
+                r[0]: r[1] for r in c.execute("SELECT state, count(*) FROM messages GROUP BY state")
+            }
+        )
+
+
+def _like_escape(value: str) -> str:
+    """`value` as a literal inside a LIKE pattern (ESCAPE '\\')."""
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

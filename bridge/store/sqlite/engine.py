@@ -11,7 +11,8 @@ handful of statements, not two hundred: each statement is a trip into SQLite tha
 the GIL to the event loop and waits to get it back. Readers run on their own connections
 in a small thread pool; WAL lets them read while the writer writes.
 
-Knows nothing of messages: `bridge.store.Store` builds the operations on it.
+Knows nothing of messages: `bridge.store.sqlite.store.SqliteStore` builds the operations
+on it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, TypeVar
 from sqlite_utils import Database
 
 from bridge.errors import StoreUnavailable
-from bridge.store.schema import migrations
+from bridge.store.sqlite.schema import migrations
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,11 +115,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read")
         self._local = threading.local()
-        self.commits = 0  # transactions committed: lets tests see group commit happen
-        # Fault seam for tests: called in the writer thread before each transaction; raise
-        # sqlite3.OperationalError from it to play a full or failing disk.
-        self.inject_fault: Callable[[], None] | None = None
+        self.commits = 0  # transactions committed (a metric: writes per fsync)
         self.jobs_committed = 0
+        self.migrated: list[str] = []  # migrations the last open applied
 
     # -- lifecycle -----------------------------------------------------------------
     async def open(self) -> None:
@@ -147,6 +146,7 @@ class Engine:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
             db = Database(conn, execute_plugins=False)
+            self.migrated = [m.name for m in migrations.pending(db)]
             migrations.apply(db)
         except sqlite3.Error as exc:
             self._fail_all(StoreUnavailable(f"cannot open store {self.path}: {exc}"))
@@ -193,9 +193,7 @@ class Engine:
     ) -> list[tuple[_Job, Any, BaseException | None]]:
         """Run `jobs` in one BEGIN IMMEDIATE ... COMMIT; a storage error fails them all."""
         try:
-            if self.inject_fault is not None:
-                self.inject_fault()
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(conn)
             results: list[tuple[_Job, Any, BaseException | None]] = []
             for batch, group in itertools.groupby(jobs, key=lambda job: job.batch):
                 run = list(group)
@@ -217,6 +215,12 @@ class Engine:
         self.commits += 1
         self.jobs_committed += len(jobs)
         return results
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """Open a write transaction (in the writer thread). A storage error raised here
+        fails the whole group as a failed commit would: tests override it to play a
+        full or failing disk."""
+        conn.execute("BEGIN IMMEDIATE")
 
     def _settle(self, outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
         # One wake-up of the event loop per transaction, not one per job.

@@ -1,0 +1,289 @@
+"""The SQLite store's delivery operations: due, claim, outcomes, reconcile lookups, and
+the persisted rate window (`provider_requests`).
+
+One process owns the store, so claims need no lease: `owner` and `lease_until` are
+accepted and ignored, and every message in `sending` is this process's to settle.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+
+from sqlite_utils import Database
+
+from bridge.models import Message, State
+from bridge.store.api import Booking
+from bridge.store.sqlite.base import EngineBound
+from bridge.store.sqlite.schema import JSON_IDS
+
+UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
+
+
+class DeliveryOperations(EngineBound):
+    async def due(self, now: float, limit: int) -> list[Message]:
+        return await self.engine.read(
+            lambda c: [
+                Message.from_row(r)
+                for r in c.execute(
+                    "SELECT * FROM messages WHERE state = 'queued' AND next_attempt_at <= ?"
+                    " ORDER BY next_attempt_at, id LIMIT ?",
+                    (now, limit),
+                )
+            ]
+        )
+
+    async def next_due_at(self) -> float | None:
+        return await self.engine.read(
+            lambda c: c.execute(
+                "SELECT min(next_attempt_at) FROM messages WHERE state = 'queued'"
+            ).fetchone()[0]
+        )
+
+    async def unsettled(self, now: float, *, owner: str, lease_until: float) -> list[Message]:
+        """Every message in `sending`: one process, so all of them are its own."""
+        del now, owner, lease_until
+        return await self.engine.read(
+            lambda c: [
+                Message.from_row(r)
+                for r in c.execute(
+                    "SELECT * FROM messages WHERE state = 'sending' ORDER BY id LIMIT ?",
+                    (UNSETTLED_LIMIT,),
+                )
+            ]
+        )
+
+    async def awaiting_status(
+        self, *, since: float, limit: int, scheduled_after: str = ""
+    ) -> list[Message]:
+        """`sent` messages sent after `since`, or scheduled (UTC text) after
+        `scheduled_after`, oldest first; with or without a provider id (the poller
+        matches an id-less one by recipient and text, an unsettled outcome included:
+        /logs may show it late)."""
+        return await self.engine.read(
+            lambda c: [
+                Message.from_row(r)
+                for r in c.execute(
+                    "SELECT * FROM messages WHERE state = 'sent' AND (sent_at > ?"
+                    " OR (schedule_time IS NOT NULL AND schedule_time > ?))"
+                    " ORDER BY sent_at, id LIMIT ?",
+                    (since, scheduled_after or "9999", limit),
+                )
+            ]
+        )
+
+    async def known_provider_ids(self, provider_ids: Sequence[str]) -> set[str]:
+        """Which of these provider ids a stored message already carries."""
+        if not provider_ids:
+            return set()
+        marks = ",".join("?" * len(provider_ids))
+        sql = f"SELECT provider_message_id FROM messages WHERE provider_message_id IN ({marks})"
+        return await self.engine.read(lambda c: {r[0] for r in c.execute(sql, list(provider_ids))})
+
+    async def sent_after(self, message: Message) -> int:
+        """How many messages reached the provider after `message`: its /logs position.
+
+        A bulk call gives its messages one sent_at, so ids break the tie.
+        """
+        sent_at = message.sent_at or 0.0
+        sql = "SELECT count(*) FROM messages WHERE sent_at > ? OR (sent_at = ? AND id > ?)"
+        return await self.engine.read(
+            lambda c: int(c.execute(sql, (sent_at, sent_at, message.id)).fetchone()[0])
+        )
+
+    async def claim(
+        self,
+        ids: Sequence[int],
+        now: float,
+        *,
+        owner: str,
+        lease_until: float,
+        request_kind: str = "send",
+    ) -> list[int]:
+        """queued -> sending for `ids`, and one provider request booked, in one commit.
+        One process owns every claim: `owner` and the lease have nothing to guard here."""
+        del owner, lease_until
+        kind = request_kind
+
+        wanted = json.dumps(list(ids))
+
+        def job(db: Database) -> list[int]:
+            # A new attempt: what an earlier unknown outcome was (reason_kind) no longer holds.
+            db.execute(
+                "UPDATE messages SET reason_kind = NULL"
+                f" WHERE id IN {JSON_IDS} AND +state = 'queued'"
+                " AND reason_kind IN ('unknown', 'provider-error')",
+                (wanted,),
+            )
+            queued = set(
+                json.loads(
+                    db.execute(
+                        "SELECT json_group_array(id) FROM messages"
+                        f" WHERE id IN {JSON_IDS} AND +state = 'queued'",
+                        (wanted,),
+                    ).fetchone()[0]
+                )
+            )
+            db.execute(
+                "UPDATE messages SET state = 'sending', attempts = attempts + 1,"
+                f" claimed_at = ?, updated_at = ?, reason = NULL WHERE id IN {JSON_IDS}"
+                " AND +state = 'queued'",
+                (now, now, wanted),
+            )
+            db.execute("INSERT INTO provider_requests (at, kind) VALUES (?, ?)", (now, kind))
+            return [i for i in ids if i in queued]
+
+        return await self.engine.write(job)
+
+    async def record_request(self, at: float, kind: str) -> None:
+        await self.engine.write(
+            lambda db: db.execute(
+                "INSERT INTO provider_requests (at, kind) VALUES (?, ?)", (at, kind)
+            )
+        )
+
+    async def book_request(self, at: float, kind: str, *, limit: int, window: float) -> float:
+        """Count and book in one writer job: no other write runs between the two."""
+
+        def job(db: Database) -> float:
+            booked = [
+                r[0]
+                for r in db.execute(
+                    "SELECT at FROM provider_requests WHERE at > ? ORDER BY at", (at - window,)
+                )
+            ]
+            if len(booked) >= limit:
+                return max(0.0, booked[len(booked) - limit] + window - at)
+            db.execute("INSERT INTO provider_requests (at, kind) VALUES (?, ?)", (at, kind))
+            return 0.0
+
+        return await self.engine.write(job)
+
+    async def request_rows(
+        self, since: float, kind_prefix: str = "", after: int = 0
+    ) -> list[Booking]:
+        """Booked requests (`kind_prefix` picks another process's); `seq` is the rowid."""
+        return await self.engine.read(
+            lambda c: [
+                Booking(r[0], r[1], r[2])
+                for r in c.execute(
+                    "SELECT rowid, at, kind FROM provider_requests WHERE at > ? AND rowid > ?"
+                    " AND kind LIKE ? ORDER BY at",
+                    (since, after, kind_prefix + "%"),
+                )
+            ]
+        )
+
+    async def prune_requests(self, before: float) -> None:
+        await self.engine.write(
+            lambda db: db.execute("DELETE FROM provider_requests WHERE at <= ?", (before,))
+        )
+
+    async def mark_sent(
+        self, results: Iterable[tuple[int, str | None, float | None]], now: float
+    ) -> None:
+        rows = json.dumps(list(results))
+        await self.engine.write(
+            lambda db: db.execute(
+                "UPDATE messages SET state = 'sent',"
+                " provider_message_id = json_extract(r.value, '$[1]'),"
+                " cost = json_extract(r.value, '$[2]'), sent_at = ?, updated_at = ?,"
+                " reason = NULL FROM json_each(?) AS r"
+                " WHERE messages.id = json_extract(r.value, '$[0]')",
+                (now, now, rows),
+            )
+        )
+
+    async def note_unknown(self, ids: Sequence[int], reason: str, kind: str) -> None:
+        """A send whose outcome /logs must settle: stays `sending`, says why and how."""
+        await self.engine.write(
+            lambda db: db.execute(
+                "UPDATE messages SET reason = ?, reason_kind = ?"
+                f" WHERE id IN {JSON_IDS} AND +state = 'sending'",
+                (reason, kind, json.dumps(list(ids))),
+            )
+        )
+
+    async def resend_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
+        """sending -> queued, due now, counting one resend of an unsettled outcome."""
+        await self.engine.write(
+            lambda db: db.execute(
+                "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
+                " reason = ?, unknown_resends = unknown_resends + 1"
+                f" WHERE id IN {JSON_IDS} AND +state = 'sending'",
+                (now, now, reason, json.dumps(list(ids))),
+            )
+        )
+
+    async def settle_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
+        """sending -> sent with no provider id: the last word on an outcome nobody knows."""
+        await self.engine.write(
+            lambda db: db.execute(
+                "UPDATE messages SET state = 'sent', sent_at = ?, updated_at = ?, reason = ?,"
+                " reason_kind = 'unknown', provider_message_id = NULL"
+                f" WHERE id IN {JSON_IDS} AND +state = 'sending'",
+                (now, now, reason, json.dumps(list(ids))),
+            )
+        )
+
+    async def set_provider_ids(self, rows: Iterable[tuple[int, str]]) -> None:
+        """Provider ids found for id-less sent messages (matched in /logs)."""
+        data = json.dumps(list(rows))
+        await self.engine.write(
+            lambda db: db.execute(
+                "UPDATE messages SET provider_message_id = json_extract(r.value, '$[1]')"
+                " FROM json_each(?) AS r WHERE messages.id = json_extract(r.value, '$[0]')"
+                " AND provider_message_id IS NULL",
+                (data,),
+            )
+        )
+
+    async def requeue(
+        self,
+        ids: Sequence[int],
+        now: float,
+        *,
+        at: float,
+        reason: str | None,
+        refund_attempt: bool = False,
+        solo: bool | None = None,
+        reason_kind: str | None = None,
+    ) -> None:
+        """Back to queued, due at `at`; `refund_attempt` when the send never really ran."""
+
+        args = (
+            at,
+            now,
+            reason,
+            1 if refund_attempt else 0,
+            None if solo is None else int(solo),
+            reason_kind,
+            json.dumps(list(ids)),
+        )
+        await self.engine.write(
+            lambda db: db.execute(
+                "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
+                " reason = ?, attempts = attempts - ?, solo = coalesce(?, solo),"
+                f" reason_kind = coalesce(?, reason_kind) WHERE id IN {JSON_IDS}"
+                " AND +state IN ('sending', 'queued')",
+                args,
+            )
+        )
+
+    async def finish(
+        self,
+        updates: Iterable[tuple[int, State, str | None]],
+        now: float,
+        reason_kind: str | None = None,
+    ) -> None:
+        """Set final states (failed, delivered) with their reasons."""
+        rows = json.dumps([(i, str(state), reason) for i, state, reason in updates])
+        await self.engine.write(
+            lambda db: db.execute(
+                "UPDATE messages SET state = json_extract(r.value, '$[1]'),"
+                " reason = json_extract(r.value, '$[2]'), updated_at = ?,"
+                " reason_kind = coalesce(?, reason_kind) FROM json_each(?) AS r"
+                " WHERE messages.id = json_extract(r.value, '$[0]')",
+                (now, reason_kind, rows),
+            )
+        )

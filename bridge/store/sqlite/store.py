@@ -1,0 +1,116 @@
+"""The SQLite store: `bridge.store.api.Store` on one file, the embedded default.
+
+The engine (one writer with group commit, readers) is `engine`; the schema and its
+migrations `schema`; the SQL run inside one job `queries`; delivery's operations
+`delivery`; the API's and console's queries and actions `console`. Every state change is
+logged to `events` by triggers, so no code path can change a state without leaving a row.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sqlite_utils import Database
+
+import bridge.store.sqlite.queries as queries
+from bridge.models import NewMessage
+from bridge.store.api import Decider, Held, MetricCounts, Pending, Stored, StoreStats
+from bridge.store.sqlite.console import ConsoleQueries
+from bridge.store.sqlite.delivery import DeliveryOperations
+from bridge.store.sqlite.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class SqliteStore(DeliveryOperations, ConsoleQueries):
+    """`open()` before use, `close()` after."""
+
+    engine_type: type[Engine] = Engine  # a subclass may run a subclass (tests: faults)
+
+    def __init__(self, path: str | Path) -> None:
+        self.engine = self.engine_type(path)
+        self.path = self.engine.path
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def open(self) -> None:
+        await self.engine.open()
+
+    async def migrate(self) -> list[str]:
+        """Migrations run at open (embedded: nobody else would): what that open applied."""
+        applied, self.engine.migrated = self.engine.migrated, []
+        return applied
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    def stats(self) -> StoreStats:
+        return StoreStats(transactions=self.engine.commits, writes=self.engine.jobs_committed)
+
+    async def heartbeat(self, now: float) -> None:
+        """Rewrite the one heartbeat row and commit: the readiness probe's real write."""
+        await self.engine.write(
+            lambda db: db.execute(
+                "INSERT INTO heartbeat (id, at) VALUES (1, ?)"
+                " ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                [now],
+            )
+        )
+
+    # -- ingest ----------------------------------------------------------------------
+    async def ingest(self, pending: Sequence[Pending], decider: Decider) -> list[Stored]:
+        """Queued with every other ingest waiting for the writer: decided and inserted in
+        one transaction with them (one lookup and one insert for all)."""
+        stored: list[Stored] = await self.engine.write_batched(ingest_all, (pending, decider))
+        return stored
+
+    async def queue_once(self, messages: Sequence[NewMessage], now: float) -> bool:
+        return await self.engine.write(lambda db: queries.insert_once(db, messages, now))
+
+    async def held_phones(self) -> list[tuple[str, float]]:
+        return await self.engine.read(queries.held_phones)
+
+    async def fold_held(
+        self,
+        recipient: str,
+        now: float,
+        digest: Callable[[list[Held]], NewMessage],
+        reason: Callable[[int], str],
+    ) -> tuple[int, int] | None:
+        return await self.engine.write(
+            lambda db: queries.fold_held(db, recipient, now, digest, reason)
+        )
+
+    # -- budgets and metrics ---------------------------------------------------------
+    async def spent_since(
+        self, since: float, exclude_source: str
+    ) -> tuple[float, list[tuple[str, int]]]:
+        return await self.engine.read(lambda c: queries.spent_since(c, since, exclude_source))
+
+    async def used_since(
+        self, since: float, exclude_source: str, route: str | None = None
+    ) -> tuple[int, int]:
+        return await self.engine.read(lambda c: queries.used_since(c, since, exclude_source, route))
+
+    async def counts_for_metrics(self) -> MetricCounts:
+        return await self.engine.read(queries.counts_for_metrics)
+
+
+def ingest_all(db: Database, calls: list[tuple[Sequence[Pending], Decider]]) -> list[list[Stored]]:
+    """The writer's batch for `ingest`: the calls queued for one transaction, decided
+    together (per decider, in call order) and inserted together."""
+    out: list[list[Stored]] = []
+    for _, group in itertools.groupby(calls, key=lambda call: id(call[1])):
+        run = list(group)
+        decider = run[0][1]
+        pending = [p for messages, _ in run for p in messages]
+        first_id = queries.next_message_id(db)
+        ids = range(first_id, first_id + len(pending))
+        lookups = queries.answer(db, decider.questions(pending))
+        decided = decider.decide(lookups, pending, ids)
+        queries.insert_messages(db, decided, [now for _, now in pending], first_id=first_id)
+        stored = iter(map(Stored, ids, decided))
+        out += [[next(stored) for _ in messages] for messages, _ in run]
+    return out
