@@ -33,9 +33,9 @@ async def sandbox_url(sandbox_state: SandboxState) -> AsyncIterator[str]:
 
 
 @pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store]:
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     """A fresh store of each backend, opened, through the interface only."""
-    async with FACTORIES[request.param](tmp_path) as fresh:
+    async with FACTORIES[request.param](request) as fresh:
         await fresh.open()
         try:
             yield fresh

@@ -19,11 +19,20 @@ if TYPE_CHECKING:
 __all__ = ["Store", "open_store"]
 
 
-def open_store(config: StoreConfig) -> Store:
-    """The store `config` names, not yet opened (`await store.open()`, then `close()`)."""
-    if config.url:
-        # Only postgresql:// passes config validation; this build has no driver for it.
-        raise ConfigError([("store.url", "PostgreSQL store not available in this build")])
+def open_store(config: StoreConfig, *, migrating: bool = False) -> Store:
+    """The store `config` names, not yet opened (`await store.open()`, then `close()`).
+
+    `migrating`: for `sms-bridge migrate`, whose `open()` must accept a database with
+    no schema or an older one (`serve`'s refuses them); SQLite migrates at open anyway.
+    """
+    if config.url:  # only postgresql:// passes config validation
+        try:
+            from bridge.store.postgres.store import PostgresStore
+        except ImportError as exc:  # asyncpg is the optional extra
+            raise ConfigError(
+                [("store.url", f"the PostgreSQL store needs `pip install 'sms-bridge[postgres]'` ({exc})")]
+            ) from exc
+        return PostgresStore(config.url, migrating=migrating)
     from bridge.store.sqlite import SqliteStore  # the embedded default
 
     return SqliteStore(config.path)

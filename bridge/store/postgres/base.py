@@ -83,16 +83,18 @@ async def one(conn: Conn, sql: str, *args: Any) -> Any:
     return (await conn.fetch(sql, *args))[0]
 
 
+# Lock names: a kind, then the values, split by the unit separator (PostgreSQL text
+# cannot hold NUL). Two names hashing alike only make two ingests wait for each other.
 def dedupe_lock(dedupe_key: str, recipient: str) -> str:
-    return f"dedupe\0{dedupe_key}\0{recipient}"
+    return f"dedupe\x1f{dedupe_key}\x1f{recipient}"
 
 
 def recipient_lock(recipient: str) -> str:
-    return f"phone\0{recipient}"
+    return f"phone\x1f{recipient}"
 
 
 def key_lock(dedupe_key: str) -> str:
-    return f"key\0{dedupe_key}"
+    return f"key\x1f{dedupe_key}"
 
 
 class Base:
@@ -104,12 +106,13 @@ class Base:
         self.writes = 0
 
     @contextlib.asynccontextmanager
-    async def _write(self) -> AsyncIterator[Conn]:
-        """A transaction whose commit is counted (for `stats`, as SQLite's writer counts)."""
+    async def _write(self, writes: int = 1) -> AsyncIterator[Conn]:
+        """A transaction whose commit is counted (for `stats`, as SQLite's writer counts):
+        one transaction, carrying `writes` operations."""
         async with self.db.transaction() as conn:
             yield conn
         self.transactions += 1
-        self.writes += 1
+        self.writes += writes
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         async with self.db.connection() as conn:

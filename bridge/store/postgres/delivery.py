@@ -16,9 +16,21 @@ from collections.abc import Iterable, Sequence
 from bridge.models import Message, State
 from bridge.store.api import Booking
 from bridge.store.postgres.base import RATE_LOCK, Base
+from bridge.store.postgres.pool import Conn
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
 RETRIED_KINDS = "('unknown', 'provider-error')"  # a new attempt: what an earlier outcome was
+
+
+TAKE_RATE_LOCK = f"SELECT pg_advisory_xact_lock({RATE_LOCK})"
+
+
+async def book(conn: Conn, at: float, kind: str) -> None:
+    """Insert a booking under the rate lock (held to the commit): bookings commit in the
+    order of their `seq`, so a reader's cursor (`request_rows(after=seq)`) never skips
+    one that commits late. Bookings are a few a second at most: the lock costs nothing."""
+    await conn.execute(TAKE_RATE_LOCK)
+    await conn.execute("INSERT INTO provider_requests (at, kind) VALUES ($1, $2)", at, kind)
 
 
 class DeliveryOps(Base):
@@ -60,9 +72,7 @@ class DeliveryOps(Base):
                     lease_until,
                 )
             }
-            await conn.execute(
-                "INSERT INTO provider_requests (at, kind) VALUES ($1, $2)", now, request_kind
-            )
+            await book(conn, now, request_kind)
         return [i for i in ids if i in claimed]
 
     async def unsettled(self, now: float, *, owner: str, lease_until: float) -> list[Message]:
@@ -215,12 +225,13 @@ class DeliveryOps(Base):
 
     # -- the rate window: one for the whole cluster ------------------------------------
     async def record_request(self, at: float, kind: str) -> None:
-        await self._execute("INSERT INTO provider_requests (at, kind) VALUES ($1, $2)", at, kind)
+        async with self._write() as conn:
+            await book(conn, at, kind)
 
     async def book_request(self, at: float, kind: str, *, limit: int, window: float) -> float:
         """Count and book under one advisory lock: N instances never book past `limit`."""
         async with self._write() as conn:
-            await conn.execute(f"SELECT pg_advisory_xact_lock({RATE_LOCK})")
+            await conn.execute(TAKE_RATE_LOCK)
             booked = [
                 float(r[0])
                 for r in await conn.fetch(

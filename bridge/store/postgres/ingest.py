@@ -12,8 +12,12 @@ share no lock and run in parallel. The locks go with the commit.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage, State
 from bridge.store.api import (
     Decider,
@@ -45,9 +49,21 @@ STORMS = (
 )
 
 
+def _settle(group: list[_Call], outcome: list[list[Stored]] | BaseException) -> None:
+    for index, call in enumerate(group):
+        if call.future.done():  # its caller went away; the messages are stored regardless
+            continue
+        if isinstance(outcome, BaseException):
+            call.future.set_exception(outcome)
+        else:
+            call.future.set_result(outcome[index])
+
+
 def lock_keys(questions: IngestQuestions) -> list[str]:
-    return [dedupe_lock(q.dedupe_key, q.recipient) for q in questions.originals] + [
-        recipient_lock(q.recipient) for q in questions.storms
+    """The advisory locks that serialise these questions across instances: (dedupe key,
+    recipient) for each original asked, the recipient for each storm asked."""
+    return [dedupe_lock(q[0], q[1]) for q in questions.originals] + [
+        recipient_lock(q[0]) for q in questions.storms
     ]
 
 
@@ -56,40 +72,98 @@ async def answer(conn: Conn, questions: IngestQuestions) -> Lookups:
     storms: dict[StormQuestion, StormState] = {}
     if asked := list(questions.originals):
         for i, found in await conn.fetch(
-            ORIGINALS,
-            [q.dedupe_key for q in asked],
-            [q.recipient for q in asked],
-            [q.since for q in asked],
+            ORIGINALS, [q[0] for q in asked], [q[1] for q in asked], [q[2] for q in asked]
         ):
             if found is not None:
                 originals[asked[i - 1]] = int(found)
     if asked_storms := list(questions.storms):
         for i, held, recent in await conn.fetch(
-            STORMS, [q.recipient for q in asked_storms], [q.since for q in asked_storms]
+            STORMS, [q[0] for q in asked_storms], [q[1] for q in asked_storms]
         ):
             storms[asked_storms[i - 1]] = StormState(bool(held), int(recent))
     return Lookups(originals=originals, storms=storms)
 
 
+@dataclass
+class _Call:
+    pending: Sequence[Pending]
+    decider: Decider
+    future: asyncio.Future[list[Stored]]
+
+
 class IngestOps(Base):
+    """Ingest with group commit: up to `MAX_FLUSHERS` transactions run at once (in
+    parallel on the pool); calls that arrive while they run wait and go together into
+    the next one (up to `MAX_GROUP`). Under light load each call is its own transaction
+    at once; under load a commit (a WAL flush) carries many acknowledgements."""
+
+    MAX_FLUSHERS = 4  # leaves the rest of the pool to the dispatcher and the readers
+    MAX_GROUP = 512  # calls per transaction: bounds the latency one commit adds
+
+    def __init__(self, url: str, *, max_connections: int = 8) -> None:
+        super().__init__(url, max_connections=max_connections)
+        self._waiting: list[_Call] = []
+        self._flushers: set[asyncio.Task[None]] = set()
+
     async def ingest(self, pending: Sequence[Pending], decider: Decider) -> list[Stored]:
-        """Lock the questions, reserve ids, answer, decide, insert: one transaction,
-        durable on return (the caller's 202 / 250 comes after this)."""
+        """Lock the questions, reserve ids, answer, decide, insert: one transaction
+        (shared with concurrent calls), durable on return: the 202 / 250 comes after."""
         if not pending:
             return []
-        questions = decider.questions(pending)
-        async with self._write() as conn:
-            await self._lock(conn, lock_keys(questions))
-            ids = await self._reserve_ids(conn, len(pending))
-            decided = decider.decide(await answer(conn, questions), pending, ids)
-            await self._insert(
-                conn,
-                [
-                    row(message_id, message, arrival)
-                    for message_id, message, (_, arrival) in zip(ids, decided, pending, strict=True)
-                ],
-            )
-        return [Stored(i, m) for i, m in zip(ids, decided, strict=True)]
+        call = _Call(pending, decider, asyncio.get_running_loop().create_future())
+        self._waiting.append(call)
+        if len(self._flushers) < self.MAX_FLUSHERS:
+            # The store owns the task (`close` waits for it): a caller that goes away
+            # cannot cancel a transaction that carries other callers' messages.
+            task = asyncio.create_task(self._flush())
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
+        return await call.future
+
+    async def close_ingest(self) -> None:
+        """Wait for the transactions under way (their callers are owed an answer)."""
+        while self._flushers:
+            await asyncio.gather(*self._flushers, return_exceptions=True)
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            group = self._waiting[: self.MAX_GROUP]
+            del self._waiting[: self.MAX_GROUP]
+            try:
+                _settle(group, await self._ingest_group(group))
+            except StoreUnavailable as exc:
+                _settle(group, exc)
+            except Exception as exc:
+                if len(group) == 1:
+                    _settle(group, exc)
+                    continue
+                # One call's decider (or its data) failed the group, rolled back whole:
+                # each call alone, so that one bad call cannot sink the others.
+                for call in group:
+                    try:
+                        _settle([call], await self._ingest_group([call]))
+                    except Exception as alone:
+                        _settle([call], alone)
+
+    async def _ingest_group(self, group: list[_Call]) -> list[list[Stored]]:
+        """The calls in one transaction; consecutive calls with one decider decided as
+        one call (as SQLite's writer does), each run seeing the runs before it."""
+        runs = [list(run) for _, run in itertools.groupby(group, key=lambda c: id(c.decider))]
+        asked = [(run, [p for c in run for p in c.pending]) for run in runs]
+        questions = [run[0].decider.questions(pending) for run, pending in asked]
+        out: list[list[Stored]] = []
+        async with self._write(writes=len(group)) as conn:
+            await self._lock(conn, sorted({k for q in questions for k in lock_keys(q)}))
+            for (run, pending), asking in zip(asked, questions, strict=True):
+                ids = await self._reserve_ids(conn, len(pending))
+                decided = run[0].decider.decide(await answer(conn, asking), pending, ids)
+                await self._insert(
+                    conn,
+                    [row(i, m, at) for i, m, (_, at) in zip(ids, decided, pending, strict=True)],
+                )
+                stored = iter(map(Stored, ids, decided))
+                out += [[next(stored) for _ in call.pending] for call in run]
+        return out
 
     async def queue_once(self, messages: Sequence[NewMessage], now: float) -> bool:
         """Insert unless a message with the first one's dedupe key exists, under a lock

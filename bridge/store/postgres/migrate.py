@@ -81,6 +81,15 @@ async def check_schema(db: Database) -> int:
     )
 
 
+async def check_not_newer(db: Database) -> int:
+    """The schema version, unless it is newer than this bridge knows (SchemaError)."""
+    async with db.connection() as conn:
+        current = await read_version(conn)
+    if current > LATEST:
+        raise _newer(db, current)
+    return current
+
+
 def _newer(db: Database, current: int) -> SchemaError:
     return SchemaError(
         f"{db.shown} has schema version {current}, newer than this sms-bridge knows"

@@ -12,30 +12,36 @@ from __future__ import annotations
 from bridge.store.api import StoreStats
 from bridge.store.postgres.delivery import DeliveryOps
 from bridge.store.postgres.ingest import IngestOps
-from bridge.store.postgres.migrate import check_schema, migrate
+from bridge.store.postgres.migrate import check_not_newer, check_schema, migrate
 from bridge.store.postgres.queries import QueryOps
 
 
 class PostgresStore(IngestOps, DeliveryOps, QueryOps):
-    """`open()` before use, `close()` after."""
+    """`open()` before use, `close()` after. `migrating`: `sms-bridge migrate`'s store,
+    whose `open()` accepts a missing or older schema (`migrate()` comes next)."""
+
+    def __init__(self, url: str, *, max_connections: int = 8, migrating: bool = False) -> None:
+        super().__init__(url, max_connections=max_connections)
+        self.migrating = migrating
 
     async def open(self) -> None:
-        """Connect; refuse (SchemaError) a schema missing, older or newer than this build's."""
+        """Connect; refuse (SchemaError) a schema newer than this build's, and, unless
+        migrating, one that is missing or older (the message says to run migrate)."""
         await self.db.open()
         try:
-            await check_schema(self.db)
+            if self.migrating:
+                await check_not_newer(self.db)
+            else:
+                await check_schema(self.db)
         except BaseException:
             await self.db.close()
             raise
-
-    async def open_for_migration(self) -> None:
-        """Connect without the schema check: `migrate()` comes next."""
-        await self.db.open()
 
     async def migrate(self) -> list[str]:
         return [f"{m.version:04d}_{m.name}" for m in await migrate(self.db)]
 
     async def close(self) -> None:
+        await self.close_ingest()
         await self.db.close()
 
     def stats(self) -> StoreStats:
