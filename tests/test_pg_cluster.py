@@ -65,10 +65,7 @@ async def test_claims_from_three_instances_never_share_a_message(
     ids = await seed(instances[0], [MESSAGE] * 30, 1.0)
     for _ in range(3):
         got = await asyncio.gather(
-            *(
-                s.claim(ids, 2.0, owner=f"i{n}", lease_until=40.0)
-                for n, s in enumerate(instances)
-            )
+            *(s.claim(ids, 2.0, owner=f"i{n}", lease_until=40.0) for n, s in enumerate(instances))
         )
         claimed = [i for batch in got for i in batch]
         assert sorted(claimed) == sorted(set(claimed))

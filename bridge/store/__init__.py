@@ -29,9 +29,8 @@ def open_store(config: StoreConfig, *, migrating: bool = False) -> Store:
         try:
             from bridge.store.postgres.store import PostgresStore
         except ImportError as exc:  # asyncpg is the optional extra
-            raise ConfigError(
-                [("store.url", f"the PostgreSQL store needs `pip install 'sms-bridge[postgres]'` ({exc})")]
-            ) from exc
+            needs = f"the PostgreSQL store needs pip install 'sms-bridge[postgres]' ({exc})"
+            raise ConfigError([("store.url", needs)]) from exc
         return PostgresStore(config.url, migrating=migrating)
     from bridge.store.sqlite import SqliteStore  # the embedded default
 
