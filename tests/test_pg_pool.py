@@ -16,7 +16,8 @@ import asyncpg
 import pytest
 
 from bridge.errors import StoreUnavailable
-from bridge.store.postgres.pool import Database, display_url
+from bridge.store.names import display_url
+from bridge.store.postgres.pool import Database
 from tests.postgres import PrivateServer, private_server, wait_until_up
 
 

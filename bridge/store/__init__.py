@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING
 
 from bridge.errors import ConfigError
 from bridge.store.api import Store
+from bridge.store.names import describe
 
 if TYPE_CHECKING:
     from bridge.config import StoreConfig
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Store", "describe", "migrate_store", "open_store"]
 
 
 def open_store(config: StoreConfig, *, migrating: bool = False) -> Store:
@@ -35,3 +36,17 @@ def open_store(config: StoreConfig, *, migrating: bool = False) -> Store:
     from bridge.store.sqlite import SqliteStore  # the embedded default
 
     return SqliteStore(config.path)
+
+
+async def migrate_store(config: StoreConfig) -> list[str]:
+    """`sms-bridge migrate`: create or upgrade the schema; the migrations applied.
+
+    SQLite migrates whenever it opens (one process: nobody else would); PostgreSQL only
+    here, so that instances of an older release are never upgraded under their feet.
+    """
+    store = open_store(config, migrating=True)
+    await store.open()
+    try:
+        return await store.migrate()
+    finally:
+        await store.close()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -26,6 +25,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from bridge.errors import StoreUnavailable
+from bridge.store.names import display_url
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +38,6 @@ ACQUIRE_TIMEOUT = 10.0  # seconds to wait for a free connection in the pool
 UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
 # What the operations run their statements on: a pooled connection, or a dedicated one.
 Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
-
-
-def display_url(url: str) -> str:
-    """`url` for logs and errors: the password replaced, the rest kept to find the server."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def unavailable(exc: BaseException) -> bool:
