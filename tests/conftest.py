@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from bridge.clock import ManualClock
 from bridge.provider.sandbox import SandboxState, create_sandbox_app
 from bridge.store import Store
+from tests import helpers
 from tests.helpers import served
 from tests.stores import BACKENDS, FACTORIES
 
@@ -41,6 +42,18 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
             yield fresh
         finally:
             await fresh.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test once per store backend: the configs `tests.helpers.bridge_config`
+    writes name a PostgreSQL database of the test's own for "postgresql"."""
+    if request.param == "postgresql":
+        helpers.STORE_URL["url"] = request.getfixturevalue("postgres_url")
+    try:
+        yield request.param
+    finally:
+        helpers.STORE_URL["url"] = ""
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
