@@ -236,6 +236,15 @@ class DedupeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Several `serve` on one PostgreSQL store (store.url): who this one is, and how long
+    its claims hold when it stops answering. Unused with SQLite (one process)."""
+
+    instance: str = _opt("")  # unique per running instance; "" = host name and pid
+    lease: float = _opt(30.0, "duration")  # another instance takes a claim over after it
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = _opt("info")
     format: str = _opt("human")  # human | json
@@ -303,6 +312,7 @@ class Config:
     provider: ProviderConfig = field(default_factory=ProviderConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     phone: PhoneConfig = field(default_factory=PhoneConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -325,6 +335,7 @@ SECTIONS: dict[str, type] = {
     "provider": ProviderConfig,
     "status": StatusConfig,
     "store": StoreConfig,
+    "cluster": ClusterConfig,
     "phone": PhoneConfig,
     "dedupe": DedupeConfig,
     "log": LogConfig,
@@ -670,6 +681,9 @@ def _validate(config: Config, loader: _Loader) -> None:
         problem("smtp.domains", "at least one domain is needed while SMTP is on")
     if config.store.url and not re.match(r"^postgres(ql)?://\S*$", config.store.url):
         problem("store.url", "must be a postgresql:// URL, or empty for SQLite at store.path")
+    if not 5 <= config.cluster.lease <= 3600:
+        # Shorter than a send's timeout would hand live sends to another instance.
+        problem("cluster.lease", "must be between 5s and 1h")
     p = config.provider
     if p.base_url and not re.match(r"^https?://[^/\s]+", p.base_url):
         problem("provider.base_url", "must be an http:// or https:// URL, or empty for the sandbox")
@@ -886,6 +900,7 @@ RESTART_ONLY: dict[str, tuple[str, ...]] = {
     "smtp": ("listen", "tls_listen"),
     "http": ("listen", "trusted_proxies", "tls_cert", "tls_key"),
     "store": (),
+    "cluster": (),
     "provider": (),
     "sandbox": (),
     "status": (),

@@ -221,6 +221,9 @@ class Bridge:
                     prices=prices,
                     low_balance=config.budget.low_balance,
                 )
+                # Whose claims these are, and for how long (a shared store: see [cluster]).
+                dispatcher.owner = config.cluster.instance or dispatcher.owner
+                dispatcher.lease = config.cluster.lease
                 poller = StatusPoller(
                     store=store,
                     client=client,

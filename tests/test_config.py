@@ -324,3 +324,16 @@ def test_a_route_override_naming_nothing_is_a_problem_not_silence(tmp_path) -> N
     assert "alertmanager" in problems["SMS_BRIDGE_ROUTES_ALERTMANGER_TOKEN"]
     assert "no such route key" in problems["SMS_BRIDGE_ROUTES_ALERTMANAGER_TOKNE"]
     assert "typo" not in str(caught.value.problems)  # values (maybe secrets) never echoed
+
+
+def test_cluster_section_names_the_instance_and_bounds_the_lease(tmp_path) -> None:
+    from bridge.config import load_config
+
+    config = load_config(
+        None, env={"SMS_BRIDGE_CLUSTER_INSTANCE": "a", "SMS_BRIDGE_CLUSTER_LEASE": "45s"}
+    )
+    assert (config.cluster.instance, config.cluster.lease) == ("a", 45.0)
+    assert load_config(None, env={}).cluster.lease == 30.0
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, env={"SMS_BRIDGE_CLUSTER_LEASE": "1s"})
+    assert ("cluster.lease", "must be between 5s and 1h") in caught.value.problems
