@@ -13,12 +13,21 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
+import httpx
 import pytest
 
 from bridge.errors import StoreUnavailable
 from bridge.store.names import display_url
 from bridge.store.postgres.pool import Database
-from tests.postgres import PrivateServer, private_server, wait_until_up
+from tests import helpers
+from tests.helpers import bridge_config, running_bridge
+from tests.postgres import (
+    PrivateServer,
+    fresh_database,
+    migrate_sync,
+    private_server,
+    wait_until_up,
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +139,36 @@ def test_display_url_hides_only_the_password() -> None:
         "postgresql://u:***@db:6543/x?sslmode=require"
     )
     assert display_url("postgresql://u@db/x") == "postgresql://u@db/x"
+
+
+@pytest.mark.slow
+async def test_the_bridge_answers_503_while_postgres_is_down_and_resumes_by_itself(
+    tmp_path, server: PrivateServer, clock, sandbox_url: str
+) -> None:
+    """The whole bridge on a server that is restarted: POST and /readyz answer 503 while
+    it is down (nothing acknowledged that is not committed), then 202 again, with no
+    restart of the bridge; what was acknowledged before is still there."""
+    with fresh_database(server.url) as url:
+        migrate_sync(url)
+        helpers.STORE_URL["url"] = url
+        try:
+            config = bridge_config(tmp_path, sandbox_url)
+        finally:
+            helpers.STORE_URL["url"] = ""
+        body = {"to": "+12025550143", "message": "disk full"}
+        async with running_bridge(config, clock) as (bridge, web), httpx.AsyncClient() as http:
+            before = await http.post(f"{web}/api/v1/messages", json=body)
+            assert before.status_code == 202
+            await asyncio.to_thread(server.stop)
+            try:
+                down = await http.post(f"{web}/api/v1/messages", json=body | {"message": "b"})
+                assert down.status_code == 503 and "retry" in down.json()["error"]
+                ready = await http.get(f"{web}/readyz")
+                assert ready.status_code == 503 and "store" in ready.json()["problems"]
+            finally:
+                await asyncio.to_thread(server.start)
+            after = await http.post(f"{web}/api/v1/messages", json=body | {"message": "c"})
+            assert after.status_code == 202
+            assert (await http.get(f"{web}/readyz")).status_code == 200
+            stored = {m.text for m in await bridge.store.query()}
+            assert stored == {"disk full", "c"}  # "b" was refused, not half-stored

@@ -1,9 +1,11 @@
 """Delivery on PostgreSQL: claims with an owner and a lease, outcomes, reconcile
 lookups, and the provider's rate window shared by every instance.
 
-A claim is an UPDATE guarded by `state = 'queued'`: two instances claiming one message
-both lock its row, the second re-reads it after the first commits, finds it `sending`
-and skips it, so a message is never claimed twice. `unsettled` hands an instance its own
+A claim locks the rows it asks for that are still queued, skipping those another
+instance is claiming at that moment (`FOR UPDATE SKIP LOCKED`: no instance waits for
+another), and moves them to `sending` in the same statement; a row claimed and
+committed by another is no longer queued. So a message is never claimed twice, and an
+instance that planned the same bulk as another gets what is left of it, or nothing. `unsettled` hands an instance its own
 `sending` messages and takes over, in the same statement, those whose owner's lease
 passed (that owner stopped renewing: dead or cut off); the caller reconciles them
 against /logs before any resend, as after a crash.
@@ -64,8 +66,9 @@ class DeliveryOps(Base):
                     "UPDATE messages SET state = 'sending', attempts = attempts + 1,"
                     " claimed_at = $2, updated_at = $2, reason = NULL, claimed_by = $3,"
                     " lease_until = $4, reason_kind = CASE WHEN reason_kind IN"
-                    f" {RETRIED_KINDS} THEN NULL ELSE reason_kind END"
-                    " WHERE id = ANY($1::bigint[]) AND state = 'queued' RETURNING id",
+                    f" {RETRIED_KINDS} THEN NULL ELSE reason_kind END WHERE id IN (SELECT id"
+                    " FROM messages WHERE id = ANY($1::bigint[]) AND state = 'queued'"
+                    " FOR UPDATE SKIP LOCKED) RETURNING id",
                     list(ids),
                     now,
                     owner,
