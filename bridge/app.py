@@ -184,6 +184,9 @@ async def build(
                 health=health,
                 budget=budget,
                 prices=prices,
+                # Whose claims these are, and for how long (a shared store: see [cluster]).
+                owner=config.cluster.instance,
+                lease=config.cluster.lease,
             )
             poller = StatusPoller(
                 store=store,

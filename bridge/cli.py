@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     retry = with_config(sub.add_parser("retry", help="queue failed messages again"))
     retry.add_argument("ids", nargs="*", type=int, help="message ids")
     retry.add_argument("--failed", action="store_true", help="every failed message")
+    with_config(sub.add_parser("migrate", help="create or upgrade the store's schema"))
     purge = with_config(sub.add_parser("purge", help="delete old finished messages"))
     purge.add_argument("--older-than", required=True, help="a duration such as 30d")
     provider = with_config(sub.add_parser("provider", help="call the provider's account API"))
@@ -129,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run_command(config, args)
     except StoreUnavailable as exc:
-        print(f"store {config.store.path}: {exc}", file=sys.stderr)
+        from bridge.store import describe
+
+        print(f"store {describe(config.store)}: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:  # a store this build cannot open (store.url)
         _print_problems(exc)
@@ -157,6 +160,14 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
         return asyncio.run(_provider(config, args, shared))
     if args.command in ("retry", "purge"):
         return asyncio.run(_maintain(config, args))
+    if args.command == "migrate":
+        from bridge.store import describe, migrate_store
+
+        applied = asyncio.run(migrate_store(config.store))
+        for name in applied:
+            print(f"applied {name}")
+        print(f"store {describe(config.store)}: schema up to date")
+        return 0
     return 2
 
 

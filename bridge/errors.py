@@ -4,6 +4,7 @@ BridgeError
 ├── ConfigError             every problem of a config, each with its key path
 ├── InputError              bad input from a sender: 400 / 5xx SMTP, names the field
 ├── StoreUnavailable        the store cannot commit: 503 / 451, the sender retries
+│   └── SchemaError         the database's schema is not the one this bridge runs on
 └── ProviderError           the provider's answer, classified once for the dispatcher
     ├── PermanentSendError  400: never retried, the provider's reason kept
     ├── ProviderAuthError   401, 403, 404: stop sending, keep the queue, health red
@@ -38,6 +39,11 @@ class InputError(BridgeError):
 
 class StoreUnavailable(BridgeError):
     """The store could not commit; nothing was acknowledged."""
+
+
+class SchemaError(StoreUnavailable):
+    """The database's schema is missing, older or newer than this bridge's: `serve`
+    refuses to start on it; the message says what to run."""
 
 
 class ProviderError(BridgeError):

@@ -1,15 +1,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from bridge.clock import ManualClock
 from bridge.provider.sandbox import SandboxState, create_sandbox_app
 from bridge.store import Store
+from tests import helpers
 from tests.helpers import served
 from tests.stores import BACKENDS, FACTORIES
+
+# A real PostgreSQL server and a fresh database per test (tests/postgres.py).
+pytest_plugins = ["tests.postgres"]
 
 
 @pytest.fixture
@@ -30,14 +34,26 @@ async def sandbox_url(sandbox_state: SandboxState) -> AsyncIterator[str]:
 
 
 @pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Store]:
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     """A fresh store of each backend, opened, through the interface only."""
-    async with FACTORIES[request.param](tmp_path) as fresh:
+    async with FACTORIES[request.param](request) as fresh:
         await fresh.open()
         try:
             yield fresh
         finally:
             await fresh.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test once per store backend: the configs `tests.helpers.bridge_config`
+    writes name a PostgreSQL database of the test's own for "postgresql"."""
+    if request.param == "postgresql":
+        helpers.STORE_URL["url"] = request.getfixturevalue("postgres_url")
+    try:
+        yield request.param
+    finally:
+        helpers.STORE_URL["url"] = ""
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

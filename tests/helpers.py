@@ -48,14 +48,20 @@ def write_config(tmp_path: Path, body: str, name: str = "bridge.toml") -> Path:
     return path
 
 
+# Where the configs of `bridge_config` put the store: "" = SQLite in the test's tmp_path;
+# the `backend` fixture (tests/conftest.py) sets a PostgreSQL database of the test's own.
+STORE_URL = {"url": ""}
+
+
 def bridge_config(tmp_path: Path, provider_url: str, extra: str = "", **provider: object) -> Config:
     lines = [f'base_url = "{provider_url}/api/v1"', 'api_key = "test-key"']
     lines += [
         f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}"
         for k, v in provider.items()
     ]
+    url = f'url = "{STORE_URL["url"]}"\n' if STORE_URL["url"] else ""
     body = (
-        f'[store]\npath = "{tmp_path / "bridge.db"}"\n[provider]\n'
+        f'[store]\npath = "{tmp_path / "bridge.db"}"\n{url}[provider]\n'
         + "\n".join(lines)
         + "\n"
         + textwrap.dedent(extra)

@@ -14,22 +14,36 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bridge.models import NewMessage
 from bridge.store import Store
 from bridge.store.api import IngestQuestions, Lookups, Pending
+from bridge.store.postgres.store import PostgresStore
 from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite.engine import Engine
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgresql"]
 
 
 @contextlib.asynccontextmanager
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
-    yield SqliteStore(tmp_path / "store.db")
+async def sqlite_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    yield SqliteStore(request.getfixturevalue("tmp_path") / "store.db")
 
 
-FACTORIES: dict[str, Callable[[Path], contextlib.AbstractAsyncContextManager[Store]]] = {
+@contextlib.asynccontextmanager
+async def postgres_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """A database of the test's own on the test server, migrated (tests/postgres.py)."""
+    yield PostgresStore(request.getfixturevalue("postgres_url"))
+
+
+# Each factory gets the test's request and asks for the fixtures it needs (a temporary
+# directory, a PostgreSQL database): a backend's setup is only paid by its own tests.
+FACTORIES: dict[
+    str, Callable[[pytest.FixtureRequest], contextlib.AbstractAsyncContextManager[Store]]
+] = {
     "sqlite": sqlite_store,
+    "postgresql": postgres_store,
 }
 
 

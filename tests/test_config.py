@@ -335,3 +335,16 @@ def test_store_url_is_a_postgresql_url_or_empty(tmp_path) -> None:
     good = write_config(tmp_path, '[store]\nurl = "postgresql://sms:pw@db/sms"\n', "pg.toml")
     assert load_config(good).store.url == "postgresql://sms:pw@db/sms"
     assert load_config(write_config(tmp_path, "", "empty.toml")).store.url == ""
+
+
+def test_cluster_section_names_the_instance_and_bounds_the_lease(tmp_path) -> None:
+    from bridge.config import load_config
+
+    config = load_config(
+        None, env={"SMS_BRIDGE_CLUSTER_INSTANCE": "a", "SMS_BRIDGE_CLUSTER_LEASE": "45s"}
+    )
+    assert (config.cluster.instance, config.cluster.lease) == ("a", 45.0)
+    assert load_config(None, env={}).cluster.lease == 30.0
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, env={"SMS_BRIDGE_CLUSTER_LEASE": "1s"})
+    assert ("cluster.lease", "must be between 5s and 1h") in caught.value.problems

@@ -22,6 +22,9 @@ from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
 from tests.helpers import bridge_config, max_in_window, pump, served
 
+# Run on each store backend (tests/conftest.py `backend`).
+on_each_backend = pytest.mark.usefixtures("backend")
+
 GROUP = '[groups]\noncall = ["+12025550101", "+12025550102", "+12025550103"]\n'
 
 
@@ -99,6 +102,7 @@ NAMES = sorted(scenarios(0))
         for n in NAMES
     ],
 )
+@on_each_backend
 async def test_fault(
     name: str, tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -173,6 +177,7 @@ MATRIX_FAULTS: dict[str, dict] = {
 @pytest.mark.slow  # 72 simulated hours: ~80 s on two shared cores
 @pytest.mark.parametrize("fault", sorted(MATRIX_FAULTS))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
+@on_each_backend
 async def test_variant_and_fault_matrix(
     variant: str,
     fault: str,

@@ -19,6 +19,10 @@ from bridge.provider.sandbox import Fault, SandboxState
 from tests.helpers import bridge_config, max_in_window, pump, running_bridge
 from tests.stores import faulty_store
 
+# Run on each store backend (tests/conftest.py `backend`): every test here but those that
+# bring a SQLite store of their own to play a failing disk.
+on_each_backend = pytest.mark.usefixtures("backend")
+
 
 def numbers(count: int, start: int = 0) -> list[str]:
     """Real-shaped, distinct US numbers (+1 202 5xx xxxx)."""
@@ -34,6 +38,7 @@ async def states(bridge, ids: list[int]) -> list[State]:
     return [(await bridge.store.get(i)).state for i in ids]
 
 
+@on_each_backend
 async def test_post_is_stored_before_202_and_reaches_delivered(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -65,6 +70,7 @@ async def test_post_is_stored_before_202_and_reaches_delivered(
 
 
 @pytest.mark.slow  # over ~2 s
+@on_each_backend
 async def test_rate_limit_is_never_exceeded(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -88,6 +94,7 @@ async def test_rate_limit_is_never_exceeded(
     assert sends[-1].at - sends[0].at >= 60
 
 
+@on_each_backend
 async def test_2500_recipients_one_text_make_three_bulk_calls(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -111,6 +118,7 @@ async def test_2500_recipients_one_text_make_three_bulk_calls(
     assert one.provider_message_id is not None
 
 
+@on_each_backend
 async def test_500_three_times_then_delivered_after_four_attempts(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -133,6 +141,7 @@ async def test_500_three_times_then_delivered_after_four_attempts(
     assert all(g > 0 for g in gaps) and gaps[2] > gaps[0]  # backoff grows
 
 
+@on_each_backend
 async def test_400_fails_at_once_with_the_providers_reason(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -157,6 +166,7 @@ async def test_400_fails_at_once_with_the_providers_reason(
     assert len([r for r in sandbox_state.requests if r.path.endswith("/send")]) == 1
 
 
+@on_each_backend
 async def test_bulk_refused_is_retried_one_by_one(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -177,6 +187,7 @@ async def test_bulk_refused_is_retried_one_by_one(
     assert len(sandbox_state.entries) == 2
 
 
+@on_each_backend
 async def test_401_keeps_the_queue_turns_ready_red_and_recovers(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -203,6 +214,7 @@ async def test_401_keeps_the_queue_turns_ready_red_and_recovers(
     assert len(sandbox_state.entries) == 3
 
 
+@on_each_backend
 async def test_429_pauses_the_key_and_loses_nothing(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -221,6 +233,7 @@ async def test_429_pauses_the_key_and_loses_nothing(
     assert sends[1].at - t0 >= 45
 
 
+@on_each_backend
 async def test_rate_window_survives_a_restart(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -240,6 +253,7 @@ async def test_rate_window_survives_a_restart(
     assert 429 not in [r.status for r in sandbox_state.requests]
 
 
+@on_each_backend
 async def test_unknown_outcome_is_checked_in_logs_not_resent(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -267,6 +281,7 @@ async def test_unknown_outcome_is_checked_in_logs_not_resent(
     assert message.provider_message_id == str(sandbox_state.entries[0].message_id)
 
 
+@on_each_backend
 async def test_bad_input_gets_json_errors_and_stores_nothing(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
@@ -359,6 +374,7 @@ async def test_readyz_turns_red_when_the_disk_refuses_writes(
         assert await bridge.store.counts() == {}
 
 
+@on_each_backend
 async def test_dedupe_key_suppresses_a_repeat(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
@@ -374,6 +390,7 @@ async def test_dedupe_key_suppresses_a_repeat(
     assert third["state"] == "queued"
 
 
+@on_each_backend
 async def test_delivery_states_are_found_deep_in_the_logs(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

@@ -90,15 +90,18 @@ async def test_concurrent_claims_never_share_a_message(store: Store) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-async def test_reopen_keeps_data_and_migrations_run_once(tmp_path, backend: str) -> None:
+async def test_reopen_keeps_data_and_migrations_run_once(request, backend: str) -> None:
     factory = FACTORIES[backend]
-    async with factory(tmp_path) as first:
+    async with factory(request) as first:
         await first.open()
         applied = await first.migrate()
-        assert len(applied) >= 5 and len(set(applied)) == len(applied)
+        # SQLite migrates at open (and reports it here); the PostgreSQL test database is
+        # a copy of a migrated template (a fresh schema: tests/test_pg_schema.py).
+        assert len(applied) >= (5 if backend == "sqlite" else 0)
+        assert len(set(applied)) == len(applied)
         await seed(first, [MESSAGE], 1.0)
         await first.close()
-    async with factory(tmp_path) as second:
+    async with factory(request) as second:
         await second.open()
         try:
             assert await second.counts() == {"queued": 1}
@@ -186,7 +189,8 @@ async def test_book_request_never_books_past_the_limit(store: Store) -> None:
     assert await store.book_request(booked[0] + 60.0, "x", limit=3, window=60.0) == 0.0
     rows = await store.request_rows(0, "cli", after=0)
     assert [b.kind for b in rows] == ["cli:balance"] * 3
-    assert await store.request_rows(0, "cli", after=rows[-1].seq) == []
+    # The cursor is the highest seq seen (bookings made at once may not be in `at` order).
+    assert await store.request_rows(0, "cli", after=max(b.seq for b in rows)) == []
     await store.prune_requests(booked[-1])
     assert [b.kind for b in await store.request_rows(0)] == ["x"]
 

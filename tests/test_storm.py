@@ -12,6 +12,9 @@ from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from tests.helpers import bridge_config, max_in_window, pump, running_bridge
 
+# Run on each store backend (tests/conftest.py `backend`).
+on_each_backend = pytest.mark.usefixtures("backend")
+
 ONCALL = """
 [groups]
 oncall = ["+12025550101", "+12025550102"]
@@ -48,6 +51,7 @@ async def settled(bridge) -> bool:
 
 
 @pytest.mark.slow  # over ~2 s
+@on_each_backend
 async def test_storm_of_500_alerts_to_two_phones(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -90,6 +94,7 @@ async def test_storm_of_500_alerts_to_two_phones(
     assert len(held_listing["messages"]) == 5
 
 
+@on_each_backend
 async def test_duplicates_inside_and_outside_the_window(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
@@ -117,6 +122,7 @@ async def test_duplicates_inside_and_outside_the_window(
     assert later["state"] == "queued"
 
 
+@on_each_backend
 async def test_per_route_dedupe_window(tmp_path, clock: ManualClock, sandbox_url: str) -> None:
     extra = '[routes.noisy]\nformat = "generic"\nto = ["+12025550143"]\ndedupe_window = "0s"\npublic = true\n'
     config = bridge_config(tmp_path, sandbox_url, extra)
@@ -126,6 +132,7 @@ async def test_per_route_dedupe_window(tmp_path, clock: ManualClock, sandbox_url
         assert await bridge.store.counts() == {"queued": 3}
 
 
+@on_each_backend
 async def test_budget_cap_waits_loses_nothing_and_warns_once(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -159,6 +166,7 @@ async def test_budget_cap_waits_loses_nothing_and_warns_once(
     assert len([e for e in sandbox_state.entries if e.to == "+12025550199"]) == 1
 
 
+@on_each_backend
 async def test_budget_fail_mode(tmp_path, clock: ManualClock, sandbox_url: str) -> None:
     extra = '[budget]\nparts_per_day = 2\non_exceeded = "fail"\n'
     config = bridge_config(tmp_path, sandbox_url, extra)
@@ -173,6 +181,7 @@ async def test_budget_fail_mode(tmp_path, clock: ManualClock, sandbox_url: str) 
     assert len(failed) == 1 and "parts_per_day=2" in (failed[0].reason or "")
 
 
+@on_each_backend
 async def test_low_balance_warning_once_and_cost_estimates(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -197,6 +206,7 @@ async def test_low_balance_warning_once_and_cost_estimates(
     assert body["estimated_cost"] == 1.6 and body["parts"] == 2 and body["message_type"] == 1
 
 
+@on_each_backend
 async def test_a_national_admin_number_gets_a_warning_shaped_like_any_text(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

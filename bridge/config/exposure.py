@@ -78,6 +78,7 @@ RESTART_ONLY: dict[str, tuple[str, ...]] = {
     "smtp": ("listen", "tls_listen"),
     "http": ("listen", "trusted_proxies", "tls_cert", "tls_key"),
     "store": (),
+    "cluster": (),
     "provider": (),
     "sandbox": (),
     "status": (),

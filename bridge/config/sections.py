@@ -184,6 +184,15 @@ class DedupeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Several `serve` on one PostgreSQL store (store.url): who this one is, and how long
+    its claims hold when it stops answering. Unused with SQLite (one process)."""
+
+    instance: str = _opt("")  # unique per running instance; "" = host name and pid
+    lease: float = _opt(30.0, "duration")  # another instance takes a claim over after it
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = _opt("info")
     format: str = _opt("human")  # human | json
@@ -251,6 +260,7 @@ class Config:
     provider: ProviderConfig = field(default_factory=ProviderConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     phone: PhoneConfig = field(default_factory=PhoneConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -273,6 +283,7 @@ SECTIONS: dict[str, type] = {
     "provider": ProviderConfig,
     "status": StatusConfig,
     "store": StoreConfig,
+    "cluster": ClusterConfig,
     "phone": PhoneConfig,
     "dedupe": DedupeConfig,
     "log": LogConfig,

@@ -90,6 +90,9 @@ def _validate_sections(config: Config, problem: Problem) -> None:
         problem("smtp.domains", "at least one domain is needed while SMTP is on")
     if config.store.url and not re.match(r"^postgres(ql)?://\S*$", config.store.url):
         problem("store.url", "must be a postgresql:// URL, or empty for SQLite at store.path")
+    if not 5 <= config.cluster.lease <= 3600:
+        # Shorter than a send's timeout would hand live sends to another instance.
+        problem("cluster.lease", "must be between 5s and 1h")
     p = config.provider
     if p.base_url and not re.match(r"^https?://[^/\s]+", p.base_url):
         problem("provider.base_url", "must be an http:// or https:// URL, or empty for the sandbox")

@@ -12,18 +12,41 @@ from typing import TYPE_CHECKING
 
 from bridge.errors import ConfigError
 from bridge.store.api import Store
+from bridge.store.names import describe
 
 if TYPE_CHECKING:
     from bridge.config import StoreConfig
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Store", "describe", "migrate_store", "open_store"]
 
 
-def open_store(config: StoreConfig) -> Store:
-    """The store `config` names, not yet opened (`await store.open()`, then `close()`)."""
-    if config.url:
-        # Only postgresql:// passes config validation; this build has no driver for it.
-        raise ConfigError([("store.url", "PostgreSQL store not available in this build")])
+def open_store(config: StoreConfig, *, migrating: bool = False) -> Store:
+    """The store `config` names, not yet opened (`await store.open()`, then `close()`).
+
+    `migrating`: for `sms-bridge migrate`, whose `open()` must accept a database with
+    no schema or an older one (`serve`'s refuses them); SQLite migrates at open anyway.
+    """
+    if config.url:  # only postgresql:// passes config validation
+        try:
+            from bridge.store.postgres.store import PostgresStore
+        except ImportError as exc:  # asyncpg is the optional extra
+            needs = f"the PostgreSQL store needs pip install 'sms-bridge[postgres]' ({exc})"
+            raise ConfigError([("store.url", needs)]) from exc
+        return PostgresStore(config.url, migrating=migrating)
     from bridge.store.sqlite import SqliteStore  # the embedded default
 
     return SqliteStore(config.path)
+
+
+async def migrate_store(config: StoreConfig) -> list[str]:
+    """`sms-bridge migrate`: create or upgrade the schema; the migrations applied.
+
+    SQLite migrates whenever it opens (one process: nobody else would); PostgreSQL only
+    here, so that instances of an older release are never upgraded under their feet.
+    """
+    store = open_store(config, migrating=True)
+    await store.open()
+    try:
+        return await store.migrate()
+    finally:
+        await store.close()

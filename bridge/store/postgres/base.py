@@ -1,0 +1,146 @@
+"""What the PostgreSQL store's parts share: the pool, the write counters, the row
+layout of an insert, and the advisory-lock keys that make cluster decisions race-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from bridge.models import Message, NewMessage
+from bridge.store.postgres.pool import Conn, Database
+
+# Columns an insert sets, with the array type each is passed as (one unnest per insert:
+# one statement, however many messages, and one prepared plan for every batch size).
+INSERT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("id", "bigint"),
+    ("recipient", "text"),
+    ("text", "text"),
+    ("source", "text"),
+    ("sender_id", "text"),
+    ("message_type", "integer"),
+    ("parts", "integer"),
+    ("route", "text"),
+    ("dedupe_key", "text"),
+    ("schedule_time", "text"),
+    ("state", "text"),
+    ("reason", "text"),
+    ("created_at", "float8"),
+    ("updated_at", "float8"),
+    ("next_attempt_at", "float8"),
+    ("topic", "text"),
+    ("reason_kind", "text"),
+    ("estimated_cost", "float8"),
+    ("instance", "text"),
+)
+INSERT_SQL = (
+    f"INSERT INTO messages ({', '.join(c for c, _ in INSERT_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(INSERT_COLUMNS, 1))
+    + ")"
+)
+RESERVE_IDS = "SELECT nextval('messages_id_seq') FROM generate_series(1, $1)"
+# Transaction-scoped advisory locks on text keys, taken in one statement in sorted order:
+# two transactions wanting overlapping keys queue on the first they share, never deadlock.
+LOCK_KEYS = (
+    "SELECT count(pg_advisory_xact_lock(h)) FROM (SELECT DISTINCT"
+    " hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS keys"
+)
+RATE_LOCK = 0x534D_5303  # "SMS" 3: booking in the provider's shared rate window
+
+
+def columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows -> one list per column, as `INSERT_SQL` takes them."""
+    return [list(column) for column in zip(*rows, strict=True)] or [[] for _ in INSERT_COLUMNS]
+
+
+def row(message_id: int, m: NewMessage, now: float) -> tuple[Any, ...]:
+    return (
+        message_id,
+        m.recipient,
+        m.text,
+        m.source,
+        m.sender_id,
+        m.message_type,
+        m.parts,
+        m.route,
+        m.dedupe_key,
+        m.schedule_time,
+        str(m.state),
+        m.reason,
+        now,
+        now,
+        now,
+        m.topic,
+        m.reason_kind,
+        m.estimated_cost,
+        m.instance,
+    )
+
+
+async def one(conn: Conn, sql: str, *args: Any) -> Any:
+    """The one row an aggregate query answers."""
+    return (await conn.fetch(sql, *args))[0]
+
+
+# Lock names: a kind, then the values, split by the unit separator (PostgreSQL text
+# cannot hold NUL). Two names hashing alike only make two ingests wait for each other.
+def dedupe_lock(dedupe_key: str, recipient: str) -> str:
+    return f"dedupe\x1f{dedupe_key}\x1f{recipient}"
+
+
+def recipient_lock(recipient: str) -> str:
+    return f"phone\x1f{recipient}"
+
+
+def key_lock(dedupe_key: str) -> str:
+    return f"key\x1f{dedupe_key}"
+
+
+class Base:
+    """The pool and the counters; the operation mixins build on it."""
+
+    def __init__(self, url: str, *, max_connections: int = 8) -> None:
+        self.db = Database(url, max_size=max_connections)
+        self.transactions = 0
+        self.writes = 0
+
+    @contextlib.asynccontextmanager
+    async def _write(self, writes: int = 1) -> AsyncIterator[Conn]:
+        """A transaction whose commit is counted (for `stats`, as SQLite's writer counts):
+        one transaction, carrying `writes` operations."""
+        async with self.db.transaction() as conn:
+            yield conn
+        self.transactions += 1
+        self.writes += writes
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        async with self.db.connection() as conn:
+            return list(await conn.fetch(sql, *args))
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        async with self.db.connection() as conn:
+            return await conn.fetchval(sql, *args)
+
+    async def _execute(self, sql: str, *args: Any) -> None:
+        async with self._write() as conn:
+            await conn.execute(sql, *args)
+
+    async def _messages(self, sql: str, *args: Any) -> list[Message]:
+        return [Message.from_row(r) for r in await self._fetch(sql, *args)]
+
+    @staticmethod
+    async def _insert(conn: Conn, rows: Sequence[tuple[Any, ...]]) -> None:
+        if rows:
+            await conn.execute(INSERT_SQL, *columns(rows))
+
+    @staticmethod
+    async def _reserve_ids(conn: Conn, count: int) -> list[int]:
+        if count == 0:
+            return []
+        return sorted(int(r[0]) for r in await conn.fetch(RESERVE_IDS, count))
+
+    @staticmethod
+    async def _lock(conn: Conn, keys: Sequence[str]) -> None:
+        if keys:
+            await conn.execute(LOCK_KEYS, list(keys))

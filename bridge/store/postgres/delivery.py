@@ -1,0 +1,272 @@
+"""Delivery on PostgreSQL: claims with an owner and a lease, outcomes, reconcile
+lookups, and the provider's rate window shared by every instance.
+
+A claim locks the rows it asks for that are still queued, skipping those another
+instance is claiming at that moment (`FOR UPDATE SKIP LOCKED`: no instance waits for
+another), and moves them to `sending` in the same statement; a row claimed and
+committed by another is no longer queued. So a message is never claimed twice, and an
+instance that planned the same bulk as another gets what is left of it, or nothing. `unsettled` hands an instance its own
+`sending` messages and takes over, in the same statement, those whose owner's lease
+passed (that owner stopped renewing: dead or cut off); the caller reconciles them
+against /logs before any resend, as after a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from bridge.models import Message, State
+from bridge.store.api import Booking
+from bridge.store.postgres.base import RATE_LOCK, Base
+from bridge.store.postgres.pool import Conn
+
+UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
+RETRIED_KINDS = "('unknown', 'provider-error')"  # a new attempt: what an earlier outcome was
+
+
+TAKE_RATE_LOCK = f"SELECT pg_advisory_xact_lock({RATE_LOCK})"
+
+
+async def book(conn: Conn, at: float, kind: str) -> None:
+    """Insert a booking under the rate lock (held to the commit): bookings commit in the
+    order of their `seq`, so a reader's cursor (`request_rows(after=seq)`) never skips
+    one that commits late. Bookings are a few a second at most: the lock costs nothing."""
+    await conn.execute(TAKE_RATE_LOCK)
+    await conn.execute("INSERT INTO provider_requests (at, kind) VALUES ($1, $2)", at, kind)
+
+
+class DeliveryOps(Base):
+    async def due(self, now: float, limit: int) -> list[Message]:
+        return await self._messages(
+            "SELECT * FROM messages WHERE state = 'queued' AND next_attempt_at <= $1"
+            " ORDER BY next_attempt_at, id LIMIT $2",
+            now,
+            limit,
+        )
+
+    async def next_due_at(self) -> float | None:
+        found = await self._fetchval(
+            "SELECT min(next_attempt_at) FROM messages WHERE state = 'queued'"
+        )
+        return None if found is None else float(found)
+
+    async def next_due_after(self, after: float) -> float | None:
+        found = await self._fetchval(
+            "SELECT min(next_attempt_at) FROM messages"
+            " WHERE state = 'queued' AND next_attempt_at > $1",
+            after,
+        )
+        return None if found is None else float(found)
+
+    async def claim(
+        self,
+        ids: Sequence[int],
+        now: float,
+        *,
+        owner: str,
+        lease_until: float,
+        request_kind: str = "send",
+    ) -> list[int]:
+        async with self._write() as conn:
+            claimed = {
+                int(r[0])
+                for r in await conn.fetch(
+                    "UPDATE messages SET state = 'sending', attempts = attempts + 1,"
+                    " claimed_at = $2, updated_at = $2, reason = NULL, claimed_by = $3,"
+                    " lease_until = $4, reason_kind = CASE WHEN reason_kind IN"
+                    f" {RETRIED_KINDS} THEN NULL ELSE reason_kind END WHERE id IN (SELECT id"
+                    " FROM messages WHERE id = ANY($1::bigint[]) AND state = 'queued'"
+                    " FOR UPDATE SKIP LOCKED) RETURNING id",
+                    list(ids),
+                    now,
+                    owner,
+                    lease_until,
+                )
+            }
+            await book(conn, now, request_kind)
+        return [i for i in ids if i in claimed]
+
+    async def unsettled(self, now: float, *, owner: str, lease_until: float) -> list[Message]:
+        """Own `sending` messages and those whose lease passed, taken over (lease renewed
+        to `lease_until`); rows another instance is updating right now are skipped."""
+        async with self._write() as conn:
+            rows = await conn.fetch(
+                "UPDATE messages SET claimed_by = $1, lease_until = $2 WHERE id IN"
+                " (SELECT id FROM messages WHERE state = 'sending' AND (claimed_by = $1"
+                " OR claimed_by IS NULL OR lease_until IS NULL OR lease_until < $3)"
+                " ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING *",
+                owner,
+                lease_until,
+                now,
+                UNSETTLED_LIMIT,
+            )
+        return sorted((Message.from_row(r) for r in rows), key=lambda m: m.id)
+
+    async def mark_sent(
+        self, results: Iterable[tuple[int, str | None, float | None]], now: float
+    ) -> None:
+        rows = list(results)
+        await self._execute(
+            "UPDATE messages m SET state = 'sent', provider_message_id = r.pid, cost = r.cost,"
+            " sent_at = $4, updated_at = $4, reason = NULL"
+            " FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS r(id, pid, cost)"
+            " WHERE m.id = r.id",
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            now,
+        )
+
+    async def note_unknown(self, ids: Sequence[int], reason: str, kind: str) -> None:
+        await self._execute(
+            "UPDATE messages SET reason = $1, reason_kind = $2"
+            " WHERE id = ANY($3::bigint[]) AND state = 'sending'",
+            reason,
+            kind,
+            list(ids),
+        )
+
+    async def resend_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
+        await self._execute(
+            "UPDATE messages SET state = 'queued', next_attempt_at = $1, updated_at = $1,"
+            " reason = $2, unknown_resends = unknown_resends + 1"
+            " WHERE id = ANY($3::bigint[]) AND state = 'sending'",
+            now,
+            reason,
+            list(ids),
+        )
+
+    async def settle_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
+        await self._execute(
+            "UPDATE messages SET state = 'sent', sent_at = $1, updated_at = $1, reason = $2,"
+            " reason_kind = 'unknown', provider_message_id = NULL"
+            " WHERE id = ANY($3::bigint[]) AND state = 'sending'",
+            now,
+            reason,
+            list(ids),
+        )
+
+    async def requeue(
+        self,
+        ids: Sequence[int],
+        now: float,
+        *,
+        at: float,
+        reason: str | None,
+        refund_attempt: bool = False,
+        solo: bool | None = None,
+        reason_kind: str | None = None,
+    ) -> None:
+        await self._execute(
+            "UPDATE messages SET state = 'queued', next_attempt_at = $1, updated_at = $2,"
+            " reason = $3, attempts = attempts - $4, solo = coalesce($5, solo),"
+            " reason_kind = coalesce($6, reason_kind)"
+            " WHERE id = ANY($7::bigint[]) AND state IN ('sending', 'queued')",
+            at,
+            now,
+            reason,
+            1 if refund_attempt else 0,
+            solo,
+            reason_kind,
+            list(ids),
+        )
+
+    async def finish(
+        self,
+        updates: Iterable[tuple[int, State, str | None]],
+        now: float,
+        reason_kind: str | None = None,
+    ) -> None:
+        rows = list(updates)
+        await self._execute(
+            "UPDATE messages m SET state = u.state, reason = u.reason, updated_at = $4,"
+            " reason_kind = coalesce($5, m.reason_kind)"
+            " FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(id, state, reason)"
+            " WHERE m.id = u.id",
+            [r[0] for r in rows],
+            [str(r[1]) for r in rows],
+            [r[2] for r in rows],
+            now,
+            reason_kind,
+        )
+
+    async def awaiting_status(
+        self, *, since: float, limit: int, scheduled_after: str = ""
+    ) -> list[Message]:
+        return await self._messages(
+            "SELECT * FROM messages WHERE state = 'sent' AND (sent_at > $1"
+            " OR (schedule_time IS NOT NULL AND schedule_time > $2))"
+            " ORDER BY sent_at, id LIMIT $3",
+            since,
+            scheduled_after or "9999",
+            limit,
+        )
+
+    async def known_provider_ids(self, provider_ids: Sequence[str]) -> set[str]:
+        if not provider_ids:
+            return set()
+        return {
+            r[0]
+            for r in await self._fetch(
+                "SELECT provider_message_id FROM messages"
+                " WHERE provider_message_id = ANY($1::text[])",
+                list(provider_ids),
+            )
+        }
+
+    async def sent_after(self, message: Message) -> int:
+        sent_at = message.sent_at or 0.0
+        return int(
+            await self._fetchval(
+                "SELECT count(*) FROM messages WHERE sent_at > $1 OR (sent_at = $1 AND id > $2)",
+                sent_at,
+                message.id,
+            )
+        )
+
+    async def set_provider_ids(self, rows: Iterable[tuple[int, str]]) -> None:
+        pairs = list(rows)
+        await self._execute(
+            "UPDATE messages m SET provider_message_id = r.pid"
+            " FROM unnest($1::bigint[], $2::text[]) AS r(id, pid)"
+            " WHERE m.id = r.id AND m.provider_message_id IS NULL",
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+        )
+
+    # -- the rate window: one for the whole cluster ------------------------------------
+    async def record_request(self, at: float, kind: str) -> None:
+        async with self._write() as conn:
+            await book(conn, at, kind)
+
+    async def book_request(self, at: float, kind: str, *, limit: int, window: float) -> float:
+        """Count and book under one advisory lock: N instances never book past `limit`."""
+        async with self._write() as conn:
+            await conn.execute(TAKE_RATE_LOCK)
+            booked = [
+                float(r[0])
+                for r in await conn.fetch(
+                    "SELECT at FROM provider_requests WHERE at > $1 ORDER BY at", at - window
+                )
+            ]
+            if len(booked) >= limit:
+                return max(0.0, booked[len(booked) - limit] + window - at)
+            await conn.execute("INSERT INTO provider_requests (at, kind) VALUES ($1, $2)", at, kind)
+        return 0.0
+
+    async def request_rows(
+        self, since: float, kind_prefix: str = "", after: int = 0
+    ) -> list[Booking]:
+        return [
+            Booking(int(r[0]), float(r[1]), r[2])
+            for r in await self._fetch(
+                "SELECT id, at, kind FROM provider_requests WHERE at > $1 AND id > $2"
+                " AND starts_with(kind, $3) ORDER BY at",
+                since,
+                after,
+                kind_prefix,
+            )
+        ]
+
+    async def prune_requests(self, before: float) -> None:
+        await self._execute("DELETE FROM provider_requests WHERE at <= $1", before)

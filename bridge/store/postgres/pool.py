@@ -1,0 +1,143 @@
+"""Connections to PostgreSQL: one asyncpg pool per process, and the driver's failures
+turned into the bridge's `StoreUnavailable`.
+
+asyncpg over psycopg 3 by measurement (bench/pg_driver.py, BENCHMARKS.md): the same
+ingest transaction costs the bridge's event loop ~40 % less CPU, and the loop is what
+the bridge's ingest is short of. What psycopg_pool would have given is here or in
+asyncpg's pool: a dead server surfaces as `StoreUnavailable` (ingress answers 503 / 451,
+the dispatcher waits); a connection the server closed is noticed by the pool and
+replaced on the next acquire, so the bridge recovers without a restart (tested with a
+real server restarted). Timeouts bound every wait: a server that hangs fails
+operations, it does not hang ingress.
+
+No automatic retry of a failed transaction: if the connection died around COMMIT the
+outcome is unknown, and the sender's retry (after a 503) meets the dedupe window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from bridge.errors import StoreUnavailable
+from bridge.store.names import display_url
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0  # seconds to open one connection
+COMMAND_TIMEOUT = 15.0  # seconds one statement may take before the operation fails
+ACQUIRE_TIMEOUT = 10.0  # seconds to wait for a free connection in the pool
+# SQLSTATE classes that mean "the server or the connection", not "this statement":
+# 08 connection exception, 53 insufficient resources, 57 operator intervention (shutdown,
+# cannot connect now), 58 system error. Anything else is a bug and propagates as is.
+UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+# What the operations run their statements on: a pooled connection, or a dedicated one.
+Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached (rather than a wrong statement)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(getattr(exc, "sqlstate", "") or "")[:2] in UNAVAILABLE_CLASSES
+    return isinstance(exc, asyncpg.InterfaceError | OSError | TimeoutError)
+
+
+class Database:
+    """A pool of connections to one PostgreSQL database. `open()` before use, `close()` after."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 8,
+        command_timeout: float = COMMAND_TIMEOUT,
+    ) -> None:
+        self.url = url
+        self.shown = display_url(url)
+        self.min_size = min_size
+        self.max_size = max_size
+        self.command_timeout = command_timeout
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        """Connect `min_size` connections now: a wrong URL or a server that is down is
+        said at start (and `serve` exits 1), not at the first alert."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=self.command_timeout,
+                server_settings={"application_name": "sms-bridge"},
+            )
+        except Exception as exc:
+            raise StoreUnavailable(f"cannot connect to {self.shown}: {_why(exc)}") from exc
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            with contextlib.suppress(Exception):  # a dead server cannot be said goodbye to
+                await pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreUnavailable("store is not open")
+        return self._pool
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Conn]:
+        """A pooled connection, each statement its own transaction (reads)."""
+        async with self._failures(), self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Conn]:
+        """A pooled connection inside one transaction, committed when the block ends.
+
+        The commit is done when the block has left: that is when ingress may say 202/250.
+        """
+        async with (
+            self._failures(),
+            self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
+            conn.transaction(),
+        ):
+            yield conn
+
+    async def dedicated(self) -> asyncpg.Connection:
+        """A connection of its own, outside the pool: for a session-level lock held as
+        long as the connection lives (the leader's), never returned to a pool."""
+        try:
+            conn: asyncpg.Connection = await asyncpg.connect(
+                self.url,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=self.command_timeout,
+                server_settings={"application_name": "sms-bridge"},
+            )
+        except Exception as exc:
+            raise StoreUnavailable(f"cannot connect to {self.shown}: {_why(exc)}") from exc
+        return conn
+
+    @contextlib.asynccontextmanager
+    async def _failures(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            log.error("store unavailable (%s): %s", self.shown, _why(exc))
+            raise StoreUnavailable(f"store unavailable: {_why(exc)}") from exc
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,296 @@
+"""What the API, the console, budgets and metrics read on PostgreSQL, the operator's
+actions (retry, cancel, note) and retention: the same answers as the SQLite store's,
+in PostgreSQL's dialect (FILTER for conditional counts, ILIKE for "any case")."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from bridge.models import MAX_ROW_ID, Message
+from bridge.store.api import MetricCounts
+from bridge.store.postgres.base import Base, one
+
+# `sent` too: past status.give_up_after nothing will move it any more.
+PURGEABLE = "('sent', 'delivered', 'failed', 'suppressed')"
+SEARCHABLE = ("state", "reason_kind", "route", "source")  # exact-match filters of `query`
+
+
+def _ids(ids: Sequence[int]) -> list[int]:
+    return [i for i in ids if 0 < i <= MAX_ROW_ID]  # beyond bigint: no such row
+
+
+def _like_escape(value: str) -> str:
+    """`value` as a literal inside an ILIKE pattern (PostgreSQL's default escape `\\`)."""
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class QueryOps(Base):
+    async def get(self, message_id: int) -> Message | None:
+        if not 0 < message_id <= MAX_ROW_ID:
+            return None
+        found = await self._messages("SELECT * FROM messages WHERE id = $1", message_id)
+        return found[0] if found else None
+
+    async def events(self, message_id: int) -> list[dict[str, Any]]:
+        if not 0 < message_id <= MAX_ROW_ID:
+            return []
+        return [
+            dict(r)
+            for r in await self._fetch(
+                "SELECT at, state, attempts, detail FROM events WHERE message_id = $1 ORDER BY id",
+                message_id,
+            )
+        ]
+
+    async def query(
+        self,
+        *,
+        state: str | None = None,
+        limit: int = 100,
+        before_id: int | None = None,
+        reason_kind: str | None = None,
+        route: str | None = None,
+        source: str | None = None,
+        recipient: str | None = None,
+        text: str | None = None,
+    ) -> list[Message]:
+        sql, args = "SELECT * FROM messages WHERE true", list[Any]()
+        for column, value in zip(SEARCHABLE, (state, reason_kind, route, source), strict=True):
+            if value:
+                args.append(value)
+                sql += f" AND {column} = ${len(args)}"  # column names from SEARCHABLE only
+        for column, value in (("recipient", recipient), ("text", text)):
+            if value:
+                args.append("%" + _like_escape(value) + "%")
+                sql += f" AND {column} ILIKE ${len(args)}"
+        if before_id and before_id <= MAX_ROW_ID:
+            args.append(before_id)
+            sql += f" AND id < ${len(args)}"
+        args.append(limit)
+        return await self._messages(sql + f" ORDER BY id DESC LIMIT ${len(args)}", *args)
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._fetch("SELECT state, count(*) FROM messages GROUP BY state")
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def counts_by_reason(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for state, kind, count in await self._fetch(
+            "SELECT state, coalesce(reason_kind, 'other'), count(*) FROM messages"
+            " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY 1, 2"
+        ):
+            out.setdefault(state, {})[kind] = int(count)
+        return out
+
+    async def counts_for_metrics(self) -> MetricCounts:
+        async with self.db.connection() as c:
+            oldest = await c.fetchval("SELECT min(created_at) FROM messages WHERE state = 'queued'")
+            sent = await one(
+                c,
+                "SELECT coalesce(sum(parts), 0), coalesce(sum(cost), 0) FROM messages"
+                " WHERE sent_at IS NOT NULL",
+            )
+            by_source = await c.fetch("SELECT source, state, count(*) FROM messages GROUP BY 1, 2")
+            by_reason = await c.fetch(
+                "SELECT state, coalesce(reason_kind, 'other'), count(*) FROM messages"
+                " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY 1, 2"
+            )
+        return MetricCounts(
+            by_source_state=[(s, st, int(n)) for s, st, n in by_source],
+            by_reason=[(st, k, int(n)) for st, k, n in by_reason],
+            oldest_queued=oldest,
+            parts_sent=int(sent[0]),
+            cost=float(sent[1]),
+        )
+
+    async def spent_since(
+        self, since: float, exclude_source: str
+    ) -> tuple[float, list[tuple[str, int]]]:
+        where = "WHERE sent_at >= $1 AND source <> $2"
+        async with self.db.connection() as c:
+            known = await c.fetchval(
+                f"SELECT coalesce(sum(coalesce(cost, estimated_cost)), 0) FROM messages {where}",
+                since,
+                exclude_source,
+            )
+            unknown = await c.fetch(
+                f"SELECT recipient, sum(parts) FROM messages {where}"
+                " AND cost IS NULL AND estimated_cost IS NULL GROUP BY recipient",
+                since,
+                exclude_source,
+            )
+        return float(known), [(r, int(p)) for r, p in unknown]
+
+    async def used_since(
+        self, since: float, exclude_source: str, route: str | None = None
+    ) -> tuple[int, int]:
+        row = (
+            await self._fetch(
+                "SELECT count(*), coalesce(sum(parts), 0) FROM messages"
+                " WHERE sent_at >= $1 AND source <> $2 AND ($3::text IS NULL OR route = $3)",
+                since,
+                exclude_source,
+                route,
+            )
+        )[0]
+        return int(row[0]), int(row[1])
+
+    async def retry(
+        self, ids: Sequence[int] | None, now: float, *, by: str | None = None
+    ) -> list[int]:
+        reason = f"retried by {by}" if by else "retried by the operator"
+        async with self._write() as conn:
+            changed = {
+                int(r[0])
+                for r in await conn.fetch(
+                    "UPDATE messages SET state = 'queued', next_attempt_at = $1, updated_at = $1,"
+                    " reason = $2, solo = true WHERE state = 'failed'"
+                    " AND ($3::bigint[] IS NULL OR id = ANY($3::bigint[])) RETURNING id",
+                    now,
+                    reason,
+                    None if ids is None else _ids(ids),
+                )
+            }
+        order = sorted(changed) if ids is None else [i for i in dict.fromkeys(ids) if i in changed]
+        return order
+
+    async def cancel(self, ids: Sequence[int], now: float, *, by: str) -> list[int]:
+        async with self._write() as conn:
+            changed = {
+                int(r[0])
+                for r in await conn.fetch(
+                    "UPDATE messages SET state = 'failed', reason = $1, reason_kind = 'cancelled',"
+                    " updated_at = $2 WHERE id = ANY($3::bigint[]) AND state IN ('queued', 'held')"
+                    " RETURNING id",
+                    f"cancelled by {by}",
+                    now,
+                    _ids(ids),
+                )
+            }
+        return sorted(changed)
+
+    async def note(self, ids: Sequence[int], detail: str, now: float) -> None:
+        await self._execute(
+            "INSERT INTO events (message_id, at, state, attempts, detail)"
+            " SELECT id, $1, state, attempts, $2 FROM messages WHERE id = ANY($3::bigint[])"
+            " ORDER BY id",
+            now,
+            detail,
+            _ids(ids),
+        )
+
+    async def activity(self, since: float, bucket: float) -> dict[str, dict[int, int]]:
+        out: dict[str, dict[int, int]] = {"messages": {}}
+        async with self.db.connection() as c:
+            for index, kind, count in await c.fetch(
+                "SELECT trunc((at - $1) / $2)::int, kind, count(*) FROM provider_requests"
+                " WHERE at >= $1 GROUP BY 1, 2",
+                since,
+                bucket,
+            ):
+                out.setdefault(kind, {})[index] = int(count)
+            for index, count in await c.fetch(
+                "SELECT trunc((sent_at - $1) / $2)::int, count(*) FROM messages"
+                " WHERE sent_at >= $1 GROUP BY 1",
+                since,
+                bucket,
+            ):
+                out["messages"][index] = int(count)
+        return out
+
+    async def overview(self, *, now: float, day_start: float, since: float) -> dict[str, Any]:
+        async with self.db.connection() as c:
+            queue = await one(
+                c,
+                "SELECT min(created_at), count(*), count(*) FILTER (WHERE next_attempt_at <= $1),"
+                " min(next_attempt_at) FILTER (WHERE next_attempt_at > $1)"
+                " FROM messages WHERE state = 'queued'",
+                now,
+            )
+            answers = {
+                s: int(n)
+                for s, n in await c.fetch(
+                    "SELECT state, count(*) FROM messages WHERE created_at >= $1"
+                    " AND state IN ('sent', 'delivered', 'failed')"
+                    " AND NOT (state = 'failed' AND coalesce(reason_kind, '') = 'cancelled')"
+                    " GROUP BY state",
+                    since,
+                )
+            }
+            day = await one(
+                c,
+                "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
+                " count(*) FILTER (WHERE source = 'budget') FROM messages WHERE sent_at >= $1",
+                day_start,
+            )
+            routes = {
+                r: int(n)
+                for r, n in await c.fetch(
+                    "SELECT route, count(*) FROM messages WHERE sent_at >= $1"
+                    " AND route IS NOT NULL GROUP BY route",
+                    day_start,
+                )
+            }
+        return {
+            "queue": {
+                "oldest_created_at": queue[0],
+                "queued": int(queue[1]),
+                "due": int(queue[2]),
+                "next_retry_at": queue[3],
+            },
+            "answers": answers,
+            "today": {
+                "texts": int(day[0]) - int(day[4]),
+                "parts": int(day[1]),
+                "cost": day[2],
+                "estimated_cost": day[3],
+                "warnings": int(day[4]),
+                "routes": routes,
+            },
+        }
+
+    async def held_storms(self) -> list[dict[str, Any]]:
+        return [
+            {"recipient": r[0], "held": int(r[1]), "first_at": r[2]}
+            for r in await self._fetch(
+                "SELECT recipient, count(*), min(created_at) FROM messages"
+                " WHERE state = 'held' GROUP BY recipient ORDER BY 3"
+            )
+        ]
+
+    async def route_last_messages(self) -> dict[str, dict[str, Any]]:
+        return {
+            r["route"]: dict(r)
+            for r in await self._fetch(
+                "SELECT route, id, state, created_at FROM messages WHERE id IN"
+                " (SELECT max(id) FROM messages WHERE route IS NOT NULL GROUP BY route)"
+            )
+        }
+
+    async def mentioned_by(self, message_id: int, limit: int = 200) -> list[dict[str, Any]]:
+        return [
+            dict(r)
+            for r in await self._fetch(
+                "SELECT id, recipient, reason, created_at FROM messages"
+                " WHERE state = 'suppressed' AND (reason LIKE $1 OR reason LIKE $2)"
+                " ORDER BY id LIMIT $3",
+                f"% message {message_id} %",
+                f"% message {message_id}",
+                limit,
+            )
+        ]
+
+    async def purge(self, before: float) -> int:
+        """Retention: finished messages created before `before`, with their events."""
+        async with self._write() as conn:
+            doomed = [
+                int(r[0])
+                for r in await conn.fetch(
+                    f"DELETE FROM messages WHERE created_at < $1 AND state IN {PURGEABLE}"
+                    " RETURNING id",
+                    before,
+                )
+            ]
+            await conn.execute("DELETE FROM events WHERE message_id = ANY($1::bigint[])", doomed)
+        return len(doomed)

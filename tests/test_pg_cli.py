@@ -1,0 +1,88 @@
+"""`sms-bridge migrate` and `serve` on a PostgreSQL store, run as processes: migrate
+creates and upgrades the schema, serve refuses one it cannot run on and says what to
+run, and no password reaches the terminal."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge.store.postgres.schema import LATEST, MIGRATIONS
+from tests.postgres import migrate_sync, run_async
+from tests.processes import ANY_PORT
+from tests.test_cli import run
+
+pytestmark = pytest.mark.slow  # every test here runs the CLI as a process
+
+
+def env_for(url: str) -> dict[str, str]:
+    return {
+        "SMS_BRIDGE_STORE_URL": url,
+        "SMS_BRIDGE_SMTP_LISTEN": "",
+        "SMS_BRIDGE_HTTP_LISTEN": ANY_PORT,
+    }
+
+
+async def _version(url: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval("SELECT max(version) FROM schema_version"))
+    finally:
+        await conn.close()
+
+
+def test_serve_refuses_an_empty_database_and_migrate_creates_the_schema(
+    tmp_path, postgres_empty_url: str
+) -> None:
+    env = env_for(postgres_empty_url)
+    refused = run("serve", cwd=tmp_path, env=env)
+    assert refused.returncode == 1
+    assert "has no sms-bridge schema: run `sms-bridge migrate`" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    created = run("migrate", cwd=tmp_path, env=env)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.splitlines() == [
+        *(f"applied {m.version:04d}_{m.name}" for m in MIGRATIONS),
+        f"store {postgres_empty_url}: schema up to date",
+    ]
+    again = run("migrate", cwd=tmp_path, env=env)
+    assert again.stdout.splitlines() == [f"store {postgres_empty_url}: schema up to date"]
+    assert run_async(lambda: _version(postgres_empty_url)) == LATEST
+
+
+def test_migrate_upgrades_an_older_schema_that_serve_refused(
+    tmp_path, postgres_empty_url: str
+) -> None:
+    migrate_sync(postgres_empty_url, target=1)
+    env = env_for(postgres_empty_url)
+    refused = run("serve", cwd=tmp_path, env=env)
+    assert refused.returncode == 1
+    assert f"schema version 1, this sms-bridge needs {LATEST}" in refused.stderr
+    upgraded = run("migrate", cwd=tmp_path, env=env)
+    assert upgraded.returncode == 0
+    assert (
+        upgraded.stdout.splitlines()[0]
+        == f"applied {MIGRATIONS[1].version:04d}_{MIGRATIONS[1].name}"
+    )
+
+
+def test_serve_and_migrate_refuse_a_newer_schema(tmp_path, postgres_url: str) -> None:
+    from tests.postgres import admin
+
+    admin(postgres_url, f"INSERT INTO schema_version (version, name) VALUES ({LATEST + 1}, 'x')")
+    for command in ("serve", "migrate"):
+        result = run(command, cwd=tmp_path, env=env_for(postgres_url))
+        assert result.returncode == 1, command
+        assert f"schema version {LATEST + 1}, newer than this sms-bridge knows" in result.stderr
+
+
+def test_a_server_that_is_down_is_named_without_its_password(tmp_path) -> None:
+    url = "postgresql://bridge:hunter2@127.0.0.1:1/bridge"
+    for command in ("serve", "migrate", "messages"):
+        result = run(command, cwd=tmp_path, env=env_for(url))
+        assert result.returncode == 1, command
+        assert "store postgresql://bridge:***@127.0.0.1:1/bridge: cannot connect" in result.stderr
+        assert "hunter2" not in result.stderr + result.stdout
+        assert "Traceback" not in result.stderr

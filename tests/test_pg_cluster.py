@@ -1,0 +1,129 @@
+"""Several instances on one PostgreSQL database (issue #13), each a `PostgresStore` with a
+pool of its own, as separate `serve` processes would be: the decisions that must hold
+for the cluster as a whole, made at the same instant on different connections, many
+times (a race that passes by luck would fail some of the rounds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bridge.models import NewMessage, State
+from bridge.policy.decide import Rules
+from bridge.store.api import Held
+from bridge.store.postgres.store import PostgresStore
+from tests.stores import seed
+
+MESSAGE = NewMessage("+12025550143", "disk full on db-1", "alertmanager", "SMS", 1, 1)
+ROUNDS = 40
+
+
+@pytest.fixture
+async def instances(postgres_url: str) -> AsyncIterator[list[PostgresStore]]:
+    stores = [PostgresStore(postgres_url, max_connections=4) for _ in range(3)]
+    for store in stores:
+        await store.open()
+    yield stores
+    for store in stores:
+        await store.close()
+
+
+async def test_one_alert_posted_to_two_instances_at_once_is_queued_once(
+    instances: list[PostgresStore],
+) -> None:
+    """Alertmanager's HA pair: both post the same group to different instances."""
+    a, b = instances[:2]
+    rules = Rules(dedupe_window=600.0, per_recipient=0, per_recipient_window=600.0)
+    for n in range(ROUNDS):
+        alert = MESSAGE._replace(dedupe_key=f"am:group-{n}")
+        pair = [(alert, 100.0 + n), (alert._replace(recipient="+12025550144"), 100.0 + n)]
+        first, second = await asyncio.gather(a.ingest(pair, rules), b.ingest(pair, rules))
+        for phone in range(2):
+            states = {first[phone].message.state, second[phone].message.state}
+            assert states == {State.QUEUED, State.SUPPRESSED}, (n, phone, states)
+    counts = await a.counts()
+    assert counts == {"queued": 2 * ROUNDS, "suppressed": 2 * ROUNDS}
+
+
+async def test_storm_counts_are_the_clusters(instances: list[PostgresStore]) -> None:
+    """Two texts allowed per phone per window, however many instances let them in."""
+    rules = Rules(dedupe_window=600.0, per_recipient=2, per_recipient_window=600.0)
+    distinct = [MESSAGE._replace(text=f"alert {i}", dedupe_key=f"k{i}") for i in range(9)]
+    results = await asyncio.gather(
+        *(instances[i % 3].ingest([(m, 10.0)], rules) for i, m in enumerate(distinct))
+    )
+    states = [stored.message.state for [stored] in results]
+    assert states.count(State.QUEUED) == 2 and states.count(State.HELD) == 7
+
+
+async def test_claims_from_three_instances_never_share_a_message(
+    instances: list[PostgresStore],
+) -> None:
+    ids = await seed(instances[0], [MESSAGE] * 30, 1.0)
+    for _ in range(3):
+        got = await asyncio.gather(
+            *(s.claim(ids, 2.0, owner=f"i{n}", lease_until=40.0) for n, s in enumerate(instances))
+        )
+        claimed = [i for batch in got for i in batch]
+        assert sorted(claimed) == sorted(set(claimed))
+        await instances[0].requeue(ids, 3.0, at=1.0, reason="again")
+    assert sorted(claimed) == ids
+
+
+async def test_a_dead_instances_messages_are_taken_over_after_its_lease(
+    instances: list[PostgresStore],
+) -> None:
+    a, b, _ = instances
+    ids = await seed(a, [MESSAGE] * 3, 1.0)
+    assert await a.claim(ids, 2.0, owner="a", lease_until=32.0) == ids
+    # Before the lease passes, b leaves them to a (a may be sending them right now).
+    assert await b.unsettled(31.0, owner="b", lease_until=61.0) == []
+    assert [m.id for m in await a.unsettled(31.0, owner="a", lease_until=62.0)] == ids
+    # a stops renewing; past its lease b takes them over, renewing the lease for itself.
+    taken = await b.unsettled(62.5, owner="b", lease_until=92.5)
+    assert [m.id for m in taken] == ids and all(m.state == State.SENDING for m in taken)
+    assert await a.unsettled(63.0, owner="a", lease_until=93.0) == []  # a is out
+    assert [m.id for m in await b.unsettled(63.0, owner="b", lease_until=93.0)] == ids
+
+
+async def test_instances_together_never_book_past_the_limit(
+    instances: list[PostgresStore],
+) -> None:
+    for second in range(5):
+        at = 1000.0 + second * 100  # a window clear of the last round's bookings
+        waits = await asyncio.gather(
+            *(
+                instances[i % 3].book_request(at + i / 100, "send", limit=10, window=60.0)
+                for i in range(30)
+            )
+        )
+        assert sum(1 for w in waits if w == 0.0) == 10
+    assert len(await instances[1].request_rows(0)) == 50
+
+
+async def test_a_warning_is_queued_once_by_the_cluster(instances: list[PostgresStore]) -> None:
+    for n in range(ROUNDS // 4):
+        warning = MESSAGE._replace(source="budget", dedupe_key=f"budget:cap:{n}")
+        done = await asyncio.gather(*(s.queue_once([warning], 1.0) for s in instances))
+        assert sorted(done) == [False, False, True]
+
+
+async def test_held_messages_are_folded_once(instances: list[PostgresStore]) -> None:
+    held = MESSAGE._replace(state=State.HELD, reason="storm", reason_kind="storm")
+    await seed(instances[0], [held._replace(text=f"t{i}") for i in range(5)], 1.0)
+
+    def digest(messages: list[Held]) -> NewMessage:
+        return MESSAGE._replace(source="digest", text=f"{len(messages)} alerts")
+
+    folded = await asyncio.gather(
+        *(
+            s.fold_held(MESSAGE.recipient, 2.0, digest, lambda i: f"folded into message {i}")
+            for s in instances
+        )
+    )
+    assert folded.count(None) == 2
+    assert next(f for f in folded if f)[1] == 5
+    assert await instances[2].counts() == {"queued": 1, "suppressed": 5}
