@@ -162,15 +162,3 @@ async def test_retry_says_when_the_running_serve_sends(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert f"queued again: {mid}" in result.stdout
     assert "a running `sms-bridge serve` sends them within 30 s" in result.stdout
-
-
-@pytest.mark.parametrize("command", [["messages"], ["serve"]])
-def test_a_postgresql_store_is_refused_clearly_until_it_lands(tmp_path, command) -> None:
-    (tmp_path / "bridge.toml").write_text(
-        '[store]\nurl = "postgresql://sms:hunter2@127.0.0.1/sms"\n'
-        '[http]\nlisten = "127.0.0.1:0"\n[smtp]\nlisten = ""\n'
-    )
-    result = run(*command, "--config", str(tmp_path / "bridge.toml"), cwd=tmp_path)
-    assert result.returncode == 1
-    assert "store.url: PostgreSQL store not available in this build" in result.stderr
-    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
