@@ -25,7 +25,7 @@ import phonenumbers
 from phonenumbers import PhoneNumberType
 
 from bridge.errors import InputError
-from bridge.phone import PhoneError, normalise_number
+from bridge.phone import NumberFacts, PhoneError, facts, normalise_number
 
 if TYPE_CHECKING:
     from bridge.config import Config
@@ -48,28 +48,27 @@ class RefusedNumber(InputError):
         return f"{self.field} is refused: {self.message}"
 
 
-def _country(number: phonenumbers.PhoneNumber) -> str | None:
+def _country(number: NumberFacts) -> str | None:
     """The number's ISO country; for a number the metadata does not know, the calling
     code's only country, or None when the code is shared (+1, +44, +7...)."""
-    region = phonenumbers.region_code_for_number(number)
-    if region:
-        return str(region)
-    regions = phonenumbers.region_codes_for_country_code(number.country_code or 0)
+    if number.region:
+        return str(number.region)
+    regions = phonenumbers.region_codes_for_country_code(number.country_code)
     return str(regions[0]) if len(regions) == 1 else None
 
 
 @functools.lru_cache(maxsize=4096)  # a few on-call numbers, checked on every message
 def refusal(e164: str, allowed_countries: frozenset[str], allow_premium: bool) -> str | None:
     """Why `e164` may not be texted under these rules, or None when it may."""
-    number = phonenumbers.parse(e164, None)
-    code = number.country_code or 0
+    number = facts(e164)
+    code = number.country_code
     if not allow_premium:
         if phonenumbers.region_code_for_country_code(code) == NON_GEOGRAPHIC:
             return (
                 f"+{code} is an international network, satellite or "
                 "premium code, not a country (phone.allow_premium is off)"
             )
-        kind = _COSTLY_TYPES.get(phonenumbers.number_type(number))
+        kind = _COSTLY_TYPES.get(number.kind)
         if kind:
             return f"{kind} (phone.allow_premium is off)"
     if allowed_countries:
