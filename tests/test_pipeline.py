@@ -395,3 +395,32 @@ async def test_delivery_states_are_found_deep_in_the_logs(
     assert counts == {"delivered": 3000}
     status_reads = [r for r in sandbox_state.requests if r.path.endswith("/logs")]
     assert len(status_reads) <= 50  # 30 pages of 100 hold them: few are read twice
+
+
+async def test_requests_booked_by_the_cli_count_against_the_window(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """`sms-bridge provider ...` books its calls in the store; the dispatcher counts them,
+    including those booked while its own budget was spent, so together they never pass
+    the limit (no 429)."""
+    sandbox_state.rate_limit = 5
+    config = bridge_config(tmp_path, sandbox_url, requests_per_minute=5)
+    async with running_bridge(config, clock) as (bridge, url):
+        for i, number in enumerate(numbers(3)):
+            await post(url, {"to": number, "message": f"first {i}"})
+        await bridge.dispatcher.run_once()  # the price list, then 3 sends: 4 requests
+        assert len(sandbox_state.entries) == 3
+        clock.advance(30)
+        await bridge.store.record_request(clock.now(), "cli:balance")  # the 5th
+        await post(url, {"to": "+12025550199", "message": "second"})
+        wait = await bridge.dispatcher.run_once()
+        assert len(sandbox_state.entries) == 3  # the CLI took the last request
+        assert wait > 25
+        assert await bridge.dispatcher.run_once() > 25  # spent: returns before any read
+        clock.advance(wait)  # the first four have left the window; the CLI's has not
+        for i in range(4):  # the CLI fills the window again before the dispatcher runs
+            await bridge.store.record_request(clock.now(), f"cli:logs-{i}")
+        await post(url, {"to": "+12025550198", "message": "third"})
+        wait = await bridge.dispatcher.run_once()
+        assert len(sandbox_state.entries) == 3
+        assert wait > 20

@@ -160,6 +160,12 @@ class Dispatcher:
     async def run_once(self) -> float:
         """One step: send what is due and within budget; return seconds until the next."""
         now = self.clock.now()
+        wait = self.limiter.wait_time("send")
+        if wait > 0:
+            # No budget: nothing below may run (sends, probes and /logs reads all need
+            # it), and every ingest wakes us, so not even a read of the store here. The
+            # CLI's requests can only lengthen the wait; they are counted when it ends.
+            return wait
         await self._count_foreign()
         if not self.health.ready:
             if now < self._next_probe:
@@ -168,7 +174,7 @@ class Dispatcher:
             if not self.health.inactive and not await self._probe():
                 return self.config.auth_probe_interval
         wait = self.limiter.wait_time("send")
-        if wait > 0:  # no budget: do not even read the queue (ingest wakes us often)
+        if wait > 0:  # the CLI's requests took what was left
             return wait
         if not self._prices_loaded:
             await self._load_prices()
