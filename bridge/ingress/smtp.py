@@ -22,6 +22,7 @@ import fnmatch
 import hmac
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 import time
@@ -52,6 +53,11 @@ PARSE_WORKERS = 2  # mail parsing threads; a slow mail holds one, never the even
 
 
 _HEADERS = email.parser.BytesParser(policy=email.policy.compat32)
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
+# An address in angle brackets of plain dot-atoms, then nothing or one space and the
+# parameters (no comment, no folding): held to aiosmtpd's parse by a property test.
+_PLAIN_ADDRESS = re.compile(rf"<({_DOT_ATOM})@({_DOT_ATOM})>(?: ([^\s(].*))?", re.DOTALL)
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -81,6 +87,15 @@ class BridgeSMTP(LimitedSMTP):
     _addresses: ClassVar[dict[tuple[str, int], tuple[str | None, str | None]]] = {}
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        plain = _PLAIN_ADDRESS.fullmatch(arg)
+        if plain is not None:
+            # `<dot-atom@dot-atom>` and its parameters, as nearly every client writes it:
+            # what the header parser would answer, without it (alerts to many numbers
+            # miss the memo; the parse was ~18 % of the loop under the distinct benchmark).
+            local, domain, rest = plain.groups()
+            if self.local_part_limit and len(local) > self.local_part_limit:
+                return None, None
+            return f"{local}@{domain}", rest or ""
         key = (arg, self.local_part_limit)
         parsed = self._addresses.get(key)
         if parsed is None:
