@@ -23,8 +23,10 @@ from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
 from bridge.ingress.smtp import (
+    _HEADERS,
     ADDRESS_CACHE_SIZE,
     BridgeSMTP,
+    schedule_header,
     start_smtp,
 )
 from bridge.models import State
@@ -440,6 +442,36 @@ def test_memoised_address_parsing_answers_as_aiosmtpd_does(arg: str, limit: int)
         assert ours._getaddr(arg) == expected  # remembered
     finally:
         loop.close()
+
+
+header_lines = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                "X-SMS-Schedule: 2030-01-01 10:00",
+                "x-sms-schedule:tomorrow",
+                "X-SMS-SCHEDULE :x",
+                "X-SMS-Schedule\t: x",
+                " X-SMS-Schedule: folded",
+                "X-SMS-Schedule-Not: x",
+                "Subject: X-SMS-Schedule: no",
+                "From ops@example.org",
+                "",
+            ]
+        ),
+        st.text(alphabet="X-SMSchedulx: \t", max_size=20),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=300)
+@given(header_lines, st.sampled_from(["\r\n", "\n", "\r"]), st.binary(max_size=8))
+def test_schedule_header_is_read_as_the_parser_reads_it(lines, eol, tail) -> None:
+    """The quick look for the header line never misses one the parser finds."""
+    raw = eol.join(lines).encode() + tail + b"\r\n\r\nbody X-SMS-Schedule: no\r\n"
+    value = _HEADERS.parsebytes(raw, headersonly=True).get("X-SMS-Schedule")
+    assert schedule_header(raw) == (None if value is None else str(value))
 
 
 def test_address_memo_is_bounded() -> None:

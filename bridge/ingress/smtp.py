@@ -53,6 +53,7 @@ PARSE_WORKERS = 2  # mail parsing threads; a slow mail holds one, never the even
 
 
 _HEADERS = email.parser.BytesParser(policy=email.policy.compat32)
+_SCHEDULE_LINE = re.compile(rb"(?:\A|[\r\n])" + MAIL_HEADER.encode() + rb"[ \t]*:", re.IGNORECASE)
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
 # An address in angle brackets of plain dot-atoms, then nothing or one space and the
@@ -266,7 +267,7 @@ class SmtpHandler:
 
     def schedule_of(self, raw: bytes) -> str | None:
         """The `X-SMS-Schedule` header, read with the one parser every ingress uses."""
-        value = _HEADERS.parsebytes(raw, headersonly=True).get(MAIL_HEADER)
+        value = schedule_header(raw)
         if not value:
             return None
         return parse_schedule_time(
@@ -350,6 +351,20 @@ class SmtpHandler:
             log.info("mail stored as suppressed (%s): %s", mail.loop_reason, ids)
         partly = f" (read in part: {mail.truncated})" if mail.truncated else ""
         return f"250 2.0.0 OK: stored as message {ids}{partly}"
+
+
+def schedule_header(raw: bytes) -> str | None:
+    """The first `X-SMS-Schedule` header of a mail, as the compat32 parser reads it.
+
+    Nearly no mail has one, and parsing every mail's headers a second time, on the event
+    loop, was ~4 % of its samples under the SMTP benchmark; so the parser runs only when
+    a line starts with the header's name (any case) and a colon: every header it could
+    find starts so (a property test holds the two together).
+    """
+    if _SCHEDULE_LINE.search(raw) is None:
+        return None
+    value = _HEADERS.parsebytes(raw, headersonly=True).get(MAIL_HEADER)
+    return None if value is None else str(value)
 
 
 def mail_dedupe_key(mail: MailText) -> str | None:
