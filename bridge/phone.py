@@ -90,9 +90,11 @@ def normalise_number(
 ) -> str:
     """One recipient as written by a person or a machine -> `+CCNNNN`, or PhoneError."""
     number = _parse_possible(text.strip(), default_region)
-    if require_valid and not phonenumbers.is_valid_number(number):
+    e164 = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+    known = _facts.get(e164) or _learn(e164, number)  # the next questions come at once
+    if require_valid and not known.assigned:
         raise PhoneError(text, "not an assigned number (phone.require_valid is on)")
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return e164
 
 
 class NumberFacts(NamedTuple):
@@ -104,15 +106,23 @@ class NumberFacts(NamedTuple):
     assigned: bool  # phonenumbers.is_valid_number
 
 
-@functools.lru_cache(maxsize=4096)  # on-call numbers repeat; a new one costs ~40 us
+FACTS_CACHE_SIZE = 4096  # on-call numbers repeat; a new one costs ~20 us more
+_facts: dict[str, NumberFacts] = {}
+
+
 def facts(e164: str) -> NumberFacts:
-    """The firewall's, the warning's and the price list's questions about `e164`, from
-    one parse. Asked one by one (parse, region, type, validity), a number new to the
-    caches was parsed four times and its region looked up three: ~140 us per message
-    when alerts go to many phones. Held to the library's own answers by a test."""
-    number = phonenumbers.parse(e164, None)
+    """The firewall's, the warning's and the price list's questions about `e164`, learnt
+    from the parse that normalised it. Asked one by one (parse, region, type, validity),
+    a number new to the caches was parsed five times and its region looked up three:
+    ~140 us per message when alerts go to many phones. Held to the library's own
+    answers by a test."""
+    known = _facts.get(e164)
+    return known if known is not None else _learn(e164, phonenumbers.parse(e164, None))
+
+
+def _learn(e164: str, number: phonenumbers.PhoneNumber) -> NumberFacts:
     kind = phonenumbers.number_type(number)
-    return NumberFacts(
+    found = NumberFacts(
         country_code=int(number.country_code or 0),
         region=phonenumbers.region_code_for_number(number),
         kind=kind,
@@ -120,6 +130,10 @@ def facts(e164: str) -> NumberFacts:
         # only region whose calling code matches); the test checks it over many numbers.
         assigned=kind != PhoneNumberType.UNKNOWN,
     )
+    if len(_facts) >= FACTS_CACHE_SIZE:  # bounded: many new numbers only clear it
+        _facts.clear()
+    _facts[e164] = found
+    return found
 
 
 def is_assigned(e164: str) -> bool:

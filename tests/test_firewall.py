@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
+from bridge import phone
 from bridge.clock import ManualClock
 from bridge.config import RouteConfig, load_config
 from bridge.errors import ConfigError
@@ -28,7 +29,7 @@ from bridge.ingress.formats import HookRequest, alertmanager, github
 from bridge.ingress.mail import parse_mail
 from bridge.ingress.smtp import mail_dedupe_key
 from bridge.models import State
-from bridge.phone import facts
+from bridge.phone import PhoneError, facts, normalise_number
 from bridge.provider.sandbox import SandboxState
 from tests.helpers import bridge_config, pump, running_bridge, write_config
 from tests.test_smtp import smtp_listening
@@ -531,13 +532,27 @@ def test_number_facts_from_one_parse_are_the_librarys_answers() -> None:
 @given(
     code=st.sampled_from(sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)),
     national=st.text("0123456789", min_size=4, max_size=13),
+    region=st.sampled_from([None, "US", "GB", "DE", "IT", "FR", "AU", "IN"]),
+    written=st.sampled_from(["+{code}{national}", "00{code} {national}", "0{national}"]),
 )
-def test_number_facts_match_the_library_on_any_digits(code: int, national: str) -> None:
+def test_number_facts_match_the_library_on_any_digits(
+    code: int, national: str, region: str | None, written: str
+) -> None:
+    """However a number was written, the facts learnt while normalising it (or asked
+    afresh) are what the library says of its E.164 form."""
     e164 = f"+{code}{national}"
     try:
         expected = _library_facts(e164)
     except phonenumbers.NumberParseException:
         with pytest.raises(phonenumbers.NumberParseException):
-            facts.__wrapped__(e164)
+            facts(e164)
+    else:
+        assert tuple(facts(e164)) == expected
+    phone._facts.clear()  # learnt from the parse of the number as written
+    try:
+        normalised = normalise_number.__wrapped__(
+            written.format(code=code, national=national), default_region=region
+        )
+    except PhoneError:
         return
-    assert tuple(facts.__wrapped__(e164)) == expected
+    assert tuple(facts(normalised)) == _library_facts(normalised)
