@@ -3,7 +3,7 @@
 Run by hand (needs `wrk`: `apt-get install wrk`):
 
     python bench/ingest_http.py [--duration 5] [--rounds 3] [--connections 32 64]
-        [--workload distinct duplicate]
+        [--workload distinct duplicate] [--recipients 10000]
 
 Both servers run side by side on this machine, one uvicorn process each, and wrk loads
 them in turn on loopback with the same requests, round after round (bare, bridge, bare,
@@ -13,15 +13,18 @@ median ratio is the figure that matters.
 Two workloads (`--workload`, both by default, distinct first):
 
 - `distinct`: what alerts look like in the field. A wrk Lua script gives every request
-  its own text and recipient (10,000 numbers in turn), and each round starts where the
-  last ended, so nothing repeats within the dedupe window: every 202 is a queued message
-  the dispatcher must send, one provider request each (distinct texts cannot share a
-  bulk call), so the rate budget is spent within the first second and the queue grows.
+  its own text and recipient (`--recipients` numbers in turn, 10,000 by default), and
+  each round starts where the last ended, so nothing repeats within the dedupe window:
+  every 202 is a queued message the dispatcher must send, one provider request each
+  (distinct texts cannot share a bulk call), so the rate budget is spent within the
+  first second and the queue grows.
 - `duplicate`: one body posted again and again: every request after the first is
   stored as a suppressed duplicate (a dedupe lookup that finds its original, then the
-  insert), and the dispatcher has nothing to do. The bridge runs as `sms-bridge serve`, its
-dispatcher and status poller working as in production against the sandbox provider in a
-process of its own (as a remote provider would be). Idle RSS is read from /proc before
+  insert), and the dispatcher has nothing to do.
+
+The bridge runs as `sms-bridge serve`, its dispatcher and status poller working as in
+production against the sandbox provider in a process of its own (as a remote provider
+would be). Idle RSS is read from /proc before
 the load, and each server's CPU time per request after each round (a busy machine
 disturbs it less than the rates).
 """
@@ -50,14 +53,17 @@ wrk.headers['Content-Type'] = 'application/json'
 # Every request its own text and recipient; `init` takes where to start counting, so
 # that later rounds do not repeat earlier ones (they would be suppressed as duplicates).
 DISTINCT_LUA = """
-local counter = 0
+local counter, recipients = 0, 10000
 local headers = {["Content-Type"] = "application/json"}
-init = function(args) counter = tonumber(args[1]) or 0 end
+init = function(args)
+  counter = tonumber(args[1]) or 0
+  recipients = tonumber(args[2]) or 10000
+end
 request = function()
   counter = counter + 1
   local body = string.format(
     '{"to": "+1202555%04d", "message": "bench: disk %d%% full on db-%d"}',
-    counter % 10000, counter % 100, counter)
+    counter % recipients, counter % 100, counter)
   return wrk.format("POST", nil, headers, body)
 end
 """
@@ -93,7 +99,7 @@ def rss_mib(pid: int) -> float:
 
 
 def wrk(
-    port: int, connections: int, duration: int, script: str, start: int = 0
+    port: int, connections: int, duration: int, script: str, start: int = 0, recipients: int = 0
 ) -> dict[str, float]:
     out = subprocess.run(
         [
@@ -107,6 +113,7 @@ def wrk(
             f"http://127.0.0.1:{port}/api/v1/messages",
             "--",
             str(start),
+            str(recipients),
         ],
         capture_output=True,
         text=True,
@@ -138,6 +145,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--workload", choices=WORKLOADS, nargs="+", default=list(WORKLOADS))
+    parser.add_argument(
+        "--recipients",
+        type=int,
+        default=10_000,
+        help="distinct numbers the distinct workload texts in turn (10,000: past every"
+        " per-number cache; an on-call team is a handful)",
+    )
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-http-")
     scripts = {"distinct": Path(tmp) / "distinct.lua", "duplicate": Path(tmp) / "duplicate.lua"}
@@ -174,7 +188,9 @@ def main() -> int:
             for workload, c in cases:
                 for name, port in (("bare", bare_port), ("bridge", bridge_port)):
                     cpu = cpu_seconds(pids[name])
-                    result = wrk(port, c, args.duration, str(scripts[workload]), started)
+                    result = wrk(
+                        port, c, args.duration, str(scripts[workload]), started, args.recipients
+                    )
                     result["cpu_us"] = (
                         (cpu_seconds(pids[name]) - cpu) * 1e6 / max(1, result["requests"])
                     )

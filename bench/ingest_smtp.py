@@ -3,7 +3,7 @@
 Run by hand:
 
     python bench/ingest_smtp.py [--duration 5] [--rounds 3] [--connections 16]
-        [--workload distinct duplicate] [--mode reused one-per-connection] [--mailrise PATH]
+        [--workload distinct duplicate] [--mode reused one-per-connection] [--mailrise PATH] [--recipients 10000]
 
 Three servers (four with `--mailrise`) run side by side, each in its own process on the
 same event loop type (uvloop where installed; mailrise as it ships), loaded in turn, round after round, by an asyncio SMTP client in
@@ -39,10 +39,11 @@ from pathlib import Path
 from common import cpu_seconds, free_port, load_average, sandbox_provider, server
 
 # Two workloads (`--workload`, both by default, distinct first):
-# - distinct: what alerts look like in the field: every mail its own recipient (10,000
-#   numbers in turn), Message-ID and text, so every 250 is a queued message the dispatcher
-#   must send, one provider request each (distinct texts cannot share a bulk call): the
-#   rate budget is spent in the first second and the queue grows.
+# - distinct: what alerts look like in the field: every mail its own recipient
+#   (--recipients numbers in turn, 10,000 by default), Message-ID and text, so every 250
+#   is a queued message the dispatcher must send, one provider request each (distinct
+#   texts cannot share a bulk call): the rate budget is spent in the first second and
+#   the queue grows.
 # - duplicate: one recipient, Message-ID and body again and again: every mail after the
 #   first is stored as a suppressed duplicate (the dedupe lookup finds its original).
 MESSAGE = (
@@ -53,8 +54,11 @@ MESSAGE = (
 WORKLOADS = ("distinct", "duplicate")
 
 
+RECIPIENTS = [10_000]  # distinct numbers in turn (--recipients)
+
+
 def recipient(workload: str, n: int) -> bytes:
-    return b"+12025550143" if workload == "duplicate" else b"+1202555%04d" % (n % 10_000)
+    return b"+12025550143" if workload == "duplicate" else b"+1202555%04d" % (n % RECIPIENTS[0])
 
 
 def mail(workload: str, n: int) -> bytes:
@@ -196,7 +200,15 @@ def main() -> int:
         help="the `mailrise` command of a separate venv (pip install mailrise==1.4.0):"
         " loaded beside the others",
     )
+    parser.add_argument(
+        "--recipients",
+        type=int,
+        default=10_000,
+        help="distinct numbers the distinct workload mails in turn (10,000: past every"
+        " per-number cache; an on-call team is a handful)",
+    )
     args = parser.parse_args()
+    RECIPIENTS[0] = args.recipients
     tmp = tempfile.mkdtemp(prefix="bench-smtp-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMS_BRIDGE_")}
     servers = [s for s in SERVERS if s != "mailrise" or args.mailrise]
