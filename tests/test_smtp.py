@@ -22,11 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
+from bridge.ingress.mail import _HEADERS, schedule_header
 from bridge.ingress.smtp import (
-    _HEADERS,
     ADDRESS_CACHE_SIZE,
     BridgeSMTP,
-    schedule_header,
     start_smtp,
 )
 from bridge.models import State

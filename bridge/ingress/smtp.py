@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import email.parser
-import email.policy
 import fnmatch
 import hmac
 import ipaddress
@@ -36,7 +34,14 @@ from bridge.config import Config, SmtpConfig
 from bridge.errors import InputError, StoreUnavailable
 from bridge.firewall import Firewall, RefusedNumber
 from bridge.ingress.ingest import Ingestor
-from bridge.ingress.mail import MailText, ParseBounds, ParseTimeout, compose, parse_mail
+from bridge.ingress.mail import (
+    MailText,
+    ParseBounds,
+    ParseTimeout,
+    compose,
+    parse_mail,
+    schedule_header,
+)
 from bridge.ingress.mailrules import apply_rule, rule_for
 from bridge.ingress.smtplimits import LimitedSMTP, Sessions, call_limits
 from bridge.phone import PhoneError
@@ -52,8 +57,6 @@ ADDRESS_CACHE_SIZE = 1024
 PARSE_WORKERS = 2  # mail parsing threads; a slow mail holds one, never the event loop
 
 
-_HEADERS = email.parser.BytesParser(policy=email.policy.compat32)
-_SCHEDULE_LINE = re.compile(rb"(?:\A|[\r\n])" + MAIL_HEADER.encode() + rb"[ \t]*:", re.IGNORECASE)
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
 # An address in angle brackets of plain dot-atoms, then nothing or one space and the
@@ -351,20 +354,6 @@ class SmtpHandler:
             log.info("mail stored as suppressed (%s): %s", mail.loop_reason, ids)
         partly = f" (read in part: {mail.truncated})" if mail.truncated else ""
         return f"250 2.0.0 OK: stored as message {ids}{partly}"
-
-
-def schedule_header(raw: bytes) -> str | None:
-    """The first `X-SMS-Schedule` header of a mail, as the compat32 parser reads it.
-
-    Nearly no mail has one, and parsing every mail's headers a second time, on the event
-    loop, was ~4 % of its samples under the SMTP benchmark; so the parser runs only when
-    a line starts with the header's name (any case) and a colon: every header it could
-    find starts so (a property test holds the two together).
-    """
-    if _SCHEDULE_LINE.search(raw) is None:
-        return None
-    value = _HEADERS.parsebytes(raw, headersonly=True).get(MAIL_HEADER)
-    return None if value is None else str(value)
 
 
 def mail_dedupe_key(mail: MailText) -> str | None:
