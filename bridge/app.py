@@ -49,6 +49,9 @@ if TYPE_CHECKING:  # the sandbox itself is imported only when configured
 
 log = logging.getLogger("bridge")
 SANDBOX_BASE_URL = "http://sandbox.invalid/api/v1"  # never resolved: served in-process
+# Young collections at the default 700 net new objects ran ~60 a second under load, for
+# little: a request's objects die by reference counting. 10x fewer (see BENCHMARKS.md).
+YOUNG_GC_THRESHOLD = 7000
 
 
 @contextlib.asynccontextmanager
@@ -322,5 +325,6 @@ async def serve(
         # the process: keep the collector from walking it on every full collection. Under
         # load that walk took about a tenth of the event loop (see BENCHMARKS.md).
         gc.freeze()
+        gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
         await runner
         log.info("stopped")

@@ -26,7 +26,7 @@ import phonenumbers
 from phonenumbers import PhoneNumberType
 
 from bridge.errors import InputError
-from bridge.phone import normalise_number
+from bridge.phone import NumberFacts, facts, normalise_number
 from bridge.ranges import costly_range
 
 if TYPE_CHECKING:
@@ -51,32 +51,32 @@ class RefusedNumber(InputError):
         return f"{self.field} is refused: {self.message}"
 
 
-def _country(number: phonenumbers.PhoneNumber) -> str | None:
+def _country(number: NumberFacts) -> str | None:
     """The number's ISO country; for a number the metadata does not know, the calling
     code's only country, or None when the code is shared (+1, +44, +7...)."""
-    region = phonenumbers.region_code_for_number(number)
-    if region:
-        return str(region)
-    regions = phonenumbers.region_codes_for_country_code(number.country_code or 0)
+    if number.region:
+        return str(number.region)
+    regions = phonenumbers.region_codes_for_country_code(number.country_code)
     return str(regions[0]) if len(regions) == 1 else None
 
 
 @functools.lru_cache(maxsize=4096)  # a few on-call numbers, checked on every message
 def refusal(e164: str, allowed_countries: frozenset[str], allow_premium: bool) -> str | None:
     """Why `e164` may not be texted under these rules, or None when it may."""
-    number = phonenumbers.parse(e164, None)
-    code = number.country_code or 0
+    number = facts(e164)
+    code = number.country_code
     if not allow_premium:
         if phonenumbers.region_code_for_country_code(code) == NON_GEOGRAPHIC:
             return (
                 f"+{code} is an international network, satellite or "
                 "premium code, not a country (phone.allow_premium is off)"
             )
-        kind = _COSTLY_TYPES.get(phonenumbers.number_type(number))
+        kind = _COSTLY_TYPES.get(number.kind)
         if kind:
             return f"{kind} (phone.allow_premium is off)"
-        if not phonenumbers.is_valid_number(number):
-            kind = costly_range(code, phonenumbers.national_significant_number(number))
+        if not number.assigned:  # rare: parse again rather than keep every parse
+            national = phonenumbers.national_significant_number(phonenumbers.parse(e164, None))
+            kind = costly_range(code, national)
             if kind:
                 return (
                     f"not a known number, but in the range of {kind} (phone.allow_premium is off)"

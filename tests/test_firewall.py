@@ -15,9 +15,13 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import httpx
+import phonenumbers
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
+from bridge import phone
 from bridge.clock import ManualClock
 from bridge.config import RouteConfig, load_config
 from bridge.errors import ConfigError
@@ -26,7 +30,7 @@ from bridge.ingress.formats import HookRequest, alertmanager, github
 from bridge.ingress.mail import parse_mail
 from bridge.ingress.smtp import mail_dedupe_key
 from bridge.models import State
-from bridge.phone import normalise_number
+from bridge.phone import PhoneError, facts, normalise_number
 from bridge.provider.sandbox import SandboxState
 from tests.helpers import bridge_config, pump, running_bridge, write_config
 from tests.test_smtp import smtp_listening
@@ -502,3 +506,69 @@ async def test_an_impossible_number_is_refused_in_the_senders_words(
     assert unknown_code.status_code == 400 and short.status_code == 400
     assert "no country has that code" in unknown_code.json()["error"]
     assert "too short to be a phone number" in short.json()["error"]
+
+
+def _library_facts(e164: str) -> tuple[int, str | None, int, bool]:
+    """What the phonenumbers library says, asked one question at a time."""
+    number = phonenumbers.parse(e164, None)
+    return (
+        int(number.country_code or 0),
+        phonenumbers.region_code_for_number(number),
+        phonenumbers.number_type(number),
+        phonenumbers.is_valid_number(number),
+    )
+
+
+def _example_numbers() -> list[str]:
+    """An example number of every type of every region, and of the non-geographic codes."""
+    found = set()
+    for region in phonenumbers.SUPPORTED_REGIONS:
+        for kind in range(12):  # PhoneNumberType.FIXED_LINE ... VOICEMAIL
+            example = phonenumbers.example_number_for_type(region, kind)
+            if example is not None:
+                found.add(phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164))
+    for code in phonenumbers.COUNTRY_CODES_FOR_NON_GEO_REGIONS:
+        example = phonenumbers.example_number_for_non_geo_entity(code)
+        if example is not None:
+            found.add(phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164))
+    return sorted(found)
+
+
+def test_number_facts_from_one_parse_are_the_librarys_answers() -> None:
+    """`phone.facts` (one parse for the firewall, the warning and the price list) answers
+    as the library's own calls do, for every kind of number it has an example of, and
+    for numbers in no assigned range (shared +1, unknown ranges)."""
+    numbers = [*_example_numbers(), "+12025550143", "+10000000000", "+19995550123", *COSTLY]
+    assert len(numbers) > 1000
+    for e164 in numbers:
+        assert tuple(facts(e164)) == _library_facts(e164), e164
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    code=st.sampled_from(sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)),
+    national=st.text("0123456789", min_size=4, max_size=13),
+    region=st.sampled_from([None, "US", "GB", "DE", "IT", "FR", "AU", "IN"]),
+    written=st.sampled_from(["+{code}{national}", "00{code} {national}", "0{national}"]),
+)
+def test_number_facts_match_the_library_on_any_digits(
+    code: int, national: str, region: str | None, written: str
+) -> None:
+    """However a number was written, the facts learnt while normalising it (or asked
+    afresh) are what the library says of its E.164 form."""
+    e164 = f"+{code}{national}"
+    try:
+        expected = _library_facts(e164)
+    except phonenumbers.NumberParseException:
+        with pytest.raises(phonenumbers.NumberParseException):
+            facts(e164)
+    else:
+        assert tuple(facts(e164)) == expected
+    phone._facts.clear()  # learnt from the parse of the number as written
+    try:
+        normalised = normalise_number.__wrapped__(
+            written.format(code=code, national=national), default_region=region
+        )
+    except PhoneError:
+        return
+    assert tuple(facts(normalised)) == _library_facts(normalised)

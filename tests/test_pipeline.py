@@ -34,6 +34,18 @@ async def post(url: str, body: dict[str, object]) -> httpx.Response:
         return await http.post(f"{url}/api/v1/messages", json=body)
 
 
+async def post_each(url: str, count: int, label: str) -> None:
+    """One text to each of `count` numbers, each its own text ("label 0", "label 1"...)."""
+    for i, number in enumerate(numbers(count)):
+        await post(url, {"to": number, "message": f"{label} {i}"})
+
+
+def five_a_minute(tmp_path, sandbox_state: SandboxState, sandbox_url: str):
+    """A bridge and its provider both held to 5 requests a minute."""
+    sandbox_state.rate_limit = 5
+    return bridge_config(tmp_path, sandbox_url, requests_per_minute=5)
+
+
 async def states(bridge, ids: list[int]) -> list[State]:
     return [(await bridge.store.get(i)).state for i in ids]
 
@@ -237,11 +249,9 @@ async def test_429_pauses_the_key_and_loses_nothing(
 async def test_rate_window_survives_a_restart(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
-    sandbox_state.rate_limit = 5
-    config = bridge_config(tmp_path, sandbox_url, requests_per_minute=5)
+    config = five_a_minute(tmp_path, sandbox_state, sandbox_url)
     async with running_bridge(config, clock) as (bridge, url):
-        for i, number in enumerate(numbers(4)):
-            await post(url, {"to": number, "message": f"first {i}"})
+        await post_each(url, 4, "first")
         await bridge.dispatcher.run_once()  # the price list, then 4 sends: 5 requests
         assert len(sandbox_state.entries) == 4
         assert len(sandbox_state.requests) == 5
@@ -411,3 +421,30 @@ async def test_delivery_states_are_found_deep_in_the_logs(
     assert counts == {"delivered": 3000}
     status_reads = [r for r in sandbox_state.requests if r.path.endswith("/logs")]
     assert len(status_reads) <= 50  # 30 pages of 100 hold them: few are read twice
+
+
+async def test_requests_booked_by_the_cli_count_against_the_window(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """`sms-bridge provider ...` books its calls in the store; the dispatcher counts them,
+    including those booked while its own budget was spent, so together they never pass
+    the limit (no 429)."""
+    config = five_a_minute(tmp_path, sandbox_state, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        await post_each(url, 3, "first")
+        await bridge.dispatcher.run_once()  # the price list, then 3 sends: 4 requests
+        assert len(sandbox_state.entries) == 3
+        clock.advance(30)
+        await bridge.store.record_request(clock.now(), "cli:balance")  # the 5th
+        await post(url, {"to": "+12025550199", "message": "second"})
+        wait = await bridge.dispatcher.run_once()
+        assert len(sandbox_state.entries) == 3  # the CLI took the last request
+        assert wait > 25
+        assert await bridge.dispatcher.run_once() > 25  # spent: returns before any read
+        clock.advance(wait)  # the first four have left the window; the CLI's has not
+        for i in range(4):  # the CLI fills the window again before the dispatcher runs
+            await bridge.store.record_request(clock.now(), f"cli:logs-{i}")
+        await post(url, {"to": "+12025550198", "message": "third"})
+        wait = await bridge.dispatcher.run_once()
+        assert len(sandbox_state.entries) == 3
+        assert wait > 20

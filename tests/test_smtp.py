@@ -22,7 +22,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
-from bridge.ingress.smtp import ADDRESS_CACHE_SIZE, BridgeSMTP, start_smtp
+from bridge.ingress.smtp import (
+    ADDRESS_CACHE_SIZE,
+    BridgeSMTP,
+    start_smtp,
+)
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from bridge.service import Bridge
@@ -408,8 +412,16 @@ async def test_template_compose(tmp_path, clock, sandbox_state, sandbox_url) -> 
     assert [e.message for e in sandbox_state.entries] == ["ups@example.org: ON BATTERY"]
 
 
+_ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
 address_args = st.one_of(
     st.text(max_size=40),
+    # The plain form the fast path reads without the header parser, and its near misses.
+    st.builds(
+        lambda local, domain, params: f"<{local}@{domain}>{params}",
+        st.text(alphabet=_ATEXT + ".", min_size=1, max_size=70),
+        st.text(alphabet=_ATEXT + ".[]", min_size=1, max_size=20),
+        st.text(alphabet=" \t()=ABSIZE8x<>@", max_size=12),
+    ),
     st.builds(
         lambda local, domain, params: f"<{local}@{domain}>{params}",
         st.text(alphabet='+0123456789abc.-_"\\ ', max_size=70),
@@ -420,11 +432,12 @@ address_args = st.one_of(
 
 
 @settings(max_examples=400)
-@given(address_args)
-def test_memoised_address_parsing_answers_as_aiosmtpd_does(arg: str) -> None:
+@given(address_args, st.sampled_from([0, 12]))
+def test_memoised_address_parsing_answers_as_aiosmtpd_does(arg: str, limit: int) -> None:
     loop = asyncio.new_event_loop()
     try:
         ours, theirs = BridgeSMTP(object(), loop=loop), SMTP(object(), loop=loop)
+        ours.local_part_limit = theirs.local_part_limit = limit
         try:
             expected = theirs._getaddr(arg)
         except Exception:  # aiosmtpd crashes on some junk ("0@"); ours calls it malformed

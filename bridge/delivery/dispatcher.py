@@ -147,6 +147,12 @@ class Dispatcher:
             # wakes us, and re-reading the queue on each took a third of ingest's speed
             # (bench/flood.py); what arrives meanwhile goes when the hold ends.
             return self._held_until - now
+        wait = self.limiter.wait_time("send")
+        if wait > 0:
+            # No budget: nothing below may run (sends, probes and /logs reads all need
+            # it), and every ingest wakes us, so not even a read of the store here. The
+            # CLI's requests can only lengthen the wait; they are counted when it ends.
+            return wait
         await self._count_foreign()
         for text in [k for k, at in self._last_call.items() if at <= now - self.limiter.window]:
             del self._last_call[text]  # a text not sent for a window is new again
@@ -157,7 +163,7 @@ class Dispatcher:
             if not self.health.inactive and not await self._probe():
                 return self.config.auth_probe_interval
         wait = self.limiter.wait_time("send")
-        if wait > 0:  # no budget: do not even read the queue (ingest wakes us often)
+        if wait > 0:  # the CLI's requests took what was left
             return wait
         if not self._prices_loaded:
             await self._load_prices()

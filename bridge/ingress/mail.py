@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email
 import email.header
+import email.parser
 import email.policy
 import re
 import time

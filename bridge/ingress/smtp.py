@@ -19,6 +19,7 @@ import dataclasses
 import fnmatch
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 import time
@@ -50,6 +51,13 @@ ADDRESS_CACHE_SIZE = 1024
 PARSE_WORKERS = 2  # mail parsing threads; a slow mail holds one, never the event loop
 
 
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
+# An address in angle brackets of plain dot-atoms, then nothing or one space and the
+# parameters (no comment, no folding): held to aiosmtpd's parse by a property test.
+_PLAIN_ADDRESS = re.compile(rf"<({_DOT_ATOM})@({_DOT_ATOM})>(?: ([^\s(].*))?", re.DOTALL)
+
+
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
@@ -71,6 +79,15 @@ class BridgeSMTP(LimitedSMTP):
     _addresses: ClassVar[dict[tuple[str, int], tuple[str | None, str | None]]] = {}
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        plain = _PLAIN_ADDRESS.fullmatch(arg)
+        if plain is not None:
+            # `<dot-atom@dot-atom>` and its parameters, as nearly every client writes it:
+            # what the header parser would answer, without it (alerts to many numbers
+            # miss the memo; the parse was ~18 % of the loop under the distinct benchmark).
+            local, domain, rest = plain.groups()
+            if self.local_part_limit and len(local) > self.local_part_limit:
+                return None, None
+            return f"{local}@{domain}", rest or ""
         key = (arg, self.local_part_limit)
         parsed = self._addresses.get(key)
         if parsed is None:

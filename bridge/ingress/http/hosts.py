@@ -16,6 +16,7 @@ balancers and orchestrators that probe by address; they store nothing and show n
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import json
 
@@ -45,6 +46,7 @@ def _is_ip(name: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=256)  # asked on every request; clients send a few Hosts
 def host_allowed(header: str | None, allowed: tuple[str, ...], listen: str) -> bool:
     """May a request with this Host header be served? `allowed` is `http.allowed_hosts`."""
     if header is None:
