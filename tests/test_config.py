@@ -337,3 +337,14 @@ def test_cluster_section_names_the_instance_and_bounds_the_lease(tmp_path) -> No
     with pytest.raises(ConfigError) as caught:
         load_config(None, env={"SMS_BRIDGE_CLUSTER_LEASE": "1s"})
     assert ("cluster.lease", "must be between 5s and 1h") in caught.value.problems
+
+
+def test_store_url_is_a_postgresql_url_or_empty(tmp_path) -> None:
+    bad = write_config(tmp_path, '[store]\nurl = "mysql://db.example/sms"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    assert [key for key, _ in caught.value.problems] == ["store.url"]
+    assert "postgresql://" in caught.value.problems[0][1]
+    good = write_config(tmp_path, '[store]\nurl = "postgresql://sms:pw@db/sms"\n', "pg.toml")
+    assert load_config(good).store.url == "postgresql://sms:pw@db/sms"
+    assert load_config(write_config(tmp_path, "", "empty.toml")).store.url == ""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from sqlite_utils import Database
 
@@ -106,7 +106,8 @@ def stored_originals(
         " AND created_at >= since AND state != 'failed'"
         " ORDER BY created_at LIMIT 1) AS original FROM wanted) WHERE original IS NOT NULL",
     )
-    return {OriginalQuestion(*asked): int(original) for asked, (original,) in found}
+    # `asked` is the question object itself (a NamedTuple): no need to build it again.
+    return {cast(OriginalQuestion, asked): int(original) for asked, (original,) in found}
 
 
 def stored_storms(db: Database, wanted: Sequence[StormQuestion]) -> dict[StormQuestion, StormState]:
@@ -121,7 +122,7 @@ def stored_storms(db: Database, wanted: Sequence[StormQuestion]) -> dict[StormQu
         " AND source != 'digest')",
     )
     return {
-        StormQuestion(*asked): StormState(bool(held), int(recent))
+        cast(StormQuestion, asked): StormState(bool(held), int(recent))
         for asked, (held, recent) in found
     }
 
