@@ -170,7 +170,8 @@ class Bridge:
                 log.warning("reload: %s", warning)
 
     async def retention(self, stop: asyncio.Event) -> None:
-        """Purge finished messages older than `store.retention`, hourly."""
+        """Purge finished messages older than `store.retention`, hourly, on the
+        cluster's leader (one process: always this one)."""
 
         async def purge() -> float:
             keep = self.config.store.retention
@@ -181,7 +182,12 @@ class Bridge:
             return RETENTION_INTERVAL
 
         await run_steps(
-            purge, name="retention", clock=self.clock, stop=stop, retry_after=RETENTION_INTERVAL
+            purge,
+            name="retention",
+            clock=self.clock,
+            stop=stop,
+            retry_after=RETENTION_INTERVAL,
+            gate=self.store.leading,
         )
 
     async def run(
@@ -200,8 +206,10 @@ class Bridge:
                 if server is not None and http_socket is not None:
                     tasks.create_task(server.serve(sockets=[http_socket]), name="http")
                 tasks.create_task(self.dispatcher.run(self.stop), name="dispatcher")
-                tasks.create_task(self.poller.run(self.stop), name="status-poller")
-                tasks.create_task(self.digests.run(self.stop), name="storm-digests")
+                # The singletons: on one instance of a cluster at a time (its leader).
+                leader = self.store.leading
+                tasks.create_task(self.poller.run(self.stop, leader), name="status-poller")
+                tasks.create_task(self.digests.run(self.stop, leader), name="storm-digests")
                 tasks.create_task(self.retention(self.stop), name="retention")
                 if reloads is not None:
                     tasks.create_task(self._reloader(reloads), name="reloader")

@@ -127,3 +127,68 @@ async def test_held_messages_are_folded_once(instances: list[PostgresStore]) -> 
     assert folded.count(None) == 2
     assert next(f for f in folded if f)[1] == 5
     assert await instances[2].counts() == {"queued": 1, "suppressed": 5}
+
+
+async def _terminate_leader(store: PostgresStore) -> None:
+    """Kill the leader's session from outside, as a crash or a cut network would."""
+    conn = store.leadership._conn
+    assert conn is not None
+    pid = conn.get_server_pid()
+    async with store.db.connection() as admin:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        # The signal is sent; the session ends a moment later (and its lock with it).
+        for _ in range(500):
+            gone = not await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid
+            )
+            if gone:
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError("the leader's session did not end")
+
+
+async def test_one_leader_at_a_time_and_another_when_it_dies(
+    instances: list[PostgresStore],
+) -> None:
+    a, b, c = instances
+    assert [await s.leading() for s in instances] == [True, False, False]
+    assert [await s.leading() for s in instances] == [True, False, False]  # it stays
+    # a's session ends (a crash, a cut network): the next instance to try leads...
+    await _terminate_leader(a)
+    assert [await b.leading(), await c.leading()] == [True, False]
+    # ...and a, back, does not believe it still leads: one leader at a time.
+    assert await a.leading() is False
+    assert [await s.leading() for s in instances] == [False, True, False]
+    await b.close()  # a clean shutdown hands the lead over at once
+    assert sorted([await a.leading(), await c.leading()]) == [False, True]
+
+
+async def test_singletons_run_only_while_their_gate_says_so() -> None:
+    """run_steps asks the gate (the store's `leading`) before each step."""
+    from bridge.clock import ManualClock
+    from bridge.loops import GATE_RETRY, run_steps
+
+    clock, stop = ManualClock(), asyncio.Event()
+    start = clock.now()
+    leading = [False, False, True, True]
+    steps: list[float] = []
+
+    async def gate() -> bool:
+        if not leading:
+            stop.set()
+            return False
+        return leading.pop(0)
+
+    async def step() -> float:
+        steps.append(clock.now())
+        return 60.0
+
+    task = asyncio.create_task(
+        run_steps(step, name="t", clock=clock, stop=stop, retry_after=1.0, gate=gate)
+    )
+    while not task.done():
+        await asyncio.sleep(0)
+        clock.advance(1.0)
+    # Two refusals (a follower retries every GATE_RETRY), then steps at its own pace.
+    assert len(steps) == 2 and steps[1] - steps[0] >= 60.0
+    assert steps[0] - start >= 2 * GATE_RETRY

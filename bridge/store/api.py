@@ -173,6 +173,13 @@ class Lifecycle(Protocol):
         lost server), where an empty transaction would still pass."""
         ...
 
+    async def leading(self) -> bool:
+        """Whether this instance runs the singletons now (status polling, storm digests,
+        retention), taking the lead if nobody holds it; never raises (a store it cannot
+        reach: False). One process (SQLite): always. A cluster: one instance at a time,
+        and another within seconds of the leader's death."""
+        ...
+
 
 class IngestOperations(Protocol):
     async def ingest(self, pending: Sequence[Pending], decider: Decider) -> list[Stored]:

@@ -8,32 +8,16 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from bridge.models import Message, NewMessage
+from bridge.models import Message
 from bridge.store.postgres.pool import Conn, Database
+from bridge.store.rows import INSERTED
 
-# Columns an insert sets, with the array type each is passed as (one unnest per insert:
-# one statement, however many messages, and one prepared plan for every batch size).
-INSERT_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("id", "bigint"),
-    ("recipient", "text"),
-    ("text", "text"),
-    ("source", "text"),
-    ("sender_id", "text"),
-    ("message_type", "integer"),
-    ("parts", "integer"),
-    ("route", "text"),
-    ("dedupe_key", "text"),
-    ("schedule_time", "text"),
-    ("state", "text"),
-    ("reason", "text"),
-    ("created_at", "float8"),
-    ("updated_at", "float8"),
-    ("next_attempt_at", "float8"),
-    ("topic", "text"),
-    ("reason_kind", "text"),
-    ("estimated_cost", "float8"),
-    ("instance", "text"),
-)
+# The array type each inserted column is passed as (one unnest per insert: one
+# statement, however many messages, and one prepared plan for every batch size).
+ARRAY_TYPES = {"id": "bigint", "message_type": "integer", "parts": "integer"}
+ARRAY_TYPES |= dict.fromkeys(("created_at", "updated_at", "next_attempt_at"), "float8")
+ARRAY_TYPES["estimated_cost"] = "float8"
+INSERT_COLUMNS = tuple((c, ARRAY_TYPES.get(c, "text")) for c in INSERTED)
 INSERT_SQL = (
     f"INSERT INTO messages ({', '.join(c for c, _ in INSERT_COLUMNS)}) SELECT * FROM unnest("
     + ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(INSERT_COLUMNS, 1))
@@ -52,30 +36,6 @@ RATE_LOCK = 0x534D_5303  # "SMS" 3: booking in the provider's shared rate window
 def columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
     """Rows -> one list per column, as `INSERT_SQL` takes them."""
     return [list(column) for column in zip(*rows, strict=True)] or [[] for _ in INSERT_COLUMNS]
-
-
-def row(message_id: int, m: NewMessage, now: float) -> tuple[Any, ...]:
-    return (
-        message_id,
-        m.recipient,
-        m.text,
-        m.source,
-        m.sender_id,
-        m.message_type,
-        m.parts,
-        m.route,
-        m.dedupe_key,
-        m.schedule_time,
-        str(m.state),
-        m.reason,
-        now,
-        now,
-        now,
-        m.topic,
-        m.reason_kind,
-        m.estimated_cost,
-        m.instance,
-    )
 
 
 async def one(conn: Conn, sql: str, *args: Any) -> Any:

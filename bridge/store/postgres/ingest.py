@@ -30,8 +30,9 @@ from bridge.store.api import (
     StormQuestion,
     StormState,
 )
-from bridge.store.postgres.base import Base, dedupe_lock, key_lock, recipient_lock, row
+from bridge.store.postgres.base import Base, dedupe_lock, key_lock, recipient_lock
 from bridge.store.postgres.pool import Conn
+from bridge.store.rows import row
 
 # One statement answers every question of a batch (each statement is a round trip).
 ORIGINALS = (

@@ -12,6 +12,7 @@ from __future__ import annotations
 from bridge.store.api import StoreStats
 from bridge.store.postgres.delivery import DeliveryOps
 from bridge.store.postgres.ingest import IngestOps
+from bridge.store.postgres.leader import Leadership
 from bridge.store.postgres.migrate import check_not_newer, check_schema, migrate
 from bridge.store.postgres.queries import QueryOps
 
@@ -23,6 +24,7 @@ class PostgresStore(IngestOps, DeliveryOps, QueryOps):
     def __init__(self, url: str, *, max_connections: int = 8, migrating: bool = False) -> None:
         super().__init__(url, max_connections=max_connections)
         self.migrating = migrating
+        self.leadership = Leadership(self.db)
 
     async def open(self) -> None:
         """Connect; refuse (SchemaError) a schema newer than this build's, and, unless
@@ -42,7 +44,11 @@ class PostgresStore(IngestOps, DeliveryOps, QueryOps):
 
     async def close(self) -> None:
         await self.close_ingest()
+        await self.leadership.release()  # another instance takes the lead at once
         await self.db.close()
+
+    async def leading(self) -> bool:
+        return await self.leadership.leading()
 
     def stats(self) -> StoreStats:
         return StoreStats(transactions=self.transactions, writes=self.writes)

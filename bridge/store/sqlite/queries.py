@@ -23,7 +23,8 @@ from bridge.store.api import (
     StormQuestion,
     StormState,
 )
-from bridge.store.sqlite.schema import INSERT_COLUMNS, ROW_MARKS, ROWS_PER_INSERT, row
+from bridge.store.rows import row
+from bridge.store.sqlite.schema import INSERT_COLUMNS, ROW_MARKS, ROWS_PER_INSERT
 
 LOOKUPS_PER_STATEMENT = 200  # up to four parameters each: under SQLite's oldest limit (999)
 

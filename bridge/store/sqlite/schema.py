@@ -6,12 +6,10 @@ database); never edited once released, only followed by new ones.
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-from bridge.models import NewMessage
+from bridge.store.rows import INSERTED
 
 migrations = Migrations("sms_bridge")
 
@@ -103,13 +101,9 @@ def _heartbeat(db: Database) -> None:
     db.execute("CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL)")
 
 
-# Columns an ingest sets; the rest keep their defaults. Rows per INSERT statement: 19
+# Columns an ingest sets (bridge.store.rows). Rows per INSERT statement: 19
 # parameters each stays under SQLite's oldest variable limit (999).
-INSERT_COLUMNS = (
-    "id, recipient, text, source, sender_id, message_type, parts, route, dedupe_key,"
-    " schedule_time, state, reason, created_at, updated_at, next_attempt_at, topic,"
-    " reason_kind, estimated_cost, instance"
-)
+INSERT_COLUMNS = ", ".join(INSERTED)
 ROW_MARKS = "(" + ",".join("?" * len(INSERT_COLUMNS.split(","))) + ")"
 ROWS_PER_INSERT = 50
 # Many rows changed by one statement: ids (or rows) passed as one JSON parameter, exact
@@ -117,27 +111,3 @@ ROWS_PER_INSERT = 50
 # Filters on state are written `+state` so that SQLite looks the ids up by rowid rather
 # than walking every queued message through the state index.
 JSON_IDS = "(SELECT value FROM json_each(?))"
-
-
-def row(message_id: int, m: NewMessage, now: float) -> tuple[Any, ...]:
-    return (
-        message_id,
-        m.recipient,
-        m.text,
-        m.source,
-        m.sender_id,
-        m.message_type,
-        m.parts,
-        m.route,
-        m.dedupe_key,
-        m.schedule_time,
-        str(m.state),
-        m.reason,
-        now,
-        now,
-        now,
-        m.topic,
-        m.reason_kind,
-        m.estimated_cost,
-        m.instance,
-    )

@@ -49,6 +49,10 @@ class SqliteStore(DeliveryOperations, ConsoleQueries):
     def stats(self) -> StoreStats:
         return StoreStats(transactions=self.engine.commits, writes=self.engine.jobs_committed)
 
+    async def leading(self) -> bool:
+        """One process owns the store: it always leads."""
+        return True
+
     async def heartbeat(self, now: float) -> None:
         """Rewrite the one heartbeat row and commit: the readiness probe's real write."""
         await self.engine.write(
