@@ -201,8 +201,7 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _store_copy(config: Config, args: argparse.Namespace) -> int:
-    from bridge.store.copy import copy_sqlite_to_postgres
-    from bridge.store.names import display_url
+    from bridge.store import copy_into_postgres, display_url
 
     source = args.source or config.store.path
     target = args.target or config.store.url
@@ -214,7 +213,7 @@ async def _store_copy(config: Config, args: argparse.Namespace) -> int:
         )
         return 1
     try:
-        summary = await copy_sqlite_to_postgres(source, target, replace=args.replace)
+        summary = await copy_into_postgres(source, target, replace=args.replace)
     except StoreUnavailable as exc:  # names the side at fault, never the password
         print(f"store copy {source} -> {display_url(target)}: {exc}", file=sys.stderr)
         return 1
