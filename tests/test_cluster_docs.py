@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tomllib
@@ -24,7 +23,7 @@ from bridge.config.sections import DEFAULT_HTTP_LISTEN
 from bridge.store.copy import CopySummary
 from tests.postgres import find_binaries, new_database_name
 from tests.processes import clean_env, free_port
-from tests.test_docs import blocks, blocks_in, check_config, section_of
+from tests.test_docs import blocks, blocks_in, check_config, run_pasted, section_of
 
 ROOT = Path(__file__).parent.parent
 CLUSTER = ROOT / "docs" / "cluster.md"
@@ -161,27 +160,14 @@ def test_the_try_it_block_runs_as_written(tmp_path: Path, postgres_server: str) 
         path.append(str(binaries))  # createdb, beside the fixture's initdb
     env = clean_env(PATH=os.pathsep.join([*path, os.environ["PATH"]]))
     work = tmp_path / "work"
-    work.mkdir()
-    out_path, err_path = tmp_path / "out", tmp_path / "err"
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(
-            ["bash", "-e", "-c", script],
-            cwd=work,
-            env=env,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,  # the block's `&` children are in our process group
+    try:
+        returncode, output, err = run_pasted(script, work, env, timeout=120)
+    finally:
+        subprocess.run(
+            [sys.executable, "-c", _DROP, postgres_server, name], check=False, timeout=60
         )
-        try:
-            proc.wait(timeout=120)
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            subprocess.run(
-                [sys.executable, "-c", _DROP, postgres_server, name], check=False, timeout=60
-            )
-    output = out_path.read_text()
-    logs = err_path.read_text() + "".join(p.read_text() for p in work.glob("*.log"))
-    assert proc.returncode == 0, output + logs
+    logs = err + "".join(p.read_text() for p in work.glob("*.log"))
+    assert returncode == 0, output + logs
     *_, message_line, entries_line = output.strip().splitlines()
     message = json.loads(message_line)
     assert message["state"] in ("sent", "delivered"), message
