@@ -17,7 +17,9 @@ FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY bridge ./bridge
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# With the postgres extra (asyncpg): the same image runs on SQLite or, with store.url,
+# as one of several instances on PostgreSQL (docs/cluster.md).
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[postgres]"
 
 FROM python:3.11-slim-bookworm
 RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin sms-bridge \

@@ -42,7 +42,7 @@ from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.service import Bridge
 from bridge.sockets import bind_socket, bound_address
-from bridge.store import Store, open_store
+from bridge.store import Store, describe, open_store
 
 if TYPE_CHECKING:  # the sandbox itself is imported only when configured
     from bridge.provider.sandbox import SandboxState
@@ -318,7 +318,7 @@ async def serve(
             log.info("SMTPS listening on %s", bound_address(tls_socket))
         log.info(
             "store %s; %d requests/minute to the provider",
-            config.store.path,
+            describe(config.store),
             config.provider.requests_per_minute,
         )
         # What start-up built (modules, phone metadata, config, the app) lives as long as

@@ -78,6 +78,33 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("ids", nargs="*", type=int, help="message ids")
     retry.add_argument("--failed", action="store_true", help="every failed message")
     with_config(sub.add_parser("migrate", help="create or upgrade the store's schema"))
+    store = sub.add_parser("store", help="move a store").add_subparsers(
+        dest="action", required=True
+    )
+    copy = with_config(
+        store.add_parser(
+            "copy",
+            help="copy the SQLite store into PostgreSQL (stop serve first)",
+            description=(
+                "Copy every message, event and rate-window booking of the SQLite store"
+                " (store.path) into the PostgreSQL database (store.url), ids kept. Every"
+                " serve on the SQLite file must be stopped (the copy refuses a file in use);"
+                " run `sms-bridge migrate` on the target first. One-shot: a target that"
+                " holds data is refused unless --replace."
+            ),
+        )
+    )
+    copy.add_argument("--from", dest="source", help="the SQLite file (default: store.path)")
+    copy.add_argument(
+        "--to",
+        dest="target",
+        help="postgresql://... (default: store.url; a URL here shows its password in ps)",
+    )
+    copy.add_argument(
+        "--replace",
+        action="store_true",
+        help="delete the target's messages, events and bookings first",
+    )
     purge = with_config(sub.add_parser("purge", help="delete old finished messages"))
     purge.add_argument("--older-than", required=True, help="a duration such as 30d")
     provider = with_config(sub.add_parser("provider", help="call the provider's account API"))
@@ -168,7 +195,30 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
             print(f"applied {name}")
         print(f"store {describe(config.store)}: schema up to date")
         return 0
+    if args.command == "store":
+        return asyncio.run(_store_copy(config, args))
     return 2
+
+
+async def _store_copy(config: Config, args: argparse.Namespace) -> int:
+    from bridge.store import copy_into_postgres, display_url
+
+    source = args.source or config.store.path
+    target = args.target or config.store.url
+    if not target.startswith(("postgresql://", "postgres://")):
+        print(
+            "store copy: no PostgreSQL target: set store.url (SMS_BRIDGE_STORE_URL) or pass"
+            " --to postgresql://...",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        summary = await copy_into_postgres(source, target, replace=args.replace)
+    except StoreUnavailable as exc:  # names the side at fault, never the password
+        print(f"store copy {source} -> {display_url(target)}: {exc}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    return 0
 
 
 def _world_readable(path: str) -> bool:

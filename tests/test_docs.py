@@ -280,23 +280,8 @@ def test_the_readme_try_it_block_runs_pasted_as_one_script(tmp_path) -> None:
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     )
     work = tmp_path / "work"  # the empty directory the text asks for
-    work.mkdir()
-    with open(tmp_path / "out", "w") as out_file, open(tmp_path / "err", "w") as err_file:
-        proc = subprocess.Popen(
-            ["bash", "-e", "-c", script],
-            cwd=work,
-            env=env,
-            stdout=out_file,
-            stderr=err_file,
-            start_new_session=True,  # the block's `serve &` is in our process group
-        )
-        try:
-            proc.wait(timeout=90)
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-    out = (tmp_path / "out").read_text()
-    err = (tmp_path / "err").read_text()
-    assert proc.returncode == 0, err
+    returncode, out, err = run_pasted(script, work, env, timeout=90)
+    assert returncode == 0, err
     promised = re.search(r"^# (\{\"ids\".*\})$", script, re.MULTILINE)
     assert promised is not None
     lines = out.splitlines()
@@ -306,6 +291,29 @@ def test_the_readme_try_it_block_runs_pasted_as_one_script(tmp_path) -> None:
     assert table and "delivered" in table[0] and "disk full on db-2" in table[0]
     assert "250 2.0.0 OK: stored as message 2" in out  # swaks took the number
     assert f"store: {work / 'sms-bridge.db'}" in err
+
+
+def run_pasted(
+    script: str, work: Path, env: dict[str, str], timeout: float
+) -> tuple[int, str, str]:
+    """`script` run by `bash -e` in the new empty directory `work`, as a reader pastes it;
+    whatever it left running (`serve &`) is stopped after. Exit code, stdout, stderr."""
+    work.mkdir()
+    out_path, err_path = work.parent / "out", work.parent / "err"
+    with open(out_path, "w") as out_file, open(err_path, "w") as err_file:
+        proc = subprocess.Popen(
+            ["bash", "-e", "-c", script],
+            cwd=work,
+            env=env,
+            stdout=out_file,
+            stderr=err_file,
+            start_new_session=True,  # the block's `serve &` is in our process group
+        )
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+    return proc.returncode, out_path.read_text(), err_path.read_text()
 
 
 def recipe_route(name: str, tmp_path: Path, sandbox_url: str) -> Config:

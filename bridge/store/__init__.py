@@ -12,12 +12,15 @@ from typing import TYPE_CHECKING
 
 from bridge.errors import ConfigError
 from bridge.store.api import Store
-from bridge.store.names import describe
+from bridge.store.names import describe, display_url
 
 if TYPE_CHECKING:
-    from bridge.config import StoreConfig
+    from pathlib import Path
 
-__all__ = ["Store", "describe", "migrate_store", "open_store"]
+    from bridge.config import StoreConfig
+    from bridge.store.copy import CopySummary
+
+__all__ = ["Store", "copy_into_postgres", "describe", "display_url", "migrate_store", "open_store"]
 
 
 def open_store(config: StoreConfig, *, migrating: bool = False) -> Store:
@@ -50,3 +53,15 @@ async def migrate_store(config: StoreConfig) -> list[str]:
         return await store.migrate()
     finally:
         await store.close()
+
+
+async def copy_into_postgres(source: str | Path, url: str, *, replace: bool) -> CopySummary:
+    """`sms-bridge store copy`: the SQLite store at `source` into PostgreSQL at `url`
+    (see `bridge.store.copy`); loaded here only, as the PostgreSQL driver is an extra."""
+    try:
+        from bridge.store.copy import copy_sqlite_to_postgres
+        from bridge.store.postgres.load import load  # noqa: F401  (the driver is there)
+    except ImportError as exc:
+        needs = f"copying into PostgreSQL needs pip install 'sms-bridge[postgres]' ({exc})"
+        raise ConfigError([("store.url", needs)]) from exc
+    return await copy_sqlite_to_postgres(source, url, replace=replace)

@@ -115,6 +115,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read")
         self._local = threading.local()
+        # Every reader's connection, closed by close(): left to the garbage collector, a
+        # closed store would keep the file open (and `store copy` would find it in use).
+        self._reader_conns: list[sqlite3.Connection] = []
         self.commits = 0  # transactions committed (a metric: writes per fsync)
         self.jobs_committed = 0
         self.migrated: list[str] = []  # migrations the last open applied
@@ -138,6 +141,8 @@ class Engine:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
         self._readers.shutdown(wait=True)
+        while self._reader_conns:
+            self._reader_conns.pop().close()
 
     # -- the writer thread ---------------------------------------------------------
     def _writer(self) -> None:
@@ -262,6 +267,7 @@ class Engine:
         if conn is None:
             conn = _connect(self.path)
             self._local.conn = conn
+            self._reader_conns.append(conn)  # list.append is atomic: readers may race
         try:
             return fn(conn)
         except sqlite3.Error as exc:

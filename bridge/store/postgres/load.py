@@ -1,0 +1,135 @@
+"""Loading a whole store into an empty PostgreSQL database (`sms-bridge store copy`).
+
+One transaction: the target holds every row or none. Rows go in with COPY, ids as
+they were (COPY writes identity columns as given), and each identity sequence is then
+moved past the highest id, so that the first message a `serve` ingests afterwards gets
+a new number, not one the copy used. The insert trigger logs an event for every message
+COPY writes; those are deleted and the source's own history loaded in their place (the
+target's events were empty, or emptied by `replace`), so `/api/v1/messages/{id}` shows
+the same events, with the same times, as before.
+
+Messages that were `sending` when the source stopped keep that state with no owner and
+no lease: the first instance to look takes them over and checks the provider's `/logs`
+before any resend, exactly as after a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Protocol
+
+import asyncpg
+
+from bridge.errors import StoreUnavailable
+from bridge.store.postgres.base import one
+from bridge.store.postgres.pool import Conn, Database
+
+CHUNK = 5000  # rows per COPY
+DATA_TABLES = ("messages", "events", "provider_requests")
+# The target is not empty if any of these holds a row.
+OCCUPIED = (
+    "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM events),"
+    " (SELECT count(*) FROM provider_requests)"
+)
+COLUMN_TYPES = (
+    "SELECT column_name, data_type FROM information_schema.columns"
+    " WHERE table_schema = current_schema() AND table_name = $1"
+)
+ADVANCE = (
+    "SELECT setval(pg_get_serial_sequence($1, 'id'), m, true)"
+    " FROM (SELECT max(id) AS m FROM {table}) AS top WHERE m IS NOT NULL"
+)
+
+
+class Rows(Protocol):
+    """A table to load (`bridge.store.sqlite.export.Table` is one)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def columns(self) -> tuple[str, ...]: ...
+    @property
+    def rows(self) -> Iterator[tuple[Any, ...]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    counts: dict[str, int]  # rows per table
+    top_id: int  # the highest message id; the next ingest gets a higher one
+
+
+class TargetNotEmpty(StoreUnavailable):
+    """The target already holds data and `replace` was not asked for."""
+
+
+def _chunks(rows: Iterable[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
+    it = iter(rows)
+    while chunk := list(islice(it, CHUNK)):
+        yield chunk
+
+
+async def _converters(conn: Conn, table: Rows) -> list[Any]:
+    """Per column, how a source value becomes the target's (SQLite 0/1 -> boolean);
+    a source column the target lacks is refused, never dropped."""
+    types = {r[0]: r[1] for r in await conn.fetch(COLUMN_TYPES, table.name)}
+    if unknown := [c for c in table.columns if c not in types]:
+        raise StoreUnavailable(
+            f"the target's {table.name} has no column {', '.join(unknown)}: run"
+            " `sms-bridge migrate` with the release that wrote the source"
+        )
+    return [
+        (lambda v: None if v is None else bool(v)) if types[c] == "boolean" else None
+        for c in table.columns
+    ]
+
+
+async def _copy(conn: Conn, table: Rows) -> int:
+    convert = await _converters(conn, table)
+    copied = 0
+    for chunk in _chunks(table.rows):
+        if any(convert):
+            chunk = [
+                tuple(f(v) if f else v for f, v in zip(convert, row, strict=True)) for row in chunk
+            ]
+        await conn.copy_records_to_table(table.name, records=chunk, columns=list(table.columns))
+        copied += len(chunk)
+    return copied
+
+
+async def load(db: Database, tables: Sequence[Rows], *, replace: bool = False) -> Loaded:
+    """Copy `tables` (messages first) into the database in one transaction.
+
+    TargetNotEmpty if it holds messages, events or bookings, unless `replace`: then
+    those are deleted first, in the same transaction.
+    """
+    try:
+        return await _load(db, tables, replace)
+    except asyncpg.PostgresError as exc:  # a refused statement (rights, a constraint)
+        raise StoreUnavailable(f"copy failed, nothing copied: {exc}") from exc
+
+
+async def _load(db: Database, tables: Sequence[Rows], replace: bool) -> Loaded:
+    async with db.transaction() as conn:
+        # No instance may write while the copy runs (it would take ids the copy is
+        # about to use): they wait for the commit, then find the sequences moved on.
+        await conn.execute(f"LOCK TABLE {', '.join(DATA_TABLES)} IN EXCLUSIVE MODE")
+        held = dict(zip(DATA_TABLES, await one(conn, OCCUPIED), strict=True))
+        if any(held.values()) and not replace:
+            listed = ", ".join(f"{n} {t}" for t, n in held.items() if n)
+            raise TargetNotEmpty(
+                f"the target already holds data ({listed}): copy into an empty database,"
+                " or pass --replace to delete it first"
+            )
+        if any(held.values()):
+            await conn.execute(f"TRUNCATE {', '.join(DATA_TABLES)}")
+        counts = {}
+        for table in tables:
+            counts[table.name] = await _copy(conn, table)
+            if table.name == "messages":  # the trigger's events: the source's replace them
+                await conn.execute("DELETE FROM events")
+        for name in DATA_TABLES:
+            await conn.execute(ADVANCE.format(table=name), name)
+        top = await conn.fetchval("SELECT coalesce(max(id), 0) FROM messages")
+    return Loaded(counts, int(top))

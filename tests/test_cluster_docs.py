@@ -1,0 +1,188 @@
+"""docs/cluster.md works as written: its "Try it on one machine" block run by bash
+against a real PostgreSQL (two instances, one killed, its alert still sent once), the
+Kubernetes manifests parsed and checked against the bridge's defaults (probes, ports,
+secrets), every TOML block through check-config, every shell block through `bash -n`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bridge.config import load_config
+from bridge.config.sections import DEFAULT_HTTP_LISTEN
+from bridge.store.copy import CopySummary
+from tests.postgres import find_binaries, new_database_name
+from tests.processes import clean_env, free_port
+from tests.test_docs import blocks, blocks_in, check_config, run_pasted, section_of
+
+ROOT = Path(__file__).parent.parent
+CLUSTER = ROOT / "docs" / "cluster.md"
+
+
+def _manifests() -> list[dict[str, Any]]:
+    [block] = blocks_in(section_of(CLUSTER, "Kubernetes"), "yaml")
+    return [doc for doc in yaml.safe_load_all(block) if doc]
+
+
+def _kind(kind: str) -> dict[str, Any]:
+    [found] = [m for m in _manifests() if m["kind"] == kind]
+    return found
+
+
+def _port(listen: str) -> int:
+    return int(listen.rpartition(":")[2])
+
+
+def test_the_kubernetes_probes_and_ports_are_the_bridges() -> None:
+    deployment = _kind("Deployment")
+    config = tomllib.loads(_kind("ConfigMap")["data"]["config.toml"])
+    spec = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 2
+    [container] = spec["containers"]
+    http = _port(config["http"]["listen"])
+    assert http == _port(DEFAULT_HTTP_LISTEN)  # the port the bridge's own docs name
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": http, "smtp": _port(config["smtp"]["listen"])}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": http}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": http}
+    assert container["args"] == ["serve"]
+    [init] = spec["initContainers"]
+    assert init["args"] == ["migrate"] and init["image"] == container["image"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SMS_BRIDGE_CLUSTER_INSTANCE"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.name"
+    )
+    # What the config reads from files is what the Secret holds, where it is mounted.
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert init["volumeMounts"] == container["volumeMounts"]
+    secret_dir = mounts["secrets"]
+    named = re.findall(
+        rf'_file = "{secret_dir}/([\w-]+)"', _kind("ConfigMap")["data"]["config.toml"]
+    )
+    assert sorted(named) == sorted(_kind("Secret")["stringData"])
+    assert "store-url" in named
+    config_path = env["SMS_BRIDGE_CONFIG"]["value"]
+    assert config_path == f"{mounts['config']}/config.toml"
+    service = _kind("Service")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert {p["targetPort"] for p in service["spec"]["ports"]} == set(ports)
+
+
+@pytest.mark.slow  # runs a subprocess
+def test_the_kubernetes_config_passes_check_config(tmp_path: Path) -> None:
+    """With the Secret's own values in the files its keys name (as the mount puts them)."""
+    text = _kind("ConfigMap")["data"]["config.toml"]
+    secrets = _kind("Secret")["stringData"]
+    for key, value in secrets.items():
+        (tmp_path / key).write_text(value + "\n")
+    text = re.sub(r'(_file = ")/run/secrets/sms-bridge/', rf"\g<1>{tmp_path}/", text)
+    path = tmp_path / "k8s.toml"
+    path.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    config = load_config(path, env={})
+    assert config.store.url == secrets["store-url"]
+    assert config.cluster.instance == ""  # each pod names itself through the environment
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(blocks(CLUSTER, "toml"))))
+def test_every_toml_block_passes_check_config(index: int, tmp_path: Path) -> None:
+    result = check_config(blocks(CLUSTER, "toml")[index], tmp_path, f"cluster-{index}.toml")
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_shell_block_parses_and_the_haproxy_backend_checks_readyz() -> None:
+    for block in blocks(CLUSTER, "sh"):
+        result = subprocess.run(["bash", "-n"], input=block, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    front = section_of(CLUSTER, "In front: a load balancer, or two MX records")
+    haproxy = blocks_in(front, "")[0]
+    assert "option httpchk GET /readyz" in haproxy
+    assert all(
+        _port(s.split()[2]) == _port(DEFAULT_HTTP_LISTEN)
+        for s in re.findall(r"^\s*server .*$", haproxy, re.MULTILINE)
+    )
+
+
+def test_the_copy_summary_the_doc_shows_is_the_commands() -> None:
+    move = section_of(CLUSTER, "Moving from SQLite: `sms-bridge store copy`")
+    shown = re.search(r"`(copied .*?)`", move, re.DOTALL)
+    assert shown is not None
+    line = CopySummary(
+        "/var/lib/sms-bridge/sms-bridge.db",
+        "postgresql://bridge@db.example.org/sms_bridge",
+        messages=1234,
+        events=5678,
+        bookings=12,
+        top_id=1234,
+    ).line()
+    assert " ".join(shown.group(1).split()) == line
+
+
+@pytest.mark.slow
+def test_the_try_it_block_runs_as_written(tmp_path: Path, postgres_server: str) -> None:
+    """Two instances on one database, one killed while its send is in flight: the other
+    takes the alert over and it reaches the sandbox exactly once. Only the ports, the
+    server and the database name change (other tests hold 8081, 5432's database)."""
+    [script] = blocks_in(section_of(CLUSTER, "Try it on one machine"), "sh")
+    server = urllib.parse.urlsplit(postgres_server)
+    host, port = server.hostname or "127.0.0.1", server.port or 5432
+    name = new_database_name()
+    ports = {8081: free_port(), 8082: free_port(), 8099: free_port()}
+    for old, new in ports.items():
+        script = script.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")
+    script = (
+        script.replace(
+            "-h 127.0.0.1 -p 5432 -U postgres", f"-h {host} -p {port} -U {server.username}"
+        )
+        .replace("postgres@127.0.0.1:5432", f"{server.username}@{host}:{port}")
+        .replace("sms_bridge", name)
+    )
+    path = [str(Path(sys.executable).parent)]
+    if binaries := find_binaries():
+        path.append(str(binaries))  # createdb, beside the fixture's initdb
+    env = clean_env(PATH=os.pathsep.join([*path, os.environ["PATH"]]))
+    work = tmp_path / "work"
+    try:
+        returncode, output, err = run_pasted(script, work, env, timeout=120)
+    finally:
+        subprocess.run(
+            [sys.executable, "-c", _DROP, postgres_server, name], check=False, timeout=60
+        )
+    logs = err + "".join(p.read_text() for p in work.glob("*.log"))
+    assert returncode == 0, output + logs
+    *_, message_line, entries_line = output.strip().splitlines()
+    message = json.loads(message_line)
+    assert message["state"] in ("sent", "delivered"), message
+    states = [e["state"] for e in message["events"]]
+    assert states[:2] == ["queued", "sending"] and "sent" in states
+    entries = json.loads(entries_line)
+    assert [e["to"] for e in entries] == ["+12025550123"], entries  # once, not twice
+    assert "a.log" in script and (work / "b.log").exists()
+
+
+_DROP = """
+import asyncio, sys, asyncpg
+async def main():
+    conn = await asyncpg.connect(sys.argv[1])
+    await conn.execute(f"DROP DATABASE IF EXISTS {sys.argv[2]} WITH (FORCE)")
+    await conn.close()
+asyncio.run(main())
+"""

@@ -1,0 +1,215 @@
+"""`sms-bridge store copy`, run as a process: a SQLite store with messages in every state
+moved into a real PostgreSQL database, then a `serve` on PostgreSQL carries on from it
+(queued and in-flight messages reach the sandbox, every history reads as before, new
+ids continue after the copied ones). Refusals: a source in use, a target with data."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bridge.models import NewMessage, State
+from bridge.store.sqlite import SqliteStore
+from tests.postgres import run_async
+from tests.processes import ANY_PORT, clean_env, process, wait_for
+from tests.stores import seed
+from tests.test_cli import run
+
+pytestmark = pytest.mark.slow  # the CLI and serve run as processes
+KEY = "copy-test-key"
+
+
+def _message(n: int, state: State = State.QUEUED, reason: str | None = None) -> NewMessage:
+    return NewMessage(
+        recipient=f"+1202555{n:04d}",
+        text=f"disk full on db-{n}",
+        source="api",
+        sender_id="Bridge",
+        message_type=2,
+        parts=1,
+        dedupe_key=f"key-{n}",
+        state=state,
+        reason=reason,
+        reason_kind="duplicate" if state == State.SUPPRESSED else None,
+    )
+
+
+async def _build_sqlite(path: Path) -> dict[str, list[int]]:
+    """A store as a bridge stopped mid-flow leaves it: ids by the state each is in."""
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        now = time.time() - 600  # ten minutes ago, as a real serve would have written
+        queued = await seed(store, [_message(n) for n in range(100, 106)], now)
+        held = await seed(store, [_message(200, State.HELD, "storm: held")], now)
+        suppressed = await seed(
+            store, [_message(300, State.SUPPRESSED, f"duplicate of #{queued[0]}")], now
+        )
+        # Claimed, sent and settled as the dispatcher does: attempts, provider ids, costs.
+        worked = queued[3:]
+        got = await store.claim(worked, now + 1, owner="old:1", lease_until=now + 31)
+        assert got == worked
+        sent, delivered, failed = worked
+        await store.mark_sent([(sent, "prov-sent", 0.05), (delivered, "prov-deliv", 0.05)], now + 2)
+        await store.finish([(delivered, State.DELIVERED, None)], now + 3)
+        await store.finish([(failed, State.FAILED, "provider said: invalid number")], now + 3)
+        in_flight = await store.claim(queued[2:3], now + 4, owner="old:1", lease_until=now + 34)
+        await store.record_request(now + 5, "status")
+        return {
+            "queued": queued[:2],
+            "sending": in_flight,
+            "sent": [sent],
+            "delivered": [delivered],
+            "failed": [failed],
+            "held": held,
+            "suppressed": suppressed,
+        }
+    finally:
+        await store.close()
+
+
+async def _histories(path: Path) -> dict[int, dict[str, Any]]:
+    """What /api/v1/messages/{id} answered on the SQLite bridge, read from its store."""
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        out = {}
+        for message in await store.query(limit=1000):
+            view = message.to_json()
+            view["events"] = await store.events(message.id)
+            out[message.id] = view
+        return out
+    finally:
+        await store.close()
+
+
+async def _pg_count(url: str, table: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+    finally:
+        await conn.close()
+
+
+def _copy(tmp_path: Path, db: Path, url: str, *extra: str) -> Any:
+    env = {"SMS_BRIDGE_STORE_PATH": str(db), "SMS_BRIDGE_STORE_URL": url}
+    return run("store", "copy", *extra, cwd=tmp_path, env=env)
+
+
+def test_a_sqlite_store_copied_into_postgresql_carries_on_there(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    db = tmp_path / "bridge.db"
+    ids = asyncio.run(_build_sqlite(db))
+    assert {s for s in ids if ids[s]} == {str(s) for s in State}  # every state is there
+    before = asyncio.run(_histories(db))
+    top = max(before)
+
+    copied = _copy(tmp_path, db, postgres_url)
+    assert copied.returncode == 0, copied.stderr
+    events = sum(len(v["events"]) for v in before.values())
+    assert copied.stdout.strip() == (
+        f"copied {len(before)} messages, {events} events and 3 rate-window bookings from"
+        f" {db} into {postgres_url} (message ids up to {top}; new ones continue after it)"
+    )
+    assert run_async(lambda: _pg_count(postgres_url, "events")) == events
+
+    # One-shot: the same copy again is refused, nothing changed; --replace redoes it.
+    again = _copy(tmp_path, db, postgres_url)
+    assert again.returncode == 1
+    assert "the target already holds data" in again.stderr and "--replace" in again.stderr
+    assert run_async(lambda: _pg_count(postgres_url, "messages")) == len(before)
+    replaced = _copy(tmp_path, db, postgres_url, "--replace")
+    assert replaced.returncode == 0, replaced.stderr
+    assert replaced.stdout == copied.stdout
+    assert run_async(lambda: _pg_count(postgres_url, "events")) == events
+
+    env = clean_env()
+    log = tmp_path / "run.log"
+    with process(["sandbox", "--listen", ANY_PORT, "--api-key", KEY], tmp_path, env, log) as sb:
+        sandbox = sb.url("sandbox")
+        config = tmp_path / "pg.toml"
+        config.write_text(f"""
+[http]
+listen = "{ANY_PORT}"
+[smtp]
+listen = ""
+[store]
+url = "{postgres_url}"
+[provider]
+base_url = "{sandbox}/api/v1"
+api_key = "{KEY}"
+[cluster]
+lease = "5s"
+""")
+        with process(["serve", "--config", str(config)], tmp_path, env, log) as serve:
+            bridge = serve.url()
+
+            def view(i: int) -> dict[str, Any]:
+                return httpx.get(f"{bridge}/api/v1/messages/{i}").json()
+
+            # Queued ones are sent; the one in flight when SQLite stopped is taken over
+            # (no owner, no lease), looked for in /logs, and sent since it is not there.
+            owed = ids["queued"] + ids["sending"]
+            wait_for(
+                lambda: all(view(i)["state"] in ("sent", "delivered") for i in owed),
+                timeout=60,
+                what="the copied queue sent from PostgreSQL",
+            )
+            for i, old in before.items():
+                new = view(i)
+                assert new["events"][: len(old["events"])] == old["events"], i
+                if old["state"] in ("delivered", "failed", "suppressed"):
+                    assert new == old  # settled: the very same answer as on SQLite
+                else:
+                    for key in ("text", "created_at", "route", "dedupe_key"):
+                        assert new[key] == old[key]
+            for i in ids["sent"] + ids["delivered"]:
+                assert view(i)["provider_message_id"] == before[i]["provider_message_id"]
+            posted = httpx.post(
+                f"{bridge}/api/v1/messages", json={"to": "+12025559999", "message": "after"}
+            )
+            assert posted.status_code == 202, posted.text
+            [new_id] = posted.json()["ids"]
+            assert new_id > top  # the sequence moved past the copy (the digest of the
+            # held message may have taken top + 1)
+            wait_for(lambda: view(new_id)["state"] in ("sent", "delivered"), what="new sent")
+        entries = httpx.get(f"{sandbox}/_sandbox/entries").json()
+    sent_to = sorted(e["to"] for e in entries)
+    held_phone = before[ids["held"][0]]["recipient"]  # its storm digest, queued on PostgreSQL
+    assert sorted({before[i]["recipient"] for i in owed} | {"+12025559999", held_phone}) == sent_to
+
+
+def test_copy_refuses_a_store_a_serve_has_open_and_a_target_without_schema(
+    tmp_path: Path, postgres_url: str, postgres_empty_url: str
+) -> None:
+    db = tmp_path / "bridge.db"
+    env = clean_env(SMS_BRIDGE_STORE_PATH=str(db), SMS_BRIDGE_HTTP_LISTEN=ANY_PORT)
+    env["SMS_BRIDGE_SMTP_LISTEN"] = ""
+    with process(["serve"], tmp_path, env, tmp_path / "serve.log") as serve:
+        bridge = serve.url()
+        posted = httpx.post(
+            f"{bridge}/api/v1/messages", json={"to": "+12025550100", "message": "x"}
+        )
+        assert posted.status_code == 202
+        refused = _copy(tmp_path, db, postgres_url)
+        assert refused.returncode == 1
+        assert "the store is in use (is `sms-bridge serve` running on it?)" in refused.stderr
+        assert run_async(lambda: _pg_count(postgres_url, "messages")) == 0
+    missing = _copy(tmp_path, db, postgres_empty_url)
+    assert missing.returncode == 1 and "run `sms-bridge migrate`" in missing.stderr
+    nowhere = run("store", "copy", cwd=tmp_path, env={"SMS_BRIDGE_STORE_PATH": str(db)})
+    assert nowhere.returncode == 1 and "no PostgreSQL target" in nowhere.stderr
+    absent = _copy(tmp_path, tmp_path / "nope.db", postgres_url)
+    assert absent.returncode == 1 and f"no SQLite store at {tmp_path / 'nope.db'}" in absent.stderr
+    assert not (tmp_path / "nope.db").exists()
+    done = _copy(tmp_path, db, postgres_url)  # serve stopped: now it goes
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("copied 1 messages")
