@@ -42,6 +42,7 @@ from bridge.store import Store
 from bridge.store.api import DEFAULT_LEASE, instance_name
 
 log = logging.getLogger(__name__)
+LEASE_SLACK = 0.5  # after another instance's lease runs out, look this much later
 IDLE_WAIT = 30.0  # nothing queued: look again this often even without a wake-up
 DUE_BATCH = 5000
 FOREIGN_PREFIX = "cli"  # request kinds booked by `sms-bridge provider ...` in the store
@@ -197,10 +198,19 @@ class Dispatcher:
             held = held if next_due is None else max(0.0, min(held, next_due - now))
             self._held_until = now + held
             return held
+        now = self.clock.now()
+        waits = [IDLE_WAIT]
         next_due = await self.store.next_due_at()
-        if next_due is None:
-            return IDLE_WAIT
-        return max(0.0, min(IDLE_WAIT, next_due - self.clock.now()))
+        if next_due is not None:
+            waits.append(next_due - now)
+        # A claim of a dead instance is due when its lease runs out: taken over then, not
+        # at the next idle look (that took ~30 s, whatever cluster.lease said). Never less
+        # than LEASE_SLACK: a lapsed claim another instance is taking over right now
+        # (skipped, locked) would otherwise make this loop spin.
+        expiry = await self.store.next_lease_expiry(self.owner)
+        if expiry is not None:
+            waits.append(max(LEASE_SLACK, expiry - now + LEASE_SLACK))
+        return max(0.0, min(waits))
 
     def _pace(self, batch: list[Message]) -> tuple[GroupKey | None, float]:
         """The call's text, and how long it waits for more recipients (see pacing)."""

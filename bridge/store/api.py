@@ -255,6 +255,12 @@ class DeliveryOperations(Protocol):
         message in `sending`."""
         ...
 
+    async def next_lease_expiry(self, owner: str) -> float | None:
+        """When the first claim of another owner runs out, so an idle instance wakes to
+        take it over then (a dead instance tells no one). None: no such claim (SQLite:
+        one process, never)."""
+        ...
+
     async def mark_sent(
         self, results: Iterable[tuple[int, str | None, float | None]], now: float
     ) -> None:

@@ -86,6 +86,14 @@ class DeliveryOps(Base):
             await book(conn, now, request_kind)
         return [i for i in ids if i in claimed]
 
+    async def next_lease_expiry(self, owner: str) -> float | None:
+        found = await self._fetchval(
+            "SELECT min(lease_until) FROM messages"
+            " WHERE state = 'sending' AND claimed_by IS DISTINCT FROM $1",
+            owner,
+        )
+        return None if found is None else float(found)
+
     async def unsettled(self, now: float, *, owner: str, lease_until: float) -> list[Message]:
         """Own `sending` messages and those whose lease passed, taken over (lease renewed
         to `lease_until`); rows another instance is updating right now are skipped."""

@@ -49,6 +49,9 @@ class DeliveryOperations(EngineBound):
             ).fetchone()[0]
         )
 
+    async def next_lease_expiry(self, owner: str) -> float | None:
+        return None  # one process: every claim is this one's
+
     async def unsettled(self, now: float, *, owner: str, lease_until: float) -> list[Message]:
         """Every message in `sending`: one process, so all of them are its own."""
         del now, owner, lease_until

@@ -1,0 +1,59 @@
+"""A dead instance's claims are taken over when its lease runs out, not at the next idle
+look: an idle dispatcher sleeps until the first lease of another owner expires.
+
+A real bridge on a real PostgreSQL database (tests/postgres.py) and the sandbox on
+loopback; time is a ManualClock, so the lease passes without sleeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.delivery.dispatcher import IDLE_WAIT, LEASE_SLACK
+from bridge.models import State
+from bridge.provider.sandbox import SandboxState
+from tests import helpers
+from tests.helpers import bridge_config, pump, running_bridge
+
+LEASE = 5.0
+
+
+@pytest.fixture
+def on_postgresql(postgres_url: str) -> Iterator[None]:
+    helpers.STORE_URL["url"] = postgres_url
+    try:
+        yield
+    finally:
+        helpers.STORE_URL["url"] = ""
+
+
+@pytest.mark.usefixtures("on_postgresql")
+async def test_an_idle_dispatcher_wakes_when_a_dead_instances_lease_runs_out(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, extra=f'[cluster]\nlease = "{LEASE:g}s"\n')
+    async with running_bridge(config, clock) as (bridge, url):
+        async with httpx.AsyncClient() as http:
+            response = await http.post(
+                f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "ups on battery"}
+            )
+        [mid] = response.json()["ids"]
+        # Another instance claimed it and died before sending: its lease is all that is left.
+        now = clock.now()
+        assert await bridge.store.claim([mid], now, owner="dead", lease_until=now + LEASE) == [mid]
+        wait = await bridge.dispatcher.run_once()
+        assert wait == pytest.approx(LEASE + LEASE_SLACK) and wait < IDLE_WAIT
+        clock.advance(wait)
+
+        async def sent() -> bool:
+            return (await bridge.store.get(mid)).state in (State.SENT, State.DELIVERED)
+
+        await pump(bridge, clock, sent, max_seconds=120)
+        # Checked in /logs first (the dead one never sent it), then sent exactly once.
+        assert [r.path for r in sandbox_state.requests if r.path.endswith("/send")] == [
+            "/api/v1/send"
+        ]
