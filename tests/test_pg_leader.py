@@ -124,7 +124,7 @@ async def test_a_leader_that_lost_its_session_steps_down(
     a, b = store.leadership(ROLE, holder="a"), store.leadership(ROLE, holder="b")
     assert await a.check() and not await b.check()
     await terminate(postgres_url, "sms-bridge leader a")  # its connection, cut server-side
-    assert await b.check()  # b tries first and takes it
+    await until(b.check, seconds=5.0)  # b tries first and takes it (once the session ended)
     assert not await a.check()  # a sees it no longer holds the lock
     assert not await a.check()
     await b.resign()
@@ -180,6 +180,13 @@ async def instance(
             await asyncio.wait_for(task, 30)
 
 
+async def sent_awaiting_status(store: PostgresStore, now: float) -> None:
+    """A text sent by an instance gone since, waiting for its delivery state."""
+    [sent] = await seed(store, [MESSAGE._replace(text="sent")], now - 100)
+    await store.claim([sent], now - 100, owner="gone", lease_until=now - 70)
+    await store.mark_sent([(sent, "p-1", 0.05)], now - 100)
+
+
 def logs_requests(bridge: Bridge) -> int:
     assert bridge.sandbox is not None
     return sum(1 for r in bridge.sandbox.requests if r.path.endswith("/logs"))
@@ -200,9 +207,7 @@ async def test_only_the_leader_polls_and_another_takes_over_when_it_stops(
     tmp_path: Path, postgres_url: str, store: PostgresStore
 ) -> None:
     now = 1_800_000_000.0
-    [sent] = await seed(store, [MESSAGE], now - 100)  # waiting for its delivery state
-    await store.claim([sent], now - 100, owner="gone", lease_until=now - 70)
-    await store.mark_sent([(sent, "p-1", 0.05)], now - 100)
+    await sent_awaiting_status(store, now)
     async with instance(tmp_path, postgres_url, "a") as (a, clock_a, task_a):
         await until(lambda: _true(a.leader.leading))
         async with instance(tmp_path, postgres_url, "b") as (b, clock_b, _):
@@ -214,8 +219,8 @@ async def test_only_the_leader_polls_and_another_takes_over_when_it_stops(
 
             # A text claimed by an instance that died, its lease passed: taking it over
             # means reading /logs to settle it. b's dispatcher looks first and leaves it.
-            [stranded] = await seed(store, [MESSAGE._replace(text="cpu")], now - 100)
-            await store.claim([stranded], now - 100, owner="gone", lease_until=now - 70)
+            lost = MESSAGE._replace(text="cpu", state=State.SENDING)  # no owner: its died
+            [stranded] = await seed(store, [lost], now - 100)
             await tick(clock_b, seconds=31.0)
             await asyncio.sleep(0.3)
             assert logs_requests(b) == 0
@@ -236,8 +241,9 @@ async def test_only_the_leader_polls_and_another_takes_over_when_it_stops(
 
 
 async def test_a_leader_cut_off_from_the_database_stops_its_singletons(
-    tmp_path: Path, postgres_url: str
+    tmp_path: Path, postgres_url: str, store: PostgresStore
 ) -> None:
+    await sent_awaiting_status(store, 1_800_000_000.0)
     async with (
         instance(tmp_path, postgres_url, "a") as (a, clock_a, _),
         instance(tmp_path, postgres_url, "b") as (b, clock_b, _),
@@ -259,9 +265,12 @@ async def test_a_leader_cut_off_from_the_database_stops_its_singletons(
             return not first.leader.leading
 
         await until(first_stepped_down, seconds=10.0)
+        polled = logs_requests(first)
         for _ in range(3):
-            await tick(first_clock, second_clock)
+            await tick(first_clock, second_clock, seconds=6.0)  # past the poll interval
             assert second.leader.leading and not first.leader.leading
+        assert logs_requests(first) == polled  # its poller stopped with the role
+        assert logs_requests(second) > 0
 
 
 async def test_an_alert_ingested_on_one_instance_is_sent_by_another_at_once(

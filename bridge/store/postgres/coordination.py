@@ -71,12 +71,14 @@ class AdvisoryLeadership:
         self.leading = False
         self._conn: asyncpg.Connection | None = None
         self._keepalive: asyncio.Task[None] | None = None
+        self._busy = asyncio.Lock()  # one statement at a time: checks and keepalives
 
     async def check(self) -> bool:
         try:
-            conn = await self._connection()
-            query = HOLDS_LOCK if self.leading else TRY_LOCK
-            held = bool(await conn.fetchval(query, *self.key, timeout=CHECK_TIMEOUT))
+            async with self._busy:
+                conn = await self._connection()
+                query = HOLDS_LOCK if self.leading else TRY_LOCK
+                held = bool(await conn.fetchval(query, *self.key, timeout=CHECK_TIMEOUT))
         except StoreUnavailable as exc:
             log.debug("leadership check failed: %s", exc)
             held = False
@@ -113,8 +115,9 @@ class AdvisoryLeadership:
         while self.leading and self._conn is not None and not self._conn.is_closed():
             await asyncio.sleep(min(KEEPALIVE, self.idle_timeout / 3))
             with contextlib.suppress(Exception):  # the next check says what went wrong
-                if self._conn is not None and not self._conn.is_closed():
-                    await self._conn.execute("SELECT 1", timeout=CHECK_TIMEOUT)
+                async with self._busy:
+                    if self._conn is not None and not self._conn.is_closed():
+                        await self._conn.execute("SELECT 1", timeout=CHECK_TIMEOUT)
 
     async def _close(self) -> None:
         task, self._keepalive = self._keepalive, None
