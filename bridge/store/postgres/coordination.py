@@ -51,9 +51,14 @@ def role_key(role: str) -> int:
     return zlib.crc32(role.encode()) & 0x7FFF_FFFF
 
 
-def _drop(conn: asyncpg.Connection | None) -> None:
-    """Close without waiting on a connection that may be half dead."""
-    if conn is not None and not conn.is_closed():
+async def _end(conn: asyncpg.Connection | None) -> None:
+    """Say goodbye if the server answers in time, else just drop the connection (it may
+    be half dead); either way the session, and any lock it held, ends."""
+    if conn is None or conn.is_closed():
+        return
+    try:
+        await asyncio.wait_for(conn.close(), CHECK_TIMEOUT)
+    except Exception:
         conn.terminate()
 
 
@@ -126,11 +131,7 @@ class AdvisoryLeadership:
             with contextlib.suppress(BaseException):
                 await task
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), CHECK_TIMEOUT)
-            except Exception:
-                _drop(conn)
+        await _end(conn)
 
 
 class NotifiedWork:
@@ -167,8 +168,4 @@ class NotifiedWork:
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), CHECK_TIMEOUT)
-            except Exception:
-                _drop(conn)
+        await _end(conn)
