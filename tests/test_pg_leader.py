@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from bridge.app import build
@@ -28,7 +29,7 @@ from bridge.models import NewMessage, State
 from bridge.policy.shaping import Draft
 from bridge.service import Bridge
 from bridge.store.postgres.store import PostgresStore
-from tests.helpers import write_config
+from tests.helpers import served, write_config
 from tests.stores import seed
 
 MESSAGE = NewMessage("+12025550143", "disk full on db-1", "alertmanager", "SMS", 1, 1)
@@ -187,6 +188,16 @@ async def sent_awaiting_status(store: PostgresStore, now: float) -> None:
     await store.mark_sent([(sent, "p-1", 0.05)], now - 100)
 
 
+async def leader_metric(bridge: Bridge) -> float:
+    """`sms_bridge_leader` as a scrape of the instance's /metrics reads it."""
+    async with served(bridge.app) as url, httpx.AsyncClient() as client:
+        text = (await client.get(f"{url}/metrics")).text
+    [value] = [
+        line.split()[1] for line in text.splitlines() if line.startswith("sms_bridge_leader ")
+    ]
+    return float(value)
+
+
 def logs_requests(bridge: Bridge) -> int:
     assert bridge.sandbox is not None
     return sum(1 for r in bridge.sandbox.requests if r.path.endswith("/logs"))
@@ -271,6 +282,7 @@ async def test_a_leader_cut_off_from_the_database_stops_its_singletons(
             assert second.leader.leading and not first.leader.leading
         assert logs_requests(first) == polled  # its poller stopped with the role
         assert logs_requests(second) > 0
+        assert await leader_metric(second) == 1.0 and await leader_metric(first) == 0.0
 
 
 async def test_an_alert_ingested_on_one_instance_is_sent_by_another_at_once(

@@ -54,7 +54,6 @@ class Leader:
         self.clock = clock
         self.interval = interval
         self.leading = False  # read by /metrics and by the dispatcher's takeovers
-        self.changed = asyncio.Event()  # set on every change of `leading` (tests wait on it)
 
     async def run(self, stop: asyncio.Event, singletons: Sequence[tuple[str, Loop]]) -> None:
         """Until `stop`: check every `interval`; start `singletons` on taking the role,
@@ -90,9 +89,7 @@ class Leader:
                 await self.leadership.resign()
 
     def _set(self, leading: bool) -> None:
-        if leading != self.leading:
-            self.leading = leading
-            self.changed.set()
+        self.leading = leading
 
 
 def _raise_failed(tasks: list[asyncio.Task[None]]) -> None:
