@@ -124,6 +124,7 @@ async def test_a_leader_that_lost_its_session_steps_down(
 ) -> None:
     a, b = store.leadership(ROLE, holder="a"), store.leadership(ROLE, holder="b")
     assert await a.check() and not await b.check()
+    assert await who_leads(postgres_url) == ["sms-bridge leader a"]
     await terminate(postgres_url, "sms-bridge leader a")  # its connection, cut server-side
     await until(b.check, seconds=5.0)  # b tries first and takes it (once the session ended)
     assert not await a.check()  # a sees it no longer holds the lock
@@ -131,6 +132,19 @@ async def test_a_leader_that_lost_its_session_steps_down(
     await b.resign()
     assert await a.check()
     await a.resign()
+
+
+async def who_leads(url: str) -> list[str]:
+    """The query docs/cluster.md gives operators (and chaos tests) to see the leader."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE l.locktype = 'advisory' AND l.classid = 1397576452 AND l.granted"
+        )
+    finally:
+        await conn.close()
+    return [r[0] for r in rows]
 
 
 async def terminate(url: str, application_name: str) -> None:

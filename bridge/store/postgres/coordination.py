@@ -51,6 +51,12 @@ def role_key(role: str) -> int:
     return zlib.crc32(role.encode()) & 0x7FFF_FFFF
 
 
+def _lost(exc: BaseException) -> bool:
+    """The connection is gone or going: the server ended the session (asyncpg may still
+    be reading the server's goodbye: "another operation is in progress"), a timeout."""
+    return unavailable(exc) or isinstance(exc, asyncpg.exceptions.InternalClientError)
+
+
 async def _end(conn: asyncpg.Connection | None) -> None:
     """Say goodbye if the server answers in time, else just drop the connection (it may
     be half dead); either way the session, and any lock it held, ends."""
@@ -88,7 +94,7 @@ class AdvisoryLeadership:
             log.debug("leadership check failed: %s", exc)
             held = False
         except Exception as exc:
-            if not unavailable(exc):
+            if not _lost(exc):
                 raise
             log.warning("leadership of %s: lost the connection (%s)", self.role, exc)
             await self._close()
@@ -107,12 +113,11 @@ class AdvisoryLeadership:
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
             self.leading = False  # a new session holds nothing
-            conn = await self.db.dedicated(f"sms-bridge leader {self.holder}"[:63])
+            conn = self._conn = await self.db.dedicated(f"sms-bridge leader {self.holder}"[:63])
             if conn.get_server_version() >= (14, 0):
                 # A frozen leader stops the keepalive: the server ends its session.
                 ms = int(self.idle_timeout * 1000)
                 await conn.execute(f"SET idle_session_timeout = {ms}")
-            self._conn = conn
         return self._conn
 
     async def _keep_alive(self) -> None:
@@ -156,7 +161,7 @@ class NotifiedWork:
         except StoreUnavailable:
             return False
         except Exception as exc:
-            if not unavailable(exc):
+            if not _lost(exc):
                 raise
             log.warning("listening for work elsewhere: lost the connection (%s)", exc)
             await self.close()
