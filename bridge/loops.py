@@ -15,7 +15,6 @@ from bridge.clock import Clock, sleep_until_woken
 from bridge.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
-GATE_RETRY = 5.0  # seconds between a follower's tries to take the lead
 
 
 async def run_steps(
@@ -26,17 +25,11 @@ async def run_steps(
     stop: asyncio.Event,
     retry_after: float,
     wake: asyncio.Event | None = None,
-    gate: Callable[[], Awaitable[bool]] | None = None,
 ) -> None:
-    """`gate`: asked before each step; a step is skipped (and asked again after
-    `GATE_RETRY`) while it says no: a cluster's singletons run on its leader only."""
     wake = wake or asyncio.Event()
     while not stop.is_set():
         try:
-            if gate is not None and not await gate():
-                wait = GATE_RETRY
-            else:
-                wait = await step()
+            wait = await step()
         except StoreUnavailable as exc:
             log.error("%s cannot use the store: %s", name, exc)
             wait = retry_after

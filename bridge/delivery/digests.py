@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from bridge.clock import Clock
 from bridge.config import LimitsConfig, ProviderConfig
@@ -63,17 +63,14 @@ class DigestWorker:
         """`limits.per_recipient_window`: when a held phone's digest is due (SIGHUP)."""
         self.window = limits.per_recipient_window
 
-    async def run(
-        self, stop: asyncio.Event, gate: Callable[[], Awaitable[bool]] | None = None
-    ) -> None:
-        """Fold until `stop`; only while `gate` says so (a cluster's leader)."""
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fold until `stop` (on a cluster's leader: bridge.delivery.cluster)."""
         await run_steps(
             self.run_once,
             name="digest worker",
             clock=self.clock,
             stop=stop,
             retry_after=IDLE_WAIT,
-            gate=gate,
         )
 
     async def run_once(self) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 
 from bridge.clock import Clock, zone
 from bridge.config import ProviderConfig
@@ -63,6 +64,7 @@ class Dispatcher:
         rng: random.Random | None = None,
         owner: str = "",
         lease: float = DEFAULT_LEASE,
+        takes_over: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
         self.budget = budget
@@ -104,6 +106,7 @@ class Dispatcher:
             budget=budget,
             owner=self.owner,
             lease=lease,
+            takes_over=takes_over,
         )
 
     @property
@@ -207,7 +210,10 @@ class Dispatcher:
         # at the next idle look (that took ~30 s, whatever cluster.lease said). Never less
         # than LEASE_SLACK: a lapsed claim another instance is taking over right now
         # (skipped, locked) would otherwise make this loop spin.
-        expiry = await self.store.next_lease_expiry(self.owner)
+        # Only the instance that takes over (the cluster's leader) waits for them.
+        expiry = (
+            await self.store.next_lease_expiry(self.owner) if self.reconciler.takes_over() else None
+        )
         if expiry is not None:
             waits.append(max(LEASE_SLACK, expiry - now + LEASE_SLACK))
         return max(0.0, min(waits))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from bridge.clock import Clock, zone
@@ -59,17 +58,14 @@ class StatusPoller:
         self.config = config
         self.health = health
 
-    async def run(
-        self, stop: asyncio.Event, gate: Callable[[], Awaitable[bool]] | None = None
-    ) -> None:
-        """Poll until `stop`; only while `gate` says so (a cluster's leader)."""
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll until `stop` (on a cluster's leader: bridge.delivery.cluster)."""
         await run_steps(
             self.run_once,
             name="status poller",
             clock=self.clock,
             stop=stop,
             retry_after=self.config.poll_interval,
-            gate=gate,
         )
 
     async def run_once(self) -> float:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 # pg_advisory_lock keys of the bridge (one database = one bridge cluster). Constants, not
 # hashes of names: an operator can find them in pg_locks.
 MIGRATION_LOCK = 0x534D_5301  # "SMS" 1: applying migrations
-LEADER_LOCK = 0x534D_5302  # "SMS" 2: the instance that runs the singletons
 
 
 @dataclass(frozen=True, slots=True)
