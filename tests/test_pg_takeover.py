@@ -45,6 +45,12 @@ async def test_an_idle_dispatcher_wakes_when_a_dead_instances_lease_runs_out(
         # Another instance claimed it and died before sending: its lease is all that is left.
         now = clock.now()
         assert await bridge.store.claim([mid], now, owner="dead", lease_until=now + LEASE) == [mid]
+        # Not the leader: the takeover is not this instance's, it idles as before.
+        assert await bridge.dispatcher.run_once() == IDLE_WAIT
+        # The leader (as Leader.run makes it: the role really taken in PostgreSQL) wakes
+        # for the lease instead.
+        assert await bridge.leader.leadership.check()
+        bridge.leader.leading = True
         wait = await bridge.dispatcher.run_once()
         assert wait == pytest.approx(LEASE + LEASE_SLACK) and wait < IDLE_WAIT
         clock.advance(wait)
