@@ -101,7 +101,7 @@ async def test_a_429_seen_by_one_instance_pauses_every_instance(
 ) -> None:
     sandbox_state.faults.append(Fault(status=429, path="/send", retry_after="45"))
     async with cluster(tmp_path, clock, sandbox_url, postgres_url) as bridges:
-        (a, url_a), (b, url_b), (c, url_c) = bridges
+        (a, url_a), (_, url_b), (_, url_c) = bridges
         [first] = await post_each(url_a, 1)
         await a.dispatcher.run_once()  # its price list, then the send answered 429
         [answer] = [r for r in sandbox_state.requests if r.path.endswith("/send")]
@@ -122,6 +122,37 @@ async def test_a_429_seen_by_one_instance_pauses_every_instance(
         assert after and min(r.at for r in after) - answer.at >= 45
         assert all(r.status == 200 for r in after)
         assert len([r for r in after if r.path.endswith("/send")]) == 7
+
+
+async def test_a_refused_key_seen_by_one_instance_pauses_every_instance(
+    tmp_path: Path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    postgres_url: str,
+) -> None:
+    async with cluster(tmp_path, clock, sandbox_url, postgres_url) as bridges:
+        (a, url_a), (b, url_b), (c, url_c) = bridges
+        sandbox_state.api_key = "rotated-key"
+        await post_each(url_a, 1)
+        await a.dispatcher.run_once()  # the price list and the send: both 401
+        refused = sandbox_state.requests[-1]
+        assert refused.status == 401 and not a.dispatcher.health.ready
+        await post_each(url_b, 1, start=10)
+        await post_each(url_c, 1, start=20)
+        seen = len(sandbox_state.requests)
+        # Until the probe interval (30 s) has passed, nobody asks again: one probe then.
+        for _ in range(10):
+            waits = [await bridge.dispatcher.run_once() for bridge in (b, c, a)]
+            assert len(sandbox_state.requests) == seen
+            clock.advance(min(min(waits), refused.at + 30 - clock.now()))
+            if clock.now() >= refused.at + 30:
+                break
+        sandbox_state.api_key = "test-key"  # the operator fixes the key upstream
+        for bridge in (a, b, c):
+            await bridge.dispatcher.run_once()
+        assert min(r.at for r in sandbox_state.requests[seen:]) - refused.at >= 30
+        assert len(sandbox_state.entries) == 3
 
 
 async def test_bookings_survive_a_restart_of_the_cluster(
