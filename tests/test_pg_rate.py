@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 
 from bridge.clock import ManualClock
 from bridge.models import State
@@ -25,25 +27,46 @@ from tests.helpers import bridge_config, max_in_window, running_bridge
 LIMIT = 20
 
 
-@contextlib.asynccontextmanager
-async def cluster(
-    tmp_path: Path, clock: ManualClock, sandbox_url: str, postgres_url: str, count: int = 3
-) -> AsyncIterator[list[tuple[Bridge, str]]]:
-    """`count` bridges on one database, each its own instance name and connection pool."""
-    async with contextlib.AsyncExitStack() as stack:
-        bridges = []
-        for n in range(count):
-            home = tmp_path / f"i{n}"
-            home.mkdir(exist_ok=True)
-            config = bridge_config(
-                home,
-                sandbox_url,
-                f'[cluster]\ninstance = "i{n}"\n[dedupe]\nwindow = "0s"\n',
-                requests_per_minute=LIMIT,
-            )
-            store = PostgresStore(postgres_url, max_connections=4)
-            bridges.append(await stack.enter_async_context(running_bridge(config, clock, store)))
-        yield bridges
+@dataclass
+class Cluster:
+    """What a cluster test runs on: one clock, one sandbox, one database."""
+
+    tmp_path: Path
+    clock: ManualClock
+    sandbox: SandboxState
+    sandbox_url: str
+    postgres_url: str
+
+    @contextlib.asynccontextmanager
+    async def start(self, count: int = 3) -> AsyncIterator[list[tuple[Bridge, str]]]:
+        """`count` bridges on the database, each its own instance name and pool."""
+        async with contextlib.AsyncExitStack() as stack:
+            bridges = []
+            for n in range(count):
+                home = self.tmp_path / f"i{n}"
+                home.mkdir(exist_ok=True)
+                config = bridge_config(
+                    home,
+                    self.sandbox_url,
+                    f'[cluster]\ninstance = "i{n}"\n[dedupe]\nwindow = "0s"\n',
+                    requests_per_minute=LIMIT,
+                )
+                store = PostgresStore(self.postgres_url, max_connections=4)
+                bridges.append(
+                    await stack.enter_async_context(running_bridge(config, self.clock, store))
+                )
+            yield bridges
+
+
+@pytest.fixture
+def cluster(
+    tmp_path: Path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    postgres_url: str,
+) -> Cluster:
+    return Cluster(tmp_path, clock, sandbox_state, sandbox_url, postgres_url)
 
 
 async def post_each(url: str, count: int, start: int = 0) -> list[int]:
@@ -63,15 +86,10 @@ async def step_all(bridges: list[tuple[Bridge, str]], clock: ManualClock) -> Non
     clock.advance(max(min(waits), 0.01))
 
 
-async def test_three_instances_under_a_flood_never_exceed_the_limit(
-    tmp_path: Path,
-    clock: ManualClock,
-    sandbox_state: SandboxState,
-    sandbox_url: str,
-    postgres_url: str,
-) -> None:
+async def test_three_instances_under_a_flood_never_exceed_the_limit(cluster: Cluster) -> None:
+    clock, sandbox_state = cluster.clock, cluster.sandbox
     sandbox_state.rate_limit = LIMIT
-    async with cluster(tmp_path, clock, sandbox_url, postgres_url) as bridges:
+    async with cluster.start() as bridges:
         ids = []
         for n, (_, url) in enumerate(bridges):  # distinct texts: nothing to coalesce
             ids += await post_each(url, 30, start=100 * n)
@@ -92,15 +110,10 @@ async def test_three_instances_under_a_flood_never_exceed_the_limit(
     assert sends[-1].at - sends[0].at < 5 * 61
 
 
-async def test_a_429_seen_by_one_instance_pauses_every_instance(
-    tmp_path: Path,
-    clock: ManualClock,
-    sandbox_state: SandboxState,
-    sandbox_url: str,
-    postgres_url: str,
-) -> None:
+async def test_a_429_seen_by_one_instance_pauses_every_instance(cluster: Cluster) -> None:
+    clock, sandbox_state = cluster.clock, cluster.sandbox
     sandbox_state.faults.append(Fault(status=429, path="/send", retry_after="45"))
-    async with cluster(tmp_path, clock, sandbox_url, postgres_url) as bridges:
+    async with cluster.start() as bridges:
         (a, url_a), (_, url_b), (_, url_c) = bridges
         [first] = await post_each(url_a, 1)
         await a.dispatcher.run_once()  # its price list, then the send answered 429
@@ -124,14 +137,9 @@ async def test_a_429_seen_by_one_instance_pauses_every_instance(
         assert len([r for r in after if r.path.endswith("/send")]) == 7
 
 
-async def test_a_refused_key_seen_by_one_instance_pauses_every_instance(
-    tmp_path: Path,
-    clock: ManualClock,
-    sandbox_state: SandboxState,
-    sandbox_url: str,
-    postgres_url: str,
-) -> None:
-    async with cluster(tmp_path, clock, sandbox_url, postgres_url) as bridges:
+async def test_a_refused_key_seen_by_one_instance_pauses_every_instance(cluster: Cluster) -> None:
+    clock, sandbox_state = cluster.clock, cluster.sandbox
+    async with cluster.start() as bridges:
         (a, url_a), (b, url_b), (c, url_c) = bridges
         sandbox_state.api_key = "rotated-key"
         await post_each(url_a, 1)
@@ -155,21 +163,16 @@ async def test_a_refused_key_seen_by_one_instance_pauses_every_instance(
         assert len(sandbox_state.entries) == 3
 
 
-async def test_bookings_survive_a_restart_of_the_cluster(
-    tmp_path: Path,
-    clock: ManualClock,
-    sandbox_state: SandboxState,
-    sandbox_url: str,
-    postgres_url: str,
-) -> None:
+async def test_bookings_survive_a_restart_of_the_cluster(cluster: Cluster) -> None:
+    clock, sandbox_state = cluster.clock, cluster.sandbox
     sandbox_state.rate_limit = LIMIT
-    async with cluster(tmp_path, clock, sandbox_url, postgres_url) as bridges:
+    async with cluster.start() as bridges:
         for n, (bridge, url) in enumerate(bridges):
             await post_each(url, 6, start=10 * n)
             await bridge.dispatcher.run_once()
         # Three price lists and 17 sends: the window is full, one message left waiting.
         assert len(sandbox_state.requests) == LIMIT
-    async with cluster(tmp_path, clock, sandbox_url, postgres_url, count=2) as bridges:
+    async with cluster.start(2) as bridges:
         for n, (bridge, url) in enumerate(bridges):
             await post_each(url, 1, start=50 + n)
             assert await bridge.dispatcher.run_once() > 50  # no fresh burst after the restart
