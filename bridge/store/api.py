@@ -118,9 +118,7 @@ class Booking(NamedTuple):
 
 
 class Pause(NamedTuple):
-    """Every provider request of every instance waits until `until` (epoch seconds)."""
-
-    until: float
+    until: float  # every provider request of every instance waits until then
     reason: str  # "429 from the provider", "provider refused the key: ..."
 
 
@@ -247,12 +245,9 @@ class DeliveryOperations(Protocol):
         now), and one provider request of `request_kind` booked, in one transaction; the
         ids claimed, in the order asked. Two claims of one id never both get it (a
         cluster: row locks, SKIP LOCKED). `owner` holds them until `lease_until`; past it
-        another instance may take them over through `unsettled`.
-
-        With `limit`, the booking is `book_request`'s, in the same transaction: while a
-        pause is in force or `limit` requests are booked in (now - window, now], nothing
-        is claimed nor booked ([]: the caller's limiter, synced, says for how long); and
-        a claim that gets no id books nothing (no request will be made)."""
+        another instance may take them over through `unsettled`. With `limit`, booked as
+        `book_request` books: a pause or a full window claims and books nothing ([]), nor
+        does a claim that gets no id (no request will be made)."""
         ...
 
     async def unsettled(self, now: float, *, owner: str, lease_until: float) -> list[Message]:
@@ -353,10 +348,8 @@ class RateWindow(Protocol):
         ...
 
     async def pause_requests(self, until: float, reason: str) -> None:
-        """Pause every provider request until `until` (a 429's Retry-After, a refused
-        key), for every instance and process: `book_request` and a bounded `claim` book
-        nothing before it. Of two pauses the later one holds (an earlier `until` changes
-        nothing). Durable: a restart honours it too."""
+        """Every instance's bookings wait until `until` (a 429, a refused key); the
+        later of two pauses holds. Durable: a restart honours it too."""
         ...
 
     async def requests_paused_until(self, now: float) -> Pause | None:
