@@ -25,6 +25,7 @@ import httpx
 
 from bridge.clock import Clock, SystemClock
 from bridge.config import Config, LiveConfig, Recipients
+from bridge.delivery.cluster import Leader
 from bridge.delivery.digests import DigestWorker
 from bridge.delivery.dispatcher import Dispatcher
 from bridge.delivery.poller import StatusPoller
@@ -43,6 +44,7 @@ from bridge.provider.client import ProviderClient
 from bridge.service import Bridge
 from bridge.sockets import bind_socket, bound_address
 from bridge.store import Store, open_store
+from bridge.store.api import instance_name
 
 if TYPE_CHECKING:  # the sandbox itself is imported only when configured
     from bridge.provider.sandbox import SandboxState
@@ -175,6 +177,10 @@ async def build(
                 prices=prices,
                 shaper=shaper,
             )
+            instance = config.cluster.instance or instance_name()
+            leader = Leader(
+                store.leadership("singletons", holder=instance), name=instance, clock=clock
+            )
             dispatcher = Dispatcher(
                 store=store,
                 client=client,
@@ -185,8 +191,10 @@ async def build(
                 budget=budget,
                 prices=prices,
                 # Whose claims these are, and for how long (a shared store: see [cluster]).
-                owner=config.cluster.instance,
+                owner=instance,
                 lease=config.cluster.lease,
+                # Others' claims whose lease passed: the leader's sweep (one instance).
+                takes_over=lambda: leader.leading,
             )
             poller = StatusPoller(
                 store=store,
@@ -223,6 +231,11 @@ async def build(
                 dispatcher=dispatcher,
                 budget=budget,
             )
+            metrics.gauge(
+                "leader",
+                "1 while this instance runs the singletons (polling, digests, retention)",
+                lambda: 1.0 if leader.leading else 0.0,
+            )
             app = create_app(
                 live=live,
                 store=store,
@@ -250,6 +263,7 @@ async def build(
                 ingestor=ingestor,
                 shaper=shaper,
                 budget=budget,
+                leader=leader,
                 sandbox=sandbox,
             )
     finally:

@@ -1,8 +1,9 @@
 """The running bridge: what was built from a `Config`, served in one loop, and reloaded.
 
 `bridge.app` builds a `Bridge` (the composition root); here it runs: `run()` serves
-uvicorn, SMTP, the dispatcher, the poller, the digests and retention in one
-`asyncio.TaskGroup` until `stop` is set, and `reload()` applies a new config on SIGHUP
+uvicorn, SMTP, the dispatcher, a watch for work stored by other instances, and the
+singletons (poller, digests, retention: only while this instance leads, see
+`bridge.delivery.cluster`) in one `asyncio.TaskGroup` until `stop` is set, and `reload()` applies a new config on SIGHUP
 by calling each reloadable part's `reload` with its own sections.
 
 How parts take config, one way: each takes the sections it reads as keyword-only
@@ -38,6 +39,7 @@ from bridge.config import (
     protection_problems,
     secret_values,
 )
+from bridge.delivery.cluster import Leader, watch_work
 from bridge.delivery.digests import DigestWorker
 from bridge.delivery.dispatcher import Dispatcher
 from bridge.delivery.poller import StatusPoller
@@ -116,6 +118,7 @@ class Bridge:
     ingestor: Ingestor  # reload(rules)
     shaper: Shaper  # reload(limits): shared by ingest, budget warnings and digests
     budget: BudgetGuard  # reload(budget, routes, recipients)
+    leader: Leader  # runs the poller, digests, retention while this instance leads
     sandbox: SandboxState | None = None  # the in-process provider, when configured
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -200,9 +203,17 @@ class Bridge:
                 if server is not None and http_socket is not None:
                     tasks.create_task(server.serve(sockets=[http_socket]), name="http")
                 tasks.create_task(self.dispatcher.run(self.stop), name="dispatcher")
-                tasks.create_task(self.poller.run(self.stop), name="status-poller")
-                tasks.create_task(self.digests.run(self.stop), name="storm-digests")
-                tasks.create_task(self.retention(self.stop), name="retention")
+                # One instance of a cluster at a time (one process: always this one).
+                singletons = [
+                    ("status-poller", self.poller.run),
+                    ("storm-digests", self.digests.run),
+                    ("retention", self.retention),
+                ]
+                tasks.create_task(self.leader.run(self.stop, singletons), name="leader")
+                watch = self.store.watch_work(self.dispatcher.wake.set)
+                tasks.create_task(
+                    watch_work(watch, clock=self.clock, stop=self.stop), name="work-watch"
+                )
                 if reloads is not None:
                     tasks.create_task(self._reloader(reloads), name="reloader")
                 if server is not None:

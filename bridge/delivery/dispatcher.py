@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 
 from bridge.clock import Clock, zone
 from bridge.config import ProviderConfig
@@ -62,6 +63,7 @@ class Dispatcher:
         rng: random.Random | None = None,
         owner: str = "",
         lease: float = DEFAULT_LEASE,
+        takes_over: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
         self.budget = budget
@@ -103,6 +105,7 @@ class Dispatcher:
             budget=budget,
             owner=self.owner,
             lease=lease,
+            takes_over=takes_over,
         )
 
     @property

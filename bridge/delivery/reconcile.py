@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import tzinfo
 
 from bridge.clock import Clock
@@ -56,6 +57,7 @@ class Reconciler:
         budget: BudgetGuard | None = None,
         owner: str,
         lease: float,
+        takes_over: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
         self.client = client
@@ -68,6 +70,7 @@ class Reconciler:
         self.budget = budget
         self._logs_failures = 0
         self.owner, self.lease = owner, lease  # whose claims this settles (and takes over)
+        self.takes_over = takes_over  # whether it takes over others' (the leader's sweep)
 
     async def run_once(self) -> float | None:
         """Settle messages left in `sending` by a crash or an unknown outcome.
@@ -75,7 +78,9 @@ class Reconciler:
         Returns a wait when it needs more time or budget before sending anything new.
         """
         now = self.clock.now()
-        stale = await self.store.unsettled(now, owner=self.owner, lease_until=now + self.lease)
+        stale = await self.store.unsettled(
+            now, owner=self.owner, lease_until=now + self.lease, take_over=self.takes_over()
+        )
         if not stale:
             return None
         ready = [m for m in stale if (m.claimed_at or 0) + RECONCILE_DELAY <= now]

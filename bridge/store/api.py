@@ -241,11 +241,13 @@ class DeliveryOperations(Protocol):
         another instance may take them over through `unsettled`."""
         ...
 
-    async def unsettled(self, now: float, *, owner: str, lease_until: float) -> list[Message]:
+    async def unsettled(
+        self, now: float, *, owner: str, lease_until: float, take_over: bool = True
+    ) -> list[Message]:
         """Messages in `sending` this owner must settle (look for in /logs): its own,
-        and those whose owner's lease passed before `now`, which it takes over (lease
-        renewed to `lease_until`, in the same transaction). One process (SQLite): every
-        message in `sending`."""
+        and, with `take_over` (the leader), those whose owner's lease passed before
+        `now`, which it takes over (lease renewed to `lease_until`, in the same
+        transaction). One process (SQLite): every message in `sending`."""
         ...
 
     async def mark_sent(
@@ -429,7 +431,50 @@ class Queries(Protocol):
         ...
 
 
-class Store(Lifecycle, IngestOperations, DeliveryOperations, RateWindow, Queries, Protocol):
+class Leadership(Protocol):
+    """One role (the singletons: status polling, digests, retention, takeovers) held by
+    one instance of a cluster at a time. Driven by the caller every few seconds."""
+
+    async def check(self) -> bool:
+        """Take the role if nobody holds it, or confirm it is still held: True while this
+        instance leads. Never raises for a lost store: an instance that cannot confirm
+        does not lead (another may take over)."""
+        ...
+
+    async def resign(self) -> None:
+        """Give the role up (shutdown): another instance may take it at once."""
+        ...
+
+
+class WorkWatch(Protocol):
+    """Hears that another instance made messages due (PostgreSQL: LISTEN / NOTIFY)."""
+
+    async def check(self) -> bool:
+        """Listen if not listening yet (again, after the connection dropped): True while
+        listening. A (re)start calls the wake-up once: what was said meanwhile is lost."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Coordination(Protocol):
+    """What several instances on one store agree through it. One process (SQLite): it
+    always leads and nobody else makes work."""
+
+    def leadership(self, role: str, *, holder: str) -> Leadership:
+        """The role `role` as `holder` (this instance's name, for the logs) would hold it;
+        nothing is taken before the first `check`."""
+        ...
+
+    def watch_work(self, wake: Callable[[], None]) -> WorkWatch:
+        """Call `wake` when another instance stores messages that are due now (ingest,
+        warnings, digests, retries); nothing is connected before the first `check`."""
+        ...
+
+
+class Store(
+    Lifecycle, IngestOperations, DeliveryOperations, RateWindow, Queries, Coordination, Protocol
+):
     """Everything the bridge asks of its storage; see the module docstring."""
 
 

@@ -5,6 +5,7 @@ layout of an insert, and the advisory-lock keys that make cluster decisions race
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -47,6 +48,10 @@ LOCK_KEYS = (
     " hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS keys"
 )
 RATE_LOCK = 0x534D_5303  # "SMS" 3: booking in the provider's shared rate window
+# Tells every listening instance that messages became due (bridge.store.postgres.coordination
+# listens); sent inside the transaction, so it is delivered at its commit, or never.
+WORK_CHANNEL = "sms_bridge_work"
+NOTIFY_WORK = f"SELECT pg_notify('{WORK_CHANNEL}', $1)"
 
 
 def columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
@@ -104,6 +109,7 @@ class Base:
         self.db = Database(url, max_size=max_connections)
         self.transactions = 0
         self.writes = 0
+        self.token = uuid.uuid4().hex  # signs this store's notifications (not news to it)
 
     @contextlib.asynccontextmanager
     async def _write(self, writes: int = 1) -> AsyncIterator[Conn]:
@@ -144,3 +150,7 @@ class Base:
     async def _lock(conn: Conn, keys: Sequence[str]) -> None:
         if keys:
             await conn.execute(LOCK_KEYS, list(keys))
+
+    async def _notify_work(self, conn: Conn) -> None:
+        """Other instances: messages are due now (delivered when this transaction commits)."""
+        await conn.execute(NOTIFY_WORK, self.token)

@@ -86,19 +86,23 @@ class DeliveryOps(Base):
             await book(conn, now, request_kind)
         return [i for i in ids if i in claimed]
 
-    async def unsettled(self, now: float, *, owner: str, lease_until: float) -> list[Message]:
-        """Own `sending` messages and those whose lease passed, taken over (lease renewed
-        to `lease_until`); rows another instance is updating right now are skipped."""
+    async def unsettled(
+        self, now: float, *, owner: str, lease_until: float, take_over: bool = True
+    ) -> list[Message]:
+        """Own `sending` messages and, with `take_over` (the leader's sweep), those whose
+        lease passed, taken over (lease renewed to `lease_until`); rows another instance
+        is updating right now are skipped."""
         async with self._write() as conn:
             rows = await conn.fetch(
                 "UPDATE messages SET claimed_by = $1, lease_until = $2 WHERE id IN"
                 " (SELECT id FROM messages WHERE state = 'sending' AND (claimed_by = $1"
-                " OR claimed_by IS NULL OR lease_until IS NULL OR lease_until < $3)"
+                " OR ($5 AND (claimed_by IS NULL OR lease_until IS NULL OR lease_until < $3)))"
                 " ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING *",
                 owner,
                 lease_until,
                 now,
                 UNSETTLED_LIMIT,
+                take_over,
             )
         return sorted((Message.from_row(r) for r in rows), key=lambda m: m.id)
 

@@ -163,6 +163,8 @@ class IngestOps(Base):
                 )
                 stored = iter(map(Stored, ids, decided))
                 out += [[next(stored) for _ in call.pending] for call in run]
+            if any(s.message.state == State.QUEUED for stored in out for s in stored):
+                await self._notify_work(conn)
         return out
 
     async def queue_once(self, messages: Sequence[NewMessage], now: float) -> bool:
@@ -178,6 +180,7 @@ class IngestOps(Base):
                     return False
             ids = await self._reserve_ids(conn, len(messages))
             await self._insert(conn, [row(i, m, now) for i, m in zip(ids, messages, strict=True)])
+            await self._notify_work(conn)
         return True
 
     async def held_phones(self) -> list[tuple[str, float]]:
@@ -220,4 +223,5 @@ class IngestOps(Base):
                 now,
                 [h.id for h in held],
             )
+            await self._notify_work(conn)
         return digest_id, len(held)

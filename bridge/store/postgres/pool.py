@@ -117,15 +117,16 @@ class Database:
         ):
             yield conn
 
-    async def dedicated(self) -> asyncpg.Connection:
+    async def dedicated(self, name: str = "sms-bridge") -> asyncpg.Connection:
         """A connection of its own, outside the pool: for a session-level lock held as
-        long as the connection lives (the leader's), never returned to a pool."""
+        long as the connection lives (the leader's) or a LISTEN, never returned to a
+        pool. `name`: its application_name, so pg_stat_activity tells which is which."""
         try:
             conn: asyncpg.Connection = await asyncpg.connect(
                 self.url,
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=self.command_timeout,
-                server_settings={"application_name": "sms-bridge"},
+                server_settings={"application_name": name},
             )
         except Exception as exc:
             raise StoreUnavailable(f"cannot connect to {self.shown}: {_why(exc)}") from exc

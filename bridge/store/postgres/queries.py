@@ -152,6 +152,8 @@ class QueryOps(Base):
                     None if ids is None else _ids(ids),
                 )
             }
+            if changed:
+                await self._notify_work(conn)
         order = sorted(changed) if ids is None else [i for i in dict.fromkeys(ids) if i in changed]
         return order
 

@@ -9,7 +9,10 @@ operation does: a caller that got its answer may acknowledge.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bridge.store.api import StoreStats
+from bridge.store.postgres.coordination import LEADER_IDLE_TIMEOUT, AdvisoryLeadership, NotifiedWork
 from bridge.store.postgres.delivery import DeliveryOps
 from bridge.store.postgres.ingest import IngestOps
 from bridge.store.postgres.migrate import check_not_newer, check_schema, migrate
@@ -23,6 +26,7 @@ class PostgresStore(IngestOps, DeliveryOps, QueryOps):
     def __init__(self, url: str, *, max_connections: int = 8, migrating: bool = False) -> None:
         super().__init__(url, max_connections=max_connections)
         self.migrating = migrating
+        self.leader_idle_timeout = LEADER_IDLE_TIMEOUT  # tests shorten it
 
     async def open(self) -> None:
         """Connect; refuse (SchemaError) a schema newer than this build's, and, unless
@@ -53,3 +57,12 @@ class PostgresStore(IngestOps, DeliveryOps, QueryOps):
             " ON CONFLICT (id) DO UPDATE SET at = excluded.at",
             now,
         )
+
+    # -- coordination (bridge.store.postgres.coordination) ---------------------------
+    def leadership(self, role: str, *, holder: str) -> AdvisoryLeadership:
+        return AdvisoryLeadership(
+            self.db, role, holder=holder, idle_timeout=self.leader_idle_timeout
+        )
+
+    def watch_work(self, wake: Callable[[], None]) -> NotifiedWork:
+        return NotifiedWork(self.db, wake, self.token)

@@ -49,9 +49,11 @@ class DeliveryOperations(EngineBound):
             ).fetchone()[0]
         )
 
-    async def unsettled(self, now: float, *, owner: str, lease_until: float) -> list[Message]:
+    async def unsettled(
+        self, now: float, *, owner: str, lease_until: float, take_over: bool = True
+    ) -> list[Message]:
         """Every message in `sending`: one process, so all of them are its own."""
-        del now, owner, lease_until
+        del now, owner, lease_until, take_over
         return await self.engine.read(
             lambda c: [
                 Message.from_row(r)

@@ -21,6 +21,7 @@ from bridge.store.api import Decider, Held, MetricCounts, Pending, Stored, Store
 from bridge.store.sqlite.console import ConsoleQueries
 from bridge.store.sqlite.delivery import DeliveryOperations
 from bridge.store.sqlite.engine import Engine
+from bridge.store.sqlite.solo import NoOtherWork, SoleLeader
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,15 @@ class SqliteStore(DeliveryOperations, ConsoleQueries):
                 [now],
             )
         )
+
+    # -- coordination: one process ---------------------------------------------------
+    def leadership(self, role: str, *, holder: str) -> SoleLeader:
+        del role, holder
+        return SoleLeader()
+
+    def watch_work(self, wake: Callable[[], None]) -> NoOtherWork:
+        del wake
+        return NoOtherWork()
 
     # -- ingest ----------------------------------------------------------------------
     async def ingest(self, pending: Sequence[Pending], decider: Decider) -> list[Stored]:

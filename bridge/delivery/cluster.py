@@ -1,0 +1,123 @@
+"""Running among other instances on one store: one leader for the singletons, and
+wake-ups for work that another instance stored.
+
+The singletons (status polling, storm digests, retention, and taking over the claims of
+instances whose lease passed) each spend provider requests or write the same rows, so
+one instance runs them at a time: the one holding the store's `Leadership`. Every
+instance checks every `LEAD_INTERVAL` seconds: the leader confirms it still holds the
+role (and stops its singletons at once when it does not), the others try to take it.
+So when a leader dies, another leads within about `LEAD_INTERVAL` (plus, for a frozen
+one, the store's own timeout). A singleton's step that was under way when the role was
+lost finishes; each is safe to run twice (folds and takeovers are locked in the store),
+so a short overlap costs a request, never a text.
+
+One process (SQLite) always leads. The log says who leads, for people and for tests:
+"leader: this instance (NAME) leads ..." / "... no longer leads ...".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from bridge.clock import Clock, sleep_until_woken
+from bridge.errors import StoreUnavailable
+from bridge.loops import run_steps
+from bridge.store.api import Leadership, WorkWatch
+
+log = logging.getLogger("bridge")
+LEAD_INTERVAL = 2.0  # seconds between leadership checks: how soon a dead leader is replaced
+WATCH_INTERVAL = 5.0  # seconds between checks that the listening connection is up
+SINGLETONS = "status polling, storm digests, retention, lease takeovers"
+
+Loop = Callable[
+    [asyncio.Event], Coroutine[Any, Any, None]
+]  # a background task: runs until the event
+
+
+class Leader:
+    """Runs the singleton loops only while this instance holds `leadership`."""
+
+    def __init__(
+        self,
+        leadership: Leadership,
+        *,
+        name: str,
+        clock: Clock,
+        interval: float = LEAD_INTERVAL,
+    ) -> None:
+        self.leadership = leadership
+        self.name = name
+        self.clock = clock
+        self.interval = interval
+        self.leading = False  # read by /metrics and by the dispatcher's takeovers
+        self.changed = asyncio.Event()  # set on every change of `leading` (tests wait on it)
+
+    async def run(self, stop: asyncio.Event, singletons: Sequence[tuple[str, Loop]]) -> None:
+        """Until `stop`: check every `interval`; start `singletons` on taking the role,
+        stop them (and wait for their step to end) on losing it; resign at the end."""
+        running: list[asyncio.Task[None]] = []
+        halt = asyncio.Event()
+        said_standby = False
+        try:
+            while not stop.is_set():
+                _raise_failed(running)
+                try:
+                    leading = await self.leadership.check()
+                except StoreUnavailable:
+                    leading = False
+                if leading and not self.leading:
+                    log.warning("leader: this instance (%s) leads: %s", self.name, SINGLETONS)
+                    halt = asyncio.Event()
+                    running = [asyncio.create_task(run(halt), name=n) for n, run in singletons]
+                    self._set(True)
+                elif self.leading and not leading:
+                    log.warning("leader: this instance (%s) no longer leads", self.name)
+                    self._set(False)
+                    await _halt(halt, running)
+                    running = []
+                elif not leading and not said_standby:
+                    log.info("leader: another instance leads; this one (%s) stands by", self.name)
+                said_standby = said_standby or not leading
+                await sleep_until_woken(self.clock, self.interval, asyncio.Event(), stop)
+        finally:
+            self._set(False)
+            await _halt(halt, running)
+            with contextlib.suppress(Exception):
+                await self.leadership.resign()
+
+    def _set(self, leading: bool) -> None:
+        if leading != self.leading:
+            self.leading = leading
+            self.changed.set()
+
+
+def _raise_failed(tasks: list[asyncio.Task[None]]) -> None:
+    """A singleton that crashed brings the bridge down, as it did before it had a leader."""
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+
+async def _halt(halt: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    halt.set()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def watch_work(
+    watch: WorkWatch, *, clock: Clock, stop: asyncio.Event, interval: float = WATCH_INTERVAL
+) -> None:
+    """Keep listening for work stored by other instances (reconnect when it drops)."""
+
+    async def step() -> float:
+        await watch.check()
+        return interval
+
+    try:
+        await run_steps(step, name="work watch", clock=clock, stop=stop, retry_after=interval)
+    finally:
+        await watch.close()

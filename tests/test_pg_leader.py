@@ -1,0 +1,294 @@
+"""One leader for the singletons, and wake-ups across instances (issue #13 item 5), on a
+real PostgreSQL server.
+
+The lock itself is tested with a leader in another process, killed (`kill -9`) or
+frozen (its event loop blocked), because that is what the server must notice; the
+bridges are tested as `serve` builds and runs them, two on one database in this
+process, each with its own clock, its own connections and its own sandbox provider (so
+the requests each one made can be told apart). Waits are bounded polls, never sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from bridge.app import build
+from bridge.clock import ManualClock
+from bridge.config import load_config
+from bridge.models import NewMessage, State
+from bridge.policy.shaping import Draft
+from bridge.service import Bridge
+from bridge.store.postgres.store import PostgresStore
+from tests.helpers import write_config
+from tests.stores import seed
+
+MESSAGE = NewMessage("+12025550143", "disk full on db-1", "alertmanager", "SMS", 1, 1)
+ROLE = "singletons"
+# A leader in a process of its own: takes the role, says so, then idles or freezes.
+CHILD = """
+import asyncio, sys, time
+from bridge.store.postgres.store import PostgresStore
+
+async def main() -> None:
+    store = PostgresStore(sys.argv[1])
+    store.leader_idle_timeout = float(sys.argv[2])
+    await store.open()
+    role = store.leadership("singletons", holder="child")
+    print("leading" if await role.check() else "standing by", flush=True)
+    if sys.argv[3] == "freeze":
+        time.sleep(120)  # the event loop blocked: alive, connected, and doing nothing
+    await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+async def until(check: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> float:
+    """Poll `check` every 0.1 s until true; how long it took. Fails after `seconds`."""
+    start = time.monotonic()
+    while not await check():
+        if time.monotonic() - start > seconds:
+            raise AssertionError(f"not true within {seconds}s")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - start
+
+
+@contextlib.contextmanager
+def child_leader(url: str, mode: str, idle: float = 10.0) -> Iterator[subprocess.Popen[str]]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, url, str(idle), mode],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "leading"
+        yield child
+    finally:
+        child.kill()
+        child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+@pytest.fixture
+async def store(postgres_url: str) -> AsyncIterator[PostgresStore]:
+    store = PostgresStore(postgres_url, max_connections=2)
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_one_instance_leads_and_a_killed_leaders_role_moves_within_a_second(
+    postgres_url: str, store: PostgresStore
+) -> None:
+    role = store.leadership(ROLE, holder="b")
+    with child_leader(postgres_url, "idle") as child:
+        for _ in range(3):
+            assert not await role.check()  # held by the child: one leader
+        child.kill()  # kill -9: the kernel closes its connection, the server its session
+        took = await until(role.check, seconds=5.0)
+    assert took < 2.0
+    assert await role.check()  # and it keeps it
+    other = store.leadership(ROLE, holder="c")
+    assert not await other.check()
+    await role.resign()  # shutdown: free at once
+    assert await other.check()
+    await other.resign()
+
+
+async def test_a_frozen_leaders_session_is_ended_by_the_server(
+    postgres_url: str, store: PostgresStore
+) -> None:
+    role = store.leadership(ROLE, holder="b")
+    with child_leader(postgres_url, "freeze", idle=1.0) as child:
+        assert not await role.check()
+        await until(role.check, seconds=10.0)
+        assert child.poll() is None  # alive, still connected, frozen: and no longer leads
+    await role.resign()
+
+
+async def test_a_leader_that_lost_its_session_steps_down(
+    postgres_url: str, store: PostgresStore
+) -> None:
+    a, b = store.leadership(ROLE, holder="a"), store.leadership(ROLE, holder="b")
+    assert await a.check() and not await b.check()
+    await terminate(postgres_url, "sms-bridge leader a")  # its connection, cut server-side
+    assert await b.check()  # b tries first and takes it
+    assert not await a.check()  # a sees it no longer holds the lock
+    assert not await a.check()
+    await b.resign()
+    assert await a.check()
+    await a.resign()
+
+
+async def terminate(url: str, application_name: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        ended = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = $1",
+            application_name,
+        )
+        assert ended == 1
+    finally:
+        await conn.close()
+
+
+async def test_only_a_sweep_that_takes_over_takes_over(store: PostgresStore) -> None:
+    ids = await seed(store, [MESSAGE] * 2, 1.0)
+    await store.claim(ids[:1], 2.0, owner="dead", lease_until=32.0)
+    await store.claim(ids[1:], 2.0, owner="b", lease_until=32.0)
+    # Past the lease, a non-leader settles its own claims and leaves the dead one's.
+    mine = await store.unsettled(40.0, owner="b", lease_until=70.0, take_over=False)
+    assert [m.id for m in mine] == ids[1:]
+    swept = await store.unsettled(40.0, owner="lead", lease_until=70.0, take_over=True)
+    assert [m.id for m in swept] == ids[:1]
+
+
+# -- two bridges on one database ----------------------------------------------------------
+@contextlib.asynccontextmanager
+async def instance(
+    tmp_path: Path, url: str, name: str, *, dispatcher: bool = True
+) -> AsyncIterator[tuple[Bridge, ManualClock, asyncio.Task[None]]]:
+    """A bridge as `serve` runs it (no listeners), on its own clock and sandbox."""
+    body = f'[store]\nurl = "{url}"\n[cluster]\ninstance = "{name}"\n'
+    config = load_config(write_config(tmp_path, body, f"{name}.toml"), env={})
+    clock = ManualClock(1_800_000_000.0)
+    async with build(config, clock=clock) as bridge:
+        if not dispatcher:  # an instance whose dispatcher is stuck or gone
+
+            async def idle(stop: asyncio.Event) -> None:
+                await stop.wait()
+
+            bridge.dispatcher.run = idle  # type: ignore[method-assign]
+        task = asyncio.create_task(bridge.run())
+        try:
+            yield bridge, clock, task
+        finally:
+            bridge.stop.set()
+            await asyncio.wait_for(task, 30)
+
+
+def logs_requests(bridge: Bridge) -> int:
+    assert bridge.sandbox is not None
+    return sum(1 for r in bridge.sandbox.requests if r.path.endswith("/logs"))
+
+
+def sends(bridge: Bridge) -> int:
+    assert bridge.sandbox is not None
+    return sum(1 for r in bridge.sandbox.requests if r.path.endswith(("/send", "/send-bulk")))
+
+
+async def tick(*clocks: ManualClock, seconds: float = 2.5) -> None:
+    for clock in clocks:
+        clock.advance(seconds)
+    await asyncio.sleep(0.05)  # let the woken loops talk to the server
+
+
+async def test_only_the_leader_polls_and_another_takes_over_when_it_stops(
+    tmp_path: Path, postgres_url: str, store: PostgresStore
+) -> None:
+    now = 1_800_000_000.0
+    [sent] = await seed(store, [MESSAGE], now - 100)  # waiting for its delivery state
+    await store.claim([sent], now - 100, owner="gone", lease_until=now - 70)
+    await store.mark_sent([(sent, "p-1", 0.05)], now - 100)
+    async with instance(tmp_path, postgres_url, "a") as (a, clock_a, task_a):
+        await until(lambda: _true(a.leader.leading))
+        async with instance(tmp_path, postgres_url, "b") as (b, clock_b, _):
+            for _ in range(5):
+                await tick(clock_a, clock_b)
+            assert a.leader.leading and not b.leader.leading
+            await until(lambda: _true(logs_requests(a) > 0))
+            assert logs_requests(b) == 0  # the poller runs on the leader only
+
+            # A text claimed by an instance that died, its lease passed: taking it over
+            # means reading /logs to settle it. b's dispatcher looks first and leaves it.
+            [stranded] = await seed(store, [MESSAGE._replace(text="cpu")], now - 100)
+            await store.claim([stranded], now - 100, owner="gone", lease_until=now - 70)
+            await tick(clock_b, seconds=31.0)
+            await asyncio.sleep(0.3)
+            assert logs_requests(b) == 0
+            assert await state(store, stranded) == State.SENDING
+            await tick(clock_a, seconds=31.0)  # the leader's sweep takes it over
+            await until(lambda: state_is_not(store, stranded, State.SENDING))
+            assert logs_requests(b) == 0
+
+            a.stop.set()  # the leader stops (resigns): b leads on its next check
+            await asyncio.wait_for(task_a, 30)
+
+            async def b_leads() -> bool:
+                await tick(clock_b)
+                return b.leader.leading
+
+            await until(b_leads, seconds=10.0)
+            await until(lambda: _true(logs_requests(b) > 0))
+
+
+async def test_a_leader_cut_off_from_the_database_stops_its_singletons(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    async with (
+        instance(tmp_path, postgres_url, "a") as (a, clock_a, _),
+        instance(tmp_path, postgres_url, "b") as (b, clock_b, _),
+    ):
+        await until(lambda: _true(a.leader.leading or b.leader.leading))
+        first, first_clock, second, second_clock = (
+            (a, clock_a, b, clock_b) if a.leader.leading else (b, clock_b, a, clock_a)
+        )
+        await terminate(postgres_url, f"sms-bridge leader {first.leader.name}")
+
+        async def second_leads() -> bool:
+            await tick(second_clock)
+            return second.leader.leading
+
+        await until(second_leads, seconds=10.0)
+
+        async def first_stepped_down() -> bool:
+            await tick(first_clock)
+            return not first.leader.leading
+
+        await until(first_stepped_down, seconds=10.0)
+        for _ in range(3):
+            await tick(first_clock, second_clock)
+            assert second.leader.leading and not first.leader.leading
+
+
+async def test_an_alert_ingested_on_one_instance_is_sent_by_another_at_once(
+    tmp_path: Path, postgres_url: str, store: PostgresStore
+) -> None:
+    """b's clock never moves: its dispatcher sleeps its idle wait for ever, so only a
+    notification from a's ingest can make it send."""
+    async with instance(tmp_path, postgres_url, "b") as (b, _, _):
+        await asyncio.sleep(0.3)  # b has looked at the empty queue and sleeps
+        assert sends(b) == 0
+        async with instance(tmp_path, postgres_url, "a", dispatcher=False) as (a, _, _):
+            draft = Draft(["+12025550143"], "disk full on db-1", "api", "SMS", dedupe_key="k")
+            await a.ingestor.submit([draft])  # as HTTP / SMTP do, before the 202 / 250
+            took = await until(lambda: _true(sends(b) == 1), seconds=5.0)
+    assert took < 2.0
+    assert (await store.counts()).get("sent") == 1
+
+
+async def state(store: PostgresStore, message_id: int) -> State:
+    found = await store.get(message_id)
+    assert found is not None
+    return found.state
+
+
+async def state_is_not(store: PostgresStore, message_id: int, unwanted: State) -> bool:
+    return await state(store, message_id) != unwanted
+
+
+async def _true(value: object) -> bool:
+    return bool(value)
