@@ -297,9 +297,6 @@ LEADER_SESSIONS = (
 )  # an idle session holding an advisory lock holds it beyond a transaction: the leader's
 
 
-@pytest.mark.xfail(
-    strict=True, reason="feat-leader: one leader for the singletons is not merged yet"
-)
 def test_the_leader_killed_delivery_states_keep_arriving(chaos: Cluster) -> None:
     for name in ("a", "b", "c"):
         chaos.start(name)
