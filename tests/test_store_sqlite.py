@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from bridge.config import StoreConfig
-from bridge.errors import ConfigError, StoreUnavailable
+from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage
 from bridge.store import open_store
 from bridge.store.sqlite import SqliteStore
@@ -69,5 +69,9 @@ async def test_unopenable_store_reports_clearly(tmp_path) -> None:
 def test_the_factory_picks_the_backend_from_config(tmp_path) -> None:
     store = open_store(StoreConfig(path=str(tmp_path / "x.db")))
     assert isinstance(store, SqliteStore) and store.path == str(tmp_path / "x.db")
-    with pytest.raises(ConfigError, match="PostgreSQL store not available in this build"):
-        open_store(StoreConfig(url="postgresql://bridge@db.example/sms"))
+    # The PostgreSQL store has landed: a URL picks it (not connected until opened).
+    from bridge.store.postgres.store import PostgresStore
+
+    assert isinstance(
+        open_store(StoreConfig(url="postgresql://bridge@db.example/sms")), PostgresStore
+    )
