@@ -160,6 +160,7 @@ async def build(
             limiter = SlidingWindowLimiter(
                 limit=p.requests_per_minute,
                 clock=clock,
+                store=store,  # the window every instance books in
                 status_share=config.status.budget_share,
                 backoff_initial=p.backoff_initial,
                 backoff_max=p.backoff_max,

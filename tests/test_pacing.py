@@ -20,6 +20,7 @@ from bridge.clock import ManualClock
 from bridge.delivery.pacing import hold
 from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.provider.sandbox import SandboxState
+from bridge.store import Store
 from tests.helpers import bridge_config, max_in_window, pump, running_bridge
 
 WINDOW = 60.5  # the limiter's: 60 s and its margin
@@ -160,17 +161,19 @@ def test_the_flood_of_the_issue_in_the_model() -> None:
     assert sent[-1][0] - arrivals[-1] <= 1.3
 
 
-def test_limiter_remaining_agrees_with_its_wait() -> None:
+async def test_limiter_remaining_agrees_with_its_wait(store: Store) -> None:
     clock = ManualClock()
-    limiter = SlidingWindowLimiter(limit=5, clock=clock)
+    limiter = SlidingWindowLimiter(limit=5, clock=clock, store=store)
     for _ in range(5):
         assert limiter.remaining() > 0 and limiter.wait_time() == 0
-        limiter.book(clock.now())
+        assert await limiter.acquire("send") == 0.0
         clock.advance(1)
     assert limiter.remaining() == 0 and limiter.wait_time() > 0
+    assert await limiter.acquire("send") > 0  # and nothing booked
+    assert len(await store.request_rows(0)) == 5
     clock.advance(WINDOW - 4.9)  # the first booking leaves the window
     assert limiter.remaining() == 1 and limiter.wait_time() == 0
-    limiter.rate_limited(30)
+    await limiter.rate_limited(30)
     assert limiter.remaining() == 0  # paused by a 429: nothing may go
 
 

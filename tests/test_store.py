@@ -11,7 +11,7 @@ import pytest
 from bridge.models import NewMessage, State
 from bridge.policy.decide import Rules
 from bridge.store import Store
-from bridge.store.api import Held, IngestQuestions, Lookups
+from bridge.store.api import Held, IngestQuestions, Lookups, Pause
 from tests.stores import AS_GIVEN, BACKENDS, FACTORIES, seed
 
 MESSAGE = NewMessage("+12025550143", "hi", "http", "SMS", 1, 1)
@@ -193,6 +193,37 @@ async def test_book_request_never_books_past_the_limit(store: Store) -> None:
     assert await store.request_rows(0, "cli", after=max(b.seq for b in rows)) == []
     await store.prune_requests(booked[-1])
     assert [b.kind for b in await store.request_rows(0)] == ["x"]
+
+
+async def test_a_pause_holds_every_booking_until_it_ends(store: Store) -> None:
+    assert await store.requests_paused_until(0.0) is None
+    await store.pause_requests(145.0, "429 from the provider")
+    await store.pause_requests(120.0, "an earlier one")  # changes nothing: the later holds
+    assert await store.requests_paused_until(100.0) == Pause(145.0, "429 from the provider")
+    assert await store.book_request(100.0, "cli:balance", limit=5, window=60.0) == 45.0
+    ids = await seed(store, [MESSAGE] * 2, 1.0)
+    window = {"limit": 5, "window": 60.0}
+    assert await store.claim(ids, 144.9, **OWNER, **window) == []
+    assert await store.request_rows(0) == []  # nothing booked while paused
+    assert await store.requests_paused_until(145.0) is None  # over at its end
+    assert await store.claim(ids, 145.0, **OWNER, **window) == ids
+    assert await store.book_request(145.0, "cli:balance", limit=5, window=60.0) == 0.0
+    assert [b.kind for b in await store.request_rows(0)] == ["send", "cli:balance"]
+
+
+async def test_a_bounded_claim_books_within_the_window_or_claims_nothing(store: Store) -> None:
+    ids = await seed(store, [MESSAGE] * 4, 1.0)
+    window = {"limit": 2, "window": 60.0}
+    assert await store.book_request(10.0, "status", **window) == 0.0
+    assert await store.claim(ids[:1], 20.0, **OWNER, **window) == ids[:1]
+    # The window is full: nothing claimed, nothing booked, the messages stay queued.
+    assert await store.claim(ids[1:], 30.0, **OWNER, **window) == []
+    assert {m.id for m in await store.due(31.0, 10)} == set(ids[1:])
+    # A claim that gets no id (taken already) books nothing: no request will be made.
+    assert await store.claim(ids[:1], 70.5, **OWNER, **window) == []
+    assert [b.at for b in await store.request_rows(0)] == [10.0, 20.0]
+    assert await store.claim(ids[1:], 70.5, **OWNER, **window) == ids[1:]
+    assert [b.at for b in await store.request_rows(0)] == [10.0, 20.0, 70.5]
 
 
 async def test_warnings_queue_once_and_digests_fold_held_messages(store: Store) -> None:

@@ -2,8 +2,8 @@
 
 Each step (`run_once`, arq's burst mode) claims what is due, coalesces messages with the
 same text, sender and type into `/send-bulk` calls of up to `max_bulk` recipients (a lone
-recipient goes through `/send`), books every request in the limiter and the store before
-sending it, and hands each answer to `bridge.delivery.outcomes`, which says what it
+recipient goes through `/send`), books every request in the rate window the store keeps
+for every instance (`bridge.delivery.ratelimit`) before sending it, and hands each answer to `bridge.delivery.outcomes`, which says what it
 does to the messages (sent, failed, retried, checked in /logs) and to sending.
 
 Messages found in `sending` (a crash, a read timeout) are reconciled the same way
@@ -85,7 +85,6 @@ class Dispatcher:
             rng=rng,
         )
         self._prices_loaded = prices is None
-        self._foreign_rowid = 0  # last request booked by another process already counted
         self._last_call: dict[GroupKey, float] = {}  # each text's last call, for pacing
         self._held_until = 0.0  # a text held for more recipients: wake-ups wait till then
         # Who holds this dispatcher's claims, and for how long without news of it: a
@@ -114,21 +113,10 @@ class Dispatcher:
         return self.outcomes.balance
 
     async def load_budget(self) -> None:
-        """Take the requests booked before a restart into the window."""
-        now = self.clock.now()
-        await self.store.prune_requests(now - 2 * self.limiter.window)
-        rows = await self.store.request_rows(now - self.limiter.window)
-        self.limiter.load((at, kind) for _, at, kind in rows)
-        self._foreign_rowid = max((rowid for rowid, _, _ in rows), default=0)
-
-    async def _count_foreign(self) -> None:
-        """Requests another process (the CLI) booked since we looked: same window."""
-        rows = await self.store.request_rows(
-            self.clock.now() - self.limiter.window, FOREIGN_PREFIX, self._foreign_rowid
-        )
-        if rows:
-            self.limiter.load((at, kind) for _, at, kind in rows)
-            self._foreign_rowid = max(rowid for rowid, _, _ in rows)
+        """Take the requests booked before a restart (and by other instances) into the
+        window, and forget those that left every window."""
+        await self.store.prune_requests(self.clock.now() - 2 * self.limiter.window)
+        await self.limiter.sync()
 
     # -- the loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -150,7 +138,7 @@ class Dispatcher:
             # wakes us, and re-reading the queue on each took a third of ingest's speed
             # (bench/flood.py); what arrives meanwhile goes when the hold ends.
             return self._held_until - now
-        await self._count_foreign()
+        await self.limiter.sync()  # what every instance (and the CLI) booked since
         for text in [k for k, at in self._last_call.items() if at <= now - self.limiter.window]:
             del self._last_call[text]  # a text not sent for a window is new again
         if not self.health.ready:
@@ -255,12 +243,9 @@ class Dispatcher:
 
     async def _load_prices(self) -> None:
         """The provider's price list, once per start, for cost estimates."""
-        if self.prices is None or self.limiter.wait_time("send") > 0:
+        if self.prices is None or await self.limiter.acquire("pricing") > 0:
             return  # try again on a later step
         self._prices_loaded = True
-        now = self.clock.now()
-        self.limiter.book(now, "pricing")
-        await self.store.record_request(now, "pricing")
         try:
             self.prices.load(await self.client.pricing())
         except ProviderError as exc:
@@ -271,15 +256,23 @@ class Dispatcher:
         if not batch:
             return
         now = self.clock.now()
-        self.limiter.book(now, "send")
+        # Booked in the claim's transaction, within the window every instance shares:
+        # a full window (another instance took the room) or a pause claims nothing.
         claimed = set(
             await self.store.claim(
-                [m.id for m in batch], now, owner=self.owner, lease_until=now + self.lease
+                [m.id for m in batch],
+                now,
+                owner=self.owner,
+                lease_until=now + self.lease,
+                limit=self.limiter.booking_limit("send"),
+                window=self.limiter.window,
             )
         )
         batch = [m for m in batch if m.id in claimed]
         if not batch:
+            await self.limiter.sync()  # the caller's next wait_time says how long
             return
+        self.limiter.booked(now, "send")
         first = batch[0]
         try:
             if len(batch) == 1:
@@ -304,19 +297,16 @@ class Dispatcher:
 
     async def _probe(self) -> bool:
         """While the key is refused, one cheap /balance now and then tells when it works."""
-        if self.limiter.wait_time("send") > 0:
+        if await self.limiter.acquire("probe") > 0:
             return False
-        now = self.clock.now()
-        self.limiter.book(now, "probe")
-        await self.store.record_request(now, "probe")
-        self.outcomes.next_probe = now + self.config.auth_probe_interval
+        self.outcomes.next_probe = self.clock.now() + self.config.auth_probe_interval
         try:
             await self.client.balance()
         except ProviderAuthError as exc:
-            self.outcomes.key_refused(exc)
+            await self.outcomes.key_refused(exc)
             return False
         except RateLimitedError as exc:
-            self.limiter.rate_limited(exc.retry_after)
+            await self.limiter.rate_limited(exc.retry_after)
             return False
         except ProviderError as exc:
             log.info("probe inconclusive: %s", exc)

@@ -86,7 +86,7 @@ class Outcomes:
             case PermanentSendError():
                 await self._refused(batch, exc)
             case ProviderAuthError():
-                self.key_refused(exc)
+                await self.key_refused(exc)
                 what = (
                     "provider says the account is not active"
                     if isinstance(exc, ProviderInactiveError)
@@ -96,7 +96,7 @@ class Outcomes:
                     ids, now, at=now, reason=f"waiting: {what} ({exc})", refund_attempt=True
                 )
             case RateLimitedError():
-                pause = self.limiter.rate_limited(exc.retry_after)
+                pause = await self.limiter.rate_limited(exc.retry_after)
                 log.warning("provider answered 429: pausing all requests for %.1fs", pause)
                 await self.store.requeue(
                     ids,
@@ -158,8 +158,9 @@ class Outcomes:
             [(batch[0].id, State.FAILED, f"provider refused: {exc.reason}")], now
         )
 
-    def key_refused(self, exc: ProviderAuthError) -> float:
-        """401/403/404: health red; seconds until the next try (403: doubling)."""
+    async def key_refused(self, exc: ProviderAuthError) -> float:
+        """401/403/404: health red, every instance paused until the next try (403:
+        doubling); the seconds until then."""
         now = self.clock.now()
         inactive = isinstance(exc, ProviderInactiveError)
         self.health.auth_failed(str(exc), now, inactive=inactive)
@@ -168,6 +169,9 @@ class Outcomes:
             self._inactive_strikes += 1
             wait = min(self.config.backoff_max, wait * 2 ** (self._inactive_strikes - 1))
         self.next_probe = now + wait
+        # The key is the cluster's: the other instances wait too, rather than each
+        # spending a request to learn it (the probe, or the next send, goes at the end).
+        await self.limiter.pause(self.next_probe, f"provider refused the key: {exc}")
         return wait
 
     async def retry_later(self, batch: list[Message], exc: TransientSendError) -> None:

@@ -79,6 +79,7 @@ class StatusPoller:
         self.limiter.status_demand = bool(waiting)
         if not waiting or not self.health.ready:
             return self.config.poll_interval
+        await self.limiter.sync()  # the window as every instance booked it
         by_id = {m.provider_message_id: m for m in waiting if m.provider_message_id}
         id_less = LogMatcher(m for m in waiting if not m.provider_message_id)
         oldest = min(m.sent_at or now for m in waiting)
@@ -92,18 +93,14 @@ class StatusPoller:
         updates = []
         found_ids: list[tuple[int, str]] = []
         for page in range(first_page, first_page + MAX_PAGES_PER_ROUND):
-            wait = self.limiter.wait_time("status")
-            if wait > 0:
+            if await self.limiter.acquire("status") > 0:
                 break
-            at = self.clock.now()
-            self.limiter.book(at, "status")
-            await self.store.record_request(at, "status")
             try:
                 logs = await self.client.logs(
                     page=page, per_page=MAX_LOGS_PER_PAGE, date_from=date_from
                 )
             except RateLimitedError as exc:
-                self.limiter.rate_limited(exc.retry_after)
+                await self.limiter.rate_limited(exc.retry_after)
                 break
             except ProviderAuthError as exc:
                 inactive = isinstance(exc, ProviderInactiveError)

@@ -1,21 +1,35 @@
-"""The provider's budget: at most `limit` requests in any sliding window, per API key.
+"""The provider's budget: at most `limit` requests in any sliding window, per API key,
+for every instance of a cluster together.
 
 The documentation does not say whether the provider's window is fixed or sliding, so we
-assume the strictest reading: a sliding 60 s window, counting every endpoint. Each request
-is booked before it is sent (and persisted by the caller, so a restart does not grant a
-fresh burst). A small margin covers the delay between booking and the provider's own
-timestamp. A 429 pauses every kind of request until its `Retry-After`; without one, for
-a pause that doubles with each 429 in a row (a success resets it). Requests booked by
-other processes (`sms-bridge provider ...`) are read from the store and counted too.
+assume the strictest reading: a sliding 60 s window, counting every endpoint. A small
+margin covers the delay between booking and the provider's own timestamp.
+
+The window lives in the store, not here: every request (sends, status polls, /logs
+reconciliation, the price list, probes, and the CLI's) is booked there before it is
+made, atomically (`book_request`, or `claim` with a limit: count, check the pause,
+insert, commit; on PostgreSQL under one lock for the cluster), so N instances never
+book more than `limit` together and a restart does not grant a fresh burst. A booking
+refused tells how long to wait. This limiter keeps a copy of the window, re-read whole
+at each dispatcher step (`sync`): a cursor by sequence number could miss a row that
+another instance committed late. From that copy it answers what the dispatcher, the
+pacer and the poller ask before they try (`wait_time`, `remaining`); the store has the
+last word.
+
+A 429 pauses every request of every instance until its `Retry-After`; without one, for
+a pause that doubles with each 429 in a row (a success resets it). The pause is a row
+of the store too, honoured by every booking. The status poller's share: while it has
+messages waiting for a state (here, or on another instance, seen as status bookings in
+the window that this limiter did not make), sends leave its unused share free.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
 
 from bridge.clock import Clock
+from bridge.store.api import RateWindow
 
 WINDOW_SECONDS = 60.0
 WINDOW_MARGIN = 0.5
@@ -27,6 +41,7 @@ class SlidingWindowLimiter:
         *,
         limit: int,
         clock: Clock,
+        store: RateWindow,
         status_share: float = 0.1,
         window: float = WINDOW_SECONDS + WINDOW_MARGIN,
         backoff_initial: float = 5.0,
@@ -38,32 +53,54 @@ class SlidingWindowLimiter:
         self.limit = limit
         self.window = window
         self.clock = clock
+        self.store = store
         self.status_cap = max(1, math.floor(limit * status_share))
-        self.status_demand = False  # the poller has messages waiting for a state
+        self.status_demand = False  # this instance's poller has messages waiting for a state
         self.paused_until = 0.0
-        self._booked: deque[tuple[float, str]] = deque()
+        self.pause_reason = ""
+        self._booked: deque[tuple[float, str]] = deque()  # the store's window, as last read
+        self._own_status: deque[float] = deque()  # status bookings made here
 
-    def load(self, booked: Iterable[tuple[float, str]]) -> None:
-        self._booked.extend(sorted(booked))
+    # -- the copy of the store's window --------------------------------------------------
+    async def sync(self) -> None:
+        """Re-read the whole window and the pause from the store (every instance's)."""
+        now = self.clock.now()
+        rows = await self.store.request_rows(now - self.window)
+        pause = await self.store.requests_paused_until(now)
+        self._booked = deque(sorted((at, kind) for _, at, kind in rows))
+        if pause is not None and pause.until > self.paused_until:
+            self.paused_until, self.pause_reason = pause.until, pause.reason
 
     def _expire(self, now: float) -> None:
         while self._booked and self._booked[0][0] <= now - self.window:
             self._booked.popleft()
+        while self._own_status and self._own_status[0] <= now - self.window:
+            self._own_status.popleft()
 
     def used(self, kind: str | None = None) -> int:
         self._expire(self.clock.now())
         return sum(1 for _, k in self._booked if kind is None or k == kind)
 
+    def _status_demand(self) -> bool:
+        """Our poller waits for states, or another instance's polls (status bookings
+        we did not make are in the window)."""
+        return self.status_demand or self.used("status") > len(self._own_status)
+
     def _cap(self, kind: str) -> tuple[int, str | None]:
         """How many requests of `kind` fit in a window, and which kind counts against it."""
         if kind == "status":
             return min(self.status_cap, self.limit), "status"
-        if self.status_demand:
+        if self._status_demand():
             # Keep the poller's share free while it has work, so a backlog of sends
             # cannot starve delivery reports.
             status_unused = max(0, self.status_cap - self.used("status"))
             return self.limit - status_unused, None
         return self.limit, None
+
+    def booking_limit(self, kind: str = "send") -> int:
+        """The bound the store books a request of `kind` under: every booking counts."""
+        cap, counted = self._cap(kind)
+        return cap if counted is None else self.limit
 
     def wait_time(self, kind: str = "send") -> float:
         """Seconds until a request of `kind` may go; 0 when it may go now."""
@@ -91,24 +128,48 @@ class SlidingWindowLimiter:
         relevant = sum(1 for _, k in self._booked if counted is None or k == counted)
         return max(0, min(self.limit - len(self._booked), cap - relevant))
 
-    def book(self, at: float, kind: str = "send") -> None:
+    # -- booking -------------------------------------------------------------------------
+    async def acquire(self, kind: str) -> float:
+        """Book one request of `kind` in the store before making it: 0.0 when booked
+        (make it now), else the seconds to wait (nothing booked). The poller's polls are
+        `status`; every other kind counts as a send."""
+        counted = "status" if kind == "status" else "send"
+        wait = self.wait_time(counted)
+        if wait > 0:
+            return wait
+        at = self.clock.now()
+        refused = await self.store.book_request(
+            at, kind, limit=self.booking_limit(counted), window=self.window
+        )
+        if refused > 0:  # another instance took the room, or paused us: look again
+            await self.sync()
+            return max(refused, self.wait_time(counted))
+        self.booked(at, kind)
+        return 0.0
+
+    def booked(self, at: float, kind: str) -> None:
+        """A booking the store made for us (`acquire`, or a bounded `claim`)."""
         self._booked.append((at, kind))
+        if kind == "status":
+            self._own_status.append(at)
 
-    def pause(self, until: float) -> None:
-        self.paused_until = max(self.paused_until, until)
+    # -- pauses --------------------------------------------------------------------------
+    async def pause(self, until: float, reason: str) -> None:
+        """Hold every request of every instance until `until` (here at once, then in the
+        store for the others)."""
+        if until > self.paused_until:
+            self.paused_until, self.pause_reason = until, reason
+        await self.store.pause_requests(until, reason)
 
-    def rate_limited(self, retry_after: float | None) -> float:
+    async def rate_limited(self, retry_after: float | None) -> float:
         """A 429: pause every request for `retry_after`, else for a doubling backoff."""
         self.strikes += 1
         pause = retry_after
         if pause is None:
             pause = min(self.backoff_max, self.backoff_initial * 2 ** (self.strikes - 1))
-        self.pause(self.clock.now() + pause)
+        await self.pause(self.clock.now() + pause, "429 from the provider")
         return pause
 
     def answered(self) -> None:
         """The provider answered without a 429: the next one starts the backoff afresh."""
         self.strikes = 0
-
-    def oldest_relevant(self) -> float:
-        return self.clock.now() - self.window

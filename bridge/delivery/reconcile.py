@@ -92,18 +92,15 @@ class Reconciler:
         date_from = provider_date(oldest - CLOCK_SKEW, self.tz)
         page = 1
         while matcher and page <= RECONCILE_MAX_PAGES:
-            wait = self.limiter.wait_time("send")
+            wait = await self.limiter.acquire("reconcile")
             if wait > 0:
                 return wait
-            at = self.clock.now()
-            self.limiter.book(at, "reconcile")
-            await self.store.record_request(at, "reconcile")
             try:
                 logs = await self.client.logs(page=page, date_from=date_from)
             except ProviderAuthError as exc:
-                return self.outcomes.key_refused(exc)
+                return await self.outcomes.key_refused(exc)
             except RateLimitedError as exc:
-                self.limiter.rate_limited(exc.retry_after)
+                await self.limiter.rate_limited(exc.retry_after)
                 return self.limiter.wait_time("send")
             except ProviderError as exc:
                 self._logs_failures += 1

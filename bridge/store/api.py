@@ -117,6 +117,13 @@ class Booking(NamedTuple):
     kind: str  # send, status, reconcile, probe, pricing; "cli:..." from `sms-bridge provider`
 
 
+class Pause(NamedTuple):
+    """Every provider request of every instance waits until `until` (epoch seconds)."""
+
+    until: float
+    reason: str  # "429 from the provider", "provider refused the key: ..."
+
+
 @dataclass(frozen=True, slots=True)
 class Held:
     """A message held by storm control, as a digest counts it."""
@@ -233,12 +240,19 @@ class DeliveryOperations(Protocol):
         owner: str,
         lease_until: float,
         request_kind: str = "send",
+        limit: int | None = None,
+        window: float = 0.0,
     ) -> list[int]:
         """queued -> sending for those of `ids` still queued (attempts + 1, claimed_at =
         now), and one provider request of `request_kind` booked, in one transaction; the
         ids claimed, in the order asked. Two claims of one id never both get it (a
         cluster: row locks, SKIP LOCKED). `owner` holds them until `lease_until`; past it
-        another instance may take them over through `unsettled`."""
+        another instance may take them over through `unsettled`.
+
+        With `limit`, the booking is `book_request`'s, in the same transaction: while a
+        pause is in force or `limit` requests are booked in (now - window, now], nothing
+        is claimed nor booked ([]: the caller's limiter, synced, says for how long); and
+        a claim that gets no id books nothing (no request will be made)."""
         ...
 
     async def unsettled(
@@ -322,10 +336,11 @@ class RateWindow(Protocol):
         ...
 
     async def book_request(self, at: float, kind: str, *, limit: int, window: float) -> float:
-        """Atomically: if fewer than `limit` requests are booked in (at - window, at],
-        book this one and return 0.0; else book nothing and return the seconds until the
-        oldest of them leaves the window. A cluster does it under one lock per API key,
-        so N instances never book more than `limit` together."""
+        """Atomically: if no pause is in force at `at` and fewer than `limit` requests
+        are booked in (at - window, at], book this one and return 0.0; else book nothing
+        and return the seconds until the pause ends or the oldest of them leaves the
+        window (`bridge.store.window.wait_to_book`). A cluster does it under one lock per
+        API key, so N instances never book more than `limit` together."""
         ...
 
     async def request_rows(
@@ -337,6 +352,17 @@ class RateWindow(Protocol):
 
     async def prune_requests(self, before: float) -> None:
         """Forget bookings at or before `before` (they left every window)."""
+        ...
+
+    async def pause_requests(self, until: float, reason: str) -> None:
+        """Pause every provider request until `until` (a 429's Retry-After, a refused
+        key), for every instance and process: `book_request` and a bounded `claim` book
+        nothing before it. Of two pauses the later one holds (an earlier `until` changes
+        nothing). Durable: a restart honours it too."""
+        ...
+
+    async def requests_paused_until(self, now: float) -> Pause | None:
+        """The pause in force at `now` (until > now) and why; None when there is none."""
         ...
 
 

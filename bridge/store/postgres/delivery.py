@@ -1,5 +1,6 @@
-"""Delivery on PostgreSQL: claims with an owner and a lease, outcomes, reconcile
-lookups, and the provider's rate window shared by every instance.
+"""Delivery on PostgreSQL: claims with an owner and a lease (and their booking in the
+rate window every instance shares, `bridge.store.postgres.rate`), outcomes, reconcile
+lookups.
 
 A claim locks the rows it asks for that are still queued, skipping those another
 instance is claiming at that moment (`FOR UPDATE SKIP LOCKED`: no instance waits for
@@ -16,23 +17,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from bridge.models import Message, State
-from bridge.store.api import Booking
-from bridge.store.postgres.base import RATE_LOCK, Base
-from bridge.store.postgres.pool import Conn
+from bridge.store.postgres.base import Base
+from bridge.store.postgres.rate import book, insert_booking, wait_locked
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
 RETRIED_KINDS = "('unknown', 'provider-error')"  # a new attempt: what an earlier outcome was
-
-
-TAKE_RATE_LOCK = f"SELECT pg_advisory_xact_lock({RATE_LOCK})"
-
-
-async def book(conn: Conn, at: float, kind: str) -> None:
-    """Insert a booking under the rate lock (held to the commit): bookings commit in the
-    order of their `seq`, so a reader's cursor (`request_rows(after=seq)`) never skips
-    one that commits late. Bookings are a few a second at most: the lock costs nothing."""
-    await conn.execute(TAKE_RATE_LOCK)
-    await conn.execute("INSERT INTO provider_requests (at, kind) VALUES ($1, $2)", at, kind)
 
 
 class DeliveryOps(Base):
@@ -66,8 +55,12 @@ class DeliveryOps(Base):
         owner: str,
         lease_until: float,
         request_kind: str = "send",
+        limit: int | None = None,
+        window: float = 0.0,
     ) -> list[int]:
         async with self._write() as conn:
+            if limit is not None and await wait_locked(conn, now, limit=limit, window=window):
+                return []  # the window is full or paused: claim nothing, book nothing
             claimed = {
                 int(r[0])
                 for r in await conn.fetch(
@@ -83,7 +76,10 @@ class DeliveryOps(Base):
                     lease_until,
                 )
             }
-            await book(conn, now, request_kind)
+            if limit is None:
+                await book(conn, now, request_kind)
+            elif claimed:  # the lock is held since the window was counted
+                await insert_booking(conn, now, request_kind)
         return [i for i in ids if i in claimed]
 
     async def unsettled(
@@ -237,40 +233,3 @@ class DeliveryOps(Base):
             [p[0] for p in pairs],
             [p[1] for p in pairs],
         )
-
-    # -- the rate window: one for the whole cluster ------------------------------------
-    async def record_request(self, at: float, kind: str) -> None:
-        async with self._write() as conn:
-            await book(conn, at, kind)
-
-    async def book_request(self, at: float, kind: str, *, limit: int, window: float) -> float:
-        """Count and book under one advisory lock: N instances never book past `limit`."""
-        async with self._write() as conn:
-            await conn.execute(TAKE_RATE_LOCK)
-            booked = [
-                float(r[0])
-                for r in await conn.fetch(
-                    "SELECT at FROM provider_requests WHERE at > $1 ORDER BY at", at - window
-                )
-            ]
-            if len(booked) >= limit:
-                return max(0.0, booked[len(booked) - limit] + window - at)
-            await conn.execute("INSERT INTO provider_requests (at, kind) VALUES ($1, $2)", at, kind)
-        return 0.0
-
-    async def request_rows(
-        self, since: float, kind_prefix: str = "", after: int = 0
-    ) -> list[Booking]:
-        return [
-            Booking(int(r[0]), float(r[1]), r[2])
-            for r in await self._fetch(
-                "SELECT id, at, kind FROM provider_requests WHERE at > $1 AND id > $2"
-                " AND starts_with(kind, $3) ORDER BY at",
-                since,
-                after,
-                kind_prefix,
-            )
-        ]
-
-    async def prune_requests(self, before: float) -> None:
-        await self._execute("DELETE FROM provider_requests WHERE at <= $1", before)

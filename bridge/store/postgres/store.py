@@ -17,9 +17,10 @@ from bridge.store.postgres.delivery import DeliveryOps
 from bridge.store.postgres.ingest import IngestOps
 from bridge.store.postgres.migrate import check_not_newer, check_schema, migrate
 from bridge.store.postgres.queries import QueryOps
+from bridge.store.postgres.rate import RateOps
 
 
-class PostgresStore(IngestOps, DeliveryOps, QueryOps):
+class PostgresStore(IngestOps, DeliveryOps, RateOps, QueryOps):
     """`open()` before use, `close()` after. `migrating`: `sms-bridge migrate`'s store,
     whose `open()` accepts a missing or older schema (`migrate()` comes next)."""
 

@@ -1,5 +1,5 @@
-"""The SQLite store's delivery operations: due, claim, outcomes, reconcile lookups, and
-the persisted rate window (`provider_requests`).
+"""The SQLite store's delivery operations: due, claim (with its booking in the rate
+window, `bridge.store.sqlite.rate`), outcomes, reconcile lookups.
 
 One process owns the store, so claims need no lease: `owner` and `lease_until` are
 accepted and ignored, and every message in `sending` is this process's to settle.
@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from sqlite_utils import Database
 
 from bridge.models import Message, State
-from bridge.store.api import Booking
 from bridge.store.sqlite.base import EngineBound
+from bridge.store.sqlite.rate import insert_booking, wait_in
 from bridge.store.sqlite.schema import JSON_IDS
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
@@ -110,15 +110,20 @@ class DeliveryOperations(EngineBound):
         owner: str,
         lease_until: float,
         request_kind: str = "send",
+        limit: int | None = None,
+        window: float = 0.0,
     ) -> list[int]:
-        """queued -> sending for `ids`, and one provider request booked, in one commit.
-        One process owns every claim: `owner` and the lease have nothing to guard here."""
+        """queued -> sending for `ids`, and one provider request booked (with `limit`:
+        if the window has room and no pause holds), in one commit. One process owns every
+        claim: `owner` and the lease have nothing to guard here."""
         del owner, lease_until
         kind = request_kind
 
         wanted = json.dumps(list(ids))
 
         def job(db: Database) -> list[int]:
+            if limit is not None and wait_in(db, now, limit=limit, window=window) > 0:
+                return []
             # A new attempt: what an earlier unknown outcome was (reason_kind) no longer holds.
             db.execute(
                 "UPDATE messages SET reason_kind = NULL"
@@ -141,54 +146,11 @@ class DeliveryOperations(EngineBound):
                 " AND +state = 'queued'",
                 (now, now, wanted),
             )
-            db.execute("INSERT INTO provider_requests (at, kind) VALUES (?, ?)", (now, kind))
+            if queued or limit is None:
+                insert_booking(db, now, kind)
             return [i for i in ids if i in queued]
 
         return await self.engine.write(job)
-
-    async def record_request(self, at: float, kind: str) -> None:
-        await self.engine.write(
-            lambda db: db.execute(
-                "INSERT INTO provider_requests (at, kind) VALUES (?, ?)", (at, kind)
-            )
-        )
-
-    async def book_request(self, at: float, kind: str, *, limit: int, window: float) -> float:
-        """Count and book in one writer job: no other write runs between the two."""
-
-        def job(db: Database) -> float:
-            booked = [
-                r[0]
-                for r in db.execute(
-                    "SELECT at FROM provider_requests WHERE at > ? ORDER BY at", (at - window,)
-                )
-            ]
-            if len(booked) >= limit:
-                return max(0.0, booked[len(booked) - limit] + window - at)
-            db.execute("INSERT INTO provider_requests (at, kind) VALUES (?, ?)", (at, kind))
-            return 0.0
-
-        return await self.engine.write(job)
-
-    async def request_rows(
-        self, since: float, kind_prefix: str = "", after: int = 0
-    ) -> list[Booking]:
-        """Booked requests (`kind_prefix` picks another process's); `seq` is the rowid."""
-        return await self.engine.read(
-            lambda c: [
-                Booking(r[0], r[1], r[2])
-                for r in c.execute(
-                    "SELECT rowid, at, kind FROM provider_requests WHERE at > ? AND rowid > ?"
-                    " AND kind LIKE ? ORDER BY at",
-                    (since, after, kind_prefix + "%"),
-                )
-            ]
-        )
-
-    async def prune_requests(self, before: float) -> None:
-        await self.engine.write(
-            lambda db: db.execute("DELETE FROM provider_requests WHERE at <= ?", (before,))
-        )
 
     async def mark_sent(
         self, results: Iterable[tuple[int, str | None, float | None]], now: float

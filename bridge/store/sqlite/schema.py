@@ -103,6 +103,16 @@ def _heartbeat(db: Database) -> None:
     db.execute("CREATE TABLE heartbeat (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL)")
 
 
+@migrations(name="0006_rate_pause")
+def _rate_pause(db: Database) -> None:
+    # The pause every provider request honours (a 429's Retry-After, a refused key): in
+    # the file, so that a restart and the CLI honour it as the running dispatcher does.
+    db.execute(
+        "CREATE TABLE rate_pause (id INTEGER PRIMARY KEY CHECK (id = 1),"
+        " until REAL NOT NULL, reason TEXT NOT NULL)"
+    )
+
+
 # Columns an ingest sets; the rest keep their defaults. Rows per INSERT statement: 19
 # parameters each stays under SQLite's oldest variable limit (999).
 INSERT_COLUMNS = (

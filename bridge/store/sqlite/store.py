@@ -21,12 +21,13 @@ from bridge.store.api import Decider, Held, MetricCounts, Pending, Stored, Store
 from bridge.store.sqlite.console import ConsoleQueries
 from bridge.store.sqlite.delivery import DeliveryOperations
 from bridge.store.sqlite.engine import Engine
+from bridge.store.sqlite.rate import RateOperations
 from bridge.store.sqlite.solo import NoOtherWork, SoleLeader
 
 log = logging.getLogger(__name__)
 
 
-class SqliteStore(DeliveryOperations, ConsoleQueries):
+class SqliteStore(DeliveryOperations, RateOperations, ConsoleQueries):
     """`open()` before use, `close()` after."""
 
     engine_type: type[Engine] = Engine  # a subclass may run a subclass (tests: faults)
