@@ -127,7 +127,7 @@ def test_an_instance_killed_mid_send_loses_and_duplicates_nothing(chaos: Cluster
     entries = chaos.entries()
     summary = judge(rows, set(feeder.acked), entries)
     print(summary, {"orphans": len(orphans)})
-    assert orphans and summary["acknowledged"] > 20
+    assert orphans and summary["acknowledged"] > 15
     reached = Counter((e["to"], e["message"]) for e in entries)
     for r in rows:
         if r["id"] in orphans:
