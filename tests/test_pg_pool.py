@@ -172,3 +172,13 @@ async def test_the_bridge_answers_503_while_postgres_is_down_and_resumes_by_itse
             assert (await http.get(f"{web}/readyz")).status_code == 200
             stored = {m.text for m in await bridge.store.query()}
             assert stored == {"disk full", "c"}  # "b" was refused, not half-stored
+
+
+def test_a_connection_the_protocol_lost_track_of_is_unavailability() -> None:
+    """asyncpg raises InternalClientError on COMMIT over a connection the server cut in
+    the middle of a statement (a restart under load): an outage, not a bug to crash on
+    (it ended `serve` once, tests/test_chaos.py)."""
+    from bridge.store.postgres.pool import unavailable
+
+    assert unavailable(asyncpg.InternalClientError("cannot switch to state 15"))
+    assert not unavailable(ValueError("a bug"))

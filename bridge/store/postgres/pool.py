@@ -44,7 +44,13 @@ def unavailable(exc: BaseException) -> bool:
     """Whether `exc` says the database cannot be reached (rather than a wrong statement)."""
     if isinstance(exc, asyncpg.PostgresError):
         return str(getattr(exc, "sqlstate", "") or "")[:2] in UNAVAILABLE_CLASSES
-    return isinstance(exc, asyncpg.InterfaceError | OSError | TimeoutError)
+    # InternalClientError: asyncpg's protocol lost track of a connection the server cut
+    # mid-statement ("cannot switch to state 15; another operation is in progress", seen
+    # on COMMIT while the server restarted, tests/test_chaos.py): the connection, not
+    # the statement, is broken, and the pool replaces it.
+    return isinstance(
+        exc, asyncpg.InterfaceError | asyncpg.InternalClientError | OSError | TimeoutError
+    )
 
 
 class Database:
