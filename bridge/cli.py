@@ -4,37 +4,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import logging
 import os
 import stat
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from bridge import __version__
-from bridge.clock import Clock, SystemClock
+from bridge import __version__, commands
+from bridge.clock import SystemClock
+from bridge.commands import book_cli_request
 from bridge.config import (
     Config,
     config_path_from,
     inline_secrets,
     load_config,
     masked,
-    parse_duration,
     parse_listen,
     secret_files,
     secret_values,
 )
-from bridge.errors import ConfigError, ProviderError, StoreUnavailable
+from bridge.errors import ConfigError, StoreUnavailable
 from bridge.models import State
 from bridge.ops.logs import setup_logging
 
-if TYPE_CHECKING:  # imported where used: each command loads only what it needs
-    from bridge.store import Store
-
 log = logging.getLogger("bridge")
+__all__ = ["book_cli_request", "main"]  # book_cli_request: the CLI's booking, for tests
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -178,15 +174,15 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
             return 1
         return 0
     if args.command == "messages":
-        return asyncio.run(_messages(config, args))
+        return asyncio.run(commands.messages(config, args))
     if args.command == "provider":
         # Only a store `serve` keeps holds a window to share; none is created for this.
         shared = not config.uses_sandbox and (
             bool(config.store.url) or Path(config.store.path).is_file()
         )
-        return asyncio.run(_provider(config, args, shared))
+        return asyncio.run(commands.provider(config, args, shared))
     if args.command in ("retry", "purge"):
-        return asyncio.run(_maintain(config, args))
+        return asyncio.run(commands.maintain(config, args))
     if args.command == "migrate":
         from bridge.store import describe, migrate_store
 
@@ -196,29 +192,8 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
         print(f"store {describe(config.store)}: schema up to date")
         return 0
     if args.command == "store":
-        return asyncio.run(_store_copy(config, args))
+        return asyncio.run(commands.store_copy(config, args))
     return 2
-
-
-async def _store_copy(config: Config, args: argparse.Namespace) -> int:
-    from bridge.store import copy_into_postgres, display_url
-
-    source = args.source or config.store.path
-    target = args.target or config.store.url
-    if not target.startswith(("postgresql://", "postgres://")):
-        print(
-            "store copy: no PostgreSQL target: set store.url (SMS_BRIDGE_STORE_URL) or pass"
-            " --to postgresql://...",
-            file=sys.stderr,
-        )
-        return 1
-    try:
-        summary = await copy_into_postgres(source, target, replace=args.replace)
-    except StoreUnavailable as exc:  # names the side at fault, never the password
-        print(f"store copy {source} -> {display_url(target)}: {exc}", file=sys.stderr)
-        return 1
-    print(summary.line())
-    return 0
 
 
 def _world_readable(path: str) -> bool:
@@ -293,216 +268,3 @@ def _run_sandbox(args: argparse.Namespace) -> int:
     config = uvicorn.Config(create_sandbox_app(state), log_config=None, access_log=False)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
-
-
-def _store_exists(config: Config) -> bool:
-    """Whether the store file the commands read exists; says which file (or why not) on stderr.
-
-    The commands find the store as `serve` does: `store.path` from `--config`, else
-    `$SMS_BRIDGE_CONFIG`, else `$SMS_BRIDGE_STORE_PATH`, else `sms-bridge.db` in the
-    current directory. Opening a missing file would create an empty store and list
-    nothing, which reads as "no messages": refuse instead.
-    """
-    if config.store.url:
-        return True  # a server: opening it says whether it is there
-    path = os.path.abspath(config.store.path)
-    if config.store.path == ":memory:" or os.path.isfile(path):
-        print(f"store: {path}", file=sys.stderr)
-        return True
-    print(
-        f"store {path}: no such file (store.path = {config.store.path!r} from "
-        f"{config.source}, relative to {os.getcwd()}). Run this where `sms-bridge serve` "
-        "runs, or give the same --config / SMS_BRIDGE_CONFIG / SMS_BRIDGE_STORE_PATH.",
-        file=sys.stderr,
-    )
-    return False
-
-
-async def _messages(config: Config, args: argparse.Namespace) -> int:
-    from bridge.store import open_store
-
-    if not _store_exists(config):
-        return 1
-    store = open_store(config.store)
-    await store.open()
-    try:
-        rows = await store.query(
-            state=args.state, limit=args.limit, reason_kind=args.reason, route=args.route
-        )
-    finally:
-        await store.close()
-    if args.json:
-        print(json.dumps([m.to_json() for m in rows], indent=2, ensure_ascii=False))
-        return 0
-    table = [
-        [
-            str(m.id),
-            m.to_json()["created_at"][:19],
-            m.recipient,
-            str(m.state),
-            str(m.attempts),
-            m.provider_message_id or "",
-            _short(m.reason or m.text, 50),
-        ]
-        for m in rows
-    ]
-    _print_table(["id", "created", "to", "state", "tries", "provider id", "reason / text"], table)
-    return 0
-
-
-async def _maintain(config: Config, args: argparse.Namespace) -> int:
-    from bridge.delivery.dispatcher import IDLE_WAIT
-    from bridge.store import open_store
-
-    if args.command == "retry" and not (args.ids or args.failed):
-        print("retry needs message ids or --failed", file=sys.stderr)
-        return 2
-    try:
-        age = parse_duration(args.older_than) if args.command == "purge" else 0.0
-    except ValueError as exc:
-        print(f"--older-than: {exc}", file=sys.stderr)
-        return 2
-    if not _store_exists(config):
-        return 1
-    store = open_store(config.store)
-    await store.open()
-    try:
-        now = SystemClock().now()
-        if args.command == "purge":
-            print(f"purged {await store.purge(now - age)} messages")
-            return 0
-        chosen = await store.retry(None if args.failed else args.ids, now)
-    finally:
-        await store.close()
-    missing = sorted(set(args.ids) - set(chosen))
-    print(f"queued again: {', '.join(map(str, chosen)) or 'none'}")
-    if chosen:  # this process only wrote the store: the running serve finds them on its own
-        print(f"a running `sms-bridge serve` sends them within {IDLE_WAIT:.0f} s")
-    if missing:
-        print(f"not failed (left alone): {', '.join(map(str, missing))}", file=sys.stderr)
-    return 0 if not missing else 1
-
-
-CLI_MAX_WAIT = 65.0  # longer than one window: the budget is not coming back soon
-
-
-async def book_cli_request(
-    store: Store,
-    config: Config,
-    clock: Clock,
-    kind: str,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> None:
-    """Book one request in the window `serve` persists (and reads back, see the
-    dispatcher): waits while it is full, so a CLI call cannot push `serve` into 429s.
-    Counting and booking are one step of the store's, so two CLI calls cannot both take
-    the last place."""
-    from bridge.delivery.dispatcher import FOREIGN_PREFIX
-    from bridge.delivery.ratelimit import WINDOW_MARGIN, WINDOW_SECONDS
-
-    waited = 0.0
-    while True:
-        wait = await store.book_request(
-            clock.now(),
-            f"{FOREIGN_PREFIX}:{kind}",
-            limit=config.provider.requests_per_minute,
-            window=WINDOW_SECONDS + WINDOW_MARGIN,
-        )
-        if wait <= 0:
-            return
-        if waited + wait > CLI_MAX_WAIT:
-            raise ProviderError(f"the provider's rate window is full for {wait:.0f}s more")
-        print(f"rate window full (serve is busy): waiting {wait:.1f}s", file=sys.stderr)
-        await sleep(wait)
-        waited += wait
-
-
-async def _provider(config: Config, args: argparse.Namespace, shared: bool) -> int:
-    from bridge import store as stores
-
-    if args.action == "calculate" and (not args.to or not args.message):
-        print("calculate needs --to NUMBER (repeatable) and --message TEXT", file=sys.stderr)
-        return 2
-    if config.uses_sandbox:
-        print(
-            "note: provider.base_url is empty, so this command asks a fresh in-process sandbox "
-            "of its own, not the one inside a running `sms-bridge serve`: it has sent nothing "
-            "and its logs are empty. See what serve sent with `sms-bridge messages` or "
-            "GET /api/v1/messages. To share one sandbox, run `sms-bridge sandbox` and give "
-            "both SMS_BRIDGE_PROVIDER_BASE_URL=http://127.0.0.1:8099/api/v1 and "
-            "SMS_BRIDGE_PROVIDER_API_KEY=sandbox-key.",
-            file=sys.stderr,
-        )
-    clock = SystemClock()
-    if not shared:
-        return await _provider_call(config, args, None, clock)
-    store = stores.open_store(config.store)
-    await store.open()
-    try:
-        return await _provider_call(config, args, store, clock)
-    finally:
-        await store.close()
-
-
-async def _provider_call(
-    config: Config, args: argparse.Namespace, store: Store | None, clock: Clock
-) -> int:
-    from bridge.app import open_provider
-
-    async with open_provider(config, clock=clock) as (_, client, _sandbox):
-        try:
-            if store is not None:
-                await book_cli_request(store, config, clock, args.action)
-            if args.action == "balance":
-                result: Any = await client.balance()
-            elif args.action == "pricing":
-                result = await client.pricing()
-            elif args.action == "account":
-                result = await client.account()
-            elif args.action == "logs":
-                page = await client.logs(page=args.page, per_page=args.per_page, status=args.status)
-                result = [dataclasses.asdict(entry) for entry in page.entries]
-            else:
-                result = await client.calculate(args.to, args.message)
-        except ProviderError as exc:
-            print(f"provider error: {exc}", file=sys.stderr)
-            return 1
-    if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-    else:
-        _print_any(result)
-    return 0
-
-
-def _short(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
-
-
-def _print_any(result: Any) -> None:
-    """A readable table of whatever shape the provider answered with."""
-    if isinstance(result, dict):
-        lists = {k: v for k, v in result.items() if isinstance(v, list)}
-        scalars = [
-            [str(k), json.dumps(v) if isinstance(v, dict) else str(v)]
-            for k, v in result.items()
-            if k not in lists
-        ]
-        if scalars:
-            _print_table(["key", "value"], scalars)
-        for name, items in lists.items():
-            print(f"\n{name}:")
-            _print_any(items)
-    elif isinstance(result, list) and result and all(isinstance(r, dict) for r in result):
-        keys = list(dict.fromkeys(k for r in result for k in r))
-        _print_table(keys, [[_short(str(r.get(k, "")), 40) for k in keys] for r in result])
-    elif isinstance(result, list) and not result:
-        print("(none)")
-    else:
-        print(result)

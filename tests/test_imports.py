@@ -31,7 +31,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "delivery": ("delivery",),
     "ingress": ("ingress",),
     "ops": ("ops",),
-    "root": ("app", "service", "cli", "__main__"),
+    "root": ("app", "service", "cli", "commands", "__main__"),
 }
 ALLOWED: dict[str, set[str]] = {
     "core": {"core"},

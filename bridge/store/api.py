@@ -27,129 +27,27 @@ atomic step.
 
 from __future__ import annotations
 
-import os
-import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from bridge.models import Message, NewMessage, State
-
-# -- ingest: the policy's questions and the store's answers ------------------------------
-
-
-class OriginalQuestion(NamedTuple):
-    """Is there a stored message with this dedupe key to this recipient since `since`?"""
-
-    dedupe_key: str
-    recipient: str
-    since: float
-
-
-class StormQuestion(NamedTuple):
-    """What has this recipient been sent since `since`?"""
-
-    recipient: str
-    since: float
-
-
-class StormState(NamedTuple):
-    held: bool  # messages to this recipient wait for a storm digest
-    recent: int  # texts let through to it since then (queued, sending, sent, delivered)
-
-
-@dataclass(frozen=True, slots=True)
-class IngestQuestions:
-    """What policy needs to know about stored messages to decide a batch.
-
-    A shared backend serialises on exactly these (a lock per dedupe key and recipient,
-    per storm recipient) before answering, so that two instances deciding the same alert
-    at the same instant cannot both let it through.
-    """
-
-    originals: Sequence[OriginalQuestion] = ()
-    storms: Sequence[StormQuestion] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Lookups:
-    """The store's answers to `IngestQuestions`, read inside the ingest transaction.
-
-    `originals`: the first stored message (lowest `created_at`, not failed) each question
-    repeats; questions without one are absent. `storms`: an entry for every question.
-    """
-
-    originals: Mapping[OriginalQuestion, int]
-    storms: Mapping[StormQuestion, StormState]
-
-
-Pending = tuple[NewMessage, float]  # a message to store, and when it arrived
-
-
-class Decider(Protocol):
-    """Policy as seen by the store: pure functions, no I/O, no store import."""
-
-    def questions(self, pending: Sequence[Pending]) -> IngestQuestions:
-        """What the decisions of `pending` need to know about stored messages."""
-        ...
-
-    def decide(
-        self, lookups: Lookups, pending: Sequence[Pending], ids: Sequence[int]
-    ) -> list[NewMessage]:
-        """Each message of `pending` as it is to be stored (its state and reason), given
-        the answers and the ids the messages get (`ids[i]` is `pending[i]`'s)."""
-        ...
-
-
-class Stored(NamedTuple):
-    id: int
-    message: NewMessage  # as decided and stored
-
-
-# -- what some operations answer ---------------------------------------------------------
-
-
-class Booking(NamedTuple):
-    """One provider request booked in the persisted rate window."""
-
-    seq: int  # increases with each booking: a reader asks for those after the last it saw
-    at: float
-    kind: str  # send, status, reconcile, probe, pricing; "cli:..." from `sms-bridge provider`
-
-
-class Pause(NamedTuple):
-    until: float  # every provider request of every instance waits until then
-    reason: str  # "429 from the provider", "provider refused the key: ..."
-
-
-@dataclass(frozen=True, slots=True)
-class Held:
-    """A message held by storm control, as a digest counts it."""
-
-    id: int
-    topic: str | None
-    text: str
-    instance: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class MetricCounts:
-    by_source_state: list[tuple[Any, ...]]  # (source, state, count)
-    by_reason: list[tuple[Any, ...]]  # (state, reason kind, count): held, suppressed, failed
-    oldest_queued: float | None  # created_at of the oldest queued message
-    parts_sent: int
-    cost: float
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStats:
-    """Write counters since open: their ratio is the group-commit batch size."""
-
-    transactions: int  # transactions committed
-    writes: int  # write operations committed (several may share one transaction)
-
-
-# -- the interface -----------------------------------------------------------------------
+from bridge.store.values import (
+    DEFAULT_LEASE,
+    Booking,
+    Decider,
+    Held,
+    IngestQuestions,
+    Lookups,
+    MetricCounts,
+    OriginalQuestion,
+    Pause,
+    Pending,
+    Stored,
+    StoreStats,
+    StormQuestion,
+    StormState,
+    instance_name,
+)
 
 
 class Lifecycle(Protocol):
@@ -503,10 +401,29 @@ class Store(
     """Everything the bridge asks of its storage; see the module docstring."""
 
 
-# -- who claims ----------------------------------------------------------------------
-DEFAULT_LEASE = 30.0  # seconds a claim holds before another instance may take it over
-
-
-def instance_name() -> str:
-    """This process as an owner of claims: host name and pid (`cluster.instance` = "")."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+__all__ = [
+    "DEFAULT_LEASE",
+    "Booking",
+    "Coordination",
+    "Decider",
+    "DeliveryOperations",
+    "Held",
+    "IngestOperations",
+    "IngestQuestions",
+    "Leadership",
+    "Lifecycle",
+    "Lookups",
+    "MetricCounts",
+    "OriginalQuestion",
+    "Pause",
+    "Pending",
+    "Queries",
+    "RateWindow",
+    "Store",
+    "StoreStats",
+    "Stored",
+    "StormQuestion",
+    "StormState",
+    "WorkWatch",
+    "instance_name",
+]
