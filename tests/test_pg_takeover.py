@@ -51,7 +51,10 @@ async def test_an_idle_dispatcher_wakes_when_a_dead_instances_lease_runs_out(
         # for the lease instead.
         assert await bridge.leader.leadership.check()
         bridge.leader.leading = True
-        wait = await bridge.dispatcher.run_once()
+        try:
+            wait = await bridge.dispatcher.run_once()
+        finally:  # its own connection: Leader.run resigns at the end, this test does too
+            await bridge.leader.leadership.resign()
         assert wait == pytest.approx(LEASE + LEASE_SLACK) and wait < IDLE_WAIT
         clock.advance(wait)
 
