@@ -183,7 +183,10 @@ async def build(
             )
             instance = config.cluster.instance or instance_name()
             leader = Leader(
-                store.leadership("singletons", holder=instance), name=instance, clock=clock
+                store.leadership("singletons", holder=instance),
+                name=instance,
+                clock=clock,
+                on_lead=lambda: dispatcher.wake.set(),  # built below, called once running
             )
             dispatcher = Dispatcher(
                 store=store,

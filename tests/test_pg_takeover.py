@@ -7,15 +7,18 @@ loopback; time is a ManualClock, so the lease passes without sleeping.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from bridge.clock import ManualClock
+from bridge.delivery.cluster import Leader
 from bridge.delivery.dispatcher import IDLE_WAIT, LEASE_SLACK
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
+from bridge.store.postgres.store import PostgresStore
 from tests import helpers
 from tests.helpers import bridge_config, pump, running_bridge
 
@@ -66,3 +69,22 @@ async def test_an_idle_dispatcher_wakes_when_a_dead_instances_lease_runs_out(
         assert [r.path for r in sandbox_state.requests if r.path.endswith("/send")] == [
             "/api/v1/send"
         ]
+
+
+async def test_taking_the_lead_wakes_the_dispatcher(postgres_url: str, clock: ManualClock) -> None:
+    """A follower's dispatcher sleeps its idle wait (30 s): the leader that died may have
+    left claims, so taking the role wakes it to look at their leases now."""
+    store = PostgresStore(postgres_url, max_connections=2)
+    await store.open()
+    woken, stop = asyncio.Event(), asyncio.Event()
+    leader = Leader(
+        store.leadership("singletons", holder="b"), name="b", clock=clock, on_lead=woken.set
+    )
+    task = asyncio.create_task(leader.run(stop, []))
+    try:
+        await asyncio.wait_for(woken.wait(), 10)
+        assert leader.leading
+    finally:
+        stop.set()
+        await task
+        await store.close()

@@ -48,8 +48,12 @@ class Leader:
         name: str,
         clock: Clock,
         interval: float = LEAD_INTERVAL,
+        on_lead: Callable[[], None] = lambda: None,
     ) -> None:
         self.leadership = leadership
+        # Called on taking the role: the dispatcher, asleep for its idle wait as a
+        # follower, must look now for the claims of the leader that just died.
+        self.on_lead = on_lead
         self.name = name
         self.clock = clock
         self.interval = interval
@@ -73,6 +77,7 @@ class Leader:
                     halt = asyncio.Event()
                     running = [asyncio.create_task(run(halt), name=n) for n, run in singletons]
                     self._set(True)
+                    self.on_lead()
                 elif self.leading and not leading:
                     log.warning("leader: this instance (%s) no longer leads", self.name)
                     self._set(False)
