@@ -12,7 +12,10 @@ three additions, each answered in the bridge's JSON error shape:
 - `http.max_concurrency`: requests in flight; beyond it 503 (never 429: webhook
   senders retry 5xx and drop 4xx). Idle kept-alive connections do not count: uvicorn's
   own check counts them, so 100 idle sockets (re-opened after each header timeout) made
-  every request, `/healthz` included, a 503.
+  every request, `/healthz` included, a 503. Nor do answered requests whose task has
+  not yet returned: counted by uvicorn's task set, a client that sends its next request
+  as soon as it has the answer (every load generator, every busy sender) was counted
+  twice, and 64 such connections were refused at a limit of 100.
 - `http.max_connections_per_client`: open connections from one client (an IPv4 address
   or an IPv6 /64, as `bridge.ingress.throttle.client_key`); past it the new connection
   gets a 503 and is closed at once, so one client cannot hold every file descriptor.
@@ -89,6 +92,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     live: LiveConfig
     per_client: ClassVar[collections.Counter[str]]  # open connections by client, per server
+    in_flight: ClassVar[set[Any]]  # admitted requests not yet answered, per server (cycles)
     quiet: ClassVar[QuietLog]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -104,6 +108,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.header_size = 0  # request line and headers as parsed
         self.header_timer: asyncio.TimerHandle | None = None
         self.counted_as: str | None = None  # the key in `per_client` while counted
+        self.admitted: list[Any] = []  # this connection's requests in `in_flight`
 
     # -- connections -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -126,6 +131,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        self.in_flight.difference_update(self.admitted)  # no answer can be sent now
+        self.admitted.clear()
         if self.counted_as is not None:
             self.per_client[self.counted_as] -= 1
             if self.per_client[self.counted_as] <= 0:
@@ -188,7 +195,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.app = refusal_app(
                 431, f"request headers larger than {self.max_header_bytes} bytes"
             )
-        elif len(self.tasks) >= limit:  # requests in flight; idle connections cost nothing
+        elif len(self.in_flight) >= limit:  # idle connections cost nothing
             self.quiet.warning(
                 "overload", "*", "HTTP overloaded (%d requests in flight): 503", limit
             )
@@ -196,6 +203,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         else:
             self.app = self.config.loaded_app
         super().on_headers_complete()
+        if self.app is self.config.loaded_app:  # refusals are cheap: never counted
+            self.in_flight.add(self.cycle)
+            self.admitted.append(self.cycle)
+
+    def on_response_complete(self) -> None:
+        # With pipelining `self.cycle` is the newest request, not the one answered.
+        answered = [cycle for cycle in self.admitted if cycle.response_complete]
+        self.in_flight.difference_update(answered)
+        self.admitted = [cycle for cycle in self.admitted if not cycle.response_complete]
+        super().on_response_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -218,6 +235,7 @@ def limited_protocol(live: LiveConfig) -> type[LimitedHttpProtocol]:
     attributes = {
         "live": live,
         "per_client": collections.Counter(),
+        "in_flight": set(),
         "quiet": QuietLog(log, SystemClock()),
     }
     return type("LimitedHttpProtocol", (LimitedHttpProtocol,), attributes)
