@@ -251,6 +251,8 @@ class TokenConfig:
     name: str = ""
     token: str = _opt("", secret=True)
     scopes: tuple[str, ...] = _opt([])  # send | read | admin | metrics
+    # texts sent per UTC day with this token; beyond: budget.on_exceeded. 0 = no cap.
+    texts_per_day: int = _opt(0)
 
 
 @dataclass(frozen=True, slots=True)

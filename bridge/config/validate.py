@@ -189,6 +189,8 @@ def _validate_tokens(config: Config, problem: Problem) -> None:
             problem(f"{key}.token", f"the same token as tokens.{seen[spec.token]}")
         else:
             seen[spec.token] = name
+        if spec.texts_per_day < 0:
+            problem(f"{key}.texts_per_day", "must be 0 (no cap) or more")
         if not spec.scopes:
             problem(f"{key}.scopes", f"at least one of {', '.join(SCOPES)}")
         for scope in spec.scopes:

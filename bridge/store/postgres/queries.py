@@ -123,15 +123,22 @@ class QueryOps(Base):
         return float(known), [(r, int(p)) for r, p in unknown]
 
     async def used_since(
-        self, since: float, exclude_source: str, route: str | None = None
+        self,
+        since: float,
+        exclude_source: str,
+        route: str | None = None,
+        *,
+        token: str | None = None,
     ) -> tuple[int, int]:
         row = (
             await self._fetch(
                 "SELECT count(*), coalesce(sum(parts), 0) FROM messages"
-                " WHERE sent_at >= $1 AND source <> $2 AND ($3::text IS NULL OR route = $3)",
+                " WHERE sent_at >= $1 AND source <> $2 AND ($3::text IS NULL OR route = $3)"
+                " AND ($4::text IS NULL OR token = $4)",
                 since,
                 exclude_source,
                 route,
+                token,
             )
         )[0]
         return int(row[0]), int(row[1])
@@ -234,6 +241,14 @@ class QueryOps(Base):
                     day_start,
                 )
             }
+            tokens = {
+                t: int(n)
+                for t, n in await c.fetch(
+                    "SELECT token, count(*) FROM messages WHERE sent_at >= $1"
+                    " AND token IS NOT NULL AND source <> 'budget' GROUP BY token",
+                    day_start,
+                )
+            }
         return {
             "queue": {
                 "oldest_created_at": queue[0],
@@ -249,6 +264,7 @@ class QueryOps(Base):
                 "estimated_cost": day[3],
                 "warnings": int(day[4]),
                 "routes": routes,
+                "tokens": tokens,
             },
         }
 
