@@ -64,11 +64,13 @@ async def test_a_token_over_its_cap_waits_for_tomorrow_and_others_go_on(
     clock.advance(3600 * 20 - clock.now() % 86400)  # 20:00 UTC
     ops = {"authorization": f"Bearer {OPS}"}
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await send(http, url, OPS, 3, "ops")  # sent first: not counted against ci
+        await steps(bridge, clock)
         ci_ids = await send(http, url, CI, 4, "ci")
-        await send(http, url, OPS, 3, "ops")
+        await send(http, url, OPS, 1, "ops more")
         await steps(bridge, clock)
         assert len(texted(sandbox_state, "ci")) == 2  # nothing over the token's cap
-        assert len(texted(sandbox_state, "ops")) == 3  # another token is not held back
+        assert len(texted(sandbox_state, "ops")) == 4  # another token is not held back
         waiting = [
             (await http.get(f"{url}/api/v1/messages/{i}", headers=ops)).json() for i in ci_ids[2:]
         ]
