@@ -74,7 +74,9 @@ def auth_headers(route: str, body: bytes, extra: dict[str, str] | None = None) -
     elif route == "gitlab":
         headers["X-Gitlab-Token"] = "gl-token-0123456789"
     elif route == "generic":
-        headers["authorization"] = "Basic " + base64.b64encode(b"script:pa55-0123456789abcdef").decode()
+        headers["authorization"] = (
+            "Basic " + base64.b64encode(b"script:pa55-0123456789abcdef").decode()
+        )
     return headers
 
 
@@ -185,7 +187,9 @@ async def test_grafana_timestamped_signature_and_replay(tmp_path, clock, sandbox
     body = (HOOKS / "grafana-single.json").read_bytes()
 
     def signed(stamp: int) -> dict[str, str]:
-        mac = hmac.new(b"graf-secret-0123456789", f"{stamp}:".encode() + body, hashlib.sha256).hexdigest()
+        mac = hmac.new(
+            b"graf-secret-0123456789", f"{stamp}:".encode() + body, hashlib.sha256
+        ).hexdigest()
         return {
             "content-type": "application/json",
             "X-Signature": mac,

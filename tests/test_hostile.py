@@ -382,7 +382,10 @@ def test_gitlab_payloads_of_the_wrong_shape_are_400(bridge) -> None:
         ),
     ):
         response = _post(
-            url, "/hooks/gitlab", json.dumps(payload).encode(), **{"X-Gitlab-Token": "hostile-secret-0123"}
+            url,
+            "/hooks/gitlab",
+            json.dumps(payload).encode(),
+            **{"X-Gitlab-Token": "hostile-secret-0123"},
         )
         _refused(response, 400, "must be")
         assert response.json()["field"] == field
