@@ -332,7 +332,7 @@ async def test_a_reload_masks_the_new_secrets(tmp_path, sandbox_url: str, clock)
         tmp_path,
         f'[store]\npath = "{tmp_path / "bridge.db"}"\n[provider]\n'
         f'base_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
-        '[routes.new]\nformat = "generic"\nto = ["+12025550143"]\ntoken = "new-route-token"\n',
+        '[routes.new]\nformat = "generic"\nto = ["+12025550143"]\ntoken = "new-route-token-0123456789"\n',
         name="reloaded.toml",
     )
     try:
@@ -347,4 +347,4 @@ async def test_a_reload_masks_the_new_secrets(tmp_path, sandbox_url: str, clock)
             await task
     finally:
         root.removeHandler(handler)
-    assert "new-route-token" in masking.secrets
+    assert "new-route-token-0123456789" in masking.secrets
