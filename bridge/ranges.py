@@ -35,18 +35,16 @@ COSTLY_KINDS = {
 OTHER_KINDS = ("fixed_line", "mobile", "toll_free", "voip", "pager", "uan", "voicemail")
 
 
-@functools.lru_cache(maxsize=256)
-def _automata(country_code: int) -> dict[str, Automaton]:
-    """Each kind's distinct (pattern, lengths) over the regions of a calling code, as one
-    automaton per kind."""
+def kind_patterns(country_code: int) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Each kind's distinct (pattern, lengths) over the regions of a calling code."""
     regions = phonenumbers.region_codes_for_country_code(country_code)
     metas = [
         PhoneMetadata.metadata_for_region_or_calling_code(country_code, region)
         for region in regions
     ]
-    out: dict[str, Automaton] = {}
+    out: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
     for kind in (*COSTLY_KINDS, *OTHER_KINDS):
-        seen: dict[tuple[str, tuple[int, ...]], None] = {}
+        seen: dict[tuple[str, tuple[int, ...]], None] = {}  # ordered, deduplicated
         for meta in metas:
             desc = getattr(meta, kind, None) if meta is not None else None
             if meta is None or desc is None or not desc.national_number_pattern:
@@ -55,8 +53,14 @@ def _automata(country_code: int) -> dict[str, Automaton]:
             lengths = tuple(desc.possible_length or general or ())
             if lengths and lengths != (-1,):
                 seen[(desc.national_number_pattern, lengths)] = None
-        out[kind] = Automaton(seen)
+        out[kind] = list(seen)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _automata(country_code: int) -> dict[str, Automaton]:
+    """One automaton per kind, built at the calling code's first use."""
+    return {kind: Automaton(found) for kind, found in kind_patterns(country_code).items()}
 
 
 @functools.lru_cache(maxsize=4096)

@@ -14,12 +14,11 @@ import re
 import httpx
 import phonenumbers
 import pytest
-from phonenumbers import PhoneMetadata
 
 from bridge.clock import ManualClock
 from bridge.errors import InputError
 from bridge.firewall import Firewall
-from bridge.ranges import COSTLY_KINDS, OTHER_KINDS, costly_range
+from bridge.ranges import COSTLY_KINDS, OTHER_KINDS, costly_range, kind_patterns
 from tests.helpers import bridge_config, running_bridge
 
 CODES = sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
@@ -27,22 +26,10 @@ CODES = sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
 
 # -- the oracle: the reading the automata replace, one `re.fullmatch` at a time --------------
 def _reference_patterns(code: int) -> dict[str, list[tuple[re.Pattern[str], tuple[int, ...]]]]:
-    metas = [
-        PhoneMetadata.metadata_for_region_or_calling_code(code, region)
-        for region in phonenumbers.region_codes_for_country_code(code)
-    ]
-    out: dict[str, list[tuple[re.Pattern[str], tuple[int, ...]]]] = {}
-    for kind in (*COSTLY_KINDS, *OTHER_KINDS):
-        out[kind] = []
-        for meta in metas:
-            desc = getattr(meta, kind, None) if meta is not None else None
-            if meta is None or desc is None or not desc.national_number_pattern:
-                continue
-            general = meta.general_desc.possible_length if meta.general_desc else ()
-            lengths = tuple(desc.possible_length or general or ())
-            if lengths and lengths != (-1,):
-                out[kind].append((re.compile(desc.national_number_pattern), lengths))
-    return out
+    return {
+        kind: [(re.compile(pattern), lengths) for pattern, lengths in found]
+        for kind, found in kind_patterns(code).items()
+    }
 
 
 def reference(code: int, national: str) -> str | None:

@@ -233,22 +233,14 @@ class QueryOps(Base):
                 " count(*) FILTER (WHERE source = 'budget') FROM messages WHERE sent_at >= $1",
                 day_start,
             )
-            routes = {
-                r: int(n)
-                for r, n in await c.fetch(
-                    "SELECT route, count(*) FROM messages WHERE sent_at >= $1"
-                    " AND route IS NOT NULL GROUP BY route",
+            by: dict[str, dict[str, int]] = {}
+            for column in ("route", "token"):  # texts sent today per route and API token
+                rows = await c.fetch(
+                    f"SELECT {column}, count(*) FROM messages WHERE sent_at >= $1"
+                    f" AND {column} IS NOT NULL AND source <> 'budget' GROUP BY {column}",
                     day_start,
                 )
-            }
-            tokens = {
-                t: int(n)
-                for t, n in await c.fetch(
-                    "SELECT token, count(*) FROM messages WHERE sent_at >= $1"
-                    " AND token IS NOT NULL AND source <> 'budget' GROUP BY token",
-                    day_start,
-                )
-            }
+                by[column] = {name: int(n) for name, n in rows}
         return {
             "queue": {
                 "oldest_created_at": queue[0],
@@ -263,8 +255,8 @@ class QueryOps(Base):
                 "cost": day[2],
                 "estimated_cost": day[3],
                 "warnings": int(day[4]),
-                "routes": routes,
-                "tokens": tokens,
+                "routes": by["route"],
+                "tokens": by["token"],
             },
         }
 
