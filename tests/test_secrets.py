@@ -78,3 +78,10 @@ def test_check_config_and_serve_refuse_it_and_the_advised_command_makes_one(tmp_
     assert len(made) >= MIN_SECRET_CHARS
     good = write_config(tmp_path, body.format(made), "good.toml")
     assert run("check-config", str(good), cwd=tmp_path).returncode == 0
+
+
+def test_the_floor_is_sixteen_characters(tmp_path) -> None:
+    body = '[routes.r]\nformat = "grafana"\n' + TO + 'secret = "{}"\n'
+    with pytest.raises(ConfigError):
+        load_config(write_config(tmp_path, body.format("0123456789abcde")), env={})  # 15
+    load_config(write_config(tmp_path, body.format("0123456789abcdef")), env={})  # 16
