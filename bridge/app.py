@@ -176,6 +176,7 @@ async def build(
                 clock=clock,
                 budget=config.budget,
                 routes=config.routes,
+                tokens=config.tokens,
                 recipients=live.recipients,
                 provider=p,
                 prices=prices,

@@ -55,6 +55,7 @@ class NewMessage(NamedTuple):
     topic: str | None = None  # what a digest counts this message as
     estimated_cost: float | None = None
     instance: str | None = None  # what a digest names besides the topic (a host...)
+    token: str | None = None  # the [tokens.NAME] that sent it (its name, never the secret)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,7 @@ class Message:
     estimated_cost: float | None
     instance: str | None
     unknown_resends: int = 0
+    token: str | None = None  # the [tokens.NAME] that sent it: its daily cap counts it
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Message:

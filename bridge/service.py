@@ -117,7 +117,7 @@ class Bridge:
     digests: DigestWorker  # reload(limits)
     ingestor: Ingestor  # reload(rules)
     shaper: Shaper  # reload(limits): shared by ingest, budget warnings and digests
-    budget: BudgetGuard  # reload(budget, routes, recipients)
+    budget: BudgetGuard  # reload(budget, routes, recipients, tokens)
     leader: Leader  # runs the poller, digests, retention while this instance leads
     sandbox: SandboxState | None = None  # the in-process provider, when configured
     stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -138,7 +138,9 @@ class Bridge:
             raise ConfigError(refused)
         recipients = Recipients.from_config(new)
         try:  # first: the one part that can refuse, before anything else has changed
-            self.budget.reload(budget=new.budget, routes=new.routes, recipients=recipients)
+            self.budget.reload(
+                budget=new.budget, routes=new.routes, recipients=recipients, tokens=new.tokens
+            )
         except InputError as exc:
             raise ConfigError([(exc.field, exc.message)]) from exc
         warnings = [f"{key} changed but needs a restart" for key in waiting]

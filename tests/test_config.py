@@ -284,7 +284,7 @@ def test_listener_limits_must_be_positive(tmp_path) -> None:
 
 def test_route_keys_are_overridden_from_the_environment(tmp_path) -> None:
     secret = tmp_path / "grafana.hmac"
-    secret.write_text("from-a-file\n")
+    secret.write_text("from-a-file-0123456789\n")
     path = write_config(
         tmp_path,
         """
@@ -297,14 +297,14 @@ def test_route_keys_are_overridden_from_the_environment(tmp_path) -> None:
     """,
     )
     env = {
-        "SMS_BRIDGE_ROUTES_ALERTMANAGER_TOKEN": "abc",
+        "SMS_BRIDGE_ROUTES_ALERTMANAGER_TOKEN": "abc-0123456789abcdef",
         "SMS_BRIDGE_ROUTES_ALERTMANAGER_TO": "+12025550144,+12025550145",
         "SMS_BRIDGE_ROUTES_GRAFANA_PROD_SECRET_FILE": str(secret),
     }
     config = load_config(path, env=env)
-    assert config.routes["alertmanager"].token == "abc"
+    assert config.routes["alertmanager"].token == "abc-0123456789abcdef"
     assert config.routes["alertmanager"].to == ("+12025550144", "+12025550145")
-    assert config.routes["grafana-prod"].secret == "from-a-file"
+    assert config.routes["grafana-prod"].secret == "from-a-file-0123456789"
 
 
 def test_a_route_override_naming_nothing_is_a_problem_not_silence(tmp_path) -> None:

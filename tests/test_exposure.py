@@ -192,9 +192,9 @@ async def test_a_route_with_a_token_and_basic_auth_takes_either(
 [routes.both]
 format = "generic"
 to = ["+12025550143"]
-token = "route-token-123"
+token = "route-token-0123456789"
 username = "jenkins"
-password = "jenkins-pass"
+password = "jenkins-pass-0123456789"
 """
     config = bridge_config(tmp_path, sandbox_url, route)
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
@@ -204,11 +204,11 @@ password = "jenkins-pass"
             response = await http.post(endpoint, json={"message": "build"}, headers=headers)
             return response.status_code
 
-        assert await post({"Authorization": "Bearer route-token-123"}) == 202
-        assert await post(basic("jenkins", "jenkins-pass")) == 202
-        assert await post({"Authorization": "Bearer jenkins-pass"}) == 401
-        assert await post(basic("jenkins", "route-token-123")) == 401
-        assert await post(basic("jenkins", "jenkins-päss")) == 401  # non-ASCII: no 500
+        assert await post({"Authorization": "Bearer route-token-0123456789"}) == 202
+        assert await post(basic("jenkins", "jenkins-pass-0123456789")) == 202
+        assert await post({"Authorization": "Bearer jenkins-pass-0123456789"}) == 401
+        assert await post(basic("jenkins", "route-token-0123456789")) == 401
+        assert await post(basic("jenkins", "jenkins-päss-0123456789")) == 401  # non-ASCII: no 500
         refused = await http.post(endpoint, json={"message": "build"})
         assert refused.status_code == 401
         assert refused.json()["error"] == "missing or wrong bearer token or basic auth"
@@ -332,7 +332,7 @@ async def test_a_reload_masks_the_new_secrets(tmp_path, sandbox_url: str, clock)
         tmp_path,
         f'[store]\npath = "{tmp_path / "bridge.db"}"\n[provider]\n'
         f'base_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
-        '[routes.new]\nformat = "generic"\nto = ["+12025550143"]\ntoken = "new-route-token"\n',
+        '[routes.new]\nformat = "generic"\nto = ["+12025550143"]\ntoken = "new-route-token-0123456789"\n',
         name="reloaded.toml",
     )
     try:
@@ -347,4 +347,4 @@ async def test_a_reload_masks_the_new_secrets(tmp_path, sandbox_url: str, clock)
             await task
     finally:
         root.removeHandler(handler)
-    assert "new-route-token" in masking.secrets
+    assert "new-route-token-0123456789" in masking.secrets

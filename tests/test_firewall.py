@@ -36,7 +36,7 @@ from tests.helpers import bridge_config, pump, running_bridge, write_config
 from tests.test_smtp import smtp_listening
 
 OK = "+12025550143"
-SECRET = "gh-secret"
+SECRET = "gh-secret-0123456789"
 # Refused by default: what each is, as the phone metadata says.
 COSTLY = {
     "+882130123456": "international network",

@@ -32,15 +32,15 @@ oncall = ["+12025550101", "+12025550102"]
 [routes.am]
 format = "alertmanager"
 to = ["oncall"]
-token = "am-token"
+token = "am-token-0123456789"
 [routes.grafana]
 format = "grafana"
 to = ["+12025550143"]
-secret = "graf-secret"
+secret = "graf-secret-0123456789"
 [routes.grafana_ts]
 format = "grafana"
 to = ["+12025550143"]
-secret = "graf-secret"
+secret = "graf-secret-0123456789"
 signature_header = "X-Signature"
 timestamp_header = "X-Signature-Timestamp"
 [routes.github]
@@ -50,11 +50,11 @@ secret = "{GITHUB_SECRET}"
 [routes.gitlab]
 format = "gitlab"
 to = ["+12025550143"]
-secret = "gl-token"
+secret = "gl-token-0123456789"
 [routes.generic]
 format = "generic"
 username = "script"
-password = "pa55"
+password = "pa55-0123456789abcdef"
 allow_payload_to = true
 """
 
@@ -62,19 +62,21 @@ allow_payload_to = true
 def auth_headers(route: str, body: bytes, extra: dict[str, str] | None = None) -> dict[str, str]:
     headers = {"content-type": "application/json", **(extra or {})}
     if route == "am":
-        headers["authorization"] = "Bearer am-token"
+        headers["authorization"] = "Bearer am-token-0123456789"
     elif route == "grafana":
         headers["X-Grafana-Alerting-Signature"] = hmac.new(
-            b"graf-secret", body, hashlib.sha256
+            b"graf-secret-0123456789", body, hashlib.sha256
         ).hexdigest()
     elif route == "github":
         headers["X-Hub-Signature-256"] = (
             "sha256=" + hmac.new(GITHUB_SECRET.encode(), body, hashlib.sha256).hexdigest()
         )
     elif route == "gitlab":
-        headers["X-Gitlab-Token"] = "gl-token"
+        headers["X-Gitlab-Token"] = "gl-token-0123456789"
     elif route == "generic":
-        headers["authorization"] = "Basic " + base64.b64encode(b"script:pa55").decode()
+        headers["authorization"] = (
+            "Basic " + base64.b64encode(b"script:pa55-0123456789abcdef").decode()
+        )
     return headers
 
 
@@ -185,7 +187,9 @@ async def test_grafana_timestamped_signature_and_replay(tmp_path, clock, sandbox
     body = (HOOKS / "grafana-single.json").read_bytes()
 
     def signed(stamp: int) -> dict[str, str]:
-        mac = hmac.new(b"graf-secret", f"{stamp}:".encode() + body, hashlib.sha256).hexdigest()
+        mac = hmac.new(
+            b"graf-secret-0123456789", f"{stamp}:".encode() + body, hashlib.sha256
+        ).hexdigest()
         return {
             "content-type": "application/json",
             "X-Signature": mac,
@@ -230,7 +234,7 @@ async def test_alertmanager_repeat_is_deduplicated_and_resolved_is_sent(
 
 async def test_bad_requests_get_clear_4xx_and_store_nothing(tmp_path, clock, sandbox_url) -> None:
     config = bridge_config(tmp_path, sandbox_url, ROUTES)
-    am = {"authorization": "Bearer am-token"}
+    am = {"authorization": "Bearer am-token-0123456789"}
     big = b'{"status": "firing", "alerts": [' + b'{"labels": {}},' * 200_000 + b"{}]}"
 
     async def chunks():
@@ -425,7 +429,7 @@ def test_check_config_renders_route_templates_on_samples(tmp_path) -> None:
         [routes.ok]
         format = "github"
         to = ["+12025550143"]
-        secret = "s"
+        secret = "gh-secret-0123456789"
         template = "{{ workflow_run.name }} {{ workflow_run.conclusion }}"
     """,
     )

@@ -53,16 +53,16 @@ allow_payload_to = true
 [routes.github]
 format = "github"
 to = ["oncall"]
-secret = "s"
+secret = "hostile-secret-0123"
 [routes.grafana-signed]
 format = "grafana"
 to = ["oncall"]
-secret = "s"
+secret = "hostile-secret-0123"
 timestamp_header = "X-Grafana-Alerting-Signature-Timestamp"
 [routes.gitlab]
 format = "gitlab"
 to = ["oncall"]
-secret = "s"
+secret = "hostile-secret-0123"
 """
 
 
@@ -138,7 +138,7 @@ paths = st.sampled_from(
         [
             {},
             {"X-GitHub-Event": "workflow_run"},
-            {"X-Gitlab-Event": "Pipeline Hook", "X-Gitlab-Token": "s"},
+            {"X-Gitlab-Event": "Pipeline Hook", "X-Gitlab-Token": "hostile-secret-0123"},
         ]
     ),
 )
@@ -222,7 +222,7 @@ def test_addresses_that_crash_the_parser_are_malformed_not_500(bridge) -> None:
         assert (code, b"malformed address" in text) == (553, True)
 
 
-def _signed(body: bytes, secret: str = "s") -> str:
+def _signed(body: bytes, secret: str = "hostile-secret-0123") -> str:
     return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
@@ -383,7 +383,10 @@ def test_gitlab_payloads_of_the_wrong_shape_are_400(bridge) -> None:
         ),
     ):
         response = _post(
-            url, "/hooks/gitlab", json.dumps(payload).encode(), **{"X-Gitlab-Token": "s"}
+            url,
+            "/hooks/gitlab",
+            json.dumps(payload).encode(),
+            **{"X-Gitlab-Token": "hostile-secret-0123"},
         )
         _refused(response, 400, "must be")
         assert response.json()["field"] == field
@@ -430,7 +433,7 @@ def test_signed_payloads_of_any_shape_never_get_a_500(bridge, payload, which, ev
     stamp = str(int(time.time()))
     headers = {
         "github": {"X-GitHub-Event": event, "X-Hub-Signature-256": "sha256=" + _signed(body)},
-        "gitlab": {"X-Gitlab-Event": event, "X-Gitlab-Token": "s"},
+        "gitlab": {"X-Gitlab-Event": event, "X-Gitlab-Token": "hostile-secret-0123"},
         "grafana-signed": {
             "X-Grafana-Alerting-Signature": _signed(f"{stamp}:".encode() + body),
             "X-Grafana-Alerting-Signature-Timestamp": stamp,

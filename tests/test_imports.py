@@ -23,7 +23,7 @@ BRIDGE = Path(__file__).parent.parent / "bridge"
 LAYERS: dict[str, tuple[str, ...]] = {
     "core": (
         *("bridge", "errors", "clock", "models", "config", "firewall", "phone", "text"),
-        *("pricing", "templates", "health", "loops", "schedule", "sockets", "ranges"),
+        *("pricing", "templates", "health", "loops", "schedule", "sockets", "ranges", "digits"),
     ),
     "store": ("store",),
     "policy": ("policy",),

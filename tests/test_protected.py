@@ -90,18 +90,24 @@ def problems(tmp_path: Path, body: str) -> list[str]:
         (REAL + '[routes.open]\nformat = "generic"\nto = ["+12025550143"]\n', ["routes.open"]),
         (REAL + '[routes.open]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n', []),
         (
-            REAL + '[routes.t]\nformat = "generic"\nto = ["+12025550143"]\ntoken = "route-token"\n',
+            REAL
+            + '[routes.t]\nformat = "generic"\nto = ["+12025550143"]\ntoken = "route-token-0123456789"\n',
             [],
         ),
-        (REAL + '[routes.g]\nformat = "grafana"\nto = ["+12025550143"]\nsecret = "k"\n', []),
+        (
+            REAL
+            + '[routes.g]\nformat = "grafana"\nto = ["+12025550143"]\nsecret = "grafana-key-0123456789"\n',
+            [],
+        ),
         # A generic route never checks a secret: it protects nothing there.
         (
-            REAL + '[routes.s]\nformat = "generic"\nto = ["+12025550143"]\nsecret = "ignored"\n',
+            REAL
+            + '[routes.s]\nformat = "generic"\nto = ["+12025550143"]\nsecret = "ignored-0123456789ab"\n',
             ["routes.s"],
         ),
         (
             REAL
-            + '[routes.b]\nformat = "generic"\nto = ["+12025550143"]\nusername = "u"\npassword = "pw"\n',
+            + '[routes.b]\nformat = "generic"\nto = ["+12025550143"]\nusername = "u"\npassword = "pw-0123456789abcdef"\n',
             [],
         ),
         (
@@ -259,7 +265,7 @@ def test_inline_secrets_and_secret_values_come_from_the_secret_fields(tmp_path) 
         to = ["+12025550143"]
         username = "jenkins"
         password_file = "{password}"
-        secret = "s"
+        secret = "hmac-secret-0123456789"
         [tokens.deploy]
         token = "{TOKEN}"
         scopes = ["send"]
@@ -273,7 +279,7 @@ def test_inline_secrets_and_secret_values_come_from_the_secret_fields(tmp_path) 
             "ups-password",
             "basic-pass-from-file",
             "basic-pass-from-file",
-            "s",
+            "hmac-secret-0123456789",
             TOKEN,
         ]
     )
@@ -374,12 +380,15 @@ async def test_a_reload_cannot_open_what_the_running_provider_would_send_through
         assert bridge.config.routes["net"].allowed_networks == ("192.0.2.0/24",)
         # A reload that keeps the route protected applies, and says what waits.
         kept = load_config(
-            write_config(tmp_path, route + 'token = "route-token-123"\n', "kept.toml"), env={}
+            write_config(tmp_path, route + 'token = "route-token-0123456789"\n', "kept.toml"),
+            env={},
         )
         assert "provider changed but needs a restart" in bridge.reload(kept)
         assert not bridge.config.uses_sandbox  # still the running provider
         assert (await http.post(**post)).status_code == 401
         # Compared with what runs, not with the last file: the running provider and store
         # in the file again wait for nothing.
-        restored = bridge_config(tmp_path, sandbox_url, route + 'token = "route-token-123"\n')
+        restored = bridge_config(
+            tmp_path, sandbox_url, route + 'token = "route-token-0123456789"\n'
+        )
         assert bridge.reload(restored) == []

@@ -252,7 +252,7 @@ async def test_budgets_and_metrics_count_what_was_sent(store: Store) -> None:
     a, b, warning = await seed(
         store,
         [
-            MESSAGE._replace(parts=2, route="r", estimated_cost=0.3),
+            MESSAGE._replace(parts=2, route="r", estimated_cost=0.3, token="ci"),
             MESSAGE._replace(parts=1),
             MESSAGE._replace(source="budget"),
         ],
@@ -264,6 +264,9 @@ async def test_budgets_and_metrics_count_what_was_sent(store: Store) -> None:
     assert spent == pytest.approx(0.5) and unpriced == []
     assert await store.used_since(50.0, "budget") == (2, 3)
     assert await store.used_since(50.0, "budget", "r") == (1, 2)
+    assert await store.used_since(50.0, "budget", token="ci") == (1, 2)  # per API token
+    assert await store.used_since(50.0, "budget", token="other") == (0, 0)
+    assert (await store.get(a)).token == "ci" and (await store.get(b)).token is None
     assert await store.used_since(100.5, "budget") == (0, 0)
     counts = await store.counts_for_metrics()
     assert counts.parts_sent == 4 and counts.cost == pytest.approx(0.3)

@@ -174,9 +174,10 @@ class _Loader:
         return tokens
 
     def _tokens_from_env(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """`SMS_BRIDGE_TOKENS_<NAME>_TOKEN[_FILE]` and `..._SCOPES`: tokens for containers
-        configured by environment and secrets alone. The environment wins over the file."""
-        pattern = re.compile(rf"{ENV_PREFIX}TOKENS_(.+)_(TOKEN_FILE|TOKEN|SCOPES)")
+        """`SMS_BRIDGE_TOKENS_<NAME>_TOKEN[_FILE]`, `..._SCOPES` and `..._TEXTS_PER_DAY`:
+        tokens for containers configured by environment and secrets alone. The
+        environment wins over the file."""
+        pattern = re.compile(rf"{ENV_PREFIX}TOKENS_(.+)_(TOKEN_FILE|TOKEN|SCOPES|TEXTS_PER_DAY)")
         for env_name, text in sorted(self.env.items()):
             match = pattern.fullmatch(env_name)
             if not match:
@@ -186,6 +187,8 @@ class _Loader:
             table = dict(table) if isinstance(table, dict) else {}
             if key == "scopes":
                 table["scopes"] = from_env_text(text, "list", ())
+            elif key == "texts_per_day":  # not a number: left as text, refused by its key
+                table[key] = int(text) if text.strip().isdigit() else text
             else:  # token and token_file replace each other
                 table.pop("token_file" if key == "token" else "token", None)
                 table[key] = text

@@ -241,7 +241,13 @@ class RouteConfig:
 
 
 SCOPES = ("send", "read", "admin", "metrics")
-MIN_TOKEN_CHARS = 16
+# Shortest secret a caller authenticates with: API tokens, route tokens, basic-auth
+# passwords and HMAC secrets. 16 characters of a generated secret (token_urlsafe: 6 bits
+# each) is 96 bits, out of reach of any guessing; it refuses the "changeme" and "secret"
+# that get pasted into configs, and fits every sender's secret field (GitHub, GitLab and
+# Grafana take any length; a UPS card's 15-character field is an SMTP password, not here).
+MIN_SECRET_CHARS = 16
+MAKE_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +257,8 @@ class TokenConfig:
     name: str = ""
     token: str = _opt("", secret=True)
     scopes: tuple[str, ...] = _opt([])  # send | read | admin | metrics
+    # texts sent per UTC day with this token; beyond: budget.on_exceeded. 0 = no cap.
+    texts_per_day: int = _opt(0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,13 @@ import phonenumbers
 from bridge.config.exposure import validate_protected
 from bridge.config.parsing import parse_listen
 from bridge.config.recipients import Recipients
-from bridge.config.sections import MIN_TOKEN_CHARS, SANDBOX_VARIANTS, SCOPES, Config
+from bridge.config.sections import (
+    MAKE_SECRET,
+    MIN_SECRET_CHARS,
+    SANDBOX_VARIANTS,
+    SCOPES,
+    Config,
+)
 from bridge.errors import InputError
 from bridge.firewall import SENDER_ID_RULE, valid_sender_id
 
@@ -176,19 +182,35 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
                 problem(f"{key}[{index}]", f"neither a group nor an allowed number: {exc}")
 
 
+def _short_secret(value: str) -> str | None:
+    """Why a caller's secret is too short to keep guessing out, or None."""
+    if len(value) >= MIN_SECRET_CHARS:
+        return None
+    # Never the secret, nor its length: check-config's output lands in logs and tickets.
+    return (
+        f"too short: a secret needs at least {MIN_SECRET_CHARS} characters;"
+        f" make one with `{MAKE_SECRET}`"
+    )
+
+
 def _validate_tokens(config: Config, problem: Problem) -> None:
+    """API tokens, and every secret a route authenticates its callers with."""
+    for name, route in config.routes.items():
+        for field in ("token", "password", "secret"):
+            value = getattr(route, field)
+            if value and (why := _short_secret(value)):  # "" = that way is not used
+                problem(f"routes.{name}.{field}", why)
     seen: dict[str, str] = {}
     for name, spec in config.tokens.items():
         key = f"tokens.{name}"
-        if len(spec.token) < MIN_TOKEN_CHARS:
-            problem(
-                f"{key}.token",
-                f"at least {MIN_TOKEN_CHARS} characters (e.g. from `openssl rand -hex 24`)",
-            )
+        if why := _short_secret(spec.token):
+            problem(f"{key}.token", why)
         elif spec.token in seen:
             problem(f"{key}.token", f"the same token as tokens.{seen[spec.token]}")
         else:
             seen[spec.token] = name
+        if spec.texts_per_day < 0:
+            problem(f"{key}.texts_per_day", "must be 0 (no cap) or more")
         if not spec.scopes:
             problem(f"{key}.scopes", f"at least one of {', '.join(SCOPES)}")
         for scope in spec.scopes:

@@ -35,7 +35,7 @@ from bridge.errors import (
 from bridge.health import ProviderHealth
 from bridge.loops import run_steps
 from bridge.models import Message, State
-from bridge.policy.budgets import BudgetGuard, day_bounds
+from bridge.policy.budgets import BudgetGuard, Cap, day_bounds
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.schedule import for_provider
@@ -225,40 +225,38 @@ class Dispatcher:
 
     # -- one request ---------------------------------------------------------------------
     async def _within_budget(self, batch: list[Message]) -> list[Message]:
-        """What of `batch` the daily caps allow; the rest waits for tomorrow or fails."""
+        """What of `batch` the daily caps allow; the rest waits for tomorrow or fails,
+        each message with the cap it ran into as its reason."""
         if self.budget is None:
             return batch
         verdict = await self.budget.check(batch)
-        if verdict.over:
-            now = self.clock.now()
-            _, tomorrow, _ = day_bounds(now)
-            ids = [m.id for m in verdict.over]
-            reason = f"daily budget reached ({verdict.reason})"
-            log.warning(
-                "%s: %d messages %s",
-                reason,
-                len(ids),
-                "fail" if self.budget.config.on_exceeded == "fail" else "wait",
-            )
-            if self.budget.config.on_exceeded == "fail":
+        if not verdict.over:
+            return verdict.allowed
+        now = self.clock.now()
+        _, tomorrow, _ = day_bounds(now)
+        outcome = "fail" if self.budget.config.on_exceeded == "fail" else "wait"
+        by_cap: dict[Cap, list[int]] = {}
+        for message, cap in zip(verdict.over, verdict.caps, strict=True):
+            by_cap.setdefault(cap, []).append(message.id)
+        for cap, ids in by_cap.items():
+            reason = f"daily budget reached ({cap.why})"
+            log.warning("%s: %d messages %s", reason, len(ids), outcome)
+            if outcome == "fail":
                 await self.store.finish(
                     [(i, State.FAILED, reason) for i in ids], now, reason_kind="budget"
                 )
             else:
+                waiting = f"{reason}; waiting until 00:00 UTC"
                 await self.store.requeue(
-                    ids,
-                    now,
-                    at=tomorrow,
-                    reason=f"{reason}; waiting until 00:00 UTC",
-                    reason_kind="budget",
+                    ids, now, at=tomorrow, reason=waiting, reason_kind="budget"
                 )
+                # The state stays queued, which leaves no event: the timeline says why
+                # the message did not go (once a day at most: it is due tomorrow).
+                await self.store.note(ids, waiting, now)
             await self.budget.warn(
-                "cap",
-                f"sms-bridge: {reason}; further texts "
-                f"{'fail' if self.budget.config.on_exceeded == 'fail' else 'wait'}"
-                " until 00:00 UTC",
+                cap.warning, f"sms-bridge: {reason}; further texts {outcome} until 00:00 UTC"
             )
-            self.wake.set()  # the warning itself is queued: send it
+        self.wake.set()  # the warning itself is queued: send it
         return verdict.allowed
 
     async def _load_prices(self) -> None:

@@ -6,6 +6,11 @@ for the next day (`budget.on_exceeded = "wait"`, nothing lost) or fails with the
 below `budget.low_balance`, the admin recipients get one warning text; warnings are
 never held back by the caps they report.
 
+Per API token (`tokens.NAME.texts_per_day`): what the messages stored with that token's
+name sent today, so a leaked or looping CI token cannot spend the whole day's budget. Its
+warning is its own (one a day per token): a token that hit its cap does not mute the
+warning of the overall cap, nor another token's.
+
 The cost cap (`budget.cost_per_day`, in the provider's currency) counts what today's sent
 messages cost (the provider's figure, else the estimate made at ingest, else one made now)
 plus the estimate for the next one, from the price list the dispatcher fetches. A country
@@ -17,11 +22,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from bridge.clock import Clock
-from bridge.config import BudgetConfig, ProviderConfig, Recipients, RouteConfig
+from bridge.config import BudgetConfig, ProviderConfig, Recipients, RouteConfig, TokenConfig
 from bridge.models import Message
 from bridge.policy.shaping import Draft, Shaper
 from bridge.pricing import PriceBook
@@ -38,10 +43,23 @@ def day_bounds(now: float) -> tuple[float, float, str]:
 
 
 @dataclass(frozen=True, slots=True)
+class Cap:
+    """A cap a message ran into: why (in its reason, "texts_per_day=3") and which daily
+    warning tells the admins (`cap` for the overall and route caps, one per token)."""
+
+    why: str
+    warning: str = "cap"
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     allowed: list[Message]
     over: list[Message]
-    reason: str | None = None
+    caps: list[Cap] = field(default_factory=list)  # the cap of each of `over`, in order
+
+    @property
+    def reason(self) -> str | None:
+        return self.caps[0].why if self.caps else None
 
 
 class BudgetGuard:
@@ -56,6 +74,7 @@ class BudgetGuard:
         provider: ProviderConfig,
         shaper: Shaper,
         prices: PriceBook | None = None,
+        tokens: Mapping[str, TokenConfig] | None = None,
     ) -> None:
         self.store = store
         self.prices = prices or PriceBook()
@@ -64,7 +83,7 @@ class BudgetGuard:
         self.clock = clock
         self.sender_id = provider.sender_id  # the bridge's own texts: fixed until restart
         self.over_cap_total = 0  # messages held back or failed by a cap, for metrics
-        self.reload(budget=budget, routes=routes, recipients=recipients)
+        self.reload(budget=budget, routes=routes, recipients=recipients, tokens=tokens or {})
 
     def reload(
         self,
@@ -72,6 +91,7 @@ class BudgetGuard:
         budget: BudgetConfig,
         routes: Mapping[str, RouteConfig],
         recipients: Recipients,
+        tokens: Mapping[str, TokenConfig],
     ) -> None:
         """Take the caps, admins and low-balance mark (at start and on SIGHUP).
 
@@ -85,6 +105,9 @@ class BudgetGuard:
             for name, route in routes.items()
             if route.max_texts_per_day > 0
         }
+        self.token_caps: dict[str, int] = {
+            name: token.texts_per_day for name, token in tokens.items() if token.texts_per_day > 0
+        }
         self.admins = admins
 
     @property
@@ -94,6 +117,7 @@ class BudgetGuard:
             or self.config.parts_per_day
             or self.config.cost_per_day
             or self.route_caps
+            or self.token_caps
         )
 
     def _cost(self, recipient: str, parts: int, known: float | None = None) -> float:
@@ -109,8 +133,10 @@ class BudgetGuard:
         known, unknown = await self.store.spent_since(since, WARNING_SOURCE)
         return float(known) + sum(self._cost(r, int(p)) for r, p in unknown)
 
-    async def _used(self, since: float, route: str | None = None) -> tuple[int, int]:
-        return await self.store.used_since(since, WARNING_SOURCE, route)
+    async def _used(
+        self, since: float, route: str | None = None, token: str | None = None
+    ) -> tuple[int, int]:
+        return await self.store.used_since(since, WARNING_SOURCE, route, token=token)
 
     async def check(self, batch: list[Message]) -> Verdict:
         if not self.active:
@@ -119,37 +145,49 @@ class BudgetGuard:
         texts, parts = await self._used(start)
         cost_cap = self.config.cost_per_day
         spent = await self._spent(start) if cost_cap else 0.0
+        # Texts sent today per capped route and token, read from the store (so every
+        # instance of a cluster counts the same) the first time the batch needs one.
         route_used: dict[str, int] = {}
-        allowed, over, reason = [], [], None
+        token_used: dict[str, int] = {}
+        allowed, over, caps = [], [], []
         for m in batch:
             if m.source == WARNING_SOURCE:
                 allowed.append(m)
                 continue
-            cap = self.route_caps.get(m.route or "")
-            if cap is not None and m.route not in route_used:
-                route_used[m.route or ""] = (await self._used(start, m.route))[0]
-            why = None
-            if self.config.texts_per_day and texts + 1 > self.config.texts_per_day:
-                why = f"texts_per_day={self.config.texts_per_day}"
+            route, token = m.route or "", m.token or ""
+            cap = self.route_caps.get(route)
+            if cap is not None and route not in route_used:
+                route_used[route] = (await self._used(start, route=route))[0]
+            token_cap = self.token_caps.get(token)
+            if token_cap is not None and token not in token_used:
+                token_used[token] = (await self._used(start, token=token))[0]
+            why: Cap | None = None
+            if token_cap is not None and token_used[token] + 1 > token_cap:
+                # First: a runaway token is told apart from the day's budget running out.
+                why = Cap(f"tokens.{token}.texts_per_day={token_cap}", f"token:{token}")
+            elif self.config.texts_per_day and texts + 1 > self.config.texts_per_day:
+                why = Cap(f"texts_per_day={self.config.texts_per_day}")
             elif self.config.parts_per_day and parts + m.parts > self.config.parts_per_day:
-                why = f"parts_per_day={self.config.parts_per_day}"
-            elif cap is not None and route_used[m.route or ""] + 1 > cap:
-                why = f"routes.{m.route}.max_texts_per_day={cap}"
+                why = Cap(f"parts_per_day={self.config.parts_per_day}")
+            elif cap is not None and route_used[route] + 1 > cap:
+                why = Cap(f"routes.{m.route}.max_texts_per_day={cap}")
             elif cost_cap and spent + self._cost(m.recipient, m.parts, m.estimated_cost) > cost_cap:
                 currency = f" {self.prices.currency}" if self.prices.currency else ""
-                why = f"cost_per_day={cost_cap:g}{currency}, {spent:g} spent"
+                why = Cap(f"cost_per_day={cost_cap:g}{currency}, {spent:g} spent")
             if why:
                 over.append(m)
-                reason = reason or why
+                caps.append(why)
                 continue
             allowed.append(m)
             texts, parts = texts + 1, parts + m.parts
             if cost_cap:
                 spent += self._cost(m.recipient, m.parts, m.estimated_cost)
             if cap is not None:
-                route_used[m.route or ""] += 1
+                route_used[route] += 1
+            if token_cap is not None:
+                token_used[token] += 1
         self.over_cap_total += len(over)
-        return Verdict(allowed, over, reason)
+        return Verdict(allowed, over, caps)
 
     async def warn(self, kind: str, text: str) -> bool:
         """Queue one warning to the admins per kind and day; False if already sent today."""

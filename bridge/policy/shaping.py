@@ -56,6 +56,7 @@ class Draft:
     topic: str | None = None  # what a storm digest counts it as; default: its first line
     instance: str | None = None  # what a storm digest names besides (a host, a pod)
     scope: str | None = None  # where dedupe keys come from (policy.dedupe_scope); default: source
+    token: str | None = None  # the [tokens.NAME] that sent it: counted by its daily cap
 
 
 class Shaper:
@@ -109,6 +110,7 @@ class Shaper:
                         reason_kind="loop" if draft.suppressed_reason else None,
                         topic=topic,
                         instance=draft.instance,
+                        token=draft.token,
                         estimated_cost=self.prices.estimate(recipient, form.parts),
                     )
                 )

@@ -306,9 +306,14 @@ class Queries(Protocol):
         ...
 
     async def used_since(
-        self, since: float, exclude_source: str, route: str | None = None
+        self,
+        since: float,
+        exclude_source: str,
+        route: str | None = None,
+        *,
+        token: str | None = None,
     ) -> tuple[int, int]:
-        """Texts and parts sent since `since`, of one route if given."""
+        """Texts and parts sent since `since`, of one route and/or one API token if given."""
         ...
 
     async def retry(

@@ -11,7 +11,7 @@ from bridge.models import NewMessage
 INSERTED = (
     *("id", "recipient", "text", "source", "sender_id", "message_type", "parts", "route"),
     *("dedupe_key", "schedule_time", "state", "reason", "created_at", "updated_at"),
-    *("next_attempt_at", "topic", "reason_kind", "estimated_cost", "instance"),
+    *("next_attempt_at", "topic", "reason_kind", "estimated_cost", "instance", "token"),
 )
 
 
@@ -37,4 +37,5 @@ def row(message_id: int, m: NewMessage, now: float) -> tuple[Any, ...]:
         m.reason_kind,
         m.estimated_cost,
         m.instance,
+        m.token,
     )

@@ -25,7 +25,7 @@ from bridge.config import LiveConfig
 from bridge.errors import HttpError, InputError, StoreUnavailable
 from bridge.firewall import cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
-from bridge.ingress.http.auth import AuthError, Principal, authorize
+from bridge.ingress.http.auth import AuthError, Principal, authorize, token_name
 from bridge.ingress.http.bodies import error_response, parse_json, read_body
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.app import Console
@@ -178,6 +178,7 @@ def create_app(
                     # API keys never meet a route's or a mail's, and one token's keys
                     # never mute another's (no tokens: one anonymous caller, "api").
                     scope=dedupe_scope("api", caller.name if config.tokens else None),
+                    token=token_name(caller),
                     dedupe_key=dedupe_key,
                     schedule_time=parse_schedule_time(
                         schedule, now=clock.now(), tz=zone(config.provider.timezone)

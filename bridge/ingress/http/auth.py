@@ -44,6 +44,12 @@ class Principal:
 ANONYMOUS = Principal("anonymous", _IMPLIED["admin"])
 
 
+def token_name(principal: Principal) -> str | None:
+    """The `[tokens.NAME]` a caller used, stored with what it sends (its daily cap counts
+    it); None for the open bridge's anonymous caller."""
+    return None if principal is ANONYMOUS else principal.name
+
+
 class AuthError(Exception):
     """401 (`status`) for no or a wrong token, 403 for a token without the scope."""
 

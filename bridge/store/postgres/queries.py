@@ -123,15 +123,22 @@ class QueryOps(Base):
         return float(known), [(r, int(p)) for r, p in unknown]
 
     async def used_since(
-        self, since: float, exclude_source: str, route: str | None = None
+        self,
+        since: float,
+        exclude_source: str,
+        route: str | None = None,
+        *,
+        token: str | None = None,
     ) -> tuple[int, int]:
         row = (
             await self._fetch(
                 "SELECT count(*), coalesce(sum(parts), 0) FROM messages"
-                " WHERE sent_at >= $1 AND source <> $2 AND ($3::text IS NULL OR route = $3)",
+                " WHERE sent_at >= $1 AND source <> $2 AND ($3::text IS NULL OR route = $3)"
+                " AND ($4::text IS NULL OR token = $4)",
                 since,
                 exclude_source,
                 route,
+                token,
             )
         )[0]
         return int(row[0]), int(row[1])
@@ -226,14 +233,14 @@ class QueryOps(Base):
                 " count(*) FILTER (WHERE source = 'budget') FROM messages WHERE sent_at >= $1",
                 day_start,
             )
-            routes = {
-                r: int(n)
-                for r, n in await c.fetch(
-                    "SELECT route, count(*) FROM messages WHERE sent_at >= $1"
-                    " AND route IS NOT NULL GROUP BY route",
+            by: dict[str, dict[str, int]] = {}
+            for column in ("route", "token"):  # texts sent today per route and API token
+                rows = await c.fetch(
+                    f"SELECT {column}, count(*) FROM messages WHERE sent_at >= $1"
+                    f" AND {column} IS NOT NULL AND source <> 'budget' GROUP BY {column}",
                     day_start,
                 )
-            }
+                by[column] = {name: int(n) for name, n in rows}
         return {
             "queue": {
                 "oldest_created_at": queue[0],
@@ -248,7 +255,8 @@ class QueryOps(Base):
                 "cost": day[2],
                 "estimated_cost": day[3],
                 "warnings": int(day[4]),
-                "routes": routes,
+                "routes": by["route"],
+                "tokens": by["token"],
             },
         }
 

@@ -6,6 +6,7 @@ readiness heartbeat), so that both backends answer the same questions the same w
 Version 2 adds what several instances on one database need: the owner and lease of a
 claim, one row per provider key to book the shared rate window under a row lock (with
 the pause every instance must honour), and one row per instance for heartbeats.
+Version 3 records which API token sent each message (SQLite's 0007), for per-token caps.
 
 Timestamps stay epoch seconds in `double precision`, as in SQLite: the bridge's clock
 is injected (tests drive it by hand), so the database's own `now()` is never the time.
@@ -139,6 +140,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             seen_at double precision NOT NULL,
             leader boolean NOT NULL DEFAULT false
         );
+        """,
+    ),
+    Migration(
+        3,
+        "message_token",
+        """
+        -- Which [tokens.NAME] sent a message (its name; NULL for mail, routes and an open
+        -- bridge): tokens.NAME.texts_per_day counts what it sent today, in the database,
+        -- so every instance of a cluster counts the same.
+        ALTER TABLE messages ADD COLUMN token text;
+        CREATE INDEX messages_token_sent_at ON messages (token, sent_at)
+            WHERE token IS NOT NULL AND sent_at IS NOT NULL;
         """,
     ),
 )

@@ -114,6 +114,13 @@ class ConsoleQueries(EngineBound):
                     (day_start,),
                 ).fetchall()
             )
+            tokens = dict(
+                c.execute(
+                    "SELECT token, count(*) FROM messages WHERE sent_at >= ?"
+                    " AND token IS NOT NULL AND source != 'budget' GROUP BY token",
+                    (day_start,),
+                ).fetchall()
+            )
             return {
                 "queue": {
                     "oldest_created_at": queue[0],
@@ -129,6 +136,7 @@ class ConsoleQueries(EngineBound):
                     "estimated_cost": day[3],
                     "warnings": day[4],
                     "routes": routes,
+                    "tokens": tokens,
                 },
             }
 

@@ -146,9 +146,13 @@ def spent_since(c: Any, since: float, exclude_source: str) -> tuple[float, list[
 
 
 def used_since(
-    c: Any, since: float, exclude_source: str, route: str | None = None
+    c: Any,
+    since: float,
+    exclude_source: str,
+    route: str | None = None,
+    token: str | None = None,
 ) -> tuple[int, int]:
-    """Texts and parts sent since `since` (of one route, if given)."""
+    """Texts and parts sent since `since` (of one route and/or one API token, if given)."""
     sql = (
         "SELECT count(*), coalesce(sum(parts), 0) FROM messages WHERE sent_at >= ? AND source != ?"
     )
@@ -156,6 +160,9 @@ def used_since(
     if route is not None:
         sql += " AND route = ?"
         args.append(route)
+    if token is not None:
+        sql += " AND token = ?"
+        args.append(token)
     row = c.execute(sql, args).fetchone()
     return int(row[0]), int(row[1])
 

@@ -111,11 +111,23 @@ def _rate_pause(db: Database) -> None:
     )
 
 
-# Columns an ingest sets (bridge.store.rows). Rows per INSERT statement: 19
+@migrations(name="0007_token")
+def _token(db: Database) -> None:
+    # Which [tokens.NAME] sent a message (its name; NULL for mail, routes and an open
+    # bridge): `tokens.NAME.texts_per_day` counts what it sent today, in the file, so a
+    # restart does not hand a token a fresh day.
+    db.execute("ALTER TABLE messages ADD COLUMN token TEXT")
+    db.execute(
+        "CREATE INDEX messages_token_sent_at ON messages(token, sent_at)"
+        " WHERE token IS NOT NULL AND sent_at IS NOT NULL"
+    )
+
+
+# Columns an ingest sets (bridge.store.rows). Rows per INSERT statement: 20
 # parameters each stays under SQLite's oldest variable limit (999).
 INSERT_COLUMNS = ", ".join(INSERTED)
 ROW_MARKS = "(" + ",".join("?" * len(INSERT_COLUMNS.split(","))) + ")"
-ROWS_PER_INSERT = 50
+ROWS_PER_INSERT = 999 // len(INSERTED)
 # Many rows changed by one statement: ids (or rows) passed as one JSON parameter, exact
 # for integers and strings; each statement is one trip into SQLite, not one per row.
 # Filters on state are written `+state` so that SQLite looks the ids up by rowid rather

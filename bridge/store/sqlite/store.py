@@ -101,9 +101,16 @@ class SqliteStore(DeliveryOperations, RateOperations, ConsoleQueries):
         return await self.engine.read(lambda c: queries.spent_since(c, since, exclude_source))
 
     async def used_since(
-        self, since: float, exclude_source: str, route: str | None = None
+        self,
+        since: float,
+        exclude_source: str,
+        route: str | None = None,
+        *,
+        token: str | None = None,
     ) -> tuple[int, int]:
-        return await self.engine.read(lambda c: queries.used_since(c, since, exclude_source, route))
+        return await self.engine.read(
+            lambda c: queries.used_since(c, since, exclude_source, route, token)
+        )
 
     async def counts_for_metrics(self) -> MetricCounts:
         return await self.engine.read(queries.counts_for_metrics)

@@ -26,6 +26,7 @@ from bridge.config import LiveConfig
 from bridge.errors import InputError
 from bridge.firewall import cap_recipients
 from bridge.health import ProviderHealth
+from bridge.ingress.http.auth import token_name
 from bridge.ingress.http.console import chart
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.gate import HERE, Caller, Gate, Refused, SecureHeaders
@@ -105,6 +106,11 @@ class Console(Gate):
                 name: {"cap": route.max_texts_per_day, "used": today["routes"].get(name, 0)}
                 for name, route in config.routes.items()
                 if route.max_texts_per_day
+            },
+            "tokens": {
+                name: {"cap": token.texts_per_day, "used": today["tokens"].get(name, 0)}
+                for name, token in config.tokens.items()
+                if token.texts_per_day
             },
         }
         storms = [
@@ -348,6 +354,7 @@ class Console(Gate):
                     sender_id=config.provider.sender_id,
                     # A test is meant to go, even when the same test went a minute ago.
                     dedupe_key=f"console-test:{secrets.token_hex(8)}",
+                    token=token_name(caller.principal),  # its daily cap counts tests too
                 )
             ]
         )
