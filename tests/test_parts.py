@@ -11,6 +11,7 @@ the console and the provider client all take the bridge's count, so it must be t
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from itertools import groupby
 
 import httpx
 import pytest
@@ -55,7 +56,18 @@ BOUNDARIES = [
 ]
 
 
-@pytest.mark.parametrize(("text", "arabic_type", "parts"), BOUNDARIES)
+def runs(text: str) -> str:
+    """A readable ASCII test id: "a*152 U+20AC*1 a*152"."""
+
+    def name(ch: str) -> str:
+        return ch if ch.isascii() and ch.isprintable() else f"U+{ord(ch):04X}"
+
+    return " ".join(f"{name(ch)}*{len(list(group))}" for ch, group in groupby(text))
+
+
+@pytest.mark.parametrize(
+    ("text", "arabic_type", "parts"), BOUNDARIES, ids=[runs(case[0]) for case in BOUNDARIES]
+)
 def test_the_boundary_table(text: str, arabic_type: int, parts: int) -> None:
     form = shape(text, arabic_type=arabic_type)
     assert form.parts == count_parts(text) == len(split_parts(text)) == parts
