@@ -2,7 +2,10 @@
 
 GSM 7-bit: 160 septets in one SMS, 153 per part when concatenated; the extension table
 (^ { } \\ [ ~ ] | € and form feed) costs two septets and an escape pair is never split.
-UCS-2: 70 UTF-16 units, 67 per part; a surrogate pair is never split.
+UCS-2: 70 UTF-16 units, 67 per part; a surrogate pair is never split. (3GPP TS 23.040
+9.2.3.24.1: a character is not split in the middle; a part that would end inside one
+carries 152 septets or 66 units.) Budgets, cost estimates, the console's parts and the
+provider's bill all rest on this count: tests/test_parts.py holds the sandbox to it.
 """
 
 from __future__ import annotations

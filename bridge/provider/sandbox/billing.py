@@ -1,7 +1,10 @@
 """What the sandbox bills: its own GSM 03.38 tables, part counts and prices per country.
 
 Written here from the provider's API documentation ("Message types and length": 160
-septets then 153 per part, extension characters two; UCS-2 70 then 67), not imported
+septets then 153 per part, extension characters two; UCS-2 70 then 67) and the
+concatenation rule it relies on (3GPP TS 23.040 9.2.3.24.1: a part holds at most 153
+septets or 67 UCS-2 characters, and a character is never split in the middle: neither an
+escape pair nor, as UTF-16 carries emoji, a surrogate pair), not imported
 from the bridge's `text`, `phone` or `pricing` modules: the sandbox is the oracle the
 bridge's estimates are checked against, so a part-count or pricing bug in the bridge
 must disagree with it rather than agree with itself (tests/test_imports.py keeps these
@@ -10,7 +13,6 @@ imports out).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 # Price of one SMS part by country calling code, in the account's "points"; any other
@@ -41,10 +43,24 @@ def sms_parts(message: str, message_type: int) -> int:
     Type 1 counts septets; types 2 and 4 (Arabic, billed as UCS-2) count UTF-16 code
     units, as does a type 1 text with characters outside GSM 03.38."""
     if message_type == 1 and is_gsm(message):
-        septets = sum(2 if c in GSM_EXTENSION else 1 for c in message)
-        return 1 if septets <= GSM_SINGLE else math.ceil(septets / GSM_PER_PART)
-    units = len(message.encode("utf-16-le")) // 2
-    return 1 if units <= UCS2_SINGLE else math.ceil(units / UCS2_PER_PART)
+        return _packed([2 if c in GSM_EXTENSION else 1 for c in message], GSM_SINGLE, GSM_PER_PART)
+    units = [2 if ord(c) > 0xFFFF else 1 for c in message]
+    return _packed(units, UCS2_SINGLE, UCS2_PER_PART)
+
+
+def _packed(costs: list[int], single: int, per_part: int) -> int:
+    """Parts for characters costing `costs` units each, whole characters to a part.
+
+    Not ceil(total / per_part): a two-unit character that would straddle a part's edge
+    starts the next part, so such a part carries per_part - 1 units."""
+    if sum(costs) <= single:
+        return 1
+    parts, room = 1, per_part
+    for cost in costs:
+        if cost > room:
+            parts, room = parts + 1, per_part
+        room -= cost
+    return parts
 
 
 def calling_code(digits: str, known: Mapping[int, float]) -> int | None:
