@@ -21,7 +21,7 @@ import collections
 import functools
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, Session
@@ -79,8 +79,15 @@ class DataLines:
         self.lines = 0
         self.over = False
 
-    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+    def readuntil(self, separator: bytes = b"\n") -> Awaitable[bytes]:
+        # Not a coroutine itself: most lines are the reader's own `readuntil`, awaited
+        # directly by aiosmtpd, without a coroutine of ours around every line.
         self.lines += 1
+        if self.lines <= self.most and self.lines % YIELD_EVERY:
+            return self.reader.readuntil(separator)
+        return self._turn_or_skip(separator)
+
+    async def _turn_or_skip(self, separator: bytes) -> bytes:
         if self.lines % YIELD_EVERY == 0:
             await asyncio.sleep(0)
         if self.lines <= self.most:
@@ -223,6 +230,8 @@ class LimitedSMTP(SMTP):
 
         return progressing
 
-    async def push(self, status: Any) -> None:
+    def push(self, status: Any) -> Coroutine[Any, Any, None]:
+        # A plain method handing back aiosmtpd's coroutine (aiosmtpd awaits it): no
+        # coroutine of our own around each of the four replies of every mail.
         self._last_reply = status if isinstance(status, str) else bytes(status).decode("latin-1")
-        await super().push(status)
+        return super().push(status)
