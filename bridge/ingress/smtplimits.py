@@ -162,8 +162,6 @@ class LimitedSMTP(SMTP):
         self._client: str | None = None  # counted in `sessions` while set
         self._refused = False
         self._last_reply = ""
-        for name in PROGRESS:
-            self._smtp_methods[name] = self._progressing(self._smtp_methods[name])
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None and self._sessions is not None:  # not the STARTTLS switch
@@ -219,19 +217,29 @@ class LimitedSMTP(SMTP):
         if self._timeout_handle is None or duration is not None:
             super()._reset_timeout(duration)
 
-    def _progressing(
-        self, method: Callable[[str | None], Awaitable[None]]
-    ) -> Callable[[str | None], Awaitable[None]]:
-        @functools.wraps(method)  # keeps the syntax attributes HELP reads
-        async def progressing(arg: str | None) -> None:
-            await method(arg)
-            if self._last_reply[:1] in ("2", "3"):
-                SMTP._reset_timeout(self)
-
-        return progressing
-
     def push(self, status: Any) -> Coroutine[Any, Any, None]:
         # A plain method handing back aiosmtpd's coroutine (aiosmtpd awaits it): no
         # coroutine of our own around each of the four replies of every mail.
         self._last_reply = status if isinstance(status, str) else bytes(status).decode("latin-1")
         return super().push(status)
+
+
+def _progressing(
+    method: Callable[[Any, str | None], Awaitable[None]],
+) -> Callable[[Any, str | None], Awaitable[None]]:
+    """The command `method`, restarting the idle timer when it succeeded (2xx or 3xx)."""
+
+    @functools.wraps(method)  # keeps the syntax attributes HELP reads
+    async def progressing(self: LimitedSMTP, arg: str | None) -> None:
+        await method(self, arg)
+        if self._last_reply[:1] in ("2", "3"):
+            SMTP._reset_timeout(self)
+
+    return progressing
+
+
+# Wrapped once, on the class (aiosmtpd finds them by name for every session): wrapping
+# each session's bound methods cost every connection seven `functools.wraps`. A subclass
+# that overrides one of these commands must wrap its own with `_progressing`.
+for _name in PROGRESS:
+    setattr(LimitedSMTP, f"smtp_{_name}", _progressing(getattr(LimitedSMTP, f"smtp_{_name}")))
