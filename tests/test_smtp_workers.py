@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -25,38 +26,42 @@ async def test_answers_and_errors_reach_the_caller_from_another_thread() -> None
         workers.close()
 
 
-async def test_a_call_that_waited_past_its_deadline_is_never_run() -> None:
+@pytest.fixture
+def gate() -> Iterator[tuple[Workers, threading.Event]]:
+    """One worker thread, and an event that releases the calls waiting on it."""
     workers = Workers(1, "test")
     release = threading.Event()
+    yield workers, release
+    release.set()
+    workers.close()
+
+
+async def test_a_call_that_waited_past_its_deadline_is_never_run(
+    gate: tuple[Workers, threading.Event],
+) -> None:
+    workers, release = gate
     ran: list[str] = []
-    try:
-        holding = asyncio.ensure_future(workers.run(lambda: release.wait(10), 10))
-        await asyncio.sleep(0.05)  # the one thread is in the first call
-        started = time.monotonic()
-        with pytest.raises(TimeoutError):
-            await workers.run(lambda: ran.append("late"), 0.05)
-        assert time.monotonic() - started < 2
-        release.set()
-        assert await holding is True
-        # The thread is free again and takes the next call; the expired one was skipped.
-        assert await workers.run(lambda: "next", 5) == "next"
-        assert ran == []
-    finally:
-        release.set()
-        workers.close()
+    holding = asyncio.ensure_future(workers.run(lambda: release.wait(10), 10))
+    await asyncio.sleep(0.05)  # the one thread is in the first call
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await workers.run(lambda: ran.append("late"), 0.05)
+    assert time.monotonic() - started < 2
+    release.set()
+    assert await holding is True
+    # The thread is free again and takes the next call; the expired one was skipped.
+    assert await workers.run(lambda: "next", 5) == "next"
+    assert ran == []
 
 
-async def test_a_call_past_its_deadline_while_running_times_out() -> None:
-    workers = Workers(1, "test")
-    release = threading.Event()
-    try:
-        with pytest.raises(TimeoutError):
-            await workers.run(lambda: release.wait(10), 0.05)
-        release.set()
-        assert await workers.run(lambda: "after", 5) == "after"
-    finally:
-        release.set()
-        workers.close()
+async def test_a_call_past_its_deadline_while_running_times_out(
+    gate: tuple[Workers, threading.Event],
+) -> None:
+    workers, release = gate
+    with pytest.raises(TimeoutError):
+        await workers.run(lambda: release.wait(10), 0.05)
+    release.set()
+    assert await workers.run(lambda: "after", 5) == "after"
 
 
 async def test_close_cancels_the_calls_not_started() -> None:
