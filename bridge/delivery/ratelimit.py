@@ -81,19 +81,17 @@ class SlidingWindowLimiter:
         self._expire(self.clock.now())
         return sum(1 for _, k in self._booked if kind is None or k == kind)
 
-    def _status_demand(self) -> bool:
-        """Our poller waits for states, or another instance's polls (status bookings
-        we did not make are in the window)."""
-        return self.status_demand or self.used("status") > len(self._own_status)
-
     def _cap(self, kind: str) -> tuple[int, str | None]:
         """How many requests of `kind` fit in a window, and which kind counts against it."""
         if kind == "status":
             return min(self.status_cap, self.limit), "status"
-        if self._status_demand():
+        polls = self.used("status")  # one pass over the window (every ingest asks)
+        # Status demand: our poller waits for states, or another instance's polls
+        # (status bookings we did not make are in the window).
+        if self.status_demand or polls > len(self._own_status):
             # Keep the poller's share free while it has work, so a backlog of sends
             # cannot starve delivery reports.
-            status_unused = max(0, self.status_cap - self.used("status"))
+            status_unused = max(0, self.status_cap - polls)
             return self.limit - status_unused, None
         return self.limit, None
 
@@ -111,7 +109,13 @@ class SlidingWindowLimiter:
         cap, counted = self._cap(kind)
         if len(self._booked) >= self.limit:
             return self._booked[0][0] + self.window - now
-        relevant = [t for t, k in self._booked if counted is None or k == counted]
+        if counted is None:  # every booking counts: the window itself, not a copy of it
+            if len(self._booked) >= cap:
+                if cap <= 0:
+                    return self.window
+                return self._booked[len(self._booked) - cap][0] + self.window - now
+            return 0.0
+        relevant = [t for t, k in self._booked if k == counted]
         if len(relevant) >= cap:
             if cap <= 0:
                 return self.window

@@ -23,7 +23,6 @@ import re
 import socket
 import ssl
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -38,6 +37,7 @@ from bridge.ingress.mailrules import apply_rule, rule_for
 from bridge.ingress.smtpauth import Authenticator, peer_host
 from bridge.ingress.smtplimits import LimitedSMTP, Sessions, call_limits
 from bridge.ingress.throttle import FailureThrottle
+from bridge.ingress.workers import Workers
 from bridge.phone import PhoneError
 from bridge.policy.decide import content_hash, dedupe_scope
 from bridge.policy.shaping import Draft
@@ -118,12 +118,12 @@ class SmtpHandler:
         self.tls: ssl.SSLContext | None = None
         self.tls = self._tls(smtp)  # at start a certificate that does not load is fatal
         self.sessions = Sessions(lambda: self.smtp)
-        self.parsers = ThreadPoolExecutor(PARSE_WORKERS, thread_name_prefix="mail-parse")
+        self.parsers = Workers(PARSE_WORKERS, "mail-parse")
         self.auth_throttle = FailureThrottle(ingestor.clock)  # kept across reloads
         self.reload(smtp=smtp, recipients=recipients)
 
     def close(self) -> None:
-        self.parsers.shutdown(wait=False, cancel_futures=True)
+        self.parsers.close()
 
     def reload(self, *, smtp: SmtpConfig, recipients: Recipients) -> list[str]:
         """Take everything new sessions use; sessions in progress carry on as they were.
@@ -284,10 +284,8 @@ class SmtpHandler:
             started.append(time.monotonic())
             return parse_mail(raw, mail_from=mail_from, bounds=bounds)
 
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(smtp.parse_timeout):
-                mail = await loop.run_in_executor(self.parsers, work)
+            mail = await self.parsers.run(work, smtp.parse_timeout)
         except (TimeoutError, ParseTimeout):
             if not started:
                 log.warning("SMTP DATA refused with 451: every mail parser is busy")

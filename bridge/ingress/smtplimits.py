@@ -21,7 +21,7 @@ import collections
 import functools
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, Session
@@ -79,8 +79,15 @@ class DataLines:
         self.lines = 0
         self.over = False
 
-    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+    def readuntil(self, separator: bytes = b"\n") -> Awaitable[bytes]:
+        # Not a coroutine itself: most lines are the reader's own `readuntil`, awaited
+        # directly by aiosmtpd, without a coroutine of ours around every line.
         self.lines += 1
+        if self.lines <= self.most and self.lines % YIELD_EVERY:
+            return self.reader.readuntil(separator)
+        return self._turn_or_skip(separator)
+
+    async def _turn_or_skip(self, separator: bytes) -> bytes:
         if self.lines % YIELD_EVERY == 0:
             await asyncio.sleep(0)
         if self.lines <= self.most:
@@ -155,8 +162,6 @@ class LimitedSMTP(SMTP):
         self._client: str | None = None  # counted in `sessions` while set
         self._refused = False
         self._last_reply = ""
-        for name in PROGRESS:
-            self._smtp_methods[name] = self._progressing(self._smtp_methods[name])
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None and self._sessions is not None:  # not the STARTTLS switch
@@ -212,17 +217,29 @@ class LimitedSMTP(SMTP):
         if self._timeout_handle is None or duration is not None:
             super()._reset_timeout(duration)
 
-    def _progressing(
-        self, method: Callable[[str | None], Awaitable[None]]
-    ) -> Callable[[str | None], Awaitable[None]]:
-        @functools.wraps(method)  # keeps the syntax attributes HELP reads
-        async def progressing(arg: str | None) -> None:
-            await method(arg)
-            if self._last_reply[:1] in ("2", "3"):
-                SMTP._reset_timeout(self)
-
-        return progressing
-
-    async def push(self, status: Any) -> None:
+    def push(self, status: Any) -> Coroutine[Any, Any, None]:
+        # A plain method handing back aiosmtpd's coroutine (aiosmtpd awaits it): no
+        # coroutine of our own around each of the four replies of every mail.
         self._last_reply = status if isinstance(status, str) else bytes(status).decode("latin-1")
-        await super().push(status)
+        return super().push(status)
+
+
+def _progressing(
+    method: Callable[[Any, str | None], Awaitable[None]],
+) -> Callable[[Any, str | None], Awaitable[None]]:
+    """The command `method`, restarting the idle timer when it succeeded (2xx or 3xx)."""
+
+    @functools.wraps(method)  # keeps the syntax attributes HELP reads
+    async def progressing(self: LimitedSMTP, arg: str | None) -> None:
+        await method(self, arg)
+        if self._last_reply[:1] in ("2", "3"):
+            SMTP._reset_timeout(self)
+
+    return progressing
+
+
+# Wrapped once, on the class (aiosmtpd finds them by name for every session): wrapping
+# each session's bound methods cost every connection seven `functools.wraps`. A subclass
+# that overrides one of these commands must wrap its own with `_progressing`.
+for _name in PROGRESS:
+    setattr(LimitedSMTP, f"smtp_{_name}", _progressing(getattr(LimitedSMTP, f"smtp_{_name}")))
