@@ -268,6 +268,16 @@ async def test_bare_lf_dot_cannot_smuggle_a_second_message(tmp_path, clock, sand
     assert "RCPT TO:<+12025550199" in messages[0].text
 
 
+async def test_help_lists_every_command_the_bridge_answers(tmp_path, clock, sandbox_url) -> None:
+    """HELP names DATA too (the bridge's own DATA, with its line cap, once lost aiosmtpd's
+    syntax: `HELP DATA` answered 501 and HELP left DATA out)."""
+    steps = [b"EHLO x\r\n", b"HELP\r\n", b"HELP DATA\r\n", b"QUIT\r\n"]
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (_, port):
+        replies = await asyncio.to_thread(_raw_session, port, steps)
+    assert replies[1].startswith(b"250") and b" DATA" in replies[1], replies[1]
+    assert replies[2].startswith(b"250 Syntax: DATA"), replies[2]
+
+
 async def test_overlong_lines_and_unknown_commands_get_errors(tmp_path, clock, sandbox_url) -> None:
     steps = [
         b"EHLO x\r\n",

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, cast
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, Session, syntax
 
 from bridge.config import SmtpConfig
 
@@ -192,6 +192,7 @@ class LimitedSMTP(SMTP):
     def _create_session(self) -> Session:
         return QuietSession(self.loop)
 
+    @syntax("DATA")  # as aiosmtpd's own: HELP reads it from the method
     async def smtp_DATA(self, arg: str) -> None:
         reader = self._reader
         lines = DataLines(reader, self.max_lines or sys.maxsize)
