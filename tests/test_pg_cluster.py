@@ -7,6 +7,7 @@ times (a race that passes by luck would fail some of the rounds).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -21,11 +22,29 @@ MESSAGE = NewMessage("+12025550143", "disk full on db-1", "alertmanager", "SMS",
 ROUNDS = 40
 
 
+CALLS = 30  # bookings raced in each round, spread over the three instances
+POOL = CALLS // 3  # connections of each instance: one for each of its calls in a race
+
+
+async def open_every_connection(store: PostgresStore) -> None:
+    """Hold POOL connections at once, so that the pool has opened all of them before a
+    race: then every raced call has its connection and waits where the test looks, in
+    PostgreSQL's queue for the lock. With four connections for ten calls, the last ones
+    also waited for a free connection behind ~25 transactions: on a starved machine
+    past the pool's 10 s acquire timeout (StoreUnavailable: TimeoutError). The lock's
+    queue stays bounded by the 15 s statement timeout: not a cure for any load."""
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(POOL):
+            conn = await held.enter_async_context(store.db.connection())
+            await conn.fetchval("SELECT count(*) FROM provider_requests")
+
+
 @pytest.fixture
 async def instances(postgres_url: str) -> AsyncIterator[list[PostgresStore]]:
-    stores = [PostgresStore(postgres_url, max_connections=4) for _ in range(3)]
+    stores = [PostgresStore(postgres_url, max_connections=POOL) for _ in range(3)]
     for store in stores:
         await store.open()
+        await open_every_connection(store)
     yield stores
     for store in stores:
         await store.close()
@@ -97,7 +116,7 @@ async def test_instances_together_never_book_past_the_limit(
         waits = await asyncio.gather(
             *(
                 instances[i % 3].book_request(at + i / 100, "send", limit=10, window=60.0)
-                for i in range(30)
+                for i in range(CALLS)
             )
         )
         assert sum(1 for w in waits if w == 0.0) == 10

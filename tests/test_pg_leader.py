@@ -25,6 +25,7 @@ import pytest
 from bridge.app import build
 from bridge.clock import ManualClock
 from bridge.config import load_config
+from bridge.delivery.cluster import Leader
 from bridge.models import NewMessage, State
 from bridge.policy.shaping import Draft
 from bridge.service import Bridge
@@ -287,16 +288,57 @@ async def test_a_leader_cut_off_from_the_database_stops_its_singletons(
 
         async def first_stepped_down() -> bool:
             await tick(first_clock)
-            return not first.leader.leading
+            # and its poller's step under way when the role went has ended (it may poll)
+            return not first.leader.leading and first.leader.singletons_stopped
 
         await until(first_stepped_down, seconds=10.0)
         polled = logs_requests(first)
-        for _ in range(3):
+
+        async def second_polled() -> bool:
             await tick(first_clock, second_clock, seconds=6.0)  # past the poll interval
             assert second.leader.leading and not first.leader.leading
+            return logs_requests(second) > 0
+
+        await until(second_polled)  # its poller talks to the server and the sandbox first
         assert logs_requests(first) == polled  # its poller stopped with the role
-        assert logs_requests(second) > 0
         assert await leader_metric(second) == 1.0 and await leader_metric(first) == 0.0
+
+
+async def test_a_singletons_step_under_way_ends_after_the_role_is_lost(
+    postgres_url: str, store: PostgresStore
+) -> None:
+    """`leading` drops at once (no new step, no takeover); the step under way ends before
+    `singletons_stopped` says so: what a test waits for before counting requests."""
+    clock = ManualClock()
+    leader = Leader(store.leadership(ROLE, holder="a"), name="a", clock=clock)
+    other = store.leadership(ROLE, holder="b")
+    in_step, release, stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def poller(halt: asyncio.Event) -> None:
+        in_step.set()
+        await release.wait()  # a /logs request on the wire
+
+    task = asyncio.create_task(leader.run(stop, [("poller", poller)]))
+    try:
+        await asyncio.wait_for(in_step.wait(), 10)
+        assert leader.leading and not leader.singletons_stopped
+        await terminate(postgres_url, "sms-bridge leader a")
+        await until(other.check)  # b takes the role (else a would take it back)
+
+        async def stepped_down() -> bool:
+            await tick(clock)
+            return not leader.leading
+
+        await until(stepped_down)
+        await tick(clock)
+        assert not leader.singletons_stopped  # the step still runs
+        release.set()
+        await until(lambda: _true(leader.singletons_stopped))
+    finally:
+        release.set()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await other.resign()
 
 
 async def test_an_alert_ingested_on_one_instance_is_sent_by_another_at_once(

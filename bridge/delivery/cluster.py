@@ -58,11 +58,18 @@ class Leader:
         self.clock = clock
         self.interval = interval
         self.leading = False  # read by /metrics and by the dispatcher's takeovers
+        self._running: list[asyncio.Task[None]] = []
+
+    @property
+    def singletons_stopped(self) -> bool:
+        """No singleton runs. `leading` drops the moment the role is lost; a step under
+        way then still ends (and may make its request) before this says so."""
+        return all(task.done() for task in self._running)
 
     async def run(self, stop: asyncio.Event, singletons: Sequence[tuple[str, Loop]]) -> None:
         """Until `stop`: check every `interval`; start `singletons` on taking the role,
         stop them (and wait for their step to end) on losing it; resign at the end."""
-        running: list[asyncio.Task[None]] = []
+        running = self._running = []
         halt = asyncio.Event()
         said_standby = False
         try:
@@ -76,6 +83,7 @@ class Leader:
                     log.warning("leader: this instance (%s) leads: %s", self.name, SINGLETONS)
                     halt = asyncio.Event()
                     running = [asyncio.create_task(run(halt), name=n) for n, run in singletons]
+                    self._running = running
                     self._set(True)
                     self.on_lead()
                 elif self.leading and not leading:
