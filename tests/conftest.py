@@ -62,8 +62,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     The tests that skip where a tool is missing (Postfix, Chromium, systemd-analyze, the
     shared corpus) are exactly the ones CI installs what they need for; a skip there means
     CI's setup broke, and a green run would hide it.
+
+    Under pytest-xdist this hook runs in every worker and in the controller: only the
+    controller decides, since only its exit status is the run's (a worker's is dropped)
+    and its reporter holds every worker's reports, collection skips included.
     """
-    if os.environ.get("SMS_BRIDGE_NO_SKIPS") != "1":
+    if os.environ.get("SMS_BRIDGE_NO_SKIPS") != "1" or hasattr(session.config, "workerinput"):
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = reporter.stats.get("skipped", []) if reporter is not None else []

@@ -524,7 +524,9 @@ async def test_healthz_stays_fast_while_a_1000_deep_mail_is_parsed(
     # Parsed on the loop, this mail holds it for 1.3-2.6 s; off the loop a probe waits only
     # for GIL turns (5 ms each), which a loaded 2-core machine stretches: 0.6 s tells both.
     assert slowest < 0.6, f"/healthz took {slowest:.2f}s while the mail was parsed"
-    assert probes >= 5, "the mail was handled too fast to measure anything"
+    # 10-50 probes alone or beside other test workers; as few as 4 on a machine starved
+    # by other work. 3 still means probes ran while the mail was in the parse thread.
+    assert probes >= 3, "the mail was handled too fast to measure anything"
     assert code == 250 and b"read in part" in text, text
 
 
