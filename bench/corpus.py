@@ -35,10 +35,10 @@ import httpx
 
 RCPT = "+12025550143@sms.localhost"
 FALLBACK_SENDER = "replay@example.org"
-AM_TOKEN = "replay-am-token"
-GRAFANA_SECRET = "replay-grafana"
-GITHUB_SECRET = "replay-github"
-GITLAB_TOKEN = "replay-gitlab"
+AM_TOKEN = "replay-am-token-0123"
+GRAFANA_SECRET = "replay-grafana-0123"
+GITHUB_SECRET = "replay-github-01234"
+GITLAB_TOKEN = "replay-gitlab-01234"
 ROUTES = f"""
 [dedupe]
 window = 0
