@@ -18,6 +18,7 @@ from bridge.delivery.cluster import Leader
 from bridge.delivery.dispatcher import IDLE_WAIT, LEASE_SLACK
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
+from bridge.provider.sandbox.faults import Fault
 from bridge.store.postgres.store import PostgresStore
 from tests import helpers
 from tests.helpers import bridge_config, pump, running_bridge
@@ -88,3 +89,37 @@ async def test_taking_the_lead_wakes_the_dispatcher(postgres_url: str, clock: Ma
         stop.set()
         await task
         await store.close()
+
+
+@pytest.mark.usefixtures("on_postgresql")
+async def test_a_send_in_flight_past_its_lease_is_not_taken_over(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A provider call that outlasts the lease (here 3 real seconds while the clock
+    moves three leases on) keeps its claim: renewed while in flight, so another
+    instance's sweep finds nothing to take over, and the text goes once."""
+    config = bridge_config(tmp_path, sandbox_url, extra=f'[cluster]\nlease = "{LEASE:g}s"\n')
+    async with running_bridge(config, clock) as (bridge, url):
+        async with httpx.AsyncClient() as http:
+            response = await http.post(
+                f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "pdu overload"}
+            )
+        [mid] = response.json()["ids"]
+        sandbox_state.faults.append(Fault(status=0, delay=3.0, path="/send"))
+        sending = asyncio.create_task(bridge.dispatcher.run_once())
+        for _ in range(100):  # claimed, and its call under way at the sandbox
+            if (await bridge.store.get(mid)).state == State.SENDING:
+                break
+            await asyncio.sleep(0.02)
+        for _ in range(6):  # three leases pass while the call is in flight
+            clock.advance(LEASE / 2)
+            await asyncio.sleep(0.1)  # the renewal's UPDATE reaches the database
+        assert not sending.done()
+        now = clock.now()
+        taken = await bridge.store.unsettled(now, owner="other", lease_until=now + LEASE)
+        assert taken == []
+        await sending
+        assert (await bridge.store.get(mid)).state == State.SENT
+        assert [r.path for r in sandbox_state.requests if r.path.endswith("/send")] == [
+            "/api/v1/send"
+        ]

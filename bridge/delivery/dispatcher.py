@@ -15,9 +15,10 @@ cannot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from bridge.clock import Clock, zone
 from bridge.config import ProviderConfig
@@ -30,6 +31,7 @@ from bridge.errors import (
     ProviderAuthError,
     ProviderError,
     RateLimitedError,
+    StoreUnavailable,
     TransientSendError,
 )
 from bridge.health import ProviderHealth
@@ -38,6 +40,7 @@ from bridge.models import Message, State
 from bridge.policy.budgets import BudgetGuard, Cap, day_bounds
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
+from bridge.provider.responses import SendResult
 from bridge.schedule import for_provider
 from bridge.store import Store
 from bridge.store.api import DEFAULT_LEASE, instance_name
@@ -291,27 +294,53 @@ class Dispatcher:
             await self.limiter.sync()  # the caller's next wait_time says how long
             return
         self.limiter.booked(now, "send")
-        first = batch[0]
         try:
-            if len(batch) == 1:
-                result = await self.client.send(
-                    first.recipient,
-                    first.text,
-                    sender_id=first.sender_id,
-                    message_type=first.message_type,
-                    schedule_time=for_provider(first.schedule_time, now=now, tz=self.tz),
-                )
-            else:
-                result = await self.client.send_bulk(
-                    [m.recipient for m in batch],
-                    first.text,
-                    sender_id=first.sender_id,
-                    message_type=first.message_type,
-                )
+            async with self._held([m.id for m in batch]):
+                result = await self._call(batch, now)
         except (PermanentSendError, ProviderAuthError, TransientSendError) as exc:
             await self.outcomes.failed(batch, exc)
         else:
             await self.outcomes.succeeded(batch, result)
+
+    async def _call(self, batch: list[Message], now: float) -> SendResult:
+        """One /send or /send-bulk for `batch` (one text)."""
+        first = batch[0]
+        if len(batch) == 1:
+            return await self.client.send(
+                first.recipient,
+                first.text,
+                sender_id=first.sender_id,
+                message_type=first.message_type,
+                schedule_time=for_provider(first.schedule_time, now=now, tz=self.tz),
+            )
+        return await self.client.send_bulk(
+            [m.recipient for m in batch],
+            first.text,
+            sender_id=first.sender_id,
+            message_type=first.message_type,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _held(self, ids: list[int]) -> AsyncIterator[None]:
+        """Claims renewed every third of the lease while their call is in flight. Another
+        instance takes a claim over once its lease has passed and checks /logs before
+        sending again; a call outlasting the lease (provider.timeout 10 s plus connect
+        5 s, against a cluster.lease that may be 5 s) would be checked before the
+        provider logged it, and the text sent twice."""
+        renewing = asyncio.create_task(self._renew(ids))
+        try:
+            yield
+        finally:
+            renewing.cancel()
+
+    async def _renew(self, ids: list[int]) -> None:
+        while True:
+            await self.clock.sleep(self.lease / 3)
+            try:
+                until = self.clock.now() + self.lease
+                await self.store.renew(ids, owner=self.owner, lease_until=until)
+            except StoreUnavailable as exc:  # the call goes on; the lease may run out
+                log.warning("claims of a send in flight not renewed: %s", exc)
 
     async def _probe(self) -> bool:
         """While the key is refused, one cheap /balance now and then tells when it works."""

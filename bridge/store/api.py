@@ -157,6 +157,12 @@ class DeliveryOperations(Protocol):
         transaction). One process (SQLite): every message in `sending`."""
         ...
 
+    async def renew(self, ids: Sequence[int], *, owner: str, lease_until: float) -> None:
+        """Those of `ids` that `owner` still holds in `sending` are held until
+        `lease_until`: a provider call that outlasts the lease must not be taken over
+        and resent while it is in flight. One process (SQLite): nothing to do."""
+        ...
+
     async def next_lease_expiry(self, owner: str) -> float | None:
         """When the first claim of another owner runs out, so an idle instance wakes to
         take it over then (a dead instance tells no one). None: no such claim (SQLite:

@@ -82,6 +82,15 @@ class DeliveryOps(Base):
                 await insert_booking(conn, now, request_kind)
         return [i for i in ids if i in claimed]
 
+    async def renew(self, ids: Sequence[int], *, owner: str, lease_until: float) -> None:
+        await self._execute(
+            "UPDATE messages SET lease_until = $3"
+            " WHERE id = ANY($1::bigint[]) AND claimed_by = $2 AND state = 'sending'",
+            list(ids),
+            owner,
+            lease_until,
+        )
+
     async def next_lease_expiry(self, owner: str) -> float | None:
         found = await self._fetchval(
             "SELECT min(lease_until) FROM messages"

@@ -49,6 +49,9 @@ class DeliveryOperations(EngineBound):
             ).fetchone()[0]
         )
 
+    async def renew(self, ids: Sequence[int], *, owner: str, lease_until: float) -> None:
+        del ids, owner, lease_until  # one process: no one else takes a claim over
+
     async def next_lease_expiry(self, owner: str) -> float | None:
         return None  # one process: every claim is this one's
 
