@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -35,17 +38,29 @@ def on_postgresql(postgres_url: str) -> Iterator[None]:
         helpers.STORE_URL["url"] = ""
 
 
+def _leased_bridge(
+    tmp_path: Path, clock: ManualClock, sandbox_url: str
+) -> AbstractAsyncContextManager[Any]:
+    """A bridge whose claims hold for LEASE."""
+    config = bridge_config(tmp_path, sandbox_url, extra=f'[cluster]\nlease = "{LEASE:g}s"\n')
+    return running_bridge(config, clock)
+
+
+async def _post(url: str, text: str) -> int:
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+12025550143", "message": text}
+        )
+    [mid] = response.json()["ids"]
+    return int(mid)
+
+
 @pytest.mark.usefixtures("on_postgresql")
 async def test_an_idle_dispatcher_wakes_when_a_dead_instances_lease_runs_out(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
-    config = bridge_config(tmp_path, sandbox_url, extra=f'[cluster]\nlease = "{LEASE:g}s"\n')
-    async with running_bridge(config, clock) as (bridge, url):
-        async with httpx.AsyncClient() as http:
-            response = await http.post(
-                f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "ups on battery"}
-            )
-        [mid] = response.json()["ids"]
+    async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
+        mid = await _post(url, "ups on battery")
         # Another instance claimed it and died before sending: its lease is all that is left.
         now = clock.now()
         assert await bridge.store.claim([mid], now, owner="dead", lease_until=now + LEASE) == [mid]
@@ -98,13 +113,8 @@ async def test_a_send_in_flight_past_its_lease_is_not_taken_over(
     """A provider call that outlasts the lease (here 3 real seconds while the clock
     moves three leases on) keeps its claim: renewed while in flight, so another
     instance's sweep finds nothing to take over, and the text goes once."""
-    config = bridge_config(tmp_path, sandbox_url, extra=f'[cluster]\nlease = "{LEASE:g}s"\n')
-    async with running_bridge(config, clock) as (bridge, url):
-        async with httpx.AsyncClient() as http:
-            response = await http.post(
-                f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "pdu overload"}
-            )
-        [mid] = response.json()["ids"]
+    async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
+        mid = await _post(url, "pdu overload")
         sandbox_state.faults.append(Fault(status=0, delay=3.0, path="/send"))
         sending = asyncio.create_task(bridge.dispatcher.run_once())
         for _ in range(100):  # claimed, and its call under way at the sandbox
