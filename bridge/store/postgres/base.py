@@ -88,6 +88,11 @@ class Base:
         async with self.db.connection() as conn:
             return await conn.fetchval(sql, *args)
 
+    async def _time(self, sql: str, *args: Any) -> float | None:
+        """One time (a `min(...)` over messages), None when no row has one."""
+        found = await self._fetchval(sql, *args)
+        return None if found is None else float(found)
+
     async def _execute(self, sql: str, *args: Any) -> None:
         async with self._write() as conn:
             await conn.execute(sql, *args)

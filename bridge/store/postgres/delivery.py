@@ -34,18 +34,14 @@ class DeliveryOps(Base):
         )
 
     async def next_due_at(self) -> float | None:
-        found = await self._fetchval(
-            "SELECT min(next_attempt_at) FROM messages WHERE state = 'queued'"
-        )
-        return None if found is None else float(found)
+        return await self._time("SELECT min(next_attempt_at) FROM messages WHERE state = 'queued'")
 
     async def next_due_after(self, after: float) -> float | None:
-        found = await self._fetchval(
+        return await self._time(
             "SELECT min(next_attempt_at) FROM messages"
             " WHERE state = 'queued' AND next_attempt_at > $1",
             after,
         )
-        return None if found is None else float(found)
 
     async def claim(
         self,
@@ -92,12 +88,11 @@ class DeliveryOps(Base):
         )
 
     async def next_lease_expiry(self, owner: str) -> float | None:
-        found = await self._fetchval(
+        return await self._time(
             "SELECT min(lease_until) FROM messages"
             " WHERE state = 'sending' AND claimed_by IS DISTINCT FROM $1",
             owner,
         )
-        return None if found is None else float(found)
 
     async def unsettled(
         self, now: float, *, owner: str, lease_until: float, take_over: bool = True
