@@ -6,7 +6,7 @@ one by repeating a digit to a possible length (`completes`)? Asked with `re`, th
 one `fullmatch` per pattern, length and digit at each cut: ~1 ms per number, up to
 ~20 ms on a loaded machine, for +1's 25 regions of patterns. Here the patterns of one
 kind become one automaton (the metadata's regexes are plain regular expressions over
-digits, read with the `re` module's own parser), run once along the number; each state
+digits, read into trees by `bridge.digit_regex`), run once along the number; each state
 met is remembered with both answers, so a later number that shares it pays a dict
 lookup. The states are few (the metadata's patterns are prefix lists), and the memo is
 cleared past `MAX_STATES`, so no stream of numbers makes it grow without bound.
@@ -14,18 +14,12 @@ cleared past `MAX_STATES`, so no stream of numbers makes it grow without bound.
 
 from __future__ import annotations
 
-import re._constants as sre  # the parser's node kinds
-import re._parser as sre_parse  # Python's own regex parser: the same reading as `re`
 from collections.abc import Iterable, Sequence
-from typing import Any
 
-DIGITS = "0123456789"
+from bridge.digit_regex import DIGITS, Alternation, Concat, Digit, Node
+
 _NONE: frozenset[int] = frozenset()
 MAX_STATES = 20_000  # remembered states of one automaton; beyond, the memo starts over
-
-
-class Unsupported(ValueError):
-    """A pattern with something other than digits, classes, groups and repeats."""
 
 
 class _Nfa:
@@ -40,71 +34,44 @@ class _Nfa:
         self.empty.append([])
         return len(self.edges) - 1
 
-    def build(self, nodes: Iterable[tuple[Any, Any]]) -> tuple[int, int]:
+    def chain(self, nodes: Iterable[Node]) -> tuple[int, int]:
+        """(start, end) of `nodes` one after the other."""
         start = end = self.state()
-        for op, arg in nodes:
-            first, last = self._node(op, arg)
+        for node in nodes:
+            first, last = self.build(node)
             self.empty[end].append(first)
             end = last
         return start, end
 
-    def _node(self, op: Any, arg: Any) -> tuple[int, int]:
-        if op is sre.LITERAL or op is sre.IN:
+    def build(self, node: Node) -> tuple[int, int]:
+        if isinstance(node, Digit):
             start, end = self.state(), self.state()
-            allowed = _digit_set([(op, arg)] if op is sre.LITERAL else arg)
-            if allowed:
-                self.edges[start].append((allowed, end))
+            if node.allowed:
+                self.edges[start].append((node.allowed, end))
             return start, end
-        if op is sre.SUBPATTERN:
-            return self.build(arg[-1])
-        if op is sre.BRANCH:
+        if isinstance(node, Concat):
+            return self.chain(node.parts)
+        if isinstance(node, Alternation):
             start, end = self.state(), self.state()
-            for branch in arg[1]:
-                first, last = self.build(branch)
+            for option in node.options:
+                first, last = self.build(option)
                 self.empty[start].append(first)
                 self.empty[last].append(end)
             return start, end
-        if op is sre.MAX_REPEAT or op is sre.MIN_REPEAT:
-            low, high, body = arg
-            start = end = self.state()
-            for _ in range(low):
-                first, last = self.build(body)
-                self.empty[end].append(first)
-                end = last
-            if high is sre.MAXREPEAT:  # a loop: any number more
-                first, last = self.build(body)
-                self.empty[end].append(first)
-                self.empty[last].append(end)
-                return start, end
-            optional_ends = [end]
-            for _ in range(high - low):
-                first, last = self.build(body)
-                self.empty[end].append(first)
-                end = last
-                optional_ends.append(end)
-            final = self.state()
-            for e in optional_ends:
-                self.empty[e].append(final)
-            return start, final
-        raise Unsupported(f"regex node {op} is not a digit pattern")
-
-
-def _digit_set(items: Sequence[tuple[Any, Any]]) -> frozenset[str]:
-    out: set[str] = set()
-    negate = False
-    for op, arg in items:
-        if op is sre.LITERAL:
-            out.add(chr(arg))
-        elif op is sre.RANGE:
-            out.update(chr(c) for c in range(arg[0], arg[1] + 1))
-        elif op is sre.CATEGORY and arg is sre.CATEGORY_DIGIT:
-            out.update(DIGITS)
-        elif op is sre.NEGATE:
-            negate = True
-        else:
-            raise Unsupported(f"class item {op} is not a digit")
-    digits = out & set(DIGITS)
-    return frozenset(set(DIGITS) - digits if negate else digits)
+        start, end = self.chain([node.body] * node.low)  # a Repeat: its required copies
+        if node.high is None:  # a loop: any number more
+            first, last = self.build(node.body)
+            self.empty[end].append(first)
+            self.empty[last].append(end)
+            return start, end
+        final = self.state()
+        self.empty[end].append(final)
+        for _ in range(node.high - node.low):  # each optional copy may end the repeat
+            first, last = self.build(node.body)
+            self.empty[end].append(first)
+            end = last
+            self.empty[end].append(final)
+        return start, final
 
 
 class Automaton:
@@ -116,12 +83,12 @@ class Automaton:
     c))` for a digit d and a length L >= c: `bridge.ranges`' reading of "shares").
     """
 
-    def __init__(self, patterns: Iterable[tuple[str, Sequence[int]]]) -> None:
+    def __init__(self, patterns: Iterable[tuple[Node, Sequence[int]]]) -> None:
         self._nfa = _Nfa()
         self._accept: dict[int, frozenset[int]] = {}  # final NFA state -> its lengths
         starts = []
-        for pattern, lengths in patterns:
-            start, end = self._nfa.build(sre_parse.parse(pattern))
+        for tree, lengths in patterns:  # trees of `bridge.digit_regex.parse`
+            start, end = self._nfa.build(tree)
             starts.append(start)
             self._accept[end] = self._accept.get(end, frozenset()) | frozenset(lengths)
         self._finals = frozenset(self._accept)

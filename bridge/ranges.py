@@ -16,16 +16,27 @@ classic). Patterns are deduplicated per calling code (the 25 NANP regions share 
 and each kind's become one automaton over digits (`bridge.digits`), run once along the
 number: a request naming 100 new unknown numbers cost ~2.3 s of event loop on a loaded
 machine when each cut asked `re` once per pattern, length and digit (BENCHMARKS.md).
+
+A pattern the automata cannot hold (a construct outside `bridge.digit_regex`'s subset,
+which a future phonenumbers release could ship: the dependency is not pinned) is read
+with `re` as before them, alone, next to its kind's automaton (`_Kind`); one warning per
+calling code says so.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import re
+from collections.abc import Sequence
 
 import phonenumbers
 from phonenumbers import PhoneMetadata
 
+from bridge.digit_regex import DIGITS, Unsupported, parse
 from bridge.digits import Automaton
+
+log = logging.getLogger(__name__)
 
 COSTLY_KINDS = {
     "premium_rate": "a premium-rate number",
@@ -57,10 +68,78 @@ def kind_patterns(country_code: int) -> dict[str, list[tuple[str, tuple[int, ...
     return out
 
 
-@functools.lru_cache(maxsize=256)
-def _automata(country_code: int) -> dict[str, Automaton]:
+class _Kind:
+    """One kind's patterns: those the automaton holds, and the few it cannot, asked with
+    `re.fullmatch` per cut, length and digit: the reading the automata replaced.
+
+    Why `re` and not a refusal: the answer is then the same one the automata would give
+    (the test's oracle is this very reading), so a metadata release with a new construct
+    neither refuses every unknown number of the calling code (alerts to on-call phones in
+    new ranges would be lost) nor lets its premium ranges through (toll fraud). Its cost
+    is the old one (~0.3 ms a pattern for a 15-digit number), paid for those patterns
+    only, and once per number: `costly_range` is cached.
+    """
+
+    def __init__(
+        self,
+        automaton: Automaton,
+        patterns: Sequence[tuple[str, tuple[int, ...]]],
+    ) -> None:
+        self._automaton = automaton
+        self._patterns: list[tuple[re.Pattern[str], tuple[int, ...]]] = []
+        for pattern, lengths in patterns:
+            try:
+                self._patterns.append((re.compile(pattern), lengths))
+            except re.error as exc:  # phonenumbers could not use it either: it matches nothing
+                log.warning(
+                    "phone metadata pattern %.60r is not a regex (%s): ignored", pattern, exc
+                )
+
+    def _whole(self, prefix: str) -> bool:
+        return any(len(prefix) in ls and rx.fullmatch(prefix) for rx, ls in self._patterns)
+
+    def _completes(self, prefix: str) -> bool:
+        return any(
+            rx.fullmatch(prefix + digit * (n - len(prefix)))
+            for rx, ls in self._patterns
+            for n in ls
+            if n >= len(prefix)
+            for digit in DIGITS
+        )
+
+    def answers(self, number: str) -> list[tuple[bool, bool]]:
+        """(whole, completes) for `number[:c]`, c from 0 to len(number): see Automaton."""
+        fast = self._automaton.answers(number)
+        if not self._patterns:
+            return fast
+        return [
+            (whole or self._whole(number[:cut]), completes or self._completes(number[:cut]))
+            for cut, (whole, completes) in enumerate(fast)
+        ]
+
+
+@functools.lru_cache(maxsize=256)  # more than the 215 calling codes: one warning each
+def _automata(country_code: int) -> dict[str, _Kind]:
     """One automaton per kind, built at the calling code's first use."""
-    return {kind: Automaton(found) for kind, found in kind_patterns(country_code).items()}
+    kinds, unread = {}, []
+    for kind, found in kind_patterns(country_code).items():
+        trees, by_re = [], []
+        for pattern, lengths in found:
+            try:
+                trees.append((parse(pattern), lengths))
+            except Unsupported as exc:
+                by_re.append((pattern, lengths))
+                unread.append(f"{kind}: {exc}")
+        kinds[kind] = _Kind(Automaton(trees), by_re)
+    if unread:
+        log.warning(
+            "phone metadata for +%d: %d pattern(s) read with re, not as automata (range"
+            " checks of its unknown numbers are slower); first: %s",
+            country_code,
+            len(unread),
+            unread[0],
+        )
+    return kinds
 
 
 @functools.lru_cache(maxsize=4096)
