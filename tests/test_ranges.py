@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import cProfile
+import logging
 import pstats
 import random
 import re
+from collections.abc import Iterator
 
 import httpx
 import phonenumbers
 import pytest
+from phonenumbers import PhoneMetadata
 
+from bridge import phone, ranges
 from bridge.clock import ManualClock
+from bridge.digit_regex import Unsupported, parse
 from bridge.errors import InputError
-from bridge.firewall import Firewall
+from bridge.firewall import Firewall, refusal
 from bridge.ranges import COSTLY_KINDS, OTHER_KINDS, costly_range, kind_patterns
 from tests.helpers import bridge_config, running_bridge
 
@@ -125,3 +130,97 @@ async def test_a_request_of_100_new_unknown_numbers_is_served_and_costly_ones_re
     assert ok.status_code == 202 and len(ok.json()["ids"]) == 100
     assert premium.status_code == 400
     assert "in the range of a premium-rate number" in premium.json()["error"]
+
+
+# -- a pattern our reader cannot hold: read with `re`, never a 500 ----------------------------
+def _forget_the_metadata() -> None:
+    """Empty every cache that holds a reading of the phone metadata."""
+    costly_range.cache_clear()
+    ranges._automata.cache_clear()
+    refusal.cache_clear()
+    phone._facts.clear()
+
+
+@pytest.fixture
+def forgetful() -> Iterator[None]:
+    _forget_the_metadata()
+    yield
+    _forget_the_metadata()  # before monkeypatch restores the metadata: nothing reads between
+
+
+def test_patterns_read_with_re_answer_as_the_automata_would(
+    monkeypatch: pytest.MonkeyPatch, forgetful: None
+) -> None:
+    """Half the patterns (of every kind, every code) made unreadable: each kind then mixes
+    its automaton with `re`, and the answers are still the patterns' own."""
+
+    def half(pattern: str) -> object:
+        if len(pattern) % 2:
+            raise Unsupported("shaped by the test")
+        return parse(pattern)
+
+    monkeypatch.setattr(ranges, "parse", half)
+    rng = random.Random(6)
+    cases = [(code, str(rng.randint(10**14, 10**15))[: rng.randint(4, 13)]) for code in CODES]
+    cases += [(49, "90012345678"), (44, "7012345678"), (1, "9005550123"), (39, "8991234567")]
+    found = [(code, n, costly_range(code, n)) for code, n in cases]
+    assert [f for f in found if f[2] != reference(f[0], f[1])] == []
+    assert sum(1 for f in found if f[2]) >= 4
+
+
+def test_a_pattern_that_is_no_regex_matches_nothing_and_raises_nothing(
+    monkeypatch: pytest.MonkeyPatch, forgetful: None
+) -> None:
+    real = ranges.kind_patterns
+
+    def with_a_broken_one(code: int) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+        found = real(code)
+        found["premium_rate"] = [("(?=9", (11,)), *found["premium_rate"]]
+        return found
+
+    monkeypatch.setattr(ranges, "kind_patterns", with_a_broken_one)
+    assert costly_range(49, "90012345678") == "a premium-rate number"  # the other patterns
+    assert costly_range(49, "30123456789") is None
+
+
+@pytest.fixture
+def lookahead_in_german_premium(monkeypatch: pytest.MonkeyPatch, forgetful: None) -> str:
+    """Germany's premium-rate pattern behind a lookahead that changes no number: as a
+    phonenumbers release might ship it (the library itself reads it with `re`)."""
+    desc = PhoneMetadata.metadata_for_region("DE").premium_rate
+    pattern = f"(?=[19])(?:{desc.national_number_pattern})"
+    monkeypatch.setattr(desc, "_mutable", True)  # the library's objects refuse setattr
+    monkeypatch.setattr(desc, "national_number_pattern", pattern)
+    with pytest.raises(Unsupported, match="lookahead"):
+        parse(pattern)
+    return pattern
+
+
+async def test_a_calling_code_with_an_unreadable_pattern_is_still_checked_over_http(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_url: str,
+    lookahead_in_german_premium: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rng, ordinary = random.Random(8), []
+    while len(ordinary) < 20:
+        e164 = f"+49{rng.randint(10**9, 10**10 - 1)}"
+        number = phonenumbers.parse(e164, None)
+        if phonenumbers.is_possible_number(number) and not phonenumbers.is_valid_number(number):
+            national = phonenumbers.national_significant_number(number)
+            if reference(49, national) is None:
+                ordinary.append(e164)
+    config = bridge_config(tmp_path, sandbox_url, "[dedupe]\nwindow = 0\n")
+    caplog.set_level(logging.WARNING, logger="bridge.ranges")
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        endpoint = f"{url}/api/v1/messages"
+        premium = await http.post(endpoint, json={"to": ["+4990012345678"], "message": "x"})
+        ok = await http.post(endpoint, json={"to": ordinary, "message": "x"})
+        again = await http.post(endpoint, json={"to": ["+4990012345679"], "message": "x"})
+    assert premium.status_code == 400, premium.text
+    assert "in the range of a premium-rate number" in premium.json()["error"]
+    assert ok.status_code == 202 and len(ok.json()["ids"]) == 20
+    assert again.status_code == 400
+    warnings = [r.getMessage() for r in caplog.records if r.name == "bridge.ranges"]
+    assert len(warnings) == 1 and "+49" in warnings[0] and "lookahead" in warnings[0]
