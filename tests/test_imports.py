@@ -24,6 +24,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "core": (
         *("bridge", "errors", "clock", "models", "config", "firewall", "phone", "text"),
         *("pricing", "templates", "health", "loops", "schedule", "sockets", "ranges", "digits"),
+        "digit_regex",
     ),
     "store": ("store",),
     "policy": ("policy",),
@@ -320,3 +321,50 @@ def test_the_rules_see_a_backend_leak() -> None:
     ]
     assert "bridge.store.sqlite" in _modules() and "bridge.store.sqlite" not in CALLER_VIEW
     assert _annotations(leak) == [(3, "Database"), (3, "None")]
+
+
+# CPython's regex internals: private, renamed in 3.11 (sre_parse -> re._parser) and their
+# node kinds changed between versions. The phone patterns are read by bridge.digit_regex.
+PRIVATE_REGEX = ("re._", "sre_parse", "sre_compile", "sre_constants")
+
+
+def _private_regex_uses(tree: ast.AST) -> list[str]:
+    """Imports of the regex internals, `re._x` attribute uses, and their names as text
+    (importlib.import_module("re._parser"))."""
+    names = _all_imports(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            names.append(f"{node.value.id}.{node.attr}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.append(node.value)
+    return [name for name in names if name.startswith(PRIVATE_REGEX)]
+
+
+def test_no_module_uses_python_private_regex_parser() -> None:
+    offending = sorted(
+        f"{name}: {use}"
+        for name, path in _modules().items()
+        for use in _private_regex_uses(ast.parse(path.read_text(encoding="utf-8")))
+    )
+    assert offending == []
+
+
+def test_the_rule_sees_each_way_to_reach_the_regex_parser() -> None:
+    uses = _private_regex_uses(
+        ast.parse(
+            "import re._parser as sre_parse\n"
+            "from re import _constants\n"
+            "import sre_parse\n"
+            "import re\n"
+            "re._parser.parse('9')\n"
+            "importlib.import_module('re._compiler')\n"
+            "re.compile('9')\n"
+        )
+    )
+    assert sorted(uses) == [
+        "re._compiler",
+        "re._constants",
+        "re._parser",
+        "re._parser",
+        "sre_parse",
+    ]
