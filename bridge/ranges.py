@@ -76,8 +76,8 @@ class _Kind:
     (the test's oracle is this very reading), so a metadata release with a new construct
     neither refuses every unknown number of the calling code (alerts to on-call phones in
     new ranges would be lost) nor lets its premium ranges through (toll fraud). Its cost
-    is the old one (~0.3 ms a pattern for a 15-digit number), paid for those patterns
-    only, and once per number: `costly_range` is cached.
+    is the old one (0.1-0.6 ms a pattern for a 15-digit number, by its possible lengths),
+    paid for those patterns only, and once per number: `costly_range` is cached.
     """
 
     def __init__(
@@ -120,7 +120,8 @@ class _Kind:
 
 @functools.lru_cache(maxsize=256)  # more than the 215 calling codes: one warning each
 def _automata(country_code: int) -> dict[str, _Kind]:
-    """One automaton per kind, built at the calling code's first use."""
+    """Each kind's reader (its automaton, and `re` for what that cannot hold), built at
+    the calling code's first use."""
     kinds, unread = {}, []
     for kind, found in kind_patterns(country_code).items():
         trees, by_re = [], []
