@@ -200,7 +200,7 @@ async def sent_awaiting_status(store: PostgresStore, now: float) -> None:
     """A text sent by an instance gone since, waiting for its delivery state."""
     [sent] = await seed(store, [MESSAGE._replace(text="sent")], now - 100)
     await store.claim([sent], now - 100, owner="gone", lease_until=now - 70)
-    await store.mark_sent([(sent, "p-1", 0.05)], now - 100)
+    await store.mark_sent([(sent, "p-1", 0.05)], now - 100, owner="gone")
 
 
 async def leader_metric(bridge: Bridge) -> float:
