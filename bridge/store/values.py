@@ -102,12 +102,13 @@ class Pause(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """A message held by storm control, as a digest counts it."""
+    """A message held by storm control, as a digest counts (and attributes) it."""
 
     id: int
     topic: str | None
     text: str
     instance: str | None
+    token: str | None = None  # the [tokens.NAME] that sent it: the digest may carry it
 
 
 @dataclass(frozen=True, slots=True)
