@@ -108,6 +108,35 @@ async def test_a_dead_instances_messages_are_taken_over_after_its_lease(
     assert [m.id for m in await b.unsettled(63.0, owner="b", lease_until=93.0)] == ids
 
 
+async def test_a_send_after_the_claim_was_taken_over_leaves_the_takers_row(
+    instances: list[PostgresStore],
+) -> None:
+    """a's lease lapsed (frozen, or its clock behind) while the provider held its call:
+    b took the message over. a's answer then arrives: b's claim, and what b records
+    after it, stand; a's send is an event on the message, not a second outcome."""
+    a, b, _ = instances
+    mid, other = await seed(a, [MESSAGE] * 2, 1.0)
+    assert await a.claim([mid, other], 2.0, owner="a", lease_until=32.0) == [mid, other]
+    assert [m.id for m in await b.unsettled(40.0, owner="b", lease_until=70.0)] == [mid, other]
+    assert await a.mark_sent([(mid, "p-a", 0.1)], 41.0, owner="a") == [mid]
+    assert (await b.get(mid)).state == State.SENDING  # still b's to settle
+    assert [m.id for m in await b.unsettled(42.0, owner="b", lease_until=72.0)] == [mid, other]
+    # b settles both (its /logs shows its own send, or a's: either way b's record holds).
+    assert await b.mark_sent([(mid, "p-b", 0.2), (other, "p-c", 0.2)], 43.0, owner="b") == []
+    await b.finish([(other, State.DELIVERED, None)], 44.0)
+    assert await a.mark_sent([(other, "p-a2", 0.1)], 45.0, owner="a") == [other]
+    got = [await b.get(i) for i in (mid, other)]
+    assert [(m.state, m.provider_message_id, m.cost) for m in got] == [
+        (State.SENT, "p-b", 0.2),
+        (State.DELIVERED, "p-c", 0.2),
+    ]
+    assert [(e["state"], e["detail"]) for e in (await b.events(mid))[1:]] == [
+        ("sending", None),
+        ("sending", "sent also by a after its claim was taken over: provider id p-a"),
+        ("sent", None),
+    ]
+
+
 async def test_instances_together_never_book_past_the_limit(
     instances: list[PostgresStore],
 ) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ import pytest
 from bridge.app import build
 from bridge.clock import ManualClock
 from bridge.config import load_config
-from bridge.delivery.cluster import Leader
+from bridge.delivery.cluster import SINGLETONS, Leader
 from bridge.models import NewMessage, State
 from bridge.policy.shaping import Draft
 from bridge.service import Bridge
@@ -200,7 +201,7 @@ async def sent_awaiting_status(store: PostgresStore, now: float) -> None:
     """A text sent by an instance gone since, waiting for its delivery state."""
     [sent] = await seed(store, [MESSAGE._replace(text="sent")], now - 100)
     await store.claim([sent], now - 100, owner="gone", lease_until=now - 70)
-    await store.mark_sent([(sent, "p-1", 0.05)], now - 100)
+    await store.mark_sent([(sent, "p-1", 0.05)], now - 100, owner="gone")
 
 
 async def leader_metric(bridge: Bridge) -> float:
@@ -270,6 +271,56 @@ async def test_only_the_leader_polls_and_another_takes_over_when_it_stops(
 
             await until(b_leads, seconds=10.0)
             await until(lambda: _true(logs_requests(b) > 0))
+
+
+def leader_lines(caplog: pytest.LogCaptureFixture, name: str) -> list[tuple[str, str]]:
+    """What instance `name` said about the role, in order: (level, message)."""
+    return [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.getMessage().startswith("leader:") and f"({name})" in r.getMessage()
+    ]
+
+
+async def test_the_log_says_who_leads_once_per_change(
+    tmp_path: Path, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The leader's session ends (here cut server-side) and, nobody else trying at that
+    moment, the same instance takes the role again on a new session: it says it lost
+    the role and that it leads again, once each; confirmations say nothing."""
+    caplog.set_level(logging.INFO, logger="bridge")
+    leads = "leader: this instance ({}) leads: " + SINGLETONS
+    async with (
+        instance(tmp_path, postgres_url, "a") as (a, clock_a, _),
+        instance(tmp_path, postgres_url, "b") as (b, clock_b, _),
+    ):
+        await until(lambda: _true(a.leader.leading or b.leader.leading))
+        first, first_clock, second = (a, clock_a, b) if a.leader.leading else (b, clock_b, a)
+        one, other = first.leader.name, second.leader.name
+        for _ in range(4):  # confirmations on both sides
+            await tick(clock_a, clock_b)
+        assert leader_lines(caplog, one) == [("INFO", leads.format(one))]
+        await terminate(postgres_url, f"sms-bridge leader {one}")
+        await asyncio.sleep(0.5)  # the client has seen its session end
+        # Only the leader's clock moves: it finds the lock free and takes it again.
+        expected = [
+            ("INFO", leads.format(one)),
+            ("WARNING", f"leader: this instance ({one}) no longer leads"),
+            ("INFO", leads.format(one)),
+        ]
+
+        async def led_again() -> bool:
+            await tick(first_clock)
+            return len(leader_lines(caplog, one)) >= len(expected)
+
+        await until(led_again, seconds=10.0)
+        for _ in range(4):
+            await tick(clock_a, clock_b)
+        assert first.leader.leading and not second.leader.leading
+    assert leader_lines(caplog, one) == expected
+    assert leader_lines(caplog, other) == [
+        ("INFO", f"leader: another instance leads; this one ({other}) stands by")
+    ]
 
 
 async def test_a_leader_cut_off_from_the_database_stops_its_singletons(

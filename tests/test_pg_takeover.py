@@ -8,6 +8,7 @@ loopback; time is a ManualClock, so the lease passes without sleeping.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -53,6 +54,17 @@ async def _post(url: str, text: str) -> int:
         )
     [mid] = response.json()["ids"]
     return int(mid)
+
+
+async def _in_flight(bridge: Any, mid: int) -> asyncio.Task[float]:
+    """A dispatcher step started, once message `mid` is claimed and its call under way
+    at the sandbox (whose fault holds the answer back)."""
+    sending = asyncio.create_task(bridge.dispatcher.run_once())
+    for _ in range(100):
+        if (await bridge.store.get(mid)).state == State.SENDING:
+            break
+        await asyncio.sleep(0.02)
+    return sending
 
 
 @pytest.mark.usefixtures("on_postgresql")
@@ -116,11 +128,7 @@ async def test_a_send_in_flight_past_its_lease_is_not_taken_over(
     async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
         mid = await _post(url, "pdu overload")
         sandbox_state.faults.append(Fault(status=0, delay=3.0, path="/send"))
-        sending = asyncio.create_task(bridge.dispatcher.run_once())
-        for _ in range(100):  # claimed, and its call under way at the sandbox
-            if (await bridge.store.get(mid)).state == State.SENDING:
-                break
-            await asyncio.sleep(0.02)
+        sending = await _in_flight(bridge, mid)
         for _ in range(6):  # three leases pass while the call is in flight
             clock.advance(LEASE / 2)
             await asyncio.sleep(0.1)  # the renewal's UPDATE reaches the database
@@ -133,3 +141,40 @@ async def test_a_send_in_flight_past_its_lease_is_not_taken_over(
         assert [r.path for r in sandbox_state.requests if r.path.endswith("/send")] == [
             "/api/v1/send"
         ]
+
+
+@pytest.mark.usefixtures("on_postgresql")
+async def test_a_send_answered_after_a_takeover_keeps_the_takers_record(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Renewals cannot help an instance whose lease passed anyway (frozen, or another
+    instance's clock ahead): the other takes the message over, sends it and the poller
+    sees it delivered, all while this instance's call is in flight. The late answer
+    leaves that record as it is; the message's events and the log say it went twice."""
+    async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
+        mid = await _post(url, "raid degraded")
+        sandbox_state.faults.append(Fault(status=0, delay=2.0, path="/send"))
+        sending = await _in_flight(bridge, mid)
+        ahead = clock.now() + 3 * LEASE  # the other instance's clock
+        taken = await bridge.store.unsettled(ahead, owner="other", lease_until=ahead + LEASE)
+        assert [m.id for m in taken] == [mid]
+        await bridge.store.mark_sent([(mid, "other-1", 0.05)], ahead, owner="other")
+        await bridge.store.finish([(mid, State.DELIVERED, None)], ahead + 1)
+        with caplog.at_level(logging.WARNING, logger="bridge.delivery.outcomes"):
+            await sending
+        message = await bridge.store.get(mid)
+        events = await bridge.store.events(mid)
+    assert message is not None
+    assert (message.state, message.provider_message_id) == (State.DELIVERED, "other-1")
+    [ours] = [str(e.message_id) for e in sandbox_state.entries if e.message == "raid degraded"]
+    me = bridge.dispatcher.owner
+    assert events[-1]["detail"] == (
+        f"sent also by {me} after its claim was taken over: provider id {ours}"
+    )
+    [warning] = [r for r in caplog.records if "taken over" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert f"[{mid}]" in warning.getMessage() and ours in warning.getMessage()

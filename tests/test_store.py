@@ -34,7 +34,7 @@ async def test_every_state_change_is_logged(store: Store) -> None:
     await store.claim([mid], 2.0, **OWNER)
     await store.requeue([mid], 3.0, at=10.0, reason="retrying: HTTP 500")
     await store.claim([mid], 11.0, **OWNER)
-    await store.mark_sent([(mid, "p-1", 0.5)], 12.0)
+    await store.mark_sent([(mid, "p-1", 0.5)], 12.0, owner=OWNER["owner"])
     await store.finish([(mid, State.DELIVERED, None)], 20.0)
     events = await store.events(mid)
     assert [(e["state"], e["attempts"]) for e in events] == [
@@ -54,7 +54,11 @@ async def test_every_state_change_is_logged(store: Store) -> None:
 async def test_set_based_updates_give_each_row_its_own_values(store: Store) -> None:
     ids = await seed(store, [MESSAGE] * 4, 1.0)
     assert await store.claim(list(reversed(ids)), 2.0, **OWNER) == list(reversed(ids))
-    await store.mark_sent([(ids[0], "p-0", 0.25), (ids[1], "p-1", None), (ids[2], "p-2", 1.5)], 3.0)
+    await store.mark_sent(
+        [(ids[0], "p-0", 0.25), (ids[1], "p-1", None), (ids[2], "p-2", 1.5)],
+        3.0,
+        owner=OWNER["owner"],
+    )
     await store.requeue([ids[3]], 3.0, at=9.0, reason="retrying: HTTP 503")
     await store.finish([(ids[0], State.DELIVERED, None), (ids[1], State.FAILED, "expired")], 4.0)
     got = {i: await store.get(i) for i in ids}
@@ -66,6 +70,48 @@ async def test_set_based_updates_give_each_row_its_own_values(store: Store) -> N
     ]
     assert got[ids[1]].reason == "expired" and got[ids[3]].next_attempt_at == 9.0
     assert got[ids[3]].reason == "retrying: HTTP 503" and got[ids[2]].sent_at == 3.0
+
+
+async def test_a_late_send_keeps_a_later_state_and_is_noted_on_the_message(
+    store: Store,
+) -> None:
+    """A send the provider accepted after the row moved on (another instance took the
+    claim over, sent it, the poller saw it delivered): the row keeps its state and the
+    other send's provider id, and its history says this send happened too."""
+    mine, delivered, requeued, found = await seed(store, [MESSAGE] * 4, 1.0)
+    await store.claim([mine, delivered, requeued, found], 2.0, **OWNER)
+    # What happened meanwhile (on both backends; the takeover itself is PostgreSQL's, in
+    # test_pg_cluster.py): one sent and delivered, one put back in the queue, one found
+    # in /logs with this very send's provider id ("p-found").
+    await store.mark_sent(
+        [(delivered, "p-other", 0.3), (found, "p-found", 0.1)], 3.0, owner=OWNER["owner"]
+    )
+    await store.finish([(delivered, State.DELIVERED, None)], 4.0)
+    await store.requeue([requeued], 4.0, at=9.0, reason="not in /logs: sending again")
+    late = await store.mark_sent(
+        [
+            (mine, "p-1", 0.1),
+            (delivered, "p-late", 0.1),
+            (requeued, "p-2", 0.1),
+            (found, "p-found", 0.1),
+        ],
+        5.0,
+        owner=OWNER["owner"],
+    )
+    assert late == [delivered]
+    got = {i: await store.get(i) for i in (mine, delivered, requeued, found)}
+    assert [(got[i].state, got[i].provider_message_id, got[i].cost) for i in got] == [
+        (State.SENT, "p-1", 0.1),
+        (State.DELIVERED, "p-other", 0.3),
+        (State.SENT, "p-2", 0.1),  # nobody held it: sent, not sent again
+        (State.SENT, "p-found", 0.1),
+    ]
+    last = (await store.events(delivered))[-1]
+    assert (last["state"], last["at"]) == ("delivered", 5.0)
+    assert (
+        last["detail"] == "sent also by test:1 after its claim was taken over: provider id p-late"
+    )
+    assert [e["state"] for e in await store.events(found)] == ["queued", "sending", "sent"]
 
 
 async def test_claim_only_takes_queued_messages_and_books_one_request(store: Store) -> None:
@@ -259,7 +305,9 @@ async def test_budgets_and_metrics_count_what_was_sent(store: Store) -> None:
         1.0,
     )
     await store.claim([a, b, warning], 2.0, **OWNER)
-    await store.mark_sent([(a, "p", None), (b, "q", 0.2), (warning, "w", 0.1)], 100.0)
+    await store.mark_sent(
+        [(a, "p", None), (b, "q", 0.2), (warning, "w", 0.1)], 100.0, owner=OWNER["owner"]
+    )
     spent, unpriced = await store.spent_since(50.0, "budget")
     assert spent == pytest.approx(0.5) and unpriced == []
     assert await store.used_since(50.0, "budget") == (2, 3)

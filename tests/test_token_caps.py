@@ -156,6 +156,43 @@ async def test_a_reload_adds_the_cap(
     assert len(waiting) == 1
 
 
+@on_each_backend
+async def test_a_storm_digest_counts_against_the_token_whose_texts_it_folds(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A token's storm to one phone: two texts go, the rest are held and folded into a
+    digest, which is one more of that token's texts today. A digest folding several
+    tokens' texts is nobody's (bridge.delivery.digests.digest_token)."""
+    storm = '[limits]\nper_recipient = 2\nper_recipient_window = "10m"\n'
+    config = bridge_config(tmp_path, sandbox_url, tokens(10) + storm)
+    ops = {"authorization": f"Bearer {OPS}"}
+    one, mixed = "+12025550170", "+12025550171"
+    senders = [(one, CI)] * 5 + [(mixed, t) for t in (CI, CI, OPS, CI, OPS)]
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for n, (phone, token) in enumerate(senders):
+            response = await http.post(
+                f"{url}/api/v1/messages",
+                json={"to": phone, "message": f"loop {n}"},
+                headers={"authorization": f"Bearer {token}"},
+            )
+            assert response.status_code == 202, response.text
+
+        async def settled() -> bool:
+            counts = await bridge.store.counts()
+            return not any(counts.get(s) for s in ("queued", "sending", "held"))
+
+        await pump(bridge, clock, settled, max_seconds=3600)
+        digests = (await http.get(f"{url}/api/v1/messages?source=digest", headers=ops)).json()
+        overview = (await http.get(f"{url}/ui/overview.json", headers=ops)).json()
+    assert len(digests["messages"]) == 2
+    by_phone = {m["recipient"]: m for m in digests["messages"]}
+    assert by_phone[one]["token"] == "ci" and by_phone[mixed]["token"] is None
+    assert {m["state"] for m in digests["messages"]} == {"sent"}
+    # ci today: two texts to each phone, and the digest of its own storm.
+    assert overview["today"]["caps"]["tokens"] == {"ci": {"cap": 10, "used": 5}}
+    assert len([e for e in sandbox_state.entries if e.message.startswith("+")]) == 2
+
+
 async def test_an_open_bridge_and_mail_record_no_token(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:

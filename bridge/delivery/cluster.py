@@ -11,8 +11,10 @@ one, the store's own timeout). A singleton's step that was under way when the ro
 lost finishes; each is safe to run twice (folds and takeovers are locked in the store),
 so a short overlap costs a request, never a text.
 
-One process (SQLite) always leads. The log says who leads, for people and for tests:
-"leader: this instance (NAME) leads ..." / "... no longer leads ...".
+One process (SQLite) always leads. The log says who leads, for people and for tests,
+once per change and never on a mere confirmation: "leader: this instance (NAME) leads:
+..." at INFO each time the role is taken (the first time or again), "... no longer
+leads" at WARNING each time it is lost, "another instance leads ..." once at start.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class Leader:
                 except StoreUnavailable:
                     leading = False
                 if leading and not self.leading:
-                    log.warning("leader: this instance (%s) leads: %s", self.name, SINGLETONS)
+                    log.info("leader: this instance (%s) leads: %s", self.name, SINGLETONS)
                     halt = asyncio.Event()
                     running = [asyncio.create_task(run(halt), name=n) for n, run in singletons]
                     self._running = running

@@ -41,6 +41,23 @@ def digest_text(topics: list[str], instances: list[str | None] | None = None) ->
     return text
 
 
+def digest_token(held: list[Held]) -> str | None:
+    """The API token a digest is counted against (`tokens.NAME.texts_per_day`).
+
+    Held messages that all came with one token: that token. The digest is the text
+    their storm still costs, so a looping token's storm keeps counting against its cap,
+    and waits (or fails) once the token is over it, as its own texts would.
+
+    Mixed tokens (or some with none, from mail or an open route): none. The digest
+    speaks for every sender, so no one token's cap may hold it back (the others' alerts
+    would wait with it), and giving it to the most frequent one would charge that token
+    for the others' texts. The overall caps still count it, and storm control bounds it
+    to one text per phone and window, so it cannot be a way around a token's cap.
+    """
+    tokens = {m.token for m in held}
+    return tokens.pop() if len(tokens) == 1 else None
+
+
 class DigestWorker:
     def __init__(
         self,
@@ -95,6 +112,7 @@ class DigestWorker:
                 source="digest",
                 sender_id=self.sender_id,
                 topic="digest",
+                token=digest_token(held),
             )
             # Shaped as every text is; no dedupe key: a digest is never held back as a repeat.
             return self.shaper.messages([draft])[0]._replace(dedupe_key=None)

@@ -78,7 +78,12 @@ class Dispatcher:
         self.config = config
         self.health = health
         self.wake = asyncio.Event()
+        # Who holds this dispatcher's claims, and for how long without news of it: a
+        # shared store lets another instance take over claims whose lease has passed.
+        self.owner = owner or instance_name()
+        self.lease = lease
         self.outcomes = Outcomes(
+            owner=self.owner,
             store=store,
             limiter=limiter,
             clock=clock,
@@ -91,10 +96,6 @@ class Dispatcher:
         self._prices_loaded = prices is None
         self._last_call: dict[GroupKey, float] = {}  # each text's last call, for pacing
         self._held_until = 0.0  # a text held for more recipients: wake-ups wait till then
-        # Who holds this dispatcher's claims, and for how long without news of it: a
-        # shared store lets another instance take over claims whose lease has passed.
-        self.owner = owner or instance_name()
-        self.lease = lease
         self.tz = zone(config.timezone)
         self.reconciler = Reconciler(
             store=store,

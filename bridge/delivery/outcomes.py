@@ -51,6 +51,7 @@ class Outcomes:
         self,
         *,
         store: Store,
+        owner: str,
         limiter: SlidingWindowLimiter,
         clock: Clock,
         config: ProviderConfig,
@@ -60,6 +61,7 @@ class Outcomes:
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
+        self.owner = owner  # whose claims the sends were made under (`record_sent`)
         self.limiter = limiter
         self.clock = clock
         self.config = config
@@ -75,8 +77,27 @@ class Outcomes:
         self.limiter.answered()
         self._inactive_strikes = 0
         self.health.succeeded(self.clock.now())
-        await self.store.mark_sent(_sent_rows(batch, result), self.clock.now())
+        await self.record_sent(_sent_rows(batch, result))
         await self._check_balance(result.balance)
+
+    async def record_sent(self, rows: list[tuple[int, str | None, float | None]]) -> None:
+        """What the provider accepted (a call's answer, or found in /logs), as sent.
+
+        The claims were this instance's when the call was made, but a lease that lapsed
+        meanwhile (a frozen process, a clock running behind) may have let another
+        instance take a message over, or even send it and have it delivered. The store
+        keeps that instance's row and records this send on it as an event; the log names
+        them, as a possible double send."""
+        late = await self.store.mark_sent(rows, self.clock.now(), owner=self.owner)
+        if late:
+            pids = {i: pid for i, pid, _ in rows}
+            log.warning(
+                "messages %s were also sent by this instance (%s) after their claims were"
+                " taken over (provider ids %s): possibly texted twice; not marked sent again",
+                late,
+                self.owner,
+                [pids[i] for i in late],
+            )
 
     async def failed(self, batch: list[Message], exc: ProviderError) -> None:
         """A call's error, read by its class (most specific first)."""

@@ -130,7 +130,7 @@ class Reconciler:
         self._logs_failures = 0
         if found:
             log.info("reconciled %d messages the provider had already accepted", len(found))
-            await self.store.mark_sent(found, self.clock.now())
+            await self.outcomes.record_sent(found)
         await self._not_found(matcher.remaining())
         return None
 

@@ -170,9 +170,17 @@ class DeliveryOperations(Protocol):
         ...
 
     async def mark_sent(
-        self, results: Iterable[tuple[int, str | None, float | None]], now: float
-    ) -> None:
-        """(id, provider message id, cost) -> sent at `now`; reason cleared."""
+        self, results: Iterable[tuple[int, str | None, float | None]], now: float, *, owner: str
+    ) -> list[int]:
+        """(id, provider message id, cost) -> sent at `now`, reason cleared, for the rows
+        still in `sending` under `owner`'s claim, or back in `queued` (nobody holds them:
+        the send happened, so no resend). A send the provider accepted is a fact, but a
+        row another instance took over (a lapsed lease), or already past `sending`
+        (sent, delivered, failed), is theirs: it is left as it is, and gets an event
+        (`sent_late`) naming `owner` and the provider id, unless it already carries that
+        id (the taker found this very send in /logs). The ids that got that event, in
+        the order given: possible double sends, for the caller to log. SQLite (one
+        process): every claim is `owner`'s; the state rule is the same."""
         ...
 
     async def note_unknown(self, ids: Sequence[int], reason: str, kind: str) -> None:

@@ -102,12 +102,13 @@ class Pause(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """A message held by storm control, as a digest counts it."""
+    """A message held by storm control, as a digest counts (and attributes) it."""
 
     id: int
     topic: str | None
     text: str
     instance: str | None
+    token: str | None = None  # the [tokens.NAME] that sent it: the digest may carry it
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,3 +138,13 @@ DEFAULT_LEASE = 30.0  # seconds a claim holds before another instance may take i
 def instance_name() -> str:
     """This process as an owner of claims: host name and pid (`cluster.instance` = "")."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def sent_late(owner: str, provider_id: str | None) -> str:
+    """The event `mark_sent` writes for a send the provider accepted on a row `owner` no
+    longer held (both backends say it alike): a possible double send, in the message's
+    history for the operator."""
+    return (
+        f"sent also by {owner} after its claim was taken over:"
+        f" provider id {provider_id or 'none given'}"
+    )

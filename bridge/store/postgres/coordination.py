@@ -85,11 +85,20 @@ class AdvisoryLeadership:
         self._busy = asyncio.Lock()  # one statement at a time: checks and keepalives
 
     async def check(self) -> bool:
+        """One try or confirmation. A leader whose session ended since the last check
+        (the server ended it, the connection dropped) answers False even if the lock is
+        free to take again at once: the role was lost, another instance may have led
+        meanwhile, so its singletons must stop (and the log say so) before it leads
+        again, at the next check, on a new session."""
         try:
             async with self._busy:
+                was_leading = self.leading
                 conn = await self._connection()
-                query = HOLDS_LOCK if self.leading else TRY_LOCK
-                held = bool(await conn.fetchval(query, *self.key, timeout=CHECK_TIMEOUT))
+                if was_leading and not self.leading:
+                    held = False  # a new session: the old one took the lock with it
+                else:
+                    query = HOLDS_LOCK if self.leading else TRY_LOCK
+                    held = bool(await conn.fetchval(query, *self.key, timeout=CHECK_TIMEOUT))
         except StoreUnavailable as exc:
             log.debug("leadership check failed: %s", exc)
             held = False

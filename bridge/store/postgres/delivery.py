@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from bridge.models import Message, State
 from bridge.store.postgres.base import Base
 from bridge.store.postgres.rate import book, insert_booking, wait_locked
+from bridge.store.values import sent_late
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
 RETRIED_KINDS = "('unknown', 'provider-error')"  # a new attempt: what an earlier outcome was
@@ -115,19 +116,47 @@ class DeliveryOps(Base):
         return sorted((Message.from_row(r) for r in rows), key=lambda m: m.id)
 
     async def mark_sent(
-        self, results: Iterable[tuple[int, str | None, float | None]], now: float
-    ) -> None:
+        self, results: Iterable[tuple[int, str | None, float | None]], now: float, *, owner: str
+    ) -> list[int]:
         rows = list(results)
-        await self._execute(
-            "UPDATE messages m SET state = 'sent', provider_message_id = r.pid, cost = r.cost,"
-            " sent_at = $4, updated_at = $4, reason = NULL"
-            " FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS r(id, pid, cost)"
-            " WHERE m.id = r.id",
-            [r[0] for r in rows],
-            [r[1] for r in rows],
-            [r[2] for r in rows],
-            now,
-        )
+        ids, pids = [r[0] for r in rows], [r[1] for r in rows]
+        async with self._write() as conn:
+            # Row locks order this against a takeover (`unsettled`) or a claim: whichever
+            # commits first, the other sees its result (READ COMMITTED re-checks the row).
+            marked = {
+                int(r[0])
+                for r in await conn.fetch(
+                    "UPDATE messages m SET state = 'sent', provider_message_id = r.pid,"
+                    " cost = r.cost, sent_at = $4, updated_at = $4, reason = NULL"
+                    " FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS r(id, pid, cost)"
+                    " WHERE m.id = r.id AND (m.state = 'queued'"
+                    " OR (m.state = 'sending' AND m.claimed_by = $5)) RETURNING m.id",
+                    ids,
+                    pids,
+                    [r[2] for r in rows],
+                    now,
+                    owner,
+                )
+            }
+            late = [(i, p) for i, p in zip(ids, pids, strict=True) if i not in marked]
+            if not late:
+                return []
+            noted = {
+                int(r[0])
+                for r in await conn.fetch(
+                    "INSERT INTO events (message_id, at, state, attempts, detail)"
+                    " SELECT m.id, $1, m.state, m.attempts, r.detail FROM messages m"
+                    " JOIN unnest($2::bigint[], $3::text[], $4::text[]) AS r(id, pid, detail)"
+                    " ON m.id = r.id WHERE r.pid IS NULL"
+                    " OR m.provider_message_id IS DISTINCT FROM r.pid"
+                    " ORDER BY m.id RETURNING message_id",
+                    now,
+                    [i for i, _ in late],
+                    [p for _, p in late],
+                    [sent_late(owner, p) for _, p in late],
+                )
+            }
+        return [i for i, _ in late if i in noted]
 
     async def note_unknown(self, ids: Sequence[int], reason: str, kind: str) -> None:
         await self._execute(

@@ -16,6 +16,7 @@ from bridge.models import Message, State
 from bridge.store.sqlite.base import EngineBound
 from bridge.store.sqlite.rate import insert_booking, wait_in
 from bridge.store.sqlite.schema import JSON_IDS
+from bridge.store.values import sent_late
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
 
@@ -159,19 +160,51 @@ class DeliveryOperations(EngineBound):
         return await self.engine.write(job)
 
     async def mark_sent(
-        self, results: Iterable[tuple[int, str | None, float | None]], now: float
-    ) -> None:
-        rows = json.dumps(list(results))
-        await self.engine.write(
-            lambda db: db.execute(
+        self, results: Iterable[tuple[int, str | None, float | None]], now: float, *, owner: str
+    ) -> list[int]:
+        """As PostgreSQL's: one process holds every claim, so only the state decides
+        (`sending` or `queued` are marked sent; any other row gets a `sent_late` event)."""
+        rows = list(results)
+
+        def job(db: Database) -> list[int]:
+            ids = json.dumps([r[0] for r in rows])
+            movable = set(
+                json.loads(
+                    db.execute(
+                        "SELECT json_group_array(id) FROM messages"
+                        f" WHERE id IN {JSON_IDS} AND +state IN ('sending', 'queued')",
+                        (ids,),
+                    ).fetchone()[0]
+                )
+            )
+            db.execute(
                 "UPDATE messages SET state = 'sent',"
                 " provider_message_id = json_extract(r.value, '$[1]'),"
                 " cost = json_extract(r.value, '$[2]'), sent_at = ?, updated_at = ?,"
                 " reason = NULL FROM json_each(?) AS r"
-                " WHERE messages.id = json_extract(r.value, '$[0]')",
-                (now, now, rows),
+                " WHERE messages.id = json_extract(r.value, '$[0]')"
+                " AND +messages.state IN ('sending', 'queued')",
+                (now, now, json.dumps(rows)),
             )
-        )
+            late = [(i, pid) for i, pid, _ in rows if i not in movable]
+            found = {
+                i: pid
+                for i, pid in db.execute(
+                    f"SELECT id, provider_message_id FROM messages WHERE id IN {JSON_IDS}",
+                    (json.dumps([i for i, _ in late]),),
+                )
+            }
+            noted = [i for i, pid in late if i in found and (pid is None or found[i] != pid)]
+            for i, pid in late:
+                if i in noted:
+                    db.execute(
+                        "INSERT INTO events (message_id, at, state, attempts, detail)"
+                        " SELECT id, ?, state, attempts, ? FROM messages WHERE id = ?",
+                        (now, sent_late(owner, pid), i),
+                    )
+            return noted
+
+        return await self.engine.write(job)
 
     async def note_unknown(self, ids: Sequence[int], reason: str, kind: str) -> None:
         """A send whose outcome /logs must settle: stays `sending`, says why and how."""
