@@ -15,6 +15,7 @@ from bridge.ingress.mail import (
     compose,
     header_text,
     parse_mail,
+    parses_quickly,
     policy_header_text,
 )
 
@@ -193,3 +194,21 @@ def test_headers_read_from_a_parsed_mail_match_the_policy() -> None:
     assert mail.subject == "UPS on battery (site 2)"
     assert mail.sender == '"Ups, Main" <ups@example.org>'
     assert mail.message_id == "<1@example.org>"
+
+
+ALERT = b"From: ups@example.org\r\nSubject: UPS on battery\r\n\r\nruntime 12 min\r\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "quick"),
+    [
+        (ALERT, True),
+        (ALERT.replace(b"UPS", b"=?utf-8?q?USV_=C3=A9?="), True),  # a word or two encoded
+        (ALERT + b"x" * 2048, False),  # long: a worker (2 KiB of headers is ~0.6 ms)
+        (ALERT.replace(b"UPS", b"=?utf-8?q?a?= " * 5), False),  # many encoded words
+        (b"Content-Type: Multipart/Mixed; boundary=b\r\n" + ALERT, False),
+        (b"Content-Type: TEXT/HTML\r\n" + ALERT, False),  # rendering HTML costs more
+    ],
+)
+def test_only_small_plain_mails_are_parsed_on_the_loop(raw: bytes, quick: bool) -> None:
+    assert parses_quickly(raw) is quick

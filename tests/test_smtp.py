@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import smtplib
 import socket
 import sqlite3
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 from bridge.clock import ManualClock
 from bridge.ingress.smtp import (
     ADDRESS_CACHE_SIZE,
+    PARSE_WORKERS,
     BridgeSMTP,
     start_smtp,
 )
@@ -528,6 +530,32 @@ async def test_healthz_stays_fast_while_a_1000_deep_mail_is_parsed(
     # by other work. 3 still means probes ran while the mail was in the parse thread.
     assert probes >= 3, "the mail was handled too fast to measure anything"
     assert code == 250 and b"read in part" in text, text
+
+
+async def test_a_small_alert_is_read_at_once_while_costly_mails_hold_every_parser(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """Small plain mails are parsed on the loop (bridge.ingress.mail.parses_quickly): one
+    costly mail per parse worker, each seconds of work, and an alert still gets its 250
+    while they are all being parsed."""
+    extra = with_smtp('max_mime_depth = 5000\nmax_mime_parts = 5000\nparse_timeout = "60s"')
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        costly = [
+            asyncio.create_task(asyncio.to_thread(data_reply, port, nested_mail(1000)))
+            for _ in range(PARSE_WORKERS)
+        ]
+        await asyncio.sleep(0.3)  # both mails are in DATA, each in a worker
+        alert = b"From: ups@example.org\r\nSubject: UPS on battery\r\n\r\nruntime 12 min\r\n"
+        code, text = await asyncio.to_thread(data_reply, port, alert)
+        answers = await asyncio.gather(*costly)
+
+    def stored_id(reply: bytes) -> int:
+        return int(re.search(rb"stored as message (\d+)", reply).group(1))  # type: ignore[union-attr]
+
+    assert code == 250 and [c for c, _ in answers] == [250] * PARSE_WORKERS, (text, answers)
+    # Ids follow the order of storing: waiting for a worker, the alert came after them.
+    assert stored_id(text) < min(stored_id(t) for _, t in answers), (text, answers)
 
 
 async def test_mime_bounds_text_what_was_read(

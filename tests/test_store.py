@@ -223,6 +223,41 @@ async def test_the_store_answers_what_policy_asks(store: Store) -> None:
     assert held > first
 
 
+async def test_the_store_answers_a_batch_of_many_questions_whole(store: Store) -> None:
+    """More questions than one statement takes (SQLite asks in chunks): each answered,
+    and the batch's ids still follow the stored ones."""
+    phones = [f"+1202555{n:04d}" for n in range(400)]
+    stored = await seed(
+        store,
+        [MESSAGE._replace(recipient=p, dedupe_key=f"k{n}") for n, p in enumerate(phones)],
+        5.0,
+    )
+    seen: list[Lookups] = []
+
+    class Asking:
+        def questions(self, pending):
+            return IngestQuestions(
+                # every other key is stored; the storms ask about 350 phones, 300 known
+                originals=[(f"k{n}" if n % 2 else f"new{n}", p, 0.0) for n, p in enumerate(phones)],
+                storms=[(p, 0.0) for p in phones[100:]]
+                + [(f"+1303555{n:04d}", 0.0) for n in range(50)],
+            )
+
+        def decide(self, lookups, pending, ids):
+            seen.append(lookups)
+            return [m for m, _ in pending]
+
+    [after] = await store.ingest([(MESSAGE, 8.0)], Asking())
+    assert after.id == stored[-1] + 1
+    assert seen[0].originals == {
+        (f"k{n}", p, 0.0): stored[n] for n, p in enumerate(phones) if n % 2
+    }
+    assert seen[0].storms == {
+        **{(p, 0.0): (False, 1) for p in phones[100:]},
+        **{(f"+1303555{n:04d}", 0.0): (False, 0) for n in range(50)},
+    }
+
+
 async def test_book_request_never_books_past_the_limit(store: Store) -> None:
     waits = await asyncio.gather(
         *[store.book_request(100.0 + i / 10, "cli:balance", limit=3, window=60.0) for i in range(8)]

@@ -83,8 +83,8 @@ class MailText:
     headers: dict[str, str] = field(default_factory=dict)
     loop_reason: str | None = None  # set for bounces and auto-replies: store, never send
     truncated: str | None = None  # why only part of the MIME structure was read
-    schedule: str | None = None  # the X-SMS-Schedule header, as written: read in the
-    # parse worker, so the event loop never runs a header parser over a whole mail
+    schedule: str | None = None  # the X-SMS-Schedule header, as written: read with the
+    # rest, so the event loop never runs a header parser over a mail a worker took
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +345,23 @@ def parse_mail(
         truncated=truncated,
         schedule=found.get(SCHEDULE_HEADER) or None,
     )
+
+
+# What an alerting box mails: a few headers and a line or two, 200-600 bytes. Within
+# these bounds the costliest mail found (2 KiB of one-word headers) parses in ~0.6 ms, a
+# typical alert in ~60 us (BENCHMARKS.md, issue #16).
+QUICK_PARSE_BYTES = 2048
+QUICK_PARSE_ENCODED_WORDS = 4
+
+
+def parses_quickly(raw: bytes) -> bool:
+    """Whether `raw` is small and simple enough to parse on the event loop: no MIME parts,
+    no HTML to render, few encoded words. Anything else goes to a parse worker, whose
+    deadline bounds a mail built to be slow (deep or wide MIME, thousands of words)."""
+    if len(raw) > QUICK_PARSE_BYTES or raw.count(b"=?") > QUICK_PARSE_ENCODED_WORDS:
+        return False
+    lowered = raw.lower()
+    return b"multipart/" not in lowered and b"text/html" not in lowered
 
 
 def _normalised(text: str) -> str:

@@ -32,7 +32,14 @@ from bridge.config import ProviderConfig, Recipients, SmtpConfig
 from bridge.errors import InputError, StoreUnavailable
 from bridge.firewall import RefusedNumber
 from bridge.ingress.ingest import Ingestor
-from bridge.ingress.mail import MailText, ParseBounds, ParseTimeout, compose, parse_mail
+from bridge.ingress.mail import (
+    MailText,
+    ParseBounds,
+    ParseTimeout,
+    compose,
+    parse_mail,
+    parses_quickly,
+)
 from bridge.ingress.mailrules import apply_rule, rule_for
 from bridge.ingress.smtpauth import Authenticator, peer_host
 from bridge.ingress.smtplimits import LimitedSMTP, Sessions, call_limits
@@ -271,7 +278,8 @@ class SmtpHandler:
         )
 
     async def parse(self, raw: bytes, mail_from: str | None) -> MailText | str:
-        """The mail parsed in a worker thread under the MIME bounds, or the SMTP refusal.
+        """The mail parsed under the MIME bounds (in a worker thread unless it
+        `parses_quickly`), or the SMTP refusal.
 
         A parse still running at `smtp.parse_timeout` is refused with 554 (it also stops
         itself at the next part); one that never got a worker in that time is a 451.
@@ -285,7 +293,12 @@ class SmtpHandler:
             return parse_mail(raw, mail_from=mail_from, bounds=bounds)
 
         try:
-            mail = await self.parsers.run(work, smtp.parse_timeout)
+            # A small plain alert parses in less time than the hop to a worker costs (and
+            # the hop waits for the GIL while the loop is busy): read here, at once, even
+            # while a costly mail holds every worker.
+            mail = (
+                work() if parses_quickly(raw) else await self.parsers.run(work, smtp.parse_timeout)
+            )
         except (TimeoutError, ParseTimeout):
             if not started:
                 log.warning("SMTP DATA refused with 451: every mail parser is busy")

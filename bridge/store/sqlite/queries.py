@@ -8,8 +8,8 @@ one transaction where an operation must be atomic; nothing outside the package s
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sqlite_utils import Database
 
@@ -26,7 +26,9 @@ from bridge.store.api import (
 from bridge.store.rows import row
 from bridge.store.sqlite.schema import INSERT_COLUMNS, ROW_MARKS, ROWS_PER_INSERT
 
-LOOKUPS_PER_STATEMENT = 200  # up to four parameters each: under SQLite's oldest limit (999)
+# Questions of each kind per statement: 4 + 3 parameters a pair, under SQLite's oldest
+# limit of 999 parameters.
+QUESTIONS_PER_STATEMENT = 140
 
 
 # -- ingest -------------------------------------------------------------------------
@@ -61,71 +63,70 @@ def insert_messages(
     return [row[0] for row in rows]
 
 
-def answer(db: Database, questions: IngestQuestions) -> Lookups:
-    """Policy's questions for one ingest transaction, in two statements or so."""
-    return Lookups(
-        originals=stored_originals(db, questions.originals),
-        storms=stored_storms(db, questions.storms),
-    )
+def ingest_lookups(db: Database, questions: IngestQuestions) -> tuple[int, Lookups]:
+    """The id the batch's first message gets, and policy's answers, read in one statement
+    (one per `QUESTIONS_PER_STATEMENT` questions of each kind in a big batch).
 
-
-# -- policy: dedupe and storm lookups for a whole ingest batch ----------------------------
-def _lookup(
-    db: Database,
-    wanted: Sequence[tuple[Any, ...]],
-    columns: str,
-    answer: str,
-    source: str = "wanted",
-) -> Iterator[tuple[tuple[Any, ...], list[Any]]]:
-    """Ask about many rows in one statement, answered in one row (each row is a trip into
-    SQLite): `wanted` becomes the table `wanted(i, <columns>)`; yield each wanted row with
-    what `answer` gave for it, for the rows `source` keeps."""
-    marks = "(" + ",".join("?" * (len(columns.split(",")) + 1)) + ")"
-    for start in range(0, len(wanted), LOOKUPS_PER_STATEMENT):
-        chunk = wanted[start : start + LOOKUPS_PER_STATEMENT]
-        row = db.execute(
-            f"WITH wanted(i, {columns}) AS (VALUES {','.join([marks] * len(chunk))})"
-            f" SELECT json_group_array(json_array(i, {answer})) FROM {source}",
-            [value for i, asked in enumerate(chunk) for value in (i, *asked)],
+    Each statement is a trip into SQLite from the writer thread: SQLite runs without the
+    GIL, and every return waits for the event loop to hand the GIL back, up to
+    `sys.getswitchinterval()` (5 ms) when the loop is busy. Asked one by one (the next
+    id, the originals, the storms), an ingest group spent most of its time in those waits
+    and the loop sat idle for the commit (BENCHMARKS.md, issue #16).
+    """
+    originals: dict[OriginalQuestion, int] = {}
+    storms: dict[StormQuestion, StormState] = {}
+    first_id = 0
+    wanted_originals, wanted_storms = questions.originals, questions.storms
+    most = max(len(wanted_originals), len(wanted_storms), 1)
+    for start in range(0, most, QUESTIONS_PER_STATEMENT):
+        chunk_o = wanted_originals[start : start + QUESTIONS_PER_STATEMENT]
+        chunk_s = wanted_storms[start : start + QUESTIONS_PER_STATEMENT]
+        o_table, o_args = _values("o", ("key", "recipient", "since"), chunk_o)
+        s_table, s_args = _values("s", ("recipient", "since"), chunk_s)
+        next_id, found_o, found_s = db.execute(
+            f"WITH {o_table}, {s_table} SELECT (SELECT coalesce(max(id), 0) + 1 FROM messages),"
+            f" ({_ORIGINALS}), ({_STORMS})",
+            o_args + s_args,
         ).fetchone()
-        for i, *answers in json.loads(row[0]):
-            yield chunk[i], answers
+        first_id = first_id or int(next_id)
+        originals.update((chunk_o[i], int(original)) for i, original in json.loads(found_o))
+        storms.update(
+            (chunk_s[i], StormState(bool(held), int(recent)))
+            for i, held, recent in json.loads(found_s)
+        )
+    return first_id, Lookups(originals=originals, storms=storms)
 
 
-def stored_originals(
-    db: Database, wanted: Sequence[OriginalQuestion]
-) -> dict[OriginalQuestion, int]:
-    """For each (key, recipient, since): the first stored message it repeats, if any,
-    ordered as the index is, so the first hit answers however many repeats exist."""
-    found = _lookup(
-        db,
-        wanted,
-        "key, recipient, since",
-        "original",
-        "(SELECT i, (SELECT id FROM messages WHERE dedupe_key = key"
-        " AND dedupe_key IS NOT NULL AND recipient = wanted.recipient"
-        " AND created_at >= since AND state != 'failed'"
-        " ORDER BY created_at LIMIT 1) AS original FROM wanted) WHERE original IS NOT NULL",
-    )
-    # `asked` is the question object itself (a NamedTuple): no need to build it again.
-    return {cast(OriginalQuestion, asked): int(original) for asked, (original,) in found}
+# The answers, one JSON array of [i, answer...] per kind. Originals: for each (key,
+# recipient, since) the first stored message it repeats, if any, ordered as the index is
+# (so the first hit answers however many repeats exist); absent when none. Storms: for each
+# (recipient, since): a digest pending?, and texts let through since then.
+_ORIGINALS = (
+    "SELECT json_group_array(json_array(i, original)) FROM (SELECT i, (SELECT id FROM messages"
+    " WHERE dedupe_key = o.key AND dedupe_key IS NOT NULL AND recipient = o.recipient"
+    " AND created_at >= o.since AND state != 'failed' ORDER BY created_at LIMIT 1)"
+    " AS original FROM o) WHERE original IS NOT NULL"
+)
+_STORMS = (
+    "SELECT json_group_array(json_array(i,"
+    " EXISTS(SELECT 1 FROM messages WHERE recipient = s.recipient AND state = 'held'),"
+    " (SELECT count(*) FROM messages WHERE recipient = s.recipient AND created_at >= s.since"
+    " AND state IN ('queued', 'sending', 'sent', 'delivered') AND source != 'digest')))"
+    " FROM s"
+)
 
 
-def stored_storms(db: Database, wanted: Sequence[StormQuestion]) -> dict[StormQuestion, StormState]:
-    """For each (recipient, since): a digest pending?, and texts let through since then."""
-    found = _lookup(
-        db,
-        wanted,
-        "recipient, since",
-        "EXISTS(SELECT 1 FROM messages WHERE recipient = wanted.recipient AND state = 'held'),"
-        " (SELECT count(*) FROM messages WHERE recipient = wanted.recipient"
-        " AND created_at >= since AND state IN ('queued', 'sending', 'sent', 'delivered')"
-        " AND source != 'digest')",
-    )
-    return {
-        cast(StormQuestion, asked): StormState(bool(held), int(recent))
-        for asked, (held, recent) in found
-    }
+def _values(
+    name: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+) -> tuple[str, list[Any]]:
+    """`rows` as the table `name(i, columns...)` of a WITH clause (`i`: each row's index;
+    no rows, an empty table), and its parameters."""
+    header = f"{name}(i, {', '.join(columns)})"
+    if not rows:
+        return f"{header} AS (SELECT {', '.join(['NULL'] * (len(columns) + 1))} WHERE 0)", []
+    marks = "(" + ",".join("?" * (len(columns) + 1)) + ")"
+    values = [value for i, row in enumerate(rows) for value in (i, *row)]
+    return f"{header} AS (VALUES {','.join([marks] * len(rows))})", values
 
 
 # -- budgets --------------------------------------------------------------------------

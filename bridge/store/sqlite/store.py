@@ -124,9 +124,8 @@ def ingest_all(db: Database, calls: list[tuple[Sequence[Pending], Decider]]) -> 
         run = list(group)
         decider = run[0][1]
         pending = [p for messages, _ in run for p in messages]
-        first_id = queries.next_message_id(db)
+        first_id, lookups = queries.ingest_lookups(db, decider.questions(pending))
         ids = range(first_id, first_id + len(pending))
-        lookups = queries.answer(db, decider.questions(pending))
         decided = decider.decide(lookups, pending, ids)
         queries.insert_messages(db, decided, [now for _, now in pending], first_id=first_id)
         stored = iter(map(Stored, ids, decided))
