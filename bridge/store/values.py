@@ -109,6 +109,7 @@ class Held:
     text: str
     instance: str | None
     token: str | None = None  # the [tokens.NAME] that sent it: the digest may carry it
+    route: str | None = None  # the [routes.NAME] it came by: the digest may carry it
 
 
 @dataclass(frozen=True, slots=True)
