@@ -123,7 +123,7 @@ async def test_a_send_after_the_claim_was_taken_over_leaves_the_takers_row(
     assert [m.id for m in await b.unsettled(42.0, owner="b", lease_until=72.0)] == [mid, other]
     # b settles both (its /logs shows its own send, or a's: either way b's record holds).
     assert await b.mark_sent([(mid, "p-b", 0.2), (other, "p-c", 0.2)], 43.0, owner="b") == []
-    await b.finish([(other, State.DELIVERED, None)], 44.0)
+    await b.record_status([(other, State.DELIVERED, None)], 44.0)
     assert await a.mark_sent([(other, "p-a2", 0.1)], 45.0, owner="a") == [other]
     got = [await b.get(i) for i in (mid, other)]
     assert [(m.state, m.provider_message_id, m.cost) for m in got] == [
@@ -134,6 +134,23 @@ async def test_a_send_after_the_claim_was_taken_over_leaves_the_takers_row(
         ("sending", None),
         ("sending", "sent also by a after its claim was taken over: provider id p-a"),
         ("sent", None),
+    ]
+
+
+async def test_a_late_outcome_leaves_the_takers_claim(instances: list[PostgresStore]) -> None:
+    """a's lease lapsed while it waited for the provider; b took the message over. What
+    a then learns (a refusal) is not written over b's claim: the row stays b's to
+    settle, and a's word is an event on the message."""
+    a, b, _ = instances
+    [mid] = await seed(a, [MESSAGE], 1.0)
+    assert await a.claim([mid], 2.0, owner="a", lease_until=32.0) == [mid]
+    assert [m.id for m in await b.unsettled(40.0, owner="b", lease_until=70.0)] == [mid]
+    refused = (mid, State.FAILED, "provider refused: invalid number")
+    assert await a.finish([refused], 41.0, owner="a") == [mid]
+    assert (await b.get(mid)).state == State.SENDING
+    assert [m.id for m in await b.unsettled(50.0, owner="b", lease_until=80.0)] == [mid]
+    assert [e["detail"] for e in (await b.events(mid))[-1:]] == [
+        "not applied, a no longer held it: failed: provider refused: invalid number",
     ]
 
 

@@ -246,9 +246,13 @@ class Dispatcher:
             reason = f"daily budget reached ({cap.why})"
             log.warning("%s: %d messages %s", reason, len(ids), outcome)
             if outcome == "fail":
-                await self.store.finish(
-                    [(i, State.FAILED, reason) for i in ids], now, reason_kind="budget"
+                late = await self.store.finish(
+                    [(i, State.FAILED, reason) for i in ids],
+                    now,
+                    owner=self.owner,
+                    reason_kind="budget",
                 )
+                self.outcomes.not_held(late, reason)
             else:
                 waiting = f"{reason}; waiting until 00:00 UTC"
                 await self.store.requeue(

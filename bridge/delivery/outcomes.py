@@ -99,6 +99,19 @@ class Outcomes:
                 [pids[i] for i in late],
             )
 
+    def not_held(self, late: list[int], what: str) -> None:
+        """Warn of messages an outcome of this instance's was not written to: another
+        instance took them over (a lapsed lease) or they moved on; the store noted
+        `what` in their events instead (bridge.store.api: the rule)."""
+        if late:
+            log.warning(
+                "messages %s were no longer held by this instance (%s) when it learnt: %s;"
+                " left as they are, noted in their events",
+                late,
+                self.owner,
+                what,
+            )
+
     async def failed(self, batch: list[Message], exc: ProviderError) -> None:
         """A call's error, read by its class (most specific first)."""
         ids = [m.id for m in batch]
@@ -175,9 +188,9 @@ class Outcomes:
                 refund_attempt=True,
             )
             return
-        await self.store.finish(
-            [(batch[0].id, State.FAILED, f"provider refused: {exc.reason}")], now
-        )
+        reason = f"provider refused: {exc.reason}"
+        late = await self.store.finish([(batch[0].id, State.FAILED, reason)], now, owner=self.owner)
+        self.not_held(late, reason)
 
     async def key_refused(self, exc: ProviderAuthError) -> float:
         """401/403/404: health red, every instance paused until the next try (403:
@@ -207,7 +220,8 @@ class Outcomes:
             else:
                 retry.append((m.id, delay))
         if give_up:
-            await self.store.finish(give_up, now)
+            late = await self.store.finish(give_up, now, owner=self.owner)
+            self.not_held(late, f"failed, gave up: {exc}")
         for message_id, delay in retry:
             await self.store.requeue([message_id], now, at=now + delay, reason=f"retrying: {exc}")
 
