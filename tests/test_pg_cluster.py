@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from bridge.models import NewMessage, State
@@ -88,7 +89,8 @@ async def test_claims_from_three_instances_never_share_a_message(
         )
         claimed = [i for batch in got for i in batch]
         assert sorted(claimed) == sorted(set(claimed))
-        await instances[0].requeue(ids, 3.0, at=1.0, reason="again")
+        for n, (s, mine) in enumerate(zip(instances, got, strict=True)):
+            assert await s.requeue(mine, 3.0, owner=f"i{n}", at=1.0, reason="again") == []
     assert sorted(claimed) == ids
 
 
@@ -137,7 +139,9 @@ async def test_a_send_after_the_claim_was_taken_over_leaves_the_takers_row(
     ]
 
 
-async def test_a_late_outcome_leaves_the_takers_claim(instances: list[PostgresStore]) -> None:
+async def test_a_late_outcome_leaves_the_takers_claim(
+    instances: list[PostgresStore], postgres_url: str
+) -> None:
     """a's lease lapsed while it waited for the provider; b took the message over. What
     a then learns (a refusal) is not written over b's claim: the row stays b's to
     settle, and a's word is an event on the message."""
@@ -147,11 +151,21 @@ async def test_a_late_outcome_leaves_the_takers_claim(instances: list[PostgresSt
     assert [m.id for m in await b.unsettled(40.0, owner="b", lease_until=70.0)] == [mid]
     refused = (mid, State.FAILED, "provider refused: invalid number")
     assert await a.finish([refused], 41.0, owner="a") == [mid]
+    assert await a.requeue([mid], 42.0, owner="a", at=50.0, reason="retrying: HTTP 503") == [mid]
     assert (await b.get(mid)).state == State.SENDING
     assert [m.id for m in await b.unsettled(50.0, owner="b", lease_until=80.0)] == [mid]
-    assert [e["detail"] for e in (await b.events(mid))[-1:]] == [
+    assert [e["detail"] for e in (await b.events(mid))[-2:]] == [
         "not applied, a no longer held it: failed: provider refused: invalid number",
+        "not applied, a no longer held it: queued again: retrying: HTTP 503",
     ]
+    # b's own requeue is written, and the row is nobody's claim once queued.
+    assert await b.requeue([mid], 51.0, owner="b", at=60.0, reason="retrying") == []
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        row = await conn.fetchrow("SELECT state, claimed_by, lease_until FROM messages")
+    finally:
+        await conn.close()
+    assert tuple(row) == ("queued", None, None)
 
 
 async def test_instances_together_never_book_past_the_limit(

@@ -32,7 +32,7 @@ async def test_concurrent_ingests_share_transactions(store: Store) -> None:
 async def test_every_state_change_is_logged(store: Store) -> None:
     [mid] = await seed(store, [MESSAGE], 1.0)
     await store.claim([mid], 2.0, **OWNER)
-    await store.requeue([mid], 3.0, at=10.0, reason="retrying: HTTP 500")
+    await store.requeue([mid], 3.0, owner=OWNER["owner"], at=10.0, reason="retrying: HTTP 500")
     await store.claim([mid], 11.0, **OWNER)
     await store.mark_sent([(mid, "p-1", 0.5)], 12.0, owner=OWNER["owner"])
     await store.record_status([(mid, State.DELIVERED, None)], 20.0)
@@ -59,7 +59,7 @@ async def test_set_based_updates_give_each_row_its_own_values(store: Store) -> N
         3.0,
         owner=OWNER["owner"],
     )
-    await store.requeue([ids[3]], 3.0, at=9.0, reason="retrying: HTTP 503")
+    await store.requeue([ids[3]], 3.0, owner=OWNER["owner"], at=9.0, reason="retrying: HTTP 503")
     await store.record_status(
         [(ids[0], State.DELIVERED, None), (ids[1], State.FAILED, "expired")], 4.0
     )
@@ -89,7 +89,9 @@ async def test_a_late_send_keeps_a_later_state_and_is_noted_on_the_message(
         [(delivered, "p-other", 0.3), (found, "p-found", 0.1)], 3.0, owner=OWNER["owner"]
     )
     await store.record_status([(delivered, State.DELIVERED, None)], 4.0)
-    await store.requeue([requeued], 4.0, at=9.0, reason="not in /logs: sending again")
+    await store.requeue(
+        [requeued], 4.0, owner=OWNER["owner"], at=9.0, reason="not in /logs: sending again"
+    )
     late = await store.mark_sent(
         [
             (mine, "p-1", 0.1),
@@ -137,6 +139,8 @@ async def test_a_late_outcome_keeps_a_later_state_and_is_noted_on_the_message(
         owner=OWNER["owner"],
     )
     assert late == [delivered]
+    again = {"owner": OWNER["owner"], "at": 9.0, "reason": "retrying: HTTP 500"}
+    assert await store.requeue([delivered, queued], 5.5, **again) == [delivered, queued]
     await store.record_status([(mine, State.DELIVERED, None)], 6.0)  # failed: not sent
     got = [await store.get(i) for i in (mine, queued, delivered)]
     assert [(m.state, m.reason) for m in got] == [
@@ -144,12 +148,11 @@ async def test_a_late_outcome_keeps_a_later_state_and_is_noted_on_the_message(
         (State.FAILED, "daily budget reached"),
         (State.DELIVERED, None),
     ]
-    last = (await store.events(delivered))[-1]
-    assert (last["state"], last["at"], last["detail"]) == (
-        "delivered",
-        5.0,
-        "not applied, test:1 no longer held it: failed: provider refused: late",
-    )
+    by = "not applied, test:1 no longer held it"
+    assert [(e["state"], e["at"], e["detail"]) for e in (await store.events(delivered))[-2:]] == [
+        ("delivered", 5.0, f"{by}: failed: provider refused: late"),
+        ("delivered", 5.5, f"{by}: queued again: retrying: HTTP 500"),
+    ]
 
 
 async def test_claim_only_takes_queued_messages_and_books_one_request(store: Store) -> None:

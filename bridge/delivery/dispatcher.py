@@ -255,9 +255,10 @@ class Dispatcher:
                 self.outcomes.not_held(late, reason)
             else:
                 waiting = f"{reason}; waiting until 00:00 UTC"
-                await self.store.requeue(
-                    ids, now, at=tomorrow, reason=waiting, reason_kind="budget"
+                late = await self.store.requeue(
+                    ids, now, owner=self.owner, at=tomorrow, reason=waiting, reason_kind="budget"
                 )
+                self.outcomes.not_held(late, waiting)
                 # The state stays queued, which leaves no event: the timeline says why
                 # the message did not go (once a day at most: it is due tomorrow).
                 await self.store.note(ids, waiting, now)

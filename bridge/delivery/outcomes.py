@@ -126,19 +126,21 @@ class Outcomes:
                     if isinstance(exc, ProviderInactiveError)
                     else "provider refused the key"
                 )
-                await self.store.requeue(
-                    ids, now, at=now, reason=f"waiting: {what} ({exc})", refund_attempt=True
+                waiting = f"waiting: {what} ({exc})"
+                self.not_held(
+                    await self.store.requeue(
+                        ids, now, owner=self.owner, at=now, reason=waiting, refund_attempt=True
+                    ),
+                    waiting,
                 )
             case RateLimitedError():
                 pause = await self.limiter.rate_limited(exc.retry_after)
                 log.warning("provider answered 429: pausing all requests for %.1fs", pause)
-                await self.store.requeue(
-                    ids,
-                    now,
-                    at=now + pause,
-                    reason=f"rate limited by the provider ({exc})",
-                    refund_attempt=True,
+                limited = f"rate limited by the provider ({exc})"
+                late = await self.store.requeue(
+                    ids, now, owner=self.owner, at=now + pause, reason=limited, refund_attempt=True
                 )
+                self.not_held(late, limited)
             case TransientUnknownOutcome():
                 log.warning(
                     "outcome of request for %s unknown (%s): checking /logs first", ids, exc
@@ -179,14 +181,17 @@ class Outcomes:
             log.warning(
                 "bulk call refused (%s): sending its %d messages one by one", exc, len(batch)
             )
-            await self.store.requeue(
+            solo = f"bulk refused, retrying one by one: {exc.reason}"
+            late = await self.store.requeue(
                 [m.id for m in batch],
                 now,
+                owner=self.owner,
                 at=now,
                 solo=True,
-                reason=f"bulk refused, retrying one by one: {exc.reason}",
+                reason=solo,
                 refund_attempt=True,
             )
+            self.not_held(late, solo)
             return
         reason = f"provider refused: {exc.reason}"
         late = await self.store.finish([(batch[0].id, State.FAILED, reason)], now, owner=self.owner)
@@ -223,7 +228,10 @@ class Outcomes:
             late = await self.store.finish(give_up, now, owner=self.owner)
             self.not_held(late, f"failed, gave up: {exc}")
         for message_id, delay in retry:
-            await self.store.requeue([message_id], now, at=now + delay, reason=f"retrying: {exc}")
+            late = await self.store.requeue(
+                [message_id], now, owner=self.owner, at=now + delay, reason=f"retrying: {exc}"
+            )
+            self.not_held(late, f"retrying: {exc}")
 
     def backoff(self, attempts: int) -> float:
         base = min(self.config.backoff_max, self.config.backoff_initial * 2 ** max(0, attempts - 1))

@@ -209,14 +209,16 @@ class DeliveryOperations(Protocol):
         ids: Sequence[int],
         now: float,
         *,
+        owner: str,
         at: float,
         reason: str | None,
         refund_attempt: bool = False,
         solo: bool | None = None,
         reason_kind: str | None = None,
-    ) -> None:
-        """sending or queued -> queued, due at `at`; `refund_attempt` when the send never
-        really ran; `solo` / `reason_kind` replace the stored ones when given."""
+    ) -> list[int]:
+        """`owner`'s sending or queued rows (the rule above) -> queued, due at `at`, no
+        longer claimed by anyone; `refund_attempt` when the send never really ran; `solo`
+        / `reason_kind` replace the stored ones when given. The ids noted instead."""
         ...
 
     async def finish(

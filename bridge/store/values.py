@@ -161,3 +161,8 @@ def not_applied(owner: str, detail: str) -> str:
 def ended(state: str, reason: str | None) -> str:
     """A final state with its reason, as `not_applied` notes a `finish` it did not write."""
     return f"{state}: {reason}" if reason else str(state)
+
+
+def requeued(reason: str | None) -> str:
+    """A `requeue` as `not_applied` notes it."""
+    return f"queued again: {reason}" if reason else "queued again"

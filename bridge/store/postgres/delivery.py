@@ -20,7 +20,7 @@ from bridge.models import Message, State
 from bridge.store.postgres.base import Base
 from bridge.store.postgres.pool import Conn
 from bridge.store.postgres.rate import book, insert_booking, wait_locked
-from bridge.store.values import ended, not_applied, sent_late
+from bridge.store.values import ended, not_applied, requeued, sent_late
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
 RETRIED_KINDS = "('unknown', 'provider-error')"  # a new attempt: what an earlier outcome was
@@ -213,25 +213,33 @@ class DeliveryOps(Base):
         ids: Sequence[int],
         now: float,
         *,
+        owner: str,
         at: float,
         reason: str | None,
         refund_attempt: bool = False,
         solo: bool | None = None,
         reason_kind: str | None = None,
-    ) -> None:
-        await self._execute(
-            "UPDATE messages SET state = 'queued', next_attempt_at = $1, updated_at = $2,"
+    ) -> list[int]:
+        # Queued is nobody's claim: the claim's owner and lease go with it.
+        return await self._owned_write(
+            "UPDATE messages m SET state = 'queued', next_attempt_at = $1, updated_at = $2,"
             " reason = $3, attempts = attempts - $4, solo = coalesce($5, solo),"
-            " reason_kind = coalesce($6, reason_kind)"
-            " WHERE id = ANY($7::bigint[]) AND state IN ('sending', 'queued')",
-            at,
+            " reason_kind = coalesce($6, reason_kind), claimed_by = NULL, lease_until = NULL"
+            f" WHERE id = ANY($7::bigint[]) AND {OWNED.format('$8')} RETURNING m.id",
+            (at, now, reason, 1 if refund_attempt else 0, solo, reason_kind, list(ids), owner),
+            ids,
             now,
-            reason,
-            1 if refund_attempt else 0,
-            solo,
-            reason_kind,
-            list(ids),
+            not_applied(owner, requeued(reason)),
         )
+
+    async def _owned_write(
+        self, sql: str, args: Sequence[object], ids: Sequence[int], now: float, note: str
+    ) -> list[int]:
+        """Run `sql` (an UPDATE returning the ids it wrote, guarded by `OWNED` or
+        `HELD`) and note `note` on those of `ids` it did not write."""
+        async with self._write() as conn:
+            written = {int(r[0]) for r in await conn.fetch(sql, *args)}
+            return await note_late(conn, now, [(i, note) for i in ids if i not in written])
 
     async def finish(
         self,

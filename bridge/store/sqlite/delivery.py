@@ -16,7 +16,7 @@ from bridge.models import Message, State
 from bridge.store.sqlite.base import EngineBound
 from bridge.store.sqlite.rate import insert_booking, wait_in
 from bridge.store.sqlite.schema import JSON_IDS
-from bridge.store.values import ended, not_applied, sent_late
+from bridge.store.values import ended, not_applied, requeued, sent_late
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
 # The states an outcome may write (PostgreSQL's rule, `claimed_by` aside: one process
@@ -271,32 +271,50 @@ class DeliveryOperations(EngineBound):
         ids: Sequence[int],
         now: float,
         *,
+        owner: str,
         at: float,
         reason: str | None,
         refund_attempt: bool = False,
         solo: bool | None = None,
         reason_kind: str | None = None,
-    ) -> None:
+    ) -> list[int]:
         """Back to queued, due at `at`; `refund_attempt` when the send never really ran."""
-
-        args = (
-            at,
+        return await self._owned_write(
+            "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
+            " reason = ?, attempts = attempts - ?, solo = coalesce(?, solo),"
+            f" reason_kind = coalesce(?, reason_kind) WHERE id IN {JSON_IDS}",
+            (
+                at,
+                now,
+                reason,
+                1 if refund_attempt else 0,
+                None if solo is None else int(solo),
+                reason_kind,
+            ),
+            ids,
+            OWNED,
             now,
-            reason,
-            1 if refund_attempt else 0,
-            None if solo is None else int(solo),
-            reason_kind,
-            json.dumps(list(ids)),
+            not_applied(owner, requeued(reason)),
         )
-        await self.engine.write(
-            lambda db: db.execute(
-                "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
-                " reason = ?, attempts = attempts - ?, solo = coalesce(?, solo),"
-                f" reason_kind = coalesce(?, reason_kind) WHERE id IN {JSON_IDS}"
-                " AND +state IN ('sending', 'queued')",
-                args,
-            )
-        )
+
+    async def _owned_write(
+        self,
+        sql: str,
+        args: tuple[object, ...],
+        ids: Sequence[int],
+        states: str,
+        now: float,
+        note: str,
+    ) -> list[int]:
+        """Run `sql` (an UPDATE whose last parameter is `JSON_IDS`) on those of `ids` in
+        `states`, and note `note` on the others (PostgreSQL's `_owned_write`)."""
+
+        def job(db: Database) -> list[int]:
+            owned = in_states(db, ids, states)
+            db.execute(sql, (*args, json.dumps([i for i in ids if i in owned])))
+            return note_late(db, now, [(i, note) for i in ids if i not in owned])
+
+        return await self.engine.write(job)
 
     async def finish(
         self,
