@@ -152,12 +152,20 @@ async def test_a_late_outcome_leaves_the_takers_claim(
     refused = (mid, State.FAILED, "provider refused: invalid number")
     assert await a.finish([refused], 41.0, owner="a") == [mid]
     assert await a.requeue([mid], 42.0, owner="a", at=50.0, reason="retrying: HTTP 503") == [mid]
+    assert await a.note_unknown([mid], 43.0, "outcome unknown", "unknown", owner="a") == [mid]
+    assert await a.resend_unknown([mid], 44.0, "not in /logs", owner="a") == [mid]
+    assert await a.settle_unknown([mid], 45.0, "given up", owner="a") == [mid]
     assert (await b.get(mid)).state == State.SENDING
     assert [m.id for m in await b.unsettled(50.0, owner="b", lease_until=80.0)] == [mid]
-    assert [e["detail"] for e in (await b.events(mid))[-2:]] == [
-        "not applied, a no longer held it: failed: provider refused: invalid number",
-        "not applied, a no longer held it: queued again: retrying: HTTP 503",
+    by = "not applied, a no longer held it"
+    assert [(e["state"], e["detail"]) for e in (await b.events(mid))[-5:]] == [
+        ("sending", f"{by}: failed: provider refused: invalid number"),
+        ("sending", f"{by}: queued again: retrying: HTTP 503"),
+        ("sending", f"{by}: outcome unknown"),
+        ("sending", f"{by}: not in /logs"),
+        ("sending", f"{by}: given up"),
     ]
+    assert (await b.get(mid)).reason_kind is None  # a's unknown outcome is not b's
     # b's own requeue is written, and the row is nobody's claim once queued.
     assert await b.requeue([mid], 51.0, owner="b", at=60.0, reason="retrying") == []
     conn = await asyncpg.connect(postgres_url)

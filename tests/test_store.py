@@ -141,6 +141,14 @@ async def test_a_late_outcome_keeps_a_later_state_and_is_noted_on_the_message(
     assert late == [delivered]
     again = {"owner": OWNER["owner"], "at": 9.0, "reason": "retrying: HTTP 500"}
     assert await store.requeue([delivered, queued], 5.5, **again) == [delivered, queued]
+    # An unknown outcome is settled only where the owner still holds the claim.
+    who = {"owner": OWNER["owner"]}
+    assert await store.note_unknown([delivered], 5.6, "outcome unknown: timeout", "unknown", **who)
+    assert await store.resend_unknown([delivered, queued], 5.7, "not in /logs", **who) == [
+        delivered,
+        queued,
+    ]
+    assert await store.settle_unknown([delivered], 5.8, "outcome unknown: given up", **who)
     await store.record_status([(mine, State.DELIVERED, None)], 6.0)  # failed: not sent
     got = [await store.get(i) for i in (mine, queued, delivered)]
     assert [(m.state, m.reason) for m in got] == [
@@ -149,9 +157,12 @@ async def test_a_late_outcome_keeps_a_later_state_and_is_noted_on_the_message(
         (State.DELIVERED, None),
     ]
     by = "not applied, test:1 no longer held it"
-    assert [(e["state"], e["at"], e["detail"]) for e in (await store.events(delivered))[-2:]] == [
+    assert [(e["state"], e["at"], e["detail"]) for e in (await store.events(delivered))[-5:]] == [
         ("delivered", 5.0, f"{by}: failed: provider refused: late"),
         ("delivered", 5.5, f"{by}: queued again: retrying: HTTP 500"),
+        ("delivered", 5.6, f"{by}: outcome unknown: timeout"),
+        ("delivered", 5.7, f"{by}: not in /logs"),
+        ("delivered", 5.8, f"{by}: outcome unknown: given up"),
     ]
 
 

@@ -146,17 +146,17 @@ class Outcomes:
                     "outcome of request for %s unknown (%s): checking /logs first", ids, exc
                 )
                 self.limiter.answered()
-                await self.store.note_unknown(
-                    ids, f"outcome unknown, checking the provider's logs: {exc}", "unknown"
-                )
+                unknown = f"outcome unknown, checking the provider's logs: {exc}"
+                late = await self.store.note_unknown(ids, now, unknown, "unknown", owner=self.owner)
+                self.not_held(late, unknown)
             case ProviderFailed():
                 # It says it failed; /logs still decides, a 5xx is not proof of nothing sent.
                 self.limiter.answered()
-                await self.store.note_unknown(
-                    ids,
-                    f"provider error, checking its logs before a retry: {exc}",
-                    "provider-error",
+                error = f"provider error, checking its logs before a retry: {exc}"
+                late = await self.store.note_unknown(
+                    ids, now, error, "provider-error", owner=self.owner
                 )
+                self.not_held(late, error)
             case TransientSendError():
                 await self.retry_later(batch, exc)
             case _:

@@ -192,16 +192,25 @@ class DeliveryOperations(Protocol):
         process): every claim is `owner`'s; the state rule is the same."""
         ...
 
-    async def note_unknown(self, ids: Sequence[int], reason: str, kind: str) -> None:
-        """A send whose outcome /logs must settle: stays `sending`, with why and how."""
+    async def note_unknown(
+        self, ids: Sequence[int], now: float, reason: str, kind: str, *, owner: str
+    ) -> list[int]:
+        """A send whose outcome /logs must settle: stays `sending`, with why and how;
+        only rows `owner` still holds in `sending` (the rule above; the ids noted)."""
         ...
 
-    async def resend_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
-        """sending -> queued, due now, counting one resend of an unsettled outcome."""
+    async def resend_unknown(
+        self, ids: Sequence[int], now: float, reason: str, *, owner: str
+    ) -> list[int]:
+        """`owner`'s sending rows -> queued, due now, no longer claimed, counting one
+        resend of an unsettled outcome; the ids noted instead (the rule above)."""
         ...
 
-    async def settle_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
-        """sending -> sent without provider id, reason kind `unknown`: the last word."""
+    async def settle_unknown(
+        self, ids: Sequence[int], now: float, reason: str, *, owner: str
+    ) -> list[int]:
+        """`owner`'s sending rows -> sent without provider id, reason kind `unknown`: the
+        last word; the ids noted instead (the rule above)."""
         ...
 
     async def requeue(

@@ -26,7 +26,8 @@ UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
 RETRIED_KINDS = "('unknown', 'provider-error')"  # a new attempt: what an earlier outcome was
 # Rows an outcome of `owner` (a parameter of the statement) may write: its own claims,
 # and queued ones (nobody's). Anything else is another instance's, or moved on.
-OWNED = "(m.state = 'queued' OR (m.state = 'sending' AND m.claimed_by = {}))"
+HELD = "(m.state = 'sending' AND m.claimed_by = {})"  # an unknown outcome's: its own claims
+OWNED = f"(m.state = 'queued' OR {HELD})"
 
 
 async def note_late(conn: Conn, now: float, notes: Sequence[tuple[int, str]]) -> list[int]:
@@ -179,33 +180,43 @@ class DeliveryOps(Base):
                 [(i, sent_late(owner, p)) for i, p in late if p is None or carried.get(i) != p],
             )
 
-    async def note_unknown(self, ids: Sequence[int], reason: str, kind: str) -> None:
-        await self._execute(
-            "UPDATE messages SET reason = $1, reason_kind = $2"
-            " WHERE id = ANY($3::bigint[]) AND state = 'sending'",
-            reason,
-            kind,
-            list(ids),
-        )
-
-    async def resend_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
-        await self._execute(
-            "UPDATE messages SET state = 'queued', next_attempt_at = $1, updated_at = $1,"
-            " reason = $2, unknown_resends = unknown_resends + 1"
-            " WHERE id = ANY($3::bigint[]) AND state = 'sending'",
+    async def note_unknown(
+        self, ids: Sequence[int], now: float, reason: str, kind: str, *, owner: str
+    ) -> list[int]:
+        return await self._owned_write(
+            "UPDATE messages m SET reason = $1, reason_kind = $2"
+            f" WHERE id = ANY($3::bigint[]) AND {HELD.format('$4')} RETURNING m.id",
+            (reason, kind, list(ids), owner),
+            ids,
             now,
-            reason,
-            list(ids),
+            not_applied(owner, reason),
         )
 
-    async def settle_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
-        await self._execute(
-            "UPDATE messages SET state = 'sent', sent_at = $1, updated_at = $1, reason = $2,"
+    async def resend_unknown(
+        self, ids: Sequence[int], now: float, reason: str, *, owner: str
+    ) -> list[int]:
+        return await self._owned_write(
+            "UPDATE messages m SET state = 'queued', next_attempt_at = $1, updated_at = $1,"
+            " reason = $2, unknown_resends = unknown_resends + 1, claimed_by = NULL,"
+            f" lease_until = NULL WHERE id = ANY($3::bigint[]) AND {HELD.format('$4')}"
+            " RETURNING m.id",
+            (now, reason, list(ids), owner),
+            ids,
+            now,
+            not_applied(owner, reason),
+        )
+
+    async def settle_unknown(
+        self, ids: Sequence[int], now: float, reason: str, *, owner: str
+    ) -> list[int]:
+        return await self._owned_write(
+            "UPDATE messages m SET state = 'sent', sent_at = $1, updated_at = $1, reason = $2,"
             " reason_kind = 'unknown', provider_message_id = NULL"
-            " WHERE id = ANY($3::bigint[]) AND state = 'sending'",
+            f" WHERE id = ANY($3::bigint[]) AND {HELD.format('$4')} RETURNING m.id",
+            (now, reason, list(ids), owner),
+            ids,
             now,
-            reason,
-            list(ids),
+            not_applied(owner, reason),
         )
 
     async def requeue(

@@ -22,6 +22,7 @@ UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
 # The states an outcome may write (PostgreSQL's rule, `claimed_by` aside: one process
 # holds every claim): an owner's own claims, and queued rows (nobody's).
 OWNED = "('sending', 'queued')"
+HELD = "('sending')"  # an unknown outcome's: only a claim (this process's) is settled
 
 
 def in_states(db: Database, ids: Iterable[int], states: str) -> set[int]:
@@ -222,36 +223,46 @@ class DeliveryOperations(EngineBound):
 
         return await self.engine.write(job)
 
-    async def note_unknown(self, ids: Sequence[int], reason: str, kind: str) -> None:
+    async def note_unknown(
+        self, ids: Sequence[int], now: float, reason: str, kind: str, *, owner: str
+    ) -> list[int]:
         """A send whose outcome /logs must settle: stays `sending`, says why and how."""
-        await self.engine.write(
-            lambda db: db.execute(
-                "UPDATE messages SET reason = ?, reason_kind = ?"
-                f" WHERE id IN {JSON_IDS} AND +state = 'sending'",
-                (reason, kind, json.dumps(list(ids))),
-            )
+        return await self._owned_write(
+            f"UPDATE messages SET reason = ?, reason_kind = ? WHERE id IN {JSON_IDS}",
+            (reason, kind),
+            ids,
+            HELD,
+            now,
+            not_applied(owner, reason),
         )
 
-    async def resend_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
+    async def resend_unknown(
+        self, ids: Sequence[int], now: float, reason: str, *, owner: str
+    ) -> list[int]:
         """sending -> queued, due now, counting one resend of an unsettled outcome."""
-        await self.engine.write(
-            lambda db: db.execute(
-                "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
-                " reason = ?, unknown_resends = unknown_resends + 1"
-                f" WHERE id IN {JSON_IDS} AND +state = 'sending'",
-                (now, now, reason, json.dumps(list(ids))),
-            )
+        return await self._owned_write(
+            "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
+            f" reason = ?, unknown_resends = unknown_resends + 1 WHERE id IN {JSON_IDS}",
+            (now, now, reason),
+            ids,
+            HELD,
+            now,
+            not_applied(owner, reason),
         )
 
-    async def settle_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
+    async def settle_unknown(
+        self, ids: Sequence[int], now: float, reason: str, *, owner: str
+    ) -> list[int]:
         """sending -> sent with no provider id: the last word on an outcome nobody knows."""
-        await self.engine.write(
-            lambda db: db.execute(
-                "UPDATE messages SET state = 'sent', sent_at = ?, updated_at = ?, reason = ?,"
-                " reason_kind = 'unknown', provider_message_id = NULL"
-                f" WHERE id IN {JSON_IDS} AND +state = 'sending'",
-                (now, now, reason, json.dumps(list(ids))),
-            )
+        return await self._owned_write(
+            "UPDATE messages SET state = 'sent', sent_at = ?, updated_at = ?, reason = ?,"
+            " reason_kind = 'unknown', provider_message_id = NULL"
+            f" WHERE id IN {JSON_IDS}",
+            (now, now, reason),
+            ids,
+            HELD,
+            now,
+            not_applied(owner, reason),
         )
 
     async def set_provider_ids(self, rows: Iterable[tuple[int, str]]) -> None:
