@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from bridge.models import NewMessage, State
@@ -88,7 +89,8 @@ async def test_claims_from_three_instances_never_share_a_message(
         )
         claimed = [i for batch in got for i in batch]
         assert sorted(claimed) == sorted(set(claimed))
-        await instances[0].requeue(ids, 3.0, at=1.0, reason="again")
+        for n, (s, mine) in enumerate(zip(instances, got, strict=True)):
+            assert await s.requeue(mine, 3.0, owner=f"i{n}", at=1.0, reason="again") == []
     assert sorted(claimed) == ids
 
 
@@ -123,7 +125,7 @@ async def test_a_send_after_the_claim_was_taken_over_leaves_the_takers_row(
     assert [m.id for m in await b.unsettled(42.0, owner="b", lease_until=72.0)] == [mid, other]
     # b settles both (its /logs shows its own send, or a's: either way b's record holds).
     assert await b.mark_sent([(mid, "p-b", 0.2), (other, "p-c", 0.2)], 43.0, owner="b") == []
-    await b.finish([(other, State.DELIVERED, None)], 44.0)
+    await b.record_status([(other, State.DELIVERED, None)], 44.0)
     assert await a.mark_sent([(other, "p-a2", 0.1)], 45.0, owner="a") == [other]
     got = [await b.get(i) for i in (mid, other)]
     assert [(m.state, m.provider_message_id, m.cost) for m in got] == [
@@ -135,6 +137,43 @@ async def test_a_send_after_the_claim_was_taken_over_leaves_the_takers_row(
         ("sending", "sent also by a after its claim was taken over: provider id p-a"),
         ("sent", None),
     ]
+
+
+async def test_a_late_outcome_leaves_the_takers_claim(
+    instances: list[PostgresStore], postgres_url: str
+) -> None:
+    """a's lease lapsed while it waited for the provider; b took the message over. What
+    a then learns (a refusal) is not written over b's claim: the row stays b's to
+    settle, and a's word is an event on the message."""
+    a, b, _ = instances
+    [mid] = await seed(a, [MESSAGE], 1.0)
+    assert await a.claim([mid], 2.0, owner="a", lease_until=32.0) == [mid]
+    assert [m.id for m in await b.unsettled(40.0, owner="b", lease_until=70.0)] == [mid]
+    refused = (mid, State.FAILED, "provider refused: invalid number")
+    assert await a.finish([refused], 41.0, owner="a") == [mid]
+    assert await a.requeue([mid], 42.0, owner="a", at=50.0, reason="retrying: HTTP 503") == [mid]
+    assert await a.note_unknown([mid], 43.0, "outcome unknown", "unknown", owner="a") == [mid]
+    assert await a.resend_unknown([mid], 44.0, "not in /logs", owner="a") == [mid]
+    assert await a.settle_unknown([mid], 45.0, "given up", owner="a") == [mid]
+    assert (await b.get(mid)).state == State.SENDING
+    assert [m.id for m in await b.unsettled(50.0, owner="b", lease_until=80.0)] == [mid]
+    by = "not applied, a no longer held it"
+    assert [(e["state"], e["detail"]) for e in (await b.events(mid))[-5:]] == [
+        ("sending", f"{by}: failed: provider refused: invalid number"),
+        ("sending", f"{by}: queued again: retrying: HTTP 503"),
+        ("sending", f"{by}: outcome unknown"),
+        ("sending", f"{by}: not in /logs"),
+        ("sending", f"{by}: given up"),
+    ]
+    assert (await b.get(mid)).reason_kind is None  # a's unknown outcome is not b's
+    # b's own requeue is written, and the row is nobody's claim once queued.
+    assert await b.requeue([mid], 51.0, owner="b", at=60.0, reason="retrying") == []
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        row = await conn.fetchrow("SELECT state, claimed_by, lease_until FROM messages")
+    finally:
+        await conn.close()
+    assert tuple(row) == ("queued", None, None)
 
 
 async def test_instances_together_never_book_past_the_limit(

@@ -163,7 +163,7 @@ async def test_a_send_answered_after_a_takeover_keeps_the_takers_record(
         taken = await bridge.store.unsettled(ahead, owner="other", lease_until=ahead + LEASE)
         assert [m.id for m in taken] == [mid]
         await bridge.store.mark_sent([(mid, "other-1", 0.05)], ahead, owner="other")
-        await bridge.store.finish([(mid, State.DELIVERED, None)], ahead + 1)
+        await bridge.store.record_status([(mid, State.DELIVERED, None)], ahead + 1)
         with caplog.at_level(logging.WARNING, logger="bridge.delivery.outcomes"):
             await sending
         message = await bridge.store.get(mid)

@@ -32,10 +32,10 @@ async def test_concurrent_ingests_share_transactions(store: Store) -> None:
 async def test_every_state_change_is_logged(store: Store) -> None:
     [mid] = await seed(store, [MESSAGE], 1.0)
     await store.claim([mid], 2.0, **OWNER)
-    await store.requeue([mid], 3.0, at=10.0, reason="retrying: HTTP 500")
+    await store.requeue([mid], 3.0, owner=OWNER["owner"], at=10.0, reason="retrying: HTTP 500")
     await store.claim([mid], 11.0, **OWNER)
     await store.mark_sent([(mid, "p-1", 0.5)], 12.0, owner=OWNER["owner"])
-    await store.finish([(mid, State.DELIVERED, None)], 20.0)
+    await store.record_status([(mid, State.DELIVERED, None)], 20.0)
     events = await store.events(mid)
     assert [(e["state"], e["attempts"]) for e in events] == [
         ("queued", 0),
@@ -59,8 +59,10 @@ async def test_set_based_updates_give_each_row_its_own_values(store: Store) -> N
         3.0,
         owner=OWNER["owner"],
     )
-    await store.requeue([ids[3]], 3.0, at=9.0, reason="retrying: HTTP 503")
-    await store.finish([(ids[0], State.DELIVERED, None), (ids[1], State.FAILED, "expired")], 4.0)
+    await store.requeue([ids[3]], 3.0, owner=OWNER["owner"], at=9.0, reason="retrying: HTTP 503")
+    await store.record_status(
+        [(ids[0], State.DELIVERED, None), (ids[1], State.FAILED, "expired")], 4.0
+    )
     got = {i: await store.get(i) for i in ids}
     assert [(got[i].state, got[i].provider_message_id, got[i].cost) for i in ids] == [
         (State.DELIVERED, "p-0", 0.25),
@@ -86,8 +88,10 @@ async def test_a_late_send_keeps_a_later_state_and_is_noted_on_the_message(
     await store.mark_sent(
         [(delivered, "p-other", 0.3), (found, "p-found", 0.1)], 3.0, owner=OWNER["owner"]
     )
-    await store.finish([(delivered, State.DELIVERED, None)], 4.0)
-    await store.requeue([requeued], 4.0, at=9.0, reason="not in /logs: sending again")
+    await store.record_status([(delivered, State.DELIVERED, None)], 4.0)
+    await store.requeue(
+        [requeued], 4.0, owner=OWNER["owner"], at=9.0, reason="not in /logs: sending again"
+    )
     late = await store.mark_sent(
         [
             (mine, "p-1", 0.1),
@@ -112,6 +116,54 @@ async def test_a_late_send_keeps_a_later_state_and_is_noted_on_the_message(
         last["detail"] == "sent also by test:1 after its claim was taken over: provider id p-late"
     )
     assert [e["state"] for e in await store.events(found)] == ["queued", "sending", "sent"]
+
+
+async def test_a_late_outcome_keeps_a_later_state_and_is_noted_on_the_message(
+    store: Store,
+) -> None:
+    """An outcome (a refusal) that comes after the row moved on (another instance took
+    the claim over and the text was delivered) leaves the row as it is and says what it
+    was in the message's history; a row still held, or queued (a daily cap met before the
+    claim), takes it. A delivery report only moves a `sent` row."""
+    mine, queued, delivered = await seed(store, [MESSAGE] * 3, 1.0)
+    await store.claim([mine, delivered], 2.0, **OWNER)
+    await store.mark_sent([(delivered, "p-1", 0.1)], 3.0, owner=OWNER["owner"])
+    await store.record_status([(delivered, State.DELIVERED, None)], 4.0)
+    late = await store.finish(
+        [
+            (mine, State.FAILED, "provider refused: bad number"),
+            (queued, State.FAILED, "daily budget reached"),
+            (delivered, State.FAILED, "provider refused: late"),
+        ],
+        5.0,
+        owner=OWNER["owner"],
+    )
+    assert late == [delivered]
+    again = {"owner": OWNER["owner"], "at": 9.0, "reason": "retrying: HTTP 500"}
+    assert await store.requeue([delivered, queued], 5.5, **again) == [delivered, queued]
+    # An unknown outcome is settled only where the owner still holds the claim.
+    who = {"owner": OWNER["owner"]}
+    assert await store.note_unknown([delivered], 5.6, "outcome unknown: timeout", "unknown", **who)
+    assert await store.resend_unknown([delivered, queued], 5.7, "not in /logs", **who) == [
+        delivered,
+        queued,
+    ]
+    assert await store.settle_unknown([delivered], 5.8, "outcome unknown: given up", **who)
+    await store.record_status([(mine, State.DELIVERED, None)], 6.0)  # failed: not sent
+    got = [await store.get(i) for i in (mine, queued, delivered)]
+    assert [(m.state, m.reason) for m in got] == [
+        (State.FAILED, "provider refused: bad number"),
+        (State.FAILED, "daily budget reached"),
+        (State.DELIVERED, None),
+    ]
+    by = "not applied, test:1 no longer held it"
+    assert [(e["state"], e["at"], e["detail"]) for e in (await store.events(delivered))[-5:]] == [
+        ("delivered", 5.0, f"{by}: failed: provider refused: late"),
+        ("delivered", 5.5, f"{by}: queued again: retrying: HTTP 500"),
+        ("delivered", 5.6, f"{by}: outcome unknown: timeout"),
+        ("delivered", 5.7, f"{by}: not in /logs"),
+        ("delivered", 5.8, f"{by}: outcome unknown: given up"),
+    ]
 
 
 async def test_claim_only_takes_queued_messages_and_books_one_request(store: Store) -> None:
@@ -198,7 +250,7 @@ async def test_ingest_answers_policy_inside_its_transaction(store: Store) -> Non
 async def test_the_store_answers_what_policy_asks(store: Store) -> None:
     keyed = MESSAGE._replace(dedupe_key="k")
     [first, _, failed] = await seed(store, [keyed, keyed, keyed._replace(text="x")], 5.0)
-    await store.finish([(failed, State.FAILED, "refused")], 6.0)
+    await store.finish([(failed, State.FAILED, "refused")], 6.0, owner=OWNER["owner"])
     [held] = await seed(store, [keyed._replace(recipient="+12025550144", state=State.HELD)], 7.0)
     seen: list[Lookups] = []
 

@@ -58,8 +58,10 @@ async def _build_sqlite(path: Path) -> dict[str, list[int]]:
         await store.mark_sent(
             [(sent, "prov-sent", 0.05), (delivered, "prov-deliv", 0.05)], now + 2, owner="old:1"
         )
-        await store.finish([(delivered, State.DELIVERED, None)], now + 3)
-        await store.finish([(failed, State.FAILED, "provider said: invalid number")], now + 3)
+        await store.record_status([(delivered, State.DELIVERED, None)], now + 3)
+        await store.finish(
+            [(failed, State.FAILED, "provider said: invalid number")], now + 3, owner="old:1"
+        )
         in_flight = await store.claim(queued[2:3], now + 4, owner="old:1", lease_until=now + 34)
         await store.record_request(now + 5, "status")
         return {

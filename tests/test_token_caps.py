@@ -10,10 +10,13 @@ not hand the token a fresh day.
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
 from bridge.clock import ManualClock
+from bridge.config import Config
 from bridge.provider.sandbox import SandboxState
 from tests.helpers import bridge_config, pump, running_bridge
 from tests.test_console import sign_in
@@ -22,6 +25,7 @@ on_each_backend = pytest.mark.usefixtures("backend")
 
 CI = "ci-token-0123456789abcdef"
 OPS = "ops-token-0123456789abcdef"
+HOOK = "hook-token-0123456789abcdef"  # the routes'
 ADMIN_PHONE = "+12025550199"
 
 
@@ -156,25 +160,20 @@ async def test_a_reload_adds_the_cap(
     assert len(waiting) == 1
 
 
-@on_each_backend
-async def test_a_storm_digest_counts_against_the_token_whose_texts_it_folds(
-    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
-) -> None:
-    """A token's storm to one phone: two texts go, the rest are held and folded into a
-    digest, which is one more of that token's texts today. A digest folding several
-    tokens' texts is nobody's (bridge.delivery.digests.digest_token)."""
-    storm = '[limits]\nper_recipient = 2\nper_recipient_window = "10m"\n'
-    config = bridge_config(tmp_path, sandbox_url, tokens(10) + storm)
+STORM = '[limits]\nper_recipient = 2\nper_recipient_window = "10m"\n'
+ONE, MIXED = "+12025550170", "+12025550171"  # one sender's storm; several senders'
+
+
+async def storm_digests(
+    config: Config, clock: ManualClock, posts: list[tuple[str, dict[str, str], str]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Post (path, JSON body, bearer token) in order, run the bridge until nothing waits
+    (held texts folded, digests sent): the digests by phone, and the overview's caps."""
     ops = {"authorization": f"Bearer {OPS}"}
-    one, mixed = "+12025550170", "+12025550171"
-    senders = [(one, CI)] * 5 + [(mixed, t) for t in (CI, CI, OPS, CI, OPS)]
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
-        for n, (phone, token) in enumerate(senders):
-            response = await http.post(
-                f"{url}/api/v1/messages",
-                json={"to": phone, "message": f"loop {n}"},
-                headers={"authorization": f"Bearer {token}"},
-            )
+        for path, body, token in posts:
+            headers = {"authorization": f"Bearer {token}"}
+            response = await http.post(f"{url}{path}", json=body, headers=headers)
             assert response.status_code == 202, response.text
 
         async def settled() -> bool:
@@ -184,13 +183,55 @@ async def test_a_storm_digest_counts_against_the_token_whose_texts_it_folds(
         await pump(bridge, clock, settled, max_seconds=3600)
         digests = (await http.get(f"{url}/api/v1/messages?source=digest", headers=ops)).json()
         overview = (await http.get(f"{url}/ui/overview.json", headers=ops)).json()
-    assert len(digests["messages"]) == 2
-    by_phone = {m["recipient"]: m for m in digests["messages"]}
-    assert by_phone[one]["token"] == "ci" and by_phone[mixed]["token"] is None
     assert {m["state"] for m in digests["messages"]} == {"sent"}
+    return {m["recipient"]: m for m in digests["messages"]}, overview["today"]["caps"]
+
+
+@on_each_backend
+async def test_a_storm_digest_counts_against_the_token_whose_texts_it_folds(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A token's storm to one phone: two texts go, the rest are held and folded into a
+    digest, which is one more of that token's texts today. A digest folding several
+    tokens' texts is nobody's (bridge.delivery.digests.digest_token)."""
+    config = bridge_config(tmp_path, sandbox_url, tokens(10) + STORM)
+    senders = [(ONE, CI)] * 5 + [(MIXED, t) for t in (CI, CI, OPS, CI, OPS)]
+    posts = [
+        ("/api/v1/messages", {"to": phone, "message": f"loop {n}"}, token)
+        for n, (phone, token) in enumerate(senders)
+    ]
+    by_phone, caps = await storm_digests(config, clock, posts)
+    assert len(by_phone) == 2
+    assert by_phone[ONE]["token"] == "ci" and by_phone[MIXED]["token"] is None
     # ci today: two texts to each phone, and the digest of its own storm.
-    assert overview["today"]["caps"]["tokens"] == {"ci": {"cap": 10, "used": 5}}
+    assert caps["tokens"] == {"ci": {"cap": 10, "used": 5}}
     assert len([e for e in sandbox_state.entries if e.message.startswith("+")]) == 2
+
+
+@on_each_backend
+async def test_a_storm_digest_counts_against_the_route_whose_texts_it_folds(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """As for tokens, by `routes.NAME.max_texts_per_day`: a digest of one route's storm
+    is one more of that route's texts; one folding two routes' texts is neither's
+    (bridge.delivery.digests.digest_route)."""
+    routes = "".join(
+        f'[routes.{name}]\nformat = "generic"\nto = ["{phone}"]\ntoken = "{HOOK}"\n'
+        f"max_texts_per_day = 10\n"
+        for name, phone in (("pager", ONE), ("left", MIXED), ("right", MIXED))
+    )
+    config = bridge_config(tmp_path, sandbox_url, tokens(None) + STORM + routes)
+    names = ["pager"] * 5 + ["left", "left", "right", "left", "right"]
+    posts = [(f"/hooks/{name}", {"message": f"loop {n}"}, HOOK) for n, name in enumerate(names)]
+    by_phone, caps = await storm_digests(config, clock, posts)
+    assert len(by_phone) == 2
+    assert by_phone[ONE]["route"] == "pager" and by_phone[MIXED]["route"] is None
+    # pager today: its two texts and the digest of its storm; left and right: their own.
+    assert {name: cap["used"] for name, cap in caps["routes"].items()} == {
+        "pager": 3,
+        "left": 2,
+        "right": 0,
+    }
 
 
 async def test_an_open_bridge_and_mail_record_no_token(

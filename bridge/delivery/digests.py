@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from bridge.clock import Clock
 from bridge.config import LimitsConfig, ProviderConfig
@@ -41,6 +41,12 @@ def digest_text(topics: list[str], instances: list[str | None] | None = None) ->
     return text
 
 
+def _sole(values: Iterable[str | None]) -> str | None:
+    """The one value all share; None when they differ (or none has one)."""
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else None
+
+
 def digest_token(held: list[Held]) -> str | None:
     """The API token a digest is counted against (`tokens.NAME.texts_per_day`).
 
@@ -54,8 +60,15 @@ def digest_token(held: list[Held]) -> str | None:
     for the others' texts. The overall caps still count it, and storm control bounds it
     to one text per phone and window, so it cannot be a way around a token's cap.
     """
-    tokens = {m.token for m in held}
-    return tokens.pop() if len(tokens) == 1 else None
+    return _sole(m.token for m in held)
+
+
+def digest_route(held: list[Held]) -> str | None:
+    """The route a digest is counted against (`routes.NAME.max_texts_per_day`), by the
+    rule and for the reasons of `digest_token`: the held messages' one route, or none
+    when they came through several (or some by mail or the API), so that no one route's
+    cap holds back the others' alerts nor is charged for them."""
+    return _sole(m.route for m in held)
 
 
 class DigestWorker:
@@ -113,6 +126,7 @@ class DigestWorker:
                 sender_id=self.sender_id,
                 topic="digest",
                 token=digest_token(held),
+                route=digest_route(held),
             )
             # Shaped as every text is; no dedupe key: a digest is never held back as a repeat.
             return self.shaper.messages([draft])[0]._replace(dedupe_key=None)

@@ -246,14 +246,19 @@ class Dispatcher:
             reason = f"daily budget reached ({cap.why})"
             log.warning("%s: %d messages %s", reason, len(ids), outcome)
             if outcome == "fail":
-                await self.store.finish(
-                    [(i, State.FAILED, reason) for i in ids], now, reason_kind="budget"
+                late = await self.store.finish(
+                    [(i, State.FAILED, reason) for i in ids],
+                    now,
+                    owner=self.owner,
+                    reason_kind="budget",
                 )
+                self.outcomes.not_held(late, reason)
             else:
                 waiting = f"{reason}; waiting until 00:00 UTC"
-                await self.store.requeue(
-                    ids, now, at=tomorrow, reason=waiting, reason_kind="budget"
+                late = await self.store.requeue(
+                    ids, now, owner=self.owner, at=tomorrow, reason=waiting, reason_kind="budget"
                 )
+                self.outcomes.not_held(late, waiting)
                 # The state stays queued, which leaves no event: the timeline says why
                 # the message did not go (once a day at most: it is due tomorrow).
                 await self.store.note(ids, waiting, now)

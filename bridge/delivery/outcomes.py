@@ -99,6 +99,19 @@ class Outcomes:
                 [pids[i] for i in late],
             )
 
+    def not_held(self, late: list[int], what: str) -> None:
+        """Warn of messages an outcome of this instance's was not written to: another
+        instance took them over (a lapsed lease) or they moved on; the store noted
+        `what` in their events instead (bridge.store.api: the rule)."""
+        if late:
+            log.warning(
+                "messages %s were no longer held by this instance (%s) when it learnt: %s;"
+                " left as they are, noted in their events",
+                late,
+                self.owner,
+                what,
+            )
+
     async def failed(self, batch: list[Message], exc: ProviderError) -> None:
         """A call's error, read by its class (most specific first)."""
         ids = [m.id for m in batch]
@@ -113,35 +126,37 @@ class Outcomes:
                     if isinstance(exc, ProviderInactiveError)
                     else "provider refused the key"
                 )
-                await self.store.requeue(
-                    ids, now, at=now, reason=f"waiting: {what} ({exc})", refund_attempt=True
+                waiting = f"waiting: {what} ({exc})"
+                self.not_held(
+                    await self.store.requeue(
+                        ids, now, owner=self.owner, at=now, reason=waiting, refund_attempt=True
+                    ),
+                    waiting,
                 )
             case RateLimitedError():
                 pause = await self.limiter.rate_limited(exc.retry_after)
                 log.warning("provider answered 429: pausing all requests for %.1fs", pause)
-                await self.store.requeue(
-                    ids,
-                    now,
-                    at=now + pause,
-                    reason=f"rate limited by the provider ({exc})",
-                    refund_attempt=True,
+                limited = f"rate limited by the provider ({exc})"
+                late = await self.store.requeue(
+                    ids, now, owner=self.owner, at=now + pause, reason=limited, refund_attempt=True
                 )
+                self.not_held(late, limited)
             case TransientUnknownOutcome():
                 log.warning(
                     "outcome of request for %s unknown (%s): checking /logs first", ids, exc
                 )
                 self.limiter.answered()
-                await self.store.note_unknown(
-                    ids, f"outcome unknown, checking the provider's logs: {exc}", "unknown"
-                )
+                unknown = f"outcome unknown, checking the provider's logs: {exc}"
+                late = await self.store.note_unknown(ids, now, unknown, "unknown", owner=self.owner)
+                self.not_held(late, unknown)
             case ProviderFailed():
                 # It says it failed; /logs still decides, a 5xx is not proof of nothing sent.
                 self.limiter.answered()
-                await self.store.note_unknown(
-                    ids,
-                    f"provider error, checking its logs before a retry: {exc}",
-                    "provider-error",
+                error = f"provider error, checking its logs before a retry: {exc}"
+                late = await self.store.note_unknown(
+                    ids, now, error, "provider-error", owner=self.owner
                 )
+                self.not_held(late, error)
             case TransientSendError():
                 await self.retry_later(batch, exc)
             case _:
@@ -166,18 +181,21 @@ class Outcomes:
             log.warning(
                 "bulk call refused (%s): sending its %d messages one by one", exc, len(batch)
             )
-            await self.store.requeue(
+            solo = f"bulk refused, retrying one by one: {exc.reason}"
+            late = await self.store.requeue(
                 [m.id for m in batch],
                 now,
+                owner=self.owner,
                 at=now,
                 solo=True,
-                reason=f"bulk refused, retrying one by one: {exc.reason}",
+                reason=solo,
                 refund_attempt=True,
             )
+            self.not_held(late, solo)
             return
-        await self.store.finish(
-            [(batch[0].id, State.FAILED, f"provider refused: {exc.reason}")], now
-        )
+        reason = f"provider refused: {exc.reason}"
+        late = await self.store.finish([(batch[0].id, State.FAILED, reason)], now, owner=self.owner)
+        self.not_held(late, reason)
 
     async def key_refused(self, exc: ProviderAuthError) -> float:
         """401/403/404: health red, every instance paused until the next try (403:
@@ -207,9 +225,13 @@ class Outcomes:
             else:
                 retry.append((m.id, delay))
         if give_up:
-            await self.store.finish(give_up, now)
+            late = await self.store.finish(give_up, now, owner=self.owner)
+            self.not_held(late, f"failed, gave up: {exc}")
         for message_id, delay in retry:
-            await self.store.requeue([message_id], now, at=now + delay, reason=f"retrying: {exc}")
+            late = await self.store.requeue(
+                [message_id], now, owner=self.owner, at=now + delay, reason=f"retrying: {exc}"
+            )
+            self.not_held(late, f"retrying: {exc}")
 
     def backoff(self, attempts: int) -> float:
         base = min(self.config.backoff_max, self.config.backoff_initial * 2 ** max(0, attempts - 1))

@@ -130,5 +130,5 @@ class StatusPoller:
         if found_ids:
             await self.store.set_provider_ids(found_ids)
         if updates:
-            await self.store.finish(updates, self.clock.now())
+            await self.store.record_status(updates, self.clock.now())
         return max(self.config.poll_interval, self.limiter.wait_time("status"))

@@ -150,11 +150,9 @@ class Reconciler:
         again = [m.id for m in unknown if m.unknown_resends < cap]
         if again:
             log.warning("%d messages not found in the provider's logs: sending again", len(again))
-            await self.store.resend_unknown(
-                again,
-                now,
-                f"outcome unknown and not in the provider's logs: resent (at most {cap})",
-            )
+            resent = f"outcome unknown and not in the provider's logs: resent (at most {cap})"
+            late = await self.store.resend_unknown(again, now, resent, owner=self.owner)
+            self.outcomes.not_held(late, resent)
         given_up = [m.id for m in unknown if m.unknown_resends >= cap]
         if given_up:
             log.error(
@@ -163,12 +161,12 @@ class Reconciler:
                 cap,
                 given_up[:20],
             )
-            await self.store.settle_unknown(
-                given_up,
-                now,
+            settled = (
                 f"outcome unknown: sent {cap + 1} times, the provider's answers and logs"
-                " never said whether it went; not sent again",
+                " never said whether it went; not sent again"
             )
+            late = await self.store.settle_unknown(given_up, now, settled, owner=self.owner)
+            self.outcomes.not_held(late, settled)
             if self.budget is not None and await self.budget.warn(
                 "unknown-outcome",
                 f"sms-bridge: {len(given_up)} texts have an unknown outcome (the provider"

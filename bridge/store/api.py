@@ -169,6 +169,15 @@ class DeliveryOperations(Protocol):
         one process, never)."""
         ...
 
+    # The outcomes of a send (mark_sent, finish, requeue, note_unknown, resend_unknown,
+    # settle_unknown) take the `owner` whose claim the send was made under, and write
+    # only rows that owner still holds: `sending` under its claim, or (mark_sent, finish,
+    # requeue) back in `queued`, which nobody holds. A row another instance took over (a
+    # lapsed lease: a frozen process, a clock behind), or already in a later state, is
+    # theirs: it is not rewritten, and what the late owner learnt (a send, a refusal, an
+    # unknown outcome) is kept as an event on the message (`not_applied`, `sent_late`).
+    # Each returns the ids that got such an event, for the caller to log as a warning.
+    # SQLite (one process): every claim is the owner's; the state rule is the same.
     async def mark_sent(
         self, results: Iterable[tuple[int, str | None, float | None]], now: float, *, owner: str
     ) -> list[int]:
@@ -183,16 +192,25 @@ class DeliveryOperations(Protocol):
         process): every claim is `owner`'s; the state rule is the same."""
         ...
 
-    async def note_unknown(self, ids: Sequence[int], reason: str, kind: str) -> None:
-        """A send whose outcome /logs must settle: stays `sending`, with why and how."""
+    async def note_unknown(
+        self, ids: Sequence[int], now: float, reason: str, kind: str, *, owner: str
+    ) -> list[int]:
+        """A send whose outcome /logs must settle: stays `sending`, with why and how;
+        only rows `owner` still holds in `sending` (the rule above; the ids noted)."""
         ...
 
-    async def resend_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
-        """sending -> queued, due now, counting one resend of an unsettled outcome."""
+    async def resend_unknown(
+        self, ids: Sequence[int], now: float, reason: str, *, owner: str
+    ) -> list[int]:
+        """`owner`'s sending rows -> queued, due now, no longer claimed, counting one
+        resend of an unsettled outcome; the ids noted instead (the rule above)."""
         ...
 
-    async def settle_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
-        """sending -> sent without provider id, reason kind `unknown`: the last word."""
+    async def settle_unknown(
+        self, ids: Sequence[int], now: float, reason: str, *, owner: str
+    ) -> list[int]:
+        """`owner`'s sending rows -> sent without provider id, reason kind `unknown`: the
+        last word; the ids noted instead (the rule above)."""
         ...
 
     async def requeue(
@@ -200,23 +218,37 @@ class DeliveryOperations(Protocol):
         ids: Sequence[int],
         now: float,
         *,
+        owner: str,
         at: float,
         reason: str | None,
         refund_attempt: bool = False,
         solo: bool | None = None,
         reason_kind: str | None = None,
-    ) -> None:
-        """sending or queued -> queued, due at `at`; `refund_attempt` when the send never
-        really ran; `solo` / `reason_kind` replace the stored ones when given."""
+    ) -> list[int]:
+        """`owner`'s sending or queued rows (the rule above) -> queued, due at `at`, no
+        longer claimed by anyone; `refund_attempt` when the send never really ran; `solo`
+        / `reason_kind` replace the stored ones when given. The ids noted instead."""
         ...
 
     async def finish(
         self,
         updates: Iterable[tuple[int, State, str | None]],
         now: float,
+        *,
+        owner: str,
         reason_kind: str | None = None,
+    ) -> list[int]:
+        """Final states (failed) with their reasons, as `owner` decided them (a refusal,
+        a retry given up, a daily cap), for the rows it may write (the rule above: its
+        own `sending` claims, or `queued`); the ids noted instead."""
+        ...
+
+    async def record_status(
+        self, updates: Iterable[tuple[int, State, str | None]], now: float
     ) -> None:
-        """Final states (failed, delivered) with their reasons."""
+        """The provider's delivery reports (the status poller): `sent` -> delivered or
+        failed, with their reasons. Only rows still `sent`: a report is about a text the
+        provider took, whoever sent it, and a row already reported keeps its state."""
         ...
 
     async def awaiting_status(

@@ -109,6 +109,7 @@ class Held:
     text: str
     instance: str | None
     token: str | None = None  # the [tokens.NAME] that sent it: the digest may carry it
+    route: str | None = None  # the [routes.NAME] it came by: the digest may carry it
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,3 +149,20 @@ def sent_late(owner: str, provider_id: str | None) -> str:
         f"sent also by {owner} after its claim was taken over:"
         f" provider id {provider_id or 'none given'}"
     )
+
+
+def not_applied(owner: str, detail: str) -> str:
+    """The event an outcome write leaves on a message `owner` no longer held (another
+    instance took its claim over, or the message already moved on): what `owner` learnt
+    is kept in the message's history, its row is not rewritten. Both backends alike."""
+    return f"not applied, {owner} no longer held it: {detail}"
+
+
+def ended(state: str, reason: str | None) -> str:
+    """A final state with its reason, as `not_applied` notes a `finish` it did not write."""
+    return f"{state}: {reason}" if reason else str(state)
+
+
+def requeued(reason: str | None) -> str:
+    """A `requeue` as `not_applied` notes it."""
+    return f"queued again: {reason}" if reason else "queued again"

@@ -18,11 +18,37 @@ from collections.abc import Iterable, Sequence
 
 from bridge.models import Message, State
 from bridge.store.postgres.base import Base
+from bridge.store.postgres.pool import Conn
 from bridge.store.postgres.rate import book, insert_booking, wait_locked
-from bridge.store.values import sent_late
+from bridge.store.values import ended, not_applied, requeued, sent_late
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
 RETRIED_KINDS = "('unknown', 'provider-error')"  # a new attempt: what an earlier outcome was
+# Rows an outcome of `owner` (a parameter of the statement) may write: its own claims,
+# and queued ones (nobody's). Anything else is another instance's, or moved on.
+HELD = "(m.state = 'sending' AND m.claimed_by = {})"  # an unknown outcome's: its own claims
+OWNED = f"(m.state = 'queued' OR {HELD})"
+
+
+async def note_late(conn: Conn, now: float, notes: Sequence[tuple[int, str]]) -> list[int]:
+    """(id, detail) as events on the messages, in their current state: what a caller
+    learnt too late to write it (`not_applied`, `sent_late`); the ids noted (those that
+    still exist), in the order given."""
+    if not notes:
+        return []
+    noted = {
+        int(r[0])
+        for r in await conn.fetch(
+            "INSERT INTO events (message_id, at, state, attempts, detail)"
+            " SELECT m.id, $1, m.state, m.attempts, r.detail FROM messages m"
+            " JOIN unnest($2::bigint[], $3::text[]) AS r(id, detail) ON m.id = r.id"
+            " ORDER BY m.id RETURNING message_id",
+            now,
+            [i for i, _ in notes],
+            [d for _, d in notes],
+        )
+    }
+    return [i for i, _ in notes if i in noted]
 
 
 class DeliveryOps(Base):
@@ -129,8 +155,7 @@ class DeliveryOps(Base):
                     "UPDATE messages m SET state = 'sent', provider_message_id = r.pid,"
                     " cost = r.cost, sent_at = $4, updated_at = $4, reason = NULL"
                     " FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS r(id, pid, cost)"
-                    " WHERE m.id = r.id AND (m.state = 'queued'"
-                    " OR (m.state = 'sending' AND m.claimed_by = $5)) RETURNING m.id",
+                    f" WHERE m.id = r.id AND {OWNED.format('$5')} RETURNING m.id",
                     ids,
                     pids,
                     [r[2] for r in rows],
@@ -141,50 +166,57 @@ class DeliveryOps(Base):
             late = [(i, p) for i, p in zip(ids, pids, strict=True) if i not in marked]
             if not late:
                 return []
-            noted = {
-                int(r[0])
+            # No event where the row carries this very send (the taker found it in /logs).
+            carried = {
+                int(r[0]): r[1]
                 for r in await conn.fetch(
-                    "INSERT INTO events (message_id, at, state, attempts, detail)"
-                    " SELECT m.id, $1, m.state, m.attempts, r.detail FROM messages m"
-                    " JOIN unnest($2::bigint[], $3::text[], $4::text[]) AS r(id, pid, detail)"
-                    " ON m.id = r.id WHERE r.pid IS NULL"
-                    " OR m.provider_message_id IS DISTINCT FROM r.pid"
-                    " ORDER BY m.id RETURNING message_id",
-                    now,
+                    "SELECT id, provider_message_id FROM messages WHERE id = ANY($1::bigint[])",
                     [i for i, _ in late],
-                    [p for _, p in late],
-                    [sent_late(owner, p) for _, p in late],
                 )
             }
-        return [i for i, _ in late if i in noted]
+            return await note_late(
+                conn,
+                now,
+                [(i, sent_late(owner, p)) for i, p in late if p is None or carried.get(i) != p],
+            )
 
-    async def note_unknown(self, ids: Sequence[int], reason: str, kind: str) -> None:
-        await self._execute(
-            "UPDATE messages SET reason = $1, reason_kind = $2"
-            " WHERE id = ANY($3::bigint[]) AND state = 'sending'",
-            reason,
-            kind,
-            list(ids),
-        )
-
-    async def resend_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
-        await self._execute(
-            "UPDATE messages SET state = 'queued', next_attempt_at = $1, updated_at = $1,"
-            " reason = $2, unknown_resends = unknown_resends + 1"
-            " WHERE id = ANY($3::bigint[]) AND state = 'sending'",
+    async def note_unknown(
+        self, ids: Sequence[int], now: float, reason: str, kind: str, *, owner: str
+    ) -> list[int]:
+        return await self._owned_write(
+            "UPDATE messages m SET reason = $1, reason_kind = $2"
+            f" WHERE id = ANY($3::bigint[]) AND {HELD.format('$4')} RETURNING m.id",
+            (reason, kind, list(ids), owner),
+            ids,
             now,
-            reason,
-            list(ids),
+            not_applied(owner, reason),
         )
 
-    async def settle_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
-        await self._execute(
-            "UPDATE messages SET state = 'sent', sent_at = $1, updated_at = $1, reason = $2,"
+    async def resend_unknown(
+        self, ids: Sequence[int], now: float, reason: str, *, owner: str
+    ) -> list[int]:
+        return await self._owned_write(
+            "UPDATE messages m SET state = 'queued', next_attempt_at = $1, updated_at = $1,"
+            " reason = $2, unknown_resends = unknown_resends + 1, claimed_by = NULL,"
+            f" lease_until = NULL WHERE id = ANY($3::bigint[]) AND {HELD.format('$4')}"
+            " RETURNING m.id",
+            (now, reason, list(ids), owner),
+            ids,
+            now,
+            not_applied(owner, reason),
+        )
+
+    async def settle_unknown(
+        self, ids: Sequence[int], now: float, reason: str, *, owner: str
+    ) -> list[int]:
+        return await self._owned_write(
+            "UPDATE messages m SET state = 'sent', sent_at = $1, updated_at = $1, reason = $2,"
             " reason_kind = 'unknown', provider_message_id = NULL"
-            " WHERE id = ANY($3::bigint[]) AND state = 'sending'",
+            f" WHERE id = ANY($3::bigint[]) AND {HELD.format('$4')} RETURNING m.id",
+            (now, reason, list(ids), owner),
+            ids,
             now,
-            reason,
-            list(ids),
+            not_applied(owner, reason),
         )
 
     async def requeue(
@@ -192,43 +224,77 @@ class DeliveryOps(Base):
         ids: Sequence[int],
         now: float,
         *,
+        owner: str,
         at: float,
         reason: str | None,
         refund_attempt: bool = False,
         solo: bool | None = None,
         reason_kind: str | None = None,
-    ) -> None:
-        await self._execute(
-            "UPDATE messages SET state = 'queued', next_attempt_at = $1, updated_at = $2,"
+    ) -> list[int]:
+        # Queued is nobody's claim: the claim's owner and lease go with it.
+        return await self._owned_write(
+            "UPDATE messages m SET state = 'queued', next_attempt_at = $1, updated_at = $2,"
             " reason = $3, attempts = attempts - $4, solo = coalesce($5, solo),"
-            " reason_kind = coalesce($6, reason_kind)"
-            " WHERE id = ANY($7::bigint[]) AND state IN ('sending', 'queued')",
-            at,
+            " reason_kind = coalesce($6, reason_kind), claimed_by = NULL, lease_until = NULL"
+            f" WHERE id = ANY($7::bigint[]) AND {OWNED.format('$8')} RETURNING m.id",
+            (at, now, reason, 1 if refund_attempt else 0, solo, reason_kind, list(ids), owner),
+            ids,
             now,
-            reason,
-            1 if refund_attempt else 0,
-            solo,
-            reason_kind,
-            list(ids),
+            not_applied(owner, requeued(reason)),
         )
+
+    async def _owned_write(
+        self, sql: str, args: Sequence[object], ids: Sequence[int], now: float, note: str
+    ) -> list[int]:
+        """Run `sql` (an UPDATE returning the ids it wrote, guarded by `OWNED` or
+        `HELD`) and note `note` on those of `ids` it did not write."""
+        async with self._write() as conn:
+            written = {int(r[0]) for r in await conn.fetch(sql, *args)}
+            return await note_late(conn, now, [(i, note) for i in ids if i not in written])
 
     async def finish(
         self,
         updates: Iterable[tuple[int, State, str | None]],
         now: float,
+        *,
+        owner: str,
         reason_kind: str | None = None,
+    ) -> list[int]:
+        rows = list(updates)
+        async with self._write() as conn:
+            written = {
+                int(r[0])
+                for r in await conn.fetch(
+                    "UPDATE messages m SET state = u.state, reason = u.reason, updated_at = $4,"
+                    " reason_kind = coalesce($5, m.reason_kind)"
+                    " FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(id, state, reason)"
+                    f" WHERE m.id = u.id AND {OWNED.format('$6')} RETURNING m.id",
+                    [r[0] for r in rows],
+                    [str(r[1]) for r in rows],
+                    [r[2] for r in rows],
+                    now,
+                    reason_kind,
+                    owner,
+                )
+            }
+            return await note_late(
+                conn,
+                now,
+                [(i, not_applied(owner, ended(s, why))) for i, s, why in rows if i not in written],
+            )
+
+    async def record_status(
+        self, updates: Iterable[tuple[int, State, str | None]], now: float
     ) -> None:
         rows = list(updates)
         await self._execute(
-            "UPDATE messages m SET state = u.state, reason = u.reason, updated_at = $4,"
-            " reason_kind = coalesce($5, m.reason_kind)"
+            "UPDATE messages m SET state = u.state, reason = u.reason, updated_at = $4"
             " FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(id, state, reason)"
-            " WHERE m.id = u.id",
+            " WHERE m.id = u.id AND m.state = 'sent'",
             [r[0] for r in rows],
             [str(r[1]) for r in rows],
             [r[2] for r in rows],
             now,
-            reason_kind,
         )
 
     async def awaiting_status(

@@ -207,7 +207,7 @@ class IngestOps(Base):
             held = [
                 Held(*r)
                 for r in await conn.fetch(
-                    "SELECT id, topic, text, instance, token FROM messages WHERE recipient = $1"
+                    "SELECT id, topic, text, instance, token, route FROM messages WHERE recipient = $1"
                     " AND state = 'held' ORDER BY id FOR UPDATE",
                     recipient,
                 )

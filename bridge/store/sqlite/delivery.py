@@ -16,9 +16,40 @@ from bridge.models import Message, State
 from bridge.store.sqlite.base import EngineBound
 from bridge.store.sqlite.rate import insert_booking, wait_in
 from bridge.store.sqlite.schema import JSON_IDS
-from bridge.store.values import sent_late
+from bridge.store.values import ended, not_applied, requeued, sent_late
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
+# The states an outcome may write (PostgreSQL's rule, `claimed_by` aside: one process
+# holds every claim): an owner's own claims, and queued rows (nobody's).
+OWNED = "('sending', 'queued')"
+HELD = "('sending')"  # an unknown outcome's: only a claim (this process's) is settled
+
+
+def in_states(db: Database, ids: Iterable[int], states: str) -> set[int]:
+    """Those of `ids` whose row is in one of `states` (an SQL list)."""
+    return set(
+        json.loads(
+            db.execute(
+                "SELECT json_group_array(id) FROM messages"
+                f" WHERE id IN {JSON_IDS} AND +state IN {states}",
+                (json.dumps(list(ids)),),
+            ).fetchone()[0]
+        )
+    )
+
+
+def note_late(db: Database, now: float, notes: Iterable[tuple[int, str]]) -> list[int]:
+    """(id, detail) as events on the messages, in their current state (PostgreSQL's
+    `note_late`); the ids noted (those that still exist), in the order given."""
+    return [
+        i
+        for i, detail in notes
+        if db.execute(
+            "INSERT INTO events (message_id, at, state, attempts, detail)"
+            " SELECT id, ?, state, attempts, ? FROM messages WHERE id = ?",
+            (now, detail, i),
+        ).rowcount
+    ]
 
 
 class DeliveryOperations(EngineBound):
@@ -167,75 +198,71 @@ class DeliveryOperations(EngineBound):
         rows = list(results)
 
         def job(db: Database) -> list[int]:
-            ids = json.dumps([r[0] for r in rows])
-            movable = set(
-                json.loads(
-                    db.execute(
-                        "SELECT json_group_array(id) FROM messages"
-                        f" WHERE id IN {JSON_IDS} AND +state IN ('sending', 'queued')",
-                        (ids,),
-                    ).fetchone()[0]
-                )
-            )
+            movable = in_states(db, (r[0] for r in rows), OWNED)
             db.execute(
                 "UPDATE messages SET state = 'sent',"
                 " provider_message_id = json_extract(r.value, '$[1]'),"
                 " cost = json_extract(r.value, '$[2]'), sent_at = ?, updated_at = ?,"
                 " reason = NULL FROM json_each(?) AS r"
-                " WHERE messages.id = json_extract(r.value, '$[0]')"
-                " AND +messages.state IN ('sending', 'queued')",
-                (now, now, json.dumps(rows)),
+                " WHERE messages.id = json_extract(r.value, '$[0]')",
+                (now, now, json.dumps([r for r in rows if r[0] in movable])),
             )
             late = [(i, pid) for i, pid, _ in rows if i not in movable]
-            found = {
-                i: pid
-                for i, pid in db.execute(
+            carried = dict(
+                db.execute(
                     f"SELECT id, provider_message_id FROM messages WHERE id IN {JSON_IDS}",
                     (json.dumps([i for i, _ in late]),),
-                )
-            }
-            noted = [i for i, pid in late if i in found and (pid is None or found[i] != pid)]
-            for i, pid in late:
-                if i in noted:
-                    db.execute(
-                        "INSERT INTO events (message_id, at, state, attempts, detail)"
-                        " SELECT id, ?, state, attempts, ? FROM messages WHERE id = ?",
-                        (now, sent_late(owner, pid), i),
-                    )
-            return noted
+                ).fetchall()
+            )
+            # No event where the row carries this very send (found in /logs).
+            return note_late(
+                db,
+                now,
+                [(i, sent_late(owner, p)) for i, p in late if p is None or carried.get(i) != p],
+            )
 
         return await self.engine.write(job)
 
-    async def note_unknown(self, ids: Sequence[int], reason: str, kind: str) -> None:
+    async def note_unknown(
+        self, ids: Sequence[int], now: float, reason: str, kind: str, *, owner: str
+    ) -> list[int]:
         """A send whose outcome /logs must settle: stays `sending`, says why and how."""
-        await self.engine.write(
-            lambda db: db.execute(
-                "UPDATE messages SET reason = ?, reason_kind = ?"
-                f" WHERE id IN {JSON_IDS} AND +state = 'sending'",
-                (reason, kind, json.dumps(list(ids))),
-            )
+        return await self._owned_write(
+            f"UPDATE messages SET reason = ?, reason_kind = ? WHERE id IN {JSON_IDS}",
+            (reason, kind),
+            ids,
+            HELD,
+            now,
+            not_applied(owner, reason),
         )
 
-    async def resend_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
+    async def resend_unknown(
+        self, ids: Sequence[int], now: float, reason: str, *, owner: str
+    ) -> list[int]:
         """sending -> queued, due now, counting one resend of an unsettled outcome."""
-        await self.engine.write(
-            lambda db: db.execute(
-                "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
-                " reason = ?, unknown_resends = unknown_resends + 1"
-                f" WHERE id IN {JSON_IDS} AND +state = 'sending'",
-                (now, now, reason, json.dumps(list(ids))),
-            )
+        return await self._owned_write(
+            "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
+            f" reason = ?, unknown_resends = unknown_resends + 1 WHERE id IN {JSON_IDS}",
+            (now, now, reason),
+            ids,
+            HELD,
+            now,
+            not_applied(owner, reason),
         )
 
-    async def settle_unknown(self, ids: Sequence[int], now: float, reason: str) -> None:
+    async def settle_unknown(
+        self, ids: Sequence[int], now: float, reason: str, *, owner: str
+    ) -> list[int]:
         """sending -> sent with no provider id: the last word on an outcome nobody knows."""
-        await self.engine.write(
-            lambda db: db.execute(
-                "UPDATE messages SET state = 'sent', sent_at = ?, updated_at = ?, reason = ?,"
-                " reason_kind = 'unknown', provider_message_id = NULL"
-                f" WHERE id IN {JSON_IDS} AND +state = 'sending'",
-                (now, now, reason, json.dumps(list(ids))),
-            )
+        return await self._owned_write(
+            "UPDATE messages SET state = 'sent', sent_at = ?, updated_at = ?, reason = ?,"
+            " reason_kind = 'unknown', provider_message_id = NULL"
+            f" WHERE id IN {JSON_IDS}",
+            (now, now, reason),
+            ids,
+            HELD,
+            now,
+            not_applied(owner, reason),
         )
 
     async def set_provider_ids(self, rows: Iterable[tuple[int, str]]) -> None:
@@ -255,47 +282,91 @@ class DeliveryOperations(EngineBound):
         ids: Sequence[int],
         now: float,
         *,
+        owner: str,
         at: float,
         reason: str | None,
         refund_attempt: bool = False,
         solo: bool | None = None,
         reason_kind: str | None = None,
-    ) -> None:
+    ) -> list[int]:
         """Back to queued, due at `at`; `refund_attempt` when the send never really ran."""
-
-        args = (
-            at,
+        return await self._owned_write(
+            "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
+            " reason = ?, attempts = attempts - ?, solo = coalesce(?, solo),"
+            f" reason_kind = coalesce(?, reason_kind) WHERE id IN {JSON_IDS}",
+            (
+                at,
+                now,
+                reason,
+                1 if refund_attempt else 0,
+                None if solo is None else int(solo),
+                reason_kind,
+            ),
+            ids,
+            OWNED,
             now,
-            reason,
-            1 if refund_attempt else 0,
-            None if solo is None else int(solo),
-            reason_kind,
-            json.dumps(list(ids)),
+            not_applied(owner, requeued(reason)),
         )
-        await self.engine.write(
-            lambda db: db.execute(
-                "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
-                " reason = ?, attempts = attempts - ?, solo = coalesce(?, solo),"
-                f" reason_kind = coalesce(?, reason_kind) WHERE id IN {JSON_IDS}"
-                " AND +state IN ('sending', 'queued')",
-                args,
-            )
-        )
+
+    async def _owned_write(
+        self,
+        sql: str,
+        args: tuple[object, ...],
+        ids: Sequence[int],
+        states: str,
+        now: float,
+        note: str,
+    ) -> list[int]:
+        """Run `sql` (an UPDATE whose last parameter is `JSON_IDS`) on those of `ids` in
+        `states`, and note `note` on the others (PostgreSQL's `_owned_write`)."""
+
+        def job(db: Database) -> list[int]:
+            owned = in_states(db, ids, states)
+            db.execute(sql, (*args, json.dumps([i for i in ids if i in owned])))
+            return note_late(db, now, [(i, note) for i in ids if i not in owned])
+
+        return await self.engine.write(job)
 
     async def finish(
         self,
         updates: Iterable[tuple[int, State, str | None]],
         now: float,
+        *,
+        owner: str,
         reason_kind: str | None = None,
-    ) -> None:
-        """Set final states (failed, delivered) with their reasons."""
-        rows = json.dumps([(i, str(state), reason) for i, state, reason in updates])
-        await self.engine.write(
-            lambda db: db.execute(
+    ) -> list[int]:
+        """Final states (failed) with their reasons, for rows still `sending` or
+        `queued`; any other is noted (`not_applied`)."""
+        rows = [(i, str(state), reason) for i, state, reason in updates]
+
+        def job(db: Database) -> list[int]:
+            owned = in_states(db, (r[0] for r in rows), OWNED)
+            db.execute(
                 "UPDATE messages SET state = json_extract(r.value, '$[1]'),"
                 " reason = json_extract(r.value, '$[2]'), updated_at = ?,"
                 " reason_kind = coalesce(?, reason_kind) FROM json_each(?) AS r"
                 " WHERE messages.id = json_extract(r.value, '$[0]')",
-                (now, reason_kind, rows),
+                (now, reason_kind, json.dumps([r for r in rows if r[0] in owned])),
+            )
+            return note_late(
+                db,
+                now,
+                [(i, not_applied(owner, ended(s, why))) for i, s, why in rows if i not in owned],
+            )
+
+        return await self.engine.write(job)
+
+    async def record_status(
+        self, updates: Iterable[tuple[int, State, str | None]], now: float
+    ) -> None:
+        """Delivery reports: `sent` rows -> delivered or failed."""
+        rows = json.dumps([(i, str(state), reason) for i, state, reason in updates])
+        await self.engine.write(
+            lambda db: db.execute(
+                "UPDATE messages SET state = json_extract(r.value, '$[1]'),"
+                " reason = json_extract(r.value, '$[2]'), updated_at = ?"
+                " FROM json_each(?) AS r WHERE messages.id = json_extract(r.value, '$[0]')"
+                " AND +messages.state = 'sent'",
+                (now, rows),
             )
         )

@@ -202,7 +202,7 @@ def fold_held(
     held = [
         Held(*row)
         for row in db.execute(
-            "SELECT id, topic, text, instance, token FROM messages WHERE recipient = ?"
+            "SELECT id, topic, text, instance, token, route FROM messages WHERE recipient = ?"
             " AND state = 'held' ORDER BY id",
             (recipient,),
         ).fetchall()
