@@ -347,21 +347,24 @@ def parse_mail(
     )
 
 
-# What an alerting box mails: a few headers and a line or two, 200-600 bytes. Within
-# these bounds the costliest mail found (2 KiB of one-word headers) parses in ~0.6 ms, a
-# typical alert in ~60 us (BENCHMARKS.md, issue #16).
+# What an alerting box mails: a few headers and a line or two of ASCII, 200-600 bytes.
+# Within these bounds the costliest mail found (2 KiB of blank lines) parses in ~1.2 ms,
+# a typical alert in ~60 us. Bytes beyond ASCII, encoded words and transfer
+# encodings are left to the workers: mislabelled bytes send the text through
+# charset-normalizer, ~2.5 ms for 1.7 KiB of them (BENCHMARKS.md, issue #16).
 QUICK_PARSE_BYTES = 2048
-QUICK_PARSE_ENCODED_WORDS = 4
+_NOT_QUICK = (b"=?", b"multipart/", b"text/html", b"base64", b"quoted-printable")
 
 
 def parses_quickly(raw: bytes) -> bool:
-    """Whether `raw` is small and simple enough to parse on the event loop: no MIME parts,
-    no HTML to render, few encoded words. Anything else goes to a parse worker, whose
-    deadline bounds a mail built to be slow (deep or wide MIME, thousands of words)."""
-    if len(raw) > QUICK_PARSE_BYTES or raw.count(b"=?") > QUICK_PARSE_ENCODED_WORDS:
+    """Whether `raw` is small and plain enough to parse on the event loop: ASCII only,
+    no MIME parts, no HTML to render, no encoded words or transfer encodings to decode.
+    Anything else goes to a parse worker, whose deadline bounds a mail built to be slow
+    (deep or wide MIME, thousands of words, bytes in a charset to guess)."""
+    if len(raw) > QUICK_PARSE_BYTES or not raw.isascii():
         return False
     lowered = raw.lower()
-    return b"multipart/" not in lowered and b"text/html" not in lowered
+    return not any(marker in lowered for marker in _NOT_QUICK)
 
 
 def _normalised(text: str) -> str:
