@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -56,14 +56,16 @@ async def _post(url: str, text: str) -> int:
     return int(mid)
 
 
-async def _in_flight(bridge: Any, mid: int) -> asyncio.Task[float]:
-    """A dispatcher step started, once message `mid` is claimed and its call under way
-    at the sandbox (whose fault holds the answer back)."""
+async def _in_flight(bridge: Any, sandbox_state: SandboxState) -> asyncio.Task[float]:
+    """A dispatcher step started, once its call has reached the sandbox (whose fault
+    holds the answer back): the message is claimed by then, the claim commits before the
+    call. Waits for the call itself, not for a time: a starved machine only makes it later."""
+    calls = len(sandbox_state.requests)
     sending = asyncio.create_task(bridge.dispatcher.run_once())
-    for _ in range(100):
-        if (await bridge.store.get(mid)).state == State.SENDING:
-            break
-        await asyncio.sleep(0.02)
+    while not any(r.path.endswith("/send") for r in sandbox_state.requests[calls:]):
+        if sending.done():  # the step ended without the call: say why
+            raise AssertionError(f"no call made; the step returned {sending.result()}")
+        await asyncio.sleep(0.01)
     return sending
 
 
@@ -128,7 +130,7 @@ async def test_a_send_in_flight_past_its_lease_is_not_taken_over(
     async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
         mid = await _post(url, "pdu overload")
         sandbox_state.faults.append(Fault(status=0, delay=3.0, path="/send"))
-        sending = await _in_flight(bridge, mid)
+        sending = await _in_flight(bridge, sandbox_state)
         for _ in range(6):  # three leases pass while the call is in flight
             clock.advance(LEASE / 2)
             await asyncio.sleep(0.1)  # the renewal's UPDATE reaches the database
@@ -157,13 +159,15 @@ async def test_a_send_answered_after_a_takeover_keeps_the_takers_record(
     leaves that record as it is; the message's events and the log say it went twice."""
     async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
         mid = await _post(url, "raid degraded")
-        sandbox_state.faults.append(Fault(status=0, delay=2.0, path="/send"))
-        sending = await _in_flight(bridge, mid)
+        answer = asyncio.Event()  # the provider takes the text; its answer waits for this
+        sandbox_state.faults.append(Fault(status=0, hold=answer, path="/send"))
+        sending = await _in_flight(bridge, sandbox_state)
         ahead = clock.now() + 3 * LEASE  # the other instance's clock
         taken = await bridge.store.unsettled(ahead, owner="other", lease_until=ahead + LEASE)
         assert [m.id for m in taken] == [mid]
         await bridge.store.mark_sent([(mid, "other-1", 0.05)], ahead, owner="other")
         await bridge.store.record_status([(mid, State.DELIVERED, None)], ahead + 1)
+        answer.set()
         with caplog.at_level(logging.WARNING, logger="bridge.delivery.outcomes"):
             await sending
         message = await bridge.store.get(mid)
@@ -178,3 +182,70 @@ async def test_a_send_answered_after_a_takeover_keeps_the_takers_record(
     [warning] = [r for r in caplog.records if "taken over" in r.getMessage()]
     assert warning.levelno == logging.WARNING
     assert f"[{mid}]" in warning.getMessage() and ours in warning.getMessage()
+
+
+async def _holds(store: PostgresStore, mid: int, at: float) -> None:
+    """The taker is still settling the message (checking /logs): it stays its claim."""
+
+
+async def _delivered(store: PostgresStore, mid: int, at: float) -> None:
+    """The taker sent it (not in /logs yet) and the poller saw it delivered."""
+    assert await store.mark_sent([(mid, "other-1", 0.05)], at, owner="other") == []
+    await store.record_status([(mid, State.DELIVERED, None)], at + 1)
+
+
+TAKERS: dict[str, Callable[[PostgresStore, int, float], Awaitable[None]]] = {
+    "holds": _holds,
+    "delivered": _delivered,
+}
+# The sandbox's late answer to our call, and what our instance learns from it.
+LATE_ANSWERS: dict[str, tuple[dict[str, Any], str]] = {
+    "refusal": (
+        {"status": 400, "body": '{"success": false, "message": "Invalid number."}'},
+        "failed: provider refused: Invalid number.",
+    ),
+    "429": ({"status": 429, "retry_after": "30"}, "queued again: rate limited by the provider"),
+    "5xx": ({"status": 503}, "provider error, checking its logs before a retry"),
+}
+
+
+@pytest.mark.usefixtures("on_postgresql")
+@pytest.mark.parametrize("taker", list(TAKERS))
+@pytest.mark.parametrize("late", list(LATE_ANSWERS))
+async def test_a_refusal_or_retry_answered_after_a_takeover_keeps_the_takers_record(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    caplog: pytest.LogCaptureFixture,
+    late: str,
+    taker: str,
+) -> None:
+    """As a late send, so a late refusal (400) or retry (429, 5xx): the other instance
+    took the message over while this one's call was in flight; what this one then
+    learns is an event on the message, not a rewrite of the taker's row."""
+    fault, learnt = LATE_ANSWERS[late]
+    async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
+        mid = await _post(url, "fan failure")
+        answer = asyncio.Event()
+        sandbox_state.faults.append(Fault(**fault, path="/send", hold=answer))
+        sending = await _in_flight(bridge, sandbox_state)
+        ahead = clock.now() + 3 * LEASE  # the other instance's clock
+        taken = await bridge.store.unsettled(ahead, owner="other", lease_until=ahead + LEASE)
+        assert [m.id for m in taken] == [mid]
+        await TAKERS[taker](bridge.store, mid, ahead)
+        takers = await bridge.store.get(mid)
+        answer.set()
+        with caplog.at_level(logging.WARNING, logger="bridge.delivery.outcomes"):
+            await sending
+        message = await bridge.store.get(mid)
+        events = await bridge.store.events(mid)
+        # Still the taker's to settle when it holds it: our answer did not release it.
+        still = await bridge.store.unsettled(ahead, owner="other", lease_until=ahead + LEASE)
+        assert [m.id for m in still] == ([mid] if taker == "holds" else [])
+    assert message == takers  # state, provider id, attempts, reason, schedule: the taker's
+    me = bridge.dispatcher.owner
+    assert events[-1]["detail"].startswith(f"not applied, {me} no longer held it: {learnt}")
+    [warning] = [r for r in caplog.records if "no longer held" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert f"[{mid}]" in warning.getMessage() and me in warning.getMessage()
