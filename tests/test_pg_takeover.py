@@ -194,9 +194,15 @@ async def _delivered(store: PostgresStore, mid: int, at: float) -> None:
     await store.record_status([(mid, State.DELIVERED, None)], at + 1)
 
 
+async def _requeued(store: PostgresStore, mid: int, at: float) -> None:
+    """The taker met a retry of its own: back in the queue, on its schedule and count."""
+    assert await store.requeue([mid], at, owner="other", at=at + 60, reason="retrying") == []
+
+
 TAKERS: dict[str, Callable[[PostgresStore, int, float], Awaitable[None]]] = {
     "holds": _holds,
     "delivered": _delivered,
+    "requeued": _requeued,
 }
 # The sandbox's late answer to our call, and what our instance learns from it.
 LATE_ANSWERS: dict[str, tuple[dict[str, Any], str]] = {

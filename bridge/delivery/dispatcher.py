@@ -251,12 +251,19 @@ class Dispatcher:
                     now,
                     owner=self.owner,
                     reason_kind="budget",
+                    queued=True,  # read by `due`, never claimed
                 )
                 self.outcomes.not_held(late, reason)
             else:
                 waiting = f"{reason}; waiting until 00:00 UTC"
                 late = await self.store.requeue(
-                    ids, now, owner=self.owner, at=tomorrow, reason=waiting, reason_kind="budget"
+                    ids,
+                    now,
+                    owner=self.owner,
+                    at=tomorrow,
+                    reason=waiting,
+                    reason_kind="budget",
+                    queued=True,
                 )
                 self.outcomes.not_held(late, waiting)
                 # The state stays queued, which leaves no event: the timeline says why
