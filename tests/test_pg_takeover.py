@@ -20,7 +20,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.delivery.cluster import Leader
 from bridge.delivery.dispatcher import IDLE_WAIT, LEASE_SLACK
-from bridge.models import State
+from bridge.models import Message, State
 from bridge.provider.sandbox import SandboxState
 from bridge.provider.sandbox.faults import Fault
 from bridge.store.postgres.store import PostgresStore
@@ -255,3 +255,62 @@ async def test_a_refusal_or_retry_answered_after_a_takeover_keeps_the_takers_rec
     [warning] = [r for r in caplog.records if "no longer held" in r.getMessage()]
     assert warning.levelno == logging.WARNING
     assert f"[{mid}]" in warning.getMessage() and me in warning.getMessage()
+
+
+class RacedStore(PostgresStore):
+    """Once `race` is set, the next `due` answers, then another instance claims what it
+    answered: the daily cap's decision on queued rows meets a claim made between its
+    read and its write, as two instances' steps may interleave."""
+
+    race = False
+
+    async def due(self, now: float, limit: int) -> list[Message]:
+        found = await super().due(now, limit)
+        if self.race and found:
+            self.race = False
+            assert await self.claim(
+                [m.id for m in found], now, owner="other", lease_until=now + LEASE
+            ) == [m.id for m in found]
+        return found
+
+
+@pytest.mark.usefixtures("on_postgresql")
+@pytest.mark.parametrize("on_exceeded", ["wait", "fail"])
+async def test_a_daily_cap_met_after_another_claimed_the_message_says_so(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    postgres_url: str,
+    caplog: pytest.LogCaptureFixture,
+    on_exceeded: str,
+) -> None:
+    """The daily cap decides on queued messages it never claimed: one that another
+    instance claimed in between is left to it, and the event and the warning say that
+    this instance found it no longer queued (it never held it, so it did not lose it);
+    no "waiting until 00:00" on a message that goes now."""
+    extra = f'[budget]\ntexts_per_day = 1\non_exceeded = "{on_exceeded}"\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    store = RacedStore(postgres_url)
+    async with running_bridge(config, clock, store=store) as (bridge, url):
+        await _post(url, "first of the day")
+
+        async def sent() -> bool:
+            return bool(await bridge.store.query(state="sent"))
+
+        await pump(bridge, clock, sent, max_seconds=60)
+        mid = await _post(url, "over the cap")
+        store.race = True
+        with caplog.at_level(logging.WARNING, logger="bridge.delivery.outcomes"):
+            await bridge.dispatcher.run_once()
+        message = await bridge.store.get(mid)
+        events = await bridge.store.events(mid)
+    assert message is not None and message.state == State.SENDING  # the other's to send
+    me = bridge.dispatcher.owner
+    outcome = "queued again" if on_exceeded == "wait" else "failed"
+    assert events[-1]["detail"].startswith(
+        f"not applied, {me} found it no longer queued: {outcome}: daily budget reached"
+    )
+    assert not any("waiting until" in (e["detail"] or "") for e in events[:-1])
+    [warning] = [r for r in caplog.records if "no longer queued" in r.getMessage()]
+    assert f"[{mid}]" in warning.getMessage() and f"({me}) decided" in warning.getMessage()

@@ -207,6 +207,15 @@ async def test_a_late_retry_leaves_a_row_another_put_back_in_the_queue_as_it_is(
         State.SENDING,
     ]
     assert (await store.get(capped)).next_attempt_at == 86_400.0
+    # a never held it: the event says what a found, not that a lost it.
+    assert (await store.events(claimed))[-1]["detail"] == (
+        "not applied, a found it no longer queued: queued again: daily budget reached"
+    )
+    failing = [(claimed, State.FAILED, "daily budget reached")]
+    assert await store.finish(failing, 46.0, owner="a", queued=True) == [claimed]
+    assert (await store.events(claimed))[-1]["detail"] == (
+        "not applied, a found it no longer queued: failed: daily budget reached"
+    )
 
 
 async def test_claim_only_takes_queued_messages_and_books_one_request(store: Store) -> None:

@@ -256,7 +256,7 @@ class DeliveryOps(Base):
             ),
             ids,
             now,
-            not_applied(owner, requeued(reason)),
+            not_applied(owner, requeued(reason), queued=queued),
         )
 
     async def _owned_write(
@@ -298,7 +298,11 @@ class DeliveryOps(Base):
             return await note_late(
                 conn,
                 now,
-                [(i, not_applied(owner, ended(s, why))) for i, s, why in rows if i not in written],
+                [
+                    (i, not_applied(owner, ended(s, why), queued=queued))
+                    for i, s, why in rows
+                    if i not in written
+                ],
             )
 
     async def record_status(

@@ -307,7 +307,7 @@ class DeliveryOperations(EngineBound):
             ids,
             QUEUED if queued else HELD,
             now,
-            not_applied(owner, requeued(reason)),
+            not_applied(owner, requeued(reason), queued=queued),
         )
 
     async def _owned_write(
@@ -354,7 +354,11 @@ class DeliveryOperations(EngineBound):
             return note_late(
                 db,
                 now,
-                [(i, not_applied(owner, ended(s, why))) for i, s, why in rows if i not in owned],
+                [
+                    (i, not_applied(owner, ended(s, why), queued=queued))
+                    for i, s, why in rows
+                    if i not in owned
+                ],
             )
 
         return await self.engine.write(job)
