@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.delivery.cluster import Leader
 from bridge.delivery.dispatcher import IDLE_WAIT, LEASE_SLACK
-from bridge.models import State
+from bridge.models import Message, State
 from bridge.provider.sandbox import SandboxState
 from bridge.provider.sandbox.faults import Fault
 from bridge.store.postgres.store import PostgresStore
@@ -56,14 +56,16 @@ async def _post(url: str, text: str) -> int:
     return int(mid)
 
 
-async def _in_flight(bridge: Any, mid: int) -> asyncio.Task[float]:
-    """A dispatcher step started, once message `mid` is claimed and its call under way
-    at the sandbox (whose fault holds the answer back)."""
+async def _in_flight(bridge: Any, sandbox_state: SandboxState) -> asyncio.Task[float]:
+    """A dispatcher step started, once its call has reached the sandbox (whose fault
+    holds the answer back): the message is claimed by then, the claim commits before the
+    call. Waits for the call itself, not for a time: a starved machine only makes it later."""
+    calls = len(sandbox_state.requests)
     sending = asyncio.create_task(bridge.dispatcher.run_once())
-    for _ in range(100):
-        if (await bridge.store.get(mid)).state == State.SENDING:
-            break
-        await asyncio.sleep(0.02)
+    while not any(r.path.endswith("/send") for r in sandbox_state.requests[calls:]):
+        if sending.done():  # the step ended without the call: say why
+            raise AssertionError(f"no call made; the step returned {sending.result()}")
+        await asyncio.sleep(0.01)
     return sending
 
 
@@ -128,7 +130,7 @@ async def test_a_send_in_flight_past_its_lease_is_not_taken_over(
     async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
         mid = await _post(url, "pdu overload")
         sandbox_state.faults.append(Fault(status=0, delay=3.0, path="/send"))
-        sending = await _in_flight(bridge, mid)
+        sending = await _in_flight(bridge, sandbox_state)
         for _ in range(6):  # three leases pass while the call is in flight
             clock.advance(LEASE / 2)
             await asyncio.sleep(0.1)  # the renewal's UPDATE reaches the database
@@ -157,13 +159,15 @@ async def test_a_send_answered_after_a_takeover_keeps_the_takers_record(
     leaves that record as it is; the message's events and the log say it went twice."""
     async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
         mid = await _post(url, "raid degraded")
-        sandbox_state.faults.append(Fault(status=0, delay=2.0, path="/send"))
-        sending = await _in_flight(bridge, mid)
+        answer = asyncio.Event()  # the provider takes the text; its answer waits for this
+        sandbox_state.faults.append(Fault(status=0, hold=answer, path="/send"))
+        sending = await _in_flight(bridge, sandbox_state)
         ahead = clock.now() + 3 * LEASE  # the other instance's clock
         taken = await bridge.store.unsettled(ahead, owner="other", lease_until=ahead + LEASE)
         assert [m.id for m in taken] == [mid]
         await bridge.store.mark_sent([(mid, "other-1", 0.05)], ahead, owner="other")
         await bridge.store.record_status([(mid, State.DELIVERED, None)], ahead + 1)
+        answer.set()
         with caplog.at_level(logging.WARNING, logger="bridge.delivery.outcomes"):
             await sending
         message = await bridge.store.get(mid)
@@ -178,3 +182,135 @@ async def test_a_send_answered_after_a_takeover_keeps_the_takers_record(
     [warning] = [r for r in caplog.records if "taken over" in r.getMessage()]
     assert warning.levelno == logging.WARNING
     assert f"[{mid}]" in warning.getMessage() and ours in warning.getMessage()
+
+
+async def _holds(store: PostgresStore, mid: int, at: float) -> None:
+    """The taker is still settling the message (checking /logs): it stays its claim."""
+
+
+async def _delivered(store: PostgresStore, mid: int, at: float) -> None:
+    """The taker sent it (not in /logs yet) and the poller saw it delivered."""
+    assert await store.mark_sent([(mid, "other-1", 0.05)], at, owner="other") == []
+    await store.record_status([(mid, State.DELIVERED, None)], at + 1)
+
+
+async def _requeued(store: PostgresStore, mid: int, at: float) -> None:
+    """The taker met a retry of its own: back in the queue, on its schedule and count."""
+    assert await store.requeue([mid], at, owner="other", at=at + 60, reason="retrying") == []
+
+
+TAKERS: dict[str, Callable[[PostgresStore, int, float], Awaitable[None]]] = {
+    "holds": _holds,
+    "delivered": _delivered,
+    "requeued": _requeued,
+}
+# The sandbox's late answer to our call, and what our instance learns from it.
+LATE_ANSWERS: dict[str, tuple[dict[str, Any], str]] = {
+    "refusal": (
+        {"status": 400, "body": '{"success": false, "message": "Invalid number."}'},
+        "failed: provider refused: Invalid number.",
+    ),
+    "429": ({"status": 429, "retry_after": "30"}, "queued again: rate limited by the provider"),
+    "5xx": ({"status": 503}, "provider error, checking its logs before a retry"),
+}
+
+
+@pytest.mark.usefixtures("on_postgresql")
+@pytest.mark.parametrize("taker", list(TAKERS))
+@pytest.mark.parametrize("late", list(LATE_ANSWERS))
+async def test_a_refusal_or_retry_answered_after_a_takeover_keeps_the_takers_record(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    caplog: pytest.LogCaptureFixture,
+    late: str,
+    taker: str,
+) -> None:
+    """As a late send, so a late refusal (400) or retry (429, 5xx): the other instance
+    took the message over while this one's call was in flight; what this one then
+    learns is an event on the message, not a rewrite of the taker's row."""
+    fault, learnt = LATE_ANSWERS[late]
+    async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
+        mid = await _post(url, "fan failure")
+        answer = asyncio.Event()
+        sandbox_state.faults.append(Fault(**fault, path="/send", hold=answer))
+        sending = await _in_flight(bridge, sandbox_state)
+        ahead = clock.now() + 3 * LEASE  # the other instance's clock
+        taken = await bridge.store.unsettled(ahead, owner="other", lease_until=ahead + LEASE)
+        assert [m.id for m in taken] == [mid]
+        await TAKERS[taker](bridge.store, mid, ahead)
+        takers = await bridge.store.get(mid)
+        answer.set()
+        with caplog.at_level(logging.WARNING, logger="bridge.delivery.outcomes"):
+            await sending
+        message = await bridge.store.get(mid)
+        events = await bridge.store.events(mid)
+        # Still the taker's to settle when it holds it: our answer did not release it.
+        still = await bridge.store.unsettled(ahead, owner="other", lease_until=ahead + LEASE)
+        assert [m.id for m in still] == ([mid] if taker == "holds" else [])
+    assert message == takers  # state, provider id, attempts, reason, schedule: the taker's
+    me = bridge.dispatcher.owner
+    assert events[-1]["detail"].startswith(f"not applied, {me} no longer held it: {learnt}")
+    [warning] = [r for r in caplog.records if "no longer held" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert f"[{mid}]" in warning.getMessage() and me in warning.getMessage()
+
+
+class RacedStore(PostgresStore):
+    """Once `race` is set, the next `due` answers, then another instance claims what it
+    answered: the daily cap's decision on queued rows meets a claim made between its
+    read and its write, as two instances' steps may interleave."""
+
+    race = False
+
+    async def due(self, now: float, limit: int) -> list[Message]:
+        found = await super().due(now, limit)
+        if self.race and found:
+            self.race = False
+            assert await self.claim(
+                [m.id for m in found], now, owner="other", lease_until=now + LEASE
+            ) == [m.id for m in found]
+        return found
+
+
+@pytest.mark.usefixtures("on_postgresql")
+@pytest.mark.parametrize("on_exceeded", ["wait", "fail"])
+async def test_a_daily_cap_met_after_another_claimed_the_message_says_so(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    postgres_url: str,
+    caplog: pytest.LogCaptureFixture,
+    on_exceeded: str,
+) -> None:
+    """The daily cap decides on queued messages it never claimed: one that another
+    instance claimed in between is left to it, and the event and the warning say that
+    this instance found it no longer queued (it never held it, so it did not lose it);
+    no "waiting until 00:00" on a message that goes now."""
+    extra = f'[budget]\ntexts_per_day = 1\non_exceeded = "{on_exceeded}"\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    store = RacedStore(postgres_url)
+    async with running_bridge(config, clock, store=store) as (bridge, url):
+        await _post(url, "first of the day")
+
+        async def sent() -> bool:
+            return bool(await bridge.store.query(state="sent"))
+
+        await pump(bridge, clock, sent, max_seconds=60)
+        mid = await _post(url, "over the cap")
+        store.race = True
+        with caplog.at_level(logging.WARNING, logger="bridge.delivery.outcomes"):
+            await bridge.dispatcher.run_once()
+        message = await bridge.store.get(mid)
+        events = await bridge.store.events(mid)
+    assert message is not None and message.state == State.SENDING  # the other's to send
+    me = bridge.dispatcher.owner
+    outcome = "queued again" if on_exceeded == "wait" else "failed"
+    assert events[-1]["detail"].startswith(
+        f"not applied, {me} found it no longer queued: {outcome}: daily budget reached"
+    )
+    assert not any("waiting until" in (e["detail"] or "") for e in events[:-1])
+    [warning] = [r for r in caplog.records if "no longer queued" in r.getMessage()]
+    assert f"[{mid}]" in warning.getMessage() and f"({me}) decided" in warning.getMessage()

@@ -160,3 +160,15 @@ async def test_the_sandbox_prices_each_country_from_its_own_list(
         "+971": 1.2,
     }
     assert sandbox_state.balance == pytest.approx(1000 - 2 * sum(PRICES.values()))
+
+
+async def test_a_fault_held_by_the_test_cannot_come_over_http(
+    sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """`hold` is an in-process event: posted as JSON it is refused (400, not a 500 at
+    the next request), and nothing is queued."""
+    async with httpx.AsyncClient(base_url=sandbox_url) as http:
+        answer = await http.post("/_sandbox/faults", json={"status": 400, "hold": True})
+        assert answer.status_code == 400 and "hold" in answer.json()["error"]
+        assert (await http.post("/_sandbox/faults", json={"status": 503})).status_code == 200
+    assert [f.status for f in sandbox_state.faults] == [503]

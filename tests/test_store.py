@@ -132,13 +132,14 @@ async def test_a_late_outcome_keeps_a_later_state_and_is_noted_on_the_message(
     late = await store.finish(
         [
             (mine, State.FAILED, "provider refused: bad number"),
-            (queued, State.FAILED, "daily budget reached"),
             (delivered, State.FAILED, "provider refused: late"),
         ],
         5.0,
         owner=OWNER["owner"],
     )
     assert late == [delivered]
+    capped = [(queued, State.FAILED, "daily budget reached")]
+    assert await store.finish(capped, 5.0, owner=OWNER["owner"], queued=True) == []
     again = {"owner": OWNER["owner"], "at": 9.0, "reason": "retrying: HTTP 500"}
     assert await store.requeue([delivered, queued], 5.5, **again) == [delivered, queued]
     # An unknown outcome is settled only where the owner still holds the claim.
@@ -164,6 +165,57 @@ async def test_a_late_outcome_keeps_a_later_state_and_is_noted_on_the_message(
         ("delivered", 5.7, f"{by}: not in /logs"),
         ("delivered", 5.8, f"{by}: outcome unknown: given up"),
     ]
+
+
+async def test_a_late_retry_leaves_a_row_another_put_back_in_the_queue_as_it_is(
+    store: Store,
+) -> None:
+    """a's lease lapsed while it waited for the provider; b took the message over and
+    put it back in the queue (its retry: its schedule, its reason, the attempt count it
+    reads for backoff). a's late word (a 429, whose attempt is refunded; a refusal) is
+    an event: it neither takes an attempt off b's count nor moves b's schedule, nor
+    fails the message. Only a decision on rows never claimed (a daily cap, `queued`)
+    writes queued rows, and only those."""
+    mid, capped, claimed = await seed(store, [MESSAGE] * 3, 1.0)
+    assert await store.claim([mid], 2.0, owner="a", lease_until=32.0) == [mid]
+    assert [m.id for m in await store.unsettled(40.0, owner="b", lease_until=70.0)] == [mid]
+    b_retry = "retrying: HTTP 503"
+    assert await store.requeue([mid], 41.0, owner="b", at=60.0, reason=b_retry) == []
+    limited = "rate limited by the provider (HTTP 429)"
+    late = await store.requeue([mid], 42.0, owner="a", at=42.0, reason=limited, refund_attempt=True)
+    assert late == [mid]
+    refused = [(mid, State.FAILED, "provider refused: invalid number")]
+    assert await store.finish(refused, 43.0, owner="a") == [mid]
+    got = await store.get(mid)
+    assert (got.state, got.attempts, got.next_attempt_at, got.reason) == (
+        State.QUEUED,
+        1,
+        60.0,
+        b_retry,
+    )
+    by = "not applied, a no longer held it"
+    assert [e["detail"] for e in (await store.events(mid))[-2:]] == [
+        f"{by}: queued again: {limited}",
+        f"{by}: failed: provider refused: invalid number",
+    ]
+    # The daily cap: written on a queued row, not on one claimed meanwhile.
+    assert await store.claim([claimed], 44.0, owner="b", lease_until=74.0) == [claimed]
+    waiting = {"owner": "a", "at": 86_400.0, "reason": "daily budget reached", "queued": True}
+    assert await store.requeue([capped, claimed], 45.0, **waiting) == [claimed]
+    assert [(await store.get(i)).state for i in (capped, claimed)] == [
+        State.QUEUED,
+        State.SENDING,
+    ]
+    assert (await store.get(capped)).next_attempt_at == 86_400.0
+    # a never held it: the event says what a found, not that a lost it.
+    assert (await store.events(claimed))[-1]["detail"] == (
+        "not applied, a found it no longer queued: queued again: daily budget reached"
+    )
+    failing = [(claimed, State.FAILED, "daily budget reached")]
+    assert await store.finish(failing, 46.0, owner="a", queued=True) == [claimed]
+    assert (await store.events(claimed))[-1]["detail"] == (
+        "not applied, a found it no longer queued: failed: daily budget reached"
+    )
 
 
 async def test_claim_only_takes_queued_messages_and_books_one_request(store: Store) -> None:
@@ -250,7 +302,7 @@ async def test_ingest_answers_policy_inside_its_transaction(store: Store) -> Non
 async def test_the_store_answers_what_policy_asks(store: Store) -> None:
     keyed = MESSAGE._replace(dedupe_key="k")
     [first, _, failed] = await seed(store, [keyed, keyed, keyed._replace(text="x")], 5.0)
-    await store.finish([(failed, State.FAILED, "refused")], 6.0, owner=OWNER["owner"])
+    await store.finish([(failed, State.FAILED, "refused")], 6.0, owner=OWNER["owner"], queued=True)
     [held] = await seed(store, [keyed._replace(recipient="+12025550144", state=State.HELD)], 7.0)
     seen: list[Lookups] = []
 

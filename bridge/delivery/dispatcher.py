@@ -251,17 +251,25 @@ class Dispatcher:
                     now,
                     owner=self.owner,
                     reason_kind="budget",
+                    queued=True,  # read by `due`, never claimed
                 )
-                self.outcomes.not_held(late, reason)
+                self.outcomes.not_held(late, reason, queued=True)
             else:
                 waiting = f"{reason}; waiting until 00:00 UTC"
                 late = await self.store.requeue(
-                    ids, now, owner=self.owner, at=tomorrow, reason=waiting, reason_kind="budget"
+                    ids,
+                    now,
+                    owner=self.owner,
+                    at=tomorrow,
+                    reason=waiting,
+                    reason_kind="budget",
+                    queued=True,
                 )
-                self.outcomes.not_held(late, waiting)
+                self.outcomes.not_held(late, waiting, queued=True)
                 # The state stays queued, which leaves no event: the timeline says why
-                # the message did not go (once a day at most: it is due tomorrow).
-                await self.store.note(ids, waiting, now)
+                # the message did not go (once a day at most: it is due tomorrow). Not on
+                # one another instance claimed meanwhile: it goes, it does not wait.
+                await self.store.note([i for i in ids if i not in late], waiting, now)
             await self.budget.warn(
                 cap.warning, f"sms-bridge: {reason}; further texts {outcome} until 00:00 UTC"
             )

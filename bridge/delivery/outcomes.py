@@ -99,16 +99,22 @@ class Outcomes:
                 [pids[i] for i in late],
             )
 
-    def not_held(self, late: list[int], what: str) -> None:
+    def not_held(self, late: list[int], what: str, *, queued: bool = False) -> None:
         """Warn of messages an outcome of this instance's was not written to: another
         instance took them over (a lapsed lease) or they moved on; the store noted
-        `what` in their events instead (bridge.store.api: the rule)."""
+        `what` in their events instead (bridge.store.api: the rule). `queued`: a
+        decision on queued messages this instance never claimed (a daily cap), which
+        another claimed, or which moved on, in between."""
         if late:
+            when = (
+                f"no longer queued when this instance ({self.owner}) decided"
+                if queued
+                else f"no longer held by this instance ({self.owner}) when it learnt"
+            )
             log.warning(
-                "messages %s were no longer held by this instance (%s) when it learnt: %s;"
-                " left as they are, noted in their events",
+                "messages %s were %s: %s; left as they are, noted in their events",
                 late,
-                self.owner,
+                when,
                 what,
             )
 

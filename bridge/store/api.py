@@ -171,13 +171,17 @@ class DeliveryOperations(Protocol):
 
     # The outcomes of a send (mark_sent, finish, requeue, note_unknown, resend_unknown,
     # settle_unknown) take the `owner` whose claim the send was made under, and write
-    # only rows that owner still holds: `sending` under its claim, or (mark_sent, finish,
-    # requeue) back in `queued`, which nobody holds. A row another instance took over (a
-    # lapsed lease: a frozen process, a clock behind), or already in a later state, is
-    # theirs: it is not rewritten, and what the late owner learnt (a send, a refusal, an
-    # unknown outcome) is kept as an event on the message (`not_applied`, `sent_late`).
-    # Each returns the ids that got such an event, for the caller to log as a warning.
-    # SQLite (one process): every claim is the owner's; the state rule is the same.
+    # only rows that owner still holds: `sending` under its claim (mark_sent also a row
+    # back in `queued`, which nobody holds: the send happened, no resend). A row another
+    # instance took over (a lapsed lease: a frozen process, a clock behind), put back in
+    # the queue, or already in a later state, is theirs: it is not rewritten (its
+    # schedule, reason and attempt count included), and what the late owner learnt (a
+    # send, a refusal, a retry, an unknown outcome) is kept as an event on the message
+    # (`not_applied`, `sent_late`). finish and requeue with `queued=True` are decisions on
+    # queued rows the caller never claimed (a daily cap): they write rows still `queued`
+    # and note the others alike. Each returns the ids that got such an event, for the
+    # caller to log as a warning. SQLite (one process): every claim is the owner's; the
+    # state rule is the same.
     async def mark_sent(
         self, results: Iterable[tuple[int, str | None, float | None]], now: float, *, owner: str
     ) -> list[int]:
@@ -224,10 +228,12 @@ class DeliveryOperations(Protocol):
         refund_attempt: bool = False,
         solo: bool | None = None,
         reason_kind: str | None = None,
+        queued: bool = False,
     ) -> list[int]:
-        """`owner`'s sending or queued rows (the rule above) -> queued, due at `at`, no
-        longer claimed by anyone; `refund_attempt` when the send never really ran; `solo`
-        / `reason_kind` replace the stored ones when given. The ids noted instead."""
+        """`owner`'s sending rows (with `queued`: queued rows; the rule above) -> queued,
+        due at `at`, no longer claimed by anyone; `refund_attempt` when the send never
+        really ran (its claim's attempt; a row no longer held keeps its count); `solo` /
+        `reason_kind` replace the stored ones when given. The ids noted instead."""
         ...
 
     async def finish(
@@ -237,10 +243,12 @@ class DeliveryOperations(Protocol):
         *,
         owner: str,
         reason_kind: str | None = None,
+        queued: bool = False,
     ) -> list[int]:
         """Final states (failed) with their reasons, as `owner` decided them (a refusal,
-        a retry given up, a daily cap), for the rows it may write (the rule above: its
-        own `sending` claims, or `queued`); the ids noted instead."""
+        a retry given up; with `queued`, a daily cap met before any claim), for the rows
+        it may write (the rule above: its own `sending` claims, or with `queued` rows
+        still `queued`); the ids noted instead."""
         ...
 
     async def record_status(

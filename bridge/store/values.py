@@ -151,10 +151,15 @@ def sent_late(owner: str, provider_id: str | None) -> str:
     )
 
 
-def not_applied(owner: str, detail: str) -> str:
+def not_applied(owner: str, detail: str, *, queued: bool = False) -> str:
     """The event an outcome write leaves on a message `owner` no longer held (another
     instance took its claim over, or the message already moved on): what `owner` learnt
-    is kept in the message's history, its row is not rewritten. Both backends alike."""
+    is kept in the message's history, its row is not rewritten. Both backends alike.
+    `queued`: a decision on a queued message `owner` never claimed (a daily cap), which
+    found it claimed by another instance, or moved on, in between: "no longer held"
+    would say it had held it."""
+    if queued:
+        return f"not applied, {owner} found it no longer queued: {detail}"
     return f"not applied, {owner} no longer held it: {detail}"
 
 

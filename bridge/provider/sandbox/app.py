@@ -11,7 +11,6 @@ are in api.py, the memory in state.py, the faults in faults.py.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from collections.abc import Awaitable, Callable
@@ -46,10 +45,10 @@ def create_sandbox_app(state: SandboxState) -> Starlette:
             # fires on a request the provider has acted on (an unknown outcome).
             response = await answer(request, handler, None)
             record.status = response.status_code
-            await asyncio.sleep(fault.delay)  # real seconds: client timeouts are too
+            await fault.stall()
             return response
-        if fault is not None and fault.delay:  # a stall before anything is taken
-            await asyncio.sleep(fault.delay)
+        if fault is not None and fault.stalls:  # a stall before anything is taken
+            await fault.stall()
         if fault is not None and fault.taken:
             await answer(request, handler, None)
         response = await answer(request, handler, fault)

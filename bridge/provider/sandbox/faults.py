@@ -5,11 +5,14 @@ would not show on cue.
 A stall either comes before the request is handled (the provider never saw it) or after
 (`status=0`: the SMS is taken and logged, then the answer is late). Only the second is
 what a client's read timeout hides, so it is the one the tests of "unknown outcome,
-checked in /logs, not resent" queue.
+checked in /logs, not resent" queue. A stall may also last until an event the test sets
+(`hold`, in-process only): an answer that must come after something else happened, on a
+machine however starved, without a real delay long enough to guess.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -32,10 +35,21 @@ class Fault:
     # Handle the request for real (the SMS is taken and logged), then answer with this
     # fault instead: a 502 from a gateway, a 200 that says nothing, after the fact.
     taken: bool = False
+    # In-process tests only (not JSON): stall until the test sets it, as `delay` does.
+    hold: asyncio.Event | None = None
 
     @property
     def stalls_after_taking(self) -> bool:
-        return bool(self.delay) and not self.status
+        return self.stalls and not self.status
+
+    @property
+    def stalls(self) -> bool:
+        return bool(self.delay) or self.hold is not None
+
+    async def stall(self) -> None:
+        if self.hold is not None:
+            await self.hold.wait()
+        await asyncio.sleep(self.delay)  # real seconds: client timeouts are too
 
     def response(self) -> Response:
         """The answer this fault gives in place of the provider's."""
@@ -63,4 +77,7 @@ def take_fault(faults: deque[Fault], path: str) -> Fault | None:
 
 def parse_faults(items: Any) -> list[Fault]:
     """Faults from a control request's JSON (one object or a list); TypeError if bad."""
-    return [Fault(**item) for item in (items if isinstance(items, list) else [items])]
+    faults = [Fault(**item) for item in (items if isinstance(items, list) else [items])]
+    if any(f.hold is not None for f in faults):
+        raise TypeError("hold is for in-process tests only")
+    return faults

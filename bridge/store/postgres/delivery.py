@@ -24,10 +24,14 @@ from bridge.store.values import ended, not_applied, requeued, sent_late
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
 RETRIED_KINDS = "('unknown', 'provider-error')"  # a new attempt: what an earlier outcome was
-# Rows an outcome of `owner` (a parameter of the statement) may write: its own claims,
-# and queued ones (nobody's). Anything else is another instance's, or moved on.
-HELD = "(m.state = 'sending' AND m.claimed_by = {})"  # an unknown outcome's: its own claims
+# Rows an outcome of `owner` (a parameter of the statement) may write: its own claims.
+# Anything else is another instance's, or moved on.
+HELD = "(m.state = 'sending' AND m.claimed_by = {})"
+# A send the provider accepted also lands on a queued row (nobody's): it saves a resend.
 OWNED = f"(m.state = 'queued' OR {HELD})"
+# `finish` and `requeue`: with `queued` (a boolean parameter), rows still queued, which
+# the caller decided on without claiming them (a daily cap); else its own claims.
+DECIDED = "(CASE WHEN {queued}::boolean THEN m.state = 'queued' ELSE " + HELD + " END)"
 
 
 async def note_late(conn: Conn, now: float, notes: Sequence[tuple[int, str]]) -> list[int]:
@@ -230,24 +234,36 @@ class DeliveryOps(Base):
         refund_attempt: bool = False,
         solo: bool | None = None,
         reason_kind: str | None = None,
+        queued: bool = False,
     ) -> list[int]:
         # Queued is nobody's claim: the claim's owner and lease go with it.
         return await self._owned_write(
             "UPDATE messages m SET state = 'queued', next_attempt_at = $1, updated_at = $2,"
             " reason = $3, attempts = attempts - $4, solo = coalesce($5, solo),"
             " reason_kind = coalesce($6, reason_kind), claimed_by = NULL, lease_until = NULL"
-            f" WHERE id = ANY($7::bigint[]) AND {OWNED.format('$8')} RETURNING m.id",
-            (at, now, reason, 1 if refund_attempt else 0, solo, reason_kind, list(ids), owner),
+            f" WHERE id = ANY($7::bigint[]) AND {DECIDED.format('$8', queued='$9')}"
+            " RETURNING m.id",
+            (
+                at,
+                now,
+                reason,
+                1 if refund_attempt else 0,
+                solo,
+                reason_kind,
+                list(ids),
+                owner,
+                queued,
+            ),
             ids,
             now,
-            not_applied(owner, requeued(reason)),
+            not_applied(owner, requeued(reason), queued=queued),
         )
 
     async def _owned_write(
         self, sql: str, args: Sequence[object], ids: Sequence[int], now: float, note: str
     ) -> list[int]:
-        """Run `sql` (an UPDATE returning the ids it wrote, guarded by `OWNED` or
-        `HELD`) and note `note` on those of `ids` it did not write."""
+        """Run `sql` (an UPDATE returning the ids it wrote, guarded by `HELD` or
+        `DECIDED`) and note `note` on those of `ids` it did not write."""
         async with self._write() as conn:
             written = {int(r[0]) for r in await conn.fetch(sql, *args)}
             return await note_late(conn, now, [(i, note) for i in ids if i not in written])
@@ -259,6 +275,7 @@ class DeliveryOps(Base):
         *,
         owner: str,
         reason_kind: str | None = None,
+        queued: bool = False,
     ) -> list[int]:
         rows = list(updates)
         async with self._write() as conn:
@@ -268,19 +285,24 @@ class DeliveryOps(Base):
                     "UPDATE messages m SET state = u.state, reason = u.reason, updated_at = $4,"
                     " reason_kind = coalesce($5, m.reason_kind)"
                     " FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(id, state, reason)"
-                    f" WHERE m.id = u.id AND {OWNED.format('$6')} RETURNING m.id",
+                    f" WHERE m.id = u.id AND {DECIDED.format('$6', queued='$7')} RETURNING m.id",
                     [r[0] for r in rows],
                     [str(r[1]) for r in rows],
                     [r[2] for r in rows],
                     now,
                     reason_kind,
                     owner,
+                    queued,
                 )
             }
             return await note_late(
                 conn,
                 now,
-                [(i, not_applied(owner, ended(s, why))) for i, s, why in rows if i not in written],
+                [
+                    (i, not_applied(owner, ended(s, why), queued=queued))
+                    for i, s, why in rows
+                    if i not in written
+                ],
             )
 
     async def record_status(

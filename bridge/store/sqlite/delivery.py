@@ -20,9 +20,10 @@ from bridge.store.values import ended, not_applied, requeued, sent_late
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
 # The states an outcome may write (PostgreSQL's rule, `claimed_by` aside: one process
-# holds every claim): an owner's own claims, and queued rows (nobody's).
+# holds every claim): an owner's own claims; a send also lands on a queued row (nobody's).
+HELD = "('sending')"
 OWNED = "('sending', 'queued')"
-HELD = "('sending')"  # an unknown outcome's: only a claim (this process's) is settled
+QUEUED = "('queued')"  # what a decision taken without a claim (a daily cap) may write
 
 
 def in_states(db: Database, ids: Iterable[int], states: str) -> set[int]:
@@ -288,6 +289,7 @@ class DeliveryOperations(EngineBound):
         refund_attempt: bool = False,
         solo: bool | None = None,
         reason_kind: str | None = None,
+        queued: bool = False,
     ) -> list[int]:
         """Back to queued, due at `at`; `refund_attempt` when the send never really ran."""
         return await self._owned_write(
@@ -303,9 +305,9 @@ class DeliveryOperations(EngineBound):
                 reason_kind,
             ),
             ids,
-            OWNED,
+            QUEUED if queued else HELD,
             now,
-            not_applied(owner, requeued(reason)),
+            not_applied(owner, requeued(reason), queued=queued),
         )
 
     async def _owned_write(
@@ -334,13 +336,14 @@ class DeliveryOperations(EngineBound):
         *,
         owner: str,
         reason_kind: str | None = None,
+        queued: bool = False,
     ) -> list[int]:
-        """Final states (failed) with their reasons, for rows still `sending` or
-        `queued`; any other is noted (`not_applied`)."""
+        """Final states (failed) with their reasons, for rows still `sending` (or with
+        `queued`, still `queued`); any other is noted (`not_applied`)."""
         rows = [(i, str(state), reason) for i, state, reason in updates]
 
         def job(db: Database) -> list[int]:
-            owned = in_states(db, (r[0] for r in rows), OWNED)
+            owned = in_states(db, (r[0] for r in rows), QUEUED if queued else HELD)
             db.execute(
                 "UPDATE messages SET state = json_extract(r.value, '$[1]'),"
                 " reason = json_extract(r.value, '$[2]'), updated_at = ?,"
@@ -351,7 +354,11 @@ class DeliveryOperations(EngineBound):
             return note_late(
                 db,
                 now,
-                [(i, not_applied(owner, ended(s, why))) for i, s, why in rows if i not in owned],
+                [
+                    (i, not_applied(owner, ended(s, why), queued=queued))
+                    for i, s, why in rows
+                    if i not in owned
+                ],
             )
 
         return await self.engine.write(job)
