@@ -68,10 +68,10 @@ def ingest_lookups(db: Database, questions: IngestQuestions) -> tuple[int, Looku
     (one per `QUESTIONS_PER_STATEMENT` questions of each kind in a big batch).
 
     Each statement is a trip into SQLite from the writer thread: SQLite runs without the
-    GIL, and every return waits for the event loop to hand the GIL back, up to
-    `sys.getswitchinterval()` (5 ms) when the loop is busy. Asked one by one (the next
-    id, the originals, the storms), an ingest group spent most of its time in those waits
-    and the loop sat idle for the commit (BENCHMARKS.md, issue #16).
+    GIL, and every return waits for it while the event loop is busy (about one loop
+    iteration, ~0.7 ms measured). Asked one by one (the next id, the originals, the
+    storms), those waits made a large part of a group's wall time, and requests waited
+    for its commit while the loop sat idle (BENCHMARKS.md, issue #16).
     """
     originals: dict[OriginalQuestion, int] = {}
     storms: dict[StormQuestion, StormState] = {}
