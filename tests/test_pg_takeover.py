@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -120,24 +121,36 @@ async def test_taking_the_lead_wakes_the_dispatcher(postgres_url: str, clock: Ma
         await store.close()
 
 
+async def _renewed(store: PostgresStore, *, until: float) -> None:
+    """Until the in-flight claim's renewal to `until` has reached the database: waits for
+    the write itself, not for a time (a starved machine only makes it later)."""
+    deadline = time.monotonic() + 60  # only a renewal that never comes ends here
+    while (await store.next_lease_expiry(owner="nobody") or 0) < until:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the claim in flight was not renewed to {until}")
+        await asyncio.sleep(0.01)
+
+
 @pytest.mark.usefixtures("on_postgresql")
 async def test_a_send_in_flight_past_its_lease_is_not_taken_over(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
-    """A provider call that outlasts the lease (here 3 real seconds while the clock
-    moves three leases on) keeps its claim: renewed while in flight, so another
-    instance's sweep finds nothing to take over, and the text goes once."""
+    """A provider call that outlasts the lease (held until the clock has moved three
+    leases on) keeps its claim: renewed while in flight, so another instance's sweep
+    finds nothing to take over, and the text goes once."""
     async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
         mid = await _post(url, "pdu overload")
-        sandbox_state.faults.append(Fault(status=0, delay=3.0, path="/send"))
+        answer = asyncio.Event()  # the provider takes the text; its answer waits for this
+        sandbox_state.faults.append(Fault(status=0, hold=answer, path="/send"))
         sending = await _in_flight(bridge, sandbox_state)
         for _ in range(6):  # three leases pass while the call is in flight
             clock.advance(LEASE / 2)
-            await asyncio.sleep(0.1)  # the renewal's UPDATE reaches the database
+            await _renewed(bridge.store, until=clock.now() + LEASE)
         assert not sending.done()
         now = clock.now()
         taken = await bridge.store.unsettled(now, owner="other", lease_until=now + LEASE)
         assert taken == []
+        answer.set()
         await sending
         assert (await bridge.store.get(mid)).state == State.SENT
         assert [r.path for r in sandbox_state.requests if r.path.endswith("/send")] == [
