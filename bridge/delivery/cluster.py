@@ -93,6 +93,10 @@ class Leader:
                     self._set(False)
                     await _halt(halt, running)
                     running = []
+                    # Its singletons have stopped: ask again at once rather than a check
+                    # later, or a bridge whose session merely dropped (nobody else wants
+                    # the role) would leave the queue unsent for a whole interval.
+                    continue
                 elif not leading and not said_standby:
                     log.info("leader: another instance leads; this one (%s) stands by", self.name)
                 said_standby = said_standby or not leading

@@ -89,7 +89,7 @@ class AdvisoryLeadership:
         (the server ended it, the connection dropped) answers False even if the lock is
         free to take again at once: the role was lost, another instance may have led
         meanwhile, so its singletons must stop (and the log say so) before it leads
-        again, at the next check, on a new session."""
+        again, on a new session (`Leader` asks again as soon as they have)."""
         try:
             async with self._busy:
                 was_leading = self.leading
