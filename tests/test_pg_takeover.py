@@ -21,6 +21,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.delivery.cluster import Leader
 from bridge.delivery.dispatcher import IDLE_WAIT, LEASE_SLACK
+from bridge.delivery.reconcile import RECONCILE_DELAY
 from bridge.models import Message, State
 from bridge.provider.sandbox import SandboxState
 from bridge.provider.sandbox.faults import Fault
@@ -41,11 +42,11 @@ def on_postgresql(postgres_url: str) -> Iterator[None]:
 
 
 def _leased_bridge(
-    tmp_path: Path, clock: ManualClock, sandbox_url: str
+    tmp_path: Path, clock: ManualClock, sandbox_url: str, extra: str = "", **provider: object
 ) -> AbstractAsyncContextManager[Any]:
     """A bridge whose claims hold for LEASE."""
-    config = bridge_config(tmp_path, sandbox_url, extra=f'[cluster]\nlease = "{LEASE:g}s"\n')
-    return running_bridge(config, clock)
+    extra = f'[cluster]\nlease = "{LEASE:g}s"\n{extra}'
+    return running_bridge(bridge_config(tmp_path, sandbox_url, extra, **provider), clock)
 
 
 async def _post(url: str, text: str) -> int:
@@ -57,13 +58,19 @@ async def _post(url: str, text: str) -> int:
     return int(mid)
 
 
-async def _in_flight(bridge: Any, sandbox_state: SandboxState) -> asyncio.Task[float]:
-    """A dispatcher step started, once its call has reached the sandbox (whose fault
-    holds the answer back): the message is claimed by then, the claim commits before the
-    call. Waits for the call itself, not for a time: a starved machine only makes it later."""
+async def _in_flight(
+    bridge: Any,
+    sandbox_state: SandboxState,
+    path: str = "/send",
+    step: Callable[[], Awaitable[float | None]] | None = None,
+) -> asyncio.Task[float | None]:
+    """A dispatcher step (or `step`) started, once its call to `path` has reached the
+    sandbox (whose fault holds the answer back): the message is claimed by then, the
+    claim commits before the call. Waits for the call itself, not for a time: a starved
+    machine only makes it later."""
     calls = len(sandbox_state.requests)
-    sending = asyncio.create_task(bridge.dispatcher.run_once())
-    while not any(r.path.endswith("/send") for r in sandbox_state.requests[calls:]):
+    sending = asyncio.create_task((step or bridge.dispatcher.run_once)())
+    while not any(r.path.endswith(path) for r in sandbox_state.requests[calls:]):
         if sending.done():  # the step ended without the call: say why
             raise AssertionError(f"no call made; the step returned {sending.result()}")
         await asyncio.sleep(0.01)
@@ -268,6 +275,70 @@ async def test_a_refusal_or_retry_answered_after_a_takeover_keeps_the_takers_rec
     [warning] = [r for r in caplog.records if "no longer held" in r.getMessage()]
     assert warning.levelno == logging.WARNING
     assert f"[{mid}]" in warning.getMessage() and me in warning.getMessage()
+
+
+ADMIN = "+12025550199"
+
+
+@pytest.mark.usefixtures("on_postgresql")
+@pytest.mark.parametrize("taken", [1, 2])  # of the two messages
+@pytest.mark.parametrize("cap", [0, 1])  # max_unknown_resends: given up / sent again
+async def test_unknown_outcomes_taken_over_while_reconciling_are_not_reported_here(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    caplog: pytest.LogCaptureFixture,
+    cap: int,
+    taken: int,
+) -> None:
+    """This instance reconciles two unknown outcomes; while its /logs call is in flight
+    its lease lapses on `taken` of them and another instance takes those over. It logs,
+    and warns the admin of, only what it then resent or gave up on itself: the others
+    are the taker's, and said once, as no longer held. Nothing of its own, no warning."""
+    admin = f'[budget]\nadmin = ["{ADMIN}"]\n'
+    leased = _leased_bridge(tmp_path, clock, sandbox_url, admin, max_unknown_resends=cap)
+    async with leased as (bridge, url):
+        # Each send answers a 200 that says nothing, and neither text reaches /logs.
+        silent = Fault(status=200, body='{"queued": true}', path="/send", times=2)
+        sandbox_state.faults.append(silent)
+        ids = [await _post(url, text) for text in ("psu 1 lost", "psu 2 lost")]
+        await bridge.dispatcher.run_once()
+        assert [(await bridge.store.get(i)).reason_kind for i in ids] == ["unknown"] * 2
+        clock.advance(RECONCILE_DELAY)
+        answer = asyncio.Event()
+        sandbox_state.faults.append(Fault(status=0, hold=answer, path="/logs"))
+        reconcile = bridge.dispatcher.reconciler.run_once
+        reconciling = await _in_flight(bridge, sandbox_state, "/logs", reconcile)
+        me, lost, kept = bridge.dispatcher.owner, ids[:taken], ids[taken:]
+        ahead = clock.now() + 3 * LEASE  # the other instance's clock
+        # Renewed in time (as a send in flight is), the kept ones stay this instance's.
+        await bridge.store.renew(kept, owner=me, lease_until=ahead + LEASE)
+        swept = await bridge.store.unsettled(ahead, owner="other", lease_until=ahead + LEASE)
+        assert [m.id for m in swept] == lost
+        answer.set()
+        with caplog.at_level(logging.WARNING, logger="bridge.delivery"):
+            assert await reconciling is None
+        states = [(await bridge.store.get(i)).state for i in ids]
+        to_admin = [m.text for m in await bridge.store.query(limit=20) if m.recipient == ADMIN]
+    done = State.SENT if cap == 0 else State.QUEUED
+    assert states == [State.SENDING] * taken + [done] * (2 - taken)
+    logged = [(r.name, r.getMessage()) for r in caplog.records]
+    [not_held] = [m for _, m in logged if "no longer held" in m]
+    assert f"{lost} were no longer held by this instance ({me})" in not_held
+    counted = [m for name, m in logged if name == "bridge.delivery.reconcile"]
+    if taken == 2:
+        assert counted == []
+        assert to_admin == []
+    elif cap == 0:
+        assert counted == [
+            f"outcome of 1 messages unknown after 0 resends: not sent again ({kept})"
+        ]
+        [warning] = to_admin
+        assert warning.startswith("sms-bridge: 1 texts have an unknown outcome")
+    else:
+        assert counted == ["1 messages not found in the provider's logs: sending again"]
+        assert to_admin == []
 
 
 class RacedStore(PostgresStore):

@@ -218,6 +218,43 @@ async def test_a_late_retry_leaves_a_row_another_put_back_in_the_queue_as_it_is(
     )
 
 
+async def test_a_resend_or_settle_of_unknown_outcomes_answers_just_the_rows_it_left(
+    store: Store,
+) -> None:
+    """a reconciles a batch of unknown outcomes; b took some over meanwhile (a's lease
+    lapsed on those) and resent or settled them itself. a's calls write the rows it
+    still holds and answer exactly the others, in the order given: what the reconciler
+    logs as resent or given up, and warns the admin of, is counted from that answer."""
+    kept, resent, lost_resent, lost_settled = await seed(store, [MESSAGE] * 4, 1.0)
+    await store.claim([kept, resent], 2.0, owner="a", lease_until=1e12)
+    await store.claim([lost_resent, lost_settled], 2.0, owner="a", lease_until=32.0)
+    everyone = [kept, resent, lost_resent, lost_settled]
+    unknown = ("outcome unknown: timeout", "unknown")
+    assert await store.note_unknown(everyone, 3.0, *unknown, owner="a") == []
+    # b's sweep past the lapsed lease (PostgreSQL takes those over; SQLite, one process,
+    # lists every row in `sending`), and its own verdicts on them.
+    swept = {m.id for m in await store.unsettled(40.0, owner="b", lease_until=70.0)}
+    assert {lost_resent, lost_settled} <= swept
+    assert await store.resend_unknown([lost_resent], 41.0, "b: resent", owner="b") == []
+    assert await store.settle_unknown([lost_settled], 41.0, "b: given up", owner="b") == []
+    late = await store.resend_unknown([lost_resent, resent], 42.0, "a: resent", owner="a")
+    assert late == [lost_resent]
+    late = await store.settle_unknown([lost_settled, kept], 42.0, "a: given up", owner="a")
+    assert late == [lost_settled]
+    got = {i: await store.get(i) for i in everyone}
+    assert [(got[i].state, got[i].reason, got[i].unknown_resends) for i in everyone] == [
+        (State.SENT, "a: given up", 0),
+        (State.QUEUED, "a: resent", 1),
+        (State.QUEUED, "b: resent", 1),  # one resend, b's: a's is an event
+        (State.SENT, "b: given up", 0),
+    ]
+    by = "not applied, a no longer held it"
+    assert [(await store.events(i))[-1]["detail"] for i in (lost_resent, lost_settled)] == [
+        f"{by}: a: resent",
+        f"{by}: a: given up",
+    ]
+
+
 async def test_claim_only_takes_queued_messages_and_books_one_request(store: Store) -> None:
     ids = await seed(store, [MESSAGE] * 3, 1.0)
     assert await store.claim(ids[:2], 2.0, **OWNER) == ids[:2]

@@ -148,12 +148,26 @@ class Reconciler:
         unknown = [m for m in missing if m.reason_kind != "provider-error"]
         cap = self.config.max_unknown_resends
         again = [m.id for m in unknown if m.unknown_resends < cap]
+        # Logged and warned of from the store's answer: rows another instance took over
+        # meanwhile are its to resend or settle (and to warn of); here not_held says them.
         if again:
-            log.warning("%d messages not found in the provider's logs: sending again", len(again))
             resent = f"outcome unknown and not in the provider's logs: resent (at most {cap})"
             late = await self.store.resend_unknown(again, now, resent, owner=self.owner)
             self.outcomes.not_held(late, resent)
+            if len(late) < len(again):
+                log.warning(
+                    "%d messages not found in the provider's logs: sending again",
+                    len(again) - len(late),
+                )
         given_up = [m.id for m in unknown if m.unknown_resends >= cap]
+        if given_up:
+            settled = (
+                f"outcome unknown: sent {cap + 1} times, the provider's answers and logs"
+                " never said whether it went; not sent again"
+            )
+            late = await self.store.settle_unknown(given_up, now, settled, owner=self.owner)
+            self.outcomes.not_held(late, settled)
+            given_up = [i for i in given_up if i not in late]
         if given_up:
             log.error(
                 "outcome of %d messages unknown after %d resends: not sent again (%s)",
@@ -161,12 +175,6 @@ class Reconciler:
                 cap,
                 given_up[:20],
             )
-            settled = (
-                f"outcome unknown: sent {cap + 1} times, the provider's answers and logs"
-                " never said whether it went; not sent again"
-            )
-            late = await self.store.settle_unknown(given_up, now, settled, owner=self.owner)
-            self.outcomes.not_held(late, settled)
             if self.budget is not None and await self.budget.warn(
                 "unknown-outcome",
                 f"sms-bridge: {len(given_up)} texts have an unknown outcome (the provider"
