@@ -224,3 +224,28 @@ async def test_held_messages_are_folded_once(instances: list[PostgresStore]) -> 
     assert folded.count(None) == 2
     assert next(f for f in folded if f)[1] == 5
     assert await instances[2].counts() == {"queued": 1, "suppressed": 5}
+
+
+async def test_the_caps_turn_is_one_instances_at_a_time(instances: list[PostgresStore]) -> None:
+    """While one instance counts today's use and claims, another waits for its turn (or
+    both would count the same use and spend the last of a cap twice); the turn ends with
+    the block, an exception included."""
+    one, two, _ = instances
+    entered = asyncio.Event()
+
+    async def take_turn() -> None:
+        async with two.budget_turn():
+            entered.set()
+
+    async with one.budget_turn():
+        waiting = asyncio.create_task(take_turn())
+        # No event says "blocked on the lock": a wait it would end well within if the
+        # turn were not exclusive. A starved machine can only make this pass vacuously.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(entered.wait()), 0.5)
+        assert not entered.is_set()
+    await asyncio.wait_for(waiting, RACE_TIMEOUT)
+    with contextlib.suppress(RuntimeError):
+        async with one.budget_turn():
+            raise RuntimeError("a failed decision")
+    await asyncio.wait_for(take_turn(), RACE_TIMEOUT)  # freed by the exception

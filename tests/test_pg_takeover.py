@@ -398,3 +398,61 @@ async def test_a_daily_cap_met_after_another_claimed_the_message_says_so(
     assert not any("waiting until" in (e["detail"] or "") for e in events[:-1])
     [warning] = [r for r in caplog.records if "no longer queued" in r.getMessage()]
     assert f"[{mid}]" in warning.getMessage() and f"({me}) decided" in warning.getMessage()
+
+
+@pytest.mark.usefixtures("on_postgresql")
+async def test_a_daily_cap_counts_another_instances_send_in_flight(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two instances, one cap of 2 texts a day, 3 texts queued. While B's call for the
+    second text is in flight, A (its own call answered) decides on the third: B's claim
+    counts as sent, so A holds it for tomorrow and the provider gets 2 texts, not 3."""
+    cap = 'instance = "{}"\n[budget]\ntexts_per_day = 2\n'
+    async with (
+        _leased_bridge(tmp_path, clock, sandbox_url, cap.format("a")) as (a, url),
+        _leased_bridge(tmp_path, clock, sandbox_url, cap.format("b")) as (b, _),
+    ):
+        ids = [await _post(url, f"disk {n} full") for n in (1, 2, 3)]
+        a_answer, b_answer = asyncio.Event(), asyncio.Event()
+        sandbox_state.faults += [
+            Fault(status=0, hold=a_answer, path="/send"),
+            Fault(status=0, hold=b_answer, path="/send"),
+        ]
+        a_step = await _in_flight(a, sandbox_state)  # A: the first text, answer held
+        b_step = await _in_flight(b, sandbox_state)  # B: the second, answer held
+        a_answer.set()
+        await a_step  # A: its text sent; the second is B's; the third over the cap
+        b_answer.set()
+        await b_step
+        states = [await b.store.get(i) for i in ids]
+    sends = [r for r in sandbox_state.requests if r.path.endswith("/send")]
+    assert len(sends) == 2
+    assert [m.state for m in states if m is not None] == [State.SENT, State.SENT, State.QUEUED]
+    assert states[2] is not None and states[2].reason == (
+        "daily budget reached (texts_per_day=2); waiting until 00:00 UTC"
+    )
+
+
+@pytest.mark.usefixtures("on_postgresql")
+async def test_a_dispatcher_with_caps_claims_only_in_its_turn(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Another instance deciding on the caps holds the turn: this one's step waits for
+    it before it counts and claims (then sends, the cap not reached)."""
+    cap = "[budget]\ntexts_per_day = 5\n"
+    async with _leased_bridge(tmp_path, clock, sandbox_url, cap) as (bridge, url):
+        mid = await _post(url, "ups on battery")
+        other = PostgresStore(helpers.STORE_URL["url"])
+        await other.open()
+        try:
+            async with other.budget_turn():
+                step = asyncio.create_task(bridge.dispatcher.run_once())
+                # Nothing says "waiting for the lock": a wait the step would end well
+                # within if it did not wait (a starved machine only makes this vacuous).
+                await asyncio.wait([step], timeout=0.5)
+                assert not step.done()
+                assert (await bridge.store.get(mid)).state == State.QUEUED
+            await step
+        finally:
+            await other.close()
+        assert (await bridge.store.get(mid)).state == State.SENT

@@ -497,6 +497,29 @@ async def test_budgets_and_metrics_count_what_was_sent(store: Store) -> None:
     assert sorted(counts.by_source_state) == [("budget", "sent", 1), ("http", "sent", 2)]
 
 
+async def test_budgets_count_a_claim_in_flight_as_sent(store: Store) -> None:
+    """Another instance's call under way spends the same day's caps: a claim made since
+    the day began counts until it is settled; an older one left `sending` does not."""
+    old, today, queued = await seed(
+        store,
+        [
+            MESSAGE._replace(parts=1, estimated_cost=0.1),
+            MESSAGE._replace(parts=2, estimated_cost=0.3, route="r", token="ci"),
+            MESSAGE._replace(parts=4, estimated_cost=0.5),
+        ],
+        1.0,
+    )
+    await store.claim([old], 10.0, **OWNER)  # yesterday, still in flight
+    await store.claim([today], 60.0, **OWNER)  # today: in flight
+    spent, unpriced = await store.spent_since(50.0, "budget")
+    assert spent == pytest.approx(0.3) and unpriced == []
+    assert await store.used_since(50.0, "budget") == (1, 2)
+    assert await store.used_since(50.0, "budget", "r", token="ci") == (1, 2)
+    await store.requeue([today], 70.0, owner=OWNER["owner"], at=80.0, reason="retrying")
+    assert await store.used_since(50.0, "budget") == (0, 0)  # back in the queue: unspent
+    assert (await store.get(queued)).state == State.QUEUED
+
+
 async def test_purge_keeps_what_is_not_finished(store: Store) -> None:
     done, queued = await seed(store, [MESSAGE._replace(state=State.SUPPRESSED), MESSAGE], 1.0)
     assert await store.purge(2.0) == 1

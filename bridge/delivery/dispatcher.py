@@ -287,10 +287,32 @@ class Dispatcher:
             log.info("no price list (%s): costs are not estimated", exc)
 
     async def _send(self, batch: list[Message]) -> None:
-        batch = await self._within_budget(batch)
+        batch, now = await self._claim_within_budget(batch)
         if not batch:
             return
-        now = self.clock.now()
+        self.limiter.booked(now, "send")
+        try:
+            async with self._held([m.id for m in batch]):
+                result = await self._call(batch, now)
+        except (PermanentSendError, ProviderAuthError, TransientSendError) as exc:
+            await self.outcomes.failed(batch, exc)
+        else:
+            await self.outcomes.succeeded(batch, result)
+
+    async def _claim_within_budget(self, batch: list[Message]) -> tuple[list[Message], float]:
+        """What of `batch` the daily caps allow, claimed, and when. With caps, the
+        decision and the claim are one turn of the cluster: another instance's count of
+        today's use then sees these claims (in flight counts as sent), and none spends
+        the last of a cap at the same time as this one."""
+        if self.budget is None or not self.budget.active:
+            return await self._claim(batch)
+        async with self.store.budget_turn():
+            return await self._claim(await self._within_budget(batch))
+
+    async def _claim(self, batch: list[Message]) -> tuple[list[Message], float]:
+        now = self.clock.now()  # after any wait for the turn: the booking's time
+        if not batch:
+            return [], now
         # Booked in the claim's transaction, within the window every instance shares:
         # a full window (another instance took the room) or a pause claims nothing.
         claimed = set(
@@ -303,18 +325,9 @@ class Dispatcher:
                 window=self.limiter.window,
             )
         )
-        batch = [m for m in batch if m.id in claimed]
-        if not batch:
+        if not claimed:
             await self.limiter.sync()  # the caller's next wait_time says how long
-            return
-        self.limiter.booked(now, "send")
-        try:
-            async with self._held([m.id for m in batch]):
-                result = await self._call(batch, now)
-        except (PermanentSendError, ProviderAuthError, TransientSendError) as exc:
-            await self.outcomes.failed(batch, exc)
-        else:
-            await self.outcomes.succeeded(batch, result)
+        return [m for m in batch if m.id in claimed], now
 
     async def _call(self, batch: list[Message], now: float) -> SendResult:
         """One /send or /send-bulk for `batch` (one text)."""

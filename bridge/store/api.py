@@ -28,6 +28,7 @@ atomic step.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from bridge.models import Message, NewMessage, State
@@ -356,7 +357,9 @@ class Queries(Protocol):
         self, since: float, exclude_source: str
     ) -> tuple[float, list[tuple[str, int]]]:
         """Cost of what was sent since `since` (the provider's cost, else the estimate),
-        and the (recipient, parts) of the sent rows with neither, for the caller to price."""
+        and the (recipient, parts) of the sent rows with neither, for the caller to price.
+        Texts claimed since `since` and still in flight (`sending`) count as sent: another
+        instance's call under way spends the same day's budget."""
         ...
 
     async def used_since(
@@ -367,7 +370,8 @@ class Queries(Protocol):
         *,
         token: str | None = None,
     ) -> tuple[int, int]:
-        """Texts and parts sent since `since`, of one route and/or one API token if given."""
+        """Texts and parts sent since `since`, of one route and/or one API token if given;
+        in flight counts as sent, as in `spent_since`."""
         ...
 
     async def retry(
@@ -451,6 +455,13 @@ class Coordination(Protocol):
     def watch_work(self, wake: Callable[[], None]) -> WorkWatch:
         """Call `wake` when another instance stores messages that are due now (ingest,
         warnings, digests, retries); nothing is connected before the first `check`."""
+        ...
+
+    def budget_turn(self) -> AbstractAsyncContextManager[None]:
+        """Held around the daily caps' decision and the claim that follows it: one
+        instance of the cluster at a time, so that two instances counting today's use
+        at once cannot both spend the last of a cap. Raises StoreUnavailable if the
+        turn cannot be had (the dispatcher's step then fails and is retried)."""
         ...
 
 

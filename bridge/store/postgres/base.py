@@ -32,6 +32,7 @@ LOCK_KEYS = (
     " hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS keys"
 )
 RATE_LOCK = 0x534D_5303  # "SMS" 3: booking in the provider's shared rate window
+BUDGET_LOCK = 0x534D_5305  # "SMS" 5: the daily caps' decision and the claim after it
 # Tells every listening instance that messages became due (bridge.store.postgres.coordination
 # listens); sent inside the transaction, so it is delivered at its commit, or never.
 WORK_CHANNEL = "sms_bridge_work"

@@ -1,5 +1,6 @@
 """What instances agree through PostgreSQL besides the queue: who leads the singletons
-(a session-level advisory lock), and who is told that work arrived (LISTEN / NOTIFY).
+(a session-level advisory lock), who is told that work arrived (LISTEN / NOTIFY), and
+whose turn it is to spend the daily caps (a transaction-level advisory lock).
 
 The leader's lock lives on a connection of its own, never a pooled one (a pooled
 connection goes back to the pool still holding it). When the process dies, the kernel
@@ -22,13 +23,13 @@ import asyncio
 import contextlib
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
 
 from bridge.errors import StoreUnavailable
-from bridge.store.postgres.base import WORK_CHANNEL
+from bridge.store.postgres.base import BUDGET_LOCK, WORK_CHANNEL
 from bridge.store.postgres.pool import Database, unavailable
 
 log = logging.getLogger(__name__)
@@ -183,3 +184,14 @@ class NotifiedWork:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         await _end(conn)
+
+
+@contextlib.asynccontextmanager
+async def budget_turn(db: Database) -> AsyncIterator[None]:
+    """`bridge.store.api.Coordination.budget_turn`: a transaction holding BUDGET_LOCK
+    while the caller counts today's use and claims (on connections of their own). The
+    lock is the transaction's, so its end frees it whatever happens: an exception, a
+    lost connection. Always taken before the rate window's lock, never after."""
+    async with db.transaction() as conn:
+        await conn.execute(f"SELECT pg_advisory_xact_lock({BUDGET_LOCK})")
+        yield

@@ -14,6 +14,9 @@ from bridge.store.postgres.base import Base, one
 # `sent` too: past status.give_up_after nothing will move it any more.
 PURGEABLE = "('sent', 'delivered', 'failed', 'suppressed')"
 SEARCHABLE = ("state", "reason_kind", "route", "source")  # exact-match filters of `query`
+# Today's use: sent since the day began ($1), or claimed since then and still in flight
+# (another instance's call under way spends the same budget).
+SPENT = "(sent_at >= $1 OR (state = 'sending' AND claimed_at >= $1))"
 
 
 def _ids(ids: Sequence[int]) -> list[int]:
@@ -107,7 +110,7 @@ class QueryOps(Base):
     async def spent_since(
         self, since: float, exclude_source: str
     ) -> tuple[float, list[tuple[str, int]]]:
-        where = "WHERE sent_at >= $1 AND source <> $2"
+        where = f"WHERE {SPENT} AND source <> $2"
         async with self.db.connection() as c:
             known = await c.fetchval(
                 f"SELECT coalesce(sum(coalesce(cost, estimated_cost)), 0) FROM messages {where}",
@@ -133,7 +136,7 @@ class QueryOps(Base):
         row = (
             await self._fetch(
                 "SELECT count(*), coalesce(sum(parts), 0) FROM messages"
-                " WHERE sent_at >= $1 AND source <> $2 AND ($3::text IS NULL OR route = $3)"
+                f" WHERE {SPENT} AND source <> $2 AND ($3::text IS NULL OR route = $3)"
                 " AND ($4::text IS NULL OR token = $4)",
                 since,
                 exclude_source,

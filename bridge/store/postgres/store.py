@@ -10,9 +10,15 @@ operation does: a caller that got its answer may acknowledge.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 
 from bridge.store.api import StoreStats
-from bridge.store.postgres.coordination import LEADER_IDLE_TIMEOUT, AdvisoryLeadership, NotifiedWork
+from bridge.store.postgres.coordination import (
+    LEADER_IDLE_TIMEOUT,
+    AdvisoryLeadership,
+    NotifiedWork,
+    budget_turn,
+)
 from bridge.store.postgres.delivery import DeliveryOps
 from bridge.store.postgres.ingest import IngestOps
 from bridge.store.postgres.migrate import check_not_newer, check_schema, migrate
@@ -67,3 +73,6 @@ class PostgresStore(IngestOps, DeliveryOps, RateOps, QueryOps):
 
     def watch_work(self, wake: Callable[[], None]) -> NotifiedWork:
         return NotifiedWork(self.db, wake, self.token)
+
+    def budget_turn(self) -> AbstractAsyncContextManager[None]:
+        return budget_turn(self.db)

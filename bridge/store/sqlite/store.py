@@ -8,9 +8,11 @@ logged to `events` by triggers, so no code path can change a state without leavi
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from sqlite_utils import Database
@@ -35,6 +37,8 @@ class SqliteStore(DeliveryOperations, RateOperations, ConsoleQueries):
     def __init__(self, path: str | Path) -> None:
         self.engine = self.engine_type(path)
         self.path = self.engine.path
+        # The caps' turn among this process's own tasks (one dispatcher takes it today).
+        self._budget_turn = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------
     async def open(self) -> None:
@@ -69,6 +73,9 @@ class SqliteStore(DeliveryOperations, RateOperations, ConsoleQueries):
     def watch_work(self, wake: Callable[[], None]) -> NoOtherWork:
         del wake
         return NoOtherWork()
+
+    def budget_turn(self) -> AbstractAsyncContextManager[None]:
+        return self._budget_turn
 
     # -- ingest ----------------------------------------------------------------------
     async def ingest(self, pending: Sequence[Pending], decider: Decider) -> list[Stored]:
