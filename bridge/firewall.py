@@ -26,7 +26,7 @@ import phonenumbers
 from phonenumbers import PhoneNumberType
 
 from bridge.errors import InputError
-from bridge.phone import NumberFacts, facts, normalise_number
+from bridge.phone import NumberFacts, facts, national_number, normalise_number
 from bridge.ranges import costly_range
 
 if TYPE_CHECKING:
@@ -74,9 +74,8 @@ def refusal(e164: str, allowed_countries: frozenset[str], allow_premium: bool) -
         kind = _COSTLY_TYPES.get(number.kind)
         if kind:
             return f"{kind} (phone.allow_premium is off)"
-        if not number.assigned:  # rare: parse again rather than keep every parse
-            national = phonenumbers.national_significant_number(phonenumbers.parse(e164, None))
-            kind = costly_range(code, national)
+        if not number.assigned:
+            kind = costly_range(code, national_number(e164))
             if kind:
                 return (
                     f"not a known number, but in the range of {kind} (phone.allow_premium is off)"

@@ -4,18 +4,33 @@ A number that is not *possible* (wrong length, no country code and no default re
 refused with a reason. A possible number the metadata does not know as assigned is let
 through unless `require_valid`, because metadata lags new ranges and refusing an on-call
 phone loses alerts; callers log a warning for it.
+
+The library reads its metadata's patterns with `re` at every call, and the dependency is
+not pinned: a release with a pattern `re` cannot compile (a construct of Java's regexes,
+where the metadata is written) makes the library raise on the numbers that reach it.
+Then the number's facts (region, kind, validity: up to eleven patterns per region, and
+the shared calling codes' leading digits) are read from the same metadata pattern by
+pattern (`bridge.phone_patterns`), in the library's own order, a pattern that is not a
+regex matching nothing (as `bridge.ranges` reads it). Every other answer is the
+library's, so one broken pattern changes the answer only for numbers of its own kind and
+region (and a broken US pattern no longer stops every Canadian number: +1 asks the US
+first). One warning per calling code names the patterns.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from typing import NamedTuple
 
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberType
 
+from bridge import phone_patterns
 from bridge.errors import InputError
+
+log = logging.getLogger(__name__)
 
 _SEPARATORS = re.compile(r"[\s().\-/]")
 # The library's own words ("Could not interpret numbers after plus-sign.") name its
@@ -45,6 +60,23 @@ class PhoneError(InputError):
         return f"{self.field!r} is not a possible phone number: {self.message}"
 
 
+_warned: set[str] = set()  # the regions and calling codes already warned about
+
+
+def _warn_once(where: str, message: str, *args: object) -> None:
+    if where not in _warned:
+        _warned.add(where)
+        log.warning(message, *args)
+
+
+def _calling_code(digits: str) -> int | None:
+    """The calling code `+digits` starts with: codes are prefix-free (ITU-T E.164)."""
+    for end in (1, 2, 3):
+        if digits[:end].isdigit() and int(digits[:end]) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            return int(digits[:end])
+    return None
+
+
 def _candidates(text: str, default_region: str | None) -> list[tuple[str, str | None]]:
     """The readings of `text` to try, most likely first: (digits as parsed, region)."""
     compact = _SEPARATORS.sub("", text)
@@ -59,7 +91,8 @@ def _candidates(text: str, default_region: str | None) -> list[tuple[str, str | 
     return [("+" + compact, None)]
 
 
-def _parse_possible(text: str, default_region: str | None) -> phonenumbers.PhoneNumber:
+def _parse_possible(text: str, default_region: str | None) -> tuple[str, NumberFacts]:
+    """The E.164 form of `text` and its facts, or PhoneError."""
     compact = _SEPARATORS.sub("", text)
     if not compact or not re.fullmatch(r"\+?\d+", compact):
         raise PhoneError(text, "only digits, an optional leading +, and separators - . ( ) space")
@@ -72,11 +105,15 @@ def _parse_possible(text: str, default_region: str | None) -> phonenumbers.Phone
             first_reason = _PARSE_REASONS.get(exc.error_type, first_reason)
             continue
         result = phonenumbers.is_possible_number_with_reason(number)
+        e164 = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
         if result in (
             phonenumbers.ValidationResult.IS_POSSIBLE,
             phonenumbers.ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
-        ) and (region is None or phonenumbers.is_valid_number(number) or len(candidates) == 1):
-            return number
+        ):
+            # the next questions come at once (the firewall's); assigned is is_valid_number
+            known = _facts.get(e164) or _learn(e164, number)
+            if region is None or known.assigned or len(candidates) == 1:
+                return e164, known
         if digits == candidates[0][0]:
             first_reason = _REASONS.get(result, "not a possible number")
     if not default_region and not compact.startswith(("+", "00")) and len(compact) < 8:
@@ -89,9 +126,7 @@ def normalise_number(
     text: str, *, default_region: str | None = None, require_valid: bool = False
 ) -> str:
     """One recipient as written by a person or a machine -> `+CCNNNN`, or PhoneError."""
-    number = _parse_possible(text.strip(), default_region)
-    e164 = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
-    known = _facts.get(e164) or _learn(e164, number)  # the next questions come at once
+    e164, known = _parse_possible(text.strip(), default_region)
     if require_valid and not known.assigned:
         raise PhoneError(text, "not an assigned number (phone.require_valid is on)")
     return e164
@@ -117,14 +152,44 @@ def facts(e164: str) -> NumberFacts:
     ~140 us per message when alerts go to many phones. Held to the library's own
     answers by a test."""
     known = _facts.get(e164)
-    return known if known is not None else _learn(e164, phonenumbers.parse(e164, None))
+    return known if known is not None else _learn(e164, None)
 
 
-def _learn(e164: str, number: phonenumbers.PhoneNumber) -> NumberFacts:
-    kind = phonenumbers.number_type(number)
+def national_number(e164: str) -> str:
+    """The national significant number of a normalised number: E.164 is the calling code
+    and it (phonenumbers.national_significant_number, without parsing again)."""
+    return e164[1 + len(str(facts(e164).country_code)) :]
+
+
+def _learn(e164: str, number: phonenumbers.PhoneNumber | None) -> NumberFacts:
+    try:
+        if number is None:
+            number = phonenumbers.parse(e164, None)
+        code = int(number.country_code or 0)
+        region = phonenumbers.region_code_for_number(number)
+        kind = phonenumbers.number_type(number)
+    except NumberParseException:
+        raise
+    except Exception as exc:  # its metadata failed it: read the patterns one by one
+        found_code = _calling_code(e164[1:])
+        if found_code is None:
+            raise
+        code, reading = found_code, phone_patterns.read(found_code)
+        _warn_once(
+            f"facts of +{code}",
+            "phonenumbers fails on numbers of +%d (%s: %s): their region and kind are read"
+            " pattern by pattern; %s",
+            code,
+            type(exc).__name__,
+            exc,
+            "not regexes, so matching nothing: " + "; ".join(reading.unread)
+            if reading.unread
+            else "every pattern reads",
+        )
+        region, kind = reading.facts(e164[1 + len(str(code)) :])
     found = NumberFacts(
-        country_code=int(number.country_code or 0),
-        region=phonenumbers.region_code_for_number(number),
+        country_code=code,
+        region=region,
         kind=kind,
         # is_valid_number is number_type != UNKNOWN for the number's own region (the
         # only region whose calling code matches); the test checks it over many numbers.

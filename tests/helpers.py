@@ -10,7 +10,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 
-from bridge import phone, ranges
+from bridge import phone, phone_patterns, ranges
 from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
 from bridge.config import Config, HttpConfig, load_config
@@ -131,8 +131,11 @@ SetPattern = Callable[[str, str, Callable[[str], str]], str]  # tests.conftest's
 
 
 def forget_the_metadata() -> None:
-    """Empty every cache that holds a reading of the phone metadata."""
+    """Empty every cache that holds a reading of the phone metadata, and its warnings."""
     ranges.costly_range.cache_clear()
     ranges._automata.cache_clear()
     refusal.cache_clear()
+    phone.normalise_number.cache_clear()
     phone._facts.clear()
+    phone._warned.clear()
+    phone_patterns.read.cache_clear()

@@ -1,0 +1,100 @@
+"""The phonenumbers library failing on its own metadata (bridge.phone, bridge.phone_patterns).
+
+The library compiles its metadata's patterns at every call and the dependency is not
+pinned, so a release with a pattern `re` cannot compile makes it raise on the numbers
+that reach that pattern: a 500 over HTTP, a 500 to the MTA. Each test ships such a
+pattern into the installed metadata (a Java construct, `\\p{Nd}`, that `re` refuses) and
+goes through the real listeners on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+
+import httpx
+import phonenumbers
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.phone import facts
+from tests.helpers import SetPattern, bridge_config, running_bridge
+from tests.test_firewall import (
+    COSTLY,
+    UNKNOWN_BUT_ORDINARY,
+    _example_numbers,
+    _library_facts,
+    rcpt,
+)
+from tests.test_smtp import smtp_listening
+
+CANADA = ["+16135550100", "+14165550123"]
+
+
+def not_for_re(old: str) -> str:
+    """`old` behind a lookahead for a digit, written as Java writes it: the same numbers
+    to the metadata's authors, `re.error` ("bad escape \\p") to `re`."""
+    return f"(?=\\p{{Nd}})(?:{old})"
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "bridge.phone"]
+
+
+async def test_a_broken_pattern_of_one_country_leaves_the_others_of_its_code_served(
+    tmp_path, clock: ManualClock, sandbox_url: str, set_pattern: SetPattern, caplog
+) -> None:
+    """The US fixed-line pattern broken: the library raises for every +1 number that its
+    US question reaches, Canada's among them (+1 asks the US first). Their facts are
+    read pattern by pattern instead: Canada is still told apart (allowed_countries), a
+    premium number is still refused, over HTTP and SMTP; one warning names the pattern."""
+    set_pattern("US", "fixed_line", not_for_re)
+    with pytest.raises(re.error):  # what the bridge meets: the library itself fails
+        phonenumbers.number_type(phonenumbers.parse(CANADA[0]))
+    extra = '[phone]\nallowed_countries = ["CA"]\n[smtp]\ndomains = ["sms.localhost"]\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    caplog.set_level(logging.WARNING, logger="bridge.phone")
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        endpoint = f"{url}/api/v1/messages"
+        canada = await http.post(endpoint, json={"to": CANADA, "message": "x"})
+        premium = await http.post(endpoint, json={"to": "+19005550123", "message": "x"})
+        britain = await http.post(endpoint, json={"to": "+442079460000", "message": "x"})
+        code, message = await asyncio.to_thread(rcpt, port, "+15145550123@sms.localhost")
+    assert canada.status_code == 202, canada.text
+    assert len(canada.json()["ids"]) == 2
+    assert premium.status_code == 400 and "premium-rate" in premium.json()["error"]
+    assert britain.status_code == 400 and "a number in GB" in britain.json()["error"]
+    assert code == 250, message
+    [warning] = warnings_of(caplog)
+    assert "+1" in warning and "US fixed_line" in warning and "bad escape" in warning
+
+
+def test_facts_read_pattern_by_pattern_are_the_librarys_answers(
+    monkeypatch: pytest.MonkeyPatch, forgetful: None
+) -> None:
+    """With the library failing on every number, `phone.facts` reads the metadata itself:
+    the same region and kind as the library's, for an example of every kind of every
+    region and for random digits of every calling code (mostly in no known range, where
+    the shared codes' regions are told by their leading digits)."""
+    rng = random.Random(9)
+    numbers = [*_example_numbers(), *COSTLY, *UNKNOWN_BUT_ORDINARY]
+    for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+        numbers += [f"+{code}{rng.randint(10**3, 10**13)}" for _ in range(10)]
+    expected = {}
+    for e164 in numbers:
+        with contextlib.suppress(phonenumbers.NumberParseException):  # too long, say
+            expected[e164] = _library_facts(e164)
+
+    def failing(number: phonenumbers.PhoneNumber) -> int:
+        raise re.error("shaped by the test")
+
+    monkeypatch.setattr(phonenumbers, "number_type", failing)
+    assert len(expected) > 2500
+    assert [n for n, known in expected.items() if tuple(facts(n)) != known] == []
