@@ -8,27 +8,35 @@ phone loses alerts; callers log a warning for it.
 The library reads its metadata's patterns with `re` at every call, and the dependency is
 not pinned: a release with a pattern `re` cannot compile (a construct of Java's regexes,
 where the metadata is written) makes the library raise on the numbers that reach it.
-Then the number's facts (region, kind, validity: up to eleven patterns per region, and
-the shared calling codes' leading digits) are read from the same metadata pattern by
-pattern (`bridge.phone_patterns`), in the library's own order, a pattern that is not a
-regex matching nothing (as `bridge.ranges` reads it). Every other answer is the
-library's, so one broken pattern changes the answer only for numbers of its own kind and
-region (and a broken US pattern no longer stops every Canadian number: +1 asks the US
-first). One warning per calling code names the patterns.
+What a sender then gets, by where the library failed:
+
+- the number's facts (region, kind, validity: up to eleven patterns per region, and the
+  shared calling codes' leading digits): read from the same metadata pattern by pattern
+  (`bridge.phone_patterns`), in the library's own order, a pattern that is not a regex
+  matching nothing (as `bridge.ranges` reads it). Every other answer is the library's,
+  so one broken pattern changes the answer only for numbers of its own kind and region
+  (and a broken US pattern no longer stops every Canadian number: +1 asks the US
+  first). One warning per calling code names the patterns;
+- reading the number at all (its national prefix, or the default region's
+  international prefix): no E.164 can be had, and the sender is not at fault, so
+  `PhoneDataUnavailable` (503 / SMTP 451, the sender retries) names what failed, not a
+  refusal that would lose the alert for good. One warning per region or calling code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberType
 
 from bridge import phone_patterns
-from bridge.errors import InputError
+from bridge.errors import InputError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,17 @@ class PhoneError(InputError):
         return f"{self.field!r} is not a possible phone number: {self.message}"
 
 
+class PhoneDataUnavailable(Unavailable):
+    """The phonenumbers library failed on its own metadata while reading a recipient."""
+
+    def __init__(self, recipient: str, where: str, failure: Exception) -> None:
+        super().__init__(
+            f"{recipient!r} cannot be read now: the phone metadata of {where} is broken"
+            f" in the installed phonenumbers {phonenumbers.__version__}"
+            f" ({type(failure).__name__}: {failure})"
+        )
+
+
 _warned: set[str] = set()  # the regions and calling codes already warned about
 
 
@@ -77,6 +96,27 @@ def _calling_code(digits: str) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def _library(text: str, digits: str, region: str | None) -> Iterator[None]:
+    """PhoneDataUnavailable for anything but a parse error out of the library."""
+    try:
+        yield
+    except NumberParseException:
+        raise
+    except Exception as exc:  # re.error, or whatever a malformed metadata entry causes
+        code = _calling_code(digits.lstrip("+")) if region is None else None
+        where = region or (f"+{code}" if code else "the number's calling code")
+        _warn_once(
+            where,
+            "phonenumbers fails reading numbers of %s (%s: %s): they are answered 503 / 451"
+            " until phonenumbers is downgraded or fixed",
+            where,
+            type(exc).__name__,
+            exc,
+        )
+        raise PhoneDataUnavailable(text, where, exc) from exc
+
+
 def _candidates(text: str, default_region: str | None) -> list[tuple[str, str | None]]:
     """The readings of `text` to try, most likely first: (digits as parsed, region)."""
     compact = _SEPARATORS.sub("", text)
@@ -92,7 +132,7 @@ def _candidates(text: str, default_region: str | None) -> list[tuple[str, str | 
 
 
 def _parse_possible(text: str, default_region: str | None) -> tuple[str, NumberFacts]:
-    """The E.164 form of `text` and its facts, or PhoneError."""
+    """The E.164 form of `text` and its facts, or PhoneError (PhoneDataUnavailable)."""
     compact = _SEPARATORS.sub("", text)
     if not compact or not re.fullmatch(r"\+?\d+", compact):
         raise PhoneError(text, "only digits, an optional leading +, and separators - . ( ) space")
@@ -100,12 +140,13 @@ def _parse_possible(text: str, default_region: str | None) -> tuple[str, NumberF
     candidates = _candidates(text, default_region)
     for digits, region in candidates:
         try:
-            number = phonenumbers.parse(digits, region)
+            with _library(text, digits, region):
+                number = phonenumbers.parse(digits, region)
+                result = phonenumbers.is_possible_number_with_reason(number)
+                e164 = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
         except NumberParseException as exc:
             first_reason = _PARSE_REASONS.get(exc.error_type, first_reason)
             continue
-        result = phonenumbers.is_possible_number_with_reason(number)
-        e164 = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
         if result in (
             phonenumbers.ValidationResult.IS_POSSIBLE,
             phonenumbers.ValidationResult.IS_POSSIBLE_LOCAL_ONLY,

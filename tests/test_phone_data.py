@@ -27,11 +27,13 @@ from tests.test_firewall import (
     UNKNOWN_BUT_ORDINARY,
     _example_numbers,
     _library_facts,
+    config_problems,
     rcpt,
 )
-from tests.test_smtp import smtp_listening
+from tests.test_smtp import send, smtp_listening
 
 CANADA = ["+16135550100", "+14165550123"]
+FRANCE = "+33612345678"
 
 
 def not_for_re(old: str) -> str:
@@ -74,6 +76,63 @@ async def test_a_broken_pattern_of_one_country_leaves_the_others_of_its_code_ser
     assert code == 250, message
     [warning] = warnings_of(caplog)
     assert "+1" in warning and "US fixed_line" in warning and "bad escape" in warning
+
+
+async def test_a_number_the_library_cannot_read_is_retried_later_and_others_go(
+    tmp_path, clock: ManualClock, sandbox_url: str, set_pattern: SetPattern, caplog
+) -> None:
+    """Germany's national prefix pattern broken: no German number can be read at all.
+    The sender is not at fault and an alert refused for good would be lost, so it is
+    a 503 (HTTP) and a 451 for that recipient (SMTP, the rest of the mail goes), each
+    naming the metadata; one warning per region or calling code."""
+    set_pattern("DE", "national_prefix_for_parsing", not_for_re)
+    with pytest.raises(re.error):
+        phonenumbers.parse("+4930123456")
+    extra = """
+    [dedupe]
+    window = 0
+    [smtp]
+    domains = ["sms.localhost", "de.sms.localhost"]
+    regions = {"de.sms.localhost" = "DE"}
+    """
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    caplog.set_level(logging.WARNING, logger="bridge.phone")
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        endpoint = f"{url}/api/v1/messages"
+        german = [
+            await http.post(endpoint, json={"to": [FRANCE, "+4930123456"], "message": "x"})
+            for _ in range(2)
+        ]
+        french = await http.post(endpoint, json={"to": FRANCE, "message": "x"})
+        rcpts = ["030123456@de.sms.localhost", f"{FRANCE}@sms.localhost"]
+        refused = await asyncio.to_thread(send, port, "ups@example.org", rcpts, "Subject: x\n\nx")
+        assert await bridge.store.counts() == {"queued": 2}
+    for answer in german:
+        assert answer.status_code == 503, answer.text
+        error = answer.json()["error"]
+        assert "'+4930123456' cannot be read now" in error and "+49" in error
+        assert f"phonenumbers {phonenumbers.__version__}" in error and "bad escape" in error
+    assert french.status_code == 202
+    [(code, message)] = refused.values()
+    assert code == 451 and b"4.3.0" in message and b"'030123456'" in message
+    assert b"metadata of DE" in message
+    assert sorted(w.split(" (")[0] for w in warnings_of(caplog)) == [
+        "phonenumbers fails reading numbers of +49",
+        "phonenumbers fails reading numbers of DE",
+    ]
+
+
+def test_check_config_names_a_configured_number_the_library_cannot_read(
+    tmp_path, set_pattern: SetPattern
+) -> None:
+    set_pattern("DE", "national_prefix_for_parsing", not_for_re)
+    problems = config_problems(tmp_path, f'[groups]\noncall = ["{FRANCE}", "+4930123456"]\n')
+    assert list(problems) == ["groups.oncall[1]"]
+    assert "metadata of +49" in problems["groups.oncall[1]"]
 
 
 def test_facts_read_pattern_by_pattern_are_the_librarys_answers(
