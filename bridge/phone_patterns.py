@@ -35,6 +35,21 @@ _KINDS = (
 )
 
 
+class Unread(NamedTuple):
+    """A pattern (or a whole region's metadata: `what` is empty) that matches nothing."""
+
+    region: str
+    what: str  # premium_rate, leading_digits...
+    error: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.region} {self.what}: {self.error}"
+            if self.what
+            else f"{self.region}: {self.error}"
+        )
+
+
 class _Desc(NamedTuple):
     pattern: re.Pattern[str] | None  # None: no pattern, or none `re` reads: matches nothing
     lengths: tuple[int, ...]
@@ -80,11 +95,11 @@ class _Region:
         return self.kind(national) != PhoneNumberType.UNKNOWN
 
 
-def _read_region(code: int, name: str, unread: list[str]) -> _Region | None:
+def _read_region(code: int, name: str, unread: list[Unread]) -> _Region | None:
     try:
         meta = PhoneMetadata.metadata_for_region_or_calling_code(code, name)
     except Exception as exc:  # the region's metadata module itself would not load
-        unread.append(f"{name}: {type(exc).__name__}: {exc}")
+        unread.append(Unread(name, "", f"{type(exc).__name__}: {exc}"))
         return None
     if meta is None:
         return None
@@ -93,7 +108,7 @@ def _read_region(code: int, name: str, unread: list[str]) -> _Region | None:
         try:
             return re.compile(pattern) if pattern else None
         except Exception as exc:  # re.error; TypeError for a pattern that is no string
-            unread.append(f"{name} {what}: {exc}")
+            unread.append(Unread(name, what, str(exc)))
             return None
 
     def desc(kind: str) -> _Desc:
@@ -120,7 +135,7 @@ class CallingCode:
 
     regions: tuple[str, ...]  # the library's order: the main country first
     read: dict[str, _Region]
-    unread: tuple[str, ...]
+    unread: tuple[Unread, ...]
 
     def facts(self, national: str) -> tuple[str | None, int]:
         """(phonenumbers.region_code_for_number, phonenumbers.number_type) of the number
@@ -139,7 +154,7 @@ class CallingCode:
 @functools.lru_cache(maxsize=256)  # more than the 215 calling codes
 def read(code: int) -> CallingCode:
     """`code`'s metadata, each pattern compiled on its own."""
-    unread: list[str] = []
+    unread: list[Unread] = []
     names = tuple(phonenumbers.region_codes_for_country_code(code))
     regions = {name: _read_region(code, name, unread) for name in names}
     found = {name: region for name, region in regions.items() if region is not None}

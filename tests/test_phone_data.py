@@ -18,9 +18,11 @@ import re
 import httpx
 import phonenumbers
 import pytest
+from phonenumbers import PhoneMetadata, PhoneNumberDesc, PhoneNumberType
 
 from bridge.clock import ManualClock
 from bridge.phone import facts
+from bridge.ranges import COSTLY_KINDS, OTHER_KINDS
 from tests.helpers import SetPattern, bridge_config, running_bridge
 from tests.test_firewall import (
     COSTLY,
@@ -76,6 +78,57 @@ async def test_a_broken_pattern_of_one_country_leaves_the_others_of_its_code_ser
     assert code == 250, message
     [warning] = warnings_of(caplog)
     assert "+1" in warning and "US fixed_line" in warning and "bad escape" in warning
+
+
+async def test_a_broken_costly_pattern_refuses_only_the_unknown_numbers_of_its_code(
+    tmp_path, clock: ManualClock, sandbox_url: str, set_pattern: SetPattern
+) -> None:
+    """Germany's premium-rate pattern broken: read pattern by pattern, a German 0900
+    number is of no known kind, and the range check cannot see its range either. Rather
+    than text it, unknown German numbers are refused while this lasts; known German
+    numbers and other countries' go."""
+    set_pattern("DE", "premium_rate", not_for_re)
+    example = phonenumbers.example_number_for_type("DE", PhoneNumberType.PREMIUM_RATE)
+    premium = phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164)
+    with pytest.raises(re.error):
+        phonenumbers.number_type(example)
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        endpoint = f"{url}/api/v1/messages"
+        refused = [
+            await http.post(endpoint, json={"to": number, "message": "x"})
+            for number in (premium, "+4990012345678")
+        ]
+        known = ["+4915123456789", "+4930123456", FRANCE]
+        ok = await http.post(endpoint, json={"to": known, "message": "x"})
+    for answer in refused:
+        assert answer.status_code == 400, answer.text
+        assert "whether it is costly cannot be told" in answer.json()["error"]
+        assert "premium_rate pattern for +49" in answer.json()["error"]
+    assert ok.status_code == 202 and len(ok.json()["ids"]) == 3, ok.text
+
+
+def test_no_example_of_a_costly_kind_is_of_another_kind_too() -> None:
+    """What lets known numbers go while a costly pattern is broken (bridge.firewall): the
+    kinds' patterns do not overlap there, so a number read as mobile is not a 0900 one."""
+
+    def matches(desc: PhoneNumberDesc | None, number: str) -> bool:
+        if desc is None or not desc.national_number_pattern:
+            return False
+        if desc.possible_length and len(number) not in desc.possible_length:
+            return False
+        return re.fullmatch(desc.national_number_pattern, number) is not None
+
+    overlaps, examples = [], 0
+    for region in phonenumbers.SUPPORTED_REGIONS:
+        meta = PhoneMetadata.metadata_for_region(region)
+        for costly in COSTLY_KINDS:
+            example = getattr(getattr(meta, costly), "example_number", None)
+            examples += bool(example)
+            for other in (*OTHER_KINDS, *(k for k in COSTLY_KINDS if k != costly)):
+                if example and matches(getattr(meta, other), example):
+                    overlaps.append((region, costly, other, example))
+    assert examples > 200 and overlaps == []
 
 
 async def test_a_number_the_library_cannot_read_is_retried_later_and_others_go(
