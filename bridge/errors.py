@@ -3,8 +3,10 @@
 BridgeError
 ├── ConfigError             every problem of a config, each with its key path
 ├── InputError              bad input from a sender: 400 / 5xx SMTP, names the field
-├── StoreUnavailable        the store cannot commit: 503 / 451, the sender retries
-│   └── SchemaError         the database's schema is not the one this bridge runs on
+├── Unavailable             the bridge cannot take it now: 503 / 451, the sender retries
+│   ├── StoreUnavailable    the store cannot commit
+│   │   └── SchemaError     the database's schema is not the one this bridge runs on
+│   └── PhoneDataUnavailable  (bridge.phone) the phone metadata fails on a recipient
 └── ProviderError           the provider's answer, classified once for the dispatcher
     ├── PermanentSendError  400: never retried, the provider's reason kept
     ├── ProviderAuthError   401, 403, 404: stop sending, keep the queue, health red
@@ -37,7 +39,12 @@ class InputError(BridgeError):
         super().__init__(f"{field}: {message}")
 
 
-class StoreUnavailable(BridgeError):
+class Unavailable(BridgeError):
+    """Not the sender's fault and not taken: answered 503 / 451 with the reason, so the
+    sender retries rather than drops what it sent."""
+
+
+class StoreUnavailable(Unavailable):
     """The store could not commit; nothing was acknowledged."""
 
 

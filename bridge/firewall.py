@@ -10,7 +10,9 @@ API, webhook routes, SMTP RCPT, and `check-config` for groups, route `to` and
   such a range (`bridge.ranges`: `+4990012345678`, a 0900 number one digit long), and
   every number of the non-geographic calling codes (+800 UIFN, +808, +870 and +881 satellite, +882/+883
   international networks, +979 international premium rate), which cost far more than a
-  text to a phone and are the classic toll-fraud targets.
+  text to a phone and are the classic toll-fraud targets. While a costly kind's pattern
+  of a calling code is broken in the installed phonenumbers (`bridge.phone`), every
+  number of that code the metadata does not know, as its range cannot be checked.
 
 Pure, no I/O; the verdict per number is cached, as parsing is the costly part.
 """
@@ -26,8 +28,8 @@ import phonenumbers
 from phonenumbers import PhoneNumberType
 
 from bridge.errors import InputError
-from bridge.phone import NumberFacts, facts, normalise_number
-from bridge.ranges import costly_range
+from bridge.phone import NumberFacts, facts, national_number, normalise_number, unreadable_kinds
+from bridge.ranges import COSTLY_KINDS, costly_range
 
 if TYPE_CHECKING:
     from bridge.config.sections import Config
@@ -74,12 +76,22 @@ def refusal(e164: str, allowed_countries: frozenset[str], allow_premium: bool) -
         kind = _COSTLY_TYPES.get(number.kind)
         if kind:
             return f"{kind} (phone.allow_premium is off)"
-        if not number.assigned:  # rare: parse again rather than keep every parse
-            national = phonenumbers.national_significant_number(phonenumbers.parse(e164, None))
-            kind = costly_range(code, national)
+        if not number.assigned:
+            kind = costly_range(code, national_number(e164))
             if kind:
                 return (
                     f"not a known number, but in the range of {kind} (phone.allow_premium is off)"
+                )
+            # A costly pattern `re` cannot compile (a broken phonenumbers release) matches
+            # nothing, so such numbers are read as unknown and costly_range cannot see
+            # their range either: refuse the unknown ones rather than text a 0900 number.
+            # Known numbers still go (no example number of a costly kind matches another).
+            blind = sorted(unreadable_kinds(code) & COSTLY_KINDS.keys())
+            if blind:
+                return (
+                    f"not a known number, and whether it is costly cannot be told: the phone"
+                    f" metadata's {' and '.join(blind)} pattern for +{code} is broken in the"
+                    " installed phonenumbers (phone.allow_premium is off)"
                 )
     if allowed_countries:
         country = _country(number)

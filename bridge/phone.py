@@ -4,18 +4,41 @@ A number that is not *possible* (wrong length, no country code and no default re
 refused with a reason. A possible number the metadata does not know as assigned is let
 through unless `require_valid`, because metadata lags new ranges and refusing an on-call
 phone loses alerts; callers log a warning for it.
+
+The library reads its metadata's patterns with `re` at every call, and the dependency is
+not pinned: a release with a pattern `re` cannot compile (a construct of Java's regexes,
+where the metadata is written) makes the library raise on the numbers that reach it.
+What a sender then gets, by where the library failed:
+
+- the number's facts (region, kind, validity: up to eleven patterns per region, and the
+  shared calling codes' leading digits): read from the same metadata pattern by pattern
+  (`bridge.phone_patterns`), in the library's own order, a pattern that is not a regex
+  matching nothing (as `bridge.ranges` reads it). Every other answer is the library's,
+  so one broken pattern changes the answer only for numbers of its own kind and region
+  (and a broken US pattern no longer stops every Canadian number: +1 asks the US
+  first). One warning per calling code names the patterns;
+- reading the number at all (its national prefix, or the default region's
+  international prefix): no E.164 can be had, and the sender is not at fault, so
+  `PhoneDataUnavailable` (503 / SMTP 451, the sender retries) names what failed, not a
+  refusal that would lose the alert for good. One warning per region or calling code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import re
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberType
 
-from bridge.errors import InputError
+from bridge import phone_patterns
+from bridge.errors import InputError, Unavailable
+
+log = logging.getLogger(__name__)
 
 _SEPARATORS = re.compile(r"[\s().\-/]")
 # The library's own words ("Could not interpret numbers after plus-sign.") name its
@@ -45,6 +68,55 @@ class PhoneError(InputError):
         return f"{self.field!r} is not a possible phone number: {self.message}"
 
 
+class PhoneDataUnavailable(Unavailable):
+    """The phonenumbers library failed on its own metadata while reading a recipient."""
+
+    def __init__(self, recipient: str, where: str, failure: Exception) -> None:
+        super().__init__(
+            f"{recipient!r} cannot be read now: the phone metadata of {where} is broken"
+            f" in the installed phonenumbers {phonenumbers.__version__}"
+            f" ({type(failure).__name__}: {failure})"
+        )
+
+
+_warned: set[str] = set()  # the regions and calling codes already warned about
+
+
+def _warn_once(where: str, message: str, *args: object) -> None:
+    if where not in _warned:
+        _warned.add(where)
+        log.warning(message, *args)
+
+
+def _calling_code(digits: str) -> int | None:
+    """The calling code `+digits` starts with: codes are prefix-free (ITU-T E.164)."""
+    for end in (1, 2, 3):
+        if digits[:end].isdigit() and int(digits[:end]) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            return int(digits[:end])
+    return None
+
+
+@contextlib.contextmanager
+def _library(text: str, digits: str, region: str | None) -> Iterator[None]:
+    """PhoneDataUnavailable for anything but a parse error out of the library."""
+    try:
+        yield
+    except NumberParseException:
+        raise
+    except Exception as exc:  # re.error, or whatever a malformed metadata entry causes
+        code = _calling_code(digits.lstrip("+")) if region is None else None
+        where = region or (f"+{code}" if code else "the number's calling code")
+        _warn_once(
+            where,
+            "phonenumbers fails reading numbers of %s (%s: %s): they are answered 503 / 451"
+            " until phonenumbers is downgraded or fixed",
+            where,
+            type(exc).__name__,
+            exc,
+        )
+        raise PhoneDataUnavailable(text, where, exc) from exc
+
+
 def _candidates(text: str, default_region: str | None) -> list[tuple[str, str | None]]:
     """The readings of `text` to try, most likely first: (digits as parsed, region)."""
     compact = _SEPARATORS.sub("", text)
@@ -59,7 +131,8 @@ def _candidates(text: str, default_region: str | None) -> list[tuple[str, str | 
     return [("+" + compact, None)]
 
 
-def _parse_possible(text: str, default_region: str | None) -> phonenumbers.PhoneNumber:
+def _parse_possible(text: str, default_region: str | None) -> tuple[str, NumberFacts]:
+    """The E.164 form of `text` and its facts, or PhoneError (PhoneDataUnavailable)."""
     compact = _SEPARATORS.sub("", text)
     if not compact or not re.fullmatch(r"\+?\d+", compact):
         raise PhoneError(text, "only digits, an optional leading +, and separators - . ( ) space")
@@ -67,16 +140,21 @@ def _parse_possible(text: str, default_region: str | None) -> phonenumbers.Phone
     candidates = _candidates(text, default_region)
     for digits, region in candidates:
         try:
-            number = phonenumbers.parse(digits, region)
+            with _library(text, digits, region):
+                number = phonenumbers.parse(digits, region)
+                result = phonenumbers.is_possible_number_with_reason(number)
+                e164 = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
         except NumberParseException as exc:
             first_reason = _PARSE_REASONS.get(exc.error_type, first_reason)
             continue
-        result = phonenumbers.is_possible_number_with_reason(number)
         if result in (
             phonenumbers.ValidationResult.IS_POSSIBLE,
             phonenumbers.ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
-        ) and (region is None or phonenumbers.is_valid_number(number) or len(candidates) == 1):
-            return number
+        ):
+            # the next questions come at once (the firewall's); assigned is is_valid_number
+            known = _facts.get(e164) or _learn(e164, number)
+            if region is None or known.assigned or len(candidates) == 1:
+                return e164, known
         if digits == candidates[0][0]:
             first_reason = _REASONS.get(result, "not a possible number")
     if not default_region and not compact.startswith(("+", "00")) and len(compact) < 8:
@@ -89,9 +167,7 @@ def normalise_number(
     text: str, *, default_region: str | None = None, require_valid: bool = False
 ) -> str:
     """One recipient as written by a person or a machine -> `+CCNNNN`, or PhoneError."""
-    number = _parse_possible(text.strip(), default_region)
-    e164 = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
-    known = _facts.get(e164) or _learn(e164, number)  # the next questions come at once
+    e164, known = _parse_possible(text.strip(), default_region)
     if require_valid and not known.assigned:
         raise PhoneError(text, "not an assigned number (phone.require_valid is on)")
     return e164
@@ -117,14 +193,50 @@ def facts(e164: str) -> NumberFacts:
     ~140 us per message when alerts go to many phones. Held to the library's own
     answers by a test."""
     known = _facts.get(e164)
-    return known if known is not None else _learn(e164, phonenumbers.parse(e164, None))
+    return known if known is not None else _learn(e164, None)
 
 
-def _learn(e164: str, number: phonenumbers.PhoneNumber) -> NumberFacts:
-    kind = phonenumbers.number_type(number)
+def national_number(e164: str) -> str:
+    """The national significant number of a normalised number: E.164 is the calling code
+    and it (phonenumbers.national_significant_number, without parsing again)."""
+    return e164[1 + len(str(facts(e164).country_code)) :]
+
+
+def unreadable_kinds(code: int) -> frozenset[str]:
+    """The kinds (premium_rate...) with a pattern in `code`'s metadata that `re` cannot
+    compile: the facts read pattern by pattern cannot tell a number of that kind."""
+    return frozenset(u.what for u in phone_patterns.read(code).unread)
+
+
+def _learn(e164: str, number: phonenumbers.PhoneNumber | None) -> NumberFacts:
+    try:
+        if number is None:
+            number = phonenumbers.parse(e164, None)
+        code = int(number.country_code or 0)
+        region = phonenumbers.region_code_for_number(number)
+        kind = phonenumbers.number_type(number)
+    except NumberParseException:
+        raise
+    except Exception as exc:  # its metadata failed it: read the patterns one by one
+        found_code = _calling_code(e164[1:])
+        if found_code is None:
+            raise
+        code, reading = found_code, phone_patterns.read(found_code)
+        _warn_once(
+            f"facts of +{code}",
+            "phonenumbers fails on numbers of +%d (%s: %s): their region and kind are read"
+            " pattern by pattern; %s",
+            code,
+            type(exc).__name__,
+            exc,
+            "not regexes, so matching nothing: " + "; ".join(map(str, reading.unread))
+            if reading.unread
+            else "every pattern reads",
+        )
+        region, kind = reading.facts(e164[1 + len(str(code)) :])
     found = NumberFacts(
-        country_code=int(number.country_code or 0),
-        region=phonenumbers.region_code_for_number(number),
+        country_code=code,
+        region=region,
         kind=kind,
         # is_valid_number is number_type != UNKNOWN for the number's own region (the
         # only region whose calling code matches); the test checks it over many numbers.

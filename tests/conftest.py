@@ -1,15 +1,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
+from phonenumbers import PhoneMetadata, PhoneNumberDesc
 
 from bridge.clock import ManualClock
 from bridge.provider.sandbox import SandboxState, create_sandbox_app
 from bridge.store import Store
 from tests import helpers
-from tests.helpers import served
+from tests.helpers import SetPattern, forget_the_metadata, served
 from tests.stores import BACKENDS, FACTORIES
 
 # A real PostgreSQL server and a fresh database per test (tests/postgres.py).
@@ -31,6 +32,35 @@ async def sandbox_url(sandbox_state: SandboxState) -> AsyncIterator[str]:
     """The sandbox provider served for real on a loopback port."""
     async with served(create_sandbox_app(sandbox_state)) as url:
         yield url
+
+
+@pytest.fixture
+def forgetful() -> Iterator[None]:
+    forget_the_metadata()
+    yield
+    forget_the_metadata()  # before monkeypatch restores the metadata: nothing reads between
+
+
+@pytest.fixture
+def set_pattern(monkeypatch: pytest.MonkeyPatch, forgetful: None) -> SetPattern:
+    """Change one pattern of one region's installed phone metadata for the test, as a
+    phonenumbers release might ship it (the library reads its patterns at each call):
+    `set_pattern("DE", "premium_rate", lambda old: new)` for a kind's national number
+    pattern, or a pattern of the region itself (`national_prefix_for_parsing`,
+    `leading_digits`). Returns the new pattern."""
+
+    def change(region: str, name: str, new: Callable[[str], str]) -> str:
+        owner = PhoneMetadata.metadata_for_region(region)
+        attribute = getattr(owner, name)
+        if isinstance(attribute, PhoneNumberDesc):
+            owner, attribute = attribute, attribute.national_number_pattern
+            name = "national_number_pattern"
+        pattern = new(attribute)
+        monkeypatch.setattr(owner, "_mutable", True)  # the library's objects refuse setattr
+        monkeypatch.setattr(owner, name, pattern)
+        return pattern
+
+    return change
 
 
 @pytest.fixture(params=BACKENDS)

@@ -10,9 +10,11 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 
+from bridge import phone, phone_patterns, ranges
 from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
 from bridge.config import Config, HttpConfig, load_config
+from bridge.firewall import refusal
 from bridge.service import Bridge, uvicorn_server
 from bridge.sockets import bind_socket
 from bridge.store import Store
@@ -123,3 +125,17 @@ def max_in_window(times: list[float], window: float = 60.0) -> int:
             lo += 1
         best = max(best, hi - lo + 1)
     return best
+
+
+SetPattern = Callable[[str, str, Callable[[str], str]], str]  # tests.conftest's set_pattern fixture
+
+
+def forget_the_metadata() -> None:
+    """Empty every cache that holds a reading of the phone metadata, and its warnings."""
+    ranges.costly_range.cache_clear()
+    ranges._automata.cache_clear()
+    refusal.cache_clear()
+    phone.normalise_number.cache_clear()
+    phone._facts.clear()
+    phone._warned.clear()
+    phone_patterns.read.cache_clear()

@@ -11,20 +11,18 @@ import logging
 import pstats
 import random
 import re
-from collections.abc import Iterator
 
 import httpx
 import phonenumbers
 import pytest
-from phonenumbers import PhoneMetadata
 
-from bridge import phone, ranges
+from bridge import ranges
 from bridge.clock import ManualClock
 from bridge.digit_regex import Unsupported, parse
 from bridge.errors import InputError
-from bridge.firewall import Firewall, refusal
+from bridge.firewall import Firewall
 from bridge.ranges import COSTLY_KINDS, OTHER_KINDS, costly_range, kind_patterns
-from tests.helpers import bridge_config, running_bridge
+from tests.helpers import SetPattern, bridge_config, running_bridge
 
 CODES = sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
 
@@ -133,21 +131,6 @@ async def test_a_request_of_100_new_unknown_numbers_is_served_and_costly_ones_re
 
 
 # -- a pattern our reader cannot hold: read with `re`, never a 500 ----------------------------
-def _forget_the_metadata() -> None:
-    """Empty every cache that holds a reading of the phone metadata."""
-    costly_range.cache_clear()
-    ranges._automata.cache_clear()
-    refusal.cache_clear()
-    phone._facts.clear()
-
-
-@pytest.fixture
-def forgetful() -> Iterator[None]:
-    _forget_the_metadata()
-    yield
-    _forget_the_metadata()  # before monkeypatch restores the metadata: nothing reads between
-
-
 def test_patterns_read_with_re_answer_as_the_automata_would(
     monkeypatch: pytest.MonkeyPatch, forgetful: None
 ) -> None:
@@ -184,13 +167,10 @@ def test_a_pattern_that_is_no_regex_matches_nothing_and_raises_nothing(
 
 
 @pytest.fixture
-def lookahead_in_german_premium(monkeypatch: pytest.MonkeyPatch, forgetful: None) -> str:
+def lookahead_in_german_premium(set_pattern: SetPattern) -> str:
     """Germany's premium-rate pattern behind a lookahead that changes no number: as a
     phonenumbers release might ship it (the library itself reads it with `re`)."""
-    desc = PhoneMetadata.metadata_for_region("DE").premium_rate
-    pattern = f"(?=[19])(?:{desc.national_number_pattern})"
-    monkeypatch.setattr(desc, "_mutable", True)  # the library's objects refuse setattr
-    monkeypatch.setattr(desc, "national_number_pattern", pattern)
+    pattern = set_pattern("DE", "premium_rate", lambda old: f"(?=[19])(?:{old})")
     with pytest.raises(Unsupported, match="lookahead"):
         parse(pattern)
     return pattern

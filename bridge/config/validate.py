@@ -24,7 +24,7 @@ from bridge.config.sections import (
     SCOPES,
     Config,
 )
-from bridge.errors import InputError
+from bridge.errors import InputError, Unavailable
 from bridge.firewall import SENDER_ID_RULE, valid_sender_id
 
 Problem = Callable[[str, str], None]
@@ -167,7 +167,7 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
         for index, member in enumerate(members):
             try:
                 recipients.number(member)
-            except InputError as exc:
+            except (InputError, Unavailable) as exc:
                 problem(f"groups.{name}[{index}]", str(exc))
     named = [("budget.admin", config.budget.admin)] + [
         (f"routes.{name}.to", route.to) for name, route in config.routes.items()
@@ -178,7 +178,7 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
                 continue  # its members are checked above
             try:
                 recipients.number(target)
-            except InputError as exc:
+            except (InputError, Unavailable) as exc:
                 problem(f"{key}[{index}]", f"neither a group nor an allowed number: {exc}")
 
 

@@ -29,7 +29,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from bridge.clock import zone
 from bridge.config import ProviderConfig, Recipients, SmtpConfig
-from bridge.errors import InputError, StoreUnavailable
+from bridge.errors import InputError, StoreUnavailable, Unavailable
 from bridge.firewall import RefusedNumber
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.mail import (
@@ -233,6 +233,8 @@ class SmtpHandler:
             if exc.field == "domain":
                 return f"550 5.7.1 <{address}>: {exc.message}"
             return f"550 5.1.1 <{address}>: {exc.message}"
+        except Unavailable as exc:  # this recipient only: the MTA retries it, the rest go
+            return f"451 4.3.0 <{address}>: {exc}"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
@@ -331,6 +333,8 @@ class SmtpHandler:
                 recipients.update(dict.fromkeys(self.resolve(address)))
             except InputError as exc:  # config changed between RCPT and DATA
                 return f"550 5.1.1 <{address}>: {exc.message}"
+            except Unavailable as exc:
+                return f"451 4.3.0 <{address}>: {exc}"
         try:
             schedule = self.schedule_of(mail)
         except InputError as exc:

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from bridge.clock import Clock, zone
 from bridge.config import LiveConfig
-from bridge.errors import HttpError, InputError, StoreUnavailable
+from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.firewall import cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import AuthError, Principal, authorize, token_name
@@ -110,7 +110,7 @@ def handle_errors(handler: Handler) -> Handler:
             return response
         except InputError as exc:
             return error_response(400, str(exc), exc.field)
-        except StoreUnavailable as exc:
+        except Unavailable as exc:  # the store, or the phone metadata on a recipient
             log.error("refused with 503: %s", exc)
             return error_response(503, f"not accepted, retry later: {exc}")
 

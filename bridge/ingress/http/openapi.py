@@ -52,7 +52,7 @@ def _errors(*codes: int) -> dict[str, dict[str, Any]]:
         409: "the message's state does not allow it",
         413: "body too large",
         415: "not JSON",
-        503: "not stored (store or overload): retry",
+        503: "not stored (store, overload, or phone metadata that fails on a recipient): retry",
     }
     return {
         str(c): {

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.clock import Clock
 from bridge.config import LiveConfig
-from bridge.errors import InputError, StoreUnavailable
+from bridge.errors import InputError, StoreUnavailable, Unavailable
 from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize, identify
 from bridge.ingress.http.console.routes import encoding_name
 from bridge.ingress.http.console.sessions import COOKIE, LIFETIME, Session, Sessions
@@ -296,6 +296,8 @@ class Gate:
             return self._error(request, 400, str(exc), as_json=as_json)
         except StoreUnavailable as exc:
             return self._error(request, 503, f"the store cannot answer: {exc}", as_json=as_json)
+        except Unavailable as exc:
+            return self._error(request, 503, str(exc), as_json=as_json)
         if as_json:
             return JSONResponse(_jsonable(data))
         return self._render(request, caller, template, data)
@@ -318,7 +320,7 @@ class Gate:
                 return self._error(request, exc.status, exc.message, as_json=False)
             except AuthError as exc:
                 return self._error(request, exc.status, exc.message, as_json=False)
-            except StoreUnavailable as exc:
+            except Unavailable as exc:  # the store, or the phone metadata on a recipient
                 return self._error(request, 503, f"not done, retry: {exc}", as_json=False)
 
         return endpoint
