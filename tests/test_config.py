@@ -123,6 +123,32 @@ def test_bad_toml_and_missing_file(tmp_path) -> None:
         load_config(tmp_path / "absent.toml", env={})
 
 
+def test_an_unreadable_secret_file_is_named_with_where_it_was_looked_for(
+    tmp_path, monkeypatch
+) -> None:
+    """A relative `*_file` is read from the current directory, not the config's: an
+    operator running check-config elsewhere saw only "No such file or directory"."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "api-key").write_text("key-beside-the-config\n")
+    path = write_config(
+        tmp_path / "conf",
+        '[provider]\nbase_url = "https://sms.example.net/api/v1"\napi_key_file = "api-key"\n',
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={"SMS_BRIDGE_SANDBOX_API_KEY_FILE": str(tmp_path / "nope")})
+    problems = dict(caught.value.problems)
+    assert problems["provider.api_key_file"] == (
+        f"cannot read secret file 'api-key' (relative to the current directory {tmp_path}):"
+        " No such file or directory"
+    )
+    assert problems["SMS_BRIDGE_SANDBOX_API_KEY_FILE"] == (
+        f"cannot read secret file '{tmp_path / 'nope'}': No such file or directory"
+    )
+    monkeypatch.chdir(tmp_path / "conf")
+    assert load_config(path, env={}).provider.api_key == "key-beside-the-config"
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("30s", 30), ("10m", 600), ("1.5h", 5400), ("2d", 172800), ("250ms", 0.25), (45, 45)],

@@ -85,7 +85,7 @@ class _Loader:
             except (ValueError, tomllib.TOMLDecodeError) as exc:
                 self.problem(origin, str(exc))
             except OSError as exc:
-                self.problem(origin, f"cannot read secret file: {exc.strerror or exc}")
+                self.problem(origin, _unreadable(exc))
         return cls(**values, **fixed)
 
     def unused_section_env(self) -> None:
@@ -232,6 +232,16 @@ class _Loader:
                 table[key] = text
             raw[name] = table
         return raw
+
+
+def _unreadable(exc: OSError) -> str:
+    """Which file could not be read, and where a relative name was looked for: it is
+    read from the current directory (the unit's WorkingDirectory), not the config's."""
+    name = exc.filename
+    if not isinstance(name, str):
+        return f"cannot read secret file: {exc.strerror or exc}"
+    where = "" if os.path.isabs(name) else f" (relative to the current directory {os.getcwd()})"
+    return f"cannot read secret file {name!r}{where}: {exc.strerror or exc}"
 
 
 def _did_you_mean(key: str, known: Iterable[str], prefix: str = "") -> str:
