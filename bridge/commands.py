@@ -119,15 +119,21 @@ async def maintain(config: Config, args: argparse.Namespace) -> int:
             print(f"purged {await store.purge(now - age)} messages")
             return 0
         chosen = await store.retry(None if args.failed else args.ids, now)
+        # Why each other id was not retried: its state, or that there is no such message
+        # (a mistyped id, or the store of another directory), not "not failed" for both.
+        left = {i: await store.get(i) for i in sorted(set(args.ids) - set(chosen))}
     finally:
         await store.close()
-    missing = sorted(set(args.ids) - set(chosen))
     print(f"queued again: {', '.join(map(str, chosen)) or 'none'}")
     if chosen:  # this process only wrote the store: the running serve finds them on its own
         print(f"a running `sms-bridge serve` sends them within {IDLE_WAIT:.0f} s")
-    if missing:
-        print(f"not failed (left alone): {', '.join(map(str, missing))}", file=sys.stderr)
-    return 0 if not missing else 1
+    alone = [f"{i} ({m.state.value})" for i, m in left.items() if m is not None]
+    absent = [str(i) for i, m in left.items() if m is None]
+    if alone:
+        print(f"not failed (left alone): {', '.join(alone)}", file=sys.stderr)
+    if absent:
+        print(f"no such message: {', '.join(absent)}", file=sys.stderr)
+    return 0 if not left else 1
 
 
 CLI_MAX_WAIT = 65.0  # longer than one window: the budget is not coming back soon

@@ -3,7 +3,10 @@
 A number that is not *possible* (wrong length, no country code and no default region) is
 refused with a reason. A possible number the metadata does not know as assigned is let
 through unless `require_valid`, because metadata lags new ranges and refusing an on-call
-phone loses alerts; callers log a warning for it.
+phone loses alerts; callers log a warning for it. Not so digits written without a + (or
+00) and read as international only for want of a default region: that reading is a
+guess, and an unassigned guess is far likelier a national number missing its country
+code than a new range.
 
 The library reads its metadata's patterns with `re` at every call, and the dependency is
 not pinned: a release with a pattern `re` cannot compile (a construct of Java's regexes,
@@ -138,6 +141,8 @@ def _parse_possible(text: str, default_region: str | None) -> tuple[str, NumberF
         raise PhoneError(text, "only digits, an optional leading +, and separators - . ( ) space")
     first_reason = "not a possible number"
     candidates = _candidates(text, default_region)
+    written_international = compact.startswith(("+", "00"))
+    unassigned: tuple[str, NumberFacts] | None = None
     for digits, region in candidates:
         try:
             with _library(text, digits, region):
@@ -153,11 +158,27 @@ def _parse_possible(text: str, default_region: str | None) -> tuple[str, NumberF
         ):
             # the next questions come at once (the firewall's); assigned is is_valid_number
             known = _facts.get(e164) or _learn(e164, number)
-            if region is None or known.assigned or len(candidates) == 1:
+            if known.assigned:
                 return e164, known
+            if region is not None or written_international:
+                # As written (with its country code, or national in the configured
+                # region): metadata lags new ranges, so a possible number goes out.
+                unassigned = unassigned or (e164, known)
+            elif unassigned is None:
+                # Digits without + read as a country code only by guess: 2025550143 (a
+                # US number without its 1) is +20, Egypt, in no assigned range. Texting
+                # that guess costs money and pages nobody.
+                first_reason = (
+                    f"without a + it reads as +{compact}, which is no assigned number:"
+                    " write it with + and its country code (+1 202..., +44 20...)"
+                    + ("" if default_region else ", or set phone.default_region")
+                )
+                continue
         if digits == candidates[0][0]:
             first_reason = _REASONS.get(result, "not a possible number")
-    if not default_region and not compact.startswith(("+", "00")) and len(compact) < 8:
+    if unassigned is not None:
+        return unassigned
+    if not default_region and not written_international and len(compact) < 8:
         first_reason += " (no country code, and no default region is configured)"
     raise PhoneError(text, first_reason)
 

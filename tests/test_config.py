@@ -123,6 +123,32 @@ def test_bad_toml_and_missing_file(tmp_path) -> None:
         load_config(tmp_path / "absent.toml", env={})
 
 
+def test_an_unreadable_secret_file_is_named_with_where_it_was_looked_for(
+    tmp_path, monkeypatch
+) -> None:
+    """A relative `*_file` is read from the current directory, not the config's: an
+    operator running check-config elsewhere saw only "No such file or directory"."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "api-key").write_text("key-beside-the-config\n")
+    path = write_config(
+        tmp_path / "conf",
+        '[provider]\nbase_url = "https://sms.example.net/api/v1"\napi_key_file = "api-key"\n',
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={"SMS_BRIDGE_SANDBOX_API_KEY_FILE": str(tmp_path / "nope")})
+    problems = dict(caught.value.problems)
+    assert problems["provider.api_key_file"] == (
+        f"cannot read secret file 'api-key' (relative to the current directory {tmp_path}):"
+        " No such file or directory"
+    )
+    assert problems["SMS_BRIDGE_SANDBOX_API_KEY_FILE"] == (
+        f"cannot read secret file '{tmp_path / 'nope'}': No such file or directory"
+    )
+    monkeypatch.chdir(tmp_path / "conf")
+    assert load_config(path, env={}).provider.api_key == "key-beside-the-config"
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("30s", 30), ("10m", 600), ("1.5h", 5400), ("2d", 172800), ("250ms", 0.25), (45, 45)],
@@ -324,6 +350,56 @@ def test_a_route_override_naming_nothing_is_a_problem_not_silence(tmp_path) -> N
     assert "alertmanager" in problems["SMS_BRIDGE_ROUTES_ALERTMANGER_TOKEN"]
     assert "no such route key" in problems["SMS_BRIDGE_ROUTES_ALERTMANAGER_TOKNE"]
     assert "typo" not in str(caught.value.problems)  # values (maybe secrets) never echoed
+
+
+def test_a_section_override_naming_no_key_is_a_problem_not_silence() -> None:
+    """`SMS_BRIDGE_HTTP_LISTN` once left the default listener in force without a word."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            None,
+            env={
+                "SMS_BRIDGE_HTTP_LISTN": "0.0.0.0:8080",
+                "SMS_BRIDGE_PROVIDER_APIKEY": "typo-in-the-key",
+                "SMS_BRIDGE_PROVIDR_BASE_URL": "typo-in-the-section",
+                "SMS_BRIDGE_TOKENS_CI_TOKN": "typo-in-a-token-key",
+            },
+        )
+    problems = dict(caught.value.problems)
+    assert problems == {
+        "SMS_BRIDGE_HTTP_LISTN": "no such [http] key (did you mean SMS_BRIDGE_HTTP_LISTEN?)",
+        "SMS_BRIDGE_PROVIDER_APIKEY": (
+            "no such [provider] key (did you mean SMS_BRIDGE_PROVIDER_API_KEY?)"
+        ),
+        "SMS_BRIDGE_PROVIDR_BASE_URL": (
+            "no such section (did you mean SMS_BRIDGE_PROVIDER_BASE_URL?)"
+        ),
+        "SMS_BRIDGE_TOKENS_CI_TOKN": (
+            "no such token key: SMS_BRIDGE_TOKENS_<NAME>_ then TOKEN, TOKEN_FILE, SCOPES or "
+            "TEXTS_PER_DAY"
+        ),
+    }
+    # What is no section's (a sender's variable in the same shell, a test switch) and the
+    # keys themselves, with or without _FILE, pass.
+    config = load_config(
+        None,
+        env={
+            "SMS_BRIDGE_TOKEN": "a-senders-own-variable",
+            "SMS_BRIDGE_TEST_POSTGRES": "1",
+            "SMS_BRIDGE_HTTP_LISTEN": "127.0.0.1:8081",
+            "SMS_BRIDGE_SANDBOX_API_KEY": "another-sandbox-key",
+        },
+    )
+    assert config.http.listen == "127.0.0.1:8081"
+
+
+def test_a_misspelt_key_in_the_file_is_named_with_the_near_one(tmp_path) -> None:
+    path = write_config(tmp_path, '[smtp]\nlistn = "127.0.0.1:2526"\n[provder]\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert dict(caught.value.problems) == {
+        "smtp.listn": "unknown key (did you mean listen?)",
+        "provder": "unknown section (did you mean provider?)",
+    }
 
 
 def test_store_url_is_a_postgresql_url_or_empty(tmp_path) -> None:

@@ -508,6 +508,37 @@ async def test_an_impossible_number_is_refused_in_the_senders_words(
     assert "too short to be a phone number" in short.json()["error"]
 
 
+async def test_digits_without_a_plus_are_not_texted_to_a_guessed_country(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """A US number without its 1 (2025550143) once went to +20 2555 0143, Egypt: a range
+    no one is assigned, read as international only because no region was configured."""
+    config = bridge_config(tmp_path, sandbox_url, '[smtp]\ndomains = ["sms.localhost"]\n')
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        api = await http.post(f"{url}/api/v1/messages", json={"to": "2025550143", "message": "x"})
+        code, message = await asyncio.to_thread(rcpt, port, "2025550143@sms.localhost")
+        # With its country code, and written with + even in an unknown range, it goes.
+        full = await http.post(f"{url}/api/v1/messages", json={"to": "12025550143", "message": "x"})
+        plus = await http.post(f"{url}/api/v1/messages", json={"to": "+2025550143", "message": "x"})
+    assert api.status_code == 400 and api.json() == {
+        "error": "to[0]: '2025550143' is not a possible phone number: without a + it reads as"
+        " +2025550143, which is no assigned number: write it with + and its country code"
+        " (+1 202..., +44 20...), or set phone.default_region",
+        "field": "to[0]",
+    }
+    assert code == 550 and "without a + it reads as +2025550143" in message
+    assert full.json()["messages"][0]["to"] == "+12025550143"
+    assert plus.json()["messages"][0]["to"] == "+2025550143"
+    # A national number of the configured region is read as one; failing that, the
+    # international reading goes only if assigned (+44 20 7946 0000, not GB's 44...).
+    assert normalise_number("2025550143", default_region="US") == "+12025550143"
+    assert normalise_number("442079460000", default_region="US") == "+442079460000"
+
+
 def _library_facts(e164: str) -> tuple[int, str | None, int, bool]:
     """What the phonenumbers library says, asked one question at a time."""
     number = phonenumbers.parse(e164, None)

@@ -138,9 +138,10 @@ def test_retry_and_purge_commands(tmp_path) -> None:
             (State.QUEUED, old),
         ],
     )
-    one = _run(tmp_path, "retry", str(ids[0]), str(ids[2]))
-    assert one.returncode == 1  # ids[2] was not failed
-    assert f"queued again: {ids[0]}" in one.stdout and str(ids[2]) in one.stderr
+    one = _run(tmp_path, "retry", str(ids[0]), str(ids[2]), "999")
+    assert one.returncode == 1  # ids[2] was not failed, 999 is no message
+    assert f"queued again: {ids[0]}" in one.stdout
+    assert f"not failed (left alone): {ids[2]} (queued)\nno such message: 999\n" in one.stderr
     rest = _run(tmp_path, "retry", "--failed")
     assert rest.returncode == 0 and f"{ids[1]}" in rest.stdout
     purge = _run(tmp_path, "purge", "--older-than", "30d")

@@ -311,6 +311,12 @@ async def test_bad_input_gets_json_errors_and_stores_nothing(
             response = await http.post(f"{url}/api/v1/messages", json=body)
             assert response.status_code == status, body
             assert response.json()["field"] == field, body
+        # A name is a group's, misspelt: said so, as SMTP's RCPT does, not "only digits".
+        typo = await http.post(f"{url}/api/v1/messages", json={"to": "oncal", "message": "x"})
+        assert typo.json() == {
+            "error": "to[0]: no group named 'oncal' in [groups]",
+            "field": "to[0]",
+        }
         raw = await http.post(
             f"{url}/api/v1/messages", content=b"{nope", headers={"content-type": "application/json"}
         )

@@ -142,6 +142,36 @@ def test_protected_mode(tmp_path, body: str, keys: list[str]) -> None:
     assert named == keys
 
 
+def test_an_open_smtp_listener_is_told_what_to_set(tmp_path) -> None:
+    """The refusal says what to do, and an allowlist judged too wide is called that, not
+    "neither ... nor smtp.allowed_networks" to someone who wrote one."""
+    smtp = REAL + '[smtp]\nlisten = "0.0.0.0:2525"\n'
+    wide = '\nallowed_networks = ["0.0.0.0/0"]\n'
+    route = '[routes.n]\nformat = "generic"\nto = ["+12025550143"]'
+    real = "while provider.base_url is set (a real provider: every SMS costs money)"
+    todo = (
+        'list your senders in smtp.allowed_networks (e.g. ["192.0.2.0/24"]), set '
+        "smtp.require_auth with [smtp.users], or listen on 127.0.0.1"
+    )
+    said = {}
+    for name, body in (("none", smtp), ("wide", smtp + wide), ("route", REAL + route + wide)):
+        with pytest.raises(ConfigError) as caught:
+            load_config(write_config(tmp_path, body, f"{name}.toml"), env={})
+        said[name] = dict(caught.value.problems)
+    assert said["none"]["smtp.listen"] == (
+        "0.0.0.0:2525 is reachable from the network with neither smtp.require_auth nor "
+        f"smtp.allowed_networks {real}: {todo}"
+    )
+    admits = "admits the Internet (more than an IPv4 /8 or an IPv6 /32 of public space)"
+    assert said["wide"]["smtp.listen"] == (
+        f"0.0.0.0:2525 is reachable from the network and smtp.allowed_networks {admits} "
+        f"{real}: {todo}"
+    )
+    assert said["route"]["routes.n"].startswith(
+        f"no authentication {real}; its allowed_networks {admits}: set token"
+    )
+
+
 @pytest.mark.parametrize(
     ("url", "refused"),
     [
@@ -286,10 +316,12 @@ def test_inline_secrets_and_secret_values_come_from_the_secret_fields(tmp_path) 
     assert "jenkins" not in secret_values(config)  # a user name is not a secret
     assert inline_secrets(path) == [
         "smtp.users.ups",
-        "sandbox.api_key",
         "routes.j.secret",
         "tokens.deploy.token",
     ]
+    # The in-process sandbox's key guards nothing, so the example file, copied as it is
+    # by the systemd recipe (0644, for the unit's DynamicUser), is no warning to chmod it.
+    assert inline_secrets(Path(__file__).parents[1] / "config.example.toml") == []
 
 
 async def test_the_store_and_its_journals_are_created_0600(tmp_path) -> None:

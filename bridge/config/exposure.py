@@ -48,6 +48,9 @@ _LOCAL_RANGES = tuple(
 # The most public address space an allowlist may admit and still count as a restriction:
 # an IPv4 /8 (a large organisation) or an IPv6 /32 (a whole provider's allocation).
 _MOST_PUBLIC = {4: 2**24, 6: 2**96}
+# Said when an allowlist is set but judged none: "neither ... allowed_networks" had the
+# operator who set ["0.0.0.0/0"] looking for a key they had written.
+_ADMITS_ALL = "admits the Internet (more than an IPv4 /8 or an IPv6 /32 of public space)"
 
 
 def _restricts(networks: tuple[str, ...]) -> bool:
@@ -166,10 +169,16 @@ def validate_protected(config: Config, problem: Callable[[str, str], None]) -> N
             listen = getattr(smtp, key.removeprefix("smtp."))
             smtp_host = _listen_host(listen)
             if smtp_host is not None and not is_loopback_host(smtp_host):
+                open_by = (
+                    f"and smtp.allowed_networks {_ADMITS_ALL}"
+                    if smtp.allowed_networks
+                    else "with neither smtp.require_auth nor smtp.allowed_networks"
+                )
                 problem(
                     key,
-                    f"{listen} is reachable from the network with neither smtp.require_auth "
-                    f"nor smtp.allowed_networks {real}",
+                    f"{listen} is reachable from the network {open_by} {real}: list "
+                    'your senders in smtp.allowed_networks (e.g. ["192.0.2.0/24"]), set '
+                    "smtp.require_auth with [smtp.users], or listen on 127.0.0.1",
                 )
     if http_host is None:
         return  # no HTTP listener: the routes cannot be reached
@@ -178,8 +187,9 @@ def validate_protected(config: Config, problem: Callable[[str, str], None]) -> N
             continue
         signed = route.secret and route.format in SIGNED_FORMATS  # others never check it
         if not (route.token or route.username or signed or _restricts(route.allowed_networks)):
+            broad = f"; its allowed_networks {_ADMITS_ALL}" if route.allowed_networks else ""
             problem(
                 f"routes.{name}",
-                f"no authentication {real}: set token, username/password, secret "
+                f"no authentication {real}{broad}: set token, username/password, secret "
                 "(grafana, github, gitlab) or allowed_networks, or public = true to accept anyone",
             )

@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ class _Loader:
         for key in raw:
             base = key.removesuffix("_file")
             if key not in known and not (key.endswith("_file") and base in known):
-                self.problem(f"{name}.{key}", "unknown key")
+                self.problem(f"{name}.{key}", "unknown key" + _did_you_mean(key, known))
         for fname, spec in known.items():
             kind = spec.metadata.get("kind", "")
             prefix = f"{ENV_PREFIX}{name.upper()}_" if env_prefix is None else env_prefix
@@ -84,8 +85,39 @@ class _Loader:
             except (ValueError, tomllib.TOMLDecodeError) as exc:
                 self.problem(origin, str(exc))
             except OSError as exc:
-                self.problem(origin, f"cannot read secret file: {exc.strerror or exc}")
+                self.problem(origin, _unreadable(exc))
         return cls(**values, **fixed)
+
+    def unused_section_env(self) -> None:
+        """`SMS_BRIDGE_HTTP_LISTN` is a typo that would leave the default in force: name
+        it, as the routes' overrides are. Other `SMS_BRIDGE_*` variables (a sender's
+        `$SMS_BRIDGE_TOKEN` in the same shell, the tests' switches) are not the
+        bridge's to refuse: a name outside every section is judged only when it is a
+        near miss of one followed by one of that section's keys (`PROVIDR_BASE_URL`)."""
+        keys = {
+            section.upper(): {f.name.upper() for f in dataclasses.fields(cls)}
+            for section, cls in SECTIONS.items()
+        }
+        for env_name in self.env:
+            rest = env_name.removeprefix(ENV_PREFIX)
+            if rest == env_name or rest.startswith(("ROUTES_", "GROUPS_", "TOKENS_")):
+                continue  # judged by their own readers
+            section = next((s for s in keys if rest.startswith(f"{s}_")), None)
+            if section is not None:
+                key = rest.removeprefix(f"{section}_")
+                if key.removesuffix("_FILE") not in keys[section]:
+                    hint = _did_you_mean(key, keys[section], f"{ENV_PREFIX}{section}_")
+                    self.problem(env_name, f"no such [{section.lower()}] key{hint}")
+                continue
+            for cut in (i for i, c in enumerate(rest) if c == "_"):
+                head, key = rest[:cut], rest[cut + 1 :]
+                near = [s for s in keys if key.removesuffix("_FILE") in keys[s]]
+                close = difflib.get_close_matches(head, near, n=1)
+                if close:
+                    self.problem(
+                        env_name, f"no such section (did you mean {ENV_PREFIX}{close[0]}_{key}?)"
+                    )
+                    break
 
     def groups(self, raw: object) -> dict[str, tuple[str, ...]]:
         if not isinstance(raw, dict):
@@ -181,6 +213,12 @@ class _Loader:
         for env_name, text in sorted(self.env.items()):
             match = pattern.fullmatch(env_name)
             if not match:
+                if env_name.startswith(f"{ENV_PREFIX}TOKENS_"):  # a typo, never silence
+                    self.problem(
+                        env_name,
+                        "no such token key: SMS_BRIDGE_TOKENS_<NAME>_ then TOKEN, "
+                        "TOKEN_FILE, SCOPES or TEXTS_PER_DAY",
+                    )
                 continue
             name, key = match.group(1).lower(), match.group(2).lower()
             table = raw.get(name)
@@ -194,6 +232,22 @@ class _Loader:
                 table[key] = text
             raw[name] = table
         return raw
+
+
+def _unreadable(exc: OSError) -> str:
+    """Which file could not be read, and where a relative name was looked for: it is
+    read from the current directory (the unit's WorkingDirectory), not the config's."""
+    name = exc.filename
+    if not isinstance(name, str):
+        return f"cannot read secret file: {exc.strerror or exc}"
+    where = "" if os.path.isabs(name) else f" (relative to the current directory {os.getcwd()})"
+    return f"cannot read secret file {name!r}{where}: {exc.strerror or exc}"
+
+
+def _did_you_mean(key: str, known: Iterable[str], prefix: str = "") -> str:
+    """` (did you mean listen?)` for a near miss of a known key, else nothing."""
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
 def route_env_prefix(name: str) -> str:
@@ -215,9 +269,11 @@ def load_config(
             raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}")]) from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError([(str(path), f"not valid TOML: {exc}")]) from exc
+    tables = (*SECTIONS, "groups", "routes", "tokens")
     for key in raw:
-        if key not in SECTIONS and key not in ("groups", "routes", "tokens"):
-            loader.problem(key, "unknown section")
+        if key not in tables:
+            loader.problem(key, "unknown section" + _did_you_mean(key, tables))
+    loader.unused_section_env()
     sections = {
         name: loader.section(name, cls, raw.get(name, {})) for name, cls in SECTIONS.items()
     }

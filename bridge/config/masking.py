@@ -73,8 +73,15 @@ def secret_values(config: Config) -> list[str]:
 
 
 def inline_secrets(path: str | os.PathLike[str]) -> list[str]:
-    """Keys of secrets written into the file itself (not `*_file`), for the mode warning."""
-    return [key for key, file in _secret_keys(path) if file is None]
+    """Keys of secrets written into the file itself (not `*_file`), for the mode warning.
+
+    The in-process sandbox's key is left out: it is served to nothing but this process
+    (masked in logs all the same), and the warning's "chmod 600" on the systemd recipe's
+    copy of config.example.toml, which holds it, would leave the unit's DynamicUser
+    unable to read its config."""
+    return [
+        key for key, file in _secret_keys(path) if file is None and not key.startswith("sandbox.")
+    ]
 
 
 def secret_files(path: str | os.PathLike[str]) -> list[tuple[str, str]]:

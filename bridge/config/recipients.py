@@ -56,7 +56,8 @@ class Recipients:
                     where = (
                         f"{field}[{index}]" if members is None else f"{field}[{index}] ({target})"
                     )
-                    raise InputError(where, str(exc)) from exc
+                    typo = unknown_group(item) if members is None else None
+                    raise InputError(where, typo or str(exc)) from exc
         return list(seen)
 
     def mailbox(self, local: str, domain: str) -> list[str]:
@@ -70,3 +71,12 @@ class Recipients:
         region = self.mail_regions.get(domain.lower()) or self.mail_region
         members = self.groups[group] if group else [local]
         return [self.number(member, region=region) for member in members]
+
+
+def unknown_group(target: str) -> str | None:
+    """Why a recipient with letters in it was refused: it is a name, so a group's name
+    misspelt, not a number with stray characters ("only digits..." sent people hunting
+    for a bad number). None for what reads as a number."""
+    if any(c.isalpha() for c in target):
+        return f"no group named {target!r} in [groups]"
+    return None

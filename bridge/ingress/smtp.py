@@ -29,6 +29,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from bridge.clock import zone
 from bridge.config import ProviderConfig, Recipients, SmtpConfig
+from bridge.config.recipients import unknown_group
 from bridge.errors import InputError, StoreUnavailable, Unavailable
 from bridge.firewall import RefusedNumber
 from bridge.ingress.ingest import Ingestor
@@ -223,10 +224,8 @@ class SmtpHandler:
         try:
             self.resolve(address)
         except PhoneError as exc:
-            local = address.rpartition("@")[0]
-            if any(c.isalpha() for c in local):  # a name, not a number: a group typo
-                return f"550 5.1.1 <{address}>: no group named {local!r} in [groups]"
-            return f"550 5.1.1 <{address}>: {exc}"
+            typo = unknown_group(address.rpartition("@")[0])
+            return f"550 5.1.1 <{address}>: {typo or exc}"
         except RefusedNumber as exc:  # a possible number this bridge may not text
             return f"550 5.7.1 <{address}>: {exc}"
         except InputError as exc:
