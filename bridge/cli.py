@@ -49,13 +49,25 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     with_config(sub.add_parser("serve", help="run SMTP, HTTP and the dispatcher"))
-    sandbox = sub.add_parser("sandbox", help="run the sandbox provider API on its own")
+    sandbox = sub.add_parser(
+        "sandbox",
+        help="run the sandbox provider API on its own",
+        # Its key and port are what a bridge pointed at it must be told: show them.
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     sandbox.add_argument("--listen", default="127.0.0.1:8099", help="HOST:PORT")
     sandbox.add_argument(
-        "--api-key", default=os.environ.get("SMS_BRIDGE_SANDBOX_API_KEY", "sandbox-key")
+        "--api-key",
+        default=os.environ.get("SMS_BRIDGE_SANDBOX_API_KEY", "sandbox-key"),
+        help="the key clients must send (SMS_BRIDGE_SANDBOX_API_KEY)",
     )
-    sandbox.add_argument("--requests-per-minute", type=int, default=100)
-    sandbox.add_argument("--fail-share", type=float, default=0.0)
+    sandbox.add_argument("--requests-per-minute", type=int, default=100, help="its rate limit")
+    sandbox.add_argument(
+        "--fail-share",
+        type=float,
+        default=0.0,
+        help="share of texts reported failed, not delivered (0 to 1)",
+    )
     sandbox.add_argument(
         "--variant", default="documented", help="answer shapes (see sandbox.variant)"
     )
@@ -123,6 +135,16 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader left early (`sms-bridge check-config | head`): not an error of ours
+        # to print a traceback for. Python would still fail flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "sandbox":

@@ -170,7 +170,7 @@ class Bridge:
                 log.error("reload refused, keeping the running config: %s", exc)
                 continue
             mask_secrets(secret_values(self.config))  # a new route token is masked from now on
-            log.warning("configuration reloaded from %s", path or "built-in defaults")
+            log.info("configuration reloaded from %s", path or "built-in defaults")
             for warning in warnings:
                 log.warning("reload: %s", warning)
 

@@ -162,3 +162,22 @@ async def test_retry_says_when_the_running_serve_sends(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert f"queued again: {mid}" in result.stdout
     assert "a running `sms-bridge serve` sends them within 30 s" in result.stdout
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path) -> None:
+    """`sms-bridge check-config | head -1`: the pipe closes before the output is
+    written; the command ends quietly rather than with a BrokenPipeError traceback."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SMS_BRIDGE_")}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "check-config"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=base,
+    )
+    assert child.stdout is not None
+    child.stdout.close()  # long before the interpreter has started and printed
+    _, err = child.communicate(timeout=60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert child.returncode == 1

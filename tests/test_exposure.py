@@ -211,7 +211,10 @@ password = "jenkins-pass-0123456789"
         assert await post(basic("jenkins", "jenkins-päss-0123456789")) == 401  # non-ASCII: no 500
         refused = await http.post(endpoint, json={"message": "build"})
         assert refused.status_code == 401
-        assert refused.json()["error"] == "missing or wrong bearer token or basic auth"
+        assert refused.json()["error"] == (  # the route's own keys: not an API token's
+            "missing or wrong bearer token (routes.both.token)"
+            " or basic auth (routes.both.username and password)"
+        )
         challenge = refused.headers["www-authenticate"]
         assert challenge == 'Bearer realm="sms-bridge", Basic realm="sms-bridge"'
         assert sum((await bridge.store.counts()).values()) == 2

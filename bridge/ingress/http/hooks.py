@@ -79,8 +79,14 @@ def _check_credentials(route: RouteConfig, request: Request) -> None:
         return
     if route.username and scheme == "basic" and _basic_matches(route, value):
         return
+    # Named by its keys: an API token (`[tokens.*]`) is not one of the route's.
     accepted = " or ".join(
-        name for name, on in (("bearer token", route.token), ("basic auth", route.username)) if on
+        f"{name} (routes.{route.name}.{keys})"
+        for name, keys, on in (
+            ("bearer token", "token", route.token),
+            ("basic auth", "username and password", route.username),
+        )
+        if on
     )
     raise Unauthorized(f"missing or wrong {accepted}")
 
