@@ -27,7 +27,16 @@ def error_response(status: int, message: str, field: str | None = None) -> JSONR
 
 
 async def read_body(request: Request, max_bytes: int, within: float = 0) -> bytes:
-    """The raw JSON body, enforcing the size limit on the stream, not just the header.
+    """The raw JSON body (415 for another content type), bounded as `read_bounded`."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise HttpError(415, "Content-Type must be application/json", "content-type")
+    return await read_bounded(request, max_bytes, within)
+
+
+async def read_bounded(request: Request, max_bytes: int, within: float = 0) -> bytes:
+    """The raw body of any type, enforcing the size limit on the stream, not just the
+    header (413).
 
     With `within` (seconds) the whole body must arrive in that time (408, and the
     connection closed): a client trickling its body would otherwise hold a connection
@@ -43,9 +52,6 @@ async def read_body(request: Request, max_bytes: int, within: float = 0) -> byte
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json" and not ctype.endswith("+json"):
-        raise HttpError(415, "Content-Type must be application/json", "content-type")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise HttpError(413, f"body larger than {max_bytes} bytes", "body")
