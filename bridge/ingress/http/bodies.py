@@ -1,5 +1,6 @@
-"""Reading HTTP request bodies for the API and the webhooks: bounded in size and time,
-JSON checked for depth and unencodable text, and the one JSON error answer.
+"""Reading HTTP requests for the API, the webhooks and the console: bodies bounded in size
+and time, JSON checked for depth and unencodable text, integers in the range the store
+can bind, and the one JSON error answer.
 
 Apart from `bridge.ingress.http.app` (the app) so `bridge.ingress.http.hooks` reads bodies the same way without
 importing the app that mounts it.
@@ -9,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from bridge.errors import HttpError
+from bridge.models import MAX_ROW_ID
 
 MAX_JSON_DEPTH = 64  # real payloads nest under 10; deeper costs recursion in every reader
+_INTEGER = re.compile(r"-?[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes "²"
 
 
 def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
@@ -24,6 +28,17 @@ def error_response(status: int, message: str, field: str | None = None) -> JSONR
     if field:
         body["field"] = field
     return JSONResponse(body, status)
+
+
+def query_int(
+    raw: str | None, name: str, *, default: int | None = None, minimum: int = 0
+) -> int | None:
+    """An integer query or path value in the range SQLite can bind, else a 400 naming it."""
+    if raw is None:
+        return default
+    if not _INTEGER.fullmatch(raw) or not minimum <= int(raw) <= MAX_ROW_ID:
+        raise HttpError(400, f"'{name}' must be an integer from {minimum} to {MAX_ROW_ID}", name)
+    return int(raw)
 
 
 async def read_body(request: Request, max_bytes: int, within: float = 0) -> bytes:
