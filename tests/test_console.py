@@ -7,6 +7,7 @@ The browser's view of the same pages is in `test_console_browser.py`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 from collections.abc import AsyncIterator
@@ -136,6 +137,29 @@ async def test_sign_in_form_is_csrf_protected_too(served_bridge) -> None:
         forged = await http.post("/ui/signin", data={"token": ADMIN})
         assert forged.status_code == 403 and "CSRF" in forged.text
         assert (await http.get("/ui/")).status_code == 303
+
+
+async def test_a_form_body_trickled_past_body_timeout_gets_408_and_a_closed_socket(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The sign-in form takes anyone's post: its body, like the API's, must arrive within
+    http.body_timeout, or a few clients trickling forms hold every place under
+    http.max_concurrency and the webhooks get 503."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS + '[http]\nbody_timeout = "200ms"\n')
+    async with running_bridge(config, clock) as (_, url):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /ui/signin HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\n"
+            b"csrf="
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # to the server's close
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"connection: close" in head.lower() and b"within 0.2s" in body
 
 
 async def test_reader_may_look_but_not_act(served_bridge, clock: ManualClock) -> None:
@@ -575,17 +599,24 @@ async def test_mentions_match_whole_message_numbers(served_bridge) -> None:
 async def test_ids_beyond_sqlites_integers_are_not_found_not_500(
     tmp_path, clock: ManualClock
 ) -> None:
-    """A console or API path id past 2**63-1 cannot be bound by SQLite: absent, not a 500."""
+    """A console or API path id past 2**63-1 cannot be bound by SQLite: absent, not a 500.
+    A cursor (`before`) outside the ids the store holds is a 400 naming it, as the API's
+    is: below -2**63 SQLite could not bind it either (a 500 before)."""
 
     huge = 2**63
     async with httpx.AsyncClient() as http:
         config = bridge_config(tmp_path, "http://127.0.0.1:9")
         async with running_bridge(config, clock) as (_, url):
             page = await http.get(f"{url}/ui/messages/{huge}.json")
-            listed = await http.get(f"{url}/ui/messages.json", params={"before": str(huge)})
+            listed = [
+                await http.get(f"{url}/ui/messages{suffix}", params={"before": str(before)})
+                for suffix in (".json", "")
+                for before in (huge, -huge - 1)
+            ]
             api = await http.post(f"{url}/api/v1/messages/{huge}/retry")
     assert page.status_code == 404, page.text
-    assert listed.status_code == 200, listed.text
+    for answer in listed:
+        assert answer.status_code == 400 and "before" in answer.text, answer.text
     assert api.status_code == 400 and "'id'" in api.json()["error"]
 
 

@@ -393,3 +393,26 @@ def test_sighup_applies_tls_settings_and_keeps_a_certificate_that_loads(tmp_path
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     assert "Traceback" not in log.read_text()
+
+
+def test_a_line_break_sent_in_a_mail_header_cannot_forge_a_log_line(tmp_path) -> None:
+    """An encoded word decodes to any character, CR and LF included, and the header's
+    value reaches the log (`mail stored as suppressed (...)`): in the human format the
+    line break is escaped, so the sender's text stays inside the bridge's line."""
+    path, log = tmp_path / "bridge.toml", tmp_path / "serve.log"
+    path.write_text(_config(str(tmp_path / "bridge.db"), ""))
+    forged = "2026-01-01 00:00:00,000 WARNING bridge: forged"
+    encoded = forged.replace(" ", "_")
+    mail = (
+        "From: ups@example.org\r\nSubject: on battery\r\n"
+        f"Auto-Submitted: =?utf-8?q?auto-replied=0D=0A{encoded}?=\r\n\r\nbody\r\n"
+    )
+    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
+        with smtplib.SMTP("127.0.0.1", proc.port("SMTP"), timeout=10) as smtp:
+            smtp.sendmail("ups@example.org", ["+12025550101@sms.localhost"], mail)
+        wait_for(lambda: "stored as suppressed" in log.read_text(), what="the log line")
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    [line] = [line for line in log.read_text().splitlines() if "stored as suppressed" in line]
+    assert line.endswith(f"auto-replied\\r\\n{forged.lower()})): 1")
+    assert not any(line.startswith(forged.split(",")[0]) for line in log.read_text().splitlines())

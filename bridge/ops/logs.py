@@ -43,6 +43,21 @@ class MaskingFilter(logging.Filter):
         return text
 
 
+# Every character str.splitlines breaks at. A message carries text others chose (a mail
+# header decoded from an encoded word, a request path, a provider's answer): written
+# raw, a line break in it would start a line that looks like the bridge's own.
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+class LineFormatter(logging.Formatter):
+    """The human format: one event per line, line breaks in the message escaped (`\\n`).
+    A traceback, appended after the message, keeps its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_LINE_BREAKS)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -63,7 +78,7 @@ def setup_logging(level: str = "info", fmt: str = "human", secrets: Iterable[str
     handler.setFormatter(
         JsonFormatter()
         if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        else LineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     handler.addFilter(MaskingFilter(secrets))
     root = logging.getLogger()

@@ -9,7 +9,6 @@ because webhook senders retry 5xx and drop 4xx.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,7 +25,7 @@ from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.firewall import cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import AuthError, Principal, authorize, token_name
-from bridge.ingress.http.bodies import error_response, parse_json, read_body
+from bridge.ingress.http.bodies import error_response, parse_json, query_int, read_body
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.app import Console
 from bridge.ingress.http.hooks import hook_endpoint
@@ -35,7 +34,6 @@ from bridge.ingress.http.lockout import AuthLockout
 from bridge.ingress.http.openapi import openapi_spec
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.throttle import FailureThrottle
-from bridge.models import MAX_ROW_ID
 from bridge.ops.metrics import Metrics
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
@@ -46,18 +44,6 @@ log = logging.getLogger(__name__)
 MAX_DEDUPE_KEY = 256
 MAX_TEXT_CHARS = 5000
 MAX_LIST_LIMIT = 1000
-_INTEGER = re.compile(r"-?[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes "²"
-
-
-def query_int(
-    raw: str | None, name: str, *, default: int | None = None, minimum: int = 0
-) -> int | None:
-    """An integer query or path value in the range SQLite can bind, else a 400 naming it."""
-    if raw is None:
-        return default
-    if not _INTEGER.fullmatch(raw) or not minimum <= int(raw) <= MAX_ROW_ID:
-        raise HttpError(400, f"'{name}' must be an integer from {minimum} to {MAX_ROW_ID}", name)
-    return int(raw)
 
 
 async def read_json(request: Request, max_bytes: int, within: float = 0) -> Any:

@@ -1,5 +1,6 @@
-"""Reading HTTP request bodies for the API and the webhooks: bounded in size and time,
-JSON checked for depth and unencodable text, and the one JSON error answer.
+"""Reading HTTP requests for the API, the webhooks and the console: bodies bounded in size
+and time, JSON checked for depth and unencodable text, integers in the range the store
+can bind, and the one JSON error answer.
 
 Apart from `bridge.ingress.http.app` (the app) so `bridge.ingress.http.hooks` reads bodies the same way without
 importing the app that mounts it.
@@ -9,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from bridge.errors import HttpError
+from bridge.models import MAX_ROW_ID
 
 MAX_JSON_DEPTH = 64  # real payloads nest under 10; deeper costs recursion in every reader
+_INTEGER = re.compile(r"-?[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes "²"
 
 
 def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
@@ -26,8 +30,28 @@ def error_response(status: int, message: str, field: str | None = None) -> JSONR
     return JSONResponse(body, status)
 
 
+def query_int(
+    raw: str | None, name: str, *, default: int | None = None, minimum: int = 0
+) -> int | None:
+    """An integer query or path value in the range SQLite can bind, else a 400 naming it."""
+    if raw is None:
+        return default
+    if not _INTEGER.fullmatch(raw) or not minimum <= int(raw) <= MAX_ROW_ID:
+        raise HttpError(400, f"'{name}' must be an integer from {minimum} to {MAX_ROW_ID}", name)
+    return int(raw)
+
+
 async def read_body(request: Request, max_bytes: int, within: float = 0) -> bytes:
-    """The raw JSON body, enforcing the size limit on the stream, not just the header.
+    """The raw JSON body (415 for another content type), bounded as `read_bounded`."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise HttpError(415, "Content-Type must be application/json", "content-type")
+    return await read_bounded(request, max_bytes, within)
+
+
+async def read_bounded(request: Request, max_bytes: int, within: float = 0) -> bytes:
+    """The raw body of any type, enforcing the size limit on the stream, not just the
+    header (413).
 
     With `within` (seconds) the whole body must arrive in that time (408, and the
     connection closed): a client trickling its body would otherwise hold a connection
@@ -43,9 +67,6 @@ async def read_body(request: Request, max_bytes: int, within: float = 0) -> byte
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json" and not ctype.endswith("+json"):
-        raise HttpError(415, "Content-Type must be application/json", "content-type")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise HttpError(413, f"body larger than {max_bytes} bytes", "body")

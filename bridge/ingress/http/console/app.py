@@ -23,10 +23,11 @@ from starlette.types import Receive, Scope, Send
 
 from bridge.clock import Clock
 from bridge.config import LiveConfig
-from bridge.errors import InputError
+from bridge.errors import HttpError, InputError
 from bridge.firewall import cap_recipients
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import token_name
+from bridge.ingress.http.bodies import query_int
 from bridge.ingress.http.console import chart
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.gate import HERE, Caller, Gate, Refused, SecureHeaders
@@ -186,11 +187,12 @@ class Console(Gate):
         }
         if filters["state"] and filters["state"] not in {str(s) for s in State}:
             raise InputError("state", f"unknown state {filters['state']!r}")
-        try:
-            limit = max(1, min(MAX_PAGE_SIZE, int(q.get("limit") or PAGE_SIZE)))
-            before = int(q["before"]) if q.get("before") else None
-        except ValueError as exc:
-            raise InputError("before", "'limit' and 'before' must be integers") from exc
+        try:  # as the API reads them: a cursor the store cannot bind is a 400, not a 500
+            asked = query_int(q.get("limit") or None, "limit", default=PAGE_SIZE) or 0
+            limit = max(1, min(MAX_PAGE_SIZE, asked))
+            before = query_int(q.get("before") or None, "before")
+        except HttpError as exc:
+            raise InputError(exc.field or "before", exc.message) from exc
         found = await self.store.query(
             state=filters["state"] or None,
             recipient=filters["recipient"].lstrip("+ ") or None,

@@ -32,8 +32,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.clock import Clock
 from bridge.config import LiveConfig
-from bridge.errors import InputError, StoreUnavailable, Unavailable
+from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize, identify
+from bridge.ingress.http.bodies import read_bounded
 from bridge.ingress.http.console.routes import encoding_name
 from bridge.ingress.http.console.sessions import COOKIE, LIFETIME, Session, Sessions
 from bridge.models import iso_time
@@ -198,11 +199,12 @@ class Gate:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/x-www-form-urlencoded":
             raise Refused(415, "expected a form (application/x-www-form-urlencoded)")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                raise Refused(413, f"form larger than {MAX_FORM_BYTES} bytes")
+        # Bounded in time as the API's bodies are: the sign-in form takes anyone's post,
+        # and a body trickled for ever would hold a place under http.max_concurrency.
+        try:
+            body = await read_bounded(request, MAX_FORM_BYTES, self.live.current.http.body_timeout)
+        except HttpError as exc:
+            raise Refused(exc.status, exc.message) from exc
         try:
             fields = parse_qs(body.decode("utf-8"), keep_blank_values=True)
         except (UnicodeDecodeError, ValueError) as exc:
@@ -255,10 +257,14 @@ class Gate:
 
     def _error(self, request: Request, status: int, message: str, *, as_json: bool) -> Response:
         if as_json:
-            return JSONResponse({"error": message}, status)
-        return self._render(
-            request, None, "error.html", {"status": status, "message": message}, status
-        )
+            response: Response = JSONResponse({"error": message}, status)
+        else:
+            response = self._render(
+                request, None, "error.html", {"status": status, "message": message}, status
+            )
+        if status == 408:  # the rest of the body may still come: not on this connection
+            response.headers["connection"] = "close"
+        return response
 
     def page(
         self,
