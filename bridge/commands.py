@@ -46,8 +46,8 @@ def store_exists(config: Config) -> bool:
     """Whether the store file the commands read exists; says which file (or why not) on stderr.
 
     The commands find the store as `serve` does: `store.path` from `--config`, else
-    `$SMS_BRIDGE_CONFIG`, else `$SMS_BRIDGE_STORE_PATH`, else `sms-bridge.db` in the
-    current directory. Opening a missing file would create an empty store and list
+    `$SMS_BRIDGE_CONFIG` (relative to that file's directory), else
+    `$SMS_BRIDGE_STORE_PATH`, else `sms-bridge.db` in the current directory. Opening a missing file would create an empty store and list
     nothing, which reads as "no messages": refuse instead.
     """
     if config.store.url:
@@ -56,9 +56,12 @@ def store_exists(config: Config) -> bool:
     if config.store.path == ":memory:" or os.path.isfile(path):
         print(f"store: {path}", file=sys.stderr)
         return True
+    # A store.path the config file wrote is already joined to the file's directory; one
+    # still relative is the environment's or the default, read from the current one.
+    relative = "" if os.path.isabs(config.store.path) else f", relative to {os.getcwd()}"
     print(
         f"store {path}: no such file (store.path = {config.store.path!r} from "
-        f"{config.source}, relative to {os.getcwd()}). Run this where `sms-bridge serve` "
+        f"{config.source}{relative}). Run this where `sms-bridge serve` "
         "runs, or give the same --config / SMS_BRIDGE_CONFIG / SMS_BRIDGE_STORE_PATH.",
         file=sys.stderr,
     )

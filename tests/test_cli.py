@@ -181,3 +181,37 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path) -> None:
     _, err = child.communicate(timeout=60)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert child.returncode == 1
+
+
+def test_check_config_reads_the_files_beside_the_config_from_any_directory(tmp_path) -> None:
+    """The systemd layout: config and key in /etc/sms-bridge, the process elsewhere
+    (WorkingDirectory=/var/lib/sms-bridge). A relative name in the file is read beside
+    the file; check-config shows and warns about the file it really read."""
+    etc, cwd = tmp_path / "etc", tmp_path / "run"
+    etc.mkdir()
+    cwd.mkdir()
+    (etc / "api-key").write_text("key-beside-the-config\n")
+    (etc / "api-key").chmod(0o644)
+    (etc / "config.toml").write_text(
+        '[provider]\nbase_url = "https://sms.example.net/api/v1"\napi_key_file = "api-key"\n'
+        '[store]\npath = "bridge.db"\n'
+    )
+    (etc / "config.toml").chmod(0o600)
+    for named in (str(etc / "config.toml"), "../etc/config.toml"):
+        checked = run("check-config", named, cwd=cwd)
+        assert checked.returncode == 0, checked.stderr
+        shown = json.loads(checked.stdout[checked.stdout.index("{") :])
+        assert shown["store"]["path"] == str(etc / "bridge.db")
+        assert shown["provider"]["api_key"] == "***"
+        assert checked.stderr == (
+            f"warning: provider.api_key_file: {etc / 'api-key'} is readable by every user:"
+            f" chmod 600 {etc / 'api-key'}\n"
+        )
+    # The same name from the environment is the current directory's, and says so.
+    env = {"SMS_BRIDGE_PROVIDER_API_KEY_FILE": "api-key"}
+    overridden = run("check-config", str(etc / "config.toml"), cwd=cwd, env=env)
+    assert overridden.returncode == 1
+    assert (
+        "SMS_BRIDGE_PROVIDER_API_KEY_FILE: cannot read secret file 'api-key' (relative to"
+        f" the current directory {cwd}): No such file or directory"
+    ) in overridden.stderr

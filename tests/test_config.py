@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -123,30 +124,157 @@ def test_bad_toml_and_missing_file(tmp_path) -> None:
         load_config(tmp_path / "absent.toml", env={})
 
 
-def test_an_unreadable_secret_file_is_named_with_where_it_was_looked_for(
+SECRET_FILES = {  # file name -> its text: each one is 16 characters or more
+    "api-key": "provider-key-beside-config",
+    "route.token": "route-token-beside-config",
+    "ops.token": "api-token-beside-the-config",
+    "alice.password": "alice-password-beside-config",
+}
+
+
+def _two_directories(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """`etc` holds the config and its files; the current directory `run` holds files of
+    the same names with other texts, so a value says which directory it was read from."""
+    etc, run = tmp_path / "etc", tmp_path / "run"
+    for directory, tag in ((etc, ""), (run, "-from-the-cwd")):
+        (directory / "tls").mkdir(parents=True)
+        for name, text in SECRET_FILES.items():
+            (directory / name).write_text(text + tag + "\n")
+        for name in ("cert.pem", "key.pem"):
+            (directory / "tls" / name).write_text("PEM")
+    monkeypatch.chdir(run)
+    return etc, run
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_its_directory(
     tmp_path, monkeypatch
 ) -> None:
-    """A relative `*_file` is read from the current directory, not the config's: an
-    operator running check-config elsewhere saw only "No such file or directory"."""
-    (tmp_path / "conf").mkdir()
-    (tmp_path / "conf" / "api-key").write_text("key-beside-the-config\n")
+    """/etc/sms-bridge/config.toml naming "api-key" means /etc/sms-bridge/api-key, not a
+    file in the unit's WorkingDirectory (a first operator's surprise): every file name
+    the file writes, secret or not. Absolute names and SQLite's ":memory:" stay."""
+    etc, _ = _two_directories(tmp_path, monkeypatch)
     path = write_config(
-        tmp_path / "conf",
-        '[provider]\nbase_url = "https://sms.example.net/api/v1"\napi_key_file = "api-key"\n',
+        etc,
+        f"""
+        [provider]
+        api_key_file = "api-key"
+        [store]
+        path = "state/bridge.db"
+        [http]
+        tls_cert = "tls/cert.pem"
+        tls_key = "{etc / "tls" / "key.pem"}"
+        [smtp]
+        tls_cert = "./tls/cert.pem"
+        tls_key = "tls/../tls/key.pem"
+        users = {{ alice_file = "alice.password" }}
+        [routes.am]
+        format = "alertmanager"
+        to = ["+12025550143"]
+        token_file = "route.token"
+        [tokens.ops]
+        token_file = "ops.token"
+        scopes = ["send"]
+        """,
     )
+    config = load_config(path, env={})
+    assert config.provider.api_key == SECRET_FILES["api-key"]
+    assert config.routes["am"].token == SECRET_FILES["route.token"]
+    assert config.tokens["ops"].token == SECRET_FILES["ops.token"]
+    assert config.smtp.users == {"alice": SECRET_FILES["alice.password"]}
+    assert config.store.path == str(etc / "state" / "bridge.db")
+    assert config.http.tls_cert == str(etc / "tls" / "cert.pem")
+    assert config.http.tls_key == str(etc / "tls" / "key.pem")  # absolute: as written
+    assert config.smtp.tls_cert == f"{etc}/./tls/cert.pem"  # joined, not normalised
+    assert config.smtp.tls_key == str(etc / "tls/../tls/key.pem")
+    # Named from another directory by a relative path: still the file's own directory.
     monkeypatch.chdir(tmp_path)
+    assert load_config("etc/bridge.toml", env={}).store.path == str(etc / "state" / "bridge.db")
+    memory = write_config(etc, '[store]\npath = ":memory:"\n', "memory.toml")
+    assert load_config(memory, env={}).store.path == ":memory:"
+
+
+def test_paths_from_the_environment_and_the_defaults_stay_relative_to_the_cwd(
+    tmp_path, monkeypatch
+) -> None:
+    """No file wrote them: an override is read from where the process runs, and the
+    default store is the README's ./sms-bridge.db, with a config file or without."""
+    etc, run = _two_directories(tmp_path, monkeypatch)
+    path = write_config(
+        etc,
+        """
+        [routes.am]
+        format = "alertmanager"
+        to = ["+12025550143"]
+        token_file = "route.token"
+        [tokens.ops]
+        token_file = "ops.token"
+        scopes = ["send"]
+        """,
+    )
+    assert load_config(path, env={}).store.path == "sms-bridge.db"
+    assert load_config(None, env={}).store.path == "sms-bridge.db"
+    env = {
+        "SMS_BRIDGE_PROVIDER_API_KEY_FILE": "api-key",
+        "SMS_BRIDGE_ROUTES_AM_TOKEN_FILE": "route.token",
+        "SMS_BRIDGE_TOKENS_OPS_TOKEN_FILE": "ops.token",
+        "SMS_BRIDGE_SMTP_USERS": "alice_file=alice.password",
+        "SMS_BRIDGE_STORE_PATH": "state/env.db",
+        "SMS_BRIDGE_HTTP_TLS_CERT": "tls/cert.pem",
+        "SMS_BRIDGE_HTTP_TLS_KEY": "tls/key.pem",
+    }
+    config = load_config(path, env=env)
+    cwd = "-from-the-cwd"
+    assert config.provider.api_key == SECRET_FILES["api-key"] + cwd
+    assert config.routes["am"].token == SECRET_FILES["route.token"] + cwd
+    assert config.tokens["ops"].token == SECRET_FILES["ops.token"] + cwd
+    assert config.smtp.users == {"alice": SECRET_FILES["alice.password"] + cwd}
+    assert (config.store.path, config.http.tls_cert) == ("state/env.db", "tls/cert.pem")
+    # A token the environment adds whole, with no table in the file, reads the same way.
+    added_env = {
+        "SMS_BRIDGE_TOKENS_NEW_TOKEN_FILE": "ops.token",
+        "SMS_BRIDGE_TOKENS_NEW_SCOPES": "send",
+    }
+    added = load_config(None, env=added_env)
+    assert added.tokens["new"].token == SECRET_FILES["ops.token"] + cwd
+    assert run == Path.cwd()
+
+
+def test_an_unreadable_file_is_named_where_it_was_looked_for(tmp_path, monkeypatch) -> None:
+    """The file's relative name, joined to its directory; the environment's relative
+    one, with the current directory it was read from; an absolute one as it is."""
+    etc, run = _two_directories(tmp_path, monkeypatch)
+    path = write_config(
+        etc,
+        """
+        [provider]
+        base_url = "https://sms.example.net/api/v1"
+        api_key_file = "absent-key"
+        [http]
+        tls_cert = "tls/absent.pem"
+        tls_key = "tls/key.pem"
+        """,
+    )
+    env = {
+        "SMS_BRIDGE_SANDBOX_API_KEY_FILE": str(tmp_path / "nope"),
+        "SMS_BRIDGE_ROUTES_AM_TOKEN_FILE": "absent.token",
+    }
     with pytest.raises(ConfigError) as caught:
-        load_config(path, env={"SMS_BRIDGE_SANDBOX_API_KEY_FILE": str(tmp_path / "nope")})
+        load_config(path, env=env)
     problems = dict(caught.value.problems)
     assert problems["provider.api_key_file"] == (
-        f"cannot read secret file 'api-key' (relative to the current directory {tmp_path}):"
-        " No such file or directory"
+        f"cannot read secret file '{etc / 'absent-key'}': No such file or directory"
     )
+    assert problems["http.tls_cert"] == f"no such file: {etc / 'tls' / 'absent.pem'}"
     assert problems["SMS_BRIDGE_SANDBOX_API_KEY_FILE"] == (
         f"cannot read secret file '{tmp_path / 'nope'}': No such file or directory"
     )
-    monkeypatch.chdir(tmp_path / "conf")
-    assert load_config(path, env={}).provider.api_key == "key-beside-the-config"
+    env = {"SMS_BRIDGE_PROVIDER_API_KEY_FILE": "absent-key"}
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, env=env)
+    assert dict(caught.value.problems)["SMS_BRIDGE_PROVIDER_API_KEY_FILE"] == (
+        f"cannot read secret file 'absent-key' (relative to the current directory {run}):"
+        " No such file or directory"
+    )
 
 
 @pytest.mark.parametrize(

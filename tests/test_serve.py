@@ -177,3 +177,45 @@ def test_a_taken_port_is_a_clear_error(tmp_path) -> None:
     assert result.returncode == 1
     assert f"http.listen: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_and_sighup_read_the_files_beside_the_config_not_the_cwd(tmp_path) -> None:
+    """`serve --config /etc/sms-bridge/config.toml` run from elsewhere (the unit's
+    WorkingDirectory): the token file and the store the config names relatively are
+    beside it, at start and after a SIGHUP that rotates the token. The current
+    directory holds a token file of the same name, which must stay unread."""
+    etc, run = tmp_path / "etc", tmp_path / "run"
+    etc.mkdir()
+    run.mkdir()
+    first, second, decoy = "first-token-beside-config", "second-token-beside-config", "x" * 24
+    (etc / "ops.token").write_text(first + "\n")
+    (run / "ops.token").write_text(decoy + "\n")
+    config = etc / "config.toml"
+    config.write_text(
+        f'[http]\nlisten = "{ANY_PORT}"\n[smtp]\nlisten = "{ANY_PORT}"\n'
+        '[store]\npath = "state/bridge.db"\n'
+        '[tokens.ops]\ntoken_file = "ops.token"\nscopes = ["send"]\n'
+    )
+    log = tmp_path / "serve.log"
+
+    def sent_with(token: str) -> int:
+        return httpx.post(
+            f"{url}/api/v1/messages",
+            json={"to": "+12025550143", "message": "paths"},
+            headers={"Authorization": f"Bearer {token}"},
+        ).status_code
+
+    with process(["serve", "--config", str(config)], run, clean_env(), log) as proc:
+        url = proc.url()
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, what="startup")
+        assert (sent_with(first), sent_with(decoy)) == (202, 401)
+        assert (etc / "state" / "bridge.db").is_file() and not (run / "state").exists()
+        (etc / "ops.token").write_text(second + "\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: sent_with(second) == 202, what="the rotated token")
+        assert (sent_with(first), sent_with(decoy)) == (401, 401)
+        # the store's name is resolved as at start: no "store.path changed" on reload
+        assert "configuration reloaded" in proc.output()
+        assert "needs a restart" not in proc.output()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0

@@ -15,7 +15,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bridge.config.parsing import coerce, from_env_text, read_secret_file
+from bridge.config.parsing import (
+    coerce,
+    config_dir,
+    from_env_text,
+    read_secret_file,
+    resolve_path,
+)
 from bridge.config.sections import (
     ENV_PREFIX,
     GROUP_NAME,
@@ -30,11 +36,22 @@ from bridge.errors import ConfigError
 
 
 class _Loader:
-    """Collects problems instead of stopping at the first one."""
+    """Collects problems instead of stopping at the first one.
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    `base`: the config file's directory, which the file names it writes (`*_file`
+    keys, `store.path`, the TLS files) are relative to; None without a file. Names from
+    the environment and the built-in defaults (`store.path` = "sms-bridge.db") stay
+    relative to the current directory: no file wrote them; an environment variable is a
+    path handed to the process, read from where it runs as any program reads one; and
+    the default store is where the README's first commands (no config at all) and
+    `sms-bridge messages` run after them expect it, in the directory they run in.
+    """
+
+    def __init__(self, env: Mapping[str, str], base: str | None) -> None:
         self.env = env
+        self.base = base
         self.problems: list[tuple[str, str]] = []
+        self.env_token_files: set[str] = set()  # tokens whose token_file is the environment's
 
     def problem(self, key: str, why: str) -> None:
         self.problems.append((key, why))
@@ -48,8 +65,12 @@ class _Loader:
         env: bool = True,
         env_prefix: str | None = None,
         fixed: dict[str, Any] | None = None,
+        names_from_env: bool = False,
     ) -> Any:
+        """`names_from_env`: `raw`'s file names are the environment's (a token's
+        `SMS_BRIDGE_TOKENS_<NAME>_TOKEN_FILE`), relative to the current directory."""
         fixed = fixed or {}
+        file_base = None if names_from_env else self.base
         if not isinstance(raw, dict):
             self.problem(name, "expected a table")
             raw = {}
@@ -65,6 +86,7 @@ class _Loader:
             env_name = f"{prefix}{fname.upper()}" if env else "\0"
             value: object = dataclasses.MISSING
             origin = f"{name}.{fname}"
+            where = None  # the directory relative names in `value` are read from
             try:
                 if env_name in self.env:
                     origin = env_name
@@ -73,15 +95,19 @@ class _Loader:
                     origin = f"{env_name}_FILE"
                     value = read_secret_file(self.env[f"{env_name}_FILE"])
                 elif fname in raw:
-                    value = raw[fname]
+                    value, where = raw[fname], file_base
                 elif f"{fname}_file" in raw:
                     origin = f"{name}.{fname}_file"
                     file_name = raw[f"{fname}_file"]
                     if not isinstance(file_name, str):
                         raise ValueError("expected a file path")
-                    value = read_secret_file(file_name)
+                    value = read_secret_file(file_name, file_base)
                 if value is not dataclasses.MISSING:
-                    values[fname] = coerce(value, kind, spec.default)
+                    value = coerce(value, kind, spec.default, where)
+                    # ":memory:" is SQLite's name for no file (the tests' stores)
+                    if kind == "path" and value != ":memory:":
+                        value = resolve_path(str(value), where)
+                    values[fname] = value
             except (ValueError, tomllib.TOMLDecodeError) as exc:
                 self.problem(origin, str(exc))
             except OSError as exc:
@@ -201,7 +227,12 @@ class _Loader:
                 )
                 continue
             tokens[name] = self.section(
-                f"tokens.{name}", TokenConfig, table, env=False, fixed={"name": name}
+                f"tokens.{name}",
+                TokenConfig,
+                table,
+                env=False,
+                fixed={"name": name},
+                names_from_env=name in self.env_token_files,
             )
         return tokens
 
@@ -230,13 +261,16 @@ class _Loader:
             else:  # token and token_file replace each other
                 table.pop("token_file" if key == "token" else "token", None)
                 table[key] = text
+                if key == "token_file":  # read from the current directory, not the file's
+                    self.env_token_files.add(name)
             raw[name] = table
         return raw
 
 
 def _unreadable(exc: OSError) -> str:
-    """Which file could not be read, and where a relative name was looked for: it is
-    read from the current directory (the unit's WorkingDirectory), not the config's."""
+    """Which file could not be read, and where. A name the config file wrote is already
+    joined to the file's directory; one still relative came from the environment and was
+    looked for in the current directory (the unit's WorkingDirectory): say which."""
     name = exc.filename
     if not isinstance(name, str):
         return f"cannot read secret file: {exc.strerror or exc}"
@@ -261,7 +295,7 @@ def load_config(
     """Read `path` (None: built-in defaults) with environment overrides; raise ConfigError."""
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
-    loader = _Loader(env)
+    loader = _Loader(env, config_dir(path) if path is not None else None)
     if path is not None:
         try:
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bridge.config.parsing import config_dir, resolve_path
 from bridge.config.sections import SECTIONS, Config, RouteConfig, TokenConfig
 
 
@@ -85,7 +86,8 @@ def inline_secrets(path: str | os.PathLike[str]) -> list[str]:
 
 
 def secret_files(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
-    """(key, file) of every secret the config reads from a file (`*_file` keys)."""
+    """(key, file) of every secret the config reads from a file (`*_file` keys), each
+    file named as the loader reads it (a relative name: from the config's directory)."""
     return [(key, file) for key, file in _secret_keys(path) if file is not None]
 
 
@@ -102,6 +104,7 @@ def _secret_keys(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
         named = raw.get(kind)
         if isinstance(named, dict):
             tables += [(f"{kind}.{k}", named_cls, v) for k, v in named.items()]
+    base = config_dir(path)
     keys: list[tuple[str, str | None]] = []
     for prefix, cls, table in tables:
         if not isinstance(table, dict):
@@ -111,10 +114,13 @@ def _secret_keys(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
                 continue
             value, file = table.get(spec.name), table.get(f"{spec.name}_file")
             if isinstance(file, str):
-                keys.append((f"{prefix}.{spec.name}_file", file))
+                keys.append((f"{prefix}.{spec.name}_file", resolve_path(file, base)))
             if isinstance(value, dict):  # smtp.users: login = "password" or login_file
                 keys += [
-                    (f"{prefix}.{spec.name}.{k}", v if k.endswith("_file") else None)
+                    (
+                        f"{prefix}.{spec.name}.{k}",
+                        resolve_path(v, base) if k.endswith("_file") else None,
+                    )
                     for k, v in value.items()
                     if isinstance(v, str) and v
                 ]

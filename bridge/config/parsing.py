@@ -6,6 +6,7 @@ problem under the key's path.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -71,8 +72,10 @@ def from_env_text(text: str, kind: str, default: object) -> object:
     return text
 
 
-def coerce(value: object, kind: str, default: object) -> object:
-    """Check a TOML value against the key's type; raise ValueError saying what was expected."""
+def coerce(value: object, kind: str, default: object, base: str | None = None) -> object:
+    """Check a TOML value against the key's type; raise ValueError saying what was expected.
+
+    `base`: the directory relative file names are read from (`resolve_path`)."""
     if kind == "duration":
         return parse_duration(value)
     if kind == "rules":
@@ -83,7 +86,7 @@ def coerce(value: object, kind: str, default: object) -> object:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ValueError('expected a table of name = "text"')
         return {
-            k.removesuffix("_file"): read_secret_file(v) if k.endswith("_file") else v
+            k.removesuffix("_file"): read_secret_file(v, base) if k.endswith("_file") else v
             for k, v in value.items()
         }
     if kind == "list":
@@ -109,8 +112,28 @@ def coerce(value: object, kind: str, default: object) -> object:
     return value
 
 
-def read_secret_file(path: str) -> str:
-    return Path(path).read_text(encoding="utf-8").strip()
+def config_dir(path: str | os.PathLike[str]) -> str:
+    """The directory relative paths in the config file at `path` are read from: its own,
+    made absolute now so that neither a later chdir nor the error messages depend on the
+    directory the file was named from. Symlinks are not followed: the directory the
+    operator named the file in is the one they read the paths against (as Prometheus)."""
+    return os.path.dirname(os.path.abspath(path))
+
+
+def resolve_path(value: str, base: str | None) -> str:
+    """A file name as the config means it. Written in a config file (`base`, from
+    `config_dir`), a relative name is relative to that file's directory, as in
+    Prometheus' or nginx's configs: `/etc/sms-bridge/config.toml` naming "api-key" means
+    `/etc/sms-bridge/api-key`, not a file in the unit's WorkingDirectory. `base` None
+    (not written in a file: see `bridge.config.loader._Loader`) leaves it to the current
+    directory. "" (unset) and absolute names stay as they are."""
+    if base is None or not value or os.path.isabs(value):
+        return value
+    return os.path.join(base, value)
+
+
+def read_secret_file(path: str, base: str | None = None) -> str:
+    return Path(resolve_path(path, base)).read_text(encoding="utf-8").strip()
 
 
 def _regex_problem(pattern: str) -> str | None:

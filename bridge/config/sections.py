@@ -24,7 +24,10 @@ GROUP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
 def _opt(default: Any, kind: str = "", secret: bool = False) -> Any:
-    """A config key: its default and how to read it from a string (the environment)."""
+    """A config key: its default and how to read it from a string (the environment).
+
+    kind "path": a file name, which the loader reads relative to the config file's
+    directory when the file writes it (`bridge.config.parsing.resolve_path`)."""
     if isinstance(default, dict):
         return field(
             default_factory=lambda: dict(default), metadata={"kind": "table", "secret": secret}
@@ -75,8 +78,8 @@ class SmtpConfig:
     require_auth: bool = _opt(False)
     auth_allow_plaintext: bool = _opt(False)
     users: Mapping[str, str] = _opt({}, secret=True)  # login -> password
-    tls_cert: str = _opt("")
-    tls_key: str = _opt("")
+    tls_cert: str = _opt("", "path")
+    tls_key: str = _opt("", "path")
     tls_listen: str = _opt("")  # implicit TLS (port 465 style); needs tls_cert
     compose: str = _opt("subject_body")  # subject | body | subject_body | template
     template: str = _opt("")
@@ -126,8 +129,8 @@ class HttpConfig:
     # localhost, 127.0.0.1 and [::1] (any IP literal when listening on a wildcard).
     allowed_hosts: tuple[str, ...] = _opt([])
     trusted_proxies: tuple[str, ...] = _opt([])  # CIDRs whose X-Forwarded-* is believed
-    tls_cert: str = _opt("")  # PEM files: HTTPS on http.listen
-    tls_key: str = _opt("")
+    tls_cert: str = _opt("", "path")  # PEM files: HTTPS on http.listen
+    tls_key: str = _opt("", "path")
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +166,7 @@ class StatusConfig:
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
-    path: str = _opt(DEFAULT_STORE_PATH)
+    path: str = _opt(DEFAULT_STORE_PATH, "path")
     # "postgresql://user@host/db": a store shared by a cluster; "" = SQLite at `path`.
     # Secret: a URL may carry a password.
     url: str = _opt("", secret=True)
