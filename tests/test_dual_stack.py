@@ -17,7 +17,7 @@ from bridge.clock import ManualClock
 from bridge.ingress.smtp import start_smtp
 from bridge.sockets import bind_socket
 from tests.helpers import bridge_config, running_bridge, served
-from tests.test_smtp import DEFAULT_RCPT, SMTP_BASE
+from tests.test_smtp import DEFAULT_RCPT, with_smtp
 
 
 def _no_dual_stack() -> str | None:
@@ -132,8 +132,7 @@ async def test_trusted_proxy_connections_are_not_counted_as_one_client(
 async def test_ipv4_clients_of_a_dual_stack_smtp_listener(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:
-    smtp = SMTP_BASE.replace("[groups]", 'allowed_networks = ["127.0.0.0/8"]\n[groups]')
-    config = bridge_config(tmp_path, sandbox_url, smtp)
+    config = bridge_config(tmp_path, sandbox_url, with_smtp('allowed_networks = ["127.0.0.0/8"]'))
 
     def send(host: str) -> dict:
         with smtplib.SMTP(host, port, timeout=10) as smtp:
