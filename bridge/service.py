@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Literal
 import uvicorn
 from starlette.applications import Starlette
 
+from bridge.addresses import with_mapped
 from bridge.clock import Clock
 from bridge.config import (
     Config,
@@ -93,7 +94,9 @@ def uvicorn_server(
             # would let any local process (or a loopback caller) pick its client address
             # and pass a route's allowed_networks: only http.trusted_proxies are believed.
             proxy_headers=bool(http.trusted_proxies),
-            forwarded_allow_ips=list(http.trusted_proxies),
+            # uvicorn matches the peer as the socket gives it: on a dual-stack listener an
+            # IPv4 proxy is ::ffff:a.b.c.d, so each IPv4 network goes with its mapped form.
+            forwarded_allow_ips=with_mapped(http.trusted_proxies),
             ssl_certfile=http.tls_cert or None,
             ssl_keyfile=http.tls_key or None,
         )

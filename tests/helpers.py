@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from bridge import phone, phone_patterns, ranges
 from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
-from bridge.config import Config, HttpConfig, load_config
+from bridge.config import Config, HttpConfig, LiveConfig, load_config
 from bridge.firewall import refusal
 from bridge.service import Bridge, uvicorn_server
 from bridge.sockets import bind_socket
@@ -21,15 +21,22 @@ from bridge.store import Store
 
 
 @contextlib.asynccontextmanager
-async def served(app: Starlette, http: HttpConfig | None = None) -> AsyncIterator[str]:
-    """Serve `app` with uvicorn on 127.0.0.1 and an ephemeral port; yield its base URL.
+async def served(
+    app: Starlette,
+    http: HttpConfig | None = None,
+    *,
+    listen: str = "127.0.0.1:0",
+    live: LiveConfig | None = None,
+) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn on `listen` (an ephemeral port); yield a base URL on
+    127.0.0.1 (which a dual-stack `[::]` listener takes too).
 
     `http` is the listener's config as `serve` applies it (proxies, TLS); its listen
-    address is ignored.
+    address is ignored. With `live`, under the `[http]` connection limits as `serve` is.
     """
-    sock = bind_socket("127.0.0.1:0")
+    sock = bind_socket(listen)
     port = sock.getsockname()[1]
-    server = uvicorn_server(app, http=http)
+    server = uvicorn_server(app, http=http, live=live)
     scheme = "https" if http is not None and http.tls_cert else "http"
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -73,13 +80,13 @@ def bridge_config(tmp_path: Path, provider_url: str, extra: str = "", **provider
 
 @contextlib.asynccontextmanager
 async def running_bridge(
-    config: Config, clock: ManualClock, store: Store | None = None
+    config: Config, clock: ManualClock, store: Store | None = None, *, listen: str = "127.0.0.1:0"
 ) -> AsyncIterator[tuple[Bridge, str]]:
-    """A bridge built as `serve` builds it, its web app on loopback, dispatcher not started;
+    """A bridge built as `serve` builds it, its web app on `listen`, dispatcher not started;
     on `store` when given (unopened: e.g. tests.stores.faulty_store)."""
     async with (
         build_bridge(config, clock=clock, store=store) as bridge,
-        served(bridge.app, config.http) as url,
+        served(bridge.app, config.http, listen=listen) as url,
     ):
         await bridge.dispatcher.load_budget()
         yield bridge, url

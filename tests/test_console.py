@@ -16,7 +16,9 @@ import httpx
 import pytest
 
 from bridge.clock import ManualClock
+from bridge.ingress.http.app import PROVIDER_REFUSED
 from bridge.models import NewMessage, State
+from bridge.provider.sandbox import Fault, SandboxState
 from tests.helpers import bridge_config, pump, running_bridge
 from tests.stores import seed
 
@@ -641,3 +643,28 @@ async def test_hostile_previews_and_oversized_sends_are_refused_not_500(
         refused = await http.post("/ui/send", data={"csrf": token, "to": many, "text": "hi"})
         assert refused.status_code == 400 and "http.max_recipients" in refused.text
     assert await bridge.store.counts() == {}
+
+
+async def test_a_provider_quoting_our_key_shows_it_nowhere(
+    config, clock: ManualClock, sandbox_state: SandboxState
+) -> None:
+    """A 401 whose text quotes our API key: /readyz, open to anyone, says so in the
+    bridge's words; the console (a token's) shows the provider's answer, masked as the
+    log masks it."""
+    key = config.provider.api_key
+    echo = f'{{"success": false, "message": "invalid API key {key}"}}'
+    sandbox_state.faults.append(Fault(status=401, body=echo, path="/send"))
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await send(http, "+12025550143", "disk full")
+        await bridge.dispatcher.run_once()
+        assert not bridge.dispatcher.health.ready
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503 and key not in ready.text
+        assert ready.json()["problems"] == {"provider": PROVIDER_REFUSED}
+        await sign_in(http, READER)
+        overview = await http.get("/ui/overview.json")
+        assert overview.json()["provider"]["problem"].endswith("invalid API key ***")
+        assert key not in overview.text

@@ -390,6 +390,30 @@ async def test_readyz_turns_red_when_the_disk_refuses_writes(
         assert await bridge.store.counts() == {}
 
 
+async def test_a_store_error_quoting_a_secret_is_masked_in_answers(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """What the store's driver said reaches /readyz (open to anyone) and a 503's body,
+    with every configured secret masked as in the log."""
+    config = bridge_config(tmp_path, sandbox_url)
+    key = config.provider.api_key
+
+    def quoting() -> None:
+        raise sqlite3.OperationalError(f"disk I/O error near '{key}'")
+
+    store = faulty_store(config)
+    async with running_bridge(config, clock, store) as (_, url), httpx.AsyncClient() as http:
+        store.fail_commits(quoting)
+        post = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"}
+        )
+        ready = await http.get(f"{url}/readyz")
+        store.fail_commits(None)
+    assert post.status_code == 503 and "near '***'" in post.json()["error"], post.text
+    assert ready.status_code == 503 and "near '***'" in ready.json()["problems"]["store"]
+    assert key not in post.text + ready.text
+
+
 @on_each_backend
 async def test_dedupe_key_suppresses_a_repeat(
     tmp_path, clock: ManualClock, sandbox_url: str

@@ -47,6 +47,7 @@ def problems(tmp_path: Path, body: str) -> list[str]:
         (REAL + '[http]\nlisten = "[::]:8080"\n' + TOKENS, []),
         (REAL + '[http]\nlisten = "192.0.2.10:8080"\n', ["http.listen"]),
         (REAL + '[http]\nlisten = "localhost:8080"\n', []),
+        (REAL + '[http]\nlisten = "[::ffff:127.0.0.1]:8080"\n', []),  # IPv4 loopback
         (REAL + '[http]\nlisten = "bridge.localhost:8080"\n', ["http.listen"]),  # DNS decides
         # Behind a proxy a loopback listener is reachable from the network all the same.
         (REAL + '[http]\ntrusted_proxies = ["127.0.0.1/32"]\n', ["http.trusted_proxies"]),
@@ -65,6 +66,11 @@ def problems(tmp_path: Path, body: str) -> list[str]:
             REAL
             + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\nallowed_networks = ["0.0.0.0/0"]\n',
             ["routes.n"],
+        ),
+        # The IPv4 Internet written as IPv4-mapped IPv6 is the IPv4 Internet.
+        (
+            REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["::ffff:0:0/96"]\n',
+            ["smtp.listen"],
         ),
         # Judged on the union: two halves are everyone; so is any public space past a /8.
         (

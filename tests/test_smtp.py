@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hmac
 import re
 import smtplib
 import socket
@@ -23,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
+from bridge.ingress import smtpauth
 from bridge.ingress.smtp import (
     ADDRESS_CACHE_SIZE,
     PARSE_WORKERS,
@@ -310,6 +313,40 @@ def _client_context(ca: trustme.CA) -> ssl.SSLContext:
     context = ssl.create_default_context()
     ca.configure_trust(context)
     return context
+
+
+async def test_auth_compares_a_password_for_an_unknown_login_too(
+    tmp_path, clock, sandbox_url, monkeypatch
+) -> None:
+    """An unknown login costs the same comparison as a known one (against a password no
+    one has), so the answer time does not tell which logins exist. Checked on the code
+    path through a real AUTH session, not on a stopwatch."""
+    compared: list[tuple[bytes, bytes]] = []
+
+    def spy(expected: bytes, given: bytes) -> bool:
+        compared.append((expected, given))
+        return hmac.compare_digest(expected, given)
+
+    monkeypatch.setattr(smtpauth, "compare_digest", spy)
+    extra = 'auth_allow_plaintext = true\nusers = {ups = "ups-pass-0123456789"}\n'
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def login(user: str, password: str) -> int:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("tester")
+                plain = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+                return client.docmd("AUTH", f"PLAIN {plain}")[0]
+
+        codes = [
+            await asyncio.to_thread(login, "nobody", "guess-one"),
+            await asyncio.to_thread(login, "ups", "guess-two"),
+            await asyncio.to_thread(login, "ups", "ups-pass-0123456789"),
+        ]
+    assert codes == [535, 535, 235]
+    assert [given for _, given in compared] == [b"guess-one", b"guess-two", b"ups-pass-0123456789"]
+    nobody = compared[0][0]
+    assert nobody and nobody not in (b"guess-one", b"ups-pass-0123456789")
 
 
 async def test_auth_over_starttls_required_and_refused_in_plaintext(

@@ -15,19 +15,18 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+from bridge.addresses import client_address, parse_network
 from bridge.config.parsing import parse_listen
 from bridge.config.sections import SIGNED_FORMATS, Config
 
 
 def is_loopback_host(host: str) -> bool:
-    """`localhost`, 127.0.0.0/8 or ::1: reachable from this machine only."""
+    """`localhost`, 127.0.0.0/8 (IPv4-mapped too) or ::1: reachable from this machine only."""
     host = host.strip("[]").rstrip(".").lower()
     if host == "localhost":  # not *.localhost: only some resolvers keep those on loopback
         return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    address = client_address(host)  # ::ffff:127.0.0.1 is loopback as 127.0.0.1 is
+    return address is not None and address.is_loopback
 
 
 def _listen_host(listen: str) -> str | None:
@@ -58,7 +57,7 @@ def _restricts(networks: tuple[str, ...]) -> bool:
     `0.0.0.0/1` plus `128.0.0.0/1` is everyone, as `0.0.0.0/0` is. Private, loopback
     and link-local ranges are free; public space is summed per address family."""
     try:
-        parsed = [ipaddress.ip_network(n, strict=False) for n in networks]
+        parsed = [parse_network(n) for n in networks]  # ::ffff:0:0/96 is the IPv4 Internet
     except ValueError:
         return True  # the bad entry is reported by _validate
     if not parsed:

@@ -8,6 +8,7 @@ sections and has `reload(...)` (see `bridge.service.Bridge.reload`).
 
 from __future__ import annotations
 
+from bridge.config.masking import secret_values
 from bridge.config.recipients import Recipients
 from bridge.config.sections import Config
 
@@ -25,4 +26,5 @@ class LiveConfig:
 
     def update(self, config: Config, recipients: Recipients | None = None) -> None:
         self.current = config
+        self.secrets = tuple(secret_values(config))  # masked in what HTTP answers show
         self.recipients = recipients or Recipients.from_config(config)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fnmatch
-import ipaddress
 import logging
 import re
 import socket
@@ -27,6 +26,7 @@ from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from bridge.addresses import in_networks, parse_network
 from bridge.clock import zone
 from bridge.config import ProviderConfig, Recipients, SmtpConfig
 from bridge.config.recipients import unknown_group
@@ -149,7 +149,7 @@ class SmtpHandler:
         self.recipients = recipients
         self.authenticator = Authenticator(dict(smtp.users), self.auth_throttle)
         self.domains = {d.lower() for d in smtp.domains}
-        self.networks = [ipaddress.ip_network(n, strict=False) for n in smtp.allowed_networks]
+        self.networks = [parse_network(n) for n in smtp.allowed_networks]
         return problems
 
     def _tls(self, smtp: SmtpConfig) -> ssl.SSLContext | None:
@@ -171,13 +171,7 @@ class SmtpHandler:
     def _client_allowed(self, session: Session) -> bool:
         if not self.networks:
             return True
-        try:
-            address = ipaddress.ip_address(peer_host(session).split("%")[0])
-        except (TypeError, ValueError, IndexError):
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
+        return in_networks(peer_host(session), self.networks)
 
     async def handle_MAIL(
         self,

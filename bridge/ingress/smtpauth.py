@@ -3,9 +3,10 @@ client (`bridge.ingress.throttle`), and logged without ever naming a password.""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import math
+import secrets
+from hmac import compare_digest
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -30,6 +31,8 @@ class Authenticator:
 
     def __init__(self, users: dict[str, str], throttle: FailureThrottle) -> None:
         self.users = {k.encode(): v.encode() for k, v in users.items()}
+        # What an unknown login's password is compared with: a password no one has.
+        self.nobody = secrets.token_urlsafe(24).encode()
         self.throttle = throttle
         self.quiet = QuietLog(log, throttle.clock)
 
@@ -49,7 +52,10 @@ class Authenticator:
                 f"try again in {math.ceil(wait)}s",
             )
         expected = self.users.get(auth_data.login)
-        ok = expected is not None and hmac.compare_digest(expected, auth_data.password)
+        # An unknown login is compared too (the same work): answering it sooner would
+        # tell a guesser which logins exist.
+        matched = compare_digest(self.nobody if expected is None else expected, auth_data.password)
+        ok = matched and expected is not None
         if not ok:
             who = auth_data.login.decode(errors="replace") if expected else "an unknown login"
             if self.throttle.failed(host):

@@ -22,6 +22,7 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 
+from bridge.addresses import client_address
 from bridge.clock import Clock
 
 MAX_FAILURES = 10  # failed authentications from one client within WINDOW
@@ -34,14 +35,11 @@ LOG_EVERY = 60.0  # seconds between two warnings of one kind about one client
 @functools.lru_cache(maxsize=4096)
 def client_key(host: str) -> str:
     """The client an address belongs to: itself for IPv4, its /64 for IPv6."""
-    if ":" not in host:
+    address = client_address(host)
+    if address is None:
         return host
-    try:
-        address = ipaddress.IPv6Address(host.split("%")[0])
-    except ValueError:
-        return host
-    if address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
+    if address.version == 4:  # an IPv4-mapped one too: not one /64 for every IPv4 client
+        return str(address)
     return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -24,9 +25,8 @@ class MaskingFilter(logging.Filter):
         self.update(secrets)
 
     def update(self, secrets: Iterable[str]) -> None:
-        """Mask these from now on (a reload may bring new ones); longest first."""
-        chosen = {s for s in secrets if len(s) >= MIN_MASKED_CHARS}
-        self.secrets = sorted(chosen, key=len, reverse=True)
+        """Mask these from now on (a reload may bring new ones)."""
+        self.secrets = list(_masked_first(frozenset(secrets)))
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
@@ -38,9 +38,26 @@ class MaskingFilter(logging.Filter):
         return True
 
     def mask(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return _replace(text, self.secrets)
+
+
+@functools.lru_cache(maxsize=16)  # one per config in force
+def _masked_first(secrets: frozenset[str]) -> tuple[str, ...]:
+    """The secrets worth masking, longest first: one that holds another goes whole."""
+    return tuple(sorted((s for s in secrets if len(s) >= MIN_MASKED_CHARS), key=len, reverse=True))
+
+
+def _replace(text: str, ordered: Iterable[str]) -> str:
+    for secret in ordered:
+        text = text.replace(secret, "***")
+    return text
+
+
+def mask(text: str, secrets: Iterable[str]) -> str:
+    """`text` as the log would show it: every secret `***`. For text that leaves the
+    bridge other than by the log (HTTP answers) and may quote what others wrote (a
+    provider's error, a database's)."""
+    return _replace(text, _masked_first(frozenset(secrets)))
 
 
 # Every character str.splitlines breaks at. A message carries text others chose (a mail

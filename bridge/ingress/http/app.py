@@ -34,6 +34,7 @@ from bridge.ingress.http.lockout import AuthLockout
 from bridge.ingress.http.openapi import openapi_spec
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.throttle import FailureThrottle
+from bridge.ops.logs import mask
 from bridge.ops.metrics import Metrics
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
@@ -41,6 +42,15 @@ from bridge.schedule import parse_schedule_time
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
+# What /readyz says of a provider that refuses us, in our words (see readyz).
+PROVIDER_REFUSED = (
+    "the provider refuses our API key or path (401 or 404): sending paused, queue kept; "
+    "its answer is in the console and the log"
+)
+PROVIDER_INACTIVE = (
+    "account not active (the provider answered 403): sending paused, queue kept; "
+    "its answer is in the console and the log"
+)
 MAX_DEDUPE_KEY = 256
 MAX_TEXT_CHARS = 5000
 MAX_LIST_LIMIT = 1000
@@ -80,7 +90,10 @@ def recipients_field(value: Any, field: str = "to") -> list[str]:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def handle_errors(handler: Handler) -> Handler:
+def handle_errors(handler: Handler, live: LiveConfig) -> Handler:
+    """`handler` with the bridge's errors as JSON answers; what another system said (the
+    store's error) masked as in the log: a webhook sender may be anyone."""
+
     async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
@@ -98,7 +111,7 @@ def handle_errors(handler: Handler) -> Handler:
             return error_response(400, str(exc), exc.field)
         except Unavailable as exc:  # the store, or the phone metadata on a recipient
             log.error("refused with 503: %s", exc)
-            return error_response(503, f"not accepted, retry later: {exc}")
+            return error_response(503, mask(f"not accepted, retry later: {exc}", live.secrets))
 
     return wrapped
 
@@ -112,7 +125,7 @@ def requires(scope: str, live: LiveConfig, handler: Handler) -> Handler:
         )
         return await handler(request)
 
-    return handle_errors(guarded)
+    return handle_errors(guarded, live)
 
 
 def create_app(
@@ -258,9 +271,12 @@ def create_app(
         try:
             await store.heartbeat(clock.now())  # a real write: a full disk fails it
         except StoreUnavailable as exc:
-            problems["store"] = str(exc)
+            problems["store"] = mask(str(exc), live.secrets)
         if not health.ready:
-            problems["provider"] = health.auth_error or "not ready"
+            # Not the provider's words: anyone may ask /readyz, and a provider's error may
+            # quote anything (our key, the account's owner). A probe needs the status; the
+            # console (a token's) and the log show the words, masked.
+            problems["provider"] = PROVIDER_INACTIVE if health.inactive else PROVIDER_REFUSED
         if problems:
             return JSONResponse({"status": "unavailable", "problems": problems}, 503)
         return JSONResponse({"status": "ready"})
@@ -296,7 +312,7 @@ def create_app(
             Route(
                 "/hooks/{name}",
                 activity.observe(
-                    handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock))
+                    handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock), live)
                 ),
                 methods=["POST"],
             ),

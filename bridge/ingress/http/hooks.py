@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -21,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from bridge.addresses import client_address, in_networks, parse_network
 from bridge.clock import Clock, zone
 from bridge.config import Config, LiveConfig, RouteConfig
 from bridge.errors import HttpError
@@ -41,11 +41,9 @@ def _check_network(route: RouteConfig, request: Request) -> None:
     if not route.allowed_networks:
         return
     host = request.client.host if request.client else ""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError as exc:
-        raise HttpError(403, f"client {host or '(unknown)'} is not allowed") from exc
-    if not any(address in ipaddress.ip_network(n, strict=False) for n in route.allowed_networks):
+    if client_address(host) is None:
+        raise HttpError(403, f"client {host or '(unknown)'} is not allowed")
+    if not in_networks(host, [parse_network(n) for n in route.allowed_networks]):
         raise HttpError(403, f"client {host} is not allowed on this route")
 
 

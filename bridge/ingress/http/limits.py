@@ -32,13 +32,13 @@ import asyncio
 import collections
 import functools
 import http
-import ipaddress
 import json
 import logging
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from bridge.addresses import Network, in_networks, parse_network
 from bridge.clock import SystemClock
 from bridge.config import LiveConfig
 from bridge.ingress.throttle import QuietLog, client_key
@@ -47,18 +47,14 @@ log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=16)  # one per config in force
-def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+def _networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(parse_network(c) for c in cidrs)
 
 
 def is_trusted_proxy(host: str, cidrs: tuple[str, ...]) -> bool:
     if not cidrs:
         return False
-    try:
-        address = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return False
-    return any(address in network for network in _networks(cidrs))
+    return in_networks(host, _networks(cidrs))
 
 
 def _body(message: str) -> bytes:

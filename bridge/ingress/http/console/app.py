@@ -41,6 +41,7 @@ from bridge.ingress.http.console.routes import (
 )
 from bridge.ingress.ingest import Ingestor
 from bridge.models import State, iso_time
+from bridge.ops.logs import mask
 from bridge.policy.budgets import day_bounds
 from bridge.policy.shaping import Draft
 from bridge.store import Store
@@ -151,7 +152,9 @@ class Console(Gate):
             "provider": {
                 "sandbox": config.uses_sandbox,
                 "ready": self.health.ready,
-                "problem": self.health.auth_error,
+                "problem": mask(self.health.auth_error, self.live.secrets)
+                if self.health.auth_error
+                else None,
                 "problem_since_at": self.health.since,
                 "last_success_at": self.health.last_success,
                 "balance": status.get("balance"),

@@ -1,0 +1,61 @@
+"""Client addresses as the bridge's checks see them: an IPv4-mapped IPv6 address is its
+IPv4 address.
+
+A dual-stack listener (`[::]`) hands every IPv4 client over as `::ffff:a.b.c.d`, and
+`ipaddress` keeps that an IPv6 address: outside `192.0.2.0/24`, outside `127.0.0.0/8`,
+not loopback. Every allowlist, proxy check, loopback check and per-client key reads the
+peer through `client_address`, so a genuine IPv4 sender is judged as one whichever
+socket family accepted it.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=4096)  # asked per connection and request; few peers repeat
+def client_address(host: str) -> Address | None:
+    """`host` (`[bracketed]` or with a `%zone` allowed) as an address, IPv4-mapped IPv6
+    as its IPv4 address; None when it is not an address."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def parse_network(cidr: str) -> Network:
+    """`cidr` as a network (host bits cleared); one inside `::ffff:0:0/96` as the IPv4
+    network it maps, since the clients it names arrive as IPv4 (`client_address`).
+    Raises ValueError when it is not a network."""
+    parsed = ipaddress.ip_network(cidr, strict=False)
+    if isinstance(parsed, ipaddress.IPv6Network) and parsed.prefixlen >= 96:
+        first = parsed.network_address.ipv4_mapped
+        if first is not None:
+            return ipaddress.IPv4Network((first, parsed.prefixlen - 96))
+    return parsed
+
+
+def in_networks(host: str, networks: tuple[Network, ...] | list[Network]) -> bool:
+    """Is the client `host` inside one of `networks`? Not an address: no."""
+    address = client_address(host)
+    return address is not None and any(address in network for network in networks)
+
+
+def with_mapped(cidrs: tuple[str, ...] | list[str]) -> list[str]:
+    """`cidrs` normalised (host bits cleared), each IPv4 network followed by its
+    IPv4-mapped IPv6 form: for matchers that compare the peer as the socket gives it
+    (uvicorn's X-Forwarded-For trust), so they agree with `client_address`."""
+    out: list[str] = []
+    for parsed in map(parse_network, cidrs):
+        out.append(str(parsed))
+        if parsed.version == 4:
+            mapped = ipaddress.IPv6Address(f"::ffff:{parsed.network_address}")
+            out.append(str(ipaddress.IPv6Network((mapped, 96 + parsed.prefixlen))))
+    return out

@@ -1,0 +1,154 @@
+"""IPv4 clients of a dual-stack listener (`[::]`), through the real listeners: the socket
+hands them over as `::ffff:a.b.c.d`, and every check must judge them as the IPv4
+address they are (bridge.addresses): route and SMTP allowlists, trusted proxies (their
+X-Forwarded-For and their connections), the lockout's per-client key."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import socket
+
+import httpx
+import pytest
+
+from bridge.app import build as build_bridge
+from bridge.clock import ManualClock
+from bridge.ingress.smtp import start_smtp
+from bridge.sockets import bind_socket
+from tests.helpers import bridge_config, running_bridge, served
+from tests.test_smtp import DEFAULT_RCPT, with_smtp
+
+
+def _no_dual_stack() -> str | None:
+    """Why this machine cannot take IPv4 clients on an IPv6 listener; None if it can."""
+    try:
+        with bind_socket("[::]:0") as listener:
+            listener.setblocking(True)
+            port = listener.getsockname()[1]
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                listener.accept()[0].close()
+            with socket.create_connection(("::1", port), timeout=2):
+                listener.accept()[0].close()
+    except OSError as exc:
+        return f"no dual-stack IPv6 listener with ::1 here: {exc}"
+    return None
+
+
+NO_DUAL_STACK = _no_dual_stack()
+pytestmark = pytest.mark.skipif(NO_DUAL_STACK is not None, reason=NO_DUAL_STACK or "")
+
+TOKEN = "api-token-0123456789abcdef"
+HTTP = f"""
+[http]
+listen = "[::]:0"
+trusted_proxies = ["127.0.0.2"]
+max_connections_per_client = 1
+[tokens.api]
+token = "{TOKEN}"
+scopes = ["send"]
+[routes.v4]
+format = "generic"
+to = ["+12025550143"]
+allowed_networks = ["127.0.0.0/8"]
+[routes.mapped]
+format = "generic"
+to = ["+12025550143"]
+allowed_networks = ["::ffff:127.0.0.0/104"]  # the same clients, written as they arrive
+[routes.lan]
+format = "generic"
+to = ["+12025550143"]
+allowed_networks = ["192.0.2.0/24"]
+"""
+MESSAGE = {"to": "+12025550143", "message": "x"}
+
+
+def client(source: str = "127.0.0.1") -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(local_address=source))
+
+
+async def test_ipv4_clients_of_a_dual_stack_http_listener(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, HTTP)
+    async with running_bridge(config, clock, listen="[::]:0") as (bridge, url), client() as http:
+        assert (await http.post(f"{url}/hooks/v4", json={"message": "v4"})).status_code == 202
+        assert (await http.post(f"{url}/hooks/mapped", json={"message": "m"})).status_code == 202
+        assert (await http.post(f"{url}/hooks/lan", json={"message": "no"})).status_code == 403
+        # The IPv6 loopback is not 127.0.0.0/8.
+        async with client("::1") as v6:
+            v6_url = url.replace("127.0.0.1", "[::1]")
+            response = await v6.post(f"{v6_url}/hooks/v4", json={"message": "v6"})
+            assert response.status_code == 403
+        # X-Forwarded-For is believed from the trusted proxy 127.0.0.2 (::ffff:127.0.0.2
+        # on this socket), and from no one else.
+        forwarded = {"X-Forwarded-For": "192.0.2.7"}
+        lan = {"message": "via proxy"}
+        async with client("127.0.0.2") as proxy:
+            response = await proxy.post(f"{url}/hooks/lan", json=lan, headers=forwarded)
+            assert response.status_code == 202, response.text
+        response = await http.post(f"{url}/hooks/lan", json=lan, headers=forwarded)
+        assert response.status_code == 403
+        # Locked out: 127.0.0.3 alone, not every IPv4 client (as one ::ffff:0:0/64).
+        async with client("127.0.0.3") as guesser:
+            for n in range(10):
+                wrong = {"Authorization": f"Bearer wrong-token-{n:04d}-0123456789"}
+                response = await guesser.post(f"{url}/api/v1/messages", json=MESSAGE, headers=wrong)
+                assert response.status_code == 401
+            right = {"Authorization": f"Bearer {TOKEN}"}
+            response = await guesser.post(f"{url}/api/v1/messages", json=MESSAGE, headers=right)
+            assert response.status_code == 503
+        async with client("127.0.0.4") as other:
+            response = await other.post(f"{url}/api/v1/messages", json=MESSAGE, headers=right)
+            assert response.status_code == 202, response.text
+        assert await bridge.store.counts() == {"queued": 4}
+
+
+def _healthz(port: int, source: str) -> tuple[socket.socket, bytes]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    return sock, sock.recv(65536)
+
+
+async def test_trusted_proxy_connections_are_not_counted_as_one_client(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """max_connections_per_client = 1: the proxy (many clients behind it) may hold more."""
+    config = bridge_config(tmp_path, sandbox_url, HTTP)
+    async with (
+        build_bridge(config, clock=clock) as bridge,
+        served(bridge.app, config.http, listen="[::]:0", live=bridge.live) as url,
+    ):
+        port = int(url.rsplit(":", 1)[1])
+        for source, second in (("127.0.0.2", b"HTTP/1.1 200"), ("127.0.0.1", b"HTTP/1.1 503")):
+            first_sock, first = await asyncio.to_thread(_healthz, port, source)
+            second_sock, answer = await asyncio.to_thread(_healthz, port, source)
+            first_sock.close()
+            second_sock.close()
+            assert first.startswith(b"HTTP/1.1 200")
+            assert answer.startswith(second), (source, answer)
+
+
+async def test_ipv4_clients_of_a_dual_stack_smtp_listener(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, with_smtp('allowed_networks = ["127.0.0.0/8"]'))
+
+    def send(host: str) -> dict:
+        with smtplib.SMTP(host, port, timeout=10) as smtp:
+            return smtp.sendmail("ups@example.org", [DEFAULT_RCPT], "Subject: x\r\n\r\nx\r\n")
+
+    async with running_bridge(config, clock) as (bridge, _):
+        sock = bind_socket("[::]:0")
+        port = sock.getsockname()[1]
+        servers = await start_smtp(bridge.smtp_handler, [sock])
+        try:
+            assert await asyncio.to_thread(send, "127.0.0.1") == {}
+            with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+                await asyncio.to_thread(send, "::1")
+            assert refused.value.smtp_code == 550
+        finally:
+            for server in servers:
+                server.close()
+                await server.wait_closed()
+        assert await bridge.store.counts() == {"queued": 1}
