@@ -17,6 +17,7 @@ from bridge.clock import ManualClock
 from bridge.ingress.smtp import start_smtp
 from bridge.sockets import bind_socket
 from tests.helpers import bridge_config, running_bridge, served
+from tests.test_console import sign_in
 from tests.test_smtp import DEFAULT_RCPT, with_smtp
 
 
@@ -39,6 +40,7 @@ NO_DUAL_STACK = _no_dual_stack()
 pytestmark = pytest.mark.skipif(NO_DUAL_STACK is not None, reason=NO_DUAL_STACK or "")
 
 TOKEN = "api-token-0123456789abcdef"
+READER = "read-token-0123456789abcdef"
 HTTP = f"""
 [http]
 listen = "[::]:0"
@@ -47,6 +49,9 @@ max_connections_per_client = 1
 [tokens.api]
 token = "{TOKEN}"
 scopes = ["send"]
+[tokens.ops]
+token = "{READER}"
+scopes = ["read"]
 [routes.v4]
 format = "generic"
 to = ["+12025550143"]
@@ -59,27 +64,46 @@ allowed_networks = ["::ffff:127.0.0.0/104"]  # the same clients, written as they
 format = "generic"
 to = ["+12025550143"]
 allowed_networks = ["192.0.2.0/24"]
+[routes.keyed]
+format = "generic"
+to = ["+12025550143"]
+token = "route-token-0123456789abcdef"
 """
 MESSAGE = {"to": "+12025550143", "message": "x"}
 
 
-def client(source: str = "127.0.0.1") -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(local_address=source))
+def client(source: str = "127.0.0.1", base_url: str = "") -> httpx.AsyncClient:
+    transport = httpx.AsyncHTTPTransport(local_address=source)
+    return httpx.AsyncClient(transport=transport, base_url=base_url)
 
 
 async def test_ipv4_clients_of_a_dual_stack_http_listener(
-    tmp_path, sandbox_url: str, clock: ManualClock
+    tmp_path, sandbox_url: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = bridge_config(tmp_path, sandbox_url, HTTP)
     async with running_bridge(config, clock, listen="[::]:0") as (bridge, url), client() as http:
         assert (await http.post(f"{url}/hooks/v4", json={"message": "v4"})).status_code == 202
         assert (await http.post(f"{url}/hooks/mapped", json={"message": "m"})).status_code == 202
-        assert (await http.post(f"{url}/hooks/lan", json={"message": "no"})).status_code == 403
+        refused = await http.post(f"{url}/hooks/lan", json={"message": "no"})
+        # Named as the IPv4 client it was judged as, not as the socket gave it.
+        assert refused.status_code == 403
+        assert refused.json()["error"] == "client 127.0.0.1 is not allowed on this route"
+        caplog.set_level("INFO", logger="bridge")
+        wrong = {"Authorization": "Bearer not-the-route-token-0123456789"}
+        refused = await http.post(f"{url}/hooks/keyed", json={"message": "no"}, headers=wrong)
+        assert refused.status_code == 401
+        assert any(m.startswith("route keyed: 401 for 127.0.0.1: ") for m in caplog.messages)
+        async with client(base_url=url) as console:
+            await sign_in(console, READER)
+            assert "console: ops signed in from 127.0.0.1" in caplog.messages
+            lan = (await console.get("/ui/routes/lan.json")).json()
+            assert lan["last_call"]["client"] == "127.0.0.1", lan["last_call"]
         # The IPv6 loopback is not 127.0.0.0/8.
         async with client("::1") as v6:
             v6_url = url.replace("127.0.0.1", "[::1]")
             response = await v6.post(f"{v6_url}/hooks/v4", json={"message": "v6"})
             assert response.status_code == 403
+            assert response.json()["error"] == "client ::1 is not allowed on this route"
         # X-Forwarded-For is believed from the trusted proxy 127.0.0.2 (::ffff:127.0.0.2
         # on this socket), and from no one else.
         forwarded = {"X-Forwarded-For": "192.0.2.7"}

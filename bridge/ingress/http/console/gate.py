@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bridge.addresses import client_name
 from bridge.clock import Clock
 from bridge.config import LiveConfig
 from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
@@ -402,4 +403,4 @@ class Gate:
 
 
 def _client(request: Request) -> str:
-    return request.client.host if request.client else "?"
+    return client_name(request.client.host) if request.client else "?"
