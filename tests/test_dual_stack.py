@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import socket
+from typing import Any
 
 import httpx
 import pytest
@@ -21,23 +22,51 @@ from tests.test_console import sign_in
 from tests.test_smtp import DEFAULT_RCPT, with_smtp
 
 
-def _no_dual_stack() -> str | None:
-    """Why this machine cannot take IPv4 clients on an IPv6 listener; None if it can."""
+def _no_ipv6() -> str | None:
+    """Why this machine has no IPv6 loopback; None if it has one. Asked of a plain
+    socket, not of bind_socket: a dual-stack listener that stopped taking IPv4 clients
+    must fail these tests, not skip them."""
     try:
-        with bind_socket("[::]:0") as listener:
-            listener.setblocking(True)
-            port = listener.getsockname()[1]
-            with socket.create_connection(("127.0.0.1", port), timeout=2):
-                listener.accept()[0].close()
-            with socket.create_connection(("::1", port), timeout=2):
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
+            listener.bind(("::1", 0))
+            listener.listen(1)
+            with socket.create_connection(listener.getsockname()[:2], timeout=2):
                 listener.accept()[0].close()
     except OSError as exc:
-        return f"no dual-stack IPv6 listener with ::1 here: {exc}"
+        return f"no IPv6 loopback here: {exc}"
     return None
 
 
-NO_DUAL_STACK = _no_dual_stack()
-pytestmark = pytest.mark.skipif(NO_DUAL_STACK is not None, reason=NO_DUAL_STACK or "")
+NO_IPV6 = _no_ipv6()
+pytestmark = pytest.mark.skipif(NO_IPV6 is not None, reason=NO_IPV6 or "")
+
+
+class _V6OnlyByDefault(socket.socket):
+    """A socket as BSD and Windows make one: IPv6 only unless told otherwise."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.family == socket.AF_INET6 and kwargs.get("fileno") is None:
+            self.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+
+
+@pytest.mark.parametrize("default", ["this OS", "IPv6 only (BSD, Windows)"])
+def test_an_any_address_ipv6_listener_takes_ipv4_clients(
+    default: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[::]` is dual-stack whatever the OS default: bind_socket clears IPV6_V6ONLY."""
+    if default != "this OS":
+        monkeypatch.setattr(socket, "socket", _V6OnlyByDefault)
+    with bind_socket("[::]:0") as listener:
+        assert listener.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        listener.setblocking(True)
+        port = listener.getsockname()[1]
+        for source in ("127.0.0.1", "::1"):
+            with socket.create_connection((source, port), timeout=2):
+                accepted, peer = listener.accept()
+                accepted.close()
+            assert peer[0] == ("::ffff:127.0.0.1" if source == "127.0.0.1" else "::1")
+
 
 TOKEN = "api-token-0123456789abcdef"
 READER = "read-token-0123456789abcdef"
