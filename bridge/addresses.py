@@ -30,6 +30,13 @@ def client_address(host: str) -> Address | None:
     return address
 
 
+def client_name(host: str) -> str:
+    """`host` as answers and the log name the client: an IPv4 client of a dual-stack
+    listener by its IPv4 address, as the checks judged it; not an address: as given."""
+    address = client_address(host)
+    return host if address is None else str(address)
+
+
 def parse_network(cidr: str) -> Network:
     """`cidr` as a network (host bits cleared); one inside `::ffff:0:0/96` as the IPv4
     network it maps, since the clients it names arrive as IPv4 (`client_address`).

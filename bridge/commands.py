@@ -45,10 +45,12 @@ async def store_copy(config: Config, args: argparse.Namespace) -> int:
 def store_exists(config: Config) -> bool:
     """Whether the store file the commands read exists; says which file (or why not) on stderr.
 
-    The commands find the store as `serve` does: `store.path` from `--config`, else
-    `$SMS_BRIDGE_CONFIG` (relative to that file's directory), else
-    `$SMS_BRIDGE_STORE_PATH`, else `sms-bridge.db` in the current directory. Opening a missing file would create an empty store and list
-    nothing, which reads as "no messages": refuse instead.
+    The commands find the store as `serve` does: `$SMS_BRIDGE_STORE_PATH` (relative to
+    the current directory), which wins over the config file, else the `store.path` of the
+    config file (`--config`, else `$SMS_BRIDGE_CONFIG`; relative to that file's
+    directory), else `sms-bridge.db` in the current directory. Opening a missing file
+    would create an empty store and list nothing, which reads as "no messages": refuse
+    instead.
     """
     if config.store.url:
         return True  # a server: opening it says whether it is there

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import sqlite3
 from collections.abc import AsyncIterator
 
 import httpx
@@ -20,7 +21,7 @@ from bridge.ingress.http.app import PROVIDER_REFUSED
 from bridge.models import NewMessage, State
 from bridge.provider.sandbox import Fault, SandboxState
 from tests.helpers import bridge_config, pump, running_bridge
-from tests.stores import seed
+from tests.stores import faulty_store, seed
 
 READER = "read-token-0123456789abcdef"
 ADMIN = "admin-token-0123456789abcdef"
@@ -668,3 +669,30 @@ async def test_a_provider_quoting_our_key_shows_it_nowhere(
         overview = await http.get("/ui/overview.json")
         assert overview.json()["provider"]["problem"].endswith("invalid API key ***")
         assert key not in overview.text
+
+
+async def test_a_store_error_quoting_a_secret_is_masked_on_console_pages(
+    config, clock: ManualClock
+) -> None:
+    """What the store's driver said reaches the console's error page with every
+    configured secret masked, as /readyz and the API's 503 show it."""
+    key = config.provider.api_key
+
+    def quoting() -> None:
+        raise sqlite3.OperationalError(f"disk I/O error near '{key}' and '{ROUTE_TOKEN}'")
+
+    store = faulty_store(config)
+    async with (
+        running_bridge(config, clock, store) as (_, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await sign_in(http, ADMIN)
+        token = csrf_of(await http.get("/ui/send"))
+        store.fail_commits(quoting)
+        answer = await http.post(
+            "/ui/send", data={"csrf": token, "to": "+12025550143", "text": "hi"}
+        )
+        store.fail_commits(None)
+    assert answer.status_code == 503, answer.text[:300]
+    assert "near &#39;***&#39; and &#39;***&#39;" in answer.text, answer.text[:1000]
+    assert key not in answer.text and ROUTE_TOKEN not in answer.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import socket
+from typing import Any
 
 import httpx
 import pytest
@@ -17,28 +18,58 @@ from bridge.clock import ManualClock
 from bridge.ingress.smtp import start_smtp
 from bridge.sockets import bind_socket
 from tests.helpers import bridge_config, running_bridge, served
+from tests.test_console import sign_in
 from tests.test_smtp import DEFAULT_RCPT, with_smtp
 
 
-def _no_dual_stack() -> str | None:
-    """Why this machine cannot take IPv4 clients on an IPv6 listener; None if it can."""
+def _no_ipv6() -> str | None:
+    """Why this machine has no IPv6 loopback; None if it has one. Asked of a plain
+    socket, not of bind_socket: a dual-stack listener that stopped taking IPv4 clients
+    must fail these tests, not skip them."""
     try:
-        with bind_socket("[::]:0") as listener:
-            listener.setblocking(True)
-            port = listener.getsockname()[1]
-            with socket.create_connection(("127.0.0.1", port), timeout=2):
-                listener.accept()[0].close()
-            with socket.create_connection(("::1", port), timeout=2):
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as listener:
+            listener.bind(("::1", 0))
+            listener.listen(1)
+            with socket.create_connection(listener.getsockname()[:2], timeout=2):
                 listener.accept()[0].close()
     except OSError as exc:
-        return f"no dual-stack IPv6 listener with ::1 here: {exc}"
+        return f"no IPv6 loopback here: {exc}"
     return None
 
 
-NO_DUAL_STACK = _no_dual_stack()
-pytestmark = pytest.mark.skipif(NO_DUAL_STACK is not None, reason=NO_DUAL_STACK or "")
+NO_IPV6 = _no_ipv6()
+pytestmark = pytest.mark.skipif(NO_IPV6 is not None, reason=NO_IPV6 or "")
+
+
+class _V6OnlyByDefault(socket.socket):
+    """A socket as BSD and Windows make one: IPv6 only unless told otherwise."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.family == socket.AF_INET6 and kwargs.get("fileno") is None:
+            self.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+
+
+@pytest.mark.parametrize("default", ["this OS", "IPv6 only (BSD, Windows)"])
+def test_an_any_address_ipv6_listener_takes_ipv4_clients(
+    default: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[::]` is dual-stack whatever the OS default: bind_socket clears IPV6_V6ONLY."""
+    if default != "this OS":
+        monkeypatch.setattr(socket, "socket", _V6OnlyByDefault)
+    with bind_socket("[::]:0") as listener:
+        assert listener.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        listener.setblocking(True)
+        port = listener.getsockname()[1]
+        for source in ("127.0.0.1", "::1"):
+            with socket.create_connection((source, port), timeout=2):
+                accepted, peer = listener.accept()
+                accepted.close()
+            assert peer[0] == ("::ffff:127.0.0.1" if source == "127.0.0.1" else "::1")
+
 
 TOKEN = "api-token-0123456789abcdef"
+READER = "read-token-0123456789abcdef"
 HTTP = f"""
 [http]
 listen = "[::]:0"
@@ -47,6 +78,9 @@ max_connections_per_client = 1
 [tokens.api]
 token = "{TOKEN}"
 scopes = ["send"]
+[tokens.ops]
+token = "{READER}"
+scopes = ["read"]
 [routes.v4]
 format = "generic"
 to = ["+12025550143"]
@@ -59,27 +93,46 @@ allowed_networks = ["::ffff:127.0.0.0/104"]  # the same clients, written as they
 format = "generic"
 to = ["+12025550143"]
 allowed_networks = ["192.0.2.0/24"]
+[routes.keyed]
+format = "generic"
+to = ["+12025550143"]
+token = "route-token-0123456789abcdef"
 """
 MESSAGE = {"to": "+12025550143", "message": "x"}
 
 
-def client(source: str = "127.0.0.1") -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(local_address=source))
+def client(source: str = "127.0.0.1", base_url: str = "") -> httpx.AsyncClient:
+    transport = httpx.AsyncHTTPTransport(local_address=source)
+    return httpx.AsyncClient(transport=transport, base_url=base_url)
 
 
 async def test_ipv4_clients_of_a_dual_stack_http_listener(
-    tmp_path, sandbox_url: str, clock: ManualClock
+    tmp_path, sandbox_url: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = bridge_config(tmp_path, sandbox_url, HTTP)
     async with running_bridge(config, clock, listen="[::]:0") as (bridge, url), client() as http:
         assert (await http.post(f"{url}/hooks/v4", json={"message": "v4"})).status_code == 202
         assert (await http.post(f"{url}/hooks/mapped", json={"message": "m"})).status_code == 202
-        assert (await http.post(f"{url}/hooks/lan", json={"message": "no"})).status_code == 403
+        refused = await http.post(f"{url}/hooks/lan", json={"message": "no"})
+        # Named as the IPv4 client it was judged as, not as the socket gave it.
+        assert refused.status_code == 403
+        assert refused.json()["error"] == "client 127.0.0.1 is not allowed on this route"
+        caplog.set_level("INFO", logger="bridge")
+        wrong = {"Authorization": "Bearer not-the-route-token-0123456789"}
+        refused = await http.post(f"{url}/hooks/keyed", json={"message": "no"}, headers=wrong)
+        assert refused.status_code == 401
+        assert any(m.startswith("route keyed: 401 for 127.0.0.1: ") for m in caplog.messages)
+        async with client(base_url=url) as console:
+            await sign_in(console, READER)
+            assert "console: ops signed in from 127.0.0.1" in caplog.messages
+            lan = (await console.get("/ui/routes/lan.json")).json()
+            assert lan["last_call"]["client"] == "127.0.0.1", lan["last_call"]
         # The IPv6 loopback is not 127.0.0.0/8.
         async with client("::1") as v6:
             v6_url = url.replace("127.0.0.1", "[::1]")
             response = await v6.post(f"{v6_url}/hooks/v4", json={"message": "v6"})
             assert response.status_code == 403
+            assert response.json()["error"] == "client ::1 is not allowed on this route"
         # X-Forwarded-For is believed from the trusted proxy 127.0.0.2 (::ffff:127.0.0.2
         # on this socket), and from no one else.
         forwarded = {"X-Forwarded-For": "192.0.2.7"}

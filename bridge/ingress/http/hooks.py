@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from bridge.addresses import client_address, in_networks, parse_network
+from bridge.addresses import client_address, client_name, in_networks, parse_network
 from bridge.clock import Clock, zone
 from bridge.config import Config, LiveConfig, RouteConfig
 from bridge.errors import HttpError
@@ -44,7 +44,7 @@ def _check_network(route: RouteConfig, request: Request) -> None:
     if client_address(host) is None:
         raise HttpError(403, f"client {host or '(unknown)'} is not allowed")
     if not in_networks(host, [parse_network(n) for n in route.allowed_networks]):
-        raise HttpError(403, f"client {host} is not allowed on this route")
+        raise HttpError(403, f"client {client_name(host)} is not allowed on this route")
 
 
 def _token_matches(route: RouteConfig, value: str) -> bool:
@@ -158,7 +158,7 @@ def hook_endpoint(
             log.warning(
                 "route %s: 401 for %s: %s",
                 name,
-                request.client.host if request.client else "?",
+                client_name(request.client.host) if request.client else "?",
                 exc,
             )
             return JSONResponse(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import Response
 
+from bridge.addresses import client_name
 from bridge.clock import Clock
 from bridge.config import LiveConfig
 
@@ -72,7 +73,7 @@ class RouteActivity:
                     at=self.clock.now(),
                     status=response.status_code,
                     answer=_answer(response),
-                    client=request.client.host if request.client else "",
+                    client=client_name(request.client.host) if request.client else "",
                 ),
             )
             return response

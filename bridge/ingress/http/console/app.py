@@ -41,7 +41,6 @@ from bridge.ingress.http.console.routes import (
 )
 from bridge.ingress.ingest import Ingestor
 from bridge.models import State, iso_time
-from bridge.ops.logs import mask
 from bridge.policy.budgets import day_bounds
 from bridge.policy.shaping import Draft
 from bridge.store import Store
@@ -152,9 +151,7 @@ class Console(Gate):
             "provider": {
                 "sandbox": config.uses_sandbox,
                 "ready": self.health.ready,
-                "problem": mask(self.health.auth_error, self.live.secrets)
-                if self.health.auth_error
-                else None,
+                "problem": self._shown(self.health.auth_error) if self.health.auth_error else None,
                 "problem_since_at": self.health.since,
                 "last_success_at": self.health.last_success,
                 "balance": status.get("balance"),
@@ -348,7 +345,7 @@ class Console(Gate):
             cap_recipients(targets, config.http.max_recipients)  # as the API caps them
             recipients = resolver.resolve(targets)
         except InputError as exc:
-            data["error"] = str(exc)
+            data["error"] = self._shown(str(exc))
             return self._render(request, caller, "send.html", data, 400)
         accepted = await self.ingestor.submit(
             [

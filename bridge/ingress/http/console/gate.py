@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from bridge.addresses import client_name
 from bridge.clock import Clock
 from bridge.config import LiveConfig
 from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
@@ -38,6 +39,7 @@ from bridge.ingress.http.bodies import read_bounded
 from bridge.ingress.http.console.routes import encoding_name
 from bridge.ingress.http.console.sessions import COOKIE, LIFETIME, Session, Sessions
 from bridge.models import iso_time
+from bridge.ops.logs import mask
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -255,7 +257,14 @@ class Gate:
             secure=request.url.scheme == "https",
         )
 
+    def _shown(self, text: str) -> str:
+        """`text` as a console page may show it: an exception's words may quote what a
+        store or a provider said, our secrets included, so they are masked as in the log
+        and in the other HTTP answers."""
+        return mask(text, self.live.secrets)
+
     def _error(self, request: Request, status: int, message: str, *, as_json: bool) -> Response:
+        message = self._shown(message)
         if as_json:
             response: Response = JSONResponse({"error": message}, status)
         else:
@@ -394,4 +403,4 @@ class Gate:
 
 
 def _client(request: Request) -> str:
-    return request.client.host if request.client else "?"
+    return client_name(request.client.host) if request.client else "?"
