@@ -179,13 +179,17 @@ async def test_a_number_the_library_cannot_read_is_retried_later_and_others_go(
     ]
 
 
-def test_check_config_names_a_configured_number_the_library_cannot_read(
-    tmp_path, set_pattern: SetPattern
+def test_a_configured_number_the_library_cannot_read_is_a_warning_not_a_problem(
+    tmp_path, set_pattern: SetPattern, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """An upgrade of phonenumbers that breaks one country must not stop the bridge, and
+    with it every other country's alerts: the config loads, the log names the number."""
     set_pattern("DE", "national_prefix_for_parsing", not_for_re)
-    problems = config_problems(tmp_path, f'[groups]\noncall = ["{FRANCE}", "+4930123456"]\n')
-    assert list(problems) == ["groups.oncall[1]"]
-    assert "metadata of +49" in problems["groups.oncall[1]"]
+    with caplog.at_level(logging.WARNING, logger="bridge.config.validate"):
+        problems = config_problems(tmp_path, f'[groups]\noncall = ["{FRANCE}", "+4930123456"]\n')
+    assert problems == {}
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "bridge.config.validate"]
+    assert warning.startswith("groups.oncall[1]: ") and "metadata of +49" in warning
 
 
 def test_facts_read_pattern_by_pattern_are_the_librarys_answers(

@@ -7,6 +7,7 @@ bridge uses (`bridge.config.recipients`), so `check-config` and `serve` agree.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import zoneinfo
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from bridge.config.sections import (
 )
 from bridge.errors import InputError, Unavailable
 from bridge.firewall import SENDER_ID_RULE, valid_sender_id
+
+log = logging.getLogger(__name__)
 
 Problem = Callable[[str, str], None]
 
@@ -163,12 +166,21 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
         if not valid_sender_id(sender_id):
             problem(f"provider.allowed_sender_ids[{index}]", SENDER_ID_RULE)
     recipients = Recipients.from_config(config)
+
+    def check_number(key: str, target: str, why: str = "") -> None:
+        try:
+            recipients.number(target)
+        except InputError as exc:
+            problem(key, f"{why}{exc}")
+        except Unavailable as exc:
+            # Not the config's fault but the installed phonenumbers': refusing to start
+            # would stop every country's alerts for one. This number is answered 503 /
+            # 451 when used (the sender retries); the others go.
+            log.warning("%s: %s", key, exc)
+
     for name, members in config.groups.items():
         for index, member in enumerate(members):
-            try:
-                recipients.number(member)
-            except (InputError, Unavailable) as exc:
-                problem(f"groups.{name}[{index}]", str(exc))
+            check_number(f"groups.{name}[{index}]", member)
     named = [("budget.admin", config.budget.admin)] + [
         (f"routes.{name}.to", route.to) for name, route in config.routes.items()
     ]
@@ -176,10 +188,7 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
         for index, target in enumerate(targets):
             if target in config.groups:
                 continue  # its members are checked above
-            try:
-                recipients.number(target)
-            except (InputError, Unavailable) as exc:
-                problem(f"{key}[{index}]", f"neither a group nor an allowed number: {exc}")
+            check_number(f"{key}[{index}]", target, "neither a group nor an allowed number: ")
 
 
 def _short_secret(value: str) -> str | None:
