@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage, State
 from bridge.policy.decide import Rules
 from bridge.store.api import Held
+from bridge.store.postgres import coordination
 from bridge.store.postgres.store import PostgresStore
 from tests.stores import seed
 
@@ -249,3 +251,32 @@ async def test_the_caps_turn_is_one_instances_at_a_time(instances: list[Postgres
         async with one.budget_turn():
             raise RuntimeError("a failed decision")
     await asyncio.wait_for(take_turn(), RACE_TIMEOUT)  # freed by the exception
+
+
+async def test_a_caps_turn_whose_holder_stopped_is_freed_by_the_server(
+    instances: list[PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder that stops inside its turn (frozen, cut off) would keep every instance's
+    capped texts waiting until TCP noticed: the server ends its session once it has
+    been idle in the turn for the limit, and the next instance gets the turn. The
+    stopped holder's exit then raises nothing (its claims were its own transactions)."""
+    monkeypatch.setattr(coordination, "TURN_IDLE_LIMIT", 0.5)
+    one, two, _ = instances
+    # `one` takes the turn and does nothing in it, as a frozen process would.
+    async with one.budget_turn(), asyncio.timeout(RACE_TIMEOUT), two.budget_turn():
+        pass
+
+
+async def test_waiting_too_long_for_the_caps_turn_says_so(
+    instances: list[PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dispatcher's step fails (and is tried again) naming the wait, not a bare
+    timeout of the pool's."""
+    monkeypatch.setattr(coordination, "TURN_WAIT_LIMIT", 0.2)
+    one, two, _ = instances
+    async with one.budget_turn():
+        with pytest.raises(StoreUnavailable, match="another instance has held the daily caps"):
+            async with two.budget_turn():
+                pass
+    async with two.budget_turn():  # the failed wait left nothing held
+        pass

@@ -15,6 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -25,6 +26,7 @@ from bridge.delivery.reconcile import RECONCILE_DELAY
 from bridge.models import Message, State
 from bridge.provider.sandbox import SandboxState
 from bridge.provider.sandbox.faults import Fault
+from bridge.store.postgres.base import BUDGET_LOCK
 from bridge.store.postgres.store import PostgresStore
 from tests import helpers
 from tests.helpers import bridge_config, pump, running_bridge
@@ -456,3 +458,33 @@ async def test_a_dispatcher_with_caps_claims_only_in_its_turn(
         finally:
             await other.close()
         assert (await bridge.store.get(mid)).state == State.SENT
+
+
+@pytest.mark.usefixtures("on_postgresql")
+async def test_a_dispatcher_with_caps_claims_inside_its_turn(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The claim is made while the turn is still held: another instance counting in
+    between would not see it and could spend the same room. Seen from another session
+    at the moment of the claim: the turn's lock cannot be had."""
+    cap = "[budget]\ntexts_per_day = 5\n"
+    async with _leased_bridge(tmp_path, clock, sandbox_url, cap) as (bridge, url):
+        await _post(url, "ups on battery")
+        other = await asyncpg.connect(helpers.STORE_URL["url"])
+        free_at_claim: list[bool] = []
+        claim = bridge.store.claim
+
+        async def watched_claim(*args: Any, **kwargs: Any) -> list[int]:
+            async with other.transaction():
+                free_at_claim.append(
+                    await other.fetchval(f"SELECT pg_try_advisory_xact_lock({BUDGET_LOCK})")
+                )
+            return await claim(*args, **kwargs)
+
+        bridge.store.claim = watched_claim
+        try:
+            await bridge.dispatcher.run_once()
+        finally:
+            await other.close()
+    assert free_at_claim == [False]
+    assert len([r for r in sandbox_state.requests if r.path.endswith("/send")]) == 1

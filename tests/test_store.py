@@ -498,8 +498,9 @@ async def test_budgets_and_metrics_count_what_was_sent(store: Store) -> None:
 
 
 async def test_budgets_count_a_claim_in_flight_as_sent(store: Store) -> None:
-    """Another instance's call under way spends the same day's caps: a claim made since
-    the day began counts until it is settled; an older one left `sending` does not."""
+    """Another instance's call under way spends the same day's caps: a claim in flight
+    counts until it is settled, even one made before the day began (its send will be
+    stamped today)."""
     old, today, queued = await seed(
         store,
         [
@@ -512,11 +513,11 @@ async def test_budgets_count_a_claim_in_flight_as_sent(store: Store) -> None:
     await store.claim([old], 10.0, **OWNER)  # yesterday, still in flight
     await store.claim([today], 60.0, **OWNER)  # today: in flight
     spent, unpriced = await store.spent_since(50.0, "budget")
-    assert spent == pytest.approx(0.3) and unpriced == []
-    assert await store.used_since(50.0, "budget") == (1, 2)
+    assert spent == pytest.approx(0.4) and unpriced == []
+    assert await store.used_since(50.0, "budget") == (2, 3)
     assert await store.used_since(50.0, "budget", "r", token="ci") == (1, 2)
     await store.requeue([today], 70.0, owner=OWNER["owner"], at=80.0, reason="retrying")
-    assert await store.used_since(50.0, "budget") == (0, 0)  # back in the queue: unspent
+    assert await store.used_since(50.0, "budget") == (1, 1)  # back in the queue: unspent
     assert (await store.get(queued)).state == State.QUEUED
 
 

@@ -358,8 +358,8 @@ class Queries(Protocol):
     ) -> tuple[float, list[tuple[str, int]]]:
         """Cost of what was sent since `since` (the provider's cost, else the estimate),
         and the (recipient, parts) of the sent rows with neither, for the caller to price.
-        Texts claimed since `since` and still in flight (`sending`) count as sent: another
-        instance's call under way spends the same day's budget."""
+        Texts in flight (`sending`) count as sent, whenever claimed: another instance's
+        call under way spends the same day's budget, and its send is stamped today."""
         ...
 
     async def used_since(

@@ -30,7 +30,7 @@ import asyncpg
 
 from bridge.errors import StoreUnavailable
 from bridge.store.postgres.base import BUDGET_LOCK, WORK_CHANNEL
-from bridge.store.postgres.pool import Database, unavailable
+from bridge.store.postgres.pool import Conn, Database, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +186,46 @@ class NotifiedWork:
         await _end(conn)
 
 
+# The caps' turn is a transaction that sits idle while its holder counts and claims on
+# other connections (milliseconds). A holder that stops there (frozen, cut off) would
+# keep every instance's capped texts waiting until TCP noticed, hours later: the server
+# ends a session idle in its turn this long, which frees the lock, as the leader's
+# idle_session_timeout does for the leader's.
+TURN_IDLE_LIMIT = 10.0
+# An instance waits this long for the turn, then its dispatcher step fails (and is tried
+# again) saying why; below the pool's COMMAND_TIMEOUT, which would only say "timeout".
+TURN_WAIT_LIMIT = 10.0
+
+
 @contextlib.asynccontextmanager
 async def budget_turn(db: Database) -> AsyncIterator[None]:
     """`bridge.store.api.Coordination.budget_turn`: a transaction holding BUDGET_LOCK
     while the caller counts today's use and claims (on connections of their own). The
     lock is the transaction's, so its end frees it whatever happens: an exception, a
-    lost connection. Always taken before the rate window's lock, never after."""
-    async with db.transaction() as conn:
-        await conn.execute(f"SELECT pg_advisory_xact_lock({BUDGET_LOCK})")
-        yield
+    lost connection, the server's idle limit. Always taken before the rate window's lock,
+    never after."""
+    async with db.connection() as conn:
+        try:
+            await conn.execute(
+                "BEGIN;"
+                f" SET LOCAL idle_in_transaction_session_timeout = {TURN_IDLE_LIMIT * 1000:.0f};"
+                f" SET LOCAL lock_timeout = {TURN_WAIT_LIMIT * 1000:.0f};"
+                f" SELECT pg_advisory_xact_lock({BUDGET_LOCK})"
+            )
+        except asyncpg.LockNotAvailableError as exc:
+            await _end_turn(conn)
+            raise StoreUnavailable(
+                f"another instance has held the daily caps' turn for {TURN_WAIT_LIMIT:g} s"
+            ) from exc
+        try:
+            yield
+        finally:
+            await _end_turn(conn)
+
+
+async def _end_turn(conn: Conn) -> None:
+    """The turn wrote nothing: a rollback ends it. A session the server already ended
+    (the idle limit, a lost connection) took the lock with it: nothing left to undo, and
+    the claims made in the turn are committed on their own connections."""
+    with contextlib.suppress(Exception):
+        await conn.execute("ROLLBACK")

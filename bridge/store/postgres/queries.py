@@ -14,9 +14,10 @@ from bridge.store.postgres.base import Base, one
 # `sent` too: past status.give_up_after nothing will move it any more.
 PURGEABLE = "('sent', 'delivered', 'failed', 'suppressed')"
 SEARCHABLE = ("state", "reason_kind", "route", "source")  # exact-match filters of `query`
-# Today's use: sent since the day began ($1), or claimed since then and still in flight
-# (another instance's call under way spends the same budget).
-SPENT = "(sent_at >= $1 OR (state = 'sending' AND claimed_at >= $1))"
+# Today's use: sent since the day began ($1), or in flight (another instance's call
+# under way spends the same budget), whenever claimed: its send is stamped when it is
+# answered, today. Its lease bounds how long a row stays `sending`.
+SPENT = "(sent_at >= $1 OR state = 'sending')"
 
 
 def _ids(ids: Sequence[int]) -> list[int]:

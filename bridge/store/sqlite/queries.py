@@ -130,16 +130,17 @@ def _values(
 
 
 # -- budgets --------------------------------------------------------------------------
-# Today's use: sent since the day began, or claimed since then and still in flight
-# (another instance's call under way spends the same budget). Parameters: since, since.
-SPENT = "(sent_at >= ? OR (state = 'sending' AND claimed_at >= ?))"
+# Today's use: sent since the day began, or in flight (another instance's call under
+# way spends the same budget), whenever claimed: its send is stamped when it is
+# answered, today. Its lease bounds how long a row stays `sending`. Parameter: since.
+SPENT = "(sent_at >= ? OR state = 'sending')"
 
 
 def spent_since(c: Any, since: float, exclude_source: str) -> tuple[float, list[tuple[str, int]]]:
     """Cost of what was sent since `since` where a cost or estimate is stored, and the
     (recipient, parts) of the rare rows with neither, for the caller to estimate."""
     where = f"WHERE {SPENT} AND source != ?"
-    args = (since, since, exclude_source)
+    args = (since, exclude_source)
     known = c.execute(
         f"SELECT coalesce(sum(coalesce(cost, estimated_cost)), 0) FROM messages {where}", args
     ).fetchone()[0]
@@ -160,7 +161,7 @@ def used_since(
 ) -> tuple[int, int]:
     """Texts and parts sent since `since` (of one route and/or one API token, if given)."""
     sql = f"SELECT count(*), coalesce(sum(parts), 0) FROM messages WHERE {SPENT} AND source != ?"
-    args: list[object] = [since, since, exclude_source]
+    args: list[object] = [since, exclude_source]
     if route is not None:
         sql += " AND route = ?"
         args.append(route)
