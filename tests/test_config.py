@@ -146,6 +146,27 @@ def _two_directories(tmp_path, monkeypatch) -> tuple[Path, Path]:
     return etc, run
 
 
+def test_a_store_left_in_the_current_directory_by_an_upgrade_is_named_not_replaced(
+    tmp_path, monkeypatch
+) -> None:
+    """Earlier versions read a relative store.path from the current directory: where
+    the config's directory has no store but the current one does, starting would open an
+    empty store and leave the queue behind. Refused, naming both; once moved, it loads."""
+    etc, run = _two_directories(tmp_path, monkeypatch)
+    (run / "bridge.db").write_bytes(b"")  # the store an earlier version used
+    path = write_config(etc, '[store]\npath = "bridge.db"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, env={})
+    [(key, why)] = refused.value.problems
+    assert key == "store.path"
+    assert str(etc / "bridge.db") in why and str(run / "bridge.db") in why
+    (run / "bridge.db").rename(etc / "bridge.db")
+    assert load_config(path, env={}).store.path == str(etc / "bridge.db")
+    assert load_config(None, env={"SMS_BRIDGE_STORE_PATH": "bridge.db"}).store.path == (
+        "bridge.db"  # the environment's, read from the current directory as before
+    )
+
+
 def test_relative_paths_in_a_config_file_are_relative_to_its_directory(
     tmp_path, monkeypatch
 ) -> None:

@@ -56,6 +56,20 @@ class _Loader:
     def problem(self, key: str, why: str) -> None:
         self.problems.append((key, why))
 
+    def refuse_a_store_left_behind(self, written: str, resolved: str) -> None:
+        """A relative `store.path` was read from the current directory before it was read
+        beside the config. Where the new reading finds no store but the old one does,
+        SQLite would start an empty one there: the queue, the held texts, the dedupe
+        window and today's cap counts left behind in the old file, silently."""
+        if not os.path.exists(resolved) and os.path.exists(written):
+            self.problem(
+                "store.path",
+                f"{written!r} is read beside the config file, as {resolved}, where no store"
+                f" is; the store at {os.path.abspath(written)} (read from the current"
+                " directory by earlier versions) would be left behind: move it there, or"
+                " write its absolute path",
+            )
+
     def section(
         self,
         name: str,
@@ -106,7 +120,9 @@ class _Loader:
                     value = coerce(value, kind, spec.default, where)
                     # ":memory:" is SQLite's name for no file (the tests' stores)
                     if kind == "path" and value != ":memory:":
-                        value = resolve_path(str(value), where)
+                        written, value = str(value), resolve_path(str(value), where)
+                        if (name, fname) == ("store", "path") and value != written:
+                            self.refuse_a_store_left_behind(written, value)
                     values[fname] = value
             except (ValueError, tomllib.TOMLDecodeError) as exc:
                 self.problem(origin, str(exc))
