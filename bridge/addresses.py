@@ -50,9 +50,17 @@ def parse_network(cidr: str) -> Network:
 
 
 def in_networks(host: str, networks: tuple[Network, ...] | list[Network]) -> bool:
-    """Is the client `host` inside one of `networks`? Not an address: no."""
+    """Is the client `host` inside one of `networks`? Not an address: no. An IPv4
+    client is also inside an IPv6 network that holds its mapped form (`::/0`): such a
+    network admitted it while it was judged as the socket gave it, and uvicorn's proxy
+    trust (`with_mapped`) still does."""
     address = client_address(host)
-    return address is not None and any(address in network for network in networks)
+    if address is None:
+        return False
+    forms: tuple[Address, ...] = (address,)
+    if address.version == 4:
+        forms += (ipaddress.IPv6Address(f"::ffff:{address}"),)
+    return any(form in network for form in forms for network in networks)
 
 
 def with_mapped(cidrs: tuple[str, ...] | list[str]) -> list[str]:

@@ -93,6 +93,11 @@ allowed_networks = ["::ffff:127.0.0.0/104"]  # the same clients, written as they
 format = "generic"
 to = ["+12025550143"]
 allowed_networks = ["192.0.2.0/24"]
+[routes.any6]
+format = "generic"
+to = ["+12025550143"]
+allowed_networks = ["::/0"]  # every IPv6 address, the mapped IPv4 ones among them
+public = true  # (protected mode: ::/0 admits the Internet)
 [routes.keyed]
 format = "generic"
 to = ["+12025550143"]
@@ -113,6 +118,7 @@ async def test_ipv4_clients_of_a_dual_stack_http_listener(
     async with running_bridge(config, clock, listen="[::]:0") as (bridge, url), client() as http:
         assert (await http.post(f"{url}/hooks/v4", json={"message": "v4"})).status_code == 202
         assert (await http.post(f"{url}/hooks/mapped", json={"message": "m"})).status_code == 202
+        assert (await http.post(f"{url}/hooks/any6", json={"message": "a"})).status_code == 202
         refused = await http.post(f"{url}/hooks/lan", json={"message": "no"})
         # Named as the IPv4 client it was judged as, not as the socket gave it.
         assert refused.status_code == 403
@@ -154,7 +160,7 @@ async def test_ipv4_clients_of_a_dual_stack_http_listener(
         async with client("127.0.0.4") as other:
             response = await other.post(f"{url}/api/v1/messages", json=MESSAGE, headers=right)
             assert response.status_code == 202, response.text
-        assert await bridge.store.counts() == {"queued": 4}
+        assert await bridge.store.counts() == {"queued": 5}
 
 
 def _healthz(port: int, source: str) -> tuple[socket.socket, bytes]:
