@@ -12,6 +12,7 @@ import pytest
 from bridge.errors import SchemaError
 from bridge.store.postgres.migrate import check_schema, migrate
 from bridge.store.postgres.pool import Database
+from bridge.store.postgres.queries import PURGE
 from bridge.store.postgres.schema import LATEST, MIGRATIONS
 
 
@@ -122,3 +123,20 @@ async def test_a_failing_migration_leaves_the_previous_version(empty_db: Databas
 async def test_migrate_refuses_a_version_it_does_not_have(empty_db: Database) -> None:
     with pytest.raises(ValueError, match="no schema version"):
         await migrate(empty_db, target=LATEST + 1)
+
+
+async def test_retention_finds_old_messages_by_creation_time(empty_db: Database) -> None:
+    # Most stored messages are finished, so their state narrows nothing: with the
+    # planner's statistics of a store of 20,000 over 100 days, the day to purge is
+    # found through messages_created_at, not by reading every finished row.
+    await migrate(empty_db)
+    async with empty_db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO messages (recipient, text, source, sender_id, message_type, parts,"
+            " state, created_at, updated_at, next_attempt_at)"
+            " SELECT '+4915100000001', 'x', 'http', 'bridge', 1, 1, 'delivered', n * 432,"
+            " n * 432, n * 432 FROM generate_series(1, 20000) AS n"
+        )
+        await conn.execute("ANALYZE messages")
+        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {PURGE}", 86400.0))
+    assert "messages_created_at" in plan, plan

@@ -13,6 +13,8 @@ from bridge.store.postgres.base import Base, one
 
 # `sent` too: past status.give_up_after nothing will move it any more.
 PURGEABLE = "('sent', 'delivered', 'failed', 'suppressed')"
+# Retention: finished messages created before $1 (through messages_created_at).
+PURGE = f"DELETE FROM messages WHERE created_at < $1 AND state IN {PURGEABLE} RETURNING id"
 SEARCHABLE = ("state", "reason_kind", "route", "source")  # exact-match filters of `query`
 # Today's use: sent since the day began ($1), or in flight (another instance's call
 # under way spends the same budget), whenever claimed: its send is stamped when it is
@@ -298,13 +300,6 @@ class QueryOps(Base):
     async def purge(self, before: float) -> int:
         """Retention: finished messages created before `before`, with their events."""
         async with self._write() as conn:
-            doomed = [
-                int(r[0])
-                for r in await conn.fetch(
-                    f"DELETE FROM messages WHERE created_at < $1 AND state IN {PURGEABLE}"
-                    " RETURNING id",
-                    before,
-                )
-            ]
+            doomed = [int(r[0]) for r in await conn.fetch(PURGE, before)]
             await conn.execute("DELETE FROM events WHERE message_id = ANY($1::bigint[])", doomed)
         return len(doomed)

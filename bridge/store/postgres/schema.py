@@ -6,7 +6,8 @@ readiness heartbeat), so that both backends answer the same questions the same w
 Version 2 adds what several instances on one database need: the owner and lease of a
 claim, one row per provider key to book the shared rate window under a row lock (with
 the pause every instance must honour), and one row per instance for heartbeats.
-Version 3 records which API token sent each message (SQLite's 0007), for per-token caps.
+Version 3 records which API token sent each message (SQLite's 0007), for per-token caps;
+version 4 indexes created_at (SQLite's 0008).
 
 Timestamps stay epoch seconds in `double precision`, as in SQLite: the bridge's clock
 is injected (tests drive it by hand), so the database's own `now()` is never the time.
@@ -152,6 +153,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         ALTER TABLE messages ADD COLUMN token text;
         CREATE INDEX messages_token_sent_at ON messages (token, sent_at)
             WHERE token IS NOT NULL AND sent_at IS NOT NULL;
+        """,
+    ),
+    Migration(
+        4,
+        "created_at",
+        """
+        -- Retention and the console's last hour select by created_at: without this
+        -- they read every finished message (SQLite's 0008; BENCHMARKS.md, "A store
+        -- after months of traffic"). messages_provider_id has been here since 1.
+        CREATE INDEX messages_created_at ON messages (created_at);
         """,
     ),
 )

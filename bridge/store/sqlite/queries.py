@@ -144,9 +144,12 @@ def spent_since(c: Any, since: float, exclude_source: str) -> tuple[float, list[
     known = c.execute(
         f"SELECT coalesce(sum(coalesce(cost, estimated_cost)), 0) FROM messages {where}", args
     ).fetchone()[0]
+    # `+recipient`: grouped by the column itself, SQLite walks the whole table in
+    # messages_recipient's order to skip a sort (1.3 s on a million rows) instead of
+    # reading today's rows through messages_sent_at and sorting the few it finds.
     unknown = c.execute(
         f"SELECT recipient, sum(parts) FROM messages {where}"
-        " AND cost IS NULL AND estimated_cost IS NULL GROUP BY recipient",
+        " AND cost IS NULL AND estimated_cost IS NULL GROUP BY +recipient",
         args,
     ).fetchall()
     return float(known), [(r, int(p)) for r, p in unknown]

@@ -123,6 +123,19 @@ def _token(db: Database) -> None:
     )
 
 
+@migrations(name="0008_created_at_provider_id")
+def _created_at_and_provider_id(db: Database) -> None:
+    # Found on a store of a million messages (BENCHMARKS.md, "A store after months"):
+    # retention and the overview's last hour select by created_at, and walked every
+    # finished message through messages_due without it; the poller asks which provider
+    # ids are known, a full scan without the second (PostgreSQL has had it since 1).
+    db.execute("CREATE INDEX messages_created_at ON messages(created_at)")
+    db.execute(
+        "CREATE INDEX messages_provider_id ON messages(provider_message_id)"
+        " WHERE provider_message_id IS NOT NULL"
+    )
+
+
 # Columns an ingest sets (bridge.store.rows). Rows per INSERT statement: 20
 # parameters each stays under SQLite's oldest variable limit (999).
 INSERT_COLUMNS = ", ".join(INSERTED)

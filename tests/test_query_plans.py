@@ -1,0 +1,84 @@
+"""The SQLite store's queries that a store of months walked whole now read through an
+index (BENCHMARKS.md, "A store after months of traffic").
+
+The bridge never runs ANALYZE, so SQLite plans from the schema alone: the plan a query
+gets on an empty store is the plan it gets on a million messages. Every statement the
+store runs is recorded (a trace callback on its connections, parameters filled in) and
+asked for its plan.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from bridge.store.sqlite import SqliteStore, engine
+
+Traced = tuple[SqliteStore, Callable[[str], list[list[str]]]]
+
+
+@pytest.fixture
+async def traced(tmp_path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Traced]:
+    """A migrated store, and `plans(fragment)`: the plan of each statement it ran since
+    opening whose SQL contains `fragment` (one list of plan lines per statement)."""
+    statements: list[str] = []
+    connect = engine._connect
+
+    def traced_connect(path: str) -> sqlite3.Connection:
+        conn = connect(path)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(engine, "_connect", traced_connect)
+    store = SqliteStore(tmp_path / "s.db")
+    await store.open()
+    explain = sqlite3.connect(tmp_path / "s.db")
+
+    def plans(fragment: str) -> list[list[str]]:
+        found = [s for s in statements if fragment in s]
+        assert found, f"the store ran no statement with {fragment!r}"
+        return [[r[3] for r in explain.execute(f"EXPLAIN QUERY PLAN {s}")] for s in found]
+
+    yield store, plans
+    explain.close()
+    await store.close()
+
+
+def on_messages(plan: list[str]) -> list[str]:
+    return [line for line in plan if " messages " in f"{line} "]
+
+
+async def test_the_days_spend_reads_the_days_rows(traced: Traced) -> None:
+    # Grouped by recipient as written, SQLite walked the whole table in
+    # messages_recipient's order (1.3 s a call on a million messages, every dispatch).
+    store, plans = traced
+    await store.spent_since(86400.0, "budget")
+    for plan in plans("FROM messages WHERE (sent_at >="):
+        assert all(line.startswith("SEARCH") for line in on_messages(plan)), plan
+
+
+async def test_retention_finds_old_messages_by_creation_time(traced: Traced) -> None:
+    store, plans = traced
+    await store.purge(86400.0)
+    found = plans("created_at <")
+    assert len(found) == 2  # the events, then the messages
+    for plan in found:
+        assert on_messages(plan) == [
+            "SEARCH messages USING INDEX messages_created_at (created_at<?)"
+        ], plan
+
+
+async def test_the_overview_counts_the_last_hour_by_creation_time(traced: Traced) -> None:
+    store, plans = traced
+    await store.overview(now=90000.0, day_start=86400.0, since=86400.0)
+    [plan] = plans("created_at >=")
+    assert on_messages(plan) == ["SEARCH messages USING INDEX messages_created_at (created_at>?)"]
+
+
+async def test_known_provider_ids_are_looked_up_not_scanned(traced: Traced) -> None:
+    store, plans = traced
+    await store.known_provider_ids(["a1", "b2"])
+    [plan] = plans("provider_message_id IN")
+    assert all("USING COVERING INDEX messages_provider_id" in line for line in plan), plan
