@@ -72,6 +72,14 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
+def unreadable(address: str, exc: Unavailable, session: Session) -> str:
+    """The 451 for a recipient that cannot be read now. The reason (the broken region and
+    the installed phonenumbers version) goes to the log only: an unauthenticated client
+    would learn from it which library version, with which known bugs, runs here."""
+    log.warning("SMTP recipient <%s> from %s answered 451: %s", address, peer_host(session), exc)
+    return f"451 4.3.0 <{address}>: cannot read this number now; try again later"
+
+
 class BridgeSMTP(LimitedSMTP):
     """aiosmtpd's SMTP session, with MAIL FROM and RCPT TO address parsing memoised.
 
@@ -227,7 +235,7 @@ class SmtpHandler:
                 return f"550 5.7.1 <{address}>: {exc.message}"
             return f"550 5.1.1 <{address}>: {exc.message}"
         except Unavailable as exc:  # this recipient only: the MTA retries it, the rest go
-            return f"451 4.3.0 <{address}>: {exc}"
+            return unreadable(address, exc, session)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
@@ -327,7 +335,7 @@ class SmtpHandler:
             except InputError as exc:  # config changed between RCPT and DATA
                 return f"550 5.1.1 <{address}>: {exc.message}"
             except Unavailable as exc:
-                return f"451 4.3.0 <{address}>: {exc}"
+                return unreadable(address, exc, session)
         try:
             schedule = self.schedule_of(mail)
         except InputError as exc:
