@@ -393,6 +393,11 @@ async def test_messages_list_filters_and_pages(served_bridge) -> None:
         assert await listed("q=NAS-3") == [ids[3]]
         assert await listed("recipient=%2B12025550142") == [ids[2]]
         assert await listed("recipient=2025550142") == [ids[2]]
+        # a whole number is looked up (test_query_plans), as written by people too; a
+        # part of one is still searched for
+        assert await listed("recipient=%2B1%20(202)%20555-0142") == [ids[2]]
+        assert await listed("recipient=%2B120255501") == [7 - i for i in range(1, 7)]
+        assert await listed("recipient=%2B12025550148") == []
         assert len(await listed("q=%25")) == 1  # LIKE wildcards are literal
         assert len(await listed("q=_")) == 1
         assert await listed("state=failed") == []
@@ -408,6 +413,14 @@ async def test_messages_list_filters_and_pages(served_bridge) -> None:
         assert "source=http" in first["older"]
         html = await http.get("/ui/messages?q=nas-3")
         assert html.status_code == 200 and "backup 3 failed on nas-3" in html.text
+        # a phone's page goes on in its own order (creation time, then id)
+        more = [await send(http, "+12025550142", f"again {i}") for i in range(3)]
+        pages, query = [], "limit=2&recipient=%2B12025550142"
+        while query:
+            page = (await http.get(f"/ui/messages.json?{query}")).json()
+            pages.append([m["id"] for m in page["messages"]])
+            query = (page["older"] or "").lstrip("?")
+        assert pages == [more[:0:-1], [more[0], ids[2]]]
         assert "backup 2 failed" not in html.text
 
 

@@ -538,3 +538,21 @@ async def test_seeding_keeps_the_given_states(store: Store) -> None:
     [i] = await store.ingest([(MESSAGE._replace(state=State.FAILED), 1.0)], AS_GIVEN)
     assert (await store.get(i.id)).state == State.FAILED
     assert await store.retry([i.id], 2.0, by="ops") == [i.id]
+
+
+async def test_a_numbers_messages_are_looked_up_newest_created_first(store: Store) -> None:
+    """The phone's page (`number`): that recipient only, not one it is a part of, newest
+    by creation time, pages going on in that order even where the clock stepped back."""
+    [first] = await seed(store, [MESSAGE], 10.0)
+    [latest] = await seed(store, [MESSAGE], 30.0)
+    [stepped_back] = await seed(store, [MESSAGE], 20.0)  # a higher id, created earlier
+    await seed(store, [NewMessage("+120255501430", "hi", "http", "SMS", 1, 1)], 40.0)
+    number = MESSAGE.recipient
+    assert [m.id for m in await store.query(number=number)] == [latest, stepped_back, first]
+    pages, before = [], None
+    while page := await store.query(number=number, before_id=before, limit=1):
+        pages.append(page[0].id)
+        before = page[0].id
+    assert pages == [latest, stepped_back, first]
+    # a cursor since purged: after it by id alone
+    assert [m.id for m in await store.query(number=number, before_id=99)] == pages

@@ -60,8 +60,12 @@ class QueryOps(Base):
         source: str | None = None,
         recipient: str | None = None,
         text: str | None = None,
+        number: str | None = None,
     ) -> list[Message]:
         sql, args = "SELECT * FROM messages WHERE true", list[Any]()
+        if number:
+            args.append(number)
+            sql += f" AND recipient = ${len(args)}"
         for column, value in zip(SEARCHABLE, (state, reason_kind, route, source), strict=True):
             if value:
                 args.append(value)
@@ -70,11 +74,18 @@ class QueryOps(Base):
             if value:
                 args.append("%" + _like_escape(value) + "%")
                 sql += f" AND {column} ILIKE ${len(args)}"
-        if before_id and before_id <= MAX_ROW_ID:
+        order = "id DESC"
+        if number:  # messages_recipient's own order, as on SQLite (CURSOR_TIME there)
+            if before_id and before_id <= MAX_ROW_ID:
+                args.append(before_id)
+                at = f"coalesce((SELECT created_at FROM messages WHERE id = ${len(args)}), 'Infinity')"
+                sql += f" AND (created_at, id) < ({at}, ${len(args)})"
+            order = "created_at DESC, id DESC"
+        elif before_id and before_id <= MAX_ROW_ID:
             args.append(before_id)
             sql += f" AND id < ${len(args)}"
         args.append(limit)
-        return await self._messages(sql + f" ORDER BY id DESC LIMIT ${len(args)}", *args)
+        return await self._messages(sql + f" ORDER BY {order} LIMIT ${len(args)}", *args)
 
     async def counts(self) -> dict[str, int]:
         rows = await self._fetch("SELECT state, count(*) FROM messages GROUP BY state")

@@ -20,6 +20,9 @@ from bridge.store.sqlite.schema import JSON_IDS
 
 # `sent` too: past status.give_up_after nothing will move it any more.
 PURGEABLE_SQL = "('sent', 'delivered', 'failed', 'suppressed')"
+# A number's page goes on after the `before` message in creation order; that message
+# gone since (purged), after it by id alone.
+CURSOR_TIME = "coalesce((SELECT created_at FROM messages WHERE id = ?), 1e308)"
 
 
 class ConsoleQueries(EngineBound):
@@ -213,10 +216,13 @@ class ConsoleQueries(EngineBound):
         source: str | None = None,
         recipient: str | None = None,
         text: str | None = None,
+        number: str | None = None,
     ) -> list[Message]:
-        """Newest first; `recipient` and `text` match anywhere in the field (any case)."""
+        """Newest first; `recipient` and `text` match anywhere in the field (any case);
+        `number` is the whole recipient (StoreApi.query)."""
         sql, args = "SELECT * FROM messages WHERE 1=1", list[object]()
         for column, value in (
+            ("recipient", number),
             ("state", state),
             ("reason_kind", reason_kind),
             ("route", route),
@@ -229,10 +235,16 @@ class ConsoleQueries(EngineBound):
             if value:
                 sql += f" AND {column} LIKE ? ESCAPE '\\'"
                 args.append("%" + _like_escape(value) + "%")
-        if before_id and before_id <= MAX_ROW_ID:  # beyond it, every row is "before"
-            sql += " AND id < ?"
-            args.append(before_id)
-        sql += " ORDER BY id DESC LIMIT ?"
+        if number:  # messages_recipient's own order: read no more rows than the page
+            if before_id and before_id <= MAX_ROW_ID:
+                sql += f" AND (created_at, id) < ({CURSOR_TIME}, ?)"
+                args += [before_id, before_id]
+            sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        else:
+            if before_id and before_id <= MAX_ROW_ID:  # beyond it, every row is "before"
+                sql += " AND id < ?"
+                args.append(before_id)
+            sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
         return await self.engine.read(lambda c: [Message.from_row(r) for r in c.execute(sql, args)])
 

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from bridge.clock import Clock
 from bridge.config import LiveConfig
-from bridge.errors import HttpError, InputError
+from bridge.errors import HttpError, InputError, Unavailable
 from bridge.firewall import cap_recipients
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import token_name
@@ -41,6 +41,7 @@ from bridge.ingress.http.console.routes import (
 )
 from bridge.ingress.ingest import Ingestor
 from bridge.models import State, iso_time
+from bridge.phone import PhoneError, normalise_number
 from bridge.policy.budgets import day_bounds
 from bridge.policy.shaping import Draft
 from bridge.store import Store
@@ -53,6 +54,19 @@ MAX_TEST_TEXT = 1000
 CHART_MINUTES = 180
 DELIVERY_WINDOW = 86400.0
 RECENT_FAILURES = 10
+
+
+def whole_number(text: str) -> str | None:
+    """The number a phone's page searches for, when `text` is one written with its
+    calling code (`+1 202-555-0142` too): looked up exactly, through the index. Digits
+    alone stay a substring search: `2025550142` is a US number's national part here and
+    a whole Egyptian number (+20) to the library."""
+    if not text.startswith("+"):
+        return None
+    try:
+        return normalise_number(text)
+    except (PhoneError, Unavailable):  # a part of a number, or one unreadable now
+        return None
 
 
 class Console(Gate):
@@ -193,9 +207,11 @@ class Console(Gate):
             before = query_int(q.get("before") or None, "before")
         except HttpError as exc:
             raise InputError(exc.field or "before", exc.message) from exc
+        number = whole_number(filters["recipient"])
         found = await self.store.query(
             state=filters["state"] or None,
-            recipient=filters["recipient"].lstrip("+ ") or None,
+            number=number,
+            recipient=None if number else filters["recipient"].lstrip("+ ") or None,
             route=filters["route"] or None,
             source=filters["source"] or None,
             text=filters["q"] or None,
