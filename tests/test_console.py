@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import sqlite3
 from collections.abc import AsyncIterator
@@ -709,3 +710,28 @@ async def test_a_store_error_quoting_a_secret_is_masked_on_console_pages(
     assert answer.status_code == 503, answer.text[:300]
     assert "near &#39;***&#39; and &#39;***&#39;" in answer.text, answer.text[:1000]
     assert key not in answer.text and ROUTE_TOKEN not in answer.text
+
+
+async def test_a_previews_refusal_is_masked_as_the_log_is(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The refusal quotes what the payload wrote: a secret of this config pasted into
+    it (here a token, where the route takes its recipients from the payload) is masked,
+    as in every other console answer."""
+    extra = f"""{TOKENS}
+    [routes.anyjson]
+    format = "generic"
+    allow_payload_to = true
+    token = "{ROUTE_TOKEN}"
+    """
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        token = csrf_of(await http.get("/ui/routes/anyjson"))
+        payload = json.dumps({"to": ADMIN, "message": "x"})
+        refused = await http.post(
+            "/ui/routes/anyjson/preview", data={"csrf": token, "payload": payload}
+        )
+    assert refused.status_code == 200
+    [line] = re.findall(r'<p class="problem">Refused: (.*?)</p>', refused.text)
+    assert "***" in line and ADMIN not in line  # the payload's own box shows it as pasted

@@ -307,6 +307,8 @@ class Console(Gate):
             resolver=self.live.recipients,
             ingestor=self.ingestor,
         )
+        if result.error:  # it quotes the payload, where someone may have pasted a secret
+            result.error = self._shown(result.error)
         _, data = await self.route_page(request, caller, result)
         return self._render(request, caller, "route.html", data)
 
