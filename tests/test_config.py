@@ -511,6 +511,8 @@ def test_a_section_override_naming_no_key_is_a_problem_not_silence() -> None:
                 "SMS_BRIDGE_PROVIDER_APIKEY": "typo-in-the-key",
                 "SMS_BRIDGE_PROVIDR_BASE_URL": "typo-in-the-section",
                 "SMS_BRIDGE_TOKENS_CI_TOKN": "typo-in-a-token-key",
+                "SMS_BRIDGE_ROUTE_AM_TOKEN": "a-collection-in-the-singular",
+                "SMS_BRIDGE_TOKEN_CI_SCOPES_FILE": "/run/secrets/scopes",
             },
         )
     problems = dict(caught.value.problems)
@@ -526,6 +528,10 @@ def test_a_section_override_naming_no_key_is_a_problem_not_silence() -> None:
             "no such token key: SMS_BRIDGE_TOKENS_<NAME>_ then TOKEN, TOKEN_FILE, SCOPES or "
             "TEXTS_PER_DAY"
         ),
+        "SMS_BRIDGE_ROUTE_AM_TOKEN": "no such section (did you mean SMS_BRIDGE_ROUTES_AM_TOKEN?)",
+        "SMS_BRIDGE_TOKEN_CI_SCOPES_FILE": (
+            "no such section (did you mean SMS_BRIDGE_TOKENS_CI_SCOPES_FILE?)"
+        ),
     }
     # What is no section's (a sender's variable in the same shell, a test switch) and the
     # keys themselves, with or without _FILE, pass.
@@ -533,6 +539,8 @@ def test_a_section_override_naming_no_key_is_a_problem_not_silence() -> None:
         None,
         env={
             "SMS_BRIDGE_TOKEN": "a-senders-own-variable",
+            "SMS_BRIDGE_TOKEN_FILE": "/home/ops/.sms-token",
+            "SMS_BRIDGE_API_TOKEN": "another-senders-variable",
             "SMS_BRIDGE_TEST_POSTGRES": "1",
             "SMS_BRIDGE_HTTP_LISTEN": "127.0.0.1:8081",
             "SMS_BRIDGE_SANDBOX_API_KEY": "another-sandbox-key",

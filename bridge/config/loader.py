@@ -34,6 +34,8 @@ from bridge.config.sections import (
 from bridge.config.validate import validate
 from bridge.errors import ConfigError
 
+TOKEN_ENV_KEYS = ("TOKEN", "SCOPES", "TEXTS_PER_DAY")  # SMS_BRIDGE_TOKENS_<NAME>_<KEY>
+
 
 class _Loader:
     """Collects problems instead of stopping at the first one.
@@ -140,6 +142,11 @@ class _Loader:
             section.upper(): {f.name.upper() for f in dataclasses.fields(cls)}
             for section, cls in SECTIONS.items()
         }
+        # A collection's override is `<NAME>_<KEY>`: `ROUTE_AM_TOKEN` is a near miss too.
+        named = {
+            "ROUTES": {f.name.upper() for f in dataclasses.fields(RouteConfig)} - {"NAME"},
+            "TOKENS": set(TOKEN_ENV_KEYS),
+        }
         for env_name in self.env:
             rest = env_name.removeprefix(ENV_PREFIX)
             if rest == env_name or rest.startswith(("ROUTES_", "GROUPS_", "TOKENS_")):
@@ -153,7 +160,9 @@ class _Loader:
                 continue
             for cut in (i for i, c in enumerate(rest) if c == "_"):
                 head, key = rest[:cut], rest[cut + 1 :]
-                near = [s for s in keys if key.removesuffix("_FILE") in keys[s]]
+                bare = key.removesuffix("_FILE")
+                near = [s for s in keys if bare in keys[s]]
+                near += [c for c in named if any(bare.endswith(f"_{k}") for k in named[c])]
                 close = difflib.get_close_matches(head, near, n=1)
                 if close:
                     self.problem(
@@ -256,7 +265,7 @@ class _Loader:
         """`SMS_BRIDGE_TOKENS_<NAME>_TOKEN[_FILE]`, `..._SCOPES` and `..._TEXTS_PER_DAY`:
         tokens for containers configured by environment and secrets alone. The
         environment wins over the file."""
-        pattern = re.compile(rf"{ENV_PREFIX}TOKENS_(.+)_(TOKEN_FILE|TOKEN|SCOPES|TEXTS_PER_DAY)")
+        pattern = re.compile(rf"{ENV_PREFIX}TOKENS_(.+)_(TOKEN_FILE|{'|'.join(TOKEN_ENV_KEYS)})")
         for env_name, text in sorted(self.env.items()):
             match = pattern.fullmatch(env_name)
             if not match:
