@@ -173,9 +173,11 @@ class Bridge:
                 log.error("reload refused, keeping the running config: %s", exc)
                 continue
             mask_secrets(secret_values(self.config))  # a new route token is masked from now on
-            log.info("configuration reloaded from %s", path or "built-in defaults")
             for warning in warnings:
                 log.warning("reload: %s", warning)
+            # Last: the line that says the reload is over (what its warnings were is
+            # above it; a reader waiting for this line has them all).
+            log.info("configuration reloaded from %s", path or "built-in defaults")
 
     async def retention(self, stop: asyncio.Event) -> None:
         """Purge finished messages older than `store.retention`, hourly, on the
