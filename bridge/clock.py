@@ -48,6 +48,11 @@ class ManualClock:
             if not future.done():
                 future.set_result(None)
 
+    def wakes(self) -> list[float]:
+        """The times this clock's sleepers wait for: a test waits for a loop to be asleep
+        again before it moves time, or the loop would sleep past the step."""
+        return sorted(at for at, future in self._sleepers if not future.done())
+
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:
             await asyncio.sleep(0)

@@ -130,13 +130,24 @@ async def test_taking_the_lead_wakes_the_dispatcher(postgres_url: str, clock: Ma
         await store.close()
 
 
-async def _renewed(store: PostgresStore, *, until: float) -> None:
-    """Until the in-flight claim's renewal to `until` has reached the database: waits for
-    the write itself, not for a time (a starved machine only makes it later)."""
-    deadline = time.monotonic() + 60  # only a renewal that never comes ends here
-    while (await store.next_lease_expiry(owner="nobody") or 0) < until:
+async def _renewer_asleep(clock: ManualClock) -> None:
+    """Until the claim's renewer sleeps again, due within the next step: moved before
+    that, the clock would leave it asleep past the step (a slow renewal on a starved
+    machine), and the lease would lapse for the test's haste, not the bridge's."""
+    deadline = time.monotonic() + 60
+    while not any(clock.now() < at <= clock.now() + LEASE / 2 for at in clock.wakes()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"the claim in flight was not renewed to {until}")
+            raise AssertionError(f"the renewer is not asleep: {clock.wakes()}")
+        await asyncio.sleep(0.01)
+
+
+async def _lease_runs_past(store: PostgresStore, now: float) -> None:
+    """Until the in-flight claim's lease runs past `now` (renewed if need be): waits for
+    the renewal's write itself, not for a time (a starved machine only makes it later)."""
+    deadline = time.monotonic() + 60  # only a renewal that never comes ends here
+    while (await store.next_lease_expiry(owner="nobody") or 0) <= now:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the claim in flight was not renewed past {now}")
         await asyncio.sleep(0.01)
 
 
@@ -153,8 +164,9 @@ async def test_a_send_in_flight_past_its_lease_is_not_taken_over(
         sandbox_state.faults.append(Fault(status=0, hold=answer, path="/send"))
         sending = await _in_flight(bridge, sandbox_state)
         for _ in range(6):  # three leases pass while the call is in flight
+            await _renewer_asleep(clock)
             clock.advance(LEASE / 2)
-            await _renewed(bridge.store, until=clock.now() + LEASE)
+            await _lease_runs_past(bridge.store, clock.now())
         assert not sending.done()
         now = clock.now()
         taken = await bridge.store.unsettled(now, owner="other", lease_until=now + LEASE)
