@@ -28,8 +28,8 @@ import phonenumbers
 from phonenumbers import PhoneNumberType
 
 from bridge.errors import InputError
-from bridge.phone import NumberFacts, facts, national_number, normalise_number, unreadable_kinds
-from bridge.ranges import COSTLY_KINDS, costly_range
+from bridge.phone import NumberFacts, facts, national_number, normalise_number
+from bridge.ranges import blind_costly_kinds, costly_range
 
 if TYPE_CHECKING:
     from bridge.config.sections import Config
@@ -86,7 +86,7 @@ def refusal(e164: str, allowed_countries: frozenset[str], allow_premium: bool) -
             # nothing, so such numbers are read as unknown and costly_range cannot see
             # their range either: refuse the unknown ones rather than text a 0900 number.
             # Known numbers still go (no example number of a costly kind matches another).
-            blind = sorted(unreadable_kinds(code) & COSTLY_KINDS.keys())
+            blind = blind_costly_kinds(code)  # read by costly_range just now
             if blind:
                 return (
                     f"not a known number, and whether it is costly cannot be told: the phone"

@@ -223,12 +223,6 @@ def national_number(e164: str) -> str:
     return e164[1 + len(str(facts(e164).country_code)) :]
 
 
-def unreadable_kinds(code: int) -> frozenset[str]:
-    """The kinds (premium_rate...) with a pattern in `code`'s metadata that `re` cannot
-    compile: the facts read pattern by pattern cannot tell a number of that kind."""
-    return frozenset(u.what for u in phone_patterns.read(code).unread)
-
-
 def _learn(e164: str, number: phonenumbers.PhoneNumber | None) -> NumberFacts:
     try:
         if number is None:

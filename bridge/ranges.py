@@ -87,10 +87,12 @@ class _Kind:
     ) -> None:
         self._automaton = automaton
         self._patterns: list[tuple[re.Pattern[str], tuple[int, ...]]] = []
+        self.blind = False  # a pattern of this kind is no regex: its numbers go unseen
         for pattern, lengths in patterns:
             try:
                 self._patterns.append((re.compile(pattern), lengths))
             except re.error as exc:  # phonenumbers could not use it either: it matches nothing
+                self.blind = True
                 log.warning(
                     "phone metadata pattern %.60r is not a regex (%s): ignored", pattern, exc
                 )
@@ -141,6 +143,14 @@ def _automata(country_code: int) -> dict[str, _Kind]:
             unread[0],
         )
     return kinds
+
+
+def blind_costly_kinds(country_code: int) -> list[str]:
+    """The costly kinds with a pattern `re` cannot compile for this calling code (a
+    broken phonenumbers release): neither the library nor `costly_range` can tell its
+    numbers, so the firewall refuses the code's unknown ones."""
+    kinds = _automata(country_code)
+    return sorted(kind for kind in COSTLY_KINDS if kinds[kind].blind)
 
 
 @functools.lru_cache(maxsize=4096)
