@@ -11,11 +11,13 @@ import smtplib
 import socket
 import sqlite3
 import ssl
+import threading
 import time
 import tomllib
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
+from bridge.ingress import smtp as smtp_module
 from bridge.ingress import smtpauth
 from bridge.ingress.smtp import (
     ADDRESS_CACHE_SIZE,
@@ -570,11 +573,25 @@ async def test_healthz_stays_fast_while_a_1000_deep_mail_is_parsed(
 
 
 async def test_a_small_alert_is_read_at_once_while_costly_mails_hold_every_parser(
-    tmp_path, clock, sandbox_url
+    tmp_path, clock, sandbox_url, monkeypatch
 ) -> None:
     """Small plain mails are parsed on the loop (bridge.ingress.mail.parses_quickly): one
-    costly mail per parse worker, each seconds of work, and an alert still gets its 250
-    while they are all being parsed."""
+    costly mail per parse worker, each held in its worker until the alert is answered,
+    and the alert still gets its 250 while they are all being parsed.
+
+    The hold is a gate in front of the real parser: a costly mail's own parse time
+    (0.3 s for this one on a fast machine) is no bound a test can lean on."""
+    held = threading.Event()
+    in_workers = threading.Semaphore(0)
+    real_parse = smtp_module.parse_mail
+
+    def gated_parse(raw: bytes, **kwargs: Any) -> Any:
+        if b"deep alert" in raw:
+            in_workers.release()
+            held.wait(30)
+        return real_parse(raw, **kwargs)
+
+    monkeypatch.setattr(smtp_module, "parse_mail", gated_parse)
     extra = with_smtp('max_mime_depth = 5000\nmax_mime_parts = 5000\nparse_timeout = "60s"')
     config = bridge_config(tmp_path, sandbox_url, extra)
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
@@ -582,16 +599,22 @@ async def test_a_small_alert_is_read_at_once_while_costly_mails_hold_every_parse
             asyncio.create_task(asyncio.to_thread(data_reply, port, nested_mail(1000)))
             for _ in range(PARSE_WORKERS)
         ]
-        await asyncio.sleep(0.3)  # both mails are in DATA, each in a worker
+        for _ in range(PARSE_WORKERS):  # every worker holds a costly mail
+            assert await asyncio.to_thread(in_workers.acquire, True, 30)
         alert = b"From: ups@example.org\r\nSubject: UPS on battery\r\n\r\nruntime 12 min\r\n"
-        code, text = await asyncio.to_thread(data_reply, port, alert)
+        try:
+            code, text = await asyncio.to_thread(data_reply, port, alert)
+            still_parsing = not any(task.done() for task in costly)
+        finally:
+            held.set()
         answers = await asyncio.gather(*costly)
 
     def stored_id(reply: bytes) -> int:
         return int(re.search(rb"stored as message (\d+)", reply).group(1))  # type: ignore[union-attr]
 
-    assert code == 250 and [c for c, _ in answers] == [250] * PARSE_WORKERS, (text, answers)
-    # Ids follow the order of storing: waiting for a worker, the alert came after them.
+    assert code == 250 and still_parsing, text
+    assert [c for c, _ in answers] == [250] * PARSE_WORKERS, answers
+    # Ids follow the order of storing: the alert was stored before any costly mail.
     assert stored_id(text) < min(stored_id(t) for _, t in answers), (text, answers)
 
 
