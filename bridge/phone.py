@@ -36,7 +36,15 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import phonenumbers
-from phonenumbers import NumberParseException, PhoneNumberType
+from phonenumbers import NumberParseException, PhoneMetadata, PhoneNumberType
+
+try:  # the helpers behind the library's number_type and region_code_for_number (private)
+    from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE, _number_type_helper
+    from phonenumbers.re_util import re_compile
+
+    _LIBRARY_HELPERS = True
+except ImportError:  # pragma: no cover - a release that moved them
+    _LIBRARY_HELPERS = False
 
 from bridge import phone_patterns
 from bridge.errors import InputError, Unavailable
@@ -228,8 +236,7 @@ def _learn(e164: str, number: phonenumbers.PhoneNumber | None) -> NumberFacts:
         if number is None:
             number = phonenumbers.parse(e164, None)
         code = int(number.country_code or 0)
-        region = phonenumbers.region_code_for_number(number)
-        kind = phonenumbers.number_type(number)
+        region, kind = _region_and_kind(number)
     except NumberParseException:
         raise
     except Exception as exc:  # its metadata failed it: read the patterns one by one
@@ -261,6 +268,48 @@ def _learn(e164: str, number: phonenumbers.PhoneNumber | None) -> NumberFacts:
         _facts.clear()
     _facts[e164] = found
     return found
+
+
+def _region_and_kind(number: phonenumbers.PhoneNumber) -> tuple[str | None, int]:
+    """`phonenumbers.region_code_for_number` and `number_type`, from one reading.
+
+    Asked one after the other, the library finds the region twice (number_type asks
+    region_code_for_number again), and for a calling code shared by several regions it
+    finds the region by validating the number against each region's patterns in turn: a
+    US number was matched against the US patterns three times, 10 us of the 23 a new
+    number costs (a Jamaican or British one ~30 us). Here the same steps in the same
+    order through the library's own helpers, the kind kept from the validation that
+    found the region; `test_firewall` holds the answers to the two public calls.
+    """
+    if not _LIBRARY_HELPERS:  # a release that moved them: the public calls
+        return phonenumbers.region_code_for_number(number), phonenumbers.number_type(number)
+    code = int(number.country_code or 0)
+    regions = COUNTRY_CODE_TO_REGION_CODE.get(code)
+    if regions is None:
+        return None, PhoneNumberType.UNKNOWN
+    national = phonenumbers.national_significant_number(number)
+    region: str | None = None
+    kind: int | None = None
+    if len(regions) == 1:
+        region = regions[0]
+    else:  # the library's _region_code_for_number_from_list
+        for candidate in regions:
+            metadata = PhoneMetadata.metadata_for_region(candidate.upper(), None)
+            if metadata is None:
+                continue
+            if metadata.leading_digits is not None:
+                if re_compile(metadata.leading_digits).match(national):
+                    region = candidate
+                    break
+            elif (found := _number_type_helper(national, metadata)) != PhoneNumberType.UNKNOWN:
+                region, kind = candidate, found
+                break
+    if kind is None:
+        metadata = PhoneMetadata.metadata_for_region_or_calling_code(code, region)  # type: ignore[arg-type]
+        kind = (
+            PhoneNumberType.UNKNOWN if metadata is None else _number_type_helper(national, metadata)
+        )
+    return region, kind
 
 
 def is_assigned(e164: str) -> bool:
