@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +12,9 @@ from hypothesis import strategies as st
 from bridge.ingress.mail import (
     POLICY,
     MailText,
+    ParseBounds,
+    _parsed_mail,
+    _plain_mail,
     clean_body,
     compose,
     header_text,
@@ -18,6 +22,8 @@ from bridge.ingress.mail import (
     parses_quickly,
     policy_header_text,
 )
+
+MAIL_DIR = Path(__file__).parent / "data" / "mail"
 
 
 def test_signature_quotes_and_blank_lines_are_dropped() -> None:
@@ -214,3 +220,84 @@ ALERT = b"From: ups@example.org\r\nSubject: UPS on battery\r\n\r\nruntime 12 min
 )
 def test_only_small_plain_mails_are_parsed_on_the_loop(raw: bytes, quick: bool) -> None:
     assert parses_quickly(raw) is quick
+
+
+# The plain reading (`_plain_mail`) against the stdlib's parser (`_parsed_mail`): headers
+# and values near every rule either reading has, folded or not, either line ending.
+_HEADER_NAMES = st.sampled_from(
+    [
+        "From", "Subject", "subject", "Message-ID", "To", "Date", "X-Mailer", "MIME-Version",
+        "Content-Type", "content-type", "Content-Transfer-Encoding", "Auto-Submitted",
+        "Precedence", "X-Autoreply", "X-SMS-Schedule", "Subject ", "From x", "", " Subject",
+        *["From", "Subject", "Message-ID", "Content-Type", "Auto-Submitted", "X-Mailer"] * 3,
+    ]
+)  # fmt: skip
+_HEADER_VALUES = st.one_of(
+    st.sampled_from(
+        [
+            "text/plain", "TEXT/Plain; charset=UTF-8", 'text/plain; charset="iso-8859-1"',
+            "text/plain; format=flowed; charset=us-ascii", "text/plain;", "text/plain; charset=",
+            "text/plain; charset=utf-16", "text/plain; charset=cp500; charset=utf-8",
+            'text/plain; charset=""', "text/plain; charset*=utf-8''x", "text/plain charset=x",
+            "text/csv", "application/json", "message/delivery-status", "text", "7bit", "8BIT",
+            "binary", "x-uuencode", "auto-replied", "auto-generated", "auto_reply", "bulk",
+            "Out of office", "MAILER-DAEMON@example.org", "yes", "<1@example.org>", "in 5m",
+        ]
+    ),
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40),
+    st.text(st.characters(min_codepoint=9, max_codepoint=126), max_size=40),
+)  # fmt: skip
+_BODY_LINES = st.lists(
+    st.one_of(
+        st.sampled_from(["-- ", "> quoted", "On Mon, Sam wrote:", "", "  ", "runtime 12 min"]),
+        st.text(st.characters(min_codepoint=9, max_codepoint=126), max_size=30),
+    ),
+    max_size=6,
+)
+
+
+@st.composite
+def _plain_shaped_mails(draw: st.DrawFn) -> bytes:
+    eol = draw(st.sampled_from(["\r\n"] * 3 + ["\n"] * 2 + ["\r"]))
+    lines = []
+    for _ in range(draw(st.integers(0, 6))):
+        value = draw(_HEADER_VALUES)
+        fold = draw(st.sampled_from(["", " ", "\t"]))
+        if fold and len(value) > 2:
+            value = value[:2] + eol + fold + value[2:]
+        lines.append(draw(_HEADER_NAMES) + ":" + draw(st.sampled_from([" ", "", "\t"])) + value)
+    separator = draw(st.sampled_from([eol] * 5 + ["", "\r\n", "\n"]))
+    body = eol.join(draw(_BODY_LINES))
+    return (eol.join(lines) + eol + separator + body).encode("ascii")
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=_plain_shaped_mails(), mail_from=st.sampled_from([None, "", "<>", "ups@example.org"]))
+def test_the_plain_reading_is_the_parsers(raw: bytes, mail_from: str | None) -> None:
+    assert parse_mail(raw, mail_from=mail_from) == _parsed_mail(raw, mail_from, ParseBounds())
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        ALERT,
+        ALERT.replace(b"\r\n", b"\n"),
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 7bit\r\n" + ALERT,
+        b"Subject: UPS on\r\n battery\r\nMessage-ID: <1@x>\r\nAuto-Submitted: auto-generated\r\n"
+        b"\r\nruntime\r\n",
+        # The declared charset is read (EBCDIC turns ASCII bytes into other letters).
+        b"Content-Type: text/plain; format=flowed; charset=\"cp500\"\r\n" + ALERT,
+    ],
+)
+def test_a_typical_alert_takes_the_plain_reading(raw: bytes) -> None:
+    """What alerting boxes send is read without the stdlib's parser (and reads alike)."""
+    assert _plain_mail(raw) is not None
+    assert parse_mail(raw) == _parsed_mail(raw, None, ParseBounds())
+
+
+def test_every_mail_of_the_test_data_reads_alike_either_way() -> None:
+    mails = sorted(MAIL_DIR.glob("*.eml"))
+    assert len(mails) > 20
+    for path in mails:
+        raw = path.read_bytes()
+        assert parse_mail(raw) == _parsed_mail(raw, None, ParseBounds()), path.name
