@@ -286,7 +286,7 @@ def test_the_plain_reading_is_the_parsers(raw: bytes, mail_from: str | None) -> 
         b"Subject: UPS on\r\n battery\r\nMessage-ID: <1@x>\r\nAuto-Submitted: auto-generated\r\n"
         b"\r\nruntime\r\n",
         # The declared charset is read (EBCDIC turns ASCII bytes into other letters).
-        b"Content-Type: text/plain; format=flowed; charset=\"cp500\"\r\n" + ALERT,
+        b'Content-Type: text/plain; format=flowed; charset="cp500"\r\n' + ALERT,
     ],
 )
 def test_a_typical_alert_takes_the_plain_reading(raw: bytes) -> None:
