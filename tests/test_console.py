@@ -767,3 +767,26 @@ async def test_a_previews_refusal_is_masked_as_the_log_is(
     assert refused.status_code == 200
     [line] = re.findall(r'<p class="problem">Refused: (.*?)</p>', refused.text)
     assert "***" in line and ADMIN not in line  # the payload's own box shows it as pasted
+
+
+async def test_a_previews_ignored_line_is_masked_as_its_refusal_is(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The reason a payload is ignored quotes what was typed (here the GitHub event): a
+    secret of this config there is masked, as on the "Refused" line."""
+    extra = f"""{TOKENS}
+    [routes.gh]
+    format = "github"
+    to = ["oncall"]
+    secret = "{ROUTE_TOKEN}"
+    """
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        token = csrf_of(await http.get("/ui/routes/gh"))
+        form = {"csrf": token, "payload": "{}", "event": f"{ADMIN}-push"}
+        ignored = await http.post("/ui/routes/gh/preview", data=form)
+    assert ignored.status_code == 200
+    [line] = re.findall(r"<p>Ignored \(answered 200, nobody texted\): (.*?)</p>", ignored.text)
+    assert line == "event ***-push is not texted"
+    assert ADMIN not in ignored.text

@@ -328,8 +328,10 @@ class Console(Gate):
             resolver=self.live.recipients,
             ingestor=self.ingestor,
         )
-        if result.error:  # it quotes the payload, where someone may have pasted a secret
-            result.error = self._shown(result.error)
+        # A refusal or the reason a payload is ignored quotes the payload (or the event
+        # typed), where someone may have pasted a secret.
+        result.error = result.error and self._shown(result.error)
+        result.ignored = result.ignored and self._shown(result.ignored)
         _, data = await self.route_page(request, caller, result)
         return self._render(request, caller, "route.html", data)
 
