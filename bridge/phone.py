@@ -90,7 +90,14 @@ class PhoneDataUnavailable(Unavailable):
         )
 
 
-_warned: set[str] = set()  # the regions and calling codes already warned about
+# The regions and calling codes already warned about. Process-wide on purpose: the
+# warning is about the installed library's metadata, which every bridge in the process
+# shares (as it shares the readings in `_facts`, `normalise_number` and `ranges`), and
+# `serve` runs one bridge.
+# Bounded: keys are configured regions and calling codes the library lists (~700 at
+# most), never a recipient's text. Tests that break the metadata clear it
+# (tests.helpers.forget_the_metadata).
+_warned: set[str] = set()
 
 
 def _warn_once(where: str, message: str, *args: object) -> None:

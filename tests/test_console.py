@@ -13,6 +13,7 @@ import json
 import re
 import sqlite3
 from collections.abc import AsyncIterator
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -425,6 +426,37 @@ async def test_messages_list_filters_and_pages(served_bridge) -> None:
         assert "backup 2 failed" not in html.text
 
 
+async def test_a_part_of_a_number_that_is_a_possible_number_finds_the_longer_ones(
+    served_bridge,
+) -> None:
+    """`+4930123456` is a possible Berlin number and a part of `+493012345678`: looked up
+    exactly it finds nothing, so its digits are searched for as a part, on its older
+    pages too. Once it has been texted itself, it is found exactly (itself only)."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        longer = [await send(http, "+493012345678", f"backup {i} failed") for i in range(3)]
+        other = await send(http, "+493012345699", "disk full")
+        await send(http, "+12025550142", "elsewhere")
+        await sign_in(http, READER)
+
+        async def pages(typed: str) -> list[list[int]]:
+            found, query = [], f"limit=2&{urlencode({'recipient': typed})}"
+            while query:
+                answer = await http.get(f"/ui/messages.json?{query}")
+                assert answer.status_code == 200, answer.text
+                found.append([m["id"] for m in answer.json()["messages"]])
+                query = (answer.json()["older"] or "").lstrip("?")
+            return found
+
+        assert await pages("+49 30 123456") == [[other, longer[2]], [longer[1], longer[0]]]
+        assert await pages("+4930123456") == [[other, longer[2]], [longer[1], longer[0]]]
+        exact = await send(http, "+4930123456", "exactly this one")
+        assert await pages("+49 30 123456") == [[exact]]
+        page = await http.get("/ui/messages?recipient=%2B4930123456")
+        assert page.status_code == 200 and "exactly this one" in page.text
+        assert "backup 2 failed" not in page.text
+
+
 async def test_message_page_shows_text_encoding_timeline_and_duplicates(
     served_bridge, clock: ManualClock
 ) -> None:
@@ -735,3 +767,26 @@ async def test_a_previews_refusal_is_masked_as_the_log_is(
     assert refused.status_code == 200
     [line] = re.findall(r'<p class="problem">Refused: (.*?)</p>', refused.text)
     assert "***" in line and ADMIN not in line  # the payload's own box shows it as pasted
+
+
+async def test_a_previews_ignored_line_is_masked_as_its_refusal_is(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The reason a payload is ignored quotes what was typed (here the GitHub event): a
+    secret of this config there is masked, as on the "Refused" line."""
+    extra = f"""{TOKENS}
+    [routes.gh]
+    format = "github"
+    to = ["oncall"]
+    secret = "{ROUTE_TOKEN}"
+    """
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        token = csrf_of(await http.get("/ui/routes/gh"))
+        form = {"csrf": token, "payload": "{}", "event": f"{ADMIN}-push"}
+        ignored = await http.post("/ui/routes/gh/preview", data=form)
+    assert ignored.status_code == 200
+    [line] = re.findall(r"<p>Ignored \(answered 200, nobody texted\): (.*?)</p>", ignored.text)
+    assert line == "event ***-push is not texted"
+    assert ADMIN not in ignored.text

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hmac
 import re
+import select
 import smtplib
 import socket
 import sqlite3
@@ -744,3 +745,67 @@ async def test_noop_does_not_keep_an_idle_session_and_commands_are_budgeted(
     assert [r[:3] for r in replies[:3]] == [b"250"] * 3
     assert replies[3].startswith(b"421 4.7.0 NOOP sent too many times")
     assert replies[4] == b""  # and closed
+
+
+@pytest.mark.slow  # over ~2 s
+async def test_a_session_kept_busy_ends_at_its_time_limit_after_the_mail_in_hand(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """Progress restarts the idle timer, but not `smtp.max_session_time`, which runs from
+    connect: past it, 421 4.4.2 and closed. A mail still in transfer then is read,
+    stored and answered first (cut, the client would send it again)."""
+    extra = with_smtp('idle_timeout = "3s"\nmax_session_time = "1s"\nmax_commands = 100')
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def session(sock: socket.socket) -> tuple[Any, Any]:
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"220")
+
+            def send(command: bytes) -> bytes:
+                sock.sendall(command + b"\r\n")
+                line = reader.readline()
+                while line[3:4] == b"-":
+                    line = reader.readline()
+                return line
+
+            return reader, send
+
+        def busy_until_closed() -> tuple[float, list[bytes]]:
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                reader, send = session(sock)
+                last = send(b"EHLO x")
+                while last.startswith(b"250") and time.monotonic() - started < 5:
+                    # Progress every 0.2 s, well within the 3 s idle timer, unless the
+                    # server speaks first (a command sent after its close would be reset).
+                    if select.select([sock], [], [], 0.2)[0]:
+                        last = reader.readline()
+                    else:
+                        last = send(b"EHLO x")
+                lived = time.monotonic() - started
+                return lived, [last, b"(open)" if last.startswith(b"250") else reader.readline()]
+
+        def mail_across_the_limit() -> list[bytes]:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                reader, send = session(sock)
+                for command in (b"EHLO x", b"MAIL FROM:<a@example.org>"):
+                    assert send(command).startswith(b"250")
+                assert send(b"RCPT TO:<" + DEFAULT_RCPT.encode() + b">").startswith(b"250")
+                assert send(b"DATA").startswith(b"354")
+                sock.sendall(b"Subject: disk full\r\n\r\n")
+                time.sleep(1.3)  # the limit passes mid-mail
+                sock.sendall(b"on db-2\r\n.\r\n")
+                return [reader.readline(), reader.readline(), reader.readline()]
+
+        lived, closing = await asyncio.to_thread(busy_until_closed)
+        answered = await asyncio.to_thread(mail_across_the_limit)
+        assert bridge.smtp_handler.sessions.total == 0
+        [stored] = await bridge.store.query(limit=10)
+    assert 0.9 < lived < 2.5, lived
+    limit = b"421 4.4.2 bridge.test Session time limit reached (1s, smtp.max_session_time)"
+    assert closing[0].startswith(limit), closing
+    assert closing[1] == b""  # and closed
+    assert answered[0].startswith(f"250 2.0.0 OK: stored as message {stored.id}".encode())
+    assert answered[1].startswith(limit) and answered[2] == b""
+    assert stored.text == "disk full\non db-2"

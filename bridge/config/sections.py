@@ -71,6 +71,9 @@ class SmtpConfig:
     max_lines: int = _opt(20000)
     max_recipients: int = _opt(100)
     idle_timeout: float = _opt(300.0, "duration")
+    # a whole session, however busy; then 421 4.4.2. Postfix stops reusing a connection
+    # after 5 minutes (smtp_connection_reuse_time_limit): twice that ends no relay's.
+    max_session_time: float = _opt(600.0, "duration")
     default_region: str = _opt("")
     regions: Mapping[str, str] = _opt({})  # domain -> region for national numbers
     allowed_networks: tuple[str, ...] = _opt([])  # CIDRs; empty: any client

@@ -253,6 +253,7 @@ def _validate_listener_limits(config: Config, problem: Problem) -> None:
                 "max_mime_depth",
                 "max_mime_parts",
                 "parse_timeout",
+                "max_session_time",
             ),
         ),
         (

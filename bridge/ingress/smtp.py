@@ -397,6 +397,7 @@ def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
             decode_data=False,
             tls_context=None if implicit_tls else handler.tls,
             timeout=smtp.idle_timeout,
+            session_time=smtp.max_session_time,
             auth_required=smtp.require_auth,
             auth_require_tls=not smtp.auth_allow_plaintext,
             auth_exclude_mechanism=[] if smtp.users else ["LOGIN", "PLAIN"],

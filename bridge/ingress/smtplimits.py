@@ -7,6 +7,9 @@
   aiosmtpd's own call limits, which answer 421 and close.
 - An idle timer (`smtp.idle_timeout`) that only progress restarts: aiosmtpd restarts it
   before every recognised command, so NOOP every few minutes kept a session for ever.
+- A time limit on the whole session (`smtp.max_session_time`): progress just before
+  each idle timeout, up to the command and mail budgets, kept one ~1,000 idle timeouts.
+  Both timers run on the event loop's clock, as aiosmtpd's own timer does.
 - DATA lines (`smtp.max_lines`) and event-loop time: aiosmtpd reads DATA a line at a
   time, and a line already buffered costs an `await` that never yields, so a mail of
   1 MB in 3-byte lines held the loop ~1 s (20 at once stalled /healthz 6.5 s). DATA is
@@ -153,10 +156,15 @@ class LimitedSMTP(SMTP):
         sessions: Sessions | None = None,
         encrypted_from_start: bool = False,
         max_lines: int = 0,
+        session_time: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.max_lines = max_lines  # 0: no cap, but DATA still yields to the loop
+        self.session_time = session_time  # seconds from connect; 0: no limit
+        self._session_timer: asyncio.TimerHandle | None = None
+        self._in_data = False  # a mail being read, parsed or stored
+        self._time_up = False
         self._encrypted_from_start = encrypted_from_start
         self._sessions = sessions
         self._client: str | None = None  # counted in `sessions` while set
@@ -164,7 +172,8 @@ class LimitedSMTP(SMTP):
         self._last_reply = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.transport is None and self._sessions is not None:  # not the STARTTLS switch
+        connecting = self.transport is None  # not the STARTTLS switch
+        if connecting and self._sessions is not None:
             peer = transport.get_extra_info("peername")
             client = str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer)
             refusal = self._sessions.admit(client)
@@ -176,6 +185,8 @@ class LimitedSMTP(SMTP):
                 return
             self._client = client
         super().connection_made(transport)
+        if connecting and self.session_time:
+            self._session_timer = self.loop.call_later(self.session_time, self._time_is_up)
         if self._encrypted_from_start:
             # Implicit TLS (port 465 style): aiosmtpd knows TLS only from its own STARTTLS
             # and checks `_tls_protocol` for truth alone (AUTH, the STARTTLS offer).
@@ -184,6 +195,8 @@ class LimitedSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return  # aiosmtpd never saw this connection
+        if self._session_timer is not None:
+            self._session_timer.cancel()
         if self._client is not None and self._sessions is not None:
             self._sessions.release(self._client)
             self._client = None
@@ -192,15 +205,42 @@ class LimitedSMTP(SMTP):
     def _create_session(self) -> Session:
         return QuietSession(self.loop)
 
+    def _time_is_up(self) -> None:
+        """`session_time` has passed: the session ends now, unless a mail is being read or
+        stored. That one is answered first (its transfer is bounded by the idle timer):
+        cut, the client would send it again, perhaps stored already."""
+        self._time_up = True
+        if not self._in_data:
+            self._end_session()
+
+    def _end_session(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        log.warning(
+            "SMTP session from %s closed: longer than %gs (smtp.max_session_time)",
+            self._client,
+            self.session_time,
+        )
+        reply = (
+            f"421 4.4.2 {self.hostname} Session time limit reached "
+            f"({self.session_time:g}s, smtp.max_session_time); closing connection\r\n"
+        )
+        self.transport.write(reply.encode())  # type: ignore[attr-defined]
+        self.transport.close()
+
     @syntax("DATA")  # as aiosmtpd's own: HELP reads it from the method
     async def smtp_DATA(self, arg: str) -> None:
         reader = self._reader
         lines = DataLines(reader, self.max_lines or sys.maxsize)
         self._reader = cast(Any, lines)
+        self._in_data = True
         try:
             await super().smtp_DATA(arg)  # calls the handler's handle_DATA at the end
         finally:
             self._reader = reader
+            self._in_data = False
+            if self._time_up:  # after the mail's answer, which the client has now
+                self._end_session()
 
     @property
     def data_refusal(self) -> str | None:

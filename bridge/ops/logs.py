@@ -6,8 +6,11 @@ import functools
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from types import TracebackType
+from typing import TypeAlias
 
 # A one-character secret would turn every line into stars and show, by where the stars
 # fall, what it is; such a "secret" protects nothing anyway. Two characters and up are
@@ -32,7 +35,7 @@ class MaskingFilter(logging.Filter):
         if self.secrets:
             record.msg, record.args = self.mask(record.getMessage()), None
             if record.exc_info and not record.exc_text:  # a traceback may quote a secret
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
+                record.exc_text = format_exception(record.exc_info)
             if record.exc_text:
                 record.exc_text = self.mask(record.exc_text)
         return True
@@ -64,18 +67,70 @@ def mask(text: str, secrets: Iterable[str]) -> str:
 # header decoded from an encoded word, a request path, a provider's answer): written
 # raw, a line break in it would start a line that looks like the bridge's own.
 _LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+# Starts every line a record writes after its first (traceback, stack): no such line
+# can pass for a record of its own, which starts with the time. Leading white space is
+# what log shippers' multi-line rules take for a continuation.
+CONTINUATION = "  | "
+
+ExcInfo: TypeAlias = (
+    tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+)
+
+
+def format_exception(exc_info: ExcInfo) -> str:
+    """The traceback as `logging.Formatter.formatException` writes it, but with the line
+    breaks in each exception's own text (its message and notes, of the chained and
+    grouped ones too) escaped: that text may quote what a sender wrote."""
+    _, value, tb = exc_info
+    if value is None:
+        return "NoneType: None"
+    top = traceback.TracebackException(type(value), value, tb, compact=True)
+    pending, seen = [top], set()
+    while pending:
+        te = pending.pop()
+        if id(te) in seen:
+            continue
+        seen.add(id(te))
+        # `_str` is the message as format_exception_only writes it (no public way to
+        # change it); a Python that renames it leaves it raw, which test_logs catches.
+        message = getattr(te, "_str", None)
+        if isinstance(message, str):
+            setattr(te, "_str", message.translate(_LINE_BREAKS))  # noqa: B010
+        if isinstance(te.__notes__, list | tuple):
+            te.__notes__ = [
+                n.translate(_LINE_BREAKS) if isinstance(n, str) else n for n in te.__notes__
+            ]
+        syntax = getattr(te, "msg", None)  # a SyntaxError's message, written apart
+        if isinstance(syntax, str):
+            te.msg = syntax.translate(_LINE_BREAKS)
+        pending += [t for t in (te.__cause__, te.__context__) if t is not None]
+        pending += te.exceptions or []
+    return "".join(top.format()).rstrip("\n")
 
 
 class LineFormatter(logging.Formatter):
     """The human format: one event per line, line breaks in the message escaped (`\\n`).
-    A traceback, appended after the message, keeps its own lines."""
+    A traceback or stack follows on lines of its own, each starting with CONTINUATION,
+    line breaks in the exceptions' messages escaped as in the record's message."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = record.message.translate(_LINE_BREAKS)
         return super().formatMessage(record)
 
+    def formatException(self, ei: ExcInfo) -> str:
+        return format_exception(ei)
+
+    def format(self, record: logging.LogRecord) -> str:
+        # The first line is the message's, escaped: every later one is the traceback's
+        # or the stack's. Split as splitlines splits, which is how a reader will.
+        first, *rest = super().format(record).splitlines() or [""]
+        return "\n".join([first, *(f"{CONTINUATION}{line}".rstrip(" ") for line in rest)])
+
 
 class JsonFormatter(logging.Formatter):
+    def formatException(self, ei: ExcInfo) -> str:
+        return format_exception(ei)  # as the masking filter would write it
+
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),

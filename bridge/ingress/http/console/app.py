@@ -40,7 +40,7 @@ from bridge.ingress.http.console.routes import (
     snippets,
 )
 from bridge.ingress.ingest import Ingestor
-from bridge.models import State, iso_time
+from bridge.models import Message, State, iso_time
 from bridge.phone import PhoneError, normalise_number
 from bridge.policy.budgets import day_bounds
 from bridge.policy.shaping import Draft
@@ -208,16 +208,15 @@ class Console(Gate):
         except HttpError as exc:
             raise InputError(exc.field or "before", exc.message) from exc
         number = whole_number(filters["recipient"])
-        found = await self.store.query(
-            state=filters["state"] or None,
-            number=number,
-            recipient=None if number else filters["recipient"].lstrip("+ ") or None,
-            route=filters["route"] or None,
-            source=filters["source"] or None,
-            text=filters["q"] or None,
-            before_id=before,
-            limit=limit + 1,  # one more tells whether there is an older page
-        )
+        part = filters["recipient"].lstrip("+ ") or None
+        found = await self._messages(filters, number, part, before=before, limit=limit + 1)
+        if number and not found:
+            # A part of a number may be a possible number itself (`+4930123456` of
+            # `+493012345678`): found exactly, it would find only itself. Nothing found
+            # exactly, its digits are searched for as a part. On every page, not only
+            # the first: such a page's "older" cursor comes back here with the same text.
+            part = number.lstrip("+")
+            found = await self._messages(filters, None, part, before=before, limit=limit + 1)
         page, more = found[:limit], len(found) > limit
         kept = {k: v for k, v in filters.items() if v}
         older = urlencode({**kept, "before": page[-1].id}) if more and page else None
@@ -231,6 +230,28 @@ class Console(Gate):
             "older": f"?{older}" if older else None,
             "newest": f"?{urlencode(kept)}" if before else None,
         }
+
+    async def _messages(
+        self,
+        filters: dict[str, str],
+        number: str | None,
+        part: str | None,
+        *,
+        before: int | None,
+        limit: int,
+    ) -> list[Message]:
+        """The page's messages: to `number` exactly (through its index) when given, else
+        to any recipient holding `part`."""
+        return await self.store.query(
+            state=filters["state"] or None,
+            number=number,
+            recipient=None if number else part,
+            route=filters["route"] or None,
+            source=filters["source"] or None,
+            text=filters["q"] or None,
+            before_id=before,
+            limit=limit,  # one more than shown tells whether there is an older page
+        )
 
     async def message(self, request: Request, caller: Caller) -> tuple[str, dict[str, Any]]:
         message_id = request.path_params["message_id"]
@@ -307,8 +328,10 @@ class Console(Gate):
             resolver=self.live.recipients,
             ingestor=self.ingestor,
         )
-        if result.error:  # it quotes the payload, where someone may have pasted a secret
-            result.error = self._shown(result.error)
+        # A refusal or the reason a payload is ignored quotes the payload (or the event
+        # typed), where someone may have pasted a secret.
+        result.error = result.error and self._shown(result.error)
+        result.ignored = result.ignored and self._shown(result.ignored)
         _, data = await self.route_page(request, caller, result)
         return self._render(request, caller, "route.html", data)
 
