@@ -809,3 +809,36 @@ async def test_a_session_kept_busy_ends_at_its_time_limit_after_the_mail_in_hand
     assert answered[0].startswith(f"250 2.0.0 OK: stored as message {stored.id}".encode())
     assert answered[1].startswith(limit) and answered[2] == b""
     assert stored.text == "disk full\non db-2"
+
+
+async def test_a_bug_in_a_hook_is_a_451_without_its_words(
+    tmp_path, clock, sandbox_url, caplog
+) -> None:
+    """aiosmtpd answers a hook's exception with `500 Error: (Type) text`: a permanent code
+    (the relay bounces the alert) quoting the exception. The bridge answers 451, logs the
+    traceback, and the session goes on."""
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        real_submit = bridge.ingestor.submit
+
+        async def broken(*args: object, **kwargs: object) -> object:
+            raise RuntimeError("store said: secret-ish text from the mail")
+
+        bridge.ingestor.submit = broken  # type: ignore[method-assign]
+        alert = b"From: ups@example.org\r\nSubject: UPS on battery\r\n\r\nruntime 12 min\r\n"
+
+        def session() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.ehlo("tester")
+                client.mail("monitor@example.org")
+                client.rcpt(DEFAULT_RCPT)
+                failed = client.data(alert)
+                bridge.ingestor.submit = real_submit  # type: ignore[method-assign]
+                client.mail("monitor@example.org")  # the same session goes on
+                client.rcpt(DEFAULT_RCPT)
+                return failed, client.data(alert)
+
+        failed, ok = await asyncio.to_thread(session)
+    assert failed[0] == 451 and failed[1].startswith(b"4.3.0"), failed
+    assert b"secret-ish" not in failed[1] and b"RuntimeError" not in failed[1]
+    assert ok[0] == 250, ok
+    assert "secret-ish text from the mail" in caplog.text  # the log keeps the traceback

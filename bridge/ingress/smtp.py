@@ -315,6 +315,14 @@ class SmtpHandler:
             log.warning("mail read only in part (%s); texted from what was read", mail.truncated)
         return mail
 
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug in a hook (aiosmtpd calls this for whatever one raised). Left to aiosmtpd,
+        the client got `500 Error: (Type) text`: the exception's own words, which may quote
+        the mail or the store's error, and a permanent code that makes a relay bounce the
+        alert. A 451 makes it try again later, as a 503 does over HTTP."""
+        log.error("SMTP command failed", exc_info=error)
+        return "451 4.3.0 Internal error in the bridge; nothing was accepted, try again later"
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         refusal = getattr(server, "data_refusal", None)
         if refusal:
