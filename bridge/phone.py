@@ -28,11 +28,9 @@ What a sender then gets, by where the library failed:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import re
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import phonenumbers
@@ -52,6 +50,7 @@ from bridge.errors import InputError, Unavailable
 log = logging.getLogger(__name__)
 
 _SEPARATORS = re.compile(r"[\s().\-/]")
+_DIGITS = re.compile(r"\+?\d+")
 # The library's own words ("Could not interpret numbers after plus-sign.") name its
 # parser's state, not what the sender got wrong.
 _PARSE_REASONS = {
@@ -114,25 +113,22 @@ def _calling_code(digits: str) -> int | None:
     return None
 
 
-@contextlib.contextmanager
-def _library(text: str, digits: str, region: str | None) -> Iterator[None]:
-    """PhoneDataUnavailable for anything but a parse error out of the library."""
-    try:
-        yield
-    except NumberParseException:
-        raise
-    except Exception as exc:  # re.error, or whatever a malformed metadata entry causes
-        code = _calling_code(digits.lstrip("+")) if region is None else None
-        where = region or (f"+{code}" if code else "the number's calling code")
-        _warn_once(
-            where,
-            "phonenumbers fails reading numbers of %s (%s: %s): they are answered 503 / 451"
-            " until phonenumbers is downgraded or fixed",
-            where,
-            type(exc).__name__,
-            exc,
-        )
-        raise PhoneDataUnavailable(text, where, exc) from exc
+def _unavailable(
+    text: str, digits: str, region: str | None, exc: Exception
+) -> PhoneDataUnavailable:
+    """PhoneDataUnavailable for what the library raised other than a parse error (re.error,
+    or whatever a malformed metadata entry causes), warned of once per region or code."""
+    code = _calling_code(digits.lstrip("+")) if region is None else None
+    where = region or (f"+{code}" if code else "the number's calling code")
+    _warn_once(
+        where,
+        "phonenumbers fails reading numbers of %s (%s: %s): they are answered 503 / 451"
+        " until phonenumbers is downgraded or fixed",
+        where,
+        type(exc).__name__,
+        exc,
+    )
+    return PhoneDataUnavailable(text, where, exc)
 
 
 def _candidates(text: str, default_region: str | None) -> list[tuple[str, str | None]]:
@@ -152,7 +148,7 @@ def _candidates(text: str, default_region: str | None) -> list[tuple[str, str | 
 def _parse_possible(text: str, default_region: str | None) -> tuple[str, NumberFacts]:
     """The E.164 form of `text` and its facts, or PhoneError (PhoneDataUnavailable)."""
     compact = _SEPARATORS.sub("", text)
-    if not compact or not re.fullmatch(r"\+?\d+", compact):
+    if not compact or not _DIGITS.fullmatch(compact):
         raise PhoneError(text, "only digits, an optional leading +, and separators - . ( ) space")
     first_reason = "not a possible number"
     candidates = _candidates(text, default_region)
@@ -160,13 +156,14 @@ def _parse_possible(text: str, default_region: str | None) -> tuple[str, NumberF
     unassigned: tuple[str, NumberFacts] | None = None
     for digits, region in candidates:
         try:
-            with _library(text, digits, region):
-                number = phonenumbers.parse(digits, region)
-                result = phonenumbers.is_possible_number_with_reason(number)
-                e164 = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+            number = phonenumbers.parse(digits, region)
+            result = phonenumbers.is_possible_number_with_reason(number)
+            e164 = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
         except NumberParseException as exc:
             first_reason = _PARSE_REASONS.get(exc.error_type, first_reason)
             continue
+        except Exception as exc:  # not the number's fault: the library's metadata
+            raise _unavailable(text, digits, region, exc) from exc
         if result in (
             phonenumbers.ValidationResult.IS_POSSIBLE,
             phonenumbers.ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
