@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -238,6 +239,8 @@ _HEADER_VALUES = st.one_of(
             "text/plain", "TEXT/Plain; charset=UTF-8", 'text/plain; charset="iso-8859-1"',
             "text/plain; format=flowed; charset=us-ascii", "text/plain;", "text/plain; charset=",
             "text/plain; charset=utf-16", "text/plain; charset=cp500; charset=utf-8",
+            "text/plain; charset=cp\x00500", "text/plain; char\x01set=cp500",
+            'text/plain; charset="cp\x7f500"', "te\x0bxt/plain", "text/plain; charset==?a?q?b?=",
             'text/plain; charset=""', "text/plain; charset*=utf-8''x", "text/plain charset=x",
             "text/csv", "application/json", "message/delivery-status", "text", "7bit", "8BIT",
             "binary", "x-uuencode", "auto-replied", "auto-generated", "auto_reply", "bulk",
@@ -301,3 +304,34 @@ def test_every_mail_of_the_test_data_reads_alike_either_way() -> None:
     for path in mails:
         raw = path.read_bytes()
         assert parse_mail(raw) == _parsed_mail(raw, None, ParseBounds()), path.name
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        b"text/plain; charset=cp\x00500",  # the stdlib keeps the NUL: no such charset
+        b"text/plain; char\x01set=cp500",
+        b'text/plain; charset="cp\x7f500"',
+        b"te\x0bxt/plain; charset=utf-16",  # the stdlib: not text, so no body
+        b"tex\x01t/plain",
+        b"text/plain; charset==?utf-8?q? cp500?=",  # an encoded word only decode_header reads
+    ],
+)
+def test_content_types_the_stdlib_reads_raw_are_left_to_it(content_type: bytes) -> None:
+    raw = b"From: ups@example.org\r\nContent-Type: " + content_type + b"\r\n\r\nruntime\r\n"
+    assert _plain_mail(raw) is None
+    assert parse_mail(raw) == _parsed_mail(raw, None, ParseBounds())
+
+
+def test_thousands_of_folded_lines_read_in_linear_time() -> None:
+    """The plain reading runs before any parse deadline: a header folded 19,000 times
+    (0.9 MB) took 0.6 s there when each fold copied the value so far, against the
+    stdlib's 0.03 s."""
+    raw = b"Subject: x\r\n" + (b" " + b"y" * 47 + b"\r\n") * 19_000 + b"\r\nruntime\r\n"
+    started = time.perf_counter()
+    _parsed_mail(raw, None, ParseBounds())
+    stdlib = time.perf_counter() - started
+    started = time.perf_counter()
+    assert _plain_mail(raw) is not None
+    plain = time.perf_counter() - started
+    assert plain < max(3 * stdlib, 0.1), (plain, stdlib)

@@ -399,6 +399,7 @@ _PLAIN_TYPE = re.compile(
 )
 _PARAM = re.compile(r';\s*([\w.-]+)\s*=\s*(?:"([^"]*)"|([^\s;]+))', re.ASCII)
 _PLAIN_ENCODINGS = ("7bit", "8bit", "binary")
+_READ_RAW = ("content-type", "content-transfer-encoding")
 
 
 def _plain_mail(raw: bytes) -> tuple[dict[str, str], bytes, str | None] | None:
@@ -427,23 +428,25 @@ def _plain_mail(raw: bytes) -> tuple[dict[str, str], bytes, str | None] | None:
         return None
     if eol == "\r\n" and not head.count("\r") == head.count("\n") == head.count("\r\n"):
         return None
-    fields: list[tuple[str, str]] = []  # (name, raw value) as the policy parses a header
+    folded: list[tuple[str, list[str]]] = []  # a header's name and its lines
     for line in head.split(eol):
         if line[:1] in (" ", "\t"):
-            if not fields:
+            if not folded:
                 return None
-            name, value = fields[-1]
-            fields[-1] = (name, value + eol + line)
+            folded[-1][1].append(line)  # joined once below: thousands of folds stay linear
         elif _HEADER_LINE.match(line):
             name, value = line.split(":", 1)
-            fields.append((name, value.lstrip(" \t")))
+            folded.append((name, [value.lstrip(" \t")]))
         else:
             return None
     found: dict[str, str] = {}
     charset: str | None = None
     seen_type = False
-    for name, value in fields:
+    for name, lines in folded:
+        value = eol.join(lines)  # the raw value as the policy parses a header
         key = name.lower()
+        if key in _READ_RAW and ("=?" in value or _CONTROL.search(value)):
+            return None  # the stdlib reads these raw: control bytes kept, encoded words not
         if key == "content-type":
             plain_type = _PLAIN_TYPE.fullmatch(header_text(POLICY, name, value))
             if seen_type or plain_type is None:

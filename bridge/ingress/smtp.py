@@ -320,8 +320,9 @@ class SmtpHandler:
         the client got `500 Error: (Type) text`: the exception's own words, which may quote
         the mail or the store's error, and a permanent code that makes a relay bounce the
         alert. A 451 makes it try again later, as a 503 does over HTTP."""
-        log.error("SMTP command failed", exc_info=error)
-        return "451 4.3.0 Internal error in the bridge; nothing was accepted, try again later"
+        log.error("SMTP command failed in the bridge", exc_info=error)
+        # Raised after the mail was stored, the retry is a duplicate (within the window).
+        return "451 4.3.0 Internal error in the bridge; try again later"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         refusal = getattr(server, "data_refusal", None)

@@ -161,7 +161,7 @@ class LimitedSMTP(SMTP):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.max_lines = max_lines  # 0: no cap, but DATA still yields to the loop
-        self.session_time = session_time  # seconds from connect; 0: no limit
+        self.session_time = session_time  # seconds from connect (config: above 0; 0 here: none)
         self._session_timer: asyncio.TimerHandle | None = None
         self._in_data = False  # a mail being read, parsed or stored
         self._time_up = False
