@@ -160,9 +160,7 @@ def fill(path: Path, count: int, days: float, now: float) -> None:
     db.close()
 
 
-def _flush(
-    db: sqlite3.Connection, columns: str, marks: str, messages: list, events: list
-) -> None:
+def _flush(db: sqlite3.Connection, columns: str, marks: str, messages: list, events: list) -> None:
     db.executemany(f"INSERT INTO messages ({columns}) VALUES ({marks})", messages)
     db.executemany(
         "INSERT INTO events (message_id, at, state, attempts, detail) VALUES (?, ?, ?, ?, ?)",

@@ -14,10 +14,11 @@ import httpx
 import pytest
 
 from bridge.models import NewMessage, State
+from bridge.store.postgres.store import PostgresStore
 from bridge.store.sqlite import SqliteStore
 from tests.postgres import run_async
 from tests.processes import ANY_PORT, clean_env, process, wait_for
-from tests.stores import seed
+from tests.stores import aggregated, reported, seed
 from tests.test_cli import run
 
 pytestmark = pytest.mark.slow  # the CLI and serve run as processes
@@ -102,6 +103,24 @@ async def _pg_count(url: str, table: str) -> int:
         await conn.close()
 
 
+async def _pg_totals(url: str) -> tuple[Any, ...]:
+    store = PostgresStore(url)
+    await store.open()
+    try:
+        return await reported(store)
+    finally:
+        await store.close()
+
+
+async def _pg_aggregated(url: str) -> tuple[Any, ...]:
+    store = PostgresStore(url)
+    await store.open()
+    try:
+        return await aggregated(store)
+    finally:
+        await store.close()
+
+
 def _copy(tmp_path: Path, db: Path, url: str, *extra: str) -> Any:
     env = {"SMS_BRIDGE_STORE_PATH": str(db), "SMS_BRIDGE_STORE_URL": url}
     return run("store", "copy", *extra, cwd=tmp_path, env=env)
@@ -134,6 +153,11 @@ def test_a_sqlite_store_copied_into_postgresql_carries_on_there(
     assert replaced.returncode == 0, replaced.stderr
     assert replaced.stdout == copied.stdout
     assert run_async(lambda: _pg_count(postgres_url, "events")) == events
+    # The running totals behind /metrics and /api/v1/stats count the copy once, though
+    # --replace truncated what the first copy had counted (TRUNCATE fires no trigger).
+    assert run_async(lambda: _pg_totals(postgres_url)) == run_async(
+        lambda: _pg_aggregated(postgres_url)
+    )
 
     env = clean_env()
     log = tmp_path / "run.log"

@@ -7,7 +7,8 @@ Version 2 adds what several instances on one database need: the owner and lease 
 claim, one row per provider key to book the shared rate window under a row lock (with
 the pause every instance must honour), and one row per instance for heartbeats.
 Version 3 records which API token sent each message (SQLite's 0007), for per-token caps;
-version 4 indexes created_at (SQLite's 0008).
+version 4 indexes created_at (SQLite's 0008); version 5 keeps running totals of the
+messages for /metrics and /api/v1/stats, and indexes route (SQLite's 0009).
 
 Timestamps stay epoch seconds in `double precision`, as in SQLite: the bridge's clock
 is injected (tests drive it by hand), so the database's own `now()` is never the time.
@@ -165,9 +166,79 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX messages_created_at ON messages (created_at);
         """,
     ),
+    Migration(
+        5,
+        "message_totals_route",
+        """
+        -- Running totals (SQLite's 0009; bridge.store.totals): /metrics and /api/v1/stats
+        -- read these instead of aggregating every message. One row per key and server
+        -- connection (slot = pg_backend_pid()): a transaction only ever touches its own
+        -- connection's rows, so writers of a cluster never wait for one another on a
+        -- counter row, nor deadlock on two. fold_totals moves the rows of connections
+        -- that are gone into slot 0. n: messages there now; parts, cost: of every
+        -- message that was there, purged ones too ("sent" never goes down).
+        CREATE TABLE message_totals (
+            slot integer NOT NULL,
+            source text NOT NULL,
+            state text NOT NULL,
+            reason_kind text NOT NULL,
+            sent boolean NOT NULL,
+            n bigint NOT NULL,
+            parts bigint NOT NULL,
+            cost double precision NOT NULL,
+            PRIMARY KEY (slot, source, state, reason_kind, sent)
+        );
+        CREATE FUNCTION messages_totals() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP <> 'INSERT' THEN
+                INSERT INTO message_totals AS t VALUES (pg_backend_pid(), OLD.source,
+                    OLD.state, coalesce(OLD.reason_kind, 'other'), OLD.sent_at IS NOT NULL,
+                    -1, CASE WHEN TG_OP = 'DELETE' THEN 0 ELSE -OLD.parts END,
+                    CASE WHEN TG_OP = 'DELETE' THEN 0 ELSE -coalesce(OLD.cost, 0) END)
+                ON CONFLICT (slot, source, state, reason_kind, sent) DO UPDATE
+                SET n = t.n + excluded.n, parts = t.parts + excluded.parts,
+                    cost = t.cost + excluded.cost;
+            END IF;
+            IF TG_OP <> 'DELETE' THEN
+                INSERT INTO message_totals AS t VALUES (pg_backend_pid(), NEW.source,
+                    NEW.state, coalesce(NEW.reason_kind, 'other'), NEW.sent_at IS NOT NULL,
+                    1, NEW.parts, coalesce(NEW.cost, 0))
+                ON CONFLICT (slot, source, state, reason_kind, sent) DO UPDATE
+                SET n = t.n + excluded.n, parts = t.parts + excluded.parts,
+                    cost = t.cost + excluded.cost;
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER messages_totals AFTER INSERT OR DELETE ON messages
+            FOR EACH ROW EXECUTE FUNCTION messages_totals();
+        -- Only when a figure moves: most updates (leases, provider ids) change none.
+        CREATE TRIGGER messages_totals_update
+            AFTER UPDATE OF source, state, reason_kind, sent_at, parts, cost ON messages
+            FOR EACH ROW WHEN ((OLD.source, OLD.state, OLD.reason_kind, OLD.sent_at IS NULL,
+                OLD.parts, OLD.cost) IS DISTINCT FROM (NEW.source, NEW.state,
+                NEW.reason_kind, NEW.sent_at IS NULL, NEW.parts, NEW.cost))
+            EXECUTE FUNCTION messages_totals();
+        INSERT INTO message_totals
+            SELECT 0, source, state, coalesce(reason_kind, 'other'), sent_at IS NOT NULL,
+                count(*), sum(parts), coalesce(sum(cost), 0)
+            FROM messages GROUP BY 2, 3, 4, 5;
+
+        -- The routes page asks each configured route for its newest message.
+        CREATE INDEX messages_route ON messages (route, id) WHERE route IS NOT NULL;
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
+
+# The running totals (version 5) counted again from the rows, all in slot 0: after a bulk
+# load (`store copy`), whose --replace TRUNCATEs the rows the triggers had counted.
+REBUILD_TOTALS = """
+    DELETE FROM message_totals;
+    INSERT INTO message_totals
+        SELECT 0, source, state, coalesce(reason_kind, 'other'), sent_at IS NOT NULL,
+            count(*), sum(parts), coalesce(sum(cost), 0)
+        FROM messages GROUP BY 2, 3, 4, 5"""
 
 CREATE_VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (

@@ -15,6 +15,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from bridge.models import MAX_ROW_ID, Message
+from bridge.store import totals
 from bridge.store.sqlite.base import EngineBound
 from bridge.store.sqlite.schema import JSON_IDS
 
@@ -159,14 +160,17 @@ class ConsoleQueries(EngineBound):
             ]
         )
 
-    async def route_last_messages(self) -> dict[str, dict[str, Any]]:
-        """Each route's newest stored message: survives a restart, unlike call records."""
+    async def route_last_messages(self, routes: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The newest stored message of each of `routes`: survives a restart, unlike
+        call records. One look into messages_route per route, not a walk of the table."""
         return await self.engine.read(
             lambda c: {
                 r["route"]: dict(r)
                 for r in c.execute(
                     "SELECT route, id, state, created_at FROM messages WHERE id IN"
-                    " (SELECT max(id) FROM messages WHERE route IS NOT NULL GROUP BY route)"
+                    " (SELECT (SELECT id FROM messages WHERE route = j.value"
+                    " ORDER BY id DESC LIMIT 1) FROM json_each(?) AS j)",
+                    (json.dumps(list(routes)),),
                 )
             }
         )
@@ -297,22 +301,13 @@ class ConsoleQueries(EngineBound):
 
     async def counts_by_reason(self) -> dict[str, dict[str, int]]:
         """{state: {reason kind: count}} for held, suppressed and failed messages."""
-        rows = await self.engine.read(
-            lambda c: c.execute(
-                "SELECT state, coalesce(reason_kind, 'other'), count(*) FROM messages"
-                " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY 1, 2"
-            ).fetchall()
+        return totals.reasons(
+            await self.engine.read(lambda c: c.execute(totals.BY_REASON).fetchall())
         )
-        out: dict[str, dict[str, int]] = {}
-        for state, kind, count in rows:
-            out.setdefault(state, {})[kind] = count
-        return out
 
     async def counts(self) -> dict[str, int]:
         return await self.engine.read(
-            lambda c: {
-                r[0]: r[1] for r in c.execute("SELECT state, count(*) FROM messages GROUP BY state")
-            }
+            lambda c: {r[0]: int(r[1]) for r in c.execute(totals.BY_STATE)}
         )
 
 
