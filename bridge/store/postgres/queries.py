@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import bridge.store.totals as totals
 from bridge.models import MAX_ROW_ID, Message
-from bridge.store import totals
 from bridge.store.api import MetricCounts
 from bridge.store.postgres.base import TOTALS_LOCK, Base, one
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from sqlite_utils import Database
 
+import bridge.store.totals as totals
 from bridge.models import MAX_ROW_ID, Message
-from bridge.store import totals
 from bridge.store.sqlite.base import EngineBound
 from bridge.store.sqlite.schema import JSON_IDS
 

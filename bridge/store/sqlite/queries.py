@@ -13,8 +13,8 @@ from typing import Any
 
 from sqlite_utils import Database
 
+import bridge.store.totals as totals
 from bridge.models import NewMessage, State
-from bridge.store import totals
 from bridge.store.api import (
     Held,
     IngestQuestions,
