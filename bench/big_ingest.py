@@ -1,0 +1,95 @@
+"""Time `Store.ingest` of 10,000 distinct messages in-process on a fresh SQLite store (run
+by hand, before and after a change that adds a write per ingest: BENCHMARKS.md, "A store
+after months of traffic"). Messages are stored as given (no policy questions), so the
+figure is the store's own: the inserts, their triggers and the commits.
+
+    PYTHONPATH=SOURCE_TREE python bench/big_ingest.py [--calls 1|100|10000]
+
+--calls: how many `ingest` calls share the 10,000 (one call of 10,000; 100 of 100;
+10,000 of one, run concurrently so that group commit batches them). --route: every
+message came by a route (indexed by route since SQLite 0009). --lifecycle: time instead
+the state changes that follow, in batches of 100 as the dispatcher makes them: claim,
+mark_sent, record_status (delivered). Best of 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bridge.models import NewMessage, State
+from bridge.store.api import IngestQuestions, Lookups, Pending
+from bridge.store.sqlite import SqliteStore
+
+COUNT = 10_000
+
+
+class AsGiven:
+    def questions(self, pending: Sequence[Pending]) -> IngestQuestions:
+        return IngestQuestions()
+
+    def decide(
+        self, lookups: Lookups, pending: Sequence[Pending], ids: Sequence[int]
+    ) -> list[NewMessage]:
+        return [m for m, _ in pending]
+
+
+async def once(calls: int, route: str | None, lifecycle: bool) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SqliteStore(Path(tmp) / "s.db")
+        await store.open()
+        try:
+            messages = [
+                NewMessage(f"+1202555{i % 5000:04d}", f"alert {i}", "http", "SMS", 1, 1, route)
+                for i in range(COUNT)
+            ]
+            per = COUNT // calls
+            batches = [
+                [(m, 1.0 + i) for i, m in enumerate(messages[s : s + per])]
+                for s in range(0, COUNT, per)
+            ]
+            if lifecycle:
+                ids = [s.id for b in batches for s in await store.ingest(b, AsGiven())]
+                return await _lifecycle(store, ids)
+            started = time.perf_counter()
+            if calls <= 100:
+                for batch in batches:
+                    await store.ingest(batch, AsGiven())
+            else:
+                await asyncio.gather(*(store.ingest(b, AsGiven()) for b in batches))
+            return time.perf_counter() - started
+        finally:
+            await store.close()
+
+
+async def _lifecycle(store: SqliteStore, ids: list[int]) -> float:
+    started = time.perf_counter()
+    for s in range(0, len(ids), 100):
+        batch = ids[s : s + 100]
+        await store.claim(batch, 2.0, owner="bench", lease_until=1e12)
+        await store.mark_sent([(i, f"p{i}", 0.05) for i in batch], 3.0, owner="bench")
+        await store.record_status([(i, State.DELIVERED, None) for i in batch], 4.0)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=1, choices=(1, 100, 10_000))
+    parser.add_argument("--route", action="store_true")
+    parser.add_argument("--lifecycle", action="store_true")
+    args = parser.parse_args()
+    route = "am" if args.route else None
+    best = min(asyncio.run(once(args.calls, route, args.lifecycle)) for _ in range(3))
+    what = "claim, mark_sent, record_status of" if args.lifecycle else "ingest"
+    print(
+        f"{what} {COUNT} messages in {args.calls} calls{' (route)' if route else ''}:"
+        f" {best * 1000:.0f} ms (best of 3)"
+    )
+
+
+if __name__ == "__main__":
+    main()
