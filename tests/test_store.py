@@ -612,3 +612,24 @@ async def test_running_totals_follow_every_change_and_keep_what_was_sent(store: 
 
 def _digest(held: list[Held]) -> NewMessage:
     return MESSAGE._replace(recipient="+12025550199", source="digest", text=f"{len(held)} held")
+
+
+async def test_mentioned_by_finds_what_names_the_message_as_a_whole_number(store: Store) -> None:
+    """A message's page lists its duplicates and what a digest folded into it (found
+    through an index of the number a reason names since SQLite 0010, PostgreSQL 6)."""
+    suppressed = MESSAGE._replace(state=State.SUPPRESSED, reason_kind="duplicate")
+    ids = await seed(
+        store,
+        [
+            suppressed._replace(reason="duplicate of message 12 within 600s"),
+            suppressed._replace(reason="duplicate of message 123 within 600s"),
+            suppressed._replace(reason="storm control: folded into digest message 12"),
+            suppressed._replace(reason="mail loop: message 12 of 99999999999999999999999"),
+            MESSAGE._replace(reason="duplicate of message 12 within 600s"),  # queued
+        ],
+        1.0,
+    )
+    assert [m["id"] for m in await store.mentioned_by(12)] == [ids[0], ids[2], ids[3]]
+    assert [m["id"] for m in await store.mentioned_by(123)] == [ids[1]]
+    assert await store.mentioned_by(1) == [] and await store.mentioned_by(2**70) == []
+    assert [m["id"] for m in await store.mentioned_by(12, limit=1)] == [ids[0]]

@@ -11,6 +11,7 @@ import bridge.store.totals as totals
 from bridge.models import MAX_ROW_ID, Message
 from bridge.store.api import MetricCounts
 from bridge.store.postgres.base import TOTALS_LOCK, Base, one
+from bridge.store.postgres.schema import MENTIONED
 
 # `sent` too: past status.give_up_after nothing will move it any more.
 PURGEABLE = "('sent', 'delivered', 'failed', 'suppressed')"
@@ -26,6 +27,12 @@ FOLD_TOTALS = (
     " sum(parts), sum(cost) FROM gone GROUP BY source, state, reason_kind, sent"
     " ON CONFLICT (slot, source, state, reason_kind, sent) DO UPDATE"
     " SET n = t.n + excluded.n, parts = t.parts + excluded.parts, cost = t.cost + excluded.cost"
+)
+# A message's page: the suppressed messages whose reason names it (messages_mentions).
+MENTIONED_BY = (
+    "SELECT id, recipient, reason, created_at FROM messages"
+    f" WHERE state = 'suppressed' AND {MENTIONED} = $1"
+    " AND (reason LIKE $2 OR reason LIKE $3) ORDER BY id LIMIT $4"
 )
 SEARCHABLE = ("state", "reason_kind", "route", "source")  # exact-match filters of `query`
 # Today's use: sent since the day began ($1), or in flight (another instance's call
@@ -290,12 +297,13 @@ class QueryOps(Base):
         }
 
     async def mentioned_by(self, message_id: int, limit: int = 200) -> list[dict[str, Any]]:
+        if not 0 < message_id <= MAX_ROW_ID:
+            return []
         return [
             dict(r)
             for r in await self._fetch(
-                "SELECT id, recipient, reason, created_at FROM messages"
-                " WHERE state = 'suppressed' AND (reason LIKE $1 OR reason LIKE $2)"
-                " ORDER BY id LIMIT $3",
+                MENTIONED_BY,
+                message_id,
                 f"% message {message_id} %",
                 f"% message {message_id}",
                 limit,

@@ -8,7 +8,8 @@ claim, one row per provider key to book the shared rate window under a row lock 
 the pause every instance must honour), and one row per instance for heartbeats.
 Version 3 records which API token sent each message (SQLite's 0007), for per-token caps;
 version 4 indexes created_at (SQLite's 0008); version 5 keeps running totals of the
-messages for /metrics and /api/v1/stats, and indexes route (SQLite's 0009).
+messages for /metrics and /api/v1/stats, and indexes route (SQLite's 0009); version 6
+indexes the message a suppressed one names (SQLite's 0010).
 
 Timestamps stay epoch seconds in `double precision`, as in SQLite: the bridge's clock
 is injected (tests drive it by hand), so the database's own `now()` is never the time.
@@ -25,6 +26,11 @@ from dataclasses import dataclass
 # pg_advisory_lock keys of the bridge (one database = one bridge cluster). Constants, not
 # hashes of names: an operator can find them in pg_locks.
 MIGRATION_LOCK = 0x534D_5301  # "SMS" 1: applying migrations
+
+
+# The N of the first " message N" in a reason: mentioned_by's, written as migration 6's
+# index is, or the planner does not use it (tests/test_pg_schema.py checks that it does).
+MENTIONED = r"substring(reason from ' message (\d+)')::numeric"
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +231,19 @@ MIGRATIONS: tuple[Migration, ...] = (
 
         -- The routes page asks each configured route for its newest message.
         CREATE INDEX messages_route ON messages (route, id) WHERE route IS NOT NULL;
+        """,
+    ),
+    Migration(
+        6,
+        "mentions",
+        r"""
+        -- A message's page lists the suppressed messages whose reason names it
+        -- ("duplicate of message N ...", "... digest message N"): mentioned_by matched
+        -- every suppressed row with LIKE (SQLite's 0010). numeric, not bigint: a reason
+        -- quoting a longer number must not make its insert fail.
+        CREATE INDEX messages_mentions
+            ON messages ((substring(reason from ' message (\d+)')::numeric), id)
+            WHERE state = 'suppressed';
         """,
     ),
 )

@@ -17,7 +17,7 @@ from sqlite_utils import Database
 import bridge.store.totals as totals
 from bridge.models import MAX_ROW_ID, Message
 from bridge.store.sqlite.base import EngineBound
-from bridge.store.sqlite.schema import JSON_IDS
+from bridge.store.sqlite.schema import JSON_IDS, MENTIONED, MENTIONS
 
 # `sent` too: past status.give_up_after nothing will move it any more.
 PURGEABLE_SQL = "('sent', 'delivered', 'failed', 'suppressed')"
@@ -177,15 +177,18 @@ class ConsoleQueries(EngineBound):
 
     async def mentioned_by(self, message_id: int, limit: int = 200) -> list[dict[str, Any]]:
         """Suppressed messages whose reason names this one: its duplicates, or what a
-        digest folded. Reasons say "message N" (policy, storm digests)."""
+        digest folded. Reasons say "message N" (policy, storm digests): found through
+        messages_mentions, then matched as whole words as before."""
+        if not 0 < message_id <= MAX_ROW_ID:
+            return []
         return await self.engine.read(
             lambda c: [
                 dict(r)
                 for r in c.execute(
                     "SELECT id, recipient, reason, created_at FROM messages"
-                    " WHERE state = 'suppressed' AND (reason LIKE ? OR reason LIKE ?)"
+                    f" WHERE {MENTIONS} AND {MENTIONED} = ? AND (reason LIKE ? OR reason LIKE ?)"
                     " ORDER BY id LIMIT ?",
-                    (f"% message {message_id} %", f"% message {message_id}", limit),
+                    (message_id, f"% message {message_id} %", f"% message {message_id}", limit),
                 )
             ]
         )

@@ -203,6 +203,25 @@ def _message_totals(db: Database) -> None:
     db.execute("CREATE INDEX messages_route ON messages(route) WHERE route IS NOT NULL")
 
 
+# The N of the first " message N" in a reason: what a duplicate ("duplicate of message N
+# within 600s") and a folded storm ("... folded into digest message N") name. A message's
+# page lists those that name it (mentioned_by); written as 0010's index is, or SQLite
+# does not use it (tests/test_query_plans.py checks that it does).
+MENTIONED = "CAST(substr(reason, instr(reason, ' message ') + 9) AS INTEGER)"
+MENTIONS = "state = 'suppressed' AND instr(reason, ' message ') > 0"
+
+
+@migrations(name="0010_mentions")
+def _mentions(db: Database) -> None:
+    # mentioned_by matched `reason LIKE '% message N%'` on every suppressed message
+    # (60-120 ms on a million at each message page); now one step into this index.
+    db.execute(
+        "CREATE INDEX messages_mentions ON messages"
+        "(CAST(substr(reason, instr(reason, ' message ') + 9) AS INTEGER))"
+        " WHERE state = 'suppressed' AND instr(reason, ' message ') > 0"
+    )
+
+
 # Columns an ingest sets (bridge.store.rows). Rows per INSERT statement: 20
 # parameters each stays under SQLite's oldest variable limit (999).
 INSERT_COLUMNS = ", ".join(INSERTED)
