@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+import bridge
 from bench.common import free_port, server
 from bridge.store.sqlite import SqliteStore
 
@@ -73,7 +74,10 @@ def http_timings(path: Path, message_id: int) -> None:
             f'[store]\npath = "{path.resolve()}"\nretention = "0"\n{routes}'
         )
         args = [sys.executable, "-m", "bridge", "serve", "--config", str(config)]
-        with server(args, port, {}, str(Path(__file__).resolve().parent.parent)):
+        # serve from the tree this script imports the bridge from (PYTHONPATH): before
+        # and after a change are measured with the same script.
+        source = Path(bridge.__file__).resolve().parent.parent
+        with server(args, port, {"PYTHONPATH": str(source)}, str(source)):
             base = f"http://127.0.0.1:{port}"
             pages = ["/metrics", "/api/v1/stats", "/ui/routes", "/ui/routes/route-3"]
             pages.append(f"/ui/messages/{message_id}")
