@@ -40,6 +40,32 @@ class Migration:
     sql: str
 
 
+def _rows(table: str, n: str, parts: str, cost: str) -> str:
+    """A transition table's rows as (key..., n, parts, cost) to add to the totals."""
+    return (
+        f"SELECT source, state, coalesce(reason_kind, 'other') AS kind,"
+        f" sent_at IS NOT NULL AS sent, {n} AS n, {parts} AS parts, {cost} AS cost FROM {table}"
+    )
+
+
+def _totals_function(op: str, rows: str) -> str:
+    """Migration 5's trigger function for `op`: `rows` summed per key into this
+    connection's slot (keys whose sums are all zero are not written)."""
+    return f"""
+        CREATE FUNCTION messages_totals_{op}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO message_totals AS t
+                SELECT pg_backend_pid(), source, state, kind, sent, sum(n), sum(parts),
+                    sum(cost)
+                FROM ({rows}) AS d GROUP BY source, state, kind, sent
+                HAVING sum(n) <> 0 OR sum(parts) <> 0 OR sum(cost) <> 0
+            ON CONFLICT (slot, source, state, reason_kind, sent) DO UPDATE
+            SET n = t.n + excluded.n, parts = t.parts + excluded.parts,
+                cost = t.cost + excluded.cost;
+            RETURN NULL;
+        END $$;"""
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -194,36 +220,29 @@ MIGRATIONS: tuple[Migration, ...] = (
             cost double precision NOT NULL,
             PRIMARY KEY (slot, source, state, reason_kind, sent)
         );
-        CREATE FUNCTION messages_totals() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF TG_OP <> 'INSERT' THEN
-                INSERT INTO message_totals AS t VALUES (pg_backend_pid(), OLD.source,
-                    OLD.state, coalesce(OLD.reason_kind, 'other'), OLD.sent_at IS NOT NULL,
-                    -1, CASE WHEN TG_OP = 'DELETE' THEN 0 ELSE -OLD.parts END,
-                    CASE WHEN TG_OP = 'DELETE' THEN 0 ELSE -coalesce(OLD.cost, 0) END)
-                ON CONFLICT (slot, source, state, reason_kind, sent) DO UPDATE
-                SET n = t.n + excluded.n, parts = t.parts + excluded.parts,
-                    cost = t.cost + excluded.cost;
-            END IF;
-            IF TG_OP <> 'DELETE' THEN
-                INSERT INTO message_totals AS t VALUES (pg_backend_pid(), NEW.source,
-                    NEW.state, coalesce(NEW.reason_kind, 'other'), NEW.sent_at IS NOT NULL,
-                    1, NEW.parts, coalesce(NEW.cost, 0))
-                ON CONFLICT (slot, source, state, reason_kind, sent) DO UPDATE
-                SET n = t.n + excluded.n, parts = t.parts + excluded.parts,
-                    cost = t.cost + excluded.cost;
-            END IF;
-            RETURN NULL;
-        END $$;
-        CREATE TRIGGER messages_totals AFTER INSERT OR DELETE ON messages
-            FOR EACH ROW EXECUTE FUNCTION messages_totals();
-        -- Only when a figure moves: most updates (leases, provider ids) change none.
-        CREATE TRIGGER messages_totals_update
-            AFTER UPDATE OF source, state, reason_kind, sent_at, parts, cost ON messages
-            FOR EACH ROW WHEN ((OLD.source, OLD.state, OLD.reason_kind, OLD.sent_at IS NULL,
-                OLD.parts, OLD.cost) IS DISTINCT FROM (NEW.source, NEW.state,
-                NEW.reason_kind, NEW.sent_at IS NULL, NEW.parts, NEW.cost))
-            EXECUTE FUNCTION messages_totals();
+        -- Statement triggers: one upsert per key a statement moved (a batch of 100
+        -- claims is one), not one per row; an UPDATE that moves no figure (leases,
+        -- provider ids) nets to nothing and writes nothing. Retention (DELETE): the
+        -- message leaves the count, what it cost stays sent.
+        """
+        + _totals_function("insert", _rows("new_rows", "1", "parts", "coalesce(cost, 0)"))
+        + _totals_function(
+            "update",
+            _rows("old_rows", "-1", "-parts", "-coalesce(cost, 0)")
+            + " UNION ALL "
+            + _rows("new_rows", "1", "parts", "coalesce(cost, 0)"),
+        )
+        + _totals_function("delete", _rows("old_rows", "-1", "0", "0.0"))
+        + """
+        CREATE TRIGGER messages_totals_insert AFTER INSERT ON messages
+            REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION messages_totals_insert();
+        CREATE TRIGGER messages_totals_update AFTER UPDATE ON messages
+            REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION messages_totals_update();
+        CREATE TRIGGER messages_totals_delete AFTER DELETE ON messages
+            REFERENCING OLD TABLE AS old_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION messages_totals_delete();
         INSERT INTO message_totals
             SELECT 0, source, state, coalesce(reason_kind, 'other'), sent_at IS NOT NULL,
                 count(*), sum(parts), coalesce(sum(cost), 0)
