@@ -22,32 +22,21 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 
 from bridge.models import NewMessage, State
-from bridge.store.api import IngestQuestions, Lookups, Pending, Store
+from bridge.store.api import Store
 from bridge.store.postgres.store import PostgresStore
 from bridge.store.sqlite import SqliteStore
+from tests.stores import AS_GIVEN
 
 COUNT = 10_000
-
-
-class AsGiven:
-    def questions(self, pending: Sequence[Pending]) -> IngestQuestions:
-        return IngestQuestions()
-
-    def decide(
-        self, lookups: Lookups, pending: Sequence[Pending], ids: Sequence[int]
-    ) -> list[NewMessage]:
-        return [m for m, _ in pending]
-
-
-# One decider for every call, as the bridge's ingress has (bridge.ingress.ingest): the
-# store decides consecutive calls with one decider together, one INSERT for a group.
-AS_GIVEN = AsGiven()
+# AS_GIVEN stores messages as given: one decider for every call, as the bridge's ingress
+# has one (bridge.ingress.ingest); the store decides consecutive calls with one decider
+# together, one INSERT for a group (a decider per call would insert per call).
 
 
 @contextlib.asynccontextmanager

@@ -125,40 +125,34 @@ async def test_migrate_refuses_a_version_it_does_not_have(empty_db: Database) ->
         await migrate(empty_db, target=LATEST + 1)
 
 
+async def plan_on_20000(db: Database, state: str, reason: str, sql: str, *args: object) -> str:
+    """EXPLAIN `sql` on a migrated store of 20,000 messages in `state` with `reason` (SQL
+    over n, 1..20,000; created n * 432 s after the epoch: 100 days), analyzed."""
+    await migrate(db)
+    async with db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO messages (recipient, text, source, sender_id, message_type, parts,"
+            " state, reason, created_at, updated_at, next_attempt_at)"
+            f" SELECT '+4915100000001', 'x', 'http', 'bridge', 1, 1, $1, {reason}, n * 432,"
+            " n * 432, n * 432 FROM generate_series(1, 20000) AS n",
+            state,
+        )
+        await conn.execute("ANALYZE messages")
+        return "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", *args))
+
+
 async def test_retention_finds_old_messages_by_creation_time(empty_db: Database) -> None:
     # Most stored messages are finished, so their state narrows nothing: with the
     # planner's statistics of a store of 20,000 over 100 days, the day to purge is
     # found through messages_created_at, not by reading every finished row.
-    await migrate(empty_db)
-    async with empty_db.transaction() as conn:
-        await conn.execute(
-            "INSERT INTO messages (recipient, text, source, sender_id, message_type, parts,"
-            " state, created_at, updated_at, next_attempt_at)"
-            " SELECT '+4915100000001', 'x', 'http', 'bridge', 1, 1, 'delivered', n * 432,"
-            " n * 432, n * 432 FROM generate_series(1, 20000) AS n"
-        )
-        await conn.execute("ANALYZE messages")
-        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {PURGE}", 86400.0))
+    plan = await plan_on_20000(empty_db, "delivered", "NULL", PURGE, 86400.0)
     assert "messages_created_at" in plan, plan
 
 
 async def test_a_message_page_looks_up_what_names_it(empty_db: Database) -> None:
     # mentioned_by matched every suppressed message with LIKE; its expression must be
     # written as migration 6's index is for the planner to use it.
-    await migrate(empty_db)
-    async with empty_db.transaction() as conn:
-        await conn.execute(
-            "INSERT INTO messages (recipient, text, source, sender_id, message_type, parts,"
-            " state, reason, created_at, updated_at, next_attempt_at)"
-            " SELECT '+4915100000001', 'x', 'http', 'bridge', 1, 1, 'suppressed',"
-            " 'duplicate of message ' || n || ' within 600s', n, n, n"
-            " FROM generate_series(1, 20000) AS n"
-        )
-        await conn.execute("ANALYZE messages")
-        plan = "\n".join(
-            r[0]
-            for r in await conn.fetch(
-                f"EXPLAIN {MENTIONED_BY}", 12, "% message 12 %", "% message 12", 200
-            )
-        )
+    reason = "'duplicate of message ' || n || ' within 600s'"
+    args = (12, "% message 12 %", "% message 12", 200)
+    plan = await plan_on_20000(empty_db, "suppressed", reason, MENTIONED_BY, *args)
     assert "messages_mentions" in plan, plan
