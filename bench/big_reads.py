@@ -3,6 +3,7 @@ store's methods in-process (best of 3, warm), then the real pages of `sms-bridge
 on 127.0.0.1 (median of 5). Run by hand, on a copy of the file (serve may write to it):
 
     python bench/big_reads.py COPY_OF_STORE [--message-id N] [--no-http]
+    python bench/big_reads.py --postgres URL [...]   # a database `store copy` filled
 
 Routes `route-0`...`route-7` are configured as bench/big_store.py named them; retention
 is off (the store is kept as built) and the provider is the in-process sandbox.
@@ -25,13 +26,18 @@ import httpx
 
 import bridge
 from bench.common import free_port, server
+from bridge.store import Store
+from bridge.store.postgres.store import PostgresStore
 from bridge.store.sqlite import SqliteStore
 
 ROUTES = [f"route-{i}" for i in range(8)]
 
 
-async def store_timings(path: Path, message_id: int) -> None:
-    store = SqliteStore(path)
+def open_store(path: Path | None, postgres: str | None) -> Store:
+    return PostgresStore(postgres) if postgres else SqliteStore(path or "")
+
+
+async def store_timings(store: Store, message_id: int) -> None:
     await store.open()
     calls: dict[str, Callable[[], Awaitable[Any]]] = {
         "counts_for_metrics()": store.counts_for_metrics,
@@ -48,11 +54,12 @@ async def store_timings(path: Path, message_id: int) -> None:
         await store.close()
 
 
-def _route_call(store: SqliteStore) -> Callable[[], Awaitable[Any]]:
+def _route_call(store: Store) -> Callable[[], Awaitable[Any]]:
     # The configured routes' names, where the store asks per route; else no argument.
-    if not inspect.signature(store.route_last_messages).parameters:
-        return store.route_last_messages
-    return lambda: store.route_last_messages(ROUTES)
+    ask: Callable[..., Awaitable[Any]] = store.route_last_messages  # either signature
+    if not inspect.signature(ask).parameters:
+        return ask
+    return lambda: ask(ROUTES)
 
 
 async def _timed(call: Callable[[], Awaitable[Any]]) -> float:
@@ -61,7 +68,7 @@ async def _timed(call: Callable[[], Awaitable[Any]]) -> float:
     return time.perf_counter() - started
 
 
-def http_timings(path: Path, message_id: int) -> None:
+def http_timings(path: Path | None, postgres: str | None, message_id: int) -> None:
     port = free_port()
     routes = "".join(
         f'[routes.{name}]\nformat = "generic"\nto = ["+12025550101"]\npublic = true\n'
@@ -71,7 +78,7 @@ def http_timings(path: Path, message_id: int) -> None:
         config = Path(tmp) / "bridge.toml"
         config.write_text(
             f'[http]\nlisten = "127.0.0.1:{port}"\n[smtp]\nlisten = ""\n'
-            f'[store]\npath = "{path.resolve()}"\nretention = "0"\n{routes}'
+            f'[store]\n{_where(path, postgres)}\nretention = "0"\n{routes}'
         )
         args = [sys.executable, "-m", "bridge", "serve", "--config", str(config)]
         # serve from the tree this script imports the bridge from (PYTHONPATH): before
@@ -93,15 +100,20 @@ def http_timings(path: Path, message_id: int) -> None:
                     print(f"http  {page:32} {statistics.median(times) * 1000:9.1f} ms median")
 
 
+def _where(path: Path | None, postgres: str | None) -> str:
+    return f'url = "{postgres}"' if postgres else f'path = "{path.resolve() if path else ""}"'
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", type=Path)
+    parser.add_argument("path", type=Path, nargs="?")
+    parser.add_argument("--postgres", help="URL of a PostgreSQL store instead")
     parser.add_argument("--message-id", type=int, default=500_000)
     parser.add_argument("--no-http", action="store_true")
     args = parser.parse_args()
-    asyncio.run(store_timings(args.path, args.message_id))
+    asyncio.run(store_timings(open_store(args.path, args.postgres), args.message_id))
     if not args.no_http:
-        http_timings(args.path, args.message_id)
+        http_timings(args.path, args.postgres, args.message_id)
 
 
 if __name__ == "__main__":
