@@ -28,7 +28,10 @@ BY_REASON = (
 )
 SENT = "SELECT coalesce(sum(parts), 0), coalesce(sum(cost), 0) FROM message_totals WHERE sent"
 # Not a total: the queued few, through messages_due (state, next_attempt_at, id).
-OLDEST_QUEUED = "SELECT min(created_at) FROM messages WHERE state = 'queued'"
+# `created_at + 0`: PostgreSQL turns a lone min(created_at) into a walk of
+# messages_created_at from the oldest message until one is queued, i.e. the whole index
+# when none is (260 ms on a million messages, at every scrape).
+OLDEST_QUEUED = "SELECT min(created_at + 0) FROM messages WHERE state = 'queued'"
 
 
 def metric_counts(
