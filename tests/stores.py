@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from bridge.models import NewMessage
+from bridge.models import NewMessage, State
 from bridge.store import Store
 from bridge.store.api import IngestQuestions, Lookups, Pending
 from bridge.store.postgres.store import PostgresStore
@@ -105,3 +105,43 @@ class FaultySqliteStore(SqliteStore):
 def faulty_store(config: Any) -> FaultySqliteStore:
     """The store `config` names, with the test seams (the bridge opens it)."""
     return FaultySqliteStore(config.store.path)
+
+
+async def aggregated(store: Store, purged_parts: int = 0, purged_cost: float = 0.0) -> tuple:
+    """What /metrics and /api/v1/stats report, aggregated here from every stored row (as
+    the store did before it kept running totals); plus what retention purged of "sent"."""
+    rows = await store.query(limit=10_000)
+    by_source_state: dict[tuple[str, str], int] = {}
+    by_state: dict[str, int] = {}
+    reasons: dict[str, dict[str, int]] = {}
+    for m in rows:
+        key = (m.source, str(m.state))
+        by_source_state[key] = by_source_state.get(key, 0) + 1
+        by_state[str(m.state)] = by_state.get(str(m.state), 0) + 1
+        if m.state in (State.HELD, State.SUPPRESSED, State.FAILED):
+            kinds = reasons.setdefault(str(m.state), {})
+            kinds[m.reason_kind or "other"] = kinds.get(m.reason_kind or "other", 0) + 1
+    sent = [m for m in rows if m.sent_at is not None]
+    return (
+        sorted((s, st, n) for (s, st), n in by_source_state.items()),
+        by_state,
+        reasons,
+        sum(m.parts for m in sent) + purged_parts,
+        pytest.approx(sum(m.cost or 0 for m in sent) + purged_cost),
+    )
+
+
+async def reported(store: Store) -> tuple:
+    metrics = await store.counts_for_metrics()
+    stats_reasons = await store.counts_by_reason()
+    metric_reasons: dict[str, dict[str, int]] = {}
+    for state, kind, n in metrics.by_reason:
+        metric_reasons.setdefault(state, {})[kind] = n
+    assert metric_reasons == stats_reasons  # /metrics and /api/v1/stats agree
+    return (
+        sorted(metrics.by_source_state),
+        await store.counts(),
+        stats_reasons,
+        metrics.parts_sent,
+        metrics.cost,
+    )

@@ -25,6 +25,7 @@ from tests.processes import ANY_PORT, clean_env, process, wait_for
 from tests.stores import seed
 
 pytestmark = pytest.mark.slow
+HOOK = "route-token-0123456789abcdef"
 
 
 def _config(db: str, routes: str, smtp_listen: str = ANY_PORT) -> str:
@@ -155,32 +156,59 @@ def test_retry_and_purge_commands(tmp_path) -> None:
     assert _run(tmp_path, "messages", "--reason", "storm", "--json").stdout.strip() == "[]"
 
 
+@pytest.mark.usefixtures("backend")
 async def test_metrics_after_a_known_sequence(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
-    config = bridge_config(tmp_path, sandbox_url)
+    """/metrics, /api/v1/stats and the routes page after a known sequence, on each store
+    backend: the figures come from running totals kept by the store, the routes' last
+    messages from a lookup per configured route."""
+    route = f'[routes.am]\nformat = "generic"\nto = ["+12025550144"]\ntoken = "{HOOK}"\n'
+    config = bridge_config(tmp_path, sandbox_url, route)
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         for text in ("one", "two", "one"):  # the second "one" is a duplicate
             await http.post(f"{url}/api/v1/messages", json={"to": "+12025550143", "message": text})
+        hooked = await http.post(
+            f"{url}/hooks/am", json={"message": "hook"}, headers={"Authorization": f"Bearer {HOOK}"}
+        )
+        assert hooked.status_code == 202, hooked.text
         before = (await http.get(f"{url}/metrics")).text
         assert 'sms_bridge_messages{source="http",state="queued"} 2.0' in before
-        assert "sms_bridge_queue_depth 2.0" in before
+        assert 'sms_bridge_messages{source="hook",state="queued"} 1.0' in before
+        assert "sms_bridge_queue_depth 3.0" in before
+        [last] = (await http.get(f"{url}/ui/routes.json")).json()["routes"]
+        assert last["last_message"]["id"] == hooked.json()["ids"][0]
+        assert last["last_message"]["state"] == "queued"
 
         async def sent() -> bool:
             return (await bridge.store.counts()).get("queued", 0) == 0
 
         await pump(bridge, clock, sent, max_seconds=60)
         after = (await http.get(f"{url}/metrics")).text
+        stats = (await http.get(f"{url}/api/v1/stats")).json()
+        # Retention takes the finished messages out of the counts, not out of "sent".
+        assert await bridge.store.purge(clock.now() + 1) == 4
+        purged = (await http.get(f"{url}/metrics")).text
+        purged_stats = (await http.get(f"{url}/api/v1/stats")).json()
+        gone = (await http.get(f"{url}/ui/routes/am.json")).json()["last_message"]
     assert 'sms_bridge_messages_by_reason{reason="duplicate",state="suppressed"} 1.0' in after
-    assert 'sms_bridge_provider_requests_total{endpoint="send",outcome="success"} 2.0' in after
-    assert 'sms_bridge_provider_request_seconds_count{endpoint="send"} 2.0' in after
-    assert "sms_bridge_sms_parts_sent 2.0" in after
-    assert "sms_bridge_cost_sent 1.0" in after
+    assert 'sms_bridge_provider_requests_total{endpoint="send",outcome="success"} 3.0' in after
+    assert 'sms_bridge_provider_request_seconds_count{endpoint="send"} 3.0' in after
+    assert "sms_bridge_sms_parts_sent 3.0" in after
+    assert "sms_bridge_cost_sent 1.5" in after
     assert "sms_bridge_provider_ready 1.0" in after
     assert re.search(r"sms_bridge_rate_budget_left \d+", after)
     commits = float(re.search(r"^sms_bridge_store_commits (\S+)", after, re.M).group(1))
     writes = float(re.search(r"^sms_bridge_store_writes_committed (\S+)", after, re.M).group(1))
     assert 3 <= commits <= writes  # three ingests at least, each written and committed
+    assert stats["states"] == {"sent": 3, "suppressed": 1} or stats["states"] == {
+        "delivered": 3,
+        "suppressed": 1,
+    }
+    assert stats["reasons"] == {"suppressed": {"duplicate": 1}}
+    assert "sms_bridge_sms_parts_sent 3.0" in purged and "sms_bridge_cost_sent 1.5" in purged
+    assert "sms_bridge_messages{" not in purged and "sms_bridge_messages_by_reason{" not in purged
+    assert purged_stats == {"states": {}, "reasons": {}} and gone is None
 
 
 def test_secrets_from_the_config_are_masked_in_serves_log(tmp_path) -> None:

@@ -12,8 +12,9 @@ import pytest
 from bridge.errors import SchemaError
 from bridge.store.postgres.migrate import check_schema, migrate
 from bridge.store.postgres.pool import Database
-from bridge.store.postgres.queries import PURGE
+from bridge.store.postgres.queries import MENTIONED_BY, PURGE
 from bridge.store.postgres.schema import LATEST, MIGRATIONS
+from bridge.store.totals import OLDEST_QUEUED
 
 
 @pytest.fixture
@@ -125,18 +126,42 @@ async def test_migrate_refuses_a_version_it_does_not_have(empty_db: Database) ->
         await migrate(empty_db, target=LATEST + 1)
 
 
+async def plan_on_20000(db: Database, state: str, reason: str, sql: str, *args: object) -> str:
+    """EXPLAIN `sql` on a migrated store of 20,000 messages in `state` with `reason` (SQL
+    over n, 1..20,000: message n is created n * 432 s after the epoch, 100 days), analyzed."""
+    await migrate(db)
+    async with db.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO messages (recipient, text, source, sender_id, message_type, parts,"
+            " state, reason, created_at, updated_at, next_attempt_at)"
+            f" SELECT '+4915100000001', 'x', 'http', 'bridge', 1, 1, {state}, {reason}, n * 432,"
+            " n * 432, n * 432 FROM generate_series(1, 20000) AS n"
+        )
+        await conn.execute("ANALYZE messages")
+        return "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", *args))
+
+
 async def test_retention_finds_old_messages_by_creation_time(empty_db: Database) -> None:
     # Most stored messages are finished, so their state narrows nothing: with the
     # planner's statistics of a store of 20,000 over 100 days, the day to purge is
     # found through messages_created_at, not by reading every finished row.
-    await migrate(empty_db)
-    async with empty_db.transaction() as conn:
-        await conn.execute(
-            "INSERT INTO messages (recipient, text, source, sender_id, message_type, parts,"
-            " state, created_at, updated_at, next_attempt_at)"
-            " SELECT '+4915100000001', 'x', 'http', 'bridge', 1, 1, 'delivered', n * 432,"
-            " n * 432, n * 432 FROM generate_series(1, 20000) AS n"
-        )
-        await conn.execute("ANALYZE messages")
-        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {PURGE}", 86400.0))
+    plan = await plan_on_20000(empty_db, "'delivered'", "NULL", PURGE, 86400.0)
     assert "messages_created_at" in plan, plan
+
+
+async def test_a_message_page_looks_up_what_names_it(empty_db: Database) -> None:
+    # mentioned_by matched every suppressed message with LIKE; its expression must be
+    # written as migration 6's index is for the planner to use it.
+    reason = "'duplicate of message ' || n || ' within 600s'"
+    args = (12, "% message 12 %", "% message 12", 200)
+    plan = await plan_on_20000(empty_db, "'suppressed'", reason, MENTIONED_BY, *args)
+    assert "messages_mentions" in plan, plan
+
+
+async def test_a_scrape_finds_the_oldest_queued_among_the_queued(empty_db: Database) -> None:
+    # min(created_at) alone became a walk of messages_created_at from the oldest message
+    # until a queued one: the whole index when nothing is queued (260 ms a scrape on a
+    # million messages). The newest few are queued, as the statistics of a live store say.
+    state = "CASE WHEN n > 19950 THEN 'queued' ELSE 'delivered' END"
+    plan = await plan_on_20000(empty_db, state, "NULL", OLDEST_QUEUED)
+    assert "messages_created_at" not in plan and "messages_due" in plan, plan

@@ -12,7 +12,7 @@ from bridge.models import NewMessage, State
 from bridge.policy.decide import Rules
 from bridge.store import Store
 from bridge.store.api import Held, IngestQuestions, Lookups, Pause
-from tests.stores import AS_GIVEN, BACKENDS, FACTORIES, seed
+from tests.stores import AS_GIVEN, BACKENDS, FACTORIES, aggregated, reported, seed
 
 MESSAGE = NewMessage("+12025550143", "hi", "http", "SMS", 1, 1)
 OWNER = {"owner": "test:1", "lease_until": 1e12}
@@ -556,3 +556,80 @@ async def test_a_numbers_messages_are_looked_up_newest_created_first(store: Stor
     assert pages == [latest, stepped_back, first]
     # a cursor since purged: after it by id alone
     assert [m.id for m in await store.query(number=number, before_id=99)] == pages
+
+
+async def test_running_totals_follow_every_change_and_keep_what_was_sent(store: Store) -> None:
+    """/metrics and /api/v1/stats read running totals kept by the store: after each kind
+    of write they say what an aggregate over every row says, except that parts and cost
+    sent stay counted when retention purges the messages (they never go down)."""
+    duplicate = MESSAGE._replace(
+        state=State.SUPPRESSED, reason="duplicate of message 1", reason_kind="duplicate"
+    )
+    held = MESSAGE._replace(recipient="+12025550199", state=State.HELD, reason_kind="storm")
+    ids = await seed(
+        store,
+        [
+            MESSAGE._replace(parts=2, route="r"),
+            MESSAGE._replace(source="smtp", parts=3),
+            MESSAGE._replace(source="hook", route="r"),
+            MESSAGE,
+            duplicate,
+            held,
+            held._replace(text="again"),
+            MESSAGE._replace(source="budget"),
+        ],
+        1.0,
+    )
+    a, b, c, d, _, _, _, warning = ids
+    assert await reported(store) == await aggregated(store)
+    steps = [
+        lambda: store.claim([a, b, c, warning], 2.0, **OWNER),
+        lambda: store.mark_sent([(a, "p-a", 0.25), (b, "p-b", None)], 3.0, owner="test:1"),
+        lambda: store.requeue([c], 3.0, owner="test:1", at=5.0, reason="HTTP 500"),
+        lambda: store.finish([(warning, State.FAILED, "refused")], 3.0, owner="test:1"),
+        lambda: store.record_status([(a, State.DELIVERED, None), (b, State.FAILED, "x")], 4.0),
+        lambda: store.cancel([d], 4.0, by="admin"),
+        lambda: store.retry(None, 5.0, by="admin"),
+        lambda: store.fold_held("+12025550199", 6.0, _digest, lambda i: f"into message {i}"),
+        lambda: store.claim([c, d], 7.0, **OWNER),
+        lambda: store.note_unknown([c], 7.5, "timeout", "timeout", owner="test:1"),
+        lambda: store.settle_unknown([c], 8.0, "outcome unknown", owner="test:1"),
+        lambda: store.mark_sent([(d, "p-d", 0.5)], 8.0, owner="test:1"),
+        lambda: store.set_provider_ids([(c, "p-c")]),
+    ]
+    for step in steps:
+        await step()
+        assert await reported(store) == await aggregated(store), step
+    before, sent_before = await store.query(limit=100), (await reported(store))[3]
+    assert await store.purge(1e9) > 0  # everything finished goes
+    kept = {m.id for m in await store.query(limit=100)}
+    gone = [m for m in before if m.id not in kept and m.sent_at is not None]
+    gone_parts, gone_cost = sum(m.parts for m in gone), sum(m.cost or 0 for m in gone)
+    after = await reported(store)
+    assert gone_parts > 0 and after == await aggregated(store, gone_parts, gone_cost)
+    assert after[3] == sent_before  # purged, still sent: the figure never goes down
+
+
+def _digest(held: list[Held]) -> NewMessage:
+    return MESSAGE._replace(recipient="+12025550199", source="digest", text=f"{len(held)} held")
+
+
+async def test_mentioned_by_finds_what_names_the_message_as_a_whole_number(store: Store) -> None:
+    """A message's page lists its duplicates and what a digest folded into it (found
+    through an index of the number a reason names since SQLite 0010, PostgreSQL 6)."""
+    suppressed = MESSAGE._replace(state=State.SUPPRESSED, reason_kind="duplicate")
+    ids = await seed(
+        store,
+        [
+            suppressed._replace(reason="duplicate of message 12 within 600s"),
+            suppressed._replace(reason="duplicate of message 123 within 600s"),
+            suppressed._replace(reason="storm control: folded into digest message 12"),
+            suppressed._replace(reason="mail loop: message 12 of 99999999999999999999999"),
+            MESSAGE._replace(reason="duplicate of message 12 within 600s"),  # queued
+        ],
+        1.0,
+    )
+    assert [m["id"] for m in await store.mentioned_by(12)] == [ids[0], ids[2], ids[3]]
+    assert [m["id"] for m in await store.mentioned_by(123)] == [ids[1]]
+    assert await store.mentioned_by(1) == [] and await store.mentioned_by(2**70) == []
+    assert [m["id"] for m in await store.mentioned_by(12, limit=1)] == [ids[0]]

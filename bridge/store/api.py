@@ -348,7 +348,8 @@ class Queries(Protocol):
         ...
 
     async def counts(self) -> dict[str, int]:
-        """Stored messages by state (states with none are absent)."""
+        """Stored messages by state (states with none are absent); from running totals
+        (bridge.store.totals), not a count of every row."""
         ...
 
     async def counts_by_reason(self) -> dict[str, dict[str, int]]:
@@ -407,8 +408,9 @@ class Queries(Protocol):
         """Recipients with held messages: recipient, held, first_at; oldest first."""
         ...
 
-    async def route_last_messages(self) -> dict[str, dict[str, Any]]:
-        """Each route's newest stored message: route, id, state, created_at."""
+    async def route_last_messages(self, routes: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The newest stored message of each of `routes` that has one: route, id, state,
+        created_at. Asked per route (an index), not of every message ever stored."""
         ...
 
     async def mentioned_by(self, message_id: int, limit: int = 200) -> list[dict[str, Any]]:

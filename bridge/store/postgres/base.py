@@ -31,6 +31,7 @@ LOCK_KEYS = (
     "SELECT count(pg_advisory_xact_lock(h)) FROM (SELECT DISTINCT"
     " hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY 1) AS keys"
 )
+TOTALS_LOCK = 0x534D_5302  # "SMS" 2: folding the running totals of gone connections
 RATE_LOCK = 0x534D_5303  # "SMS" 3: booking in the provider's shared rate window
 BUDGET_LOCK = 0x534D_5305  # "SMS" 5: the daily caps' decision and the claim after it
 # Tells every listening instance that messages became due (bridge.store.postgres.coordination

@@ -25,6 +25,7 @@ import asyncpg
 from bridge.errors import StoreUnavailable
 from bridge.store.postgres.base import one
 from bridge.store.postgres.pool import Conn, Database
+from bridge.store.postgres.schema import REBUILD_TOTALS
 
 CHUNK = 5000  # rows per COPY
 DATA_TABLES = ("messages", "events", "provider_requests")
@@ -129,6 +130,7 @@ async def _load(db: Database, tables: Sequence[Rows], replace: bool) -> Loaded:
             counts[table.name] = await _copy(conn, table)
             if table.name == "messages":  # the trigger's events: the source's replace them
                 await conn.execute("DELETE FROM events")
+                await conn.execute(REBUILD_TOTALS)
         for name in DATA_TABLES:
             await conn.execute(ADVANCE.format(table=name), name)
         top = await conn.fetchval("SELECT coalesce(max(id), 0) FROM messages")

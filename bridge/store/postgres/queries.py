@@ -7,14 +7,33 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import bridge.store.totals as totals
 from bridge.models import MAX_ROW_ID, Message
 from bridge.store.api import MetricCounts
-from bridge.store.postgres.base import Base, one
+from bridge.store.postgres.base import TOTALS_LOCK, Base, one
+from bridge.store.postgres.schema import MENTIONED
 
 # `sent` too: past status.give_up_after nothing will move it any more.
 PURGEABLE = "('sent', 'delivered', 'failed', 'suppressed')"
 # Retention: finished messages created before $1 (through messages_created_at).
 PURGE = f"DELETE FROM messages WHERE created_at < $1 AND state IN {PURGEABLE} RETURNING id"
+# bridge.store.totals: rows of connections no longer in pg_stat_activity, into slot 0.
+TAKE_TOTALS_LOCK = f"SELECT pg_advisory_xact_lock({TOTALS_LOCK})"
+FOLD_TOTALS = (
+    "WITH gone AS (DELETE FROM message_totals WHERE ctid IN (SELECT ctid FROM message_totals"
+    " WHERE slot <> 0 AND slot NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)"
+    " FOR UPDATE SKIP LOCKED) RETURNING source, state, reason_kind, sent, n, parts, cost)"
+    " INSERT INTO message_totals AS t SELECT 0, source, state, reason_kind, sent, sum(n),"
+    " sum(parts), sum(cost) FROM gone GROUP BY source, state, reason_kind, sent"
+    " ON CONFLICT (slot, source, state, reason_kind, sent) DO UPDATE"
+    " SET n = t.n + excluded.n, parts = t.parts + excluded.parts, cost = t.cost + excluded.cost"
+)
+# A message's page: the suppressed messages whose reason names it (messages_mentions).
+MENTIONED_BY = (
+    "SELECT id, recipient, reason, created_at FROM messages"
+    f" WHERE state = 'suppressed' AND {MENTIONED} = $1"
+    " AND (reason LIKE $2 OR reason LIKE $3) ORDER BY id LIMIT $4"
+)
 SEARCHABLE = ("state", "reason_kind", "route", "source")  # exact-match filters of `query`
 # Today's use: sent since the day began ($1), or in flight (another instance's call
 # under way spends the same budget), whenever claimed: its send is stamped when it is
@@ -88,38 +107,18 @@ class QueryOps(Base):
         return await self._messages(sql + f" ORDER BY {order} LIMIT ${len(args)}", *args)
 
     async def counts(self) -> dict[str, int]:
-        rows = await self._fetch("SELECT state, count(*) FROM messages GROUP BY state")
-        return {r[0]: int(r[1]) for r in rows}
+        return {r[0]: int(r[1]) for r in await self._fetch(totals.BY_STATE)}
 
     async def counts_by_reason(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for state, kind, count in await self._fetch(
-            "SELECT state, coalesce(reason_kind, 'other'), count(*) FROM messages"
-            " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY 1, 2"
-        ):
-            out.setdefault(state, {})[kind] = int(count)
-        return out
+        return totals.reasons(await self._fetch(totals.BY_REASON))
 
     async def counts_for_metrics(self) -> MetricCounts:
         async with self.db.connection() as c:
-            oldest = await c.fetchval("SELECT min(created_at) FROM messages WHERE state = 'queued'")
-            sent = await one(
-                c,
-                "SELECT coalesce(sum(parts), 0), coalesce(sum(cost), 0) FROM messages"
-                " WHERE sent_at IS NOT NULL",
-            )
-            by_source = await c.fetch("SELECT source, state, count(*) FROM messages GROUP BY 1, 2")
-            by_reason = await c.fetch(
-                "SELECT state, coalesce(reason_kind, 'other'), count(*) FROM messages"
-                " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY 1, 2"
-            )
-        return MetricCounts(
-            by_source_state=[(s, st, int(n)) for s, st, n in by_source],
-            by_reason=[(st, k, int(n)) for st, k, n in by_reason],
-            oldest_queued=oldest,
-            parts_sent=int(sent[0]),
-            cost=float(sent[1]),
-        )
+            by_source = await c.fetch(totals.BY_SOURCE_STATE)
+            by_reason = await c.fetch(totals.BY_REASON)
+            oldest = await c.fetchval(totals.OLDEST_QUEUED)
+            sent = await one(c, totals.SENT)
+        return totals.metric_counts(by_source, by_reason, oldest, sent)
 
     async def spent_since(
         self, since: float, exclude_source: str
@@ -286,22 +285,25 @@ class QueryOps(Base):
             )
         ]
 
-    async def route_last_messages(self) -> dict[str, dict[str, Any]]:
+    async def route_last_messages(self, routes: Sequence[str]) -> dict[str, dict[str, Any]]:
         return {
             r["route"]: dict(r)
             for r in await self._fetch(
-                "SELECT route, id, state, created_at FROM messages WHERE id IN"
-                " (SELECT max(id) FROM messages WHERE route IS NOT NULL GROUP BY route)"
+                "SELECT m.route, m.id, m.state, m.created_at FROM unnest($1::text[]) AS r(name)"
+                " CROSS JOIN LATERAL (SELECT route, id, state, created_at FROM messages"
+                " WHERE route = r.name ORDER BY id DESC LIMIT 1) AS m",
+                list(routes),
             )
         }
 
     async def mentioned_by(self, message_id: int, limit: int = 200) -> list[dict[str, Any]]:
+        if not 0 < message_id <= MAX_ROW_ID:
+            return []
         return [
             dict(r)
             for r in await self._fetch(
-                "SELECT id, recipient, reason, created_at FROM messages"
-                " WHERE state = 'suppressed' AND (reason LIKE $1 OR reason LIKE $2)"
-                " ORDER BY id LIMIT $3",
+                MENTIONED_BY,
+                message_id,
                 f"% message {message_id} %",
                 f"% message {message_id}",
                 limit,
@@ -313,4 +315,14 @@ class QueryOps(Base):
         async with self._write() as conn:
             doomed = [int(r[0]) for r in await conn.fetch(PURGE, before)]
             await conn.execute("DELETE FROM events WHERE message_id = ANY($1::bigint[])", doomed)
+        await self.fold_totals()  # hourly on the leader, as retention runs
         return len(doomed)
+
+    async def fold_totals(self) -> None:
+        """Move the running totals of server connections that are gone into slot 0,
+        so that the rows read at each scrape stay a few per live connection. Skips rows
+        a live writer holds (never waits for one); one fold at a time (slot 0's rows
+        would otherwise be upserted by two in any order)."""
+        async with self._write() as conn:
+            await conn.execute(TAKE_TOTALS_LOCK)
+            await conn.execute(FOLD_TOTALS)

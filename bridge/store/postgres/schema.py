@@ -7,7 +7,9 @@ Version 2 adds what several instances on one database need: the owner and lease 
 claim, one row per provider key to book the shared rate window under a row lock (with
 the pause every instance must honour), and one row per instance for heartbeats.
 Version 3 records which API token sent each message (SQLite's 0007), for per-token caps;
-version 4 indexes created_at (SQLite's 0008).
+version 4 indexes created_at (SQLite's 0008); version 5 keeps running totals of the
+messages for /metrics and /api/v1/stats, and indexes route (SQLite's 0009); version 6
+indexes the message a suppressed one names (SQLite's 0010).
 
 Timestamps stay epoch seconds in `double precision`, as in SQLite: the bridge's clock
 is injected (tests drive it by hand), so the database's own `now()` is never the time.
@@ -26,11 +28,42 @@ from dataclasses import dataclass
 MIGRATION_LOCK = 0x534D_5301  # "SMS" 1: applying migrations
 
 
+# The N of the first " message N" in a reason: mentioned_by's, written as migration 6's
+# index is, or the planner does not use it (tests/test_pg_schema.py checks that it does).
+MENTIONED = r"substring(reason from ' message (\d+)')::numeric"
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: int
     name: str
     sql: str
+
+
+def _rows(table: str, n: str, parts: str, cost: str) -> str:
+    """A transition table's rows as (key..., n, parts, cost) to add to the totals."""
+    return (
+        f"SELECT source, state, coalesce(reason_kind, 'other') AS kind,"
+        f" sent_at IS NOT NULL AS sent, {n} AS n, {parts} AS parts, {cost} AS cost FROM {table}"
+    )
+
+
+def _totals_function(op: str, rows: str) -> str:
+    """Migration 5's trigger function for `op`: `rows` summed per key into this
+    connection's slot (keys whose sums are all zero are not written)."""
+    return f"""
+        CREATE FUNCTION messages_totals_{op}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO message_totals AS t
+                SELECT pg_backend_pid(), source, state, kind, sent, sum(n), sum(parts),
+                    sum(cost)
+                FROM ({rows}) AS d GROUP BY source, state, kind, sent
+                HAVING sum(n) <> 0 OR sum(parts) <> 0 OR sum(cost) <> 0
+            ON CONFLICT (slot, source, state, reason_kind, sent) DO UPDATE
+            SET n = t.n + excluded.n, parts = t.parts + excluded.parts,
+                cost = t.cost + excluded.cost;
+            RETURN NULL;
+        END $$;"""
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -165,9 +198,85 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX messages_created_at ON messages (created_at);
         """,
     ),
+    Migration(
+        5,
+        "message_totals_route",
+        """
+        -- Running totals (SQLite's 0009; bridge.store.totals): /metrics and /api/v1/stats
+        -- read these instead of aggregating every message. One row per key and server
+        -- connection (slot = pg_backend_pid()): a transaction only ever touches its own
+        -- connection's rows, so writers of a cluster never wait for one another on a
+        -- counter row, nor deadlock on two. fold_totals moves the rows of connections
+        -- that are gone into slot 0. n: messages there now; parts, cost: of every
+        -- message that was there, purged ones too ("sent" never goes down).
+        CREATE TABLE message_totals (
+            slot integer NOT NULL,
+            source text NOT NULL,
+            state text NOT NULL,
+            reason_kind text NOT NULL,
+            sent boolean NOT NULL,
+            n bigint NOT NULL,
+            parts bigint NOT NULL,
+            cost double precision NOT NULL,
+            PRIMARY KEY (slot, source, state, reason_kind, sent)
+        );
+        -- Statement triggers: one upsert per key a statement moved (a batch of 100
+        -- claims is one), not one per row; an UPDATE that moves no figure (leases,
+        -- provider ids) nets to nothing and writes nothing. Retention (DELETE): the
+        -- message leaves the count, what it cost stays sent.
+        """
+        + _totals_function("insert", _rows("new_rows", "1", "parts", "coalesce(cost, 0)"))
+        + _totals_function(
+            "update",
+            _rows("old_rows", "-1", "-parts", "-coalesce(cost, 0)")
+            + " UNION ALL "
+            + _rows("new_rows", "1", "parts", "coalesce(cost, 0)"),
+        )
+        + _totals_function("delete", _rows("old_rows", "-1", "0", "0.0"))
+        + """
+        CREATE TRIGGER messages_totals_insert AFTER INSERT ON messages
+            REFERENCING NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION messages_totals_insert();
+        CREATE TRIGGER messages_totals_update AFTER UPDATE ON messages
+            REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION messages_totals_update();
+        CREATE TRIGGER messages_totals_delete AFTER DELETE ON messages
+            REFERENCING OLD TABLE AS old_rows
+            FOR EACH STATEMENT EXECUTE FUNCTION messages_totals_delete();
+        INSERT INTO message_totals
+            SELECT 0, source, state, coalesce(reason_kind, 'other'), sent_at IS NOT NULL,
+                count(*), sum(parts), coalesce(sum(cost), 0)
+            FROM messages GROUP BY 2, 3, 4, 5;
+
+        -- The routes page asks each configured route for its newest message.
+        CREATE INDEX messages_route ON messages (route, id) WHERE route IS NOT NULL;
+        """,
+    ),
+    Migration(
+        6,
+        "mentions",
+        r"""
+        -- A message's page lists the suppressed messages whose reason names it
+        -- ("duplicate of message N ...", "... digest message N"): mentioned_by matched
+        -- every suppressed row with LIKE (SQLite's 0010). numeric, not bigint: a reason
+        -- quoting a longer number must not make its insert fail.
+        CREATE INDEX messages_mentions
+            ON messages ((substring(reason from ' message (\d+)')::numeric), id)
+            WHERE state = 'suppressed';
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
+
+# The running totals (version 5) counted again from the rows, all in slot 0: after a bulk
+# load (`store copy`), whose --replace TRUNCATEs the rows the triggers had counted.
+REBUILD_TOTALS = """
+    DELETE FROM message_totals;
+    INSERT INTO message_totals
+        SELECT 0, source, state, coalesce(reason_kind, 'other'), sent_at IS NOT NULL,
+            count(*), sum(parts), coalesce(sum(cost), 0)
+        FROM messages GROUP BY 2, 3, 4, 5"""
 
 CREATE_VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (

@@ -14,9 +14,10 @@ from typing import Any
 
 from sqlite_utils import Database
 
+import bridge.store.totals as totals
 from bridge.models import MAX_ROW_ID, Message
 from bridge.store.sqlite.base import EngineBound
-from bridge.store.sqlite.schema import JSON_IDS
+from bridge.store.sqlite.schema import JSON_IDS, MENTIONED, MENTIONS
 
 # `sent` too: past status.give_up_after nothing will move it any more.
 PURGEABLE_SQL = "('sent', 'delivered', 'failed', 'suppressed')"
@@ -159,29 +160,35 @@ class ConsoleQueries(EngineBound):
             ]
         )
 
-    async def route_last_messages(self) -> dict[str, dict[str, Any]]:
-        """Each route's newest stored message: survives a restart, unlike call records."""
+    async def route_last_messages(self, routes: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The newest stored message of each of `routes`: survives a restart, unlike
+        call records. One look into messages_route per route, not a walk of the table."""
         return await self.engine.read(
             lambda c: {
                 r["route"]: dict(r)
                 for r in c.execute(
                     "SELECT route, id, state, created_at FROM messages WHERE id IN"
-                    " (SELECT max(id) FROM messages WHERE route IS NOT NULL GROUP BY route)"
+                    " (SELECT (SELECT id FROM messages WHERE route = j.value"
+                    " ORDER BY id DESC LIMIT 1) FROM json_each(?) AS j)",
+                    (json.dumps(list(routes)),),
                 )
             }
         )
 
     async def mentioned_by(self, message_id: int, limit: int = 200) -> list[dict[str, Any]]:
         """Suppressed messages whose reason names this one: its duplicates, or what a
-        digest folded. Reasons say "message N" (policy, storm digests)."""
+        digest folded. Reasons say "message N" (policy, storm digests): found through
+        messages_mentions, then matched as whole words as before."""
+        if not 0 < message_id <= MAX_ROW_ID:
+            return []
         return await self.engine.read(
             lambda c: [
                 dict(r)
                 for r in c.execute(
                     "SELECT id, recipient, reason, created_at FROM messages"
-                    " WHERE state = 'suppressed' AND (reason LIKE ? OR reason LIKE ?)"
+                    f" WHERE {MENTIONS} AND {MENTIONED} = ? AND (reason LIKE ? OR reason LIKE ?)"
                     " ORDER BY id LIMIT ?",
-                    (f"% message {message_id} %", f"% message {message_id}", limit),
+                    (message_id, f"% message {message_id} %", f"% message {message_id}", limit),
                 )
             ]
         )
@@ -297,22 +304,13 @@ class ConsoleQueries(EngineBound):
 
     async def counts_by_reason(self) -> dict[str, dict[str, int]]:
         """{state: {reason kind: count}} for held, suppressed and failed messages."""
-        rows = await self.engine.read(
-            lambda c: c.execute(
-                "SELECT state, coalesce(reason_kind, 'other'), count(*) FROM messages"
-                " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY 1, 2"
-            ).fetchall()
+        return totals.reasons(
+            await self.engine.read(lambda c: c.execute(totals.BY_REASON).fetchall())
         )
-        out: dict[str, dict[str, int]] = {}
-        for state, kind, count in rows:
-            out.setdefault(state, {})[kind] = count
-        return out
 
     async def counts(self) -> dict[str, int]:
         return await self.engine.read(
-            lambda c: {
-                r[0]: r[1] for r in c.execute("SELECT state, count(*) FROM messages GROUP BY state")
-            }
+            lambda c: {r[0]: int(r[1]) for r in c.execute(totals.BY_STATE)}
         )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+import bridge.store.totals as totals
 from bridge.models import NewMessage, State
 from bridge.store.api import (
     Held,
@@ -227,25 +228,11 @@ def fold_held(
 
 # -- metrics --------------------------------------------------------------------------
 def counts_for_metrics(c: Any) -> MetricCounts:
-    """What /metrics reports from the messages table, read in one go at scrape time."""
-    oldest = c.execute("SELECT min(created_at) FROM messages WHERE state = 'queued'").fetchone()
-    sent = c.execute(
-        "SELECT coalesce(sum(parts), 0), coalesce(sum(cost), 0) FROM messages"
-        " WHERE sent_at IS NOT NULL"
-    ).fetchone()
-    return MetricCounts(
-        by_source_state=[
-            tuple(r)
-            for r in c.execute("SELECT source, state, count(*) FROM messages GROUP BY 1, 2")
-        ],
-        by_reason=[
-            tuple(r)
-            for r in c.execute(
-                "SELECT state, coalesce(reason_kind, 'other'), count(*) FROM messages"
-                " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY 1, 2"
-            )
-        ],
-        oldest_queued=oldest[0],
-        parts_sent=int(sent[0]),
-        cost=float(sent[1]),
+    """What /metrics reports, read in one go at scrape time: the running totals (a few
+    dozen rows, bridge.store.totals) and the oldest of the queued few."""
+    return totals.metric_counts(
+        c.execute(totals.BY_SOURCE_STATE).fetchall(),
+        c.execute(totals.BY_REASON).fetchall(),
+        c.execute(totals.OLDEST_QUEUED).fetchone()[0],
+        c.execute(totals.SENT).fetchone(),
     )

@@ -272,7 +272,7 @@ class Console(Gate):
 
     async def route_list(self, request: Request, caller: Caller) -> tuple[str, dict[str, Any]]:
         config = self.live.current
-        stored = await self.store.route_last_messages()
+        stored = await self.store.route_last_messages(sorted(config.routes))
         base = str(request.base_url).rstrip("/")
         routes = []
         for name, route in sorted(config.routes.items()):

@@ -1,0 +1,55 @@
+"""Reads of `message_totals`, the running totals both backends keep by triggers (SQLite
+migration 0009, PostgreSQL version 5): what /metrics and /api/v1/stats report, read
+from a few dozen rows instead of aggregated over every message at each request.
+
+A row is (source, state, reason kind or 'other', sent_at set) with n (messages stored
+there now), parts and cost (of every message that was there, purged ones included:
+"sent" never goes down when retention deletes old messages). PostgreSQL keeps one row
+per key and server connection (`slot`), so that concurrent writers never wait for one
+another on a counter row; these reads sum the slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from bridge.store.values import MetricCounts
+
+BY_SOURCE_STATE = (
+    "SELECT source, state, sum(n) FROM message_totals GROUP BY source, state"
+    " HAVING sum(n) > 0 ORDER BY 1, 2"
+)
+BY_STATE = "SELECT state, sum(n) FROM message_totals GROUP BY state HAVING sum(n) > 0"
+BY_REASON = (
+    "SELECT state, reason_kind, sum(n) FROM message_totals"
+    " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY state, reason_kind"
+    " HAVING sum(n) > 0 ORDER BY 1, 2"
+)
+SENT = "SELECT coalesce(sum(parts), 0), coalesce(sum(cost), 0) FROM message_totals WHERE sent"
+# Not a total: the queued few, through messages_due (state, next_attempt_at, id).
+# `created_at + 0`: PostgreSQL turns a lone min(created_at) into a walk of
+# messages_created_at from the oldest message until one is queued, i.e. the whole index
+# when none is (260 ms on a million messages, at every scrape).
+OLDEST_QUEUED = "SELECT min(created_at + 0) FROM messages WHERE state = 'queued'"
+
+
+def metric_counts(
+    by_source_state: Iterable[Any], by_reason: Iterable[Any], oldest: Any, sent: Any
+) -> MetricCounts:
+    """The rows of the reads above as `MetricCounts`."""
+    return MetricCounts(
+        by_source_state=[(s, st, int(n)) for s, st, n in by_source_state],
+        by_reason=[(st, k, int(n)) for st, k, n in by_reason],
+        oldest_queued=oldest,
+        parts_sent=int(sent[0]),
+        cost=float(sent[1]),
+    )
+
+
+def reasons(rows: Iterable[Any]) -> dict[str, dict[str, int]]:
+    """BY_REASON's rows as {state: {reason kind: count}}."""
+    out: dict[str, dict[str, int]] = {}
+    for state, kind, count in rows:
+        out.setdefault(state, {})[kind] = int(count)
+    return out
