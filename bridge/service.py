@@ -180,8 +180,8 @@ class Bridge:
             log.info("configuration reloaded from %s", path or "built-in defaults")
 
     async def retention(self, stop: asyncio.Event) -> None:
-        """Purge finished messages older than `store.retention`, hourly, on the
-        cluster's leader (one process: always this one)."""
+        """Purge finished messages older than `store.retention`, and the store's upkeep,
+        hourly, on the cluster's leader (one process: always this one)."""
 
         async def purge() -> float:
             keep = self.config.store.retention
@@ -189,6 +189,7 @@ class Bridge:
                 purged = await self.store.purge(self.clock.now() - keep)
                 if purged:
                     log.info("retention: purged %d messages older than %gs", purged, keep)
+            await self.store.upkeep()  # with retention off too
             return RETENTION_INTERVAL
 
         await run_steps(

@@ -46,8 +46,8 @@ async def test_two_instances_writing_at_once_export_the_same_right_figures(
         assert await reported(a) == expected and await reported(b) == expected
         assert expected[3] == sum(1 + n % 2 for n in range(60) if n % 4) * 2
         assert len(await slots(a)) > 2  # one per connection that wrote
-        await b.close()  # its connections are gone: the leader's purge folds them
-        await a.purge(0.0)
+        await b.close()  # its connections are gone: the leader's hourly upkeep folds them
+        await a.upkeep()
         assert await reported(a) == expected
         held = await a._fetch("SELECT DISTINCT slot FROM message_totals WHERE slot <> 0")
         live = {int(r[0]) for r in await a._fetch("SELECT pid FROM pg_stat_activity")}

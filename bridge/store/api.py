@@ -422,6 +422,12 @@ class Queries(Protocol):
         (sent, delivered, failed, suppressed), with their events; how many."""
         ...
 
+    async def upkeep(self) -> None:
+        """The store's own bookkeeping, hourly on the leader whatever `store.retention`
+        says: PostgreSQL folds the running totals of server connections that are gone
+        into one row per key (left, they grow with every reconnection for months)."""
+        ...
+
 
 class Leadership(Protocol):
     """One role (the singletons: status polling, digests, retention, takeovers) held by

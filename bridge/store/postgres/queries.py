@@ -315,8 +315,10 @@ class QueryOps(Base):
         async with self._write() as conn:
             doomed = [int(r[0]) for r in await conn.fetch(PURGE, before)]
             await conn.execute("DELETE FROM events WHERE message_id = ANY($1::bigint[])", doomed)
-        await self.fold_totals()  # hourly on the leader, as retention runs
         return len(doomed)
+
+    async def upkeep(self) -> None:
+        await self.fold_totals()
 
     async def fold_totals(self) -> None:
         """Move the running totals of server connections that are gone into slot 0,

@@ -1,0 +1,63 @@
+"""The leader's hourly step (`Bridge.retention`) on a running bridge and the manual
+clock: it purges finished messages older than `store.retention`, and runs the store's
+upkeep whether retention is on or off."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.models import NewMessage, State
+from bridge.service import RETENTION_INTERVAL
+from tests.helpers import bridge_config, running_bridge
+from tests.stores import FaultySqliteStore, seed
+
+DAY = 86400.0
+DONE = NewMessage("+12025550143", "old alert", "http", "SMS", 1, 1, state=State.SUPPRESSED)
+
+
+class CountingStore(FaultySqliteStore):
+    upkeeps = 0
+
+    async def upkeep(self) -> None:
+        self.upkeeps += 1
+        await super().upkeep()
+
+
+async def asleep_until(clock: ManualClock, at: float) -> None:
+    """Wait until a sleeper of `clock` waits for `at`: the step ran and is asleep again."""
+    for _ in range(500):
+        if at in clock.wakes():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no sleeper for {at}: {clock.wakes()}")
+
+
+@pytest.mark.parametrize("retention", [DAY, 0.0])
+async def test_the_hourly_step_purges_and_keeps_the_store(
+    tmp_path, clock: ManualClock, sandbox_url: str, retention: float
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url)
+    config = dataclasses.replace(
+        config, store=dataclasses.replace(config.store, retention=retention)
+    )
+    store = CountingStore(config.store.path)
+    async with running_bridge(config, clock, store) as (bridge, _):
+        [old] = await seed(store, [DONE], clock.now() - 2 * DAY)
+        [recent] = await seed(store, [DONE], clock.now())
+        stop = asyncio.Event()
+        step = asyncio.create_task(bridge.retention(stop))
+        try:
+            await asleep_until(clock, clock.now() + RETENTION_INTERVAL)
+            assert store.upkeeps == 1
+            kept = {m.id for m in await store.query(limit=10)}
+            assert kept == ({recent} if retention else {old, recent})
+            clock.advance(RETENTION_INTERVAL)  # an hour later: again
+            await asleep_until(clock, clock.now() + RETENTION_INTERVAL)
+            assert store.upkeeps == 2
+        finally:
+            stop.set()
+            await step
