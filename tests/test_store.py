@@ -5,6 +5,7 @@ rate window, budgets, digests, retention, migrations."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -608,6 +609,43 @@ async def test_running_totals_follow_every_change_and_keep_what_was_sent(store: 
     after = await reported(store)
     assert gone_parts > 0 and after == await aggregated(store, gone_parts, gone_cost)
     assert after[3] == sent_before  # purged, still sent: the figure never goes down
+
+
+async def test_cost_sent_never_goes_down_while_messages_are_delivered(store: Store) -> None:
+    """Delivery moves a message from the `sent` row of the totals to the `delivered` one.
+    Summed as floats in another order, "cost sent" then dropped by a rounding error
+    (8.116999999999999 -> ...997 on these costs), which Prometheus reads as a counter
+    reset: cost is counted in whole millionths."""
+    costs = [0.0075, 0.0079, 0.0375, 0.1, 0.2, 0.3, 0.7, 0.0512, 0.045]
+    ids = await seed(store, [MESSAGE._replace(text=f"t{i}") for i in range(50)], 1.0)
+    await store.claim(ids, 2.0, **OWNER)
+    await store.mark_sent([(i, f"p{i}", costs[i % 9]) for i in ids], 3.0, owner="test:1")
+    seen = [(await store.counts_for_metrics()).cost]
+    for i in ids:
+        await store.record_status([(i, State.DELIVERED, None)], 4.0)
+        seen.append((await store.counts_for_metrics()).cost)
+    assert seen == [seen[0]] * len(seen)
+    assert seen[0] == pytest.approx(sum(costs[i % 9] for i in ids))
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        "9" * 140_000,  # past PostgreSQL's numeric
+        # past a btree entry's size (random: a repeating run compresses to fit)
+        "".join(random.Random(2).choices("0123456789", k=12_000)),
+        "\u0661\u0662",  # Arabic-Indic digits: \d under an ICU collation, no number to cast
+    ],
+)
+async def test_a_suppressed_reason_naming_any_number_is_stored(store: Store, number: str) -> None:
+    """What a sender can put in a reason: a loop's reason quotes the Auto-Submitted
+    header (encoded words decode to one run of digits). The index of the number a
+    reason names must take it, or the mail is refused with 451 again and again."""
+    reason = f"auto-submitted mail (Auto-Submitted: auto-replied message {number})"
+    loop = MESSAGE._replace(state=State.SUPPRESSED, reason=reason, reason_kind="loop")
+    stored, _ = await seed(store, [loop, MESSAGE._replace(text="after")], 1.0)
+    assert (await store.get(stored)) is not None
+    assert len(await store.query(limit=10)) == 2
 
 
 def _digest(held: list[Held]) -> NewMessage:

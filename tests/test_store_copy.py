@@ -232,3 +232,32 @@ def test_copy_refuses_a_store_a_serve_has_open_and_a_target_without_schema(
     done = _copy(tmp_path, db, postgres_url)  # serve stopped: now it goes
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("copied 1 messages")
+
+
+async def test_what_was_sent_before_retention_stays_counted_after_the_copy(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Parts and cost sent count messages retention has purged (they never go down):
+    the copy brings the source's running totals, not a count of the rows it copies."""
+    from bridge.store.copy import copy_sqlite_to_postgres
+
+    owner = {"owner": "test:1", "lease_until": 1e12}
+    source = SqliteStore(tmp_path / "s.db")
+    await source.open()
+    ids = await seed(source, [_message(n)._replace(parts=2) for n in range(4)], 1.0)
+    await source.claim(ids, 2.0, **owner)
+    await source.mark_sent([(i, f"p{i}", 0.5) for i in ids], 3.0, owner="test:1")
+    [kept] = await seed(source, [_message(9)], 5.0)  # stays, and is counted as it is
+    assert await source.purge(4.0) == 4
+    counted = await reported(source)
+    await source.close()
+    assert counted[3:] == (8, 2.0)
+
+    await copy_sqlite_to_postgres(tmp_path / "s.db", postgres_url, replace=False)
+    target = PostgresStore(postgres_url)
+    await target.open()
+    try:
+        assert await reported(target) == counted
+        assert [m.id for m in await target.query(limit=10)] == [kept]
+    finally:
+        await target.close()

@@ -4,7 +4,8 @@ from a few dozen rows instead of aggregated over every message at each request.
 
 A row is (source, state, reason kind or 'other', sent_at set) with n (messages stored
 there now), parts and cost (of every message that was there, purged ones included:
-"sent" never goes down when retention deletes old messages). PostgreSQL keeps one row
+"sent" never goes down when retention deletes old messages; cost in whole millionths,
+so that a message moving between rows moves an integer). PostgreSQL keeps one row
 per key and server connection (`slot`), so that concurrent writers never wait for one
 another on a counter row; these reads sum the slots.
 """
@@ -26,7 +27,9 @@ BY_REASON = (
     " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY state, reason_kind"
     " HAVING sum(n) > 0 ORDER BY 1, 2"
 )
-SENT = "SELECT coalesce(sum(parts), 0), coalesce(sum(cost), 0) FROM message_totals WHERE sent"
+SENT = (
+    "SELECT coalesce(sum(parts), 0), coalesce(sum(cost_micros), 0) FROM message_totals WHERE sent"
+)
 # Not a total: the queued few, through messages_due (state, next_attempt_at, id).
 # `created_at + 0`: PostgreSQL turns a lone min(created_at) into a walk of
 # messages_created_at from the oldest message until one is queued, i.e. the whole index
@@ -43,7 +46,7 @@ def metric_counts(
         by_reason=[(st, k, int(n)) for st, k, n in by_reason],
         oldest_queued=oldest,
         parts_sent=int(sent[0]),
-        cost=float(sent[1]),
+        cost=int(sent[1]) / 1_000_000,  # whole millionths: exact sums, never a drop
     )
 
 

@@ -127,10 +127,12 @@ async def _load(db: Database, tables: Sequence[Rows], replace: bool) -> Loaded:
             await conn.execute(f"TRUNCATE {', '.join(DATA_TABLES)}")
         counts = {}
         for table in tables:
-            counts[table.name] = await _copy(conn, table)
+            if table.name == "message_totals":  # the source's (what it sent before its
+                await conn.execute("DELETE FROM message_totals")  # retention purged it
+            counts[table.name] = await _copy(conn, table)  # too), in slot 0
             if table.name == "messages":  # the trigger's events: the source's replace them
                 await conn.execute("DELETE FROM events")
-                await conn.execute(REBUILD_TOTALS)
+                await conn.execute(REBUILD_TOTALS)  # counted anew unless the source's come
         for name in DATA_TABLES:
             await conn.execute(ADVANCE.format(table=name), name)
         top = await conn.fetchval("SELECT coalesce(max(id), 0) FROM messages")

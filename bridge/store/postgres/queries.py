@@ -22,11 +22,12 @@ TAKE_TOTALS_LOCK = f"SELECT pg_advisory_xact_lock({TOTALS_LOCK})"
 FOLD_TOTALS = (
     "WITH gone AS (DELETE FROM message_totals WHERE ctid IN (SELECT ctid FROM message_totals"
     " WHERE slot <> 0 AND slot NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)"
-    " FOR UPDATE SKIP LOCKED) RETURNING source, state, reason_kind, sent, n, parts, cost)"
+    " FOR UPDATE SKIP LOCKED) RETURNING source, state, reason_kind, sent, n, parts, cost_micros)"
     " INSERT INTO message_totals AS t SELECT 0, source, state, reason_kind, sent, sum(n),"
-    " sum(parts), sum(cost) FROM gone GROUP BY source, state, reason_kind, sent"
+    " sum(parts), sum(cost_micros) FROM gone GROUP BY source, state, reason_kind, sent"
     " ON CONFLICT (slot, source, state, reason_kind, sent) DO UPDATE"
-    " SET n = t.n + excluded.n, parts = t.parts + excluded.parts, cost = t.cost + excluded.cost"
+    " SET n = t.n + excluded.n, parts = t.parts + excluded.parts,"
+    " cost_micros = t.cost_micros + excluded.cost_micros"
 )
 # A message's page: the suppressed messages whose reason names it (messages_mentions).
 MENTIONED_BY = (

@@ -30,7 +30,7 @@ MIGRATION_LOCK = 0x534D_5301  # "SMS" 1: applying migrations
 
 # The N of the first " message N" in a reason: mentioned_by's, written as migration 6's
 # index is, or the planner does not use it (tests/test_pg_schema.py checks that it does).
-MENTIONED = r"substring(reason from ' message (\d+)')::numeric"
+MENTIONED = "substring(reason from ' message ([0-9]{1,20})')::numeric"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +40,18 @@ class Migration:
     sql: str
 
 
+# A message's cost in whole millionths, as SQLite's totals count it (bridge.store.sqlite.
+# schema.cost_micros: the same arithmetic on the same doubles, so that a store copied
+# from SQLite keeps its totals exact).
+COST_MICROS = "floor(coalesce(cost, 0) * 1000000 + 0.5)::bigint"
+
+
 def _rows(table: str, n: str, parts: str, cost: str) -> str:
-    """A transition table's rows as (key..., n, parts, cost) to add to the totals."""
+    """A transition table's rows as (key..., n, parts, cost_micros) to add to the totals."""
     return (
         f"SELECT source, state, coalesce(reason_kind, 'other') AS kind,"
-        f" sent_at IS NOT NULL AS sent, {n} AS n, {parts} AS parts, {cost} AS cost FROM {table}"
+        f" sent_at IS NOT NULL AS sent, {n} AS n, {parts} AS parts, {cost} AS cost_micros"
+        f" FROM {table}"
     )
 
 
@@ -56,12 +63,12 @@ def _totals_function(op: str, rows: str) -> str:
         BEGIN
             INSERT INTO message_totals AS t
                 SELECT pg_backend_pid(), source, state, kind, sent, sum(n), sum(parts),
-                    sum(cost)
+                    sum(cost_micros)
                 FROM ({rows}) AS d GROUP BY source, state, kind, sent
-                HAVING sum(n) <> 0 OR sum(parts) <> 0 OR sum(cost) <> 0
+                HAVING sum(n) <> 0 OR sum(parts) <> 0 OR sum(cost_micros) <> 0
             ON CONFLICT (slot, source, state, reason_kind, sent) DO UPDATE
             SET n = t.n + excluded.n, parts = t.parts + excluded.parts,
-                cost = t.cost + excluded.cost;
+                cost_micros = t.cost_micros + excluded.cost_micros;
             RETURN NULL;
         END $$;"""
 
@@ -210,14 +217,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         -- that are gone into slot 0. n: messages there now; parts, cost: of every
         -- message that was there, purged ones too ("sent" never goes down).
         CREATE TABLE message_totals (
-            slot integer NOT NULL,
+            slot integer NOT NULL DEFAULT 0,  -- 0: folded, rebuilt or copied in
             source text NOT NULL,
             state text NOT NULL,
             reason_kind text NOT NULL,
             sent boolean NOT NULL,
             n bigint NOT NULL,
             parts bigint NOT NULL,
-            cost double precision NOT NULL,
+            cost_micros bigint NOT NULL,
             PRIMARY KEY (slot, source, state, reason_kind, sent)
         );
         -- Statement triggers: one upsert per key a statement moved (a batch of 100
@@ -225,14 +232,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         -- provider ids) nets to nothing and writes nothing. Retention (DELETE): the
         -- message leaves the count, what it cost stays sent.
         """
-        + _totals_function("insert", _rows("new_rows", "1", "parts", "coalesce(cost, 0)"))
+        + _totals_function("insert", _rows("new_rows", "1", "parts", COST_MICROS))
         + _totals_function(
             "update",
-            _rows("old_rows", "-1", "-parts", "-coalesce(cost, 0)")
+            _rows("old_rows", "-1", "-parts", f"-{COST_MICROS}")
             + " UNION ALL "
-            + _rows("new_rows", "1", "parts", "coalesce(cost, 0)"),
+            + _rows("new_rows", "1", "parts", COST_MICROS),
         )
-        + _totals_function("delete", _rows("old_rows", "-1", "0", "0.0"))
+        + _totals_function("delete", _rows("old_rows", "-1", "0", "0"))
         + """
         CREATE TRIGGER messages_totals_insert AFTER INSERT ON messages
             REFERENCING NEW TABLE AS new_rows
@@ -245,7 +252,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             FOR EACH STATEMENT EXECUTE FUNCTION messages_totals_delete();
         INSERT INTO message_totals
             SELECT 0, source, state, coalesce(reason_kind, 'other'), sent_at IS NOT NULL,
-                count(*), sum(parts), coalesce(sum(cost), 0)
+                count(*), sum(parts), coalesce(sum("""
+        + COST_MICROS
+        + """), 0)
             FROM messages GROUP BY 2, 3, 4, 5;
 
         -- The routes page asks each configured route for its newest message.
@@ -261,7 +270,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         -- every suppressed row with LIKE (SQLite's 0010). numeric, not bigint: a reason
         -- quoting a longer number must not make its insert fail.
         CREATE INDEX messages_mentions
-            ON messages ((substring(reason from ' message (\d+)')::numeric), id)
+            ON messages ((substring(reason from ' message ([0-9]{1,20})')::numeric), id)
             WHERE state = 'suppressed';
         """,
     ),
@@ -271,12 +280,16 @@ LATEST = MIGRATIONS[-1].version
 
 # The running totals (version 5) counted again from the rows, all in slot 0: after a bulk
 # load (`store copy`), whose --replace TRUNCATEs the rows the triggers had counted.
-REBUILD_TOTALS = """
+REBUILD_TOTALS = (
+    """
     DELETE FROM message_totals;
     INSERT INTO message_totals
         SELECT 0, source, state, coalesce(reason_kind, 'other'), sent_at IS NOT NULL,
-            count(*), sum(parts), coalesce(sum(cost), 0)
+            count(*), sum(parts), coalesce(sum("""
+    + COST_MICROS
+    + """), 0)
         FROM messages GROUP BY 2, 3, 4, 5"""
+)
 
 CREATE_VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (

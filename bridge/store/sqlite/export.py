@@ -21,8 +21,10 @@ from bridge.errors import StoreUnavailable
 
 CHUNK = 5000  # rows per fetch: a million-row store never sits in memory at once
 # What is copied, in this order (events refer to messages). The readiness heartbeat is
-# the database's own, not the store's data.
-TABLES = ("messages", "events", "provider_requests")
+# the database's own, not the store's data. The running totals (0009) go too: they hold
+# what was sent before retention purged it, which the copied rows no longer tell.
+TABLES = ("messages", "events", "provider_requests", "message_totals")
+STORE_TABLES = TABLES[:3]  # what makes a file an sms-bridge store (0009 adds the totals)
 IN_USE = (
     "the store is in use (is `sms-bridge serve` running on it?): stop every process using"
     " it, then copy"
@@ -46,9 +48,11 @@ def _columns(conn: sqlite3.Connection, table: str) -> tuple[str, ...]:
 def _rows(
     conn: sqlite3.Connection, table: str, columns: tuple[str, ...]
 ) -> Iterator[tuple[Any, ...]]:
-    # provider_requests has no id column: SQLite's rowid is its insertion order.
-    order = "id" if "id" in columns else "rowid"
-    cursor = conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}")
+    # provider_requests has no id column: SQLite's rowid is its insertion order. The
+    # totals have no order (and no rowid).
+    order = "id" if "id" in columns else "" if table == "message_totals" else "rowid"
+    by = f" ORDER BY {order}" if order else ""
+    cursor = conn.execute(f"SELECT {', '.join(columns)} FROM {table}{by}")
     while chunk := cursor.fetchmany(CHUNK):
         yield from (tuple(r) for r in chunk)
 
@@ -76,10 +80,10 @@ def exclusive_tables(path: str | Path) -> Iterator[list[Table]]:
             present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         except sqlite3.DatabaseError as exc:  # not a database at all
             raise StoreUnavailable(f"cannot read {path}: {exc}") from exc
-        if missing := [t for t in TABLES if t not in present]:
+        if missing := [t for t in STORE_TABLES if t not in present]:
             raise StoreUnavailable(f"{path} is not an sms-bridge store (no {', '.join(missing)})")
         tables = []
-        for name in TABLES:
+        for name in (t for t in TABLES if t in present):
             columns = _columns(conn, name)
             count = int(conn.execute(f"SELECT count(*) FROM {name}").fetchone()[0])
             tables.append(Table(name, columns, count, _rows(conn, name, columns)))

@@ -141,26 +141,37 @@ def _created_at_and_provider_id(db: Database) -> None:
 # message at each scrape (0.8-1.4 s on a million). One row per (source, state, reason
 # kind or 'other', sent_at set); n: messages stored there now; parts and cost: of every
 # message that was ever there and is gone by deletion (retention) too, so that "parts
-# and cost sent" never go down when old messages are purged.
+# and cost sent" never go down when old messages are purged. Cost in whole millionths
+# (COST_MICROS, the same in PostgreSQL): a message moving between rows (sent ->
+# delivered) moves an integer, where floats summed in another order made "cost sent"
+# drop by a rounding error, which Prometheus reads as a counter reset.
 TOTALS_KEY = "source, state, reason_kind, sent"
+
+
+def cost_micros(cost: str) -> str:
+    """SQL for a message's `cost` in whole millionths (rounded half up; costs are >= 0)."""
+    return f"CAST(coalesce({cost}, 0) * 1000000 + 0.5 AS INTEGER)"
+
+
 REBUILD_TOTALS = (
     "DELETE FROM message_totals",
-    f"INSERT INTO message_totals ({TOTALS_KEY}, n, parts, cost)"
+    f"INSERT INTO message_totals ({TOTALS_KEY}, n, parts, cost_micros)"
     " SELECT source, state, coalesce(reason_kind, 'other'), sent_at IS NOT NULL, count(*),"
-    " sum(parts), coalesce(sum(cost), 0) FROM messages GROUP BY 1, 2, 3, 4",
+    f" sum(parts), coalesce(sum({cost_micros('cost')}), 0) FROM messages GROUP BY 1, 2, 3, 4",
 )
 
 
 def _add_to_totals(row: str, sign: str, *, parts_and_cost: bool = True) -> str:
     """The upsert that adds (sign "+") or takes away ("-") the message `row` (new, old)."""
-    parts, cost = (f"{sign}{row}.parts", f"{sign}coalesce({row}.cost, 0)")
+    parts, cost = (f"{sign}{row}.parts", f"{sign}{cost_micros(f'{row}.cost')}")
     if not parts_and_cost:
         parts, cost = "0", "0"
     return (
-        f"INSERT INTO message_totals ({TOTALS_KEY}, n, parts, cost) VALUES ({row}.source,"
+        f"INSERT INTO message_totals ({TOTALS_KEY}, n, parts, cost_micros) VALUES ({row}.source,"
         f" {row}.state, coalesce({row}.reason_kind, 'other'), {row}.sent_at IS NOT NULL,"
         f" {sign}1, {parts}, {cost}) ON CONFLICT ({TOTALS_KEY}) DO UPDATE SET"
-        " n = n + excluded.n, parts = parts + excluded.parts, cost = cost + excluded.cost;"
+        " n = n + excluded.n, parts = parts + excluded.parts,"
+        " cost_micros = cost_micros + excluded.cost_micros;"
     )
 
 
@@ -174,7 +185,7 @@ def _message_totals(db: Database) -> None:
             sent INTEGER NOT NULL,
             n INTEGER NOT NULL,
             parts INTEGER NOT NULL,
-            cost REAL NOT NULL,
+            cost_micros INTEGER NOT NULL,
             PRIMARY KEY ({TOTALS_KEY})
         ) WITHOUT ROWID""")
     db.execute(
