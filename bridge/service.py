@@ -185,11 +185,13 @@ class Bridge:
 
         async def purge() -> float:
             keep = self.config.store.retention
-            if keep > 0:
-                purged = await self.store.purge(self.clock.now() - keep)
-                if purged:
-                    log.info("retention: purged %d messages older than %gs", purged, keep)
-            await self.store.upkeep()  # with retention off too
+            try:
+                if keep > 0:
+                    purged = await self.store.purge(self.clock.now() - keep)
+                    if purged:
+                        log.info("retention: purged %d messages older than %gs", purged, keep)
+            finally:
+                await self.store.upkeep()  # with retention off, or failing, too
             return RETENTION_INTERVAL
 
         await run_steps(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 
 import httpx
+import pytest
 
 from bridge.clock import ManualClock
 from bridge.models import State
@@ -268,3 +269,29 @@ async def test_a_5xx_error_answer_is_looked_up_in_logs_before_the_retry(
     # After each 5xx, a /logs read comes before the next send.
     order = [p for p in paths[first_send:] if p in ("send", "logs")]
     assert order[:5] == ["send", "logs", "send", "logs", "send"]
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("cost", ["1e13", "Infinity", "NaN", "-0.5"])
+async def test_a_cost_that_is_no_price_is_stored_as_unknown(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, cost: str
+) -> None:
+    """Costs are counted in whole millionths (the running totals): 1e13 overflowed
+    PostgreSQL's bigint in the trigger, the dispatcher stopped at every try and left the
+    message `sending`. A cost past any real price, negative or not finite (Python's json
+    reads `Infinity` and `NaN`) is no price: the message is sent, its cost unknown."""
+    body = '{"success": true, "data": {"message_id": "m-1", "cost": COST}}'.replace("COST", cost)
+    sandbox_state.faults.append(Fault(status=200, body=body, path="/send"))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "db down"})).json()["ids"]
+
+        async def sent() -> bool:
+            return (await bridge.store.get(message_id)).state == State.SENT
+
+        await pump(bridge, clock, sent, max_seconds=60)
+        message = await bridge.store.get(message_id)
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"{url}/metrics")).text
+    assert message.provider_message_id == "m-1" and message.cost is None
+    assert "sms_bridge_cost_sent 0.0" in metrics

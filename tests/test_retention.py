@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 
 from bridge.clock import ManualClock
+from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage, State
 from bridge.service import RETENTION_INTERVAL
 from tests.helpers import bridge_config, running_bridge
@@ -58,6 +59,29 @@ async def test_the_hourly_step_purges_and_keeps_the_store(
             clock.advance(RETENTION_INTERVAL)  # an hour later: again
             await asleep_until(clock, clock.now() + RETENTION_INTERVAL)
             assert store.upkeeps == 2
+        finally:
+            stop.set()
+            await step
+
+
+async def test_the_upkeep_runs_when_the_purge_fails(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """A purge that fails every hour (a big one past the store's statement limit) must
+    not stop the fold of the totals: the step logs the failure and tries again."""
+
+    class FailingPurge(CountingStore):
+        async def purge(self, before: float) -> int:
+            raise StoreUnavailable("purge took too long")
+
+    config = bridge_config(tmp_path, sandbox_url)
+    store = FailingPurge(config.store.path)
+    async with running_bridge(config, clock, store) as (bridge, _):
+        stop = asyncio.Event()
+        step = asyncio.create_task(bridge.retention(stop))
+        try:
+            await asleep_until(clock, clock.now() + RETENTION_INTERVAL)
+            assert store.upkeeps == 1
         finally:
             stop.set()
             await step

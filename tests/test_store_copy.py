@@ -261,3 +261,32 @@ async def test_what_was_sent_before_retention_stays_counted_after_the_copy(
         assert [m.id for m in await target.query(limit=10)] == [kept]
     finally:
         await target.close()
+
+
+async def test_the_copy_counts_stored_messages_from_its_rows(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The source's totals bring what it sent before retention; the messages stored now
+    are counted from the copied rows, so a source whose totals disagree with its rows
+    (a hand edit, a bulk load that skipped the rebuild) does not pass its error on."""
+    import sqlite3
+
+    from bridge.store.copy import copy_sqlite_to_postgres
+
+    source = SqliteStore(tmp_path / "s.db")
+    await source.open()
+    await seed(source, [_message(n) for n in range(3)], 1.0)
+    await source.close()
+    db = sqlite3.connect(tmp_path / "s.db")
+    db.execute("DELETE FROM message_totals WHERE state = 'queued'")
+    db.commit()
+    db.close()
+
+    await copy_sqlite_to_postgres(tmp_path / "s.db", postgres_url, replace=False)
+    target = PostgresStore(postgres_url)
+    await target.open()
+    try:
+        assert await target.counts() == {"queued": 3}
+        assert await reported(target) == await aggregated(target)
+    finally:
+        await target.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -194,11 +195,25 @@ def _first(mapping: Mapping[str, Any], *keys: str) -> Any:
     return None
 
 
+# A price per message beyond any real one. A provider's cost past it (or below 0) is no
+# price: stored as unknown rather than counted (1e13 overflowed the running totals'
+# millionths in PostgreSQL and stopped the dispatcher at every try).
+MAX_COST = 1e9
+
+
 def _number(value: Any) -> float | None:
+    """A finite number, from a JSON number or a numeric string; else None (inf and NaN
+    too: Python's json reads `Infinity` and `NaN`)."""
     try:
-        return None if value is None or isinstance(value, bool) else float(value)
+        number = None if value is None or isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
         return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _cost(value: Any) -> float | None:
+    cost = _number(value)
+    return cost if cost is not None and 0 <= cost <= MAX_COST else None
 
 
 def data_of(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -215,7 +230,7 @@ def read_send(answer: Mapping[str, Any], to: str) -> SendResult:
         raise TransientUnknownOutcome("provider answered without an id or a success flag")
     return SendResult(
         message_ids={} if message_id is None else {to: str(message_id)},
-        cost=_number(data.get("cost")),
+        cost=_cost(data.get("cost")),
         balance=_number(data.get("balance")),
     )
 
@@ -278,7 +293,7 @@ def _parse_bulk(data: Any, recipients: Sequence[str]) -> tuple[SendResult, int |
         SendResult(
             message_ids=ids,
             batch_id=None if batch is None else str(batch),
-            cost=_number(_first(data, "cost", "total_cost", "price")),
+            cost=_cost(_first(data, "cost", "total_cost", "price")),
             balance=_number(data.get("balance")),
         ),
         None if count is None else int(float(count)),
@@ -309,7 +324,7 @@ def read_logs(body: Mapping[str, Any], page: int, per_page: int) -> LogsPage:
                 recipient=str(_first(row, *NUMBER_KEYS) or ""),
                 message=str(_first(row, *TEXT_KEYS) or ""),
                 status=str(_first(row, *STATUS_KEYS) or "").strip().lower(),
-                cost=_number(row.get("cost")),
+                cost=_cost(row.get("cost")),
                 created_at=None if created is None else str(created),
             )
         )

@@ -23,9 +23,9 @@ from typing import Any, Protocol
 import asyncpg
 
 from bridge.errors import StoreUnavailable
-from bridge.store.postgres.base import one
+from bridge.store.postgres.base import TOTALS_LOCK, one
 from bridge.store.postgres.pool import Conn, Database
-from bridge.store.postgres.schema import REBUILD_TOTALS
+from bridge.store.postgres.schema import REBUILD_TOTALS, RECOUNT_STORED
 
 CHUNK = 5000  # rows per COPY
 DATA_TABLES = ("messages", "events", "provider_requests")
@@ -116,6 +116,8 @@ async def _load(db: Database, tables: Sequence[Rows], replace: bool) -> Loaded:
         # No instance may write while the copy runs (it would take ids the copy is
         # about to use): they wait for the commit, then find the sequences moved on.
         await conn.execute(f"LOCK TABLE {', '.join(DATA_TABLES)} IN EXCLUSIVE MODE")
+        # and no instance's hourly fold may write slot 0 while the totals are replaced
+        await conn.execute(f"SELECT pg_advisory_xact_lock({TOTALS_LOCK})")
         held = dict(zip(DATA_TABLES, await one(conn, OCCUPIED), strict=True))
         if any(held.values()) and not replace:
             listed = ", ".join(f"{n} {t}" for t, n in held.items() if n)
@@ -130,6 +132,8 @@ async def _load(db: Database, tables: Sequence[Rows], replace: bool) -> Loaded:
             if table.name == "message_totals":  # the source's (what it sent before its
                 await conn.execute("DELETE FROM message_totals")  # retention purged it
             counts[table.name] = await _copy(conn, table)  # too), in slot 0
+            if table.name == "message_totals":  # its counts of stored messages: the rows'
+                await conn.execute(RECOUNT_STORED)
             if table.name == "messages":  # the trigger's events: the source's replace them
                 await conn.execute("DELETE FROM events")
                 await conn.execute(REBUILD_TOTALS)  # counted anew unless the source's come

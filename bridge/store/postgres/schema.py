@@ -43,7 +43,7 @@ class Migration:
 # A message's cost in whole millionths, as SQLite's totals count it (bridge.store.sqlite.
 # schema.cost_micros: the same arithmetic on the same doubles, so that a store copied
 # from SQLite keeps its totals exact).
-COST_MICROS = "floor(coalesce(cost, 0) * 1000000 + 0.5)::bigint"
+COST_MICROS = "floor(least(greatest(coalesce(cost, 0), 0), 1e9) * 1000000 + 0.5)::bigint"
 
 
 def _rows(table: str, n: str, parts: str, cost: str) -> str:
@@ -290,6 +290,17 @@ REBUILD_TOTALS = (
     + """), 0)
         FROM messages GROUP BY 2, 3, 4, 5"""
 )
+
+# After `store copy` brought the source's totals (what it sent before its retention
+# purged it): the messages stored now counted from the copied rows, so that a source's
+# totals that disagree with its rows (a hand edit, a bulk load) are not carried over.
+RECOUNT_STORED = """
+    UPDATE message_totals SET n = 0;
+    INSERT INTO message_totals AS t
+        SELECT 0, source, state, coalesce(reason_kind, 'other'), sent_at IS NOT NULL,
+            count(*), 0, 0
+        FROM messages GROUP BY 2, 3, 4, 5
+    ON CONFLICT (slot, source, state, reason_kind, sent) DO UPDATE SET n = excluded.n"""
 
 CREATE_VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (

@@ -149,8 +149,10 @@ TOTALS_KEY = "source, state, reason_kind, sent"
 
 
 def cost_micros(cost: str) -> str:
-    """SQL for a message's `cost` in whole millionths (rounded half up; costs are >= 0)."""
-    return f"CAST(coalesce({cost}, 0) * 1000000 + 0.5 AS INTEGER)"
+    """SQL for a message's `cost` in whole millionths, rounded half up, held within
+    0..1e9 (what the provider client stores, bridge.provider.responses.MAX_COST: no row
+    may make a sum overflow or a backend round a negative number its own way)."""
+    return f"CAST(min(max(coalesce({cost}, 0), 0), 1e9) * 1000000 + 0.5 AS INTEGER)"
 
 
 REBUILD_TOTALS = (
