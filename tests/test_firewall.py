@@ -575,6 +575,19 @@ def test_number_facts_from_one_parse_are_the_librarys_answers() -> None:
         assert tuple(facts(e164)) == _library_facts(e164), e164
 
 
+def test_without_the_librarys_helpers_the_facts_come_from_its_public_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A phonenumbers release that moved the private helpers `_region_and_kind` reads
+    through: the facts are then asked of its public calls, with the same answers."""
+    monkeypatch.setattr(phone, "_LIBRARY_HELPERS", False)
+    monkeypatch.setattr(phone, "_number_type_helper", None)  # never reached
+    monkeypatch.setattr(phone, "_facts", {})
+    numbers = [*_example_numbers()[::7], "+12025550143", "+10000000000", *COSTLY]
+    for e164 in numbers:
+        assert tuple(facts(e164)) == _library_facts(e164), e164
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     code=st.sampled_from(sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)),
