@@ -128,15 +128,17 @@ async def _load(db: Database, tables: Sequence[Rows], replace: bool) -> Loaded:
         if any(held.values()):
             await conn.execute(f"TRUNCATE {', '.join(DATA_TABLES)}")
         counts = {}
+        brings_totals = any(table.name == "message_totals" for table in tables)
         for table in tables:
-            if table.name == "message_totals":  # the source's (what it sent before its
-                await conn.execute("DELETE FROM message_totals")  # retention purged it
-            counts[table.name] = await _copy(conn, table)  # too), in slot 0
-            if table.name == "message_totals":  # its counts of stored messages: the rows'
-                await conn.execute(RECOUNT_STORED)
+            if table.name == "message_totals":  # after messages: what the trigger
+                await conn.execute("DELETE FROM message_totals")  # counted of the copy goes
+            counts[table.name] = await _copy(conn, table)
             if table.name == "messages":  # the trigger's events: the source's replace them
                 await conn.execute("DELETE FROM events")
-                await conn.execute(REBUILD_TOTALS)  # counted anew unless the source's come
+        # The stored messages counted from the copied rows, once; what was sent from the
+        # source's totals when it brings them (slot 0: what it sent before its retention
+        # purged it too), else from the rows as well.
+        await conn.execute(RECOUNT_STORED if brings_totals else REBUILD_TOTALS)
         for name in DATA_TABLES:
             await conn.execute(ADVANCE.format(table=name), name)
         top = await conn.fetchval("SELECT coalesce(max(id), 0) FROM messages")
