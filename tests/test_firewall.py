@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import random
 import smtplib
 from email.message import EmailMessage
 from pathlib import Path
@@ -616,3 +617,51 @@ def test_number_facts_match_the_library_on_any_digits(
     except PhoneError:
         return
     assert tuple(facts(normalised)) == _library_facts(normalised)
+
+
+def _international_writings(count: int) -> list[str]:
+    """`+` and digits as machines and people write them: every calling code, national
+    parts of 0 to 19 digits (leading zeros, national prefixes, too long), and codes
+    no country has."""
+    generator = random.Random(16)
+    codes = sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+    writings = [f"+{code}{generator.choice(['', '0', '1', '8'])}" for code in codes]
+    while len(writings) < count:
+        digits = "".join(generator.choices("0123456789", k=generator.randint(0, 19)))
+        code = generator.choice(codes) if generator.random() < 0.85 else generator.randint(0, 999)
+        writings.append(f"+{code}{digits}")
+    return writings
+
+
+def test_international_numbers_are_read_as_the_library_reads_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`+` and digits are read without the library's parser where the answer is plain:
+    the same PhoneNumber as `phonenumbers.parse`, and the same E.164 or refusal from
+    `normalise_number` as with the parser alone. The plain reading must also be taken,
+    or the speed it exists for is gone."""
+    writings = _international_writings(20_000)
+    read_plainly = 0
+    for written in writings:
+        plain = phone._international(written)
+        if plain is None:
+            continue
+        read_plainly += 1
+        assert plain == phonenumbers.parse(written, None), written
+    assert read_plainly > len(writings) // 2
+    assert phone._international("+12025550143") is not None
+    assert phone._international("+4402079460000") is None  # its national prefix 0: the library's
+
+    def answers() -> list[str]:
+        phone._facts.clear()
+        out = []
+        for written in writings:
+            try:
+                out.append(normalise_number.__wrapped__(written))
+            except PhoneError as exc:
+                out.append(f"refused: {exc}")
+        return out
+
+    plainly = answers()
+    monkeypatch.setattr(phone, "_international", lambda digits: None)
+    assert plainly == answers()
