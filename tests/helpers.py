@@ -82,11 +82,12 @@ def bridge_config(tmp_path: Path, provider_url: str, extra: str = "", **provider
 async def running_bridge(
     config: Config, clock: ManualClock, store: Store | None = None, *, listen: str = "127.0.0.1:0"
 ) -> AsyncIterator[tuple[Bridge, str]]:
-    """A bridge built as `serve` builds it, its web app on `listen`, dispatcher not started;
-    on `store` when given (unopened: e.g. tests.stores.faulty_store)."""
+    """A bridge built as `serve` builds it, its web app on `listen` under the `[http]`
+    connection limits as `serve` serves it, dispatcher not started; on `store` when given
+    (unopened: e.g. tests.stores.faulty_store)."""
     async with (
         build_bridge(config, clock=clock, store=store) as bridge,
-        served(bridge.app, config.http, listen=listen) as url,
+        served(bridge.app, config.http, listen=listen, live=bridge.live) as url,
     ):
         await bridge.dispatcher.load_budget()
         yield bridge, url

@@ -13,11 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
 from bridge.ingress.smtp import start_smtp
 from bridge.sockets import bind_socket
-from tests.helpers import bridge_config, running_bridge, served
+from tests.helpers import bridge_config, running_bridge
 from tests.test_console import sign_in
 from tests.test_smtp import DEFAULT_RCPT, with_smtp
 
@@ -74,7 +73,6 @@ HTTP = f"""
 [http]
 listen = "[::]:0"
 trusted_proxies = ["127.0.0.2"]
-max_connections_per_client = 1
 [tokens.api]
 token = "{TOKEN}"
 scopes = ["send"]
@@ -173,11 +171,9 @@ async def test_trusted_proxy_connections_are_not_counted_as_one_client(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:
     """max_connections_per_client = 1: the proxy (many clients behind it) may hold more."""
-    config = bridge_config(tmp_path, sandbox_url, HTTP)
-    async with (
-        build_bridge(config, clock=clock) as bridge,
-        served(bridge.app, config.http, listen="[::]:0", live=bridge.live) as url,
-    ):
+    one_each = HTTP.replace("[http]\n", "[http]\nmax_connections_per_client = 1\n")
+    config = bridge_config(tmp_path, sandbox_url, one_each)
+    async with running_bridge(config, clock, listen="[::]:0") as (_, url):
         port = int(url.rsplit(":", 1)[1])
         for source, second in (("127.0.0.2", b"HTTP/1.1 200"), ("127.0.0.1", b"HTTP/1.1 503")):
             first_sock, first = await asyncio.to_thread(_healthz, port, source)

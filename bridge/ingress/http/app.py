@@ -56,8 +56,8 @@ MAX_TEXT_CHARS = 5000
 MAX_LIST_LIMIT = 1000
 
 
-async def read_json(request: Request, max_bytes: int, within: float = 0) -> Any:
-    return parse_json(await read_body(request, max_bytes, within))
+async def read_json(request: Request, max_bytes: int) -> Any:
+    return parse_json(await read_body(request, max_bytes))
 
 
 def _string(
@@ -156,7 +156,7 @@ def create_app(
 
     async def post_message(request: Request) -> Response:
         config, resolver = live.current, live.recipients  # both before the first await
-        body = await read_json(request, config.http.max_body_bytes, config.http.body_timeout)
+        body = await read_json(request, config.http.max_body_bytes)
         if not isinstance(body, dict):
             raise HttpError(400, "body must be a JSON object", "body")
         targets = recipients_field(body.get("to"))

@@ -8,7 +8,6 @@ importing the app that mounts it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from typing import Any
@@ -41,27 +40,21 @@ def query_int(
     return int(raw)
 
 
-async def read_body(request: Request, max_bytes: int, within: float = 0) -> bytes:
+async def read_body(request: Request, max_bytes: int) -> bytes:
     """The raw JSON body (415 for another content type), bounded as `read_bounded`."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise HttpError(415, "Content-Type must be application/json", "content-type")
-    return await read_bounded(request, max_bytes, within)
+    return await read_bounded(request, max_bytes)
 
 
-async def read_bounded(request: Request, max_bytes: int, within: float = 0) -> bytes:
+async def read_bounded(request: Request, max_bytes: int) -> bytes:
     """The raw body of any type, enforcing the size limit on the stream, not just the
-    header (413).
-
-    With `within` (seconds) the whole body must arrive in that time (408, and the
-    connection closed): a client trickling its body would otherwise hold a connection
-    and a concurrency slot for as long as it likes.
-    """
+    header (413). Its time limit (`http.body_timeout`, 408) is the connection's
+    (bridge.ingress.http.limits), which cuts a trickling client whether or not the
+    endpoint reads its body."""
     try:
-        async with asyncio.timeout(within or None):
-            return await _read_body(request, max_bytes)
-    except TimeoutError as exc:
-        raise HttpError(408, f"request body not received within {within:g}s", "body") from exc
+        return await _read_body(request, max_bytes)
     except ClientDisconnect as exc:  # nobody is left to answer; no traceback for it
         raise HttpError(400, "client went away before the whole body arrived", "body") from exc
 

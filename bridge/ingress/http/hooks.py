@@ -143,7 +143,7 @@ def hook_endpoint(
         module = formats[route.format]
         try:
             _check_credentials(route, request)
-            body = await read_body(request, config.http.max_body_bytes, config.http.body_timeout)
+            body = await read_body(request, config.http.max_body_bytes)
             hook = HookRequest(
                 route=route,
                 headers=request.headers,

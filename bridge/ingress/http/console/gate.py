@@ -204,7 +204,7 @@ class Gate:
         # Bounded in time as the API's bodies are: the sign-in form takes anyone's post,
         # and a body trickled for ever would hold a place under http.max_concurrency.
         try:
-            body = await read_bounded(request, MAX_FORM_BYTES, self.live.current.http.body_timeout)
+            body = await read_bounded(request, MAX_FORM_BYTES)
         except HttpError as exc:
             raise Refused(exc.status, exc.message) from exc
         try:

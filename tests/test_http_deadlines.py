@@ -1,0 +1,80 @@
+"""The HTTP connection's two deadlines (bridge.ingress.http.limits): the request line and
+headers within `http.header_timeout`, the body within `http.body_timeout`, kept by one
+timer a connection. Real sockets against a bridge served as `serve` serves it; the
+deadlines are the event loop's (real time), so they are set short."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from bridge.clock import ManualClock
+from tests.helpers import bridge_config, running_bridge
+
+POST_HEAD = (
+    b"POST /api/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+)
+BODY = b'{"to": "+12025550143", "message": "disk full on db-2"}'
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    return head, await asyncio.wait_for(reader.readexactly(length), 10)
+
+
+async def test_a_late_request_on_a_kept_alive_connection_is_cut_at_the_header_timeout(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The timer that waited for a body (5 s away) must not make the next request's
+    headers (due in 0.3 s) wait with it: a deadline set later but due sooner is kept."""
+    extra = '[http]\nheader_timeout = "300ms"\nbody_timeout = "5s"\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (_, url):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(POST_HEAD % len(BODY))  # headers now, the body after the first timer
+        await asyncio.sleep(0.45)
+        writer.write(BODY)
+        head, _ = await _answer(reader)
+        assert head.startswith(b"HTTP/1.1 202"), head
+        writer.write(b"GET /healthz HTTP/1.1\r\n")  # and the rest never comes
+        started = time.monotonic()
+        answer = await asyncio.wait_for(reader.read(), 10)  # to the server's close
+        waited = time.monotonic() - started
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"headers not received within 0.3s" in answer
+    assert 0.2 < waited < 2, waited
+
+
+async def test_a_trickled_body_is_cut_at_the_body_timeout_whatever_the_endpoint(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The API's body deadline (408 before any answer), and an endpoint that answers
+    without reading the body: the connection is closed at the deadline all the same,
+    not held for as long as the client trickles."""
+    extra = '[http]\nheader_timeout = "5s"\nbody_timeout = "300ms"\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (_, url):
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(POST_HEAD % 1000 + b"{")
+        started = time.monotonic()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        waited = time.monotonic() - started
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        assert b"body not received within 0.3s" in answer and 0.2 < waited < 2, waited
+
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(  # /healthz answers a GET only: 405 at once, the body never read
+            b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{"
+        )
+        head, _ = await _answer(reader)
+        started = time.monotonic()
+        rest = await asyncio.wait_for(reader.read(), 10)  # closed at the deadline
+        waited = time.monotonic() - started
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 405") and rest == b"", rest
+    assert waited < 2, waited
