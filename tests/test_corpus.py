@@ -59,6 +59,7 @@ EXPECTED = {
     ),
 }
 STARTS = {
+    "mail/apcupsd_onbattery_forum_paste_no_from.eml": "tubuntu2 Power Failure !!!\nAPC : ",
     "mail/jenkins_build_failed_libcamera_via_list.eml": "Build failed in Jenkins: libcamera #175",
     "mail/mikel_windows-1252_raw_subject.eml": (
         "Formação FrenetikPolis: Mega Campanha Final Verão | Cursos de Setembro"
