@@ -46,6 +46,10 @@ EXPECTED = {
     "github/octokit_check_run.completed.failure.json": (
         "GitHub Codertocat/Hello-World: check Octocoders-linter failure on changes (ec26c3e)"
     ),
+    # two alerts on one host: the host once, not "andromeda +1"
+    "alertmanager/zulip_firing_2alerts.json": (
+        "[FIRING:2] High CPU Temperature andromeda: High CPU core temperature"
+    ),
     "grafana/zulip_legacy_alerting.json": (
         "[ALERTING] Test rule: Someone is testing the alert notification within grafana."
         " (High value=100, Higher Value=200)"
@@ -59,6 +63,7 @@ EXPECTED = {
     ),
 }
 STARTS = {
+    "mail/apcupsd_onbattery_forum_paste_no_from.eml": "tubuntu2 Power Failure !!!\nAPC : ",
     "mail/jenkins_build_failed_libcamera_via_list.eml": "Build failed in Jenkins: libcamera #175",
     "mail/mikel_windows-1252_raw_subject.eml": (
         "Formação FrenetikPolis: Mega Campanha Final Verão | Cursos de Setembro"

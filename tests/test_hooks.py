@@ -577,3 +577,58 @@ async def test_truncated_alerts_are_counted_after_the_named_ones(
         assert response.status_code == 202, response.text
         stored = await bridge.store.get(response.json()["ids"][0])
     assert stored is not None and stored.text == expected
+
+
+@pytest.mark.parametrize(
+    ("hosts", "common_host", "expected"),
+    [
+        # Two alerts on one host, as Alertmanager sends them (the host is a common label):
+        # the host is named, once.
+        (["rack-7", "rack-7"], True, "[FIRING:2] CoreTemp rack-7: CPU core too hot"),
+        # The same group with the host left out of commonLabels (old or hand-made
+        # payloads): still one host, not "rack-7 +1", which reads as a second host.
+        (["rack-7", "rack-7"], False, "[FIRING:2] CoreTemp rack-7: CPU core too hot"),
+        (
+            ["rack-7", "rack-7", "rack-9"],
+            False,
+            "[FIRING:3] CoreTemp rack-7, rack-9: CPU core too hot",
+        ),
+        (
+            ["rack-1", "rack-2", "rack-3"],
+            False,
+            "[FIRING:3] CoreTemp rack-1, rack-2 +1: CPU core too hot",
+        ),
+    ],
+)
+async def test_alerts_on_one_host_name_it_once(
+    hosts: list[str], common_host: bool, expected: str, tmp_path, clock, sandbox_url
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    common = {"alertname": "CoreTemp", "severity": "critical"}
+    if common_host:
+        common["host"] = hosts[0]
+    body = json.dumps(
+        {
+            "version": "4",
+            "status": "firing",
+            "groupKey": "{}:{}",
+            "commonLabels": common,
+            "commonAnnotations": {"summary": "CPU core too hot"},
+            "alerts": [
+                {
+                    "status": "firing",
+                    "labels": {"alertname": "CoreTemp", "host": host, "severity": "critical"},
+                    "annotations": {"summary": "CPU core too hot", "description": f"core {i}"},
+                    "fingerprint": f"f{i}",
+                }
+                for i, host in enumerate(hosts)
+            ],
+        }
+    ).encode()
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{url}/hooks/am", content=body, headers=auth_headers("am", body)
+        )
+        assert response.status_code == 202, response.text
+        stored = await bridge.store.get(response.json()["ids"][0])
+    assert stored is not None and stored.text == expected

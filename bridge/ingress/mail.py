@@ -54,6 +54,9 @@ _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u202f\u205f\u3000]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _LINESEP = re.compile(r"\r|\n")  # what policy.default removes to unfold a header
 _NON_WORDS = re.compile(r"\W+")
+# A "Subject:" line a script wrote into the body it pipes to `mail -s` (apcupsd's
+# apccontrol does, having been written for sendmail, which would have read it as a header).
+_ECHOED_SUBJECT = re.compile(r"subject\s*:\s*(.*)", re.IGNORECASE)
 TEMPLATE_HEADERS = ("from", "to", "subject", "date", "message-id")
 # What tells an auto-reply: RFC 3834's header, and what vacation responders send instead.
 AUTO_REPLY_HEADERS = ("auto-submitted", "x-autoreply", "x-autorespond", "precedence")
@@ -357,6 +360,7 @@ def _mail_text(
 ) -> MailText:
     headers = {name: found[name] for name in TEMPLATE_HEADERS if found.get(name)}
     subject = _SPACES.sub(" ", headers.get("subject", "").replace("\n", " ")).strip()
+    body = _without_echoed_subject(body, subject)
     message_id = headers.get("message-id", "").strip() or None
     return MailText(
         subject=subject,
@@ -467,6 +471,16 @@ def _plain_mail(raw: bytes) -> tuple[dict[str, str], bytes, str | None] | None:
 
 def _normalised(text: str) -> str:
     return _NON_WORDS.sub(" ", text).strip().lower()
+
+
+def _without_echoed_subject(body: str, subject: str) -> str:
+    """The body less a first line that is "Subject: <the subject>": the subject is
+    already the text's first line, and compose only drops a body that starts with it."""
+    first, _, rest = body.partition("\n")
+    echoed = _ECHOED_SUBJECT.fullmatch(first)
+    if subject and echoed and _normalised(echoed.group(1)) == _normalised(subject):
+        return rest
+    return body
 
 
 def compose(mail: MailText, mode: str) -> str:

@@ -145,6 +145,7 @@ def summarize(
 
     names: list[str] = []
     instances: list[str] = []
+    unnamed = 0  # alerts with no instance of their own: counted in "+N", not named
     for alert in listed:
         labels = alert.get("labels") or {}
         name = text_field(labels.get("alertname"), "alerts[].labels.alertname")
@@ -153,15 +154,23 @@ def summarize(
         instance = _instance(labels, common, distinct=len(listed) > 1) or _instance(
             _value_labels(alert), {}, distinct=False
         )
-        if instance and instance not in instances:
+        if not instance:
+            unnamed += 1
+        elif instance not in instances:
             instances.append(instance)
-    if not instances and len(listed) == 1:  # one alert: name its instance even if common
-        # else what the group is grouped by (group_by: [alertname, service_name])
+    if not instances:
+        # One alert: its instance even if common, else what the group is grouped by
+        # (group_by: [alertname, service_name]). Several alerts that nothing tells apart
+        # (two cores too hot on one host): the instance they share, once.
         group_labels = obj(payload.get("groupLabels") or {}, "groupLabels")
-        instance = _instance(listed[0].get("labels") or {}, {}, distinct=False) or _instance(
-            group_labels, {}, distinct=True
-        )
-        instances = [instance] if instance else []
+        if len(listed) == 1:
+            instance = _instance(listed[0].get("labels") or {}, {}, distinct=False) or _instance(
+                group_labels, {}, distinct=True
+            )
+        else:
+            instance = _instance(common, {}, distinct=False)
+        if instance:
+            instances, unnamed = [instance], 0
     summaries = {
         str(
             (a.get("annotations") or {}).get("summary")
@@ -182,7 +191,11 @@ def summarize(
         for part in (
             tag,
             _listing(names, SHOWN_NAMES, len(names)),
-            _listing(instances, SHOWN_INSTANCES, max(len(instances), total) if instances else 0),
+            # "+N": the places not shown and the alerts with no place of their own; never
+            # a repeat of a place shown (two alerts on one host are "host", not "host +1").
+            _listing(instances, SHOWN_INSTANCES, len(instances) + unnamed + truncated)
+            if instances
+            else "",
         )
         if part
     )
