@@ -518,3 +518,23 @@ async def test_the_recipes_local_curl_needs_no_token(
         assert code == "202", again
     states = [m["state"] for m in json.loads(" ".join(again))["messages"]]
     assert states == ["suppressed", "suppressed"]
+
+
+async def test_the_prometheus_recipes_token_reads_metrics_and_nothing_else(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    [snippet] = [s for s in toml_snippets(RECIPES) if "[tokens.prometheus]" in s]
+    body = (
+        f'[store]\npath = "{tmp_path / "bridge.db"}"\n'
+        f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
+        + with_secret_files(snippet, tmp_path)
+    )
+    config = load_config(write_config(tmp_path, body), env={})
+    token = (tmp_path / "secrets" / "prometheus.token").read_text().strip()
+    bearer = {"Authorization": f"Bearer {token}"}
+    async with running_bridge(config, clock) as (_bridge, url), httpx.AsyncClient() as http:
+        metrics = await http.get(f"{url}/metrics", headers=bearer)
+        assert metrics.status_code == 200
+        assert "sms_bridge_provider_ready" in metrics.text  # what the recipe alerts on
+        assert (await http.get(f"{url}/metrics")).status_code == 401
+        assert (await http.get(f"{url}/api/v1/messages", headers=bearer)).status_code == 403
