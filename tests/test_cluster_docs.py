@@ -139,7 +139,7 @@ def test_the_copy_summary_the_doc_shows_is_the_commands() -> None:
 @pytest.mark.slow
 def test_the_try_it_block_runs_as_written(tmp_path: Path, postgres_server: str) -> None:
     """Two instances on one database, one killed while its send is in flight: the other
-    takes the alert over and it reaches the sandbox exactly once. Only the ports, the
+    takes the alert over, finds it in /logs, and it reaches the sandbox exactly once. Only the ports, the
     server and the database name change (other tests hold 8081, 5432's database)."""
     [script] = blocks_in(section_of(CLUSTER, "Try it on one machine"), "sh")
     server = urllib.parse.urlsplit(postgres_server)
@@ -176,6 +176,12 @@ def test_the_try_it_block_runs_as_written(tmp_path: Path, postgres_server: str) 
     entries = json.loads(entries_line)
     assert [e["to"] for e in entries] == ["+12025550123"], entries  # once, not twice
     assert "a.log" in script and (work / "b.log").exists()
+    # b took a's claim over and found the send in /logs: the path the doc describes.
+    # (With b running before the alert came, b often claimed it itself and the kill
+    # showed nothing.)
+    assert (
+        "reconciled 1 messages the provider had already accepted" in (work / "b.log").read_text()
+    ), logs
 
 
 _DROP = """

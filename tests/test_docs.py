@@ -7,9 +7,11 @@ installed skip their check with the reason; nothing is copied out of the docs by
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import hmac
+import json
 import os
 import re
 import shutil
@@ -31,6 +33,7 @@ ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
 RECIPES = ROOT / "docs" / "recipes.md"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
+SECURITY = ROOT / "docs" / "security.md"
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # Keys naming a file that must exist: secrets (`*_file`) and TLS certificates and keys.
 _SECRET_FILE = re.compile(r'^(\s*(?:\w+_file|tls_cert|tls_key)\s*=\s*)"([^"]+)"', re.MULTILINE)
@@ -89,15 +92,16 @@ def check_config(text: str, tmp_path: Path, name: str) -> subprocess.CompletedPr
 
 def _snippet_cases() -> list[tuple[str, int]]:
     return [
-        *((README.name, i) for i in range(len(toml_snippets(README)))),
-        *((RECIPES.name, i) for i in range(len(toml_snippets(RECIPES)))),
+        (path.name, i)
+        for path in (README, RECIPES, SECURITY)
+        for i in range(len(toml_snippets(path)))
     ]
 
 
 @pytest.mark.parametrize(("doc", "index"), _snippet_cases())
 @pytest.mark.slow  # runs a subprocess
 def test_every_toml_snippet_passes_check_config(doc: str, index: int, tmp_path) -> None:
-    path = README if doc == README.name else RECIPES
+    [path] = [p for p in (README, RECIPES, SECURITY) if p.name == doc]
     snippet = toml_snippets(path)[index]
     if path == RECIPES and "[groups]" not in snippet:
         # "Each recipe assumes ... a group named oncall": the first block.
@@ -384,3 +388,153 @@ def test_senders_are_pointed_at_an_address_the_bridge_serves() -> None:
     reach = section_of(RECIPES, "Reaching the bridge from other hosts")
     assert 'listen = "0.0.0.0:8080"' in reach and "[tokens." in reach
     assert "reverse_proxy 127.0.0.1:8080" in reach  # TLS in front of the loopback bridge
+
+
+@pytest.mark.slow  # runs a subprocess
+def test_the_secret_security_md_makes_is_long_enough_for_a_token(tmp_path) -> None:
+    """security.md's one-liner, run as written, makes a token check-config accepts."""
+    [command] = blocks(SECURITY, "sh")
+    made = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=60, check=True
+    )
+    secret = made.stdout.strip()
+    assert len(secret) == int(re.search(r"# (\d+) characters", command).group(1))  # type: ignore[union-attr]
+    result = check_config(
+        f'[tokens.ci]\ntoken = "{secret}"\nscopes = ["send"]\n', tmp_path, "made.toml"
+    )
+    assert result.returncode == 0, result.stderr
+
+
+async def _curl_block(block: str, curl_options: str, cwd: Path, home: Path) -> list[str]:
+    """A doc's curl block run by bash as pasted, each curl given `curl_options` (where to
+    connect, which CA) and told to print its status code: the output's lines."""
+    script = block.replace("curl -s ", f"curl -s {curl_options} -w '\\n%{{http_code}}\\n' ")
+    proc = await asyncio.create_subprocess_exec(
+        "bash",
+        "-e",
+        "-c",
+        script,
+        cwd=cwd,
+        env=clean_env(HOME=str(home)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode().splitlines()
+
+
+def _tls_bridge_config(tmp_path: Path, sandbox_url: str, snippet: str) -> Path:
+    """`snippet` (the doc's [http] and [tokens.*]) served over HTTPS with a test CA's
+    certificate, on the sandbox, with the recipes' oncall group."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("sms-bridge.example.org", "sms.example.org")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "bridge.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    snippet = with_secret_files(snippet, tmp_path)
+    snippet = re.sub(r"^(tls_cert|tls_key) = .*$", "", snippet, flags=re.MULTILINE)
+    pem = tmp_path / "bridge.pem"
+    body = (
+        f'[store]\npath = "{tmp_path / "bridge.db"}"\n'
+        f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
+        + toml_snippets(RECIPES)[0]
+        + snippet.replace("[http]\n", f'[http]\ntls_cert = "{pem}"\ntls_key = "{pem}"\n')
+    )
+    return write_config(tmp_path, body)
+
+
+async def test_the_recipes_remote_curl_sends_with_the_scripts_token(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """ "Any script" from another host, against the bridge of "Reaching the bridge from
+    other hosts" (the TLS proxy's port stands in for 443): 202 with the scripts token in
+    the file the block reads, 401 with a wrong one, and nothing stored for it."""
+    [snippet] = [s for s in toml_snippets(RECIPES) if "[tokens.scripts]" in s][:1]
+    config = load_config(_tls_bridge_config(tmp_path, sandbox_url, snippet), env={})
+    token = (tmp_path / "secrets" / "scripts.token").read_text()
+    [_local, remote] = blocks_in(section_of(RECIPES, "Any script"), "sh")
+    home = tmp_path / "home"
+    (home / ".config").mkdir(parents=True)
+    async with running_bridge(config, clock) as (bridge, url):
+        options = (
+            f"--connect-to sms-bridge.example.org:443:127.0.0.1:{url.rpartition(':')[2]} "
+            f"--cacert {tmp_path / 'ca.pem'}"
+        )
+        (home / ".config" / "sms-bridge.token").write_text("not-the-scripts-token-at-all\n")
+        *_, refused = await _curl_block(remote, options, tmp_path, home)
+        assert refused == "401"
+        (home / ".config" / "sms-bridge.token").write_text(token)
+        *answer, code = await _curl_block(remote, options, tmp_path, home)
+        assert code == "202", answer
+        assert json.loads(" ".join(answer))["ids"] == [1, 2]  # the oncall group's phones
+        assert (await bridge.store.get(1)).text == "backup of nas-1 failed"
+
+
+async def test_the_readme_remote_curl_sends_with_the_deploy_token(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """The README's curl beside its [tokens.deploy] example, with the token file the
+    comment makes, on the HTTPS listener the example configures."""
+    [snippet] = [s for s in toml_snippets(README) if "[tokens.deploy]" in s]
+    path = _tls_bridge_config(tmp_path, sandbox_url, snippet)
+    [block] = [b for b in blocks(README, "sh") if "deploy-token" in b]
+    # The token as the comment makes it, in the file the config names.
+    made = re.search(r"# \((umask 077; openssl rand -hex 24 > deploy-token)\)", snippet)
+    assert made is not None
+    maker = await asyncio.create_subprocess_exec("bash", "-c", made.group(1), cwd=tmp_path)
+    assert await asyncio.wait_for(maker.wait(), timeout=60) == 0
+    assert (tmp_path / "deploy-token").stat().st_mode & 0o077 == 0  # no warning for it
+    (tmp_path / "secrets" / "deploy-token").write_text((tmp_path / "deploy-token").read_text())
+    config = load_config(path, env={})
+    async with running_bridge(config, clock) as (_bridge, url):
+        options = (
+            f"--connect-to sms.example.org:8080:127.0.0.1:{url.rpartition(':')[2]} "
+            f"--cacert {tmp_path / 'ca.pem'}"
+        )
+        *answer, code = await _curl_block(block, options, tmp_path, tmp_path)
+    assert code == "202", answer
+    assert len(json.loads(" ".join(answer))["ids"]) == 2  # "oncall"
+
+
+async def test_the_recipes_local_curl_needs_no_token(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """ "On the bridge's own host, with no tokens configured": the first block as written
+    (only the port changes), and again: the repeat is stored as a duplicate."""
+    [local, _remote] = blocks_in(section_of(RECIPES, "Any script"), "sh")
+    body = (
+        f'[store]\npath = "{tmp_path / "bridge.db"}"\n'
+        f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
+        + toml_snippets(RECIPES)[0]
+    )
+    config = load_config(write_config(tmp_path, body), env={})
+    async with running_bridge(config, clock) as (_bridge, url):
+        block = local.replace("http://127.0.0.1:8080", url)
+        *first, code = await _curl_block(block, "", tmp_path, tmp_path)
+        assert code == "202", first
+        *again, code = await _curl_block(block, "", tmp_path, tmp_path)
+        assert code == "202", again
+    states = [m["state"] for m in json.loads(" ".join(again))["messages"]]
+    assert states == ["suppressed", "suppressed"]
+
+
+async def test_the_prometheus_recipes_token_reads_metrics_and_nothing_else(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    [snippet] = [s for s in toml_snippets(RECIPES) if "[tokens.prometheus]" in s]
+    body = (
+        f'[store]\npath = "{tmp_path / "bridge.db"}"\n'
+        f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
+        + with_secret_files(snippet, tmp_path)
+    )
+    config = load_config(write_config(tmp_path, body), env={})
+    token = (tmp_path / "secrets" / "prometheus.token").read_text().strip()
+    bearer = {"Authorization": f"Bearer {token}"}
+    async with running_bridge(config, clock) as (_bridge, url), httpx.AsyncClient() as http:
+        metrics = await http.get(f"{url}/metrics", headers=bearer)
+        assert metrics.status_code == 200
+        assert "sms_bridge_provider_ready" in metrics.text  # what the recipe alerts on
+        assert (await http.get(f"{url}/metrics")).status_code == 401
+        assert (await http.get(f"{url}/api/v1/messages", headers=bearer)).status_code == 403
