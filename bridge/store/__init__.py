@@ -33,7 +33,7 @@ def open_store(config: StoreConfig, *, migrating: bool = False) -> Store:
         try:
             from bridge.store.postgres.store import PostgresStore
         except ImportError as exc:  # asyncpg is the optional extra
-            needs = f"the PostgreSQL store needs pip install 'sms-bridge[postgres]' ({exc})"
+            needs = f"the PostgreSQL store needs its extra: pip install -e '.[postgres]' in the checkout, or asyncpg ({exc})"
             raise ConfigError([("store.url", needs)]) from exc
         return PostgresStore(config.url, migrating=migrating)
     from bridge.store.sqlite import SqliteStore  # the embedded default
@@ -62,6 +62,6 @@ async def copy_into_postgres(source: str | Path, url: str, *, replace: bool) -> 
         from bridge.store.copy import copy_sqlite_to_postgres
         from bridge.store.postgres.load import load  # noqa: F401  (the driver is there)
     except ImportError as exc:
-        needs = f"copying into PostgreSQL needs pip install 'sms-bridge[postgres]' ({exc})"
+        needs = f"copying into PostgreSQL needs its extra: pip install -e '.[postgres]' in the checkout, or asyncpg ({exc})"
         raise ConfigError([("store.url", needs)]) from exc
     return await copy_sqlite_to_postgres(source, url, replace=replace)
