@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import os
-import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from bridge.config import (
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.models import State
 from bridge.ops.logs import setup_logging
+from bridge.permissions import readable_by_everyone
 
 log = logging.getLogger("bridge")
 __all__ = ["book_cli_request", "main"]  # book_cli_request: the CLI's booking, for tests
@@ -218,20 +218,13 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
     return 2
 
 
-def _world_readable(path: str) -> bool:
-    try:
-        return bool(os.stat(path).st_mode & stat.S_IROTH)
-    except OSError:
-        return False  # a file that cannot be read is check-config's own problem
-
-
 def _exposed_secrets(args: argparse.Namespace) -> list[str]:
     """Why files' modes expose secrets: the config's inline ones, or a secret file's."""
     path = _config_path(args)
     if path is None:
         return []
     warnings = []
-    keys = inline_secrets(path) if _world_readable(path) else []
+    keys = inline_secrets(path) if readable_by_everyone(path) else []
     if keys:
         warnings.append(
             f"{path} is readable by every user and holds secrets ({', '.join(keys)}): "
@@ -240,7 +233,7 @@ def _exposed_secrets(args: argparse.Namespace) -> list[str]:
     warnings += [
         f"{key}: {file} is readable by every user: chmod 600 {file}"
         for key, file in secret_files(path)
-        if _world_readable(file)
+        if readable_by_everyone(file)
     ]
     return warnings
 

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 from phonenumbers import PhoneMetadata, PhoneNumberDesc
@@ -15,6 +19,27 @@ from tests.stores import BACKENDS, FACTORIES
 
 # A real PostgreSQL server and a fresh database per test (tests/postgres.py).
 pytest_plugins = ["tests.postgres"]
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """An empty directory (0755) that every user can reach: each directory above it is
+    `o+x`. For the "readable by every user" warnings, which look at a file's directories
+    too: pytest's tmp_path is below /tmp/pytest-of-USER, 0700, where no file is readable
+    by every user whatever its own mode. Tests build their own tree below this one and
+    set its modes; removed afterwards."""
+    for base in (tempfile.gettempdir(), "/tmp", "/var/tmp"):
+        chain = [Path(base).resolve(), *Path(base).resolve().parents]
+        if all(p.is_dir() and p.stat().st_mode & stat.S_IXOTH for p in chain):
+            break
+    else:
+        pytest.skip("no temporary directory here that every user can traverse")
+    top = Path(tempfile.mkdtemp(prefix="sms-bridge-open-", dir=base)).resolve()
+    top.chmod(0o755)  # mkdtemp makes it 0700
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top)
 
 
 @pytest.fixture

@@ -183,13 +183,15 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path) -> None:
     assert child.returncode == 1
 
 
-def test_check_config_reads_the_files_beside_the_config_from_any_directory(tmp_path) -> None:
+def test_check_config_reads_the_files_beside_the_config_from_any_directory(open_tmp) -> None:
     """The systemd layout: config and key in /etc/sms-bridge, the process elsewhere
     (WorkingDirectory=/var/lib/sms-bridge). A relative name in the file is read beside
-    the file; check-config shows and warns about the file it really read."""
-    etc, cwd = tmp_path / "etc", tmp_path / "run"
-    etc.mkdir()
-    cwd.mkdir()
+    the file; check-config shows and warns about the file it really read (below
+    open_tmp: every directory above the key open, so the key is readable by all)."""
+    etc, cwd = open_tmp / "etc", open_tmp / "run"
+    for directory in (etc, cwd):
+        directory.mkdir()
+        directory.chmod(0o755)  # whatever the umask
     (etc / "api-key").write_text("key-beside-the-config\n")
     (etc / "api-key").chmod(0o644)
     (etc / "config.toml").write_text(

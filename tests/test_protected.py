@@ -253,36 +253,37 @@ def test_check_config_and_serve_refuse_an_open_bridge_with_a_real_provider(tmp_p
 
 
 @pytest.mark.slow
-def test_check_config_warns_when_a_world_readable_file_holds_secrets(tmp_path) -> None:
-    secret = tmp_path / "am.token"
+def test_check_config_warns_when_a_world_readable_file_holds_secrets(open_tmp) -> None:
+    # Below open_tmp every directory above the files is open: their own modes decide.
+    secret = open_tmp / "am.token"
     secret.write_text("route-token-from-file")
     inline = write_config(
-        tmp_path,
+        open_tmp,
         '[routes.am]\nformat = "generic"\nto = ["+12025550143"]\ntoken = "route-token-inline"\n'
         '[smtp.users]\nups = "ups-password"\n',
         name="inline.toml",
     )
     from_files = write_config(
-        tmp_path,
+        open_tmp,
         f'[routes.am]\nformat = "generic"\nto = ["+12025550143"]\ntoken_file = "{secret}"\n',
         name="files.toml",
     )
     os.chmod(inline, 0o644)
     os.chmod(from_files, 0o644)
-    loud = run("check-config", str(inline), cwd=tmp_path)
+    loud = run("check-config", str(inline), cwd=open_tmp)
     assert loud.returncode == 0, loud.stderr  # a warning, not a refusal
     assert "warning:" in loud.stderr and "readable by every user" in loud.stderr
     assert "routes.am.token" in loud.stderr and "smtp.users.ups" in loud.stderr
     assert "route-token-inline" not in loud.stderr + loud.stdout
     os.chmod(secret, 0o600)
-    assert "warning:" not in run("check-config", str(from_files), cwd=tmp_path).stderr
+    assert "warning:" not in run("check-config", str(from_files), cwd=open_tmp).stderr
     # A secret file anyone may read exposes its secret as much as an inline one.
     os.chmod(secret, 0o644)
-    exposed = run("check-config", str(from_files), cwd=tmp_path)
+    exposed = run("check-config", str(from_files), cwd=open_tmp)
     assert exposed.returncode == 0, exposed.stderr
     assert f"warning: routes.am.token_file: {secret} is readable by every user" in exposed.stderr
     os.chmod(inline, 0o600)
-    assert "warning:" not in run("check-config", str(inline), cwd=tmp_path).stderr
+    assert "warning:" not in run("check-config", str(inline), cwd=open_tmp).stderr
 
 
 def test_inline_secrets_and_secret_values_come_from_the_secret_fields(tmp_path) -> None:

@@ -18,13 +18,11 @@ on it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
 import queue
 import sqlite3
-import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +33,7 @@ from typing import Any, TypeVar
 from sqlite_utils import Database
 
 from bridge.errors import StoreUnavailable
+from bridge.permissions import readable_by_everyone
 from bridge.store.sqlite.schema import migrations
 
 log = logging.getLogger(__name__)
@@ -93,15 +92,14 @@ def _create_private(path: str) -> None:
     """Create the store file 0600 before SQLite does: it holds numbers and texts.
 
     SQLite gives the WAL and SHM files the database file's mode, so they follow. A store
-    that already exists keeps its mode (the owner may have chosen it); a world-readable
-    one is named in the log.
+    that already exists keeps its mode (the owner may have chosen it); one every user
+    may read (its mode and its directories': `readable_by_everyone`) is named in the log.
     """
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_mode & stat.S_IROTH:
-                log.warning("store %s is readable by every user: chmod 600 it", path)
+        if readable_by_everyone(path):
+            log.warning("store %s is readable by every user: chmod 600 it", path)
     except OSError as exc:
         raise StoreUnavailable(f"cannot create the store: {exc.strerror or exc}") from exc
 
