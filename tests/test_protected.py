@@ -8,6 +8,7 @@ test here binds a non-loopback address.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import subprocess
@@ -286,6 +287,80 @@ def test_check_config_warns_when_a_world_readable_file_holds_secrets(open_tmp) -
     assert "warning:" not in run("check-config", str(inline), cwd=open_tmp).stderr
 
 
+def _tree(top: Path, *modes: int) -> Path:
+    """Directories top/d1/d2/... with the given modes (whatever the umask); the last one."""
+    directory = top
+    for depth, mode in enumerate(modes, 1):
+        directory = directory / f"d{depth}"
+        directory.mkdir()
+        directory.chmod(mode)
+    return directory
+
+
+def _warnings(config: Path, cwd: Path) -> list[str]:
+    checked = run("check-config", str(config), cwd=cwd)
+    assert checked.returncode == 0, checked.stderr  # a warning, not a refusal
+    return [line for line in checked.stderr.splitlines() if line.startswith("warning:")]
+
+
+@pytest.mark.slow
+def test_a_file_in_a_directory_others_cannot_enter_is_no_warning(open_tmp) -> None:
+    """/etc/sms-bridge 0750 (or 0700) with files 0644 in it: no other user can reach them,
+    so neither the config's inline secrets nor a secret file is "readable by every user".
+    Any directory above the file counts, not just its own; open all the way down, both
+    files warn."""
+    inner = _tree(open_tmp, 0o700, 0o755)  # d1 (closed) / d2 (open) / the files
+    token = inner / "am.token"
+    token.write_text("route-token-from-file")
+    config = write_config(
+        inner,
+        f'[routes.am]\nformat = "generic"\nto = ["+12025550143"]\ntoken_file = "{token}"\n'
+        '[smtp.users]\nups = "ups-password"\n',
+    )
+    for path in (token, config):
+        path.chmod(0o644)
+    for closed in (0o700, 0o750, 0o754):  # r without x for others opens nothing either
+        (open_tmp / "d1").chmod(closed)
+        assert _warnings(config, open_tmp) == [], oct(closed)
+    (open_tmp / "d1").chmod(0o755)
+    (open_tmp / "d1" / "d2").chmod(0o750)  # the file's own directory closed
+    assert _warnings(config, open_tmp) == []
+    (open_tmp / "d1" / "d2").chmod(0o755)
+    assert _warnings(config, open_tmp) == [
+        f"warning: {config} is readable by every user and holds secrets (smtp.users.ups):"
+        f" chmod 600 {config}, or move them to *_file keys",
+        f"warning: routes.am.token_file: {token} is readable by every user: chmod 600 {token}",
+    ]
+
+
+@pytest.mark.slow
+def test_a_symlinked_secret_is_judged_by_the_real_files_directories(open_tmp) -> None:
+    """A link is followed to the file it names: a link in an open directory to a key in
+    a closed one exposes nothing; a link in a closed directory to a key in an open one
+    is readable by every user (through the key's own path)."""
+    closed, public = _tree(open_tmp, 0o700), open_tmp / "public"
+    public.mkdir()
+    public.chmod(0o755)
+    hidden, shown = closed / "hidden.token", public / "shown.token"
+    for key in (hidden, shown):
+        key.write_text("route-token-from-file")
+        key.chmod(0o644)
+    (public / "link.token").symlink_to(hidden)
+    (closed / "link.token").symlink_to(shown)
+    for link in (public / "link.token", closed / "link.token"):
+        config = write_config(
+            open_tmp,
+            f'[routes.am]\nformat = "generic"\nto = ["+12025550143"]\ntoken_file = "{link}"\n',
+        )
+        config.chmod(0o600)
+        expected = (
+            [f"warning: routes.am.token_file: {link} is readable by every user: chmod 600 {link}"]
+            if link.parent == closed
+            else []
+        )
+        assert _warnings(config, open_tmp) == expected, link
+
+
 def test_inline_secrets_and_secret_values_come_from_the_secret_fields(tmp_path) -> None:
     password = tmp_path / "pw"
     password.write_text("basic-pass-from-file")
@@ -347,6 +422,30 @@ async def test_the_store_and_its_journals_are_created_0600(tmp_path) -> None:
             await store.close()
     finally:
         os.umask(old)
+
+
+async def test_an_existing_store_is_named_when_every_user_may_read_it(
+    open_tmp, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store kept 0644 (its owner's choice) is named in the log only when the way to it
+    is open too: in a 0700 or 0750 directory no other user can read it."""
+    data = _tree(open_tmp, 0o755)
+    path = data / "bridge.db"
+    store = open_store(StoreConfig(path=str(path)))
+    await store.open()  # created 0600: no warning
+    await store.close()
+    path.chmod(0o644)
+    seen = {}
+    for mode in (0o700, 0o750, 0o755):
+        data.chmod(mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bridge"):
+            store = open_store(StoreConfig(path=str(path)))
+            await store.open()
+            await store.close()
+        seen[mode] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    warning = f"store {path} is readable by every user: chmod 600 it"
+    assert seen == {0o700: [], 0o750: [], 0o755: [warning]}
 
 
 def test_tokens_from_the_environment(tmp_path) -> None:
