@@ -15,6 +15,7 @@ from bridge import __version__, commands
 from bridge.clock import SystemClock
 from bridge.commands import book_cli_request
 from bridge.config import (
+    ENV_PREFIX,
     Config,
     config_path_from,
     inline_secrets,
@@ -219,11 +220,18 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
 
 
 def _exposed_secrets(args: argparse.Namespace) -> list[str]:
-    """Why files' modes expose secrets: the config's inline ones, or a secret file's."""
+    """Why files' modes expose secrets: the config's inline ones, a secret file the
+    config names, or one the environment names (`SMS_BRIDGE_..._FILE`, read relative to
+    the current directory as the loader reads it)."""
+    warnings = [
+        f"{name}: {file} is readable by every user: chmod 600 {file}"
+        for name, file in sorted(os.environ.items())
+        if name.startswith(ENV_PREFIX) and name.endswith("_FILE") and file
+        if readable_by_everyone(file)
+    ]
     path = _config_path(args)
     if path is None:
-        return []
-    warnings = []
+        return warnings
     keys = inline_secrets(path) if readable_by_everyone(path) else []
     if keys:
         warnings.append(

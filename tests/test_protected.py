@@ -530,3 +530,26 @@ async def test_a_reload_cannot_open_what_the_running_provider_would_send_through
             tmp_path, sandbox_url, route + 'token = "route-token-0123456789"\n'
         )
         assert bridge.reload(restored) == []
+
+
+@pytest.mark.slow
+def test_a_secret_file_the_environment_names_is_checked_too(open_tmp) -> None:
+    """`SMS_BRIDGE_PROVIDER_API_KEY_FILE` (the Docker and systemd recipes' way) reads a
+    secret as much as a `*_file` key does: a key anyone may read is named, one in a
+    closed directory or 0600 is not. No config file at all: the environment alone."""
+    key = _tree(open_tmp, 0o755) / "api.key"
+    key.write_text("provider-key-from-env-file")
+    key.chmod(0o644)
+    env = {"SMS_BRIDGE_PROVIDER_API_KEY_FILE": str(key)}
+    exposed = run("check-config", cwd=open_tmp, env=env)
+    assert exposed.returncode == 0, exposed.stderr
+    assert [line for line in exposed.stderr.splitlines() if line.startswith("warning:")] == [
+        f"warning: SMS_BRIDGE_PROVIDER_API_KEY_FILE: {key} is readable by every user:"
+        f" chmod 600 {key}"
+    ]
+    assert "provider-key-from-env-file" not in exposed.stderr + exposed.stdout
+    (open_tmp / "d1").chmod(0o700)
+    assert "warning:" not in run("check-config", cwd=open_tmp, env=env).stderr
+    (open_tmp / "d1").chmod(0o755)
+    key.chmod(0o600)
+    assert "warning:" not in run("check-config", cwd=open_tmp, env=env).stderr
