@@ -164,7 +164,8 @@ def _main(argv: Sequence[str] | None) -> int:
         _print_problems(exc)
         return 1
     setup_logging(config.log.level, config.log.format, secret_values(config))
-    for warning in _exposed_secrets(args) if args.command in ("check-config", "serve") else []:
+    exposed = _exposed_secrets(args, config) if args.command in ("check-config", "serve") else []
+    for warning in exposed:
         if args.command == "serve":
             log.warning("%s", warning)  # in the service's log, JSON or not
         else:
@@ -219,14 +220,19 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
     return 2
 
 
-def _exposed_secrets(args: argparse.Namespace) -> list[str]:
+def _exposed_secrets(args: argparse.Namespace, config: Config) -> list[str]:
     """Why files' modes expose secrets: the config's inline ones, a secret file the
-    config names, or one the environment names (`SMS_BRIDGE_..._FILE`, read relative to
-    the current directory as the loader reads it)."""
-    warnings = [
-        f"{name}: {file} is readable by every user: chmod 600 {file}"
+    config names, one the environment names (`SMS_BRIDGE_..._FILE`, read relative to
+    the current directory as the loader reads it), or a listener's TLS private key."""
+    named = [
+        (name, file)
         for name, file in sorted(os.environ.items())
         if name.startswith(ENV_PREFIX) and name.endswith("_FILE") and file
+    ]
+    named += [(f"{section}.tls_key", key) for section, key in _tls_keys(config) if key]
+    warnings = [
+        f"{name}: {file} is readable by every user: chmod 600 {file}"
+        for name, file in named
         if readable_by_everyone(file)
     ]
     path = _config_path(args)
@@ -244,6 +250,10 @@ def _exposed_secrets(args: argparse.Namespace) -> list[str]:
         if readable_by_everyone(file)
     ]
     return warnings
+
+
+def _tls_keys(config: Config) -> list[tuple[str, str]]:
+    return [("http", config.http.tls_key), ("smtp", config.smtp.tls_key)]
 
 
 def _print_problems(exc: ConfigError) -> None:

@@ -553,3 +553,27 @@ def test_a_secret_file_the_environment_names_is_checked_too(open_tmp) -> None:
     (open_tmp / "d1").chmod(0o755)
     key.chmod(0o600)
     assert "warning:" not in run("check-config", cwd=open_tmp, env=env).stderr
+
+
+@pytest.mark.slow
+def test_a_tls_private_key_anyone_may_read_is_named(open_tmp) -> None:
+    """A listener's private key is the bridge's most lasting secret: whoever reads it can
+    be the bridge to every client until the certificate expires."""
+    keys = _tree(open_tmp, 0o755)
+    for name in ("http.pem", "http.key", "smtp.pem", "smtp.key"):
+        (keys / name).write_text("not read by check-config")
+        (keys / name).chmod(0o644)
+    config = write_config(
+        keys,
+        f'[http]\ntls_cert = "{keys}/http.pem"\ntls_key = "{keys}/http.key"\n'
+        f'[smtp]\ntls_cert = "{keys}/smtp.pem"\ntls_key = "{keys}/smtp.key"\n',
+    )
+    config.chmod(0o644)
+    assert _warnings(config, open_tmp) == [
+        f"warning: {section}.tls_key: {keys}/{section}.key is readable by every user:"
+        f" chmod 600 {keys}/{section}.key"
+        for section in ("http", "smtp")
+    ]
+    (keys / "http.key").chmod(0o600)
+    (keys / "smtp.key").chmod(0o640)
+    assert _warnings(config, open_tmp) == []  # certificates are public: never named
