@@ -240,14 +240,25 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.app is self.config.loaded_app:  # refusals are cheap: never counted
             self.in_flight.add(self.cycle)
             self.admitted.append(self.cycle)
-        self._expect_body()  # cleared when the message is complete, often in this read
+        if not self.pipeline:  # cleared when the message is complete, often in this read
+            self._expect_body()
+        # else queued behind an unanswered request: uvicorn reads no more until that is
+        # answered, so the body's time starts when this request is served (below)
 
     def on_response_complete(self) -> None:
         # With pipelining `self.cycle` is the newest request, not the one answered.
         answered = [cycle for cycle in self.admitted if cycle.response_complete]
         self.in_flight.difference_update(answered)
         self.admitted = [cycle for cycle in self.admitted if not cycle.response_complete]
+        queued = bool(self.pipeline)
         super().on_response_complete()
+        if (
+            queued
+            and self.body_due is None
+            and self.cycle.more_body
+            and not self.transport.is_closing()
+        ):
+            self._expect_body()  # a pipelined request now served, its body still to come
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
