@@ -181,8 +181,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             )
         elif self.body_due is not None and self.body_due <= now:
             log.info("HTTP client %s too slow to send its body: closed", self.client)
-            # `cycle` is this request's: a 408 unless its answer has begun
-            unanswered = cycle is not None and not cycle.response_started
+            # `cycle` is this request's: a 408 unless its answer has begun, or an
+            # earlier request's is still to come (the client would take it for that)
+            unanswered = (
+                cycle is not None
+                and not cycle.response_started
+                and all(other.response_complete for other in self.admitted if other is not cycle)
+            )
             self._too_slow(unanswered, f"request body not received within {self.body_timeout:g}s")
         else:  # moved on since it was armed: wait for what is due now, if anything
             pending = [due for due in (self.headers_due, self.body_due) if due is not None]
