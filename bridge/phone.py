@@ -154,9 +154,10 @@ def _international(digits: str) -> phonenumbers.PhoneNumber | None:
 
     The library reads such a number through a dozen regular expressions written for
     what people type (~8 us, half a new number's cost); machines write E.164.
-    `test_phone` holds the answers equal to the library's over every calling code.
+    `test_firewall` holds the answers equal to the library's over every calling code.
     """
-    if not (_LIBRARY_HELPERS and digits.isascii() and digits[1:].isdigit() and len(digits) > 3):
+    plain = digits[:1] == "+" and digits[1:].isdigit() and len(digits) > 3
+    if not (_LIBRARY_HELPERS and plain and digits.isascii()):
         return None  # other digits (Arabic-Indic...) the library maps to ASCII first
     for end in (2, 3, 4):  # prefix-free codes (ITU-T E.164); none starts with 0
         code = int(digits[1:end]) if digits[1:2] != "0" else 0

@@ -603,10 +603,39 @@ async def test_truncated_alerts_are_counted_after_the_named_ones(
 async def test_alerts_on_one_host_name_it_once(
     hosts: list[str], common_host: bool, expected: str, tmp_path, clock, sandbox_url
 ) -> None:
-    config = bridge_config(tmp_path, sandbox_url, ROUTES)
     common = {"alertname": "CoreTemp", "severity": "critical"}
     if common_host:
         common["host"] = hosts[0]
+    alerts = [{"alertname": "CoreTemp", "host": host, "severity": "critical"} for host in hosts]
+    text = await _alert_group_text(alerts, common, tmp_path, clock, sandbox_url)
+    assert text == expected
+
+
+@pytest.mark.parametrize(
+    ("apart", "values"),
+    [
+        ("cpu", ["0", "1", "2"]),  # node_exporter's cores: "2" was named as a place
+        ("cpu", ["0", "1"]),
+        ("sensor", ["temp1", "temp2"]),  # the host was dropped for the sensors' names
+    ],
+)
+async def test_alerts_on_a_common_host_told_apart_by_another_label_name_the_host(
+    apart: str, values: list[str], tmp_path, clock, sandbox_url
+) -> None:
+    """The host in commonLabels (as Alertmanager sends a group on one host) is where
+    every alert is: a core, a sensor or a disk is detail, and naming it instead made
+    three cores of db-1 read "CoreTemp 2 +2"."""
+    common = {"alertname": "CoreTemp", "instance": "db-1:9100", "severity": "critical"}
+    alerts = [dict(common, **{apart: value}) for value in values]
+    text = await _alert_group_text(alerts, common, tmp_path, clock, sandbox_url)
+    assert text == f"[FIRING:{len(values)}] CoreTemp db-1: CPU core too hot"
+
+
+async def _alert_group_text(
+    alerts: list[dict[str, str]], common: dict[str, str], tmp_path, clock, sandbox_url
+) -> str:
+    """The text one Alertmanager group of `alerts` (their labels) is stored as."""
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
     body = json.dumps(
         {
             "version": "4",
@@ -617,11 +646,11 @@ async def test_alerts_on_one_host_name_it_once(
             "alerts": [
                 {
                     "status": "firing",
-                    "labels": {"alertname": "CoreTemp", "host": host, "severity": "critical"},
+                    "labels": labels,
                     "annotations": {"summary": "CPU core too hot", "description": f"core {i}"},
                     "fingerprint": f"f{i}",
                 }
-                for i, host in enumerate(hosts)
+                for i, labels in enumerate(alerts)
             ],
         }
     ).encode()
@@ -631,4 +660,5 @@ async def test_alerts_on_one_host_name_it_once(
         )
         assert response.status_code == 202, response.text
         stored = await bridge.store.get(response.json()["ids"][0])
-    assert stored is not None and stored.text == expected
+    assert stored is not None
+    return stored.text

@@ -360,7 +360,6 @@ def _mail_text(
 ) -> MailText:
     headers = {name: found[name] for name in TEMPLATE_HEADERS if found.get(name)}
     subject = _SPACES.sub(" ", headers.get("subject", "").replace("\n", " ")).strip()
-    body = _without_echoed_subject(body, subject)
     message_id = headers.get("message-id", "").strip() or None
     return MailText(
         subject=subject,
@@ -489,7 +488,10 @@ def compose(mail: MailText, mode: str) -> str:
         return mail.subject or mail.body
     if mode == "body":
         return mail.body or mail.subject
-    subject, body = mail.subject, mail.body
+    subject = mail.subject
+    # Only here, where the subject is shown: in `body` mode an echoed "Subject:" line
+    # may be the only place the text says what failed.
+    body = _without_echoed_subject(mail.body, subject)
     if not subject:
         return body
     if not body:

@@ -146,12 +146,17 @@ def summarize(
     names: list[str] = []
     instances: list[str] = []
     unnamed = 0  # alerts with no instance of their own: counted in "+N", not named
+    # A host every alert shares (commonLabels) is where they all are: any other label
+    # that tells them apart (a core, a sensor, a disk) is no place, and naming it
+    # dropped the host ("CoreTemp 2 +2" for three cores of db-1).
+    shared_place = _instance(common, {}, distinct=False)
     for alert in listed:
         labels = alert.get("labels") or {}
         name = text_field(labels.get("alertname"), "alerts[].labels.alertname")
         if name and name not in names:
             names.append(name)
-        instance = _instance(labels, common, distinct=len(listed) > 1) or _instance(
+        distinct = len(listed) > 1 and shared_place is None
+        instance = _instance(labels, common, distinct=distinct) or _instance(
             _value_labels(alert), {}, distinct=False
         )
         if not instance:
@@ -168,7 +173,7 @@ def summarize(
                 group_labels, {}, distinct=True
             )
         else:
-            instance = _instance(common, {}, distinct=False)
+            instance = shared_place
         if instance:
             instances, unnamed = [instance], 0
     summaries = {

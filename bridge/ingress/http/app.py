@@ -103,10 +103,7 @@ def handle_errors(handler: Handler, live: LiveConfig) -> Handler:
             )
             return JSONResponse({"error": exc.message}, exc.status, headers=headers)
         except HttpError as exc:
-            response = error_response(exc.status, exc.message, exc.field)
-            if exc.status == 408:  # the rest of the body may still come: not on this connection
-                response.headers["connection"] = "close"
-            return response
+            return error_response(exc.status, exc.message, exc.field)
         except InputError as exc:
             return error_response(400, str(exc), exc.field)
         except Unavailable as exc:  # the store, or the phone metadata on a recipient

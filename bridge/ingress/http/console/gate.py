@@ -266,14 +266,10 @@ class Gate:
     def _error(self, request: Request, status: int, message: str, *, as_json: bool) -> Response:
         message = self._shown(message)
         if as_json:
-            response: Response = JSONResponse({"error": message}, status)
-        else:
-            response = self._render(
-                request, None, "error.html", {"status": status, "message": message}, status
-            )
-        if status == 408:  # the rest of the body may still come: not on this connection
-            response.headers["connection"] = "close"
-        return response
+            return JSONResponse({"error": message}, status)
+        return self._render(
+            request, None, "error.html", {"status": status, "message": message}, status
+        )
 
     def page(
         self,
