@@ -558,25 +558,16 @@ def test_grafana_legacy_route_match_is_on_the_rules_tags() -> None:
 async def test_truncated_alerts_are_counted_after_the_named_ones(
     alerts: int, truncated: int, expected: str, tmp_path, clock, sandbox_url
 ) -> None:
-    config = bridge_config(tmp_path, sandbox_url, ROUTES)
-    body = json.dumps(
-        {
-            "status": "firing",
-            "truncatedAlerts": truncated,
-            "commonLabels": {"alertname": "T"},
-            "alerts": [
-                {"status": "firing", "labels": {"alertname": "T", "instance": f"a-{i}:9100"}}
-                for i in range(1, alerts + 1)
-            ],
-        }
-    ).encode()
-    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
-        response = await http.post(
-            f"{url}/hooks/am", content=body, headers=auth_headers("am", body)
-        )
-        assert response.status_code == 202, response.text
-        stored = await bridge.store.get(response.json()["ids"][0])
-    assert stored is not None and stored.text == expected
+    payload = {
+        "status": "firing",
+        "truncatedAlerts": truncated,
+        "commonLabels": {"alertname": "T"},
+        "alerts": [
+            {"status": "firing", "labels": {"alertname": "T", "instance": f"a-{i}:9100"}}
+            for i in range(1, alerts + 1)
+        ],
+    }
+    assert await _am_text(payload, tmp_path, clock, sandbox_url) == expected
 
 
 @pytest.mark.parametrize(
@@ -635,25 +626,29 @@ async def _alert_group_text(
     alerts: list[dict[str, str]], common: dict[str, str], tmp_path, clock, sandbox_url
 ) -> str:
     """The text one Alertmanager group of `alerts` (their labels) is stored as."""
+    payload = {
+        "version": "4",
+        "status": "firing",
+        "groupKey": "{}:{}",
+        "commonLabels": common,
+        "commonAnnotations": {"summary": "CPU core too hot"},
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": labels,
+                "annotations": {"summary": "CPU core too hot", "description": f"core {i}"},
+                "fingerprint": f"f{i}",
+            }
+            for i, labels in enumerate(alerts)
+        ],
+    }
+    return await _am_text(payload, tmp_path, clock, sandbox_url)
+
+
+async def _am_text(payload: dict, tmp_path, clock, sandbox_url) -> str:
+    """The text an Alertmanager `payload` posted to route `am` is stored as."""
     config = bridge_config(tmp_path, sandbox_url, ROUTES)
-    body = json.dumps(
-        {
-            "version": "4",
-            "status": "firing",
-            "groupKey": "{}:{}",
-            "commonLabels": common,
-            "commonAnnotations": {"summary": "CPU core too hot"},
-            "alerts": [
-                {
-                    "status": "firing",
-                    "labels": labels,
-                    "annotations": {"summary": "CPU core too hot", "description": f"core {i}"},
-                    "fingerprint": f"f{i}",
-                }
-                for i, labels in enumerate(alerts)
-            ],
-        }
-    ).encode()
+    body = json.dumps(payload).encode()
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         response = await http.post(
             f"{url}/hooks/am", content=body, headers=auth_headers("am", body)
