@@ -603,23 +603,25 @@ async def test_alerts_on_one_host_name_it_once(
 
 
 @pytest.mark.parametrize(
-    ("apart", "values"),
+    ("apart", "values", "place"),
     [
-        ("cpu", ["0", "1", "2"]),  # node_exporter's cores: "2" was named as a place
-        ("cpu", ["0", "1"]),
-        ("sensor", ["temp1", "temp2"]),  # the host was dropped for the sensors' names
+        # node_exporter's cores on one host: numbers are no place ("CoreTemp 2 +2"
+        # named core 2 as one and dropped the host); the host they share is named.
+        ("cpu", ["0", "1", "2"], "db-1"),
+        ("cpu", ["0", "1"], "db-1"),
+        # What tells them apart is worth more than the host they share: two sensors,
+        # two deployments (kube-state-metrics' alerts all carry its own instance).
+        ("sensor", ["temp1", "temp2"], "temp1, temp2"),
+        ("deployment", ["api", "web"], "api, web"),
     ],
 )
-async def test_alerts_on_a_common_host_told_apart_by_another_label_name_the_host(
-    apart: str, values: list[str], tmp_path, clock, sandbox_url
+async def test_alerts_on_a_common_host_told_apart_by_another_label(
+    apart: str, values: list[str], place: str, tmp_path, clock, sandbox_url
 ) -> None:
-    """The host in commonLabels (as Alertmanager sends a group on one host) is where
-    every alert is: a core, a sensor or a disk is detail, and naming it instead made
-    three cores of db-1 read "CoreTemp 2 +2"."""
     common = {"alertname": "CoreTemp", "instance": "db-1:9100", "severity": "critical"}
     alerts = [dict(common, **{apart: value}) for value in values]
     text = await _alert_group_text(alerts, common, tmp_path, clock, sandbox_url)
-    assert text == f"[FIRING:{len(values)}] CoreTemp db-1: CPU core too hot"
+    assert text == f"[FIRING:{len(values)}] CoreTemp {place}: CPU core too hot"
 
 
 async def _alert_group_text(

@@ -466,21 +466,26 @@ async def test_template_compose(tmp_path, clock, sandbox_state, sandbox_url) -> 
 
 
 @pytest.mark.parametrize(
-    ("compose", "expected"),
+    ("smtp", "expected"),
     [
         # The subject is the text's first line: its echo in the body is dropped.
-        ("subject_body", "Backup failed on nas-3\nexit code 2"),
+        ('compose = "subject_body"', "Backup failed on nas-3\nexit code 2\nat 03:12"),
+        # ... before a rule counts the body's lines: the line kept is the one after it.
+        (
+            'compose = "subject_body"\n[[smtp.rules]]\nsender = ["*"]\nmax_lines = 1',
+            "Backup failed on nas-3\nexit code 2",
+        ),
         # No subject shown: the echoed line is what says what failed, so it stays.
-        ("body", "Subject: Backup failed on nas-3\nexit code 2"),
+        ('compose = "body"', "Subject: Backup failed on nas-3\nexit code 2\nat 03:12"),
     ],
 )
 async def test_a_subject_echoed_in_the_body_is_dropped_only_where_the_subject_is_shown(
-    compose: str, expected: str, tmp_path, clock, sandbox_url
+    smtp: str, expected: str, tmp_path, clock, sandbox_url
 ) -> None:
-    config = bridge_config(tmp_path, sandbox_url, with_smtp(f'compose = "{compose}"'))
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(smtp))
     raw = (
         "From: backup@nas-3.example.org\r\nSubject: Backup failed on nas-3\r\n\r\n"
-        "Subject: Backup failed on nas-3\r\nexit code 2\r\n"
+        "Subject: Backup failed on nas-3\r\nexit code 2\r\nat 03:12\r\n"
     )
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
         await asyncio.to_thread(send, port, "backup@example.org", [DEFAULT_RCPT], raw)

@@ -9,6 +9,7 @@ parsed still yields what could be read of it.
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.header
 import email.parser
@@ -472,14 +473,16 @@ def _normalised(text: str) -> str:
     return _NON_WORDS.sub(" ", text).strip().lower()
 
 
-def _without_echoed_subject(body: str, subject: str) -> str:
-    """The body less a first line that is "Subject: <the subject>": the subject is
-    already the text's first line, and compose only drops a body that starts with it."""
-    first, _, rest = body.partition("\n")
+def without_echoed_subject(mail: MailText) -> MailText:
+    """The mail less a first body line that is "Subject: <the subject>", for a text that
+    shows the subject (where it is the text's first line; compose drops only a body that
+    starts with the subject itself). Not for `body` mode, where that line may be the
+    only place the text says what failed."""
+    first, _, rest = mail.body.partition("\n")
     echoed = _ECHOED_SUBJECT.fullmatch(first)
-    if subject and echoed and _normalised(echoed.group(1)) == _normalised(subject):
-        return rest
-    return body
+    if mail.subject and echoed and _normalised(echoed.group(1)) == _normalised(mail.subject):
+        return dataclasses.replace(mail, body=rest)
+    return mail
 
 
 def compose(mail: MailText, mode: str) -> str:
@@ -488,10 +491,7 @@ def compose(mail: MailText, mode: str) -> str:
         return mail.subject or mail.body
     if mode == "body":
         return mail.body or mail.subject
-    subject = mail.subject
-    # Only here, where the subject is shown: in `body` mode an echoed "Subject:" line
-    # may be the only place the text says what failed.
-    body = _without_echoed_subject(mail.body, subject)
+    subject, body = mail.subject, mail.body
     if not subject:
         return body
     if not body:

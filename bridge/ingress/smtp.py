@@ -40,6 +40,7 @@ from bridge.ingress.mail import (
     compose,
     parse_mail,
     parses_quickly,
+    without_echoed_subject,
 )
 from bridge.ingress.mailrules import apply_rule, rule_for
 from bridge.ingress.smtpauth import Authenticator, peer_host
@@ -248,8 +249,11 @@ class SmtpHandler:
         rule = rule_for(smtp.rules, mail, mail_from)
         mode, template = smtp.compose, smtp.template
         if rule is not None:
-            mail = apply_rule(rule, mail)
             mode, template = rule.compose or mode, rule.template or template
+        if mode != "body":  # before the rule counts lines: the echo is none of them
+            mail = without_echoed_subject(mail)
+        if rule is not None:
+            mail = apply_rule(rule, mail)
         if mode == "template":
             try:
                 text = render(

@@ -36,6 +36,9 @@ INSTANCE_LABELS = (
 NOT_INSTANCE_LABELS = frozenset(("alertname", "severity", "priority", "grafana_folder", "team"))
 # Flag-like values ("debug=true") say nothing about where either.
 FLAG_VALUES = frozenset(("true", "false", "yes", "no", "on", "off", "0", "1", ""))
+# Nor do numbers (a core, a bucket's bound): three cores of db-1 read "CoreTemp 2 +2",
+# the core named as a place and the host they share not at all.
+_NUMBER = re.compile(r"[-+]?[0-9]+(\.[0-9]+)?")
 # Grafana's `valueString`: [ var='A' labels={instance=node:9100, job=node} value=2.4e+09 ]
 _VALUE_LABELS = re.compile(r"labels=\{([^}]*)\}")
 NO_VALUE = "<no value>"  # what a Go template prints for a missing label or annotation
@@ -76,8 +79,9 @@ def _value_labels(alert: dict[str, Any]) -> dict[str, str]:
 
 def _instance(labels: dict[str, Any], common: dict[str, Any], *, distinct: bool) -> str | None:
     """Where this alert is: a known instance-like label; with `distinct`, else any
-    label that tells it apart from the rest of its group (not a flag, a severity or the
-    folder). Never an arbitrary label of a lone alert (that named `debug=true`)."""
+    label that tells it apart from the rest of its group (not a flag, a number, a
+    severity or the folder). Never an arbitrary label of a lone alert (that named
+    `debug=true`)."""
     for key in INSTANCE_LABELS:
         value = labels.get(key)
         if value and value != common.get(key):
@@ -89,6 +93,7 @@ def _instance(labels: dict[str, Any], common: dict[str, Any], *, distinct: bool)
                 key not in NOT_INSTANCE_LABELS
                 and not key.startswith("__")
                 and str(value).lower() not in FLAG_VALUES
+                and not _NUMBER.fullmatch(str(value))
                 and value != common.get(key)
             ):
                 return _host(value)
@@ -146,17 +151,12 @@ def summarize(
     names: list[str] = []
     instances: list[str] = []
     unnamed = 0  # alerts with no instance of their own: counted in "+N", not named
-    # A host every alert shares (commonLabels) is where they all are: any other label
-    # that tells them apart (a core, a sensor, a disk) is no place, and naming it
-    # dropped the host ("CoreTemp 2 +2" for three cores of db-1).
-    shared_place = _instance(common, {}, distinct=False)
     for alert in listed:
         labels = alert.get("labels") or {}
         name = text_field(labels.get("alertname"), "alerts[].labels.alertname")
         if name and name not in names:
             names.append(name)
-        distinct = len(listed) > 1 and shared_place is None
-        instance = _instance(labels, common, distinct=distinct) or _instance(
+        instance = _instance(labels, common, distinct=len(listed) > 1) or _instance(
             _value_labels(alert), {}, distinct=False
         )
         if not instance:
@@ -173,7 +173,7 @@ def summarize(
                 group_labels, {}, distinct=True
             )
         else:
-            instance = shared_place
+            instance = _instance(common, {}, distinct=False)
         if instance:
             instances, unnamed = [instance], 0
     summaries = {
