@@ -15,13 +15,13 @@ from bridge import __version__, commands
 from bridge.clock import SystemClock
 from bridge.commands import book_cli_request
 from bridge.config import (
-    ENV_PREFIX,
     Config,
     config_path_from,
     inline_secrets,
     load_config,
     masked,
     parse_listen,
+    secret_env_files,
     secret_files,
     secret_values,
 )
@@ -224,11 +224,7 @@ def _exposed_secrets(args: argparse.Namespace, config: Config) -> list[str]:
     """Why files' modes expose secrets: the config's inline ones, a secret file the
     config names, one the environment names (`SMS_BRIDGE_..._FILE`, read relative to
     the current directory as the loader reads it), or a listener's TLS private key."""
-    named = [
-        (name, file)
-        for name, file in sorted(os.environ.items())
-        if name.startswith(ENV_PREFIX) and name.endswith("_FILE") and file
-    ]
+    named = secret_env_files(os.environ)
     named += [(f"{section}.tls_key", key) for section, key in _tls_keys(config) if key]
     warnings = [
         f"{name}: {file} is readable by every user: chmod 600 {file}"

@@ -536,22 +536,38 @@ async def test_a_reload_cannot_open_what_the_running_provider_would_send_through
 def test_a_secret_file_the_environment_names_is_checked_too(open_tmp) -> None:
     """`SMS_BRIDGE_PROVIDER_API_KEY_FILE` (the Docker and systemd recipes' way) reads a
     secret as much as a `*_file` key does: a key anyone may read is named, one in a
-    closed directory or 0600 is not. No config file at all: the environment alone."""
-    key = _tree(open_tmp, 0o755) / "api.key"
+    closed directory or 0600 is not. No config file at all: the environment alone. Any
+    key may be read from a `_FILE` variable, a template too: only secrets' files count,
+    and only those the loader reads (a plain variable wins over its `_FILE`)."""
+    files = _tree(open_tmp, 0o755)
+    key, token, template = files / "api.key", files / "deploy.token", files / "sms.j2"
     key.write_text("provider-key-from-env-file")
-    key.chmod(0o644)
-    env = {"SMS_BRIDGE_PROVIDER_API_KEY_FILE": str(key)}
+    token.write_text("deploy-token-from-env-file-0123456789")
+    template.write_text("{{ subject }}")
+    for path in (key, token, template):
+        path.chmod(0o644)
+    env = {
+        "SMS_BRIDGE_PROVIDER_API_KEY_FILE": str(key),
+        "SMS_BRIDGE_TOKENS_DEPLOY_TOKEN_FILE": str(token),
+        "SMS_BRIDGE_TOKENS_DEPLOY_SCOPES": "send",
+        "SMS_BRIDGE_SMTP_TEMPLATE_FILE": str(template),
+    }
     exposed = run("check-config", cwd=open_tmp, env=env)
     assert exposed.returncode == 0, exposed.stderr
     assert [line for line in exposed.stderr.splitlines() if line.startswith("warning:")] == [
         f"warning: SMS_BRIDGE_PROVIDER_API_KEY_FILE: {key} is readable by every user:"
-        f" chmod 600 {key}"
+        f" chmod 600 {key}",
+        f"warning: SMS_BRIDGE_TOKENS_DEPLOY_TOKEN_FILE: {token} is readable by every user:"
+        f" chmod 600 {token}",
     ]
     assert "provider-key-from-env-file" not in exposed.stderr + exposed.stdout
+    overridden = run("check-config", cwd=open_tmp, env=env | {"SMS_BRIDGE_PROVIDER_API_KEY": "k"})
+    assert "SMS_BRIDGE_PROVIDER_API_KEY_FILE" not in overridden.stderr
     (open_tmp / "d1").chmod(0o700)
     assert "warning:" not in run("check-config", cwd=open_tmp, env=env).stderr
     (open_tmp / "d1").chmod(0o755)
     key.chmod(0o600)
+    token.chmod(0o600)
     assert "warning:" not in run("check-config", cwd=open_tmp, env=env).stderr
 
 

@@ -28,7 +28,13 @@ from bridge.config.exposure import (
 )
 from bridge.config.live import LiveConfig
 from bridge.config.loader import config_path_from, load_config, route_env_prefix
-from bridge.config.masking import inline_secrets, masked, secret_files, secret_values
+from bridge.config.masking import (
+    inline_secrets,
+    masked,
+    secret_env_files,
+    secret_files,
+    secret_values,
+)
 from bridge.config.parsing import parse_duration, parse_listen
 from bridge.config.recipients import Recipients
 from bridge.config.sections import (
@@ -104,6 +110,7 @@ __all__ = [
     "parse_listen",
     "protection_problems",
     "route_env_prefix",
+    "secret_env_files",
     "secret_files",
     "secret_values",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config.parsing import config_dir, resolve_path
-from bridge.config.sections import SECTIONS, Config, RouteConfig, TokenConfig
+from bridge.config.sections import ENV_PREFIX, SECTIONS, Config, RouteConfig, TokenConfig
 
 
 def _masked_value(spec: dataclasses.Field[Any], value: Any) -> Any:
@@ -89,6 +89,37 @@ def secret_files(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     """(key, file) of every secret the config reads from a file (`*_file` keys), each
     file named as the loader reads it (a relative name: from the config's directory)."""
     return [(key, file) for key, file in _secret_keys(path) if file is not None]
+
+
+def secret_env_files(env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, file) of every secret the environment has the loader read from a file
+    (`SMS_BRIDGE_PROVIDER_API_KEY_FILE`, `SMS_BRIDGE_ROUTES_<NAME>_TOKEN_FILE`, ...): any
+    key may come from a `_FILE` variable, but only a secret's file holds a secret, and
+    one the plain variable overrides is not read."""
+
+    def secret_fields(cls: type) -> list[str]:
+        return [
+            spec.name.upper() for spec in dataclasses.fields(cls) if spec.metadata.get("secret")
+        ]
+
+    sections = {
+        f"{ENV_PREFIX}{name.upper()}_{field}"
+        for name, cls in SECTIONS.items()
+        for field in secret_fields(cls)
+    }
+    named = {  # per route or token: SMS_BRIDGE_ROUTES_<NAME>_<FIELD>
+        f"{ENV_PREFIX}{kind}_": tuple(f"_{field}" for field in secret_fields(cls))
+        for kind, cls in (("ROUTES", RouteConfig), ("TOKENS", TokenConfig))
+    }
+    found = []
+    for variable, file in sorted(env.items()):
+        key = variable.removesuffix("_FILE")
+        if key == variable or not file or key in env:
+            continue
+        prefix = next((p for p in named if key.startswith(p)), None)
+        if key in sections or (prefix is not None and key.endswith(named[prefix])):
+            found.append((variable, file))
+    return found
 
 
 def _secret_keys(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
