@@ -122,3 +122,37 @@ async def test_a_pipelined_body_is_not_timed_while_the_server_does_not_read_it(
         store.fail_commits(None)
     assert answer.startswith(b"HTTP/1.1 200"), answer
     assert answer.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 202" in answer, answer
+
+
+async def test_a_slow_third_request_does_not_cost_the_second_its_answer(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """Requests 1 and 2 are whole, request 3's body never comes. When request 1 is
+    answered, request 2 is served and request 3's body deadline is armed; it falls due
+    while request 2 is still being served. Neither a 408 then (taken for request 2's
+    answer) nor closing the connection (request 2, read whole and acted on, would never
+    be answered and its sender would retry it): the 408 follows request 2's answer."""
+    extra = '[http]\nheader_timeout = "5s"\nbody_timeout = "300ms"\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    store = faulty_store(config)
+    async with running_bridge(config, clock, store=store) as (_, url):
+        store.fail_commits(lambda: time.sleep(0.6))  # every store write stalls
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(READYZ + READYZ + POST_HEAD % len(BODY) + BODY[:5])
+        await writer.drain()
+        answer = b""
+        while True:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), 3)
+            except (TimeoutError, ConnectionResetError) as exc:
+                answer += f"<{type(exc).__name__}>".encode()
+                break
+            if not chunk:
+                answer += b"<EOF>"
+                break
+            answer += chunk
+        writer.close()
+        store.fail_commits(None)
+    assert answer.count(b"HTTP/1.1 200") == 2, answer
+    assert answer.index(b"HTTP/1.1 408") > answer.rindex(b"HTTP/1.1 200"), answer

@@ -180,14 +180,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 answered, f"request headers not received within {self.header_timeout:g}s"
             )
         elif self.body_due is not None and self.body_due <= now:
+            if any(other is not cycle and not other.response_complete for other in self.admitted):
+                # Pipelined: an earlier request is still being answered. A 408 now would
+                # be taken for its answer, and closing would lose it (read, acted on):
+                # on_response_complete looks again once it is out.
+                return
             log.info("HTTP client %s too slow to send its body: closed", self.client)
-            # `cycle` is this request's: a 408 unless its answer has begun, or an
-            # earlier request's is still to come (the client would take it for that)
-            unanswered = (
-                cycle is not None
-                and not cycle.response_started
-                and all(other.response_complete for other in self.admitted if other is not cycle)
-            )
+            # `cycle` is this request's: a 408 unless its answer has begun
+            unanswered = cycle is not None and not cycle.response_started
             self._too_slow(unanswered, f"request body not received within {self.body_timeout:g}s")
         else:  # moved on since it was armed: wait for what is due now, if anything
             pending = [due for due in (self.headers_due, self.body_due) if due is not None]
@@ -257,13 +257,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.admitted = [cycle for cycle in self.admitted if not cycle.response_complete]
         queued = bool(self.pipeline)
         super().on_response_complete()
-        if (
-            queued
-            and self.body_due is None
-            and self.cycle.more_body
-            and not self.transport.is_closing()
-        ):
-            self._expect_body()  # a pipelined request now served, its body still to come
+        if self.transport.is_closing() or self.cycle is None or not self.cycle.more_body:
+            return
+        if self.body_due is None:
+            if queued:  # reading resumes: a pipelined request's body may come now
+                self._expect_body()
+        elif self.deadline_timer is None:  # overdue while this answer was to come: now
+            self._arm(self.body_due)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
