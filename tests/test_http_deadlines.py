@@ -156,3 +156,79 @@ async def test_a_slow_third_request_does_not_cost_the_second_its_answer(
         store.fail_commits(None)
     assert answer.count(b"HTTP/1.1 200") == 2, answer
     assert answer.index(b"HTTP/1.1 408") > answer.rindex(b"HTTP/1.1 200"), answer
+
+
+EARLY = b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n"
+SHORT = '[http]\nheader_timeout = "300ms"\nbody_timeout = "1s"\nkeep_alive_timeout = "300ms"\n'
+
+
+async def _until_closed(reader: asyncio.StreamReader, limit: float) -> tuple[bytes, float]:
+    started = time.monotonic()
+    try:
+        data = await asyncio.wait_for(reader.read(), limit)
+    except TimeoutError:
+        return b"<still open>", time.monotonic() - started
+    return data, time.monotonic() - started
+
+
+async def _answered_early(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose request (/healthz takes GET only) was answered, 405, before
+    any of its 10-byte body was sent."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(EARLY)
+    head, _ = await _answer(reader)
+    assert head.startswith(b"HTTP/1.1 405"), head
+    return reader, writer
+
+
+async def test_the_next_request_begun_in_the_body_s_last_read_is_timed(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The body's end and the first bytes of the next request in one read: its headers
+    must be in within header_timeout, however the bytes fell (the deadline used to be
+    set only for a read that began while headers were awaited: held for ever)."""
+    async with running_bridge(bridge_config(tmp_path, sandbox_url, SHORT), clock) as (_, url):
+        reader, writer = await _answered_early(url)
+        writer.write(b"0123456789" + b"GET /healthz HTTP/1.1\r\n")  # and no more
+        answer, waited = await _until_closed(reader, 4)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408"), f"held {waited:.1f}s with half a request"
+
+
+async def test_idle_after_a_body_answered_early_is_closed_at_keep_alive(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The body of a request answered before it arrives completes, then nothing: an idle
+    kept-alive connection, closed at keep_alive_timeout (uvicorn arms it only when an
+    answer completes, and the body's bytes had cancelled it: held for ever)."""
+    async with running_bridge(bridge_config(tmp_path, sandbox_url, SHORT), clock) as (_, url):
+        reader, writer = await _answered_early(url)
+        writer.write(b"0123456789")
+        answer, waited = await _until_closed(reader, 4)
+        writer.close()
+    assert answer == b"" and waited < 2, f"idle connection held {waited:.1f}s"
+
+
+async def test_a_slow_next_request_does_not_cost_the_one_being_answered_its_answer(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """Request 1 (a store write, stalled 1 s) is read and acted on; request 2's headers
+    begin and never end. At the 300 ms header deadline the connection was closed and
+    request 1's answer never sent (its sender retries what was done): its answer first,
+    then the 408."""
+    config = bridge_config(tmp_path, sandbox_url, SHORT.replace('"1s"', '"5s"'))
+    store = faulty_store(config)
+    async with running_bridge(config, clock, store=store) as (_, url):
+        store.fail_commits(lambda: time.sleep(1.0))
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(READYZ)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"GET /healthz HTTP/1.1\r\n")  # and the rest never comes
+        answer, _ = await _until_closed(reader, 4)
+        writer.close()
+        store.fail_commits(None)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert answer.index(b"HTTP/1.1 408") > 0, answer

@@ -173,12 +173,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         now = self.loop.time()
         cycle = self.cycle
         if self.headers_due is not None and self.headers_due <= now:
+            if cycle is not None and not cycle.response_complete:
+                return  # its answer first: on_response_complete looks again
             log.info("HTTP client %s too slow to send its headers: closed", self.client)
-            # `cycle` is the last request's: a 408 only once its answer is out
-            answered = cycle is None or cycle.response_complete
-            self._too_slow(
-                answered, f"request headers not received within {self.header_timeout:g}s"
-            )
+            self._too_slow(True, f"request headers not received within {self.header_timeout:g}s")
         elif self.body_due is not None and self.body_due <= now:
             if any(other is not cycle and not other.response_complete for other in self.admitted):
                 # Pipelined: an earlier request is still being answered. A 408 now would
@@ -217,6 +215,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.header_size = 0
+        # A request's first byte, wherever it falls in a read: its headers are timed from
+        # here, and the idle timer of the one before it no longer applies.
+        self._unset_keepalive_if_required()
+        self._expect_headers()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -257,7 +259,11 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.admitted = [cycle for cycle in self.admitted if not cycle.response_complete]
         queued = bool(self.pipeline)
         super().on_response_complete()
-        if self.transport.is_closing() or self.cycle is None or not self.cycle.more_body:
+        if self.transport.is_closing():
+            return
+        if self.headers_due is not None and self.deadline_timer is None:
+            self._arm(self.headers_due)
+        if self.cycle is None or not self.cycle.more_body:
             return
         if self.body_due is None:
             if queued:  # reading resumes: a pipelined request's body may come now
@@ -268,6 +274,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self.body_due = None
+        if (
+            self.cycle is not None
+            and self.cycle.response_complete
+            and not self.pipeline
+            and self.timeout_keep_alive_task is None
+            and not self.transport.is_closing()
+        ):  # answered before its body was in: data_received cancelled keep-alive
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
         self.reading_headers = True
         self.header_bytes = 0
 
