@@ -466,6 +466,17 @@ def test_tokens_from_the_environment(tmp_path) -> None:
         "ci": ("from-the-env-0123456789", ("read",)),
         "deploy_bot": (TOKEN, ("send", "read")),
     }
+    # Both in the environment: the plain variable wins, as it does for every key (the
+    # file won here, by the names' order; the secret-file warning assumed otherwise).
+    both = load_config(
+        None,
+        env={
+            "SMS_BRIDGE_TOKENS_CI_TOKEN": "from-the-env-0123456789",
+            "SMS_BRIDGE_TOKENS_CI_TOKEN_FILE": str(secret),
+            "SMS_BRIDGE_TOKENS_CI_SCOPES": "send",
+        },
+    )
+    assert both.tokens["ci"].token == "from-the-env-0123456789"
     with pytest.raises(ConfigError) as caught:
         load_config(None, env={"SMS_BRIDGE_TOKENS_X_TOKEN": "short"})
     assert [k for k, _ in caught.value.problems] == ["tokens.x.token", "tokens.x.scopes"]

@@ -283,7 +283,9 @@ class _Loader:
                 table["scopes"] = from_env_text(text, "list", ())
             elif key == "texts_per_day":  # not a number: left as text, refused by its key
                 table[key] = int(text) if text.strip().isdigit() else text
-            else:  # token and token_file replace each other
+            else:  # token and token_file replace each other's file value
+                if key == "token_file" and env_name.removesuffix("_FILE") in self.env:
+                    continue  # both in the environment: the plain one wins, as for keys
                 table.pop("token_file" if key == "token" else "token", None)
                 table[key] = text
                 if key == "token_file":  # read from the current directory, not the file's
