@@ -624,6 +624,25 @@ async def test_alerts_on_a_common_host_told_apart_by_another_label(
     assert text == f"[FIRING:{len(values)}] CoreTemp {place}: CPU core too hot"
 
 
+@pytest.mark.parametrize(
+    ("apart", "values", "place"),
+    [
+        ("code", ["500", "503"], "code=500, code=503"),
+        ("shard", ["3", "7", "9"], "shard=3, shard=7 +1"),
+    ],
+)
+async def test_alerts_told_apart_only_by_a_number_name_it_with_its_label(
+    apart: str, values: list[str], place: str, tmp_path, clock, sandbox_url
+) -> None:
+    """No host shared: a number may be all that says which alerts fired (their own
+    summaries differ, so none is shown). A bare "3, 7" says little; with its label it is
+    what the on-call person looks up."""
+    common = {"alertname": "Errors", "severity": "page"}
+    alerts = [dict(common, **{apart: value}) for value in values]
+    text = await _alert_group_text(alerts, common, tmp_path, clock, sandbox_url)
+    assert text == f"[FIRING:{len(values)}] Errors {place}: CPU core too hot"
+
+
 async def _alert_group_text(
     alerts: list[dict[str, str]], common: dict[str, str], tmp_path, clock, sandbox_url
 ) -> str:

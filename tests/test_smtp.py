@@ -477,6 +477,14 @@ async def test_template_compose(tmp_path, clock, sandbox_state, sandbox_url) -> 
         ),
         # No subject shown: the echoed line is what says what failed, so it stays.
         ('compose = "body"', "Subject: Backup failed on nas-3\nexit code 2\nat 03:12"),
+        (
+            'compose = "template"\ntemplate = "NAS: {{ body }}"',
+            "NAS: Subject: Backup failed on nas-3\nexit code 2\nat 03:12",
+        ),
+        (
+            'compose = "template"\ntemplate = "{{ subject }} / {{ body }}"',
+            "Backup failed on nas-3 / exit code 2\nat 03:12",
+        ),
     ],
 )
 async def test_a_subject_echoed_in_the_body_is_dropped_only_where_the_subject_is_shown(

@@ -250,7 +250,10 @@ class SmtpHandler:
         mode, template = smtp.compose, smtp.template
         if rule is not None:
             mode, template = rule.compose or mode, rule.template or template
-        if mode != "body":  # before the rule counts lines: the echo is none of them
+        # Where the text shows the subject, an echo of it in the body is noise; dropped
+        # before a rule counts the body's lines (it is none of them). Where it does not
+        # (`body`, a template without it), that line may be all that says what failed.
+        if mode != "body" and (mode != "template" or "subject" in template):
             mail = without_echoed_subject(mail)
         if rule is not None:
             mail = apply_rule(rule, mail)

@@ -36,8 +36,9 @@ INSTANCE_LABELS = (
 NOT_INSTANCE_LABELS = frozenset(("alertname", "severity", "priority", "grafana_folder", "team"))
 # Flag-like values ("debug=true") say nothing about where either.
 FLAG_VALUES = frozenset(("true", "false", "yes", "no", "on", "off", "0", "1", ""))
-# Nor do numbers (a core, a bucket's bound): three cores of db-1 read "CoreTemp 2 +2",
-# the core named as a place and the host they share not at all.
+# Nor does a number where the alerts share a host (a core, a bucket's bound): three
+# cores of db-1 read "CoreTemp 2 +2", the host not named at all. Elsewhere it may be all
+# that tells the alerts apart (a shard, an HTTP code), named with its label.
 _NUMBER = re.compile(r"[-+]?[0-9]+(\.[0-9]+)?")
 # Grafana's `valueString`: [ var='A' labels={instance=node:9100, job=node} value=2.4e+09 ]
 _VALUE_LABELS = re.compile(r"labels=\{([^}]*)\}")
@@ -77,11 +78,13 @@ def _value_labels(alert: dict[str, Any]) -> dict[str, str]:
     return found
 
 
-def _instance(labels: dict[str, Any], common: dict[str, Any], *, distinct: bool) -> str | None:
+def _instance(
+    labels: dict[str, Any], common: dict[str, Any], *, distinct: bool, numbers: bool = True
+) -> str | None:
     """Where this alert is: a known instance-like label; with `distinct`, else any
-    label that tells it apart from the rest of its group (not a flag, a number, a
-    severity or the folder). Never an arbitrary label of a lone alert (that named
-    `debug=true`)."""
+    label that tells it apart from the rest of its group (not a flag, a severity or the
+    folder; a number as `key=value`, and with `numbers` only). Never an arbitrary label
+    of a lone alert (that named `debug=true`)."""
     for key in INSTANCE_LABELS:
         value = labels.get(key)
         if value and value != common.get(key):
@@ -93,10 +96,12 @@ def _instance(labels: dict[str, Any], common: dict[str, Any], *, distinct: bool)
                 key not in NOT_INSTANCE_LABELS
                 and not key.startswith("__")
                 and str(value).lower() not in FLAG_VALUES
-                and not _NUMBER.fullmatch(str(value))
                 and value != common.get(key)
             ):
-                return _host(value)
+                if not _NUMBER.fullmatch(str(value)):
+                    return _host(value)
+                if numbers:  # a bare "3, 7" says nothing; "shard=3, shard=7" does
+                    return f"{key}={value}"
     return None
 
 
@@ -151,14 +156,15 @@ def summarize(
     names: list[str] = []
     instances: list[str] = []
     unnamed = 0  # alerts with no instance of their own: counted in "+N", not named
+    shared_place = _instance(common, {}, distinct=False)
     for alert in listed:
         labels = alert.get("labels") or {}
         name = text_field(labels.get("alertname"), "alerts[].labels.alertname")
         if name and name not in names:
             names.append(name)
-        instance = _instance(labels, common, distinct=len(listed) > 1) or _instance(
-            _value_labels(alert), {}, distinct=False
-        )
+        instance = _instance(
+            labels, common, distinct=len(listed) > 1, numbers=shared_place is None
+        ) or _instance(_value_labels(alert), {}, distinct=False)
         if not instance:
             unnamed += 1
         elif instance not in instances:
@@ -173,7 +179,7 @@ def summarize(
                 group_labels, {}, distinct=True
             )
         else:
-            instance = _instance(common, {}, distinct=False)
+            instance = shared_place
         if instance:
             instances, unnamed = [instance], 0
     summaries = {
