@@ -6,7 +6,9 @@ deadlines are the event loop's (real time), so they are set short."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 from bridge.clock import ManualClock
 from tests.helpers import bridge_config, running_bridge
@@ -23,6 +25,38 @@ async def _answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     return head, await asyncio.wait_for(reader.readexactly(length), 10)
+
+
+async def _everything(reader: asyncio.StreamReader) -> bytes:
+    """What the server sends until it closes or is silent for 3 s; how it ended, marked."""
+    answer, started = b"", time.monotonic()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(reader.read(65536), 3)
+        except (TimeoutError, ConnectionResetError) as exc:
+            return answer + f"<{type(exc).__name__} at {time.monotonic() - started:.2f}s>".encode()
+        if not chunk:
+            return answer + f"<EOF at {time.monotonic() - started:.2f}s>".encode()
+        answer += chunk
+
+
+@contextlib.asynccontextmanager
+async def _stalled(
+    tmp_path, sandbox_url: str, clock: ManualClock, extra: str, seconds: float
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A connection to a bridge whose every store write stalls `seconds` (an fsync, a
+    PostgreSQL failover): its requests are answered late, as a busy server's are."""
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    store = faulty_store(config)
+    async with running_bridge(config, clock, store=store) as (_, url):
+        store.fail_commits(lambda: time.sleep(seconds))
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
+            store.fail_commits(None)
 
 
 async def test_a_late_request_on_a_kept_alive_connection_is_cut_at_the_header_timeout(
@@ -95,31 +129,14 @@ async def test_a_pipelined_body_is_not_timed_while_the_server_does_not_read_it(
     The first answer on the wire must be request 1's, not a 408 written ahead of it
     (which the client takes for request 1's answer) -- and request 2 must be served."""
     extra = '[http]\nheader_timeout = "5s"\nbody_timeout = "300ms"\n'
-    config = bridge_config(tmp_path, sandbox_url, extra)
-    store = faulty_store(config)
-    async with running_bridge(config, clock, store=store) as (_, url):
-        store.fail_commits(lambda: time.sleep(1.0))  # the writer thread stalls
-        host, port = url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
+    stall = _stalled(tmp_path, sandbox_url, clock, extra, 1.0)
+    async with stall as (reader, writer):
         writer.write(READYZ + POST_HEAD % len(BODY) + BODY[:5])
         await writer.drain()
         await asyncio.sleep(0.1)
         writer.write(BODY[5:])  # the rest of request 2, 100 ms later: well within 300 ms
         await writer.drain()
-        answer = b""
-        started = time.monotonic()
-        while True:  # everything until the server closes or 3 s of silence
-            try:
-                chunk = await asyncio.wait_for(reader.read(65536), 3)
-            except (TimeoutError, ConnectionResetError) as exc:
-                answer += f"<{type(exc).__name__} at {time.monotonic() - started:.2f}s>".encode()
-                break
-            if not chunk:
-                answer += f"<EOF at {time.monotonic() - started:.2f}s>".encode()
-                break
-            answer += chunk
-        writer.close()
-        store.fail_commits(None)
+        answer = await _everything(reader)
     assert answer.startswith(b"HTTP/1.1 200"), answer
     assert answer.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 202" in answer, answer
 
@@ -133,27 +150,11 @@ async def test_a_slow_third_request_does_not_cost_the_second_its_answer(
     answer) nor closing the connection (request 2, read whole and acted on, would never
     be answered and its sender would retry it): the 408 follows request 2's answer."""
     extra = '[http]\nheader_timeout = "5s"\nbody_timeout = "300ms"\n'
-    config = bridge_config(tmp_path, sandbox_url, extra)
-    store = faulty_store(config)
-    async with running_bridge(config, clock, store=store) as (_, url):
-        store.fail_commits(lambda: time.sleep(0.6))  # every store write stalls
-        host, port = url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
+    stall = _stalled(tmp_path, sandbox_url, clock, extra, 0.6)
+    async with stall as (reader, writer):
         writer.write(READYZ + READYZ + POST_HEAD % len(BODY) + BODY[:5])
         await writer.drain()
-        answer = b""
-        while True:
-            try:
-                chunk = await asyncio.wait_for(reader.read(65536), 3)
-            except (TimeoutError, ConnectionResetError) as exc:
-                answer += f"<{type(exc).__name__}>".encode()
-                break
-            if not chunk:
-                answer += b"<EOF>"
-                break
-            answer += chunk
-        writer.close()
-        store.fail_commits(None)
+        answer = await _everything(reader)
     assert answer.count(b"HTTP/1.1 200") == 2, answer
     assert answer.index(b"HTTP/1.1 408") > answer.rindex(b"HTTP/1.1 200"), answer
 
@@ -217,18 +218,12 @@ async def test_a_slow_next_request_does_not_cost_the_one_being_answered_its_answ
     begin and never end. At the 300 ms header deadline the connection was closed and
     request 1's answer never sent (its sender retries what was done): its answer first,
     then the 408."""
-    config = bridge_config(tmp_path, sandbox_url, SHORT.replace('"1s"', '"5s"'))
-    store = faulty_store(config)
-    async with running_bridge(config, clock, store=store) as (_, url):
-        store.fail_commits(lambda: time.sleep(1.0))
-        host, port = url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
+    stall = _stalled(tmp_path, sandbox_url, clock, SHORT.replace('"1s"', '"5s"'), 1.0)
+    async with stall as (reader, writer):
         writer.write(READYZ)
         await writer.drain()
         await asyncio.sleep(0.05)
         writer.write(b"GET /healthz HTTP/1.1\r\n")  # and the rest never comes
         answer, _ = await _until_closed(reader, 4)
-        writer.close()
-        store.fail_commits(None)
     assert answer.startswith(b"HTTP/1.1 200"), answer
     assert answer.index(b"HTTP/1.1 408") > 0, answer
