@@ -52,6 +52,19 @@ def test_serve_refuses_an_empty_database_and_migrate_creates_the_schema(
     assert run_async(lambda: _version(postgres_empty_url)) == LATEST
 
 
+def test_migrate_names_the_store_without_a_password_given_in_the_query(
+    tmp_path, postgres_empty_url: str
+) -> None:
+    """libpq and asyncpg take `?password=` as well as `user:password@`: `migrate` printed
+    the query's password to the terminal (the server here trusts loopback and ignores it)."""
+    url = f"{postgres_empty_url}?sslmode=disable&password=s3cret-in-the-query"
+    migrated = run("migrate", cwd=tmp_path, env=env_for(url))
+    assert migrated.returncode == 0, migrated.stderr
+    assert "s3cret-in-the-query" not in migrated.stdout + migrated.stderr
+    shown = f"store {postgres_empty_url}?sslmode=disable&password=***: schema up to date"
+    assert migrated.stdout.splitlines()[-1] == shown
+
+
 def test_migrate_upgrades_an_older_schema_that_serve_refused(
     tmp_path, postgres_empty_url: str
 ) -> None:

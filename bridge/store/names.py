@@ -11,14 +11,23 @@ if TYPE_CHECKING:
     from bridge.config import StoreConfig
 
 
+# Query parameters libpq and asyncpg read a password from (`?password=...`).
+_SECRET_PARAMETERS = frozenset(("password", "sslpassword"))
+
+
 def display_url(url: str) -> str:
-    """`url` with the password replaced, the rest kept to find the server."""
+    """`url` with the password replaced, in its user part or its query, the rest kept
+    to find the server."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-    netloc += f":{parts.port}" if parts.port else ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
+        netloc += f":{parts.port}" if parts.port else ""
+        parts = parts._replace(netloc=netloc)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if any(key.lower() in _SECRET_PARAMETERS for key, _ in query):
+        shown = [(k, "***" if k.lower() in _SECRET_PARAMETERS else v) for k, v in query]
+        parts = parts._replace(query=urllib.parse.urlencode(shown, safe="*"))
+    return urllib.parse.urlunsplit(parts)
 
 
 def describe(config: StoreConfig) -> str:
