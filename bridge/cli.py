@@ -17,18 +17,15 @@ from bridge.commands import book_cli_request
 from bridge.config import (
     Config,
     config_path_from,
-    inline_secrets,
+    exposed_secrets,
     load_config,
     masked,
     parse_listen,
-    secret_env_files,
-    secret_files,
     secret_values,
 )
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.models import State
 from bridge.ops.logs import setup_logging
-from bridge.permissions import readable_by_everyone
 
 log = logging.getLogger("bridge")
 __all__ = ["book_cli_request", "main"]  # book_cli_request: the CLI's booking, for tests
@@ -164,7 +161,10 @@ def _main(argv: Sequence[str] | None) -> int:
         _print_problems(exc)
         return 1
     setup_logging(config.log.level, config.log.format, secret_values(config))
-    exposed = _exposed_secrets(args, config) if args.command in ("check-config", "serve") else []
+    if args.command in ("check-config", "serve"):
+        exposed = exposed_secrets(config, _config_path(args), os.environ)
+    else:
+        exposed = []
     for warning in exposed:
         if args.command == "serve":
             log.warning("%s", warning)  # in the service's log, JSON or not
@@ -218,38 +218,6 @@ def _run_command(config: Config, args: argparse.Namespace) -> int:
     if args.command == "store":
         return asyncio.run(commands.store_copy(config, args))
     return 2
-
-
-def _exposed_secrets(args: argparse.Namespace, config: Config) -> list[str]:
-    """Why files' modes expose secrets: the config's inline ones, a secret file the
-    config names, one the environment names (`SMS_BRIDGE_..._FILE`, read relative to
-    the current directory as the loader reads it), or a listener's TLS private key."""
-    named = secret_env_files(os.environ)
-    named += [(f"{section}.tls_key", key) for section, key in _tls_keys(config) if key]
-    warnings = [
-        f"{name}: {file} is readable by every user: chmod 600 {file}"
-        for name, file in named
-        if readable_by_everyone(file)
-    ]
-    path = _config_path(args)
-    if path is None:
-        return warnings
-    keys = inline_secrets(path) if readable_by_everyone(path) else []
-    if keys:
-        warnings.append(
-            f"{path} is readable by every user and holds secrets ({', '.join(keys)}): "
-            f"chmod 600 {path}, or move them to *_file keys"
-        )
-    warnings += [
-        f"{key}: {file} is readable by every user: chmod 600 {file}"
-        for key, file in secret_files(path)
-        if readable_by_everyone(file)
-    ]
-    return warnings
-
-
-def _tls_keys(config: Config) -> list[tuple[str, str]]:
-    return [("http", config.http.tls_key), ("smtp", config.smtp.tls_key)]
 
 
 def _print_problems(exc: ConfigError) -> None:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from bridge.config import (
     LiveConfig,
     Recipients,
     as_reloaded,
+    exposed_secrets,
     load_config,
     protection_problems,
     secret_values,
@@ -173,6 +175,8 @@ class Bridge:
                 log.error("reload refused, keeping the running config: %s", exc)
                 continue
             mask_secrets(secret_values(self.config))  # a new route token is masked from now on
+            # Files the new config reads (a token_file, a TLS key) are judged as at start.
+            warnings += exposed_secrets(self.config, path, os.environ)
             for warning in warnings:
                 log.warning("reload: %s", warning)
             # Last: the line that says the reload is over (what its warnings were is

@@ -272,6 +272,33 @@ def _mail(size: int = 0) -> str:
     return "Subject: reload\r\n\r\n" + ("x" * 58 + "\r\n") * (size // 60) + "body\r\n"
 
 
+def test_sighup_names_a_secret_file_the_new_config_reads_if_anyone_may_read_it(
+    open_tmp,
+) -> None:
+    """A reload is a start for the files it reads: a route token moved to a file every
+    user may read is named as at start ("reload: ..."), before the line that ends it."""
+    tree = open_tmp / "etc"
+    tree.mkdir()
+    tree.chmod(0o755)
+    path, log, db = tree / "bridge.toml", tree / "serve.log", str(tree / "bridge.db")
+    token = tree / "am.token"
+    token.write_text("route-token-from-a-file-0123")
+    token.chmod(0o644)
+    route = '[routes.am]\nformat = "generic"\nto = ["oncall"]\n'
+    path.write_text(_config(db, route + 'token = "route-token-inline-0123456"\n'))
+    path.chmod(0o600)
+    with process(["serve", "--config", str(path)], tree, clean_env(), log) as proc:
+        url = proc.url()
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+        assert "readable by every user" not in log.read_text()
+        reloaded = _reloaded(proc, log, path, _config(db, route + f'token_file = "{token}"\n'))
+        named = f"reload: routes.am.token_file: {token} is readable by every user"
+        assert named in reloaded, reloaded
+        token.chmod(0o600)
+        again = _reloaded(proc, log, path, _config(db, route + f'token_file = "{token}"\n'))
+        assert "readable by every user" not in again, again
+
+
 def test_sighup_applies_smtp_auth_users_networks_sizes_and_limits(tmp_path) -> None:
     path, log = tmp_path / "bridge.toml", tmp_path / "serve.log"
     db = str(tmp_path / "bridge.db")

@@ -29,6 +29,7 @@ from bridge.config.exposure import (
 from bridge.config.live import LiveConfig
 from bridge.config.loader import config_path_from, load_config, route_env_prefix
 from bridge.config.masking import (
+    exposed_secrets,
     inline_secrets,
     masked,
     secret_env_files,
@@ -102,6 +103,7 @@ __all__ = [
     "TokenConfig",
     "as_reloaded",
     "config_path_from",
+    "exposed_secrets",
     "inline_secrets",
     "is_loopback_host",
     "load_config",

@@ -13,6 +13,7 @@ from typing import Any
 
 from bridge.config.parsing import config_dir, resolve_path
 from bridge.config.sections import ENV_PREFIX, SECTIONS, Config, RouteConfig, TokenConfig
+from bridge.permissions import readable_by_everyone
 
 
 def _masked_value(spec: dataclasses.Field[Any], value: Any) -> Any:
@@ -158,3 +159,33 @@ def _secret_keys(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
             elif value:
                 keys.append((f"{prefix}.{spec.name}", None))
     return keys
+
+
+def exposed_secrets(
+    config: Config, path: str | os.PathLike[str] | None, env: Mapping[str, str]
+) -> list[str]:
+    """Why files' modes expose secrets (`check-config`, `serve`, each SIGHUP): the config
+    file's inline ones, a secret file it or the environment names (`SMS_BRIDGE_..._FILE`,
+    read relative to the current directory as the loader reads it), or a listener's TLS
+    private key."""
+    named = secret_env_files(env)
+    named += [
+        (f"{section}.tls_key", key)
+        for section, key in (("http", config.http.tls_key), ("smtp", config.smtp.tls_key))
+        if key
+    ]
+    if path is not None:
+        named += secret_files(path)
+    warnings = [
+        f"{name}: {file} is readable by every user: chmod 600 {file}"
+        for name, file in named
+        if readable_by_everyone(file)
+    ]
+    keys = inline_secrets(path) if path is not None and readable_by_everyone(path) else []
+    if keys:
+        warnings.insert(
+            0,
+            f"{path} is readable by every user and holds secrets ({', '.join(keys)}): "
+            f"chmod 600 {path}, or move them to *_file keys",
+        )
+    return warnings
