@@ -15,6 +15,7 @@ from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
 from bridge.config import Config, HttpConfig, LiveConfig, load_config
 from bridge.firewall import refusal
+from bridge.models import State
 from bridge.service import Bridge, uvicorn_server
 from bridge.sockets import bind_socket
 from bridge.store import Store
@@ -122,6 +123,18 @@ async def pump(
             step_cap,
         )
         clock.advance(max(wait, 0.01))
+
+
+async def pump_until_state(
+    bridge: Bridge, clock: ManualClock, message_id: int, state: State, *, max_seconds: float
+) -> None:
+    """`pump` until message `message_id` is in `state`."""
+
+    async def reached() -> bool:
+        message = await bridge.store.get(message_id)
+        return message is not None and message.state == state
+
+    await pump(bridge, clock, reached, max_seconds=max_seconds)
 
 
 def max_in_window(times: list[float], window: float = 60.0) -> int:

@@ -16,7 +16,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.models import State
 from bridge.provider.sandbox import Fault, SandboxState
-from tests.helpers import bridge_config, max_in_window, pump, running_bridge
+from tests.helpers import bridge_config, max_in_window, pump, pump_until_state, running_bridge
 from tests.stores import faulty_store
 
 # Run on each store backend (tests/conftest.py `backend`): every test here but those that
@@ -65,10 +65,7 @@ async def test_post_is_stored_before_202_and_reaches_delivered(
         stored = await bridge.store.get(message_id)
         assert stored is not None and stored.state == State.QUEUED
 
-        async def delivered() -> bool:
-            return (await bridge.store.get(message_id)).state == State.DELIVERED
-
-        await pump(bridge, clock, delivered, max_seconds=120)
+        await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=120)
         async with httpx.AsyncClient() as http:
             got = (await http.get(f"{url}/api/v1/messages/{message_id}")).json()
             logs = (
@@ -139,10 +136,7 @@ async def test_500_three_times_then_delivered_after_four_attempts(
     async with running_bridge(config, clock) as (bridge, url):
         [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
 
-        async def delivered() -> bool:
-            return (await bridge.store.get(message_id)).state == State.DELIVERED
-
-        await pump(bridge, clock, delivered, max_seconds=600)
+        await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=600)
         message = await bridge.store.get(message_id)
         events = await bridge.store.events(message_id)
     assert message.attempts == 4
@@ -165,10 +159,7 @@ async def test_400_fails_at_once_with_the_providers_reason(
         )
         [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
 
-        async def failed() -> bool:
-            return (await bridge.store.get(message_id)).state == State.FAILED
-
-        await pump(bridge, clock, failed, max_seconds=60)
+        await pump_until_state(bridge, clock, message_id, State.FAILED, max_seconds=60)
         for _ in range(20):
             clock.advance(30)
             await bridge.dispatcher.run_once()

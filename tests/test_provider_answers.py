@@ -17,7 +17,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
-from tests.helpers import bridge_config, pump, running_bridge
+from tests.helpers import bridge_config, pump, pump_until_state, running_bridge
 
 ADMIN = '[budget]\nadmin = ["+12025550199"]\n'
 
@@ -160,10 +160,7 @@ async def test_404_from_logs_is_not_an_auth_failure(
         ready = await http.get(f"{url}/readyz")
         assert bridge.dispatcher.health.ready and ready.status_code == 200
 
-        async def delivered() -> bool:
-            return (await bridge.store.get(message_id)).state == State.DELIVERED
-
-        await pump(bridge, clock, delivered, max_seconds=300)
+        await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=300)
     assert [r.status for r in sandbox_state.requests if r.path.endswith("/logs")][:3] == [404] * 3
 
 
@@ -176,18 +173,12 @@ async def test_success_false_with_a_transient_reason_is_retried_not_failed(
     async with running_bridge(config, clock) as (bridge, url):
         [first] = (await post(url, {"to": "+12025550143", "message": "a"})).json()["ids"]
 
-        async def delivered() -> bool:
-            return (await bridge.store.get(first)).state == State.DELIVERED
-
-        await pump(bridge, clock, delivered, max_seconds=600)
+        await pump_until_state(bridge, clock, first, State.DELIVERED, max_seconds=600)
         invalid = '{"success": false, "message": "Invalid sender."}'
         sandbox_state.faults.append(Fault(status=200, body=invalid, path="/send"))
         [second] = (await post(url, {"to": "+12025550144", "message": "b"})).json()["ids"]
 
-        async def failed() -> bool:
-            return (await bridge.store.get(second)).state == State.FAILED
-
-        await pump(bridge, clock, failed, max_seconds=60)
+        await pump_until_state(bridge, clock, second, State.FAILED, max_seconds=60)
         refused = await bridge.store.get(second)
         taken = await bridge.store.get(first)
     assert taken.attempts == 3
@@ -241,10 +232,7 @@ async def test_a_5xx_after_the_provider_took_it_is_found_in_logs_not_resent(
     ):
         [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
 
-        async def delivered() -> bool:
-            return (await bridge.store.get(message_id)).state == State.DELIVERED
-
-        await pump(bridge, clock, delivered, max_seconds=300)
+        await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=300)
         message = await bridge.store.get(message_id)
     assert len([r for r in sandbox_state.requests if r.path.endswith("/send")]) == 1
     assert message.provider_message_id == str(sandbox_state.entries[0].message_id)
@@ -260,10 +248,7 @@ async def test_a_5xx_error_answer_is_looked_up_in_logs_before_the_retry(
     async with running_bridge(config, clock) as (bridge, url):
         [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
 
-        async def delivered() -> bool:
-            return (await bridge.store.get(message_id)).state == State.DELIVERED
-
-        await pump(bridge, clock, delivered, max_seconds=600)
+        await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=600)
     paths = [r.path.rsplit("/", 1)[-1] for r in sandbox_state.requests]
     first_send = paths.index("send")
     # After each 5xx, a /logs read comes before the next send.
@@ -286,10 +271,7 @@ async def test_a_cost_that_is_no_price_is_stored_as_unknown(
     async with running_bridge(config, clock) as (bridge, url):
         [message_id] = (await post(url, {"to": "+12025550143", "message": "db down"})).json()["ids"]
 
-        async def sent() -> bool:
-            return (await bridge.store.get(message_id)).state == State.SENT
-
-        await pump(bridge, clock, sent, max_seconds=60)
+        await pump_until_state(bridge, clock, message_id, State.SENT, max_seconds=60)
         message = await bridge.store.get(message_id)
         async with httpx.AsyncClient() as http:
             metrics = (await http.get(f"{url}/metrics")).text
