@@ -159,13 +159,10 @@ def _international(digits: str) -> phonenumbers.PhoneNumber | None:
     plain = digits[:1] == "+" and digits[1:].isdigit() and len(digits) > 3
     if not (_LIBRARY_HELPERS and plain and digits.isascii()):
         return None  # other digits (Arabic-Indic...) the library maps to ASCII first
-    for end in (2, 3, 4):  # prefix-free codes (ITU-T E.164); none starts with 0
-        code = int(digits[1:end]) if digits[1:2] != "0" else 0
-        if code in COUNTRY_CODE_TO_REGION_CODE:
-            break
-    else:
+    code = _calling_code(digits[1:]) if digits[1] != "0" else None  # none starts with 0
+    if code is None:
         return None
-    national = digits[end:]
+    national = digits[1 + len(str(code)) :]
     if not _MIN_NATIONAL <= len(national) <= _MAX_NATIONAL or national[0] == "0":
         return None
     region = phonenumbers.region_code_for_country_code(code)
