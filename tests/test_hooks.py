@@ -613,6 +613,11 @@ async def test_alerts_on_one_host_name_it_once(
         # two deployments (kube-state-metrics' alerts all carry its own instance).
         ("sensor", ["temp1", "temp2"], "temp1, temp2"),
         ("deployment", ["api", "web"], "api, web"),
+        # Parts of the machine they share: named, and the machine with them (the disks
+        # alone named no machine).
+        ("device", ["/dev/sda1", "/dev/sdb1"], "/dev/sda1, /dev/sdb1 on db-1"),
+        ("device", ["/dev/sda1", "/dev/sdb1", "/dev/sdc1"], "/dev/sda1, /dev/sdb1 +1 on db-1"),
+        ("container", ["app", "sidecar"], "app, sidecar on db-1"),
     ],
 )
 async def test_alerts_on_a_common_host_told_apart_by_another_label(
@@ -622,6 +627,22 @@ async def test_alerts_on_a_common_host_told_apart_by_another_label(
     alerts = [dict(common, **{apart: value}) for value in values]
     text = await _alert_group_text(alerts, common, tmp_path, clock, sandbox_url)
     assert text == f"[FIRING:{len(values)}] CoreTemp {place}: CPU core too hot"
+
+
+async def test_containers_of_one_pod_name_the_pod_not_the_exporter(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """kube-state-metrics' alerts carry its own address as `instance`: two containers
+    of one pod are on that pod, the nearest place above them, not on the exporter."""
+    common = {
+        "alertname": "KubeContainerWaiting",
+        "instance": "10.1.2.3:8080",
+        "namespace": "shop",
+        "pod": "web-5d9f",
+    }
+    alerts = [dict(common, container=name) for name in ("app", "proxy")]
+    text = await _alert_group_text(alerts, common, tmp_path, clock, sandbox_url)
+    assert text == "[FIRING:2] KubeContainerWaiting app, proxy on web-5d9f: CPU core too hot"
 
 
 @pytest.mark.parametrize(

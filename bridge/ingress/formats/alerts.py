@@ -32,6 +32,8 @@ INSTANCE_LABELS = (
     "host_name",
     "k8s_pod_name",
 )
+# Instance-like labels that name a part of a machine, not the machine.
+PART_LABELS = frozenset(("container", "device"))
 # Labels that never say where: how bad, how it is filed, Grafana's internals.
 NOT_INSTANCE_LABELS = frozenset(("alertname", "severity", "priority", "grafana_folder", "team"))
 # Flag-like values ("debug=true") say nothing about where either.
@@ -85,10 +87,18 @@ def _instance(
     label that tells it apart from the rest of its group (not a flag, a severity or the
     folder; a number as `key=value`, and with `numbers` only). Never an arbitrary label
     of a lone alert (that named `debug=true`)."""
+    found = _place(labels, common, distinct=distinct, numbers=numbers)
+    return found[1] if found else None
+
+
+def _place(
+    labels: dict[str, Any], common: dict[str, Any], *, distinct: bool, numbers: bool
+) -> tuple[str, str] | None:
+    """`_instance`, with the label it was read from."""
     for key in INSTANCE_LABELS:
         value = labels.get(key)
         if value and value != common.get(key):
-            return _host(value)
+            return key, _host(value)
     if distinct:
         for key in sorted(labels):
             value = labels[key]
@@ -99,9 +109,25 @@ def _instance(
                 and value != common.get(key)
             ):
                 if not _NUMBER.fullmatch(str(value)):
-                    return _host(value)
+                    return key, _host(value)
                 if numbers:  # a bare "3, 7" says nothing; "shard=3, shard=7" does
-                    return f"{key}={value}"
+                    return key, f"{key}={value}"
+    return None
+
+
+def _container_of(keys: set[str], common: dict[str, Any]) -> str | None:
+    """The place that holds what tells the alerts apart, when that is part of a
+    machine (a disk, a container) and the group shares it: two full disks of db-1
+    read "/dev/sda1, /dev/sdb1", which names no machine. The nearest place above in
+    `INSTANCE_LABELS` (a container's pod before the scraped instance). Not for other
+    labels: kube-state-metrics' alerts share its own instance, which is no place of
+    the deployments they name."""
+    if not keys or not keys <= PART_LABELS:
+        return None
+    top = min(INSTANCE_LABELS.index(key) for key in keys)
+    for key in reversed(INSTANCE_LABELS[:top]):
+        if common.get(key):
+            return _host(common[key])
     return None
 
 
@@ -157,14 +183,16 @@ def summarize(
     instances: list[str] = []
     unnamed = 0  # alerts with no instance of their own: counted in "+N", not named
     shared_place = _instance(common, {}, distinct=False)
+    apart_by: set[str] = set()  # the labels the alerts' own places were read from
     for alert in listed:
         labels = alert.get("labels") or {}
         name = text_field(labels.get("alertname"), "alerts[].labels.alertname")
         if name and name not in names:
             names.append(name)
-        instance = _instance(
-            labels, common, distinct=len(listed) > 1, numbers=shared_place is None
-        ) or _instance(_value_labels(alert), {}, distinct=False)
+        place = _place(labels, common, distinct=len(listed) > 1, numbers=shared_place is None)
+        if place:
+            apart_by.add(place[0])
+        instance = place[1] if place else _instance(_value_labels(alert), {}, distinct=False)
         if not instance:
             unnamed += 1
         elif instance not in instances:
@@ -197,6 +225,7 @@ def summarize(
         or (summaries.pop() if len(summaries) == 1 else "")
     )
     tag = f"[FIRING:{total}]" if status == "firing" else "[RESOLVED]"
+    container = _container_of(apart_by, common)
     head = " ".join(
         part
         for part in (
@@ -207,6 +236,7 @@ def summarize(
             _listing(instances, SHOWN_INSTANCES, len(instances) + unnamed + truncated)
             if instances
             else "",
+            f"on {container}" if instances and container else "",
         )
         if part
     )
