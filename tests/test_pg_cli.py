@@ -4,11 +4,13 @@ run, and no password reaches the terminal."""
 
 from __future__ import annotations
 
+import urllib.parse
+
 import pytest
 
 from bridge.store.postgres.schema import LATEST, MIGRATIONS
 from tests.postgres import migrate_sync, run_async
-from tests.processes import ANY_PORT
+from tests.processes import ANY_PORT, clean_env, process, wait_for
 from tests.test_cli import run
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI as a process
@@ -99,3 +101,34 @@ def test_a_server_that_is_down_is_named_without_its_password(tmp_path) -> None:
         assert "store postgresql://bridge:***@127.0.0.1:1/bridge: cannot connect" in result.stderr
         assert "hunter2" not in result.stderr + result.stdout
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("password", [False, True])
+def test_serves_log_names_the_server_and_masks_only_its_password(
+    tmp_path, postgres_url: str, password: bool
+) -> None:
+    """The whole URL was masked as a secret, so the log read `store ***` and a cluster's
+    operator could not tell which server an instance used (or lost). Its passwords are
+    the secret: in the user part and in the query (the server trusts loopback)."""
+    url, shown = postgres_url, postgres_url
+    if password:
+        parts = urllib.parse.urlsplit(postgres_url)
+        netloc = f"{parts.username}:pw-in-the-user-part@{parts.hostname}:{parts.port}"
+        url = urllib.parse.urlunsplit(
+            parts._replace(netloc=netloc, query="sslmode=disable&password=pw-in-the-query")
+        )
+        shown = urllib.parse.urlunsplit(
+            parts._replace(
+                netloc=f"{parts.username}:***@{parts.hostname}:{parts.port}",
+                query="sslmode=disable&password=***",
+            )
+        )
+    log = tmp_path / "serve.log"
+    with process(["serve"], tmp_path, clean_env(**env_for(url)), log) as proc:
+        proc.address("HTTP")
+        wait_for(lambda: "requests/minute" in log.read_text(), what="the store line")
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    text = log.read_text()
+    assert "pw-in-the-user-part" not in text and "pw-in-the-query" not in text
+    assert f"store {shown}; " in text

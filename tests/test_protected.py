@@ -604,3 +604,19 @@ def test_a_tls_private_key_anyone_may_read_is_named(open_tmp) -> None:
     (keys / "http.key").chmod(0o600)
     (keys / "smtp.key").chmod(0o640)
     assert _warnings(config, open_tmp) == []  # certificates are public: never named
+
+
+@pytest.mark.parametrize(
+    ("url", "secrets"),
+    [
+        ("postgresql://bridge@db-1/bridge", []),
+        ("postgresql://bridge:pw%2Fin-url@db-1/bridge", ["pw%2Fin-url", "pw/in-url"]),
+        ("postgresql://bridge@db-1/bridge?password=in-query", ["in-query"]),
+    ],
+)
+def test_a_store_url_is_secret_for_its_password(tmp_path, url: str, secrets: list[str]) -> None:
+    """The log masks a store URL's passwords, not the server's name, and a readable
+    config file is a warning only when its URL carries one."""
+    path = write_config(tmp_path, f'[store]\nurl = "{url}"\n')
+    assert secret_values(load_config(path, env={})) == [*secrets, "sandbox-key"]
+    assert inline_secrets(path) == (["store.url"] if secrets else [])

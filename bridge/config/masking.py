@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,13 +64,41 @@ def _tables(config: Config) -> list[tuple[str, Any]]:
     ]
 
 
+# Query parameters libpq and asyncpg read a password from (`?password=...`).
+URL_PASSWORD_PARAMETERS = frozenset(("password", "sslpassword"))
+
+
+def url_passwords(url: str) -> list[str]:
+    """The passwords a URL carries, in its user part or its query, as written and
+    decoded (a driver's error may quote either)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        written = [parts.netloc.rpartition("@")[0].partition(":")[2]] if parts.password else []
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:  # not a URL after all (validate says so): all of it is the secret
+        return [url]
+    written += [
+        value
+        for raw in parts.query.split("&")
+        for key, _, value in [raw.partition("=")]
+        if urllib.parse.unquote_plus(key).lower() in URL_PASSWORD_PARAMETERS
+    ]
+    decoded = [urllib.parse.unquote(parts.password or "")] + [
+        v for k, v in query if k.lower() in URL_PASSWORD_PARAMETERS
+    ]
+    return list(dict.fromkeys(p for p in written + decoded if p))
+
+
 def secret_values(config: Config) -> list[str]:
-    """Every value of a key marked `secret=True`, for log masking: none is hand-listed."""
+    """Every value of a key marked `secret`, for log masking: none is hand-listed. Of a
+    `secret="url"` key (the store's URL), its passwords: the log names the server."""
     out: list[str] = []
     for _, table in _tables(config):
         for spec in dataclasses.fields(table):
-            if spec.metadata.get("secret"):
-                value = getattr(table, spec.name)
+            value = getattr(table, spec.name)
+            if spec.metadata.get("secret") == "url":
+                out += url_passwords(value) if value else []
+            elif spec.metadata.get("secret"):
                 out += list(value.values()) if isinstance(value, Mapping) else [value]
     return [v for v in out if v]
 
@@ -156,8 +185,8 @@ def _secret_keys(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
                     for k, v in value.items()
                     if isinstance(v, str) and v
                 ]
-            elif value:
-                keys.append((f"{prefix}.{spec.name}", None))
+            elif value and (spec.metadata["secret"] != "url" or url_passwords(str(value))):
+                keys.append((f"{prefix}.{spec.name}", None))  # a URL: if it has a password
     return keys
 
 

@@ -23,11 +23,13 @@ SIGNED_FORMATS = ("grafana", "github", "gitlab")  # the formats that check route
 GROUP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
-def _opt(default: Any, kind: str = "", secret: bool = False) -> Any:
+def _opt(default: Any, kind: str = "", secret: bool | str = False) -> Any:
     """A config key: its default and how to read it from a string (the environment).
 
     kind "path": a file name, which the loader reads relative to the config file's
-    directory when the file writes it (`bridge.config.parsing.resolve_path`)."""
+    directory when the file writes it (`bridge.config.parsing.resolve_path`).
+    secret: True, or "url" for a URL whose passwords are the secret and the rest an
+    address worth showing (`bridge.config.masking.secret_values`)."""
     if isinstance(default, dict):
         return field(
             default_factory=lambda: dict(default), metadata={"kind": "table", "secret": secret}
@@ -173,8 +175,8 @@ class StatusConfig:
 class StoreConfig:
     path: str = _opt(DEFAULT_STORE_PATH, "path")
     # "postgresql://user@host/db": a store shared by a cluster; "" = SQLite at `path`.
-    # Secret: a URL may carry a password.
-    url: str = _opt("", secret=True)
+    # Secret: a URL may carry a password (the log masks that, not the server's name).
+    url: str = _opt("", secret="url")
     retention: float = _opt(2592000.0, "duration")  # final messages older are purged; 0 = keep
 
 

@@ -7,12 +7,10 @@ from __future__ import annotations
 import urllib.parse
 from typing import TYPE_CHECKING
 
+from bridge.config.masking import URL_PASSWORD_PARAMETERS
+
 if TYPE_CHECKING:
     from bridge.config import StoreConfig
-
-
-# Query parameters libpq and asyncpg read a password from (`?password=...`).
-_SECRET_PARAMETERS = frozenset(("password", "sslpassword"))
 
 
 def display_url(url: str) -> str:
@@ -24,8 +22,8 @@ def display_url(url: str) -> str:
         netloc += f":{parts.port}" if parts.port else ""
         parts = parts._replace(netloc=netloc)
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    if any(key.lower() in _SECRET_PARAMETERS for key, _ in query):
-        shown = [(k, "***" if k.lower() in _SECRET_PARAMETERS else v) for k, v in query]
+    if any(key.lower() in URL_PASSWORD_PARAMETERS for key, _ in query):
+        shown = [(k, "***" if k.lower() in URL_PASSWORD_PARAMETERS else v) for k, v in query]
         parts = parts._replace(query=urllib.parse.urlencode(shown, safe="*"))
     return urllib.parse.urlunsplit(parts)
 
