@@ -616,7 +616,7 @@ async def test_alerts_on_one_host_name_it_once(
         # Parts of the machine they share: named, and the machine with them (the disks
         # alone named no machine).
         ("device", ["/dev/sda1", "/dev/sdb1"], "/dev/sda1, /dev/sdb1 on db-1"),
-        ("device", ["/dev/sda1", "/dev/sdb1", "/dev/sdc1"], "/dev/sda1, /dev/sdb1 +1 on db-1"),
+        ("device", ["/dev/sda1", "/dev/sdb1", "/dev/sdc1"], "/dev/sda1, /dev/sdb1 on db-1 +1"),
         ("container", ["app", "sidecar"], "app, sidecar on db-1"),
     ],
 )
@@ -627,6 +627,25 @@ async def test_alerts_on_a_common_host_told_apart_by_another_label(
     alerts = [dict(common, **{apart: value}) for value in values]
     text = await _alert_group_text(alerts, common, tmp_path, clock, sandbox_url)
     assert text == f"[FIRING:{len(values)}] CoreTemp {place}: CPU core too hot"
+
+
+async def test_the_shared_machine_is_named_before_the_alerts_max_alerts_cut(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """Alertmanager reads commonLabels over the alerts it sends, not those `max_alerts`
+    cut (notify/webhook: truncated first): the cut may be on other machines."""
+    common = {"alertname": "DiskFull", "instance": "db-1:9100"}
+    payload = {
+        "status": "firing",
+        "truncatedAlerts": 2,
+        "commonLabels": common,
+        "alerts": [
+            {"status": "firing", "labels": dict(common, device=device)}
+            for device in ("/dev/sda1", "/dev/sdb1")
+        ],
+    }
+    text = await _am_text(payload, tmp_path, clock, sandbox_url)
+    assert text == "[FIRING:4] DiskFull /dev/sda1, /dev/sdb1 on db-1 +2"
 
 
 async def test_containers_of_one_pod_name_the_pod_not_the_exporter(

@@ -131,11 +131,12 @@ def _container_of(keys: set[str], common: dict[str, Any]) -> str | None:
     return None
 
 
-def _listing(items: list[str], shown: int, total: int) -> str:
-    """The first `shown` items, then "+N" for the rest of `total`, however few were named."""
-    named = items[:shown]
-    rest = total - len(named)
-    return f"{', '.join(named)} +{rest}" if rest > 0 else ", ".join(named)
+def _listing(items: list[str], shown: int, total: int, where: str | None = None) -> str:
+    """The first `shown` items (`on where`, the place they share), then "+N" for the
+    rest of `total`, however few were named."""
+    named = ", ".join(items[:shown]) + (f" on {where}" if where else "")
+    rest = total - min(len(items), shown)
+    return f"{named} +{rest}" if rest > 0 else named
 
 
 def _values(alert: dict[str, Any]) -> str:
@@ -233,10 +234,11 @@ def summarize(
             _listing(names, SHOWN_NAMES, len(names)),
             # "+N": the places not shown and the alerts with no place of their own; never
             # a repeat of a place shown (two alerts on one host are "host", not "host +1").
-            _listing(instances, SHOWN_INSTANCES, len(instances) + unnamed + truncated)
+            # The place the named ones share before "+N": Alertmanager reads commonLabels
+            # over the alerts it sends, not those `max_alerts` cut, which may be elsewhere.
+            _listing(instances, SHOWN_INSTANCES, len(instances) + unnamed + truncated, container)
             if instances
             else "",
-            f"on {container}" if instances and container else "",
         )
         if part
     )
