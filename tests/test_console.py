@@ -579,6 +579,27 @@ def test_chart_puts_requests_against_the_limit() -> None:
     assert quiet.y_ticks[-1].label == "120" and len(quiet.bars) == 1
 
 
+async def test_an_unknown_state_is_a_400_on_the_api_as_on_the_console(served_bridge) -> None:
+    """`?state=faild` listed nothing with a 200: a script asking for failures by a typo
+    was told there were none. The API refuses it, naming the states, as the console does."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        failed = await send(http, "+12025550143", "disk full")
+        await http.post(
+            f"/api/v1/messages/{failed}/cancel", headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+        reader = {"Authorization": f"Bearer {READER}"}
+        for key in ("state", "status"):
+            typo = await http.get(f"/api/v1/messages?{key}=faild", headers=reader)
+            assert typo.status_code == 400, typo.text
+            assert typo.json()["field"] == key
+            assert "'faild'" in typo.json()["error"] and "failed" in typo.json()["error"]
+            listed = await http.get(f"/api/v1/messages?{key}=failed", headers=reader)
+            assert [m["id"] for m in listed.json()["messages"]] == [failed]
+        await sign_in(http, READER)
+        assert (await http.get("/ui/messages.json?state=faild")).status_code == 400
+
+
 async def test_api_retry_and_cancel_need_admin_and_name_the_token(served_bridge) -> None:
     bridge, url = served_bridge
     async with httpx.AsyncClient(base_url=url) as http:
