@@ -579,6 +579,27 @@ def test_chart_puts_requests_against_the_limit() -> None:
     assert quiet.y_ticks[-1].label == "120" and len(quiet.bars) == 1
 
 
+async def test_an_unknown_state_is_a_400_on_the_api_as_on_the_console(served_bridge) -> None:
+    """`?state=faild` listed nothing with a 200: a script asking for failures by a typo
+    was told there were none. The API refuses it, naming the states, as the console does."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        failed = await send(http, "+12025550143", "disk full")
+        await http.post(
+            f"/api/v1/messages/{failed}/cancel", headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+        reader = {"Authorization": f"Bearer {READER}"}
+        for key in ("state", "status"):
+            typo = await http.get(f"/api/v1/messages?{key}=faild", headers=reader)
+            assert typo.status_code == 400, typo.text
+            assert typo.json()["field"] == key
+            assert "'faild'" in typo.json()["error"] and "failed" in typo.json()["error"]
+            listed = await http.get(f"/api/v1/messages?{key}=failed", headers=reader)
+            assert [m["id"] for m in listed.json()["messages"]] == [failed]
+        await sign_in(http, READER)
+        assert (await http.get("/ui/messages.json?state=faild")).status_code == 400
+
+
 async def test_api_retry_and_cancel_need_admin_and_name_the_token(served_bridge) -> None:
     bridge, url = served_bridge
     async with httpx.AsyncClient(base_url=url) as http:
@@ -715,6 +736,41 @@ async def test_a_provider_quoting_our_key_shows_it_nowhere(
         overview = await http.get("/ui/overview.json")
         assert overview.json()["provider"]["problem"].endswith("invalid API key ***")
         assert key not in overview.text
+
+
+async def test_a_provider_quoting_our_key_in_a_refusal_leaves_it_in_no_message(
+    config, clock: ManualClock, sandbox_state: SandboxState
+) -> None:
+    """A 400 whose text quotes our API key fails the message with the provider's words as
+    its reason, and a 401's words are a waiting message's reason: a `read` token (a
+    dashboard's) saw the key in the API, on the message page and in the overview."""
+    key = config.provider.api_key
+    echo = f'{{"success": false, "message": "no such sender for API key {key}"}}'
+    sandbox_state.faults.append(Fault(status=400, body=echo, path="/send"))
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        refused = await send(http, "+12025550143", "disk full")
+        await bridge.dispatcher.run_once()
+        sandbox_state.faults.append(Fault(status=401, body=echo, path="/send"))
+        waiting = await send(http, "+12025550144", "disk full again")
+        await bridge.dispatcher.run_once()
+        assert (await bridge.store.get(refused)).state == State.FAILED  # type: ignore[union-attr]
+        assert (await bridge.store.get(waiting)).state == State.QUEUED  # type: ignore[union-attr]
+        reader = {"Authorization": f"Bearer {READER}"}
+        one = await http.get(f"/api/v1/messages/{refused}", headers=reader)
+        assert one.json()["reason"] == "provider refused: no such sender for API key ***"
+        answers = [one, await http.get("/api/v1/messages", headers=reader)]
+        answers.append(await http.get(f"/api/v1/messages/{waiting}", headers=reader))
+        await sign_in(http, READER)
+        for path in (f"/ui/messages/{refused}", f"/ui/messages/{waiting}", "/ui/messages"):
+            answers += [await http.get(path), await http.get(f"{path}.json")]
+        answers += [await http.get("/ui/"), await http.get("/ui/overview.json")]
+        for answer in answers:
+            assert answer.status_code == 200, answer.url
+            assert key not in answer.text, answer.url
+            assert "API key ***" in answer.text, answer.url
 
 
 async def test_a_store_error_quoting_a_secret_is_masked_on_console_pages(

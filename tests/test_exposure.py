@@ -220,6 +220,31 @@ password = "jenkins-pass-0123456789"
         assert sum((await bridge.store.counts()).values()) == 2
 
 
+async def test_a_basic_header_of_bytes_beyond_ascii_is_a_401_not_a_500(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """Headers arrive as latin-1: `Basic \xc3\xa9` reached base64 as a str with a
+    non-ASCII character, whose ValueError is not a binascii.Error: a 500 and a traceback."""
+    route = """
+[routes.jenkins]
+format = "generic"
+to = ["+12025550143"]
+username = "jenkins"
+password = "jenkins-pass-0123456789"
+"""
+    config = bridge_config(tmp_path, sandbox_url, route)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for raw in (b"Basic \xc3\xa9\xc3\xa9", b"Basic \xff", b"basic amVua2luczo\xe9"):
+            response = await http.post(
+                f"{url}/hooks/jenkins",
+                content=json.dumps({"message": "build"}).encode(),
+                headers=[(b"content-type", b"application/json"), (b"authorization", raw)],
+            )
+            assert response.status_code == 401, (raw, response.text)
+            assert "basic auth (routes.jenkins.username and password)" in response.text
+        assert sum((await bridge.store.counts()).values()) == 0
+
+
 def test_every_secret_field_is_masked_in_the_log(tmp_path) -> None:
     config = load_config(
         write_config(

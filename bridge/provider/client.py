@@ -79,6 +79,7 @@ class ProviderClient:
         self._http = http
         self._base = base_url.rstrip("/")
         self._clock = clock
+        self._api_key = api_key  # masked in what the provider's errors quote
         self._headers = (
             {"Authorization": f"Bearer {api_key}"}
             if auth_header == "bearer"
@@ -131,7 +132,7 @@ class ProviderClient:
             raise TransientUnknownOutcome(f"timeout waiting for the provider ({exc!r})") from exc
         except httpx.TransportError as exc:
             raise TransientUnknownOutcome(f"connection failed mid-request: {exc!r}") from exc
-        return classify(response, self._clock.now())
+        return classify(response, self._clock.now(), key=self._api_key)
 
     # -- sending -------------------------------------------------------------------
     async def send(

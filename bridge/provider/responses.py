@@ -118,18 +118,29 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-def _error_message(response: httpx.Response) -> str:
+def _hidden(text: str, key: str) -> str:
+    """`text` without our API key. What the provider says becomes messages' reasons and
+    events, which the API and the console show to any `read` token (a dashboard's): a
+    provider that quotes the key it was sent must not hand it to them. Masked before any
+    cut, so no part of the key is left; a key of one character is not masked (as in the
+    log: it would star every reason)."""
+    return text.replace(key, "***") if len(key) >= 2 else text
+
+
+def _error_message(response: httpx.Response, key: str = "") -> str:
     try:
         body = response.json()
     except ValueError:
-        text = response.text.strip()
+        text = _hidden(response.text, key).strip()
         return text[:200] or response.reason_phrase or "no reason given"
     if isinstance(body, dict):
-        for key in ("message", "error", "detail", "errors"):
-            if body.get(key):
-                value = body[key]
-                return value if isinstance(value, str) else json.dumps(value)[:200]
-    return json.dumps(body)[:200]
+        for name in ("message", "error", "detail", "errors"):
+            if body.get(name):
+                value = body[name]
+                if isinstance(value, str):
+                    return _hidden(value, key)
+                return _hidden(json.dumps(value), key)[:200]
+    return _hidden(json.dumps(body), key)[:200]
 
 
 def _error_body(response: httpx.Response) -> bool:
@@ -141,39 +152,42 @@ def _error_body(response: httpx.Response) -> bool:
     return isinstance(body, dict) and body.get("success") is False
 
 
-def classify(response: httpx.Response, now: float) -> dict[str, Any]:
-    """The answer's JSON object if it is a success; else the exception that says why."""
+def classify(response: httpx.Response, now: float, *, key: str = "") -> dict[str, Any]:
+    """The answer's JSON object if it is a success; else the exception that says why,
+    in the provider's words with `key` (our API key) masked."""
     status = response.status_code
     retry_after = parse_retry_after(response.headers.get("Retry-After"), now)
     if status == 429:
-        raise RateLimitedError(_error_message(response), status=status, retry_after=retry_after)
+        raise RateLimitedError(
+            _error_message(response, key), status=status, retry_after=retry_after
+        )
     if status >= 500 or status in _TRANSIENT_4XX:
         # The provider's own error body says it failed; anything else (a gateway's
         # HTML, an empty 502/504) may have come after the provider took the request.
         kind: type[TransientSendError] = TransientSendError
         if status >= 500:
             kind = ProviderFailed if _error_body(response) else TransientUnknownOutcome
-        raise kind(_error_message(response), status=status, retry_after=retry_after)
+        raise kind(_error_message(response, key), status=status, retry_after=retry_after)
     if status == 403:
-        raise ProviderInactiveError(_error_message(response), status=status)
+        raise ProviderInactiveError(_error_message(response, key), status=status)
     if status in (401, 404) or 300 <= status < 400:
-        raise ProviderAuthError(_error_message(response), status=status)
+        raise ProviderAuthError(_error_message(response, key), status=status)
     if status >= 400:
-        raise PermanentSendError(_error_message(response), status=status)
+        raise PermanentSendError(_error_message(response, key), status=status)
     try:
         body = response.json()
     except ValueError as exc:
         raise TransientUnknownOutcome(
-            f"unparseable provider answer (HTTP {status}): {response.text[:100]!r}",
+            f"unparseable provider answer (HTTP {status}): {_hidden(response.text, key)[:100]!r}",
             status=status,
         ) from exc
     if not isinstance(body, dict):
         raise TransientUnknownOutcome(
-            f"unexpected provider answer (HTTP {status}): {response.text[:100]!r}",
+            f"unexpected provider answer (HTTP {status}): {_hidden(response.text, key)[:100]!r}",
             status=status,
         )
     if body.get("success") is False:
-        reason = _error_message(response)
+        reason = _error_message(response, key)
         if _TRANSIENT_WORDS.search(reason):
             raise TransientSendError(reason, status=status)
         raise PermanentSendError(reason, status=status)

@@ -34,6 +34,7 @@ from bridge.ingress.http.lockout import AuthLockout
 from bridge.ingress.http.openapi import openapi_spec
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.throttle import FailureThrottle
+from bridge.models import State
 from bridge.ops.logs import mask
 from bridge.ops.metrics import Metrics
 from bridge.policy.decide import dedupe_scope
@@ -54,6 +55,7 @@ PROVIDER_INACTIVE = (
 MAX_DEDUPE_KEY = 256
 MAX_TEXT_CHARS = 5000
 MAX_LIST_LIMIT = 1000
+STATES = tuple(str(s) for s in State)
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -199,7 +201,11 @@ def create_app(
         q = request.query_params
         limit = min(MAX_LIST_LIMIT, query_int(q.get("limit"), "limit", default=100) or 1)
         before = query_int(q.get("before"), "before")
-        state = q.get("state") or q.get("status")
+        key = "state" if q.get("state") else "status"
+        state = q.get(key)
+        if state and state not in STATES:
+            # A typo listed nothing with a 200: "no failures" to a script that asked.
+            raise HttpError(400, f"unknown {key} {state!r}: one of {', '.join(STATES)}", key)
         messages = await store.query(
             state=state,
             limit=max(1, limit),

@@ -11,7 +11,6 @@ drops the alert, so anything that is our trouble (store, overload) answers 503.
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import json
 import logging
@@ -54,7 +53,8 @@ def _token_matches(route: RouteConfig, value: str) -> bool:
 def _basic_matches(route: RouteConfig, value: str) -> bool:
     try:
         user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, and a non-ASCII header's
+        # "string argument should contain only ASCII characters" (headers are latin-1)
         user, password = "", ""
     # Both compared every time (and over bytes: a non-ASCII str would raise), so the
     # answer time does not tell whether the user name was right.
