@@ -444,6 +444,28 @@ async def test_delivery_states_are_found_deep_in_the_logs(
     assert len(status_reads) <= 50  # 30 pages of 100 hold them: few are read twice
 
 
+async def test_a_message_still_waiting_does_not_hide_older_ones_deep_in_the_logs(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A bulk of 1000 whose last recipient's phone is off. A round of the poller reads 5
+    pages from the newest message waiting, so while that one waited (up to
+    `status.give_up_after`, two days) the first 100 recipients, on page 10, were never
+    read: `sent` for good, and the status budget spent rereading pages 1 to 5."""
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        await post(url, {"to": numbers(1000), "message": "maintenance tonight"})
+        await bridge.dispatcher.run_once()
+        assert len(sandbox_state.entries) == 1000
+        sandbox_state.entries[-1].deliver_from = clock.now() + 7 * 86400  # that phone is off
+
+        async def the_others_delivered() -> bool:
+            return (await bridge.store.counts()).get("delivered") == 999
+
+        await pump(bridge, clock, the_others_delivered, max_seconds=600)
+        counts = await bridge.store.counts()
+    assert counts == {"delivered": 999, "sent": 1}
+
+
 async def test_requests_booked_by_the_cli_count_against_the_window(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

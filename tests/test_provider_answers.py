@@ -256,6 +256,58 @@ async def test_a_5xx_error_answer_is_looked_up_in_logs_before_the_retry(
     assert order[:5] == ["send", "logs", "send", "logs", "send"]
 
 
+async def test_an_answer_whose_body_cannot_be_decoded_is_an_unknown_outcome_not_a_crash(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A gateway's `Content-Encoding: gzip` over a body that is not gzip: httpx raises
+    DecodingError, which is no transport error. Nothing caught it: the dispatcher's step
+    raised, and with it `serve`'s task group (the bridge exited), the message left in
+    `sending`; on /logs the same for the reconciler and the poller. The provider did
+    answer, unreadably: an unknown outcome, found in /logs and not sent again; a /logs
+    page so answered is a failed read."""
+    gzip = {"Content-Encoding": "gzip"}
+    took_it = '{"success": true, "data": {"message_id": 1}}'
+    sandbox_state.faults.append(
+        Fault(status=200, body=took_it, path="/send", taken=True, headers=gzip)
+    )
+    sandbox_state.faults.append(Fault(status=200, body="{}", path="/logs", headers=gzip))
+    sandbox_state.delivered_after = 120  # the poller reads /logs before it is delivered
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+
+        await pump_until_state(bridge, clock, message_id, State.SENT, max_seconds=60)
+        sandbox_state.faults.append(Fault(status=200, body="{}", path="/logs", headers=gzip))
+        await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=300)
+        message = await bridge.store.get(message_id)
+    assert len(sends(sandbox_state)) == 1
+    assert message.provider_message_id == str(sandbox_state.entries[0].message_id)
+    assert not sandbox_state.faults  # both unreadable /logs pages were read, and survived
+
+
+async def test_a_provider_down_behind_its_gateway_loses_nothing(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Five minutes of a gateway's 503 page to every request, /send and /logs alike. The
+    failed /logs reads were taken for "not in /logs": the one resend went into the
+    outage too, and 30 seconds in the text ended `sent`, "outcome unknown", never sent.
+    An unreadable /logs now decides nothing: the text waits for it, and goes once."""
+    page = "<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>"
+    sandbox_state.faults.append(Fault(status=503, body=page, times=10_000))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "db down"})).json()["ids"]
+        start = clock.now()
+        await pump(bridge, clock, lambda: clock.now() - start > 300, max_seconds=400)
+        during = await bridge.store.get(message_id)
+        sandbox_state.faults.clear()
+
+        await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=900)
+    assert during.state == State.SENDING and "checking the provider's logs" in during.reason
+    assert [e.to for e in sandbox_state.entries] == ["+12025550143"]
+    assert len(sends(sandbox_state)) == 2  # one into the outage, one after it
+
+
 @pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("cost", ["1e13", "Infinity", "NaN", "-0.5"])
 async def test_a_cost_that_is_no_price_is_stored_as_unknown(

@@ -199,6 +199,8 @@ class Dispatcher:
         next_due = await self.store.next_due_at()
         if next_due is not None:
             waits.append(next_due - now)
+        if self.reconciler.logs_retry_at > now:  # outcomes waiting for /logs to answer
+            waits.append(self.reconciler.logs_retry_at - now)
         # A claim of a dead instance is due when its lease runs out: taken over then, not
         # at the next idle look (that took ~30 s, whatever cluster.lease said). Never less
         # than LEASE_SLACK: a lapsed claim another instance is taking over right now

@@ -6,6 +6,14 @@ about a message after `status.give_up_after` (it then stays `sent`, its last kno
 a scheduled message is asked about until `give_up_after` past its scheduled time. A
 message the provider took without giving an id is found by recipient and text (the same
 tolerant matching as reconciliation), and keeps the id found.
+
+A round reads at most `MAX_PAGES_PER_ROUND` pages, from the page of the newest message
+waiting. When the waiting span more pages than that (a bulk of 1000, the phone of one of
+its last recipients off), the next round goes on from the page where this one stopped,
+down to the page after the oldest's, then starts again at the newest: every waiting
+message's page is read once a sweep. Starting each round at the newest never reached
+the oldest while a newer one waited (up to `give_up_after`). Entries only ever move to
+later pages (/logs is newest first), so resuming skips nothing.
 """
 
 from __future__ import annotations
@@ -57,6 +65,9 @@ class StatusPoller:
         self.clock = clock
         self.config = config
         self.health = health
+        # The page the next round starts from when the last one stopped at its page cap
+        # (or its budget) with messages still to find; 0: from the newest again.
+        self._resume_page = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop` (on a cluster's leader: bridge.delivery.cluster)."""
@@ -78,6 +89,8 @@ class StatusPoller:
             scheduled_after=datetime.fromtimestamp(horizon, UTC).strftime(STORED_FORMAT),
         )
         self.limiter.status_demand = bool(waiting)
+        if not waiting:
+            self._resume_page = 0
         if not waiting or not self.health.ready:
             return self.config.poll_interval
         await self.limiter.sync()  # the window as every instance booked it
@@ -89,12 +102,23 @@ class StatusPoller:
         # pages that hold what we sent after them (less one page of slack for entries
         # from other clients of the same account), instead of rereading the newest.
         newest = max(waiting, key=lambda m: (m.sent_at or now, m.id))
-        after = await self.store.sent_after(newest)
-        first_page = max(1, after // MAX_LOGS_PER_PAGE)
+        first_page = max(1, await self.store.sent_after(newest) // MAX_LOGS_PER_PAGE)
+        # The page after the oldest's (the same slack), or at least a round's worth: a
+        # sweep covers them all, a round at a time (see the module docstring).
+        oldest_waiting = min(waiting, key=lambda m: (m.sent_at or now, m.id))
+        deepest = max(
+            first_page + MAX_PAGES_PER_ROUND - 1,
+            await self.store.sent_after(oldest_waiting) // MAX_LOGS_PER_PAGE + 2,
+        )
+        start = first_page
+        if first_page < self._resume_page <= deepest:
+            start = self._resume_page
         updates = []
         found_ids: list[tuple[int, str]] = []
-        for page in range(first_page, first_page + MAX_PAGES_PER_ROUND):
+        for page in range(start, min(start + MAX_PAGES_PER_ROUND, deepest + 1)):
+            self._resume_page = 0  # from the newest again, unless said below
             if await self.limiter.acquire("status") > 0:
+                self._resume_page = page  # nothing read: this page first, next round
                 break
             try:
                 logs = await self.client.logs(
@@ -127,6 +151,10 @@ class StatusPoller:
                     updates.append((m.id, FINAL_PROVIDER_STATES[entry.status], reason))
             if (not by_id and not id_less) or not logs.has_more:
                 break
+            # Unless a later page of this round reaches the end of /logs or finds them
+            # all, the next round goes on from the next page: starting at the newest
+            # again would never reach the oldest while a newer message waits.
+            self._resume_page = page + 1
         if found_ids:
             await self.store.set_provider_ids(found_ids)
         if updates:

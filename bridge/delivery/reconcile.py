@@ -8,6 +8,15 @@ a little before the oldest claim) and each entry matched by recipient and text:
     5xx, not in /logs        -> retried with the dispatcher's backoff
     unknown, not in /logs    -> sent again, at most `provider.max_unknown_resends`
                                 times; then ended `sent`, "outcome unknown", admin warned
+    /logs unreadable         -> asked again with the dispatcher's backoff (new texts go
+                                meanwhile) for `provider.retry_max_age` from the claim,
+                                then as "not in /logs"; a /logs answering 404 (a plan
+                                without it) after LOGS_TRIES reads
+
+An unreadable /logs says nothing about the sends: a provider down behind its gateway
+answers 502/503 pages to /send and /logs alike, and taking the failed reads for "not
+there" spent the resend on the outage and ended the text `sent`, "outcome unknown",
+never sent, some 30 seconds into it.
 
 Every /logs page is one request out of the same rate window as the sends.
 """
@@ -39,7 +48,7 @@ log = logging.getLogger(__name__)
 RECONCILE_DELAY = 5.0  # let the provider's /logs catch up before looking there
 RECONCILE_MAX_PAGES = 10
 CLOCK_SKEW = 120.0  # tolerance between our clock and the provider's timestamps
-LOGS_TRIES = 3  # /logs failing this often in a row: the outcomes waiting on it stay unknown
+LOGS_TRIES = 3  # /logs answering 404 this often in a row: it is not there, decide without it
 
 
 class Reconciler:
@@ -69,6 +78,7 @@ class Reconciler:
         self.wake = wake
         self.budget = budget
         self._logs_failures = 0
+        self.logs_retry_at = 0.0  # /logs failed: when to ask it again (the dispatcher wakes)
         self.owner, self.lease = owner, lease  # whose claims this settles (and takes over)
         self.takes_over = takes_over  # whether it takes over others' (the leader's sweep)
 
@@ -86,6 +96,8 @@ class Reconciler:
         ready = [m for m in stale if (m.claimed_at or 0) + RECONCILE_DELAY <= now]
         if not ready:
             return min((m.claimed_at or 0) + RECONCILE_DELAY for m in stale) - now
+        if now < self.logs_retry_at:
+            return None  # /logs failed: these wait for it, new texts go meanwhile
         oldest = min(m.claimed_at or now for m in ready)
         matcher = LogMatcher(ready)
         found: list[tuple[int, str | None, float | None]] = []
@@ -104,12 +116,23 @@ class Reconciler:
                 return self.limiter.wait_time("send")
             except ProviderError as exc:
                 self._logs_failures += 1
-                if self._logs_failures < LOGS_TRIES:
-                    log.warning("cannot read /logs to reconcile %d messages: %s", len(ready), exc)
-                    return self.outcomes.backoff(self._logs_failures + 1)
-                log.error("/logs unreadable %d times (%s): outcomes stay unknown", LOGS_TRIES, exc)
-                break
+                if exc.status == 404 and self._logs_failures >= LOGS_TRIES:
+                    log.error("/logs answered 404 %d times: outcomes stay unknown", LOGS_TRIES)
+                    break
+                # Only what has waited for /logs as long as a retry may last is decided
+                # without it; the rest waits for /logs to answer.
+                patience = self.config.retry_max_age
+                overdue = [m for m in ready if (m.claimed_at or now) + patience <= now]
+                self.logs_retry_at = now + self.outcomes.backoff(self._logs_failures + 1)
+                log.warning("cannot read /logs to reconcile %d messages: %s", len(ready), exc)
+                if overdue:
+                    log.error(
+                        "/logs unreadable for %.0fs (%s): outcomes stay unknown", patience, exc
+                    )
+                    await self._not_found(overdue)
+                return None
             self._logs_failures = 0
+            self.logs_retry_at = 0.0
             self.limiter.answered()
             older_seen = False
             known = await self.store.known_provider_ids([e.id for e in logs.entries])

@@ -4,8 +4,9 @@ process over the injected `httpx.AsyncClient`.
 It builds each request (auth header as configured, the undocumented paths from config,
 `message_type` on bulk only where the provider takes it) and turns transport failures
 into outcomes: no connection, a connect or pool timeout, is transient (nothing reached
-the provider); a read timeout or a reset mid-request is an unknown outcome (the provider
-may have taken it: /logs decides before anything is resent). What the provider answered
+the provider); a read timeout, a reset mid-request or an answer whose body cannot be
+decoded is an unknown outcome (the provider may have taken it: /logs decides before
+anything is resent). What the provider answered
 is read by responses.py, the one classification of its answers.
 """
 
@@ -132,6 +133,11 @@ class ProviderClient:
             raise TransientUnknownOutcome(f"timeout waiting for the provider ({exc!r})") from exc
         except httpx.TransportError as exc:
             raise TransientUnknownOutcome(f"connection failed mid-request: {exc!r}") from exc
+        except httpx.DecodingError as exc:
+            # The provider answered, but its body cannot be decoded (a gateway's gzip
+            # header over a plain body): what it said is unknown. No transport error, so
+            # uncaught it ended the dispatcher's step, and `serve` with it.
+            raise TransientUnknownOutcome(f"undecodable provider answer: {exc}") from exc
         return classify(response, self._clock.now(), key=self._api_key)
 
     # -- sending -------------------------------------------------------------------

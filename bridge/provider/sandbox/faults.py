@@ -29,6 +29,9 @@ class Fault:
     path: str | None = None  # None: any API path
     body: str | None = None  # raw body; None: the usual JSON error
     retry_after: str | None = None
+    # More headers on the answer (a gateway's `Content-Encoding: gzip` over a body that
+    # is not gzip, say).
+    headers: dict[str, str] | None = None
     # Real seconds to stall. With status 0 the request is handled first (the SMS is
     # taken and logged) and the answer stalls: what a client's read timeout hides.
     delay: float = 0.0
@@ -53,7 +56,8 @@ class Fault:
 
     def response(self) -> Response:
         """The answer this fault gives in place of the provider's."""
-        headers = {"Retry-After": self.retry_after} if self.retry_after else None
+        headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+        headers.update(self.headers or {})
         if self.body is not None:
             return Response(self.body, self.status, headers=headers, media_type="application/json")
         return error(self.status, "injected fault", headers)
