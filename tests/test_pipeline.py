@@ -236,6 +236,27 @@ async def test_429_pauses_the_key_and_loses_nothing(
     assert sends[1].at - t0 >= 45
 
 
+@pytest.mark.parametrize("retry_after", ["inf", "1e12", "Fri, 31 Dec 9999 23:59:59 GMT"])
+async def test_a_429s_retry_after_without_end_is_obeyed_for_an_hour_at_most(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, retry_after
+) -> None:
+    """A gateway's "Retry-After: inf" (or a date years ahead) on a 429 paused every
+    request of the key for good: nothing sent again, no final state. Obeyed up to an
+    hour, then the provider is asked again."""
+    sandbox_state.faults.append(Fault(status=429, path="/send", retry_after=retry_after))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+
+        async def sent() -> bool:
+            return (await bridge.store.get(message_id)).state in (State.SENT, State.DELIVERED)
+
+        await pump(bridge, clock, sent, max_seconds=3700, step_cap=60)
+    sends = [r for r in sandbox_state.requests if r.path.endswith("/send")]
+    assert sends[0].status == 429 and sends[-1].status == 200
+    assert sends[-1].at - sends[0].at <= 3600 + 60
+
+
 @on_each_backend
 async def test_rate_window_survives_a_restart(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str

@@ -112,6 +112,9 @@ async def test_429_with_retry_after_seconds_and_http_date(
 def test_parse_retry_after() -> None:
     assert parse_retry_after("7", 0) == 7
     assert parse_retry_after("garbage", 0) is None
+    assert parse_retry_after("nan", 0) is None
+    assert parse_retry_after("inf", 0) == parse_retry_after("1e12", 0) == 3600
+    assert parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", 0) == 3600
     assert parse_retry_after(None, 0) is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 1445412480 - 30) == 30
 

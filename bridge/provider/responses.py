@@ -100,22 +100,31 @@ OUTCOMES: dict[type[ProviderError], str] = {
 }
 
 
+# The longest Retry-After obeyed. A 429's pauses every request of the key and a 5xx's
+# holds the message: "inf" or a date years ahead (a broken gateway, a typo) would stop
+# sending for good and leave the message in no final state. Longer is asked again then.
+MAX_RETRY_AFTER = 3600.0
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
-    """`Retry-After` as delta-seconds or an HTTP-date, in seconds from `now`."""
+    """`Retry-After` as delta-seconds or an HTTP-date, in seconds from `now`, at most
+    `MAX_RETRY_AFTER`; None when it is neither (or not a number: "nan")."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - now
+    if math.isnan(seconds):
         return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - now)
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
 
 
 def _hidden(text: str, key: str) -> str:
