@@ -10,6 +10,7 @@ a 404 from /logs is not an auth failure; `success: false` is read for transient 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
@@ -306,6 +307,52 @@ async def test_a_provider_down_behind_its_gateway_loses_nothing(
     assert during.state == State.SENDING and "checking the provider's logs" in during.reason
     assert [e.to for e in sandbox_state.entries] == ["+12025550143"]
     assert len(sends(sandbox_state)) == 2  # one into the outage, one after it
+
+
+async def test_a_text_found_in_logs_before_a_page_fails_is_sent_and_not_resent(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two unknown outcomes: one the provider took (on /logs' first page), one it never
+    saw, and /logs' second page answering a gateway's 503 for good. What page 1 showed was
+    dropped at each failed read, so the text found there stayed `sending`, and once it
+    had waited `retry_max_age` it was resent with the one never seen: a second SMS of a
+    text the provider had sent. Found is found: it is sent at once, and only the text
+    /logs never showed is sent again."""
+    page = "<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>"
+    gateway = "<html><body><h1>502 Bad Gateway</h1></body></html>"
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        # 150 texts before them: /logs' newest page holds 100, so it has a second.
+        await post(url, {"to": [f"+1202{5000000 + i:07d}" for i in range(150)], "message": "x"})
+        await bridge.dispatcher.run_once()
+        sandbox_state.faults.extend(
+            [
+                Fault(status=502, body=gateway, path="/send", taken=True),
+                Fault(status=502, body=gateway, path="/send"),
+                Fault(status=503, body=page, path="/logs", query={"page": "2"}, times=10_000),
+            ]
+        )
+        [first] = (await post(url, {"to": "+12025550143", "message": "db down"})).json()["ids"]
+        [second] = (await post(url, {"to": "+12025550144", "message": "db up"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        assert len(sandbox_state.entries) == 151
+        # Which of the two the provider took depends on the order they went in.
+        [took] = [e for e in sandbox_state.entries if e.to in ("+12025550143", "+12025550144")]
+        taken, never = (first, second) if took.to == "+12025550143" else (second, first)
+
+        def went(message_id: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                state = (await bridge.store.get(message_id)).state  # type: ignore[union-attr]
+                return state in (State.SENT, State.DELIVERED)
+
+            return check
+
+        await pump(bridge, clock, went(taken), max_seconds=120)
+        await pump(bridge, clock, went(never), max_seconds=7200)
+        message = await bridge.store.get(taken)
+    to = sorted(e.to for e in sandbox_state.entries if e.to in ("+12025550143", "+12025550144"))
+    assert to == ["+12025550143", "+12025550144"]  # each sent once
+    assert message.provider_message_id == str(took.message_id)
 
 
 @pytest.mark.usefixtures("backend")

@@ -119,12 +119,17 @@ class Reconciler:
                 if exc.status == 404 and self._logs_failures >= LOGS_TRIES:
                     log.error("/logs answered 404 %d times: outcomes stay unknown", LOGS_TRIES)
                     break
+                # What the pages read showed is settled now (dropped, it stayed `sending`
+                # and was resent once overdue: a second SMS of a text the provider had).
+                if found:
+                    await self.outcomes.record_sent(found)
                 # Only what has waited for /logs as long as a retry may last is decided
                 # without it; the rest waits for /logs to answer.
                 patience = self.config.retry_max_age
-                overdue = [m for m in ready if (m.claimed_at or now) + patience <= now]
+                missing = matcher.remaining()
+                overdue = [m for m in missing if (m.claimed_at or now) + patience <= now]
                 self.logs_retry_at = now + self.outcomes.backoff(self._logs_failures + 1)
-                log.warning("cannot read /logs to reconcile %d messages: %s", len(ready), exc)
+                log.warning("cannot read /logs to reconcile %d messages: %s", len(missing), exc)
                 if overdue:
                     log.error(
                         "/logs unreadable for %.0fs (%s): outcomes stay unknown", patience, exc

@@ -39,7 +39,7 @@ def create_sandbox_app(state: SandboxState) -> Starlette:
             state.clock.now(), request.method, request.url.path, 500, auth_scheme(request)
         )
         state.requests.append(record)
-        fault = take_fault(state.faults, request.url.path)
+        fault = take_fault(state.faults, request.url.path, request.query_params)
         if fault is not None and fault.stalls_after_taking:
             # Taken and logged first, then the answer stalls: the client's read timeout
             # fires on a request the provider has acted on (an unknown outcome).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,8 @@ class Fault:
     status: int = 500
     times: int = 1
     path: str | None = None  # None: any API path
+    # Only requests whose query has these values (/logs' page 2, say); None: any.
+    query: dict[str, str] | None = None
     body: str | None = None  # raw body; None: the usual JSON error
     retry_after: str | None = None
     # More headers on the answer (a gateway's `Content-Encoding: gzip` over a body that
@@ -68,10 +71,14 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"success": False, "message": message}, status, headers=headers)
 
 
-def take_fault(faults: deque[Fault], path: str) -> Fault | None:
-    """The first queued fault for `path`, used up once (dropped when spent)."""
+def take_fault(
+    faults: deque[Fault], path: str, query: Mapping[str, str] | None = None
+) -> Fault | None:
+    """The first queued fault for `path` (and `query`), used up once (dropped when spent)."""
     for fault in faults:
-        if fault.path is None or path.endswith(fault.path):
+        if (fault.path is None or path.endswith(fault.path)) and all(
+            (query or {}).get(k) == v for k, v in (fault.query or {}).items()
+        ):
             fault.times -= 1
             if fault.times <= 0:
                 faults.remove(fault)
