@@ -18,6 +18,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
+from bridge.service import Bridge
 from tests.helpers import bridge_config, pump, pump_until_state, running_bridge
 
 ADMIN = '[budget]\nadmin = ["+12025550199"]\n'
@@ -26,6 +27,16 @@ ADMIN = '[budget]\nadmin = ["+12025550199"]\n'
 async def post(url: str, body: dict[str, object]) -> httpx.Response:
     async with httpx.AsyncClient() as http:
         return await http.post(f"{url}/api/v1/messages", json=body)
+
+
+def went(bridge: Bridge, message_id: int) -> Callable[[], Awaitable[bool]]:
+    """Whether the message reached the provider (`sent`, or already `delivered`)."""
+
+    async def check() -> bool:
+        message = await bridge.store.get(message_id)
+        return message is not None and message.state in (State.SENT, State.DELIVERED)
+
+    return check
 
 
 def sends(state: SandboxState) -> list[float]:
@@ -340,19 +351,44 @@ async def test_a_text_found_in_logs_before_a_page_fails_is_sent_and_not_resent(
         [took] = [e for e in sandbox_state.entries if e.to in ("+12025550143", "+12025550144")]
         taken, never = (first, second) if took.to == "+12025550143" else (second, first)
 
-        def went(message_id: int) -> Callable[[], Awaitable[bool]]:
-            async def check() -> bool:
-                state = (await bridge.store.get(message_id)).state  # type: ignore[union-attr]
-                return state in (State.SENT, State.DELIVERED)
-
-            return check
-
-        await pump(bridge, clock, went(taken), max_seconds=120)
-        await pump(bridge, clock, went(never), max_seconds=7200)
+        await pump(bridge, clock, went(bridge, taken), max_seconds=120)
+        await pump(bridge, clock, went(bridge, never), max_seconds=7200)
         message = await bridge.store.get(taken)
     to = sorted(e.to for e in sandbox_state.entries if e.to in ("+12025550143", "+12025550144"))
     assert to == ["+12025550143", "+12025550144"]  # each sent once
     assert message.provider_message_id == str(took.message_id)
+
+
+async def test_a_logs_down_for_long_never_stops_the_dispatcher(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Every failed /logs read doubled the next wait's exponent, and nothing reset the
+    count while /logs kept failing: past about 1024 reads `5.0 * 2 ** 1024` raised
+    OverflowError out of the dispatcher's step, which ended `serve`. (A /logs that
+    fails for good with an unknown outcome waiting: days at the default backoff, or a
+    `retry_max_age` of days.) The wait stays `backoff_max`, and the text is settled
+    once /logs answers."""
+    gateway = "<html><body><h1>502 Bad Gateway</h1></body></html>"
+    sandbox_state.faults.extend(
+        [
+            Fault(status=502, body=gateway, path="/send", taken=True),
+            Fault(status=503, body=gateway, path="/logs", times=100_000),
+        ]
+    )
+    config = bridge_config(
+        tmp_path, sandbox_url, retry_max_age="30d", backoff_initial="1s", backoff_max="1s"
+    )
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "db down"})).json()["ids"]
+
+        def reads() -> int:
+            return sum(r.path.endswith("/logs") for r in sandbox_state.requests)
+
+        await pump(bridge, clock, lambda: reads() > 1100, max_seconds=86400, step_cap=60)
+        assert (await bridge.store.get(message_id)).state == State.SENDING  # type: ignore[union-attr]
+        sandbox_state.faults.clear()
+        await pump(bridge, clock, went(bridge, message_id), max_seconds=60)
+    assert len(sends(sandbox_state)) == 1
 
 
 @pytest.mark.usefixtures("backend")

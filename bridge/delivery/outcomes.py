@@ -44,6 +44,7 @@ from bridge.provider.client import ProviderFailed, SendResult, TransientUnknownO
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
+MAX_DOUBLINGS = 64  # of the backoff: more only overflows a float
 
 
 class Outcomes:
@@ -240,7 +241,11 @@ class Outcomes:
             self.not_held(late, f"retrying: {exc}")
 
     def backoff(self, attempts: int) -> float:
-        base = min(self.config.backoff_max, self.config.backoff_initial * 2 ** max(0, attempts - 1))
+        # The exponent capped: past 1024 doublings the float overflowed (OverflowError out
+        # of the dispatcher's step, ending `serve`), and /logs failing for days counts
+        # that many reads. 2**64 is past any backoff_max already.
+        doublings = min(max(0, attempts - 1), MAX_DOUBLINGS)
+        base = min(self.config.backoff_max, self.config.backoff_initial * 2**doublings)
         return base * (0.5 + 0.5 * self.rng.random())
 
 
