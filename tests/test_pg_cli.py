@@ -132,3 +132,20 @@ def test_serves_log_names_the_server_and_masks_only_its_password(
     text = log.read_text()
     assert "pw-in-the-user-part" not in text and "pw-in-the-query" not in text
     assert f"store {shown}; " in text
+
+
+def test_a_url_of_several_hosts_is_named_not_a_traceback(tmp_path, postgres_empty_url: str) -> None:
+    """asyncpg (as libpq) takes several hosts, tried in turn: `user:pw@h1:1,h2:5432`.
+    Naming the store read `parts.port`, which raised ValueError on them: `migrate` and
+    `serve` ended in a traceback before connecting. The hosts are named as written."""
+    parts = urllib.parse.urlsplit(postgres_empty_url)
+    hosts = f"127.0.0.1:1,{parts.hostname}:{parts.port}"  # the first one refuses
+    url = urllib.parse.urlunsplit(
+        parts._replace(netloc=f"{parts.username}:pw-of-two-hosts@{hosts}")
+    )
+    migrated = run("migrate", cwd=tmp_path, env=env_for(url))
+    assert migrated.returncode == 0, migrated.stderr
+    assert "Traceback" not in migrated.stderr
+    assert "pw-of-two-hosts" not in migrated.stdout + migrated.stderr
+    shown = urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{hosts}"))
+    assert migrated.stdout.splitlines()[-1] == f"store {shown}: schema up to date"

@@ -18,9 +18,10 @@ def display_url(url: str) -> str:
     to find the server."""
     parts = urllib.parse.urlsplit(url)
     if parts.password is not None:
-        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-        netloc += f":{parts.port}" if parts.port else ""
-        parts = parts._replace(netloc=netloc)
+        # The hosts kept as written: `parts.port` raised ValueError on the several hosts
+        # asyncpg and libpq take (`h1:5432,h2:5433`), a traceback out of `serve`.
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hosts}")
     query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     if any(key.lower() in URL_PASSWORD_PARAMETERS for key, _ in query):
         shown = [(k, "***" if k.lower() in URL_PASSWORD_PARAMETERS else v) for k, v in query]
