@@ -648,6 +648,31 @@ async def test_the_shared_machine_is_named_before_the_alerts_max_alerts_cut(
     assert text == "[FIRING:4] DiskFull /dev/sda1, /dev/sdb1 on db-1 +2"
 
 
+async def test_disks_scraped_by_kube_prometheus_name_the_node_not_the_exporter(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """kube-prometheus' node_exporter series carry the scrape's own `container` and `pod`
+    (the exporter's: kube-rbac-proxy, node-exporter-x7k2p) beside `instance` (the node).
+    Two full disks of worker-1 read "/dev/sda1, /dev/sdb1 on kube-rbac-proxy": a disk's
+    place is its machine, not a container or pod."""
+    common = {
+        "alertname": "NodeFilesystemAlmostOutOfSpace",
+        "container": "kube-rbac-proxy",
+        "endpoint": "https",
+        "instance": "worker-1",
+        "job": "node-exporter",
+        "namespace": "monitoring",
+        "pod": "node-exporter-x7k2p",
+        "service": "node-exporter",
+    }
+    alerts = [dict(common, device=name) for name in ("/dev/sda1", "/dev/sdb1")]
+    text = await _alert_group_text(alerts, common, tmp_path, clock, sandbox_url)
+    assert text == (
+        "[FIRING:2] NodeFilesystemAlmostOutOfSpace /dev/sda1, /dev/sdb1 on worker-1:"
+        " CPU core too hot"
+    )
+
+
 async def test_containers_of_one_pod_name_the_pod_not_the_exporter(
     tmp_path, clock, sandbox_url
 ) -> None:

@@ -34,6 +34,8 @@ INSTANCE_LABELS = (
 )
 # Instance-like labels that name a part of a machine, not the machine.
 PART_LABELS = frozenset(("container", "device"))
+# Places that are no machine: what holds a container, never a disk.
+NOT_MACHINE_LABELS = frozenset(("pod",))
 # Labels that never say where: how bad, how it is filed, Grafana's internals.
 NOT_INSTANCE_LABELS = frozenset(("alertname", "severity", "priority", "grafana_folder", "team"))
 # Flag-like values ("debug=true") say nothing about where either.
@@ -125,7 +127,12 @@ def _container_of(keys: set[str], common: dict[str, Any]) -> str | None:
     if not keys or not keys <= PART_LABELS:
         return None
     top = min(INSTANCE_LABELS.index(key) for key in keys)
-    for key in reversed(INSTANCE_LABELS[:top]):
+    # A disk's place is its machine: the `container` and `pod` it shares are the
+    # scrape's own (kube-prometheus' node_exporter: kube-rbac-proxy), not where it is.
+    above = [k for k in INSTANCE_LABELS[:top] if k not in PART_LABELS]
+    if "device" in keys:
+        above = [k for k in above if k not in NOT_MACHINE_LABELS]
+    for key in reversed(above):
         if common.get(key):
             return _host(common[key])
     return None
