@@ -103,6 +103,20 @@ def test_a_server_that_is_down_is_named_without_its_password(tmp_path) -> None:
         assert "Traceback" not in result.stderr
 
 
+def test_a_password_with_a_raw_slash_is_never_shown(tmp_path) -> None:
+    """`bridge:hunter/2@...`: the "/" ends the user part for every URL reader, so no
+    password can be told from the rest: the terminal showed it (':***@bridge:hunter',
+    and the driver's "invalid literal for int(): 'hunter'", taking it for a port). The
+    config is refused, saying how to write it, without quoting it."""
+    url = "postgresql://bridge:hunter/2@127.0.0.1:1/bridge"
+    for command in ("serve", "migrate", "check-config"):
+        result = run(command, cwd=tmp_path, env=env_for(url))
+        assert result.returncode != 0, command
+        assert "hunter" not in result.stderr + result.stdout, command
+        assert "store.url" in result.stderr and "%2F" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("password", [False, True])
 def test_serves_log_names_the_server_and_masks_only_its_password(
     tmp_path, postgres_url: str, password: bool

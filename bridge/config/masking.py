@@ -77,6 +77,10 @@ def url_passwords(url: str) -> list[str]:
         query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:  # not a URL after all (validate says so): all of it is the secret
         return [url]
+    if "@" in url.partition("//")[2] and "@" not in parts.netloc:
+        # A user part cut short by a raw "/", "?" or "#" in the password
+        # (`bridge:hunter/2@db-1`): which part is the password is a guess, so all of it.
+        return [url]
     written += [
         value
         for raw in parts.query.split("&")

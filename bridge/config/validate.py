@@ -16,6 +16,7 @@ from pathlib import Path
 import phonenumbers
 
 from bridge.config.exposure import validate_protected
+from bridge.config.masking import url_passwords
 from bridge.config.parsing import parse_listen
 from bridge.config.recipients import Recipients
 from bridge.config.sections import (
@@ -99,6 +100,13 @@ def _validate_sections(config: Config, problem: Problem) -> None:
         problem("smtp.domains", "at least one domain is needed while SMTP is on")
     if config.store.url and not re.match(r"^postgres(ql)?://\S*$", config.store.url):
         problem("store.url", "must be a postgresql:// URL, or empty for SQLite at store.path")
+    elif config.store.url and url_passwords(config.store.url) == [config.store.url]:
+        # Read by the driver, "bridge:hunter" became a host and port, and its error
+        # quoted the password; which part is the password no reader can tell.
+        problem(
+            "store.url",
+            'a "/", "?", "#" or "@" in the password must be written %2F, %3F, %23, %40',
+        )
     if not 5 <= config.cluster.lease <= 3600:
         # Shorter than a send's timeout would hand live sends to another instance.
         problem("cluster.lease", "must be between 5s and 1h")

@@ -1,5 +1,5 @@
 """How a store is named in messages and logs: a PostgreSQL URL with its password hidden
-(the URL is a secret as a whole in the config; this is the part worth showing), or the
+(the URL is a secret for its passwords: `bridge.config.masking.url_passwords`), or the
 SQLite file."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from bridge.config.masking import URL_PASSWORD_PARAMETERS
+from bridge.config.masking import URL_PASSWORD_PARAMETERS, url_passwords
 
 if TYPE_CHECKING:
     from bridge.config import StoreConfig
@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 def display_url(url: str) -> str:
     """`url` with the password replaced, in its user part or its query, the rest kept
-    to find the server."""
+    to find the server; all of it where it cannot tell the password from the rest."""
+    if url_passwords(url) == [url]:  # a raw "/" in the password: `bridge:hunter/2@db-1`
+        return f"{url.partition('://')[0]}://***"
     parts = urllib.parse.urlsplit(url)
     if parts.password is not None:
         # The hosts kept as written: `parts.port` raised ValueError on the several hosts
