@@ -412,3 +412,31 @@ async def test_a_cost_that_is_no_price_is_stored_as_unknown(
             metrics = (await http.get(f"{url}/metrics")).text
     assert message.provider_message_id == "m-1" and message.cost is None
     assert "sms_bridge_cost_sent 0.0" in metrics
+
+
+@pytest.mark.parametrize("taken", [False, True])
+async def test_a_bulk_answer_naming_some_recipients_leaves_the_others_unknown(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, taken: bool
+) -> None:
+    """A /send-bulk answer with ids for some recipients and not the others (a provider
+    that took 8 of 10 and says which): those it did not name were recorded `sent`
+    without an id and, never found in /logs, stayed `sent` for good although no SMS went
+    (an alert lost under a state that says it went). They are an unknown outcome: found
+    in /logs if the provider took them after all (not sent again), sent again if not."""
+    first, second = "+12025550143", "+12025550144"
+    names_one = f'{{"success": true, "data": {{"messages": [{{"to": "{first}", "id": 900}}]}}}}'
+    sandbox_state.faults.append(Fault(status=200, body=names_one, path="/send-bulk", taken=taken))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        ids = (await post(url, {"to": [first, second], "message": "disk full"})).json()["ids"]
+
+        async def settled() -> bool:
+            message = await bridge.store.get(ids[1])
+            return message.state == State.DELIVERED
+
+        await pump(bridge, clock, settled, max_seconds=600)
+        named, unnamed = [await bridge.store.get(i) for i in ids]
+    assert named.provider_message_id == "900"
+    delivered_to_second = [e for e in sandbox_state.entries if e.to == second]
+    assert len(delivered_to_second) == 1  # taken: found in /logs; not taken: sent again
+    assert unnamed.provider_message_id == str(delivered_to_second[0].message_id)

@@ -77,8 +77,20 @@ class Outcomes:
     async def succeeded(self, batch: list[Message], result: SendResult) -> None:
         self.limiter.answered()
         self._inactive_strikes = 0
-        self.health.succeeded(self.clock.now())
-        await self.record_sent(_sent_rows(batch, result))
+        now = self.clock.now()
+        self.health.succeeded(now)
+        unnamed = _unnamed(batch, result)
+        unknown_ids = {m.id for m in unnamed}
+        await self.record_sent(_sent_rows([m for m in batch if m.id not in unknown_ids], result))
+        if unnamed:
+            # An answer naming recipients by id names those it took: the others may have
+            # been refused (or written so we cannot tell them). Recorded `sent` without an
+            # id, one never found in /logs stayed `sent` for good, no SMS gone.
+            ids = sorted(unknown_ids)
+            log.warning("provider's answer named no id for %s: checking /logs", ids)
+            unknown = "outcome unknown: the provider's answer named the others, not this one"
+            late = await self.store.note_unknown(ids, now, unknown, "unknown", owner=self.owner)
+            self.not_held(late, unknown)
         await self._check_balance(result.balance)
 
     async def record_sent(self, rows: list[tuple[int, str | None, float | None]]) -> None:
@@ -247,6 +259,13 @@ class Outcomes:
         doublings = min(max(0, attempts - 1), MAX_DOUBLINGS)
         base = min(self.config.backoff_max, self.config.backoff_initial * 2**doublings)
         return base * (0.5 + 0.5 * self.rng.random())
+
+
+def _unnamed(batch: list[Message], result: SendResult) -> list[Message]:
+    """The messages of a call whose answer gave recipients' ids but none of theirs."""
+    if not result.message_ids:  # no ids at all (a batch id, a count): all taken alike
+        return []
+    return [m for m in batch if m.recipient not in result.message_ids]
 
 
 def _sent_rows(
