@@ -320,6 +320,7 @@ SANDBOX_VARIANTS = (
     "batch-only",
     "count-only",
     "local-time",
+    "epoch-time",
     "created-201",
     "strict",
     "stand-in",

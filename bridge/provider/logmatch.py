@@ -18,6 +18,8 @@ _NOT_DIGITS = re.compile(r"\D")
 SUFFIX_DIGITS = 7  # a national number keeps at least this many of the E.164 digits
 MIN_TRUNCATED = 20  # a cut text must keep this much (or all of ours) to count as ours
 _ELLIPSES = ("...", "…")
+# Epoch seconds or milliseconds as digits: nine or more (eight would be a `Ymd` date).
+_EPOCH = re.compile(r"[0-9]{9,}(\.[0-9]+)?")
 _STAMP_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%d/%m/%Y %H:%M:%S")
 
 
@@ -61,9 +63,13 @@ def provider_time(value: object, tz: tzinfo) -> float | None:
     a naive `Y-m-d H:i:s` read in the provider's zone `tz`."""
     if value is None or isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return float(value) / (1000 if value > 1e11 else 1)  # milliseconds, if that large
     text = str(value).strip()
+    if isinstance(value, int | float) or _EPOCH.fullmatch(text):
+        # A number, or one written as text (the entries' fields are read as text):
+        # "1800000000" is no date any format reads, and unread it let an older entry
+        # pass for the send being reconciled.
+        seconds = float(text)
+        return seconds / (1000 if seconds > 1e11 else 1)  # milliseconds, if that large
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

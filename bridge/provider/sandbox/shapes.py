@@ -25,6 +25,7 @@ class Shape:
     send_answer: str = "id"  # id | no-id (success and cost, no message id)
     bulk_answer: str = "ids"  # ids | batch (a batch id only) | count (a count and cost)
     timezone: str = "UTC"  # the zone of its timestamps and of schedule_time
+    times: str = "text"  # text (`Y-m-d H:i:s` in its zone) | epoch (seconds, a number) in /logs
     created_status: int = 200  # 200 | 201 for an accepted send
     strict: bool = False  # refuse past/unpadded schedule_time, `to` without +, unknown
     # fields, and a send the balance does not cover
@@ -41,6 +42,7 @@ VARIANTS: dict[str, Shape] = {
     "batch-only": Shape(bulk_answer="batch", send_answer="no-id"),
     "count-only": Shape(bulk_answer="count", send_answer="no-id"),
     "local-time": Shape(timezone="Asia/Beirut"),
+    "epoch-time": Shape(times="epoch"),
     "created-201": Shape(created_status=201),
     "strict": Shape(strict=True),
     # The stand-in of issue 17: count-only answers, other keys, numbers without +.

@@ -145,7 +145,11 @@ class SandboxState:
         return to.lstrip("+") if self.shape.numbers == "plain" else to
 
     def to_log(self, entry: SentEntry) -> dict[str, Any]:
-        when = stamp(entry.created_at, self.shape.zone)
+        when: object = (
+            int(entry.created_at)
+            if self.shape.times == "epoch"
+            else stamp(entry.created_at, self.shape.zone)
+        )
         if self.shape.log_keys == "other":
             return {
                 "id": entry.message_id,
