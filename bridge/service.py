@@ -242,7 +242,11 @@ class Bridge:
                     started.set()
                 await self.stop.wait()
                 for smtp_server in smtp_servers:
-                    smtp_server.close()  # no new SMTP connections; sessions finish on their own
+                    smtp_server.close()  # no new SMTP connections
+                if smtp_servers:  # the sessions: a mail in transfer is answered, then 421
+                    tasks.create_task(
+                        self.smtp_handler.sessions.shut_down(SHUTDOWN_GRACE), name="smtp-drain"
+                    )
                 if server is not None:
                     server.should_exit = True
         finally:
