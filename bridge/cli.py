@@ -148,19 +148,24 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "sandbox":
             return _run_sandbox(args)
         config = _load(args)
-        if args.command == "check-config":
+        warnings: list[tuple[str, str]] = []
+        if args.command in ("check-config", "serve"):
+            # serve refuses what check-config refuses (a reload too: Bridge.reload).
             from bridge.ingress.formats import template_problems
             from bridge.templates import render
 
-            warnings: list[tuple[str, str]] = []
             if problems := template_problems(config.routes, render, warnings):
                 raise ConfigError(problems)
+        if args.command == "check-config":
             for key, why in warnings:
                 print(f"warning: {key}: {why}", file=sys.stderr)
     except ConfigError as exc:
         _print_problems(exc)
         return 1
     setup_logging(config.log.level, config.log.format, secret_values(config))
+    if args.command == "serve":
+        for key, why in warnings:
+            log.warning("%s: %s", key, why)
     if args.command in ("check-config", "serve"):
         exposed = exposed_secrets(config, _config_path(args), os.environ)
     else:

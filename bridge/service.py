@@ -47,6 +47,7 @@ from bridge.delivery.digests import DigestWorker
 from bridge.delivery.dispatcher import Dispatcher
 from bridge.delivery.poller import StatusPoller
 from bridge.errors import ConfigError, InputError
+from bridge.ingress.formats import template_problems
 from bridge.ingress.http.limits import limited_protocol
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.smtp import SmtpHandler, start_smtp
@@ -56,6 +57,7 @@ from bridge.policy.budgets import BudgetGuard
 from bridge.policy.decide import Rules
 from bridge.policy.shaping import Shaper
 from bridge.store import Store
+from bridge.templates import render
 
 if TYPE_CHECKING:  # the sandbox itself is imported only when configured
     from bridge.provider.sandbox import SandboxState
@@ -141,6 +143,10 @@ class Bridge:
         refused = protection_problems(new)
         if refused:  # judged on what would run: the running provider and listeners
             raise ConfigError(refused)
+        # What check-config and serve refuse: a route template that fails on its format.
+        template_warnings: list[tuple[str, str]] = []
+        if refused := template_problems(new.routes, render, template_warnings):
+            raise ConfigError(refused)
         recipients = Recipients.from_config(new)
         try:  # first: the one part that can refuse, before anything else has changed
             self.budget.reload(
@@ -149,6 +155,7 @@ class Bridge:
         except InputError as exc:
             raise ConfigError([(exc.field, exc.message)]) from exc
         warnings = [f"{key} changed but needs a restart" for key in waiting]
+        warnings += [f"{key}: {why}" for key, why in template_warnings]
         warnings += self.smtp_handler.reload(smtp=new.smtp, recipients=recipients)
         new = dataclasses.replace(new, smtp=self.smtp_handler.smtp)  # TLS files that stayed
         self.shaper.reload(new.limits)
@@ -242,7 +249,11 @@ class Bridge:
                     started.set()
                 await self.stop.wait()
                 for smtp_server in smtp_servers:
-                    smtp_server.close()  # no new SMTP connections; sessions finish on their own
+                    smtp_server.close()  # no new SMTP connections
+                if smtp_servers:  # the sessions: a mail in transfer is answered, then 421
+                    tasks.create_task(
+                        self.smtp_handler.sessions.shut_down(SHUTDOWN_GRACE), name="smtp-drain"
+                    )
                 if server is not None:
                     server.should_exit = True
         finally:

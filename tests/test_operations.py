@@ -471,3 +471,60 @@ def test_a_line_break_sent_in_a_mail_header_cannot_forge_a_log_line(tmp_path) ->
     [line] = [line for line in log.read_text().splitlines() if "stored as suppressed" in line]
     assert line.endswith(f"auto-replied\\r\\n{forged.lower()})): 1")
     assert not any(line.startswith(forged.split(",")[0]) for line in log.read_text().splitlines())
+
+
+BROKEN_TEMPLATE = "{{ alerts[0].labels.nope.deeper }}"  # fails on any alert without `nope`
+
+
+def test_serve_and_sighup_refuse_a_template_check_config_refuses(tmp_path) -> None:
+    """`check-config` renders each route's template against its format's sample and
+    compiles every mail template; `serve` and a reload checked neither: they ran what
+    check-config exits 1 on (each such alert then texted the format's default text), and
+    a mail template that does not even compile passed all three."""
+    path, log, db = tmp_path / "bridge.toml", tmp_path / "serve.log", str(tmp_path / "b.db")
+    good = '[routes.am]\nformat = "alertmanager"\nto = ["oncall"]\n'
+    bad_route = good + f'template = "{BROKEN_TEMPLATE}"\n'
+    mail = '[smtp]\ncompose = "template"\ntemplate = "{{ subject "\n'
+    bad_mail = _config(db, good).replace("[smtp]\n", mail)
+    rule = '[[smtp.rules]]\nsender = ["ups@*"]\ncompose = "template"\ntemplate = "{% if %}"\n'
+    for text, key in (
+        (_config(db, bad_route), "routes.am.template"),
+        (bad_mail, "smtp.template"),
+        (_config(db, good + rule), "smtp.rules: [0].template"),  # as rules are named
+    ):
+        (tmp_path / "check.toml").write_text(text)
+        checked = subprocess.run(
+            [sys.executable, "-m", "bridge", "check-config", str(tmp_path / "check.toml")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_env(),
+            cwd=tmp_path,
+        )
+        assert checked.returncode == 1 and f"  {key}: " in checked.stderr, checked.stderr
+    path.write_text(_config(db, bad_route))
+    refused = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=20,  # it ran on, until killed here
+        env=clean_env(),
+        cwd=tmp_path,
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert "  routes.am.template: fails on a sample alertmanager payload" in refused.stderr
+    assert "HTTP listening" not in refused.stderr and "Traceback" not in refused.stderr
+
+    path.write_text(_config(db, good))
+    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
+        url = proc.url()
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+        for text in (_config(db, bad_route), bad_mail):
+            before = log.read_text().count("reload refused")
+            path.write_text(text)
+            proc.send_signal(signal.SIGHUP)
+            wait_for(lambda b=before: log.read_text().count("reload refused") > b)
+        assert "configuration reloaded" not in log.read_text()
+        assert "routes.am.template" in log.read_text() and "smtp.template" in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0

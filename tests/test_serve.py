@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -219,3 +220,55 @@ def test_serve_and_sighup_read_the_files_beside_the_config_not_the_cwd(tmp_path)
         assert "needs a restart" not in proc.output()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+
+
+def _smtp_reply(stream) -> str:
+    """One whole SMTP reply (its last line) read from a socket file; "" at EOF."""
+    while True:
+        line = stream.readline().decode()
+        if line[3:4] != "-":
+            return line.rstrip()
+
+
+def test_sigterm_lets_a_mail_in_transfer_finish_and_tells_idle_sessions(tmp_path) -> None:
+    """A SIGTERM while a mail is being sent: that mail is answered (250, stored) before
+    the process ends, and a session between mails is told 421, not cut. Cut mid-DATA,
+    the client got no answer at all (the listener's sessions were dropped when the
+    process ended), so a device that does not retry lost the alert."""
+    env = clean_env(SMS_BRIDGE_HTTP_LISTEN=ANY_PORT, SMS_BRIDGE_SMTP_LISTEN=ANY_PORT)
+    with (
+        process(["serve"], tmp_path, env, tmp_path / "serve.log") as proc,
+        contextlib.ExitStack() as sockets,
+    ):
+        host, port = proc.address("SMTP").rsplit(":", 1)
+        connect = (socket.create_connection((host, int(port)), timeout=10) for _ in range(2))
+        busy, idle = (sockets.enter_context(s).makefile("rwb") for s in connect)
+        for stream in (busy, idle):
+            assert _smtp_reply(stream).startswith("220")
+            stream.write(b"EHLO client.example\r\n")
+            stream.flush()
+            assert _smtp_reply(stream).startswith("250")
+        for command in (b"MAIL FROM:<ups@example.org>", b"RCPT TO:<12025550143@sms.localhost>"):
+            busy.write(command + b"\r\n")
+            busy.flush()
+            assert _smtp_reply(busy).startswith("250")
+        busy.write(b"DATA\r\n")
+        busy.flush()
+        assert _smtp_reply(busy).startswith("354")
+        busy.write(b"Subject: UPS on battery\r\n\r\nRuntime 12 min\r\n")
+        busy.flush()
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        # The idle session hears why it ends (a 4xx: the client tries again later).
+        assert _smtp_reply(idle).startswith("421 4.3.2")
+        time.sleep(0.3)  # well within the grace, but after the signal took effect
+        busy.write(b".\r\n")
+        busy.flush()
+        answer = _smtp_reply(busy)
+        assert answer.startswith("250 2.0.0 OK: stored as message 1"), answer
+        assert _smtp_reply(busy).startswith("421 4.3.2")  # then the session ends
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - signalled < 5  # nothing left to wait for: no grace
+    with sqlite3.connect(tmp_path / "sms-bridge.db") as db:
+        rows = db.execute("SELECT recipient, text FROM messages").fetchall()
+    assert rows == [("+12025550143", "UPS on battery\nRuntime 12 min")]

@@ -178,4 +178,14 @@ def _mail_rule(index: int, table: object) -> MailRule:
         raise ValueError(f"{where}.compose: must be {', '.join(COMPOSE_MODES)}")
     if rule.compose == "template" and not rule.template:
         raise ValueError(f'{where}.template: required when compose = "template"')
+    if rule.template and (why := template_problem(rule.template)):
+        raise ValueError(f"{where}.template: {why}")
     return rule
+
+
+def template_problem(source: str) -> str | None:
+    """Why a mail template does not compile, else None. Imported here: Jinja2 is loaded
+    only by a config that has a template."""
+    from bridge.templates import check_template
+
+    return check_template(source)

@@ -17,7 +17,7 @@ import phonenumbers
 
 from bridge.config.exposure import validate_protected
 from bridge.config.masking import url_passwords
-from bridge.config.parsing import parse_listen
+from bridge.config.parsing import parse_listen, template_problem
 from bridge.config.recipients import Recipients
 from bridge.config.sections import (
     MAKE_SECRET,
@@ -75,6 +75,8 @@ def _validate_sections(config: Config, problem: Problem) -> None:
         problem("smtp.compose", "must be subject, body, subject_body or template")
     if smtp.compose == "template" and not smtp.template:
         problem("smtp.template", 'required when smtp.compose = "template"')
+    if smtp.template and (why := template_problem(smtp.template)):
+        problem("smtp.template", why)  # each mail would fall back to subject and body
     if smtp.sender_id and not valid_sender_id(smtp.sender_id):
         problem("smtp.sender_id", SENDER_ID_RULE)
     for region_key, region in [

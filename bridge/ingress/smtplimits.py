@@ -10,6 +10,8 @@
 - A time limit on the whole session (`smtp.max_session_time`): progress just before
   each idle timeout, up to the command and mail budgets, kept one ~1,000 idle timeouts.
   Both timers run on the event loop's clock, as aiosmtpd's own timer does.
+- Shutdown (`Sessions.shut_down`): a session between mails is told 421 at once; one
+  in a mail is answered for it first, then told 421; past the grace, whatever is left.
 - DATA lines (`smtp.max_lines`) and event-loop time: aiosmtpd reads DATA a line at a
   time, and a line already buffered costs an `await` that never yields, so a mail of
   1 MB in 3-byte lines held the loop ~1 s (20 at once stalled /healthz 6.5 s). DATA is
@@ -45,9 +47,14 @@ class Sessions:
         self._limits = limits
         self.total = 0
         self.per_client: collections.Counter[str] = collections.Counter()
+        self.open: set[LimitedSMTP] = set()  # admitted and not yet lost: shut_down ends them
+        self.closing = False
+        self._none_open = asyncio.Event()
 
     def admit(self, client: str) -> str | None:
         """Count the session in, or say why not."""
+        if self.closing:
+            return "the bridge is shutting down"
         smtp = self._limits()
         if self.total >= smtp.max_sessions:
             return f"too many SMTP sessions (at most {smtp.max_sessions})"
@@ -62,6 +69,31 @@ class Sessions:
         self.per_client[client] -= 1
         if self.per_client[client] <= 0:
             del self.per_client[client]
+
+    def lost(self, session: LimitedSMTP) -> None:
+        self.open.discard(session)
+        if not self.open:
+            self._none_open.set()
+
+    async def shut_down(self, grace: float) -> None:
+        """End every session (the listeners are closed already): 421 to each between
+        mails now, to each in a mail once that mail is answered; after `grace`, 421 to
+        whatever is left. Until this returns the store stays open: a mail in transfer
+        when SIGTERM came is stored and answered 250, not cut without an answer (a relay
+        retries that, perhaps much later; a UPS or a NAS may never send it again)."""
+        self.closing = True
+        reply = "421 4.3.2 {host} Service shutting down; try again later"
+        for session in list(self.open):
+            session.end_after_mail(reply)
+        if not self.open:
+            return
+        self._none_open.clear()
+        try:
+            await asyncio.wait_for(self._none_open.wait(), grace)
+        except TimeoutError:
+            log.warning("SMTP: %d sessions still open after %gs: closed", len(self.open), grace)
+            for session in list(self.open):
+                session.end_now(reply)
 
 
 class DataLines:
@@ -164,7 +196,7 @@ class LimitedSMTP(SMTP):
         self.session_time = session_time  # seconds from connect (config: above 0; 0 here: none)
         self._session_timer: asyncio.TimerHandle | None = None
         self._in_data = False  # a mail being read, parsed or stored
-        self._time_up = False
+        self._ending: str | None = None  # the 421 to send once no mail is in transfer
         self._encrypted_from_start = encrypted_from_start
         self._sessions = sessions
         self._client: str | None = None  # counted in `sessions` while set
@@ -184,6 +216,7 @@ class LimitedSMTP(SMTP):
                 transport.close()
                 return
             self._client = client
+            self._sessions.open.add(self)
         super().connection_made(transport)
         if connecting and self.session_time:
             self._session_timer = self.loop.call_later(self.session_time, self._time_is_up)
@@ -199,6 +232,7 @@ class LimitedSMTP(SMTP):
             self._session_timer.cancel()
         if self._client is not None and self._sessions is not None:
             self._sessions.release(self._client)
+            self._sessions.lost(self)
             self._client = None
         super().connection_lost(error)
 
@@ -209,23 +243,33 @@ class LimitedSMTP(SMTP):
         """`session_time` has passed: the session ends now, unless a mail is being read or
         stored. That one is answered first (its transfer is bounded by the idle timer):
         cut, the client would send it again, perhaps stored already."""
-        self._time_up = True
-        if not self._in_data:
-            self._end_session()
-
-    def _end_session(self) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
         log.warning(
             "SMTP session from %s closed: longer than %gs (smtp.max_session_time)",
             self._client,
             self.session_time,
         )
-        reply = (
-            f"421 4.4.2 {self.hostname} Session time limit reached "
-            f"({self.session_time:g}s, smtp.max_session_time); closing connection\r\n"
+        self.end_after_mail(
+            f"421 4.4.2 {{host}} Session time limit reached "
+            f"({self.session_time:g}s, smtp.max_session_time); closing connection",
+            from_mail=False,  # MAIL then RCPTs for ever must not hold it past the limit
         )
-        self.transport.write(reply.encode())  # type: ignore[attr-defined]
+
+    def end_after_mail(self, reply: str, *, from_mail: bool = True) -> None:
+        """Send `reply` (a 421; `{host}` is this server's name) and close: now, or once
+        the mail in transfer (DATA being read or stored; with `from_mail`, from MAIL on:
+        the caller bounds the wait) is answered."""
+        if self._ending is None:
+            self._ending = reply
+        envelope = getattr(self, "envelope", None)
+        in_mail = self._in_data or (from_mail and getattr(envelope, "mail_from", None) is not None)
+        if not in_mail:
+            self.end_now(self._ending)
+
+    def end_now(self, reply: str) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        line = reply.replace("{host}", self.hostname)
+        self.transport.write(f"{line}\r\n".encode())  # type: ignore[attr-defined]
         self.transport.close()
 
     @syntax("DATA")  # as aiosmtpd's own: HELP reads it from the method
@@ -239,8 +283,8 @@ class LimitedSMTP(SMTP):
         finally:
             self._reader = reader
             self._in_data = False
-            if self._time_up:  # after the mail's answer, which the client has now
-                self._end_session()
+            if self._ending is not None:  # after the mail's answer, which the client has now
+                self.end_now(self._ending)
 
     @property
     def data_refusal(self) -> str | None:
