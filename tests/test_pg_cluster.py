@@ -106,6 +106,24 @@ async def test_claims_from_three_instances_never_share_a_message(
     assert sorted(claimed) == ids
 
 
+async def test_a_retry_put_off_by_another_instance_is_not_claimed_before_its_time(
+    instances: list[PostgresStore],
+) -> None:
+    """a read the queue; before it claimed, b claimed the same message, met a transient
+    error and put it back for later (its backoff, a provider's Retry-After). a's claim
+    of what it read sent it again at once, the backoff gone: the claim takes a message
+    only when it is due."""
+    a, b, _ = instances
+    [mid] = await seed(a, [MESSAGE], 1.0)
+    planned = [m.id for m in await a.due(2.0, 10)]
+    assert planned == [mid]
+    assert await b.claim([mid], 2.0, owner="b", lease_until=32.0) == [mid]
+    assert await b.requeue([mid], 2.5, owner="b", at=62.0, reason="retrying: refused") == []
+    assert await a.claim(planned, 3.0, owner="a", lease_until=33.0) == []
+    assert (await a.get(mid)).state == State.QUEUED
+    assert await a.claim(planned, 62.0, owner="a", lease_until=92.0) == [mid]  # due now
+
+
 async def test_a_dead_instances_messages_are_taken_over_after_its_lease(
     instances: list[PostgresStore],
 ) -> None:

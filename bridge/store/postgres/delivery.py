@@ -2,7 +2,7 @@
 rate window every instance shares, `bridge.store.postgres.rate`), outcomes, reconcile
 lookups.
 
-A claim locks the rows it asks for that are still queued, skipping those another
+A claim locks the rows it asks for that are still queued and due, skipping those another
 instance is claiming at that moment (`FOR UPDATE SKIP LOCKED`: no instance waits for
 another), and moves them to `sending` in the same statement; a row claimed and
 committed by another is no longer queued. So a message is never claimed twice, and an
@@ -96,7 +96,9 @@ class DeliveryOps(Base):
                     " lease_until = $4, reason_kind = CASE WHEN reason_kind IN"
                     f" {RETRIED_KINDS} THEN NULL ELSE reason_kind END WHERE id IN (SELECT id"
                     " FROM messages WHERE id = ANY($1::bigint[]) AND state = 'queued'"
-                    " FOR UPDATE SKIP LOCKED) RETURNING id",
+                    # Due: the ids were read a moment ago, and meanwhile another instance
+                    # may have claimed one and put it back for later (a retry's backoff).
+                    " AND next_attempt_at <= $2 FOR UPDATE SKIP LOCKED) RETURNING id",
                     list(ids),
                     now,
                     owner,

@@ -145,6 +145,10 @@ class IngestOps(Base):
                         _settle([call], await self._ingest_group([call]))
                     except Exception as alone:
                         _settle([call], alone)
+        # Out of the count in the turn it leaves the loop, not at its done callback (a
+        # later turn): a call arriving in between must find room to start a transaction,
+        # or it waits, unanswered, for some later call to start one.
+        self._flushers.discard(asyncio.current_task())
 
     async def _ingest_group(self, group: list[_Call]) -> list[list[Stored]]:
         """The calls in one transaction; consecutive calls with one decider decided as
