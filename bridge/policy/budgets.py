@@ -2,7 +2,9 @@
 
 Days are UTC. A batch that would cross a cap is split: what fits goes, the rest waits
 for the next day (`budget.on_exceeded = "wait"`, nothing lost) or fails with the reason
-("fail"). The first time a cap bites in a day, and when the provider's balance falls
+("fail"). A text over a cap on its own (more parts than `parts_per_day`, or costing
+more than `cost_per_day`) fails either way, saying so: no day could hold it. The first
+time a cap bites in a day, and when the provider's balance falls
 below `budget.low_balance`, the admin recipients get one warning text; warnings are
 never held back by the caps they report.
 
@@ -49,6 +51,9 @@ class Cap:
 
     why: str
     warning: str = "cap"
+    # The message alone is over the cap: no day can hold it, so it fails whatever
+    # `on_exceeded` says (waiting would requeue it every midnight for ever).
+    never: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,8 +166,10 @@ class BudgetGuard:
             token_cap = self.token_caps.get(token)
             if token_cap is not None and token not in token_used:
                 token_used[token] = (await self._used(start, token=token))[0]
-            why: Cap | None = None
-            if token_cap is not None and token_used[token] + 1 > token_cap:
+            why: Cap | None = self._never_fits(m)
+            if why:
+                pass
+            elif token_cap is not None and token_used[token] + 1 > token_cap:
                 # First: a runaway token is told apart from the day's budget running out.
                 why = Cap(f"tokens.{token}.texts_per_day={token_cap}", f"token:{token}")
             elif self.config.texts_per_day and texts + 1 > self.config.texts_per_day:
@@ -188,6 +195,17 @@ class BudgetGuard:
                 token_used[token] += 1
         self.over_cap_total += len(over)
         return Verdict(allowed, over, caps)
+
+    def _never_fits(self, m: Message) -> Cap | None:
+        """The cap `m` is over on its own, on a day with nothing else sent."""
+        parts_cap = self.config.parts_per_day
+        if parts_cap and m.parts > parts_cap:
+            return Cap(f"parts_per_day={parts_cap}, it has {m.parts} parts", never=True)
+        cost_cap = self.config.cost_per_day
+        if cost_cap and (cost := self._cost(m.recipient, m.parts, m.estimated_cost)) > cost_cap:
+            currency = f" {self.prices.currency}" if self.prices.currency else ""
+            return Cap(f"cost_per_day={cost_cap:g}{currency}, it costs {cost:g}", never=True)
+        return None
 
     async def warn(self, kind: str, text: str) -> bool:
         """Queue one warning to the admins per kind and day; False if already sent today."""
