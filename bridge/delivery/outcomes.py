@@ -79,6 +79,8 @@ class Outcomes:
         self._inactive_strikes = 0
         self.health.succeeded(self.clock.now())
         await self.record_sent(_sent_rows(batch, result))
+        if self.budget is not None and result.cost is not None:
+            self.budget.prices.billed(result.cost, sum(m.parts for m in batch))
         await self._check_balance(result.balance)
 
     async def record_sent(self, rows: list[tuple[int, str | None, float | None]]) -> None:

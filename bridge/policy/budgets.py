@@ -17,7 +17,10 @@ The cost cap (`budget.cost_per_day`, in the provider's currency) counts what tod
 messages cost (the provider's figure, else the estimate made at ingest, else one made now)
 plus the estimate for the next one, from the price list the dispatcher fetches. A country
 the list does not price is counted at its highest price: a cap that guards against toll
-fraud must not let the unpriced destinations through for free.
+fraud must not let the unpriced destinations through for free. With no list at all (its
+path is undocumented; it may fail at start) the highest price is the most a part was
+billed; before any bill, one text goes alone and its bill prices the rest (a whole bulk
+call counted as free once spent the day's cap many times over).
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class Verdict:
     allowed: list[Message]
     over: list[Message]
     caps: list[Cap] = field(default_factory=list)  # the cap of each of `over`, in order
+    # Not decided yet: no price known, and one unpriced text already goes in this batch.
+    # They stay queued, due: the next step prices them from its bill.
+    later: list[Message] = field(default_factory=list)
 
     @property
     def reason(self) -> str | None:
@@ -154,10 +160,15 @@ class BudgetGuard:
         # instance of a cluster counts the same) the first time the batch needs one.
         route_used: dict[str, int] = {}
         token_used: dict[str, int] = {}
-        allowed, over, caps = [], [], []
+        allowed, over, caps, later = [], [], [], []
+        unpriced = False  # an unpriced text is in `allowed`: the others wait for its bill
         for m in batch:
             if m.source == WARNING_SOURCE:
                 allowed.append(m)
+                continue
+            guess = cost_cap and m.estimated_cost is None and not self.prices.known
+            if guess and unpriced:
+                later.append(m)
                 continue
             route, token = m.route or "", m.token or ""
             cap = self.route_caps.get(route)
@@ -186,6 +197,7 @@ class BudgetGuard:
                 caps.append(why)
                 continue
             allowed.append(m)
+            unpriced = unpriced or bool(guess)
             texts, parts = texts + 1, parts + m.parts
             if cost_cap:
                 spent += self._cost(m.recipient, m.parts, m.estimated_cost)
@@ -194,7 +206,7 @@ class BudgetGuard:
             if token_cap is not None:
                 token_used[token] += 1
         self.over_cap_total += len(over)
-        return Verdict(allowed, over, caps)
+        return Verdict(allowed, over, caps, later)
 
     def _never_fits(self, m: Message) -> Cap | None:
         """The cap `m` is over on its own, on a day with nothing else sent."""
