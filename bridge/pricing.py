@@ -37,6 +37,9 @@ class PriceBook:
         self.prices = dict(prices or {})
         self.default = default
         self.currency = ""  # as the price list names it ("USD", "points"); "" = not said
+        # The most a part was billed (the provider's cost of a send): a price where the
+        # list is missing (its path is undocumented, or it failed at start).
+        self.billed_max = 0.0
 
     def estimate(self, e164: str, parts: int) -> float | None:
         try:
@@ -46,8 +49,19 @@ class PriceBook:
         return None if price is None else round(price * parts, 6)
 
     def ceiling(self) -> float:
-        """The highest price of one part anywhere: a safe guess where none is known."""
-        return max([*self.prices.values(), self.default or 0.0])
+        """The highest price of one part anywhere (listed or billed): a safe guess where
+        none is known; 0.0 when nothing is (`known`)."""
+        return max([*self.prices.values(), self.default or 0.0, self.billed_max])
+
+    @property
+    def known(self) -> bool:
+        """Whether any price is known: listed, or learnt from a bill."""
+        return bool(self.prices) or self.default is not None or self.billed_max > 0
+
+    def billed(self, cost: float, parts: int) -> None:
+        """The provider billed `cost` for `parts` parts (one call's answer)."""
+        if parts > 0:
+            self.billed_max = max(self.billed_max, cost / parts)
 
     def load(self, data: Any) -> None:
         """Replace the prices with what a pricing response says (tolerantly)."""

@@ -125,6 +125,11 @@ def truncate_to_parts(text: str, max_parts: int) -> str:
             break
         used += cost
         cut = index + 1
+    # The budget counts units; a pair that would straddle a part's edge starts the next
+    # part (152 septets or 66 units in that one), so a cut that fills every part can
+    # still need one more: give back a character per such edge.
+    while cut > 0 and count_parts(text[:cut] + ellipsis) > max_parts:
+        cut -= 1
     head = text[:cut]
     boundary = max(head.rfind(" "), head.rfind("\n"))
     if boundary > cut * 0.8:  # a word boundary near the end: do not chop a word

@@ -33,6 +33,7 @@ from bridge.ingress.smtp import mail_dedupe_key
 from bridge.models import State
 from bridge.phone import PhoneError, facts, normalise_number
 from bridge.provider.sandbox import SandboxState
+from bridge.provider.sandbox.faults import Fault
 from tests.helpers import bridge_config, pump, running_bridge, write_config
 from tests.test_smtp import smtp_listening
 
@@ -354,6 +355,30 @@ async def test_cost_per_day_holds_back_what_would_cross_it_and_warns_once(
         clock.advance(5 * 3600)  # a new UTC day
         await pump(bridge, clock, lambda: len(sandbox_state.entries) == 5, max_seconds=600)
     assert sorted(e.to for e in sandbox_state.entries[3:]) == ["+12025550103", "+447911123456"]
+
+
+@pytest.mark.parametrize("pricing", [500, 404])
+async def test_cost_per_day_holds_without_a_price_list(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, pricing: int
+) -> None:
+    """The pricing path is undocumented: a provider without it (404), or one that failed
+    once at start (500), left no price, every text was counted as free and one bulk call
+    sent all six (3 points against a cap of 1.4). With no price known, one text goes
+    alone; what the provider billed for it prices the rest."""
+    sandbox_state.faults.append(Fault(status=pricing, times=100, path="/pricing"))
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1.4\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for i in range(6):  # one text, six +1 numbers: 0.5 each, one /send-bulk
+            response = await http.post(
+                f"{url}/api/v1/messages", json={"to": f"+120255501{i:02d}", "message": "same"}
+            )
+            assert response.status_code == 202
+        for _ in range(10):
+            clock.advance(min(await bridge.dispatcher.run_once(), 5))
+        waiting = await bridge.store.query(reason_kind="budget")
+    assert len(sandbox_state.entries) == 2, [e.to for e in sandbox_state.entries]
+    assert sum(e.cost for e in sandbox_state.entries) <= 1.4
+    assert len(waiting) == 4 and all("cost_per_day=1.4" in (m.reason or "") for m in waiting)
 
 
 # -- scoped dedupe keys --------------------------------------------------------------------

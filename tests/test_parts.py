@@ -23,6 +23,7 @@ from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.provider.sandbox import SandboxState, sms_parts
 from bridge.text import count_parts, shape, split_parts
+from tests.helpers import bridge_config, pump, running_bridge
 
 TO = "+12025550152"
 
@@ -164,3 +165,49 @@ async def test_the_bridge_estimate_is_what_the_sandbox_bills(
     assert sent.cost == estimate, (form, sent)
     calculated = await provider.calculate([TO], text)
     assert calculated["parts"] == form.parts and calculated["cost"] == estimate
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a" * 152 + "€" + "a" * 150 + " " + "word " * 60,  # an escape pair at part 1's edge
+        "ł" * 66 + "😀" + "ł" * 200,  # a surrogate pair at part 1's edge
+    ],
+)
+async def test_a_cut_text_is_billed_no_more_than_max_parts(
+    text: str, tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """limits.max_parts = 2: the cut counted 2 x 153 septets (2 x 67 units), but a pair
+    that would straddle a part's edge starts the next part, so what was sent was billed
+    3 parts. The stored text, its count and the bill stay within max_parts."""
+    config = bridge_config(tmp_path, sandbox_url, "[limits]\nmax_parts = 2\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        response = await http.post(f"{url}/api/v1/messages", json={"to": TO, "message": text})
+        [mid] = response.json()["ids"]
+        await pump(bridge, clock, lambda: sandbox_state.entries, max_seconds=60)
+        stored = await bridge.store.get(mid)
+    assert stored is not None and stored.parts == count_parts(stored.text) <= 2, stored
+    assert stored.text.endswith(("...", "…")) and len(stored.text) > 120  # cut, not gutted
+    assert [e.parts for e in sandbox_state.entries] == [stored.parts]
+    assert sms_parts(stored.text, stored.message_type) == stored.parts
+
+
+async def test_look_alikes_are_replaced_only_where_that_makes_the_text_gsm(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """limits.transliterate removed every zero-width joiner and non-joiner, in texts that
+    stay UCS-2 whatever it does: Persian words lost the ZWNJ their spelling needs
+    (پایگاه‌داده, "database") and emoji sequences fell apart (🧑‍💻 became 🧑 and 💻).
+    Such texts are kept as written; a text the replacement makes GSM still gets it."""
+    persian = "\u062e\u0637\u0627: \u067e\u0627\u06cc\u06af\u0627\u0647\u200c\u062f\u0627\u062f\u0647 \u0642\u0637\u0639 \u0627\u0633\u062a"
+    emoji = "Deploy by \U0001f9d1\u200d\U0001f4bb done \u2014 \u201cok\u201d"
+    plain = "It\u2019s \u201cdone\u201d \u2013 really\u2026"
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        stored = []
+        for text in (persian, emoji, plain):
+            response = await http.post(f"{url}/api/v1/messages", json={"to": TO, "message": text})
+            [mid] = response.json()["ids"]
+            stored.append(await bridge.store.get(mid))
+    assert [m.text for m in stored] == [persian, emoji, 'It\'s "done" - really...']
+    assert [m.message_type for m in stored] == [2, 2, 1]

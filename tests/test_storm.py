@@ -229,3 +229,52 @@ async def test_a_national_admin_number_gets_a_warning_shaped_like_any_text(
     assert "texts_per_day=1" in warning.text
     assert warning.estimated_cost == 0.8  # the sandbox's GB price, estimated at ingest
     assert [e.to for e in sandbox_state.entries].count("+447700900123") == 1
+
+
+@on_each_backend
+async def test_a_text_no_day_can_hold_fails_saying_so_instead_of_waiting_forever(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """parts_per_day = 2 and max_parts = 3: a 3-part text waited "until 00:00 UTC" every
+    day, for ever, though `wait` promises it goes when the cap allows. It fails at once,
+    saying why; a text that fits goes on."""
+    extra = '[budget]\nparts_per_day = 2\nadmin = ["+12025550199"]\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        big = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "word " * 80}
+        )
+        small = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+12025550144", "message": "short"}
+        )
+        [big_id], [small_id] = big.json()["ids"], small.json()["ids"]
+        await pump(bridge, clock, lambda: len(sandbox_state.entries) >= 1, max_seconds=600)
+        for _ in range(3):
+            clock.advance(min(await bridge.dispatcher.run_once(), 5))
+        failed, sent = await bridge.store.get(big_id), await bridge.store.get(small_id)
+    assert failed is not None and failed.parts == 3
+    assert failed.state == State.FAILED, failed
+    assert failed.reason and "parts_per_day=2" in failed.reason and "3 parts" in failed.reason
+    assert sent is not None and sent.state in (State.SENT, State.DELIVERED)
+    # Not the day's cap biting: no "further texts wait" warning to the admins.
+    assert [e.to for e in sandbox_state.entries] == ["+12025550144"]
+
+
+@on_each_backend
+async def test_a_text_costing_more_than_the_day_fails_saying_so(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """cost_per_day = 2 and a 3-part UK text (0.8 a part in the sandbox): 2.4 > 2 on any
+    day; it waited for ever."""
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 2\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # loads the price list
+        response = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+447911123456", "message": "word " * 80}
+        )
+        [mid] = response.json()["ids"]
+        for _ in range(3):
+            clock.advance(min(await bridge.dispatcher.run_once(), 5))
+        message = await bridge.store.get(mid)
+    assert message is not None and message.state == State.FAILED, message
+    assert message.reason and "cost_per_day=2" in message.reason and "2.4" in message.reason

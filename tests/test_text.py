@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bridge.text import (
@@ -121,6 +121,8 @@ def test_part_count_matches_reference(text: str) -> None:
 
 
 @given(texts, st.integers(min_value=1, max_value=5))
+@example("a" * 152 + "€" + "a" * 300, 2)  # an escape pair at part 1's edge
+@example("ł" * 66 + "😀" + "ł" * 200, 2)  # a surrogate pair at part 1's edge
 def test_truncation_never_exceeds_max_parts(text: str, max_parts: int) -> None:
     cut = truncate_to_parts(text, max_parts)
     assert count_parts(cut) <= max_parts

@@ -240,12 +240,17 @@ class Dispatcher:
             return verdict.allowed
         now = self.clock.now()
         _, tomorrow, _ = day_bounds(now)
-        outcome = "fail" if self.budget.config.on_exceeded == "fail" else "wait"
+        configured = "fail" if self.budget.config.on_exceeded == "fail" else "wait"
         by_cap: dict[Cap, list[int]] = {}
         for message, cap in zip(verdict.over, verdict.caps, strict=True):
             by_cap.setdefault(cap, []).append(message.id)
         for cap, ids in by_cap.items():
-            reason = f"daily budget reached ({cap.why})"
+            outcome = "fail" if cap.never else configured
+            reason = (
+                f"larger than the daily budget ({cap.why})"
+                if cap.never
+                else f"daily budget reached ({cap.why})"
+            )
             log.warning("%s: %d messages %s", reason, len(ids), outcome)
             if outcome == "fail":
                 late = await self.store.finish(
@@ -272,9 +277,10 @@ class Dispatcher:
                 # the message did not go (once a day at most: it is due tomorrow). Not on
                 # one another instance claimed meanwhile: it goes, it does not wait.
                 await self.store.note([i for i in ids if i not in late], waiting, now)
-            await self.budget.warn(
-                cap.warning, f"sms-bridge: {reason}; further texts {outcome} until 00:00 UTC"
-            )
+            if not cap.never:  # the day's cap did not bite: other texts go on
+                await self.budget.warn(
+                    cap.warning, f"sms-bridge: {reason}; further texts {outcome} until 00:00 UTC"
+                )
         self.wake.set()  # the warning itself is queued: send it
         return verdict.allowed
 

@@ -2,7 +2,9 @@
 
 Days are UTC. A batch that would cross a cap is split: what fits goes, the rest waits
 for the next day (`budget.on_exceeded = "wait"`, nothing lost) or fails with the reason
-("fail"). The first time a cap bites in a day, and when the provider's balance falls
+("fail"). A text over a cap on its own (more parts than `parts_per_day`, or costing
+more than `cost_per_day`) fails either way, saying so: no day could hold it. The first
+time a cap bites in a day, and when the provider's balance falls
 below `budget.low_balance`, the admin recipients get one warning text; warnings are
 never held back by the caps they report.
 
@@ -15,7 +17,10 @@ The cost cap (`budget.cost_per_day`, in the provider's currency) counts what tod
 messages cost (the provider's figure, else the estimate made at ingest, else one made now)
 plus the estimate for the next one, from the price list the dispatcher fetches. A country
 the list does not price is counted at its highest price: a cap that guards against toll
-fraud must not let the unpriced destinations through for free.
+fraud must not let the unpriced destinations through for free. With no list at all (its
+path is undocumented; it may fail at start) the highest price is the most a part was
+billed; before any bill, one text goes alone and its bill prices the rest (a whole bulk
+call counted as free once spent the day's cap many times over).
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ class Cap:
 
     why: str
     warning: str = "cap"
+    # The message alone is over the cap: no day can hold it, so it fails whatever
+    # `on_exceeded` says (waiting would requeue it every midnight for ever).
+    never: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +64,9 @@ class Verdict:
     allowed: list[Message]
     over: list[Message]
     caps: list[Cap] = field(default_factory=list)  # the cap of each of `over`, in order
+    # Not decided yet: no price known, and one unpriced text already goes in this batch.
+    # They stay queued, due: the next step prices them from its bill.
+    later: list[Message] = field(default_factory=list)
 
     @property
     def reason(self) -> str | None:
@@ -149,10 +160,15 @@ class BudgetGuard:
         # instance of a cluster counts the same) the first time the batch needs one.
         route_used: dict[str, int] = {}
         token_used: dict[str, int] = {}
-        allowed, over, caps = [], [], []
+        allowed, over, caps, later = [], [], [], []
+        unpriced = False  # an unpriced text is in `allowed`: the others wait for its bill
         for m in batch:
             if m.source == WARNING_SOURCE:
                 allowed.append(m)
+                continue
+            guess = cost_cap and m.estimated_cost is None and not self.prices.known
+            if guess and unpriced:
+                later.append(m)
                 continue
             route, token = m.route or "", m.token or ""
             cap = self.route_caps.get(route)
@@ -161,8 +177,10 @@ class BudgetGuard:
             token_cap = self.token_caps.get(token)
             if token_cap is not None and token not in token_used:
                 token_used[token] = (await self._used(start, token=token))[0]
-            why: Cap | None = None
-            if token_cap is not None and token_used[token] + 1 > token_cap:
+            why: Cap | None = self._never_fits(m)
+            if why:
+                pass
+            elif token_cap is not None and token_used[token] + 1 > token_cap:
                 # First: a runaway token is told apart from the day's budget running out.
                 why = Cap(f"tokens.{token}.texts_per_day={token_cap}", f"token:{token}")
             elif self.config.texts_per_day and texts + 1 > self.config.texts_per_day:
@@ -179,6 +197,7 @@ class BudgetGuard:
                 caps.append(why)
                 continue
             allowed.append(m)
+            unpriced = unpriced or bool(guess)
             texts, parts = texts + 1, parts + m.parts
             if cost_cap:
                 spent += self._cost(m.recipient, m.parts, m.estimated_cost)
@@ -187,7 +206,18 @@ class BudgetGuard:
             if token_cap is not None:
                 token_used[token] += 1
         self.over_cap_total += len(over)
-        return Verdict(allowed, over, caps)
+        return Verdict(allowed, over, caps, later)
+
+    def _never_fits(self, m: Message) -> Cap | None:
+        """The cap `m` is over on its own, on a day with nothing else sent."""
+        parts_cap = self.config.parts_per_day
+        if parts_cap and m.parts > parts_cap:
+            return Cap(f"parts_per_day={parts_cap}, it has {m.parts} parts", never=True)
+        cost_cap = self.config.cost_per_day
+        if cost_cap and (cost := self._cost(m.recipient, m.parts, m.estimated_cost)) > cost_cap:
+            currency = f" {self.prices.currency}" if self.prices.currency else ""
+            return Cap(f"cost_per_day={cost_cap:g}{currency}, it costs {cost:g}", never=True)
+        return None
 
     async def warn(self, kind: str, text: str) -> bool:
         """Queue one warning to the admins per kind and day; False if already sent today."""

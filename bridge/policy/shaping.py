@@ -1,9 +1,9 @@
 """Shaping: every text the bridge stores, from a sender or of its own (budget warnings,
 storm digests), is made ready to send here, one way.
 
-Look-alike punctuation replaced (limits.transliterate), cut to limits.max_parts, its
-encoding and provider message_type (provider.arabic_type), its parts, a cost estimate,
-its dedupe key and the topic a digest counts it as. Pure: no I/O, so it runs inside a
+Look-alike punctuation replaced where that makes the text GSM (limits.transliterate),
+cut to limits.max_parts, its encoding and provider message_type (provider.arabic_type),
+its parts, a cost estimate, its dedupe key and the topic a digest counts it as. Pure: no I/O, so it runs inside a
 writer job as well as before one.
 """
 
@@ -19,7 +19,7 @@ from bridge.models import NewMessage, State
 from bridge.phone import is_assigned
 from bridge.policy.decide import scoped_key, text_key
 from bridge.pricing import PriceBook
-from bridge.text import Shape, shape, transliterate, truncate_to_parts
+from bridge.text import Shape, is_gsm, shape, transliterate, truncate_to_parts
 
 log = logging.getLogger(__name__)
 TOPIC_CHARS = 32  # a message with no topic of its own is counted by its first line, cut here
@@ -36,7 +36,11 @@ def _prepared(
     """The text as stored (look-alikes replaced, cut to `max_parts`), its shape, and the
     dedupe key it has when its sender gives none."""
     if replace_look_alikes:
-        text = transliterate(text)
+        # Only where it makes the text GSM: in a text that stays UCS-2 it saves nothing
+        # and harms some (a ZWNJ is part of Persian spelling, a ZWJ holds emoji together).
+        replaced = transliterate(text)
+        if is_gsm(replaced):
+            text = replaced
     text = truncate_to_parts(text, max_parts)
     return text, shape(text, arabic_type=arabic_type), text_key(text)
 
