@@ -28,10 +28,12 @@ async def run_steps(
 ) -> None:
     wake = wake or asyncio.Event()
     while not stop.is_set():
+        # Cleared before the step, not after: a wake while it runs (work stored after it
+        # read what is due) must cut the sleep short, or that work waits the whole wait.
+        wake.clear()
         try:
             wait = await step()
         except StoreUnavailable as exc:
             log.error("%s cannot use the store: %s", name, exc)
             wait = retry_after
-        wake.clear()
         await sleep_until_woken(clock, wait, wake, stop)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bridge.config.parsing import config_dir, resolve_path
+from bridge.config.parsing import config_dir, resolve_path, url_passwords
 from bridge.config.sections import ENV_PREFIX, SECTIONS, Config, RouteConfig, TokenConfig
 from bridge.permissions import readable_by_everyone
 
@@ -62,35 +61,6 @@ def _tables(config: Config) -> list[tuple[str, Any]]:
         *((f"routes.{k}", r) for k, r in config.routes.items()),
         *((f"tokens.{k}", t) for k, t in config.tokens.items()),
     ]
-
-
-# Query parameters libpq and asyncpg read a password from (`?password=...`).
-URL_PASSWORD_PARAMETERS = frozenset(("password", "sslpassword"))
-
-
-def url_passwords(url: str) -> list[str]:
-    """The passwords a URL carries, in its user part or its query, as written and
-    decoded (a driver's error may quote either)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        written = [parts.netloc.rpartition("@")[0].partition(":")[2]] if parts.password else []
-        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    except ValueError:  # not a URL after all (validate says so): all of it is the secret
-        return [url]
-    if "@" in url.partition("//")[2] and "@" not in parts.netloc:
-        # A user part cut short by a raw "/", "?" or "#" in the password
-        # (`bridge:hunter/2@db-1`): which part is the password is a guess, so all of it.
-        return [url]
-    written += [
-        value
-        for raw in parts.query.split("&")
-        for key, _, value in [raw.partition("=")]
-        if urllib.parse.unquote_plus(key).lower() in URL_PASSWORD_PARAMETERS
-    ]
-    decoded = [urllib.parse.unquote(parts.password or "")] + [
-        v for k, v in query if k.lower() in URL_PASSWORD_PARAMETERS
-    ]
-    return list(dict.fromkeys(p for p in written + decoded if p))
 
 
 def secret_values(config: Config) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +190,32 @@ def template_problem(source: str) -> str | None:
     from bridge.templates import check_template
 
     return check_template(source)
+
+
+# Query parameters libpq and asyncpg read a password from (`?password=...`).
+URL_PASSWORD_PARAMETERS = frozenset(("password", "sslpassword"))
+
+
+def url_passwords(url: str) -> list[str]:
+    """The passwords a URL carries, in its user part or its query, as written and
+    decoded (a driver's error may quote either)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        written = [parts.netloc.rpartition("@")[0].partition(":")[2]] if parts.password else []
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:  # not a URL after all (validate says so): all of it is the secret
+        return [url]
+    if "@" in url.partition("//")[2] and "@" not in parts.netloc:
+        # A user part cut short by a raw "/", "?" or "#" in the password
+        # (`bridge:hunter/2@db-1`): which part is the password is a guess, so all of it.
+        return [url]
+    written += [
+        value
+        for raw in parts.query.split("&")
+        for key, _, value in [raw.partition("=")]
+        if urllib.parse.unquote_plus(key).lower() in URL_PASSWORD_PARAMETERS
+    ]
+    decoded = [urllib.parse.unquote(parts.password or "")] + [
+        v for k, v in query if k.lower() in URL_PASSWORD_PARAMETERS
+    ]
+    return list(dict.fromkeys(p for p in written + decoded if p))

@@ -16,8 +16,7 @@ from pathlib import Path
 import phonenumbers
 
 from bridge.config.exposure import validate_protected
-from bridge.config.masking import url_passwords
-from bridge.config.parsing import parse_listen, template_problem
+from bridge.config.parsing import parse_listen, template_problem, url_passwords
 from bridge.config.recipients import Recipients
 from bridge.config.sections import (
     MAKE_SECRET,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from bridge.config.masking import URL_PASSWORD_PARAMETERS, url_passwords
+from bridge.config.parsing import URL_PASSWORD_PARAMETERS, url_passwords
 
 if TYPE_CHECKING:
     from bridge.config import StoreConfig
