@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
@@ -500,3 +502,21 @@ async def test_a_dispatcher_with_caps_claims_inside_its_turn(
             await other.close()
     assert free_at_claim == [False]
     assert len([r for r in sandbox_state.requests if r.path.endswith("/send")]) == 1
+
+
+async def test_two_instances_of_one_host_and_pid_are_two_owners(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """Every container runs the bridge as pid 1: replicas given one `hostname:` (or on
+    the host's network) were one owner by default ("host:1"), each taking the other's
+    claims in flight for its own, looking them up in /logs and sending them again. Two
+    bridges in this one process have the same host and pid."""
+    owners = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        config = bridge_config(tmp_path / name, sandbox_url)
+        assert config.cluster.instance == ""
+        async with running_bridge(config, clock) as (bridge, _):
+            owners.append(bridge.dispatcher.owner)
+    assert owners[0] != owners[1]
+    assert all(owner.startswith(f"{socket.gethostname()}:{os.getpid()}:") for owner in owners)

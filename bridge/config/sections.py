@@ -198,7 +198,7 @@ class ClusterConfig:
     """Several `serve` on one PostgreSQL store (store.url): who this one is, and how long
     its claims hold when it stops answering. Unused with SQLite (one process)."""
 
-    instance: str = _opt("")  # unique per running instance; "" = host name and pid
+    instance: str = _opt("")  # unique per running instance; "" = host name, pid, random tag
     lease: float = _opt(30.0, "duration")  # another instance takes a claim over after it
 
 

@@ -6,6 +6,7 @@ who owns a claim. Plain data: every backend builds them, every caller reads them
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -137,8 +138,12 @@ DEFAULT_LEASE = 30.0  # seconds a claim holds before another instance may take i
 
 
 def instance_name() -> str:
-    """This process as an owner of claims: host name and pid (`cluster.instance` = "")."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process as an owner of claims (`cluster.instance` = ""): host name, pid and a
+    random tag. Host and pid alone are not unique where it matters: every container
+    runs the bridge as pid 1, and replicas given one `hostname:` (or sharing the host's
+    network) were one owner, each taking the other's claims in flight for its own
+    (checked in /logs and sent again: texted twice)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def sent_late(owner: str, provider_id: str | None) -> str:
