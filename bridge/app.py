@@ -122,7 +122,9 @@ def _gauges(
     metrics.gauge(
         "provider_balance", "Balance last reported by the provider", lambda: dispatcher.balance
     )
-    metrics.gauge(
+    # A count since start, not a level: as a gauge, `> 0` (what the docs advised) held
+    # from the first cap that bit until a restart reset it.
+    metrics.counter(
         "budget_over_cap",
         "Messages held back or failed by daily caps",
         lambda: budget.over_cap_total,

@@ -155,6 +155,11 @@ async def test_budget_cap_waits_loses_nothing_and_warns_once(
         assert len(sent_today) == 3  # nothing over the cap
         assert len(warnings) == 1 and "texts_per_day=3" in warnings[0].message
         assert {m.state for m in waiting} == {State.QUEUED} and len(waiting) == 3
+        # A count (what `increase()` reads), not a level that stayed above 0 until a
+        # restart after the first cap bit.
+        metrics = (await http.get(f"{url}/metrics")).text
+        assert "# TYPE sms_bridge_budget_over_cap_total counter" in metrics
+        assert "\nsms_bridge_budget_over_cap_total 3.0\n" in metrics
         clock.advance(5 * 3600)  # past midnight: a new day's budget
 
         async def all_sent() -> bool:

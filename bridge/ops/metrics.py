@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bridge.store import Store
@@ -70,6 +70,8 @@ class _StoreCollector(Collector):
             value = read()
             if value is not None:
                 yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
+        for name, help_text, count in self.metrics.live_counters:
+            yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=count())
 
 
 class Metrics:
@@ -79,6 +81,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.snapshot = Snapshot()
         self.live_gauges: list[tuple[str, str, Callable[[], float | None]]] = []
+        self.live_counters: list[tuple[str, str, Callable[[], float]]] = []
         self.provider_requests = Counter(
             f"{PREFIX}_provider_requests",
             "Provider requests by endpoint and outcome",
@@ -101,6 +104,11 @@ class Metrics:
     def gauge(self, name: str, help_text: str, read: Callable[[], float | None]) -> None:
         """A value read from a live component at scrape time (rate budget, balance...)."""
         self.live_gauges.append((name, help_text, read))
+
+    def counter(self, name: str, help_text: str, count: Callable[[], float]) -> None:
+        """A count a live component keeps since start, read at scrape time: exposed as
+        `NAME_total`, so that `increase()` reads it across restarts."""
+        self.live_counters.append((name, help_text, count))
 
     async def refresh(self) -> None:
         now = self.now()
