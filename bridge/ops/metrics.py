@@ -36,7 +36,7 @@ class _StoreCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         snap = self.metrics.snapshot
         messages = GaugeMetricFamily(
             f"{PREFIX}_messages", "Stored messages by source and state", labels=["source", "state"]
@@ -70,8 +70,8 @@ class _StoreCollector(Collector):
             value = read()
             if value is not None:
                 yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
-        for name, help_text, count in self.metrics.live_counters:
-            yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=count())
+        for name, help_text, count_since_start in self.metrics.live_counters:
+            yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=count_since_start())
 
 
 class Metrics:
