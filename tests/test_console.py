@@ -713,15 +713,22 @@ async def test_hostile_previews_and_oversized_sends_are_refused_not_500(
     assert await bridge.store.counts() == {}
 
 
+def _provider_quotes_the_key(config, sandbox_state: SandboxState, status: int, words: str) -> str:
+    """The provider's next /send answers `status` with `words` and our API key (which
+    it returns)."""
+    key = config.provider.api_key
+    echo = json.dumps({"success": False, "message": f"{words} {key}"})
+    sandbox_state.faults.append(Fault(status=status, body=echo, path="/send"))
+    return str(key)
+
+
 async def test_a_provider_quoting_our_key_shows_it_nowhere(
     config, clock: ManualClock, sandbox_state: SandboxState
 ) -> None:
     """A 401 whose text quotes our API key: /readyz, open to anyone, says so in the
     bridge's words; the console (a token's) shows the provider's answer, masked as the
     log masks it."""
-    key = config.provider.api_key
-    echo = f'{{"success": false, "message": "invalid API key {key}"}}'
-    sandbox_state.faults.append(Fault(status=401, body=echo, path="/send"))
+    key = _provider_quotes_the_key(config, sandbox_state, 401, "invalid API key")
     async with (
         running_bridge(config, clock) as (bridge, url),
         httpx.AsyncClient(base_url=url) as http,
@@ -744,16 +751,14 @@ async def test_a_provider_quoting_our_key_in_a_refusal_leaves_it_in_no_message(
     """A 400 whose text quotes our API key fails the message with the provider's words as
     its reason, and a 401's words are a waiting message's reason: a `read` token (a
     dashboard's) saw the key in the API, on the message page and in the overview."""
-    key = config.provider.api_key
-    echo = f'{{"success": false, "message": "no such sender for API key {key}"}}'
-    sandbox_state.faults.append(Fault(status=400, body=echo, path="/send"))
+    key = _provider_quotes_the_key(config, sandbox_state, 400, "no such sender for API key")
     async with (
         running_bridge(config, clock) as (bridge, url),
         httpx.AsyncClient(base_url=url) as http,
     ):
         refused = await send(http, "+12025550143", "disk full")
         await bridge.dispatcher.run_once()
-        sandbox_state.faults.append(Fault(status=401, body=echo, path="/send"))
+        _provider_quotes_the_key(config, sandbox_state, 401, "no such sender for API key")
         waiting = await send(http, "+12025550144", "disk full again")
         await bridge.dispatcher.run_once()
         assert (await bridge.store.get(refused)).state == State.FAILED  # type: ignore[union-attr]

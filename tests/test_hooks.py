@@ -648,45 +648,55 @@ async def test_the_shared_machine_is_named_before_the_alerts_max_alerts_cut(
     assert text == "[FIRING:4] DiskFull /dev/sda1, /dev/sdb1 on db-1 +2"
 
 
-async def test_disks_scraped_by_kube_prometheus_name_the_node_not_the_exporter(
-    tmp_path, clock, sandbox_url
+@pytest.mark.parametrize(
+    ("common", "apart", "values", "place"),
+    [
+        # kube-prometheus' node_exporter series carry the exporter's own `container` and
+        # `pod` (kube-rbac-proxy, node-exporter-x7k2p) beside `instance` (the node): two
+        # full disks of worker-1 read "... on kube-rbac-proxy". A disk's place is its
+        # machine, not a container or pod.
+        (
+            {
+                "alertname": "NodeFilesystemAlmostOutOfSpace",
+                "container": "kube-rbac-proxy",
+                "endpoint": "https",
+                "instance": "worker-1",
+                "job": "node-exporter",
+                "namespace": "monitoring",
+                "pod": "node-exporter-x7k2p",
+                "service": "node-exporter",
+            },
+            "device",
+            ("/dev/sda1", "/dev/sdb1"),
+            "NodeFilesystemAlmostOutOfSpace /dev/sda1, /dev/sdb1 on worker-1",
+        ),
+        # kube-state-metrics' alerts carry its own address as `instance`: two containers
+        # of one pod are on that pod, the nearest place above them, not on the exporter.
+        (
+            {
+                "alertname": "KubeContainerWaiting",
+                "instance": "10.1.2.3:8080",
+                "namespace": "shop",
+                "pod": "web-5d9f",
+            },
+            "container",
+            ("app", "proxy"),
+            "KubeContainerWaiting app, proxy on web-5d9f",
+        ),
+    ],
+)
+async def test_parts_of_a_machine_are_named_on_their_machine_not_the_exporter(
+    common: dict[str, str],
+    apart: str,
+    values: tuple[str, ...],
+    place: str,
+    tmp_path,
+    clock,
+    sandbox_url,
 ) -> None:
-    """kube-prometheus' node_exporter series carry the scrape's own `container` and `pod`
-    (the exporter's: kube-rbac-proxy, node-exporter-x7k2p) beside `instance` (the node).
-    Two full disks of worker-1 read "/dev/sda1, /dev/sdb1 on kube-rbac-proxy": a disk's
-    place is its machine, not a container or pod."""
-    common = {
-        "alertname": "NodeFilesystemAlmostOutOfSpace",
-        "container": "kube-rbac-proxy",
-        "endpoint": "https",
-        "instance": "worker-1",
-        "job": "node-exporter",
-        "namespace": "monitoring",
-        "pod": "node-exporter-x7k2p",
-        "service": "node-exporter",
-    }
-    alerts = [dict(common, device=name) for name in ("/dev/sda1", "/dev/sdb1")]
+    alerts = [dict(common, **{apart: value}) for value in values]
     text = await _alert_group_text(alerts, common, tmp_path, clock, sandbox_url)
-    assert text == (
-        "[FIRING:2] NodeFilesystemAlmostOutOfSpace /dev/sda1, /dev/sdb1 on worker-1:"
-        " CPU core too hot"
-    )
-
-
-async def test_containers_of_one_pod_name_the_pod_not_the_exporter(
-    tmp_path, clock, sandbox_url
-) -> None:
-    """kube-state-metrics' alerts carry its own address as `instance`: two containers
-    of one pod are on that pod, the nearest place above them, not on the exporter."""
-    common = {
-        "alertname": "KubeContainerWaiting",
-        "instance": "10.1.2.3:8080",
-        "namespace": "shop",
-        "pod": "web-5d9f",
-    }
-    alerts = [dict(common, container=name) for name in ("app", "proxy")]
-    text = await _alert_group_text(alerts, common, tmp_path, clock, sandbox_url)
-    assert text == "[FIRING:2] KubeContainerWaiting app, proxy on web-5d9f: CPU core too hot"
+    assert text == f"[FIRING:2] {place}: CPU core too hot"
 
 
 @pytest.mark.parametrize(
