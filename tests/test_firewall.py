@@ -565,6 +565,44 @@ async def test_digits_without_a_plus_are_not_texted_to_a_guessed_country(
     assert normalise_number("442079460000", default_region="US") == "+442079460000"
 
 
+async def test_group_members_are_read_in_phone_default_region_over_every_domain(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """A group's members are written in `phone.default_region` (check-config reads them
+    so, as the API does); mailed to a domain with its own `smtp.regions` entry, they were
+    read in that domain's region: 0151 23456789, a German mobile, became +43 1 5123456789
+    in Vienna. The domain's region is for the NUMBER@ local part only."""
+    config = bridge_config(
+        tmp_path,
+        sandbox_url,
+        '[phone]\ndefault_region = "DE"\n'
+        '[groups]\noncall = ["0151 23456789"]\n'
+        '[smtp]\ndomains = ["sms.localhost", "sms.example.at"]\n'
+        'regions = {"sms.example.at" = "AT"}\n',
+    )
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        api = await http.post(f"{url}/api/v1/messages", json={"to": "oncall", "message": "a"})
+        await asyncio.to_thread(
+            send_to, port, ["OnCall@sms.example.at", "015123456@sms.example.at"], "b"
+        )
+        stored = {(m.text, m.recipient) for m in await bridge.store.query()}
+    assert api.status_code == 202
+    assert stored == {
+        ("a", "+4915123456789"),
+        ("b", "+4915123456789"),
+        ("b", "+4315123456"),  # a number in the local part: the domain's region
+    }
+
+
+def send_to(port: int, rcpts: list[str], text: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.sendmail("ups@example.org", rcpts, f"Subject: {text}\r\n\r\n".encode())
+
+
 def _library_facts(e164: str) -> tuple[int, str | None, int, bool]:
     """What the phonenumbers library says, asked one question at a time."""
     number = phonenumbers.parse(e164, None)
