@@ -132,9 +132,19 @@ def _unavailable(
     return PhoneDataUnavailable(text, where, exc)
 
 
-def _candidates(text: str, default_region: str | None) -> list[tuple[str, str | None]]:
-    """The readings of `text` to try, most likely first: (digits as parsed, region)."""
+def _compact(text: str) -> str:
+    """`text` without separators, its digits ASCII: Arabic-Indic or fullwidth digits and a
+    fullwidth + are what an Arabic or Japanese keyboard types. The library reads them,
+    but the 00 and 0 prefixes are looked for here: ٠٠١٢٠٢... (00 1 202...) was read as
+    +00 1 202..., "no country has that code". Anything else is left for `_DIGITS`."""
     compact = _SEPARATORS.sub("", text)
+    if compact.isascii():
+        return compact
+    return "".join("+" if c == "\uff0b" else str(int(c)) if c.isdecimal() else c for c in compact)
+
+
+def _candidates(compact: str, default_region: str | None) -> list[tuple[str, str | None]]:
+    """The readings of `compact` to try, most likely first: (digits as parsed, region)."""
     if compact.startswith("+"):
         return [(compact, None)]
     if compact.startswith("00"):
@@ -177,7 +187,7 @@ def _international(digits: str) -> phonenumbers.PhoneNumber | None:
 
 def _parse_possible(text: str, default_region: str | None) -> tuple[str, NumberFacts]:
     """The E.164 form of `text` and its facts, or PhoneError (PhoneDataUnavailable)."""
-    compact = _SEPARATORS.sub("", text)
+    compact = _compact(text)
     if not compact or not _DIGITS.fullmatch(compact):
         raise PhoneError(text, "only digits, an optional leading +, and separators - . ( ) space")
     if default_region and compact.startswith("00"):
@@ -237,7 +247,7 @@ def _first_possible(text: str, compact: str, default_region: str | None) -> tupl
     """The first reading of `_candidates` that is a possible number (an assigned one
     before one the metadata does not know), or PhoneError saying why none is."""
     first_reason = "not a possible number"
-    candidates = _candidates(text, default_region)
+    candidates = _candidates(compact, default_region)
     written_international = compact.startswith(("+", "00"))
     unassigned: tuple[str, NumberFacts] | None = None
     for digits, region in candidates:

@@ -646,6 +646,46 @@ async def test_group_members_are_read_in_phone_default_region_over_every_domain(
     }
 
 
+async def test_numbers_in_other_digits_read_as_in_ascii_digits(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """Arabic-Indic or fullwidth digits (an Arabic or Japanese keyboard) are digits: the
+    library reads them, but the 00 prefix and a fullwidth + were looked for in ASCII only,
+    so ٠٠١٢٠٢٥٥٥٠١٤٣ (00 1 202 555 0143) was refused as "no country has that code"."""
+    config = bridge_config(tmp_path, sandbox_url, '[smtp]\ndomains = ["sms.localhost"]\n')
+    arabic = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
+    fullwidth = {ord("+"): 0xFF0B} | {ord(d): 0xFF10 + int(d) for d in "0123456789"}
+    written = ["0012025550143".translate(arabic), "0044 7911 123456".translate(fullwidth)]
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        answers = [
+            await http.post(f"{url}/api/v1/messages", json={"to": to, "message": "x"})
+            for to in [*written, "+1 202 555 0143".translate(fullwidth)]
+        ]
+        refused = await asyncio.to_thread(
+            send_utf8, port, ["0012025550144".translate(arabic) + "@sms.localhost"]
+        )
+        stored = {m.recipient for m in await bridge.store.query()}
+    assert [a.status_code for a in answers] == [202, 202, 202], [a.json() for a in answers]
+    assert [a.json()["messages"][0]["to"] for a in answers] == [
+        "+12025550143",
+        "+447911123456",
+        "+12025550143",
+    ]
+    assert refused == {}
+    assert stored == {"+12025550143", "+447911123456", "+12025550144"}
+
+
+def send_utf8(port: int, rcpts: list[str]) -> dict:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        return client.sendmail(
+            "ups@example.org", rcpts, b"Subject: x\r\n\r\nx\r\n", mail_options=["SMTPUTF8"]
+        )
+
+
 def send_to(port: int, rcpts: list[str], text: str) -> None:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
         client.sendmail("ups@example.org", rcpts, f"Subject: {text}\r\n\r\n".encode())
