@@ -132,9 +132,19 @@ def _unavailable(
     return PhoneDataUnavailable(text, where, exc)
 
 
-def _candidates(text: str, default_region: str | None) -> list[tuple[str, str | None]]:
-    """The readings of `text` to try, most likely first: (digits as parsed, region)."""
+def _compact(text: str) -> str:
+    """`text` without separators, its digits ASCII: Arabic-Indic or fullwidth digits and a
+    fullwidth + are what an Arabic or Japanese keyboard types. The library reads them,
+    but the 00 and 0 prefixes are looked for here: ٠٠١٢٠٢... (00 1 202...) was read as
+    +00 1 202..., "no country has that code". Anything else is left for `_DIGITS`."""
     compact = _SEPARATORS.sub("", text)
+    if compact.isascii():
+        return compact
+    return "".join("+" if c == "\uff0b" else str(int(c)) if c.isdecimal() else c for c in compact)
+
+
+def _candidates(compact: str, default_region: str | None) -> list[tuple[str, str | None]]:
+    """The readings of `compact` to try, most likely first: (digits as parsed, region)."""
     if compact.startswith("+"):
         return [(compact, None)]
     if compact.startswith("00"):
@@ -177,11 +187,67 @@ def _international(digits: str) -> phonenumbers.PhoneNumber | None:
 
 def _parse_possible(text: str, default_region: str | None) -> tuple[str, NumberFacts]:
     """The E.164 form of `text` and its facts, or PhoneError (PhoneDataUnavailable)."""
-    compact = _SEPARATORS.sub("", text)
+    compact = _compact(text)
     if not compact or not _DIGITS.fullmatch(compact):
         raise PhoneError(text, "only digits, an optional leading +, and separators - . ( ) space")
+    if default_region and compact.startswith("00"):
+        dialled = _dialled_from(text, compact, default_region)
+        if dialled is not None:
+            try:
+                written = _first_possible(text, compact, default_region)
+            except PhoneError:
+                return dialled
+            return _dialled_or_written(text, default_region, dialled, written)
+    return _first_possible(text, compact, default_region)
+
+
+def _dialled_from(text: str, compact: str, region: str) -> tuple[str, NumberFacts] | None:
+    """`compact` as dialled in `region`, when the library reads the region's own
+    international prefix off it and finds a possible number; else None.
+
+    Not every region's prefix is 00: Australia's is 0011, Korea's 001, 002, 008... (a
+    carrier each). Read as 00 and a country code, 0011 65 9876 5432 (Singapore, dialled
+    from Australia) was +1 659 876 5432 in Alabama, and Korea's 008 1 202... Japan.
+    """
+    try:
+        number = phonenumbers.parse(compact, region, keep_raw_input=True)
+        if number.country_code_source != phonenumbers.CountryCodeSource.FROM_NUMBER_WITH_IDD:
+            return None  # the region's prefix is not 00...: read as 00 and a country code
+        if not phonenumbers.is_possible_number(number):
+            return None
+        e164 = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+    except NumberParseException:
+        return None
+    except Exception as exc:  # not the number's fault: the library's metadata
+        raise _unavailable(text, compact, region, exc) from exc
+    return e164, _facts.get(e164) or _learn(e164, number)
+
+
+def _dialled_or_written(
+    text: str,
+    region: str,
+    dialled: tuple[str, NumberFacts],
+    written: tuple[str, NumberFacts],
+) -> tuple[str, NumberFacts]:
+    """Of the two readings of 00... in a region whose prefix it also starts with, the one
+    that is an assigned number; when both are (or neither), which the sender meant cannot
+    be told, and a guess texts a stranger: refused, saying how to write it."""
+    if written[0] == dialled[0] or (written[1].assigned and not dialled[1].assigned):
+        return written
+    if dialled[1].assigned and not written[1].assigned:
+        return dialled
+    raise PhoneError(
+        text,
+        f"dialled from {region} it is {dialled[0]}, but 00 and a country code make it"
+        f" {written[0]}: write it with + and its country code",
+    )
+
+
+def _first_possible(text: str, compact: str, default_region: str | None) -> tuple[str, NumberFacts]:
+    """The first reading of `_candidates` that is a possible number (an assigned one
+    before one the metadata does not know), or PhoneError saying why none is."""
     first_reason = "not a possible number"
-    candidates = _candidates(text, default_region)
+    candidates = _candidates(compact, default_region)
     written_international = compact.startswith(("+", "00"))
     unassigned: tuple[str, NumberFacts] | None = None
     for digits, region in candidates:

@@ -565,6 +565,132 @@ async def test_digits_without_a_plus_are_not_texted_to_a_guessed_country(
     assert normalise_number("442079460000", default_region="US") == "+442079460000"
 
 
+async def test_a_regions_own_international_prefix_is_not_read_as_00_and_a_code(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """With a default region, "00" was always stripped as the international prefix: in
+    Australia (0011) a Singapore mobile dialled as written there, 0011 65 9876 5432,
+    went to +1 659 876 5432 (Alabama); from Korea (001, 002, 008: carriers) 002 1 202...
+    went to +212, 008 1 202... to Japan; 0011 1 202 555 0143 was "too long"."""
+    config = bridge_config(
+        tmp_path,
+        sandbox_url,
+        '[phone]\ndefault_region = "AU"\n'
+        '[smtp]\ndomains = ["sms.localhost", "kr.sms.localhost"]\n'
+        'regions = {"kr.sms.localhost" = "KR"}\n',
+    )
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+
+        async def api(to: str) -> httpx.Response:
+            return await http.post(f"{url}/api/v1/messages", json={"to": to, "message": "x"})
+
+        us = await api("0011 1 202 555 0143")
+        sg = await api("0011 65 9876 5432")
+        plain_00 = await api("0044 7911 123456")  # 00 is no Australian prefix: read as +
+        kr_us = await asyncio.to_thread(rcpt, port, "00212025550143@kr.sms.localhost")
+        kr_jp_or_us = await asyncio.to_thread(rcpt, port, "00812025550143@kr.sms.localhost")
+        documented = await asyncio.to_thread(rcpt, port, "0012025550143@kr.sms.localhost")
+        stored = sorted(m.recipient for m in await bridge.store.query())
+    assert us.status_code == 202 and us.json()["messages"][0]["to"] == "+12025550143"
+    assert plain_00.status_code == 202 and plain_00.json()["messages"][0]["to"] == "+447911123456"
+    # +65 9876 5432 dialled from Australia, or +1 659 876 5432 written with 00: both are
+    # assigned numbers, so it is refused saying how to write it, never guessed.
+    assert sg.status_code == 400, sg.json()
+    assert "+6598765432" in sg.json()["error"] and "+16598765432" in sg.json()["error"]
+    assert "write it with + and its country code" in sg.json()["error"]
+    assert kr_us[0] == 250
+    assert kr_jp_or_us[0] == 550 and "+812025550143" in kr_jp_or_us[1]
+    assert documented[0] == 250  # 001 then +20 2555 0143 is no number: 00 then +1 is
+    assert stored == ["+12025550143", "+447911123456"]
+    # SMTP RCPT stores nothing; the readings themselves:
+    assert normalise_number("00212025550143", default_region="KR") == "+12025550143"
+    assert normalise_number("0012025550143", default_region="KR") == "+12025550143"
+    assert normalise_number("0012025550143", default_region="US") == "+12025550143"
+    assert normalise_number("0044 20 7946 0000", default_region="DE") == "+442079460000"
+
+
+async def test_group_members_are_read_in_phone_default_region_over_every_domain(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """A group's members are written in `phone.default_region` (check-config reads them
+    so, as the API does); mailed to a domain with its own `smtp.regions` entry, they were
+    read in that domain's region: 0151 23456789, a German mobile, became +43 1 5123456789
+    in Vienna. The domain's region is for the NUMBER@ local part only."""
+    config = bridge_config(
+        tmp_path,
+        sandbox_url,
+        '[phone]\ndefault_region = "DE"\n'
+        '[groups]\noncall = ["0151 23456789"]\n'
+        '[smtp]\ndomains = ["sms.localhost", "sms.example.at"]\n'
+        'regions = {"sms.example.at" = "AT"}\n',
+    )
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        api = await http.post(f"{url}/api/v1/messages", json={"to": "oncall", "message": "a"})
+        await asyncio.to_thread(
+            send_to, port, ["OnCall@sms.example.at", "015123456@sms.example.at"], "b"
+        )
+        stored = {(m.text, m.recipient) for m in await bridge.store.query()}
+    assert api.status_code == 202
+    assert stored == {
+        ("a", "+4915123456789"),
+        ("b", "+4915123456789"),
+        ("b", "+4315123456"),  # a number in the local part: the domain's region
+    }
+
+
+async def test_numbers_in_other_digits_read_as_in_ascii_digits(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """Arabic-Indic or fullwidth digits (an Arabic or Japanese keyboard) are digits: the
+    library reads them, but the 00 prefix and a fullwidth + were looked for in ASCII only,
+    so ٠٠١٢٠٢٥٥٥٠١٤٣ (00 1 202 555 0143) was refused as "no country has that code"."""
+    config = bridge_config(tmp_path, sandbox_url, '[smtp]\ndomains = ["sms.localhost"]\n')
+    arabic = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
+    fullwidth = {ord("+"): 0xFF0B} | {ord(d): 0xFF10 + int(d) for d in "0123456789"}
+    written = ["0012025550143".translate(arabic), "0044 7911 123456".translate(fullwidth)]
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        answers = [
+            await http.post(f"{url}/api/v1/messages", json={"to": to, "message": "x"})
+            for to in [*written, "+1 202 555 0143".translate(fullwidth)]
+        ]
+        refused = await asyncio.to_thread(
+            send_utf8, port, ["0012025550144".translate(arabic) + "@sms.localhost"]
+        )
+        stored = {m.recipient for m in await bridge.store.query()}
+    assert [a.status_code for a in answers] == [202, 202, 202], [a.json() for a in answers]
+    assert [a.json()["messages"][0]["to"] for a in answers] == [
+        "+12025550143",
+        "+447911123456",
+        "+12025550143",
+    ]
+    assert refused == {}
+    assert stored == {"+12025550143", "+447911123456", "+12025550144"}
+
+
+def send_utf8(port: int, rcpts: list[str]) -> dict:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        return client.sendmail(
+            "ups@example.org", rcpts, b"Subject: x\r\n\r\nx\r\n", mail_options=["SMTPUTF8"]
+        )
+
+
+def send_to(port: int, rcpts: list[str], text: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.sendmail("ups@example.org", rcpts, f"Subject: {text}\r\n\r\n".encode())
+
+
 def _library_facts(e164: str) -> tuple[int, str | None, int, bool]:
     """What the phonenumbers library says, asked one question at a time."""
     number = phonenumbers.parse(e164, None)

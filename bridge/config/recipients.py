@@ -63,14 +63,19 @@ class Recipients:
     def mailbox(self, local: str, domain: str) -> list[str]:
         """`GROUP@DOMAIN` (the group's name in any case) or `NUMBER@DOMAIN` -> numbers.
 
-        National numbers read in the domain's `smtp.regions` entry, else
-        `smtp.default_region`, else `phone.default_region`. PhoneError or RefusedNumber
-        say why not; whether the domain is this bridge's is the listener's question.
+        A national NUMBER reads in the domain's `smtp.regions` entry, else
+        `smtp.default_region`, else `phone.default_region`. A group's members read as
+        everywhere else, in `phone.default_region`: the owner wrote them in it and
+        check-config checked them so, whichever domain the mail names (in a domain's
+        region, a German 0151... member was an Austrian +43 1 51...). PhoneError or
+        RefusedNumber say why not; whether the domain is this bridge's is the listener's
+        question.
         """
         group = self.mail_groups.get(local.lower())
+        if group:
+            return [self.number(member) for member in self.groups[group]]
         region = self.mail_regions.get(domain.lower()) or self.mail_region
-        members = self.groups[group] if group else [local]
-        return [self.number(member, region=region) for member in members]
+        return [self.number(local, region=region)]
 
 
 def unknown_group(target: str) -> str | None:
