@@ -653,6 +653,31 @@ async def test_digest_page_lists_what_it_folded(
         assert "Folded into this digest (2)" in (await http.get(f"/ui/messages/{digest}")).text
 
 
+async def test_a_digest_that_folded_more_than_the_page_lists_does_not_say_fewer(
+    served_bridge, clock: ManualClock
+) -> None:
+    """A storm of 250 texts folded into one digest: its page lists the first 200 and
+    says there are more, not "(200)" beside a digest that reads "+250 more"."""
+    bridge, url = served_bridge
+    digest = NewMessage("+12025550144", "+250 more: DiskFull x250", "digest", "SMS", 1, 1)
+    [digest_id] = await seed(bridge.store, [digest._replace(state=State.SENT)], clock.now())
+    folded = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1, state=State.SUPPRESSED)
+    reason = f"storm control: folded into digest message {digest_id}"
+    await seed(bridge.store, [folded._replace(reason=reason)] * 250, clock.now())
+    few = await seed(bridge.store, [digest._replace(state=State.SENT)], clock.now())
+    await seed(bridge.store, [folded._replace(reason=f"{reason[:-1]}{few[0]}")] * 3, clock.now())
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        page = (await http.get(f"/ui/messages/{digest_id}")).text
+        assert "Folded into this digest (200)" not in page
+        assert "Folded into this digest (more than 200; the first 200 listed)" in page
+        data = (await http.get(f"/ui/messages/{digest_id}.json")).json()
+        assert len(data["mentioned_by"]) == 200 and data["mentioned_by_more"] is True
+        small = await http.get(f"/ui/messages/{few[0]}")
+        assert "Folded into this digest (3)" in small.text
+        assert (await http.get(f"/ui/messages/{few[0]}.json")).json()["mentioned_by_more"] is False
+
+
 async def test_mentions_match_whole_message_numbers(served_bridge) -> None:
     bridge, url = served_bridge
     async with httpx.AsyncClient(base_url=url) as http:

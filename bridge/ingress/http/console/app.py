@@ -54,6 +54,7 @@ MAX_TEST_TEXT = 1000
 CHART_MINUTES = 180
 DELIVERY_WINDOW = 86400.0
 RECENT_FAILURES = 10
+MENTIONS_LISTED = 200  # on a message's page: what suppressed it or was folded into it
 
 
 def whole_number(text: str) -> str | None:
@@ -265,7 +266,11 @@ class Console(Gate):
             {**e, "at": iso_time(e["at"]), "epoch": e["at"]}
             for e in await self.store.events(message.id)
         ]
-        data["mentioned_by"] = await self.store.mentioned_by(message.id)
+        # One more than listed tells whether there are more: a storm's digest may fold
+        # hundreds, and "(200)" beside "+250 more" would be a wrong count.
+        mentions = await self.store.mentioned_by(message.id, MENTIONS_LISTED + 1)
+        data["mentioned_by"] = mentions[:MENTIONS_LISTED]
+        data["mentioned_by_more"] = len(mentions) > MENTIONS_LISTED
         data["can_retry"] = message.state == State.FAILED
         data["can_cancel"] = message.state in (State.QUEUED, State.HELD)
         return "message.html", data
