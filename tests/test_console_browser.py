@@ -349,3 +349,34 @@ async def test_a_long_reason_wraps_on_a_phone_and_is_read_whole(
                 assert box is not None and box["x"] + box["width"] <= 390, path
         await context.close()
     assert errors.errors == []
+
+
+async def test_the_overviews_time_moves_with_its_figures(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """The overview refreshes its figures in place; its "As of" time says when they were
+    read, not when the page was first loaded (an hour later, the figures are an hour
+    newer than that)."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+        context = await browser.new_context()
+        page = await context.new_page()
+        errors.watch(page)
+        await page.clock.install()  # the page's timers move when the test says
+        await sign_in(page, url, ADMIN)
+        stamp = page.locator(".updated time")
+        assert await stamp.inner_text() == "2027-01-15 08:00:00 UTC"
+        queued = page.locator('.states a[href$="state=queued"] strong')
+        assert await queued.inner_text() == "0"
+
+        clock.advance(3600)
+        queued_message = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1)
+        await seed(bridge.store, [queued_message], clock.now())
+        await page.clock.run_for(11_000)  # past the overview's 10 s refresh
+        await page.wait_for_function(
+            "document.querySelector('.states a[href$=\"state=queued\"] strong').textContent === '1'"
+        )
+        assert await stamp.inner_text() == "2027-01-15 09:00:00 UTC"
+        await context.close()
+    assert errors.errors == []
