@@ -563,6 +563,30 @@ async def test_preview_shows_the_sms_and_stores_nothing(served_bridge) -> None:
         assert await bridge.store.counts() == {}
 
 
+async def test_a_preview_keeps_the_event_it_was_made_for(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The event typed for a GitHub route's preview stays in its field beside the
+    result: emptied, the result no longer says which event it is for, and the next
+    preview of an edited payload would quietly be made for the sample's event."""
+    extra = f"""{TOKENS}
+    [routes.gh]
+    format = "github"
+    to = ["oncall"]
+    secret = "{ROUTE_TOKEN}"
+    """
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        page = await http.get("/ui/routes/gh")
+        assert '<input id="event" name="event" value="">' in page.text
+        form = {"csrf": csrf_of(page), "payload": "{}", "event": "ping"}
+        answer = await http.post("/ui/routes/gh/preview", data=form)
+    assert answer.status_code == 200
+    assert "Ignored (answered 200, nobody texted): ping: pong" in answer.text
+    assert '<input id="event" name="event" value="ping">' in answer.text
+
+
 def test_chart_puts_requests_against_the_limit() -> None:
     from bridge.ingress.http.console.chart import build
 

@@ -337,6 +337,7 @@ class Console(Gate):
         # typed), where someone may have pasted a secret.
         result.error = result.error and self._shown(result.error)
         result.ignored = result.ignored and self._shown(result.ignored)
+        result.event = self._shown(result.event)  # shown again in its field, masked alike
         _, data = await self.route_page(request, caller, result)
         return self._render(request, caller, "route.html", data)
 
