@@ -426,6 +426,23 @@ async def test_messages_list_filters_and_pages(served_bridge) -> None:
         assert "backup 2 failed" not in html.text
 
 
+async def test_older_pages_keep_the_page_size_asked_for(served_bridge) -> None:
+    """`limit` is kept by the "Older" and "Newest" links: a script paging through
+    `/ui/messages.json?limit=2` by them gets pages of 2, not 2 and then 50."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        ids = [await send(http, f"+1202555014{i}", f"backup {i} failed") for i in range(5)]
+        await sign_in(http, READER)
+        pages, query = [], "limit=2"
+        while query:
+            page = (await http.get(f"/ui/messages.json?{query}")).json()
+            pages.append([m["id"] for m in page["messages"]])
+            query = (page["older"] or "").lstrip("?")
+        assert pages == [ids[:2:-1], ids[2:0:-1], ids[:1]]
+        second = (await http.get(f"/ui/messages.json?limit=2&before={ids[3]}")).json()
+        assert second["newest"] == "?limit=2"
+
+
 async def test_a_part_of_a_number_that_is_a_possible_number_finds_the_longer_ones(
     served_bridge,
 ) -> None:

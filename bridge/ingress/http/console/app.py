@@ -220,6 +220,8 @@ class Console(Gate):
             found = await self._messages(filters, None, part, before=before, limit=limit + 1)
         page, more = found[:limit], len(found) > limit
         kept = {k: v for k, v in filters.items() if v}
+        if q.get("limit"):  # the next page as long as this one, as asked
+            kept["limit"] = str(limit)
         older = urlencode({**kept, "before": page[-1].id}) if more and page else None
         config = self.live.current
         return "messages.html", {
