@@ -443,6 +443,18 @@ async def test_older_pages_keep_the_page_size_asked_for(served_bridge) -> None:
         assert second["newest"] == "?limit=2"
 
 
+async def test_the_lists_times_say_their_zone(served_bridge, clock: ManualClock) -> None:
+    """The list shows creation times in UTC as every other console time is, and says
+    so: "08:00:00" bare reads as local time to someone on call in New York."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        await send(http, "+12025550143", "disk full")
+        await sign_in(http, READER)
+        page = (await http.get("/ui/messages")).text
+    assert '<th scope="col">Created (UTC)</th>' in page
+    assert ">2027-01-15 08:00:00</time>" in page  # ManualClock's start, in UTC
+
+
 async def test_a_part_of_a_number_that_is_a_possible_number_finds_the_longer_ones(
     served_bridge,
 ) -> None:
