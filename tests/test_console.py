@@ -426,6 +426,35 @@ async def test_messages_list_filters_and_pages(served_bridge) -> None:
         assert "backup 2 failed" not in html.text
 
 
+async def test_older_pages_keep_the_page_size_asked_for(served_bridge) -> None:
+    """`limit` is kept by the "Older" and "Newest" links: a script paging through
+    `/ui/messages.json?limit=2` by them gets pages of 2, not 2 and then 50."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        ids = [await send(http, f"+1202555014{i}", f"backup {i} failed") for i in range(5)]
+        await sign_in(http, READER)
+        pages, query = [], "limit=2"
+        while query:
+            page = (await http.get(f"/ui/messages.json?{query}")).json()
+            pages.append([m["id"] for m in page["messages"]])
+            query = (page["older"] or "").lstrip("?")
+        assert pages == [ids[:2:-1], ids[2:0:-1], ids[:1]]
+        second = (await http.get(f"/ui/messages.json?limit=2&before={ids[3]}")).json()
+        assert second["newest"] == "?limit=2"
+
+
+async def test_the_lists_times_say_their_zone(served_bridge, clock: ManualClock) -> None:
+    """The list shows creation times in UTC as every other console time is, and says
+    so: "08:00:00" bare reads as local time to someone on call in New York."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        await send(http, "+12025550143", "disk full")
+        await sign_in(http, READER)
+        page = (await http.get("/ui/messages")).text
+    assert '<th scope="col">Created (UTC)</th>' in page
+    assert ">2027-01-15 08:00:00</time>" in page  # ManualClock's start, in UTC
+
+
 async def test_a_part_of_a_number_that_is_a_possible_number_finds_the_longer_ones(
     served_bridge,
 ) -> None:
@@ -563,6 +592,30 @@ async def test_preview_shows_the_sms_and_stores_nothing(served_bridge) -> None:
         assert await bridge.store.counts() == {}
 
 
+async def test_a_preview_keeps_the_event_it_was_made_for(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The event typed for a GitHub route's preview stays in its field beside the
+    result: emptied, the result no longer says which event it is for, and the next
+    preview of an edited payload would quietly be made for the sample's event."""
+    extra = f"""{TOKENS}
+    [routes.gh]
+    format = "github"
+    to = ["oncall"]
+    secret = "{ROUTE_TOKEN}"
+    """
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        page = await http.get("/ui/routes/gh")
+        assert '<input id="event" name="event" value="">' in page.text
+        form = {"csrf": csrf_of(page), "payload": "{}", "event": "ping"}
+        answer = await http.post("/ui/routes/gh/preview", data=form)
+    assert answer.status_code == 200
+    assert "Ignored (answered 200, nobody texted): ping: pong" in answer.text
+    assert '<input id="event" name="event" value="ping">' in answer.text
+
+
 def test_chart_puts_requests_against_the_limit() -> None:
     from bridge.ingress.http.console.chart import build
 
@@ -651,6 +704,31 @@ async def test_digest_page_lists_what_it_folded(
         page = await http.get(f"/ui/messages/{held[0]}")
         assert f'<a href="/ui/messages/{digest}">message {digest}</a>' in page.text
         assert "Folded into this digest (2)" in (await http.get(f"/ui/messages/{digest}")).text
+
+
+async def test_a_digest_that_folded_more_than_the_page_lists_does_not_say_fewer(
+    served_bridge, clock: ManualClock
+) -> None:
+    """A storm of 250 texts folded into one digest: its page lists the first 200 and
+    says there are more, not "(200)" beside a digest that reads "+250 more"."""
+    bridge, url = served_bridge
+    digest = NewMessage("+12025550144", "+250 more: DiskFull x250", "digest", "SMS", 1, 1)
+    [digest_id] = await seed(bridge.store, [digest._replace(state=State.SENT)], clock.now())
+    folded = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1, state=State.SUPPRESSED)
+    reason = f"storm control: folded into digest message {digest_id}"
+    await seed(bridge.store, [folded._replace(reason=reason)] * 250, clock.now())
+    few = await seed(bridge.store, [digest._replace(state=State.SENT)], clock.now())
+    await seed(bridge.store, [folded._replace(reason=f"{reason[:-1]}{few[0]}")] * 3, clock.now())
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        page = (await http.get(f"/ui/messages/{digest_id}")).text
+        assert "Folded into this digest (200)" not in page
+        assert "Folded into this digest (more than 200; the first 200 listed)" in page
+        data = (await http.get(f"/ui/messages/{digest_id}.json")).json()
+        assert len(data["mentioned_by"]) == 200 and data["mentioned_by_more"] is True
+        small = await http.get(f"/ui/messages/{few[0]}")
+        assert "Folded into this digest (3)" in small.text
+        assert (await http.get(f"/ui/messages/{few[0]}.json")).json()["mentioned_by_more"] is False
 
 
 async def test_mentions_match_whole_message_numbers(served_bridge) -> None:

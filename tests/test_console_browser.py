@@ -24,10 +24,13 @@ import pytest
 from playwright.async_api import async_playwright
 
 from bridge.app import build as build_bridge
+from bridge.clock import ManualClock
 from bridge.config import Config, load_config
+from bridge.models import NewMessage, State
 from bridge.service import Bridge
 from bridge.sockets import bind_socket
-from tests.helpers import write_config
+from tests.helpers import bridge_config, running_bridge, write_config
+from tests.stores import seed
 
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -40,6 +43,12 @@ def shots(tmp_path: Path) -> Path:
 ADMIN = "admin-token-0123456789abcdef"
 READER = "read-token-0123456789abcdef"
 WAIT_MS = 30_000
+# For the tests on the manual clock (tests.helpers.running_bridge, no dispatcher).
+CLOCKED_TOKENS = f"""
+[tokens.root]
+token = "{ADMIN}"
+scopes = ["admin"]
+"""
 
 pytestmark = [
     pytest.mark.browser,
@@ -297,5 +306,77 @@ async def test_phone_screen_and_keyboard(tmp_path: Path, browser) -> None:
                  .filter(e => !e.labels || e.labels.length === 0).map(e => e.name)"""
         )
         assert unlabelled == []
+        await context.close()
+    assert errors.errors == []
+
+
+# A reason as a provider or a transport error may word it: one long unbroken run (a URL,
+# an undecodable answer quoted) that a phone's screen cannot hold on one line.
+LONG_REASON = (
+    "gave up after 5 attempts: undecodable provider answer: "
+    + "x" * 120
+    + (" https://api.provider.example/api/v1/" + "path/" * 20 + "end-of-the-reason")
+)
+
+
+async def test_a_long_reason_wraps_on_a_phone_and_is_read_whole(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """The overview's recent failures and a message's page (its reason, its timeline)
+    keep a long reason on a phone's screen: wrapped, not past its right edge."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+        failed = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1, state=State.FAILED)
+        [message_id] = await seed(bridge.store, [failed._replace(reason=LONG_REASON)], 1.0)
+        await bridge.store.note([message_id], LONG_REASON, clock.now())
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        )
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        for path in ("/ui/", f"/ui/messages/{message_id}"):
+            await page.goto(url + path)
+            overflow = await page.evaluate(
+                "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert overflow <= 0, f"{path} scrolls sideways on a phone by {overflow}px"
+            ends = page.get_by_text("end-of-the-reason")
+            assert await ends.count() >= 1
+            for index in range(await ends.count()):
+                box = await ends.nth(index).bounding_box()
+                assert box is not None and box["x"] + box["width"] <= 390, path
+        await context.close()
+    assert errors.errors == []
+
+
+async def test_the_overviews_time_moves_with_its_figures(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """The overview refreshes its figures in place; its "As of" time says when they were
+    read, not when the page was first loaded (an hour later, the figures are an hour
+    newer than that)."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+        context = await browser.new_context()
+        page = await context.new_page()
+        errors.watch(page)
+        await page.clock.install()  # the page's timers move when the test says
+        await sign_in(page, url, ADMIN)
+        stamp = page.locator(".updated time")
+        assert await stamp.inner_text() == "2027-01-15 08:00:00 UTC"
+        queued = page.locator('.states a[href$="state=queued"] strong')
+        assert await queued.inner_text() == "0"
+
+        clock.advance(3600)
+        queued_message = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1)
+        await seed(bridge.store, [queued_message], clock.now())
+        await page.clock.run_for(11_000)  # past the overview's 10 s refresh
+        await page.wait_for_function(
+            "document.querySelector('.states a[href$=\"state=queued\"] strong').textContent === '1'"
+        )
+        assert await stamp.inner_text() == "2027-01-15 09:00:00 UTC"
         await context.close()
     assert errors.errors == []

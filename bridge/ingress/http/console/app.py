@@ -54,6 +54,7 @@ MAX_TEST_TEXT = 1000
 CHART_MINUTES = 180
 DELIVERY_WINDOW = 86400.0
 RECENT_FAILURES = 10
+MENTIONS_LISTED = 200  # on a message's page: what suppressed it or was folded into it
 
 
 def whole_number(text: str) -> str | None:
@@ -219,6 +220,8 @@ class Console(Gate):
             found = await self._messages(filters, None, part, before=before, limit=limit + 1)
         page, more = found[:limit], len(found) > limit
         kept = {k: v for k, v in filters.items() if v}
+        if q.get("limit"):  # the next page as long as this one, as asked
+            kept["limit"] = str(limit)
         older = urlencode({**kept, "before": page[-1].id}) if more and page else None
         config = self.live.current
         return "messages.html", {
@@ -265,7 +268,11 @@ class Console(Gate):
             {**e, "at": iso_time(e["at"]), "epoch": e["at"]}
             for e in await self.store.events(message.id)
         ]
-        data["mentioned_by"] = await self.store.mentioned_by(message.id)
+        # One more than listed tells whether there are more: a storm's digest may fold
+        # hundreds, and "(200)" beside "+250 more" would be a wrong count.
+        mentions = await self.store.mentioned_by(message.id, MENTIONS_LISTED + 1)
+        data["mentioned_by"] = mentions[:MENTIONS_LISTED]
+        data["mentioned_by_more"] = len(mentions) > MENTIONS_LISTED
         data["can_retry"] = message.state == State.FAILED
         data["can_cancel"] = message.state in (State.QUEUED, State.HELD)
         return "message.html", data
@@ -332,6 +339,7 @@ class Console(Gate):
         # typed), where someone may have pasted a secret.
         result.error = result.error and self._shown(result.error)
         result.ignored = result.ignored and self._shown(result.ignored)
+        result.event = self._shown(result.event)  # shown again in its field, masked alike
         _, data = await self.route_page(request, caller, result)
         return self._render(request, caller, "route.html", data)
 

@@ -186,6 +186,7 @@ class PreviewText:
 @dataclass
 class Preview:
     payload: str
+    event: str = ""  # as typed: shown again beside the result it was made for
     error: str | None = None
     ignored: str | None = None
     texts: list[PreviewText] = field(default_factory=list)
@@ -212,7 +213,7 @@ def preview(
     ingestor: Ingestor,
 ) -> Preview:
     """The SMS `payload` would produce on `route`: texts, parts, costs. Stores nothing."""
-    result = Preview(payload=payload)
+    result = Preview(payload=payload, event=event)
     body = payload.encode("utf-8", "surrogatepass")
     if len(body) > MAX_PREVIEW_BYTES:
         result.error = f"payload larger than {MAX_PREVIEW_BYTES} bytes"

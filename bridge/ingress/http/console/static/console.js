@@ -48,9 +48,17 @@
         if (!html) {
           return;
         }
-        var fresh = new DOMParser().parseFromString(html, "text/html").getElementById("live");
+        var doc = new DOMParser().parseFromString(html, "text/html");
+        var fresh = doc.getElementById("live");
         if (fresh) {
           live.innerHTML = fresh.innerHTML;
+          // "As of" stands beside the title, outside the live part: it must say when
+          // these figures were read, not when the page was first loaded.
+          var stamp = document.querySelector(".updated time");
+          var freshStamp = doc.querySelector(".updated time");
+          if (stamp && freshStamp) {
+            stamp.replaceWith(freshStamp);
+          }
         }
       })
       .catch(function () {
