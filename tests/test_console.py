@@ -46,6 +46,13 @@ format = "alertmanager"
 to = ["oncall"]
 token = "{ROUTE_TOKEN}"
 """
+# The tokens and a GitHub route (its secret ROUTE_TOKEN): what a preview's event is for.
+GITHUB_ROUTE = f"""{TOKENS}
+[routes.gh]
+format = "github"
+to = ["oncall"]
+secret = "{ROUTE_TOKEN}"
+"""
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
@@ -598,13 +605,7 @@ async def test_a_preview_keeps_the_event_it_was_made_for(
     """The event typed for a GitHub route's preview stays in its field beside the
     result: emptied, the result no longer says which event it is for, and the next
     preview of an edited payload would quietly be made for the sample's event."""
-    extra = f"""{TOKENS}
-    [routes.gh]
-    format = "github"
-    to = ["oncall"]
-    secret = "{ROUTE_TOKEN}"
-    """
-    config = bridge_config(tmp_path, sandbox_url, extra)
+    config = bridge_config(tmp_path, sandbox_url, GITHUB_ROUTE)
     async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
         await sign_in(http, READER)
         page = await http.get("/ui/routes/gh")
@@ -913,13 +914,7 @@ async def test_a_previews_ignored_line_is_masked_as_its_refusal_is(
 ) -> None:
     """The reason a payload is ignored quotes what was typed (here the GitHub event): a
     secret of this config there is masked, as on the "Refused" line."""
-    extra = f"""{TOKENS}
-    [routes.gh]
-    format = "github"
-    to = ["oncall"]
-    secret = "{ROUTE_TOKEN}"
-    """
-    config = bridge_config(tmp_path, sandbox_url, extra)
+    config = bridge_config(tmp_path, sandbox_url, GITHUB_ROUTE)
     async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
         await sign_in(http, READER)
         token = csrf_of(await http.get("/ui/routes/gh"))

@@ -7,11 +7,13 @@ smtplib, out to the sandbox provider on loopback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import random
 import smtplib
+from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from starlette.datastructures import Headers
 
 from bridge import phone
 from bridge.clock import ManualClock
-from bridge.config import RouteConfig, load_config
+from bridge.config import Config, RouteConfig, load_config
 from bridge.errors import ConfigError
 from bridge.firewall import Firewall, RefusedNumber
 from bridge.ingress.formats import HookRequest, alertmanager, github
@@ -34,6 +36,7 @@ from bridge.models import State
 from bridge.phone import PhoneError, facts, normalise_number
 from bridge.provider.sandbox import SandboxState
 from bridge.provider.sandbox.faults import Fault
+from bridge.service import Bridge
 from tests.helpers import bridge_config, pump, running_bridge, write_config
 from tests.test_smtp import smtp_listening
 
@@ -81,6 +84,20 @@ allow_payload_to = true
 public = true
 """
 GITHUB_BODY = json.dumps(github.SAMPLE).encode()
+
+
+@contextlib.asynccontextmanager
+async def both_listeners(
+    config: Config, clock: ManualClock
+) -> AsyncIterator[tuple[Bridge, str, int, httpx.AsyncClient]]:
+    """The bridge with its HTTP (url) and SMTP (port) listeners, and an HTTP client: a
+    number written one way reaches both."""
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        yield bridge, url, port, http
 
 
 def signed(body: bytes, delivery: str) -> dict[str, str]:
@@ -160,11 +177,7 @@ async def test_allowed_countries_over_api_hooks_and_smtp(
         ROUTES + '[phone]\nallowed_countries = ["us", "CA"]\n[smtp]\ndomains = ["sms.localhost"]\n'
     )
     config = bridge_config(tmp_path, sandbox_url, extra)
-    async with (
-        running_bridge(config, clock) as (bridge, url),
-        smtp_listening(bridge) as port,
-        httpx.AsyncClient() as http,
-    ):
+    async with both_listeners(config, clock) as (bridge, url, port, http):
         api = await http.post(
             f"{url}/api/v1/messages", json={"to": "+442079460000", "message": "x"}
         )
@@ -505,11 +518,7 @@ async def test_reload_applies_the_firewall_to_every_path(
     config = bridge_config(tmp_path, sandbox_url, base)
     stricter = bridge_config(tmp_path, sandbox_url, base + '[phone]\nallowed_countries = ["US"]\n')
     uk = "+442079460000"
-    async with (
-        running_bridge(config, clock) as (bridge, url),
-        smtp_listening(bridge) as port,
-        httpx.AsyncClient() as http,
-    ):
+    async with both_listeners(config, clock) as (bridge, url, port, http):
         assert (await asyncio.to_thread(rcpt, port, f"{uk}@sms.localhost"))[0] == 250
         assert bridge.reload(stricter) == []
         code, _ = await asyncio.to_thread(rcpt, port, f"{uk}@sms.localhost")
@@ -540,11 +549,7 @@ async def test_digits_without_a_plus_are_not_texted_to_a_guessed_country(
     """A US number without its 1 (2025550143) once went to +20 2555 0143, Egypt: a range
     no one is assigned, read as international only because no region was configured."""
     config = bridge_config(tmp_path, sandbox_url, '[smtp]\ndomains = ["sms.localhost"]\n')
-    async with (
-        running_bridge(config, clock) as (bridge, url),
-        smtp_listening(bridge) as port,
-        httpx.AsyncClient() as http,
-    ):
+    async with both_listeners(config, clock) as (_, url, port, http):
         api = await http.post(f"{url}/api/v1/messages", json={"to": "2025550143", "message": "x"})
         code, message = await asyncio.to_thread(rcpt, port, "2025550143@sms.localhost")
         # With its country code, and written with + even in an unknown range, it goes.
@@ -579,11 +584,7 @@ async def test_a_regions_own_international_prefix_is_not_read_as_00_and_a_code(
         '[smtp]\ndomains = ["sms.localhost", "kr.sms.localhost"]\n'
         'regions = {"kr.sms.localhost" = "KR"}\n',
     )
-    async with (
-        running_bridge(config, clock) as (bridge, url),
-        smtp_listening(bridge) as port,
-        httpx.AsyncClient() as http,
-    ):
+    async with both_listeners(config, clock) as (bridge, url, port, http):
 
         async def api(to: str) -> httpx.Response:
             return await http.post(f"{url}/api/v1/messages", json={"to": to, "message": "x"})
@@ -628,11 +629,7 @@ async def test_group_members_are_read_in_phone_default_region_over_every_domain(
         '[smtp]\ndomains = ["sms.localhost", "sms.example.at"]\n'
         'regions = {"sms.example.at" = "AT"}\n',
     )
-    async with (
-        running_bridge(config, clock) as (bridge, url),
-        smtp_listening(bridge) as port,
-        httpx.AsyncClient() as http,
-    ):
+    async with both_listeners(config, clock) as (bridge, url, port, http):
         api = await http.post(f"{url}/api/v1/messages", json={"to": "oncall", "message": "a"})
         await asyncio.to_thread(
             send_to, port, ["OnCall@sms.example.at", "015123456@sms.example.at"], "b"
@@ -656,11 +653,7 @@ async def test_numbers_in_other_digits_read_as_in_ascii_digits(
     arabic = str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")
     fullwidth = {ord("+"): 0xFF0B} | {ord(d): 0xFF10 + int(d) for d in "0123456789"}
     written = ["0012025550143".translate(arabic), "0044 7911 123456".translate(fullwidth)]
-    async with (
-        running_bridge(config, clock) as (bridge, url),
-        smtp_listening(bridge) as port,
-        httpx.AsyncClient() as http,
-    ):
+    async with both_listeners(config, clock) as (bridge, url, port, http):
         answers = [
             await http.post(f"{url}/api/v1/messages", json={"to": to, "message": "x"})
             for to in [*written, "+1 202 555 0143".translate(fullwidth)]
