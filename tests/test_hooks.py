@@ -232,6 +232,32 @@ async def test_alertmanager_repeat_is_deduplicated_and_resolved_is_sent(
     assert len(texts) == 4
 
 
+@pytest.mark.parametrize("route", ["am", "grafana"])
+async def test_an_alert_that_fires_again_after_resolving_is_texted_again(
+    route: str, tmp_path, clock, sandbox_url
+) -> None:
+    """A flap within the dedupe window: firing, resolved, firing again. The third is a new
+    episode (a new startsAt), not a repeat: suppressing it left [RESOLVED] as the last
+    word on the phone while the alert fired. Its own repeat is still suppressed."""
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    firing = json.loads((HOOKS / "alertmanager-firing.json").read_text())
+    resolved = json.loads((HOOKS / "alertmanager-resolved.json").read_text())
+    again = json.loads((HOOKS / "alertmanager-firing.json").read_text())
+    for alert in again["alerts"]:
+        alert["startsAt"] = "2026-11-25T10:34:00.000Z"
+    states = []
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        for payload in (firing, resolved, again, again):
+            body = json.dumps(payload).encode()
+            r = await http.post(
+                f"{url}/hooks/{route}", content=body, headers=auth_headers(route, body)
+            )
+            assert r.status_code == 202, r.text
+            states.append({m["state"] for m in r.json()["messages"]})
+            clock.advance(120)  # all four within dedupe.window (10 minutes)
+    assert states == [{"queued"}, {"queued"}, {"queued"}, {"suppressed"}]
+
+
 async def test_bad_requests_get_clear_4xx_and_store_nothing(tmp_path, clock, sandbox_url) -> None:
     config = bridge_config(tmp_path, sandbox_url, ROUTES)
     am = {"authorization": "Bearer am-token-0123456789"}
