@@ -232,6 +232,63 @@ async def test_alertmanager_repeat_is_deduplicated_and_resolved_is_sent(
     assert len(texts) == 4
 
 
+async def test_github_form_encoded_delivery_is_read_like_json(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """GitHub's default content type (the web form's and the API's `form`) posts the JSON as
+    the form field `payload`, signed as sent: it must text as the JSON delivery does."""
+    from urllib.parse import urlencode
+
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    name = "github-workflow-run-failure.json"
+    case = EXPECTED[name]
+    form = urlencode({"payload": (HOOKS / name).read_text(encoding="utf-8")}).encode()
+    headers = auth_headers("github", form, case["headers"])
+    headers["content-type"] = "application/x-www-form-urlencoded"
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        response = await http.post(f"{url}/hooks/github", content=form, headers=headers)
+        assert response.status_code == 202, response.text
+        again = await http.post(f"{url}/hooks/github", content=form, headers=headers)
+        assert {m["state"] for m in again.json()["messages"]} == {"suppressed"}  # redelivery
+        ping = urlencode({"payload": json.dumps({"zen": "Keep it logically awesome."})}).encode()
+        answer = await http.post(
+            f"{url}/hooks/github",
+            content=ping,
+            headers={
+                **auth_headers("github", ping, {"X-GitHub-Event": "ping"}),
+                "content-type": "application/x-www-form-urlencoded",
+            },
+        )
+        assert answer.status_code == 200 and answer.json() == {"ignored": "ping: pong"}
+        # signed as sent: a form body signed otherwise is refused
+        forged = {
+            **headers,
+            "X-Hub-Signature-256": auth_headers("github", b"x")["X-Hub-Signature-256"],
+        }
+        assert (
+            await http.post(f"{url}/hooks/github", content=form, headers=forged)
+        ).status_code == 401
+        for bad in (b"other=1", b"payload=%7Bnot+json"):
+            signed = {**headers, **auth_headers("github", bad)}
+            signed["content-type"] = "application/x-www-form-urlencoded"
+            refused = await http.post(f"{url}/hooks/github", content=bad, headers=signed)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["field"] in ("payload", "body"), refused.text
+        # other routes still take JSON only
+        assert (
+            await http.post(
+                f"{url}/hooks/gitlab",
+                content=b"payload=%7B%7D",
+                headers={
+                    **auth_headers("gitlab", b""),
+                    "content-type": "application/x-www-form-urlencoded",
+                },
+            )
+        ).status_code == 415
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [(e.to, e.message) for e in sandbox_state.entries] == [("+12025550143", case["text"])]
+
+
 @pytest.mark.parametrize("route", ["am", "grafana"])
 async def test_an_alert_that_fires_again_after_resolving_is_texted_again(
     route: str, tmp_path, clock, sandbox_url
