@@ -289,6 +289,44 @@ async def test_github_form_encoded_delivery_is_read_like_json(
     assert [(e.to, e.message) for e in sandbox_state.entries] == [("+12025550143", case["text"])]
 
 
+async def test_gitlab_retry_is_deduplicated_by_its_idempotency_key(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """GitLab (17.4+) keeps `Idempotency-Key` across the retries of one event, while each
+    attempt gets a new `X-Gitlab-Event-UUID` (one per request): a retry texts nobody twice,
+    a new event (its own key) is texted."""
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    body = (HOOKS / "gitlab-pipeline-failed.json").read_bytes()
+    again = json.loads(body)
+    again["object_attributes"]["finished_at"] = "2026-11-25 13:24:10 UTC"  # failed again
+    attempts = [
+        (body, "f5e5f430-f57b-4e6e-9fac-d9128cd7232f", "13792a34-cac6-4fda-95a8-c58e00a3954e"),
+        (body, "f5e5f430-f57b-4e6e-9fac-d9128cd7232f", "5d1f0c7e-9b0a-4c55-8d1e-2b7a1c3e4f60"),
+        (
+            json.dumps(again).encode(),
+            "0b6f3a52-77c1-4d0e-a1f4-3c2d9e8b7a61",
+            "8a2e4c6b-1d3f-4e5a-9b7c-0d1e2f3a4b5c",
+        ),
+    ]
+    states = []
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        for content, key, uuid in attempts:
+            headers = auth_headers(
+                "gitlab",
+                content,
+                {
+                    "X-Gitlab-Event": "Pipeline Hook",
+                    "Idempotency-Key": key,
+                    "X-Gitlab-Event-UUID": uuid,
+                },
+            )
+            r = await http.post(f"{url}/hooks/gitlab", content=content, headers=headers)
+            assert r.status_code == 202, r.text
+            states.append({m["state"] for m in r.json()["messages"]})
+            clock.advance(30)
+    assert states == [{"queued"}, {"suppressed"}, {"queued"}]
+
+
 @pytest.mark.parametrize("route", ["am", "grafana"])
 async def test_an_alert_that_fires_again_after_resolving_is_texted_again(
     route: str, tmp_path, clock, sandbox_url

@@ -3,7 +3,9 @@
 A failed pipeline names its failed jobs, a failed job its failure reason.
 
 By default only failures are texted; `conclusions` (GitLab statuses) and `branches`
-change that per route. `X-Gitlab-Event-UUID` is the dedupe key where GitLab sends it.
+change that per route. The dedupe key is `Idempotency-Key` (GitLab 17.4+: the same on
+every retry of one event), else `X-Gitlab-Event-UUID` (older GitLab), else the object, its
+id and status.
 """
 
 from __future__ import annotations
@@ -124,7 +126,9 @@ def parse(request: HookRequest) -> list[HookMessage]:
         key = f"deployment:{payload.get('deployment_id')}:{status}"
     else:
         raise Ignored(f"event {event or kind or '(none)'} is not texted")
-    uuid = request.headers.get("x-gitlab-event-uuid")
+    # Not X-Gitlab-Event-UUID first: GitLab makes one per request, so each retry of an
+    # event carries a new one (and was texted again); Idempotency-Key is kept across them.
+    uuid = request.headers.get("idempotency-key") or request.headers.get("x-gitlab-event-uuid")
     return [
         HookMessage(
             text=text,
