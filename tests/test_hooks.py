@@ -327,6 +327,22 @@ async def test_gitlab_retry_is_deduplicated_by_its_idempotency_key(
     assert states == [{"queued"}, {"suppressed"}, {"queued"}]
 
 
+async def test_gitlab_job_allowed_to_fail_is_not_texted(tmp_path, clock, sandbox_url) -> None:
+    """A job with `allow_failure` (GitLab's own SAST and dependency-scanning templates set
+    it) fails without failing its pipeline: GitLab shows a warning, and a failed pipeline's
+    text leaves such jobs out. Its Job Hook is answered 200 with the reason, not texted."""
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    payload = json.loads((HOOKS / "gitlab-job-failed.json").read_text())
+    payload["build_allow_failure"] = True
+    body = json.dumps(payload).encode()
+    headers = auth_headers("gitlab", body, {"X-Gitlab-Event": "Job Hook"})
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        r = await http.post(f"{url}/hooks/gitlab", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"ignored": "job integration is allowed to fail"}
+        assert await bridge.store.counts() == {}
+
+
 @pytest.mark.parametrize("route", ["am", "grafana"])
 async def test_an_alert_that_fires_again_after_resolving_is_texted_again(
     route: str, tmp_path, clock, sandbox_url

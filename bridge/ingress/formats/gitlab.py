@@ -102,6 +102,10 @@ def parse(request: HookRequest) -> list[HookMessage]:
         ref = text_field(payload.get("ref"), "ref")
         check_filters(request.route, status, ref, DEFAULT_STATUSES)
         name = text_field(payload.get("build_name"), "build_name", "job")
+        # Its pipeline does not fail for it (GitLab shows a warning), as a pipeline's text
+        # leaves such jobs out.
+        if status == "failed" and payload.get("build_allow_failure") is True:
+            raise Ignored(f"job {name} is allowed to fail")
         stage = text_field(payload.get("build_stage"), "build_stage")
         reason = text_field(payload.get("build_failure_reason"), "build_failure_reason")
         reason = "" if reason in ("", "unknown_failure") or status != "failed" else reason
