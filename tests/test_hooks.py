@@ -527,6 +527,34 @@ template = "{{ alerts[0].labels.alertname + 1 }}"
     assert sent["+12025550144"] == "[FIRING:3] HighLatency api-1, api-2 +1: p99 above 2s"
 
 
+async def test_a_template_renders_a_payload_with_a_self_key(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A top-level `self` (a REST resource's own link) is a field like any other: passed as
+    a keyword it clashed with Template.render's own `self`, and the route's template was
+    replaced by the fallback, the payload as raw JSON."""
+    routes = (
+        ROUTES
+        + """
+[routes.tracker]
+format = "generic"
+to = ["+12025550143"]
+public = true
+template = "{{ event }}: {{ summary }}"
+"""
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    payload = {
+        "self": "https://tracker.example.org/rest/api/2/issue/10002",
+        "event": "issue_created",
+        "summary": "Backups fail on nas-1",
+    }
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        assert (await http.post(f"{url}/hooks/tracker", json=payload)).status_code == 202
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [e.message for e in sandbox_state.entries] == ["issue_created: Backups fail on nas-1"]
+
+
 async def test_generic_recipients_from_payload_and_query(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
