@@ -35,7 +35,8 @@ def check_template(source: str) -> str | None:
 def render(source: str, context: Mapping[str, Any]) -> str:
     """Render or raise TemplateError (callers fall back to their default text)."""
     try:
-        return str(_compiled(source).render(**context)).strip()
+        # One mapping, not keywords: a payload key `self` would clash with render's own.
+        return str(_compiled(source).render(dict(context))).strip()
     except TemplateError:
         raise
     except Exception as exc:  # a filter or attribute blew up inside the sandbox

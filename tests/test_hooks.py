@@ -232,6 +232,143 @@ async def test_alertmanager_repeat_is_deduplicated_and_resolved_is_sent(
     assert len(texts) == 4
 
 
+async def test_github_form_encoded_delivery_is_read_like_json(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """GitHub's default content type (the web form's and the API's `form`) posts the JSON as
+    the form field `payload`, signed as sent: it must text as the JSON delivery does."""
+    from urllib.parse import urlencode
+
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    name = "github-workflow-run-failure.json"
+    case = EXPECTED[name]
+    form = urlencode({"payload": (HOOKS / name).read_text(encoding="utf-8")}).encode()
+    headers = auth_headers("github", form, case["headers"])
+    headers["content-type"] = "application/x-www-form-urlencoded"
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        response = await http.post(f"{url}/hooks/github", content=form, headers=headers)
+        assert response.status_code == 202, response.text
+        again = await http.post(f"{url}/hooks/github", content=form, headers=headers)
+        assert {m["state"] for m in again.json()["messages"]} == {"suppressed"}  # redelivery
+        ping = urlencode({"payload": json.dumps({"zen": "Keep it logically awesome."})}).encode()
+        answer = await http.post(
+            f"{url}/hooks/github",
+            content=ping,
+            headers={
+                **auth_headers("github", ping, {"X-GitHub-Event": "ping"}),
+                "content-type": "application/x-www-form-urlencoded",
+            },
+        )
+        assert answer.status_code == 200 and answer.json() == {"ignored": "ping: pong"}
+        # signed as sent: a form body signed otherwise is refused
+        forged = {
+            **headers,
+            "X-Hub-Signature-256": auth_headers("github", b"x")["X-Hub-Signature-256"],
+        }
+        assert (
+            await http.post(f"{url}/hooks/github", content=form, headers=forged)
+        ).status_code == 401
+        for bad in (b"other=1", b"payload=%7Bnot+json"):
+            signed = {**headers, **auth_headers("github", bad)}
+            signed["content-type"] = "application/x-www-form-urlencoded"
+            refused = await http.post(f"{url}/hooks/github", content=bad, headers=signed)
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["field"] in ("payload", "body"), refused.text
+        # other routes still take JSON only
+        assert (
+            await http.post(
+                f"{url}/hooks/gitlab",
+                content=b"payload=%7B%7D",
+                headers={
+                    **auth_headers("gitlab", b""),
+                    "content-type": "application/x-www-form-urlencoded",
+                },
+            )
+        ).status_code == 415
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [(e.to, e.message) for e in sandbox_state.entries] == [("+12025550143", case["text"])]
+
+
+async def test_gitlab_retry_is_deduplicated_by_its_idempotency_key(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """GitLab (17.4+) keeps `Idempotency-Key` across the retries of one event, while each
+    attempt gets a new `X-Gitlab-Event-UUID` (one per request): a retry texts nobody twice,
+    a new event (its own key) is texted."""
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    body = (HOOKS / "gitlab-pipeline-failed.json").read_bytes()
+    again = json.loads(body)
+    again["object_attributes"]["finished_at"] = "2026-11-25 13:24:10 UTC"  # failed again
+    attempts = [
+        (body, "f5e5f430-f57b-4e6e-9fac-d9128cd7232f", "13792a34-cac6-4fda-95a8-c58e00a3954e"),
+        (body, "f5e5f430-f57b-4e6e-9fac-d9128cd7232f", "5d1f0c7e-9b0a-4c55-8d1e-2b7a1c3e4f60"),
+        (
+            json.dumps(again).encode(),
+            "0b6f3a52-77c1-4d0e-a1f4-3c2d9e8b7a61",
+            "8a2e4c6b-1d3f-4e5a-9b7c-0d1e2f3a4b5c",
+        ),
+    ]
+    states = []
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        for content, key, uuid in attempts:
+            headers = auth_headers(
+                "gitlab",
+                content,
+                {
+                    "X-Gitlab-Event": "Pipeline Hook",
+                    "Idempotency-Key": key,
+                    "X-Gitlab-Event-UUID": uuid,
+                },
+            )
+            r = await http.post(f"{url}/hooks/gitlab", content=content, headers=headers)
+            assert r.status_code == 202, r.text
+            states.append({m["state"] for m in r.json()["messages"]})
+            clock.advance(30)
+    assert states == [{"queued"}, {"suppressed"}, {"queued"}]
+
+
+async def test_gitlab_job_allowed_to_fail_is_not_texted(tmp_path, clock, sandbox_url) -> None:
+    """A job with `allow_failure` (GitLab's own SAST and dependency-scanning templates set
+    it) fails without failing its pipeline: GitLab shows a warning, and a failed pipeline's
+    text leaves such jobs out. Its Job Hook is answered 200 with the reason, not texted."""
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    payload = json.loads((HOOKS / "gitlab-job-failed.json").read_text())
+    payload["build_allow_failure"] = True
+    body = json.dumps(payload).encode()
+    headers = auth_headers("gitlab", body, {"X-Gitlab-Event": "Job Hook"})
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        r = await http.post(f"{url}/hooks/gitlab", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"ignored": "job integration is allowed to fail"}
+        assert await bridge.store.counts() == {}
+
+
+@pytest.mark.parametrize("route", ["am", "grafana"])
+async def test_an_alert_that_fires_again_after_resolving_is_texted_again(
+    route: str, tmp_path, clock, sandbox_url
+) -> None:
+    """A flap within the dedupe window: firing, resolved, firing again. The third is a new
+    episode (a new startsAt), not a repeat: suppressing it left [RESOLVED] as the last
+    word on the phone while the alert fired. Its own repeat is still suppressed."""
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    firing = json.loads((HOOKS / "alertmanager-firing.json").read_text())
+    resolved = json.loads((HOOKS / "alertmanager-resolved.json").read_text())
+    again = json.loads((HOOKS / "alertmanager-firing.json").read_text())
+    for alert in again["alerts"]:
+        alert["startsAt"] = "2026-11-25T10:34:00.000Z"
+    states = []
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        for payload in (firing, resolved, again, again):
+            body = json.dumps(payload).encode()
+            r = await http.post(
+                f"{url}/hooks/{route}", content=body, headers=auth_headers(route, body)
+            )
+            assert r.status_code == 202, r.text
+            states.append({m["state"] for m in r.json()["messages"]})
+            clock.advance(120)  # all four within dedupe.window (10 minutes)
+    assert states == [{"queued"}, {"queued"}, {"queued"}, {"suppressed"}]
+
+
 async def test_bad_requests_get_clear_4xx_and_store_nothing(tmp_path, clock, sandbox_url) -> None:
     config = bridge_config(tmp_path, sandbox_url, ROUTES)
     am = {"authorization": "Bearer am-token-0123456789"}
@@ -388,6 +525,34 @@ template = "{{ alerts[0].labels.alertname + 1 }}"
     sent = {e.to: e.message for e in sandbox_state.entries}
     assert sent["+12025550143"] == "FIRING: 3 x HighLatency"
     assert sent["+12025550144"] == "[FIRING:3] HighLatency api-1, api-2 +1: p99 above 2s"
+
+
+async def test_a_template_renders_a_payload_with_a_self_key(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A top-level `self` (a REST resource's own link) is a field like any other: passed as
+    a keyword it clashed with Template.render's own `self`, and the route's template was
+    replaced by the fallback, the payload as raw JSON."""
+    routes = (
+        ROUTES
+        + """
+[routes.tracker]
+format = "generic"
+to = ["+12025550143"]
+public = true
+template = "{{ event }}: {{ summary }}"
+"""
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    payload = {
+        "self": "https://tracker.example.org/rest/api/2/issue/10002",
+        "event": "issue_created",
+        "summary": "Backups fail on nas-1",
+    }
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        assert (await http.post(f"{url}/hooks/tracker", json=payload)).status_code == 202
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [e.message for e in sandbox_state.entries] == ["issue_created: Backups fail on nas-1"]
 
 
 async def test_generic_recipients_from_payload_and_query(

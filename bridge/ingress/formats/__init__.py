@@ -2,8 +2,9 @@
 
 A format exposes `parse(request) -> list[HookMessage]`, may expose `verify(request, now)`
 (a signature check over the raw body, raising `Unauthorized`; `now` for timestamped
-signatures), and has a `SAMPLE` payload that `check-config` renders each route's template
-against. Payload problems raise `InputError` naming the field; events a route does not
+signatures), may name a `FORM_FIELD` (the form field that holds the JSON when its sender
+posts `application/x-www-form-urlencoded`), and has a `SAMPLE` payload that `check-config`
+renders each route's template against. Payload problems raise `InputError` naming the field; events a route does not
 text raise `Ignored`. The shared types live in `bridge.ingress.formats.base`.
 """
 

@@ -1,8 +1,8 @@
 """Prometheus Alertmanager webhook (payload version 4): one SMS per notification.
 
-The dedupe key is the group key, the status and the alerts' fingerprints, so
-Alertmanager's repeat notifications within the dedupe window send nothing new, while a
-change (another alert joins, or the group resolves) does.
+The dedupe key is the group key, the status and the alerts' fingerprints and start
+times, so Alertmanager's repeat notifications within the dedupe window send nothing new,
+while a change (another alert joins, the group resolves, or fires again) does.
 """
 
 from __future__ import annotations

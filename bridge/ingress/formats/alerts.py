@@ -254,8 +254,16 @@ def summarize(
     if with_values and len(listed) == 1:
         text += _values(listed[0])
 
+    # Each alert by its fingerprint and when it started: a repeat of an unchanged group
+    # keeps both, while an alert that resolved and fires again is a new episode with a new
+    # startsAt (else the flap's second "firing" was a duplicate of the first, and the phone's
+    # last word was [RESOLVED] while it fired).
     fingerprints = sorted(
-        str(a.get("fingerprint") or json.dumps(a.get("labels"), sort_keys=True)) for a in listed
+        [
+            str(a.get("fingerprint") or json.dumps(a.get("labels"), sort_keys=True)),
+            str(a.get("startsAt") or ""),
+        ]
+        for a in listed
     )
     digest = hashlib.sha256(
         json.dumps([payload.get("groupKey"), status, fingerprints]).encode()

@@ -5,6 +5,7 @@ Failures name the repository and what failed: the workflow (or, for a job, the j
 its first failing step; for a check run, the check and its output title), the branch and
 the short SHA when the payload has one.
 
+JSON or GitHub's default form encoding (the JSON in the field `payload`).
 `X-Hub-Signature-256` (HMAC-SHA256 of the raw body with the route's secret) is required;
 a hash of the signed body is the dedupe key, so neither GitHub's redeliveries nor a
 replayed body under a new `X-GitHub-Delivery` text anybody twice. By
@@ -33,6 +34,9 @@ DEFAULT_CONCLUSIONS = ("failure", "timed_out", "startup_failure")
 DEFAULT_DEPLOYMENT_STATES = ("failure", "error")
 DEFAULT_STATUS_STATES = ("failure", "error")  # the commit status API's failures
 FAILED_STEPS = ("failure", "timed_out", "cancelled")
+# GitHub's default content type, application/x-www-form-urlencoded, carries the JSON in
+# this form field (bridge.ingress.http.hooks reads it; the signature covers the form).
+FORM_FIELD = "payload"
 SAMPLE_HEADERS = {"X-GitHub-Event": "workflow_run", "X-GitHub-Delivery": "sample"}
 SAMPLE = {
     "action": "completed",

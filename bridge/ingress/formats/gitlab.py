@@ -3,7 +3,9 @@
 A failed pipeline names its failed jobs, a failed job its failure reason.
 
 By default only failures are texted; `conclusions` (GitLab statuses) and `branches`
-change that per route. `X-Gitlab-Event-UUID` is the dedupe key where GitLab sends it.
+change that per route. The dedupe key is `Idempotency-Key` (GitLab 17.4+: the same on
+every retry of one event), else `X-Gitlab-Event-UUID` (older GitLab), else the object, its
+id and status.
 """
 
 from __future__ import annotations
@@ -100,6 +102,10 @@ def parse(request: HookRequest) -> list[HookMessage]:
         ref = text_field(payload.get("ref"), "ref")
         check_filters(request.route, status, ref, DEFAULT_STATUSES)
         name = text_field(payload.get("build_name"), "build_name", "job")
+        # Its pipeline does not fail for it (GitLab shows a warning), as a pipeline's text
+        # leaves such jobs out.
+        if status == "failed" and payload.get("build_allow_failure") is True:
+            raise Ignored(f"job {name} is allowed to fail")
         stage = text_field(payload.get("build_stage"), "build_stage")
         reason = text_field(payload.get("build_failure_reason"), "build_failure_reason")
         reason = "" if reason in ("", "unknown_failure") or status != "failed" else reason
@@ -124,7 +130,9 @@ def parse(request: HookRequest) -> list[HookMessage]:
         key = f"deployment:{payload.get('deployment_id')}:{status}"
     else:
         raise Ignored(f"event {event or kind or '(none)'} is not texted")
-    uuid = request.headers.get("x-gitlab-event-uuid")
+    # Not X-Gitlab-Event-UUID first: GitLab makes one per request, so each retry of an
+    # event carries a new one (and was texted again); Idempotency-Key is kept across them.
+    uuid = request.headers.get("idempotency-key") or request.headers.get("x-gitlab-event-uuid")
     return [
         HookMessage(
             text=text,

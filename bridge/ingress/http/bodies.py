@@ -40,9 +40,14 @@ def query_int(
     return int(raw)
 
 
+def media_type(request: Request) -> str:
+    """The request's Content-Type without its parameters (`; charset=...`), lowercased."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The raw JSON body (415 for another content type), bounded as `read_bounded`."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = media_type(request)
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise HttpError(415, "Content-Type must be application/json", "content-type")
     return await read_bounded(request, max_bytes)

@@ -2,7 +2,8 @@
 
 Order of checks, cheapest and most telling first: route (404), client network (403),
 token or basic auth (401), content type and size on the stream (415, 413), signature over
-the raw body (401), JSON (400), the format's own fields (400 naming the field). Then the
+the raw body (401), JSON (400; in the form field a format names, for a sender that posts
+forms), the format's own fields (400 naming the field). Then the
 texts are rendered (a failing template falls back to the format's default text, so the
 alert still goes out), stored, and only then answered 202. A sender that is told 4xx
 drops the alert, so anything that is our trouble (store, overload) answers 503.
@@ -15,6 +16,7 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,7 +27,7 @@ from bridge.config import Config, LiveConfig, RouteConfig
 from bridge.errors import HttpError
 from bridge.firewall import cap_recipients
 from bridge.ingress.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
-from bridge.ingress.http.bodies import parse_json, read_body
+from bridge.ingress.http.bodies import media_type, parse_json, read_body, read_bounded
 from bridge.ingress.ingest import Ingestor
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
@@ -34,6 +36,8 @@ from bridge.templates import TemplateError, render
 
 log = logging.getLogger(__name__)
 FALLBACK_CHARS = 300
+FORM = "application/x-www-form-urlencoded"
+FORM_MAX_FIELDS = 100
 
 
 def _check_network(route: RouteConfig, request: Request) -> None:
@@ -99,6 +103,18 @@ def _challenge(route: RouteConfig) -> str | None:
     return ", ".join(challenges) or None
 
 
+def _form_json(body: bytes, field: str) -> bytes:
+    """The JSON a form-encoded delivery carries in its field `field`."""
+    try:
+        fields = parse_qs(body.decode("ascii"), max_num_fields=FORM_MAX_FIELDS, errors="strict")
+    except ValueError as exc:  # UnicodeDecodeError, too many fields
+        raise HttpError(400, f"body is not a valid form: {exc}", "body") from exc
+    values = fields.get(field)
+    if not values:
+        raise HttpError(400, f"form has no {field!r} field (the JSON payload)", field)
+    return values[0].encode()
+
+
 def route_text(route: RouteConfig, message: HookMessage) -> str:
     """The SMS text of one hook message: the route's template, else the format's text."""
     if route.template:
@@ -141,9 +157,16 @@ def hook_endpoint(
             raise HttpError(404, f"no route named {name!r}", "name")
         _check_network(route, request)
         module = formats[route.format]
+        # A format whose sender may post a form (GitHub's default content type) names the
+        # field that holds the JSON; the signature is over the body as sent, the form.
+        form_field: str | None = getattr(module, "FORM_FIELD", None)
+        form = form_field is not None and media_type(request) == FORM
         try:
             _check_credentials(route, request)
-            body = await read_body(request, config.http.max_body_bytes)
+            if form:
+                body = await read_bounded(request, config.http.max_body_bytes)
+            else:
+                body = await read_body(request, config.http.max_body_bytes)
             hook = HookRequest(
                 route=route,
                 headers=request.headers,
@@ -172,7 +195,7 @@ def hook_endpoint(
             route=route,
             headers=request.headers,
             body=body,
-            payload=parse_json(body),
+            payload=parse_json(_form_json(body, form_field) if form and form_field else body),
             query=request.query_params,
         )
         try:
