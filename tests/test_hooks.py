@@ -493,23 +493,28 @@ async def test_store_unwritable_gives_503(tmp_path, clock, sandbox_url) -> None:
         assert await bridge.store.counts() == {}
 
 
+def templated_route(name: str, fmt: str, to: str, template: str) -> str:
+    """A public route of `fmt` texting `to` through `template` (TOML)."""
+    return (
+        f'\n[routes.{name}]\nformat = "{fmt}"\nto = ["{to}"]\npublic = true\n'
+        f"template = {json.dumps(template)}\n"
+    )
+
+
 async def test_templates_and_their_fallback(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
     routes = (
         ROUTES
-        + """
-[routes.custom]
-format = "alertmanager"
-to = ["+12025550143"]
-public = true
-template = "{{ status | upper }}: {{ alerts | length }} x {{ commonLabels.alertname }}"
-[routes.broken]
-format = "alertmanager"
-to = ["+12025550144"]
-public = true
-template = "{{ alerts[0].labels.alertname + 1 }}"
-"""
+        + templated_route(
+            "custom",
+            "alertmanager",
+            "+12025550143",
+            "{{ status | upper }}: {{ alerts | length }} x {{ commonLabels.alertname }}",
+        )
+        + templated_route(
+            "broken", "alertmanager", "+12025550144", "{{ alerts[0].labels.alertname + 1 }}"
+        )
     )
     config = bridge_config(tmp_path, sandbox_url, routes)
     body = (HOOKS / "alertmanager-firing.json").read_bytes()
@@ -533,22 +538,12 @@ async def test_a_template_renders_a_payload_with_a_self_key(
     """A top-level `self` (a REST resource's own link) is a field like any other: passed as
     a keyword it clashed with Template.render's own `self`, and the route's template was
     replaced by the fallback, the payload as raw JSON."""
-    routes = (
-        ROUTES
-        + """
-[routes.tracker]
-format = "generic"
-to = ["+12025550143"]
-public = true
-template = "{{ event }}: {{ summary }}"
-"""
+    routes = ROUTES + templated_route(
+        "tracker", "generic", "+12025550143", "{{ event }}: {{ summary }}"
     )
+    link = "https://tracker.example.org/rest/api/2/issue/10002"
+    payload = {"self": link, "event": "issue_created", "summary": "Backups fail on nas-1"}
     config = bridge_config(tmp_path, sandbox_url, routes)
-    payload = {
-        "self": "https://tracker.example.org/rest/api/2/issue/10002",
-        "event": "issue_created",
-        "summary": "Backups fail on nas-1",
-    }
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         assert (await http.post(f"{url}/hooks/tracker", json=payload)).status_code == 202
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
