@@ -290,3 +290,40 @@ async def test_the_copy_counts_stored_messages_from_its_rows(
         assert await reported(target) == await aggregated(target)
     finally:
         await target.close()
+
+
+async def _pg_pause(url: str, now: float) -> Any:
+    store = PostgresStore(url)
+    await store.open()
+    try:
+        return await store.requests_paused_until(now)
+    finally:
+        await store.close()
+
+
+def test_a_pause_the_provider_asked_for_holds_on_the_copy(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """A 429's Retry-After (or a refused key) paused every request in the SQLite file, so
+    that a restart honours it: the copy is such a restart, onto PostgreSQL."""
+    db = tmp_path / "bridge.db"
+    until = time.time() + 3600
+
+    async def paused() -> None:
+        store = SqliteStore(db)
+        await store.open()
+        try:
+            await seed(store, [_message(1)], time.time())
+            await store.pause_requests(until, "429 from the provider")
+        finally:
+            await store.close()
+
+    asyncio.run(paused())
+    copied = _copy(tmp_path, db, postgres_url)
+    assert copied.returncode == 0, copied.stderr
+    pause = run_async(lambda: _pg_pause(postgres_url, time.time()))
+    assert pause is not None and (pause.until, pause.reason) == (until, "429 from the provider")
+    # --replace gives the same result again (the target's own pause, if later, stays).
+    replaced = _copy(tmp_path, db, postgres_url, "--replace")
+    assert replaced.returncode == 0, replaced.stderr
+    assert run_async(lambda: _pg_pause(postgres_url, time.time())) == pause

@@ -22,8 +22,10 @@ from bridge.errors import StoreUnavailable
 CHUNK = 5000  # rows per fetch: a million-row store never sits in memory at once
 # What is copied, in this order (events refer to messages). The readiness heartbeat is
 # the database's own, not the store's data. The running totals (0009) go too: they hold
-# what was sent before retention purged it, which the copied rows no longer tell.
-TABLES = ("messages", "events", "provider_requests", "message_totals")
+# what was sent before retention purged it, which the copied rows no longer tell. So does
+# the pause the provider asked for (0006: a 429's Retry-After, a refused key), which a
+# restart honours: the cluster must not call the provider the moment it starts.
+TABLES = ("messages", "events", "provider_requests", "message_totals", "rate_pause")
 STORE_TABLES = TABLES[:3]  # what makes a file an sms-bridge store (0009 adds the totals)
 IN_USE = (
     "the store is in use (is `sms-bridge serve` running on it?): stop every process using"
