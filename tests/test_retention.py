@@ -13,7 +13,7 @@ from bridge.clock import ManualClock
 from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage, State
 from bridge.service import RETENTION_INTERVAL
-from tests.helpers import bridge_config, running_bridge
+from tests.helpers import bridge_config, pump_until_state, running_bridge
 from tests.stores import FaultySqliteStore, seed
 
 DAY = 86400.0
@@ -85,3 +85,29 @@ async def test_the_upkeep_runs_when_the_purge_fails(
         finally:
             stop.set()
             await step
+
+
+async def test_a_message_sent_today_is_kept_however_old_its_queueing(
+    tmp_path, clock: ManualClock, sandbox_url: str, backend: str
+) -> None:
+    """Retention counts from when a message reached its end, not from when it was queued:
+    one that waited two days (the provider down, its key refused) and went out just now
+    stays, in its history and in what today's caps count as sent."""
+    config = bridge_config(tmp_path, sandbox_url)
+    config = dataclasses.replace(config, store=dataclasses.replace(config.store, retention=DAY))
+    async with running_bridge(config, clock) as (bridge, _):
+        store = bridge.store
+        [late] = await seed(store, [DONE._replace(state=State.QUEUED)], clock.now() - 2 * DAY)
+        await pump_until_state(bridge, clock, late, State.SENT, max_seconds=60)
+        sent_today = await store.used_since(clock.now() - 3600, "budget")
+        assert sent_today == (1, 1)
+        stop = asyncio.Event()
+        step = asyncio.create_task(bridge.retention(stop))
+        try:
+            await asleep_until(clock, clock.now() + RETENTION_INTERVAL)
+        finally:
+            stop.set()
+            await step
+        message = await store.get(late)
+        assert message is not None and message.state == State.SENT
+        assert await store.used_since(clock.now() - 3600, "budget") == sent_today

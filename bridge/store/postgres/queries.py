@@ -15,8 +15,12 @@ from bridge.store.postgres.schema import MENTIONED
 
 # `sent` too: past status.give_up_after nothing will move it any more.
 PURGEABLE = "('sent', 'delivered', 'failed', 'suppressed')"
-# Retention: finished messages created before $1 (through messages_created_at).
-PURGE = f"DELETE FROM messages WHERE created_at < $1 AND state IN {PURGEABLE} RETURNING id"
+# Retention: finished messages that reached their end (their last change) before $1,
+# found through messages_created_at (created before it too).
+PURGE = (
+    "DELETE FROM messages WHERE created_at < $1 AND updated_at < $1"
+    f" AND state IN {PURGEABLE} RETURNING id"
+)
 # bridge.store.totals: rows of connections no longer in pg_stat_activity, into slot 0.
 TAKE_TOTALS_LOCK = f"SELECT pg_advisory_xact_lock({TOTALS_LOCK})"
 FOLD_TOTALS = (

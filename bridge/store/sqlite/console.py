@@ -262,12 +262,15 @@ class ConsoleQueries(EngineBound):
         """Delete messages that reached their end before `before`, with their events."""
 
         def job(db: Database) -> int:
-            where = "WHERE created_at < ? AND +state IN " + PURGEABLE_SQL
+            # Its end is its last change (updated_at): one queued for days and sent just
+            # now stays, in its history and in today's caps. created_at, never later,
+            # picks the candidates through messages_created_at.
+            where = "WHERE created_at < ? AND updated_at < ? AND +state IN " + PURGEABLE_SQL
             db.execute(
                 f"DELETE FROM events WHERE message_id IN (SELECT id FROM messages {where})",
-                (before,),
+                (before, before),
             )
-            return int(db.execute(f"DELETE FROM messages {where}", (before,)).rowcount)
+            return int(db.execute(f"DELETE FROM messages {where}", (before, before)).rowcount)
 
         return await self.engine.write(job)
 
