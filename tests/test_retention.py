@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import httpx
 import pytest
 
 from bridge.clock import ManualClock
@@ -111,3 +112,30 @@ async def test_a_message_sent_today_is_kept_however_old_its_queueing(
         message = await store.get(late)
         assert message is not None and message.state == State.SENT
         assert await store.used_since(clock.now() - 3600, "budget") == sent_today
+
+
+async def test_a_purge_of_every_message_never_lets_an_id_be_given_again(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """SQLite numbers a message max(id) + 1: a retention that purged every message (a
+    quiet bridge) gave the next one id 1 again, and `GET /api/v1/messages/1` answered a
+    caller given id 1 earlier with another message. The newest row is kept for it."""
+    config = bridge_config(tmp_path, sandbox_url)
+    config = dataclasses.replace(config, store=dataclasses.replace(config.store, retention=DAY))
+    store = CountingStore(config.store.path)
+    async with running_bridge(config, clock, store) as (bridge, url):
+        given = await seed(store, [DONE, DONE, DONE], clock.now() - 2 * DAY)
+        stop = asyncio.Event()
+        step = asyncio.create_task(bridge.retention(stop))
+        try:
+            await asleep_until(clock, clock.now() + RETENTION_INTERVAL)
+        finally:
+            stop.set()
+            await step
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(
+                f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "new"}
+            )
+            [new] = answer.json()["ids"]
+            assert new > max(given)
+            assert (await http.get(f"{url}/api/v1/messages/{given[0]}")).status_code == 404

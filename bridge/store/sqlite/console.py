@@ -266,6 +266,10 @@ class ConsoleQueries(EngineBound):
             # now stays, in its history and in today's caps. created_at, never later,
             # picks the candidates through messages_created_at.
             where = "WHERE created_at < ? AND updated_at < ? AND +state IN " + PURGEABLE_SQL
+            # The newest message stays, however old: ids are max(id) + 1, and a purge of
+            # every row gave the next message id 1 again (an id a caller holds, answered
+            # with another message). PostgreSQL's sequence never goes back.
+            where += " AND +id < (SELECT max(id) FROM messages)"  # "+": by created_at still
             db.execute(
                 f"DELETE FROM events WHERE message_id IN (SELECT id FROM messages {where})",
                 (before, before),
