@@ -251,11 +251,20 @@ def _html_to_text(html: str) -> str:
         return re.sub(r"<[^>]*>", " ", html)
 
 
+def _blank(part: Message) -> bool:
+    """Whether a part holds nothing but whitespace (its bytes: no charset to read)."""
+    payload = part.get_payload(decode=True)
+    return isinstance(payload, bytes) and not payload.strip()
+
+
 def _body(msg: Message) -> str:
     part: Message | None
     if isinstance(msg, EmailMessage):
         try:
             part = msg.get_body(preferencelist=("plain", "html"))
+            if part is not None and part.get_content_subtype() == "plain" and _blank(part):
+                # an empty plain alternative (Spring's setText("", html)): the HTML is the mail
+                part = msg.get_body(preferencelist=("html",)) or part
         except Exception:
             part = None
     else:
