@@ -32,6 +32,11 @@ CYRILLIC = "Сервер db-2 недоступен, диск заполнен н
         ("まみむめも".encode("iso-2022-jp"), "iso-2022-jp", "まみむめも"),  # 7-bit
         ("disk".encode("utf-16"), "utf-16", "disk"),  # ASCII in UTF-16 is valid UTF-8 too
         (CYRILLIC.encode("koi8-r"), "koi8-r", CYRILLIC),
+        # labels mail software writes that Python's codecs do not know
+        ("השרת נפל".encode("iso-8859-8"), "iso-8859-8-i", "השרת נפל"),
+        ("เซิร์ฟเวอร์ล่ม".encode("cp874"), "windows-874", "เซิร์ฟเวอร์ล่ม"),
+        ("サーバー停止".encode("cp932"), "Windows-31J", "サーバー停止"),
+        (CYRILLIC.encode("mac_cyrillic"), "x-mac-cyrillic", CYRILLIC),
         # iso-8859-1 read as browsers do (cp1252): 0x80 is the euro sign, not a control
         (b"Budget \x80 4,850 \x96 97%", "iso-8859-1", "Budget € 4,850 \u2013 97%"),
         ("plain ascii", None, "plain ascii"),

@@ -26,11 +26,46 @@ from charset_normalizer.md import mess_ratio
 _NON_ASCII_LABELS = ("utf_16", "utf_32", "utf_7", "iso2022")
 
 
+# Labels mail software writes that Python's codecs do not know, as the WHATWG Encoding
+# Standard reads them: RFC 1556's -i/-e for Hebrew and Arabic (the usual label of Hebrew
+# mail), Outlook's windows-874 for Thai, Microsoft's windows-31j, old x- spellings.
+# Unknown, each fell to the detector, which reads a short Hebrew text as Cyrillic.
+_LABELS = {
+    "iso-8859-8-i": "iso8859_8",
+    "iso-8859-8-e": "iso8859_8",
+    "csiso88598i": "iso8859_8",
+    "csiso88598e": "iso8859_8",
+    "iso-8859-6-i": "iso8859_6",
+    "iso-8859-6-e": "iso8859_6",
+    "csiso88596i": "iso8859_6",
+    "csiso88596e": "iso8859_6",
+    "windows-874": "cp874",
+    "windows-31j": "cp932",
+    "x-sjis": "shift_jis",
+    "x-euc-jp": "euc_jp",
+    "x-gbk": "gbk",
+    "gb_2312-80": "gb2312",
+    "x-x-big5": "big5",
+    "cn-big5": "big5",
+    "ks_c_5601-1989": "cp949",
+    "x-mac-roman": "mac_roman",
+    "x-mac-cyrillic": "mac_cyrillic",
+    "x-mac-ukrainian": "mac_cyrillic",
+    "x-cp1250": "cp1250",
+    "x-cp1251": "cp1251",
+    "dos-866": "cp866",
+    "unicode-1-1-utf-8": "utf_8",
+    "x-unicode20utf8": "utf_8",
+}
+
+
 def _codec(label: str | None) -> str | None:
     if not label:
         return None
+    name = label.strip().strip('"')
+    name = _LABELS.get(name.lower(), name)
     try:
-        return codecs.lookup(label.strip().strip('"')).name.replace("-", "_")
+        return codecs.lookup(name).name.replace("-", "_")
     except (LookupError, ValueError):  # unknown or malformed label: no declared reading
         return None
 

@@ -18,7 +18,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from email.feedparser import BytesFeedParser
-from email.headerregistry import HeaderRegistry
+from email.headerregistry import ContentDispositionHeader, HeaderRegistry
 from email.message import EmailMessage, Message
 from typing import Any
 
@@ -31,10 +31,18 @@ from bridge.schedule import MAIL_HEADER
 # policy.default, but every header read as unstructured text: we need RFC 2047 decoding,
 # not address parsing, which costs ten times the rest of the parse (measured).
 class _UnstructuredHeaders(HeaderRegistry):
-    """Every header unstructured; the header class made once per name, not per read."""
+    """Every header unstructured but Content-Disposition; the header class made once per
+    name, not per read.
+
+    `get_body()` asks each part `is_attachment()`, which reads the parsed header's
+    `content_disposition`: unstructured, that raised, and a body part after (or with)
+    any `Content-Disposition` (an HTML body before its attachment, Apple Mail's `inline`)
+    was lost. Only parts that carry one pay for the parse."""
 
     def __init__(self) -> None:
         super().__init__(use_default_map=False)
+        # a mixin the registry combines with BaseHeader, as its default map does
+        self.map_to_type("content-disposition", ContentDispositionHeader)  # type: ignore[arg-type]
         self._classes: dict[str, type] = {}
 
     def __getitem__(self, name: str) -> type:
@@ -243,11 +251,20 @@ def _html_to_text(html: str) -> str:
         return re.sub(r"<[^>]*>", " ", html)
 
 
+def _blank(part: Message) -> bool:
+    """Whether a part holds nothing but whitespace (its bytes: no charset to read)."""
+    payload = part.get_payload(decode=True)
+    return isinstance(payload, bytes) and not payload.strip()
+
+
 def _body(msg: Message) -> str:
     part: Message | None
     if isinstance(msg, EmailMessage):
         try:
             part = msg.get_body(preferencelist=("plain", "html"))
+            if part is not None and part.get_content_subtype() == "plain" and _blank(part):
+                # an empty plain alternative (Spring's setText("", html)): the HTML is the mail
+                part = msg.get_body(preferencelist=("html",)) or part
         except Exception:
             part = None
     else:
