@@ -11,9 +11,10 @@ import httpx
 import pytest
 
 from bridge.clock import ManualClock
+from bridge.config import Config
 from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage, State
-from bridge.service import RETENTION_INTERVAL
+from bridge.service import RETENTION_INTERVAL, Bridge
 from tests.helpers import bridge_config, pump_until_state, running_bridge
 from tests.stores import FaultySqliteStore, seed
 
@@ -36,6 +37,22 @@ async def asleep_until(clock: ManualClock, at: float) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"no sleeper for {at}: {clock.wakes()}")
+
+
+def kept_for(config: Config, retention: float) -> Config:
+    """`config` with `store.retention` set."""
+    return dataclasses.replace(config, store=dataclasses.replace(config.store, retention=retention))
+
+
+async def one_hourly_step(bridge: Bridge, clock: ManualClock) -> None:
+    """Run the retention step once: started, then asleep until the next hour."""
+    stop = asyncio.Event()
+    step = asyncio.create_task(bridge.retention(stop))
+    try:
+        await asleep_until(clock, clock.now() + RETENTION_INTERVAL)
+    finally:
+        stop.set()
+        await step
 
 
 @pytest.mark.parametrize("retention", [DAY, 0.0])
@@ -94,21 +111,14 @@ async def test_a_message_sent_today_is_kept_however_old_its_queueing(
     """Retention counts from when a message reached its end, not from when it was queued:
     one that waited two days (the provider down, its key refused) and went out just now
     stays, in its history and in what today's caps count as sent."""
-    config = bridge_config(tmp_path, sandbox_url)
-    config = dataclasses.replace(config, store=dataclasses.replace(config.store, retention=DAY))
+    config = kept_for(bridge_config(tmp_path, sandbox_url), DAY)
     async with running_bridge(config, clock) as (bridge, _):
         store = bridge.store
         [late] = await seed(store, [DONE._replace(state=State.QUEUED)], clock.now() - 2 * DAY)
         await pump_until_state(bridge, clock, late, State.SENT, max_seconds=60)
         sent_today = await store.used_since(clock.now() - 3600, "budget")
         assert sent_today == (1, 1)
-        stop = asyncio.Event()
-        step = asyncio.create_task(bridge.retention(stop))
-        try:
-            await asleep_until(clock, clock.now() + RETENTION_INTERVAL)
-        finally:
-            stop.set()
-            await step
+        await one_hourly_step(bridge, clock)
         message = await store.get(late)
         assert message is not None and message.state == State.SENT
         assert await store.used_since(clock.now() - 3600, "budget") == sent_today
@@ -120,18 +130,11 @@ async def test_a_purge_of_every_message_never_lets_an_id_be_given_again(
     """SQLite numbers a message max(id) + 1: a retention that purged every message (a
     quiet bridge) gave the next one id 1 again, and `GET /api/v1/messages/1` answered a
     caller given id 1 earlier with another message. The newest row is kept for it."""
-    config = bridge_config(tmp_path, sandbox_url)
-    config = dataclasses.replace(config, store=dataclasses.replace(config.store, retention=DAY))
+    config = kept_for(bridge_config(tmp_path, sandbox_url), DAY)
     store = CountingStore(config.store.path)
     async with running_bridge(config, clock, store) as (bridge, url):
         given = await seed(store, [DONE, DONE, DONE], clock.now() - 2 * DAY)
-        stop = asyncio.Event()
-        step = asyncio.create_task(bridge.retention(stop))
-        try:
-            await asleep_until(clock, clock.now() + RETENTION_INTERVAL)
-        finally:
-            stop.set()
-            await step
+        await one_hourly_step(bridge, clock)
         async with httpx.AsyncClient() as http:
             answer = await http.post(
                 f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "new"}
