@@ -201,3 +201,25 @@ async def test_a_time_beyond_what_the_providers_zone_can_write_is_a_400(
         datetime(2999, 1, 1, 6, tzinfo=UTC).timestamp()
     ]
 
+
+async def test_the_same_words_for_another_time_are_not_a_duplicate(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """A reminder at 08:00 and at 20:00, posted together: the evening one was
+    `suppressed` as a duplicate of the morning's (the key was the text alone). A retry
+    of the same request (same time) is still one text."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+
+        async def remind(at: str) -> dict:
+            body = {"to": "+12025550143", "message": "take your pills", "schedule_time": at}
+            answer = await http.post(f"{url}/api/v1/messages", json=body)
+            return answer.json()["messages"][0]
+
+        morning = await remind("2099-01-01 08:00:00")
+        evening = await remind("2099-01-01 20:00:00")
+        retried = await remind("2099-01-01T08:00:00+00:00")
+    assert morning["state"] == "queued"
+    assert evening["state"] == "queued", evening
+    assert retried["state"] == "suppressed"
+    assert f"duplicate of message {morning['id']}" in retried["reason"]

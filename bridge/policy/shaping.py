@@ -90,6 +90,10 @@ class Shaper:
                 draft.text, self.limits.transliterate, self.limits.max_parts, self.arabic_type
             )
             topic = draft.topic or default_topic(text)
+            if not draft.dedupe_key and draft.schedule_time:
+                # The same words for another time are another text (a reminder morning
+                # and evening); a retry of the same request still meets its first.
+                text_dedupe_key = f"{text_dedupe_key}@{draft.schedule_time}"
             dedupe_key = scoped_key(
                 draft.scope or draft.source, draft.dedupe_key or text_dedupe_key
             )
