@@ -209,7 +209,7 @@ async def test_the_same_words_for_another_time_are_not_a_duplicate(
     `suppressed` as a duplicate of the morning's (the key was the text alone). A retry
     of the same request (same time) is still one text."""
     config = bridge_config(tmp_path, sandbox_url)
-    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+    async with running_bridge(config, clock) as (_bridge, url), httpx.AsyncClient() as http:
 
         async def remind(at: str) -> dict:
             body = {"to": "+12025550143", "message": "take your pills", "schedule_time": at}
