@@ -31,7 +31,14 @@ def parse_schedule_time(value: str, *, now: float, tz: tzinfo, field: str = FIEL
         when = when.replace(tzinfo=tz)
     if when.timestamp() <= now:
         raise InputError(field, f"{_shown(text)} is in the past; leave it out to send now")
-    return when.astimezone(UTC).strftime(STORED_FORMAT)
+    try:
+        stored = when.astimezone(UTC)
+        # As `for_provider` will write it: a time past year 9999 there raised in the
+        # dispatcher, long after the sender was told "stored", and ended it.
+        datetime.fromtimestamp(when.timestamp(), tz)
+    except (OverflowError, ValueError) as exc:
+        raise InputError(field, f"{_shown(text)} is beyond the year 9999") from exc
+    return stored.strftime(STORED_FORMAT)
 
 
 SHOWN_CHARS = 40  # of a refused value echoed back: enough to recognise, never a payload

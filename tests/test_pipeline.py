@@ -512,3 +512,26 @@ async def test_requests_booked_by_the_cli_count_against_the_window(
         wait = await bridge.dispatcher.run_once()
         assert len(sandbox_state.entries) == 3
         assert wait > 20
+
+
+@on_each_backend
+async def test_a_nul_character_is_stored_without_it_on_every_backend(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """JSON's `\\u0000` in a text or a key was a 500 on PostgreSQL (its text type cannot
+    hold NUL) and stored as sent on SQLite; in a search, a 500 too. Now the same on both:
+    stored and sent without it, the key still meets its repeat; a search for it is a 400."""
+    config = bridge_config(tmp_path, sandbox_url)
+    body = {"to": "+12025550143", "message": "disk\u0000 full", "dedupe_key": "db-2\u0000"}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        first = await post(url, body)
+        again = await post(url, body)
+        assert first.status_code == 202 and again.status_code == 202, first.text + again.text
+        [message_id] = first.json()["ids"]
+        stored = (await http.get(f"{url}/api/v1/messages/{message_id}")).json()
+        search = await http.get(f"{url}/api/v1/messages", params={"q": "disk\u0000"})
+        await pump_until_state(bridge, clock, message_id, State.SENT, max_seconds=60)
+    assert stored["text"] == "disk full"
+    assert again.json()["messages"][0]["state"] == "suppressed"
+    assert search.status_code == 400 and search.json()["field"] == "q"
+    assert [e.message for e in sandbox_state.entries] == ["disk full"]

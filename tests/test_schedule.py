@@ -170,3 +170,56 @@ def test_a_refused_schedule_time_is_echoed_cut() -> None:
         parse_schedule_time(long_past, now=2e9, tz=UTC)
     assert "in the past" in str(caught.value) and len(str(caught.value)) < 120
     assert "'2020-01-01T00:00:00.1111" in str(caught.value)
+
+
+async def test_a_time_beyond_what_the_providers_zone_can_write_is_a_400(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """9999-12-31 23:00 UTC is year 10000 in Beirut: it was stored, and the dispatcher's
+    conversion for the provider raised, ending the dispatcher (and serve with it). And
+    23:59 at -05:00 is past 9999 in UTC: a 500. Both are bad input, said so."""
+    sandbox_state.shape = VARIANTS["local-time"]  # Asia/Beirut, as configured below
+    config = bridge_config(tmp_path, sandbox_url, timezone="Asia/Beirut")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        answers = [
+            await http.post(
+                f"{url}/api/v1/messages",
+                json={"to": "+12025550143", "message": "x", "schedule_time": when},
+            )
+            for when in ("9999-12-31T23:00:00Z", "9999-12-31T23:59:59-05:00")
+        ]
+        far = await http.post(
+            f"{url}/api/v1/messages",
+            json={"to": "+12025550144", "message": "y", "schedule_time": "2999-01-01 08:00:00"},
+        )
+        await bridge.dispatcher.run_once()  # must not raise
+    for answer in answers:
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["field"] == "schedule_time"
+    assert far.status_code == 202  # far, but a date everywhere: the provider is told it
+    assert [e.deliver_from for e in sandbox_state.entries] == [
+        datetime(2999, 1, 1, 6, tzinfo=UTC).timestamp()
+    ]
+
+
+async def test_the_same_words_for_another_time_are_not_a_duplicate(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """A reminder at 08:00 and at 20:00, posted together: the evening one was
+    `suppressed` as a duplicate of the morning's (the key was the text alone). A retry
+    of the same request (same time) is still one text."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (_bridge, url), httpx.AsyncClient() as http:
+
+        async def remind(at: str) -> dict:
+            body = {"to": "+12025550143", "message": "take your pills", "schedule_time": at}
+            answer = await http.post(f"{url}/api/v1/messages", json=body)
+            return answer.json()["messages"][0]
+
+        morning = await remind("2099-01-01 08:00:00")
+        evening = await remind("2099-01-01 20:00:00")
+        retried = await remind("2099-01-01T08:00:00+00:00")
+    assert morning["state"] == "queued"
+    assert evening["state"] == "queued", evening
+    assert retried["state"] == "suppressed"
+    assert f"duplicate of message {morning['id']}" in retried["reason"]

@@ -45,6 +45,12 @@ def _prepared(
     return text, shape(text, arabic_type=arabic_type), text_key(text)
 
 
+def _storable(value: str | None) -> str | None:
+    """`value` without NUL (JSON's `\\u0000`): PostgreSQL's text cannot hold it (the
+    insert failed, a 500), and no phone shows it. Taken out on every backend alike."""
+    return value.replace("\x00", "") if value and "\x00" in value else value
+
+
 @dataclass(frozen=True, slots=True)
 class Draft:
     """One text to one or more already-resolved E.164 recipients (Recipients.resolve)."""
@@ -87,11 +93,18 @@ class Shaper:
         out = []
         for draft in drafts:
             text, form, text_dedupe_key = _prepared(
-                draft.text, self.limits.transliterate, self.limits.max_parts, self.arabic_type
+                _storable(draft.text) or "",
+                self.limits.transliterate,
+                self.limits.max_parts,
+                self.arabic_type,
             )
-            topic = draft.topic or default_topic(text)
+            topic = _storable(draft.topic) or default_topic(text)
+            if not draft.dedupe_key and draft.schedule_time:
+                # The same words for another time are another text (a reminder morning
+                # and evening); a retry of the same request still meets its first.
+                text_dedupe_key = f"{text_dedupe_key}@{draft.schedule_time}"
             dedupe_key = scoped_key(
-                draft.scope or draft.source, draft.dedupe_key or text_dedupe_key
+                draft.scope or draft.source, _storable(draft.dedupe_key) or text_dedupe_key
             )
             for recipient in draft.recipients:
                 if not is_assigned(recipient):
@@ -113,7 +126,7 @@ class Shaper:
                         reason=draft.suppressed_reason,
                         reason_kind="loop" if draft.suppressed_reason else None,
                         topic=topic,
-                        instance=draft.instance,
+                        instance=_storable(draft.instance),
                         token=draft.token,
                         estimated_cost=self.prices.estimate(recipient, form.parts),
                     )

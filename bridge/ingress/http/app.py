@@ -206,6 +206,9 @@ def create_app(
         if state and state not in STATES:
             # A typo listed nothing with a 200: "no failures" to a script that asked.
             raise HttpError(400, f"unknown {key} {state!r}: one of {', '.join(STATES)}", key)
+        for name, value in q.items():
+            if "\x00" in value:  # PostgreSQL's text cannot hold it: its search was a 500
+                raise HttpError(400, f"'{name}' holds a NUL character", name)
         messages = await store.query(
             state=state,
             limit=max(1, limit),

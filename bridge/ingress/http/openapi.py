@@ -30,7 +30,8 @@ _ACCEPTED = {
                 "properties": {
                     "id": {"type": "integer"},
                     "to": {"type": "string"},
-                    "state": {"type": "string", "enum": ["queued", "suppressed"]},
+                    # held: over limits.per_recipient, waiting for the storm digest
+                    "state": {"type": "string", "enum": ["queued", "held", "suppressed"]},
                     "reason": {"type": ["string", "null"]},
                 },
             },
@@ -177,7 +178,7 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                                 }
                             },
                         },
-                        **_errors(400, 413, 415, 503),
+                        **_errors(400, 401, 403, 413, 415, 503),
                     },
                 },
                 "get": {
@@ -191,7 +192,7 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                         {"name": "recipient", "in": "query", "schema": {"type": "string"}},
                         {"name": "q", "in": "query", "schema": {"type": "string"}},
                     ],
-                    "responses": {"200": {"description": "messages"}, **_errors(400)},
+                    "responses": {"200": {"description": "messages"}, **_errors(400, 401, 403)},
                 },
             },
             "/api/v1/messages/{id}": {
@@ -205,7 +206,10 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                             "schema": {"type": "integer"},
                         }
                     ],
-                    "responses": {"200": {"description": "the message"}, **_errors(400, 404)},
+                    "responses": {
+                        "200": {"description": "the message"},
+                        **_errors(400, 401, 403, 404),
+                    },
                 }
             },
             **{
