@@ -186,8 +186,12 @@ async def test_metrics_after_a_known_sequence(
         await pump(bridge, clock, sent, max_seconds=60)
         after = (await http.get(f"{url}/metrics")).text
         stats = (await http.get(f"{url}/api/v1/stats")).json()
-        # Retention takes the finished messages out of the counts, not out of "sent".
-        assert await bridge.store.purge(clock.now() + 1) == 4
+        # Retention takes the finished messages out of the counts, not out of "sent". A
+        # later message stays (SQLite keeps its newest row anyway: ids never go back).
+        before_purge = clock.now() + 1
+        clock.advance(60)
+        await http.post(f"{url}/api/v1/messages", json={"to": "+12025550145", "message": "later"})
+        assert await bridge.store.purge(before_purge) == 4
         purged = (await http.get(f"{url}/metrics")).text
         purged_stats = (await http.get(f"{url}/api/v1/stats")).json()
         gone = (await http.get(f"{url}/ui/routes/am.json")).json()["last_message"]
@@ -207,8 +211,10 @@ async def test_metrics_after_a_known_sequence(
     }
     assert stats["reasons"] == {"suppressed": {"duplicate": 1}}
     assert "sms_bridge_sms_parts_sent 3.0" in purged and "sms_bridge_cost_sent 1.5" in purged
-    assert "sms_bridge_messages{" not in purged and "sms_bridge_messages_by_reason{" not in purged
-    assert purged_stats == {"states": {}, "reasons": {}} and gone is None
+    assert 'sms_bridge_messages{source="http",state="queued"} 1.0' in purged
+    assert purged.count("sms_bridge_messages{") == 1
+    assert "sms_bridge_messages_by_reason{" not in purged
+    assert purged_stats == {"states": {"queued": 1}, "reasons": {}} and gone is None
 
 
 def test_secrets_from_the_config_are_masked_in_serves_log(tmp_path) -> None:
