@@ -129,9 +129,8 @@ class HttpConfig:
     max_header_bytes: int = _opt(16384)  # request line and headers; beyond: 431
     header_timeout: float = _opt(10.0, "duration")  # to send the request line and headers
     keep_alive_timeout: float = _opt(5.0, "duration")  # idle between requests
-    body_timeout: float = _opt(
-        30.0, "duration"
-    )  # to send the whole body; beyond: 408 (closed if answered)
+    # To send the whole body; beyond: 408, and the connection closed if already answered.
+    body_timeout: float = _opt(30.0, "duration")
     # Host header values served (names, "*.example.org", "*"); [] = the listen host,
     # localhost, 127.0.0.1 and [::1] (any IP literal when listening on a wildcard).
     allowed_hosts: tuple[str, ...] = _opt([])

@@ -45,13 +45,16 @@ class Sessions:
 
     def __init__(self, limits: Callable[[], SmtpConfig]) -> None:
         self._limits = limits
-        self.total = 0
         self.per_client: collections.Counter[str] = collections.Counter()
-        self.open: set[LimitedSMTP] = set()  # admitted and not yet lost: shut_down ends them
+        self.open: set[LimitedSMTP] = set()  # admitted and not yet released: shut_down ends them
         self.closing = False
         self._none_open = asyncio.Event()
 
-    def admit(self, client: str) -> str | None:
+    @property
+    def total(self) -> int:
+        return len(self.open)
+
+    def admit(self, session: LimitedSMTP, client: str) -> str | None:
         """Count the session in, or say why not."""
         if self.closing:
             return "the bridge is shutting down"
@@ -60,18 +63,15 @@ class Sessions:
             return f"too many SMTP sessions (at most {smtp.max_sessions})"
         if self.per_client[client] >= smtp.max_sessions_per_client:
             return f"too many sessions from {client} (at most {smtp.max_sessions_per_client})"
-        self.total += 1
+        self.open.add(session)
         self.per_client[client] += 1
         return None
 
-    def release(self, client: str) -> None:
-        self.total -= 1
+    def release(self, session: LimitedSMTP, client: str) -> None:
+        self.open.discard(session)
         self.per_client[client] -= 1
         if self.per_client[client] <= 0:
             del self.per_client[client]
-
-    def lost(self, session: LimitedSMTP) -> None:
-        self.open.discard(session)
         if not self.open:
             self._none_open.set()
 
@@ -208,7 +208,7 @@ class LimitedSMTP(SMTP):
         if connecting and self._sessions is not None:
             peer = transport.get_extra_info("peername")
             client = str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer)
-            refusal = self._sessions.admit(client)
+            refusal = self._sessions.admit(self, client)
             if refusal is not None:
                 log.warning("SMTP connection from %s refused: %s", client, refusal)
                 self._refused = True
@@ -216,7 +216,6 @@ class LimitedSMTP(SMTP):
                 transport.close()
                 return
             self._client = client
-            self._sessions.open.add(self)
         super().connection_made(transport)
         if connecting and self.session_time:
             self._session_timer = self.loop.call_later(self.session_time, self._time_is_up)
@@ -231,8 +230,7 @@ class LimitedSMTP(SMTP):
         if self._session_timer is not None:
             self._session_timer.cancel()
         if self._client is not None and self._sessions is not None:
-            self._sessions.release(self._client)
-            self._sessions.lost(self)
+            self._sessions.release(self, self._client)
             self._client = None
         super().connection_lost(error)
 

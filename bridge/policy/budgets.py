@@ -177,9 +177,10 @@ class BudgetGuard:
             token_cap = self.token_caps.get(token)
             if token_cap is not None and token not in token_used:
                 token_used[token] = (await self._used(start, token=token))[0]
-            why: Cap | None = self._never_fits(m)
-            if why:
-                pass
+            cost = self._cost(m.recipient, m.parts, m.estimated_cost) if cost_cap else 0.0
+            why: Cap | None = None
+            if (never := self._never_fits(m, cost)) is not None:
+                why = never
             elif token_cap is not None and token_used[token] + 1 > token_cap:
                 # First: a runaway token is told apart from the day's budget running out.
                 why = Cap(f"tokens.{token}.texts_per_day={token_cap}", f"token:{token}")
@@ -189,7 +190,7 @@ class BudgetGuard:
                 why = Cap(f"parts_per_day={self.config.parts_per_day}")
             elif cap is not None and route_used[route] + 1 > cap:
                 why = Cap(f"routes.{m.route}.max_texts_per_day={cap}")
-            elif cost_cap and spent + self._cost(m.recipient, m.parts, m.estimated_cost) > cost_cap:
+            elif cost_cap and spent + cost > cost_cap:
                 currency = f" {self.prices.currency}" if self.prices.currency else ""
                 why = Cap(f"cost_per_day={cost_cap:g}{currency}, {spent:g} spent")
             if why:
@@ -199,8 +200,7 @@ class BudgetGuard:
             allowed.append(m)
             unpriced = unpriced or bool(guess)
             texts, parts = texts + 1, parts + m.parts
-            if cost_cap:
-                spent += self._cost(m.recipient, m.parts, m.estimated_cost)
+            spent += cost
             if cap is not None:
                 route_used[route] += 1
             if token_cap is not None:
@@ -208,13 +208,13 @@ class BudgetGuard:
         self.over_cap_total += len(over)
         return Verdict(allowed, over, caps, later)
 
-    def _never_fits(self, m: Message) -> Cap | None:
-        """The cap `m` is over on its own, on a day with nothing else sent."""
+    def _never_fits(self, m: Message, cost: float) -> Cap | None:
+        """The cap `m` (costing `cost`) is over on its own, on a day with nothing else sent."""
         parts_cap = self.config.parts_per_day
         if parts_cap and m.parts > parts_cap:
             return Cap(f"parts_per_day={parts_cap}, it has {m.parts} parts", never=True)
         cost_cap = self.config.cost_per_day
-        if cost_cap and (cost := self._cost(m.recipient, m.parts, m.estimated_cost)) > cost_cap:
+        if cost_cap and cost > cost_cap:
             currency = f" {self.prices.currency}" if self.prices.currency else ""
             return Cap(f"cost_per_day={cost_cap:g}{currency}, it costs {cost:g}", never=True)
         return None

@@ -25,7 +25,7 @@ import asyncpg
 from bridge.errors import StoreUnavailable
 from bridge.store.postgres.base import TOTALS_LOCK, one
 from bridge.store.postgres.pool import Conn, Database
-from bridge.store.postgres.rate import KEY, TAKE_RATE_LOCK
+from bridge.store.postgres.rate import KEY, PAUSE, TAKE_RATE_LOCK
 from bridge.store.postgres.schema import REBUILD_TOTALS, RECOUNT_STORED
 
 CHUNK = 5000  # rows per COPY
@@ -38,13 +38,6 @@ OCCUPIED = (
 COLUMN_TYPES = (
     "SELECT column_name, data_type FROM information_schema.columns"
     " WHERE table_schema = current_schema() AND table_name = $1"
-)
-# The source's pause (SQLite's one rate_pause row) as the cluster's: kept if the target
-# already holds a later one, as pause_requests does.
-PAUSE = (
-    "INSERT INTO rate_keys (key, paused_until, pause_reason) VALUES ($1, $2, $3)"
-    " ON CONFLICT (key) DO UPDATE SET paused_until = excluded.paused_until,"
-    " pause_reason = excluded.pause_reason WHERE rate_keys.paused_until < excluded.paused_until"
 )
 ADVANCE = (
     "SELECT setval(pg_get_serial_sequence($1, 'id'), m, true)"
@@ -108,7 +101,8 @@ async def _copy(conn: Conn, table: Rows) -> int:
 
 
 async def _pause(conn: Conn, table: Rows) -> int:
-    """The pause every request honours (until, reason), under the rate lock as any pause."""
+    """The source's pause (SQLite's one rate_pause row: until, reason) as the cluster's,
+    under the rate lock as any pause (`rate.PAUSE`: a later one in the target stays)."""
     rows = [dict(zip(table.columns, row, strict=True)) for row in table.rows]
     await conn.execute(TAKE_RATE_LOCK)
     for row in rows:

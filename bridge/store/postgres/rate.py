@@ -18,6 +18,12 @@ from bridge.store.window import wait_to_book
 
 TAKE_RATE_LOCK = f"SELECT pg_advisory_xact_lock({RATE_LOCK})"
 KEY = ""  # one provider key per cluster (rate_keys has room for more)
+# A pause (key, until, reason), taken under the rate lock; a later one already there stays.
+PAUSE = (
+    "INSERT INTO rate_keys (key, paused_until, pause_reason) VALUES ($1, $2, $3)"
+    " ON CONFLICT (key) DO UPDATE SET paused_until = excluded.paused_until,"
+    " pause_reason = excluded.pause_reason WHERE rate_keys.paused_until < excluded.paused_until"
+)
 # Read after the lock is taken (a statement of its own: its snapshot then sees every
 # booking and pause committed before the lock came free).
 WINDOW_AND_PAUSE = (
@@ -81,15 +87,7 @@ class RateOps(Base):
         """Under the rate lock: a booking either committed before the pause or sees it."""
         async with self._write() as conn:
             await conn.execute(TAKE_RATE_LOCK)
-            await conn.execute(
-                "INSERT INTO rate_keys (key, paused_until, pause_reason) VALUES ($1, $2, $3)"
-                " ON CONFLICT (key) DO UPDATE SET paused_until = excluded.paused_until,"
-                " pause_reason = excluded.pause_reason"
-                " WHERE rate_keys.paused_until < excluded.paused_until",
-                KEY,
-                until,
-                reason,
-            )
+            await conn.execute(PAUSE, KEY, until, reason)
 
     async def requests_paused_until(self, now: float) -> Pause | None:
         rows = await self._fetch(
