@@ -24,7 +24,7 @@ from bridge.config import (
     secret_values,
 )
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.models import State
+from bridge.models import REASON_KINDS, State
 from bridge.ops.logs import setup_logging
 
 log = logging.getLogger("bridge")
@@ -73,10 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="the file (instead of --config)")
     messages = with_config(sub.add_parser("messages", help="list stored messages"))
     messages.add_argument("--status", "--state", dest="state", choices=[str(s) for s in State])
-    messages.add_argument(
-        "--reason",
-        choices=["duplicate", "storm", "loop", "budget", "unknown", "provider-error", "cancelled"],
-    )
+    messages.add_argument("--reason", choices=REASON_KINDS)
     messages.add_argument("--route", help="messages from this webhook route")
     messages.add_argument("--limit", type=int, default=50)
     messages.add_argument("--json", action="store_true")

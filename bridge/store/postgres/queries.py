@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import bridge.store.totals as totals
-from bridge.models import MAX_ROW_ID, Message
+from bridge.models import MAX_ROW_ID, OTHER_REASON, Message
 from bridge.store.api import MetricCounts
 from bridge.store.postgres.base import TOTALS_LOCK, Base, one
 from bridge.store.postgres.schema import MENTIONED
@@ -87,6 +87,8 @@ class QueryOps(Base):
         number: str | None = None,
     ) -> list[Message]:
         sql, args = "SELECT * FROM messages WHERE true", list[Any]()
+        if reason_kind == OTHER_REASON:
+            sql, reason_kind = f"{sql} AND {totals.OTHER_REASON_SQL}", None
         if number:
             args.append(number)
             sql += f" AND recipient = ${len(args)}"
@@ -110,6 +112,13 @@ class QueryOps(Base):
             sql += f" AND id < ${len(args)}"
         args.append(limit)
         return await self._messages(sql + f" ORDER BY {order} LIMIT ${len(args)}", *args)
+
+    async def recent_failures(self, limit: int) -> list[Message]:
+        return await self._messages(
+            f"SELECT * FROM messages WHERE {totals.FAILED_NOT_CANCELLED}"
+            " ORDER BY updated_at DESC, id DESC LIMIT $1",
+            limit,
+        )
 
     async def counts(self) -> dict[str, int]:
         return {r[0]: int(r[1]) for r in await self._fetch(totals.BY_STATE)}

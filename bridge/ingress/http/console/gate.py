@@ -122,11 +122,17 @@ def _link_messages(text: str | None) -> Markup:
     )
 
 
+def _is_time(key: str) -> bool:
+    """Whether view data under `key` is a time in epoch seconds: `at`, or ending `_at`."""
+    return key == "at" or key.endswith("_at")
+
+
 def _jsonable(value: Any) -> Any:
-    """Times as ISO 8601: keys ending in `_at` hold epoch seconds in the view data."""
+    """Times as the API writes them (`iso_time`: ISO 8601, UTC, milliseconds): keys
+    `at` and ending in `_at` hold epoch seconds in the view data."""
     if isinstance(value, dict):
         return {
-            k: iso_time(v) if k.endswith("_at") and isinstance(v, int | float) else _jsonable(v)
+            k: iso_time(v) if _is_time(k) and isinstance(v, int | float) else _jsonable(v)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
