@@ -112,6 +112,11 @@ class Message:
         return out
 
 
+def events_json(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A message's events (the store's rows) as the API writes them: `at` as every time."""
+    return [{**e, "at": iso_time(e["at"])} for e in events]
+
+
 def iso_time(epoch: float | None) -> str | None:
     if epoch is None:
         return None

@@ -42,7 +42,7 @@ from bridge.ingress.http.lockout import AuthLockout
 from bridge.ingress.http.openapi import LIST_LIMIT, MAX_LIST_LIMIT, openapi_spec
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.throttle import FailureThrottle
-from bridge.models import OTHER_REASON, REASON_KINDS, SOURCES, State, iso_time
+from bridge.models import OTHER_REASON, REASON_KINDS, SOURCES, State, events_json
 from bridge.ops.logs import mask
 from bridge.ops.metrics import Metrics
 from bridge.policy.decide import dedupe_scope
@@ -231,9 +231,7 @@ def create_app(
         if message is None:
             raise HttpError(404, f"no message {raw}", "id")
         out = message.to_json()
-        out["events"] = [  # times as the message's own: not epoch seconds
-            {**e, "at": iso_time(e["at"])} for e in await store.events(message.id)
-        ]
+        out["events"] = events_json(await store.events(message.id))
         return JSONResponse(out)
 
     def change(action: str) -> Handler:

@@ -39,6 +39,11 @@ MENTIONED_BY = (
     f" WHERE state = 'suppressed' AND {MENTIONED} = $1"
     " AND (reason LIKE $2 OR reason LIKE $3) ORDER BY id LIMIT $4"
 )
+# Through messages_failed (version 7), newest failure first.
+RECENT_FAILURES = (
+    f"SELECT * FROM messages WHERE {totals.FAILED_NOT_CANCELLED}"
+    " ORDER BY updated_at DESC, id DESC LIMIT $1"
+)
 SEARCHABLE = ("state", "reason_kind", "route", "source")  # exact-match filters of `query`
 # Today's use: sent since the day began ($1), or in flight (another instance's call
 # under way spends the same budget), whenever claimed: its send is stamped when it is
@@ -114,11 +119,7 @@ class QueryOps(Base):
         return await self._messages(sql + f" ORDER BY {order} LIMIT ${len(args)}", *args)
 
     async def recent_failures(self, limit: int) -> list[Message]:
-        return await self._messages(
-            f"SELECT * FROM messages WHERE {totals.FAILED_NOT_CANCELLED}"
-            " ORDER BY updated_at DESC, id DESC LIMIT $1",
-            limit,
-        )
+        return await self._messages(RECENT_FAILURES, limit)
 
     async def counts(self) -> dict[str, int]:
         return {r[0]: int(r[1]) for r in await self._fetch(totals.BY_STATE)}

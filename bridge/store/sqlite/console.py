@@ -262,7 +262,10 @@ class ConsoleQueries(EngineBound):
             lambda c: [
                 Message.from_row(r)
                 for r in c.execute(
-                    f"SELECT * FROM messages WHERE {totals.FAILED_NOT_CANCELLED}"
+                    # Named: planning from the schema alone (no ANALYZE), SQLite takes
+                    # messages_due for `state =` and sorts every failed message.
+                    "SELECT * FROM messages INDEXED BY messages_failed"
+                    f" WHERE {totals.FAILED_NOT_CANCELLED}"
                     " ORDER BY updated_at DESC, id DESC LIMIT ?",
                     (limit,),
                 )
