@@ -1069,3 +1069,29 @@ async def test_every_time_in_the_json_is_written_as_the_apis(served_bridge) -> N
         assert iso.fullmatch(route["last_call"]["at"]), route["last_call"]
         overview = (await http.get("/ui/overview.json", headers=reader)).json()
         assert iso.fullmatch(overview["queue"]["oldest_created_at"])
+
+
+async def test_a_cancelled_message_retried_is_no_longer_counted_as_cancelled(
+    tmp_path, sandbox_url: str, sandbox_state: SandboxState, clock: ManualClock, backend: str
+) -> None:
+    """A retry kept the message's reason kind: a cancelled message retried and then
+    refused by the provider was still `cancelled` to /api/v1/stats and `?reason=`, and
+    so left out of the overview's failures and its delivery ratio. On both stores."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        message = await send(http, "+12025550143", "disk full")
+        assert (await http.post(f"/api/v1/messages/{message}/cancel", headers=admin)).is_success
+        assert (await http.post(f"/api/v1/messages/{message}/retry", headers=admin)).is_success
+        sandbox_state.faults.append(Fault(status=400, path="/send"))
+        await pump_until_state(bridge, clock, message, State.FAILED, max_seconds=120)
+        stats = (await http.get("/api/v1/stats", headers=admin)).json()
+        assert stats["reasons"] == {"failed": {"other": 1}}
+        listed = await http.get("/api/v1/messages?reason=cancelled", headers=admin)
+        assert listed.json()["messages"] == []
+        overview = (await http.get("/ui/overview.json", headers=admin)).json()
+        assert [f["id"] for f in overview["failures"]] == [message]
+        assert overview["delivery"]["failed"] == 1

@@ -321,8 +321,10 @@ class ConsoleQueries(EngineBound):
                 ]
             for message_id in chosen:
                 db.execute(
+                    # The old reason's kind goes with it: a cancelled message retried
+                    # and refused by the provider was still counted as cancelled.
                     "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
-                    " reason = ?, solo = 1 WHERE id = ?",
+                    " reason = ?, reason_kind = NULL, solo = 1 WHERE id = ?",
                     (now, now, reason, message_id),
                 )
             return chosen
