@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
 
+from bridge.schedule import scheduled_epoch
+
 MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER: a larger id cannot even be bound
 
 
@@ -108,6 +110,11 @@ class Message:
         out.pop("claimed_at")
         for key in ("created_at", "updated_at", "next_attempt_at", "sent_at"):
             out[key] = iso_time(out[key])
+        # Stored in UTC without a zone (the provider's format): written bare, it read as
+        # the provider.timezone time the sender gave, hours off outside UTC.
+        scheduled = scheduled_epoch(self.schedule_time)
+        if scheduled is not None:
+            out["schedule_time"] = iso_time(scheduled)
         out["last_error"] = self.reason if self.state != State.DELIVERED else None
         return out
 

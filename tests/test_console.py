@@ -1095,3 +1095,45 @@ async def test_a_cancelled_message_retried_is_no_longer_counted_as_cancelled(
         overview = (await http.get("/ui/overview.json", headers=admin)).json()
         assert [f["id"] for f in overview["failures"]] == [message]
         assert overview["delivery"]["failed"] == 1
+
+
+async def test_a_scheduled_time_is_shown_with_its_zone(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """`schedule_time` is given in provider.timezone and stored in UTC; the API answered
+    it bare (`2027-01-16 09:00:00`), which read as the Berlin time the sender gave, an
+    hour off. It is now written as every other time, with its zone."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS, timezone="Europe/Berlin")
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    async with (
+        running_bridge(config, clock) as (_, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        answer = await http.post(
+            "/api/v1/messages",
+            json={"to": "+12025550143", "message": "x", "schedule_time": "2027-01-16 10:00:00"},
+            headers=admin,
+        )
+        [message] = answer.json()["ids"]
+        shown = (await http.get(f"/api/v1/messages/{message}", headers=admin)).json()
+        assert shown["schedule_time"] == "2027-01-16T09:00:00.000+00:00"
+        listed = (await http.get("/api/v1/messages", headers=admin)).json()["messages"]
+        assert listed[0]["schedule_time"] == shown["schedule_time"]
+        await sign_in(http, READER)
+        page = (await http.get(f"/ui/messages/{message}")).text
+        assert "2027-01-16 09:00:00 UTC" in page
+
+
+async def test_a_number_typed_with_its_plus_finds_its_messages_on_the_api(
+    served_bridge,
+) -> None:
+    """`?recipient=+12025550143` as typed in a shell: the `+` arrives as a space, and the
+    API searched for " 12025550143", an empty list with a 200. The console did not."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        mine = await send(http, "+12025550143", "disk full")
+        await send(http, "+12025550144", "disk full")
+        reader = {"Authorization": f"Bearer {READER}"}
+        for typed in ("+12025550143", "%2B12025550143", "2025550143"):
+            found = await http.get(f"/api/v1/messages?recipient={typed}", headers=reader)
+            assert [m["id"] for m in found.json()["messages"]] == [mine], typed

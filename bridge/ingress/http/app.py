@@ -219,7 +219,9 @@ def create_app(
             reason_kind=known(q, "reason", (*REASON_KINDS, OTHER_REASON)),
             route=q.get("route"),  # a route since removed from the config still has messages
             source=known(q, "source", SOURCES),
-            recipient=q.get("recipient"),
+            # `?recipient=+1202...` as typed: the `+` arrives as a space, and the search
+            # for " 1202..." found nothing. The digits are searched for, as the console does.
+            recipient=(q.get("recipient") or "").strip().lstrip("+") or None,
             text=q.get("q"),
         )
         return JSONResponse({"messages": [m.to_json() for m in messages]})

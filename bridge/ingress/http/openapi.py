@@ -74,6 +74,7 @@ _MESSAGE = {
         "updated_at": _TIME,
         "next_attempt_at": _TIME,
         "sent_at": _OPTIONAL_TIME,
+        "schedule_time": {**_OPTIONAL_TIME, "description": "when it is to be sent, in UTC"},
     },
 }
 _EVENT = {
