@@ -960,8 +960,8 @@ async def test_a_filter_the_bridge_does_not_know_is_a_400_not_an_empty_list(
     served_bridge,
 ) -> None:
     """`?source=api` or `?reason=canceled` listed nothing with a 200 (no such source or
-    kind), and `?state=failed&status=queued` listed the queued ones; `reason=other`, which
-    /api/v1/stats reports, found nothing. Each now says what it takes."""
+    kind), and `?state=failed&status=queued` or `?state=failed&state=queued` listed the
+    queued ones. Each now says what it takes."""
     _, url = served_bridge
     async with httpx.AsyncClient(base_url=url) as http:
         cancelled = await send(http, "+12025550143", "disk full")
@@ -973,6 +973,8 @@ async def test_a_filter_the_bridge_does_not_know_is_a_400_not_an_empty_list(
             ("source=api", "source"),
             ("reason=canceled", "reason"),
             ("state=failed&status=queued", "status"),
+            ("state=failed&state=queued", "state"),
+            ("limit=1&limit=2", "limit"),
         ):
             answer = await http.get(f"/api/v1/messages?{query}", headers=reader)
             assert answer.status_code == 400, (query, answer.text)
@@ -984,6 +986,8 @@ async def test_a_filter_the_bridge_does_not_know_is_a_400_not_an_empty_list(
         await sign_in(http, READER)
         bad = await http.get("/ui/messages.json?source=api")
         assert bad.status_code == 400 and "'api'" in bad.json()["error"]
+        twice = await http.get("/ui/messages.json?state=failed&state=queued")
+        assert twice.status_code == 400 and "more than once" in twice.json()["error"]
 
 
 async def test_other_reasons_in_the_stats_are_a_filter_too(

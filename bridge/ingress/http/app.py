@@ -26,13 +26,13 @@ from bridge.firewall import cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import AuthError, Principal, authorize, token_name
 from bridge.ingress.http.bodies import (
+    check_query,
     error_response,
     known,
     page_size,
     parse_json,
     query_int,
     read_body,
-    without_nul,
 )
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.app import Console
@@ -206,12 +206,12 @@ def create_app(
 
     async def list_messages(request: Request) -> Response:
         q = request.query_params
+        check_query(q)
         limit = page_size(q.get("limit"), default=LIST_LIMIT, maximum=MAX_LIST_LIMIT)
         before = query_int(q.get("before"), "before", minimum=1)  # ids start at 1
         if q.get("state") and q.get("status") and q["state"] != q["status"]:
             raise HttpError(400, "'state' and 'status' are one filter: give one", "status")
         key = "state" if q.get("state") else "status"
-        without_nul(q)
         messages = await store.query(
             state=known(q, key, STATES),
             limit=limit,

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
@@ -56,10 +57,13 @@ def known(query: Mapping[str, str], key: str, allowed: Sequence[str]) -> str | N
     return value
 
 
-def without_nul(query: Mapping[str, str]) -> None:
-    """A 400 naming the first value that holds a NUL: PostgreSQL's text cannot hold one,
-    and a search for it was a 500 there."""
-    for name, value in query.items():
+def check_query(query: QueryParams) -> None:
+    """A 400 naming the first parameter given twice (`?state=failed&state=queued` listed
+    the queued ones only, silently) or holding a NUL (PostgreSQL's text cannot hold
+    one, and a search for it was a 500 there)."""
+    for name, value in query.multi_items():
+        if len(query.getlist(name)) > 1:
+            raise HttpError(400, f"'{name}' is given more than once: give it once", name)
         if "\x00" in value:
             raise HttpError(400, f"'{name}' holds a NUL character", name)
 

@@ -27,7 +27,7 @@ from bridge.errors import HttpError, InputError, Unavailable
 from bridge.firewall import cap_recipients
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import token_name
-from bridge.ingress.http.bodies import known, page_size, query_int, without_nul
+from bridge.ingress.http.bodies import check_query, known, page_size, query_int
 from bridge.ingress.http.console import chart
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.gate import HERE, Caller, Gate, Refused, SecureHeaders
@@ -201,11 +201,11 @@ class Console(Gate):
             key: q.get(key, "").strip() for key in ("state", "recipient", "route", "source", "q")
         }
         try:  # as the API reads them: a cursor the store cannot bind is a 400, not a 500
+            check_query(q)
             known(filters, "state", [str(s) for s in State])
             known(filters, "source", SOURCES)
             limit = page_size(q.get("limit") or None, default=PAGE_SIZE, maximum=MAX_PAGE_SIZE)
             before = query_int(q.get("before") or None, "before", minimum=1)
-            without_nul(filters)
         except HttpError as exc:
             raise InputError(exc.field or "before", exc.message) from exc
         number = whole_number(filters["recipient"])
