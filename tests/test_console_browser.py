@@ -416,5 +416,6 @@ async def test_the_overview_lists_the_latest_failure_first(
         await sign_in(page, url, ADMIN)
         texts = await page.locator("ul.failures li").all_inner_texts()
         assert [t.split(" ")[0] for t in texts] == [f"#{old}", f"#{newer}"], texts
+        assert await page.get_by_text("cancelled messages are left out").is_visible()
         await context.close()
     assert errors.errors == []
