@@ -131,6 +131,23 @@ async def test_sign_in_needs_a_configured_token_with_read(served_bridge) -> None
         assert (await http.get("/ui/")).status_code == 200
 
 
+async def test_a_signed_in_operator_passes_a_lockout_of_their_address(served_bridge) -> None:
+    """Ten wrong tokens from the operator's address (a NAT, or loopback: every local
+    client) locked their console out with it. A session signed in before the lockout
+    passes it; a new sign-in from there waits for its end (the form's token is a guess)."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http, httpx.AsyncClient(base_url=url) as other:
+        assert (await sign_in(http, READER)).status_code == 303
+        assert (await http.get("/ui/")).status_code == 200
+        for n in range(10):
+            wrong = {"Authorization": f"Bearer wrong-token-{n:04d}-0123456789"}
+            assert (await other.get("/api/v1/messages", headers=wrong)).status_code == 401
+        assert (await other.get("/ui/signin")).status_code == 503
+        assert (await http.get("/ui/messages.json")).status_code == 200
+        signin = await http.post("/ui/signin", data={"csrf": "x", "token": ADMIN})
+        assert signin.status_code == 503
+
+
 async def test_next_after_sign_in_stays_in_the_console(served_bridge) -> None:
     _, url = served_bridge
     async with httpx.AsyncClient(base_url=url) as http:

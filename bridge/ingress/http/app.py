@@ -24,7 +24,7 @@ from bridge.config import LiveConfig
 from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.firewall import cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
-from bridge.ingress.http.auth import AuthError, Principal, authorize, token_name
+from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize, token_name
 from bridge.ingress.http.bodies import (
     check_query,
     error_response,
@@ -38,7 +38,7 @@ from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.app import Console
 from bridge.ingress.http.hooks import hook_endpoint
 from bridge.ingress.http.hosts import HostCheck
-from bridge.ingress.http.lockout import AuthLockout
+from bridge.ingress.http.lockout import AuthLockout, vouch
 from bridge.ingress.http.openapi import LIST_LIMIT, MAX_LIST_LIMIT, openapi_spec
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.throttle import FailureThrottle
@@ -126,9 +126,11 @@ def requires(scope: str, live: LiveConfig, handler: Handler) -> Handler:
     """`handler` for callers whose token has `scope`; the principal in `request.state`."""
 
     async def guarded(request: Request) -> Response:
-        request.state.principal = authorize(
-            live.current.tokens, request.headers.get("authorization"), scope
-        )
+        authorization = request.headers.get("authorization")
+        principal = authorize(live.current.tokens, authorization, scope)
+        if authorization and principal is not ANONYMOUS:
+            vouch(request.scope, authorization)
+        request.state.principal = principal
         return await handler(request)
 
     return handle_errors(guarded, live)

@@ -38,6 +38,7 @@ from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize,
 from bridge.ingress.http.bodies import read_bounded
 from bridge.ingress.http.console.routes import encoding_name
 from bridge.ingress.http.console.sessions import COOKIE, LIFETIME, Session, Sessions
+from bridge.ingress.http.lockout import vouch
 from bridge.models import iso_time
 from bridge.ops.logs import mask
 
@@ -179,6 +180,8 @@ class Gate:
         tokens = self.live.current.tokens
         session = self.sessions.get(request.cookies.get(COOKIE), now)
         principal = self.sessions.principal(session, tokens) if session else None
+        if principal is not None and principal is not ANONYMOUS:  # a signed-in session
+            vouch(request.scope, request.cookies[COOKIE])
         new_id = None
         if principal is None and not tokens:
             principal = ANONYMOUS
@@ -187,6 +190,7 @@ class Gate:
                 new_id, session = self.sessions.create(now, open_=True)
         if principal is None and as_json and "authorization" in request.headers:
             principal = authorize(tokens, request.headers["authorization"], scope)
+            vouch(request.scope, request.headers["authorization"])
         if principal is None:
             if as_json:
                 raise AuthError(401, "sign in at /ui/signin, or send 'Authorization: Bearer TOKEN'")
