@@ -291,8 +291,12 @@ class SmtpHandler:
         """The mail parsed under the MIME bounds (in a worker thread unless it
         `parses_quickly`), or the SMTP refusal.
 
-        A parse still running at `smtp.parse_timeout` is refused with 554 (it also stops
-        itself at the next part); one that never got a worker in that time is a 451.
+        A parse still running at `smtp.parse_timeout` (it also stops itself at the next
+        part), or one that never got a worker in that time, is a 451: the time a parse
+        takes is the bridge's load as much as the mail's shape, so a permanent 5xx would
+        have the sender bounce a real alert that parses in time once the load is gone. A
+        mail that is costly by its shape alone fails again each try until the client's
+        queue lifetime ends (bounded: each try holds one worker for `parse_timeout`).
         """
         smtp = self.smtp
         bounds = ParseBounds(smtp.max_mime_depth, smtp.max_mime_parts, smtp.parse_timeout)
@@ -313,10 +317,10 @@ class SmtpHandler:
             if not started:
                 log.warning("SMTP DATA refused with 451: every mail parser is busy")
                 return "451 4.3.2 Too busy to read the mail now; try again later"
-            log.warning("SMTP DATA refused with 554: not parsed in %gs", smtp.parse_timeout)
+            log.warning("SMTP DATA refused with 451: not parsed in %gs", smtp.parse_timeout)
             return (
-                f"554 5.6.0 Mail structure too costly: not parsed within "
-                f"{smtp.parse_timeout:g}s; not accepted"
+                f"451 4.3.0 Mail not parsed within {smtp.parse_timeout:g}s "
+                f"(smtp.parse_timeout); not accepted, try again later"
             )
         if mail.truncated:
             log.warning("mail read only in part (%s); texted from what was read", mail.truncated)
