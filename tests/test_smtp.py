@@ -449,6 +449,47 @@ async def test_client_network_and_sender_allowlists(tmp_path, clock, sandbox_url
         assert await bridge.store.counts() == {"queued": 1}
 
 
+def mail_from_reply(port: int, mail_from: str) -> tuple[int, bytes]:
+    """The reply to `MAIL FROM:<mail_from>` ("" is the null sender `<>`)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("tester")
+        return client.mail(mail_from)
+
+
+@pytest.mark.parametrize(
+    ("senders", "null_code"),
+    [
+        ('["*@example.org"]', 550),
+        ('["*"]', 550),  # a glob admitted the null sender: the bounce was stored
+        ('["*@example.org", "<>"]', 250),  # listed on purpose
+        ("[]", 250),  # no allowlist: accepted, stored as suppressed (below)
+    ],
+)
+async def test_the_null_sender_is_no_allowed_sender(
+    tmp_path, clock, sandbox_state, sandbox_url, senders: str, null_code: int
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(f"allowed_senders = {senders}"))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        code, text = await asyncio.to_thread(mail_from_reply, port, "")
+        if null_code == 250:
+            assert code == 250, text
+            bounce = "From: MAILER-DAEMON@example.org\r\nSubject: x\r\n\r\ny\r\n"
+            assert await asyncio.to_thread(send, port, "", [DEFAULT_RCPT], bounce) == {}
+            [stored] = await bridge.store.query()
+            assert stored.state == State.SUPPRESSED and "null sender" in (stored.reason or "")
+        else:
+            assert (code, text) == (
+                550,
+                b"5.7.1 Null sender <> (a bounce or auto-reply) is not allowed to send here: "
+                b"smtp.allowed_senders is set",
+            )
+            with pytest.raises(smtplib.SMTPSenderRefused):
+                await asyncio.to_thread(send, port, "", [DEFAULT_RCPT], "Subject: x\r\n\r\ny\r\n")
+            assert await bridge.store.counts() == {}
+        assert (await asyncio.to_thread(mail_from_reply, port, "ups@example.org"))[0] == 250
+    assert sandbox_state.entries == []
+
+
 async def test_template_compose(tmp_path, clock, sandbox_state, sandbox_url) -> None:
     config = bridge_config(
         tmp_path,

@@ -79,7 +79,7 @@ class SmtpConfig:
     default_region: str = _opt("")
     regions: Mapping[str, str] = _opt({})  # domain -> region for national numbers
     allowed_networks: tuple[str, ...] = _opt([])  # CIDRs; empty: any client
-    allowed_senders: tuple[str, ...] = _opt([])  # MAIL FROM patterns (fnmatch); empty: any
+    allowed_senders: tuple[str, ...] = _opt([])  # MAIL FROM globs, "<>" the null sender; empty: any
     require_auth: bool = _opt(False)
     auth_allow_plaintext: bool = _opt(False)
     users: Mapping[str, str] = _opt({}, secret=True)  # login -> password

@@ -182,6 +182,27 @@ class SmtpHandler:
             return True
         return in_networks(peer_host(session), self.networks)
 
+    def _sender_refusal(self, address: str) -> str | None:
+        """Why `smtp.allowed_senders` refuses this MAIL FROM, or None.
+
+        The null sender (`<>`, a bounce or an auto-reply) is no sender a pattern names:
+        where an allowlist is set it is refused unless the list holds `<>` itself. A glob
+        (`*`) once admitted it, and the bounce was stored and never texted.
+        """
+        patterns = self.smtp.allowed_senders
+        if not patterns:
+            return None  # any sender; a null sender's mail is stored as suppressed
+        if address in ("", "<>"):
+            if "<>" in patterns:
+                return None
+            return (
+                "550 5.7.1 Null sender <> (a bounce or auto-reply) is not allowed to send "
+                "here: smtp.allowed_senders is set"
+            )
+        if any(p != "<>" and fnmatch.fnmatch(address.lower(), p.lower()) for p in patterns):
+            return None
+        return f"550 5.7.1 Sender <{address}> is not allowed to send here"
+
     async def handle_MAIL(
         self,
         server: SMTP,
@@ -192,13 +213,9 @@ class SmtpHandler:
     ) -> str:
         if not self._client_allowed(session):
             return f"550 5.7.1 Client {peer_host(session)} is not allowed to send here"
-        patterns = self.smtp.allowed_senders
-        if (
-            address
-            and patterns
-            and not any(fnmatch.fnmatch(address.lower(), p.lower()) for p in patterns)
-        ):
-            return f"550 5.7.1 Sender <{address}> is not allowed to send here"
+        refusal = self._sender_refusal(address)
+        if refusal:
+            return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
