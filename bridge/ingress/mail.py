@@ -59,6 +59,7 @@ _QUOTE_INTRO = re.compile(
     r"-+\s*Original Message\s*-+|-+\s*Forwarded message\s*-+|From: .+ Sent: .+)$",
     re.IGNORECASE,
 )
+_DIFF_HUNK = re.compile(r"\d+(?:,\d+)?[acd]\d+(?:,\d+)?")  # `diff` (normal format): 3a4
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u202f\u205f\u3000]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _LINESEP = re.compile(r"\r|\n")  # what policy.default removes to unfold a header
@@ -280,13 +281,21 @@ def _body(msg: Message) -> str:
 
 
 def clean_body(text: str) -> str:
-    """Drop signatures, quoted replies and blank lines; fold whitespace."""
+    """Drop signatures, quoted replies and blank lines; fold whitespace.
+
+    Only `-- ` (dash dash space, RFC 3676) starts a signature: a bare `--` is what
+    `grep -C` prints between matches in cron output, and the matches after it are the
+    news. `>` lines are a quoted reply, except in a body holding a `diff` hunk header
+    (`3a4`, `12,14c12`): there they are the lines added, say to /etc/passwd.
+    """
+    raws = text[:MAX_BODY_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    quotes = not any(_DIFF_HUNK.fullmatch(raw) for raw in raws)
     lines = []
-    for raw in text[:MAX_BODY_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n"):
-        if raw in ("-- ", "--") or raw.rstrip() == "-- ":
+    for raw in raws:
+        if raw == "-- ":
             break  # signature delimiter: the rest is the signature
         line = _SPACES.sub(" ", _CONTROL.sub("", raw)).strip()
-        if line.startswith(">"):
+        if quotes and line.startswith(">"):
             continue
         if _QUOTE_INTRO.match(line):
             break
