@@ -213,6 +213,32 @@ async def test_a_retried_mail_is_texted_once(
     assert len(sandbox_state.entries) == 1
 
 
+async def test_without_a_message_id_the_date_tells_a_new_mail_from_a_retry(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    # cron through a bare sendmail (or a NAS mailing the bridge directly) writes no
+    # Message-ID: the same words an hour later are a new failure, an MTA retry is not.
+    def cron(date: str) -> str:
+        head = f"Date: {date}\r\n" if date else ""
+        return (
+            f"{head}From: root@backup-01.example.org\r\n"
+            "Subject: Cron <root@backup-01> backup.sh\r\n\r\nbackup failed: disk full\r\n"
+        )
+
+    first, later = "Mon, 30 Nov 2026 02:00:01 +0000", "Mon, 30 Nov 2026 03:00:01 +0000"
+    extra = '[dedupe]\nwindow = "2h"\n'
+    async with smtp_bridge(tmp_path, clock, sandbox_url, extra) as (bridge, port):
+        for date in (first, first, later, "", ""):  # each with its retry, no Date at last
+            await asyncio.to_thread(
+                send, port, "root@backup-01.example.org", [DEFAULT_RCPT], cron(date)
+            )
+            clock.advance(600)
+        states = [m.state for m in sorted(await bridge.store.query(), key=lambda m: m.id)]
+    queued, dup = State.QUEUED, State.SUPPRESSED
+    # (without a Date the text is the key: the first such mail meets no dated one)
+    assert states == [queued, dup, queued, queued, dup], states
+
+
 async def test_store_unwritable_answers_451_and_acknowledges_nothing(
     tmp_path, clock, sandbox_url
 ) -> None:

@@ -405,10 +405,18 @@ class SmtpHandler:
 
 def mail_dedupe_key(mail: MailText) -> str | None:
     """A resend is the same Message-ID *and* the same content: cheap devices and test
-    fixtures give different mails one Message-ID, and each of them must be texted."""
-    if not mail.message_id:
-        return None  # the text is the key
-    return f"message-id:{mail.message_id}:{content_hash(mail.sender, mail.subject, mail.body)}"
+    fixtures give different mails one Message-ID, and each of them must be texted.
+
+    Without a Message-ID, the Date header tells a retry (an MTA resends the mail as it
+    was, Date and all) from a new mail with the same words (cron's "backup failed" an
+    hour later): the Date and the content. With neither, the text is the key."""
+    content = content_hash(mail.sender, mail.subject, mail.body)
+    if mail.message_id:
+        return f"message-id:{mail.message_id}:{content}"
+    date = mail.headers.get("date", "").strip()
+    if date:
+        return f"date:{content_hash(date)}:{content}"
+    return None  # the text is the key
 
 
 def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
