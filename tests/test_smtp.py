@@ -169,6 +169,35 @@ async def test_rcpt_refusals_and_accepted_forms(tmp_path, clock, sandbox_url) ->
     assert codes[6] == (550, "5.1.1 <oncal@sms.localhost>: no group named 'oncal' in [groups]")
 
 
+async def test_a_group_name_is_case_blind_over_smtp_and_http_alike(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    extra = SMTP_BASE.split("[groups]")[0] + '[groups]\nOnCall = ["+12025550111"]\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)  # the name as an owner may write it
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        mail = "Subject: disk full\r\n\r\ndb-2\r\n"
+        assert (
+            await asyncio.to_thread(send, port, "a@example.org", ["ONCALL@sms.localhost"], mail)
+            == {}
+        )
+        answers = [
+            await http.post(f"{url}/api/v1/messages", json={"to": name, "message": f"via api {n}"})
+            for n, name in enumerate(("oncall", "ONCALL", "OnCall"))
+        ]
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    assert [a.status_code for a in answers] == [202, 202, 202], [a.text for a in answers]
+    assert sorted((e.to, e.message) for e in sandbox_state.entries) == [
+        ("+12025550111", "disk full\ndb-2"),
+        ("+12025550111", "via api 0"),
+        ("+12025550111", "via api 1"),
+        ("+12025550111", "via api 2"),
+    ]
+
+
 async def test_too_many_recipients(tmp_path, clock, sandbox_url) -> None:
     config = bridge_config(tmp_path, sandbox_url, with_smtp("max_recipients = 2"))
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
