@@ -408,6 +408,32 @@ async def test_auth_compares_a_password_for_an_unknown_login_too(
     assert nobody and nobody not in (b"guess-one", b"ups-pass-0123456789")
 
 
+async def test_the_auth_mail_parameter_of_a_logged_in_relay_is_taken(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """Exim and sendmail, logged in to a smarthost that offers AUTH, add RFC 4954's
+    `AUTH=<mailbox>` (or `AUTH=<>`) to MAIL FROM: once a permanent 555, a bounce."""
+    extra = 'auth_allow_plaintext = true\nusers = {exim = "exim-pass-0123456789"}\n'
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def relay(auth: str) -> dict:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.login("exim", "exim-pass-0123456789")
+                mail = f"Subject: RAID degraded ({auth})\r\n\r\n/dev/md0\r\n"
+                return client.sendmail(
+                    "root@nas.example.org", [DEFAULT_RCPT], mail, mail_options=["SIZE=60", auth]
+                )
+
+        assert await asyncio.to_thread(relay, "AUTH=<>") == {}
+        assert await asyncio.to_thread(relay, "AUTH=root@nas.example.org") == {}
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    assert sorted(e.message for e in sandbox_state.entries) == [
+        "RAID degraded (AUTH=<>)\n/dev/md0",
+        "RAID degraded (AUTH=root@nas.example.org)\n/dev/md0",
+    ]
+
+
 async def test_auth_over_starttls_required_and_refused_in_plaintext(
     tmp_path, clock, sandbox_url, tls_files
 ) -> None:

@@ -22,6 +22,7 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -94,6 +95,17 @@ class BridgeSMTP(LimitedSMTP):
     """
 
     _addresses: ClassVar[dict[tuple[str, int], tuple[str | None, str | None]]] = {}
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        # RFC 4954's `AUTH=<mailbox>` MAIL parameter, which Exim and sendmail add once
+        # they have logged in (Debian's Exim smarthost sends `AUTH=<>`): aiosmtpd knows
+        # only SIZE, BODY and SMTPUTF8 and refused the mail with a permanent 555. The
+        # bridge advertises AUTH, so it must take the parameter; it trusts only its own
+        # AUTH, so the value is read and ignored, as the RFC allows.
+        found = super()._getparams(params)
+        if found is not None:
+            found.pop("AUTH", None)
+        return found
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         plain = _PLAIN_ADDRESS.fullmatch(arg)
