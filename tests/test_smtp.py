@@ -408,6 +408,12 @@ async def test_auth_compares_a_password_for_an_unknown_login_too(
     assert nobody and nobody not in (b"guess-one", b"ups-pass-0123456789")
 
 
+def ehlo_features(port: int) -> dict[str, str]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("tester")
+        return dict(client.esmtp_features)
+
+
 async def test_the_auth_mail_parameter_of_a_logged_in_relay_is_taken(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
@@ -426,6 +432,8 @@ async def test_the_auth_mail_parameter_of_a_logged_in_relay_is_taken(
                 )
 
         assert await asyncio.to_thread(relay, "AUTH=<>") == {}
+        offered = await asyncio.to_thread(ehlo_features, port)
+        assert offered["auth"].split() == ["LOGIN", "PLAIN"]  # not "throttle", an attribute
         assert await asyncio.to_thread(relay, "AUTH=root@nas.example.org") == {}
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
     assert sorted(e.message for e in sandbox_state.entries) == [

@@ -148,7 +148,9 @@ class SmtpHandler:
         self.tls = self._tls(smtp)  # at start a certificate that does not load is fatal
         self.sessions = Sessions(lambda: self.smtp)
         self.parsers = Workers(PARSE_WORKERS, "mail-parse")
-        self.auth_throttle = FailureThrottle(ingestor.clock)  # kept across reloads
+        # kept across reloads. Not `auth_...`: aiosmtpd takes every handler attribute so
+        # named for an AUTH mechanism, and EHLO offered `AUTH LOGIN PLAIN throttle`.
+        self.login_throttle = FailureThrottle(ingestor.clock)
         self.reload(smtp=smtp, recipients=recipients)
 
     def close(self) -> None:
@@ -168,7 +170,7 @@ class SmtpHandler:
             smtp = dataclasses.replace(smtp, tls_cert=self.smtp.tls_cert, tls_key=self.smtp.tls_key)
         self.smtp = smtp
         self.recipients = recipients
-        self.authenticator = Authenticator(dict(smtp.users), self.auth_throttle)
+        self.authenticator = Authenticator(dict(smtp.users), self.login_throttle)
         self.domains = {d.lower() for d in smtp.domains}
         self.networks = [parse_network(n) for n in smtp.allowed_networks]
         return problems
