@@ -51,7 +51,7 @@ from bridge.ingress.workers import Workers
 from bridge.phone import PhoneError
 from bridge.policy.decide import content_hash, dedupe_scope
 from bridge.policy.shaping import Draft
-from bridge.schedule import MAIL_HEADER, parse_schedule_time
+from bridge.schedule import MAIL_HEADER, parse_schedule_time, scheduled_epoch
 from bridge.sockets import bind_socket
 from bridge.templates import TemplateError, render
 
@@ -308,15 +308,25 @@ class SmtpHandler:
         return compose(mail, mode)
 
     def schedule_of(self, mail: MailText) -> str | None:
-        """The `X-SMS-Schedule` header (read by the parse worker) as a schedule time."""
+        """The `X-SMS-Schedule` header (read by the parse worker) as a schedule time; None
+        (send now) for a time already past.
+
+        Unlike the API's caller, a mail's sender is not answered at once: an MTA that
+        queued the mail (the bridge down, or its own 451 earlier) delivers it after its
+        time, and a 554 for "in the past" bounced a text that is merely due. A scheduled
+        text whose time passes in the queue is sent at once; so is this one.
+        """
         if not mail.schedule:
             return None
-        return parse_schedule_time(
-            mail.schedule,
-            now=self.ingestor.clock.now(),
-            tz=zone(self.provider.timezone),
-            field=MAIL_HEADER,
+        now = self.ingestor.clock.now()
+        when = parse_schedule_time(
+            mail.schedule, now=float("-inf"), tz=zone(self.provider.timezone), field=MAIL_HEADER
         )
+        epoch = scheduled_epoch(when)
+        if epoch is not None and epoch <= now:
+            log.info("%s %r has passed: sent now", MAIL_HEADER, mail.schedule[:40])
+            return None
+        return when
 
     async def parse(self, raw: bytes, mail_from: str | None) -> MailText | str:
         """The mail parsed under the MIME bounds (in a worker thread unless it
