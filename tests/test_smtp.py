@@ -358,6 +358,24 @@ async def test_overlong_lines_and_unknown_commands_get_errors(tmp_path, clock, s
     assert replies[3].startswith(b"503")  # no MAIL FROM accepted
 
 
+async def test_data_lines_longer_than_1000_bytes_are_taken(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A NAS's one-line HTML, a script's JSON: aiosmtpd refused any DATA line over 1001
+    bytes with a permanent `500 Line too long`. Up to the message size, they are taken;
+    a command line stays bounded."""
+    html = "<html><body><p>Volume 1 degraded</p>" + "<br>" * 2000 + "</body></html>"
+    mail = f"Content-Type: text/html\r\nSubject: NAS alert\r\n\r\n{html}\r\n"
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        code, text = await asyncio.to_thread(data_reply, port, mail.encode())
+        steps = [b"EHLO x\r\n", b"MAIL FROM:<" + b"a" * 5000 + b"@example.org>\r\n"]
+        replies = await asyncio.to_thread(_raw_session, port, steps)
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    assert code == 250, text
+    assert [e.message for e in sandbox_state.entries] == ["NAS alert\nVolume 1 degraded"]
+    assert replies[1].startswith(b"500"), replies
+
+
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory) -> tuple[trustme.CA, str, str]:
     ca = trustme.CA()

@@ -17,6 +17,8 @@
   1 MB in 3-byte lines held the loop ~1 s (20 at once stalled /healthz 6.5 s). DATA is
   read through `DataLines`, which yields every `YIELD_EVERY` lines and, past the cap,
   reads the rest without keeping it; the handler then answers 552 (`data_refusal`).
+- DATA line length: up to the message size (`smtp.max_message_bytes`) during DATA, not
+  aiosmtpd's 1001 bytes, which bounced one-line HTML and unwrapped base64 with a 500.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 # NOOP, RSET, HELP, VRFY, EXPN and refused commands never do.
 PROGRESS = ("HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA")
 YIELD_EVERY = 256  # DATA lines read between two turns of the event loop (~0.5 ms)
+DATA_LINE_BYTES = 1 << 20  # the longest DATA line where no message size limit is set
 
 
 class Sessions:
@@ -276,9 +279,17 @@ class LimitedSMTP(SMTP):
         lines = DataLines(reader, self.max_lines or sys.maxsize)
         self._reader = cast(Any, lines)
         self._in_data = True
+        # A mail's lines may be as long as the mail may be (`smtp.max_message_bytes`), not
+        # aiosmtpd's 1001 bytes, past which it answered a permanent `500 Line too long`:
+        # a NAS's one-line HTML, unwrapped base64 or a script's JSON bounced. RFC 5321
+        # lets a server take longer lines; Postfix does. Commands keep the short limit.
+        saved = reader._limit, self.line_length_limit  # type: ignore[attr-defined]
+        longest = max(saved[1], (self.data_size_limit or DATA_LINE_BYTES) + 2)
+        reader._limit = self.line_length_limit = longest  # type: ignore[attr-defined]
         try:
             await super().smtp_DATA(arg)  # calls the handler's handle_DATA at the end
         finally:
+            reader._limit, self.line_length_limit = saved  # type: ignore[attr-defined]
             self._reader = reader
             self._in_data = False
             if self._ending is not None:  # after the mail's answer, which the client has now
