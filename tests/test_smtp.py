@@ -198,6 +198,41 @@ async def test_a_group_name_is_case_blind_over_smtp_and_http_alike(
     ]
 
 
+async def test_a_recipient_a_reload_removed_after_rcpt_does_not_bounce_the_others(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    rcpts = ["oncall@sms.localhost", DEFAULT_RCPT]
+    mail = "Subject: UPS on battery\r\n\r\nruntime 12 min\r\n"
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        accepted, reload_done = threading.Event(), threading.Event()
+
+        def session() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("tester")
+                client.mail("ups@example.org")
+                assert [client.rcpt(r)[0] for r in rcpts] == [250, 250]
+                accepted.set()
+                reload_done.wait(10)
+                return client.data(mail)
+
+        answer = asyncio.ensure_future(asyncio.to_thread(session))
+        assert await asyncio.to_thread(accepted.wait, 10)
+        without = SMTP_BASE.split("[groups]")[0]  # a SIGHUP drops [groups]
+        (tmp_path / "new").mkdir()
+        try:
+            bridge.reload(bridge_config(tmp_path / "new", sandbox_url, without))
+        finally:
+            reload_done.set()
+        code, text = await answer
+        assert await bridge.store.counts() == {}
+        # the client's retry: RCPT answers each recipient by the new config
+        refused = await asyncio.to_thread(send, port, "ups@example.org", rcpts, mail)
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    assert code == 451 and text.startswith(b"4.3.0 <oncall@sms.localhost>"), text
+    assert list(refused) == ["oncall@sms.localhost"] and refused["oncall@sms.localhost"][0] == 550
+    assert [e.to for e in sandbox_state.entries] == ["+12025550143"]
+
+
 async def test_too_many_recipients(tmp_path, clock, sandbox_url) -> None:
     config = bridge_config(tmp_path, sandbox_url, with_smtp("max_recipients = 2"))
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:

@@ -393,8 +393,15 @@ class SmtpHandler:
         for address in envelope.rcpt_tos:
             try:
                 recipients.update(dict.fromkeys(self.resolve(address)))
-            except InputError as exc:  # config changed between RCPT and DATA
-                return f"550 5.1.1 <{address}>: {exc.message}"
+            except InputError as exc:
+                # Accepted at RCPT, refused now: a reload between the two. A 5xx here
+                # bounced the mail for every recipient; on the client's retry RCPT
+                # answers each one by the new config, and the rest are texted.
+                log.warning("SMTP DATA refused with 451: <%s> %s since RCPT", address, exc)
+                return (
+                    f"451 4.3.0 <{address}>: refused since RCPT by a configuration reload; "
+                    "try again later"
+                )
             except Unavailable as exc:
                 return unreadable(address, exc, session)
         try:
