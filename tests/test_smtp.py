@@ -411,6 +411,32 @@ async def test_data_lines_longer_than_1000_bytes_are_taken(
     assert replies[1].startswith(b"500"), replies
 
 
+async def test_a_mail_longer_than_max_lines_is_texted_from_its_first_lines(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A cron job's `rsync -v` log runs to tens of thousands of short lines: a 552 there
+    bounced the failure for good. The lines past smtp.max_lines are read and dropped."""
+    files = "".join(f"srv/www/site/img/{n}.png\r\n" for n in range(200))
+    mail = (
+        "From: root@backup-01.example.org\r\nSubject: Cron <root@backup-01> backup.sh\r\n\r\n"
+        f"rsync error: some files could not be transferred (code 23)\r\n{files}"
+    )
+    config = bridge_config(tmp_path, sandbox_url, with_smtp("max_lines = 8"))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        code, text = await asyncio.to_thread(data_reply, port, mail.encode())
+        after = await asyncio.to_thread(data_reply, port, b"Subject: next\r\n\r\nx\r\n")
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    assert code == 250 and text.endswith(b"(read in part: more than 8 lines (smtp.max_lines))")
+    assert after[0] == 250 and b"read in part" not in after[1]  # the session goes on
+    # 8 lines: From, Subject, the blank line, the error and 4 files
+    files = "".join(f"\nsrv/www/site/img/{n}.png" for n in range(4))
+    assert sorted(e.message for e in sandbox_state.entries) == [
+        "Cron <root@backup-01> backup.sh\nrsync error: some files could not be transferred"
+        f" (code 23){files}",
+        "next\nx",
+    ]
+
+
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory) -> tuple[trustme.CA, str, str]:
     ca = trustme.CA()

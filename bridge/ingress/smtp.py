@@ -328,9 +328,12 @@ class SmtpHandler:
             return None
         return when
 
-    async def parse(self, raw: bytes, mail_from: str | None) -> MailText | str:
+    async def parse(
+        self, raw: bytes, mail_from: str | None, cut: str | None = None
+    ) -> MailText | str:
         """The mail parsed under the MIME bounds (in a worker thread unless it
-        `parses_quickly`), or the SMTP refusal.
+        `parses_quickly`), or the SMTP refusal. `cut` says why the listener kept only the
+        mail's first lines (`truncated` then says so first).
 
         A parse still running at `smtp.parse_timeout` (it also stops itself at the next
         part), or one that never got a worker in that time, is a 451: the time a parse
@@ -363,6 +366,10 @@ class SmtpHandler:
                 f"451 4.3.0 Mail not parsed within {smtp.parse_timeout:g}s "
                 f"(smtp.parse_timeout); not accepted, try again later"
             )
+        if cut:
+            mail = dataclasses.replace(
+                mail, truncated="; ".join(filter(None, (cut, mail.truncated)))
+            )
         if mail.truncated:
             log.warning("mail read only in part (%s); texted from what was read", mail.truncated)
         return mail
@@ -377,16 +384,13 @@ class SmtpHandler:
         return "451 4.3.0 Internal error in the bridge; try again later"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        refusal = getattr(server, "data_refusal", None)
-        if refusal:
-            log.warning("SMTP DATA from %s refused: %s", peer_host(session), refusal)
-            return str(refusal)
+        cut = getattr(server, "data_cut", None)  # the lines past smtp.max_lines: dropped
         raw = (
             envelope.content
             if isinstance(envelope.content, bytes)
             else (str(envelope.content or "").encode("utf-8", errors="replace"))
         )
-        mail = await self.parse(raw, envelope.mail_from)
+        mail = await self.parse(raw, envelope.mail_from, cut)
         if isinstance(mail, str):
             return mail
         recipients: dict[str, None] = {}

@@ -16,7 +16,8 @@
   time, and a line already buffered costs an `await` that never yields, so a mail of
   1 MB in 3-byte lines held the loop ~1 s (20 at once stalled /healthz 6.5 s). DATA is
   read through `DataLines`, which yields every `YIELD_EVERY` lines and, past the cap,
-  reads the rest without keeping it; the handler then answers 552 (`data_refusal`).
+  reads the rest without keeping it; the handler texts the lines read and says so in its
+  250 (`data_cut`). A 552 there bounced long cron mail (an `rsync -v` log) for good.
 - DATA line length: up to the message size (`smtp.max_message_bytes`) during DATA, not
   aiosmtpd's 1001 bytes, which bounced one-line HTML and unwrapped base64 with a 500.
 """
@@ -296,13 +297,11 @@ class LimitedSMTP(SMTP):
                 self.end_now(self._ending)
 
     @property
-    def data_refusal(self) -> str | None:
-        """For the DATA handler: why the mail just read is refused, else None."""
+    def data_cut(self) -> str | None:
+        """For the DATA handler: why only the first lines of the mail were kept, else None."""
         lines: Any = self._reader
         if isinstance(lines, DataLines) and lines.over:
-            return (
-                f"552 5.3.4 Too many lines: more than {lines.most} (smtp.max_lines); not accepted"
-            )
+            return f"more than {lines.most} lines (smtp.max_lines)"
         return None
 
     def _reset_timeout(self, duration: float | None = None) -> None:
