@@ -156,6 +156,9 @@ async def test_rcpt_refusals_and_accepted_forms(tmp_path, clock, sandbox_url) ->
                         "+12025550145@SMS.LOCALHOST",
                         "oncal@sms.localhost",
                     )
+                ] + [  # a quoted local part, as a mail client writes one with spaces
+                    client.docmd("RCPT", 'TO:<"+1 202 555 0146"@sms.localhost>'),
+                    client.docmd("RCPT", 'TO:<"+1 202 \\"555 0146"@sms.localhost>'),
                 ]
 
         replies = await asyncio.to_thread(session)
@@ -167,6 +170,8 @@ async def test_rcpt_refusals_and_accepted_forms(tmp_path, clock, sandbox_url) ->
     assert [c for c, _ in codes[2:6]] == [250, 250, 250, 250]
     # a mistyped group name is called that, not "not a possible phone number"
     assert codes[6] == (550, "5.1.1 <oncal@sms.localhost>: no group named 'oncal' in [groups]")
+    assert codes[7] == (250, "2.1.5 OK")
+    assert codes[8][0] == 550 and "'+1 202 \"555 0146' is not a possible" in codes[8][1]
 
 
 async def test_a_group_name_is_case_blind_over_smtp_and_http_alike(

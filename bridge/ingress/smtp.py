@@ -65,6 +65,7 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
 # An address in angle brackets of plain dot-atoms, then nothing or one space and the
 # parameters (no comment, no folding): held to aiosmtpd's parse by a property test.
+_QUOTED_PAIR = re.compile(r"\\(.)")  # a backslash-escaped character in a quoted local part
 _PLAIN_ADDRESS = re.compile(rf"<({_DOT_ATOM})@({_DOT_ATOM})>(?: ([^\s(].*))?", re.DOTALL)
 
 
@@ -243,6 +244,10 @@ class SmtpHandler:
             raise InputError(
                 "domain", f"relaying denied: {domain or address!r} is not a domain of this bridge"
             )
+        if len(local) > 1 and local[0] == local[-1] == '"':
+            # RFC 5321's quoted local part, as a mail client writes `+1 202 555 0143`: the
+            # spaces the 550 lists as separators can reach the bridge no other way.
+            local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
         return self.recipients.mailbox(local, domain)
 
     async def handle_RCPT(
