@@ -663,6 +663,26 @@ async def test_the_null_sender_is_no_allowed_sender(
     assert sandbox_state.entries == []
 
 
+async def test_a_sender_rule_matches_crons_from_with_its_comment(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """cron writes `From: root@host (Cron Daemon)`; relayed through a provider that sets
+    its own envelope sender (VERP), the From is all a rule's glob can match."""
+    rule = '[[smtp.rules]]\nsender = ["*@backup-01.example.org"]\nkeep = ["FAILED"]\n'
+    config = bridge_config(tmp_path, sandbox_url, SMTP_BASE.replace("[groups]", rule + "[groups]"))
+    mail = (
+        "From: root@backup-01.example.org (Cron Daemon)\r\nSubject: Cron <root@backup-01> backup.sh\r\n"
+        "\r\nstarting rsync\r\n12 files\r\nbackup FAILED after 00:00:07\r\n"
+    )
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        envelope = "bounce-7f3a@relay.example.net"
+        assert await asyncio.to_thread(send, port, envelope, [DEFAULT_RCPT], mail) == {}
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    assert [e.message for e in sandbox_state.entries] == [
+        "Cron <root@backup-01> backup.sh\nbackup FAILED after 00:00:07"
+    ]
+
+
 async def test_template_compose(tmp_path, clock, sandbox_state, sandbox_url) -> None:
     config = bridge_config(
         tmp_path,
