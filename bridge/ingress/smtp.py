@@ -63,9 +63,9 @@ PARSE_WORKERS = 2  # mail parsing threads; a slow mail holds one, never the even
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
+_QUOTED_PAIR = re.compile(r"\\(.)")  # a backslash-escaped character in a quoted local part
 # An address in angle brackets of plain dot-atoms, then nothing or one space and the
 # parameters (no comment, no folding): held to aiosmtpd's parse by a property test.
-_QUOTED_PAIR = re.compile(r"\\(.)")  # a backslash-escaped character in a quoted local part
 _PLAIN_ADDRESS = re.compile(rf"<({_DOT_ATOM})@({_DOT_ATOM})>(?: ([^\s(].*))?", re.DOTALL)
 
 
