@@ -600,3 +600,17 @@ def test_groups_that_differ_only_by_case_are_refused(tmp_path) -> None:
     path = write_config(tmp_path, '[groups]\nOnCall = ["+12025550101"]\n')
     config = load_config(path, env={"SMS_BRIDGE_GROUPS_ONCALL": '["+12025550102"]'})
     assert dict(config.groups) == {"OnCall": ("+12025550102",)}
+
+
+def test_a_group_without_members_is_refused(tmp_path) -> None:
+    """`ops = []` (or SMS_BRIDGE_GROUPS_OPS=""): ops@ was answered 250 "stored as message"
+    over SMTP, and 202 over HTTP, with nothing stored and no one texted."""
+    path = write_config(tmp_path, '[groups]\nops = []\noncall = ["+12025550101"]\n')
+    for env in ({}, {"SMS_BRIDGE_GROUPS_ONCALL": ""}):
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, env=env)
+        assert (
+            "groups.ops",
+            "no members: a mail or request to it would be acknowledged and lost",
+        ) in caught.value.problems
+    assert [k for k, _ in caught.value.problems] == ["groups.ops", "groups.oncall"]

@@ -201,6 +201,13 @@ class _Loader:
             if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
                 self.problem(key, "expected a list of phone numbers")
                 continue
+            if not members:
+                # GROUP@ was answered 250 "stored as message" and a route or the API 202,
+                # with nothing stored: acknowledged, texted to no one, and no row saying so.
+                self.problem(
+                    key, "no members: a mail or request to it would be acknowledged and lost"
+                )
+                continue
             groups[name] = tuple(members)
         return groups
 
