@@ -58,13 +58,13 @@ async def test_schedule_from_api_mail_and_hooks_in_the_providers_zone(
                 f"From: ops@example.com\r\nSubject: mail\r\nX-SMS-Schedule: {local(when)}\r\n"
                 "\r\nbody\r\n"
             )
-            stale = mail.replace(local(when), local(clock.now() - 3600))
+            unreadable = mail.replace(local(when), "soon")
 
             def deliver() -> tuple[dict, int]:
                 with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
                     ok = smtp.sendmail("ops@example.com", ["+12025550144@sms.localhost"], mail)
                     try:
-                        smtp.sendmail("ops@example.com", ["+12025550144@sms.localhost"], stale)
+                        smtp.sendmail("ops@example.com", ["+12025550144@sms.localhost"], unreadable)
                     except smtplib.SMTPDataError as exc:
                         return ok, exc.smtp_code
                 return ok, 250
@@ -82,6 +82,29 @@ async def test_schedule_from_api_mail_and_hooks_in_the_providers_zone(
     # Sent with the provider's local time: the sandbox (same zone) holds each until then.
     assert len(sandbox_state.entries) == 3
     assert {e.deliver_from for e in sandbox_state.entries} == {when}
+
+
+async def test_a_mail_whose_schedule_passed_while_it_was_queued_is_sent_now(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """An MTA delivers a mail when it can (the bridge was down, or answered 451): an
+    X-SMS-Schedule that passed meanwhile was a permanent 554, the text bounced."""
+    config = bridge_config(tmp_path, sandbox_url, SMTP, timezone="Asia/Beirut")
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        mail = (
+            "From: ops@example.com\r\nSubject: maintenance starts\r\n"
+            f"X-SMS-Schedule: {local(clock.now() - 3600)}\r\n\r\ndb-2 read-only\r\n"
+        )
+
+        def deliver() -> dict:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                return smtp.sendmail("ops@example.com", ["+12025550144@sms.localhost"], mail)
+
+        assert await asyncio.to_thread(deliver) == {}
+        [stored] = await bridge.store.query()
+        assert stored.schedule_time is None
+        await bridge.dispatcher.run_once()
+    assert [e.message for e in sandbox_state.entries] == ["maintenance starts\ndb-2 read-only"]
 
 
 @pytest.mark.slow  # over ~2 s

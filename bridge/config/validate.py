@@ -195,7 +195,7 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
     ]
     for key, targets in named:
         for index, target in enumerate(targets):
-            if target in config.groups:
+            if recipients.group(target) is not None:
                 continue  # its members are checked above
             check_number(f"{key}[{index}]", target, "neither a group nor an allowed number: ")
 

@@ -7,7 +7,7 @@ each as if the ones before it were already stored: two concurrent duplicates can
 both slip through, and a storm is counted exactly. No I/O here, no store import beyond
 the interface's vocabulary.
 
-- Deduplication: the same dedupe key (explicit: `dedupe_key`, Message-ID and content,
+- Deduplication: the same dedupe key (explicit: `dedupe_key`, a mail's Message-ID or Date and content,
   GitHub body hash, alert fingerprints and status; otherwise the normalised text) to the
   same recipient within the window -> `suppressed`, naming the original. Every key
   carries its scope (`dedupe_scope`): keys from the API, a route or mail never meet.
