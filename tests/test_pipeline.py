@@ -535,3 +535,36 @@ async def test_a_nul_character_is_stored_without_it_on_every_backend(
     assert again.json()["messages"][0]["state"] == "suppressed"
     assert search.status_code == 400 and search.json()["field"] == "q"
     assert [e.message for e in sandbox_state.entries] == ["disk full"]
+
+
+@on_each_backend
+async def test_one_phone_twice_with_one_text_goes_in_two_calls_and_both_learn_their_state(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two messages of one text to one phone (different dedupe keys) went in one bulk
+    call naming the phone twice. The answer's ids are read by recipient, so both got the
+    second one's id: the first showed the second's state. A call now
+    names each phone once; the repeat goes in the next call, and each message has its
+    own id and state (the first one's phone failed here, the second's was delivered)."""
+    config = bridge_config(tmp_path, sandbox_url)
+    a, b = numbers(2)
+    async with running_bridge(config, clock) as (bridge, url):
+        ids = (await post(url, {"to": [a, b], "message": "drill", "dedupe_key": "k1"})).json()
+        again = (await post(url, {"to": a, "message": "drill", "dedupe_key": "k2"})).json()
+        ids = ids["ids"] + again["ids"]
+        assert len(ids) == 3
+        await bridge.dispatcher.run_once()
+        next(e for e in sandbox_state.entries if e.to == a).fails = True  # the first to a
+
+        async def all_final() -> bool:
+            return State.SENT not in await states(bridge, ids)
+
+        await pump(bridge, clock, all_final, max_seconds=600)
+        assert await states(bridge, ids) == [State.FAILED, State.DELIVERED, State.DELIVERED]
+        pids = [(await bridge.store.get(i)).provider_message_id for i in ids]
+    assert len(set(pids)) == 3
+    assert sorted(e.to for e in sandbox_state.entries) == sorted([a, a, b])
+    bulks = {e.bulk_id for e in sandbox_state.entries if e.bulk_id}
+    for bulk in bulks:
+        called = [e.to for e in sandbox_state.entries if e.bulk_id == bulk]
+        assert len(set(called)) == len(called)
