@@ -487,6 +487,37 @@ async def test_a_message_still_waiting_does_not_hide_older_ones_deep_in_the_logs
     assert counts == {"delivered": 999, "sent": 1}
 
 
+async def test_a_429_mid_sweep_resumes_at_the_page_it_stopped_after_retry_after(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The deep sweep of /logs, stopped by a 429 on its sixth page, started again at the
+    newest page: under pressure (a 429 whenever it got that deep) it never reached the
+    oldest messages waiting. It now goes on from the page refused, once Retry-After has
+    passed."""
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        await post(url, {"to": numbers(1000), "message": "maintenance tonight"})
+        await bridge.dispatcher.run_once()
+        assert len(sandbox_state.entries) == 1000
+        sandbox_state.entries[-1].deliver_from = clock.now() + 7 * 86400  # that phone is off
+        sandbox_state.faults.append(
+            Fault(status=429, path="/logs", query={"page": "6"}, retry_after="40", times=3)
+        )
+
+        async def the_others_delivered() -> bool:
+            return (await bridge.store.counts()).get("delivered") == 999
+
+        await pump(bridge, clock, the_others_delivered, max_seconds=900)
+    reads = [r for r in sandbox_state.requests if r.path.endswith("/logs")]
+    refused = [i for i, r in enumerate(reads) if r.status == 429]
+    assert refused, "the sweep never reached page 6"
+    for i in refused:  # each time: page 6 again next, not before Retry-After
+        assert reads[i + 1].query["page"] == "6"
+        assert reads[i + 1].at >= reads[i].at + 40
+    after = [r.query["page"] for r in reads[refused[-1] + 1 :]]
+    assert after[:5] == ["6", "7", "8", "9", "10"]  # on down, to the oldest's page
+
+
 async def test_requests_booked_by_the_cli_count_against_the_window(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

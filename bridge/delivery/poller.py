@@ -12,8 +12,9 @@ waiting. When the waiting span more pages than that (a bulk of 1000, the phone o
 its last recipients off), the next round goes on from the page where this one stopped,
 down to the page after the oldest's, then starts again at the newest: every waiting
 message's page is read once a sweep. Starting each round at the newest never reached
-the oldest while a newer one waited (up to `give_up_after`). Entries only ever move to
-later pages (/logs is newest first), so resuming skips nothing.
+the oldest while a newer one waited (up to `give_up_after`). A page that could not be
+read (a 429, after its Retry-After; a 5xx) is where the next round starts. Entries only
+ever move to later pages (/logs is newest first), so resuming skips nothing.
 """
 
 from __future__ import annotations
@@ -124,15 +125,11 @@ class StatusPoller:
                 logs = await self.client.logs(
                     page=page, per_page=MAX_LOGS_PER_PAGE, date_from=date_from
                 )
-            except RateLimitedError as exc:
-                await self.limiter.rate_limited(exc.retry_after)
-                break
-            except ProviderAuthError as exc:
-                inactive = isinstance(exc, ProviderInactiveError)
-                self.health.auth_failed(str(exc), self.clock.now(), inactive=inactive)
-                break
-            except ProviderError as exc:  # a 404 from /logs included: not an auth failure
-                log.info("status poll failed: %s", exc)
+            except ProviderError as exc:
+                # Nothing read: this page first, next round. From the newest again, a
+                # 429 whenever the sweep got this deep kept it from the oldest for good.
+                self._resume_page = page
+                await self._failed(exc)
                 break
             self.limiter.answered()
             known = (
@@ -160,3 +157,15 @@ class StatusPoller:
         if updates:
             await self.store.record_status(updates, self.clock.now())
         return max(self.config.poll_interval, self.limiter.wait_time("status"))
+
+    async def _failed(self, exc: ProviderError) -> None:
+        """A /logs read that failed: a 429 pauses every request (Retry-After, else a
+        doubling backoff: `wait_time` then says when to go on), a refused key turns
+        health red; anything else (a 404 from /logs included) waits for the next round."""
+        if isinstance(exc, RateLimitedError):
+            await self.limiter.rate_limited(exc.retry_after)
+        elif isinstance(exc, ProviderAuthError):
+            inactive = isinstance(exc, ProviderInactiveError)
+            self.health.auth_failed(str(exc), self.clock.now(), inactive=inactive)
+        else:
+            log.info("status poll failed: %s", exc)
