@@ -5,6 +5,13 @@ The provider takes `schedule_time` as `Y-m-d H:i:s` in its own time zone
 or ISO 8601 with an offset. It is stored in UTC, so the poller can compare it with the
 clock, and turned into the provider's zone only when sent. A time already past is
 refused at the edge: the provider would refuse it too, after the sender was told "ok".
+
+A time that falls in the hour the provider's zone lives twice (clocks going back at the
+end of summer time: 01:30 comes once in summer time, once an hour later in winter time)
+cannot be written in the provider's `Y-m-d H:i:s` so that it means one instant: the
+provider may read the other one and send an hour early or late. The dispatcher keeps
+such a message itself (`held_until`) and sends it at its time without `schedule_time`.
+A naive time given in that hour is read as its first occurrence (summer time).
 """
 
 from __future__ import annotations
@@ -67,3 +74,14 @@ def for_provider(stored: str | None, *, now: float, tz: tzinfo) -> str | None:
     if epoch <= now:
         return None
     return datetime.fromtimestamp(epoch, tz).strftime(STORED_FORMAT)
+
+
+def held_until(stored: str | None, *, now: float, tz: tzinfo) -> float | None:
+    """When a message whose time the provider's zone cannot write unambiguously (see the
+    module docstring) is due, while that is still ahead; None for any other message."""
+    epoch = scheduled_epoch(stored)
+    if epoch is None or epoch <= now:
+        return None
+    wall = datetime.fromtimestamp(epoch, tz).replace(tzinfo=None)
+    first, second = (wall.replace(tzinfo=tz, fold=f).timestamp() for f in (0, 1))
+    return epoch if first != second else None

@@ -15,7 +15,8 @@ from bridge.clock import ManualClock
 from bridge.errors import InputError
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, SandboxState
-from bridge.schedule import parse_schedule_time
+from bridge.provider.sandbox.shapes import Shape
+from bridge.schedule import held_until, parse_schedule_time
 from bridge.store import open_store
 from tests.helpers import bridge_config, max_in_window, pump, running_bridge
 from tests.test_smtp import smtp_listening
@@ -100,6 +101,61 @@ async def test_the_poller_follows_a_scheduled_message_past_give_up_after(
 
         await pump(bridge, clock, delivered, max_seconds=4 * 3600, step_cap=60)
     assert clock.now() >= when
+
+
+@pytest.mark.parametrize("offset", ["-04:00", "-05:00"])  # 01:30 in summer, then winter time
+async def test_a_time_the_providers_zone_lives_twice_is_kept_and_sent_at_that_instant(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, offset: str
+) -> None:
+    """New York's clocks go back at 02:00 on 2027-11-07: 01:30 comes twice. Given with
+    its offset, the time went to the provider as "2027-11-07 01:30:00", which it reads
+    as the first (summer) 01:30: the winter one went an hour early. The bridge now keeps
+    such a message and sends it at its instant, without schedule_time."""
+    sandbox_state.shape = Shape(timezone="America/New_York")
+    config = bridge_config(tmp_path, sandbox_url, timezone="America/New_York")
+    given = f"2027-11-07T01:30:00{offset}"
+    when = datetime.fromisoformat(given).timestamp()
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        body = {"to": "+12025550143", "message": "rotate the keys", "schedule_time": given}
+        [message_id] = (await http.post(f"{url}/api/v1/messages", json=body)).json()["ids"]
+        await bridge.dispatcher.run_once()
+        assert not sandbox_state.entries  # nothing goes to the provider ahead of time
+        message = await bridge.store.get(message_id)
+        assert message.state == State.QUEUED and "occurs twice" in message.reason
+        assert await bridge.store.next_due_at() == when  # due at its instant
+        clock.advance(when - 1 - clock.now())
+        await bridge.dispatcher.run_once()
+        assert not sandbox_state.entries
+        clock.advance(1)
+
+        async def delivered() -> bool:
+            return (await bridge.store.get(message_id)).state == State.DELIVERED
+
+        await pump(bridge, clock, delivered, max_seconds=600)
+        events = await bridge.store.events(message_id)
+    [entry] = sandbox_state.entries
+    assert entry.created_at == when and entry.deliver_from == when
+    assert any("occurs twice" in (e["detail"] or "") for e in events)
+
+
+def test_held_until_only_where_the_wall_time_is_ambiguous() -> None:
+    from zoneinfo import ZoneInfo
+
+    ny = ZoneInfo("America/New_York")
+    now = datetime(2027, 1, 15, tzinfo=UTC).timestamp()
+
+    def stored(iso: str) -> str:
+        return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    for iso in ("2027-11-07T01:00:00-04:00", "2027-11-07T01:59:59-05:00"):
+        assert held_until(stored(iso), now=now, tz=ny) == datetime.fromisoformat(iso).timestamp()
+    for iso in ("2027-11-07T00:59:59-04:00", "2027-11-07T02:00:00-05:00", "2027-03-14T03:30-04:00"):
+        assert held_until(stored(iso), now=now, tz=ny) is None
+    assert held_until(stored("2027-11-07T01:30:00-05:00"), now=now, tz=UTC) is None
+    past = stored("2027-11-07T01:30:00-05:00")
+    assert (
+        held_until(past, now=datetime.fromisoformat("2027-11-08T00:00Z").timestamp(), tz=ny) is None
+    )
 
 
 async def test_a_schedule_that_passed_in_the_queue_is_sent_now_not_refused(
