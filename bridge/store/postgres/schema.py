@@ -274,6 +274,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             WHERE state = 'suppressed';
         """,
     ),
+    Migration(
+        7,
+        "scheduled",
+        """
+        -- Storm control counts a scheduled text at its time (bridge.policy.decide): a
+        -- phone's texts scheduled near a time, however long ago they were stored.
+        CREATE INDEX messages_scheduled ON messages (recipient, schedule_time)
+            WHERE schedule_time IS NOT NULL;
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
