@@ -303,6 +303,35 @@ async def test_unknown_outcome_is_checked_in_logs_not_resent(
     assert message.provider_message_id == str(sandbox_state.entries[0].message_id)
 
 
+async def test_a_bulk_whose_outcome_is_unknown_is_found_past_ten_pages_of_logs(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A bulk of 1000 that the provider took but answered with a gateway's 502 page, and
+    150 texts of another client of the account after it: /logs holds the bulk on pages
+    2 to 12. Reconciliation read 10 pages and took the recipients it had not reached for
+    "not in /logs": 150 phones texted twice. It now goes on from where it stopped."""
+    sandbox_state.faults.append(
+        Fault(status=502, path="/send-bulk", taken=True, body="<html>Bad Gateway</html>")
+    )
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        ids = (await post(url, {"to": numbers(1000), "message": "maintenance tonight"})).json()
+        await bridge.dispatcher.run_once()
+        assert (await bridge.store.counts()) == {"sending": 1000}
+        for number in numbers(150, 5000):  # the account's other client
+            sandbox_state.record_send(number, "other", "SMS", 1, clock.now())
+
+        async def all_sent() -> bool:
+            return set(await states(bridge, ids["ids"])) <= {State.SENT, State.DELIVERED}
+
+        await pump(bridge, clock, all_sent, max_seconds=600)
+        for _ in range(30):  # and nothing goes out again later
+            clock.advance(await bridge.dispatcher.run_once() or 10)
+    ours = [e for e in sandbox_state.entries if e.message == "maintenance tonight"]
+    assert len(ours) == 1000  # none sent twice
+    assert [r.status for r in sandbox_state.requests if "/send" in r.path] == [502]
+
+
 @on_each_backend
 async def test_bad_input_gets_json_errors_and_stores_nothing(
     tmp_path, clock: ManualClock, sandbox_url: str
