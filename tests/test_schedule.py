@@ -138,7 +138,43 @@ async def test_a_time_the_providers_zone_lives_twice_is_kept_and_sent_at_that_in
     assert any("occurs twice" in (e["detail"] or "") for e in events)
 
 
-def test_held_until_only_where_the_wall_time_is_ambiguous() -> None:
+class Ahead:
+    """The provider's clock, `seconds` ahead of ours (or a request that long in flight)."""
+
+    def __init__(self, clock: ManualClock, seconds: float) -> None:
+        self.clock, self.seconds = clock, seconds
+
+    def now(self) -> float:
+        return self.clock.now() + self.seconds
+
+
+async def test_a_time_a_few_seconds_ahead_is_kept_not_refused_as_past_by_the_provider(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A schedule_time 20 s ahead went to the provider as such; with its clock 30 s ahead
+    of ours (or the request slow), the provider refused it as past, a 400: the message
+    failed for good, the alert lost. A time that near is kept by the bridge and sent at
+    its instant without schedule_time."""
+    sandbox_state.shape = VARIANTS["strict"]  # refuses a past schedule_time
+    sandbox_state.clock = Ahead(clock, 30.0)
+    config = bridge_config(tmp_path, sandbox_url)
+    when = clock.now() + 20
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        iso = datetime.fromtimestamp(when, UTC).isoformat()
+        body = {"to": "+12025550143", "message": "soon", "schedule_time": iso}
+        [message_id] = (await http.post(f"{url}/api/v1/messages", json=body)).json()["ids"]
+
+        async def sent() -> bool:
+            return (await bridge.store.get(message_id)).state != State.QUEUED
+
+        await pump(bridge, clock, sent, max_seconds=300)
+        message = await bridge.store.get(message_id)
+    assert message.state in (State.SENDING, State.SENT, State.DELIVERED), message.reason
+    [send] = [r for r in sandbox_state.requests if r.path.endswith("/send")]
+    assert send.status == 200 and send.at == when + 30  # at its time (the provider's clock)
+
+
+def test_held_until_only_where_the_wall_time_is_ambiguous_or_too_near() -> None:
     from zoneinfo import ZoneInfo
 
     ny = ZoneInfo("America/New_York")
@@ -148,10 +184,16 @@ def test_held_until_only_where_the_wall_time_is_ambiguous() -> None:
         return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
     for iso in ("2027-11-07T01:00:00-04:00", "2027-11-07T01:59:59-05:00"):
-        assert held_until(stored(iso), now=now, tz=ny) == datetime.fromisoformat(iso).timestamp()
+        held = held_until(stored(iso), now=now, tz=ny)
+        assert held is not None and held[0] == datetime.fromisoformat(iso).timestamp()
+        assert "occurs twice in America/New_York" in held[1]
     for iso in ("2027-11-07T00:59:59-04:00", "2027-11-07T02:00:00-05:00", "2027-03-14T03:30-04:00"):
         assert held_until(stored(iso), now=now, tz=ny) is None
     assert held_until(stored("2027-11-07T01:30:00-05:00"), now=now, tz=UTC) is None
+    soon = datetime.fromtimestamp(now + 59, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    held = held_until(soon, now=now, tz=UTC)
+    assert held is not None and held[0] == now + 59 and "too near" in held[1]
+    assert held_until(soon, now=now - 1, tz=UTC) is None  # a minute ahead: the provider's
     past = stored("2027-11-07T01:30:00-05:00")
     assert (
         held_until(past, now=datetime.fromisoformat("2027-11-08T00:00Z").timestamp(), tz=ny) is None

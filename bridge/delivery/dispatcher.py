@@ -19,7 +19,6 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
 
 from bridge.clock import Clock, zone
 from bridge.config import ProviderConfig
@@ -42,7 +41,7 @@ from bridge.policy.budgets import BudgetGuard, Cap, day_bounds
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.provider.responses import SendResult
-from bridge.schedule import STORED_FORMAT, for_provider, held_until
+from bridge.schedule import for_provider, held_until
 from bridge.store import Store
 from bridge.store.api import DEFAULT_LEASE, instance_name
 
@@ -171,7 +170,7 @@ class Dispatcher:
         due = await self.store.due(now, DUE_BATCH)
         held, sent = IDLE_WAIT, False
         for batch in plan_batches(
-            await self._keep_ambiguous(due, now),
+            await self._keep_for_later(due, now),
             max_bulk=self.config.max_bulk,
             bulk_types=self.config.bulk_message_type,
         ):
@@ -216,21 +215,21 @@ class Dispatcher:
             waits.append(max(LEASE_SLACK, expiry - now + LEASE_SLACK))
         return max(0.0, min(waits))
 
-    async def _keep_ambiguous(self, due: list[Message], now: float) -> list[Message]:
-        """`due` less the scheduled messages whose time the provider's zone shows twice
-        (bridge.schedule): each is queued again for its time, when it goes without
-        `schedule_time`, with the reason in its row and its events."""
+    async def _keep_for_later(self, due: list[Message], now: float) -> list[Message]:
+        """`due` less the scheduled messages whose time cannot go to the provider as
+        `schedule_time` (bridge.schedule: one its zone shows twice, or one too near):
+        each is queued again for its time, when it goes without `schedule_time`, with
+        the reason in its row and its events."""
         kept = []
         for m in due:
-            until = held_until(m.schedule_time, now=now, tz=self.tz)
-            if until is None:
+            held = held_until(m.schedule_time, now=now, tz=self.tz)
+            if held is None:
                 kept.append(m)
                 continue
-            wall = datetime.fromtimestamp(until, self.tz).strftime(STORED_FORMAT)
+            until, why = held
             reason = (
-                f"scheduled for {m.schedule_time} UTC, {wall} in {self.config.timezone}, a"
-                " time that occurs twice there (the clocks go back): kept by the bridge and"
-                " sent then, without schedule_time"
+                f"scheduled for {m.schedule_time} UTC: {why}; kept by the bridge and sent"
+                " then, without schedule_time"
             )
             late = await self.store.requeue(
                 [m.id], now, owner=self.owner, at=until, reason=reason, queued=True
