@@ -14,7 +14,7 @@ from bridge.cli import book_cli_request
 from bridge.clock import ManualClock
 from bridge.errors import InputError
 from bridge.models import State
-from bridge.provider.sandbox import VARIANTS, SandboxState
+from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
 from bridge.provider.sandbox.shapes import Shape
 from bridge.schedule import held_until, parse_schedule_time
 from bridge.store import open_store
@@ -136,6 +136,32 @@ async def test_a_time_the_providers_zone_lives_twice_is_kept_and_sent_at_that_in
     [entry] = sandbox_state.entries
     assert entry.created_at == when and entry.deliver_from == when
     assert any("occurs twice" in (e["detail"] or "") for e in events)
+
+
+async def test_a_message_kept_for_its_time_is_retried_after_a_5xx_not_given_up(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A message the bridge kept until its time (here 01:30 of a fall-back night, ten
+    months ahead) met a 500 there and failed at once, "gave up after 1 attempts":
+    `provider.retry_max_age` was counted from when it was stored, not from its time."""
+    sandbox_state.shape = Shape(timezone="America/New_York")
+    config = bridge_config(tmp_path, sandbox_url, timezone="America/New_York")
+    given = "2027-11-07T01:30:00-05:00"
+    when = datetime.fromisoformat(given).timestamp()
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        body = {"to": "+12025550143", "message": "rotate the keys", "schedule_time": given}
+        [message_id] = (await http.post(f"{url}/api/v1/messages", json=body)).json()["ids"]
+        await bridge.dispatcher.run_once()
+        clock.advance(when - clock.now())
+        sandbox_state.faults.append(Fault(status=500, path="/send"))
+
+        async def ended() -> bool:
+            return (await bridge.store.get(message_id)).state in (State.DELIVERED, State.FAILED)
+
+        await pump(bridge, clock, ended, max_seconds=600)
+        message = await bridge.store.get(message_id)
+    assert message.state == State.DELIVERED, message.reason
+    assert [r.status for r in sandbox_state.requests if r.path.endswith("/send")] == [500, 200]
 
 
 class Ahead:
