@@ -547,6 +547,26 @@ async def test_a_429_mid_sweep_resumes_at_the_page_it_stopped_after_retry_after(
     assert after[:5] == ["6", "7", "8", "9", "10"]  # on down, to the oldest's page
 
 
+@on_each_backend
+async def test_six_hundred_messages_that_never_report_do_not_hide_a_newer_ones_state(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A round of the poller tracks the 500 oldest messages waiting for a state. With 600
+    whose phones never report (off, or a network without delivery reports), the newer
+    ones were never tracked: a text delivered (or failed) an hour later stayed `sent`
+    for `status.give_up_after`, two days. Rounds now take the waiting in turn."""
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        await post(url, {"to": numbers(600), "message": "maintenance tonight"})
+        await bridge.dispatcher.run_once()
+        for entry in sandbox_state.entries:
+            entry.deliver_from = clock.now() + 7 * 86400  # never a final state here
+        clock.advance(3600)
+        [later] = (await post(url, {"to": "+12025559999", "message": "db-2 down"})).json()["ids"]
+        await pump_until_state(bridge, clock, later, State.DELIVERED, max_seconds=900)
+        assert (await bridge.store.counts()) == {"sent": 600, "delivered": 1}
+
+
 async def test_requests_booked_by_the_cli_count_against_the_window(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

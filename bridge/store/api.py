@@ -263,10 +263,16 @@ class DeliveryOperations(Protocol):
         ...
 
     async def awaiting_status(
-        self, *, since: float, limit: int, scheduled_after: str = ""
+        self,
+        *,
+        since: float,
+        limit: int,
+        scheduled_after: str = "",
+        after: tuple[float, int] = (0.0, 0),
     ) -> list[Message]:
         """`sent` messages sent after `since`, or scheduled (UTC text) after
-        `scheduled_after`, oldest first, with or without a provider id."""
+        `scheduled_after`, oldest first (by sent_at, then id), with or without a provider
+        id; only those after `after` (a sent_at and id) in that order."""
         ...
 
     async def known_provider_ids(self, provider_ids: Sequence[str]) -> set[str]:
