@@ -276,6 +276,15 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         7,
+        "failed",
+        """
+        -- The console overview's recent failures, the latest failure first (SQLite's
+        -- 0011): only a message that fails is written to it.
+        CREATE INDEX messages_failed ON messages (updated_at, id) WHERE state = 'failed';
+        """,
+    ),
+    Migration(
+        8,
         "scheduled",
         """
         -- Storm control counts a scheduled text at its time (bridge.policy.decide): a
