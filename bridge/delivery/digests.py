@@ -3,8 +3,10 @@
     +37 more: HighLatency x20, DiskFull x17
 
 A phone that was held at `per_recipient` texts gets, `per_recipient_window` after its
-first held message, one digest counting what was held by topic; each held message then
-ends `suppressed` with a reason naming the digest. Nothing held is dropped silently.
+first held message's time (a scheduled one's `schedule_time`: storm control counts it
+then, bridge.policy.decide), one digest counting what was held by topic; each held
+message then ends `suppressed` with a reason naming the digest. A held message scheduled
+later waits for the digest after its own time. Nothing held is dropped silently.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ from bridge.policy.budgets import BudgetGuard, Cap, day_bounds
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.provider.responses import SendResult
-from bridge.schedule import for_provider
+from bridge.schedule import for_provider, held_until
 from bridge.store import Store
 from bridge.store.api import DEFAULT_LEASE, instance_name
 
@@ -170,7 +170,9 @@ class Dispatcher:
         due = await self.store.due(now, DUE_BATCH)
         held, sent = IDLE_WAIT, False
         for batch in plan_batches(
-            due, max_bulk=self.config.max_bulk, bulk_types=self.config.bulk_message_type
+            await self._keep_for_later(due, now),
+            max_bulk=self.config.max_bulk,
+            bulk_types=self.config.bulk_message_type,
         ):
             wait = self.limiter.wait_time("send")
             if wait > 0:
@@ -212,6 +214,30 @@ class Dispatcher:
         if expiry is not None:
             waits.append(max(LEASE_SLACK, expiry - now + LEASE_SLACK))
         return max(0.0, min(waits))
+
+    async def _keep_for_later(self, due: list[Message], now: float) -> list[Message]:
+        """`due` less the scheduled messages whose time cannot go to the provider as
+        `schedule_time` (bridge.schedule: one its zone shows twice, or one too near):
+        each is queued again for its time, when it goes without `schedule_time`, with
+        the reason in its row and its events."""
+        kept = []
+        for m in due:
+            held = held_until(m.schedule_time, now=now, tz=self.tz)
+            if held is None:
+                kept.append(m)
+                continue
+            until, why = held
+            reason = (
+                f"scheduled for {m.schedule_time} UTC: {why}; kept by the bridge and sent"
+                " then, without schedule_time"
+            )
+            late = await self.store.requeue(
+                [m.id], now, owner=self.owner, at=until, reason=reason, queued=True
+            )
+            self.outcomes.not_held(late, reason, queued=True)
+            if not late:  # queued it stays: no state change, so an event says why
+                await self.store.note([m.id], reason, now)
+        return kept
 
     def _pace(self, batch: list[Message]) -> tuple[GroupKey | None, float]:
         """The call's text, and how long it waits for more recipients (see pacing)."""

@@ -98,7 +98,8 @@ class IngestOperations(Protocol):
         ...
 
     async def held_phones(self) -> list[tuple[str, float]]:
-        """Each recipient with held messages, and the `created_at` of its oldest."""
+        """Each recipient with held messages, and the earliest time one of them was to
+        reach it: its `schedule_time` if it has one, else its `created_at`."""
         ...
 
     async def fold_held(
@@ -108,9 +109,10 @@ class IngestOperations(Protocol):
         digest: Callable[[list[Held]], NewMessage],
         reason: Callable[[int], str],
     ) -> tuple[int, int] | None:
-        """In one transaction: the recipient's held messages (oldest first) become one
-        queued digest built by `digest` (a pure function), each held message ends
-        `suppressed` with `reason(digest_id)`. (digest id, how many folded), or None
+        """In one transaction: the recipient's held messages (oldest first) whose time
+        (as `held_phones`) is not after `now` become one queued digest built by `digest`
+        (a pure function), each ends `suppressed` with `reason(digest_id)`; one
+        scheduled for later waits for a digest after its time. (digest id, how many folded), or None
         when none was held (and nothing is written)."""
         ...
 
@@ -261,10 +263,16 @@ class DeliveryOperations(Protocol):
         ...
 
     async def awaiting_status(
-        self, *, since: float, limit: int, scheduled_after: str = ""
+        self,
+        *,
+        since: float,
+        limit: int,
+        scheduled_after: str = "",
+        after: tuple[float, int] = (0.0, 0),
     ) -> list[Message]:
         """`sent` messages sent after `since`, or scheduled (UTC text) after
-        `scheduled_after`, oldest first, with or without a provider id."""
+        `scheduled_after`, oldest first (by sent_at, then id), with or without a provider
+        id; only those after `after` (a sent_at and id) in that order."""
         ...
 
     async def known_provider_ids(self, provider_ids: Sequence[str]) -> set[str]:

@@ -322,15 +322,23 @@ class DeliveryOps(Base):
         )
 
     async def awaiting_status(
-        self, *, since: float, limit: int, scheduled_after: str = ""
+        self,
+        *,
+        since: float,
+        limit: int,
+        scheduled_after: str = "",
+        after: tuple[float, int] = (0.0, 0),
     ) -> list[Message]:
         return await self._messages(
             "SELECT * FROM messages WHERE state = 'sent' AND (sent_at > $1"
             " OR (schedule_time IS NOT NULL AND schedule_time > $2))"
+            " AND (sent_at, id) > ($4::float8, $5::bigint)"
             " ORDER BY sent_at, id LIMIT $3",
             since,
             scheduled_after or "9999",
             limit,
+            after[0],
+            after[1],
         )
 
     async def known_provider_ids(self, provider_ids: Sequence[str]) -> set[str]:

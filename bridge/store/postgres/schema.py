@@ -283,6 +283,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX messages_failed ON messages (updated_at, id) WHERE state = 'failed';
         """,
     ),
+    Migration(
+        8,
+        "scheduled",
+        """
+        -- Storm control counts a scheduled text at its time (bridge.policy.decide): a
+        -- phone's texts scheduled near a time, however long ago they were stored.
+        CREATE INDEX messages_scheduled ON messages (recipient, schedule_time)
+            WHERE schedule_time IS NOT NULL;
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

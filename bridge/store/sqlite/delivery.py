@@ -104,7 +104,12 @@ class DeliveryOperations(EngineBound):
         )
 
     async def awaiting_status(
-        self, *, since: float, limit: int, scheduled_after: str = ""
+        self,
+        *,
+        since: float,
+        limit: int,
+        scheduled_after: str = "",
+        after: tuple[float, int] = (0.0, 0),
     ) -> list[Message]:
         """`sent` messages sent after `since`, or scheduled (UTC text) after
         `scheduled_after`, oldest first; with or without a provider id (the poller
@@ -116,8 +121,9 @@ class DeliveryOperations(EngineBound):
                 for r in c.execute(
                     "SELECT * FROM messages WHERE state = 'sent' AND (sent_at > ?"
                     " OR (schedule_time IS NOT NULL AND schedule_time > ?))"
+                    " AND (sent_at > ? OR (sent_at = ? AND id > ?))"
                     " ORDER BY sent_at, id LIMIT ?",
-                    (since, scheduled_after or "9999", limit),
+                    (since, scheduled_after or "9999", after[0], after[0], after[1], limit),
                 )
             ]
         )
