@@ -17,10 +17,12 @@ The cost cap (`budget.cost_per_day`, in the provider's currency) counts what tod
 messages cost (the provider's figure, else the estimate made at ingest, else one made now)
 plus the estimate for the next one, from the price list the dispatcher fetches. A country
 the list does not price is counted at its highest price: a cap that guards against toll
-fraud must not let the unpriced destinations through for free. With no list at all (its
-path is undocumented; it may fail at start) the highest price is the most a part was
-billed; before any bill, one text goes alone and its bill prices the rest (a whole bulk
-call counted as free once spent the day's cap many times over).
+fraud must not let the unpriced destinations through for free. A country the list gives
+at 0 is free: 0 is a price. With no list (its path is undocumented; a fetch may fail: the
+dispatcher tries again with backoff, and daily) the highest price is the most a part was
+billed; before any bill (or with nothing priced above 0), one text goes alone and its bill
+prices the rest (a whole bulk call counted as free once spent the day's cap many times
+over).
 """
 
 from __future__ import annotations
@@ -131,18 +133,23 @@ class BudgetGuard:
             or self.token_caps
         )
 
-    def _cost(self, recipient: str, parts: int, known: float | None = None) -> float:
-        """What one message costs or will cost; the highest price where none is known."""
+    def _cost(self, recipient: str, parts: int, known: float | None = None) -> float | None:
+        """What one message costs or will cost: the highest price where its own is not
+        listed; None where nothing is priced above 0 (no list, or one of free entries
+        only) and nothing was billed yet: an unknown destination is never free."""
         if known is not None:
             return known
         estimate = self.prices.estimate(recipient, parts)
-        return estimate if estimate is not None else self.prices.ceiling() * parts
+        if estimate is not None:
+            return estimate
+        ceiling = self.prices.ceiling()
+        return ceiling * parts if ceiling > 0 else None
 
     async def _spent(self, since: float) -> float:
         """Today's cost so far, in the provider's currency: summed in SQL where a cost or
         estimate is stored; the rare rows with neither are estimated here."""
         known, unknown = await self.store.spent_since(since, WARNING_SOURCE)
-        return float(known) + sum(self._cost(r, int(p)) for r, p in unknown)
+        return float(known) + sum(self._cost(r, int(p)) or 0.0 for r, p in unknown)
 
     async def _used(
         self, since: float, route: str | None = None, token: str | None = None
@@ -166,10 +173,12 @@ class BudgetGuard:
             if m.source == WARNING_SOURCE:
                 allowed.append(m)
                 continue
-            guess = cost_cap and m.estimated_cost is None and not self.prices.known
+            priced = self._cost(m.recipient, m.parts, m.estimated_cost) if cost_cap else 0.0
+            guess = priced is None  # nothing to price it by: it goes alone, its bill tells
             if guess and unpriced:
                 later.append(m)
                 continue
+            cost = priced or 0.0
             route, token = m.route or "", m.token or ""
             cap = self.route_caps.get(route)
             if cap is not None and route not in route_used:
@@ -177,7 +186,6 @@ class BudgetGuard:
             token_cap = self.token_caps.get(token)
             if token_cap is not None and token not in token_used:
                 token_used[token] = (await self._used(start, token=token))[0]
-            cost = self._cost(m.recipient, m.parts, m.estimated_cost) if cost_cap else 0.0
             why: Cap | None = None
             if (never := self._never_fits(m, cost)) is not None:
                 why = never
@@ -198,7 +206,7 @@ class BudgetGuard:
                 caps.append(why)
                 continue
             allowed.append(m)
-            unpriced = unpriced or bool(guess)
+            unpriced = unpriced or guess
             texts, parts = texts + 1, parts + m.parts
             spent += cost
             if cap is not None:

@@ -1,0 +1,122 @@
+"""Daily caps and the provider's price list, through the real bridge on a manual clock:
+what a reload of the caps does to texts already waiting for midnight, a price list that
+failed at start or changed since, prices of 0, and a retention that would empty the caps.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import httpx
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.delivery.dispatcher import PRICES_REFRESH
+from bridge.models import State
+from bridge.provider.sandbox import SandboxState
+from bridge.provider.sandbox.faults import Fault
+from tests.helpers import bridge_config, running_bridge
+
+on_each_backend = pytest.mark.usefixtures("backend")
+
+
+async def post(http: httpx.AsyncClient, url: str, to: str, message: str) -> int:
+    response = await http.post(f"{url}/api/v1/messages", json={"to": to, "message": message})
+    assert response.status_code == 202, response.text
+    return int(response.json()["messages"][0]["id"])
+
+
+async def steps(bridge, clock: ManualClock, seconds: float, cap: float = 5.0) -> None:
+    """Dispatcher steps for `seconds` of simulated time."""
+    end = clock.now() + seconds
+    while clock.now() < end:
+        clock.advance(max(0.01, min(await bridge.dispatcher.run_once(), cap)))
+
+
+# -- the price list --------------------------------------------------------------------
+async def test_a_price_list_that_failed_at_start_is_fetched_again_and_then_daily(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The list was fetched once per start: one 500 there and every text went unpriced
+    (estimated at nothing, the cost cap guessing) until a restart, and a price changed
+    by the provider was never seen. Now: again with backoff until it answers, then daily."""
+    sandbox_state.faults.append(Fault(status=500, times=3, path="/pricing"))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # the first fetch fails
+        first = await post(http, url, "+12025550101", "before")
+        await steps(bridge, clock, 1200)  # 20 minutes: the provider answers again meanwhile
+        fetches = [r for r in sandbox_state.requests if r.path.endswith("/pricing")]
+        second = await post(http, url, "+12025550102", "after")
+        sandbox_state.prices[1] = 0.7  # the provider changes a price
+        await steps(bridge, clock, PRICES_REFRESH, cap=600)
+        third = await post(http, url, "+12025550103", "a day later")
+        estimates = [(await bridge.store.get(i)).estimated_cost for i in (first, second, third)]
+    assert estimates == [None, 0.5, 0.7]
+    # Backing off: four fetches in 20 minutes (3 failed), not one per step, each wait
+    # longer than the one before.
+    assert [r.status for r in fetches] == [500, 500, 500, 200]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(fetches)]
+    assert gaps[0] >= 60 and gaps[1] >= 2 * gaps[0] - 5 and gaps[2] >= 2 * gaps[1] - 5, gaps
+
+
+async def test_a_price_of_0_is_free_and_a_destination_not_listed_is_not(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The list gives +44 at 0: "price": 0 was read as no price, so UK texts were counted
+    at the default (1.0) and held by a cost cap they do not touch."""
+    sandbox_state.prices[44] = 0.0
+    admin = "+12025550199"
+    config = bridge_config(
+        tmp_path, sandbox_url, f'[budget]\ncost_per_day = 1\nadmin = ["{admin}"]\n'
+    )
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # the price list
+        ids = [await post(http, url, to, to) for to in ("+12025550101", "+12025550102")]
+        await steps(bridge, clock, 30)  # 1.0 spent: the cap reached
+        ids += [await post(http, url, to, to) for to in ("+447911123456", "+447911123457")]
+        await steps(bridge, clock, 30)
+        states = [(await bridge.store.get(i)).state for i in ids]
+    assert states == [State.SENT] * 4
+    assert [e.to for e in sandbox_state.entries if e.to == admin] == []  # no cap bit
+
+
+async def test_an_unlisted_destination_is_not_free_when_only_free_ones_are_listed(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A list of one free country and no default: every other country is unknown, not
+    the highest price listed (0). Counted at 0, all six went in one bulk call (3 points
+    against a cap of 1); now one goes alone and its bill prices the rest."""
+    body = '{"success": true, "data": {"countries": [{"country_code": "+44", "price": 0}]}}'
+    sandbox_state.faults.append(Fault(status=200, body=body, path="/pricing"))
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # the list
+        for i in range(6):
+            await post(http, url, f"+120255501{i:02d}", "same")
+        await steps(bridge, clock, 60)
+    assert sum(e.cost for e in sandbox_state.entries) <= 1
+    assert len(sandbox_state.entries) == 2
+
+
+@pytest.mark.parametrize("price", ["NaN", "-1", "Infinity"])
+async def test_a_price_that_is_no_number_is_no_price(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, price: str
+) -> None:
+    """JSON's NaN (Python's json reads it) priced +1: spent became NaN, every `spent +
+    cost > cap` false, and the cost cap let everything through. A price below 0 paid
+    for the others. Such an entry is no price: +1 falls to the default (1.0 a part)."""
+    body = (
+        '{"success": true, "data": {"default": 1.0, "countries":'
+        f' [{{"country_code": "+1", "price": {price}}}]}}}}'
+    )
+    sandbox_state.faults.append(Fault(status=200, body=body, path="/pricing"))
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1.2\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # the list
+        for i in range(4):
+            await post(http, url, f"+120255501{i:02d}", f"text {i}")
+            await steps(bridge, clock, 10)
+        waiting = await bridge.store.query(reason_kind="budget")
+    assert len(sandbox_state.entries) == 1  # billed 0.5, the next at 1.0 would cross 1.2
+    assert len(waiting) == 3
