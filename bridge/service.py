@@ -154,6 +154,8 @@ class Bridge:
             )
         except InputError as exc:
             raise ConfigError([(exc.field, exc.message)]) from exc
+        if self.budget.loosened:  # a cap raised: what waits for midnight is judged now
+            self.dispatcher.wake.set()
         warnings = [f"{key} changed but needs a restart" for key in waiting]
         warnings += [f"{key}: {why}" for key, why in template_warnings]
         warnings += self.smtp_handler.reload(smtp=new.smtp, recipients=recipients)

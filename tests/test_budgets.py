@@ -16,6 +16,7 @@ from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from bridge.provider.sandbox.faults import Fault
 from tests.helpers import bridge_config, running_bridge
+from tests.test_reload import reloaded
 
 on_each_backend = pytest.mark.usefixtures("backend")
 
@@ -120,3 +121,73 @@ async def test_a_price_that_is_no_number_is_no_price(
         waiting = await bridge.store.query(reason_kind="budget")
     assert len(sandbox_state.entries) == 1  # billed 0.5, the next at 1.0 would cross 1.2
     assert len(waiting) == 3
+
+
+# -- a reload of the caps ----------------------------------------------------------------
+@on_each_backend
+async def test_a_reload_that_raises_or_removes_a_cap_releases_what_waits_for_midnight(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """texts_per_day = 1 and three alerts at 10:00 UTC: two wait for 00:00. The operator
+    raises the cap to 2 with SIGHUP: one more goes at once, the other waits; then removes
+    it: the last goes. Before, both waited 14 hours whatever the reload said."""
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 1\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(3)]
+        await steps(bridge, clock, 30)
+        assert len(sandbox_state.entries) == 1
+        assert len(await bridge.store.query(reason_kind="budget", state="queued")) == 2
+        reloaded(bridge, tmp_path, sandbox_url, "[budget]\ntexts_per_day = 2\n")
+        await steps(bridge, clock, 30)
+        assert len(sandbox_state.entries) == 2
+        [waiting] = await bridge.store.query(reason_kind="budget", state="queued")
+        assert "texts_per_day=2" in (waiting.reason or "")  # judged again, by the new cap
+        reloaded(bridge, tmp_path, sandbox_url, "[budget]\n")
+        await steps(bridge, clock, 30)
+        states = [(await bridge.store.get(i)).state for i in ids]
+        events = [e["detail"] for e in await bridge.store.events(waiting.id)]
+    assert states == [State.SENT] * 3
+    assert len(sandbox_state.entries) == 3
+    assert "daily caps changed by a reload: judged again" in events
+
+
+async def test_a_reload_that_removes_a_token_cap_releases_its_texts(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The same for a cap of one API token (tokens.NAME.texts_per_day); a cap only
+    lowered releases nothing."""
+    token = "ci-token-0123456789abcdef"
+    tokens = '[tokens.ci]\ntoken = "{}"\nscopes = ["send"]\ntexts_per_day = {}\n'
+    config = bridge_config(tmp_path, sandbox_url, tokens.format(token, 2))
+    headers = {"Authorization": f"Bearer {token}"}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for i in range(3):
+            body = {"to": f"+120255501{i:02d}", "message": f"build {i} failed"}
+            response = await http.post(f"{url}/api/v1/messages", json=body, headers=headers)
+            assert response.status_code == 202
+        await steps(bridge, clock, 30)
+        assert len(sandbox_state.entries) == 2
+        reloaded(bridge, tmp_path, sandbox_url, tokens.format(token, 1))  # lowered
+        assert not bridge.budget.loosened
+        reloaded(bridge, tmp_path, sandbox_url, tokens.format(token, 0))  # no cap
+        await steps(bridge, clock, 30)
+    assert len(sandbox_state.entries) == 3
+
+
+async def test_a_restart_with_a_higher_cap_releases_what_waits_for_midnight(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """An operator who restarts instead of reloading (a container redeployed with the
+    new cap) saw the same: the texts stored as waiting kept waiting for 00:00."""
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    capped = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 1\n")
+    async with running_bridge(capped, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for i in range(2):
+            await post(http, url, f"+120255501{i:02d}", f"alert {i}")
+        await steps(bridge, clock, 30)
+    assert len(sandbox_state.entries) == 1
+    async with running_bridge(bridge_config(tmp_path, sandbox_url), clock) as (bridge, _):
+        await steps(bridge, clock, 30)
+        assert await bridge.store.counts() == {"sent": 2}
+    assert len(sandbox_state.entries) == 2

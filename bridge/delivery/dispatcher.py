@@ -143,6 +143,7 @@ class Dispatcher:
 
     async def run_once(self) -> float:
         """One step: send what is due and within budget; return seconds until the next."""
+        await self.release_holds()
         now = self.clock.now()
         if now < self._held_until:
             # A text is held for more recipients. During its flood every acknowledgement
@@ -218,6 +219,27 @@ class Dispatcher:
         if expiry is not None:
             waits.append(max(LEASE_SLACK, expiry - now + LEASE_SLACK))
         return max(0.0, min(waits))
+
+    async def release_holds(self) -> None:
+        """After a reload raised or removed a daily cap: the texts waiting for midnight
+        are due now, judged again by the next step against the caps in force (those
+        still over one wait again). They waited for the next day whatever the reload
+        said: an operator raising the cap during an incident still saw its alerts held."""
+        if self.budget is None or not self.budget.loosened:
+            return
+        self.budget.loosened = False  # first: a reload during the write sets it again
+        try:
+            released = await self.store.release_budget_holds(
+                self.clock.now(), "daily caps changed by a reload: judged again"
+            )
+        except BaseException:
+            self.budget.loosened = True  # a store that failed is asked on the next step
+            raise
+        self._held_until = 0.0
+        if released:
+            log.info(
+                "daily caps raised by a reload: %d waiting messages judged again", len(released)
+            )
 
     def _pace(self, batch: list[Message]) -> tuple[GroupKey | None, float]:
         """The call's text, and how long it waits for more recipients (see pacing)."""

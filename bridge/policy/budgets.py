@@ -2,7 +2,8 @@
 
 Days are UTC. A batch that would cross a cap is split: what fits goes, the rest waits
 for the next day (`budget.on_exceeded = "wait"`, nothing lost) or fails with the reason
-("fail"). A text over a cap on its own (more parts than `parts_per_day`, or costing
+("fail"). A reload (or restart) that raises or removes a cap has what waits judged again
+at once, not at midnight (`loosened`). A text over a cap on its own (more parts than `parts_per_day`, or costing
 more than `cost_per_day`) fails either way, saying so: no day could hold it. The first
 time a cap bites in a day, and when the provider's balance falls
 below `budget.low_balance`, the admin recipients get one warning text; warnings are
@@ -96,6 +97,11 @@ class BudgetGuard:
         self.clock = clock
         self.sender_id = provider.sender_id  # the bridge's own texts: fixed until restart
         self.over_cap_total = 0  # messages held back or failed by a cap, for metrics
+        # A reload raised or removed a cap: what waits for midnight is judged again now
+        # (the dispatcher's next step, `Dispatcher.release_holds`), not tomorrow. At
+        # start too: the caps may have been raised while the bridge was stopped.
+        self.loosened = True
+        self.caps: dict[str, float] = {}  # every cap in force by name (`_caps`)
         self.reload(budget=budget, routes=routes, recipients=recipients, tokens=tokens or {})
 
     def reload(
@@ -122,6 +128,24 @@ class BudgetGuard:
             name: token.texts_per_day for name, token in tokens.items() if token.texts_per_day > 0
         }
         self.admins = admins
+        before, self.caps = self.caps, self._caps()
+        # Raised, or gone (0 or no longer named: no cap). A cap only lowered or added
+        # holds back nothing that waits already.
+        self.loosened = self.loosened or any(
+            name not in self.caps or self.caps[name] > cap for name, cap in before.items()
+        )
+
+    def _caps(self) -> dict[str, float]:
+        """Every daily cap in force by name; none of them 0."""
+        c = self.config
+        caps: dict[str, float] = {
+            "texts_per_day": c.texts_per_day,
+            "parts_per_day": c.parts_per_day,
+            "cost_per_day": c.cost_per_day,
+        }
+        caps.update({f"routes.{name}": cap for name, cap in self.route_caps.items()})
+        caps.update({f"tokens.{name}": cap for name, cap in self.token_caps.items()})
+        return {name: cap for name, cap in caps.items() if cap > 0}
 
     @property
     def active(self) -> bool:

@@ -200,6 +200,29 @@ class QueryOps(Base):
             }
         return sorted(changed)
 
+    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+        async with self._write() as conn:
+            changed = sorted(
+                int(r[0])
+                for r in await conn.fetch(
+                    "UPDATE messages SET next_attempt_at = $1, updated_at = $1"
+                    " WHERE state = 'queued' AND next_attempt_at > $1 AND reason_kind = 'budget'"
+                    " RETURNING id",
+                    now,
+                )
+            )
+            if changed:
+                await conn.execute(
+                    "INSERT INTO events (message_id, at, state, attempts, detail)"
+                    " SELECT id, $1, state, attempts, $2 FROM messages"
+                    " WHERE id = ANY($3::bigint[]) ORDER BY id",
+                    now,
+                    detail,
+                    changed,
+                )
+                await self._notify_work(conn)
+        return changed
+
     async def note(self, ids: Sequence[int], detail: str, now: float) -> None:
         await self._execute(
             "INSERT INTO events (message_id, at, state, attempts, detail)"

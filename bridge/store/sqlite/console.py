@@ -312,6 +312,33 @@ class ConsoleQueries(EngineBound):
 
         return await self.engine.write(job)
 
+    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+        """Messages waiting for the next day's caps (queued, reason kind budget, due
+        later) due now, each with an event saying `detail`; the ids changed."""
+
+        def job(db: Database) -> list[int]:
+            chosen = [
+                int(r[0])
+                for r in db.execute(
+                    "SELECT id FROM messages WHERE state = 'queued' AND next_attempt_at > ?"
+                    " AND reason_kind = 'budget' ORDER BY id",
+                    (now,),
+                )
+            ]
+            ids = json.dumps(chosen)
+            db.execute(
+                f"UPDATE messages SET next_attempt_at = ?, updated_at = ? WHERE id IN {JSON_IDS}",
+                (now, now, ids),
+            )
+            db.execute(
+                "INSERT INTO events (message_id, at, state, attempts, detail)"
+                f" SELECT id, ?, state, attempts, ? FROM messages WHERE id IN {JSON_IDS}",
+                (now, detail, ids),
+            )
+            return chosen
+
+        return await self.engine.write(job)
+
     async def counts_by_reason(self) -> dict[str, dict[str, int]]:
         """{state: {reason kind: count}} for held, suppressed and failed messages."""
         return totals.reasons(
