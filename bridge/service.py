@@ -40,6 +40,7 @@ from bridge.config import (
     exposed_secrets,
     load_config,
     protection_problems,
+    purge_problem,
     secret_values,
 )
 from bridge.delivery.cluster import Leader, watch_work
@@ -143,6 +144,9 @@ class Bridge:
         refused = protection_problems(new)
         if refused:  # judged on what would run: the running provider and listeners
             raise ConfigError(refused)
+        # The running retention (the store waits for a restart) against the new caps.
+        if new.store.retention > 0 and (why := purge_problem(new, new.store.retention)):
+            raise ConfigError([("store.retention", f"{why}; the running value, until a restart")])
         # What check-config and serve refuse: a route template that fails on its format.
         template_warnings: list[tuple[str, str]] = []
         if refused := template_problems(new.routes, render, template_warnings):

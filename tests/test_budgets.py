@@ -11,12 +11,16 @@ import httpx
 import pytest
 
 from bridge.clock import ManualClock
+from bridge.config import Config, load_config
 from bridge.delivery.dispatcher import PRICES_REFRESH
+from bridge.errors import ConfigError
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from bridge.provider.sandbox.faults import Fault
-from tests.helpers import bridge_config, running_bridge
+from tests.helpers import bridge_config, running_bridge, write_config
+from tests.test_cli import run
 from tests.test_reload import reloaded
+from tests.test_retention import kept_for
 
 on_each_backend = pytest.mark.usefixtures("backend")
 
@@ -191,3 +195,63 @@ async def test_a_restart_with_a_higher_cap_releases_what_waits_for_midnight(
         await steps(bridge, clock, 30)
         assert await bridge.store.counts() == {"sent": 2}
     assert len(sandbox_state.entries) == 2
+
+
+# -- retention under a day ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "caps",
+    [
+        "[budget]\ntexts_per_day = 100\n",
+        "[budget]\ncost_per_day = 5\n",
+        '[tokens.ci]\ntoken = "ci-token-0123456789abcdef"\nscopes = ["send"]\ntexts_per_day = 9\n',
+    ],
+)
+def test_a_retention_under_a_day_is_refused_with_daily_caps(
+    tmp_path, sandbox_url: str, caps: str
+) -> None:
+    """The caps count what today's stored messages sent: `store.retention = "1h"` purged
+    them hourly and the caps let as many again through every hour. Refused, saying why;
+    a day, 0 (keep) and no cap at all still load."""
+
+    def load(retention: str, extra: str) -> Config:
+        text = (
+            f'[store]\npath = "{tmp_path / "bridge.db"}"\nretention = {retention}\n'
+            f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n{extra}'
+        )
+        return load_config(write_config(tmp_path, text), env={})
+
+    with pytest.raises(ConfigError) as refused:
+        load('"1h"', caps)
+    assert "store.retention" in str(refused.value) and "under a day" in str(refused.value)
+    for retention in ('"1d"', "0"):
+        load(retention, caps)
+    load('"1h"', "")
+
+
+async def test_a_reload_adding_a_cap_to_a_running_short_retention_is_refused(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """The store (and its retention) waits for a restart: a reload adding a daily cap is
+    judged against the retention that keeps running."""
+    config = kept_for(bridge_config(tmp_path, sandbox_url), 3600.0)
+    async with running_bridge(config, clock) as (bridge, _):
+        with pytest.raises(ConfigError) as refused:
+            reloaded(bridge, tmp_path, sandbox_url, "[budget]\ntexts_per_day = 10\n")
+        assert not bridge.budget.active
+    assert "store.retention" in str(refused.value)
+
+
+@pytest.mark.slow  # runs the CLI as a process
+async def test_a_manual_purge_under_a_day_is_refused_with_daily_caps(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """`sms-bridge purge --older-than 1h` forgot today's sends as retention did: refused
+    (exit 2, saying why, the store untouched) while the config sets a daily cap."""
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 5\n")
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        await post(http, url, "+12025550143", "kept")
+    path = tmp_path / "bridge.toml"
+    short = run("purge", "--older-than", "1h", "--config", str(path), cwd=tmp_path)
+    day = run("purge", "--older-than", "1d", "--config", str(path), cwd=tmp_path)
+    assert short.returncode == 2 and "under a day while budget.texts_per_day" in short.stderr
+    assert day.returncode == 0, day.stderr
