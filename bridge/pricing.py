@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bridge.phone import country_code
 
 log = logging.getLogger(__name__)
+
+
+def _country(e164: str) -> int | None:
+    try:
+        return country_code(e164)
+    except Exception:
+        return None
 
 
 def _code(value: Any) -> int | None:
@@ -58,12 +65,18 @@ class PriceBook:
         # The most a part was billed (the provider's cost of a send): a price where the
         # list is missing (its path is undocumented, or it failed at start).
         self.billed_max = 0.0
+        # What a part to each country was billed (calls to one country): its price where
+        # the list has none. Priced by the most any part was billed, a 0.5 text counted
+        # as the 1.5 of another country's, and failed as larger than the day's cap.
+        self.billed_prices: dict[int, float] = {}
 
     def estimate(self, e164: str, parts: int) -> float | None:
-        try:
-            price = self.prices.get(country_code(e164), self.default)
-        except Exception:
-            price = self.default
+        """What `parts` parts to `e164` cost: its country's listed price, else what it was
+        billed, else the list's default; None when none of them is known."""
+        code = _country(e164)
+        price = self.prices.get(code) if code is not None else None
+        if price is None:
+            price = self.billed_prices.get(code, self.default) if code else self.default
         return None if price is None else round(price * parts, 6)
 
     def ceiling(self) -> float:
@@ -71,10 +84,16 @@ class PriceBook:
         none is known; 0.0 when nothing above 0 is."""
         return max([*self.prices.values(), self.default or 0.0, self.billed_max])
 
-    def billed(self, cost: float, parts: int) -> None:
-        """The provider billed `cost` for `parts` parts (one call's answer)."""
-        if parts > 0:
-            self.billed_max = max(self.billed_max, cost / parts)
+    def billed(self, cost: float, sent: Sequence[tuple[str, int]]) -> None:
+        """The provider billed `cost` for `sent`, the (recipient, parts) of one call."""
+        parts = sum(p for _, p in sent)
+        if parts <= 0:
+            return
+        price = cost / parts
+        self.billed_max = max(self.billed_max, price)
+        countries = {_country(recipient) for recipient, _ in sent}
+        if len(countries) == 1 and (code := countries.pop()) is not None:
+            self.billed_prices[code] = price
 
     def load(self, data: Any) -> bool:
         """Replace the prices with what a pricing response says (tolerantly); whether it

@@ -119,9 +119,9 @@ async def test_a_price_that_is_no_number_is_no_price(
     config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1.2\n")
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         await bridge.dispatcher.run_once()  # the list
-        for i in range(4):
+        for i in range(4):  # estimated at ingest: 1.0 each, the list's default
             await post(http, url, f"+120255501{i:02d}", f"text {i}")
-            await steps(bridge, clock, 10)
+        await steps(bridge, clock, 30)
         waiting = await bridge.store.query(reason_kind="budget")
     assert len(sandbox_state.entries) == 1  # billed 0.5, the next at 1.0 would cross 1.2
     assert len(waiting) == 3
@@ -255,3 +255,49 @@ async def test_a_manual_purge_under_a_day_is_refused_with_daily_caps(
     day = run("purge", "--older-than", "1d", "--config", str(path), cwd=tmp_path)
     assert short.returncode == 2 and "under a day while budget.texts_per_day" in short.stderr
     assert day.returncode == 0, day.stderr
+
+
+async def test_a_text_priced_by_another_countrys_bill_is_not_failed_as_too_large(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """No price list (404), cost_per_day = 1. A Lebanese text is billed 1.5 a part; with
+    nothing else known, every later text was priced at 1.5 and failed for good as
+    "larger than the daily budget", though a US text costs 0.5. Now a text whose only
+    price is such a guess goes alone on a day with room, and its bill prices its country:
+    the next day both US texts go."""
+    sandbox_state.faults.append(Fault(status=404, times=100, path="/pricing"))
+    clock.advance(3600 * 20 - clock.now() % 86400)  # 20:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+96171123456", "Beirut")
+        await steps(bridge, clock, 30)
+        us = [await post(http, url, f"+120255501{i:02d}", f"us {i}") for i in range(2)]
+        await steps(bridge, clock, 30)
+        waiting = [(await bridge.store.get(i)).state for i in us]
+        clock.advance(5 * 3600)  # the next UTC day
+        await steps(bridge, clock, 60)
+        states = [(await bridge.store.get(i)).state for i in us]
+        later = await bridge.store.get(await post(http, url, "+12025550188", "priced"))
+    assert waiting == [State.QUEUED, State.QUEUED]  # 1.5 spent today: no room
+    assert later.estimated_cost == 0.5  # what a US part was billed
+    assert states == [State.SENT, State.SENT]
+    assert sum(e.cost for e in sandbox_state.entries[1:]) == 1.0
+
+
+async def test_a_text_with_only_a_guess_for_a_price_waits_when_the_cap_is_spent(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A text with nothing to price it by (or only a guess no day could hold) is counted
+    at 0 until its bill: with the day's cap spent exactly (1.5 of 1.5), `spent + 0 >
+    cap` was false and it went anyway. It waits for room."""
+    sandbox_state.faults.append(Fault(status=404, times=100, path="/pricing"))
+    clock.advance(3600 * 20 - clock.now() % 86400)  # 20:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1.5\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+96171123456", "Beirut")  # billed 1.5: the cap, exactly
+        await steps(bridge, clock, 30)
+        long = await post(http, url, "+12025550101", "word " * 40)  # 2 parts: 3.0 guessed
+        await steps(bridge, clock, 30)
+        message = await bridge.store.get(long)
+    assert len(sandbox_state.entries) == 1
+    assert message.state == State.QUEUED and "cost_per_day=1.5" in (message.reason or "")

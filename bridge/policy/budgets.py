@@ -20,10 +20,13 @@ plus the estimate for the next one, from the price list the dispatcher fetches. 
 the list does not price is counted at its highest price: a cap that guards against toll
 fraud must not let the unpriced destinations through for free. A country the list gives
 at 0 is free: 0 is a price. With no list (its path is undocumented; a fetch may fail: the
-dispatcher tries again with backoff, and daily) the highest price is the most a part was
-billed; before any bill (or with nothing priced above 0), one text goes alone and its bill
-prices the rest (a whole bulk call counted as free once spent the day's cap many times
-over).
+dispatcher tries again with backoff, and daily) a country is priced by what its parts
+were billed, else the highest price is the most a part was billed; before any bill (or
+with nothing priced above 0), one text goes alone and its bill prices the rest (a whole
+bulk call counted as free once spent the day's cap many times over). A text whose only
+price is such a guess larger than the whole cap is treated the same way (alone, on a day
+with room, its bill prices its country), never failed as larger than the budget: that is
+said of a text by its own price only.
 """
 
 from __future__ import annotations
@@ -157,23 +160,26 @@ class BudgetGuard:
             or self.token_caps
         )
 
-    def _cost(self, recipient: str, parts: int, known: float | None = None) -> float | None:
-        """What one message costs or will cost: the highest price where its own is not
-        listed; None where nothing is priced above 0 (no list, or one of free entries
-        only) and nothing was billed yet: an unknown destination is never free."""
+    def _cost(
+        self, recipient: str, parts: int, known: float | None = None
+    ) -> tuple[float | None, bool]:
+        """What one message costs or will cost, and whether that is its own price (stored,
+        listed or billed for its country) or the highest price known, counted where its
+        own is not; None where nothing is priced above 0 (no list, or one of free
+        entries only, and nothing billed yet): an unknown destination is never free."""
         if known is not None:
-            return known
+            return known, True
         estimate = self.prices.estimate(recipient, parts)
         if estimate is not None:
-            return estimate
+            return estimate, True
         ceiling = self.prices.ceiling()
-        return ceiling * parts if ceiling > 0 else None
+        return (ceiling * parts if ceiling > 0 else None), False
 
     async def _spent(self, since: float) -> float:
         """Today's cost so far, in the provider's currency: summed in SQL where a cost or
         estimate is stored; the rare rows with neither are estimated here."""
         known, unknown = await self.store.spent_since(since, WARNING_SOURCE)
-        return float(known) + sum(self._cost(r, int(p)) or 0.0 for r, p in unknown)
+        return float(known) + sum(self._cost(r, int(p))[0] or 0.0 for r, p in unknown)
 
     async def _used(
         self, since: float, route: str | None = None, token: str | None = None
@@ -197,12 +203,18 @@ class BudgetGuard:
             if m.source == WARNING_SOURCE:
                 allowed.append(m)
                 continue
-            priced = self._cost(m.recipient, m.parts, m.estimated_cost) if cost_cap else 0.0
-            guess = priced is None  # nothing to price it by: it goes alone, its bill tells
+            priced, own = (
+                self._cost(m.recipient, m.parts, m.estimated_cost) if cost_cap else (0.0, True)
+            )
+            # Nothing to price it by, or only a guess (another country's price) that no
+            # day could hold: it goes alone, on a day with room left, and its bill prices
+            # its country. Failed as "larger than the daily budget" on that guess, a 0.5
+            # text never went once a 1.5 one had been billed.
+            guess = priced is None or (not own and priced > cost_cap)
             if guess and unpriced:
                 later.append(m)
                 continue
-            cost = priced or 0.0
+            cost = 0.0 if guess else (priced or 0.0)
             route, token = m.route or "", m.token or ""
             cap = self.route_caps.get(route)
             if cap is not None and route not in route_used:
@@ -222,7 +234,7 @@ class BudgetGuard:
                 why = Cap(f"parts_per_day={self.config.parts_per_day}")
             elif cap is not None and route_used[route] + 1 > cap:
                 why = Cap(f"routes.{m.route}.max_texts_per_day={cap}")
-            elif cost_cap and spent + cost > cost_cap:
+            elif cost_cap and (spent + cost > cost_cap or (guess and spent >= cost_cap)):
                 currency = f" {self.prices.currency}" if self.prices.currency else ""
                 why = Cap(f"cost_per_day={cost_cap:g}{currency}, {spent:g} spent")
             if why:
