@@ -301,3 +301,25 @@ async def test_a_text_with_only_a_guess_for_a_price_waits_when_the_cap_is_spent(
         message = await bridge.store.get(long)
     assert len(sandbox_state.entries) == 1
     assert message.state == State.QUEUED and "cost_per_day=1.5" in (message.reason or "")
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ("[budget]\nparts_per_day = -1\n", "budget.parts_per_day"),
+        ("[budget]\nlow_balance = -5\n", "budget.low_balance"),
+        (
+            '[routes.am]\nformat = "generic"\nto = ["+12025550101"]\npublic = true\n'
+            "max_texts_per_day = -5\n",
+            "routes.am.max_texts_per_day",
+        ),
+    ],
+)
+def test_a_negative_cap_is_refused_by_its_own_key(
+    tmp_path, sandbox_url: str, extra: str, key: str
+) -> None:
+    """A negative parts_per_day was reported as `budget.texts_per_day`; a route's
+    negative max_texts_per_day and a negative low_balance loaded as no cap, no warning."""
+    with pytest.raises(ConfigError) as refused:
+        bridge_config(tmp_path, sandbox_url, extra)
+    assert [k for k, _ in refused.value.problems] == [key]

@@ -128,8 +128,19 @@ def _validate_sections(config: Config, problem: Problem) -> None:
     b = config.budget
     if b.on_exceeded not in ("wait", "fail"):
         problem("budget.on_exceeded", "must be wait or fail")
-    if b.texts_per_day < 0 or b.parts_per_day < 0:
-        problem("budget.texts_per_day", "caps must be 0 (off) or more")
+    # Each by its own key: a negative parts_per_day was reported as texts_per_day, and a
+    # route's negative max_texts_per_day (a typo for a cap) meant no cap at all.
+    negative: list[tuple[str, float]] = [
+        ("budget.texts_per_day", b.texts_per_day),
+        ("budget.parts_per_day", b.parts_per_day),
+        ("budget.low_balance", b.low_balance),
+    ]
+    negative += [
+        (f"routes.{n}.max_texts_per_day", r.max_texts_per_day) for n, r in config.routes.items()
+    ]
+    for key, value in negative:
+        if value < 0:
+            problem(key, "must be 0 (off) or more")
     _validate_listener_limits(config, problem)
     if not 1 <= config.limits.max_parts <= 10:
         problem("limits.max_parts", "must be between 1 and 10")
