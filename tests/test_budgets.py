@@ -19,6 +19,7 @@ from bridge.provider.sandbox import SandboxState
 from bridge.provider.sandbox.faults import Fault
 from tests.helpers import bridge_config, running_bridge, write_config
 from tests.test_cli import run
+from tests.test_console import READER, TOKENS, send, sign_in
 from tests.test_reload import reloaded
 from tests.test_retention import kept_for
 
@@ -323,3 +324,30 @@ def test_a_negative_cap_is_refused_by_its_own_key(
     with pytest.raises(ConfigError) as refused:
         bridge_config(tmp_path, sandbox_url, extra)
     assert [k for k, _ in refused.value.problems] == [key]
+
+
+@on_each_backend
+async def test_the_console_shows_today_as_the_caps_count_it(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The overview counted the admins' warning in today's parts (the caps leave it
+    out: "3 of 3" parts shown while one more part could go) and never showed the cost
+    cap at all, nor said that texts over it wait."""
+    admin = "+12025550199"
+    extra = TOKENS + f'[budget]\nparts_per_day = 3\ncost_per_day = 5\nadmin = ["{admin}"]\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await bridge.dispatcher.run_once()  # the price list
+        for i in range(3):  # the third crosses the parts cap: a warning goes
+            await send(http, f"+120255501{i:02d}", f"text {i} " + "x" * 200 * (i == 0))
+        await steps(bridge, clock, 30)
+        assert [e.to for e in sandbox_state.entries].count(admin) == 1
+        await sign_in(http, READER)
+        today = (await http.get("/ui/overview.json")).json()["today"]
+        page = (await http.get("/ui/")).text
+    assert today["texts"] == 2 and today["parts"] == 3 and today["warnings"] == 1
+    assert today["caps"]["cost_per_day"] == 5 and today["counted_cost"] == 1.5
+    assert "1.5 of 5 counted against the cap" in page

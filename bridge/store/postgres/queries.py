@@ -274,7 +274,11 @@ class QueryOps(Base):
             day = await one(
                 c,
                 "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
-                " count(*) FILTER (WHERE source = 'budget') FROM messages WHERE sent_at >= $1",
+                " count(*) FILTER (WHERE source = 'budget'),"
+                # What the caps count: the warnings' parts and cost left out.
+                " coalesce(sum(parts) FILTER (WHERE source <> 'budget'), 0),"
+                " coalesce(sum(coalesce(cost, estimated_cost)) FILTER (WHERE source <> 'budget'), 0)"
+                " FROM messages WHERE sent_at >= $1",
                 day_start,
             )
             by: dict[str, dict[str, int]] = {}
@@ -295,8 +299,9 @@ class QueryOps(Base):
             "answers": answers,
             "today": {
                 "texts": int(day[0]) - int(day[4]),
-                "parts": int(day[1]),
+                "parts": int(day[5]),
                 "cost": day[2],
+                "counted_cost": day[6],
                 "estimated_cost": day[3],
                 "warnings": int(day[4]),
                 "routes": by["route"],

@@ -109,7 +109,10 @@ class ConsoleQueries(EngineBound):
             )
             day = c.execute(
                 "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
-                " coalesce(sum(source = 'budget'), 0)"
+                " coalesce(sum(source = 'budget'), 0),"
+                # What the caps count: the warnings' parts and cost left out.
+                " coalesce(sum(CASE WHEN source != 'budget' THEN parts END), 0),"
+                " coalesce(sum(CASE WHEN source != 'budget' THEN coalesce(cost, estimated_cost) END), 0)"
                 " FROM messages WHERE sent_at >= ?",
                 (day_start,),
             ).fetchone()
@@ -137,8 +140,9 @@ class ConsoleQueries(EngineBound):
                 "answers": answers,
                 "today": {
                     "texts": day[0] - day[4],
-                    "parts": day[1],
+                    "parts": day[5],
                     "cost": day[2],
+                    "counted_cost": day[6],
                     "estimated_cost": day[3],
                     "warnings": day[4],
                     "routes": routes,
