@@ -351,3 +351,24 @@ async def test_the_console_shows_today_as_the_caps_count_it(
     assert today["texts"] == 2 and today["parts"] == 3 and today["warnings"] == 1
     assert today["caps"]["cost_per_day"] == 5 and today["counted_cost"] == 1.5
     assert "1.5 of 5 counted against the cap" in page
+
+
+async def test_an_unpriced_text_goes_alone_not_beside_priced_ones(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """One text to a Lebanese number the list leaves out (priced at its highest, 1.0,
+    over the cap of 0.8: a guess) and four US numbers listed at 0.2. Counted at 0 until
+    its bill, it went in one bulk call with the four, which filled the cap: 1.5 + 4 x 0.5
+    billed against 0.8. Now it goes alone; its bill (1.5) spends the day."""
+    body = (
+        '{"success": true, "data": {"countries": [{"country_code": "+1", "price": 0.2},'
+        ' {"country_code": "+44", "price": 1.0}]}}'
+    )
+    sandbox_state.faults.append(Fault(status=200, body=body, path="/pricing"))
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 0.8\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # the list
+        for to in ["+96171123456"] + [f"+120255501{i:02d}" for i in range(4)]:
+            await post(http, url, to, "same")
+        await steps(bridge, clock, 30)
+    assert [e.to for e in sandbox_state.entries] == ["+96171123456"]

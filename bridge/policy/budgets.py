@@ -70,8 +70,8 @@ class Verdict:
     allowed: list[Message]
     over: list[Message]
     caps: list[Cap] = field(default_factory=list)  # the cap of each of `over`, in order
-    # Not decided yet: no price known, and one unpriced text already goes in this batch.
-    # They stay queued, due: the next step prices them from its bill.
+    # Not decided yet: an unpriced text goes alone, so with one (or a priced text) already
+    # going in this batch the others stay queued, due: the next step prices them.
     later: list[Message] = field(default_factory=list)
 
     @property
@@ -199,6 +199,7 @@ class BudgetGuard:
         token_used: dict[str, int] = {}
         allowed, over, caps, later = [], [], [], []
         unpriced = False  # an unpriced text is in `allowed`: the others wait for its bill
+        priced_allowed = False  # a priced text is in `allowed`: an unpriced one waits
         for m in batch:
             if m.source == WARNING_SOURCE:
                 allowed.append(m)
@@ -211,7 +212,9 @@ class BudgetGuard:
             # its country. Failed as "larger than the daily budget" on that guess, a 0.5
             # text never went once a 1.5 one had been billed.
             guess = priced is None or (not own and priced > cost_cap)
-            if guess and unpriced:
+            # Alone: counted at 0 beside priced texts, it let them fill the cap and its
+            # bill came on top.
+            if unpriced or (guess and priced_allowed):
                 later.append(m)
                 continue
             cost = 0.0 if guess else (priced or 0.0)
@@ -242,7 +245,7 @@ class BudgetGuard:
                 caps.append(why)
                 continue
             allowed.append(m)
-            unpriced = unpriced or guess
+            unpriced, priced_allowed = unpriced or guess, priced_allowed or not guess
             texts, parts = texts + 1, parts + m.parts
             spent += cost
             if cap is not None:
