@@ -372,3 +372,23 @@ async def test_an_unpriced_text_goes_alone_not_beside_priced_ones(
             await post(http, url, to, "same")
         await steps(bridge, clock, 30)
     assert [e.to for e in sandbox_state.entries] == ["+96171123456"]
+
+
+async def test_a_cap_raised_by_a_reload_that_bites_again_is_warned_of_again(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """One warning a day for every cap: an operator who raised texts_per_day from 1 to 2
+    during an incident never heard that 2 was reached as well."""
+    admin = "+12025550199"
+    budget = '[budget]\ntexts_per_day = {}\nadmin = ["' + admin + '"]\n'
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, budget.format(1))
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for i in range(3):
+            await post(http, url, f"+120255501{i:02d}", f"alert {i}")
+        await steps(bridge, clock, 30)
+        reloaded(bridge, tmp_path, sandbox_url, budget.format(2))
+        await steps(bridge, clock, 30)
+    warnings = [e.message for e in sandbox_state.entries if e.to == admin]
+    assert len(warnings) == 2, warnings
+    assert "texts_per_day=1" in warnings[0] and "texts_per_day=2" in warnings[1]

@@ -5,7 +5,7 @@ for the next day (`budget.on_exceeded = "wait"`, nothing lost) or fails with the
 ("fail"). A reload (or restart) that raises or removes a cap has what waits judged again
 at once, not at midnight (`loosened`). A text over a cap on its own (more parts than `parts_per_day`, or costing
 more than `cost_per_day`) fails either way, saying so: no day could hold it. The first
-time a cap bites in a day, and when the provider's balance falls
+time each cap (at its value) bites in a day, and when the provider's balance falls
 below `budget.low_balance`, the admin recipients get one warning text; warnings are
 never held back by the caps they report.
 
@@ -56,13 +56,21 @@ def day_bounds(now: float) -> tuple[float, float, str]:
 @dataclass(frozen=True, slots=True)
 class Cap:
     """A cap a message ran into: why (in its reason, "texts_per_day=3") and which daily
-    warning tells the admins (`cap` for the overall and route caps, one per token)."""
+    warning tells the admins (`cap:NAME=VALUE` for the overall and route caps, one per
+    token)."""
 
     why: str
     warning: str = "cap"
     # The message alone is over the cap: no day can hold it, so it fails whatever
     # `on_exceeded` says (waiting would requeue it every midnight for ever).
     never: bool = False
+
+
+def _cap(name: str, more: str = "") -> Cap:
+    """An overall or route cap, warned of once a day per cap and value: a cap raised by a
+    reload that bites again is told again (one warning a day for every cap, the admins
+    never heard that the cap they had just raised was reached too)."""
+    return Cap(f"{name}{more}", f"cap:{name}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,14 +240,14 @@ class BudgetGuard:
                 # First: a runaway token is told apart from the day's budget running out.
                 why = Cap(f"tokens.{token}.texts_per_day={token_cap}", f"token:{token}")
             elif self.config.texts_per_day and texts + 1 > self.config.texts_per_day:
-                why = Cap(f"texts_per_day={self.config.texts_per_day}")
+                why = _cap(f"texts_per_day={self.config.texts_per_day}")
             elif self.config.parts_per_day and parts + m.parts > self.config.parts_per_day:
-                why = Cap(f"parts_per_day={self.config.parts_per_day}")
+                why = _cap(f"parts_per_day={self.config.parts_per_day}")
             elif cap is not None and route_used[route] + 1 > cap:
-                why = Cap(f"routes.{m.route}.max_texts_per_day={cap}")
+                why = _cap(f"routes.{m.route}.max_texts_per_day={cap}")
             elif cost_cap and (spent + cost > cost_cap or (guess and spent >= cost_cap)):
                 currency = f" {self.prices.currency}" if self.prices.currency else ""
-                why = Cap(f"cost_per_day={cost_cap:g}{currency}, {spent:g} spent")
+                why = _cap(f"cost_per_day={cost_cap:g}", f"{currency}, {spent:g} spent")
             if why:
                 over.append(m)
                 caps.append(why)
