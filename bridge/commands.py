@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from bridge.clock import Clock, SystemClock
-from bridge.config import Config, parse_duration
+from bridge.config import Config, parse_duration, purge_problem
 from bridge.errors import ProviderError, StoreUnavailable
 
 if TYPE_CHECKING:  # imported where used: each command loads only what it needs
@@ -113,6 +113,9 @@ async def maintain(config: Config, args: argparse.Namespace) -> int:
         age = parse_duration(args.older_than) if args.command == "purge" else 0.0
     except ValueError as exc:
         print(f"--older-than: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "purge" and (why := purge_problem(config, age)):
+        print(f"--older-than: {why}", file=sys.stderr)
         return 2
     if not store_exists(config):
         return 1

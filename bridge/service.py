@@ -40,6 +40,7 @@ from bridge.config import (
     exposed_secrets,
     load_config,
     protection_problems,
+    purge_problem,
     secret_values,
 )
 from bridge.delivery.cluster import Leader, watch_work
@@ -143,6 +144,9 @@ class Bridge:
         refused = protection_problems(new)
         if refused:  # judged on what would run: the running provider and listeners
             raise ConfigError(refused)
+        # The running retention (the store waits for a restart) against the new caps.
+        if new.store.retention > 0 and (why := purge_problem(new, new.store.retention)):
+            raise ConfigError([("store.retention", f"{why}; the running value, until a restart")])
         # What check-config and serve refuse: a route template that fails on its format.
         template_warnings: list[tuple[str, str]] = []
         if refused := template_problems(new.routes, render, template_warnings):
@@ -154,6 +158,8 @@ class Bridge:
             )
         except InputError as exc:
             raise ConfigError([(exc.field, exc.message)]) from exc
+        if self.budget.loosened:  # a cap raised: what waits for midnight is judged now
+            self.dispatcher.wake.set()
         warnings = [f"{key} changed but needs a restart" for key in waiting]
         warnings += [f"{key}: {why}" for key, why in template_warnings]
         warnings += self.smtp_handler.reload(smtp=new.smtp, recipients=recipients)

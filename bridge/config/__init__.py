@@ -67,6 +67,7 @@ from bridge.config.sections import (
     StoreConfig,
     TokenConfig,
 )
+from bridge.config.validate import purge_problem
 from bridge.errors import ConfigError
 
 __all__ = [
@@ -111,6 +112,7 @@ __all__ = [
     "parse_duration",
     "parse_listen",
     "protection_problems",
+    "purge_problem",
     "route_env_prefix",
     "secret_env_files",
     "secret_files",

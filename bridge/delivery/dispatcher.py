@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 LEASE_SLACK = 0.5  # after another instance's lease runs out, look this much later
 IDLE_WAIT = 30.0  # nothing queued: look again this often even without a wake-up
 DUE_BATCH = 5000
+PRICES_REFRESH = 86400.0  # the price list is fetched again daily: prices change
+PRICES_RETRY_FIRST = 60.0  # after a failed fetch, again this much later, doubling
+PRICES_RETRY_MAX = 3600.0
 FOREIGN_PREFIX = "cli"  # request kinds booked by `sms-bridge provider ...` in the store
 
 
@@ -93,7 +96,10 @@ class Dispatcher:
             budget=budget,
             rng=rng,
         )
-        self._prices_loaded = prices is None
+        # When to fetch the price list (again): at once, then daily; after a failure
+        # sooner, backing off (`_load_prices`). Never without a book to fill.
+        self._prices_due: float | None = None if prices is None else 0.0
+        self._prices_retry = PRICES_RETRY_FIRST
         self._last_call: dict[GroupKey, float] = {}  # each text's last call, for pacing
         self._held_until = 0.0  # a text held for more recipients: wake-ups wait till then
         self.tz = zone(config.timezone)
@@ -137,6 +143,7 @@ class Dispatcher:
 
     async def run_once(self) -> float:
         """One step: send what is due and within budget; return seconds until the next."""
+        await self.release_holds()
         now = self.clock.now()
         if now < self._held_until:
             # A text is held for more recipients. During its flood every acknowledgement
@@ -162,7 +169,7 @@ class Dispatcher:
         wait = self.limiter.wait_time("send")
         if wait > 0:  # the CLI's requests took what was left
             return wait
-        if not self._prices_loaded:
+        if self._prices_due is not None and now >= self._prices_due:
             await self._load_prices()
         reconcile_wait = await self.reconciler.run_once()
         if reconcile_wait is not None:
@@ -239,6 +246,27 @@ class Dispatcher:
                 await self.store.note([m.id], reason, now)
         return kept
 
+    async def release_holds(self) -> None:
+        """After a reload raised or removed a daily cap: the texts waiting for midnight
+        are due now, judged again by the next step against the caps in force (those
+        still over one wait again). They waited for the next day whatever the reload
+        said: an operator raising the cap during an incident still saw its alerts held."""
+        if self.budget is None or not self.budget.loosened:
+            return
+        self.budget.loosened = False  # first: a reload during the write sets it again
+        try:
+            released = await self.store.release_budget_holds(
+                self.clock.now(), "daily caps changed by a reload: judged again"
+            )
+        except BaseException:
+            self.budget.loosened = True  # a store that failed is asked on the next step
+            raise
+        self._held_until = 0.0
+        if released:
+            log.info(
+                "daily caps raised by a reload: %d waiting messages judged again", len(released)
+            )
+
     def _pace(self, batch: list[Message]) -> tuple[GroupKey | None, float]:
         """The call's text, and how long it waits for more recipients (see pacing)."""
         key = group_key(batch[0], bulk_types=self.config.bulk_message_type)
@@ -311,14 +339,30 @@ class Dispatcher:
         return verdict.allowed
 
     async def _load_prices(self) -> None:
-        """The provider's price list, once per start, for cost estimates."""
+        """The provider's price list, for cost estimates: at start, then every
+        PRICES_REFRESH (prices change); after a failure or an answer with no price in
+        it, again after PRICES_RETRY_FIRST, doubling up to PRICES_RETRY_MAX. Once fetched
+        at start only, one failure there left the day's cost cap to guess by the most a
+        part was billed for the whole uptime."""
         if self.prices is None or await self.limiter.acquire("pricing") > 0:
             return  # try again on a later step
-        self._prices_loaded = True
         try:
-            self.prices.load(await self.client.pricing())
+            loaded = self.prices.load(await self.client.pricing())
+            why = "" if loaded else "no price in the answer"
         except ProviderError as exc:
-            log.info("no price list (%s): costs are not estimated", exc)
+            loaded, why = False, str(exc)
+        now = self.clock.now()
+        if loaded:
+            self._prices_due, self._prices_retry = now + PRICES_REFRESH, PRICES_RETRY_FIRST
+            return
+        self._prices_due = now + self._prices_retry
+        log.info(
+            "no price list (%s): costs are estimated by the highest price known; trying"
+            " again in %gs",
+            why,
+            self._prices_retry,
+        )
+        self._prices_retry = min(2 * self._prices_retry, PRICES_RETRY_MAX)
 
     async def _send(self, batch: list[Message]) -> None:
         batch, now = await self._claim_within_budget(batch)

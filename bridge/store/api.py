@@ -403,6 +403,12 @@ class Queries(Protocol):
         None); `by` names who asked, in the event log. The ids changed."""
         ...
 
+    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+        """Messages waiting for the next day's caps (queued, reason kind `budget`, due
+        later) due at `now`, to be judged again (a reload changed the caps), each with an
+        event saying `detail`; the ids changed."""
+        ...
+
     async def cancel(self, ids: Sequence[int], now: float, *, by: str) -> list[int]:
         """queued or held -> failed, "cancelled by BY"; the ids changed. A message in
         `sending` is never cancelled: the provider may have it."""

@@ -210,6 +210,29 @@ class QueryOps(Base):
             }
         return sorted(changed)
 
+    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+        async with self._write() as conn:
+            changed = sorted(
+                int(r[0])
+                for r in await conn.fetch(
+                    "UPDATE messages SET next_attempt_at = $1, updated_at = $1"
+                    " WHERE state = 'queued' AND next_attempt_at > $1 AND reason_kind = 'budget'"
+                    " RETURNING id",
+                    now,
+                )
+            )
+            if changed:
+                await conn.execute(
+                    "INSERT INTO events (message_id, at, state, attempts, detail)"
+                    " SELECT id, $1, state, attempts, $2 FROM messages"
+                    " WHERE id = ANY($3::bigint[]) ORDER BY id",
+                    now,
+                    detail,
+                    changed,
+                )
+                await self._notify_work(conn)
+        return changed
+
     async def note(self, ids: Sequence[int], detail: str, now: float) -> None:
         await self._execute(
             "INSERT INTO events (message_id, at, state, attempts, detail)"
@@ -261,7 +284,11 @@ class QueryOps(Base):
             day = await one(
                 c,
                 "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
-                " count(*) FILTER (WHERE source = 'budget') FROM messages WHERE sent_at >= $1",
+                " count(*) FILTER (WHERE source = 'budget'),"
+                # What the caps count: the warnings' parts and cost left out.
+                " coalesce(sum(parts) FILTER (WHERE source <> 'budget'), 0),"
+                " coalesce(sum(coalesce(cost, estimated_cost)) FILTER (WHERE source <> 'budget'), 0)"
+                " FROM messages WHERE sent_at >= $1",
                 day_start,
             )
             by: dict[str, dict[str, int]] = {}
@@ -282,8 +309,9 @@ class QueryOps(Base):
             "answers": answers,
             "today": {
                 "texts": int(day[0]) - int(day[4]),
-                "parts": int(day[1]),
+                "parts": int(day[5]),
                 "cost": day[2],
+                "counted_cost": day[6],
                 "estimated_cost": day[3],
                 "warnings": int(day[4]),
                 "routes": by["route"],

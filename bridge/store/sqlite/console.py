@@ -109,7 +109,10 @@ class ConsoleQueries(EngineBound):
             )
             day = c.execute(
                 "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
-                " coalesce(sum(source = 'budget'), 0)"
+                " coalesce(sum(source = 'budget'), 0),"
+                # What the caps count: the warnings' parts and cost left out.
+                " coalesce(sum(CASE WHEN source != 'budget' THEN parts END), 0),"
+                " coalesce(sum(CASE WHEN source != 'budget' THEN coalesce(cost, estimated_cost) END), 0)"
                 " FROM messages WHERE sent_at >= ?",
                 (day_start,),
             ).fetchone()
@@ -137,8 +140,9 @@ class ConsoleQueries(EngineBound):
                 "answers": answers,
                 "today": {
                     "texts": day[0] - day[4],
-                    "parts": day[1],
+                    "parts": day[5],
                     "cost": day[2],
+                    "counted_cost": day[6],
                     "estimated_cost": day[3],
                     "warnings": day[4],
                     "routes": routes,
@@ -327,6 +331,33 @@ class ConsoleQueries(EngineBound):
                     " reason = ?, reason_kind = NULL, solo = 1 WHERE id = ?",
                     (now, now, reason, message_id),
                 )
+            return chosen
+
+        return await self.engine.write(job)
+
+    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+        """Messages waiting for the next day's caps (queued, reason kind budget, due
+        later) due now, each with an event saying `detail`; the ids changed."""
+
+        def job(db: Database) -> list[int]:
+            chosen = [
+                int(r[0])
+                for r in db.execute(
+                    "SELECT id FROM messages WHERE state = 'queued' AND next_attempt_at > ?"
+                    " AND reason_kind = 'budget' ORDER BY id",
+                    (now,),
+                )
+            ]
+            ids = json.dumps(chosen)
+            db.execute(
+                f"UPDATE messages SET next_attempt_at = ?, updated_at = ? WHERE id IN {JSON_IDS}",
+                (now, now, ids),
+            )
+            db.execute(
+                "INSERT INTO events (message_id, at, state, attempts, detail)"
+                f" SELECT id, ?, state, attempts, ? FROM messages WHERE id IN {JSON_IDS}",
+                (now, detail, ids),
+            )
             return chosen
 
         return await self.engine.write(job)

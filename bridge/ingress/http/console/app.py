@@ -117,6 +117,7 @@ class Console(Gate):
         caps = {
             "texts_per_day": config.budget.texts_per_day,
             "parts_per_day": config.budget.parts_per_day,
+            "cost_per_day": config.budget.cost_per_day,
             "on_exceeded": config.budget.on_exceeded,
             "routes": {
                 name: {"cap": route.max_texts_per_day, "used": today["routes"].get(name, 0)}
