@@ -35,6 +35,7 @@ from bridge.health import ProviderHealth
 from bridge.ingress.http.app import create_app
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.smtp import SmtpHandler
+from bridge.loops import LoopHealth
 from bridge.ops.metrics import Metrics
 from bridge.policy.budgets import BudgetGuard
 from bridge.policy.decide import Rules
@@ -156,6 +157,13 @@ async def build(
     await store.open()
     p = config.provider
     metrics = Metrics(store, clock.now)
+    loops = LoopHealth()  # every background loop's failed steps: /metrics and /healthz
+    metrics.counters(
+        "loop_step_failures",
+        "Unexpected errors in a background loop's step (each retried after a backoff)",
+        "loop",
+        loops.failures,
+    )
     smtp_handler: SmtpHandler | None = None
     try:
         async with open_provider(
@@ -190,6 +198,7 @@ async def build(
                 name=instance,
                 clock=clock,
                 on_lead=lambda: dispatcher.wake.set(),  # built below, called once running
+                loops=loops,
             )
             dispatcher = Dispatcher(
                 store=store,
@@ -205,6 +214,7 @@ async def build(
                 lease=config.cluster.lease,
                 # Others' claims whose lease passed: the leader's sweep (one instance).
                 takes_over=lambda: leader.leading,
+                loops=loops,
             )
             poller = StatusPoller(
                 store=store,
@@ -214,6 +224,7 @@ async def build(
                 config=config.status,
                 provider=p,
                 health=health,
+                loops=loops,
             )
             digests = DigestWorker(
                 store=store,
@@ -222,6 +233,7 @@ async def build(
                 provider=p,
                 shaper=shaper,
                 on_created=dispatcher.wake.set,
+                loops=loops,
             )
             ingestor = Ingestor(
                 store=store,
@@ -259,6 +271,7 @@ async def build(
                     "balance": dispatcher.balance,
                 },
                 wake=dispatcher.wake.set,
+                loops=loops,
             )
             yield Bridge(
                 config=config,
@@ -274,6 +287,7 @@ async def build(
                 shaper=shaper,
                 budget=budget,
                 leader=leader,
+                loops=loops,
                 sandbox=sandbox,
             )
     finally:

@@ -35,7 +35,7 @@ from bridge.errors import (
     TransientSendError,
 )
 from bridge.health import ProviderHealth
-from bridge.loops import run_steps
+from bridge.loops import LoopHealth, run_steps
 from bridge.models import Message, State
 from bridge.policy.budgets import BudgetGuard, Cap, day_bounds
 from bridge.pricing import PriceBook
@@ -68,7 +68,10 @@ class Dispatcher:
         owner: str = "",
         lease: float = DEFAULT_LEASE,
         takes_over: Callable[[], bool] = lambda: True,
+        loops: LoopHealth | None = None,
     ) -> None:
+        self.loops = loops or LoopHealth()  # its failed steps, for /metrics and /healthz
+        self._budget_loaded = False
         self.store = store
         self.budget = budget
         self.prices = prices
@@ -125,14 +128,22 @@ class Dispatcher:
 
     # -- the loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        await self.load_budget()
+        async def step() -> float:
+            # In the loop, not before it: a store that cannot be read at start (or any
+            # error) is retried, not the end of the dispatcher.
+            if not self._budget_loaded:
+                await self.load_budget()
+                self._budget_loaded = True
+            return await self.run_once()
+
         await run_steps(
-            self.run_once,
+            step,
             name="dispatcher",
             clock=self.clock,
             stop=stop,
             retry_after=5.0,
             wake=self.wake,
+            health=self.loops,
         )
 
     async def run_once(self) -> float:
