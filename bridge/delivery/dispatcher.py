@@ -329,15 +329,18 @@ class Dispatcher:
             return await self._claim(await self._within_budget(batch))
 
     async def _claim(self, batch: list[Message]) -> tuple[list[Message], float]:
-        now = self.clock.now()  # after any wait for the turn: the booking's time
+        now = self.clock.now()
         if not batch:
             return [], now
         # Booked in the claim's transaction, within the window every instance shares:
-        # a full window (another instance took the room) or a pause claims nothing.
+        # a full window (another instance took the room) or a pause claims nothing. The
+        # clock goes in, not `now`: the store reads the booking's time once it holds a
+        # connection and the rate lock (a flood's wait for the pool must not age it),
+        # and moves the lease on by that wait.
         claimed = set(
             await self.store.claim(
                 [m.id for m in batch],
-                now,
+                self.clock.now,
                 owner=self.owner,
                 lease_until=now + self.lease,
                 limit=self.limiter.booking_limit("send"),
@@ -346,7 +349,7 @@ class Dispatcher:
         )
         if not claimed:
             await self.limiter.sync()  # the caller's next wait_time says how long
-        return [m for m in batch if m.id in claimed], now
+        return [m for m in batch if m.id in claimed], self.clock.now()
 
     async def _call(self, batch: list[Message], now: float) -> SendResult:
         """One /send or /send-bulk for `batch` (one text)."""
