@@ -44,7 +44,7 @@ from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.service import Bridge
 from bridge.sockets import bind_socket, bound_address
-from bridge.store import Store, describe, open_store
+from bridge.store import Store, describe, open_store, rate_window
 from bridge.store.api import instance_name
 
 if TYPE_CHECKING:  # the sandbox itself is imported only when configured
@@ -317,6 +317,7 @@ async def serve(
         )
     else:
         log.info("provider %s (config: %s)", config.provider.base_url, config.source)
+        log.info("%s", rate_window(config.provider, config.store))
     http_socket = _listen("http.listen", config.http.listen)
     smtp_socket = _listen("smtp.listen", config.smtp.listen)
     tls_socket = _listen("smtp.tls_listen", config.smtp.tls_listen) if smtp_socket else None

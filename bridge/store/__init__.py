@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from bridge.errors import ConfigError
 from bridge.store.api import Store
-from bridge.store.names import describe, display_url
+from bridge.store.names import describe, display_url, rate_window
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -20,7 +20,15 @@ if TYPE_CHECKING:
     from bridge.config import StoreConfig
     from bridge.store.copy import CopySummary
 
-__all__ = ["Store", "copy_into_postgres", "describe", "display_url", "migrate_store", "open_store"]
+__all__ = [
+    "Store",
+    "copy_into_postgres",
+    "describe",
+    "display_url",
+    "migrate_store",
+    "open_store",
+    "rate_window",
+]
 
 
 def open_store(config: StoreConfig, *, migrating: bool = False) -> Store:
