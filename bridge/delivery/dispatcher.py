@@ -390,6 +390,11 @@ class Dispatcher:
                 await self.store.renew(ids, owner=self.owner, lease_until=until)
             except StoreUnavailable as exc:  # the call goes on; the lease may run out
                 log.warning("claims of a send in flight not renewed: %s", exc)
+            except Exception:
+                # Any other error too: ending the renewals here let the lease lapse while
+                # the call was in flight, and another instance take the text over and
+                # send it again. The next renewal may well go through.
+                log.exception("claims of a send in flight not renewed; trying again")
 
     async def _probe(self) -> bool:
         """While the key is refused, one cheap /balance now and then tells when it works."""
