@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from bridge.clock import ManualClock
+from bridge.delivery.cluster import Leader
 from bridge.loops import run_steps
 from bridge.models import Message
 from bridge.provider.sandbox import SandboxState
@@ -141,3 +142,37 @@ async def test_the_dispatcher_outlives_a_failing_step_and_the_health_checks_say_
         bridge.stop.set()
         await asyncio.wait_for(task, 10)
     assert "db-2 down" in [e.message for e in sandbox_state.entries]
+
+
+async def test_the_leader_outlives_a_failing_leadership_check(clock: ManualClock) -> None:
+    """The leader's own loop retried only an unavailable store: any other error in a
+    check (an error of the server's nobody classified) ended it, and the bridge with it.
+    Now such a check counts as not leading (logged, counted) and the next one goes on."""
+    answers: list[bool | Exception] = [RuntimeError("unclassified"), True]
+    started = asyncio.Event()
+
+    class Flaky:  # a fault a live server cannot be made to give: shaped here
+        async def check(self) -> bool:
+            answer = answers.pop(0) if answers else True
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        async def resign(self) -> None:
+            pass
+
+    async def singleton(stop: asyncio.Event) -> None:
+        started.set()
+        await stop.wait()
+
+    stop = asyncio.Event()
+    leader = Leader(Flaky(), name="a", clock=clock)
+    task = asyncio.create_task(leader.run(stop, [("poller", singleton)]))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not task.done() and not started.is_set()
+    clock.advance(2.0)
+    await asyncio.wait_for(started.wait(), 5)
+    assert leader.leading and leader.loops.failures() == {"leader": 1.0}
+    stop.set()
+    await asyncio.wait_for(task, 5)
