@@ -108,7 +108,8 @@ async def test_the_dispatcher_outlives_a_failing_step_and_the_health_checks_say_
                 "/api/v1/messages", json={"to": "+12025550143", "message": "db-2 down"}
             )
             assert posted.status_code == 202
-            await _settle(lambda: calls == 1)
+            t0 = clock.now()
+            await _settle(lambda: calls == 1 and t0 + 5.0 in clock.wakes())  # backing off
             for i in range(5):  # acknowledged alerts wake the dispatcher: no step for them
                 await http.post(
                     "/api/v1/messages", json={"to": "+12025550144", "message": f"more {i}"}
@@ -117,7 +118,7 @@ async def test_the_dispatcher_outlives_a_failing_step_and_the_health_checks_say_
             assert calls == 1 and not task.done()
             assert (await http.get("/healthz")).status_code == 200  # one failure: not yet
             clock.advance(5.0)  # the first retry: after retry_after
-            await _settle(lambda: calls == 2)
+            await _settle(lambda: calls == 2 and t0 + 15.0 in clock.wakes())
             clock.advance(9.9)  # the second waits twice as long
             await asyncio.sleep(0.1)
             assert calls == 2
