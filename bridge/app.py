@@ -44,7 +44,7 @@ from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.service import Bridge
 from bridge.sockets import bind_socket, bound_address
-from bridge.store import Store, describe, open_store, rate_window
+from bridge.store import Store, describe, open_store, rate_window, serving
 from bridge.store.api import instance_name
 
 if TYPE_CHECKING:  # the sandbox itself is imported only when configured
@@ -296,6 +296,14 @@ async def build(
         await store.close()
 
 
+@contextlib.asynccontextmanager
+async def build_serving(config: Config, *, clock: Clock | None = None) -> AsyncIterator[Bridge]:
+    """`build` for `serve`: with the store held for this one serve (`serving`)."""
+    with serving(config.store):
+        async with build(config, clock=clock) as bridge:
+            yield bridge
+
+
 def _listen(key: str, listen: str) -> socket.socket | None:
     """Bind before anything else starts; a taken port is a config problem, not a traceback."""
     if not listen:
@@ -322,7 +330,7 @@ async def serve(
     smtp_socket = _listen("smtp.listen", config.smtp.listen)
     tls_socket = _listen("smtp.tls_listen", config.smtp.tls_listen) if smtp_socket else None
     smtp_sockets = [s for s in (smtp_socket, tls_socket) if s is not None] or None
-    async with build(config, clock=clock) as bridge:
+    async with build_serving(config, clock=clock) as bridge:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, bridge.stop.set)

@@ -8,6 +8,7 @@ default, `bridge.store.sqlite`) unless `store.url` names a shared server.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from bridge.errors import ConfigError
@@ -28,7 +29,18 @@ __all__ = [
     "migrate_store",
     "open_store",
     "rate_window",
+    "serving",
 ]
+
+
+def serving(config: StoreConfig) -> contextlib.AbstractContextManager[None]:
+    """Held by `serve` while it runs: on SQLite, the store's one serve (a second is
+    refused: `bridge.store.sqlite.serving`); a PostgreSQL store takes any number."""
+    if config.url:
+        return contextlib.nullcontext()
+    from bridge.store.sqlite.serving import only_serve
+
+    return only_serve(config.path)
 
 
 def open_store(config: StoreConfig, *, migrating: bool = False) -> Store:
