@@ -150,11 +150,12 @@ async def test_an_sqlite_error_of_one_job_costs_its_group_neighbours_nothing(
         assert (await bridge.store.counts())["queued"] == 11
 
 
-async def test_a_full_database_fails_the_whole_group_without_rerunning_each_job(
+async def test_a_full_database_is_every_jobs_error_a_broken_constraint_one_jobs(
     sqlite: FaultySqliteStore,
 ) -> None:
-    """The other side: a full database (a real SQLITE_FULL: the file may not grow) fails
-    every job at once, as before; a constraint error is the job's."""
+    """How the writer tells them apart, on real errors: a full database (SQLITE_FULL: the
+    file may not grow) fails every job of the group at once, as before, with no rerun of
+    each; a broken constraint is the job's own."""
     await seed(sqlite, [MESSAGE], 1.0)
 
     def fill(db: Any) -> None:
