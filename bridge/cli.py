@@ -186,6 +186,9 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"warning: {warning}", file=sys.stderr)
     if args.command == "check-config":
         print(f"{config.source}: OK")
+        from bridge.store import rate_window
+
+        print(rate_window(config.provider, config.store))
         print(json.dumps(masked(config), indent=2, default=list))
         return 0
     try:

@@ -164,7 +164,7 @@ async def book_cli_request(
     waited = 0.0
     while True:
         wait = await store.book_request(
-            clock.now(),
+            clock.now,
             f"{FOREIGN_PREFIX}:{kind}",
             limit=config.provider.requests_per_minute,
             window=WINDOW_SECONDS + WINDOW_MARGIN,

@@ -52,7 +52,7 @@ from bridge.ingress.formats import template_problems
 from bridge.ingress.http.limits import limited_protocol
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.smtp import SmtpHandler, start_smtp
-from bridge.loops import run_steps
+from bridge.loops import LoopHealth, run_steps
 from bridge.ops.logs import mask_secrets
 from bridge.policy.budgets import BudgetGuard
 from bridge.policy.decide import Rules
@@ -127,6 +127,7 @@ class Bridge:
     shaper: Shaper  # reload(limits): shared by ingest, budget warnings and digests
     budget: BudgetGuard  # reload(budget, routes, recipients, tokens)
     leader: Leader  # runs the poller, digests, retention while this instance leads
+    loops: LoopHealth = field(default_factory=LoopHealth)  # every loop's failed steps
     sandbox: SandboxState | None = None  # the in-process provider, when configured
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -217,6 +218,7 @@ class Bridge:
             clock=self.clock,
             stop=stop,
             retry_after=RETENTION_INTERVAL,
+            health=self.loops,
         )
 
     async def run(
@@ -244,7 +246,8 @@ class Bridge:
                 tasks.create_task(self.leader.run(self.stop, singletons), name="leader")
                 watch = self.store.watch_work(self.dispatcher.wake.set)
                 tasks.create_task(
-                    watch_work(watch, clock=self.clock, stop=self.stop), name="work-watch"
+                    watch_work(watch, clock=self.clock, stop=self.stop, loops=self.loops),
+                    name="work-watch",
                 )
                 if reloads is not None:
                     tasks.create_task(self._reloader(reloads), name="reloader")

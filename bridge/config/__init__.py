@@ -31,6 +31,7 @@ from bridge.config.loader import config_path_from, load_config, route_env_prefix
 from bridge.config.masking import (
     exposed_secrets,
     inline_secrets,
+    key_fingerprint,
     masked,
     secret_env_files,
     secret_files,
@@ -107,6 +108,7 @@ __all__ = [
     "exposed_secrets",
     "inline_secrets",
     "is_loopback_host",
+    "key_fingerprint",
     "load_config",
     "masked",
     "parse_duration",

@@ -35,7 +35,7 @@ from bridge.errors import (
     TransientSendError,
 )
 from bridge.health import ProviderHealth
-from bridge.loops import run_steps
+from bridge.loops import LoopHealth, run_steps
 from bridge.models import Message, State
 from bridge.policy.budgets import BudgetGuard, Cap, day_bounds
 from bridge.pricing import PriceBook
@@ -71,7 +71,10 @@ class Dispatcher:
         owner: str = "",
         lease: float = DEFAULT_LEASE,
         takes_over: Callable[[], bool] = lambda: True,
+        loops: LoopHealth | None = None,
     ) -> None:
+        self.loops = loops or LoopHealth()  # its failed steps, for /metrics and /healthz
+        self._budget_loaded = False
         self.store = store
         self.budget = budget
         self.prices = prices
@@ -131,14 +134,22 @@ class Dispatcher:
 
     # -- the loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        await self.load_budget()
+        async def step() -> float:
+            # In the loop, not before it: a store that cannot be read at start (or any
+            # error) is retried, not the end of the dispatcher.
+            if not self._budget_loaded:
+                await self.load_budget()
+                self._budget_loaded = True
+            return await self.run_once()
+
         await run_steps(
-            self.run_once,
+            step,
             name="dispatcher",
             clock=self.clock,
             stop=stop,
             retry_after=5.0,
             wake=self.wake,
+            health=self.loops,
         )
 
     async def run_once(self) -> float:
@@ -388,15 +399,18 @@ class Dispatcher:
             return await self._claim(await self._within_budget(batch))
 
     async def _claim(self, batch: list[Message]) -> tuple[list[Message], float]:
-        now = self.clock.now()  # after any wait for the turn: the booking's time
+        now = self.clock.now()
         if not batch:
             return [], now
         # Booked in the claim's transaction, within the window every instance shares:
-        # a full window (another instance took the room) or a pause claims nothing.
+        # a full window (another instance took the room) or a pause claims nothing. The
+        # clock goes in, not `now`: the store reads the booking's time once it holds a
+        # connection and the rate lock (a flood's wait for the pool must not age it),
+        # and moves the lease on by that wait.
         claimed = set(
             await self.store.claim(
                 [m.id for m in batch],
-                now,
+                self.clock.now,
                 owner=self.owner,
                 lease_until=now + self.lease,
                 limit=self.limiter.booking_limit("send"),
@@ -405,7 +419,7 @@ class Dispatcher:
         )
         if not claimed:
             await self.limiter.sync()  # the caller's next wait_time says how long
-        return [m for m in batch if m.id in claimed], now
+        return [m for m in batch if m.id in claimed], self.clock.now()
 
     async def _call(self, batch: list[Message], now: float) -> SendResult:
         """One /send or /send-bulk for `batch` (one text)."""
@@ -446,6 +460,11 @@ class Dispatcher:
                 await self.store.renew(ids, owner=self.owner, lease_until=until)
             except StoreUnavailable as exc:  # the call goes on; the lease may run out
                 log.warning("claims of a send in flight not renewed: %s", exc)
+            except Exception:
+                # Any other error too: ending the renewals here let the lease lapse while
+                # the call was in flight, and another instance take the text over and
+                # send it again. The next renewal may well go through.
+                log.exception("claims of a send in flight not renewed; trying again")
 
     async def _probe(self) -> bool:
         """While the key is refused, one cheap /balance now and then tells when it works."""

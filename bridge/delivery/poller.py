@@ -36,7 +36,7 @@ from bridge.errors import (
     RateLimitedError,
 )
 from bridge.health import ProviderHealth
-from bridge.loops import run_steps
+from bridge.loops import LoopHealth, run_steps
 from bridge.models import State
 from bridge.provider.client import MAX_LOGS_PER_PAGE, ProviderClient
 from bridge.provider.logmatch import LogMatcher, provider_date
@@ -62,7 +62,9 @@ class StatusPoller:
         config: StatusConfig,
         provider: ProviderConfig,
         health: ProviderHealth,
+        loops: LoopHealth | None = None,
     ) -> None:
+        self.loops = loops or LoopHealth()  # its failed steps, for /metrics and /healthz
         self.tz = zone(provider.timezone)  # the provider's /logs dates; fixed until restart
         self.store = store
         self.client = client
@@ -85,6 +87,7 @@ class StatusPoller:
             clock=self.clock,
             stop=stop,
             retry_after=self.config.poll_interval,
+            health=self.loops,
         )
 
     async def run_once(self) -> float:

@@ -49,6 +49,7 @@ from bridge.store.values import (
     StormState,
     instance_name,
 )
+from bridge.store.window import Stamp
 
 
 class Lifecycle(Protocol):
@@ -134,7 +135,7 @@ class DeliveryOperations(Protocol):
     async def claim(
         self,
         ids: Sequence[int],
-        now: float,
+        now: Stamp,
         *,
         owner: str,
         lease_until: float,
@@ -148,7 +149,9 @@ class DeliveryOperations(Protocol):
         cluster: row locks, SKIP LOCKED). `owner` holds them until `lease_until`; past it
         another instance may take them over through `unsettled`. With `limit`, booked as
         `book_request` books: a pause or a full window claims and books nothing ([]), nor
-        does a claim that gets no id (no request will be made)."""
+        does a claim that gets no id (no request will be made). `now` may be the caller's
+        clock, read once the store holds the connection and the rate lock: the claim's
+        and the booking's time, `lease_until` moved on by the time the wait took."""
         ...
 
     async def unsettled(
@@ -297,12 +300,13 @@ class RateWindow(Protocol):
         """Book one request unconditionally (the caller's limiter allowed it)."""
         ...
 
-    async def book_request(self, at: float, kind: str, *, limit: int, window: float) -> float:
+    async def book_request(self, at: Stamp, kind: str, *, limit: int, window: float) -> float:
         """Atomically: if no pause is in force at `at` and fewer than `limit` requests
         are booked in (at - window, at], book this one and return 0.0; else book nothing
         and return the seconds until the pause ends or the oldest of them leaves the
         window (`bridge.store.window.wait_to_book`). A cluster does it under one lock per
-        API key, so N instances never book more than `limit` together."""
+        API key, so N instances never book more than `limit` together. `at` may be the
+        caller's clock, read once the store holds what the booking waited for."""
         ...
 
     async def request_rows(

@@ -42,6 +42,7 @@ from bridge.ingress.http.lockout import AuthLockout, vouch
 from bridge.ingress.http.openapi import LIST_LIMIT, MAX_LIST_LIMIT, openapi_spec
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.throttle import FailureThrottle
+from bridge.loops import LoopHealth
 from bridge.models import OTHER_REASON, REASON_KINDS, SOURCES, State, events_json
 from bridge.ops.logs import mask
 from bridge.ops.metrics import Metrics
@@ -147,9 +148,12 @@ def create_app(
     lifespan: Any = None,
     status: Callable[[], dict[str, Any]] | None = None,
     wake: Callable[[], None] | None = None,
+    loops: LoopHealth | None = None,
 ) -> Starlette:
     """The HTTP app; `status` and `wake` let the console show the dispatcher's rate
-    window and balance and wake it after a retry."""
+    window and balance and wake it after a retry; `loops`: the background loops whose
+    steps keep failing make /healthz and /readyz answer 503."""
+    loops = loops or LoopHealth()
     activity = RouteActivity(live=live, clock=clock)
     console = Console(
         live=live,
@@ -277,6 +281,10 @@ def create_app(
         return JSONResponse(openapi_spec(live.current))
 
     async def healthz(request: Request) -> Response:
+        # Alive is more than answering: a dispatcher whose every step fails leaves what
+        # was acknowledged unsent, and a restart is what an orchestrator can offer.
+        if failing := loops.failing():
+            return JSONResponse({"status": "failing", "problems": {"loops": failing}}, 503)
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
@@ -290,6 +298,8 @@ def create_app(
             # quote anything (our key, the account's owner). A probe needs the status; the
             # console (a token's) and the log show the words, masked.
             problems["provider"] = PROVIDER_INACTIVE if health.inactive else PROVIDER_REFUSED
+        if failing := loops.failing():
+            problems["loops"] = "; ".join(f"{name}: {why}" for name, why in failing.items())
         if problems:
             return JSONResponse({"status": "unavailable", "problems": problems}, 503)
         return JSONResponse({"status": "ready"})

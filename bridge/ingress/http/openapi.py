@@ -356,7 +356,10 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                 "get": {
                     "summary": "liveness",
                     "security": _OPEN,
-                    "responses": {"200": {"description": "up"}},
+                    "responses": {
+                        "200": {"description": "up"},
+                        "503": {"description": "a background loop keeps failing (named)"},
+                    },
                 }
             },
             "/readyz": {
