@@ -213,6 +213,26 @@ async def test_a_retried_mail_is_texted_once(
     assert len(sandbox_state.entries) == 1
 
 
+async def test_an_auto_reply_with_the_alerts_words_does_not_silence_the_alert(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """Anyone who may mail the bridge could send a page's words (a UPS's are well
+    known) marked as an auto-reply: stored suppressed, never texted, it still was the
+    "original" of the genuine page that came after it, which was then suppressed as its
+    duplicate. Nobody was texted at all."""
+    alert = "Subject: UPS on battery\r\n\r\nRuntime 12 min\r\n"
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        for mail in (f"Auto-Submitted: auto-replied\r\n{alert}", alert):
+            await asyncio.to_thread(send, port, "ups@example.org", [DEFAULT_RCPT], mail)
+            clock.advance(5)
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+        messages = sorted(await bridge.store.query(), key=lambda m: m.id)
+    assert messages[0].state == State.SUPPRESSED
+    assert "auto-submitted" in (messages[0].reason or "")
+    assert messages[1].state in (State.SENT, State.DELIVERED), messages[1].reason
+    assert [e.message for e in sandbox_state.entries] == ["UPS on battery\nRuntime 12 min"]
+
+
 async def test_store_unwritable_answers_451_and_acknowledges_nothing(
     tmp_path, clock, sandbox_url
 ) -> None:
