@@ -373,6 +373,27 @@ async def test_auth_compares_a_password_for_an_unknown_login_too(
     assert nobody and nobody not in (b"guess-one", b"ups-pass-0123456789")
 
 
+async def test_auth_offers_login_and_plain_only(tmp_path, clock, sandbox_url) -> None:
+    """aiosmtpd takes every `auth_*` attribute of the handler for a mechanism: the
+    handler's failed-login throttle was offered as `AUTH LOGIN PLAIN throttle`, and
+    `AUTH throttle` called it (a 451 "internal error" and a traceback in the log, not
+    counted as a failed login). Mechanisms are the two the bridge checks."""
+    extra = 'auth_allow_plaintext = true\nusers = {ups = "ups-pass-0123456789"}\n'
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def session() -> tuple[str, list[int]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("tester")
+                offered = client.esmtp_features["auth"]
+                tried = [client.docmd("AUTH", m)[0] for m in ("throttle x", "THROTTLE x")]
+                return offered, tried
+
+        offered, tried = await asyncio.to_thread(session)
+    assert offered.split() == ["LOGIN", "PLAIN"]
+    assert tried == [504, 504]
+
+
 async def test_auth_over_starttls_required_and_refused_in_plaintext(
     tmp_path, clock, sandbox_url, tls_files
 ) -> None:

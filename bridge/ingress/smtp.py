@@ -136,7 +136,10 @@ class SmtpHandler:
         self.tls = self._tls(smtp)  # at start a certificate that does not load is fatal
         self.sessions = Sessions(lambda: self.smtp)
         self.parsers = Workers(PARSE_WORKERS, "mail-parse")
-        self.auth_throttle = FailureThrottle(ingestor.clock)  # kept across reloads
+        # Kept across reloads. Named so that no attribute of a handler starts with `auth_`:
+        # aiosmtpd offers each as an AUTH mechanism ("AUTH LOGIN PLAIN throttle"), and
+        # `AUTH throttle` called this object, a 451 and a traceback for every try.
+        self.failed_logins = FailureThrottle(ingestor.clock)
         self.reload(smtp=smtp, recipients=recipients)
 
     def close(self) -> None:
@@ -156,7 +159,7 @@ class SmtpHandler:
             smtp = dataclasses.replace(smtp, tls_cert=self.smtp.tls_cert, tls_key=self.smtp.tls_key)
         self.smtp = smtp
         self.recipients = recipients
-        self.authenticator = Authenticator(dict(smtp.users), self.auth_throttle)
+        self.authenticator = Authenticator(dict(smtp.users), self.failed_logins)
         self.domains = {d.lower() for d in smtp.domains}
         self.networks = [parse_network(n) for n in smtp.allowed_networks]
         return problems
