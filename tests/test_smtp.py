@@ -18,7 +18,7 @@ import tomllib
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -28,6 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
+from bridge.config import SmtpConfig
 from bridge.ingress import smtp as smtp_module
 from bridge.ingress import smtpauth
 from bridge.ingress.smtp import (
@@ -36,6 +37,7 @@ from bridge.ingress.smtp import (
     BridgeSMTP,
     start_smtp,
 )
+from bridge.ingress.smtplimits import Sessions
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from bridge.service import Bridge
@@ -782,6 +784,30 @@ async def test_sessions_in_all_and_per_client_are_limited(tmp_path, clock, sandb
     assert b"too many sessions from 127.0.0.1 (at most 2)" in banners[2]
     assert b"too many SMTP sessions (at most 3)" in banners[4]
     assert bridge.smtp_handler.sessions.total == 0
+
+
+def test_sessions_of_one_ipv6_64_count_as_one_client() -> None:
+    """One host holds a whole IPv6 /64: counted by single address, it opened every one
+    of `smtp.max_sessions` alone, a new address each time, and genuine senders got 421.
+    Asked as `connection_made` asks it: loopback has no second IPv6 address to connect
+    from, so the addresses are given (IPv4 and IPv4-mapped ones come through the real
+    sessions of the test above)."""
+    smtp = SmtpConfig(max_sessions=10, max_sessions_per_client=2)
+    sessions = Sessions(lambda: smtp)
+    one, two, three, other = (cast(Any, object()) for _ in range(4))
+    assert sessions.admit(one, "2001:db8:1:2::1") is None
+    assert sessions.admit(two, "2001:db8:1:2::2") is None
+    assert sessions.admit(three, "2001:db8:1:2:ffff::3") == (
+        "too many sessions from 2001:db8:1:2::/64 (at most 2)"
+    )
+    assert sessions.admit(other, "2001:db8:1:3::1") is None  # the next /64: another client
+    sessions.release(one, "2001:db8:1:2::1")
+    assert sessions.admit(three, "2001:db8:1:2:ffff::3") is None
+    assert sessions.admit(cast(Any, object()), "::ffff:192.0.2.7") is None
+    assert sessions.admit(cast(Any, object()), "192.0.2.7") is None
+    assert sessions.admit(cast(Any, object()), "192.0.2.7") == (
+        "too many sessions from 192.0.2.7 (at most 2)"
+    )
 
 
 @pytest.mark.slow  # over ~2 s

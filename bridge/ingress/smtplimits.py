@@ -1,8 +1,8 @@
 """SMTP session limits aiosmtpd lacks or applies differently, as an `SMTP` subclass.
 
-- Sessions in all and per client address (`smtp.max_sessions`,
-  `smtp.max_sessions_per_client`): past either, 421 at connect and the socket closed,
-  before aiosmtpd builds a session.
+- Sessions in all and per client (`smtp.max_sessions`, `smtp.max_sessions_per_client`;
+  a client is an IPv4 address or an IPv6 /64, as `throttle.client_key`): past either,
+  421 at connect and the socket closed, before aiosmtpd builds a session.
 - Per-session command budgets (`smtp.max_commands`, `smtp.max_mails_per_session`):
   aiosmtpd's own call limits, which answer 421 and close.
 - An idle timer (`smtp.idle_timeout`) that only progress restarts: aiosmtpd restarts it
@@ -32,6 +32,7 @@ from typing import Any, cast
 from aiosmtpd.smtp import SMTP, Session, syntax
 
 from bridge.config import SmtpConfig
+from bridge.ingress.throttle import client_key
 
 log = logging.getLogger(__name__)
 # Commands that move a session forward: only their success restarts the idle timer.
@@ -54,11 +55,15 @@ class Sessions:
     def total(self) -> int:
         return len(self.open)
 
-    def admit(self, session: LimitedSMTP, client: str) -> str | None:
-        """Count the session in, or say why not."""
+    def admit(self, session: LimitedSMTP, host: str) -> str | None:
+        """Count the session of the client at `host` in, or say why not.
+
+        Counted per `client_key`: one host holds a whole IPv6 /64, and by its single
+        addresses it could open every one of `max_sessions` alone (a relay then gets
+        421 and a UPS card may never send its alert again)."""
         if self.closing:
             return "the bridge is shutting down"
-        smtp = self._limits()
+        smtp, client = self._limits(), client_key(host)
         if self.total >= smtp.max_sessions:
             return f"too many SMTP sessions (at most {smtp.max_sessions})"
         if self.per_client[client] >= smtp.max_sessions_per_client:
@@ -67,8 +72,9 @@ class Sessions:
         self.per_client[client] += 1
         return None
 
-    def release(self, session: LimitedSMTP, client: str) -> None:
+    def release(self, session: LimitedSMTP, host: str) -> None:
         self.open.discard(session)
+        client = client_key(host)
         self.per_client[client] -= 1
         if self.per_client[client] <= 0:
             del self.per_client[client]
