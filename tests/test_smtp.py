@@ -468,6 +468,58 @@ async def test_implicit_tls_listener(tmp_path, clock, sandbox_url, tls_files) ->
         assert await bridge.store.counts() == {"queued": 1}
 
 
+async def test_connections_to_the_implicit_tls_listener_count_before_their_handshake(
+    tmp_path, clock, sandbox_url, tls_files
+) -> None:
+    """A connection that never began its TLS handshake was not counted at all (asyncio's
+    TLS made the session only once the handshake was done) and was held for asyncio's
+    60 s handshake timeout: anyone could hold every file descriptor of the bridge while
+    `smtp.max_sessions` read 0. It counts from the moment it is accepted now."""
+    ca, cert, key = tls_files
+    port = bind_socket("127.0.0.1:0")
+    tls_port = port.getsockname()[1]
+    port.close()
+    extra = (
+        f'tls_cert = "{cert}"\ntls_key = "{key}"\ntls_listen = "127.0.0.1:{tls_port}"\n'
+        "max_sessions = 3\nmax_sessions_per_client = 2\n"
+    )
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def silent(source: str) -> socket.socket:  # connects, and says nothing
+            return socket.create_connection(("127.0.0.1", tls_port), 10, (source, 0))
+
+        def scenario() -> tuple[bytes, bytes, bytes, dict]:
+            held = [silent("127.0.0.1"), silent("127.0.0.1")]
+            third = silent("127.0.0.1")
+            third.settimeout(5)
+            cut = third.recv(100)  # closed at once: no 421 can be told before TLS
+            third.close()
+            plain = socket.create_connection(("127.0.0.1", port), 10, ("127.0.0.2", 0))
+            room = _banner(plain)  # the third session in all
+            over = socket.create_connection(("127.0.0.1", port), 10, ("127.0.0.3", 0))
+            full = _banner(over)
+            for sock in (*held, plain, over):
+                sock.close()
+            time.sleep(0.2)
+            with smtplib.SMTP_SSL(
+                "127.0.0.1", tls_port, timeout=10, context=_client_context(ca)
+            ) as client:
+                sent = client.sendmail("a@example.org", [DEFAULT_RCPT], "Subject: 465\r\n\r\nx")
+            return cut, room, full, sent
+
+        cut, room, full, sent = await asyncio.to_thread(scenario)
+        for _ in range(200):  # the closed connections are counted out
+            if not bridge.smtp_handler.sessions.total:
+                break
+            await asyncio.sleep(0.01)
+    assert cut == b""
+    assert room.startswith(b"220") and full.startswith(b"421"), (room, full)
+    assert b"too many SMTP sessions (at most 3)" in full
+    assert sent == {}
+    assert bridge.smtp_handler.sessions.total == 0
+
+
 async def test_client_network_and_sender_allowlists(tmp_path, clock, sandbox_url) -> None:
     config = bridge_config(tmp_path, sandbox_url, with_smtp('allowed_networks = ["::1/128"]'))
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:

@@ -44,7 +44,7 @@ from bridge.ingress.mail import (
 )
 from bridge.ingress.mailrules import apply_rule, rule_for
 from bridge.ingress.smtpauth import Authenticator, peer_host
-from bridge.ingress.smtplimits import LimitedSMTP, Sessions, call_limits
+from bridge.ingress.smtplimits import LimitedSMTP, Sessions, TlsGate, call_limits
 from bridge.ingress.throttle import FailureThrottle
 from bridge.ingress.workers import Workers
 from bridge.phone import PhoneError
@@ -443,9 +443,9 @@ async def start_smtp(
     servers.append(await loop.create_server(factory, sock=plain))
     if handler.smtp.tls_listen:
         tls = sockets[1] if sockets and len(sockets) > 1 else bind_socket(handler.smtp.tls_listen)
+        session, context = smtp_factory(handler, implicit_tls=True), handler.tls
+        assert context is not None  # validated: smtp.tls_listen needs smtp.tls_cert
         servers.append(
-            await loop.create_server(
-                smtp_factory(handler, implicit_tls=True), sock=tls, ssl=handler.tls
-            )
+            await loop.create_server(lambda: TlsGate(handler.sessions, session, context), sock=tls)
         )
     return servers
