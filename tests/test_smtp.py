@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import hmac
 import re
 import select
@@ -233,6 +234,25 @@ async def test_an_auto_reply_with_the_alerts_words_does_not_silence_the_alert(
     assert "auto-submitted" in (messages[0].reason or "")
     assert messages[1].state in (State.SENT, State.DELIVERED), messages[1].reason
     assert [e.message for e in sandbox_state.entries] == ["UPS on battery\nRuntime 12 min"]
+
+
+async def test_a_message_id_folded_over_many_lines_is_stored_and_deduplicated(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url, backend: str
+) -> None:
+    """A Message-ID folded over many lines has no length limit: its dedupe key was too
+    long for PostgreSQL's index, so such a mail got `451 Internal error` for ever (and a
+    traceback in the log). Its key now holds the Message-ID's hash; a resend still meets
+    its first."""
+    long_id = "".join(hashlib.sha256(b"%d" % n).hexdigest() for n in range(150))  # 9,600
+    folded = "\r\n ".join(long_id[i : i + 900] for i in range(0, len(long_id), 900))
+    mail = f"Message-ID: <{folded}@ups.example>\r\nSubject: UPS on battery\r\n\r\nx\r\n"
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        replies = [await asyncio.to_thread(data_reply, port, mail.encode()) for _ in range(2)]
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+        states = [m.state for m in sorted(await bridge.store.query(), key=lambda m: m.id)]
+    assert [code for code, _ in replies] == [250, 250], replies
+    assert states[1] == State.SUPPRESSED and states[0] in (State.SENT, State.DELIVERED)
+    assert len(sandbox_state.entries) == 1
 
 
 async def test_store_unwritable_answers_451_and_acknowledges_nothing(

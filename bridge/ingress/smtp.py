@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 IDENT = "sms-bridge ESMTP"
 ADDRESS_CACHE_SIZE = 1024
 PARSE_WORKERS = 2  # mail parsing threads; a slow mail holds one, never the event loop
+MESSAGE_ID_KEPT = 256  # characters of a Message-ID kept in its dedupe key; a longer one: its hash
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -390,7 +391,12 @@ def mail_dedupe_key(mail: MailText) -> str | None:
     fixtures give different mails one Message-ID, and each of them must be texted."""
     if not mail.message_id:
         return None  # the text is the key
-    return f"message-id:{mail.message_id}:{content_hash(mail.sender, mail.subject, mail.body)}"
+    message_id = mail.message_id
+    if len(message_id) > MESSAGE_ID_KEPT:
+        # A Message-ID folded over many lines has no length limit, and PostgreSQL cannot
+        # index a key past ~2.7 kB: the insert failed, a 451 for ever and a traceback.
+        message_id = "sha256:" + content_hash(message_id)
+    return f"message-id:{message_id}:{content_hash(mail.sender, mail.subject, mail.body)}"
 
 
 def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
