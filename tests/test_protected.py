@@ -73,6 +73,18 @@ def problems(tmp_path: Path, body: str) -> list[str]:
             REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["::ffff:0:0/96"]\n',
             ["smtp.listen"],
         ),
+        # ... and so is any IPv6 network holding it: IPv4 clients match their mapped form.
+        (
+            REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["::/64"]\n',
+            ["smtp.listen"],
+        ),
+        (
+            REAL
+            + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\n'
+            + 'allowed_networks = ["::fffe:0:0/95"]\n',
+            ["routes.n"],
+        ),
+        (REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["fd00::/64"]\n', []),
         # Judged on the union: two halves are everyone; so is any public space past a /8.
         (
             REAL + '[smtp]\nlisten = "0.0.0.0:2525"\n'
