@@ -412,8 +412,22 @@ async def test_auth_offers_login_and_plain_only(tmp_path, clock, sandbox_url) ->
                 return offered, tried
 
         offered, tried = await asyncio.to_thread(session)
-    assert offered.split() == ["LOGIN", "PLAIN"]
-    assert tried == [504, 504]
+        assert offered.split() == ["LOGIN", "PLAIN"]
+        assert tried == [504, 504]
+
+    # No [smtp.users]: no mechanism, and AUTH not offered at all (not "250-AUTH " empty).
+    (tmp_path / "none").mkdir()
+    config = bridge_config(tmp_path / "none", sandbox_url, with_smtp("auth_allow_plaintext = true"))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def anonymous() -> tuple[bool, dict]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("tester")
+                return client.has_extn("auth"), client.sendmail(
+                    "a@example.org", [DEFAULT_RCPT], "Subject: x\r\n\r\ny\r\n"
+                )
+
+        assert await asyncio.to_thread(anonymous) == (False, {})
 
 
 async def test_auth_over_starttls_required_and_refused_in_plaintext(

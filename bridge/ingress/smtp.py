@@ -186,6 +186,20 @@ class SmtpHandler:
             return True
         return in_networks(peer_host(session), self.networks)
 
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """EHLO's lines, without `AUTH` when no mechanism is on (no `[smtp.users]`):
+        aiosmtpd offers it with none (`250-AUTH `), which RFC 4954 has no room for, and
+        a client holding a password then failed on it instead of sending anonymously."""
+        session.host_name = hostname  # aiosmtpd leaves that to this hook
+        return [line for line in responses if line.rstrip() != "250-AUTH"]
+
     async def handle_MAIL(
         self,
         server: SMTP,
