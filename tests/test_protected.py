@@ -40,6 +40,22 @@ def problems(tmp_path: Path, body: str) -> list[str]:
     return []
 
 
+def test_an_smtp_user_with_an_empty_password_is_refused(tmp_path: Path) -> None:
+    """A password file that is empty (a secret not mounted, `echo > file`) reads as "":
+    the user then passed AUTH with its login and nothing else, so with `require_auth`
+    anyone who named it could text. Refused like a short API token, naming the user."""
+    (tmp_path / "ups.pw").write_text("\n")
+    (tmp_path / "nas.pw").write_text("nas-password\n")
+    body = (
+        "[smtp]\nrequire_auth = true\nauth_allow_plaintext = true\n"
+        f'users = {{ups_file = "{tmp_path / "ups.pw"}", nas_file = "{tmp_path / "nas.pw"}",'
+        ' pdu = ""}\n'
+    )
+    assert sorted(problems(tmp_path, body)) == ["smtp.users.pdu", "smtp.users.ups"]
+    fine = "[smtp]\nrequire_auth = true\nauth_allow_plaintext = true\n"
+    assert problems(tmp_path, fine + f'users = {{nas_file = "{tmp_path / "nas.pw"}"}}\n') == []
+
+
 @pytest.mark.parametrize(
     ("body", "keys"),
     [
