@@ -24,11 +24,23 @@ from bridge.config import (
     secret_values,
 )
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.models import State
+from bridge.models import REASON_KINDS, State
 from bridge.ops.logs import setup_logging
 
 log = logging.getLogger("bridge")
 __all__ = ["book_cli_request", "main"]  # book_cli_request: the CLI's booking, for tests
+
+
+def _page_size(text: str) -> int:
+    """`messages --limit`: 1 or more. 0 listed nothing, and a negative number every
+    message on SQLite (a million rows printed) and a traceback on PostgreSQL."""
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 up, not {text!r}")
+    return size
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,12 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="the file (instead of --config)")
     messages = with_config(sub.add_parser("messages", help="list stored messages"))
     messages.add_argument("--status", "--state", dest="state", choices=[str(s) for s in State])
-    messages.add_argument(
-        "--reason",
-        choices=["duplicate", "storm", "loop", "budget", "unknown", "provider-error", "cancelled"],
-    )
+    messages.add_argument("--reason", choices=REASON_KINDS)
     messages.add_argument("--route", help="messages from this webhook route")
-    messages.add_argument("--limit", type=int, default=50)
+    messages.add_argument("--limit", type=_page_size, default=50)
     messages.add_argument("--json", action="store_true")
     retry = with_config(sub.add_parser("retry", help="queue failed messages again"))
     retry.add_argument("ids", nargs="*", type=int, help="message ids")

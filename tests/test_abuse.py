@@ -209,6 +209,47 @@ def test_bearer_token_guessing_is_locked_out_per_client(bridge) -> None:
     assert "HTTP client 127.0.0.3 locked out" in text and "wrong-token-" not in text
 
 
+def _client(source: str) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=30)
+
+
+def _alert(instance: str) -> dict[str, object]:
+    labels = {"alertname": "DiskFull", "instance": instance}
+    return {"version": "4", "status": "firing", "alerts": [{"labels": labels}]}
+
+
+def test_a_lockout_lets_through_credentials_that_worked_from_that_address(bridge) -> None:
+    """Every local sender is 127.0.0.1 on a loopback install (one address behind a NAT):
+    ten wrong tokens from a script there locked Alertmanager and the API's sender out
+    with it, their alerts answered 503 for five minutes. A credential that succeeded
+    from the address before the lockout passes it; guesses, and a right token never used
+    from there before, still wait; a right token beside a wrong one waits too."""
+    url, _, _ = bridge
+    message = {"to": "+12025550143", "message": "disk full on db-1"}
+    api, route = ({"Authorization": f"Bearer {token}"} for token in (SEND_TOKEN, ROUTE_TOKEN))
+    with _client("127.0.0.7") as shared:
+        assert shared.post(f"{url}/api/v1/messages", json=message, headers=api).status_code == 202
+        assert shared.post(f"{url}/hooks/am", json=_alert("db-1"), headers=route).status_code == 202
+        for n in range(10):
+            wrong = {"Authorization": f"Bearer wrong-token-{n:04d}-0123456789"}
+            response = shared.post(f"{url}/api/v1/messages", json=message, headers=wrong)
+            assert response.status_code == 401, response.text
+        guess = {"Authorization": "Bearer wrong-token-0010-0123456789"}
+        assert shared.post(f"{url}/api/v1/messages", json=message, headers=guess).status_code == 503
+        message["message"] = "disk full on db-2"
+        assert shared.post(f"{url}/api/v1/messages", json=message, headers=api).status_code == 202
+        assert shared.post(f"{url}/hooks/am", json=_alert("db-2"), headers=route).status_code == 202
+        mixed = {**api, "X-Gitlab-Token": "a-guess-0123456789"}
+        assert shared.post(f"{url}/api/v1/messages", json=message, headers=mixed).status_code == 503
+    with _client("127.0.0.8") as other:  # the route's token never worked from here
+        for n in range(10):
+            wrong = {"Authorization": f"Bearer wrong-route-token-{n:04d}"}
+            assert (
+                other.post(f"{url}/hooks/am", json=_alert("db-3"), headers=wrong).status_code == 401
+            )
+        assert other.post(f"{url}/api/v1/messages", json=message, headers=api).status_code == 503
+
+
 def test_failure_throttle_windows_and_lockouts() -> None:
     clock = ManualClock()
     throttle = FailureThrottle(clock, max_failures=3, window=60, lockout=300)

@@ -136,6 +136,9 @@ def test_reading_commands_say_which_store_and_never_create_an_empty_one(tmp_path
 
     bad = run("messages", "--status", "bogus", cwd=elsewhere)
     assert bad.returncode == 2 and "invalid choice: 'bogus'" in bad.stderr
+    for limit in ("0", "-1", "x"):  # -1 printed every message on SQLite
+        bad = run("messages", "--limit", limit, cwd=elsewhere)
+        assert bad.returncode == 2 and "must be a whole number from 1 up" in bad.stderr, limit
 
 
 def test_provider_command_on_the_sandbox_says_it_is_a_sandbox_of_its_own(tmp_path) -> None:

@@ -344,7 +344,16 @@ class Queries(Protocol):
         taken literally (no wildcards). `number` is one whole recipient, looked up through
         `messages_recipient` and so newest by creation time (`before_id` continues after
         that message in the same order): a substring search reads the table newest first
-        until the page is full, ~150 ms on a million messages for a rare number."""
+        until the page is full, ~150 ms on a million messages for a rare number.
+        `reason_kind` "other" (models.OTHER_REASON) is what `counts_by_reason` counts so:
+        held, suppressed and failed messages with no kind recorded."""
+        ...
+
+    async def recent_failures(self, limit: int) -> list[Message]:
+        """Failed messages, the latest failure first (`updated_at`: a failed message
+        changes no more until retried), then the newest id. Cancelled ones are left out,
+        as `overview`'s delivery answers leave them out: an operator's act, not a
+        delivery that failed."""
         ...
 
     async def counts(self) -> dict[str, int]:

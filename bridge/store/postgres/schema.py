@@ -274,6 +274,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             WHERE state = 'suppressed';
         """,
     ),
+    Migration(
+        7,
+        "failed",
+        """
+        -- The console overview's recent failures, the latest failure first (SQLite's
+        -- 0011): only a message that fails is written to it.
+        CREATE INDEX messages_failed ON messages (updated_at, id) WHERE state = 'failed';
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

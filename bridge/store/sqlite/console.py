@@ -15,7 +15,7 @@ from typing import Any
 from sqlite_utils import Database
 
 import bridge.store.totals as totals
-from bridge.models import MAX_ROW_ID, Message
+from bridge.models import MAX_ROW_ID, OTHER_REASON, Message
 from bridge.store.sqlite.base import EngineBound
 from bridge.store.sqlite.schema import JSON_IDS, MENTIONED, MENTIONS
 
@@ -228,6 +228,8 @@ class ConsoleQueries(EngineBound):
         """Newest first; `recipient` and `text` match anywhere in the field (any case);
         `number` is the whole recipient (StoreApi.query)."""
         sql, args = "SELECT * FROM messages WHERE 1=1", list[object]()
+        if reason_kind == OTHER_REASON:
+            sql, reason_kind = f"{sql} AND {totals.OTHER_REASON_SQL}", None
         for column, value in (
             ("recipient", number),
             ("state", state),
@@ -254,6 +256,21 @@ class ConsoleQueries(EngineBound):
             sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
         return await self.engine.read(lambda c: [Message.from_row(r) for r in c.execute(sql, args)])
+
+    async def recent_failures(self, limit: int) -> list[Message]:
+        return await self.engine.read(
+            lambda c: [
+                Message.from_row(r)
+                for r in c.execute(
+                    # Named: planning from the schema alone (no ANALYZE), SQLite takes
+                    # messages_due for `state =` and sorts every failed message.
+                    "SELECT * FROM messages INDEXED BY messages_failed"
+                    f" WHERE {totals.FAILED_NOT_CANCELLED}"
+                    " ORDER BY updated_at DESC, id DESC LIMIT ?",
+                    (limit,),
+                )
+            ]
+        )
 
     async def upkeep(self) -> None:
         """Nothing: one writer keeps one row per key of the running totals."""
@@ -304,8 +321,10 @@ class ConsoleQueries(EngineBound):
                 ]
             for message_id in chosen:
                 db.execute(
+                    # The old reason's kind goes with it: a cancelled message retried
+                    # and refused by the provider was still counted as cancelled.
                     "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
-                    " reason = ?, solo = 1 WHERE id = ?",
+                    " reason = ?, reason_kind = NULL, solo = 1 WHERE id = ?",
                     (now, now, reason, message_id),
                 )
             return chosen
