@@ -430,6 +430,45 @@ async def test_auth_offers_login_and_plain_only(tmp_path, clock, sandbox_url) ->
         assert await asyncio.to_thread(anonymous) == (False, {})
 
 
+async def test_a_login_that_succeeded_before_passes_a_lockout_of_its_address(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """A guesser at the UPS's address (the same NAT; 127.0.0.1 for every local sender on
+    a loopback install) locked the UPS out with it: its AUTH got 454 for five minutes,
+    and again after each ten guesses, so with `require_auth` its alerts were never
+    taken. A login and password that succeeded from that client before pass now; a
+    guess, or a right password never used from there, still waits unchecked."""
+    extra = (
+        "require_auth = true\nauth_allow_plaintext = true\n"
+        'users = {ups = "ups-pass-0123456789", nas = "nas-pass-0123456789"}\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
+    with pytest.warns(UserWarning, match="Requiring AUTH while not requiring TLS"):
+        async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+            def login(user: str, password: str, subject: str = "") -> int:
+                with smtplib.SMTP("127.0.0.1", port, 10, source_address=("127.0.0.5", 0)) as c:
+                    c.ehlo("ups")
+                    plain = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+                    code = c.docmd("AUTH", f"PLAIN {plain}")[0]
+                    if subject and code == 235:
+                        c.sendmail(
+                            "ups@example.org", [DEFAULT_RCPT], f"Subject: {subject}\r\n\r\nx"
+                        )
+                    return code
+
+            assert await asyncio.to_thread(login, "ups", "ups-pass-0123456789", "on mains") == 235
+            guesses = [await asyncio.to_thread(login, "ups", f"guess-{n}") for n in range(10)]
+            after = [
+                await asyncio.to_thread(login, "ups", "ups-pass-0123456789", "on battery"),
+                await asyncio.to_thread(login, "ups", "guess-10"),
+                await asyncio.to_thread(login, "nas", "nas-pass-0123456789"),
+            ]
+            assert await bridge.store.counts() == {"queued": 2}
+    assert guesses == [535] * 10
+    assert after == [235, 454, 454]
+
+
 async def test_auth_over_starttls_required_and_refused_in_plaintext(
     tmp_path, clock, sandbox_url, tls_files
 ) -> None:
