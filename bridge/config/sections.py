@@ -91,7 +91,7 @@ class SmtpConfig:
     sender_id: str = _opt("")  # "" -> provider.sender_id
     rules: tuple[MailRule, ...] = _opt([], "rules")  # [[smtp.rules]]: per-sender line picks
     max_sessions: int = _opt(100)  # open SMTP sessions in all; beyond: 421 at connect
-    max_sessions_per_client: int = _opt(25)  # from one address (a relay: Postfix opens 20)
+    max_sessions_per_client: int = _opt(25)  # from an IPv4 address or IPv6 /64 (Postfix: 20)
     max_mails_per_session: int = _opt(1000)  # MAIL and DATA commands in one session
     max_commands: int = _opt(20)  # each other command (NOOP, EHLO, AUTH...) per session
     max_mime_depth: int = _opt(20)  # deeper parts are not read

@@ -99,6 +99,12 @@ def _validate_sections(config: Config, problem: Problem) -> None:
         problem("smtp.tls_listen", "implicit TLS needs smtp.tls_cert and smtp.tls_key")
     if smtp.require_auth and not smtp.users:
         problem("smtp.require_auth", "no [smtp.users] to authenticate")
+    for login, password in smtp.users.items():
+        if not password:  # AUTH with the login and nothing else passed
+            problem(
+                f"smtp.users.{login}",
+                "an empty password (an empty *_file?): anyone naming this login could send",
+            )
     if smtp.require_auth and not smtp.tls_cert and not smtp.auth_allow_plaintext:
         problem("smtp.require_auth", "AUTH needs TLS (smtp.tls_cert) or smtp.auth_allow_plaintext")
     for index, net in enumerate(smtp.allowed_networks):
