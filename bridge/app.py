@@ -293,9 +293,15 @@ def _listen(key: str, listen: str) -> socket.socket | None:
 
 
 async def serve(
-    config: Config, *, config_path: str | None = None, clock: Clock | None = None
+    config: Config,
+    *,
+    config_path: str | None = None,
+    clock: Clock | None = None,
+    reload_pending: Callable[[], bool] | None = None,
 ) -> None:
-    """`sms-bridge serve`: everything in this event loop until SIGTERM or SIGINT."""
+    """`sms-bridge serve`: everything in this event loop until SIGTERM or SIGINT.
+    `reload_pending`: whether a SIGHUP came before this loop handled them (the CLI's
+    `EarlyHangups`); if so the config is reloaded once running."""
     if config.uses_sandbox:
         log.warning(
             "no provider.base_url configured: using the in-process sandbox provider; "
@@ -313,6 +319,8 @@ async def serve(
             loop.add_signal_handler(sig, bridge.stop.set)
         reloads: asyncio.Queue[str | None] = asyncio.Queue()
         loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, config_path)
+        if reload_pending is not None and reload_pending():
+            reloads.put_nowait(config_path)
         started = asyncio.Event()
         runner = asyncio.create_task(
             bridge.run(

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -142,8 +143,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+class EarlyHangups:
+    """SIGHUPs that reach `serve` before its event loop handles them.
+
+    Python leaves SIGHUP at its default action, which ends the process, and systemd
+    does not restart a service a HUP ended (a clean signal for `Restart=on-failure`):
+    `systemctl enable --now sms-bridge && systemctl reload sms-bridge` left the bridge
+    dead. Noted instead from the moment the command line is read; `serve` reloads once
+    running (the file may have changed after it was read).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        signal.signal(signal.SIGHUP, self._note)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.count += 1
+
+    def __call__(self) -> bool:
+        return self.count > 0
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    early_hangups = EarlyHangups() if args.command == "serve" else None
     try:
         if args.command == "sandbox":
             return _run_sandbox(args)
@@ -180,7 +203,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(json.dumps(masked(config), indent=2, default=list))
         return 0
     try:
-        return _run_command(config, args)
+        return _run_command(config, args, early_hangups)
     except StoreUnavailable as exc:
         from bridge.store import describe
 
@@ -191,13 +214,17 @@ def _main(argv: Sequence[str] | None) -> int:
         return 1
 
 
-def _run_command(config: Config, args: argparse.Namespace) -> int:
+def _run_command(
+    config: Config, args: argparse.Namespace, early_hangups: EarlyHangups | None = None
+) -> int:
     if args.command == "serve":
         from bridge.app import serve
 
         try:
             with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-                runner.run(serve(config, config_path=_config_path(args)))
+                runner.run(
+                    serve(config, config_path=_config_path(args), reload_pending=early_hangups)
+                )
         except ConfigError as exc:
             _print_problems(exc)
             return 1

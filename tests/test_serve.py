@@ -272,3 +272,32 @@ def test_sigterm_lets_a_mail_in_transfer_finish_and_tells_idle_sessions(tmp_path
     with sqlite3.connect(tmp_path / "sms-bridge.db") as db:
         rows = db.execute("SELECT recipient, text FROM messages").fetchall()
     assert rows == [("+12025550143", "UPS on battery\nRuntime 12 min")]
+
+
+def test_a_sighup_while_serve_starts_is_a_reload_not_the_end(tmp_path) -> None:
+    """`systemctl enable --now sms-bridge && systemctl reload sms-bridge` (the recipe's
+    lines, pasted together) sends SIGHUP while serve is still starting. Python's default
+    action for it ended the process (status 129), and systemd does not restart a
+    service a HUP ended: the bridge stayed down. The store is held locked here so that
+    serve waits in its start-up for the signal (SQLite's busy wait), past the line it
+    logs before building: the signal then lands before the event loop handles it."""
+    db = tmp_path / "bridge.db"
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        f'[http]\nlisten = "{ANY_PORT}"\n[smtp]\nlisten = ""\n[store]\npath = "{db}"\n'
+    )
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # serve's switch to WAL waits for it
+    log = tmp_path / "serve.log"
+    with process(["serve", "--config", str(config)], tmp_path, clean_env(), log) as proc:
+        wait_for(lambda: "using the in-process sandbox" in proc.output(), what="start-up")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None, f"ended by the SIGHUP:\n{proc.output()}"
+        lock.rollback()
+        lock.close()
+        url = proc.url()
+        wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, what="ready")
+        wait_for(lambda: "configuration reloaded" in proc.output(), what="the reload")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
