@@ -260,7 +260,7 @@ async def build(
                 },
                 wake=dispatcher.wake.set,
             )
-            yield Bridge(
+            bridge = Bridge(
                 config=config,
                 clock=clock,
                 store=store,
@@ -275,7 +275,21 @@ async def build(
                 budget=budget,
                 leader=leader,
                 sandbox=sandbox,
+                config_applied_at=clock.now(),
             )
+            # `systemctl reload` says nothing of a file the bridge refused (SIGHUP has no
+            # answer): what to alert on, as Prometheus's own config_last_reload_* are.
+            metrics.gauge(
+                "config_last_reload_successful",
+                "0 while the last SIGHUP's config was refused (the running one is kept)",
+                lambda: 1.0 if bridge.last_reload_ok else 0.0,
+            )
+            metrics.gauge(
+                "config_last_reload_success_timestamp_seconds",
+                "When the config in force was applied (start, or the last reload that was)",
+                lambda: bridge.config_applied_at,
+            )
+            yield bridge
     finally:
         if smtp_handler is not None:
             smtp_handler.close()

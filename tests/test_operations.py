@@ -95,6 +95,36 @@ def test_sighup_reloads_routes_without_dropping_connections(tmp_path) -> None:
         assert proc.wait(timeout=15) == 0
 
 
+def test_metrics_say_whether_the_last_sighup_was_refused(tmp_path) -> None:
+    """SIGHUP has no answer (`systemctl reload` exits 0 whatever the bridge made of the
+    file): a refused config showed only as a log line, so nothing could alert on it."""
+    path = tmp_path / "bridge.toml"
+    good = _config(str(tmp_path / "bridge.db"), "")
+    path.write_text(good)
+    log = tmp_path / "serve.log"
+
+    def gauges() -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics").text
+        found = re.findall(r"^sms_bridge_config_last_reload_(\w+) (\S+)$", text, re.MULTILINE)
+        return {name: float(value) for name, value in found}
+
+    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
+        url = proc.url()
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+        started = gauges()
+        assert started["successful"] == 1 and started["success_timestamp_seconds"] > 0
+        path.write_text("[provider\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in log.read_text(), what="the refusal")
+        assert gauges() == {**started, "successful": 0}
+        _reloaded(proc, log, path, good)
+        after = gauges()
+        assert after["successful"] == 1
+        assert after["success_timestamp_seconds"] > started["success_timestamp_seconds"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
 def _run(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
     env = clean_env(SMS_BRIDGE_STORE_PATH=str(tmp_path / "ops.db"))
     return subprocess.run(
