@@ -8,6 +8,7 @@ installed skip their check with the reason; nothing is copied out of the docs by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -316,7 +317,8 @@ def run_pasted(
         try:
             proc.wait(timeout=timeout)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # a block that left nothing running
+                os.killpg(proc.pid, signal.SIGTERM)
     return proc.returncode, out_path.read_text(), err_path.read_text()
 
 
