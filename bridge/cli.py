@@ -25,7 +25,7 @@ from bridge.config import (
     secret_values,
 )
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.models import State
+from bridge.models import MAX_ROW_ID, State
 from bridge.ops.logs import setup_logging
 
 log = logging.getLogger("bridge")
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=["duplicate", "storm", "loop", "budget", "unknown", "provider-error", "cancelled"],
     )
     messages.add_argument("--route", help="messages from this webhook route")
-    messages.add_argument("--limit", type=int, default=50)
+    messages.add_argument("--limit", type=_positive, default=50, help="at most this many")
     messages.add_argument("--json", action="store_true")
     retry = with_config(sub.add_parser("retry", help="queue failed messages again"))
     retry.add_argument("ids", nargs="*", type=int, help="message ids")
@@ -123,6 +123,18 @@ def _parser() -> argparse.ArgumentParser:
     provider.add_argument("--to", action="append", default=[], help="calculate: a recipient")
     provider.add_argument("--message", default="", help="calculate: the text")
     return parser
+
+
+def _positive(text: str) -> int:
+    """A count of 1 or more that the store can bind: `--limit -5` listed every message
+    (SQLite's LIMIT -1) and a 20-digit one ended in a traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_ROW_ID:
+        raise argparse.ArgumentTypeError(f"{text} is not from 1 to {MAX_ROW_ID}")
+    return value
 
 
 def _config_path(args: argparse.Namespace) -> str | None:

@@ -11,7 +11,11 @@ import sys
 import httpx
 import pytest
 
+from bridge.config import StoreConfig
+from bridge.models import NewMessage
+from bridge.store import open_store
 from tests.processes import ANY_PORT, process, wait_for
+from tests.stores import seed
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI as a process
 KEY = "cli-test-key"
@@ -107,6 +111,29 @@ def test_messages_command_lists_the_store(tmp_path) -> None:
     table = run("messages", "--status", "delivered", cwd=tmp_path, env=env)
     assert "printer out of toner" in table.stdout and table.stdout.count("delivered") == 2
     assert run("messages", "--status", "failed", cwd=tmp_path, env=env).stdout.count("\n") == 1
+
+
+def test_messages_limit_is_a_count_the_store_can_take(tmp_path) -> None:
+    """`--limit -5` listed every message (SQLite reads LIMIT -1 as none) and a limit past
+    SQLite's integers ended in a traceback: both are now a usage error (exit 2)."""
+
+    async def seeded() -> None:
+        store = open_store(StoreConfig(path=str(tmp_path / "m.db")))
+        await store.open()
+        texts = ("first", "second")
+        await seed(store, [NewMessage("+12025550143", t, "http", "SMS", 1, 1) for t in texts], 1.0)
+        await store.close()
+
+    asyncio.run(seeded())
+    env = {"SMS_BRIDGE_STORE_PATH": "m.db"}
+    assert (
+        len(json.loads(run("messages", "--json", "--limit", "1", cwd=tmp_path, env=env).stdout))
+        == 1
+    )
+    for wrong in ("-5", "0", "99999999999999999999", "ten"):
+        listed = run("messages", "--limit", wrong, cwd=tmp_path, env=env)
+        assert listed.returncode == 2, (wrong, listed.stdout, listed.stderr)
+        assert "--limit" in listed.stderr and "Traceback" not in listed.stderr, listed.stderr
 
 
 def test_a_store_that_cannot_be_opened_is_a_clear_error(tmp_path) -> None:
