@@ -42,7 +42,7 @@ from bridge.policy.shaping import Shaper
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.service import Bridge
-from bridge.sockets import bind_socket, bound_address
+from bridge.sockets import bind_socket, bound_address, notify_systemd
 from bridge.store import Store, describe, open_store
 from bridge.store.api import instance_name
 
@@ -364,6 +364,9 @@ async def serve(
             describe(config.store),
             config.provider.requests_per_minute,
         )
+        # systemd (Type=notify) holds `systemctl start` until here, and a reload until
+        # the bridge can take one; it also learns of a bridge that failed to start.
+        notify_systemd("READY=1")
         # What start-up built (modules, phone metadata, config, the app) lives as long as
         # the process: keep the collector from walking it on every full collection. Under
         # load that walk took about a tenth of the event loop (see BENCHMARKS.md).

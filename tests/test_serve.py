@@ -301,3 +301,23 @@ def test_a_sighup_while_serve_starts_is_a_reload_not_the_end(tmp_path) -> None:
         wait_for(lambda: "configuration reloaded" in proc.output(), what="the reload")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+
+
+def test_serve_tells_systemd_it_is_ready_once_it_answers(tmp_path) -> None:
+    """The unit is `Type=notify`: `systemctl start` waits for READY=1 (and a reload with
+    it). With `Type=exec` systemd counted the bridge started the moment Python ran, so a
+    refused config still "started" and a reload right after start raced its imports."""
+    unit = (Path(__file__).parent.parent / "systemd" / "sms-bridge.service").read_text()
+    assert "\nType=notify\n" in unit
+    notify = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(notify))
+        manager.settimeout(30)
+        env = clean_env(
+            SMS_BRIDGE_HTTP_LISTEN=ANY_PORT, SMS_BRIDGE_SMTP_LISTEN="", NOTIFY_SOCKET=str(notify)
+        )
+        with process(["serve"], tmp_path, env, tmp_path / "serve.log") as proc:
+            assert manager.recv(4096) == b"READY=1"
+            assert httpx.get(f"{proc.url()}/readyz").status_code == 200  # ready means ready
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
