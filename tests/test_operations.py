@@ -22,7 +22,7 @@ from bridge.provider.sandbox import SandboxState
 from bridge.store import open_store
 from tests.helpers import bridge_config, pump, running_bridge
 from tests.processes import ANY_PORT, clean_env, process, wait_for
-from tests.stores import seed
+from tests.stores import faulty_store, seed
 
 pytestmark = pytest.mark.slow
 HOOK = "route-token-0123456789abcdef"
@@ -245,6 +245,29 @@ async def test_metrics_after_a_known_sequence(
     assert purged.count("sms_bridge_messages{") == 1
     assert "sms_bridge_messages_by_reason{" not in purged
     assert purged_stats == {"states": {"queued": 1}, "reasons": {}} and gone is None
+
+
+async def test_metrics_answer_with_the_store_down_and_say_so(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """A store that refuses writes (a full disk; PostgreSQL gone: tests/test_pg_pool.py)
+    made /metrics either a 503, which Prometheus reads as the bridge down and which hid
+    provider_ready and the rest, or (reads still working) figures with nothing wrong.
+    Now the scrape answers `sms_bridge_store_up 0` and the process's own figures."""
+    config = bridge_config(tmp_path, sandbox_url)
+    store = faulty_store(config)
+    async with running_bridge(config, clock, store) as (_, url), httpx.AsyncClient() as http:
+        up = await http.get(f"{url}/metrics")
+        assert up.status_code == 200
+        assert "\nsms_bridge_store_up 1.0\n" in up.text and "sms_bridge_queue_depth" in up.text
+        store.disk_full()
+        down = await http.get(f"{url}/metrics")
+        assert down.status_code == 200, down.text
+        assert "\nsms_bridge_store_up 0.0\n" in down.text
+        assert "sms_bridge_provider_ready 1.0" in down.text  # what still holds, still said
+        assert "sms_bridge_queue_depth" not in down.text  # no figure the store did not give
+        store.fail_commits(None)
+        assert "\nsms_bridge_store_up 1.0\n" in (await http.get(f"{url}/metrics")).text
 
 
 def test_secrets_from_the_config_are_masked_in_serves_log(tmp_path) -> None:
