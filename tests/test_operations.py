@@ -305,6 +305,45 @@ def test_secrets_from_the_config_are_masked_in_serves_log(tmp_path) -> None:
     assert "for ***" in text and "***.db" in text  # the lines were written, masked
 
 
+def test_a_password_in_the_providers_url_is_masked_by_check_config_and_serve(
+    tmp_path,
+) -> None:
+    """`provider.base_url = "https://user:PASSWORD@proxy/api/v1"` (a proxy that asks for
+    basic auth; httpx sends it) was printed whole by `check-config` and logged whole by
+    `serve` ("provider https://user:PASSWORD@..."), where store.url's is masked. Now the
+    same: the address shown, its password as ***."""
+    password = "provider-proxy-password-0123"
+    with socket.socket() as closed:  # a provider that is not there: serve starts anyway
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env = clean_env(
+        SMS_BRIDGE_PROVIDER_BASE_URL=f"http://ops:{password}@127.0.0.1:{port}/api/v1",
+        SMS_BRIDGE_PROVIDER_API_KEY="provider-api-key-0123456789",
+        SMS_BRIDGE_HTTP_LISTEN=ANY_PORT,
+        SMS_BRIDGE_SMTP_LISTEN="",
+        SMS_BRIDGE_STORE_PATH=str(tmp_path / "bridge.db"),
+    )
+    checked = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert password not in checked.stdout + checked.stderr
+    assert f'"base_url": "http://ops:***@127.0.0.1:{port}/api/v1"' in checked.stdout
+    log = tmp_path / "serve.log"
+    with process(["serve"], tmp_path, env, log) as proc:
+        proc.address("HTTP")
+        wait_for(lambda: "requests/minute" in log.read_text(), what="the store line")
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    text = log.read_text()
+    assert password not in text and f"provider http://ops:***@127.0.0.1:{port}" in text
+
+
 def _reloaded(proc, log: Path, path: Path, text: str) -> str:
     """Write `text` as the config, SIGHUP, wait for the reload; the log lines it wrote."""
     before = log.read_text()

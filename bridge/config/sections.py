@@ -141,7 +141,8 @@ class HttpConfig:
 
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
-    base_url: str = _opt("")
+    # A URL: a password in it (https://user:password@proxy/...) is masked like store.url's.
+    base_url: str = _opt("", secret="url")
     api_key: str = _opt("", secret=True)
     auth_header: str = _opt("x-api-key")  # x-api-key | bearer
     sender_id: str = _opt("SMS")
