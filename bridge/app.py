@@ -129,11 +129,12 @@ def _gauges(
         "Messages held back or failed by daily caps",
         lambda: budget.over_cap_total,
     )
-    # Their ratio is the group-commit batch size: writes per fsync.
-    metrics.gauge(
+    # Their rates' ratio is the group-commit batch size: writes per fsync. Counts since
+    # start (`_total`): as gauges, rate() over a restart was told a level had dropped.
+    metrics.counter(
         "store_commits", "Store transactions committed", lambda: store.stats().transactions
     )
-    metrics.gauge(
+    metrics.counter(
         "store_writes_committed",
         "Store writes committed (several share one transaction)",
         lambda: store.stats().writes,

@@ -232,8 +232,11 @@ async def test_metrics_after_a_known_sequence(
     assert "sms_bridge_cost_sent 1.5" in after
     assert "sms_bridge_provider_ready 1.0" in after
     assert re.search(r"sms_bridge_rate_budget_left \d+", after)
-    commits = float(re.search(r"^sms_bridge_store_commits (\S+)", after, re.M).group(1))
-    writes = float(re.search(r"^sms_bridge_store_writes_committed (\S+)", after, re.M).group(1))
+    # Counts since start, typed so: rate() reads them across a restart.
+    assert "# TYPE sms_bridge_store_commits_total counter" in after
+    commits = float(re.search(r"^sms_bridge_store_commits_total (\S+)", after, re.M).group(1))
+    written = re.search(r"^sms_bridge_store_writes_committed_total (\S+)", after, re.M)
+    writes = float(written.group(1))
     assert 3 <= commits <= writes  # three ingests at least, each written and committed
     assert stats["states"] == {"sent": 3, "suppressed": 1} or stats["states"] == {
         "delivered": 3,
