@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument(
         "--variant", default="documented", help="answer shapes (see sandbox.variant)"
     )
+    with_config(
+        sub.add_parser(
+            "healthcheck",
+            help="ask the running serve's /healthz where the config has it listen (the"
+            " image's HEALTHCHECK): exit 0 if it answers 200",
+        )
+    )
     check = with_config(sub.add_parser("check-config", help="validate a config file"))
     check.add_argument("file", nargs="?", help="the file (instead of --config)")
     messages = with_config(sub.add_parser("messages", help="list stored messages"))
@@ -210,6 +217,8 @@ def _main(argv: Sequence[str] | None) -> int:
             log.warning("%s", warning)  # in the service's log, JSON or not
         else:
             print(f"warning: {warning}", file=sys.stderr)
+    if args.command == "healthcheck":
+        return _healthcheck(config)
     if args.command == "check-config":
         print(f"{config.source}: OK")
         print(json.dumps(masked(config), indent=2, default=list))
@@ -268,6 +277,37 @@ def _print_problems(exc: ConfigError) -> None:
     print("configuration problems:", file=sys.stderr)
     for key, why in exc.problems:
         print(f"  {key}: {why}", file=sys.stderr)
+
+
+def _healthcheck(config: Config) -> int:
+    """GET /healthz on `http.listen` as configured: HTTPS with `http.tls_cert` (not
+    verified: the bridge's own listener), a wildcard address asked on loopback. The
+    image's HEALTHCHECK asked http://127.0.0.1:8080 whatever the config said, so a
+    bridge on HTTPS or another port was "unhealthy" for ever."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    if not config.http.listen:
+        print("healthcheck: http.listen is empty: no HTTP listener to ask", file=sys.stderr)
+        return 1
+    host, port = parse_listen(config.http.listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    scheme = "https" if config.http.tls_cert else "http"
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, timeout=4, context=context) as answer:
+            status = answer.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (OSError, ValueError) as exc:
+        print(f"healthcheck: {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    print(f"healthcheck: {url}: {status}", file=sys.stderr if status != 200 else sys.stdout)
+    return 0 if status == 200 else 1
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
