@@ -292,7 +292,8 @@ def _healthcheck(config: Config) -> int:
         print("healthcheck: http.listen is empty: no HTTP listener to ask", file=sys.stderr)
         return 1
     host, port = parse_listen(config.http.listen)
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    # `[::]` is dual-stack (bridge.sockets): IPv4 loopback, which every container has.
+    host = {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1", "": "127.0.0.1"}.get(host, host)
     scheme = "https" if config.http.tls_cert else "http"
     url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/healthz"
     context = ssl.create_default_context()
