@@ -136,6 +136,30 @@ def test_messages_limit_is_a_count_the_store_can_take(tmp_path) -> None:
         assert "--limit" in listed.stderr and "Traceback" not in listed.stderr, listed.stderr
 
 
+def test_messages_never_hand_a_senders_escape_sequences_to_the_terminal(tmp_path) -> None:
+    """Whoever may send a text (a webhook, a mail) chose its characters, and the table
+    printed them raw: ESC [2J cleared the operator's screen, OSC retitled the terminal,
+    the 8-bit CSI (U+009B) passed JSON's escaping too. Shown now as \\xNN in the table,
+    \\u00NN in JSON (the same string when parsed)."""
+    text = "disk full\x1b[2J\x1b]0;owned\x07 on db-2\x9b31m"
+
+    async def seeded() -> None:
+        store = open_store(StoreConfig(path=str(tmp_path / "m.db")))
+        await store.open()
+        await seed(store, [NewMessage("+12025550143", text, "http", "SMS", 1, 1)], 1.0)
+        await store.close()
+
+    asyncio.run(seeded())
+    env = {"SMS_BRIDGE_STORE_PATH": "m.db"}
+    table = run("messages", cwd=tmp_path, env=env)
+    assert table.returncode == 0, table.stderr
+    assert not any(c in table.stdout for c in "\x1b\x07\x9b"), repr(table.stdout)
+    assert "disk full\\x1b[2J\\x1b]0;owned\\x07 on db-2\\x9b31m" in table.stdout
+    listed = run("messages", "--json", cwd=tmp_path, env=env)
+    assert "\x9b" not in listed.stdout and "\x1b" not in listed.stdout
+    assert json.loads(listed.stdout)[0]["text"] == text
+
+
 def test_a_store_that_cannot_be_opened_is_a_clear_error(tmp_path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the store's directory should be")
