@@ -574,6 +574,30 @@ def test_a_line_break_sent_in_a_mail_header_cannot_forge_a_log_line(tmp_path) ->
     assert not any(line.startswith(forged.split(",")[0]) for line in log.read_text().splitlines())
 
 
+def test_an_escape_sequence_sent_in_a_mail_header_is_not_written_to_the_log_raw(
+    tmp_path,
+) -> None:
+    """The same header, carrying ESC [2J and the 8-bit CSI (U+009B) instead of a line
+    break: written raw, `tail -f` or `docker logs` ran them in the reader's terminal
+    (cleared the screen, recoloured or hid what came before)."""
+    path, log = tmp_path / "bridge.toml", tmp_path / "serve.log"
+    path.write_text(_config(str(tmp_path / "bridge.db"), ""))
+    mail = (
+        "From: ups@example.org\r\nSubject: on battery\r\n"
+        "Auto-Submitted: =?utf-8?q?auto-replied=1B[2J=C2=9B8m?=\r\n\r\nbody\r\n"
+    )
+    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
+        with smtplib.SMTP("127.0.0.1", proc.port("SMTP"), timeout=10) as smtp:
+            smtp.sendmail("ups@example.org", ["+12025550101@sms.localhost"], mail)
+        wait_for(lambda: "stored as suppressed" in log.read_text(), what="the log line")
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    text = log.read_text()
+    assert "\x1b" not in text and "\x9b" not in text
+    [line] = [line for line in text.splitlines() if "stored as suppressed" in line]
+    assert "auto-replied[2j\\x9b8m" in line, line  # (ESC itself dropped by the mail's decoding)
+
+
 BROKEN_TEMPLATE = "{{ alerts[0].labels.nope.deeper }}"  # fails on any alert without `nope`
 
 
