@@ -11,11 +11,13 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from bridge import __version__, commands
 from bridge.clock import SystemClock
 from bridge.commands import book_cli_request
 from bridge.config import (
+    MAX_REQUESTS_PER_MINUTE,
     Config,
     config_path_from,
     exposed_secrets,
@@ -60,10 +62,15 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("SMS_BRIDGE_SANDBOX_API_KEY", "sandbox-key"),
         help="the key clients must send (SMS_BRIDGE_SANDBOX_API_KEY)",
     )
-    sandbox.add_argument("--requests-per-minute", type=int, default=100, help="its rate limit")
+    sandbox.add_argument(
+        "--requests-per-minute",
+        type=_between(int, 1, MAX_REQUESTS_PER_MINUTE),
+        default=100,
+        help="its rate limit",
+    )
     sandbox.add_argument(
         "--fail-share",
-        type=float,
+        type=_between(float, 0, 1),
         default=0.0,
         help="share of texts reported failed, not delivered (0 to 1)",
     )
@@ -86,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=["duplicate", "storm", "loop", "budget", "unknown", "provider-error", "cancelled"],
     )
     messages.add_argument("--route", help="messages from this webhook route")
-    messages.add_argument("--limit", type=_positive, default=50, help="at most this many")
+    messages.add_argument(
+        "--limit", type=_between(int, 1, MAX_ROW_ID), default=50, help="at most this many"
+    )
     messages.add_argument("--json", action="store_true")
     retry = with_config(sub.add_parser("retry", help="queue failed messages again"))
     retry.add_argument("ids", nargs="*", type=int, help="message ids")
@@ -132,16 +141,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    """A count of 1 or more that the store can bind: `--limit -5` listed every message
-    (SQLite's LIMIT -1) and a 20-digit one ended in a traceback."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= MAX_ROW_ID:
-        raise argparse.ArgumentTypeError(f"{text} is not from 1 to {MAX_ROW_ID}")
-    return value
+def _between(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
+    """An argparse type: a number from `low` to `high`, else a usage error (exit 2).
+    `messages --limit -5` listed every message (SQLite's LIMIT -1) and a 20-digit one
+    ended in a traceback; `sandbox --requests-per-minute 0` answered every call 500."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:  # NaN too
+            raise argparse.ArgumentTypeError(f"{text} is not from {low} to {high}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def _config_path(args: argparse.Namespace) -> str | None:

@@ -160,6 +160,21 @@ def test_messages_never_hand_a_senders_escape_sequences_to_the_terminal(tmp_path
     assert json.loads(listed.stdout)[0]["text"] == text
 
 
+def test_sandbox_refuses_a_rate_or_fail_share_it_cannot_serve(tmp_path) -> None:
+    """`sandbox --requests-per-minute 0` started, then answered every call 500 (a
+    traceback in its log); `--fail-share 7` was taken too. The same bounds as the
+    config's provider.requests_per_minute and sandbox.fail_share, as usage errors."""
+    for option, value in [
+        ("--requests-per-minute", "0"),
+        ("--requests-per-minute", "-3"),
+        ("--fail-share", "7"),
+        ("--fail-share", "nan"),
+    ]:
+        refused = run("sandbox", "--listen", "127.0.0.1:0", option, value, cwd=tmp_path)
+        assert refused.returncode == 2, (option, value, refused.stderr)
+        assert option in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_a_store_that_cannot_be_opened_is_a_clear_error(tmp_path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the store's directory should be")
