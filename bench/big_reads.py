@@ -45,6 +45,12 @@ async def store_timings(store: Store, message_id: int) -> None:
         "counts_by_reason()": store.counts_by_reason,
         "route_last_messages()": _route_call(store),
         f"mentioned_by({message_id})": lambda: store.mentioned_by(message_id),
+        # The overview's recent failures: by id before feat-apifix, by failure time after.
+        "recent failures (10)": lambda: (
+            store.recent_failures(10)
+            if hasattr(store, "recent_failures")
+            else store.query(state="failed", limit=10)
+        ),
     }
     try:
         for name, call in calls.items():
@@ -86,7 +92,7 @@ def http_timings(path: Path | None, postgres: str | None, message_id: int) -> No
         source = Path(bridge.__file__).resolve().parent.parent
         with server(args, port, {"PYTHONPATH": str(source)}, str(source)):
             base = f"http://127.0.0.1:{port}"
-            pages = ["/metrics", "/api/v1/stats", "/ui/routes", "/ui/routes/route-3"]
+            pages = ["/metrics", "/api/v1/stats", "/ui/routes", "/ui/routes/route-3", "/ui/"]
             pages.append(f"/ui/messages/{message_id}")
             with httpx.Client(base_url=base, timeout=60) as http:
                 for page in pages:

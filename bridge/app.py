@@ -35,6 +35,7 @@ from bridge.health import ProviderHealth
 from bridge.ingress.http.app import create_app
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.smtp import SmtpHandler
+from bridge.loops import LoopHealth
 from bridge.ops.metrics import Metrics
 from bridge.policy.budgets import BudgetGuard
 from bridge.policy.decide import Rules
@@ -43,7 +44,7 @@ from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.service import Bridge
 from bridge.sockets import bind_socket, bound_address, notify_systemd
-from bridge.store import Store, describe, open_store
+from bridge.store import Store, describe, open_store, rate_window, serving
 from bridge.store.api import instance_name
 
 if TYPE_CHECKING:  # the sandbox itself is imported only when configured
@@ -157,6 +158,13 @@ async def build(
     await store.open()
     p = config.provider
     metrics = Metrics(store, clock.now)
+    loops = LoopHealth()  # every background loop's failed steps: /metrics and /healthz
+    metrics.counters(
+        "loop_step_failures",
+        "Unexpected errors in a background loop's step (each retried after a backoff)",
+        "loop",
+        loops.failures,
+    )
     smtp_handler: SmtpHandler | None = None
     try:
         async with open_provider(
@@ -191,6 +199,7 @@ async def build(
                 name=instance,
                 clock=clock,
                 on_lead=lambda: dispatcher.wake.set(),  # built below, called once running
+                loops=loops,
             )
             dispatcher = Dispatcher(
                 store=store,
@@ -206,6 +215,7 @@ async def build(
                 lease=config.cluster.lease,
                 # Others' claims whose lease passed: the leader's sweep (one instance).
                 takes_over=lambda: leader.leading,
+                loops=loops,
             )
             poller = StatusPoller(
                 store=store,
@@ -215,6 +225,7 @@ async def build(
                 config=config.status,
                 provider=p,
                 health=health,
+                loops=loops,
             )
             digests = DigestWorker(
                 store=store,
@@ -223,6 +234,7 @@ async def build(
                 provider=p,
                 shaper=shaper,
                 on_created=dispatcher.wake.set,
+                loops=loops,
             )
             ingestor = Ingestor(
                 store=store,
@@ -260,6 +272,7 @@ async def build(
                     "balance": dispatcher.balance,
                 },
                 wake=dispatcher.wake.set,
+                loops=loops,
             )
             bridge = Bridge(
                 config=config,
@@ -275,6 +288,7 @@ async def build(
                 shaper=shaper,
                 budget=budget,
                 leader=leader,
+                loops=loops,
                 sandbox=sandbox,
                 config_applied_at=clock.now(),
             )
@@ -295,6 +309,14 @@ async def build(
         if smtp_handler is not None:
             smtp_handler.close()
         await store.close()
+
+
+@contextlib.asynccontextmanager
+async def build_serving(config: Config, *, clock: Clock | None = None) -> AsyncIterator[Bridge]:
+    """`build` for `serve`: with the store held for this one serve (`serving`)."""
+    with serving(config.store):
+        async with build(config, clock=clock) as bridge:
+            yield bridge
 
 
 def _listen(key: str, listen: str) -> socket.socket | None:
@@ -324,11 +346,12 @@ async def serve(
         )
     else:
         log.info("provider %s (config: %s)", config.provider.base_url, config.source)
+        log.info("%s", rate_window(config.provider, config.store))
     http_socket = _listen("http.listen", config.http.listen)
     smtp_socket = _listen("smtp.listen", config.smtp.listen)
     tls_socket = _listen("smtp.tls_listen", config.smtp.tls_listen) if smtp_socket else None
     smtp_sockets = [s for s in (smtp_socket, tls_socket) if s is not None] or None
-    async with build(config, clock=clock) as bridge:
+    async with build_serving(config, clock=clock) as bridge:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, bridge.stop.set)

@@ -27,11 +27,25 @@ from bridge.config import (
     secret_values,
 )
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.models import MAX_ROW_ID, State
+from bridge.models import MAX_ROW_ID, REASON_KINDS, State
 from bridge.ops.logs import setup_logging
 
 log = logging.getLogger("bridge")
 __all__ = ["book_cli_request", "main"]  # book_cli_request: the CLI's booking, for tests
+
+
+def _page_size(text: str) -> int:
+    """`messages --limit`: 1 or more. 0 listed nothing, and a negative number every
+    message on SQLite (a million rows printed) and a traceback on PostgreSQL."""
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if not 1 <= size <= MAX_ROW_ID:  # past SQLite's integers: a traceback
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 1 up to {MAX_ROW_ID}, not {text!r}"
+        )
+    return size
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,14 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="the file (instead of --config)")
     messages = with_config(sub.add_parser("messages", help="list stored messages"))
     messages.add_argument("--status", "--state", dest="state", choices=[str(s) for s in State])
-    messages.add_argument(
-        "--reason",
-        choices=["duplicate", "storm", "loop", "budget", "unknown", "provider-error", "cancelled"],
-    )
+    messages.add_argument("--reason", choices=REASON_KINDS)
     messages.add_argument("--route", help="messages from this webhook route")
-    messages.add_argument(
-        "--limit", type=_between(int, 1, MAX_ROW_ID), default=50, help="at most this many"
-    )
+    messages.add_argument("--limit", type=_page_size, default=50, help="at most this many")
     messages.add_argument("--json", action="store_true")
     retry = with_config(sub.add_parser("retry", help="queue failed messages again"))
     retry.add_argument("ids", nargs="*", type=int, help="message ids")
@@ -143,8 +152,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _between(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
     """An argparse type: a number from `low` to `high`, else a usage error (exit 2).
-    `messages --limit -5` listed every message (SQLite's LIMIT -1) and a 20-digit one
-    ended in a traceback; `sandbox --requests-per-minute 0` answered every call 500."""
+    `sandbox --requests-per-minute 0` answered every call 500."""
 
     def parse(text: str) -> Any:
         try:
@@ -236,6 +244,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return _healthcheck(config)
     if args.command == "check-config":
         print(f"{config.source}: OK")
+        from bridge.store import rate_window
+
+        print(rate_window(config.provider, config.store))
         print(json.dumps(masked(config), indent=2, default=list))
         return 0
     try:

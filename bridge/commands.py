@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from bridge.clock import Clock, SystemClock
-from bridge.config import Config, parse_duration
+from bridge.config import Config, parse_duration, purge_problem
 from bridge.errors import ProviderError, StoreUnavailable
 
 if TYPE_CHECKING:  # imported where used: each command loads only what it needs
@@ -114,6 +114,9 @@ async def maintain(config: Config, args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"--older-than: {exc}", file=sys.stderr)
         return 2
+    if args.command == "purge" and (why := purge_problem(config, age)):
+        print(f"--older-than: {why}", file=sys.stderr)
+        return 2
     if not store_exists(config):
         return 1
     store = open_store(config.store)
@@ -161,7 +164,7 @@ async def book_cli_request(
     waited = 0.0
     while True:
         wait = await store.book_request(
-            clock.now(),
+            clock.now,
             f"{FOREIGN_PREFIX}:{kind}",
             limit=config.provider.requests_per_minute,
             window=WINDOW_SECONDS + WINDOW_MARGIN,

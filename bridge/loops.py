@@ -3,6 +3,14 @@
 Steps return how long they can wait; sleeping is on the injected clock and is cut short
 by a wake-up (new work) or by shutdown. A step that finds the store unavailable is
 retried later rather than ending the task: the store may recover (a full disk freed).
+
+Any other error in a step (a bug, a driver's error nobody classified) does not end the
+task either: a dead dispatcher leaves acknowledged alerts unsent for good, and ended
+the whole bridge with it. The step is retried after a backoff that doubles with each
+failure in a row (from the loop's `retry_after`, up to `MAX_BACKOFF`): its traceback is
+logged once for each new kind of failure, each failure is counted (`LoopHealth`, read
+by /metrics), and a loop whose steps keep failing makes /healthz and /readyz say so, so
+that an orchestrator restarts a bridge that cannot recover by itself.
 """
 
 from __future__ import annotations
@@ -10,11 +18,53 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from bridge.clock import Clock, sleep_until_woken
 from bridge.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 300.0  # seconds: the longest wait after a failed step (unless retry_after is longer)
+FAILING_AFTER = 3  # failed steps in a row before the health checks call a loop failing
+
+
+@dataclass
+class LoopState:
+    """One loop's record: its failures since start, and the run it is in now."""
+
+    failures: int = 0  # unexpected errors since start (a counter: /metrics)
+    in_a_row: int = 0  # unexpected errors since its last good step
+    error: str = ""  # the last one's type (its words may quote anything: the log has them)
+
+
+@dataclass
+class LoopHealth:
+    """Every background loop's failures, for /metrics and the health checks (one per
+    bridge, handed to each part that runs a loop)."""
+
+    loops: dict[str, LoopState] = field(default_factory=dict)
+
+    def state(self, name: str) -> LoopState:
+        return self.loops.setdefault(name, LoopState())
+
+    def failures(self) -> dict[str, float]:
+        """Unexpected step errors since start, by loop."""
+        return {name: float(s.failures) for name, s in self.loops.items()}
+
+    def failing(self) -> dict[str, str]:
+        """The loops whose last `FAILING_AFTER` steps or more all failed, and why."""
+        return {
+            name: f"{s.in_a_row} steps in a row failed ({s.error}): see the log"
+            for name, s in self.loops.items()
+            if s.in_a_row >= FAILING_AFTER
+        }
+
+
+def backoff(retry_after: float, in_a_row: int) -> float:
+    """The wait after the `in_a_row`-th failed step in a row: doubling from `retry_after`."""
+    ceiling = max(retry_after, MAX_BACKOFF)
+    return min(ceiling, retry_after * 2.0 ** min(in_a_row - 1, 32))
 
 
 async def run_steps(
@@ -25,8 +75,11 @@ async def run_steps(
     stop: asyncio.Event,
     retry_after: float,
     wake: asyncio.Event | None = None,
+    health: LoopHealth | None = None,
 ) -> None:
     wake = wake or asyncio.Event()
+    state = (health or LoopHealth()).state(name)
+    logged: set[str] = set()  # the kinds of failure whose traceback this run logged
     while not stop.is_set():
         # Cleared before the step, not after: a wake while it runs (work stored after it
         # read what is due) must cut the sleep short, or that work waits the whole wait.
@@ -36,4 +89,23 @@ async def run_steps(
         except StoreUnavailable as exc:
             log.error("%s cannot use the store: %s", name, exc)
             wait = retry_after
+        except Exception as exc:  # the loop outlives any one step
+            state.failures += 1
+            state.in_a_row += 1
+            state.error = type(exc).__name__
+            wait = backoff(retry_after, state.in_a_row)
+            kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            if kind not in logged:
+                logged.add(kind)
+                log.exception("%s: a step failed; retrying in %gs", name, wait)
+            else:
+                log.debug("%s: a step failed again (%s); retrying in %gs", name, exc, wait)
+            # No wake cuts this wait short: every ingest wakes the dispatcher, and a step
+            # that fails at once would otherwise run once per acknowledged alert.
+            await sleep_until_woken(clock, wait, asyncio.Event(), stop)
+            continue
+        if state.in_a_row:
+            log.warning("%s: steps succeed again after %d failures", name, state.in_a_row)
+            state.in_a_row, state.error = 0, ""
+            logged.clear()
         await sleep_until_woken(clock, wait, wake, stop)

@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
 
+from bridge.schedule import scheduled_epoch
+
 MAX_ROW_ID = 2**63 - 1  # SQLite's INTEGER: a larger id cannot even be bound
 
 
@@ -30,6 +32,12 @@ class State(StrEnum):
 
 
 FINAL_STATES = frozenset({State.DELIVERED, State.FAILED, State.SUPPRESSED})
+# Where a message came from (`source`): the ingresses, storm digests, budget warnings.
+SOURCES = ("http", "hook", "smtp", "console", "digest", "budget")
+# Why a message is held, suppressed, failed or sent without an answer (`reason_kind`).
+REASON_KINDS = ("duplicate", "storm", "loop", "budget", "unknown", "provider-error", "cancelled")
+# What /api/v1/stats counts a held, suppressed or failed message without a kind as.
+OTHER_REASON = "other"
 
 
 class NewMessage(NamedTuple):
@@ -102,8 +110,18 @@ class Message:
         out.pop("claimed_at")
         for key in ("created_at", "updated_at", "next_attempt_at", "sent_at"):
             out[key] = iso_time(out[key])
+        # Stored in UTC without a zone (the provider's format): written bare, it read as
+        # the provider.timezone time the sender gave, hours off outside UTC.
+        scheduled = scheduled_epoch(self.schedule_time)
+        if scheduled is not None:
+            out["schedule_time"] = iso_time(scheduled)
         out["last_error"] = self.reason if self.state != State.DELIVERED else None
         return out
+
+
+def events_json(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A message's events (the store's rows) as the API writes them: `at` as every time."""
+    return [{**e, "at": iso_time(e["at"])} for e in events]
 
 
 def iso_time(epoch: float | None) -> str | None:

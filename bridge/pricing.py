@@ -3,12 +3,17 @@
 The pricing body is undocumented, so the parser accepts the shapes seen in the wild: a
 list of entries with a country code (or dialling prefix) and a price, or an object
 mapping codes to prices, with an optional default.
+
+A price of 0 is a price: a destination the list gives at 0 is free, and texts to it
+cost nothing against `budget.cost_per_day`. A destination the list leaves out (with no
+default) is unknown, never free: the budget counts it at the highest price it knows.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bridge.phone import country_code
@@ -16,16 +21,36 @@ from bridge.phone import country_code
 log = logging.getLogger(__name__)
 
 
+def _country(e164: str) -> int | None:
+    try:
+        return country_code(e164)
+    except Exception:
+        return None
+
+
 def _code(value: Any) -> int | None:
     text = str(value or "").strip().lstrip("+")
     return int(text) if text.isdigit() else None
 
 
+def _given(entry: Mapping[str, Any], *keys: str) -> Any:
+    """The first of `keys` that `entry` gives a value for (0 is a value; None and "" are
+    not): `a or b` read a price of 0 as no price."""
+    for key in keys:
+        value = entry.get(key)
+        if value is not None and value != "":
+            return value
+    return None
+
+
 def _price(value: Any) -> float | None:
+    """A price of one part, or None: a negative or non-finite one (JSON's NaN, "inf") is
+    no price (a NaN summed into today's spend made every cost check false: no cap)."""
     try:
-        return None if isinstance(value, bool) else float(value)
+        price = None if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
         return None
+    return price if price is not None and math.isfinite(price) and price >= 0 else None
 
 
 class PriceBook:
@@ -40,31 +65,39 @@ class PriceBook:
         # The most a part was billed (the provider's cost of a send): a price where the
         # list is missing (its path is undocumented, or it failed at start).
         self.billed_max = 0.0
+        # What a part to each country was billed (calls to one country): its price where
+        # the list has none. Priced by the most any part was billed, a 0.5 text counted
+        # as the 1.5 of another country's, and failed as larger than the day's cap.
+        self.billed_prices: dict[int, float] = {}
 
     def estimate(self, e164: str, parts: int) -> float | None:
-        try:
-            price = self.prices.get(country_code(e164), self.default)
-        except Exception:
-            price = self.default
+        """What `parts` parts to `e164` cost: its country's listed price, else what it was
+        billed, else the list's default; None when none of them is known."""
+        code = _country(e164)
+        price = self.prices.get(code) if code is not None else None
+        if price is None:
+            price = self.billed_prices.get(code, self.default) if code else self.default
         return None if price is None else round(price * parts, 6)
 
     def ceiling(self) -> float:
         """The highest price of one part anywhere (listed or billed): a safe guess where
-        none is known; 0.0 when nothing is (`known`)."""
+        none is known; 0.0 when nothing above 0 is."""
         return max([*self.prices.values(), self.default or 0.0, self.billed_max])
 
-    @property
-    def known(self) -> bool:
-        """Whether any price is known: listed, or learnt from a bill."""
-        return bool(self.prices) or self.default is not None or self.billed_max > 0
+    def billed(self, cost: float, sent: Sequence[tuple[str, int]]) -> None:
+        """The provider billed `cost` for `sent`, the (recipient, parts) of one call."""
+        parts = sum(p for _, p in sent)
+        if parts <= 0:
+            return
+        price = cost / parts
+        self.billed_max = max(self.billed_max, price)
+        countries = {_country(recipient) for recipient, _ in sent}
+        if len(countries) == 1 and (code := countries.pop()) is not None:
+            self.billed_prices[code] = price
 
-    def billed(self, cost: float, parts: int) -> None:
-        """The provider billed `cost` for `parts` parts (one call's answer)."""
-        if parts > 0:
-            self.billed_max = max(self.billed_max, cost / parts)
-
-    def load(self, data: Any) -> None:
-        """Replace the prices with what a pricing response says (tolerantly)."""
+    def load(self, data: Any) -> bool:
+        """Replace the prices with what a pricing response says (tolerantly); whether it
+        said any (an answer with none keeps the prices known)."""
         prices: dict[int, float] = {}
         default = None
         entries: Any = data
@@ -84,15 +117,12 @@ class PriceBook:
         for entry in entries if isinstance(entries, list) else []:
             if not isinstance(entry, dict):
                 continue
-            code = _code(
-                entry.get("country_code")
-                or entry.get("prefix")
-                or entry.get("dial_code")
-                or entry.get("code")
-            )
-            price = _price(entry.get("price") or entry.get("cost") or entry.get("rate"))
+            code = _code(_given(entry, "country_code", "prefix", "dial_code", "code"))
+            price = _price(_given(entry, "price", "cost", "rate"))
             if code is not None and price is not None:
                 prices[code] = price
-        if prices or default is not None:
-            self.prices, self.default = prices, default
-            log.info("price list loaded: %d countries", len(prices))
+        if not prices and default is None:
+            return False
+        self.prices, self.default = prices, default
+        log.info("price list loaded: %d countries", len(prices))
+        return True

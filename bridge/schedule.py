@@ -5,6 +5,17 @@ The provider takes `schedule_time` as `Y-m-d H:i:s` in its own time zone
 or ISO 8601 with an offset. It is stored in UTC, so the poller can compare it with the
 clock, and turned into the provider's zone only when sent. A time already past is
 refused at the edge: the provider would refuse it too, after the sender was told "ok".
+
+The dispatcher keeps two kinds of scheduled message itself (`held_until`) and sends them
+at their time without `schedule_time`:
+- A time that falls in the hour the provider's zone lives twice (clocks going back at
+  the end of summer time: 01:30 comes once in summer time, once an hour later in winter
+  time) cannot be written in the provider's `Y-m-d H:i:s` so that it means one instant:
+  the provider may read the other one and send an hour early or late. A naive time
+  given in that hour is read as its first occurrence (summer time).
+- A time less than `SCHEDULE_LEAD` ahead: the provider refuses a time it takes for past
+  (a 400, so the message failed for good) once its clock runs a little ahead of ours or
+  the request takes a while; a time 20 s ahead was lost that way.
 """
 
 from __future__ import annotations
@@ -67,3 +78,21 @@ def for_provider(stored: str | None, *, now: float, tz: tzinfo) -> str | None:
     if epoch <= now:
         return None
     return datetime.fromtimestamp(epoch, tz).strftime(STORED_FORMAT)
+
+
+SCHEDULE_LEAD = 60.0  # seconds: a schedule_time nearer than this is kept by the bridge
+
+
+def held_until(stored: str | None, *, now: float, tz: tzinfo) -> tuple[float, str] | None:
+    """When a message the bridge keeps itself (see the module docstring) is due, and
+    why, while that is still ahead; None for any other message."""
+    epoch = scheduled_epoch(stored)
+    if epoch is None or epoch <= now:
+        return None
+    if epoch - now < SCHEDULE_LEAD:
+        return epoch, "too near for the provider's schedule_time (its clock may be ahead)"
+    wall = datetime.fromtimestamp(epoch, tz).replace(tzinfo=None)
+    first, second = (wall.replace(tzinfo=tz, fold=f).timestamp() for f in (0, 1))
+    if first != second:
+        return epoch, f"{wall:%Y-%m-%d %H:%M:%S} occurs twice in {tz} (the clocks go back)"
+    return None

@@ -40,6 +40,7 @@ from bridge.config import (
     exposed_secrets,
     load_config,
     protection_problems,
+    purge_problem,
     secret_values,
 )
 from bridge.delivery.cluster import Leader, watch_work
@@ -51,7 +52,7 @@ from bridge.ingress.formats import template_problems
 from bridge.ingress.http.limits import limited_protocol
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.smtp import SmtpHandler, start_smtp
-from bridge.loops import run_steps
+from bridge.loops import LoopHealth, run_steps
 from bridge.ops.logs import mask_secrets
 from bridge.policy.budgets import BudgetGuard
 from bridge.policy.decide import Rules
@@ -126,6 +127,7 @@ class Bridge:
     shaper: Shaper  # reload(limits): shared by ingest, budget warnings and digests
     budget: BudgetGuard  # reload(budget, routes, recipients, tokens)
     leader: Leader  # runs the poller, digests, retention while this instance leads
+    loops: LoopHealth = field(default_factory=LoopHealth)  # every loop's failed steps
     sandbox: SandboxState | None = None  # the in-process provider, when configured
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     # For /metrics: whether the last SIGHUP's file was applied, and when the config in
@@ -147,6 +149,9 @@ class Bridge:
         refused = protection_problems(new)
         if refused:  # judged on what would run: the running provider and listeners
             raise ConfigError(refused)
+        # The running retention (the store waits for a restart) against the new caps.
+        if new.store.retention > 0 and (why := purge_problem(new, new.store.retention)):
+            raise ConfigError([("store.retention", f"{why}; the running value, until a restart")])
         # What check-config and serve refuse: a route template that fails on its format.
         template_warnings: list[tuple[str, str]] = []
         if refused := template_problems(new.routes, render, template_warnings):
@@ -158,6 +163,8 @@ class Bridge:
             )
         except InputError as exc:
             raise ConfigError([(exc.field, exc.message)]) from exc
+        if self.budget.loosened:  # a cap raised: what waits for midnight is judged now
+            self.dispatcher.wake.set()
         warnings = [f"{key} changed but needs a restart" for key in waiting]
         warnings += [f"{key}: {why}" for key, why in template_warnings]
         warnings += self.smtp_handler.reload(smtp=new.smtp, recipients=recipients)
@@ -218,6 +225,7 @@ class Bridge:
             clock=self.clock,
             stop=stop,
             retry_after=RETENTION_INTERVAL,
+            health=self.loops,
         )
 
     async def run(
@@ -245,7 +253,8 @@ class Bridge:
                 tasks.create_task(self.leader.run(self.stop, singletons), name="leader")
                 watch = self.store.watch_work(self.dispatcher.wake.set)
                 tasks.create_task(
-                    watch_work(watch, clock=self.clock, stop=self.stop), name="work-watch"
+                    watch_work(watch, clock=self.clock, stop=self.stop, loops=self.loops),
+                    name="work-watch",
                 )
                 if reloads is not None:
                     tasks.create_task(self._reloader(reloads), name="reloader")

@@ -202,6 +202,9 @@ def test_reading_commands_say_which_store_and_never_create_an_empty_one(tmp_path
 
     bad = run("messages", "--status", "bogus", cwd=elsewhere)
     assert bad.returncode == 2 and "invalid choice: 'bogus'" in bad.stderr
+    for limit in ("0", "-1", "x"):  # -1 printed every message on SQLite
+        bad = run("messages", "--limit", limit, cwd=elsewhere)
+        assert bad.returncode == 2 and "must be a whole number from 1 up" in bad.stderr, limit
 
 
 def test_provider_command_on_the_sandbox_says_it_is_a_sandbox_of_its_own(tmp_path) -> None:
@@ -283,3 +286,35 @@ def test_check_config_reads_the_files_beside_the_config_from_any_directory(open_
         "SMS_BRIDGE_PROVIDER_API_KEY_FILE: cannot read secret file 'api-key' (relative to"
         f" the current directory {cwd}): No such file or directory"
     ) in overridden.stderr
+
+
+def test_check_config_says_which_store_paces_the_key_and_shows_only_its_fingerprint(
+    tmp_path,
+) -> None:
+    """The provider's 100 requests a minute are per key, and the bridge keeps the window
+    in its store: a staging bridge on SQLite and the production one on PostgreSQL with
+    one key shared no budget, with nothing to tell. check-config (and the start's log)
+    now names the store the key is paced in and the key's fingerprint, the same for one
+    key wherever it is used, never the key itself."""
+    key = "k-0123456789abcdef"
+    lines = []
+    for name, store in (
+        ("staging", 'path = "staging.db"'),
+        ("prod", 'url = "postgresql://bridge:pw@db-1/sms"'),
+        ("other", 'path = "other.db"'),
+    ):
+        used = key if name != "other" else key + "-2"
+        (tmp_path / f"{name}.toml").write_text(
+            f'[provider]\nbase_url = "https://sms.example.net/api/v1"\napi_key = "{used}"\n'
+            f"[store]\n{store}\n"
+        )
+        (tmp_path / f"{name}.toml").chmod(0o600)
+        checked = run("check-config", f"{name}.toml", cwd=tmp_path)
+        assert checked.returncode == 0, checked.stderr
+        assert key not in checked.stdout
+        [line] = [x for x in checked.stdout.splitlines() if x.startswith("rate window:")]
+        lines.append(line)
+    fingerprints = [line.split("provider key ")[1].split(",")[0] for line in lines]
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2]
+    assert "staging.db" in lines[0] and "postgresql://bridge:***@db-1/sms" in lines[1]
+    assert "pw" not in lines[1]

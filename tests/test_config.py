@@ -581,3 +581,36 @@ def test_cluster_section_names_the_instance_and_bounds_the_lease(tmp_path) -> No
     with pytest.raises(ConfigError) as caught:
         load_config(None, env={"SMS_BRIDGE_CLUSTER_LEASE": "1s"})
     assert ("cluster.lease", "must be between 5s and 1h") in caught.value.problems
+
+
+def test_groups_that_differ_only_by_case_are_refused(tmp_path) -> None:
+    """Group names are case-blind everywhere (as a mail's local part is): `ops` and `OPS`
+    would be one group at SMTP and two over HTTP."""
+    path = write_config(tmp_path, '[groups]\nops = ["+12025550101"]\nOPS = ["+12025550102"]\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert caught.value.problems == [
+        (
+            "groups.OPS",
+            "the same name as groups.ops but for case: group names are case-blind (as the "
+            "local part of a mail address is); merge or rename",
+        )
+    ]
+    # an environment override names the file's group whatever case it is written in
+    path = write_config(tmp_path, '[groups]\nOnCall = ["+12025550101"]\n')
+    config = load_config(path, env={"SMS_BRIDGE_GROUPS_ONCALL": '["+12025550102"]'})
+    assert dict(config.groups) == {"OnCall": ("+12025550102",)}
+
+
+def test_a_group_without_members_is_refused(tmp_path) -> None:
+    """`ops = []` (or SMS_BRIDGE_GROUPS_OPS=""): ops@ was answered 250 "stored as message"
+    over SMTP, and 202 over HTTP, with nothing stored and no one texted."""
+    path = write_config(tmp_path, '[groups]\nops = []\noncall = ["+12025550101"]\n')
+    for env in ({}, {"SMS_BRIDGE_GROUPS_ONCALL": ""}):
+        with pytest.raises(ConfigError) as caught:
+            load_config(path, env=env)
+        assert (
+            "groups.ops",
+            "no members: a mail or request to it would be acknowledged and lost",
+        ) in caught.value.problems
+    assert [k for k, _ in caught.value.problems] == ["groups.ops", "groups.oncall"]

@@ -27,9 +27,10 @@ from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
 from bridge.config import Config, load_config
 from bridge.models import NewMessage, State
+from bridge.provider.sandbox import Fault, SandboxState
 from bridge.service import Bridge
 from bridge.sockets import bind_socket
-from tests.helpers import bridge_config, running_bridge, write_config
+from tests.helpers import bridge_config, pump_until_state, running_bridge, write_config
 from tests.stores import seed
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -378,5 +379,43 @@ async def test_the_overviews_time_moves_with_its_figures(
             "document.querySelector('.states a[href$=\"state=queued\"] strong').textContent === '1'"
         )
         assert await stamp.inner_text() == "2027-01-15 09:00:00 UTC"
+        await context.close()
+    assert errors.errors == []
+
+
+async def test_the_overview_lists_the_latest_failure_first(
+    tmp_path: Path, sandbox_url: str, sandbox_state: SandboxState, clock: ManualClock, browser
+) -> None:
+    """An old message retried and refused again just now heads "Recent failures" (it was
+    listed below every newer failure, by id); a cancelled one is not there, as the
+    delivery ratio beside it leaves it out."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+
+        async def refused(message_id: int) -> None:
+            sandbox_state.faults.append(Fault(status=400, path="/send"))
+            await pump_until_state(bridge, clock, message_id, State.FAILED, max_seconds=120)
+            clock.advance(120)
+
+        [old] = await post_messages(url, [("+12025550143", "backup failed")])
+        await refused(old)
+        [newer] = await post_messages(url, [("+12025550144", "disk full")])
+        await refused(newer)
+        async with httpx.AsyncClient(base_url=url) as http:
+            admin = {"Authorization": f"Bearer {ADMIN}"}
+            assert (await http.post(f"/api/v1/messages/{old}/retry", headers=admin)).is_success
+            await refused(old)
+            [cancelled] = await post_messages(url, [("+12025550145", "never mind")])
+            assert (
+                await http.post(f"/api/v1/messages/{cancelled}/cancel", headers=admin)
+            ).is_success
+        context = await browser.new_context()
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        texts = await page.locator("ul.failures li").all_inner_texts()
+        assert [t.split(" ")[0] for t in texts] == [f"#{old}", f"#{newer}"], texts
+        assert await page.get_by_text("cancelled messages are left out").is_visible()
         await context.close()
     assert errors.errors == []

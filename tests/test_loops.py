@@ -4,9 +4,18 @@ digests, the cluster's watches)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
 
 from bridge.clock import ManualClock
+from bridge.delivery.cluster import Leader
 from bridge.loops import run_steps
+from bridge.models import Message
+from bridge.provider.sandbox import SandboxState
+from tests.helpers import bridge_config, running_bridge
 
 
 async def test_a_wake_during_a_step_runs_the_next_step_at_once() -> None:
@@ -55,3 +64,116 @@ async def test_without_a_wake_the_loop_sleeps_the_steps_wait() -> None:
     assert steps == 2
     stop.set()
     await asyncio.wait_for(loop, 5)
+
+
+# -- a step that fails with an error nobody expected ----------------------------------------
+async def _settle(until: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Let the loops (and the store's threads) run until `until()`; fail after `seconds`."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not until():
+        assert asyncio.get_running_loop().time() < deadline, "not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_the_dispatcher_outlives_a_failing_step_and_the_health_checks_say_so(
+    tmp_path: Path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A step that raised anything but StoreUnavailable (a bug, a driver's error nobody
+    classified) ended the dispatcher, and the task group took the whole bridge down
+    with it; a singleton's error was swallowed when leadership changed. Now the step is
+    retried after a doubling backoff (not on every ingest's wake), its traceback logged
+    once, each failure counted in /metrics, /healthz and /readyz say 503 while it keeps
+    failing, and the acknowledged alert goes out once the fault clears."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        real_due = bridge.store.due
+        calls = 0
+        broken = True
+
+        async def due(now: float, limit: int) -> list[Message]:
+            nonlocal calls
+            calls += 1
+            if broken:  # a fault a live store cannot be made to produce: a bug's error
+                raise RuntimeError("a bug in the step")
+            return await real_due(now, limit)
+
+        bridge.store.due = due  # type: ignore[method-assign]
+        task = asyncio.create_task(bridge.run())
+        async with httpx.AsyncClient(base_url=url) as http:
+            posted = await http.post(
+                "/api/v1/messages", json={"to": "+12025550143", "message": "db-2 down"}
+            )
+            assert posted.status_code == 202
+            t0 = clock.now()
+            await _settle(lambda: calls == 1 and t0 + 5.0 in clock.wakes())  # backing off
+            for i in range(5):  # acknowledged alerts wake the dispatcher: no step for them
+                await http.post(
+                    "/api/v1/messages", json={"to": "+12025550144", "message": f"more {i}"}
+                )
+            await asyncio.sleep(0.1)
+            assert calls == 1 and not task.done()
+            assert (await http.get("/healthz")).status_code == 200  # one failure: not yet
+            clock.advance(5.0)  # the first retry: after retry_after
+            await _settle(lambda: calls == 2 and t0 + 15.0 in clock.wakes())
+            clock.advance(9.9)  # the second waits twice as long
+            await asyncio.sleep(0.1)
+            assert calls == 2
+            clock.advance(0.1)
+            await _settle(lambda: calls == 3)
+            health = await http.get("/healthz")
+            assert health.status_code == 503
+            assert "dispatcher" in health.json()["problems"]["loops"]
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503 and "dispatcher" in ready.json()["problems"]["loops"]
+            metrics = (await http.get("/metrics")).text
+            assert 'sms_bridge_loop_step_failures_total{loop="dispatcher"} 3.0' in metrics
+            tracebacks = [
+                r for r in caplog.records if r.exc_info and "dispatcher" in r.getMessage()
+            ]
+            assert len(tracebacks) == 1  # once, not once per failed step
+
+            broken = False
+            clock.advance(20.0)
+            await _settle(lambda: not bridge.loops.failing())
+            assert (await http.get("/healthz")).status_code == 200
+        bridge.stop.set()
+        await asyncio.wait_for(task, 10)
+    assert "db-2 down" in [e.message for e in sandbox_state.entries]
+
+
+async def test_the_leader_outlives_a_failing_leadership_check(clock: ManualClock) -> None:
+    """The leader's own loop retried only an unavailable store: any other error in a
+    check (an error of the server's nobody classified) ended it, and the bridge with it.
+    Now such a check counts as not leading (logged, counted) and the next one goes on."""
+    answers: list[bool | Exception] = [RuntimeError("unclassified"), True]
+    started = asyncio.Event()
+
+    class Flaky:  # a fault a live server cannot be made to give: shaped here
+        async def check(self) -> bool:
+            answer = answers.pop(0) if answers else True
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        async def resign(self) -> None:
+            pass
+
+    async def singleton(stop: asyncio.Event) -> None:
+        started.set()
+        await stop.wait()
+
+    stop = asyncio.Event()
+    leader = Leader(Flaky(), name="a", clock=clock)
+    task = asyncio.create_task(leader.run(stop, [("poller", singleton)]))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not task.done() and not started.is_set()
+    clock.advance(2.0)
+    await asyncio.wait_for(started.wait(), 5)
+    assert leader.leading and leader.loops.failures() == {"leader": 1.0}
+    stop.set()
+    await asyncio.wait_for(task, 5)

@@ -211,3 +211,23 @@ async def test_look_alikes_are_replaced_only_where_that_makes_the_text_gsm(
             stored.append(await bridge.store.get(mid))
     assert [m.text for m in stored] == [persian, emoji, 'It\'s "done" - really...']
     assert [m.message_type for m in stored] == [2, 2, 1]
+
+
+async def test_a_long_text_whose_look_alikes_and_emoji_lie_past_the_cut_goes_as_gsm(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """A long cron log with a curly quote near its start and a checkmark at its end was
+    judged on the whole text: neither the replacement nor the GSM alphabet applied, so it
+    was cut to 3 x 67 units. What is sent (the head) is GSM once its quote is replaced:
+    3 x 153 septets of it go, at the same parts."""
+    text = (
+        "Backup \u201cnightly\u201d failed: " + "rsync error code 23 on /srv/data " * 30 + "\u2714"
+    )
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        response = await http.post(f"{url}/api/v1/messages", json={"to": TO, "message": text})
+        [mid] = response.json()["ids"]
+        stored = await bridge.store.get(mid)
+    assert stored is not None
+    assert stored.text.startswith('Backup "nightly" failed: rsync') and stored.text.endswith("...")
+    assert (stored.message_type, stored.parts) == (1, 3) and len(stored.text) > 400

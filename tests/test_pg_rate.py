@@ -8,6 +8,7 @@ survive a restart.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,14 +18,17 @@ import httpx
 import pytest
 
 from bridge.clock import ManualClock
-from bridge.models import State
+from bridge.delivery.ratelimit import SlidingWindowLimiter
+from bridge.models import NewMessage, State
 from bridge.provider.sandbox import SandboxState
 from bridge.provider.sandbox.faults import Fault
 from bridge.service import Bridge
 from bridge.store.postgres.store import PostgresStore
 from tests.helpers import bridge_config, max_in_window, running_bridge
+from tests.stores import seed
 
 LIMIT = 20
+MESSAGE = NewMessage("+12025550143", "disk full on db-1", "alertmanager", "SMS", 1, 1)
 
 
 @dataclass
@@ -182,3 +186,78 @@ async def test_bookings_survive_a_restart_of_the_cluster(cluster: Cluster) -> No
             await bridge.dispatcher.run_once()
         assert len(sandbox_state.requests) > LIMIT
     assert [r.status for r in sandbox_state.requests].count(429) == 0
+
+
+# -- a wait for the pool must not age a booking ---------------------------------------------
+@contextlib.asynccontextmanager
+async def one_connection_store(postgres_url: str) -> AsyncIterator[PostgresStore]:
+    """A store whose pool has one connection: the test holds it to play a flood."""
+    store = PostgresStore(postgres_url, max_connections=1)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def waited_for_the_pool(store: PostgresStore, clock: ManualClock, task: asyncio.Task) -> None:
+    """`task` waits for the pool's one connection (held here) while 10 s pass."""
+    async with store.db.pool.acquire():
+        await asyncio.sleep(0.2)
+        assert not task.done()  # it waits for the connection
+        clock.advance(10.0)
+
+
+async def test_a_booking_that_waited_for_the_pool_is_stamped_when_it_got_it(
+    postgres_url: str, clock: ManualClock, sandbox_state: SandboxState
+) -> None:
+    """The rate window's stamp was read before waiting for a pooled connection: under a
+    flood (here: a pool of one, held for 10 s) the booking said t, the request went at
+    t + 10, and at t + 60.5 the bridge thought that request out of the window while the
+    provider still counted it: 6 requests in the provider's minute for a limit of 5.
+    The store now reads the clock once it holds the connection and the rate lock. The
+    sandbox's own sliding-window count judges every request the bridge allows."""
+    limit = 5
+    sandbox_state.rate_limit = limit
+    async with one_connection_store(postgres_url) as store:
+        limiter = SlidingWindowLimiter(limit=limit, clock=clock, store=store)
+        made: list[float] = []
+
+        def make_request() -> None:  # what the provider sees, on the shared clock
+            made.append(clock.now())
+            assert sandbox_state.admit() is None, f"a 429: {len(made)} requests in its minute"
+
+        first = asyncio.create_task(limiter.acquire("send"))
+        await waited_for_the_pool(store, clock, first)
+        assert await first == 0.0
+        make_request()
+        start = clock.now()
+        while clock.now() - start < 130:  # the rest, each as soon as the bridge allows
+            await limiter.sync()  # as each dispatcher step does: the store's window
+            wait = await limiter.acquire("send")
+            if wait > 0:
+                clock.advance(wait)
+            else:
+                make_request()
+    assert len(made) >= 2 * limit
+    assert max_in_window(made) <= limit
+
+
+async def test_a_claim_that_waited_for_the_pool_books_and_leases_from_when_it_got_it(
+    postgres_url: str, clock: ManualClock
+) -> None:
+    """The same wait in a send's claim: its booking is stamped when the claim held the
+    connection, and its lease runs from then (a lease counted from before a long wait
+    could have passed already, and another instance take the claim over and resend)."""
+    async with one_connection_store(postgres_url) as store:
+        [mid] = await seed(store, [MESSAGE], clock.now())
+        asked = clock.now()
+        claim = asyncio.create_task(
+            store.claim([mid], clock.now, owner="a", lease_until=asked + 30, limit=5, window=60.5)
+        )
+        await waited_for_the_pool(store, clock, claim)
+        assert await claim == [mid]
+        [booking] = await store.request_rows(0.0)
+        assert booking.at == asked + 10
+        lease = await store._fetchval("SELECT lease_until FROM messages WHERE id = $1", mid)
+        assert lease == asked + 40

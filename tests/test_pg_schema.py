@@ -12,7 +12,7 @@ import pytest
 from bridge.errors import SchemaError
 from bridge.store.postgres.migrate import check_schema, migrate
 from bridge.store.postgres.pool import Database
-from bridge.store.postgres.queries import MENTIONED_BY, PURGE
+from bridge.store.postgres.queries import MENTIONED_BY, PURGE, RECENT_FAILURES
 from bridge.store.postgres.schema import LATEST, MIGRATIONS
 from bridge.store.totals import OLDEST_QUEUED
 
@@ -165,3 +165,14 @@ async def test_a_scrape_finds_the_oldest_queued_among_the_queued(empty_db: Datab
     state = "CASE WHEN n > 19950 THEN 'queued' ELSE 'delivered' END"
     plan = await plan_on_20000(empty_db, state, "NULL", OLDEST_QUEUED)
     assert "messages_created_at" not in plan and "messages_due" in plan, plan
+
+
+async def test_the_overviews_recent_failures_read_the_latest_failed_only(
+    empty_db: Database,
+) -> None:
+    # Ordered by when they failed, every failed message was read and sorted at each
+    # overview; version 7 indexes failed messages by that time. A store where one in
+    # twenty failed, as a live one's statistics say.
+    state = "CASE WHEN n % 20 = 0 THEN 'failed' ELSE 'delivered' END"
+    plan = await plan_on_20000(empty_db, state, "NULL", RECENT_FAILURES, 10)
+    assert "messages_failed" in plan and "Sort" not in plan, plan

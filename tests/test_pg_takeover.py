@@ -520,3 +520,41 @@ async def test_two_instances_of_one_host_and_pid_are_two_owners(
             owners.append(bridge.dispatcher.owner)
     assert owners[0] != owners[1]
     assert all(owner.startswith(f"{socket.gethostname()}:{os.getpid()}:") for owner in owners)
+
+
+@pytest.mark.usefixtures("on_postgresql")
+async def test_a_renewal_that_fails_unexpectedly_does_not_end_the_renewals(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The renewals of a claim in flight survived only an unavailable store: any other
+    error in one (a deadlock the server broke, a driver's error nobody classified) ended
+    the renewing task without a word, the lease lapsed while the provider still held the
+    call, and another instance's sweep took the text over to send it again. Now one
+    failed renewal is logged and the next one holds the claim as before."""
+    async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
+        real_renew = bridge.store.renew
+        failures = 0
+
+        async def renew(ids: Any, *, owner: str, lease_until: float) -> None:
+            nonlocal failures
+            if failures == 0:  # shaped here: a live server gives no deadlock on demand
+                failures += 1
+                raise asyncpg.exceptions.DeadlockDetectedError("deadlock detected")
+            await real_renew(ids, owner=owner, lease_until=lease_until)
+
+        bridge.store.renew = renew  # type: ignore[method-assign]
+        mid = await _post(url, "ups on battery")
+        answer = asyncio.Event()  # the provider takes the text; its answer waits for this
+        sandbox_state.faults.append(Fault(status=0, hold=answer, path="/send"))
+        sending = await _in_flight(bridge, sandbox_state)
+        for _ in range(6):  # three leases pass while the call is in flight
+            await _renewer_asleep(clock)
+            clock.advance(LEASE / 2)
+            if failures:
+                await _lease_runs_past(bridge.store, clock.now())
+        assert failures == 1 and not sending.done()
+        now = clock.now()
+        assert await bridge.store.unsettled(now, owner="other", lease_until=now + LEASE) == []
+        answer.set()
+        await sending
+        assert (await bridge.store.get(mid)).state == State.SENT

@@ -303,6 +303,35 @@ async def test_unknown_outcome_is_checked_in_logs_not_resent(
     assert message.provider_message_id == str(sandbox_state.entries[0].message_id)
 
 
+async def test_a_bulk_whose_outcome_is_unknown_is_found_past_ten_pages_of_logs(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A bulk of 1000 that the provider took but answered with a gateway's 502 page, and
+    150 texts of another client of the account after it: /logs holds the bulk on pages
+    2 to 12. Reconciliation read 10 pages and took the recipients it had not reached for
+    "not in /logs": 150 phones texted twice. It now goes on from where it stopped."""
+    sandbox_state.faults.append(
+        Fault(status=502, path="/send-bulk", taken=True, body="<html>Bad Gateway</html>")
+    )
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        ids = (await post(url, {"to": numbers(1000), "message": "maintenance tonight"})).json()
+        await bridge.dispatcher.run_once()
+        assert (await bridge.store.counts()) == {"sending": 1000}
+        for number in numbers(150, 5000):  # the account's other client
+            sandbox_state.record_send(number, "other", "SMS", 1, clock.now())
+
+        async def all_sent() -> bool:
+            return set(await states(bridge, ids["ids"])) <= {State.SENT, State.DELIVERED}
+
+        await pump(bridge, clock, all_sent, max_seconds=600)
+        for _ in range(30):  # and nothing goes out again later
+            clock.advance(await bridge.dispatcher.run_once() or 10)
+    ours = [e for e in sandbox_state.entries if e.message == "maintenance tonight"]
+    assert len(ours) == 1000  # none sent twice
+    assert [r.status for r in sandbox_state.requests if "/send" in r.path] == [502]
+
+
 @on_each_backend
 async def test_bad_input_gets_json_errors_and_stores_nothing(
     tmp_path, clock: ManualClock, sandbox_url: str
@@ -487,6 +516,57 @@ async def test_a_message_still_waiting_does_not_hide_older_ones_deep_in_the_logs
     assert counts == {"delivered": 999, "sent": 1}
 
 
+async def test_a_429_mid_sweep_resumes_at_the_page_it_stopped_after_retry_after(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The deep sweep of /logs, stopped by a 429 on its sixth page, started again at the
+    newest page: under pressure (a 429 whenever it got that deep) it never reached the
+    oldest messages waiting. It now goes on from the page refused, once Retry-After has
+    passed."""
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        await post(url, {"to": numbers(1000), "message": "maintenance tonight"})
+        await bridge.dispatcher.run_once()
+        assert len(sandbox_state.entries) == 1000
+        sandbox_state.entries[-1].deliver_from = clock.now() + 7 * 86400  # that phone is off
+        sandbox_state.faults.append(
+            Fault(status=429, path="/logs", query={"page": "6"}, retry_after="40", times=3)
+        )
+
+        async def the_others_delivered() -> bool:
+            return (await bridge.store.counts()).get("delivered") == 999
+
+        await pump(bridge, clock, the_others_delivered, max_seconds=900)
+    reads = [r for r in sandbox_state.requests if r.path.endswith("/logs")]
+    refused = [i for i, r in enumerate(reads) if r.status == 429]
+    assert refused, "the sweep never reached page 6"
+    for i in refused:  # each time: page 6 again next, not before Retry-After
+        assert reads[i + 1].query["page"] == "6"
+        assert reads[i + 1].at >= reads[i].at + 40
+    after = [r.query["page"] for r in reads[refused[-1] + 1 :]]
+    assert after[:5] == ["6", "7", "8", "9", "10"]  # on down, to the oldest's page
+
+
+@on_each_backend
+async def test_six_hundred_messages_that_never_report_do_not_hide_a_newer_ones_state(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A round of the poller tracks the 500 oldest messages waiting for a state. With 600
+    whose phones never report (off, or a network without delivery reports), the newer
+    ones were never tracked: a text delivered (or failed) an hour later stayed `sent`
+    for `status.give_up_after`, two days. Rounds now take the waiting in turn."""
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        await post(url, {"to": numbers(600), "message": "maintenance tonight"})
+        await bridge.dispatcher.run_once()
+        for entry in sandbox_state.entries:
+            entry.deliver_from = clock.now() + 7 * 86400  # never a final state here
+        clock.advance(3600)
+        [later] = (await post(url, {"to": "+12025559999", "message": "db-2 down"})).json()["ids"]
+        await pump_until_state(bridge, clock, later, State.DELIVERED, max_seconds=900)
+        assert (await bridge.store.counts()) == {"sent": 600, "delivered": 1}
+
+
 async def test_requests_booked_by_the_cli_count_against_the_window(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -535,3 +615,36 @@ async def test_a_nul_character_is_stored_without_it_on_every_backend(
     assert again.json()["messages"][0]["state"] == "suppressed"
     assert search.status_code == 400 and search.json()["field"] == "q"
     assert [e.message for e in sandbox_state.entries] == ["disk full"]
+
+
+@on_each_backend
+async def test_one_phone_twice_with_one_text_goes_in_two_calls_and_both_learn_their_state(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two messages of one text to one phone (different dedupe keys) went in one bulk
+    call naming the phone twice. The answer's ids are read by recipient, so both got the
+    second one's id: the first showed the second's state. A call now
+    names each phone once; the repeat goes in the next call, and each message has its
+    own id and state (the first one's phone failed here, the second's was delivered)."""
+    config = bridge_config(tmp_path, sandbox_url)
+    a, b = numbers(2)
+    async with running_bridge(config, clock) as (bridge, url):
+        ids = (await post(url, {"to": [a, b], "message": "drill", "dedupe_key": "k1"})).json()
+        again = (await post(url, {"to": a, "message": "drill", "dedupe_key": "k2"})).json()
+        ids = ids["ids"] + again["ids"]
+        assert len(ids) == 3
+        await bridge.dispatcher.run_once()
+        next(e for e in sandbox_state.entries if e.to == a).fails = True  # the first to a
+
+        async def all_final() -> bool:
+            return State.SENT not in await states(bridge, ids)
+
+        await pump(bridge, clock, all_final, max_seconds=600)
+        assert await states(bridge, ids) == [State.FAILED, State.DELIVERED, State.DELIVERED]
+        pids = [(await bridge.store.get(i)).provider_message_id for i in ids]
+    assert len(set(pids)) == 3
+    assert sorted(e.to for e in sandbox_state.entries) == sorted([a, a, b])
+    bulks = {e.bulk_id for e in sandbox_state.entries if e.bulk_id}
+    for bulk in bulks:
+        called = [e.to for e in sandbox_state.entries if e.bulk_id == bulk]
+        assert len(set(called)) == len(called)

@@ -94,3 +94,17 @@ def test_a_batch_is_decided_as_one_at_a_time(history, batch, rules, looped) -> N
     assert batched == sequential
     rows = "SELECT id, state, reason, dedupe_key, created_at FROM messages ORDER BY id"
     assert together.execute(rows).fetchall() == alone.execute(rows).fetchall()
+
+
+def test_a_text_is_crowded_only_by_a_window_that_holds_it() -> None:
+    """Storm control's count around a text's time (a scheduled text counts at it): some
+    window of `window` seconds holding the text would pass `limit` with it."""
+    from bridge.policy.decide import crowded
+
+    at, w = 1000.0, 600.0
+    assert crowded([at - 500, at - 10], at, w, 2)  # as before: two in the last window
+    assert not crowded([at - 601, at - 10], at, w, 2)  # one left it
+    assert crowded([at - 300, at + 290], at, w, 2)  # one window holds all three
+    assert not crowded([at - 540, at + 540], at, w, 2)  # no window holds all three
+    assert crowded([at + 10, at + 600], at, w, 2)  # texts scheduled after it count too
+    assert not crowded([at + 601], at, w, 1)

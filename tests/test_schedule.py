@@ -14,8 +14,9 @@ from bridge.cli import book_cli_request
 from bridge.clock import ManualClock
 from bridge.errors import InputError
 from bridge.models import State
-from bridge.provider.sandbox import VARIANTS, SandboxState
-from bridge.schedule import parse_schedule_time
+from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
+from bridge.provider.sandbox.shapes import Shape
+from bridge.schedule import held_until, parse_schedule_time
 from bridge.store import open_store
 from tests.helpers import bridge_config, max_in_window, pump, running_bridge
 from tests.test_smtp import smtp_listening
@@ -58,13 +59,13 @@ async def test_schedule_from_api_mail_and_hooks_in_the_providers_zone(
                 f"From: ops@example.com\r\nSubject: mail\r\nX-SMS-Schedule: {local(when)}\r\n"
                 "\r\nbody\r\n"
             )
-            stale = mail.replace(local(when), local(clock.now() - 3600))
+            unreadable = mail.replace(local(when), "soon")
 
             def deliver() -> tuple[dict, int]:
                 with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
                     ok = smtp.sendmail("ops@example.com", ["+12025550144@sms.localhost"], mail)
                     try:
-                        smtp.sendmail("ops@example.com", ["+12025550144@sms.localhost"], stale)
+                        smtp.sendmail("ops@example.com", ["+12025550144@sms.localhost"], unreadable)
                     except smtplib.SMTPDataError as exc:
                         return ok, exc.smtp_code
                 return ok, 250
@@ -84,6 +85,29 @@ async def test_schedule_from_api_mail_and_hooks_in_the_providers_zone(
     assert {e.deliver_from for e in sandbox_state.entries} == {when}
 
 
+async def test_a_mail_whose_schedule_passed_while_it_was_queued_is_sent_now(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """An MTA delivers a mail when it can (the bridge was down, or answered 451): an
+    X-SMS-Schedule that passed meanwhile was a permanent 554, the text bounced."""
+    config = bridge_config(tmp_path, sandbox_url, SMTP, timezone="Asia/Beirut")
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        mail = (
+            "From: ops@example.com\r\nSubject: maintenance starts\r\n"
+            f"X-SMS-Schedule: {local(clock.now() - 3600)}\r\n\r\ndb-2 read-only\r\n"
+        )
+
+        def deliver() -> dict:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                return smtp.sendmail("ops@example.com", ["+12025550144@sms.localhost"], mail)
+
+        assert await asyncio.to_thread(deliver) == {}
+        [stored] = await bridge.store.query()
+        assert stored.schedule_time is None
+        await bridge.dispatcher.run_once()
+    assert [e.message for e in sandbox_state.entries] == ["maintenance starts\ndb-2 read-only"]
+
+
 @pytest.mark.slow  # over ~2 s
 async def test_the_poller_follows_a_scheduled_message_past_give_up_after(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
@@ -100,6 +124,129 @@ async def test_the_poller_follows_a_scheduled_message_past_give_up_after(
 
         await pump(bridge, clock, delivered, max_seconds=4 * 3600, step_cap=60)
     assert clock.now() >= when
+
+
+@pytest.mark.parametrize("offset", ["-04:00", "-05:00"])  # 01:30 in summer, then winter time
+async def test_a_time_the_providers_zone_lives_twice_is_kept_and_sent_at_that_instant(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, offset: str
+) -> None:
+    """New York's clocks go back at 02:00 on 2027-11-07: 01:30 comes twice. Given with
+    its offset, the time went to the provider as "2027-11-07 01:30:00", which it reads
+    as the first (summer) 01:30: the winter one went an hour early. The bridge now keeps
+    such a message and sends it at its instant, without schedule_time."""
+    sandbox_state.shape = Shape(timezone="America/New_York")
+    config = bridge_config(tmp_path, sandbox_url, timezone="America/New_York")
+    given = f"2027-11-07T01:30:00{offset}"
+    when = datetime.fromisoformat(given).timestamp()
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        body = {"to": "+12025550143", "message": "rotate the keys", "schedule_time": given}
+        [message_id] = (await http.post(f"{url}/api/v1/messages", json=body)).json()["ids"]
+        await bridge.dispatcher.run_once()
+        assert not sandbox_state.entries  # nothing goes to the provider ahead of time
+        message = await bridge.store.get(message_id)
+        assert message.state == State.QUEUED and "occurs twice" in message.reason
+        assert await bridge.store.next_due_at() == when  # due at its instant
+        clock.advance(when - 1 - clock.now())
+        await bridge.dispatcher.run_once()
+        assert not sandbox_state.entries
+        clock.advance(1)
+
+        async def delivered() -> bool:
+            return (await bridge.store.get(message_id)).state == State.DELIVERED
+
+        await pump(bridge, clock, delivered, max_seconds=600)
+        events = await bridge.store.events(message_id)
+    [entry] = sandbox_state.entries
+    assert entry.created_at == when and entry.deliver_from == when
+    assert any("occurs twice" in (e["detail"] or "") for e in events)
+
+
+async def test_a_message_kept_for_its_time_is_retried_after_a_5xx_not_given_up(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A message the bridge kept until its time (here 01:30 of a fall-back night, ten
+    months ahead) met a 500 there and failed at once, "gave up after 1 attempts":
+    `provider.retry_max_age` was counted from when it was stored, not from its time."""
+    sandbox_state.shape = Shape(timezone="America/New_York")
+    config = bridge_config(tmp_path, sandbox_url, timezone="America/New_York")
+    given = "2027-11-07T01:30:00-05:00"
+    when = datetime.fromisoformat(given).timestamp()
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        body = {"to": "+12025550143", "message": "rotate the keys", "schedule_time": given}
+        [message_id] = (await http.post(f"{url}/api/v1/messages", json=body)).json()["ids"]
+        await bridge.dispatcher.run_once()
+        clock.advance(when - clock.now())
+        sandbox_state.faults.append(Fault(status=500, path="/send"))
+
+        async def ended() -> bool:
+            return (await bridge.store.get(message_id)).state in (State.DELIVERED, State.FAILED)
+
+        await pump(bridge, clock, ended, max_seconds=600)
+        message = await bridge.store.get(message_id)
+    assert message.state == State.DELIVERED, message.reason
+    assert [r.status for r in sandbox_state.requests if r.path.endswith("/send")] == [500, 200]
+
+
+class Ahead:
+    """The provider's clock, `seconds` ahead of ours (or a request that long in flight)."""
+
+    def __init__(self, clock: ManualClock, seconds: float) -> None:
+        self.clock, self.seconds = clock, seconds
+
+    def now(self) -> float:
+        return self.clock.now() + self.seconds
+
+
+async def test_a_time_a_few_seconds_ahead_is_kept_not_refused_as_past_by_the_provider(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A schedule_time 20 s ahead went to the provider as such; with its clock 30 s ahead
+    of ours (or the request slow), the provider refused it as past, a 400: the message
+    failed for good, the alert lost. A time that near is kept by the bridge and sent at
+    its instant without schedule_time."""
+    sandbox_state.shape = VARIANTS["strict"]  # refuses a past schedule_time
+    sandbox_state.clock = Ahead(clock, 30.0)
+    config = bridge_config(tmp_path, sandbox_url)
+    when = clock.now() + 20
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        iso = datetime.fromtimestamp(when, UTC).isoformat()
+        body = {"to": "+12025550143", "message": "soon", "schedule_time": iso}
+        [message_id] = (await http.post(f"{url}/api/v1/messages", json=body)).json()["ids"]
+
+        async def sent() -> bool:
+            return (await bridge.store.get(message_id)).state != State.QUEUED
+
+        await pump(bridge, clock, sent, max_seconds=300)
+        message = await bridge.store.get(message_id)
+    assert message.state in (State.SENDING, State.SENT, State.DELIVERED), message.reason
+    [send] = [r for r in sandbox_state.requests if r.path.endswith("/send")]
+    assert send.status == 200 and send.at == when + 30  # at its time (the provider's clock)
+
+
+def test_held_until_only_where_the_wall_time_is_ambiguous_or_too_near() -> None:
+    from zoneinfo import ZoneInfo
+
+    ny = ZoneInfo("America/New_York")
+    now = datetime(2027, 1, 15, tzinfo=UTC).timestamp()
+
+    def stored(iso: str) -> str:
+        return datetime.fromisoformat(iso).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    for iso in ("2027-11-07T01:00:00-04:00", "2027-11-07T01:59:59-05:00"):
+        held = held_until(stored(iso), now=now, tz=ny)
+        assert held is not None and held[0] == datetime.fromisoformat(iso).timestamp()
+        assert "occurs twice in America/New_York" in held[1]
+    for iso in ("2027-11-07T00:59:59-04:00", "2027-11-07T02:00:00-05:00", "2027-03-14T03:30-04:00"):
+        assert held_until(stored(iso), now=now, tz=ny) is None
+    assert held_until(stored("2027-11-07T01:30:00-05:00"), now=now, tz=UTC) is None
+    soon = datetime.fromtimestamp(now + 59, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    held = held_until(soon, now=now, tz=UTC)
+    assert held is not None and held[0] == now + 59 and "too near" in held[1]
+    assert held_until(soon, now=now - 1, tz=UTC) is None  # a minute ahead: the provider's
+    past = stored("2027-11-07T01:30:00-05:00")
+    assert (
+        held_until(past, now=datetime.fromisoformat("2027-11-08T00:00Z").timestamp(), tz=ny) is None
+    )
 
 
 async def test_a_schedule_that_passed_in_the_queue_is_sent_now_not_refused(

@@ -321,3 +321,34 @@ def test_serve_tells_systemd_it_is_ready_once_it_answers(tmp_path) -> None:
             assert httpx.get(f"{proc.url()}/readyz").status_code == 200  # ready means ready
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=15) == 0
+
+
+def test_a_second_serve_on_one_sqlite_store_is_refused(tmp_path) -> None:
+    """Two `serve` processes on one SQLite file (a unit started twice, a container
+    scaled to two on one volume) both started: each led every singleton, and each took
+    the other's sends in flight for leftovers of its own crash, to look for in /logs and
+    send again. The second is now refused at start, saying why, and the first goes on;
+    once the first has stopped, a serve starts again on the file."""
+    env = clean_env(SMS_BRIDGE_HTTP_LISTEN=ANY_PORT, SMS_BRIDGE_SMTP_LISTEN="")
+    with process(["serve"], tmp_path, env, tmp_path / "first.log") as first:
+        url = first.url()
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, what="startup")
+        second = subprocess.run(
+            [sys.executable, "-m", "bridge", "serve"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert second.returncode == 1
+        assert "another `sms-bridge serve` is running on sms-bridge.db" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=15) == 0
+    with process(["serve"], tmp_path, env, tmp_path / "again.log") as again:
+        url = again.url()
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, what="restart")
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(timeout=15) == 0

@@ -342,13 +342,31 @@ async def test_the_store_answers_what_policy_asks(store: Store) -> None:
     [first, _, failed] = await seed(store, [keyed, keyed, keyed._replace(text="x")], 5.0)
     await store.finish([(failed, State.FAILED, "refused")], 6.0, owner=OWNER["owner"], queued=True)
     [held] = await seed(store, [keyed._replace(recipient="+12025550144", state=State.HELD)], 7.0)
+    # Scheduled texts count at their time (1970-01-01 00:01:40 UTC is 100 s), not at 5.
+    await seed(
+        store,
+        [
+            MESSAGE._replace(text="soon", schedule_time="1970-01-01 00:01:40"),
+            MESSAGE._replace(text="later", schedule_time="1970-01-01 00:03:20"),
+            MESSAGE._replace(
+                recipient="+447700900123", state=State.HELD, schedule_time="1970-01-01 00:03:20"
+            ),
+        ],
+        5.0,
+    )
     seen: list[Lookups] = []
+    mine, theirs, uk = MESSAGE.recipient, "+12025550144", "+447700900123"
 
     class Asking:
         def questions(self, pending):
             return IngestQuestions(
                 originals=[("k", MESSAGE.recipient, 0.0), ("k", MESSAGE.recipient, 5.5)],
-                storms=[(MESSAGE.recipient, 0.0), ("+12025550144", 0.0), ("+447700900123", 0)],
+                storms=[
+                    (mine, 8.0, 100.0, 0.0),
+                    (theirs, 8.0, 100.0, 0.0),
+                    (uk, 8.0, 100.0, 0.0),  # held at 200 s: a storm then, not now
+                    (uk, 250.0, 100.0, 150.0),
+                ],
             )
 
         def decide(self, lookups, pending, ids):
@@ -358,9 +376,10 @@ async def test_the_store_answers_what_policy_asks(store: Store) -> None:
     await store.ingest([(MESSAGE, 8.0)], Asking())
     assert seen[0].originals == {("k", MESSAGE.recipient, 0.0): first}
     assert seen[0].storms == {
-        (MESSAGE.recipient, 0.0): (False, 2),  # the failed one is not counted
-        ("+12025550144", 0.0): (True, 0),
-        ("+447700900123", 0): (False, 0),
+        (mine, 8.0, 100.0, 0.0): (False, (5.0, 5.0, 100.0)),  # not the failed one
+        (theirs, 8.0, 100.0, 0.0): (True, ()),
+        (uk, 8.0, 100.0, 0.0): (False, ()),
+        (uk, 250.0, 100.0, 150.0): (True, ()),
     }
     assert held > first
 
@@ -381,8 +400,8 @@ async def test_the_store_answers_a_batch_of_many_questions_whole(store: Store) -
             return IngestQuestions(
                 # every other key is stored; the storms ask about 350 phones, 300 known
                 originals=[(f"k{n}" if n % 2 else f"new{n}", p, 0.0) for n, p in enumerate(phones)],
-                storms=[(p, 0.0) for p in phones[100:]]
-                + [(f"+1303555{n:04d}", 0.0) for n in range(50)],
+                storms=[(p, 8.0, 60.0, 0.0) for p in phones[100:]]
+                + [(f"+1303555{n:04d}", 8.0, 60.0, 0.0) for n in range(50)],
             )
 
         def decide(self, lookups, pending, ids):
@@ -395,8 +414,8 @@ async def test_the_store_answers_a_batch_of_many_questions_whole(store: Store) -
         (f"k{n}", p, 0.0): stored[n] for n, p in enumerate(phones) if n % 2
     }
     assert seen[0].storms == {
-        **{(p, 0.0): (False, 1) for p in phones[100:]},
-        **{(f"+1303555{n:04d}", 0.0): (False, 0) for n in range(50)},
+        **{(p, 8.0, 60.0, 0.0): (False, (5.0,)) for p in phones[100:]},
+        **{(f"+1303555{n:04d}", 8.0, 60.0, 0.0): (False, ()) for n in range(50)},
     }
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.models import NewMessage, State
+from bridge.models import NewMessage, State, events_json
 from bridge.store.postgres.store import PostgresStore
 from bridge.store.sqlite import SqliteStore
 from tests.postgres import run_async
@@ -86,7 +86,7 @@ async def _histories(path: Path) -> dict[int, dict[str, Any]]:
         out = {}
         for message in await store.query(limit=1000):
             view = message.to_json()
-            view["events"] = await store.events(message.id)
+            view["events"] = events_json(await store.events(message.id))
             out[message.id] = view
         return out
     finally:

@@ -4,17 +4,25 @@ failing disk failing every waiter, a clear error where the file cannot be opened
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
+import httpx
 import pytest
 
+from bridge.clock import ManualClock
 from bridge.config import StoreConfig
 from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage
 from bridge.store import open_store
 from bridge.store.postgres.store import PostgresStore
 from bridge.store.sqlite import SqliteStore
-from tests.stores import FaultySqliteStore, seed
+from bridge.store.sqlite.engine import whole_database
+from tests.helpers import bridge_config, running_bridge
+from tests.stores import FaultySqliteStore, faulty_store, seed
 
 MESSAGE = NewMessage("+12025550143", "hi", "http", "SMS", 1, 1)
 
@@ -72,3 +80,96 @@ def test_the_factory_picks_the_backend_from_config(tmp_path) -> None:
     assert isinstance(store, SqliteStore) and store.path == str(tmp_path / "x.db")
     pg = open_store(StoreConfig(url="postgresql://bridge@db.example/sms"))
     assert isinstance(pg, PostgresStore) and pg.db.url == "postgresql://bridge@db.example/sms"
+
+
+@contextlib.asynccontextmanager
+async def writer_held(sqlite: FaultySqliteStore) -> AsyncIterator[Callable[[int], Awaitable[None]]]:
+    """The writer kept busy by a job until the block ends, so that the jobs queued
+    meanwhile run as one group then. Yields `queued(n)`: wait until n jobs wait."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(db: Any) -> None:
+        entered.set()
+        release.wait(10)
+
+    holding = asyncio.ensure_future(sqlite.on_writer(hold))
+    await asyncio.to_thread(entered.wait, 5)
+
+    async def queued(n: int) -> None:
+        while sqlite.engine._jobs.qsize() < n:  # noqa: ASYNC110 - a thread's queue
+            await asyncio.sleep(0.01)
+
+    try:
+        yield queued
+    finally:
+        release.set()
+        await holding
+
+
+async def test_an_sqlite_error_of_one_job_costs_its_group_neighbours_nothing(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """A job whose statement SQLite refuses (a broken constraint: a real error, from a
+    real file) failed every job of its group commit: ten alerts posted next to it got
+    503, though nothing was wrong with them. An SQLite error that is the job's own is now
+    handled as any other job's error: the group rolled back, each job rerun alone, and
+    only the bad one fails (StoreUnavailable, which ingress answers 451/503)."""
+    config = bridge_config(tmp_path, sandbox_url)
+    store = faulty_store(config)
+    async with running_bridge(config, clock, store) as (bridge, url):
+        await seed(store, [MESSAGE], 1.0)  # id 1 exists: inserting it again is refused
+
+        def duplicate(db: Any) -> None:
+            db.execute("INSERT INTO messages SELECT * FROM messages WHERE id = 1")
+
+        async with httpx.AsyncClient(base_url=url) as http:
+            async with writer_held(store) as queued:
+                posts = [
+                    asyncio.ensure_future(
+                        http.post(
+                            "/api/v1/messages", json={"to": "+12025550144", "message": f"m{i}"}
+                        )
+                    )
+                    for i in range(5)
+                ]
+                await queued(5)  # the five ingests wait in the writer's queue
+                bad = asyncio.ensure_future(store.on_writer(duplicate))
+                posts += [
+                    asyncio.ensure_future(
+                        http.post(
+                            "/api/v1/messages", json={"to": "+12025550145", "message": f"n{i}"}
+                        )
+                    )
+                    for i in range(5)
+                ]
+                await queued(11)
+            answers = await asyncio.gather(*posts)
+            with pytest.raises(StoreUnavailable, match="UNIQUE constraint failed"):
+                await bad
+        assert [a.status_code for a in answers] == [202] * 10
+        assert (await bridge.store.counts())["queued"] == 11
+
+
+async def test_a_full_database_is_every_jobs_error_a_broken_constraint_one_jobs(
+    sqlite: FaultySqliteStore,
+) -> None:
+    """How the writer tells them apart, on real errors: a full database (SQLITE_FULL: the
+    file may not grow) fails every job of the group at once, as before, with no rerun of
+    each; a broken constraint is the job's own."""
+    await seed(sqlite, [MESSAGE], 1.0)
+
+    def fill(db: Any) -> None:
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")
+        db.execute("INSERT INTO provider_requests (at, kind) VALUES (1, ?)", ("x" * 100_000,))
+
+    with pytest.raises(StoreUnavailable) as full:
+        await sqlite.on_writer(fill)
+    assert whole_database(full.value.__cause__)  # type: ignore[arg-type]
+
+    def constraint(db: Any) -> None:
+        db.execute("INSERT INTO messages SELECT * FROM messages WHERE id = 1")
+
+    with pytest.raises(StoreUnavailable) as refused:
+        await sqlite.on_writer(constraint)
+    assert not whole_database(refused.value.__cause__)  # type: ignore[arg-type]

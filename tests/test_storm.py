@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -92,6 +93,59 @@ async def test_storm_of_500_alerts_to_two_phones(
     digests = [m for m in messages if m.source == "digest"]
     assert len(digests) == 2 and {m.estimated_cost for m in digests} == {0.5}  # shaped, priced
     assert len(held_listing["messages"]) == 5
+
+
+@on_each_backend
+async def test_scheduled_texts_count_for_storm_control_when_they_are_due(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Ten reminders for tomorrow 09:00, stored today, were counted today: seven were
+    held and folded into a digest sent today (the reminders never went at their time),
+    and an alert of today was held for a storm that was not happening. Tomorrow, an alert
+    among the reminders passed uncounted. A scheduled text now counts when it is due."""
+    extra = '[limits]\nper_recipient = 3\nper_recipient_window = "10m"\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    phone = "+12025550143"
+    due = clock.now() + 86400 + 3600  # 2027-01-16 09:00 UTC
+    iso = datetime.fromtimestamp(due, UTC).isoformat()
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+
+        async def post(body: dict) -> dict:
+            response = await http.post(f"{url}/api/v1/messages", json={"to": phone, **body})
+            return response.json()["messages"][0]
+
+        reminders = [
+            await post({"message": f"standup reminder {i}", "schedule_time": iso})
+            for i in range(10)
+        ]
+        today = await post({"message": "db-2 disk full"})
+        assert [m["state"] for m in reminders] == ["queued"] * 3 + ["held"] * 7
+        assert today["state"] == "queued"
+
+        async def all_sent_today() -> bool:
+            counts = await bridge.store.counts()
+            return not counts.get("queued") and not counts.get("sending")
+
+        await pump(bridge, clock, all_sent_today, max_seconds=900)
+        assert (await bridge.store.counts())["held"] == 7
+        # Nothing of tomorrow's went today: no digest, the three reminders scheduled.
+        assert [e.message for e in sandbox_state.entries if e.created_at < due - 3600] == [
+            *(f"standup reminder {i}" for i in range(3)),
+            "db-2 disk full",
+        ]
+        clock.advance(due + 60 - clock.now())
+        among = await post({"message": "db-2 disk full again"})
+        assert among["state"] == "held"  # counted with the reminders due at 09:00
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=900)
+        messages = {m.id: m for m in await bridge.store.query(limit=100)}
+    [digest] = [e for e in sandbox_state.entries if e.message.startswith("+")]
+    assert digest.message.startswith("+8 more: ")
+    assert digest.created_at >= due + 600  # when tomorrow's storm window ends
+    for m in [*reminders[3:], among]:
+        assert messages[m["id"]].state == State.SUPPRESSED
+        assert "digest message" in messages[m["id"]].reason
+    sent = {e.message: e.deliver_from for e in sandbox_state.entries if e.to == phone}
+    assert all(sent[f"standup reminder {i}"] == due for i in range(3))
 
 
 @on_each_backend

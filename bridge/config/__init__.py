@@ -31,6 +31,7 @@ from bridge.config.loader import config_path_from, load_config, route_env_prefix
 from bridge.config.masking import (
     exposed_secrets,
     inline_secrets,
+    key_fingerprint,
     masked,
     secret_env_files,
     secret_files,
@@ -68,6 +69,7 @@ from bridge.config.sections import (
     StoreConfig,
     TokenConfig,
 )
+from bridge.config.validate import purge_problem
 from bridge.errors import ConfigError
 
 __all__ = [
@@ -108,11 +110,13 @@ __all__ = [
     "exposed_secrets",
     "inline_secrets",
     "is_loopback_host",
+    "key_fingerprint",
     "load_config",
     "masked",
     "parse_duration",
     "parse_listen",
     "protection_problems",
+    "purge_problem",
     "route_env_prefix",
     "secret_env_files",
     "secret_files",

@@ -177,19 +177,36 @@ class _Loader:
         raw = dict(raw)
         for env_name, text in self.env.items():
             if env_name.startswith(f"{ENV_PREFIX}GROUPS_"):
-                raw[env_name.removeprefix(f"{ENV_PREFIX}GROUPS_").lower()] = from_env_text(
-                    text, "list", ()
-                )
+                name = env_name.removeprefix(f"{ENV_PREFIX}GROUPS_").lower()
+                # the file's group of that name in whatever case it is written there
+                name = next((n for n in raw if str(n).lower() == name), name)
+                raw[name] = from_env_text(text, "list", ())
         groups: dict[str, tuple[str, ...]] = {}
+        seen: dict[str, str] = {}  # lower case -> the name as first written
         for name, members in raw.items():
             key = f"groups.{name}"
             if not GROUP_NAME.match(name):
                 self.problem(key, "a group name starts with a letter: letters, digits, _ . -")
                 continue
+            if name.lower() in seen:
+                self.problem(
+                    key,
+                    f"the same name as groups.{seen[name.lower()]} but for case: group names "
+                    "are case-blind (as the local part of a mail address is); merge or rename",
+                )
+                continue
+            seen[name.lower()] = name
             if isinstance(members, str):
                 members = [members]
             if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
                 self.problem(key, "expected a list of phone numbers")
+                continue
+            if not members:
+                # GROUP@ was answered 250 "stored as message" and a route or the API 202,
+                # with nothing stored: acknowledged, texted to no one, and no row saying so.
+                self.problem(
+                    key, "no members: a mail or request to it would be acknowledged and lost"
+                )
                 continue
             groups[name] = tuple(members)
         return groups

@@ -5,6 +5,7 @@ files (inline or `*_file`) for the permission warnings; none is listed by hand.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -60,6 +61,16 @@ def _tables(config: Config) -> list[tuple[str, Any]]:
         *((f"routes.{k}", r) for k, r in config.routes.items()),
         *((f"tokens.{k}", t) for k, t in config.tokens.items()),
     ]
+
+
+def key_fingerprint(api_key: str) -> str:
+    """A short name for the provider key that does not give it away (a hash of it): two
+    bridges showing the same one share the provider's per-key rate limit, which the
+    bridge can pace together only when they book in the same store. "" for no key."""
+    if not api_key:
+        return ""
+    digest = hashlib.sha256(b"sms-bridge provider key\0" + api_key.encode("utf-8"))
+    return digest.hexdigest()[:12]
 
 
 def secret_values(config: Config) -> list[str]:

@@ -23,7 +23,7 @@ from bridge.phone import PhoneError
 class Recipients:
     firewall: Firewall  # phone.*: the default region, which numbers may be texted
     groups: Mapping[str, tuple[str, ...]]  # [groups]: name -> members as written
-    mail_groups: Mapping[str, str]  # a group's name in lower case -> its name (SMTP: any case)
+    group_names: Mapping[str, str]  # a group's name in lower case -> its name as written
     mail_regions: Mapping[str, str]  # SMTP domain (lower case) -> region of national numbers
     mail_region: str | None = None  # smtp.default_region: mail to other domains
 
@@ -33,10 +33,17 @@ class Recipients:
         return cls(
             firewall=Firewall.from_config(config),
             groups=dict(config.groups),
-            mail_groups={name.lower(): name for name in config.groups},
+            group_names={name.lower(): name for name in config.groups},
             mail_regions={d.lower(): r.upper() for d, r in smtp.regions.items()},
             mail_region=smtp.default_region.upper() or None,
         )
+
+    def group(self, name: str) -> tuple[str, ...] | None:
+        """The members of the group `name`, in any case (`OnCall` is `oncall`: a mail's
+        local part is read case-blind, and an API caller or a route names groups by the
+        same rule), or None. The config refuses two groups that differ only by case."""
+        written = self.group_names.get(name.lower())
+        return None if written is None else self.groups[written]
 
     def number(self, text: str, *, region: str | None = None) -> str:
         """One number as written -> E.164: PhoneError if impossible, RefusedNumber if not
@@ -48,7 +55,7 @@ class Recipients:
         an InputError names the entry (`to[2]`, `to[0] (oncall)`) and why."""
         seen: dict[str, None] = {}
         for index, target in enumerate(targets):
-            members = self.groups.get(target)
+            members = self.group(target)
             for item in members if members is not None else [target]:
                 try:
                     seen[self.number(item)] = None
@@ -71,9 +78,9 @@ class Recipients:
         RefusedNumber say why not; whether the domain is this bridge's is the listener's
         question.
         """
-        group = self.mail_groups.get(local.lower())
-        if group:
-            return [self.number(member) for member in self.groups[group]]
+        members = self.group(local)
+        if members is not None:
+            return [self.number(member) for member in members]
         region = self.mail_regions.get(domain.lower()) or self.mail_region
         return [self.number(local, region=region)]
 

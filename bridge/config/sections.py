@@ -79,7 +79,7 @@ class SmtpConfig:
     default_region: str = _opt("")
     regions: Mapping[str, str] = _opt({})  # domain -> region for national numbers
     allowed_networks: tuple[str, ...] = _opt([])  # CIDRs; empty: any client
-    allowed_senders: tuple[str, ...] = _opt([])  # MAIL FROM patterns (fnmatch); empty: any
+    allowed_senders: tuple[str, ...] = _opt([])  # MAIL FROM globs, "<>" the null sender; empty: any
     require_auth: bool = _opt(False)
     auth_allow_plaintext: bool = _opt(False)
     users: Mapping[str, str] = _opt({}, secret=True)  # login -> password
@@ -96,7 +96,7 @@ class SmtpConfig:
     max_commands: int = _opt(20)  # each other command (NOOP, EHLO, AUTH...) per session
     max_mime_depth: int = _opt(20)  # deeper parts are not read
     max_mime_parts: int = _opt(100)  # parts past this are not read
-    parse_timeout: float = _opt(5.0, "duration")  # a mail not parsed by then: 554
+    parse_timeout: float = _opt(5.0, "duration")  # a mail not parsed by then: 451
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,42 @@ def validate(config: Config, problem: Problem) -> None:
     validate_protected(config, problem)
 
 
+DAY = 86400.0
+
+
+def daily_caps(config: Config) -> list[str]:
+    """The key of every daily cap set: the budget's, each route's, each API token's."""
+    b = config.budget
+    keys = [
+        f"budget.{key}"
+        for key, cap in (
+            ("texts_per_day", b.texts_per_day),
+            ("parts_per_day", b.parts_per_day),
+            ("cost_per_day", b.cost_per_day),
+        )
+        if cap > 0
+    ]
+    keys += [
+        f"routes.{n}.max_texts_per_day" for n, r in config.routes.items() if r.max_texts_per_day > 0
+    ]
+    keys += [f"tokens.{n}.texts_per_day" for n, t in config.tokens.items() if t.texts_per_day > 0]
+    return keys
+
+
+def purge_problem(config: Config, age: float) -> str | None:
+    """Why purging the finished messages older than `age` would weaken the daily caps
+    (they count what today's stored messages sent: a purge of them lets as many again
+    through), or None. Refused rather than worked around: a retention the store silently
+    stretched to a day would not be the retention asked for."""
+    caps = daily_caps(config)
+    if age >= DAY or not caps:
+        return None
+    return (
+        f"under a day while {caps[0]} is set: the daily caps count the messages sent today"
+        " and a purge would forget them (the caps would let more through); use 1d or more"
+    )
+
+
 def _validate_sections(config: Config, problem: Problem) -> None:
     for key, listen in (("smtp.listen", config.smtp.listen), ("http.listen", config.http.listen)):
         if listen:
@@ -93,8 +129,19 @@ def _validate_sections(config: Config, problem: Problem) -> None:
     b = config.budget
     if b.on_exceeded not in ("wait", "fail"):
         problem("budget.on_exceeded", "must be wait or fail")
-    if b.texts_per_day < 0 or b.parts_per_day < 0:
-        problem("budget.texts_per_day", "caps must be 0 (off) or more")
+    # Each by its own key: a negative parts_per_day was reported as texts_per_day, and a
+    # route's negative max_texts_per_day (a typo for a cap) meant no cap at all.
+    negative: list[tuple[str, float]] = [
+        ("budget.texts_per_day", b.texts_per_day),
+        ("budget.parts_per_day", b.parts_per_day),
+        ("budget.low_balance", b.low_balance),
+    ]
+    negative += [
+        (f"routes.{n}.max_texts_per_day", r.max_texts_per_day) for n, r in config.routes.items()
+    ]
+    for key, value in negative:
+        if value < 0:
+            problem(key, "must be 0 (off) or more")
     _validate_listener_limits(config, problem)
     if not 1 <= config.limits.max_parts <= 10:
         problem("limits.max_parts", "must be between 1 and 10")
@@ -109,6 +156,8 @@ def _validate_sections(config: Config, problem: Problem) -> None:
             "store.url",
             'a "/", "?", "#" or "@" in the password must be written %2F, %3F, %23, %40',
         )
+    if config.store.retention > 0 and (why := purge_problem(config, config.store.retention)):
+        problem("store.retention", f"{why} (or 0 to keep every message)")
     if not 5 <= config.cluster.lease <= 3600:
         # Shorter than a send's timeout would hand live sends to another instance.
         problem("cluster.lease", "must be between 5s and 1h")
@@ -196,7 +245,7 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
     ]
     for key, targets in named:
         for index, target in enumerate(targets):
-            if target in config.groups:
+            if recipients.group(target) is not None:
                 continue  # its members are checked above
             check_number(f"{key}[{index}]", target, "neither a group nor an allowed number: ")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from bridge.clock import Clock, sleep_until_woken
 from bridge.errors import StoreUnavailable
-from bridge.loops import run_steps
+from bridge.loops import LoopHealth, run_steps
 from bridge.store.api import Leadership, WorkWatch
 
 log = logging.getLogger("bridge")
@@ -51,8 +51,10 @@ class Leader:
         clock: Clock,
         interval: float = LEAD_INTERVAL,
         on_lead: Callable[[], None] = lambda: None,
+        loops: LoopHealth | None = None,
     ) -> None:
         self.leadership = leadership
+        self.loops = loops or LoopHealth()  # its failed checks, for /metrics and /healthz
         # Called on taking the role: the dispatcher, asleep for its idle wait as a
         # follower, must look now for the claims of the leader that just died.
         self.on_lead = on_lead
@@ -77,10 +79,7 @@ class Leader:
         try:
             while not stop.is_set():
                 _raise_failed(running)
-                try:
-                    leading = await self.leadership.check()
-                except StoreUnavailable:
-                    leading = False
+                leading = await self._check()
                 if leading and not self.leading:
                     log.info("leader: this instance (%s) leads: %s", self.name, SINGLETONS)
                     halt = asyncio.Event()
@@ -107,6 +106,24 @@ class Leader:
             with contextlib.suppress(Exception):
                 await self.leadership.resign()
 
+    async def _check(self) -> bool:
+        """Whether this instance leads; an error in the check (not only an unavailable
+        store) counts as not leading, so the check goes on rather than the bridge ending."""
+        state = self.loops.state("leader")
+        try:
+            leading = await self.leadership.check()
+        except StoreUnavailable:
+            return False
+        except Exception as exc:  # the leader loop outlives any one check
+            if not state.in_a_row:
+                log.exception("leader: the leadership check failed; this instance stands by")
+            state.failures += 1
+            state.in_a_row += 1
+            state.error = type(exc).__name__
+            return False
+        state.in_a_row, state.error = 0, ""
+        return leading
+
     def _set(self, leading: bool) -> None:
         self.leading = leading
 
@@ -125,7 +142,12 @@ async def _halt(halt: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
 
 
 async def watch_work(
-    watch: WorkWatch, *, clock: Clock, stop: asyncio.Event, interval: float = WATCH_INTERVAL
+    watch: WorkWatch,
+    *,
+    clock: Clock,
+    stop: asyncio.Event,
+    interval: float = WATCH_INTERVAL,
+    loops: LoopHealth | None = None,
 ) -> None:
     """Keep listening for work stored by other instances (reconnect when it drops)."""
 
@@ -134,6 +156,8 @@ async def watch_work(
         return interval
 
     try:
-        await run_steps(step, name="work watch", clock=clock, stop=stop, retry_after=interval)
+        await run_steps(
+            step, name="work watch", clock=clock, stop=stop, retry_after=interval, health=loops
+        )
     finally:
         await watch.close()

@@ -3,8 +3,10 @@
     +37 more: HighLatency x20, DiskFull x17
 
 A phone that was held at `per_recipient` texts gets, `per_recipient_window` after its
-first held message, one digest counting what was held by topic; each held message then
-ends `suppressed` with a reason naming the digest. Nothing held is dropped silently.
+first held message's time (a scheduled one's `schedule_time`: storm control counts it
+then, bridge.policy.decide), one digest counting what was held by topic; each held
+message then ends `suppressed` with a reason naming the digest. A held message scheduled
+later waits for the digest after its own time. Nothing held is dropped silently.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable, Iterable
 
 from bridge.clock import Clock
 from bridge.config import LimitsConfig, ProviderConfig
-from bridge.loops import run_steps
+from bridge.loops import LoopHealth, run_steps
 from bridge.models import NewMessage
 from bridge.policy.shaping import Draft, Shaper, default_topic
 from bridge.store import Store
@@ -81,7 +83,9 @@ class DigestWorker:
         provider: ProviderConfig,
         shaper: Shaper,
         on_created: Callable[[], None] = lambda: None,
+        loops: LoopHealth | None = None,
     ) -> None:
+        self.loops = loops or LoopHealth()  # its failed steps, for /metrics and /healthz
         self.store = store
         self.clock = clock
         self.sender_id = provider.sender_id  # the bridge's own texts: fixed until restart
@@ -101,6 +105,7 @@ class DigestWorker:
             clock=self.clock,
             stop=stop,
             retry_after=IDLE_WAIT,
+            health=self.loops,
         )
 
     async def run_once(self) -> float:

@@ -35,13 +35,13 @@ from bridge.errors import (
     TransientSendError,
 )
 from bridge.health import ProviderHealth
-from bridge.loops import run_steps
+from bridge.loops import LoopHealth, run_steps
 from bridge.models import Message, State
 from bridge.policy.budgets import BudgetGuard, Cap, day_bounds
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.provider.responses import SendResult
-from bridge.schedule import for_provider
+from bridge.schedule import for_provider, held_until
 from bridge.store import Store
 from bridge.store.api import DEFAULT_LEASE, instance_name
 
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 LEASE_SLACK = 0.5  # after another instance's lease runs out, look this much later
 IDLE_WAIT = 30.0  # nothing queued: look again this often even without a wake-up
 DUE_BATCH = 5000
+PRICES_REFRESH = 86400.0  # the price list is fetched again daily: prices change
+PRICES_RETRY_FIRST = 60.0  # after a failed fetch, again this much later, doubling
+PRICES_RETRY_MAX = 3600.0
 FOREIGN_PREFIX = "cli"  # request kinds booked by `sms-bridge provider ...` in the store
 
 
@@ -68,7 +71,10 @@ class Dispatcher:
         owner: str = "",
         lease: float = DEFAULT_LEASE,
         takes_over: Callable[[], bool] = lambda: True,
+        loops: LoopHealth | None = None,
     ) -> None:
+        self.loops = loops or LoopHealth()  # its failed steps, for /metrics and /healthz
+        self._budget_loaded = False
         self.store = store
         self.budget = budget
         self.prices = prices
@@ -93,7 +99,10 @@ class Dispatcher:
             budget=budget,
             rng=rng,
         )
-        self._prices_loaded = prices is None
+        # When to fetch the price list (again): at once, then daily; after a failure
+        # sooner, backing off (`_load_prices`). Never without a book to fill.
+        self._prices_due: float | None = None if prices is None else 0.0
+        self._prices_retry = PRICES_RETRY_FIRST
         self._last_call: dict[GroupKey, float] = {}  # each text's last call, for pacing
         self._held_until = 0.0  # a text held for more recipients: wake-ups wait till then
         self.tz = zone(config.timezone)
@@ -125,18 +134,27 @@ class Dispatcher:
 
     # -- the loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        await self.load_budget()
+        async def step() -> float:
+            # In the loop, not before it: a store that cannot be read at start (or any
+            # error) is retried, not the end of the dispatcher.
+            if not self._budget_loaded:
+                await self.load_budget()
+                self._budget_loaded = True
+            return await self.run_once()
+
         await run_steps(
-            self.run_once,
+            step,
             name="dispatcher",
             clock=self.clock,
             stop=stop,
             retry_after=5.0,
             wake=self.wake,
+            health=self.loops,
         )
 
     async def run_once(self) -> float:
         """One step: send what is due and within budget; return seconds until the next."""
+        await self.release_holds()
         now = self.clock.now()
         if now < self._held_until:
             # A text is held for more recipients. During its flood every acknowledgement
@@ -162,7 +180,7 @@ class Dispatcher:
         wait = self.limiter.wait_time("send")
         if wait > 0:  # the CLI's requests took what was left
             return wait
-        if not self._prices_loaded:
+        if self._prices_due is not None and now >= self._prices_due:
             await self._load_prices()
         reconcile_wait = await self.reconciler.run_once()
         if reconcile_wait is not None:
@@ -170,7 +188,9 @@ class Dispatcher:
         due = await self.store.due(now, DUE_BATCH)
         held, sent = IDLE_WAIT, False
         for batch in plan_batches(
-            due, max_bulk=self.config.max_bulk, bulk_types=self.config.bulk_message_type
+            await self._keep_for_later(due, now),
+            max_bulk=self.config.max_bulk,
+            bulk_types=self.config.bulk_message_type,
         ):
             wait = self.limiter.wait_time("send")
             if wait > 0:
@@ -212,6 +232,51 @@ class Dispatcher:
         if expiry is not None:
             waits.append(max(LEASE_SLACK, expiry - now + LEASE_SLACK))
         return max(0.0, min(waits))
+
+    async def _keep_for_later(self, due: list[Message], now: float) -> list[Message]:
+        """`due` less the scheduled messages whose time cannot go to the provider as
+        `schedule_time` (bridge.schedule: one its zone shows twice, or one too near):
+        each is queued again for its time, when it goes without `schedule_time`, with
+        the reason in its row and its events."""
+        kept = []
+        for m in due:
+            held = held_until(m.schedule_time, now=now, tz=self.tz)
+            if held is None:
+                kept.append(m)
+                continue
+            until, why = held
+            reason = (
+                f"scheduled for {m.schedule_time} UTC: {why}; kept by the bridge and sent"
+                " then, without schedule_time"
+            )
+            late = await self.store.requeue(
+                [m.id], now, owner=self.owner, at=until, reason=reason, queued=True
+            )
+            self.outcomes.not_held(late, reason, queued=True)
+            if not late:  # queued it stays: no state change, so an event says why
+                await self.store.note([m.id], reason, now)
+        return kept
+
+    async def release_holds(self) -> None:
+        """After a reload raised or removed a daily cap: the texts waiting for midnight
+        are due now, judged again by the next step against the caps in force (those
+        still over one wait again). They waited for the next day whatever the reload
+        said: an operator raising the cap during an incident still saw its alerts held."""
+        if self.budget is None or not self.budget.loosened:
+            return
+        self.budget.loosened = False  # first: a reload during the write sets it again
+        try:
+            released = await self.store.release_budget_holds(
+                self.clock.now(), "daily caps changed by a reload: judged again"
+            )
+        except BaseException:
+            self.budget.loosened = True  # a store that failed is asked on the next step
+            raise
+        self._held_until = 0.0
+        if released:
+            log.info(
+                "daily caps raised by a reload: %d waiting messages judged again", len(released)
+            )
 
     def _pace(self, batch: list[Message]) -> tuple[GroupKey | None, float]:
         """The call's text, and how long it waits for more recipients (see pacing)."""
@@ -285,14 +350,30 @@ class Dispatcher:
         return verdict.allowed
 
     async def _load_prices(self) -> None:
-        """The provider's price list, once per start, for cost estimates."""
+        """The provider's price list, for cost estimates: at start, then every
+        PRICES_REFRESH (prices change); after a failure or an answer with no price in
+        it, again after PRICES_RETRY_FIRST, doubling up to PRICES_RETRY_MAX. Once fetched
+        at start only, one failure there left the day's cost cap to guess by the most a
+        part was billed for the whole uptime."""
         if self.prices is None or await self.limiter.acquire("pricing") > 0:
             return  # try again on a later step
-        self._prices_loaded = True
         try:
-            self.prices.load(await self.client.pricing())
+            loaded = self.prices.load(await self.client.pricing())
+            why = "" if loaded else "no price in the answer"
         except ProviderError as exc:
-            log.info("no price list (%s): costs are not estimated", exc)
+            loaded, why = False, str(exc)
+        now = self.clock.now()
+        if loaded:
+            self._prices_due, self._prices_retry = now + PRICES_REFRESH, PRICES_RETRY_FIRST
+            return
+        self._prices_due = now + self._prices_retry
+        log.info(
+            "no price list (%s): costs are estimated by the highest price known; trying"
+            " again in %gs",
+            why,
+            self._prices_retry,
+        )
+        self._prices_retry = min(2 * self._prices_retry, PRICES_RETRY_MAX)
 
     async def _send(self, batch: list[Message]) -> None:
         batch, now = await self._claim_within_budget(batch)
@@ -318,15 +399,18 @@ class Dispatcher:
             return await self._claim(await self._within_budget(batch))
 
     async def _claim(self, batch: list[Message]) -> tuple[list[Message], float]:
-        now = self.clock.now()  # after any wait for the turn: the booking's time
+        now = self.clock.now()
         if not batch:
             return [], now
         # Booked in the claim's transaction, within the window every instance shares:
-        # a full window (another instance took the room) or a pause claims nothing.
+        # a full window (another instance took the room) or a pause claims nothing. The
+        # clock goes in, not `now`: the store reads the booking's time once it holds a
+        # connection and the rate lock (a flood's wait for the pool must not age it),
+        # and moves the lease on by that wait.
         claimed = set(
             await self.store.claim(
                 [m.id for m in batch],
-                now,
+                self.clock.now,
                 owner=self.owner,
                 lease_until=now + self.lease,
                 limit=self.limiter.booking_limit("send"),
@@ -335,7 +419,7 @@ class Dispatcher:
         )
         if not claimed:
             await self.limiter.sync()  # the caller's next wait_time says how long
-        return [m for m in batch if m.id in claimed], now
+        return [m for m in batch if m.id in claimed], self.clock.now()
 
     async def _call(self, batch: list[Message], now: float) -> SendResult:
         """One /send or /send-bulk for `batch` (one text)."""
@@ -376,6 +460,11 @@ class Dispatcher:
                 await self.store.renew(ids, owner=self.owner, lease_until=until)
             except StoreUnavailable as exc:  # the call goes on; the lease may run out
                 log.warning("claims of a send in flight not renewed: %s", exc)
+            except Exception:
+                # Any other error too: ending the renewals here let the lease lapse while
+                # the call was in flight, and another instance take the text over and
+                # send it again. The next renewal may well go through.
+                log.exception("claims of a send in flight not renewed; trying again")
 
     async def _probe(self) -> bool:
         """While the key is refused, one cheap /balance now and then tells when it works."""

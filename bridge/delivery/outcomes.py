@@ -41,6 +41,7 @@ from bridge.health import ProviderHealth
 from bridge.models import Message, State
 from bridge.policy.budgets import BudgetGuard
 from bridge.provider.client import ProviderFailed, SendResult, TransientUnknownOutcome
+from bridge.schedule import scheduled_epoch
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class Outcomes:
         taken = [m for m in batch if m.id not in unknown_ids]
         await self.record_sent(_sent_rows(taken, result))
         if self.budget is not None and result.cost is not None and taken:
-            self.budget.prices.billed(result.cost, sum(m.parts for m in taken))
+            self.budget.prices.billed(result.cost, [(m.recipient, m.parts) for m in taken])
         if unnamed:
             # An answer naming recipients by id names those it took: the others may have
             # been refused (or written so we cannot tell them). Recorded `sent` without an
@@ -240,7 +241,10 @@ class Outcomes:
         retry, give_up = [], []
         for m in batch:
             delay = max(self.backoff(m.attempts + 1), exc.retry_after or 0.0)
-            if now + delay - m.created_at > self.config.retry_max_age:
+            # Its age from when it was due: one the bridge kept for its schedule_time
+            # (bridge.schedule) was failed at its first 5xx, stored months before.
+            due = max(m.created_at, scheduled_epoch(m.schedule_time) or 0.0)
+            if now + delay - due > self.config.retry_max_age:
                 give_up.append(
                     (m.id, State.FAILED, f"gave up after {m.attempts + 1} attempts: {exc}")
                 )

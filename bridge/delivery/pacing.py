@@ -4,8 +4,9 @@ Pure decisions, no I/O: the dispatcher asks them with what the queue and the rat
 window say.
 
 Grouping: messages with the same text, sender and type go in one `/send-bulk` call of up
-to `max_bulk` recipients; scheduled, solo (a refused bulk retried one by one) and, unless
-the provider takes `message_type` on bulk calls, non-GSM messages go alone.
+to `max_bulk` distinct recipients (a second message to one phone goes in a later call);
+scheduled, solo (a refused bulk retried one by one) and, unless the provider takes
+`message_type` on bulk calls, non-GSM messages go alone.
 
 Pacing: a flood of one text (a mail or hook per phone) arrives a few recipients at a
 time. Sent as it comes, it spends the 100 requests of the window in seconds on calls of a
@@ -42,20 +43,31 @@ def group_key(m: Message, *, bulk_types: bool) -> GroupKey | None:
 
 
 def plan_batches(due: Sequence[Message], *, max_bulk: int, bulk_types: bool) -> list[list[Message]]:
-    """Group due messages into requests, oldest first, bulk only where the API allows."""
-    groups: dict[GroupKey, list[Message]] = {}
+    """Group due messages into requests, oldest first, bulk only where the API allows.
+
+    A call never names one recipient twice: the bulk answer is undocumented, and the
+    bridge reads its ids by recipient, so two messages to one phone in one call got the
+    same id (one of them then never learnt its delivery state), and a provider that
+    merges repeated numbers would text once for two messages marked sent. A repeat goes
+    in the next call of its text (the call after that for a third, and so on).
+    """
+    calls: dict[GroupKey, list[list[Message]]] = {}  # each text's calls, in order
+    after: dict[tuple[GroupKey, str], int] = {}  # (text, phone) -> first call without it
     batches: list[list[Message]] = []
     for m in due:
         key = group_key(m, bulk_types=bulk_types)
         if key is None:
             batches.append([m])
             continue
-        group = groups.setdefault(key, [])
-        if not group:
-            batches.append(group)
-        group.append(m)
-        if len(group) == max_bulk:
-            del groups[key]
+        texts = calls.setdefault(key, [])
+        index = after.get((key, m.recipient), 0)
+        while index < len(texts) and len(texts[index]) >= max_bulk:
+            index += 1
+        if index == len(texts):
+            texts.append([])
+            batches.append(texts[index])
+        texts[index].append(m)
+        after[key, m.recipient] = index + 1
     return batches
 
 

@@ -12,8 +12,12 @@ waiting. When the waiting span more pages than that (a bulk of 1000, the phone o
 its last recipients off), the next round goes on from the page where this one stopped,
 down to the page after the oldest's, then starts again at the newest: every waiting
 message's page is read once a sweep. Starting each round at the newest never reached
-the oldest while a newer one waited (up to `give_up_after`). Entries only ever move to
-later pages (/logs is newest first), so resuming skips nothing.
+the oldest while a newer one waited (up to `give_up_after`). A round tracks at most
+`MAX_TRACKED_PER_ROUND` waiting messages, the oldest first; once a sweep has read theirs,
+the next tracks the ones after them, and after the newest the oldest again: every
+waiting message is looked for in turn, however many never get a final state. A page that could not be
+read (a 429, after its Retry-After; a 5xx) is where the next round starts. Entries only
+ever move to later pages (/logs is newest first), so resuming skips nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from bridge.errors import (
     RateLimitedError,
 )
 from bridge.health import ProviderHealth
-from bridge.loops import run_steps
+from bridge.loops import LoopHealth, run_steps
 from bridge.models import State
 from bridge.provider.client import MAX_LOGS_PER_PAGE, ProviderClient
 from bridge.provider.logmatch import LogMatcher, provider_date
@@ -44,6 +48,7 @@ FINAL_PROVIDER_STATES = {"delivered": State.DELIVERED, "failed": State.FAILED}
 MAX_PAGES_PER_ROUND = 5
 # Oldest first; more could not be matched in one round of MAX_PAGES_PER_ROUND pages anyway.
 MAX_TRACKED_PER_ROUND = 500
+START = (0.0, 0)  # track from the oldest waiting
 
 
 class StatusPoller:
@@ -57,7 +62,9 @@ class StatusPoller:
         config: StatusConfig,
         provider: ProviderConfig,
         health: ProviderHealth,
+        loops: LoopHealth | None = None,
     ) -> None:
+        self.loops = loops or LoopHealth()  # its failed steps, for /metrics and /healthz
         self.tz = zone(provider.timezone)  # the provider's /logs dates; fixed until restart
         self.store = store
         self.client = client
@@ -68,6 +75,9 @@ class StatusPoller:
         # The page the next round starts from when the last one stopped at its page cap
         # (or its budget) with messages still to find; 0: from the newest again.
         self._resume_page = 0
+        # Which waiting messages a round tracks: those after this (sent_at, id), oldest
+        # first (see the module docstring).
+        self._track_after = START
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop` (on a cluster's leader: bridge.delivery.cluster)."""
@@ -77,17 +87,25 @@ class StatusPoller:
             clock=self.clock,
             stop=stop,
             retry_after=self.config.poll_interval,
+            health=self.loops,
         )
 
     async def run_once(self) -> float:
         """One round over /logs; returns seconds until the next round."""
         now = self.clock.now()
         horizon = now - self.config.give_up_after
+        scheduled_after = datetime.fromtimestamp(horizon, UTC).strftime(STORED_FORMAT)
         waiting = await self.store.awaiting_status(
             since=horizon,
             limit=MAX_TRACKED_PER_ROUND,
-            scheduled_after=datetime.fromtimestamp(horizon, UTC).strftime(STORED_FORMAT),
+            scheduled_after=scheduled_after,
+            after=self._track_after,
         )
+        if not waiting and self._track_after != START:  # past the newest: the oldest again
+            self._track_after, self._resume_page = START, 0
+            waiting = await self.store.awaiting_status(
+                since=horizon, limit=MAX_TRACKED_PER_ROUND, scheduled_after=scheduled_after
+            )
         self.limiter.status_demand = bool(waiting)
         if not waiting:
             self._resume_page = 0
@@ -124,15 +142,11 @@ class StatusPoller:
                 logs = await self.client.logs(
                     page=page, per_page=MAX_LOGS_PER_PAGE, date_from=date_from
                 )
-            except RateLimitedError as exc:
-                await self.limiter.rate_limited(exc.retry_after)
-                break
-            except ProviderAuthError as exc:
-                inactive = isinstance(exc, ProviderInactiveError)
-                self.health.auth_failed(str(exc), self.clock.now(), inactive=inactive)
-                break
-            except ProviderError as exc:  # a 404 from /logs included: not an auth failure
-                log.info("status poll failed: %s", exc)
+            except ProviderError as exc:
+                # Nothing read: this page first, next round. From the newest again, a
+                # 429 whenever the sweep got this deep kept it from the oldest for good.
+                self._resume_page = page
+                await self._failed(exc)
                 break
             self.limiter.answered()
             known = (
@@ -155,8 +169,29 @@ class StatusPoller:
             # all, the next round goes on from the next page: starting at the newest
             # again would never reach the oldest while a newer message waits.
             self._resume_page = page + 1
+        if self._resume_page > deepest:
+            self._resume_page = 0  # the sweep read the oldest's page
+        if self._resume_page == 0:
+            # Swept: the next round tracks the waiting after these, if these were as many
+            # as a round tracks, else the oldest again. Tracking only the oldest kept
+            # every newer message from being matched while 500 waited (phones off, a
+            # network that never reports): their states unread for `give_up_after`.
+            last = max((m.sent_at or 0.0, m.id) for m in waiting)
+            self._track_after = last if len(waiting) == MAX_TRACKED_PER_ROUND else START
         if found_ids:
             await self.store.set_provider_ids(found_ids)
         if updates:
             await self.store.record_status(updates, self.clock.now())
         return max(self.config.poll_interval, self.limiter.wait_time("status"))
+
+    async def _failed(self, exc: ProviderError) -> None:
+        """A /logs read that failed: a 429 pauses every request (Retry-After, else a
+        doubling backoff: `wait_time` then says when to go on), a refused key turns
+        health red; anything else (a 404 from /logs included) waits for the next round."""
+        if isinstance(exc, RateLimitedError):
+            await self.limiter.rate_limited(exc.retry_after)
+        elif isinstance(exc, ProviderAuthError):
+            inactive = isinstance(exc, ProviderInactiveError)
+            self.health.auth_failed(str(exc), self.clock.now(), inactive=inactive)
+        else:
+            log.info("status poll failed: %s", exc)

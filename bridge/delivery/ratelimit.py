@@ -141,14 +141,15 @@ class SlidingWindowLimiter:
         wait = self.wait_time(counted)
         if wait > 0:
             return wait
-        at = self.clock.now()
+        # The clock, not a time read now: the store reads it once it holds the pool's
+        # connection and the lock, so a wait for them does not age the booking.
         refused = await self.store.book_request(
-            at, kind, limit=self.booking_limit(counted), window=self.window
+            self.clock.now, kind, limit=self.booking_limit(counted), window=self.window
         )
         if refused > 0:  # another instance took the room, or paused us: look again
             await self.sync()
             return max(refused, self.wait_time(counted))
-        self.booked(at, kind)
+        self.booked(self.clock.now(), kind)  # no earlier than the store's stamp
         return 0.0
 
     def booked(self, at: float, kind: str) -> None:

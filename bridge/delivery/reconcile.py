@@ -8,6 +8,9 @@ a little before the oldest claim) and each entry matched by recipient and text:
     5xx, not in /logs        -> retried with the dispatcher's backoff
     unknown, not in /logs    -> sent again, at most `provider.max_unknown_resends`
                                 times; then ended `sent`, "outcome unknown", admin warned
+    walk stopped early       -> (more than RECONCILE_MAX_PAGES pages to read, as a bulk of
+                                1000 with texts after it; no budget; a 429) what was found
+                                recorded, the next step goes on from that page
     /logs unreadable         -> asked again with the dispatcher's backoff (new texts go
                                 meanwhile) for `provider.retry_max_age` from the claim,
                                 then as "not in /logs"; a /logs answering 404 (a plan
@@ -79,6 +82,8 @@ class Reconciler:
         self.budget = budget
         self._logs_failures = 0
         self.logs_retry_at = 0.0  # /logs failed: when to ask it again (the dispatcher wakes)
+        # A walk stopped at its page cap: the page it goes on from, for these messages.
+        self._resume_page, self._resume_ids = 1, set[int]()
         self.owner, self.lease = owner, lease  # whose claims this settles (and takes over)
         self.takes_over = takes_over  # whether it takes over others' (the leader's sweep)
 
@@ -102,16 +107,22 @@ class Reconciler:
         matcher = LogMatcher(ready)
         found: list[tuple[int, str | None, float | None]] = []
         date_from = provider_date(oldest - CLOCK_SKEW, self.tz)
-        page = 1
-        while matcher and page <= RECONCILE_MAX_PAGES:
+        # Where the last walk stopped at its page cap, if it was over these messages.
+        page = self._resume_page if {m.id for m in ready} <= self._resume_ids else 1
+        self._resume_page, self._resume_ids = 1, set()
+        last = page + RECONCILE_MAX_PAGES - 1
+        while matcher and page <= last:
             wait = await self.limiter.acquire("reconcile")
             if wait > 0:
+                await self._stop_at(page, matcher, found)
                 return wait
             try:
                 logs = await self.client.logs(page=page, date_from=date_from)
             except ProviderAuthError as exc:
+                await self._stop_at(page, matcher, found)
                 return await self.outcomes.key_refused(exc)
             except RateLimitedError as exc:
+                await self._stop_at(page, matcher, found)
                 await self.limiter.rate_limited(exc.retry_after)
                 return self.limiter.wait_time("send")
             except ProviderError as exc:
@@ -155,12 +166,34 @@ class Reconciler:
             if not logs.has_more or older_seen:
                 break
             page += 1
+        else:
+            if matcher:
+                # The page cap, not the end of what they could be in: not "not found". A
+                # bulk of 1000 with texts after it spans more than the cap, and its
+                # oldest recipients were texted again.
+                self._logs_failures = 0
+                await self._stop_at(page, matcher, found)
+                return None
         self._logs_failures = 0
         if found:
             log.info("reconciled %d messages the provider had already accepted", len(found))
             await self.outcomes.record_sent(found)
         await self._not_found(matcher.remaining())
         return None
+
+    async def _stop_at(
+        self,
+        page: int,
+        matcher: LogMatcher[Message],
+        found: list[tuple[int, str | None, float | None]],
+    ) -> None:
+        """A walk stopped before its end (the page cap, no budget, a 429): what it found
+        is recorded, and the next step goes on from `page` for the rest (entries only
+        move to later pages, so resuming skips none); from page 1 if others join them."""
+        if found:
+            log.info("reconciled %d messages the provider had already accepted", len(found))
+            await self.outcomes.record_sent(found)
+        self._resume_page, self._resume_ids = page, {m.id for m in matcher.remaining()}
 
     async def _not_found(self, missing: list[Message]) -> None:
         """/logs did not show these: retry a provider error; resend an unknown outcome

@@ -56,9 +56,15 @@ POLICY = email.policy.default.clone(header_factory=_UnstructuredHeaders())
 MAX_BODY_CHARS = 20_000  # an SMS needs a few hundred; bound the cleaning work
 _QUOTE_INTRO = re.compile(
     r"^(On .{5,200} wrote:|Am .{5,200} schrieb .{1,100}:|Le .{5,200} a écrit\s?:|"
-    r"-+\s*Original Message\s*-+|-+\s*Forwarded message\s*-+|From: .+ Sent: .+)$",
+    r"-+\s*Original Message\s*-+|From: .+ Sent: .+)$",
     re.IGNORECASE,
 )
+# Gmail's and Thunderbird's inline forward: the forwarded mail follows, its header block
+# first. Not a quote to cut: the alert someone forwarded is what is to be texted.
+_FORWARD_INTRO = re.compile(r"-+\s*Forwarded message\s*-+", re.IGNORECASE)
+_FORWARD_HEADER = re.compile(r"(From|Date|Sent|Subject|To|Cc)\s*:", re.IGNORECASE)
+_DIFF_HUNK = re.compile(r"\d+(?:,\d+)?[acd]\d+(?:,\d+)?")  # `diff` (normal format): 3a4
+_HTML_SIGNATURE = re.compile(r"^[ \t]*--[ \t]*$", re.MULTILINE)
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u202f\u205f\u3000]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _LINESEP = re.compile(r"\r|\n")  # what policy.default removes to unfold a header
@@ -245,10 +251,13 @@ def _payload_text(payload: bytes, charset: str | None) -> str:
 
 
 def _html_to_text(html: str) -> str:
+    """The text of an HTML body; a signature's `-- <br>` line (its trailing space lost
+    with HTML's white space) given back its delimiter, as `clean_body` knows it."""
     try:
-        return get_text(html)
+        text = get_text(html)
     except Exception:  # inscriptis/lxml on hostile markup: fall back to raw text
         return re.sub(r"<[^>]*>", " ", html)
+    return _HTML_SIGNATURE.sub("-- ", text)
 
 
 def _blank(part: Message) -> bool:
@@ -280,16 +289,33 @@ def _body(msg: Message) -> str:
 
 
 def clean_body(text: str) -> str:
-    """Drop signatures, quoted replies and blank lines; fold whitespace."""
+    """Drop signatures, quoted replies and blank lines; fold whitespace.
+
+    Only `-- ` (dash dash space, RFC 3676) starts a signature: a bare `--` is what
+    `grep -C` prints between matches in cron output, and the matches after it are the
+    news. `>` lines are a quoted reply, except in a body holding a `diff` hunk header
+    (`3a4`, `12,14c12`): there they are the lines added, say to /etc/passwd. A forwarded
+    mail (`---------- Forwarded message ---------`) is kept, less its header block.
+    """
+    raws = text[:MAX_BODY_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    quotes = not any(_DIFF_HUNK.fullmatch(raw) for raw in raws)
     lines = []
-    for raw in text[:MAX_BODY_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n"):
-        if raw in ("-- ", "--") or raw.rstrip() == "-- ":
+    forward_head = False  # in the header block of a forwarded mail
+    for raw in raws:
+        if raw == "-- ":
             break  # signature delimiter: the rest is the signature
         line = _SPACES.sub(" ", _CONTROL.sub("", raw)).strip()
-        if line.startswith(">"):
+        if quotes and line.startswith(">"):
             continue
         if _QUOTE_INTRO.match(line):
             break
+        if _FORWARD_INTRO.fullmatch(line):
+            forward_head = True
+            continue
+        if forward_head:
+            if not line or _FORWARD_HEADER.match(line):
+                continue
+            forward_head = False
         if line:
             lines.append(line)
     return "\n".join(lines)

@@ -16,11 +16,13 @@ import fnmatch
 import functools
 import re
 from collections.abc import Sequence
+from email.utils import parseaddr
 
 from bridge.config import MailRule
 from bridge.ingress.mail import MailText
 
 _ADDRESS = re.compile(r"<([^<>]*)>")
+ADDRESS_HEADER_CHARS = 998  # of a From header given to the address parser: one line's worth
 
 
 @functools.lru_cache(maxsize=512)  # a few rules, each pattern compiled once
@@ -29,9 +31,14 @@ def _pattern(pattern: str) -> re.Pattern[str]:
 
 
 def _address(header: str) -> str:
-    """`Name <a@b>` -> `a@b`; a bare address as is; lowercased."""
-    found = _ADDRESS.search(header)
-    return (found.group(1) if found else header).strip().lower()
+    """`Name <a@b>` -> `a@b`; `a@b (Comment)`, as cron writes its From, -> `a@b` (the
+    comment once stayed, and `*@host` missed cron's mail relayed with another envelope
+    sender); lowercased. What the parser cannot read: the bracketed part, else as is."""
+    address = parseaddr(header[:ADDRESS_HEADER_CHARS])[1]
+    if not address:
+        found = _ADDRESS.search(header)
+        address = found.group(1) if found else header
+    return address.strip().lower()
 
 
 def _sender_matches(rule: MailRule, mail: MailText, mail_from: str | None) -> bool:

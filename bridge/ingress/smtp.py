@@ -22,6 +22,7 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -50,7 +51,7 @@ from bridge.ingress.workers import Workers
 from bridge.phone import PhoneError
 from bridge.policy.decide import content_hash, dedupe_scope
 from bridge.policy.shaping import Draft
-from bridge.schedule import MAIL_HEADER, parse_schedule_time
+from bridge.schedule import MAIL_HEADER, parse_schedule_time, scheduled_epoch
 from bridge.sockets import bind_socket
 from bridge.templates import TemplateError, render
 
@@ -62,6 +63,7 @@ PARSE_WORKERS = 2  # mail parsing threads; a slow mail holds one, never the even
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
+_QUOTED_PAIR = re.compile(r"\\(.)")  # a backslash-escaped character in a quoted local part
 # An address in angle brackets of plain dot-atoms, then nothing or one space and the
 # parameters (no comment, no folding): held to aiosmtpd's parse by a property test.
 _PLAIN_ADDRESS = re.compile(rf"<({_DOT_ATOM})@({_DOT_ATOM})>(?: ([^\s(].*))?", re.DOTALL)
@@ -94,6 +96,17 @@ class BridgeSMTP(LimitedSMTP):
     """
 
     _addresses: ClassVar[dict[tuple[str, int], tuple[str | None, str | None]]] = {}
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        # RFC 4954's `AUTH=<mailbox>` MAIL parameter, which Exim and sendmail add once
+        # they have logged in (Debian's Exim smarthost sends `AUTH=<>`): aiosmtpd knows
+        # only SIZE, BODY and SMTPUTF8 and refused the mail with a permanent 555. The
+        # bridge advertises AUTH, so it must take the parameter; it trusts only its own
+        # AUTH, so the value is read and ignored, as the RFC allows.
+        found = super()._getparams(params)
+        if found is not None:
+            found.pop("AUTH", None)
+        return found
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         plain = _PLAIN_ADDRESS.fullmatch(arg)
@@ -136,7 +149,9 @@ class SmtpHandler:
         self.tls = self._tls(smtp)  # at start a certificate that does not load is fatal
         self.sessions = Sessions(lambda: self.smtp)
         self.parsers = Workers(PARSE_WORKERS, "mail-parse")
-        self.auth_throttle = FailureThrottle(ingestor.clock)  # kept across reloads
+        # kept across reloads. Not `auth_...`: aiosmtpd takes every handler attribute so
+        # named for an AUTH mechanism, and EHLO offered `AUTH LOGIN PLAIN throttle`.
+        self.login_throttle = FailureThrottle(ingestor.clock)
         self.reload(smtp=smtp, recipients=recipients)
 
     def close(self) -> None:
@@ -156,7 +171,7 @@ class SmtpHandler:
             smtp = dataclasses.replace(smtp, tls_cert=self.smtp.tls_cert, tls_key=self.smtp.tls_key)
         self.smtp = smtp
         self.recipients = recipients
-        self.authenticator = Authenticator(dict(smtp.users), self.auth_throttle)
+        self.authenticator = Authenticator(dict(smtp.users), self.login_throttle)
         self.domains = {d.lower() for d in smtp.domains}
         self.networks = [parse_network(n) for n in smtp.allowed_networks]
         return problems
@@ -182,6 +197,27 @@ class SmtpHandler:
             return True
         return in_networks(peer_host(session), self.networks)
 
+    def _sender_refusal(self, address: str) -> str | None:
+        """Why `smtp.allowed_senders` refuses this MAIL FROM, or None.
+
+        The null sender (`<>`, a bounce or an auto-reply) is no sender a pattern names:
+        where an allowlist is set it is refused unless the list holds `<>` itself. A glob
+        (`*`) once admitted it, and the bounce was stored and never texted.
+        """
+        patterns = self.smtp.allowed_senders
+        if not patterns:
+            return None  # any sender; a null sender's mail is stored as suppressed
+        if address in ("", "<>"):
+            if "<>" in patterns:
+                return None
+            return (
+                "550 5.7.1 Null sender <> (a bounce or auto-reply) is not allowed to send "
+                "here: smtp.allowed_senders is set"
+            )
+        if any(p != "<>" and fnmatch.fnmatch(address.lower(), p.lower()) for p in patterns):
+            return None
+        return f"550 5.7.1 Sender <{address}> is not allowed to send here"
+
     async def handle_MAIL(
         self,
         server: SMTP,
@@ -192,13 +228,9 @@ class SmtpHandler:
     ) -> str:
         if not self._client_allowed(session):
             return f"550 5.7.1 Client {peer_host(session)} is not allowed to send here"
-        patterns = self.smtp.allowed_senders
-        if (
-            address
-            and patterns
-            and not any(fnmatch.fnmatch(address.lower(), p.lower()) for p in patterns)
-        ):
-            return f"550 5.7.1 Sender <{address}> is not allowed to send here"
+        refusal = self._sender_refusal(address)
+        if refusal:
+            return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -212,6 +244,10 @@ class SmtpHandler:
             raise InputError(
                 "domain", f"relaying denied: {domain or address!r} is not a domain of this bridge"
             )
+        if len(local) > 1 and local[0] == local[-1] == '"':
+            # RFC 5321's quoted local part, as a mail client writes `+1 202 555 0143`: the
+            # spaces the 550 lists as separators can reach the bridge no other way.
+            local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
         return self.recipients.mailbox(local, domain)
 
     async def handle_RCPT(
@@ -277,22 +313,39 @@ class SmtpHandler:
         return compose(mail, mode)
 
     def schedule_of(self, mail: MailText) -> str | None:
-        """The `X-SMS-Schedule` header (read by the parse worker) as a schedule time."""
+        """The `X-SMS-Schedule` header (read by the parse worker) as a schedule time; None
+        (send now) for a time already past.
+
+        Unlike the API's caller, a mail's sender is not answered at once: an MTA that
+        queued the mail (the bridge down, or its own 451 earlier) delivers it after its
+        time, and a 554 for "in the past" bounced a text that is merely due. A scheduled
+        text whose time passes in the queue is sent at once; so is this one.
+        """
         if not mail.schedule:
             return None
-        return parse_schedule_time(
-            mail.schedule,
-            now=self.ingestor.clock.now(),
-            tz=zone(self.provider.timezone),
-            field=MAIL_HEADER,
+        now = self.ingestor.clock.now()
+        when = parse_schedule_time(
+            mail.schedule, now=float("-inf"), tz=zone(self.provider.timezone), field=MAIL_HEADER
         )
+        epoch = scheduled_epoch(when)
+        if epoch is not None and epoch <= now:
+            log.info("%s %r has passed: sent now", MAIL_HEADER, mail.schedule[:40])
+            return None
+        return when
 
-    async def parse(self, raw: bytes, mail_from: str | None) -> MailText | str:
+    async def parse(
+        self, raw: bytes, mail_from: str | None, cut: str | None = None
+    ) -> MailText | str:
         """The mail parsed under the MIME bounds (in a worker thread unless it
-        `parses_quickly`), or the SMTP refusal.
+        `parses_quickly`), or the SMTP refusal. `cut` says why the listener kept only the
+        mail's first lines (`truncated` then says so first).
 
-        A parse still running at `smtp.parse_timeout` is refused with 554 (it also stops
-        itself at the next part); one that never got a worker in that time is a 451.
+        A parse still running at `smtp.parse_timeout` (it also stops itself at the next
+        part), or one that never got a worker in that time, is a 451: the time a parse
+        takes is the bridge's load as much as the mail's shape, so a permanent 5xx would
+        have the sender bounce a real alert that parses in time once the load is gone. A
+        mail that is costly by its shape alone fails again each try until the client's
+        queue lifetime ends (bounded: each try holds one worker for `parse_timeout`).
         """
         smtp = self.smtp
         bounds = ParseBounds(smtp.max_mime_depth, smtp.max_mime_parts, smtp.parse_timeout)
@@ -313,10 +366,14 @@ class SmtpHandler:
             if not started:
                 log.warning("SMTP DATA refused with 451: every mail parser is busy")
                 return "451 4.3.2 Too busy to read the mail now; try again later"
-            log.warning("SMTP DATA refused with 554: not parsed in %gs", smtp.parse_timeout)
+            log.warning("SMTP DATA refused with 451: not parsed in %gs", smtp.parse_timeout)
             return (
-                f"554 5.6.0 Mail structure too costly: not parsed within "
-                f"{smtp.parse_timeout:g}s; not accepted"
+                f"451 4.3.0 Mail not parsed within {smtp.parse_timeout:g}s "
+                f"(smtp.parse_timeout); not accepted, try again later"
+            )
+        if cut:
+            mail = dataclasses.replace(
+                mail, truncated="; ".join(filter(None, (cut, mail.truncated)))
             )
         if mail.truncated:
             log.warning("mail read only in part (%s); texted from what was read", mail.truncated)
@@ -332,24 +389,28 @@ class SmtpHandler:
         return "451 4.3.0 Internal error in the bridge; try again later"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        refusal = getattr(server, "data_refusal", None)
-        if refusal:
-            log.warning("SMTP DATA from %s refused: %s", peer_host(session), refusal)
-            return str(refusal)
+        cut = getattr(server, "data_cut", None)  # the lines past smtp.max_lines: dropped
         raw = (
             envelope.content
             if isinstance(envelope.content, bytes)
             else (str(envelope.content or "").encode("utf-8", errors="replace"))
         )
-        mail = await self.parse(raw, envelope.mail_from)
+        mail = await self.parse(raw, envelope.mail_from, cut)
         if isinstance(mail, str):
             return mail
         recipients: dict[str, None] = {}
         for address in envelope.rcpt_tos:
             try:
                 recipients.update(dict.fromkeys(self.resolve(address)))
-            except InputError as exc:  # config changed between RCPT and DATA
-                return f"550 5.1.1 <{address}>: {exc.message}"
+            except InputError as exc:
+                # Accepted at RCPT, refused now: a reload between the two. A 5xx here
+                # bounced the mail for every recipient; on the client's retry RCPT
+                # answers each one by the new config, and the rest are texted.
+                log.warning("SMTP DATA refused with 451: <%s> %s since RCPT", address, exc)
+                return (
+                    f"451 4.3.0 <{address}>: refused since RCPT by a configuration reload; "
+                    "try again later"
+                )
             except Unavailable as exc:
                 return unreadable(address, exc, session)
         try:
@@ -384,10 +445,18 @@ class SmtpHandler:
 
 def mail_dedupe_key(mail: MailText) -> str | None:
     """A resend is the same Message-ID *and* the same content: cheap devices and test
-    fixtures give different mails one Message-ID, and each of them must be texted."""
-    if not mail.message_id:
-        return None  # the text is the key
-    return f"message-id:{mail.message_id}:{content_hash(mail.sender, mail.subject, mail.body)}"
+    fixtures give different mails one Message-ID, and each of them must be texted.
+
+    Without a Message-ID, the Date header tells a retry (an MTA resends the mail as it
+    was, Date and all) from a new mail with the same words (cron's "backup failed" an
+    hour later): the Date and the content. With neither, the text is the key."""
+    content = content_hash(mail.sender, mail.subject, mail.body)
+    if mail.message_id:
+        return f"message-id:{mail.message_id}:{content}"
+    date = mail.headers.get("date", "").strip()
+    if date:
+        return f"date:{content_hash(date)}:{content}"
+    return None  # the text is the key
 
 
 def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:

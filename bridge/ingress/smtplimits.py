@@ -16,7 +16,10 @@
   time, and a line already buffered costs an `await` that never yields, so a mail of
   1 MB in 3-byte lines held the loop ~1 s (20 at once stalled /healthz 6.5 s). DATA is
   read through `DataLines`, which yields every `YIELD_EVERY` lines and, past the cap,
-  reads the rest without keeping it; the handler then answers 552 (`data_refusal`).
+  reads the rest without keeping it; the handler texts the lines read and says so in its
+  250 (`data_cut`). A 552 there bounced long cron mail (an `rsync -v` log) for good.
+- DATA line length: up to the message size (`smtp.max_message_bytes`) during DATA, not
+  aiosmtpd's 1001 bytes, which bounced one-line HTML and unwrapped base64 with a 500.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 # NOOP, RSET, HELP, VRFY, EXPN and refused commands never do.
 PROGRESS = ("HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA")
 YIELD_EVERY = 256  # DATA lines read between two turns of the event loop (~0.5 ms)
+DATA_LINE_BYTES = 1 << 20  # the longest DATA line where no message size limit is set
 
 
 class Sessions:
@@ -276,22 +280,28 @@ class LimitedSMTP(SMTP):
         lines = DataLines(reader, self.max_lines or sys.maxsize)
         self._reader = cast(Any, lines)
         self._in_data = True
+        # A mail's lines may be as long as the mail may be (`smtp.max_message_bytes`), not
+        # aiosmtpd's 1001 bytes, past which it answered a permanent `500 Line too long`:
+        # a NAS's one-line HTML, unwrapped base64 or a script's JSON bounced. RFC 5321
+        # lets a server take longer lines; Postfix does. Commands keep the short limit.
+        saved = reader._limit, self.line_length_limit  # type: ignore[attr-defined]
+        longest = max(saved[1], (self.data_size_limit or DATA_LINE_BYTES) + 2)
+        reader._limit = self.line_length_limit = longest  # type: ignore[attr-defined]
         try:
             await super().smtp_DATA(arg)  # calls the handler's handle_DATA at the end
         finally:
+            reader._limit, self.line_length_limit = saved  # type: ignore[attr-defined]
             self._reader = reader
             self._in_data = False
             if self._ending is not None:  # after the mail's answer, which the client has now
                 self.end_now(self._ending)
 
     @property
-    def data_refusal(self) -> str | None:
-        """For the DATA handler: why the mail just read is refused, else None."""
+    def data_cut(self) -> str | None:
+        """For the DATA handler: why only the first lines of the mail were kept, else None."""
         lines: Any = self._reader
         if isinstance(lines, DataLines) and lines.over:
-            return (
-                f"552 5.3.4 Too many lines: more than {lines.most} (smtp.max_lines); not accepted"
-            )
+            return f"more than {lines.most} lines (smtp.max_lines)"
         return None
 
     def _reset_timeout(self, duration: float | None = None) -> None:

@@ -7,6 +7,14 @@ checked*, right or wrong, since answering a right guess differently would let th
 guessing go on at full speed. A success does not clear the count (a genuine client at
 the same address would otherwise reset an attacker's budget).
 
+What a lockout must not do is stop the genuine senders at that address: on a loopback
+install every local sender is 127.0.0.1, behind a NAT every host is its address, and a
+script with a wrong token (or a local attacker) locked Alertmanager out with it: its
+alerts answered 503 for the whole lockout. So a credential that succeeded from a client
+*before* its lockout (OWASP's "device cookie") is remembered (`trust`) and passes it
+(`trusted`): a guess cannot be among them, since nothing reaches the checks while the
+lockout lasts, and a right guess made earlier was already a success.
+
 `QuietLog` keeps one WARNING per client and kind a minute; the rest are counted and
 summed into the next line, so 25,000 failures make a few lines, not 25,000.
 
@@ -20,6 +28,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from bridge.addresses import client_address
@@ -29,6 +38,7 @@ MAX_FAILURES = 10  # failed authentications from one client within WINDOW
 WINDOW = 60.0
 LOCKOUT = 300.0  # seconds a client past MAX_FAILURES is refused
 MAX_CLIENTS = 10_000  # entries kept; beyond, the oldest go
+TRUSTED_PER_CLIENT = 16  # credentials remembered per client (tokens, console sessions)
 LOG_EVERY = 60.0  # seconds between two warnings of one kind about one client
 
 
@@ -68,6 +78,9 @@ class FailureThrottle:
         self.lockout = lockout
         self.max_clients = max_clients
         self._records: dict[str, _Record] = {}
+        # client -> fingerprints of credentials that succeeded from it, oldest first.
+        # Only a verified credential adds one: a client without one cannot grow it.
+        self._trusted: dict[str, dict[int, None]] = {}
 
     def locked(self, host: str) -> float:
         """Seconds the client must still wait; 0 when it may try."""
@@ -90,6 +103,29 @@ class FailureThrottle:
             record.failures, record.since = 0, now
             return self.lockout
         return 0.0
+
+    def trust(self, host: str, credentials: Iterable[str]) -> None:
+        """Remember `credentials` (header values the bridge verified) as genuine from
+        `host`. Fingerprints (the process's randomised hash), never the secrets."""
+        key = client_key(host)
+        known = self._trusted.get(key)
+        if known is None:
+            if len(self._trusted) >= self.max_clients:
+                del self._trusted[next(iter(self._trusted))]
+            known = self._trusted[key] = {}
+        for credential in credentials:
+            fingerprint = hash(credential)
+            if fingerprint in known:
+                continue
+            if len(known) >= TRUSTED_PER_CLIENT:
+                del known[next(iter(known))]
+            known[fingerprint] = None
+
+    def trusted(self, host: str, credentials: Iterable[str]) -> bool:
+        """Whether every one of `credentials` (at least one) succeeded from `host`."""
+        known = self._trusted.get(client_key(host), {})
+        fingerprints = [hash(credential) for credential in credentials]
+        return bool(fingerprints) and all(f in known for f in fingerprints)
 
     def _evict(self, now: float) -> None:
         stale = [

@@ -55,6 +55,11 @@ class _StoreCollector(Collector):
                 yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
         for name, help_text, count_since_start in self.metrics.live_counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=count_since_start())
+        for name, help_text, label, counts in self.metrics.labelled_counters:
+            family = CounterMetricFamily(f"{PREFIX}_{name}", help_text, labels=[label])
+            for label_value, failures in counts().items():
+                family.add_metric([label_value], failures)
+            yield family
 
     def _store_figures(self, snap: Snapshot) -> Iterator[GaugeMetricFamily]:
         messages = GaugeMetricFamily(
@@ -95,6 +100,7 @@ class Metrics:
         self.snapshot = Snapshot()
         self.live_gauges: list[tuple[str, str, Callable[[], float | None]]] = []
         self.live_counters: list[tuple[str, str, Callable[[], float]]] = []
+        self.labelled_counters: list[tuple[str, str, str, Callable[[], dict[str, float]]]] = []
         self.provider_requests = Counter(
             f"{PREFIX}_provider_requests",
             "Provider requests by endpoint and outcome",
@@ -122,6 +128,13 @@ class Metrics:
         """A count a live component keeps since start, read at scrape time: exposed as
         `NAME_total`, so that `increase()` reads it across restarts."""
         self.live_counters.append((name, help_text, count))
+
+    def counters(
+        self, name: str, help_text: str, label: str, counts: Callable[[], dict[str, float]]
+    ) -> None:
+        """Counts since start by one label (`counts`: label value -> count), read at
+        scrape time, exposed as `NAME_total{label=...}`."""
+        self.labelled_counters.append((name, help_text, label, counts))
 
     async def refresh(self) -> None:
         now = self.now()

@@ -2,9 +2,10 @@
 
 Days are UTC. A batch that would cross a cap is split: what fits goes, the rest waits
 for the next day (`budget.on_exceeded = "wait"`, nothing lost) or fails with the reason
-("fail"). A text over a cap on its own (more parts than `parts_per_day`, or costing
+("fail"). A reload (or restart) that raises or removes a cap has what waits judged again
+at once, not at midnight (`loosened`). A text over a cap on its own (more parts than `parts_per_day`, or costing
 more than `cost_per_day`) fails either way, saying so: no day could hold it. The first
-time a cap bites in a day, and when the provider's balance falls
+time each cap (at its value) bites in a day, and when the provider's balance falls
 below `budget.low_balance`, the admin recipients get one warning text; warnings are
 never held back by the caps they report.
 
@@ -17,10 +18,15 @@ The cost cap (`budget.cost_per_day`, in the provider's currency) counts what tod
 messages cost (the provider's figure, else the estimate made at ingest, else one made now)
 plus the estimate for the next one, from the price list the dispatcher fetches. A country
 the list does not price is counted at its highest price: a cap that guards against toll
-fraud must not let the unpriced destinations through for free. With no list at all (its
-path is undocumented; it may fail at start) the highest price is the most a part was
-billed; before any bill, one text goes alone and its bill prices the rest (a whole bulk
-call counted as free once spent the day's cap many times over).
+fraud must not let the unpriced destinations through for free. A country the list gives
+at 0 is free: 0 is a price. With no list (its path is undocumented; a fetch may fail: the
+dispatcher tries again with backoff, and daily) a country is priced by what its parts
+were billed, else the highest price is the most a part was billed; before any bill (or
+with nothing priced above 0), one text goes alone and its bill prices the rest (a whole
+bulk call counted as free once spent the day's cap many times over). A text whose only
+price is such a guess larger than the whole cap is treated the same way (alone, on a day
+with room, its bill prices its country), never failed as larger than the budget: that is
+said of a text by its own price only.
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ def day_bounds(now: float) -> tuple[float, float, str]:
 @dataclass(frozen=True, slots=True)
 class Cap:
     """A cap a message ran into: why (in its reason, "texts_per_day=3") and which daily
-    warning tells the admins (`cap` for the overall and route caps, one per token)."""
+    warning tells the admins (`cap:NAME=VALUE` for the overall and route caps, one per
+    token)."""
 
     why: str
     warning: str = "cap"
@@ -59,13 +66,20 @@ class Cap:
     never: bool = False
 
 
+def _cap(name: str, more: str = "") -> Cap:
+    """An overall or route cap, warned of once a day per cap and value: a cap raised by a
+    reload that bites again is told again (one warning a day for every cap, the admins
+    never heard that the cap they had just raised was reached too)."""
+    return Cap(f"{name}{more}", f"cap:{name}")
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
     allowed: list[Message]
     over: list[Message]
     caps: list[Cap] = field(default_factory=list)  # the cap of each of `over`, in order
-    # Not decided yet: no price known, and one unpriced text already goes in this batch.
-    # They stay queued, due: the next step prices them from its bill.
+    # Not decided yet: an unpriced text goes alone, so with one (or a priced text) already
+    # going in this batch the others stay queued, due: the next step prices them.
     later: list[Message] = field(default_factory=list)
 
     @property
@@ -94,6 +108,11 @@ class BudgetGuard:
         self.clock = clock
         self.sender_id = provider.sender_id  # the bridge's own texts: fixed until restart
         self.over_cap_total = 0  # messages held back or failed by a cap, for metrics
+        # A reload raised or removed a cap: what waits for midnight is judged again now
+        # (the dispatcher's next step, `Dispatcher.release_holds`), not tomorrow. At
+        # start too: the caps may have been raised while the bridge was stopped.
+        self.loosened = True
+        self.caps: dict[str, float] = {}  # every cap in force by name (`_caps`)
         self.reload(budget=budget, routes=routes, recipients=recipients, tokens=tokens or {})
 
     def reload(
@@ -120,6 +139,24 @@ class BudgetGuard:
             name: token.texts_per_day for name, token in tokens.items() if token.texts_per_day > 0
         }
         self.admins = admins
+        before, self.caps = self.caps, self._caps()
+        # Raised, or gone (0 or no longer named: no cap). A cap only lowered or added
+        # holds back nothing that waits already.
+        self.loosened = self.loosened or any(
+            name not in self.caps or self.caps[name] > cap for name, cap in before.items()
+        )
+
+    def _caps(self) -> dict[str, float]:
+        """Every daily cap in force by name; none of them 0."""
+        c = self.config
+        caps: dict[str, float] = {
+            "texts_per_day": c.texts_per_day,
+            "parts_per_day": c.parts_per_day,
+            "cost_per_day": c.cost_per_day,
+        }
+        caps.update({f"routes.{name}": cap for name, cap in self.route_caps.items()})
+        caps.update({f"tokens.{name}": cap for name, cap in self.token_caps.items()})
+        return {name: cap for name, cap in caps.items() if cap > 0}
 
     @property
     def active(self) -> bool:
@@ -131,18 +168,26 @@ class BudgetGuard:
             or self.token_caps
         )
 
-    def _cost(self, recipient: str, parts: int, known: float | None = None) -> float:
-        """What one message costs or will cost; the highest price where none is known."""
+    def _cost(
+        self, recipient: str, parts: int, known: float | None = None
+    ) -> tuple[float | None, bool]:
+        """What one message costs or will cost, and whether that is its own price (stored,
+        listed or billed for its country) or the highest price known, counted where its
+        own is not; None where nothing is priced above 0 (no list, or one of free
+        entries only, and nothing billed yet): an unknown destination is never free."""
         if known is not None:
-            return known
+            return known, True
         estimate = self.prices.estimate(recipient, parts)
-        return estimate if estimate is not None else self.prices.ceiling() * parts
+        if estimate is not None:
+            return estimate, True
+        ceiling = self.prices.ceiling()
+        return (ceiling * parts if ceiling > 0 else None), False
 
     async def _spent(self, since: float) -> float:
         """Today's cost so far, in the provider's currency: summed in SQL where a cost or
         estimate is stored; the rare rows with neither are estimated here."""
         known, unknown = await self.store.spent_since(since, WARNING_SOURCE)
-        return float(known) + sum(self._cost(r, int(p)) for r, p in unknown)
+        return float(known) + sum(self._cost(r, int(p))[0] or 0.0 for r, p in unknown)
 
     async def _used(
         self, since: float, route: str | None = None, token: str | None = None
@@ -162,14 +207,25 @@ class BudgetGuard:
         token_used: dict[str, int] = {}
         allowed, over, caps, later = [], [], [], []
         unpriced = False  # an unpriced text is in `allowed`: the others wait for its bill
+        priced_allowed = False  # a priced text is in `allowed`: an unpriced one waits
         for m in batch:
             if m.source == WARNING_SOURCE:
                 allowed.append(m)
                 continue
-            guess = cost_cap and m.estimated_cost is None and not self.prices.known
-            if guess and unpriced:
+            priced, own = (
+                self._cost(m.recipient, m.parts, m.estimated_cost) if cost_cap else (0.0, True)
+            )
+            # Nothing to price it by, or only a guess (another country's price) that no
+            # day could hold: it goes alone, on a day with room left, and its bill prices
+            # its country. Failed as "larger than the daily budget" on that guess, a 0.5
+            # text never went once a 1.5 one had been billed.
+            guess = priced is None or (not own and priced > cost_cap)
+            # Alone: counted at 0 beside priced texts, it let them fill the cap and its
+            # bill came on top.
+            if unpriced or (guess and priced_allowed):
                 later.append(m)
                 continue
+            cost = 0.0 if guess else (priced or 0.0)
             route, token = m.route or "", m.token or ""
             cap = self.route_caps.get(route)
             if cap is not None and route not in route_used:
@@ -177,7 +233,6 @@ class BudgetGuard:
             token_cap = self.token_caps.get(token)
             if token_cap is not None and token not in token_used:
                 token_used[token] = (await self._used(start, token=token))[0]
-            cost = self._cost(m.recipient, m.parts, m.estimated_cost) if cost_cap else 0.0
             why: Cap | None = None
             if (never := self._never_fits(m, cost)) is not None:
                 why = never
@@ -185,20 +240,20 @@ class BudgetGuard:
                 # First: a runaway token is told apart from the day's budget running out.
                 why = Cap(f"tokens.{token}.texts_per_day={token_cap}", f"token:{token}")
             elif self.config.texts_per_day and texts + 1 > self.config.texts_per_day:
-                why = Cap(f"texts_per_day={self.config.texts_per_day}")
+                why = _cap(f"texts_per_day={self.config.texts_per_day}")
             elif self.config.parts_per_day and parts + m.parts > self.config.parts_per_day:
-                why = Cap(f"parts_per_day={self.config.parts_per_day}")
+                why = _cap(f"parts_per_day={self.config.parts_per_day}")
             elif cap is not None and route_used[route] + 1 > cap:
-                why = Cap(f"routes.{m.route}.max_texts_per_day={cap}")
-            elif cost_cap and spent + cost > cost_cap:
+                why = _cap(f"routes.{m.route}.max_texts_per_day={cap}")
+            elif cost_cap and (spent + cost > cost_cap or (guess and spent >= cost_cap)):
                 currency = f" {self.prices.currency}" if self.prices.currency else ""
-                why = Cap(f"cost_per_day={cost_cap:g}{currency}, {spent:g} spent")
+                why = _cap(f"cost_per_day={cost_cap:g}", f"{currency}, {spent:g} spent")
             if why:
                 over.append(m)
                 caps.append(why)
                 continue
             allowed.append(m)
-            unpriced = unpriced or bool(guess)
+            unpriced, priced_allowed = unpriced or guess, priced_allowed or not guess
             texts, parts = texts + 1, parts + m.parts
             spent += cost
             if cap is not None:

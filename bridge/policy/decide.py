@@ -7,12 +7,18 @@ each as if the ones before it were already stored: two concurrent duplicates can
 both slip through, and a storm is counted exactly. No I/O here, no store import beyond
 the interface's vocabulary.
 
-- Deduplication: the same dedupe key (explicit: `dedupe_key`, Message-ID and content,
+- Deduplication: the same dedupe key (explicit: `dedupe_key`, a mail's Message-ID or Date and content,
   GitHub body hash, alert fingerprints and status; otherwise the normalised text) to the
   same recipient within the window -> `suppressed`, naming the original. Every key
   carries its scope (`dedupe_scope`): keys from the API, a route or mail never meet.
 - Storm control: more than `per_recipient` texts to one phone within the window ->
   `held`; the digest worker (`bridge.delivery.digests`) later folds held messages into one SMS.
+  A text counts when it reaches the phone: a scheduled one at its `schedule_time`, not
+  when it arrives (ten reminders for tomorrow 09:00 neither trip today's limit nor pass
+  tomorrow's uncounted: the ones over the limit are held then, for a digest after their
+  time), any other when it arrives. A text is held when some window of the phone's
+  texts around its time, itself counted, would pass the limit, or when a storm holds the
+  phone's texts at its time.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 
 from bridge.config import Config
 from bridge.models import NewMessage, State
+from bridge.schedule import scheduled_epoch
 from bridge.store.api import (
     IngestQuestions,
     Lookups,
@@ -62,6 +69,15 @@ class Rules:
         window = self.route_windows.get(route or "", -1.0)
         return self.dedupe_window if window < 0 else window
 
+    def storm_question(self, message: NewMessage, now: float) -> StormQuestion:
+        """What storm control asks the store about `message`, arriving at `now`: the
+        texts around its time, and whether a storm holds the phone then (any held
+        message up to now for a text that goes now; one held within the window before
+        it for a text scheduled later: today's storm does not hold tomorrow's text)."""
+        at = reaches_phone(message, now)
+        window = self.per_recipient_window
+        return StormQuestion(message.recipient, at, window, at - window if at > now else 0.0)
+
     # -- the store's Decider -------------------------------------------------------------
     def questions(self, pending: Sequence[Pending]) -> IngestQuestions:
         """The stored originals and storm counts the decisions of `pending` need."""
@@ -71,11 +87,7 @@ class Rules:
             for m, now in queued
             if (window := self.window_for(m.route)) > 0
         }
-        storms = (
-            {StormQuestion(m.recipient, now - self.per_recipient_window) for m, now in queued}
-            if self.per_recipient
-            else set()
-        )
+        storms = {self.storm_question(m, now) for m, now in queued} if self.per_recipient else set()
         return IngestQuestions(originals=sorted(originals), storms=sorted(storms))
 
     def decide(
@@ -94,6 +106,21 @@ class Rules:
             batch.record(decided, message_id, now)
             out.append(decided)
         return out
+
+
+def reaches_phone(message: NewMessage, now: float) -> float:
+    """When `message`, arriving at `now`, reaches its phone: its schedule, else now."""
+    scheduled = scheduled_epoch(message.schedule_time)
+    return now if scheduled is None else max(now, scheduled)
+
+
+def crowded(times: Sequence[float], at: float, window: float, limit: int) -> bool:
+    """Would a text at `at` make some window of `window` seconds holding it hold more
+    than `limit` texts, with the others' `times`? Any such window, moved later until it
+    starts at a text (one of those before `at`, or this one), holds as many or more:
+    those are the only ones to look at."""
+    starts = [at, *(t for t in times if at - window <= t <= at)]
+    return any(sum(1 for t in times if s <= t <= s + window) >= limit for s in starts)
 
 
 def _keyed(pending: Sequence[Pending]) -> Sequence[Pending]:
@@ -153,11 +180,12 @@ class _Batch:
 
     rules: Rules
     originals: Mapping[OriginalQuestion, int]  # (key, recipient, since) -> stored id
-    storms: Mapping[StormQuestion, StormState]  # (recipient, since) -> stored state
+    storms: Mapping[StormQuestion, StormState]  # (recipient, at, ...) -> stored state
     # (key, phone) -> [(id, arrival)] of this batch, oldest first
     earlier: dict[tuple[str, str], list[tuple[int, float]]] = field(default_factory=dict)
-    held: set[str] = field(default_factory=set)  # phones held within this batch
-    let_through: dict[str, list[float]] = field(default_factory=dict)  # phone -> arrivals
+    # phone -> when its texts held / let through within this batch reach it
+    held: dict[str, list[float]] = field(default_factory=dict)
+    let_through: dict[str, list[float]] = field(default_factory=dict)
 
     def original(self, message: NewMessage, since: float) -> int | None:
         key = message.dedupe_key or ""
@@ -168,18 +196,21 @@ class _Batch:
         return next((i for i, at in repeats if at >= since), None)
 
     def storming(self, message: NewMessage, now: float) -> bool:
-        since = now - self.rules.per_recipient_window
-        held, recent = self.storms.get(StormQuestion(message.recipient, since), (False, 0))
-        recent += sum(1 for at in self.let_through.get(message.recipient, []) if at >= since)
-        return held or message.recipient in self.held or recent >= self.rules.per_recipient
+        question = self.rules.storm_question(message, now)
+        _, at, window, held_since = question
+        held, stored = self.storms.get(question, (False, ()))
+        phone = message.recipient
+        held = held or any(held_since <= t <= at for t in self.held.get(phone, []))
+        near = [t for t in self.let_through.get(phone, []) if at - window <= t <= at + window]
+        return held or crowded([*stored, *near], at, window, self.rules.per_recipient)
 
     def record(self, message: NewMessage, message_id: int, now: float) -> None:
         pair = (message.dedupe_key or "", message.recipient)
         self.earlier.setdefault(pair, []).append((message_id, now))
         if message.state == State.HELD:
-            self.held.add(message.recipient)
+            self.held.setdefault(message.recipient, []).append(reaches_phone(message, now))
         elif message.state == State.QUEUED:
-            self.let_through.setdefault(message.recipient, []).append(now)
+            self.let_through.setdefault(message.recipient, []).append(reaches_phone(message, now))
 
 
 def _decide(message: NewMessage, now: float, batch: _Batch) -> NewMessage:

@@ -35,13 +35,15 @@ def _prepared(
 ) -> tuple[str, Shape, str]:
     """The text as stored (look-alikes replaced, cut to `max_parts`), its shape, and the
     dedupe key it has when its sender gives none."""
+    cut = truncate_to_parts(text, max_parts)
     if replace_look_alikes:
-        # Only where it makes the text GSM: in a text that stays UCS-2 it saves nothing
-        # and harms some (a ZWNJ is part of Persian spelling, a ZWJ holds emoji together).
-        replaced = transliterate(text)
+        # Only where it makes the text GSM as sent (after the cut: a curly quote in the
+        # head of a text whose emoji is cut away): in a text that stays UCS-2 it saves
+        # nothing and harms some (a ZWNJ is part of Persian spelling, a ZWJ holds emoji).
+        replaced = truncate_to_parts(transliterate(text), max_parts)
         if is_gsm(replaced):
-            text = replaced
-    text = truncate_to_parts(text, max_parts)
+            cut = replaced
+    text = cut
     return text, shape(text, arabic_type=arabic_type), text_key(text)
 
 

@@ -8,11 +8,12 @@ default, `bridge.store.sqlite`) unless `store.url` names a shared server.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from bridge.errors import ConfigError
 from bridge.store.api import Store
-from bridge.store.names import describe, display_url
+from bridge.store.names import describe, display_url, rate_window
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -20,7 +21,26 @@ if TYPE_CHECKING:
     from bridge.config import StoreConfig
     from bridge.store.copy import CopySummary
 
-__all__ = ["Store", "copy_into_postgres", "describe", "display_url", "migrate_store", "open_store"]
+__all__ = [
+    "Store",
+    "copy_into_postgres",
+    "describe",
+    "display_url",
+    "migrate_store",
+    "open_store",
+    "rate_window",
+    "serving",
+]
+
+
+def serving(config: StoreConfig) -> contextlib.AbstractContextManager[None]:
+    """Held by `serve` while it runs: on SQLite, the store's one serve (a second is
+    refused: `bridge.store.sqlite.serving`); a PostgreSQL store takes any number."""
+    if config.url:
+        return contextlib.nullcontext()
+    from bridge.store.sqlite.serving import only_serve
+
+    return only_serve(config.path)
 
 
 def open_store(config: StoreConfig, *, migrating: bool = False) -> Store:

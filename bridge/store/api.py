@@ -49,6 +49,7 @@ from bridge.store.values import (
     StormState,
     instance_name,
 )
+from bridge.store.window import Stamp
 
 
 class Lifecycle(Protocol):
@@ -98,7 +99,8 @@ class IngestOperations(Protocol):
         ...
 
     async def held_phones(self) -> list[tuple[str, float]]:
-        """Each recipient with held messages, and the `created_at` of its oldest."""
+        """Each recipient with held messages, and the earliest time one of them was to
+        reach it: its `schedule_time` if it has one, else its `created_at`."""
         ...
 
     async def fold_held(
@@ -108,9 +110,10 @@ class IngestOperations(Protocol):
         digest: Callable[[list[Held]], NewMessage],
         reason: Callable[[int], str],
     ) -> tuple[int, int] | None:
-        """In one transaction: the recipient's held messages (oldest first) become one
-        queued digest built by `digest` (a pure function), each held message ends
-        `suppressed` with `reason(digest_id)`. (digest id, how many folded), or None
+        """In one transaction: the recipient's held messages (oldest first) whose time
+        (as `held_phones`) is not after `now` become one queued digest built by `digest`
+        (a pure function), each ends `suppressed` with `reason(digest_id)`; one
+        scheduled for later waits for a digest after its time. (digest id, how many folded), or None
         when none was held (and nothing is written)."""
         ...
 
@@ -132,7 +135,7 @@ class DeliveryOperations(Protocol):
     async def claim(
         self,
         ids: Sequence[int],
-        now: float,
+        now: Stamp,
         *,
         owner: str,
         lease_until: float,
@@ -146,7 +149,9 @@ class DeliveryOperations(Protocol):
         cluster: row locks, SKIP LOCKED). `owner` holds them until `lease_until`; past it
         another instance may take them over through `unsettled`. With `limit`, booked as
         `book_request` books: a pause or a full window claims and books nothing ([]), nor
-        does a claim that gets no id (no request will be made)."""
+        does a claim that gets no id (no request will be made). `now` may be the caller's
+        clock, read once the store holds the connection and the rate lock: the claim's
+        and the booking's time, `lease_until` moved on by the time the wait took."""
         ...
 
     async def unsettled(
@@ -261,10 +266,16 @@ class DeliveryOperations(Protocol):
         ...
 
     async def awaiting_status(
-        self, *, since: float, limit: int, scheduled_after: str = ""
+        self,
+        *,
+        since: float,
+        limit: int,
+        scheduled_after: str = "",
+        after: tuple[float, int] = (0.0, 0),
     ) -> list[Message]:
         """`sent` messages sent after `since`, or scheduled (UTC text) after
-        `scheduled_after`, oldest first, with or without a provider id."""
+        `scheduled_after`, oldest first (by sent_at, then id), with or without a provider
+        id; only those after `after` (a sent_at and id) in that order."""
         ...
 
     async def known_provider_ids(self, provider_ids: Sequence[str]) -> set[str]:
@@ -289,12 +300,13 @@ class RateWindow(Protocol):
         """Book one request unconditionally (the caller's limiter allowed it)."""
         ...
 
-    async def book_request(self, at: float, kind: str, *, limit: int, window: float) -> float:
+    async def book_request(self, at: Stamp, kind: str, *, limit: int, window: float) -> float:
         """Atomically: if no pause is in force at `at` and fewer than `limit` requests
         are booked in (at - window, at], book this one and return 0.0; else book nothing
         and return the seconds until the pause ends or the oldest of them leaves the
         window (`bridge.store.window.wait_to_book`). A cluster does it under one lock per
-        API key, so N instances never book more than `limit` together."""
+        API key, so N instances never book more than `limit` together. `at` may be the
+        caller's clock, read once the store holds what the booking waited for."""
         ...
 
     async def request_rows(
@@ -344,7 +356,16 @@ class Queries(Protocol):
         taken literally (no wildcards). `number` is one whole recipient, looked up through
         `messages_recipient` and so newest by creation time (`before_id` continues after
         that message in the same order): a substring search reads the table newest first
-        until the page is full, ~150 ms on a million messages for a rare number."""
+        until the page is full, ~150 ms on a million messages for a rare number.
+        `reason_kind` "other" (models.OTHER_REASON) is what `counts_by_reason` counts so:
+        held, suppressed and failed messages with no kind recorded."""
+        ...
+
+    async def recent_failures(self, limit: int) -> list[Message]:
+        """Failed messages, the latest failure first (`updated_at`: a failed message
+        changes no more until retried), then the newest id. Cancelled ones are left out,
+        as `overview`'s delivery answers leave them out: an operator's act, not a
+        delivery that failed."""
         ...
 
     async def counts(self) -> dict[str, int]:
@@ -384,6 +405,12 @@ class Queries(Protocol):
     ) -> list[int]:
         """failed -> queued, due now, sent alone (these ids, or every failed one when
         None); `by` names who asked, in the event log. The ids changed."""
+        ...
+
+    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+        """Messages waiting for the next day's caps (queued, reason kind `budget`, due
+        later) due at `now`, to be judged again (a reload changed the caps), each with an
+        event saying `detail`; the ids changed."""
         ...
 
     async def cancel(self, ids: Sequence[int], now: float, *, by: str) -> list[int]:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import urllib.parse
 from typing import TYPE_CHECKING
 
+from bridge.config.masking import key_fingerprint
 from bridge.config.parsing import URL_PASSWORD_PARAMETERS, url_passwords
 
 if TYPE_CHECKING:
-    from bridge.config import StoreConfig
+    from bridge.config import ProviderConfig, StoreConfig
 
 
 def display_url(url: str) -> str:
@@ -34,3 +35,15 @@ def display_url(url: str) -> str:
 def describe(config: StoreConfig) -> str:
     """Which store: the server's URL (password hidden), or the SQLite file."""
     return display_url(config.url) if config.url else config.path
+
+
+def rate_window(provider: ProviderConfig, store: StoreConfig) -> str:
+    """Where this bridge paces the provider's per-key limit, said by check-config and
+    at start: the window is the store's, so two bridges with one key (the fingerprint
+    shows it) share the limit only when they name the same store."""
+    fingerprint = key_fingerprint(provider.api_key) or "(none)"
+    return (
+        f"rate window: provider key {fingerprint}, {provider.requests_per_minute} requests"
+        f" a minute, counted in store {describe(store)} (bridges with this key on another"
+        " store are not counted: docs/cluster.md, Limits)"
+    )

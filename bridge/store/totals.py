@@ -27,6 +27,11 @@ BY_REASON = (
     " WHERE state IN ('held', 'suppressed', 'failed') GROUP BY state, reason_kind"
     " HAVING sum(n) > 0 ORDER BY 1, 2"
 )
+# The messages BY_REASON counts as 'other' (a query's reason_kind=OTHER_REASON).
+OTHER_REASON_SQL = "reason_kind IS NULL AND state IN ('held', 'suppressed', 'failed')"
+# Failed by the provider, a budget or retries given up; not cancelled by an operator
+# (the console's delivery ratio and its recent failures both leave those out).
+FAILED_NOT_CANCELLED = "state = 'failed' AND coalesce(reason_kind, '') <> 'cancelled'"
 SENT = (
     "SELECT coalesce(sum(parts), 0), coalesce(sum(cost_micros), 0) FROM message_totals WHERE sent"
 )

@@ -26,15 +26,22 @@ class OriginalQuestion(NamedTuple):
 
 
 class StormQuestion(NamedTuple):
-    """What has this recipient been sent since `since`?"""
+    """Which texts reach this recipient from `at - window` to `at + window`, and does a
+    storm hold its texts at `at` (a message held whose time is from `held_since` to
+    `at`)? A text's time is its `schedule_time` when it has one (when it reaches the
+    phone), else when it was stored."""
 
     recipient: str
-    since: float
+    at: float
+    window: float
+    held_since: float
 
 
 class StormState(NamedTuple):
-    held: bool  # messages to this recipient wait for a storm digest
-    recent: int  # texts let through to it since then (queued, sending, sent, delivered)
+    held: bool  # messages to this recipient wait for a storm digest (see the question)
+    # When each text let through to it (queued, sending, sent, delivered; no digest)
+    # reaches it, within the question's span.
+    times: tuple[float, ...]
 
 
 @dataclass(frozen=True, slots=True)

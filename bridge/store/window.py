@@ -8,7 +8,20 @@ bookings next to `serve`'s, answer the same question the same way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeAlias
+
+# A booking's time: a number, or the caller's clock (`clock.now`), read by the store only
+# once it holds what the booking waits for (a pooled connection, the rate lock, the
+# writer's turn). A time read before those waits is old by the time the request is made:
+# under a flood, a pool wait longer than the window's margin let the provider see more
+# than the limit in one of its minutes.
+Stamp: TypeAlias = "float | Callable[[], float]"
+
+
+def read_stamp(at: Stamp) -> float:
+    """The booking's time, read now if `at` is a clock."""
+    return at() if callable(at) else at
 
 
 def wait_to_book(

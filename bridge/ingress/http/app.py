@@ -24,17 +24,26 @@ from bridge.config import LiveConfig
 from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.firewall import cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
-from bridge.ingress.http.auth import AuthError, Principal, authorize, token_name
-from bridge.ingress.http.bodies import error_response, parse_json, query_int, read_body
+from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize, token_name
+from bridge.ingress.http.bodies import (
+    check_query,
+    error_response,
+    known,
+    page_size,
+    parse_json,
+    query_int,
+    read_body,
+)
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.app import Console
 from bridge.ingress.http.hooks import hook_endpoint
 from bridge.ingress.http.hosts import HostCheck
-from bridge.ingress.http.lockout import AuthLockout
-from bridge.ingress.http.openapi import openapi_spec
+from bridge.ingress.http.lockout import AuthLockout, vouch
+from bridge.ingress.http.openapi import LIST_LIMIT, MAX_LIST_LIMIT, openapi_spec
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.throttle import FailureThrottle
-from bridge.models import State
+from bridge.loops import LoopHealth
+from bridge.models import OTHER_REASON, REASON_KINDS, SOURCES, State, events_json
 from bridge.ops.logs import mask
 from bridge.ops.metrics import Metrics
 from bridge.policy.decide import dedupe_scope
@@ -54,7 +63,6 @@ PROVIDER_INACTIVE = (
 )
 MAX_DEDUPE_KEY = 256
 MAX_TEXT_CHARS = 5000
-MAX_LIST_LIMIT = 1000
 STATES = tuple(str(s) for s in State)
 
 
@@ -119,9 +127,11 @@ def requires(scope: str, live: LiveConfig, handler: Handler) -> Handler:
     """`handler` for callers whose token has `scope`; the principal in `request.state`."""
 
     async def guarded(request: Request) -> Response:
-        request.state.principal = authorize(
-            live.current.tokens, request.headers.get("authorization"), scope
-        )
+        authorization = request.headers.get("authorization")
+        principal = authorize(live.current.tokens, authorization, scope)
+        if authorization and principal is not ANONYMOUS:
+            vouch(request.scope, authorization)
+        request.state.principal = principal
         return await handler(request)
 
     return handle_errors(guarded, live)
@@ -138,9 +148,12 @@ def create_app(
     lifespan: Any = None,
     status: Callable[[], dict[str, Any]] | None = None,
     wake: Callable[[], None] | None = None,
+    loops: LoopHealth | None = None,
 ) -> Starlette:
     """The HTTP app; `status` and `wake` let the console show the dispatcher's rate
-    window and balance and wake it after a retry."""
+    window and balance and wake it after a retry; `loops`: the background loops whose
+    steps keep failing make /healthz and /readyz answer 503."""
+    loops = loops or LoopHealth()
     activity = RouteActivity(live=live, clock=clock)
     console = Console(
         live=live,
@@ -199,24 +212,22 @@ def create_app(
 
     async def list_messages(request: Request) -> Response:
         q = request.query_params
-        limit = min(MAX_LIST_LIMIT, query_int(q.get("limit"), "limit", default=100) or 1)
-        before = query_int(q.get("before"), "before")
+        check_query(q)
+        limit = page_size(q.get("limit"), default=LIST_LIMIT, maximum=MAX_LIST_LIMIT)
+        before = query_int(q.get("before"), "before", minimum=1)  # ids start at 1
+        if q.get("state") and q.get("status") and q["state"] != q["status"]:
+            raise HttpError(400, "'state' and 'status' are one filter: give one", "status")
         key = "state" if q.get("state") else "status"
-        state = q.get(key)
-        if state and state not in STATES:
-            # A typo listed nothing with a 200: "no failures" to a script that asked.
-            raise HttpError(400, f"unknown {key} {state!r}: one of {', '.join(STATES)}", key)
-        for name, value in q.items():
-            if "\x00" in value:  # PostgreSQL's text cannot hold it: its search was a 500
-                raise HttpError(400, f"'{name}' holds a NUL character", name)
         messages = await store.query(
-            state=state,
-            limit=max(1, limit),
+            state=known(q, key, STATES),
+            limit=limit,
             before_id=before,
-            reason_kind=q.get("reason"),
-            route=q.get("route"),
-            source=q.get("source"),
-            recipient=q.get("recipient"),
+            reason_kind=known(q, "reason", (*REASON_KINDS, OTHER_REASON)),
+            route=q.get("route"),  # a route since removed from the config still has messages
+            source=known(q, "source", SOURCES),
+            # `?recipient=+1202...` as typed: the `+` arrives as a space, and the search
+            # for " 1202..." found nothing. The digits are searched for, as the console does.
+            recipient=(q.get("recipient") or "").strip().lstrip("+") or None,
             text=q.get("q"),
         )
         return JSONResponse({"messages": [m.to_json() for m in messages]})
@@ -228,7 +239,7 @@ def create_app(
         if message is None:
             raise HttpError(404, f"no message {raw}", "id")
         out = message.to_json()
-        out["events"] = await store.events(message.id)
+        out["events"] = events_json(await store.events(message.id))
         return JSONResponse(out)
 
     def change(action: str) -> Handler:
@@ -270,6 +281,10 @@ def create_app(
         return JSONResponse(openapi_spec(live.current))
 
     async def healthz(request: Request) -> Response:
+        # Alive is more than answering: a dispatcher whose every step fails leaves what
+        # was acknowledged unsent, and a restart is what an orchestrator can offer.
+        if failing := loops.failing():
+            return JSONResponse({"status": "failing", "problems": {"loops": failing}}, 503)
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
@@ -283,6 +298,8 @@ def create_app(
             # quote anything (our key, the account's owner). A probe needs the status; the
             # console (a token's) and the log show the words, masked.
             problems["provider"] = PROVIDER_INACTIVE if health.inactive else PROVIDER_REFUSED
+        if failing := loops.failing():
+            problems["loops"] = "; ".join(f"{name}: {why}" for name, why in failing.items())
         if problems:
             return JSONResponse({"status": "unavailable", "problems": problems}, 503)
         return JSONResponse({"status": "ready"})

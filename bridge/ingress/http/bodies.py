@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from starlette.datastructures import QueryParams
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
@@ -30,14 +32,48 @@ def error_response(status: int, message: str, field: str | None = None) -> JSONR
 
 
 def query_int(
-    raw: str | None, name: str, *, default: int | None = None, minimum: int = 0
+    raw: str | None,
+    name: str,
+    *,
+    default: int | None = None,
+    minimum: int = 0,
+    maximum: int = MAX_ROW_ID,
 ) -> int | None:
-    """An integer query or path value in the range SQLite can bind, else a 400 naming it."""
+    """An integer query or path value from `minimum` to `maximum` (at most what SQLite
+    can bind), else a 400 naming it and the range."""
     if raw is None:
         return default
-    if not _INTEGER.fullmatch(raw) or not minimum <= int(raw) <= MAX_ROW_ID:
-        raise HttpError(400, f"'{name}' must be an integer from {minimum} to {MAX_ROW_ID}", name)
+    if not _INTEGER.fullmatch(raw) or not minimum <= int(raw) <= maximum:
+        raise HttpError(400, f"'{name}' must be an integer from {minimum} to {maximum}", name)
     return int(raw)
+
+
+def known(query: Mapping[str, str], key: str, allowed: Sequence[str]) -> str | None:
+    """The filter `key` of a list, when given: one of `allowed`, else a 400 listing them
+    (a typo listed nothing with a 200: "no failures" to a script that asked)."""
+    value = query.get(key) or None
+    if value is not None and value not in allowed:
+        raise HttpError(400, f"unknown {key} {value!r}: one of {', '.join(allowed)}", key)
+    return value
+
+
+def check_query(query: QueryParams) -> None:
+    """A 400 naming the first parameter given twice (`?state=failed&state=queued` listed
+    the queued ones only, silently) or holding a NUL (PostgreSQL's text cannot hold
+    one, and a search for it was a 500 there)."""
+    for name, value in query.multi_items():
+        if len(query.getlist(name)) > 1:
+            raise HttpError(400, f"'{name}' is given more than once: give it once", name)
+        if "\x00" in value:
+            raise HttpError(400, f"'{name}' holds a NUL character", name)
+
+
+def page_size(raw: str | None, *, default: int, maximum: int) -> int:
+    """A list's `limit`: 1 to `maximum`, else a 400 that says so (the API and the console
+    alike). Not clamped: `limit=0` listed one message and `limit=5000` a thousand, each
+    answered as if it were what was asked."""
+    size = query_int(raw, "limit", default=default, minimum=1, maximum=maximum)
+    return default if size is None else size
 
 
 def media_type(request: Request) -> str:

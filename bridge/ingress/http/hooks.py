@@ -28,6 +28,7 @@ from bridge.errors import HttpError
 from bridge.firewall import cap_recipients
 from bridge.ingress.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
 from bridge.ingress.http.bodies import media_type, parse_json, read_body, read_bounded
+from bridge.ingress.http.lockout import vouch
 from bridge.ingress.ingest import Ingestor
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
@@ -91,6 +92,16 @@ def _check_credentials(route: RouteConfig, request: Request) -> None:
         if on
     )
     raise Unauthorized(f"missing or wrong {accepted}")
+
+
+def _verified_credentials(route: RouteConfig, module: object, request: Request) -> list[str]:
+    """The header values the route's checks verified: its token or basic auth, and the
+    token header of a format that has one (GitLab's). A signature is over one body and
+    never passes another request, so it is none of them."""
+    names = ["authorization"] if route.token or route.username else []
+    token_header: str | None = getattr(module, "TOKEN_HEADER", None)
+    names += [token_header] if token_header else []
+    return [request.headers[name] for name in names if name in request.headers]
 
 
 def _challenge(route: RouteConfig) -> str | None:
@@ -191,6 +202,8 @@ def hook_endpoint(
                 if (challenge := _challenge(route))
                 else None,
             )
+        for credential in _verified_credentials(route, module, request):
+            vouch(request.scope, credential)  # passes a later lockout of this client
         hook = HookRequest(
             route=route,
             headers=request.headers,

@@ -9,6 +9,13 @@ guess differently would let the guessing go on. 503, not 429, as for overload (t
 contract): a genuine sender behind the same address (a NAT, an untrusted proxy) retries
 a 5xx later and keeps its alert, where it would drop a 4xx.
 
+A lockout does not stop the genuine senders at the address: a credential the bridge
+verified from it before (`vouch`: a token, a route's token or basic auth, GitLab's
+token, a console session) passes it, when every credential the request carries is one of
+those (`FailureThrottle.trust`). A request with a signature over its body (GitHub,
+Grafana), or the sign-in form's token, carries nothing that could be vouched for: it
+waits for the lockout's end as before.
+
 A 401 to a request with no credential at all (a console page after its session
 expired, a probe, a webhook sender not yet given its secret) is not a guess and is not
 counted: on a loopback install every local sender shares 127.0.0.1, and one of them
@@ -22,6 +29,7 @@ import functools
 import logging
 import math
 
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.config import LiveConfig
@@ -32,13 +40,21 @@ from bridge.ingress.throttle import FailureThrottle, QuietLog
 log = logging.getLogger(__name__)
 # Headers that carry a credential: bearer/basic, GitHub's and GitLab's; each route's
 # `signature_header` (Grafana's) is added from the config in force.
-CREDENTIAL_HEADERS = frozenset(
-    {b"authorization", b"x-hub-signature-256", b"x-hub-signature", b"x-gitlab-token"}
-)
+STATIC_CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-gitlab-token"})
+SIGNATURE_HEADERS = frozenset({b"x-hub-signature-256", b"x-hub-signature"})
+CREDENTIAL_HEADERS = STATIC_CREDENTIAL_HEADERS | SIGNATURE_HEADERS
+SIGNIN_PATH = "/ui/signin"  # the sign-in form posts a token: a guess, never vouched for
+_VOUCHED = "sms_bridge.vouched"  # the request's credentials its handler verified
+
+
+def vouch(scope: Scope, credential: str) -> None:
+    """Tell the lockout that `credential` (a header's value as received, or a session
+    cookie's) was verified for this request: it passes a later lockout of this client."""
+    scope.setdefault(_VOUCHED, []).append(credential)
 
 
 def _presents_credential(scope: Scope, signature_headers: frozenset[bytes]) -> bool:
-    if scope.get("path") == "/ui/signin":  # the sign-in form posts a token
+    if scope.get("path") == SIGNIN_PATH:
         return True
     return any(
         name in CREDENTIAL_HEADERS or name in signature_headers for name, _ in scope["headers"]
@@ -65,8 +81,10 @@ class AuthLockout:
             return
         client = scope.get("client")
         host = str(client[0]) if client else ""
+        routes = self.live.current.routes.values()
+        signed = _signature_headers(tuple(route.signature_header for route in routes))
         wait = self.throttle.locked(host) if host else 0.0
-        if wait:
+        if wait and not self._vouched_for(host, scope, signed):
             self.quiet.warning(
                 "http-locked",
                 host,
@@ -75,10 +93,9 @@ class AuthLockout:
             )
             await _refuse(scope, receive, send, wait)
             return
-        routes = self.live.current.routes.values()
-        signed = _signature_headers(tuple(route.signature_header for route in routes))
         if not host or not _presents_credential(scope, signed):
             await self.app(scope, receive, send)
+            self._remember(host, scope)
             return
 
         async def watched(message: Message) -> None:
@@ -94,6 +111,29 @@ class AuthLockout:
             await send(message)
 
         await self.app(scope, receive, watched)
+        self._remember(host, scope)
+
+    def _remember(self, host: str, scope: Scope) -> None:
+        vouched = scope.get(_VOUCHED)
+        if vouched and host:
+            self.throttle.trust(host, vouched)
+
+    def _vouched_for(self, host: str, scope: Scope, signed: frozenset[bytes]) -> bool:
+        """Whether the request carries only credentials verified from `host` before."""
+        if scope.get("path") == SIGNIN_PATH:
+            return False
+        static: list[str] = []
+        cookies: list[str] = []
+        for name, value in scope["headers"]:
+            if name in SIGNATURE_HEADERS or name in signed:
+                return False
+            if name in STATIC_CREDENTIAL_HEADERS:
+                static.append(value.decode("latin-1"))
+            elif name == b"cookie":
+                cookies.extend(cookie_parser(value.decode("latin-1")).values())
+        if static:
+            return self.throttle.trusted(host, static)
+        return any(self.throttle.trusted(host, [cookie]) for cookie in cookies)
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, wait: float) -> None:

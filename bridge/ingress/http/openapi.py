@@ -8,11 +8,16 @@ needs. Security schemes are declared: bearer for the API, and per hook what it t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from bridge import __version__
 from bridge.config import Config
 from bridge.firewall import SENDER_ID_RULE
+from bridge.models import OTHER_REASON, REASON_KINDS, SOURCES, State
+
+LIST_LIMIT = 100  # GET /api/v1/messages: the page size unless `limit` says
+MAX_LIST_LIMIT = 1000
 
 _ERROR = {
     "type": "object",
@@ -38,10 +43,112 @@ _ACCEPTED = {
         },
     },
 }
+_TIME = {
+    "type": "string",
+    "format": "date-time",
+    "description": "ISO 8601 in UTC with milliseconds: 2027-01-15T08:00:00.000+00:00",
+}
+_OPTIONAL_TIME = {**_TIME, "type": ["string", "null"]}
+_STATES = [str(s) for s in State]
+_MESSAGE = {
+    "type": "object",
+    "required": ["id", "recipient", "state", "created_at", "updated_at"],
+    "properties": {
+        "id": {"type": "integer"},
+        "recipient": {"type": "string"},
+        "text": {"type": "string"},
+        "source": {"type": "string", "enum": list(SOURCES)},
+        "sender_id": {"type": "string"},
+        "route": {"type": ["string", "null"]},
+        "token": {"type": ["string", "null"]},
+        "state": {"type": "string", "enum": _STATES},
+        "reason": {"type": ["string", "null"]},
+        "reason_kind": {"type": ["string", "null"]},
+        "last_error": {"type": ["string", "null"]},
+        "attempts": {"type": "integer"},
+        "parts": {"type": "integer"},
+        "provider_message_id": {"type": ["string", "null"]},
+        "cost": {"type": ["number", "null"]},
+        "estimated_cost": {"type": ["number", "null"]},
+        "created_at": _TIME,
+        "updated_at": _TIME,
+        "next_attempt_at": _TIME,
+        "sent_at": _OPTIONAL_TIME,
+        "schedule_time": {**_OPTIONAL_TIME, "description": "when it is to be sent, in UTC"},
+    },
+}
+_EVENT = {
+    "type": "object",
+    "required": ["at", "state"],
+    "properties": {
+        "at": _TIME,
+        "state": {"type": "string", "enum": _STATES},
+        "attempts": {"type": "integer"},
+        "detail": {"type": ["string", "null"]},
+    },
+}
+_COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
+_STATS = {
+    "type": "object",
+    "required": ["states", "reasons"],
+    "properties": {
+        "states": {**_COUNTS, "description": "stored messages by state; states with none absent"},
+        "reasons": {
+            "type": "object",
+            "description": "held, suppressed and failed messages by reason kind"
+            " ('other': none recorded)",
+            "additionalProperties": _COUNTS,
+        },
+    },
+}
 _RECIPIENTS = {
     "oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}],
     "description": "E.164 numbers or group names",
 }
+
+
+def _filter(name: str, description: str, values: Sequence[str] | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    if values is not None:
+        schema["enum"] = list(values)
+    return {"name": name, "in": "query", "description": description, "schema": schema}
+
+
+_LIST_PARAMETERS = [
+    _filter("state", "only messages in this state", _STATES),
+    _filter("status", "the same as state (give one of the two)", _STATES),
+    _filter(
+        "reason",
+        "only messages with this reason kind; 'other': held, suppressed or failed"
+        " with none recorded (as /api/v1/stats counts them)",
+        [*REASON_KINDS, OTHER_REASON],
+    ),
+    {
+        "name": "limit",
+        "in": "query",
+        "description": f"page size; a value outside 1-{MAX_LIST_LIMIT} is a 400",
+        "schema": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_LIST_LIMIT,
+            "default": LIST_LIMIT,
+        },
+    },
+    {
+        "name": "before",
+        "in": "query",
+        "description": "the next page: messages older than this id (the last one listed)",
+        "schema": {"type": "integer", "minimum": 1},
+    },
+    _filter("route", "only messages from this webhook route"),
+    _filter("source", "only messages from this ingress", SOURCES),
+    _filter("recipient", "recipients that contain this text"),
+    _filter("q", "texts that contain this text (any case)"),
+]
+
+
+def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def _errors(*codes: int) -> dict[str, dict[str, Any]]:
@@ -183,16 +290,11 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                 },
                 "get": {
                     "summary": "stored messages, newest first",
-                    "parameters": [
-                        {"name": "state", "in": "query", "schema": {"type": "string"}},
-                        {"name": "limit", "in": "query", "schema": {"type": "integer"}},
-                        {"name": "before", "in": "query", "schema": {"type": "integer"}},
-                        {"name": "route", "in": "query", "schema": {"type": "string"}},
-                        {"name": "source", "in": "query", "schema": {"type": "string"}},
-                        {"name": "recipient", "in": "query", "schema": {"type": "string"}},
-                        {"name": "q", "in": "query", "schema": {"type": "string"}},
-                    ],
-                    "responses": {"200": {"description": "messages"}, **_errors(400, 401, 403)},
+                    "parameters": _LIST_PARAMETERS,
+                    "responses": {
+                        "200": _json("messages", {"$ref": "#/components/schemas/MessageList"}),
+                        **_errors(400, 401, 403),
+                    },
                 },
             },
             "/api/v1/messages/{id}": {
@@ -207,7 +309,10 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                         }
                     ],
                     "responses": {
-                        "200": {"description": "the message"},
+                        "200": _json(
+                            "the message and its state changes",
+                            {"$ref": "#/components/schemas/MessageWithEvents"},
+                        ),
                         **_errors(400, 401, 403, 404),
                     },
                 }
@@ -225,7 +330,7 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                             }
                         ],
                         "responses": {
-                            "200": {"description": "the message"},
+                            "200": _json("the message", {"$ref": "#/components/schemas/Message"}),
                             **_errors(400, 401, 403, 404, 409),
                         },
                     }
@@ -238,11 +343,23 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                     ),
                 )
             },
+            "/api/v1/stats": {
+                "get": {
+                    "summary": "stored messages by state, and by reason kind (read)",
+                    "responses": {
+                        "200": _json("counts", {"$ref": "#/components/schemas/Stats"}),
+                        **_errors(401, 403),
+                    },
+                }
+            },
             "/healthz": {
                 "get": {
                     "summary": "liveness",
                     "security": _OPEN,
-                    "responses": {"200": {"description": "up"}},
+                    "responses": {
+                        "200": {"description": "up"},
+                        "503": {"description": "a background loop keeps failing (named)"},
+                    },
                 }
             },
             "/readyz": {
@@ -258,7 +375,33 @@ def openapi_spec(config: Config) -> dict[str, Any]:
             **hooks,
         },
         "components": {
-            "schemas": {"Error": _ERROR, "Accepted": _ACCEPTED, "MessageRequest": message_request},
+            "schemas": {
+                "Error": _ERROR,
+                "Accepted": _ACCEPTED,
+                "MessageRequest": message_request,
+                "Message": _MESSAGE,
+                "MessageWithEvents": {
+                    "allOf": [
+                        {"$ref": "#/components/schemas/Message"},
+                        {
+                            "type": "object",
+                            "required": ["events"],
+                            "properties": {"events": {"type": "array", "items": _EVENT}},
+                        },
+                    ]
+                },
+                "MessageList": {
+                    "type": "object",
+                    "required": ["messages"],
+                    "properties": {
+                        "messages": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/Message"},
+                        }
+                    },
+                },
+                "Stats": _STATS,
+            },
             "securitySchemes": _SCHEMES,
         },
     }

@@ -36,7 +36,12 @@ def create_sandbox_app(state: SandboxState) -> Starlette:
     async def guarded(request: Request, handler: Handler) -> Response:
         # Recorded on arrival, so a request whose answer stalls is already on the list.
         record = RequestRecord(
-            state.clock.now(), request.method, request.url.path, 500, auth_scheme(request)
+            state.clock.now(),
+            request.method,
+            request.url.path,
+            500,
+            auth_scheme(request),
+            dict(request.query_params),
         )
         state.requests.append(record)
         fault = take_fault(state.faults, request.url.path, request.query_params)

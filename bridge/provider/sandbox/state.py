@@ -49,6 +49,7 @@ class RequestRecord:
     # How the request authenticated ("x-api-key", "bearer", both joined by "+", or "none"):
     # the sandbox accepts either, so a test of the client's auth_header reads it here.
     auth: str = "none"
+    query: dict[str, str] = field(default_factory=dict)  # /logs' page, say
 
 
 def auth_scheme(request: Request) -> str:

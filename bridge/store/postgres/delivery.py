@@ -19,8 +19,9 @@ from collections.abc import Iterable, Sequence
 from bridge.models import Message, State
 from bridge.store.postgres.base import Base
 from bridge.store.postgres.pool import Conn
-from bridge.store.postgres.rate import book, insert_booking, wait_locked
+from bridge.store.postgres.rate import TAKE_RATE_LOCK, insert_booking, wait_locked
 from bridge.store.values import ended, not_applied, requeued, sent_late
+from bridge.store.window import Stamp, read_stamp
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
 RETRIED_KINDS = "('unknown', 'provider-error')"  # a new attempt: what an earlier outcome was
@@ -77,7 +78,7 @@ class DeliveryOps(Base):
     async def claim(
         self,
         ids: Sequence[int],
-        now: float,
+        now: Stamp,
         *,
         owner: str,
         lease_until: float,
@@ -85,9 +86,19 @@ class DeliveryOps(Base):
         limit: int | None = None,
         window: float = 0.0,
     ) -> list[int]:
+        asked = read_stamp(now)
         async with self._write() as conn:
-            if limit is not None and await wait_locked(conn, now, limit=limit, window=window):
-                return []  # the window is full or paused: claim nothing, book nothing
+            # The rate lock first, then the time: a wait for the pool or the lock must
+            # not age the booking (the request goes after this commit).
+            if limit is not None:
+                wait, stamped = await wait_locked(conn, now, limit=limit, window=window)
+                if wait:
+                    return []  # the window is full or paused: claim nothing, book nothing
+            else:
+                await conn.execute(TAKE_RATE_LOCK)
+                stamped = read_stamp(now)
+            lease_until += stamped - asked
+            now = stamped
             claimed = {
                 int(r[0])
                 for r in await conn.fetch(
@@ -105,9 +116,7 @@ class DeliveryOps(Base):
                     lease_until,
                 )
             }
-            if limit is None:
-                await book(conn, now, request_kind)
-            elif claimed:  # the lock is held since the window was counted
+            if claimed or limit is None:  # the lock is held since the time was read
                 await insert_booking(conn, now, request_kind)
         return [i for i in ids if i in claimed]
 
@@ -322,15 +331,23 @@ class DeliveryOps(Base):
         )
 
     async def awaiting_status(
-        self, *, since: float, limit: int, scheduled_after: str = ""
+        self,
+        *,
+        since: float,
+        limit: int,
+        scheduled_after: str = "",
+        after: tuple[float, int] = (0.0, 0),
     ) -> list[Message]:
         return await self._messages(
             "SELECT * FROM messages WHERE state = 'sent' AND (sent_at > $1"
             " OR (schedule_time IS NOT NULL AND schedule_time > $2))"
+            " AND (sent_at, id) > ($4::float8, $5::bigint)"
             " ORDER BY sent_at, id LIMIT $3",
             since,
             scheduled_after or "9999",
             limit,
+            after[0],
+            after[1],
         )
 
     async def known_provider_ids(self, provider_ids: Sequence[str]) -> set[str]:

@@ -41,12 +41,33 @@ ORIGINALS = (
     " ORDER BY m.created_at LIMIT 1) FROM unnest($1::text[], $2::text[], $3::float8[])"
     " WITH ORDINALITY AS w(k, r, s, i)"
 )
+# When a message reaches its phone: its schedule_time (UTC text), else when it was stored
+# (SQLite's EFFECTIVE); the pattern keeps a row of some other form from failing the cast.
+EFFECTIVE = (
+    "coalesce(CASE WHEN m.schedule_time ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8}$'"
+    " THEN extract(epoch FROM m.schedule_time::timestamp)::float8 END, m.created_at)"
+)
+_LET_THROUGH = "m.state IN ('queued', 'sending', 'sent', 'delivered') AND m.source <> 'digest'"
+
+
+def _utc_text(epoch: str) -> str:
+    return f"to_char(to_timestamp({epoch}) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS')"
+
+
+# For each question (SQLite's _STORMS): a message held at a time from h to a?, and when
+# each text let through reaches the phone, from a - span to a + span.
 STORMS = (
-    "SELECT w.i, EXISTS (SELECT 1 FROM messages m WHERE m.recipient = w.r"
-    " AND m.state = 'held'), (SELECT count(*) FROM messages m WHERE m.recipient = w.r"
-    " AND m.created_at >= w.s AND m.state IN ('queued', 'sending', 'sent', 'delivered')"
-    " AND m.source <> 'digest') FROM unnest($1::text[], $2::float8[])"
-    " WITH ORDINALITY AS w(r, s, i)"
+    "SELECT q.i, EXISTS (SELECT 1 FROM messages m WHERE m.recipient = q.r"
+    f" AND m.state = 'held' AND {EFFECTIVE} BETWEEN q.h AND q.a),"
+    " ARRAY(SELECT m.created_at FROM messages m WHERE m.recipient = q.r"
+    " AND m.created_at BETWEEN q.a - q.span AND q.a + q.span"
+    f" AND m.schedule_time IS NULL AND {_LET_THROUGH}"
+    f" UNION ALL SELECT {EFFECTIVE} FROM messages m WHERE m.recipient = q.r"
+    " AND m.schedule_time IS NOT NULL AND m.schedule_time BETWEEN"
+    f" {_utc_text('q.a - q.span - 1')} AND {_utc_text('q.a + q.span + 1')}"
+    f" AND {EFFECTIVE} BETWEEN q.a - q.span AND q.a + q.span AND {_LET_THROUGH})"
+    " FROM unnest($1::text[], $2::float8[], $3::float8[], $4::float8[])"
+    " WITH ORDINALITY AS q(r, a, span, h, i)"
 )
 
 
@@ -78,10 +99,10 @@ async def answer(conn: Conn, questions: IngestQuestions) -> Lookups:
             if found is not None:
                 originals[asked[i - 1]] = int(found)
     if asked_storms := list(questions.storms):
-        for i, held, recent in await conn.fetch(
-            STORMS, [q[0] for q in asked_storms], [q[1] for q in asked_storms]
+        for i, held, times in await conn.fetch(
+            STORMS, *([q[k] for q in asked_storms] for k in range(4))
         ):
-            storms[asked_storms[i - 1]] = StormState(bool(held), int(recent))
+            storms[asked_storms[i - 1]] = StormState(bool(held), tuple(map(float, times)))
     return Lookups(originals=originals, storms=storms)
 
 
@@ -192,8 +213,8 @@ class IngestOps(Base):
         return [
             (r[0], float(r[1]))
             for r in await self._fetch(
-                "SELECT recipient, min(created_at) FROM messages WHERE state = 'held'"
-                " GROUP BY recipient ORDER BY 2"
+                f"SELECT m.recipient, min({EFFECTIVE}) FROM messages m WHERE m.state = 'held'"
+                " GROUP BY m.recipient ORDER BY 2"
             )
         ]
 
@@ -211,9 +232,11 @@ class IngestOps(Base):
             held = [
                 Held(*r)
                 for r in await conn.fetch(
-                    "SELECT id, topic, text, instance, token, route FROM messages WHERE recipient = $1"
-                    " AND state = 'held' ORDER BY id FOR UPDATE",
+                    "SELECT id, topic, text, instance, token, route FROM messages m"
+                    f" WHERE recipient = $1 AND state = 'held' AND {EFFECTIVE} <= $2"
+                    " ORDER BY id FOR UPDATE",
                     recipient,
+                    now,
                 )
             ]
             if not held:

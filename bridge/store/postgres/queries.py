@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import bridge.store.totals as totals
-from bridge.models import MAX_ROW_ID, Message
+from bridge.models import MAX_ROW_ID, OTHER_REASON, Message
 from bridge.store.api import MetricCounts
 from bridge.store.postgres.base import TOTALS_LOCK, Base, one
 from bridge.store.postgres.schema import MENTIONED
@@ -38,6 +38,11 @@ MENTIONED_BY = (
     "SELECT id, recipient, reason, created_at FROM messages"
     f" WHERE state = 'suppressed' AND {MENTIONED} = $1"
     " AND (reason LIKE $2 OR reason LIKE $3) ORDER BY id LIMIT $4"
+)
+# Through messages_failed (version 7), newest failure first.
+RECENT_FAILURES = (
+    f"SELECT * FROM messages WHERE {totals.FAILED_NOT_CANCELLED}"
+    " ORDER BY updated_at DESC, id DESC LIMIT $1"
 )
 SEARCHABLE = ("state", "reason_kind", "route", "source")  # exact-match filters of `query`
 # Today's use: sent since the day began ($1), or in flight (another instance's call
@@ -87,6 +92,8 @@ class QueryOps(Base):
         number: str | None = None,
     ) -> list[Message]:
         sql, args = "SELECT * FROM messages WHERE true", list[Any]()
+        if reason_kind == OTHER_REASON:
+            sql, reason_kind = f"{sql} AND {totals.OTHER_REASON_SQL}", None
         if number:
             args.append(number)
             sql += f" AND recipient = ${len(args)}"
@@ -110,6 +117,9 @@ class QueryOps(Base):
             sql += f" AND id < ${len(args)}"
         args.append(limit)
         return await self._messages(sql + f" ORDER BY {order} LIMIT ${len(args)}", *args)
+
+    async def recent_failures(self, limit: int) -> list[Message]:
+        return await self._messages(RECENT_FAILURES, limit)
 
     async def counts(self) -> dict[str, int]:
         return {r[0]: int(r[1]) for r in await self._fetch(totals.BY_STATE)}
@@ -173,7 +183,7 @@ class QueryOps(Base):
                 int(r[0])
                 for r in await conn.fetch(
                     "UPDATE messages SET state = 'queued', next_attempt_at = $1, updated_at = $1,"
-                    " reason = $2, solo = true WHERE state = 'failed'"
+                    " reason = $2, reason_kind = NULL, solo = true WHERE state = 'failed'"
                     " AND ($3::bigint[] IS NULL OR id = ANY($3::bigint[])) RETURNING id",
                     now,
                     reason,
@@ -199,6 +209,29 @@ class QueryOps(Base):
                 )
             }
         return sorted(changed)
+
+    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+        async with self._write() as conn:
+            changed = sorted(
+                int(r[0])
+                for r in await conn.fetch(
+                    "UPDATE messages SET next_attempt_at = $1, updated_at = $1"
+                    " WHERE state = 'queued' AND next_attempt_at > $1 AND reason_kind = 'budget'"
+                    " RETURNING id",
+                    now,
+                )
+            )
+            if changed:
+                await conn.execute(
+                    "INSERT INTO events (message_id, at, state, attempts, detail)"
+                    " SELECT id, $1, state, attempts, $2 FROM messages"
+                    " WHERE id = ANY($3::bigint[]) ORDER BY id",
+                    now,
+                    detail,
+                    changed,
+                )
+                await self._notify_work(conn)
+        return changed
 
     async def note(self, ids: Sequence[int], detail: str, now: float) -> None:
         await self._execute(
@@ -251,7 +284,11 @@ class QueryOps(Base):
             day = await one(
                 c,
                 "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
-                " count(*) FILTER (WHERE source = 'budget') FROM messages WHERE sent_at >= $1",
+                " count(*) FILTER (WHERE source = 'budget'),"
+                # What the caps count: the warnings' parts and cost left out.
+                " coalesce(sum(parts) FILTER (WHERE source <> 'budget'), 0),"
+                " coalesce(sum(coalesce(cost, estimated_cost)) FILTER (WHERE source <> 'budget'), 0)"
+                " FROM messages WHERE sent_at >= $1",
                 day_start,
             )
             by: dict[str, dict[str, int]] = {}
@@ -272,8 +309,9 @@ class QueryOps(Base):
             "answers": answers,
             "today": {
                 "texts": int(day[0]) - int(day[4]),
-                "parts": int(day[1]),
+                "parts": int(day[5]),
                 "cost": day[2],
+                "counted_cost": day[6],
                 "estimated_cost": day[3],
                 "warnings": int(day[4]),
                 "routes": by["route"],

@@ -14,7 +14,7 @@ from __future__ import annotations
 from bridge.store.api import Booking, Pause
 from bridge.store.postgres.base import RATE_LOCK, Base
 from bridge.store.postgres.pool import Conn
-from bridge.store.window import wait_to_book
+from bridge.store.window import Stamp, read_stamp, wait_to_book
 
 TAKE_RATE_LOCK = f"SELECT pg_advisory_xact_lock({RATE_LOCK})"
 KEY = ""  # one provider key per cluster (rate_keys has room for more)
@@ -32,12 +32,15 @@ WINDOW_AND_PAUSE = (
 )
 
 
-async def book(conn: Conn, at: float, kind: str) -> None:
+async def book(conn: Conn, at: Stamp, kind: str) -> float:
     """Insert a booking under the rate lock (held to the commit): bookings commit in the
     order of their `seq`, so a reader's cursor (`request_rows(after=seq)`) never skips
-    one that commits late. Bookings are a few a second at most: the lock costs nothing."""
+    one that commits late. Bookings are a few a second at most: the lock costs nothing.
+    Its time (returned) is read once the lock is held."""
     await conn.execute(TAKE_RATE_LOCK)
-    await insert_booking(conn, at, kind)
+    stamped = read_stamp(at)
+    await insert_booking(conn, stamped, kind)
+    return stamped
 
 
 async def insert_booking(conn: Conn, at: float, kind: str) -> None:
@@ -45,12 +48,16 @@ async def insert_booking(conn: Conn, at: float, kind: str) -> None:
     await conn.execute("INSERT INTO provider_requests (at, kind) VALUES ($1, $2)", at, kind)
 
 
-async def wait_locked(conn: Conn, at: float, *, limit: int, window: float) -> float:
-    """Take the rate lock and say how long until a request may be booked at `at` (0:
-    now). The lock stays held to the commit: book in the same transaction."""
+async def wait_locked(conn: Conn, at: Stamp, *, limit: int, window: float) -> tuple[float, float]:
+    """Take the rate lock and say how long until a request may be booked (0: now), and
+    at what time: `at`, read once the connection and the lock are held (a clock's time
+    then, not when the caller started waiting for them). The lock stays held to the
+    commit: book in the same transaction."""
     await conn.execute(TAKE_RATE_LOCK)
-    paused, booked = (await conn.fetch(WINDOW_AND_PAUSE, at - window, KEY))[0]
-    return wait_to_book(booked, at, limit=limit, window=window, paused_until=float(paused))
+    stamped = read_stamp(at)
+    paused, booked = (await conn.fetch(WINDOW_AND_PAUSE, stamped - window, KEY))[0]
+    wait = wait_to_book(booked, stamped, limit=limit, window=window, paused_until=float(paused))
+    return wait, stamped
 
 
 class RateOps(Base):
@@ -58,12 +65,12 @@ class RateOps(Base):
         async with self._write() as conn:
             await book(conn, at, kind)
 
-    async def book_request(self, at: float, kind: str, *, limit: int, window: float) -> float:
+    async def book_request(self, at: Stamp, kind: str, *, limit: int, window: float) -> float:
         """Count and book under one advisory lock: N instances never book past `limit`."""
         async with self._write() as conn:
-            wait = await wait_locked(conn, at, limit=limit, window=window)
+            wait, stamped = await wait_locked(conn, at, limit=limit, window=window)
             if wait <= 0:
-                await insert_booking(conn, at, kind)
+                await insert_booking(conn, stamped, kind)
         return wait
 
     async def request_rows(

@@ -274,6 +274,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             WHERE state = 'suppressed';
         """,
     ),
+    Migration(
+        7,
+        "failed",
+        """
+        -- The console overview's recent failures, the latest failure first (SQLite's
+        -- 0011): only a message that fails is written to it.
+        CREATE INDEX messages_failed ON messages (updated_at, id) WHERE state = 'failed';
+        """,
+    ),
+    Migration(
+        8,
+        "scheduled",
+        """
+        -- Storm control counts a scheduled text at its time (bridge.policy.decide): a
+        -- phone's texts scheduled near a time, however long ago they were stored.
+        CREATE INDEX messages_scheduled ON messages (recipient, schedule_time)
+            WHERE schedule_time IS NOT NULL;
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

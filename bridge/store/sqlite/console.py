@@ -15,7 +15,7 @@ from typing import Any
 from sqlite_utils import Database
 
 import bridge.store.totals as totals
-from bridge.models import MAX_ROW_ID, Message
+from bridge.models import MAX_ROW_ID, OTHER_REASON, Message
 from bridge.store.sqlite.base import EngineBound
 from bridge.store.sqlite.schema import JSON_IDS, MENTIONED, MENTIONS
 
@@ -109,7 +109,10 @@ class ConsoleQueries(EngineBound):
             )
             day = c.execute(
                 "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
-                " coalesce(sum(source = 'budget'), 0)"
+                " coalesce(sum(source = 'budget'), 0),"
+                # What the caps count: the warnings' parts and cost left out.
+                " coalesce(sum(CASE WHEN source != 'budget' THEN parts END), 0),"
+                " coalesce(sum(CASE WHEN source != 'budget' THEN coalesce(cost, estimated_cost) END), 0)"
                 " FROM messages WHERE sent_at >= ?",
                 (day_start,),
             ).fetchone()
@@ -137,8 +140,9 @@ class ConsoleQueries(EngineBound):
                 "answers": answers,
                 "today": {
                     "texts": day[0] - day[4],
-                    "parts": day[1],
+                    "parts": day[5],
                     "cost": day[2],
+                    "counted_cost": day[6],
                     "estimated_cost": day[3],
                     "warnings": day[4],
                     "routes": routes,
@@ -228,6 +232,8 @@ class ConsoleQueries(EngineBound):
         """Newest first; `recipient` and `text` match anywhere in the field (any case);
         `number` is the whole recipient (StoreApi.query)."""
         sql, args = "SELECT * FROM messages WHERE 1=1", list[object]()
+        if reason_kind == OTHER_REASON:
+            sql, reason_kind = f"{sql} AND {totals.OTHER_REASON_SQL}", None
         for column, value in (
             ("recipient", number),
             ("state", state),
@@ -254,6 +260,21 @@ class ConsoleQueries(EngineBound):
             sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
         return await self.engine.read(lambda c: [Message.from_row(r) for r in c.execute(sql, args)])
+
+    async def recent_failures(self, limit: int) -> list[Message]:
+        return await self.engine.read(
+            lambda c: [
+                Message.from_row(r)
+                for r in c.execute(
+                    # Named: planning from the schema alone (no ANALYZE), SQLite takes
+                    # messages_due for `state =` and sorts every failed message.
+                    "SELECT * FROM messages INDEXED BY messages_failed"
+                    f" WHERE {totals.FAILED_NOT_CANCELLED}"
+                    " ORDER BY updated_at DESC, id DESC LIMIT ?",
+                    (limit,),
+                )
+            ]
+        )
 
     async def upkeep(self) -> None:
         """Nothing: one writer keeps one row per key of the running totals."""
@@ -304,10 +325,39 @@ class ConsoleQueries(EngineBound):
                 ]
             for message_id in chosen:
                 db.execute(
+                    # The old reason's kind goes with it: a cancelled message retried
+                    # and refused by the provider was still counted as cancelled.
                     "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
-                    " reason = ?, solo = 1 WHERE id = ?",
+                    " reason = ?, reason_kind = NULL, solo = 1 WHERE id = ?",
                     (now, now, reason, message_id),
                 )
+            return chosen
+
+        return await self.engine.write(job)
+
+    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+        """Messages waiting for the next day's caps (queued, reason kind budget, due
+        later) due now, each with an event saying `detail`; the ids changed."""
+
+        def job(db: Database) -> list[int]:
+            chosen = [
+                int(r[0])
+                for r in db.execute(
+                    "SELECT id FROM messages WHERE state = 'queued' AND next_attempt_at > ?"
+                    " AND reason_kind = 'budget' ORDER BY id",
+                    (now,),
+                )
+            ]
+            ids = json.dumps(chosen)
+            db.execute(
+                f"UPDATE messages SET next_attempt_at = ?, updated_at = ? WHERE id IN {JSON_IDS}",
+                (now, now, ids),
+            )
+            db.execute(
+                "INSERT INTO events (message_id, at, state, attempts, detail)"
+                f" SELECT id, ?, state, attempts, ? FROM messages WHERE id IN {JSON_IDS}",
+                (now, detail, ids),
+            )
             return chosen
 
         return await self.engine.write(job)

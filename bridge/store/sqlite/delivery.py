@@ -17,6 +17,7 @@ from bridge.store.sqlite.base import EngineBound
 from bridge.store.sqlite.rate import insert_booking, wait_in
 from bridge.store.sqlite.schema import JSON_IDS
 from bridge.store.values import ended, not_applied, requeued, sent_late
+from bridge.store.window import Stamp, read_stamp
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
 # The states an outcome may write (PostgreSQL's rule, `claimed_by` aside: one process
@@ -104,7 +105,12 @@ class DeliveryOperations(EngineBound):
         )
 
     async def awaiting_status(
-        self, *, since: float, limit: int, scheduled_after: str = ""
+        self,
+        *,
+        since: float,
+        limit: int,
+        scheduled_after: str = "",
+        after: tuple[float, int] = (0.0, 0),
     ) -> list[Message]:
         """`sent` messages sent after `since`, or scheduled (UTC text) after
         `scheduled_after`, oldest first; with or without a provider id (the poller
@@ -116,8 +122,9 @@ class DeliveryOperations(EngineBound):
                 for r in c.execute(
                     "SELECT * FROM messages WHERE state = 'sent' AND (sent_at > ?"
                     " OR (schedule_time IS NOT NULL AND schedule_time > ?))"
+                    " AND (sent_at > ? OR (sent_at = ? AND id > ?))"
                     " ORDER BY sent_at, id LIMIT ?",
-                    (since, scheduled_after or "9999", limit),
+                    (since, scheduled_after or "9999", after[0], after[0], after[1], limit),
                 )
             ]
         )
@@ -144,7 +151,7 @@ class DeliveryOperations(EngineBound):
     async def claim(
         self,
         ids: Sequence[int],
-        now: float,
+        now: Stamp,
         *,
         owner: str,
         lease_until: float,
@@ -161,7 +168,8 @@ class DeliveryOperations(EngineBound):
         wanted = json.dumps(list(ids))
 
         def job(db: Database) -> list[int]:
-            if limit is not None and wait_in(db, now, limit=limit, window=window) > 0:
+            at = read_stamp(now)  # in the writer's turn: the wait for it does not count
+            if limit is not None and wait_in(db, at, limit=limit, window=window) > 0:
                 return []
             # A new attempt: what an earlier unknown outcome was (reason_kind) no longer holds.
             db.execute(
@@ -183,10 +191,10 @@ class DeliveryOperations(EngineBound):
                 "UPDATE messages SET state = 'sending', attempts = attempts + 1,"
                 f" claimed_at = ?, updated_at = ?, reason = NULL WHERE id IN {JSON_IDS}"
                 " AND +state = 'queued'",
-                (now, now, wanted),
+                (at, at, wanted),
             )
             if queued or limit is None:
-                insert_booking(db, now, kind)
+                insert_booking(db, at, kind)
             return [i for i in ids if i in queued]
 
         return await self.engine.write(job)

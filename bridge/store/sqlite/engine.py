@@ -3,7 +3,8 @@
 One thread owns the write connection (Datasette's pattern). Jobs from the event loop are
 queued to it; it takes every job waiting, runs them in one `BEGIN IMMEDIATE` transaction
 (if one raises, the group is rolled back and each job rerun alone, so one bad job cannot
-spoil the others), commits with `synchronous=FULL`, and only then resolves each job's
+spoil the others: an SQLite error too, when it is the job's, such as a constraint it
+breaks, and not the database's, such as a full disk, a lock or a corrupt file), commits with `synchronous=FULL`, and only then resolves each job's
 future. A caller that awaited `write()` therefore holds a durable result: that is when
 SMTP may say 250 and HTTP 202. Consecutive jobs for the same batch function
 (`write_batched`: every ingest) run as one call, so a hundred concurrent ingests cost a
@@ -41,6 +42,12 @@ T = TypeVar("T")
 
 MAX_GROUP = 512  # jobs per transaction: bounds the latency one commit adds
 BUSY_TIMEOUT_MS = 5000
+# SQLite's primary result codes that say the database cannot be written, whichever job
+# runs (https://sqlite.org/rescode.html): PERM, ABORT, BUSY, LOCKED, NOMEM, READONLY,
+# INTERRUPT, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB. Rerunning each job of the
+# group alone would only fail each again, slowly. Any other code (CONSTRAINT, TOOBIG,
+# MISMATCH, RANGE, a plain ERROR in one job's statement) is the job's own.
+WHOLE_DATABASE_CODES = frozenset({3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 26})
 
 
 class _JobFailed(Exception):
@@ -62,6 +69,15 @@ class _Job:
 
 
 MIN_SQLITE = (3, 33, 0)  # UPDATE ... FROM; and the JSON functions, checked at open
+
+
+def whole_database(exc: sqlite3.Error) -> bool:
+    """Whether `exc` fails every job alike (a full disk, a lock, a corrupt file) rather
+    than the one job that ran into it."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:  # raised without a result code: trust the class
+        return isinstance(exc, sqlite3.OperationalError)
+    return code & 0xFF in WHOLE_DATABASE_CODES
 
 
 def _call_each(db: Database, fns: list[Callable[[Database], Any]]) -> list[Any]:
@@ -203,8 +219,14 @@ class Engine:
                 try:
                     outs = batch(db, [job.item for job in run])
                     results += [(job, out, None) for job, out in zip(run, outs, strict=True)]
-                except sqlite3.Error:
-                    raise
+                except sqlite3.Error as exc:
+                    if whole_database(exc):
+                        raise
+                    # This job's: rolled back and rerun alone like any other job's error;
+                    # alone, its caller gets what every storage failure gives (451/503).
+                    conn.execute("ROLLBACK")
+                    log.error("store write failed: %s", exc)
+                    raise _JobFailed(StoreUnavailable(f"store write failed: {exc}")) from exc
                 except Exception as exc:
                     conn.execute("ROLLBACK")
                     raise _JobFailed(exc) from exc
@@ -214,6 +236,7 @@ class Engine:
                 conn.execute("ROLLBACK")
             log.error("store commit failed: %s", exc)
             failure = StoreUnavailable(f"store commit failed: {exc}")
+            failure.__cause__ = exc
             return [(job, None, failure) for job in jobs]
         self.commits += 1
         self.jobs_committed += len(jobs)

@@ -25,7 +25,7 @@ from bridge.store.api import (
     StormState,
 )
 from bridge.store.rows import row
-from bridge.store.sqlite.schema import INSERT_COLUMNS, ROW_MARKS, ROWS_PER_INSERT
+from bridge.store.sqlite.schema import INSERT_COLUMNS, JSON_IDS, ROW_MARKS, ROWS_PER_INSERT
 
 # Questions of each kind per statement: 4 + 3 parameters a pair, under SQLite's oldest
 # limit of 999 parameters.
@@ -83,7 +83,7 @@ def ingest_lookups(db: Database, questions: IngestQuestions) -> tuple[int, Looku
         chunk_o = wanted_originals[start : start + QUESTIONS_PER_STATEMENT]
         chunk_s = wanted_storms[start : start + QUESTIONS_PER_STATEMENT]
         o_table, o_args = _values("o", ("key", "recipient", "since"), chunk_o)
-        s_table, s_args = _values("s", ("recipient", "since"), chunk_s)
+        s_table, s_args = _values("s", ("recipient", "at", "window", "held_since"), chunk_s)
         next_id, found_o, found_s = db.execute(
             f"WITH {o_table}, {s_table} SELECT (SELECT coalesce(max(id), 0) + 1 FROM messages),"
             f" ({_ORIGINALS}), ({_STORMS})",
@@ -92,8 +92,8 @@ def ingest_lookups(db: Database, questions: IngestQuestions) -> tuple[int, Looku
         first_id = first_id or int(next_id)
         originals.update((chunk_o[i], int(original)) for i, original in json.loads(found_o))
         storms.update(
-            (chunk_s[i], StormState(bool(held), int(recent)))
-            for i, held, recent in json.loads(found_s)
+            (chunk_s[i], StormState(bool(held), tuple(float(t) for t in times)))
+            for i, held, times in json.loads(found_s)
         )
     return first_id, Lookups(originals=originals, storms=storms)
 
@@ -101,18 +101,31 @@ def ingest_lookups(db: Database, questions: IngestQuestions) -> tuple[int, Looku
 # The answers, one JSON array of [i, answer...] per kind. Originals: for each (key,
 # recipient, since) the first stored message it repeats, if any, ordered as the index is
 # (so the first hit answers however many repeats exist); absent when none. Storms: for each
-# (recipient, since): a digest pending?, and texts let through since then.
+# (recipient, at, window, held_since): a message held at a time from held_since to at?,
+# and when each text let through reaches the phone, from at - window to at + window (a
+# scheduled one at its time: EFFECTIVE; found through messages_scheduled by its UTC text,
+# a second either side, then exactly).
 _ORIGINALS = (
     "SELECT json_group_array(json_array(i, original)) FROM (SELECT i, (SELECT id FROM messages"
     " WHERE dedupe_key = o.key AND dedupe_key IS NOT NULL AND recipient = o.recipient"
     " AND created_at >= o.since AND state != 'failed' ORDER BY created_at LIMIT 1)"
     " AS original FROM o) WHERE original IS NOT NULL"
 )
+EFFECTIVE = "coalesce(CAST(strftime('%s', schedule_time) AS REAL), created_at)"
+_LET_THROUGH = "state IN ('queued', 'sending', 'sent', 'delivered') AND source != 'digest'"
 _STORMS = (
     "SELECT json_group_array(json_array(i,"
-    " EXISTS(SELECT 1 FROM messages WHERE recipient = s.recipient AND state = 'held'),"
-    " (SELECT count(*) FROM messages WHERE recipient = s.recipient AND created_at >= s.since"
-    " AND state IN ('queued', 'sending', 'sent', 'delivered') AND source != 'digest')))"
+    " EXISTS(SELECT 1 FROM messages WHERE recipient = s.recipient AND state = 'held'"
+    f" AND {EFFECTIVE} BETWEEN s.held_since AND s.at),"
+    " json((SELECT json_group_array(t) FROM ("
+    " SELECT created_at AS t FROM messages WHERE recipient = s.recipient"
+    " AND created_at BETWEEN s.at - s.window AND s.at + s.window"
+    f" AND schedule_time IS NULL AND {_LET_THROUGH}"
+    f" UNION ALL SELECT {EFFECTIVE} FROM messages WHERE recipient = s.recipient"
+    " AND schedule_time IS NOT NULL AND schedule_time BETWEEN"
+    " strftime('%Y-%m-%d %H:%M:%S', s.at - s.window - 1, 'unixepoch')"
+    " AND strftime('%Y-%m-%d %H:%M:%S', s.at + s.window + 1, 'unixepoch')"
+    f" AND {EFFECTIVE} BETWEEN s.at - s.window AND s.at + s.window AND {_LET_THROUGH})))))"
     " FROM s"
 )
 
@@ -187,11 +200,12 @@ def insert_once(db: Database, messages: Sequence[NewMessage], now: float) -> boo
 
 # -- storm digests --------------------------------------------------------------------
 def held_phones(c: Any) -> list[tuple[str, float]]:
-    """Each phone with held messages and when its oldest was stored."""
+    """Each phone with held messages and the earliest time one of them was to reach it
+    (stored, or scheduled for)."""
     return [
         (r, float(t))
         for r, t in c.execute(
-            "SELECT recipient, min(created_at) FROM messages WHERE state = 'held'"
+            f"SELECT recipient, min({EFFECTIVE}) FROM messages WHERE state = 'held'"
             " GROUP BY recipient"
         ).fetchall()
     ]
@@ -205,23 +219,23 @@ def fold_held(
     reason: Callable[[int], str],
 ) -> tuple[int, int] | None:
     """Replace the phone's held messages by one digest (built by `digest` from them):
-    the digest is queued, each held one suppressed with `reason(digest_id)`. The
-    digest's id and how many it folded; None if none was held."""
+    the digest is queued, each held one suppressed with `reason(digest_id)`. Those
+    scheduled for later wait for a digest after their time. The digest's id and how
+    many it folded; None if none was held."""
     held = [
         Held(*row)
         for row in db.execute(
             "SELECT id, topic, text, instance, token, route FROM messages WHERE recipient = ?"
-            " AND state = 'held' ORDER BY id",
-            (recipient,),
+            f" AND state = 'held' AND {EFFECTIVE} <= ? ORDER BY id",
+            (recipient, now),
         ).fetchall()
     ]
     if not held:
         return None
     [digest_id] = insert_messages(db, [digest(held)], now)
     db.execute(
-        "UPDATE messages SET state = ?, reason = ?, updated_at = ? WHERE recipient = ?"
-        " AND state = 'held' AND id <= ?",
-        (str(State.SUPPRESSED), reason(digest_id), now, recipient, held[-1].id),
+        f"UPDATE messages SET state = ?, reason = ?, updated_at = ? WHERE id IN {JSON_IDS}",
+        (str(State.SUPPRESSED), reason(digest_id), now, json.dumps([h.id for h in held])),
     )
     return digest_id, len(held)
 

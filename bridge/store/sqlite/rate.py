@@ -13,7 +13,7 @@ from sqlite_utils import Database
 
 from bridge.store.api import Booking, Pause
 from bridge.store.sqlite.base import EngineBound
-from bridge.store.window import wait_to_book
+from bridge.store.window import Stamp, read_stamp, wait_to_book
 
 
 def insert_booking(db: Database, at: float, kind: str) -> None:
@@ -38,13 +38,15 @@ class RateOperations(EngineBound):
     async def record_request(self, at: float, kind: str) -> None:
         await self.engine.write(lambda db: insert_booking(db, at, kind))
 
-    async def book_request(self, at: float, kind: str, *, limit: int, window: float) -> float:
-        """Count and book in one writer job: no other write runs between the two."""
+    async def book_request(self, at: Stamp, kind: str, *, limit: int, window: float) -> float:
+        """Count and book in one writer job: no other write runs between the two. A clock
+        is read in the job: the wait for the writer does not age the booking."""
 
         def job(db: Database) -> float:
-            wait = wait_in(db, at, limit=limit, window=window)
+            stamped = read_stamp(at)
+            wait = wait_in(db, stamped, limit=limit, window=window)
             if wait <= 0:
-                insert_booking(db, at, kind)
+                insert_booking(db, stamped, kind)
             return wait
 
         return await self.engine.write(job)

@@ -27,7 +27,7 @@ from bridge.errors import HttpError, InputError, Unavailable
 from bridge.firewall import cap_recipients
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import token_name
-from bridge.ingress.http.bodies import query_int
+from bridge.ingress.http.bodies import check_query, known, page_size, query_int
 from bridge.ingress.http.console import chart
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.gate import HERE, Caller, Gate, Refused, SecureHeaders
@@ -40,7 +40,7 @@ from bridge.ingress.http.console.routes import (
     snippets,
 )
 from bridge.ingress.ingest import Ingestor
-from bridge.models import Message, State, iso_time
+from bridge.models import SOURCES, Message, State
 from bridge.phone import PhoneError, normalise_number
 from bridge.policy.budgets import day_bounds
 from bridge.policy.shaping import Draft
@@ -117,6 +117,7 @@ class Console(Gate):
         caps = {
             "texts_per_day": config.budget.texts_per_day,
             "parts_per_day": config.budget.parts_per_day,
+            "cost_per_day": config.budget.cost_per_day,
             "on_exceeded": config.budget.on_exceeded,
             "routes": {
                 name: {"cap": route.max_texts_per_day, "used": today["routes"].get(name, 0)}
@@ -133,7 +134,7 @@ class Console(Gate):
             {**s, "digest_at": s["first_at"] + config.limits.per_recipient_window}
             for s in await self.store.held_storms()
         ]
-        failures = await self.store.query(state="failed", limit=RECENT_FAILURES)
+        failures = await self.store.recent_failures(RECENT_FAILURES)
         queue = summary["queue"]
         data: dict[str, Any] = {
             "states": {str(s): 0 for s in State} | await self.store.counts(),
@@ -200,12 +201,12 @@ class Console(Gate):
         filters = {
             key: q.get(key, "").strip() for key in ("state", "recipient", "route", "source", "q")
         }
-        if filters["state"] and filters["state"] not in {str(s) for s in State}:
-            raise InputError("state", f"unknown state {filters['state']!r}")
         try:  # as the API reads them: a cursor the store cannot bind is a 400, not a 500
-            asked = query_int(q.get("limit") or None, "limit", default=PAGE_SIZE) or 0
-            limit = max(1, min(MAX_PAGE_SIZE, asked))
-            before = query_int(q.get("before") or None, "before")
+            check_query(q)
+            known(filters, "state", [str(s) for s in State])
+            known(filters, "source", SOURCES)
+            limit = page_size(q.get("limit") or None, default=PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+            before = query_int(q.get("before") or None, "before", minimum=1)
         except HttpError as exc:
             raise InputError(exc.field or "before", exc.message) from exc
         number = whole_number(filters["recipient"])
@@ -228,7 +229,7 @@ class Console(Gate):
             "filters": filters,
             "states": [str(s) for s in State],
             "routes": sorted(config.routes),
-            "sources": ["http", "hook", "smtp", "console", "digest", "budget"],
+            "sources": list(SOURCES),
             "messages": [m.to_json() for m in page],
             "older": f"?{older}" if older else None,
             "newest": f"?{urlencode(kept)}" if before else None,
@@ -264,10 +265,7 @@ class Console(Gate):
         data = message.to_json()
         data["encoding"] = encoding_name(message.message_type)
         data["parts_text"] = split_parts(message.text)
-        data["events"] = [
-            {**e, "at": iso_time(e["at"]), "epoch": e["at"]}
-            for e in await self.store.events(message.id)
-        ]
+        data["events"] = await self.store.events(message.id)  # `at` as every time here
         # One more than listed tells whether there are more: a storm's digest may fold
         # hundreds, and "(200)" beside "+250 more" would be a wrong count.
         mentions = await self.store.mentioned_by(message.id, MENTIONS_LISTED + 1)

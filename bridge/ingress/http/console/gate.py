@@ -38,6 +38,7 @@ from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize,
 from bridge.ingress.http.bodies import read_bounded
 from bridge.ingress.http.console.routes import encoding_name
 from bridge.ingress.http.console.sessions import COOKIE, LIFETIME, Session, Sessions
+from bridge.ingress.http.lockout import vouch
 from bridge.models import iso_time
 from bridge.ops.logs import mask
 
@@ -122,11 +123,17 @@ def _link_messages(text: str | None) -> Markup:
     )
 
 
+def _is_time(key: str) -> bool:
+    """Whether view data under `key` is a time in epoch seconds: `at`, or ending `_at`."""
+    return key == "at" or key.endswith("_at")
+
+
 def _jsonable(value: Any) -> Any:
-    """Times as ISO 8601: keys ending in `_at` hold epoch seconds in the view data."""
+    """Times as the API writes them (`iso_time`: ISO 8601, UTC, milliseconds): keys
+    `at` and ending in `_at` hold epoch seconds in the view data."""
     if isinstance(value, dict):
         return {
-            k: iso_time(v) if k.endswith("_at") and isinstance(v, int | float) else _jsonable(v)
+            k: iso_time(v) if _is_time(k) and isinstance(v, int | float) else _jsonable(v)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
@@ -173,6 +180,8 @@ class Gate:
         tokens = self.live.current.tokens
         session = self.sessions.get(request.cookies.get(COOKIE), now)
         principal = self.sessions.principal(session, tokens) if session else None
+        if principal is not None and principal is not ANONYMOUS:  # a signed-in session
+            vouch(request.scope, request.cookies[COOKIE])
         new_id = None
         if principal is None and not tokens:
             principal = ANONYMOUS
@@ -181,6 +190,7 @@ class Gate:
                 new_id, session = self.sessions.create(now, open_=True)
         if principal is None and as_json and "authorization" in request.headers:
             principal = authorize(tokens, request.headers["authorization"], scope)
+            vouch(request.scope, request.headers["authorization"])
         if principal is None:
             if as_json:
                 raise AuthError(401, "sign in at /ui/signin, or send 'Authorization: Bearer TOKEN'")

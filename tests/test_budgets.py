@@ -1,0 +1,394 @@
+"""Daily caps and the provider's price list, through the real bridge on a manual clock:
+what a reload of the caps does to texts already waiting for midnight, a price list that
+failed at start or changed since, prices of 0, and a retention that would empty the caps.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import httpx
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.config import Config, load_config
+from bridge.delivery.dispatcher import PRICES_REFRESH
+from bridge.errors import ConfigError
+from bridge.models import State
+from bridge.provider.sandbox import SandboxState
+from bridge.provider.sandbox.faults import Fault
+from tests.helpers import bridge_config, running_bridge, write_config
+from tests.test_cli import run
+from tests.test_console import READER, TOKENS, send, sign_in
+from tests.test_reload import reloaded
+from tests.test_retention import kept_for
+
+on_each_backend = pytest.mark.usefixtures("backend")
+
+
+async def post(http: httpx.AsyncClient, url: str, to: str, message: str) -> int:
+    response = await http.post(f"{url}/api/v1/messages", json={"to": to, "message": message})
+    assert response.status_code == 202, response.text
+    return int(response.json()["messages"][0]["id"])
+
+
+async def steps(bridge, clock: ManualClock, seconds: float, cap: float = 5.0) -> None:
+    """Dispatcher steps for `seconds` of simulated time."""
+    end = clock.now() + seconds
+    while clock.now() < end:
+        clock.advance(max(0.01, min(await bridge.dispatcher.run_once(), cap)))
+
+
+# -- the price list --------------------------------------------------------------------
+async def test_a_price_list_that_failed_at_start_is_fetched_again_and_then_daily(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The list was fetched once per start: one 500 there and every text went unpriced
+    (estimated at nothing, the cost cap guessing) until a restart, and a price changed
+    by the provider was never seen. Now: again with backoff until it answers, then daily."""
+    sandbox_state.faults.append(Fault(status=500, times=3, path="/pricing"))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # the first fetch fails
+        first = await post(http, url, "+12025550101", "before")
+        await steps(bridge, clock, 1200)  # 20 minutes: the provider answers again meanwhile
+        fetches = [r for r in sandbox_state.requests if r.path.endswith("/pricing")]
+        second = await post(http, url, "+12025550102", "after")
+        sandbox_state.prices[1] = 0.7  # the provider changes a price
+        await steps(bridge, clock, PRICES_REFRESH, cap=600)
+        third = await post(http, url, "+12025550103", "a day later")
+        estimates = [(await bridge.store.get(i)).estimated_cost for i in (first, second, third)]
+    assert estimates == [None, 0.5, 0.7]
+    # Backing off: four fetches in 20 minutes (3 failed), not one per step, each wait
+    # longer than the one before.
+    assert [r.status for r in fetches] == [500, 500, 500, 200]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(fetches)]
+    assert gaps[0] >= 60 and gaps[1] >= 2 * gaps[0] - 5 and gaps[2] >= 2 * gaps[1] - 5, gaps
+
+
+async def test_a_price_of_0_is_free_and_a_destination_not_listed_is_not(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The list gives +44 at 0: "price": 0 was read as no price, so UK texts were counted
+    at the default (1.0) and held by a cost cap they do not touch."""
+    sandbox_state.prices[44] = 0.0
+    admin = "+12025550199"
+    config = bridge_config(
+        tmp_path, sandbox_url, f'[budget]\ncost_per_day = 1\nadmin = ["{admin}"]\n'
+    )
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # the price list
+        ids = [await post(http, url, to, to) for to in ("+12025550101", "+12025550102")]
+        await steps(bridge, clock, 30)  # 1.0 spent: the cap reached
+        ids += [await post(http, url, to, to) for to in ("+447911123456", "+447911123457")]
+        await steps(bridge, clock, 30)
+        states = [(await bridge.store.get(i)).state for i in ids]
+    assert states == [State.SENT] * 4
+    assert [e.to for e in sandbox_state.entries if e.to == admin] == []  # no cap bit
+
+
+async def test_an_unlisted_destination_is_not_free_when_only_free_ones_are_listed(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A list of one free country and no default: every other country is unknown, not
+    the highest price listed (0). Counted at 0, all six went in one bulk call (3 points
+    against a cap of 1); now one goes alone and its bill prices the rest."""
+    body = '{"success": true, "data": {"countries": [{"country_code": "+44", "price": 0}]}}'
+    sandbox_state.faults.append(Fault(status=200, body=body, path="/pricing"))
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # the list
+        for i in range(6):
+            await post(http, url, f"+120255501{i:02d}", "same")
+        await steps(bridge, clock, 60)
+    assert sum(e.cost for e in sandbox_state.entries) <= 1
+    assert len(sandbox_state.entries) == 2
+
+
+@pytest.mark.parametrize("price", ["NaN", "-1", "Infinity"])
+async def test_a_price_that_is_no_number_is_no_price(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, price: str
+) -> None:
+    """JSON's NaN (Python's json reads it) priced +1: spent became NaN, every `spent +
+    cost > cap` false, and the cost cap let everything through. A price below 0 paid
+    for the others. Such an entry is no price: +1 falls to the default (1.0 a part)."""
+    body = (
+        '{"success": true, "data": {"default": 1.0, "countries":'
+        f' [{{"country_code": "+1", "price": {price}}}]}}}}'
+    )
+    sandbox_state.faults.append(Fault(status=200, body=body, path="/pricing"))
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1.2\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # the list
+        for i in range(4):  # estimated at ingest: 1.0 each, the list's default
+            await post(http, url, f"+120255501{i:02d}", f"text {i}")
+        await steps(bridge, clock, 30)
+        waiting = await bridge.store.query(reason_kind="budget")
+    assert len(sandbox_state.entries) == 1  # billed 0.5, the next at 1.0 would cross 1.2
+    assert len(waiting) == 3
+
+
+# -- a reload of the caps ----------------------------------------------------------------
+@on_each_backend
+async def test_a_reload_that_raises_or_removes_a_cap_releases_what_waits_for_midnight(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """texts_per_day = 1 and three alerts at 10:00 UTC: two wait for 00:00. The operator
+    raises the cap to 2 with SIGHUP: one more goes at once, the other waits; then removes
+    it: the last goes. Before, both waited 14 hours whatever the reload said."""
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 1\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(3)]
+        await steps(bridge, clock, 30)
+        assert len(sandbox_state.entries) == 1
+        assert len(await bridge.store.query(reason_kind="budget", state="queued")) == 2
+        reloaded(bridge, tmp_path, sandbox_url, "[budget]\ntexts_per_day = 2\n")
+        await steps(bridge, clock, 30)
+        assert len(sandbox_state.entries) == 2
+        [waiting] = await bridge.store.query(reason_kind="budget", state="queued")
+        assert "texts_per_day=2" in (waiting.reason or "")  # judged again, by the new cap
+        reloaded(bridge, tmp_path, sandbox_url, "[budget]\n")
+        await steps(bridge, clock, 30)
+        states = [(await bridge.store.get(i)).state for i in ids]
+        events = [e["detail"] for e in await bridge.store.events(waiting.id)]
+    assert states == [State.SENT] * 3
+    assert len(sandbox_state.entries) == 3
+    assert "daily caps changed by a reload: judged again" in events
+
+
+async def test_a_reload_that_removes_a_token_cap_releases_its_texts(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The same for a cap of one API token (tokens.NAME.texts_per_day); a cap only
+    lowered releases nothing."""
+    token = "ci-token-0123456789abcdef"
+    tokens = '[tokens.ci]\ntoken = "{}"\nscopes = ["send"]\ntexts_per_day = {}\n'
+    config = bridge_config(tmp_path, sandbox_url, tokens.format(token, 2))
+    headers = {"Authorization": f"Bearer {token}"}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for i in range(3):
+            body = {"to": f"+120255501{i:02d}", "message": f"build {i} failed"}
+            response = await http.post(f"{url}/api/v1/messages", json=body, headers=headers)
+            assert response.status_code == 202
+        await steps(bridge, clock, 30)
+        assert len(sandbox_state.entries) == 2
+        reloaded(bridge, tmp_path, sandbox_url, tokens.format(token, 1))  # lowered
+        assert not bridge.budget.loosened
+        reloaded(bridge, tmp_path, sandbox_url, tokens.format(token, 0))  # no cap
+        await steps(bridge, clock, 30)
+    assert len(sandbox_state.entries) == 3
+
+
+async def test_a_restart_with_a_higher_cap_releases_what_waits_for_midnight(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """An operator who restarts instead of reloading (a container redeployed with the
+    new cap) saw the same: the texts stored as waiting kept waiting for 00:00."""
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    capped = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 1\n")
+    async with running_bridge(capped, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for i in range(2):
+            await post(http, url, f"+120255501{i:02d}", f"alert {i}")
+        await steps(bridge, clock, 30)
+    assert len(sandbox_state.entries) == 1
+    async with running_bridge(bridge_config(tmp_path, sandbox_url), clock) as (bridge, _):
+        await steps(bridge, clock, 30)
+        assert await bridge.store.counts() == {"sent": 2}
+    assert len(sandbox_state.entries) == 2
+
+
+# -- retention under a day ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "caps",
+    [
+        "[budget]\ntexts_per_day = 100\n",
+        "[budget]\ncost_per_day = 5\n",
+        '[tokens.ci]\ntoken = "ci-token-0123456789abcdef"\nscopes = ["send"]\ntexts_per_day = 9\n',
+    ],
+)
+def test_a_retention_under_a_day_is_refused_with_daily_caps(
+    tmp_path, sandbox_url: str, caps: str
+) -> None:
+    """The caps count what today's stored messages sent: `store.retention = "1h"` purged
+    them hourly and the caps let as many again through every hour. Refused, saying why;
+    a day, 0 (keep) and no cap at all still load."""
+
+    def load(retention: str, extra: str) -> Config:
+        text = (
+            f'[store]\npath = "{tmp_path / "bridge.db"}"\nretention = {retention}\n'
+            f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n{extra}'
+        )
+        return load_config(write_config(tmp_path, text), env={})
+
+    with pytest.raises(ConfigError) as refused:
+        load('"1h"', caps)
+    assert "store.retention" in str(refused.value) and "under a day" in str(refused.value)
+    for retention in ('"1d"', "0"):
+        load(retention, caps)
+    load('"1h"', "")
+
+
+async def test_a_reload_adding_a_cap_to_a_running_short_retention_is_refused(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """The store (and its retention) waits for a restart: a reload adding a daily cap is
+    judged against the retention that keeps running."""
+    config = kept_for(bridge_config(tmp_path, sandbox_url), 3600.0)
+    async with running_bridge(config, clock) as (bridge, _):
+        with pytest.raises(ConfigError) as refused:
+            reloaded(bridge, tmp_path, sandbox_url, "[budget]\ntexts_per_day = 10\n")
+        assert not bridge.budget.active
+    assert "store.retention" in str(refused.value)
+
+
+@pytest.mark.slow  # runs the CLI as a process
+async def test_a_manual_purge_under_a_day_is_refused_with_daily_caps(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """`sms-bridge purge --older-than 1h` forgot today's sends as retention did: refused
+    (exit 2, saying why, the store untouched) while the config sets a daily cap."""
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 5\n")
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        await post(http, url, "+12025550143", "kept")
+    path = tmp_path / "bridge.toml"
+    short = run("purge", "--older-than", "1h", "--config", str(path), cwd=tmp_path)
+    day = run("purge", "--older-than", "1d", "--config", str(path), cwd=tmp_path)
+    assert short.returncode == 2 and "under a day while budget.texts_per_day" in short.stderr
+    assert day.returncode == 0, day.stderr
+
+
+async def test_a_text_priced_by_another_countrys_bill_is_not_failed_as_too_large(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """No price list (404), cost_per_day = 1. A Lebanese text is billed 1.5 a part; with
+    nothing else known, every later text was priced at 1.5 and failed for good as
+    "larger than the daily budget", though a US text costs 0.5. Now a text whose only
+    price is such a guess goes alone on a day with room, and its bill prices its country:
+    the next day both US texts go."""
+    sandbox_state.faults.append(Fault(status=404, times=100, path="/pricing"))
+    clock.advance(3600 * 20 - clock.now() % 86400)  # 20:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+96171123456", "Beirut")
+        await steps(bridge, clock, 30)
+        us = [await post(http, url, f"+120255501{i:02d}", f"us {i}") for i in range(2)]
+        await steps(bridge, clock, 30)
+        waiting = [(await bridge.store.get(i)).state for i in us]
+        clock.advance(5 * 3600)  # the next UTC day
+        await steps(bridge, clock, 60)
+        states = [(await bridge.store.get(i)).state for i in us]
+        later = await bridge.store.get(await post(http, url, "+12025550188", "priced"))
+    assert waiting == [State.QUEUED, State.QUEUED]  # 1.5 spent today: no room
+    assert later.estimated_cost == 0.5  # what a US part was billed
+    assert states == [State.SENT, State.SENT]
+    assert sum(e.cost for e in sandbox_state.entries[1:]) == 1.0
+
+
+async def test_a_text_with_only_a_guess_for_a_price_waits_when_the_cap_is_spent(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A text with nothing to price it by (or only a guess no day could hold) is counted
+    at 0 until its bill: with the day's cap spent exactly (1.5 of 1.5), `spent + 0 >
+    cap` was false and it went anyway. It waits for room."""
+    sandbox_state.faults.append(Fault(status=404, times=100, path="/pricing"))
+    clock.advance(3600 * 20 - clock.now() % 86400)  # 20:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1.5\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+96171123456", "Beirut")  # billed 1.5: the cap, exactly
+        await steps(bridge, clock, 30)
+        long = await post(http, url, "+12025550101", "word " * 40)  # 2 parts: 3.0 guessed
+        await steps(bridge, clock, 30)
+        message = await bridge.store.get(long)
+    assert len(sandbox_state.entries) == 1
+    assert message.state == State.QUEUED and "cost_per_day=1.5" in (message.reason or "")
+
+
+@pytest.mark.parametrize(
+    ("extra", "key"),
+    [
+        ("[budget]\nparts_per_day = -1\n", "budget.parts_per_day"),
+        ("[budget]\nlow_balance = -5\n", "budget.low_balance"),
+        (
+            '[routes.am]\nformat = "generic"\nto = ["+12025550101"]\npublic = true\n'
+            "max_texts_per_day = -5\n",
+            "routes.am.max_texts_per_day",
+        ),
+    ],
+)
+def test_a_negative_cap_is_refused_by_its_own_key(
+    tmp_path, sandbox_url: str, extra: str, key: str
+) -> None:
+    """A negative parts_per_day was reported as `budget.texts_per_day`; a route's
+    negative max_texts_per_day and a negative low_balance loaded as no cap, no warning."""
+    with pytest.raises(ConfigError) as refused:
+        bridge_config(tmp_path, sandbox_url, extra)
+    assert [k for k, _ in refused.value.problems] == [key]
+
+
+@on_each_backend
+async def test_the_console_shows_today_as_the_caps_count_it(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The overview counted the admins' warning in today's parts (the caps leave it
+    out: "3 of 3" parts shown while one more part could go) and never showed the cost
+    cap at all, nor said that texts over it wait."""
+    admin = "+12025550199"
+    extra = TOKENS + f'[budget]\nparts_per_day = 3\ncost_per_day = 5\nadmin = ["{admin}"]\n'
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await bridge.dispatcher.run_once()  # the price list
+        for i in range(3):  # the third crosses the parts cap: a warning goes
+            await send(http, f"+120255501{i:02d}", f"text {i} " + "x" * 200 * (i == 0))
+        await steps(bridge, clock, 30)
+        assert [e.to for e in sandbox_state.entries].count(admin) == 1
+        await sign_in(http, READER)
+        today = (await http.get("/ui/overview.json")).json()["today"]
+        page = (await http.get("/ui/")).text
+    assert today["texts"] == 2 and today["parts"] == 3 and today["warnings"] == 1
+    assert today["caps"]["cost_per_day"] == 5 and today["counted_cost"] == 1.5
+    assert "1.5 of 5 counted against the cap" in page
+
+
+async def test_an_unpriced_text_goes_alone_not_beside_priced_ones(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """One text to a Lebanese number the list leaves out (priced at its highest, 1.0,
+    over the cap of 0.8: a guess) and four US numbers listed at 0.2. Counted at 0 until
+    its bill, it went in one bulk call with the four, which filled the cap: 1.5 + 4 x 0.5
+    billed against 0.8. Now it goes alone; its bill (1.5) spends the day."""
+    body = (
+        '{"success": true, "data": {"countries": [{"country_code": "+1", "price": 0.2},'
+        ' {"country_code": "+44", "price": 1.0}]}}'
+    )
+    sandbox_state.faults.append(Fault(status=200, body=body, path="/pricing"))
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 0.8\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # the list
+        for to in ["+96171123456"] + [f"+120255501{i:02d}" for i in range(4)]:
+            await post(http, url, to, "same")
+        await steps(bridge, clock, 30)
+    assert [e.to for e in sandbox_state.entries] == ["+96171123456"]
+
+
+async def test_a_cap_raised_by_a_reload_that_bites_again_is_warned_of_again(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """One warning a day for every cap: an operator who raised texts_per_day from 1 to 2
+    during an incident never heard that 2 was reached as well."""
+    admin = "+12025550199"
+    budget = '[budget]\ntexts_per_day = {}\nadmin = ["' + admin + '"]\n'
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, budget.format(1))
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for i in range(3):
+            await post(http, url, f"+120255501{i:02d}", f"alert {i}")
+        await steps(bridge, clock, 30)
+        reloaded(bridge, tmp_path, sandbox_url, budget.format(2))
+        await steps(bridge, clock, 30)
+    warnings = [e.message for e in sandbox_state.entries if e.to == admin]
+    assert len(warnings) == 2, warnings
+    assert "texts_per_day=1" in warnings[0] and "texts_per_day=2" in warnings[1]
