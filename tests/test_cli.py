@@ -175,6 +175,17 @@ def test_sandbox_refuses_a_rate_or_fail_share_it_cannot_serve(tmp_path) -> None:
         assert option in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_check_config_refuses_a_star_listen_address_serve_cannot_bind(tmp_path) -> None:
+    """`listen = "*:8080"` (nginx's way to say every address) passed check-config, then
+    serve could not bind it ("Name or service not known"): check-config said OK to a
+    file serve refuses. Now both name the key and the addresses that mean it."""
+    (tmp_path / "bridge.toml").write_text('[http]\nlisten = "*:8080"\n')
+    checked = run("check-config", "bridge.toml", cwd=tmp_path)
+    assert checked.returncode == 1, checked.stdout
+    assert "http.listen: '*:8080': '*' is no address" in checked.stderr
+    assert "0.0.0.0" in checked.stderr and "[::]" in checked.stderr
+
+
 def test_a_store_that_cannot_be_opened_is_a_clear_error(tmp_path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the store's directory should be")
