@@ -141,7 +141,8 @@ class HttpConfig:
 
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
-    base_url: str = _opt("")
+    # A URL: a password in it (https://user:password@proxy/...) is masked like store.url's.
+    base_url: str = _opt("", secret="url")
     api_key: str = _opt("", secret=True)
     auth_header: str = _opt("x-api-key")  # x-api-key | bearer
     sender_id: str = _opt("SMS")
@@ -256,6 +257,7 @@ SCOPES = ("send", "read", "admin", "metrics")
 # that get pasted into configs, and fits every sender's secret field (GitHub, GitLab and
 # Grafana take any length; a UPS card's 15-character field is an SMTP password, not here).
 MIN_SECRET_CHARS = 16
+MAX_REQUESTS_PER_MINUTE = 100_000  # provider.requests_per_minute, `sandbox --requests-per-minute`
 MAKE_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
