@@ -375,9 +375,10 @@ async def test_the_overviews_time_moves_with_its_figures(
         queued_message = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1)
         await seed(bridge.store, [queued_message], clock.now())
         await page.clock.run_for(11_000)  # past the overview's 10 s refresh
-        await page.wait_for_function(
-            "document.querySelector('.states a[href$=\"state=queued\"] strong').textContent === '1'"
-        )
+        # A locator's wait, not wait_for_function: a string predicate the page polls is
+        # an eval, which the console's Content-Security-Policy refuses (a flaky failure
+        # whenever the refresh was not done at the first look).
+        await queued.filter(has_text="1").wait_for()
         assert await stamp.inner_text() == "2027-01-15 09:00:00 UTC"
         await context.close()
     assert errors.errors == []
