@@ -392,3 +392,28 @@ async def test_a_cap_raised_by_a_reload_that_bites_again_is_warned_of_again(
     warnings = [e.message for e in sandbox_state.entries if e.to == admin]
     assert len(warnings) == 2, warnings
     assert "texts_per_day=1" in warnings[0] and "texts_per_day=2" in warnings[1]
+
+
+@on_each_backend
+async def test_a_text_the_caps_let_go_is_no_longer_held_by_the_budget(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A text that once waited for midnight kept the reason kind `budget` through its
+    send: refused by the provider, it showed as failed by the budget (in /metrics and
+    `?reason=budget`), and a later reload that raised a cap "released" it from a retry's
+    backoff. The kind goes when the caps let it go, as an unknown outcome's does."""
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 1\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        _, second = [await post(http, url, f"+120255501{i:02d}", f"a{i}") for i in range(2)]
+        await steps(bridge, clock, 30)
+        sandbox_state.faults.append(Fault(status=400, path="/send"))  # refused for good
+        reloaded(bridge, tmp_path, sandbox_url, "[budget]\ntexts_per_day = 5\n")
+        await steps(bridge, clock, 30)
+        message = (await http.get(f"{url}/api/v1/messages/{second}")).json()
+        held = (await http.get(f"{url}/api/v1/messages", params={"reason": "budget"})).json()
+        metrics = (await http.get(f"{url}/metrics")).text
+    assert message["state"] == "failed" and "provider refused" in message["reason"]
+    assert message["reason_kind"] != "budget"
+    assert held["messages"] == []
+    assert 'state="failed",reason="budget"' not in metrics
