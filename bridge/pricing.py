@@ -84,6 +84,12 @@ class PriceBook:
         none is known; 0.0 when nothing above 0 is."""
         return max([*self.prices.values(), self.default or 0.0, self.billed_max])
 
+    @property
+    def listed(self) -> bool:
+        """Whether the ceiling is bounded by a price list (a price above 0 listed, or its
+        default): the most a part was billed so far bounds only the countries billed."""
+        return max([*self.prices.values(), self.default or 0.0]) > 0
+
     def billed(self, cost: float, sent: Sequence[tuple[str, int]]) -> None:
         """The provider billed `cost` for `sent`, the (recipient, parts) of one call."""
         parts = sum(p for _, p in sent)

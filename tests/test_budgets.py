@@ -304,6 +304,28 @@ async def test_a_text_with_only_a_guess_for_a_price_waits_when_the_cap_is_spent(
     assert message.state == State.QUEUED and "cost_per_day=1.5" in (message.reason or "")
 
 
+async def test_a_country_priced_only_by_another_countrys_bill_goes_alone(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """No price list (404), cost_per_day = 2. A US text is billed 0.5; then one text to
+    four Lebanese numbers, 1.5 each. Priced at the most a part was billed (0.5, another
+    country's bill), they fitted the cap together and went in one bulk call: 5.0 spent
+    against 2, what a cap that guards against toll fraud is for. A text priced only by
+    such a guess now goes alone, and its bill prices its country: one goes, the day's
+    cap is then spent and the others wait."""
+    sandbox_state.faults.append(Fault(status=404, times=100, path="/pricing"))
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 2\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+12025550101", "first")  # billed 0.5
+        await steps(bridge, clock, 30)
+        beirut = [await post(http, url, f"+9617112345{i}", "same") for i in range(4)]
+        await steps(bridge, clock, 60)
+        states = [(await bridge.store.get(i)).state for i in beirut]
+    assert sum(e.cost for e in sandbox_state.entries) <= 2
+    assert states.count(State.SENT) == 1 and states.count(State.QUEUED) == 3
+
+
 @pytest.mark.parametrize(
     ("extra", "key"),
     [
