@@ -30,7 +30,8 @@ def _country(e164: str) -> int | None:
 
 def _code(value: Any) -> int | None:
     text = str(value or "").strip().lstrip("+")
-    return int(text) if text.isdigit() else None
+    # ASCII digits only: str.isdigit() also takes "¹" (a footnote mark), which int() refuses.
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _given(entry: Mapping[str, Any], *keys: str) -> Any:

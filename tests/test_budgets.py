@@ -105,6 +105,55 @@ async def test_an_unlisted_destination_is_not_free_when_only_free_ones_are_liste
     assert len(sandbox_state.entries) == 2
 
 
+async def test_a_country_code_with_a_footnote_mark_is_no_price_not_an_error(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A price list whose country code carries a footnote mark ("+1\u00b9": str.isdigit()
+    takes it, int() does not) raised out of the dispatcher's step before any send, and
+    the fetch, still due, raised again at every step: not one text went while /pricing
+    answered so. The entry is no price; the rest of the list is read."""
+    body = (
+        '{"success": true, "data": {"default": 1.0, "countries":'
+        ' [{"country_code": "+1\u00b9", "price": 0.2}]}}'
+    )
+    sandbox_state.faults.append(Fault(status=200, body=body, path="/pricing", times=100))
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 5\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        first = await post(http, url, "+12025550101", "db-1 down")
+        await steps(bridge, clock, 30)
+        later = await post(http, url, "+447911123456", "db-2 down")  # unlisted, unbilled
+        states = [(await bridge.store.get(i)).state for i in (first,)]
+        estimate = (await bridge.store.get(later)).estimated_cost
+    assert states == [State.SENT]
+    assert estimate == 1.0  # the list's default: the list was read
+
+
+async def test_a_price_list_that_cannot_be_read_is_a_failed_fetch_not_a_failed_step(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Any error reading the list (its body is undocumented; the parser may meet a shape
+    it does not expect) ended the step before any send, and the fetch stayed due: every
+    step failed, and no text went at all. It is now a failed fetch like a 500, tried
+    again with backoff, and the texts go meanwhile."""
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 5\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+
+        def unreadable(data: object) -> bool:  # a parser's bug: no live answer makes one
+            raise RuntimeError("a shape nobody expected")
+
+        monkeypatch.setattr(bridge.dispatcher.prices, "load", unreadable)
+        sent = await post(http, url, "+12025550101", "db-1 down")
+        await steps(bridge, clock, 30)
+        message = await bridge.store.get(sent)
+    fetches = [r for r in sandbox_state.requests if r.path.endswith("/pricing")]
+    assert message.state == State.SENT
+    assert len(fetches) == 1  # backing off (60 s first), not once a step
+
+
 @pytest.mark.parametrize("price", ["NaN", "-1", "Infinity"])
 async def test_a_price_that_is_no_number_is_no_price(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, price: str
