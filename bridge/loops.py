@@ -80,32 +80,38 @@ async def run_steps(
     wake = wake or asyncio.Event()
     state = (health or LoopHealth()).state(name)
     logged: set[str] = set()  # the kinds of failure whose traceback this run logged
-    while not stop.is_set():
-        # Cleared before the step, not after: a wake while it runs (work stored after it
-        # read what is due) must cut the sleep short, or that work waits the whole wait.
-        wake.clear()
-        try:
-            wait = await step()
-        except StoreUnavailable as exc:
-            log.error("%s cannot use the store: %s", name, exc)
-            wait = retry_after
-        except Exception as exc:  # the loop outlives any one step
-            state.failures += 1
-            state.in_a_row += 1
-            state.error = type(exc).__name__
-            wait = backoff(retry_after, state.in_a_row)
-            kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
-            if kind not in logged:
-                logged.add(kind)
-                log.exception("%s: a step failed; retrying in %gs", name, wait)
-            else:
-                log.debug("%s: a step failed again (%s); retrying in %gs", name, exc, wait)
-            # No wake cuts this wait short: every ingest wakes the dispatcher, and a step
-            # that fails at once would otherwise run once per acknowledged alert.
-            await sleep_until_woken(clock, wait, asyncio.Event(), stop)
-            continue
-        if state.in_a_row:
-            log.warning("%s: steps succeed again after %d failures", name, state.in_a_row)
-            state.in_a_row, state.error = 0, ""
-            logged.clear()
-        await sleep_until_woken(clock, wait, wake, stop)
+    try:
+        while not stop.is_set():
+            # Cleared before the step, not after: a wake while it runs (work stored after it
+            # read what is due) must cut the sleep short, or that work waits the whole wait.
+            wake.clear()
+            try:
+                wait = await step()
+            except StoreUnavailable as exc:
+                log.error("%s cannot use the store: %s", name, exc)
+                wait = retry_after
+            except Exception as exc:  # the loop outlives any one step
+                state.failures += 1
+                state.in_a_row += 1
+                state.error = type(exc).__name__
+                wait = backoff(retry_after, state.in_a_row)
+                kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+                if kind not in logged:
+                    logged.add(kind)
+                    log.exception("%s: a step failed; retrying in %gs", name, wait)
+                else:
+                    log.debug("%s: a step failed again (%s); retrying in %gs", name, exc, wait)
+                # No wake cuts this wait short: every ingest wakes the dispatcher, and a step
+                # that fails at once would otherwise run once per acknowledged alert.
+                await sleep_until_woken(clock, wait, asyncio.Event(), stop)
+                continue
+            if state.in_a_row:
+                log.warning("%s: steps succeed again after %d failures", name, state.in_a_row)
+                state.in_a_row, state.error = 0, ""
+                logged.clear()
+            await sleep_until_woken(clock, wait, wake, stop)
+    finally:
+        # A loop that stopped (shutdown, or a singleton halted when its instance lost
+        # the lead) is not failing: kept, its failures in a row made a follower's
+        # /healthz say 503 for a loop it no longer runs. The counter stays.
+        state.in_a_row, state.error = 0, ""

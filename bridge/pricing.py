@@ -30,7 +30,8 @@ def _country(e164: str) -> int | None:
 
 def _code(value: Any) -> int | None:
     text = str(value or "").strip().lstrip("+")
-    return int(text) if text.isdigit() else None
+    # ASCII digits only: str.isdigit() also takes "¹" (a footnote mark), which int() refuses.
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _given(entry: Mapping[str, Any], *keys: str) -> Any:
@@ -83,6 +84,12 @@ class PriceBook:
         """The highest price of one part anywhere (listed or billed): a safe guess where
         none is known; 0.0 when nothing above 0 is."""
         return max([*self.prices.values(), self.default or 0.0, self.billed_max])
+
+    @property
+    def listed(self) -> bool:
+        """Whether the ceiling is bounded by a price list (a price above 0 listed, or its
+        default): the most a part was billed so far bounds only the countries billed."""
+        return max([*self.prices.values(), self.default or 0.0]) > 0
 
     def billed(self, cost: float, sent: Sequence[tuple[str, int]]) -> None:
         """The provider billed `cost` for `sent`, the (recipient, parts) of one call."""

@@ -177,3 +177,47 @@ async def test_the_leader_outlives_a_failing_leadership_check(clock: ManualClock
     assert leader.leading and leader.loops.failures() == {"leader": 1.0}
     stop.set()
     await asyncio.wait_for(task, 5)
+
+
+async def test_a_singleton_stopped_by_a_lost_lead_is_not_reported_failing(
+    tmp_path: Path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """The status poller's steps failed three times in a row (/healthz: 503, "status
+    poller"), then another instance took the lead and this one stopped its poller. A
+    loop that no longer runs kept its failures in a row: the follower answered 503 for
+    good, and an orchestrator restarted a healthy instance (in turn every instance the
+    lead moved from). A loop that stops takes its run of failures with it."""
+    leads = True
+
+    class Handover:  # the lead lost to another instance: shaped, as a test cluster would
+        async def check(self) -> bool:
+            return leads
+
+        async def resign(self) -> None:
+            pass
+
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        calls = 0
+
+        async def awaiting_status(**_: object) -> list[Message]:
+            nonlocal calls
+            calls += 1
+            raise RuntimeError("a bug in the step")  # a fault a live store cannot produce
+
+        bridge.store.awaiting_status = awaiting_status  # type: ignore[method-assign]
+        bridge.leader.leadership = Handover()  # type: ignore[assignment]
+        task = asyncio.create_task(bridge.run())
+        async with httpx.AsyncClient(base_url=url) as http:
+            await _settle(lambda: calls == 1)
+            for n in (2, 3):
+                clock.advance(300.0)
+                await _settle(lambda n=n: calls == n)
+            health = await http.get("/healthz")
+            assert health.status_code == 503 and "status poller" in str(health.json())
+            leads = False
+            clock.advance(2.0)  # the next leadership check: the poller stops
+            await _settle(lambda: not bridge.leader.leading and bridge.leader.singletons_stopped)
+            assert (await http.get("/healthz")).status_code == 200
+        bridge.stop.set()
+        await asyncio.wait_for(task, 10)

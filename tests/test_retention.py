@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -142,3 +143,35 @@ async def test_a_purge_of_every_message_never_lets_an_id_be_given_again(
             [new] = answer.json()["ids"]
             assert new > max(given)
             assert (await http.get(f"{url}/api/v1/messages/{given[0]}")).status_code == 404
+
+
+async def test_a_text_scheduled_past_the_retention_is_kept_until_its_time(
+    tmp_path, clock: ManualClock, sandbox_url: str, backend: str
+) -> None:
+    """A reminder scheduled ten days ahead goes to the provider at once and is `sent`
+    until its delivery report. With `store.retention` = 1 day, the hourly purge took
+    `sent` for finished and deleted it a day later: its delivery state was never
+    recorded, `GET /api/v1/messages/ID` answered 404 for a text not yet delivered, and
+    storm control no longer counted it at its time. A `sent` text is kept until its
+    schedule_time has passed (then retention counts as for any other)."""
+    config = kept_for(bridge_config(tmp_path, sandbox_url), DAY)
+    when = clock.now() + 10 * DAY
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        body = {
+            "to": "+12025550143",
+            "message": "renew the certificate",
+            "schedule_time": datetime.fromtimestamp(when, UTC).isoformat(),
+        }
+        [reminder] = (await http.post(f"{url}/api/v1/messages", json=body)).json()["ids"]
+        await pump_until_state(bridge, clock, reminder, State.SENT, max_seconds=60)
+        # A later message: SQLite keeps the newest row whatever its age.
+        await http.post(f"{url}/api/v1/messages", json={"to": "+12025550144", "message": "x"})
+        clock.advance(3 * DAY)
+        await one_hourly_step(bridge, clock)
+        kept = await http.get(f"{url}/api/v1/messages/{reminder}")
+        assert kept.status_code == 200 and kept.json()["state"] == "sent"
+        clock.advance(when - clock.now())
+        await pump_until_state(bridge, clock, reminder, State.DELIVERED, max_seconds=600)
+        clock.advance(2 * DAY)  # delivered two days ago: retention takes it now
+        await one_hourly_step(bridge, clock)
+        assert (await http.get(f"{url}/api/v1/messages/{reminder}")).status_code == 404

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from datetime import UTC, datetime
 
 import httpx
@@ -12,6 +13,7 @@ from bridge.clock import ManualClock
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from tests.helpers import bridge_config, max_in_window, pump, running_bridge
+from tests.stores import faulty_store
 
 # Run on each store backend (tests/conftest.py `backend`).
 on_each_backend = pytest.mark.usefixtures("backend")
@@ -337,3 +339,30 @@ async def test_a_text_costing_more_than_the_day_fails_saying_so(
         message = await bridge.store.get(mid)
     assert message is not None and message.state == State.FAILED, message
     assert message.reason and "cost_per_day=2" in message.reason and "2.4" in message.reason
+
+
+async def test_storm_questions_of_a_big_request_stay_under_sqlites_oldest_variable_limit(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """Storm control asks four values a phone now (its time, window, and since when a
+    storm holds it), not two; the questions per statement stayed at 140, 9 parameters a
+    pair: 1260, past the 999 an SQLite built with its oldest limit allows. A request to
+    200 phones answered 503 ("too many SQL variables") there. The writer's connection
+    is held to 999 as such a build is."""
+    config = bridge_config(
+        tmp_path,
+        sandbox_url,
+        "[limits]\nper_recipient = 3\n[http]\nmax_recipients = 1000\n",
+    )
+    store = faulty_store(config)
+    async with running_bridge(config, clock, store) as (bridge, url):
+        await store.on_writer(
+            lambda db: db.conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        )
+        phones = [f"+1202{5000000 + i:07d}" for i in range(200)]
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(
+                f"{url}/api/v1/messages", json={"to": phones, "message": "db-1 down"}
+            )
+        assert answer.status_code == 202, answer.text
+        assert await bridge.store.counts() == {"queued": 200}

@@ -362,6 +362,13 @@ class Dispatcher:
             why = "" if loaded else "no price in the answer"
         except ProviderError as exc:
             loaded, why = False, str(exc)
+        except Exception as exc:
+            # An answer the tolerant parser still could not read (its body is
+            # undocumented): a failed fetch like any other. Out of the step, the fetch
+            # stayed due and raised again at every step, before any send: not one text
+            # went while /pricing answered so.
+            log.exception("price list unreadable")
+            loaded, why = False, f"unreadable answer ({type(exc).__name__})"
         now = self.clock.now()
         if loaded:
             self._prices_due, self._prices_retry = now + PRICES_REFRESH, PRICES_RETRY_FIRST

@@ -21,9 +21,11 @@ the list does not price is counted at its highest price: a cap that guards again
 fraud must not let the unpriced destinations through for free. A country the list gives
 at 0 is free: 0 is a price. With no list (its path is undocumented; a fetch may fail: the
 dispatcher tries again with backoff, and daily) a country is priced by what its parts
-were billed, else the highest price is the most a part was billed; before any bill (or
-with nothing priced above 0), one text goes alone and its bill prices the rest (a whole
-bulk call counted as free once spent the day's cap many times over). A text whose only
+were billed, else by the most a part was billed, and such a text goes alone (its bill
+prices its country: four texts to a dearer country priced by a cheaper one's bill went
+in one call); before any bill (or with nothing priced above 0), one text goes alone and
+its bill prices the rest (a whole bulk call counted as free once spent the day's cap
+many times over). A text whose only
 price is such a guess larger than the whole cap is treated the same way (alone, on a day
 with room, its bill prices its country), never failed as larger than the budget: that is
 said of a text by its own price only.
@@ -215,17 +217,21 @@ class BudgetGuard:
             priced, own = (
                 self._cost(m.recipient, m.parts, m.estimated_cost) if cost_cap else (0.0, True)
             )
-            # Nothing to price it by, or only a guess (another country's price) that no
-            # day could hold: it goes alone, on a day with room left, and its bill prices
-            # its country. Failed as "larger than the daily budget" on that guess, a 0.5
-            # text never went once a 1.5 one had been billed.
-            guess = priced is None or (not own and priced > cost_cap)
+            # Nothing to price it by, or only a guess: another country's price that no
+            # day could hold, or (no price list) the most another country's part was
+            # billed. It goes alone, on a day with room left, and its bill prices its
+            # country. Failed as "larger than the daily budget" on that guess, a 0.5
+            # text never went once a 1.5 one had been billed; priced by a 0.5 bill, four
+            # 1.5 texts went in one call and spent 2.5 times the cap.
+            guess = priced is None or (not own and (priced > cost_cap or not self.prices.listed))
             # Alone: counted at 0 beside priced texts, it let them fill the cap and its
             # bill came on top.
             if unpriced or (guess and priced_allowed):
                 later.append(m)
                 continue
-            cost = 0.0 if guess else (priced or 0.0)
+            # A guess is counted as guessed where a day could hold it, else at 0.
+            fits = priced is not None and (not guess or priced <= cost_cap)
+            cost = (priced or 0.0) if fits else 0.0
             route, token = m.route or "", m.token or ""
             cap = self.route_caps.get(route)
             if cap is not None and route not in route_used:

@@ -24,7 +24,11 @@ from bridge.store.values import ended, not_applied, requeued, sent_late
 from bridge.store.window import Stamp, read_stamp
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
-RETRIED_KINDS = "('unknown', 'provider-error')"  # a new attempt: what an earlier outcome was
+# A new attempt: what an earlier outcome was, and the daily caps that held it back (they
+# let it go now), no longer hold. `budget` kept past the claim showed a text the provider
+# refused as failed by the budget, and a reload that raised a cap "released" it from a
+# retry's backoff (`release_budget_holds` picks waiting texts by that kind).
+RETRIED_KINDS = "('unknown', 'provider-error', 'budget')"
 # Rows an outcome of `owner` (a parameter of the statement) may write: its own claims.
 # Anything else is another instance's, or moved on.
 HELD = "(m.state = 'sending' AND m.claimed_by = {})"

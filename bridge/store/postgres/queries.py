@@ -17,9 +17,13 @@ from bridge.store.postgres.schema import MENTIONED
 PURGEABLE = "('sent', 'delivered', 'failed', 'suppressed')"
 # Retention: finished messages that reached their end (their last change) before $1,
 # found through messages_created_at (created before it too).
+# A `sent` text scheduled later has not reached its end: the provider holds it till its
+# schedule_time (UTC text), its delivery report comes after (SQLite's purge too).
 PURGE = (
     "DELETE FROM messages WHERE created_at < $1 AND updated_at < $1"
-    f" AND state IN {PURGEABLE} RETURNING id"
+    f" AND state IN {PURGEABLE} AND (state <> 'sent' OR schedule_time IS NULL"
+    " OR schedule_time < to_char(to_timestamp($1) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS'))"
+    " RETURNING id"
 )
 # bridge.store.totals: rows of connections no longer in pg_stat_activity, into slot 0.
 TAKE_TOTALS_LOCK = f"SELECT pg_advisory_xact_lock({TOTALS_LOCK})"

@@ -287,15 +287,25 @@ class ConsoleQueries(EngineBound):
             # now stays, in its history and in today's caps. created_at, never later,
             # picks the candidates through messages_created_at.
             where = "WHERE created_at < ? AND updated_at < ? AND +state IN " + PURGEABLE_SQL
+            # A `sent` text scheduled later has not reached its end: the provider holds it
+            # till its schedule_time (UTC text), its delivery report comes after. Purged
+            # as finished, it was gone (404, no state, uncounted by storm control) before
+            # it was delivered.
+            where += (
+                " AND (+state != 'sent' OR schedule_time IS NULL"
+                " OR schedule_time < strftime('%Y-%m-%d %H:%M:%S', ?, 'unixepoch'))"
+            )
             # The newest message stays, however old: ids are max(id) + 1, and a purge of
             # every row gave the next message id 1 again (an id a caller holds, answered
             # with another message). PostgreSQL's sequence never goes back.
             where += " AND +id < (SELECT max(id) FROM messages)"  # "+": by created_at still
             db.execute(
                 f"DELETE FROM events WHERE message_id IN (SELECT id FROM messages {where})",
-                (before, before),
+                (before, before, before),
             )
-            return int(db.execute(f"DELETE FROM messages {where}", (before, before)).rowcount)
+            return int(
+                db.execute(f"DELETE FROM messages {where}", (before, before, before)).rowcount
+            )
 
         return await self.engine.write(job)
 

@@ -171,11 +171,12 @@ class DeliveryOperations(EngineBound):
             at = read_stamp(now)  # in the writer's turn: the wait for it does not count
             if limit is not None and wait_in(db, at, limit=limit, window=window) > 0:
                 return []
-            # A new attempt: what an earlier unknown outcome was (reason_kind) no longer holds.
+            # A new attempt: what an earlier outcome was (reason_kind), and the daily caps
+            # that held it back, no longer hold (PostgreSQL's RETRIED_KINDS).
             db.execute(
                 "UPDATE messages SET reason_kind = NULL"
                 f" WHERE id IN {JSON_IDS} AND +state = 'queued'"
-                " AND reason_kind IN ('unknown', 'provider-error')",
+                " AND reason_kind IN ('unknown', 'provider-error', 'budget')",
                 (wanted,),
             )
             queued = set(

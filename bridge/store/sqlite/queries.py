@@ -27,9 +27,13 @@ from bridge.store.api import (
 from bridge.store.rows import row
 from bridge.store.sqlite.schema import INSERT_COLUMNS, JSON_IDS, ROW_MARKS, ROWS_PER_INSERT
 
-# Questions of each kind per statement: 4 + 3 parameters a pair, under SQLite's oldest
-# limit of 999 parameters.
-QUESTIONS_PER_STATEMENT = 140
+# The columns of each kind of question (`_values` adds its index to each row).
+ORIGINAL_COLUMNS = ("key", "recipient", "since")
+STORM_COLUMNS = ("recipient", "at", "window", "held_since")
+# Questions of each kind per statement: 4 + 5 parameters a pair, under SQLite's oldest
+# limit of 999 parameters. Left at 140 when a storm question grew from 2 values to 4,
+# a request to 112 phones or more was a 503 ("too many SQL variables") there.
+QUESTIONS_PER_STATEMENT = 999 // (len(ORIGINAL_COLUMNS) + len(STORM_COLUMNS) + 2)
 
 
 # -- ingest -------------------------------------------------------------------------
@@ -82,8 +86,8 @@ def ingest_lookups(db: Database, questions: IngestQuestions) -> tuple[int, Looku
     for start in range(0, most, QUESTIONS_PER_STATEMENT):
         chunk_o = wanted_originals[start : start + QUESTIONS_PER_STATEMENT]
         chunk_s = wanted_storms[start : start + QUESTIONS_PER_STATEMENT]
-        o_table, o_args = _values("o", ("key", "recipient", "since"), chunk_o)
-        s_table, s_args = _values("s", ("recipient", "at", "window", "held_since"), chunk_s)
+        o_table, o_args = _values("o", ORIGINAL_COLUMNS, chunk_o)
+        s_table, s_args = _values("s", STORM_COLUMNS, chunk_s)
         next_id, found_o, found_s = db.execute(
             f"WITH {o_table}, {s_table} SELECT (SELECT coalesce(max(id), 0) + 1 FROM messages),"
             f" ({_ORIGINALS}), ({_STORMS})",
