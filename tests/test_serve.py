@@ -344,6 +344,17 @@ def test_a_second_serve_on_one_sqlite_store_is_refused(tmp_path) -> None:
         assert second.returncode == 1
         assert "another `sms-bridge serve` is running on sms-bridge.db" in second.stderr
         assert "Traceback" not in second.stderr
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "link.db").symlink_to(tmp_path / "sms-bridge.db")
+        linked = subprocess.run(  # the same file by another name is the same store
+            [sys.executable, "-m", "bridge", "serve"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path / "elsewhere",
+            env={**env, "SMS_BRIDGE_STORE_PATH": "link.db"},
+        )
+        assert linked.returncode == 1 and "another `sms-bridge serve`" in linked.stderr
         assert httpx.get(f"{url}/readyz").status_code == 200
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=15) == 0

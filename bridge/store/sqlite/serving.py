@@ -24,7 +24,9 @@ from bridge.errors import StoreUnavailable
 
 
 def lock_path(path: str) -> str:
-    return f"{path}.serve-lock"
+    """The lock beside the store's real file: two serves naming it by different paths (a
+    symlink to it or to its directory, `./` or not) hold one lock."""
+    return f"{os.path.realpath(path)}.serve-lock"
 
 
 @contextlib.contextmanager
