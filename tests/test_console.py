@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import re
 import sqlite3
+import string
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
@@ -1035,6 +1037,39 @@ async def test_a_filter_the_bridge_does_not_know_is_a_400_not_an_empty_list(
         assert bad.status_code == 400 and "'api'" in bad.json()["error"]
         twice = await http.get("/ui/messages.json?state=failed&state=queued")
         assert twice.status_code == 400 and "more than once" in twice.json()["error"]
+
+
+async def test_a_query_of_many_parameters_costs_no_more_than_reading_it(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The check for a parameter given twice counted each one's values anew, every one
+    of them read each time: a list query of n parameters cost n * n. A reader's request
+    of 16,000 short names (60 KB, under a raised `http.max_header_bytes`) held the event
+    loop, every listener's, for ~5 s; 4,000 under the default 16 KB, ~0.3 s. One pass
+    now: the same request answers in milliseconds."""
+    extra = f"{TOKENS}\n[http]\nmax_header_bytes = 1048576\n"
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    chars = string.ascii_letters + string.digits
+    names = [*chars, *map("".join, itertools.product(chars, repeat=2))]
+    names += map("".join, itertools.product(chars, repeat=3))
+    query = "&".join(names[:16_000])
+    assert len(query) < 62_000  # past httpx's longest URL: sent raw
+
+    async def get(url: str, target: str) -> bytes:
+        port = int(url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        writer.write(f"{head}Authorization: Bearer {READER}\r\n\r\n".encode())
+        try:
+            return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        finally:
+            writer.close()
+
+    async with running_bridge(config, clock) as (_, url):
+        answer = await get(url, f"/api/v1/messages?{query}")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        twice = await get(url, f"/api/v1/messages?{query}&a")
+        assert twice.startswith(b"HTTP/1.1 400 "), twice[:200]
 
 
 async def test_other_reasons_in_the_stats_are_a_filter_too(
