@@ -150,29 +150,35 @@ async def test_a_signed_in_operator_passes_a_lockout_of_their_address(served_bri
         assert signin.status_code == 503
 
 
-async def test_a_sender_in_use_keeps_passing_a_lockout_however_many_sign_ins_follow(
-    served_bridge,
+async def test_a_sender_in_use_keeps_passing_a_lockout_however_many_others_follow(
+    tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:
     """The credentials that pass a lockout were kept per address sixteen at most, the
     first verified gone first, however often it was used since: on a loopback install
     (every local client 127.0.0.1) Alertmanager's route token, verified at its first
-    alert, went after sixteen console sign-ins (each a new session), and the next wrong
-    token from a script there locked Alertmanager out. The one used last goes last."""
-    _, url = served_bridge
+    alert and used a moment ago, went once sixteen other tokens had been used from
+    there, and the next wrong token from a script locked Alertmanager out. The least
+    recently used goes first."""
+    tokens = "".join(
+        f'[tokens.script{n}]\ntoken = "script-token-{n:02d}-0123456789abcdef"\nscopes = ["read"]\n'
+        for n in range(16)
+    )
+    config = bridge_config(tmp_path, sandbox_url, TOKENS + tokens)
     route = {"Authorization": f"Bearer {ROUTE_TOKEN}"}
 
     def alert(n: int) -> dict[str, object]:
         labels = {"alertname": "DiskFull", "instance": f"db-{n}"}
         return {"version": "4", "status": "firing", "alerts": [{"labels": labels}]}
 
-    async with httpx.AsyncClient(base_url=url) as http:
-        for n in range(16):  # an alert, then an operator signs in: a new session each
+    async with (
+        running_bridge(config, clock) as (_, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        for n in range(16):  # an alert, then a script with a token of its own
             sent = await http.post("/hooks/am", json=alert(n), headers=route)
             assert sent.status_code == 202, sent.text
-            http.cookies.clear()
-            assert (await sign_in(http, READER)).status_code == 303
-            assert (await http.get("/ui/")).status_code == 200
-        http.cookies.clear()
+            script = {"Authorization": f"Bearer script-token-{n:02d}-0123456789abcdef"}
+            assert (await http.get("/api/v1/messages", headers=script)).status_code == 200
         for n in range(10):
             wrong = {"Authorization": f"Bearer wrong-token-{n:04d}-0123456789"}
             assert (await http.get("/api/v1/messages", headers=wrong)).status_code == 401

@@ -39,7 +39,7 @@ WINDOW = 60.0
 LOCKOUT = 300.0  # seconds a client past MAX_FAILURES is refused
 MAX_CLIENTS = 10_000  # entries kept; beyond, the oldest go
 _ABSENT = object()  # a dict.pop default: the key was not there
-TRUSTED_PER_CLIENT = 16  # credentials remembered per client (tokens, console sessions)
+TRUSTED_PER_CLIENT = 16  # credentials remembered per client (API and route tokens)
 LOG_EVERY = 60.0  # seconds between two warnings of one kind about one client
 
 
@@ -111,7 +111,7 @@ class FailureThrottle:
 
         Least recently used first out: a credential verified again moves to the end. The
         first verified went first, however often it was used since: Alertmanager's token,
-        used a minute ago, went after sixteen console sign-ins from its address.
+        used a minute ago, went once sixteen other tokens were used from its address.
         """
         key = client_key(host)
         known = self._trusted.pop(key, None)
