@@ -36,8 +36,9 @@ VOLUME ["/data"]
 WORKDIR /data
 USER sms-bridge
 EXPOSE 2525 8080
+# /healthz where the config has HTTP listen (its port, HTTPS with http.tls_cert).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request, sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4).status == 200 else 1)"]
+    CMD ["sms-bridge", "healthcheck"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["sms-bridge"]
 CMD ["serve"]

@@ -43,7 +43,7 @@ from bridge.policy.shaping import Shaper
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.service import Bridge
-from bridge.sockets import bind_socket, bound_address
+from bridge.sockets import bind_socket, bound_address, notify_systemd
 from bridge.store import Store, describe, open_store, rate_window, serving
 from bridge.store.api import instance_name
 
@@ -130,11 +130,12 @@ def _gauges(
         "Messages held back or failed by daily caps",
         lambda: budget.over_cap_total,
     )
-    # Their ratio is the group-commit batch size: writes per fsync.
-    metrics.gauge(
+    # Their rates' ratio is the group-commit batch size: writes per fsync. Counts since
+    # start (`_total`): as gauges, rate() over a restart was told a level had dropped.
+    metrics.counter(
         "store_commits", "Store transactions committed", lambda: store.stats().transactions
     )
-    metrics.gauge(
+    metrics.counter(
         "store_writes_committed",
         "Store writes committed (several share one transaction)",
         lambda: store.stats().writes,
@@ -273,7 +274,7 @@ async def build(
                 wake=dispatcher.wake.set,
                 loops=loops,
             )
-            yield Bridge(
+            bridge = Bridge(
                 config=config,
                 clock=clock,
                 store=store,
@@ -289,7 +290,21 @@ async def build(
                 leader=leader,
                 loops=loops,
                 sandbox=sandbox,
+                config_applied_at=clock.now(),
             )
+            # `systemctl reload` says nothing of a file the bridge refused (SIGHUP has no
+            # answer): what to alert on, as Prometheus's own config_last_reload_* are.
+            metrics.gauge(
+                "config_last_reload_successful",
+                "0 while the last SIGHUP's config was refused (the running one is kept)",
+                lambda: 1.0 if bridge.last_reload_ok else 0.0,
+            )
+            metrics.gauge(
+                "config_last_reload_success_timestamp_seconds",
+                "When the config in force was applied (start, or the last reload that was)",
+                lambda: bridge.config_applied_at,
+            )
+            yield bridge
     finally:
         if smtp_handler is not None:
             smtp_handler.close()
@@ -315,9 +330,15 @@ def _listen(key: str, listen: str) -> socket.socket | None:
 
 
 async def serve(
-    config: Config, *, config_path: str | None = None, clock: Clock | None = None
+    config: Config,
+    *,
+    config_path: str | None = None,
+    clock: Clock | None = None,
+    reload_pending: Callable[[], bool] | None = None,
 ) -> None:
-    """`sms-bridge serve`: everything in this event loop until SIGTERM or SIGINT."""
+    """`sms-bridge serve`: everything in this event loop until SIGTERM or SIGINT.
+    `reload_pending`: whether a SIGHUP came before this loop handled them (the CLI's
+    `EarlyHangups`); if so the config is reloaded once running."""
     if config.uses_sandbox:
         log.warning(
             "no provider.base_url configured: using the in-process sandbox provider; "
@@ -336,6 +357,8 @@ async def serve(
             loop.add_signal_handler(sig, bridge.stop.set)
         reloads: asyncio.Queue[str | None] = asyncio.Queue()
         loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, config_path)
+        if reload_pending is not None and reload_pending():
+            reloads.put_nowait(config_path)
         started = asyncio.Event()
         runner = asyncio.create_task(
             bridge.run(
@@ -365,6 +388,9 @@ async def serve(
             describe(config.store),
             config.provider.requests_per_minute,
         )
+        # systemd (Type=notify) holds `systemctl start` until here, and a reload until
+        # the bridge can take one; it also learns of a bridge that failed to start.
+        notify_systemd("READY=1")
         # What start-up built (modules, phone metadata, config, the app) lives as long as
         # the process: keep the collector from walking it on every full collection. Under
         # load that walk took about a tenth of the event loop (see BENCHMARKS.md).

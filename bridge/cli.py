@@ -7,14 +7,17 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from bridge import __version__, commands
 from bridge.clock import SystemClock
 from bridge.commands import book_cli_request
 from bridge.config import (
+    MAX_REQUESTS_PER_MINUTE,
     Config,
     config_path_from,
     exposed_secrets,
@@ -24,7 +27,7 @@ from bridge.config import (
     secret_values,
 )
 from bridge.errors import ConfigError, StoreUnavailable
-from bridge.models import REASON_KINDS, State
+from bridge.models import MAX_ROW_ID, REASON_KINDS, State
 from bridge.ops.logs import setup_logging
 
 log = logging.getLogger("bridge")
@@ -38,8 +41,10 @@ def _page_size(text: str) -> int:
         size = int(text)
     except ValueError:
         size = 0
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 up, not {text!r}")
+    if not 1 <= size <= MAX_ROW_ID:  # past SQLite's integers: a traceback
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 1 up to {MAX_ROW_ID}, not {text!r}"
+        )
     return size
 
 
@@ -71,15 +76,27 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("SMS_BRIDGE_SANDBOX_API_KEY", "sandbox-key"),
         help="the key clients must send (SMS_BRIDGE_SANDBOX_API_KEY)",
     )
-    sandbox.add_argument("--requests-per-minute", type=int, default=100, help="its rate limit")
+    sandbox.add_argument(
+        "--requests-per-minute",
+        type=_between(int, 1, MAX_REQUESTS_PER_MINUTE),
+        default=100,
+        help="its rate limit",
+    )
     sandbox.add_argument(
         "--fail-share",
-        type=float,
+        type=_between(float, 0, 1),
         default=0.0,
         help="share of texts reported failed, not delivered (0 to 1)",
     )
     sandbox.add_argument(
         "--variant", default="documented", help="answer shapes (see sandbox.variant)"
+    )
+    with_config(
+        sub.add_parser(
+            "healthcheck",
+            help="ask the running serve's /healthz where the config has it listen (the"
+            " image's HEALTHCHECK): exit 0 if it answers 200",
+        )
     )
     check = with_config(sub.add_parser("check-config", help="validate a config file"))
     check.add_argument("file", nargs="?", help="the file (instead of --config)")
@@ -87,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     messages.add_argument("--status", "--state", dest="state", choices=[str(s) for s in State])
     messages.add_argument("--reason", choices=REASON_KINDS)
     messages.add_argument("--route", help="messages from this webhook route")
-    messages.add_argument("--limit", type=_page_size, default=50)
+    messages.add_argument("--limit", type=_page_size, default=50, help="at most this many")
     messages.add_argument("--json", action="store_true")
     retry = with_config(sub.add_parser("retry", help="queue failed messages again"))
     retry.add_argument("ids", nargs="*", type=int, help="message ids")
@@ -133,6 +150,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _between(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:
+    """An argparse type: a number from `low` to `high`, else a usage error (exit 2).
+    `sandbox --requests-per-minute 0` answered every call 500."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:  # NaN too
+            raise argparse.ArgumentTypeError(f"{text} is not from {low} to {high}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def _config_path(args: argparse.Namespace) -> str | None:
     return getattr(args, "file", None) or config_path_from(getattr(args, "config", None))
 
@@ -151,8 +185,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+class EarlyHangups:
+    """SIGHUPs that reach `serve` before its event loop handles them.
+
+    Python leaves SIGHUP at its default action, which ends the process, and systemd
+    does not restart a service a HUP ended (a clean signal for `Restart=on-failure`):
+    `systemctl enable --now sms-bridge && systemctl reload sms-bridge` left the bridge
+    dead. Noted instead from the moment the command line is read; `serve` reloads once
+    running (the file may have changed after it was read).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        signal.signal(signal.SIGHUP, self._note)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.count += 1
+
+    def __call__(self) -> bool:
+        return self.count > 0
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
+    early_hangups = EarlyHangups() if args.command == "serve" else None
     try:
         if args.command == "sandbox":
             return _run_sandbox(args)
@@ -184,6 +240,8 @@ def _main(argv: Sequence[str] | None) -> int:
             log.warning("%s", warning)  # in the service's log, JSON or not
         else:
             print(f"warning: {warning}", file=sys.stderr)
+    if args.command == "healthcheck":
+        return _healthcheck(config)
     if args.command == "check-config":
         print(f"{config.source}: OK")
         from bridge.store import rate_window
@@ -192,7 +250,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(json.dumps(masked(config), indent=2, default=list))
         return 0
     try:
-        return _run_command(config, args)
+        return _run_command(config, args, early_hangups)
     except StoreUnavailable as exc:
         from bridge.store import describe
 
@@ -203,13 +261,17 @@ def _main(argv: Sequence[str] | None) -> int:
         return 1
 
 
-def _run_command(config: Config, args: argparse.Namespace) -> int:
+def _run_command(
+    config: Config, args: argparse.Namespace, early_hangups: EarlyHangups | None = None
+) -> int:
     if args.command == "serve":
         from bridge.app import serve
 
         try:
             with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-                runner.run(serve(config, config_path=_config_path(args)))
+                runner.run(
+                    serve(config, config_path=_config_path(args), reload_pending=early_hangups)
+                )
         except ConfigError as exc:
             _print_problems(exc)
             return 1
@@ -241,6 +303,38 @@ def _print_problems(exc: ConfigError) -> None:
     print("configuration problems:", file=sys.stderr)
     for key, why in exc.problems:
         print(f"  {key}: {why}", file=sys.stderr)
+
+
+def _healthcheck(config: Config) -> int:
+    """GET /healthz on `http.listen` as configured: HTTPS with `http.tls_cert` (not
+    verified: the bridge's own listener), a wildcard address asked on loopback. The
+    image's HEALTHCHECK asked http://127.0.0.1:8080 whatever the config said, so a
+    bridge on HTTPS or another port was "unhealthy" for ever."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    if not config.http.listen:
+        print("healthcheck: http.listen is empty: no HTTP listener to ask", file=sys.stderr)
+        return 1
+    host, port = parse_listen(config.http.listen)
+    # `[::]` is dual-stack (bridge.sockets): IPv4 loopback, which every container has.
+    host = {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1", "": "127.0.0.1"}.get(host, host)
+    scheme = "https" if config.http.tls_cert else "http"
+    url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, timeout=4, context=context) as answer:
+            status = answer.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (OSError, ValueError) as exc:
+        print(f"healthcheck: {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    print(f"healthcheck: {url}: {status}", file=sys.stderr if status != 200 else sys.stdout)
+    return 0 if status == 200 else 1
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -84,7 +84,7 @@ async def messages(config: Config, args: argparse.Namespace) -> int:
     finally:
         await store.close()
     if args.json:
-        print(json.dumps([m.to_json() for m in rows], indent=2, ensure_ascii=False))
+        print(_json([m.to_json() for m in rows]))
         return 0
     table = [
         [
@@ -229,10 +229,23 @@ async def call_provider(
             print(f"provider error: {exc}", file=sys.stderr)
             return 1
     if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        print(_json(result))
     else:
         _print_any(result)
     return 0
+
+
+# C0 controls, DEL and C1 controls (CSI 0x9b among them): a message's text, a provider's
+# id or answer may hold any of them, and printed raw they were the sender's escape
+# sequences run by the operator's terminal (clear the screen, retitle it, move the cursor
+# over the lines above). Tables show them as \xNN, JSON as \u00NN (the same string).
+_CONTROLS = [*range(0x20), *range(0x7F, 0xA0)]
+_VISIBLE = {c: f"\\x{c:02x}" for c in _CONTROLS}
+_JSON_ESCAPED = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}  # json escapes C0 itself
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False).translate(_JSON_ESCAPED)
 
 
 def _short(text: str, width: int) -> str:
@@ -241,6 +254,7 @@ def _short(text: str, width: int) -> str:
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    rows = [[str(c).translate(_VISIBLE) for c in row] for row in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
@@ -258,7 +272,7 @@ def _print_any(result: Any) -> None:
         if scalars:
             _print_table(["key", "value"], scalars)
         for name, items in lists.items():
-            print(f"\n{name}:")
+            print(f"\n{name.translate(_VISIBLE)}:")
             _print_any(items)
     elif isinstance(result, list) and result and all(isinstance(r, dict) for r in result):
         keys = list(dict.fromkeys(k for r in result for k in r))
@@ -266,4 +280,4 @@ def _print_any(result: Any) -> None:
     elif isinstance(result, list) and not result:
         print("(none)")
     else:
-        print(result)
+        print(str(result).translate(_VISIBLE))

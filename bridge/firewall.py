@@ -12,7 +12,10 @@ API, webhook routes, SMTP RCPT, and `check-config` for groups, route `to` and
   international networks, +979 international premium rate), which cost far more than a
   text to a phone and are the classic toll-fraud targets. While a costly kind's pattern
   of a calling code is broken in the installed phonenumbers (`bridge.phone`), every
-  number of that code the metadata does not know, as its range cannot be checked.
+  number of that code the metadata does not know, as its range cannot be checked. A
+  number written with its trunk 0 after the country code (`+49 0 0900...`, kept by
+  the library as `+490900...`) is judged as networks dial it, without that 0, where no
+  number of its code begins with 0 (`bridge.ranges.zero_leads`).
 
 Pure, no I/O; the verdict per number is cached, as parsing is the costly part.
 """
@@ -29,7 +32,7 @@ from phonenumbers import PhoneNumberType
 
 from bridge.errors import InputError
 from bridge.phone import NumberFacts, facts, national_number, normalise_number
-from bridge.ranges import blind_costly_kinds, costly_range
+from bridge.ranges import blind_costly_kinds, costly_range, zero_leads
 
 if TYPE_CHECKING:
     from bridge.config.sections import Config
@@ -77,7 +80,15 @@ def refusal(e164: str, allowed_countries: frozenset[str], allow_premium: bool) -
         if kind:
             return f"{kind} (phone.allow_premium is off)"
         if not number.assigned:
-            kind = costly_range(code, national_number(e164))
+            national = national_number(e164)
+            if national[:1] == "0" and len(national.lstrip("0")) >= 2 and not zero_leads(code):
+                # "+49 00900 ...": the library keeps one 0 (`+490900...`, in no range, so
+                # it passed), and networks drop it: judged as the number they dial.
+                dialled = f"+{code}{national.lstrip('0')}"
+                why = refusal(dialled, allowed_countries, allow_premium)
+                if why:
+                    return f"dialled as networks dial it, without the 0 after +{code}, {dialled} is {why}"
+            kind = costly_range(code, national)
             if kind:
                 return (
                     f"not a known number, but in the range of {kind} (phone.allow_premium is off)"

@@ -153,6 +153,14 @@ def blind_costly_kinds(country_code: int) -> list[str]:
     return sorted(kind for kind in COSTLY_KINDS if kinds[kind].blind)
 
 
+@functools.lru_cache(maxsize=256)
+def zero_leads(country_code: int) -> bool:
+    """Can a number of this calling code begin with 0 (Italy's, Côte d'Ivoire's)? Where
+    none can, a 0 after the country code is a trunk prefix written in twice ("+49 0
+    0900..."): the library keeps it (E.164 `+490900...`), and networks drop it."""
+    return any(kind.answers("0")[1][1] for kind in _automata(country_code).values())
+
+
 @functools.lru_cache(maxsize=4096)
 def costly_range(country_code: int, national: str) -> str | None:
     """The costly kind of the range an unknown national number lies in, or None."""

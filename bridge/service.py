@@ -130,6 +130,10 @@ class Bridge:
     loops: LoopHealth = field(default_factory=LoopHealth)  # every loop's failed steps
     sandbox: SandboxState | None = None  # the in-process provider, when configured
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    # For /metrics: whether the last SIGHUP's file was applied, and when the config in
+    # force was (start, then each reload that applied).
+    last_reload_ok: bool = True
+    config_applied_at: float = 0.0
 
     def reload(self, new: Config) -> list[str]:
         """Apply everything but listen addresses, the store, the provider and logging.
@@ -186,8 +190,11 @@ class Bridge:
             try:
                 warnings = self.reload(load_config(path))
             except ConfigError as exc:
+                self.last_reload_ok = False
                 log.error("reload refused, keeping the running config: %s", exc)
                 continue
+            self.last_reload_ok = True
+            self.config_applied_at = self.clock.now()
             mask_secrets(secret_values(self.config))  # a new route token is masked from now on
             # Files the new config reads (a token_file, a TLS key) are judged as at start.
             warnings += exposed_secrets(self.config, path, os.environ)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 
 from bridge.config import parse_listen
+
+log = logging.getLogger(__name__)
 
 
 def bind_socket(listen: str) -> socket.socket:
@@ -31,3 +35,18 @@ def bound_address(sock: socket.socket) -> str:
     """`host:port` (or `[v6]:port`) the socket is bound to: the real port when 0 was asked."""
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def notify_systemd(state: str) -> None:
+    """Tell the service manager `state` (`READY=1`) on `$NOTIFY_SOCKET`, as a `Type=notify`
+    unit expects; nothing where that is not set (a shell, Docker)."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if address.startswith("@"):  # Linux's abstract namespace
+        address = "\0" + address[1:]
+    elif not address.startswith("/"):
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("cannot tell the service manager %s on %s: %s", state, address, exc)

@@ -11,7 +11,11 @@ import sys
 import httpx
 import pytest
 
+from bridge.config import StoreConfig
+from bridge.models import NewMessage
+from bridge.store import open_store
 from tests.processes import ANY_PORT, process, wait_for
+from tests.stores import seed
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI as a process
 KEY = "cli-test-key"
@@ -107,6 +111,79 @@ def test_messages_command_lists_the_store(tmp_path) -> None:
     table = run("messages", "--status", "delivered", cwd=tmp_path, env=env)
     assert "printer out of toner" in table.stdout and table.stdout.count("delivered") == 2
     assert run("messages", "--status", "failed", cwd=tmp_path, env=env).stdout.count("\n") == 1
+
+
+def test_messages_limit_is_a_count_the_store_can_take(tmp_path) -> None:
+    """`--limit -5` listed every message (SQLite reads LIMIT -1 as none) and a limit past
+    SQLite's integers ended in a traceback: both are now a usage error (exit 2)."""
+
+    async def seeded() -> None:
+        store = open_store(StoreConfig(path=str(tmp_path / "m.db")))
+        await store.open()
+        texts = ("first", "second")
+        await seed(store, [NewMessage("+12025550143", t, "http", "SMS", 1, 1) for t in texts], 1.0)
+        await store.close()
+
+    asyncio.run(seeded())
+    env = {"SMS_BRIDGE_STORE_PATH": "m.db"}
+    assert (
+        len(json.loads(run("messages", "--json", "--limit", "1", cwd=tmp_path, env=env).stdout))
+        == 1
+    )
+    for wrong in ("-5", "0", "99999999999999999999", "ten"):
+        listed = run("messages", "--limit", wrong, cwd=tmp_path, env=env)
+        assert listed.returncode == 2, (wrong, listed.stdout, listed.stderr)
+        assert "--limit" in listed.stderr and "Traceback" not in listed.stderr, listed.stderr
+
+
+def test_messages_never_hand_a_senders_escape_sequences_to_the_terminal(tmp_path) -> None:
+    """Whoever may send a text (a webhook, a mail) chose its characters, and the table
+    printed them raw: ESC [2J cleared the operator's screen, OSC retitled the terminal,
+    the 8-bit CSI (U+009B) passed JSON's escaping too. Shown now as \\xNN in the table,
+    \\u00NN in JSON (the same string when parsed)."""
+    text = "disk full\x1b[2J\x1b]0;owned\x07 on db-2\x9b31m"
+
+    async def seeded() -> None:
+        store = open_store(StoreConfig(path=str(tmp_path / "m.db")))
+        await store.open()
+        await seed(store, [NewMessage("+12025550143", text, "http", "SMS", 1, 1)], 1.0)
+        await store.close()
+
+    asyncio.run(seeded())
+    env = {"SMS_BRIDGE_STORE_PATH": "m.db"}
+    table = run("messages", cwd=tmp_path, env=env)
+    assert table.returncode == 0, table.stderr
+    assert not any(c in table.stdout for c in "\x1b\x07\x9b"), repr(table.stdout)
+    assert "disk full\\x1b[2J\\x1b]0;owned\\x07 on db-2\\x9b31m" in table.stdout
+    listed = run("messages", "--json", cwd=tmp_path, env=env)
+    assert "\x9b" not in listed.stdout and "\x1b" not in listed.stdout
+    assert json.loads(listed.stdout)[0]["text"] == text
+
+
+def test_sandbox_refuses_a_rate_or_fail_share_it_cannot_serve(tmp_path) -> None:
+    """`sandbox --requests-per-minute 0` started, then answered every call 500 (a
+    traceback in its log); `--fail-share 7` was taken too. The same bounds as the
+    config's provider.requests_per_minute and sandbox.fail_share, as usage errors."""
+    for option, value in [
+        ("--requests-per-minute", "0"),
+        ("--requests-per-minute", "-3"),
+        ("--fail-share", "7"),
+        ("--fail-share", "nan"),
+    ]:
+        refused = run("sandbox", "--listen", "127.0.0.1:0", option, value, cwd=tmp_path)
+        assert refused.returncode == 2, (option, value, refused.stderr)
+        assert option in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_check_config_refuses_a_star_listen_address_serve_cannot_bind(tmp_path) -> None:
+    """`listen = "*:8080"` (nginx's way to say every address) passed check-config, then
+    serve could not bind it ("Name or service not known"): check-config said OK to a
+    file serve refuses. Now both name the key and the addresses that mean it."""
+    (tmp_path / "bridge.toml").write_text('[http]\nlisten = "*:8080"\n')
+    checked = run("check-config", "bridge.toml", cwd=tmp_path)
+    assert checked.returncode == 1, checked.stdout
+    assert "http.listen: '*:8080': '*' is no address" in checked.stderr
+    assert "0.0.0.0" in checked.stderr and "[::]" in checked.stderr
 
 
 def test_a_store_that_cannot_be_opened_is_a_clear_error(tmp_path) -> None:

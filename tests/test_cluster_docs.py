@@ -5,9 +5,11 @@ secrets), every TOML block through check-config, every shell block through `bash
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -18,11 +20,14 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.config import load_config
+from bridge.config import StoreConfig, load_config
 from bridge.config.sections import DEFAULT_HTTP_LISTEN
+from bridge.models import NewMessage, State
+from bridge.store import open_store
 from bridge.store.copy import CopySummary
-from tests.postgres import find_binaries, new_database_name
+from tests.postgres import find_binaries, fresh_database, new_database_name
 from tests.processes import clean_env, free_port
+from tests.stores import seed
 from tests.test_docs import blocks, blocks_in, check_config, run_pasted, section_of
 
 ROOT = Path(__file__).parent.parent
@@ -134,6 +139,46 @@ def test_the_copy_summary_the_doc_shows_is_the_commands() -> None:
         top_id=1234,
     ).line()
     assert " ".join(shown.group(1).split()) == line
+
+
+@pytest.mark.slow
+def test_the_copy_block_reads_the_store_the_systemd_unit_keeps(
+    tmp_path: Path, postgres_server: str
+) -> None:
+    """The copy block pasted on the install docs/recipes.md makes: the example config in
+    /etc/sms-bridge, the store where the unit's SMS_BRIDGE_STORE_PATH puts it. Without
+    that variable in the shell, `--config` alone named /etc/sms-bridge/sms-bridge.db
+    ("no SQLite store at ..."). Only the root of the tree, the server and the database
+    change; `systemctl stop` is left out (nothing runs here)."""
+    [script] = blocks_in(section_of(CLUSTER, "Moving from SQLite: `sms-bridge store copy`"), "sh")
+    unit = (ROOT / "systemd" / "sms-bridge.service").read_text(encoding="utf-8")
+    kept = re.search(r"^Environment=SMS_BRIDGE_STORE_PATH=(\S+)$", unit, re.MULTILINE)
+    assert kept is not None
+    root = tmp_path / "root"
+    (root / "etc" / "sms-bridge").mkdir(parents=True)
+    shutil.copy(ROOT / "config.example.toml", root / "etc" / "sms-bridge" / "config.toml")
+    db = root / kept.group(1).lstrip("/")
+    db.parent.mkdir(parents=True)
+
+    async def seeded() -> None:
+        store = open_store(StoreConfig(path=str(db)))
+        await store.open()
+        message = NewMessage("+12025550143", "moved", "http", "SMS", 1, 1, state=State.DELIVERED)
+        await seed(store, [message], 1_700_000_000.0)
+        await store.close()
+
+    asyncio.run(seeded())
+    env = clean_env(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    with fresh_database(postgres_server) as url:
+        script = (
+            script.replace("systemctl stop sms-bridge", ":")
+            .replace("postgresql://bridge@db.example.org/sms_bridge", url)
+            .replace(" /etc/", f" {root}/etc/")
+            .replace(" /var/lib/", f" {root}/var/lib/")
+        )
+        returncode, output, err = run_pasted(script, tmp_path / "work", env, timeout=120)
+    assert returncode == 0, output + err
+    assert f"copied 1 messages, 1 events and 0 rate-window bookings from {db}" in output
 
 
 @pytest.mark.slow

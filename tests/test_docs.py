@@ -8,6 +8,7 @@ installed skip their check with the reason; nothing is copied out of the docs by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -26,7 +27,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.config import SECTIONS, Config, RouteConfig, TokenConfig, load_config
 from tests.helpers import running_bridge, write_config
-from tests.processes import clean_env, free_port
+from tests.processes import clean_env, free_port, process
 from tests.test_hooks import HOOKS
 
 ROOT = Path(__file__).parent.parent
@@ -142,6 +143,55 @@ def test_the_dockerfile_reads_a_mounted_config_and_no_env_overrides_it() -> None
     assert "dst=/run/secrets" in docker  # what the config's *_file keys name is mounted
     for name in re.findall(r"/run/secrets/([\w.-]+)", docker):
         assert f"secrets/{name}" in docker, f"nothing puts {name} in ./secrets"
+
+
+@pytest.mark.slow  # runs the bridge
+def test_the_images_healthcheck_asks_where_the_config_listens(tmp_path) -> None:
+    """The HEALTHCHECK as the image runs it (its CMD, with SMS_BRIDGE_CONFIG) against a
+    bridge on HTTPS on a port of its own: it asked http://127.0.0.1:8080 whatever the
+    config said, so such a container was "unhealthy" for ever (restarted, with an
+    orchestrator that acts on it). Run as docker runs an exec form: no shell."""
+    import trustme
+
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    found = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", dockerfile, re.MULTILINE | re.DOTALL)
+    assert found is not None
+    command = json.loads(found.group(1))
+    pem = tmp_path / "bridge.pem"
+    trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    port = free_port()  # the check reads the port from the config: port 0 would not do
+    config = write_config(
+        tmp_path,
+        f"""
+        [http]
+        listen = "127.0.0.1:{port}"
+        tls_cert = "{pem}"
+        tls_key = "{pem}"
+        [smtp]
+        listen = ""
+        [store]
+        path = "{tmp_path / "bridge.db"}"
+        """,
+    )
+    env = clean_env(
+        SMS_BRIDGE_CONFIG=str(config),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+    )
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path
+        )
+
+    with process(["serve"], tmp_path, env, tmp_path / "serve.log") as proc:
+        proc.address("HTTP")
+        healthy = check()
+        assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    down = check()
+    assert down.returncode == 1 and "Traceback" not in down.stderr, down.stderr
+    assert f"https://127.0.0.1:{port}/healthz" in down.stderr
 
 
 @pytest.mark.slow  # runs a subprocess
@@ -316,7 +366,8 @@ def run_pasted(
         try:
             proc.wait(timeout=timeout)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # a block that left nothing running
+                os.killpg(proc.pid, signal.SIGTERM)
     return proc.returncode, out_path.read_text(), err_path.read_text()
 
 

@@ -212,6 +212,29 @@ async def test_unknown_range_of_a_shared_code_is_refused_under_allowed_countries
     assert response.status_code == 400 and "cannot be told" in response.json()["error"]
 
 
+async def test_a_zero_after_the_country_code_does_not_hide_a_costly_number(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """`+49 00900 ...` is a 0900 number with its trunk prefix written in after +49: the
+    library keeps one 0 (`+490900...`), a national number in no range at all, so the
+    premium check passed it, and networks drop that 0 and dial the 0900 number. Judged
+    as dialled now. Where numbers do begin with 0 (Italy) nothing is dropped."""
+    config = bridge_config(tmp_path, sandbox_url, '[smtp]\ndomains = ["sms.localhost"]\n')
+    async with both_listeners(config, clock) as (bridge, url, port, http):
+        for costly in ("+4900900123456", "+44-00-909-123-456", "+4400701234567"):
+            code, message = await asyncio.to_thread(rcpt, port, f"{costly}@sms.localhost")
+            assert code == 550 and "allow_premium" in message, (costly, message)
+            assert "without the 0 after +4" in message
+        api = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+43 0 0900 123456", "message": "x"}
+        )
+        assert api.status_code == 400 and "premium-rate" in api.json()["error"], api.text
+        for ordinary in ("+390612345678", "+4901511234567", OK):  # Rome; a German mobile
+            code, message = await asyncio.to_thread(rcpt, port, f"{ordinary}@sms.localhost")
+            assert code == 250, (ordinary, message)
+        assert await bridge.store.counts() == {}
+
+
 def test_check_config_refuses_config_numbers_the_firewall_refuses(tmp_path) -> None:
     problems = config_problems(
         tmp_path,

@@ -524,16 +524,21 @@ def _held_post(port: int, source: str = "127.0.0.1") -> socket.socket:
 
 def test_past_max_concurrency_requests_in_flight_get_a_503(bridge) -> None:
     """Eight requests in the handler (slow bodies, cut at body_timeout = 1 s): the ninth
-    is refused; once they are answered (408) there is room again."""
+    is refused; once they are answered (408) there is room again. The liveness probe is
+    answered all along: refused, it had an orchestrator restart the bridge mid-storm."""
     url, _ = bridge
     port = int(url.rsplit(":", 1)[1])
     held = [_held_post(port) for _ in range(8)]
     try:
         time.sleep(0.2)  # the server has read all eight
         with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
-            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            extra.sendall(b"GET /api/v1/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             status, body = _http_reply(extra)
         assert status == 503 and "overloaded" in body["error"], body
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as probe:
+            probe.sendall(b"GET /healthz?probe=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            status, body = _http_reply(probe)
+        assert (status, body) == (200, {"status": "ok"})
         assert [_http_reply(sock)[0] for sock in held] == [408] * 8
     finally:
         for sock in held:

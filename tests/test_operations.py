@@ -22,7 +22,7 @@ from bridge.provider.sandbox import SandboxState
 from bridge.store import open_store
 from tests.helpers import bridge_config, pump, running_bridge
 from tests.processes import ANY_PORT, clean_env, process, wait_for
-from tests.stores import seed
+from tests.stores import faulty_store, seed
 
 pytestmark = pytest.mark.slow
 HOOK = "route-token-0123456789abcdef"
@@ -91,6 +91,36 @@ def test_sighup_reloads_routes_without_dropping_connections(tmp_path) -> None:
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "reload refused" in (tmp_path / "serve.log").read_text())
         assert httpx.post(f"{url}/hooks/second", json={"message": "w"}).status_code == 202
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
+def test_metrics_say_whether_the_last_sighup_was_refused(tmp_path) -> None:
+    """SIGHUP has no answer (`systemctl reload` exits 0 whatever the bridge made of the
+    file): a refused config showed only as a log line, so nothing could alert on it."""
+    path = tmp_path / "bridge.toml"
+    good = _config(str(tmp_path / "bridge.db"), "")
+    path.write_text(good)
+    log = tmp_path / "serve.log"
+
+    def gauges() -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics").text
+        found = re.findall(r"^sms_bridge_config_last_reload_(\w+) (\S+)$", text, re.MULTILINE)
+        return {name: float(value) for name, value in found}
+
+    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
+        url = proc.url()
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+        started = gauges()
+        assert started["successful"] == 1 and started["success_timestamp_seconds"] > 0
+        path.write_text("[provider\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in log.read_text(), what="the refusal")
+        assert gauges() == {**started, "successful": 0}
+        _reloaded(proc, log, path, good)
+        after = gauges()
+        assert after["successful"] == 1
+        assert after["success_timestamp_seconds"] > started["success_timestamp_seconds"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
 
@@ -202,8 +232,11 @@ async def test_metrics_after_a_known_sequence(
     assert "sms_bridge_cost_sent 1.5" in after
     assert "sms_bridge_provider_ready 1.0" in after
     assert re.search(r"sms_bridge_rate_budget_left \d+", after)
-    commits = float(re.search(r"^sms_bridge_store_commits (\S+)", after, re.M).group(1))
-    writes = float(re.search(r"^sms_bridge_store_writes_committed (\S+)", after, re.M).group(1))
+    # Counts since start, typed so: rate() reads them across a restart.
+    assert "# TYPE sms_bridge_store_commits_total counter" in after
+    commits = float(re.search(r"^sms_bridge_store_commits_total (\S+)", after, re.M).group(1))
+    written = re.search(r"^sms_bridge_store_writes_committed_total (\S+)", after, re.M)
+    writes = float(written.group(1))
     assert 3 <= commits <= writes  # three ingests at least, each written and committed
     assert stats["states"] == {"sent": 3, "suppressed": 1} or stats["states"] == {
         "delivered": 3,
@@ -215,6 +248,29 @@ async def test_metrics_after_a_known_sequence(
     assert purged.count("sms_bridge_messages{") == 1
     assert "sms_bridge_messages_by_reason{" not in purged
     assert purged_stats == {"states": {"queued": 1}, "reasons": {}} and gone is None
+
+
+async def test_metrics_answer_with_the_store_down_and_say_so(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """A store that refuses writes (a full disk; PostgreSQL gone: tests/test_pg_pool.py)
+    made /metrics either a 503, which Prometheus reads as the bridge down and which hid
+    provider_ready and the rest, or (reads still working) figures with nothing wrong.
+    Now the scrape answers `sms_bridge_store_up 0` and the process's own figures."""
+    config = bridge_config(tmp_path, sandbox_url)
+    store = faulty_store(config)
+    async with running_bridge(config, clock, store) as (_, url), httpx.AsyncClient() as http:
+        up = await http.get(f"{url}/metrics")
+        assert up.status_code == 200
+        assert "\nsms_bridge_store_up 1.0\n" in up.text and "sms_bridge_queue_depth" in up.text
+        store.disk_full()
+        down = await http.get(f"{url}/metrics")
+        assert down.status_code == 200, down.text
+        assert "\nsms_bridge_store_up 0.0\n" in down.text
+        assert "sms_bridge_provider_ready 1.0" in down.text  # what still holds, still said
+        assert "sms_bridge_queue_depth" not in down.text  # no figure the store did not give
+        store.fail_commits(None)
+        assert "\nsms_bridge_store_up 1.0\n" in (await http.get(f"{url}/metrics")).text
 
 
 def test_secrets_from_the_config_are_masked_in_serves_log(tmp_path) -> None:
@@ -250,6 +306,45 @@ def test_secrets_from_the_config_are_masked_in_serves_log(tmp_path) -> None:
     text = log.read_text()
     assert password not in text and token not in text
     assert "for ***" in text and "***.db" in text  # the lines were written, masked
+
+
+def test_a_password_in_the_providers_url_is_masked_by_check_config_and_serve(
+    tmp_path,
+) -> None:
+    """`provider.base_url = "https://user:PASSWORD@proxy/api/v1"` (a proxy that asks for
+    basic auth; httpx sends it) was printed whole by `check-config` and logged whole by
+    `serve` ("provider https://user:PASSWORD@..."), where store.url's is masked. Now the
+    same: the address shown, its password as ***."""
+    password = "provider-proxy-password-0123"
+    with socket.socket() as closed:  # a provider that is not there: serve starts anyway
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env = clean_env(
+        SMS_BRIDGE_PROVIDER_BASE_URL=f"http://ops:{password}@127.0.0.1:{port}/api/v1",
+        SMS_BRIDGE_PROVIDER_API_KEY="provider-api-key-0123456789",
+        SMS_BRIDGE_HTTP_LISTEN=ANY_PORT,
+        SMS_BRIDGE_SMTP_LISTEN="",
+        SMS_BRIDGE_STORE_PATH=str(tmp_path / "bridge.db"),
+    )
+    checked = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert password not in checked.stdout + checked.stderr
+    assert f'"base_url": "http://ops:***@127.0.0.1:{port}/api/v1"' in checked.stdout
+    log = tmp_path / "serve.log"
+    with process(["serve"], tmp_path, env, log) as proc:
+        proc.address("HTTP")
+        wait_for(lambda: "requests/minute" in log.read_text(), what="the store line")
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    text = log.read_text()
+    assert password not in text and f"provider http://ops:***@127.0.0.1:{port}" in text
 
 
 def _reloaded(proc, log: Path, path: Path, text: str) -> str:
@@ -477,6 +572,30 @@ def test_a_line_break_sent_in_a_mail_header_cannot_forge_a_log_line(tmp_path) ->
     [line] = [line for line in log.read_text().splitlines() if "stored as suppressed" in line]
     assert line.endswith(f"auto-replied\\r\\n{forged.lower()})): 1")
     assert not any(line.startswith(forged.split(",")[0]) for line in log.read_text().splitlines())
+
+
+def test_an_escape_sequence_sent_in_a_mail_header_is_not_written_to_the_log_raw(
+    tmp_path,
+) -> None:
+    """The same header, carrying ESC [2J and the 8-bit CSI (U+009B) instead of a line
+    break: written raw, `tail -f` or `docker logs` ran them in the reader's terminal
+    (cleared the screen, recoloured or hid what came before)."""
+    path, log = tmp_path / "bridge.toml", tmp_path / "serve.log"
+    path.write_text(_config(str(tmp_path / "bridge.db"), ""))
+    mail = (
+        "From: ups@example.org\r\nSubject: on battery\r\n"
+        "Auto-Submitted: =?utf-8?q?auto-replied=1B[2J=C2=9B8m?=\r\n\r\nbody\r\n"
+    )
+    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
+        with smtplib.SMTP("127.0.0.1", proc.port("SMTP"), timeout=10) as smtp:
+            smtp.sendmail("ups@example.org", ["+12025550101@sms.localhost"], mail)
+        wait_for(lambda: "stored as suppressed" in log.read_text(), what="the log line")
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    text = log.read_text()
+    assert "\x1b" not in text and "\x9b" not in text
+    [line] = [line for line in text.splitlines() if "stored as suppressed" in line]
+    assert "auto-replied[2j\\x9b8m" in line, line  # (ESC itself dropped by the mail's decoding)
 
 
 BROKEN_TEMPLATE = "{{ alerts[0].labels.nope.deeper }}"  # fails on any alert without `nope`

@@ -165,11 +165,16 @@ async def test_the_bridge_answers_503_while_postgres_is_down_and_resumes_by_itse
                 assert down.status_code == 503 and "retry" in down.json()["error"]
                 ready = await http.get(f"{web}/readyz")
                 assert ready.status_code == 503 and "store" in ready.json()["problems"]
+                # A scrape still answers (a 503 read as every instance down) and says why.
+                scraped = await http.get(f"{web}/metrics")
+                assert scraped.status_code == 200, scraped.text
+                assert "\nsms_bridge_store_up 0.0\n" in scraped.text
             finally:
                 await asyncio.to_thread(server.start)
             after = await http.post(f"{web}/api/v1/messages", json=body | {"message": "c"})
             assert after.status_code == 202
             assert (await http.get(f"{web}/readyz")).status_code == 200
+            assert "\nsms_bridge_store_up 1.0\n" in (await http.get(f"{web}/metrics")).text
             stored = {m.text for m in await bridge.store.query()}
             assert stored == {"disk full", "c"}  # "b" was refused, not half-stored
 

@@ -40,6 +40,22 @@ def problems(tmp_path: Path, body: str) -> list[str]:
     return []
 
 
+def test_an_smtp_user_with_an_empty_password_is_refused(tmp_path: Path) -> None:
+    """A password file that is empty (a secret not mounted, `echo > file`) reads as "":
+    the user then passed AUTH with its login and nothing else, so with `require_auth`
+    anyone who named it could text. Refused like a short API token, naming the user."""
+    (tmp_path / "ups.pw").write_text("\n")
+    (tmp_path / "nas.pw").write_text("nas-password\n")
+    body = (
+        "[smtp]\nrequire_auth = true\nauth_allow_plaintext = true\n"
+        f'users = {{ups_file = "{tmp_path / "ups.pw"}", nas_file = "{tmp_path / "nas.pw"}",'
+        ' pdu = ""}\n'
+    )
+    assert sorted(problems(tmp_path, body)) == ["smtp.users.pdu", "smtp.users.ups"]
+    fine = "[smtp]\nrequire_auth = true\nauth_allow_plaintext = true\n"
+    assert problems(tmp_path, fine + f'users = {{nas_file = "{tmp_path / "nas.pw"}"}}\n') == []
+
+
 @pytest.mark.parametrize(
     ("body", "keys"),
     [
@@ -73,6 +89,18 @@ def problems(tmp_path: Path, body: str) -> list[str]:
             REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["::ffff:0:0/96"]\n',
             ["smtp.listen"],
         ),
+        # ... and so is any IPv6 network holding it: IPv4 clients match their mapped form.
+        (
+            REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["::/64"]\n',
+            ["smtp.listen"],
+        ),
+        (
+            REAL
+            + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\n'
+            + 'allowed_networks = ["::fffe:0:0/95"]\n',
+            ["routes.n"],
+        ),
+        (REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nallowed_networks = ["fd00::/64"]\n', []),
         # Judged on the union: two halves are everyone; so is any public space past a /8.
         (
             REAL + '[smtp]\nlisten = "0.0.0.0:2525"\n'

@@ -274,6 +274,55 @@ def test_sigterm_lets_a_mail_in_transfer_finish_and_tells_idle_sessions(tmp_path
     assert rows == [("+12025550143", "UPS on battery\nRuntime 12 min")]
 
 
+def test_a_sighup_while_serve_starts_is_a_reload_not_the_end(tmp_path) -> None:
+    """`systemctl enable --now sms-bridge && systemctl reload sms-bridge` (the recipe's
+    lines, pasted together) sends SIGHUP while serve is still starting. Python's default
+    action for it ended the process (status 129), and systemd does not restart a
+    service a HUP ended: the bridge stayed down. The store is held locked here so that
+    serve waits in its start-up for the signal (SQLite's busy wait), past the line it
+    logs before building: the signal then lands before the event loop handles it."""
+    db = tmp_path / "bridge.db"
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        f'[http]\nlisten = "{ANY_PORT}"\n[smtp]\nlisten = ""\n[store]\npath = "{db}"\n'
+    )
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # serve's switch to WAL waits for it
+    log = tmp_path / "serve.log"
+    with process(["serve", "--config", str(config)], tmp_path, clean_env(), log) as proc:
+        wait_for(lambda: "using the in-process sandbox" in proc.output(), what="start-up")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None, f"ended by the SIGHUP:\n{proc.output()}"
+        lock.rollback()
+        lock.close()
+        url = proc.url()
+        wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, what="ready")
+        wait_for(lambda: "configuration reloaded" in proc.output(), what="the reload")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
+def test_serve_tells_systemd_it_is_ready_once_it_answers(tmp_path) -> None:
+    """The unit is `Type=notify`: `systemctl start` waits for READY=1 (and a reload with
+    it). With `Type=exec` systemd counted the bridge started the moment Python ran, so a
+    refused config still "started" and a reload right after start raced its imports."""
+    unit = (Path(__file__).parent.parent / "systemd" / "sms-bridge.service").read_text()
+    assert "\nType=notify\n" in unit
+    notify = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as manager:
+        manager.bind(str(notify))
+        manager.settimeout(30)
+        env = clean_env(
+            SMS_BRIDGE_HTTP_LISTEN=ANY_PORT, SMS_BRIDGE_SMTP_LISTEN="", NOTIFY_SOCKET=str(notify)
+        )
+        with process(["serve"], tmp_path, env, tmp_path / "serve.log") as proc:
+            assert manager.recv(4096) == b"READY=1"
+            assert httpx.get(f"{proc.url()}/readyz").status_code == 200  # ready means ready
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+
+
 def test_a_second_serve_on_one_sqlite_store_is_refused(tmp_path) -> None:
     """Two `serve` processes on one SQLite file (a unit started twice, a container
     scaled to two on one volume) both started: each led every singleton, and each took

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import hmac
 import re
 import select
@@ -18,7 +19,7 @@ import tomllib
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -28,6 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
+from bridge.config import SmtpConfig
 from bridge.ingress import smtp as smtp_module
 from bridge.ingress import smtpauth
 from bridge.ingress.smtp import (
@@ -36,6 +38,7 @@ from bridge.ingress.smtp import (
     BridgeSMTP,
     start_smtp,
 )
+from bridge.ingress.smtplimits import Sessions
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from bridge.service import Bridge
@@ -308,6 +311,45 @@ async def test_without_a_message_id_the_date_tells_a_new_mail_from_a_retry(
     assert states == [queued, dup, queued, queued, dup], states
 
 
+async def test_an_auto_reply_with_the_alerts_words_does_not_silence_the_alert(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """Anyone who may mail the bridge could send a page's words (a UPS's are well
+    known) marked as an auto-reply: stored suppressed, never texted, it still was the
+    "original" of the genuine page that came after it, which was then suppressed as its
+    duplicate. Nobody was texted at all."""
+    alert = "Subject: UPS on battery\r\n\r\nRuntime 12 min\r\n"
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        for mail in (f"Auto-Submitted: auto-replied\r\n{alert}", alert):
+            await asyncio.to_thread(send, port, "ups@example.org", [DEFAULT_RCPT], mail)
+            clock.advance(5)
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+        messages = sorted(await bridge.store.query(), key=lambda m: m.id)
+    assert messages[0].state == State.SUPPRESSED
+    assert "auto-submitted" in (messages[0].reason or "")
+    assert messages[1].state in (State.SENT, State.DELIVERED), messages[1].reason
+    assert [e.message for e in sandbox_state.entries] == ["UPS on battery\nRuntime 12 min"]
+
+
+async def test_a_message_id_folded_over_many_lines_is_stored_and_deduplicated(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url, backend: str
+) -> None:
+    """A Message-ID folded over many lines has no length limit: its dedupe key was too
+    long for PostgreSQL's index, so such a mail got `451 Internal error` for ever (and a
+    traceback in the log). Its key now holds the Message-ID's hash; a resend still meets
+    its first."""
+    long_id = "".join(hashlib.sha256(b"%d" % n).hexdigest() for n in range(150))  # 9,600
+    folded = "\r\n ".join(long_id[i : i + 900] for i in range(0, len(long_id), 900))
+    mail = f"Message-ID: <{folded}@ups.example>\r\nSubject: UPS on battery\r\n\r\nx\r\n"
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        replies = [await asyncio.to_thread(data_reply, port, mail.encode()) for _ in range(2)]
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+        states = [m.state for m in sorted(await bridge.store.query(), key=lambda m: m.id)]
+    assert [code for code, _ in replies] == [250, 250], replies
+    assert states[1] == State.SUPPRESSED and states[0] in (State.SENT, State.DELIVERED)
+    assert len(sandbox_state.entries) == 1
+
+
 async def test_store_unwritable_answers_451_and_acknowledges_nothing(
     tmp_path, clock, sandbox_url
 ) -> None:
@@ -547,6 +589,80 @@ async def test_the_auth_mail_parameter_of_a_logged_in_relay_is_taken(
     ]
 
 
+async def test_auth_offers_login_and_plain_only(tmp_path, clock, sandbox_url) -> None:
+    """aiosmtpd takes every `auth_*` attribute of the handler for a mechanism: the
+    handler's failed-login throttle was offered as `AUTH LOGIN PLAIN throttle`, and
+    `AUTH throttle` called it (a 451 "internal error" and a traceback in the log, not
+    counted as a failed login). Mechanisms are the two the bridge checks."""
+    extra = 'auth_allow_plaintext = true\nusers = {ups = "ups-pass-0123456789"}\n'
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def session() -> tuple[str, list[int]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("tester")
+                offered = client.esmtp_features["auth"]
+                tried = [client.docmd("AUTH", m)[0] for m in ("throttle x", "THROTTLE x")]
+                return offered, tried
+
+        offered, tried = await asyncio.to_thread(session)
+        assert offered.split() == ["LOGIN", "PLAIN"]
+        assert tried == [504, 504]
+
+    # No [smtp.users]: no mechanism, and AUTH not offered at all (not "250-AUTH " empty).
+    (tmp_path / "none").mkdir()
+    config = bridge_config(tmp_path / "none", sandbox_url, with_smtp("auth_allow_plaintext = true"))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def anonymous() -> tuple[bool, dict]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("tester")
+                return client.has_extn("auth"), client.sendmail(
+                    "a@example.org", [DEFAULT_RCPT], "Subject: x\r\n\r\ny\r\n"
+                )
+
+        assert await asyncio.to_thread(anonymous) == (False, {})
+
+
+async def test_a_login_that_succeeded_before_passes_a_lockout_of_its_address(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """A guesser at the UPS's address (the same NAT; 127.0.0.1 for every local sender on
+    a loopback install) locked the UPS out with it: its AUTH got 454 for five minutes,
+    and again after each ten guesses, so with `require_auth` its alerts were never
+    taken. A login and password that succeeded from that client before pass now; a
+    guess, or a right password never used from there, still waits unchecked."""
+    extra = (
+        "require_auth = true\nauth_allow_plaintext = true\n"
+        'users = {ups = "ups-pass-0123456789", nas = "nas-pass-0123456789"}\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
+    with pytest.warns(UserWarning, match="Requiring AUTH while not requiring TLS"):
+        async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+            def login(user: str, password: str, subject: str = "") -> int:
+                with smtplib.SMTP("127.0.0.1", port, 10, source_address=("127.0.0.5", 0)) as c:
+                    c.ehlo("ups")
+                    plain = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+                    code = c.docmd("AUTH", f"PLAIN {plain}")[0]
+                    if subject and code == 235:
+                        c.sendmail(
+                            "ups@example.org", [DEFAULT_RCPT], f"Subject: {subject}\r\n\r\nx"
+                        )
+                    return code
+
+            assert await asyncio.to_thread(login, "ups", "ups-pass-0123456789", "on mains") == 235
+            guesses = [await asyncio.to_thread(login, "ups", f"guess-{n}") for n in range(10)]
+            after = [
+                await asyncio.to_thread(login, "ups", "ups-pass-0123456789", "on battery"),
+                await asyncio.to_thread(login, "ups", "guess-10"),
+                await asyncio.to_thread(login, "nas", "nas-pass-0123456789"),
+            ]
+            assert await bridge.store.counts() == {"queued": 2}
+    assert guesses == [535] * 10
+    assert after == [235, 454, 454]
+
+
 async def test_auth_over_starttls_required_and_refused_in_plaintext(
     tmp_path, clock, sandbox_url, tls_files
 ) -> None:
@@ -617,6 +733,58 @@ async def test_implicit_tls_listener(tmp_path, clock, sandbox_url, tls_files) ->
             await asyncio.to_thread(implicit, False)
         assert anonymous.value.smtp_code == 530  # require_auth holds there too
         assert await bridge.store.counts() == {"queued": 1}
+
+
+async def test_connections_to_the_implicit_tls_listener_count_before_their_handshake(
+    tmp_path, clock, sandbox_url, tls_files
+) -> None:
+    """A connection that never began its TLS handshake was not counted at all (asyncio's
+    TLS made the session only once the handshake was done) and was held for asyncio's
+    60 s handshake timeout: anyone could hold every file descriptor of the bridge while
+    `smtp.max_sessions` read 0. It counts from the moment it is accepted now."""
+    ca, cert, key = tls_files
+    port = bind_socket("127.0.0.1:0")
+    tls_port = port.getsockname()[1]
+    port.close()
+    extra = (
+        f'tls_cert = "{cert}"\ntls_key = "{key}"\ntls_listen = "127.0.0.1:{tls_port}"\n'
+        "max_sessions = 3\nmax_sessions_per_client = 2\n"
+    )
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def silent(source: str) -> socket.socket:  # connects, and says nothing
+            return socket.create_connection(("127.0.0.1", tls_port), 10, (source, 0))
+
+        def scenario() -> tuple[bytes, bytes, bytes, dict]:
+            held = [silent("127.0.0.1"), silent("127.0.0.1")]
+            third = silent("127.0.0.1")
+            third.settimeout(5)
+            cut = third.recv(100)  # closed at once: no 421 can be told before TLS
+            third.close()
+            plain = socket.create_connection(("127.0.0.1", port), 10, ("127.0.0.2", 0))
+            room = _banner(plain)  # the third session in all
+            over = socket.create_connection(("127.0.0.1", port), 10, ("127.0.0.3", 0))
+            full = _banner(over)
+            for sock in (*held, plain, over):
+                sock.close()
+            time.sleep(0.2)
+            with smtplib.SMTP_SSL(
+                "127.0.0.1", tls_port, timeout=10, context=_client_context(ca)
+            ) as client:
+                sent = client.sendmail("a@example.org", [DEFAULT_RCPT], "Subject: 465\r\n\r\nx")
+            return cut, room, full, sent
+
+        cut, room, full, sent = await asyncio.to_thread(scenario)
+        for _ in range(200):  # the closed connections are counted out
+            if not bridge.smtp_handler.sessions.total:
+                break
+            await asyncio.sleep(0.01)
+    assert cut == b""
+    assert room.startswith(b"220") and full.startswith(b"421"), (room, full)
+    assert b"too many SMTP sessions (at most 3)" in full
+    assert sent == {}
+    assert bridge.smtp_handler.sessions.total == 0
 
 
 async def test_client_network_and_sender_allowlists(tmp_path, clock, sandbox_url) -> None:
@@ -999,6 +1167,30 @@ async def test_sessions_in_all_and_per_client_are_limited(tmp_path, clock, sandb
     assert b"too many sessions from 127.0.0.1 (at most 2)" in banners[2]
     assert b"too many SMTP sessions (at most 3)" in banners[4]
     assert bridge.smtp_handler.sessions.total == 0
+
+
+def test_sessions_of_one_ipv6_64_count_as_one_client() -> None:
+    """One host holds a whole IPv6 /64: counted by single address, it opened every one
+    of `smtp.max_sessions` alone, a new address each time, and genuine senders got 421.
+    Asked as `connection_made` asks it: loopback has no second IPv6 address to connect
+    from, so the addresses are given (IPv4 and IPv4-mapped ones come through the real
+    sessions of the test above)."""
+    smtp = SmtpConfig(max_sessions=10, max_sessions_per_client=2)
+    sessions = Sessions(lambda: smtp)
+    one, two, three, other = (cast(Any, object()) for _ in range(4))
+    assert sessions.admit(one, "2001:db8:1:2::1") is None
+    assert sessions.admit(two, "2001:db8:1:2::2") is None
+    assert sessions.admit(three, "2001:db8:1:2:ffff::3") == (
+        "too many sessions from 2001:db8:1:2::/64 (at most 2)"
+    )
+    assert sessions.admit(other, "2001:db8:1:3::1") is None  # the next /64: another client
+    sessions.release(one, "2001:db8:1:2::1")
+    assert sessions.admit(three, "2001:db8:1:2:ffff::3") is None
+    assert sessions.admit(cast(Any, object()), "::ffff:192.0.2.7") is None
+    assert sessions.admit(cast(Any, object()), "192.0.2.7") is None
+    assert sessions.admit(cast(Any, object()), "192.0.2.7") == (
+        "too many sessions from 192.0.2.7 (at most 2)"
+    )
 
 
 @pytest.mark.slow  # over ~2 s

@@ -44,6 +44,7 @@ _LOCAL_RANGES = tuple(
         *("100.64.0.0/10", "fc00::/7", "fe80::/10", "::1/128"),
     )
 )
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 # The most public address space an allowlist may admit and still count as a restriction:
 # an IPv4 /8 (a large organisation) or an IPv6 /32 (a whole provider's allocation).
 _MOST_PUBLIC = {4: 2**24, 6: 2**96}
@@ -62,6 +63,10 @@ def _restricts(networks: tuple[str, ...]) -> bool:
         return True  # the bad entry is reported by _validate
     if not parsed:
         return False
+    if any(n.version == 6 and n.supernet_of(_IPV4_MAPPED) for n in parsed):
+        # `::/64` holds ::ffff:0:0/96, and every IPv4 client matches it by its mapped
+        # form (`in_networks`): counted as IPv6 space alone, it passed for a restriction.
+        parsed.append(ipaddress.IPv4Network("0.0.0.0/0"))
     for version, most in _MOST_PUBLIC.items():
         family: list[Any] = [n for n in parsed if n.version == version]
         local = [n for n in _LOCAL_RANGES if n.version == version]

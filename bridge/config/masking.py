@@ -19,7 +19,11 @@ from bridge.permissions import readable_by_everyone
 
 def _masked_value(spec: dataclasses.Field[Any], value: Any) -> Any:
     if not spec.metadata.get("secret") or not value:
-        return dict(value) if isinstance(value, Mapping) else value
+        return _plain(dict(value) if isinstance(value, Mapping) else value)
+    if spec.metadata["secret"] == "url":  # the address is worth showing, not its passwords
+        for password in url_passwords(value):
+            value = value.replace(password, "***")
+        return value
     return {k: "***" for k in value} if isinstance(value, Mapping) else "***"
 
 
@@ -36,12 +40,7 @@ def masked(config: Config) -> dict[str, Any]:
     for name in SECTIONS:
         section = getattr(config, name)
         out[name] = {
-            f.name: (
-                "***"
-                if f.metadata.get("secret") and getattr(section, f.name)
-                else _plain(getattr(section, f.name))
-            )
-            for f in dataclasses.fields(section)
+            f.name: _masked_value(f, getattr(section, f.name)) for f in dataclasses.fields(section)
         }
     out["groups"] = {k: list(v) for k, v in config.groups.items()}
     out["tokens"] = {

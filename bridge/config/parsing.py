@@ -41,6 +41,10 @@ def parse_listen(value: str) -> tuple[str, int]:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not host:
         raise ValueError(f"{value!r} has no host")
+    if host == "*":  # nginx's way: check-config took it, then serve could not bind it
+        raise ValueError(
+            f"{value!r}: '*' is no address; every address is 0.0.0.0 (IPv4) or [::] (both)"
+        )
     return host, int(port)
 
 

@@ -91,7 +91,7 @@ class SmtpConfig:
     sender_id: str = _opt("")  # "" -> provider.sender_id
     rules: tuple[MailRule, ...] = _opt([], "rules")  # [[smtp.rules]]: per-sender line picks
     max_sessions: int = _opt(100)  # open SMTP sessions in all; beyond: 421 at connect
-    max_sessions_per_client: int = _opt(25)  # from one address (a relay: Postfix opens 20)
+    max_sessions_per_client: int = _opt(25)  # from an IPv4 address or IPv6 /64 (Postfix: 20)
     max_mails_per_session: int = _opt(1000)  # MAIL and DATA commands in one session
     max_commands: int = _opt(20)  # each other command (NOOP, EHLO, AUTH...) per session
     max_mime_depth: int = _opt(20)  # deeper parts are not read
@@ -141,7 +141,8 @@ class HttpConfig:
 
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
-    base_url: str = _opt("")
+    # A URL: a password in it (https://user:password@proxy/...) is masked like store.url's.
+    base_url: str = _opt("", secret="url")
     api_key: str = _opt("", secret=True)
     auth_header: str = _opt("x-api-key")  # x-api-key | bearer
     sender_id: str = _opt("SMS")
@@ -256,6 +257,7 @@ SCOPES = ("send", "read", "admin", "metrics")
 # that get pasted into configs, and fits every sender's secret field (GitHub, GitLab and
 # Grafana take any length; a UPS card's 15-character field is an SMTP password, not here).
 MIN_SECRET_CHARS = 16
+MAX_REQUESTS_PER_MINUTE = 100_000  # provider.requests_per_minute, `sandbox --requests-per-minute`
 MAKE_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 

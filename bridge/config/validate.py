@@ -20,6 +20,7 @@ from bridge.config.parsing import parse_listen, template_problem, url_passwords
 from bridge.config.recipients import Recipients
 from bridge.config.sections import (
     MAKE_SECRET,
+    MAX_REQUESTS_PER_MINUTE,
     MIN_SECRET_CHARS,
     SANDBOX_VARIANTS,
     SCOPES,
@@ -99,6 +100,12 @@ def _validate_sections(config: Config, problem: Problem) -> None:
         problem("smtp.tls_listen", "implicit TLS needs smtp.tls_cert and smtp.tls_key")
     if smtp.require_auth and not smtp.users:
         problem("smtp.require_auth", "no [smtp.users] to authenticate")
+    for login, password in smtp.users.items():
+        if not password:  # AUTH with the login and nothing else passed
+            problem(
+                f"smtp.users.{login}",
+                "an empty password (an empty *_file?): anyone naming this login could send",
+            )
     if smtp.require_auth and not smtp.tls_cert and not smtp.auth_allow_plaintext:
         problem("smtp.require_auth", "AUTH needs TLS (smtp.tls_cert) or smtp.auth_allow_plaintext")
     for index, net in enumerate(smtp.allowed_networks):
@@ -167,8 +174,8 @@ def _validate_sections(config: Config, problem: Problem) -> None:
         problem("provider.auth_header", "must be x-api-key or bearer")
     if p.base_url and not p.api_key:
         problem("provider.api_key", "required when provider.base_url is set")
-    if not 1 <= p.requests_per_minute <= 100_000:
-        problem("provider.requests_per_minute", "must be between 1 and 100000")
+    if not 1 <= p.requests_per_minute <= MAX_REQUESTS_PER_MINUTE:
+        problem("provider.requests_per_minute", f"must be between 1 and {MAX_REQUESTS_PER_MINUTE}")
     if not 1 <= p.max_bulk <= 1000:
         problem("provider.max_bulk", "must be between 1 and 1000 (the provider's bulk limit)")
     if not valid_sender_id(p.sender_id):

@@ -45,7 +45,7 @@ from bridge.ingress.mail import (
 )
 from bridge.ingress.mailrules import apply_rule, rule_for
 from bridge.ingress.smtpauth import Authenticator, peer_host
-from bridge.ingress.smtplimits import LimitedSMTP, Sessions, call_limits
+from bridge.ingress.smtplimits import LimitedSMTP, Sessions, TlsGate, call_limits
 from bridge.ingress.throttle import FailureThrottle
 from bridge.ingress.workers import Workers
 from bridge.phone import PhoneError
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 IDENT = "sms-bridge ESMTP"
 ADDRESS_CACHE_SIZE = 1024
 PARSE_WORKERS = 2  # mail parsing threads; a slow mail holds one, never the event loop
+MESSAGE_ID_KEPT = 256  # characters of a Message-ID kept in its dedupe key; a longer one: its hash
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -149,9 +150,10 @@ class SmtpHandler:
         self.tls = self._tls(smtp)  # at start a certificate that does not load is fatal
         self.sessions = Sessions(lambda: self.smtp)
         self.parsers = Workers(PARSE_WORKERS, "mail-parse")
-        # kept across reloads. Not `auth_...`: aiosmtpd takes every handler attribute so
-        # named for an AUTH mechanism, and EHLO offered `AUTH LOGIN PLAIN throttle`.
-        self.login_throttle = FailureThrottle(ingestor.clock)
+        # Kept across reloads. Named so that no attribute of a handler starts with `auth_`:
+        # aiosmtpd offers each as an AUTH mechanism ("AUTH LOGIN PLAIN throttle"), and
+        # `AUTH throttle` called this object, a 451 and a traceback for every try.
+        self.failed_logins = FailureThrottle(ingestor.clock)
         self.reload(smtp=smtp, recipients=recipients)
 
     def close(self) -> None:
@@ -171,7 +173,7 @@ class SmtpHandler:
             smtp = dataclasses.replace(smtp, tls_cert=self.smtp.tls_cert, tls_key=self.smtp.tls_key)
         self.smtp = smtp
         self.recipients = recipients
-        self.authenticator = Authenticator(dict(smtp.users), self.login_throttle)
+        self.authenticator = Authenticator(dict(smtp.users), self.failed_logins)
         self.domains = {d.lower() for d in smtp.domains}
         self.networks = [parse_network(n) for n in smtp.allowed_networks]
         return problems
@@ -217,6 +219,20 @@ class SmtpHandler:
         if any(p != "<>" and fnmatch.fnmatch(address.lower(), p.lower()) for p in patterns):
             return None
         return f"550 5.7.1 Sender <{address}> is not allowed to send here"
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """EHLO's lines, without `AUTH` when no mechanism is on (no `[smtp.users]`):
+        aiosmtpd offers it with none (`250-AUTH `), which RFC 4954 has no room for, and
+        a client holding a password then failed on it instead of sending anonymously."""
+        session.host_name = hostname  # aiosmtpd leaves that to this hook
+        return [line for line in responses if line.rstrip() != "250-AUTH"]
 
     async def handle_MAIL(
         self,
@@ -452,7 +468,12 @@ def mail_dedupe_key(mail: MailText) -> str | None:
     hour later): the Date and the content. With neither, the text is the key."""
     content = content_hash(mail.sender, mail.subject, mail.body)
     if mail.message_id:
-        return f"message-id:{mail.message_id}:{content}"
+        message_id = mail.message_id
+        if len(message_id) > MESSAGE_ID_KEPT:
+            # A Message-ID folded over many lines has no length limit, and PostgreSQL
+            # cannot index a key past ~2.7 kB: the insert failed, a 451 for ever.
+            message_id = "sha256:" + content_hash(message_id)
+        return f"message-id:{message_id}:{content}"
     date = mail.headers.get("date", "").strip()
     if date:
         return f"date:{content_hash(date)}:{content}"
@@ -509,9 +530,9 @@ async def start_smtp(
     servers.append(await loop.create_server(factory, sock=plain))
     if handler.smtp.tls_listen:
         tls = sockets[1] if sockets and len(sockets) > 1 else bind_socket(handler.smtp.tls_listen)
+        session, context = smtp_factory(handler, implicit_tls=True), handler.tls
+        assert context is not None  # validated: smtp.tls_listen needs smtp.tls_cert
         servers.append(
-            await loop.create_server(
-                smtp_factory(handler, implicit_tls=True), sock=tls, ssl=handler.tls
-            )
+            await loop.create_server(lambda: TlsGate(handler.sessions, session, context), sock=tls)
         )
     return servers

@@ -25,9 +25,11 @@ def peer_host(session: Session) -> str:
 class Authenticator:
     """aiosmtpd authenticator over `[smtp.users]`, compared in constant time, with
     failures throttled per client (`FailureThrottle`): a locked-out client gets 454 for
-    every attempt, right or wrong, unchecked. A login is named in the log only when it
-    is a configured user (a password typed into the login field must not be logged),
-    and failures at most once a minute per client."""
+    every attempt, right or wrong, unchecked, except a login and password that already
+    succeeded from it (a UPS at the address of a guesser: the same NAT, or 127.0.0.1 on
+    a loopback install, must keep sending its alerts). A login is named in the log only
+    when it is a configured user (a password typed into the login field must not be
+    logged), and failures at most once a minute per client."""
 
     def __init__(self, users: dict[str, str], throttle: FailureThrottle) -> None:
         self.users = {k.encode(): v.encode() for k, v in users.items()}
@@ -42,8 +44,10 @@ class Authenticator:
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
         host = peer_host(session)
+        # Its fingerprint only (FailureThrottle.trust): the login and password as sent.
+        credential = (auth_data.login + b"\0" + auth_data.password).decode(errors="surrogateescape")
         wait = self.throttle.locked(host)
-        if wait:
+        if wait and not self.throttle.trusted(host, [credential]):
             self.quiet.warning("smtp-locked", host, "SMTP AUTH from %s refused: locked out", host)
             return AuthResult(
                 success=False,
@@ -56,7 +60,9 @@ class Authenticator:
         # tell a guesser which logins exist.
         matched = compare_digest(self.nobody if expected is None else expected, auth_data.password)
         ok = matched and expected is not None
-        if not ok:
+        if ok:  # passes a later lockout of this client: a guesser there cannot stop it
+            self.throttle.trust(host, [credential])
+        else:
             who = auth_data.login.decode(errors="replace") if expected else "an unknown login"
             if self.throttle.failed(host):
                 log.warning(

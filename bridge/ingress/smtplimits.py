@@ -1,8 +1,8 @@
 """SMTP session limits aiosmtpd lacks or applies differently, as an `SMTP` subclass.
 
-- Sessions in all and per client address (`smtp.max_sessions`,
-  `smtp.max_sessions_per_client`): past either, 421 at connect and the socket closed,
-  before aiosmtpd builds a session.
+- Sessions in all and per client (`smtp.max_sessions`, `smtp.max_sessions_per_client`;
+  a client is an IPv4 address or an IPv6 /64, as `throttle.client_key`): past either,
+  421 at connect and the socket closed, before aiosmtpd builds a session.
 - Per-session command budgets (`smtp.max_commands`, `smtp.max_mails_per_session`):
   aiosmtpd's own call limits, which answer 421 and close.
 - An idle timer (`smtp.idle_timeout`) that only progress restarts: aiosmtpd restarts it
@@ -28,13 +28,16 @@ import asyncio
 import collections
 import functools
 import logging
+import ssl
 import sys
+from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import SMTP, Session, syntax
 
 from bridge.config import SmtpConfig
+from bridge.ingress.throttle import client_key
 
 log = logging.getLogger(__name__)
 # Commands that move a session forward: only their success restarts the idle timer.
@@ -44,13 +47,27 @@ YIELD_EVERY = 256  # DATA lines read between two turns of the event loop (~0.5 m
 DATA_LINE_BYTES = 1 << 20  # the longest DATA line where no message size limit is set
 
 
+def transport_host(transport: asyncio.BaseTransport) -> str:
+    """The client's address, as the socket gives it."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer)
+
+
+class Counted(Protocol):
+    """What `Sessions` counts and ends: a session, or a TLS handshake (`TlsGate`)."""
+
+    def end_after_mail(self, reply: str, *, from_mail: bool = True) -> None: ...
+
+    def end_now(self, reply: str) -> None: ...
+
+
 class Sessions:
     """Open SMTP sessions, in all and per client address, against the limits in force."""
 
     def __init__(self, limits: Callable[[], SmtpConfig]) -> None:
         self._limits = limits
         self.per_client: collections.Counter[str] = collections.Counter()
-        self.open: set[LimitedSMTP] = set()  # admitted and not yet released: shut_down ends them
+        self.open: set[Counted] = set()  # admitted and not yet released: shut_down ends them
         self.closing = False
         self._none_open = asyncio.Event()
 
@@ -58,11 +75,15 @@ class Sessions:
     def total(self) -> int:
         return len(self.open)
 
-    def admit(self, session: LimitedSMTP, client: str) -> str | None:
-        """Count the session in, or say why not."""
+    def admit(self, session: Counted, host: str) -> str | None:
+        """Count the session of the client at `host` in, or say why not.
+
+        Counted per `client_key`: one host holds a whole IPv6 /64, and by its single
+        addresses it could open every one of `max_sessions` alone (a relay then gets
+        421 and a UPS card may never send its alert again)."""
         if self.closing:
             return "the bridge is shutting down"
-        smtp = self._limits()
+        smtp, client = self._limits(), client_key(host)
         if self.total >= smtp.max_sessions:
             return f"too many SMTP sessions (at most {smtp.max_sessions})"
         if self.per_client[client] >= smtp.max_sessions_per_client:
@@ -71,8 +92,9 @@ class Sessions:
         self.per_client[client] += 1
         return None
 
-    def release(self, session: LimitedSMTP, client: str) -> None:
+    def release(self, session: Counted, host: str) -> None:
         self.open.discard(session)
+        client = client_key(host)
         self.per_client[client] -= 1
         if self.per_client[client] <= 0:
             del self.per_client[client]
@@ -98,6 +120,71 @@ class Sessions:
             log.warning("SMTP: %d sessions still open after %gs: closed", len(self.open), grace)
             for session in list(self.open):
                 session.end_now(reply)
+
+
+class TlsGate(asyncio.Protocol):
+    """A connection to the implicit-TLS listener until its TLS handshake is done: counted
+    in `Sessions` from the moment it is accepted, then handed to its SMTP session.
+
+    Served by asyncio's own TLS (`create_server(ssl=...)`), a session was counted only
+    once its handshake was done: connections that never began one were not counted at
+    all, each held up to asyncio's 60 s handshake timeout, so anyone could hold every
+    file descriptor of the bridge (its SMTP and HTTP listeners then took no one) while
+    `smtp.max_sessions` read 0. Past a limit the socket is closed at once: a 421 cannot
+    be told before TLS.
+
+    TLS is layered here as asyncio's server does it (and aiosmtpd's STARTTLS): in
+    `connection_made` itself, so no byte of the ClientHello can reach this protocol
+    (`loop.start_tls` from a task left a turn of the loop for it, and uvloop read it).
+    """
+
+    def __init__(
+        self, sessions: Sessions, session: Callable[[], LimitedSMTP], context: ssl.SSLContext
+    ) -> None:
+        self._sessions = sessions
+        self._session = session
+        self._context = context
+        self._transport: asyncio.BaseTransport | None = None
+        self._host: str | None = None  # counted in `sessions` while set
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        host = transport_host(transport)
+        refusal = self._sessions.admit(self, host)
+        if refusal is not None:
+            log.warning("SMTP TLS connection from %s refused: %s", host, refusal)
+            transport.close()
+            return
+        self._host = host
+        loop = asyncio.get_running_loop()
+        session = self._session()
+        session.handed_over = self._release  # the session counts itself from its start
+        handshake = loop.create_future()
+        handshake.add_done_callback(self._handshake_done)
+        tls = sslproto.SSLProtocol(loop, session, self._context, handshake, server_side=True)
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+
+    def _handshake_done(self, handshake: asyncio.Future[None]) -> None:
+        exc = None if handshake.cancelled() else handshake.exception()
+        if exc is not None:  # the client went, timed out, or spoke no TLS: closed by TLS
+            log.info("SMTP TLS handshake from %s failed: %s", self._host, exc)
+        self._release()
+
+    def _release(self) -> None:
+        if self._host is not None:
+            self._sessions.release(self, self._host)
+            self._host = None
+
+    def connection_lost(self, exc: Exception | None) -> None:  # refused: never handed on
+        self._release()
+
+    def end_after_mail(self, reply: str, *, from_mail: bool = True) -> None:
+        self.end_now(reply)  # no mail before TLS
+
+    def end_now(self, reply: str) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
 
 class DataLines:
@@ -209,12 +296,15 @@ class LimitedSMTP(SMTP):
         self._client: str | None = None  # counted in `sessions` while set
         self._refused = False
         self._last_reply = ""
+        # Set by a TlsGate: its count of this connection, released as the session counts.
+        self.handed_over: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         connecting = self.transport is None  # not the STARTTLS switch
+        if connecting and self.handed_over is not None:
+            self.handed_over()
         if connecting and self._sessions is not None:
-            peer = transport.get_extra_info("peername")
-            client = str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer)
+            client = transport_host(transport)
             refusal = self._sessions.admit(self, client)
             if refusal is not None:
                 log.warning("SMTP connection from %s refused: %s", client, refusal)
@@ -232,8 +322,8 @@ class LimitedSMTP(SMTP):
             self._tls_protocol = cast(Any, transport.get_extra_info("ssl_object"))
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._refused:
-            return  # aiosmtpd never saw this connection
+        if self._refused or self.transport is None:
+            return  # aiosmtpd never saw this connection (refused, or TLS never done)
         if self._session_timer is not None:
             self._session_timer.cancel()
         if self._client is not None and self._sessions is not None:

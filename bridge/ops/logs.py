@@ -63,10 +63,13 @@ def mask(text: str, secrets: Iterable[str]) -> str:
     return _replace(text, _masked_first(frozenset(secrets)))
 
 
-# Every character str.splitlines breaks at. A message carries text others chose (a mail
-# header decoded from an encoded word, a request path, a provider's answer): written
-# raw, a line break in it would start a line that looks like the bridge's own.
-_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+# Every character str.splitlines breaks at, and every other control but tab (C0, DEL,
+# C1). A message carries text others chose (a mail header decoded from an encoded word,
+# a request path, a provider's answer): written raw, a line break in it would start a
+# line that looks like the bridge's own, and an escape sequence (ESC, the 8-bit CSI)
+# would run in the terminal of whoever reads the log (`docker logs`, `tail -f`).
+_CONTROLS = (*map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0)), "\u2028", "\u2029")
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in _CONTROLS if c != "\t"})
 # Starts every line a record writes after its first (traceback, stack): no such line
 # can pass for a record of its own, which starts with the time. Leading white space is
 # what log shippers' multi-line rules take for a continuation.
@@ -127,6 +130,9 @@ class LineFormatter(logging.Formatter):
         return "\n".join([first, *(f"{CONTINUATION}{line}".rstrip(" ") for line in rest)])
 
 
+_JSON_C1 = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
+
+
 class JsonFormatter(logging.Formatter):
     def formatException(self, ei: ExcInfo) -> str:
         return format_exception(ei)  # as the masking filter would write it
@@ -142,7 +148,8 @@ class JsonFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             out["exception"] = record.exc_text
-        return json.dumps(out, ensure_ascii=False)
+        # json escapes C0 itself; DEL and C1 it leaves raw.
+        return json.dumps(out, ensure_ascii=False).translate(_JSON_C1)
 
 
 def setup_logging(level: str = "info", fmt: str = "human", secrets: Iterable[str] = ()) -> None:

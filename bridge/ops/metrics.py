@@ -3,7 +3,9 @@
 Counters and histograms are kept in process (provider requests by endpoint and outcome,
 their latency); everything about messages is read from the store at scrape time, so the
 figures are exact and survive restarts: messages by source and state, queue depth and
-oldest queued age, held and suppressed by reason, parts and cost sent.
+oldest queued age, held and suppressed by reason, parts and cost sent. While the store
+cannot be reached (or written, as /readyz judges it) the scrape still answers:
+`sms_bridge_store_up 0`, the process's own figures, and none of the store's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from bridge.errors import StoreUnavailable
 from bridge.store import Store
 
 PREFIX = "sms_bridge"
@@ -30,6 +33,7 @@ class Snapshot:
     oldest_queued_age: float = 0.0
     parts_sent: int = 0
     cost: float = 0.0
+    store_up: bool = True  # False: the store failed this scrape, the figures above are none
 
 
 class _StoreCollector(Collector):
@@ -38,6 +42,26 @@ class _StoreCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         snap = self.metrics.snapshot
+        yield GaugeMetricFamily(
+            f"{PREFIX}_store_up",
+            "1 when the store took this scrape's write and reads (as /readyz asks)",
+            value=1.0 if snap.store_up else 0.0,
+        )
+        if snap.store_up:
+            yield from self._store_figures(snap)
+        for name, help_text, read in self.metrics.live_gauges:
+            value = read()
+            if value is not None:
+                yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
+        for name, help_text, count_since_start in self.metrics.live_counters:
+            yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=count_since_start())
+        for name, help_text, label, counts in self.metrics.labelled_counters:
+            family = CounterMetricFamily(f"{PREFIX}_{name}", help_text, labels=[label])
+            for label_value, failures in counts().items():
+                family.add_metric([label_value], failures)
+            yield family
+
+    def _store_figures(self, snap: Snapshot) -> Iterator[GaugeMetricFamily]:
         messages = GaugeMetricFamily(
             f"{PREFIX}_messages", "Stored messages by source and state", labels=["source", "state"]
         )
@@ -66,17 +90,6 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_cost_sent", "Cost reported by the provider", value=snap.cost
         )
-        for name, help_text, read in self.metrics.live_gauges:
-            value = read()
-            if value is not None:
-                yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
-        for name, help_text, count_since_start in self.metrics.live_counters:
-            yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=count_since_start())
-        for name, help_text, label, counts in self.metrics.labelled_counters:
-            family = CounterMetricFamily(f"{PREFIX}_{name}", help_text, labels=[label])
-            for label_value, failures in counts().items():
-                family.add_metric([label_value], failures)
-            yield family
 
 
 class Metrics:
@@ -125,8 +138,15 @@ class Metrics:
 
     async def refresh(self) -> None:
         now = self.now()
-
-        counts = await self.store.counts_for_metrics()
+        try:
+            # A real write first, as /readyz: a full disk still answers reads.
+            await self.store.heartbeat(now)
+            counts = await self.store.counts_for_metrics()
+        except StoreUnavailable:
+            # Not a failed scrape: that reads as the bridge down, and hides the
+            # figures (provider_ready, the leader...) that still hold.
+            self.snapshot = Snapshot(store_up=False)
+            return
         oldest = counts.oldest_queued
         self.snapshot = Snapshot(
             by_source_state=counts.by_source_state,

@@ -23,6 +23,9 @@ from bridge.text import Shape, is_gsm, shape, transliterate, truncate_to_parts
 
 log = logging.getLogger(__name__)
 TOPIC_CHARS = 32  # a message with no topic of its own is counted by its first line, cut here
+# The scope of the keys of messages stored suppressed from the start (bounces,
+# auto-replies): no source is named so, so no message that is sent ever meets them.
+NEVER_SENT = "never-sent"
 
 
 def default_topic(text: str) -> str:
@@ -108,6 +111,11 @@ class Shaper:
             dedupe_key = scoped_key(
                 draft.scope or draft.source, _storable(draft.dedupe_key) or text_dedupe_key
             )
+            if draft.suppressed_reason:
+                # Never texted, so nobody's original: under the sender's key, a bounce or
+                # an auto-reply (anyone may mail one with a page's words) silenced the
+                # genuine page that came after it as its "duplicate".
+                dedupe_key = scoped_key(NEVER_SENT, dedupe_key)
             for recipient in draft.recipients:
                 if not is_assigned(recipient):
                     log.warning(

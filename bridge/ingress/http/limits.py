@@ -13,7 +13,9 @@ three additions, each answered in the bridge's JSON error shape:
   connection and a place under `max_concurrency` for as long as it liked.
 - `http.max_header_bytes`: request line and headers together: 431.
 - `http.max_concurrency`: requests in flight; beyond it 503 (never 429: webhook
-  senders retry 5xx and drop 4xx). Idle kept-alive connections do not count: uvicorn's
+  senders retry 5xx and drop 4xx), except `/healthz`: a liveness probe (Kubernetes',
+  Docker's HEALTHCHECK) refused for load had the bridge restarted in the middle of the
+  storm it was working through; it costs nothing, and /readyz still says busy. Idle kept-alive connections do not count: uvicorn's
   own check counts them, so 100 idle sockets (re-opened after each header timeout) made
   every request, `/healthz` included, a 503. Nor do answered requests whose task has
   not yet returned: counted by uvicorn's task set, a client that sends its next request
@@ -84,6 +86,9 @@ def refusal_app(status: int, message: str, headers: tuple[tuple[bytes, bytes], .
         await send({"type": "http.response.body", "body": body})
 
     return app
+
+
+LIVENESS = b"/healthz"  # served past max_concurrency (see above)
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -236,7 +241,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.app = refusal_app(
                 431, f"request headers larger than {self.max_header_bytes} bytes"
             )
-        elif len(self.in_flight) >= limit:  # idle connections cost nothing
+        elif len(self.in_flight) >= limit and self.url.partition(b"?")[0] != LIVENESS:
             self.quiet.warning(
                 "overload", "*", "HTTP overloaded (%d requests in flight): 503", limit
             )
