@@ -67,7 +67,11 @@ _DIFF_HUNK = re.compile(r"\d+(?:,\d+)?[acd]\d+(?:,\d+)?")  # `diff` (normal form
 _HTML_SIGNATURE = re.compile(r"^[ \t]*--[ \t]*$", re.MULTILINE)
 # The delimiter as the HTML has it, its space before the next tag (`-- <br>`, a
 # `gmail_signature_prefix` span's `-- </span>`): white space HTML's text then drops.
-_HTML_DELIMITER = re.compile(r"--(?:[ \t\xa0]|&nbsp;|&#160;|&#xa0;)+\s*<", re.IGNORECASE)
+# White space in one place only (one run, then a line break): `+\s*` read a long run of
+# spaces after a `--` in n * n steps.
+_HTML_DELIMITER = re.compile(
+    r"--(?:[ \t\xa0]|&nbsp;|&#160;|&#xa0;)+(?:\r?\n[ \t]*)?<", re.IGNORECASE
+)
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u202f\u205f\u3000]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _LINESEP = re.compile(r"\r|\n")  # what policy.default removes to unfold a header
