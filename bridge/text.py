@@ -120,9 +120,11 @@ def truncate_to_parts(text: str, max_parts: int) -> str:
     gsm = is_gsm(text)
     if not gsm:
         head = _gsm_head(text)
-        if count_parts(head) > max_parts:
-            # Every character that is not GSM lies beyond the cut (a log with a
-            # checkmark at its end): cut as GSM, 153 septets a part instead of 67 units.
+        if len(head) >= _capacity(max_parts, False) - 1:
+            # Every character a UCS-2 cut would keep is GSM (a log with a checkmark at
+            # its end): only its ellipsis made it UCS-2. Cut as GSM, before the first
+            # other character: 153 septets a part instead of 67 units. Not only when the
+            # head outlasts the GSM cut: one 158 septets long went as 65 characters.
             text, gsm = head, True
     ellipsis = "..." if gsm else "…"
     budget = _capacity(max_parts, gsm) - sum(_units(ellipsis, gsm))

@@ -984,3 +984,35 @@ async def _am_text(payload: dict, tmp_path, clock, sandbox_url) -> str:
         stored = await bridge.store.get(response.json()["ids"][0])
     assert stored is not None
     return stored.text
+
+
+async def test_senders_without_a_credential_pass_a_lockout_of_their_address(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """On a loopback install (every local client 127.0.0.1) the API and a route may be
+    open: Alertmanager and cron scripts send no credential at all. Ten wrong signatures
+    from a local script on the GitHub route locked them out with it (503 for five
+    minutes): a lockout let through only credentials verified before, and theirs carry
+    none to verify. A request without a credential guesses nothing: it passes. Guesses,
+    and the sign-in form, still wait."""
+    extra = f"""{ROUTES}
+[routes.open]
+format = "alertmanager"
+to = ["oncall"]
+allowed_networks = ["127.0.0.0/8"]
+"""
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    alert = {"status": "firing", "alerts": [{"labels": {"alertname": "DiskFull"}}]}
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        for n in range(10):
+            wrong = {"X-Hub-Signature-256": f"sha256={n:064x}"}
+            assert (await http.post("/hooks/github", json={}, headers=wrong)).status_code == 401
+        guess = {"X-Hub-Signature-256": f"sha256={99:064x}"}
+        assert (await http.post("/hooks/github", json={}, headers=guess)).status_code == 503
+        assert (await http.post("/hooks/am", json=alert)).status_code == 401  # none: a 401
+        route = {"Authorization": "Bearer am-guess-0123456789"}
+        assert (await http.post("/hooks/am", json=alert, headers=route)).status_code == 503
+        sent = await http.post("/hooks/open", json=alert)
+        assert sent.status_code == 202, sent.text
+        api = await http.post("/api/v1/messages", json={"to": "oncall", "message": "cron: ok"})
+        assert api.status_code == 202, api.text

@@ -231,3 +231,24 @@ async def test_a_long_text_whose_look_alikes_and_emoji_lie_past_the_cut_goes_as_
     assert stored is not None
     assert stored.text.startswith('Backup "nightly" failed: rsync') and stored.text.endswith("...")
     assert (stored.message_type, stored.parts) == (1, 3) and len(stored.text) > 400
+
+
+@pytest.mark.parametrize("septets", [158, 305])
+async def test_a_text_gsm_up_to_just_before_a_full_cut_still_goes_as_gsm(
+    tmp_path, clock: ManualClock, sandbox_url: str, septets: int
+) -> None:
+    """A GSM head that fit the parts but not the GSM ellipsis beside it (158 septets of 160,
+    305 of 306) was judged on the whole text: cut as UCS-2, a 1-part text kept 65 of its
+    158 characters, all of them GSM, only the '…' making it UCS-2. Cut as GSM, before
+    the checkmark, it keeps ~155 at the same parts."""
+    parts = 1 if septets <= 160 else 2
+    text = ("rsync error code 23 on /srv/data " * 20)[:septets] + "\u2714 done"
+    config = bridge_config(tmp_path, sandbox_url, f"[limits]\nmax_parts = {parts}\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        response = await http.post(f"{url}/api/v1/messages", json={"to": TO, "message": text})
+        [mid] = response.json()["ids"]
+        stored = await bridge.store.get(mid)
+    assert stored is not None
+    assert stored.text.startswith("rsync error") and stored.text.endswith("...")
+    assert (stored.message_type, stored.parts) == (1, parts)
+    assert len(stored.text) > septets - 12

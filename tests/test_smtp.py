@@ -484,6 +484,47 @@ async def test_a_mail_longer_than_max_lines_is_texted_from_its_first_lines(
     ]
 
 
+async def test_a_mail_of_exactly_max_lines_is_read_whole(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """The end-of-data line after a mail of exactly smtp.max_lines lines was counted as one
+    line too many: the whole mail was answered '(read in part: more than 8 lines)' and
+    logged as cut (a 552 before mails past the cap were texted). One line more is."""
+    body = "".join(f"line {n}\r\n" for n in range(5))
+    mail = f"From: nas@example.org\r\nSubject: NAS\r\n\r\n{body}"  # 8 lines
+    config = bridge_config(tmp_path, sandbox_url, with_smtp("max_lines = 8"))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        whole = await asyncio.to_thread(data_reply, port, mail.encode())
+        longer = await asyncio.to_thread(data_reply, port, f"{mail}line 5\r\n".encode())
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    assert whole[0] == 250 and b"read in part" not in whole[1], whole
+    assert longer[0] == 250 and longer[1].endswith(
+        b"(read in part: more than 8 lines (smtp.max_lines))"
+    )
+    lines = "".join(f"\nline {n}" for n in range(5))
+    assert [e.message for e in sandbox_state.entries] == [f"NAS{lines}"]  # the second: a dupe
+
+
+async def test_an_html_mail_of_long_white_space_after_dashes_is_read_at_once(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A `--` then 300,000 spaces in an HTML body (no signature: no tag after them): the
+    search for the HTML signature delimiter took n * n steps (minutes, past
+    smtp.parse_timeout: a 451 on every try). It reads in one pass."""
+    html = "<html><body><p>disk full on db-2</p><pre>--" + " " * 300_000 + "x</pre></body></html>"
+    mail = (
+        "From: nas@example.org\r\nSubject: NAS\r\nMIME-Version: 1.0\r\n"
+        f"Content-Type: text/html; charset=UTF-8\r\n\r\n{html}\r\n"
+    )
+    config = bridge_config(tmp_path, sandbox_url, SMTP_BASE)
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        code, reply = await asyncio.to_thread(data_reply, port, mail.encode())
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    assert code == 250, reply
+    # the body is read to MAX_BODY_CHARS: the x lies past them
+    assert [e.message for e in sandbox_state.entries] == ["NAS\ndisk full on db-2\n--"]
+
+
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory) -> tuple[trustme.CA, str, str]:
     ca = trustme.CA()

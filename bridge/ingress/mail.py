@@ -65,6 +65,13 @@ _FORWARD_INTRO = re.compile(r"-+\s*Forwarded message\s*-+", re.IGNORECASE)
 _FORWARD_HEADER = re.compile(r"(From|Date|Sent|Subject|To|Cc)\s*:", re.IGNORECASE)
 _DIFF_HUNK = re.compile(r"\d+(?:,\d+)?[acd]\d+(?:,\d+)?")  # `diff` (normal format): 3a4
 _HTML_SIGNATURE = re.compile(r"^[ \t]*--[ \t]*$", re.MULTILINE)
+# The delimiter as the HTML has it, its space before the next tag (`-- <br>`, a
+# `gmail_signature_prefix` span's `-- </span>`): white space HTML's text then drops.
+# White space in one place only (one run, then a line break): `+\s*` read a long run of
+# spaces after a `--` in n * n steps.
+_HTML_DELIMITER = re.compile(
+    r"--(?:[ \t\xa0]|&nbsp;|&#160;|&#xa0;)+(?:\r?\n[ \t]*)?<", re.IGNORECASE
+)
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u202f\u205f\u3000]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _LINESEP = re.compile(r"\r|\n")  # what policy.default removes to unfold a header
@@ -252,11 +259,17 @@ def _payload_text(payload: bytes, charset: str | None) -> str:
 
 def _html_to_text(html: str) -> str:
     """The text of an HTML body; a signature's `-- <br>` line (its trailing space lost
-    with HTML's white space) given back its delimiter, as `clean_body` knows it."""
+    with HTML's white space) given back its delimiter, as `clean_body` knows it.
+
+    Only where the HTML holds such a delimiter: a bare `--` line is otherwise what
+    `grep -C` prints between matches, in a `<pre>` of cron output as in plain text
+    (where it is kept), and the matches after it are the news."""
     try:
         text = get_text(html)
     except Exception:  # inscriptis/lxml on hostile markup: fall back to raw text
         return re.sub(r"<[^>]*>", " ", html)
+    if not _HTML_DELIMITER.search(html):
+        return text
     return _HTML_SIGNATURE.sub("-- ", text)
 
 

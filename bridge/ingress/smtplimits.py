@@ -218,26 +218,29 @@ class DataLines:
             await asyncio.sleep(0)
         if self.lines <= self.most:
             return await self.reader.readuntil(separator)
-        if not self.over:
-            self.over = True
-            await self._skip_rest()
+        # Only lines dropped make the mail cut: the line after a mail of exactly `most`
+        # lines is its end (it was counted as one too many, and the whole mail answered
+        # as read in part).
+        self.over = await self._skip_rest()
         return self.END
 
     async def read(self, n: int = -1) -> bytes:  # aiosmtpd drains an overlong line
         return await self.reader.read(n)
 
-    async def _skip_rest(self) -> None:
+    async def _skip_rest(self) -> bool:
+        """Read up to the end of data, keeping nothing; whether anything came before it."""
         skipped = 0
         while True:
             try:
                 line = await self.reader.readuntil(b"\r\n")
             except asyncio.LimitOverrunError as exc:  # an overlong line: a piece of it
                 await self.reader.read(exc.consumed)
+                skipped += 1
                 continue
             except asyncio.IncompleteReadError:  # the client went away
-                return
+                return True
             if line == self.END:
-                return
+                return skipped > 0
             skipped += 1
             if skipped % YIELD_EVERY == 0:
                 await asyncio.sleep(0)

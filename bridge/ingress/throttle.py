@@ -38,7 +38,8 @@ MAX_FAILURES = 10  # failed authentications from one client within WINDOW
 WINDOW = 60.0
 LOCKOUT = 300.0  # seconds a client past MAX_FAILURES is refused
 MAX_CLIENTS = 10_000  # entries kept; beyond, the oldest go
-TRUSTED_PER_CLIENT = 16  # credentials remembered per client (tokens, console sessions)
+_ABSENT = object()  # a dict.pop default: the key was not there
+TRUSTED_PER_CLIENT = 16  # credentials remembered per client (API and route tokens)
 LOG_EVERY = 60.0  # seconds between two warnings of one kind about one client
 
 
@@ -106,20 +107,25 @@ class FailureThrottle:
 
     def trust(self, host: str, credentials: Iterable[str]) -> None:
         """Remember `credentials` (header values the bridge verified) as genuine from
-        `host`. Fingerprints (the process's randomised hash), never the secrets."""
+        `host`. Fingerprints (the process's randomised hash), never the secrets.
+
+        Least recently used first out: a credential verified again moves to the end. The
+        first verified went first, however often it was used since: Alertmanager's token,
+        used a minute ago, went once sixteen other tokens were used from its address.
+        """
         key = client_key(host)
-        known = self._trusted.get(key)
+        known = self._trusted.pop(key, None)
         if known is None:
             if len(self._trusted) >= self.max_clients:
                 del self._trusted[next(iter(self._trusted))]
-            known = self._trusted[key] = {}
+            known = {}
+        self._trusted[key] = known  # the client heard from last: the end
         for credential in credentials:
             fingerprint = hash(credential)
-            if fingerprint in known:
-                continue
-            if len(known) >= TRUSTED_PER_CLIENT:
-                del known[next(iter(known))]
-            known[fingerprint] = None
+            new = known.pop(fingerprint, _ABSENT) is _ABSENT
+            if new and len(known) >= TRUSTED_PER_CLIENT:
+                del known[next(iter(known))]  # new, and no room: the least recent goes
+            known[fingerprint] = None  # new or used again: the end
 
     def trusted(self, host: str, credentials: Iterable[str]) -> bool:
         """Whether every one of `credentials` (at least one) succeeded from `host`."""

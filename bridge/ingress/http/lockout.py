@@ -3,18 +3,22 @@
 A 401 to a request that presented a credential (an `Authorization` header, a webhook
 signature or token header, a console sign-in) counts as a failed guess for its client
 (`bridge.ingress.throttle`: an IPv4 address or an IPv6 /64; behind `http.trusted_proxies`
-the forwarded client). Past the throttle's limit the client's requests get 503 with
-`Retry-After` until the lockout ends, right credentials included: answering a right
-guess differently would let the guessing go on. 503, not 429, as for overload (the
-contract): a genuine sender behind the same address (a NAT, an untrusted proxy) retries
-a 5xx later and keeps its alert, where it would drop a 4xx.
+the forwarded client). Past the throttle's limit the client's requests that present a
+credential get 503 with `Retry-After` until the lockout ends, right credentials included
+(but for those verified from it before, below): answering a right guess differently
+would let the guessing go on. 503, not 429, as for overload (the contract): a genuine
+sender behind the same address (a NAT, an untrusted proxy) retries a 5xx later and keeps
+its alert, where it would drop a 4xx.
 
 A lockout does not stop the genuine senders at the address: a credential the bridge
 verified from it before (`vouch`: a token, a route's token or basic auth, GitLab's
-token, a console session) passes it, when every credential the request carries is one of
-those (`FailureThrottle.trust`). A request with a signature over its body (GitHub,
-Grafana), or the sign-in form's token, carries nothing that could be vouched for: it
-waits for the lockout's end as before.
+token) passes it, when every credential the request carries is one of those
+(`FailureThrottle.trust`). A request with a signature over its body (GitHub, Grafana),
+or the sign-in form's token, carries nothing that could be vouched for: it waits for the
+lockout's end as before. A request with no credential at all guesses nothing and is not
+refused: an open route's sender or the open API's on a loopback install (Alertmanager,
+cron), a console page of a signed-in session (its cookie is 256 random bits, not
+guessed, and a wrong one is not counted either).
 
 A 401 to a request with no credential at all (a console page after its session
 expired, a probe, a webhook sender not yet given its secret) is not a guess and is not
@@ -29,7 +33,6 @@ import functools
 import logging
 import math
 
-from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.config import LiveConfig
@@ -48,8 +51,8 @@ _VOUCHED = "sms_bridge.vouched"  # the request's credentials its handler verifie
 
 
 def vouch(scope: Scope, credential: str) -> None:
-    """Tell the lockout that `credential` (a header's value as received, or a session
-    cookie's) was verified for this request: it passes a later lockout of this client."""
+    """Tell the lockout that `credential` (a header's value as received) was verified
+    for this request: it passes a later lockout of this client."""
     scope.setdefault(_VOUCHED, []).append(credential)
 
 
@@ -83,7 +86,8 @@ class AuthLockout:
         host = str(client[0]) if client else ""
         routes = self.live.current.routes.values()
         signed = _signature_headers(tuple(route.signature_header for route in routes))
-        wait = self.throttle.locked(host) if host else 0.0
+        presents = bool(host) and _presents_credential(scope, signed)
+        wait = self.throttle.locked(host) if presents else 0.0
         if wait and not self._vouched_for(host, scope, signed):
             self.quiet.warning(
                 "http-locked",
@@ -93,7 +97,7 @@ class AuthLockout:
             )
             await _refuse(scope, receive, send, wait)
             return
-        if not host or not _presents_credential(scope, signed):
+        if not presents:  # guesses nothing: passes a lockout (an open route's sender)
             await self.app(scope, receive, send)
             self._remember(host, scope)
             return
@@ -123,17 +127,12 @@ class AuthLockout:
         if scope.get("path") == SIGNIN_PATH:
             return False
         static: list[str] = []
-        cookies: list[str] = []
         for name, value in scope["headers"]:
             if name in SIGNATURE_HEADERS or name in signed:
                 return False
             if name in STATIC_CREDENTIAL_HEADERS:
                 static.append(value.decode("latin-1"))
-            elif name == b"cookie":
-                cookies.extend(cookie_parser(value.decode("latin-1")).values())
-        if static:
-            return self.throttle.trusted(host, static)
-        return any(self.throttle.trusted(host, [cookie]) for cookie in cookies)
+        return self.throttle.trusted(host, static)
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, wait: float) -> None:

@@ -180,8 +180,6 @@ class Gate:
         tokens = self.live.current.tokens
         session = self.sessions.get(request.cookies.get(COOKIE), now)
         principal = self.sessions.principal(session, tokens) if session else None
-        if principal is not None and principal is not ANONYMOUS:  # a signed-in session
-            vouch(request.scope, request.cookies[COOKIE])
         new_id = None
         if principal is None and not tokens:
             principal = ANONYMOUS
