@@ -47,6 +47,20 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_command(
+    args: list[str], cwd: Path, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m bridge ARGS` to its end, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
+
+
 class Child(subprocess.Popen[bytes]):
     """`python -m bridge ...` writing to a log file, which other children may share."""
 

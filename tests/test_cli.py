@@ -14,7 +14,7 @@ import pytest
 from bridge.config import StoreConfig
 from bridge.models import NewMessage
 from bridge.store import open_store
-from tests.processes import ANY_PORT, process, wait_for
+from tests.processes import ANY_PORT, process, run_command, wait_for
 from tests.stores import seed
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI as a process
@@ -23,14 +23,7 @@ KEY = "cli-test-key"
 
 def run(*args: str, cwd, env=None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("SMS_BRIDGE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env={**base, **(env or {})},
-    )
+    return run_command([*args], cwd, {**base, **(env or {})})
 
 
 def test_provider_commands_against_a_sandbox_on_loopback(tmp_path) -> None:

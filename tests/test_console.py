@@ -81,6 +81,16 @@ async def send(http: httpx.AsyncClient, to: str, text: str) -> int:
     return int(answer.json()["ids"][0])
 
 
+async def cancelled(http: httpx.AsyncClient, to: str, text: str) -> int:
+    """A message sent and cancelled at once (a failure that is no delivery failure)."""
+    message_id = await send(http, to, text)
+    answer = await http.post(
+        f"/api/v1/messages/{message_id}/cancel", headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    assert answer.status_code == 200, answer.text
+    return message_id
+
+
 @pytest.fixture
 def config(tmp_path, sandbox_url: str):
     return bridge_config(tmp_path, sandbox_url, TOKENS)
@@ -693,10 +703,7 @@ async def test_an_unknown_state_is_a_400_on_the_api_as_on_the_console(served_bri
     was told there were none. The API refuses it, naming the states, as the console does."""
     _, url = served_bridge
     async with httpx.AsyncClient(base_url=url) as http:
-        failed = await send(http, "+12025550143", "disk full")
-        await http.post(
-            f"/api/v1/messages/{failed}/cancel", headers={"Authorization": f"Bearer {ADMIN}"}
-        )
+        failed = await cancelled(http, "+12025550143", "disk full")
         reader = {"Authorization": f"Bearer {READER}"}
         for key in ("state", "status"):
             typo = await http.get(f"/api/v1/messages?{key}=faild", headers=reader)
@@ -1019,10 +1026,7 @@ async def test_a_filter_the_bridge_does_not_know_is_a_400_not_an_empty_list(
     queued ones. Each now says what it takes."""
     _, url = served_bridge
     async with httpx.AsyncClient(base_url=url) as http:
-        cancelled = await send(http, "+12025550143", "disk full")
-        await http.post(
-            f"/api/v1/messages/{cancelled}/cancel", headers={"Authorization": f"Bearer {ADMIN}"}
-        )
+        cancelled_id = await cancelled(http, "+12025550143", "disk full")
         reader = {"Authorization": f"Bearer {READER}"}
         for query, field in (
             ("source=api", "source"),
@@ -1037,7 +1041,7 @@ async def test_a_filter_the_bridge_does_not_know_is_a_400_not_an_empty_list(
         unknown = await http.get("/api/v1/messages?source=api", headers=reader)
         assert "'api'" in unknown.json()["error"] and "http" in unknown.json()["error"]
         ok = await http.get("/api/v1/messages?reason=cancelled&source=http", headers=reader)
-        assert [m["id"] for m in ok.json()["messages"]] == [cancelled]
+        assert [m["id"] for m in ok.json()["messages"]] == [cancelled_id]
         await sign_in(http, READER)
         bad = await http.get("/ui/messages.json?source=api")
         assert bad.status_code == 400 and "'api'" in bad.json()["error"]

@@ -21,7 +21,7 @@ from bridge.models import NewMessage, State
 from bridge.provider.sandbox import SandboxState
 from bridge.store import open_store
 from tests.helpers import bridge_config, pump, running_bridge
-from tests.processes import ANY_PORT, clean_env, process, wait_for
+from tests.processes import ANY_PORT, clean_env, process, run_command, wait_for
 from tests.stores import faulty_store, seed
 
 pytestmark = pytest.mark.slow
@@ -127,14 +127,7 @@ def test_metrics_say_whether_the_last_sighup_was_refused(tmp_path) -> None:
 
 def _run(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
     env = clean_env(SMS_BRIDGE_STORE_PATH=str(tmp_path / "ops.db"))
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=tmp_path,
-    )
+    return run_command([*args], tmp_path, env)
 
 
 def _seed(tmp_path, rows: list[tuple[State, float]]) -> list[int]:
@@ -326,14 +319,7 @@ def test_a_password_in_the_providers_url_is_masked_by_check_config_and_serve(
         SMS_BRIDGE_SMTP_LISTEN="",
         SMS_BRIDGE_STORE_PATH=str(tmp_path / "bridge.db"),
     )
-    checked = subprocess.run(
-        [sys.executable, "-m", "bridge", "check-config"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=tmp_path,
-    )
+    checked = run_command(["check-config"], tmp_path, env)
     assert checked.returncode == 0, checked.stderr
     assert password not in checked.stdout + checked.stderr
     assert f'"base_url": "http://ops:***@127.0.0.1:{port}/api/v1"' in checked.stdout
@@ -555,13 +541,21 @@ def test_a_line_break_sent_in_a_mail_header_cannot_forge_a_log_line(tmp_path) ->
     """An encoded word decodes to any character, CR and LF included, and the header's
     value reaches the log (`mail stored as suppressed (...)`): in the human format the
     line break is escaped, so the sender's text stays inside the bridge's line."""
+    forged = "2026-01-01 00:00:00,000 WARNING bridge: forged"
+    text = _log_of_a_mail_auto_submitted(tmp_path, f"auto-replied=0D=0A{forged.replace(' ', '_')}")
+    [line] = [line for line in text.splitlines() if "stored as suppressed" in line]
+    assert line.endswith(f"auto-replied\\r\\n{forged.lower()})): 1")
+    assert not any(line.startswith(forged.split(",")[0]) for line in text.splitlines())
+
+
+def _log_of_a_mail_auto_submitted(tmp_path: Path, encoded: str) -> str:
+    """serve's log once a mail whose Auto-Submitted header is the encoded word `encoded`
+    (q-encoding, utf-8) was stored: suppressed, the header's value in the log line."""
     path, log = tmp_path / "bridge.toml", tmp_path / "serve.log"
     path.write_text(_config(str(tmp_path / "bridge.db"), ""))
-    forged = "2026-01-01 00:00:00,000 WARNING bridge: forged"
-    encoded = forged.replace(" ", "_")
     mail = (
         "From: ups@example.org\r\nSubject: on battery\r\n"
-        f"Auto-Submitted: =?utf-8?q?auto-replied=0D=0A{encoded}?=\r\n\r\nbody\r\n"
+        f"Auto-Submitted: =?utf-8?q?{encoded}?=\r\n\r\nbody\r\n"
     )
     with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
         with smtplib.SMTP("127.0.0.1", proc.port("SMTP"), timeout=10) as smtp:
@@ -569,9 +563,7 @@ def test_a_line_break_sent_in_a_mail_header_cannot_forge_a_log_line(tmp_path) ->
         wait_for(lambda: "stored as suppressed" in log.read_text(), what="the log line")
         proc.terminate()
         assert proc.wait(timeout=15) == 0
-    [line] = [line for line in log.read_text().splitlines() if "stored as suppressed" in line]
-    assert line.endswith(f"auto-replied\\r\\n{forged.lower()})): 1")
-    assert not any(line.startswith(forged.split(",")[0]) for line in log.read_text().splitlines())
+    return log.read_text()
 
 
 def test_an_escape_sequence_sent_in_a_mail_header_is_not_written_to_the_log_raw(
@@ -580,19 +572,7 @@ def test_an_escape_sequence_sent_in_a_mail_header_is_not_written_to_the_log_raw(
     """The same header, carrying ESC [2J and the 8-bit CSI (U+009B) instead of a line
     break: written raw, `tail -f` or `docker logs` ran them in the reader's terminal
     (cleared the screen, recoloured or hid what came before)."""
-    path, log = tmp_path / "bridge.toml", tmp_path / "serve.log"
-    path.write_text(_config(str(tmp_path / "bridge.db"), ""))
-    mail = (
-        "From: ups@example.org\r\nSubject: on battery\r\n"
-        "Auto-Submitted: =?utf-8?q?auto-replied=1B[2J=C2=9B8m?=\r\n\r\nbody\r\n"
-    )
-    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
-        with smtplib.SMTP("127.0.0.1", proc.port("SMTP"), timeout=10) as smtp:
-            smtp.sendmail("ups@example.org", ["+12025550101@sms.localhost"], mail)
-        wait_for(lambda: "stored as suppressed" in log.read_text(), what="the log line")
-        proc.terminate()
-        assert proc.wait(timeout=15) == 0
-    text = log.read_text()
+    text = _log_of_a_mail_auto_submitted(tmp_path, "auto-replied=1B[2J=C2=9B8m")
     assert "\x1b" not in text and "\x9b" not in text
     [line] = [line for line in text.splitlines() if "stored as suppressed" in line]
     assert "auto-replied[2j\\x9b8m" in line, line  # (ESC itself dropped by the mail's decoding)
@@ -618,14 +598,7 @@ def test_serve_and_sighup_refuse_a_template_check_config_refuses(tmp_path) -> No
         (_config(db, good + rule), "smtp.rules: [0].template"),  # as rules are named
     ):
         (tmp_path / "check.toml").write_text(text)
-        checked = subprocess.run(
-            [sys.executable, "-m", "bridge", "check-config", str(tmp_path / "check.toml")],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=clean_env(),
-            cwd=tmp_path,
-        )
+        checked = run_command(["check-config", str(tmp_path / "check.toml")], tmp_path, clean_env())
         assert checked.returncode == 1 and f"  {key}: " in checked.stderr, checked.stderr
     path.write_text(_config(db, bad_route))
     refused = subprocess.run(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from itertools import groupby
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
+from bridge.models import Message
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.provider.sandbox import SandboxState, sms_parts
@@ -213,6 +215,19 @@ async def test_look_alikes_are_replaced_only_where_that_makes_the_text_gsm(
     assert [m.message_type for m in stored] == [2, 2, 1]
 
 
+async def stored_as(
+    tmp_path: Path, clock: ManualClock, sandbox_url: str, text: str, extra: str = ""
+) -> Message:
+    """The message `text` is stored as, posted to a bridge configured with `extra`."""
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        response = await http.post(f"{url}/api/v1/messages", json={"to": TO, "message": text})
+        [mid] = response.json()["ids"]
+        stored = await bridge.store.get(mid)
+    assert stored is not None, response.text
+    return stored
+
+
 async def test_a_long_text_whose_look_alikes_and_emoji_lie_past_the_cut_goes_as_gsm(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
@@ -223,12 +238,7 @@ async def test_a_long_text_whose_look_alikes_and_emoji_lie_past_the_cut_goes_as_
     text = (
         "Backup \u201cnightly\u201d failed: " + "rsync error code 23 on /srv/data " * 30 + "\u2714"
     )
-    config = bridge_config(tmp_path, sandbox_url)
-    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
-        response = await http.post(f"{url}/api/v1/messages", json={"to": TO, "message": text})
-        [mid] = response.json()["ids"]
-        stored = await bridge.store.get(mid)
-    assert stored is not None
+    stored = await stored_as(tmp_path, clock, sandbox_url, text)
     assert stored.text.startswith('Backup "nightly" failed: rsync') and stored.text.endswith("...")
     assert (stored.message_type, stored.parts) == (1, 3) and len(stored.text) > 400
 
@@ -243,12 +253,7 @@ async def test_a_text_gsm_up_to_just_before_a_full_cut_still_goes_as_gsm(
     the checkmark, it keeps ~155 at the same parts."""
     parts = 1 if septets <= 160 else 2
     text = ("rsync error code 23 on /srv/data " * 20)[:septets] + "\u2714 done"
-    config = bridge_config(tmp_path, sandbox_url, f"[limits]\nmax_parts = {parts}\n")
-    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
-        response = await http.post(f"{url}/api/v1/messages", json={"to": TO, "message": text})
-        [mid] = response.json()["ids"]
-        stored = await bridge.store.get(mid)
-    assert stored is not None
+    stored = await stored_as(tmp_path, clock, sandbox_url, text, f"[limits]\nmax_parts = {parts}\n")
     assert stored.text.startswith("rsync error") and stored.text.endswith("...")
     assert (stored.message_type, stored.parts) == (1, parts)
     assert len(stored.text) > septets - 12

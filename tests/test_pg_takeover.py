@@ -153,6 +153,29 @@ async def _lease_runs_past(store: PostgresStore, now: float) -> None:
         await asyncio.sleep(0.01)
 
 
+async def _held_past_three_leases(
+    bridge: Any,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    url: str,
+    text: str,
+    renewed: Callable[[], bool] = lambda: True,
+) -> tuple[int, asyncio.Event, asyncio.Task[float | None]]:
+    """`text` posted and its provider call held (the provider takes it; its answer waits
+    for the event returned) while the clock moves three leases on, the lease renewed
+    (when `renewed()` says a renewal was tried) each half lease."""
+    mid = await _post(url, text)
+    answer = asyncio.Event()
+    sandbox_state.faults.append(Fault(status=0, hold=answer, path="/send"))
+    sending = await _in_flight(bridge, sandbox_state)
+    for _ in range(6):
+        await _renewer_asleep(clock)
+        clock.advance(LEASE / 2)
+        if renewed():
+            await _lease_runs_past(bridge.store, clock.now())
+    return mid, answer, sending
+
+
 @pytest.mark.usefixtures("on_postgresql")
 async def test_a_send_in_flight_past_its_lease_is_not_taken_over(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
@@ -161,14 +184,9 @@ async def test_a_send_in_flight_past_its_lease_is_not_taken_over(
     leases on) keeps its claim: renewed while in flight, so another instance's sweep
     finds nothing to take over, and the text goes once."""
     async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
-        mid = await _post(url, "pdu overload")
-        answer = asyncio.Event()  # the provider takes the text; its answer waits for this
-        sandbox_state.faults.append(Fault(status=0, hold=answer, path="/send"))
-        sending = await _in_flight(bridge, sandbox_state)
-        for _ in range(6):  # three leases pass while the call is in flight
-            await _renewer_asleep(clock)
-            clock.advance(LEASE / 2)
-            await _lease_runs_past(bridge.store, clock.now())
+        mid, answer, sending = await _held_past_three_leases(
+            bridge, clock, sandbox_state, url, "pdu overload"
+        )
         assert not sending.done()
         now = clock.now()
         taken = await bridge.store.unsettled(now, owner="other", lease_until=now + LEASE)
@@ -543,15 +561,9 @@ async def test_a_renewal_that_fails_unexpectedly_does_not_end_the_renewals(
             await real_renew(ids, owner=owner, lease_until=lease_until)
 
         bridge.store.renew = renew  # type: ignore[method-assign]
-        mid = await _post(url, "ups on battery")
-        answer = asyncio.Event()  # the provider takes the text; its answer waits for this
-        sandbox_state.faults.append(Fault(status=0, hold=answer, path="/send"))
-        sending = await _in_flight(bridge, sandbox_state)
-        for _ in range(6):  # three leases pass while the call is in flight
-            await _renewer_asleep(clock)
-            clock.advance(LEASE / 2)
-            if failures:
-                await _lease_runs_past(bridge.store, clock.now())
+        mid, answer, sending = await _held_past_three_leases(
+            bridge, clock, sandbox_state, url, "ups on battery", renewed=lambda: failures > 0
+        )
         assert failures == 1 and not sending.done()
         now = clock.now()
         assert await bridge.store.unsettled(now, owner="other", lease_until=now + LEASE) == []

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -494,6 +496,22 @@ async def test_delivery_states_are_found_deep_in_the_logs(
     assert len(status_reads) <= 50  # 30 pages of 100 hold them: few are read twice
 
 
+async def _a_bulk_of_1000_one_phone_off(
+    bridge: Any, url: str, clock: ManualClock, sandbox_state: SandboxState
+) -> Callable[[], Awaitable[bool]]:
+    """One text to 1000 phones sent in one call, the last phone off for a week; the
+    condition that the 999 others are delivered."""
+    await post(url, {"to": numbers(1000), "message": "maintenance tonight"})
+    await bridge.dispatcher.run_once()
+    assert len(sandbox_state.entries) == 1000
+    sandbox_state.entries[-1].deliver_from = clock.now() + 7 * 86400
+
+    async def the_others_delivered() -> bool:
+        return (await bridge.store.counts()).get("delivered") == 999
+
+    return the_others_delivered
+
+
 async def test_a_message_still_waiting_does_not_hide_older_ones_deep_in_the_logs(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -503,14 +521,9 @@ async def test_a_message_still_waiting_does_not_hide_older_ones_deep_in_the_logs
     read: `sent` for good, and the status budget spent rereading pages 1 to 5."""
     config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
     async with running_bridge(config, clock) as (bridge, url):
-        await post(url, {"to": numbers(1000), "message": "maintenance tonight"})
-        await bridge.dispatcher.run_once()
-        assert len(sandbox_state.entries) == 1000
-        sandbox_state.entries[-1].deliver_from = clock.now() + 7 * 86400  # that phone is off
-
-        async def the_others_delivered() -> bool:
-            return (await bridge.store.counts()).get("delivered") == 999
-
+        the_others_delivered = await _a_bulk_of_1000_one_phone_off(
+            bridge, url, clock, sandbox_state
+        )
         await pump(bridge, clock, the_others_delivered, max_seconds=600)
         counts = await bridge.store.counts()
     assert counts == {"delivered": 999, "sent": 1}
@@ -525,17 +538,12 @@ async def test_a_429_mid_sweep_resumes_at_the_page_it_stopped_after_retry_after(
     passed."""
     config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
     async with running_bridge(config, clock) as (bridge, url):
-        await post(url, {"to": numbers(1000), "message": "maintenance tonight"})
-        await bridge.dispatcher.run_once()
-        assert len(sandbox_state.entries) == 1000
-        sandbox_state.entries[-1].deliver_from = clock.now() + 7 * 86400  # that phone is off
+        the_others_delivered = await _a_bulk_of_1000_one_phone_off(
+            bridge, url, clock, sandbox_state
+        )
         sandbox_state.faults.append(
             Fault(status=429, path="/logs", query={"page": "6"}, retry_after="40", times=3)
         )
-
-        async def the_others_delivered() -> bool:
-            return (await bridge.store.counts()).get("delivered") == 999
-
         await pump(bridge, clock, the_others_delivered, max_seconds=900)
     reads = [r for r in sandbox_state.requests if r.path.endswith("/logs")]
     refused = [i for i, r in enumerate(reads) if r.status == 429]

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import ANY_PORT, clean_env, process, wait_for
+from tests.processes import ANY_PORT, clean_env, process, run_command, wait_for
 
 pytestmark = pytest.mark.slow
 KEY = "crash-test-key"
@@ -23,14 +23,7 @@ KEY = "crash-test-key"
 
 def test_serve_with_no_config_runs_on_the_sandbox_and_stops_on_sigterm(tmp_path) -> None:
     # The built-in defaults, as `check-config` reads them with no config anywhere ...
-    checked = subprocess.run(
-        [sys.executable, "-m", "bridge", "check-config"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=clean_env(),
-        cwd=tmp_path,
-    )
+    checked = run_command(["check-config"], tmp_path, clean_env())
     assert checked.returncode == 0 and "built-in defaults: OK" in checked.stdout
     defaults = json.loads(checked.stdout[checked.stdout.index("{") :])
     assert defaults["http"]["listen"] == "127.0.0.1:8080"
@@ -66,14 +59,7 @@ def test_serve_with_no_config_runs_on_the_sandbox_and_stops_on_sigterm(tmp_path)
 def test_bad_config_exits_1_before_opening_ports(tmp_path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[http]\nlisten = "127.0.0.1:notaport"\n[provider]\nrequests_per_minute = -1\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "bridge", "serve", "--config", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=clean_env(),
-        cwd=tmp_path,
-    )
+    result = run_command(["serve", "--config", str(bad)], tmp_path, clean_env())
     assert result.returncode == 1
     assert "http.listen" in result.stderr and "provider.requests_per_minute" in result.stderr
     assert not (tmp_path / "sms-bridge.db").exists()
@@ -167,13 +153,10 @@ def test_a_taken_port_is_a_clear_error(tmp_path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "bridge", "serve"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-            env=clean_env(SMS_BRIDGE_HTTP_LISTEN=f"127.0.0.1:{port}", SMS_BRIDGE_SMTP_LISTEN=""),
+        result = run_command(
+            ["serve"],
+            tmp_path,
+            clean_env(SMS_BRIDGE_HTTP_LISTEN=f"127.0.0.1:{port}", SMS_BRIDGE_SMTP_LISTEN=""),
         )
     assert result.returncode == 1
     assert f"http.listen: cannot listen on 127.0.0.1:{port}" in result.stderr
@@ -333,14 +316,7 @@ def test_a_second_serve_on_one_sqlite_store_is_refused(tmp_path) -> None:
     with process(["serve"], tmp_path, env, tmp_path / "first.log") as first:
         url = first.url()
         wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, what="startup")
-        second = subprocess.run(
-            [sys.executable, "-m", "bridge", "serve"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-            env=env,
-        )
+        second = run_command(["serve"], tmp_path, env)
         assert second.returncode == 1
         assert "another `sms-bridge serve` is running on sms-bridge.db" in second.stderr
         assert "Traceback" not in second.stderr

@@ -29,7 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
-from bridge.config import SmtpConfig
+from bridge.config import Config, SmtpConfig
 from bridge.ingress import smtp as smtp_module
 from bridge.ingress import smtpauth
 from bridge.ingress.smtp import (
@@ -724,16 +724,23 @@ async def test_auth_over_starttls_required_and_refused_in_plaintext(
         assert await bridge.store.counts() == {"queued": 2}
 
 
-async def test_implicit_tls_listener(tmp_path, clock, sandbox_url, tls_files) -> None:
-    ca, cert, key = tls_files
+def implicit_tls_config(
+    tmp_path: Path, sandbox_url: str, tls_files: tuple[trustme.CA, str, str], settings: str
+) -> tuple[Config, int]:
+    """A bridge with an implicit-TLS SMTP listener (and `settings` for [smtp]), its port."""
+    _, cert, key = tls_files
     port = bind_socket("127.0.0.1:0")
     tls_port = port.getsockname()[1]
     port.close()
-    extra = (
-        f'tls_cert = "{cert}"\ntls_key = "{key}"\ntls_listen = "127.0.0.1:{tls_port}"\n'
-        'require_auth = true\nusers = { ups = "ups-pass" }\n'
+    listener = f'tls_cert = "{cert}"\ntls_key = "{key}"\ntls_listen = "127.0.0.1:{tls_port}"\n'
+    return bridge_config(tmp_path, sandbox_url, with_smtp(listener + settings)), tls_port
+
+
+async def test_implicit_tls_listener(tmp_path, clock, sandbox_url, tls_files) -> None:
+    ca = tls_files[0]
+    config, tls_port = implicit_tls_config(
+        tmp_path, sandbox_url, tls_files, 'require_auth = true\nusers = { ups = "ups-pass" }\n'
     )
-    config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge):
 
         def implicit(login: bool) -> tuple[str, dict]:
@@ -762,15 +769,10 @@ async def test_connections_to_the_implicit_tls_listener_count_before_their_hands
     TLS made the session only once the handshake was done) and was held for asyncio's
     60 s handshake timeout: anyone could hold every file descriptor of the bridge while
     `smtp.max_sessions` read 0. It counts from the moment it is accepted now."""
-    ca, cert, key = tls_files
-    port = bind_socket("127.0.0.1:0")
-    tls_port = port.getsockname()[1]
-    port.close()
-    extra = (
-        f'tls_cert = "{cert}"\ntls_key = "{key}"\ntls_listen = "127.0.0.1:{tls_port}"\n'
-        "max_sessions = 3\nmax_sessions_per_client = 2\n"
+    ca = tls_files[0]
+    config, tls_port = implicit_tls_config(
+        tmp_path, sandbox_url, tls_files, "max_sessions = 3\nmax_sessions_per_client = 2\n"
     )
-    config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
 
         def silent(source: str) -> socket.socket:  # connects, and says nothing
