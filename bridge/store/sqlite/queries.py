@@ -247,10 +247,10 @@ def fold_held(
 # -- metrics --------------------------------------------------------------------------
 def counts_for_metrics(c: Any) -> MetricCounts:
     """What /metrics reports, read in one go at scrape time: the running totals (a few
-    dozen rows, bridge.store.totals) and the oldest of the queued few."""
+    dozen rows, bridge.store.totals) and when the oldest due of the queued few became due."""
     return totals.metric_counts(
         c.execute(totals.BY_SOURCE_STATE).fetchall(),
         c.execute(totals.BY_REASON).fetchall(),
-        c.execute(totals.OLDEST_QUEUED).fetchone()[0],
+        c.execute(totals.OLDEST_DUE_SQLITE).fetchone()[0],
         c.execute(totals.SENT).fetchone(),
     )
