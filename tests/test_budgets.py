@@ -249,6 +249,34 @@ async def test_a_restart_with_a_higher_cap_releases_what_waits_for_midnight(
     assert len(sandbox_state.entries) == 2
 
 
+@on_each_backend
+async def test_a_restart_with_the_same_caps_leaves_what_waits_alone(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Every start released all the texts waiting for midnight with "daily caps changed
+    by a reload: judged again", and held them again: two events of a reload that never
+    was in each one's history at every restart. A start now judges them again only when
+    a cap they ran into is higher now (or gone), and says it was a restart."""
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    capped = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 1\n")
+    async with running_bridge(capped, clock) as (bridge, url), httpx.AsyncClient() as http:
+        ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(3)]
+        await steps(bridge, clock, 30)
+        held = await bridge.store.events(ids[2])
+    async with running_bridge(capped, clock) as (bridge, _):  # the same cap
+        await steps(bridge, clock, 30)
+        assert await bridge.store.events(ids[2]) == held
+    raised = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 2\n")
+    async with running_bridge(raised, clock) as (bridge, _):
+        await steps(bridge, clock, 30)
+        details = [e["detail"] or "" for e in await bridge.store.events(ids[2])]
+        states = [(await bridge.store.get(i)).state for i in ids]
+    assert states == [State.SENT, State.SENT, State.QUEUED]  # one more fits today
+    assert not any("reload" in d for d in details), details
+    assert any("raised while the bridge was stopped" in d for d in details), details
+    assert len(sandbox_state.entries) == 2
+
+
 # -- retention under a day ---------------------------------------------------------------
 @pytest.mark.parametrize(
     "caps",
@@ -515,11 +543,12 @@ async def test_texts_held_for_tomorrow_or_kept_for_their_time_are_not_waiting(
         httpx.AsyncClient(base_url=url) as http,
     ):
 
-        async def post_as(token: str, body: dict[str, str]) -> None:
+        async def post_as(token: str, body: dict[str, str]) -> int:
             answer = await http.post(
                 "/api/v1/messages", json=body, headers={"Authorization": f"Bearer {token}"}
             )
             assert answer.status_code == 202, answer.text
+            return int(answer.json()["ids"][0])
 
         async def ages() -> tuple[float, object]:
             reader = {"Authorization": f"Bearer {READER}"}
@@ -541,7 +570,9 @@ async def test_texts_held_for_tomorrow_or_kept_for_their_time_are_not_waiting(
         assert len(sandbox_state.entries) == 2
         assert await ages() == (0, None)  # the scheduled one still waits for its time
         sandbox_state.faults.append(Fault(status=500, times=1000, path="/send"))
-        await post_as(ADMIN, {"to": "+12025550103", "message": "late"})  # due, failing
+        late = await post_as(ADMIN, {"to": "+12025550103", "message": "late"})  # failing
         await steps(bridge, clock, 700, cap=60)
+        while (await bridge.store.get(late)).state != State.QUEUED:  # not mid-attempt
+            await steps(bridge, clock, 1)
         age, shown = await ages()
     assert 700 <= age < 800 and shown == pytest.approx(age, abs=1)
