@@ -44,16 +44,20 @@ SENT = (
 # nothing. Not a lone min(created_at) either: PostgreSQL turned that into a walk of
 # messages_created_at from the oldest message until one is queued, i.e. the whole index
 # when none is (260 ms on a million messages, at every scrape).
+# A message's schedule_time (UTC text) as epoch seconds, NULL when it has none; `{t}`
+# the table's alias and dot, or "". PostgreSQL's cast raises on a row of some other form
+# (the pattern keeps it from failing the statement); SQLite's strftime gives NULL.
+SCHEDULED_AT_SQLITE = "CAST(strftime('%s', {t}schedule_time) AS REAL)"
+SCHEDULED_AT_POSTGRES = (
+    "CASE WHEN {t}schedule_time ~ '^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}} [0-9:]{{8}}$'"
+    " THEN extract(epoch FROM {t}schedule_time::timestamp)::float8 END"
+)
 _DUE = (
-    "{greatest}(created_at, coalesce({schedule_epoch}, 0),"
+    "{greatest}(created_at, coalesce({scheduled_at}, 0),"
     " CASE WHEN reason_kind = 'budget' THEN next_attempt_at ELSE 0 END)"
 )
-DUE_SQLITE = _DUE.format(
-    greatest="max", schedule_epoch="CAST(strftime('%s', schedule_time) AS REAL)"
-)
-DUE_POSTGRES = _DUE.format(
-    greatest="greatest", schedule_epoch="extract(epoch FROM schedule_time::timestamp)::float8"
-)
+DUE_SQLITE = _DUE.format(greatest="max", scheduled_at=SCHEDULED_AT_SQLITE.format(t=""))
+DUE_POSTGRES = _DUE.format(greatest="greatest", scheduled_at=SCHEDULED_AT_POSTGRES.format(t=""))
 OLDEST_DUE = "SELECT min({due}) FROM messages WHERE state = 'queued'"
 OLDEST_DUE_SQLITE = OLDEST_DUE.format(due=DUE_SQLITE)
 OLDEST_DUE_POSTGRES = OLDEST_DUE.format(due=DUE_POSTGRES)

@@ -17,6 +17,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import bridge.store.totals as totals
 from bridge.errors import StoreBusy, StoreUnavailable
 from bridge.models import NewMessage, State
 from bridge.store.api import (
@@ -43,10 +44,7 @@ ORIGINALS = (
 )
 # When a message reaches its phone: its schedule_time (UTC text), else when it was stored
 # (SQLite's EFFECTIVE); the pattern keeps a row of some other form from failing the cast.
-EFFECTIVE = (
-    "coalesce(CASE WHEN m.schedule_time ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8}$'"
-    " THEN extract(epoch FROM m.schedule_time::timestamp)::float8 END, m.created_at)"
-)
+EFFECTIVE = f"coalesce({totals.SCHEDULED_AT_POSTGRES.format(t='m.')}, m.created_at)"
 _LET_THROUGH = "m.state IN ('queued', 'sending', 'sent', 'delivered') AND m.source <> 'digest'"
 
 

@@ -115,7 +115,7 @@ _ORIGINALS = (
     " AND created_at >= o.since AND state != 'failed' ORDER BY created_at LIMIT 1)"
     " AS original FROM o) WHERE original IS NOT NULL"
 )
-EFFECTIVE = "coalesce(CAST(strftime('%s', schedule_time) AS REAL), created_at)"
+EFFECTIVE = f"coalesce({totals.SCHEDULED_AT_SQLITE.format(t='')}, created_at)"
 _LET_THROUGH = "state IN ('queued', 'sending', 'sent', 'delivered') AND source != 'digest'"
 _STORMS = (
     "SELECT json_group_array(json_array(i,"
