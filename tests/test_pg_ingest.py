@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 
+import asyncpg
 import httpx
 import pytest
 
@@ -127,3 +128,34 @@ async def test_a_transient_store_error_is_a_503_and_a_451_saying_why(
     assert re.search(r"^sms_bridge_ingest_refused_total 2\.0$", metrics, re.M), metrics
     assert stored.status_code == 202 and again[0] == 250
     assert counts == {"queued": 2}
+
+
+async def test_a_lock_not_had_in_time_is_a_503_not_a_500(
+    tmp_path, clock: ManualClock, sandbox_url: str, postgres_url: str, monkeypatch
+) -> None:
+    """The same with a real lock: another session holds the messages table while the
+    database's lock_timeout is short. The ingest waits for it, PostgreSQL gives up with
+    55P03, and the sender is told to retry (it was a 500); released, the retry is stored."""
+    monkeypatch.setitem(helpers.STORE_URL, "url", postgres_url)
+    name = postgres_url.rsplit("/", 1)[1].split("?")[0]
+    admin(postgres_url, f"ALTER DATABASE \"{name}\" SET lock_timeout = '200ms'")
+    config = bridge_config(tmp_path, sandbox_url)
+    alert = {"to": "+12025550143", "message": "disk full"}
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        other = await asyncpg.connect(postgres_url)
+        try:
+            locked = other.transaction()
+            await locked.start()
+            await other.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+            refused = await http.post("/api/v1/messages", json=alert)
+            await locked.rollback()
+        finally:
+            await other.close()
+        stored = await http.post("/api/v1/messages", json=alert)
+        counts = await bridge.store.counts()
+    assert refused.status_code == 503 and "retry-after" in refused.headers, refused.text
+    assert "lock timeout" in refused.json()["error"]
+    assert stored.status_code == 202 and counts == {"queued": 1}
