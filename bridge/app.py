@@ -243,6 +243,11 @@ async def build(
                 shaper=shaper,
                 on_stored=dispatcher.wake.set,
             )
+            metrics.counter(
+                "ingest_refused",
+                "Ingests answered 503 / 451 (retry later): the store could not take them",
+                lambda: ingestor.refused,
+            )
             smtp_handler = SmtpHandler(
                 smtp=config.smtp, provider=p, recipients=live.recipients, ingestor=ingestor
             )

@@ -5,6 +5,7 @@ BridgeError
 ├── InputError              bad input from a sender: 400 / 5xx SMTP, names the field
 ├── Unavailable             the bridge cannot take it now: 503 / 451, the sender retries
 │   ├── StoreUnavailable    the store cannot commit
+│   │   ├── StoreBusy       a transaction the server refused for now (deadlock...)
 │   │   └── SchemaError     the database's schema is not the one this bridge runs on
 │   └── PhoneDataUnavailable  (bridge.phone) the phone metadata fails on a recipient
 └── ProviderError           the provider's answer, classified once for the dispatcher
@@ -46,6 +47,12 @@ class Unavailable(BridgeError):
 
 class StoreUnavailable(Unavailable):
     """The store could not commit; nothing was acknowledged."""
+
+
+class StoreBusy(StoreUnavailable):
+    """The server gave the transaction up for now (a deadlock, a serialization failure,
+    a lock not had in time): the same write passes when tried again. Its words are the
+    server's about this transaction (no address, no name), so ingress may quote them."""
 
 
 class SchemaError(StoreUnavailable):

@@ -17,9 +17,11 @@ from bridge.errors import ConfigError
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from bridge.provider.sandbox.faults import Fault
+from bridge.provider.sandbox.shapes import Shape
 from tests.helpers import bridge_config, running_bridge, write_config
 from tests.test_cli import run
-from tests.test_console import READER, TOKENS, send, sign_in
+from tests.test_console import ADMIN, READER, TOKENS, send, sign_in
+from tests.test_pacing import queue_age
 from tests.test_reload import reloaded
 from tests.test_retention import kept_for
 
@@ -244,6 +246,34 @@ async def test_a_restart_with_a_higher_cap_releases_what_waits_for_midnight(
     async with running_bridge(bridge_config(tmp_path, sandbox_url), clock) as (bridge, _):
         await steps(bridge, clock, 30)
         assert await bridge.store.counts() == {"sent": 2}
+    assert len(sandbox_state.entries) == 2
+
+
+@on_each_backend
+async def test_a_restart_with_the_same_caps_leaves_what_waits_alone(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Every start released all the texts waiting for midnight with "daily caps changed
+    by a reload: judged again", and held them again: two events of a reload that never
+    was in each one's history at every restart. A start now judges them again only when
+    a cap they ran into is higher now (or gone), and says it was a restart."""
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    capped = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 1\n")
+    async with running_bridge(capped, clock) as (bridge, url), httpx.AsyncClient() as http:
+        ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(3)]
+        await steps(bridge, clock, 30)
+        held = await bridge.store.events(ids[2])
+    async with running_bridge(capped, clock) as (bridge, _):  # the same cap
+        await steps(bridge, clock, 30)
+        assert await bridge.store.events(ids[2]) == held
+    raised = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 2\n")
+    async with running_bridge(raised, clock) as (bridge, _):
+        await steps(bridge, clock, 30)
+        details = [e["detail"] or "" for e in await bridge.store.events(ids[2])]
+        states = [(await bridge.store.get(i)).state for i in ids]
+    assert states == [State.SENT, State.SENT, State.QUEUED]  # one more fits today
+    assert not any("reload" in d for d in details), details
+    assert any("raised while the bridge was stopped" in d for d in details), details
     assert len(sandbox_state.entries) == 2
 
 
@@ -488,3 +518,61 @@ async def test_a_text_the_caps_let_go_is_no_longer_held_by_the_budget(
     assert message["reason_kind"] != "budget"
     assert held["messages"] == []
     assert 'state="failed",reason="budget"' not in metrics
+
+
+@on_each_backend
+async def test_texts_held_for_tomorrow_or_kept_for_their_time_are_not_waiting(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """`sms_bridge_oldest_queued_age_seconds` and the overview's oldest age counted a
+    text waiting for 00:00 (a daily cap) or kept by the bridge for its schedule_time as
+    waiting since it was stored: two hours later the recommended `> 600` alert fired with
+    nothing late. The age is now from when a message became due."""
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    sandbox_state.shape = Shape(timezone="America/New_York")
+    ci = "ci-token-0123456789abcdef"
+    extra = (
+        f'[tokens.ci]\ntoken = "{ci}"\nscopes = ["send"]\ntexts_per_day = 1\n'
+        f'[tokens.ops]\ntoken = "{READER}"\nscopes = ["read"]\n'
+        f'[tokens.root]\ntoken = "{ADMIN}"\nscopes = ["admin"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, extra, timezone="America/New_York")
+
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+
+        async def post_as(token: str, body: dict[str, str]) -> int:
+            answer = await http.post(
+                "/api/v1/messages", json=body, headers={"Authorization": f"Bearer {token}"}
+            )
+            assert answer.status_code == 202, answer.text
+            return int(answer.json()["ids"][0])
+
+        async def ages() -> tuple[float, object]:
+            reader = {"Authorization": f"Bearer {READER}"}
+            metrics = (await http.get("/metrics", headers=reader)).text
+            overview = (await http.get("/ui/overview.json", headers=reader)).json()
+            return queue_age(metrics), overview["queue"]["oldest_age_seconds"]
+
+        await post_as(ci, {"to": "+12025550100", "message": "alert 0"})
+        await post_as(ci, {"to": "+12025550101", "message": "alert 1"})  # over the cap
+        # 01:30 of a fall-back night in New York: kept by the bridge until then.
+        at = "2027-11-07T01:30:00-05:00"
+        await post_as(ci, {"to": "+12025550102", "message": "rotate", "schedule_time": at})
+        await steps(bridge, clock, 30)
+        assert len(sandbox_state.entries) == 1
+        clock.advance(2 * 3600)  # 12:00: nothing is late
+        assert await ages() == (0, None)
+        clock.advance(86400 + 60 - clock.now() % 86400)  # 00:01: alert 1 goes
+        await steps(bridge, clock, 30)
+        assert len(sandbox_state.entries) == 2
+        assert await ages() == (0, None)  # the scheduled one still waits for its time
+        sandbox_state.faults.append(Fault(status=500, times=1000, path="/send"))
+        late = await post_as(ADMIN, {"to": "+12025550103", "message": "late"})  # failing
+        await steps(bridge, clock, 700, cap=60)
+        while (await bridge.store.get(late)).state != State.QUEUED:  # not mid-attempt
+            await steps(bridge, clock, 1)
+        age, shown = await ages()
+    assert 700 <= age < 800 and shown == pytest.approx(age, abs=1)

@@ -1164,7 +1164,7 @@ async def test_every_time_in_the_json_is_written_as_the_apis(served_bridge) -> N
         [route] = (await http.get("/ui/routes.json", headers=reader)).json()["routes"]
         assert iso.fullmatch(route["last_call"]["at"]), route["last_call"]
         overview = (await http.get("/ui/overview.json", headers=reader)).json()
-        assert iso.fullmatch(overview["queue"]["oldest_created_at"])
+        assert iso.fullmatch(overview["queue"]["oldest_due_at"])
 
 
 async def test_a_cancelled_message_retried_is_no_longer_counted_as_cancelled(

@@ -14,7 +14,7 @@ from bridge.store.postgres.migrate import check_schema, migrate
 from bridge.store.postgres.pool import Database
 from bridge.store.postgres.queries import MENTIONED_BY, PURGE, RECENT_FAILURES
 from bridge.store.postgres.schema import LATEST, MIGRATIONS
-from bridge.store.totals import OLDEST_QUEUED
+from bridge.store.totals import OLDEST_DUE_POSTGRES
 
 
 @pytest.fixture
@@ -163,7 +163,7 @@ async def test_a_scrape_finds_the_oldest_queued_among_the_queued(empty_db: Datab
     # until a queued one: the whole index when nothing is queued (260 ms a scrape on a
     # million messages). The newest few are queued, as the statistics of a live store say.
     state = "CASE WHEN n > 19950 THEN 'queued' ELSE 'delivered' END"
-    plan = await plan_on_20000(empty_db, state, "NULL", OLDEST_QUEUED)
+    plan = await plan_on_20000(empty_db, state, "NULL", OLDEST_DUE_POSTGRES)
     assert "messages_created_at" not in plan and "messages_due" in plan, plan
 
 

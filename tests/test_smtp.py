@@ -1370,3 +1370,27 @@ async def test_a_bug_in_a_hook_is_a_451_without_its_words(
     assert b"secret-ish" not in failed[1] and b"RuntimeError" not in failed[1]
     assert ok[0] == 250, ok
     assert "secret-ish text from the mail" in caplog.text  # the log keeps the traceback
+
+
+async def test_a_mail_scheduled_later_does_not_suppress_the_same_mail_now(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """The dedupe key (Message-ID and content) ignored X-SMS-Schedule: whoever knew a
+    device's Message-ID (often predictable) could mail its words scheduled a year ahead,
+    and the real alert, now, was suppressed as its duplicate. A scheduled mail's key now
+    holds its time; an MTA's retry of either mail still meets its first."""
+    alert = "Message-ID: <ups-42@ups.example>\r\nSubject: UPS on battery\r\n\r\nrun\r\n"
+    ahead = f"X-SMS-Schedule: 2099-01-01 08:00:00\r\n{alert}"
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        for raw in (ahead, alert, ahead, alert):  # each mail, then the MTA's retry of each
+            code, _ = await asyncio.to_thread(data_reply, port, raw.encode())
+            assert code == 250
+        stored = sorted(await bridge.store.query(), key=lambda m: m.id)
+    assert [(m.state, m.schedule_time) for m in stored] == [
+        (State.QUEUED, "2099-01-01 08:00:00"),
+        (State.QUEUED, None),
+        (State.SUPPRESSED, "2099-01-01 08:00:00"),
+        (State.SUPPRESSED, None),
+    ]
+    assert f"duplicate of message {stored[0].id}" in (stored[2].reason or "")
+    assert f"duplicate of message {stored[1].id}" in (stored[3].reason or "")

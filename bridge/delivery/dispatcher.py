@@ -52,6 +52,10 @@ DUE_BATCH = 5000
 PRICES_REFRESH = 86400.0  # the price list is fetched again daily: prices change
 PRICES_RETRY_FIRST = 60.0  # after a failed fetch, again this much later, doubling
 PRICES_RETRY_MAX = 3600.0
+HOLDS_PAGE = 1000  # texts waiting for midnight read per query at start
+# The event of each text waiting for midnight released (judged again by the next step).
+RAISED_BY_RELOAD = "daily caps changed by a reload: judged again"
+RAISED_AT_START = "daily caps raised while the bridge was stopped: judged again at start"
 FOREIGN_PREFIX = "cli"  # request kinds booked by `sms-bridge provider ...` in the store
 
 
@@ -75,6 +79,7 @@ class Dispatcher:
     ) -> None:
         self.loops = loops or LoopHealth()  # its failed steps, for /metrics and /healthz
         self._budget_loaded = False
+        self._holds_judged = False  # the texts waiting for midnight, at start
         self.store = store
         self.budget = budget
         self.prices = prices
@@ -131,6 +136,29 @@ class Dispatcher:
         window, and forget those that left every window."""
         await self.store.prune_requests(self.clock.now() - 2 * self.limiter.window)
         await self.limiter.sync()
+        await self._judge_holds_at_start()
+
+    async def _judge_holds_at_start(self) -> None:
+        """The texts waiting for midnight, judged again at start only if a cap they ran
+        into was raised (or removed) while the bridge was stopped. Every start released
+        them all as "changed by a reload", and held again those still over: two events
+        of a reload that never was in each one's history, at every restart."""
+        if self.budget is None or self._holds_judged:
+            return
+        now = self.clock.now()
+        reasons: set[str] = set()
+        before: int | None = None
+        while True:  # the day's overflow at most, read once a start
+            page = await self.store.query(
+                state="queued", reason_kind="budget", limit=HOLDS_PAGE, before_id=before
+            )
+            reasons |= {m.reason or "" for m in page if m.next_attempt_at > now}
+            if len(page) < HOLDS_PAGE:
+                break
+            before = page[-1].id
+        self._holds_judged = True
+        if self.budget.raised_over(reasons):
+            await self._release(RAISED_AT_START)
 
     # -- the loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -266,17 +294,16 @@ class Dispatcher:
             return
         self.budget.loosened = False  # first: a reload during the write sets it again
         try:
-            released = await self.store.release_budget_holds(
-                self.clock.now(), "daily caps changed by a reload: judged again"
-            )
+            await self._release(RAISED_BY_RELOAD)
         except BaseException:
             self.budget.loosened = True  # a store that failed is asked on the next step
             raise
+
+    async def _release(self, why: str) -> None:
+        released = await self.store.release_budget_holds(self.clock.now(), why)
         self._held_until = 0.0
         if released:
-            log.info(
-                "daily caps raised by a reload: %d waiting messages judged again", len(released)
-            )
+            log.info("%s: %d waiting messages", why, len(released))
 
     def _pace(self, batch: list[Message]) -> tuple[GroupKey | None, float]:
         """The call's text, and how long it waits for more recipients (see pacing)."""

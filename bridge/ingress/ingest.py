@@ -49,6 +49,7 @@ class Ingestor:
         self.shaper = shaper
         self.on_stored = on_stored
         self.pending = 0
+        self.refused = 0  # submits answered "retry later" (503 / 451): the store's fault
 
     def reload(self, rules: Rules) -> None:
         """Dedupe windows and storm limits for the next ingest (SIGHUP). The shaper is
@@ -62,12 +63,16 @@ class Ingestor:
 
     async def submit(self, drafts: Sequence[Draft]) -> list[Accepted]:
         if self.pending >= MAX_PENDING_INGESTS:
+            self.refused += 1
             raise StoreUnavailable("overloaded: too many messages waiting for the store")
         messages = self.shaper.messages(drafts)
         self.pending += 1
         try:
             now = self.clock.now()
             stored = await self.store.ingest([(m, now) for m in messages], self.rules)
+        except StoreUnavailable:
+            self.refused += 1
+            raise
         finally:
             self.pending -= 1
         accepted = [Accepted(i, m.recipient, m.state, m.reason) for i, m in stored]

@@ -31,7 +31,7 @@ from bridge.addresses import in_networks, parse_network
 from bridge.clock import zone
 from bridge.config import ProviderConfig, Recipients, SmtpConfig
 from bridge.config.recipients import unknown_group
-from bridge.errors import InputError, StoreUnavailable, Unavailable
+from bridge.errors import InputError, StoreBusy, StoreUnavailable, Unavailable
 from bridge.firewall import RefusedNumber
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.mail import (
@@ -328,17 +328,19 @@ class SmtpHandler:
             return compose(mail, "subject_body")
         return compose(mail, mode)
 
-    def schedule_of(self, mail: MailText) -> str | None:
-        """The `X-SMS-Schedule` header (read by the parse worker) as a schedule time; None
-        (send now) for a time already past.
+    def schedule_of(self, mail: MailText) -> tuple[str | None, str | None]:
+        """The `X-SMS-Schedule` header (read by the parse worker): (its time as stored,
+        past or not, for the dedupe key; the schedule time, None to send now).
 
         Unlike the API's caller, a mail's sender is not answered at once: an MTA that
         queued the mail (the bridge down, or its own 451 earlier) delivers it after its
         time, and a 554 for "in the past" bounced a text that is merely due. A scheduled
-        text whose time passes in the queue is sent at once; so is this one.
+        text whose time passes in the queue is sent at once; so is this one. Its key keeps
+        the time all the same: the MTA's retry of a mail whose 250 it missed meets its
+        first however late it comes.
         """
         if not mail.schedule:
-            return None
+            return None, None
         now = self.ingestor.clock.now()
         when = parse_schedule_time(
             mail.schedule, now=float("-inf"), tz=zone(self.provider.timezone), field=MAIL_HEADER
@@ -346,8 +348,8 @@ class SmtpHandler:
         epoch = scheduled_epoch(when)
         if epoch is not None and epoch <= now:
             log.info("%s %r has passed: sent now", MAIL_HEADER, mail.schedule[:40])
-            return None
-        return when
+            return when, None
+        return when, when
 
     async def parse(
         self, raw: bytes, mail_from: str | None, cut: str | None = None
@@ -430,7 +432,7 @@ class SmtpHandler:
             except Unavailable as exc:
                 return unreadable(address, exc, session)
         try:
-            schedule = self.schedule_of(mail)
+            scheduled_for, schedule = self.schedule_of(mail)
         except InputError as exc:
             return f"554 5.6.0 {MAIL_HEADER}: {exc.message}"
         text = self.text_for(mail, envelope.mail_from)
@@ -442,7 +444,7 @@ class SmtpHandler:
             source="smtp",
             sender_id=self.smtp.sender_id or self.provider.sender_id,
             scope=dedupe_scope("mail"),
-            dedupe_key=mail_dedupe_key(mail),
+            dedupe_key=mail_dedupe_key(mail, scheduled_for),
             suppressed_reason=mail.loop_reason,
             topic=mail.subject[:32] or None,
             schedule_time=schedule,
@@ -451,7 +453,10 @@ class SmtpHandler:
             accepted = await self.ingestor.submit([draft])
         except StoreUnavailable as exc:
             log.error("SMTP DATA refused with 451: %s", exc)
-            return "451 4.3.0 Cannot store the message now; try again later"
+            # Why, in words an unauthenticated client may read: a busy store's are the
+            # server's about this transaction; an unreachable one's may name its host.
+            why = str(exc) if isinstance(exc, StoreBusy) else "the store is unavailable"
+            return f"451 4.3.0 Cannot store the message now ({why}); try again later"
         ids = ",".join(str(a.id) for a in accepted)
         if mail.loop_reason:
             log.info("mail stored as suppressed (%s): %s", mail.loop_reason, ids)
@@ -459,14 +464,21 @@ class SmtpHandler:
         return f"250 2.0.0 OK: stored as message {ids}{partly}"
 
 
-def mail_dedupe_key(mail: MailText) -> str | None:
+def mail_dedupe_key(mail: MailText, scheduled_for: str | None = None) -> str | None:
     """A resend is the same Message-ID *and* the same content: cheap devices and test
     fixtures give different mails one Message-ID, and each of them must be texted.
 
     Without a Message-ID, the Date header tells a retry (an MTA resends the mail as it
     was, Date and all) from a new mail with the same words (cron's "backup failed" an
-    hour later): the Date and the content. With neither, the text is the key."""
+    hour later): the Date and the content. With neither, the text is the key.
+
+    A scheduled mail's key holds its time (`scheduled_for`, the X-SMS-Schedule header
+    as stored): without it, whoever knew a device's (often predictable) Message-ID could
+    mail its words scheduled a year ahead and have the real alert, now, suppressed as
+    its duplicate. An MTA's retry carries the same header, and meets its first."""
     content = content_hash(mail.sender, mail.subject, mail.body)
+    if scheduled_for:
+        content = f"{content}@{scheduled_for}"
     if mail.message_id:
         message_id = mail.message_id
         if len(message_id) > MESSAGE_ID_KEPT:

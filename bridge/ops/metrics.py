@@ -147,11 +147,11 @@ class Metrics:
             # figures (provider_ready, the leader...) that still hold.
             self.snapshot = Snapshot(store_up=False)
             return
-        oldest = counts.oldest_queued
+        oldest = counts.oldest_due
         self.snapshot = Snapshot(
             by_source_state=counts.by_source_state,
             by_reason=counts.by_reason,
-            oldest_queued_age=max(0.0, now - oldest) if oldest else 0.0,
+            oldest_queued_age=max(0.0, now - oldest) if oldest is not None else 0.0,
             parts_sent=counts.parts_sent,
             cost=counts.cost,
         )

@@ -2,8 +2,9 @@
 
 Days are UTC. A batch that would cross a cap is split: what fits goes, the rest waits
 for the next day (`budget.on_exceeded = "wait"`, nothing lost) or fails with the reason
-("fail"). A reload (or restart) that raises or removes a cap has what waits judged again
-at once, not at midnight (`loosened`). A text over a cap on its own (more parts than `parts_per_day`, or costing
+("fail"). A reload that raises or removes a cap has what waits judged again at once, not
+at midnight (`loosened`); so does a start where a cap a waiting text ran into is higher
+than its reason says (`raised_over`). A text over a cap on its own (more parts than `parts_per_day`, or costing
 more than `cost_per_day`) fails either way, saying so: no day could hold it. The first
 time each cap (at its value) bites in a day, and when the provider's balance falls
 below `budget.low_balance`, the admin recipients get one warning text; warnings are
@@ -34,7 +35,8 @@ said of a text by its own price only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -66,6 +68,14 @@ class Cap:
     # The message alone is over the cap: no day can hold it, so it fails whatever
     # `on_exceeded` says (waiting would requeue it every midnight for ever).
     never: bool = False
+
+
+# The cap a held text's reason names ("daily budget reached (texts_per_day=1); ..."),
+# by its key in `BudgetGuard.caps` (a route's or token's with its field after it).
+CAP_IN_REASON = re.compile(
+    r"\((?P<name>texts_per_day|parts_per_day|cost_per_day|routes\.\S+\.max_texts_per_day"
+    r"|tokens\.\S+\.texts_per_day)=(?P<value>[0-9.e+-]+)"
+)
 
 
 def _cap(name: str, more: str = "") -> Cap:
@@ -112,8 +122,9 @@ class BudgetGuard:
         self.over_cap_total = 0  # messages held back or failed by a cap, for metrics
         # A reload raised or removed a cap: what waits for midnight is judged again now
         # (the dispatcher's next step, `Dispatcher.release_holds`), not tomorrow. At
-        # start too: the caps may have been raised while the bridge was stopped.
-        self.loosened = True
+        # start, the dispatcher asks `raised_over` of what waits instead: True here
+        # released every held text at each start as "changed by a reload".
+        self.loosened = False
         self.caps: dict[str, float] = {}  # every cap in force by name (`_caps`)
         self.reload(budget=budget, routes=routes, recipients=recipients, tokens=tokens or {})
 
@@ -147,6 +158,21 @@ class BudgetGuard:
         self.loosened = self.loosened or any(
             name not in self.caps or self.caps[name] > cap for name, cap in before.items()
         )
+
+    def raised_over(self, reasons: Iterable[str]) -> bool:
+        """Whether a cap that held back a text (its reason names it, "texts_per_day=1")
+        is higher now, or gone: raised while the bridge was stopped. A reason that names
+        no cap this bridge knows is judged again too (nothing waits for nothing)."""
+        for reason in reasons:
+            found = CAP_IN_REASON.search(reason)
+            if found is None:
+                return True
+            name, value = found["name"], float(found["value"])
+            if name.startswith(("routes.", "tokens.")):  # routes.NAME.max_texts_per_day
+                name = name.rsplit(".", 1)[0]
+            if name not in self.caps or self.caps[name] > value:
+                return True
+        return False
 
     def _caps(self) -> dict[str, float]:
         """Every daily cap in force by name; none of them 0."""

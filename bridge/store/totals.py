@@ -36,10 +36,31 @@ SENT = (
     "SELECT coalesce(sum(parts), 0), coalesce(sum(cost_micros), 0) FROM message_totals WHERE sent"
 )
 # Not a total: the queued few, through messages_due (state, next_attempt_at, id).
-# `created_at + 0`: PostgreSQL turns a lone min(created_at) into a walk of
+# When a queued message became due: its schedule time, or the end of a daily budget's
+# hold (its next_attempt_at while it waits for 00:00), else when it was stored. A text
+# scheduled for later or held for tomorrow is not waiting, and a retry's backoff does not
+# move it (one failing for an hour has waited an hour). min(created_at) alone counted the
+# held and the scheduled as waiting since they were stored: the `> 600` alert fired for
+# nothing. Not a lone min(created_at) either: PostgreSQL turned that into a walk of
 # messages_created_at from the oldest message until one is queued, i.e. the whole index
 # when none is (260 ms on a million messages, at every scrape).
-OLDEST_QUEUED = "SELECT min(created_at + 0) FROM messages WHERE state = 'queued'"
+# A message's schedule_time (UTC text) as epoch seconds, NULL when it has none; `{t}`
+# the table's alias and dot, or "". PostgreSQL's cast raises on a row of some other form
+# (the pattern keeps it from failing the statement); SQLite's strftime gives NULL.
+SCHEDULED_AT_SQLITE = "CAST(strftime('%s', {t}schedule_time) AS REAL)"
+SCHEDULED_AT_POSTGRES = (
+    "CASE WHEN {t}schedule_time ~ '^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}} [0-9:]{{8}}$'"
+    " THEN extract(epoch FROM {t}schedule_time::timestamp)::float8 END"
+)
+_DUE = (
+    "{greatest}(created_at, coalesce({scheduled_at}, 0),"
+    " CASE WHEN reason_kind = 'budget' THEN next_attempt_at ELSE 0 END)"
+)
+DUE_SQLITE = _DUE.format(greatest="max", scheduled_at=SCHEDULED_AT_SQLITE.format(t=""))
+DUE_POSTGRES = _DUE.format(greatest="greatest", scheduled_at=SCHEDULED_AT_POSTGRES.format(t=""))
+OLDEST_DUE = "SELECT min({due}) FROM messages WHERE state = 'queued'"
+OLDEST_DUE_SQLITE = OLDEST_DUE.format(due=DUE_SQLITE)
+OLDEST_DUE_POSTGRES = OLDEST_DUE.format(due=DUE_POSTGRES)
 
 
 def metric_counts(
@@ -49,7 +70,7 @@ def metric_counts(
     return MetricCounts(
         by_source_state=[(s, st, int(n)) for s, st, n in by_source_state],
         by_reason=[(st, k, int(n)) for st, k, n in by_reason],
-        oldest_queued=oldest,
+        oldest_due=oldest,
         parts_sent=int(sent[0]),
         cost=int(sent[1]) / 1_000_000,  # whole millionths: exact sums, never a drop
     )

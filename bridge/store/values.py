@@ -124,7 +124,9 @@ class Held:
 class MetricCounts:
     by_source_state: list[tuple[Any, ...]]  # (source, state, count)
     by_reason: list[tuple[Any, ...]]  # (state, reason kind, count): held, suppressed, failed
-    oldest_queued: float | None  # created_at of the oldest queued message
+    # When the queued message due the longest became due (bridge.store.totals._DUE):
+    # ahead of now when every queued one waits for its time.
+    oldest_due: float | None
     parts_sent: int
     cost: float
 

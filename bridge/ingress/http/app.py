@@ -62,6 +62,7 @@ PROVIDER_INACTIVE = (
     "its answer is in the console and the log"
 )
 MAX_DEDUPE_KEY = 256
+RETRY_AFTER = 5  # seconds a 503 "retry later" asks for (a busy or unreachable store)
 MAX_TEXT_CHARS = 5000
 STATES = tuple(str(s) for s in State)
 
@@ -118,7 +119,9 @@ def handle_errors(handler: Handler, live: LiveConfig) -> Handler:
             return error_response(400, str(exc), exc.field)
         except Unavailable as exc:  # the store, or the phone metadata on a recipient
             log.error("refused with 503: %s", exc)
-            return error_response(503, mask(f"not accepted, retry later: {exc}", live.secrets))
+            response = error_response(503, mask(f"not accepted, retry later: {exc}", live.secrets))
+            response.headers["Retry-After"] = str(RETRY_AFTER)
+            return response
 
     return wrapped
 

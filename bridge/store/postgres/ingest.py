@@ -17,7 +17,8 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bridge.errors import StoreUnavailable
+import bridge.store.totals as totals
+from bridge.errors import StoreBusy, StoreUnavailable
 from bridge.models import NewMessage, State
 from bridge.store.api import (
     Decider,
@@ -43,10 +44,7 @@ ORIGINALS = (
 )
 # When a message reaches its phone: its schedule_time (UTC text), else when it was stored
 # (SQLite's EFFECTIVE); the pattern keeps a row of some other form from failing the cast.
-EFFECTIVE = (
-    "coalesce(CASE WHEN m.schedule_time ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8}$'"
-    " THEN extract(epoch FROM m.schedule_time::timestamp)::float8 END, m.created_at)"
-)
+EFFECTIVE = f"coalesce({totals.SCHEDULED_AT_POSTGRES.format(t='m.')}, m.created_at)"
 _LET_THROUGH = "m.state IN ('queued', 'sending', 'sent', 'delivered') AND m.source <> 'digest'"
 
 
@@ -153,14 +151,15 @@ class IngestOps(Base):
             del self._waiting[: self.MAX_GROUP]
             try:
                 _settle(group, await self._ingest_group(group))
-            except StoreUnavailable as exc:
-                _settle(group, exc)
             except Exception as exc:
-                if len(group) == 1:
+                unreachable = isinstance(exc, StoreUnavailable) and not isinstance(exc, StoreBusy)
+                if len(group) == 1 or unreachable:
                     _settle(group, exc)
                     continue
-                # One call's decider (or its data) failed the group, rolled back whole:
-                # each call alone, so that one bad call cannot sink the others.
+                # One call's decider (or its data) failed the group, rolled back whole, or
+                # the server refused it for now (a deadlock: StoreBusy): each call alone,
+                # so that one bad call cannot sink the others, and a busy store gets its
+                # second try before anyone is told to retry.
                 for call in group:
                     try:
                         _settle([call], await self._ingest_group([call]))

@@ -24,7 +24,7 @@ from typing import Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from bridge.errors import StoreUnavailable
+from bridge.errors import StoreBusy, StoreUnavailable
 from bridge.store.names import display_url
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,22 @@ ACQUIRE_TIMEOUT = 10.0  # seconds to wait for a free connection in the pool
 # 08 connection exception, 53 insufficient resources, 57 operator intervention (shutdown,
 # cannot connect now), 58 system error. Anything else is a bug and propagates as is.
 UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+# SQLSTATEs of a transaction the server gave up on that passes when tried again: class
+# 40 (40001 serialization failure, 40P01 deadlock detected, ...) and 55P03 (a lock not
+# had within lock_timeout). Not "unavailable", but not a bug either: taken for one, an
+# ingest that met one alone answered HTTP 500 and SMTP "internal error", not "retry".
+TRANSIENT_CLASSES = ("40",)
+TRANSIENT_STATES = ("55P03",)
 # What the operations run their statements on: a pooled connection, or a dedicated one.
 Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether `exc` is a transaction the server refused for now (TRANSIENT_CLASSES)."""
+    state = str(getattr(exc, "sqlstate", "") or "")
+    return isinstance(exc, asyncpg.PostgresError) and (
+        state[:2] in TRANSIENT_CLASSES or state in TRANSIENT_STATES
+    )
 
 
 def unavailable(exc: BaseException) -> bool:
@@ -139,6 +153,9 @@ class Database:
         except StoreUnavailable:
             raise
         except Exception as exc:
+            if transient(exc):
+                log.warning("store busy (%s): %s", self.shown, _why(exc))
+                raise StoreBusy(f"store busy: {_why(exc)}") from exc
             if not unavailable(exc):
                 raise
             log.error("store unavailable (%s): %s", self.shown, _why(exc))

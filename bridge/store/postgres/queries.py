@@ -135,7 +135,7 @@ class QueryOps(Base):
         async with self.db.connection() as c:
             by_source = await c.fetch(totals.BY_SOURCE_STATE)
             by_reason = await c.fetch(totals.BY_REASON)
-            oldest = await c.fetchval(totals.OLDEST_QUEUED)
+            oldest = await c.fetchval(totals.OLDEST_DUE_POSTGRES)
             sent = await one(c, totals.SENT)
         return totals.metric_counts(by_source, by_reason, oldest, sent)
 
@@ -270,7 +270,8 @@ class QueryOps(Base):
         async with self.db.connection() as c:
             queue = await one(
                 c,
-                "SELECT min(created_at), count(*), count(*) FILTER (WHERE next_attempt_at <= $1),"
+                f"SELECT min({totals.DUE_POSTGRES}), count(*),"
+                " count(*) FILTER (WHERE next_attempt_at <= $1),"
                 " min(next_attempt_at) FILTER (WHERE next_attempt_at > $1)"
                 " FROM messages WHERE state = 'queued'",
                 now,
@@ -305,7 +306,7 @@ class QueryOps(Base):
                 by[column] = {name: int(n) for name, n in rows}
         return {
             "queue": {
-                "oldest_created_at": queue[0],
+                "oldest_due_at": queue[0],
                 "queued": int(queue[1]),
                 "due": int(queue[2]),
                 "next_retry_at": queue[3],

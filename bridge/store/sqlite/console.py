@@ -91,7 +91,7 @@ class ConsoleQueries(EngineBound):
 
         def read(c: sqlite3.Connection) -> dict[str, Any]:
             queue = c.execute(
-                "SELECT min(created_at), count(*), coalesce(sum(next_attempt_at <= ?), 0),"
+                f"SELECT min({totals.DUE_SQLITE}), count(*), coalesce(sum(next_attempt_at <= ?), 0),"
                 " min(CASE WHEN next_attempt_at > ? THEN next_attempt_at END)"
                 " FROM messages WHERE state = 'queued'",
                 (now, now),
@@ -132,7 +132,7 @@ class ConsoleQueries(EngineBound):
             )
             return {
                 "queue": {
-                    "oldest_created_at": queue[0],
+                    "oldest_due_at": queue[0],
                     "queued": queue[1],
                     "due": queue[2],
                     "next_retry_at": queue[3],

@@ -115,7 +115,7 @@ _ORIGINALS = (
     " AND created_at >= o.since AND state != 'failed' ORDER BY created_at LIMIT 1)"
     " AS original FROM o) WHERE original IS NOT NULL"
 )
-EFFECTIVE = "coalesce(CAST(strftime('%s', schedule_time) AS REAL), created_at)"
+EFFECTIVE = f"coalesce({totals.SCHEDULED_AT_SQLITE.format(t='')}, created_at)"
 _LET_THROUGH = "state IN ('queued', 'sending', 'sent', 'delivered') AND source != 'digest'"
 _STORMS = (
     "SELECT json_group_array(json_array(i,"
@@ -247,10 +247,10 @@ def fold_held(
 # -- metrics --------------------------------------------------------------------------
 def counts_for_metrics(c: Any) -> MetricCounts:
     """What /metrics reports, read in one go at scrape time: the running totals (a few
-    dozen rows, bridge.store.totals) and the oldest of the queued few."""
+    dozen rows, bridge.store.totals) and when the oldest due of the queued few became due."""
     return totals.metric_counts(
         c.execute(totals.BY_SOURCE_STATE).fetchall(),
         c.execute(totals.BY_REASON).fetchall(),
-        c.execute(totals.OLDEST_QUEUED).fetchone()[0],
+        c.execute(totals.OLDEST_DUE_SQLITE).fetchone()[0],
         c.execute(totals.SENT).fetchone(),
     )

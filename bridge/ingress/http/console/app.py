@@ -140,9 +140,11 @@ class Console(Gate):
             "states": {str(s): 0 for s in State} | await self.store.counts(),
             "queue": {
                 **queue,
+                # How long the message due the longest has waited; none while every
+                # queued one waits for its schedule or tomorrow's budget.
                 "oldest_age_seconds": None
-                if queue["oldest_created_at"] is None
-                else now - queue["oldest_created_at"],
+                if queue["oldest_due_at"] is None or queue["oldest_due_at"] > now
+                else now - queue["oldest_due_at"],
             },
             "delivery": {
                 "since_at": now - DELIVERY_WINDOW,
