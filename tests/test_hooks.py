@@ -9,6 +9,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 import tomllib
 import urllib.parse
 from pathlib import Path
@@ -550,6 +551,36 @@ async def test_a_template_renders_a_payload_with_a_self_key(
         assert (await http.post(f"{url}/hooks/tracker", json=payload)).status_code == 202
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
     assert [e.message for e in sandbox_state.entries] == ["issue_created: Backups fail on nas-1"]
+
+
+async def test_a_payload_cannot_make_a_template_build_a_huge_text(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """Whoever posts to a route picks the values its template reads. A count from the
+    payload repeated a string to its size (`"ab" * 10**9`: gigabytes, or the process
+    killed); a long list joined with a long separator made a 100 MB text that was counted
+    character by character before being cut to 3 parts, holding the event loop (every
+    other request) for half a minute. Now a repetition past the limit is a template error
+    (the default text goes out) and the output is read only up to a bound."""
+    routes = (
+        ROUTES
+        + templated_route("repeat", "generic", "+12025550143", "{{ msg * n }}")
+        + templated_route("joined", "generic", "+12025550144", "{{ hosts | join(sep) }}")
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        repeat = await http.post(f"{url}/hooks/repeat", json={"msg": "ab", "n": 5_000_000})
+        assert repeat.status_code == 202
+        started = time.monotonic()
+        joined = await http.post(
+            f"{url}/hooks/joined", json={"hosts": ["db-1"] * 100_000, "sep": " " + "x" * 999}
+        )
+        assert joined.status_code == 202
+        assert time.monotonic() - started < 5  # was 25 s and more on this machine
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    sent = {e.to: e.message for e in sandbox_state.entries}
+    assert sent["+12025550143"] == 'repeat: {"msg":"ab","n":5000000}'
+    assert sent["+12025550144"].startswith("db-1 xxx") and sent["+12025550144"].endswith("...")
 
 
 async def test_generic_recipients_from_payload_and_query(
