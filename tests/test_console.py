@@ -616,6 +616,41 @@ async def test_preview_shows_the_sms_and_stores_nothing(served_bridge) -> None:
         assert await bridge.store.counts() == {}
 
 
+async def test_a_preview_says_when_the_template_was_not_used(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """A route's template that fails on a payload (or renders nothing) is replaced by the
+    format's default text, as the webhook does. The preview showed that text alone, as
+    if it were the template's: whoever checked a template there saw it "work". It now
+    says the template was not used, and why, above the text that goes out."""
+    extra = f"""{TOKENS}
+    [routes.jenkins]
+    format = "generic"
+    to = ["oncall"]
+    token = "{ROUTE_TOKEN}"
+    template = "Jenkins {{{{ name }}}} #{{{{ build.number }}}}: {{{{ build.status }}}}"
+    """
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        token = csrf_of(await http.get("/ui/routes/jenkins"))
+
+        async def preview(payload: dict[str, object]) -> str:
+            answer = await http.post(
+                "/ui/routes/jenkins/preview",
+                data={"csrf": token, "payload": json.dumps(payload)},
+            )
+            assert answer.status_code == 200
+            return answer.text
+
+        good = await preview({"name": "nightly", "build": {"number": 7, "status": "FAILURE"}})
+        assert "Jenkins nightly #7: FAILURE" in good and "Not the route's template" not in good
+        bad = await preview({"name": "nightly", "message": "disk full"})
+        assert '<pre class="sms">disk full</pre>' in bad
+        [line] = re.findall(r"<p class=\"problem\">Not the route's template: (.*?)</p>", bad)
+        assert "build" in line and "default text" in line
+
+
 async def test_a_preview_keeps_the_event_it_was_made_for(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:

@@ -126,20 +126,23 @@ def _form_json(body: bytes, field: str) -> bytes:
     return values[0].encode()
 
 
-def route_text(route: RouteConfig, message: HookMessage) -> str:
-    """The SMS text of one hook message: the route's template, else the format's text."""
+def route_text(route: RouteConfig, message: HookMessage) -> tuple[str, str | None]:
+    """The SMS text of one hook message: the route's template, else the format's text;
+    and why the template was not used (None when it was, or the route has none)."""
+    why = None
     if route.template:
         try:
             rendered = render(route.template, message.context)
             if rendered:
-                return rendered
-            log.error("route %s: template rendered nothing; using the default text", route.name)
+                return rendered, None
+            why = "the template rendered nothing"
         except TemplateError as exc:
-            log.error("route %s: template failed (%s); using the default text", route.name, exc)
+            why = f"the template failed ({exc})"
+        log.error("route %s: %s; using the default text", route.name, why)
     if message.text.strip():
-        return message.text
+        return message.text, why
     compact = json.dumps(message.context, ensure_ascii=False, separators=(",", ":"))
-    return f"{route.name}: {compact[:FALLBACK_CHARS]}"
+    return f"{route.name}: {compact[:FALLBACK_CHARS]}", why
 
 
 def _schedule(request: Request, config: Config, now: float) -> str | None:
@@ -243,7 +246,7 @@ def hook_endpoint(
             drafts.append(
                 Draft(
                     recipients=recipients,
-                    text=route_text(route, message),
+                    text=route_text(route, message)[0],
                     source="hook",
                     sender_id=route.sender_id or config.provider.sender_id,
                     route=name,

@@ -181,6 +181,7 @@ class PreviewText:
     encoding: str
     parts: list[str]
     estimated_cost: float | None
+    template_problem: str | None = None  # why the route's template was not used
 
 
 @dataclass
@@ -239,11 +240,12 @@ def preview(
             if not recipients:
                 result.error = "no recipients: the route has none and the payload named none"
                 return result
+            text, template_problem = route_text(route, message)
             shaped = ingestor.preview(
                 [
                     Draft(
                         recipients=recipients,
-                        text=route_text(route, message),
+                        text=text,
                         source="hook",
                         sender_id=route.sender_id or config.provider.sender_id,
                         route=route.name,
@@ -259,6 +261,7 @@ def preview(
                     encoding=encoding_name(first.message_type),
                     parts=split_parts(first.text),
                     estimated_cost=None if None in costs else sum(c or 0.0 for c in costs),
+                    template_problem=template_problem,
                 )
             )
     except Ignored as exc:
