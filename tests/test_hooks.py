@@ -583,6 +583,41 @@ async def test_a_payload_cannot_make_a_template_build_a_huge_text(
     assert sent["+12025550144"].startswith("db-1 xxx") and sent["+12025550144"].endswith("...")
 
 
+async def test_a_text_a_phone_would_show_as_nothing_is_no_text(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """`.strip()` left NUL (which the store then takes out) and zero-width spaces (which
+    transliteration takes out): a template rendering `"\u0000"`, or a payload's or the
+    API's text of them, was stored and sent as an empty SMS. Now such a text is missing:
+    a template's gives way to the default text, a payload's or the API's is a 400."""
+    token = "send-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + templated_route("tpl", "generic", "+12025550143", "{{ msg }}")
+        + '\n[routes.plain]\nformat = "generic"\nto = ["+12025550144"]\npublic = true\n'
+        + f'\n[tokens.deploy]\ntoken = "{token}"\nscopes = ["send"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        tpl = await http.post(f"{url}/hooks/tpl", json={"msg": "\u0000 \u0000"})
+        assert tpl.status_code == 202
+        for blank in ("\u0000", "\u200b\u200b", " \u0000\n"):
+            plain = await http.post(f"{url}/hooks/plain", json={"message": blank})
+            assert plain.status_code == 400, plain.text
+            assert plain.json()["error"] == "message: is required (the SMS text)"
+            api = await http.post(
+                f"{url}/api/v1/messages",
+                json={"to": "+12025550145", "message": blank},
+                headers={"authorization": f"Bearer {token}"},
+            )
+            assert api.status_code == 400, api.text
+            assert api.json()["field"] == "message"
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [(e.to, e.message) for e in sandbox_state.entries] == [
+        ("+12025550143", r'tpl: {"msg":"\u0000 \u0000"}')
+    ]
+
+
 async def test_generic_recipients_from_payload_and_query(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:

@@ -34,6 +34,7 @@ from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import FIELD, MAIL_HEADER, parse_schedule_time
 from bridge.templates import TemplateError, render
+from bridge.text import is_blank
 
 log = logging.getLogger(__name__)
 FALLBACK_CHARS = 300
@@ -133,13 +134,13 @@ def route_text(route: RouteConfig, message: HookMessage) -> tuple[str, str | Non
     if route.template:
         try:
             rendered = render(route.template, message.context)
-            if rendered:
+            if not is_blank(rendered):
                 return rendered, None
             why = "the template rendered nothing"
         except TemplateError as exc:
             why = f"the template failed ({exc})"
         log.error("route %s: %s; using the default text", route.name, why)
-    if message.text.strip():
+    if not is_blank(message.text):
         return message.text, why
     compact = json.dumps(message.context, ensure_ascii=False, separators=(",", ":"))
     return f"{route.name}: {compact[:FALLBACK_CHARS]}", why
