@@ -618,6 +618,35 @@ async def test_a_text_a_phone_would_show_as_nothing_is_no_text(
     ]
 
 
+async def test_a_template_reads_an_object_where_the_text_path_points(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A generic route with a template and the default `text_path` ("message"): a sender
+    whose `message` is an object (`{{ message.title }}`) was refused, 400 "must be a
+    string", every time, while check-config (its sample has a string there) accepted the
+    route. With a template that value is the template's to read; without one it is still
+    a 400."""
+    routes = ROUTES + templated_route(
+        "titled", "generic", "+12025550143", "{{ message.title }}: {{ message.host }}"
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    payload = {"message": {"title": "Backup failed", "host": "nas-1"}}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        titled = await http.post(f"{url}/hooks/titled", json=payload)
+        assert titled.status_code == 202, titled.text
+        plain = await http.post(
+            f"{url}/hooks/generic",
+            json={**payload, "to": "+12025550144"},
+            headers=auth_headers("generic", b""),
+        )
+        assert plain.status_code == 400
+        assert plain.json()["error"] == "message: must be a string (the SMS text)"
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [(e.to, e.message) for e in sandbox_state.entries] == [
+        ("+12025550143", "Backup failed: nas-1")
+    ]
+
+
 async def test_generic_recipients_from_payload_and_query(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:

@@ -20,7 +20,11 @@ def parse(request: HookRequest) -> list[HookMessage]:
     payload = obj(request.payload, "body")
     raw_text = dig(payload, route.text_path)
     if raw_text is not None and not isinstance(raw_text, str):
-        raise InputError(route.text_path, "must be a string (the SMS text)")
+        if not route.template:
+            raise InputError(route.text_path, "must be a string (the SMS text)")
+        # With a template, what sits there is the template's to read (`message.title`),
+        # not a text: refusing it refused every payload of that shape.
+        raw_text = None
     text = raw_text or ""
     if is_blank(text) and not route.template:
         raise InputError(route.text_path, "is required (the SMS text)")
