@@ -769,6 +769,39 @@ def test_check_config_renders_route_templates_on_samples(tmp_path) -> None:
     assert "routes.am.template" in result.stderr and "routes.ok" not in result.stderr
 
 
+def test_check_config_warns_of_a_template_that_renders_nothing(tmp_path) -> None:
+    """A template that renders nothing (a condition the sample does not meet, a comment
+    left alone) passed check-config without a word, while every such delivery sent the
+    route's default text instead. It is a warning (it may be meant), not a refusal."""
+    path = write_config(
+        tmp_path,
+        """
+        [routes.am]
+        format = "alertmanager"
+        to = ["+12025550143"]
+        template = "{% if status == 'resolved' %}OK again: {{ summary }}{% endif %}"
+        [routes.any]
+        format = "generic"
+        to = ["+12025550143"]
+        template = "{# to be written #}  "
+        [routes.ok]
+        format = "generic"
+        to = ["+12025550143"]
+        template = "{{ host }}: {{ message }}"
+    """,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    warned = sorted(line.split(":")[1].strip() for line in result.stderr.splitlines())
+    assert warned == ["routes.am.template", "routes.any.template"], result.stderr
+    assert "renders nothing on a sample alertmanager payload" in result.stderr
+
+
 async def test_route_client_allowlist(tmp_path, clock, sandbox_url) -> None:
     routes = (
         ROUTES
