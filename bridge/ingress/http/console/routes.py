@@ -17,7 +17,7 @@ from bridge.config import Config, Recipients, RouteConfig
 from bridge.errors import BridgeError, HttpError
 from bridge.ingress.formats import HookRequest, Ignored, registry
 from bridge.ingress.http.bodies import parse_json
-from bridge.ingress.http.hooks import route_text
+from bridge.ingress.http.hooks import hook_recipients, route_text
 from bridge.ingress.ingest import Ingestor
 from bridge.policy.shaping import Draft
 from bridge.text import TYPE_GSM, split_parts
@@ -236,10 +236,7 @@ def preview(
     )
     try:
         for message in module.parse(hook):
-            recipients = resolver.resolve([*route.to, *message.recipients])
-            if not recipients:
-                result.error = "no recipients: the route has none and the payload named none"
-                return result
+            recipients = hook_recipients(route, message, (), config, resolver)
             text, template_problem = route_text(route, message)
             shaped = ingestor.preview(
                 [
