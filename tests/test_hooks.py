@@ -21,6 +21,7 @@ import schemathesis
 from bridge.clock import ManualClock
 from bridge.config import RouteConfig
 from bridge.ingress.formats import HookRequest, Unauthorized, github
+from bridge.ingress.http.hooks import FALLBACK_CHARS
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from tests.helpers import bridge_config, pump, running_bridge, write_config
@@ -581,6 +582,33 @@ async def test_a_payload_cannot_make_a_template_build_a_huge_text(
     sent = {e.to: e.message for e in sandbox_state.entries}
     assert sent["+12025550143"] == 'repeat: {"msg":"ab","n":5000000}'
     assert sent["+12025550144"].startswith("db-1 xxx") and sent["+12025550144"].endswith("...")
+
+
+async def test_a_payload_cannot_keep_a_template_looping(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A template rendered on the event loop with no bound on its work: a loop over a
+    payload's list inside another over it ran len(list)**2 times, 9 million here (seconds
+    of a bridge that answers nothing), and 400 million for a 100 kB payload. Now the
+    render stops past `MAX_STEPS` as a template error, and the default text goes out."""
+    routes = ROUTES + templated_route(
+        "pairs",
+        "generic",
+        "+12025550143",
+        "{% for a in xs %}{% for b in xs %}{% if a == b %}{{ a }} {% endif %}"
+        "{% endfor %}{% endfor %}",
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        small = await http.post(f"{url}/hooks/pairs", json={"xs": [1, 2, 3]})
+        assert small.status_code == 202
+        large = await http.post(f"{url}/hooks/pairs", json={"xs": list(range(3000))})
+        assert large.status_code == 202
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [e.message for e in sandbox_state.entries] == [
+        "1 2 3",
+        'pairs: {"xs":[' + ",".join(map(str, range(3000)))[: FALLBACK_CHARS - 7],
+    ]
 
 
 async def test_a_text_a_phone_would_show_as_nothing_is_no_text(
