@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import hmac
 import json
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import tracemalloc
 import urllib.parse
 from pathlib import Path
 
@@ -609,6 +611,32 @@ async def test_a_payload_cannot_keep_a_template_looping(
         "1 2 3",
         'pairs: {"xs":[' + ",".join(map(str, range(3000)))[: FALLBACK_CHARS - 7],
     ]
+
+
+async def test_a_payloads_long_text_is_not_kept(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A generic route's text is as long as the body allows (1 MiB), and the shaper
+    caches each distinct text it is given, the last 1024 of them: anyone who could post
+    to a public route pinned a gigabyte. A hook's text is now cut to what a template's
+    output is read to (16 KiB; an SMS is cut far shorter) before it is shaped."""
+    routes = ROUTES + '\n[routes.plain]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n'
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        assert (await http.post(f"{url}/hooks/plain", json={"message": "hi"})).status_code == 202
+        tracemalloc.start()
+        try:
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(24):
+                text = f"{n} " + "x" * 500_000  # 12 MB in all, each text its own
+                posted = await http.post(f"{url}/hooks/plain", json={"message": text})
+                assert posted.status_code == 202
+            gc.collect()
+            kept = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+    assert kept < 4 * 2**20, f"{kept / 2**20:.1f} MiB kept"
 
 
 async def test_a_text_a_phone_would_show_as_nothing_is_no_text(
