@@ -32,6 +32,13 @@ UCS2_SINGLE, UCS2_PART = 70, 67
 _GSM_ALL = _GSM_BASIC_SET | _GSM_EXTENSION_SET
 
 
+def is_blank(text: str) -> bool:
+    """Nothing a phone would show: white space, control characters (NUL, which the store
+    takes out) and format characters (zero-width spaces, which transliteration takes
+    out). `str.strip()` leaves the last two, and an empty SMS was stored and sent."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+
+
 def is_gsm(text: str) -> bool:
     return _GSM_ALL.issuperset(text)
 

@@ -664,6 +664,74 @@ async def test_preview_shows_the_sms_and_stores_nothing(served_bridge) -> None:
         assert await bridge.store.counts() == {}
 
 
+async def test_a_preview_says_when_the_template_was_not_used(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """A route's template that fails on a payload (or renders nothing) is replaced by the
+    format's default text, as the webhook does. The preview showed that text alone, as
+    if it were the template's: whoever checked a template there saw it "work". It now
+    says the template was not used, and why, above the text that goes out."""
+    extra = f"""{TOKENS}
+    [routes.jenkins]
+    format = "generic"
+    to = ["oncall"]
+    token = "{ROUTE_TOKEN}"
+    template = "Jenkins {{{{ name }}}} #{{{{ build.number }}}}: {{{{ build.status }}}}"
+    """
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        token = csrf_of(await http.get("/ui/routes/jenkins"))
+
+        async def preview(payload: dict[str, object]) -> str:
+            answer = await http.post(
+                "/ui/routes/jenkins/preview",
+                data={"csrf": token, "payload": json.dumps(payload)},
+            )
+            assert answer.status_code == 200
+            return answer.text
+
+        good = await preview({"name": "nightly", "build": {"number": 7, "status": "FAILURE"}})
+        assert "Jenkins nightly #7: FAILURE" in good and "Not the route's template" not in good
+        bad = await preview({"name": "nightly", "message": "disk full"})
+        assert '<pre class="sms">disk full</pre>' in bad
+        [line] = re.findall(r"<p class=\"problem\">Not the route's template: (.*?)</p>", bad)
+        assert "build" in line and "default text" in line
+
+
+async def test_a_preview_refuses_the_recipients_the_webhook_refuses(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The preview resolved recipients its own way: a payload naming more than
+    `http.max_recipients` showed the texts and their cost, while the webhook answers the
+    same payload 400. Both now take their recipients from one function."""
+    extra = f"""{TOKENS}
+    [routes.anyjson]
+    format = "generic"
+    allow_payload_to = true
+    token = "{ROUTE_TOKEN}"
+    """
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    many = [f"+120255501{n % 100:02d}" for n in range(101)]  # a duplicate counts too
+    payload = json.dumps({"to": many, "message": "disk full"})
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        hook = await http.post(
+            "/hooks/anyjson",
+            content=payload,
+            headers={"authorization": f"Bearer {ROUTE_TOKEN}", "content-type": "application/json"},
+        )
+        assert hook.status_code == 400
+        await sign_in(http, READER)
+        token = csrf_of(await http.get("/ui/routes/anyjson"))
+        answer = await http.post(
+            "/ui/routes/anyjson/preview", data={"csrf": token, "payload": payload}
+        )
+    assert answer.status_code == 200
+    [line] = re.findall(r'<p class="problem">Refused: (.*?)</p>', answer.text)
+    assert line == "to: 101 recipients in one request; at most 100 (http.max_recipients)"
+    assert hook.json()["error"] == line
+
+
 async def test_a_preview_keeps_the_event_it_was_made_for(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:

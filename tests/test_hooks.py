@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import hmac
 import json
 import sqlite3
 import subprocess
 import sys
+import time
 import tomllib
+import tracemalloc
 import urllib.parse
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import schemathesis
 from bridge.clock import ManualClock
 from bridge.config import RouteConfig
 from bridge.ingress.formats import HookRequest, Unauthorized, github
+from bridge.ingress.http.hooks import FALLBACK_CHARS
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from tests.helpers import bridge_config, pump, running_bridge, write_config
@@ -552,6 +556,153 @@ async def test_a_template_renders_a_payload_with_a_self_key(
     assert [e.message for e in sandbox_state.entries] == ["issue_created: Backups fail on nas-1"]
 
 
+async def test_a_payload_cannot_make_a_template_build_a_huge_text(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """Whoever posts to a route picks the values its template reads. A count from the
+    payload repeated a string to its size (`"ab" * 10**9`: gigabytes, or the process
+    killed); a long list joined with a long separator made a 100 MB text that was counted
+    character by character before being cut to 3 parts, holding the event loop (every
+    other request) for half a minute. Now a repetition past the limit is a template error
+    (the default text goes out) and the output is read only up to a bound."""
+    routes = (
+        ROUTES
+        + templated_route("repeat", "generic", "+12025550143", "{{ msg * n }}")
+        + templated_route("joined", "generic", "+12025550144", "{{ hosts | join(sep) }}")
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        repeat = await http.post(f"{url}/hooks/repeat", json={"msg": "ab", "n": 5_000_000})
+        assert repeat.status_code == 202
+        started = time.monotonic()
+        joined = await http.post(
+            f"{url}/hooks/joined", json={"hosts": ["db-1"] * 100_000, "sep": " " + "x" * 999}
+        )
+        assert joined.status_code == 202
+        assert time.monotonic() - started < 5  # was 25 s and more on this machine
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    sent = {e.to: e.message for e in sandbox_state.entries}
+    assert sent["+12025550143"] == 'repeat: {"msg":"ab","n":5000000}'
+    assert sent["+12025550144"].startswith("db-1 xxx") and sent["+12025550144"].endswith("...")
+
+
+async def test_a_payload_cannot_keep_a_template_looping(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A template rendered on the event loop with no bound on its work: a loop over a
+    payload's list inside another over it ran len(list)**2 times, 9 million here (seconds
+    of a bridge that answers nothing), and 400 million for a 100 kB payload. Now the
+    render stops past `MAX_STEPS` as a template error, and the default text goes out."""
+    routes = ROUTES + templated_route(
+        "pairs",
+        "generic",
+        "+12025550143",
+        "{% for a in xs %}{% for b in xs %}{% if a == b %}{{ a }} {% endif %}"
+        "{% endfor %}{% endfor %}",
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        small = await http.post(f"{url}/hooks/pairs", json={"xs": [1, 2, 3]})
+        assert small.status_code == 202
+        large = await http.post(f"{url}/hooks/pairs", json={"xs": list(range(3000))})
+        assert large.status_code == 202
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [e.message for e in sandbox_state.entries] == [
+        "1 2 3",
+        'pairs: {"xs":[' + ",".join(map(str, range(3000)))[: FALLBACK_CHARS - 7],
+    ]
+
+
+async def test_a_payloads_long_text_is_not_kept(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A generic route's text is as long as the body allows (1 MiB), and the shaper
+    caches each distinct text it is given, the last 1024 of them: anyone who could post
+    to a public route pinned a gigabyte. A hook's text is now cut to what a template's
+    output is read to (16 KiB; an SMS is cut far shorter) before it is shaped."""
+    routes = ROUTES + '\n[routes.plain]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n'
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        assert (await http.post(f"{url}/hooks/plain", json={"message": "hi"})).status_code == 202
+        tracemalloc.start()
+        try:
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(24):
+                text = f"{n} " + "x" * 500_000  # 12 MB in all, each text its own
+                posted = await http.post(f"{url}/hooks/plain", json={"message": text})
+                assert posted.status_code == 202
+            gc.collect()
+            kept = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+    assert kept < 4 * 2**20, f"{kept / 2**20:.1f} MiB kept"
+
+
+async def test_a_text_a_phone_would_show_as_nothing_is_no_text(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """`.strip()` left NUL (which the store then takes out) and zero-width spaces (which
+    transliteration takes out): a template rendering `"\u0000"`, or a payload's or the
+    API's text of them, was stored and sent as an empty SMS. Now such a text is missing:
+    a template's gives way to the default text, a payload's or the API's is a 400."""
+    token = "send-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + templated_route("tpl", "generic", "+12025550143", "{{ msg }}")
+        + '\n[routes.plain]\nformat = "generic"\nto = ["+12025550144"]\npublic = true\n'
+        + f'\n[tokens.deploy]\ntoken = "{token}"\nscopes = ["send"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        tpl = await http.post(f"{url}/hooks/tpl", json={"msg": "\u0000 \u0000"})
+        assert tpl.status_code == 202
+        for blank in ("\u0000", "\u200b\u200b", " \u0000\n"):
+            plain = await http.post(f"{url}/hooks/plain", json={"message": blank})
+            assert plain.status_code == 400, plain.text
+            assert plain.json()["error"] == "message: is required (the SMS text)"
+            api = await http.post(
+                f"{url}/api/v1/messages",
+                json={"to": "+12025550145", "message": blank},
+                headers={"authorization": f"Bearer {token}"},
+            )
+            assert api.status_code == 400, api.text
+            assert api.json()["field"] == "message"
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [(e.to, e.message) for e in sandbox_state.entries] == [
+        ("+12025550143", r'tpl: {"msg":"\u0000 \u0000"}')
+    ]
+
+
+async def test_a_template_reads_an_object_where_the_text_path_points(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A generic route with a template and the default `text_path` ("message"): a sender
+    whose `message` is an object (`{{ message.title }}`) was refused, 400 "must be a
+    string", every time, while check-config (its sample has a string there) accepted the
+    route. With a template that value is the template's to read; without one it is still
+    a 400."""
+    routes = ROUTES + templated_route(
+        "titled", "generic", "+12025550143", "{{ message.title }}: {{ message.host }}"
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    payload = {"message": {"title": "Backup failed", "host": "nas-1"}}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        titled = await http.post(f"{url}/hooks/titled", json=payload)
+        assert titled.status_code == 202, titled.text
+        plain = await http.post(
+            f"{url}/hooks/generic",
+            json={**payload, "to": "+12025550144"},
+            headers=auth_headers("generic", b""),
+        )
+        assert plain.status_code == 400
+        assert plain.json()["error"] == "message: must be a string (the SMS text)"
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [(e.to, e.message) for e in sandbox_state.entries] == [
+        ("+12025550143", "Backup failed: nas-1")
+    ]
+
+
 async def test_generic_recipients_from_payload_and_query(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
@@ -672,6 +823,39 @@ def test_check_config_renders_route_templates_on_samples(tmp_path) -> None:
     )
     assert result.returncode == 1
     assert "routes.am.template" in result.stderr and "routes.ok" not in result.stderr
+
+
+def test_check_config_warns_of_a_template_that_renders_nothing(tmp_path) -> None:
+    """A template that renders nothing (a condition the sample does not meet, a comment
+    left alone) passed check-config without a word, while every such delivery sent the
+    route's default text instead. It is a warning (it may be meant), not a refusal."""
+    path = write_config(
+        tmp_path,
+        """
+        [routes.am]
+        format = "alertmanager"
+        to = ["+12025550143"]
+        template = "{% if status == 'resolved' %}OK again: {{ summary }}{% endif %}"
+        [routes.any]
+        format = "generic"
+        to = ["+12025550143"]
+        template = "{# to be written #}  "
+        [routes.ok]
+        format = "generic"
+        to = ["+12025550143"]
+        template = "{{ host }}: {{ message }}"
+    """,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    warned = sorted(line.split(":")[1].strip() for line in result.stderr.splitlines())
+    assert warned == ["routes.am.template", "routes.any.template"], result.stderr
+    assert "renders nothing on a sample alertmanager payload" in result.stderr
 
 
 async def test_route_client_allowlist(tmp_path, clock, sandbox_url) -> None:

@@ -27,6 +27,7 @@ from bridge.ingress.formats.base import (
     obj,
     text_field,
 )
+from bridge.text import is_blank
 
 __all__ = [
     "HookMessage",
@@ -63,7 +64,8 @@ def template_problems(
     A format whose payload has a fixed shape (Alertmanager, GitHub...) makes any failure a
     problem. A `generic` route receives whatever JSON its sender posts, so the sample is
     only an example: a template that fails on it (say `{{ build.number }}` for Jenkins) is
-    reported in `warnings`, and only a template that cannot compile is a problem.
+    reported in `warnings`, and only a template that cannot compile is a problem. A
+    template that renders nothing on the sample is a warning: the default text goes out.
     """
     from jinja2 import TemplateSyntaxError
 
@@ -79,14 +81,18 @@ def template_problems(
             body=b"",
             payload=module.SAMPLE,
         )
+        example_only = getattr(module, "SAMPLE_IS_EXAMPLE", False)
         try:
-            for message in module.parse(sample):
-                render(route.template, message.context)
+            blank = any(
+                [  # each message rendered, so that a later one's failure is seen
+                    is_blank(render(route.template, message.context))
+                    for message in module.parse(sample)
+                ]
+            )
         except Ignored:
             continue
         except Exception as exc:
             why = f"fails on a sample {route.format} payload: {type(exc).__name__}: {exc}"
-            example_only = getattr(module, "SAMPLE_IS_EXAMPLE", False)
             if example_only and not isinstance(exc, TemplateSyntaxError):
                 if warnings is not None:
                     warnings.append(
@@ -97,4 +103,16 @@ def template_problems(
                     )
                 continue
             problems.append((f"routes.{name}.template", why))
+            continue
+        if blank and warnings is not None:
+            # Rendered as it may be meant (`{% if status == "resolved" %}`), but what
+            # goes out then is the route's default text, not nothing.
+            warnings.append(
+                (
+                    f"routes.{name}.template",
+                    f"renders nothing on a sample {route.format} payload, and where it"
+                    " renders nothing the route's default text goes out instead"
+                    + (" (fine if your sender's JSON differs)" if example_only else ""),
+                )
+            )
     return problems

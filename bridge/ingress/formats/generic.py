@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from bridge.errors import InputError
 from bridge.ingress.formats.base import HookMessage, HookRequest, dig, obj, text_field
+from bridge.text import is_blank
 
 SAMPLE = {"to": ["+12025550143"], "message": "Backup failed on nas-1", "host": "nas-1"}
 # Any JSON may arrive here: check-config warns, not refuses, when a template fails on it.
@@ -19,9 +20,13 @@ def parse(request: HookRequest) -> list[HookMessage]:
     payload = obj(request.payload, "body")
     raw_text = dig(payload, route.text_path)
     if raw_text is not None and not isinstance(raw_text, str):
-        raise InputError(route.text_path, "must be a string (the SMS text)")
+        if not route.template:
+            raise InputError(route.text_path, "must be a string (the SMS text)")
+        # With a template, what sits there is the template's to read (`message.title`),
+        # not a text: refusing it refused every payload of that shape.
+        raw_text = None
     text = raw_text or ""
-    if not text.strip() and not route.template:
+    if is_blank(text) and not route.template:
         raise InputError(route.text_path, "is required (the SMS text)")
     targets = dig(payload, route.to_path) if route.allow_payload_to else None
     if targets is None:

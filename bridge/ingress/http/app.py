@@ -50,6 +50,7 @@ from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import parse_schedule_time
 from bridge.store import Store
+from bridge.text import is_blank
 
 log = logging.getLogger(__name__)
 # What /readyz says of a provider that refuses us, in our words (see readyz).
@@ -81,7 +82,7 @@ def _string(
         return None
     if not isinstance(value, str):
         raise HttpError(400, f"'{key}' must be a string", key)
-    if required and not value.strip():
+    if required and is_blank(value):
         raise HttpError(400, f"'{key}' must not be empty", key)
     if max_len is not None and len(value) > max_len:
         raise HttpError(400, f"'{key}' is longer than {max_len} characters", key)

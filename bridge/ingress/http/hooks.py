@@ -15,7 +15,7 @@ import base64
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import parse_qs
 
 from starlette.requests import Request
@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from bridge.addresses import client_address, client_name, in_networks, parse_network
 from bridge.clock import Clock, zone
-from bridge.config import Config, LiveConfig, RouteConfig
+from bridge.config import Config, LiveConfig, Recipients, RouteConfig
 from bridge.errors import HttpError
 from bridge.firewall import cap_recipients
 from bridge.ingress.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
@@ -33,7 +33,8 @@ from bridge.ingress.ingest import Ingestor
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import FIELD, MAIL_HEADER, parse_schedule_time
-from bridge.templates import TemplateError, render
+from bridge.templates import MAX_OUTPUT_CHARS, TemplateError, render
+from bridge.text import is_blank
 
 log = logging.getLogger(__name__)
 FALLBACK_CHARS = 300
@@ -126,20 +127,54 @@ def _form_json(body: bytes, field: str) -> bytes:
     return values[0].encode()
 
 
-def route_text(route: RouteConfig, message: HookMessage) -> str:
-    """The SMS text of one hook message: the route's template, else the format's text."""
+def route_text(route: RouteConfig, message: HookMessage) -> tuple[str, str | None]:
+    """The SMS text of one hook message: the route's template, else the format's text;
+    and why the template was not used (None when it was, or the route has none)."""
+    why = None
     if route.template:
         try:
             rendered = render(route.template, message.context)
-            if rendered:
-                return rendered
-            log.error("route %s: template rendered nothing; using the default text", route.name)
+            if not is_blank(rendered):
+                return rendered, None
+            why = "the template rendered nothing"
         except TemplateError as exc:
-            log.error("route %s: template failed (%s); using the default text", route.name, exc)
-    if message.text.strip():
-        return message.text
+            why = f"the template failed ({exc})"
+        log.error("route %s: %s; using the default text", route.name, why)
+    if not is_blank(message.text):
+        # Cut as a template's output is: the shaper caches each distinct text it is given,
+        # and a payload's 1 MB texts, 1024 of them, were a gigabyte held.
+        return message.text[:MAX_OUTPUT_CHARS], why
     compact = json.dumps(message.context, ensure_ascii=False, separators=(",", ":"))
-    return f"{route.name}: {compact[:FALLBACK_CHARS]}"
+    return f"{route.name}: {compact[:FALLBACK_CHARS]}", why
+
+
+def hook_recipients(
+    route: RouteConfig,
+    message: HookMessage,
+    extra: Sequence[str],
+    config: Config,
+    resolver: Recipients,
+) -> list[str]:
+    """The E.164 recipients of one hook message (and the console's preview of it): the
+    route's own; the payload's and `?to=` ones only where the owner allowed them (else
+    the payload's `to` is just data), at most `http.max_recipients` of those."""
+    payload_to = message.recipients if route.allow_payload_to else ()
+    cap_recipients([*payload_to, *extra], config.http.max_recipients, route.to_path)
+    if not (route.to or payload_to or extra):
+        raise HttpError(
+            400,
+            "no recipients: the route has none and the payload named none",
+            route.to_path if route.format == "generic" else "to",
+        )
+    return list(
+        dict.fromkeys(
+            [
+                *resolver.resolve(route.to, field=f"routes.{route.name}.to"),
+                *resolver.resolve(payload_to, field=route.to_path),
+                *resolver.resolve(extra, field="?to"),
+            ]
+        )
+    )
 
 
 def _schedule(request: Request, config: Config, now: float) -> str | None:
@@ -221,29 +256,10 @@ def hook_endpoint(
             raise HttpError(400, "this route does not take ?to= (allow_payload_to)", "to")
         drafts = []
         for message in messages:
-            # A route texts its own recipients; whoever can post to it may add others
-            # only where the owner said so (else the payload's `to` is just data).
-            payload_to = message.recipients if route.allow_payload_to else ()
-            cap_recipients([*payload_to, *extra], config.http.max_recipients, route.to_path)
-            if not (route.to or payload_to or extra):
-                raise HttpError(
-                    400,
-                    "no recipients: the route has none and the payload named none",
-                    route.to_path if route.format == "generic" else "to",
-                )
-            recipients = list(
-                dict.fromkeys(
-                    [
-                        *resolver.resolve(route.to, field=f"routes.{name}.to"),
-                        *resolver.resolve(payload_to, field=route.to_path),
-                        *resolver.resolve(extra, field="?to"),
-                    ]
-                )
-            )
             drafts.append(
                 Draft(
-                    recipients=recipients,
-                    text=route_text(route, message),
+                    recipients=hook_recipients(route, message, extra, config, resolver),
+                    text=route_text(route, message)[0],
                     source="hook",
                     sender_id=route.sender_id or config.provider.sender_id,
                     route=name,

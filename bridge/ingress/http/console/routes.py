@@ -17,7 +17,7 @@ from bridge.config import Config, Recipients, RouteConfig
 from bridge.errors import BridgeError, HttpError
 from bridge.ingress.formats import HookRequest, Ignored, registry
 from bridge.ingress.http.bodies import parse_json
-from bridge.ingress.http.hooks import route_text
+from bridge.ingress.http.hooks import hook_recipients, route_text
 from bridge.ingress.ingest import Ingestor
 from bridge.policy.shaping import Draft
 from bridge.text import TYPE_GSM, split_parts
@@ -181,6 +181,7 @@ class PreviewText:
     encoding: str
     parts: list[str]
     estimated_cost: float | None
+    template_problem: str | None = None  # why the route's template was not used
 
 
 @dataclass
@@ -235,15 +236,13 @@ def preview(
     )
     try:
         for message in module.parse(hook):
-            recipients = resolver.resolve([*route.to, *message.recipients])
-            if not recipients:
-                result.error = "no recipients: the route has none and the payload named none"
-                return result
+            recipients = hook_recipients(route, message, (), config, resolver)
+            text, template_problem = route_text(route, message)
             shaped = ingestor.preview(
                 [
                     Draft(
                         recipients=recipients,
-                        text=route_text(route, message),
+                        text=text,
                         source="hook",
                         sender_id=route.sender_id or config.provider.sender_id,
                         route=route.name,
@@ -259,6 +258,7 @@ def preview(
                     encoding=encoding_name(first.message_type),
                     parts=split_parts(first.text),
                     estimated_cost=None if None in costs else sum(c or 0.0 for c in costs),
+                    template_problem=template_problem,
                 )
             )
     except Ignored as exc:
