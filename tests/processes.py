@@ -48,9 +48,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run_command(
-    args: list[str], cwd: Path, env: dict[str, str], timeout: float = 60
+    args: list[str],
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m bridge ARGS` to its end, its output captured as text."""
+    """`python -m bridge ARGS` to its end, its output captured as text (in this process's
+    directory and environment unless given)."""
     return subprocess.run(
         [sys.executable, "-m", "bridge", *args],
         capture_output=True,

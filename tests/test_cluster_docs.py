@@ -26,7 +26,7 @@ from bridge.models import NewMessage, State
 from bridge.store import open_store
 from bridge.store.copy import CopySummary
 from tests.postgres import find_binaries, fresh_database, new_database_name
-from tests.processes import clean_env, free_port
+from tests.processes import clean_env, free_port, run_command
 from tests.stores import seed
 from tests.test_docs import blocks, blocks_in, check_config, run_pasted, section_of
 
@@ -93,13 +93,7 @@ def test_the_kubernetes_config_passes_check_config(tmp_path: Path) -> None:
     text = re.sub(r'(_file = ")/run/secrets/sms-bridge/', rf"\g<1>{tmp_path}/", text)
     path = tmp_path / "k8s.toml"
     path.write_text(text)
-    result = subprocess.run(
-        [sys.executable, "-m", "bridge", "check-config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=clean_env(),
-    )
+    result = run_command(["check-config", str(path)], env=clean_env())
     assert result.returncode == 0, result.stderr
     config = load_config(path, env={})
     assert config.store.url == secrets["store-url"]

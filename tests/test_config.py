@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,7 @@ import pytest
 from bridge.config import load_config, parse_duration, parse_listen
 from bridge.errors import ConfigError
 from tests.helpers import write_config
+from tests.processes import run_command
 
 
 def test_no_file_means_built_in_defaults_with_the_sandbox() -> None:
@@ -324,12 +323,7 @@ def test_check_config_command_exits_1_naming_each_key(tmp_path) -> None:
         listen = "localhost"
     """,
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "bridge", "check-config", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_command(["check-config", "--config", str(path)])
     assert result.returncode == 1
     assert "provider.requests_per_minute" in result.stderr
     assert "smtp.listen" in result.stderr
@@ -338,12 +332,7 @@ def test_check_config_command_exits_1_naming_each_key(tmp_path) -> None:
         '[provider]\nbase_url = "https://x.example/api/v1"\napi_key = "abcd-1234"\n',
         name="good.toml",
     )
-    ok = subprocess.run(
-        [sys.executable, "-m", "bridge", "check-config", str(good)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    ok = run_command(["check-config", str(good)])
     assert ok.returncode == 0, ok.stderr
     assert "abcd-1234" not in ok.stdout  # secrets masked
 
@@ -420,12 +409,7 @@ def test_smtp_rule_problems_name_the_rule_and_key(tmp_path, rule: str, problem: 
 @pytest.mark.slow  # runs a subprocess
 def test_check_config_shows_smtp_rules(tmp_path) -> None:
     path = write_config(tmp_path, '[[smtp.rules]]\nsender = "ups@*"\nkeep = ["STATUS"]\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "bridge", "check-config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_command(["check-config", str(path)])
     assert result.returncode == 0, result.stderr
     assert '"keep": [' in result.stdout and '"STATUS"' in result.stdout
 

@@ -55,6 +55,13 @@ format = "github"
 to = ["oncall"]
 secret = "{ROUTE_TOKEN}"
 """
+# The tokens and a generic route that takes its recipients from the payload.
+PAYLOAD_RECIPIENTS_ROUTE = f"""{TOKENS}
+[routes.anyjson]
+format = "generic"
+allow_payload_to = true
+token = "{ROUTE_TOKEN}"
+"""
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
@@ -705,13 +712,7 @@ async def test_a_preview_refuses_the_recipients_the_webhook_refuses(
     """The preview resolved recipients its own way: a payload naming more than
     `http.max_recipients` showed the texts and their cost, while the webhook answers the
     same payload 400. Both now take their recipients from one function."""
-    extra = f"""{TOKENS}
-    [routes.anyjson]
-    format = "generic"
-    allow_payload_to = true
-    token = "{ROUTE_TOKEN}"
-    """
-    config = bridge_config(tmp_path, sandbox_url, extra)
+    config = bridge_config(tmp_path, sandbox_url, PAYLOAD_RECIPIENTS_ROUTE)
     many = [f"+120255501{n % 100:02d}" for n in range(101)]  # a duplicate counts too
     payload = json.dumps({"to": many, "message": "disk full"})
     async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
@@ -1020,13 +1021,7 @@ async def test_a_previews_refusal_is_masked_as_the_log_is(
     """The refusal quotes what the payload wrote: a secret of this config pasted into
     it (here a token, where the route takes its recipients from the payload) is masked,
     as in every other console answer."""
-    extra = f"""{TOKENS}
-    [routes.anyjson]
-    format = "generic"
-    allow_payload_to = true
-    token = "{ROUTE_TOKEN}"
-    """
-    config = bridge_config(tmp_path, sandbox_url, extra)
+    config = bridge_config(tmp_path, sandbox_url, PAYLOAD_RECIPIENTS_ROUTE)
     async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
         await sign_in(http, READER)
         token = csrf_of(await http.get("/ui/routes/anyjson"))

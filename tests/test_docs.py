@@ -27,7 +27,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.config import SECTIONS, Config, RouteConfig, TokenConfig, load_config
 from tests.helpers import running_bridge, write_config
-from tests.processes import clean_env, free_port, process
+from tests.processes import clean_env, free_port, process, run_command
 from tests.test_hooks import HOOKS
 
 ROOT = Path(__file__).parent.parent
@@ -82,13 +82,7 @@ def with_secret_files(snippet: str, tmp_path: Path) -> str:
 def check_config(text: str, tmp_path: Path, name: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / name
     path.write_text(with_secret_files(text, tmp_path), encoding="utf-8")
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", "check-config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=clean_env(),
-    )
+    return run_command(["check-config", str(path)], env=clean_env())
 
 
 def _snippet_cases() -> list[tuple[str, int]]:

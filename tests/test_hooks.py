@@ -8,8 +8,6 @@ import hashlib
 import hmac
 import json
 import sqlite3
-import subprocess
-import sys
 import time
 import tomllib
 import tracemalloc
@@ -27,6 +25,7 @@ from bridge.ingress.http.hooks import FALLBACK_CHARS
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
 from tests.helpers import bridge_config, pump, running_bridge, write_config
+from tests.processes import run_command
 from tests.stores import faulty_store
 
 HOOKS = Path(__file__).parent / "data" / "hooks"
@@ -815,12 +814,7 @@ def test_check_config_renders_route_templates_on_samples(tmp_path) -> None:
         template = "{{ workflow_run.name }} {{ workflow_run.conclusion }}"
     """,
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "bridge", "check-config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_command(["check-config", str(path)])
     assert result.returncode == 1
     assert "routes.am.template" in result.stderr and "routes.ok" not in result.stderr
 
@@ -846,12 +840,7 @@ def test_check_config_warns_of_a_template_that_renders_nothing(tmp_path) -> None
         template = "{{ host }}: {{ message }}"
     """,
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "bridge", "check-config", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_command(["check-config", str(path)])
     assert result.returncode == 0, result.stderr
     warned = sorted(line.split(":")[1].strip() for line in result.stderr.splitlines())
     assert warned == ["routes.am.template", "routes.any.template"], result.stderr

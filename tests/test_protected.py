@@ -12,7 +12,6 @@ import logging
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -23,7 +22,7 @@ from bridge.config import StoreConfig, inline_secrets, load_config, secret_value
 from bridge.errors import ConfigError
 from bridge.store import open_store
 from tests.helpers import bridge_config, running_bridge, write_config
-from tests.processes import clean_env
+from tests.processes import clean_env, run_command
 
 TOKEN = "deploy-token-0123456789abcdef"
 REAL = '[provider]\nbase_url = "https://sms.example.net/api/v1"\napi_key = "live-key-123"\n'
@@ -224,14 +223,7 @@ def test_the_api_key_crosses_the_network_only_over_https(tmp_path, url: str, ref
 
 
 def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "bridge", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env=clean_env(**(env or {})),
-    )
+    return run_command([*args], cwd=cwd, env=clean_env(**(env or {})))
 
 
 @pytest.mark.slow
