@@ -277,6 +277,29 @@ async def test_a_restart_with_the_same_caps_leaves_what_waits_alone(
     assert len(sandbox_state.entries) == 2
 
 
+async def test_a_restart_with_the_same_cost_cap_of_seven_digits_leaves_what_waits_alone(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A held text's reason wrote the cost cap with `:g`, six significant digits:
+    cost_per_day = 12345.25 read "cost_per_day=12345.2", and every start took the cap
+    for raised while stopped (its held texts released and held again, two events each),
+    and the reason named a cap that was not the one in force."""
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    sandbox_state.prices[1] = 5000.0  # a part to +1, listed and billed
+    capped = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 12345.25\n")
+    async with running_bridge(capped, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # the list
+        ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(3)]
+        await steps(bridge, clock, 30)
+        held = await bridge.store.events(ids[2])
+        reason = (await bridge.store.get(ids[2])).reason or ""
+    assert len(sandbox_state.entries) == 2
+    assert "cost_per_day=12345.25" in reason, reason
+    async with running_bridge(capped, clock) as (bridge, _):  # the same cap
+        await steps(bridge, clock, 30)
+        assert await bridge.store.events(ids[2]) == held
+
+
 # -- retention under a day ---------------------------------------------------------------
 @pytest.mark.parametrize(
     "caps",

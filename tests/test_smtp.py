@@ -331,6 +331,23 @@ async def test_an_auto_reply_with_the_alerts_words_does_not_silence_the_alert(
     assert [e.message for e in sandbox_state.entries] == ["UPS on battery\nRuntime 12 min"]
 
 
+async def test_a_mail_that_shows_nothing_is_texted_as_an_empty_mail(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A subject of a zero-width space and a body of a direction mark and white space
+    (`str.strip()` keeps both) went out as an SMS a phone shows as empty: the API and
+    hooks refuse or replace such a text (`is_blank`), SMTP now says whose mail it was."""
+    mail = EmailMessage()
+    mail["From"] = "ups@example.org"
+    mail["To"] = DEFAULT_RCPT
+    mail["Subject"] = "\u200b"
+    mail.set_content("\u200b\u200e \n")
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        await asyncio.to_thread(send, port, "ups@example.org", [DEFAULT_RCPT], mail.as_bytes())
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [e.message for e in sandbox_state.entries] == ["(empty mail from ups@example.org)"]
+
+
 async def test_a_message_id_folded_over_many_lines_is_stored_and_deduplicated(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url, backend: str
 ) -> None:

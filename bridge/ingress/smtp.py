@@ -54,6 +54,7 @@ from bridge.policy.shaping import Draft
 from bridge.schedule import MAIL_HEADER, parse_schedule_time, scheduled_epoch
 from bridge.sockets import bind_socket
 from bridge.templates import TemplateError, render
+from bridge.text import is_blank
 
 log = logging.getLogger(__name__)
 IDENT = "sms-bridge ESMTP"
@@ -436,7 +437,7 @@ class SmtpHandler:
         except InputError as exc:
             return f"554 5.6.0 {MAIL_HEADER}: {exc.message}"
         text = self.text_for(mail, envelope.mail_from)
-        if not text:
+        if is_blank(text):  # as the API and hooks judge it: a zero-width space shows nothing
             text = f"(empty mail from {mail.sender or envelope.mail_from or 'unknown sender'})"
         draft = Draft(
             recipients=list(recipients),

@@ -78,6 +78,14 @@ CAP_IN_REASON = re.compile(
 )
 
 
+def figure(value: float) -> str:
+    """`value` as short as it reads back exactly: a reason names the cap in force, and
+    `raised_over` reads it back. `:g` (six digits) wrote 12345.25 as 12345.2, and every
+    start took that cap for raised while the bridge was stopped."""
+    exact = (t for p in range(6, 18) if float(t := f"{value:.{p}g}") == value)
+    return next(exact, repr(value))
+
+
 def _cap(name: str, more: str = "") -> Cap:
     """An overall or route cap, warned of once a day per cap and value: a cap raised by a
     reload that bites again is told again (one warning a day for every cap, the admins
@@ -279,7 +287,7 @@ class BudgetGuard:
                 why = _cap(f"routes.{m.route}.max_texts_per_day={cap}")
             elif cost_cap and (spent + cost > cost_cap or (guess and spent >= cost_cap)):
                 currency = f" {self.prices.currency}" if self.prices.currency else ""
-                why = _cap(f"cost_per_day={cost_cap:g}", f"{currency}, {spent:g} spent")
+                why = _cap(f"cost_per_day={figure(cost_cap)}", f"{currency}, {spent:g} spent")
             if why:
                 over.append(m)
                 caps.append(why)
@@ -303,7 +311,7 @@ class BudgetGuard:
         cost_cap = self.config.cost_per_day
         if cost_cap and cost > cost_cap:
             currency = f" {self.prices.currency}" if self.prices.currency else ""
-            return Cap(f"cost_per_day={cost_cap:g}{currency}, it costs {cost:g}", never=True)
+            return Cap(f"cost_per_day={figure(cost_cap)}{currency}, it costs {cost:g}", never=True)
         return None
 
     async def warn(self, kind: str, text: str) -> bool:
