@@ -420,3 +420,34 @@ async def test_the_overview_lists_the_latest_failure_first(
         assert await page.get_by_text("cancelled messages are left out").is_visible()
         await context.close()
     assert errors.errors == []
+
+
+async def test_the_list_keeps_refreshing_after_a_click_in_it(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """A click in the messages table (to select a number, or a ctrl-click opening a
+    message in another tab) leaves the mouse's focus there: the list stopped refreshing
+    until the focus left it, silently, with "Pause updates" still offered. Only the
+    keyboard's focus holds the refresh, so that Tab never loses its place."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+        first = NewMessage("+12025550144", "disk full on db-1", "http", "SMS", 1, 1)
+        await seed(bridge.store, [first], clock.now())
+        context = await browser.new_context()
+        page = await context.new_page()
+        errors.watch(page)
+        await page.clock.install()
+        await sign_in(page, url, ADMIN)
+        await page.goto(f"{url}/ui/messages")
+        rows = page.locator("table.messages tbody tr")
+        await page.get_by_text("disk full on db-1").click()  # the mouse, in the table
+        assert await page.evaluate("document.activeElement.className") == "table-wrap"
+
+        second = NewMessage("+12025550145", "disk full on db-2", "http", "SMS", 1, 1)
+        await seed(bridge.store, [second], clock.now())
+        await page.clock.run_for(11_000)  # past the list's 10 s refresh
+        await page.get_by_text("disk full on db-2").wait_for(timeout=WAIT_MS)
+        assert await rows.count() == 2
+        await context.close()
+    assert errors.errors == []
