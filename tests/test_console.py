@@ -629,6 +629,21 @@ async def test_overview_counts_ratio_rate_and_storms(
         assert 'aria-labelledby="chart-title chart-desc"' in html.text
 
 
+async def test_a_day_with_nothing_sent_has_spent_nothing(served_bridge) -> None:
+    """Before the day's first send the overview said "Spend: unknown; 0 of 5 counted
+    against the cap" (a sum over no rows): nothing sent costs 0. A text sent whose price
+    is not known yet is still "unknown"."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        await send(http, "+12025550143", "disk full")  # queued: not sent, nothing spent
+        await sign_in(http, READER)
+        today = (await http.get("/ui/overview.json")).json()["today"]
+        assert today["texts"] == 0 and today["cost"] == 0, today
+        html = (await http.get("/ui/")).text
+        spend = html[html.index("<dt>Spend</dt>") :].split("</dd>")[0]
+        assert "<dd>0" in spend and "unknown" not in spend, spend
+
+
 async def test_routes_show_auth_snippets_last_call_and_never_a_secret(served_bridge) -> None:
     _, url = served_bridge
     async with httpx.AsyncClient(base_url=url) as http:
