@@ -451,3 +451,42 @@ async def test_the_list_keeps_refreshing_after_a_click_in_it(
         assert await rows.count() == 2
         await context.close()
     assert errors.errors == []
+
+
+async def test_a_lockout_is_said_on_the_sign_in_page_not_in_raw_json(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """Wrong tokens from the operator's address lock it out; their session passes, and
+    sign-in waits. Signing out then landed on `{"error": "too many failed logins..."}`
+    as bare text, and so did the sign-in form's post: the sign-in page says it now, with
+    the wait (503 and Retry-After as before, the token typed not even read)."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (_, url):
+        context = await browser.new_context()
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        async with httpx.AsyncClient(base_url=url) as http:
+            for n in range(10):
+                wrong = {"Authorization": f"Bearer wrong-token-{n:04d}-0123456789"}
+                assert (await http.get("/api/v1/messages", headers=wrong)).status_code == 401
+        assert (await page.goto(f"{url}/ui/messages")).status == 200  # type: ignore[union-attr]
+
+        async with page.expect_response(f"{url}/ui/signin") as signed_out:
+            await page.get_by_role("button", name="Sign out").click()
+        answer = await signed_out.value
+        assert answer.status == 503 and answer.headers["retry-after"] == "300"
+        alert = page.get_by_role("alert")
+        assert "try again in 300 s" in await alert.inner_text()
+
+        clock.advance(60)
+        await page.get_by_label("API token").fill(ADMIN)
+        async with page.expect_response(f"{url}/ui/signin") as posted:
+            await page.get_by_role("button", name="Sign in").click()
+        assert (await posted.value).status == 503
+        assert "try again in 240 s" in await page.get_by_role("alert").inner_text()
+        await page.goto(f"{url}/ui/")
+        assert "/ui/signin" in page.url  # not signed in by the right token
+        await context.close()
+    assert [e for e in errors.errors if "503" not in e] == []
