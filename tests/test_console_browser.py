@@ -490,3 +490,34 @@ async def test_a_lockout_is_said_on_the_sign_in_page_not_in_raw_json(
         assert "/ui/signin" in page.url  # not signed in by the right token
         await context.close()
     assert [e for e in errors.errors if "503" not in e] == []
+
+
+async def test_a_long_route_name_stays_on_a_phones_screen(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """The messages page's Route filter is as wide as its longest option: a route named
+    as people name them (`grafana-production-alerts-for-the-database-cluster`) pushed
+    it, and the page, 80 px past a phone's right edge."""
+    errors = ConsoleErrors()
+    name = "grafana-production-alerts-for-the-database-cluster"
+    extra = f'{CLOCKED_TOKENS}\n[routes.{name}]\nformat = "grafana"\nto = ["+12025550143"]\n'
+    extra += 'token = "route-secret-token-0123456789"\n'
+    async with running_bridge(bridge_config(tmp_path, sandbox_url, extra), clock) as (_, url):
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        )
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        for path in ("/ui/messages", f"/ui/messages?route={name}", f"/ui/routes/{name}"):
+            await page.goto(url + path)
+            overflow = await page.evaluate(
+                "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert overflow <= 0, f"{path} scrolls sideways on a phone by {overflow}px"
+        await page.goto(f"{url}/ui/messages")
+        await page.get_by_label("Route").select_option(name)  # still chosen whole
+        await page.get_by_role("button", name="Filter").click()
+        await page.wait_for_url(re.compile(f".*route={name}.*"))
+        await context.close()
+    assert errors.errors == []
