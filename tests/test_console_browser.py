@@ -521,3 +521,41 @@ async def test_a_long_route_name_stays_on_a_phones_screen(
         await page.wait_for_url(re.compile(f".*route={name}.*"))
         await context.close()
     assert errors.errors == []
+
+
+async def test_a_refusal_quoting_a_long_value_wraps_on_a_phone(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """What the console refuses it quotes (a group name typed, a recipient in a pasted
+    payload, a query): one long run without spaces (a pasted URL or token) went past a
+    phone's right edge, the words after it off the screen. Wrapped now, as reasons are."""
+    errors = ConsoleErrors()
+    run = "https://alerts.example/" + "x" * 120
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (_, url):
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        )
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+
+        async def wrapped(where: str) -> None:
+            alert = page.get_by_role("alert")
+            assert run in await alert.inner_text(), where
+            box = await alert.bounding_box()
+            assert box is not None and box["x"] + box["width"] <= 390, where
+            overflow = await page.evaluate(
+                "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert overflow <= 0, f"{where} scrolls sideways on a phone by {overflow}px"
+
+        await page.goto(f"{url}/ui/send")
+        await page.get_by_label("To").fill(run)
+        await page.get_by_role("button", name="Send").click()
+        await page.get_by_role("alert").wait_for()
+        await wrapped("the send form")
+        await page.goto(f"{url}/ui/messages?state={run}")
+        await wrapped("the error page")
+        await context.close()
+    assert [e for e in errors.errors if "400" not in e] == []
