@@ -527,12 +527,31 @@ async def test_a_refusal_quoting_a_long_value_wraps_on_a_phone(
     tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
 ) -> None:
     """What the console refuses it quotes (a group name typed, a recipient in a pasted
-    payload, a query): one long run without spaces (a pasted URL or token) went past a
-    phone's right edge, the words after it off the screen. Wrapped now, as reasons are."""
+    payload, a query, an event typed): one long run without spaces (a pasted URL or
+    token) went past a phone's right edge, the words after it off the screen: the send
+    form, the error pages, a route's last call and a preview's "ignored" line. Wrapped
+    now, as reasons are."""
     errors = ConsoleErrors()
     run = "https://alerts.example/" + "x" * 120
-    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    extra = f"""{CLOCKED_TOKENS}
+    [routes.anyjson]
+    format = "generic"
+    allow_payload_to = true
+    token = "route-secret-token-0123456789"
+    [routes.gh]
+    format = "github"
+    to = ["+12025550143"]
+    secret = "route-secret-token-0123456789"
+    """
+    config = bridge_config(tmp_path, sandbox_url, extra)
     async with running_bridge(config, clock) as (_, url):
+        async with httpx.AsyncClient(base_url=url) as http:
+            refused = await http.post(
+                "/hooks/anyjson",
+                json={"to": [run], "message": "disk full"},
+                headers={"Authorization": "Bearer route-secret-token-0123456789"},
+            )
+            assert refused.status_code == 400 and run in refused.text
         context = await browser.new_context(
             viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
         )
@@ -540,10 +559,9 @@ async def test_a_refusal_quoting_a_long_value_wraps_on_a_phone(
         errors.watch(page)
         await sign_in(page, url, ADMIN)
 
-        async def wrapped(where: str) -> None:
-            alert = page.get_by_role("alert")
-            assert run in await alert.inner_text(), where
-            box = await alert.bounding_box()
+        async def wrapped(where: str, shown) -> None:  # type: ignore[no-untyped-def]
+            assert run in await shown.inner_text(), where
+            box = await shown.bounding_box()
             assert box is not None and box["x"] + box["width"] <= 390, where
             overflow = await page.evaluate(
                 "document.documentElement.scrollWidth - document.documentElement.clientWidth"
@@ -554,8 +572,14 @@ async def test_a_refusal_quoting_a_long_value_wraps_on_a_phone(
         await page.get_by_label("To").fill(run)
         await page.get_by_role("button", name="Send").click()
         await page.get_by_role("alert").wait_for()
-        await wrapped("the send form")
+        await wrapped("the send form", page.get_by_role("alert"))
         await page.goto(f"{url}/ui/messages?state={run}")
-        await wrapped("the error page")
+        await wrapped("the error page", page.get_by_role("alert"))
+        await page.goto(f"{url}/ui/routes/anyjson")
+        await wrapped("a route's last call", page.locator("dd", has_text="400:"))
+        await page.goto(f"{url}/ui/routes/gh")
+        await page.get_by_label("X-GitHub-Event (the event)").fill(run)
+        await page.get_by_role("button", name="Preview", exact=True).click()
+        await wrapped("a preview ignored", page.locator("section.preview p"))
         await context.close()
     assert [e for e in errors.errors if "400" not in e] == []
