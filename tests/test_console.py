@@ -629,6 +629,41 @@ async def test_overview_counts_ratio_rate_and_storms(
         assert 'aria-labelledby="chart-title chart-desc"' in html.text
 
 
+async def test_a_day_with_nothing_sent_has_spent_nothing(served_bridge) -> None:
+    """Before the day's first send the overview said "Spend: unknown; 0 of 5 counted
+    against the cap" (a sum over no rows): nothing sent costs 0. A text sent whose price
+    is not known yet is still "unknown"."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        await send(http, "+12025550143", "disk full")  # queued: not sent, nothing spent
+        await sign_in(http, READER)
+        today = (await http.get("/ui/overview.json")).json()["today"]
+        assert today["texts"] == 0 and today["cost"] == 0, today
+        html = (await http.get("/ui/")).text
+        spend = html[html.index("<dt>Spend</dt>") :].split("</dd>")[0]
+        assert "<dd>0" in spend and "unknown" not in spend, spend
+
+
+async def test_todays_figures_count_a_text_in_flight_as_the_caps_do(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str
+) -> None:
+    """A text being sent (a provider call under way, or one whose lease has not run out)
+    counts against the daily caps already; the Today card left it out until its answer:
+    "SMS parts 0 of 4" while the next text waited for tomorrow's budget. Both stores."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    in_flight = NewMessage(
+        "+12025550143", "disk full", "http", "SMS", 1, 3, state=State.SENDING, token="root"
+    )
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await seed(bridge.store, [in_flight], clock.now())
+        await sign_in(http, READER)
+        today = (await http.get("/ui/overview.json")).json()["today"]
+    assert (today["texts"], today["parts"], today["tokens"]) == (1, 3, {"root": 1}), today
+
+
 async def test_routes_show_auth_snippets_last_call_and_never_a_secret(served_bridge) -> None:
     _, url = served_bridge
     async with httpx.AsyncClient(base_url=url) as http:

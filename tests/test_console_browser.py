@@ -420,3 +420,166 @@ async def test_the_overview_lists_the_latest_failure_first(
         assert await page.get_by_text("cancelled messages are left out").is_visible()
         await context.close()
     assert errors.errors == []
+
+
+async def test_the_list_keeps_refreshing_after_a_click_in_it(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """A click in the messages table (to select a number, or a ctrl-click opening a
+    message in another tab) leaves the mouse's focus there: the list stopped refreshing
+    until the focus left it, silently, with "Pause updates" still offered. Only the
+    keyboard's focus holds the refresh, so that Tab never loses its place."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+        first = NewMessage("+12025550144", "disk full on db-1", "http", "SMS", 1, 1)
+        await seed(bridge.store, [first], clock.now())
+        context = await browser.new_context()
+        page = await context.new_page()
+        errors.watch(page)
+        await page.clock.install()
+        await sign_in(page, url, ADMIN)
+        await page.goto(f"{url}/ui/messages")
+        rows = page.locator("table.messages tbody tr")
+        await page.get_by_text("disk full on db-1").click()  # the mouse, in the table
+        assert await page.evaluate("document.activeElement.className") == "table-wrap"
+
+        second = NewMessage("+12025550145", "disk full on db-2", "http", "SMS", 1, 1)
+        await seed(bridge.store, [second], clock.now())
+        await page.clock.run_for(11_000)  # past the list's 10 s refresh
+        await page.get_by_text("disk full on db-2").wait_for(timeout=WAIT_MS)
+        assert await rows.count() == 2
+        await context.close()
+    assert errors.errors == []
+
+
+async def test_a_lockout_is_said_on_the_sign_in_page_not_in_raw_json(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """Wrong tokens from the operator's address lock it out; their session passes, and
+    sign-in waits. Signing out then landed on `{"error": "too many failed logins..."}`
+    as bare text, and so did the sign-in form's post: the sign-in page says it now, with
+    the wait (503 and Retry-After as before, the token typed not even read)."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (_, url):
+        context = await browser.new_context()
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        async with httpx.AsyncClient(base_url=url) as http:
+            for n in range(10):
+                wrong = {"Authorization": f"Bearer wrong-token-{n:04d}-0123456789"}
+                assert (await http.get("/api/v1/messages", headers=wrong)).status_code == 401
+        assert (await page.goto(f"{url}/ui/messages")).status == 200  # type: ignore[union-attr]
+
+        async with page.expect_response(f"{url}/ui/signin") as signed_out:
+            await page.get_by_role("button", name="Sign out").click()
+        answer = await signed_out.value
+        assert answer.status == 503 and answer.headers["retry-after"] == "300"
+        alert = page.get_by_role("alert")
+        assert "try again in 300 s" in await alert.inner_text()
+
+        clock.advance(60)
+        await page.get_by_label("API token").fill(ADMIN)
+        async with page.expect_response(f"{url}/ui/signin") as posted:
+            await page.get_by_role("button", name="Sign in").click()
+        assert (await posted.value).status == 503
+        assert "try again in 240 s" in await page.get_by_role("alert").inner_text()
+        await page.goto(f"{url}/ui/")
+        assert "/ui/signin" in page.url  # not signed in by the right token
+        await context.close()
+    assert [e for e in errors.errors if "503" not in e] == []
+
+
+async def test_a_long_route_name_stays_on_a_phones_screen(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """The messages page's Route filter is as wide as its longest option: a route named
+    as people name them (`grafana-production-alerts-for-the-database-cluster`) pushed
+    it, and the page, 80 px past a phone's right edge."""
+    errors = ConsoleErrors()
+    name = "grafana-production-alerts-for-the-database-cluster"
+    extra = f'{CLOCKED_TOKENS}\n[routes.{name}]\nformat = "grafana"\nto = ["+12025550143"]\n'
+    extra += 'token = "route-secret-token-0123456789"\n'
+    async with running_bridge(bridge_config(tmp_path, sandbox_url, extra), clock) as (_, url):
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        )
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        for path in ("/ui/messages", f"/ui/messages?route={name}", f"/ui/routes/{name}"):
+            await page.goto(url + path)
+            overflow = await page.evaluate(
+                "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert overflow <= 0, f"{path} scrolls sideways on a phone by {overflow}px"
+        await page.goto(f"{url}/ui/messages")
+        await page.get_by_label("Route").select_option(name)  # still chosen whole
+        await page.get_by_role("button", name="Filter").click()
+        await page.wait_for_url(re.compile(f".*route={name}.*"))
+        await context.close()
+    assert errors.errors == []
+
+
+async def test_a_refusal_quoting_a_long_value_wraps_on_a_phone(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """What the console refuses it quotes (a group name typed, a recipient in a pasted
+    payload, a query, an event typed): one long run without spaces (a pasted URL or
+    token) went past a phone's right edge, the words after it off the screen: the send
+    form, the error pages, a route's last call and a preview's "ignored" line. Wrapped
+    now, as reasons are."""
+    errors = ConsoleErrors()
+    run = "https://alerts.example/" + "x" * 120
+    extra = f"""{CLOCKED_TOKENS}
+    [routes.anyjson]
+    format = "generic"
+    allow_payload_to = true
+    token = "route-secret-token-0123456789"
+    [routes.gh]
+    format = "github"
+    to = ["+12025550143"]
+    secret = "route-secret-token-0123456789"
+    """
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (_, url):
+        async with httpx.AsyncClient(base_url=url) as http:
+            refused = await http.post(
+                "/hooks/anyjson",
+                json={"to": [run], "message": "disk full"},
+                headers={"Authorization": "Bearer route-secret-token-0123456789"},
+            )
+            assert refused.status_code == 400 and run in refused.text
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        )
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+
+        async def wrapped(where: str, shown) -> None:  # type: ignore[no-untyped-def]
+            assert run in await shown.inner_text(), where
+            box = await shown.bounding_box()
+            assert box is not None and box["x"] + box["width"] <= 390, where
+            overflow = await page.evaluate(
+                "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert overflow <= 0, f"{where} scrolls sideways on a phone by {overflow}px"
+
+        await page.goto(f"{url}/ui/send")
+        await page.get_by_label("To").fill(run)
+        await page.get_by_role("button", name="Send").click()
+        await page.get_by_role("alert").wait_for()
+        await wrapped("the send form", page.get_by_role("alert"))
+        await page.goto(f"{url}/ui/messages?state={run}")
+        await wrapped("the error page", page.get_by_role("alert"))
+        await page.goto(f"{url}/ui/routes/anyjson")
+        await wrapped("a route's last call", page.locator("dd", has_text="400:"))
+        await page.goto(f"{url}/ui/routes/gh")
+        await page.get_by_label("X-GitHub-Event (the event)").fill(run)
+        await page.get_by_role("button", name="Preview", exact=True).click()
+        await wrapped("a preview ignored", page.locator("section.preview p"))
+        await context.close()
+    assert [e for e in errors.errors if "400" not in e] == []

@@ -59,6 +59,17 @@ async def test_the_days_spend_reads_the_days_rows(traced: Traced) -> None:
         assert all(line.startswith("SEARCH") for line in on_messages(plan)), plan
 
 
+async def test_the_overviews_day_reads_the_days_rows_as_the_caps_do(traced: Traced) -> None:
+    # Its texts, parts and cost in flight too, as the caps count them (`SPENT`): the OR
+    # still reads through the indexes, not the whole table.
+    store, plans = traced
+    await store.overview(now=90000.0, day_start=86400.0, since=86400.0)
+    found = plans("FROM messages WHERE (sent_at >=")
+    assert len(found) == 3  # the day's totals, per route, per token
+    for plan in found:
+        assert all(line.startswith("SEARCH") for line in on_messages(plan)), plan
+
+
 async def test_retention_finds_old_messages_by_creation_time(traced: Traced) -> None:
     store, plans = traced
     await store.purge(86400.0)

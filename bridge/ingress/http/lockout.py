@@ -15,7 +15,8 @@ verified from it before (`vouch`: a token, a route's token or basic auth, GitLab
 token) passes it, when every credential the request carries is one of those
 (`FailureThrottle.trust`). A request with a signature over its body (GitHub, Grafana),
 or the sign-in form's token, carries nothing that could be vouched for: it waits for the
-lockout's end as before. A request with no credential at all guesses nothing and is not
+lockout's end as before (the console's sign-in page, not bare JSON, says so to a browser:
+`locked_for`). A request with no credential at all guesses nothing and is not
 refused: an open route's sender or the open API's on a loopback install (Alertmanager,
 cron), a console page of a signed-in session (its cookie is 256 random bits, not
 guessed, and a wrong one is not counted either).
@@ -48,6 +49,14 @@ SIGNATURE_HEADERS = frozenset({b"x-hub-signature-256", b"x-hub-signature"})
 CREDENTIAL_HEADERS = STATIC_CREDENTIAL_HEADERS | SIGNATURE_HEADERS
 SIGNIN_PATH = "/ui/signin"  # the sign-in form posts a token: a guess, never vouched for
 _VOUCHED = "sms_bridge.vouched"  # the request's credentials its handler verified
+_LOCKED = "sms_bridge.locked_for"  # a sign-in refused: seconds left, for its page to say
+
+
+def locked_for(scope: Scope) -> float:
+    """Seconds the lockout keeps this console sign-in (its form or its post) waiting, or
+    0: the console's sign-in page answers it 503 itself, the token not even read."""
+    wait = scope.get(_LOCKED, 0.0)
+    return float(wait)
 
 
 def vouch(scope: Scope, credential: str) -> None:
@@ -95,6 +104,11 @@ class AuthLockout:
                 "HTTP request from %s refused: locked out after failed logins",
                 host,
             )
+            if scope.get("path") == SIGNIN_PATH:
+                # A browser's page: the console's sign-in page says why, not bare JSON.
+                scope[_LOCKED] = wait
+                await self.app(scope, receive, send)
+                return
             await _refuse(scope, receive, send, wait)
             return
         if not presents:  # guesses nothing: passes a lockout (an open route's sender)

@@ -293,13 +293,13 @@ class QueryOps(Base):
                 # What the caps count: the warnings' parts and cost left out.
                 " coalesce(sum(parts) FILTER (WHERE source <> 'budget'), 0),"
                 " coalesce(sum(coalesce(cost, estimated_cost)) FILTER (WHERE source <> 'budget'), 0)"
-                " FROM messages WHERE sent_at >= $1",
+                f" FROM messages WHERE {SPENT}",  # in flight too, as the caps count
                 day_start,
             )
             by: dict[str, dict[str, int]] = {}
             for column in ("route", "token"):  # texts sent today per route and API token
                 rows = await c.fetch(
-                    f"SELECT {column}, count(*) FROM messages WHERE sent_at >= $1"
+                    f"SELECT {column}, count(*) FROM messages WHERE {SPENT}"
                     f" AND {column} IS NOT NULL AND source <> 'budget' GROUP BY {column}",
                     day_start,
                 )

@@ -17,6 +17,7 @@ from sqlite_utils import Database
 import bridge.store.totals as totals
 from bridge.models import MAX_ROW_ID, OTHER_REASON, Message
 from bridge.store.sqlite.base import EngineBound
+from bridge.store.sqlite.queries import SPENT
 from bridge.store.sqlite.schema import JSON_IDS, MENTIONED, MENTIONS
 
 # `sent` too: past status.give_up_after nothing will move it any more.
@@ -113,19 +114,19 @@ class ConsoleQueries(EngineBound):
                 # What the caps count: the warnings' parts and cost left out.
                 " coalesce(sum(CASE WHEN source != 'budget' THEN parts END), 0),"
                 " coalesce(sum(CASE WHEN source != 'budget' THEN coalesce(cost, estimated_cost) END), 0)"
-                " FROM messages WHERE sent_at >= ?",
+                f" FROM messages WHERE {SPENT}",  # in flight too, as the caps count
                 (day_start,),
             ).fetchone()
             routes = dict(
                 c.execute(
-                    "SELECT route, count(*) FROM messages WHERE sent_at >= ?"
+                    f"SELECT route, count(*) FROM messages WHERE {SPENT}"
                     " AND route IS NOT NULL GROUP BY route",
                     (day_start,),
                 ).fetchall()
             )
             tokens = dict(
                 c.execute(
-                    "SELECT token, count(*) FROM messages WHERE sent_at >= ?"
+                    f"SELECT token, count(*) FROM messages WHERE {SPENT}"
                     " AND token IS NOT NULL AND source != 'budget' GROUP BY token",
                     (day_start,),
                 ).fetchall()

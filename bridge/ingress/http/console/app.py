@@ -114,6 +114,10 @@ class Console(Gate):
         delivered, failed = answers.get("delivered", 0), answers.get("failed", 0)
         status = self.status()
         today = summary["today"]
+        if today["cost"] is None and not today["texts"] and not today["warnings"]:
+            # The store's sum over no rows: nothing sent today has cost nothing (unknown
+            # is for texts sent whose price the provider has not reported yet).
+            today = {**today, "cost": 0.0}
         caps = {
             "texts_per_day": config.budget.texts_per_day,
             "parts_per_day": config.budget.parts_per_day,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize,
 from bridge.ingress.http.bodies import read_bounded
 from bridge.ingress.http.console.routes import encoding_name
 from bridge.ingress.http.console.sessions import COOKIE, LIFETIME, Session, Sessions
-from bridge.ingress.http.lockout import vouch
+from bridge.ingress.http.lockout import locked_for, vouch
 from bridge.models import iso_time
 from bridge.ops.logs import mask
 
@@ -359,8 +360,22 @@ class Gate:
         if session is None:
             new_id, session = self.sessions.create(now)
         visitor = Caller(VISITOR, session, new_id)
-        data = {"next": _safe_next(request.query_params.get("next")), "error": None}
+        target = _safe_next(request.query_params.get("next"))
+        if wait := locked_for(request.scope):
+            return self._locked_out(request, visitor, target, wait)
+        data = {"next": target, "error": None}
         response = self._render(request, visitor, "signin.html", data)
+        response.headers["x-robots-tag"] = "noindex"
+        return response
+
+    def _locked_out(self, request: Request, visitor: Caller, target: str, wait: float) -> Response:
+        """The sign-in page while the lockout keeps this address waiting (503, as the
+        lockout answers everything else it refuses)."""
+        seconds = max(1, math.ceil(wait))
+        problem = f"Too many failed logins from this address: try again in {seconds} s."
+        data = {"next": target, "error": problem}
+        response = self._render(request, visitor, "signin.html", data, 503)
+        response.headers["retry-after"] = str(seconds)
         response.headers["x-robots-tag"] = "noindex"
         return response
 
@@ -370,6 +385,8 @@ class Gate:
         old_id = request.cookies.get(COOKIE)
         session = self.sessions.get(old_id, now)
         visitor = Caller(VISITOR, session)
+        if wait := locked_for(request.scope):  # the token typed is not even read
+            return self._locked_out(request, visitor, "/ui/", wait)
         try:
             form = await self._form(request, visitor)
         except Refused as exc:

@@ -35,9 +35,24 @@
     live.parentNode.insertBefore(toggle, live);
   }
 
+  // Never replace what the keyboard is on: Tab would lose its place. The mouse's focus
+  // (a click in a table, a ctrl-click opening a message in a new tab) does not hold the
+  // refresh, or the page stopped updating until something outside it was clicked.
+  function keyboardIn(element) {
+    var focused = document.activeElement;
+    if (!focused || focused === document.body || !element.contains(focused)) {
+      return false;
+    }
+    try {
+      return focused.matches(":focus-visible");
+    } catch (error) {
+      return true; // a browser without :focus-visible: any focus holds it, as before
+    }
+  }
+
   function refresh() {
-    // Never replace what the keyboard is on, nor refresh an unseen tab.
-    if (paused || document.hidden || live.contains(document.activeElement)) {
+    // Nor refresh an unseen tab.
+    if (paused || document.hidden || keyboardIn(live)) {
       return;
     }
     fetch(window.location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
