@@ -37,6 +37,7 @@ Problem = Callable[[str, str], None]
 def validate(config: Config, problem: Problem) -> None:
     """Every cross-key check of a loaded config; each problem goes to `problem(key, why)`."""
     _validate_sections(config, problem)
+    _validate_budget(config, problem)
     _validate_tokens(config, problem)
     _validate_http(config, problem)
     validate_protected(config, problem)
@@ -76,6 +77,30 @@ def purge_problem(config: Config, age: float) -> str | None:
         f"under a day while {caps[0]} is set: the daily caps count the messages sent today"
         " and a purge would forget them (the caps would let more through); use 1d or more"
     )
+
+
+def _validate_budget(config: Config, problem: Problem) -> None:
+    """The daily caps, and the retention they rest on."""
+    b = config.budget
+    if b.on_exceeded not in ("wait", "fail"):
+        problem("budget.on_exceeded", "must be wait or fail")
+    # Each by its own key: a negative parts_per_day was reported as texts_per_day, and a
+    # route's negative max_texts_per_day (a typo for a cap) meant no cap at all.
+    negative: list[tuple[str, float]] = [
+        ("budget.texts_per_day", b.texts_per_day),
+        ("budget.parts_per_day", b.parts_per_day),
+        ("budget.low_balance", b.low_balance),
+    ]
+    negative += [
+        (f"routes.{n}.max_texts_per_day", r.max_texts_per_day) for n, r in config.routes.items()
+    ]
+    for key, value in negative:
+        if value < 0:
+            problem(key, "must be 0 (off) or more")
+    if b.cost_per_day < 0:
+        problem("budget.cost_per_day", "must be 0 (no cap) or more")
+    if config.store.retention > 0 and (why := purge_problem(config, config.store.retention)):
+        problem("store.retention", f"{why} (or 0 to keep every message)")
 
 
 def _validate_sections(config: Config, problem: Problem) -> None:
@@ -132,22 +157,6 @@ def _validate_sections(config: Config, problem: Problem) -> None:
         problem("provider.arabic_type", "must be 2 (Unicode) or 4 (the provider's Arabic type)")
     if config.limits.per_recipient < 0:
         problem("limits.per_recipient", "must be 0 (off) or more")
-    b = config.budget
-    if b.on_exceeded not in ("wait", "fail"):
-        problem("budget.on_exceeded", "must be wait or fail")
-    # Each by its own key: a negative parts_per_day was reported as texts_per_day, and a
-    # route's negative max_texts_per_day (a typo for a cap) meant no cap at all.
-    negative: list[tuple[str, float]] = [
-        ("budget.texts_per_day", b.texts_per_day),
-        ("budget.parts_per_day", b.parts_per_day),
-        ("budget.low_balance", b.low_balance),
-    ]
-    negative += [
-        (f"routes.{n}.max_texts_per_day", r.max_texts_per_day) for n, r in config.routes.items()
-    ]
-    for key, value in negative:
-        if value < 0:
-            problem(key, "must be 0 (off) or more")
     _validate_listener_limits(config, problem)
     if not 1 <= config.limits.max_parts <= 10:
         problem("limits.max_parts", "must be between 1 and 10")
@@ -162,8 +171,6 @@ def _validate_sections(config: Config, problem: Problem) -> None:
             "store.url",
             'a "/", "?", "#" or "@" in the password must be written %2F, %3F, %23, %40',
         )
-    if config.store.retention > 0 and (why := purge_problem(config, config.store.retention)):
-        problem("store.retention", f"{why} (or 0 to keep every message)")
     if not 5 <= config.cluster.lease <= 3600:
         # Shorter than a send's timeout would hand live sends to another instance.
         problem("cluster.lease", "must be between 5s and 1h")
@@ -225,8 +232,6 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
             )
     if config.http.max_recipients < 0:
         problem("http.max_recipients", "must be 0 (no cap) or more")
-    if config.budget.cost_per_day < 0:
-        problem("budget.cost_per_day", "must be 0 (no cap) or more")
     for index, sender_id in enumerate(config.provider.allowed_sender_ids):
         if not valid_sender_id(sender_id):
             problem(f"provider.allowed_sender_ids[{index}]", SENDER_ID_RULE)
