@@ -333,6 +333,11 @@ def national_number(e164: str) -> str:
 
 
 def _learn(e164: str, number: phonenumbers.PhoneNumber | None) -> NumberFacts:
+    if number is not None and number.italian_leading_zero:
+        # Read as written, a 0 after the code stays part of the number ("+358 0353..."
+        # keeps it, region None); read from its E.164 form the library takes it for a
+        # trunk prefix (+358 353..., a Finnish fixed line). The facts are the E.164's.
+        number = None
     try:
         if number is None:
             number = phonenumbers.parse(e164, None)

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import phonenumbers
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
@@ -763,6 +763,10 @@ def test_without_the_librarys_helpers_the_facts_come_from_its_public_calls(
     region=st.sampled_from([None, "US", "GB", "DE", "IT", "FR", "AU", "IN"]),
     written=st.sampled_from(["+{code}{national}", "00{code} {national}", "0{national}"]),
 )
+# A 0 after the code, kept as written (+358 0353...: region None, "not assigned"), which the
+# library reads from the E.164 form as a trunk prefix (a Finnish fixed line).
+@example(code=358, national="0035310730", region="GB", written="00{code} {national}")
+@example(code=358, national="009177656032", region=None, written="+{code}{national}")
 def test_number_facts_match_the_library_on_any_digits(
     code: int, national: str, region: str | None, written: str
 ) -> None:
