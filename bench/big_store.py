@@ -99,7 +99,7 @@ def fill(path: Path, count: int, days: float, now: float) -> None:
     columns = (
         "id, recipient, text, source, sender_id, message_type, parts, route, dedupe_key,"
         " state, reason, attempts, provider_message_id, cost, created_at, updated_at,"
-        " next_attempt_at, sent_at, reason_kind, estimated_cost, token"
+        " next_attempt_at, sent_at, reason_kind, estimated_cost, token, due_at"
     )
     marks = ",".join("?" * len(columns.split(",")))
     messages, events = [], []
@@ -142,6 +142,7 @@ def fill(path: Path, count: int, days: float, now: float) -> None:
                 kind,
                 round(0.04 * parts, 4),
                 token,
+                created,
             )
         )
         at = created

@@ -95,6 +95,9 @@ class Message:
     instance: str | None
     unknown_resends: int = 0
     token: str | None = None  # the [tokens.NAME] that sent it: its daily cap counts it
+    # When it became due: stored, its schedule time, or the end of the daily cap's hold
+    # it waited for; a retry's backoff and a claim leave it (its age counts from it).
+    due_at: float = 0.0
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Message:
@@ -108,6 +111,7 @@ class Message:
         out["state"] = str(self.state)
         out.pop("solo")
         out.pop("claimed_at")
+        out.pop("due_at")  # the queue's own bookkeeping, not in the API
         for key in ("created_at", "updated_at", "next_attempt_at", "sent_at"):
             out[key] = iso_time(out[key])
         # Stored in UTC without a zone (the provider's format): written bare, it read as

@@ -544,6 +544,39 @@ async def test_a_text_the_caps_let_go_is_no_longer_held_by_the_budget(
 
 
 @on_each_backend
+async def test_a_text_held_until_midnight_is_retried_then_and_due_since_then(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """texts_per_day = 1 and two alerts at 10:00 UTC: the second waits for 00:00. Its
+    claim then forgot the hold (the reason kind `budget`), so its age counted from
+    10:00: one 500 at 00:00 failed it ("gave up after 2 attempts", 14 h past
+    provider.retry_max_age), and /metrics read it as queued for 14 h. Now it is due
+    since 00:00 (its due_at): retried and sent, and its age is the retry's seconds."""
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 1\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        _, second = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(2)]
+        await steps(bridge, clock, 30)
+        assert len(sandbox_state.entries) == 1
+        clock.advance(86400 - clock.now() % 86400)  # 00:00 UTC: the caps' new day
+        sandbox_state.faults.append(Fault(status=500, path="/send"))
+        await bridge.dispatcher.run_once()  # claimed, answered 500
+        for _ in range(100):  # the attempt's outcome stored
+            if (await bridge.store.get(second)).state != State.SENDING:
+                break
+            await steps(bridge, clock, 0.1)
+        retrying = (await http.get(f"{url}/api/v1/messages/{second}")).json()
+        age = queue_age((await http.get(f"{url}/metrics")).text)
+        await steps(bridge, clock, 120)
+        sent = (await http.get(f"{url}/api/v1/messages/{second}")).json()
+    assert [r.status for r in sandbox_state.requests if r.path.endswith("/send")][-2:] == [500, 200]
+    assert retrying["state"] == "queued" and "retrying" in retrying["reason"], retrying
+    assert age < 60
+    assert sent["state"] == "sent" and sent["attempts"] == 2, sent
+    assert len(sandbox_state.entries) == 2
+
+
+@on_each_backend
 async def test_texts_held_for_tomorrow_or_kept_for_their_time_are_not_waiting(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

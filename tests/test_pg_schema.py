@@ -14,7 +14,8 @@ from bridge.store.postgres.migrate import check_schema, migrate
 from bridge.store.postgres.pool import Database
 from bridge.store.postgres.queries import MENTIONED_BY, PURGE, RECENT_FAILURES
 from bridge.store.postgres.schema import LATEST, MIGRATIONS
-from bridge.store.totals import OLDEST_DUE_POSTGRES
+from bridge.store.totals import OLDEST_DUE
+from tests.test_store_sqlite import PREVIOUS_ROWS
 
 
 @pytest.fixture
@@ -83,6 +84,20 @@ async def test_an_older_schema_is_refused_then_upgraded_with_its_rows(empty_db: 
         row = await conn.fetchrow("SELECT * FROM messages WHERE id = $1", message_id)
     assert row["text"] == "disk full" and row["state"] == "queued"
     assert row["claimed_by"] is None and row["lease_until"] is None  # version 2's columns
+
+
+async def test_version_9_gives_the_stored_messages_when_they_became_due(
+    empty_db: Database,
+) -> None:
+    # The same three as SQLite's 0013 test: stored at 100, scheduled for 00:10 (600), held
+    # by a daily cap until 5000.
+    await migrate(empty_db, target=LATEST - 1)
+    async with empty_db.transaction() as conn:
+        await conn.execute(PREVIOUS_ROWS)
+    assert [m.version for m in await migrate(empty_db)] == [LATEST]
+    async with empty_db.connection() as conn:
+        due = [r[0] for r in await conn.fetch("SELECT due_at FROM messages ORDER BY id")]
+    assert due == [100.0, 600.0, 5000.0]
 
 
 async def test_a_newer_unknown_schema_is_refused_and_left_alone(empty_db: Database) -> None:
@@ -163,7 +178,7 @@ async def test_a_scrape_finds_the_oldest_queued_among_the_queued(empty_db: Datab
     # until a queued one: the whole index when nothing is queued (260 ms a scrape on a
     # million messages). The newest few are queued, as the statistics of a live store say.
     state = "CASE WHEN n > 19950 THEN 'queued' ELSE 'delivered' END"
-    plan = await plan_on_20000(empty_db, state, "NULL", OLDEST_DUE_POSTGRES)
+    plan = await plan_on_20000(empty_db, state, "NULL", OLDEST_DUE)
     assert "messages_created_at" not in plan and "messages_due" in plan, plan
 
 

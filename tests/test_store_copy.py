@@ -6,6 +6,7 @@ ids continue after the copied ones). Refusals: a source in use, a target with da
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,16 @@ async def _pg_count(url: str, table: str) -> int:
         await conn.close()
 
 
+async def _pg_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return [tuple(r) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
 async def _pg_read(url: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """The running totals' figures, and the same aggregated from every row."""
     store = PostgresStore(url)
@@ -135,6 +146,13 @@ def test_a_sqlite_store_copied_into_postgresql_carries_on_there(
         f" {db} into {postgres_url} (message ids up to {top}; new ones continue after it)"
     )
     assert run_async(lambda: _pg_count(postgres_url, "events")) == events
+    # When each became due (not in the API's view: the retries' and the queue age's start).
+    due = "SELECT id, due_at FROM messages ORDER BY id"
+    source = sqlite3.connect(db)
+    try:
+        assert run_async(lambda: _pg_rows(postgres_url, due)) == source.execute(due).fetchall()
+    finally:
+        source.close()
 
     # One-shot: the same copy again is refused, nothing changed; --replace redoes it.
     again = _copy(tmp_path, db, postgres_url)

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlite_utils import Database
 
 from bridge.clock import ManualClock
 from bridge.config import StoreConfig
@@ -21,6 +22,7 @@ from bridge.store import open_store
 from bridge.store.postgres.store import PostgresStore
 from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite.engine import whole_database
+from bridge.store.sqlite.schema import migrations
 from tests.helpers import bridge_config, running_bridge
 from tests.stores import FaultySqliteStore, faulty_store, seed
 
@@ -173,3 +175,36 @@ async def test_a_full_database_is_every_jobs_error_a_broken_constraint_one_jobs(
     with pytest.raises(StoreUnavailable) as refused:
         await sqlite.on_writer(constraint)
     assert not whole_database(refused.value.__cause__)  # type: ignore[arg-type]
+
+
+# A store 0012 left: one text stored at 100, one scheduled for 00:10 (600), one a daily
+# cap holds until 5000 (PostgreSQL's test_pg_schema has the same three).
+PREVIOUS_ROWS = (
+    "INSERT INTO messages (recipient, text, source, sender_id, message_type, parts, state,"
+    " schedule_time, reason_kind, created_at, updated_at, next_attempt_at) VALUES"
+    " ('+12025550143', 'a', 'http', 'SMS', 1, 1, 'queued', NULL, NULL, 100, 100, 100),"
+    " ('+12025550143', 'b', 'http', 'SMS', 1, 1, 'queued', '1970-01-01 00:10:00', NULL,"
+    " 100, 100, 100),"
+    " ('+12025550143', 'c', 'http', 'SMS', 1, 1, 'queued', NULL, 'budget', 100, 100, 5000)"
+)
+
+
+async def test_a_store_of_the_previous_schema_gets_when_each_message_was_due(tmp_path) -> None:
+    """0013 keeps when a message became due (due_at); the rows stored before get the
+    time the oldest queued age counted from: stored, scheduled, or the hold's end."""
+    path = tmp_path / "old.db"
+    db = Database(sqlite3.connect(path))
+    migrations.apply(db, stop_before="0013_due_at")
+    db.execute(PREVIOUS_ROWS)
+    db.conn.commit()
+    db.conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        due = [(await store.get(i)).due_at for i in (1, 2, 3)]
+        [new] = await seed(store, [MESSAGE], 7000.0)
+        fresh = await store.get(new)
+    finally:
+        await store.close()
+    assert due == [100.0, 600.0, 5000.0]
+    assert fresh.due_at == 7000.0

@@ -278,7 +278,7 @@ class Dispatcher:
                 " then, without schedule_time"
             )
             late = await self.store.requeue(
-                [m.id], now, owner=self.owner, at=until, reason=reason, queued=True
+                [m.id], now, owner=self.owner, at=until, reason=reason, queued=True, due=True
             )
             self.outcomes.not_held(late, reason, queued=True)
             if not late:  # queued it stays: no state change, so an event says why
@@ -363,6 +363,7 @@ class Dispatcher:
                     reason=waiting,
                     reason_kind="budget",
                     queued=True,
+                    due=True,  # its age counts from 00:00, not from when it was stored
                 )
                 self.outcomes.not_held(late, waiting, queued=True)
                 # The state stays queued, which leaves no event: the timeline says why

@@ -41,7 +41,6 @@ from bridge.health import ProviderHealth
 from bridge.models import Message, State
 from bridge.policy.budgets import BudgetGuard
 from bridge.provider.client import ProviderFailed, SendResult, TransientUnknownOutcome
-from bridge.schedule import scheduled_epoch
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
@@ -242,9 +241,9 @@ class Outcomes:
         for m in batch:
             delay = max(self.backoff(m.attempts + 1), exc.retry_after or 0.0)
             # Its age from when it was due: one the bridge kept for its schedule_time
-            # (bridge.schedule) was failed at its first 5xx, stored months before.
-            due = max(m.created_at, scheduled_epoch(m.schedule_time) or 0.0)
-            if now + delay - due > self.config.retry_max_age:
+            # (bridge.schedule) was failed at its first 5xx, stored months before; one
+            # a daily cap held until 00:00 at its first 5xx after it, held for hours.
+            if now + delay - m.due_at > self.config.retry_max_age:
                 give_up.append(
                     (m.id, State.FAILED, f"gave up after {m.attempts + 1} attempts: {exc}")
                 )

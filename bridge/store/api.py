@@ -235,11 +235,14 @@ class DeliveryOperations(Protocol):
         solo: bool | None = None,
         reason_kind: str | None = None,
         queued: bool = False,
+        due: bool = False,
     ) -> list[int]:
         """`owner`'s sending rows (with `queued`: queued rows; the rule above) -> queued,
         due at `at`, no longer claimed by anyone; `refund_attempt` when the send never
         really ran (its claim's attempt; a row no longer held keeps its count); `solo` /
-        `reason_kind` replace the stored ones when given. The ids noted instead."""
+        `reason_kind` replace the stored ones when given; with `due`, `at` is also when
+        it becomes due (its `due_at`: a daily cap's hold or its schedule kept by the
+        bridge; never a retry's backoff). The ids noted instead."""
         ...
 
     async def finish(

@@ -7,16 +7,19 @@ from __future__ import annotations
 from typing import Any
 
 from bridge.models import NewMessage
+from bridge.schedule import scheduled_epoch
 
 INSERTED = (
     *("id", "recipient", "text", "source", "sender_id", "message_type", "parts", "route"),
     *("dedupe_key", "schedule_time", "state", "reason", "created_at", "updated_at"),
     *("next_attempt_at", "topic", "reason_kind", "estimated_cost", "instance", "token"),
+    "due_at",
 )
 
 
 def row(message_id: int, m: NewMessage, now: float) -> tuple[Any, ...]:
-    """`m` stored as message `message_id`, created (and due) at `now`."""
+    """`m` stored as message `message_id`, created (and due) at `now`: its `due_at` the
+    later of `now` and its schedule time."""
     return (
         message_id,
         m.recipient,
@@ -38,4 +41,5 @@ def row(message_id: int, m: NewMessage, now: float) -> tuple[Any, ...]:
         m.estimated_cost,
         m.instance,
         m.token,
+        max(now, scheduled_epoch(m.schedule_time) or 0.0),
     )

@@ -36,9 +36,9 @@ SENT = (
     "SELECT coalesce(sum(parts), 0), coalesce(sum(cost_micros), 0) FROM message_totals WHERE sent"
 )
 # Not a total: the queued few, through messages_due (state, next_attempt_at, id).
-# When a queued message became due: its schedule time, or the end of a daily budget's
-# hold (its next_attempt_at while it waits for 00:00), else when it was stored. A text
-# scheduled for later or held for tomorrow is not waiting, and a retry's backoff does not
+# When a queued message became due (its due_at): its schedule time, or the end of a
+# daily budget's hold (00:00, or the reload that released it), else when it was stored. A
+# text scheduled for later or held for tomorrow is not waiting, and a retry's backoff does not
 # move it (one failing for an hour has waited an hour). min(created_at) alone counted the
 # held and the scheduled as waiting since they were stored: the `> 600` alert fired for
 # nothing. Not a lone min(created_at) either: PostgreSQL turned that into a walk of
@@ -52,15 +52,10 @@ SCHEDULED_AT_POSTGRES = (
     "CASE WHEN {t}schedule_time ~ '^[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}} [0-9:]{{8}}$'"
     " THEN extract(epoch FROM {t}schedule_time::timestamp)::float8 END"
 )
-_DUE = (
-    "{greatest}(created_at, coalesce({scheduled_at}, 0),"
-    " CASE WHEN reason_kind = 'budget' THEN next_attempt_at ELSE 0 END)"
-)
-DUE_SQLITE = _DUE.format(greatest="max", scheduled_at=SCHEDULED_AT_SQLITE.format(t=""))
-DUE_POSTGRES = _DUE.format(greatest="greatest", scheduled_at=SCHEDULED_AT_POSTGRES.format(t=""))
-OLDEST_DUE = "SELECT min({due}) FROM messages WHERE state = 'queued'"
-OLDEST_DUE_SQLITE = OLDEST_DUE.format(due=DUE_SQLITE)
-OLDEST_DUE_POSTGRES = OLDEST_DUE.format(due=DUE_POSTGRES)
+# Kept in the row (Message.due_at) since SQLite's 0013 and PostgreSQL's version 9: worked
+# out here from reason_kind and next_attempt_at, a held text lost its hold's end when its
+# claim cleared reason_kind, and read as waiting since it was stored.
+OLDEST_DUE = "SELECT min(due_at) FROM messages WHERE state = 'queued'"
 
 
 def metric_counts(

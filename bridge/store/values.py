@@ -124,7 +124,7 @@ class Held:
 class MetricCounts:
     by_source_state: list[tuple[Any, ...]]  # (source, state, count)
     by_reason: list[tuple[Any, ...]]  # (state, reason kind, count): held, suppressed, failed
-    # When the queued message due the longest became due (bridge.store.totals._DUE):
+    # When the queued message due the longest became due (its due_at, bridge.store.totals):
     # ahead of now when every queued one waits for its time.
     oldest_due: float | None
     parts_sent: int

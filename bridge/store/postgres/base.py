@@ -16,7 +16,7 @@ from bridge.store.rows import INSERTED
 # The array type each inserted column is passed as (one unnest per insert: one
 # statement, however many messages, and one prepared plan for every batch size).
 ARRAY_TYPES = {"id": "bigint", "message_type": "integer", "parts": "integer"}
-ARRAY_TYPES |= dict.fromkeys(("created_at", "updated_at", "next_attempt_at"), "float8")
+ARRAY_TYPES |= dict.fromkeys(("created_at", "updated_at", "next_attempt_at", "due_at"), "float8")
 ARRAY_TYPES["estimated_cost"] = "float8"
 INSERT_COLUMNS = tuple((c, ARRAY_TYPES.get(c, "text")) for c in INSERTED)
 INSERT_SQL = (

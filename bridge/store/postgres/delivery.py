@@ -250,12 +250,14 @@ class DeliveryOps(Base):
         solo: bool | None = None,
         reason_kind: str | None = None,
         queued: bool = False,
+        due: bool = False,
     ) -> list[int]:
         # Queued is nobody's claim: the claim's owner and lease go with it.
         return await self._owned_write(
             "UPDATE messages m SET state = 'queued', next_attempt_at = $1, updated_at = $2,"
             " reason = $3, attempts = attempts - $4, solo = coalesce($5, solo),"
-            " reason_kind = coalesce($6, reason_kind), claimed_by = NULL, lease_until = NULL"
+            " reason_kind = coalesce($6, reason_kind), claimed_by = NULL, lease_until = NULL,"
+            " due_at = coalesce($10::float8, due_at)"
             f" WHERE id = ANY($7::bigint[]) AND {DECIDED.format('$8', queued='$9')}"
             " RETURNING m.id",
             (
@@ -268,6 +270,7 @@ class DeliveryOps(Base):
                 list(ids),
                 owner,
                 queued,
+                at if due else None,
             ),
             ids,
             now,

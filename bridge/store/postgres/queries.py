@@ -135,7 +135,7 @@ class QueryOps(Base):
         async with self.db.connection() as c:
             by_source = await c.fetch(totals.BY_SOURCE_STATE)
             by_reason = await c.fetch(totals.BY_REASON)
-            oldest = await c.fetchval(totals.OLDEST_DUE_POSTGRES)
+            oldest = await c.fetchval(totals.OLDEST_DUE)
             sent = await one(c, totals.SENT)
         return totals.metric_counts(by_source, by_reason, oldest, sent)
 
@@ -219,7 +219,7 @@ class QueryOps(Base):
             changed = sorted(
                 int(r[0])
                 for r in await conn.fetch(
-                    "UPDATE messages SET next_attempt_at = $1, updated_at = $1"
+                    "UPDATE messages SET next_attempt_at = $1, updated_at = $1, due_at = $1"
                     " WHERE state = 'queued' AND next_attempt_at > $1 AND reason_kind = 'budget'"
                     " RETURNING id",
                     now,
@@ -270,7 +270,7 @@ class QueryOps(Base):
         async with self.db.connection() as c:
             queue = await one(
                 c,
-                f"SELECT min({totals.DUE_POSTGRES}), count(*),"
+                "SELECT min(due_at), count(*),"
                 " count(*) FILTER (WHERE next_attempt_at <= $1),"
                 " min(next_attempt_at) FILTER (WHERE next_attempt_at > $1)"
                 " FROM messages WHERE state = 'queued'",

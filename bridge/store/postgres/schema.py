@@ -9,7 +9,8 @@ the pause every instance must honour), and one row per instance for heartbeats.
 Version 3 records which API token sent each message (SQLite's 0007), for per-token caps;
 version 4 indexes created_at (SQLite's 0008); version 5 keeps running totals of the
 messages for /metrics and /api/v1/stats, and indexes route (SQLite's 0009); version 6
-indexes the message a suppressed one names (SQLite's 0010).
+indexes the message a suppressed one names (SQLite's 0010); version 9 keeps when each
+message became due (SQLite's 0013).
 
 Timestamps stay epoch seconds in `double precision`, as in SQLite: the bridge's clock
 is injected (tests drive it by hand), so the database's own `now()` is never the time.
@@ -291,6 +292,20 @@ MIGRATIONS: tuple[Migration, ...] = (
         -- phone's texts scheduled near a time, however long ago they were stored.
         CREATE INDEX messages_scheduled ON messages (recipient, schedule_time)
             WHERE schedule_time IS NOT NULL;
+        """,
+    ),
+    Migration(
+        9,
+        "due_at",
+        r"""
+        -- When a message became due (SQLite's 0013): stored, its schedule time, or the
+        -- end of the daily cap's hold it waited for. The rows stored before: the
+        -- expression the oldest queued age used until now.
+        ALTER TABLE messages ADD COLUMN due_at double precision;
+        UPDATE messages SET due_at = greatest(created_at, coalesce(CASE WHEN schedule_time
+                ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8}$'
+                THEN extract(epoch FROM schedule_time::timestamp)::float8 END, 0),
+            CASE WHEN reason_kind = 'budget' THEN next_attempt_at ELSE 0 END);
         """,
     ),
 )

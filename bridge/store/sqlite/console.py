@@ -92,7 +92,7 @@ class ConsoleQueries(EngineBound):
 
         def read(c: sqlite3.Connection) -> dict[str, Any]:
             queue = c.execute(
-                f"SELECT min({totals.DUE_SQLITE}), count(*), coalesce(sum(next_attempt_at <= ?), 0),"
+                "SELECT min(due_at), count(*), coalesce(sum(next_attempt_at <= ?), 0),"
                 " min(CASE WHEN next_attempt_at > ? THEN next_attempt_at END)"
                 " FROM messages WHERE state = 'queued'",
                 (now, now),
@@ -361,8 +361,9 @@ class ConsoleQueries(EngineBound):
             ]
             ids = json.dumps(chosen)
             db.execute(
-                f"UPDATE messages SET next_attempt_at = ?, updated_at = ? WHERE id IN {JSON_IDS}",
-                (now, now, ids),
+                "UPDATE messages SET next_attempt_at = ?, updated_at = ?, due_at = ?"
+                f" WHERE id IN {JSON_IDS}",
+                (now, now, now, ids),
             )
             db.execute(
                 "INSERT INTO events (message_id, at, state, attempts, detail)"

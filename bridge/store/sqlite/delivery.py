@@ -299,12 +299,14 @@ class DeliveryOperations(EngineBound):
         solo: bool | None = None,
         reason_kind: str | None = None,
         queued: bool = False,
+        due: bool = False,
     ) -> list[int]:
         """Back to queued, due at `at`; `refund_attempt` when the send never really ran."""
         return await self._owned_write(
             "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
             " reason = ?, attempts = attempts - ?, solo = coalesce(?, solo),"
-            f" reason_kind = coalesce(?, reason_kind) WHERE id IN {JSON_IDS}",
+            " reason_kind = coalesce(?, reason_kind), due_at = coalesce(?, due_at)"
+            f" WHERE id IN {JSON_IDS}",
             (
                 at,
                 now,
@@ -312,6 +314,7 @@ class DeliveryOperations(EngineBound):
                 1 if refund_attempt else 0,
                 None if solo is None else int(solo),
                 reason_kind,
+                at if due else None,
             ),
             ids,
             QUEUED if queued else HELD,

@@ -251,6 +251,6 @@ def counts_for_metrics(c: Any) -> MetricCounts:
     return totals.metric_counts(
         c.execute(totals.BY_SOURCE_STATE).fetchall(),
         c.execute(totals.BY_REASON).fetchall(),
-        c.execute(totals.OLDEST_DUE_SQLITE).fetchone()[0],
+        c.execute(totals.OLDEST_DUE).fetchone()[0],
         c.execute(totals.SENT).fetchone(),
     )

@@ -253,7 +253,22 @@ def _scheduled(db: Database) -> None:
     )
 
 
-# Columns an ingest sets (bridge.store.rows). Rows per INSERT statement: 20
+@migrations(name="0013_due_at")
+def _due_at(db: Database) -> None:
+    # When a message became due (bridge.models.Message.due_at), kept rather than worked
+    # out again from created_at and schedule_time: a text a daily cap held until 00:00
+    # lost its hold's end at its claim, and counted its age (retries given up, the
+    # oldest queued age) from when it was stored. The rows stored before: the expression
+    # the oldest queued age used until now (bridge.store.totals).
+    db.execute("ALTER TABLE messages ADD COLUMN due_at REAL")
+    db.execute(
+        "UPDATE messages SET due_at = max(created_at,"
+        " coalesce(CAST(strftime('%s', schedule_time) AS REAL), 0),"
+        " CASE WHEN reason_kind = 'budget' THEN next_attempt_at ELSE 0 END)"
+    )
+
+
+# Columns an ingest sets (bridge.store.rows). Rows per INSERT statement: 21
 # parameters each stays under SQLite's oldest variable limit (999).
 INSERT_COLUMNS = ", ".join(INSERTED)
 ROW_MARKS = "(" + ",".join("?" * len(INSERT_COLUMNS.split(","))) + ")"
