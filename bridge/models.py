@@ -104,6 +104,8 @@ class Message:
         values = {name: row[name] for name in cls.__dataclass_fields__}
         values["state"] = State(values["state"])
         values["solo"] = bool(values["solo"])
+        if values["due_at"] is None:  # a row not written by ingest (a raw insert)
+            values["due_at"] = values["created_at"]
         return cls(**values)
 
     def to_json(self) -> dict[str, Any]:

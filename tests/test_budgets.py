@@ -577,6 +577,28 @@ async def test_a_text_held_until_midnight_is_retried_then_and_due_since_then(
 
 
 @on_each_backend
+async def test_a_text_an_operator_retries_a_day_later_gets_its_retries(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A text failed yesterday (the provider refused it) and retried by an operator
+    today kept its due time of yesterday: its first 500 today failed it again at once,
+    a day past provider.retry_max_age. An operator's retry makes it due now."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        mid = await post(http, url, "+12025550101", "disk full on db-1")
+        sandbox_state.faults.append(Fault(status=400, path="/send"))
+        await steps(bridge, clock, 30)
+        assert (await bridge.store.get(mid)).state == State.FAILED
+        clock.advance(86400)
+        assert await bridge.store.retry([mid], clock.now(), by="ops") == [mid]
+        sandbox_state.faults.append(Fault(status=500, path="/send"))
+        await steps(bridge, clock, 300)
+        retried = await bridge.store.get(mid)
+    assert [r.status for r in sandbox_state.requests if r.path.endswith("/send")] == [400, 500, 200]
+    assert retried.state in (State.SENT, State.DELIVERED), retried.reason
+
+
+@on_each_backend
 async def test_texts_held_for_tomorrow_or_kept_for_their_time_are_not_waiting(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

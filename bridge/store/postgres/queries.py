@@ -187,7 +187,8 @@ class QueryOps(Base):
                 int(r[0])
                 for r in await conn.fetch(
                     "UPDATE messages SET state = 'queued', next_attempt_at = $1, updated_at = $1,"
-                    " reason = $2, reason_kind = NULL, solo = true WHERE state = 'failed'"
+                    " due_at = $1, reason = $2, reason_kind = NULL, solo = true"
+                    " WHERE state = 'failed'"
                     " AND ($3::bigint[] IS NULL OR id = ANY($3::bigint[])) RETURNING id",
                     now,
                     reason,

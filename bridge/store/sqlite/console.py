@@ -338,9 +338,10 @@ class ConsoleQueries(EngineBound):
                 db.execute(
                     # The old reason's kind goes with it: a cancelled message retried
                     # and refused by the provider was still counted as cancelled.
+                    # Due now: an operator's retry starts its retry_max_age afresh.
                     "UPDATE messages SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
-                    " reason = ?, reason_kind = NULL, solo = 1 WHERE id = ?",
-                    (now, now, reason, message_id),
+                    " due_at = ?, reason = ?, reason_kind = NULL, solo = 1 WHERE id = ?",
+                    (now, now, now, reason, message_id),
                 )
             return chosen
 
