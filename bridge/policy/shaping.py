@@ -28,6 +28,12 @@ TOPIC_CHARS = 32  # a message with no topic of its own is counted by its first l
 NEVER_SENT = "never-sent"
 
 
+# What of a text is shaped: far past the longest SMS (limits.max_parts <= 10: 1,530 GSM
+# septets), so the text as stored is the same; and `_prepared` caches each text it is
+# given, so a sender's 1 MB texts (a webhook payload's), 1024 of them, are not a GB held.
+SHAPED_CHARS = 16 * 1024
+
+
 def default_topic(text: str) -> str:
     return text.split("\n", 1)[0][:TOPIC_CHARS]
 
@@ -98,7 +104,7 @@ class Shaper:
         out = []
         for draft in drafts:
             text, form, text_dedupe_key = _prepared(
-                _storable(draft.text) or "",
+                (_storable(draft.text) or "")[:SHAPED_CHARS],
                 self.limits.transliterate,
                 self.limits.max_parts,
                 self.arabic_type,

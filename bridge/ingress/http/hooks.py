@@ -33,7 +33,7 @@ from bridge.ingress.ingest import Ingestor
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import FIELD, MAIL_HEADER, parse_schedule_time
-from bridge.templates import MAX_OUTPUT_CHARS, TemplateError, render
+from bridge.templates import TemplateError, render
 from bridge.text import is_blank
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,7 @@ def route_text(route: RouteConfig, message: HookMessage) -> tuple[str, str | Non
             why = f"the template failed ({exc})"
         log.error("route %s: %s; using the default text", route.name, why)
     if not is_blank(message.text):
-        # Cut as a template's output is: the shaper caches each distinct text it is given,
-        # and a payload's 1 MB texts, 1024 of them, were a gigabyte held.
-        return message.text[:MAX_OUTPUT_CHARS], why
+        return message.text, why  # the shaper reads its first SHAPED_CHARS
     compact = json.dumps(message.context, ensure_ascii=False, separators=(",", ":"))
     return f"{route.name}: {compact[:FALLBACK_CHARS]}", why
 
