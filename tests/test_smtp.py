@@ -68,11 +68,24 @@ def with_smtp(lines: str) -> str:
 
 @contextlib.asynccontextmanager
 async def smtp_listening(bridge: Bridge) -> AsyncIterator[int]:
-    sock = bind_socket("127.0.0.1:0")
-    port = sock.getsockname()[1]
-    servers = await start_smtp(bridge.smtp_handler, [sock])
-    try:
+    async with _listening(bridge, 1) as (port,):
         yield port
+
+
+@contextlib.asynccontextmanager
+async def implicit_tls_listening(bridge: Bridge) -> AsyncIterator[tuple[int, int]]:
+    """The plain and the implicit-TLS listener, each on a port of its own binding (a port
+    chosen, closed and bound again can be taken meanwhile by another test's process)."""
+    async with _listening(bridge, 2) as (port, tls_port):
+        yield port, tls_port
+
+
+@contextlib.asynccontextmanager
+async def _listening(bridge: Bridge, count: int) -> AsyncIterator[tuple[int, ...]]:
+    socks = [bind_socket("127.0.0.1:0") for _ in range(count)]
+    servers = await start_smtp(bridge.smtp_handler, socks)
+    try:
+        yield tuple(sock.getsockname()[1] for sock in socks)
     finally:
         for server in servers:
             server.close()
@@ -743,22 +756,23 @@ async def test_auth_over_starttls_required_and_refused_in_plaintext(
 
 def implicit_tls_config(
     tmp_path: Path, sandbox_url: str, tls_files: tuple[trustme.CA, str, str], settings: str
-) -> tuple[Config, int]:
-    """A bridge with an implicit-TLS SMTP listener (and `settings` for [smtp]), its port."""
+) -> Config:
+    """A bridge with an implicit-TLS SMTP listener (and `settings` for [smtp]); its port is
+    bound by `implicit_tls_listening`."""
     _, cert, key = tls_files
-    port = bind_socket("127.0.0.1:0")
-    tls_port = port.getsockname()[1]
-    port.close()
-    listener = f'tls_cert = "{cert}"\ntls_key = "{key}"\ntls_listen = "127.0.0.1:{tls_port}"\n'
-    return bridge_config(tmp_path, sandbox_url, with_smtp(listener + settings)), tls_port
+    listener = f'tls_cert = "{cert}"\ntls_key = "{key}"\ntls_listen = "127.0.0.1:0"\n'
+    return bridge_config(tmp_path, sandbox_url, with_smtp(listener + settings))
 
 
 async def test_implicit_tls_listener(tmp_path, clock, sandbox_url, tls_files) -> None:
     ca = tls_files[0]
-    config, tls_port = implicit_tls_config(
+    config = implicit_tls_config(
         tmp_path, sandbox_url, tls_files, 'require_auth = true\nusers = { ups = "ups-pass" }\n'
     )
-    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge):
+    async with (
+        running_bridge(config, clock) as (bridge, _),
+        implicit_tls_listening(bridge) as (_, tls_port),
+    ):
 
         def implicit(login: bool) -> tuple[str, dict]:
             with smtplib.SMTP_SSL(
@@ -787,10 +801,13 @@ async def test_connections_to_the_implicit_tls_listener_count_before_their_hands
     60 s handshake timeout: anyone could hold every file descriptor of the bridge while
     `smtp.max_sessions` read 0. It counts from the moment it is accepted now."""
     ca = tls_files[0]
-    config, tls_port = implicit_tls_config(
+    config = implicit_tls_config(
         tmp_path, sandbox_url, tls_files, "max_sessions = 3\nmax_sessions_per_client = 2\n"
     )
-    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+    async with (
+        running_bridge(config, clock) as (bridge, _),
+        implicit_tls_listening(bridge) as (port, tls_port),
+    ):
 
         def silent(source: str) -> socket.socket:  # connects, and says nothing
             return socket.create_connection(("127.0.0.1", tls_port), 10, (source, 0))
