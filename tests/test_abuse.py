@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import smtplib
 import socket
 import threading
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.slow
 SMTP_PASSWORD = "ups-password-0123456789"
 SEND_TOKEN = "send-token-0123456789abcdef"
 ROUTE_TOKEN = "route-token-0123456789abcdef"
+GITHUB_SECRET = "github-secret-0123456789abcdef"
 CONFIG = f"""
 [smtp]
 listen = "{{smtp}}"
@@ -42,6 +44,10 @@ scopes = ["send"]
 format = "alertmanager"
 to = ["+12025550101"]
 token = "{ROUTE_TOKEN}"
+[routes.gh]
+format = "github"
+to = ["+12025550101"]
+secret = "{GITHUB_SECRET}"
 """
 
 
@@ -248,6 +254,57 @@ def test_a_lockout_lets_through_credentials_that_worked_from_that_address(bridge
                 other.post(f"{url}/hooks/am", json=_alert("db-3"), headers=wrong).status_code == 401
             )
         assert other.post(f"{url}/api/v1/messages", json=message, headers=api).status_code == 503
+
+
+def _guesses_at_once(url: str, source: str, requests: list[tuple[bytes, bytes]]) -> list[int]:
+    """Each (head, body) on its own connection from `source`: every head first, so each
+    request is past the lockout's first look, then every body. The statuses answered."""
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    sockets = []
+    for head, _ in requests:
+        sock = socket.create_connection((host, int(port)), timeout=30, source_address=(source, 0))
+        sock.sendall(head)
+        sockets.append(sock)
+    time.sleep(0.3)  # every head read: each request waits for its body
+    for sock, (_, body) in zip(sockets, requests, strict=True):
+        sock.sendall(body)
+    statuses = []
+    for sock in sockets:
+        with sock, sock.makefile("rb") as answer:
+            statuses.append(int(answer.readline().split()[1]))
+    return statuses
+
+
+def _post(path: str, headers: dict[str, str], body: bytes) -> tuple[bytes, bytes]:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode(), body
+
+
+def test_guesses_sent_at_once_are_locked_out_after_ten_too(bridge) -> None:
+    """The sign-in form's token and a GitHub signature are checked once the body is in.
+    20 guesses whose heads came first, then every body: all 20 were checked and told 401
+    (past the lockout's look, made when each arrived), where ten are allowed."""
+    url, _, _ = bridge
+    with _client("127.0.0.9") as browser:
+        page = browser.get(f"{url}/ui/signin")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert csrf is not None, page.text
+        cookie = f"sms_bridge_session={browser.cookies['sms_bridge_session']}"
+    form = {"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"}
+    signins = [
+        _post("/ui/signin", form, f"csrf={csrf[1]}&token=guess-{n:04d}-0123456789".encode())
+        for n in range(20)
+    ]
+    statuses = _guesses_at_once(url, "127.0.0.9", signins)
+    assert statuses.count(401) == 10 and statuses.count(503) == 10, statuses
+    signed = {"Content-Type": "application/json", "X-GitHub-Event": "ping"}
+    deliveries = [
+        _post("/hooks/gh", {**signed, "X-Hub-Signature-256": f"sha256={n:064x}"}, b"{}")
+        for n in range(20)
+    ]
+    statuses = _guesses_at_once(url, "127.0.0.10", deliveries)
+    assert statuses.count(401) == 10 and statuses.count(503) == 10, statuses
 
 
 def test_failure_throttle_windows_and_lockouts() -> None:

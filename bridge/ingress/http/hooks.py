@@ -28,7 +28,7 @@ from bridge.errors import HttpError
 from bridge.firewall import cap_recipients
 from bridge.ingress.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
 from bridge.ingress.http.bodies import media_type, parse_json, read_body, read_bounded
-from bridge.ingress.http.lockout import vouch
+from bridge.ingress.http.lockout import locked_answer, locked_for, vouch
 from bridge.ingress.ingest import Ingestor
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
@@ -220,6 +220,8 @@ def hook_endpoint(
             )
             verify = getattr(module, "verify", None)
             if verify is not None:
+                if wait := locked_for(request.scope):  # locked while the body came
+                    return locked_answer(wait)
                 verify(hook, clock.now())
         except Unauthorized as exc:
             log.warning(

@@ -21,6 +21,11 @@ refused: an open route's sender or the open API's on a loopback install (Alertma
 cron), a console page of a signed-in session (its cookie is 256 random bits, not
 guessed, and a wrong one is not counted either).
 
+The lockout is asked when a request arrives, and again where a credential is checked
+only once the body is in (the sign-in form's token, a GitHub or Grafana signature,
+GitLab's token: `locked_for`): a client that sent the headers of 32 guesses at once, then
+their bodies, had every one checked and answered before the first 401 was counted.
+
 A 401 to a request with no credential at all (a console page after its session
 expired, a probe, a webhook sender not yet given its secret) is not a guess and is not
 counted: on a loopback install every local sender shares 127.0.0.1, and one of them
@@ -34,6 +39,7 @@ import functools
 import logging
 import math
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bridge.config import LiveConfig
@@ -50,13 +56,33 @@ CREDENTIAL_HEADERS = STATIC_CREDENTIAL_HEADERS | SIGNATURE_HEADERS
 SIGNIN_PATH = "/ui/signin"  # the sign-in form posts a token: a guess, never vouched for
 _VOUCHED = "sms_bridge.vouched"  # the request's credentials its handler verified
 _LOCKED = "sms_bridge.locked_for"  # a sign-in refused: seconds left, for its page to say
+_LOCKED_NOW = "sms_bridge.locked_now"  # the client's lockout as it is when asked (locked_for)
 
 
 def locked_for(scope: Scope) -> float:
-    """Seconds the lockout keeps this console sign-in (its form or its post) waiting, or
-    0: the console's sign-in page answers it 503 itself, the token not even read."""
+    """Seconds the lockout keeps this request's guess waiting, or 0: asked again where a
+    credential is checked only after an await (the sign-in form's token, a signature over
+    the body), since another request of the client may have started the lockout in the
+    meantime. Without the second look, 32 guesses sent at once (headers first, then
+    every body) were all checked and answered 401, where the lockout allows 10. The
+    console's sign-in page answers it 503 itself, the token not even read."""
     wait = scope.get(_LOCKED, 0.0)
-    return float(wait)
+    if wait:
+        return float(wait)
+    now: functools.partial[float] | None = scope.get(_LOCKED_NOW)
+    return now() if now is not None else 0.0
+
+
+def locked_answer(wait: float) -> JSONResponse:
+    """The 503 a guess gets while its client is locked out (as `AuthLockout` answers)."""
+    seconds = max(1, math.ceil(wait))
+    return JSONResponse(
+        {"error": _locked_message(seconds)}, 503, headers={"retry-after": str(seconds)}
+    )
+
+
+def _locked_message(seconds: int) -> str:
+    return f"too many failed logins from this address; retry in {seconds}s"
 
 
 def vouch(scope: Scope, credential: str) -> None:
@@ -115,6 +141,10 @@ class AuthLockout:
             await self.app(scope, receive, send)
             self._remember(host, scope)
             return
+        if not wait and not self._vouched_for(host, scope, signed):
+            # A guess, maybe: checked after an await, a lockout others start meanwhile
+            # must stop it too (locked_for). Credentials verified here before pass.
+            scope[_LOCKED_NOW] = functools.partial(self.throttle.locked, host)
 
         async def watched(message: Message) -> None:
             failed = message["type"] == "http.response.start" and message["status"] == 401
@@ -151,6 +181,5 @@ class AuthLockout:
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, wait: float) -> None:
     seconds = max(1, math.ceil(wait))
-    message = f"too many failed logins from this address; retry in {seconds}s"
     retry_after = ((b"retry-after", str(seconds).encode()),)
-    await refusal_app(503, message, retry_after)(scope, receive, send)
+    await refusal_app(503, _locked_message(seconds), retry_after)(scope, receive, send)

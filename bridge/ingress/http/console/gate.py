@@ -391,6 +391,8 @@ class Gate:
             form = await self._form(request, visitor)
         except Refused as exc:
             return self._error(request, exc.status, exc.message, as_json=False)
+        if wait := locked_for(request.scope):  # locked by others while the form came
+            return self._locked_out(request, visitor, "/ui/", wait)
         target = _safe_next(form.get("next"))
         principal = identify(tokens, form.get("token", "").strip() or None)
         problem, status = None, 200
