@@ -22,6 +22,7 @@ import pytest
 
 from bridge.clock import ManualClock
 from bridge.ingress.http.app import PROVIDER_REFUSED
+from bridge.ingress.http.console import sessions
 from bridge.models import NewMessage, State
 from bridge.provider.sandbox import Fault, SandboxState
 from tests.helpers import bridge_config, pump, pump_until_state, running_bridge
@@ -221,6 +222,29 @@ async def test_sign_in_form_is_csrf_protected_too(served_bridge) -> None:
         forged = await http.post("/ui/signin", data={"token": ADMIN})
         assert forged.status_code == 403 and "CSRF" in forged.text
         assert (await http.get("/ui/")).status_code == 303
+
+
+async def test_visitors_loading_the_sign_in_page_never_sign_out_another(
+    served_bridge, monkeypatch
+) -> None:
+    """Anyone may load the sign-in page. Each load stored a visitor's session, 10,000 at
+    most, the oldest evicted past that: a client loading it 2,500 times a second had
+    every operator's sign-in refused ("wrong CSRF token"). Here the limit is 20."""
+    monkeypatch.setattr(sessions, "MAX_SESSIONS", 20)
+    _, url = served_bridge
+    async with (
+        httpx.AsyncClient(base_url=url) as operator,
+        httpx.AsyncClient(base_url=url) as flood,
+    ):
+        form = await operator.get("/ui/signin")
+        for _ in range(50):
+            assert (await flood.get("/ui/signin")).status_code == 200
+            flood.cookies.clear()
+        answer = await operator.post(
+            "/ui/signin", data={"csrf": csrf_of(form), "token": READER, "next": "/ui/messages"}
+        )
+        assert answer.status_code == 303 and answer.headers["location"] == "/ui/messages"
+        assert (await operator.get("/ui/messages")).status_code == 200
 
 
 async def test_a_form_body_trickled_past_body_timeout_gets_408_and_a_closed_socket(

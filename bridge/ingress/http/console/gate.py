@@ -355,7 +355,7 @@ class Gate:
         if not self.live.current.tokens:
             return RedirectResponse("/ui/", 303)
         now = self.clock.now()
-        session = self.sessions.get(request.cookies.get(COOKIE), now)
+        session = self.sessions.form_session(request.cookies.get(COOKIE), now)
         new_id = None
         if session is None:
             new_id, session = self.sessions.create(now)
@@ -383,7 +383,7 @@ class Gate:
         tokens = self.live.current.tokens
         now = self.clock.now()
         old_id = request.cookies.get(COOKIE)
-        session = self.sessions.get(old_id, now)
+        session = self.sessions.form_session(old_id, now)
         visitor = Caller(VISITOR, session)
         if wait := locked_for(request.scope):  # the token typed is not even read
             return self._locked_out(request, visitor, "/ui/", wait)

@@ -7,9 +7,12 @@ token rotated or removed by a reload ends its sessions at the next request), the
 and the CSRF token. Sign-out deletes the record, so a copied cookie dies with it; a
 restart signs everyone out, which is the price of keeping no secret on disk.
 
-Every visitor gets a session before signing in (an anonymous one: no token name), so the
-sign-in form carries a CSRF token like every other form; signing in replaces the session
-id (no fixation). On a bridge with no tokens the session is open from the start, as the
+Every visitor gets a session id before signing in, so the sign-in form carries a CSRF
+token like every other form; signing in replaces the session id (no fixation). A
+visitor's session is not stored: its CSRF token is a keyed digest of its id (`visitor`).
+Anyone may load the sign-in page, and stored visitors, 10,000 at most, were evicted
+oldest first: a client loading it 2,500 times a second had every operator's sign-in
+refused for a wrong CSRF token. On a bridge with no tokens the session is open from the start, as the
 API is, and still carries a CSRF token: a loopback bridge is reachable from any page the
 operator's browser opens.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,8 +31,7 @@ from bridge.ingress.http.auth import ANONYMOUS, Principal, principal_of
 
 COOKIE = "sms_bridge_session"
 LIFETIME = 12 * 3600.0  # signed in: one on-call shift
-VISITOR_LIFETIME = 3600.0  # a sign-in form left open this long asks again
-MAX_SESSIONS = 10_000  # visitors cost memory: beyond this the oldest are forgotten
+MAX_SESSIONS = 10_000  # beyond this the oldest are forgotten
 
 
 @dataclass(slots=True)
@@ -46,6 +49,7 @@ class Sessions:
 
     def __init__(self) -> None:
         self._key = secrets.token_bytes(32)
+        self._visitor_key = secrets.token_bytes(32)
         self._sessions: dict[bytes, Session] = {}
 
     def _id_key(self, session_id: str) -> bytes:
@@ -63,16 +67,31 @@ class Sessions:
             return None
         return session
 
+    def form_session(self, session_id: str | None, now: float) -> Session | None:
+        """The session a sign-in form belongs to: the stored one of `session_id`, else
+        that id's visitor session; None without an id."""
+        if not session_id:
+            return None
+        return self.get(session_id, now) or self.visitor(session_id)
+
+    def visitor(self, session_id: str) -> Session:
+        """A visitor's session: nothing stored, the CSRF token a keyed digest of the id
+        (only this process can make it; a page from elsewhere cannot read the cookie)."""
+        digest = hmac.new(self._visitor_key, self._id_key(session_id), "sha256")
+        return Session(csrf=digest.hexdigest(), expires=math.inf)
+
     def create(
         self, now: float, *, token: TokenConfig | None = None, open_: bool = False
     ) -> tuple[str, Session]:
-        """A new session id and its record: a visitor, signed in as `token`, or open."""
-        self._make_room(now)
+        """A new session id and its record: a visitor (not stored), signed in as
+        `token`, or open."""
         session_id = secrets.token_urlsafe(32)
-        signed_in = token is not None or open_
+        if token is None and not open_:
+            return session_id, self.visitor(session_id)
+        self._make_room(now)
         session = Session(
             csrf=secrets.token_urlsafe(32),
-            expires=now + (LIFETIME if signed_in else VISITOR_LIFETIME),
+            expires=now + LIFETIME,
             token_name=token.name if token is not None else None,
             token_digest=self._token_digest(token.token) if token is not None else b"",
             open=open_,
@@ -103,9 +122,9 @@ class Sessions:
         for key in [k for k, s in self._sessions.items() if s.expires <= now]:
             del self._sessions[key]
         if len(self._sessions) >= MAX_SESSIONS:
-            # Visitors first (anyone can make them), then the oldest; dicts keep order.
-            visitors = [k for k, s in self._sessions.items() if s.token_name is None]
-            for key in (visitors or list(self._sessions))[: max(1, MAX_SESSIONS // 10)]:
+            # Open ones first (anyone at the open bridge can make them), then the oldest.
+            opened = [k for k, s in self._sessions.items() if s.open]
+            for key in (opened or list(self._sessions))[: max(1, MAX_SESSIONS // 10)]:
                 del self._sessions[key]
 
     def __len__(self) -> int:
