@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
+
+import pytest
 
 from bridge.clock import ManualClock
 from tests.helpers import bridge_config, running_bridge
@@ -227,3 +230,37 @@ async def test_a_slow_next_request_does_not_cost_the_one_being_answered_its_answ
         answer, _ = await _until_closed(reader, 4)
     assert answer.startswith(b"HTTP/1.1 200"), answer
     assert answer.index(b"HTTP/1.1 408") > 0, answer
+
+
+async def test_malformed_requests_get_json_saying_why_and_a_line_a_minute_in_the_log(
+    tmp_path, sandbox_url: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn answered a request its parser refused with plain text ("Invalid HTTP request
+    received.") and logged a WARNING for each, two for each `Upgrade:` request: anyone who
+    reached the port wrote the log as fast as they could send."""
+    caplog.set_level("INFO")
+    config = bridge_config(tmp_path, sandbox_url)
+    malformed = (
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header: x\r\n\r\n",
+        b"GET /\xff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    )
+    upgrade = (
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    async with running_bridge(config, clock) as (_, url):
+        host, port = url.removeprefix("http://").split(":")
+        for request in malformed * 20 + (upgrade,) * 20:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(request)
+            head, body = await _answer(reader)
+            writer.close()
+            if request is upgrade:
+                assert head.startswith(b"HTTP/1.1 200") and json.loads(body) == {"status": "ok"}
+                continue
+            assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, head
+            assert json.loads(body)["error"].startswith("malformed HTTP request: "), body
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "malformed request from 127.0.0.1" in warnings[0], warnings

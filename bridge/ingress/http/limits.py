@@ -41,6 +41,7 @@ import json
 import logging
 from typing import Any, ClassVar
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bridge.addresses import Network, in_networks, parse_network
@@ -208,7 +209,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self.reading_headers:
             self._expect_headers()  # first byte of a request on a kept-alive connection
             self.header_bytes += len(data)
-        super().data_received(data)
+        self._parse(data)
         # Headers still incomplete past the limit: httptools would keep buffering.
         if (
             self.reading_headers
@@ -216,6 +217,28 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             and not self.transport.is_closing()
         ):
             self._refuse(431, f"request headers larger than {self.max_header_bytes} bytes")
+
+    def _parse(self, data: bytes) -> None:
+        """uvicorn's `data_received`, but for what it logged: a WARNING for every malformed
+        request (two for every `Upgrade:` one), so anyone who reached the port wrote the
+        log as fast as they could send, and journald's rate limit then dropped the
+        bridge's own lines. A malformed request is answered in JSON with what the parser
+        found, and logged once a minute per client; an `Upgrade` is not taken (the
+        bridge has no WebSocket endpoint: with a WebSocket library installed, uvicorn
+        would pass a websocket scope that the Host check and the lockout let through)
+        and the request is served as plain HTTP, as uvicorn serves it without one."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            host = self.client[0] if self.client else ""
+            self.quiet.warning("malformed", host, "HTTP: malformed request from %s: %s", host, exc)
+            self._refuse(400, f"malformed HTTP request: {exc}")
+        except httptools.HttpParserUpgrade:
+            pass
+
+    def _should_upgrade(self) -> bool:
+        return False  # no upgrade taken, whatever is installed (see _parse)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
