@@ -46,6 +46,12 @@ from bridge.ops.logs import mask
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 MAX_FORM_BYTES = 512 * 1024  # a pasted webhook payload fits
+# The sign-in form takes anyone's post: a token, the CSRF token and the page to go back
+# to. A form is parsed on the event loop, before its CSRF token can be checked: 512 KB
+# of `a=1&` (131,000 fields) held it 0.8 s, and eight such posts at once kept /healthz
+# (and every webhook, API call and mail) waiting 5 s.
+SIGNIN_FORM_BYTES = 16 * 1024
+MAX_FORM_FIELDS = 20  # every form here has fewer; more are refused before any is parsed
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -201,7 +207,9 @@ class Gate:
             raise AuthError(403, f"token {principal.name!r} lacks the {scope!r} scope")
         return Caller(principal, session, new_id)
 
-    async def _form(self, request: Request, caller: Caller) -> dict[str, str]:
+    async def _form(
+        self, request: Request, caller: Caller, max_bytes: int = MAX_FORM_BYTES
+    ) -> dict[str, str]:
         """The posted form, once its CSRF token and origin are checked."""
         origin = request.headers.get("origin")
         own = f"{request.url.scheme}://{request.url.netloc}"
@@ -213,13 +221,17 @@ class Gate:
         # Bounded in time as the API's bodies are: the sign-in form takes anyone's post,
         # and a body trickled for ever would hold a place under http.max_concurrency.
         try:
-            body = await read_bounded(request, MAX_FORM_BYTES)
+            body = await read_bounded(request, max_bytes)
         except HttpError as exc:
             raise Refused(exc.status, exc.message) from exc
         try:
-            fields = parse_qs(body.decode("utf-8"), keep_blank_values=True)
-        except (UnicodeDecodeError, ValueError) as exc:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
             raise Refused(400, "the form is not valid UTF-8 form data") from exc
+        try:
+            fields = parse_qs(text, keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS)
+        except ValueError as exc:  # counted before any is parsed
+            raise Refused(400, f"the form has more than {MAX_FORM_FIELDS} fields") from exc
         form = {k: v[0] for k, v in fields.items()}
         expected = caller.session.csrf if caller.session is not None else ""
         if not expected or not hmac.compare_digest(
@@ -388,7 +400,7 @@ class Gate:
         if wait := locked_for(request.scope):  # the token typed is not even read
             return self._locked_out(request, visitor, "/ui/", wait)
         try:
-            form = await self._form(request, visitor)
+            form = await self._form(request, visitor, SIGNIN_FORM_BYTES)
         except Refused as exc:
             return self._error(request, exc.status, exc.message, as_json=False)
         if wait := locked_for(request.scope):  # locked by others while the form came
