@@ -13,6 +13,7 @@ import json
 import smtplib
 import socket
 import time
+import tracemalloc
 from collections.abc import Iterator
 
 import httpx
@@ -21,6 +22,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge.clock import ManualClock
+from tests.helpers import bridge_config, running_bridge
 from tests.processes import ANY_PORT, clean_env, process, wait_for
 
 pytestmark = pytest.mark.slow
@@ -254,6 +257,33 @@ def test_json_nested_50000_deep_is_a_400(bridge) -> None:
     # Under the parser's recursion limit but past any real payload: still refused.
     medium = b'{"to": "+12025550143", "message": "x", "n": ' + b"[" * 500 + b"]" * 500 + b"}"
     _refused(_post(url, "/api/v1/messages", medium), 400, "nested deeper than 64")
+
+
+async def test_a_body_of_many_items_under_long_keys_costs_no_memory_to_check(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The JSON check held the path of every item at once (an f-string each, as long as
+    the keys above it): 200,000 numbers under 60 keys of 2,000 characters, a 520 KB
+    body any `send` token may post, took the bridge to 22 GB, killed by the kernel.
+    Here 20,000 under keys of 100 characters: 120 MB before, a few now."""
+    pad = "[" + ",".join(["0"] * 20_000) + "]"
+    for depth in range(60):
+        pad = f'{{"{chr(97 + depth % 26) * 100}": {pad}}}'
+    body = f'{{"to": "+12025550143", "message": "disk full", "pad": {pad}}}'
+    async with (
+        running_bridge(bridge_config(tmp_path, sandbox_url), clock) as (_, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        tracemalloc.start()
+        try:
+            response = await http.post(
+                "/api/v1/messages", content=body, headers={"content-type": "application/json"}
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert response.status_code == 202, response.text
+    assert peak < 40_000_000, f"{peak:,} bytes at the peak"
 
 
 def test_a_lone_surrogate_is_a_400_naming_the_field(bridge) -> None:
