@@ -255,6 +255,23 @@ async def test_a_group_of_thousands_of_alerts_named_apart_is_read_at_once(
         assert time.monotonic() - started < 4
 
 
+async def test_a_value_string_of_unclosed_labels_is_read_at_once(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """Grafana's `valueString` names an alert's series: `labels={instance=...}`. Each
+    "labels={" with no "}" after it was read to the end of the value, again from the
+    next one: 192 KB of them (in any alert of any Alertmanager or Grafana group, or a
+    console preview's) held the event loop for over a minute. 4 s is loose."""
+    alert = {"labels": {"alertname": "DiskFull"}, "valueString": "labels={" * 24_000}
+    body = json.dumps({"version": "4", "status": "firing", "alerts": [alert]}).encode()
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(timeout=300) as http:
+        started = time.monotonic()
+        r = await http.post(f"{url}/hooks/am", content=body, headers=auth_headers("am", body))
+        assert r.status_code == 202, r.text
+        assert time.monotonic() - started < 4
+
+
 async def test_github_form_encoded_delivery_is_read_like_json(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
