@@ -368,6 +368,39 @@ def test_the_unit_passes_systemd_analyze_and_starts_the_recipes_venv(tmp_path) -
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
+@pytest.mark.slow  # runs a subprocess
+def test_the_systemd_credentials_reach_the_config_the_recipe_installs(tmp_path) -> None:
+    """The drop-in as systemd applies it to the installed config.example.toml: each
+    LoadCredential= file in the credentials directory (`%d`), each Environment= setting
+    with `%d` expanded, and the unit's own Environment=. check-config accepts it, and
+    the route and the token read the credentials' secrets, not the config's."""
+    systemd = section_of(RECIPES, "systemd")
+    assert "cp config.example.toml /etc/sms-bridge/config.toml" in systemd
+    [drop_in] = blocks_in(systemd, "ini")
+    unit = (ROOT / "systemd" / "sms-bridge.service").read_text(encoding="utf-8")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    env: dict[str, str] = {}
+    for line in (unit + drop_in).splitlines():
+        if line.startswith("LoadCredential="):
+            name, _, source = line.removeprefix("LoadCredential=").partition(":")
+            assert source.startswith("/etc/sms-bridge/"), source
+            secret = hashlib.sha256(name.encode()).hexdigest()[:24]
+            (credentials / name).write_text(secret + "\n")
+        elif line.startswith("Environment="):
+            for setting in line.removeprefix("Environment=").split():
+                key, _, value = setting.partition("=")
+                env[key] = value.replace("%d", str(credentials))
+    env["SMS_BRIDGE_STORE_PATH"] = str(tmp_path / "sms-bridge.db")  # /var/lib is not ours
+    result = run_command(["check-config", str(EXAMPLE)], cwd=tmp_path, env=clean_env(**env))
+    assert result.returncode == 0, result.stderr
+    config = load_config(EXAMPLE, env=env)
+    secret = (credentials / "alertmanager.token").read_text().strip()
+    assert config.routes["alertmanager"].token == secret
+    assert config.tokens["scripts"].token == (credentials / "scripts.token").read_text().strip()
+    assert config.tokens["scripts"].scopes == ("send",)
+
+
 def test_every_config_key_the_docs_name_exists() -> None:
     """`section.key` anywhere in the docs, and every key of every TOML snippet."""
     fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
