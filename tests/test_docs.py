@@ -113,6 +113,7 @@ def test_the_snippets_cover_every_recipe() -> None:
     recipes = "".join(toml_snippets(RECIPES))
     for table in ("alertmanager", "grafana", "github", "gitlab", "jenkins", "uptime-kuma"):
         assert f"[routes.{table}]" in recipes
+    assert "[tokens.ci]" in recipes
     assert "[tokens.scripts]" in recipes and "[smtp]" in recipes
 
 
@@ -867,6 +868,84 @@ async def test_the_recipes_curl_on_the_proxied_bridges_own_host(
             local.replace("http://127.0.0.1:8080", url), "", tmp_path, home
         )
     assert code == "401", answer  # "every API call needs one, from the bridge's own host too"
+
+
+# What each CI sets for its job (names as GitLab and GitHub document them).
+_CI_VARIABLES = {
+    "gitlab": {
+        "CI_PROJECT_PATH": "octo-group/api",
+        "CI_PIPELINE_ID": "4211",
+        "CI_COMMIT_REF_NAME": "main",
+    },
+    "github": {
+        "GITHUB_REPOSITORY": "octo-org/api",
+        "GITHUB_WORKFLOW": "test",
+        "GITHUB_REF_NAME": "main",
+        "GITHUB_RUN_ID": "9912",
+    },
+}
+
+
+def _ci_scripts() -> dict[str, str]:
+    """The shell each CI block runs on failure, as the CI reads it from the YAML."""
+    import yaml
+
+    gitlab, github = (
+        yaml.safe_load(block)
+        for block in blocks_in(section_of(RECIPES, "A CI job (GitLab CI, GitHub Actions)"), "yaml")
+    )
+    job = gitlab["sms-on-failure"]
+    assert job["when"] == "on_failure" and job["stage"] == ".post"
+    assert job["image"]["entrypoint"] == [""]
+    [gitlab_script] = job["script"]
+    *_, step = github["jobs"]["test"]["steps"]
+    assert step["if"] == "failure()"
+    assert step["env"] == {"SMS_BRIDGE_TOKEN": "${{ secrets.SMS_BRIDGE_TOKEN }}"}
+    return {"gitlab": gitlab_script, "github": step["run"]}
+
+
+async def test_the_ci_jobs_text_oncall_with_the_ci_token(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """Each CI block's script, run by bash with the variables its CI sets and the token
+    in SMS_BRIDGE_TOKEN, against the bridge of the recipe's [tokens.ci] (HTTPS, as the
+    URL says): the text reaches the oncall group; a wrong token fails the job (curl -f)
+    and stores nothing."""
+    # The bridge of "A TLS proxy in front" (the name the URL uses), with the CI's token.
+    [proxied] = [s for s in toml_snippets(RECIPES) if "[tokens.scripts]" in s][:1]
+    [snippet] = [s for s in toml_snippets(RECIPES) if "[tokens.ci]" in s]
+    config = load_config(_tls_bridge_config(tmp_path, sandbox_url, proxied + snippet), env={})
+    token = (tmp_path / "secrets" / "ci.token").read_text().strip()
+    async with running_bridge(config, clock) as (bridge, url):
+        options = (
+            f"--connect-to sms-bridge.example.org:443:127.0.0.1:{url.rpartition(':')[2]} "
+            f"--cacert {tmp_path / 'ca.pem'}"
+        )
+        for ci, script in _ci_scripts().items():
+            script = script.replace("curl ", f"curl {options} ", 1)
+            for secret, expected in (("wrong-token-wrong-token", 22), (token, 0)):
+                proc = await asyncio.create_subprocess_exec(
+                    "bash",
+                    "-e",
+                    "-c",
+                    script,
+                    cwd=tmp_path,
+                    env=clean_env(SMS_BRIDGE_TOKEN=secret, **_CI_VARIABLES[ci]),
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+                assert proc.returncode == expected, (ci, out, err)
+            ids = json.loads(out)["ids"]
+            assert len(ids) == 2, out  # the oncall group's phones
+            message = await bridge.store.get(ids[0])
+            assert message.token == "ci"
+            texts = {
+                "gitlab": "octo-group/api: pipeline 4211 failed on main",
+                "github": "octo-org/api: test failed on main",
+            }
+            assert message.text == texts[ci]
+        assert await bridge.store.get(5) is None  # the refused calls stored nothing
 
 
 async def test_the_readme_remote_curl_sends_with_the_deploy_token(
