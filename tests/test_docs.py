@@ -247,6 +247,7 @@ async def test_the_docker_recipes_config_serves_the_name_clients_use(
     assert response.status_code == 202, response.text
 
 
+@pytest.mark.slow  # runs bash
 def test_every_shell_block_parses() -> None:
     """The blocks this machine cannot run (apt-get, systemctl, docker) at least parse
     as the shell reads them; the others are run by the tests above."""
@@ -488,12 +489,13 @@ def test_the_docs_name_every_override_form_the_loader_reads() -> None:
 
 def _readme_first_block() -> tuple[str, str]:
     """The README's first lines: its first block, right under the title, of two commands
-    (install and serve, install the test extras and test)."""
+    (install and serve, install the test extras and test), each under its comment."""
     text = README.read_text(encoding="utf-8")
     first = _FENCE.search(text)
     assert first is not None and first.group(1) == "sh"
     assert text[: first.start()].strip() == "# sms-bridge"  # nothing to read before it
-    serve, test = first.group(2).strip().splitlines()
+    lines = first.group(2).strip().splitlines()
+    serve, test = [line for line in lines if not line.startswith("#")]
     return serve, test
 
 
@@ -501,32 +503,60 @@ def test_the_readmes_test_command_is_what_ci_runs() -> None:
     """The second line, as .ci/run runs it in a fresh virtualenv (CI's own install is the
     proof that the line installs; this test does not run pytest inside pytest)."""
     _serve, test = _readme_first_block()
-    command = test.partition("#")[0].strip()
-    assert command == "pip install -e '.[test]' && pytest"
+    assert test == (
+        "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && pytest"
+    )
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert 'python3 -m venv "$venv"' in ci and 'source "$venv/bin/activate"' in ci
     assert "pip install --quiet -e '.[test]'" in ci
     assert re.search(r"^SMS_BRIDGE_NO_SKIPS=1 pytest$", ci, re.MULTILINE)
 
 
+# A fresh Debian 12 / Ubuntu 23.04+: python3 and a pip that refuses to install outside a
+# virtualenv (PEP 668), as /usr/bin/pip on this machine does.
+_SYSTEM_PIP = """#!/bin/sh
+echo "error: externally-managed-environment" >&2
+exit 1
+"""
+# python3 -m venv DIR, for real (its activate script), but with a pip that records what
+# it was asked (CI installs for real) and the bridge of this checkout as `sms-bridge`.
+_PYTHON3 = """#!{python}
+import subprocess, sys
+from pathlib import Path
+assert sys.argv[1:3] == ["-m", "venv"], sys.argv
+venv = Path(sys.argv[3])
+subprocess.run(["{python}", "-m", "venv", "--without-pip", str(venv)], check=True)
+(venv / "bin" / "pip").write_text('#!/bin/sh\\necho "$@" > {asked}\\n')
+(venv / "bin" / "sms-bridge").write_text('#!/bin/sh\\nexec {python} -m bridge "$@"\\n')
+for name in ("pip", "sms-bridge"):
+    (venv / "bin" / name).chmod(0o755)
+"""
+
+
 @pytest.mark.slow  # runs the bridge
 def test_the_readmes_first_line_serves_on_built_in_defaults(tmp_path) -> None:
-    """The first line, run by bash as pasted in a new directory, with no config: the
-    install is a stand-in that records what it was asked (CI runs the install for
-    real), `sms-bridge serve` is real and takes a message on its defaults (sandbox, no
-    key, SQLite in ./sms-bridge.db). Only the ports change (8080 may be taken)."""
+    """The first line, run by bash as pasted in a new directory of a fresh machine
+    (python3, a system pip that refuses, no sms-bridge): the virtualenv is made and
+    activated for real, the install is a stand-in, `sms-bridge serve` is real and takes
+    a message on its defaults (sandbox, no key, SQLite in ./sms-bridge.db). Only the
+    ports change (8080 may be taken). "pip install -e . && sms-bridge serve" alone was
+    refused by the system's pip."""
     serve, _test = _readme_first_block()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     asked = tmp_path / "pip-args"
-    (bin_dir / "pip").write_text(f'#!/bin/sh\necho "$@" > {asked}\n')
-    (bin_dir / "pip").chmod(0o755)
+    (bin_dir / "pip").write_text(_SYSTEM_PIP)
+    (bin_dir / "python3").write_text(_PYTHON3.format(python=sys.executable, asked=asked))
+    for name in ("pip", "python3"):
+        (bin_dir / name).chmod(0o755)
     work = tmp_path / "work"
     work.mkdir()
     env = clean_env(
         SMS_BRIDGE_HTTP_LISTEN="127.0.0.1:0",
         SMS_BRIDGE_SMTP_LISTEN="127.0.0.1:0",
-        PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
+        PATH=os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"]),
     )
+    env.pop("VIRTUAL_ENV", None)
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         shell = subprocess.Popen(
@@ -561,6 +591,7 @@ def test_the_readmes_first_line_serves_on_built_in_defaults(tmp_path) -> None:
     assert "using the in-process sandbox provider" in output
     assert "bridge: stopped" in output, output  # drained on SIGTERM
     assert (work / "sms-bridge.db").exists()
+    assert (work / ".venv" / "bin" / "activate").exists()
 
 
 @pytest.mark.slow
@@ -834,6 +865,7 @@ async def test_the_recipes_remote_curl_sends_with_the_scripts_token(
         assert (await bridge.store.get(1)).text == "backup of nas-1 failed"
 
 
+@pytest.mark.slow  # runs bash
 async def test_the_recipes_curl_on_the_proxied_bridges_own_host(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
@@ -904,6 +936,7 @@ def _ci_scripts() -> dict[str, str]:
     return {"gitlab": gitlab_script, "github": step["run"]}
 
 
+@pytest.mark.slow  # runs bash
 async def test_the_ci_jobs_text_oncall_with_the_ci_token(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
