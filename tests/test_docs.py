@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -781,6 +782,16 @@ def test_senders_are_pointed_at_an_address_the_bridge_serves() -> None:
     reach = section_of(RECIPES, "Reaching the bridge from other hosts")
     assert 'listen = "0.0.0.0:8080"' in reach and "[tokens." in reach
     assert "reverse_proxy 127.0.0.1:8080" in reach  # TLS in front of the loopback bridge
+    # No nginx here: its block proxies to where the section's bridge listens, passes the
+    # Host its allowed_hosts judges and the client address its trusted_proxies believes.
+    behind = section_of(RECIPES, "Behind a reverse proxy")
+    [nginx] = blocks_in(behind, "nginx")
+    [toml] = blocks_in(behind, "toml")
+    listen = tomllib.loads(toml)["http"]["listen"]
+    assert f"proxy_pass http://{listen};" in nginx
+    assert "proxy_set_header Host $host;" in nginx
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in nginx
+    assert tomllib.loads(toml)["http"]["trusted_proxies"] == ["127.0.0.1/32"]
 
 
 @pytest.mark.slow  # runs a subprocess
