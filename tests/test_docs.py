@@ -353,6 +353,16 @@ def test_the_unit_passes_systemd_analyze_and_starts_the_recipes_venv(tmp_path) -
     executable = f"{venv.group(1)}/bin/sms-bridge"
     assert f"ExecStart={executable} serve" in unit
     assert f"{venv.group(1)}/bin/pip install" in systemd
+    # The unit's own comment gives the install the recipe gives, command for command.
+    recipe = {
+        command.strip()
+        for line in blocks_in(systemd, "sh")[0].splitlines()
+        for command in line.partition("#")[0].split("&&")
+    }
+    header = unit[: unit.index("# The provider key")]
+    for line in re.findall(r"^#   (\S.*)$", header, re.MULTILINE):
+        for command in line.split("&&"):
+            assert command.strip() in recipe, command
     if analyze is None:
         pytest.skip("systemd-analyze not installed")
     # verify wants the ExecStart binary to exist: a stand-in of ours, at a path we own.
