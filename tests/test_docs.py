@@ -892,8 +892,9 @@ async def test_the_recipes_curl_on_the_proxied_bridges_own_host(
 ) -> None:
     """The "Any script" token block on the bridge's own host (`http://127.0.0.1:8080`, as
     the text says), against the bridge of "A TLS proxy in front": its `allowed_hosts`
-    named only the proxy's name, a list replaces the defaults, and every local script
-    and the console got 400 "Host '127.0.0.1:8080' is not served here"."""
+    names only the proxy's name, and loopback names are served whatever the list (when a
+    list replaced them, every local script and the console got 400 "Host '127.0.0.1:8080'
+    is not served here")."""
     [snippet] = [s for s in toml_snippets(RECIPES) if "[tokens.scripts]" in s][:1]
     body = (
         f'[store]\npath = "{tmp_path / "bridge.db"}"\n'

@@ -80,7 +80,10 @@ async def test_allowed_hosts_lists_the_names_served(
                 "SMS.example.org:8443",
                 "a.ops.example",
                 "ops.example",
-                "localhost",  # a list replaces the defaults
+                "localhost",  # loopback names are served whatever the list
+                "127.0.0.1:8080",
+                "[::1]",
+                "192.0.2.10",  # but the list replaces the other defaults
                 "sms.example.org.attacker.example",
             )
         }
@@ -89,7 +92,10 @@ async def test_allowed_hosts_lists_the_names_served(
             "SMS.example.org:8443": 202,
             "a.ops.example": 202,
             "ops.example": 400,
-            "localhost": 400,
+            "localhost": 202,
+            "127.0.0.1:8080": 202,
+            "[::1]": 202,
+            "192.0.2.10": 400,
             "sms.example.org.attacker.example": 400,
         }
         # A reload that changes the list applies to the next request.
