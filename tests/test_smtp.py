@@ -717,10 +717,10 @@ async def test_auth_over_starttls_required_and_refused_in_plaintext(
     tmp_path, clock, sandbox_url, tls_files
 ) -> None:
     ca, cert, key = tls_files
-    (tmp_path / "nagios.pw").write_text("s3cret\n")
+    (tmp_path / "nagios.pw").write_text("s3cret-0123456789\n")
     extra = (
         f'tls_cert = "{cert}"\ntls_key = "{key}"\nrequire_auth = true\n'
-        f'users = {{ups = "ups-pass", nagios_file = "{tmp_path / "nagios.pw"}"}}\n'
+        f'users = {{ups = "ups-pass-0123456789", nagios_file = "{tmp_path / "nagios.pw"}"}}\n'
     )
     config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
@@ -746,8 +746,8 @@ async def test_auth_over_starttls_required_and_refused_in_plaintext(
                     f"Subject: over TLS from {user}\r\n\r\nhello\r\n",
                 )
 
-        assert await asyncio.to_thread(over_tls, "nagios", "s3cret") == {}
-        assert await asyncio.to_thread(over_tls, "ups", "ups-pass") == {}
+        assert await asyncio.to_thread(over_tls, "nagios", "s3cret-0123456789") == {}
+        assert await asyncio.to_thread(over_tls, "ups", "ups-pass-0123456789") == {}
         with pytest.raises(smtplib.SMTPAuthenticationError) as bad:
             await asyncio.to_thread(over_tls, "ups", "wrong")
         assert bad.value.smtp_code == 535
@@ -767,7 +767,10 @@ def implicit_tls_config(
 async def test_implicit_tls_listener(tmp_path, clock, sandbox_url, tls_files) -> None:
     ca = tls_files[0]
     config = implicit_tls_config(
-        tmp_path, sandbox_url, tls_files, 'require_auth = true\nusers = { ups = "ups-pass" }\n'
+        tmp_path,
+        sandbox_url,
+        tls_files,
+        'require_auth = true\nusers = { ups = "ups-pass-0123456789" }\n',
     )
     async with (
         running_bridge(config, clock) as (bridge, _),
@@ -781,7 +784,7 @@ async def test_implicit_tls_listener(tmp_path, clock, sandbox_url, tls_files) ->
                 client.ehlo()
                 offered = str(client.esmtp_features)
                 if login:  # AUTH on a connection that is encrypted from its first byte
-                    client.login("ups", "ups-pass")
+                    client.login("ups", "ups-pass-0123456789")
                 sent = client.sendmail("a@example.org", [DEFAULT_RCPT], "Subject: 465\r\n\r\nx")
                 return offered, sent
 

@@ -22,6 +22,7 @@ from bridge.config.sections import (
     MAKE_SECRET,
     MAX_REQUESTS_PER_MINUTE,
     MIN_SECRET_CHARS,
+    MIN_SMTP_PASSWORD_CHARS,
     SANDBOX_VARIANTS,
     SCOPES,
     Config,
@@ -131,6 +132,10 @@ def _validate_sections(config: Config, problem: Problem) -> None:
                 f"smtp.users.{login}",
                 "an empty password (an empty *_file?): anyone naming this login could send",
             )
+        elif why := _short_secret(password, MIN_SMTP_PASSWORD_CHARS, "an SMTP password"):
+            # A login is the only factor, and a short one falls to guessing spread over
+            # time and addresses, however the lockout slows each client.
+            problem(f"smtp.users.{login}", why)
     if smtp.require_auth and not smtp.tls_cert and not smtp.auth_allow_plaintext:
         problem("smtp.require_auth", "AUTH needs TLS (smtp.tls_cert) or smtp.auth_allow_plaintext")
     for index, net in enumerate(smtp.allowed_networks):
@@ -261,15 +266,14 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
             check_number(f"{key}[{index}]", target, "neither a group nor an allowed number: ")
 
 
-def _short_secret(value: str) -> str | None:
+def _short_secret(
+    value: str, minimum: int = MIN_SECRET_CHARS, what: str = "a secret"
+) -> str | None:
     """Why a caller's secret is too short to keep guessing out, or None."""
-    if len(value) >= MIN_SECRET_CHARS:
+    if len(value) >= minimum:
         return None
     # Never the secret, nor its length: check-config's output lands in logs and tickets.
-    return (
-        f"too short: a secret needs at least {MIN_SECRET_CHARS} characters;"
-        f" make one with `{MAKE_SECRET}`"
-    )
+    return f"too short: {what} needs at least {minimum} characters; make one with `{MAKE_SECRET}`"
 
 
 def _validate_tokens(config: Config, problem: Problem) -> None:
