@@ -1431,3 +1431,86 @@ async def test_a_mail_scheduled_later_does_not_suppress_the_same_mail_now(
     ]
     assert f"duplicate of message {stored[0].id}" in (stored[2].reason or "")
     assert f"duplicate of message {stored[1].id}" in (stored[3].reason or "")
+
+
+USERS = (
+    "auth_allow_plaintext = true\n"
+    'users = {ups = "ups-pass-0123456789", nas = "nas-pass-0123456789",'
+    ' ops = "ops-pass-0123456789"}\n'
+    'user_recipients = {ups = ["oncall"], nas = ["+12025550143"]}\n'
+)
+
+
+def rcpt_codes(port: int, login: tuple[str, str] | None, rcpts: list[str]) -> list[int]:
+    """RCPT's answer to each of `rcpts`, after logging in as `login` (or not)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("tester")
+        if login:
+            client.login(*login)
+        client.mail("alerts@example.org")
+        return [client.rcpt(r)[0] for r in rcpts]
+
+
+def send_as(port: int, login: tuple[str, str] | None, rcpts: list[str], mail: str) -> dict:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        if login:
+            client.login(*login)
+        return client.sendmail("alerts@example.org", rcpts, mail)
+
+
+async def test_an_smtp_user_texts_only_its_recipients_and_is_named_on_its_messages(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """`smtp.user_recipients` lists what a logged-in user may text (numbers and groups,
+    as a route's `to`): other recipients get 550 at RCPT; a user not listed, and a
+    session that does not log in, text anyone as before. Each user's mail is deduplicated
+    among its own (two devices' identical alerts both go), and stored as sent by
+    `smtp:LOGIN`, shown as `token` by the API as an API token's name is."""
+    ups, nas, ops = (
+        ("ups", "ups-pass-0123456789"),
+        ("nas", "nas-pass-0123456789"),
+        ("ops", "ops-pass-0123456789"),
+    )
+    member, other = "+12025550101@sms.localhost", DEFAULT_RCPT
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(USERS))
+    async with running_bridge(config, clock) as (bridge, url), smtp_listening(bridge) as port:
+        codes = {
+            who: await asyncio.to_thread(
+                rcpt_codes, port, login, ["oncall@sms.localhost", member, other]
+            )
+            for who, login in (("ups", ups), ("nas", nas), ("ops", ops), ("anonymous", None))
+        }
+
+        def refused() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.login(*ups)
+                client.mail("ups@example.org")
+                return client.rcpt(other)
+
+        refusal = await asyncio.to_thread(refused)
+        # The same alert (Message-ID and all) from two users, and from no user.
+        mail = "Message-ID: <same@example.org>\r\nSubject: on battery\r\n\r\n12 min left\r\n"
+        for login in (ups, ops, None, ups):
+            assert await asyncio.to_thread(send_as, port, login, [member], mail) == {}
+        async with httpx.AsyncClient(base_url=url) as http:
+            listed = (await http.get("/api/v1/messages")).json()["messages"]
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    assert codes == {
+        "ups": [250, 250, 550],
+        "nas": [550, 550, 250],
+        "ops": [250, 250, 250],
+        "anonymous": [250, 250, 250],
+    }
+    assert refusal == (
+        550,
+        b"5.7.1 <+12025550143@sms.localhost>: smtp user 'ups' may not "
+        b"text it (smtp.user_recipients.ups)",
+    )
+    by_sender = sorted((m["token"] or "", m["state"], m["reason_kind"] or "") for m in listed)
+    assert by_sender == [
+        ("", "queued", ""),
+        ("smtp:ops", "queued", ""),
+        ("smtp:ups", "queued", ""),
+        ("smtp:ups", "suppressed", "duplicate"),  # its own retry, and only that
+    ]
+    assert len(sandbox_state.entries) == 3

@@ -32,7 +32,8 @@ def _opt(default: Any, kind: str = "", secret: bool | str = False) -> Any:
     address worth showing (`bridge.config.masking.secret_values`)."""
     if isinstance(default, dict):
         return field(
-            default_factory=lambda: dict(default), metadata={"kind": "table", "secret": secret}
+            default_factory=lambda: dict(default),
+            metadata={"kind": kind or "table", "secret": secret},
         )
     if isinstance(default, list | tuple):
         return field(default=tuple(default), metadata={"kind": kind or "list", "secret": secret})
@@ -86,6 +87,9 @@ class SmtpConfig:
     # clear text, readable by anyone on the path (check-config and the log say so).
     dangerously_allow_plaintext_auth_beyond_loopback: bool = _opt(False)
     users: Mapping[str, str] = _opt({}, secret=True)  # login -> password
+    # login -> the numbers and groups it may text (as a route's `to`); a login not named
+    # here may text any recipient, as may a session that does not log in
+    user_recipients: Mapping[str, tuple[str, ...]] = _opt({}, "lists")
     tls_cert: str = _opt("", "path")
     tls_key: str = _opt("", "path")
     tls_listen: str = _opt("")  # implicit TLS (port 465 style); needs tls_cert

@@ -259,6 +259,15 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
     named = [("budget.admin", config.budget.admin)] + [
         (f"routes.{name}.to", route.to) for name, route in config.routes.items()
     ]
+    for login, targets in config.smtp.user_recipients.items():
+        key = f"smtp.user_recipients.{login}"
+        if login not in config.smtp.users:
+            problem(key, f"no user {login!r} in [smtp.users]")
+        elif not targets:
+            # Refused rather than read as "anyone": an empty allow-list texting everyone
+            # is the opposite of what it says.
+            problem(key, "empty: this user could text no one; remove it to allow anyone")
+        named.append((key, targets))
     for key, targets in named:
         for index, target in enumerate(targets):
             if recipients.group(target) is not None:

@@ -72,4 +72,6 @@ class Authenticator:
                     self.throttle.max_failures,
                 )
             self.quiet.warning("smtp-auth", host, "SMTP AUTH failed for %s from %s", who, host)
-        return AuthResult(success=ok, handled=False)
+        # The login rides on the session (`auth_data`): what the user may text, its
+        # dedupe scope and the name its messages are stored under are read from it.
+        return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
