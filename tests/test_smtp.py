@@ -1575,3 +1575,27 @@ async def test_a_session_in_data_holds_about_its_mail_once(tmp_path, clock, sand
     mailed = sum(len(m) for m in mails)
     print(f"held {held / mailed:.2f}x of {mailed} bytes in DATA, peak {peak / mailed:.2f}x")
     assert held < 1.3 * mailed, f"{held / mailed:.2f}x"
+
+
+async def test_auth_inside_a_mail_transaction_is_refused(tmp_path, clock, sandbox_url) -> None:
+    """RFC 4954: AUTH after MAIL gets 503. aiosmtpd took it: RCPTs accepted for an
+    anonymous session went out as the user who logged in after them (never checked
+    against its `smtp.user_recipients`), and DATA then answered a 451 blaming a reload.
+    After RSET the same AUTH is taken, and RCPT is judged for that user."""
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(USERS))
+    plain = "PLAIN " + base64.b64encode(b"\0ups\0ups-pass-0123456789").decode()
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def session() -> list[int]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("tester")
+                client.mail("a@example.org")
+                codes = [client.rcpt(DEFAULT_RCPT)[0], client.docmd("AUTH", plain)[0]]
+                codes.append(client.rset()[0])
+                codes.append(client.docmd("AUTH", plain)[0])
+                client.mail("a@example.org")
+                return [*codes, client.rcpt(DEFAULT_RCPT)[0]]
+
+        codes = await asyncio.to_thread(session)
+        assert await bridge.store.counts() == {}
+    assert codes == [250, 503, 250, 235, 550]

@@ -18,6 +18,7 @@
   1 MB in 3-byte lines held it ~1 s); lines past `smtp.max_lines` read and dropped, the
   handler texting the lines read and saying so in its 250 (`data_cut`: a 552 there
   bounced long cron mail, an `rsync -v` log, for good).
+- AUTH inside a mail transaction (after MAIL): 503, as RFC 4954 says; aiosmtpd took it.
 - DATA line length: up to the message size (`smtp.max_message_bytes`) during DATA, not
   aiosmtpd's 1001 bytes, which bounced one-line HTML and unwrapped base64 with a 500.
 """
@@ -197,8 +198,9 @@ class MailReader:
     than `PIECE_BYTES` comes in pieces, as aiosmtpd drains one), and every piece goes
     into `content` at once: about 1x the mail, plus the reader's bounded buffer.
 
-    Lines past `most_lines` are read and dropped (`over`); past `most_bytes` (counted
-    as aiosmtpd counts them, dot-stuffing included) nothing more is kept (`too_big`).
+    Lines past `most_lines` are read and dropped (`over`), uncounted; past `most_bytes`
+    of the lines before (counted as aiosmtpd counts them, dot-stuffing included)
+    nothing more is kept (`too_big`).
     The loop gets a turn every YIELD_EVERY pieces: a piece already buffered costs an
     `await` that never yields, and a mail of 3-byte lines held the loop ~1 s. The end of
     data is a whole line `.` CRLF, as aiosmtpd finds it, so what follows the mail is
@@ -236,13 +238,15 @@ class MailReader:
                     if piece == self.END:
                         return
                     self.lines += 1
+                if self.lines > self.most_lines:  # read and dropped: not counted either
+                    self.over = True
+                    line_start = piece.endswith(b"\r\n")
+                    continue
                 size += len(piece)
                 if size > self.most_bytes and not self.too_big:
                     self.too_big = True
                     content.clear()
-                keep = not self.too_big and self.lines <= self.most_lines
-                self.over = self.over or self.lines > self.most_lines
-                if keep:  # RFC 5321 4.5.2: a line's leading dot is transparency
+                if not self.too_big:  # RFC 5321 4.5.2: a line's leading dot is transparency
                     content += piece[1:] if line_start and piece[:1] == b"." else piece
                 line_start = piece.endswith(b"\r\n")
         finally:
@@ -370,6 +374,18 @@ class LimitedSMTP(SMTP):
         line = reply.replace("{host}", self.hostname)
         self.transport.write(f"{line}\r\n".encode())  # type: ignore[attr-defined]
         self.transport.close()
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        """aiosmtpd's AUTH, refused inside a mail transaction (RFC 4954 section 4: 503).
+        aiosmtpd took it: recipients accepted for an anonymous session were then sent
+        as the user who logged in after them, whom the RCPTs were never checked for
+        (`smtp.user_recipients`), and DATA answered a misleading 451."""
+        envelope = getattr(self, "envelope", None)
+        if envelope is not None and envelope.mail_from is not None:
+            await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
+            return
+        await super().smtp_AUTH(arg)
 
     @syntax("DATA")  # as aiosmtpd's own: HELP reads it from the method
     async def smtp_DATA(self, arg: str) -> None:
