@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import logging
 import re
 import select
 import smtplib
@@ -1599,3 +1600,25 @@ async def test_auth_inside_a_mail_transaction_is_refused(tmp_path, clock, sandbo
         codes = await asyncio.to_thread(session)
         assert await bridge.store.counts() == {}
     assert codes == [250, 503, 250, 235, 550]
+
+
+async def test_an_overlong_auth_answer_is_refused_without_a_traceback(
+    tmp_path, clock, sandbox_url, caplog
+) -> None:
+    """An answer to AUTH's 334 challenge longer than a command line: aiosmtpd let the
+    reader's error escape, a 451 "internal error" and an ERROR traceback in the log for
+    each, from any client without a password. RFC 4954's 500 5.5.6 now; the session goes on."""
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(USERS))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        steps = [b"EHLO x\r\n", b"AUTH LOGIN\r\n", b"A" * 5000 + b"\r\n", b"NOOP\r\n"]
+        steps += [b"AUTH PLAIN\r\n", b"A" * 5000 + b"\r\n"]
+        replies = await asyncio.to_thread(_raw_session, port, steps)
+    too_long = b"500 5.5.6 Authentication exchange line is too long\r\n"
+    assert replies[1:] == [
+        b"334 VXNlciBOYW1lAA==\r\n",
+        too_long,
+        b"250 OK\r\n",
+        b"334 \r\n",
+        too_long,
+    ]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -19,6 +19,7 @@
   handler texting the lines read and saying so in its 250 (`data_cut`: a 552 there
   bounced long cron mail, an `rsync -v` log, for good).
 - AUTH inside a mail transaction (after MAIL): 503, as RFC 4954 says; aiosmtpd took it.
+  An answer to an AUTH challenge over the line limit: 500 5.5.6, not a traceback.
 - DATA line length: up to the message size (`smtp.max_message_bytes`) during DATA, not
   aiosmtpd's 1001 bytes, which bounced one-line HTML and unwrapped base64 with a 500.
 """
@@ -386,6 +387,17 @@ class LimitedSMTP(SMTP):
             await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
             return
         await super().smtp_AUTH(arg)
+
+    async def challenge_auth(self, *args: Any, **kwargs: Any) -> Any:
+        """aiosmtpd's AUTH challenge, its answer over the line limit refused as RFC 4954
+        says (500 5.5.6). aiosmtpd let the reader's ValueError escape: a 451 "internal
+        error" and a traceback in the log at ERROR for every such line, which any client
+        could send without logging in."""
+        try:
+            return await super().challenge_auth(*args, **kwargs)
+        except ValueError:  # StreamReader.readline past its limit
+            await self.push("500 5.5.6 Authentication exchange line is too long")
+            return MISSING
 
     @syntax("DATA")  # as aiosmtpd's own: HELP reads it from the method
     async def smtp_DATA(self, arg: str) -> None:
