@@ -1622,3 +1622,38 @@ async def test_an_overlong_auth_answer_is_refused_without_a_traceback(
         too_long,
     ]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_user_a_reload_removes_texts_no_one_from_its_open_session(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """A session logged in as a user whom a reload then removes (a device's password
+    leaked): its `smtp.user_recipients` entry went with it, and the session could text
+    anyone. RCPT refuses it now, and DATA for what RCPT took before (451: the client
+    keeps the mail)."""
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(USERS))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        taken, reloaded = threading.Event(), threading.Event()
+
+        def session() -> list[int]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.login("ups", "ups-pass-0123456789")
+                client.mail("ups@example.org")
+                codes = [client.rcpt("oncall@sms.localhost")[0]]
+                taken.set()
+                reloaded.wait(10)
+                codes.append(client.rcpt(DEFAULT_RCPT)[0])
+                return [*codes, client.data("Subject: on battery\r\n\r\nx\r\n")[0]]
+
+        codes = asyncio.ensure_future(asyncio.to_thread(session))
+        assert await asyncio.to_thread(taken.wait, 10)
+        (tmp_path / "new").mkdir()
+        without_ups = USERS.replace('ups = "ups-pass-0123456789", ', "").replace(
+            'ups = ["oncall"], ', ""
+        )
+        try:
+            bridge.reload(bridge_config(tmp_path / "new", sandbox_url, with_smtp(without_ups)))
+        finally:
+            reloaded.set()
+        assert await codes == [250, 550, 451]
+        assert await bridge.store.counts() == {}

@@ -274,7 +274,13 @@ class SmtpHandler:
 
     # -- recipients ----------------------------------------------------------------------
     def not_allowed(self, login: str | None, numbers: list[str]) -> str | None:
-        """Why the SMTP user `login` may not text one of `numbers`, or None."""
+        """Why the SMTP user `login` may not text one of `numbers`, or None.
+
+        A user a reload removed from `[smtp.users]` may text no one from a session it
+        logged in to before: read from the lists in force, it was no longer listed in
+        `smtp.user_recipients` either, and so could text anyone."""
+        if login is not None and login not in self.smtp.users:
+            return f"smtp user {login!r} is no longer in [smtp.users]"
         allowed = self.user_recipients.get(login) if login is not None else None
         if allowed is None or allowed.issuperset(numbers):
             return None
