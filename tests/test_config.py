@@ -622,3 +622,14 @@ def test_smtp_user_recipients_name_users_and_what_a_route_may_text(tmp_path) -> 
     env = {"SMS_BRIDGE_SMTP_USER_RECIPIENTS": '{ups = ["+12025550143"]}'}
     config = load_config(write_config(tmp_path, users), env=env)
     assert config.smtp.user_recipients == {"ups": ("+12025550143",)}
+
+
+@pytest.mark.parametrize("key", ["max_message_bytes", "max_recipients"])
+def test_smtp_size_and_recipient_limits_are_above_zero(tmp_path, key: str) -> None:
+    """`smtp.max_message_bytes = 0` was no limit at all (aiosmtpd's reading of 0): one
+    client's DATA could fill the bridge's memory; `max_recipients = 0` refused every
+    RCPT. Both are refused by their key."""
+    for value in (0, -1):
+        with pytest.raises(ConfigError) as refused:
+            load_config(write_config(tmp_path, f"[smtp]\n{key} = {value}\n"), env={})
+        assert dict(refused.value.problems) == {f"smtp.{key}": "must be above 0"}

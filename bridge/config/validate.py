@@ -328,6 +328,10 @@ def _validate_listener_limits(config: Config, problem: Problem) -> None:
         (
             "smtp",
             (
+                # 0 read as "no limit" in aiosmtpd: a session then buffered whatever a
+                # client sent (gigabytes), and max_recipients 0 refused every RCPT.
+                "max_message_bytes",
+                "max_recipients",
                 "max_sessions",
                 "max_sessions_per_client",
                 "max_lines",
