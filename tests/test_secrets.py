@@ -10,7 +10,13 @@ import sys
 
 import pytest
 
-from bridge.config import MAKE_SECRET, MIN_SECRET_CHARS, MIN_SMTP_PASSWORD_CHARS, load_config
+from bridge.config import (
+    MAKE_SECRET,
+    MAKE_SMTP_PASSWORD,
+    MIN_SECRET_CHARS,
+    MIN_SMTP_PASSWORD_CHARS,
+    load_config,
+)
 from bridge.errors import ConfigError
 from tests.helpers import write_config
 from tests.test_protected import run
@@ -100,6 +106,14 @@ def test_an_smtp_password_shorter_than_nists_floor_is_refused(tmp_path) -> None:
     problems = dict(refused.value.problems)
     assert sorted(problems) == ["smtp.users.nas", "smtp.users.ups"]
     assert "an SMTP password needs at least 15 characters" in problems["smtp.users.ups"]
+    made = subprocess.run(  # the command it names makes one that fits a 15-character field
+        MAKE_SMTP_PASSWORD.replace("python3", sys.executable, 1),
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert MAKE_SMTP_PASSWORD in problems["smtp.users.ups"] and len(made) == 15
     assert short not in str(refused.value)
     (tmp_path / "nas.pw").write_text(enough + "\n")
     with pytest.raises(ConfigError) as refused:

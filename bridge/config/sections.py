@@ -269,6 +269,8 @@ MIN_SECRET_CHARS = 16
 # the shortest password field of the senders these are for (a UPS card's takes 15), and
 # turns away the "changeme" and "ups123" that devices are set up with.
 MIN_SMTP_PASSWORD_CHARS = 15
+# 15 characters (88 random bits): fits that field, where MAKE_SECRET's 43 may not.
+MAKE_SMTP_PASSWORD = "python3 -c 'import secrets; print(secrets.token_urlsafe(11))'"
 MAX_REQUESTS_PER_MINUTE = 100_000  # provider.requests_per_minute, `sandbox --requests-per-minute`
 MAKE_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 

@@ -20,6 +20,7 @@ from bridge.config.parsing import parse_listen, template_problem, url_passwords
 from bridge.config.recipients import Recipients
 from bridge.config.sections import (
     MAKE_SECRET,
+    MAKE_SMTP_PASSWORD,
     MAX_REQUESTS_PER_MINUTE,
     MIN_SECRET_CHARS,
     MIN_SMTP_PASSWORD_CHARS,
@@ -132,7 +133,9 @@ def _validate_sections(config: Config, problem: Problem) -> None:
                 f"smtp.users.{login}",
                 "an empty password (an empty *_file?): anyone naming this login could send",
             )
-        elif why := _short_secret(password, MIN_SMTP_PASSWORD_CHARS, "an SMTP password"):
+        elif why := _short_secret(
+            password, MIN_SMTP_PASSWORD_CHARS, "an SMTP password", MAKE_SMTP_PASSWORD
+        ):
             # A login is the only factor, and a short one falls to guessing spread over
             # time and addresses, however the lockout slows each client.
             problem(f"smtp.users.{login}", why)
@@ -276,13 +279,13 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
 
 
 def _short_secret(
-    value: str, minimum: int = MIN_SECRET_CHARS, what: str = "a secret"
+    value: str, minimum: int = MIN_SECRET_CHARS, what: str = "a secret", make: str = MAKE_SECRET
 ) -> str | None:
     """Why a caller's secret is too short to keep guessing out, or None."""
     if len(value) >= minimum:
         return None
     # Never the secret, nor its length: check-config's output lands in logs and tickets.
-    return f"too short: {what} needs at least {minimum} characters; make one with `{MAKE_SECRET}`"
+    return f"too short: {what} needs at least {minimum} characters; make one with `{make}`"
 
 
 def _validate_tokens(config: Config, problem: Problem) -> None:
