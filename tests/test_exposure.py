@@ -259,7 +259,7 @@ def test_every_secret_field_is_masked_in_the_log(tmp_path) -> None:
             [sandbox]
             api_key = "sbx"
             [smtp.users]
-            ups = "ups-password"
+            ups = "ups-password-0123"
             [routes.j]
             format = "generic"
             to = ["+12025550143"]
@@ -291,12 +291,12 @@ def test_every_secret_field_is_masked_in_the_log(tmp_path) -> None:
 
     line = logged(
         "%s %s %s %s and a",
-        "ups-password",
+        "ups-password-0123",
         "route-basic-password",
         "deploy-token-0123456789abcdef",
         "sbx",
     )
-    for secret in ("ups-password", "route-basic-password", "deploy-token", "sbx"):
+    for secret in ("ups-password-0123", "route-basic-password", "deploy-token", "sbx"):
         assert secret not in line
     assert line.count("***") == 4 and "jenkins" not in line and " and a" in line
     try:
