@@ -219,6 +219,7 @@ def test_the_docker_environment_block_protects_the_images_config(tmp_path) -> No
     config.write_text(image.replace("/data/", f"{tmp_path}/"), encoding="utf-8")
     protected = run_command(["check-config", str(config)], env=clean_env(**env))
     assert protected.returncode == 0, protected.stderr
+    assert "0123456789abcdef" not in protected.stdout + protected.stderr  # secrets unprinted
     provider_only = {k: v for k, v in env.items() if k.startswith("SMS_BRIDGE_PROVIDER_")}
     refused = run_command(["check-config", str(config)], env=clean_env(**provider_only))
     assert refused.returncode == 1, refused.stderr
