@@ -583,3 +583,40 @@ async def test_a_refusal_quoting_a_long_value_wraps_on_a_phone(
         await wrapped("a preview ignored", page.locator("section.preview p"))
         await context.close()
     assert [e for e in errors.errors if "400" not in e] == []
+
+
+async def test_another_tabs_refresh_leaves_an_actions_note_to_its_page(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """A retry's note ("queued again") was taken by whichever page of the session was
+    drawn next: the same message open in another tab refreshed itself between the
+    retry and the browser's arrival, drew the note into nothing (a refresh replaces only
+    the live part), and the operator never saw it. A refresh takes no note."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+        failed = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1, state=State.FAILED)
+        [message_id] = await seed(bridge.store, [failed], clock.now())
+        context = await browser.new_context()
+        acting, other_tab = await context.new_page(), await context.new_page()
+        errors.watch(acting)
+        errors.watch(other_tab)
+        await other_tab.clock.install()
+        await sign_in(acting, url, ADMIN)
+        page_url = f"{url}/ui/messages/{message_id}"
+        await other_tab.goto(page_url)
+        await acting.goto(page_url)
+        csrf = await acting.locator("input[name=csrf]").first.get_attribute("value")
+        # The retry's POST, then the other tab's refresh, then the redirect followed.
+        retried = await acting.request.post(
+            f"{page_url}/retry", form={"csrf": csrf or ""}, max_redirects=0
+        )
+        assert retried.status == 303
+        async with other_tab.expect_response(page_url) as refreshed:
+            await other_tab.clock.run_for(6_000)  # past the message page's 5 s refresh
+        assert (await refreshed.value).ok
+        await acting.goto(page_url)
+        note = acting.get_by_role("status")
+        assert f"Message {message_id} queued again." in await note.inner_text()
+        await context.close()
+    assert errors.errors == []
