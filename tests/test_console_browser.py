@@ -620,3 +620,40 @@ async def test_another_tabs_refresh_leaves_an_actions_note_to_its_page(
         assert f"Message {message_id} queued again." in await note.inner_text()
         await context.close()
     assert errors.errors == []
+
+
+async def test_on_a_phone_a_failed_message_reads_whole_and_its_retry_is_on_the_first_screen(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """At night, on a phone: the list of failed messages was a table whose Text and Why
+    columns sat past the screen's right edge, a long reason wrapped a letter a line (a
+    row a screen tall); a message's Retry came after its text and details, two screens
+    down. Each listed message now reads whole on the screen, and Retry is on the first."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+        failed = NewMessage(
+            "+12025550144", "disk 97% full on db-1", "http", "SMS", 1, 1, state=State.FAILED
+        )
+        reason = "provider refused: the number is on the operator's do-not-text list (code 21610)"
+        [message_id] = await seed(bridge.store, [failed._replace(reason=reason)], clock.now())
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        )
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        await page.goto(f"{url}/ui/messages?state=failed")
+        row = page.locator("table.messages tbody tr").first
+        for shown in (row.locator("td.text"), row.locator("td.reason")):
+            box = await shown.bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+        row_box = await row.bounding_box()
+        assert row_box is not None and row_box["height"] < 250, row_box
+
+        await row.get_by_role("link", name=f"Message {message_id}").click()
+        await page.wait_for_url(f"{url}/ui/messages/{message_id}")
+        retry = await page.get_by_role("button", name="Retry").bounding_box()
+        assert retry is not None and retry["y"] + retry["height"] <= 844, retry
+        await context.close()
+    assert errors.errors == []
