@@ -1551,3 +1551,35 @@ async def test_a_loop_mail_quoting_a_message_number_is_not_shown_under_it(
         )
         for path in (f"/ui/messages/{loop.id}", "/ui/messages?source=smtp"):
             assert f'href="/ui/messages/{first}"' not in (await http.get(path)).text, path
+
+
+async def test_cancelling_a_phones_held_messages_needs_admin_and_the_csrf_token(
+    served_bridge,
+) -> None:
+    """The storms card's "Cancel all" is an admin's action, behind the CSRF token, as
+    every change is; it cancels that phone's held messages and no one else's."""
+    bridge, url = served_bridge
+    held = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1, state=State.HELD)
+    mine = await seed(bridge.store, [held, held], 1.0)
+    [theirs] = await seed(bridge.store, [held._replace(recipient="+12025550145")], 1.0)
+    async with httpx.AsyncClient(base_url=url) as reader, httpx.AsyncClient(base_url=url) as admin:
+        await sign_in(reader, READER)
+        form = {"csrf": csrf_of(await reader.get("/ui/")), "recipient": "+12025550144"}
+        assert (await reader.post("/ui/held/cancel", data=form)).status_code == 403
+        await sign_in(admin, ADMIN)
+        wrong = {"csrf": "not-the-token", "recipient": "+12025550144"}
+        assert (await admin.post("/ui/held/cancel", data=wrong)).status_code == 403
+        assert {(await bridge.store.get(i)).state for i in mine} == {State.HELD}
+        form["csrf"] = csrf_of(await admin.get("/ui/"))
+        done = await admin.post("/ui/held/cancel", data=form)
+        assert done.status_code == 303
+        assert (
+            "Cancelled 2 held messages to +12025550144."
+            in (await admin.get(done.headers["location"])).text
+        )
+        assert {(await bridge.store.get(i)).state for i in mine} == {State.FAILED}
+        assert (await bridge.store.get(theirs)).state == State.HELD
+        nothing = await admin.post("/ui/held/cancel", data=form)
+        assert "nothing cancelled" in (await admin.get(nothing.headers["location"])).text
+        empty = await admin.post("/ui/held/cancel", data={**form, "recipient": ""})
+        assert empty.status_code == 400

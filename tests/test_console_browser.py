@@ -657,3 +657,50 @@ async def test_on_a_phone_a_failed_message_reads_whole_and_its_retry_is_on_the_f
         assert retry is not None and retry["y"] + retry["height"] <= 844, retry
         await context.close()
     assert errors.errors == []
+
+
+async def test_on_a_phone_a_flood_held_for_one_phone_is_cancelled_in_one_go(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """A flood to one phone, held by storm control: the console could cancel it only a
+    message at a time (a page, a button and a confirmation each: forty for forty). The
+    overview's storms card (on its first screen now, above the figures and the chart)
+    and the phone's held list cancel them all, once confirmed."""
+    errors = ConsoleErrors()
+    extra = f"{CLOCKED_TOKENS}\n[limits]\nper_recipient = 1\n"
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, url):
+        flood = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1, state=State.HELD)
+        other = NewMessage("+12025550145", "disk full", "http", "SMS", 1, 1, state=State.HELD)
+        held = await seed(bridge.store, [flood] * 40, clock.now())
+        [kept] = await seed(bridge.store, [other], clock.now())
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        )
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        overflow = await page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, f"the overview scrolls sideways on a phone by {overflow}px"
+        cancel_all = page.get_by_role("button", name="Cancel the 40 held for +12025550144")
+        box = await cancel_all.bounding_box()  # on the first screen, not below the chart
+        assert box is not None and box["y"] + box["height"] <= 844, box
+        page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        await cancel_all.click()
+        await page.get_by_role("status").filter(has_text="Cancelled 40 held messages").wait_for()
+        assert "recipient=%2B12025550144" in page.url
+        for message_id in held:
+            message = await bridge.store.get(message_id)
+            assert message is not None and message.state == State.FAILED
+            assert message.reason == "cancelled by root"
+        assert (await bridge.store.get(kept)).state == State.HELD  # another phone's
+
+        # The phone's held list offers the same; dismissed, nothing is cancelled.
+        await page.goto(f"{url}/ui/messages?state=held&recipient=%2B12025550145")
+        page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.dismiss()))
+        await page.get_by_role("button", name="Cancel every message held for +12025550145").click()
+        assert (await bridge.store.get(kept)).state == State.HELD
+        await context.close()
+    assert errors.errors == []
