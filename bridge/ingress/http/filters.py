@@ -22,6 +22,21 @@ from bridge.models import OTHER_REASON, REASON_KINDS, SOURCES, State
 from bridge.store import Store
 
 STATES = tuple(str(s) for s in State)
+# What a list takes: a name misspelt (`?stat=failed`) was ignored, and every message
+# listed with a 200 to a script that asked for the failed ones.
+PARAMETERS = (
+    "state",
+    "status",
+    "reason",
+    "not_reason",
+    "route",
+    "source",
+    "recipient",
+    "q",
+    "since",
+    "limit",
+    "before",
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,11 @@ async def read_list_query(
 ) -> ListQuery:
     """The list's parameters, each checked (a 400 naming the first one wrong)."""
     check_query(query)
+    for name in query:
+        if name not in PARAMETERS:
+            raise HttpError(
+                400, f"unknown parameter {name!r}: one of {', '.join(PARAMETERS)}", name
+            )
     state, status = given(query, "state"), given(query, "status")
     if state and status and state != status:
         raise HttpError(400, "'state' and 'status' are one filter: give one", "status")

@@ -285,7 +285,7 @@ class Console(Gate):
         message_id = request.path_params["message_id"]
         message = await self.store.get(message_id)
         if message is None:
-            raise Refused(404, f"no message {message_id}")
+            raise Refused(404, f"no message {message_id}", field="id")
         data = message.to_json()
         data["encoding"] = encoding_name(message.message_type)
         data["parts_text"] = split_parts(message.text)
@@ -326,7 +326,7 @@ class Console(Gate):
     def _route(self, name: str) -> Any:
         route = self.live.current.routes.get(name)
         if route is None:
-            raise Refused(404, f"no route named {name!r}")
+            raise Refused(404, f"no route named {name!r}", field="name")
         return route
 
     async def route_page(

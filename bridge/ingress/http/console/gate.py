@@ -67,11 +67,14 @@ VISITOR = Principal("visitor", frozenset())
 class Refused(Exception):
     """Stop handling and answer this instead (a redirect, an error page)."""
 
-    def __init__(self, status: int, message: str, location: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, location: str | None = None, *, field: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.location = location
+        self.field = field  # what the `.json` answer names, as the API's errors do
 
 
 @dataclass
@@ -330,7 +333,7 @@ class Gate:
         except Refused as exc:
             if exc.location:
                 return RedirectResponse(exc.location, exc.status)
-            return self._error(request, exc.status, exc.message, as_json=as_json)
+            return self._error(request, exc.status, exc.message, as_json=as_json, field=exc.field)
         except AuthError as exc:
             return self._error(request, exc.status, exc.message, as_json=as_json)
         except HttpError as exc:  # a list's filter, read as the API reads it
