@@ -687,6 +687,7 @@ async def test_on_a_phone_a_flood_held_for_one_phone_is_cancelled_in_one_go(
         cancel_all = page.get_by_role("button", name="Cancel the 40 held for +12025550144")
         box = await cancel_all.bounding_box()  # on the first screen, not below the chart
         assert box is not None and box["y"] + box["height"] <= 844, box
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, box  # nor past its edge
         page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
         await cancel_all.click()
         await page.get_by_role("status").filter(has_text="Cancelled 40 held messages").wait_for()
