@@ -1604,3 +1604,6 @@ async def test_a_misspelt_list_parameter_is_a_400_not_every_message(served_bridg
             assert console.status_code == 404 and console.json()["field"] == field, console.text
         api = await http.get("/api/v1/messages/999", headers=reader)
         assert api.json()["field"] == "id"
+        await sign_in(http, READER)
+        aliased = await http.get("/ui/messages?status=failed")  # the API's other name
+        assert '<option value="failed" selected>' in aliased.text

@@ -229,6 +229,7 @@ class Console(Gate):
             store=self.store,
         )
         filters = {key: (q.get(key) or "").strip() for key in LIST_FILTERS}
+        filters["state"] = wanted.state or ""  # the API's `status` too, shown as the state
         number = whole_number(filters["recipient"])
         part = wanted.recipient
         found = await self._messages(wanted, number, part, limit=wanted.limit + 1)

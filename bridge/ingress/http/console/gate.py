@@ -58,6 +58,7 @@ SECURITY_HEADERS = [
 ]
 
 
+MAX_NOTES = 20  # actions' notes a session keeps for pages not visited yet
 # Sent by console.js when it refreshes a page's live part in place: not a visit.
 REFRESH_HEADER = "x-console-refresh"
 # Someone on the sign-in page: no scope, no navigation.
@@ -373,7 +374,9 @@ class Gate:
 
     def _back(self, caller: Caller, location: str, note: str) -> Response:
         if caller.session is not None:
-            caller.session.flash.append((location.split("?")[0], note))
+            # Bounded: a note whose page is never visited (a tab closed) waits for it.
+            kept = caller.session.flash[-(MAX_NOTES - 1) :]
+            caller.session.flash = [*kept, (location.split("?")[0], note)]
         return RedirectResponse(location, 303)
 
     # -- sign-in -------------------------------------------------------------------------
