@@ -211,7 +211,7 @@ async def test_admin_signs_in_filters_cancels_retries_previews_and_signs_out(
         timeline = page.locator("ol.timeline")
         assert "held for the digest" in await timeline.inner_text()
         page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
-        await page.get_by_role("button", name="Cancel").click()
+        await page.get_by_role("button", name="Cancel", exact=True).click()
         await page.get_by_role("status").filter(has_text="cancelled").wait_for()
         assert "cancelled by root" in await timeline.inner_text()
 
