@@ -12,9 +12,9 @@ token like every other form; signing in replaces the session id (no fixation). A
 visitor's session is not stored: its CSRF token is a keyed digest of its id (`visitor`).
 Anyone may load the sign-in page, and stored visitors, 10,000 at most, were evicted
 oldest first: a client loading it 2,500 times a second had every operator's sign-in
-refused for a wrong CSRF token. On a bridge with no tokens the session is open from the start, as the
-API is, and still carries a CSRF token: a loopback bridge is reachable from any page the
-operator's browser opens.
+refused for a wrong CSRF token. On a bridge with no tokens the session is open from the
+start, as the API is, and still carries a CSRF token: a loopback bridge is reachable from
+any page the operator's browser opens.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class Session:
     token_name: str | None = None  # None: a visitor who has not signed in
     token_digest: bytes = b""
     open: bool = False  # created on a bridge without tokens
-    flash: list[str] = field(default_factory=list)  # said once on the next page
+    # (path, note): said once, by the page an action sent the browser to (Gate._render)
+    flash: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Sessions:
