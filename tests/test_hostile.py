@@ -21,6 +21,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge.errors import HttpError
+from bridge.ingress.http.bodies import parse_json
 from tests.processes import ANY_PORT, clean_env, process, wait_for
 
 pytestmark = pytest.mark.slow
@@ -266,6 +268,25 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(bridge) -> None:
     response = _post(url, "/hooks/generic", nested)
     _refused(response, 400, "lone surrogate")
     assert response.json()["field"] == "x.y[0]"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'"\\ud800"', "body"),
+        (b'["ok", "\\ud800"]', "[1]"),
+        (b'{"\\ud800": 1}', "body"),
+        (b'{"a": {"\\udc00": 1}}', "a"),
+        (b'{"": ["\\ud800"]}', "[0]"),
+        (b'{"a": [{"b": ["x", {"c": "\\udfff"}]}]}', "a[0].b[1].c"),
+    ],
+)
+def test_a_lone_surrogate_anywhere_is_named_by_its_path(body: bytes, field: str) -> None:
+    """Where check_json says the bad text is (its paths are spelt out only for an error)."""
+    with pytest.raises(HttpError) as refused:
+        parse_json(body)
+    assert refused.value.status == 400 and "lone surrogate" in refused.value.message
+    assert refused.value.field == field
 
 
 def test_message_ids_and_cursors_outside_sqlite_integers_are_400(bridge) -> None:

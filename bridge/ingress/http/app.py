@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from bridge.clock import Clock, zone
@@ -26,8 +26,10 @@ from bridge.firewall import cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize, token_name
 from bridge.ingress.http.bodies import (
+    JSONAnswer,
     check_query,
     error_response,
+    header,
     known,
     page_size,
     parse_json,
@@ -113,7 +115,7 @@ def handle_errors(handler: Handler, live: LiveConfig) -> Handler:
             headers = (
                 {"WWW-Authenticate": 'Bearer realm="sms-bridge"'} if exc.status == 401 else None
             )
-            return JSONResponse({"error": exc.message}, exc.status, headers=headers)
+            return JSONAnswer({"error": exc.message}, exc.status, headers=headers)
         except HttpError as exc:
             return error_response(exc.status, exc.message, exc.field)
         except InputError as exc:
@@ -131,7 +133,7 @@ def requires(scope: str, live: LiveConfig, handler: Handler) -> Handler:
     """`handler` for callers whose token has `scope`; the principal in `request.state`."""
 
     async def guarded(request: Request) -> Response:
-        authorization = request.headers.get("authorization")
+        authorization = header(request, b"authorization")
         principal = authorize(live.current.tokens, authorization, scope)
         if authorization and principal is not ANONYMOUS:
             vouch(request.scope, authorization)
@@ -203,7 +205,7 @@ def create_app(
                 )
             ]
         )
-        return JSONResponse(
+        return JSONAnswer(
             {
                 "ids": [a.id for a in accepted],
                 "messages": [
@@ -234,7 +236,7 @@ def create_app(
             recipient=(q.get("recipient") or "").strip().lstrip("+") or None,
             text=q.get("q"),
         )
-        return JSONResponse({"messages": [m.to_json() for m in messages]})
+        return JSONAnswer({"messages": [m.to_json() for m in messages]})
 
     async def get_message(request: Request) -> Response:
         raw = request.path_params["message_id"]
@@ -244,7 +246,7 @@ def create_app(
             raise HttpError(404, f"no message {raw}", "id")
         out = message.to_json()
         out["events"] = events_json(await store.events(message.id))
-        return JSONResponse(out)
+        return JSONAnswer(out)
 
     def change(action: str) -> Handler:
         async def changed(request: Request) -> Response:
@@ -269,7 +271,7 @@ def create_app(
             raise HttpError(409, f"message {raw} is {message.state}: only {allowed} can {action}")
         if wake is not None:
             wake()
-        return JSONResponse(message.to_json())
+        return JSONAnswer(message.to_json())
 
     async def metrics_endpoint(request: Request) -> Response:
         if metrics is None:
@@ -277,19 +279,19 @@ def create_app(
         return Response(await metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def stats(request: Request) -> Response:
-        return JSONResponse(
+        return JSONAnswer(
             {"states": await store.counts(), "reasons": await store.counts_by_reason()}
         )
 
     async def openapi(request: Request) -> Response:
-        return JSONResponse(openapi_spec(live.current))
+        return JSONAnswer(openapi_spec(live.current))
 
     async def healthz(request: Request) -> Response:
         # Alive is more than answering: a dispatcher whose every step fails leaves what
         # was acknowledged unsent, and a restart is what an orchestrator can offer.
         if failing := loops.failing():
-            return JSONResponse({"status": "failing", "problems": {"loops": failing}}, 503)
-        return JSONResponse({"status": "ok"})
+            return JSONAnswer({"status": "failing", "problems": {"loops": failing}}, 503)
+        return JSONAnswer({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
         problems: dict[str, str] = {}
@@ -305,8 +307,8 @@ def create_app(
         if failing := loops.failing():
             problems["loops"] = "; ".join(f"{name}: {why}" for name, why in failing.items())
         if problems:
-            return JSONResponse({"status": "unavailable", "problems": problems}, 503)
-        return JSONResponse({"status": "ready"})
+            return JSONAnswer({"status": "unavailable", "problems": problems}, 503)
+        return JSONAnswer({"status": "ready"})
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error_response(404, f"no such endpoint: {request.url.path}")

@@ -24,11 +24,23 @@ MAX_JSON_DEPTH = 64  # real payloads nest under 10; deeper costs recursion in ev
 _INTEGER = re.compile(r"-?[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes "²"
 
 
+# Starlette's JSONResponse builds an encoder with these settings for every answer
+# (json.dumps with arguments does); one built once writes the same bytes.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+class JSONAnswer(JSONResponse):
+    """Starlette's JSONResponse, its body written by one encoder kept for every answer."""
+
+    def render(self, content: Any) -> bytes:
+        return _ENCODER.encode(content).encode("utf-8")
+
+
 def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
     body: dict[str, Any] = {"error": message}
     if field:
         body["field"] = field
-    return JSONResponse(body, status)
+    return JSONAnswer(body, status)
 
 
 def query_int(
@@ -78,9 +90,19 @@ def page_size(raw: str | None, *, default: int, maximum: int) -> int:
     return default if size is None else size
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """The request's first `name` header (lower case, as ASGI servers give names), as
+    `request.headers.get` answers, read off the scope: the ingest paths ask two or three
+    headers a request, and Starlette's Headers object cost more than their reading."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def media_type(request: Request) -> str:
     """The request's Content-Type without its parameters (`; charset=...`), lowercased."""
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return (header(request, b"content-type") or "").split(";")[0].strip().lower()
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -103,7 +125,7 @@ async def read_bounded(request: Request, max_bytes: int) -> bytes:
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
-    declared = request.headers.get("content-length")
+    declared = header(request, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise HttpError(413, f"body larger than {max_bytes} bytes", "body")
     chunks, size = [], 0
@@ -126,6 +148,10 @@ def parse_json(body: bytes) -> Any:
     return value
 
 
+# Where a JSON value sits: None for the body, else (its parent's place, key or index).
+_Place = tuple[Any, str | int] | None
+
+
 def check_json(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
     """Refuse what parses but cannot be handled: deep nesting and lone surrogates.
 
@@ -133,27 +159,42 @@ def check_json(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
     store or the provider call, long after the caller was told anything. Walked with a
     stack, not recursion, so the check itself cannot overflow.
     """
-    stack: list[tuple[Any, str, int]] = [(value, "", 1)]
+    # Each item with where it sits: (its parent's place, its key or index), spelt out
+    # only for an error (building every path cost more than the check).
+    stack: list[tuple[Any, _Place, int]] = [(value, None, 1)]
     while stack:
-        item, path, depth = stack.pop()
+        item, place, depth = stack.pop()
         if isinstance(item, dict | list):
             if depth > max_depth:
                 raise HttpError(400, f"body is JSON nested deeper than {max_depth}", "body")
-            if isinstance(item, list):  # paths as the rest of the API names them: a.b[0]
-                stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+            if isinstance(item, list):
+                stack.extend((child, (place, i), depth + 1) for i, child in enumerate(item))
                 continue
             for key, child in item.items():
-                _check_text(key, path or "body")
-                stack.append((child, f"{path}.{key}" if path else key, depth + 1))
-        elif isinstance(item, str):
-            _check_text(item, path or "body")
+                if not key.isascii():
+                    _check_text(key, place)
+                stack.append((child, (place, key), depth + 1))
+        elif isinstance(item, str) and not item.isascii():
+            _check_text(item, place)
 
 
-def _check_text(text: str, path: str) -> None:
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise HttpError(
-                400, f"'{path}' holds a lone surrogate (\\u{ord(exc.object[exc.start]):04x})", path
-            ) from exc
+def _path(place: _Place) -> str:
+    """A place as the rest of the API names it: `a.b[0]`, `body` for the body itself."""
+    steps: list[str | int] = []
+    while place is not None:
+        place, step = place
+        steps.append(step)
+    path = ""
+    for step in reversed(steps):
+        path = f"{path}[{step}]" if isinstance(step, int) else f"{path}.{step}" if path else step
+    return path or "body"
+
+
+def _check_text(text: str, place: _Place) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        path = _path(place)
+        raise HttpError(
+            400, f"'{path}' holds a lone surrogate (\\u{ord(exc.object[exc.start]):04x})", path
+        ) from exc
