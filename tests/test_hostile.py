@@ -289,6 +289,23 @@ def test_a_lone_surrogate_anywhere_is_named_by_its_path(body: bytes, field: str)
     assert refused.value.field == field
 
 
+def test_the_ingest_paths_neighbours_get_the_routers_answers(bridge) -> None:
+    """The ingest endpoints are called past the router (bridge.ingress.http.hot): a path
+    or method that is not exactly theirs still gets the router's answer."""
+    url, _ = bridge
+    alert = b'{"to": "+12025550143", "message": "the neighbours"}'
+    assert _post(url, "/api/v1/messages", alert).status_code == 202
+    assert _post(url, "/hooks/generic", alert).status_code == 202
+    _refused(_post(url, "/hooks/nope", alert), 404, "no route named 'nope'")
+    for path in ("/hooks/generic/x", "/hooks/", "/hooks//generic", "/hooks", "/api/v1/message"):
+        _refused(_post(url, path, alert), 404, "no such endpoint")
+    moved = _post(url, "/api/v1/messages/", alert)
+    assert moved.status_code == 307 and moved.headers["location"].endswith("/api/v1/messages")
+    for method, path in (("GET", "/hooks/generic"), ("PUT", "/api/v1/messages")):
+        response = httpx.request(method, url + path, content=alert, timeout=10)
+        _refused(response, 405, f"{method} not allowed")
+
+
 def test_message_ids_and_cursors_outside_sqlite_integers_are_400(bridge) -> None:
     url, _ = bridge
     for path, field in (

@@ -40,6 +40,7 @@ from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.app import Console
 from bridge.ingress.http.hooks import hook_endpoint
 from bridge.ingress.http.hosts import HostCheck
+from bridge.ingress.http.hot import HotRoutes
 from bridge.ingress.http.lockout import AuthLockout, vouch
 from bridge.ingress.http.openapi import LIST_LIMIT, MAX_LIST_LIMIT, openapi_spec
 from bridge.ingress.ingest import Ingestor
@@ -320,9 +321,13 @@ def create_app(
         log.exception("unexpected error on %s", request.url.path)
         return error_response(500, "internal error; nothing was acknowledged")
 
+    send_message = requires("send", live, post_message)
+    hook = activity.observe(
+        handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock), live)
+    )
     return Starlette(
         routes=[
-            Route("/api/v1/messages", requires("send", live, post_message), methods=["POST"]),
+            Route("/api/v1/messages", send_message, methods=["POST"]),
             Route("/api/v1/messages", requires("read", live, list_messages), methods=["GET"]),
             Route(
                 "/api/v1/messages/{message_id}",
@@ -338,13 +343,7 @@ def create_app(
                 for action in ("retry", "cancel")
             ),
             Route("/api/v1/stats", requires("read", live, stats), methods=["GET"]),
-            Route(
-                "/hooks/{name}",
-                activity.observe(
-                    handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock), live)
-                ),
-                methods=["POST"],
-            ),
+            Route("/hooks/{name}", hook, methods=["POST"]),
             # The route map is for callers with `read` once tokens exist (openapi.py says why).
             Route("/openapi.json", requires("read", live, openapi), methods=["GET"]),
             Route("/metrics", requires("metrics", live, metrics_endpoint), methods=["GET"]),
@@ -356,6 +355,8 @@ def create_app(
         middleware=[
             Middleware(HostCheck, live=live),  # before any route: DNS rebinding
             Middleware(AuthLockout, throttle=FailureThrottle(clock), live=live),  # online guessing
+            # Last: the ingest endpoints without the router's layers (hot.py says why).
+            Middleware(HotRoutes, exact={"/api/v1/messages": send_message}, hook=hook),
         ],
         lifespan=lifespan,
     )
