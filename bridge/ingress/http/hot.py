@@ -3,12 +3,12 @@
 Every request through Starlette's router goes through its ExceptionMiddleware (a
 Request built, two closures, a hop for each message sent), the router's routes tried
 in turn, and the route's own copy of the same exception wrapper, before the handler
-runs: ~5 % of what the event loop does for an alert (BENCHMARKS.md, issue #16). The two
-ingest endpoints, `POST /api/v1/messages` and `POST /hooks/{name}`, raise none of the
-exceptions those wrappers handle (Starlette's HTTPException: the bridge's handlers
-answer their errors themselves, and anything else goes on to the 500 handler around
-the whole app, as before), so this layer, last of the bridge's middleware, calls them
-directly. Every other request, and these paths with another method or under a
+runs: ~9 % of the instructions the event loop spent on an alert (BENCHMARKS.md, issue
+#16). The two ingest endpoints, `POST /api/v1/messages` and `POST /hooks/{name}`, raise
+none of the exceptions those wrappers handle (Starlette's HTTPException: the bridge's
+handlers answer their errors themselves, and anything else goes on to the 500 handler
+around the whole app, as before), so this layer, last of the bridge's middleware, calls
+them directly. Every other request, and these paths with another method or under a
 `root_path`, takes the router's way as before: the same 404, 405 and redirects.
 """
 
