@@ -3,7 +3,7 @@ that does not move with the machine's load (BENCHMARKS.md, issue #16).
 
     PYTHONPATH=SOURCE_TREE valgrind --tool=callgrind --separate-threads=yes \
         --dump-before=getppid --callgrind-out-file=/tmp/cg/NAME python bench/app_instr.py \
-        [--requests 2000] [--concurrency 32] [--bare]
+        [--requests 2000] [--concurrency 32] [--bare | --hook]
     python bench/app_instr.py --report /tmp/cg/NAME REQUESTS
 
 Wall-clock figures on a shared machine move with whatever else runs; instructions do
@@ -34,8 +34,10 @@ from bridge.config import load_config
 async def main(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-app-instr-"))
     config_file = tmp / "bridge.toml"
-    config_file.write_text(f'[store]\npath = "{tmp / "bench.db"}"\n')
-    poster = Poster()
+    # `--hook`: the same alerts to a generic webhook route that takes the payload's `to`
+    route = '[routes.bench]\nformat = "generic"\nallow_payload_to = true\n' if args.hook else ""
+    config_file.write_text(f'[store]\npath = "{tmp / "bench.db"}"\n{route}')
+    poster = Poster("/hooks/bench" if args.hook else "/api/v1/messages")
     async with build(load_config(config_file, env={})) as bridge:
         app = BARE if args.bare else bridge.app
         await poster.run(app, 2000, args.concurrency)
@@ -60,6 +62,7 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--bare", action="store_true")
+    parser.add_argument("--hook", action="store_true", help="POST /hooks/bench (generic)")
     parser.add_argument("--report", nargs=2, metavar=("OUT", "REQUESTS"))
     args = parser.parse_args()
     if args.report:
