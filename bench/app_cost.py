@@ -51,8 +51,9 @@ BARE = Starlette(routes=[Route("/api/v1/messages", _accept, methods=["POST"])])
 class Poster:
     """Distinct alerts, numbered across rounds so that none repeats within the window."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str = "/api/v1/messages") -> None:
         self.sent = 0
+        self.path = path  # or a webhook route's, `/hooks/NAME` (bench/app_instr.py --hook)
 
     def body(self) -> bytes:
         self.sent += 1
@@ -68,8 +69,8 @@ class Poster:
             "http_version": "1.1",
             "method": "POST",
             "scheme": "http",
-            "path": "/api/v1/messages",
-            "raw_path": b"/api/v1/messages",
+            "path": self.path,
+            "raw_path": self.path.encode(),
             "query_string": b"",
             "root_path": "",
             "headers": [

@@ -48,6 +48,13 @@ from bridge import phone_patterns
 from bridge.errors import InputError, Unavailable
 
 log = logging.getLogger(__name__)
+if hasattr(phonenumbers, "enable_pattern_cache"):  # releases without it: re's own cache
+    # The library compiles each pattern it reads at every call: through `re`'s cache, a
+    # few lookups dearer than a dict's, and the ~10 patterns a new number is matched
+    # against fall out of that cache when numbers of many regions arrive. Its own cache
+    # keeps every metadata pattern compiled, keyed by the pattern's text (a changed
+    # pattern is a new key), bounded by the metadata's few thousand patterns.
+    phonenumbers.enable_pattern_cache()
 
 _SEPARATORS = re.compile(r"[\s().\-/]")
 _DIGITS = re.compile(r"\+?\d+")

@@ -23,6 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.clock import ManualClock
+from bridge.errors import HttpError
+from bridge.ingress.http.bodies import parse_json
 from tests.helpers import bridge_config, running_bridge
 from tests.processes import ANY_PORT, clean_env, process, wait_for
 
@@ -296,6 +298,42 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(bridge) -> None:
     response = _post(url, "/hooks/generic", nested)
     _refused(response, 400, "lone surrogate")
     assert response.json()["field"] == "x.y[0]"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'"\\ud800"', "body"),
+        (b'["ok", "\\ud800"]', "[1]"),
+        (b'{"\\ud800": 1}', "body"),
+        (b'{"a": {"\\udc00": 1}}', "a"),
+        (b'{"": ["\\ud800"]}', "[0]"),
+        (b'{"a": [{"b": ["x", {"c": "\\udfff"}]}]}', "a[0].b[1].c"),
+    ],
+)
+def test_a_lone_surrogate_anywhere_is_named_by_its_path(body: bytes, field: str) -> None:
+    """Where check_json says the bad text is (its paths are spelt out only for an error)."""
+    with pytest.raises(HttpError) as refused:
+        parse_json(body)
+    assert refused.value.status == 400 and "lone surrogate" in refused.value.message
+    assert refused.value.field == field
+
+
+def test_the_ingest_paths_neighbours_get_the_routers_answers(bridge) -> None:
+    """The ingest endpoints are called past the router (bridge.ingress.http.hot): a path
+    or method that is not exactly theirs still gets the router's answer."""
+    url, _ = bridge
+    alert = b'{"to": "+12025550143", "message": "the neighbours"}'
+    assert _post(url, "/api/v1/messages", alert).status_code == 202
+    assert _post(url, "/hooks/generic", alert).status_code == 202
+    _refused(_post(url, "/hooks/nope", alert), 404, "no route named 'nope'")
+    for path in ("/hooks/generic/x", "/hooks/", "/hooks//generic", "/hooks", "/api/v1/message"):
+        _refused(_post(url, path, alert), 404, "no such endpoint")
+    moved = _post(url, "/api/v1/messages/", alert)
+    assert moved.status_code == 307 and moved.headers["location"].endswith("/api/v1/messages")
+    for method, path in (("GET", "/hooks/generic"), ("PUT", "/api/v1/messages")):
+        response = httpx.request(method, url + path, content=alert, timeout=10)
+        _refused(response, 405, f"{method} not allowed")
 
 
 def test_message_ids_and_cursors_outside_sqlite_integers_are_400(bridge) -> None:

@@ -49,9 +49,11 @@ def _prepared(
         # Only where it makes the text GSM as sent (after the cut: a curly quote in the
         # head of a text whose emoji is cut away): in a text that stays UCS-2 it saves
         # nothing and harms some (a ZWNJ is part of Persian spelling, a ZWJ holds emoji).
-        replaced = truncate_to_parts(transliterate(text), max_parts)
-        if is_gsm(replaced):
-            cut = replaced
+        replaced = transliterate(text)
+        if replaced != text:  # nothing replaced (most texts): the cut as it is
+            replaced = truncate_to_parts(replaced, max_parts)
+            if is_gsm(replaced):
+                cut = replaced
     text = cut
     return text, shape(text, arabic_type=arabic_type), text_key(text)
 

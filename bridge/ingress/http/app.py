@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from bridge.clock import Clock, zone
@@ -25,12 +25,20 @@ from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.firewall import cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize, token_name
-from bridge.ingress.http.bodies import error_response, parse_json, query_int, read_body
+from bridge.ingress.http.bodies import (
+    JSONAnswer,
+    error_response,
+    header,
+    parse_json,
+    query_int,
+    read_body,
+)
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.app import Console
 from bridge.ingress.http.filters import read_list_query
 from bridge.ingress.http.hooks import hook_endpoint
 from bridge.ingress.http.hosts import HostCheck
+from bridge.ingress.http.hot import HotRoutes
 from bridge.ingress.http.lockout import AuthLockout, vouch
 from bridge.ingress.http.openapi import LIST_LIMIT, MAX_LIST_LIMIT, openapi_spec
 from bridge.ingress.ingest import Ingestor
@@ -105,7 +113,7 @@ def handle_errors(handler: Handler, live: LiveConfig) -> Handler:
             headers = (
                 {"WWW-Authenticate": 'Bearer realm="sms-bridge"'} if exc.status == 401 else None
             )
-            return JSONResponse({"error": exc.message}, exc.status, headers=headers)
+            return JSONAnswer({"error": exc.message}, exc.status, headers=headers)
         except HttpError as exc:
             return error_response(exc.status, exc.message, exc.field)
         except InputError as exc:
@@ -123,7 +131,7 @@ def requires(scope: str, live: LiveConfig, handler: Handler) -> Handler:
     """`handler` for callers whose token has `scope`; the principal in `request.state`."""
 
     async def guarded(request: Request) -> Response:
-        authorization = request.headers.get("authorization")
+        authorization = header(request, b"authorization")
         principal = authorize(live.current.tokens, authorization, scope)
         if authorization and principal is not ANONYMOUS:
             vouch(request.scope, authorization)
@@ -195,7 +203,7 @@ def create_app(
                 )
             ]
         )
-        return JSONResponse(
+        return JSONAnswer(
             {
                 "ids": [a.id for a in accepted],
                 "messages": [
@@ -226,7 +234,7 @@ def create_app(
             text=wanted.text,
             since=wanted.since,
         )
-        return JSONResponse({"messages": [m.to_json() for m in messages]})
+        return JSONAnswer({"messages": [m.to_json() for m in messages]})
 
     async def get_message(request: Request) -> Response:
         raw = request.path_params["message_id"]
@@ -236,7 +244,7 @@ def create_app(
             raise HttpError(404, f"no message {raw}", "id")
         out = message.to_json()
         out["events"] = events_json(await store.events(message.id))
-        return JSONResponse(out)
+        return JSONAnswer(out)
 
     def change(action: str) -> Handler:
         async def changed(request: Request) -> Response:
@@ -261,7 +269,7 @@ def create_app(
             raise HttpError(409, f"message {raw} is {message.state}: only {allowed} can {action}")
         if wake is not None:
             wake()
-        return JSONResponse(message.to_json())
+        return JSONAnswer(message.to_json())
 
     async def metrics_endpoint(request: Request) -> Response:
         if metrics is None:
@@ -269,19 +277,19 @@ def create_app(
         return Response(await metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def stats(request: Request) -> Response:
-        return JSONResponse(
+        return JSONAnswer(
             {"states": await store.counts(), "reasons": await store.counts_by_reason()}
         )
 
     async def openapi(request: Request) -> Response:
-        return JSONResponse(openapi_spec(live.current))
+        return JSONAnswer(openapi_spec(live.current))
 
     async def healthz(request: Request) -> Response:
         # Alive is more than answering: a dispatcher whose every step fails leaves what
         # was acknowledged unsent, and a restart is what an orchestrator can offer.
         if failing := loops.failing():
-            return JSONResponse({"status": "failing", "problems": {"loops": failing}}, 503)
-        return JSONResponse({"status": "ok"})
+            return JSONAnswer({"status": "failing", "problems": {"loops": failing}}, 503)
+        return JSONAnswer({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
         problems: dict[str, str] = {}
@@ -297,8 +305,8 @@ def create_app(
         if failing := loops.failing():
             problems["loops"] = "; ".join(f"{name}: {why}" for name, why in failing.items())
         if problems:
-            return JSONResponse({"status": "unavailable", "problems": problems}, 503)
-        return JSONResponse({"status": "ready"})
+            return JSONAnswer({"status": "unavailable", "problems": problems}, 503)
+        return JSONAnswer({"status": "ready"})
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error_response(404, f"no such endpoint: {request.url.path}")
@@ -310,9 +318,13 @@ def create_app(
         log.exception("unexpected error on %s", request.url.path)
         return error_response(500, "internal error; nothing was acknowledged")
 
+    send_message = requires("send", live, post_message)
+    hook = activity.observe(
+        handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock), live)
+    )
     return Starlette(
         routes=[
-            Route("/api/v1/messages", requires("send", live, post_message), methods=["POST"]),
+            Route("/api/v1/messages", send_message, methods=["POST"]),
             Route("/api/v1/messages", requires("read", live, list_messages), methods=["GET"]),
             Route(
                 "/api/v1/messages/{message_id}",
@@ -328,13 +340,7 @@ def create_app(
                 for action in ("retry", "cancel")
             ),
             Route("/api/v1/stats", requires("read", live, stats), methods=["GET"]),
-            Route(
-                "/hooks/{name}",
-                activity.observe(
-                    handle_errors(hook_endpoint(live=live, ingestor=ingestor, clock=clock), live)
-                ),
-                methods=["POST"],
-            ),
+            Route("/hooks/{name}", hook, methods=["POST"]),
             # The route map is for callers with `read` once tokens exist (openapi.py says why).
             Route("/openapi.json", requires("read", live, openapi), methods=["GET"]),
             Route("/metrics", requires("metrics", live, metrics_endpoint), methods=["GET"]),
@@ -346,6 +352,8 @@ def create_app(
         middleware=[
             Middleware(HostCheck, live=live),  # before any route: DNS rebinding
             Middleware(AuthLockout, throttle=FailureThrottle(clock), live=live),  # online guessing
+            # Last: the ingest endpoints without the router's layers (hot.py says why).
+            Middleware(HotRoutes, exact={"/api/v1/messages": send_message}, hook=hook),
         ],
         lifespan=lifespan,
     )

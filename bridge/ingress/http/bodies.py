@@ -26,11 +26,23 @@ NAMED_WITHIN = 50_000  # items searched for the place of a lone surrogate
 _INTEGER = re.compile(r"-?[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes "²"
 
 
+# Starlette's JSONResponse builds an encoder with these settings for every answer
+# (json.dumps with arguments does); one built once writes the same bytes.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+class JSONAnswer(JSONResponse):
+    """Starlette's JSONResponse, its body written by one encoder kept for every answer."""
+
+    def render(self, content: Any) -> bytes:
+        return _ENCODER.encode(content).encode("utf-8")
+
+
 def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
     body: dict[str, Any] = {"error": message}
     if field:
         body["field"] = field
-    return JSONResponse(body, status)
+    return JSONAnswer(body, status)
 
 
 def query_int(
@@ -80,9 +92,19 @@ def page_size(raw: str | None, *, default: int, maximum: int) -> int:
     return default if size is None else size
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """The request's first `name` header (lower case, as ASGI servers give names), as
+    `request.headers.get` answers, read off the scope: the ingest paths ask two or three
+    headers a request, and Starlette's Headers object cost more than their reading."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def media_type(request: Request) -> str:
     """The request's Content-Type without its parameters (`; charset=...`), lowercased."""
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return (header(request, b"content-type") or "").split(";")[0].strip().lower()
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -105,7 +127,7 @@ async def read_bounded(request: Request, max_bytes: int) -> bytes:
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
-    declared = request.headers.get("content-length")
+    declared = header(request, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise HttpError(413, f"body larger than {max_bytes} bytes", "body")
     chunks, size = [], 0
@@ -126,6 +148,10 @@ def parse_json(body: bytes) -> Any:
         raise HttpError(400, f"body is not valid JSON: {exc}", "body") from exc
     check_json(value)
     return value
+
+
+# Where a JSON value sits: None for the body, else (its parent's place, key or index).
+_Place = tuple[Any, str | int] | None
 
 
 def check_json(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import parse_qs
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from bridge.addresses import client_address, client_name, in_networks, parse_network
 from bridge.clock import Clock, zone
@@ -27,7 +27,13 @@ from bridge.config import Config, LiveConfig, Recipients, RouteConfig
 from bridge.errors import HttpError
 from bridge.firewall import cap_recipients
 from bridge.ingress.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
-from bridge.ingress.http.bodies import media_type, parse_json, read_body, read_bounded
+from bridge.ingress.http.bodies import (
+    JSONAnswer,
+    media_type,
+    parse_json,
+    read_body,
+    read_bounded,
+)
 from bridge.ingress.http.lockout import locked_answer, locked_for, vouch
 from bridge.ingress.ingest import Ingestor
 from bridge.policy.decide import dedupe_scope
@@ -230,7 +236,7 @@ def hook_endpoint(
                 client_name(request.client.host) if request.client else "?",
                 exc,
             )
-            return JSONResponse(
+            return JSONAnswer(
                 {"error": str(exc)},
                 401,
                 headers={"WWW-Authenticate": challenge}
@@ -249,7 +255,7 @@ def hook_endpoint(
         try:
             messages = module.parse(hook)
         except Ignored as exc:
-            return JSONResponse({"ignored": str(exc)}, 200)
+            return JSONAnswer({"ignored": str(exc)}, 200)
         schedule = _schedule(request, config, clock.now())
         extra = request.query_params.getlist("to")
         if extra and not (route.allow_payload_to or route.allow_query_to):
@@ -271,7 +277,7 @@ def hook_endpoint(
                 )
             )
         accepted = await ingestor.submit(drafts)
-        return JSONResponse(
+        return JSONAnswer(
             {
                 "ids": [a.id for a in accepted],
                 "messages": [

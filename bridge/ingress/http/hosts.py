@@ -28,6 +28,7 @@ from bridge.config import LiveConfig, is_loopback_host, parse_listen
 
 ALWAYS_SERVED_PATHS = frozenset({"/healthz", "/readyz"})
 _WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+MAX_VERDICTS = 64  # Host headers remembered per config; others ask `host_allowed`
 
 
 def host_name(header: str) -> str:
@@ -79,17 +80,34 @@ class HostCheck:
     def __init__(self, app: ASGIApp, live: LiveConfig) -> None:
         self.app = app
         self.live = live
+        # The verdicts of the config in force by raw Host header: a dict lookup a
+        # request instead of the bounded cache's key built and hashed (the hosts' tuple
+        # with it). Few Hosts come, but the header is the client's: bounded too.
+        self._for: object = None
+        self._verdicts: dict[bytes | None, bool] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in ALWAYS_SERVED_PATHS:
             await self.app(scope, receive, send)
             return
         http = self.live.current.http
-        raw = next((v for k, v in scope["headers"] if k == b"host"), None)
-        header = raw.decode("latin-1") if raw is not None else None
-        if host_allowed(header, http.allowed_hosts, http.listen):
+        if http is not self._for:
+            self._for, self._verdicts = http, {}
+        raw = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                raw = value
+                break
+        allowed = self._verdicts.get(raw)
+        if allowed is None:
+            header = raw.decode("latin-1") if raw is not None else None
+            allowed = host_allowed(header, http.allowed_hosts, http.listen)
+            if len(self._verdicts) < MAX_VERDICTS:
+                self._verdicts[raw] = allowed
+        if allowed:
             await self.app(scope, receive, send)
             return
+        header = raw.decode("latin-1") if raw is not None else None
         why = (
             f"Host {header!r} is not served here: add it to http.allowed_hosts"
             if header is not None

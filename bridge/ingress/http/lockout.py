@@ -91,12 +91,11 @@ def vouch(scope: Scope, credential: str) -> None:
     scope.setdefault(_VOUCHED, []).append(credential)
 
 
-def _presents_credential(scope: Scope, signature_headers: frozenset[bytes]) -> bool:
+def _presents_credential(scope: Scope, credential_headers: frozenset[bytes]) -> bool:
+    """`credential_headers`: CREDENTIAL_HEADERS and the routes' signature headers."""
     if scope.get("path") == SIGNIN_PATH:
         return True
-    return any(
-        name in CREDENTIAL_HEADERS or name in signature_headers for name, _ in scope["headers"]
-    )
+    return any(name in credential_headers for name, _ in scope["headers"])
 
 
 @functools.lru_cache(maxsize=16)  # one per config in force
@@ -112,6 +111,18 @@ class AuthLockout:
         self.throttle = throttle
         self.live = live
         self.quiet = QuietLog(log, throttle.clock)
+        # The routes' signature headers, alone and with CREDENTIAL_HEADERS, read once
+        # for each routes table in force rather than on every request.
+        self._for: object = None
+        self._signed: frozenset[bytes] = frozenset()
+        self._credentials = CREDENTIAL_HEADERS
+
+    def _headers_in_force(self) -> tuple[frozenset[bytes], frozenset[bytes]]:
+        routes = self.live.current.routes
+        if routes is not self._for:
+            signed = _signature_headers(tuple(route.signature_header for route in routes.values()))
+            self._for, self._signed, self._credentials = routes, signed, CREDENTIAL_HEADERS | signed
+        return self._signed, self._credentials
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in ALWAYS_SERVED_PATHS:
@@ -119,9 +130,8 @@ class AuthLockout:
             return
         client = scope.get("client")
         host = str(client[0]) if client else ""
-        routes = self.live.current.routes.values()
-        signed = _signature_headers(tuple(route.signature_header for route in routes))
-        presents = bool(host) and _presents_credential(scope, signed)
+        signed, credentials = self._headers_in_force()
+        presents = bool(host) and _presents_credential(scope, credentials)
         wait = self.throttle.locked(host) if presents else 0.0
         if wait and not self._vouched_for(host, scope, signed):
             self.quiet.warning(
