@@ -654,3 +654,34 @@ async def test_texts_held_for_tomorrow_or_kept_for_their_time_are_not_waiting(
             await steps(bridge, clock, 1)
         age, shown = await ages()
     assert 700 <= age < 800 and shown == pytest.approx(age, abs=1)
+
+
+# -- what the provider may have billed -------------------------------------------------
+EMPTY_LOGS = '{"success": true, "data": [], "pagination": {"last_page": 1}}'
+
+
+@on_each_backend
+async def test_a_text_sent_again_after_an_unknown_outcome_counts_every_attempt(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """cost_per_day = 1, a US part 0.5. The provider takes a text and its answer is lost
+    (a read timeout); its /logs does not show it yet, so the text is sent again: billed
+    twice (1.0, the cap), counted once (0.5), and the next text went too (1.5 billed).
+    Each attempt is counted: the next text waits for tomorrow."""
+    sandbox_state.faults += [
+        Fault(status=0, delay=0.6, path="/send"),  # taken, answered past the timeout
+        Fault(status=200, body=EMPTY_LOGS, path="/logs"),  # not shown there (yet)
+    ]
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n", timeout="0.2s")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await bridge.dispatcher.run_once()  # the price list
+        first = await post(http, url, "+12025550101", "db-1 down")
+        await steps(bridge, clock, 60)
+        resent = await bridge.store.get(first)
+        second = await post(http, url, "+12025550102", "db-2 down")
+        await steps(bridge, clock, 60)
+        waiting = await bridge.store.get(second)
+    assert resent.unknown_resends == 1 and resent.state == State.SENT
+    assert [e.to for e in sandbox_state.entries] == ["+12025550101"] * 2  # billed twice
+    assert waiting.state == State.QUEUED and "cost_per_day=1" in (waiting.reason or "")

@@ -55,7 +55,7 @@ async def test_the_days_spend_reads_the_days_rows(traced: Traced) -> None:
     # messages_recipient's order (1.3 s a call on a million messages, every dispatch).
     store, plans = traced
     await store.spent_since(86400.0, "budget")
-    for plan in plans("FROM messages WHERE (sent_at >="):
+    for plan in plans("FROM messages WHERE ((sent_at >="):
         assert all(line.startswith("SEARCH") for line in on_messages(plan)), plan
 
 

@@ -388,7 +388,10 @@ class Queries(Protocol):
         """Cost of what was sent since `since` (the provider's cost, else the estimate),
         and the (recipient, parts) of the sent rows with neither, for the caller to price.
         Texts in flight (`sending`) count as sent, whenever claimed: another instance's
-        call under way spends the same day's budget, and its send is stamped today."""
+        call under way spends the same day's budget, and its send is stamped today.
+        A text of an unknown outcome sent again counts once for every attempt (the
+        provider may have billed each: its answer was lost, not its bill), from its
+        latest claim today, whatever it ended as."""
         ...
 
     async def used_since(

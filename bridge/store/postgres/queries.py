@@ -53,6 +53,13 @@ SEARCHABLE = ("state", "reason_kind", "route", "source")  # exact-match filters 
 # under way spends the same budget), whenever claimed: its send is stamped when it is
 # answered, today. Its lease bounds how long a row stays `sending`.
 SPENT = "(sent_at >= $1 OR state = 'sending')"
+# What the cost cap counts besides, and how often (SQLite's RESENT and BILLED): the
+# attempts of an unknown outcome that was sent again, by its latest claim.
+RESENT = "(unknown_resends > 0 AND claimed_at >= $1)"
+BILLED = (
+    "(CASE WHEN sent_at >= $1 OR state = 'sending' THEN 1 ELSE 0 END"
+    " + CASE WHEN claimed_at >= $1 THEN unknown_resends ELSE 0 END)"
+)
 
 
 def _ids(ids: Sequence[int]) -> list[int]:
@@ -142,20 +149,21 @@ class QueryOps(Base):
     async def spent_since(
         self, since: float, exclude_source: str
     ) -> tuple[float, list[tuple[str, int]]]:
-        where = f"WHERE {SPENT} AND source <> $2"
+        where = f"WHERE ({SPENT} OR {RESENT}) AND source <> $2"
         async with self.db.connection() as c:
             known = await c.fetchval(
-                f"SELECT coalesce(sum(coalesce(cost, estimated_cost)), 0) FROM messages {where}",
+                f"SELECT coalesce(sum(coalesce(cost, estimated_cost) * {BILLED}), 0)"
+                f" FROM messages {where}",
                 since,
                 exclude_source,
             )
             unknown = await c.fetch(
-                f"SELECT recipient, sum(parts) FROM messages {where}"
+                f"SELECT recipient, sum(parts * {BILLED}) FROM messages {where}"
                 " AND cost IS NULL AND estimated_cost IS NULL GROUP BY recipient",
                 since,
                 exclude_source,
             )
-        return float(known), [(r, int(p)) for r, p in unknown]
+        return float(known), [(r, int(p)) for r, p in unknown if p]
 
     async def used_since(
         self,
