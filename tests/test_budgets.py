@@ -685,3 +685,27 @@ async def test_a_text_sent_again_after_an_unknown_outcome_counts_every_attempt(
     assert resent.unknown_resends == 1 and resent.state == State.SENT
     assert [e.to for e in sandbox_state.entries] == ["+12025550101"] * 2  # billed twice
     assert waiting.state == State.QUEUED and "cost_per_day=1" in (waiting.reason or "")
+
+
+@on_each_backend
+async def test_prices_learnt_from_bills_outlive_a_restart(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """No price list (404). A US text is billed 0.5 a part; the bridge restarts. The bill's
+    price lived in memory only: after the restart US texts were stored unpriced and went
+    one alone first, "its bill prices the rest", as on a first start. The store keeps it:
+    they are priced at once, and go together."""
+    sandbox_state.faults.append(Fault(status=404, times=100, path="/pricing"))
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 5\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+12025550101", "first")  # billed 0.5
+        await steps(bridge, clock, 30)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        after = [await post(http, url, f"+120255502{i:02d}", "after") for i in range(3)]
+        await steps(bridge, clock, 30)
+        estimates = [(await bridge.store.get(i)).estimated_cost for i in after]
+        states = [(await bridge.store.get(i)).state for i in after]
+    sends = [r.path.rsplit("/", 1)[-1] for r in sandbox_state.requests if "send" in r.path]
+    assert estimates == [0.5] * 3 and states == [State.SENT] * 3
+    assert sends == ["send", "send-bulk"]  # the three in one call

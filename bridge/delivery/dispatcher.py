@@ -133,9 +133,11 @@ class Dispatcher:
 
     async def load_budget(self) -> None:
         """Take the requests booked before a restart (and by other instances) into the
-        window, and forget those that left every window."""
+        window, and forget those that left every window; recall the prices bills taught."""
         await self.store.prune_requests(self.clock.now() - 2 * self.limiter.window)
         await self.limiter.sync()
+        if self.budget is not None:  # the prices the bills taught before the restart
+            await self.budget.recall_prices()
         await self._judge_holds_at_start()
 
     async def _judge_holds_at_start(self) -> None:

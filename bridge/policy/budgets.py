@@ -42,6 +42,7 @@ from datetime import UTC, datetime, timedelta
 
 from bridge.clock import Clock
 from bridge.config import BudgetConfig, ProviderConfig, Recipients, RouteConfig, TokenConfig
+from bridge.errors import StoreUnavailable
 from bridge.models import Message
 from bridge.policy.shaping import Draft, Shaper
 from bridge.pricing import PriceBook
@@ -219,6 +220,23 @@ class BudgetGuard:
         ceiling = self.prices.ceiling()
         return (ceiling * parts if ceiling > 0 else None), False
 
+    async def billed(self, cost: float, sent: list[tuple[str, int]]) -> None:
+        """The provider billed `cost` for `sent` (recipient, parts): the prices it says
+        are kept in the store too, for a restart and the other instances. In memory only,
+        a restart with no price list counted the day's texts at nothing until a bill came
+        (a whole bulk call went past the cap as "unpriced, alone")."""
+        learnt = self.prices.billed(cost, sent)
+        if not learnt:
+            return
+        try:
+            await self.store.record_billed(learnt, self.clock.now())
+        except StoreUnavailable as exc:  # the send is recorded; this process knows it
+            log.warning("prices learnt from a bill not kept in the store: %s", exc)
+
+    async def recall_prices(self) -> None:
+        """What the store kept of the bills (before a restart, and the other instances')."""
+        self.prices.remember(await self.store.billed_prices())
+
     async def _spent(self, since: float) -> float:
         """Today's cost so far, in the provider's currency: summed in SQL where a cost or
         estimate is stored; the rare rows with neither are estimated here."""
@@ -236,6 +254,8 @@ class BudgetGuard:
         start, _, _ = day_bounds(self.clock.now())
         texts, parts = await self._used(start)
         cost_cap = self.config.cost_per_day
+        if cost_cap:  # another instance's bills price countries for this one too
+            await self.recall_prices()
         spent = await self._spent(start) if cost_cap else 0.0
         # Texts sent today per capped route and token, read from the store (so every
         # instance of a cluster counts the same) the first time the batch needs one.

@@ -4,7 +4,7 @@ in PostgreSQL's dialect (FILTER for conditional counts, ILIKE for "any case").""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import bridge.store.totals as totals
@@ -59,6 +59,15 @@ RESENT = "(unknown_resends > 0 AND claimed_at >= $1)"
 BILLED = (
     "(CASE WHEN sent_at >= $1 OR state = 'sending' THEN 1 ELSE 0 END"
     " + CASE WHEN claimed_at >= $1 THEN unknown_resends ELSE 0 END)"
+)
+
+# SQLite's RECORD_BILLED: 0 holds the most any part was billed, raised only.
+RECORD_BILLED = (
+    "INSERT INTO billed_prices AS b (country_code, price, billed_at)"
+    " SELECT code, price, $3 FROM unnest($1::int[], $2::float8[]) AS bill(code, price)"
+    " ON CONFLICT (country_code) DO UPDATE SET billed_at = excluded.billed_at,"
+    " price = CASE WHEN b.country_code = 0 THEN greatest(b.price, excluded.price)"
+    " ELSE excluded.price END"
 )
 
 
@@ -164,6 +173,13 @@ class QueryOps(Base):
                 exclude_source,
             )
         return float(known), [(r, int(p)) for r, p in unknown if p]
+
+    async def billed_prices(self) -> dict[int, float]:
+        rows = await self._fetch("SELECT country_code, price FROM billed_prices")
+        return {int(code): float(price) for code, price in rows}
+
+    async def record_billed(self, prices: Mapping[int, float], now: float) -> None:
+        await self._execute(RECORD_BILLED, list(prices), list(prices.values()), now)
 
     async def used_since(
         self,

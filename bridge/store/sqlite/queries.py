@@ -185,6 +185,15 @@ def spent_since(c: Any, since: float, exclude_source: str) -> tuple[float, list[
     return float(known), [(r, int(p)) for r, p in unknown if p]
 
 
+# The most any part was billed is kept under country code 0 (`record_billed`): raised
+# only. Any other country's price is the latest bill's.
+RECORD_BILLED = (
+    "INSERT INTO billed_prices (country_code, price, billed_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (country_code) DO UPDATE SET billed_at = excluded.billed_at,"
+    " price = CASE WHEN country_code = 0 THEN max(price, excluded.price) ELSE excluded.price END"
+)
+
+
 def used_since(
     c: Any,
     since: float,
