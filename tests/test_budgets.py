@@ -709,3 +709,35 @@ async def test_prices_learnt_from_bills_outlive_a_restart(
     sends = [r.path.rsplit("/", 1)[-1] for r in sandbox_state.requests if "send" in r.path]
     assert estimates == [0.5] * 3 and states == [State.SENT] * 3
     assert sends == ["send", "send-bulk"]  # the three in one call
+
+
+NO_COST = '{"success": true, "message": "SMS sent successfully", "data": {"balance": 90}}'
+
+
+@on_each_backend
+async def test_texts_whose_cost_nobody_can_tell_do_not_pass_a_cost_cap(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """No price list (404), and send answers without a cost: every text went alone, each
+    "priced by its bill", a bill that never said: counted as 0, four US texts (2.0) went
+    against a cap of 1. After the first, the day's spend is unknown: the others wait,
+    saying so. When a price is known (the list answers), they are judged again at once:
+    one more fits (1.0), two wait for tomorrow."""
+    sandbox_state.faults += [
+        Fault(status=404, times=100, path="/pricing"),
+        Fault(status=200, body=NO_COST, taken=True, times=100, path="/send"),
+    ]
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(4)]
+        await steps(bridge, clock, 30)
+        held = [await bridge.store.get(i) for i in ids[1:]]
+        billed_before = len(sandbox_state.entries)
+        sandbox_state.faults.clear()  # the list answers from now on
+        await steps(bridge, clock, 600)
+        states = [(await bridge.store.get(i)).state for i in ids]
+    assert billed_before == 1
+    assert all(m.state == State.QUEUED and "spend unknown" in (m.reason or "") for m in held)
+    assert states.count(State.SENT) == 2 and states.count(State.QUEUED) == 2
+    assert sum(e.cost for e in sandbox_state.entries) <= 1

@@ -56,6 +56,7 @@ HOLDS_PAGE = 1000  # texts waiting for midnight read per query at start
 # The event of each text waiting for midnight released (judged again by the next step).
 RAISED_BY_RELOAD = "daily caps changed by a reload: judged again"
 RAISED_AT_START = "daily caps raised while the bridge was stopped: judged again at start"
+PRICED_NOW = "a price is known now (today's spend was unknown): judged again"
 FOREIGN_PREFIX = "cli"  # request kinds booked by `sms-bridge provider ...` in the store
 
 
@@ -292,7 +293,12 @@ class Dispatcher:
         are due now, judged again by the next step against the caps in force (those
         still over one wait again). They waited for the next day whatever the reload
         said: an operator raising the cap during an incident still saw its alerts held."""
-        if self.budget is None or not self.budget.loosened:
+        if self.budget is None:
+            return
+        if self.budget.newly_priced():
+            await self._release(PRICED_NOW)
+            self.budget.released_for_price()
+        if not self.budget.loosened:
             return
         self.budget.loosened = False  # first: a reload during the write sets it again
         try:
