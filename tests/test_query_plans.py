@@ -144,7 +144,7 @@ async def test_a_message_page_looks_up_what_names_it(traced: Traced) -> None:
     # at each message page. The number a reason names is indexed (0010).
     store, plans = traced
     await store.mentioned_by(12)
-    [plan] = plans("reason LIKE")
+    [plan] = plans("reason GLOB")
     assert plan == ["SEARCH messages USING INDEX messages_mentions (<expr>=?)"]
 
 

@@ -183,7 +183,9 @@ class ConsoleQueries(EngineBound):
     async def mentioned_by(self, message_id: int, limit: int = 200) -> list[dict[str, Any]]:
         """Suppressed messages whose reason names this one: its duplicates, or what a
         digest folded. Reasons say "message N" (policy, storm digests): found through
-        messages_mentions, then matched as whole words as before."""
+        messages_mentions, then matched as whole words, in the case written (GLOB, as
+        PostgreSQL's LIKE: SQLite's LIKE ignores case, and "MESSAGE 12" named 12 here
+        only)."""
         if not 0 < message_id <= MAX_ROW_ID:
             return []
         return await self.engine.read(
@@ -191,9 +193,9 @@ class ConsoleQueries(EngineBound):
                 dict(r)
                 for r in c.execute(
                     "SELECT id, recipient, reason, created_at FROM messages"
-                    f" WHERE {MENTIONS} AND {MENTIONED} = ? AND (reason LIKE ? OR reason LIKE ?)"
+                    f" WHERE {MENTIONS} AND {MENTIONED} = ? AND (reason GLOB ? OR reason GLOB ?)"
                     " ORDER BY id LIMIT ?",
-                    (message_id, f"% message {message_id} %", f"% message {message_id}", limit),
+                    (message_id, f"* message {message_id} *", f"* message {message_id}", limit),
                 )
             ]
         )
