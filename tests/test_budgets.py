@@ -741,3 +741,26 @@ async def test_texts_whose_cost_nobody_can_tell_do_not_pass_a_cost_cap(
     assert all(m.state == State.QUEUED and "spend unknown" in (m.reason or "") for m in held)
     assert states.count(State.SENT) == 2 and states.count(State.QUEUED) == 2
     assert sum(e.cost for e in sandbox_state.entries) <= 1
+
+
+@pytest.mark.parametrize("retry_after", ["30", None])
+async def test_a_429_to_the_price_list_pauses_the_sends_too(
+    retry_after: str | None,
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+) -> None:
+    """The key's window is full at the provider: the price list's 429 was taken for a
+    failed fetch alone, and the same step sent the queued text at once, into the same
+    window (a second 429, or a text the provider counted past its limit). Every request
+    now waits: Retry-After when given, else the backoff of a send's 429."""
+    sandbox_state.faults.append(Fault(status=429, retry_after=retry_after, path="/pricing"))
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 5\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+12025550101", "db-1 down")
+        await steps(bridge, clock, 60)
+    refused, *later = [r for r in sandbox_state.requests if r.path.endswith(("/pricing", "/send"))]
+    assert refused.status == 429
+    pause = 30 if retry_after else bridge.dispatcher.limiter.backoff_initial * 0.99
+    assert later and all(r.at >= refused.at + pause for r in later), later

@@ -396,6 +396,12 @@ class Dispatcher:
         try:
             loaded = self.prices.load(await self.client.pricing())
             why = "" if loaded else "no price in the answer"
+        except RateLimitedError as exc:
+            # The key's window is full at the provider: every request waits, as after a
+            # send's 429 (taken for a failed fetch alone, the step went on to send at
+            # once, into the same 429, whatever Retry-After said).
+            await self.limiter.rate_limited(exc.retry_after)
+            loaded, why = False, str(exc)
         except ProviderError as exc:
             loaded, why = False, str(exc)
         except Exception as exc:
