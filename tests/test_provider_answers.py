@@ -440,3 +440,27 @@ async def test_a_bulk_answer_naming_some_recipients_leaves_the_others_unknown(
     delivered_to_second = [e for e in sandbox_state.entries if e.to == second]
     assert len(delivered_to_second) == 1  # taken: found in /logs; not taken: sent again
     assert unnamed.provider_message_id == str(delivered_to_second[0].message_id)
+
+
+@pytest.mark.parametrize("taken", [False, True])
+async def test_a_bulk_answer_with_fewer_ids_than_recipients_is_an_unknown_outcome(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, taken: bool
+) -> None:
+    """A /send-bulk answer listing bare ids, two for three recipients: ids in the order
+    sent only when there is one for each, so they were ignored, and the call read as a
+    success without ids: all three `sent`, though the provider took two at most (or,
+    here, none). Which ones it took is unknown: /logs decides for each, found there if
+    taken (not sent again), sent again if not."""
+    to = ["+12025550143", "+12025550144", "+12025550145"]
+    two_ids = '{"success": true, "data": {"message_ids": [901, 902]}}'
+    sandbox_state.faults.append(Fault(status=200, body=two_ids, path="/send-bulk", taken=taken))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        ids = (await post(url, {"to": to, "message": "disk full"})).json()["ids"]
+
+        async def delivered() -> bool:
+            found = [await bridge.store.get(i) for i in ids]
+            return all(m.state == State.DELIVERED for m in found)
+
+        await pump(bridge, clock, delivered, max_seconds=600)
+    assert sorted(e.to for e in sandbox_state.entries) == to  # each texted once

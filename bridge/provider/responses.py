@@ -286,6 +286,7 @@ def _parse_bulk(data: Any, recipients: Sequence[str]) -> tuple[SendResult, int |
     if not isinstance(data, dict):
         return SendResult(), None
     ids: dict[str, str] = {}
+    bare = 0  # ids without their recipient's number (read in the order sent)
     items = _first(data, "messages", "results", "message_ids", "ids", "recipients")
     if isinstance(items, dict):
         for number, mid in items.items():
@@ -300,18 +301,22 @@ def _parse_bulk(data: Any, recipients: Sequence[str]) -> tuple[SendResult, int |
                 if ours is not None and mid is not None:
                     ids[ours] = str(mid)
             elif isinstance(item, int) and not isinstance(item, bool):
+                bare += 1
                 if len(items) == len(recipients):  # ids in the order sent
                     ids[recipients[index]] = str(item)
-            elif (
-                isinstance(item, str)
-                and len(items) == len(recipients)
-                and _ours(item, recipients) is None  # an id, not a number echoed back
-            ):
-                ids[recipients[index]] = item
+            elif isinstance(item, str) and _ours(item, recipients) is None:  # not echoed
+                bare += 1
+                if len(items) == len(recipients):
+                    ids[recipients[index]] = item
     batch = _first(data, "batch_id", "bulk_id", "batch", "campaign_id")
     count = _first(data, "count", "total", "accepted", "total_recipients", "sent")
     if isinstance(count, list | bool) or _number(count) is None:
         count = None
+    if count is None and bare and bare != len(recipients):
+        # Fewer (or more) ids than recipients, without their numbers: how many the
+        # provider took, not which. Read as a success without ids, all were `sent`,
+        # those it had not taken too (an alert lost under a state that says it went).
+        count = bare
     return (
         SendResult(
             message_ids=ids,
