@@ -464,3 +464,20 @@ async def test_a_bulk_answer_with_fewer_ids_than_recipients_is_an_unknown_outcom
 
         await pump(bridge, clock, delivered, max_seconds=600)
     assert sorted(e.to for e in sandbox_state.entries) == to  # each texted once
+
+
+@pytest.mark.parametrize("empty", ['""', "null", '" "'])
+async def test_a_send_answer_with_an_empty_id_is_a_send_without_an_id(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, empty: str
+) -> None:
+    """`"message_id": ""` was kept as the provider's id: the poller looked for an entry
+    of id "" and never found one, and the text stayed `sent`, its delivery never known.
+    An empty id is no id: the poller matches the text by recipient and words."""
+    answer = f'{{"success": true, "data": {{"message_id": {empty}, "cost": 0.5}}}}'
+    sandbox_state.faults.append(Fault(status=200, body=answer, path="/send", taken=True))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+        await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=600)
+        message = await bridge.store.get(message_id)
+    assert message.provider_message_id == str(sandbox_state.entries[0].message_id)
