@@ -673,18 +673,25 @@ async def test_a_text_sent_again_after_an_unknown_outcome_counts_every_attempt(
         Fault(status=200, body=EMPTY_LOGS, path="/logs"),  # not shown there (yet)
     ]
     clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
-    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n", timeout="0.2s")
-    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+    extra = TOKENS + "[budget]\ncost_per_day = 1\n"
+    config = bridge_config(tmp_path, sandbox_url, extra, timeout="0.2s")
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
         await bridge.dispatcher.run_once()  # the price list
-        first = await post(http, url, "+12025550101", "db-1 down")
+        first = await send(http, "+12025550101", "db-1 down")
         await steps(bridge, clock, 60)
         resent = await bridge.store.get(first)
-        second = await post(http, url, "+12025550102", "db-2 down")
+        second = await send(http, "+12025550102", "db-2 down")
         await steps(bridge, clock, 60)
         waiting = await bridge.store.get(second)
+        await sign_in(http, READER)
+        today = (await http.get("/ui/overview.json")).json()["today"]
     assert resent.unknown_resends == 1 and resent.state == State.SENT
     assert [e.to for e in sandbox_state.entries] == ["+12025550101"] * 2  # billed twice
     assert waiting.state == State.QUEUED and "cost_per_day=1" in (waiting.reason or "")
+    assert today["counted_cost"] == 1.0  # the console counts as the cap does
 
 
 @on_each_backend

@@ -315,9 +315,8 @@ class QueryOps(Base):
                 c,
                 "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
                 " count(*) FILTER (WHERE source = 'budget'),"
-                # What the caps count: the warnings' parts and cost left out.
-                " coalesce(sum(parts) FILTER (WHERE source <> 'budget'), 0),"
-                " coalesce(sum(coalesce(cost, estimated_cost)) FILTER (WHERE source <> 'budget'), 0)"
+                # What the caps count: the warnings' parts left out (the cost: `counted_cost`).
+                " coalesce(sum(parts) FILTER (WHERE source <> 'budget'), 0)"
                 f" FROM messages WHERE {SPENT}",  # in flight too, as the caps count
                 day_start,
             )
@@ -341,7 +340,8 @@ class QueryOps(Base):
                 "texts": int(day[0]) - int(day[4]),
                 "parts": int(day[5]),
                 "cost": day[2],
-                "counted_cost": day[6],
+                # As the cost cap counts it: each attempt of a text sent again.
+                "counted_cost": (await self.spent_since(day_start, "budget"))[0],
                 "estimated_cost": day[3],
                 "warnings": int(day[4]),
                 "routes": by["route"],

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+import bridge.store.sqlite.queries as queries
 import bridge.store.totals as totals
 from bridge.models import MAX_ROW_ID, OTHER_REASON, Message
 from bridge.store.sqlite.base import EngineBound
@@ -111,9 +112,8 @@ class ConsoleQueries(EngineBound):
             day = c.execute(
                 "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
                 " coalesce(sum(source = 'budget'), 0),"
-                # What the caps count: the warnings' parts and cost left out.
-                " coalesce(sum(CASE WHEN source != 'budget' THEN parts END), 0),"
-                " coalesce(sum(CASE WHEN source != 'budget' THEN coalesce(cost, estimated_cost) END), 0)"
+                # What the caps count: the warnings' parts left out (the cost: `counted_cost`).
+                " coalesce(sum(CASE WHEN source != 'budget' THEN parts END), 0)"
                 f" FROM messages WHERE {SPENT}",  # in flight too, as the caps count
                 (day_start,),
             ).fetchone()
@@ -143,7 +143,8 @@ class ConsoleQueries(EngineBound):
                     "texts": day[0] - day[4],
                     "parts": day[5],
                     "cost": day[2],
-                    "counted_cost": day[6],
+                    # As the cost cap counts it: each attempt of a text sent again.
+                    "counted_cost": queries.spent_since(c, day_start, "budget")[0],
                     "estimated_cost": day[3],
                     "warnings": day[4],
                     "routes": routes,
