@@ -197,10 +197,18 @@ async def test_success_false_with_a_transient_reason_is_retried_not_failed(
     assert "Invalid sender." in (refused.reason or "") and refused.attempts == 1
 
 
+@pytest.mark.parametrize("retry_after", [None, "0", "Thu, 01 Jan 1970 00:00:00 GMT"])
 async def test_429_without_retry_after_backs_off_exponentially(
-    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    retry_after: str | None,
 ) -> None:
-    sandbox_state.faults.append(Fault(status=429, path="/send", times=4))
+    """No Retry-After, or one that says "now" (0, a date past): a 429 says the window is
+    full, so "now" was taken at its word and the text sent again at once, into the same
+    429, as often as the bridge's own window allowed (100 a minute). It backs off."""
+    sandbox_state.faults.append(Fault(status=429, path="/send", times=4, retry_after=retry_after))
     config = bridge_config(tmp_path, sandbox_url)
     async with running_bridge(config, clock) as (bridge, url):
         [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
