@@ -771,3 +771,29 @@ async def test_a_429_to_the_price_list_pauses_the_sends_too(
     assert refused.status == 429
     pause = 30 if retry_after else bridge.dispatcher.limiter.backoff_initial * 0.99
     assert later and all(r.at >= refused.at + pause for r in later), later
+
+
+@on_each_backend
+async def test_texts_waiting_for_a_price_are_judged_again_when_one_is_known_after_a_restart(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Texts waiting because the day's spend was unknown, and a restart: the price list
+    answers only after it (its retry). What waited for a price was released by the
+    process that held it; after the restart nobody watched for one, and they waited for
+    midnight. The start sees what they wait for: released as the list answers."""
+    sandbox_state.faults += [
+        Fault(status=404, times=100, path="/pricing"),
+        Fault(status=200, body=NO_COST, taken=True, times=100, path="/send"),
+    ]
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(4)]
+        await steps(bridge, clock, 30)  # one goes; the day's spend is unknown
+    async with running_bridge(config, clock) as (bridge, url):
+        await steps(bridge, clock, 30)  # the list still fails
+        sandbox_state.faults.clear()  # and answers from now on
+        await steps(bridge, clock, 600)
+        states = [(await bridge.store.get(i)).state for i in ids]
+    assert states.count(State.SENT) == 2 and states.count(State.QUEUED) == 2
+    assert sum(e.cost for e in sandbox_state.entries) <= 1

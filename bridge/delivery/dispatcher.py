@@ -295,6 +295,8 @@ class Dispatcher:
         said: an operator raising the cap during an incident still saw its alerts held."""
         if self.budget is None:
             return
+        if self.budget.waiting_for_price:  # another instance's bill may price them
+            await self.budget.recall_prices()
         if self.budget.newly_priced():
             await self._release(PRICED_NOW)
             self.budget.released_for_price()

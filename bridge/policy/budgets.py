@@ -183,10 +183,14 @@ class BudgetGuard:
     def raised_over(self, reasons: Iterable[str]) -> bool:
         """Whether a cap that held back a text (its reason names it, "texts_per_day=1")
         is higher now, or gone: raised while the bridge was stopped. A reason that names
-        no cap this bridge knows is judged again too (nothing waits for nothing)."""
+        no cap this bridge knows is judged again too (nothing waits for nothing), and so
+        is one that waits for a price (`UNKNOWABLE`) once one is known (until then,
+        `newly_priced` watches for it)."""
         for reason in reasons:
-            if UNKNOWABLE in reason and self.prices.ceiling() > 0:
-                return True  # waited for a price, and one is known now
+            if UNKNOWABLE in reason:
+                if self.prices.ceiling() > 0:
+                    return True  # waited for a price, and one is known now
+                self._unknowable_hold = True  # released when one is (`newly_priced`)
             found = CAP_IN_REASON.search(reason)
             if found is None:
                 return True
@@ -266,6 +270,11 @@ class BudgetGuard:
         and a price is known now (the list answered, a bill said its cost): they are
         judged again (until `released_for_price`)."""
         return self._unknowable_hold and self.prices.ceiling() > 0
+
+    @property
+    def waiting_for_price(self) -> bool:
+        """Texts wait for midnight because today's spend was unknowable (`newly_priced`)."""
+        return self._unknowable_hold
 
     def released_for_price(self) -> None:
         """What waited for a price was released (`newly_priced`)."""
