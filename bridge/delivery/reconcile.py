@@ -143,6 +143,9 @@ class Reconciler:
                 patience = self.config.retry_max_age
                 missing = matcher.remaining()
                 overdue = [m for m in missing if (m.claimed_at or now) + patience <= now]
+                # The rest goes on from this page when /logs answers again (from page 1,
+                # a 503 deep in a bulk's pages sent the walk back over what it had read).
+                self._resume = {m.id: max(page, start[m.id]) for m in missing if m not in overdue}
                 self.logs_retry_at = now + self.outcomes.backoff(self._logs_failures + 1)
                 log.warning("cannot read /logs to reconcile %d messages: %s", len(missing), exc)
                 if overdue:
