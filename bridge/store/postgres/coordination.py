@@ -28,7 +28,7 @@ from typing import Any
 
 import asyncpg
 
-from bridge.errors import StoreUnavailable
+from bridge.errors import StoreBusy, StoreUnavailable
 from bridge.store.postgres.base import BUDGET_LOCK, WORK_CHANNEL
 from bridge.store.postgres.pool import Database, unavailable
 
@@ -237,7 +237,8 @@ async def budget_turn(db: Database) -> AsyncIterator[None]:
             await turn.commit()
         except BaseException as exc:
             await _undo(turn)
-            if isinstance(exc, StoreUnavailable) or _lost(exc):
+            busy = isinstance(exc, StoreBusy)  # a lock not had in time: the turn is fine
+            if not busy and (isinstance(exc, StoreUnavailable) or _lost(exc)):
                 raise StoreUnavailable(f"{TURN_LOST}: {exc}") from exc
             raise
 
