@@ -710,11 +710,11 @@ async def test_mentioned_by_answers_alike_on_both_stores(store: Store) -> None:
     followed by digits (a bounce's "a message to message 12" named 12 there, nothing on
     SQLite), and SQLite's LIKE ignored case ("message 12x ... MESSAGE 12 " named 12
     there, nothing on PostgreSQL)."""
-    suppressed = MESSAGE._replace(state=State.SUPPRESSED, reason_kind="loop")
+    suppressed = MESSAGE._replace(state=State.SUPPRESSED, reason_kind="duplicate")
     ids = await seed(
         store,
         [
-            suppressed._replace(reason="auto-reply: a message to message 12 within 600s"),
+            suppressed._replace(reason="duplicate of a message to message 12 within 600s"),
             suppressed._replace(reason="duplicate of message 12x and MESSAGE 12 within 600s"),
             suppressed._replace(reason="duplicate of message 12 within 600s"),
         ],
