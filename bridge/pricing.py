@@ -19,6 +19,8 @@ from typing import Any
 from bridge.phone import country_code
 
 log = logging.getLogger(__name__)
+# No country has calling code 0: what a bill taught of every country (`PriceBook.billed`).
+ANY_COUNTRY = 0
 
 
 def _country(e164: str) -> int | None:
@@ -91,16 +93,32 @@ class PriceBook:
         default): the most a part was billed so far bounds only the countries billed."""
         return max([*self.prices.values(), self.default or 0.0]) > 0
 
-    def billed(self, cost: float, sent: Sequence[tuple[str, int]]) -> None:
-        """The provider billed `cost` for `sent`, the (recipient, parts) of one call."""
+    def billed(self, cost: float, sent: Sequence[tuple[str, int]]) -> dict[int, float]:
+        """The provider billed `cost` for `sent`, the (recipient, parts) of one call; what
+        that taught, for the store to keep (`remember`): the price of a part to its
+        country (a call to one country), and under ANY_COUNTRY the price of a part."""
         parts = sum(p for _, p in sent)
         if parts <= 0:
-            return
+            return {}
         price = cost / parts
-        self.billed_max = max(self.billed_max, price)
+        learnt = {ANY_COUNTRY: price}
         countries = {_country(recipient) for recipient, _ in sent}
         if len(countries) == 1 and (code := countries.pop()) is not None:
-            self.billed_prices[code] = price
+            learnt[code] = price
+        self.remember(learnt)
+        return learnt
+
+    def remember(self, billed: Mapping[int, float]) -> None:
+        """Take prices learnt from bills (this process's, or kept by the store from
+        before a restart and from the other instances): each country's as billed last;
+        under ANY_COUNTRY, the price of a part, which raises the most one was billed."""
+        for code, price in billed.items():
+            if _price(price) is None:
+                continue
+            if code == ANY_COUNTRY:
+                self.billed_max = max(self.billed_max, price)
+            else:
+                self.billed_prices[code] = price
 
     def load(self, data: Any) -> bool:
         """Replace the prices with what a pricing response says (tolerantly); whether it

@@ -654,3 +654,146 @@ async def test_texts_held_for_tomorrow_or_kept_for_their_time_are_not_waiting(
             await steps(bridge, clock, 1)
         age, shown = await ages()
     assert 700 <= age < 800 and shown == pytest.approx(age, abs=1)
+
+
+# -- what the provider may have billed -------------------------------------------------
+EMPTY_LOGS = '{"success": true, "data": [], "pagination": {"last_page": 1}}'
+
+
+@on_each_backend
+async def test_a_text_sent_again_after_an_unknown_outcome_counts_every_attempt(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """cost_per_day = 1, a US part 0.5. The provider takes a text and its answer is lost
+    (a read timeout); its /logs does not show it yet, so the text is sent again: billed
+    twice (1.0, the cap), counted once (0.5), and the next text went too (1.5 billed).
+    Each attempt is counted: the next text waits for tomorrow."""
+    sandbox_state.faults += [
+        Fault(status=0, delay=0.6, path="/send"),  # taken, answered past the timeout
+        Fault(status=200, body=EMPTY_LOGS, path="/logs"),  # not shown there (yet)
+    ]
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    extra = TOKENS + "[budget]\ncost_per_day = 1\n"
+    config = bridge_config(tmp_path, sandbox_url, extra, timeout="0.2s")
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await bridge.dispatcher.run_once()  # the price list
+        first = await send(http, "+12025550101", "db-1 down")
+        await steps(bridge, clock, 60)
+        resent = await bridge.store.get(first)
+        second = await send(http, "+12025550102", "db-2 down")
+        await steps(bridge, clock, 60)
+        waiting = await bridge.store.get(second)
+        await sign_in(http, READER)
+        today = (await http.get("/ui/overview.json")).json()["today"]
+    assert resent.unknown_resends == 1 and resent.state == State.SENT
+    assert [e.to for e in sandbox_state.entries] == ["+12025550101"] * 2  # billed twice
+    assert waiting.state == State.QUEUED and "cost_per_day=1" in (waiting.reason or "")
+    assert today["counted_cost"] == 1.0  # the console counts as the cap does
+
+
+@on_each_backend
+async def test_prices_learnt_from_bills_outlive_a_restart(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """No price list (404). A US text is billed 0.5 a part; the bridge restarts. The bill's
+    price lived in memory only: after the restart US texts were stored unpriced and went
+    one alone first, "its bill prices the rest", as on a first start. The store keeps it:
+    they are priced at once, and go together."""
+    sandbox_state.faults.append(Fault(status=404, times=100, path="/pricing"))
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 5\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+12025550101", "first")  # billed 0.5
+        await steps(bridge, clock, 30)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        after = [await post(http, url, f"+120255502{i:02d}", "after") for i in range(3)]
+        await steps(bridge, clock, 30)
+        estimates = [(await bridge.store.get(i)).estimated_cost for i in after]
+        states = [(await bridge.store.get(i)).state for i in after]
+    sends = [r.path.rsplit("/", 1)[-1] for r in sandbox_state.requests if "send" in r.path]
+    assert estimates == [0.5] * 3 and states == [State.SENT] * 3
+    assert sends == ["send", "send-bulk"]  # the three in one call
+
+
+NO_COST = '{"success": true, "message": "SMS sent successfully", "data": {"balance": 90}}'
+
+
+@on_each_backend
+async def test_texts_whose_cost_nobody_can_tell_do_not_pass_a_cost_cap(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """No price list (404), and send answers without a cost: every text went alone, each
+    "priced by its bill", a bill that never said: counted as 0, four US texts (2.0) went
+    against a cap of 1. After the first, the day's spend is unknown: the others wait,
+    saying so. When a price is known (the list answers), they are judged again at once:
+    one more fits (1.0), two wait for tomorrow."""
+    sandbox_state.faults += [
+        Fault(status=404, times=100, path="/pricing"),
+        Fault(status=200, body=NO_COST, taken=True, times=100, path="/send"),
+    ]
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(4)]
+        await steps(bridge, clock, 30)
+        held = [await bridge.store.get(i) for i in ids[1:]]
+        billed_before = len(sandbox_state.entries)
+        sandbox_state.faults.clear()  # the list answers from now on
+        await steps(bridge, clock, 600)
+        states = [(await bridge.store.get(i)).state for i in ids]
+    assert billed_before == 1
+    assert all(m.state == State.QUEUED and "spend unknown" in (m.reason or "") for m in held)
+    assert states.count(State.SENT) == 2 and states.count(State.QUEUED) == 2
+    assert sum(e.cost for e in sandbox_state.entries) <= 1
+
+
+@pytest.mark.parametrize("retry_after", ["30", None])
+async def test_a_429_to_the_price_list_pauses_the_sends_too(
+    retry_after: str | None,
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+) -> None:
+    """The key's window is full at the provider: the price list's 429 was taken for a
+    failed fetch alone, and the same step sent the queued text at once, into the same
+    window (a second 429, or a text the provider counted past its limit). Every request
+    now waits: Retry-After when given, else the backoff of a send's 429."""
+    sandbox_state.faults.append(Fault(status=429, retry_after=retry_after, path="/pricing"))
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 5\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+12025550101", "db-1 down")
+        await steps(bridge, clock, 60)
+    refused, *later = [r for r in sandbox_state.requests if r.path.endswith(("/pricing", "/send"))]
+    assert refused.status == 429
+    pause = 30 if retry_after else bridge.dispatcher.limiter.backoff_initial * 0.99
+    assert later and all(r.at >= refused.at + pause for r in later), later
+
+
+@on_each_backend
+async def test_texts_waiting_for_a_price_are_judged_again_when_one_is_known_after_a_restart(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Texts waiting because the day's spend was unknown, and a restart: the price list
+    answers only after it (its retry). What waited for a price was released by the
+    process that held it; after the restart nobody watched for one, and they waited for
+    midnight. The start sees what they wait for: released as the list answers."""
+    sandbox_state.faults += [
+        Fault(status=404, times=100, path="/pricing"),
+        Fault(status=200, body=NO_COST, taken=True, times=100, path="/send"),
+    ]
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(4)]
+        await steps(bridge, clock, 30)  # one goes; the day's spend is unknown
+    async with running_bridge(config, clock) as (bridge, url):
+        await steps(bridge, clock, 30)  # the list still fails
+        sandbox_state.faults.clear()  # and answers from now on
+        await steps(bridge, clock, 600)
+        states = [(await bridge.store.get(i)).state for i in ids]
+    assert states.count(State.SENT) == 2 and states.count(State.QUEUED) == 2
+    assert sum(e.cost for e in sandbox_state.entries) <= 1

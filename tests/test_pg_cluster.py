@@ -277,12 +277,13 @@ async def test_a_caps_turn_whose_holder_stopped_is_freed_by_the_server(
     """A holder that stops inside its turn (frozen, cut off) would keep every instance's
     capped texts waiting until TCP noticed: the server ends its session once it has
     been idle in the turn for the limit, and the next instance gets the turn. The
-    stopped holder's exit then raises nothing (its claims were its own transactions)."""
+    stopped holder's exit says its turn was lost (what it claimed in it is undone)."""
     monkeypatch.setattr(coordination, "TURN_IDLE_LIMIT", 0.5)
     one, two, _ = instances
     # `one` takes the turn and does nothing in it, as a frozen process would.
-    async with one.budget_turn(), asyncio.timeout(RACE_TIMEOUT), two.budget_turn():
-        pass
+    with pytest.raises(StoreUnavailable, match="turn was lost"):
+        async with one.budget_turn(), asyncio.timeout(RACE_TIMEOUT), two.budget_turn():
+            pass
 
 
 async def test_waiting_too_long_for_the_caps_turn_says_so(
@@ -298,3 +299,34 @@ async def test_waiting_too_long_for_the_caps_turn_says_so(
                 pass
     async with two.budget_turn():  # the failed wait left nothing held
         pass
+
+
+async def test_a_caps_turn_lost_while_its_holder_waited_claims_nothing(
+    instances: list[PostgresStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Texts per day 1. `one` counts today's use in its turn (none), then waits past the
+    turn's idle limit (for the pool, for the rate lock) before it claims: the server
+    ends its turn, `two` takes it, counts none, claims and commits. `one`'s claim, made
+    on a connection of its own, went through too: two texts against a cap of one. The
+    claim is the turn's now: lost with it, and `one` is told so."""
+    monkeypatch.setattr(coordination, "TURN_IDLE_LIMIT", 0.5)
+    one, two, _ = instances
+    a, b = await seed(one, [MESSAGE._replace(text="a"), MESSAGE._replace(text="b")], 1.0)
+    counted = asyncio.Event()
+
+    async def spend(store: PostgresStore, message_id: int, wait: float) -> list[int]:
+        async with store.budget_turn():
+            texts, _ = await store.used_since(0.0, "budget")
+            counted.set()
+            await asyncio.sleep(wait)  # real seconds: the server's limit is real time
+            if texts >= 1:
+                return []
+            return await store.claim([message_id], 10.0, owner="x", lease_until=100.0)
+
+    first = asyncio.create_task(spend(one, a, 1.5))
+    await asyncio.wait_for(counted.wait(), RACE_TIMEOUT)
+    assert await asyncio.wait_for(spend(two, b, 0.0), RACE_TIMEOUT) == [b]
+    with pytest.raises(StoreUnavailable, match="turn was lost"):
+        await asyncio.wait_for(first, RACE_TIMEOUT)
+    assert (await one.used_since(0.0, "budget"))[0] == 1
+    assert (await one.get(a)).state == State.QUEUED

@@ -334,6 +334,70 @@ async def test_a_bulk_whose_outcome_is_unknown_is_found_past_ten_pages_of_logs(
     assert [r.status for r in sandbox_state.requests if "/send" in r.path] == [502]
 
 
+async def test_a_deep_logs_walk_keeps_its_place_when_a_new_unknown_outcome_joins(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The walk of a bulk's unknown outcome stopped at its page cap (page 11 next); a
+    single text's answer was then lost too. The walk started again at page 1 for all of
+    them: pages 1 to 10 read again, and under a steady trickle of new unknown outcomes
+    the oldest recipients' page was never reached. The newcomer is looked for from page 1
+    (found there, the newest entry), then the walk goes on from where it stopped."""
+    gateway = {"taken": True, "status": 502, "body": "<html>Bad Gateway</html>"}
+    sandbox_state.faults.append(Fault(path="/send-bulk", **gateway))
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        bulk = (await post(url, {"to": numbers(1000), "message": "maintenance tonight"})).json()
+        await bridge.dispatcher.run_once()
+        for number in numbers(1500, 5000):  # the account's other client: 26 pages in all
+            sandbox_state.record_send(number, "other", "SMS", 1, clock.now())
+        sandbox_state.faults.append(Fault(path="/send", **gateway))
+        [late] = (await post(url, {"to": "+12025559999", "message": "db-2 down"})).json()["ids"]
+        clock.advance(10)
+        await bridge.dispatcher.run_once()  # pages 1 to 10, then the text: unknown too
+        assert (await bridge.store.get(late)).state == State.SENDING
+        await bridge.dispatcher.run_once()  # pages 11 to 20: the text is too new to look
+        clock.advance(10)  # it joins the walk
+
+        for _ in range(100):  # the dispatcher alone: every /logs read is the walk's
+            if set(await states(bridge, [*bulk["ids"], late])) == {State.SENT}:
+                break
+            clock.advance(max(0.01, min(await bridge.dispatcher.run_once(), 30)))
+    requests = [r for r in sandbox_state.requests if r.path.endswith(("/logs", "/send"))]
+    after = [
+        r.query["page"]
+        for r in requests[[r.path for r in requests].index("/api/v1/send") :]
+        if r.path.endswith("/logs")
+    ]
+    assert after[:12] == [*map(str, range(11, 21)), "1", "21"], after
+    assert len([e for e in sandbox_state.entries if e.message == "maintenance tonight"]) == 1000
+    assert len([e for e in sandbox_state.entries if e.message == "db-2 down"]) == 1
+
+
+async def test_a_logs_walk_that_meets_an_error_deep_in_goes_on_from_there(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The walk of a bulk's unknown outcome met a 503 on /logs' page 6: when /logs
+    answered again, the walk started over at page 1 (five pages read again, each one a
+    request out of the sends' window). It goes on from page 6."""
+    gateway = {"taken": True, "status": 502, "body": "<html>Bad Gateway</html>"}
+    sandbox_state.faults += [
+        Fault(path="/send-bulk", **gateway),
+        Fault(status=503, path="/logs", query={"page": "6"}),
+    ]
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        bulk = (await post(url, {"to": numbers(1000), "message": "maintenance tonight"})).json()
+
+        for _ in range(100):  # the dispatcher alone: every /logs read is the walk's
+            if set(await states(bridge, bulk["ids"])) == {State.SENT}:
+                break
+            clock.advance(max(0.01, min(await bridge.dispatcher.run_once(), 30)))
+    pages = [(r.query["page"], r.status) for r in sandbox_state.requests if "/logs" in r.path]
+    refused = pages.index(("6", 503))
+    assert pages[refused + 1] == ("6", 200), pages
+    assert len([e for e in sandbox_state.entries if e.message == "maintenance tonight"]) == 1000
+
+
 @on_each_backend
 async def test_bad_input_gets_json_errors_and_stores_nothing(
     tmp_path, clock: ManualClock, sandbox_url: str

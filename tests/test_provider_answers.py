@@ -197,10 +197,18 @@ async def test_success_false_with_a_transient_reason_is_retried_not_failed(
     assert "Invalid sender." in (refused.reason or "") and refused.attempts == 1
 
 
+@pytest.mark.parametrize("retry_after", [None, "0", "Thu, 01 Jan 1970 00:00:00 GMT"])
 async def test_429_without_retry_after_backs_off_exponentially(
-    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    retry_after: str | None,
 ) -> None:
-    sandbox_state.faults.append(Fault(status=429, path="/send", times=4))
+    """No Retry-After, or one that says "now" (0, a date past): a 429 says the window is
+    full, so "now" was taken at its word and the text sent again at once, into the same
+    429, as often as the bridge's own window allowed (100 a minute). It backs off."""
+    sandbox_state.faults.append(Fault(status=429, path="/send", times=4, retry_after=retry_after))
     config = bridge_config(tmp_path, sandbox_url)
     async with running_bridge(config, clock) as (bridge, url):
         [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
@@ -440,3 +448,44 @@ async def test_a_bulk_answer_naming_some_recipients_leaves_the_others_unknown(
     delivered_to_second = [e for e in sandbox_state.entries if e.to == second]
     assert len(delivered_to_second) == 1  # taken: found in /logs; not taken: sent again
     assert unnamed.provider_message_id == str(delivered_to_second[0].message_id)
+
+
+@pytest.mark.parametrize("taken", [False, True])
+async def test_a_bulk_answer_with_fewer_ids_than_recipients_is_an_unknown_outcome(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, taken: bool
+) -> None:
+    """A /send-bulk answer listing bare ids, two for three recipients: ids in the order
+    sent only when there is one for each, so they were ignored, and the call read as a
+    success without ids: all three `sent`, though the provider took two at most (or,
+    here, none). Which ones it took is unknown: /logs decides for each, found there if
+    taken (not sent again), sent again if not."""
+    to = ["+12025550143", "+12025550144", "+12025550145"]
+    two_ids = '{"success": true, "data": {"message_ids": [901, 902]}}'
+    sandbox_state.faults.append(Fault(status=200, body=two_ids, path="/send-bulk", taken=taken))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        ids = (await post(url, {"to": to, "message": "disk full"})).json()["ids"]
+
+        async def delivered() -> bool:
+            found = [await bridge.store.get(i) for i in ids]
+            return all(m.state == State.DELIVERED for m in found)
+
+        await pump(bridge, clock, delivered, max_seconds=600)
+    assert sorted(e.to for e in sandbox_state.entries) == to  # each texted once
+
+
+@pytest.mark.parametrize("empty", ['""', "null", '" "'])
+async def test_a_send_answer_with_an_empty_id_is_a_send_without_an_id(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, empty: str
+) -> None:
+    """`"message_id": ""` was kept as the provider's id: the poller looked for an entry
+    of id "" and never found one, and the text stayed `sent`, its delivery never known.
+    An empty id is no id: the poller matches the text by recipient and words."""
+    answer = f'{{"success": true, "data": {{"message_id": {empty}, "cost": 0.5}}}}'
+    sandbox_state.faults.append(Fault(status=200, body=answer, path="/send", taken=True))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+        await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=600)
+        message = await bridge.store.get(message_id)
+    assert message.provider_message_id == str(sandbox_state.entries[0].message_id)

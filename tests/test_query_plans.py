@@ -55,7 +55,7 @@ async def test_the_days_spend_reads_the_days_rows(traced: Traced) -> None:
     # messages_recipient's order (1.3 s a call on a million messages, every dispatch).
     store, plans = traced
     await store.spent_since(86400.0, "budget")
-    for plan in plans("FROM messages WHERE (sent_at >="):
+    for plan in plans("FROM messages WHERE ((sent_at >="):
         assert all(line.startswith("SEARCH") for line in on_messages(plan)), plan
 
 
@@ -144,7 +144,7 @@ async def test_a_message_page_looks_up_what_names_it(traced: Traced) -> None:
     # at each message page. The number a reason names is indexed (0010).
     store, plans = traced
     await store.mentioned_by(12)
-    [plan] = plans("reason LIKE")
+    [plan] = plans("reason GLOB")
     assert plan == ["SEARCH messages USING INDEX messages_mentions (<expr>=?)"]
 
 

@@ -702,3 +702,34 @@ async def test_mentioned_by_finds_what_names_the_message_as_a_whole_number(store
     assert [m["id"] for m in await store.mentioned_by(123)] == [ids[1]]
     assert await store.mentioned_by(1) == [] and await store.mentioned_by(2**70) == []
     assert [m["id"] for m in await store.mentioned_by(12, limit=1)] == [ids[0]]
+
+
+async def test_mentioned_by_answers_alike_on_both_stores(store: Store) -> None:
+    """The number a reason names is the one after its first " message ", matched as a
+    whole word in the case the bridge writes it. PostgreSQL took the first " message "
+    followed by digits (a bounce's "a message to message 12" named 12 there, nothing on
+    SQLite), and SQLite's LIKE ignored case ("message 12x ... MESSAGE 12 " named 12
+    there, nothing on PostgreSQL)."""
+    suppressed = MESSAGE._replace(state=State.SUPPRESSED, reason_kind="duplicate")
+    ids = await seed(
+        store,
+        [
+            suppressed._replace(reason="duplicate of a message to message 12 within 600s"),
+            suppressed._replace(reason="duplicate of message 12x and MESSAGE 12 within 600s"),
+            suppressed._replace(reason="duplicate of message 12 within 600s"),
+        ],
+        1.0,
+    )
+    assert [m["id"] for m in await store.mentioned_by(12)] == [ids[2]]
+
+
+async def test_billed_prices_keep_each_countrys_last_and_the_most_any_part_cost(
+    store: Store,
+) -> None:
+    """What bills taught (bridge.pricing.PriceBook.billed): a country's price is its last
+    bill's (prices change); under 0, the most any part was billed, raised only."""
+    assert await store.billed_prices() == {}
+    await store.record_billed({0: 1.5, 961: 1.5}, 10.0)
+    await store.record_billed({0: 0.5, 1: 0.5}, 20.0)
+    await store.record_billed({0: 0.4, 961: 0.4}, 30.0)
+    assert await store.billed_prices() == {0: 1.5, 1: 0.5, 961: 0.4}

@@ -345,3 +345,33 @@ def test_a_pause_the_provider_asked_for_holds_on_the_copy(
     replaced = _copy(tmp_path, db, postgres_url, "--replace")
     assert replaced.returncode == 0, replaced.stderr
     assert run_async(lambda: _pg_pause(postgres_url, time.time())) == pause
+
+
+def test_the_prices_bills_taught_go_with_the_copy(tmp_path: Path, postgres_url: str) -> None:
+    """The prices learnt from the provider's bills (kept since SQLite 0014) price the cost
+    cap where no price list is known: a copy onto PostgreSQL that left them behind made
+    the cluster's first texts go one at a time, unpriced, as on a first start."""
+    db = tmp_path / "bridge.db"
+
+    async def billed() -> None:
+        store = SqliteStore(db)
+        await store.open()
+        try:
+            await seed(store, [_message(1)], time.time())
+            await store.record_billed({0: 1.5, 961: 1.5, 1: 0.5}, time.time())
+        finally:
+            await store.close()
+
+    async def pg_prices() -> dict[int, float]:
+        store = PostgresStore(postgres_url)
+        await store.open()
+        try:
+            return await store.billed_prices()
+        finally:
+            await store.close()
+
+    asyncio.run(billed())
+    for extra in ((), ("--replace",)):  # and again, replacing what the first copy left
+        copied = _copy(tmp_path, db, postgres_url, *extra)
+        assert copied.returncode == 0, copied.stderr
+        assert run_async(pg_prices) == {0: 1.5, 961: 1.5, 1: 0.5}

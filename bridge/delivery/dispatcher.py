@@ -56,6 +56,7 @@ HOLDS_PAGE = 1000  # texts waiting for midnight read per query at start
 # The event of each text waiting for midnight released (judged again by the next step).
 RAISED_BY_RELOAD = "daily caps changed by a reload: judged again"
 RAISED_AT_START = "daily caps raised while the bridge was stopped: judged again at start"
+PRICED_NOW = "a price is known now (today's spend was unknown): judged again"
 FOREIGN_PREFIX = "cli"  # request kinds booked by `sms-bridge provider ...` in the store
 
 
@@ -133,9 +134,11 @@ class Dispatcher:
 
     async def load_budget(self) -> None:
         """Take the requests booked before a restart (and by other instances) into the
-        window, and forget those that left every window."""
+        window, and forget those that left every window; recall the prices bills taught."""
         await self.store.prune_requests(self.clock.now() - 2 * self.limiter.window)
         await self.limiter.sync()
+        if self.budget is not None:  # the prices the bills taught before the restart
+            await self.budget.recall_prices()
         await self._judge_holds_at_start()
 
     async def _judge_holds_at_start(self) -> None:
@@ -290,7 +293,14 @@ class Dispatcher:
         are due now, judged again by the next step against the caps in force (those
         still over one wait again). They waited for the next day whatever the reload
         said: an operator raising the cap during an incident still saw its alerts held."""
-        if self.budget is None or not self.budget.loosened:
+        if self.budget is None:
+            return
+        if self.budget.waiting_for_price:  # another instance's bill may price them
+            await self.budget.recall_prices()
+        if self.budget.newly_priced():
+            await self._release(PRICED_NOW)
+            self.budget.released_for_price()
+        if not self.budget.loosened:
             return
         self.budget.loosened = False  # first: a reload during the write sets it again
         try:
@@ -388,6 +398,12 @@ class Dispatcher:
         try:
             loaded = self.prices.load(await self.client.pricing())
             why = "" if loaded else "no price in the answer"
+        except RateLimitedError as exc:
+            # The key's window is full at the provider: every request waits, as after a
+            # send's 429 (taken for a failed fetch alone, the step went on to send at
+            # once, into the same 429, whatever Retry-After said).
+            await self.limiter.rate_limited(exc.retry_after)
+            loaded, why = False, str(exc)
         except ProviderError as exc:
             loaded, why = False, str(exc)
         except Exception as exc:

@@ -84,7 +84,7 @@ class Outcomes:
         taken = [m for m in batch if m.id not in unknown_ids]
         await self.record_sent(_sent_rows(taken, result))
         if self.budget is not None and result.cost is not None and taken:
-            self.budget.prices.billed(result.cost, [(m.recipient, m.parts) for m in taken])
+            await self.budget.billed(result.cost, [(m.recipient, m.parts) for m in taken])
         if unnamed:
             # An answer naming recipients by id names those it took: the others may have
             # been refused (or written so we cannot tell them). Recorded `sent` without an

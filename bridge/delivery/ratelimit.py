@@ -167,10 +167,13 @@ class SlidingWindowLimiter:
         await self.store.pause_requests(until, reason)
 
     async def rate_limited(self, retry_after: float | None) -> float:
-        """A 429: pause every request for `retry_after`, else for a doubling backoff."""
+        """A 429: pause every request for `retry_after`, else for a doubling backoff.
+        A Retry-After of 0 (or a date past) is none: a 429 says the window is full, and
+        taken at its word, "now" sent again at once into the same 429, as often as the
+        bridge's own window allowed."""
         self.strikes += 1
         pause = retry_after
-        if pause is None:
+        if not pause:
             pause = min(self.backoff_max, self.backoff_initial * 2 ** (self.strikes - 1))
         await self.pause(self.clock.now() + pause, "429 from the provider")
         return pause

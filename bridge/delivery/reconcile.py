@@ -82,8 +82,8 @@ class Reconciler:
         self.budget = budget
         self._logs_failures = 0
         self.logs_retry_at = 0.0  # /logs failed: when to ask it again (the dispatcher wakes)
-        # A walk stopped at its page cap: the page it goes on from, for these messages.
-        self._resume_page, self._resume_ids = 1, set[int]()
+        # A walk stopped before its end: the page each message it left goes on from.
+        self._resume: dict[int, int] = {}
         self.owner, self.lease = owner, lease  # whose claims this settles (and takes over)
         self.takes_over = takes_over  # whether it takes over others' (the leader's sweep)
 
@@ -107,22 +107,26 @@ class Reconciler:
         matcher = LogMatcher(ready)
         found: list[tuple[int, str | None, float | None]] = []
         date_from = provider_date(oldest - CLOCK_SKEW, self.tz)
-        # Where the last walk stopped at its page cap, if it was over these messages.
-        page = self._resume_page if {m.id for m in ready} <= self._resume_ids else 1
-        self._resume_page, self._resume_ids = 1, set()
-        last = page + RECONCILE_MAX_PAGES - 1
-        while matcher and page <= last:
+        # Where the last walk stopped, for the messages it left; from page 1 for those
+        # that joined since (newer, or taken over): their entries are read there, and
+        # the walk then skips to where the others' can be. Restarted at page 1 for all
+        # as soon as one joined, a deep walk under a steady trickle of unknown outcomes
+        # (one a minute in an outage) reread its first pages at every step.
+        start = {m.id: self._resume.get(m.id, 1) for m in ready}
+        self._resume = {}
+        page, reads = min(start.values()), 0
+        while matcher and reads < RECONCILE_MAX_PAGES:
             wait = await self.limiter.acquire("reconcile")
             if wait > 0:
-                await self._stop_at(page, matcher, found)
+                await self._stop_at(page, matcher, found, start)
                 return wait
             try:
                 logs = await self.client.logs(page=page, date_from=date_from)
             except ProviderAuthError as exc:
-                await self._stop_at(page, matcher, found)
+                await self._stop_at(page, matcher, found, start)
                 return await self.outcomes.key_refused(exc)
             except RateLimitedError as exc:
-                await self._stop_at(page, matcher, found)
+                await self._stop_at(page, matcher, found, start)
                 await self.limiter.rate_limited(exc.retry_after)
                 return self.limiter.wait_time("send")
             except ProviderError as exc:
@@ -139,6 +143,9 @@ class Reconciler:
                 patience = self.config.retry_max_age
                 missing = matcher.remaining()
                 overdue = [m for m in missing if (m.claimed_at or now) + patience <= now]
+                # The rest goes on from this page when /logs answers again (from page 1,
+                # a 503 deep in a bulk's pages sent the walk back over what it had read).
+                self._resume = {m.id: max(page, start[m.id]) for m in missing if m not in overdue}
                 self.logs_retry_at = now + self.outcomes.backoff(self._logs_failures + 1)
                 log.warning("cannot read /logs to reconcile %d messages: %s", len(missing), exc)
                 if overdue:
@@ -150,29 +157,38 @@ class Reconciler:
             self._logs_failures = 0
             self.logs_retry_at = 0.0
             self.limiter.answered()
-            older_seen = False
+            reads += 1
+            earliest: float | None = None  # the oldest entry on the page
             known = await self.store.known_provider_ids([e.id for e in logs.entries])
             for entry in logs.entries:
                 created = provider_time(entry.created_at, self.tz)
+                if created is not None:
+                    earliest = created if earliest is None else min(earliest, created)
                 if created is not None and created < oldest - CLOCK_SKEW:
-                    older_seen = True  # before our request: an earlier text, not this one
-                    continue
+                    continue  # before our request: an earlier text, not this one
                 if entry.id in known:
                     continue
                 m = matcher.take(entry.recipient, entry.message)
                 if m is not None:
                     found.append((m.id, entry.id, entry.cost))
                     known.add(entry.id)
-            if not logs.has_more or older_seen:
+            # The pages still worth reading for each message left: from where its entry
+            # can be, until entries older than its request (newest first: not further).
+            wanted = [
+                start[m.id]
+                for m in matcher.remaining()
+                if earliest is None or earliest >= (m.claimed_at or now) - CLOCK_SKEW
+            ]
+            if not logs.has_more or not wanted:
                 break
-            page += 1
+            page = max(page + 1, min(wanted))
         else:
             if matcher:
                 # The page cap, not the end of what they could be in: not "not found". A
                 # bulk of 1000 with texts after it spans more than the cap, and its
                 # oldest recipients were texted again.
                 self._logs_failures = 0
-                await self._stop_at(page, matcher, found)
+                await self._stop_at(page, matcher, found, start)
                 return None
         self._logs_failures = 0
         if found:
@@ -186,14 +202,16 @@ class Reconciler:
         page: int,
         matcher: LogMatcher[Message],
         found: list[tuple[int, str | None, float | None]],
+        start: dict[int, int],
     ) -> None:
         """A walk stopped before its end (the page cap, no budget, a 429): what it found
-        is recorded, and the next step goes on from `page` for the rest (entries only
-        move to later pages, so resuming skips none); from page 1 if others join them."""
+        is recorded, and the next step goes on from `page` for the rest, or from where
+        one's entry can be if that is further (entries only move to later pages, so
+        resuming skips none); messages that join them meanwhile start at page 1."""
         if found:
             log.info("reconciled %d messages the provider had already accepted", len(found))
             await self.outcomes.record_sent(found)
-        self._resume_page, self._resume_ids = page, {m.id for m in matcher.remaining()}
+        self._resume = {m.id: max(page, start[m.id]) for m in matcher.remaining()}
 
     async def _not_found(self, missing: list[Message]) -> None:
         """/logs did not show these: retry a provider error; resend an unknown outcome

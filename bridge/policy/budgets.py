@@ -30,6 +30,14 @@ many times over). A text whose only
 price is such a guess larger than the whole cap is treated the same way (alone, on a day
 with room, its bill prices its country), never failed as larger than the budget: that is
 said of a text by its own price only.
+
+A text whose send answer gave no cost, sent while nothing was priced above 0, cost what
+nobody can tell: counted as 0, the cap never held. The cap is then taken as possibly
+spent: what follows waits for 00:00 UTC (or fails, as `on_exceeded` says), the reason
+saying "spend unknown", until a price is known (the list answers, a bill says its cost,
+or the store recalls one at start), when what waits is judged again at once. A cap is a
+promise about money: with a provider that never states a cost and no price list, at most
+one text a day goes under a cost cap.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from datetime import UTC, datetime, timedelta
 
 from bridge.clock import Clock
 from bridge.config import BudgetConfig, ProviderConfig, Recipients, RouteConfig, TokenConfig
+from bridge.errors import StoreUnavailable
 from bridge.models import Message
 from bridge.policy.shaping import Draft, Shaper
 from bridge.pricing import PriceBook
@@ -49,6 +58,8 @@ from bridge.store import Store
 
 log = logging.getLogger(__name__)
 WARNING_SOURCE = "budget"
+# Why texts wait when a text sent today has no cost anyone can tell (`_spent`).
+UNKNOWABLE = "spend unknown: a text sent today had no cost and no price is known"
 
 
 def day_bounds(now: float) -> tuple[float, float, str]:
@@ -134,6 +145,8 @@ class BudgetGuard:
         # released every held text at each start as "changed by a reload".
         self.loosened = False
         self.caps: dict[str, float] = {}  # every cap in force by name (`_caps`)
+        # Texts wait for midnight because today's spend was unknowable (`newly_priced`).
+        self._unknowable_hold = False
         self.reload(budget=budget, routes=routes, recipients=recipients, tokens=tokens or {})
 
     def reload(
@@ -170,8 +183,14 @@ class BudgetGuard:
     def raised_over(self, reasons: Iterable[str]) -> bool:
         """Whether a cap that held back a text (its reason names it, "texts_per_day=1")
         is higher now, or gone: raised while the bridge was stopped. A reason that names
-        no cap this bridge knows is judged again too (nothing waits for nothing)."""
+        no cap this bridge knows is judged again too (nothing waits for nothing), and so
+        is one that waits for a price (`UNKNOWABLE`) once one is known (until then,
+        `newly_priced` watches for it)."""
         for reason in reasons:
+            if UNKNOWABLE in reason:
+                if self.prices.ceiling() > 0:
+                    return True  # waited for a price, and one is known now
+                self._unknowable_hold = True  # released when one is (`newly_priced`)
             found = CAP_IN_REASON.search(reason)
             if found is None:
                 return True
@@ -219,11 +238,47 @@ class BudgetGuard:
         ceiling = self.prices.ceiling()
         return (ceiling * parts if ceiling > 0 else None), False
 
-    async def _spent(self, since: float) -> float:
+    async def billed(self, cost: float, sent: list[tuple[str, int]]) -> None:
+        """The provider billed `cost` for `sent` (recipient, parts): the prices it says
+        are kept in the store too, for a restart and the other instances. In memory only,
+        a restart with no price list counted the day's texts at nothing until a bill came
+        (a whole bulk call went past the cap as "unpriced, alone")."""
+        learnt = self.prices.billed(cost, sent)
+        if not learnt:
+            return
+        try:
+            await self.store.record_billed(learnt, self.clock.now())
+        except StoreUnavailable as exc:  # the send is recorded; this process knows it
+            log.warning("prices learnt from a bill not kept in the store: %s", exc)
+
+    async def recall_prices(self) -> None:
+        """What the store kept of the bills (before a restart, and the other instances')."""
+        self.prices.remember(await self.store.billed_prices())
+
+    async def _spent(self, since: float) -> tuple[float, bool]:
         """Today's cost so far, in the provider's currency: summed in SQL where a cost or
-        estimate is stored; the rare rows with neither are estimated here."""
+        estimate is stored; the rare rows with neither are estimated here. And whether
+        some of it is unknowable: a text whose answer gave no cost, sent while nothing
+        was priced above 0 (counted as 0, the cap never held: one text after another
+        went alone, each "priced by its bill", a bill that never said)."""
         known, unknown = await self.store.spent_since(since, WARNING_SOURCE)
-        return float(known) + sum(self._cost(r, int(p))[0] or 0.0 for r, p in unknown)
+        priced = [self._cost(r, int(p))[0] for r, p in unknown]
+        return float(known) + sum(c for c in priced if c is not None), None in priced
+
+    def newly_priced(self) -> bool:
+        """Whether texts wait for midnight only because today's spend was unknowable,
+        and a price is known now (the list answered, a bill said its cost): they are
+        judged again (until `released_for_price`)."""
+        return self._unknowable_hold and self.prices.ceiling() > 0
+
+    @property
+    def waiting_for_price(self) -> bool:
+        """Texts wait for midnight because today's spend was unknowable (`newly_priced`)."""
+        return self._unknowable_hold
+
+    def released_for_price(self) -> None:
+        """What waited for a price was released (`newly_priced`)."""
+        self._unknowable_hold = False
 
     async def _used(
         self, since: float, route: str | None = None, token: str | None = None
@@ -236,7 +291,9 @@ class BudgetGuard:
         start, _, _ = day_bounds(self.clock.now())
         texts, parts = await self._used(start)
         cost_cap = self.config.cost_per_day
-        spent = await self._spent(start) if cost_cap else 0.0
+        if cost_cap:  # another instance's bills price countries for this one too
+            await self.recall_prices()
+        spent, unknowable = await self._spent(start) if cost_cap else (0.0, False)
         # Texts sent today per capped route and token, read from the store (so every
         # instance of a cluster counts the same) the first time the batch needs one.
         route_used: dict[str, int] = {}
@@ -285,6 +342,10 @@ class BudgetGuard:
                 why = _cap(f"parts_per_day={self.config.parts_per_day}")
             elif cap is not None and route_used[route] + 1 > cap:
                 why = _cap(f"routes.{m.route}.max_texts_per_day={cap}")
+            elif cost_cap and unknowable:
+                # A text of today's cost what nobody can tell: the cap may be spent.
+                self._unknowable_hold = True
+                why = _cap(f"cost_per_day={figure(cost_cap)}", f"; {UNKNOWABLE}")
             elif cost_cap and (spent + cost > cost_cap or (guess and spent >= cost_cap)):
                 currency = f" {self.prices.currency}" if self.prices.currency else ""
                 why = _cap(f"cost_per_day={figure(cost_cap)}", f"{currency}, {spent:g} spent")

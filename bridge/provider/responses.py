@@ -224,6 +224,16 @@ def _first(mapping: Mapping[str, Any], *keys: str) -> Any:
 MAX_COST = 1e9
 
 
+def _id(value: Any) -> str | None:
+    """An id as the provider gave it, or None for none: JSON null, a bool, a container,
+    or blank text (`"message_id": ""` kept as an id was looked for in /logs for ever,
+    the text's delivery never known)."""
+    if value is None or isinstance(value, bool | dict | list):
+        return None
+    text = str(value)
+    return text if text.strip() else None
+
+
 def _number(value: Any) -> float | None:
     """A finite number, from a JSON number or a numeric string; else None (inf and NaN
     too: Python's json reads `Infinity` and `NaN`)."""
@@ -248,11 +258,11 @@ def data_of(body: Mapping[str, Any]) -> dict[str, Any]:
 def read_send(answer: Mapping[str, Any], to: str) -> SendResult:
     """A /send success: the id if given; with neither id nor a word of success, unknown."""
     data = data_of(answer)
-    message_id = _first(data, *ID_KEYS)
+    message_id = _id(_first(data, *ID_KEYS))
     if message_id is None and not accepted(answer):
         raise TransientUnknownOutcome("provider answered without an id or a success flag")
     return SendResult(
-        message_ids={} if message_id is None else {to: str(message_id)},
+        message_ids={} if message_id is None else {to: message_id},
         cost=_cost(data.get("cost")),
         balance=_number(data.get("balance")),
     )
@@ -286,32 +296,38 @@ def _parse_bulk(data: Any, recipients: Sequence[str]) -> tuple[SendResult, int |
     if not isinstance(data, dict):
         return SendResult(), None
     ids: dict[str, str] = {}
+    bare = 0  # ids without their recipient's number (read in the order sent)
     items = _first(data, "messages", "results", "message_ids", "ids", "recipients")
     if isinstance(items, dict):
         for number, mid in items.items():
             ours = _ours(number, recipients)
-            if ours is not None and not isinstance(mid, dict | list):
+            if ours is not None and _id(mid) is not None:
                 ids[ours] = str(mid)
     elif isinstance(items, list):
         for index, item in enumerate(items):
             if isinstance(item, dict):
-                to, mid = _first(item, *NUMBER_KEYS), _first(item, *ID_KEYS)
+                to, mid = _first(item, *NUMBER_KEYS), _id(_first(item, *ID_KEYS))
                 ours = None if to is None else _ours(to, recipients)
                 if ours is not None and mid is not None:
-                    ids[ours] = str(mid)
+                    ids[ours] = mid
             elif isinstance(item, int) and not isinstance(item, bool):
+                bare += 1
                 if len(items) == len(recipients):  # ids in the order sent
                     ids[recipients[index]] = str(item)
-            elif (
-                isinstance(item, str)
-                and len(items) == len(recipients)
-                and _ours(item, recipients) is None  # an id, not a number echoed back
-            ):
-                ids[recipients[index]] = item
+            # An id, not blank, not one of our numbers echoed back.
+            elif isinstance(item, str) and _id(item) and _ours(item, recipients) is None:
+                bare += 1
+                if len(items) == len(recipients):
+                    ids[recipients[index]] = item
     batch = _first(data, "batch_id", "bulk_id", "batch", "campaign_id")
     count = _first(data, "count", "total", "accepted", "total_recipients", "sent")
     if isinstance(count, list | bool) or _number(count) is None:
         count = None
+    if count is None and bare and bare != len(recipients):
+        # Fewer (or more) ids than recipients, without their numbers: how many the
+        # provider took, not which. Read as a success without ids, all were `sent`,
+        # those it had not taken too (an alert lost under a state that says it went).
+        count = bare
     return (
         SendResult(
             message_ids=ids,
@@ -337,13 +353,13 @@ def read_logs(body: Mapping[str, Any], page: int, per_page: int) -> LogsPage:
     for row in rows:
         if not isinstance(row, dict):
             continue
-        entry_id = _first(row, *ID_KEYS)
+        entry_id = _id(_first(row, *ID_KEYS))
         if entry_id is None:
             continue
         created = _first(row, *TIME_KEYS)
         entries.append(
             LogEntry(
-                id=str(entry_id),
+                id=entry_id,
                 recipient=str(_first(row, *NUMBER_KEYS) or ""),
                 message=str(_first(row, *TEXT_KEYS) or ""),
                 status=str(_first(row, *STATUS_KEYS) or "").strip().lower(),

@@ -27,7 +27,7 @@ atomic step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
@@ -333,6 +333,22 @@ class RateWindow(Protocol):
         ...
 
 
+class BilledPrices(Protocol):
+    """What the provider's bills said a part costs, kept across restarts and shared by
+    every instance (`bridge.pricing.PriceBook.billed`): where no price list is known,
+    the cost cap prices a country by them."""
+
+    async def billed_prices(self) -> dict[int, float]:
+        """The price of a part last billed per country calling code; under 0 (no country
+        has it), the most any part was billed."""
+        ...
+
+    async def record_billed(self, prices: Mapping[int, float], now: float) -> None:
+        """Keep a bill's prices: each country's replaces the one before (prices change);
+        0's only ever rises (the most any part was billed)."""
+        ...
+
+
 class Queries(Protocol):
     """What the API, the console, budgets and metrics read, and the operator's actions."""
 
@@ -392,7 +408,10 @@ class Queries(Protocol):
         """Cost of what was sent since `since` (the provider's cost, else the estimate),
         and the (recipient, parts) of the sent rows with neither, for the caller to price.
         Texts in flight (`sending`) count as sent, whenever claimed: another instance's
-        call under way spends the same day's budget, and its send is stamped today."""
+        call under way spends the same day's budget, and its send is stamped today.
+        A text of an unknown outcome sent again counts once for every attempt (the
+        provider may have billed each: its answer was lost, not its bill), from its
+        latest claim today, whatever it ended as."""
         ...
 
     async def used_since(
@@ -513,13 +532,21 @@ class Coordination(Protocol):
 
 
 class Store(
-    Lifecycle, IngestOperations, DeliveryOperations, RateWindow, Queries, Coordination, Protocol
+    Lifecycle,
+    IngestOperations,
+    DeliveryOperations,
+    RateWindow,
+    BilledPrices,
+    Queries,
+    Coordination,
+    Protocol,
 ):
     """Everything the bridge asks of its storage; see the module docstring."""
 
 
 __all__ = [
     "DEFAULT_LEASE",
+    "BilledPrices",
     "Booking",
     "Coordination",
     "Decider",

@@ -1,9 +1,9 @@
 """`sms-bridge store copy`: an existing SQLite store moved into PostgreSQL.
 
 Every message (state, reason, provider ids, attempts, timestamps, ids), the events log,
-the rate window's bookings and the provider's pause, in one PostgreSQL transaction,
-while SQLite's exclusive lock keeps every `serve` off the source
-(`bridge.store.sqlite.export`). One-shot: a
+the rate window's bookings, the provider's pause and the prices its bills taught, in
+one PostgreSQL transaction, while SQLite's exclusive lock keeps every `serve` off the
+source (`bridge.store.sqlite.export`). One-shot: a
 second copy into the same database is refused (the target is no longer empty) unless
 `replace`, which deletes the target's data first and so gives the same result again.
 The source is only read; it stays where it was, a fallback until the cluster runs.

@@ -28,9 +28,9 @@ from typing import Any
 
 import asyncpg
 
-from bridge.errors import StoreUnavailable
+from bridge.errors import StoreBusy, StoreUnavailable
 from bridge.store.postgres.base import BUDGET_LOCK, WORK_CHANNEL
-from bridge.store.postgres.pool import Conn, Database, unavailable
+from bridge.store.postgres.pool import Database, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -186,46 +186,65 @@ class NotifiedWork:
         await _end(conn)
 
 
-# The caps' turn is a transaction that sits idle while its holder counts and claims on
-# other connections (milliseconds). A holder that stops there (frozen, cut off) would
-# keep every instance's capped texts waiting until TCP noticed, hours later: the server
-# ends a session idle in its turn this long, which frees the lock, as the leader's
-# idle_session_timeout does for the leader's.
+# The caps' turn is a transaction in which its holder counts today's use and claims. A
+# holder that stops there (frozen, cut off) would keep every instance's capped texts
+# waiting until TCP noticed, hours later: the server ends a session idle in its turn this
+# long, which frees the lock, as the leader's idle_session_timeout does for the leader's.
 TURN_IDLE_LIMIT = 10.0
 # An instance waits this long for the turn, then its dispatcher step fails (and is tried
 # again) saying why; below the pool's COMMAND_TIMEOUT, which would only say "timeout".
 TURN_WAIT_LIMIT = 10.0
 
+TURN_LOST = (
+    "the daily caps' turn was lost (ended by the server past its idle limit, or the"
+    " connection dropped): what this instance decided and claimed in it is undone"
+)
+
 
 @contextlib.asynccontextmanager
 async def budget_turn(db: Database) -> AsyncIterator[None]:
-    """`bridge.store.api.Coordination.budget_turn`: a transaction holding BUDGET_LOCK
-    while the caller counts today's use and claims (on connections of their own). The
-    lock is the transaction's, so its end frees it whatever happens: an exception, a
-    lost connection, the server's idle limit. Always taken before the rate window's lock,
-    never after."""
+    """`bridge.store.api.Coordination.budget_turn`: a transaction holding BUDGET_LOCK in
+    which every operation of the caller's task runs (`Database.holding`: its counts and
+    its claims), committed when the block ends. The lock is the transaction's, so its
+    end frees it whatever happens: an exception, a lost connection, the server's idle
+    limit. Always taken before the rate window's lock, never after.
+
+    The claims are the turn's: made on connections of their own, a holder that waited
+    past TURN_IDLE_LIMIT inside its turn (for the pool, for the rate lock) lost it to the
+    server, another instance counted today's use without these claims, and both spent
+    the last of a cap. A turn lost so undoes what it decided: its end raises
+    StoreUnavailable, nothing it claimed stands, nothing is sent."""
     async with db.connection() as conn:
+        turn = conn.transaction()
+        await turn.start()
         try:
             await conn.execute(
-                "BEGIN;"
-                f" SET LOCAL idle_in_transaction_session_timeout = {TURN_IDLE_LIMIT * 1000:.0f};"
+                f"SET LOCAL idle_in_transaction_session_timeout = {TURN_IDLE_LIMIT * 1000:.0f};"
                 f" SET LOCAL lock_timeout = {TURN_WAIT_LIMIT * 1000:.0f};"
                 f" SELECT pg_advisory_xact_lock({BUDGET_LOCK})"
             )
         except asyncpg.LockNotAvailableError as exc:
-            await _end_turn(conn)
+            await _undo(turn)
             raise StoreUnavailable(
                 f"another instance has held the daily caps' turn for {TURN_WAIT_LIMIT:g} s"
             ) from exc
+        except BaseException:
+            await _undo(turn)
+            raise
         try:
-            yield
-        finally:
-            await _end_turn(conn)
+            with db.holding(conn):
+                yield
+            await turn.commit()
+        except BaseException as exc:
+            await _undo(turn)
+            busy = isinstance(exc, StoreBusy)  # a lock not had in time: the turn is fine
+            if not busy and (isinstance(exc, StoreUnavailable) or _lost(exc)):
+                raise StoreUnavailable(f"{TURN_LOST}: {exc}") from exc
+            raise
 
 
-async def _end_turn(conn: Conn) -> None:
-    """The turn wrote nothing: a rollback ends it. A session the server already ended
-    (the idle limit, a lost connection) took the lock with it: nothing left to undo, and
-    the claims made in the turn are committed on their own connections."""
+async def _undo(turn: Any) -> None:
+    """Roll the turn back. A session the server already ended (the idle limit, a lost
+    connection) took the lock and the turn's writes with it: nothing left to undo."""
     with contextlib.suppress(Exception):
-        await conn.execute("ROLLBACK")
+        await turn.rollback()

@@ -146,6 +146,8 @@ async def _load(db: Database, tables: Sequence[Rows], replace: bool) -> Loaded:
                 continue
             if table.name == "message_totals":  # after messages: what the trigger
                 await conn.execute("DELETE FROM message_totals")  # counted of the copy goes
+            if table.name == "billed_prices":  # the source's bills priced its sends
+                await conn.execute("DELETE FROM billed_prices")
             counts[table.name] = await _copy(conn, table)
             if table.name == "messages":  # the trigger's events: the source's replace them
                 await conn.execute("DELETE FROM events")

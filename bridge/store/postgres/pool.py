@@ -16,9 +16,11 @@ outcome is unknown, and the sender's retry (after a 503) meets the dedupe window
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextvars import ContextVar
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -44,6 +46,14 @@ TRANSIENT_CLASSES = ("40",)
 TRANSIENT_STATES = ("55P03",)
 # What the operations run their statements on: a pooled connection, or a dedicated one.
 Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+
+# The connection whose transaction a task's operations run in (`Database.holding`): the
+# database, the connection, and the task that holds it (a task it starts copies the
+# variable, and must not share the connection: it runs on the pool).
+_HELD: ContextVar[tuple[Database, Conn, asyncio.Task[Any] | None] | None] = ContextVar(
+    "sms_bridge_held_connection", default=None
+)
 
 
 def transient(exc: BaseException) -> bool:
@@ -114,7 +124,13 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
-        """A pooled connection, each statement its own transaction (reads)."""
+        """A pooled connection, each statement its own transaction (reads); inside
+        `holding`, the held one (its transaction's)."""
+        held = self._held()
+        if held is not None:
+            async with self._failures():
+                yield held
+            return
         async with self._failures(), self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
             yield conn
 
@@ -123,13 +139,36 @@ class Database:
         """A pooled connection inside one transaction, committed when the block ends.
 
         The commit is done when the block has left: that is when ingress may say 202/250.
+        Inside `holding`, a savepoint of the held transaction: committed with it.
         """
+        held = self._held()
+        if held is not None:
+            async with self._failures(), held.transaction():
+                yield held
+            return
         async with (
             self._failures(),
             self.pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
             conn.transaction(),
         ):
             yield conn
+
+    @contextlib.contextmanager
+    def holding(self, conn: Conn) -> Iterator[None]:
+        """Every operation of this task on this database runs on `conn`, in the
+        transaction open on it, until the block ends (the daily caps' turn,
+        bridge.store.postgres.coordination): what they write stands only if it commits."""
+        token = _HELD.set((self, conn, asyncio.current_task()))
+        try:
+            yield
+        finally:
+            _HELD.reset(token)
+
+    def _held(self) -> Conn | None:
+        held = _HELD.get()
+        if held is None or held[0] is not self or held[2] is not asyncio.current_task():
+            return None
+        return held[1]
 
     async def dedicated(self, name: str = "sms-bridge") -> asyncpg.Connection:
         """A connection of its own, outside the pool: for a session-level lock held as

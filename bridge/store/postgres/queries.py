@@ -4,7 +4,7 @@ in PostgreSQL's dialect (FILTER for conditional counts, ILIKE for "any case").""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import bridge.store.totals as totals
@@ -56,6 +56,22 @@ SEARCHABLE = ("state", "reason_kind", "route", "source")  # exact-match filters 
 # under way spends the same budget), whenever claimed: its send is stamped when it is
 # answered, today. Its lease bounds how long a row stays `sending`.
 SPENT = "(sent_at >= $1 OR state = 'sending')"
+# What the cost cap counts besides, and how often (SQLite's RESENT and BILLED): the
+# attempts of an unknown outcome that was sent again, by its latest claim.
+RESENT = "(unknown_resends > 0 AND claimed_at >= $1)"
+BILLED = (
+    "(CASE WHEN sent_at >= $1 OR state = 'sending' THEN 1 ELSE 0 END"
+    " + CASE WHEN claimed_at >= $1 THEN unknown_resends ELSE 0 END)"
+)
+
+# SQLite's RECORD_BILLED: 0 holds the most any part was billed, raised only.
+RECORD_BILLED = (
+    "INSERT INTO billed_prices AS b (country_code, price, billed_at)"
+    " SELECT code, price, $3 FROM unnest($1::int[], $2::float8[]) AS bill(code, price)"
+    " ON CONFLICT (country_code) DO UPDATE SET billed_at = excluded.billed_at,"
+    " price = CASE WHEN b.country_code = 0 THEN greatest(b.price, excluded.price)"
+    " ELSE excluded.price END"
+)
 
 
 def _ids(ids: Sequence[int]) -> list[int]:
@@ -153,20 +169,28 @@ class QueryOps(Base):
     async def spent_since(
         self, since: float, exclude_source: str
     ) -> tuple[float, list[tuple[str, int]]]:
-        where = f"WHERE {SPENT} AND source <> $2"
+        where = f"WHERE ({SPENT} OR {RESENT}) AND source <> $2"
         async with self.db.connection() as c:
             known = await c.fetchval(
-                f"SELECT coalesce(sum(coalesce(cost, estimated_cost)), 0) FROM messages {where}",
+                f"SELECT coalesce(sum(coalesce(cost, estimated_cost) * {BILLED}), 0)"
+                f" FROM messages {where}",
                 since,
                 exclude_source,
             )
             unknown = await c.fetch(
-                f"SELECT recipient, sum(parts) FROM messages {where}"
+                f"SELECT recipient, sum(parts * {BILLED}) FROM messages {where}"
                 " AND cost IS NULL AND estimated_cost IS NULL GROUP BY recipient",
                 since,
                 exclude_source,
             )
-        return float(known), [(r, int(p)) for r, p in unknown]
+        return float(known), [(r, int(p)) for r, p in unknown if p]
+
+    async def billed_prices(self) -> dict[int, float]:
+        rows = await self._fetch("SELECT country_code, price FROM billed_prices")
+        return {int(code): float(price) for code, price in rows}
+
+    async def record_billed(self, prices: Mapping[int, float], now: float) -> None:
+        await self._execute(RECORD_BILLED, list(prices), list(prices.values()), now)
 
     async def used_since(
         self,
@@ -302,9 +326,8 @@ class QueryOps(Base):
                 c,
                 "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
                 " count(*) FILTER (WHERE source = 'budget'),"
-                # What the caps count: the warnings' parts and cost left out.
+                # What the caps count: the warnings' parts left out (the cost: `counted_cost`).
                 " coalesce(sum(parts) FILTER (WHERE source <> 'budget'), 0),"
-                " coalesce(sum(coalesce(cost, estimated_cost)) FILTER (WHERE source <> 'budget'), 0),"
                 # The estimates of the texts the provider has not priced yet.
                 " sum(estimated_cost) FILTER (WHERE cost IS NULL)"
                 f" FROM messages WHERE {SPENT}",  # in flight too, as the caps count
@@ -330,9 +353,10 @@ class QueryOps(Base):
                 "texts": int(day[0]) - int(day[4]),
                 "parts": int(day[5]),
                 "cost": day[2],
-                "counted_cost": day[6],
+                # As the cost cap counts it: each attempt of a text sent again.
+                "counted_cost": (await self.spent_since(day_start, "budget"))[0],
                 "estimated_cost": day[3],
-                "unpriced_estimated_cost": day[7],
+                "unpriced_estimated_cost": day[6],
                 "warnings": int(day[4]),
                 "routes": by["route"],
                 "tokens": by["token"],

@@ -10,7 +10,10 @@ Version 3 records which API token sent each message (SQLite's 0007), for per-tok
 version 4 indexes created_at (SQLite's 0008); version 5 keeps running totals of the
 messages for /metrics and /api/v1/stats, and indexes route (SQLite's 0009); version 6
 indexes the message a suppressed one names (SQLite's 0010); version 9 keeps when each
-message became due (SQLite's 0013).
+message became due (SQLite's 0013); version 10 keeps the prices learnt from the
+provider's bills (SQLite's 0014); version 11 indexes the texts of an unknown outcome that
+were sent again, which the cost cap counts once per attempt (SQLite's 0015); version 12
+reads the number a reason names after its first " message ", as SQLite's 0010 does.
 
 Timestamps stay epoch seconds in `double precision`, as in SQLite: the bridge's clock
 is injected (tests drive it by hand), so the database's own `now()` is never the time.
@@ -29,9 +32,10 @@ from dataclasses import dataclass
 MIGRATION_LOCK = 0x534D_5301  # "SMS" 1: applying migrations
 
 
-# The N of the first " message N" in a reason: mentioned_by's, written as migration 6's
-# index is, or the planner does not use it (tests/test_pg_schema.py checks that it does).
-MENTIONED = "substring(reason from ' message ([0-9]{1,20})')::numeric"
+# The N after the first " message " of a reason (SQLite's MENTIONED): mentioned_by's,
+# written as migration 12's index is, or the planner does not use it
+# (tests/test_pg_schema.py checks that it does).
+MENTIONED = "substring(split_part(reason, ' message ', 2) from '^[0-9]{1,20}')::numeric"
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +310,43 @@ MIGRATIONS: tuple[Migration, ...] = (
                 ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9:]{8}$'
                 THEN extract(epoch FROM schedule_time::timestamp)::float8 END, 0),
             CASE WHEN reason_kind = 'budget' THEN next_attempt_at ELSE 0 END);
+        """,
+    ),
+    Migration(
+        10,
+        "billed_prices",
+        """
+        -- What a part to each country was billed (SQLite's 0014), kept across restarts
+        -- and shared by every instance; country code 0 holds the most any part was
+        -- billed, a call to several countries included.
+        CREATE TABLE billed_prices (
+            country_code integer PRIMARY KEY,
+            price double precision NOT NULL,
+            billed_at double precision NOT NULL
+        );
+        """,
+    ),
+    Migration(
+        11,
+        "resent",
+        """
+        -- The cost cap counts every attempt of an unknown outcome that was sent again
+        -- (SQLite's 0015): found by its latest claim, among the few resent.
+        CREATE INDEX messages_resent ON messages (claimed_at) WHERE unknown_resends > 0;
+        """,
+    ),
+    Migration(
+        12,
+        "mentions_first",
+        r"""
+        -- The number a reason names is the one after its first " message ", as SQLite's
+        -- messages_mentions reads it: version 6's took the first " message " followed by
+        -- digits, and a message's page listed on PostgreSQL what it did not on SQLite.
+        DROP INDEX messages_mentions;
+        CREATE INDEX messages_mentions
+            ON messages ((substring(split_part(reason, ' message ', 2) from '^[0-9]{1,20}')
+                ::numeric), id)
+            WHERE state = 'suppressed';
         """,
     ),
 )

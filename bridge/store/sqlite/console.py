@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+import bridge.store.sqlite.queries as queries
 import bridge.store.totals as totals
 from bridge.models import MAX_ROW_ID, OTHER_REASON, Message
 from bridge.store.sqlite.base import EngineBound
@@ -111,9 +112,8 @@ class ConsoleQueries(EngineBound):
             day = c.execute(
                 "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
                 " coalesce(sum(source = 'budget'), 0),"
-                # What the caps count: the warnings' parts and cost left out.
+                # What the caps count: the warnings' parts left out (the cost: `counted_cost`).
                 " coalesce(sum(CASE WHEN source != 'budget' THEN parts END), 0),"
-                " coalesce(sum(CASE WHEN source != 'budget' THEN coalesce(cost, estimated_cost) END), 0),"
                 # The estimates of the texts the provider has not priced yet.
                 " sum(CASE WHEN cost IS NULL THEN estimated_cost END)"
                 f" FROM messages WHERE {SPENT}",  # in flight too, as the caps count
@@ -145,9 +145,10 @@ class ConsoleQueries(EngineBound):
                     "texts": day[0] - day[4],
                     "parts": day[5],
                     "cost": day[2],
-                    "counted_cost": day[6],
+                    # As the cost cap counts it: each attempt of a text sent again.
+                    "counted_cost": queries.spent_since(c, day_start, "budget")[0],
                     "estimated_cost": day[3],
-                    "unpriced_estimated_cost": day[7],
+                    "unpriced_estimated_cost": day[6],
                     "warnings": day[4],
                     "routes": routes,
                     "tokens": tokens,
@@ -186,7 +187,9 @@ class ConsoleQueries(EngineBound):
     async def mentioned_by(self, message_id: int, limit: int = 200) -> list[dict[str, Any]]:
         """Suppressed messages whose reason names this one: its duplicates, or what a
         digest folded. Reasons say "message N" (policy, storm digests): found through
-        messages_mentions, then matched as whole words as before."""
+        messages_mentions, then matched as whole words, in the case written (GLOB, as
+        PostgreSQL's LIKE: SQLite's LIKE ignores case, and "MESSAGE 12" named 12 here
+        only)."""
         if not 0 < message_id <= MAX_ROW_ID:
             return []
         return await self.engine.read(
@@ -194,11 +197,11 @@ class ConsoleQueries(EngineBound):
                 dict(r)
                 for r in c.execute(
                     "SELECT id, recipient, reason, created_at FROM messages"
-                    f" WHERE {MENTIONS} AND {MENTIONED} = ? AND (reason LIKE ? OR reason LIKE ?)"
+                    f" WHERE {MENTIONS} AND {MENTIONED} = ? AND (reason GLOB ? OR reason GLOB ?)"
                     # A loop's reason quotes the mail's Auto-Submitted value: anyone's words.
                     " AND coalesce(reason_kind, '') <> 'loop'"
                     " ORDER BY id LIMIT ?",
-                    (message_id, f"% message {message_id} %", f"% message {message_id}", limit),
+                    (message_id, f"* message {message_id} *", f"* message {message_id}", limit),
                 )
             ]
         )

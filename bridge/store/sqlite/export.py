@@ -24,8 +24,16 @@ CHUNK = 5000  # rows per fetch: a million-row store never sits in memory at once
 # the database's own, not the store's data. The running totals (0009) go too: they hold
 # what was sent before retention purged it, which the copied rows no longer tell. So does
 # the pause the provider asked for (0006: a 429's Retry-After, a refused key), which a
-# restart honours: the cluster must not call the provider the moment it starts.
-TABLES = ("messages", "events", "provider_requests", "message_totals", "rate_pause")
+# restart honours: the cluster must not call the provider the moment it starts. And the
+# prices the provider's bills taught (0014), which price the cost cap without a list.
+TABLES = (
+    "messages",
+    "events",
+    "provider_requests",
+    "message_totals",
+    "rate_pause",
+    "billed_prices",
+)
 STORE_TABLES = TABLES[:3]  # what makes a file an sms-bridge store (0009 adds the totals)
 IN_USE = (
     "the store is in use (is `sms-bridge serve` running on it?): stop every process using"

@@ -152,25 +152,46 @@ def _values(
 # way spends the same budget), whenever claimed: its send is stamped when it is
 # answered, today. Its lease bounds how long a row stays `sending`. Parameter: since.
 SPENT = "(sent_at >= ? OR state = 'sending')"
+# What the cost cap counts besides: a text of an unknown outcome that was sent again
+# (its answer was lost, maybe not the provider's bill), by its latest claim, until its
+# resend is answered or whatever it ends as. Parameter: since (messages_resent).
+RESENT = "(unknown_resends > 0 AND claimed_at >= ?)"
+# How many times the provider may have billed a row of today's: its send or the call in
+# flight, and each attempt before a resend. Parameters: since, since.
+BILLED = (
+    "(CASE WHEN sent_at >= ? OR state = 'sending' THEN 1 ELSE 0 END"
+    " + CASE WHEN claimed_at >= ? THEN unknown_resends ELSE 0 END)"
+)
 
 
 def spent_since(c: Any, since: float, exclude_source: str) -> tuple[float, list[tuple[str, int]]]:
     """Cost of what was sent since `since` where a cost or estimate is stored, and the
-    (recipient, parts) of the rare rows with neither, for the caller to estimate."""
-    where = f"WHERE {SPENT} AND source != ?"
-    args = (since, exclude_source)
+    (recipient, parts) of the rare rows with neither, for the caller to estimate; each
+    as often as the provider may have billed it (`BILLED`)."""
+    where = f"WHERE ({SPENT} OR {RESENT}) AND source != ?"
+    args = (since, since, since, since, exclude_source)
     known = c.execute(
-        f"SELECT coalesce(sum(coalesce(cost, estimated_cost)), 0) FROM messages {where}", args
+        f"SELECT coalesce(sum(coalesce(cost, estimated_cost) * {BILLED}), 0) FROM messages {where}",
+        args,
     ).fetchone()[0]
     # `+recipient`: grouped by the column itself, SQLite walks the whole table in
     # messages_recipient's order to skip a sort (1.3 s on a million rows) instead of
     # reading today's rows through messages_sent_at and sorting the few it finds.
     unknown = c.execute(
-        f"SELECT recipient, sum(parts) FROM messages {where}"
+        f"SELECT recipient, sum(parts * {BILLED}) FROM messages {where}"
         " AND cost IS NULL AND estimated_cost IS NULL GROUP BY +recipient",
         args,
     ).fetchall()
-    return float(known), [(r, int(p)) for r, p in unknown]
+    return float(known), [(r, int(p)) for r, p in unknown if p]
+
+
+# The most any part was billed is kept under country code 0 (`record_billed`): raised
+# only. Any other country's price is the latest bill's.
+RECORD_BILLED = (
+    "INSERT INTO billed_prices (country_code, price, billed_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (country_code) DO UPDATE SET billed_at = excluded.billed_at,"
+    " price = CASE WHEN country_code = 0 THEN max(price, excluded.price) ELSE excluded.price END"
+)
 
 
 def used_since(

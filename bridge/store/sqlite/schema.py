@@ -268,6 +268,26 @@ def _due_at(db: Database) -> None:
     )
 
 
+@migrations(name="0014_billed_prices")
+def _billed_prices(db: Database) -> None:
+    # What a part to each country was billed (bridge.pricing.PriceBook.billed), kept:
+    # in memory only, a restart with no price list counted the day's texts at nothing
+    # until a bill came, and let a whole bulk call past the cost cap. Country code 0 (no
+    # country has it) holds the most any part was billed, a call to several countries
+    # included.
+    db.execute(
+        "CREATE TABLE billed_prices (country_code INTEGER PRIMARY KEY,"
+        " price REAL NOT NULL, billed_at REAL NOT NULL)"
+    )
+
+
+@migrations(name="0015_resent")
+def _resent(db: Database) -> None:
+    # The cost cap counts every attempt of an unknown outcome that was sent again (the
+    # provider may have billed each): found by its latest claim, among the few resent.
+    db.execute("CREATE INDEX messages_resent ON messages(claimed_at) WHERE unknown_resends > 0")
+
+
 # Columns an ingest sets (bridge.store.rows). Rows per INSERT statement: 21
 # parameters each stays under SQLite's oldest variable limit (999).
 INSERT_COLUMNS = ", ".join(INSERTED)

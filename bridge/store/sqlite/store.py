@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -118,6 +118,21 @@ class SqliteStore(DeliveryOperations, RateOperations, ConsoleQueries):
         return await self.engine.read(
             lambda c: queries.used_since(c, since, exclude_source, route, token)
         )
+
+    async def billed_prices(self) -> dict[int, float]:
+        return await self.engine.read(
+            lambda c: {
+                int(code): float(price)
+                for code, price in c.execute("SELECT country_code, price FROM billed_prices")
+            }
+        )
+
+    async def record_billed(self, prices: Mapping[int, float], now: float) -> None:
+        def job(db: Database) -> None:
+            for code, price in prices.items():  # a country and 0 at most
+                db.execute(queries.RECORD_BILLED, (code, price, now))
+
+        await self.engine.write(job)
 
     async def counts_for_metrics(self) -> MetricCounts:
         return await self.engine.read(queries.counts_for_metrics)
