@@ -853,6 +853,79 @@ async def test_the_202_says_what_a_template_missed_or_why_it_was_not_used(
     ]
 
 
+async def test_control_characters_never_reach_the_phone(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A payload's BEL, a CI log's colour codes (ESC [31m) and a Windows line end went to
+    the phone as sent: ESC is outside GSM 03.38's characters, so the whole text went as
+    UCS-2 (67 characters a part, not 153), with boxes or "[31m" in it. The shaper, which
+    every text passes (API, webhooks, templates, mail), now takes a terminal's escape
+    sequences and control characters out, a tab as a space, CR LF as a line break."""
+    token = "send-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + templated_route("tpl", "generic", "+12025550143", "{{ job }}: {{ log }}")
+        + '\n[routes.plain]\nformat = "generic"\nto = ["+12025550144"]\npublic = true\n'
+        + f'\n[tokens.deploy]\ntoken = "{token}"\nscopes = ["send"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    noisy = "Disk \x1b[31mfull\x1b[0m\x07 on\tdb-1\r\nsince 02:00\x85\x9b\x7f"
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for answer in (
+            await http.post(f"{url}/hooks/tpl", json={"job": "backup\x08", "log": noisy}),
+            await http.post(f"{url}/hooks/plain", json={"message": noisy}),
+            await http.post(
+                f"{url}/api/v1/messages",
+                json={"to": "+12025550145", "message": noisy},
+                headers={"authorization": f"Bearer {token}"},
+            ),
+        ):
+            assert answer.status_code == 202, answer.text
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    clean = "Disk full on db-1\nsince 02:00"
+    assert sorted((e.to, e.message, e.message_type) for e in sandbox_state.entries) == [
+        ("+12025550143", f"backup: {clean}", 1),
+        ("+12025550144", clean, 1),
+        ("+12025550145", clean, 1),
+    ]
+
+
+async def test_what_counts_as_blank_is_what_a_phone_shows_as_nothing(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """16 KiB of white space (or of zero-width spaces) before the words: the shaper cut
+    the text to its first 16 KiB, all blank, and an empty SMS went out. And "blank" was
+    every format character (Unicode Cf), so a lone Arabic sign (U+06DD, drawn over the
+    digits it precedes) was refused as no text, while a Hangul filler or a variation
+    selector, which show nothing, went out as an SMS the phone shows empty. Blank is now
+    white space, control characters and Unicode's default-ignorable characters, the
+    same everywhere; a text starts at its first character a phone shows."""
+    token = "send-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + '\n[routes.plain]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n'
+        + f'\n[tokens.deploy]\ntoken = "{token}"\nscopes = ["send"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for text in (" " * 20_000 + "Backup failed", "\u200b" * 20_000 + "on nas-1 \n\t"):
+            answer = await http.post(f"{url}/hooks/plain", json={"message": text})
+            assert answer.status_code == 202, answer.text
+        for blank in ("\u3164\u3164", "\ufe0f", "\u2066\u2069", "\U000e0041"):
+            plain = await http.post(f"{url}/hooks/plain", json={"message": blank})
+            assert plain.status_code == 400, plain.text
+            api = await http.post(
+                f"{url}/api/v1/messages",
+                json={"to": "+12025550144", "message": blank},
+                headers={"authorization": f"Bearer {token}"},
+            )
+            assert api.status_code == 400, api.text
+        sign = await http.post(f"{url}/hooks/plain", json={"message": "\u06dd"})
+        assert sign.status_code == 202, sign.text
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [e.message for e in sandbox_state.entries] == ["Backup failed", "on nas-1", "\u06dd"]
+
+
 async def test_a_template_reads_an_object_where_the_text_path_points(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:

@@ -1,8 +1,10 @@
 """Shaping: every text the bridge stores, from a sender or of its own (budget warnings,
 storm digests), is made ready to send here, one way.
 
-Look-alike punctuation replaced where that makes the text GSM (limits.transliterate),
-cut to limits.max_parts, its encoding and provider message_type (provider.arabic_type),
+Blanks before its first shown character and after its last taken off, control
+characters replaced or taken out (`bridge.text.without_controls`), look-alike
+punctuation replaced where that makes the text GSM (limits.transliterate), cut to
+limits.max_parts, its encoding and provider message_type (provider.arabic_type),
 its parts, a cost estimate, its dedupe key and the topic a digest counts it as. Pure: no I/O, so it runs inside a
 writer job as well as before one.
 """
@@ -19,7 +21,15 @@ from bridge.models import NewMessage, State
 from bridge.phone import is_assigned
 from bridge.policy.decide import scoped_key, text_key
 from bridge.pricing import PriceBook
-from bridge.text import Shape, is_gsm, shape, transliterate, truncate_to_parts
+from bridge.text import (
+    Shape,
+    blank_prefix,
+    is_gsm,
+    shape,
+    transliterate,
+    truncate_to_parts,
+    without_controls,
+)
 
 log = logging.getLogger(__name__)
 TOPIC_CHARS = 32  # a message with no topic of its own is counted by its first line, cut here
@@ -60,6 +70,15 @@ def _storable(value: str | None) -> str | None:
     """`value` without NUL (JSON's `\\u0000`): PostgreSQL's text cannot hold it (the
     insert failed, a 500), and no phone shows it. Taken out on every backend alike."""
     return value.replace("\x00", "") if value and "\x00" in value else value
+
+
+def _trimmed(text: str) -> str:
+    """The part of `text` that is shaped: from its first character a phone shows (a text
+    of 16 KiB of blanks, then words, was cut to its blanks and sent empty), its first
+    SHAPED_CHARS, without control characters (`without_controls`: BEL and ESC reached
+    the phone, and made the text UCS-2), and without white space at its end."""
+    start = blank_prefix(text)
+    return without_controls(text[start : start + SHAPED_CHARS]).rstrip()
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +123,7 @@ class Shaper:
         out = []
         for draft in drafts:
             text, form, text_dedupe_key = _prepared(
-                (_storable(draft.text) or "")[:SHAPED_CHARS],
+                _trimmed(draft.text),
                 self.limits.transliterate,
                 self.limits.max_parts,
                 self.arabic_type,
