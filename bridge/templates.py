@@ -39,6 +39,8 @@ from jinja2.nodes import EvalContext
 from jinja2.runtime import Context, LoopContext, Undefined
 from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter, safe_range
 
+from bridge.text import blank_prefix
+
 __all__ = [
     "MAX_OUTPUT_CHARS",
     "MAX_STEPS",
@@ -431,13 +433,15 @@ def check_template(source: str) -> str | None:
 
 
 def _bounded(chunks: Any) -> str:
-    """The stripped output, read up to MAX_OUTPUT_CHARS past its leading whitespace."""
+    """The stripped output, read up to MAX_OUTPUT_CHARS past its leading blanks (white
+    space, and what else a phone shows as nothing: `bridge.text.is_blank`; 16 KiB of
+    zero-width spaces before a payload's words were all that was read, a blank text)."""
     kept: list[str] = []
     size = 0
     try:
         for chunk in chunks:
             if not kept:
-                chunk = chunk.lstrip()
+                chunk = chunk[blank_prefix(chunk) :]
                 if not chunk:
                     continue
             kept.append(chunk[: MAX_OUTPUT_CHARS - size])

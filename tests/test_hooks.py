@@ -904,6 +904,7 @@ async def test_what_counts_as_blank_is_what_a_phone_shows_as_nothing(
     routes = (
         ROUTES
         + '\n[routes.plain]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n'
+        + templated_route("tpl", "generic", "+12025550143", "{{ pad }}{{ summary }}")
         + f'\n[tokens.deploy]\ntoken = "{token}"\nscopes = ["send"]\n'
     )
     config = bridge_config(tmp_path, sandbox_url, routes)
@@ -922,8 +923,17 @@ async def test_what_counts_as_blank_is_what_a_phone_shows_as_nothing(
             assert api.status_code == 400, api.text
         sign = await http.post(f"{url}/hooks/plain", json={"message": "\u06dd"})
         assert sign.status_code == 202, sign.text
+        # A template's output is read from its first shown character too.
+        padded = {"pad": "\u200b" * 20_000, "summary": "disk full"}
+        answer = await http.post(f"{url}/hooks/tpl", json=padded)
+        assert answer.json()["messages"][0]["template"]["default_text"] is None
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
-    assert [e.message for e in sandbox_state.entries] == ["Backup failed", "on nas-1", "\u06dd"]
+    assert sorted(e.message for e in sandbox_state.entries) == [
+        "Backup failed",
+        "disk full",
+        "on nas-1",
+        "\u06dd",
+    ]
 
 
 async def test_a_template_reads_an_object_where_the_text_path_points(
