@@ -7,6 +7,7 @@ import gc
 import hashlib
 import hmac
 import json
+import secrets
 import sqlite3
 import time
 import tomllib
@@ -934,6 +935,45 @@ async def test_what_counts_as_blank_is_what_a_phone_shows_as_nothing(
         "on nas-1",
         "\u06dd",
     ]
+
+
+@pytest.mark.usefixtures("backend")
+async def test_a_payloads_long_dedupe_key_or_topic_is_stored_and_still_meets_its_repeat(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A generic route's `dedupe_path` is as long as the payload makes it (the API caps
+    its `dedupe_key` at 256 characters): on PostgreSQL a key of 100 kB that does not
+    compress is past what its index can hold (2,704 bytes), and the insert failed, a
+    500 the sender retried for ever; on SQLite a 100 kB index entry per text. An alert
+    group's topic (its alerts' names) was as long too. A key past 256 characters is now
+    stored as its digest, so its repeat still meets it, and a topic is cut there."""
+    routes = ROUTES + (
+        '\n[routes.keyed]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n'
+        'dedupe_path = "id"\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    key = secrets.token_urlsafe(75_000)  # 100 kB that no compression shrinks to 2,704
+    group = json.loads((HOOKS / "alertmanager-firing.json").read_bytes())
+    template = group["alerts"][0]
+    group["alerts"] = [
+        {**template, "labels": {**template["labels"], "alertname": f"Alert{n:04}" * 4}}
+        for n in range(100)
+    ]
+    body = json.dumps(group).encode()
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        answers = [
+            await http.post(f"{url}/hooks/keyed", json={"id": k, "message": "disk full"})
+            for k in (key, key, key[:-1])
+        ]
+        alerts = await http.post(f"{url}/hooks/am", content=body, headers=auth_headers("am", body))
+        assert alerts.status_code == 202, alerts.text
+        for answer in answers:
+            assert answer.status_code == 202, answer.text
+        keyed = await bridge.store.get(answers[0].json()["ids"][0])
+        grouped = await bridge.store.get(alerts.json()["ids"][0])
+    assert [a.json()["messages"][0]["state"] for a in answers] == ["queued", "suppressed", "queued"]
+    assert keyed is not None and len(keyed.dedupe_key or "") < 300
+    assert grouped is not None and grouped.topic and len(grouped.topic) == 256
 
 
 async def test_a_template_reads_an_object_where_the_text_path_points(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from bridge.config import LimitsConfig, ProviderConfig
 from bridge.models import NewMessage, State
 from bridge.phone import is_assigned
-from bridge.policy.decide import scoped_key, text_key
+from bridge.policy.decide import content_hash, scoped_key, text_key
 from bridge.pricing import PriceBook
 from bridge.text import (
     Shape,
@@ -64,6 +64,28 @@ def _prepared(
             cut = replaced
     text = cut
     return text, shape(text, arabic_type=arabic_type), text_key(text)
+
+
+# A sender's own dedupe key longer than this is stored as its digest, and a topic or
+# instance is cut here: the API's cap on `dedupe_key`. A payload's key (a generic
+# route's `dedupe_path`) was as long as its body, and PostgreSQL's index on the key
+# holds 2,704 bytes at most: the insert failed, a 500 the sender retried for ever.
+KEY_CHARS = 256
+
+
+def _key(value: str | None) -> str | None:
+    """A sender's dedupe key as stored: itself, or past KEY_CHARS its digest (equal
+    keys still meet, as the same digest)."""
+    value = _storable(value)
+    if value and len(value) > KEY_CHARS:
+        return "digest:" + content_hash(value)
+    return value
+
+
+def _label(value: str | None) -> str | None:
+    """A topic or instance as stored: cut to KEY_CHARS."""
+    value = _storable(value)
+    return value[:KEY_CHARS] if value else value
 
 
 def _storable(value: str | None) -> str | None:
@@ -128,13 +150,13 @@ class Shaper:
                 self.limits.max_parts,
                 self.arabic_type,
             )
-            topic = _storable(draft.topic) or default_topic(text)
+            topic = _label(draft.topic) or default_topic(text)
             if not draft.dedupe_key and draft.schedule_time:
                 # The same words for another time are another text (a reminder morning
                 # and evening); a retry of the same request still meets its first.
                 text_dedupe_key = f"{text_dedupe_key}@{draft.schedule_time}"
             dedupe_key = scoped_key(
-                draft.scope or draft.source, _storable(draft.dedupe_key) or text_dedupe_key
+                draft.scope or draft.source, _key(draft.dedupe_key) or text_dedupe_key
             )
             if draft.suppressed_reason:
                 # Never texted, so nobody's original: under the sender's key, a bounce or
@@ -161,7 +183,7 @@ class Shaper:
                         reason=draft.suppressed_reason,
                         reason_kind="loop" if draft.suppressed_reason else None,
                         topic=topic,
-                        instance=_storable(draft.instance),
+                        instance=_label(draft.instance),
                         token=draft.token,
                         estimated_cost=self.prices.estimate(recipient, form.parts),
                     )
