@@ -6,7 +6,7 @@ or a power, past `MAX_OUTPUT_CHARS` is an error, and the output is read only up 
 many characters (an SMS is at most 10 parts; the rest would be cut anyway, after a
 character-by-character count over all of it that held the event loop for seconds).
 Likewise every size a template passes to what pads or fills (`center(n)`, `indent(n)`,
-a `%*s` or `{:>{n}}` width or precision, `ljust`, `zfill`, `slice(n)`...) above
+a `%*s` or `{:>{n}}` width or precision, `ljust`, `zfill`, `slice(n)`, `tojson(n)`...) above
 `MAX_OUTPUT_CHARS`, and what grows a text by more than that (`replace`, `join`'s
 separators, `indent`'s and `wordwrap`'s strings, `expandtabs`): each built its whole
 result, a gigabyte for `{"n": 1000000000}`, before the output was cut.
@@ -27,6 +27,7 @@ which did, so the hook's answer can tell the operator.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
@@ -293,6 +294,25 @@ def _batch(value: Any, linecount: Any, fill_with: Any = None) -> Iterator[list[A
     return filters.do_batch(value, linecount, fill_with)
 
 
+def _dumps(value: Any, **options: Any) -> str:
+    """`json.dumps` for `tojson`: an `indent` (a payload's number, or a string) put
+    before every line, each time once per level, past MAX_OUTPUT_CHARS more than the
+    compact JSON is refused, as it is built."""
+    indent = options.get("indent")
+    if indent is None:
+        return json.dumps(value, **options)
+    _check_size(len(indent) if isinstance(indent, str) else indent, "an indent for tojson")
+    limit = len(json.dumps(value, **{**options, "indent": None})) + MAX_OUTPUT_CHARS
+    chunks: list[str] = []
+    size = 0
+    for chunk in json.JSONEncoder(**options).iterencode(value):
+        size += len(chunk)
+        if size > limit:
+            _check_growth(size - limit + MAX_OUTPUT_CHARS, "a tojson indent")
+        chunks.append(chunk)
+    return "".join(chunks)
+
+
 def _charge(value: Any, weight: int) -> None:
     """`weight` steps per item of what a filter walks item by item in Python: a string's
     characters (or words), a list a filter built. A payload's list or object charges
@@ -412,6 +432,7 @@ def _environment() -> SandboxedEnvironment:
     )
     environment.globals["range"] = _range
     environment.filters.update(_BOUNDED_FILTERS)
+    environment.policies["json.dumps_function"] = _dumps
     for name, weight in _WALKING_FILTERS.items():
         environment.filters[name] = _walking(environment.filters[name], weight)
     del environment.globals["lipsum"]

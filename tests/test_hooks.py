@@ -607,8 +607,9 @@ async def test_a_payloads_numbers_cannot_make_a_template_pad_a_huge_text(
         "replaced": "{{ msg | replace('o', pad) }}",
         "wrapped": "{{ words | wordwrap(2, true, pad) }}",
         "joined": "{{ xs | join(pad) }}",
+        "pretty": "{{ xs | tojson(n) }}",
     }
-    phones = {name: f"+1202555014{i}" for i, name in enumerate(shapes)}
+    phones = {name: f"+120255501{40 + i}" for i, name in enumerate(shapes)}
     routes = ROUTES + "".join(
         templated_route(name, "generic", phones[name], template)
         for name, template in shapes.items()
@@ -643,6 +644,7 @@ async def test_a_payloads_numbers_cannot_make_a_template_pad_a_huge_text(
             "replaced": "0k",
             "wrapped": "a0b",
             "joined": "102",
+            "pretty": "[\n      1,\n      2\n]",
         }.items()
     }
 
