@@ -60,6 +60,9 @@ MAX_POWER_BITS = 64 * 1024  # an integer power this large is no SMS figure
 # reading an attribute each time, 0.1 s to its end); an alert template over a group
 # of 2,000 alerts and their labels takes thousands.
 MAX_STEPS = 250_000
+# What `render_noting` reports of the missing fields: a name may be a payload's value
+# (`labels[payload.key]`), and the report goes into the 202 and the log.
+MAX_MISSING, NAME_CHARS = 20, 100
 
 # The steps left to the render running in this thread or task (None outside a render).
 _steps_left: ContextVar[list[int] | None] = ContextVar("template_steps_left", default=None)
@@ -477,7 +480,8 @@ def _bounded(chunks: Any) -> str:
 @dataclass(frozen=True, slots=True)
 class Rendered:
     """A template's output, and the fields it printed as "" because the payload lacked
-    them (each name once, in the order met)."""
+    them (each name once, in the order met; the first MAX_MISSING, each cut to
+    NAME_CHARS)."""
 
     text: str
     missing: tuple[str, ...] = ()
@@ -486,17 +490,18 @@ class Rendered:
 def render_noting(source: str, context: Mapping[str, Any]) -> Rendered:
     """Render or raise TemplateError (callers fall back to their default text)."""
     steps = _steps_left.set([MAX_STEPS])
-    missing = _missing.set([])
+    noting = _missing.set([])
     try:
         # One mapping, not keywords: a payload key `self` would clash with render's own.
         text = _bounded(_compiled(source).generate(_counted(dict(context))))
-        return Rendered(text, tuple(dict.fromkeys(_missing.get() or ())))
+        missing = dict.fromkeys(name[:NAME_CHARS] for name in _missing.get() or ())
+        return Rendered(text, tuple(missing)[:MAX_MISSING])
     except TemplateError:
         raise
     except Exception as exc:  # a filter or attribute blew up inside the sandbox
         raise TemplateError(f"{type(exc).__name__}: {exc}") from exc
     finally:
-        _missing.reset(missing)
+        _missing.reset(noting)
         _steps_left.reset(steps)
 
 

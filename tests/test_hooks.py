@@ -825,12 +825,17 @@ async def test_the_202_says_what_a_template_missed_or_why_it_was_not_used(
         + templated_route("empty", "generic", "+12025550144", "{{ host }}")
         + templated_route("broken", "generic", "+12025550145", "{{ summary + 1 }}")
         + '\n[routes.plain]\nformat = "generic"\nto = ["+12025550146"]\npublic = true\n'
+        + templated_route(
+            "named", "generic", "+12025550147", "{% for k in keys %}{{ labels[k] }}{% endfor %}."
+        )
     )
     config = bridge_config(tmp_path, sandbox_url, routes)
-    payload = {"message": "disk full on db-1", "summary": "disk full", "labels": {}}
+    # The names a payload's keys give: at most 20 told, each cut to 100 characters.
+    keys = ["k" * 100_000, *(f"k{n}" for n in range(30))]
+    payload = {"message": "disk full on db-1", "summary": "disk full", "labels": {}, "keys": keys}
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         answers = {}
-        for name in ("gaps", "empty", "broken", "plain"):
+        for name in ("gaps", "empty", "broken", "plain", "named"):
             answer = await http.post(f"{url}/hooks/{name}", json=payload)
             assert answer.status_code == 202, answer.text
             answers[name] = answer.json()["messages"][0]
@@ -846,6 +851,7 @@ async def test_the_202_says_what_a_template_missed_or_why_it_was_not_used(
         "missing": [],
     }
     assert "template" not in answers["plain"]
+    assert answers["named"]["template"]["missing"] == ["k" * 100, *(f"k{n}" for n in range(19))]
     assert set(answers["plain"]) == {"id", "to", "state", "reason"}
     assert "route gaps: the payload lacks host, team (printed as empty)" in caplog.text
     assert sorted((e.to, e.message) for e in sandbox_state.entries) == [
@@ -853,6 +859,7 @@ async def test_the_202_says_what_a_template_missed_or_why_it_was_not_used(
         ("+12025550144", "disk full on db-1"),
         ("+12025550145", "disk full on db-1"),
         ("+12025550146", "disk full on db-1"),
+        ("+12025550147", "."),
     ]
 
 

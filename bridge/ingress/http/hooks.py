@@ -166,7 +166,7 @@ def route_text(route: RouteConfig, message: HookMessage) -> RouteText:
             if missing:
                 why += f" (the payload lacks {', '.join(missing)})"
         except TemplateError as exc:
-            why = f"the template failed ({exc})"
+            why = f"the template failed ({str(exc)[:FALLBACK_CHARS]})"  # it may quote a value
         log.error("route %s: %s; using the default text", route.name, why)
     if not is_blank(message.text):
         return RouteText(message.text, why, missing)  # the shaper reads what it needs
