@@ -506,5 +506,6 @@ def render_noting(source: str, context: Mapping[str, Any]) -> Rendered:
 
 
 def render(source: str, context: Mapping[str, Any]) -> str:
-    """Render or raise TemplateError (callers fall back to their default text)."""
+    """Render or raise TemplateError (callers fall back to their default text). An
+    output that shows nothing (`bridge.text.is_blank`) is ""."""
     return render_noting(source, context).text
