@@ -126,11 +126,12 @@ def _range(*args: int) -> range:
 def _iterated(value: Any) -> Any:
     """What a `{% for %}` walks, each item a step: a string's characters were none (a
     loop over a payload's text inside another was millions of unbudgeted turns). A
-    payload's list or object charges itself when iterated; anything else sized (a string,
-    a list a filter built) is charged up front, as they are; the rest item by item."""
-    if isinstance(value, _List | _Dict | Undefined):
+    payload's list or object charges itself when iterated, and `range()` when made;
+    anything else sized (a string, a list a filter built) is charged up front, as they
+    are; the rest item by item."""
+    if isinstance(value, _List | _Dict | Undefined | range):
         return value
-    if isinstance(value, str | list | tuple | dict | set | frozenset | range):
+    if isinstance(value, str | list | tuple | dict | set | frozenset):
         _step(len(value))
         return value
     return _stepping(value)

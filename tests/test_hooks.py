@@ -655,18 +655,22 @@ async def test_a_loop_over_a_payloads_string_counts_its_steps(
     """A `{% for %}` over a string walked each character without a step: a payload's
     300,000 characters were 300,000 turns of the event loop that the budget did not see
     (and a loop over it inside another, 10**11). Now each character is a step, as each
-    item of a list is."""
+    item of a list is (and a `range()`, charged when made, once)."""
     routes = ROUTES + templated_route(
         "chars",
         "generic",
         "+12025550143",
         "{{ msg | length }} chars: {% for c in msg if c in '!?' %}{{ c }}{% endfor %}",
     )
+    twice = "{% for i in range(n) %}{% endfor %}{% for i in range(n) %}{% endfor %}ranges"
+    routes += templated_route("ranges", "generic", "+12025550144", twice)
     config = bridge_config(tmp_path, sandbox_url, routes)
     long = {"msg": "x" * 300_000 + "!"}
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         short = await http.post(f"{url}/hooks/chars", json={"msg": "hi!?"})
         assert short.status_code == 202, short.text
+        ranges = await http.post(f"{url}/hooks/ranges", json={"n": 100_000})
+        assert ranges.json()["messages"][0]["template"]["default_text"] is None
         answer = await http.post(f"{url}/hooks/chars", json=long)
         assert answer.status_code == 202, answer.text
         assert answer.json()["messages"][0]["template"]["default_text"] == (
@@ -674,9 +678,10 @@ async def test_a_loop_over_a_payloads_string_counts_its_steps(
             " long text?))"
         )
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
-    assert [e.message for e in sandbox_state.entries] == [
+    assert sorted(e.message for e in sandbox_state.entries) == [
         "4 chars: !?",
         "chars: " + json.dumps(long, separators=(",", ":"))[:FALLBACK_CHARS],
+        "ranges",
     ]
 
 
