@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MappingView
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -126,10 +126,11 @@ def _range(*args: int) -> range:
 def _iterated(value: Any) -> Any:
     """What a `{% for %}` walks, each item a step: a string's characters were none (a
     loop over a payload's text inside another was millions of unbudgeted turns). A
-    payload's list or object charges itself when iterated, and `range()` when made;
-    anything else sized (a string, a list a filter built) is charged up front, as they
-    are; the rest item by item."""
-    if isinstance(value, _List | _Dict | Undefined | range):
+    payload's list or object charges itself when iterated (its `.items()` too: a view
+    of a dict the template made holds what the template wrote), and `range()` when
+    made; anything else sized (a string, a list a filter built) is charged up front, as
+    they are; the rest item by item."""
+    if isinstance(value, _List | _Dict | Undefined | range | MappingView):
         return value
     if isinstance(value, str | list | tuple | dict | set | frozenset):
         _step(len(value))

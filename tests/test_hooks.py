@@ -664,6 +664,8 @@ async def test_a_loop_over_a_payloads_string_counts_its_steps(
     )
     twice = "{% for i in range(n) %}{% endfor %}{% for i in range(n) %}{% endfor %}ranges"
     routes += templated_route("ranges", "generic", "+12025550144", twice)
+    items = "{% for k, v in d.items() %}{% endfor %}{% for v in d.values() %}{% endfor %}items"
+    routes += templated_route("items", "generic", "+12025550145", items)
     config = bridge_config(tmp_path, sandbox_url, routes)
     long = {"msg": "x" * 300_000 + "!"}
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
@@ -671,6 +673,10 @@ async def test_a_loop_over_a_payloads_string_counts_its_steps(
         assert short.status_code == 202, short.text
         ranges = await http.post(f"{url}/hooks/ranges", json={"n": 100_000})
         assert ranges.json()["messages"][0]["template"]["default_text"] is None
+        many = await http.post(
+            f"{url}/hooks/items", json={"d": dict.fromkeys(map(str, range(90_000)), 0)}
+        )
+        assert many.json()["messages"][0]["template"]["default_text"] is None
         answer = await http.post(f"{url}/hooks/chars", json=long)
         assert answer.status_code == 202, answer.text
         assert answer.json()["messages"][0]["template"]["default_text"] == (
@@ -681,6 +687,7 @@ async def test_a_loop_over_a_payloads_string_counts_its_steps(
     assert sorted(e.message for e in sandbox_state.entries) == [
         "4 chars: !?",
         "chars: " + json.dumps(long, separators=(",", ":"))[:FALLBACK_CHARS],
+        "items",
         "ranges",
     ]
 
