@@ -10,6 +10,7 @@ provider's bill all rest on this count: tests/test_parts.py holds the sandbox to
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -32,11 +33,60 @@ UCS2_SINGLE, UCS2_PART = 70, 67
 _GSM_ALL = _GSM_BASIC_SET | _GSM_EXTENSION_SET
 
 
+# Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties.txt): what a phone draws
+# as nothing at all. Zero-width spaces and joiners, direction marks, the soft hyphen,
+# variation selectors, Hangul fillers, tags. Not every format character (category Cf)
+# is one: the Arabic number and year signs (U+0600..U+0605, U+06DD, U+08E2) and their
+# Syriac and Kaithi kin are drawn, over the digits that follow them.
+_IGNORABLE = (
+    "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    "\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
+)
+# Control characters (Unicode category Cc: C0, DEL and C1) but the newline.
+_CONTROLS = "\x00-\x09\x0b-\x1f\x7f-\x9f"
+_BLANK = re.compile(f"[\\s{_CONTROLS}{_IGNORABLE}]*")
+_HAS_CONTROL = re.compile(f"[{_CONTROLS}]")
+# What stands for a control character in an SMS: a line break for those that end a line
+# (CR, NEL), a space for those that separate (tabs, form feed, the information
+# separators), nothing for the rest (BEL, ESC, NUL, backspace: noise, or a terminal's
+# escape sequence, that switched a text to UCS-2 or showed as a box).
+_CONTROL_TABLE = {
+    **{code: None for code in [*range(0x20), *range(0x7F, 0xA0)]},
+    **dict.fromkeys(map(ord, "\t\v\f\x1c\x1d\x1e\x1f"), " "),
+    ord("\r"): "\n",
+    0x85: "\n",
+    ord("\n"): "\n",
+}
+
+# A terminal's escape sequence (ECMA-48: CSI, as in a CI log's colours, or a two-character
+# one), taken out whole: without its ESC, "[31m" was left in the text.
+_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
+
+
 def is_blank(text: str) -> bool:
-    """Nothing a phone would show: white space, control characters (NUL, which the store
-    takes out) and format characters (zero-width spaces, which transliteration takes
-    out). `str.strip()` leaves the last two, and an empty SMS was stored and sent."""
-    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+    """Nothing a phone would show: white space, control characters and default-ignorable
+    characters (zero-width spaces, direction marks, variation selectors). `str.strip()`
+    leaves the last two, and an empty SMS was stored and sent. One definition for the
+    API, the webhooks, mail and the shaper's trim (`blank_prefix`)."""
+    return _BLANK.fullmatch(text) is not None
+
+
+def blank_prefix(text: str) -> int:
+    """How many of `text`'s first characters are blank (as `is_blank` judges)."""
+    match = _BLANK.match(text)
+    return match.end() if match else 0
+
+
+def without_controls(text: str) -> str:
+    """`text` as a phone should get it: CR LF, CR and NEL as a line break, tabs and the
+    other separating controls as a space, a terminal's escape sequences and every other
+    control character taken out."""
+    if not _HAS_CONTROL.search(text):
+        return text  # the common case, without a table lookup per character
+    if "\x1b" in text:
+        text = _ESCAPE_SEQUENCE.sub("", text)
+    return text.replace("\r\n", "\n").translate(_CONTROL_TABLE)
 
 
 def is_gsm(text: str) -> bool:

@@ -969,6 +969,13 @@ async def test_template_compose(tmp_path, clock, sandbox_state, sandbox_url) -> 
             'compose = "template"\ntemplate = "{{ subject }} / {{ body }}"',
             "Backup failed on nas-3 / exit code 2\nat 03:12",
         ),
+        # A template that shows nothing (a field the mail lacks, a zero-width space) gives
+        # way to subject and body, as a route's does to its default text: it was texted as
+        # "(empty mail from ...)", a mail with a subject and a body.
+        (
+            'compose = "template"\ntemplate = "{{ headers.missing }}\\u200b"',
+            "Backup failed on nas-3\nexit code 2\nat 03:12",
+        ),
     ],
 )
 async def test_a_subject_echoed_in_the_body_is_dropped_only_where_the_subject_is_shown(

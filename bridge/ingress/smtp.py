@@ -357,11 +357,12 @@ class SmtpHandler:
                         "headers": mail.headers,
                     },
                 )
-                if text:
+                if text:  # a blank render is "" (templates.render)
                     return text
             except TemplateError as exc:
                 log.error("smtp.template failed (%s); using subject and body", exc)
-            return compose(mail, "subject_body")
+            # Subject and body as `subject_body` composes them: its echo in the body too.
+            return compose(without_echoed_subject(mail), "subject_body")
         return compose(mail, mode)
 
     def schedule_of(self, mail: MailText) -> tuple[str | None, str | None]:

@@ -1,8 +1,10 @@
 """Shaping: every text the bridge stores, from a sender or of its own (budget warnings,
 storm digests), is made ready to send here, one way.
 
-Look-alike punctuation replaced where that makes the text GSM (limits.transliterate),
-cut to limits.max_parts, its encoding and provider message_type (provider.arabic_type),
+Blanks before its first shown character and after its last taken off, control
+characters replaced or taken out (`bridge.text.without_controls`), look-alike
+punctuation replaced where that makes the text GSM (limits.transliterate), cut to
+limits.max_parts, its encoding and provider message_type (provider.arabic_type),
 its parts, a cost estimate, its dedupe key and the topic a digest counts it as. Pure: no I/O, so it runs inside a
 writer job as well as before one.
 """
@@ -17,9 +19,17 @@ from dataclasses import dataclass
 from bridge.config import LimitsConfig, ProviderConfig
 from bridge.models import NewMessage, State
 from bridge.phone import is_assigned
-from bridge.policy.decide import scoped_key, text_key
+from bridge.policy.decide import content_hash, scoped_key, text_key
 from bridge.pricing import PriceBook
-from bridge.text import Shape, is_gsm, shape, transliterate, truncate_to_parts
+from bridge.text import (
+    Shape,
+    blank_prefix,
+    is_gsm,
+    shape,
+    transliterate,
+    truncate_to_parts,
+    without_controls,
+)
 
 log = logging.getLogger(__name__)
 TOPIC_CHARS = 32  # a message with no topic of its own is counted by its first line, cut here
@@ -58,10 +68,41 @@ def _prepared(
     return text, shape(text, arabic_type=arabic_type), text_key(text)
 
 
+# A sender's own dedupe key longer than this is stored as its digest, and a topic or
+# instance is cut here: the API's cap on `dedupe_key`. A payload's key (a generic
+# route's `dedupe_path`) was as long as its body, and PostgreSQL's index on the key
+# holds 2,704 bytes at most: the insert failed, a 500 the sender retried for ever.
+KEY_CHARS = 256
+
+
+def _key(value: str | None) -> str | None:
+    """A sender's dedupe key as stored: itself, or past KEY_CHARS its digest (equal
+    keys still meet, as the same digest)."""
+    value = _storable(value)
+    if value and len(value) > KEY_CHARS:
+        return "digest:" + content_hash(value)
+    return value
+
+
+def _label(value: str | None) -> str | None:
+    """A topic or instance as stored: cut to KEY_CHARS."""
+    value = _storable(value)
+    return value[:KEY_CHARS] if value else value
+
+
 def _storable(value: str | None) -> str | None:
     """`value` without NUL (JSON's `\\u0000`): PostgreSQL's text cannot hold it (the
     insert failed, a 500), and no phone shows it. Taken out on every backend alike."""
     return value.replace("\x00", "") if value and "\x00" in value else value
+
+
+def _trimmed(text: str) -> str:
+    """The part of `text` that is shaped: from its first character a phone shows (a text
+    of 16 KiB of blanks, then words, was cut to its blanks and sent empty), its first
+    SHAPED_CHARS, without control characters (`without_controls`: BEL and ESC reached
+    the phone, and made the text UCS-2), and without white space at its end."""
+    start = blank_prefix(text)
+    return without_controls(text[start : start + SHAPED_CHARS]).rstrip()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,18 +147,18 @@ class Shaper:
         out = []
         for draft in drafts:
             text, form, text_dedupe_key = _prepared(
-                (_storable(draft.text) or "")[:SHAPED_CHARS],
+                _trimmed(draft.text),
                 self.limits.transliterate,
                 self.limits.max_parts,
                 self.arabic_type,
             )
-            topic = _storable(draft.topic) or default_topic(text)
+            topic = _label(draft.topic) or default_topic(text)
             if not draft.dedupe_key and draft.schedule_time:
                 # The same words for another time are another text (a reminder morning
                 # and evening); a retry of the same request still meets its first.
                 text_dedupe_key = f"{text_dedupe_key}@{draft.schedule_time}"
             dedupe_key = scoped_key(
-                draft.scope or draft.source, _storable(draft.dedupe_key) or text_dedupe_key
+                draft.scope or draft.source, _key(draft.dedupe_key) or text_dedupe_key
             )
             if draft.suppressed_reason:
                 # Never texted, so nobody's original: under the sender's key, a bounce or
@@ -144,7 +185,7 @@ class Shaper:
                         reason=draft.suppressed_reason,
                         reason_kind="loop" if draft.suppressed_reason else None,
                         topic=topic,
-                        instance=_storable(draft.instance),
+                        instance=_label(draft.instance),
                         token=draft.token,
                         estimated_cost=self.prices.estimate(recipient, form.parts),
                     )

@@ -5,7 +5,9 @@ token or basic auth (401), content type and size on the stream (415, 413), signa
 the raw body (401), JSON (400; in the form field a format names, for a sender that posts
 forms), the format's own fields (400 naming the field). Then the
 texts are rendered (a failing template falls back to the format's default text, so the
-alert still goes out), stored, and only then answered 202. A sender that is told 4xx
+alert still goes out), stored, and only then answered 202: on a route with a template,
+each message's answer says whether its default text went out instead, and which fields
+the template printed as empty because the payload lacked them. A sender that is told 4xx
 drops the alert, so anything that is our trouble (store, overload) answers 503.
 """
 
@@ -16,6 +18,8 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.requests import Request
@@ -39,7 +43,7 @@ from bridge.ingress.ingest import Ingestor
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import FIELD, MAIL_HEADER, parse_schedule_time
-from bridge.templates import TemplateError, render
+from bridge.templates import TemplateError, render_noting
 from bridge.text import is_blank
 
 log = logging.getLogger(__name__)
@@ -133,23 +137,47 @@ def _form_json(body: bytes, field: str) -> bytes:
     return values[0].encode()
 
 
-def route_text(route: RouteConfig, message: HookMessage) -> tuple[str, str | None]:
+@dataclass(frozen=True, slots=True)
+class RouteText:
+    """The SMS text of one hook message, and what the operator should hear of it."""
+
+    text: str
+    default_text: str | None = None  # why the route's template was not used (None: it was)
+    missing: tuple[str, ...] = ()  # fields the template printed as "": the payload lacked them
+
+    def report(self, route: RouteConfig) -> dict[str, Any] | None:
+        """What the 202 tells the sender of this text, on a route with a template."""
+        if not route.template:
+            return None
+        return {"default_text": self.default_text, "missing": list(self.missing)}
+
+
+def route_text(route: RouteConfig, message: HookMessage) -> RouteText:
     """The SMS text of one hook message: the route's template, else the format's text;
-    and why the template was not used (None when it was, or the route has none)."""
-    why = None
+    and why the template was not used, or which fields it found missing."""
+    why: str | None = None
+    missing: tuple[str, ...] = ()
     if route.template:
         try:
-            rendered = render(route.template, message.context)
-            if not is_blank(rendered):
-                return rendered, None
-            why = "the template rendered nothing"
+            rendered = render_noting(route.template, message.context)
+            if rendered.missing:
+                log.warning(
+                    "route %s: the payload lacks %s (printed as empty)",
+                    route.name,
+                    ", ".join(rendered.missing),
+                )
+            if not is_blank(rendered.text):
+                return RouteText(rendered.text, None, rendered.missing)
+            why, missing = "the template rendered nothing", rendered.missing
+            if missing:
+                why += f" (the payload lacks {', '.join(missing)})"
         except TemplateError as exc:
-            why = f"the template failed ({exc})"
+            why = f"the template failed ({str(exc)[:FALLBACK_CHARS]})"  # it may quote a value
         log.error("route %s: %s; using the default text", route.name, why)
     if not is_blank(message.text):
-        return message.text, why  # the shaper reads its first SHAPED_CHARS
+        return RouteText(message.text, why, missing)  # the shaper reads what it needs
     compact = json.dumps(message.context, ensure_ascii=False, separators=(",", ":"))
-    return f"{route.name}: {compact[:FALLBACK_CHARS]}", why
+    return RouteText(f"{route.name}: {compact[:FALLBACK_CHARS]}", why, missing)
 
 
 def hook_recipients(
@@ -260,12 +288,15 @@ def hook_endpoint(
         extra = request.query_params.getlist("to")
         if extra and not (route.allow_payload_to or route.allow_query_to):
             raise HttpError(400, "this route does not take ?to= (allow_payload_to)", "to")
-        drafts = []
+        drafts, reports = [], []
         for message in messages:
+            text = route_text(route, message)
+            recipients = hook_recipients(route, message, extra, config, resolver)
+            reports += [text.report(route)] * len(recipients)  # one row per recipient
             drafts.append(
                 Draft(
-                    recipients=hook_recipients(route, message, extra, config, resolver),
-                    text=route_text(route, message)[0],
+                    recipients=recipients,
+                    text=text.text,
                     source="hook",
                     sender_id=route.sender_id or config.provider.sender_id,
                     route=name,
@@ -277,15 +308,13 @@ def hook_endpoint(
                 )
             )
         accepted = await ingestor.submit(drafts)
-        return JSONAnswer(
-            {
-                "ids": [a.id for a in accepted],
-                "messages": [
-                    {"id": a.id, "to": a.recipient, "state": str(a.state), "reason": a.reason}
-                    for a in accepted
-                ],
-            },
-            202,
-        )
+        answers = []
+        for row, report in zip(accepted, reports, strict=True):
+            answer = {"id": row.id, "to": row.recipient, "state": str(row.state)}
+            answer["reason"] = row.reason
+            if report is not None:
+                answer["template"] = report
+            answers.append(answer)
+        return JSONAnswer({"ids": [a.id for a in accepted], "messages": answers}, 202)
 
     return endpoint

@@ -38,6 +38,22 @@ _ACCEPTED = {
                     # held: over limits.per_recipient, waiting for the storm digest
                     "state": {"type": "string", "enum": ["queued", "held", "suppressed"]},
                     "reason": {"type": ["string", "null"]},
+                    "template": {
+                        "type": "object",
+                        "description": "on a route with a template only: what became of it",
+                        "properties": {
+                            "default_text": {
+                                "type": ["string", "null"],
+                                "description": "why the route's default text went out"
+                                " instead of the template's (null: the template's did)",
+                            },
+                            "missing": {
+                                "type": "array",
+                                "items": {"type": "string"},
+                                "description": "fields the payload lacked, printed as empty",
+                            },
+                        },
+                    },
                 },
             },
         },

@@ -237,7 +237,8 @@ def preview(
     try:
         for message in module.parse(hook):
             recipients = hook_recipients(route, message, (), config, resolver)
-            text, template_problem = route_text(route, message)
+            routed = route_text(route, message)
+            text, template_problem = routed.text, routed.default_text
             shaped = ingestor.preview(
                 [
                     Draft(
