@@ -1,9 +1,11 @@
-"""`sms-bridge` commands. A config problem becomes exit code 1 with every problem listed."""
+"""`sms-bridge` commands. A config problem becomes exit status 78 (EX_CONFIG) with every
+problem listed; a store out of reach at start, exit 1."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -31,6 +33,14 @@ from bridge.models import MAX_ROW_ID, REASON_KINDS, State
 from bridge.ops.logs import setup_logging
 
 log = logging.getLogger("bridge")
+# sysexits.h's EX_CONFIG: the config is refused, and starting again changes nothing. The
+# unit names it in RestartPreventExitStatus=, so systemd stops there rather than restart
+# a refused file every few seconds for ever; a store out of reach at start stays 1, which
+# a restart may cure.
+EX_CONFIG = 78
+# A listen address another process holds, or one not on this host yet (an interface that
+# comes up after the bridge at boot): both may pass a moment later, so a restart is due.
+TRANSIENT_BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
 __all__ = ["book_cli_request", "main"]  # book_cli_request: the CLI's booking, for tests
 
 
@@ -100,6 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     check = with_config(sub.add_parser("check-config", help="validate a config file"))
     check.add_argument("file", nargs="?", help="the file (instead of --config)")
+    check.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="print nothing for a file that passes (problems and warnings still on stderr):"
+        " the systemd unit's ExecReload, whose output goes to the journal on every reload",
+    )
     messages = with_config(sub.add_parser("messages", help="list stored messages"))
     messages.add_argument("--status", "--state", dest="state", choices=[str(s) for s in State])
     messages.add_argument("--reason", choices=REASON_KINDS)
@@ -225,8 +242,7 @@ def _main(argv: Sequence[str] | None) -> int:
             for key, why in warnings:
                 print(f"warning: {key}: {why}", file=sys.stderr)
     except ConfigError as exc:
-        _print_problems(exc)
-        return 1
+        return _refused(exc)
     setup_logging(config.log.level, config.log.format, secret_values(config))
     if args.command == "serve":
         for key, why in warnings:
@@ -243,6 +259,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "healthcheck":
         return _healthcheck(config)
     if args.command == "check-config":
+        if args.quiet:
+            return 0
         print(f"{config.source}: OK")
         from bridge.store import rate_window
 
@@ -257,8 +275,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"store {describe(config.store)}: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:  # a store this build cannot open (store.url)
-        _print_problems(exc)
-        return 1
+        return _refused(exc)
 
 
 def _run_command(
@@ -273,8 +290,7 @@ def _run_command(
                     serve(config, config_path=_config_path(args), reload_pending=early_hangups)
                 )
         except ConfigError as exc:
-            _print_problems(exc)
-            return 1
+            return _refused(exc)
         return 0
     if args.command == "messages":
         return asyncio.run(commands.messages(config, args))
@@ -299,10 +315,16 @@ def _run_command(
     return 2
 
 
-def _print_problems(exc: ConfigError) -> None:
+def _refused(exc: ConfigError) -> int:
+    """Every problem on stderr; the exit status: EX_CONFIG, but 1 for a listen address
+    that may be free or present a moment later (see TRANSIENT_BIND_ERRORS)."""
     print("configuration problems:", file=sys.stderr)
     for key, why in exc.problems:
         print(f"  {key}: {why}", file=sys.stderr)
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.errno in TRANSIENT_BIND_ERRORS:
+        return 1
+    return EX_CONFIG
 
 
 def _healthcheck(config: Config) -> int:

@@ -174,7 +174,7 @@ def test_check_config_refuses_a_star_listen_address_serve_cannot_bind(tmp_path) 
     file serve refuses. Now both name the key and the addresses that mean it."""
     (tmp_path / "bridge.toml").write_text('[http]\nlisten = "*:8080"\n')
     checked = run("check-config", "bridge.toml", cwd=tmp_path)
-    assert checked.returncode == 1, checked.stdout
+    assert checked.returncode == 78, checked.stdout
     assert "http.listen: '*:8080': '*' is no address" in checked.stderr
     assert "0.0.0.0" in checked.stderr and "[::]" in checked.stderr
 
@@ -285,7 +285,7 @@ def test_check_config_reads_the_files_beside_the_config_from_any_directory(open_
     # The same name from the environment is the current directory's, and says so.
     env = {"SMS_BRIDGE_PROVIDER_API_KEY_FILE": "api-key"}
     overridden = run("check-config", str(etc / "config.toml"), cwd=cwd, env=env)
-    assert overridden.returncode == 1
+    assert overridden.returncode == 78
     assert (
         "SMS_BRIDGE_PROVIDER_API_KEY_FILE: cannot read secret file 'api-key' (relative to"
         f" the current directory {cwd}): No such file or directory"

@@ -599,7 +599,7 @@ def test_serve_and_sighup_refuse_a_template_check_config_refuses(tmp_path) -> No
     ):
         (tmp_path / "check.toml").write_text(text)
         checked = run_command(["check-config", str(tmp_path / "check.toml")], tmp_path, clean_env())
-        assert checked.returncode == 1 and f"  {key}: " in checked.stderr, checked.stderr
+        assert checked.returncode == 78 and f"  {key}: " in checked.stderr, checked.stderr
     path.write_text(_config(db, bad_route))
     refused = subprocess.run(
         [sys.executable, "-m", "bridge", "serve", "--config", str(path)],
@@ -609,7 +609,7 @@ def test_serve_and_sighup_refuse_a_template_check_config_refuses(tmp_path) -> No
         env=clean_env(),
         cwd=tmp_path,
     )
-    assert refused.returncode == 1, refused.stderr
+    assert refused.returncode == 78, refused.stderr
     assert "  routes.am.template: fails on a sample alertmanager payload" in refused.stderr
     assert "HTTP listening" not in refused.stderr and "Traceback" not in refused.stderr
 

@@ -236,7 +236,7 @@ def test_check_config_and_serve_refuse_an_open_bridge_with_a_real_provider(tmp_p
     os.chmod(config, 0o600)
     for command in ("check-config", "serve"):
         result = run(command, "--config", str(config), cwd=tmp_path)
-        assert result.returncode == 1, (command, result.stderr)
+        assert result.returncode == 78, (command, result.stderr)
         for key in ("http.listen", "smtp.listen", "routes.open"):
             assert f"  {key}: " in result.stderr, (command, key)
         assert "Traceback" not in result.stderr
@@ -525,7 +525,7 @@ def test_the_docker_recipe_is_protected_and_refused_without_its_tokens(tmp_path)
     assert TOKEN not in ok.stdout and "live-key-123" not in ok.stdout
     bare = {k: v for k, v in recipe.items() if "TOKENS" not in k and "ALLOWED" not in k}
     refused = run("check-config", cwd=tmp_path, env={**image, **bare})
-    assert refused.returncode == 1
+    assert refused.returncode == 78
     assert "  http.listen: " in refused.stderr and "  smtp.listen: " in refused.stderr
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import shlex
 import signal
 import socket
 import sqlite3
@@ -15,10 +17,23 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import ANY_PORT, clean_env, process, run_command, wait_for
+from tests.processes import ANY_PORT, clean_env, free_port, process, run_command, wait_for
 
 pytestmark = pytest.mark.slow
 KEY = "crash-test-key"
+UNIT = (Path(__file__).parent.parent / "systemd" / "sms-bridge.service").read_text()
+
+
+def unit_lines(key: str) -> list[str]:
+    """Every value the unit gives `key` (`ExecReload=` may come more than once)."""
+    return re.findall(rf"^{key}=(.*)$", UNIT, re.MULTILINE)
+
+
+def restarted_by_systemd(status: int) -> bool:
+    """Whether `Restart=on-failure` starts the unit again after `serve` exits `status`."""
+    assert unit_lines("Restart") == ["on-failure"]
+    prevented = {int(s) for line in unit_lines("RestartPreventExitStatus") for s in line.split()}
+    return status != 0 and status not in prevented
 
 
 def test_serve_with_no_config_runs_on_the_sandbox_and_stops_on_sigterm(tmp_path) -> None:
@@ -56,13 +71,29 @@ def test_serve_with_no_config_runs_on_the_sandbox_and_stops_on_sigterm(tmp_path)
     assert (tmp_path / "sms-bridge.db").exists()
 
 
-def test_bad_config_exits_1_before_opening_ports(tmp_path) -> None:
+def test_bad_config_exits_78_before_opening_ports_and_systemd_leaves_it_stopped(
+    tmp_path,
+) -> None:
+    """A refused config and a store out of reach both exited 1, so the unit's
+    `Restart=on-failure` started a refused file again every 2.5 s for ever. A refused
+    config is EX_CONFIG (78), which the unit does not restart; a store that is down at
+    start is still 1, and restarted until it is back."""
     bad = tmp_path / "bad.toml"
     bad.write_text('[http]\nlisten = "127.0.0.1:notaport"\n[provider]\nrequests_per_minute = -1\n')
     result = run_command(["serve", "--config", str(bad)], tmp_path, clean_env())
-    assert result.returncode == 1
+    assert result.returncode == 78
     assert "http.listen" in result.stderr and "provider.requests_per_minute" in result.stderr
     assert not (tmp_path / "sms-bridge.db").exists()
+    assert not restarted_by_systemd(result.returncode)
+    down = f"postgresql://bridge:s3cret@127.0.0.1:{free_port()}/sms_bridge"  # nobody listens
+    env = clean_env(
+        SMS_BRIDGE_STORE_URL=down, SMS_BRIDGE_HTTP_LISTEN=ANY_PORT, SMS_BRIDGE_SMTP_LISTEN=""
+    )
+    unreachable = run_command(["serve"], tmp_path, env)
+    assert unreachable.returncode == 1, unreachable.stderr
+    assert "store postgresql://bridge:***@127.0.0.1" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr and "s3cret" not in unreachable.stderr
+    assert restarted_by_systemd(unreachable.returncode)
 
 
 def _states(db: Path) -> list[str]:
@@ -158,9 +189,61 @@ def test_a_taken_port_is_a_clear_error(tmp_path) -> None:
             tmp_path,
             clean_env(SMS_BRIDGE_HTTP_LISTEN=f"127.0.0.1:{port}", SMS_BRIDGE_SMTP_LISTEN=""),
         )
-    assert result.returncode == 1
+    assert result.returncode == 1  # the port may be free a moment later: restarted
+    assert restarted_by_systemd(result.returncode)
     assert f"http.listen: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def run_unit_reload(config_dir: Path, pid: int) -> subprocess.CompletedProcess[str]:
+    """The unit's ExecReload= lines as systemd runs them: in order, each to its end, the
+    first that fails fails the reload. The unit's paths made this test's: its venv's
+    `sms-bridge` is this Python's `-m bridge`, `${CONFIGURATION_DIRECTORY}` the config's."""
+    executable = "/opt/sms-bridge/venv/bin/sms-bridge"
+    result = subprocess.CompletedProcess[str]([], 0, "", "")
+    for line in unit_lines("ExecReload"):
+        words = shlex.split(
+            line.replace("${CONFIGURATION_DIRECTORY}", str(config_dir)).replace(
+                "$MAINPID", str(pid)
+            )
+        )
+        if words[0] == executable:
+            words = [sys.executable, "-m", "bridge", *words[1:]]
+        result = subprocess.run(
+            words, capture_output=True, text=True, timeout=60, env=clean_env(), cwd=config_dir
+        )
+        if result.returncode != 0:
+            break
+    return result
+
+
+def test_systemctl_reload_fails_and_says_why_on_a_file_the_bridge_refuses(tmp_path) -> None:
+    """ExecReload was `kill -HUP` alone: `systemctl reload` exited 0 whatever the bridge
+    made of the file, and a refused one showed only in the log. The unit checks the file
+    first: a refused one fails the reload naming the key, and the bridge is not asked;
+    a good one passes quietly and is applied."""
+    config = tmp_path / "config.toml"
+    head = f'[http]\nlisten = "{ANY_PORT}"\n[smtp]\nlisten = ""\n[store]\npath = "b.db"\n'
+    route = '[routes.first]\nformat = "generic"\nto = ["+12025550143"]\n'
+    config.write_text(head + route)
+    with process(
+        ["serve", "--config", str(config)], tmp_path, clean_env(), tmp_path / "log"
+    ) as proc:
+        url = proc.url()
+        config.write_text(head + route + "[limits]\nmax_parts = 0\n")
+        refused = run_unit_reload(tmp_path, proc.pid)
+        assert refused.returncode == 78, refused.stderr
+        assert "  limits.max_parts: " in refused.stderr
+        # the running bridge was never asked
+        assert "reload refused" not in proc.output() and "reloaded" not in proc.output()
+        config.write_text(head + route.replace("first", "second"))
+        applied = run_unit_reload(tmp_path, proc.pid)
+        assert applied.returncode == 0, applied.stderr
+        assert applied.stdout == ""  # the journal gets no copy of the config each reload
+        wait_for(lambda: "configuration reloaded" in proc.output(), what="the reload")
+        assert httpx.post(f"{url}/hooks/second", json={"message": "x"}).status_code == 202
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
 
 
 def test_serve_and_sighup_read_the_files_beside_the_config_not_the_cwd(tmp_path) -> None:
