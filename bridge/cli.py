@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -41,6 +42,7 @@ EX_CONFIG = 78
 # A listen address another process holds, or one not on this host yet (an interface that
 # comes up after the bridge at boot): both may pass a moment later, so a restart is due.
 TRANSIENT_BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
+HEALTHCHECK_TIMEOUT = 4.0  # seconds: within the image's HEALTHCHECK --timeout=5s
 __all__ = ["book_cli_request", "main"]  # book_cli_request: the CLI's booking, for tests
 
 
@@ -104,8 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     with_config(
         sub.add_parser(
             "healthcheck",
-            help="ask the running serve's /healthz where the config has it listen (the"
-            " image's HEALTHCHECK): exit 0 if it answers 200",
+            help="ask the running serve's /healthz where the config has it listen, or its"
+            " SMTP greeting if it has no HTTP listener (the image's HEALTHCHECK): exit 0 if"
+            " it answers 200 (220)",
         )
     )
     check = with_config(sub.add_parser("check-config", help="validate a config file"))
@@ -328,27 +331,44 @@ def _refused(exc: ConfigError) -> int:
 
 
 def _healthcheck(config: Config) -> int:
-    """GET /healthz on `http.listen` as configured: HTTPS with `http.tls_cert` (not
-    verified: the bridge's own listener), a wildcard address asked on loopback. The
-    image's HEALTHCHECK asked http://127.0.0.1:8080 whatever the config said, so a
-    bridge on HTTPS or another port was "unhealthy" for ever."""
+    """Ask the listener the config has `serve` open: GET /healthz on `http.listen`, or,
+    with no HTTP listener (`http.listen = ""`, a mail-only bridge), the SMTP greeting on
+    `smtp.listen`. The image's HEALTHCHECK asked http://127.0.0.1:8080 whatever the
+    config said, so a bridge on HTTPS or another port was "unhealthy" for ever; a
+    mail-only one exited 1 here, and its recipe said to turn the check off."""
+    if config.http.listen:
+        return _ask_http(config)
+    if config.smtp.listen:
+        return _ask_smtp(config.smtp.listen)
+    print(
+        "healthcheck: http.listen and smtp.listen are both empty: no listener to ask",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _on_loopback(listen: str) -> tuple[str, int]:
+    """Where a local client reaches `listen`: a wildcard address is asked on loopback."""
+    host, port = parse_listen(listen)
+    # `[::]` is dual-stack (bridge.sockets): IPv4 loopback, which every container has.
+    return {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1", "": "127.0.0.1"}.get(host, host), port
+
+
+def _ask_http(config: Config) -> int:
+    """/healthz over HTTPS with `http.tls_cert` (not verified: the bridge's own listener):
+    200 is healthy, and a loop whose steps keep failing makes it 503."""
     import ssl
     import urllib.error
     import urllib.request
 
-    if not config.http.listen:
-        print("healthcheck: http.listen is empty: no HTTP listener to ask", file=sys.stderr)
-        return 1
-    host, port = parse_listen(config.http.listen)
-    # `[::]` is dual-stack (bridge.sockets): IPv4 loopback, which every container has.
-    host = {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1", "": "127.0.0.1"}.get(host, host)
+    host, port = _on_loopback(config.http.listen)
     scheme = "https" if config.http.tls_cert else "http"
     url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/healthz"
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(url, timeout=4, context=context) as answer:
+        with urllib.request.urlopen(url, timeout=HEALTHCHECK_TIMEOUT, context=context) as answer:
             status = answer.status
     except urllib.error.HTTPError as exc:
         status = exc.code
@@ -357,6 +377,26 @@ def _healthcheck(config: Config) -> int:
         return 1
     print(f"healthcheck: {url}: {status}", file=sys.stderr if status != 200 else sys.stdout)
     return 0 if status == 200 else 1
+
+
+def _ask_smtp(listen: str) -> int:
+    """The SMTP greeting, then QUIT: a 220 is healthy. It proves the listener and the event
+    loop answer; what /healthz adds (background loops failing) has no SMTP word."""
+    import smtplib
+
+    host, port = _on_loopback(listen)
+    where = f"smtp://{f'[{host}]' if ':' in host else host}:{port}"
+    try:
+        client = smtplib.SMTP(timeout=HEALTHCHECK_TIMEOUT)
+        code, greeting = client.connect(host, port)
+    except (OSError, smtplib.SMTPException) as exc:  # refused, timed out, no greeting
+        print(f"healthcheck: {where}: {exc}", file=sys.stderr)
+        return 1
+    with contextlib.suppress(OSError, smtplib.SMTPException):
+        client.quit()  # a clean end: the bridge logs no dropped session
+    line = f"healthcheck: {where}: {code} {greeting.decode(errors='replace')}"
+    print(line, file=sys.stdout if code == 220 else sys.stderr)
+    return 0 if code == 220 else 1
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
