@@ -18,6 +18,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.config import StoreConfig
 from bridge.models import NewMessage, State
+from bridge.ops.probe import WRITE_PROOF_AGE
 from bridge.provider.sandbox import SandboxState
 from bridge.store import open_store
 from tests.helpers import bridge_config, pump, running_bridge
@@ -243,13 +244,45 @@ async def test_metrics_after_a_known_sequence(
     assert purged_stats == {"states": {"queued": 1}, "reasons": {}} and gone is None
 
 
+def committed(scraped: str) -> float:
+    found = re.search(r"^sms_bridge_store_commits_total (\S+)$", scraped, re.MULTILINE)
+    assert found is not None, scraped
+    return float(found.group(1))
+
+
+@pytest.mark.usefixtures("backend")
+async def test_scrapes_write_to_the_store_once_a_minute_at_most(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """Each scrape of /metrics rewrote the heartbeat row (and each /readyz): every 15 s
+    from each Prometheus server, a commit and a WAL record (on PostgreSQL, one row every
+    instance of a cluster rewrote). A scrape now takes a write that went through in the
+    last minute as its proof, /readyz's too; /readyz still writes every time."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        first = committed((await http.get(f"{url}/metrics")).text)  # none yet: it writes
+        for _ in range(5):
+            clock.advance(WRITE_PROOF_AGE / 6)
+            again = (await http.get(f"{url}/metrics")).text
+            assert "\nsms_bridge_store_up 1.0\n" in again
+            assert committed(again) == first, "a scrape wrote"
+        clock.advance(WRITE_PROOF_AGE / 6)  # a minute since the write: the next one writes
+        assert committed((await http.get(f"{url}/metrics")).text) == first + 1
+        clock.advance(WRITE_PROOF_AGE - 1)
+        assert (await http.get(f"{url}/readyz")).status_code == 200  # a write of its own
+        assert (await http.get(f"{url}/readyz")).status_code == 200  # and another
+        clock.advance(WRITE_PROOF_AGE - 1)  # two minutes since the scrape's write
+        assert committed((await http.get(f"{url}/metrics")).text) == first + 3
+
+
 async def test_metrics_answer_with_the_store_down_and_say_so(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:
     """A store that refuses writes (a full disk; PostgreSQL gone: tests/test_pg_pool.py)
     made /metrics either a 503, which Prometheus reads as the bridge down and which hid
     provider_ready and the rest, or (reads still working) figures with nothing wrong.
-    Now the scrape answers `sms_bridge_store_up 0` and the process's own figures."""
+    Now the scrape answers `sms_bridge_store_up 0` and the process's own figures, once
+    the last write that went through is a minute old (a scrape writes once a minute)."""
     config = bridge_config(tmp_path, sandbox_url)
     store = faulty_store(config)
     async with running_bridge(config, clock, store) as (_, url), httpx.AsyncClient() as http:
@@ -257,6 +290,7 @@ async def test_metrics_answer_with_the_store_down_and_say_so(
         assert up.status_code == 200
         assert "\nsms_bridge_store_up 1.0\n" in up.text and "sms_bridge_queue_depth" in up.text
         store.disk_full()
+        clock.advance(WRITE_PROOF_AGE)  # the scrape's write above proves nothing any more
         down = await http.get(f"{url}/metrics")
         assert down.status_code == 200, down.text
         assert "\nsms_bridge_store_up 0.0\n" in down.text

@@ -46,6 +46,7 @@ from bridge.loops import LoopHealth
 from bridge.models import OTHER_REASON, REASON_KINDS, SOURCES, State, events_json
 from bridge.ops.logs import mask
 from bridge.ops.metrics import Metrics
+from bridge.ops.probe import StoreProbe
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import parse_schedule_time
@@ -158,6 +159,8 @@ def create_app(
     window and balance and wake it after a retry; `loops`: the background loops whose
     steps keep failing make /healthz and /readyz answer 503."""
     loops = loops or LoopHealth()
+    # One probe for /readyz and /metrics: a scrape takes /readyz's recent write as proof.
+    probe = metrics.probe if metrics is not None else StoreProbe(store, clock.now)
     activity = RouteActivity(live=live, clock=clock)
     console = Console(
         live=live,
@@ -294,7 +297,7 @@ def create_app(
     async def readyz(request: Request) -> Response:
         problems: dict[str, str] = {}
         try:
-            await store.heartbeat(clock.now())  # a real write: a full disk fails it
+            await probe.write()  # a real write, every time: a full disk fails it
         except StoreUnavailable as exc:
             problems["store"] = mask(str(exc), live.secrets)
         if not health.ready:
