@@ -121,11 +121,30 @@ def handle_errors(handler: Handler, live: LiveConfig) -> Handler:
             return error_response(400, str(exc), exc.field)
         except Unavailable as exc:  # the store, or the phone metadata on a recipient
             log.error("refused with 503: %s", exc)
-            response = error_response(503, mask(f"not accepted, retry later: {exc}", live.secrets))
+            why = unavailable_reason(exc, request, live)
+            response = error_response(503, f"not accepted, retry later: {why}")
             response.headers["Retry-After"] = str(RETRY_AFTER)
             return response
 
     return wrapped
+
+
+def may_read(request: Request, live: LiveConfig) -> bool:
+    """Whether the caller's token has `read` (any caller of a bridge with no tokens)."""
+    try:
+        authorize(live.current.tokens, request.headers.get("authorization"), "read")
+    except AuthError:
+        return False
+    return True
+
+
+def unavailable_reason(exc: Unavailable, request: Request, live: LiveConfig) -> str:
+    """Why, for this caller: the store's own words (masked) for one that may read the
+    messages, as the log has them; `exc.public` for anyone else. /readyz and hooks
+    answer anonymous callers, and the store's words named its host and port there."""
+    if isinstance(exc, StoreUnavailable) and not may_read(request, live):
+        return exc.public
+    return mask(str(exc), live.secrets)
 
 
 def requires(scope: str, live: LiveConfig, handler: Handler) -> Handler:
@@ -299,7 +318,7 @@ def create_app(
         try:
             await probe.write()  # a real write, every time: a full disk fails it
         except StoreUnavailable as exc:
-            problems["store"] = mask(str(exc), live.secrets)
+            problems["store"] = unavailable_reason(exc, request, live)
         if not health.ready:
             # Not the provider's words: anyone may ask /readyz, and a provider's error may
             # quote anything (our key, the account's owner). A probe needs the status; the
