@@ -275,6 +275,24 @@ async def test_scrapes_write_to_the_store_once_a_minute_at_most(
         assert committed((await http.get(f"{url}/metrics")).text) == first + 3
 
 
+@pytest.mark.usefixtures("backend")
+async def test_readyz_asked_by_many_at_once_writes_once_at_a_time(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """Anyone may ask /readyz, and each call was a transaction of its own: on PostgreSQL
+    a flood of them queued on the heartbeat row's lock (every instance's) and took the
+    pool's connections from the ingests. Callers that ask while a write is under way now
+    share it, each still answered by a write. (SQLite's writer already commits the
+    writes queued together as one transaction.)"""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await http.get(f"{url}/readyz")  # every connection of the client open
+        before = bridge.store.stats().transactions
+        answers = await asyncio.gather(*(http.get(f"{url}/readyz") for _ in range(20)))
+        assert [a.status_code for a in answers] == [200] * 20
+        assert bridge.store.stats().transactions - before <= 10  # 20 before
+
+
 async def test_metrics_answer_with_the_store_down_and_say_so(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:

@@ -7,11 +7,14 @@ question, "may I send you a message now?") writes on every call. /metrics, scrap
 15 s by each Prometheus server, wrote on every scrape too: now a scrape only reads, and
 takes the last write's word while it is younger than `WRITE_PROOF_AGE`, writing only
 when none is (once a minute at most, however many servers scrape; never while an
-orchestrator asks /readyz more often than that).
+orchestrator asks /readyz more often than that). Anyone may ask /readyz: callers that
+ask while a write is under way share it, so a flood of them makes one write at a time
+on the store's single writer, not one each ahead of the ingests waiting there.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from bridge.errors import StoreUnavailable
@@ -27,9 +30,23 @@ class StoreProbe:
         self.store = store
         self.now = now
         self.proven_at: float | None = None  # the last write that went through
+        self._writing: asyncio.Task[None] | None = None  # the write under way, shared
 
     async def write(self) -> None:
-        """Write now; StoreUnavailable (with the store's words) if it is refused."""
+        """Write now, or join the write under way; StoreUnavailable (with the store's
+        words) if it is refused."""
+        if self._writing is None:
+            self._writing = asyncio.ensure_future(self._write())
+            self._writing.add_done_callback(self._written)
+        # Shielded: a caller that hangs up does not cancel the write the others wait for.
+        await asyncio.shield(self._writing)
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self._writing = None
+        if not task.cancelled():
+            task.exception()  # read: nobody may be left waiting (every caller hung up)
+
+    async def _write(self) -> None:
         now = self.now()
         try:
             await self.store.heartbeat(now)
