@@ -245,7 +245,14 @@ def _main(argv: Sequence[str] | None) -> int:
             for key, why in warnings:
                 print(f"warning: {key}: {why}", file=sys.stderr)
     except ConfigError as exc:
-        return _refused(exc)
+        refused = _refused(exc)
+        if args.command == "healthcheck":
+            # Docker reads a HEALTHCHECK's status as 0 healthy, 1 unhealthy, anything else
+            # reserved: the file refused (edited in place, not reloaded yet) says where
+            # nothing listens, and a restart would not start on it either.
+            print("healthcheck: cannot tell where serve listens: unhealthy", file=sys.stderr)
+            return 1
+        return refused
     setup_logging(config.log.level, config.log.format, secret_values(config))
     if args.command == "serve":
         for key, why in warnings:

@@ -187,6 +187,11 @@ def test_the_images_healthcheck_asks_a_mail_only_bridge_for_its_smtp_greeting(tm
     down = run_as_docker(images_healthcheck(), env, tmp_path)
     assert down.returncode == 1 and "Traceback" not in down.stderr, down.stderr
     assert f"smtp://127.0.0.1:{port}: " in down.stderr
+    # Docker knows 0 and 1 (2 is reserved): a file edited into one serve refuses said 78.
+    config.write_text(config.read_text() + "[limits]\nmax_parts = 0\n")
+    refused = run_as_docker(images_healthcheck(), env, tmp_path)
+    assert refused.returncode == 1, refused.stderr
+    assert "  limits.max_parts: " in refused.stderr and "unhealthy" in refused.stderr
 
 
 @pytest.mark.slow  # runs the bridge
