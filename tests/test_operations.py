@@ -96,6 +96,30 @@ def test_sighup_reloads_routes_without_dropping_connections(tmp_path) -> None:
         assert proc.wait(timeout=15) == 0
 
 
+def test_a_file_nested_too_deeply_is_refused_not_the_end_of_the_bridge(tmp_path) -> None:
+    """Arrays nested a few hundred deep made tomllib overflow Python's stack: a traceback
+    from check-config, and a SIGHUP on such a file ended the running bridge (its
+    reloader's error took the whole task group down). A config problem now, like any."""
+    path = tmp_path / "bridge.toml"
+    db = str(tmp_path / "bridge.db")
+    path.write_text(_config(db, '[routes.am]\nformat = "generic"\nto = ["oncall"]\n'))
+    deep = _config(db, "") + "[routes.am]\nto = " + "[" * 1000 + "]" * 1000 + "\n"
+    with process(
+        ["serve", "--config", str(path)], tmp_path, clean_env(), tmp_path / "serve.log"
+    ) as proc:
+        url = proc.url()
+        path.write_text(deep)
+        checked = run_command(["check-config", str(path)], tmp_path, clean_env())
+        assert checked.returncode == 78 and "Traceback" not in checked.stderr, checked.stderr
+        assert "nested too deeply" in checked.stderr
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in proc.output(), what="the refusal")
+        assert "nested too deeply" in proc.output() and "Traceback" not in proc.output()
+        assert httpx.post(f"{url}/hooks/am", json={"message": "x"}).status_code == 202
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
 def test_metrics_say_whether_the_last_sighup_was_refused(tmp_path) -> None:
     """SIGHUP has no answer (`systemctl reload` exits 0 whatever the bridge made of the
     file): a refused config showed only as a log line, so nothing could alert on it."""
