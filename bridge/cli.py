@@ -198,6 +198,11 @@ def _load(args: argparse.Namespace) -> Config:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before `serve` handles SIGINT itself (waiting for the store at start), or
+        # during any other command: the shell's status for it, not a page of traceback.
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except BrokenPipeError:
         # The reader left early (`sms-bridge check-config | head`): not an error of ours
         # to print a traceback for. Python would still fail flushing stdout at exit.

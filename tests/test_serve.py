@@ -195,6 +195,24 @@ def test_a_taken_port_is_a_clear_error(tmp_path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_ctrl_c_while_serve_waits_for_its_store_is_no_traceback(tmp_path) -> None:
+    """Ctrl-C before serve handles SIGINT itself (here: a store that accepts the
+    connection and never answers) printed a page of asyncpg and asyncio traceback."""
+    with socket.socket() as silent:  # accepts (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        env = clean_env(
+            SMS_BRIDGE_STORE_URL=f"postgresql://bridge@127.0.0.1:{silent.getsockname()[1]}/x",
+            SMS_BRIDGE_HTTP_LISTEN=ANY_PORT,
+            SMS_BRIDGE_SMTP_LISTEN="",
+        )
+        with process(["serve"], tmp_path, env, tmp_path / "serve.log") as proc:
+            wait_for(lambda: "using the in-process sandbox" in proc.output(), what="start-up")
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=15) == 130, proc.output()
+    assert "Traceback" not in proc.output() and "interrupted" in proc.output()
+
+
 def run_unit_reload(config_dir: Path, pid: int) -> subprocess.CompletedProcess[str]:
     """The unit's ExecReload= lines as systemd runs them: in order, each to its end, the
     first that fails fails the reload. The unit's paths made this test's: its venv's
