@@ -244,7 +244,8 @@ def _main(argv: Sequence[str] | None) -> int:
             from bridge.ingress.formats import template_problems
             from bridge.templates import render
 
-            if problems := template_problems(config.routes, render, warnings):
+            problems = template_problems(config.routes, render, warnings)
+            if problems := problems + _listen_problems(config) + _tls_problems(config):
                 raise ConfigError(problems)
         if args.command == "check-config":
             for key, why in warnings:
@@ -328,6 +329,58 @@ def _run_command(
     if args.command == "store":
         return asyncio.run(commands.store_copy(config, args))
     return 2
+
+
+def _listen_problems(config: Config) -> list[tuple[str, str]]:
+    """Two listeners of this config on one port and overlapping addresses: check-config
+    said OK, and serve could not bind the second ("Address already in use", exit 1, which
+    reads as a port another process holds: restarted for ever)."""
+    listeners = [
+        (key, listen)
+        for key, listen in (
+            ("http.listen", config.http.listen),
+            ("smtp.listen", config.smtp.listen),
+            ("smtp.tls_listen", config.smtp.tls_listen if config.smtp.listen else ""),
+        )
+        if listen
+    ]
+    problems = []
+    for index, (key, listen) in enumerate(listeners):
+        host, port = parse_listen(listen)
+        for earlier, other in listeners[:index]:
+            other_host, other_port = parse_listen(other)
+            if port and port == other_port and _overlap(host, other_host):
+                problems.append((key, f"{listen} is where {earlier} ({other}) listens"))
+    return problems
+
+
+def _overlap(host: str, other: str) -> bool:
+    """Whether two listen hosts on one port take the same connections: the same host,
+    `::` (dual-stack, bridge.sockets: every address), or `0.0.0.0` and an IPv4 one."""
+    if host == other or "::" in (host, other):
+        return True
+    return "0.0.0.0" in (host, other) and ":" not in host + other
+
+
+def _tls_problems(config: Config) -> list[tuple[str, str]]:
+    """Each certificate and key `serve` would load, loaded now. A key of another
+    certificate, or a file that is no PEM, passed check-config and then ended `serve` with
+    a traceback (uvicorn's or the SMTP listener's) and exit 1, restarted for ever."""
+    import ssl
+
+    problems = []
+    for section, tls in (("http", config.http), ("smtp", config.smtp)):
+        if not tls.tls_cert:
+            continue
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            # No password: the bridge has no key for one, and OpenSSL would ask for it
+            # on the terminal (or hang without one) for an encrypted key.
+            context.load_cert_chain(tls.tls_cert, tls.tls_key or None, password=lambda: b"")
+        except (OSError, ssl.SSLError) as exc:
+            why = f"{tls.tls_cert} with {section}.tls_key {tls.tls_key} does not load: {exc}"
+            problems.append((f"{section}.tls_cert", why))
+    return problems
 
 
 def _refused(exc: ConfigError) -> int:

@@ -195,6 +195,55 @@ def test_a_taken_port_is_a_clear_error(tmp_path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_two_listeners_of_one_config_on_one_port_are_a_config_problem(tmp_path) -> None:
+    """`http.listen` and `smtp.listen` on one port (a copy-paste) passed check-config, then
+    serve could not bind the second: "Address already in use", exit 1, which systemd
+    restarts as a port another process may free. Both refuse it now (78), naming both;
+    the same port on addresses that do not overlap is fine."""
+    port = free_port()
+    for http, smtp, refused in (
+        (f"127.0.0.1:{port}", f"127.0.0.1:{port}", True),
+        (f"0.0.0.0:{port}", f"127.0.0.1:{port}", True),
+        (f"[::]:{port}", f"127.0.0.1:{port}", True),  # dual-stack: IPv4 too
+        (f"127.0.0.1:{port}", f"[::1]:{port}", False),
+    ):
+        (tmp_path / "bridge.toml").write_text(
+            f'[http]\nlisten = "{http}"\n[smtp]\nlisten = "{smtp}"\n'
+        )
+        checked = run_command(["check-config", "bridge.toml"], tmp_path, clean_env())
+        assert checked.returncode == (78 if refused else 0), (http, smtp, checked.stderr)
+        if refused:
+            assert f"  smtp.listen: {smtp} is where http.listen ({http}) listens" in checked.stderr
+    (tmp_path / "bridge.toml").write_text(
+        f'[http]\nlisten = "127.0.0.1:{port}"\n[smtp]\nlisten = "127.0.0.1:{port}"\n'
+    )
+    served = run_command(["serve", "--config", "bridge.toml"], tmp_path, clean_env())
+    assert served.returncode == 78 and "is where http.listen" in served.stderr, served.stderr
+    assert not restarted_by_systemd(served.returncode)
+
+
+def test_a_key_of_another_certificate_is_a_config_problem_not_a_traceback(tmp_path) -> None:
+    """A `tls_key` of another certificate (a renewal half done) passed check-config, then
+    ended serve with uvicorn's traceback (HTTP) or the SMTP listener's, exit 1: restarted
+    by systemd every 2.5 s for ever. Both refuse it now, naming the key, exit 78."""
+    import trustme
+
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    ca.issue_cert("127.0.0.1").private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    pair = 'tls_cert = "cert.pem"\ntls_key = "key.pem"\n'
+    for section, config in (
+        ("http", f'[http]\nlisten = "{ANY_PORT}"\n{pair}[smtp]\nlisten = ""\n'),
+        ("smtp", f'[http]\nlisten = ""\n[smtp]\nlisten = "{ANY_PORT}"\n{pair}'),
+    ):
+        (tmp_path / "bridge.toml").write_text(config)
+        for command in ("check-config", "serve"):
+            result = run_command([command, "--config", "bridge.toml"], tmp_path, clean_env())
+            assert result.returncode == 78, (section, command, result.stderr)
+            assert f"  {section}.tls_cert: {tmp_path / 'cert.pem'} with" in result.stderr
+            assert "key values mismatch" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_ctrl_c_while_serve_waits_for_its_store_is_no_traceback(tmp_path) -> None:
     """Ctrl-C before serve handles SIGINT itself (here: a store that accepts the
     connection and never answers) printed a page of asyncpg and asyncio traceback."""
