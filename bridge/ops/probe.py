@@ -8,8 +8,9 @@ question, "may I send you a message now?") writes on every call. /metrics, scrap
 takes the last write's word while it is younger than `WRITE_PROOF_AGE`, writing only
 when none is (once a minute at most, however many servers scrape; never while an
 orchestrator asks /readyz more often than that). Anyone may ask /readyz: callers that
-ask while a write is under way share it, so a flood of them makes one write at a time
-on the store's single writer, not one each ahead of the ingests waiting there.
+ask while a write is under way share it, so a flood of them makes one write at a time,
+not (on PostgreSQL) a transaction each, queued on the heartbeat row's lock and holding
+the pool's connections the ingests wait for.
 """
 
 from __future__ import annotations

@@ -142,9 +142,8 @@ def unavailable_reason(exc: Unavailable, request: Request, live: LiveConfig) -> 
     """Why, for this caller: the store's own words (masked) for one that may read the
     messages, as the log has them; `exc.public` for anyone else. /readyz and hooks
     answer anonymous callers, and the store's words named its host and port there."""
-    if isinstance(exc, StoreUnavailable) and not may_read(request, live):
-        return exc.public
-    return mask(str(exc), live.secrets)
+    shown = exc.public if isinstance(exc, StoreUnavailable) and not may_read(request, live) else exc
+    return mask(str(shown), live.secrets)
 
 
 def requires(scope: str, live: LiveConfig, handler: Handler) -> Handler:
