@@ -606,9 +606,14 @@ def test_a_secret_file_the_environment_names_is_checked_too(open_tmp) -> None:
 def test_a_tls_private_key_anyone_may_read_is_named(open_tmp) -> None:
     """A listener's private key is the bridge's most lasting secret: whoever reads it can
     be the bridge to every client until the certificate expires."""
+    import trustme
+
     keys = _tree(open_tmp, 0o755)
+    for section in ("http", "smtp"):  # pairs that load: check-config loads them
+        pair = trustme.CA().issue_cert("127.0.0.1")
+        pair.cert_chain_pems[0].write_to_path(str(keys / f"{section}.pem"))
+        pair.private_key_pem.write_to_path(str(keys / f"{section}.key"))
     for name in ("http.pem", "http.key", "smtp.pem", "smtp.key"):
-        (keys / name).write_text("not read by check-config")
         (keys / name).chmod(0o644)
     config = write_config(
         keys,

@@ -255,10 +255,14 @@ def test_ctrl_c_while_serve_waits_for_its_store_is_no_traceback(tmp_path) -> Non
             SMS_BRIDGE_HTTP_LISTEN=ANY_PORT,
             SMS_BRIDGE_SMTP_LISTEN="",
         )
-        with process(["serve"], tmp_path, env, tmp_path / "serve.log") as proc:
-            wait_for(lambda: "using the in-process sandbox" in proc.output(), what="start-up")
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=15) == 130, proc.output()
+        for _ in range(3):  # the store's connect gives up after 5 s: on a busy machine the
+            # signal may come later than that (exit 1, "cannot connect"); then again
+            with process(["serve"], tmp_path, env, tmp_path / "serve.log") as proc:
+                wait_for(lambda: "using the in-process sandbox" in proc.output(), what="start")
+                proc.send_signal(signal.SIGINT)
+                if proc.wait(timeout=15) == 130 or "cannot connect" not in proc.output():
+                    break
+    assert proc.returncode == 130, proc.output()
     assert "Traceback" not in proc.output() and "interrupted" in proc.output()
 
 
