@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ import pytest
 from bridge.config import StoreConfig
 from bridge.models import NewMessage
 from bridge.store import open_store
-from tests.processes import ANY_PORT, process, run_command, wait_for
+from tests.processes import ANY_PORT, clean_env, process, run_command, wait_for
 from tests.stores import seed
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI as a process
@@ -322,3 +324,25 @@ def test_check_config_says_which_store_paces_the_key_and_shows_only_its_fingerpr
     assert fingerprints[0] == fingerprints[1] != fingerprints[2]
     assert "staging.db" in lines[0] and "postgresql://bridge:***@db-1/sms" in lines[1]
     assert "pw" not in lines[1]
+
+
+def test_ctrl_c_while_a_command_waits_is_no_traceback(tmp_path) -> None:
+    """Ctrl-C in a command waiting on the network (here `provider balance` on a provider
+    that takes the connection and never answers; `serve` waiting for its store at start,
+    before it handles SIGINT itself) printed a page of asyncio and httpx traceback."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        silent.settimeout(30)
+        env = clean_env(
+            SMS_BRIDGE_PROVIDER_BASE_URL=f"http://127.0.0.1:{silent.getsockname()[1]}/api/v1",
+            SMS_BRIDGE_PROVIDER_API_KEY="live-key-0123456789",
+            SMS_BRIDGE_PROVIDER_TIMEOUT="60s",
+            SMS_BRIDGE_STORE_PATH=str(tmp_path / "none.db"),  # no store: nothing shared
+        )
+        with process(["provider", "balance"], tmp_path, env, tmp_path / "cli.log") as proc:
+            conn, _ = silent.accept()  # the request is on its way: the command waits
+            with conn:
+                proc.send_signal(signal.SIGINT)
+                assert proc.wait(timeout=30) == 130, proc.output()
+    assert "Traceback" not in proc.output() and "interrupted" in proc.output(), proc.output()

@@ -66,14 +66,23 @@ def toml_snippets(path: Path) -> list[str]:
 
 
 def with_secret_files(snippet: str, tmp_path: Path) -> str:
-    """Every `*_file = "/etc/..."` (and `tls_cert`, `tls_key`) pointed at a file of ours
-    holding a 24-character secret: check-config asks only that such files exist."""
+    """Every `*_file = "/etc/..."` pointed at a file of ours holding a 24-character
+    secret (check-config asks only that such files exist), and `tls_cert`, `tls_key` at
+    a certificate and its key (check-config loads them as the listener would)."""
+    import trustme
+
     secrets = tmp_path / "secrets"
     secrets.mkdir(exist_ok=True)
+    pair = trustme.CA().issue_cert("127.0.0.1")
 
     def replace(match: re.Match[str]) -> str:
         target = secrets / Path(match.group(2)).name
-        target.write_text("0123456789abcdef01234567\n")
+        if "tls_cert" in match.group(1):
+            pair.cert_chain_pems[0].write_to_path(str(target))
+        elif "tls_key" in match.group(1):
+            pair.private_key_pem.write_to_path(str(target))
+        else:
+            target.write_text("0123456789abcdef01234567\n")
         return f'{match.group(1)}"{target}"'
 
     return _SECRET_FILE.sub(replace, snippet)
