@@ -340,15 +340,21 @@ def test_ctrl_c_while_a_command_waits_is_no_traceback(tmp_path) -> None:
             SMS_BRIDGE_PROVIDER_TIMEOUT="60s",
             SMS_BRIDGE_STORE_PATH=str(tmp_path / "none.db"),  # no store: nothing shared
         )
-        with process(["provider", "balance"], tmp_path, env, tmp_path / "cli.log") as proc:
-            while True:  # the command's request read whole: it waits for the answer now
-                conn, _ = silent.accept()
-                with conn, conn.makefile("rb") as request:
-                    asked = request.readline()
-                    while request.readline() not in (b"\r\n", b""):
-                        pass
-                    if asked.startswith(b"GET /api/v1/balance "):
-                        proc.send_signal(signal.SIGINT)
-                        assert proc.wait(timeout=30) == 130, proc.output()
-                        break
+        # A shell's background job (`pytest &`) ignores SIGINT, and a child inherits that:
+        # this one must start with SIGINT as a terminal's Ctrl-C finds it.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with process(["provider", "balance"], tmp_path, env, tmp_path / "cli.log") as proc:
+                while True:  # the command's request read whole: it waits for its answer
+                    conn, _ = silent.accept()
+                    with conn, conn.makefile("rb") as request:
+                        asked = request.readline()
+                        while request.readline() not in (b"\r\n", b""):
+                            pass
+                        if asked.startswith(b"GET /api/v1/balance "):
+                            proc.send_signal(signal.SIGINT)
+                            assert proc.wait(timeout=30) == 130, proc.output()
+                            break
+        finally:
+            signal.signal(signal.SIGINT, previous)
     assert "Traceback" not in proc.output() and "interrupted" in proc.output(), proc.output()
