@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from bridge.clock import ManualClock
-from bridge.ingress.smtplimits import YIELD_EVERY, DataLines
+from bridge.ingress.smtplimits import YIELD_EVERY, MailReader
 from bridge.ingress.throttle import FailureThrottle
 from tests.processes import ANY_PORT, clean_env, process, wait_for
 
@@ -111,15 +111,18 @@ def test_mails_of_tiny_lines_never_stall_the_loop(bridge) -> None:
 
 
 def test_data_lines_give_the_loop_a_turn_and_skip_past_the_cap() -> None:
-    """In process, without timing: reading DATA through DataLines lets another task run
-    every YIELD_EVERY lines (before and past the cap), keeps `most` lines, and leaves
-    what follows the end-of-data line for the next command."""
+    """In process, without timing: reading DATA through MailReader lets another task run
+    every YIELD_EVERY lines (before and past the cap), keeps `most_lines` lines, undoes
+    dot-stuffing, takes a line longer than its pieces, and leaves what follows the
+    end-of-data line for the next command."""
 
-    async def scenario() -> tuple[list[bytes], int, bytes]:
+    async def scenario() -> tuple[bytes, int, bytes, bool]:
         reader = asyncio.StreamReader()
-        reader.feed_data(b"x\r\n" * 5000 + b".\r\nQUIT\r\n")
+        long = b"..long" + b"y" * (3 * MailReader.PIECE_BYTES) + b"\r\n"
+        reader.feed_data(b"..dot\r\n" + long + b"x\r\n" * 5000 + b".\r\nQUIT\r\n")
         reader.feed_eof()
-        lines = DataLines(reader, most=1000)
+        # As many bytes as the lines kept: those past the cap are not counted.
+        mail = MailReader(reader, most_lines=1000, most_bytes=len(long) + 8 + 998 * 3)
         turns = 0
         done = False
 
@@ -131,16 +134,16 @@ def test_data_lines_give_the_loop_a_turn_and_skip_past_the_cap() -> None:
 
         task = asyncio.create_task(ticker())
         await asyncio.sleep(0)
-        got = []
-        while (line := await lines.readuntil(b"\r\n")) != DataLines.END:
-            got.append(line)
+        await mail.read()
         done = True
         await task
-        assert lines.over
-        return got, turns, await reader.readuntil(b"\r\n")
+        assert not mail.too_big
+        return bytes(mail.content), turns, await reader.readuntil(b"\r\n"), mail.over
 
-    got, turns, after = asyncio.run(scenario())
-    assert len(got) == 1000
+    got, turns, after, over = asyncio.run(scenario())
+    long = b".long" + b"y" * (3 * MailReader.PIECE_BYTES) + b"\r\n"
+    assert got == b".dot\r\n" + long + b"x\r\n" * 998
+    assert over
     assert turns >= 5000 // YIELD_EVERY  # a turn per YIELD_EVERY lines, cap or not
     assert after == b"QUIT\r\n"
 

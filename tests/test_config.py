@@ -349,6 +349,12 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     parsed = tomllib.loads(example.read_text())
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
+            if (section, f.name) == ("smtp", "rules"):
+                # Tables of their own after the [smtp] keys: a commented [[smtp.rules]]
+                # (a `rules = []` too made uncommenting it invalid TOML; tests/test_docs.py)
+                assert "\n# [[smtp.rules]]\n" in example.read_text()
+                assert "rules" not in parsed[section]
+                continue
             assert f.name in parsed[section], f"{section}.{f.name} missing from the example"
             shown = parsed[section][f.name]
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -598,3 +604,38 @@ def test_a_group_without_members_is_refused(tmp_path) -> None:
             "no members: a mail or request to it would be acknowledged and lost",
         ) in caught.value.problems
     assert [k for k, _ in caught.value.problems] == ["groups.ops", "groups.oncall"]
+
+
+def test_smtp_user_recipients_name_users_and_what_a_route_may_text(tmp_path) -> None:
+    """`smtp.user_recipients` is checked as a route's `to` is (each entry a group or an
+    allowed number), keyed by a login of `[smtp.users]`, and never empty (an empty
+    allow-list that let the user text anyone would say the opposite of what it does)."""
+    users = '[smtp]\nusers = {ups = "ups-pass-0123456789"}\n'
+    body = (
+        users + 'user_recipients = {ups = ["oncall", "not-a-group", "+1"], nobody = ["oncall"]}\n'
+        '[groups]\noncall = ["+12025550101"]\n'
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_config(write_config(tmp_path, body), env={})
+    assert sorted(k for k, _ in refused.value.problems) == [
+        "smtp.user_recipients.nobody",
+        "smtp.user_recipients.ups[1]",
+        "smtp.user_recipients.ups[2]",
+    ]
+    with pytest.raises(ConfigError) as refused:
+        load_config(write_config(tmp_path, users + "user_recipients = {ups = []}\n"), env={})
+    assert [k for k, _ in refused.value.problems] == ["smtp.user_recipients.ups"]
+    env = {"SMS_BRIDGE_SMTP_USER_RECIPIENTS": '{ups = ["+12025550143"]}'}
+    config = load_config(write_config(tmp_path, users), env=env)
+    assert config.smtp.user_recipients == {"ups": ("+12025550143",)}
+
+
+@pytest.mark.parametrize("key", ["max_message_bytes", "max_recipients"])
+def test_smtp_size_and_recipient_limits_are_above_zero(tmp_path, key: str) -> None:
+    """`smtp.max_message_bytes = 0` was no limit at all (aiosmtpd's reading of 0): one
+    client's DATA could fill the bridge's memory; `max_recipients = 0` refused every
+    RCPT. Both are refused by their key."""
+    for value in (0, -1):
+        with pytest.raises(ConfigError) as refused:
+            load_config(write_config(tmp_path, f"[smtp]\n{key} = {value}\n"), env={})
+        assert dict(refused.value.problems) == {f"smtp.{key}": "must be above 0"}

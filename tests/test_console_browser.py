@@ -211,7 +211,7 @@ async def test_admin_signs_in_filters_cancels_retries_previews_and_signs_out(
         timeline = page.locator("ol.timeline")
         assert "held for the digest" in await timeline.inner_text()
         page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
-        await page.get_by_role("button", name="Cancel").click()
+        await page.get_by_role("button", name="Cancel", exact=True).click()
         await page.get_by_role("status").filter(has_text="cancelled").wait_for()
         assert "cancelled by root" in await timeline.inner_text()
 
@@ -583,3 +583,128 @@ async def test_a_refusal_quoting_a_long_value_wraps_on_a_phone(
         await wrapped("a preview ignored", page.locator("section.preview p"))
         await context.close()
     assert [e for e in errors.errors if "400" not in e] == []
+
+
+async def test_another_tabs_refresh_leaves_an_actions_note_to_its_page(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """A retry's note ("queued again") was taken by whichever page of the session was
+    drawn next: the same message open in another tab refreshed itself between the
+    retry and the browser's arrival, drew the note into nothing (a refresh replaces only
+    the live part), and the operator never saw it. A refresh takes no note."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+        failed = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1, state=State.FAILED)
+        [message_id] = await seed(bridge.store, [failed], clock.now())
+        context = await browser.new_context()
+        acting, other_tab = await context.new_page(), await context.new_page()
+        errors.watch(acting)
+        errors.watch(other_tab)
+        await other_tab.clock.install()
+        await sign_in(acting, url, ADMIN)
+        page_url = f"{url}/ui/messages/{message_id}"
+        await other_tab.goto(page_url)
+        await acting.goto(page_url)
+        csrf = await acting.locator("input[name=csrf]").first.get_attribute("value")
+        # The retry's POST, then the other tab's refresh, then the redirect followed.
+        retried = await acting.request.post(
+            f"{page_url}/retry", form={"csrf": csrf or ""}, max_redirects=0
+        )
+        assert retried.status == 303
+        async with other_tab.expect_response(page_url) as refreshed:
+            await other_tab.clock.run_for(6_000)  # past the message page's 5 s refresh
+        assert (await refreshed.value).ok
+        await acting.goto(page_url)
+        note = acting.get_by_role("status")
+        assert f"Message {message_id} queued again." in await note.inner_text()
+        await context.close()
+    assert errors.errors == []
+
+
+async def test_on_a_phone_a_failed_message_reads_whole_and_its_retry_is_on_the_first_screen(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """At night, on a phone: the list of failed messages was a table whose Text and Why
+    columns sat past the screen's right edge, a long reason wrapped a letter a line (a
+    row a screen tall); a message's Retry came after its text and details, two screens
+    down. Each listed message now reads whole on the screen, and Retry is on the first."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+        failed = NewMessage(
+            "+12025550144", "disk 97% full on db-1", "http", "SMS", 1, 1, state=State.FAILED
+        )
+        reason = "provider refused: the number is on the operator's do-not-text list (code 21610)"
+        [message_id] = await seed(bridge.store, [failed._replace(reason=reason)], clock.now())
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        )
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        await page.goto(f"{url}/ui/messages?state=failed")
+        row = page.locator("table.messages tbody tr").first
+        for shown in (row.locator("td.text"), row.locator("td.reason")):
+            box = await shown.bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+        row_box = await row.bounding_box()
+        assert row_box is not None and row_box["height"] < 250, row_box
+
+        await row.get_by_role("link", name=f"Message {message_id}").click()
+        await page.wait_for_url(f"{url}/ui/messages/{message_id}")
+        retry = await page.get_by_role("button", name="Retry").bounding_box()
+        assert retry is not None and retry["y"] + retry["height"] <= 844, retry
+        await context.close()
+    assert errors.errors == []
+
+
+async def test_on_a_phone_a_flood_held_for_one_phone_is_cancelled_in_one_go(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """A flood to one phone, held by storm control: the console could cancel it only a
+    message at a time (a page, a button and a confirmation each: forty for forty). The
+    overview's storms card (on its first screen now, above the figures and the chart)
+    and the phone's held list cancel them all, once confirmed."""
+    errors = ConsoleErrors()
+    extra = f"{CLOCKED_TOKENS}\n[limits]\nper_recipient = 1\n"
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, url):
+        flood = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1, state=State.HELD)
+        other = NewMessage("+12025550145", "disk full", "http", "SMS", 1, 1, state=State.HELD)
+        held = await seed(bridge.store, [flood] * 40, clock.now())
+        [kept] = await seed(bridge.store, [other], clock.now())
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        )
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        overflow = await page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, f"the overview scrolls sideways on a phone by {overflow}px"
+        cancel_all = page.get_by_role("button", name="Cancel the 40 held for +12025550144")
+        box = await cancel_all.bounding_box()  # on the first screen, not below the chart
+        assert box is not None and box["y"] + box["height"] <= 844, box
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, box  # nor past its edge
+        page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        await cancel_all.click()
+        await page.get_by_role("status").filter(has_text="Cancelled 40 held messages").wait_for()
+        assert "recipient=%2B12025550144" in page.url
+        for message_id in held:
+            message = await bridge.store.get(message_id)
+            assert message is not None and message.state == State.FAILED
+            assert message.reason == "cancelled by root"
+        assert (await bridge.store.get(kept)).state == State.HELD  # another phone's
+
+        # The phone's held list and each of its held messages offer the same; dismissed,
+        # nothing is cancelled.
+        for path in ("/ui/messages?state=held&recipient=%2B12025550145", f"/ui/messages/{kept}"):
+            await page.goto(url + path)
+            page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.dismiss()))
+            name = "Cancel every message held for +12025550145"
+            await page.get_by_role("button", name=name).click()
+            assert (await bridge.store.get(kept)).state == State.HELD
+        await context.close()
+    assert errors.errors == []

@@ -12,6 +12,7 @@ import smtplib
 import threading
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,7 @@ from tests.processes import ANY_PORT, clean_env, process, wait_for
 pytestmark = pytest.mark.slow
 KEY = "crash-test-key"
 KILLS = 4
+ACKS_PER_LIFE = 6  # KILLS lives of at least this many acks: the count asserted below
 PER_FEEDER = 150  # bounded: every message must then be delivered within the test
 RATE = 600  # requests a minute, sandbox and bridge alike: the crash, not the limit, is tested
 
@@ -54,6 +56,11 @@ def _feed(kind: str, port: int, start: int, acked: list[str], stop: threading.Ev
             time.sleep(0.05)  # the bridge is down: keep trying, as real senders do
         n += 1
         time.sleep(0.02)
+
+
+def _fed(acked: list[str], floor: int, feeders: list[threading.Thread]) -> bool:
+    """Enough acks for this life, or nothing more to feed (every feeder done)."""
+    return len(acked) >= floor or not any(feeder.is_alive() for feeder in feeders)
 
 
 def _shared_store() -> str:
@@ -127,6 +134,10 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path) -> None:
                             feeder.start()
                     health = f"http://127.0.0.1:{http_port}/healthz"
                     wait_for(lambda: httpx.get(health).status_code == 200, what="start")  # noqa: B023
+                    # Each life takes some traffic before its kill, however slow a loaded
+                    # machine feeds it (the count below, not a clock, proves the test ran).
+                    floor = len(acked) + ACKS_PER_LIFE
+                    wait_for(partial(_fed, acked, floor, feeders), timeout=60, what="acks")
                     time.sleep(rng.uniform(0.5, 2.5))
                     bridge.kill()  # SIGKILL: no drain, no goodbye
                     bridge.wait(timeout=10)
@@ -157,6 +168,6 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path) -> None:
             }
         )
     )
-    assert len(wanted) > 20
+    assert len(wanted) >= KILLS * ACKS_PER_LIFE
     assert not wanted - set(reached)  # nothing acknowledged was lost
     assert not duplicates, duplicates

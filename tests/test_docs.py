@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -26,8 +27,9 @@ import pytest
 
 from bridge.clock import ManualClock
 from bridge.config import SECTIONS, Config, RouteConfig, TokenConfig, load_config
+from bridge.config.sections import MailRule
 from tests.helpers import running_bridge, write_config
-from tests.processes import clean_env, free_port, process, run_command
+from tests.processes import clean_env, free_port, process, run_command, wait_for
 from tests.test_hooks import HOOKS
 
 ROOT = Path(__file__).parent.parent
@@ -67,8 +69,9 @@ def toml_snippets(path: Path) -> list[str]:
 
 def with_secret_files(snippet: str, tmp_path: Path) -> str:
     """Every `*_file = "/etc/..."` pointed at a file of ours holding a 24-character
-    secret (check-config asks only that such files exist), and `tls_cert`, `tls_key` at
-    a certificate and its key (check-config loads them as the listener would)."""
+    secret of its own (two tokens may not share one: check-config asks only that such
+    files exist), and `tls_cert`, `tls_key` at a certificate and its key (check-config
+    loads them as the listener would)."""
     import trustme
 
     secrets = tmp_path / "secrets"
@@ -82,7 +85,7 @@ def with_secret_files(snippet: str, tmp_path: Path) -> str:
         elif "tls_key" in match.group(1):
             pair.private_key_pem.write_to_path(str(target))
         else:
-            target.write_text("0123456789abcdef01234567\n")
+            target.write_text(hashlib.sha256(target.name.encode()).hexdigest()[:24] + "\n")
         return f'{match.group(1)}"{target}"'
 
     return _SECRET_FILE.sub(replace, snippet)
@@ -118,8 +121,9 @@ def test_every_toml_snippet_passes_check_config(doc: str, index: int, tmp_path) 
 
 def test_the_snippets_cover_every_recipe() -> None:
     recipes = "".join(toml_snippets(RECIPES))
-    for table in ("alertmanager", "grafana", "github", "gitlab", "jenkins"):
+    for table in ("alertmanager", "grafana", "github", "gitlab", "jenkins", "uptime-kuma"):
         assert f"[routes.{table}]" in recipes
+    assert "[tokens.ci]" in recipes
     assert "[tokens.scripts]" in recipes and "[smtp]" in recipes
 
 
@@ -249,6 +253,91 @@ def test_the_images_healthcheck_asks_where_the_config_listens(tmp_path) -> None:
     assert f"https://127.0.0.1:{port}/healthz" in down.stderr
 
 
+def _docker_env(block: str) -> dict[str, str]:
+    """The `-e NAME=VALUE` options of a `docker run` block."""
+    return dict(re.findall(r"-e (SMS_BRIDGE_\w+)=(\S+)", block))
+
+
+@pytest.mark.slow  # runs a subprocess
+def test_the_docker_environment_block_protects_the_images_config(tmp_path) -> None:
+    """Docker's "The same protection without a file": the block's `-e` settings over the image's
+    own config pass check-config (the secrets where the block mounts them); its real
+    provider alone is refused, naming each open listener, as the text says."""
+    docker = section_of(RECIPES, "Docker")
+    [block] = [b for b in blocks_in(docker, "sh") if "SMS_BRIDGE_TOKENS_SCRIPTS" in b]
+    env = _docker_env(block)
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for key, value in env.items():
+        if key.endswith("_FILE"):
+            assert value.startswith("/run/secrets/"), value  # what the block mounts
+            target = secrets / value.removeprefix("/run/secrets/")
+            target.write_text("0123456789abcdef01234567\n")
+            target.chmod(0o600)
+            env[key] = str(target)
+    image = (ROOT / "docker" / "config.toml").read_text(encoding="utf-8")
+    config = tmp_path / "image.toml"
+    config.write_text(image.replace("/data/", f"{tmp_path}/"), encoding="utf-8")
+    protected = run_command(["check-config", str(config)], env=clean_env(**env))
+    assert protected.returncode == 0, protected.stderr
+    assert "0123456789abcdef" not in protected.stdout + protected.stderr  # secrets unprinted
+    provider_only = {k: v for k, v in env.items() if k.startswith("SMS_BRIDGE_PROVIDER_")}
+    refused = run_command(["check-config", str(config)], env=clean_env(**provider_only))
+    assert refused.returncode == 78, refused.stderr
+    assert "http.listen: 0.0.0.0:8080" in refused.stderr
+    assert "smtp.listen: 0.0.0.0:2525" in refused.stderr
+
+
+async def test_the_docker_recipes_config_serves_the_name_clients_use(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """The recipe's own config.toml (mounted over the image's): a client of another host
+    that calls the bridge by name with the scripts token is served. Without
+    `allowed_hosts` a 0.0.0.0 listener serves IP addresses and localhost only: 400."""
+    [snippet] = [s for s in toml_snippets(RECIPES) if s.startswith("# ./config.toml")]
+    snippet = with_secret_files(snippet, tmp_path).replace("/data/", f"{tmp_path}/")
+    snippet = re.sub(
+        r"^base_url = .*$", f'base_url = "{sandbox_url}/api/v1"', snippet, flags=re.MULTILINE
+    )
+    config = load_config(write_config(tmp_path, toml_snippets(RECIPES)[0] + snippet), env={})
+    token = (tmp_path / "secrets" / "scripts.token").read_text().strip()
+    async with running_bridge(config, clock) as (_bridge, url), httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{url}/api/v1/messages",
+            json={"to": ["oncall"], "message": "backup of nas-1 failed"},
+            headers={"Host": "sms-bridge.example.org", "Authorization": f"Bearer {token}"},
+        )
+    assert response.status_code == 202, response.text
+
+
+@pytest.mark.slow  # runs bash
+def test_every_shell_block_parses() -> None:
+    """The blocks this machine cannot run (apt-get, systemctl, docker) at least parse
+    as the shell reads them; the others are run by the tests above."""
+    for doc in (README, RECIPES, SECURITY):
+        for block in blocks(doc, "sh"):
+            result = subprocess.run(
+                ["bash", "-n"], input=block, capture_output=True, text=True, timeout=60
+            )
+            assert result.returncode == 0, f"{doc.name}:\n{block}\n{result.stderr}"
+
+
+def test_the_prometheus_scrape_config_reads_the_metrics_token() -> None:
+    """No promtool here: the YAML parses, and it sends the `metrics` token as a bearer
+    over the scheme and to the port the recipe's bridge serves."""
+    import yaml
+
+    section = section_of(RECIPES, "Prometheus scraping /metrics")
+    [block] = blocks_in(section, "yaml")
+    [job] = yaml.safe_load(block)["scrape_configs"]
+    assert job["authorization"]["type"] == "Bearer"
+    assert job["authorization"]["credentials_file"].endswith(".token")
+    assert job["scheme"] == "https"
+    [target] = job["static_configs"][0]["targets"]
+    assert target.endswith(":8080")
+    assert 'scopes = ["metrics"]' in section
+
+
 @pytest.mark.slow  # runs a subprocess
 def test_the_alertmanager_config_passes_amtool(tmp_path) -> None:
     amtool = shutil.which("amtool")
@@ -326,6 +415,16 @@ def test_the_unit_passes_systemd_analyze_and_starts_the_recipes_venv(tmp_path) -
     executable = f"{venv.group(1)}/bin/sms-bridge"
     assert f"ExecStart={executable} serve" in unit
     assert f"{venv.group(1)}/bin/pip install" in systemd
+    # The unit's own comment gives the install the recipe gives, command for command.
+    recipe = {
+        command.strip()
+        for line in blocks_in(systemd, "sh")[0].splitlines()
+        for command in line.partition("#")[0].split("&&")
+    }
+    header = unit[: unit.index("# The provider key")]
+    for line in re.findall(r"^#   (\S.*)$", header, re.MULTILINE):
+        for command in line.split("&&"):
+            assert command.strip() in recipe, command
     if analyze is None:
         pytest.skip("systemd-analyze not installed")
     # verify wants the ExecStart binary to exist: a stand-in of ours, at a path we own.
@@ -342,6 +441,39 @@ def test_the_unit_passes_systemd_analyze_and_starts_the_recipes_venv(tmp_path) -
         [analyze, "verify", str(path)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+@pytest.mark.slow  # runs a subprocess
+def test_the_systemd_credentials_reach_the_config_the_recipe_installs(tmp_path) -> None:
+    """The drop-in as systemd applies it to the installed config.example.toml: each
+    LoadCredential= file in the credentials directory (`%d`), each Environment= setting
+    with `%d` expanded, and the unit's own Environment=. check-config accepts it, and
+    the route and the token read the credentials' secrets, not the config's."""
+    systemd = section_of(RECIPES, "systemd")
+    assert "cp config.example.toml /etc/sms-bridge/config.toml" in systemd
+    [drop_in] = blocks_in(systemd, "ini")
+    unit = (ROOT / "systemd" / "sms-bridge.service").read_text(encoding="utf-8")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    env: dict[str, str] = {}
+    for line in (unit + drop_in).splitlines():
+        if line.startswith("LoadCredential="):
+            name, _, source = line.removeprefix("LoadCredential=").partition(":")
+            assert source.startswith("/etc/sms-bridge/"), source
+            secret = hashlib.sha256(name.encode()).hexdigest()[:24]
+            (credentials / name).write_text(secret + "\n")
+        elif line.startswith("Environment="):
+            for setting in line.removeprefix("Environment=").split():
+                key, _, value = setting.partition("=")
+                env[key] = value.replace("%d", str(credentials))
+    env["SMS_BRIDGE_STORE_PATH"] = str(tmp_path / "sms-bridge.db")  # /var/lib is not ours
+    result = run_command(["check-config", str(EXAMPLE)], cwd=tmp_path, env=clean_env(**env))
+    assert result.returncode == 0, result.stderr
+    config = load_config(EXAMPLE, env=env)
+    secret = (credentials / "alertmanager.token").read_text().strip()
+    assert config.routes["alertmanager"].token == secret
+    assert config.tokens["scripts"].token == (credentials / "scripts.token").read_text().strip()
+    assert config.tokens["scripts"].scopes == ("send",)
 
 
 def test_every_config_key_the_docs_name_exists() -> None:
@@ -362,11 +494,177 @@ def test_every_config_key_the_docs_name_exists() -> None:
     assert seen > 20
 
 
+EXAMPLE = ROOT / "config.example.toml"
+
+
+def _uncommented(text: str, start: str) -> str:
+    """The example table that starts at `start` (its header, commented or not) with its
+    `# key = value` lines uncommented, up to the first blank line; comment-only lines
+    (a key's explanation going on) are left out."""
+    lines = text[text.index(start) :].splitlines()
+    kept = []
+    for line in lines:
+        if not line.strip():
+            break
+        if found := re.match(r"^(?:# ?)?((?:\[|[a-z_]+ = ).*)$", line):
+            kept.append(found.group(1))
+        else:
+            assert line.lstrip().startswith("#"), line
+    return "\n".join(kept) + "\n"
+
+
+def test_config_example_shows_every_route_token_and_rule_key() -> None:
+    """Each route, token and mail-rule key at least in a commented example (the sections'
+    keys at their defaults: tests/test_config.py; the examples load: the next test)."""
+    text = EXAMPLE.read_text(encoding="utf-8")
+    route = _uncommented(text, "[routes.alertmanager]")
+    for key in {f.name for f in dataclasses.fields(RouteConfig)} - {"name"}:
+        assert re.search(rf"^{key} = ", route, re.MULTILINE), f"routes.NAME.{key}"
+    rule = _uncommented(text, "# [[smtp.rules]]")
+    for key in {f.name for f in dataclasses.fields(MailRule)}:
+        assert re.search(rf"^{key} = ", rule, re.MULTILINE), f"smtp.rules.{key}"
+    token = _uncommented(text, "# [tokens.deploy]")
+    for key in {f.name for f in dataclasses.fields(TokenConfig)} - {"name", "token"}:
+        assert re.search(rf"^{key} = ", token, re.MULTILINE), f"tokens.NAME.{key}"
+    assert re.search(r"^token_file = .*# or token = ", token, re.MULTILINE)
+
+
+@pytest.mark.slow  # runs a subprocess
+def test_config_examples_commented_keys_pass_check_config(tmp_path) -> None:
+    """Uncommented, as a reader would, the example's route keys, rule and tokens load
+    through check-config: no key the loader refuses."""
+    text = EXAMPLE.read_text(encoding="utf-8")
+    head = text[: text.index("[routes.alertmanager]")]
+    rule_start = head.index("# [[smtp.rules]]")
+    rule_end = head.index("\n\n", rule_start) + 1
+    body = (
+        head[:rule_start]
+        + _uncommented(text, "# [[smtp.rules]]")
+        + head[rule_end:]
+        + _uncommented(text, "# [tokens.deploy]")
+        + _uncommented(text, "[routes.alertmanager]").replace(
+            'secret = ""', 'secret = "0123456789abcdef0123"'
+        )
+    )
+    result = check_config(body, tmp_path, "uncommented.toml")
+    assert result.returncode == 0, f"{body}\n{result.stderr}"
+    config = load_config(tmp_path / "uncommented.toml", env={})
+    assert [rule.name for rule in config.smtp.rules] == ["proxmox vzdump"]
+    assert set(config.tokens) == {"deploy", "prometheus"}
+
+
 def test_the_docs_name_every_override_form_the_loader_reads() -> None:
     text = README.read_text(encoding="utf-8")
     assert "SMS_BRIDGE_ROUTES_<NAME>_<KEY>" in text
     assert "SMS_BRIDGE_ROUTES_ALERTMANAGER_TOKEN" in text
     assert "(webhooks: coming)" not in (ROOT / "config.example.toml").read_text()
+
+
+def _readme_first_block() -> tuple[str, str]:
+    """The README's first lines: its first block, right under the title, of two commands
+    (install and serve, install the test extras and test), each under its comment."""
+    text = README.read_text(encoding="utf-8")
+    first = _FENCE.search(text)
+    assert first is not None and first.group(1) == "sh"
+    assert text[: first.start()].strip() == "# sms-bridge"  # nothing to read before it
+    lines = first.group(2).strip().splitlines()
+    serve, test = [line for line in lines if not line.startswith("#")]
+    return serve, test
+
+
+def test_the_readmes_test_command_is_what_ci_runs() -> None:
+    """The second line, as .ci/run runs it in a fresh virtualenv (CI's own install is the
+    proof that the line installs; this test does not run pytest inside pytest)."""
+    _serve, test = _readme_first_block()
+    assert test == (
+        "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && pytest"
+    )
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert 'python3 -m venv "$venv"' in ci and 'source "$venv/bin/activate"' in ci
+    assert "pip install --quiet -e '.[test]'" in ci
+    assert re.search(r"^SMS_BRIDGE_NO_SKIPS=1 pytest$", ci, re.MULTILINE)
+
+
+# A fresh Debian 12 / Ubuntu 23.04+: python3 and a pip that refuses to install outside a
+# virtualenv (PEP 668), as /usr/bin/pip on this machine does.
+_SYSTEM_PIP = """#!/bin/sh
+echo "error: externally-managed-environment" >&2
+exit 1
+"""
+# python3 -m venv DIR, for real (its activate script), but with a pip that records what
+# it was asked (CI installs for real) and the bridge of this checkout as `sms-bridge`.
+_PYTHON3 = """#!{python}
+import subprocess, sys
+from pathlib import Path
+assert sys.argv[1:3] == ["-m", "venv"], sys.argv
+venv = Path(sys.argv[3])
+subprocess.run(["{python}", "-m", "venv", "--without-pip", str(venv)], check=True)
+(venv / "bin" / "pip").write_text('#!/bin/sh\\necho "$@" > {asked}\\n')
+(venv / "bin" / "sms-bridge").write_text('#!/bin/sh\\nexec {python} -m bridge "$@"\\n')
+for name in ("pip", "sms-bridge"):
+    (venv / "bin" / name).chmod(0o755)
+"""
+
+
+@pytest.mark.slow  # runs the bridge
+def test_the_readmes_first_line_serves_on_built_in_defaults(tmp_path) -> None:
+    """The first line, run by bash as pasted in a new directory of a fresh machine
+    (python3, a system pip that refuses, no sms-bridge): the virtualenv is made and
+    activated for real, the install is a stand-in, `sms-bridge serve` is real and takes
+    a message on its defaults (sandbox, no key, SQLite in ./sms-bridge.db). Only the
+    ports change (8080 may be taken). "pip install -e . && sms-bridge serve" alone was
+    refused by the system's pip."""
+    serve, _test = _readme_first_block()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    asked = tmp_path / "pip-args"
+    (bin_dir / "pip").write_text(_SYSTEM_PIP)
+    (bin_dir / "python3").write_text(_PYTHON3.format(python=sys.executable, asked=asked))
+    for name in ("pip", "python3"):
+        (bin_dir / name).chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = clean_env(
+        SMS_BRIDGE_HTTP_LISTEN="127.0.0.1:0",
+        SMS_BRIDGE_SMTP_LISTEN="127.0.0.1:0",
+        PATH=os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"]),
+    )
+    env.pop("VIRTUAL_ENV", None)
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        shell = subprocess.Popen(
+            ["bash", "-e", "-c", serve],
+            cwd=work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        found = wait_for(
+            lambda: (
+                re.search(r"HTTP listening on (\S+)", log.read_text()) or shell.poll() is not None
+            ),
+            what="the bridge to listen",
+        )
+        assert isinstance(found, re.Match), log.read_text()
+        url = f"http://{found.group(1)}"
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+        sent = httpx.post(
+            f"{url}/api/v1/messages",
+            json={"to": "+12025550143", "message": "disk full on db-2"},
+            timeout=10,
+        )
+        assert sent.status_code == 202, sent.text
+    finally:
+        os.killpg(shell.pid, signal.SIGTERM)
+        shell.wait(timeout=30)
+    assert asked.read_text().split() == ["install", "-e", "."]
+    output = log.read_text()
+    assert "using the in-process sandbox provider" in output
+    assert "bridge: stopped" in output, output  # drained on SIGTERM
+    assert (work / "sms-bridge.db").exists()
+    assert (work / ".venv" / "bin" / "activate").exists()
 
 
 @pytest.mark.slow
@@ -456,6 +754,68 @@ async def test_the_grafana_recipe_accepts_what_grafana_sends_by_default(
     assert response.status_code == 202, response.text
 
 
+async def test_the_alertmanager_yaml_authenticates_to_the_recipes_route(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """What the recipe's alertmanager.yml makes Alertmanager send (the `authorization`
+    type and the credentials file's text, which the text says is the route's token, to
+    the URL's path) is taken by the recipe's route; without it, 401."""
+    import yaml
+
+    config = recipe_route("alertmanager", tmp_path, sandbox_url)
+    [block] = blocks_in(section_of(RECIPES, "Prometheus Alertmanager"), "yaml")
+    [receiver] = yaml.safe_load(block)["receivers"]
+    [webhook] = receiver["webhook_configs"]
+    authorization = webhook["http_config"]["authorization"]
+    # "copy the token to /etc/alertmanager/sms-bridge.token"; Alertmanager trims it
+    credentials = (tmp_path / "secrets" / "alertmanager.token").read_text().strip()
+    path = httpx.URL(webhook["url"]).path
+    body = (HOOKS / "alertmanager-firing.json").read_bytes()
+    headers = {"content-type": "application/json"}
+    async with running_bridge(config, clock) as (_bridge, url), httpx.AsyncClient() as http:
+        refused = await http.post(f"{url}{path}", content=body, headers=headers)
+        assert refused.status_code == 401
+        response = await http.post(
+            f"{url}{path}",
+            content=body,
+            headers={**headers, "Authorization": f"{authorization['type']} {credentials}"},
+        )
+    assert response.status_code == 202, response.text
+    assert len(response.json()["ids"]) == 2  # the oncall group
+
+
+async def test_the_uptime_kuma_recipe_texts_its_webhook_with_the_token(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """Uptime Kuma's webhook (its JSON: `heartbeat`, `monitor`, `msg`) with the header the
+    recipe puts in its Additional Headers; the route named in the recipe's URL."""
+    config = recipe_route("uptime-kuma", tmp_path, sandbox_url)
+    section = section_of(RECIPES, "Uptime Kuma, Netdata, Synology, QNAP")
+    headers = json.loads(re.search(r"`(\{\"Authorization\": .*?\})`", section).group(1))  # type: ignore[union-attr]
+    token = (tmp_path / "secrets" / "uptime-kuma.token").read_text().strip()
+    headers["Authorization"] = headers["Authorization"].replace("TOKEN", token)
+    path = httpx.URL(re.search(r"`(https://\S+/hooks/\S+)`", section).group(1)).path  # type: ignore[union-attr]
+    down = "[NAS web UI] [\U0001f534 Down] connect ECONNREFUSED 192.168.1.20:443"
+    notification = {
+        "heartbeat": {
+            "monitorID": 3,
+            "status": 0,
+            "time": "2026-11-30 22:14:05.123",
+            "msg": "connect ECONNREFUSED 192.168.1.20:443",
+            "important": True,
+        },
+        "monitor": {"id": 3, "name": "NAS web UI", "url": "https://192.168.1.20", "type": "http"},
+        "msg": down,
+    }
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        refused = await http.post(f"{url}{path}", json=notification)
+        assert refused.status_code == 401
+        response = await http.post(f"{url}{path}", json=notification, headers=headers)
+        assert response.status_code == 202, response.text
+        texts = {(await bridge.store.get(i)).text for i in response.json()["ids"]}
+    assert texts == {down}
+
+
 async def test_the_jenkins_recipe_texts_a_jenkins_notification(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
@@ -494,6 +854,16 @@ def test_senders_are_pointed_at_an_address_the_bridge_serves() -> None:
     reach = section_of(RECIPES, "Reaching the bridge from other hosts")
     assert 'listen = "0.0.0.0:8080"' in reach and "[tokens." in reach
     assert "reverse_proxy 127.0.0.1:8080" in reach  # TLS in front of the loopback bridge
+    # No nginx here: its block proxies to where the section's bridge listens, passes the
+    # Host its allowed_hosts judges and the client address its trusted_proxies believes.
+    behind = section_of(RECIPES, "Behind a reverse proxy")
+    [nginx] = blocks_in(behind, "nginx")
+    [toml] = blocks_in(behind, "toml")
+    listen = tomllib.loads(toml)["http"]["listen"]
+    assert f"proxy_pass http://{listen};" in nginx
+    assert "proxy_set_header Host $host;" in nginx
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in nginx
+    assert tomllib.loads(toml)["http"]["trusted_proxies"] == ["127.0.0.1/32"]
 
 
 @pytest.mark.slow  # runs a subprocess
@@ -576,6 +946,123 @@ async def test_the_recipes_remote_curl_sends_with_the_scripts_token(
         assert code == "202", answer
         assert json.loads(" ".join(answer))["ids"] == [1, 2]  # the oncall group's phones
         assert (await bridge.store.get(1)).text == "backup of nas-1 failed"
+
+
+@pytest.mark.slow  # runs bash
+async def test_the_recipes_curl_on_the_proxied_bridges_own_host(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """The "Any script" token block on the bridge's own host (`http://127.0.0.1:8080`, as
+    the text says), against the bridge of "A TLS proxy in front": its `allowed_hosts`
+    names only the proxy's name, and loopback names are served whatever the list (when a
+    list replaced them, every local script and the console got 400 "Host '127.0.0.1:8080'
+    is not served here")."""
+    [snippet] = [s for s in toml_snippets(RECIPES) if "[tokens.scripts]" in s][:1]
+    body = (
+        f'[store]\npath = "{tmp_path / "bridge.db"}"\n'
+        f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
+        + toml_snippets(RECIPES)[0]
+        + with_secret_files(snippet, tmp_path)
+    )
+    config = load_config(write_config(tmp_path, body), env={})
+    token = (tmp_path / "secrets" / "scripts.token").read_text()
+    [local, remote] = blocks_in(section_of(RECIPES, "Any script"), "sh")
+    assert "`http://127.0.0.1:8080` in place of\n`https://sms-bridge.example.org`" in (
+        section_of(RECIPES, "Any script")
+    )
+    home = tmp_path / "home"
+    (home / ".config").mkdir(parents=True)
+    (home / ".config" / "sms-bridge.token").write_text(token)
+    async with running_bridge(config, clock) as (_bridge, url), httpx.AsyncClient() as http:
+        port = url.rpartition(":")[2]
+        block = remote.replace("https://sms-bridge.example.org", f"http://127.0.0.1:{port}")
+        *answer, code = await _curl_block(block, "", tmp_path, home)
+        assert code == "202", answer
+        console = await http.get(f"http://localhost:{port}/ui/", follow_redirects=True)
+        assert console.status_code == 200, console.text  # the sign-in page
+        *answer, code = await _curl_block(
+            local.replace("http://127.0.0.1:8080", url), "", tmp_path, home
+        )
+    assert code == "401", answer  # "every API call needs one, from the bridge's own host too"
+
+
+# What each CI sets for its job (names as GitLab and GitHub document them).
+_CI_VARIABLES = {
+    "gitlab": {
+        "CI_PROJECT_PATH": "octo-group/api",
+        "CI_PIPELINE_ID": "4211",
+        "CI_COMMIT_REF_NAME": "main",
+    },
+    "github": {
+        "GITHUB_REPOSITORY": "octo-org/api",
+        "GITHUB_WORKFLOW": "test",
+        "GITHUB_REF_NAME": "main",
+        "GITHUB_RUN_ID": "9912",
+    },
+}
+
+
+def _ci_scripts() -> dict[str, str]:
+    """The shell each CI block runs on failure, as the CI reads it from the YAML."""
+    import yaml
+
+    gitlab, github = (
+        yaml.safe_load(block)
+        for block in blocks_in(section_of(RECIPES, "A CI job (GitLab CI, GitHub Actions)"), "yaml")
+    )
+    job = gitlab["sms-on-failure"]
+    assert job["when"] == "on_failure" and job["stage"] == ".post"
+    assert job["image"]["entrypoint"] == [""]
+    [gitlab_script] = job["script"]
+    *_, step = github["jobs"]["test"]["steps"]
+    assert step["if"] == "failure()"
+    assert step["env"] == {"SMS_BRIDGE_TOKEN": "${{ secrets.SMS_BRIDGE_TOKEN }}"}
+    return {"gitlab": gitlab_script, "github": step["run"]}
+
+
+@pytest.mark.slow  # runs bash
+async def test_the_ci_jobs_text_oncall_with_the_ci_token(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """Each CI block's script, run by bash with the variables its CI sets and the token
+    in SMS_BRIDGE_TOKEN, against the bridge of the recipe's [tokens.ci] (HTTPS, as the
+    URL says): the text reaches the oncall group; a wrong token fails the job (curl -f)
+    and stores nothing."""
+    # The bridge of "A TLS proxy in front" (the name the URL uses), with the CI's token.
+    [proxied] = [s for s in toml_snippets(RECIPES) if "[tokens.scripts]" in s][:1]
+    [snippet] = [s for s in toml_snippets(RECIPES) if "[tokens.ci]" in s]
+    config = load_config(_tls_bridge_config(tmp_path, sandbox_url, proxied + snippet), env={})
+    token = (tmp_path / "secrets" / "ci.token").read_text().strip()
+    async with running_bridge(config, clock) as (bridge, url):
+        options = (
+            f"--connect-to sms-bridge.example.org:443:127.0.0.1:{url.rpartition(':')[2]} "
+            f"--cacert {tmp_path / 'ca.pem'}"
+        )
+        for ci, script in _ci_scripts().items():
+            script = script.replace("curl ", f"curl {options} ", 1)
+            for secret, expected in (("wrong-token-wrong-token", 22), (token, 0)):
+                proc = await asyncio.create_subprocess_exec(
+                    "bash",
+                    "-e",
+                    "-c",
+                    script,
+                    cwd=tmp_path,
+                    env=clean_env(SMS_BRIDGE_TOKEN=secret, **_CI_VARIABLES[ci]),
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+                out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+                assert proc.returncode == expected, (ci, out, err)
+            ids = json.loads(out)["ids"]
+            assert len(ids) == 2, out  # the oncall group's phones
+            message = await bridge.store.get(ids[0])
+            assert message.token == "ci"
+            texts = {
+                "gitlab": "octo-group/api: pipeline 4211 failed on main",
+                "github": "octo-org/api: test failed on main",
+            }
+            assert message.text == texts[ci]
+        assert await bridge.store.get(5) is None  # the refused calls stored nothing
 
 
 async def test_the_readme_remote_curl_sends_with_the_deploy_token(

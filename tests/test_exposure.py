@@ -80,7 +80,10 @@ async def test_allowed_hosts_lists_the_names_served(
                 "SMS.example.org:8443",
                 "a.ops.example",
                 "ops.example",
-                "localhost",  # a list replaces the defaults
+                "localhost",  # loopback names are served whatever the list
+                "127.0.0.1:8080",
+                "[::1]",
+                "192.0.2.10",  # but the list replaces the other defaults
                 "sms.example.org.attacker.example",
             )
         }
@@ -89,7 +92,10 @@ async def test_allowed_hosts_lists_the_names_served(
             "SMS.example.org:8443": 202,
             "a.ops.example": 202,
             "ops.example": 400,
-            "localhost": 400,
+            "localhost": 202,
+            "127.0.0.1:8080": 202,
+            "[::1]": 202,
+            "192.0.2.10": 400,
             "sms.example.org.attacker.example": 400,
         }
         # A reload that changes the list applies to the next request.
@@ -253,7 +259,7 @@ def test_every_secret_field_is_masked_in_the_log(tmp_path) -> None:
             [sandbox]
             api_key = "sbx"
             [smtp.users]
-            ups = "ups-password"
+            ups = "ups-password-0123"
             [routes.j]
             format = "generic"
             to = ["+12025550143"]
@@ -285,12 +291,12 @@ def test_every_secret_field_is_masked_in_the_log(tmp_path) -> None:
 
     line = logged(
         "%s %s %s %s and a",
-        "ups-password",
+        "ups-password-0123",
         "route-basic-password",
         "deploy-token-0123456789abcdef",
         "sbx",
     )
-    for secret in ("ups-password", "route-basic-password", "deploy-token", "sbx"):
+    for secret in ("ups-password-0123", "route-basic-password", "deploy-token", "sbx"):
         assert secret not in line
     assert line.count("***") == 4 and "jenkins" not in line and " and a" in line
     try:

@@ -485,7 +485,7 @@ def test_sighup_applies_smtp_auth_users_networks_sizes_and_limits(tmp_path) -> N
                 """
                 require_auth = true
                 auth_allow_plaintext = true
-                users = {ups = "first-password"}
+                users = {ups = "first-password-0123"}
                 max_message_bytes = 2000
                 max_sessions_per_client = 3
                 """,
@@ -495,7 +495,7 @@ def test_sighup_applies_smtp_auth_users_networks_sizes_and_limits(tmp_path) -> N
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as client:
             client.ehlo("after")
             assert client.mail("a@example.org")[0] == 530  # require_auth, for new sessions
-            client.login("ups", "first-password")
+            client.login("ups", "first-password-0123")
             assert client.mail("a@example.org")[0] == 250
             client.rcpt(rcpt[0])
             assert client.data(_mail(3000))[0] == 552  # max_message_bytes
@@ -528,7 +528,7 @@ def test_sighup_applies_smtp_auth_users_networks_sizes_and_limits(tmp_path) -> N
         )
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) as client:
             with pytest.raises(smtplib.SMTPAuthenticationError):
-                client.login("ups", "first-password")  # users replaced
+                client.login("ups", "first-password-0123")  # users replaced
             client.login("ups", "second-password")
             code, text = client.mail("a@example.org")
             assert code == 550 and b"127.0.0.1 is not allowed" in text  # allowed_networks

@@ -44,7 +44,7 @@ def test_an_smtp_user_with_an_empty_password_is_refused(tmp_path: Path) -> None:
     the user then passed AUTH with its login and nothing else, so with `require_auth`
     anyone who named it could text. Refused like a short API token, naming the user."""
     (tmp_path / "ups.pw").write_text("\n")
-    (tmp_path / "nas.pw").write_text("nas-password\n")
+    (tmp_path / "nas.pw").write_text("nas-password-0123\n")
     body = (
         "[smtp]\nrequire_auth = true\nauth_allow_plaintext = true\n"
         f'users = {{ups_file = "{tmp_path / "ups.pw"}", nas_file = "{tmp_path / "nas.pw"}",'
@@ -115,9 +115,21 @@ def test_an_smtp_user_with_an_empty_password_is_refused(tmp_path: Path) -> None:
             'allowed_networks = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"]\n',
             [],
         ),
+        # AUTH without TLS beyond loopback: refused, unless the loud override says it.
         (
             REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nrequire_auth = true\n'
-            'auth_allow_plaintext = true\nusers = { ups = "ups-password" }\n',
+            'auth_allow_plaintext = true\nusers = { ups = "ups-password-0123" }\n',
+            ["smtp.auth_allow_plaintext"],
+        ),
+        (
+            REAL + '[smtp]\nlisten = "0.0.0.0:2525"\nrequire_auth = true\n'
+            'auth_allow_plaintext = true\nusers = { ups = "ups-password-0123" }\n'
+            "dangerously_allow_plaintext_auth_beyond_loopback = true\n",
+            [],
+        ),
+        (
+            REAL + '[smtp]\nlisten = "[::1]:2525"\nrequire_auth = true\n'
+            'auth_allow_plaintext = true\nusers = { ups = "ups-password-0123" }\n',
             [],
         ),
         # Routes: any authentication, or public = true said out loud.
@@ -281,7 +293,7 @@ def test_check_config_warns_when_a_world_readable_file_holds_secrets(open_tmp) -
     inline = write_config(
         open_tmp,
         '[routes.am]\nformat = "generic"\nto = ["+12025550143"]\ntoken = "route-token-inline"\n'
-        '[smtp.users]\nups = "ups-password"\n',
+        '[smtp.users]\nups = "ups-password-0123"\n',
         name="inline.toml",
     )
     from_files = write_config(
@@ -335,7 +347,7 @@ def test_a_file_in_a_directory_others_cannot_enter_is_no_warning(open_tmp) -> No
     config = write_config(
         inner,
         f'[routes.am]\nformat = "generic"\nto = ["+12025550143"]\ntoken_file = "{token}"\n'
-        '[smtp.users]\nups = "ups-password"\n',
+        '[smtp.users]\nups = "ups-password-0123"\n',
     )
     for path in (token, config):
         path.chmod(0o644)
@@ -390,7 +402,7 @@ def test_inline_secrets_and_secret_values_come_from_the_secret_fields(tmp_path) 
         [sandbox]
         api_key = "sandbox-secret"
         [smtp.users]
-        ups = "ups-password"
+        ups = "ups-password-0123"
         nas_file = "{password}"
         [routes.j]
         format = "generic"
@@ -408,7 +420,7 @@ def test_inline_secrets_and_secret_values_come_from_the_secret_fields(tmp_path) 
         [
             "env-api-key",
             "sandbox-secret",
-            "ups-password",
+            "ups-password-0123",
             "basic-pass-from-file",
             "basic-pass-from-file",
             "hmac-secret-0123456789",
@@ -503,32 +515,6 @@ def test_tokens_from_the_environment(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_the_docker_recipe_is_protected_and_refused_without_its_tokens(tmp_path) -> None:
-    """The environment docs/recipes.md and the Dockerfile give, on the image's listeners."""
-    (tmp_path / "sms_api_key").write_text("live-key-123\n")
-    (tmp_path / "deploy_token").write_text(TOKEN + "\n")
-    image = {
-        "SMS_BRIDGE_STORE_PATH": str(tmp_path / "sms-bridge.db"),
-        "SMS_BRIDGE_SMTP_LISTEN": "0.0.0.0:2525",
-        "SMS_BRIDGE_HTTP_LISTEN": "0.0.0.0:8080",
-    }
-    recipe = {
-        "SMS_BRIDGE_PROVIDER_BASE_URL": "https://sms.massej.li/api/v1",
-        "SMS_BRIDGE_PROVIDER_API_KEY_FILE": str(tmp_path / "sms_api_key"),
-        "SMS_BRIDGE_TOKENS_DEPLOY_TOKEN_FILE": str(tmp_path / "deploy_token"),
-        "SMS_BRIDGE_TOKENS_DEPLOY_SCOPES": "send",
-        "SMS_BRIDGE_SMTP_ALLOWED_NETWORKS": "192.0.2.0/24",
-        "SMS_BRIDGE_HTTP_ALLOWED_HOSTS": "sms-bridge.example.org",
-    }
-    ok = run("check-config", cwd=tmp_path, env={**image, **recipe})
-    assert ok.returncode == 0, ok.stderr
-    assert TOKEN not in ok.stdout and "live-key-123" not in ok.stdout
-    bare = {k: v for k, v in recipe.items() if "TOKENS" not in k and "ALLOWED" not in k}
-    refused = run("check-config", cwd=tmp_path, env={**image, **bare})
-    assert refused.returncode == 78
-    assert "  http.listen: " in refused.stderr and "  smtp.listen: " in refused.stderr
-
-
 async def test_a_reload_cannot_open_what_the_running_provider_would_send_through(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:
@@ -645,3 +631,46 @@ def test_a_store_url_is_secret_for_its_password(tmp_path, url: str, secrets: lis
     path = write_config(tmp_path, f'[store]\nurl = "{url}"\n')
     assert secret_values(load_config(path, env={})) == [*secrets, "sandbox-key"]
     assert inline_secrets(path) == (["store.url"] if secrets else [])
+
+
+@pytest.mark.slow
+def test_plaintext_auth_beyond_loopback_is_refused_or_said_out_loud(tmp_path) -> None:
+    """`smtp.auth_allow_plaintext` on a listener other machines reach sends every SMTP
+    password in clear text across the network: with a real provider it is refused unless
+    the loudly named override is set, and then (as with the sandbox) check-config and
+    the service's log warn about it each time."""
+    smtp = (
+        '[smtp]\nlisten = "0.0.0.0:2525"\nrequire_auth = true\nauth_allow_plaintext = true\n'
+        'users = { ups_file = "ups.pw" }\n'
+    )
+    (tmp_path / "ups.pw").write_text("ups-password-0123\n")
+    store = f'[store]\npath = "{tmp_path / "b.db"}"\n'
+    refused = write_config(tmp_path, store + REAL + smtp, "refused.toml")
+    result = run("check-config", str(refused), cwd=tmp_path)
+    assert result.returncode == 78, result.stderr
+    assert "  smtp.auth_allow_plaintext: 0.0.0.0:2525 is reachable from the network" in (
+        result.stderr
+    )
+    assert "smtp.dangerously_allow_plaintext_auth_beyond_loopback = true" in result.stderr
+    overridden = write_config(
+        tmp_path,
+        store + REAL + smtp + "dangerously_allow_plaintext_auth_beyond_loopback = true\n",
+        "overridden.toml",
+    )
+    sandbox = write_config(tmp_path, store + smtp, "sandbox.toml")
+    for path in (overridden, sandbox):
+        os.chmod(path, 0o600)
+        result = run("check-config", str(path), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert (
+            "warning: smtp.auth_allow_plaintext: SMTP passwords may be sent in clear text to "
+            "0.0.0.0:2525, which is reachable from the network"
+        ) in result.stderr
+        assert "ups-password-0123" not in result.stdout + result.stderr
+    loopback = write_config(
+        tmp_path, store + REAL + smtp.replace("0.0.0.0", "127.0.0.1"), "loopback.toml"
+    )
+    os.chmod(loopback, 0o600)
+    result = run("check-config", str(loopback), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning:" not in result.stderr

@@ -10,7 +10,13 @@ import sys
 
 import pytest
 
-from bridge.config import MAKE_SECRET, MIN_SECRET_CHARS, load_config
+from bridge.config import (
+    MAKE_SECRET,
+    MAKE_SMTP_PASSWORD,
+    MIN_SECRET_CHARS,
+    MIN_SMTP_PASSWORD_CHARS,
+    load_config,
+)
 from bridge.errors import ConfigError
 from tests.helpers import write_config
 from tests.test_protected import run
@@ -85,3 +91,33 @@ def test_the_floor_is_sixteen_characters(tmp_path) -> None:
     with pytest.raises(ConfigError):
         load_config(write_config(tmp_path, body.format("0123456789abcde")), env={})  # 15
     load_config(write_config(tmp_path, body.format("0123456789abcdef")), env={})  # 16
+
+
+def test_an_smtp_password_shorter_than_nists_floor_is_refused(tmp_path) -> None:
+    """`[smtp.users]` passwords are the only factor of an SMTP login: under the 15
+    characters NIST SP 800-63B-4 sets for such a password, refused by the user's key (from
+    the file, a `*_file` or the environment alike), never printing the password."""
+    assert MIN_SMTP_PASSWORD_CHARS == 15
+    short, enough = "ups-pass-01234", "ups-pass-012345"  # 14 and 15 characters
+    (tmp_path / "nas.pw").write_text(short + "\n")
+    body = f'[smtp]\nusers = {{ups = "{short}", nas_file = "nas.pw", pdu = "{enough}"}}\n'
+    with pytest.raises(ConfigError) as refused:
+        load_config(write_config(tmp_path, body), env={})
+    problems = dict(refused.value.problems)
+    assert sorted(problems) == ["smtp.users.nas", "smtp.users.ups"]
+    assert "an SMTP password needs at least 15 characters" in problems["smtp.users.ups"]
+    made = subprocess.run(  # the command it names makes one that fits a 15-character field
+        MAKE_SMTP_PASSWORD.replace("python3", sys.executable, 1),
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert MAKE_SMTP_PASSWORD in problems["smtp.users.ups"] and len(made) == 15
+    assert short not in str(refused.value)
+    (tmp_path / "nas.pw").write_text(enough + "\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(write_config(tmp_path, body), env={"SMS_BRIDGE_SMTP_USERS": f"ups={short}"})
+    assert [k for k, _ in refused.value.problems] == ["smtp.users.ups"]
+    body = body.replace(short, enough)
+    assert load_config(write_config(tmp_path, body), env={}).smtp.users["ups"] == enough

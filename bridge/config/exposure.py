@@ -115,6 +115,34 @@ def as_reloaded(new: Config, running: Config) -> tuple[Config, list[str]]:
     return dataclasses.replace(new, **sections), waiting
 
 
+PLAINTEXT_OVERRIDE = "smtp.dangerously_allow_plaintext_auth_beyond_loopback"
+
+
+def plaintext_auth_beyond_loopback(config: Config) -> str | None:
+    """The non-loopback `smtp.listen` on which `[smtp.users]` may log in without TLS
+    (`smtp.auth_allow_plaintext`), or None. Their passwords cross the network there in
+    clear text (base64 is no encryption): anyone on the path may read and reuse them."""
+    smtp = config.smtp
+    host = _listen_host(smtp.listen)
+    if not (smtp.auth_allow_plaintext and smtp.users) or host is None or is_loopback_host(host):
+        return None
+    return smtp.listen
+
+
+def plaintext_auth_warnings(config: Config) -> list[str]:
+    """What check-config, `serve` and each reload say while SMTP passwords may cross the
+    network in clear text (allowed by the sandbox, or by protected mode's override)."""
+    listen = plaintext_auth_beyond_loopback(config)
+    if listen is None:
+        return []
+    override = " (" + PLAINTEXT_OVERRIDE + " = true)" if config.provider.base_url else ""
+    return [
+        f"smtp.auth_allow_plaintext: SMTP passwords may be sent in clear text to {listen},"
+        f" which is reachable from the network{override}: anyone on the path can read"
+        " them; set smtp.tls_cert and turn auth_allow_plaintext off"
+    ]
+
+
 def protection_problems(config: Config) -> list[tuple[str, str]]:
     """What protected mode refuses in `config` (see `validate_protected`)."""
     problems: list[tuple[str, str]] = []
@@ -184,6 +212,15 @@ def validate_protected(config: Config, problem: Callable[[str, str], None]) -> N
                     'your senders in smtp.allowed_networks (e.g. ["192.0.2.0/24"]), set '
                     "smtp.require_auth with [smtp.users], or listen on 127.0.0.1",
                 )
+    plaintext = plaintext_auth_beyond_loopback(config)
+    if plaintext is not None and not smtp.dangerously_allow_plaintext_auth_beyond_loopback:
+        problem(
+            "smtp.auth_allow_plaintext",
+            f"{plaintext} is reachable from the network and AUTH there would send "
+            f"[smtp.users] passwords in clear text {real}: set smtp.tls_cert (STARTTLS) "
+            f"and turn auth_allow_plaintext off, listen on 127.0.0.1, or, knowing anyone "
+            f"on the path can read them, set {PLAINTEXT_OVERRIDE} = true",
+        )
     if http_host is None:
         return  # no HTTP listener: the routes cannot be reached
     for name, route in config.routes.items():

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bridge.config.exposure import plaintext_auth_warnings
 from bridge.config.parsing import config_dir, resolve_path, url_passwords
 from bridge.config.sections import ENV_PREFIX, SECTIONS, Config, RouteConfig, TokenConfig
 from bridge.permissions import readable_by_everyone
@@ -180,7 +181,7 @@ def exposed_secrets(
     """Why files' modes expose secrets (`check-config`, `serve`, each SIGHUP): the config
     file's inline ones, a secret file it or the environment names (`SMS_BRIDGE_..._FILE`,
     read relative to the current directory as the loader reads it), or a listener's TLS
-    private key."""
+    private key; and SMTP passwords allowed in clear text on a listener beyond loopback."""
     named = secret_env_files(env)
     named += [
         (f"{section}.tls_key", key)
@@ -201,4 +202,4 @@ def exposed_secrets(
             f"{path} is readable by every user and holds secrets ({', '.join(keys)}): "
             f"chmod 600 {path}, or move them to *_file keys",
         )
-    return warnings
+    return warnings + plaintext_auth_warnings(config)

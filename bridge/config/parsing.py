@@ -55,7 +55,7 @@ def from_env_text(text: str, kind: str, default: object) -> object:
         if any(len(p) != 2 for p in pairs):
             raise ValueError("expected name=value pairs separated by commas")
         return {k.strip(): v.strip() for k, v in pairs}
-    if kind == "rules":  # a TOML array of inline tables
+    if kind in ("rules", "lists"):  # a TOML array of inline tables, or an inline table
         return tomllib.loads(f"v = {text}")["v"]
     if kind == "list":
         if text.strip().startswith("["):
@@ -95,11 +95,14 @@ def coerce(value: object, kind: str, default: object, base: str | None = None) -
             for k, v in value.items()
         }
     if kind == "list":
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise ValueError("expected a list of strings")
-        return tuple(value)
+        return _strings(value)
+    if kind == "lists":
+        if not isinstance(value, dict):
+            raise ValueError('expected a table of name = ["text", ...]')
+        try:
+            return {k: _strings(v) for k, v in value.items()}
+        except ValueError as exc:
+            raise ValueError(f'expected a table of name = ["text", ...]: {exc}') from None
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError("expected true or false")
@@ -115,6 +118,14 @@ def coerce(value: object, kind: str, default: object, base: str | None = None) -
     if not isinstance(value, str):
         raise ValueError("expected a string")
     return value
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of strings")
+    return tuple(value)
 
 
 def config_dir(path: str | os.PathLike[str]) -> str:

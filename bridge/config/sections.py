@@ -32,7 +32,8 @@ def _opt(default: Any, kind: str = "", secret: bool | str = False) -> Any:
     address worth showing (`bridge.config.masking.secret_values`)."""
     if isinstance(default, dict):
         return field(
-            default_factory=lambda: dict(default), metadata={"kind": "table", "secret": secret}
+            default_factory=lambda: dict(default),
+            metadata={"kind": kind or "table", "secret": secret},
         )
     if isinstance(default, list | tuple):
         return field(default=tuple(default), metadata={"kind": kind or "list", "secret": secret})
@@ -81,8 +82,14 @@ class SmtpConfig:
     allowed_networks: tuple[str, ...] = _opt([])  # CIDRs; empty: any client
     allowed_senders: tuple[str, ...] = _opt([])  # MAIL FROM globs, "<>" the null sender; empty: any
     require_auth: bool = _opt(False)
-    auth_allow_plaintext: bool = _opt(False)
+    auth_allow_plaintext: bool = _opt(False)  # AUTH before STARTTLS: loopback listeners only
+    # ...unless this, with a real provider: every password then crosses the network in
+    # clear text, readable by anyone on the path (check-config and the log say so).
+    dangerously_allow_plaintext_auth_beyond_loopback: bool = _opt(False)
     users: Mapping[str, str] = _opt({}, secret=True)  # login -> password
+    # login -> the numbers and groups it may text (as a route's `to`); a login not named
+    # here may text any recipient, as may a session that does not log in
+    user_recipients: Mapping[str, tuple[str, ...]] = _opt({}, "lists")
     tls_cert: str = _opt("", "path")
     tls_key: str = _opt("", "path")
     tls_listen: str = _opt("")  # implicit TLS (port 465 style); needs tls_cert
@@ -257,6 +264,13 @@ SCOPES = ("send", "read", "admin", "metrics")
 # that get pasted into configs, and fits every sender's secret field (GitHub, GitLab and
 # Grafana take any length; a UPS card's 15-character field is an SMTP password, not here).
 MIN_SECRET_CHARS = 16
+# Shortest `[smtp.users]` password. NIST SP 800-63B-4 (2024, section 3.1.1.2): a password
+# that is the only factor SHALL be at least 15 characters; an SMTP login is one. It fits
+# the shortest password field of the senders these are for (a UPS card's takes 15), and
+# turns away the "changeme" and "ups123" that devices are set up with.
+MIN_SMTP_PASSWORD_CHARS = 15
+# 15 characters (88 random bits): fits that field, where MAKE_SECRET's 43 may not.
+MAKE_SMTP_PASSWORD = "python3 -c 'import secrets; print(secrets.token_urlsafe(11))'"
 MAX_REQUESTS_PER_MINUTE = 100_000  # provider.requests_per_minute, `sandbox --requests-per-minute`
 MAKE_SECRET = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 

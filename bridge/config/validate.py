@@ -20,8 +20,10 @@ from bridge.config.parsing import parse_listen, template_problem, url_passwords
 from bridge.config.recipients import Recipients
 from bridge.config.sections import (
     MAKE_SECRET,
+    MAKE_SMTP_PASSWORD,
     MAX_REQUESTS_PER_MINUTE,
     MIN_SECRET_CHARS,
+    MIN_SMTP_PASSWORD_CHARS,
     SANDBOX_VARIANTS,
     SCOPES,
     Config,
@@ -131,6 +133,12 @@ def _validate_sections(config: Config, problem: Problem) -> None:
                 f"smtp.users.{login}",
                 "an empty password (an empty *_file?): anyone naming this login could send",
             )
+        elif why := _short_secret(
+            password, MIN_SMTP_PASSWORD_CHARS, "an SMTP password", MAKE_SMTP_PASSWORD
+        ):
+            # A login is the only factor, and a short one falls to guessing spread over
+            # time and addresses, however the lockout slows each client.
+            problem(f"smtp.users.{login}", why)
     if smtp.require_auth and not smtp.tls_cert and not smtp.auth_allow_plaintext:
         problem("smtp.require_auth", "AUTH needs TLS (smtp.tls_cert) or smtp.auth_allow_plaintext")
     for index, net in enumerate(smtp.allowed_networks):
@@ -254,6 +262,15 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
     named = [("budget.admin", config.budget.admin)] + [
         (f"routes.{name}.to", route.to) for name, route in config.routes.items()
     ]
+    for login, targets in config.smtp.user_recipients.items():
+        key = f"smtp.user_recipients.{login}"
+        if login not in config.smtp.users:
+            problem(key, f"no user {login!r} in [smtp.users]")
+        elif not targets:
+            # Refused rather than read as "anyone": an empty allow-list texting everyone
+            # is the opposite of what it says.
+            problem(key, "empty: this user could text no one; remove it to allow anyone")
+        named.append((key, targets))
     for key, targets in named:
         for index, target in enumerate(targets):
             if recipients.group(target) is not None:
@@ -261,15 +278,14 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
             check_number(f"{key}[{index}]", target, "neither a group nor an allowed number: ")
 
 
-def _short_secret(value: str) -> str | None:
+def _short_secret(
+    value: str, minimum: int = MIN_SECRET_CHARS, what: str = "a secret", make: str = MAKE_SECRET
+) -> str | None:
     """Why a caller's secret is too short to keep guessing out, or None."""
-    if len(value) >= MIN_SECRET_CHARS:
+    if len(value) >= minimum:
         return None
     # Never the secret, nor its length: check-config's output lands in logs and tickets.
-    return (
-        f"too short: a secret needs at least {MIN_SECRET_CHARS} characters;"
-        f" make one with `{MAKE_SECRET}`"
-    )
+    return f"too short: {what} needs at least {minimum} characters; make one with `{make}`"
 
 
 def _validate_tokens(config: Config, problem: Problem) -> None:
@@ -315,6 +331,10 @@ def _validate_listener_limits(config: Config, problem: Problem) -> None:
         (
             "smtp",
             (
+                # 0 read as "no limit" in aiosmtpd: a session then buffered whatever a
+                # client sent (gigabytes), and max_recipients 0 refused every RCPT.
+                "max_message_bytes",
+                "max_recipients",
                 "max_sessions",
                 "max_sessions_per_client",
                 "max_lines",

@@ -5,7 +5,9 @@ Recipients are checked at RCPT (`NUMBER@DOMAIN` or `GROUP@DOMAIN`, domains from
 allowlists), and DATA answers 250 only once `Ingestor.submit` has committed; 451 when the
 store cannot write, so the client keeps the mail and retries. Bounces, auto-replies and
 reports are stored as `suppressed`, never texted on. AUTH PLAIN/LOGIN against
-`[smtp.users]`, only over TLS unless `smtp.auth_allow_plaintext`.
+`[smtp.users]`, only over TLS unless `smtp.auth_allow_plaintext`; a logged-in user texts
+only its `smtp.user_recipients` (when listed), its mail deduplicated among its own and
+stored as sent by `smtp:LOGIN` (the API's `token`).
 
 Session limits live in `bridge.ingress.smtplimits`; here the mail is parsed in a worker thread
 under MIME depth, part and time bounds. Every session
@@ -25,7 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, LoginPassword, Session
 
 from bridge.addresses import in_networks, parse_network
 from bridge.clock import zone
@@ -75,6 +77,20 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     return context
+
+
+def smtp_login(session: Session) -> str | None:
+    """The `[smtp.users]` login this session authenticated as, or None."""
+    auth: Any = session.auth_data
+    if not session.authenticated or not isinstance(auth, LoginPassword):
+        return None
+    return bytes(auth.login).decode("utf-8", errors="surrogateescape")
+
+
+def sent_by(login: str | None) -> str | None:
+    """Who a message is stored as sent by (its `token`): `smtp:LOGIN`. No token name
+    holds a `:`, so an SMTP user is never counted against a token's daily cap."""
+    return None if login is None else f"smtp:{login}"
 
 
 def unreadable(address: str, exc: Unavailable, session: Session) -> str:
@@ -176,6 +192,10 @@ class SmtpHandler:
         self.recipients = recipients
         self.authenticator = Authenticator(dict(smtp.users), self.failed_logins)
         self.domains = {d.lower() for d in smtp.domains}
+        self.user_recipients = {
+            login: allowed_numbers(recipients, targets)
+            for login, targets in smtp.user_recipients.items()
+        }
         self.networks = [parse_network(n) for n in smtp.allowed_networks]
         return problems
 
@@ -253,6 +273,19 @@ class SmtpHandler:
         return "250 2.1.0 OK"
 
     # -- recipients ----------------------------------------------------------------------
+    def not_allowed(self, login: str | None, numbers: list[str]) -> str | None:
+        """Why the SMTP user `login` may not text one of `numbers`, or None.
+
+        A user a reload removed from `[smtp.users]` may text no one from a session it
+        logged in to before: read from the lists in force, it was no longer listed in
+        `smtp.user_recipients` either, and so could text anyone."""
+        if login is not None and login not in self.smtp.users:
+            return f"smtp user {login!r} is no longer in [smtp.users]"
+        allowed = self.user_recipients.get(login) if login is not None else None
+        if allowed is None or allowed.issuperset(numbers):
+            return None
+        return f"smtp user {login!r} may not text it (smtp.user_recipients.{login})"
+
     def resolve(self, address: str) -> list[str]:
         """`NUMBER@DOMAIN` or `GROUP@DOMAIN` -> E.164 numbers; InputError says why not."""
         local, at, domain = address.rpartition("@")
@@ -278,7 +311,7 @@ class SmtpHandler:
         if len(envelope.rcpt_tos) >= self.smtp.max_recipients:
             return f"452 4.5.3 Too many recipients (at most {self.smtp.max_recipients})"
         try:
-            self.resolve(address)
+            numbers = self.resolve(address)
         except PhoneError as exc:
             typo = unknown_group(address.rpartition("@")[0])
             return f"550 5.1.1 <{address}>: {typo or exc}"
@@ -290,6 +323,8 @@ class SmtpHandler:
             return f"550 5.1.1 <{address}>: {exc.message}"
         except Unavailable as exc:  # this recipient only: the MTA retries it, the rest go
             return unreadable(address, exc, session)
+        if why := self.not_allowed(smtp_login(session), numbers):
+            return f"550 5.7.1 <{address}>: {why}"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
@@ -418,9 +453,13 @@ class SmtpHandler:
         if isinstance(mail, str):
             return mail
         recipients: dict[str, None] = {}
+        login = smtp_login(session)
         for address in envelope.rcpt_tos:
             try:
-                recipients.update(dict.fromkeys(self.resolve(address)))
+                numbers = self.resolve(address)
+                if why := self.not_allowed(login, numbers):
+                    raise InputError("recipient", why)
+                recipients.update(dict.fromkeys(numbers))
             except InputError as exc:
                 # Accepted at RCPT, refused now: a reload between the two. A 5xx here
                 # bounced the mail for every recipient; on the client's retry RCPT
@@ -444,7 +483,9 @@ class SmtpHandler:
             text=text,
             source="smtp",
             sender_id=self.smtp.sender_id or self.provider.sender_id,
-            scope=dedupe_scope("mail"),
+            # One user's mail never mutes another's (two UPSes, one alert text).
+            scope=dedupe_scope("mail", login),
+            token=sent_by(login),
             dedupe_key=mail_dedupe_key(mail, scheduled_for),
             suppressed_reason=mail.loop_reason,
             topic=mail.subject[:32] or None,
@@ -461,6 +502,19 @@ class SmtpHandler:
             log.info("mail stored as suppressed (%s): %s", mail.loop_reason, ids)
         partly = f" (read in part: {mail.truncated})" if mail.truncated else ""
         return f"250 2.0.0 OK: stored as message {ids}{partly}"
+
+
+def allowed_numbers(recipients: Recipients, targets: Sequence[str]) -> frozenset[str]:
+    """The numbers `targets` (numbers and groups, as `smtp.user_recipients` lists them)
+    allow. One that cannot be read now allows nothing (check-config has said why): the
+    list is an allow-list, so what it cannot name stays refused."""
+    allowed: set[str] = set()
+    for target in targets:
+        try:
+            allowed.update(recipients.resolve([target]))
+        except (InputError, Unavailable) as exc:
+            log.warning("smtp.user_recipients: %s allows no one now: %s", target, exc)
+    return frozenset(allowed)
 
 
 def mail_dedupe_key(mail: MailText, scheduled_for: str | None = None) -> str | None:

@@ -72,4 +72,8 @@ class Authenticator:
                     self.throttle.max_failures,
                 )
             self.quiet.warning("smtp-auth", host, "SMTP AUTH failed for %s from %s", who, host)
-        return AuthResult(success=ok, handled=False)
+        # The login rides on the session (`auth_data`): what the user may text, its
+        # dedupe scope and the name its messages are stored under are read from it.
+        # Not the password: nothing needs it once checked.
+        who_logged_in = LoginPassword(auth_data.login, b"") if ok else None
+        return AuthResult(success=ok, handled=False, auth_data=who_logged_in)

@@ -12,12 +12,14 @@
   Both timers run on the event loop's clock, as aiosmtpd's own timer does.
 - Shutdown (`Sessions.shut_down`): a session between mails is told 421 at once; one
   in a mail is answered for it first, then told 421; past the grace, whatever is left.
-- DATA lines (`smtp.max_lines`) and event-loop time: aiosmtpd reads DATA a line at a
-  time, and a line already buffered costs an `await` that never yields, so a mail of
-  1 MB in 3-byte lines held the loop ~1 s (20 at once stalled /healthz 6.5 s). DATA is
-  read through `DataLines`, which yields every `YIELD_EVERY` lines and, past the cap,
-  reads the rest without keeping it; the handler texts the lines read and says so in its
-  250 (`data_cut`). A 552 there bounced long cron mail (an `rsync -v` log) for good.
+- DATA (`MailReader`): the mail read into one buffer, about its size once in memory
+  (aiosmtpd's line list and a reader whose limit was raised to the message size held
+  ~2x, and more at the end); the loop given a turn every YIELD_EVERY pieces (a mail of
+  1 MB in 3-byte lines held it ~1 s); lines past `smtp.max_lines` read and dropped, the
+  handler texting the lines read and saying so in its 250 (`data_cut`: a 552 there
+  bounced long cron mail, an `rsync -v` log, for good).
+- AUTH inside a mail transaction (after MAIL): 503, as RFC 4954 says; aiosmtpd took it.
+  An answer to an AUTH challenge over the line limit: 500 5.5.6, not a traceback.
 - DATA line length: up to the message size (`smtp.max_message_bytes`) during DATA, not
   aiosmtpd's 1001 bytes, which bounced one-line HTML and unwrapped base64 with a 500.
 """
@@ -34,7 +36,7 @@ from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, cast
 
-from aiosmtpd.smtp import SMTP, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 
 from bridge.config import SmtpConfig
 from bridge.ingress.throttle import client_key
@@ -44,7 +46,6 @@ log = logging.getLogger(__name__)
 # NOOP, RSET, HELP, VRFY, EXPN and refused commands never do.
 PROGRESS = ("HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA")
 YIELD_EVERY = 256  # DATA lines read between two turns of the event loop (~0.5 ms)
-DATA_LINE_BYTES = 1 << 20  # the longest DATA line where no message size limit is set
 
 
 def transport_host(transport: asyncio.BaseTransport) -> str:
@@ -187,63 +188,70 @@ class TlsGate(asyncio.Protocol):
             self._transport.close()
 
 
-class DataLines:
-    """The session's StreamReader as aiosmtpd's DATA loop sees it: lines counted, the
-    loop given a turn every YIELD_EVERY lines, and past `most` lines the rest of the
-    mail read and dropped here (a tighter loop than aiosmtpd's) before the end-of-data
-    line is handed back, so aiosmtpd ends DATA having kept only `most` lines.
+class MailReader:
+    """A mail's DATA read from the session's StreamReader into one buffer: its size once.
 
-    The end of data is found exactly as aiosmtpd finds it (a whole line `.` CRLF read
-    with `readuntil`), so what follows the mail is read as commands by both alike.
+    aiosmtpd's DATA loop kept each line as an object of its own (~60 bytes on top of
+    each) and joined them at the end, and for long lines the reader's limit was raised
+    to the message size, so the reader itself could hold twice that unread: measured,
+    a session in DATA held ~2x its mail and more at its end (a hundred sessions of the
+    default 1 MiB, some 300 MB). Here the reader keeps its small limit (a line longer
+    than `PIECE_BYTES` comes in pieces, as aiosmtpd drains one), and every piece goes
+    into `content` at once: about 1x the mail, plus the reader's bounded buffer.
+
+    Lines past `most_lines` are read and dropped (`over`), uncounted; past `most_bytes`
+    of the lines before (counted as aiosmtpd counts them, dot-stuffing included)
+    nothing more is kept (`too_big`).
+    The loop gets a turn every YIELD_EVERY pieces: a piece already buffered costs an
+    `await` that never yields, and a mail of 3-byte lines held the loop ~1 s. The end of
+    data is a whole line `.` CRLF, as aiosmtpd finds it, so what follows the mail is
+    read as commands by both alike.
     """
 
     END = b".\r\n"
+    PIECE_BYTES = 64 << 10  # the reader's limit in DATA: it pauses the socket past twice that
 
-    def __init__(self, reader: asyncio.StreamReader, most: int) -> None:
+    def __init__(self, reader: asyncio.StreamReader, *, most_lines: int, most_bytes: int) -> None:
         self.reader = reader
-        self.most = most
+        self.most_lines = most_lines
+        self.most_bytes = most_bytes
+        self.content = bytearray()
         self.lines = 0
         self.over = False
+        self.too_big = False
 
-    def readuntil(self, separator: bytes = b"\n") -> Awaitable[bytes]:
-        # Not a coroutine itself: most lines are the reader's own `readuntil`, awaited
-        # directly by aiosmtpd, without a coroutine of ours around every line.
-        self.lines += 1
-        if self.lines <= self.most and self.lines % YIELD_EVERY:
-            return self.reader.readuntil(separator)
-        return self._turn_or_skip(separator)
-
-    async def _turn_or_skip(self, separator: bytes) -> bytes:
-        if self.lines % YIELD_EVERY == 0:
-            await asyncio.sleep(0)
-        if self.lines <= self.most:
-            return await self.reader.readuntil(separator)
-        # Only lines dropped make the mail cut: the line after a mail of exactly `most`
-        # lines is its end (it was counted as one too many, and the whole mail answered
-        # as read in part).
-        self.over = await self._skip_rest()
-        return self.END
-
-    async def read(self, n: int = -1) -> bytes:  # aiosmtpd drains an overlong line
-        return await self.reader.read(n)
-
-    async def _skip_rest(self) -> bool:
-        """Read up to the end of data, keeping nothing; whether anything came before it."""
-        skipped = 0
-        while True:
-            try:
-                line = await self.reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:  # an overlong line: a piece of it
-                await self.reader.read(exc.consumed)
-                skipped += 1
-                continue
-            except asyncio.IncompleteReadError:  # the client went away
-                return True
-            if line == self.END:
-                return skipped > 0
-            skipped += 1
-            if skipped % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
+    async def read(self) -> None:
+        """Read up to the end-of-data line; IncompleteReadError if the client goes."""
+        reader, content = self.reader, self.content
+        saved = reader._limit  # type: ignore[attr-defined]
+        reader._limit = self.PIECE_BYTES  # type: ignore[attr-defined]
+        try:
+            line_start, size, pieces = True, 0, 0
+            while True:
+                try:
+                    piece = await reader.readuntil(b"\r\n")
+                except asyncio.LimitOverrunError as exc:  # a long line: the piece read so far
+                    piece = await reader.read(exc.consumed)
+                pieces += 1
+                if pieces % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+                if line_start:
+                    if piece == self.END:
+                        return
+                    self.lines += 1
+                if self.lines > self.most_lines:  # read and dropped: not counted either
+                    self.over = True
+                    line_start = piece.endswith(b"\r\n")
+                    continue
+                size += len(piece)
+                if size > self.most_bytes and not self.too_big:
+                    self.too_big = True
+                    content.clear()
+                if not self.too_big:  # RFC 5321 4.5.2: a line's leading dot is transparency
+                    content += piece[1:] if line_start and piece[:1] == b"." else piece
+                line_start = piece.endswith(b"\r\n")
+        finally:
+            reader._limit = saved  # type: ignore[attr-defined]
 
 
 def call_limits(smtp: SmtpConfig) -> dict[str, int]:
@@ -290,6 +298,7 @@ class LimitedSMTP(SMTP):
         self.session_time = session_time  # seconds from connect (config: above 0; 0 here: none)
         self._session_timer: asyncio.TimerHandle | None = None
         self._in_data = False  # a mail being read, parsed or stored
+        self._data_cut: str | None = None  # why the mail in hand was read only in part
         self._ending: str | None = None  # the 421 to send once no mail is in transfer
         self._encrypted_from_start = encrypted_from_start
         self._sessions = sessions
@@ -367,24 +376,81 @@ class LimitedSMTP(SMTP):
         self.transport.write(f"{line}\r\n".encode())  # type: ignore[attr-defined]
         self.transport.close()
 
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        """aiosmtpd's AUTH, refused inside a mail transaction (RFC 4954 section 4: 503).
+        aiosmtpd took it: recipients accepted for an anonymous session were then sent
+        as the user who logged in after them, whom the RCPTs were never checked for
+        (`smtp.user_recipients`), and DATA answered a misleading 451."""
+        envelope = getattr(self, "envelope", None)
+        if envelope is not None and envelope.mail_from is not None:
+            await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
+            return
+        await super().smtp_AUTH(arg)
+
+    async def challenge_auth(self, *args: Any, **kwargs: Any) -> Any:
+        """aiosmtpd's AUTH challenge, its answer over the line limit refused as RFC 4954
+        says (500 5.5.6). aiosmtpd let the reader's ValueError escape: a 451 "internal
+        error" and a traceback in the log at ERROR for every such line, which any client
+        could send without logging in."""
+        try:
+            return await super().challenge_auth(*args, **kwargs)
+        except ValueError:  # StreamReader.readline past its limit
+            await self.push("500 5.5.6 Authentication exchange line is too long")
+            return MISSING
+
     @syntax("DATA")  # as aiosmtpd's own: HELP reads it from the method
     async def smtp_DATA(self, arg: str) -> None:
-        reader = self._reader
-        lines = DataLines(reader, self.max_lines or sys.maxsize)
-        self._reader = cast(Any, lines)
+        """aiosmtpd's DATA, its mail read by `MailReader` (about its size once in memory).
+
+        A mail's lines may be as long as the mail may be (`smtp.max_message_bytes`), not
+        aiosmtpd's 1001 bytes, past which it answered a permanent `500 Line too long`: a
+        NAS's one-line HTML, unwrapped base64 or a script's JSON bounced. RFC 5321 lets
+        a server take longer lines; Postfix does. Commands keep the short limit.
+        """
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        mail = MailReader(
+            self._reader,
+            most_lines=self.max_lines or sys.maxsize,
+            most_bytes=self.data_size_limit or sys.maxsize,
+        )
         self._in_data = True
-        # A mail's lines may be as long as the mail may be (`smtp.max_message_bytes`), not
-        # aiosmtpd's 1001 bytes, past which it answered a permanent `500 Line too long`:
-        # a NAS's one-line HTML, unwrapped base64 or a script's JSON bounced. RFC 5321
-        # lets a server take longer lines; Postfix does. Commands keep the short limit.
-        saved = reader._limit, self.line_length_limit  # type: ignore[attr-defined]
-        longest = max(saved[1], (self.data_size_limit or DATA_LINE_BYTES) + 2)
-        reader._limit = self.line_length_limit = longest  # type: ignore[attr-defined]
+        self._data_cut = None
         try:
-            await super().smtp_DATA(arg)  # calls the handler's handle_DATA at the end
+            try:
+                await mail.read()
+            except asyncio.CancelledError:  # the connection went during DATA (aiosmtpd's way)
+                self._writer.close()
+                raise
+            except asyncio.IncompleteReadError:
+                return  # the client went; nothing to answer
+            if mail.too_big:
+                await self.push(
+                    f"552 5.3.4 Message too big: at most {self.data_size_limit} bytes"
+                    " (smtp.max_message_bytes)"
+                )
+                self._set_post_data_state()
+                return
+            if mail.over:
+                self._data_cut = f"more than {mail.most_lines} lines (smtp.max_lines)"
+            # One synchronous step, so no two sessions are ever in it at once: the copy
+            # is the mail twice for a moment, then once.
+            raw = bytes(mail.content)
+            mail.content.clear()
+            self.envelope.content = self.envelope.original_content = raw
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()
+            await self.push("250 OK" if status is MISSING else status)
         finally:
-            reader._limit, self.line_length_limit = saved  # type: ignore[attr-defined]
-            self._reader = reader
             self._in_data = False
             if self._ending is not None:  # after the mail's answer, which the client has now
                 self.end_now(self._ending)
@@ -392,10 +458,7 @@ class LimitedSMTP(SMTP):
     @property
     def data_cut(self) -> str | None:
         """For the DATA handler: why only the first lines of the mail were kept, else None."""
-        lines: Any = self._reader
-        if isinstance(lines, DataLines) and lines.over:
-            return f"more than {lines.most} lines (smtp.max_lines)"
-        return None
+        return self._data_cut
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         # aiosmtpd restarts the idle timer before every recognised command, NOOP included;

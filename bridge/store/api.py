@@ -354,6 +354,8 @@ class Queries(Protocol):
         recipient: str | None = None,
         text: str | None = None,
         number: str | None = None,
+        since: float | None = None,
+        not_reason_kind: str | None = None,
     ) -> list[Message]:
         """Newest first; `recipient` and `text` match anywhere in the field, any case,
         taken literally (no wildcards). `number` is one whole recipient, looked up through
@@ -361,7 +363,9 @@ class Queries(Protocol):
         that message in the same order): a substring search reads the table newest first
         until the page is full, ~150 ms on a million messages for a rare number.
         `reason_kind` "other" (models.OTHER_REASON) is what `counts_by_reason` counts so:
-        held, suppressed and failed messages with no kind recorded."""
+        held, suppressed and failed messages with no kind recorded. `since`: created at
+        or after it; `not_reason_kind`: any reason kind but that one (none too), as the
+        console's delivery figures leave out the cancelled (`FAILED_NOT_CANCELLED`)."""
         ...
 
     async def recent_failures(self, limit: int) -> list[Message]:
@@ -444,7 +448,8 @@ class Queries(Protocol):
         ...
 
     async def mentioned_by(self, message_id: int, limit: int = 200) -> list[dict[str, Any]]:
-        """Suppressed messages whose reason names this one as "message N"."""
+        """Suppressed messages whose reason names this one as "message N": duplicates
+        and what a digest folded; not a loop's, whose reason quotes a mail's header."""
         ...
 
     async def purge(self, before: float) -> int:

@@ -25,17 +25,10 @@ from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.firewall import cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize, token_name
-from bridge.ingress.http.bodies import (
-    check_query,
-    error_response,
-    known,
-    page_size,
-    parse_json,
-    query_int,
-    read_body,
-)
+from bridge.ingress.http.bodies import error_response, parse_json, query_int, read_body
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.app import Console
+from bridge.ingress.http.filters import read_list_query
 from bridge.ingress.http.hooks import hook_endpoint
 from bridge.ingress.http.hosts import HostCheck
 from bridge.ingress.http.lockout import AuthLockout, vouch
@@ -43,7 +36,7 @@ from bridge.ingress.http.openapi import LIST_LIMIT, MAX_LIST_LIMIT, openapi_spec
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.throttle import FailureThrottle
 from bridge.loops import LoopHealth
-from bridge.models import OTHER_REASON, REASON_KINDS, SOURCES, State, events_json
+from bridge.models import events_json
 from bridge.ops.logs import mask
 from bridge.ops.metrics import Metrics
 from bridge.ops.probe import StoreProbe
@@ -66,7 +59,6 @@ PROVIDER_INACTIVE = (
 MAX_DEDUPE_KEY = 256
 RETRY_AFTER = 5  # seconds a 503 "retry later" asks for (a busy or unreachable store)
 MAX_TEXT_CHARS = 5000
-STATES = tuple(str(s) for s in State)
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -236,24 +228,24 @@ def create_app(
         )
 
     async def list_messages(request: Request) -> Response:
-        q = request.query_params
-        check_query(q)
-        limit = page_size(q.get("limit"), default=LIST_LIMIT, maximum=MAX_LIST_LIMIT)
-        before = query_int(q.get("before"), "before", minimum=1)  # ids start at 1
-        if q.get("state") and q.get("status") and q["state"] != q["status"]:
-            raise HttpError(400, "'state' and 'status' are one filter: give one", "status")
-        key = "state" if q.get("state") else "status"
+        wanted = await read_list_query(
+            request.query_params,
+            default_limit=LIST_LIMIT,
+            max_limit=MAX_LIST_LIMIT,
+            routes=live.current.routes,
+            store=store,
+        )
         messages = await store.query(
-            state=known(q, key, STATES),
-            limit=limit,
-            before_id=before,
-            reason_kind=known(q, "reason", (*REASON_KINDS, OTHER_REASON)),
-            route=q.get("route"),  # a route since removed from the config still has messages
-            source=known(q, "source", SOURCES),
-            # `?recipient=+1202...` as typed: the `+` arrives as a space, and the search
-            # for " 1202..." found nothing. The digits are searched for, as the console does.
-            recipient=(q.get("recipient") or "").strip().lstrip("+") or None,
-            text=q.get("q"),
+            state=wanted.state,
+            limit=wanted.limit,
+            before_id=wanted.before,
+            reason_kind=wanted.reason_kind,
+            not_reason_kind=wanted.not_reason_kind,
+            route=wanted.route,
+            source=wanted.source,
+            recipient=wanted.recipient,
+            text=wanted.text,
+            since=wanted.since,
         )
         return JSONResponse({"messages": [m.to_json() for m in messages]})
 

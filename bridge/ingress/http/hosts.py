@@ -5,8 +5,10 @@ victim's browser then talks to a loopback bridge as a same-origin site, with
 `Host: attacker.example`. Refusing Host names the owner did not list stops it before any
 handler runs, so nothing is read or stored.
 
-With `allowed_hosts = []` the bridge serves its listen host, `localhost`, `127.0.0.1`
-and `[::1]`. On a wildcard listener (`0.0.0.0`, `::`) any IP literal is served too:
+`localhost` and loopback addresses (`127.0.0.1`, `[::1]`) are always served: a rebinding
+page cannot send them as its Host (its own name is what the browser sends), and the
+host's own scripts and console keep working when a list names the public names. With
+`allowed_hosts = []` the bridge also serves its listen host. On a wildcard listener (`0.0.0.0`, `::`) any IP literal is served too:
 a browser sends an IP literal only when the page's own origin is that address, which a
 rebinding attacker cannot choose, and probes and clients that know only the machine's
 address keep working. `/healthz` and `/readyz` answer whatever the Host, for load
@@ -54,6 +56,8 @@ def host_allowed(header: str | None, allowed: tuple[str, ...], listen: str) -> b
     name = host_name(header)
     if not name:
         return False
+    if name == "localhost" or (is_loopback_host(name) and _is_ip(name)):
+        return True  # whatever the list: this host's own scripts and console
     if allowed:
         return any(
             pattern == "*" or fnmatch.fnmatchcase(name, host_name(pattern)) for pattern in allowed
@@ -62,9 +66,7 @@ def host_allowed(header: str | None, allowed: tuple[str, ...], listen: str) -> b
         listen_host = parse_listen(listen)[0].lower() if listen else ""
     except ValueError:
         listen_host = ""
-    if name in ("localhost", listen_host) or (is_loopback_host(name) and _is_ip(name)):
-        return True
-    return listen_host in _WILDCARDS and _is_ip(name)
+    return name == listen_host or (listen_host in _WILDCARDS and _is_ip(name))
 
 
 class HostCheck:

@@ -140,9 +140,28 @@ _LIST_PARAMETERS = [
         "description": "the next page: messages older than this id (the last one listed)",
         "schema": {"type": "integer", "minimum": 1},
     },
-    _filter("route", "only messages from this webhook route"),
+    _filter(
+        "not_reason",
+        "leave out messages with this reason kind ('cancelled': what the console's"
+        " delivery figures leave out)",
+        list(REASON_KINDS),
+    ),
+    {
+        "name": "since",
+        "in": "query",
+        "description": "only messages created at or after this time (ISO 8601 with its zone)",
+        "schema": {"type": "string", "format": "date-time"},
+    },
+    _filter(
+        "route",
+        "only messages from this webhook route: a configured one, or one removed whose"
+        " messages are still stored; any other name is a 400",
+    ),
     _filter("source", "only messages from this ingress", SOURCES),
-    _filter("recipient", "recipients that contain this text"),
+    _filter(
+        "recipient",
+        "recipients that contain this text (a leading '+' and spaces ignored; nothing else is a 400)",
+    ),
     _filter("q", "texts that contain this text (any case)"),
 ]
 

@@ -41,7 +41,10 @@ FOLD_TOTALS = (
 MENTIONED_BY = (
     "SELECT id, recipient, reason, created_at FROM messages"
     f" WHERE state = 'suppressed' AND {MENTIONED} = $1"
-    " AND (reason LIKE $2 OR reason LIKE $3) ORDER BY id LIMIT $4"
+    " AND (reason LIKE $2 OR reason LIKE $3)"
+    # A loop's reason quotes the mail's Auto-Submitted value: anyone's words.
+    " AND coalesce(reason_kind, '') <> 'loop'"
+    " ORDER BY id LIMIT $4"
 )
 # Through messages_failed (version 7), newest failure first.
 RECENT_FAILURES = (
@@ -94,6 +97,8 @@ class QueryOps(Base):
         recipient: str | None = None,
         text: str | None = None,
         number: str | None = None,
+        since: float | None = None,
+        not_reason_kind: str | None = None,
     ) -> list[Message]:
         sql, args = "SELECT * FROM messages WHERE true", list[Any]()
         if reason_kind == OTHER_REASON:
@@ -109,6 +114,12 @@ class QueryOps(Base):
             if value:
                 args.append("%" + _like_escape(value) + "%")
                 sql += f" AND {column} ILIKE ${len(args)}"
+        if since is not None:
+            args.append(since)
+            sql += f" AND created_at >= ${len(args)}"
+        if not_reason_kind:
+            args.append(not_reason_kind)
+            sql += f" AND coalesce(reason_kind, '') <> ${len(args)}"
         order = "id DESC"
         if number:  # messages_recipient's own order, as on SQLite (CURSOR_TIME there)
             if before_id and before_id <= MAX_ROW_ID:
@@ -293,7 +304,9 @@ class QueryOps(Base):
                 " count(*) FILTER (WHERE source = 'budget'),"
                 # What the caps count: the warnings' parts and cost left out.
                 " coalesce(sum(parts) FILTER (WHERE source <> 'budget'), 0),"
-                " coalesce(sum(coalesce(cost, estimated_cost)) FILTER (WHERE source <> 'budget'), 0)"
+                " coalesce(sum(coalesce(cost, estimated_cost)) FILTER (WHERE source <> 'budget'), 0),"
+                # The estimates of the texts the provider has not priced yet.
+                " sum(estimated_cost) FILTER (WHERE cost IS NULL)"
                 f" FROM messages WHERE {SPENT}",  # in flight too, as the caps count
                 day_start,
             )
@@ -319,6 +332,7 @@ class QueryOps(Base):
                 "cost": day[2],
                 "counted_cost": day[6],
                 "estimated_cost": day[3],
+                "unpriced_estimated_cost": day[7],
                 "warnings": int(day[4]),
                 "routes": by["route"],
                 "tokens": by["token"],

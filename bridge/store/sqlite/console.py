@@ -113,7 +113,9 @@ class ConsoleQueries(EngineBound):
                 " coalesce(sum(source = 'budget'), 0),"
                 # What the caps count: the warnings' parts and cost left out.
                 " coalesce(sum(CASE WHEN source != 'budget' THEN parts END), 0),"
-                " coalesce(sum(CASE WHEN source != 'budget' THEN coalesce(cost, estimated_cost) END), 0)"
+                " coalesce(sum(CASE WHEN source != 'budget' THEN coalesce(cost, estimated_cost) END), 0),"
+                # The estimates of the texts the provider has not priced yet.
+                " sum(CASE WHEN cost IS NULL THEN estimated_cost END)"
                 f" FROM messages WHERE {SPENT}",  # in flight too, as the caps count
                 (day_start,),
             ).fetchone()
@@ -145,6 +147,7 @@ class ConsoleQueries(EngineBound):
                     "cost": day[2],
                     "counted_cost": day[6],
                     "estimated_cost": day[3],
+                    "unpriced_estimated_cost": day[7],
                     "warnings": day[4],
                     "routes": routes,
                     "tokens": tokens,
@@ -192,6 +195,8 @@ class ConsoleQueries(EngineBound):
                 for r in c.execute(
                     "SELECT id, recipient, reason, created_at FROM messages"
                     f" WHERE {MENTIONS} AND {MENTIONED} = ? AND (reason LIKE ? OR reason LIKE ?)"
+                    # A loop's reason quotes the mail's Auto-Submitted value: anyone's words.
+                    " AND coalesce(reason_kind, '') <> 'loop'"
                     " ORDER BY id LIMIT ?",
                     (message_id, f"% message {message_id} %", f"% message {message_id}", limit),
                 )
@@ -229,6 +234,8 @@ class ConsoleQueries(EngineBound):
         recipient: str | None = None,
         text: str | None = None,
         number: str | None = None,
+        since: float | None = None,
+        not_reason_kind: str | None = None,
     ) -> list[Message]:
         """Newest first; `recipient` and `text` match anywhere in the field (any case);
         `number` is the whole recipient (StoreApi.query)."""
@@ -249,6 +256,12 @@ class ConsoleQueries(EngineBound):
             if value:
                 sql += f" AND {column} LIKE ? ESCAPE '\\'"
                 args.append("%" + _like_escape(value) + "%")
+        if since is not None:
+            sql += " AND created_at >= ?"
+            args.append(since)
+        if not_reason_kind:
+            sql += " AND coalesce(reason_kind, '') <> ?"
+            args.append(not_reason_kind)
         if number:  # messages_recipient's own order: read no more rows than the page
             if before_id and before_id <= MAX_ROW_ID:
                 sql += f" AND (created_at, id) < ({CURSOR_TIME}, ?)"

@@ -23,11 +23,10 @@ from starlette.types import Receive, Scope, Send
 
 from bridge.clock import Clock
 from bridge.config import LiveConfig
-from bridge.errors import HttpError, InputError, Unavailable
+from bridge.errors import InputError, Unavailable
 from bridge.firewall import cap_recipients
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import token_name
-from bridge.ingress.http.bodies import check_query, known, page_size, query_int
 from bridge.ingress.http.console import chart
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.gate import HERE, Caller, Gate, Refused, SecureHeaders
@@ -39,6 +38,7 @@ from bridge.ingress.http.console.routes import (
     sample_payload,
     snippets,
 )
+from bridge.ingress.http.filters import ListQuery, given, read_list_query
 from bridge.ingress.ingest import Ingestor
 from bridge.models import SOURCES, Message, State
 from bridge.phone import PhoneError, normalise_number
@@ -54,7 +54,12 @@ MAX_TEST_TEXT = 1000
 CHART_MINUTES = 180
 DELIVERY_WINDOW = 86400.0
 RECENT_FAILURES = 10
+CANCEL_BATCH = 500  # a phone's held messages cancelled per store write
+MAX_CANCEL_ROUNDS = 100
 MENTIONS_LISTED = 200  # on a message's page: what suppressed it or was folded into it
+# The list's filters as typed, kept in its pager's links: the form's, and those a link
+# from the overview sets (its "N failed": since the day's start, cancelled left out).
+LIST_FILTERS = ("state", "recipient", "route", "source", "q", "reason", "not_reason", "since")
 
 
 def whole_number(text: str) -> str | None:
@@ -118,6 +123,16 @@ class Console(Gate):
             # The store's sum over no rows: nothing sent today has cost nothing (unknown
             # is for texts sent whose price the provider has not reported yet).
             today = {**today, "cost": 0.0}
+        # What was spent, as best known: the provider's prices, and the estimates of the
+        # texts it has not priced yet; never the estimates of priced ones beside their
+        # prices ("4.5 (estimated 0.5)" added two different sets of texts).
+        unpriced = today["unpriced_estimated_cost"]
+        spent = (
+            None
+            if today["cost"] is None and unpriced is None
+            else (today["cost"] or 0.0) + (unpriced or 0.0)
+        )
+        today = {**today, "spent": spent}
         caps = {
             "texts_per_day": config.budget.texts_per_day,
             "parts_per_day": config.budget.parts_per_day,
@@ -204,62 +219,66 @@ class Console(Gate):
 
     async def messages(self, request: Request, caller: Caller) -> tuple[str, dict[str, Any]]:
         q = request.query_params
-        filters = {
-            key: q.get(key, "").strip() for key in ("state", "recipient", "route", "source", "q")
-        }
-        try:  # as the API reads them: a cursor the store cannot bind is a 400, not a 500
-            check_query(q)
-            known(filters, "state", [str(s) for s in State])
-            known(filters, "source", SOURCES)
-            limit = page_size(q.get("limit") or None, default=PAGE_SIZE, maximum=MAX_PAGE_SIZE)
-            before = query_int(q.get("before") or None, "before", minimum=1)
-        except HttpError as exc:
-            raise InputError(exc.field or "before", exc.message) from exc
+        config = self.live.current
+        # Read as the API reads them, into the same 400s (bridge.ingress.http.filters).
+        wanted = await read_list_query(
+            q,
+            default_limit=PAGE_SIZE,
+            max_limit=MAX_PAGE_SIZE,
+            routes=config.routes,
+            store=self.store,
+        )
+        filters = {key: (q.get(key) or "").strip() for key in LIST_FILTERS}
+        filters["state"] = wanted.state or ""  # the API's `status` too, shown as the state
         number = whole_number(filters["recipient"])
-        part = filters["recipient"].lstrip("+ ") or None
-        found = await self._messages(filters, number, part, before=before, limit=limit + 1)
+        part = wanted.recipient
+        found = await self._messages(wanted, number, part, limit=wanted.limit + 1)
         if number and not found:
             # A part of a number may be a possible number itself (`+4930123456` of
             # `+493012345678`): found exactly, it would find only itself. Nothing found
             # exactly, its digits are searched for as a part. On every page, not only
             # the first: such a page's "older" cursor comes back here with the same text.
             part = number.lstrip("+")
-            found = await self._messages(filters, None, part, before=before, limit=limit + 1)
-        page, more = found[:limit], len(found) > limit
+            found = await self._messages(wanted, None, part, limit=wanted.limit + 1)
+        page, more = found[: wanted.limit], len(found) > wanted.limit
         kept = {k: v for k, v in filters.items() if v}
-        if q.get("limit"):  # the next page as long as this one, as asked
-            kept["limit"] = str(limit)
+        if given(q, "limit"):  # the next page as long as this one, as asked
+            kept["limit"] = str(wanted.limit)
         older = urlencode({**kept, "before": page[-1].id}) if more and page else None
-        config = self.live.current
+        routes = sorted(config.routes)
+        removed = wanted.route if wanted.route and wanted.route not in config.routes else None
         return "messages.html", {
             "filters": filters,
+            "since_at": wanted.since,
             "states": [str(s) for s in State],
-            "routes": sorted(config.routes),
+            "routes": routes,
+            # Chosen in the filter as any route is, or the form would say "any" over a
+            # list of that route's messages (and lose it on the next Filter).
+            "removed_route": removed,
+            # A phone's held messages (the storms card links here): cancelled in one go.
+            "held_phone": number if wanted.state == str(State.HELD) and page else None,
             "sources": list(SOURCES),
             "messages": [m.to_json() for m in page],
             "older": f"?{older}" if older else None,
-            "newest": f"?{urlencode(kept)}" if before else None,
+            "newest": f"?{urlencode(kept)}" if wanted.before else None,
         }
 
     async def _messages(
-        self,
-        filters: dict[str, str],
-        number: str | None,
-        part: str | None,
-        *,
-        before: int | None,
-        limit: int,
+        self, wanted: ListQuery, number: str | None, part: str | None, *, limit: int
     ) -> list[Message]:
         """The page's messages: to `number` exactly (through its index) when given, else
         to any recipient holding `part`."""
         return await self.store.query(
-            state=filters["state"] or None,
+            state=wanted.state,
             number=number,
             recipient=None if number else part,
-            route=filters["route"] or None,
-            source=filters["source"] or None,
-            text=filters["q"] or None,
-            before_id=before,
+            reason_kind=wanted.reason_kind,
+            not_reason_kind=wanted.not_reason_kind,
+            route=wanted.route,
+            source=wanted.source,
+            text=wanted.text,
+            since=wanted.since,
+            before_id=wanted.before,
             limit=limit,  # one more than shown tells whether there is an older page
         )
 
@@ -267,7 +286,7 @@ class Console(Gate):
         message_id = request.path_params["message_id"]
         message = await self.store.get(message_id)
         if message is None:
-            raise Refused(404, f"no message {message_id}")
+            raise Refused(404, f"no message {message_id}", field="id")
         data = message.to_json()
         data["encoding"] = encoding_name(message.message_type)
         data["parts_text"] = split_parts(message.text)
@@ -308,7 +327,7 @@ class Console(Gate):
     def _route(self, name: str) -> Any:
         route = self.live.current.routes.get(name)
         if route is None:
-            raise Refused(404, f"no route named {name!r}")
+            raise Refused(404, f"no route named {name!r}", field="name")
         return route
 
     async def route_page(
@@ -370,6 +389,30 @@ class Console(Gate):
             )
         log.info("console: %s cancelled message %d", caller.principal.name, message_id)
         return self._back(caller, f"/ui/messages/{message_id}", f"Message {message_id} cancelled.")
+
+    async def cancel_held(self, request: Request, caller: Caller, form: dict[str, str]) -> Response:
+        """Cancel every message held for one phone: a flood that storm control holds
+        back, cancelled at once rather than a message at a time (no digest of it goes)."""
+        number = form.get("recipient", "").strip()
+        if not number:
+            return self._error(
+                request, 400, "'recipient': which phone's held messages?", as_json=False
+            )
+        who, cancelled = caller.principal.name, 0
+        for _ in range(MAX_CANCEL_ROUNDS):  # bounded: a flood still arriving is not chased
+            held = await self.store.query(state=str(State.HELD), number=number, limit=CANCEL_BATCH)
+            done = await self.store.cancel([m.id for m in held], self.clock.now(), by=who)
+            cancelled += len(done)
+            if len(held) < CANCEL_BATCH or not done:
+                break
+        log.info("console: %s cancelled %d held messages to %s", who, cancelled, number)
+        plural = "" if cancelled == 1 else "s"
+        note = (
+            f"Cancelled {cancelled} held message{plural} to {number}."
+            if cancelled
+            else f"Nothing was held for {number}: nothing cancelled."
+        )
+        return self._back(caller, f"/ui/messages?{urlencode({'recipient': number})}", note)
 
     async def _not_now(self, request: Request, message_id: int, why: str) -> Response:
         message = await self.store.get(message_id)
@@ -459,6 +502,7 @@ class Console(Gate):
                 self.action("admin", self.cancel),
                 methods=["POST"],
             ),
+            Route("/held/cancel", self.action("admin", self.cancel_held), methods=["POST"]),
             Route(
                 "/routes/{name}/preview",
                 self.action("read", self.route_preview),

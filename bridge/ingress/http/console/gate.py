@@ -36,7 +36,7 @@ from bridge.clock import Clock
 from bridge.config import LiveConfig
 from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize, identify
-from bridge.ingress.http.bodies import read_bounded
+from bridge.ingress.http.bodies import error_response, read_bounded
 from bridge.ingress.http.console.routes import encoding_name
 from bridge.ingress.http.console.sessions import COOKIE, LIFETIME, Session, Sessions
 from bridge.ingress.http.lockout import locked_for, vouch
@@ -58,6 +58,9 @@ SECURITY_HEADERS = [
 ]
 
 
+MAX_NOTES = 20  # actions' notes a session keeps for pages not visited yet
+# Sent by console.js when it refreshes a page's live part in place: not a visit.
+REFRESH_HEADER = "x-console-refresh"
 # Someone on the sign-in page: no scope, no navigation.
 VISITOR = Principal("visitor", frozenset())
 
@@ -65,11 +68,14 @@ VISITOR = Principal("visitor", frozenset())
 class Refused(Exception):
     """Stop handling and answer this instead (a redirect, an error page)."""
 
-    def __init__(self, status: int, message: str, location: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, location: str | None = None, *, field: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.location = location
+        self.field = field  # what the `.json` answer names, as the API's errors do
 
 
 @dataclass
@@ -113,14 +119,19 @@ def _ago(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-_MESSAGE_REF = re.compile(r"message (\d+)")
+# The bridge's own words naming another message (bridge.policy.decide's duplicates,
+# bridge.delivery.digests' folding), at the start of a reason: a "message 42" further
+# on may be someone else's (a loop's reason quotes the mail's Auto-Submitted value).
+_MESSAGE_REF = re.compile(r"^((?:duplicate of|storm control: folded into digest) )message (\d+)\b")
 
 
 def _link_messages(text: str | None) -> Markup:
-    """Escape `text`, then make each "message N" a link to that message."""
+    """Escape `text`, then make the message it says it is about a link to that message."""
     escaped = str(escape(text or ""))
     return Markup(
-        _MESSAGE_REF.sub(lambda m: f'<a href="/ui/messages/{m[1]}">message {m[1]}</a>', escaped)
+        _MESSAGE_REF.sub(
+            lambda m: f'{m[1]}<a href="/ui/messages/{m[2]}">message {m[2]}</a>', escaped
+        )
     )
 
 
@@ -238,9 +249,14 @@ class Gate:
         status: int = 200,
     ) -> Response:
         session = caller.session if caller else None
-        flash = []
-        if session is not None:
-            flash, session.flash = session.flash, []
+        flash: list[str] = []
+        if session is not None and REFRESH_HEADER not in request.headers:
+            # Only the page the action went back to says its note: another tab's page,
+            # or a page's own refresh (which replaces only its live part, not the note's
+            # place), took the note before the browser got there, and it was never seen.
+            path = request.url.path
+            flash = [note for where, note in session.flash if where == path]
+            session.flash = [(where, note) for where, note in session.flash if where != path]
         html = self.templates.get_template(template).render(
             data=data,
             me=caller.principal if caller else None,
@@ -272,10 +288,19 @@ class Gate:
         and in the other HTTP answers."""
         return mask(text, self.live.secrets)
 
-    def _error(self, request: Request, status: int, message: str, *, as_json: bool) -> Response:
+    def _error(
+        self,
+        request: Request,
+        status: int,
+        message: str,
+        *,
+        as_json: bool,
+        field: str | None = None,
+    ) -> Response:
+        """The error page, or for a `.json` page the API's error answer (`field` too)."""
         message = self._shown(message)
         if as_json:
-            return JSONResponse({"error": message}, status)
+            return error_response(status, message, field)
         return self._render(
             request, None, "error.html", {"status": status, "message": message}, status
         )
@@ -309,11 +334,13 @@ class Gate:
         except Refused as exc:
             if exc.location:
                 return RedirectResponse(exc.location, exc.status)
-            return self._error(request, exc.status, exc.message, as_json=as_json)
+            return self._error(request, exc.status, exc.message, as_json=as_json, field=exc.field)
         except AuthError as exc:
             return self._error(request, exc.status, exc.message, as_json=as_json)
-        except InputError as exc:
-            return self._error(request, 400, str(exc), as_json=as_json)
+        except HttpError as exc:  # a list's filter, read as the API reads it
+            return self._error(request, exc.status, exc.message, as_json=as_json, field=exc.field)
+        except InputError as exc:  # "FIELD: what is wrong", as the API's logs word it
+            return self._error(request, 400, str(exc), as_json=as_json, field=exc.field)
         except StoreUnavailable as exc:
             return self._error(request, 503, f"the store cannot answer: {exc}", as_json=as_json)
         except Unavailable as exc:
@@ -347,7 +374,9 @@ class Gate:
 
     def _back(self, caller: Caller, location: str, note: str) -> Response:
         if caller.session is not None:
-            caller.session.flash.append(note)
+            # Bounded: a note whose page is never visited (a tab closed) waits for it.
+            kept = caller.session.flash[-(MAX_NOTES - 1) :]
+            caller.session.flash = [*kept, (location.split("?")[0], note)]
         return RedirectResponse(location, 303)
 
     # -- sign-in -------------------------------------------------------------------------

@@ -38,7 +38,8 @@ class Session:
     token_name: str | None = None  # None: a visitor who has not signed in
     token_digest: bytes = b""
     open: bool = False  # created on a bridge without tokens
-    flash: list[str] = field(default_factory=list)  # said once on the next page
+    # (path, note): said once, by the page an action sent the browser to (Gate._render)
+    flash: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Sessions:

@@ -55,7 +55,11 @@
     if (paused || document.hidden || keyboardIn(live)) {
       return;
     }
-    fetch(window.location.href, { credentials: "same-origin", headers: { Accept: "text/html" } })
+    // The header says it is no visit: the page shows no action's note to nobody.
+    fetch(window.location.href, {
+      credentials: "same-origin",
+      headers: { Accept: "text/html", "X-Console-Refresh": "1" },
+    })
       .then(function (response) {
         return response.ok && !response.redirected ? response.text() : null;
       })
