@@ -36,7 +36,8 @@ VOLUME ["/data"]
 WORKDIR /data
 USER sms-bridge
 EXPOSE 2525 8080
-# /healthz where the config has HTTP listen (its port, HTTPS with http.tls_cert).
+# /healthz where the config has HTTP listen (its port, HTTPS with http.tls_cert); with
+# http.listen = "" (mail only), the SMTP greeting on smtp.listen.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["sms-bridge", "healthcheck"]
 STOPSIGNAL SIGTERM

@@ -161,7 +161,8 @@ async def build(
     loops = LoopHealth()  # every background loop's failed steps: /metrics and /healthz
     metrics.counters(
         "loop_step_failures",
-        "Unexpected errors in a background loop's step (each retried after a backoff)",
+        "Failed steps of a background loop, each retried: an unexpected error, or the"
+        " store unavailable or busy",
         "loop",
         loops.failures,
     )

@@ -1,9 +1,12 @@
-"""`sms-bridge` commands. A config problem becomes exit code 1 with every problem listed."""
+"""`sms-bridge` commands. A config problem becomes exit status 78 (EX_CONFIG) with every
+problem listed; a store out of reach at start, exit 1."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -31,6 +34,15 @@ from bridge.models import MAX_ROW_ID, REASON_KINDS, State
 from bridge.ops.logs import setup_logging
 
 log = logging.getLogger("bridge")
+# sysexits.h's EX_CONFIG: the config is refused, and starting again changes nothing. The
+# unit names it in RestartPreventExitStatus=, so systemd stops there rather than restart
+# a refused file every few seconds for ever; a store out of reach at start stays 1, which
+# a restart may cure.
+EX_CONFIG = 78
+# A listen address another process holds, or one not on this host yet (an interface that
+# comes up after the bridge at boot): both may pass a moment later, so a restart is due.
+TRANSIENT_BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
+HEALTHCHECK_TIMEOUT = 4.0  # seconds: within the image's HEALTHCHECK --timeout=5s
 __all__ = ["book_cli_request", "main"]  # book_cli_request: the CLI's booking, for tests
 
 
@@ -94,12 +106,20 @@ def _parser() -> argparse.ArgumentParser:
     with_config(
         sub.add_parser(
             "healthcheck",
-            help="ask the running serve's /healthz where the config has it listen (the"
-            " image's HEALTHCHECK): exit 0 if it answers 200",
+            help="ask the running serve's /healthz where the config has it listen, or its"
+            " SMTP greeting if it has no HTTP listener (the image's HEALTHCHECK): exit 0 if"
+            " it answers 200 (220)",
         )
     )
     check = with_config(sub.add_parser("check-config", help="validate a config file"))
     check.add_argument("file", nargs="?", help="the file (instead of --config)")
+    check.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="print nothing for a file that passes (problems and warnings still on stderr):"
+        " the systemd unit's ExecReload, whose output goes to the journal on every reload",
+    )
     messages = with_config(sub.add_parser("messages", help="list stored messages"))
     messages.add_argument("--status", "--state", dest="state", choices=[str(s) for s in State])
     messages.add_argument("--reason", choices=REASON_KINDS)
@@ -178,6 +198,11 @@ def _load(args: argparse.Namespace) -> Config:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before `serve` handles SIGINT itself (waiting for the store at start), or
+        # during any other command: the shell's status for it, not a page of traceback.
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except BrokenPipeError:
         # The reader left early (`sms-bridge check-config | head`): not an error of ours
         # to print a traceback for. Python would still fail flushing stdout at exit.
@@ -219,14 +244,21 @@ def _main(argv: Sequence[str] | None) -> int:
             from bridge.ingress.formats import template_problems
             from bridge.templates import render
 
-            if problems := template_problems(config.routes, render, warnings):
+            problems = template_problems(config.routes, render, warnings)
+            if problems := problems + _listen_problems(config) + _tls_problems(config):
                 raise ConfigError(problems)
         if args.command == "check-config":
             for key, why in warnings:
                 print(f"warning: {key}: {why}", file=sys.stderr)
     except ConfigError as exc:
-        _print_problems(exc)
-        return 1
+        refused = _refused(exc)
+        if args.command == "healthcheck":
+            # Docker reads a HEALTHCHECK's status as 0 healthy, 1 unhealthy, anything else
+            # reserved: the file refused (edited in place, not reloaded yet) says where
+            # nothing listens, and a restart would not start on it either.
+            print("healthcheck: cannot tell where serve listens: unhealthy", file=sys.stderr)
+            return 1
+        return refused
     setup_logging(config.log.level, config.log.format, secret_values(config))
     if args.command == "serve":
         for key, why in warnings:
@@ -243,6 +275,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "healthcheck":
         return _healthcheck(config)
     if args.command == "check-config":
+        if args.quiet:
+            return 0
         print(f"{config.source}: OK")
         from bridge.store import rate_window
 
@@ -257,8 +291,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"store {describe(config.store)}: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:  # a store this build cannot open (store.url)
-        _print_problems(exc)
-        return 1
+        return _refused(exc)
 
 
 def _run_command(
@@ -273,8 +306,7 @@ def _run_command(
                     serve(config, config_path=_config_path(args), reload_pending=early_hangups)
                 )
         except ConfigError as exc:
-            _print_problems(exc)
-            return 1
+            return _refused(exc)
         return 0
     if args.command == "messages":
         return asyncio.run(commands.messages(config, args))
@@ -299,34 +331,109 @@ def _run_command(
     return 2
 
 
-def _print_problems(exc: ConfigError) -> None:
+def _listen_problems(config: Config) -> list[tuple[str, str]]:
+    """Two listeners of this config on one port and overlapping addresses: check-config
+    said OK, and serve could not bind the second ("Address already in use", exit 1, which
+    reads as a port another process holds: restarted for ever)."""
+    listeners = [
+        (key, listen)
+        for key, listen in (
+            ("http.listen", config.http.listen),
+            ("smtp.listen", config.smtp.listen),
+            ("smtp.tls_listen", config.smtp.tls_listen if config.smtp.listen else ""),
+        )
+        if listen
+    ]
+    problems = []
+    for index, (key, listen) in enumerate(listeners):
+        host, port = parse_listen(listen)
+        for earlier, other in listeners[:index]:
+            other_host, other_port = parse_listen(other)
+            if port and port == other_port and _overlap(host, other_host):
+                problems.append((key, f"{listen} is where {earlier} ({other}) listens"))
+    return problems
+
+
+def _overlap(host: str, other: str) -> bool:
+    """Whether two listen hosts on one port take the same connections: the same host,
+    `::` (dual-stack, bridge.sockets: every address), or `0.0.0.0` and an IPv4 one."""
+    if host == other or "::" in (host, other):
+        return True
+    return "0.0.0.0" in (host, other) and ":" not in host + other
+
+
+def _tls_problems(config: Config) -> list[tuple[str, str]]:
+    """Each certificate and key `serve` would load, loaded now. A key of another
+    certificate, or a file that is no PEM, passed check-config and then ended `serve` with
+    a traceback (uvicorn's or the SMTP listener's) and exit 1, restarted for ever."""
+    import ssl
+
+    problems = []
+    for section, tls in (("http", config.http), ("smtp", config.smtp)):
+        if not tls.tls_cert:
+            continue
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            # No password: the bridge has no key for one, and OpenSSL would ask for it
+            # on the terminal (or hang without one) for an encrypted key.
+            context.load_cert_chain(tls.tls_cert, tls.tls_key or None, password=lambda: b"")
+        except (OSError, ssl.SSLError) as exc:
+            why = f"{tls.tls_cert} with {section}.tls_key {tls.tls_key} does not load: {exc}"
+            problems.append((f"{section}.tls_cert", why))
+    return problems
+
+
+def _refused(exc: ConfigError) -> int:
+    """Every problem on stderr; the exit status: EX_CONFIG, but 1 for a listen address
+    that may be free or present a moment later (see TRANSIENT_BIND_ERRORS)."""
     print("configuration problems:", file=sys.stderr)
     for key, why in exc.problems:
         print(f"  {key}: {why}", file=sys.stderr)
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.errno in TRANSIENT_BIND_ERRORS:
+        return 1
+    return EX_CONFIG
 
 
 def _healthcheck(config: Config) -> int:
-    """GET /healthz on `http.listen` as configured: HTTPS with `http.tls_cert` (not
-    verified: the bridge's own listener), a wildcard address asked on loopback. The
-    image's HEALTHCHECK asked http://127.0.0.1:8080 whatever the config said, so a
-    bridge on HTTPS or another port was "unhealthy" for ever."""
+    """Ask the listener the config has `serve` open: GET /healthz on `http.listen`, or,
+    with no HTTP listener (`http.listen = ""`, a mail-only bridge), the SMTP greeting on
+    `smtp.listen`. The image's HEALTHCHECK asked http://127.0.0.1:8080 whatever the
+    config said, so a bridge on HTTPS or another port was "unhealthy" for ever; a
+    mail-only one exited 1 here, and its recipe said to turn the check off."""
+    if config.http.listen:
+        return _ask_http(config)
+    if config.smtp.listen:
+        return _ask_smtp(config.smtp.listen)
+    print(
+        "healthcheck: http.listen and smtp.listen are both empty: no listener to ask",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _on_loopback(listen: str) -> tuple[str, int]:
+    """Where a local client reaches `listen`: a wildcard address is asked on loopback."""
+    host, port = parse_listen(listen)
+    # `[::]` is dual-stack (bridge.sockets): IPv4 loopback, which every container has.
+    return {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1", "": "127.0.0.1"}.get(host, host), port
+
+
+def _ask_http(config: Config) -> int:
+    """/healthz over HTTPS with `http.tls_cert` (not verified: the bridge's own listener):
+    200 is healthy, and a loop whose steps keep failing makes it 503."""
     import ssl
     import urllib.error
     import urllib.request
 
-    if not config.http.listen:
-        print("healthcheck: http.listen is empty: no HTTP listener to ask", file=sys.stderr)
-        return 1
-    host, port = parse_listen(config.http.listen)
-    # `[::]` is dual-stack (bridge.sockets): IPv4 loopback, which every container has.
-    host = {"0.0.0.0": "127.0.0.1", "::": "127.0.0.1", "": "127.0.0.1"}.get(host, host)
+    host, port = _on_loopback(config.http.listen)
     scheme = "https" if config.http.tls_cert else "http"
     url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/healthz"
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(url, timeout=4, context=context) as answer:
+        with urllib.request.urlopen(url, timeout=HEALTHCHECK_TIMEOUT, context=context) as answer:
             status = answer.status
     except urllib.error.HTTPError as exc:
         status = exc.code
@@ -335,6 +442,26 @@ def _healthcheck(config: Config) -> int:
         return 1
     print(f"healthcheck: {url}: {status}", file=sys.stderr if status != 200 else sys.stdout)
     return 0 if status == 200 else 1
+
+
+def _ask_smtp(listen: str) -> int:
+    """The SMTP greeting, then QUIT: a 220 is healthy. It proves the listener and the event
+    loop answer; what /healthz adds (background loops failing) has no SMTP word."""
+    import smtplib
+
+    host, port = _on_loopback(listen)
+    where = f"smtp://{f'[{host}]' if ':' in host else host}:{port}"
+    try:
+        client = smtplib.SMTP(timeout=HEALTHCHECK_TIMEOUT)
+        code, greeting = client.connect(host, port)
+    except (OSError, smtplib.SMTPException) as exc:  # refused, timed out, no greeting
+        print(f"healthcheck: {where}: {exc}", file=sys.stderr)
+        return 1
+    with contextlib.suppress(OSError, smtplib.SMTPException):
+        client.quit()  # a clean end: the bridge logs no dropped session
+    line = f"healthcheck: {where}: {code} {greeting.decode(errors='replace')}"
+    print(line, file=sys.stdout if code == 220 else sys.stderr)
+    return 0 if code == 220 else 1
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

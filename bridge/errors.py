@@ -48,11 +48,22 @@ class Unavailable(BridgeError):
 class StoreUnavailable(Unavailable):
     """The store could not commit; nothing was acknowledged."""
 
+    @property
+    def public(self) -> str:
+        """Why, in words anyone may read. The store's own may name its host and port
+        (asyncpg's "Connect call failed ('10.0.0.5', 5432)") or its file: those go to
+        the log and to callers that may read the messages, not to anonymous ones."""
+        return "the store is unavailable"
+
 
 class StoreBusy(StoreUnavailable):
     """The server gave the transaction up for now (a deadlock, a serialization failure,
     a lock not had in time): the same write passes when tried again. Its words are the
     server's about this transaction (no address, no name), so ingress may quote them."""
+
+    @property
+    def public(self) -> str:
+        return str(self)
 
 
 class SchemaError(StoreUnavailable):

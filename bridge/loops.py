@@ -1,8 +1,11 @@
 """The one shape of every background task: do a step, sleep as long as it asks, repeat.
 
 Steps return how long they can wait; sleeping is on the injected clock and is cut short
-by a wake-up (new work) or by shutdown. A step that finds the store unavailable is
-retried later rather than ending the task: the store may recover (a full disk freed).
+by a wake-up (new work) or by shutdown. A step that finds the store unavailable or busy
+is retried later rather than ending the task: the store may recover (a full disk freed).
+It is counted (`LoopHealth.failures`, /metrics) but does not make the loop "failing":
+/readyz says the store is down, and a restart (what a failing /healthz asks for) cannot
+bring a store back.
 
 Any other error in a step (a bug, a driver's error nobody classified) does not end the
 task either: a dead dispatcher leaves acknowledged alerts unsent for good, and ended
@@ -33,8 +36,8 @@ FAILING_AFTER = 3  # failed steps in a row before the health checks call a loop 
 class LoopState:
     """One loop's record: its failures since start, and the run it is in now."""
 
-    failures: int = 0  # unexpected errors since start (a counter: /metrics)
-    in_a_row: int = 0  # unexpected errors since its last good step
+    failures: int = 0  # failed steps since start, the store's included (a counter: /metrics)
+    in_a_row: int = 0  # unexpected errors since its last good step (not the store's)
     error: str = ""  # the last one's type (its words may quote anything: the log has them)
 
 
@@ -49,7 +52,8 @@ class LoopHealth:
         return self.loops.setdefault(name, LoopState())
 
     def failures(self) -> dict[str, float]:
-        """Unexpected step errors since start, by loop."""
+        """Failed steps since start, by loop: an unexpected error, or the store
+        unavailable or busy (a deadlock, a lock not had in time, a full disk)."""
         return {name: float(s.failures) for name, s in self.loops.items()}
 
     def failing(self) -> dict[str, str]:
@@ -87,7 +91,10 @@ async def run_steps(
             wake.clear()
             try:
                 wait = await step()
-            except StoreUnavailable as exc:
+            except StoreUnavailable as exc:  # StoreBusy too
+                # Counted: a store that refused every step for an hour showed as a loop
+                # with no failure at all. Not in a row: see the module's docstring.
+                state.failures += 1
                 log.error("%s cannot use the store: %s", name, exc)
                 wait = retry_after
             except Exception as exc:  # the loop outlives any one step

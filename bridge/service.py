@@ -193,6 +193,12 @@ class Bridge:
                 self.last_reload_ok = False
                 log.error("reload refused, keeping the running config: %s", exc)
                 continue
+            except Exception:
+                # A file nobody foresaw (a bug of ours on it) must not end the bridge: the
+                # reloader ran in the task group, and its error stopped everything.
+                self.last_reload_ok = False
+                log.exception("reload failed part way (a bug: report it); restart to be sure")
+                continue
             self.last_reload_ok = True
             self.config_applied_at = self.clock.now()
             mask_secrets(secret_values(self.config))  # a new route token is masked from now on

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -14,7 +16,7 @@ import pytest
 from bridge.config import StoreConfig
 from bridge.models import NewMessage
 from bridge.store import open_store
-from tests.processes import ANY_PORT, process, run_command, wait_for
+from tests.processes import ANY_PORT, clean_env, process, run_command, wait_for
 from tests.stores import seed
 
 pytestmark = pytest.mark.slow  # every test here runs the CLI as a process
@@ -174,7 +176,7 @@ def test_check_config_refuses_a_star_listen_address_serve_cannot_bind(tmp_path) 
     file serve refuses. Now both name the key and the addresses that mean it."""
     (tmp_path / "bridge.toml").write_text('[http]\nlisten = "*:8080"\n')
     checked = run("check-config", "bridge.toml", cwd=tmp_path)
-    assert checked.returncode == 1, checked.stdout
+    assert checked.returncode == 78, checked.stdout
     assert "http.listen: '*:8080': '*' is no address" in checked.stderr
     assert "0.0.0.0" in checked.stderr and "[::]" in checked.stderr
 
@@ -285,7 +287,7 @@ def test_check_config_reads_the_files_beside_the_config_from_any_directory(open_
     # The same name from the environment is the current directory's, and says so.
     env = {"SMS_BRIDGE_PROVIDER_API_KEY_FILE": "api-key"}
     overridden = run("check-config", str(etc / "config.toml"), cwd=cwd, env=env)
-    assert overridden.returncode == 1
+    assert overridden.returncode == 78
     assert (
         "SMS_BRIDGE_PROVIDER_API_KEY_FILE: cannot read secret file 'api-key' (relative to"
         f" the current directory {cwd}): No such file or directory"
@@ -322,3 +324,37 @@ def test_check_config_says_which_store_paces_the_key_and_shows_only_its_fingerpr
     assert fingerprints[0] == fingerprints[1] != fingerprints[2]
     assert "staging.db" in lines[0] and "postgresql://bridge:***@db-1/sms" in lines[1]
     assert "pw" not in lines[1]
+
+
+def test_ctrl_c_while_a_command_waits_is_no_traceback(tmp_path) -> None:
+    """Ctrl-C in a command waiting on the network (here `provider balance` on a provider
+    that takes the connection and never answers; `serve` waiting for its store at start,
+    before it handles SIGINT itself) printed a page of asyncio and httpx traceback."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        silent.settimeout(30)
+        env = clean_env(
+            SMS_BRIDGE_PROVIDER_BASE_URL=f"http://127.0.0.1:{silent.getsockname()[1]}/api/v1",
+            SMS_BRIDGE_PROVIDER_API_KEY="live-key-0123456789",
+            SMS_BRIDGE_PROVIDER_TIMEOUT="60s",
+            SMS_BRIDGE_STORE_PATH=str(tmp_path / "none.db"),  # no store: nothing shared
+        )
+        # A shell's background job (`pytest &`) ignores SIGINT, and a child inherits that:
+        # this one must start with SIGINT as a terminal's Ctrl-C finds it.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with process(["provider", "balance"], tmp_path, env, tmp_path / "cli.log") as proc:
+                while True:  # the command's request read whole: it waits for its answer
+                    conn, _ = silent.accept()
+                    with conn, conn.makefile("rb") as request:
+                        asked = request.readline()
+                        while request.readline() not in (b"\r\n", b""):
+                            pass
+                        if asked.startswith(b"GET /api/v1/balance "):
+                            proc.send_signal(signal.SIGINT)
+                            assert proc.wait(timeout=30) == 130, proc.output()
+                            break
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    assert "Traceback" not in proc.output() and "interrupted" in proc.output(), proc.output()

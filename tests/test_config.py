@@ -313,7 +313,7 @@ def test_listen_addresses() -> None:
 
 
 @pytest.mark.slow  # runs a subprocess
-def test_check_config_command_exits_1_naming_each_key(tmp_path) -> None:
+def test_check_config_command_exits_78_naming_each_key(tmp_path) -> None:
     path = write_config(
         tmp_path,
         """
@@ -324,7 +324,7 @@ def test_check_config_command_exits_1_naming_each_key(tmp_path) -> None:
     """,
     )
     result = run_command(["check-config", "--config", str(path)])
-    assert result.returncode == 1
+    assert result.returncode == 78
     assert "provider.requests_per_minute" in result.stderr
     assert "smtp.listen" in result.stderr
     good = write_config(

@@ -68,15 +68,24 @@ def toml_snippets(path: Path) -> list[str]:
 
 
 def with_secret_files(snippet: str, tmp_path: Path) -> str:
-    """Every `*_file = "/etc/..."` (and `tls_cert`, `tls_key`) pointed at a file of ours
-    holding a 24-character secret of its own (two tokens may not share one): check-config
-    asks only that such files exist."""
+    """Every `*_file = "/etc/..."` pointed at a file of ours holding a 24-character
+    secret of its own (two tokens may not share one: check-config asks only that such
+    files exist), and `tls_cert`, `tls_key` at a certificate and its key (check-config
+    loads them as the listener would)."""
+    import trustme
+
     secrets = tmp_path / "secrets"
     secrets.mkdir(exist_ok=True)
+    pair = trustme.CA().issue_cert("127.0.0.1")
 
     def replace(match: re.Match[str]) -> str:
         target = secrets / Path(match.group(2)).name
-        target.write_text(hashlib.sha256(target.name.encode()).hexdigest()[:24] + "\n")
+        if "tls_cert" in match.group(1):
+            pair.cert_chain_pems[0].write_to_path(str(target))
+        elif "tls_key" in match.group(1):
+            pair.private_key_pem.write_to_path(str(target))
+        else:
+            target.write_text(hashlib.sha256(target.name.encode()).hexdigest()[:24] + "\n")
         return f'{match.group(1)}"{target}"'
 
     return _SECRET_FILE.sub(replace, snippet)
@@ -143,6 +152,61 @@ def test_the_dockerfile_reads_a_mounted_config_and_no_env_overrides_it() -> None
         assert f"secrets/{name}" in docker, f"nothing puts {name} in ./secrets"
 
 
+def images_healthcheck() -> list[str]:
+    """The Dockerfile's HEALTHCHECK command, in its exec form."""
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    found = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", dockerfile, re.MULTILINE | re.DOTALL)
+    assert found is not None
+    command: list[str] = json.loads(found.group(1))
+    return command
+
+
+def run_as_docker(
+    command: list[str], env: dict[str, str], cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """`command` as docker runs an exec form: no shell, the image's environment."""
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, env=env, cwd=cwd)
+
+
+@pytest.mark.slow  # runs the bridge
+def test_the_images_healthcheck_asks_a_mail_only_bridge_for_its_smtp_greeting(tmp_path) -> None:
+    """With `http.listen = ""` (a bridge that only takes mail) the HEALTHCHECK exited 1
+    ("no HTTP listener to ask"): the container was "unhealthy" for ever, and the recipe
+    said to run it with --no-healthcheck. It asks the SMTP listener for its greeting."""
+    port = free_port()  # the check reads the port from the config: port 0 would not do
+    config = write_config(
+        tmp_path,
+        f"""
+        [http]
+        listen = ""
+        [smtp]
+        listen = "0.0.0.0:{port}"
+        [store]
+        path = "{tmp_path / "bridge.db"}"
+        """,
+    )
+    env = clean_env(
+        SMS_BRIDGE_CONFIG=str(config),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+    )
+    with process(["serve"], tmp_path, env, tmp_path / "serve.log") as proc:
+        proc.address("SMTP")
+        healthy = run_as_docker(images_healthcheck(), env, tmp_path)
+        assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+        assert f"smtp://127.0.0.1:{port}: 220 " in healthy.stdout
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+        assert "Traceback" not in proc.output() and "ERROR" not in proc.output()
+    down = run_as_docker(images_healthcheck(), env, tmp_path)
+    assert down.returncode == 1 and "Traceback" not in down.stderr, down.stderr
+    assert f"smtp://127.0.0.1:{port}: " in down.stderr
+    # Docker knows 0 and 1 (2 is reserved): a file edited into one serve refuses said 78.
+    config.write_text(config.read_text() + "[limits]\nmax_parts = 0\n")
+    refused = run_as_docker(images_healthcheck(), env, tmp_path)
+    assert refused.returncode == 1, refused.stderr
+    assert "  limits.max_parts: " in refused.stderr and "unhealthy" in refused.stderr
+
+
 @pytest.mark.slow  # runs the bridge
 def test_the_images_healthcheck_asks_where_the_config_listens(tmp_path) -> None:
     """The HEALTHCHECK as the image runs it (its CMD, with SMS_BRIDGE_CONFIG) against a
@@ -151,10 +215,7 @@ def test_the_images_healthcheck_asks_where_the_config_listens(tmp_path) -> None:
     orchestrator that acts on it). Run as docker runs an exec form: no shell."""
     import trustme
 
-    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
-    found = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", dockerfile, re.MULTILINE | re.DOTALL)
-    assert found is not None
-    command = json.loads(found.group(1))
+    command = images_healthcheck()
     pem = tmp_path / "bridge.pem"
     trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
     port = free_port()  # the check reads the port from the config: port 0 would not do
@@ -222,7 +283,7 @@ def test_the_docker_environment_block_protects_the_images_config(tmp_path) -> No
     assert "0123456789abcdef" not in protected.stdout + protected.stderr  # secrets unprinted
     provider_only = {k: v for k, v in env.items() if k.startswith("SMS_BRIDGE_PROVIDER_")}
     refused = run_command(["check-config", str(config)], env=clean_env(**provider_only))
-    assert refused.returncode == 1, refused.stderr
+    assert refused.returncode == 78, refused.stderr
     assert "http.listen: 0.0.0.0:8080" in refused.stderr
     assert "smtp.listen: 0.0.0.0:2525" in refused.stderr
 

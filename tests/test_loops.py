@@ -16,6 +16,7 @@ from bridge.loops import run_steps
 from bridge.models import Message
 from bridge.provider.sandbox import SandboxState
 from tests.helpers import bridge_config, running_bridge
+from tests.stores import faulty_store
 
 
 async def test_a_wake_during_a_step_runs_the_next_step_at_once() -> None:
@@ -143,6 +144,41 @@ async def test_the_dispatcher_outlives_a_failing_step_and_the_health_checks_say_
         bridge.stop.set()
         await asyncio.wait_for(task, 10)
     assert "db-2 down" in [e.message for e in sandbox_state.entries]
+
+
+async def test_steps_the_store_refuses_are_counted_and_leave_healthz_green(
+    tmp_path: Path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A step the store refused (busy, full, out of reach) was retried but never counted:
+    `sms_bridge_loop_step_failures_total` said 0 for a dispatcher that could not claim a
+    text for an hour. Counted now; /healthz stays 200 (a restart brings no store back),
+    /readyz says the store, and the text goes once the disk has room again."""
+    config = bridge_config(tmp_path, sandbox_url)
+    store = faulty_store(config)
+    async with running_bridge(config, clock, store) as (bridge, url):
+        async with httpx.AsyncClient(base_url=url) as http:
+            posted = await http.post(
+                "/api/v1/messages", json={"to": "+12025550143", "message": "disk full"}
+            )
+            assert posted.status_code == 202  # stored, due now, before any loop runs
+            store.disk_full()
+            task = asyncio.create_task(bridge.run())
+            await _settle(lambda: bridge.loops.failures().get("dispatcher", 0) >= 1)
+            clock.advance(5.0)  # the dispatcher's retry_after: a second refused step
+            await _settle(lambda: bridge.loops.failures()["dispatcher"] >= 2)
+            metrics = (await http.get("/metrics")).text
+            counted = 'sms_bridge_loop_step_failures_total{loop="dispatcher"} '
+            assert float(metrics.split(counted)[1].split()[0]) >= 2, metrics
+            assert (await http.get("/healthz")).status_code == 200
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503 and "store" in ready.json()["problems"]
+            assert "loops" not in ready.json()["problems"]
+            store.fail_commits(None)  # room again
+            clock.advance(5.0)
+            await _settle(lambda: bool(sandbox_state.entries))
+        bridge.stop.set()
+        await asyncio.wait_for(task, 10)
+    assert [e.message for e in sandbox_state.entries] == ["disk full"]
 
 
 async def test_the_leader_outlives_a_failing_leadership_check(clock: ManualClock) -> None:

@@ -18,6 +18,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.config import StoreConfig
 from bridge.models import NewMessage, State
+from bridge.ops.probe import WRITE_PROOF_AGE
 from bridge.provider.sandbox import SandboxState
 from bridge.store import open_store
 from tests.helpers import bridge_config, pump, running_bridge
@@ -91,6 +92,30 @@ def test_sighup_reloads_routes_without_dropping_connections(tmp_path) -> None:
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "reload refused" in (tmp_path / "serve.log").read_text())
         assert httpx.post(f"{url}/hooks/second", json={"message": "w"}).status_code == 202
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
+def test_a_file_nested_too_deeply_is_refused_not_the_end_of_the_bridge(tmp_path) -> None:
+    """Arrays nested a few hundred deep made tomllib overflow Python's stack: a traceback
+    from check-config, and a SIGHUP on such a file ended the running bridge (its
+    reloader's error took the whole task group down). A config problem now, like any."""
+    path = tmp_path / "bridge.toml"
+    db = str(tmp_path / "bridge.db")
+    path.write_text(_config(db, '[routes.am]\nformat = "generic"\nto = ["oncall"]\n'))
+    deep = _config(db, "") + "[routes.am]\nto = " + "[" * 1000 + "]" * 1000 + "\n"
+    with process(
+        ["serve", "--config", str(path)], tmp_path, clean_env(), tmp_path / "serve.log"
+    ) as proc:
+        url = proc.url()
+        path.write_text(deep)
+        checked = run_command(["check-config", str(path)], tmp_path, clean_env())
+        assert checked.returncode == 78 and "Traceback" not in checked.stderr, checked.stderr
+        assert "nested too deeply" in checked.stderr
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in proc.output(), what="the refusal")
+        assert "nested too deeply" in proc.output() and "Traceback" not in proc.output()
+        assert httpx.post(f"{url}/hooks/am", json={"message": "x"}).status_code == 202
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
 
@@ -243,13 +268,63 @@ async def test_metrics_after_a_known_sequence(
     assert purged_stats == {"states": {"queued": 1}, "reasons": {}} and gone is None
 
 
+def committed(scraped: str) -> float:
+    found = re.search(r"^sms_bridge_store_commits_total (\S+)$", scraped, re.MULTILINE)
+    assert found is not None, scraped
+    return float(found.group(1))
+
+
+@pytest.mark.usefixtures("backend")
+async def test_scrapes_write_to_the_store_once_a_minute_at_most(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """Each scrape of /metrics rewrote the heartbeat row (and each /readyz): every 15 s
+    from each Prometheus server, a commit and a WAL record (on PostgreSQL, one row every
+    instance of a cluster rewrote). A scrape now takes a write that went through in the
+    last minute as its proof, /readyz's too; /readyz still writes every time."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        first = committed((await http.get(f"{url}/metrics")).text)  # none yet: it writes
+        for _ in range(5):
+            clock.advance(WRITE_PROOF_AGE / 6)
+            again = (await http.get(f"{url}/metrics")).text
+            assert "\nsms_bridge_store_up 1.0\n" in again
+            assert committed(again) == first, "a scrape wrote"
+        clock.advance(WRITE_PROOF_AGE / 6)  # a minute since the write: the next one writes
+        assert committed((await http.get(f"{url}/metrics")).text) == first + 1
+        clock.advance(WRITE_PROOF_AGE - 1)
+        assert (await http.get(f"{url}/readyz")).status_code == 200  # a write of its own
+        assert (await http.get(f"{url}/readyz")).status_code == 200  # and another
+        clock.advance(WRITE_PROOF_AGE - 1)  # two minutes since the scrape's write
+        assert committed((await http.get(f"{url}/metrics")).text) == first + 3
+
+
+@pytest.mark.usefixtures("backend")
+async def test_readyz_asked_by_many_at_once_writes_once_at_a_time(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """Anyone may ask /readyz, and each call was a transaction of its own: on PostgreSQL
+    a flood of them queued on the heartbeat row's lock (every instance's) and took the
+    pool's connections from the ingests. Callers that ask while a write is under way now
+    share it, each still answered by a write. (SQLite's writer already commits the
+    writes queued together as one transaction.)"""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await http.get(f"{url}/readyz")  # every connection of the client open
+        before = bridge.store.stats().transactions
+        answers = await asyncio.gather(*(http.get(f"{url}/readyz") for _ in range(20)))
+        assert [a.status_code for a in answers] == [200] * 20
+        assert bridge.store.stats().transactions - before <= 10  # 20 before
+
+
 async def test_metrics_answer_with_the_store_down_and_say_so(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:
     """A store that refuses writes (a full disk; PostgreSQL gone: tests/test_pg_pool.py)
     made /metrics either a 503, which Prometheus reads as the bridge down and which hid
     provider_ready and the rest, or (reads still working) figures with nothing wrong.
-    Now the scrape answers `sms_bridge_store_up 0` and the process's own figures."""
+    Now the scrape answers `sms_bridge_store_up 0` and the process's own figures, once
+    the last write that went through is a minute old (a scrape writes once a minute)."""
     config = bridge_config(tmp_path, sandbox_url)
     store = faulty_store(config)
     async with running_bridge(config, clock, store) as (_, url), httpx.AsyncClient() as http:
@@ -257,6 +332,7 @@ async def test_metrics_answer_with_the_store_down_and_say_so(
         assert up.status_code == 200
         assert "\nsms_bridge_store_up 1.0\n" in up.text and "sms_bridge_queue_depth" in up.text
         store.disk_full()
+        clock.advance(WRITE_PROOF_AGE)  # the scrape's write above proves nothing any more
         down = await http.get(f"{url}/metrics")
         assert down.status_code == 200, down.text
         assert "\nsms_bridge_store_up 0.0\n" in down.text
@@ -599,7 +675,7 @@ def test_serve_and_sighup_refuse_a_template_check_config_refuses(tmp_path) -> No
     ):
         (tmp_path / "check.toml").write_text(text)
         checked = run_command(["check-config", str(tmp_path / "check.toml")], tmp_path, clean_env())
-        assert checked.returncode == 1 and f"  {key}: " in checked.stderr, checked.stderr
+        assert checked.returncode == 78 and f"  {key}: " in checked.stderr, checked.stderr
     path.write_text(_config(db, bad_route))
     refused = subprocess.run(
         [sys.executable, "-m", "bridge", "serve", "--config", str(path)],
@@ -609,7 +685,7 @@ def test_serve_and_sighup_refuse_a_template_check_config_refuses(tmp_path) -> No
         env=clean_env(),
         cwd=tmp_path,
     )
-    assert refused.returncode == 1, refused.stderr
+    assert refused.returncode == 78, refused.stderr
     assert "  routes.am.template: fails on a sample alertmanager payload" in refused.stderr
     assert "HTTP listening" not in refused.stderr and "Traceback" not in refused.stderr
 

@@ -179,6 +179,69 @@ async def test_the_bridge_answers_503_while_postgres_is_down_and_resumes_by_itse
             assert stored == {"disk full", "c"}  # "b" was refused, not half-stored
 
 
+READER = "reader-token-0123456789abcdef"
+SENDER = "sender-token-0123456789abcdef"
+HOOK = "hook-token-0123456789abcdef01"
+TOKENS = f"""
+[tokens.reader]
+token = "{READER}"
+scopes = ["read"]
+[tokens.sender]
+token = "{SENDER}"
+scopes = ["send"]
+[routes.am]
+format = "generic"
+to = ["+12025550143"]
+token = "{HOOK}"
+"""
+
+
+@pytest.mark.slow
+async def test_only_a_reader_sees_where_the_store_is_when_it_is_down(
+    tmp_path, server: PrivateServer, clock, sandbox_url: str
+) -> None:
+    """/readyz (open to anyone) and every 503 quoted the driver: `Connect call failed
+    ('127.0.0.1', 46913)`, the database's address for any caller, where SMTP says only
+    that the store is unavailable. Anonymous callers, a hook's and a sender's token get
+    that reason; a token that may read the messages gets the store's words, as the log."""
+    with fresh_database(server.url) as url:
+        migrate_sync(url)
+        helpers.STORE_URL["url"] = url
+        try:
+            config = bridge_config(tmp_path, sandbox_url, TOKENS)
+        finally:
+            helpers.STORE_URL["url"] = ""
+        port = str(server.port)
+        body = {"to": "+12025550143", "message": "db down"}
+        async with running_bridge(config, clock) as (_, web), httpx.AsyncClient() as http:
+            await asyncio.to_thread(server.stop)
+            try:
+                answers = [
+                    await http.get(f"{web}/readyz"),
+                    await http.post(
+                        f"{web}/hooks/am", json=body, headers={"Authorization": f"Bearer {HOOK}"}
+                    ),
+                    await http.post(
+                        f"{web}/api/v1/messages",
+                        json=body,
+                        headers={"Authorization": f"Bearer {SENDER}"},
+                    ),
+                ]
+                read = await http.get(
+                    f"{web}/readyz", headers={"Authorization": f"Bearer {READER}"}
+                )
+            finally:
+                await asyncio.to_thread(server.start)
+        for answer in answers:
+            assert answer.status_code == 503, answer.text
+            assert port not in answer.text and "127.0.0.1" not in answer.text, answer.text
+        assert answers[0].json()["problems"]["store"] == "the store is unavailable"
+        for refused in answers[1:]:
+            assert refused.json()["error"] == "not accepted, retry later: the store is unavailable"
+        assert read.status_code == 503
+        assert port in read.json()["problems"]["store"], read.text
+
+
 def test_a_connection_the_protocol_lost_track_of_is_unavailability() -> None:
     """asyncpg raises InternalClientError on COMMIT over a connection the server cut in
     the middle of a statement (a restart under load): an outage, not a bug to crash on

@@ -500,8 +500,10 @@ async def test_readyz_turns_red_when_the_disk_refuses_writes(
 async def test_a_store_error_quoting_a_secret_is_masked_in_answers(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
-    """What the store's driver said reaches /readyz (open to anyone) and a 503's body,
-    with every configured secret masked as in the log."""
+    """What the store's driver said reaches /readyz and a 503's body for a caller that
+    may read the messages (on this bridge with no tokens, every caller), with every
+    configured secret masked as in the log. Other callers get no driver's words at all
+    (tests/test_pg_pool.py)."""
     config = bridge_config(tmp_path, sandbox_url)
     key = config.provider.api_key
 

@@ -248,7 +248,7 @@ def test_check_config_and_serve_refuse_an_open_bridge_with_a_real_provider(tmp_p
     os.chmod(config, 0o600)
     for command in ("check-config", "serve"):
         result = run(command, "--config", str(config), cwd=tmp_path)
-        assert result.returncode == 1, (command, result.stderr)
+        assert result.returncode == 78, (command, result.stderr)
         for key in ("http.listen", "smtp.listen", "routes.open"):
             assert f"  {key}: " in result.stderr, (command, key)
         assert "Traceback" not in result.stderr
@@ -592,9 +592,14 @@ def test_a_secret_file_the_environment_names_is_checked_too(open_tmp) -> None:
 def test_a_tls_private_key_anyone_may_read_is_named(open_tmp) -> None:
     """A listener's private key is the bridge's most lasting secret: whoever reads it can
     be the bridge to every client until the certificate expires."""
+    import trustme
+
     keys = _tree(open_tmp, 0o755)
+    for section in ("http", "smtp"):  # pairs that load: check-config loads them
+        pair = trustme.CA().issue_cert("127.0.0.1")
+        pair.cert_chain_pems[0].write_to_path(str(keys / f"{section}.pem"))
+        pair.private_key_pem.write_to_path(str(keys / f"{section}.key"))
     for name in ("http.pem", "http.key", "smtp.pem", "smtp.key"):
-        (keys / name).write_text("not read by check-config")
         (keys / name).chmod(0o644)
     config = write_config(
         keys,
@@ -642,7 +647,7 @@ def test_plaintext_auth_beyond_loopback_is_refused_or_said_out_loud(tmp_path) ->
     store = f'[store]\npath = "{tmp_path / "b.db"}"\n'
     refused = write_config(tmp_path, store + REAL + smtp, "refused.toml")
     result = run("check-config", str(refused), cwd=tmp_path)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 78, result.stderr
     assert "  smtp.auth_allow_plaintext: 0.0.0.0:2525 is reachable from the network" in (
         result.stderr
     )

@@ -66,7 +66,7 @@ def test_check_config_and_serve_refuse_it_and_the_advised_command_makes_one(tmp_
     )
     for command in ("check-config", "serve"):
         result = run(command, "--config", str(short), cwd=tmp_path)
-        assert result.returncode == 1, (command, result.stderr)
+        assert result.returncode == 78, (command, result.stderr)
         assert "  routes.gh.secret: too short" in result.stderr, result.stderr
         assert MAKE_SECRET in result.stderr
         assert "hunter2" not in result.stderr + result.stdout

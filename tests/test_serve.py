@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import shlex
 import signal
 import socket
 import sqlite3
@@ -15,10 +17,23 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import ANY_PORT, clean_env, process, run_command, wait_for
+from tests.processes import ANY_PORT, clean_env, free_port, process, run_command, wait_for
 
 pytestmark = pytest.mark.slow
 KEY = "crash-test-key"
+UNIT = (Path(__file__).parent.parent / "systemd" / "sms-bridge.service").read_text()
+
+
+def unit_lines(key: str) -> list[str]:
+    """Every value the unit gives `key` (`ExecReload=` may come more than once)."""
+    return re.findall(rf"^{key}=(.*)$", UNIT, re.MULTILINE)
+
+
+def restarted_by_systemd(status: int) -> bool:
+    """Whether `Restart=on-failure` starts the unit again after `serve` exits `status`."""
+    assert unit_lines("Restart") == ["on-failure"]
+    prevented = {int(s) for line in unit_lines("RestartPreventExitStatus") for s in line.split()}
+    return status != 0 and status not in prevented
 
 
 def test_serve_with_no_config_runs_on_the_sandbox_and_stops_on_sigterm(tmp_path) -> None:
@@ -56,13 +71,29 @@ def test_serve_with_no_config_runs_on_the_sandbox_and_stops_on_sigterm(tmp_path)
     assert (tmp_path / "sms-bridge.db").exists()
 
 
-def test_bad_config_exits_1_before_opening_ports(tmp_path) -> None:
+def test_bad_config_exits_78_before_opening_ports_and_systemd_leaves_it_stopped(
+    tmp_path,
+) -> None:
+    """A refused config and a store out of reach both exited 1, so the unit's
+    `Restart=on-failure` started a refused file again every 2.5 s for ever. A refused
+    config is EX_CONFIG (78), which the unit does not restart; a store that is down at
+    start is still 1, and restarted until it is back."""
     bad = tmp_path / "bad.toml"
     bad.write_text('[http]\nlisten = "127.0.0.1:notaport"\n[provider]\nrequests_per_minute = -1\n')
     result = run_command(["serve", "--config", str(bad)], tmp_path, clean_env())
-    assert result.returncode == 1
+    assert result.returncode == 78
     assert "http.listen" in result.stderr and "provider.requests_per_minute" in result.stderr
     assert not (tmp_path / "sms-bridge.db").exists()
+    assert not restarted_by_systemd(result.returncode)
+    down = f"postgresql://bridge:s3cret@127.0.0.1:{free_port()}/sms_bridge"  # nobody listens
+    env = clean_env(
+        SMS_BRIDGE_STORE_URL=down, SMS_BRIDGE_HTTP_LISTEN=ANY_PORT, SMS_BRIDGE_SMTP_LISTEN=""
+    )
+    unreachable = run_command(["serve"], tmp_path, env)
+    assert unreachable.returncode == 1, unreachable.stderr
+    assert "store postgresql://bridge:***@127.0.0.1" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr and "s3cret" not in unreachable.stderr
+    assert restarted_by_systemd(unreachable.returncode)
 
 
 def _states(db: Path) -> list[str]:
@@ -158,9 +189,110 @@ def test_a_taken_port_is_a_clear_error(tmp_path) -> None:
             tmp_path,
             clean_env(SMS_BRIDGE_HTTP_LISTEN=f"127.0.0.1:{port}", SMS_BRIDGE_SMTP_LISTEN=""),
         )
-    assert result.returncode == 1
+    assert result.returncode == 1  # the port may be free a moment later: restarted
+    assert restarted_by_systemd(result.returncode)
     assert f"http.listen: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_two_listeners_of_one_config_on_one_port_are_a_config_problem(tmp_path) -> None:
+    """`http.listen` and `smtp.listen` on one port (a copy-paste) passed check-config, then
+    serve could not bind the second: "Address already in use", exit 1, which systemd
+    restarts as a port another process may free. Both refuse it now (78), naming both;
+    the same port on addresses that do not overlap is fine."""
+    port = free_port()
+    for http, smtp, refused in (
+        (f"127.0.0.1:{port}", f"127.0.0.1:{port}", True),
+        (f"0.0.0.0:{port}", f"127.0.0.1:{port}", True),
+        (f"[::]:{port}", f"127.0.0.1:{port}", True),  # dual-stack: IPv4 too
+        (f"127.0.0.1:{port}", f"[::1]:{port}", False),
+    ):
+        (tmp_path / "bridge.toml").write_text(
+            f'[http]\nlisten = "{http}"\n[smtp]\nlisten = "{smtp}"\n'
+        )
+        checked = run_command(["check-config", "bridge.toml"], tmp_path, clean_env())
+        assert checked.returncode == (78 if refused else 0), (http, smtp, checked.stderr)
+        if refused:
+            assert f"  smtp.listen: {smtp} is where http.listen ({http}) listens" in checked.stderr
+    (tmp_path / "bridge.toml").write_text(
+        f'[http]\nlisten = "127.0.0.1:{port}"\n[smtp]\nlisten = "127.0.0.1:{port}"\n'
+    )
+    served = run_command(["serve", "--config", "bridge.toml"], tmp_path, clean_env())
+    assert served.returncode == 78 and "is where http.listen" in served.stderr, served.stderr
+    assert not restarted_by_systemd(served.returncode)
+
+
+def test_a_key_of_another_certificate_is_a_config_problem_not_a_traceback(tmp_path) -> None:
+    """A `tls_key` of another certificate (a renewal half done) passed check-config, then
+    ended serve with uvicorn's traceback (HTTP) or the SMTP listener's, exit 1: restarted
+    by systemd every 2.5 s for ever. Both refuse it now, naming the key, exit 78."""
+    import trustme
+
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    ca.issue_cert("127.0.0.1").private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    pair = 'tls_cert = "cert.pem"\ntls_key = "key.pem"\n'
+    for section, config in (
+        ("http", f'[http]\nlisten = "{ANY_PORT}"\n{pair}[smtp]\nlisten = ""\n'),
+        ("smtp", f'[http]\nlisten = ""\n[smtp]\nlisten = "{ANY_PORT}"\n{pair}'),
+    ):
+        (tmp_path / "bridge.toml").write_text(config)
+        for command in ("check-config", "serve"):
+            result = run_command([command, "--config", "bridge.toml"], tmp_path, clean_env())
+            assert result.returncode == 78, (section, command, result.stderr)
+            assert f"  {section}.tls_cert: {tmp_path / 'cert.pem'} with" in result.stderr
+            assert "key values mismatch" in result.stderr and "Traceback" not in result.stderr
+
+
+def run_unit_reload(config_dir: Path, pid: int) -> subprocess.CompletedProcess[str]:
+    """The unit's ExecReload= lines as systemd runs them: in order, each to its end, the
+    first that fails fails the reload. The unit's paths made this test's: its venv's
+    `sms-bridge` is this Python's `-m bridge`, `${CONFIGURATION_DIRECTORY}` the config's."""
+    executable = "/opt/sms-bridge/venv/bin/sms-bridge"
+    result = subprocess.CompletedProcess[str]([], 0, "", "")
+    for line in unit_lines("ExecReload"):
+        words = shlex.split(
+            line.replace("${CONFIGURATION_DIRECTORY}", str(config_dir)).replace(
+                "$MAINPID", str(pid)
+            )
+        )
+        if words[0] == executable:
+            words = [sys.executable, "-m", "bridge", *words[1:]]
+        result = subprocess.run(
+            words, capture_output=True, text=True, timeout=60, env=clean_env(), cwd=config_dir
+        )
+        if result.returncode != 0:
+            break
+    return result
+
+
+def test_systemctl_reload_fails_and_says_why_on_a_file_the_bridge_refuses(tmp_path) -> None:
+    """ExecReload was `kill -HUP` alone: `systemctl reload` exited 0 whatever the bridge
+    made of the file, and a refused one showed only in the log. The unit checks the file
+    first: a refused one fails the reload naming the key, and the bridge is not asked;
+    a good one passes quietly and is applied."""
+    config = tmp_path / "config.toml"
+    head = f'[http]\nlisten = "{ANY_PORT}"\n[smtp]\nlisten = ""\n[store]\npath = "b.db"\n'
+    route = '[routes.first]\nformat = "generic"\nto = ["+12025550143"]\n'
+    config.write_text(head + route)
+    with process(
+        ["serve", "--config", str(config)], tmp_path, clean_env(), tmp_path / "log"
+    ) as proc:
+        url = proc.url()
+        config.write_text(head + route + "[limits]\nmax_parts = 0\n")
+        refused = run_unit_reload(tmp_path, proc.pid)
+        assert refused.returncode == 78, refused.stderr
+        assert "  limits.max_parts: " in refused.stderr
+        # the running bridge was never asked
+        assert "reload refused" not in proc.output() and "reloaded" not in proc.output()
+        config.write_text(head + route.replace("first", "second"))
+        applied = run_unit_reload(tmp_path, proc.pid)
+        assert applied.returncode == 0, applied.stderr
+        assert applied.stdout == ""  # the journal gets no copy of the config each reload
+        wait_for(lambda: "configuration reloaded" in proc.output(), what="the reload")
+        assert httpx.post(f"{url}/hooks/second", json={"message": "x"}).status_code == 202
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
 
 
 def test_serve_and_sighup_read_the_files_beside_the_config_not_the_cwd(tmp_path) -> None:

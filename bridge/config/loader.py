@@ -347,6 +347,9 @@ def load_config(
             raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}")]) from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError([(str(path), f"not valid TOML: {exc}")]) from exc
+        except RecursionError as exc:  # tomllib recurses per nested array or inline table
+            why = "not valid TOML here: arrays or inline tables nested too deeply"
+            raise ConfigError([(str(path), why)]) from exc
     tables = (*SECTIONS, "groups", "routes", "tokens")
     for key in raw:
         if key not in tables:

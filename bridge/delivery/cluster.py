@@ -112,7 +112,8 @@ class Leader:
         state = self.loops.state("leader")
         try:
             leading = await self.leadership.check()
-        except StoreUnavailable:
+        except StoreUnavailable:  # counted as every loop counts it (bridge.loops)
+            state.failures += 1
             return False
         except Exception as exc:  # the leader loop outlives any one check
             if not state.in_a_row:

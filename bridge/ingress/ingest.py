@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bridge.clock import Clock
-from bridge.errors import StoreUnavailable
+from bridge.errors import StoreBusy, StoreUnavailable
 from bridge.models import NewMessage, State
 from bridge.policy.decide import Rules
 from bridge.policy.shaping import Draft, Shaper
@@ -64,7 +64,9 @@ class Ingestor:
     async def submit(self, drafts: Sequence[Draft]) -> list[Accepted]:
         if self.pending >= MAX_PENDING_INGESTS:
             self.refused += 1
-            raise StoreUnavailable("overloaded: too many messages waiting for the store")
+            # Busy: refused for now, passes when tried again, and its words (ours) name
+            # nothing a sender may not read.
+            raise StoreBusy("overloaded: too many messages waiting for the store")
         messages = self.shaper.messages(drafts)
         self.pending += 1
         try:

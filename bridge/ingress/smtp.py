@@ -33,7 +33,7 @@ from bridge.addresses import in_networks, parse_network
 from bridge.clock import zone
 from bridge.config import ProviderConfig, Recipients, SmtpConfig
 from bridge.config.recipients import unknown_group
-from bridge.errors import InputError, StoreBusy, StoreUnavailable, Unavailable
+from bridge.errors import InputError, StoreUnavailable, Unavailable
 from bridge.firewall import RefusedNumber
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.mail import (
@@ -496,10 +496,8 @@ class SmtpHandler:
             accepted = await self.ingestor.submit([draft])
         except StoreUnavailable as exc:
             log.error("SMTP DATA refused with 451: %s", exc)
-            # Why, in words an unauthenticated client may read: a busy store's are the
-            # server's about this transaction; an unreachable one's may name its host.
-            why = str(exc) if isinstance(exc, StoreBusy) else "the store is unavailable"
-            return f"451 4.3.0 Cannot store the message now ({why}); try again later"
+            # Why, in words an unauthenticated client may read (StoreUnavailable.public).
+            return f"451 4.3.0 Cannot store the message now ({exc.public}); try again later"
         ids = ",".join(str(a.id) for a in accepted)
         if mail.loop_reason:
             log.info("mail stored as suppressed (%s): %s", mail.loop_reason, ids)

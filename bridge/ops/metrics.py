@@ -4,8 +4,9 @@ Counters and histograms are kept in process (provider requests by endpoint and o
 their latency); everything about messages is read from the store at scrape time, so the
 figures are exact and survive restarts: messages by source and state, queue depth and
 oldest queued age, held and suppressed by reason, parts and cost sent. While the store
-cannot be reached (or written, as /readyz judges it) the scrape still answers:
-`sms_bridge_store_up 0`, the process's own figures, and none of the store's.
+cannot be reached (or written: see bridge.ops.probe, a scrape writes at most once a
+minute) the scrape still answers: `sms_bridge_store_up 0`, the process's own figures,
+and none of the store's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bridge.errors import StoreUnavailable
+from bridge.ops.probe import StoreProbe
 from bridge.store import Store
 
 PREFIX = "sms_bridge"
@@ -44,7 +46,8 @@ class _StoreCollector(Collector):
         snap = self.metrics.snapshot
         yield GaugeMetricFamily(
             f"{PREFIX}_store_up",
-            "1 when the store took this scrape's write and reads (as /readyz asks)",
+            "1 when the store answered this scrape's reads and took a write in the last"
+            " minute (/readyz's or the scrape's own)",
             value=1.0 if snap.store_up else 0.0,
         )
         if snap.store_up:
@@ -96,6 +99,7 @@ class Metrics:
     def __init__(self, store: Store, now: Callable[[], float]) -> None:
         self.store = store
         self.now = now
+        self.probe = StoreProbe(store, now)  # shared with /readyz: its writes count here
         self.registry = CollectorRegistry()
         self.snapshot = Snapshot()
         self.live_gauges: list[tuple[str, str, Callable[[], float | None]]] = []
@@ -139,8 +143,9 @@ class Metrics:
     async def refresh(self) -> None:
         now = self.now()
         try:
-            # A real write first, as /readyz: a full disk still answers reads.
-            await self.store.heartbeat(now)
+            # A full disk still answers reads: a write proves it, but not one per
+            # scrape (several Prometheus servers, every 15 s): one a minute at most.
+            await self.probe.recent_write()
             counts = await self.store.counts_for_metrics()
         except StoreUnavailable:
             # Not a failed scrape: that reads as the bridge down, and hides the

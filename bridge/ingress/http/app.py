@@ -47,6 +47,7 @@ from bridge.loops import LoopHealth
 from bridge.models import events_json
 from bridge.ops.logs import mask
 from bridge.ops.metrics import Metrics
+from bridge.ops.probe import StoreProbe
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import parse_schedule_time
@@ -120,11 +121,29 @@ def handle_errors(handler: Handler, live: LiveConfig) -> Handler:
             return error_response(400, str(exc), exc.field)
         except Unavailable as exc:  # the store, or the phone metadata on a recipient
             log.error("refused with 503: %s", exc)
-            response = error_response(503, mask(f"not accepted, retry later: {exc}", live.secrets))
+            why = unavailable_reason(exc, request, live)
+            response = error_response(503, f"not accepted, retry later: {why}")
             response.headers["Retry-After"] = str(RETRY_AFTER)
             return response
 
     return wrapped
+
+
+def may_read(request: Request, live: LiveConfig) -> bool:
+    """Whether the caller's token has `read` (any caller of a bridge with no tokens)."""
+    try:
+        authorize(live.current.tokens, request.headers.get("authorization"), "read")
+    except AuthError:
+        return False
+    return True
+
+
+def unavailable_reason(exc: Unavailable, request: Request, live: LiveConfig) -> str:
+    """Why, for this caller: the store's own words (masked) for one that may read the
+    messages, as the log has them; `exc.public` for anyone else. /readyz and hooks
+    answer anonymous callers, and the store's words named its host and port there."""
+    shown = exc.public if isinstance(exc, StoreUnavailable) and not may_read(request, live) else exc
+    return mask(str(shown), live.secrets)
 
 
 def requires(scope: str, live: LiveConfig, handler: Handler) -> Handler:
@@ -158,6 +177,8 @@ def create_app(
     window and balance and wake it after a retry; `loops`: the background loops whose
     steps keep failing make /healthz and /readyz answer 503."""
     loops = loops or LoopHealth()
+    # One probe for /readyz and /metrics: a scrape takes /readyz's recent write as proof.
+    probe = metrics.probe if metrics is not None else StoreProbe(store, clock.now)
     activity = RouteActivity(live=live, clock=clock)
     console = Console(
         live=live,
@@ -294,9 +315,9 @@ def create_app(
     async def readyz(request: Request) -> Response:
         problems: dict[str, str] = {}
         try:
-            await store.heartbeat(clock.now())  # a real write: a full disk fails it
+            await probe.write()  # a real write, every time: a full disk fails it
         except StoreUnavailable as exc:
-            problems["store"] = mask(str(exc), live.secrets)
+            problems["store"] = unavailable_reason(exc, request, live)
         if not health.ready:
             # Not the provider's words: anyone may ask /readyz, and a provider's error may
             # quote anything (our key, the account's owner). A probe needs the status; the
