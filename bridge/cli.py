@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,8 +41,11 @@ log = logging.getLogger("bridge")
 # a restart may cure.
 EX_CONFIG = 78
 # A listen address another process holds, or one not on this host yet (an interface that
-# comes up after the bridge at boot): both may pass a moment later, so a restart is due.
-TRANSIENT_BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL})
+# comes up after the bridge at boot), or a listen name the resolver cannot answer for yet
+# (its DNS server not up at boot: EAI_AGAIN, a negative number no errno has): each may
+# pass a moment later, so a restart is due. Taken for a refused file (78), a bridge
+# listening on a name stayed down after a reboot whose network came up late.
+TRANSIENT_BIND_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, socket.EAI_AGAIN})
 HEALTHCHECK_TIMEOUT = 4.0  # seconds: within the image's HEALTHCHECK --timeout=5s
 __all__ = ["book_cli_request", "main"]  # book_cli_request: the CLI's booking, for tests
 

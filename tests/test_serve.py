@@ -96,6 +96,34 @@ def test_bad_config_exits_78_before_opening_ports_and_systemd_leaves_it_stopped(
     assert restarted_by_systemd(unreachable.returncode)
 
 
+def test_a_listen_name_the_resolver_cannot_answer_for_yet_is_restarted(tmp_path) -> None:
+    """`http.listen = "bridge.lan:8080"` on a boot where the DNS server does not answer
+    yet ("Temporary failure in name resolution"): `serve` exited 78, which the unit does
+    not restart, and the bridge stayed down after the reboot though its file was fine. It
+    may resolve a moment later, as an address not on the host yet may be there: 1, and
+    restarted. The resolver is made to fail in a mount namespace of the child's own (its
+    /etc/resolv.conf names a loopback port where no server listens)."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    config = tmp_path / "config.toml"
+    config.write_text('[http]\nlisten = "bridge.lan:8080"\n[smtp]\nlisten = ""\n')
+    bind = f"mount --bind {shlex.quote(str(resolv))} /etc/resolv.conf"
+    serve = [sys.executable, "-m", "bridge", "serve", "--config", str(config)]
+    words = ["unshare", "-m", "sh", "-c", f'{bind} && exec "$@"', "sh", *serve]
+    try:
+        result = subprocess.run(
+            words, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=clean_env()
+        )
+    except FileNotFoundError:
+        pytest.skip("no unshare(1) to give the child a resolver of its own")
+    if "mount" in result.stderr and "Temporary failure" not in result.stderr:
+        pytest.skip(f"no mount namespace here: {result.stderr.strip()}")
+    assert "http.listen" in result.stderr and "Temporary failure" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 1, result.stderr
+    assert restarted_by_systemd(result.returncode)
+
+
 def _states(db: Path) -> list[str]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
