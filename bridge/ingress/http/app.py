@@ -243,18 +243,7 @@ def create_app(
             routes=live.current.routes,
             store=store,
         )
-        messages = await store.query(
-            state=wanted.state,
-            limit=wanted.limit,
-            before_id=wanted.before,
-            reason_kind=wanted.reason_kind,
-            not_reason_kind=wanted.not_reason_kind,
-            route=wanted.route,
-            source=wanted.source,
-            recipient=wanted.recipient,
-            text=wanted.text,
-            since=wanted.since,
-        )
+        messages = await wanted.page(store, limit=wanted.limit, recipient=wanted.recipient)
         return JSONAnswer({"messages": [m.to_json() for m in messages]})
 
     async def get_message(request: Request) -> Response:

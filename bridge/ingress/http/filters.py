@@ -18,7 +18,7 @@ from starlette.datastructures import QueryParams
 
 from bridge.errors import HttpError
 from bridge.ingress.http.bodies import check_query, known, page_size, query_int
-from bridge.models import OTHER_REASON, REASON_KINDS, SOURCES, State
+from bridge.models import OTHER_REASON, REASON_KINDS, SOURCES, Message, State
 from bridge.store import Store
 
 STATES = tuple(str(s) for s in State)
@@ -53,6 +53,25 @@ class ListQuery:
     recipient: str | None
     text: str | None
     since: float | None
+
+    async def page(
+        self, store: Store, *, limit: int, recipient: str | None, number: str | None = None
+    ) -> list[Message]:
+        """The messages these filters and the cursor select (the API and the console alike:
+        a filter one of them forgot would list what the other refuses to)."""
+        return await store.query(
+            state=self.state,
+            number=number,
+            recipient=recipient,
+            reason_kind=self.reason_kind,
+            not_reason_kind=self.not_reason_kind,
+            route=self.route,
+            source=self.source,
+            text=self.text,
+            since=self.since,
+            before_id=self.before,
+            limit=limit,
+        )
 
 
 async def read_list_query(

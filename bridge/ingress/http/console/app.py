@@ -268,17 +268,10 @@ class Console(Gate):
     ) -> list[Message]:
         """The page's messages: to `number` exactly (through its index) when given, else
         to any recipient holding `part`."""
-        return await self.store.query(
-            state=wanted.state,
+        return await wanted.page(
+            self.store,
             number=number,
             recipient=None if number else part,
-            reason_kind=wanted.reason_kind,
-            not_reason_kind=wanted.not_reason_kind,
-            route=wanted.route,
-            source=wanted.source,
-            text=wanted.text,
-            since=wanted.since,
-            before_id=wanted.before,
             limit=limit,  # one more than shown tells whether there is an older page
         )
 
