@@ -6,6 +6,7 @@ failed at start or changed since, prices of 0, and a retention that would empty 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import httpx
 import pytest
@@ -721,6 +722,18 @@ async def test_prices_learnt_from_bills_outlive_a_restart(
 NO_COST = '{"success": true, "message": "SMS sent successfully", "data": {"balance": 90}}'
 
 
+def _nothing_priced_at_ten(
+    tmp_path: Path, sandbox_url: str, sandbox_state: SandboxState, clock: ManualClock
+) -> Config:
+    """10:00 UTC, a cost cap of 1, no price list (404) and send answers without a cost."""
+    sandbox_state.faults += [
+        Fault(status=404, times=100, path="/pricing"),
+        Fault(status=200, body=NO_COST, taken=True, times=100, path="/send"),
+    ]
+    clock.advance(3600 * 10 - clock.now() % 86400)
+    return bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n")
+
+
 @on_each_backend
 async def test_texts_whose_cost_nobody_can_tell_do_not_pass_a_cost_cap(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
@@ -730,12 +743,7 @@ async def test_texts_whose_cost_nobody_can_tell_do_not_pass_a_cost_cap(
     against a cap of 1. After the first, the day's spend is unknown: the others wait,
     saying so. When a price is known (the list answers), they are judged again at once:
     one more fits (1.0), two wait for tomorrow."""
-    sandbox_state.faults += [
-        Fault(status=404, times=100, path="/pricing"),
-        Fault(status=200, body=NO_COST, taken=True, times=100, path="/send"),
-    ]
-    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
-    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n")
+    config = _nothing_priced_at_ten(tmp_path, sandbox_url, sandbox_state, clock)
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(4)]
         await steps(bridge, clock, 30)
@@ -781,12 +789,7 @@ async def test_texts_waiting_for_a_price_are_judged_again_when_one_is_known_afte
     answers only after it (its retry). What waited for a price was released by the
     process that held it; after the restart nobody watched for one, and they waited for
     midnight. The start sees what they wait for: released as the list answers."""
-    sandbox_state.faults += [
-        Fault(status=404, times=100, path="/pricing"),
-        Fault(status=200, body=NO_COST, taken=True, times=100, path="/send"),
-    ]
-    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
-    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n")
+    config = _nothing_priced_at_ten(tmp_path, sandbox_url, sandbox_state, clock)
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(4)]
         await steps(bridge, clock, 30)  # one goes; the day's spend is unknown

@@ -185,10 +185,7 @@ def test_the_images_healthcheck_asks_a_mail_only_bridge_for_its_smtp_greeting(tm
         path = "{tmp_path / "bridge.db"}"
         """,
     )
-    env = clean_env(
-        SMS_BRIDGE_CONFIG=str(config),
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-    )
+    env = _env_of_the_image(config)
     with process(["serve"], tmp_path, env, tmp_path / "serve.log") as proc:
         proc.address("SMTP")
         healthy = run_as_docker(images_healthcheck(), env, tmp_path)
@@ -232,10 +229,7 @@ def test_the_images_healthcheck_asks_where_the_config_listens(tmp_path) -> None:
         path = "{tmp_path / "bridge.db"}"
         """,
     )
-    env = clean_env(
-        SMS_BRIDGE_CONFIG=str(config),
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-    )
+    env = _env_of_the_image(config)
 
     def check() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -251,6 +245,14 @@ def test_the_images_healthcheck_asks_where_the_config_listens(tmp_path) -> None:
     down = check()
     assert down.returncode == 1 and "Traceback" not in down.stderr, down.stderr
     assert f"https://127.0.0.1:{port}/healthz" in down.stderr
+
+
+def _env_of_the_image(config: Path) -> dict[str, str]:
+    """What the image's HEALTHCHECK runs with: its config by name, `sms-bridge` on PATH."""
+    return clean_env(
+        SMS_BRIDGE_CONFIG=str(config),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+    )
 
 
 def _docker_env(block: str) -> dict[str, str]:
