@@ -39,6 +39,18 @@ PLACES = [
 ]
 
 
+def _made_by(command: str) -> str:
+    """What a secret-making command a refusal names prints, run as the operator would
+    (python3 on PATH may not be this interpreter: the venv's own)."""
+    return subprocess.run(
+        command.replace("python3", sys.executable, 1),
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 @pytest.mark.parametrize(("body", "key"), PLACES, ids=[k for _, k in PLACES])
 def test_a_short_secret_is_refused_by_its_key(tmp_path, body: str, key: str) -> None:
     with pytest.raises(ConfigError) as refused:
@@ -72,15 +84,7 @@ def test_check_config_and_serve_refuse_it_and_the_advised_command_makes_one(tmp_
         assert "hunter2" not in result.stderr + result.stdout
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "b.db").exists()  # refused before anything opened
-    # The command the message names, run as the operator would (python3 on PATH may not
-    # be this interpreter: the venv's own).
-    made = subprocess.run(
-        MAKE_SECRET.replace("python3", sys.executable, 1),
-        shell=True,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    made = _made_by(MAKE_SECRET)  # the command the message names
     assert len(made) >= MIN_SECRET_CHARS
     good = write_config(tmp_path, body.format(made), "good.toml")
     assert run("check-config", str(good), cwd=tmp_path).returncode == 0
@@ -106,13 +110,7 @@ def test_an_smtp_password_shorter_than_nists_floor_is_refused(tmp_path) -> None:
     problems = dict(refused.value.problems)
     assert sorted(problems) == ["smtp.users.nas", "smtp.users.ups"]
     assert "an SMTP password needs at least 15 characters" in problems["smtp.users.ups"]
-    made = subprocess.run(  # the command it names makes one that fits a 15-character field
-        MAKE_SMTP_PASSWORD.replace("python3", sys.executable, 1),
-        shell=True,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    made = _made_by(MAKE_SMTP_PASSWORD)  # fits a device's 15-character field
     assert MAKE_SMTP_PASSWORD in problems["smtp.users.ups"] and len(made) == 15
     assert short not in str(refused.value)
     (tmp_path / "nas.pw").write_text(enough + "\n")
