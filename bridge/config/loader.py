@@ -12,15 +12,17 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from bridge.config.parsing import (
+    CONFIG_FILE_MAX,
     coerce,
     config_dir,
     from_env_text,
+    read_regular_file,
     read_secret_file,
     resolve_path,
+    surrounding_space,
 )
 from bridge.config.sections import (
     ENV_PREFIX,
@@ -72,6 +74,14 @@ class _Loader:
                 " write its absolute path",
             )
 
+    def refuse_spaced_secrets(self, origin: str, value: object) -> None:
+        """A secret (or a table of them: `[smtp.users]`) with white space around it."""
+        named = value.items() if isinstance(value, Mapping) else [("", value)]
+        for name, secret in named:
+            why = surrounding_space(secret) if isinstance(secret, str) else None
+            if why:
+                self.problem(f"{origin}.{name}" if name else origin, why)
+
     def section(
         self,
         name: str,
@@ -106,7 +116,8 @@ class _Loader:
             try:
                 if env_name in self.env:
                     origin = env_name
-                    value = from_env_text(self.env[env_name], kind, spec.default)
+                    secret = bool(spec.metadata.get("secret"))
+                    value = from_env_text(self.env[env_name], kind, spec.default, secret)
                 elif f"{env_name}_FILE" in self.env:
                     origin = f"{env_name}_FILE"
                     value = read_secret_file(self.env[f"{env_name}_FILE"])
@@ -125,6 +136,8 @@ class _Loader:
                         written, value = str(value), resolve_path(str(value), where)
                         if (name, fname) == ("store", "path") and value != written:
                             self.refuse_a_store_left_behind(written, value)
+                    if spec.metadata.get("secret") is True:
+                        self.refuse_spaced_secrets(origin, value)
                     values[fname] = value
             except (ValueError, tomllib.TOMLDecodeError) as exc:
                 self.problem(origin, str(exc))
@@ -342,11 +355,13 @@ def load_config(
     loader = _Loader(env, config_dir(path) if path is not None else None)
     if path is not None:
         try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            raw = tomllib.loads(read_regular_file(os.fspath(path), CONFIG_FILE_MAX))
         except OSError as exc:
             raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}")]) from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError([(str(path), f"not valid TOML: {exc}")]) from exc
+        except ValueError as exc:  # not a regular file, too large, not UTF-8
+            raise ConfigError([(str(path), f"cannot read: {exc}")]) from exc
         except RecursionError as exc:  # tomllib recurses per nested array or inline table
             why = "not valid TOML here: arrays or inline tables nested too deeply"
             raise ConfigError([(str(path), why)]) from exc

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 import urllib.parse
-from pathlib import Path
 from typing import Any
 
 from bridge.config.sections import COMPOSE_MODES, MAIL_RULE_KEYS, MailRule
@@ -48,13 +48,16 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def from_env_text(text: str, kind: str, default: object) -> object:
-    """Turn an environment string into the type of the key it overrides."""
+def from_env_text(text: str, kind: str, default: object, secret: bool = False) -> object:
+    """Turn an environment string into the type of the key it overrides. A `secret`
+    table's values (`SMS_BRIDGE_SMTP_USERS=ups=PASSWORD`) are kept as written, spaces
+    and all, for the loader to refuse: trimmed, the password in force was not the one
+    given, and no one said so."""
     if kind == "table":  # name=value,name2=value2
         pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
         if any(len(p) != 2 for p in pairs):
             raise ValueError("expected name=value pairs separated by commas")
-        return {k.strip(): v.strip() for k, v in pairs}
+        return {k.strip(): v if secret else v.strip() for k, v in pairs}
     if kind in ("rules", "lists"):  # a TOML array of inline tables, or an inline table
         return tomllib.loads(f"v = {text}")["v"]
     if kind == "list":
@@ -148,8 +151,64 @@ def resolve_path(value: str, base: str | None) -> str:
     return os.path.join(base, value)
 
 
+# A secret is a line (a key, a password, a URL); a config is pages of TOML. Anything
+# larger is a wrong file named (a log, a disk image, /dev/zero), not a config.
+SECRET_FILE_MAX = 64 * 1024
+CONFIG_FILE_MAX = 4 * 1024 * 1024
+
+
+def read_regular_file(path: str, limit: int) -> str:
+    """The text of the regular file `path`, refused (ValueError naming the file) when it
+    is anything else or larger than `limit` bytes. `read_text()` on a FIFO blocked until
+    a writer came (`serve` hung at start; inside a reload the bridge stopped answering
+    reloads for good) and on /dev/zero read until memory ran out. Opened non-blocking so
+    that a FIFO is only looked at, then judged by the descriptor actually opened (no
+    window between a check of the name and the read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{path!r} is {_file_kind(mode)}, not a regular file")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path!r} is larger than {limit // 1024} KiB: not the file meant")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path!r} is not UTF-8 text: {exc}") from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return name
+    return "a special file"
+
+
 def read_secret_file(path: str, base: str | None = None) -> str:
-    return Path(resolve_path(path, base)).read_text(encoding="utf-8").strip()
+    """A `*_file` secret: the file's text without its final line break (an editor's or
+    `echo`'s, normal in a file). Other white space around it is kept, and refused by the
+    loader for a secret (`surrounding_space`): trimming it silently changed the secret."""
+    text = read_regular_file(resolve_path(path, base), SECRET_FILE_MAX)
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def surrounding_space(value: str) -> str | None:
+    """Why a secret as given cannot be meant, else None: white space before or after it
+    is a paste or quoting slip, and the sender's secret would never match. Refused with
+    this message rather than trimmed: a secret is used exactly as written or not at all."""
+    if value and value != value.strip():
+        return (
+            "begins or ends with white space; a secret is used as written, never trimmed:"
+            " remove the spaces (a file's final line break is fine)"
+        )
+    return None
 
 
 def _regex_problem(pattern: str) -> str | None:

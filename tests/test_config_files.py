@@ -1,0 +1,162 @@
+"""What the config reads from files and the environment, as a careless or hostile
+operator hands it over: a FIFO or a device where a secret or the config should be, a
+secret with spaces around it, recipients a client escapes by not logging in. Through the
+CLI as a process, and `serve` with SIGHUP: a blocked read shows only there."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bridge.config.parsing import CONFIG_FILE_MAX, SECRET_FILE_MAX
+from tests.helpers import write_config
+from tests.processes import ANY_PORT, clean_env, process, run_command, wait_for
+
+EX_CONFIG = 78
+PASSWORD = "a-long-smtp-password-0123"
+# A read that blocks fails the test in this many seconds instead of hanging it.
+PROMPTLY = 20
+
+
+def _check(path: Path | None, cwd: Path, **env: str):
+    args = ["check-config"] + ([str(path)] if path is not None else [])
+    return run_command(args, cwd, clean_env(**env), timeout=PROMPTLY)
+
+
+def _refused(result, *expected: str) -> str:
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    for text in expected:
+        assert text in result.stderr, result.stderr
+    return result.stderr
+
+
+@pytest.fixture
+def fifo(tmp_path) -> Path:
+    path = tmp_path / "secret.fifo"
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_a_secret_file_that_is_no_regular_file_is_refused_not_read(tmp_path, fifo, special) -> None:
+    """A FIFO blocked check-config and `serve` until a writer came; /dev/zero read until
+    memory ran out. Each place a secret file is named: a `*_file` key, a table's
+    `NAME_file` entry, `SMS_BRIDGE_..._FILE`."""
+    name = str(fifo) if special == "fifo" else special
+    kind = "named pipe" if special == "fifo" else "character device"
+    keyed = write_config(tmp_path, f'[provider]\napi_key_file = "{name}"\n', "keyed.toml")
+    _refused(_check(keyed, tmp_path), "provider.api_key", name, kind, "not a regular file")
+    table = write_config(
+        tmp_path, f'[smtp.users]\nups_file = "{name}"\n[smtp]\nrequire_auth = false\n', "t.toml"
+    )
+    _refused(_check(table, tmp_path), "smtp.users", name, kind)
+    from_env = _check(None, tmp_path, SMS_BRIDGE_PROVIDER_API_KEY_FILE=name)
+    _refused(from_env, "SMS_BRIDGE_PROVIDER_API_KEY_FILE", name, kind)
+
+
+def test_a_config_path_that_is_a_fifo_or_a_device_is_refused(tmp_path, fifo) -> None:
+    _refused(_check(fifo, tmp_path), str(fifo), "named pipe")
+    _refused(_check(Path("/dev/zero"), tmp_path), "/dev/zero", "character device")
+
+
+def test_files_larger_than_a_secret_or_a_config_are_refused(tmp_path) -> None:
+    huge = tmp_path / "huge.key"
+    huge.write_bytes(b"k" * (SECRET_FILE_MAX + 1))
+    config = write_config(tmp_path, f'[provider]\napi_key_file = "{huge}"\n')
+    _refused(_check(config, tmp_path), "provider.api_key", str(huge), "larger than")
+    config.write_text("# padding\n" * (CONFIG_FILE_MAX // 10 + 1))
+    _refused(_check(config, tmp_path), str(config), "larger than")
+
+
+def test_a_reload_onto_a_fifo_secret_is_refused_and_the_bridge_still_reloads(
+    tmp_path, fifo
+) -> None:
+    """A reload read the FIFO inside the reloader: it waited for a writer forever, and
+    every later SIGHUP queued behind it; the running bridge never took a config again."""
+    path = tmp_path / "bridge.toml"
+    good = textwrap.dedent(f"""
+        [http]
+        listen = "{ANY_PORT}"
+        [smtp]
+        listen = ""
+        [store]
+        path = "{tmp_path / "bridge.db"}"
+        [groups]
+        oncall = ["+12025550101"]
+    """)
+    path.write_text(good)
+    log = tmp_path / "serve.log"
+    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
+        url = proc.url()
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+        path.write_text(good + f'[provider]\napi_key_file = "{fifo}"\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in proc.output(), PROMPTLY, "the refusal")
+        assert "not a regular file" in proc.output() and str(fifo) in proc.output()
+        path.write_text(good + '[routes.am]\nformat = "generic"\nto = ["oncall"]\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in proc.output(), PROMPTLY, "the reload")
+        assert httpx.post(f"{url}/hooks/am", json={"message": "x"}).status_code == 202
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
+def test_a_secret_with_spaces_around_it_is_refused_not_trimmed(tmp_path) -> None:
+    """`SMS_BRIDGE_SMTP_USERS=ups= pw ` was trimmed: the password in force was not the
+    one given, and the sender's never matched. Refused, by the variable and the login,
+    never quoting the secret; wherever a secret is given, file or environment."""
+    base = "[smtp]\nauth_allow_plaintext = true\nrequire_auth = true\n"
+    config = write_config(tmp_path, base)
+    spaced = _check(config, tmp_path, SMS_BRIDGE_SMTP_USERS=f"ups= {PASSWORD} ")
+    stderr = _refused(spaced, "SMS_BRIDGE_SMTP_USERS.ups", "white space")
+    assert PASSWORD not in stderr
+    assert _check(config, tmp_path, SMS_BRIDGE_SMTP_USERS=f"ups={PASSWORD}").returncode == 0
+    key = tmp_path / "provider.key"
+    key.write_text(f" {PASSWORD}\n")
+    spaced_env = _check(None, tmp_path, SMS_BRIDGE_PROVIDER_API_KEY=f"{PASSWORD} ")
+    _refused(spaced_env, "SMS_BRIDGE_PROVIDER_API_KEY", "white space")
+    in_file = write_config(tmp_path, base + f'[smtp.users]\nups_file = "{key}"\n', "f.toml")
+    _refused(_check(in_file, tmp_path), "smtp.users", "white space")
+    key.write_text(f"{PASSWORD}\n")  # a file's final line break is no part of the secret
+    checked = _check(in_file, tmp_path)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_user_recipients_without_require_auth_are_named_as_escapable(tmp_path) -> None:
+    """A client that does not log in is bound by no `smtp.user_recipients`: said by
+    check-config and `serve` (a warning naming both keys), not refused: a bridge may
+    mean it (local mail unrestricted, remote users listed)."""
+    body = textwrap.dedent(f"""
+        [smtp]
+        listen = "{ANY_PORT}"
+        auth_allow_plaintext = true
+        require_auth = false
+        [smtp.users]
+        ups = "{PASSWORD}"
+        [smtp.user_recipients]
+        ups = ["+12025550101"]
+        [http]
+        listen = ""
+        [store]
+        path = "{tmp_path / "bridge.db"}"
+    """)
+    config = write_config(tmp_path, body)
+    checked = _check(config, tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    warned = [line for line in checked.stderr.splitlines() if "user_recipients" in line]
+    assert warned and "smtp.require_auth" in warned[0], checked.stderr
+    log = tmp_path / "serve.log"
+    with process(["serve", "--config", str(config)], tmp_path, clean_env(), log) as proc:
+        proc.address("SMTP")
+        assert "smtp.require_auth" in proc.output()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    write_config(tmp_path, body.replace("require_auth = false", "require_auth = true"))
+    checked = _check(config, tmp_path)
+    assert checked.returncode == 0 and "user_recipients" not in checked.stderr, checked.stderr
