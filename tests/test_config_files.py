@@ -160,3 +160,39 @@ def test_user_recipients_without_require_auth_are_named_as_escapable(tmp_path) -
     write_config(tmp_path, body.replace("require_auth = false", "require_auth = true"))
     checked = _check(config, tmp_path)
     assert checked.returncode == 0 and "user_recipients" not in checked.stderr, checked.stderr
+
+
+DEEP = "[" * 2000
+# (the config file, the environment, the key the refusal names): most passed check-config
+# (nan is never reached, inf and 9999999999d overflow a thread's wait, 10**20 cannot be
+# bound to SQLite) or gave it a traceback instead of a key; the two integer/duration
+# texts from the environment were refused already and stay so.
+HOSTILE = [
+    ("[provider]\ntimeout = inf\n", {}, "provider.timeout"),
+    ("[provider]\ntimeout = nan\n", {}, "provider.timeout"),
+    ('[store]\nretention = "9999999999d"\n', {}, "store.retention"),
+    ("[budget]\ntexts_per_day = 100000000000000000000\n", {}, "budget.texts_per_day"),
+    ("", {"SMS_BRIDGE_PROVIDER_TIMEOUT": "nan"}, "SMS_BRIDGE_PROVIDER_TIMEOUT"),
+    ("", {"SMS_BRIDGE_HTTP_MAX_RECIPIENTS": "1e3"}, "SMS_BRIDGE_HTTP_MAX_RECIPIENTS"),
+    ("", {"SMS_BRIDGE_SMTP_ALLOWED_NETWORKS": DEEP}, "SMS_BRIDGE_SMTP_ALLOWED_NETWORKS"),
+    ("", {"SMS_BRIDGE_GROUPS_OPS": "[+12025550101"}, "SMS_BRIDGE_GROUPS_OPS"),
+    ("", {"SMS_BRIDGE_GROUPS_OPS": DEEP}, "SMS_BRIDGE_GROUPS_OPS"),
+    ("", {"SMS_BRIDGE_TOKENS_CI_SCOPES": "[send"}, "SMS_BRIDGE_TOKENS_CI_SCOPES"),
+]
+
+
+@pytest.mark.parametrize(("body", "env", "key"), HOSTILE, ids=[h[2] for h in HOSTILE])
+def test_values_no_bridge_can_run_on_are_refused_by_their_key(
+    tmp_path, body: str, env: dict[str, str], key: str
+) -> None:
+    config = write_config(tmp_path, body)
+    _refused(_check(config, tmp_path, **env), f"  {key}: ")
+
+
+def test_durations_are_read_as_written(tmp_path) -> None:
+    config = write_config(tmp_path, '[store]\nretention = "1.5h"\n[provider]\ntimeout = "250ms"\n')
+    checked = _check(config, tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert '"retention": 5400.0' in checked.stdout and '"timeout": 0.25' in checked.stdout
+    config.write_text('[store]\nretention = "-1s"\n')
+    _refused(_check(config, tmp_path), "store.retention", "not a duration")

@@ -82,6 +82,17 @@ class _Loader:
             if why:
                 self.problem(f"{origin}.{name}" if name else origin, why)
 
+    def env_list(self, env_name: str) -> object:
+        """A list from the environment (`SMS_BRIDGE_GROUPS_<NAME>`, a token's `_SCOPES`):
+        comma-separated or a TOML array. Not TOML after all: a problem under the variable's
+        name and None, never a traceback from check-config or a reload."""
+        try:
+            return from_env_text(self.env[env_name], "list", ())
+        except (ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            self.problem(env_name, f"not a list: {why}")
+            return None
+
     def section(
         self,
         name: str,
@@ -141,6 +152,8 @@ class _Loader:
                     values[fname] = value
             except (ValueError, tomllib.TOMLDecodeError) as exc:
                 self.problem(origin, str(exc))
+            except RecursionError:  # an environment list nested past tomllib's stack
+                self.problem(origin, "not valid TOML here: nested too deeply")
             except OSError as exc:
                 self.problem(origin, _unreadable(exc))
         return cls(**values, **fixed)
@@ -188,12 +201,14 @@ class _Loader:
             self.problem("groups", "expected a table of name = [numbers]")
             raw = {}
         raw = dict(raw)
-        for env_name, text in self.env.items():
+        for env_name in self.env:
             if env_name.startswith(f"{ENV_PREFIX}GROUPS_"):
                 name = env_name.removeprefix(f"{ENV_PREFIX}GROUPS_").lower()
                 # the file's group of that name in whatever case it is written there
                 name = next((n for n in raw if str(n).lower() == name), name)
-                raw[name] = from_env_text(text, "list", ())
+                members = self.env_list(env_name)
+                if members is not None:
+                    raw[name] = members
         groups: dict[str, tuple[str, ...]] = {}
         seen: dict[str, str] = {}  # lower case -> the name as first written
         for name, members in raw.items():
@@ -310,7 +325,9 @@ class _Loader:
             table = raw.get(name)
             table = dict(table) if isinstance(table, dict) else {}
             if key == "scopes":
-                table["scopes"] = from_env_text(text, "list", ())
+                scopes = self.env_list(env_name)
+                if scopes is not None:
+                    table["scopes"] = scopes
             elif key == "texts_per_day":  # not a number: left as text, refused by its key
                 table[key] = int(text) if text.strip().isdigit() else text
             else:  # token and token_file replace each other's file value

@@ -6,6 +6,7 @@ problem under the key's path.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -19,6 +20,16 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
+# Longest duration any key means (a century). TOML's `inf` and `nan`, or "9999999999d",
+# passed check-config and then broke where the bridge waits: a thread's wait raises
+# OverflowError past ~292 years, a datetime past year 9999, and nan compares false to
+# everything (a timeout never reached, a retention never due).
+DURATION_MAX = 100 * 365 * 86400.0
+# Largest integer any key takes: Python's sqlite3 cannot bind one past 2**63
+# (OverflowError), and JSON readers of check-config's output lose precision past 2**53.
+INTEGER_MAX = 2**53
+
+
 def parse_duration(value: object) -> float:
     """`30s`, `10m`, `1.5h`, `2d`, `250ms` or a bare number of seconds."""
     if isinstance(value, bool):
@@ -26,11 +37,21 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("must not be negative")
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a duration such as 30s, 10m, 2h or 1d")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration such as 30s, 10m, 2h or 1d")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not seconds <= DURATION_MAX:  # nan too
+        raise ValueError(f"{value!r} is not a duration of at most {DURATION_MAX / 86400:.0f}d")
+    return seconds
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value) or abs(value) > INTEGER_MAX:
+        raise ValueError(f"{value!r} is not a number this key can take")
+    return value
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -73,10 +94,15 @@ def from_env_text(text: str, kind: str, default: object, secret: bool = False) -
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{text!r} is not a boolean (true/false)")
-    if isinstance(default, int):
-        return int(text)
-    if isinstance(default, float):
-        return float(text)
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not {'an integer' if isinstance(default, int) else 'a number'}"
+        ) from None
     return text
 
 
@@ -113,11 +139,13 @@ def coerce(value: object, kind: str, default: object, base: str | None = None) -
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("expected an integer")
+        if abs(value) > INTEGER_MAX:
+            raise ValueError(f"{value} is larger than any count or size this key means")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError("expected a number")
-        return float(value)
+        return _finite(float(value))
     if not isinstance(value, str):
         raise ValueError("expected a string")
     return value
