@@ -62,6 +62,7 @@ def test_a_secret_file_that_is_no_regular_file_is_refused_not_read(tmp_path, fif
 
 def test_a_config_path_that_is_a_fifo_or_a_device_is_refused(tmp_path, fifo) -> None:
     _refused(_check(fifo, tmp_path), str(fifo), "named pipe")
+    _refused(_check(tmp_path, tmp_path), str(tmp_path), "a directory, not a regular file")
     _refused(_check(Path("/dev/zero"), tmp_path), "/dev/zero", "character device")
 
 

@@ -193,10 +193,11 @@ def read_regular_file(path: str, limit: int) -> str:
     that a FIFO is only looked at, then judged by the descriptor actually opened (no
     window between a check of the name and the read)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)  # before fdopen, which refuses a directory with no name in its error
+        raise ValueError(f"{path!r} is {_file_kind(mode)}, not a regular file")
     with os.fdopen(fd, "rb") as file:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ValueError(f"{path!r} is {_file_kind(mode)}, not a regular file")
         data = file.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{path!r} is larger than {limit // 1024} KiB: not the file meant")
