@@ -197,3 +197,25 @@ def test_durations_are_read_as_written(tmp_path) -> None:
     assert '"retention": 5400.0' in checked.stdout and '"timeout": 0.25' in checked.stdout
     config.write_text('[store]\nretention = "-1s"\n')
     _refused(_check(config, tmp_path), "store.retention", "not a duration")
+
+
+def _fingerprint(checked) -> str:
+    assert checked.returncode == 0, checked.stderr
+    [line] = [x for x in checked.stdout.splitlines() if x.startswith("rate window:")]
+    return line.split("provider key ")[1].split(",")[0]
+
+
+def test_a_windows_editors_files_read_as_written(tmp_path) -> None:
+    """A byte order mark and CRLF line ends (Notepad): the config failed at line 1, column
+    1, and a secret file's key carried the mark. The key's fingerprint is the same as
+    the key's given in the environment."""
+    key = "k-0123456789abcdef"
+    base = '[provider]\nbase_url = "https://sms.example.net/api/v1"\n'
+    (tmp_path / "provider.key").write_bytes(b"\xef\xbb\xbf" + key.encode() + b"\r\n")
+    config = tmp_path / "bridge.toml"
+    config.write_bytes(b"\xef\xbb\xbf" + (base + 'api_key_file = "provider.key"\n').encode())
+    config.chmod(0o600)
+    from_file = _fingerprint(_check(config, tmp_path))
+    config.write_text(base)
+    config.chmod(0o600)
+    assert from_file == _fingerprint(_check(config, tmp_path, SMS_BRIDGE_PROVIDER_API_KEY=key))

@@ -202,7 +202,10 @@ def read_regular_file(path: str, limit: int) -> str:
     if len(data) > limit:
         raise ValueError(f"{path!r} is larger than {limit // 1024} KiB: not the file meant")
     try:
-        return data.decode("utf-8")
+        # A byte order mark (Notepad's "UTF-8") marks the encoding, it is no text: left
+        # in, a config failed as "Invalid statement (at line 1, column 1)" and a secret
+        # file's key carried an invisible character the provider refused.
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path!r} is not UTF-8 text: {exc}") from None
 
