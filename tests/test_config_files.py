@@ -174,6 +174,9 @@ HOSTILE = [
     ('[store]\nretention = "9999999999d"\n', {}, "store.retention"),
     ("[budget]\ntexts_per_day = 100000000000000000000\n", {}, "budget.texts_per_day"),
     ("", {"SMS_BRIDGE_PROVIDER_TIMEOUT": "nan"}, "SMS_BRIDGE_PROVIDER_TIMEOUT"),
+    # Both a value and its file: the inline one won, the file meant was never read.
+    ('[provider]\napi_key = "k-0123456789abcdef"\napi_key_file = "k"\n', {}, "provider.api_key"),
+    (f'[smtp.users]\nups = "{PASSWORD}"\nups_file = "bridge.toml"\n', {}, "smtp.users"),
     ("", {"SMS_BRIDGE_HTTP_MAX_RECIPIENTS": "1e3"}, "SMS_BRIDGE_HTTP_MAX_RECIPIENTS"),
     ("", {"SMS_BRIDGE_SMTP_ALLOWED_NETWORKS": DEEP}, "SMS_BRIDGE_SMTP_ALLOWED_NETWORKS"),
     ("", {"SMS_BRIDGE_GROUPS_OPS": "[+12025550101"}, "SMS_BRIDGE_GROUPS_OPS"),

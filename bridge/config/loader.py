@@ -118,6 +118,10 @@ class _Loader:
             if key not in known and not (key.endswith("_file") and base in known):
                 self.problem(f"{name}.{key}", "unknown key" + _did_you_mean(key, known))
         for fname, spec in known.items():
+            if fname in raw and f"{fname}_file" in raw:
+                # One silently won (the inline value): the file the owner meant, unread.
+                self.problem(f"{name}.{fname}", f"set twice, as {fname} and {fname}_file: keep one")
+                continue
             kind = spec.metadata.get("kind", "")
             prefix = f"{ENV_PREFIX}{name.upper()}_" if env_prefix is None else env_prefix
             env_name = f"{prefix}{fname.upper()}" if env else "\0"

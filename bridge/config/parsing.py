@@ -119,6 +119,9 @@ def coerce(value: object, kind: str, default: object, base: str | None = None) -
     if kind == "table":
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ValueError('expected a table of name = "text"')
+        twice = sorted(k for k in value if f"{k}_file" in value)
+        if twice:  # the later one silently won
+            raise ValueError(f"{twice[0]!r} set twice, as {twice[0]} and {twice[0]}_file: keep one")
         return {
             k.removesuffix("_file"): read_secret_file(v, base) if k.endswith("_file") else v
             for k, v in value.items()
