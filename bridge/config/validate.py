@@ -191,6 +191,9 @@ def _validate_sections(config: Config, problem: Problem) -> None:
         problem("provider.api_key", "required when provider.base_url is set")
     if not 1 <= p.requests_per_minute <= MAX_REQUESTS_PER_MINUTE:
         problem("provider.requests_per_minute", f"must be between 1 and {MAX_REQUESTS_PER_MINUTE}")
+    for key in ("timeout", "connect_timeout"):
+        if getattr(p, key) <= 0:  # httpx's 0 times out at once: every send failed
+            problem(f"provider.{key}", "must be above 0")
     if not 1 <= p.max_bulk <= 1000:
         problem("provider.max_bulk", "must be between 1 and 1000 (the provider's bulk limit)")
     if not valid_sender_id(p.sender_id):
