@@ -124,6 +124,8 @@ def test_a_secret_with_spaces_around_it_is_refused_not_trimmed(tmp_path) -> None
     _refused(spaced_env, "SMS_BRIDGE_PROVIDER_API_KEY", "white space")
     in_file = write_config(tmp_path, base + f'[smtp.users]\nups_file = "{key}"\n', "f.toml")
     _refused(_check(in_file, tmp_path), "smtp.users", "white space")
+    key.write_text(f"{PASSWORD}\n{PASSWORD}\n")  # two lines: no header or AUTH carries it
+    _refused(_check(in_file, tmp_path), "smtp.users", "control character")
     key.write_text(f"{PASSWORD}\n")  # a file's final line break is no part of the secret
     checked = _check(in_file, tmp_path)
     assert checked.returncode == 0, checked.stderr

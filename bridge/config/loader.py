@@ -22,7 +22,7 @@ from bridge.config.parsing import (
     read_regular_file,
     read_secret_file,
     resolve_path,
-    surrounding_space,
+    secret_text_problem,
 )
 from bridge.config.sections import (
     ENV_PREFIX,
@@ -78,7 +78,7 @@ class _Loader:
         """A secret (or a table of them: `[smtp.users]`) with white space around it."""
         named = value.items() if isinstance(value, Mapping) else [("", value)]
         for name, secret in named:
-            why = surrounding_space(secret) if isinstance(secret, str) else None
+            why = secret_text_problem(secret) if isinstance(secret, str) else None
             if why:
                 self.problem(f"{origin}.{name}" if name else origin, why)
 

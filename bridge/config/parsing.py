@@ -229,20 +229,24 @@ def _file_kind(mode: int) -> str:
 def read_secret_file(path: str, base: str | None = None) -> str:
     """A `*_file` secret: the file's text without its final line break (an editor's or
     `echo`'s, normal in a file). Other white space around it is kept, and refused by the
-    loader for a secret (`surrounding_space`): trimming it silently changed the secret."""
+    loader for a secret (`secret_text_problem`): trimming it silently changed the secret."""
     text = read_regular_file(resolve_path(path, base), SECRET_FILE_MAX)
     return text.removesuffix("\n").removesuffix("\r")
 
 
-def surrounding_space(value: str) -> str | None:
+def secret_text_problem(value: str) -> str | None:
     """Why a secret as given cannot be meant, else None: white space before or after it
     is a paste or quoting slip, and the sender's secret would never match. Refused with
-    this message rather than trimmed: a secret is used exactly as written or not at all."""
+    this message rather than trimmed: a secret is used exactly as written or not at all.
+    A control character (a second line in a secret file) can never travel in the header
+    or the AUTH line it is compared with or sent in."""
     if value and value != value.strip():
         return (
             "begins or ends with white space; a secret is used as written, never trimmed:"
             " remove the spaces (a file's final line break is fine)"
         )
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "holds a control character (a line break inside?): a secret is one line"
     return None
 
 
