@@ -185,6 +185,7 @@ HOSTILE = [
     ("", {"SMS_BRIDGE_GROUPS_OPS": "[+12025550101"}, "SMS_BRIDGE_GROUPS_OPS"),
     ("", {"SMS_BRIDGE_GROUPS_OPS": DEEP}, "SMS_BRIDGE_GROUPS_OPS"),
     ("", {"SMS_BRIDGE_TOKENS_CI_SCOPES": "[send"}, "SMS_BRIDGE_TOKENS_CI_SCOPES"),
+    ("", {"SMS_BRIDGE_TOKENS_CI_TEXTS_PER_DAY": "²"}, "tokens.ci.texts_per_day"),
 ]
 
 

@@ -333,7 +333,8 @@ class _Loader:
                 if scopes is not None:
                     table["scopes"] = scopes
             elif key == "texts_per_day":  # not a number: left as text, refused by its key
-                table[key] = int(text) if text.strip().isdigit() else text
+                # isdecimal, not isdigit: "²" is a digit int() cannot read (a traceback)
+                table[key] = int(text) if text.strip().isdecimal() else text
             else:  # token and token_file replace each other's file value
                 if key == "token_file" and env_name.removesuffix("_FILE") in self.env:
                     continue  # both in the environment: the plain one wins, as for keys
