@@ -174,6 +174,8 @@ HOSTILE = [
     ("[provider]\ntimeout = inf\n", {}, "provider.timeout"),
     ("[provider]\ntimeout = nan\n", {}, "provider.timeout"),
     ("[provider]\nconnect_timeout = 0\n", {}, "provider.connect_timeout"),
+    ("[provider]\ntimeout = 1" + "0" * 400 + "\n", {}, "provider.timeout"),
+    ("[budget]\nlow_balance = 1" + "0" * 400 + "\n", {}, "budget.low_balance"),
     ('[store]\nretention = "9999999999d"\n', {}, "store.retention"),
     ("[budget]\ntexts_per_day = 100000000000000000000\n", {}, "budget.texts_per_day"),
     ("", {"SMS_BRIDGE_PROVIDER_TIMEOUT": "nan"}, "SMS_BRIDGE_PROVIDER_TIMEOUT"),

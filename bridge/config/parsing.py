@@ -37,7 +37,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("must not be negative")
-        seconds = float(value)
+        # min: TOML's integers have no bound here, and float() of 10**400 overflows
+        seconds = float(min(value, DURATION_MAX * 2))
     else:
         match = _DURATION.match(str(value))
         if not match:
@@ -148,6 +149,8 @@ def coerce(value: object, kind: str, default: object, base: str | None = None) -
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError("expected a number")
+        if isinstance(value, int) and abs(value) > INTEGER_MAX:  # float() may overflow
+            raise ValueError(f"{value} is larger than any amount this key means")
         return _finite(float(value))
     if not isinstance(value, str):
         raise ValueError("expected a string")
