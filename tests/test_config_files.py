@@ -187,6 +187,8 @@ HOSTILE = [
     ("", {"SMS_BRIDGE_GROUPS_OPS": "[+12025550101"}, "SMS_BRIDGE_GROUPS_OPS"),
     ("", {"SMS_BRIDGE_GROUPS_OPS": DEEP}, "SMS_BRIDGE_GROUPS_OPS"),
     ("", {"SMS_BRIDGE_TOKENS_CI_SCOPES": "[send"}, "SMS_BRIDGE_TOKENS_CI_SCOPES"),
+    ("", {"SMS_BRIDGE_SMTP_USERS": f"={PASSWORD}"}, "smtp.users.''"),
+    (f'[smtp.users]\n"ups\\u0000" = "{PASSWORD}"\n', {}, "smtp.users.'ups\\x00'"),
     ("", {"SMS_BRIDGE_TOKENS_CI_TEXTS_PER_DAY": "²"}, "tokens.ci.texts_per_day"),
 ]
 

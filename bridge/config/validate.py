@@ -128,6 +128,11 @@ def _validate_sections(config: Config, problem: Problem) -> None:
     if smtp.require_auth and not smtp.users:
         problem("smtp.require_auth", "no [smtp.users] to authenticate")
     for login, password in smtp.users.items():
+        if not login or any(ord(c) < 32 or ord(c) == 127 for c in login):
+            # `SMS_BRIDGE_SMTP_USERS==pw` made a login "", and a NUL or line break no
+            # AUTH command can carry: a user no client could name, accepted silently.
+            problem(f"smtp.users.{login!r}", "a login is one or more printable characters")
+            continue
         if not password:  # AUTH with the login and nothing else passed
             problem(
                 f"smtp.users.{login}",
