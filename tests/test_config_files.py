@@ -230,3 +230,11 @@ def test_a_windows_editors_files_read_as_written(tmp_path) -> None:
     config.write_text(base)
     config.chmod(0o600)
     assert from_file == _fingerprint(_check(config, tmp_path, SMS_BRIDGE_PROVIDER_API_KEY=key))
+
+
+def test_a_store_url_file_with_a_blank_line_after_it_is_refused_by_its_key(tmp_path) -> None:
+    """A URL is a secret where it carries a password: read by the secrets' rule, the URL
+    is one line, at most one line break after it."""
+    (tmp_path / "store-url").write_text("postgresql://bridge:pw@db-1/sms\n\n")
+    config = write_config(tmp_path, '[store]\nurl_file = "store-url"\n')
+    _refused(_check(config, tmp_path), "store.url_file", "blank line")

@@ -151,7 +151,7 @@ class _Loader:
                         written, value = str(value), resolve_path(str(value), where)
                         if (name, fname) == ("store", "path") and value != written:
                             self.refuse_a_store_left_behind(written, value)
-                    if spec.metadata.get("secret") is True:
+                    if spec.metadata.get("secret"):  # a URL with a password too
                         self.refuse_spaced_secrets(origin, value)
                     values[fname] = value
             except (ValueError, tomllib.TOMLDecodeError) as exc:

@@ -245,8 +245,9 @@ def secret_text_problem(value: str) -> str | None:
     or the AUTH line it is compared with or sent in."""
     if value and value != value.strip():
         return (
-            "begins or ends with white space; a secret is used as written, never trimmed:"
-            " remove the spaces (a file's final line break is fine)"
+            "begins or ends with white space (a space, a tab, a blank line); a secret is"
+            " used as written, never trimmed: remove it (a file's one final line break is"
+            " fine)"
         )
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         return "holds a control character (a line break inside?): a secret is one line"
