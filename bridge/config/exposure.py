@@ -143,6 +143,25 @@ def plaintext_auth_warnings(config: Config) -> list[str]:
     ]
 
 
+def unrestricted_sessions_warnings(config: Config) -> list[str]:
+    """`smtp.user_recipients` binds only a session that logged in: without
+    `smtp.require_auth`, a client that skips AUTH texts anyone the firewall allows.
+
+    Said, not refused: a bridge may well mean it (local cron mail on 127.0.0.1 unlisted,
+    remote users logging in and listed), and refusing would stop such a bridge at the
+    next restart. But an owner who listed a user's recipients most likely expected them
+    to bind everyone, so check-config, `serve` and each reload name both keys."""
+    smtp = config.smtp
+    if not smtp.user_recipients or smtp.require_auth:
+        return []
+    listed = ", ".join(sorted(smtp.user_recipients))
+    return [
+        f"smtp.user_recipients ({listed}) binds only sessions that log in, and"
+        " smtp.require_auth is off: a client that does not log in may text any allowed"
+        " number; set smtp.require_auth = true to make every sender log in"
+    ]
+
+
 def protection_problems(config: Config) -> list[tuple[str, str]]:
     """What protected mode refuses in `config` (see `validate_protected`)."""
     problems: list[tuple[str, str]] = []

@@ -12,15 +12,17 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 from bridge.config.parsing import (
+    CONFIG_FILE_MAX,
     coerce,
     config_dir,
     from_env_text,
+    read_regular_file,
     read_secret_file,
     resolve_path,
+    secret_text_problem,
 )
 from bridge.config.sections import (
     ENV_PREFIX,
@@ -72,6 +74,25 @@ class _Loader:
                 " write its absolute path",
             )
 
+    def refuse_spaced_secrets(self, origin: str, value: object) -> None:
+        """A secret (or a table of them: `[smtp.users]`) with white space around it."""
+        named = value.items() if isinstance(value, Mapping) else [("", value)]
+        for name, secret in named:
+            why = secret_text_problem(secret) if isinstance(secret, str) else None
+            if why:
+                self.problem(f"{origin}.{name}" if name else origin, why)
+
+    def env_list(self, env_name: str) -> object:
+        """A list from the environment (`SMS_BRIDGE_GROUPS_<NAME>`, a token's `_SCOPES`):
+        comma-separated or a TOML array. Not TOML after all: a problem under the variable's
+        name and None, never a traceback from check-config or a reload."""
+        try:
+            return from_env_text(self.env[env_name], "list", ())
+        except (ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            self.problem(env_name, f"not a list: {why}")
+            return None
+
     def section(
         self,
         name: str,
@@ -97,6 +118,10 @@ class _Loader:
             if key not in known and not (key.endswith("_file") and base in known):
                 self.problem(f"{name}.{key}", "unknown key" + _did_you_mean(key, known))
         for fname, spec in known.items():
+            if fname in raw and f"{fname}_file" in raw:
+                # One silently won (the inline value): the file the owner meant, unread.
+                self.problem(f"{name}.{fname}", f"set twice, as {fname} and {fname}_file: keep one")
+                continue
             kind = spec.metadata.get("kind", "")
             prefix = f"{ENV_PREFIX}{name.upper()}_" if env_prefix is None else env_prefix
             env_name = f"{prefix}{fname.upper()}" if env else "\0"
@@ -106,7 +131,8 @@ class _Loader:
             try:
                 if env_name in self.env:
                     origin = env_name
-                    value = from_env_text(self.env[env_name], kind, spec.default)
+                    secret = bool(spec.metadata.get("secret"))
+                    value = from_env_text(self.env[env_name], kind, spec.default, secret)
                 elif f"{env_name}_FILE" in self.env:
                     origin = f"{env_name}_FILE"
                     value = read_secret_file(self.env[f"{env_name}_FILE"])
@@ -125,9 +151,13 @@ class _Loader:
                         written, value = str(value), resolve_path(str(value), where)
                         if (name, fname) == ("store", "path") and value != written:
                             self.refuse_a_store_left_behind(written, value)
+                    if spec.metadata.get("secret"):  # a URL with a password too
+                        self.refuse_spaced_secrets(origin, value)
                     values[fname] = value
             except (ValueError, tomllib.TOMLDecodeError) as exc:
                 self.problem(origin, str(exc))
+            except RecursionError:  # an environment list nested past tomllib's stack
+                self.problem(origin, "not valid TOML here: nested too deeply")
             except OSError as exc:
                 self.problem(origin, _unreadable(exc))
         return cls(**values, **fixed)
@@ -175,12 +205,14 @@ class _Loader:
             self.problem("groups", "expected a table of name = [numbers]")
             raw = {}
         raw = dict(raw)
-        for env_name, text in self.env.items():
+        for env_name in self.env:
             if env_name.startswith(f"{ENV_PREFIX}GROUPS_"):
                 name = env_name.removeprefix(f"{ENV_PREFIX}GROUPS_").lower()
                 # the file's group of that name in whatever case it is written there
                 name = next((n for n in raw if str(n).lower() == name), name)
-                raw[name] = from_env_text(text, "list", ())
+                members = self.env_list(env_name)
+                if members is not None:
+                    raw[name] = members
         groups: dict[str, tuple[str, ...]] = {}
         seen: dict[str, str] = {}  # lower case -> the name as first written
         for name, members in raw.items():
@@ -297,9 +329,12 @@ class _Loader:
             table = raw.get(name)
             table = dict(table) if isinstance(table, dict) else {}
             if key == "scopes":
-                table["scopes"] = from_env_text(text, "list", ())
+                scopes = self.env_list(env_name)
+                if scopes is not None:
+                    table["scopes"] = scopes
             elif key == "texts_per_day":  # not a number: left as text, refused by its key
-                table[key] = int(text) if text.strip().isdigit() else text
+                # isdecimal, not isdigit: "²" is a digit int() cannot read (a traceback)
+                table[key] = int(text) if text.strip().isdecimal() else text
             else:  # token and token_file replace each other's file value
                 if key == "token_file" and env_name.removesuffix("_FILE") in self.env:
                     continue  # both in the environment: the plain one wins, as for keys
@@ -342,11 +377,13 @@ def load_config(
     loader = _Loader(env, config_dir(path) if path is not None else None)
     if path is not None:
         try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            raw = tomllib.loads(read_regular_file(os.fspath(path), CONFIG_FILE_MAX))
         except OSError as exc:
             raise ConfigError([(str(path), f"cannot read: {exc.strerror or exc}")]) from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError([(str(path), f"not valid TOML: {exc}")]) from exc
+        except ValueError as exc:  # not a regular file, too large, not UTF-8
+            raise ConfigError([(str(path), f"cannot read: {exc}")]) from exc
         except RecursionError as exc:  # tomllib recurses per nested array or inline table
             why = "not valid TOML here: arrays or inline tables nested too deeply"
             raise ConfigError([(str(path), why)]) from exc

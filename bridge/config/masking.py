@@ -9,11 +9,16 @@ import hashlib
 import os
 import tomllib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from bridge.config.exposure import plaintext_auth_warnings
-from bridge.config.parsing import config_dir, resolve_path, url_passwords
+from bridge.config.exposure import plaintext_auth_warnings, unrestricted_sessions_warnings
+from bridge.config.parsing import (
+    CONFIG_FILE_MAX,
+    config_dir,
+    read_regular_file,
+    resolve_path,
+    url_passwords,
+)
 from bridge.config.sections import ENV_PREFIX, SECTIONS, Config, RouteConfig, TokenConfig
 from bridge.permissions import readable_by_everyone
 
@@ -140,8 +145,8 @@ def secret_env_files(env: Mapping[str, str]) -> list[tuple[str, str]]:
 def _secret_keys(path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
     """Each secret key the file sets: (its key path, the file it names or None if inline)."""
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        raw = tomllib.loads(read_regular_file(os.fspath(path), CONFIG_FILE_MAX))
+    except (OSError, ValueError):  # not TOML, or not a regular file any more
         return []
     tables: list[tuple[str, type, object]] = [
         (name, cls, raw.get(name)) for name, cls in SECTIONS.items()
@@ -181,7 +186,8 @@ def exposed_secrets(
     """Why files' modes expose secrets (`check-config`, `serve`, each SIGHUP): the config
     file's inline ones, a secret file it or the environment names (`SMS_BRIDGE_..._FILE`,
     read relative to the current directory as the loader reads it), or a listener's TLS
-    private key; and SMTP passwords allowed in clear text on a listener beyond loopback."""
+    private key; SMTP passwords allowed in clear text on a listener beyond loopback; and
+    `smtp.user_recipients` that a client skipping AUTH escapes."""
     named = secret_env_files(env)
     named += [
         (f"{section}.tls_key", key)
@@ -202,4 +208,4 @@ def exposed_secrets(
             f"{path} is readable by every user and holds secrets ({', '.join(keys)}): "
             f"chmod 600 {path}, or move them to *_file keys",
         )
-    return warnings + plaintext_auth_warnings(config)
+    return warnings + plaintext_auth_warnings(config) + unrestricted_sessions_warnings(config)

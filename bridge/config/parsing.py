@@ -6,17 +6,28 @@ problem under the key's path.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import stat
 import tomllib
 import urllib.parse
-from pathlib import Path
 from typing import Any
 
 from bridge.config.sections import COMPOSE_MODES, MAIL_RULE_KEYS, MailRule
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+# Longest duration any key means (a century). TOML's `inf` and `nan`, or "9999999999d",
+# passed check-config and then broke where the bridge waits: a thread's wait raises
+# OverflowError past ~292 years, a datetime past year 9999, and nan compares false to
+# everything (a timeout never reached, a retention never due).
+DURATION_MAX = 100 * 365 * 86400.0
+# Largest integer any key takes: Python's sqlite3 cannot bind one past 2**63
+# (OverflowError), and JSON readers of check-config's output lose precision past 2**53.
+INTEGER_MAX = 2**53
 
 
 def parse_duration(value: object) -> float:
@@ -26,11 +37,22 @@ def parse_duration(value: object) -> float:
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("must not be negative")
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a duration such as 30s, 10m, 2h or 1d")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        # min: TOML's integers have no bound here, and float() of 10**400 overflows
+        seconds = float(min(value, DURATION_MAX * 2))
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration such as 30s, 10m, 2h or 1d")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not seconds <= DURATION_MAX:  # nan too
+        raise ValueError(f"{value!r} is not a duration of at most {DURATION_MAX / 86400:.0f}d")
+    return seconds
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value) or abs(value) > INTEGER_MAX:
+        raise ValueError(f"{value!r} is not a number this key can take")
+    return value
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -48,13 +70,16 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def from_env_text(text: str, kind: str, default: object) -> object:
-    """Turn an environment string into the type of the key it overrides."""
+def from_env_text(text: str, kind: str, default: object, secret: bool = False) -> object:
+    """Turn an environment string into the type of the key it overrides. A `secret`
+    table's values (`SMS_BRIDGE_SMTP_USERS=ups=PASSWORD`) are kept as written, spaces
+    and all, for the loader to refuse: trimmed, the password in force was not the one
+    given, and no one said so."""
     if kind == "table":  # name=value,name2=value2
         pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
         if any(len(p) != 2 for p in pairs):
             raise ValueError("expected name=value pairs separated by commas")
-        return {k.strip(): v.strip() for k, v in pairs}
+        return {k.strip(): v if secret else v.strip() for k, v in pairs}
     if kind in ("rules", "lists"):  # a TOML array of inline tables, or an inline table
         return tomllib.loads(f"v = {text}")["v"]
     if kind == "list":
@@ -70,10 +95,15 @@ def from_env_text(text: str, kind: str, default: object) -> object:
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{text!r} is not a boolean (true/false)")
-    if isinstance(default, int):
-        return int(text)
-    if isinstance(default, float):
-        return float(text)
+    try:
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not {'an integer' if isinstance(default, int) else 'a number'}"
+        ) from None
     return text
 
 
@@ -90,6 +120,9 @@ def coerce(value: object, kind: str, default: object, base: str | None = None) -
     if kind == "table":
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ValueError('expected a table of name = "text"')
+        twice = sorted(k for k in value if f"{k}_file" in value)
+        if twice:  # the later one silently won
+            raise ValueError(f"{twice[0]!r} set twice, as {twice[0]} and {twice[0]}_file: keep one")
         return {
             k.removesuffix("_file"): read_secret_file(v, base) if k.endswith("_file") else v
             for k, v in value.items()
@@ -110,11 +143,15 @@ def coerce(value: object, kind: str, default: object, base: str | None = None) -
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("expected an integer")
+        if abs(value) > INTEGER_MAX:
+            raise ValueError(f"{value} is larger than any count or size this key means")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError("expected a number")
-        return float(value)
+        if isinstance(value, int) and abs(value) > INTEGER_MAX:  # float() may overflow
+            raise ValueError(f"{value} is larger than any amount this key means")
+        return _finite(float(value))
     if not isinstance(value, str):
         raise ValueError("expected a string")
     return value
@@ -148,8 +185,73 @@ def resolve_path(value: str, base: str | None) -> str:
     return os.path.join(base, value)
 
 
+# A secret is a line (a key, a password, a URL); a config is pages of TOML. Anything
+# larger is a wrong file named (a log, a disk image, /dev/zero), not a config.
+SECRET_FILE_MAX = 64 * 1024
+CONFIG_FILE_MAX = 4 * 1024 * 1024
+
+
+def read_regular_file(path: str, limit: int) -> str:
+    """The text of the regular file `path`, refused (ValueError naming the file) when it
+    is anything else or larger than `limit` bytes. `read_text()` on a FIFO blocked until
+    a writer came (`serve` hung at start; inside a reload the bridge stopped answering
+    reloads for good) and on /dev/zero read until memory ran out. Opened non-blocking so
+    that a FIFO is only looked at, then judged by the descriptor actually opened (no
+    window between a check of the name and the read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)  # before fdopen, which refuses a directory with no name in its error
+        raise ValueError(f"{path!r} is {_file_kind(mode)}, not a regular file")
+    with os.fdopen(fd, "rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path!r} is larger than {limit // 1024} KiB: not the file meant")
+    try:
+        # A byte order mark (Notepad's "UTF-8") marks the encoding, it is no text: left
+        # in, a config failed as "Invalid statement (at line 1, column 1)" and a secret
+        # file's key carried an invisible character the provider refused.
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path!r} is not UTF-8 text: {exc}") from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return name
+    return "a special file"
+
+
 def read_secret_file(path: str, base: str | None = None) -> str:
-    return Path(resolve_path(path, base)).read_text(encoding="utf-8").strip()
+    """A `*_file` secret: the file's text without its final line break (an editor's or
+    `echo`'s, normal in a file). Other white space around it is kept, and refused by the
+    loader for a secret (`secret_text_problem`): trimming it silently changed the secret."""
+    text = read_regular_file(resolve_path(path, base), SECRET_FILE_MAX)
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+def secret_text_problem(value: str) -> str | None:
+    """Why a secret as given cannot be meant, else None: white space before or after it
+    is a paste or quoting slip, and the sender's secret would never match. Refused with
+    this message rather than trimmed: a secret is used exactly as written or not at all.
+    A control character (a second line in a secret file) can never travel in the header
+    or the AUTH line it is compared with or sent in."""
+    if value and value != value.strip():
+        return (
+            "begins or ends with white space (a space, a tab, a blank line); a secret is"
+            " used as written, never trimmed: remove it (a file's one final line break is"
+            " fine)"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "holds a control character (a line break inside?): a secret is one line"
+    return None
 
 
 def _regex_problem(pattern: str) -> str | None:

@@ -128,6 +128,11 @@ def _validate_sections(config: Config, problem: Problem) -> None:
     if smtp.require_auth and not smtp.users:
         problem("smtp.require_auth", "no [smtp.users] to authenticate")
     for login, password in smtp.users.items():
+        if not login or any(ord(c) < 32 or ord(c) == 127 for c in login):
+            # `SMS_BRIDGE_SMTP_USERS==pw` made a login "", and a NUL or line break no
+            # AUTH command can carry: a user no client could name, accepted silently.
+            problem(f"smtp.users.{login!r}", "a login is one or more printable characters")
+            continue
         if not password:  # AUTH with the login and nothing else passed
             problem(
                 f"smtp.users.{login}",
@@ -191,6 +196,9 @@ def _validate_sections(config: Config, problem: Problem) -> None:
         problem("provider.api_key", "required when provider.base_url is set")
     if not 1 <= p.requests_per_minute <= MAX_REQUESTS_PER_MINUTE:
         problem("provider.requests_per_minute", f"must be between 1 and {MAX_REQUESTS_PER_MINUTE}")
+    for key in ("timeout", "connect_timeout"):
+        if getattr(p, key) <= 0:  # httpx's 0 times out at once: every send failed
+            problem(f"provider.{key}", "must be above 0")
     if not 1 <= p.max_bulk <= 1000:
         problem("provider.max_bulk", "must be between 1 and 1000 (the provider's bulk limit)")
     if not valid_sender_id(p.sender_id):
