@@ -45,7 +45,6 @@ _IGNORABLE = (
 )
 # Control characters (Unicode category Cc: C0, DEL and C1) but the newline.
 _CONTROLS = "\x00-\x09\x0b-\x1f\x7f-\x9f"
-_BLANK = re.compile(f"[\\s{_CONTROLS}{_IGNORABLE}]*")
 _HAS_CONTROL = re.compile(f"[{_CONTROLS}]")
 # What stands for a control character in an SMS: a line break for those that end a line
 # (CR, NEL), a space for those that separate (tabs, form feed, the information
@@ -61,7 +60,14 @@ _CONTROL_TABLE = {
 
 # A terminal's escape sequence (ECMA-48: CSI, as in a CI log's colours, or a two-character
 # one), taken out whole: without its ESC, "[31m" was left in the text.
-_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
+ESCAPE_SEQUENCE = r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])"
+_ESCAPE_SEQUENCE = re.compile(ESCAPE_SEQUENCE)
+# Blank: a whole escape sequence too, as `without_controls` takes it out (a text that
+# opened with "ESC [31m" was trimmed of its ESC alone, and "[31m" went to the phone; one
+# of escape sequences only passed for words, and went as an empty SMS). At an ESC the
+# sequence is tried first; possessive, as no way of matching is ever worth a second try.
+_NOT_ESC = "\x00-\x1a\x1c-\x1f\x7f-\x9f"  # the controls but ESC (a newline is blank anyway)
+_BLANK = re.compile(f"(?:{ESCAPE_SEQUENCE}|\x1b|[\\s{_NOT_ESC}{_IGNORABLE}]+)*+")
 
 
 def is_blank(text: str) -> bool:

@@ -929,6 +929,43 @@ async def test_control_characters_never_reach_the_phone(
     ]
 
 
+async def test_a_text_opening_with_an_escape_sequence_or_only_of_them(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """The shaper trims a text to its first shown character, then takes out escape
+    sequences: a text that opened with a CI log's colour code (ESC [31m) lost its ESC to
+    the trim, as a control character, and "[31m" went to the phone. A text of escape
+    sequences only passed the API's and the webhooks' check for blank (ESC is blank,
+    "[0m" is not), and went as an empty SMS. Both are now judged as the shaper leaves
+    them: the colour code is taken out whole, and a text of codes only is refused."""
+    token = "send-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + '\n[routes.plain]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n'
+        + f'\n[tokens.deploy]\ntoken = "{token}"\nscopes = ["send"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    bearer = {"authorization": f"Bearer {token}"}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        coloured = " \x1b[1;31mDisk full\x1b[0m on db-1"
+        answer = await http.post(f"{url}/hooks/plain", json={"message": coloured})
+        assert answer.status_code == 202, answer.text
+        api = {"to": "+12025550144", "message": coloured}
+        answer = await http.post(f"{url}/api/v1/messages", json=api, headers=bearer)
+        assert answer.status_code == 202, answer.text
+        for codes in ("\x1b[0m", "\x1b[0m \x1b[2J\x1bM\n"):
+            hook = await http.post(f"{url}/hooks/plain", json={"message": codes})
+            assert hook.status_code == 400, hook.text
+            api = {"to": "+12025550144", "message": codes}
+            answer = await http.post(f"{url}/api/v1/messages", json=api, headers=bearer)
+            assert answer.status_code == 400, answer.text
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert sorted((e.to, e.message) for e in sandbox_state.entries) == [
+        ("+12025550143", "Disk full on db-1"),
+        ("+12025550144", "Disk full on db-1"),
+    ]
+
+
 async def test_what_counts_as_blank_is_what_a_phone_shows_as_nothing(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:

@@ -357,10 +357,38 @@ async def test_a_mail_that_shows_nothing_is_texted_as_an_empty_mail(
     mail["To"] = DEFAULT_RCPT
     mail["Subject"] = "\u200b"
     mail.set_content("\u200b\u200e \n")
+    # A cron job's mail of a terminal's colour codes only: its words, once they are out.
+    coloured = EmailMessage()
+    coloured["From"] = "cron@example.org"
+    coloured["To"] = DEFAULT_RCPT
+    coloured.set_content("\x1b[0m\x1b[2J\n")
     async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
         await asyncio.to_thread(send, port, "ups@example.org", [DEFAULT_RCPT], mail.as_bytes())
+        await asyncio.to_thread(send, port, "cron@example.org", [DEFAULT_RCPT], coloured.as_bytes())
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
-    assert [e.message for e in sandbox_state.entries] == ["(empty mail from ups@example.org)"]
+    assert sorted(e.message for e in sandbox_state.entries) == [
+        "(empty mail from cron@example.org)",
+        "(empty mail from ups@example.org)",
+    ]
+
+
+async def test_a_mails_colour_codes_are_taken_out_whole(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A cron job's mail of a CI log, coloured (ESC [31m): the mail reader took out the
+    ESC alone, as a control character, before the shaper (which takes a terminal's
+    escape sequences out whole) saw it, and "Disk [31mfull[0m" went to the phone."""
+    mail = EmailMessage()
+    mail["From"] = "cron@example.org"
+    mail["To"] = DEFAULT_RCPT
+    mail["Subject"] = "\x1b[1mbackup\x1b[0m"
+    mail.set_content("Disk \x1b[31mfull\x1b[0m on db-1\n")
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        await asyncio.to_thread(send, port, "cron@example.org", [DEFAULT_RCPT], mail.as_bytes())
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    [entry] = sandbox_state.entries
+    assert "[" not in entry.message and "\x1b" not in entry.message, entry.message
+    assert "backup" in entry.message and "Disk full on db-1" in entry.message, entry.message
 
 
 async def test_a_message_id_folded_over_many_lines_is_stored_and_deduplicated(

@@ -26,6 +26,7 @@ from inscriptis import get_text
 
 from bridge.ingress.charsets import decode_best
 from bridge.schedule import MAIL_HEADER
+from bridge.text import ESCAPE_SEQUENCE
 
 
 # policy.default, but every header read as unstructured text: we need RFC 2047 decoding,
@@ -73,7 +74,9 @@ _HTML_DELIMITER = re.compile(
     r"--(?:[ \t\xa0]|&nbsp;|&#160;|&#xa0;)+(?:\r?\n[ \t]*)?<", re.IGNORECASE
 )
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u202f\u205f\u3000]+")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# A terminal's escape sequence goes whole, as the shaper takes it out (bridge.text): its
+# ESC alone taken out here, "Disk ESC[31mfull" reached the phone as "Disk [31mfull".
+_CONTROL = re.compile(ESCAPE_SEQUENCE + r"|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _LINESEP = re.compile(r"\r|\n")  # what policy.default removes to unfold a header
 _NON_WORDS = re.compile(r"\W+")
 # A "Subject:" line a script wrote into the body it pipes to `mail -s` (apcupsd's
