@@ -88,6 +88,11 @@ def from_env_text(text: str, kind: str, default: object, secret: bool = False) -
         return [part.strip() for part in text.split(",") if part.strip()]
     if kind == "duration":
         return text
+    return _env_scalar(text, default)
+
+
+def _env_scalar(text: str, default: object) -> object:
+    """An environment string as the boolean, integer, number or text `default` is."""
     if isinstance(default, bool):
         lowered = text.strip().lower()
         if lowered in ("1", "true", "yes", "on"):

@@ -39,7 +39,7 @@ from bridge.ingress.http.bodies import (
     read_bounded,
 )
 from bridge.ingress.http.lockout import locked_answer, locked_for, vouch
-from bridge.ingress.ingest import Ingestor
+from bridge.ingress.ingest import Accepted, Ingestor
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import FIELD, MAIL_HEADER, parse_schedule_time
@@ -239,38 +239,9 @@ def hook_endpoint(
         # field that holds the JSON; the signature is over the body as sent, the form.
         form_field: str | None = getattr(module, "FORM_FIELD", None)
         form = form_field is not None and media_type(request) == FORM
-        try:
-            _check_credentials(route, request)
-            if form:
-                body = await read_bounded(request, config.http.max_body_bytes)
-            else:
-                body = await read_body(request, config.http.max_body_bytes)
-            hook = HookRequest(
-                route=route,
-                headers=request.headers,
-                body=body,
-                payload=None,
-                query=request.query_params,
-            )
-            verify = getattr(module, "verify", None)
-            if verify is not None:
-                if wait := locked_for(request.scope):  # locked while the body came
-                    return locked_answer(wait)
-                verify(hook, clock.now())
-        except Unauthorized as exc:
-            log.warning(
-                "route %s: 401 for %s: %s",
-                name,
-                client_name(request.client.host) if request.client else "?",
-                exc,
-            )
-            return JSONAnswer(
-                {"error": str(exc)},
-                401,
-                headers={"WWW-Authenticate": challenge}
-                if (challenge := _challenge(route))
-                else None,
-            )
+        body = await _verified_body(request, route, module, form, config, clock.now())
+        if isinstance(body, Response):
+            return body
         for credential in _verified_credentials(route, module, request):
             vouch(request.scope, credential)  # passes a later lockout of this client
         hook = HookRequest(
@@ -307,14 +278,55 @@ def hook_endpoint(
                     schedule_time=schedule,
                 )
             )
-        accepted = await ingestor.submit(drafts)
-        answers = []
-        for row, report in zip(accepted, reports, strict=True):
-            answer = {"id": row.id, "to": row.recipient, "state": str(row.state)}
-            answer["reason"] = row.reason
-            if report is not None:
-                answer["template"] = report
-            answers.append(answer)
-        return JSONAnswer({"ids": [a.id for a in accepted], "messages": answers}, 202)
+        return _accepted(await ingestor.submit(drafts), reports)
 
     return endpoint
+
+
+async def _verified_body(
+    request: Request, route: RouteConfig, module: Any, form: bool, config: Config, now: float
+) -> bytes | Response:
+    """The body, read once the route's credentials hold; else the 401 (or the lockout's
+    answer, when the client was locked out while its body came)."""
+    try:
+        _check_credentials(route, request)
+        if form:
+            body = await read_bounded(request, config.http.max_body_bytes)
+        else:
+            body = await read_body(request, config.http.max_body_bytes)
+        verify = getattr(module, "verify", None)
+        if verify is not None:
+            if wait := locked_for(request.scope):  # locked while the body came
+                return locked_answer(wait)
+            hook = HookRequest(
+                route=route,
+                headers=request.headers,
+                body=body,
+                payload=None,
+                query=request.query_params,
+            )
+            verify(hook, now)
+    except Unauthorized as exc:
+        log.warning(
+            "route %s: 401 for %s: %s",
+            request.path_params["name"],
+            client_name(request.client.host) if request.client else "?",
+            exc,
+        )
+        challenge = _challenge(route)
+        return JSONAnswer(
+            {"error": str(exc)}, 401, headers={"WWW-Authenticate": challenge} if challenge else None
+        )
+    return body
+
+
+def _accepted(accepted: list[Accepted], reports: list[dict[str, Any] | None]) -> Response:
+    """The 202: each row's id, phone, state and reason, and what its template did."""
+    answers = []
+    for row, report in zip(accepted, reports, strict=True):
+        answer = {"id": row.id, "to": row.recipient, "state": str(row.state)}
+        answer["reason"] = row.reason
+        if report is not None:
+            answer["template"] = report
+        answers.append(answer)
+    return JSONAnswer({"ids": [a.id for a in accepted], "messages": answers}, 202)
