@@ -797,16 +797,21 @@ async def test_the_uptime_kuma_recipe_texts_its_webhook_with_the_token(
     token = (tmp_path / "secrets" / "uptime-kuma.token").read_text().strip()
     headers["Authorization"] = headers["Authorization"].replace("TOKEN", token)
     path = httpx.URL(re.search(r"`(https://\S+/hooks/\S+)`", section).group(1)).path  # type: ignore[union-attr]
-    down = "[NAS web UI] [\U0001f534 Down] connect ECONNREFUSED 192.168.1.20:443"
+    down = "[NAS web UI] [\U0001f534 Down] connect ECONNREFUSED nas.example.org:443"
     notification = {
         "heartbeat": {
             "monitorID": 3,
             "status": 0,
             "time": "2026-11-30 22:14:05.123",
-            "msg": "connect ECONNREFUSED 192.168.1.20:443",
+            "msg": "connect ECONNREFUSED nas.example.org:443",
             "important": True,
         },
-        "monitor": {"id": 3, "name": "NAS web UI", "url": "https://192.168.1.20", "type": "http"},
+        "monitor": {
+            "id": 3,
+            "name": "NAS web UI",
+            "url": "https://nas.example.org",
+            "type": "http",
+        },
         "msg": down,
     }
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:

@@ -20,7 +20,7 @@ import pytest
 import schemathesis
 
 from bridge.clock import ManualClock
-from bridge.config import RouteConfig
+from bridge.config import Config, RouteConfig
 from bridge.ingress.formats import HookRequest, Unauthorized, github
 from bridge.ingress.http.hooks import FALLBACK_CHARS
 from bridge.models import State
@@ -607,6 +607,19 @@ async def test_a_payload_cannot_make_a_template_build_a_huge_text(
     assert sent["+12025550145"].startswith("db-1 xxx") and sent["+12025550145"].endswith("...")
 
 
+def _route_per_template(
+    tmp_path: Path, sandbox_url: str, templates: dict[str, str]
+) -> tuple[dict[str, str], Config]:
+    """A generic route of each name with its template, each to a phone of its own
+    (+12025550140, ...): which phone got what tells which template made it."""
+    phones = {name: f"+1202555{140 + i:04d}" for i, name in enumerate(templates)}
+    routes = ROUTES + "".join(
+        templated_route(name, "generic", phones[name], template)
+        for name, template in templates.items()
+    )
+    return phones, bridge_config(tmp_path, sandbox_url, routes)
+
+
 async def test_a_payloads_numbers_cannot_make_a_template_pad_a_huge_text(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
@@ -626,12 +639,7 @@ async def test_a_payloads_numbers_cannot_make_a_template_pad_a_huge_text(
         "joined": "{{ xs | join(pad) }}",
         "pretty": "{{ xs | tojson(n) }}",
     }
-    phones = {name: f"+120255501{40 + i}" for i, name in enumerate(shapes)}
-    routes = ROUTES + "".join(
-        templated_route(name, "generic", phones[name], template)
-        for name, template in shapes.items()
-    )
-    config = bridge_config(tmp_path, sandbox_url, routes)
+    phones, config = _route_per_template(tmp_path, sandbox_url, shapes)
     fair = {"msg": "ok", "n": 6, "xs": [1, 2], "pad": "0", "words": "a b"}
     # Without the bounds each builds 5 to 10 MB here: enough to tell, not to hurt.
     hostile = {**fair, "n": 5_000_000, "pad": "x" * 20_000}
@@ -723,12 +731,7 @@ async def test_a_payloads_long_text_cannot_keep_a_filter_walking_it(
         "linked": "{{ msg | urlize }}",
         "letters": "{{ msg | unique | join }}",
     }
-    phones = {name: f"+1202555014{i}" for i, name in enumerate(shapes)}
-    routes = ROUTES + "".join(
-        templated_route(name, "generic", phones[name], template)
-        for name, template in shapes.items()
-    )
-    config = bridge_config(tmp_path, sandbox_url, routes)
+    phones, config = _route_per_template(tmp_path, sandbox_url, shapes)
     long = {"message": "backup failed", "msg": "word " * 120_000}
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         for name in shapes:
