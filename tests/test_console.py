@@ -1648,3 +1648,24 @@ async def test_a_misspelt_list_parameter_is_a_400_not_every_message(served_bridg
         await sign_in(http, READER)
         aliased = await http.get("/ui/messages?status=failed")  # the API's other name
         assert '<option value="failed" selected>' in aliased.text
+
+
+async def test_a_cache_buster_is_ignored_and_other_unknown_names_stay_400s(
+    served_bridge,
+) -> None:
+    """jQuery's `cache: false` and many dashboards add `?_=<epoch ms>` to every GET: once
+    unknown names became 400s, such a client's every list failed. `_` selects nothing and
+    is ignored, on the API and the console; `?stat=` stays a 400."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        message_id = await send(http, "+12025550143", "disk full")
+        reader = {"Authorization": f"Bearer {READER}"}
+        for path in ("/api/v1/messages", "/ui/messages.json"):
+            busted = await http.get(f"{path}?state=queued&_=1700000000123", headers=reader)
+            assert busted.status_code == 200, (path, busted.text)
+            assert [m["id"] for m in busted.json()["messages"]] == [message_id]
+            typo = await http.get(f"{path}?_=1&stat=failed", headers=reader)
+            assert typo.status_code == 400 and typo.json()["field"] == "stat", path
+        spec = (await http.get("/openapi.json", headers=reader)).json()
+        listing = spec["paths"]["/api/v1/messages"]["get"]["parameters"]
+        assert "_" in {p["name"] for p in listing}

@@ -179,6 +179,11 @@ _LIST_PARAMETERS = [
         "recipients that contain this text (a leading '+' and spaces ignored; nothing else is a 400)",
     ),
     _filter("q", "texts that contain this text (any case)"),
+    _filter(
+        "_",
+        "a cache-buster (jQuery's `cache: false`): ignored; any other name not listed here"
+        " is a 400",
+    ),
 ]
 
 
