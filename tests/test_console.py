@@ -353,7 +353,7 @@ async def test_admin_cancels_and_retries_with_the_name_in_the_event_log(
         assert "Message 1 cancelled." in page.text  # said once
         assert "Message 1 cancelled." not in (await http.get(f"/ui/messages/{queued}")).text
         again = await http.post(f"/ui/messages/{queued}/cancel", data={"csrf": token})
-        assert again.status_code == 409 and "only a queued or held message" in again.text
+        assert again.status_code == 409 and "nothing to cancel" in again.text
 
         clock.advance(5)
         retried = await http.post(f"/ui/messages/{queued}/retry", data={"csrf": token})
@@ -374,7 +374,9 @@ async def test_admin_cancels_and_retries_with_the_name_in_the_event_log(
         delivery = (await http.get("/ui/overview.json")).json()["delivery"]
         assert (delivery["delivered"], delivery["failed"]) == (1, 0)  # the cancel is history
         delivered = await http.post(f"/ui/messages/{queued}/retry", data={"csrf": token})
-        assert delivered.status_code == 409 and "only a failed message" in delivered.text
+        assert (
+            delivered.status_code == 409 and "it was delivered; to text it again" in delivered.text
+        )
         missing = await http.post("/ui/messages/999/retry", data={"csrf": token})
         assert missing.status_code == 404
 
@@ -875,7 +877,7 @@ async def test_api_retry_and_cancel_need_admin_and_name_the_token(served_bridge)
         done = await http.post(cancel, headers=admin)
         assert done.status_code == 200 and done.json()["reason"] == "cancelled by root"
         again = await http.post(cancel, headers=admin)
-        assert again.status_code == 409 and "only queued or held" in again.json()["error"]
+        assert again.status_code == 409 and "a retry queues it again" in again.json()["error"]
         retried = await http.post(f"/api/v1/messages/{queued}/retry", headers=admin)
         assert retried.status_code == 200 and retried.json()["state"] == "queued"
         assert (await http.post("/api/v1/messages/77/retry", headers=admin)).status_code == 404
@@ -1669,3 +1671,46 @@ async def test_a_cache_buster_is_ignored_and_other_unknown_names_stay_400s(
         spec = (await http.get("/openapi.json", headers=reader)).json()
         listing = spec["paths"]["/api/v1/messages"]["get"]["parameters"]
         assert "_" in {p["name"] for p in listing}
+
+
+async def test_a_refused_retry_or_cancel_says_the_state_and_what_can_be_done(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str
+) -> None:
+    """A 409 reading "message 5 is delivered: only failed can retry" said the rule, not
+    what had become of the message or what to do instead. The API's 409 (and the
+    console's, the same words) says the state, in words and as `state`, and the way on.
+    Both stores."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    seeded = {
+        state: NewMessage("+12025550143", f"disk {state}", "http", "SMS", 1, 1, state=state)
+        for state in (State.DELIVERED, State.SUPPRESSED, State.FAILED, State.SENT)
+    }
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    expected = {
+        ("retry", State.DELIVERED): "it was delivered; to text it again, send it as a new message",
+        ("retry", State.SUPPRESSED): "it was never sent",
+        ("retry", State.SENT): "the provider accepted it",
+        ("cancel", State.FAILED): "nothing to cancel; a retry queues it again",
+        ("cancel", State.DELIVERED): "too late to cancel",
+    }
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        ids = dict(zip(seeded, await seed(bridge.store, list(seeded.values()), 1.0), strict=True))
+        for (action, state), words in expected.items():
+            answer = await http.post(f"/api/v1/messages/{ids[state]}/{action}", headers=admin)
+            assert answer.status_code == 409, answer.text
+            body = answer.json()
+            doing = "retried" if action == "retry" else "cancelled"
+            assert body["state"] == str(state)
+            assert body["error"].startswith(
+                f"message {ids[state]} is {state} and cannot be {doing}: "
+            ), body
+            assert words in body["error"], body
+            assert "only failed can" not in body["error"]
+        await sign_in(http, ADMIN)
+        token = csrf_of(await http.get(f"/ui/messages/{ids[State.DELIVERED]}"))
+        page = await http.post(f"/ui/messages/{ids[State.DELIVERED]}/retry", data={"csrf": token})
+        assert page.status_code == 409
+        assert expected["retry", State.DELIVERED] in page.text

@@ -33,6 +33,7 @@ from bridge.ingress.http.bodies import (
     query_int,
     read_body,
 )
+from bridge.ingress.http.changes import why_not
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.app import Console
 from bridge.ingress.http.filters import read_list_query
@@ -285,8 +286,9 @@ def create_app(
         if message is None:
             raise HttpError(404, f"no message {raw}", "id")
         if not done:
-            allowed = "failed" if action == "retry" else "queued or held"
-            raise HttpError(409, f"message {raw} is {message.state}: only {allowed} can {action}")
+            # The state too, for a script to act on without reading the words.
+            why = why_not(action, message_id, message.state)
+            return JSONAnswer({"error": why, "state": str(message.state)}, 409)
         if wake is not None:
             wake()
         return JSONAnswer(message.to_json())

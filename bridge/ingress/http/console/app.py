@@ -27,6 +27,7 @@ from bridge.errors import InputError, Unavailable
 from bridge.firewall import cap_recipients
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import token_name
+from bridge.ingress.http.changes import CANCEL, RETRY, why_not
 from bridge.ingress.http.console import chart
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.gate import HERE, Caller, Gate, Refused, SecureHeaders
@@ -366,7 +367,7 @@ class Console(Gate):
         message_id = request.path_params["message_id"]
         done = await self.store.retry([message_id], self.clock.now(), by=caller.principal.name)
         if not done:
-            return await self._not_now(request, message_id, "only a failed message can be retried")
+            return await self._not_now(request, message_id, RETRY)
         self.wake()
         log.info("console: %s retried message %d", caller.principal.name, message_id)
         return self._back(
@@ -377,9 +378,7 @@ class Console(Gate):
         message_id = request.path_params["message_id"]
         done = await self.store.cancel([message_id], self.clock.now(), by=caller.principal.name)
         if not done:
-            return await self._not_now(
-                request, message_id, "only a queued or held message can be cancelled"
-            )
+            return await self._not_now(request, message_id, CANCEL)
         log.info("console: %s cancelled message %d", caller.principal.name, message_id)
         return self._back(caller, f"/ui/messages/{message_id}", f"Message {message_id} cancelled.")
 
@@ -407,13 +406,11 @@ class Console(Gate):
         )
         return self._back(caller, f"/ui/messages?{urlencode({'recipient': number})}", note)
 
-    async def _not_now(self, request: Request, message_id: int, why: str) -> Response:
+    async def _not_now(self, request: Request, message_id: int, action: str) -> Response:
         message = await self.store.get(message_id)
         if message is None:
             return self._error(request, 404, f"no message {message_id}", as_json=False)
-        return self._error(
-            request, 409, f"message {message_id} is {message.state}: {why}", as_json=False
-        )
+        return self._error(request, 409, why_not(action, message_id, message.state), as_json=False)
 
     async def send_form(self, request: Request, caller: Caller) -> tuple[str, dict[str, Any]]:
         return "send.html", {
