@@ -218,6 +218,25 @@ async def test_next_after_sign_in_stays_in_the_console(served_bridge) -> None:
         assert answer.headers["location"] == "/ui/"
 
 
+async def test_a_signed_in_operator_is_sent_on_from_the_sign_in_page(served_bridge) -> None:
+    """The sign-in page showed its form to someone already signed in (a bookmark of it,
+    the back button): it asked for a token they had given. They go on to where they were
+    going, or the overview; signed out, or their token removed, they get the form."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        going = await http.get("/ui/signin", params={"next": "/ui/messages?state=failed"})
+        assert going.status_code == 303
+        assert going.headers["location"] == "/ui/messages?state=failed"
+        for elsewhere in ("//evil.example.org/", ""):  # only the console, as at sign-in
+            answer = await http.get("/ui/signin", params={"next": elsewhere})
+            assert answer.status_code == 303 and answer.headers["location"] == "/ui/"
+        assert (await http.get("/ui/signin")).headers["location"] == "/ui/"
+        await http.post("/ui/signout", data={"csrf": csrf_of(await http.get("/ui/"))})
+        form = await http.get("/ui/signin")
+        assert form.status_code == 200 and 'name="token"' in form.text
+
+
 async def test_sign_in_form_is_csrf_protected_too(served_bridge) -> None:
     _, url = served_bridge
     async with httpx.AsyncClient(base_url=url) as http:
