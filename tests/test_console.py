@@ -1583,6 +1583,27 @@ async def test_an_actions_note_waits_for_its_page_whatever_another_tab_loads(
         assert "queued again" not in (await http.get(done.headers["location"])).text  # once
 
 
+async def test_a_session_keeps_the_notes_of_its_last_twenty_actions_only(
+    served_bridge,
+) -> None:
+    """A note waits for its page (above), so the notes of pages never visited (a script
+    cancelling in a loop, tabs closed) would pile up in the session for its 12 hours.
+    A session keeps the last 20: the oldest go first, the newest are still said."""
+    bridge, url = served_bridge
+    held = NewMessage("+12025550143", "disk full", "http", "SMS", 1, 1, state=State.HELD)
+    ids = await seed(bridge.store, [held] * 25, 1.0)
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, ADMIN)
+        token = csrf_of(await http.get("/ui/"))
+        for message_id in ids:  # each note's page never visited
+            done = await http.post(f"/ui/messages/{message_id}/cancel", data={"csrf": token})
+            assert done.status_code == 303
+        said = [
+            f"Message {i} cancelled." in (await http.get(f"/ui/messages/{i}")).text for i in ids
+        ]
+        assert said == [False] * 5 + [True] * 20
+
+
 async def test_a_loop_mail_quoting_a_message_number_is_not_shown_under_it(
     tmp_path, sandbox_url: str, clock: ManualClock, backend: str
 ) -> None:
