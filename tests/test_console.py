@@ -1754,3 +1754,26 @@ async def test_a_refused_retry_or_cancel_says_the_state_and_what_can_be_done(
         page = await http.post(f"/ui/messages/{ids[State.DELIVERED]}/retry", data={"csrf": token})
         assert page.status_code == 409
         assert expected["retry", State.DELIVERED] in page.text
+
+
+async def test_a_since_without_its_zone_is_a_400_that_says_what_to_add(served_bridge) -> None:
+    """`?since=2027-01-15T08:00:00` was refused with "'since' needs its zone: Z for UTC,
+    or an offset", which read oddly and showed no example. The 400 names the value, says
+    it lacks a time zone and shows it with one, on the API and the console alike."""
+    _, url = served_bridge
+    reader = {"Authorization": f"Bearer {READER}"}
+    async with httpx.AsyncClient(base_url=url) as http:
+        for path in ("/api/v1/messages", "/ui/messages.json"):
+            for given, shown in (
+                ("2027-01-15T08:00:00", "2027-01-15T08:00:00"),
+                ("2027-01-15", "2027-01-15T00:00:00"),
+            ):
+                bad = await http.get(path, params={"since": given}, headers=reader)
+                assert bad.status_code == 400 and bad.json()["field"] == "since", bad.text
+                words = bad.json()["error"]
+                assert f"'since' '{given}' has no time zone" in words, words
+                assert f"{shown}Z or {shown}+02:00" in words, words
+            fine = await http.get(
+                path, params={"since": "2027-01-15T08:00:00+02:00"}, headers=reader
+            )
+            assert fine.status_code == 200, fine.text

@@ -165,5 +165,12 @@ def since_filter(raw: str | None) -> float | None:
             400, f"'since' must be an ISO 8601 time such as 2027-01-15T08:00:00Z: {exc}", "since"
         ) from exc
     if when.tzinfo is None:
-        raise HttpError(400, "'since' needs its zone: Z for UTC, or an offset", "since")
+        # A time without its zone is a different instant on every server: not guessed.
+        raise HttpError(
+            400,
+            f"'since' {raw!r} has no time zone: add Z for UTC or an offset, as in"
+            f" {when.isoformat(timespec='seconds')}Z or {when.isoformat(timespec='seconds')}"
+            "+02:00",
+            "since",
+        )
     return when.timestamp()
