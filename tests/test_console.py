@@ -1777,3 +1777,28 @@ async def test_a_since_without_its_zone_is_a_400_that_says_what_to_add(served_br
                 path, params={"since": "2027-01-15T08:00:00+02:00"}, headers=reader
             )
             assert fine.status_code == 200, fine.text
+
+
+async def test_a_messages_page_says_which_token_or_smtp_login_sent_it(served_bridge) -> None:
+    """Messages carry the token that sent them (`root`, or `smtp:LOGIN` for mail from
+    an SMTP user), but the message page did not say it: an operator could not tell which
+    script or device was texting. It says so, by name, and never the secret."""
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        by_api = await send(http, "+12025550143", "disk full")  # with the ADMIN token
+        mail = NewMessage("+12025550144", "UPS on battery", "smtp", "SMS", 1, 1, token="smtp:ups")
+        hooked = NewMessage("+12025550145", "alert", "hook", "SMS", 1, 1, route="am")
+        by_mail, by_hook = await seed(bridge.store, [mail, hooked], 1.0)
+        await sign_in(http, READER)
+        shown = {
+            by_api: "API token root",
+            by_mail: "SMTP login ups",
+            by_hook: "its route (a route&#39;s own credentials are no API token)",
+        }
+        for message_id, words in shown.items():
+            page = await http.get(f"/ui/messages/{message_id}")
+            assert f'<dt>Sent by</dt><dd id="sent-by">{words}</dd>' in page.text, page.text
+            assert ADMIN not in page.text and ROUTE_TOKEN not in page.text
+        data = (await http.get(f"/ui/messages/{by_mail}.json")).json()
+        assert data["sent_by"] == {"kind": "smtp", "name": "ups", "text": "SMTP login ups"}
+        assert data["token"] == "smtp:ups"

@@ -41,7 +41,7 @@ from bridge.ingress.http.console.routes import (
 )
 from bridge.ingress.http.filters import ListQuery, given, read_list_query
 from bridge.ingress.ingest import Ingestor
-from bridge.models import SOURCES, Message, State
+from bridge.models import SMTP_SENDER, SOURCES, Message, State
 from bridge.phone import PhoneError, normalise_number
 from bridge.policy.budgets import day_bounds
 from bridge.policy.shaping import Draft
@@ -74,6 +74,26 @@ def whole_number(text: str) -> str | None:
         return normalise_number(text)
     except (PhoneError, Unavailable):  # a part of a number, or one unreadable now
         return None
+
+
+# Who a message without a token came from, by its source.
+_UNSIGNED = {
+    "hook": "its route (a route's own credentials are no API token)",
+    "smtp": "an SMTP client that did not log in",
+    "digest": "the bridge (a storm's digest)",
+    "budget": "the bridge (a budget warning)",
+}
+
+
+def sender_of(token: str | None, source: str) -> dict[str, str | None]:
+    """Who sent a message, as its page shows it: the `[tokens.NAME]` or the SMTP login it
+    carries (a name, never a secret), else what its source says of it."""
+    if token is None:
+        return {"kind": None, "name": None, "text": _UNSIGNED.get(source, "no token (open bridge)")}
+    if token.startswith(SMTP_SENDER):
+        login = token[len(SMTP_SENDER) :]
+        return {"kind": "smtp", "name": login, "text": f"SMTP login {login}"}
+    return {"kind": "token", "name": token, "text": f"API token {token}"}
 
 
 class Console(Gate):
@@ -290,6 +310,7 @@ class Console(Gate):
         mentions = await self.store.mentioned_by(message.id, MENTIONS_LISTED + 1)
         data["mentioned_by"] = mentions[:MENTIONS_LISTED]
         data["mentioned_by_more"] = len(mentions) > MENTIONS_LISTED
+        data["sent_by"] = sender_of(message.token, message.source)
         data["can_retry"] = message.state == State.FAILED
         data["can_cancel"] = message.state in (State.QUEUED, State.HELD)
         return "message.html", data
