@@ -1802,3 +1802,69 @@ async def test_a_messages_page_says_which_token_or_smtp_login_sent_it(served_bri
         data = (await http.get(f"/ui/messages/{by_mail}.json")).json()
         assert data["sent_by"] == {"kind": "smtp", "name": "ups", "text": "SMTP login ups"}
         assert data["token"] == "smtp:ups"
+
+
+async def test_a_storm_of_queued_texts_to_one_phone_is_cancelled_at_once(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str
+) -> None:
+    """Only held messages could be cancelled in one go: an operator facing hundreds of
+    texts queued to one phone (a provider paused, a script looping) cancelled them one
+    page at a time. `POST /ui/queued/cancel` cancels that phone's queued messages, an
+    admin's action behind the CSRF token as `/ui/held/cancel` is, each failed with its
+    reason and an event; its held ones, other phones' and those already sent stay.
+    Both stores."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    queued = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as reader,
+        httpx.AsyncClient(base_url=url) as admin,
+    ):
+        mine = await seed(bridge.store, [queued] * 3, 1.0)
+        held, theirs, sent = await seed(
+            bridge.store,
+            [
+                queued._replace(state=State.HELD),
+                queued._replace(recipient="+12025550145"),
+                queued._replace(state=State.SENT),
+            ],
+            1.0,
+        )
+        await sign_in(reader, READER)
+        form = {"csrf": csrf_of(await reader.get("/ui/")), "recipient": "+12025550144"}
+        assert (await reader.post("/ui/queued/cancel", data=form)).status_code == 403
+        await sign_in(admin, ADMIN)
+        listed = await admin.get("/ui/messages?state=queued&recipient=%2B12025550144")
+        assert 'action="/ui/queued/cancel"' in listed.text
+        assert "Cancel every queued message to +12025550144" in listed.text
+        page = await admin.get(f"/ui/messages/{mine[0]}")
+        assert 'action="/ui/queued/cancel"' in page.text
+        wrong = {"csrf": "not-the-token", "recipient": "+12025550144"}
+        assert (await admin.post("/ui/queued/cancel", data=wrong)).status_code == 403
+        assert {(await bridge.store.get(i)).state for i in mine} == {State.QUEUED}
+        form["csrf"] = csrf_of(page)
+        done = await admin.post("/ui/queued/cancel", data=form)
+        assert done.status_code == 303
+        assert (
+            "Cancelled 3 queued messages to +12025550144."
+            in (await admin.get(done.headers["location"])).text
+        )
+        for message_id in mine:
+            message = await bridge.store.get(message_id)
+            assert (message.state, message.reason) == (State.FAILED, "cancelled by root")
+            assert message.reason_kind == "cancelled"
+            events = await bridge.store.events(message_id)
+            assert [(e["state"], e["detail"]) for e in events][-1] == (
+                "failed",
+                "cancelled by root",
+            )
+        assert (await bridge.store.get(held)).state == State.HELD
+        assert (await bridge.store.get(theirs)).state == State.QUEUED
+        assert (await bridge.store.get(sent)).state == State.SENT
+        nothing = await admin.post("/ui/queued/cancel", data=form)
+        assert (
+            "Nothing was queued for +12025550144"
+            in (await admin.get(nothing.headers["location"])).text
+        )
+        empty = await admin.post("/ui/queued/cancel", data={**form, "recipient": ""})
+        assert empty.status_code == 400

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -55,7 +55,7 @@ MAX_TEST_TEXT = 1000
 CHART_MINUTES = 180
 DELIVERY_WINDOW = 86400.0
 RECENT_FAILURES = 10
-CANCEL_BATCH = 500  # a phone's held messages cancelled per store write
+CANCEL_BATCH = 500  # a phone's held or queued messages cancelled per store write
 MAX_CANCEL_ROUNDS = 100
 MENTIONS_LISTED = 200  # on a message's page: what suppressed it or was folded into it
 # The list's filters as typed, kept in its pager's links: the form's, and those a link
@@ -276,8 +276,10 @@ class Console(Gate):
             # Chosen in the filter as any route is, or the form would say "any" over a
             # list of that route's messages (and lose it on the next Filter).
             "removed_route": removed,
-            # A phone's held messages (the storms card links here): cancelled in one go.
+            # A phone's held messages (the storms card links here), or its queued ones (a
+            # storm of texts to one phone): cancelled in one go.
             "held_phone": number if wanted.state == str(State.HELD) and page else None,
+            "queued_phone": number if wanted.state == str(State.QUEUED) and page else None,
             "sources": list(SOURCES),
             "messages": [m.to_json() for m in page],
             "older": f"?{older}" if older else None,
@@ -403,29 +405,41 @@ class Console(Gate):
         log.info("console: %s cancelled message %d", caller.principal.name, message_id)
         return self._back(caller, f"/ui/messages/{message_id}", f"Message {message_id} cancelled.")
 
-    async def cancel_held(self, request: Request, caller: Caller, form: dict[str, str]) -> Response:
-        """Cancel every message held for one phone: a flood that storm control holds
-        back, cancelled at once rather than a message at a time (no digest of it goes)."""
-        number = form.get("recipient", "").strip()
-        if not number:
-            return self._error(
-                request, 400, "'recipient': which phone's held messages?", as_json=False
+    def cancel_waiting(
+        self, state: State
+    ) -> Callable[[Request, Caller, dict[str, str]], Awaitable[Response]]:
+        """Cancel every message to one phone in `state` (held or queued) at once: a flood
+        that storm control holds back (no digest of it goes either), or a storm of texts
+        queued for one phone faster than the provider takes them, cancelled at once
+        rather than a message at a time. Each is failed as a single cancel fails it, with
+        its reason ("cancelled by NAME") and an event of its own."""
+        waiting = str(state)
+
+        async def cancel(request: Request, caller: Caller, form: dict[str, str]) -> Response:
+            number = form.get("recipient", "").strip()
+            if not number:
+                return self._error(
+                    request, 400, f"'recipient': which phone's {waiting} messages?", as_json=False
+                )
+            who, cancelled = caller.principal.name, 0
+            for _ in range(MAX_CANCEL_ROUNDS):  # bounded: a flood still arriving is not chased
+                found = await self.store.query(state=waiting, number=number, limit=CANCEL_BATCH)
+                done = await self.store.cancel([m.id for m in found], self.clock.now(), by=who)
+                cancelled += len(done)
+                # Fewer than found: the dispatcher took some meanwhile (a queued one it
+                # claims is the provider's now); the next round finds what is left.
+                if len(found) < CANCEL_BATCH or not done:
+                    break
+            log.info("console: %s cancelled %d %s messages to %s", who, cancelled, waiting, number)
+            plural = "" if cancelled == 1 else "s"
+            note = (
+                f"Cancelled {cancelled} {waiting} message{plural} to {number}."
+                if cancelled
+                else f"Nothing was {waiting} for {number}: nothing cancelled."
             )
-        who, cancelled = caller.principal.name, 0
-        for _ in range(MAX_CANCEL_ROUNDS):  # bounded: a flood still arriving is not chased
-            held = await self.store.query(state=str(State.HELD), number=number, limit=CANCEL_BATCH)
-            done = await self.store.cancel([m.id for m in held], self.clock.now(), by=who)
-            cancelled += len(done)
-            if len(held) < CANCEL_BATCH or not done:
-                break
-        log.info("console: %s cancelled %d held messages to %s", who, cancelled, number)
-        plural = "" if cancelled == 1 else "s"
-        note = (
-            f"Cancelled {cancelled} held message{plural} to {number}."
-            if cancelled
-            else f"Nothing was held for {number}: nothing cancelled."
-        )
-        return self._back(caller, f"/ui/messages?{urlencode({'recipient': number})}", note)
+            return self._back(caller, f"/ui/messages?{urlencode({'recipient': number})}", note)
+
+        return cancel
 
     async def _not_now(self, request: Request, message_id: int, action: str) -> Response:
         message = await self.store.get(message_id)
@@ -513,7 +527,14 @@ class Console(Gate):
                 self.action("admin", self.cancel),
                 methods=["POST"],
             ),
-            Route("/held/cancel", self.action("admin", self.cancel_held), methods=["POST"]),
+            *(
+                Route(
+                    f"/{state}/cancel",
+                    self.action("admin", self.cancel_waiting(state)),
+                    methods=["POST"],
+                )
+                for state in (State.HELD, State.QUEUED)
+            ),
             Route(
                 "/routes/{name}/preview",
                 self.action("read", self.route_preview),
