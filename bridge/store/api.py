@@ -423,7 +423,8 @@ class Queries(Protocol):
         token: str | None = None,
     ) -> tuple[int, int]:
         """Texts and parts sent since `since`, of one route and/or one API token if given;
-        in flight counts as sent, as in `spent_since`."""
+        in flight counts as sent, as in `spent_since`. The parts of a text of an unknown
+        outcome sent again count once for every attempt, as its cost does; the text once."""
         ...
 
     async def retry(

@@ -202,8 +202,10 @@ class QueryOps(Base):
     ) -> tuple[int, int]:
         row = (
             await self._fetch(
-                "SELECT count(*), coalesce(sum(parts), 0) FROM messages"
-                f" WHERE {SPENT} AND source <> $2 AND ($3::text IS NULL OR route = $3)"
+                # Every attempt's parts, as SQLite's `used_since` says.
+                f"SELECT count(*) FILTER (WHERE {SPENT}), coalesce(sum(parts * {BILLED}), 0)"
+                f" FROM messages WHERE ({SPENT} OR {RESENT}) AND source <> $2"
+                " AND ($3::text IS NULL OR route = $3)"
                 " AND ($4::text IS NULL OR token = $4)",
                 since,
                 exclude_source,
@@ -326,8 +328,6 @@ class QueryOps(Base):
                 c,
                 "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
                 " count(*) FILTER (WHERE source = 'budget'),"
-                # What the caps count: the warnings' parts left out (the cost: `counted_cost`).
-                " coalesce(sum(parts) FILTER (WHERE source <> 'budget'), 0),"
                 # The estimates of the texts the provider has not priced yet.
                 " sum(estimated_cost) FILTER (WHERE cost IS NULL)"
                 f" FROM messages WHERE {SPENT}",  # in flight too, as the caps count
@@ -351,12 +351,14 @@ class QueryOps(Base):
             "answers": answers,
             "today": {
                 "texts": int(day[0]) - int(day[4]),
-                "parts": int(day[5]),
+                # As the caps count them: each attempt of a text sent again, the warnings'
+                # parts left out.
+                "parts": (await self.used_since(day_start, "budget"))[1],
                 "cost": day[2],
                 # As the cost cap counts it: each attempt of a text sent again.
                 "counted_cost": (await self.spent_since(day_start, "budget"))[0],
                 "estimated_cost": day[3],
-                "unpriced_estimated_cost": day[6],
+                "unpriced_estimated_cost": day[5],
                 "warnings": int(day[4]),
                 "routes": by["route"],
                 "tokens": by["token"],

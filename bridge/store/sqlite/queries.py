@@ -201,9 +201,16 @@ def used_since(
     route: str | None = None,
     token: str | None = None,
 ) -> tuple[int, int]:
-    """Texts and parts sent since `since` (of one route and/or one API token, if given)."""
-    sql = f"SELECT count(*), coalesce(sum(parts), 0) FROM messages WHERE {SPENT} AND source != ?"
-    args: list[object] = [since, exclude_source]
+    """Texts and parts sent since `since` (of one route and/or one API token, if given).
+    The parts as often as the provider may have billed them (`BILLED`), as the cost cap
+    counts: a text of an unknown outcome sent again is one text, but every attempt's
+    parts (the provider bills each; counted once, a resend went past `parts_per_day`)."""
+    sql = (
+        f"SELECT coalesce(sum(CASE WHEN {SPENT} THEN 1 ELSE 0 END), 0),"
+        f" coalesce(sum(parts * {BILLED}), 0) FROM messages"
+        f" WHERE ({SPENT} OR {RESENT}) AND source != ?"
+    )
+    args: list[object] = [since, since, since, since, since, exclude_source]
     if route is not None:
         sql += " AND route = ?"
         args.append(route)
