@@ -833,3 +833,30 @@ async def test_a_text_sent_again_after_an_unknown_outcome_counts_every_attempts_
     assert [e.to for e in sandbox_state.entries] == ["+12025550101"] * 2  # billed twice
     assert waiting.state == State.QUEUED and "parts_per_day=2" in (waiting.reason or "")
     assert today["parts"] == 2 and today["texts"] == 1  # the console counts as the caps do
+
+
+@on_each_backend
+async def test_a_price_cut_lowers_the_most_a_part_was_billed_a_day_later(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """No price list (404), cost_per_day = 1. A Lebanese part was billed 0.95 yesterday;
+    the provider has cut it to 0.1 since. The most a part was billed prices a country
+    never billed (a UK text, alone): raised only, it stayed 0.95 for ever, and after
+    today's 0.1 the UK text waited for tomorrow (0.1 + 0.95 over the cap), every day.
+    A day after the 0.95 bill, today's bill says what a part costs."""
+    sandbox_state.prices[961] = 0.95
+    sandbox_state.faults.append(Fault(status=404, times=1000, path="/pricing"))
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 1\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+9613123456", "yesterday")
+        await steps(bridge, clock, 30)
+        clock.advance(86400)  # the next day, 10:00
+        sandbox_state.prices[961] = 0.1
+        await post(http, url, "+9613123457", "today")
+        await steps(bridge, clock, 30)
+        uk = await post(http, url, "+447700900123", "today")
+        await steps(bridge, clock, 30)
+        sent = await bridge.store.get(uk)
+    assert [e.cost for e in sandbox_state.entries] == [0.95, 0.1, 0.8]
+    assert sent.state == State.SENT, sent.reason

@@ -22,7 +22,8 @@ the list does not price is counted at its highest price: a cap that guards again
 fraud must not let the unpriced destinations through for free. A country the list gives
 at 0 is free: 0 is a price. With no list (its path is undocumented; a fetch may fail: the
 dispatcher tries again with backoff, and daily) a country is priced by what its parts
-were billed, else by the most a part was billed, and such a text goes alone (its bill
+were billed last, else by the most a part was billed (within a day of that bill: a price
+cut lowers it a day later; `pricing.BILLED_MAX_FOR`), and such a text goes alone (its bill
 prices its country: four texts to a dearer country priced by a cheaper one's bill went
 in one call); before any bill (or with nothing priced above 0), one text goes alone and
 its bill prices the rest (a whole bulk call counted as free once spent the day's cap
@@ -243,7 +244,7 @@ class BudgetGuard:
         are kept in the store too, for a restart and the other instances. In memory only,
         a restart with no price list counted the day's texts at nothing until a bill came
         (a whole bulk call went past the cap as "unpriced, alone")."""
-        learnt = self.prices.billed(cost, sent)
+        learnt = self.prices.billed(cost, sent, self.clock.now())
         if not learnt:
             return
         try:

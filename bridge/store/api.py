@@ -345,7 +345,8 @@ class BilledPrices(Protocol):
 
     async def record_billed(self, prices: Mapping[int, float], now: float) -> None:
         """Keep a bill's prices: each country's replaces the one before (prices change);
-        0's only ever rises (the most any part was billed)."""
+        0's (the most any part was billed) is raised by a higher bill, and replaced by
+        any bill once it is `pricing.BILLED_MAX_FOR` (a day) old: a price cut lowers it."""
         ...
 
 

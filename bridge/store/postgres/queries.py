@@ -9,6 +9,7 @@ from typing import Any
 
 import bridge.store.totals as totals
 from bridge.models import MAX_ROW_ID, OTHER_REASON, Message
+from bridge.pricing import BILLED_MAX_FOR
 from bridge.store.api import MetricCounts
 from bridge.store.postgres.base import TOTALS_LOCK, Base, one
 from bridge.store.postgres.schema import MENTIONED
@@ -64,13 +65,17 @@ BILLED = (
     " + CASE WHEN claimed_at >= $1 THEN unknown_resends ELSE 0 END)"
 )
 
-# SQLite's RECORD_BILLED: 0 holds the most any part was billed, raised only.
+# SQLite's RECORD_BILLED: 0 holds the most any part was billed, raised by a higher
+# bill, replaced by any once it is $4 (`pricing.BILLED_MAX_FOR`) old.
+_REPLACES = (
+    "(b.country_code <> 0 OR excluded.price >= b.price OR b.billed_at <= excluded.billed_at - $4)"
+)
 RECORD_BILLED = (
     "INSERT INTO billed_prices AS b (country_code, price, billed_at)"
     " SELECT code, price, $3 FROM unnest($1::int[], $2::float8[]) AS bill(code, price)"
-    " ON CONFLICT (country_code) DO UPDATE SET billed_at = excluded.billed_at,"
-    " price = CASE WHEN b.country_code = 0 THEN greatest(b.price, excluded.price)"
-    " ELSE excluded.price END"
+    " ON CONFLICT (country_code) DO UPDATE SET"
+    f" billed_at = CASE WHEN {_REPLACES} THEN excluded.billed_at ELSE b.billed_at END,"
+    f" price = CASE WHEN {_REPLACES} THEN excluded.price ELSE b.price END"
 )
 
 
@@ -190,7 +195,7 @@ class QueryOps(Base):
         return {int(code): float(price) for code, price in rows}
 
     async def record_billed(self, prices: Mapping[int, float], now: float) -> None:
-        await self._execute(RECORD_BILLED, list(prices), list(prices.values()), now)
+        await self._execute(RECORD_BILLED, list(prices), list(prices.values()), now, BILLED_MAX_FOR)
 
     async def used_since(
         self,

@@ -185,12 +185,16 @@ def spent_since(c: Any, since: float, exclude_source: str) -> tuple[float, list[
     return float(known), [(r, int(p)) for r, p in unknown if p]
 
 
-# The most any part was billed is kept under country code 0 (`record_billed`): raised
-# only. Any other country's price is the latest bill's.
+# The most any part was billed is kept under country code 0 (`record_billed`), with
+# when: raised by a higher bill, replaced by any once it is `pricing.BILLED_MAX_FOR` old
+# (raised only, a price cut never lowered it). Any other country's price is the latest
+# bill's. Parameters: code, price, now, BILLED_MAX_FOR (the SET reads the old row).
+_REPLACES = "(country_code <> 0 OR excluded.price >= price OR billed_at <= excluded.billed_at - ?4)"
 RECORD_BILLED = (
-    "INSERT INTO billed_prices (country_code, price, billed_at) VALUES (?, ?, ?)"
-    " ON CONFLICT (country_code) DO UPDATE SET billed_at = excluded.billed_at,"
-    " price = CASE WHEN country_code = 0 THEN max(price, excluded.price) ELSE excluded.price END"
+    "INSERT INTO billed_prices (country_code, price, billed_at) VALUES (?1, ?2, ?3)"
+    f" ON CONFLICT (country_code) DO UPDATE SET"
+    f" billed_at = CASE WHEN {_REPLACES} THEN excluded.billed_at ELSE billed_at END,"
+    f" price = CASE WHEN {_REPLACES} THEN excluded.price ELSE price END"
 )
 
 
