@@ -13,7 +13,7 @@ import pytest
 
 from bridge.clock import ManualClock
 from bridge.config import Config, load_config
-from bridge.delivery.dispatcher import PRICES_REFRESH
+from bridge.delivery.dispatcher import PRICED_NOW, PRICES_REFRESH
 from bridge.errors import ConfigError
 from bridge.models import State
 from bridge.provider.sandbox import SandboxState
@@ -21,7 +21,7 @@ from bridge.provider.sandbox.faults import Fault
 from bridge.provider.sandbox.shapes import Shape
 from tests.helpers import bridge_config, running_bridge, write_config
 from tests.test_cli import run
-from tests.test_console import ADMIN, READER, TOKENS, send, sign_in
+from tests.test_console import ADMIN, READER, SENDER, TOKENS, send, sign_in
 from tests.test_pacing import queue_age
 from tests.test_reload import reloaded
 from tests.test_retention import kept_for
@@ -860,3 +860,68 @@ async def test_a_price_cut_lowers_the_most_a_part_was_billed_a_day_later(
         sent = await bridge.store.get(uk)
     assert [e.cost for e in sandbox_state.entries] == [0.95, 0.1, 0.8]
     assert sent.state == State.SENT, sent.reason
+
+
+@on_each_backend
+async def test_a_price_known_now_frees_only_what_waited_for_one(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """No price list and answers without a cost: after the first text, what follows
+    waits "spend unknown"; a text of a token over its own cap waits for that cap. When
+    the list answers, every budget hold was released, the token's text too, and held
+    again at once: two events of nothing in its history at every price. Only what
+    waited for a price is judged again now."""
+    config = _nothing_priced_at_ten(tmp_path, sandbox_url, sandbox_state, clock)
+    tokens = (
+        f'[tokens.ci]\ntoken = "{SENDER}"\nscopes = ["send"]\ntexts_per_day = 1\n'
+        f'[tokens.root]\ntoken = "{ADMIN}"\nscopes = ["admin"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, tokens + "[budget]\ncost_per_day = 1\n")
+
+    async def ci(http: httpx.AsyncClient, to: str) -> int:
+        headers = {"Authorization": f"Bearer {SENDER}"}
+        answer = await http.post(
+            "/api/v1/messages", json={"to": to, "message": to}, headers=headers
+        )
+        assert answer.status_code == 202, answer.text
+        return int(answer.json()["ids"][0])
+
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await ci(http, "+12025550101")
+        await steps(bridge, clock, 30)  # it goes; today's spend is unknown
+        token_held = await ci(http, "+12025550102")
+        priced = await send(http, "+12025550103", "alert")
+        await steps(bridge, clock, 30)
+        before = await bridge.store.get(token_held)
+        sandbox_state.faults.clear()  # the list answers from now on
+        await steps(bridge, clock, 600)
+        events = [e["detail"] or "" for e in await bridge.store.events(token_held)]
+        freed = await bridge.store.get(priced)
+    assert "tokens.ci.texts_per_day=1" in (before.reason or "")
+    assert freed.state == State.SENT
+    assert not any(PRICED_NOW in e for e in events), events
+    assert sum("daily budget reached" in e for e in events) == 1, events
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+@pytest.mark.usefixtures("backend")
+async def test_texts_another_instance_held_for_a_price_are_released_by_a_live_one(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two instances on one PostgreSQL. One holds texts because today's spend is unknown
+    and is then removed for good. Only it (or one started later) watched for a price:
+    the other, running all along, knew one as soon as the list answered, and the texts
+    waited for midnight. Any live instance that knows a price releases them."""
+    config = _nothing_priced_at_ten(tmp_path, sandbox_url, sandbox_state, clock)
+    async with running_bridge(config, clock) as (live, _):
+        async with running_bridge(config, clock) as (gone, url), httpx.AsyncClient() as http:
+            ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(4)]
+            await steps(gone, clock, 30)  # one goes; the day's spend is unknown
+        sandbox_state.faults.clear()  # the list answers from now on
+        await steps(live, clock, 600)
+        states = [(await live.store.get(i)).state for i in ids]
+    assert states.count(State.SENT) == 2 and states.count(State.QUEUED) == 2
+    assert sum(e.cost for e in sandbox_state.entries) <= 1

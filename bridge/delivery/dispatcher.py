@@ -37,7 +37,7 @@ from bridge.errors import (
 from bridge.health import ProviderHealth
 from bridge.loops import LoopHealth, run_steps
 from bridge.models import Message, State
-from bridge.policy.budgets import BudgetGuard, Cap, day_bounds
+from bridge.policy.budgets import UNKNOWABLE, BudgetGuard, Cap, day_bounds
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.provider.responses import SendResult
@@ -57,6 +57,9 @@ HOLDS_PAGE = 1000  # texts waiting for midnight read per query at start
 RAISED_BY_RELOAD = "daily caps changed by a reload: judged again"
 RAISED_AT_START = "daily caps raised while the bridge was stopped: judged again at start"
 PRICED_NOW = "a price is known now (today's spend was unknown): judged again"
+# How often an instance that knows a price looks for texts another instance held for one
+# (`release_holds`): that instance may be gone for good, and nobody watched for them.
+PRICE_HOLDS_LOOK = 60.0
 FOREIGN_PREFIX = "cli"  # request kinds booked by `sms-bridge provider ...` in the store
 
 
@@ -111,6 +114,7 @@ class Dispatcher:
         self._prices_retry = PRICES_RETRY_FIRST
         self._last_call: dict[GroupKey, float] = {}  # each text's last call, for pacing
         self._held_until = 0.0  # a text held for more recipients: wake-ups wait till then
+        self._price_holds_at = 0.0  # when to look for others' texts waiting for a price
         self.tz = zone(config.timezone)
         self.reconciler = Reconciler(
             store=store,
@@ -295,11 +299,7 @@ class Dispatcher:
         said: an operator raising the cap during an incident still saw its alerts held."""
         if self.budget is None:
             return
-        if self.budget.waiting_for_price:  # another instance's bill may price them
-            await self.budget.recall_prices()
-        if self.budget.newly_priced():
-            await self._release(PRICED_NOW)
-            self.budget.released_for_price()
+        await self._release_priced()
         if not self.budget.loosened:
             return
         self.budget.loosened = False  # first: a reload during the write sets it again
@@ -309,11 +309,34 @@ class Dispatcher:
             self.budget.loosened = True  # a store that failed is asked on the next step
             raise
 
-    async def _release(self, why: str) -> None:
-        released = await self.store.release_budget_holds(self.clock.now(), why)
-        self._held_until = 0.0
+    async def _release_priced(self) -> None:
+        """Texts waiting because today's spend was unknown, judged again once a price is
+        known: at once for those this instance held (or found at start), and every
+        PRICE_HOLDS_LOOK for any instance's (held by one that stopped for good, they
+        waited for midnight whatever the others knew). Only those: the holds of other
+        caps stay as they are (released too, they were held again, an event each)."""
+        budget = self.budget
+        if budget is None or not budget.config.cost_per_day:
+            return
+        now = self.clock.now()
+        look = now >= self._price_holds_at
+        if budget.waiting_for_price or look:  # another instance's bill may price them
+            await budget.recall_prices()
+        if budget.newly_priced() or (look and budget.prices.ceiling() > 0):
+            self._price_holds_at = now + PRICE_HOLDS_LOOK
+            await self._release(PRICED_NOW, waiting_for=UNKNOWABLE)
+            budget.released_for_price()
+        elif look:
+            self._price_holds_at = now + PRICE_HOLDS_LOOK
+
+    async def _release(self, why: str, *, waiting_for: str = "") -> list[int]:
+        released = await self.store.release_budget_holds(
+            self.clock.now(), why, waiting_for=waiting_for
+        )
         if released:
+            self._held_until = 0.0  # they are due now: no hold for more recipients waits
             log.info("%s: %d waiting messages", why, len(released))
+        return released
 
     def _pace(self, batch: list[Message]) -> tuple[GroupKey | None, float]:
         """The call's text, and how long it waits for more recipients (see pacing)."""

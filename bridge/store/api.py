@@ -435,10 +435,14 @@ class Queries(Protocol):
         None); `by` names who asked, in the event log. The ids changed."""
         ...
 
-    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+    async def release_budget_holds(
+        self, now: float, detail: str, *, waiting_for: str = ""
+    ) -> list[int]:
         """Messages waiting for the next day's caps (queued, reason kind `budget`, due
         later) due at `now`, to be judged again (a reload changed the caps), each with an
-        event saying `detail`; the ids changed."""
+        event saying `detail`; the ids changed. With `waiting_for`, only those whose
+        reason holds it (a price known now frees what waited for one, not what waits for
+        another cap: released, those were held again, an event each, at every price)."""
         ...
 
     async def cancel(self, ids: Sequence[int], now: float, *, by: str) -> list[int]:

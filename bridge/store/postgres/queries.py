@@ -257,15 +257,18 @@ class QueryOps(Base):
             }
         return sorted(changed)
 
-    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+    async def release_budget_holds(
+        self, now: float, detail: str, *, waiting_for: str = ""
+    ) -> list[int]:
         async with self._write() as conn:
             changed = sorted(
                 int(r[0])
                 for r in await conn.fetch(
                     "UPDATE messages SET next_attempt_at = $1, updated_at = $1, due_at = $1"
                     " WHERE state = 'queued' AND next_attempt_at > $1 AND reason_kind = 'budget'"
-                    " RETURNING id",
+                    " AND strpos(coalesce(reason, ''), $2) > 0 RETURNING id",
                     now,
+                    waiting_for,
                 )
             )
             if changed:

@@ -363,17 +363,21 @@ class ConsoleQueries(EngineBound):
 
         return await self.engine.write(job)
 
-    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+    async def release_budget_holds(
+        self, now: float, detail: str, *, waiting_for: str = ""
+    ) -> list[int]:
         """Messages waiting for the next day's caps (queued, reason kind budget, due
-        later) due now, each with an event saying `detail`; the ids changed."""
+        later; their reason holding `waiting_for`) due now, each with an event saying
+        `detail`; the ids changed."""
 
         def job(db: Database) -> list[int]:
             chosen = [
                 int(r[0])
                 for r in db.execute(
                     "SELECT id FROM messages WHERE state = 'queued' AND next_attempt_at > ?"
-                    " AND reason_kind = 'budget' ORDER BY id",
-                    (now,),
+                    " AND reason_kind = 'budget' AND instr(coalesce(reason, ''), ?) > 0"
+                    " ORDER BY id",
+                    (now, waiting_for),
                 )
             ]
             ids = json.dumps(chosen)
