@@ -54,12 +54,14 @@ PRICES_RETRY_FIRST = 60.0  # after a failed fetch, again this much later, doubli
 PRICES_RETRY_MAX = 3600.0
 HOLDS_PAGE = 1000  # texts waiting for midnight read per query at start
 # The event of each text waiting for midnight released (judged again by the next step).
-RAISED_BY_RELOAD = "daily caps changed by a reload: judged again"
 RAISED_AT_START = "daily caps raised while the bridge was stopped: judged again at start"
 PRICED_NOW = "a price is known now (today's spend was unknown): judged again"
 # How often an instance that knows a price looks for texts another instance held for one
 # (`release_holds`): that instance may be gone for good, and nobody watched for them.
 PRICE_HOLDS_LOOK = 60.0
+# Texts held again after a release whose events are read for a release elsewhere by a
+# higher cap (`_mismatched`), per cap and step: a reload releases the whole day's overflow.
+MISMATCH_LOOKS = 3
 FOREIGN_PREFIX = "cli"  # request kinds booked by `sms-bridge provider ...` in the store
 
 
@@ -304,7 +306,7 @@ class Dispatcher:
             return
         self.budget.loosened = False  # first: a reload during the write sets it again
         try:
-            await self._release(RAISED_BY_RELOAD)
+            await self._release(self.budget.released_by_reload(self.owner))
         except BaseException:
             self.budget.loosened = True  # a store that failed is asked on the next step
             raise
@@ -404,11 +406,36 @@ class Dispatcher:
                 # one another instance claimed meanwhile: it goes, it does not wait.
                 await self.store.note([i for i in ids if i not in late], waiting, now)
             if not cap.never:  # the day's cap did not bite: other texts go on
+                await self._mismatched([m for m in verdict.over if m.id in set(ids)], cap)
                 await self.budget.warn(
                     cap.warning, f"sms-bridge: {reason}; further texts {outcome} until 00:00 UTC"
                 )
         self.wake.set()  # the warning itself is queued: send it
         return verdict.allowed
+
+    async def _mismatched(self, held: list[Message], cap: Cap) -> None:
+        """Say so (log and metric) when a text this instance holds again by `cap` was
+        released by a reload on another instance whose cap is higher: caps are each
+        instance's config, and this one has not been reloaded. The text waits by this
+        instance's cap: what an operator raised on one instance holds on that one only.
+        A few texts held again after a release are read (their events), not every one."""
+        assert self.budget is not None
+        budget = self.budget
+        for m in [m for m in held if budget.held_before(m)][:MISMATCH_LOOKS]:
+            event = await budget.mismatched(m, cap)
+            if event is None:
+                continue
+            self.budget.cap_mismatch_total += 1
+            log.warning(
+                "caps differ between instances: message %d was released by another instance"
+                " (%s) and is held again here (%s) by %s; reload every instance (SIGHUP)"
+                " after changing [budget], [routes] or [tokens] caps",
+                m.id,
+                event,
+                self.owner,
+                cap.why,
+            )
+            return
 
     async def _load_prices(self) -> None:
         """The provider's price list, for cost estimates: at start, then every

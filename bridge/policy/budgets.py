@@ -65,6 +65,16 @@ WARNING_SOURCE = "budget"
 UNKNOWABLE = "spend unknown: a text sent today had no cost and no price is known"
 
 
+# The start of a text's event when a reload released it; after it, the instance and the
+# caps in force there (`BudgetGuard.released_by_reload`), each NAME=VALUE.
+RELEASED_BY_RELOAD = "daily caps changed by a reload: judged again"
+CAPS_THERE = "whose caps are "
+RELEASE_CAP = re.compile(
+    r"(texts_per_day|parts_per_day|cost_per_day|routes\.[^=\s,]+|tokens\.[^=\s,]+)"
+    r"=([0-9.e+-]+)"
+)
+
+
 def day_bounds(now: float) -> tuple[float, float, str]:
     """Start and end of the UTC day holding `now`, and its date."""
     day = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -142,6 +152,9 @@ class BudgetGuard:
         self.clock = clock
         self.sender_id = provider.sender_id  # the bridge's own texts: fixed until restart
         self.over_cap_total = 0  # messages held back or failed by a cap, for metrics
+        # Texts another instance released for a cap it has higher (a reload there, not
+        # here) that this one held again: caps differ across the cluster (`mismatched`).
+        self.cap_mismatch_total = 0
         # A reload raised or removed a cap: what waits for midnight is judged again now
         # (the dispatcher's next step, `Dispatcher.release_holds`), not tomorrow. At
         # start, the dispatcher asks `raised_over` of what waits instead: True here
@@ -203,6 +216,41 @@ class BudgetGuard:
             if name not in self.caps or self.caps[name] > value:
                 return True
         return False
+
+    def released_by_reload(self, owner: str) -> str:
+        """The event of a text a reload on `owner` released: it names the caps in force
+        there, for another instance to tell that its own differ (`mismatched`)."""
+        caps = ", ".join(f"{name}={figure(cap)}" for name, cap in sorted(self.caps.items()))
+        return f"{RELEASED_BY_RELOAD} (by {owner}, {CAPS_THERE}{caps or 'none'})"
+
+    @staticmethod
+    def held_before(m: Message) -> bool:
+        """Whether `m` waited for a daily cap and was released other than by the day's
+        end (due then, at 00:00): by a reload, a start or a price."""
+        return m.reason_kind == "budget" and m.due_at % 86400 != 0
+
+    async def mismatched(self, m: Message, cap: Cap) -> str | None:
+        """Whether `m`, which this instance holds by `cap`, was released by a reload on
+        another instance whose cap of that name is higher (or none): caps are each
+        instance's own config, and one that has not reloaded holds again what another
+        released. Its event that said so, else None."""
+        held = CAP_IN_REASON.search(f"({cap.why}")  # as its reason will name it
+        if held is None:
+            return None
+        name = held["name"]
+        if name.startswith(("routes.", "tokens.")):
+            name = name.rsplit(".", 1)[0]
+        released = [
+            e["detail"] or ""
+            for e in await self.store.events(m.id)
+            if (e["detail"] or "").startswith(RELEASED_BY_RELOAD)
+        ]
+        if not released:
+            return None
+        theirs = dict(RELEASE_CAP.findall(released[-1].partition(CAPS_THERE)[2]))
+        if name in theirs and float(theirs[name]) <= float(held["value"]):
+            return None
+        return released[-1]
 
     def _caps(self) -> dict[str, float]:
         """Every daily cap in force by name; none of them 0."""
