@@ -406,7 +406,8 @@ class Dispatcher:
                 # one another instance claimed meanwhile: it goes, it does not wait.
                 await self.store.note([i for i in ids if i not in late], waiting, now)
             if not cap.never:  # the day's cap did not bite: other texts go on
-                await self._mismatched([m for m in verdict.over if m.id in set(ids)], cap)
+                mine = set(ids)
+                await self._mismatched([m for m in verdict.over if m.id in mine], cap)
                 await self.budget.warn(
                     cap.warning, f"sms-bridge: {reason}; further texts {outcome} until 00:00 UTC"
                 )
@@ -425,7 +426,7 @@ class Dispatcher:
             event = await budget.mismatched(m, cap)
             if event is None:
                 continue
-            self.budget.cap_mismatch_total += 1
+            budget.cap_mismatch_total += 1
             log.warning(
                 "caps differ between instances: message %d was released by another instance"
                 " (%s) and is held again here (%s) by %s; reload every instance (SIGHUP)"

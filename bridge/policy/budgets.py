@@ -37,10 +37,10 @@ nobody can tell: counted as 0, the cap never held. The cap is then taken as poss
 spent: what follows waits for 00:00 UTC (or fails, as `on_exceeded` says), the reason
 saying "spend unknown", until a price is known (the list answers, a bill says its cost,
 or the store recalls one at start), when what waits for it (and only that) is judged
-again at once; in a cluster, any instance that knows a price also releases them within
-a minute (`Dispatcher.release_holds`: the instance that held them may be gone for good). A cap is a
-promise about money: with a provider that never states a cost and no price list, at most
-one text a day goes under a cost cap.
+again at once; in a cluster, any instance that knows a price also releases them within a
+minute (`Dispatcher.release_holds`: the one that held them may be gone for good). A cap
+is a promise about money: with a provider that never states a cost and no price list, at
+most one text a day goes under a cost cap.
 """
 
 from __future__ import annotations
