@@ -206,7 +206,7 @@ async def test_a_reload_that_raises_or_removes_a_cap_releases_what_waits_for_mid
         events = [e["detail"] for e in await bridge.store.events(waiting.id)]
     assert states == [State.SENT] * 3
     assert len(sandbox_state.entries) == 3
-    assert any(e.startswith("daily caps changed by a reload: judged again") for e in events)
+    assert any((e or "").startswith("daily caps changed by a reload: judged again") for e in events)
 
 
 async def test_a_reload_that_removes_a_token_cap_releases_its_texts(
