@@ -376,7 +376,8 @@ def read_logs(body: Mapping[str, Any], page: int, per_page: int) -> LogsPage:
                 recipient=str(_first(row, *NUMBER_KEYS) or ""),
                 message=str(_first(row, *TEXT_KEYS) or ""),
                 status=str(_first(row, *STATUS_KEYS) or "").strip().lower(),
-                cost=_cost(row.get("cost")),
+                # `price` as other shapes name it: what this message cost (`_bulk_cost`).
+                cost=_cost(_first(row, "cost", "price")),
                 created_at=None if created is None else str(created),
             )
         )
