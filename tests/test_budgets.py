@@ -957,3 +957,40 @@ async def test_a_text_one_instance_released_for_its_raised_cap_and_another_holds
     told = [r.getMessage() for r in caplog.records if "caps differ" in r.getMessage()]
     assert len(told) == 1 and "texts_per_day=3" in told[0], told
     assert "\nsms_bridge_budget_cap_mismatch_total 1.0\n" in metrics
+
+
+@on_each_backend
+async def test_a_start_with_a_price_known_frees_only_what_waited_for_one(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """As when a price becomes known while running, so at start: texts wait "spend
+    unknown" and one for its token's cap; a bill (another instance's) prices a part
+    while the bridge is stopped. The start released every budget hold as "raised while
+    the bridge was stopped", the token's text too, held again at once. Only what waited
+    for a price is judged again."""
+    tokens = (
+        f'[tokens.ci]\ntoken = "{SENDER}"\nscopes = ["send"]\ntexts_per_day = 1\n'
+        f'[tokens.root]\ntoken = "{ADMIN}"\nscopes = ["admin"]\n'
+    )
+    _nothing_priced_at_ten(tmp_path, sandbox_url, sandbox_state, clock)
+    config = bridge_config(tmp_path, sandbox_url, tokens + "[budget]\ncost_per_day = 1\n")
+    ci = {"Authorization": f"Bearer {SENDER}"}
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        first = {"to": "+12025550101", "message": "a"}
+        assert (await http.post("/api/v1/messages", json=first, headers=ci)).status_code == 202
+        await steps(bridge, clock, 30)  # it goes; today's spend is unknown
+        second = {"to": "+12025550102", "message": "b"}
+        answer = await http.post("/api/v1/messages", json=second, headers=ci)
+        token_held = int(answer.json()["ids"][0])
+        priced = await send(http, "+12025550103", "alert")
+        await steps(bridge, clock, 30)
+        await bridge.store.record_billed({0: 0.5, 1: 0.5}, clock.now())  # another's bill
+    async with running_bridge(config, clock) as (bridge, _):
+        await steps(bridge, clock, 30)
+        events = [e["detail"] or "" for e in await bridge.store.events(token_held)]
+        freed = await bridge.store.get(priced)
+    assert freed.state == State.SENT, freed.reason
+    assert sum("daily budget reached" in e for e in events) == 1, events

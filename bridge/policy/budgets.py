@@ -199,14 +199,13 @@ class BudgetGuard:
     def raised_over(self, reasons: Iterable[str]) -> bool:
         """Whether a cap that held back a text (its reason names it, "texts_per_day=1")
         is higher now, or gone: raised while the bridge was stopped. A reason that names
-        no cap this bridge knows is judged again too (nothing waits for nothing), and so
-        is one that waits for a price (`UNKNOWABLE`) once one is known (until then,
-        `newly_priced` watches for it)."""
+        no cap this bridge knows is judged again too (nothing waits for nothing). One
+        that waits for a price (`UNKNOWABLE`) is watched for by `newly_priced`, which
+        releases those texts alone once a price is known (already, or later): True here
+        released every text waiting for a cap, held again at once."""
         for reason in reasons:
             if UNKNOWABLE in reason:
-                if self.prices.ceiling() > 0:
-                    return True  # waited for a price, and one is known now
-                self._unknowable_hold = True  # released when one is (`newly_priced`)
+                self._unknowable_hold = True  # released when a price is (`newly_priced`)
             found = CAP_IN_REASON.search(reason)
             if found is None:
                 return True
