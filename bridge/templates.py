@@ -20,8 +20,10 @@ past them the render is an error (a loop over a payload's list inside another ov
 with a long list, was minutes of a stopped bridge). `lipsum` is gone: no SMS wants
 lorem ipsum, and a payload's number of paragraphs was seconds each.
 
-A field the payload lacks prints as "" (a sender's JSON varies); `render_noting` says
-which did, so the hook's answer can tell the operator.
+A field the payload lacks prints as "" (a sender's JSON varies), an attribute or item of
+one too; `render_noting` says which did, so the hook's answer can tell the operator. A
+payload's key never hides one of the template's own names (`range`...): every field is
+also under FIELDS.
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ from typing import Any
 from jinja2 import TemplateError, filters, nodes, pass_environment, pass_eval_context
 from jinja2.exceptions import SecurityError
 from jinja2.nodes import EvalContext
-from jinja2.runtime import Context, LoopContext, Undefined
+from jinja2.runtime import ChainableUndefined, Context, LoopContext, Undefined
 from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter, safe_range
 
 from bridge.text import blank_prefix
 
 __all__ = [
+    "FIELDS",
     "MAX_OUTPUT_CHARS",
     "MAX_STEPS",
     "Rendered",
@@ -153,8 +156,10 @@ def _counting_loops(template: nodes.Template) -> nodes.Template:
     return template
 
 
-class _Undefined(Undefined):
-    """A missing field: prints as "" (a sender's JSON varies), and is noted when it does."""
+class _Undefined(ChainableUndefined):
+    """A missing field: prints as "" (a sender's JSON varies), and is noted when it does.
+    Chainable: an attribute or item of a missing field is as missing as the field (it was
+    a template failure, `'labels' is undefined`, where the field alone printed as "")."""
 
     __slots__ = ()
 
@@ -489,13 +494,28 @@ class Rendered:
     missing: tuple[str, ...] = ()
 
 
+# The name under which a template finds all of what it is given: a field that one of the
+# template's own names (`range`, `dict`...) hides is `fields.range` (or `fields["range"]`).
+FIELDS = "fields"
+
+
+def _fields(context: Mapping[str, Any]) -> dict[str, Any]:
+    """What a template reads: its context, bar the keys that would hide one of the
+    template's own names (a payload's `range` made `range(3)` a call of its number, a
+    template failure), and all of it as FIELDS."""
+    counted = _counted(dict(context))
+    reserved = _environment().globals.keys() | {FIELDS}
+    own = {key: value for key, value in counted.items() if key not in reserved}
+    return {**own, FIELDS: counted}
+
+
 def render_noting(source: str, context: Mapping[str, Any]) -> Rendered:
     """Render or raise TemplateError (callers fall back to their default text)."""
     steps = _steps_left.set([MAX_STEPS])
     noting = _missing.set([])
     try:
         # One mapping, not keywords: a payload key `self` would clash with render's own.
-        text = _bounded(_compiled(source).generate(_counted(dict(context))))
+        text = _bounded(_compiled(source).generate(_fields(context)))
         missing = dict.fromkeys(name[:NAME_CHARS] for name in _missing.get() or ())
         return Rendered(text, tuple(missing)[:MAX_MISSING])
     except TemplateError:

@@ -573,6 +573,61 @@ async def test_a_template_renders_a_payload_with_a_self_key(
     assert [e.message for e in sandbox_state.entries] == ["issue_created: Backups fail on nas-1"]
 
 
+async def test_a_payload_key_cannot_hide_a_templates_own_names(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A payload's key is a name the template reads, and one named as the template's own
+    (`range`, `dict`, `namespace`, `cycler`, `joiner`) hid it: `range(3)` called the
+    payload's number, the template failed and the default text went out. The template's
+    own names now win; the payload's field of that name is `fields.range`."""
+    template = (
+        "{% for i in range(2) %}{{ i }}{% endfor %}"
+        "{% set ns = namespace(n=0) %}{{ ns.n }}{{ dict(a=1).a }}"
+        "{% set c = cycler('x') %}{{ c.next() }}{% set j = joiner('/') %}{{ j() }}"
+        " {{ summary }} {{ fields.range }}{{ fields['dict'] }}{{ fields.fields }}"
+    )
+    _, config = _route_per_template(tmp_path, sandbox_url, {"own": template})
+    keys = ("range", "namespace", "dict", "cycler", "joiner", "fields")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for key in keys:
+            payload = {"summary": f"{key} full", key: 7}  # texts apart: no duplicates
+            answer = await http.post(f"{url}/hooks/own", json=payload)
+            assert answer.status_code == 202, answer.text
+            assert answer.json()["messages"][0]["template"]["default_text"] is None, key
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert sorted(e.message for e in sandbox_state.entries) == sorted(
+        f"0101x {key} full {'7' if key in ('range', 'dict', 'fields') else ''}".strip()
+        for key in keys
+    )
+
+
+async def test_an_attribute_of_a_missing_field_is_missing_too(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """`{{ host }}` of a payload without `host` printed as "" and the 202 named it, but
+    `{{ labels.team }}` of one without `labels` failed the template ("'labels' is
+    undefined") and the default text went out. Both are now a missing field: printed
+    as "", named in the 202, and `default` applies to either."""
+    templates = {
+        "chained": "{{ summary }}{{ labels.team }}{{ alerts[0].labels.host }}",
+        "defaulted": "{{ summary }} for {{ labels.team | default('ops') }}",
+    }
+    phones, config = _route_per_template(tmp_path, sandbox_url, templates)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        answers = {}
+        for name in templates:
+            answer = await http.post(f"{url}/hooks/{name}", json={"summary": "disk full"})
+            assert answer.status_code == 202, answer.text
+            answers[name] = answer.json()["messages"][0]["template"]
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert answers == {
+        "chained": {"default_text": None, "missing": ["labels", "alerts"]},
+        "defaulted": {"default_text": None, "missing": []},
+    }
+    sent = {e.to: e.message for e in sandbox_state.entries}
+    assert sent == {phones["chained"]: "disk full", phones["defaulted"]: "disk full for ops"}
+
+
 async def test_a_payload_cannot_make_a_template_build_a_huge_text(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
