@@ -987,6 +987,56 @@ async def test_control_characters_never_reach_the_phone(
     ]
 
 
+async def test_an_8bit_csi_and_bidi_overrides_are_taken_out(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """The 8-bit CSI (U+009B, what ESC [ is in C1) was taken out alone, as a control
+    character, and its parameters went to the phone ("\\x9b2J" as "2J"). And Unicode's
+    bidi overrides, embeddings and isolates (U+202A..U+202E, U+2066..U+2069) were kept
+    mid-text: the phone drew what followed one reordered (an RLO reversed "db-1 down"),
+    so it read otherwise than the log, the console and the API ("Trojan Source"); and
+    each made the whole text UCS-2. Both are now taken out, on every ingress alike; the
+    implicit direction marks (LRM, RLM) stay, as right-to-left texts need them."""
+    token = "send-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + '\n[routes.plain]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n'
+        + templated_route("tpl", "generic", "+12025550144", "{{ job }}: {{ log }}")
+        + f'\n[tokens.deploy]\ntoken = "{token}"\nscopes = ["send"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    csi = "\x9b2J\x9b1;31mDisk full\x9b0m on db-1\x9b?25l"
+    bidi = "ok: \u202enwod 1-bd\u202c \u2067ok\u2069 \u202a\u202b\u202d\u2066\u2068!"
+    rtl = "\u05e9\u05dc\u05d5\u05dd\u200f db-1"  # Hebrew with its RLM: kept as is
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for text in (csi, bidi, rtl):
+            hook = await http.post(f"{url}/hooks/plain", json={"message": text})
+            assert hook.status_code == 202, hook.text
+            api = {"to": "+12025550145", "message": text}
+            answer = await http.post(
+                f"{url}/api/v1/messages", json=api, headers={"authorization": f"Bearer {token}"}
+            )
+            assert answer.status_code == 202, answer.text
+        hook = await http.post(f"{url}/hooks/tpl", json={"job": "\u202ebackup", "log": csi})
+        assert hook.status_code == 202, hook.text
+        for blank in ("\x9b2J", " \x9b0m\u202e\n"):  # nothing left: no text
+            assert (
+                await http.post(f"{url}/hooks/plain", json={"message": blank})
+            ).status_code == 400
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    cleaned = ["Disk full on db-1", "ok: nwod 1-bd ok !", rtl]
+    assert sorted((e.to, e.message, e.message_type) for e in sandbox_state.entries) == sorted(
+        [
+            *(
+                (phone, text, 2 if text == rtl else 1)
+                for phone in ("+12025550143", "+12025550145")
+                for text in cleaned
+            ),
+            ("+12025550144", "backup: Disk full on db-1", 1),
+        ]
+    )
+
+
 async def test_a_text_opening_with_an_escape_sequence_or_only_of_them(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
