@@ -950,6 +950,54 @@ async def test_the_202_says_what_a_template_missed_or_why_it_was_not_used(
     ]
 
 
+@pytest.mark.usefixtures("backend")
+async def test_what_a_template_missed_is_in_the_messages_events(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """The fields a template printed as empty, and why a route's default text went out,
+    were told to the sender (the 202) and the log only: the message's page, in the API
+    and the console, showed a text with a gap and no word of why. Each row's events now
+    say it, on every recipient's row; a text made as meant has no such event."""
+    reader = "read-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + templated_route("gaps", "generic", "oncall", "{{ summary }} ({{ labels.team }})")
+        + templated_route("broken", "generic", "+12025550144", "{{ summary + 1 }}")
+        + templated_route("fine", "generic", "+12025550145", "{{ summary }}")
+        + f'\n[tokens.ops]\ntoken = "{reader}"\nscopes = ["read"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    payload = {"message": "disk full on db-1", "summary": "disk full"}
+    bearer = {"authorization": f"Bearer {reader}"}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        ids = {}
+        for name in ("gaps", "broken", "fine"):
+            answer = await http.post(f"{url}/hooks/{name}", json=payload)
+            assert answer.status_code == 202, answer.text
+            ids[name] = answer.json()["ids"]
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+        details = {}
+        for name, message_ids in ids.items():
+            for message_id in message_ids:
+                got = await http.get(f"{url}/api/v1/messages/{message_id}", headers=bearer)
+                assert got.status_code == 200, got.text
+                details.setdefault(name, []).append(
+                    [(e["state"], e["detail"]) for e in got.json()["events"] if e["detail"]]
+                )
+    missed = "the template printed as empty what the payload lacks: labels"
+    assert details["gaps"] == [[("queued", missed)]] * 2  # both of oncall's rows
+    assert details["broken"] == [
+        [
+            (
+                "queued",
+                "the route's default text went out: the template failed (TypeError: can only"
+                ' concatenate str (not "int") to str)',
+            )
+        ]
+    ]
+    assert details["fine"] == [[]]
+
+
 async def test_control_characters_never_reach_the_phone(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
@@ -1351,13 +1399,22 @@ def test_check_config_warns_of_a_template_that_renders_nothing(tmp_path) -> None
         format = "generic"
         to = ["+12025550143"]
         template = "{{ host }}: {{ message }}"
+        [routes.typo]
+        format = "alertmanager"
+        to = ["+12025550143"]
+        template = "{{ status }}: {{ commonLabel.alertname }}"
     """,
     )
     result = run_command(["check-config", str(path)])
     assert result.returncode == 0, result.stderr
     warned = sorted(line.split(":")[1].strip() for line in result.stderr.splitlines())
-    assert warned == ["routes.am.template", "routes.any.template"], result.stderr
+    assert warned == ["routes.am.template", "routes.any.template", "routes.typo.template"]
     assert "renders nothing on a sample alertmanager payload" in result.stderr
+    # A missing field's attribute is missing, no failure: the typo shows here instead.
+    assert (
+        "routes.typo.template: prints as empty what a sample alertmanager payload lacks:"
+        " commonLabel (a misspelt field?)" in result.stderr
+    )
 
 
 async def test_route_client_allowlist(tmp_path, clock, sandbox_url) -> None:

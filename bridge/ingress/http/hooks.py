@@ -145,6 +145,17 @@ class RouteText:
     default_text: str | None = None  # why the route's template was not used (None: it was)
     missing: tuple[str, ...] = ()  # fields the template printed as "": the payload lacked them
 
+    def note(self) -> str | None:
+        """What the message's events say of its text: why the route's template was not
+        used, or the fields it printed as empty (the operator's view of the 202's report)."""
+        if self.default_text:
+            return f"the route's default text went out: {self.default_text}"
+        if self.missing:
+            return (
+                f"the template printed as empty what the payload lacks: {', '.join(self.missing)}"
+            )
+        return None
+
     def report(self, route: RouteConfig) -> dict[str, Any] | None:
         """What the 202 tells the sender of this text, on a route with a template."""
         if not route.template:
@@ -276,6 +287,7 @@ def hook_endpoint(
                     topic=message.topic,
                     instance=message.instance,
                     schedule_time=schedule,
+                    note=text.note(),
                 )
             )
         return _accepted(await ingestor.submit(drafts), reports)
