@@ -221,6 +221,23 @@ def read_regular_file(path: str, limit: int) -> str:
         raise ValueError(f"{path!r} is not UTF-8 text: {exc}") from None
 
 
+def file_problem(path: str) -> str | None:
+    """What keeps `path` from being a regular file to read, in words, or None. Every case
+    said "no such file": a directory named as the store, or a certificate that is a FIFO,
+    sent the operator looking for a file that was there."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except NotADirectoryError:
+        return "no such file (a part of its path is a file, not a directory)"
+    except OSError as exc:  # a directory on the way that may not be searched, a loop
+        return f"cannot be looked at: {exc.strerror or exc}"
+    if not stat.S_ISREG(mode):
+        return f"is {_file_kind(mode)}, not a regular file"
+    return None
+
+
 def _file_kind(mode: int) -> str:
     for test, name in (
         (stat.S_ISFIFO, "a named pipe (FIFO)"),
