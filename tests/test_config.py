@@ -418,6 +418,23 @@ def test_smtp_rules_are_read_in_order(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("SMS_BRIDGE_SMTP_RULES", '[{subject = "UPS"}]\nhttp = 1'),
+        ("SMS_BRIDGE_SMTP_RULES", '[]\n[http]\nlisten = "127.0.0.1:9"'),
+        ("SMS_BRIDGE_HTTP_ALLOWED_HOSTS", '["localhost"]\nextra = "x"'),
+    ],
+)
+def test_text_after_a_toml_value_in_the_environment_is_refused(name: str, text: str) -> None:
+    """Read as the document `v = TEXT`, what followed the array on lines of its own was
+    taken as more keys and dropped without a word (a rule meant, never in force)."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, env={name: text})
+    [why] = [w for k, w in caught.value.problems if k == name]
+    assert "text after the value" in why and "one TOML value only" in why, why
+
+
+@pytest.mark.parametrize(
     ("rule", "problem"),
     [
         ('subject = "("', "[0].subject: '(' is not a regular expression"),
