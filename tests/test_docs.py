@@ -1038,6 +1038,7 @@ def _tls_bridge_config(tmp_path: Path, sandbox_url: str, snippet: str) -> Path:
     return write_config(tmp_path, body)
 
 
+@pytest.mark.slow  # runs bash and curl
 async def test_the_recipes_remote_curl_sends_with_the_scripts_token(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
@@ -1182,6 +1183,7 @@ async def test_the_ci_jobs_text_oncall_with_the_ci_token(
         assert await bridge.store.get(5) is None  # the refused calls stored nothing
 
 
+@pytest.mark.slow  # runs bash and curl
 async def test_the_readme_remote_curl_sends_with_the_deploy_token(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
@@ -1208,6 +1210,7 @@ async def test_the_readme_remote_curl_sends_with_the_deploy_token(
     assert len(json.loads(" ".join(answer))["ids"]) == 2  # "oncall"
 
 
+@pytest.mark.slow  # runs bash and curl
 async def test_the_recipes_local_curl_needs_no_token(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
