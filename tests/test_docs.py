@@ -292,6 +292,22 @@ def as_pid_1(command: list[str], env: dict[str, str], log: Path) -> Iterator[tup
         outer.wait(timeout=10)
 
 
+@pytest.mark.slow  # runs sh
+def test_the_dockerfiles_run_lines_parse_and_install_the_init_the_entrypoint_names() -> None:
+    """No docker here: each RUN (its continuation lines joined) parses as /bin/sh reads
+    it, and the ENTRYPOINT's init is what a RUN installs (Debian's tini: /usr/bin/tini)."""
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    runs = re.findall(r"^RUN ((?:[^\n]*\\\n)*[^\n]*)$", dockerfile, re.MULTILINE)
+    assert len(runs) >= 3
+    for command in runs:
+        parsed = subprocess.run(["sh", "-n", "-c", command], capture_output=True, text=True)
+        assert parsed.returncode == 0, f"{command}\n{parsed.stderr}"
+    init = images_command()[0]
+    assert init == "/usr/bin/tini" and any(
+        "install -y --no-install-recommends tini" in r for r in runs
+    )
+
+
 DOCKER_STOP_TIMEOUT = 10  # seconds `docker stop` waits before SIGKILL, by default
 
 
