@@ -1418,6 +1418,7 @@ def test_check_config_renders_route_templates_on_samples(tmp_path) -> None:
     assert "routes.am.template" in result.stderr and "routes.ok" not in result.stderr
 
 
+@pytest.mark.slow  # runs check-config as a process
 def test_check_config_warns_of_a_template_that_renders_nothing(tmp_path) -> None:
     """A template that renders nothing (a condition the sample does not meet, a comment
     left alone) passed check-config without a word, while every such delivery sent the

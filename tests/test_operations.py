@@ -705,3 +705,32 @@ def test_serve_and_sighup_refuse_a_template_check_config_refuses(tmp_path) -> No
         assert "routes.am.template" in log.read_text() and "smtp.template" in log.read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+
+
+async def test_a_stop_during_a_step_finishes_the_request_under_way_only(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, monkeypatch
+) -> None:
+    """A step sends batch after batch (texts of several alerts), each a request of up to
+    the provider's timeouts. A stop waited for them all, and outlasted Docker's 10 s
+    grace and the unit's TimeoutStopSec: SIGKILL cut a send, and only the provider's
+    /logs told later that it went. Only the request under way is finished; the rest stay
+    queued for the next start."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for text in ("disk full", "ups on battery", "backup failed"):  # three batches
+            answer = await http.post(
+                f"{url}/api/v1/messages", json={"to": "+12025550143", "message": text}
+            )
+            assert answer.status_code == 202, answer.text
+        stop = asyncio.Event()
+        send = bridge.dispatcher.client.send
+
+        async def send_then_stop(*args, **kwargs):  # SIGTERM while the first is in flight
+            stop.set()
+            return await send(*args, **kwargs)
+
+        monkeypatch.setattr(bridge.dispatcher.client, "send", send_then_stop)
+        await asyncio.wait_for(bridge.dispatcher.run(stop), timeout=30)
+        counts = await bridge.store.counts()
+        assert counts.get("queued", 0) == 2, counts
+        assert len([r for r in sandbox_state.requests if r.path.endswith("/send")]) == 1

@@ -1098,6 +1098,7 @@ def data_reply(port: int, raw: bytes) -> tuple[int, bytes]:
         return client.data(raw)
 
 
+@pytest.mark.slow  # parses a 1000-deep mail again and again: ~10 s
 async def test_healthz_stays_fast_while_a_1000_deep_mail_is_parsed(
     tmp_path, clock, sandbox_url, monkeypatch
 ) -> None:
@@ -1149,6 +1150,7 @@ async def test_healthz_stays_fast_while_a_1000_deep_mail_is_parsed(
     assert code == 250 and b"read in part" in text, text
 
 
+@pytest.mark.slow  # parses a costly mail per worker: ~9 s
 async def test_a_small_alert_is_read_at_once_while_costly_mails_hold_every_parser(
     tmp_path, clock, sandbox_url, monkeypatch
 ) -> None:
@@ -1573,6 +1575,7 @@ def _mail_in_data(port: int, mail: bytes, sent: threading.Event, end: threading.
         return reader.readline()
 
 
+@pytest.mark.slow  # measures memory of 2 MiB mails under tracemalloc: ~9 s
 async def test_a_session_in_data_holds_about_its_mail_once(tmp_path, clock, sandbox_url) -> None:
     """What the mails of sessions in DATA hold in memory, measured: each about its own
     size once. Read through aiosmtpd's DATA loop, a mail's lines sat in the socket's

@@ -95,6 +95,11 @@ class Dispatcher:
         self.config = config
         self.health = health
         self.wake = asyncio.Event()
+        # The stop `run` was given: a step sends batch after batch (up to DUE_BATCH texts,
+        # each a request of up to the provider's timeouts), and a shutdown that waited
+        # for them all outlasted any stop grace (Docker's 10 s, the unit's
+        # TimeoutStopSec). Only the request under way is finished.
+        self._stopping: asyncio.Event | None = None
         # Who holds this dispatcher's claims, and for how long without news of it: a
         # shared store lets another instance take over claims whose lease has passed.
         self.owner = owner or instance_name()
@@ -171,6 +176,8 @@ class Dispatcher:
 
     # -- the loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        self._stopping = stop
+
         async def step() -> float:
             # In the loop, not before it: a store that cannot be read at start (or any
             # error) is retried, not the end of the dispatcher.
@@ -229,6 +236,8 @@ class Dispatcher:
             max_bulk=self.config.max_bulk,
             bulk_types=self.config.bulk_message_type,
         ):
+            if self._stopping is not None and self._stopping.is_set():
+                return 0.0  # the rest stays due: the next start (or instance) sends it
             wait = self.limiter.wait_time("send")
             if wait > 0:
                 return wait
