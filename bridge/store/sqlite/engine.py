@@ -9,8 +9,11 @@ future. A caller that awaited `write()` therefore holds a durable result: that i
 SMTP may say 250 and HTTP 202. Consecutive jobs for the same batch function
 (`write_batched`: every ingest) run as one call, so a hundred concurrent ingests cost a
 handful of statements, not two hundred: each statement is a trip into SQLite that hands
-the GIL to the event loop and waits to get it back. Readers run on their own connections
-in a small thread pool; WAL lets them read while the writer writes.
+the GIL to the event loop and waits to get it back. A group of one such batch alone may
+go without the transaction (`write_batched`'s `unlocked`: its reads, then one statement
+that commits itself, or nothing written and the transaction after all), which saves two
+of those trips. Readers run on their own connections in a small thread pool; WAL lets
+them read while the writer writes.
 
 Knows nothing of messages: `bridge.store.sqlite.store.SqliteStore` builds the operations
 on it.
