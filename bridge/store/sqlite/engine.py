@@ -61,8 +61,9 @@ class _JobFailed(Exception):
 
 
 Batch = Callable[[Database, list[Any]], list[Any]]  # items in, one result per item out
-# A batch's form outside a transaction: its writes one statement that commits itself;
-# None, having written nothing, when it cannot stand for the batch this time.
+# A batch's form outside a transaction: its writes one statement that commits itself,
+# the last thing it does (nothing after it may raise); None, having written nothing, when
+# it cannot stand for the batch this time.
 Unlocked = Callable[[Database, list[Any]], list[Any] | None]
 
 
@@ -241,7 +242,7 @@ class Engine:
             failure = StoreUnavailable(f"store commit failed: {exc}")
             failure.__cause__ = exc
             return [(job, None, failure) for job in jobs]
-        except Exception:
+        except Exception:  # raised before its statement wrote (`Unlocked`)
             return None
         if outs is None:
             return None

@@ -178,9 +178,9 @@ def ingest_unlocked(
     first_id, lookups, version = queries.unlocked_lookups(db, questions)
     ids = range(first_id, first_id + len(pending))
     decided = decider.decide(lookups, pending, ids)
-    if not queries.insert_unless_changed(
-        db, decided, [now for _, now in pending], first_id, version
-    ):
-        return None
+    # Built before the insert: nothing may raise once it committed, or the engine would
+    # take the transaction and store the group a second time.
     stored = iter(map(Stored, ids, decided))
-    return [[next(stored) for _ in messages] for messages, _ in calls]
+    answers = [[next(stored) for _ in messages] for messages, _ in calls]
+    times = [now for _, now in pending]
+    return answers if queries.insert_unless_changed(db, decided, times, first_id, version) else None
