@@ -12,7 +12,10 @@ round after round with distinct alerts (every request its own text and recipient
 same clients as those benchmarks: 32 wrk connections, or 16 SMTP sessions reused. For each
 server: the rate, its ratio to bare per round (medians printed), and its CPU per
 acknowledged request split by thread from /proc: the event loop's thread against the
-others (the store's writer, SMTP's parse workers). A loop busy well under 100 % while
+others (the store's writer, SMTP's parse workers), and each side's voluntary context
+switches a request (every wait for the GIL, the writer's queue, the disk or the network:
+a count the machine's load does not change much, where each wait costs more on a loaded
+machine). A loop busy well under 100 % while
 its rate lags says the requests wait for something else (BENCHMARKS.md, issue #16).
 """
 
@@ -44,6 +47,18 @@ def thread_cpu(pid: int) -> dict[int, float]:
     return out
 
 
+def thread_switches(pid: int) -> dict[int, int]:
+    """Voluntary context switches of each thread of `pid`: each is a wait (for the GIL,
+    the writer's queue, the disk, the network) that a loaded machine makes longer."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    out[int(task.name)] = int(line.split()[1])
+    return out
+
+
 def load_once(
     protocol: str, port: int, duration: int, script: Path, start: int
 ) -> tuple[float, int]:
@@ -72,7 +87,8 @@ def main() -> int:
     listen = "SMS_BRIDGE_HTTP_LISTEN" if args.protocol == "http" else "SMS_BRIDGE_SMTP_LISTEN"
     other = "SMS_BRIDGE_SMTP_LISTEN" if args.protocol == "http" else "SMS_BRIDGE_HTTP_LISTEN"
     load_before = os.getloadavg()
-    results: dict[str, list[tuple[float, float, float]]] = {}  # rate, loop us, others us
+    # rate, loop us, others us, loop switches, others' switches (per request)
+    results: dict[str, list[tuple[float, float, float, float, float]]] = {}
     with contextlib.ExitStack() as stack:
         provider = stack.enter_context(sandbox_provider(env, str(tmp)))
         port = free_port()
@@ -100,23 +116,41 @@ def main() -> int:
         started = 0  # distinct requests so far: no round repeats an earlier one
         for _ in range(args.rounds):
             for name, port, pid in servers:
-                before = thread_cpu(pid)
+                before, waits_before = thread_cpu(pid), thread_switches(pid)
                 rate, numbered = load_once(args.protocol, port, args.duration, script, started)
-                after = thread_cpu(pid)
+                after, waits_after = thread_cpu(pid), thread_switches(pid)
                 started += numbered + 1000
                 done = max(1.0, rate * args.duration)
                 spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
                 loop = spent.pop(pid, 0.0) * 1e6 / done
-                results.setdefault(name, []).append((rate, loop, sum(spent.values()) * 1e6 / done))
+                waits = {t: waits_after[t] - waits_before.get(t, 0) for t in waits_after}
+                loop_waits = waits.pop(pid, 0) / done
+                results.setdefault(name, []).append(
+                    (
+                        rate,
+                        loop,
+                        sum(spent.values()) * 1e6 / done,
+                        loop_waits,
+                        sum(waits.values()) / done,
+                    )
+                )
     print(
         f"{args.protocol} distinct, {args.rounds} rounds of {args.duration}s, load average"
         f" before {load_average(load_before)}, after {load_average(os.getloadavg())}"
     )
-    print(f"{'server':>10} {'rate':>7} {'vs bare':>8} {'loop us':>8} {'others us':>10}")
+    print(
+        f"{'server':>10} {'rate':>7} {'vs bare':>8} {'loop us':>8} {'others us':>10}"
+        f" {'loop sw':>8} {'others sw':>10}"
+    )
     for name, rows in results.items():
         ratio = statistics.median(r[0] / b[0] for r, b in zip(rows, results["bare"], strict=True))
-        rate, loop, others = (statistics.median(r[i] for r in rows) for i in range(3))
-        print(f"{name:>10} {rate:>7.0f} {ratio:>8.3f} {loop:>8.0f} {others:>10.0f}")
+        rate, loop, others, loop_sw, others_sw = (
+            statistics.median(r[i] for r in rows) for i in range(5)
+        )
+        print(
+            f"{name:>10} {rate:>7.0f} {ratio:>8.3f} {loop:>8.0f} {others:>10.0f}"
+            f" {loop_sw:>8.2f} {others_sw:>10.2f}"
+        )
     return 0
 
 

@@ -74,10 +74,9 @@ class FaultyEngine(Engine):
         super().__init__(path)
         self.fault: Callable[[], None] | None = None
 
-    def _begin(self, conn: sqlite3.Connection) -> None:
+    def _before_write(self) -> None:
         if self.fault is not None:
             self.fault()
-        super()._begin(conn)
 
 
 class FaultySqliteStore(SqliteStore):

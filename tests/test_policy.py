@@ -16,7 +16,7 @@ from sqlite_utils import Database
 from bridge.models import NewMessage, State
 from bridge.policy.decide import Rules
 from bridge.store.sqlite.schema import migrations
-from bridge.store.sqlite.store import ingest_all
+from bridge.store.sqlite.store import ingest_all, ingest_unlocked
 
 
 def fresh_db() -> Database:
@@ -85,15 +85,21 @@ def test_a_batch_is_decided_as_one_at_a_time(history, batch, rules, looped) -> N
         if index in looped:  # stored as suppressed by the ingest itself (a bounce)
             message = message._replace(state=State.SUPPRESSED, reason="auto-submitted mail")
         arrivals.append((message, now))
-    together, alone = fresh_db(), fresh_db()
-    for db in (together, alone):
+    together, alone, unlocked = fresh_db(), fresh_db(), fresh_db()
+    for db in (together, alone, unlocked):
         for one in timed_history:
             store_all(db, [one], rules)
     batched = store_all(together, arrivals, rules)
     sequential = [row for one in arrivals for row in store_all(alone, [one], rules)]
     assert batched == sequential
+    # The writer's form of the batch outside a transaction (the lookups, then the insert
+    # that commits itself) decides and stores exactly as the transaction's.
+    outside = ingest_unlocked(unlocked, [(arrivals, rules)])
+    assert outside is not None
+    assert [(s.id, str(s.message.state), s.message.reason) for s in outside[0]] == batched
     rows = "SELECT id, state, reason, dedupe_key, created_at FROM messages ORDER BY id"
     assert together.execute(rows).fetchall() == alone.execute(rows).fetchall()
+    assert unlocked.execute(rows).fetchall() == alone.execute(rows).fetchall()
 
 
 def test_a_text_is_crowded_only_by_a_window_that_holds_it() -> None:

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -17,12 +17,14 @@ from sqlite_utils import Database
 from bridge.clock import ManualClock
 from bridge.config import StoreConfig
 from bridge.errors import StoreUnavailable
-from bridge.models import NewMessage
+from bridge.models import NewMessage, State
+from bridge.policy.decide import Rules, text_key
 from bridge.store import open_store
 from bridge.store.postgres.store import PostgresStore
 from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite.engine import whole_database
 from bridge.store.sqlite.schema import migrations
+from bridge.store.values import IngestQuestions, Lookups, Pending
 from tests.helpers import bridge_config, running_bridge
 from tests.stores import FaultySqliteStore, faulty_store, seed
 
@@ -208,3 +210,69 @@ async def test_a_store_of_the_previous_schema_gets_when_each_message_was_due(tmp
         await store.close()
     assert due == [100.0, 600.0, 5000.0]
     assert fresh.due_at == 7000.0
+
+
+class RetryMeanwhile:
+    """Policy, but another process re-queues a failed message (as `sms-bridge retry`
+    does, on its own connection) just after the first lookups were read."""
+
+    def __init__(self, rules: Rules, path: str, message_id: int) -> None:
+        self.rules, self.path, self.message_id, self.decided = rules, path, message_id, 0
+
+    def questions(self, pending: Sequence[Pending]) -> IngestQuestions:
+        return self.rules.questions(pending)
+
+    def decide(
+        self, lookups: Lookups, pending: Sequence[Pending], ids: Sequence[int]
+    ) -> list[NewMessage]:
+        self.decided += 1
+        if self.decided == 1:
+            other = sqlite3.connect(self.path, isolation_level=None)
+            other.execute("UPDATE messages SET state = 'queued' WHERE id = ?", (self.message_id,))
+            other.close()
+        return self.rules.decide(lookups, pending, ids)
+
+
+async def test_a_commit_of_another_process_between_lookups_and_insert_is_decided_on(
+    sqlite: FaultySqliteStore,
+) -> None:
+    """A group of ingests alone is stored in two trips into SQLite, not four: its lookups
+    read outside a transaction, then its insert, which commits itself. Another process
+    (`sms-bridge retry`, `purge`) may commit between the two: the insert then writes
+    nothing, and the group is decided again in a transaction, on what that process
+    wrote. Here the failed original of an alert is retried between them: the alert
+    again is its repeat, suppressed, as when the retry came first."""
+    key = text_key(MESSAGE.text)
+    [original] = await seed(sqlite, [MESSAGE._replace(state=State.FAILED, dedupe_key=key)], 1.0)
+    decider = RetryMeanwhile(Rules(dedupe_window=600.0), sqlite.path, original)
+    [stored] = await sqlite.ingest([(MESSAGE._replace(dedupe_key=key), 2.0)], decider)
+    assert decider.decided == 2  # once outside the transaction, once inside
+    assert stored.message.state == State.SUPPRESSED
+    assert stored.id == original + 1
+    rows = await sqlite.engine.read(
+        lambda c: c.execute("SELECT id, state FROM messages ORDER BY id").fetchall()
+    )
+    assert [tuple(r) for r in rows] == [(original, "queued"), (stored.id, "suppressed")]
+
+
+async def test_a_group_of_ingests_alone_commits_without_a_transaction(
+    sqlite: FaultySqliteStore,
+) -> None:
+    """What the two trips buy, counted: a group of ingests takes neither BEGIN nor COMMIT
+    (each a trip into SQLite that waits for the event loop to hand the GIL back), and a
+    group with any other job in it still takes one transaction for all."""
+    statements: list[str] = []
+    await sqlite.on_writer(lambda db: db.conn.set_trace_callback(statements.append))
+    statements.clear()  # that job's own COMMIT
+    rules = Rules(dedupe_window=600.0)
+    await asyncio.gather(
+        *(sqlite.ingest([(MESSAGE._replace(text=f"m{i}"), 2.0)], rules) for i in range(3))
+    )
+    assert not [s for s in statements if s.startswith(("BEGIN", "COMMIT"))]
+    assert sum(s.startswith("INSERT INTO messages") for s in statements) >= 1
+    statements.clear()
+    await sqlite.heartbeat(3.0)
+    assert [s for s in statements if s.startswith(("BEGIN", "COMMIT"))] == [
+        "BEGIN IMMEDIATE",
+        "COMMIT",
+    ]

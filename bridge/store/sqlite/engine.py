@@ -9,8 +9,11 @@ future. A caller that awaited `write()` therefore holds a durable result: that i
 SMTP may say 250 and HTTP 202. Consecutive jobs for the same batch function
 (`write_batched`: every ingest) run as one call, so a hundred concurrent ingests cost a
 handful of statements, not two hundred: each statement is a trip into SQLite that hands
-the GIL to the event loop and waits to get it back. Readers run on their own connections
-in a small thread pool; WAL lets them read while the writer writes.
+the GIL to the event loop and waits to get it back. A group of one such batch alone may
+go without the transaction (`write_batched`'s `unlocked`: its reads, then one statement
+that commits itself, or nothing written and the transaction after all), which saves two
+of those trips. Readers run on their own connections in a small thread pool; WAL lets
+them read while the writer writes.
 
 Knows nothing of messages: `bridge.store.sqlite.store.SqliteStore` builds the operations
 on it.
@@ -58,6 +61,10 @@ class _JobFailed(Exception):
 
 
 Batch = Callable[[Database, list[Any]], list[Any]]  # items in, one result per item out
+# A batch's form outside a transaction: its writes one statement that commits itself,
+# the last thing it does (nothing after it may raise); None, having written nothing, when
+# it cannot stand for the batch this time.
+Unlocked = Callable[[Database, list[Any]], list[Any] | None]
 
 
 @dataclass
@@ -66,6 +73,7 @@ class _Job:
     item: Any
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    unlocked: Unlocked | None = None
 
 
 MIN_SQLITE = (3, 33, 0)  # UPDATE ... FROM; and the JSON functions, checked at open
@@ -193,6 +201,10 @@ class Engine:
             conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, db: Database, batch: list[_Job]) -> None:
+        outcomes = self._unlocked(conn, db, batch)
+        if outcomes is not None:
+            self._settle(outcomes)
+            return
         try:
             outcomes = self._transaction(conn, db, batch)
         except _JobFailed:
@@ -207,12 +219,44 @@ class Engine:
                     outcomes.append((job, None, failed.error))
         self._settle(outcomes)
 
+    def _unlocked(
+        self, conn: sqlite3.Connection, db: Database, jobs: list[_Job]
+    ) -> list[tuple[_Job, Any, BaseException | None]] | None:
+        """The group in its batch's unlocked form, when every job is of one batch that has
+        one: without BEGIN and COMMIT, each a trip into SQLite that lets the GIL go and
+        waits for the busy event loop to hand it back (BENCHMARKS.md, issue #16). None
+        when the group must take a transaction, nothing written: the form declined, or a
+        job failed on its own (the transaction finds which one and spares the others)."""
+        unlocked = jobs[0].unlocked
+        if unlocked is None or any(job.batch is not jobs[0].batch for job in jobs):
+            return None
+        try:
+            self._before_write()
+            outs = unlocked(db, [job.item for job in jobs])
+        except sqlite3.Error as exc:
+            if conn.in_transaction:  # never, outside one; but never leave one open
+                conn.execute("ROLLBACK")
+            if not whole_database(exc):
+                return None
+            log.error("store commit failed: %s", exc)
+            failure = StoreUnavailable(f"store commit failed: {exc}")
+            failure.__cause__ = exc
+            return [(job, None, failure) for job in jobs]
+        except Exception:  # raised before its statement wrote (`Unlocked`)
+            return None
+        if outs is None:
+            return None
+        self.commits += 1
+        self.jobs_committed += len(jobs)
+        return [(job, out, None) for job, out in zip(jobs, outs, strict=True)]
+
     def _transaction(
         self, conn: sqlite3.Connection, db: Database, jobs: list[_Job]
     ) -> list[tuple[_Job, Any, BaseException | None]]:
         """Run `jobs` in one BEGIN IMMEDIATE ... COMMIT; a storage error fails them all."""
         try:
-            self._begin(conn)
+            self._before_write()
+            conn.execute("BEGIN IMMEDIATE")
             results: list[tuple[_Job, Any, BaseException | None]] = []
             for batch, group in itertools.groupby(jobs, key=lambda job: job.batch):
                 run = list(group)
@@ -242,11 +286,10 @@ class Engine:
         self.jobs_committed += len(jobs)
         return results
 
-    def _begin(self, conn: sqlite3.Connection) -> None:
-        """Open a write transaction (in the writer thread). A storage error raised here
-        fails the whole group as a failed commit would: tests override it to play a
-        full or failing disk."""
-        conn.execute("BEGIN IMMEDIATE")
+    def _before_write(self) -> None:
+        """Runs in the writer before each group writes, in a transaction or not. A storage
+        error raised here fails the whole group as a failed commit would: tests override
+        it to play a full or failing disk."""
 
     def _settle(self, outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
         # One wake-up of the event loop per transaction, not one per job.
@@ -269,14 +312,18 @@ class Engine:
         result: T = await self.write_batched(_call_each, fn)
         return result
 
-    async def write_batched(self, batch: Batch, item: Any) -> Any:
+    async def write_batched(
+        self, batch: Batch, item: Any, *, unlocked: Unlocked | None = None
+    ) -> Any:
         """`batch(db, [item, ...])` in the next transaction, with the items of every job
-        queued next to this one for the same `batch`; this item's result once durable."""
+        queued next to this one for the same `batch`; this item's result once durable.
+        `unlocked`, if given, is the same batch outside a transaction (`Unlocked`), tried
+        first when every job of the group is of this batch."""
         if self._thread is None or not self._thread.is_alive():
             raise StoreUnavailable("store is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put(_Job(batch, item, future, loop))
+        self._jobs.put(_Job(batch, item, future, loop, unlocked))
         return await future
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -53,11 +53,7 @@ def insert_messages(
     `first_id + 1`, ... (default: the next free ones); `now` per message or one for all.
     A few rows per statement: each statement is a trip into SQLite."""
     first = next_message_id(db) if first_id is None else first_id
-    times = [now] * len(messages) if isinstance(now, float | int) else list(now)
-    rows = [
-        row(first + offset, m, at)
-        for offset, (m, at) in enumerate(zip(messages, times, strict=True))
-    ]
+    rows = _rows(messages, now, first)
     for start in range(0, len(rows), ROWS_PER_INSERT):
         chunk = rows[start : start + ROWS_PER_INSERT]
         marks = ",".join([ROW_MARKS] * len(chunk))
@@ -66,6 +62,55 @@ def insert_messages(
             [value for row in chunk for value in row],
         )
     return [row[0] for row in rows]
+
+
+def _rows(
+    messages: Sequence[NewMessage], now: float | Sequence[float], first: int
+) -> list[tuple[Any, ...]]:
+    times = [now] * len(messages) if isinstance(now, float | int) else list(now)
+    return [
+        row(first + offset, m, at)
+        for offset, (m, at) in enumerate(zip(messages, times, strict=True))
+    ]
+
+
+# What `PRAGMA data_version` says: it changes between two reads of one connection when
+# another connection (another process: `sms-bridge retry`, `purge`) committed between
+# them, and never for the connection's own commits.
+DATA_VERSION = "(SELECT data_version FROM pragma_data_version)"
+
+
+def unlocked_fits(questions: IngestQuestions, messages: int) -> bool:
+    """Whether one ingest's lookups and insert are one statement each (`unlocked_lookups`,
+    `insert_unless_changed`)."""
+    most = max(len(questions.originals), len(questions.storms))
+    return most <= QUESTIONS_PER_STATEMENT and 0 < messages <= ROWS_PER_INSERT
+
+
+def unlocked_lookups(db: Database, questions: IngestQuestions) -> tuple[int, Lookups, int]:
+    """`ingest_lookups` in one statement of its own, outside a transaction, and the data
+    version it read (for `insert_unless_changed`). Only when `unlocked_fits`."""
+    return _lookups(db, questions, DATA_VERSION)
+
+
+def insert_unless_changed(
+    db: Database, messages: Sequence[NewMessage], now: Sequence[float], first_id: int, version: int
+) -> bool:
+    """Insert `messages` (one statement: `unlocked_fits`) with ids from `first_id`, as
+    `insert_messages` does, unless another connection committed since the read that
+    returned `version`: then nothing is written. Whether it inserted.
+
+    Outside a transaction the statement commits itself (with `synchronous=FULL`, durably,
+    or not at all); the data version is read inside that commit's own write transaction,
+    so nothing another process writes can slip between the check and the insert."""
+    rows = _rows(messages, now, first_id)
+    marks = ",".join([ROW_MARKS] * len(rows))
+    inserted = db.execute(
+        f"INSERT INTO messages ({INSERT_COLUMNS}) SELECT * FROM (VALUES {marks})"
+        f" WHERE {DATA_VERSION} = ?",
+        [*(value for row in rows for value in row), version],
+    ).rowcount
+    return bool(inserted == len(rows))
 
 
 def ingest_lookups(db: Database, questions: IngestQuestions) -> tuple[int, Lookups]:
@@ -78,9 +123,15 @@ def ingest_lookups(db: Database, questions: IngestQuestions) -> tuple[int, Looku
     storms), those waits made a large part of a group's wall time, and requests waited
     for its commit while the loop sat idle (BENCHMARKS.md, issue #16).
     """
+    first_id, lookups, _ = _lookups(db, questions, "0")
+    return first_id, lookups
+
+
+def _lookups(db: Database, questions: IngestQuestions, version: str) -> tuple[int, Lookups, int]:
     originals: dict[OriginalQuestion, int] = {}
     storms: dict[StormQuestion, StormState] = {}
     first_id = 0
+    data_version = 0
     wanted_originals, wanted_storms = questions.originals, questions.storms
     most = max(len(wanted_originals), len(wanted_storms), 1)
     for start in range(0, most, QUESTIONS_PER_STATEMENT):
@@ -88,9 +139,9 @@ def ingest_lookups(db: Database, questions: IngestQuestions) -> tuple[int, Looku
         chunk_s = wanted_storms[start : start + QUESTIONS_PER_STATEMENT]
         o_table, o_args = _values("o", ORIGINAL_COLUMNS, chunk_o)
         s_table, s_args = _values("s", STORM_COLUMNS, chunk_s)
-        next_id, found_o, found_s = db.execute(
+        next_id, found_o, found_s, data_version = db.execute(
             f"WITH {o_table}, {s_table} SELECT (SELECT coalesce(max(id), 0) + 1 FROM messages),"
-            f" ({_ORIGINALS}), ({_STORMS})",
+            f" ({_ORIGINALS}), ({_STORMS}), {version}",
             o_args + s_args,
         ).fetchone()
         first_id = first_id or int(next_id)
@@ -99,7 +150,7 @@ def ingest_lookups(db: Database, questions: IngestQuestions) -> tuple[int, Looku
             (chunk_s[i], StormState(bool(held), tuple(float(t) for t in times)))
             for i, held, times in json.loads(found_s)
         )
-    return first_id, Lookups(originals=originals, storms=storms)
+    return first_id, Lookups(originals=originals, storms=storms), int(data_version)
 
 
 # The answers, one JSON array of [i, answer...] per kind. Originals: for each (key,

@@ -82,7 +82,9 @@ class SqliteStore(DeliveryOperations, RateOperations, ConsoleQueries):
     async def ingest(self, pending: Sequence[Pending], decider: Decider) -> list[Stored]:
         """Queued with every other ingest waiting for the writer: decided and inserted in
         one transaction with them (one lookup and one insert for all)."""
-        stored: list[Stored] = await self.engine.write_batched(ingest_all, (pending, decider))
+        stored: list[Stored] = await self.engine.write_batched(
+            ingest_all, (pending, decider), unlocked=ingest_unlocked
+        )
         return stored
 
     async def queue_once(self, messages: Sequence[NewMessage], now: float) -> bool:
@@ -154,3 +156,32 @@ def ingest_all(db: Database, calls: list[tuple[Sequence[Pending], Decider]]) -> 
         stored = iter(map(Stored, ids, decided))
         out += [[next(stored) for _ in messages] for messages, _ in run]
     return out
+
+
+def ingest_unlocked(
+    db: Database, calls: list[tuple[Sequence[Pending], Decider]]
+) -> list[list[Stored]] | None:
+    """`ingest_all` in two trips into SQLite instead of four: the lookups read outside a
+    transaction, then the insert, which commits itself, guarded by the data version the
+    lookups read. None, having written nothing, when that cannot stand for `ingest_all`:
+    several deciders, more than one statement of lookups or rows, or another process
+    committed between the two (the engine then runs `ingest_all` in its transaction).
+
+    Each trip lets the GIL go and waits for the busy event loop to hand it back; BEGIN
+    and COMMIT were two of the four (BENCHMARKS.md, issue #16)."""
+    decider = calls[0][1]
+    if any(other is not decider for _, other in calls):
+        return None
+    pending = [p for messages, _ in calls for p in messages]
+    questions = decider.questions(pending)
+    if not queries.unlocked_fits(questions, len(pending)):
+        return None
+    first_id, lookups, version = queries.unlocked_lookups(db, questions)
+    ids = range(first_id, first_id + len(pending))
+    decided = decider.decide(lookups, pending, ids)
+    # Built before the insert: nothing may raise once it committed, or the engine would
+    # take the transaction and store the group a second time.
+    stored = iter(map(Stored, ids, decided))
+    answers = [[next(stored) for _ in messages] for messages, _ in calls]
+    times = [now for _, now in pending]
+    return answers if queries.insert_unless_changed(db, decided, times, first_id, version) else None
