@@ -192,6 +192,43 @@ async def test_rcpt_refusals_and_accepted_forms(tmp_path, clock, sandbox_url) ->
     assert codes[8][0] == 550 and "'+1 202 \"555 0146' is not a possible" in codes[8][1]
 
 
+async def test_a_national_number_of_no_full_number_is_refused_with_why(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """5550143 in region US: the library calls 7 digits "possible" (a local number, for a
+    landline of the same area code) and 1234567 in GB possible too, but neither is a
+    number a phone has: they were texted as +15550143 and +441234567. Now a 550 says why;
+    the full number, national or with its country code, is still texted."""
+    smtp = (
+        '[smtp]\ndomains = ["sms.localhost", "us.sms.localhost", "gb.sms.localhost"]\n'
+        'regions = {"us.sms.localhost" = "US", "gb.sms.localhost" = "GB"}\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, smtp)
+    async with running_bridge(config, clock) as (bridge, _url), smtp_listening(bridge) as port:
+
+        def session() -> list[tuple[int, str]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("ups.example.org")
+                client.mail("ups@example.org")
+                return [
+                    (code, text.decode())
+                    for code, text in (
+                        client.rcpt(r)
+                        for r in (
+                            "5550143@us.sms.localhost",
+                            "1234567@gb.sms.localhost",
+                            "2025550143@us.sms.localhost",
+                            "02079460000@gb.sms.localhost",
+                        )
+                    )
+                ]
+
+        replies = await asyncio.to_thread(session)
+    assert [code for code, _ in replies] == [550, 550, 250, 250], replies
+    assert "a local number only (7 digits): write it with its area code" in replies[0][1]
+    assert "read in GB it is +441234567, which is no valid number there" in replies[1][1]
+
+
 async def test_a_group_name_is_case_blind_over_smtp_and_http_alike(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
