@@ -309,8 +309,9 @@ def clean_body(text: str) -> str:
 
     Only `-- ` (dash dash space, RFC 3676) starts a signature: a bare `--` is what
     `grep -C` prints between matches in cron output, and the matches after it are the
-    news. `>` lines are a quoted reply, except in a body holding a `diff` hunk header
-    (`3a4`, `12,14c12`): there they are the lines added, say to /etc/passwd. A forwarded
+    news. `>` lines (the mark at the line's start, not after a space) are a quoted reply,
+    except in a body holding a `diff` hunk header (`3a4`, `12,14c12`): there they are the
+    lines added, say to /etc/passwd. A forwarded
     mail (`---------- Forwarded message ---------`) is kept, less its header block.
     """
     raws = text[:MAX_BODY_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n")
@@ -321,7 +322,9 @@ def clean_body(text: str) -> str:
         if raw == "-- ":
             break  # signature delimiter: the rest is the signature
         line = _SPACES.sub(" ", _CONTROL.sub("", raw)).strip()
-        if quotes and line.startswith(">"):
+        if quotes and raw[:1] == ">":
+            # A quote mark starts its line (RFC 3676 space-stuffs any other ">" line):
+            # Jenkins' " > git fetch ..." is the console echoing the command that failed.
             continue
         if _QUOTE_INTRO.match(line):
             break
