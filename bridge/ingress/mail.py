@@ -56,14 +56,40 @@ class _UnstructuredHeaders(HeaderRegistry):
 POLICY = email.policy.default.clone(header_factory=_UnstructuredHeaders())
 MAX_BODY_CHARS = 20_000  # an SMS needs a few hundred; bound the cleaning work
 _QUOTE_INTRO = re.compile(
-    r"^(On .{5,200} wrote:|Am .{5,200} schrieb .{1,100}:|Le .{5,200} a écrit\s?:|"
-    r"-+\s*Original Message\s*-+|From: .+ Sent: .+)$",
+    r"^(On .{5,200} wrote:|Am .{5,200} schrieb .{1,100}:|Le .{5,200} a écrit\s?:)$",
     re.IGNORECASE,
 )
 # Gmail's and Thunderbird's inline forward: the forwarded mail follows, its header block
 # first. Not a quote to cut: the alert someone forwarded is what is to be texted.
 _FORWARD_INTRO = re.compile(r"-+\s*Forwarded message\s*-+", re.IGNORECASE)
-_FORWARD_HEADER = re.compile(r"(From|Date|Sent|Subject|To|Cc)\s*:", re.IGNORECASE)
+# Outlook's (and Exchange web mail's) block before the earlier mail, the same in a reply
+# and a forward: a separator ("-----Original Message-----", localised, or a rule of
+# underscores), then From/Sent/To/Subject in the client's language. Only the subject's
+# prefix tells a forward (the alert is the news) from a reply (the reply is).
+_OUTLOOK_SEPARATOR = re.compile(
+    r"-+\s*(Original Message|Urspr(ü|ue)ngliche Nachricht|Message d'origine|"
+    r"Mensaje original|Messaggio originale|Oorspronkelijk bericht|Mensagem original)\s*-+"
+    r"|_{10,}",
+    re.IGNORECASE,
+)
+_OUTLOOK_FROM = re.compile(r"(From|Von|De|Da|Van|Fra|Från|Od)\s*:\s*\S", re.IGNORECASE)
+_OUTLOOK_SENT = re.compile(
+    r"(Sent|Gesendet|Envoy(é|e)|Enviado|Inviato|Verzonden|Sendt|Skickat|Wys(ł|l)ano)\s*:",
+    re.IGNORECASE,
+)
+_OUTLOOK_ONE_LINE = re.compile(r"From: .+ Sent: .+", re.IGNORECASE)  # its HTML, flattened
+_FORWARD_HEADER = re.compile(
+    r"(From|Date|Sent|Subject|To|Cc|Von|Gesendet|An|Betreff|De|Envoy(é|e)|À|Objet|Enviado"
+    r"|Para|Asunto|Da|Inviato|A|Oggetto|Van|Verzonden|Aan|Onderwerp|Datum)\s*:",
+    re.IGNORECASE,
+)
+# The subject prefix Outlook and others write on a forward, by language: FW/Fwd, WG
+# (German), TR (French), RV (Spanish), I (Italian), ENC (Portuguese), Doorst (Dutch),
+# VS/VB (Nordic), PD (Polish); after any [EXTERNAL]-style tags a gateway adds. A reply's
+# RE:/AW:/SV: first ("RE: FW: ...") makes it a reply.
+_FORWARD_SUBJECT = re.compile(
+    r"^\s*(\[[^\]]{0,40}\]\s*)*(fwd?|wg|tr|rv|i|enc|doorst|vs|vb|vl|pd)\s*:", re.IGNORECASE
+)
 _DIFF_HUNK = re.compile(r"\d+(?:,\d+)?[acd]\d+(?:,\d+)?")  # `diff` (normal format): 3a4
 _HTML_SIGNATURE = re.compile(r"^[ \t]*--[ \t]*$", re.MULTILINE)
 # The delimiter as the HTML has it, its space before the next tag (`-- <br>`, a
@@ -304,35 +330,59 @@ def _body(msg: Message) -> str:
     return text
 
 
-def clean_body(text: str) -> str:
+def is_forward(subject: str) -> bool:
+    """Whether a subject is a forward's (FW:, WG:, TR:...), as opposed to a reply's."""
+    return bool(_FORWARD_SUBJECT.match(subject))
+
+
+def _outlook_block(lines: list[str], index: int) -> bool:
+    """Whether Outlook's block before an earlier mail starts at `lines[index]`: its
+    separator, or (in its HTML, where the separator is a border) a From line with a Sent
+    line under it, or both on one line."""
+    line = lines[index]
+    after = next((n for n in lines[index + 1 : index + 3] if n), "")
+    if _OUTLOOK_SEPARATOR.fullmatch(line):
+        return not line.startswith("_") or bool(_OUTLOOK_FROM.match(after))
+    if _OUTLOOK_FROM.match(line):
+        return bool(_OUTLOOK_SENT.match(after)) or bool(_OUTLOOK_ONE_LINE.fullmatch(line))
+    return False
+
+
+def clean_body(text: str, *, forward: bool = False) -> str:
     """Drop signatures, quoted replies and blank lines; fold whitespace.
 
     Only `-- ` (dash dash space, RFC 3676) starts a signature: a bare `--` is what
     `grep -C` prints between matches in cron output, and the matches after it are the
     news. `>` lines (the mark at the line's start, not after a space) are a quoted reply,
     except in a body holding a `diff` hunk header (`3a4`, `12,14c12`): there they are the
-    lines added, say to /etc/passwd. A forwarded
-    mail (`---------- Forwarded message ---------`) is kept, less its header block.
+    lines added, say to /etc/passwd. A forwarded mail (`---------- Forwarded message
+    ---------`) is kept, less its header block; so is the earlier mail after Outlook's
+    block (`-----Original Message-----`, From/Sent/To) when the mail is a `forward`
+    (its subject says FW:), where in a reply that block starts the quote.
     """
     raws = text[:MAX_BODY_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n")
     quotes = not any(_DIFF_HUNK.fullmatch(raw) for raw in raws)
+    cleaned = [_SPACES.sub(" ", _CONTROL.sub("", raw)).strip() for raw in raws]
     lines = []
     forward_head = False  # in the header block of a forwarded mail
-    for raw in raws:
+    for index, (raw, line) in enumerate(zip(raws, cleaned, strict=True)):
         if raw == "-- ":
             break  # signature delimiter: the rest is the signature
-        line = _SPACES.sub(" ", _CONTROL.sub("", raw)).strip()
         if quotes and raw[:1] == ">":
             # A quote mark starts its line (RFC 3676 space-stuffs any other ">" line):
             # Jenkins' " > git fetch ..." is the console echoing the command that failed.
             continue
         if _QUOTE_INTRO.match(line):
             break
-        if _FORWARD_INTRO.fullmatch(line):
+        if _FORWARD_INTRO.fullmatch(line) or (
+            not forward_head and line and _outlook_block(cleaned, index)
+        ):
+            if not forward and not _FORWARD_INTRO.fullmatch(line):
+                break  # a reply's quote of the mail it answers
             forward_head = True
             continue
         if forward_head:
-            if not line or _FORWARD_HEADER.match(line):
+            if not line or _FORWARD_HEADER.match(line) or _OUTLOOK_ONE_LINE.fullmatch(line):
                 continue
             forward_head = False
         if line:
@@ -374,6 +424,10 @@ def _unreadable(raw: bytes) -> str:
     return clean_body(raw[:MAX_BODY_CHARS].decode("utf-8", errors="replace"))
 
 
+def _is_forward(found: dict[str, str]) -> bool:
+    return is_forward(found.get("subject", ""))
+
+
 def parse_mail(
     raw: bytes, *, mail_from: str | None = None, bounds: ParseBounds = ParseBounds()
 ) -> MailText:
@@ -386,9 +440,8 @@ def parse_mail(
     if plain is None:
         return _parsed_mail(raw, mail_from, bounds)
     found, payload, charset = plain
-    return _mail_text(
-        found, clean_body(_payload_text(payload, charset)), "text/plain", mail_from, None
-    )
+    body = clean_body(_payload_text(payload, charset), forward=_is_forward(found))
+    return _mail_text(found, body, "text/plain", mail_from, None)
 
 
 def _parsed_mail(raw: bytes, mail_from: str | None, bounds: ParseBounds) -> MailText:
@@ -407,11 +460,13 @@ def _parsed_mail(raw: bytes, mail_from: str | None, bounds: ParseBounds) -> Mail
             raise
         except Exception:
             msg, truncated = Message(), "not a readable MIME message"
+    found = _headers(msg)
     try:
-        body = clean_body(_body(msg)) if len(msg) or msg.get_payload() else _unreadable(raw)
+        readable = len(msg) or msg.get_payload()
+        body = clean_body(_body(msg), forward=_is_forward(found)) if readable else _unreadable(raw)
     except Exception:
         body = _unreadable(raw)
-    return _mail_text(_headers(msg), body, msg.get_content_type(), mail_from, truncated)
+    return _mail_text(found, body, msg.get_content_type(), mail_from, truncated)
 
 
 def _mail_text(
