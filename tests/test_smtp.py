@@ -363,6 +363,40 @@ async def test_without_a_message_id_the_date_tells_a_new_mail_from_a_retry(
     assert states == [queued, dup, queued, queued, dup], states
 
 
+async def test_a_devices_own_retry_built_anew_is_texted_once(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url, backend: str
+) -> None:
+    """A UPS or NAS that mails the bridge itself builds its mail anew when it retries (the
+    bridge's 250 lost, its own timeout): a new Date and a new Message-ID, the same alert.
+    Keyed on the Message-ID (or the exact Date), each retry was texted again. Dates of
+    one content within minutes are one mail now, across a 5-minute slot's edge too; the
+    same alert half an hour later is a new one, though the window is 2 hours."""
+
+    def ups(date: str, message_id: str) -> str:
+        return (
+            f"Date: {date}\r\nMessage-ID: <{message_id}@ups-rack1.example.org>\r\n"
+            "From: ups-rack1@example.org\r\nSubject: UPS ups-rack1: on battery\r\n\r\n"
+            "Input power failure, runtime 14 min\r\n"
+        )
+
+    sends = [
+        ("Tue, 01 Dec 2026 02:04:50 +0000", "1764554690.1"),  # the first
+        ("Tue, 01 Dec 2026 02:05:40 +0000", "1764554740.2"),  # its retry, past a slot edge
+        ("Tue, 01 Dec 2026 02:06:30 +0000", "1764554790.3"),  # and the next one
+        ("Tue, 01 Dec 2026 02:40:12 +0000", "1764556812.4"),  # on battery again later
+        ("Tue, 01 Dec 2026 02:40:12 +0000", "1764556812.4"),  # an MTA's retry of it
+    ]
+    extra = '[dedupe]\nwindow = "2h"\n'
+    async with smtp_bridge(tmp_path, clock, sandbox_url, extra) as (bridge, port):
+        for date, message_id in sends:
+            raw = ups(date, message_id)
+            await asyncio.to_thread(send, port, "ups-rack1@example.org", [DEFAULT_RCPT], raw)
+            clock.advance(50)
+        states = [m.state for m in sorted(await bridge.store.query(), key=lambda m: m.id)]
+    queued, dup = State.QUEUED, State.SUPPRESSED
+    assert states == [queued, dup, dup, queued, dup], states
+
+
 async def test_an_auto_reply_with_the_alerts_words_does_not_silence_the_alert(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
