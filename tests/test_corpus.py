@@ -64,7 +64,13 @@ EXPECTED = {
 }
 STARTS = {
     "mail/apcupsd_onbattery_forum_paste_no_from.eml": "tubuntu2 Power Failure !!!\nAPC : ",
-    "mail/jenkins_build_failed_libcamera_via_list.eml": "Build failed in Jenkins: libcamera #175",
+    # the git plugin's " > git ..." console lines kept, the rule of dashes left out
+    "mail/jenkins_build_failed_libcamera_via_list.eml": (
+        "Build failed in Jenkins: libcamera #175\n"
+        "See <https://builder.linuxtv.org/job/libcamera/175/display/redirect?page=changes>\n"
+        "Changes:\n[laurent.pinchart] ipa: Only sign IPA modules that are being installed\n"
+        "Started by an SCM change\n"
+    ),
     "mail/mikel_windows-1252_raw_subject.eml": (
         "Formação FrenetikPolis: Mega Campanha Final Verão | Cursos de Setembro"
     ),
@@ -117,5 +123,7 @@ async def test_the_shared_corpus_reads_right(tmp_path, clock: ManualClock, sandb
         assert texts.get(name) == expected, (name, answers[name])
     for name, start in STARTS.items():
         assert texts.get(name, "").startswith(start), (name, texts.get(name))
+    jenkins = texts["mail/jenkins_build_failed_libcamera_via_list.eml"]
+    assert "> git rev-parse --is-inside-work-tree" in jenkins, jenkins
     for name, (repository, what) in CI_FAILURES.items():
         assert repository in texts.get(name, "") and what in texts[name], (name, answers[name])

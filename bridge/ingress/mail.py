@@ -90,6 +90,9 @@ _FORWARD_HEADER = re.compile(
 _FORWARD_SUBJECT = re.compile(
     r"^\s*(\[[^\]]{0,40}\]\s*)*(fwd?|wg|tr|rv|i|enc|doorst|vs|vb|vl|pd)\s*:", re.IGNORECASE
 )
+# A rule drawn of one character (Jenkins' 42 dashes between its changes and the console,
+# "=====" under a heading): no news, and ~10 % of a 3-part text. Not `grep -C`'s `--`.
+_RULE = re.compile(r"([-=_*#~+.])\1{3,}")
 _DIFF_HUNK = re.compile(r"\d+(?:,\d+)?[acd]\d+(?:,\d+)?")  # `diff` (normal format): 3a4
 _HTML_SIGNATURE = re.compile(r"^[ \t]*--[ \t]*$", re.MULTILINE)
 # The delimiter as the HTML has it, its space before the next tag (`-- <br>`, a
@@ -358,7 +361,8 @@ def clean_body(text: str, *, forward: bool = False) -> str:
     lines added, say to /etc/passwd. A forwarded mail (`---------- Forwarded message
     ---------`) is kept, less its header block; so is the earlier mail after Outlook's
     block (`-----Original Message-----`, From/Sent/To) when the mail is a `forward`
-    (its subject says FW:), where in a reply that block starts the quote.
+    (its subject says FW:), where in a reply that block starts the quote. A line that is
+    a rule of one character (`-----`, `=====`) is left out.
     """
     raws = text[:MAX_BODY_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n")
     quotes = not any(_DIFF_HUNK.fullmatch(raw) for raw in raws)
@@ -385,7 +389,7 @@ def clean_body(text: str, *, forward: bool = False) -> str:
             if not line or _FORWARD_HEADER.match(line) or _OUTLOOK_ONE_LINE.fullmatch(line):
                 continue
             forward_head = False
-        if line:
+        if line and not _RULE.fullmatch(line):
             lines.append(line)
     return "\n".join(lines)
 
