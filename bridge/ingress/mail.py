@@ -338,6 +338,15 @@ def is_forward(subject: str) -> bool:
     return bool(_FORWARD_SUBJECT.match(subject))
 
 
+def _wrapped_intro(line: str, lines: list[str], index: int) -> bool:
+    """Whether `line` and the next are one "On ... wrote:" a client wrapped (Gmail wraps
+    it past ~78 characters, a long sender name and address pushing "wrote:" down)."""
+    following = lines[index + 1] if index + 1 < len(lines) else ""
+    return (
+        bool(following) and len(following) < 40 and bool(_QUOTE_INTRO.match(f"{line} {following}"))
+    )
+
+
 def _outlook_block(lines: list[str], index: int) -> bool:
     """Whether Outlook's block before an earlier mail starts at `lines[index]`: its
     separator, or (in its HTML, where the separator is a border) a From line with a Sent
@@ -376,7 +385,7 @@ def clean_body(text: str, *, forward: bool = False) -> str:
             # A quote mark starts its line (RFC 3676 space-stuffs any other ">" line):
             # Jenkins' " > git fetch ..." is the console echoing the command that failed.
             continue
-        if _QUOTE_INTRO.match(line):
+        if _QUOTE_INTRO.match(line) or _wrapped_intro(line, cleaned, index):
             break
         if _FORWARD_INTRO.fullmatch(line) or (
             not forward_head and line and _outlook_block(cleaned, index)
