@@ -62,6 +62,21 @@ _QUOTE_INTRO = re.compile(
 # Gmail's and Thunderbird's inline forward: the forwarded mail follows, its header block
 # first. Not a quote to cut: the alert someone forwarded is what is to be texted.
 _FORWARD_INTRO = re.compile(r"-+\s*Forwarded message\s*-+", re.IGNORECASE)
+# Apple Mail's (iPhone's) forward: the forwarded mail follows quoted with ">", its header
+# block first; the quote is the alert, kept unquoted.
+_QUOTED_FORWARD_INTRO = re.compile(
+    r"(Begin forwarded message|Anfang der weitergeleiteten Nachricht|Début du message"
+    r" réexpédié|Inicio del mensaje reenviado|Inizio messaggio inoltrato|Begin doorgestuurd"
+    r" bericht)\s?:",
+    re.IGNORECASE,
+)
+# What a phone's mail app writes under every mail, with no "-- " before it: no news.
+_MOBILE_FOOTER = re.compile(
+    r"(Sent from my [\w .-]{1,40}|Sent from (Outlook|Mail|Yahoo Mail)( for [\w .]{1,30})?"
+    r"( on [\w .]{1,20})?|Get Outlook for (iOS|Android)\b.{0,80}|Von meinem [\w .-]{1,40}"
+    r" gesendet|Envoy(é|e) de mon [\w .-]{1,40}|Enviado desde mi [\w .-]{1,40})",
+    re.IGNORECASE,
+)
 # Outlook's (and Exchange web mail's) block before the earlier mail, the same in a reply
 # and a forward: a separator ("-----Original Message-----", localised, or a rule of
 # underscores), then From/Sent/To/Subject in the client's language. Only the subject's
@@ -370,20 +385,31 @@ def clean_body(text: str, *, forward: bool = False) -> str:
     lines added, say to /etc/passwd. A forwarded mail (`---------- Forwarded message
     ---------`) is kept, less its header block; so is the earlier mail after Outlook's
     block (`-----Original Message-----`, From/Sent/To) when the mail is a `forward`
-    (its subject says FW:), where in a reply that block starts the quote. A line that is
-    a rule of one character (`-----`, `=====`) is left out.
+    (its subject says FW:), where in a reply that block starts the quote, and after
+    iPhone Mail's "Begin forwarded message:", unquoted. A line that is a rule of one
+    character (`-----`, `=====`) or a phone's "Sent from my iPhone" is left out.
     """
     raws = text[:MAX_BODY_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n")
     quotes = not any(_DIFF_HUNK.fullmatch(raw) for raw in raws)
-    cleaned = [_SPACES.sub(" ", _CONTROL.sub("", raw)).strip() for raw in raws]
+    cleaned = [_SPACES.sub(" ", _CONTROL.sub("", raw)).strip().lstrip("\ufeff") for raw in raws]
     lines = []
     forward_head = False  # in the header block of a forwarded mail
+    unquote = False  # in a forwarded mail quoted with ">" (iPhone Mail's forward)
     for index, (raw, line) in enumerate(zip(raws, cleaned, strict=True)):
         if raw == "-- ":
             break  # signature delimiter: the rest is the signature
         if quotes and raw[:1] == ">":
             # A quote mark starts its line (RFC 3676 space-stuffs any other ">" line):
             # Jenkins' " > git fetch ..." is the console echoing the command that failed.
+            if not unquote:
+                continue
+            line = line[1:].strip().lstrip("\ufeff")
+        elif unquote and line:
+            unquote = forward_head = False  # the quoted forward ended
+        if _MOBILE_FOOTER.fullmatch(line):
+            continue
+        if _QUOTED_FORWARD_INTRO.fullmatch(line):
+            forward_head = unquote = True
             continue
         if _QUOTE_INTRO.match(line) or _wrapped_intro(line, cleaned, index):
             break
