@@ -40,6 +40,11 @@ CASES = {
         "nas-2 UPS ups-rack3 Power Failure !!!\nSTATUS : ONBATT\nLOADPCT : 41.0 Percent\n"
         "BCHARGE : 96.0 Percent\nTIMELEFT : 17.4 Minutes",
     ),
+    # apcupsd before 3.14 writes no "UPS NAME" in its subject
+    "recipes/apcupsd-3.12-onbattery.eml": (
+        "apcupsd",
+        "files-2 Power Failure !!!\nSTATUS : ONBATT",
+    ),
     "recipes/nut-onbatt.eml": ("nut", "UPS rack2@ups-host.example.org on battery"),
     "recipes/smartd-offline-uncorrectable.eml": (
         "smartd",
