@@ -108,6 +108,13 @@ _FORWARD_SUBJECT = re.compile(
 # A rule drawn of one character (Jenkins' 42 dashes between its changes and the console,
 # "=====" under a heading): no news, and ~10 % of a 3-part text. Not `grep -C`'s `--`.
 _RULE = re.compile(r"([-=_*#~+.])\1{3,}")
+# Where a line may be one of the above (an intro, a separator, a header, a footer, a
+# rule): only such lines are looked at further, most lines of a log after one look.
+_SPECIAL = re.compile(
+    r"(on |am |le |[-=_*#~+.]|from|von|de|da|van|fra|från|od|sent|get |envoy|enviado"
+    r"|begin|anfang|début|inicio|inizio)",
+    re.IGNORECASE,
+)
 _DIFF_HUNK = re.compile(r"\d+(?:,\d+)?[acd]\d+(?:,\d+)?")  # `diff` (normal format): 3a4
 _HTML_SIGNATURE = re.compile(r"^[ \t]*--[ \t]*$", re.MULTILINE)
 # The delimiter as the HTML has it, its space before the next tag (`-- <br>`, a
@@ -353,21 +360,20 @@ def is_forward(subject: str) -> bool:
     return bool(_FORWARD_SUBJECT.match(subject))
 
 
-def _wrapped_intro(line: str, lines: list[str], index: int) -> bool:
+def _clean_line(raw: str) -> str:
+    return _SPACES.sub(" ", _CONTROL.sub("", raw)).strip().lstrip("\ufeff")
+
+
+def _wrapped_intro(line: str, following: str) -> bool:
     """Whether `line` and the next are one "On ... wrote:" a client wrapped (Gmail wraps
     it past ~78 characters, a long sender name and address pushing "wrote:" down)."""
-    following = lines[index + 1] if index + 1 < len(lines) else ""
-    return (
-        bool(following) and len(following) < 40 and bool(_QUOTE_INTRO.match(f"{line} {following}"))
-    )
+    return 0 < len(following) < 40 and bool(_QUOTE_INTRO.match(f"{line} {following}"))
 
 
-def _outlook_block(lines: list[str], index: int) -> bool:
-    """Whether Outlook's block before an earlier mail starts at `lines[index]`: its
-    separator, or (in its HTML, where the separator is a border) a From line with a Sent
-    line under it, or both on one line."""
-    line = lines[index]
-    after = next((n for n in lines[index + 1 : index + 3] if n), "")
+def _outlook_block(line: str, after: str) -> bool:
+    """Whether Outlook's block before an earlier mail starts at `line` (`after`: the next
+    line with text): its separator, or (in its HTML, where the separator is a border) a
+    From line with a Sent line under it, or both on one line."""
     if _OUTLOOK_SEPARATOR.fullmatch(line):
         return not line.startswith("_") or bool(_OUTLOOK_FROM.match(after))
     if _OUTLOOK_FROM.match(line):
@@ -391,13 +397,13 @@ def clean_body(text: str, *, forward: bool = False) -> str:
     """
     raws = text[:MAX_BODY_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n")
     quotes = not any(_DIFF_HUNK.fullmatch(raw) for raw in raws)
-    cleaned = [_SPACES.sub(" ", _CONTROL.sub("", raw)).strip().lstrip("\ufeff") for raw in raws]
     lines = []
     forward_head = False  # in the header block of a forwarded mail
     unquote = False  # in a forwarded mail quoted with ">" (iPhone Mail's forward)
-    for index, (raw, line) in enumerate(zip(raws, cleaned, strict=True)):
+    for index, raw in enumerate(raws):
         if raw == "-- ":
             break  # signature delimiter: the rest is the signature
+        line = _clean_line(raw)
         if quotes and raw[:1] == ">":
             # A quote mark starts its line (RFC 3676 space-stuffs any other ">" line):
             # Jenkins' " > git fetch ..." is the console echoing the command that failed.
@@ -406,26 +412,28 @@ def clean_body(text: str, *, forward: bool = False) -> str:
             line = line[1:].strip().lstrip("\ufeff")
         elif unquote and line:
             unquote = forward_head = False  # the quoted forward ended
-        if _MOBILE_FOOTER.fullmatch(line):
+        if not line:
             continue
-        if _QUOTED_FORWARD_INTRO.fullmatch(line):
-            forward_head = unquote = True
-            continue
-        if _QUOTE_INTRO.match(line) or _wrapped_intro(line, cleaned, index):
-            break
-        if _FORWARD_INTRO.fullmatch(line) or (
-            not forward_head and line and _outlook_block(cleaned, index)
-        ):
-            if not forward and not _FORWARD_INTRO.fullmatch(line):
-                break  # a reply's quote of the mail it answers
-            forward_head = True
-            continue
+        if _SPECIAL.match(line):  # one look for most lines; the rest only where it may be
+            if _MOBILE_FOOTER.fullmatch(line) or _RULE.fullmatch(line):
+                continue
+            if _QUOTED_FORWARD_INTRO.fullmatch(line):
+                forward_head = unquote = True
+                continue
+            after = [_clean_line(r) for r in raws[index + 1 : index + 3]] + ["", ""]
+            if _QUOTE_INTRO.match(line) or _wrapped_intro(line, after[0]):
+                break
+            forwarded = _FORWARD_INTRO.fullmatch(line)
+            if forwarded or (not forward_head and _outlook_block(line, after[0] or after[1])):
+                if not forward and not forwarded:
+                    break  # a reply's quote of the mail it answers
+                forward_head = True
+                continue
         if forward_head:
-            if not line or _FORWARD_HEADER.match(line) or _OUTLOOK_ONE_LINE.fullmatch(line):
+            if _FORWARD_HEADER.match(line) or _OUTLOOK_ONE_LINE.fullmatch(line):
                 continue
             forward_head = False
-        if line and not _RULE.fullmatch(line):
-            lines.append(line)
+        lines.append(line)
     return "\n".join(lines)
 
 
