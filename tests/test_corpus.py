@@ -30,6 +30,11 @@ sys.modules[_spec.name] = replay  # dataclasses look their module up while it lo
 _spec.loader.exec_module(replay)
 
 MOJIBAKE = re.compile("\ufffd|Ã[\u0080-\u00bf]|â€|[\u0080-\u009f]")
+# No news on a phone: a rule of one character, a mobile footer, a reply's intro.
+NOISE = re.compile(
+    r"^(([-=_*#~+.])\2{3,}|Sent from my \w+|On .{5,200} wrote:|-+ ?Original Message ?-+)$",
+    re.MULTILINE | re.IGNORECASE,
+)
 # Mail a monitor, a cron job or CI wrote: texted, never taken for a loop.
 MACHINE_MAIL = ("mail/cron_", "mail/jenkins_", "mail/mdadm_", "mail/apcupsd_", "mail/rendered_")
 LOOPS = ("bounce", "dsn", "autoreply")
@@ -113,6 +118,7 @@ async def test_the_shared_corpus_reads_right(tmp_path, clock: ManualClock, sandb
     texts = {name: messages[0].text for name, messages in stored.items() if messages}
     for name, text in texts.items():
         assert not MOJIBAKE.search(text), (name, text)
+        assert not NOISE.search(text), (name, text)
     for name, messages in stored.items():
         suppressed = {m.state for m in messages} == {State.SUPPRESSED}
         if any(key in name for key in LOOPS):
