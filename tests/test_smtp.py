@@ -200,11 +200,16 @@ async def test_a_national_number_of_no_full_number_is_refused_with_why(
     number a phone has: they were texted as +15550143 and +441234567. Now a 550 says why;
     the full number, national or with its country code, is still texted."""
     smtp = (
+        '[phone]\ndefault_region = "US"\n'
         '[smtp]\ndomains = ["sms.localhost", "us.sms.localhost", "gb.sms.localhost"]\n'
         'regions = {"us.sms.localhost" = "US", "gb.sms.localhost" = "GB"}\n'
     )
     config = bridge_config(tmp_path, sandbox_url, smtp)
-    async with running_bridge(config, clock) as (bridge, _url), smtp_listening(bridge) as port:
+    async with running_bridge(config, clock) as (bridge, url), smtp_listening(bridge) as port:
+        async with httpx.AsyncClient() as http:  # the API reads it in phone.default_region
+            api = await http.post(
+                f"{url}/api/v1/messages", json={"to": "5550143", "message": "UPS on battery"}
+            )
 
         def session() -> list[tuple[int, str]]:
             with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
@@ -227,6 +232,8 @@ async def test_a_national_number_of_no_full_number_is_refused_with_why(
     assert [code for code, _ in replies] == [550, 550, 250, 250], replies
     assert "a local number only (7 digits): write it with its area code" in replies[0][1]
     assert "read in GB it is +441234567, which is no valid number there" in replies[1][1]
+    assert api.status_code == 400 and "a local number only" in api.json()["error"], api.text
+    assert sandbox_state.entries == []
 
 
 async def test_a_group_name_is_case_blind_over_smtp_and_http_alike(
