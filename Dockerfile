@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # sms-bridge: two stages, a build stage that makes a wheel and a slim runtime.
 #   docker build -t sms-bridge .
-#   docker run -p 127.0.0.1:2525:2525 -p 127.0.0.1:8080:8080 -v sms-bridge:/data sms-bridge
+#   docker run --stop-timeout 30 -p 127.0.0.1:2525:2525 -p 127.0.0.1:8080:8080 \
+#     -v sms-bridge:/data sms-bridge
+# (30 s to stop: the provider request under way may take 15; see docs/recipes.md, "Docker")
 # The bridge reads /etc/sms-bridge/config.toml (SMS_BRIDGE_CONFIG); the image's own is
 # docker/config.toml. Mount yours over it (it replaces the image's whole):
 #   --mount type=bind,src="$PWD/config.toml",dst=/etc/sms-bridge/config.toml,readonly
@@ -22,6 +24,14 @@ COPY bridge ./bridge
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[postgres]"
 
 FROM python:3.11-slim-bookworm
+# tini as PID 1 (Debian's package): the kernel drops a signal sent to PID 1 that has no
+# handler, and Python has none for SIGTERM until `serve` installs its own, so a
+# `docker stop` while the bridge started (imports, waiting for its store) was ignored
+# and ended by SIGKILL 10 s later. tini forwards SIGTERM to the bridge at any moment
+# and reaps what exits: no `docker run --init` needed.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin sms-bridge \
     && mkdir -p /data /etc/sms-bridge \
     && chown sms-bridge:sms-bridge /data
@@ -41,5 +51,5 @@ EXPOSE 2525 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["sms-bridge", "healthcheck"]
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["sms-bridge"]
+ENTRYPOINT ["/usr/bin/tini", "--", "sms-bridge"]
 CMD ["serve"]

@@ -246,9 +246,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command in ("check-config", "serve"):
             # serve refuses what check-config refuses (a reload too: Bridge.reload).
             from bridge.ingress.formats import template_problems
-            from bridge.templates import render
+            from bridge.templates import render_noting
 
-            problems = template_problems(config.routes, render, warnings)
+            problems = template_problems(config.routes, render_noting, warnings)
             if problems := problems + _listen_problems(config) + _tls_problems(config):
                 raise ConfigError(problems)
         if args.command == "check-config":
@@ -405,15 +405,26 @@ def _healthcheck(config: Config) -> int:
     `smtp.listen`. The image's HEALTHCHECK asked http://127.0.0.1:8080 whatever the
     config said, so a bridge on HTTPS or another port was "unhealthy" for ever; a
     mail-only one exited 1 here, and its recipe said to turn the check off."""
-    if config.http.listen:
-        return _ask_http(config)
-    if config.smtp.listen:
-        return _ask_smtp(config.smtp.listen)
-    print(
-        "healthcheck: http.listen and smtp.listen are both empty: no listener to ask",
-        file=sys.stderr,
-    )
-    return 1
+    key, listen = ("http.listen", config.http.listen)
+    if not listen:
+        key, listen = ("smtp.listen", config.smtp.listen)
+    if not listen:
+        print(
+            "healthcheck: http.listen and smtp.listen are both empty: no listener to ask",
+            file=sys.stderr,
+        )
+        return 1
+    if parse_listen(listen)[1] == 0:
+        # Port 0: the kernel picked a port when serve bound it, and only serve's log
+        # names it ("HTTP listening on ..."). Asking port 0 said "Connection refused",
+        # which reads as a bridge that is down.
+        print(
+            f"healthcheck: {key} = {listen!r} is an ephemeral port (0), chosen when serve"
+            " started: it cannot be probed; give the listener a fixed port",
+            file=sys.stderr,
+        )
+        return 1
+    return _ask_http(config) if key == "http.listen" else _ask_smtp(listen)
 
 
 def _on_loopback(listen: str) -> tuple[str, int]:

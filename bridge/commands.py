@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from bridge.clock import Clock, SystemClock
-from bridge.config import Config, parse_duration, purge_problem
+from bridge.config import Config, file_problem, parse_duration, purge_problem
 from bridge.errors import ProviderError, StoreUnavailable
 
 if TYPE_CHECKING:  # imported where used: each command loads only what it needs
@@ -55,15 +55,18 @@ def store_exists(config: Config) -> bool:
     if config.store.url:
         return True  # a server: opening it says whether it is there
     path = os.path.abspath(config.store.path)
-    if config.store.path == ":memory:" or os.path.isfile(path):
+    if config.store.path == ":memory:" or (why := file_problem(path)) is None:
         print(f"store: {path}", file=sys.stderr)
         return True
     # A store.path the config file wrote is already joined to the file's directory; one
     # still relative is the environment's or the default, read from the current one.
     relative = "" if os.path.isabs(config.store.path) else f", relative to {os.getcwd()}"
+    where = f"store.path = {config.store.path!r} from {config.source}{relative}"
+    if why != "no such file":  # there, but not a store: no other directory will help
+        print(f"store {path}: {why} ({where})", file=sys.stderr)
+        return False
     print(
-        f"store {path}: no such file (store.path = {config.store.path!r} from "
-        f"{config.source}{relative}). Run this where `sms-bridge serve` "
+        f"store {path}: no such file ({where}). Run this where `sms-bridge serve` "
         "runs, or give the same --config / SMS_BRIDGE_CONFIG / SMS_BRIDGE_STORE_PATH.",
         file=sys.stderr,
     )

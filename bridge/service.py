@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -58,13 +60,17 @@ from bridge.policy.budgets import BudgetGuard
 from bridge.policy.decide import Rules
 from bridge.policy.shaping import Shaper
 from bridge.store import Store
-from bridge.templates import render
+from bridge.templates import render_noting
 
 if TYPE_CHECKING:  # the sandbox itself is imported only when configured
     from bridge.provider.sandbox import SandboxState
 
 log = logging.getLogger("bridge")
 SHUTDOWN_GRACE = 8  # seconds uvicorn lets in-flight requests finish
+# Seconds a reload's read of the config (and the files it names) may take. Read on the
+# event loop, a file on a hung NFS mount stopped the bridge: no mail, no request, no
+# send answered until the mount came back.
+RELOAD_READ_TIMEOUT = 10.0
 RETENTION_INTERVAL = 3600.0
 
 
@@ -106,6 +112,37 @@ def uvicorn_server(
             ssl_keyfile=http.tls_key or None,
         )
     )
+
+
+async def read_config(path: str | None, limit: float) -> Config:
+    """`load_config(path)` in a thread of its own, waited for `limit` seconds at most:
+    ConfigError past that (the running config stays). A daemon thread, not the loop's
+    executor: a read stuck in the kernel cannot be cancelled, and one left in the
+    executor would hold up the process's exit (asyncio waits for its threads)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Config] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not done.done():  # else given up on: the file was read too late
+            outcome()
+
+    def read() -> None:
+        try:
+            config = load_config(path)
+        except BaseException as exc:  # handed to the loop, raised there
+            outcome = functools.partial(done.set_exception, exc)
+        else:
+            outcome = functools.partial(done.set_result, config)
+        with contextlib.suppress(RuntimeError):  # the loop closed while it read
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=read, name="config-reload", daemon=True).start()
+    try:
+        return await asyncio.wait_for(asyncio.shield(done), limit)
+    except TimeoutError:
+        done.cancel()
+        why = f"not read within {limit:g} s (a file on a mount that hangs?)"
+        raise ConfigError([(path or "config", why)]) from None
 
 
 @dataclass
@@ -154,7 +191,7 @@ class Bridge:
             raise ConfigError([("store.retention", f"{why}; the running value, until a restart")])
         # What check-config and serve refuse: a route template that fails on its format.
         template_warnings: list[tuple[str, str]] = []
-        if refused := template_problems(new.routes, render, template_warnings):
+        if refused := template_problems(new.routes, render_noting, template_warnings):
             raise ConfigError(refused)
         recipients = Recipients.from_config(new)
         try:  # first: the one part that can refuse, before anything else has changed
@@ -188,7 +225,7 @@ class Bridge:
                 return
             path = getter.result()
             try:
-                warnings = self.reload(load_config(path))
+                warnings = self.reload(await read_config(path, RELOAD_READ_TIMEOUT))
             except ConfigError as exc:
                 self.last_reload_ok = False
                 log.error("reload refused, keeping the running config: %s", exc)

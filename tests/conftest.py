@@ -5,9 +5,11 @@ import shutil
 import stat
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from phonenumbers import PhoneMetadata, PhoneNumberDesc
 
 from bridge.clock import ManualClock
@@ -19,6 +21,14 @@ from tests.stores import BACKENDS, FACTORIES
 
 # A real PostgreSQL server and a fresh database per test (tests/postgres.py).
 pytest_plugins = ["tests.postgres"]
+
+# Hypothesis fails an example slower than its deadline, 200 ms by default: wall time, so
+# a test process starved of the CPU for a moment (2 cores shared by a busy suite, or a
+# loaded CI runner) failed examples that take a millisecond (Flaky / DeadlineExceeded
+# in test_smtp's address memo and test_mail's parsers). 2 s still fails an example that
+# is really slow (a parser gone quadratic), not one that waited for its turn.
+settings.register_profile("sms-bridge", deadline=timedelta(seconds=2))
+settings.load_profile("sms-bridge")
 
 
 @pytest.fixture

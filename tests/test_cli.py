@@ -195,6 +195,35 @@ def test_a_store_that_cannot_be_opened_is_a_clear_error(tmp_path) -> None:
         assert "Traceback" not in result.stderr
 
 
+def test_retry_and_purge_say_a_store_path_that_is_a_directory_is_one(tmp_path) -> None:
+    """store.path naming a directory: retry and purge said "no such file", and sent the
+    operator to look for the store elsewhere; they say it is a directory."""
+    (tmp_path / "store.d").mkdir()
+    env = {"SMS_BRIDGE_STORE_PATH": str(tmp_path / "store.d")}
+    for command in (["retry", "--failed"], ["purge", "--older-than", "30d"]):
+        result = run(*command, cwd=tmp_path, env=env)
+        assert result.returncode == 1, command
+        assert f"store {tmp_path / 'store.d'}: is a directory, not a regular file" in (
+            result.stderr
+        ), result.stderr
+        assert "no such file" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_healthcheck_says_a_port_0_listener_cannot_be_probed(tmp_path) -> None:
+    """A listener on port 0 has the port the kernel gave serve, which only serve's log
+    names: the check asked port 0 and said "Connection refused", a bridge down."""
+    for env in (
+        {"SMS_BRIDGE_HTTP_LISTEN": ANY_PORT},
+        {"SMS_BRIDGE_HTTP_LISTEN": "", "SMS_BRIDGE_SMTP_LISTEN": "[::1]:0"},
+    ):
+        result = run("healthcheck", cwd=tmp_path, env=env)
+        assert result.returncode == 1, result.stderr
+        key = "http.listen" if env["SMS_BRIDGE_HTTP_LISTEN"] else "smtp.listen"
+        assert f"healthcheck: {key} = " in result.stderr, result.stderr
+        assert "is an ephemeral port (0)" in result.stderr and "cannot be probed" in (result.stderr)
+        assert "refused" not in result.stderr.lower() and "Traceback" not in result.stderr
+
+
 def test_reading_commands_say_which_store_and_never_create_an_empty_one(tmp_path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -284,7 +284,7 @@ def test_an_unreadable_file_is_named_where_it_was_looked_for(tmp_path, monkeypat
     assert problems["provider.api_key_file"] == (
         f"cannot read secret file '{etc / 'absent-key'}': No such file or directory"
     )
-    assert problems["http.tls_cert"] == f"no such file: {etc / 'tls' / 'absent.pem'}"
+    assert problems["http.tls_cert"] == f"{etc / 'tls' / 'absent.pem'}: no such file"
     assert problems["SMS_BRIDGE_SANDBOX_API_KEY_FILE"] == (
         f"cannot read secret file '{tmp_path / 'nope'}': No such file or directory"
     )
@@ -294,6 +294,31 @@ def test_an_unreadable_file_is_named_where_it_was_looked_for(tmp_path, monkeypat
     assert dict(caught.value.problems)["SMS_BRIDGE_PROVIDER_API_KEY_FILE"] == (
         f"cannot read secret file 'absent-key' (relative to the current directory {run}):"
         " No such file or directory"
+    )
+
+
+def test_a_tls_file_that_is_there_but_no_file_is_named_for_what_it_is(tmp_path) -> None:
+    """A certificate that is a FIFO, a key that is a directory: both said "no such file",
+    and the operator looked for a file that was there."""
+    import os
+
+    fifo = tmp_path / "cert.pem"
+    os.mkfifo(fifo)
+    (tmp_path / "key.pem").mkdir()
+    path = write_config(
+        tmp_path,
+        """
+        [smtp]
+        tls_cert = "cert.pem"
+        tls_key = "key.pem"
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    problems = dict(caught.value.problems)
+    assert problems["smtp.tls_cert"] == f"{fifo}: is a named pipe (FIFO), not a regular file"
+    assert problems["smtp.tls_key"] == (
+        f"{tmp_path / 'key.pem'}: is a directory, not a regular file"
     )
 
 
@@ -390,6 +415,23 @@ def test_smtp_rules_are_read_in_order(tmp_path) -> None:
     assert rules[1].sender == ("nagios@*",) and rules[1].max_lines == 2
     env = {"SMS_BRIDGE_SMTP_RULES": '[{subject = "UPS", keep = ["STATUS"]}]'}
     assert [r.keep for r in load_config(path, env=env).smtp.rules] == [("STATUS",)]
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("SMS_BRIDGE_SMTP_RULES", '[{subject = "UPS"}]\nhttp = 1'),
+        ("SMS_BRIDGE_SMTP_RULES", '[]\n[http]\nlisten = "127.0.0.1:9"'),
+        ("SMS_BRIDGE_HTTP_ALLOWED_HOSTS", '["localhost"]\nextra = "x"'),
+    ],
+)
+def test_text_after_a_toml_value_in_the_environment_is_refused(name: str, text: str) -> None:
+    """Read as the document `v = TEXT`, what followed the array on lines of its own was
+    taken as more keys and dropped without a word (a rule meant, never in force)."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, env={name: text})
+    [why] = [w for k, w in caught.value.problems if k == name]
+    assert "text after the value" in why and "one TOML value only" in why, why
 
 
 @pytest.mark.parametrize(

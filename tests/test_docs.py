@@ -20,7 +20,9 @@ import signal
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -245,6 +247,130 @@ def test_the_images_healthcheck_asks_where_the_config_listens(tmp_path) -> None:
     down = check()
     assert down.returncode == 1 and "Traceback" not in down.stderr, down.stderr
     assert f"https://127.0.0.1:{port}/healthz" in down.stderr
+
+
+def images_command(*args: str) -> list[str]:
+    """What `docker run IMAGE ARGS` runs: the ENTRYPOINT then ARGS, or the CMD without
+    them, both in their exec form."""
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    [entrypoint] = re.findall(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.MULTILINE)
+    [cmd] = re.findall(r"^CMD (\[.*\])$", dockerfile, re.MULTILINE)
+    return [*json.loads(entrypoint), *(args or json.loads(cmd))]
+
+
+@contextlib.contextmanager
+def as_pid_1(command: list[str], env: dict[str, str], log: Path) -> Iterator[tuple[Any, int]]:
+    """`command` as a container's first process: PID 1 of a PID namespace of its own (a
+    user namespace too, so no root is needed), and its pid as the host sees it, which is
+    where `docker stop` signals it from: the kernel then drops a signal PID 1 has no
+    handler for, as it does in a container. Skips where namespaces are not allowed."""
+    unshare = shutil.which("unshare")
+    if (
+        unshare is None
+        or subprocess.run(
+            [unshare, "--user", "--map-root-user", "--pid", "--fork", "true"], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("no unshare, or no user and PID namespaces here")
+    if os.path.isabs(command[0]) and not os.path.exists(command[0]):
+        pytest.skip(f"{command[0]} (the image's init; Debian: tini) is not installed here")
+    with open(log, "ab") as out:
+        outer = subprocess.Popen(
+            [unshare, "--user", "--map-root-user", "--pid", "--fork", "--kill-child", *command],
+            env=env,
+            cwd=log.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        children = Path(f"/proc/{outer.pid}/task/{outer.pid}/children")
+        wait_for(lambda: children.read_text().split(), timeout=10)
+        yield outer, int(children.read_text().split()[0])
+    finally:
+        if outer.poll() is None:
+            outer.kill()  # --kill-child: PID 1 and its namespace go with it
+        outer.wait(timeout=10)
+
+
+@pytest.mark.slow  # runs sh
+def test_the_dockerfiles_run_lines_parse_and_install_the_init_the_entrypoint_names() -> None:
+    """No docker here: each RUN (its continuation lines joined) parses as /bin/sh reads
+    it, and the ENTRYPOINT's init is what a RUN installs (Debian's tini: /usr/bin/tini)."""
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    runs = re.findall(r"^RUN ((?:[^\n]*\\\n)*[^\n]*)$", dockerfile, re.MULTILINE)
+    assert len(runs) >= 3
+    for command in runs:
+        parsed = subprocess.run(["sh", "-n", "-c", command], capture_output=True, text=True)
+        assert parsed.returncode == 0, f"{command}\n{parsed.stderr}"
+    init = images_command()[0]
+    assert init == "/usr/bin/tini" and any(
+        "install -y --no-install-recommends tini" in r for r in runs
+    )
+
+
+DOCKER_STOP_TIMEOUT = 10  # seconds `docker stop` waits before SIGKILL, by default
+
+
+@pytest.mark.slow  # runs the bridge
+@pytest.mark.parametrize("when", ["at once", "once serving"])
+def test_the_image_stops_on_sigterm_at_any_moment(tmp_path, when: str) -> None:
+    """The image's ENTRYPOINT and CMD as PID 1, as `docker run` starts them, and SIGTERM
+    as `docker stop` sends it. Python as PID 1 has no SIGTERM handler until `serve`
+    installs its own, so a stop while it started was dropped by the kernel: the
+    container ran on until SIGKILL. Once serving, the stop is the bridge's clean one."""
+    config = write_config(
+        tmp_path,
+        f"""
+        [http]
+        listen = "127.0.0.1:0"
+        [smtp]
+        listen = ""
+        [store]
+        path = "{tmp_path / "bridge.db"}"
+        """,
+    )
+    log = tmp_path / "container.log"
+    with as_pid_1(images_command(), _env_of_the_image(config), log) as (container, pid_1):
+        if when == "once serving":
+            wait_for(lambda: "HTTP listening on" in log.read_text(), timeout=60)
+        os.kill(pid_1, signal.SIGTERM)
+        try:
+            status = container.wait(timeout=DOCKER_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {DOCKER_STOP_TIMEOUT} s after SIGTERM:\n{log.read_text()}")
+    output = log.read_text()
+    if when == "once serving":
+        assert status == 0, output
+        assert "stopped" in output and "Traceback" not in output, output
+    else:  # ended by the signal as it started, or stopped by serve: either is prompt
+        assert status in (0, 128 + signal.SIGTERM), output
+
+
+def test_every_stop_grace_outlasts_the_bridges_own_shutdown() -> None:
+    """On SIGTERM the bridge drains mail and requests (SHUTDOWN_GRACE) while the
+    dispatcher finishes the provider request under way (connect, then the timeout).
+    Docker's default 10 s, and the unit's 15 s, cut such a send with SIGKILL: the text
+    went, and only the provider's /logs said so later. Each stop grace the docs and the
+    unit give is longer, with room for the store's last write."""
+    from bridge.config import ProviderConfig
+    from bridge.service import SHUTDOWN_GRACE
+
+    provider = ProviderConfig()
+    shutdown = max(SHUTDOWN_GRACE, provider.connect_timeout + provider.timeout) + 5
+    docker = section_of(RECIPES, "Docker")
+    # Each `docker run -d` with its continuation lines.
+    runs = re.findall(r"docker run -d(?:[^\n]*\\\n)*[^\n]*", "\n".join(blocks_in(docker, "sh")))
+    assert len(runs) == 3
+    for command in runs:
+        grace = re.search(r"--stop-timeout (\d+)", command)
+        assert grace and int(grace.group(1)) >= shutdown, command
+    import yaml
+
+    [compose] = [yaml.safe_load(b) for b in blocks_in(docker, "yaml") if "services:" in b]
+    assert int(compose["services"]["sms-bridge"]["stop_grace_period"].rstrip("s")) >= shutdown
+    unit = (ROOT / "systemd" / "sms-bridge.service").read_text(encoding="utf-8")
+    [unit_grace] = re.findall(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE)
+    assert int(unit_grace) >= shutdown
 
 
 def _env_of_the_image(config: Path) -> dict[str, str]:
@@ -928,6 +1054,7 @@ def _tls_bridge_config(tmp_path: Path, sandbox_url: str, snippet: str) -> Path:
     return write_config(tmp_path, body)
 
 
+@pytest.mark.slow  # runs bash and curl
 async def test_the_recipes_remote_curl_sends_with_the_scripts_token(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
@@ -1072,6 +1199,7 @@ async def test_the_ci_jobs_text_oncall_with_the_ci_token(
         assert await bridge.store.get(5) is None  # the refused calls stored nothing
 
 
+@pytest.mark.slow  # runs bash and curl
 async def test_the_readme_remote_curl_sends_with_the_deploy_token(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
@@ -1098,6 +1226,7 @@ async def test_the_readme_remote_curl_sends_with_the_deploy_token(
     assert len(json.loads(" ".join(answer))["ids"]) == 2  # "oncall"
 
 
+@pytest.mark.slow  # runs bash and curl
 async def test_the_recipes_local_curl_needs_no_token(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:

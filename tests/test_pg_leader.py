@@ -92,6 +92,7 @@ async def store(postgres_url: str) -> AsyncIterator[PostgresStore]:
     await store.close()
 
 
+@pytest.mark.slow  # starts leader processes
 async def test_one_instance_leads_and_a_killed_leaders_role_moves_within_a_second(
     postgres_url: str, store: PostgresStore
 ) -> None:
@@ -110,6 +111,7 @@ async def test_one_instance_leads_and_a_killed_leaders_role_moves_within_a_secon
     await other.resign()
 
 
+@pytest.mark.slow  # starts a leader process
 async def test_a_frozen_leaders_session_is_ended_by_the_server(
     postgres_url: str, store: PostgresStore
 ) -> None:

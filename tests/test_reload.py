@@ -181,3 +181,49 @@ async def test_restart_only_sections_are_named_and_keep_running(
     ]
     assert bridge.config.status.poll_interval == config.status.poll_interval
     assert bridge.poller.config.poll_interval == config.status.poll_interval
+
+
+async def test_a_reload_whose_file_hangs_leaves_the_bridge_answering(
+    tmp_path, clock: ManualClock, sandbox_url: str, monkeypatch
+) -> None:
+    """A SIGHUP whose config read hangs (a file on an NFS mount that does not answer):
+    read on the event loop, it stopped the bridge, no request answered until the mount
+    came back. Read in a thread, waited for RELOAD_READ_TIMEOUT: the bridge answers
+    meanwhile, and past the bound the reload is refused and the running config kept."""
+    import threading
+    import time
+
+    from bridge import service
+
+    config = bridge_config(tmp_path, sandbox_url)
+    path = write_config(tmp_path, f'[store]\npath = "{config.store.path}"\n', "reloaded.toml")
+    mount_back = threading.Event()
+    real_load = service.load_config
+
+    def hung(path: str | None) -> Config:
+        mount_back.wait(8)  # the mount answers 8 s later (or when the test ends)
+        return real_load(path)
+
+    monkeypatch.setattr(service, "load_config", hung)
+    monkeypatch.setattr(service, "RELOAD_READ_TIMEOUT", 1.0)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        reloads: asyncio.Queue[str | None] = asyncio.Queue()
+        reloader = asyncio.create_task(bridge._reloader(reloads))
+        try:
+            reloads.put_nowait(str(path))
+            started = time.monotonic()
+            await asyncio.sleep(0.05)  # the reloader takes the SIGHUP and starts reading
+            answer = await http.get(f"{url}/healthz", timeout=30)
+            # On the loop, the read held everything for its 8 s; 4 s leaves a loaded
+            # machine its slowness.
+            assert answer.status_code == 200 and time.monotonic() - started < 4
+            for _ in range(100):
+                if not bridge.last_reload_ok:
+                    break
+                await asyncio.sleep(0.05)
+            assert not bridge.last_reload_ok  # refused past the bound: the bridge runs on
+            assert bridge.config.store.path == config.store.path
+        finally:
+            mount_back.set()
+            bridge.stop.set()
+            await reloader

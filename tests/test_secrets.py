@@ -97,6 +97,7 @@ def test_the_floor_is_sixteen_characters(tmp_path) -> None:
     load_config(write_config(tmp_path, body.format("0123456789abcdef")), env={})  # 16
 
 
+@pytest.mark.slow  # runs the secret-making command
 def test_an_smtp_password_shorter_than_nists_floor_is_refused(tmp_path) -> None:
     """`[smtp.users]` passwords are the only factor of an SMTP login: under the 15
     characters NIST SP 800-63B-4 sets for such a password, refused by the user's key (from

@@ -37,7 +37,7 @@ from bridge.config.masking import (
     secret_files,
     secret_values,
 )
-from bridge.config.parsing import parse_duration, parse_listen
+from bridge.config.parsing import file_problem, parse_duration, parse_listen
 from bridge.config.recipients import Recipients
 from bridge.config.sections import (
     COMPOSE_MODES,
@@ -112,6 +112,7 @@ __all__ = [
     "as_reloaded",
     "config_path_from",
     "exposed_secrets",
+    "file_problem",
     "inline_secrets",
     "is_loopback_host",
     "key_fingerprint",

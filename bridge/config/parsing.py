@@ -81,14 +81,26 @@ def from_env_text(text: str, kind: str, default: object, secret: bool = False) -
             raise ValueError("expected name=value pairs separated by commas")
         return {k.strip(): v if secret else v.strip() for k, v in pairs}
     if kind in ("rules", "lists"):  # a TOML array of inline tables, or an inline table
-        return tomllib.loads(f"v = {text}")["v"]
+        return _toml_value(text)
     if kind == "list":
         if text.strip().startswith("["):
-            return tomllib.loads(f"v = {text}")["v"]
+            return _toml_value(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     if kind == "duration":
         return text
     return _env_scalar(text, default)
+
+
+def _toml_value(text: str) -> object:
+    """One TOML value written in the environment. Read as the document `v = TEXT`, what
+    followed the value on a line of its own (`[...]` then `extra = 1`, or a `[table]`)
+    was parsed as more keys and dropped without a word: refused instead."""
+    document = tomllib.loads(f"v = {text}")
+    if after := [key for key in document if key != "v"]:
+        raise ValueError(
+            f"text after the value ({after[0]!r} ...): one TOML value only, on its own"
+        )
+    return document["v"]
 
 
 def _env_scalar(text: str, default: object) -> object:
@@ -219,6 +231,23 @@ def read_regular_file(path: str, limit: int) -> str:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path!r} is not UTF-8 text: {exc}") from None
+
+
+def file_problem(path: str) -> str | None:
+    """What keeps `path` from being a regular file to read, in words, or None. Every case
+    said "no such file": a directory named as the store, or a certificate that is a FIFO,
+    sent the operator looking for a file that was there."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except NotADirectoryError:
+        return "no such file (a part of its path is a file, not a directory)"
+    except OSError as exc:  # a directory on the way that may not be searched, a loop
+        return f"cannot be looked at: {exc.strerror or exc}"
+    if not stat.S_ISREG(mode):
+        return f"is {_file_kind(mode)}, not a regular file"
+    return None
 
 
 def _file_kind(mode: int) -> str:

@@ -11,12 +11,11 @@ import logging
 import re
 import zoneinfo
 from collections.abc import Callable
-from pathlib import Path
 
 import phonenumbers
 
 from bridge.config.exposure import validate_protected
-from bridge.config.parsing import parse_listen, template_problem, url_passwords
+from bridge.config.parsing import file_problem, parse_listen, template_problem, url_passwords
 from bridge.config.recipients import Recipients
 from bridge.config.sections import (
     MAKE_SECRET,
@@ -121,8 +120,8 @@ def _validate_sections(config: Config, problem: Problem) -> None:
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
         problem("smtp.tls_cert", "tls_cert and tls_key go together")
     for key in ("tls_cert", "tls_key"):
-        if getattr(smtp, key) and not Path(getattr(smtp, key)).is_file():
-            problem(f"smtp.{key}", f"no such file: {getattr(smtp, key)}")
+        if getattr(smtp, key) and (why := file_problem(getattr(smtp, key))):
+            problem(f"smtp.{key}", f"{getattr(smtp, key)}: {why}")
     if smtp.tls_listen and not smtp.tls_cert:
         problem("smtp.tls_listen", "implicit TLS needs smtp.tls_cert and smtp.tls_key")
     if smtp.require_auth and not smtp.users:
@@ -389,5 +388,5 @@ def _validate_http(config: Config, problem: Problem) -> None:
     if bool(http.tls_cert) != bool(http.tls_key):
         problem("http.tls_cert", "tls_cert and tls_key go together")
     for key in ("tls_cert", "tls_key"):
-        if getattr(http, key) and not Path(getattr(http, key)).is_file():
-            problem(f"http.{key}", f"no such file: {getattr(http, key)}")
+        if getattr(http, key) and (why := file_problem(getattr(http, key))):
+            problem(f"http.{key}", f"{getattr(http, key)}: {why}")

@@ -51,6 +51,7 @@ from bridge.ingress.smtpauth import Authenticator, peer_host
 from bridge.ingress.smtplimits import LimitedSMTP, Sessions, TlsGate, call_limits
 from bridge.ingress.throttle import FailureThrottle
 from bridge.ingress.workers import Workers
+from bridge.models import SMTP_SENDER
 from bridge.phone import PhoneError
 from bridge.policy.decide import content_hash, dedupe_scope, slotted_key
 from bridge.policy.shaping import Draft
@@ -94,7 +95,7 @@ def smtp_login(session: Session) -> str | None:
 def sent_by(login: str | None) -> str | None:
     """Who a message is stored as sent by (its `token`): `smtp:LOGIN`. No token name
     holds a `:`, so an SMTP user is never counted against a token's daily cap."""
-    return None if login is None else f"smtp:{login}"
+    return None if login is None else f"{SMTP_SENDER}{login}"
 
 
 def unreadable(address: str, exc: Unavailable, session: Session) -> str:
