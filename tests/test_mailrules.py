@@ -44,6 +44,21 @@ def test_keep_drop_first_line_and_max_lines() -> None:
     assert compose(nothing, "subject_body") == "PROBLEM"  # an empty body: the subject alone
 
 
+def test_last_line_matching_puts_the_last_match_first_after_the_first_match() -> None:
+    log = "ERROR: cache miss (retried)\nbuild step 2\nERROR: linker failed\nFinished"
+    build = MailText(subject="Build failed", body=log, sender="ci@example.org", message_id=None)
+    last = apply_rule(MailRule(sender=("*",), last_line_matching="^error:"), build)
+    assert last.body == "ERROR: linker failed\nERROR: cache miss (retried)\nbuild step 2\nFinished"
+    both = apply_rule(
+        MailRule(sender=("*",), first_line_matching="step", last_line_matching="^error:"), build
+    )
+    assert both.body.split("\n")[:2] == ["build step 2", "ERROR: linker failed"]
+    same = apply_rule(
+        MailRule(sender=("*",), first_line_matching="linker", last_line_matching="^error:"), build
+    )
+    assert same.body.count("linker") == 1
+
+
 def test_without_a_rule_the_failed_vm_is_cut_off_with_one_it_comes_first() -> None:
     parsed = parse_mail((MAIL_DIR / "proxmox-vzdump-failed.eml").read_bytes())
     plain = truncate_to_parts(compose(parsed, "subject_body"), 3)

@@ -40,6 +40,11 @@ CASES = {
         "nas-2 UPS ups-rack3 Power Failure !!!\nSTATUS : ONBATT\nLOADPCT : 41.0 Percent\n"
         "BCHARGE : 96.0 Percent\nTIMELEFT : 17.4 Minutes",
     ),
+    # apcupsd before 3.14 writes no "UPS NAME" in its subject
+    "recipes/apcupsd-3.12-onbattery.eml": (
+        "apcupsd",
+        "files-2 Power Failure !!!\nSTATUS : ONBATT",
+    ),
     "recipes/nut-onbatt.eml": ("nut", "UPS rack2@ups-host.example.org on battery"),
     "recipes/smartd-offline-uncorrectable.eml": (
         "smartd",
@@ -87,6 +92,19 @@ CASES = {
         "Build failed in Jenkins: payments-api #912\n"
         "FAILED tests/test_refunds.py::test_partial_refund - AssertionError\n"
         "[dana] Bump httpx to 0.28\nBuild step 'Execute shell' marked build as failure",
+    ),
+    # The last error failed the build; the traceback before it was survived (|| true),
+    # and "onerror(" in it is no error line: the recipe's words match whole words.
+    "recipes/jenkins-onerror-traceback.eml": (
+        "jenkins",
+        "Build failed in Jenkins: firmware #318\n"
+        'meson.build:41:0: ERROR: Dependency "libssl" not found\n'
+        "+ meson setup --wipe build\nTraceback (most recent call last):\n"
+        'File "/usr/lib/python3.11/shutil.py", line 738, in rmtree\n'
+        "onerror(os.path.islink, path, sys.exc_info())\n"
+        "OSError: Cannot call rmtree on a symbolic link\n+ true\n+ meson setup build\n"
+        "Dependency zlib found: YES 1.2.13\n"
+        "Build step 'Execute shell' marked build as failure",
     ),
     "mail/cron-output.eml": (
         "cron",

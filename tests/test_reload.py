@@ -96,7 +96,7 @@ async def test_budget_caps_admins_and_low_balance_reach_the_budget_and_dispatche
     config = bridge_config(tmp_path, sandbox_url)
     budget = (
         '[phone]\ndefault_region = "GB"\n'
-        '[budget]\ntexts_per_day = 1\nlow_balance = 100\nadmin = ["07700 900123"]\n'
+        '[budget]\ntexts_per_day = 1\nlow_balance = 100\nadmin = ["07400 123456"]\n'
     )
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
         assert reloaded(bridge, tmp_path, sandbox_url, budget) == []
@@ -105,7 +105,7 @@ async def test_budget_caps_admins_and_low_balance_reach_the_budget_and_dispatche
         for _ in range(6):
             clock.advance(min(await bridge.dispatcher.run_once(), 5))
         waiting = await bridge.store.query(reason_kind="budget")
-    admin = [e.message for e in sandbox_state.entries if e.to == "+447700900123"]
+    admin = [e.message for e in sandbox_state.entries if e.to == "+447400123456"]
     assert len([e for e in sandbox_state.entries if e.to.startswith("+1202")]) == 1
     assert len(waiting) == 1
     assert any("texts_per_day=1" in text for text in admin)
@@ -128,13 +128,13 @@ async def test_groups_and_regions_reach_smtp_and_the_api(
     ):
         before = [
             (await asyncio.to_thread(rcpt, port, address))[0]
-            for address in ("ops@sms.localhost", "07700900123@uk.localhost")
+            for address in ("ops@sms.localhost", "07400123456@uk.localhost")
         ]
         api_before = await http.post(f"{url}/api/v1/messages", json={"to": "ops", "message": "x"})
         assert reloaded(bridge, tmp_path, sandbox_url, after) == []
         codes = [
             (await asyncio.to_thread(rcpt, port, address))[0]
-            for address in ("OPS@sms.localhost", "07700900123@uk.localhost")
+            for address in ("OPS@sms.localhost", "07400123456@uk.localhost")
         ]
         api_after = await http.post(f"{url}/api/v1/messages", json={"to": "ops", "message": "x"})
     assert before == [550, 550] and api_before.status_code == 400
@@ -151,7 +151,7 @@ async def test_a_reload_the_budget_cannot_resolve_applies_nothing(
     config = bridge_config(tmp_path, sandbox_url)
     bad: Config = dataclasses.replace(
         config,
-        budget=BudgetConfig(texts_per_day=1, admin=("07700 900123",)),  # no default region
+        budget=BudgetConfig(texts_per_day=1, admin=("07400 123456",)),  # no default region
         limits=dataclasses.replace(config.limits, max_parts=1),
     )
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:

@@ -192,6 +192,50 @@ async def test_rcpt_refusals_and_accepted_forms(tmp_path, clock, sandbox_url) ->
     assert codes[8][0] == 550 and "'+1 202 \"555 0146' is not a possible" in codes[8][1]
 
 
+async def test_a_national_number_of_no_full_number_is_refused_with_why(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """5550143 in region US: the library calls 7 digits "possible" (a local number, for a
+    landline of the same area code) and 1234567 in GB possible too, but neither is a
+    number a phone has: they were texted as +15550143 and +441234567. Now a 550 says why;
+    the full number, national or with its country code, is still texted."""
+    smtp = (
+        '[phone]\ndefault_region = "US"\n'
+        '[smtp]\ndomains = ["sms.localhost", "us.sms.localhost", "gb.sms.localhost"]\n'
+        'regions = {"us.sms.localhost" = "US", "gb.sms.localhost" = "GB"}\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, smtp)
+    async with running_bridge(config, clock) as (bridge, url), smtp_listening(bridge) as port:
+        async with httpx.AsyncClient() as http:  # the API reads it in phone.default_region
+            api = await http.post(
+                f"{url}/api/v1/messages", json={"to": "5550143", "message": "UPS on battery"}
+            )
+
+        def session() -> list[tuple[int, str]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("ups.example.org")
+                client.mail("ups@example.org")
+                return [
+                    (code, text.decode())
+                    for code, text in (
+                        client.rcpt(r)
+                        for r in (
+                            "5550143@us.sms.localhost",
+                            "1234567@gb.sms.localhost",
+                            "2025550143@us.sms.localhost",
+                            "02079460000@gb.sms.localhost",
+                        )
+                    )
+                ]
+
+        replies = await asyncio.to_thread(session)
+    assert [code for code, _ in replies] == [550, 550, 250, 250], replies
+    assert "a local number only (7 digits): write it with its area code" in replies[0][1]
+    assert "read in GB it is +441234567, which is no valid number there" in replies[1][1]
+    assert api.status_code == 400 and "a local number only" in api.json()["error"], api.text
+    assert sandbox_state.entries == []
+
+
 async def test_a_group_name_is_case_blind_over_smtp_and_http_alike(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
@@ -324,6 +368,40 @@ async def test_without_a_message_id_the_date_tells_a_new_mail_from_a_retry(
     queued, dup = State.QUEUED, State.SUPPRESSED
     # (without a Date the text is the key: the first such mail meets no dated one)
     assert states == [queued, dup, queued, queued, dup], states
+
+
+async def test_a_devices_own_retry_built_anew_is_texted_once(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url, backend: str
+) -> None:
+    """A UPS or NAS that mails the bridge itself builds its mail anew when it retries (the
+    bridge's 250 lost, its own timeout): a new Date and a new Message-ID, the same alert.
+    Keyed on the Message-ID (or the exact Date), each retry was texted again. Dates of
+    one content within minutes are one mail now, across a 5-minute slot's edge too; the
+    same alert half an hour later is a new one, though the window is 2 hours."""
+
+    def ups(date: str, message_id: str) -> str:
+        return (
+            f"Date: {date}\r\nMessage-ID: <{message_id}@ups-rack1.example.org>\r\n"
+            "From: ups-rack1@example.org\r\nSubject: UPS ups-rack1: on battery\r\n\r\n"
+            "Input power failure, runtime 14 min\r\n"
+        )
+
+    sends = [
+        ("Tue, 01 Dec 2026 02:04:50 +0000", "1764554690.1"),  # the first
+        ("Tue, 01 Dec 2026 02:05:40 +0000", "1764554740.2"),  # its retry, past a slot edge
+        ("Tue, 01 Dec 2026 02:06:30 +0000", "1764554790.3"),  # and the next one
+        ("Tue, 01 Dec 2026 02:40:12 +0000", "1764556812.4"),  # on battery again later
+        ("Tue, 01 Dec 2026 02:40:12 +0000", "1764556812.4"),  # an MTA's retry of it
+    ]
+    extra = '[dedupe]\nwindow = "2h"\n'
+    async with smtp_bridge(tmp_path, clock, sandbox_url, extra) as (bridge, port):
+        for date, message_id in sends:
+            raw = ups(date, message_id)
+            await asyncio.to_thread(send, port, "ups-rack1@example.org", [DEFAULT_RCPT], raw)
+            clock.advance(50)
+        states = [m.state for m in sorted(await bridge.store.query(), key=lambda m: m.id)]
+    queued, dup = State.QUEUED, State.SUPPRESSED
+    assert states == [queued, dup, dup, queued, dup], states
 
 
 async def test_an_auto_reply_with_the_alerts_words_does_not_silence_the_alert(

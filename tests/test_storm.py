@@ -271,10 +271,10 @@ async def test_low_balance_warning_once_and_cost_estimates(
 async def test_a_national_admin_number_gets_a_warning_shaped_like_any_text(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
-    """`phone.default_region = "GB"` with `budget.admin = ["07700 900123"]` once passed
+    """`phone.default_region = "GB"` with `budget.admin = ["07400 123456"]` once passed
     check-config and then killed `serve` at start; the warning is priced as texts are."""
     extra = (
-        '[phone]\ndefault_region = "GB"\n[budget]\ntexts_per_day = 1\nadmin = ["07700 900123"]\n'
+        '[phone]\ndefault_region = "GB"\n[budget]\ntexts_per_day = 1\nadmin = ["07400 123456"]\n'
     )
     config = bridge_config(tmp_path, sandbox_url, extra)
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
@@ -286,10 +286,10 @@ async def test_a_national_admin_number_gets_a_warning_shaped_like_any_text(
         for _ in range(5):
             clock.advance(min(await bridge.dispatcher.run_once(), 5))
         [warning] = await bridge.store.query(source="budget")
-    assert warning.recipient == "+447700900123"
+    assert warning.recipient == "+447400123456"
     assert "texts_per_day=1" in warning.text
     assert warning.estimated_cost == 0.8  # the sandbox's GB price, estimated at ingest
-    assert [e.to for e in sandbox_state.entries].count("+447700900123") == 1
+    assert [e.to for e in sandbox_state.entries].count("+447400123456") == 1
 
 
 @on_each_backend

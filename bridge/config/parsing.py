@@ -321,7 +321,7 @@ def _mail_rule(index: int, table: object) -> MailRule:
     rule = MailRule(**values)
     if not rule.sender and not rule.subject:
         raise ValueError(f"{where}: a rule needs sender or subject to match on")
-    for key in ("subject", "first_line_matching", "keep", "drop"):
+    for key in ("subject", "first_line_matching", "last_line_matching", "keep", "drop"):
         patterns = getattr(rule, key)
         for pattern in (patterns,) if isinstance(patterns, str) else patterns:
             if pattern and (why := _regex_problem(pattern)):

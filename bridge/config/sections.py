@@ -54,6 +54,9 @@ class MailRule:
     keep: tuple[str, ...] = ()  # regexes: only body lines matching one are kept
     drop: tuple[str, ...] = ()  # regexes: body lines matching one are dropped
     first_line_matching: str = ""  # regex: the first body line matching it goes first
+    # regex: the last body line matching it goes first (a build log's last error is what
+    # failed it; the ones before were survived); after first_line_matching's, if both
+    last_line_matching: str = ""
     max_lines: int = 0  # body lines kept at most; 0 = all
     compose: str = ""  # subject | body | subject_body | template; "" = smtp.compose
     template: str = ""  # Jinja2 as smtp.template, for compose = "template"

@@ -56,14 +56,65 @@ class _UnstructuredHeaders(HeaderRegistry):
 POLICY = email.policy.default.clone(header_factory=_UnstructuredHeaders())
 MAX_BODY_CHARS = 20_000  # an SMS needs a few hundred; bound the cleaning work
 _QUOTE_INTRO = re.compile(
-    r"^(On .{5,200} wrote:|Am .{5,200} schrieb .{1,100}:|Le .{5,200} a écrit\s?:|"
-    r"-+\s*Original Message\s*-+|From: .+ Sent: .+)$",
+    r"^(On .{5,200} wrote:|Am .{5,200} schrieb .{1,100}:|Le .{5,200} a écrit\s?:)$",
     re.IGNORECASE,
 )
 # Gmail's and Thunderbird's inline forward: the forwarded mail follows, its header block
 # first. Not a quote to cut: the alert someone forwarded is what is to be texted.
 _FORWARD_INTRO = re.compile(r"-+\s*Forwarded message\s*-+", re.IGNORECASE)
-_FORWARD_HEADER = re.compile(r"(From|Date|Sent|Subject|To|Cc)\s*:", re.IGNORECASE)
+# Apple Mail's (iPhone's) forward: the forwarded mail follows quoted with ">", its header
+# block first; the quote is the alert, kept unquoted.
+_QUOTED_FORWARD_INTRO = re.compile(
+    r"(Begin forwarded message|Anfang der weitergeleiteten Nachricht|Début du message"
+    r" réexpédié|Inicio del mensaje reenviado|Inizio messaggio inoltrato|Begin doorgestuurd"
+    r" bericht)\s?:",
+    re.IGNORECASE,
+)
+# What a phone's mail app writes under every mail, with no "-- " before it: no news.
+_MOBILE_FOOTER = re.compile(
+    r"(Sent from my [\w .-]{1,40}|Sent from (Outlook|Mail|Yahoo Mail)( for [\w .]{1,30})?"
+    r"( on [\w .]{1,20})?|Get Outlook for (iOS|Android)\b.{0,80}|Von meinem [\w .-]{1,40}"
+    r" gesendet|Envoy(é|e) de mon [\w .-]{1,40}|Enviado desde mi [\w .-]{1,40})",
+    re.IGNORECASE,
+)
+# Outlook's (and Exchange web mail's) block before the earlier mail, the same in a reply
+# and a forward: a separator ("-----Original Message-----", localised, or a rule of
+# underscores), then From/Sent/To/Subject in the client's language. Only the subject's
+# prefix tells a forward (the alert is the news) from a reply (the reply is).
+_OUTLOOK_SEPARATOR = re.compile(
+    r"-+\s*(Original Message|Urspr(ü|ue)ngliche Nachricht|Message d'origine|"
+    r"Mensaje original|Messaggio originale|Oorspronkelijk bericht|Mensagem original)\s*-+"
+    r"|_{10,}",
+    re.IGNORECASE,
+)
+_OUTLOOK_FROM = re.compile(r"(From|Von|De|Da|Van|Fra|Från|Od)\s*:\s*\S", re.IGNORECASE)
+_OUTLOOK_SENT = re.compile(
+    r"(Sent|Gesendet|Envoy(é|e)|Enviado|Inviato|Verzonden|Sendt|Skickat|Wys(ł|l)ano)\s*:",
+    re.IGNORECASE,
+)
+_OUTLOOK_ONE_LINE = re.compile(r"From: .+ Sent: .+", re.IGNORECASE)  # its HTML, flattened
+_FORWARD_HEADER = re.compile(
+    r"(From|Date|Sent|Subject|To|Cc|Von|Gesendet|An|Betreff|De|Envoy(é|e)|À|Objet|Enviado"
+    r"|Para|Asunto|Da|Inviato|A|Oggetto|Van|Verzonden|Aan|Onderwerp|Datum)\s*:",
+    re.IGNORECASE,
+)
+# The subject prefix Outlook and others write on a forward, by language: FW/Fwd, WG
+# (German), TR (French), RV (Spanish), I (Italian), ENC (Portuguese), Doorst (Dutch),
+# VS/VB (Nordic), PD (Polish); after any [EXTERNAL]-style tags a gateway adds. A reply's
+# RE:/AW:/SV: first ("RE: FW: ...") makes it a reply.
+_FORWARD_SUBJECT = re.compile(
+    r"^\s*(\[[^\]]{0,40}\]\s*)*(fwd?|wg|tr|rv|i|enc|doorst|vs|vb|vl|pd)\s*:", re.IGNORECASE
+)
+# A rule drawn of one character (Jenkins' 42 dashes between its changes and the console,
+# "=====" under a heading): no news, and ~10 % of a 3-part text. Not `grep -C`'s `--`.
+_RULE = re.compile(r"([-=_*#~+.])\1{3,}")
+# Where a line may be one of the above (an intro, a separator, a header, a footer, a
+# rule): only such lines are looked at further, most lines of a log after one look.
+_SPECIAL = re.compile(
+    r"(on |am |le |[-=_*#~+.]|from|von|de|da|van|fra|från|od|sent|get |envoy|enviado"
+    r"|begin|anfang|début|inicio|inizio)",
+    re.IGNORECASE,
+)
 _DIFF_HUNK = re.compile(r"\d+(?:,\d+)?[acd]\d+(?:,\d+)?")  # `diff` (normal format): 3a4
 _HTML_SIGNATURE = re.compile(r"^[ \t]*--[ \t]*$", re.MULTILINE)
 # The delimiter as the HTML has it, its space before the next tag (`-- <br>`, a
@@ -304,36 +355,85 @@ def _body(msg: Message) -> str:
     return text
 
 
-def clean_body(text: str) -> str:
+def is_forward(subject: str) -> bool:
+    """Whether a subject is a forward's (FW:, WG:, TR:...), as opposed to a reply's."""
+    return bool(_FORWARD_SUBJECT.match(subject))
+
+
+def _clean_line(raw: str) -> str:
+    return _SPACES.sub(" ", _CONTROL.sub("", raw)).strip().lstrip("\ufeff")
+
+
+def _wrapped_intro(line: str, following: str) -> bool:
+    """Whether `line` and the next are one "On ... wrote:" a client wrapped (Gmail wraps
+    it past ~78 characters, a long sender name and address pushing "wrote:" down)."""
+    return 0 < len(following) < 40 and bool(_QUOTE_INTRO.match(f"{line} {following}"))
+
+
+def _outlook_block(line: str, after: str) -> bool:
+    """Whether Outlook's block before an earlier mail starts at `line` (`after`: the next
+    line with text): its separator, or (in its HTML, where the separator is a border) a
+    From line with a Sent line under it, or both on one line."""
+    if _OUTLOOK_SEPARATOR.fullmatch(line):
+        return not line.startswith("_") or bool(_OUTLOOK_FROM.match(after))
+    if _OUTLOOK_FROM.match(line):
+        return bool(_OUTLOOK_SENT.match(after)) or bool(_OUTLOOK_ONE_LINE.fullmatch(line))
+    return False
+
+
+def clean_body(text: str, *, forward: bool = False) -> str:
     """Drop signatures, quoted replies and blank lines; fold whitespace.
 
     Only `-- ` (dash dash space, RFC 3676) starts a signature: a bare `--` is what
     `grep -C` prints between matches in cron output, and the matches after it are the
-    news. `>` lines are a quoted reply, except in a body holding a `diff` hunk header
-    (`3a4`, `12,14c12`): there they are the lines added, say to /etc/passwd. A forwarded
-    mail (`---------- Forwarded message ---------`) is kept, less its header block.
+    news. `>` lines (the mark at the line's start, not after a space) are a quoted reply,
+    except in a body holding a `diff` hunk header (`3a4`, `12,14c12`): there they are the
+    lines added, say to /etc/passwd. A forwarded mail (`---------- Forwarded message
+    ---------`) is kept, less its header block; so is the earlier mail after Outlook's
+    block (`-----Original Message-----`, From/Sent/To) when the mail is a `forward`
+    (its subject says FW:), where in a reply that block starts the quote, and after
+    iPhone Mail's "Begin forwarded message:", unquoted. A line that is a rule of one
+    character (`-----`, `=====`) or a phone's "Sent from my iPhone" is left out.
     """
     raws = text[:MAX_BODY_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n")
     quotes = not any(_DIFF_HUNK.fullmatch(raw) for raw in raws)
     lines = []
     forward_head = False  # in the header block of a forwarded mail
-    for raw in raws:
+    unquote = False  # in a forwarded mail quoted with ">" (iPhone Mail's forward)
+    for index, raw in enumerate(raws):
         if raw == "-- ":
             break  # signature delimiter: the rest is the signature
-        line = _SPACES.sub(" ", _CONTROL.sub("", raw)).strip()
-        if quotes and line.startswith(">"):
+        line = _clean_line(raw)
+        if quotes and raw[:1] == ">":
+            # A quote mark starts its line (RFC 3676 space-stuffs any other ">" line):
+            # Jenkins' " > git fetch ..." is the console echoing the command that failed.
+            if not unquote:
+                continue
+            line = line[1:].strip().lstrip("\ufeff")
+        elif unquote and line:
+            unquote = forward_head = False  # the quoted forward ended
+        if not line:
             continue
-        if _QUOTE_INTRO.match(line):
-            break
-        if _FORWARD_INTRO.fullmatch(line):
-            forward_head = True
-            continue
+        if _SPECIAL.match(line):  # one look for most lines; the rest only where it may be
+            if _MOBILE_FOOTER.fullmatch(line) or _RULE.fullmatch(line):
+                continue
+            if _QUOTED_FORWARD_INTRO.fullmatch(line):
+                forward_head = unquote = True
+                continue
+            after = [_clean_line(r) for r in raws[index + 1 : index + 3]] + ["", ""]
+            if _QUOTE_INTRO.match(line) or _wrapped_intro(line, after[0]):
+                break
+            forwarded = _FORWARD_INTRO.fullmatch(line)
+            if forwarded or (not forward_head and _outlook_block(line, after[0] or after[1])):
+                if not forward and not forwarded:
+                    break  # a reply's quote of the mail it answers
+                forward_head = True
+                continue
         if forward_head:
-            if not line or _FORWARD_HEADER.match(line):
+            if _FORWARD_HEADER.match(line) or _OUTLOOK_ONE_LINE.fullmatch(line):
                 continue
             forward_head = False
-        if line:
-            lines.append(line)
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -371,6 +471,10 @@ def _unreadable(raw: bytes) -> str:
     return clean_body(raw[:MAX_BODY_CHARS].decode("utf-8", errors="replace"))
 
 
+def _is_forward(found: dict[str, str]) -> bool:
+    return is_forward(found.get("subject", ""))
+
+
 def parse_mail(
     raw: bytes, *, mail_from: str | None = None, bounds: ParseBounds = ParseBounds()
 ) -> MailText:
@@ -383,9 +487,8 @@ def parse_mail(
     if plain is None:
         return _parsed_mail(raw, mail_from, bounds)
     found, payload, charset = plain
-    return _mail_text(
-        found, clean_body(_payload_text(payload, charset)), "text/plain", mail_from, None
-    )
+    body = clean_body(_payload_text(payload, charset), forward=_is_forward(found))
+    return _mail_text(found, body, "text/plain", mail_from, None)
 
 
 def _parsed_mail(raw: bytes, mail_from: str | None, bounds: ParseBounds) -> MailText:
@@ -404,11 +507,13 @@ def _parsed_mail(raw: bytes, mail_from: str | None, bounds: ParseBounds) -> Mail
             raise
         except Exception:
             msg, truncated = Message(), "not a readable MIME message"
+    found = _headers(msg)
     try:
-        body = clean_body(_body(msg)) if len(msg) or msg.get_payload() else _unreadable(raw)
+        readable = len(msg) or msg.get_payload()
+        body = clean_body(_body(msg), forward=_is_forward(found)) if readable else _unreadable(raw)
     except Exception:
         body = _unreadable(raw)
-    return _mail_text(_headers(msg), body, msg.get_content_type(), mail_from, truncated)
+    return _mail_text(found, body, msg.get_content_type(), mail_from, truncated)
 
 
 def _mail_text(

@@ -4,7 +4,8 @@ Nagios, apcupsd, mdadm, fail2ban or Proxmox put the line that matters after line
 boilerplate (or a whole log), so a text cut at `limits.max_parts` can lose it. The first
 `[[smtp.rules]]` entry whose sender glob and subject pattern match picks the body's lines
 before the text is composed: `keep` only lines matching one of its patterns, `drop` lines
-matching one, put the `first_line_matching` line first, cut at `max_lines`. Patterns are
+matching one, put the `first_line_matching` line first (and the `last_line_matching` one
+after it: a build log's last error is what failed the build), cut at `max_lines`. Patterns are
 Python regular expressions matched case-insensitively anywhere in the line; sender globs
 are matched against the From address and the envelope sender.
 """
@@ -61,6 +62,14 @@ def _any(patterns: Sequence[str], line: str) -> bool:
     return any(_pattern(p).search(line) for p in patterns)
 
 
+def _matching(pattern: str, lines: Sequence[str]) -> str | None:
+    """The first of `lines` that `pattern` matches; None for no pattern or no line."""
+    if not pattern:
+        return None
+    found = _pattern(pattern)
+    return next((line for line in lines if found.search(line)), None)
+
+
 def apply_rule(rule: MailRule, mail: MailText) -> MailText:
     """The mail with its body reduced to the lines the rule picks, in the order it says."""
     lines = mail.body.split("\n") if mail.body else []
@@ -69,12 +78,17 @@ def apply_rule(rule: MailRule, mail: MailText) -> MailText:
         for line in lines
         if (not rule.keep or _any(rule.keep, line)) and not _any(rule.drop, line)
     ]
-    if rule.first_line_matching:
-        first = _pattern(rule.first_line_matching)
-        # searched in the whole body: the line that matters may be one `keep` left out
-        lead = next((line for line in lines if first.search(line)), None)
-        if lead is not None:
-            picked = [lead, *(line for line in picked if line != lead)]
+    # searched in the whole body: the line that matters may be one `keep` left out
+    leads = [
+        line
+        for line in (
+            _matching(rule.first_line_matching, lines),
+            _matching(rule.last_line_matching, lines[::-1]),
+        )
+        if line is not None
+    ]
+    if leads:
+        picked = [*dict.fromkeys(leads), *(line for line in picked if line not in leads)]
     if rule.max_lines:
         picked = picked[: rule.max_lines]
     return dataclasses.replace(mail, body="\n".join(picked))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import email.utils
 import fnmatch
 import logging
 import re
@@ -52,7 +53,7 @@ from bridge.ingress.throttle import FailureThrottle
 from bridge.ingress.workers import Workers
 from bridge.models import SMTP_SENDER
 from bridge.phone import PhoneError
-from bridge.policy.decide import content_hash, dedupe_scope
+from bridge.policy.decide import content_hash, dedupe_scope, slotted_key
 from bridge.policy.shaping import Draft
 from bridge.schedule import MAIL_HEADER, parse_schedule_time, scheduled_epoch
 from bridge.sockets import bind_socket
@@ -64,6 +65,9 @@ IDENT = "sms-bridge ESMTP"
 ADDRESS_CACHE_SIZE = 1024
 PARSE_WORKERS = 2  # mail parsing threads; a slow mail holds one, never the event loop
 MESSAGE_ID_KEPT = 256  # characters of a Message-ID kept in its dedupe key; a longer one: its hash
+# Dates of one content this close are one mail: a device's own retry, built anew, comes
+# within seconds or minutes (slotted_key: always within this, never beyond twice it).
+RETRY_SLOT = 300
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -520,12 +524,16 @@ def allowed_numbers(recipients: Recipients, targets: Sequence[str]) -> frozenset
 
 
 def mail_dedupe_key(mail: MailText, scheduled_for: str | None = None) -> str | None:
-    """A resend is the same Message-ID *and* the same content: cheap devices and test
-    fixtures give different mails one Message-ID, and each of them must be texted.
+    """A resend is the same content (From, Subject, body) with a `Date` within
+    `RETRY_SLOT` of its first: an MTA's retry keeps the Date, and a UPS or NAS that builds
+    its mail anew for its own retry writes a Date (and Message-ID) seconds or minutes
+    later; each was texted twice while the Message-ID or the exact Date was the key. The
+    same words half an hour later (cron's "backup failed" again) are a new mail, and so
+    are two mails sharing one Message-ID with different content (cheap devices, test
+    fixtures).
 
-    Without a Message-ID, the Date header tells a retry (an MTA resends the mail as it
-    was, Date and all) from a new mail with the same words (cron's "backup failed" an
-    hour later): the Date and the content. With neither, the text is the key.
+    Without a Date, the Message-ID and the content; with neither, the text is the key. A
+    Date no parser reads is kept as it is written, with the content.
 
     A scheduled mail's key holds its time (`scheduled_for`, the X-SMS-Schedule header
     as stored): without it, whoever knew a device's (often predictable) Message-ID could
@@ -534,6 +542,10 @@ def mail_dedupe_key(mail: MailText, scheduled_for: str | None = None) -> str | N
     content = content_hash(mail.sender, mail.subject, mail.body)
     if scheduled_for:
         content = f"{content}@{scheduled_for}"
+    date = mail.headers.get("date", "").strip()
+    written = _date_epoch(date)
+    if written is not None:
+        return slotted_key(f"sent:{content}", written, RETRY_SLOT)
     if mail.message_id:
         message_id = mail.message_id
         if len(message_id) > MESSAGE_ID_KEPT:
@@ -541,10 +553,25 @@ def mail_dedupe_key(mail: MailText, scheduled_for: str | None = None) -> str | N
             # cannot index a key past ~2.7 kB: the insert failed, a 451 for ever.
             message_id = "sha256:" + content_hash(message_id)
         return f"message-id:{message_id}:{content}"
-    date = mail.headers.get("date", "").strip()
     if date:
         return f"date:{content_hash(date)}:{content}"
     return None  # the text is the key
+
+
+def _date_epoch(date: str) -> float | None:
+    """A Date header's time as an epoch, or None where it cannot be read (a time without
+    a zone is read as UTC: only its distance to another of the same sender counts)."""
+    if not date:
+        return None
+    try:
+        parsed = email.utils.parsedate_tz(date)
+        if parsed is None:
+            return None
+        if parsed[9] is None:
+            parsed = (*parsed[:9], 0)
+        return float(email.utils.mktime_tz(parsed))
+    except (ValueError, OverflowError, TypeError):
+        return None
 
 
 def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:

@@ -7,7 +7,7 @@ each as if the ones before it were already stored: two concurrent duplicates can
 both slip through, and a storm is counted exactly. No I/O here, no store import beyond
 the interface's vocabulary.
 
-- Deduplication: the same dedupe key (explicit: `dedupe_key`, a mail's Message-ID or Date and content,
+- Deduplication: the same dedupe key (explicit: `dedupe_key`, a mail's content and Date slot (`slotted_key`),
   GitHub body hash, alert fingerprints and status; otherwise the normalised text) to the
   same recipient within the window -> `suppressed`, naming the original. Every key
   carries its scope (`dedupe_scope`): keys from the API, a route or mail never meet.
@@ -24,6 +24,7 @@ the interface's vocabulary.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ from bridge.store.api import (
 )
 
 _WORDS = re.compile(r"\s+")
+# A key `slotted_key` made: the time slot it was made in, at its end.
+_SLOTTED = re.compile(r"@slot(\d+):(-?\d+)$")
 # GitHub signs no timestamp, so a captured body can be replayed at any time; its key is
 # the body's hash, and no genuine event repeats a body, so a long window costs nothing.
 SIGNED_REPLAY_WINDOW = 7 * 86400.0
@@ -83,9 +86,10 @@ class Rules:
         """The stored originals and storm counts the decisions of `pending` need."""
         queued = [(m, now) for m, now in _keyed(pending) if m.state == State.QUEUED]
         originals = {
-            OriginalQuestion(m.dedupe_key or "", m.recipient, now - window)
+            OriginalQuestion(key, m.recipient, now - window)
             for m, now in queued
             if (window := self.window_for(m.route)) > 0
+            for key in repeated_keys(m.dedupe_key or "")
         }
         storms = {self.storm_question(m, now) for m, now in queued} if self.per_recipient else set()
         return IngestQuestions(originals=sorted(originals), storms=sorted(storms))
@@ -168,6 +172,23 @@ def content_hash(*parts: str | bytes) -> str:
     return digest.hexdigest()[:32]
 
 
+def slotted_key(base: str, at: float, slot: int) -> str:
+    """`base` in the time slot of `slot` seconds that holds `at` (an epoch): a message
+    with such a key repeats one stored with `base` in the same or a neighbouring slot,
+    so within `slot` seconds of it always, and never beyond twice that."""
+    return f"{base}@slot{slot}:{math.floor(at / slot)}"
+
+
+def repeated_keys(key: str) -> tuple[str, ...]:
+    """The stored keys a message with `key` repeats: itself, and for a `slotted_key` the
+    same in the slots either side (a slot's edge must not part a retry from its first)."""
+    found = _SLOTTED.search(key)
+    if found is None:
+        return (key,)
+    base, slot, index = key[: found.start()], found.group(1), int(found.group(2))
+    return (key, f"{base}@slot{slot}:{index - 1}", f"{base}@slot{slot}:{index + 1}")
+
+
 def text_key(text: str) -> str:
     """A dedupe key for messages without one: case and spacing do not make news."""
     normalised = _WORDS.sub(" ", text).strip().casefold()
@@ -188,12 +209,15 @@ class _Batch:
     let_through: dict[str, list[float]] = field(default_factory=dict)
 
     def original(self, message: NewMessage, since: float) -> int | None:
-        key = message.dedupe_key or ""
-        stored = self.originals.get(OriginalQuestion(key, message.recipient, since))
-        if stored is not None:
-            return stored
-        repeats = self.earlier.get((key, message.recipient), [])
-        return next((i for i, at in repeats if at >= since), None)
+        for key in repeated_keys(message.dedupe_key or ""):
+            stored = self.originals.get(OriginalQuestion(key, message.recipient, since))
+            if stored is not None:
+                return stored
+            repeats = self.earlier.get((key, message.recipient), [])
+            found = next((i for i, at in repeats if at >= since), None)
+            if found is not None:
+                return found
+        return None
 
     def storming(self, message: NewMessage, now: float) -> bool:
         question = self.rules.storm_question(message, now)
