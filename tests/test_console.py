@@ -237,6 +237,42 @@ async def test_a_signed_in_operator_is_sent_on_from_the_sign_in_page(served_brid
         assert form.status_code == 200 and 'name="token"' in form.text
 
 
+async def test_a_signed_in_reader_can_still_sign_in_with_an_admin_token(
+    served_bridge, config
+) -> None:
+    """The sign-in page sending signed-in operators on broke the way to another token: a
+    reader's refused cancel linked "Sign in with another token" to it, which sent them
+    back to the overview, with no form. That link, and the message page's for a reader,
+    show the form; signed in there as an admin, they act. A session whose token lost
+    `read` (a reload) gets the form too, not the overview's 403."""
+    bridge, url = served_bridge
+    held = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1, state=State.HELD)
+    [message_id] = await seed(bridge.store, [held], 1.0)
+    page = f"/ui/messages/{message_id}"
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        form = {"csrf": csrf_of(await http.get(page))}
+        refused = await http.post(f"{page}/cancel", data=form)
+        assert refused.status_code == 403
+        [link] = re.findall(r'href="([^"]*)">Sign in with another token', refused.text)
+        again = await http.get(link.replace("&amp;", "&"))
+        assert again.status_code == 200 and 'name="token"' in again.text
+        [offered] = re.findall(r'href="([^"]*)">sign in with one', (await http.get(page)).text)
+        shown = await http.get(offered.replace("&amp;", "&"))
+        assert shown.status_code == 200 and f'value="{page}"' in shown.text
+        signed = await http.post(
+            "/ui/signin", data={"csrf": csrf_of(shown), "token": ADMIN, "next": page}
+        )
+        assert signed.status_code == 303 and signed.headers["location"] == page
+        done = await http.post(f"{page}/cancel", data={"csrf": csrf_of(await http.get(page))})
+        assert done.status_code == 303
+        assert (await bridge.store.get(message_id)).state == State.FAILED
+        sender = dataclasses.replace(config.tokens["root"], scopes=("send",))
+        bridge.reload(dataclasses.replace(config, tokens={**config.tokens, "root": sender}))
+        lost = await http.get("/ui/signin")
+        assert lost.status_code == 200 and 'name="token"' in lost.text
+
+
 async def test_sign_in_form_is_csrf_protected_too(served_bridge) -> None:
     _, url = served_bridge
     async with httpx.AsyncClient(base_url=url) as http:
