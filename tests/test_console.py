@@ -1706,6 +1706,39 @@ async def test_cancelling_a_phones_held_messages_needs_admin_and_the_csrf_token(
         assert empty.status_code == 400
 
 
+async def test_cancelling_a_phones_messages_reads_the_phone_as_a_number(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str
+) -> None:
+    """`/ui/queued/cancel` and `/ui/held/cancel` looked the recipient up as posted: one
+    holding a NUL was a 500 on PostgreSQL (a traceback in the log) and "nothing
+    cancelled" on SQLite, and `+1 202 555 0144` cancelled nothing of +12025550144's.
+    A recipient is read as a phone number: not one is a 400 saying so, on both stores;
+    written with spaces, it is that phone's."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    queued = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as admin,
+    ):
+        ids = await seed(bridge.store, [queued, queued._replace(state=State.HELD)], 1.0)
+        await sign_in(admin, ADMIN)
+        csrf = csrf_of(await admin.get("/ui/"))
+        for state in ("queued", "held"):
+            for wrong in ("+1\x00", "\x00", "nas.example.org", "%"):
+                answer = await admin.post(
+                    f"/ui/{state}/cancel", data={"csrf": csrf, "recipient": wrong}
+                )
+                assert answer.status_code == 400, (state, wrong, answer.status_code)
+                assert "not a possible phone number" in answer.text
+        assert {(await bridge.store.get(i)).state for i in ids} == {State.QUEUED, State.HELD}
+        for state in ("queued", "held"):
+            done = await admin.post(
+                f"/ui/{state}/cancel", data={"csrf": csrf, "recipient": "+1 202 555 0144"}
+            )
+            assert done.headers["location"] == "/ui/messages?recipient=%2B12025550144"
+        assert {(await bridge.store.get(i)).state for i in ids} == {State.FAILED}
+
+
 async def test_a_misspelt_list_parameter_is_a_400_not_every_message(served_bridge) -> None:
     """`?stat=failed` (for `state`) was ignored: every message, with a 200, to a script
     that asked for the failed ones. A 400 naming it and what the list takes, on the API

@@ -416,10 +416,20 @@ class Console(Gate):
         waiting = str(state)
 
         async def cancel(request: Request, caller: Caller, form: dict[str, str]) -> Response:
-            number = form.get("recipient", "").strip()
-            if not number:
+            written = form.get("recipient", "").strip()
+            if not written:
                 return self._error(
                     request, 400, f"'recipient': which phone's {waiting} messages?", as_json=False
+                )
+            # Stored recipients are whole numbers (+CC...), as the firewall normalised
+            # them; anything else names no phone's messages. Not looked up as written: a
+            # NUL in it was a 500 on PostgreSQL (its text holds none), "nothing
+            # cancelled" on SQLite.
+            try:
+                number = normalise_number(written)
+            except PhoneError as exc:
+                return self._error(
+                    request, 400, f"'recipient': {exc}, with its calling code", as_json=False
                 )
             who, cancelled = caller.principal.name, 0
             for _ in range(MAX_CANCEL_ROUNDS):  # bounded: a flood still arriving is not chased
