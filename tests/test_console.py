@@ -22,6 +22,7 @@ import pytest
 
 from bridge.clock import ManualClock
 from bridge.ingress.http.app import PROVIDER_REFUSED
+from bridge.ingress.http.console import app as console_app
 from bridge.ingress.http.console import sessions
 from bridge.models import NewMessage, State
 from bridge.provider.sandbox import Fault, SandboxState
@@ -1704,6 +1705,51 @@ async def test_cancelling_a_phones_held_messages_needs_admin_and_the_csrf_token(
         assert "nothing cancelled" in (await admin.get(nothing.headers["location"])).text
         empty = await admin.post("/ui/held/cancel", data={**form, "recipient": ""})
         assert empty.status_code == 400
+
+
+async def test_the_storms_card_offers_a_phones_pile_of_queued_texts(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str, monkeypatch
+) -> None:
+    """The overview's storms card listed held storms only: texts piling up queued for one
+    phone (storm control off, a script looping) were found by filtering the list. The
+    card lists a phone with QUEUED_PILE_MIN or more of the queue's next texts, linked to
+    them, with an admin's "Cancel all" (a reader's card has none); a phone with fewer is
+    not listed. Counted among the next QUEUED_PILE_SCAN only ("+": more are queued).
+    Both stores."""
+    monkeypatch.setattr(console_app, "QUEUED_PILE_MIN", 3)
+    monkeypatch.setattr(console_app, "QUEUED_PILE_SCAN", 5)
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    queued = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as reader,
+        httpx.AsyncClient(base_url=url) as admin,
+    ):
+        few = queued._replace(recipient="+12025550145")
+        pile = await seed(bridge.store, [queued] * 3 + [few] * 2, 1.0)
+        await sign_in(reader, READER)
+        await sign_in(admin, ADMIN)
+        shown = (await reader.get("/ui/overview.json")).json()
+        assert shown["queued_piles"] == [{"recipient": "+12025550144", "queued": 3}]
+        assert shown["queued_piles_partial"] is False
+        assert 'action="/ui/queued/cancel"' not in (await reader.get("/ui/")).text
+        page = await admin.get("/ui/")
+        assert "/ui/messages?state=queued&amp;recipient=%2B12025550144" in page.text
+        assert 'name="recipient" value="+12025550144"' in page.text
+        assert "+12025550145" not in page.text
+        await seed(bridge.store, [few] * 2, 2.0)  # due after the pile: beyond the 5 read
+        later = (await admin.get("/ui/overview.json")).json()
+        assert later["queued_piles_partial"] is True  # +12025550145's 4: 2 of them read
+        assert later["queued_piles"] == [{"recipient": "+12025550144", "queued": 3}]
+        assert ">3+</td>" in (await admin.get("/ui/")).text
+        done = await admin.post(
+            "/ui/queued/cancel", data={"csrf": csrf_of(page), "recipient": "+12025550144"}
+        )
+        assert done.status_code == 303
+        assert {(await bridge.store.get(i)).state for i in pile[:3]} == {State.FAILED}
+        assert (await admin.get("/ui/overview.json")).json()["queued_piles"] == [
+            {"recipient": "+12025550145", "queued": 4}
+        ]
 
 
 async def test_cancelling_a_phones_messages_reads_the_phone_as_a_number(
