@@ -22,6 +22,7 @@ import pytest
 
 from bridge.clock import ManualClock
 from bridge.ingress.http.app import PROVIDER_REFUSED
+from bridge.ingress.http.console import app as console_app
 from bridge.ingress.http.console import sessions
 from bridge.models import NewMessage, State
 from bridge.provider.sandbox import Fault, SandboxState
@@ -235,6 +236,42 @@ async def test_a_signed_in_operator_is_sent_on_from_the_sign_in_page(served_brid
         await http.post("/ui/signout", data={"csrf": csrf_of(await http.get("/ui/"))})
         form = await http.get("/ui/signin")
         assert form.status_code == 200 and 'name="token"' in form.text
+
+
+async def test_a_signed_in_reader_can_still_sign_in_with_an_admin_token(
+    served_bridge, config
+) -> None:
+    """The sign-in page sending signed-in operators on broke the way to another token: a
+    reader's refused cancel linked "Sign in with another token" to it, which sent them
+    back to the overview, with no form. That link, and the message page's for a reader,
+    show the form; signed in there as an admin, they act. A session whose token lost
+    `read` (a reload) gets the form too, not the overview's 403."""
+    bridge, url = served_bridge
+    held = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1, state=State.HELD)
+    [message_id] = await seed(bridge.store, [held], 1.0)
+    page = f"/ui/messages/{message_id}"
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        form = {"csrf": csrf_of(await http.get(page))}
+        refused = await http.post(f"{page}/cancel", data=form)
+        assert refused.status_code == 403
+        [link] = re.findall(r'href="([^"]*)">Sign in with another token', refused.text)
+        again = await http.get(link.replace("&amp;", "&"))
+        assert again.status_code == 200 and 'name="token"' in again.text
+        [offered] = re.findall(r'href="([^"]*)">sign in with one', (await http.get(page)).text)
+        shown = await http.get(offered.replace("&amp;", "&"))
+        assert shown.status_code == 200 and f'value="{page}"' in shown.text
+        signed = await http.post(
+            "/ui/signin", data={"csrf": csrf_of(shown), "token": ADMIN, "next": page}
+        )
+        assert signed.status_code == 303 and signed.headers["location"] == page
+        done = await http.post(f"{page}/cancel", data={"csrf": csrf_of(await http.get(page))})
+        assert done.status_code == 303
+        assert (await bridge.store.get(message_id)).state == State.FAILED
+        sender = dataclasses.replace(config.tokens["root"], scopes=("send",))
+        bridge.reload(dataclasses.replace(config, tokens={**config.tokens, "root": sender}))
+        lost = await http.get("/ui/signin")
+        assert lost.status_code == 200 and 'name="token"' in lost.text
 
 
 async def test_sign_in_form_is_csrf_protected_too(served_bridge) -> None:
@@ -1704,6 +1741,84 @@ async def test_cancelling_a_phones_held_messages_needs_admin_and_the_csrf_token(
         assert "nothing cancelled" in (await admin.get(nothing.headers["location"])).text
         empty = await admin.post("/ui/held/cancel", data={**form, "recipient": ""})
         assert empty.status_code == 400
+
+
+async def test_the_storms_card_offers_a_phones_pile_of_queued_texts(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str, monkeypatch
+) -> None:
+    """The overview's storms card listed held storms only: texts piling up queued for one
+    phone (storm control off, a script looping) were found by filtering the list. The
+    card lists a phone with QUEUED_PILE_MIN or more of the queue's next texts, linked to
+    them, with an admin's "Cancel all" (a reader's card has none); a phone with fewer is
+    not listed. Counted among the next QUEUED_PILE_SCAN only ("+": more are queued).
+    Both stores."""
+    monkeypatch.setattr(console_app, "QUEUED_PILE_MIN", 3)
+    monkeypatch.setattr(console_app, "QUEUED_PILE_SCAN", 5)
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    queued = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as reader,
+        httpx.AsyncClient(base_url=url) as admin,
+    ):
+        few = queued._replace(recipient="+12025550145")
+        pile = await seed(bridge.store, [queued] * 3 + [few] * 2, 1.0)
+        await sign_in(reader, READER)
+        await sign_in(admin, ADMIN)
+        shown = (await reader.get("/ui/overview.json")).json()
+        assert shown["queued_piles"] == [{"recipient": "+12025550144", "queued": 3}]
+        assert shown["queued_piles_partial"] is False
+        assert 'action="/ui/queued/cancel"' not in (await reader.get("/ui/")).text
+        page = await admin.get("/ui/")
+        assert "/ui/messages?state=queued&amp;recipient=%2B12025550144" in page.text
+        assert 'name="recipient" value="+12025550144"' in page.text
+        assert "+12025550145" not in page.text
+        await seed(bridge.store, [few] * 2, 2.0)  # due after the pile: beyond the 5 read
+        later = (await admin.get("/ui/overview.json")).json()
+        assert later["queued_piles_partial"] is True  # +12025550145's 4: 2 of them read
+        assert later["queued_piles"] == [{"recipient": "+12025550144", "queued": 3}]
+        assert ">3+</td>" in (await admin.get("/ui/")).text
+        done = await admin.post(
+            "/ui/queued/cancel", data={"csrf": csrf_of(page), "recipient": "+12025550144"}
+        )
+        assert done.status_code == 303
+        assert {(await bridge.store.get(i)).state for i in pile[:3]} == {State.FAILED}
+        assert (await admin.get("/ui/overview.json")).json()["queued_piles"] == [
+            {"recipient": "+12025550145", "queued": 4}
+        ]
+
+
+async def test_cancelling_a_phones_messages_reads_the_phone_as_a_number(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str
+) -> None:
+    """`/ui/queued/cancel` and `/ui/held/cancel` looked the recipient up as posted: one
+    holding a NUL was a 500 on PostgreSQL (a traceback in the log) and "nothing
+    cancelled" on SQLite, and `+1 202 555 0144` cancelled nothing of +12025550144's.
+    A recipient is read as a phone number: not one is a 400 saying so, on both stores;
+    written with spaces, it is that phone's."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    queued = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as admin,
+    ):
+        ids = await seed(bridge.store, [queued, queued._replace(state=State.HELD)], 1.0)
+        await sign_in(admin, ADMIN)
+        csrf = csrf_of(await admin.get("/ui/"))
+        for state in ("queued", "held"):
+            for wrong in ("+1\x00", "\x00", "nas.example.org", "%"):
+                answer = await admin.post(
+                    f"/ui/{state}/cancel", data={"csrf": csrf, "recipient": wrong}
+                )
+                assert answer.status_code == 400, (state, wrong, answer.status_code)
+                assert "not a possible phone number" in answer.text
+        assert {(await bridge.store.get(i)).state for i in ids} == {State.QUEUED, State.HELD}
+        for state in ("queued", "held"):
+            done = await admin.post(
+                f"/ui/{state}/cancel", data={"csrf": csrf, "recipient": "+1 202 555 0144"}
+            )
+            assert done.headers["location"] == "/ui/messages?recipient=%2B12025550144"
+        assert {(await bridge.store.get(i)).state for i in ids} == {State.FAILED}
 
 
 async def test_a_misspelt_list_parameter_is_a_400_not_every_message(served_bridge) -> None:

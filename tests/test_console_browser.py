@@ -714,6 +714,45 @@ async def test_on_a_phone_a_flood_held_for_one_phone_is_cancelled_in_one_go(
     assert errors.errors == []
 
 
+async def test_on_a_phone_a_pile_of_queued_texts_is_cancelled_from_the_overview(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """Texts piling up queued for one phone (no storm control) were not on the overview:
+    its storms card lists them under "Queued to one phone", on a phone's first screen and
+    within its edges, next to a held storm; "Cancel all", confirmed, cancels that phone's
+    queued texts only."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+        pile = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1)
+        later = clock.now() + 3600  # not due yet: the running dispatcher leaves them queued
+        queued = await seed(bridge.store, [pile] * 40, later)
+        [other] = await seed(bridge.store, [pile._replace(recipient="+12025550145")], later)
+        [held] = await seed(bridge.store, [pile._replace(state=State.HELD)], later)
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        )
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        overflow = await page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, f"the overview scrolls sideways on a phone by {overflow}px"
+        cancel_all = page.get_by_role("button", name="Cancel every queued message to +12025550144")
+        box = await cancel_all.bounding_box()
+        assert box is not None and box["y"] + box["height"] <= 844, box
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+        page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        await cancel_all.click()
+        await page.get_by_role("status").filter(has_text="Cancelled 40 queued messages").wait_for()
+        assert {(await bridge.store.get(i)).state for i in queued} == {State.FAILED}
+        assert (await bridge.store.get(other)).state == State.QUEUED
+        assert (await bridge.store.get(held)).state == State.HELD
+        await context.close()
+    assert errors.errors == []
+
+
 async def test_on_a_phone_the_filter_form_is_folded_and_the_list_is_on_the_first_screen(
     tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
 ) -> None:

@@ -752,3 +752,20 @@ async def test_a_trailing_slash_on_a_post_is_served_not_redirected(
         cancel = await http.post(f"{url}/api/v1/messages/{sent}/cancel/")
         assert cancel.status_code == 200, cancel.text
         assert (await bridge.store.get(sent)).state == State.FAILED
+
+
+async def test_a_trailing_slash_on_the_list_is_not_a_405(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """`GET /api/v1/messages/` was the router's 307 to the list. Serving `POST
+    /api/v1/messages/` made the path a POST route's, and a GET of it a bare "Method Not
+    Allowed": a dashboard polling the list with a trailing slash saw nothing. It is the
+    list, as `/api/v1/messages` is, its filters and scope too."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        await http.post(f"{url}/api/v1/messages", json={"to": "+12025550144", "message": "x"})
+        listed = await http.get(f"{url}/api/v1/messages/", params={"state": "queued", "_": "1"})
+        assert listed.status_code == 200, (listed.status_code, listed.text)
+        assert [m["recipient"] for m in listed.json()["messages"]] == ["+12025550144"]
+        wrong = await http.get(f"{url}/api/v1/messages/", params={"stat": "queued"})
+        assert wrong.status_code == 400 and "stat" in wrong.json()["error"]

@@ -467,6 +467,13 @@ class Queries(Protocol):
         """Recipients with held messages: recipient, held, first_at; oldest first."""
         ...
 
+    async def queued_piles(self, scan: int, minimum: int) -> list[dict[str, Any]]:
+        """Recipients with `minimum` or more of the `scan` queued messages due first:
+        recipient, queued (of those `scan`); most first. Bounded by `scan` (the
+        messages_due index), not a count of every queued row: a provider paused for an
+        hour leaves a queue the overview would read on every refresh."""
+        ...
+
     async def route_last_messages(self, routes: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The newest stored message of each of `routes` that has one: route, id, state,
         created_at. Asked per route (an index), not of every message ever stored."""

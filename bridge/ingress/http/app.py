@@ -161,13 +161,15 @@ def requires(scope: str, live: LiveConfig, handler: Handler) -> Handler:
     return handle_errors(guarded, live)
 
 
-def posted(path: str, endpoint: Handler) -> list[Route]:
+def posted(path: str, endpoint: Handler, method: str = "POST") -> list[Route]:
     """A POST endpoint at `path` and at `path/`. The router's answer to the second was a
     307 to the first, which curl and most scripts do not follow for a POST: the alert
-    was not sent, and nothing said so. A trailing slash is served as written without."""
+    was not sent, and nothing said so. A trailing slash is served as written without.
+    Another method on the same path goes through here too (`method`): once `path/` is a
+    POST route, the router answers its GET with a 405, no longer the redirect."""
     return [
-        Route(path, endpoint, methods=["POST"]),
-        Route(f"{path}/", endpoint, methods=["POST"]),
+        Route(path, endpoint, methods=[method]),
+        Route(f"{path}/", endpoint, methods=[method]),
     ]
 
 
@@ -347,7 +349,7 @@ def create_app(
     return Starlette(
         routes=[
             *posted("/api/v1/messages", send_message),
-            Route("/api/v1/messages", requires("read", live, list_messages), methods=["GET"]),
+            *posted("/api/v1/messages", requires("read", live, list_messages), "GET"),
             Route(
                 "/api/v1/messages/{message_id}",
                 requires("read", live, get_message),

@@ -382,6 +382,18 @@ class QueryOps(Base):
             )
         ]
 
+    async def queued_piles(self, scan: int, minimum: int) -> list[dict[str, Any]]:
+        return [
+            {"recipient": r[0], "queued": int(r[1])}
+            for r in await self._fetch(
+                "SELECT recipient, count(*) FROM (SELECT recipient FROM messages"
+                " WHERE state = 'queued' ORDER BY next_attempt_at, id LIMIT $1) AS due"
+                " GROUP BY recipient HAVING count(*) >= $2 ORDER BY 2 DESC, 1",
+                scan,
+                minimum,
+            )
+        ]
+
     async def route_last_messages(self, routes: Sequence[str]) -> dict[str, dict[str, Any]]:
         return {
             r["route"]: dict(r)

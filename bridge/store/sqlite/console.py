@@ -169,6 +169,19 @@ class ConsoleQueries(EngineBound):
             ]
         )
 
+    async def queued_piles(self, scan: int, minimum: int) -> list[dict[str, Any]]:
+        return await self.engine.read(
+            lambda c: [
+                dict(r)
+                for r in c.execute(
+                    "SELECT recipient, count(*) AS queued FROM (SELECT recipient FROM messages"
+                    " WHERE state = 'queued' ORDER BY next_attempt_at, id LIMIT ?)"
+                    " GROUP BY recipient HAVING count(*) >= ? ORDER BY 2 DESC, 1",
+                    (scan, minimum),
+                )
+            ]
+        )
+
     async def route_last_messages(self, routes: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The newest stored message of each of `routes`: survives a restart, unlike
         call records. One look into messages_route per route, not a walk of the table."""

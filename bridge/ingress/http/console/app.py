@@ -57,6 +57,10 @@ DELIVERY_WINDOW = 86400.0
 RECENT_FAILURES = 10
 CANCEL_BATCH = 500  # a phone's held or queued messages cancelled per store write
 MAX_CANCEL_ROUNDS = 100
+# The storms card's queued piles: phones with this many of the queue's next texts due
+# (store.queued_piles says why only so many are read).
+QUEUED_PILE_SCAN = 2000
+QUEUED_PILE_MIN = 10
 MENTIONS_LISTED = 200  # on a message's page: what suppressed it or was folded into it
 # The list's filters as typed, kept in its pager's links: the form's, and those a link
 # from the overview sets (its "N failed": since the day's start, cancelled left out).
@@ -174,6 +178,10 @@ class Console(Gate):
             {**s, "digest_at": s["first_at"] + config.limits.per_recipient_window}
             for s in await self.store.held_storms()
         ]
+        # Texts piling up queued for one phone (storm control off, or a provider paused):
+        # cancelled from the card as a held storm is. At least so many: only the queue's
+        # next QUEUED_PILE_SCAN are counted ("+" on the card when there are more).
+        piles = await self.store.queued_piles(QUEUED_PILE_SCAN, QUEUED_PILE_MIN)
         failures = await self.store.recent_failures(RECENT_FAILURES)
         queue = summary["queue"]
         data: dict[str, Any] = {
@@ -217,6 +225,7 @@ class Console(Gate):
             },
             "today": {"date": date, **today, "caps": caps},
             "storms": storms,
+            "queued_piles": piles,
             "failures": [
                 {
                     "id": m.id,
@@ -227,6 +236,7 @@ class Console(Gate):
                 for m in failures
             ],
         }
+        data["queued_piles_partial"] = data["states"].get(str(State.QUEUED), 0) > QUEUED_PILE_SCAN
         if request.url.path.endswith(".json"):
             return "", data
         data["chart"] = chart.build(
@@ -417,10 +427,20 @@ class Console(Gate):
         waiting = str(state)
 
         async def cancel(request: Request, caller: Caller, form: dict[str, str]) -> Response:
-            number = form.get("recipient", "").strip()
-            if not number:
+            written = form.get("recipient", "").strip()
+            if not written:
                 return self._error(
                     request, 400, f"'recipient': which phone's {waiting} messages?", as_json=False
+                )
+            # Stored recipients are whole numbers (+CC...), as the firewall normalised
+            # them; anything else names no phone's messages. Not looked up as written: a
+            # NUL in it was a 500 on PostgreSQL (its text holds none), "nothing
+            # cancelled" on SQLite.
+            try:
+                number = normalise_number(written)
+            except PhoneError as exc:
+                return self._error(
+                    request, 400, f"'recipient': {exc}, with its calling code", as_json=False
                 )
             who, cancelled = caller.principal.name, 0
             for _ in range(MAX_CANCEL_ROUNDS):  # bounded: a flood still arriving is not chased

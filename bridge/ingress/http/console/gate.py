@@ -67,6 +67,8 @@ SECURITY_HEADERS = [
 MAX_NOTES = 20  # actions' notes a session keeps for pages not visited yet
 # Sent by console.js when it refreshes a page's live part in place: not a visit.
 REFRESH_HEADER = "x-console-refresh"
+# `/ui/signin?another`: the form, even to someone signed in (to switch tokens).
+ANOTHER = "another"
 # Someone on the sign-in page: no scope, no navigation.
 VISITOR = Principal("visitor", frozenset())
 
@@ -398,9 +400,15 @@ class Gate:
         now = self.clock.now()
         target = _safe_next(request.query_params.get("next"))
         signed_in = self.sessions.get(request.cookies.get(COOKIE), now)
-        if signed_in is not None and self.sessions.principal(signed_in, self.live.current.tokens):
-            # Already in (a bookmark, a back button, a link from before): the form would
-            # only ask for a token again. On to where they were going.
+        principal = (
+            self.sessions.principal(signed_in, self.live.current.tokens) if signed_in else None
+        )
+        # Already in (a bookmark, a back button, a link from before): the form would
+        # only ask for a token again. On to where they were going; not when they ask
+        # for the form (an error page's "Sign in with another token": a reader going
+        # for the admin's), nor with a token that may no longer read: the page they
+        # would be sent to refuses it and links back here.
+        if principal and principal.may("read") and ANOTHER not in request.query_params:
             return RedirectResponse(target, 303)
         session = self.sessions.form_session(request.cookies.get(COOKIE), now)
         new_id = None
