@@ -299,7 +299,7 @@ class Console(Gate):
         base = str(request.base_url).rstrip("/")
         routes = []
         for name, route in sorted(config.routes.items()):
-            call = self.activity.last.get(name)
+            call, refused = self.activity.last.get(name), self.activity.refused.get(name)
             routes.append(
                 {
                     "name": name,
@@ -308,6 +308,7 @@ class Console(Gate):
                     "to": list(route.to),
                     "authentication": authentication(route),
                     "last_call": None if call is None else dataclasses.asdict(call),
+                    "refused": None if refused is None else dataclasses.asdict(refused),
                     "last_message": stored.get(name),
                 }
             )
