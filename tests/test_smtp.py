@@ -1268,6 +1268,40 @@ async def test_sessions_in_all_and_per_client_are_limited(tmp_path, clock, sandb
     assert bridge.smtp_handler.sessions.total == 0
 
 
+async def test_a_few_clients_cannot_hold_every_session(tmp_path, clock, sandbox_url) -> None:
+    """Four clients at `max_sessions_per_client` (25 of 100 by default; 5 of 20 here) held
+    every session, and every other sender got 421. The last quarter goes one session to a
+    client now: the fourth client gets one, and each new client one more, while a client
+    alone (a relay) still gets its whole `max_sessions_per_client`."""
+    extra = with_smtp("max_sessions = 20\nmax_sessions_per_client = 5")
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def scenario() -> dict[str, list[bytes]]:
+            held: list[socket.socket] = []
+            banners: dict[str, list[bytes]] = {}
+            for client in ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"):
+                for _ in range(6):
+                    sock = socket.create_connection(("127.0.0.1", port), 10, (client, 0))
+                    banner = _banner(sock)
+                    banners.setdefault(client, []).append(banner)
+                    if banner.startswith(b"220"):
+                        held.append(sock)
+                    else:
+                        sock.close()
+            for sock in held:
+                sock.close()
+            return banners
+
+        banners = await asyncio.to_thread(scenario)
+    codes = {client: [b[:3] for b in got] for client, got in banners.items()}
+    assert codes["127.0.0.1"] == [b"220"] * 5 + [b"421"]  # a relay alone: all it may
+    assert codes["127.0.0.2"] == codes["127.0.0.3"] == codes["127.0.0.1"]
+    assert codes["127.0.0.4"] == [b"220"] + [b"421"] * 5
+    assert codes["127.0.0.5"] == [b"220"] + [b"421"] * 5
+    assert b"the last 5 of 20 are kept for clients that hold none" in banners["127.0.0.4"][1]
+
+
 def test_sessions_of_one_ipv6_64_count_as_one_client() -> None:
     """One host holds a whole IPv6 /64: counted by single address, it opened every one
     of `smtp.max_sessions` alone, a new address each time, and genuine senders got 421.

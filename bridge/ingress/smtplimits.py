@@ -2,7 +2,8 @@
 
 - Sessions in all and per client (`smtp.max_sessions`, `smtp.max_sessions_per_client`;
   a client is an IPv4 address or an IPv6 /64, as `throttle.client_key`): past either,
-  421 at connect and the socket closed, before aiosmtpd builds a session.
+  421 at connect and the socket closed, before aiosmtpd builds a session. The last
+  quarter of the sessions go one to a client, so a few clients cannot hold them all.
 - Per-session command budgets (`smtp.max_commands`, `smtp.max_mails_per_session`):
   aiosmtpd's own call limits, which answer 421 and close.
 - An idle timer (`smtp.idle_timeout`) that only progress restarts: aiosmtpd restarts it
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 # Commands that move a session forward: only their success restarts the idle timer.
 # NOOP, RSET, HELP, VRFY, EXPN and refused commands never do.
 PROGRESS = ("HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA")
+# The last quarter of smtp.max_sessions is taken one session per client (Sessions.admit).
+RESERVED_SHARE = 4
 YIELD_EVERY = 256  # DATA lines read between two turns of the event loop (~0.5 ms)
 
 
@@ -81,7 +84,12 @@ class Sessions:
 
         Counted per `client_key`: one host holds a whole IPv6 /64, and by its single
         addresses it could open every one of `max_sessions` alone (a relay then gets
-        421 and a UPS card may never send its alert again)."""
+        421 and a UPS card may never send its alert again). And the last
+        1/RESERVED_SHARE of `max_sessions` go one to a client: a client that holds a
+        session already gets none of them. Four clients at `max_sessions_per_client`
+        (25 of 100) held every session; now three fill all but the reserve and the
+        others still get one each, while a relay alone (Postfix opens up to 20 from one
+        address) gets its `max_sessions_per_client` as before."""
         if self.closing:
             return "the bridge is shutting down"
         smtp, client = self._limits(), client_key(host)
@@ -89,6 +97,12 @@ class Sessions:
             return f"too many SMTP sessions (at most {smtp.max_sessions})"
         if self.per_client[client] >= smtp.max_sessions_per_client:
             return f"too many sessions from {client} (at most {smtp.max_sessions_per_client})"
+        reserve = smtp.max_sessions // RESERVED_SHARE
+        if self.per_client[client] and smtp.max_sessions - self.total <= reserve:
+            return (
+                f"too many sessions from {client}: the last {reserve} of "
+                f"{smtp.max_sessions} are kept for clients that hold none"
+            )
         self.open.add(session)
         self.per_client[client] += 1
         return None
