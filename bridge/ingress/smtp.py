@@ -51,6 +51,7 @@ from bridge.ingress.smtplimits import LimitedSMTP, Sessions, TlsGate, call_limit
 from bridge.ingress.throttle import FailureThrottle
 from bridge.ingress.workers import Workers
 from bridge.phone import PhoneError
+from bridge.policy.budgets import smtp_token
 from bridge.policy.decide import content_hash, dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import MAIL_HEADER, parse_schedule_time, scheduled_epoch
@@ -88,9 +89,9 @@ def smtp_login(session: Session) -> str | None:
 
 
 def sent_by(login: str | None) -> str | None:
-    """Who a message is stored as sent by (its `token`): `smtp:LOGIN`. No token name
-    holds a `:`, so an SMTP user is never counted against a token's daily cap."""
-    return None if login is None else f"smtp:{login}"
+    """Who a message is stored as sent by (its `token`): `smtp:LOGIN`, counted against
+    `smtp.user_texts_per_day.LOGIN` and never against an API token's daily cap."""
+    return None if login is None else smtp_token(login)
 
 
 def unreadable(address: str, exc: Unavailable, session: Session) -> str:

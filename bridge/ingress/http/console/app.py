@@ -42,7 +42,7 @@ from bridge.ingress.http.filters import ListQuery, given, read_list_query
 from bridge.ingress.ingest import Ingestor
 from bridge.models import SOURCES, Message, State
 from bridge.phone import PhoneError, normalise_number
-from bridge.policy.budgets import day_bounds
+from bridge.policy.budgets import day_bounds, smtp_token
 from bridge.policy.shaping import Draft
 from bridge.store import Store
 from bridge.text import split_parts
@@ -147,6 +147,11 @@ class Console(Gate):
                 name: {"cap": token.texts_per_day, "used": today["tokens"].get(name, 0)}
                 for name, token in config.tokens.items()
                 if token.texts_per_day
+            },
+            "smtp_users": {
+                login: {"cap": cap, "used": today["tokens"].get(smtp_token(login), 0)}
+                for login, cap in config.smtp.user_texts_per_day.items()
+                if cap
             },
         }
         storms = [
