@@ -162,3 +162,24 @@ async def test_a_refused_call_never_hides_the_routes_last_call(config, clock: Ma
         page = await http.get("/ui/routes/keyed")
         assert "3 since the bridge started" in page.text
         assert "(3 refused)" in (await http.get("/ui/routes")).text
+
+
+async def test_refused_calls_are_logged_once_a_minute_per_client_and_route(
+    config, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No lockout stops a caller that presents no credential: a log line for each of its
+    calls let anyone fill the disk. The first is logged, the rest counted in the next."""
+    caplog.set_level("WARNING", logger="bridge.ingress.http.hooks")
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        for _ in range(50):
+            assert (await http.post(f"{url}/hooks/keyed", json={})).status_code == 401
+        await http.post(f"{url}/hooks/lan", json={})  # another route: its own line
+        clock.advance(61)
+        await http.post(f"{url}/hooks/keyed", json={})
+    lines = [m for m in caplog.messages if m.startswith("route ")]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("route keyed: 401 for 127.0.0.1: missing or wrong bearer token")
+    assert lines[1] == (
+        "route lan: 403 for 127.0.0.1: client 127.0.0.1 is not allowed on this route (answered 401)"
+    )
+    assert lines[2].endswith("(49 more like it in the last 60s not logged)")

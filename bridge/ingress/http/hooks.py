@@ -48,6 +48,7 @@ from bridge.ingress.http.bodies import (
 )
 from bridge.ingress.http.lockout import locked_answer, locked_for, vouch
 from bridge.ingress.ingest import Accepted, Ingestor
+from bridge.ingress.throttle import QuietLog
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import FIELD, MAIL_HEADER, parse_schedule_time
@@ -242,6 +243,7 @@ def hook_endpoint(
     clock: Clock,
 ) -> Callable[[Request], Awaitable[Response]]:
     formats = registry()
+    quiet = QuietLog(log, clock)
 
     async def endpoint(request: Request) -> Response:
         # One config and resolver for the whole request, even across a reload: both are
@@ -262,7 +264,7 @@ def hook_endpoint(
         except (HttpError, Unauthorized) as exc:
             if request.scope.get(AUTHENTICATED):
                 raise  # the sender's own mistake, past the route's checks: said as it is
-            return _refused(request, config, route, exc)
+            return _refused(request, config, route, exc, quiet)
         if isinstance(body, Response):
             return body
         assert route is not None and module is not None  # refused above otherwise
@@ -349,32 +351,39 @@ def shows_routes(request: Request, config: Config) -> bool:
 
 
 def _refused(
-    request: Request, config: Config, route: RouteConfig | None, exc: HttpError | Unauthorized
+    request: Request,
+    config: Config,
+    route: RouteConfig | None,
+    exc: HttpError | Unauthorized,
+    quiet: QuietLog,
 ) -> Response:
     """The answer to a call refused before it passed its route's checks: the real one for
-    a caller that may see the route map, else NOT_AUTHORIZED whatever the reason."""
-    request.scope[REFUSAL] = str(exc) if isinstance(exc, Unauthorized) else exc.message
-    if isinstance(exc, Unauthorized):
-        log.warning(
-            "route %s: 401 for %s: %s",
-            request.path_params["name"],
-            client_name(request.client.host) if request.client else "?",
-            exc,
+    a caller that may see the route map, else NOT_AUTHORIZED whatever the reason. Logged
+    for a configured route at most once a minute per client and route (QuietLog): no
+    lockout stops a caller that presents no credential, and a line for each of its calls
+    let anyone fill the log's disk."""
+    status = 401 if isinstance(exc, Unauthorized) else exc.status
+    why = str(exc) if isinstance(exc, Unauthorized) else exc.message
+    request.scope[REFUSAL] = why
+    shown = shows_routes(request, config)
+    if route is not None:
+        host = request.client.host if request.client else ""
+        quiet.warning(
+            f"hook:{route.name}",
+            host,
+            "route %s: %d for %s: %s%s",
+            route.name,
+            status,
+            client_name(host) if host else "?",
+            why,
+            "" if shown or status == 401 else " (answered 401)",
         )
-    if shows_routes(request, config):
+    if shown:
         if isinstance(exc, HttpError):
             raise exc  # answered by the endpoint's error handler, its field named
         challenge = _challenge(route) if route is not None else None
         return JSONAnswer(
-            {"error": str(exc)}, 401, headers={"WWW-Authenticate": challenge} if challenge else None
-        )
-    if isinstance(exc, HttpError) and route is not None:
-        log.warning(
-            "route %s: %d for %s: %s (answered 401)",
-            route.name,
-            exc.status,
-            client_name(request.client.host) if request.client else "?",
-            exc.message,
+            {"error": why}, 401, headers={"WWW-Authenticate": challenge} if challenge else None
         )
     return JSONAnswer({"error": NOT_AUTHORIZED}, 401, headers={"WWW-Authenticate": BOTH_CHALLENGES})
 
