@@ -40,14 +40,12 @@ from typing import Any, Protocol, cast
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 
 from bridge.config import SmtpConfig
-from bridge.ingress.throttle import client_key
+from bridge.ingress.throttle import client_key, reserved
 
 log = logging.getLogger(__name__)
 # Commands that move a session forward: only their success restarts the idle timer.
 # NOOP, RSET, HELP, VRFY, EXPN and refused commands never do.
 PROGRESS = ("HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA")
-# The last quarter of smtp.max_sessions is taken one session per client (Sessions.admit).
-RESERVED_SHARE = 4
 YIELD_EVERY = 256  # DATA lines read between two turns of the event loop (~0.5 ms)
 
 
@@ -84,9 +82,9 @@ class Sessions:
 
         Counted per `client_key`: one host holds a whole IPv6 /64, and by its single
         addresses it could open every one of `max_sessions` alone (a relay then gets
-        421 and a UPS card may never send its alert again). And the last
-        1/RESERVED_SHARE of `max_sessions` go one to a client: a client that holds a
-        session already gets none of them. Four clients at `max_sessions_per_client`
+        421 and a UPS card may never send its alert again). And the last quarter of
+        `max_sessions` (`throttle.reserved`) goes one to a client: a client that holds a
+        session already gets none of it. Four clients at `max_sessions_per_client`
         (25 of 100) held every session; now three fill all but the reserve and the
         others still get one each, while a relay alone (Postfix opens up to 20 from one
         address) gets its `max_sessions_per_client` as before."""
@@ -97,8 +95,8 @@ class Sessions:
             return f"too many SMTP sessions (at most {smtp.max_sessions})"
         if self.per_client[client] >= smtp.max_sessions_per_client:
             return f"too many sessions from {client} (at most {smtp.max_sessions_per_client})"
-        reserve = smtp.max_sessions // RESERVED_SHARE
-        if self.per_client[client] and smtp.max_sessions - self.total <= reserve:
+        reserve = reserved(smtp.max_sessions, smtp.max_sessions_per_client)
+        if reserve and self.per_client[client] and smtp.max_sessions - self.total <= reserve:
             return (
                 f"too many sessions from {client}: the last {reserve} of "
                 f"{smtp.max_sessions} are kept for clients that hold none"
