@@ -262,7 +262,7 @@ def hook_endpoint(
             _check_network(route, request)
             body = await _verified_body(request, route, module, form, config, clock.now())
         except (HttpError, Unauthorized) as exc:
-            if request.scope.get(AUTHENTICATED):
+            if request.scope.get(AUTHENTICATED) and isinstance(exc, HttpError):
                 raise  # the sender's own mistake, past the route's checks: said as it is
             return _refused(request, config, route, exc, quiet)
         if isinstance(body, Response):
@@ -318,7 +318,7 @@ async def _verified_body(
     AUTHENTICATED once the call has passed every check the route has."""
     _check_credentials(route, request)
     verify = getattr(module, "verify", None)
-    if verify is None:
+    if verify is None or not route.secret:  # no signature to wait for: passed already
         request.scope[AUTHENTICATED] = True
     if form:
         body = await read_bounded(request, config.http.max_body_bytes)
