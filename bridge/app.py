@@ -130,6 +130,13 @@ def _gauges(
         "Messages held back or failed by daily caps",
         lambda: budget.over_cap_total,
     )
+    # Texts a reload on another instance released (its cap higher) held again here:
+    # the instances' caps differ (one was not reloaded). `> 0` over an hour: reload all.
+    metrics.counter(
+        "budget_cap_mismatch",
+        "Texts held again by a cap lower than the one another instance released them by",
+        lambda: budget.cap_mismatch_total,
+    )
     # Their rates' ratio is the group-commit batch size: writes per fsync. Counts since
     # start (`_total`): as gauges, rate() over a restart was told a level had dropped.
     metrics.counter(

@@ -246,9 +246,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command in ("check-config", "serve"):
             # serve refuses what check-config refuses (a reload too: Bridge.reload).
             from bridge.ingress.formats import template_problems
-            from bridge.templates import render
+            from bridge.templates import render_noting
 
-            problems = template_problems(config.routes, render, warnings)
+            problems = template_problems(config.routes, render_noting, warnings)
             if problems := problems + _listen_problems(config) + _tls_problems(config):
                 raise ConfigError(problems)
         if args.command == "check-config":

@@ -34,6 +34,8 @@ class State(StrEnum):
 FINAL_STATES = frozenset({State.DELIVERED, State.FAILED, State.SUPPRESSED})
 # Where a message came from (`source`): the ingresses, storm digests, budget warnings.
 SOURCES = ("http", "hook", "smtp", "console", "digest", "budget")
+# A message's `token` for mail from an SMTP login: `smtp:LOGIN` (no token name holds a `:`).
+SMTP_SENDER = "smtp:"
 # Why a message is held, suppressed, failed or sent without an answer (`reason_kind`).
 REASON_KINDS = ("duplicate", "storm", "loop", "budget", "unknown", "provider-error", "cancelled")
 # What /api/v1/stats counts a held, suppressed or failed message without a kind as.

@@ -21,6 +21,11 @@ from bridge.phone import country_code
 log = logging.getLogger(__name__)
 # No country has calling code 0: what a bill taught of every country (`PriceBook.billed`).
 ANY_COUNTRY = 0
+# How long the most a part was billed stands as the price of a part anywhere: a bill
+# lower than it replaces it once it is this old (a day, as the price list is fetched
+# again daily). Raised only, a price cut by the provider never lowered the estimate of
+# an unpriced country, nor the count of a lone text priced by it.
+BILLED_MAX_FOR = 86400.0
 
 
 def _country(e164: str) -> int | None:
@@ -65,9 +70,11 @@ class PriceBook:
         self.prices = dict(prices or {})
         self.default = default
         self.currency = ""  # as the price list names it ("USD", "points"); "" = not said
-        # The most a part was billed (the provider's cost of a send): a price where the
-        # list is missing (its path is undocumented, or it failed at start).
+        # The most a part was billed (the provider's cost of a send) within
+        # BILLED_MAX_FOR of the bill that said it, and when: a price where the list is
+        # missing (its path is undocumented, or it failed at start).
         self.billed_max = 0.0
+        self.billed_max_at = 0.0
         # What a part to each country was billed (calls to one country): its price where
         # the list has none. Priced by the most any part was billed, a 0.5 text counted
         # as the 1.5 of another country's, and failed as larger than the day's cap.
@@ -84,8 +91,17 @@ class PriceBook:
 
     def ceiling(self) -> float:
         """The highest price of one part anywhere (listed or billed): a safe guess where
-        none is known; 0.0 when nothing above 0 is."""
-        return max([*self.prices.values(), self.default or 0.0, self.billed_max])
+        none is known; 0.0 when nothing above 0 is. A country's last bill counts too:
+        the most a part was billed falls a day after a price cut, never below what a
+        country is still billed."""
+        return max(
+            [
+                *self.prices.values(),
+                self.default or 0.0,
+                self.billed_max,
+                *self.billed_prices.values(),
+            ]
+        )
 
     @property
     def listed(self) -> bool:
@@ -93,10 +109,11 @@ class PriceBook:
         default): the most a part was billed so far bounds only the countries billed."""
         return max([*self.prices.values(), self.default or 0.0]) > 0
 
-    def billed(self, cost: float, sent: Sequence[tuple[str, int]]) -> dict[int, float]:
-        """The provider billed `cost` for `sent`, the (recipient, parts) of one call; what
-        that taught, for the store to keep (`remember`): the price of a part to its
-        country (a call to one country), and under ANY_COUNTRY the price of a part."""
+    def billed(self, cost: float, sent: Sequence[tuple[str, int]], now: float) -> dict[int, float]:
+        """The provider billed `cost` for `sent`, the (recipient, parts) of one call, at
+        `now`; what that taught, for the store to keep (`record_billed`): the price of a
+        part to its country (a call to one country), and under ANY_COUNTRY the price of a
+        part (the most a part was billed, if higher, or if that is BILLED_MAX_FOR old)."""
         parts = sum(p for _, p in sent)
         if parts <= 0:
             return {}
@@ -105,18 +122,23 @@ class PriceBook:
         countries = {_country(recipient) for recipient, _ in sent}
         if len(countries) == 1 and (code := countries.pop()) is not None:
             learnt[code] = price
-        self.remember(learnt)
+        if _price(price) is not None and (
+            price >= self.billed_max or now - self.billed_max_at >= BILLED_MAX_FOR
+        ):
+            self.billed_max, self.billed_max_at = price, now
+        self.remember({c: p for c, p in learnt.items() if c != ANY_COUNTRY})
         return learnt
 
     def remember(self, billed: Mapping[int, float]) -> None:
-        """Take prices learnt from bills (this process's, or kept by the store from
-        before a restart and from the other instances): each country's as billed last;
-        under ANY_COUNTRY, the price of a part, which raises the most one was billed."""
+        """Take prices learnt from bills (kept by the store from before a restart and
+        from the other instances): each country's as billed last; under ANY_COUNTRY, the
+        most a part was billed, as the store keeps it (`record_billed`: it falls a day
+        after a price cut, as here)."""
         for code, price in billed.items():
             if _price(price) is None:
                 continue
             if code == ANY_COUNTRY:
-                self.billed_max = max(self.billed_max, price)
+                self.billed_max = price
             else:
                 self.billed_prices[code] = price
 

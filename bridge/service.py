@@ -58,7 +58,7 @@ from bridge.policy.budgets import BudgetGuard
 from bridge.policy.decide import Rules
 from bridge.policy.shaping import Shaper
 from bridge.store import Store
-from bridge.templates import render
+from bridge.templates import render_noting
 
 if TYPE_CHECKING:  # the sandbox itself is imported only when configured
     from bridge.provider.sandbox import SandboxState
@@ -154,7 +154,7 @@ class Bridge:
             raise ConfigError([("store.retention", f"{why}; the running value, until a restart")])
         # What check-config and serve refuse: a route template that fails on its format.
         template_warnings: list[tuple[str, str]] = []
-        if refused := template_problems(new.routes, render, template_warnings):
+        if refused := template_problems(new.routes, render_noting, template_warnings):
             raise ConfigError(refused)
         recipients = Recipients.from_config(new)
         try:  # first: the one part that can refuse, before anything else has changed

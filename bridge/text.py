@@ -45,7 +45,14 @@ _IGNORABLE = (
 )
 # Control characters (Unicode category Cc: C0, DEL and C1) but the newline.
 _CONTROLS = "\x00-\x09\x0b-\x1f\x7f-\x9f"
-_HAS_CONTROL = re.compile(f"[{_CONTROLS}]")
+# Unicode's explicit directional embeddings, overrides and isolates (LRE RLE PDF LRO RLO,
+# LRI RLI FSI PDI): mid-text, the phone drew the characters after one in another order
+# than the log, the console and the API showed them ("Trojan Source", CVE-2021-42574: an
+# RLO made "ok: db-1 down" read otherwise on the phone). Taken out, not balanced: a
+# balanced override still reverses what it encloses. The implicit marks (LRM, RLM, ALM)
+# stay: they reorder no letter, and right-to-left texts need them.
+BIDI_CONTROLS = "\u202a-\u202e\u2066-\u2069"
+_HAS_CONTROL = re.compile(f"[{_CONTROLS}{BIDI_CONTROLS}]")
 # What stands for a control character in an SMS: a line break for those that end a line
 # (CR, NEL), a space for those that separate (tabs, form feed, the information
 # separators), nothing for the rest (BEL, ESC, NUL, backspace: noise, or a terminal's
@@ -56,18 +63,22 @@ _CONTROL_TABLE = {
     ord("\r"): "\n",
     0x85: "\n",
     ord("\n"): "\n",
+    **{code: None for code in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]},
 }
 
 # A terminal's escape sequence (ECMA-48: CSI, as in a CI log's colours, or a two-character
-# one), taken out whole: without its ESC, "[31m" was left in the text.
-ESCAPE_SEQUENCE = r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])"
+# one), taken out whole: without its ESC, "[31m" was left in the text. The 8-bit CSI
+# (U+009B, C1) likewise: it alone was taken out, and "\x9b2J" left "2J".
+_CSI_REST = r"[0-?]*[ -/]*[@-~]"  # parameters, intermediates, final
+ESCAPE_SEQUENCE = rf"\x1b(?:\[{_CSI_REST}|[@-Z\\-_])|\x9b{_CSI_REST}"
 _ESCAPE_SEQUENCE = re.compile(ESCAPE_SEQUENCE)
 # Blank: a whole escape sequence too, as `without_controls` takes it out (a text that
 # opened with "ESC [31m" was trimmed of its ESC alone, and "[31m" went to the phone; one
 # of escape sequences only passed for words, and went as an empty SMS). At an ESC the
 # sequence is tried first; possessive, as no way of matching is ever worth a second try.
-_NOT_ESC = "\x00-\x1a\x1c-\x1f\x7f-\x9f"  # the controls but ESC (a newline is blank anyway)
-_BLANK = re.compile(f"(?:{ESCAPE_SEQUENCE}|\x1b|[\\s{_NOT_ESC}{_IGNORABLE}]+)*+")
+# The controls but ESC and CSI, which open a sequence (a newline is blank anyway).
+_NOT_ESC = "\x00-\x1a\x1c-\x1f\x7f-\x9a\x9c-\x9f"
+_BLANK = re.compile(f"(?:{ESCAPE_SEQUENCE}|[\x1b\x9b]|[\\s{_NOT_ESC}{_IGNORABLE}]+)*+")
 
 
 def is_blank(text: str) -> bool:
@@ -86,11 +97,11 @@ def blank_prefix(text: str) -> int:
 
 def without_controls(text: str) -> str:
     """`text` as a phone should get it: CR LF, CR and NEL as a line break, tabs and the
-    other separating controls as a space, a terminal's escape sequences and every other
-    control character taken out."""
+    other separating controls as a space, a terminal's escape sequences, every other
+    control character and the explicit bidi controls (BIDI_CONTROLS) taken out."""
     if not _HAS_CONTROL.search(text):
         return text  # the common case, without a table lookup per character
-    if "\x1b" in text:
+    if "\x1b" in text or "\x9b" in text:
         text = _ESCAPE_SEQUENCE.sub("", text)
     return text.replace("\r\n", "\n").translate(_CONTROL_TABLE)
 

@@ -218,6 +218,25 @@ async def test_next_after_sign_in_stays_in_the_console(served_bridge) -> None:
         assert answer.headers["location"] == "/ui/"
 
 
+async def test_a_signed_in_operator_is_sent_on_from_the_sign_in_page(served_bridge) -> None:
+    """The sign-in page showed its form to someone already signed in (a bookmark of it,
+    the back button): it asked for a token they had given. They go on to where they were
+    going, or the overview; signed out, or their token removed, they get the form."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        going = await http.get("/ui/signin", params={"next": "/ui/messages?state=failed"})
+        assert going.status_code == 303
+        assert going.headers["location"] == "/ui/messages?state=failed"
+        for elsewhere in ("//evil.example.org/", ""):  # only the console, as at sign-in
+            answer = await http.get("/ui/signin", params={"next": elsewhere})
+            assert answer.status_code == 303 and answer.headers["location"] == "/ui/"
+        assert (await http.get("/ui/signin")).headers["location"] == "/ui/"
+        await http.post("/ui/signout", data={"csrf": csrf_of(await http.get("/ui/"))})
+        form = await http.get("/ui/signin")
+        assert form.status_code == 200 and 'name="token"' in form.text
+
+
 async def test_sign_in_form_is_csrf_protected_too(served_bridge) -> None:
     _, url = served_bridge
     async with httpx.AsyncClient(base_url=url) as http:
@@ -353,7 +372,7 @@ async def test_admin_cancels_and_retries_with_the_name_in_the_event_log(
         assert "Message 1 cancelled." in page.text  # said once
         assert "Message 1 cancelled." not in (await http.get(f"/ui/messages/{queued}")).text
         again = await http.post(f"/ui/messages/{queued}/cancel", data={"csrf": token})
-        assert again.status_code == 409 and "only a queued or held message" in again.text
+        assert again.status_code == 409 and "nothing to cancel" in again.text
 
         clock.advance(5)
         retried = await http.post(f"/ui/messages/{queued}/retry", data={"csrf": token})
@@ -374,7 +393,9 @@ async def test_admin_cancels_and_retries_with_the_name_in_the_event_log(
         delivery = (await http.get("/ui/overview.json")).json()["delivery"]
         assert (delivery["delivered"], delivery["failed"]) == (1, 0)  # the cancel is history
         delivered = await http.post(f"/ui/messages/{queued}/retry", data={"csrf": token})
-        assert delivered.status_code == 409 and "only a failed message" in delivered.text
+        assert (
+            delivered.status_code == 409 and "it was delivered; to text it again" in delivered.text
+        )
         missing = await http.post("/ui/messages/999/retry", data={"csrf": token})
         assert missing.status_code == 404
 
@@ -762,7 +783,7 @@ async def test_a_preview_says_when_the_template_was_not_used(
     format = "generic"
     to = ["oncall"]
     token = "{ROUTE_TOKEN}"
-    template = "Jenkins {{{{ name }}}} #{{{{ build.number }}}}: {{{{ build.status }}}}"
+    template = "Jenkins {{{{ name }}}} #{{{{ build.number }}}}: {{{{ build.status.lower() }}}}"
     """
     config = bridge_config(tmp_path, sandbox_url, extra)
     async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
@@ -778,11 +799,47 @@ async def test_a_preview_says_when_the_template_was_not_used(
             return answer.text
 
         good = await preview({"name": "nightly", "build": {"number": 7, "status": "FAILURE"}})
-        assert "Jenkins nightly #7: FAILURE" in good and "Not the route's template" not in good
+        assert "Jenkins nightly #7: failure" in good and "Not the route's template" not in good
+        # A call of what the payload lacks fails (its attribute alone is printed as empty)
         bad = await preview({"name": "nightly", "message": "disk full"})
         assert '<pre class="sms">disk full</pre>' in bad
         [line] = re.findall(r"<p class=\"problem\">Not the route's template: (.*?)</p>", bad)
         assert "build" in line and "default text" in line
+
+
+async def test_a_preview_names_the_fields_its_template_printed_as_empty(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """A template prints a field the payload lacks as empty, and the webhook's 202 and
+    the message's events name it; the preview showed the text with its gap and not a
+    word of why. It now names them above the text, masked as the rest of it is."""
+    extra = f"""{TOKENS}
+    [routes.jenkins]
+    format = "generic"
+    to = ["oncall"]
+    token = "{ROUTE_TOKEN}"
+    template = "Jenkins {{{{ name }}}} #{{{{ build.number }}}}: {{{{ labels[key] }}}}"
+    """
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        token = csrf_of(await http.get("/ui/routes/jenkins"))
+
+        async def preview(payload: dict[str, object]) -> str:
+            answer = await http.post(
+                "/ui/routes/jenkins/preview",
+                data={"csrf": token, "payload": json.dumps(payload)},
+            )
+            assert answer.status_code == 200
+            return answer.text
+
+        whole = {"name": "nightly", "build": {"number": 7}, "labels": {"a": "ok"}, "key": "a"}
+        assert "Printed as empty" not in await preview(whole)
+        gaps = await preview({"name": "nightly", "labels": {}, "key": ROUTE_TOKEN})
+        assert '<pre class="sms">Jenkins nightly #:</pre>' in gaps
+        [line] = re.findall(r'<p class="problem">Printed as empty, (.*?)</p>', gaps)
+        # a name may be a payload's value: a secret there is masked, as in the log
+        assert line.startswith("as the payload lacks them: build, ") and ROUTE_TOKEN not in line
 
 
 async def test_a_preview_refuses_the_recipients_the_webhook_refuses(
@@ -876,7 +933,7 @@ async def test_api_retry_and_cancel_need_admin_and_name_the_token(served_bridge)
         done = await http.post(cancel, headers=admin)
         assert done.status_code == 200 and done.json()["reason"] == "cancelled by root"
         again = await http.post(cancel, headers=admin)
-        assert again.status_code == 409 and "only queued or held" in again.json()["error"]
+        assert again.status_code == 409 and "a retry queues it again" in again.json()["error"]
         retried = await http.post(f"/api/v1/messages/{queued}/retry", headers=admin)
         assert retried.status_code == 200 and retried.json()["state"] == "queued"
         assert (await http.post("/api/v1/messages/77/retry", headers=admin)).status_code == 404
@@ -1563,6 +1620,27 @@ async def test_an_actions_note_waits_for_its_page_whatever_another_tab_loads(
         assert "queued again" not in (await http.get(done.headers["location"])).text  # once
 
 
+async def test_a_session_keeps_the_notes_of_its_last_twenty_actions_only(
+    served_bridge,
+) -> None:
+    """A note waits for its page (above), so the notes of pages never visited (a script
+    cancelling in a loop, tabs closed) would pile up in the session for its 12 hours.
+    A session keeps the last 20: the oldest go first, the newest are still said."""
+    bridge, url = served_bridge
+    held = NewMessage("+12025550143", "disk full", "http", "SMS", 1, 1, state=State.HELD)
+    ids = await seed(bridge.store, [held] * 25, 1.0)
+    async with httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, ADMIN)
+        token = csrf_of(await http.get("/ui/"))
+        for message_id in ids:  # each note's page never visited
+            done = await http.post(f"/ui/messages/{message_id}/cancel", data={"csrf": token})
+            assert done.status_code == 303
+        said = [
+            f"Message {i} cancelled." in (await http.get(f"/ui/messages/{i}")).text for i in ids
+        ]
+        assert said == [False] * 5 + [True] * 20
+
+
 async def test_a_loop_mail_quoting_a_message_number_is_not_shown_under_it(
     tmp_path, sandbox_url: str, clock: ManualClock, backend: str
 ) -> None:
@@ -1649,3 +1727,181 @@ async def test_a_misspelt_list_parameter_is_a_400_not_every_message(served_bridg
         await sign_in(http, READER)
         aliased = await http.get("/ui/messages?status=failed")  # the API's other name
         assert '<option value="failed" selected>' in aliased.text
+
+
+async def test_a_cache_buster_is_ignored_and_other_unknown_names_stay_400s(
+    served_bridge,
+) -> None:
+    """jQuery's `cache: false` and many dashboards add `?_=<epoch ms>` to every GET: once
+    unknown names became 400s, such a client's every list failed. `_` selects nothing and
+    is ignored, on the API and the console; `?stat=` stays a 400."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        message_id = await send(http, "+12025550143", "disk full")
+        reader = {"Authorization": f"Bearer {READER}"}
+        for path in ("/api/v1/messages", "/ui/messages.json"):
+            busted = await http.get(f"{path}?state=queued&_=1700000000123", headers=reader)
+            assert busted.status_code == 200, (path, busted.text)
+            assert [m["id"] for m in busted.json()["messages"]] == [message_id]
+            typo = await http.get(f"{path}?_=1&stat=failed", headers=reader)
+            assert typo.status_code == 400 and typo.json()["field"] == "stat", path
+        spec = (await http.get("/openapi.json", headers=reader)).json()
+        listing = spec["paths"]["/api/v1/messages"]["get"]["parameters"]
+        assert "_" in {p["name"] for p in listing}
+
+
+async def test_a_refused_retry_or_cancel_says_the_state_and_what_can_be_done(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str
+) -> None:
+    """A 409 reading "message 5 is delivered: only failed can retry" said the rule, not
+    what had become of the message or what to do instead. The API's 409 (and the
+    console's, the same words) says the state, in words and as `state`, and the way on.
+    Both stores."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    seeded = {
+        state: NewMessage("+12025550143", f"disk {state}", "http", "SMS", 1, 1, state=state)
+        for state in (State.DELIVERED, State.SUPPRESSED, State.FAILED, State.SENT)
+    }
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    expected = {
+        ("retry", State.DELIVERED): "it was delivered; to text it again, send it as a new message",
+        ("retry", State.SUPPRESSED): "it was never sent",
+        ("retry", State.SENT): "the provider accepted it",
+        ("cancel", State.FAILED): "nothing to cancel; a retry queues it again",
+        ("cancel", State.DELIVERED): "too late to cancel",
+    }
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        ids = dict(zip(seeded, await seed(bridge.store, list(seeded.values()), 1.0), strict=True))
+        for (action, state), words in expected.items():
+            answer = await http.post(f"/api/v1/messages/{ids[state]}/{action}", headers=admin)
+            assert answer.status_code == 409, answer.text
+            body = answer.json()
+            doing = "retried" if action == "retry" else "cancelled"
+            assert body["state"] == str(state)
+            assert body["error"].startswith(
+                f"message {ids[state]} is {state} and cannot be {doing}: "
+            ), body
+            assert words in body["error"], body
+            assert "only failed can" not in body["error"]
+        await sign_in(http, ADMIN)
+        token = csrf_of(await http.get(f"/ui/messages/{ids[State.DELIVERED]}"))
+        page = await http.post(f"/ui/messages/{ids[State.DELIVERED]}/retry", data={"csrf": token})
+        assert page.status_code == 409
+        assert expected["retry", State.DELIVERED] in page.text
+
+
+async def test_a_since_without_its_zone_is_a_400_that_says_what_to_add(served_bridge) -> None:
+    """`?since=2027-01-15T08:00:00` was refused with "'since' needs its zone: Z for UTC,
+    or an offset", which read oddly and showed no example. The 400 names the value, says
+    it lacks a time zone and shows it with one, on the API and the console alike."""
+    _, url = served_bridge
+    reader = {"Authorization": f"Bearer {READER}"}
+    async with httpx.AsyncClient(base_url=url) as http:
+        for path in ("/api/v1/messages", "/ui/messages.json"):
+            for given, shown in (
+                ("2027-01-15T08:00:00", "2027-01-15T08:00:00"),
+                ("2027-01-15", "2027-01-15T00:00:00"),
+            ):
+                bad = await http.get(path, params={"since": given}, headers=reader)
+                assert bad.status_code == 400 and bad.json()["field"] == "since", bad.text
+                words = bad.json()["error"]
+                assert f"'since' '{given}' has no time zone" in words, words
+                assert f"{shown}Z or {shown}+02:00" in words, words
+            fine = await http.get(
+                path, params={"since": "2027-01-15T08:00:00+02:00"}, headers=reader
+            )
+            assert fine.status_code == 200, fine.text
+
+
+async def test_a_messages_page_says_which_token_or_smtp_login_sent_it(served_bridge) -> None:
+    """Messages carry the token that sent them (`root`, or `smtp:LOGIN` for mail from
+    an SMTP user), but the message page did not say it: an operator could not tell which
+    script or device was texting. It says so, by name, and never the secret."""
+    bridge, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        by_api = await send(http, "+12025550143", "disk full")  # with the ADMIN token
+        mail = NewMessage("+12025550144", "UPS on battery", "smtp", "SMS", 1, 1, token="smtp:ups")
+        hooked = NewMessage("+12025550145", "alert", "hook", "SMS", 1, 1, route="am")
+        by_mail, by_hook = await seed(bridge.store, [mail, hooked], 1.0)
+        await sign_in(http, READER)
+        shown = {
+            by_api: "API token root",
+            by_mail: "SMTP login ups",
+            by_hook: "its route (a route&#39;s own credentials are no API token)",
+        }
+        for message_id, words in shown.items():
+            page = await http.get(f"/ui/messages/{message_id}")
+            assert f'<dt>Sent by</dt><dd id="sent-by">{words}</dd>' in page.text, page.text
+            assert ADMIN not in page.text and ROUTE_TOKEN not in page.text
+        data = (await http.get(f"/ui/messages/{by_mail}.json")).json()
+        assert data["sent_by"] == {"kind": "smtp", "name": "ups", "text": "SMTP login ups"}
+        assert data["token"] == "smtp:ups"
+
+
+async def test_a_storm_of_queued_texts_to_one_phone_is_cancelled_at_once(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str
+) -> None:
+    """Only held messages could be cancelled in one go: an operator facing hundreds of
+    texts queued to one phone (a provider paused, a script looping) cancelled them one
+    page at a time. `POST /ui/queued/cancel` cancels that phone's queued messages, an
+    admin's action behind the CSRF token as `/ui/held/cancel` is, each failed with its
+    reason and an event; its held ones, other phones' and those already sent stay.
+    Both stores."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    queued = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as reader,
+        httpx.AsyncClient(base_url=url) as admin,
+    ):
+        mine = await seed(bridge.store, [queued] * 3, 1.0)
+        held, theirs, sent = await seed(
+            bridge.store,
+            [
+                queued._replace(state=State.HELD),
+                queued._replace(recipient="+12025550145"),
+                queued._replace(state=State.SENT),
+            ],
+            1.0,
+        )
+        await sign_in(reader, READER)
+        form = {"csrf": csrf_of(await reader.get("/ui/")), "recipient": "+12025550144"}
+        assert (await reader.post("/ui/queued/cancel", data=form)).status_code == 403
+        await sign_in(admin, ADMIN)
+        listed = await admin.get("/ui/messages?state=queued&recipient=%2B12025550144")
+        assert 'action="/ui/queued/cancel"' in listed.text
+        assert "Cancel every queued message to +12025550144" in listed.text
+        page = await admin.get(f"/ui/messages/{mine[0]}")
+        assert 'action="/ui/queued/cancel"' in page.text
+        wrong = {"csrf": "not-the-token", "recipient": "+12025550144"}
+        assert (await admin.post("/ui/queued/cancel", data=wrong)).status_code == 403
+        assert {(await bridge.store.get(i)).state for i in mine} == {State.QUEUED}
+        form["csrf"] = csrf_of(page)
+        done = await admin.post("/ui/queued/cancel", data=form)
+        assert done.status_code == 303
+        assert (
+            "Cancelled 3 queued messages to +12025550144."
+            in (await admin.get(done.headers["location"])).text
+        )
+        for message_id in mine:
+            message = await bridge.store.get(message_id)
+            assert (message.state, message.reason) == (State.FAILED, "cancelled by root")
+            assert message.reason_kind == "cancelled"
+            events = await bridge.store.events(message_id)
+            assert [(e["state"], e["detail"]) for e in events][-1] == (
+                "failed",
+                "cancelled by root",
+            )
+        assert (await bridge.store.get(held)).state == State.HELD
+        assert (await bridge.store.get(theirs)).state == State.QUEUED
+        assert (await bridge.store.get(sent)).state == State.SENT
+        nothing = await admin.post("/ui/queued/cancel", data=form)
+        assert (
+            "Nothing was queued for +12025550144"
+            in (await admin.get(nothing.headers["location"])).text
+        )
+        empty = await admin.post("/ui/queued/cancel", data={**form, "recipient": ""})
+        assert empty.status_code == 400

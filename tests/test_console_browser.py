@@ -511,13 +511,17 @@ async def test_a_long_route_name_stays_on_a_phones_screen(
         await sign_in(page, url, ADMIN)
         for path in ("/ui/messages", f"/ui/messages?route={name}", f"/ui/routes/{name}"):
             await page.goto(url + path)
+            if path.startswith("/ui/messages"):  # the filter form, folded on a phone, open
+                await page.locator("summary", has_text="Filter").click()
+                assert await page.get_by_label("Route").is_visible()
             overflow = await page.evaluate(
                 "document.documentElement.scrollWidth - document.documentElement.clientWidth"
             )
             assert overflow <= 0, f"{path} scrolls sideways on a phone by {overflow}px"
         await page.goto(f"{url}/ui/messages")
+        await page.locator("summary", has_text="Filter").click()
         await page.get_by_label("Route").select_option(name)  # still chosen whole
-        await page.get_by_role("button", name="Filter").click()
+        await page.get_by_role("button", name="Filter", exact=True).click()
         await page.wait_for_url(re.compile(f".*route={name}.*"))
         await context.close()
     assert errors.errors == []
@@ -707,4 +711,47 @@ async def test_on_a_phone_a_flood_held_for_one_phone_is_cancelled_in_one_go(
             await page.get_by_role("button", name=name).click()
             assert (await bridge.store.get(kept)).state == State.HELD
         await context.close()
+    assert errors.errors == []
+
+
+async def test_on_a_phone_the_filter_form_is_folded_and_the_list_is_on_the_first_screen(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """On a phone the filter form (five fields, one under another) filled the message
+    list's first screen: the newest message, what the page is opened for, was below it.
+    There it is folded under a "Filter" line that says what is filtered; a tap opens it.
+    On a wide screen it is open, as before."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url, CLOCKED_TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+        queued = NewMessage("+12025550144", "disk 97% full on db-1", "http", "SMS", 1, 1)
+        await seed(bridge.store, [queued] * 3, clock.now())
+        context = await browser.new_context(
+            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        )
+        page = await context.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        await page.goto(f"{url}/ui/messages?state=queued")
+        rows = page.locator("table.messages tbody tr")
+        first = await rows.first.bounding_box()
+        assert first is not None and first["y"] + first["height"] <= 844 * 0.6, first
+        text = page.get_by_label("Text contains")
+        assert not await text.is_visible()
+        fold = page.locator("summary", has_text="Filter")
+        assert "queued" in await fold.inner_text()  # what is filtered, said folded
+        await fold.click()
+        await text.fill("db-1")
+        await page.get_by_role("button", name="Filter", exact=True).click()
+        await page.wait_for_url(re.compile(r".*q=db-1.*"))
+        assert await rows.count() == 3
+        await context.close()
+
+        wide = await browser.new_context(viewport={"width": 1280, "height": 900})
+        page = await wide.new_page()
+        errors.watch(page)
+        await sign_in(page, url, ADMIN)
+        await page.goto(f"{url}/ui/messages")
+        assert await page.get_by_label("Text contains").is_visible()
+        await wide.close()
     assert errors.errors == []

@@ -392,6 +392,43 @@ async def test_an_alert_that_fires_again_after_resolving_is_texted_again(
     assert states == [{"queued"}, {"queued"}, {"queued"}, {"suppressed"}]
 
 
+async def test_a_json_body_with_a_utf8_bom_is_read(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """Windows PowerShell 5's Invoke-RestMethod with `-Encoding UTF8`, and .NET, send JSON
+    with a UTF-8 byte order mark, which RFC 8259 lets a parser ignore. Read as any other
+    body by the API, a route and a signed route (the signature is over the bytes sent,
+    BOM included). It was reported as a 400; `json.loads` of bytes already takes it: this
+    holds it so should the body ever be decoded before it is parsed."""
+    token = "send-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + '\n[routes.plain]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n'
+        + f'\n[tokens.deploy]\ntoken = "{token}"\nscopes = ["send"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    bom = b"\xef\xbb\xbf"
+    alert = bom + (HOOKS / "alertmanager-firing.json").read_bytes()
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for path, body, headers in (
+            ("/hooks/plain", bom + b'{"message": "Backup failed on nas-1"}', {}),
+            ("/hooks/am", alert, auth_headers("am", alert)),
+            (
+                "/api/v1/messages",
+                bom + b'{"to": "+12025550144", "message": "Backup failed on nas-2"}',
+                {"authorization": f"Bearer {token}"},
+            ),
+        ):
+            headers = {**headers, "content-type": "application/json; charset=utf-8"}
+            answer = await http.post(f"{url}{path}", content=body, headers=headers)
+            assert answer.status_code == 202, (path, answer.text)
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    sent = sorted((e.to, e.message) for e in sandbox_state.entries)
+    assert ("+12025550143", "Backup failed on nas-1") in sent
+    assert ("+12025550144", "Backup failed on nas-2") in sent
+    assert {"+12025550101", "+12025550102"} <= {to for to, _ in sent}
+
+
 async def test_bad_requests_get_clear_4xx_and_store_nothing(tmp_path, clock, sandbox_url) -> None:
     config = bridge_config(tmp_path, sandbox_url, ROUTES)
     am = {"authorization": "Bearer am-token-0123456789"}
@@ -571,6 +608,61 @@ async def test_a_template_renders_a_payload_with_a_self_key(
         assert (await http.post(f"{url}/hooks/tracker", json=payload)).status_code == 202
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
     assert [e.message for e in sandbox_state.entries] == ["issue_created: Backups fail on nas-1"]
+
+
+async def test_a_payload_key_cannot_hide_a_templates_own_names(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A payload's key is a name the template reads, and one named as the template's own
+    (`range`, `dict`, `namespace`, `cycler`, `joiner`) hid it: `range(3)` called the
+    payload's number, the template failed and the default text went out. The template's
+    own names now win; the payload's field of that name is `fields.range`."""
+    template = (
+        "{% for i in range(2) %}{{ i }}{% endfor %}"
+        "{% set ns = namespace(n=0) %}{{ ns.n }}{{ dict(a=1).a }}"
+        "{% set c = cycler('x') %}{{ c.next() }}{% set j = joiner('/') %}{{ j() }}"
+        " {{ summary }} {{ fields.range }}{{ fields['dict'] }}{{ fields.fields }}"
+    )
+    _, config = _route_per_template(tmp_path, sandbox_url, {"own": template})
+    keys = ("range", "namespace", "dict", "cycler", "joiner", "fields")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for key in keys:
+            payload = {"summary": f"{key} full", key: 7}  # texts apart: no duplicates
+            answer = await http.post(f"{url}/hooks/own", json=payload)
+            assert answer.status_code == 202, answer.text
+            assert answer.json()["messages"][0]["template"]["default_text"] is None, key
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert sorted(e.message for e in sandbox_state.entries) == sorted(
+        f"0101x {key} full {'7' if key in ('range', 'dict', 'fields') else ''}".strip()
+        for key in keys
+    )
+
+
+async def test_an_attribute_of_a_missing_field_is_missing_too(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """`{{ host }}` of a payload without `host` printed as "" and the 202 named it, but
+    `{{ labels.team }}` of one without `labels` failed the template ("'labels' is
+    undefined") and the default text went out. Both are now a missing field: printed
+    as "", named in the 202, and `default` applies to either."""
+    templates = {
+        "chained": "{{ summary }}{{ labels.team }}{{ alerts[0].labels.host }}",
+        "defaulted": "{{ summary }} for {{ labels.team | default('ops') }}",
+    }
+    phones, config = _route_per_template(tmp_path, sandbox_url, templates)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        answers = {}
+        for name in templates:
+            answer = await http.post(f"{url}/hooks/{name}", json={"summary": "disk full"})
+            assert answer.status_code == 202, answer.text
+            answers[name] = answer.json()["messages"][0]["template"]
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert answers == {
+        "chained": {"default_text": None, "missing": ["labels", "alerts"]},
+        "defaulted": {"default_text": None, "missing": []},
+    }
+    sent = {e.to: e.message for e in sandbox_state.entries}
+    assert sent == {phones["chained"]: "disk full", phones["defaulted"]: "disk full for ops"}
 
 
 async def test_a_payload_cannot_make_a_template_build_a_huge_text(
@@ -895,6 +987,55 @@ async def test_the_202_says_what_a_template_missed_or_why_it_was_not_used(
     ]
 
 
+@pytest.mark.usefixtures("backend")
+async def test_what_a_template_missed_is_in_the_messages_events(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """The fields a template printed as empty, and why a route's default text went out,
+    were told to the sender (the 202) and the log only: the message's page, in the API
+    and the console, showed a text with a gap and no word of why. Each row's events now
+    say it, on every recipient's row; a text made as meant has no such event."""
+    reader = "read-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + templated_route("gaps", "generic", "oncall", "{{ summary }} ({{ labels[team] }})")
+        + templated_route("broken", "generic", "+12025550144", "{{ summary + 1 }}")
+        + templated_route("fine", "generic", "+12025550145", "{{ summary }}")
+        + f'\n[tokens.ops]\ntoken = "{reader}"\nscopes = ["read"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    # a missing name may be a payload's value: a secret there is masked, as in the log
+    payload = {"message": "disk full", "summary": "disk full", "labels": {}, "team": reader}
+    bearer = {"authorization": f"Bearer {reader}"}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        ids = {}
+        for name in ("gaps", "broken", "fine"):
+            answer = await http.post(f"{url}/hooks/{name}", json=payload)
+            assert answer.status_code == 202, answer.text
+            ids[name] = answer.json()["ids"]
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+        details = {}
+        for name, message_ids in ids.items():
+            for message_id in message_ids:
+                got = await http.get(f"{url}/api/v1/messages/{message_id}", headers=bearer)
+                assert got.status_code == 200, got.text
+                details.setdefault(name, []).append(
+                    [(e["state"], e["detail"]) for e in got.json()["events"] if e["detail"]]
+                )
+    missed = "the template printed as empty what the payload lacks: ***"
+    assert details["gaps"] == [[("queued", missed)]] * 2  # both of oncall's rows
+    assert details["broken"] == [
+        [
+            (
+                "queued",
+                "the route's default text went out: the template failed (TypeError: can only"
+                ' concatenate str (not "int") to str)',
+            )
+        ]
+    ]
+    assert details["fine"] == [[]]
+
+
 async def test_control_characters_never_reach_the_phone(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
@@ -930,6 +1071,56 @@ async def test_control_characters_never_reach_the_phone(
         ("+12025550144", clean, 1),
         ("+12025550145", clean, 1),
     ]
+
+
+async def test_an_8bit_csi_and_bidi_overrides_are_taken_out(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """The 8-bit CSI (U+009B, what ESC [ is in C1) was taken out alone, as a control
+    character, and its parameters went to the phone ("\\x9b2J" as "2J"). And Unicode's
+    bidi overrides, embeddings and isolates (U+202A..U+202E, U+2066..U+2069) were kept
+    mid-text: the phone drew what followed one reordered (an RLO reversed "db-1 down"),
+    so it read otherwise than the log, the console and the API ("Trojan Source"); and
+    each made the whole text UCS-2. Both are now taken out, on every ingress alike; the
+    implicit direction marks (LRM, RLM) stay, as right-to-left texts need them."""
+    token = "send-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + '\n[routes.plain]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n'
+        + templated_route("tpl", "generic", "+12025550144", "{{ job }}: {{ log }}")
+        + f'\n[tokens.deploy]\ntoken = "{token}"\nscopes = ["send"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    csi = "\x9b2J\x9b1;31mDisk full\x9b0m on db-1\x9b?25l"
+    bidi = "ok: \u202enwod 1-bd\u202c \u2067ok\u2069 \u202a\u202b\u202d\u2066\u2068!"
+    rtl = "\u05e9\u05dc\u05d5\u05dd\u200f db-1"  # Hebrew with its RLM: kept as is
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for text in (csi, bidi, rtl):
+            hook = await http.post(f"{url}/hooks/plain", json={"message": text})
+            assert hook.status_code == 202, hook.text
+            api = {"to": "+12025550145", "message": text}
+            answer = await http.post(
+                f"{url}/api/v1/messages", json=api, headers={"authorization": f"Bearer {token}"}
+            )
+            assert answer.status_code == 202, answer.text
+        hook = await http.post(f"{url}/hooks/tpl", json={"job": "\u202ebackup", "log": csi})
+        assert hook.status_code == 202, hook.text
+        for blank in ("\x9b2J", " \x9b0m\u202e\n"):  # nothing left: no text
+            assert (
+                await http.post(f"{url}/hooks/plain", json={"message": blank})
+            ).status_code == 400
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    cleaned = ["Disk full on db-1", "ok: nwod 1-bd ok !", rtl]
+    assert sorted((e.to, e.message, e.message_type) for e in sandbox_state.entries) == sorted(
+        [
+            *(
+                (phone, text, 2 if text == rtl else 1)
+                for phone in ("+12025550143", "+12025550145")
+                for text in cleaned
+            ),
+            ("+12025550144", "backup: Disk full on db-1", 1),
+        ]
+    )
 
 
 async def test_a_text_opening_with_an_escape_sequence_or_only_of_them(
@@ -1246,13 +1437,22 @@ def test_check_config_warns_of_a_template_that_renders_nothing(tmp_path) -> None
         format = "generic"
         to = ["+12025550143"]
         template = "{{ host }}: {{ message }}"
+        [routes.typo]
+        format = "alertmanager"
+        to = ["+12025550143"]
+        template = "{{ status }}: {{ commonLabel.alertname }}"
     """,
     )
     result = run_command(["check-config", str(path)])
     assert result.returncode == 0, result.stderr
     warned = sorted(line.split(":")[1].strip() for line in result.stderr.splitlines())
-    assert warned == ["routes.am.template", "routes.any.template"], result.stderr
+    assert warned == ["routes.am.template", "routes.any.template", "routes.typo.template"]
     assert "renders nothing on a sample alertmanager payload" in result.stderr
+    # A missing field's attribute is missing, no failure: the typo shows here instead.
+    assert (
+        "routes.typo.template: prints as empty what a sample alertmanager payload lacks:"
+        " commonLabel (a misspelt field?)" in result.stderr
+    )
 
 
 async def test_route_client_allowlist(tmp_path, clock, sandbox_url) -> None:

@@ -24,7 +24,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "core": (
         *("bridge", "errors", "clock", "models", "config", "firewall", "phone", "text"),
         *("pricing", "templates", "health", "loops", "schedule", "sockets", "ranges", "digits"),
-        *("digit_regex", "phone_patterns", "addresses", "permissions"),
+        *("digit_regex", "phone_patterns", "addresses", "permissions", "template_limits"),
     ),
     "store": ("store",),
     "policy": ("policy",),

@@ -722,3 +722,29 @@ async def test_one_phone_twice_with_one_text_goes_in_two_calls_and_both_learn_th
     for bulk in bulks:
         called = [e.to for e in sandbox_state.entries if e.bulk_id == bulk]
         assert len(set(called)) == len(called)
+
+
+async def test_a_trailing_slash_on_a_post_is_served_not_redirected(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """`POST /api/v1/messages/` answered 307 (the router's redirect), which curl and most
+    scripts do not follow for a POST: the alert was silently not sent. The same for
+    `/hooks/NAME/` and the admin actions. Each is served as the path without the slash,
+    a client that follows no redirect (httpx's default, as curl's) included."""
+    route = '[routes.plain]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n'
+    config = bridge_config(tmp_path, sandbox_url, route)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        api = await http.post(
+            f"{url}/api/v1/messages/", json={"to": "+12025550144", "message": "disk full"}
+        )
+        assert api.status_code == 202, (api.status_code, api.headers.get("location"))
+        hook = await http.post(f"{url}/hooks/plain/", json={"message": "backup failed"})
+        assert hook.status_code == 202, (hook.status_code, hook.headers.get("location"))
+        [hooked] = hook.json()["ids"]
+        assert (await bridge.store.get(hooked)).route == "plain"
+        unknown = await http.post(f"{url}/hooks/nosuch/", json={"message": "x"})
+        assert unknown.status_code == 404 and "nosuch" in unknown.json()["error"]
+        [sent] = api.json()["ids"]
+        cancel = await http.post(f"{url}/api/v1/messages/{sent}/cancel/")
+        assert cancel.status_code == 200, cancel.text
+        assert (await bridge.store.get(sent)).state == State.FAILED

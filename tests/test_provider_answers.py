@@ -489,3 +489,32 @@ async def test_a_send_answer_with_an_empty_id_is_a_send_without_an_id(
         await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=600)
         message = await bridge.store.get(message_id)
     assert message.provider_message_id == str(sandbox_state.entries[0].message_id)
+
+
+@pytest.mark.parametrize(
+    ("money", "each"),
+    [('"price": 0.5', 0.5), ('"cost": 1.5', 0.5), ('"cost": 1.5, "price": 0.5', 0.5)],
+)
+async def test_a_bulk_answers_price_is_what_each_message_cost(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    money: str,
+    each: float,
+) -> None:
+    """sms-api.md's words: a `price` is what one SMS costs (the price list), a `cost` what
+    a send cost (`/send`'s `"cost": 1.5`). A bulk answer giving only a `price` was read as
+    the whole call's cost: three US texts billed 1.5 were counted 0.5, a third each, and
+    the cost cap let three times as much through. It is each message's price; a `cost`,
+    where given, is the call's."""
+    to = ["+12025550143", "+12025550144", "+12025550145"]
+    answer = f'{{"success": true, "data": {{"batch_id": "b-1", "count": 3, {money}}}}}'
+    sandbox_state.faults.append(Fault(status=200, body=answer, path="/send-bulk", taken=True))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        ids = (await post(url, {"to": to, "message": "disk full"})).json()["ids"]
+        await pump(bridge, clock, went(bridge, ids[-1]), max_seconds=60)
+        costs = [(await bridge.store.get(i)).cost for i in ids]
+    assert sum(e.cost for e in sandbox_state.entries) == 1.5  # what the provider billed
+    assert costs == [each] * 3

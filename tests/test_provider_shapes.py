@@ -56,6 +56,9 @@ async def test_the_client_reads_every_variant_as_a_success(
         got = entries[str(entry.message_id)]
         assert same_number(entry.to, got.recipient) and got.message == entry.message
         assert got.status == "pending"
+        # Each entry's cost, whatever its key: `price` in the other keys' shape (what
+        # that message cost, as a bulk answer's `price` is each message's).
+        assert got.cost == entry.cost
         stamp = provider_time(got.created_at, zone(VARIANTS[variant].timezone))
         assert stamp == pytest.approx(entry.created_at, abs=1)
 

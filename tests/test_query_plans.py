@@ -59,6 +59,14 @@ async def test_the_days_spend_reads_the_days_rows(traced: Traced) -> None:
         assert all(line.startswith("SEARCH") for line in on_messages(plan)), plan
 
 
+async def test_the_days_use_reads_the_days_rows_and_the_resent(traced: Traced) -> None:
+    # Every attempt's parts (the resent rows by messages_resent), through the indexes.
+    store, plans = traced
+    await store.used_since(86400.0, "budget")
+    [plan] = plans("THEN 1 ELSE 0 END), 0), coalesce(sum(parts")
+    assert all(line.startswith("SEARCH") for line in on_messages(plan)), plan
+
+
 async def test_the_overviews_day_reads_the_days_rows_as_the_caps_do(traced: Traced) -> None:
     # Its texts, parts and cost in flight too, as the caps count them (`SPENT`): the OR
     # still reads through the indexes, not the whole table.

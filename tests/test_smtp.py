@@ -381,13 +381,14 @@ async def test_a_mails_colour_codes_are_taken_out_whole(
     mail["From"] = "cron@example.org"
     mail["To"] = DEFAULT_RCPT
     mail["Subject"] = "\x1b[1mbackup\x1b[0m"
-    mail.set_content("Disk \x1b[31mfull\x1b[0m on db-1\n")
+    # and the 8-bit CSI (U+009B): taken out alone, it left "1m" and "0m" in the text
+    mail.set_content("Disk \x1b[31mfull\x1b[0m on db-1 \x9b1mnow\x9b0m\n")
     async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
         await asyncio.to_thread(send, port, "cron@example.org", [DEFAULT_RCPT], mail.as_bytes())
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
     [entry] = sandbox_state.entries
     assert "[" not in entry.message and "\x1b" not in entry.message, entry.message
-    assert "backup" in entry.message and "Disk full on db-1" in entry.message, entry.message
+    assert "backup" in entry.message and "Disk full on db-1 now" in entry.message, entry.message
 
 
 async def test_a_message_id_folded_over_many_lines_is_stored_and_deduplicated(

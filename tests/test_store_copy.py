@@ -13,10 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlite_utils import Database
 
 from bridge.models import NewMessage, State, events_json
 from bridge.store.postgres.store import PostgresStore
 from bridge.store.sqlite import SqliteStore
+from bridge.store.sqlite.schema import migrations
 from tests.postgres import run_async
 from tests.processes import ANY_PORT, clean_env, process, wait_for
 from tests.stores import aggregated, reported, seed
@@ -122,6 +124,14 @@ async def _pg_read(url: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         return await reported(store), await aggregated(store)
     finally:
         await store.close()
+
+
+# One queued text, as a release before SQLite 0014 stored it.
+OLD_MESSAGE = (
+    "INSERT INTO messages (recipient, text, source, sender_id, message_type, parts, state,"
+    " created_at, updated_at, next_attempt_at)"
+    " VALUES ('+12025550143', 'a', 'http', 'SMS', 1, 1, 'queued', 100, 100, 100)"
+)
 
 
 def _copy(tmp_path: Path, db: Path, url: str, *extra: str) -> Any:
@@ -375,3 +385,36 @@ def test_the_prices_bills_taught_go_with_the_copy(tmp_path: Path, postgres_url: 
         copied = _copy(tmp_path, db, postgres_url, *extra)
         assert copied.returncode == 0, copied.stderr
         assert run_async(pg_prices) == {0: 1.5, 961: 1.5, 1: 0.5}
+
+
+def test_replacing_from_a_store_older_than_billed_prices_leaves_no_prices_behind(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """`--replace` from a store an older release wrote (before SQLite 0014, no prices
+    kept): the target's prices, taught by another store's bills, must not stay and price
+    the cost cap of the copied store's sends. The copy replaces them with the source's:
+    none."""
+    priced, old = tmp_path / "priced.db", tmp_path / "old.db"
+
+    async def build() -> None:
+        store = SqliteStore(priced)
+        await store.open()
+        try:
+            await seed(store, [_message(1)], time.time())
+            await store.record_billed({0: 1.5, 961: 1.5}, time.time())
+        finally:
+            await store.close()
+
+    asyncio.run(build())
+    db = Database(sqlite3.connect(old))
+    migrations.apply(db, stop_before="0014_billed_prices")
+    db.execute(OLD_MESSAGE)
+    db.conn.commit()
+    db.conn.close()
+    assert _copy(tmp_path, priced, postgres_url).returncode == 0
+    count = "SELECT count(*) FROM billed_prices"
+    assert run_async(lambda: _pg_rows(postgres_url, count)) == [(2,)]
+    replaced = _copy(tmp_path, old, postgres_url, "--replace")
+    assert replaced.returncode == 0, replaced.stderr
+    assert run_async(lambda: _pg_rows(postgres_url, count)) == [(0,)]
+    assert run_async(lambda: _pg_count(postgres_url, "messages")) == 1

@@ -37,7 +37,7 @@ from bridge.errors import (
 from bridge.health import ProviderHealth
 from bridge.loops import LoopHealth, run_steps
 from bridge.models import Message, State
-from bridge.policy.budgets import BudgetGuard, Cap, day_bounds
+from bridge.policy.budgets import UNKNOWABLE, BudgetGuard, Cap, day_bounds
 from bridge.pricing import PriceBook
 from bridge.provider.client import ProviderClient
 from bridge.provider.responses import SendResult
@@ -54,9 +54,14 @@ PRICES_RETRY_FIRST = 60.0  # after a failed fetch, again this much later, doubli
 PRICES_RETRY_MAX = 3600.0
 HOLDS_PAGE = 1000  # texts waiting for midnight read per query at start
 # The event of each text waiting for midnight released (judged again by the next step).
-RAISED_BY_RELOAD = "daily caps changed by a reload: judged again"
 RAISED_AT_START = "daily caps raised while the bridge was stopped: judged again at start"
 PRICED_NOW = "a price is known now (today's spend was unknown): judged again"
+# How often an instance that knows a price looks for texts another instance held for one
+# (`release_holds`): that instance may be gone for good, and nobody watched for them.
+PRICE_HOLDS_LOOK = 60.0
+# Texts held again after a release whose events are read for a release elsewhere by a
+# higher cap (`_mismatched`), per cap and step: a reload releases the whole day's overflow.
+MISMATCH_LOOKS = 3
 FOREIGN_PREFIX = "cli"  # request kinds booked by `sms-bridge provider ...` in the store
 
 
@@ -111,6 +116,7 @@ class Dispatcher:
         self._prices_retry = PRICES_RETRY_FIRST
         self._last_call: dict[GroupKey, float] = {}  # each text's last call, for pacing
         self._held_until = 0.0  # a text held for more recipients: wake-ups wait till then
+        self._price_holds_at = 0.0  # when to look for others' texts waiting for a price
         self.tz = zone(config.timezone)
         self.reconciler = Reconciler(
             store=store,
@@ -295,25 +301,44 @@ class Dispatcher:
         said: an operator raising the cap during an incident still saw its alerts held."""
         if self.budget is None:
             return
-        if self.budget.waiting_for_price:  # another instance's bill may price them
-            await self.budget.recall_prices()
-        if self.budget.newly_priced():
-            await self._release(PRICED_NOW)
-            self.budget.released_for_price()
+        await self._release_priced()
         if not self.budget.loosened:
             return
         self.budget.loosened = False  # first: a reload during the write sets it again
         try:
-            await self._release(RAISED_BY_RELOAD)
+            await self._release(self.budget.released_by_reload(self.owner))
         except BaseException:
             self.budget.loosened = True  # a store that failed is asked on the next step
             raise
 
-    async def _release(self, why: str) -> None:
-        released = await self.store.release_budget_holds(self.clock.now(), why)
-        self._held_until = 0.0
+    async def _release_priced(self) -> None:
+        """Texts waiting because today's spend was unknown, judged again once a price is
+        known: at once for those this instance held (or found at start), and every
+        PRICE_HOLDS_LOOK for any instance's (held by one that stopped for good, they
+        waited for midnight whatever the others knew). Only those: the holds of other
+        caps stay as they are (released too, they were held again, an event each)."""
+        budget = self.budget
+        if budget is None or not budget.config.cost_per_day:
+            return
+        now = self.clock.now()
+        look = now >= self._price_holds_at
+        if budget.waiting_for_price or look:  # another instance's bill may price them
+            await budget.recall_prices()
+        if budget.newly_priced() or (look and budget.prices.ceiling() > 0):
+            self._price_holds_at = now + PRICE_HOLDS_LOOK
+            await self._release(PRICED_NOW, waiting_for=UNKNOWABLE)
+            budget.released_for_price()
+        elif look:
+            self._price_holds_at = now + PRICE_HOLDS_LOOK
+
+    async def _release(self, why: str, *, waiting_for: str = "") -> list[int]:
+        released = await self.store.release_budget_holds(
+            self.clock.now(), why, waiting_for=waiting_for
+        )
         if released:
+            self._held_until = 0.0  # they are due now: no hold for more recipients waits
             log.info("%s: %d waiting messages", why, len(released))
+        return released
 
     def _pace(self, batch: list[Message]) -> tuple[GroupKey | None, float]:
         """The call's text, and how long it waits for more recipients (see pacing)."""
@@ -381,11 +406,37 @@ class Dispatcher:
                 # one another instance claimed meanwhile: it goes, it does not wait.
                 await self.store.note([i for i in ids if i not in late], waiting, now)
             if not cap.never:  # the day's cap did not bite: other texts go on
+                mine = set(ids)
+                await self._mismatched([m for m in verdict.over if m.id in mine], cap)
                 await self.budget.warn(
                     cap.warning, f"sms-bridge: {reason}; further texts {outcome} until 00:00 UTC"
                 )
         self.wake.set()  # the warning itself is queued: send it
         return verdict.allowed
+
+    async def _mismatched(self, held: list[Message], cap: Cap) -> None:
+        """Say so (log and metric) when a text this instance holds again by `cap` was
+        released by a reload on another instance whose cap is higher: caps are each
+        instance's config, and this one has not been reloaded. The text waits by this
+        instance's cap: what an operator raised on one instance holds on that one only.
+        A few texts held again after a release are read (their events), not every one."""
+        assert self.budget is not None
+        budget = self.budget
+        for m in [m for m in held if budget.held_before(m)][:MISMATCH_LOOKS]:
+            event = await budget.mismatched(m, cap)
+            if event is None:
+                continue
+            budget.cap_mismatch_total += 1
+            log.warning(
+                "caps differ between instances: message %d was released by another instance"
+                " (%s) and is held again here (%s) by %s; reload every instance (SIGHUP)"
+                " after changing [budget], [routes] or [tokens] caps",
+                m.id,
+                event,
+                self.owner,
+                cap.why,
+            )
+            return
 
     async def _load_prices(self) -> None:
         """The provider's price list, for cost estimates: at start, then every

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 from bridge.clock import Clock
 from bridge.errors import StoreBusy, StoreUnavailable
@@ -78,6 +79,26 @@ class Ingestor:
         finally:
             self.pending -= 1
         accepted = [Accepted(i, m.recipient, m.state, m.reason) for i, m in stored]
+        await self._note(drafts, accepted, now)
         if any(a.state in (State.QUEUED, State.HELD) for a in accepted):
             self.on_stored()
         return accepted
+
+    async def _note(self, drafts: Sequence[Draft], accepted: list[Accepted], now: float) -> None:
+        """Each draft's note as an event of its rows (one row per recipient, in order),
+        before the dispatcher is woken: the message's page tells the operator what the
+        log alone told. The rows are stored already, so a store that fails here costs
+        the note, never the message (a sender told to retry would text it twice)."""
+        if not any(draft.note for draft in drafts):
+            return  # nearly every submit
+        notes: dict[str, list[int]] = {}
+        rows = iter(accepted)
+        for draft in drafts:
+            ids = [row.id for row in islice(rows, len(draft.recipients))]
+            if draft.note:  # it may quote a payload: without NUL, which PostgreSQL refuses
+                notes.setdefault(draft.note.replace("\x00", ""), []).extend(ids)
+        for note, ids in notes.items():
+            try:
+                await self.store.note(ids, note, now)
+            except StoreUnavailable as exc:
+                log.warning("messages %s stored, but not their note (%s): %s", ids, note, exc)

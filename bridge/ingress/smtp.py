@@ -50,8 +50,8 @@ from bridge.ingress.smtpauth import Authenticator, peer_host
 from bridge.ingress.smtplimits import LimitedSMTP, Sessions, TlsGate, call_limits
 from bridge.ingress.throttle import FailureThrottle
 from bridge.ingress.workers import Workers
+from bridge.models import SMTP_SENDER
 from bridge.phone import PhoneError
-from bridge.policy.budgets import smtp_token
 from bridge.policy.decide import content_hash, dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import MAIL_HEADER, parse_schedule_time, scheduled_epoch
@@ -90,8 +90,9 @@ def smtp_login(session: Session) -> str | None:
 
 def sent_by(login: str | None) -> str | None:
     """Who a message is stored as sent by (its `token`): `smtp:LOGIN`, counted against
-    `smtp.user_texts_per_day.LOGIN` and never against an API token's daily cap."""
-    return None if login is None else smtp_token(login)
+    `smtp.user_texts_per_day.LOGIN` and never against an API token's daily cap (no token
+    name holds a `:`)."""
+    return None if login is None else f"{SMTP_SENDER}{login}"
 
 
 def unreadable(address: str, exc: Unavailable, session: Session) -> str:

@@ -24,7 +24,8 @@ the list does not price is counted at its highest price: a cap that guards again
 fraud must not let the unpriced destinations through for free. A country the list gives
 at 0 is free: 0 is a price. With no list (its path is undocumented; a fetch may fail: the
 dispatcher tries again with backoff, and daily) a country is priced by what its parts
-were billed, else by the most a part was billed, and such a text goes alone (its bill
+were billed last, else by the most a part was billed (within a day of that bill: a price
+cut lowers it a day later; `pricing.BILLED_MAX_FOR`), and such a text goes alone (its bill
 prices its country: four texts to a dearer country priced by a cheaper one's bill went
 in one call); before any bill (or with nothing priced above 0), one text goes alone and
 its bill prices the rest (a whole bulk call counted as free once spent the day's cap
@@ -37,9 +38,11 @@ A text whose send answer gave no cost, sent while nothing was priced above 0, co
 nobody can tell: counted as 0, the cap never held. The cap is then taken as possibly
 spent: what follows waits for 00:00 UTC (or fails, as `on_exceeded` says), the reason
 saying "spend unknown", until a price is known (the list answers, a bill says its cost,
-or the store recalls one at start), when what waits is judged again at once. A cap is a
-promise about money: with a provider that never states a cost and no price list, at most
-one text a day goes under a cost cap.
+or the store recalls one at start), when what waits for it (and only that) is judged
+again at once; in a cluster, any instance that knows a price also releases them within a
+minute (`Dispatcher.release_holds`: the one that held them may be gone for good). A cap
+is a promise about money: with a provider that never states a cost and no price list, at
+most one text a day goes under a cost cap.
 """
 
 from __future__ import annotations
@@ -53,16 +56,25 @@ from datetime import UTC, datetime, timedelta
 from bridge.clock import Clock
 from bridge.config import BudgetConfig, ProviderConfig, Recipients, RouteConfig, TokenConfig
 from bridge.errors import StoreUnavailable
-from bridge.models import Message
+from bridge.models import SMTP_SENDER, Message
 from bridge.policy.shaping import Draft, Shaper
 from bridge.pricing import PriceBook
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
 WARNING_SOURCE = "budget"
-SMTP_TOKEN = "smtp:"  # an SMTP user's messages are stored with the token smtp:LOGIN
 # Why texts wait when a text sent today has no cost anyone can tell (`_spent`).
 UNKNOWABLE = "spend unknown: a text sent today had no cost and no price is known"
+
+
+# The start of a text's event when a reload released it; after it, the instance and the
+# caps in force there (`BudgetGuard.released_by_reload`), each NAME=VALUE.
+RELEASED_BY_RELOAD = "daily caps changed by a reload: judged again"
+CAPS_THERE = "whose caps are "
+RELEASE_CAP = re.compile(
+    r"(texts_per_day|parts_per_day|cost_per_day|routes\.[^=\s,]+|tokens\.[^=\s,]+"
+    r"|smtp\.user_texts_per_day\.[^=\s,]+)=([0-9.e+-]+)"
+)
 
 
 def day_bounds(now: float) -> tuple[float, float, str]:
@@ -95,13 +107,13 @@ CAP_IN_REASON = re.compile(
 def smtp_token(login: str) -> str:
     """The `token` an SMTP user's messages are stored with: no API token's name holds a
     `:`, so no API token's cap counts them, nor an SMTP user's an API token's."""
-    return f"{SMTP_TOKEN}{login}"
+    return f"{SMTP_SENDER}{login}"
 
 
 def token_cap_name(token: str) -> str:
     """The key of the cap on what `token` sends, as a reason names it."""
-    if token.startswith(SMTP_TOKEN):
-        return f"smtp.user_texts_per_day.{token.removeprefix(SMTP_TOKEN)}"
+    if token.startswith(SMTP_SENDER):
+        return f"smtp.user_texts_per_day.{token.removeprefix(SMTP_SENDER)}"
     return f"tokens.{token}.texts_per_day"
 
 
@@ -162,6 +174,9 @@ class BudgetGuard:
         self.clock = clock
         self.sender_id = provider.sender_id  # the bridge's own texts: fixed until restart
         self.over_cap_total = 0  # messages held back or failed by a cap, for metrics
+        # Texts another instance released for a cap it has higher (a reload there, not
+        # here) that this one held again: caps differ across the cluster (`mismatched`).
+        self.cap_mismatch_total = 0
         # A reload raised or removed a cap: what waits for midnight is judged again now
         # (the dispatcher's next step, `Dispatcher.release_holds`), not tomorrow. At
         # start, the dispatcher asks `raised_over` of what waits instead: True here
@@ -218,14 +233,13 @@ class BudgetGuard:
     def raised_over(self, reasons: Iterable[str]) -> bool:
         """Whether a cap that held back a text (its reason names it, "texts_per_day=1")
         is higher now, or gone: raised while the bridge was stopped. A reason that names
-        no cap this bridge knows is judged again too (nothing waits for nothing), and so
-        is one that waits for a price (`UNKNOWABLE`) once one is known (until then,
-        `newly_priced` watches for it)."""
+        no cap this bridge knows is judged again too (nothing waits for nothing). One
+        that waits for a price (`UNKNOWABLE`) is watched for by `newly_priced`, which
+        releases those texts alone once a price is known (already, or later): True here
+        released every text waiting for a cap, held again at once."""
         for reason in reasons:
             if UNKNOWABLE in reason:
-                if self.prices.ceiling() > 0:
-                    return True  # waited for a price, and one is known now
-                self._unknowable_hold = True  # released when one is (`newly_priced`)
+                self._unknowable_hold = True  # released when a price is (`newly_priced`)
             found = CAP_IN_REASON.search(reason)
             if found is None:
                 return True
@@ -235,6 +249,41 @@ class BudgetGuard:
             if name not in self.caps or self.caps[name] > value:
                 return True
         return False
+
+    def released_by_reload(self, owner: str) -> str:
+        """The event of a text a reload on `owner` released: it names the caps in force
+        there, for another instance to tell that its own differ (`mismatched`)."""
+        caps = ", ".join(f"{name}={figure(cap)}" for name, cap in sorted(self.caps.items()))
+        return f"{RELEASED_BY_RELOAD} (by {owner}, {CAPS_THERE}{caps or 'none'})"
+
+    @staticmethod
+    def held_before(m: Message) -> bool:
+        """Whether `m` waited for a daily cap and was released other than by the day's
+        end (due then, at 00:00): by a reload, a start or a price."""
+        return m.reason_kind == "budget" and m.due_at % 86400 != 0
+
+    async def mismatched(self, m: Message, cap: Cap) -> str | None:
+        """Whether `m`, which this instance holds by `cap`, was released by a reload on
+        another instance whose cap of that name is higher (or none): caps are each
+        instance's own config, and one that has not reloaded holds again what another
+        released. Its event that said so, else None."""
+        held = CAP_IN_REASON.search(f"({cap.why}")  # as its reason will name it
+        if held is None:
+            return None
+        name = held["name"]
+        if name.startswith(("routes.", "tokens.")):
+            name = name.rsplit(".", 1)[0]
+        released = [
+            e["detail"] or ""
+            for e in await self.store.events(m.id)
+            if (e["detail"] or "").startswith(RELEASED_BY_RELOAD)
+        ]
+        if not released:
+            return None
+        theirs = dict(RELEASE_CAP.findall(released[-1].partition(CAPS_THERE)[2]))
+        if name in theirs and float(theirs[name]) <= float(held["value"]):
+            return None
+        return released[-1]
 
     def _caps(self) -> dict[str, float]:
         """Every daily cap in force by name; none of them 0."""
@@ -278,7 +327,7 @@ class BudgetGuard:
         are kept in the store too, for a restart and the other instances. In memory only,
         a restart with no price list counted the day's texts at nothing until a bill came
         (a whole bulk call went past the cap as "unpriced, alone")."""
-        learnt = self.prices.billed(cost, sent)
+        learnt = self.prices.billed(cost, sent, self.clock.now())
         if not learnt:
             return
         try:

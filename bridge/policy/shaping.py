@@ -121,6 +121,9 @@ class Draft:
     instance: str | None = None  # what a storm digest names besides (a host, a pod)
     scope: str | None = None  # where dedupe keys come from (policy.dedupe_scope); default: source
     token: str | None = None  # the [tokens.NAME] that sent it: counted by its daily cap
+    # How its text was made, for its rows' events (a route's template that printed a
+    # field the payload lacks as empty): what the operator sees on the message's page.
+    note: str | None = None
 
 
 class Shaper:

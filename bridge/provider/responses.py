@@ -328,15 +328,28 @@ def _parse_bulk(data: Any, recipients: Sequence[str]) -> tuple[SendResult, int |
         # provider took, not which. Read as a success without ids, all were `sent`,
         # those it had not taken too (an alert lost under a state that says it went).
         count = bare
+    accepted = None if count is None else int(float(count))
     return (
         SendResult(
             message_ids=ids,
             batch_id=None if batch is None else str(batch),
-            cost=_cost(_first(data, "cost", "total_cost", "price")),
+            cost=_bulk_cost(data, len(ids) or accepted or len(recipients)),
             balance=_number(data.get("balance")),
         ),
-        None if count is None else int(float(count)),
+        accepted,
     )
+
+
+def _bulk_cost(data: Mapping[str, Any], messages: int) -> float | None:
+    """What a bulk call cost: its `cost` (or `total_cost`), else its `price` times the
+    `messages` it took. In sms-api.md's words a price is what one SMS costs (the price
+    list's "price per SMS") and a cost what a send cost (`/send`'s); read as the call's
+    total, a `price` counted three texts billed 1.5 as 0.5 against the cost cap."""
+    cost = _first(data, "cost", "total_cost")
+    if cost is not None:
+        return _cost(cost)
+    price = _cost(data.get("price"))
+    return None if price is None else _cost(round(price * messages, 6))
 
 
 def read_logs(body: Mapping[str, Any], page: int, per_page: int) -> LogsPage:
@@ -363,7 +376,8 @@ def read_logs(body: Mapping[str, Any], page: int, per_page: int) -> LogsPage:
                 recipient=str(_first(row, *NUMBER_KEYS) or ""),
                 message=str(_first(row, *TEXT_KEYS) or ""),
                 status=str(_first(row, *STATUS_KEYS) or "").strip().lower(),
-                cost=_cost(row.get("cost")),
+                # `price` as other shapes name it: what this message cost (`_bulk_cost`).
+                cost=_cost(_first(row, "cost", "price")),
                 created_at=None if created is None else str(created),
             )
         )

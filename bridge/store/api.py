@@ -345,7 +345,8 @@ class BilledPrices(Protocol):
 
     async def record_billed(self, prices: Mapping[int, float], now: float) -> None:
         """Keep a bill's prices: each country's replaces the one before (prices change);
-        0's only ever rises (the most any part was billed)."""
+        0's (the most any part was billed) is raised by a higher bill, and replaced by
+        any bill once it is `pricing.BILLED_MAX_FOR` (a day) old: a price cut lowers it."""
         ...
 
 
@@ -423,7 +424,8 @@ class Queries(Protocol):
         token: str | None = None,
     ) -> tuple[int, int]:
         """Texts and parts sent since `since`, of one route and/or one API token if given;
-        in flight counts as sent, as in `spent_since`."""
+        in flight counts as sent, as in `spent_since`. The parts of a text of an unknown
+        outcome sent again count once for every attempt, as its cost does; the text once."""
         ...
 
     async def retry(
@@ -433,10 +435,14 @@ class Queries(Protocol):
         None); `by` names who asked, in the event log. The ids changed."""
         ...
 
-    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+    async def release_budget_holds(
+        self, now: float, detail: str, *, waiting_for: str = ""
+    ) -> list[int]:
         """Messages waiting for the next day's caps (queued, reason kind `budget`, due
         later) due at `now`, to be judged again (a reload changed the caps), each with an
-        event saying `detail`; the ids changed."""
+        event saying `detail`; the ids changed. With `waiting_for`, only those whose
+        reason holds it (a price known now frees what waited for one, not what waits for
+        another cap: released, those were held again, an event each, at every price)."""
         ...
 
     async def cancel(self, ids: Sequence[int], now: float, *, by: str) -> list[int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge.config import RouteConfig
 from bridge.ingress.formats import alertmanager, generic, github, gitlab, grafana
@@ -28,6 +28,9 @@ from bridge.ingress.formats.base import (
     text_field,
 )
 from bridge.text import is_blank
+
+if TYPE_CHECKING:
+    from bridge.templates import Rendered
 
 __all__ = [
     "HookMessage",
@@ -56,16 +59,18 @@ def registry() -> dict[str, ModuleType]:
 
 def template_problems(
     routes: Mapping[str, RouteConfig],
-    render: Callable[[str, Mapping[str, Any]], str],
+    render: Callable[[str, Mapping[str, Any]], Rendered],
     warnings: list[tuple[str, str]] | None = None,
 ) -> list[tuple[str, str]]:
     """Render each route's template against its format's sample payload.
 
     A format whose payload has a fixed shape (Alertmanager, GitHub...) makes any failure a
     problem. A `generic` route receives whatever JSON its sender posts, so the sample is
-    only an example: a template that fails on it (say `{{ build.number }}` for Jenkins) is
-    reported in `warnings`, and only a template that cannot compile is a problem. A
-    template that renders nothing on the sample is a warning: the default text goes out.
+    only an example: a template that fails on it is reported in `warnings`, and only a
+    template that cannot compile is a problem. A template that renders nothing on the
+    sample is a warning: the default text goes out. So is one that prints as empty a
+    field the sample lacks (say `{{ build.number }}` for Jenkins, or a typo: a missing
+    field's attribute is missing too, no failure, so this is where a typo shows).
     """
     from jinja2 import TemplateSyntaxError
 
@@ -83,12 +88,8 @@ def template_problems(
         )
         example_only = getattr(module, "SAMPLE_IS_EXAMPLE", False)
         try:
-            blank = any(
-                [  # each message rendered, so that a later one's failure is seen
-                    is_blank(render(route.template, message.context))
-                    for message in module.parse(sample)
-                ]
-            )
+            # each message rendered, so that a later one's failure is seen
+            rendered = [render(route.template, m.context) for m in module.parse(sample)]
         except Ignored:
             continue
         except Exception as exc:
@@ -104,7 +105,23 @@ def template_problems(
                 continue
             problems.append((f"routes.{name}.template", why))
             continue
-        if blank and warnings is not None:
+        if warnings is None:
+            continue
+        missing = dict.fromkeys(field for r in rendered for field in r.missing)
+        if missing:
+            warnings.append(
+                (
+                    f"routes.{name}.template",
+                    f"prints as empty what a sample {route.format} payload lacks:"
+                    f" {', '.join(missing)}"
+                    + (
+                        " (fine if your sender's JSON has these fields)"
+                        if example_only
+                        else " (a misspelt field?)"
+                    ),
+                )
+            )
+        if any(is_blank(r.text) for r in rendered):
             # Rendered as it may be meant (`{% if status == "resolved" %}`), but what
             # goes out then is the route's default text, not nothing.
             warnings.append(

@@ -33,6 +33,7 @@ from bridge.ingress.http.bodies import (
     query_int,
     read_body,
 )
+from bridge.ingress.http.changes import why_not
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.app import Console
 from bridge.ingress.http.filters import read_list_query
@@ -160,6 +161,16 @@ def requires(scope: str, live: LiveConfig, handler: Handler) -> Handler:
     return handle_errors(guarded, live)
 
 
+def posted(path: str, endpoint: Handler) -> list[Route]:
+    """A POST endpoint at `path` and at `path/`. The router's answer to the second was a
+    307 to the first, which curl and most scripts do not follow for a POST: the alert
+    was not sent, and nothing said so. A trailing slash is served as written without."""
+    return [
+        Route(path, endpoint, methods=["POST"]),
+        Route(f"{path}/", endpoint, methods=["POST"]),
+    ]
+
+
 def create_app(
     *,
     live: LiveConfig,
@@ -275,8 +286,9 @@ def create_app(
         if message is None:
             raise HttpError(404, f"no message {raw}", "id")
         if not done:
-            allowed = "failed" if action == "retry" else "queued or held"
-            raise HttpError(409, f"message {raw} is {message.state}: only {allowed} can {action}")
+            # The state too, for a script to act on without reading the words.
+            why = why_not(action, message_id, message.state)
+            return JSONAnswer({"error": why, "state": str(message.state)}, 409)
         if wake is not None:
             wake()
         return JSONAnswer(message.to_json())
@@ -334,7 +346,7 @@ def create_app(
     )
     return Starlette(
         routes=[
-            Route("/api/v1/messages", send_message, methods=["POST"]),
+            *posted("/api/v1/messages", send_message),
             Route("/api/v1/messages", requires("read", live, list_messages), methods=["GET"]),
             Route(
                 "/api/v1/messages/{message_id}",
@@ -342,15 +354,15 @@ def create_app(
                 methods=["GET"],
             ),
             *(
-                Route(
+                route
+                for action in ("retry", "cancel")
+                for route in posted(
                     f"/api/v1/messages/{{message_id}}/{action}",
                     requires("admin", live, change(action)),
-                    methods=["POST"],
                 )
-                for action in ("retry", "cancel")
             ),
             Route("/api/v1/stats", requires("read", live, stats), methods=["GET"]),
-            Route("/hooks/{name}", hook, methods=["POST"]),
+            *posted("/hooks/{name}", hook),
             # The route map is for callers with `read` once tokens exist (openapi.py says why).
             Route("/openapi.json", requires("read", live, openapi), methods=["GET"]),
             Route("/metrics", requires("metrics", live, metrics_endpoint), methods=["GET"]),
@@ -363,7 +375,11 @@ def create_app(
             Middleware(HostCheck, live=live),  # before any route: DNS rebinding
             Middleware(AuthLockout, throttle=FailureThrottle(clock), live=live),  # online guessing
             # Last: the ingest endpoints without the router's layers (hot.py says why).
-            Middleware(HotRoutes, exact={"/api/v1/messages": send_message}, hook=hook),
+            Middleware(
+                HotRoutes,
+                exact={"/api/v1/messages": send_message, "/api/v1/messages/": send_message},
+                hook=hook,
+            ),
         ],
         lifespan=lifespan,
     )

@@ -37,6 +37,10 @@ PARAMETERS = (
     "limit",
     "before",
 )
+# A cache-buster (`?_=1700000000`): what jQuery's `cache: false` and many dashboards
+# add to every GET so no cache answers it. It selects nothing and is ignored; any other
+# unknown name stays a 400.
+CACHE_BUSTER = "_"
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ async def read_list_query(
     """The list's parameters, each checked (a 400 naming the first one wrong)."""
     check_query(query)
     for name in query:
-        if name not in PARAMETERS:
+        if name not in PARAMETERS and name != CACHE_BUSTER:
             raise HttpError(
                 400, f"unknown parameter {name!r}: one of {', '.join(PARAMETERS)}", name
             )
@@ -161,5 +165,12 @@ def since_filter(raw: str | None) -> float | None:
             400, f"'since' must be an ISO 8601 time such as 2027-01-15T08:00:00Z: {exc}", "since"
         ) from exc
     if when.tzinfo is None:
-        raise HttpError(400, "'since' needs its zone: Z for UTC, or an offset", "since")
+        # A time without its zone is a different instant on every server: not guessed.
+        raise HttpError(
+            400,
+            f"'since' {raw!r} has no time zone: add Z for UTC or an offset, as in"
+            f" {when.isoformat(timespec='seconds')}Z or {when.isoformat(timespec='seconds')}"
+            "+02:00",
+            "since",
+        )
     return when.timestamp()

@@ -49,6 +49,7 @@ from bridge.ingress.http.bodies import (
 from bridge.ingress.http.lockout import locked_answer, locked_for, vouch
 from bridge.ingress.ingest import Accepted, Ingestor
 from bridge.ingress.throttle import QuietLog
+from bridge.ops.logs import mask
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import FIELD, MAIL_HEADER, parse_schedule_time
@@ -163,6 +164,20 @@ class RouteText:
     text: str
     default_text: str | None = None  # why the route's template was not used (None: it was)
     missing: tuple[str, ...] = ()  # fields the template printed as "": the payload lacked them
+
+    def note(self, secrets: Sequence[str]) -> str | None:
+        """What the message's events say of its text: why the route's template was not
+        used, or the fields it printed as empty (the operator's view of the 202's report).
+        Masked as the log is: a name or a template's error may quote a payload's value."""
+        if self.default_text:
+            note = f"the route's default text went out: {self.default_text}"
+        elif self.missing:
+            note = (
+                f"the template printed as empty what the payload lacks: {', '.join(self.missing)}"
+            )
+        else:
+            return None
+        return mask(note, secrets)
 
     def report(self, route: RouteConfig) -> dict[str, Any] | None:
         """What the 202 tells the sender of this text, on a route with a template."""
@@ -302,6 +317,7 @@ def hook_endpoint(
                     topic=message.topic,
                     instance=message.instance,
                     schedule_time=schedule,
+                    note=text.note(live.secrets),
                 )
             )
         return _accepted(await ingestor.submit(drafts), reports)

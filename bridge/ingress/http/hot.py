@@ -9,7 +9,8 @@ none of the exceptions those wrappers handle (Starlette's HTTPException: the bri
 handlers answer their errors themselves, and anything else goes on to the 500 handler
 around the whole app, as before), so this layer, last of the bridge's middleware, calls
 them directly. Every other request, and these paths with another method or under a
-`root_path`, takes the router's way as before: the same 404, 405 and redirects.
+`root_path`, takes the router's way as before: the same 404, 405 and redirects. A
+trailing slash on them is served as the path without (`app.posted` says why).
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ class HotRoutes:
             handler = self.exact.get(path)
             if handler is not None:
                 scope["path_params"] = {}
-            elif path.startswith(HOOKS) and (name := path[len(HOOKS) :]) and "/" not in name:
+            elif (
+                path.startswith(HOOKS)
+                # `/hooks/NAME/` is `/hooks/NAME`, as the router serves it (app.posted)
+                and (name := path[len(HOOKS) :].removesuffix("/"))
+                and "/" not in name
+            ):
                 handler = self.hook
                 scope["path_params"] = {"name": name}
             if handler is not None:

@@ -22,7 +22,11 @@ MAX_LIST_LIMIT = 1000
 _ERROR = {
     "type": "object",
     "required": ["error"],
-    "properties": {"error": {"type": "string"}, "field": {"type": "string"}},
+    "properties": {
+        "error": {"type": "string"},
+        "field": {"type": "string"},
+        "state": {"type": "string", "description": "a 409's: the message's state now"},
+    },
 }
 _ACCEPTED = {
     "type": "object",
@@ -179,6 +183,11 @@ _LIST_PARAMETERS = [
         "recipients that contain this text (a leading '+' and spaces ignored; nothing else is a 400)",
     ),
     _filter("q", "texts that contain this text (any case)"),
+    _filter(
+        "_",
+        "a cache-buster (jQuery's `cache: false`): ignored; any other name not listed here"
+        " is a 400",
+    ),
 ]
 
 
@@ -192,7 +201,8 @@ def _errors(*codes: int) -> dict[str, dict[str, Any]]:
         401: "missing or wrong credentials",
         403: "the token lacks the scope",
         404: "no such route or message",
-        409: "the message's state does not allow it",
+        409: "the message's state does not allow it: the error says which state (also as"
+        " `state`) and what can be done instead",
         413: "body too large",
         415: "not JSON",
         503: "not stored (store, overload, or phone metadata that fails on a recipient): retry",

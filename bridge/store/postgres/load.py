@@ -138,6 +138,10 @@ async def _load(db: Database, tables: Sequence[Rows], replace: bool) -> Loaded:
             )
         if any(held.values()):
             await conn.execute(f"TRUNCATE {', '.join(DATA_TABLES)}")
+        # The source's bills priced its sends: the target's prices go whether the source
+        # brings any or not (a store before SQLite 0014 kept none: the target's stayed,
+        # pricing the copied store's cost cap by another store's bills).
+        await conn.execute("DELETE FROM billed_prices")
         counts = {}
         brings_totals = any(table.name == "message_totals" for table in tables)
         for table in tables:
@@ -146,8 +150,6 @@ async def _load(db: Database, tables: Sequence[Rows], replace: bool) -> Loaded:
                 continue
             if table.name == "message_totals":  # after messages: what the trigger
                 await conn.execute("DELETE FROM message_totals")  # counted of the copy goes
-            if table.name == "billed_prices":  # the source's bills priced its sends
-                await conn.execute("DELETE FROM billed_prices")
             counts[table.name] = await _copy(conn, table)
             if table.name == "messages":  # the trigger's events: the source's replace them
                 await conn.execute("DELETE FROM events")

@@ -9,6 +9,7 @@ from typing import Any
 
 import bridge.store.totals as totals
 from bridge.models import MAX_ROW_ID, OTHER_REASON, Message
+from bridge.pricing import BILLED_MAX_FOR
 from bridge.store.api import MetricCounts
 from bridge.store.postgres.base import TOTALS_LOCK, Base, one
 from bridge.store.postgres.schema import MENTIONED
@@ -64,13 +65,17 @@ BILLED = (
     " + CASE WHEN claimed_at >= $1 THEN unknown_resends ELSE 0 END)"
 )
 
-# SQLite's RECORD_BILLED: 0 holds the most any part was billed, raised only.
+# SQLite's RECORD_BILLED: 0 holds the most any part was billed, raised by a higher
+# bill, replaced by any once it is $4 (`pricing.BILLED_MAX_FOR`) old.
+_REPLACES = (
+    "(b.country_code <> 0 OR excluded.price >= b.price OR b.billed_at <= excluded.billed_at - $4)"
+)
 RECORD_BILLED = (
     "INSERT INTO billed_prices AS b (country_code, price, billed_at)"
     " SELECT code, price, $3 FROM unnest($1::int[], $2::float8[]) AS bill(code, price)"
-    " ON CONFLICT (country_code) DO UPDATE SET billed_at = excluded.billed_at,"
-    " price = CASE WHEN b.country_code = 0 THEN greatest(b.price, excluded.price)"
-    " ELSE excluded.price END"
+    " ON CONFLICT (country_code) DO UPDATE SET"
+    f" billed_at = CASE WHEN {_REPLACES} THEN excluded.billed_at ELSE b.billed_at END,"
+    f" price = CASE WHEN {_REPLACES} THEN excluded.price ELSE b.price END"
 )
 
 
@@ -190,7 +195,7 @@ class QueryOps(Base):
         return {int(code): float(price) for code, price in rows}
 
     async def record_billed(self, prices: Mapping[int, float], now: float) -> None:
-        await self._execute(RECORD_BILLED, list(prices), list(prices.values()), now)
+        await self._execute(RECORD_BILLED, list(prices), list(prices.values()), now, BILLED_MAX_FOR)
 
     async def used_since(
         self,
@@ -202,8 +207,10 @@ class QueryOps(Base):
     ) -> tuple[int, int]:
         row = (
             await self._fetch(
-                "SELECT count(*), coalesce(sum(parts), 0) FROM messages"
-                f" WHERE {SPENT} AND source <> $2 AND ($3::text IS NULL OR route = $3)"
+                # Every attempt's parts, as SQLite's `used_since` says.
+                f"SELECT count(*) FILTER (WHERE {SPENT}), coalesce(sum(parts * {BILLED}), 0)"
+                f" FROM messages WHERE ({SPENT} OR {RESENT}) AND source <> $2"
+                " AND ($3::text IS NULL OR route = $3)"
                 " AND ($4::text IS NULL OR token = $4)",
                 since,
                 exclude_source,
@@ -250,15 +257,18 @@ class QueryOps(Base):
             }
         return sorted(changed)
 
-    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+    async def release_budget_holds(
+        self, now: float, detail: str, *, waiting_for: str = ""
+    ) -> list[int]:
         async with self._write() as conn:
             changed = sorted(
                 int(r[0])
                 for r in await conn.fetch(
                     "UPDATE messages SET next_attempt_at = $1, updated_at = $1, due_at = $1"
                     " WHERE state = 'queued' AND next_attempt_at > $1 AND reason_kind = 'budget'"
-                    " RETURNING id",
+                    " AND strpos(coalesce(reason, ''), $2) > 0 RETURNING id",
                     now,
+                    waiting_for,
                 )
             )
             if changed:
@@ -326,8 +336,6 @@ class QueryOps(Base):
                 c,
                 "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
                 " count(*) FILTER (WHERE source = 'budget'),"
-                # What the caps count: the warnings' parts left out (the cost: `counted_cost`).
-                " coalesce(sum(parts) FILTER (WHERE source <> 'budget'), 0),"
                 # The estimates of the texts the provider has not priced yet.
                 " sum(estimated_cost) FILTER (WHERE cost IS NULL)"
                 f" FROM messages WHERE {SPENT}",  # in flight too, as the caps count
@@ -351,12 +359,14 @@ class QueryOps(Base):
             "answers": answers,
             "today": {
                 "texts": int(day[0]) - int(day[4]),
-                "parts": int(day[5]),
+                # As the caps count them: each attempt of a text sent again, the warnings'
+                # parts left out.
+                "parts": (await self.used_since(day_start, "budget"))[1],
                 "cost": day[2],
                 # As the cost cap counts it: each attempt of a text sent again.
                 "counted_cost": (await self.spent_since(day_start, "budget"))[0],
                 "estimated_cost": day[3],
-                "unpriced_estimated_cost": day[6],
+                "unpriced_estimated_cost": day[5],
                 "warnings": int(day[4]),
                 "routes": by["route"],
                 "tokens": by["token"],

@@ -112,8 +112,6 @@ class ConsoleQueries(EngineBound):
             day = c.execute(
                 "SELECT count(*), coalesce(sum(parts), 0), sum(cost), sum(estimated_cost),"
                 " coalesce(sum(source = 'budget'), 0),"
-                # What the caps count: the warnings' parts left out (the cost: `counted_cost`).
-                " coalesce(sum(CASE WHEN source != 'budget' THEN parts END), 0),"
                 # The estimates of the texts the provider has not priced yet.
                 " sum(CASE WHEN cost IS NULL THEN estimated_cost END)"
                 f" FROM messages WHERE {SPENT}",  # in flight too, as the caps count
@@ -143,12 +141,14 @@ class ConsoleQueries(EngineBound):
                 "answers": answers,
                 "today": {
                     "texts": day[0] - day[4],
-                    "parts": day[5],
+                    # As the caps count them: each attempt of a text sent again, the
+                    # warnings' parts left out.
+                    "parts": queries.used_since(c, day_start, "budget")[1],
                     "cost": day[2],
                     # As the cost cap counts it: each attempt of a text sent again.
                     "counted_cost": queries.spent_since(c, day_start, "budget")[0],
                     "estimated_cost": day[3],
-                    "unpriced_estimated_cost": day[6],
+                    "unpriced_estimated_cost": day[5],
                     "warnings": day[4],
                     "routes": routes,
                     "tokens": tokens,
@@ -363,17 +363,21 @@ class ConsoleQueries(EngineBound):
 
         return await self.engine.write(job)
 
-    async def release_budget_holds(self, now: float, detail: str) -> list[int]:
+    async def release_budget_holds(
+        self, now: float, detail: str, *, waiting_for: str = ""
+    ) -> list[int]:
         """Messages waiting for the next day's caps (queued, reason kind budget, due
-        later) due now, each with an event saying `detail`; the ids changed."""
+        later; their reason holding `waiting_for`) due now, each with an event saying
+        `detail`; the ids changed."""
 
         def job(db: Database) -> list[int]:
             chosen = [
                 int(r[0])
                 for r in db.execute(
                     "SELECT id FROM messages WHERE state = 'queued' AND next_attempt_at > ?"
-                    " AND reason_kind = 'budget' ORDER BY id",
-                    (now,),
+                    " AND reason_kind = 'budget' AND instr(coalesce(reason, ''), ?) > 0"
+                    " ORDER BY id",
+                    (now, waiting_for),
                 )
             ]
             ids = json.dumps(chosen)

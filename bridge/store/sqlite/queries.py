@@ -185,12 +185,16 @@ def spent_since(c: Any, since: float, exclude_source: str) -> tuple[float, list[
     return float(known), [(r, int(p)) for r, p in unknown if p]
 
 
-# The most any part was billed is kept under country code 0 (`record_billed`): raised
-# only. Any other country's price is the latest bill's.
+# The most any part was billed is kept under country code 0 (`record_billed`), with
+# when: raised by a higher bill, replaced by any once it is `pricing.BILLED_MAX_FOR` old
+# (raised only, a price cut never lowered it). Any other country's price is the latest
+# bill's. Parameters: code, price, now, BILLED_MAX_FOR (the SET reads the old row).
+_REPLACES = "(country_code <> 0 OR excluded.price >= price OR billed_at <= excluded.billed_at - ?4)"
 RECORD_BILLED = (
-    "INSERT INTO billed_prices (country_code, price, billed_at) VALUES (?, ?, ?)"
-    " ON CONFLICT (country_code) DO UPDATE SET billed_at = excluded.billed_at,"
-    " price = CASE WHEN country_code = 0 THEN max(price, excluded.price) ELSE excluded.price END"
+    "INSERT INTO billed_prices (country_code, price, billed_at) VALUES (?1, ?2, ?3)"
+    f" ON CONFLICT (country_code) DO UPDATE SET"
+    f" billed_at = CASE WHEN {_REPLACES} THEN excluded.billed_at ELSE billed_at END,"
+    f" price = CASE WHEN {_REPLACES} THEN excluded.price ELSE price END"
 )
 
 
@@ -201,9 +205,16 @@ def used_since(
     route: str | None = None,
     token: str | None = None,
 ) -> tuple[int, int]:
-    """Texts and parts sent since `since` (of one route and/or one API token, if given)."""
-    sql = f"SELECT count(*), coalesce(sum(parts), 0) FROM messages WHERE {SPENT} AND source != ?"
-    args: list[object] = [since, exclude_source]
+    """Texts and parts sent since `since` (of one route and/or one API token, if given).
+    The parts as often as the provider may have billed them (`BILLED`), as the cost cap
+    counts: a text of an unknown outcome sent again is one text, but every attempt's
+    parts (the provider bills each; counted once, a resend went past `parts_per_day`)."""
+    sql = (
+        f"SELECT coalesce(sum(CASE WHEN {SPENT} THEN 1 ELSE 0 END), 0),"
+        f" coalesce(sum(parts * {BILLED}), 0) FROM messages"
+        f" WHERE ({SPENT} OR {RESENT}) AND source != ?"
+    )
+    args: list[object] = [since, since, since, since, since, exclude_source]
     if route is not None:
         sql += " AND route = ?"
         args.append(route)

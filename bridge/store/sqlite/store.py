@@ -19,6 +19,7 @@ from sqlite_utils import Database
 
 import bridge.store.sqlite.queries as queries
 from bridge.models import NewMessage
+from bridge.pricing import BILLED_MAX_FOR
 from bridge.store.api import Decider, Held, MetricCounts, Pending, Stored, StoreStats
 from bridge.store.sqlite.console import ConsoleQueries
 from bridge.store.sqlite.delivery import DeliveryOperations
@@ -130,7 +131,7 @@ class SqliteStore(DeliveryOperations, RateOperations, ConsoleQueries):
     async def record_billed(self, prices: Mapping[int, float], now: float) -> None:
         def job(db: Database) -> None:
             for code, price in prices.items():  # a country and 0 at most
-                db.execute(queries.RECORD_BILLED, (code, price, now))
+                db.execute(queries.RECORD_BILLED, (code, price, now, BILLED_MAX_FOR))
 
         await self.engine.write(job)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -27,6 +27,7 @@ from bridge.errors import InputError, Unavailable
 from bridge.firewall import cap_recipients
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import token_name
+from bridge.ingress.http.changes import CANCEL, RETRY, why_not
 from bridge.ingress.http.console import chart
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.gate import HERE, Caller, Gate, Refused, SecureHeaders
@@ -40,7 +41,7 @@ from bridge.ingress.http.console.routes import (
 )
 from bridge.ingress.http.filters import ListQuery, given, read_list_query
 from bridge.ingress.ingest import Ingestor
-from bridge.models import SOURCES, Message, State
+from bridge.models import SMTP_SENDER, SOURCES, Message, State
 from bridge.phone import PhoneError, normalise_number
 from bridge.policy.budgets import day_bounds, smtp_token
 from bridge.policy.shaping import Draft
@@ -54,7 +55,7 @@ MAX_TEST_TEXT = 1000
 CHART_MINUTES = 180
 DELIVERY_WINDOW = 86400.0
 RECENT_FAILURES = 10
-CANCEL_BATCH = 500  # a phone's held messages cancelled per store write
+CANCEL_BATCH = 500  # a phone's held or queued messages cancelled per store write
 MAX_CANCEL_ROUNDS = 100
 MENTIONS_LISTED = 200  # on a message's page: what suppressed it or was folded into it
 # The list's filters as typed, kept in its pager's links: the form's, and those a link
@@ -73,6 +74,26 @@ def whole_number(text: str) -> str | None:
         return normalise_number(text)
     except (PhoneError, Unavailable):  # a part of a number, or one unreadable now
         return None
+
+
+# Who a message without a token came from, by its source.
+_UNSIGNED = {
+    "hook": "its route (a route's own credentials are no API token)",
+    "smtp": "an SMTP client that did not log in",
+    "digest": "the bridge (a storm's digest)",
+    "budget": "the bridge (a budget warning)",
+}
+
+
+def sender_of(token: str | None, source: str) -> dict[str, str | None]:
+    """Who sent a message, as its page shows it: the `[tokens.NAME]` or the SMTP login it
+    carries (a name, never a secret), else what its source says of it."""
+    if token is None:
+        return {"kind": None, "name": None, "text": _UNSIGNED.get(source, "no token (open bridge)")}
+    if token.startswith(SMTP_SENDER):
+        login = token[len(SMTP_SENDER) :]
+        return {"kind": "smtp", "name": login, "text": f"SMTP login {login}"}
+    return {"kind": "token", "name": token, "text": f"API token {token}"}
 
 
 class Console(Gate):
@@ -260,8 +281,10 @@ class Console(Gate):
             # Chosen in the filter as any route is, or the form would say "any" over a
             # list of that route's messages (and lose it on the next Filter).
             "removed_route": removed,
-            # A phone's held messages (the storms card links here): cancelled in one go.
+            # A phone's held messages (the storms card links here), or its queued ones (a
+            # storm of texts to one phone): cancelled in one go.
             "held_phone": number if wanted.state == str(State.HELD) and page else None,
+            "queued_phone": number if wanted.state == str(State.QUEUED) and page else None,
             "sources": list(SOURCES),
             "messages": [m.to_json() for m in page],
             "older": f"?{older}" if older else None,
@@ -294,6 +317,7 @@ class Console(Gate):
         mentions = await self.store.mentioned_by(message.id, MENTIONS_LISTED + 1)
         data["mentioned_by"] = mentions[:MENTIONS_LISTED]
         data["mentioned_by_more"] = len(mentions) > MENTIONS_LISTED
+        data["sent_by"] = sender_of(message.token, message.source)
         data["can_retry"] = message.state == State.FAILED
         data["can_cancel"] = message.state in (State.QUEUED, State.HELD)
         return "message.html", data
@@ -361,8 +385,9 @@ class Console(Gate):
         # typed), where someone may have pasted a secret.
         result.error = result.error and self._shown(result.error)
         result.ignored = result.ignored and self._shown(result.ignored)
-        for text in result.texts:  # a template's error may quote a payload value
+        for text in result.texts:  # a template's error (or a name) may quote a payload value
             text.template_problem = text.template_problem and self._shown(text.template_problem)
+            text.missing = [self._shown(name) for name in text.missing]
         result.event = self._shown(result.event)  # shown again in its field, masked alike
         _, data = await self.route_page(request, caller, result)
         return self._render(request, caller, "route.html", data)
@@ -372,7 +397,7 @@ class Console(Gate):
         message_id = request.path_params["message_id"]
         done = await self.store.retry([message_id], self.clock.now(), by=caller.principal.name)
         if not done:
-            return await self._not_now(request, message_id, "only a failed message can be retried")
+            return await self._not_now(request, message_id, RETRY)
         self.wake()
         log.info("console: %s retried message %d", caller.principal.name, message_id)
         return self._back(
@@ -383,43 +408,51 @@ class Console(Gate):
         message_id = request.path_params["message_id"]
         done = await self.store.cancel([message_id], self.clock.now(), by=caller.principal.name)
         if not done:
-            return await self._not_now(
-                request, message_id, "only a queued or held message can be cancelled"
-            )
+            return await self._not_now(request, message_id, CANCEL)
         log.info("console: %s cancelled message %d", caller.principal.name, message_id)
         return self._back(caller, f"/ui/messages/{message_id}", f"Message {message_id} cancelled.")
 
-    async def cancel_held(self, request: Request, caller: Caller, form: dict[str, str]) -> Response:
-        """Cancel every message held for one phone: a flood that storm control holds
-        back, cancelled at once rather than a message at a time (no digest of it goes)."""
-        number = form.get("recipient", "").strip()
-        if not number:
-            return self._error(
-                request, 400, "'recipient': which phone's held messages?", as_json=False
-            )
-        who, cancelled = caller.principal.name, 0
-        for _ in range(MAX_CANCEL_ROUNDS):  # bounded: a flood still arriving is not chased
-            held = await self.store.query(state=str(State.HELD), number=number, limit=CANCEL_BATCH)
-            done = await self.store.cancel([m.id for m in held], self.clock.now(), by=who)
-            cancelled += len(done)
-            if len(held) < CANCEL_BATCH or not done:
-                break
-        log.info("console: %s cancelled %d held messages to %s", who, cancelled, number)
-        plural = "" if cancelled == 1 else "s"
-        note = (
-            f"Cancelled {cancelled} held message{plural} to {number}."
-            if cancelled
-            else f"Nothing was held for {number}: nothing cancelled."
-        )
-        return self._back(caller, f"/ui/messages?{urlencode({'recipient': number})}", note)
+    def cancel_waiting(
+        self, state: State
+    ) -> Callable[[Request, Caller, dict[str, str]], Awaitable[Response]]:
+        """Cancel every message to one phone in `state` (held or queued) at once: a flood
+        that storm control holds back (no digest of it goes either), or a storm of texts
+        queued for one phone faster than the provider takes them, cancelled at once
+        rather than a message at a time. Each is failed as a single cancel fails it, with
+        its reason ("cancelled by NAME") and an event of its own."""
+        waiting = str(state)
 
-    async def _not_now(self, request: Request, message_id: int, why: str) -> Response:
+        async def cancel(request: Request, caller: Caller, form: dict[str, str]) -> Response:
+            number = form.get("recipient", "").strip()
+            if not number:
+                return self._error(
+                    request, 400, f"'recipient': which phone's {waiting} messages?", as_json=False
+                )
+            who, cancelled = caller.principal.name, 0
+            for _ in range(MAX_CANCEL_ROUNDS):  # bounded: a flood still arriving is not chased
+                found = await self.store.query(state=waiting, number=number, limit=CANCEL_BATCH)
+                done = await self.store.cancel([m.id for m in found], self.clock.now(), by=who)
+                cancelled += len(done)
+                # Fewer than found: the dispatcher took some meanwhile (a queued one it
+                # claims is the provider's now); the next round finds what is left.
+                if len(found) < CANCEL_BATCH or not done:
+                    break
+            log.info("console: %s cancelled %d %s messages to %s", who, cancelled, waiting, number)
+            plural = "" if cancelled == 1 else "s"
+            note = (
+                f"Cancelled {cancelled} {waiting} message{plural} to {number}."
+                if cancelled
+                else f"Nothing was {waiting} for {number}: nothing cancelled."
+            )
+            return self._back(caller, f"/ui/messages?{urlencode({'recipient': number})}", note)
+
+        return cancel
+
+    async def _not_now(self, request: Request, message_id: int, action: str) -> Response:
         message = await self.store.get(message_id)
         if message is None:
             return self._error(request, 404, f"no message {message_id}", as_json=False)
-        return self._error(
-            request, 409, f"message {message_id} is {message.state}: {why}", as_json=False
-        )
+        return self._error(request, 409, why_not(action, message_id, message.state), as_json=False)
 
     async def send_form(self, request: Request, caller: Caller) -> tuple[str, dict[str, Any]]:
         return "send.html", {
@@ -501,7 +534,14 @@ class Console(Gate):
                 self.action("admin", self.cancel),
                 methods=["POST"],
             ),
-            Route("/held/cancel", self.action("admin", self.cancel_held), methods=["POST"]),
+            *(
+                Route(
+                    f"/{state}/cancel",
+                    self.action("admin", self.cancel_waiting(state)),
+                    methods=["POST"],
+                )
+                for state in (State.HELD, State.QUEUED)
+            ),
             Route(
                 "/routes/{name}/preview",
                 self.action("read", self.route_preview),

@@ -394,12 +394,17 @@ class Gate:
         if not self.live.current.tokens:
             return RedirectResponse("/ui/", 303)
         now = self.clock.now()
+        target = _safe_next(request.query_params.get("next"))
+        signed_in = self.sessions.get(request.cookies.get(COOKIE), now)
+        if signed_in is not None and self.sessions.principal(signed_in, self.live.current.tokens):
+            # Already in (a bookmark, a back button, a link from before): the form would
+            # only ask for a token again. On to where they were going.
+            return RedirectResponse(target, 303)
         session = self.sessions.form_session(request.cookies.get(COOKIE), now)
         new_id = None
         if session is None:
             new_id, session = self.sessions.create(now)
         visitor = Caller(VISITOR, session, new_id)
-        target = _safe_next(request.query_params.get("next"))
         if wait := locked_for(request.scope):
             return self._locked_out(request, visitor, target, wait)
         data = {"next": target, "error": None}

@@ -182,6 +182,7 @@ class PreviewText:
     parts: list[str]
     estimated_cost: float | None
     template_problem: str | None = None  # why the route's template was not used
+    missing: list[str] = field(default_factory=list)  # what it printed as "": not in the payload
 
 
 @dataclass
@@ -260,6 +261,7 @@ def preview(
                     parts=split_parts(first.text),
                     estimated_cost=None if None in costs else sum(c or 0.0 for c in costs),
                     template_problem=template_problem,
+                    missing=list(routed.missing),
                 )
             )
     except Ignored as exc:

@@ -11,6 +11,20 @@
     }
   });
 
+  // On a phone the message list's filter form filled its first screen: folded there
+  // (its summary says what is filtered), open on a wide screen, whichever it turns to.
+  var fold = document.querySelector("details.filter-fold");
+  if (fold && window.matchMedia) {
+    var narrow = window.matchMedia("(max-width: 40rem)");
+    var sync = function () {
+      fold.open = !narrow.matches;
+    };
+    sync();
+    if (narrow.addEventListener) {
+      narrow.addEventListener("change", sync);
+    }
+  }
+
   // Refresh the live part of the page in place while it is visible.
   var live = document.getElementById("live");
   if (!live || !window.fetch || !window.DOMParser) {
