@@ -196,6 +196,7 @@ async def build(
                 budget=config.budget,
                 routes=config.routes,
                 tokens=config.tokens,
+                smtp_users=config.smtp.user_texts_per_day,
                 recipients=live.recipients,
                 provider=p,
                 prices=prices,

@@ -196,7 +196,11 @@ class Bridge:
         recipients = Recipients.from_config(new)
         try:  # first: the one part that can refuse, before anything else has changed
             self.budget.reload(
-                budget=new.budget, routes=new.routes, recipients=recipients, tokens=new.tokens
+                budget=new.budget,
+                routes=new.routes,
+                recipients=recipients,
+                tokens=new.tokens,
+                smtp_users=new.smtp.user_texts_per_day,
             )
         except InputError as exc:
             raise ConfigError([(exc.field, exc.message)]) from exc

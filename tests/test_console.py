@@ -776,8 +776,9 @@ async def test_routes_show_auth_snippets_last_call_and_never_a_secret(served_bri
         refused = await http.post(f"{url}/hooks/am", json={})
         assert refused.status_code == 401
         route = (await http.get("/ui/routes/am.json")).json()
-        assert route["last_call"]["status"] == 401
-        assert "bearer token" in route["last_call"]["answer"]
+        assert route["last_call"] is None  # refused: counted apart, with its real reason
+        assert route["refused"]["count"] == 1 and route["refused"]["last"]["status"] == 401
+        assert "bearer token" in route["refused"]["last"]["answer"]
         assert "webhook_configs" in route["snippets"][0]["text"]
         page = await http.get("/ui/routes/am")
         assert ROUTE_TOKEN not in page.text and ROUTE_TOKEN not in str(route)

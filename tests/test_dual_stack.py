@@ -117,7 +117,9 @@ async def test_ipv4_clients_of_a_dual_stack_http_listener(
         assert (await http.post(f"{url}/hooks/v4", json={"message": "v4"})).status_code == 202
         assert (await http.post(f"{url}/hooks/mapped", json={"message": "m"})).status_code == 202
         assert (await http.post(f"{url}/hooks/any6", json={"message": "a"})).status_code == 202
-        refused = await http.post(f"{url}/hooks/lan", json={"message": "no"})
+        # A caller that may read the route map is told why (others get hooks.NOT_AUTHORIZED).
+        told = {"Authorization": f"Bearer {READER}"}
+        refused = await http.post(f"{url}/hooks/lan", json={"message": "no"}, headers=told)
         # Named as the IPv4 client it was judged as, not as the socket gave it.
         assert refused.status_code == 403
         assert refused.json()["error"] == "client 127.0.0.1 is not allowed on this route"
@@ -130,11 +132,11 @@ async def test_ipv4_clients_of_a_dual_stack_http_listener(
             await sign_in(console, READER)
             assert "console: ops signed in from 127.0.0.1" in caplog.messages
             lan = (await console.get("/ui/routes/lan.json")).json()
-            assert lan["last_call"]["client"] == "127.0.0.1", lan["last_call"]
+            assert lan["refused"]["last"]["client"] == "127.0.0.1", lan["refused"]
         # The IPv6 loopback is not 127.0.0.0/8.
         async with client("::1") as v6:
             v6_url = url.replace("127.0.0.1", "[::1]")
-            response = await v6.post(f"{v6_url}/hooks/v4", json={"message": "v6"})
+            response = await v6.post(f"{v6_url}/hooks/v4", json={"message": "v6"}, headers=told)
             assert response.status_code == 403
             assert response.json()["error"] == "client ::1 is not allowed on this route"
         # X-Forwarded-For is believed from the trusted proxy 127.0.0.2 (::ffff:127.0.0.2
@@ -144,7 +146,7 @@ async def test_ipv4_clients_of_a_dual_stack_http_listener(
         async with client("127.0.0.2") as proxy:
             response = await proxy.post(f"{url}/hooks/lan", json=lan, headers=forwarded)
             assert response.status_code == 202, response.text
-        response = await http.post(f"{url}/hooks/lan", json=lan, headers=forwarded)
+        response = await http.post(f"{url}/hooks/lan", json=lan, headers=forwarded | told)
         assert response.status_code == 403
         # Locked out: 127.0.0.3 alone, not every IPv4 client (as one ::ffff:0:0/64).
         async with client("127.0.0.3") as guesser:

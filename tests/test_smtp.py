@@ -33,7 +33,6 @@ from hypothesis import strategies as st
 from bridge.clock import ManualClock
 from bridge.config import Config, SmtpConfig
 from bridge.ingress import smtp as smtp_module
-from bridge.ingress import smtpauth
 from bridge.ingress.smtp import (
     ADDRESS_CACHE_SIZE,
     PARSE_WORKERS,
@@ -685,14 +684,16 @@ async def test_auth_compares_a_password_for_an_unknown_login_too(
 ) -> None:
     """An unknown login costs the same comparison as a known one (against a password no
     one has), so the answer time does not tell which logins exist. Checked on the code
-    path through a real AUTH session, not on a stopwatch."""
+    path through a real AUTH session, not on a stopwatch. Compared as SHA-256 digests
+    (bridge.ingress.credentials), so the time tells no password's length either."""
     compared: list[tuple[bytes, bytes]] = []
+    compare = hmac.compare_digest
 
-    def spy(expected: bytes, given: bytes) -> bool:
+    def spy(given: bytes, expected: bytes) -> bool:
         compared.append((expected, given))
-        return hmac.compare_digest(expected, given)
+        return compare(given, expected)
 
-    monkeypatch.setattr(smtpauth, "compare_digest", spy)
+    monkeypatch.setattr(hmac, "compare_digest", spy)
     extra = 'auth_allow_plaintext = true\nusers = {ups = "ups-pass-0123456789"}\n'
     config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
@@ -709,9 +710,11 @@ async def test_auth_compares_a_password_for_an_unknown_login_too(
             await asyncio.to_thread(login, "ups", "ups-pass-0123456789"),
         ]
     assert codes == [535, 535, 235]
-    assert [given for _, given in compared] == [b"guess-one", b"guess-two", b"ups-pass-0123456789"]
+    sent = [b"guess-one", b"guess-two", b"ups-pass-0123456789"]
+    assert [given for _, given in compared] == [hashlib.sha256(p).digest() for p in sent]
+    assert all(len(expected) == 32 for expected, _ in compared)
     nobody = compared[0][0]
-    assert nobody and nobody not in (b"guess-one", b"ups-pass-0123456789")
+    assert nobody not in (hashlib.sha256(p).digest() for p in sent)
 
 
 def ehlo_features(port: int) -> dict[str, str]:
@@ -1344,6 +1347,40 @@ async def test_sessions_in_all_and_per_client_are_limited(tmp_path, clock, sandb
     assert b"too many sessions from 127.0.0.1 (at most 2)" in banners[2]
     assert b"too many SMTP sessions (at most 3)" in banners[4]
     assert bridge.smtp_handler.sessions.total == 0
+
+
+async def test_a_few_clients_cannot_hold_every_session(tmp_path, clock, sandbox_url) -> None:
+    """Four clients at `max_sessions_per_client` (25 of 100 by default; 5 of 20 here) held
+    every session, and every other sender got 421. The last quarter goes one session to a
+    client now: the fourth client gets one, and each new client one more, while a client
+    alone (a relay) still gets its whole `max_sessions_per_client`."""
+    extra = with_smtp("max_sessions = 20\nmax_sessions_per_client = 5")
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def scenario() -> dict[str, list[bytes]]:
+            held: list[socket.socket] = []
+            banners: dict[str, list[bytes]] = {}
+            for client in ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"):
+                for _ in range(6):
+                    sock = socket.create_connection(("127.0.0.1", port), 10, (client, 0))
+                    banner = _banner(sock)
+                    banners.setdefault(client, []).append(banner)
+                    if banner.startswith(b"220"):
+                        held.append(sock)
+                    else:
+                        sock.close()
+            for sock in held:
+                sock.close()
+            return banners
+
+        banners = await asyncio.to_thread(scenario)
+    codes = {client: [b[:3] for b in got] for client, got in banners.items()}
+    assert codes["127.0.0.1"] == [b"220"] * 5 + [b"421"]  # a relay alone: all it may
+    assert codes["127.0.0.2"] == codes["127.0.0.3"] == codes["127.0.0.1"]
+    assert codes["127.0.0.4"] == [b"220"] + [b"421"] * 5
+    assert codes["127.0.0.5"] == [b"220"] + [b"421"] * 5
+    assert b"the last 5 of 20 are kept for clients that hold none" in banners["127.0.0.4"][1]
 
 
 def test_sessions_of_one_ipv6_64_count_as_one_client() -> None:

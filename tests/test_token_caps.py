@@ -10,16 +10,20 @@ not hand the token a fresh day.
 
 from __future__ import annotations
 
+import asyncio
+import smtplib
 from typing import Any
 
 import httpx
 import pytest
 
 from bridge.clock import ManualClock
-from bridge.config import Config
+from bridge.config import Config, load_config
+from bridge.errors import ConfigError
 from bridge.provider.sandbox import SandboxState
-from tests.helpers import bridge_config, pump, running_bridge
+from tests.helpers import bridge_config, pump, running_bridge, write_config
 from tests.test_console import sign_in
+from tests.test_smtp import smtp_listening, with_smtp
 
 on_each_backend = pytest.mark.usefixtures("backend")
 
@@ -272,3 +276,81 @@ def test_the_cap_can_come_from_the_environment(tmp_path) -> None:
     }
     config = load_config(path, env=env)
     assert config.tokens["ci"].texts_per_day == 25
+
+
+def _mail_as(port: int, login: str | None, n: int, text: str) -> None:
+    """`n` mails, one recipient each, from `login` (None: without AUTH)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("tester")
+        if login is not None:
+            client.login(login, f"{login}-pass-0123456789")
+        for i in range(n):
+            to = f"+120255502{i:02d}@sms.localhost"
+            client.sendmail("dev@example.org", [to], f"Subject: {text} {i}\r\n\r\nx\r\n")
+
+
+@on_each_backend
+async def test_an_smtp_user_over_its_cap_waits_and_other_mail_goes_on(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """`smtp.user_texts_per_day` caps what one SMTP login sends, as `texts_per_day` caps an
+    API token: a UPS that loops cannot spend the day's budget. Other users, mail without
+    AUTH and API tokens go on; the cap is named in the reason and the admins warned."""
+    users = (
+        "auth_allow_plaintext = true\n"
+        'users = {ups = "ups-pass-0123456789", nas = "nas-pass-0123456789"}\n'
+        "user_texts_per_day = {ups = 2}\n"
+    )
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(users) + tokens(None))
+    ops = {"authorization": f"Bearer {OPS}"}
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        await asyncio.to_thread(_mail_as, port, "ups", 4, "ups")
+        await asyncio.to_thread(_mail_as, port, "nas", 3, "nas")
+        await asyncio.to_thread(_mail_as, port, None, 1, "anon")
+        await send(http, url, CI, 1, "ci")
+        await steps(bridge, clock)
+        assert len(texted(sandbox_state, "ups")) == 2
+        assert len(texted(sandbox_state, "nas")) == 3
+        assert len(texted(sandbox_state, "anon")) == len(texted(sandbox_state, "ci")) == 1
+        waiting = await bridge.store.query(reason_kind="budget", state="queued")
+        assert len(waiting) == 2 and {m.token for m in waiting} == {"smtp:ups"}
+        assert all("smtp.user_texts_per_day.ups=2" in (m.reason or "") for m in waiting)
+        warnings = [e.message for e in sandbox_state.entries if e.to == ADMIN_PHONE]
+        assert len(warnings) == 1 and "smtp.user_texts_per_day.ups=2" in warnings[0]
+        overview = (await http.get(f"{url}/ui/overview.json", headers=ops)).json()
+        assert overview["today"]["caps"]["smtp_users"] == {"ups": {"cap": 2, "used": 2}}
+        # A reload that raises the cap lets what waits go at once, not at midnight.
+        assert not bridge.dispatcher.budget.raised_over([waiting[0].reason or ""])
+
+
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        ("user_texts_per_day = {nobody = 3}", "smtp.user_texts_per_day.nobody: no user 'nobody'"),
+        ("user_texts_per_day = {ups = -1}", "smtp.user_texts_per_day.ups: must be 0 (no cap)"),
+        ('user_texts_per_day = {ups = "3"}', "smtp.user_texts_per_day: expected a table of"),
+    ],
+)
+def test_a_bad_smtp_user_cap_is_refused_by_its_key(
+    tmp_path, sandbox_url: str, setting: str, problem: str
+) -> None:
+    users = f'users = {{ups = "ups-pass-0123456789"}}\n{setting}\n'
+    with pytest.raises(ConfigError) as refused:
+        bridge_config(tmp_path, sandbox_url, with_smtp(users))
+    assert problem in str(refused.value), refused.value
+
+
+def test_an_smtp_user_cap_may_come_from_the_environment(tmp_path) -> None:
+    body = '[smtp]\nusers = {ups = "ups-pass-0123456789", nas = "nas-pass-0123456789"}\n'
+    env = {"SMS_BRIDGE_SMTP_USER_TEXTS_PER_DAY": "ups=20, nas=0"}
+    config = load_config(write_config(tmp_path, body), env=env)
+    assert config.smtp.user_texts_per_day == {"ups": 20, "nas": 0}
+    with pytest.raises(ConfigError) as refused:
+        load_config(
+            write_config(tmp_path, body), env={"SMS_BRIDGE_SMTP_USER_TEXTS_PER_DAY": "ups=x"}
+        )
+    assert "SMS_BRIDGE_SMTP_USER_TEXTS_PER_DAY" in str(refused.value)

@@ -82,6 +82,14 @@ def from_env_text(text: str, kind: str, default: object, secret: bool = False) -
         return {k.strip(): v if secret else v.strip() for k, v in pairs}
     if kind in ("rules", "lists"):  # a TOML array of inline tables, or an inline table
         return _toml_value(text)
+    if kind == "counts":  # name=N,name2=M
+        pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError("expected name=number pairs separated by commas")
+        try:
+            return {k.strip(): int(v) for k, v in pairs}
+        except ValueError:
+            raise ValueError("expected name=number pairs: a number is not an integer") from None
     if kind == "list":
         if text.strip().startswith("["):
             return _toml_value(text)
@@ -146,6 +154,12 @@ def coerce(value: object, kind: str, default: object, base: str | None = None) -
         }
     if kind == "list":
         return _strings(value)
+    if kind == "counts":
+        if not isinstance(value, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value.values()
+        ):
+            raise ValueError("expected a table of name = integer")
+        return dict(value)
     if kind == "lists":
         if not isinstance(value, dict):
             raise ValueError('expected a table of name = ["text", ...]')

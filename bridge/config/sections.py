@@ -93,6 +93,8 @@ class SmtpConfig:
     # login -> the numbers and groups it may text (as a route's `to`); a login not named
     # here may text any recipient, as may a session that does not log in
     user_recipients: Mapping[str, tuple[str, ...]] = _opt({}, "lists")
+    # login -> its texts per UTC day, as tokens.NAME.texts_per_day (0 or not named: no cap)
+    user_texts_per_day: Mapping[str, int] = _opt({}, "counts")
     tls_cert: str = _opt("", "path")
     tls_key: str = _opt("", "path")
     tls_listen: str = _opt("")  # implicit TLS (port 465 style); needs tls_cert

@@ -48,7 +48,8 @@ DAY = 86400.0
 
 
 def daily_caps(config: Config) -> list[str]:
-    """The key of every daily cap set: the budget's, each route's, each API token's."""
+    """The key of every daily cap set: the budget's, each route's, each API token's and
+    SMTP user's."""
     b = config.budget
     keys = [
         f"budget.{key}"
@@ -63,6 +64,9 @@ def daily_caps(config: Config) -> list[str]:
         f"routes.{n}.max_texts_per_day" for n, r in config.routes.items() if r.max_texts_per_day > 0
     ]
     keys += [f"tokens.{n}.texts_per_day" for n, t in config.tokens.items() if t.texts_per_day > 0]
+    keys += [
+        f"smtp.user_texts_per_day.{n}" for n, c in config.smtp.user_texts_per_day.items() if c > 0
+    ]
     return keys
 
 
@@ -100,6 +104,12 @@ def _validate_budget(config: Config, problem: Problem) -> None:
             problem(key, "must be 0 (off) or more")
     if b.cost_per_day < 0:
         problem("budget.cost_per_day", "must be 0 (no cap) or more")
+    for login, cap in config.smtp.user_texts_per_day.items():
+        key = f"smtp.user_texts_per_day.{login}"
+        if login not in config.smtp.users:
+            problem(key, f"no user {login!r} in [smtp.users]")
+        elif cap < 0:
+            problem(key, "must be 0 (no cap) or more")
     if config.store.retention > 0 and (why := purge_problem(config, config.store.retention)):
         problem("store.retention", f"{why} (or 0 to keep every message)")
 

@@ -93,8 +93,9 @@ def smtp_login(session: Session) -> str | None:
 
 
 def sent_by(login: str | None) -> str | None:
-    """Who a message is stored as sent by (its `token`): `smtp:LOGIN`. No token name
-    holds a `:`, so an SMTP user is never counted against a token's daily cap."""
+    """Who a message is stored as sent by (its `token`): `smtp:LOGIN`, counted against
+    `smtp.user_texts_per_day.LOGIN` and never against an API token's daily cap (no token
+    name holds a `:`)."""
     return None if login is None else f"{SMTP_SENDER}{login}"
 
 

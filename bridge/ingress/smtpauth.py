@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from hmac import compare_digest
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from bridge.ingress.credentials import same_secret
 from bridge.ingress.throttle import FailureThrottle, QuietLog
 
 log = logging.getLogger("bridge.ingress.smtp")  # where operators have always looked
@@ -58,7 +58,7 @@ class Authenticator:
         expected = self.users.get(auth_data.login)
         # An unknown login is compared too (the same work): answering it sooner would
         # tell a guesser which logins exist.
-        matched = compare_digest(self.nobody if expected is None else expected, auth_data.password)
+        matched = same_secret(auth_data.password, self.nobody if expected is None else expected)
         ok = matched and expected is not None
         if ok:  # passes a later lockout of this client: a guesser there cannot stop it
             self.throttle.trust(host, [credential])

@@ -2,7 +2,8 @@
 
 - Sessions in all and per client (`smtp.max_sessions`, `smtp.max_sessions_per_client`;
   a client is an IPv4 address or an IPv6 /64, as `throttle.client_key`): past either,
-  421 at connect and the socket closed, before aiosmtpd builds a session.
+  421 at connect and the socket closed, before aiosmtpd builds a session. The last
+  quarter of the sessions go one to a client, so a few clients cannot hold them all.
 - Per-session command budgets (`smtp.max_commands`, `smtp.max_mails_per_session`):
   aiosmtpd's own call limits, which answer 421 and close.
 - An idle timer (`smtp.idle_timeout`) that only progress restarts: aiosmtpd restarts it
@@ -39,7 +40,7 @@ from typing import Any, Protocol, cast
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 
 from bridge.config import SmtpConfig
-from bridge.ingress.throttle import client_key
+from bridge.ingress.throttle import client_key, reserved
 
 log = logging.getLogger(__name__)
 # Commands that move a session forward: only their success restarts the idle timer.
@@ -81,7 +82,12 @@ class Sessions:
 
         Counted per `client_key`: one host holds a whole IPv6 /64, and by its single
         addresses it could open every one of `max_sessions` alone (a relay then gets
-        421 and a UPS card may never send its alert again)."""
+        421 and a UPS card may never send its alert again). And the last quarter of
+        `max_sessions` (`throttle.reserved`) goes one to a client: a client that holds a
+        session already gets none of it. Four clients at `max_sessions_per_client`
+        (25 of 100) held every session; now three fill all but the reserve and the
+        others still get one each, while a relay alone (Postfix opens up to 20 from one
+        address) gets its `max_sessions_per_client` as before."""
         if self.closing:
             return "the bridge is shutting down"
         smtp, client = self._limits(), client_key(host)
@@ -89,6 +95,12 @@ class Sessions:
             return f"too many SMTP sessions (at most {smtp.max_sessions})"
         if self.per_client[client] >= smtp.max_sessions_per_client:
             return f"too many sessions from {client} (at most {smtp.max_sessions_per_client})"
+        reserve = reserved(smtp.max_sessions, smtp.max_sessions_per_client)
+        if reserve and self.per_client[client] and smtp.max_sessions - self.total <= reserve:
+            return (
+                f"too many sessions from {client}: the last {reserve} of "
+                f"{smtp.max_sessions} are kept for clients that hold none"
+            )
         self.open.add(session)
         self.per_client[client] += 1
         return None

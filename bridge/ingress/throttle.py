@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from bridge.addresses import client_address
 from bridge.clock import Clock
 
+# The last 1/RESERVED_SHARE of SMTP sessions and of HTTP requests in flight go one to a
+# client: a few clients at their per-client cap held them all (smtplimits, http.limits).
+RESERVED_SHARE = 4
 MAX_FAILURES = 10  # failed authentications from one client within WINDOW
 WINDOW = 60.0
 LOCKOUT = 300.0  # seconds a client past MAX_FAILURES is refused
@@ -141,6 +144,14 @@ class FailureThrottle:
         ]
         for key in stale or list(self._records)[: max(1, self.max_clients // 10)]:
             del self._records[key]
+
+
+def reserved(limit: int, per_client: int) -> int:
+    """How many of `limit` places go one to a client: the last 1/RESERVED_SHARE, but
+    never so many that a client alone could not reach its own cap `per_client` (a relay
+    that opens many sessions from one address, every local sender of a loopback install,
+    which are all one client)."""
+    return max(0, min(limit // RESERVED_SHARE, limit - per_client))
 
 
 class QuietLog:

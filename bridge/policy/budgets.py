@@ -13,7 +13,9 @@ never held back by the caps they report.
 Per API token (`tokens.NAME.texts_per_day`): what the messages stored with that token's
 name sent today, so a leaked or looping CI token cannot spend the whole day's budget. Its
 warning is its own (one a day per token): a token that hit its cap does not mute the
-warning of the overall cap, nor another token's.
+warning of the overall cap, nor another token's. An SMTP user's cap
+(`smtp.user_texts_per_day.LOGIN`) is the same cap over what its mail sent (stored with
+the token `smtp:LOGIN`): a device that logs in is as able to loop as a CI job.
 
 The cost cap (`budget.cost_per_day`, in the provider's currency) counts what today's sent
 messages cost (the provider's figure, else the estimate made at ingest, else one made now)
@@ -54,7 +56,7 @@ from datetime import UTC, datetime, timedelta
 from bridge.clock import Clock
 from bridge.config import BudgetConfig, ProviderConfig, Recipients, RouteConfig, TokenConfig
 from bridge.errors import StoreUnavailable
-from bridge.models import Message
+from bridge.models import SMTP_SENDER, Message
 from bridge.policy.shaping import Draft, Shaper
 from bridge.pricing import PriceBook
 from bridge.store import Store
@@ -70,8 +72,8 @@ UNKNOWABLE = "spend unknown: a text sent today had no cost and no price is known
 RELEASED_BY_RELOAD = "daily caps changed by a reload: judged again"
 CAPS_THERE = "whose caps are "
 RELEASE_CAP = re.compile(
-    r"(texts_per_day|parts_per_day|cost_per_day|routes\.[^=\s,]+|tokens\.[^=\s,]+)"
-    r"=([0-9.e+-]+)"
+    r"(texts_per_day|parts_per_day|cost_per_day|routes\.[^=\s,]+|tokens\.[^=\s,]+"
+    r"|smtp\.user_texts_per_day\.[^=\s,]+)=([0-9.e+-]+)"
 )
 
 
@@ -98,8 +100,27 @@ class Cap:
 # by its key in `BudgetGuard.caps` (a route's or token's with its field after it).
 CAP_IN_REASON = re.compile(
     r"\((?P<name>texts_per_day|parts_per_day|cost_per_day|routes\.\S+\.max_texts_per_day"
-    r"|tokens\.\S+\.texts_per_day)=(?P<value>[0-9.e+-]+)"
+    r"|tokens\.\S+\.texts_per_day|smtp\.user_texts_per_day\.\S+)=(?P<value>[0-9.e+-]+)"
 )
+
+
+def smtp_token(login: str) -> str:
+    """The `token` an SMTP user's messages are stored with: no API token's name holds a
+    `:`, so no API token's cap counts them, nor an SMTP user's an API token's."""
+    return f"{SMTP_SENDER}{login}"
+
+
+def token_cap_name(token: str) -> str:
+    """The key of the cap on what `token` sends, as a reason names it."""
+    if token.startswith(SMTP_SENDER):
+        return f"smtp.user_texts_per_day.{token.removeprefix(SMTP_SENDER)}"
+    return f"tokens.{token}.texts_per_day"
+
+
+def token_cap_key(token: str) -> str:
+    """Its key in `BudgetGuard.caps`: as `raised_over` reads a reason's cap back."""
+    name = token_cap_name(token)
+    return name.rsplit(".", 1)[0] if name.startswith("tokens.") else name
 
 
 def figure(value: float) -> str:
@@ -144,6 +165,7 @@ class BudgetGuard:
         shaper: Shaper,
         prices: PriceBook | None = None,
         tokens: Mapping[str, TokenConfig] | None = None,
+        smtp_users: Mapping[str, int] | None = None,
     ) -> None:
         self.store = store
         self.prices = prices or PriceBook()
@@ -163,7 +185,13 @@ class BudgetGuard:
         self.caps: dict[str, float] = {}  # every cap in force by name (`_caps`)
         # Texts wait for midnight because today's spend was unknowable (`newly_priced`).
         self._unknowable_hold = False
-        self.reload(budget=budget, routes=routes, recipients=recipients, tokens=tokens or {})
+        self.reload(
+            budget=budget,
+            routes=routes,
+            recipients=recipients,
+            tokens=tokens or {},
+            smtp_users=smtp_users or {},
+        )
 
     def reload(
         self,
@@ -172,8 +200,10 @@ class BudgetGuard:
         routes: Mapping[str, RouteConfig],
         recipients: Recipients,
         tokens: Mapping[str, TokenConfig],
+        smtp_users: Mapping[str, int] | None = None,
     ) -> None:
         """Take the caps, admins and low-balance mark (at start and on SIGHUP).
+        `smtp_users`: `smtp.user_texts_per_day`, by login.
 
         The admins are resolved first, by the resolver every ingress uses: an InputError
         there leaves the running budget as it was.
@@ -185,9 +215,13 @@ class BudgetGuard:
             for name, route in routes.items()
             if route.max_texts_per_day > 0
         }
+        # By the `token` messages are stored with: an API token's name, `smtp:LOGIN`.
         self.token_caps: dict[str, int] = {
             name: token.texts_per_day for name, token in tokens.items() if token.texts_per_day > 0
         }
+        self.token_caps.update(
+            {smtp_token(login): cap for login, cap in (smtp_users or {}).items() if cap > 0}
+        )
         self.admins = admins
         before, self.caps = self.caps, self._caps()
         # Raised, or gone (0 or no longer named: no cap). A cap only lowered or added
@@ -260,7 +294,7 @@ class BudgetGuard:
             "cost_per_day": c.cost_per_day,
         }
         caps.update({f"routes.{name}": cap for name, cap in self.route_caps.items()})
-        caps.update({f"tokens.{name}": cap for name, cap in self.token_caps.items()})
+        caps.update({token_cap_key(name): cap for name, cap in self.token_caps.items()})
         return {name: cap for name, cap in caps.items() if cap > 0}
 
     @property
@@ -385,7 +419,7 @@ class BudgetGuard:
                 why = never
             elif token_cap is not None and token_used[token] + 1 > token_cap:
                 # First: a runaway token is told apart from the day's budget running out.
-                why = Cap(f"tokens.{token}.texts_per_day={token_cap}", f"token:{token}")
+                why = Cap(f"{token_cap_name(token)}={token_cap}", f"token:{token}")
             elif self.config.texts_per_day and texts + 1 > self.config.texts_per_day:
                 why = _cap(f"texts_per_day={self.config.texts_per_day}")
             elif self.config.parts_per_day and parts + m.parts > self.config.parts_per_day:

@@ -10,9 +10,9 @@ id and status.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
+from bridge.ingress.credentials import same_secret
 from bridge.ingress.formats.base import (
     HookMessage,
     HookRequest,
@@ -47,7 +47,7 @@ def verify(request: HookRequest, now: float) -> None:
     token = request.headers.get(TOKEN_HEADER, "")
     if not token:
         raise Unauthorized("missing X-Gitlab-Token")
-    if not hmac.compare_digest(token.encode(), request.route.secret.encode()):
+    if not same_secret(token, request.route.secret):
         raise Unauthorized("X-Gitlab-Token does not match")
 
 

@@ -13,6 +13,7 @@ import hmac
 from typing import Any
 
 from bridge.errors import InputError
+from bridge.ingress.credentials import same_secret
 from bridge.ingress.formats.alerts import NO_VALUE, summarize
 from bridge.ingress.formats.base import (
     HookMessage,
@@ -76,8 +77,8 @@ def verify(request: HookRequest, now: float) -> None:
             raise Unauthorized(f"{route.timestamp_header} too far from now (replay?)")
         signed = stamp.encode() + b":" + request.body
     expected = hmac.new(route.secret.encode(), signed, hashlib.sha256).hexdigest()
-    # bytes: compare_digest raises TypeError on a str with non-ASCII (headers are latin-1)
-    if not hmac.compare_digest(expected.encode(), signature.strip().lower().encode("latin-1")):
+    # bytes: headers are latin-1, and what the sender sent is compared byte for byte
+    if not same_secret(signature.strip().lower().encode("latin-1"), expected):
         raise Unauthorized(f"{route.signature_header} does not match the body")
 
 

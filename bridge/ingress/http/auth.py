@@ -6,19 +6,18 @@ loopback install; protected mode (config validation) refuses to serve a non-loop
 listener in that state with a real provider. Once one token exists, every caller must
 present one.
 
-Comparisons are over SHA-256 digests with `hmac.compare_digest` against every configured
+Comparisons are over SHA-256 digests (`bridge.ingress.credentials`) against every configured
 token, so neither the position of the first wrong byte nor which token matched (nor the
 length of the secret) shows in the answer time.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from bridge.config import TokenConfig
+from bridge.ingress.credentials import same_secret
 
 # `admin` may do everything; `read` also covers the metrics a scraper needs.
 _IMPLIED = {
@@ -59,10 +58,6 @@ class AuthError(Exception):
         self.message = message
 
 
-def _digest(secret: str) -> bytes:
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
-
-
 def _expand(scopes: tuple[str, ...]) -> frozenset[str]:
     return frozenset().union(*(_IMPLIED.get(s, frozenset()) for s in scopes))
 
@@ -87,10 +82,9 @@ def identify(tokens: Mapping[str, TokenConfig], presented: str | None) -> Princi
         return ANONYMOUS
     if presented is None:
         return None
-    digest = _digest(presented)
     found: Principal | None = None
     for spec in tokens.values():  # every token compared: the time does not tell which
-        if hmac.compare_digest(digest, _digest(spec.token)) and found is None:
+        if same_secret(presented, spec.token) and found is None:
             found = Principal(spec.name, _expand(spec.scopes))
     return found
 

@@ -9,12 +9,18 @@ alert still goes out), stored, and only then answered 202: on a route with a tem
 each message's answer says whether its default text went out instead, and which fields
 the template printed as empty because the payload lacked them. A sender that is told 4xx
 drops the alert, so anything that is our trouble (store, overload) answers 503.
+
+Until a call has passed the route's checks (network, credentials, signature), what it is
+told must not say which routes exist: once `[tokens.*]` exist, a caller whose bearer
+token lacks `read` (the callers `/openapi.json` refuses its route map) gets one answer for
+every refusal before that point, an unknown name's included: 401, `NOT_AUTHORIZED`, both
+challenges. The log and the console keep the real reason (`AUTHENTICATED` tells the
+console which calls passed).
 """
 
 from __future__ import annotations
 
 import base64
-import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,7 +36,9 @@ from bridge.clock import Clock, zone
 from bridge.config import Config, LiveConfig, Recipients, RouteConfig
 from bridge.errors import HttpError
 from bridge.firewall import cap_recipients
+from bridge.ingress.credentials import same_secret
 from bridge.ingress.formats import HookMessage, HookRequest, Ignored, Unauthorized, registry
+from bridge.ingress.http.auth import AuthError, authorize
 from bridge.ingress.http.bodies import (
     JSONAnswer,
     media_type,
@@ -40,6 +48,7 @@ from bridge.ingress.http.bodies import (
 )
 from bridge.ingress.http.lockout import locked_answer, locked_for, vouch
 from bridge.ingress.ingest import Accepted, Ingestor
+from bridge.ingress.throttle import QuietLog
 from bridge.ops.logs import mask
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
@@ -51,6 +60,16 @@ log = logging.getLogger(__name__)
 FALLBACK_CHARS = 300
 FORM = "application/x-www-form-urlencoded"
 FORM_MAX_FIELDS = 100
+# The scope key set once a call passed its route's network, credential and signature
+# checks: only such a call is the route's "last call" in the console (console.activity).
+AUTHENTICATED = "sms_bridge.route_authenticated"
+REFUSAL = "sms_bridge.route_refusal"  # why such a call was refused, whatever it was told
+# What a caller that may not see the route map is told of any call refused before it was
+# authenticated, an unknown route's included: the same bytes for every name.
+NOT_AUTHORIZED = (
+    "not authorized: no such route, or missing or wrong credentials (the bridge's log says which)"
+)
+BOTH_CHALLENGES = 'Bearer realm="sms-bridge", Basic realm="sms-bridge"'
 
 
 def _check_network(route: RouteConfig, request: Request) -> None:
@@ -64,7 +83,7 @@ def _check_network(route: RouteConfig, request: Request) -> None:
 
 
 def _token_matches(route: RouteConfig, value: str) -> bool:
-    return hmac.compare_digest(value.encode(), route.token.encode())
+    return same_secret(value, route.token)
 
 
 def _basic_matches(route: RouteConfig, value: str) -> bool:
@@ -73,10 +92,10 @@ def _basic_matches(route: RouteConfig, value: str) -> bool:
     except ValueError:  # binascii.Error, UnicodeDecodeError, and a non-ASCII header's
         # "string argument should contain only ASCII characters" (headers are latin-1)
         user, password = "", ""
-    # Both compared every time (and over bytes: a non-ASCII str would raise), so the
-    # answer time does not tell whether the user name was right.
-    ok_user = hmac.compare_digest(user.encode(), route.username.encode())
-    ok_password = hmac.compare_digest(password.encode(), route.password.encode())
+    # Both compared every time, so the answer time does not tell whether the user name
+    # was right.
+    ok_user = same_secret(user, route.username)
+    ok_password = same_secret(password, route.password)
     return ok_user and ok_password
 
 
@@ -239,6 +258,7 @@ def hook_endpoint(
     clock: Clock,
 ) -> Callable[[Request], Awaitable[Response]]:
     formats = registry()
+    quiet = QuietLog(log, clock)
 
     async def endpoint(request: Request) -> Response:
         # One config and resolver for the whole request, even across a reload: both are
@@ -246,17 +266,23 @@ def hook_endpoint(
         config, resolver = live.current, live.recipients
         name = request.path_params["name"]
         route = config.routes.get(name)
-        if route is None:
-            raise HttpError(404, f"no route named {name!r}", "name")
-        _check_network(route, request)
-        module = formats[route.format]
+        module = formats[route.format] if route is not None else None
         # A format whose sender may post a form (GitHub's default content type) names the
         # field that holds the JSON; the signature is over the body as sent, the form.
         form_field: str | None = getattr(module, "FORM_FIELD", None)
         form = form_field is not None and media_type(request) == FORM
-        body = await _verified_body(request, route, module, form, config, clock.now())
+        try:
+            if route is None:
+                raise HttpError(404, f"no route named {name!r}", "name")
+            _check_network(route, request)
+            body = await _verified_body(request, route, module, form, config, clock.now())
+        except (HttpError, Unauthorized) as exc:
+            if request.scope.get(AUTHENTICATED) and isinstance(exc, HttpError):
+                raise  # the sender's own mistake, past the route's checks: said as it is
+            return _refused(request, config, route, exc, quiet)
         if isinstance(body, Response):
             return body
+        assert route is not None and module is not None  # refused above otherwise
         for credential in _verified_credentials(route, module, request):
             vouch(request.scope, credential)  # passes a later lockout of this client
         hook = HookRequest(
@@ -302,38 +328,80 @@ def hook_endpoint(
 async def _verified_body(
     request: Request, route: RouteConfig, module: Any, form: bool, config: Config, now: float
 ) -> bytes | Response:
-    """The body, read once the route's credentials hold; else the 401 (or the lockout's
-    answer, when the client was locked out while its body came)."""
-    try:
-        _check_credentials(route, request)
-        if form:
-            body = await read_bounded(request, config.http.max_body_bytes)
-        else:
-            body = await read_body(request, config.http.max_body_bytes)
-        verify = getattr(module, "verify", None)
-        if verify is not None:
-            if wait := locked_for(request.scope):  # locked while the body came
-                return locked_answer(wait)
-            hook = HookRequest(
-                route=route,
-                headers=request.headers,
-                body=body,
-                payload=None,
-                query=request.query_params,
-            )
-            verify(hook, now)
-    except Unauthorized as exc:
-        log.warning(
-            "route %s: 401 for %s: %s",
-            request.path_params["name"],
-            client_name(request.client.host) if request.client else "?",
-            exc,
+    """The body, read once the route's credentials hold (Unauthorized otherwise; a body
+    refused before its signature is checked is a refusal of the unauthenticated too), or
+    the lockout's answer when the client was locked out while its body came. Sets
+    AUTHENTICATED once the call has passed every check the route has."""
+    _check_credentials(route, request)
+    verify = getattr(module, "verify", None)
+    if verify is None or not route.secret:  # no signature to wait for: passed already
+        request.scope[AUTHENTICATED] = True
+    if form:
+        body = await read_bounded(request, config.http.max_body_bytes)
+    else:
+        body = await read_body(request, config.http.max_body_bytes)
+    if verify is not None:
+        if wait := locked_for(request.scope):  # locked while the body came
+            return locked_answer(wait)
+        hook = HookRequest(
+            route=route,
+            headers=request.headers,
+            body=body,
+            payload=None,
+            query=request.query_params,
         )
-        challenge = _challenge(route)
-        return JSONAnswer(
-            {"error": str(exc)}, 401, headers={"WWW-Authenticate": challenge} if challenge else None
-        )
+        verify(hook, now)
+        request.scope[AUTHENTICATED] = True
     return body
+
+
+def shows_routes(request: Request, config: Config) -> bool:
+    """Whether the caller may tell one route's refusals from another's and from no route:
+    the callers `/openapi.json` names every route to (a token with `read`, or anyone at a
+    bridge with no `[tokens.*]`)."""
+    try:
+        authorize(config.tokens, request.headers.get("authorization"), "read")
+    except AuthError:
+        return False
+    return True
+
+
+def _refused(
+    request: Request,
+    config: Config,
+    route: RouteConfig | None,
+    exc: HttpError | Unauthorized,
+    quiet: QuietLog,
+) -> Response:
+    """The answer to a call refused before it passed its route's checks: the real one for
+    a caller that may see the route map, else NOT_AUTHORIZED whatever the reason. Logged
+    for a configured route at most once a minute per client and route (QuietLog): no
+    lockout stops a caller that presents no credential, and a line for each of its calls
+    let anyone fill the log's disk."""
+    status = 401 if isinstance(exc, Unauthorized) else exc.status
+    why = str(exc) if isinstance(exc, Unauthorized) else exc.message
+    request.scope[REFUSAL] = why
+    shown = shows_routes(request, config)
+    if route is not None:
+        host = request.client.host if request.client else ""
+        quiet.warning(
+            f"hook:{route.name}",
+            host,
+            "route %s: %d for %s: %s%s",
+            route.name,
+            status,
+            client_name(host) if host else "?",
+            why,
+            "" if shown or status == 401 else " (answered 401)",
+        )
+    if shown:
+        if isinstance(exc, HttpError):
+            raise exc  # answered by the endpoint's error handler, its field named
+        challenge = _challenge(route) if route is not None else None
+        return JSONAnswer(
+            {"error": why}, 401, headers={"WWW-Authenticate": challenge} if challenge else None
+        )
+    return JSONAnswer({"error": NOT_AUTHORIZED}, 401, headers={"WWW-Authenticate": BOTH_CHALLENGES})
 
 
 def _accepted(accepted: list[Accepted], reports: list[dict[str, Any] | None]) -> Response:

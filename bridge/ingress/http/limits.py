@@ -13,7 +13,8 @@ three additions, each answered in the bridge's JSON error shape:
   connection and a place under `max_concurrency` for as long as it liked.
 - `http.max_header_bytes`: request line and headers together: 431.
 - `http.max_concurrency`: requests in flight; beyond it 503 (never 429: webhook
-  senders retry 5xx and drop 4xx), except `/healthz`: a liveness probe (Kubernetes',
+  senders retry 5xx and drop 4xx); its last quarter goes one request to a client
+  (`_reserved`), so a few clients cannot hold it all, except `/healthz`: a liveness probe (Kubernetes',
   Docker's HEALTHCHECK) refused for load had the bridge restarted in the middle of the
   storm it was working through; it costs nothing, and /readyz still says busy. Idle kept-alive connections do not count: uvicorn's
   own check counts them, so 100 idle sockets (re-opened after each header timeout) made
@@ -47,7 +48,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from bridge.addresses import Network, in_networks, parse_network
 from bridge.clock import SystemClock
 from bridge.config import LiveConfig
-from bridge.ingress.throttle import QuietLog, client_key
+from bridge.ingress.throttle import QuietLog, client_key, reserved
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     live: LiveConfig
     per_client: ClassVar[collections.Counter[str]]  # open connections by client, per server
     in_flight: ClassVar[set[Any]]  # admitted requests not yet answered, per server (cycles)
+    busy: ClassVar[collections.Counter[str]]  # requests in `in_flight` by counted client
     quiet: ClassVar[QuietLog]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -107,6 +109,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.header_timeout = limits.header_timeout
         self.body_timeout = limits.body_timeout
         self.max_concurrency = limits.max_concurrency
+        self.reserve = reserved(limits.max_concurrency, limits.max_connections_per_client)
         self.timeout_keep_alive = limits.keep_alive_timeout  # type: ignore[assignment]
         self.limit_concurrency = None  # ours answers in JSON; uvicorn's would be text
         self.reading_headers = True
@@ -146,6 +149,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self.deadline_timer.cancel()
             self.deadline_timer = None
         self.in_flight.difference_update(self.admitted)  # no answer can be sent now
+        self._settled(len(self.admitted))
         self.admitted.clear()
         if self.counted_as is not None:
             self.per_client[self.counted_as] -= 1
@@ -269,12 +273,22 @@ class LimitedHttpProtocol(HttpToolsProtocol):
                 "overload", "*", "HTTP overloaded (%d requests in flight): 503", limit
             )
             self.app = refusal_app(503, f"overloaded: more than {limit} requests; retry")
+        elif (reserve := self._reserved(limit)) and self.url.partition(b"?")[0] != LIVENESS:
+            key = self.counted_as
+            self.quiet.warning("share", key or "*", "HTTP: %s past its share: 503", key)
+            self.app = refusal_app(
+                503,
+                f"too many requests in flight from {key}: the last {reserve} of {limit} "
+                "are kept for clients with none (http.max_concurrency); retry",
+            )
         else:
             self.app = self.config.loaded_app
         super().on_headers_complete()
         if self.app is self.config.loaded_app:  # refusals are cheap: never counted
             self.in_flight.add(self.cycle)
             self.admitted.append(self.cycle)
+            if self.counted_as is not None:
+                self.busy[self.counted_as] += 1
         if not self.pipeline:  # cleared when the message is complete, often in this read
             self._expect_body()
         # else queued behind an unanswered request: uvicorn reads no more until that is
@@ -284,6 +298,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         # With pipelining `self.cycle` is the newest request, not the one answered.
         answered = [cycle for cycle in self.admitted if cycle.response_complete]
         self.in_flight.difference_update(answered)
+        self._settled(len(answered))
         self.admitted = [cycle for cycle in self.admitted if not cycle.response_complete]
         queued = bool(self.pipeline)
         super().on_response_complete()
@@ -315,6 +330,27 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.reading_headers = True
         self.header_bytes = 0
 
+    def _reserved(self, limit: int) -> int:
+        """The reserve this request would eat into: the last quarter of `limit`
+        (`throttle.reserved`) goes one request to a client, so one that has a request in flight
+        already is refused there (0: it is not). Four clients of 25 slow bodies to a
+        signed route (read before its signature is checked) held every place, and
+        every sender's alert got 503. A trusted proxy's are not counted: its clients
+        are many."""
+        reserve = self.reserve
+        if not reserve or self.counted_as is None or not self.busy[self.counted_as]:
+            return 0
+        return reserve if limit - len(self.in_flight) <= reserve else 0
+
+    def _settled(self, answered: int) -> None:
+        """`answered` of this connection's requests left `in_flight`."""
+        key = self.counted_as
+        if key is None or not answered:
+            return
+        self.busy[key] -= answered
+        if self.busy[key] <= 0:
+            del self.busy[key]
+
     def _refuse(self, status: int, message: str) -> None:
         body = _body(message)
         head = (
@@ -332,6 +368,7 @@ def limited_protocol(live: LiveConfig) -> type[LimitedHttpProtocol]:
         "live": live,
         "per_client": collections.Counter(),
         "in_flight": set(),
+        "busy": collections.Counter(),
         "quiet": QuietLog(log, SystemClock()),
     }
     return type("LimitedHttpProtocol", (LimitedHttpProtocol,), attributes)

@@ -3,6 +3,12 @@
 Kept in memory (one small record per configured route, so a caller cannot grow it by
 inventing route names): a restart forgets it, and the route page then shows the route's
 newest stored message instead, which the store keeps.
+
+Only a call that passed its route's checks (network, credentials, signature: the hook
+endpoint says so in the request's scope) is the route's last call: a refused one by
+anyone who knows the name hid the genuine sender's last call behind a 401. Refused calls
+are counted apart, the last of them kept beside the count, so a sender that lost its
+secret still shows.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from starlette.responses import Response
 from bridge.addresses import client_name
 from bridge.clock import Clock
 from bridge.config import LiveConfig
+from bridge.ingress.http.hooks import AUTHENTICATED, REFUSAL
 
 MAX_ANSWER_CHARS = 200
 
@@ -48,17 +55,31 @@ def _answer(response: Response) -> str:
     return ""
 
 
+@dataclass(frozen=True, slots=True)
+class Refusals:
+    """Calls refused before they passed the route's checks, since the bridge started."""
+
+    count: int
+    last: Call
+
+
 class RouteActivity:
-    """The last call of each route, by route name."""
+    """The last call of each route that passed its checks, and its refused ones, by name."""
 
     def __init__(self, *, live: LiveConfig, clock: Clock) -> None:
         self.live = live
         self.clock = clock
         self.last: dict[str, Call] = {}
+        self.refused: dict[str, Refusals] = {}
 
-    def record(self, name: str, call: Call) -> None:
-        if name in self.live.current.routes:
+    def record(self, name: str, call: Call, *, authenticated: bool = True) -> None:
+        if name not in self.live.current.routes:
+            return
+        if authenticated:
             self.last[name] = call
+        else:
+            before = self.refused.get(name)
+            self.refused[name] = Refusals((before.count if before else 0) + 1, call)
 
     def observe(
         self, endpoint: Callable[[Request], Awaitable[Response]]
@@ -72,9 +93,12 @@ class RouteActivity:
                 Call(
                     at=self.clock.now(),
                     status=response.status_code,
-                    answer=_answer(response),
+                    # A refusal's real reason: the caller may have been told less.
+                    answer=str(request.scope.get(REFUSAL, ""))[:MAX_ANSWER_CHARS]
+                    or _answer(response),
                     client=client_name(request.client.host) if request.client else "",
                 ),
+                authenticated=bool(request.scope.get(AUTHENTICATED)),
             )
             return response
 

@@ -43,7 +43,7 @@ from bridge.ingress.http.filters import ListQuery, given, read_list_query
 from bridge.ingress.ingest import Ingestor
 from bridge.models import SMTP_SENDER, SOURCES, Message, State
 from bridge.phone import PhoneError, normalise_number
-from bridge.policy.budgets import day_bounds
+from bridge.policy.budgets import day_bounds, smtp_token
 from bridge.policy.shaping import Draft
 from bridge.store import Store
 from bridge.text import split_parts
@@ -172,6 +172,11 @@ class Console(Gate):
                 name: {"cap": token.texts_per_day, "used": today["tokens"].get(name, 0)}
                 for name, token in config.tokens.items()
                 if token.texts_per_day
+            },
+            "smtp_users": {
+                login: {"cap": cap, "used": today["tokens"].get(smtp_token(login), 0)}
+                for login, cap in config.smtp.user_texts_per_day.items()
+                if cap
             },
         }
         storms = [
@@ -333,7 +338,7 @@ class Console(Gate):
         base = str(request.base_url).rstrip("/")
         routes = []
         for name, route in sorted(config.routes.items()):
-            call = self.activity.last.get(name)
+            call, refused = self.activity.last.get(name), self.activity.refused.get(name)
             routes.append(
                 {
                     "name": name,
@@ -342,6 +347,7 @@ class Console(Gate):
                     "to": list(route.to),
                     "authentication": authentication(route),
                     "last_call": None if call is None else dataclasses.asdict(call),
+                    "refused": None if refused is None else dataclasses.asdict(refused),
                     "last_message": stored.get(name),
                 }
             )

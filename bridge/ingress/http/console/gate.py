@@ -14,7 +14,6 @@ or, for the `.json` twin of the page, the same data as JSON.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import math
 import re
@@ -35,6 +34,7 @@ from bridge.addresses import client_name
 from bridge.clock import Clock
 from bridge.config import LiveConfig
 from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
+from bridge.ingress.credentials import same_secret
 from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize, identify
 from bridge.ingress.http.bodies import error_response, read_bounded
 from bridge.ingress.http.console.routes import encoding_name
@@ -247,9 +247,7 @@ class Gate:
             raise Refused(400, f"the form has more than {MAX_FORM_FIELDS} fields") from exc
         form = {k: v[0] for k, v in fields.items()}
         expected = caller.session.csrf if caller.session is not None else ""
-        if not expected or not hmac.compare_digest(
-            form.get("csrf", "").encode(), expected.encode()
-        ):
+        if not expected or not same_secret(form.get("csrf", ""), expected):
             raise Refused(403, "missing or wrong CSRF token: reload the page and try again")
         return form
 
