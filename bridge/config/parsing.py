@@ -70,22 +70,25 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _pairs(text: str, what: str) -> list[list[str]]:
+    """`name=VALUE,name2=VALUE2` as [name, VALUE] pairs; `what` names VALUE in the error."""
+    pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"expected name={what} pairs separated by commas")
+    return pairs
+
+
 def from_env_text(text: str, kind: str, default: object, secret: bool = False) -> object:
     """Turn an environment string into the type of the key it overrides. A `secret`
     table's values (`SMS_BRIDGE_SMTP_USERS=ups=PASSWORD`) are kept as written, spaces
     and all, for the loader to refuse: trimmed, the password in force was not the one
     given, and no one said so."""
     if kind == "table":  # name=value,name2=value2
-        pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
-        if any(len(p) != 2 for p in pairs):
-            raise ValueError("expected name=value pairs separated by commas")
-        return {k.strip(): v if secret else v.strip() for k, v in pairs}
+        return {k.strip(): v if secret else v.strip() for k, v in _pairs(text, "value")}
     if kind in ("rules", "lists"):  # a TOML array of inline tables, or an inline table
         return _toml_value(text)
     if kind == "counts":  # name=N,name2=M
-        pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
-        if any(len(p) != 2 for p in pairs):
-            raise ValueError("expected name=number pairs separated by commas")
+        pairs = _pairs(text, "number")
         try:
             return {k.strip(): int(v) for k, v in pairs}
         except ValueError:
