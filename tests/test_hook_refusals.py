@@ -190,3 +190,24 @@ async def test_refused_calls_are_logged_once_a_minute_per_client_and_route(
         "route lan: 403 for 127.0.0.1: client 127.0.0.1 is not allowed on this route (answered 401)"
     )
     assert lines[2].endswith("(49 more like it in the last 60s not logged)")
+
+
+async def test_an_unknown_name_the_answer_hides_is_in_the_log(
+    config, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 401 says "the bridge's log says which": a sender pointed at a mistyped route
+    name must find it there. Every unknown name is one line a minute per client (a scan
+    fills no disk), the name escaped (a caller chose it)."""
+    caplog.set_level("WARNING", logger="bridge.ingress.http.hooks")
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        assert (await http.post(f"{url}/hooks/kumaa", json={})).status_code == 401
+        for n in range(20):
+            await http.post(f"{url}/hooks/scan{n}%1b%5b2J", json={})
+        clock.advance(61)
+        await http.post(f"{url}/hooks/evil%1b%5b2J", json={})
+    lines = [m for m in caplog.messages if m.startswith("hook: ")]
+    assert lines[0] == "hook: 404 for 127.0.0.1: no route named 'kumaa' (answered 401)"
+    assert len(lines) == 2, lines
+    assert lines[1].startswith("hook: 404 for 127.0.0.1: no route named 'evil\\x1b[2J'")
+    assert lines[1].endswith("(20 more like it in the last 60s not logged)")
+    assert not any("\x1b" in m for m in caplog.messages)

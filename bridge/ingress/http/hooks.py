@@ -377,13 +377,25 @@ def _refused(
     a caller that may see the route map, else NOT_AUTHORIZED whatever the reason. Logged
     for a configured route at most once a minute per client and route (QuietLog): no
     lockout stops a caller that presents no credential, and a line for each of its calls
-    let anyone fill the log's disk."""
+    let anyone fill the log's disk. An unknown name the caller was not told of is logged
+    too, at most once a minute per client for all such names."""
     status = 401 if isinstance(exc, Unauthorized) else exc.status
     why = str(exc) if isinstance(exc, Unauthorized) else exc.message
     request.scope[REFUSAL] = why
     shown = shows_routes(request, config)
+    host = request.client.host if request.client else ""
+    if route is None and not shown:
+        # NOT_AUTHORIZED sends the caller to the log: a sender pointed at a mistyped name
+        # must find it there. One key for every unknown name (a scan is one line a
+        # minute); the name as repr, so a control character in it is never written raw.
+        quiet.warning(
+            "hook:?",
+            host,
+            "hook: 404 for %s: %s (answered 401)",
+            client_name(host) if host else "?",
+            why,
+        )
     if route is not None:
-        host = request.client.host if request.client else ""
         quiet.warning(
             f"hook:{route.name}",
             host,
