@@ -30,7 +30,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.config import SECTIONS, Config, RouteConfig, TokenConfig, load_config
 from bridge.config.sections import MailRule
-from tests.helpers import running_bridge, write_config
+from tests.helpers import pump, running_bridge, write_config
 from tests.processes import clean_env, free_port, process, run_command, wait_for
 from tests.test_hooks import HOOKS
 
@@ -1274,3 +1274,33 @@ async def test_the_prometheus_recipes_token_reads_metrics_and_nothing_else(
         assert "sms_bridge_provider_ready" in metrics.text  # what the recipe alerts on
         assert (await http.get(f"{url}/metrics")).status_code == 401
         assert (await http.get(f"{url}/api/v1/messages", headers=bearer)).status_code == 403
+
+
+async def test_every_metric_the_docs_name_is_served(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """An alert written from the docs (`increase(sms_bridge_budget_cap_mismatch_total[1h])`
+    and the like) must name a series `/metrics` has: a renamed metric left in a doc is an
+    alert that never fires. Every series is there from the start, at 0."""
+    named: set[str] = set()
+    for doc in [README, ROOT / "config.example.toml", *(ROOT / "docs").glob("*.md")]:
+        named |= set(re.findall(r"\bsms_bridge_[a-z0-9_]*[a-z0-9]", doc.read_text("utf-8")))
+    assert "sms_bridge_budget_cap_mismatch_total" in named  # the docs are read
+    body = (
+        f'[store]\npath = "{tmp_path / "bridge.db"}"\n'
+        f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
+    )
+    config = load_config(write_config(tmp_path, body), env={})
+
+    def unserved(metrics: str) -> list[str]:
+        served = set(re.findall(r"^(sms_bridge_\w+)(?:\{| )", metrics, re.MULTILINE))
+        # A histogram is named by its family (`_seconds`), served as `_bucket`, `_sum`...
+        families = set(re.findall(r"^# TYPE (sms_bridge_\w+) ", metrics, re.MULTILINE))
+        return sorted(named - served - families)
+
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        # The balance is served once the provider told it: in a send's answer.
+        text = {"to": "+12025550143", "message": "disk full on db-2"}
+        assert (await http.post(f"{url}/api/v1/messages", json=text)).status_code == 202
+        await pump(bridge, clock, until=lambda: bridge.dispatcher.balance is not None)
+        assert unserved((await http.get(f"{url}/metrics")).text) == []
