@@ -38,6 +38,8 @@ def test_keep_drop_first_line_and_max_lines() -> None:
         MailRule(sender=("*",), first_line_matching="^info:", keep=("^State",)), mail()
     )
     assert first.body == "Info: 97% used\nState: CRITICAL"  # found even where keep left it out
+    led = apply_rule(MailRule(sender=("*",), first_line_matching="^serv", drop=("^serv",)), mail())
+    assert led.body.split("\n")[:2] == ["Service: Disk /var", "Notification Type: PROBLEM"]
     cut = apply_rule(MailRule(sender=("*",), drop=("^Notif",), max_lines=2), mail())
     assert cut.body == "Service: Disk /var\nHost: db-2"
     nothing = apply_rule(MailRule(sender=("*",), keep=("no such line",)), mail())
