@@ -7,6 +7,7 @@ callgrind: the SMTP figure of issue #16 that does not move with the machine's lo
         [--mails 2000] [--connections 16] [--bare]
     python bench/smtp_instr.py --report /tmp/cg/NAME MAILS
     PYTHONPATH=SOURCE_TREE python bench/smtp_instr.py --profile [--mails 20000]
+    PYTHONPATH=SOURCE_TREE python bench/smtp_instr.py --counts [--mails 6000] [--bare]
 
 The server runs in this process as `sms-bridge serve` runs it (`Bridge.run` with its
 dispatcher, poller and work watch; `gc.freeze` after start-up; its provider the sandbox in
@@ -18,9 +19,11 @@ mails (every mail its own recipient of 10,000 in turn, Message-ID and text). Aft
 warm-up of 2,000 mails `os.getppid()` marks the start and the end of the measured mails:
 callgrind's `--dump-before=getppid` writes what the calling thread, the event loop's,
 executed up to each mark as a dump of its own, and the second (`NAME.2-01`) is the
-measured mails. The store's writer and the parse threads are in dumps of their own
-(`--report` prints every thread's). `--profile`: no valgrind, cProfile of the loop over
-the measured mails.
+measured mails. The store's writer thread is not in it (callgrind dumps only the thread
+that calls the mark; its file at the end, `NAME-0N`, holds its whole life). `--profile`:
+no valgrind, cProfile of the loop over the measured mails. `--counts`: no valgrind, each
+thread's CPU and context switches a mail over the measured mails (the CPU moves with the
+machine's load; the switches much less).
 """
 
 from __future__ import annotations
@@ -114,6 +117,18 @@ async def drive(port: int, args: argparse.Namespace) -> None:
     await mark(args)  # and ends
     assert line == b"done\n", line
     assert await child.wait() == 0
+    if args.counts:
+        before, after = COUNTS
+        tick = 1e6 / os.sysconf("SC_CLK_TCK") / args.mails
+        print("thread: user us, system us, voluntary, involuntary switches a mail")
+        for name, end in sorted(after.items()):
+            start = before.get(name, [0, 0, 0, 0])
+            user, system, vol, invol = (b - a for a, b in zip(start, end, strict=True))
+            if user or system or vol:
+                print(
+                    f"{name:>24}: {user * tick:7.1f} {system * tick:7.1f}"
+                    f" {vol / args.mails:6.2f} {invol / args.mails:6.2f}"
+                )
     if profile is not None:
         stats = pstats.Stats(profile).sort_stats(args.sort)
         stats.print_stats(args.lines)
@@ -123,18 +138,36 @@ async def drive(port: int, args: argparse.Namespace) -> None:
             stats.print_callers(args.callers)
 
 
+def thread_counts() -> dict[str, list[int]]:
+    """Per thread of this process: CPU ticks in user and system mode, and voluntary and
+    involuntary context switches (from /proc: the switches move little with load)."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name = (task / "comm").read_text().strip()
+            status = dict(
+                line.split(":\t", 1) for line in (task / "status").read_text().splitlines()
+            )
+            out[f"{name}/{task.name}"] = [
+                int(stat[11]),
+                int(stat[12]),
+                int(status["voluntary_ctxt_switches"]),
+                int(status["nonvoluntary_ctxt_switches"]),
+            ]
+    return out
+
+
+COUNTS: list[dict[str, list[int]]] = []
+
+
 async def mark(args: argparse.Namespace) -> None:
-    """A callgrind dump: of the event loop's thread alone (`os.getppid()`, which callgrind's
-    `--dump-before=getppid` dumps before), or with `--all-threads` of every thread
-    (`callgrind_control --dump`, run while this loop goes on: valgrind takes the request
-    at its next look, which a blocked loop would never give it)."""
-    if not args.all_threads:
-        os.getppid()
-        return
-    control = await asyncio.create_subprocess_exec(
-        "callgrind_control", "--dump", str(os.getpid()), stdout=asyncio.subprocess.DEVNULL
-    )
-    assert await control.wait() == 0
+    """A callgrind dump of the event loop's thread (`--dump-before=getppid` dumps before
+    `os.getppid()`). Not of the other threads: `callgrind_control --dump` at these marks
+    was taken by valgrind late, at its next look, and the dumps missed most of the mails."""
+    if args.counts:
+        COUNTS.append(thread_counts())
+    os.getppid()
 
 
 def listener() -> tuple[socket.socket, int]:
@@ -186,8 +219,7 @@ async def serve_bridge(args: argparse.Namespace, env: dict[str, str], tmp: Path)
 
 
 def report(base: str, mails: int) -> None:
-    """Instructions per mail in the measured dump (the second) of each thread."""
-    whole = 0
+    """Instructions per mail in the measured dump (the second) of the loop's thread."""
     for path in sorted(Path(base).parent.glob(Path(base).name + ".2-*")):
         text = path.read_text()
         total = re.search(r"^summary: (\d+)", text, re.M) or re.search(
@@ -195,8 +227,6 @@ def report(base: str, mails: int) -> None:
         )
         assert total is not None
         print(f"{path.name}: {int(total.group(1)) / mails:12,.0f} instructions a mail")
-        whole += int(total.group(1))
-    print(f"all threads: {whole / mails:12,.0f} instructions a mail")
 
 
 def main() -> None:
@@ -206,9 +236,7 @@ def main() -> None:
     parser.add_argument("--bare", action="store_true")
     parser.add_argument("--memo", action="store_true", help="--bare on the bridge's SMTP class")
     parser.add_argument(
-        "--all-threads",
-        action="store_true",
-        help="every thread's instructions (run valgrind without --dump-before)",
+        "--counts", action="store_true", help="per thread: CPU and context switches a mail"
     )
     parser.add_argument("--profile", action="store_true", help="cProfile, no valgrind")
     parser.add_argument("--sort", default="tottime", help="--profile: pstats order")
