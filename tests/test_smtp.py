@@ -299,6 +299,34 @@ async def test_a_recipient_a_reload_removed_after_rcpt_does_not_bounce_the_other
     assert [e.to for e in sandbox_state.entries] == ["+12025550143"]
 
 
+async def test_a_recipient_is_read_once_a_mail_when_no_reload_comes_between(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url, monkeypatch
+) -> None:
+    """DATA takes the numbers RCPT read (a new number's read is ~45 us of phonenumbers,
+    on the event loop); after a reload it reads them again (the test above)."""
+    rcpts = ["oncall@sms.localhost", DEFAULT_RCPT]
+    mail = "Subject: UPS on battery\r\n\r\nruntime 12 min\r\n"
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        handler = bridge.smtp_handler
+        read: list[str] = []
+        resolve = handler.resolve
+
+        def counted(address: str) -> list[str]:
+            read.append(address)
+            return resolve(address)
+
+        monkeypatch.setattr(handler, "resolve", counted)
+        refused = await asyncio.to_thread(send, port, "ups@example.org", rcpts, mail)
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    assert refused == {}
+    assert read == rcpts
+    assert sorted(e.to for e in sandbox_state.entries) == [
+        "+12025550101",
+        "+12025550102",
+        "+12025550143",
+    ]
+
+
 async def test_too_many_recipients(tmp_path, clock, sandbox_url) -> None:
     config = bridge_config(tmp_path, sandbox_url, with_smtp("max_recipients = 2"))
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
