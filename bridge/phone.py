@@ -2,14 +2,14 @@
 
 A number that is not *possible* (wrong length, no country code and no default region) is
 refused with a reason. A possible number the metadata does not know as assigned is let
-through unless `require_valid` when it is written with its country code, because metadata
-lags new ranges and refusing an on-call phone loses alerts; callers log a warning for it.
-Not so digits without a + (or 00): read as international only for want of a default
-region, the reading is a guess, and an unassigned guess is far likelier a national number
-missing its country code than a new range; read as national in the default region, a
-number of no valid range there (5550143 in the US: "possible" to the library as a local
-number, dialled without its area code) is a typo or a number cut short. Both are refused,
-saying to write the number with + and its country code.
+through unless `require_valid`, because metadata lags new ranges and refusing an on-call
+phone loses alerts (the contract says so); callers log a warning for it. Not so digits
+written without a + (or 00) and read as international only for want of a default region:
+that reading is a guess, and an unassigned guess is far likelier a national number
+missing its country code than a new range. Nor a number the library calls possible only
+as a local number (5550143 in the US, dialled without its area code from a landline of
+the same area): no phone is reached by it as an SMS, so it is refused, saying to write
+the area code.
 
 The library reads its metadata's patterns with `re` at every call, and the dependency is
 not pinned: a release with a pattern `re` cannot compile (a construct of Java's regexes,
@@ -287,21 +287,10 @@ def _first_possible(text: str, compact: str, default_region: str | None) -> tupl
             known = _facts.get(e164) or _learn(e164, number)
             if known.assigned:
                 return e164, known
-            if written_international:
-                # As written, with its country code: metadata lags new ranges, so a
-                # possible number goes out.
+            if region is not None or written_international:
+                # As written (with its country code, or national in the configured
+                # region): metadata lags new ranges, so a possible number goes out.
                 unassigned = unassigned or (e164, known)
-            elif region is not None:
-                # National digits read in the configured region, of no number there
-                # (5550143 read as +15550143): a typo or a number missing a digit far
-                # likelier than a range newer than the metadata. Who means a new range
-                # writes it with its country code, and it goes out as above.
-                if digits == candidates[0][0]:
-                    first_reason = (
-                        f"read in {region} it is {e164}, which is no valid number there:"
-                        f" check it, or write it with + and its country code"
-                    )
-                continue
             elif unassigned is None:
                 # Digits without + read as a country code only by guess: 2025550143 (a
                 # US number without its 1) is +20, Egypt, in no assigned range. Texting

@@ -68,9 +68,13 @@ _CONTROL_TABLE = {
 
 # A terminal's escape sequence (ECMA-48: CSI, as in a CI log's colours, or a two-character
 # one), taken out whole: without its ESC, "[31m" was left in the text. The 8-bit CSI
-# (U+009B, C1) likewise: it alone was taken out, and "\x9b2J" left "2J".
+# (U+009B, C1) likewise: it alone was taken out, and "\x9b2J" left "2J". But only with
+# its parameters: U+009B is also what a cp1252 mail's closing guillemet (byte 0x9B)
+# becomes when its charset is mislabelled ISO-8859-15 or -2, and taken with the letter
+# after it, "\x9bdaily\x8b" lost its "d"; a sequence without parameters (CSI d) is rare
+# past a terminal.
 _CSI_REST = r"[0-?]*[ -/]*[@-~]"  # parameters, intermediates, final
-ESCAPE_SEQUENCE = rf"\x1b(?:\[{_CSI_REST}|[@-Z\\-_])|\x9b{_CSI_REST}"
+ESCAPE_SEQUENCE = rf"\x1b(?:\[{_CSI_REST}|[@-Z\\-_])|\x9b[0-?]{_CSI_REST}"
 _ESCAPE_SEQUENCE = re.compile(ESCAPE_SEQUENCE)
 # Blank: a whole escape sequence too, as `without_controls` takes it out (a text that
 # opened with "ESC [31m" was trimmed of its ESC alone, and "[31m" went to the phone; one

@@ -1094,8 +1094,11 @@ async def test_an_8bit_csi_and_bidi_overrides_are_taken_out(
     csi = "\x9b2J\x9b1;31mDisk full\x9b0m on db-1\x9b?25l"
     bidi = "ok: \u202enwod 1-bd\u202c \u2067ok\u2069 \u202a\u202b\u202d\u2066\u2068!"
     rtl = "\u05e9\u05dc\u05d5\u05dd\u200f db-1"  # Hebrew with its RLM: kept as is
+    # cp1252's guillemets around "daily" read as ISO-8859-15: a lone U+009B before a
+    # letter is no sequence, and the letter stays
+    quoted = "Sicherung \x9bdaily\x8b fehlgeschlagen"
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
-        for text in (csi, bidi, rtl):
+        for text in (csi, bidi, rtl, quoted):
             hook = await http.post(f"{url}/hooks/plain", json={"message": text})
             assert hook.status_code == 202, hook.text
             api = {"to": "+12025550145", "message": text}
@@ -1110,7 +1113,7 @@ async def test_an_8bit_csi_and_bidi_overrides_are_taken_out(
                 await http.post(f"{url}/hooks/plain", json={"message": blank})
             ).status_code == 400
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
-    cleaned = ["Disk full on db-1", "ok: nwod 1-bd ok !", rtl]
+    cleaned = ["Disk full on db-1", "ok: nwod 1-bd ok !", rtl, "Sicherung daily fehlgeschlagen"]
     assert sorted((e.to, e.message, e.message_type) for e in sandbox_state.entries) == sorted(
         [
             *(

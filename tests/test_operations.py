@@ -734,3 +734,16 @@ async def test_a_stop_during_a_step_finishes_the_request_under_way_only(
         counts = await bridge.store.counts()
         assert counts.get("queued", 0) == 2, counts
         assert len([r for r in sandbox_state.requests if r.path.endswith("/send")]) == 1
+
+    # The next start sends the two left queued, and the first not again: each alert
+    # reached the phone once (a stop that left them claimed, or claimed and unsent,
+    # held them until a lease or /logs told, or sent one twice).
+    async with running_bridge(config, clock) as (bridge, url):
+
+        async def settled() -> bool:
+            counts = await bridge.store.counts()
+            return not counts.get("queued", 0) and not counts.get("sending", 0)
+
+        await pump(bridge, clock, settled, max_seconds=600)
+    sent = sorted(e.message for e in sandbox_state.entries)
+    assert sent == ["backup failed", "disk full", "ups on battery"], sent

@@ -415,7 +415,13 @@ def clean_body(text: str, *, forward: bool = False) -> str:
         if not line:
             continue
         if _SPECIAL.match(line):  # one look for most lines; the rest only where it may be
-            if _MOBILE_FOOTER.fullmatch(line) or _RULE.fullmatch(line):
+            if _MOBILE_FOOTER.fullmatch(line):
+                continue
+            # A rule is left out, but one of underscores may be Outlook's separator (a
+            # From line under it says so): dropped first, the quote after it was texted
+            # wherever the Sent line is in a language `_OUTLOOK_SENT` does not know.
+            rule = _RULE.fullmatch(line)
+            if rule and line[0] != "_":
                 continue
             if _QUOTED_FORWARD_INTRO.fullmatch(line):
                 forward_head = unquote = True
@@ -428,6 +434,8 @@ def clean_body(text: str, *, forward: bool = False) -> str:
                 if not forward and not forwarded:
                     break  # a reply's quote of the mail it answers
                 forward_head = True
+                continue
+            if rule:
                 continue
         if forward_head:
             if _FORWARD_HEADER.match(line) or _OUTLOOK_ONE_LINE.fullmatch(line):

@@ -107,6 +107,16 @@ def unreadable(address: str, exc: Unavailable, session: Session) -> str:
     return f"451 4.3.0 <{address}>: cannot read this number now; try again later"
 
 
+class BridgeEnvelope(Envelope):
+    """aiosmtpd's envelope, with the numbers each accepted recipient read as at RCPT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # address -> (the handler's `generation` at RCPT, its numbers): DATA reads them
+        # again only if a reload came between (a new number's read is ~45 us of phonenumbers)
+        self.numbers: dict[str, tuple[int, list[str]]] = {}
+
+
 class BridgeSMTP(LimitedSMTP):
     """aiosmtpd's SMTP session, with MAIL FROM and RCPT TO address parsing memoised.
 
@@ -120,6 +130,9 @@ class BridgeSMTP(LimitedSMTP):
     """
 
     _addresses: ClassVar[dict[tuple[str, int], tuple[str | None, str | None]]] = {}
+
+    def _create_envelope(self) -> Envelope:
+        return BridgeEnvelope()
 
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
         # RFC 4954's `AUTH=<mailbox>` MAIL parameter, which Exim and sendmail add once
@@ -177,6 +190,7 @@ class SmtpHandler:
         # aiosmtpd offers each as an AUTH mechanism ("AUTH LOGIN PLAIN throttle"), and
         # `AUTH throttle` called this object, a 451 and a traceback for every try.
         self.failed_logins = FailureThrottle(ingestor.clock)
+        self.generation = 0  # one more at each reload: what RCPT read is stale after one
         self.reload(smtp=smtp, recipients=recipients)
 
     def close(self) -> None:
@@ -196,6 +210,7 @@ class SmtpHandler:
             smtp = dataclasses.replace(smtp, tls_cert=self.smtp.tls_cert, tls_key=self.smtp.tls_key)
         self.smtp = smtp
         self.recipients = recipients
+        self.generation += 1
         self.authenticator = Authenticator(dict(smtp.users), self.failed_logins)
         self.domains = {d.lower() for d in smtp.domains}
         self.user_recipients = {
@@ -331,6 +346,8 @@ class SmtpHandler:
             return unreadable(address, exc, session)
         if why := self.not_allowed(smtp_login(session), numbers):
             return f"550 5.7.1 <{address}>: {why}"
+        if isinstance(envelope, BridgeEnvelope):
+            envelope.numbers[address] = (self.generation, numbers)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
@@ -461,9 +478,17 @@ class SmtpHandler:
             return mail
         recipients: dict[str, None] = {}
         login = smtp_login(session)
+        read = envelope.numbers if isinstance(envelope, BridgeEnvelope) else {}
         for address in envelope.rcpt_tos:
             try:
-                numbers = self.resolve(address)
+                # As RCPT read it, unless a reload came since (then as the new config
+                # reads it: a recipient it refuses is a 451 below). Who may text it is
+                # asked again all the same: it is a dict lookup.
+                known = read.get(address)
+                if known is not None and known[0] == self.generation:
+                    numbers = known[1]
+                else:
+                    numbers = self.resolve(address)
                 if why := self.not_allowed(login, numbers):
                     raise InputError("recipient", why)
                 recipients.update(dict.fromkeys(numbers))
