@@ -125,24 +125,26 @@ async def test_a_message_sent_today_is_kept_however_old_its_queueing(
         assert await store.used_since(clock.now() - 3600, "budget") == sent_today
 
 
-async def test_a_purge_of_every_message_never_lets_an_id_be_given_again(
-    tmp_path, clock: ManualClock, sandbox_url: str
+async def test_a_purge_of_the_newest_messages_never_lets_their_ids_be_given_again(
+    tmp_path, clock: ManualClock, sandbox_url: str, backend: str
 ) -> None:
-    """SQLite numbers a message max(id) + 1: a retention that purged every message (a
-    quiet bridge) gave the next one id 1 again, and `GET /api/v1/messages/1` answered a
-    caller given id 1 earlier with another message. The newest row is kept for it."""
+    """SQLite numbered a message max(id) + 1: when retention purged the newest messages
+    (every one, on a quiet bridge), the next ones got their ids again, and
+    `GET /api/v1/messages/ID` answered a caller given that id earlier with another text.
+    Ids now continue after the highest ever given, on both stores, and retention purges
+    the newest message too (SQLite kept it for its id, past its retention)."""
     config = kept_for(bridge_config(tmp_path, sandbox_url), DAY)
-    store = CountingStore(config.store.path)
-    async with running_bridge(config, clock, store) as (bridge, url):
-        given = await seed(store, [DONE, DONE, DONE], clock.now() - 2 * DAY)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        given = await seed(bridge.store, [DONE, DONE, DONE], clock.now() - 2 * DAY)
         await one_hourly_step(bridge, clock)
-        async with httpx.AsyncClient() as http:
-            answer = await http.post(
-                f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "new"}
-            )
-            [new] = answer.json()["ids"]
-            assert new > max(given)
-            assert (await http.get(f"{url}/api/v1/messages/{given[0]}")).status_code == 404
+        for old in given:
+            assert (await http.get(f"{url}/api/v1/messages/{old}")).status_code == 404
+        answer = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "new"}
+        )
+        [new] = answer.json()["ids"]
+        assert new > max(given)
+        assert (await http.get(f"{url}/api/v1/messages/{max(given)}")).status_code == 404
 
 
 async def test_a_text_scheduled_past_the_retention_is_kept_until_its_time(
@@ -164,8 +166,6 @@ async def test_a_text_scheduled_past_the_retention_is_kept_until_its_time(
         }
         [reminder] = (await http.post(f"{url}/api/v1/messages", json=body)).json()["ids"]
         await pump_until_state(bridge, clock, reminder, State.SENT, max_seconds=60)
-        # A later message: SQLite keeps the newest row whatever its age.
-        await http.post(f"{url}/api/v1/messages", json={"to": "+12025550144", "message": "x"})
         clock.advance(3 * DAY)
         await one_hourly_step(bridge, clock)
         kept = await http.get(f"{url}/api/v1/messages/{reminder}")

@@ -418,3 +418,38 @@ def test_replacing_from_a_store_older_than_billed_prices_leaves_no_prices_behind
     assert replaced.returncode == 0, replaced.stderr
     assert run_async(lambda: _pg_rows(postgres_url, count)) == [(0,)]
     assert run_async(lambda: _pg_count(postgres_url, "messages")) == 1
+
+
+def test_ids_continue_after_the_highest_the_source_gave_not_its_newest_row(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Retention purged the source's newest messages: the target's sequence moved past
+    the highest id copied only, and its first messages got the purged ones' ids again (an
+    id a caller held, answered with another text). It continues after the highest the
+    source ever gave (SQLite's message_ids)."""
+    db = tmp_path / "bridge.db"
+
+    async def purged() -> list[int]:
+        store = SqliteStore(db)
+        await store.open()
+        try:
+            ids = await seed(store, [_message(n, State.SUPPRESSED) for n in range(3)], 1.0)
+            assert await store.purge(2.0) == 3
+            return ids
+        finally:
+            await store.close()
+
+    async def next_on_target() -> list[int]:
+        store = PostgresStore(postgres_url)
+        await store.open()
+        try:
+            return await seed(store, [_message(9)], time.time())
+        finally:
+            await store.close()
+
+    given = asyncio.run(purged())
+    copied = _copy(tmp_path, db, postgres_url)
+    assert copied.returncode == 0, copied.stderr
+    assert f"message ids up to {max(given)};" in copied.stdout
+    [new] = run_async(next_on_target)
+    assert new > max(given)

@@ -216,6 +216,8 @@ class RetryMeanwhile:
     """Policy, but another process re-queues a failed message (as `sms-bridge retry`
     does, on its own connection) just after the first lookups were read."""
 
+    meanwhile = "UPDATE messages SET state = 'queued' WHERE id = ?"
+
     def __init__(self, rules: Rules, path: str, message_id: int) -> None:
         self.rules, self.path, self.message_id, self.decided = rules, path, message_id, 0
 
@@ -228,7 +230,7 @@ class RetryMeanwhile:
         self.decided += 1
         if self.decided == 1:
             other = sqlite3.connect(self.path, isolation_level=None)
-            other.execute("UPDATE messages SET state = 'queued' WHERE id = ?", (self.message_id,))
+            other.execute(self.meanwhile, (self.message_id,))
             other.close()
         return self.rules.decide(lookups, pending, ids)
 
@@ -253,6 +255,42 @@ async def test_a_commit_of_another_process_between_lookups_and_insert_is_decided
         lambda c: c.execute("SELECT id, state FROM messages ORDER BY id").fetchall()
     )
     assert [tuple(r) for r in rows] == [(original, "queued"), (stored.id, "suppressed")]
+
+
+class PurgeMeanwhile(RetryMeanwhile):
+    """Another process deletes the newest message (as an operator's `sms-bridge purge`
+    may) just after the first lookups were read."""
+
+    meanwhile = "DELETE FROM messages WHERE id = ?"
+
+
+async def test_a_purge_of_the_newest_between_lookups_and_insert_gives_no_id_again(
+    sqlite: FaultySqliteStore, tmp_path
+) -> None:
+    """Ids were max(id) + 1: the newest message deleted between the two trips, the group
+    decided again in its transaction took the deleted one's id (a caller holds it). Ids
+    continue after the highest ever given, there too; and a store of the previous schema
+    (0015) continues after its newest message."""
+    [newest] = await seed(sqlite, [MESSAGE], 1.0)
+    decider = PurgeMeanwhile(Rules(dedupe_window=600.0), sqlite.path, newest)
+    [stored] = await sqlite.ingest([(MESSAGE._replace(text="after"), 2.0)], decider)
+    assert decider.decided == 2  # the other process's commit was seen
+    assert stored.id == newest + 1
+    assert await sqlite.get(newest) is None
+
+    path = tmp_path / "old.db"
+    db = Database(sqlite3.connect(path))
+    migrations.apply(db, stop_before="0016_message_ids")
+    db.execute(PREVIOUS_ROWS)  # ids 1 to 3
+    db.conn.commit()
+    db.conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert [m.id for m in await store.query(limit=10)] == [3, 2, 1]
+        assert await seed(store, [MESSAGE], 7000.0) == [4]
+    finally:
+        await store.close()
 
 
 async def test_a_group_of_ingests_alone_commits_without_a_transaction(

@@ -3,7 +3,8 @@
 One transaction: the target holds every row or none. Rows go in with COPY, ids as
 they were (COPY writes identity columns as given), and each identity sequence is then
 moved past the highest id, so that the first message a `serve` ingests afterwards gets
-a new number, not one the copy used. The insert trigger logs an event for every message
+a new number, not one the copy used; the messages' sequence past the highest id the
+source ever gave, too (retention may have purged its newest: a caller holds that id). The insert trigger logs an event for every message
 COPY writes; those are deleted and the source's own history loaded in their place (the
 target's events were empty, or emptied by `replace`), so `/api/v1/messages/{id}` shows
 the same events, with the same times, as before.
@@ -43,6 +44,12 @@ ADVANCE = (
     "SELECT setval(pg_get_serial_sequence($1, 'id'), m, true)"
     " FROM (SELECT max(id) AS m FROM {table}) AS top WHERE m IS NOT NULL"
 )
+# The source's highest message id ever given (SQLite's message_ids), when above every
+# copied one: ids its callers hold for messages since purged are not given again.
+CARRY_IDS = (
+    "SELECT setval(pg_get_serial_sequence('messages', 'id'), $1::bigint, true)"
+    " WHERE $1::bigint > (SELECT coalesce(max(id), 0) FROM messages)"
+)
 
 
 class Rows(Protocol):
@@ -59,7 +66,7 @@ class Rows(Protocol):
 @dataclass(frozen=True, slots=True)
 class Loaded:
     counts: dict[str, int]  # rows per table
-    top_id: int  # the highest message id; the next ingest gets a higher one
+    top_id: int  # the highest message id given; the next ingest gets a higher one
 
 
 class TargetNotEmpty(StoreUnavailable):
@@ -144,9 +151,14 @@ async def _load(db: Database, tables: Sequence[Rows], replace: bool) -> Loaded:
         await conn.execute("DELETE FROM billed_prices")
         counts = {}
         brings_totals = any(table.name == "message_totals" for table in tables)
+        given = 0
         for table in tables:
             if table.name == "rate_pause":
                 counts[table.name] = await _pause(conn, table)
+                continue
+            if table.name == "message_ids":  # one row: (1, last)
+                last = table.columns.index("last")
+                given = max([given, *(int(row[last]) for row in table.rows)])
                 continue
             if table.name == "message_totals":  # after messages: what the trigger
                 await conn.execute("DELETE FROM message_totals")  # counted of the copy goes
@@ -159,5 +171,6 @@ async def _load(db: Database, tables: Sequence[Rows], replace: bool) -> Loaded:
         await conn.execute(RECOUNT_STORED if brings_totals else REBUILD_TOTALS)
         for name in DATA_TABLES:
             await conn.execute(ADVANCE.format(table=name), name)
+        await conn.execute(CARRY_IDS, given)
         top = await conn.fetchval("SELECT coalesce(max(id), 0) FROM messages")
-    return Loaded(counts, int(top))
+    return Loaded(counts, max(int(top), given))

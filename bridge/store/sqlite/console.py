@@ -325,10 +325,8 @@ class ConsoleQueries(EngineBound):
                 " AND (+state != 'sent' OR schedule_time IS NULL"
                 " OR schedule_time < strftime('%Y-%m-%d %H:%M:%S', ?, 'unixepoch'))"
             )
-            # The newest message stays, however old: ids are max(id) + 1, and a purge of
-            # every row gave the next message id 1 again (an id a caller holds, answered
-            # with another message). PostgreSQL's sequence never goes back.
-            where += " AND +id < (SELECT max(id) FROM messages)"  # "+": by created_at still
+            # The newest goes too: ids continue after the highest ever given
+            # (schema.NEXT_ID), as PostgreSQL's sequence does, not after max(id).
             db.execute(
                 f"DELETE FROM events WHERE message_id IN (SELECT id FROM messages {where})",
                 (before, before, before),

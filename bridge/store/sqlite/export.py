@@ -26,6 +26,8 @@ CHUNK = 5000  # rows per fetch: a million-row store never sits in memory at once
 # the pause the provider asked for (0006: a 429's Retry-After, a refused key), which a
 # restart honours: the cluster must not call the provider the moment it starts. And the
 # prices the provider's bills taught (0014), which price the cost cap without a list.
+# And the highest message id ever given (0016): the target's ids continue after it, not
+# after the newest row copied (retention may have purged the newest).
 TABLES = (
     "messages",
     "events",
@@ -33,6 +35,7 @@ TABLES = (
     "message_totals",
     "rate_pause",
     "billed_prices",
+    "message_ids",
 )
 STORE_TABLES = TABLES[:3]  # what makes a file an sms-bridge store (0009 adds the totals)
 IN_USE = (

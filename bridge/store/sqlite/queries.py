@@ -25,7 +25,13 @@ from bridge.store.api import (
     StormState,
 )
 from bridge.store.rows import row
-from bridge.store.sqlite.schema import INSERT_COLUMNS, JSON_IDS, ROW_MARKS, ROWS_PER_INSERT
+from bridge.store.sqlite.schema import (
+    INSERT_COLUMNS,
+    JSON_IDS,
+    NEXT_ID,
+    ROW_MARKS,
+    ROWS_PER_INSERT,
+)
 
 # The columns of each kind of question (`_values` adds its index to each row).
 ORIGINAL_COLUMNS = ("key", "recipient", "since")
@@ -39,7 +45,7 @@ QUESTIONS_PER_STATEMENT = 999 // (len(ORIGINAL_COLUMNS) + len(STORM_COLUMNS) + 2
 # -- ingest -------------------------------------------------------------------------
 def next_message_id(db: Database) -> int:
     """The id the next inserted message gets (inside a writer job: no other writer)."""
-    return int(db.execute("SELECT coalesce(max(id), 0) + 1 FROM messages").fetchone()[0])
+    return int(db.execute(f"SELECT {NEXT_ID}").fetchone()[0])
 
 
 def insert_messages(
@@ -140,8 +146,7 @@ def _lookups(db: Database, questions: IngestQuestions, version: str) -> tuple[in
         o_table, o_args = _values("o", ORIGINAL_COLUMNS, chunk_o)
         s_table, s_args = _values("s", STORM_COLUMNS, chunk_s)
         next_id, found_o, found_s, data_version = db.execute(
-            f"WITH {o_table}, {s_table} SELECT (SELECT coalesce(max(id), 0) + 1 FROM messages),"
-            f" ({_ORIGINALS}), ({_STORMS}), {version}",
+            f"WITH {o_table}, {s_table} SELECT {NEXT_ID}, ({_ORIGINALS}), ({_STORMS}), {version}",
             o_args + s_args,
         ).fetchone()
         first_id = first_id or int(next_id)

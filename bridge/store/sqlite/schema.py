@@ -288,6 +288,34 @@ def _resent(db: Database) -> None:
     db.execute("CREATE INDEX messages_resent ON messages(claimed_at) WHERE unknown_resends > 0")
 
 
+# The highest message id ever given, kept as AUTOINCREMENT's sqlite_sequence would be
+# (messages cannot be rebuilt with it: a table rewrite of every row). Ids were
+# max(id) + 1: a message deleted from the top (retention, an operator's DELETE) had its
+# id given again, and an id a caller held (a 202's, an alert's "message 42", a console
+# link) later showed another text. Raised by the insert itself (a trigger, in the same
+# statement: the two-trip ingest's guarded INSERT stays one statement); the next id is
+# one past the higher of this and max(id), so a load with the triggers off
+# (bench/big_store.py) cannot make it give an id twice either.
+NEXT_ID = (
+    "(SELECT max(coalesce((SELECT max(id) FROM messages), 0),"
+    " coalesce((SELECT last FROM message_ids), 0)) + 1)"
+)
+SYNC_IDS = "UPDATE message_ids SET last = max(last, (SELECT coalesce(max(id), 0) FROM messages))"
+
+
+@migrations(name="0016_message_ids")
+def _message_ids(db: Database) -> None:
+    db.execute(
+        "CREATE TABLE message_ids (id INTEGER PRIMARY KEY CHECK (id = 1), last INTEGER NOT NULL)"
+    )
+    # An existing store keeps its ids and continues after its newest.
+    db.execute("INSERT INTO message_ids (id, last) SELECT 1, coalesce(max(id), 0) FROM messages")
+    db.execute(
+        "CREATE TRIGGER messages_ids AFTER INSERT ON messages BEGIN"
+        " UPDATE message_ids SET last = new.id WHERE last < new.id; END"
+    )
+
+
 # Columns an ingest sets (bridge.store.rows). Rows per INSERT statement: 21
 # parameters each stays under SQLite's oldest variable limit (999).
 INSERT_COLUMNS = ", ".join(INSERTED)
@@ -300,4 +328,4 @@ ROWS_PER_INSERT = 999 // len(INSERTED)
 JSON_IDS = "(SELECT value FROM json_each(?))"
 # What a bulk load with the triggers off (bench/big_store.py) must run after it to make
 # the tables the triggers maintain (besides events) agree with the rows again.
-REBUILDS: tuple[str, ...] = REBUILD_TOTALS
+REBUILDS: tuple[str, ...] = (*REBUILD_TOTALS, SYNC_IDS)
