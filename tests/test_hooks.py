@@ -638,6 +638,32 @@ async def test_a_payload_key_cannot_hide_a_templates_own_names(
     )
 
 
+async def test_a_payload_field_named_as_a_template_name_prints_where_not_called(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A Kubernetes or Argo CD payload's top-level `namespace`, printed by
+    `{{ namespace }}`, reached the phone as "<class 'jinja2.utils.Namespace'>": the
+    template's own name hid the payload's field, where it only had to win for a call
+    (`namespace(n=0)`). A name the template never calls is the payload's field again."""
+    templates = {
+        "printed": "{{ namespace }}/{{ range }}: {{ summary }}",
+        "called": "{% set ns = namespace(n=1) %}{{ ns.n }} {{ fields.namespace }}: {{ summary }}",
+    }
+    phones, config = _route_per_template(tmp_path, sandbox_url, templates)
+    payload = {"namespace": "prod", "range": "10.0-12.5", "summary": "pod crashlooping"}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for name in templates:
+            answer = await http.post(f"{url}/hooks/{name}", json=payload)
+            assert answer.status_code == 202, answer.text
+            assert answer.json()["messages"][0]["template"]["default_text"] is None
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    sent = {e.to: e.message for e in sandbox_state.entries}
+    assert sent == {
+        phones["printed"]: "prod/10.0-12.5: pod crashlooping",
+        phones["called"]: "1 prod: pod crashlooping",
+    }
+
+
 async def test_an_attribute_of_a_missing_field_is_missing_too(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
