@@ -17,8 +17,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import TemplateError, nodes
-from jinja2.runtime import ChainableUndefined
+from jinja2 import TemplateError, UndefinedError, nodes
+from jinja2.runtime import ChainableUndefined, Undefined
 from jinja2.sandbox import SandboxedEnvironment
 
 from bridge.template_limits import (
@@ -56,7 +56,24 @@ class _Undefined(ChainableUndefined):
 
     __slots__ = ()
 
+    def _refused(self) -> bool:
+        """The sandbox's refusal of an attribute (`x.__class__`), not a missing field: it
+        fails the template, or a probe of the sandbox reads as a field the payload lacks."""
+        return self._undefined_exception is not UndefinedError
+
+    def __getattr__(self, name: str) -> Any:
+        if self._refused():  # as Undefined: a dunder Python looks for is not there
+            return Undefined.__getattr__(self, name)
+        return super().__getattr__(name)
+
+    def __getitem__(self, key: Any) -> Any:
+        if self._refused():
+            self._fail_with_undefined_error()
+        return super().__getitem__(key)
+
     def __str__(self) -> str:
+        if self._refused():
+            self._fail_with_undefined_error()
         noted = _missing.get()
         if noted is not None and self._undefined_name is not None:
             noted.append(str(self._undefined_name))

@@ -664,6 +664,27 @@ async def test_a_payload_field_named_as_a_template_name_prints_where_not_called(
     }
 
 
+async def test_an_unsafe_attribute_is_a_template_failure_not_a_missing_field(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """The sandbox's refusal of an attribute (`summary.__class__.__mro__`) failed the
+    template, and the 202 said why. Once a missing field's attribute was missing too, the
+    refusal chained as one: the text went out with a gap and the 202 told the sender the
+    payload lacked `__class__`. The refusal fails the template again, printed or not."""
+    templates = {
+        "chained": "{{ summary }}{{ summary.__class__.__mro__ }}",
+        "printed": "{{ summary }}{{ summary.__class__ }}",
+    }
+    _, config = _route_per_template(tmp_path, sandbox_url, templates)
+    async with running_bridge(config, clock) as (_bridge, url), httpx.AsyncClient() as http:
+        for name in templates:
+            answer = await http.post(f"{url}/hooks/{name}", json={"summary": "disk full"})
+            assert answer.status_code == 202, answer.text
+            report = answer.json()["messages"][0]["template"]
+            assert report["missing"] == [], name
+            assert "'__class__' of 'str' object is unsafe" in report["default_text"], name
+
+
 async def test_an_attribute_of_a_missing_field_is_missing_too(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
