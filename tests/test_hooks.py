@@ -1083,6 +1083,38 @@ async def test_what_a_template_missed_is_in_the_messages_events(
     assert details["fine"] == [[]]
 
 
+@pytest.mark.usefixtures("backend")
+async def test_a_note_the_store_cannot_take_never_fails_a_stored_message(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A missing field's name is whatever the template looked up, here a lone surrogate
+    it made from the payload's number: the text had no gap a phone sees, but the note
+    naming it was refused by the store (UTF-8 cannot hold it) after the message was
+    committed, and the sender was answered 500: told to retry, it would text it twice.
+    The 202 stands; the note names the field as the store can hold it."""
+    reader = "read-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + templated_route(
+            "odd", "generic", "+12025550146", '{{ summary }}{{ labels["%c" | format(code)] }}'
+        )
+        + f'\n[tokens.ops]\ntoken = "{reader}"\nscopes = ["read"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    payload = {"summary": "disk full", "labels": {}, "code": 0xD800}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        answer = await http.post(f"{url}/hooks/odd", json=payload)
+        assert answer.status_code == 202, answer.text
+        [message_id] = answer.json()["ids"]
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+        got = await http.get(
+            f"{url}/api/v1/messages/{message_id}", headers={"authorization": f"Bearer {reader}"}
+        )
+    assert [e.message for e in sandbox_state.entries] == ["disk full"]
+    notes = [e["detail"] for e in got.json()["events"] if "lacks" in (e["detail"] or "")]
+    assert notes == ["the template printed as empty what the payload lacks: \\ud800"]
+
+
 async def test_control_characters_never_reach_the_phone(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
