@@ -1520,7 +1520,11 @@ def test_check_config_warns_of_a_template_that_renders_nothing(tmp_path) -> None
         [routes.typo]
         format = "alertmanager"
         to = ["+12025550143"]
-        template = "{{ status }}: {{ commonLabel.alertname }}"
+        template = "{{ status }}: {{ commonLabel.alertname }} {{ commonLabels.team }}"
+        [routes.optional]
+        format = "alertmanager"
+        to = ["+12025550143"]
+        template = "{{ status }}: {{ commonLabels.team | default('') }}"
     """,
     )
     result = run_command(["check-config", str(path)])
@@ -1528,10 +1532,13 @@ def test_check_config_warns_of_a_template_that_renders_nothing(tmp_path) -> None
     warned = sorted(line.split(":")[1].strip() for line in result.stderr.splitlines())
     assert warned == ["routes.am.template", "routes.any.template", "routes.typo.template"]
     assert "renders nothing on a sample alertmanager payload" in result.stderr
-    # A missing field's attribute is missing, no failure: the typo shows here instead.
+    # A missing field's attribute is missing, no failure: the typo shows here instead,
+    # with the sample's key it is likely a typo of. A label of the sender's own is no
+    # typo; the warning says so and how to mark it optional (routes.optional: no word).
     assert (
         "routes.typo.template: prints as empty what a sample alertmanager payload lacks:"
-        " commonLabel (a misspelt field?)" in result.stderr
+        " commonLabel (commonLabels?), team (a misspelt field, or one your payloads have"
+        ' and the sample lacks: `| default("")` on one they may lack says so)' in result.stderr
     )
 
 
