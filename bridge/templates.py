@@ -151,14 +151,23 @@ def render_noting(source: str, context: Mapping[str, Any]) -> Rendered:
             # One mapping, not keywords: a payload key `self` would clash with render's own.
             compiled = _compiled(source)
             text = read_bounded(compiled.template.generate(_fields(context, compiled.called)))
-        missing = dict.fromkeys(name[:NAME_CHARS] for name in _missing.get() or ())
+        missing = dict.fromkeys(_utf8(name[:NAME_CHARS]) for name in _missing.get() or ())
         return Rendered(text, tuple(missing)[:MAX_MISSING])
-    except TemplateError:
+    except TemplateError as exc:
+        if (why := _utf8(str(exc))) != str(exc):
+            raise TemplateError(why) from exc
         raise
     except Exception as exc:  # a filter or attribute blew up inside the sandbox
-        raise TemplateError(f"{type(exc).__name__}: {exc}") from exc
+        raise TemplateError(_utf8(f"{type(exc).__name__}: {exc}")) from exc
     finally:
         _missing.reset(noting)
+
+
+def _utf8(text: str) -> str:
+    """`text` (a name the template looked up, an error quoting one) as UTF-8 can write
+    it: a lone surrogate the template made of a payload's number (`"%c" | format(55296)`)
+    as its escape, `\\ud800`. Raw, the 202, the console's page and the store failed on it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def render(source: str, context: Mapping[str, Any]) -> str:
