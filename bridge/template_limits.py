@@ -36,9 +36,9 @@ from contextvars import ContextVar
 from typing import Any
 
 from jinja2 import filters, nodes, pass_environment, pass_eval_context
-from jinja2.exceptions import SecurityError
+from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.nodes import EvalContext
-from jinja2.runtime import Context, LoopContext, Undefined
+from jinja2.runtime import ChainableUndefined, Context, LoopContext, Undefined
 from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter, safe_range
 
 from bridge.text import blank_prefix
@@ -357,6 +357,13 @@ def _repeated_size(value: Any, times: Any) -> int:
     return 0
 
 
+def _missing_chained(value: Any) -> bool:
+    """Whether `value` is a missing field whose attributes and items are as missing:
+    returned as it is, without the sandbox's checks of an attribute it makes up (they
+    made a step of `missing.a.b` 2.4 times a step of a real field's)."""
+    return isinstance(value, ChainableUndefined) and value._undefined_exception is UndefinedError
+
+
 class BoundedEnvironment(SandboxedEnvironment):
     """Jinja's sandbox, bounded in what a template builds and in its steps: `range` and
     the filters that pad, grow or walk a text replaced by bounded ones, `lipsum` gone.
@@ -395,10 +402,14 @@ class BoundedEnvironment(SandboxedEnvironment):
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         _step()
+        if _missing_chained(obj):
+            return obj
         return super().getattr(obj, attribute)
 
     def getitem(self, obj: Any, argument: Any) -> Any:
         _step()
+        if _missing_chained(obj):
+            return obj
         return super().getitem(obj, argument)
 
     def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:

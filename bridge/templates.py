@@ -5,8 +5,8 @@ whoever posts to a route: `bridge.template_limits`, whose environment this rende
 
 A field the payload lacks prints as "" (a sender's JSON varies), an attribute or item of
 one too; `render_noting` says which did, so the hook's answer can tell the operator. A
-payload's key never hides one of the template's own names (`range`...): every field is
-also under FIELDS.
+payload's key never hides one of the template's own names (`range`...) where the template
+calls it: every field is also under FIELDS.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import TemplateError
-from jinja2.runtime import ChainableUndefined
+from jinja2 import TemplateError, UndefinedError, nodes
+from jinja2.runtime import ChainableUndefined, Undefined
 from jinja2.sandbox import SandboxedEnvironment
 
 from bridge.template_limits import (
@@ -56,7 +56,24 @@ class _Undefined(ChainableUndefined):
 
     __slots__ = ()
 
+    def _refused(self) -> bool:
+        """The sandbox's refusal of an attribute (`x.__class__`), not a missing field: it
+        fails the template, or a probe of the sandbox reads as a field the payload lacks."""
+        return self._undefined_exception is not UndefinedError
+
+    def __getattr__(self, name: str) -> Any:
+        if self._refused():  # as Undefined: a dunder Python looks for is not there
+            return Undefined.__getattr__(self, name)
+        return super().__getattr__(name)
+
+    def __getitem__(self, key: Any) -> Any:
+        if self._refused():
+            self._fail_with_undefined_error()
+        return super().__getitem__(key)
+
     def __str__(self) -> str:
+        if self._refused():
+            self._fail_with_undefined_error()
         noted = _missing.get()
         if noted is not None and self._undefined_name is not None:
             noted.append(str(self._undefined_name))
@@ -71,9 +88,23 @@ def _environment() -> SandboxedEnvironment:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    template: Any
+    called: frozenset[str]  # the template's own names (`range`...) it calls
+
+
 @functools.lru_cache(maxsize=256)
-def _compiled(source: str) -> Any:
-    return _environment().from_string(source)
+def _compiled(source: str) -> _Compiled:
+    environment = _environment()
+    tree = environment.parse(source)
+    own = environment.globals.keys()
+    called = frozenset(
+        call.node.name
+        for call in tree.find_all(nodes.Call)
+        if isinstance(call.node, nodes.Name) and call.node.name in own
+    )
+    return _Compiled(environment.from_string(tree), called)
 
 
 def check_template(source: str) -> str | None:
@@ -100,12 +131,14 @@ class Rendered:
 FIELDS = "fields"
 
 
-def _fields(context: Mapping[str, Any]) -> dict[str, Any]:
+def _fields(context: Mapping[str, Any], called: frozenset[str]) -> dict[str, Any]:
     """What a template reads: its context, bar the keys that would hide one of the
-    template's own names (a payload's `range` made `range(3)` a call of its number, a
-    template failure), and all of it as FIELDS."""
+    template's own names it calls (a payload's `range` made `range(3)` a call of its
+    number, a template failure), and all of it as FIELDS. A name the template only
+    prints is the payload's (`{{ namespace }}` of a Kubernetes payload printed
+    "<class 'jinja2.utils.Namespace'>" when the template's own name won everywhere)."""
     fields = counted(dict(context))
-    reserved = _environment().globals.keys() | {FIELDS}
+    reserved = called | {FIELDS}
     own = {key: value for key, value in fields.items() if key not in reserved}
     return {**own, FIELDS: fields}
 
@@ -116,15 +149,25 @@ def render_noting(source: str, context: Mapping[str, Any]) -> Rendered:
     try:
         with budget():
             # One mapping, not keywords: a payload key `self` would clash with render's own.
-            text = read_bounded(_compiled(source).generate(_fields(context)))
-        missing = dict.fromkeys(name[:NAME_CHARS] for name in _missing.get() or ())
+            compiled = _compiled(source)
+            text = read_bounded(compiled.template.generate(_fields(context, compiled.called)))
+        missing = dict.fromkeys(_utf8(name[:NAME_CHARS]) for name in _missing.get() or ())
         return Rendered(text, tuple(missing)[:MAX_MISSING])
-    except TemplateError:
+    except TemplateError as exc:
+        if (why := _utf8(str(exc))) != str(exc):
+            raise TemplateError(why) from exc
         raise
     except Exception as exc:  # a filter or attribute blew up inside the sandbox
-        raise TemplateError(f"{type(exc).__name__}: {exc}") from exc
+        raise TemplateError(_utf8(f"{type(exc).__name__}: {exc}")) from exc
     finally:
         _missing.reset(noting)
+
+
+def _utf8(text: str) -> str:
+    """`text` (a name the template looked up, an error quoting one) as UTF-8 can write
+    it: a lone surrogate the template made of a payload's number (`"%c" | format(55296)`)
+    as its escape, `\\ud800`. Raw, the 202, the console's page and the store failed on it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def render(source: str, context: Mapping[str, Any]) -> str:

@@ -879,6 +879,32 @@ async def test_a_preview_names_the_fields_its_template_printed_as_empty(
         assert line.startswith("as the payload lacks them: build, ") and ROUTE_TOKEN not in line
 
 
+async def test_a_preview_names_a_field_looked_up_by_a_lone_surrogate(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """A template that looks a field up by a name made of a payload's number (55296, a
+    lone surrogate) named it in the preview raw: the page could not be written as
+    UTF-8, a 500. The name is shown with its escape, as in the 202 and the events."""
+    extra = f"""{TOKENS}
+    [routes.odd]
+    format = "generic"
+    to = ["oncall"]
+    token = "{ROUTE_TOKEN}"
+    template = "{{{{ summary }}}}{{{{ labels['%c' | format(code)] }}}}"
+    """
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        token = csrf_of(await http.get("/ui/routes/odd"))
+        payload = {"summary": "disk full", "labels": {}, "code": 0xD800}
+        answer = await http.post(
+            "/ui/routes/odd/preview", data={"csrf": token, "payload": json.dumps(payload)}
+        )
+        assert answer.status_code == 200, answer.text
+        [line] = re.findall(r'<p class="problem">Printed as empty, (.*?)</p>', answer.text)
+        assert line == "as the payload lacks them: \\ud800."
+
+
 async def test_a_preview_refuses_the_recipients_the_webhook_refuses(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:

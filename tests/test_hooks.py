@@ -638,6 +638,53 @@ async def test_a_payload_key_cannot_hide_a_templates_own_names(
     )
 
 
+async def test_a_payload_field_named_as_a_template_name_prints_where_not_called(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A Kubernetes or Argo CD payload's top-level `namespace`, printed by
+    `{{ namespace }}`, reached the phone as "<class 'jinja2.utils.Namespace'>": the
+    template's own name hid the payload's field, where it only had to win for a call
+    (`namespace(n=0)`). A name the template never calls is the payload's field again."""
+    templates = {
+        "printed": "{{ namespace }}/{{ range }}: {{ summary }}",
+        "called": "{% set ns = namespace(n=1) %}{{ ns.n }} {{ fields.namespace }}: {{ summary }}",
+    }
+    phones, config = _route_per_template(tmp_path, sandbox_url, templates)
+    payload = {"namespace": "prod", "range": "10.0-12.5", "summary": "pod crashlooping"}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for name in templates:
+            answer = await http.post(f"{url}/hooks/{name}", json=payload)
+            assert answer.status_code == 202, answer.text
+            assert answer.json()["messages"][0]["template"]["default_text"] is None
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    sent = {e.to: e.message for e in sandbox_state.entries}
+    assert sent == {
+        phones["printed"]: "prod/10.0-12.5: pod crashlooping",
+        phones["called"]: "1 prod: pod crashlooping",
+    }
+
+
+async def test_an_unsafe_attribute_is_a_template_failure_not_a_missing_field(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """The sandbox's refusal of an attribute (`summary.__class__.__mro__`) failed the
+    template, and the 202 said why. Once a missing field's attribute was missing too, the
+    refusal chained as one: the text went out with a gap and the 202 told the sender the
+    payload lacked `__class__`. The refusal fails the template again, printed or not."""
+    templates = {
+        "chained": "{{ summary }}{{ summary.__class__.__mro__ }}",
+        "printed": "{{ summary }}{{ summary.__class__ }}",
+    }
+    _, config = _route_per_template(tmp_path, sandbox_url, templates)
+    async with running_bridge(config, clock) as (_bridge, url), httpx.AsyncClient() as http:
+        for name in templates:
+            answer = await http.post(f"{url}/hooks/{name}", json={"summary": "disk full"})
+            assert answer.status_code == 202, answer.text
+            report = answer.json()["messages"][0]["template"]
+            assert report["missing"] == [], name
+            assert "'__class__' of 'str' object is unsafe" in report["default_text"], name
+
+
 async def test_an_attribute_of_a_missing_field_is_missing_too(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
@@ -1034,6 +1081,38 @@ async def test_what_a_template_missed_is_in_the_messages_events(
         ]
     ]
     assert details["fine"] == [[]]
+
+
+@pytest.mark.usefixtures("backend")
+async def test_a_note_the_store_cannot_take_never_fails_a_stored_message(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A missing field's name is whatever the template looked up, here a lone surrogate
+    it made from the payload's number: the text had no gap a phone sees, but the note
+    naming it was refused by the store (UTF-8 cannot hold it) after the message was
+    committed, and the sender was answered 500: told to retry, it would text it twice.
+    The 202 stands; the note names the field as the store can hold it."""
+    reader = "read-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + templated_route(
+            "odd", "generic", "+12025550146", '{{ summary }}{{ labels["%c" | format(code)] }}'
+        )
+        + f'\n[tokens.ops]\ntoken = "{reader}"\nscopes = ["read"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    payload = {"summary": "disk full", "labels": {}, "code": 0xD800}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        answer = await http.post(f"{url}/hooks/odd", json=payload)
+        assert answer.status_code == 202, answer.text
+        [message_id] = answer.json()["ids"]
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+        got = await http.get(
+            f"{url}/api/v1/messages/{message_id}", headers={"authorization": f"Bearer {reader}"}
+        )
+    assert [e.message for e in sandbox_state.entries] == ["disk full"]
+    notes = [e["detail"] for e in got.json()["events"] if "lacks" in (e["detail"] or "")]
+    assert notes == ["the template printed as empty what the payload lacks: \\ud800"]
 
 
 async def test_control_characters_never_reach_the_phone(
@@ -1444,7 +1523,11 @@ def test_check_config_warns_of_a_template_that_renders_nothing(tmp_path) -> None
         [routes.typo]
         format = "alertmanager"
         to = ["+12025550143"]
-        template = "{{ status }}: {{ commonLabel.alertname }}"
+        template = "{{ status }}: {{ commonLabel.alertname }} {{ commonLabels.team }}"
+        [routes.optional]
+        format = "alertmanager"
+        to = ["+12025550143"]
+        template = "{{ status }}: {{ commonLabels.team | default('') }}"
     """,
     )
     result = run_command(["check-config", str(path)])
@@ -1452,10 +1535,13 @@ def test_check_config_warns_of_a_template_that_renders_nothing(tmp_path) -> None
     warned = sorted(line.split(":")[1].strip() for line in result.stderr.splitlines())
     assert warned == ["routes.am.template", "routes.any.template", "routes.typo.template"]
     assert "renders nothing on a sample alertmanager payload" in result.stderr
-    # A missing field's attribute is missing, no failure: the typo shows here instead.
+    # A missing field's attribute is missing, no failure: the typo shows here instead,
+    # with the sample's key it is likely a typo of. A label of the sender's own is no
+    # typo; the warning says so and how to mark it optional (routes.optional: no word).
     assert (
         "routes.typo.template: prints as empty what a sample alertmanager payload lacks:"
-        " commonLabel (a misspelt field?)" in result.stderr
+        " commonLabel (commonLabels?), team (a misspelt field, or one your payloads have"
+        ' and the sample lacks: `| default("")` on one they may lack says so)' in result.stderr
     )
 
 

@@ -95,10 +95,17 @@ class Ingestor:
         rows = iter(accepted)
         for draft in drafts:
             ids = [row.id for row in islice(rows, len(draft.recipients))]
-            if draft.note:  # it may quote a payload: without NUL, which PostgreSQL refuses
-                notes.setdefault(draft.note.replace("\x00", ""), []).extend(ids)
+            if draft.note:
+                notes.setdefault(_storable(draft.note), []).extend(ids)
         for note, ids in notes.items():
             try:
                 await self.store.note(ids, note, now)
-            except StoreUnavailable as exc:
+            except Exception as exc:  # anything: the rows are committed, a 500 would lie
                 log.warning("messages %s stored, but not their note (%s): %s", ids, note, exc)
+
+
+def _storable(note: str) -> str:
+    """`note` as both stores hold it: it may quote what a template looked up (a name
+    made of a payload's value), so without NUL, which PostgreSQL refuses, and with a
+    lone surrogate, which UTF-8 cannot encode, written as its escape."""
+    return note.replace("\x00", "").encode("utf-8", "backslashreplace").decode("utf-8")

@@ -10,6 +10,7 @@ text raise `Ignored`. The shared types live in `bridge.ingress.formats.base`.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -109,15 +110,19 @@ def template_problems(
             continue
         missing = dict.fromkeys(field for r in rendered for field in r.missing)
         if missing:
+            known = _keys([module.SAMPLE, *(m.context for m in module.parse(sample))])
             warnings.append(
                 (
                     f"routes.{name}.template",
                     f"prints as empty what a sample {route.format} payload lacks:"
-                    f" {', '.join(missing)}"
+                    f" {', '.join(_guessed(field, known) for field in missing)}"
                     + (
                         " (fine if your sender's JSON has these fields)"
                         if example_only
-                        else " (a misspelt field?)"
+                        # A fixed format's labels, annotations and many fields are the
+                        # sender's own, beyond the sample's few: not all a typo.
+                        else " (a misspelt field, or one your payloads have and the sample"
+                        ' lacks: `| default("")` on one they may lack says so)'
                     ),
                 )
             )
@@ -133,3 +138,22 @@ def template_problems(
                 )
             )
     return problems
+
+
+def _keys(values: list[Any]) -> list[str]:
+    """Every key of `values`' objects, at any depth (a sample is small)."""
+    keys: dict[str, None] = {}
+    while values:
+        value = values.pop()
+        if isinstance(value, Mapping):
+            keys.update(dict.fromkeys(str(key) for key in value))
+            values.extend(value.values())
+        elif isinstance(value, list):
+            values.extend(value)
+    return list(keys)
+
+
+def _guessed(field: str, known: list[str]) -> str:
+    """`field`, and the sample's key it may be a typo of (`commonLabel (commonLabels?)`)."""
+    close = difflib.get_close_matches(field, known, n=1, cutoff=0.8)
+    return f"{field} ({close[0]}?)" if close and close[0] != field else field

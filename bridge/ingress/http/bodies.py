@@ -35,7 +35,10 @@ class JSONAnswer(JSONResponse):
     """Starlette's JSONResponse, its body written by one encoder kept for every answer."""
 
     def render(self, content: Any) -> bytes:
-        return _ENCODER.encode(content).encode("utf-8")
+        # A lone surrogate (a name a template made of a payload's number, in the 202)
+        # cannot be UTF-8: written as its JSON escape, `\ud800`, it was a 500 after
+        # the message was stored.
+        return _ENCODER.encode(content).encode("utf-8", "backslashreplace")
 
 
 def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
