@@ -8,13 +8,14 @@ The browser's view of the same pages is in `test_console_browser.py`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
 import re
 import sqlite3
 import string
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlencode
 
 import httpx
@@ -808,6 +809,39 @@ async def test_preview_shows_the_sms_and_stores_nothing(served_bridge) -> None:
         assert await bridge.store.counts() == {}
 
 
+def templated_route(name: str, template: str) -> str:
+    """A generic route to the on-call group whose text is `template` (Jinja, as written)."""
+    return f"""{TOKENS}
+    [routes.{name}]
+    format = "generic"
+    to = ["oncall"]
+    token = "{ROUTE_TOKEN}"
+    template = "{template}"
+    """
+
+
+@contextlib.asynccontextmanager
+async def previewing(
+    tmp_path, sandbox_url: str, clock: ManualClock, route: str, template: str
+) -> AsyncIterator[Callable[[dict[str, object]], Awaitable[str]]]:
+    """A reader signed in to a bridge with `route` templated: posts a payload to the
+    route's preview and gives the page (a 200, or the test fails)."""
+    config = bridge_config(tmp_path, sandbox_url, templated_route(route, template))
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        await sign_in(http, READER)
+        token = csrf_of(await http.get(f"/ui/routes/{route}"))
+
+        async def preview(payload: dict[str, object]) -> str:
+            answer = await http.post(
+                f"/ui/routes/{route}/preview",
+                data={"csrf": token, "payload": json.dumps(payload)},
+            )
+            assert answer.status_code == 200, answer.text
+            return answer.text
+
+        yield preview
+
+
 async def test_a_preview_says_when_the_template_was_not_used(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:
@@ -815,26 +849,8 @@ async def test_a_preview_says_when_the_template_was_not_used(
     format's default text, as the webhook does. The preview showed that text alone, as
     if it were the template's: whoever checked a template there saw it "work". It now
     says the template was not used, and why, above the text that goes out."""
-    extra = f"""{TOKENS}
-    [routes.jenkins]
-    format = "generic"
-    to = ["oncall"]
-    token = "{ROUTE_TOKEN}"
-    template = "Jenkins {{{{ name }}}} #{{{{ build.number }}}}: {{{{ build.status.lower() }}}}"
-    """
-    config = bridge_config(tmp_path, sandbox_url, extra)
-    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
-        await sign_in(http, READER)
-        token = csrf_of(await http.get("/ui/routes/jenkins"))
-
-        async def preview(payload: dict[str, object]) -> str:
-            answer = await http.post(
-                "/ui/routes/jenkins/preview",
-                data={"csrf": token, "payload": json.dumps(payload)},
-            )
-            assert answer.status_code == 200
-            return answer.text
-
+    template = "Jenkins {{ name }} #{{ build.number }}: {{ build.status.lower() }}"
+    async with previewing(tmp_path, sandbox_url, clock, "jenkins", template) as preview:
         good = await preview({"name": "nightly", "build": {"number": 7, "status": "FAILURE"}})
         assert "Jenkins nightly #7: failure" in good and "Not the route's template" not in good
         # A call of what the payload lacks fails (its attribute alone is printed as empty)
@@ -850,26 +866,8 @@ async def test_a_preview_names_the_fields_its_template_printed_as_empty(
     """A template prints a field the payload lacks as empty, and the webhook's 202 and
     the message's events name it; the preview showed the text with its gap and not a
     word of why. It now names them above the text, masked as the rest of it is."""
-    extra = f"""{TOKENS}
-    [routes.jenkins]
-    format = "generic"
-    to = ["oncall"]
-    token = "{ROUTE_TOKEN}"
-    template = "Jenkins {{{{ name }}}} #{{{{ build.number }}}}: {{{{ labels[key] }}}}"
-    """
-    config = bridge_config(tmp_path, sandbox_url, extra)
-    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
-        await sign_in(http, READER)
-        token = csrf_of(await http.get("/ui/routes/jenkins"))
-
-        async def preview(payload: dict[str, object]) -> str:
-            answer = await http.post(
-                "/ui/routes/jenkins/preview",
-                data={"csrf": token, "payload": json.dumps(payload)},
-            )
-            assert answer.status_code == 200
-            return answer.text
-
+    template = "Jenkins {{ name }} #{{ build.number }}: {{ labels[key] }}"
+    async with previewing(tmp_path, sandbox_url, clock, "jenkins", template) as preview:
         whole = {"name": "nightly", "build": {"number": 7}, "labels": {"a": "ok"}, "key": "a"}
         assert "Printed as empty" not in await preview(whole)
         gaps = await preview({"name": "nightly", "labels": {}, "key": ROUTE_TOKEN})
@@ -885,23 +883,10 @@ async def test_a_preview_names_a_field_looked_up_by_a_lone_surrogate(
     """A template that looks a field up by a name made of a payload's number (55296, a
     lone surrogate) named it in the preview raw: the page could not be written as
     UTF-8, a 500. The name is shown with its escape, as in the 202 and the events."""
-    extra = f"""{TOKENS}
-    [routes.odd]
-    format = "generic"
-    to = ["oncall"]
-    token = "{ROUTE_TOKEN}"
-    template = "{{{{ summary }}}}{{{{ labels['%c' | format(code)] }}}}"
-    """
-    config = bridge_config(tmp_path, sandbox_url, extra)
-    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
-        await sign_in(http, READER)
-        token = csrf_of(await http.get("/ui/routes/odd"))
-        payload = {"summary": "disk full", "labels": {}, "code": 0xD800}
-        answer = await http.post(
-            "/ui/routes/odd/preview", data={"csrf": token, "payload": json.dumps(payload)}
-        )
-        assert answer.status_code == 200, answer.text
-        [line] = re.findall(r'<p class="problem">Printed as empty, (.*?)</p>', answer.text)
+    template = "{{ summary }}{{ labels['%c' | format(code)] }}"
+    async with previewing(tmp_path, sandbox_url, clock, "odd", template) as preview:
+        page = await preview({"summary": "disk full", "labels": {}, "code": 0xD800})
+        [line] = re.findall(r'<p class="problem">Printed as empty, (.*?)</p>', page)
         assert line == "as the payload lacks them: \\ud800."
 
 
