@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import schemathesis
 
 from bridge.clock import ManualClock
 from bridge.config import Config, RouteConfig
@@ -1452,6 +1451,8 @@ async def test_api_answers_match_the_served_openapi(tmp_path, clock, sandbox_url
         ("GET", "/api/v1/stats", "/api/v1/stats", reader, None),
         ("GET", "/api/v1/stats", "/api/v1/stats", {}, None),  # 401
     ]
+    import schemathesis  # here, not at the top: ~1 s to import, for this test only
+
     checks = [
         schemathesis.checks.status_code_conformance,
         schemathesis.checks.response_schema_conformance,

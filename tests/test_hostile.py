@@ -18,7 +18,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -713,6 +712,8 @@ def test_openapi_described_requests_never_get_a_500(bridge) -> None:
     Driven through hypothesis directly: schemathesis' own pytest plugin does not run
     under pytest 9 (it reads a private attribute that is gone).
     """
+    import schemathesis  # here, not at the top: ~1 s to import, for this test only
+
     url, _ = bridge
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json", timeout=10)
     operations = [result.ok() for result in schema.get_all_operations()]
