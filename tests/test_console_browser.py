@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -663,6 +664,32 @@ async def test_on_a_phone_a_failed_message_reads_whole_and_its_retry_is_on_the_f
     assert errors.errors == []
 
 
+async def cancel_all_from_a_phones_overview(
+    browser, errors: ConsoleErrors, url: str, button: str, done: str
+) -> tuple[Any, Any]:
+    """An admin on a phone's screen: the overview does not scroll sideways, `button` is
+    on its first screen (not below the chart) and within its edges; clicked and
+    confirmed, the `done` note shows. The browser context and its page, still open."""
+    context = await browser.new_context(
+        viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+    )
+    page = await context.new_page()
+    errors.watch(page)
+    await sign_in(page, url, ADMIN)
+    overflow = await page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 0, f"the overview scrolls sideways on a phone by {overflow}px"
+    cancel_all = page.get_by_role("button", name=button)
+    box = await cancel_all.bounding_box()
+    assert box is not None and box["y"] + box["height"] <= 844, box
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 390, box
+    page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await cancel_all.click()
+    await page.get_by_role("status").filter(has_text=done).wait_for()
+    return context, page
+
+
 async def test_on_a_phone_a_flood_held_for_one_phone_is_cancelled_in_one_go(
     tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
 ) -> None:
@@ -678,23 +705,13 @@ async def test_on_a_phone_a_flood_held_for_one_phone_is_cancelled_in_one_go(
         other = NewMessage("+12025550145", "disk full", "http", "SMS", 1, 1, state=State.HELD)
         held = await seed(bridge.store, [flood] * 40, clock.now())
         [kept] = await seed(bridge.store, [other], clock.now())
-        context = await browser.new_context(
-            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        context, page = await cancel_all_from_a_phones_overview(
+            browser,
+            errors,
+            url,
+            "Cancel the 40 held for +12025550144",
+            "Cancelled 40 held messages",
         )
-        page = await context.new_page()
-        errors.watch(page)
-        await sign_in(page, url, ADMIN)
-        overflow = await page.evaluate(
-            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
-        )
-        assert overflow <= 0, f"the overview scrolls sideways on a phone by {overflow}px"
-        cancel_all = page.get_by_role("button", name="Cancel the 40 held for +12025550144")
-        box = await cancel_all.bounding_box()  # on the first screen, not below the chart
-        assert box is not None and box["y"] + box["height"] <= 844, box
-        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, box  # nor past its edge
-        page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
-        await cancel_all.click()
-        await page.get_by_role("status").filter(has_text="Cancelled 40 held messages").wait_for()
         assert "recipient=%2B12025550144" in page.url
         for message_id in held:
             message = await bridge.store.get(message_id)
@@ -729,23 +746,13 @@ async def test_on_a_phone_a_pile_of_queued_texts_is_cancelled_from_the_overview(
         queued = await seed(bridge.store, [pile] * 40, later)
         [other] = await seed(bridge.store, [pile._replace(recipient="+12025550145")], later)
         [held] = await seed(bridge.store, [pile._replace(state=State.HELD)], later)
-        context = await browser.new_context(
-            viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True
+        context, _ = await cancel_all_from_a_phones_overview(
+            browser,
+            errors,
+            url,
+            "Cancel every queued message to +12025550144",
+            "Cancelled 40 queued messages",
         )
-        page = await context.new_page()
-        errors.watch(page)
-        await sign_in(page, url, ADMIN)
-        overflow = await page.evaluate(
-            "document.documentElement.scrollWidth - document.documentElement.clientWidth"
-        )
-        assert overflow <= 0, f"the overview scrolls sideways on a phone by {overflow}px"
-        cancel_all = page.get_by_role("button", name="Cancel every queued message to +12025550144")
-        box = await cancel_all.bounding_box()
-        assert box is not None and box["y"] + box["height"] <= 844, box
-        assert box["x"] >= 0 and box["x"] + box["width"] <= 390, box
-        page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
-        await cancel_all.click()
-        await page.get_by_role("status").filter(has_text="Cancelled 40 queued messages").wait_for()
         assert {(await bridge.store.get(i)).state for i in queued} == {State.FAILED}
         assert (await bridge.store.get(other)).state == State.QUEUED
         assert (await bridge.store.get(held)).state == State.HELD
