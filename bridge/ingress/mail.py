@@ -415,27 +415,12 @@ def clean_body(text: str, *, forward: bool = False) -> str:
         if not line:
             continue
         if _SPECIAL.match(line):  # one look for most lines; the rest only where it may be
-            if _MOBILE_FOOTER.fullmatch(line):
-                continue
-            # A rule is left out, but one of underscores may be Outlook's separator (a
-            # From line under it says so): dropped first, the quote after it was texted
-            # wherever the Sent line is in a language `_OUTLOOK_SENT` does not know.
-            rule = _RULE.fullmatch(line)
-            if rule and line[0] != "_":
-                continue
-            if _QUOTED_FORWARD_INTRO.fullmatch(line):
-                forward_head = unquote = True
-                continue
-            after = [_clean_line(r) for r in raws[index + 1 : index + 3]] + ["", ""]
-            if _QUOTE_INTRO.match(line) or _wrapped_intro(line, after[0]):
+            kind = _special(line, raws, index, forward=forward, in_head=forward_head)
+            if kind == "stop":
                 break
-            forwarded = _FORWARD_INTRO.fullmatch(line)
-            if forwarded or (not forward_head and _outlook_block(line, after[0] or after[1])):
-                if not forward and not forwarded:
-                    break  # a reply's quote of the mail it answers
-                forward_head = True
-                continue
-            if rule:
+            if kind != "keep":
+                forward_head = forward_head or kind in ("head", "quoted")
+                unquote = unquote or kind == "quoted"
                 continue
         if forward_head:
             if _FORWARD_HEADER.match(line) or _OUTLOOK_ONE_LINE.fullmatch(line):
@@ -443,6 +428,31 @@ def clean_body(text: str, *, forward: bool = False) -> str:
             forward_head = False
         lines.append(line)
     return "\n".join(lines)
+
+
+def _special(line: str, raws: list[str], index: int, *, forward: bool, in_head: bool) -> str:
+    """What `clean_body` does with a line `_SPECIAL` matched (line `index` of `raws`):
+    "drop" it (a rule, a phone's footer), "stop" (a reply's quote starts), "head" (a
+    forwarded mail's header block starts), "quoted" (iPhone Mail's forward, quoted with
+    ">", starts) or "keep" it. `in_head`: in a forwarded mail's header block already."""
+    if _MOBILE_FOOTER.fullmatch(line):
+        return "drop"
+    # A rule is left out, but one of underscores may be Outlook's separator (a From line
+    # under it says so): dropped first, the quote after it was texted wherever the Sent
+    # line is in a language `_OUTLOOK_SENT` does not know.
+    rule = _RULE.fullmatch(line)
+    if rule and line[0] != "_":
+        return "drop"
+    if _QUOTED_FORWARD_INTRO.fullmatch(line):
+        return "quoted"
+    after = [_clean_line(r) for r in raws[index + 1 : index + 3]] + ["", ""]
+    if _QUOTE_INTRO.match(line) or _wrapped_intro(line, after[0]):
+        return "stop"
+    forwarded = _FORWARD_INTRO.fullmatch(line)
+    if forwarded or (not in_head and _outlook_block(line, after[0] or after[1])):
+        # a reply's quote of the mail it answers, or the forwarded mail's header block
+        return "head" if forward or forwarded else "stop"
+    return "drop" if rule else "keep"
 
 
 def _loop_reason(content_type: str, found: dict[str, str], mail_from: str | None) -> str | None:
