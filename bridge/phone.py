@@ -271,18 +271,11 @@ def _first_possible(text: str, compact: str, default_region: str | None) -> tupl
             continue
         except Exception as exc:  # not the number's fault: the library's metadata
             raise _unavailable(text, digits, region, exc) from exc
+        # The library's "possible" for 7 US digits read in the configured region is what a
+        # landline of the same area dials, never a number an SMS reaches (read as
+        # +1 555 0143, it went out): not possible here.
         local_only = result == phonenumbers.ValidationResult.IS_POSSIBLE_LOCAL_ONLY
-        if local_only and region is not None:
-            # The library's "possible" for 7 US digits read in the configured region: what
-            # a landline of the same area dials, never a number an SMS reaches. Read as
-            # +1 555 0143, it went out.
-            if digits == candidates[0][0]:
-                first_reason = (
-                    f"a local number only ({len(str(number.national_number))} digits):"
-                    f" write it with its area code, or with + and its country code"
-                )
-            continue
-        if local_only or result == phonenumbers.ValidationResult.IS_POSSIBLE:
+        if result == phonenumbers.ValidationResult.IS_POSSIBLE or (local_only and not region):
             # the next questions come at once (the firewall's); assigned is is_valid_number
             known = _facts.get(e164) or _learn(e164, number)
             if known.assigned:
@@ -302,7 +295,12 @@ def _first_possible(text: str, compact: str, default_region: str | None) -> tupl
                 )
                 continue
         if digits == candidates[0][0]:
-            first_reason = _REASONS.get(result, "not a possible number")
+            first_reason = (
+                f"a local number only ({len(str(number.national_number))} digits):"
+                " write it with its area code, or with + and its country code"
+                if local_only
+                else _REASONS.get(result, "not a possible number")
+            )
     if unassigned is not None:
         return unassigned
     if not default_region and not written_international and len(compact) < 8:
