@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -98,9 +99,10 @@ async def writer_held(sqlite: FaultySqliteStore) -> AsyncIterator[Callable[[int]
 
     holding = asyncio.ensure_future(sqlite.on_writer(hold))
     await asyncio.to_thread(entered.wait, 5)
+    before = sqlite.engine.handed_over
 
     async def queued(n: int) -> None:
-        while sqlite.engine._jobs.qsize() < n:  # noqa: ASYNC110 - a thread's queue
+        while sqlite.engine.handed_over - before < n:  # noqa: ASYNC110 - a thread's queue
             await asyncio.sleep(0.01)
 
     try:
@@ -314,3 +316,26 @@ async def test_a_group_of_ingests_alone_commits_without_a_transaction(
         "BEGIN IMMEDIATE",
         "COMMIT",
     ]
+
+
+async def test_ingests_issued_in_one_turn_of_the_loop_commit_as_one_group(
+    sqlite: FaultySqliteStore,
+) -> None:
+    """Each ingest went to the writer's queue the moment it was issued, so the writer
+    woke for the first and committed it alone while the loop was still busy with the
+    next request (here a blocking pause that lets the GIL go, as a request's parsing
+    may): a group of one, a wake-up and a commit per alert. The jobs of one turn of the
+    loop now go over together when the turn ends: one group, one commit."""
+    rules = Rules(dedupe_window=600.0)
+
+    async def one(i: int) -> None:
+        time.sleep(0.01)  # noqa: ASYNC251 - the loop busy with a request, the GIL free
+        await sqlite.ingest(
+            [(MESSAGE._replace(text=f"m{i}", recipient=f"+1202555{i:04d}"), 2.0)], rules
+        )
+
+    before = sqlite.engine.commits
+    await asyncio.gather(*(one(i) for i in range(5)))
+    assert sqlite.engine.commits - before == 1
+    rows = await sqlite.engine.read(lambda c: c.execute("SELECT count(*) FROM messages").fetchone())
+    assert rows[0] == 5

@@ -9,7 +9,11 @@ future. A caller that awaited `write()` therefore holds a durable result: that i
 SMTP may say 250 and HTTP 202. Consecutive jobs for the same batch function
 (`write_batched`: every ingest) run as one call, so a hundred concurrent ingests cost a
 handful of statements, not two hundred: each statement is a trip into SQLite that hands
-the GIL to the event loop and waits to get it back. A group of one such batch alone may
+the GIL to the event loop and waits to get it back. The loop hands its jobs over in
+bursts: those issued in one turn of the loop go to the queue together at the start of the
+next, so the writer wakes once for them and takes them as one group, not the first alone
+while the rest queue behind its commit (each wake-up of the writer, and each time it
+takes the GIL back, waits on the busy loop). A group of one such batch alone may
 go without the transaction (`write_batched`'s `unlocked`: its reads, then one statement
 that commits itself, or nothing written and the transaction after all), which saves two
 of those trips. Readers run on their own connections in a small thread pool; WAL lets
@@ -133,7 +137,10 @@ class Engine:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # Each item a burst: the jobs one turn of an event loop issued (`write_batched`).
+        self._jobs: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        # Jobs issued in the current turn of each loop, not yet queued (`_hand_over`).
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self._thread: threading.Thread | None = None
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read")
         self._local = threading.local()
@@ -142,6 +149,7 @@ class Engine:
         self._reader_conns: list[sqlite3.Connection] = []
         self.commits = 0  # transactions committed (a metric: writes per fsync)
         self.jobs_committed = 0
+        self.handed_over = 0  # jobs queued to the writer so far (the loop's count)
         self.migrated: list[str] = []  # migrations the last open applied
 
     # -- lifecycle -----------------------------------------------------------------
@@ -159,6 +167,8 @@ class Engine:
 
     async def close(self) -> None:
         if self._thread is not None:
+            for loop in list(self._pending):  # jobs of this turn go before the stop
+                self._hand_over(loop)
             self._jobs.put(None)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
@@ -183,17 +193,18 @@ class Engine:
                 first = self._jobs.get()
                 if first is None:
                     return
-                batch = [first]
+                batch = first
                 stop = False
                 while len(batch) < MAX_GROUP:
                     try:
-                        job = self._jobs.get_nowait()
+                        burst = self._jobs.get_nowait()
                     except queue.Empty:
                         break
-                    if job is None:
+                    if burst is None:
                         stop = True
                         break
-                    batch.append(job)
+                    batch += burst
+                # A burst may take a group past MAX_GROUP: one loop turn's jobs at most.
                 self._run_batch(conn, db, batch)
                 if stop:
                     return
@@ -301,10 +312,11 @@ class Engine:
 
     def _fail_all(self, error: BaseException) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            burst = self._jobs.get()
+            if burst is None:
                 return
-            job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+            for job in burst:
+                job.loop.call_soon_threadsafe(_settle, job.future, None, error)
 
     # -- the async API -------------------------------------------------------------
     async def write(self, fn: Callable[[Database], T]) -> T:
@@ -323,8 +335,23 @@ class Engine:
             raise StoreUnavailable("store is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put(_Job(batch, item, future, loop, unlocked))
+        job = _Job(batch, item, future, loop, unlocked)
+        pending = self._pending.get(loop)
+        if pending is None:
+            # The first job of this turn: queue it, with every job the turn adds, as soon
+            # as the turn ends. A lone job waits no longer than that.
+            self._pending[loop] = [job]
+            loop.call_soon(self._hand_over, loop)
+        else:
+            pending.append(job)
         return await future
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Queue the jobs `loop` issued since its last hand-over as one burst."""
+        burst = self._pending.pop(loop, None)
+        if burst:
+            self.handed_over += len(burst)
+            self._jobs.put(burst)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
