@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import tempfile
 from pathlib import Path
 
 from app_cost import BARE, Poster
+from common import report_instructions
 
 from bridge.app import build
 from bridge.config import load_config
@@ -46,17 +46,6 @@ async def main(args: argparse.Namespace) -> None:
         os.getppid()  # and ends
 
 
-def report(base: str, requests: int) -> None:
-    """Instructions per request in the measured dump (the second) of each thread."""
-    for path in sorted(Path(base).parent.glob(Path(base).name + ".2-*")):
-        text = path.read_text()
-        total = re.search(r"^summary: (\d+)", text, re.M) or re.search(
-            r"^totals: (\d+)", text, re.M
-        )
-        assert total is not None
-        print(f"{path.name}: {int(total.group(1)) / requests:12,.0f} instructions a request")
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
@@ -66,7 +55,7 @@ if __name__ == "__main__":
     parser.add_argument("--report", nargs=2, metavar=("OUT", "REQUESTS"))
     args = parser.parse_args()
     if args.report:
-        report(args.report[0], int(args.report[1]))
+        report_instructions(args.report[0], int(args.report[1]), "request")
     else:
         try:
             import uvloop

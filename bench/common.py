@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -66,3 +67,15 @@ def cpu_seconds(pid: int) -> float:
 def load_average(avg: tuple[float, float, float]) -> str:
     """`os.getloadavg()` as uptime prints it."""
     return " ".join(f"{x:.2f}" for x in avg)
+
+
+def report_instructions(base: str, count: int, unit: str) -> None:
+    """Instructions per `unit` (a request, a mail) in the measured dump (the second) of
+    each thread callgrind wrote as `base.2-*` (app_instr.py, smtp_instr.py)."""
+    for path in sorted(Path(base).parent.glob(Path(base).name + ".2-*")):
+        text = path.read_text()
+        total = re.search(r"^summary: (\d+)", text, re.M) or re.search(
+            r"^totals: (\d+)", text, re.M
+        )
+        assert total is not None
+        print(f"{path.name}: {int(total.group(1)) / count:12,.0f} instructions a {unit}")

@@ -35,7 +35,6 @@ import cProfile
 import gc
 import os
 import pstats
-import re
 import socket
 import sys
 import tempfile
@@ -218,17 +217,6 @@ async def serve_bridge(args: argparse.Namespace, env: dict[str, str], tmp: Path)
             await runner
 
 
-def report(base: str, mails: int) -> None:
-    """Instructions per mail in the measured dump (the second) of the loop's thread."""
-    for path in sorted(Path(base).parent.glob(Path(base).name + ".2-*")):
-        text = path.read_text()
-        total = re.search(r"^summary: (\d+)", text, re.M) or re.search(
-            r"^totals: (\d+)", text, re.M
-        )
-        assert total is not None
-        print(f"{path.name}: {int(total.group(1)) / mails:12,.0f} instructions a mail")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mails", type=int, default=2000)
@@ -247,7 +235,9 @@ def main() -> None:
     parser.add_argument("--client", nargs=4, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.report:
-        report(args.report[0], int(args.report[1]))
+        from common import report_instructions
+
+        report_instructions(args.report[0], int(args.report[1]), "mail")
         return
     if args.client:
         asyncio.run(client(*args.client))
