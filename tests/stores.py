@@ -73,10 +73,16 @@ class FaultyEngine(Engine):
     def __init__(self, path: str | Path) -> None:
         super().__init__(path)
         self.fault: Callable[[], None] | None = None
+        self.sync_fault: Callable[[int], None] | None = None
 
     def _before_write(self) -> None:
         if self.fault is not None:
             self.fault()
+
+    def _sync_file(self, fd: int) -> None:
+        if self.sync_fault is not None:
+            self.sync_fault(fd)
+        super()._sync_file(fd)
 
 
 class FaultySqliteStore(SqliteStore):
@@ -89,6 +95,12 @@ class FaultySqliteStore(SqliteStore):
         to play a full disk); None: the disk recovers."""
         assert isinstance(self.engine, FaultyEngine)
         self.engine.fault = fault
+
+    def fail_syncs(self, fault: Callable[[int], None] | None) -> None:
+        """Call `fault(fd)` in the syncer before each fdatasync of the WAL or its
+        directory (block in it to play a slow disk, raise OSError for a failing one)."""
+        assert isinstance(self.engine, FaultyEngine)
+        self.engine.sync_fault = fault
 
     def disk_full(self) -> None:
         def full() -> None:

@@ -7,10 +7,14 @@ nothing above it changes. `bridge.store.open_store` picks the implementation fro
 
 Guarantees every implementation keeps:
 - An operation that writes returns only once its change is durable (committed and
-  flushed as the backend does it: SQLite `synchronous=FULL`, PostgreSQL a committed
-  transaction): the caller may acknowledge (SMTP 250, HTTP 202) right after.
+  flushed as the backend does it: SQLite a commit, then an fdatasync of its WAL,
+  PostgreSQL a committed transaction): the caller may acknowledge (SMTP 250, HTTP 202)
+  right after.
 - Each operation is atomic: all of its change or none of it.
-- A storage failure raises `bridge.errors.StoreUnavailable` (nothing was changed); any
+- A storage failure raises `bridge.errors.StoreUnavailable` (nothing was changed; but
+  for SQLite's failed sync of its WAL, after which what the sync covered may or may not
+  be on disk and the store takes no more writes until the bridge restarts: a caller
+  that retries meets its first attempt in the dedupe window, if it was kept); any
   other exception comes from a caller's function (a decider, a digest builder) and leaves
   nothing changed either.
 - Every state change of a message leaves a row in its event log (`events`).

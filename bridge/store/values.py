@@ -137,6 +137,9 @@ class StoreStats:
 
     transactions: int  # transactions committed
     writes: int  # write operations committed (several may share one transaction)
+    # Why the store takes no write until the process restarts (SQLite's failed sync of
+    # its WAL), or None: /healthz asks for the restart.
+    broken: str | None = None
 
 
 # -- the interface -----------------------------------------------------------------------

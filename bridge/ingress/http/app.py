@@ -311,8 +311,13 @@ def create_app(
     async def healthz(request: Request) -> Response:
         # Alive is more than answering: a dispatcher whose every step fails leaves what
         # was acknowledged unsent, and a restart is what an orchestrator can offer.
+        problems: dict[str, Any] = {}
         if failing := loops.failing():
-            return JSONAnswer({"status": "failing", "problems": {"loops": failing}}, 503)
+            problems["loops"] = failing
+        if broken := store.stats().broken:  # nothing is acknowledged until a restart
+            problems["store"] = broken
+        if problems:
+            return JSONAnswer({"status": "failing", "problems": problems}, 503)
         return JSONAnswer({"status": "ok"})
 
     async def readyz(request: Request) -> Response:

@@ -4,9 +4,21 @@ One thread owns the write connection (Datasette's pattern). Jobs from the event 
 queued to it; it takes every job waiting, runs them in one `BEGIN IMMEDIATE` transaction
 (if one raises, the group is rolled back and each job rerun alone, so one bad job cannot
 spoil the others: an SQLite error too, when it is the job's, such as a constraint it
-breaks, and not the database's, such as a full disk, a lock or a corrupt file), commits with `synchronous=FULL`, and only then resolves each job's
-future. A caller that awaited `write()` therefore holds a durable result: that is when
-SMTP may say 250 and HTTP 202. Consecutive jobs for the same batch function
+breaks, and not the database's, such as a full disk, a lock or a corrupt file) and
+commits. A second thread, the syncer, then makes the commit durable (`fdatasync` of the
+WAL) and only then resolves each job's future. A caller that awaited `write()` therefore
+holds a durable result: that is when SMTP may say 250 and HTTP 202.
+
+Why two threads (pipelined group commit): with `synchronous=FULL` the writer itself
+waited for the disk at every COMMIT and took the GIL back after it, while the next jobs
+queued behind; with `synchronous=NORMAL` a commit only writes its frames to the WAL file,
+and the syncer's one `fdatasync` covers every group committed before it started, while
+the writer already runs the next group. The file is the same as with FULL at every sync:
+SQLite's NORMAL never corrupts a WAL database (a power loss rolls back to the last frame
+on disk), and every acknowledged commit's frames were on disk before its acknowledgement
+(BENCHMARKS.md, issue #16). A failed `fdatasync` cannot be retried safely (the kernel
+may have dropped the pages it could not write, and a later sync succeed without them):
+the jobs it covered fail, and so does every write after it until the bridge restarts. Consecutive jobs for the same batch function
 (`write_batched`: every ingest) run as one call, so a hundred concurrent ingests cost a
 handful of statements, not two hundred: each statement is a trip into SQLite that hands
 the GIL to the event loop and waits to get it back. The loop hands its jobs over in
@@ -80,6 +92,8 @@ class _Job:
     unlocked: Unlocked | None = None
 
 
+_Outcome = tuple[_Job, Any, BaseException | None]  # a job, its result, or its error
+
 MIN_SQLITE = (3, 33, 0)  # UPDATE ... FROM; and the JSON functions, checked at open
 
 
@@ -142,6 +156,11 @@ class Engine:
         # Jobs issued in the current turn of each loop, not yet queued (`_hand_over`).
         self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self._thread: threading.Thread | None = None
+        # Each item a committed group's outcomes, to settle once the WAL is on disk.
+        self._unsynced: queue.SimpleQueue[list[_Outcome] | None] = queue.SimpleQueue()
+        self._syncer: threading.Thread | None = None
+        self._wal_inode: int | None = None  # the WAL whose directory entry was synced
+        self.sync_failed: StoreUnavailable | None = None  # writes end until a restart
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read")
         self._local = threading.local()
         # Every reader's connection, closed by close(): left to the garbage collector, a
@@ -163,6 +182,8 @@ class Engine:
             _create_private(self.path)
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
+        self._syncer = threading.Thread(target=self._sync_loop, name="store-sync", daemon=True)
+        self._syncer.start()
         await self.write(lambda db: None)  # surfaces a failed open or migration here
 
     async def close(self) -> None:
@@ -172,6 +193,10 @@ class Engine:
             self._jobs.put(None)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._syncer is not None:  # after the writer: every commit is queued to it
+            self._unsynced.put(None)
+            await asyncio.to_thread(self._syncer.join)
+            self._syncer = None
         self._readers.shutdown(wait=True)
         while self._reader_conns:
             self._reader_conns.pop().close()
@@ -181,7 +206,8 @@ class Engine:
         try:
             conn = _connect(self.path)
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
+            # Durable at the syncer's fdatasync of the WAL, not at each COMMIT (above).
+            conn.execute("PRAGMA synchronous = NORMAL")
             db = Database(conn, execute_plugins=False)
             self.migrated = [m.name for m in migrations.pending(db)]
             migrations.apply(db)
@@ -232,7 +258,7 @@ class Engine:
 
     def _unlocked(
         self, conn: sqlite3.Connection, db: Database, jobs: list[_Job]
-    ) -> list[tuple[_Job, Any, BaseException | None]] | None:
+    ) -> list[_Outcome] | None:
         """The group in its batch's unlocked form, when every job is of one batch that has
         one: without BEGIN and COMMIT, each a trip into SQLite that lets the GIL go and
         waits for the busy event loop to hand it back (BENCHMARKS.md, issue #16). None
@@ -263,12 +289,12 @@ class Engine:
 
     def _transaction(
         self, conn: sqlite3.Connection, db: Database, jobs: list[_Job]
-    ) -> list[tuple[_Job, Any, BaseException | None]]:
+    ) -> list[_Outcome]:
         """Run `jobs` in one BEGIN IMMEDIATE ... COMMIT; a storage error fails them all."""
         try:
             self._before_write()
             conn.execute("BEGIN IMMEDIATE")
-            results: list[tuple[_Job, Any, BaseException | None]] = []
+            results: list[_Outcome] = []
             for batch, group in itertools.groupby(jobs, key=lambda job: job.batch):
                 run = list(group)
                 try:
@@ -302,8 +328,75 @@ class Engine:
         error raised here fails the whole group as a failed commit would: tests override
         it to play a full or failing disk."""
 
-    def _settle(self, outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
-        # One wake-up of the event loop per transaction, not one per job.
+    def _settle(self, outcomes: list[_Outcome]) -> None:
+        """Hand a committed group to the syncer, which settles it once durable."""
+        self._unsynced.put(outcomes)
+
+    # -- the syncer thread ---------------------------------------------------------
+    def _sync_loop(self) -> None:
+        while True:
+            first = self._unsynced.get()
+            if first is None:
+                return
+            groups, stop = [first], False
+            while True:  # every group committed so far: one fdatasync covers them all
+                try:
+                    more = self._unsynced.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                groups.append(more)
+            failure = self.sync_failed or self._sync_wal()
+            for outcomes in groups:
+                if failure is not None:
+                    outcomes = [(job, None, error or failure) for job, _, error in outcomes]
+                self._resolve(outcomes)
+            if stop:
+                return
+
+    def _sync_wal(self) -> StoreUnavailable | None:
+        """fdatasync the WAL (and its directory, for a WAL the writer created since the
+        last sync); the failure that ends writing, or None."""
+        if self.path == ":memory:":
+            return None
+        try:
+            fd = os.open(self.path + "-wal", os.O_RDONLY)
+        except FileNotFoundError:  # nothing written in WAL mode yet: nothing to sync
+            return None
+        except OSError as exc:
+            return self._fail_sync(exc)
+        try:
+            self._sync_file(fd)
+            inode = os.fstat(fd).st_ino
+            if inode != self._wal_inode:  # a new file: its name must survive a power loss
+                directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+                try:
+                    self._sync_file(directory)
+                finally:
+                    os.close(directory)
+                self._wal_inode = inode
+        except OSError as exc:
+            return self._fail_sync(exc)
+        finally:
+            os.close(fd)
+        return None
+
+    def _sync_file(self, fd: int) -> None:
+        """`os.fdatasync(fd)`; tests override it to play a slow or failing disk."""
+        os.fdatasync(fd)
+
+    def _fail_sync(self, exc: OSError) -> StoreUnavailable:
+        log.error("store sync failed, no more writes until a restart: %s", exc)
+        self.sync_failed = StoreUnavailable(
+            f"store sync failed ({exc.strerror or exc}): restart the bridge once the disk is sound"
+        )
+        self.sync_failed.__cause__ = exc
+        return self.sync_failed
+
+    def _resolve(self, outcomes: list[_Outcome]) -> None:
+        # One wake-up of the event loop per group, not one per job.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, ...]]] = {}
         for job, result, error in outcomes:
             by_loop.setdefault(job.loop, []).append((job.future, result, error))
@@ -333,6 +426,8 @@ class Engine:
         first when every job of the group is of this batch."""
         if self._thread is None or not self._thread.is_alive():
             raise StoreUnavailable("store is not open")
+        if self.sync_failed is not None:
+            raise StoreUnavailable(str(self.sync_failed))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         job = _Job(batch, item, future, loop, unlocked)

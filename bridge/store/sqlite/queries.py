@@ -106,8 +106,8 @@ def insert_unless_changed(
     `insert_messages` does, unless another connection committed since the read that
     returned `version`: then nothing is written. Whether it inserted.
 
-    Outside a transaction the statement commits itself (with `synchronous=FULL`, durably,
-    or not at all); the data version is read inside that commit's own write transaction,
+    Outside a transaction the statement commits itself (all of it or nothing; durable at
+    the engine's next sync of the WAL, as every commit is); the data version is read inside that commit's own write transaction,
     so nothing another process writes can slip between the check and the insert."""
     rows = _rows(messages, now, first_id)
     marks = ",".join([ROW_MARKS] * len(rows))

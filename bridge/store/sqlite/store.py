@@ -54,7 +54,12 @@ class SqliteStore(DeliveryOperations, RateOperations, ConsoleQueries):
         await self.engine.close()
 
     def stats(self) -> StoreStats:
-        return StoreStats(transactions=self.engine.commits, writes=self.engine.jobs_committed)
+        failed = self.engine.sync_failed
+        return StoreStats(
+            transactions=self.engine.commits,
+            writes=self.engine.jobs_committed,
+            broken=None if failed is None else str(failed),
+        )
 
     async def heartbeat(self, now: float) -> None:
         """Rewrite the one heartbeat row and commit: the readiness probe's real write."""
