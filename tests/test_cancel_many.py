@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from bridge.clock import ManualClock
+from bridge.ingress.http import bulk
 from bridge.models import NewMessage, State
 from tests.helpers import bridge_config, running_bridge
 from tests.stores import seed
@@ -87,8 +88,14 @@ async def test_the_api_cancels_a_phones_waiting_messages_with_the_admin_scope(
         both = await http.post(f"{CANCEL}/", json={"recipient": PHONE}, headers=bearer(ADMIN))
         assert both.json() == {"cancelled": 1, "in_flight": 1, "more": False}
         assert await states(bridge, [held, theirs]) == [State.FAILED, State.QUEUED]
+        # Held only: what the dispatcher is sending was never selected (none of it held).
+        [held_too] = await seed(bridge.store, [QUEUED._replace(state=State.HELD)], 2.0)
+        only = {"recipient": PHONE, "state": "held"}
+        held_only = await http.post(CANCEL, json=only, headers=bearer(ADMIN))
+        assert held_only.json() == {"cancelled": 1, "in_flight": 0, "more": False}
+        assert await states(bridge, [held_too]) == [State.FAILED]
         again = await http.post(CANCEL, json={"recipient": PHONE}, headers=bearer(ADMIN))
-        assert again.json()["cancelled"] == 0
+        assert again.json() == {"cancelled": 0, "in_flight": 1, "more": False}
 
 
 async def test_the_api_cancels_by_route_and_text(
@@ -247,3 +254,25 @@ async def test_console_posts_with_a_trailing_slash_are_served(
             await sign_in(reader, READER)
             answer = await reader.post("/ui/messages/1/retry/", data={"csrf": "x"})
             assert answer.status_code == 403  # the scope and CSRF hold as without the slash
+
+
+async def test_a_cancel_that_stops_at_its_bound_says_more_may_be_left(
+    tmp_path, sandbox_url: str, clock: ManualClock, monkeypatch
+) -> None:
+    """One call is bounded (a flood still arriving is not chased for ever): one that
+    stopped at its bound with messages maybe left says so (`more`), and the next call
+    cancels the rest."""
+    monkeypatch.setattr(bulk, "CANCEL_BATCH", 2)
+    monkeypatch.setattr(bulk, "MAX_CANCEL_ROUNDS", 1)
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url, headers=bearer(ADMIN)) as http,
+    ):
+        ids = await seed(bridge.store, [QUEUED] * 3, 1.0)
+        body = {"recipient": PHONE, "state": "queued"}
+        first = await http.post(CANCEL, json=body)
+        assert first.json() == {"cancelled": 2, "in_flight": 0, "more": True}
+        rest = await http.post(CANCEL, json=body)
+        assert rest.json() == {"cancelled": 1, "in_flight": 0, "more": False}
+        assert await states(bridge, ids) == [State.FAILED] * 3

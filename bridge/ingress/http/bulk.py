@@ -69,7 +69,15 @@ async def cancel_waiting(
     for state in wanted.states:
         done, left = await _cancel_in(store, state, wanted, now, by)
         cancelled, more = cancelled + done, more or left
-    # Counted after: a message the dispatcher claimed while the cancel ran is here too.
+    return Cancelled(cancelled, await _in_flight(store, wanted), more)
+
+
+async def _in_flight(store: Store, wanted: Waiting) -> int:
+    """The selected messages the dispatcher has claimed: queued ones it took (a held one
+    goes into a digest, never to `sending` as itself). Counted after the cancel: one
+    claimed while it ran is here too."""
+    if str(State.QUEUED) not in wanted.states:
+        return 0
     sending = await store.query(
         state=str(State.SENDING),
         number=wanted.number,
@@ -77,7 +85,7 @@ async def cancel_waiting(
         text=wanted.text,
         limit=IN_FLIGHT_COUNTED,
     )
-    return Cancelled(cancelled, len(sending), more)
+    return len(sending)
 
 
 async def _cancel_in(
