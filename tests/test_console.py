@@ -542,7 +542,9 @@ async def test_open_bridge_needs_no_sign_in_but_still_a_csrf_token(
             assert forged.status_code == 403
             ok = await http.post(f"/ui/messages/{queued}/cancel", data={"csrf": csrf_of(page)})
             assert ok.status_code == 303
-            assert (await bridge.store.get(queued)).reason == "cancelled by anonymous"
+            assert (await bridge.store.get(queued)).reason == (
+                "cancelled by the console (no tokens configured), from 127.0.0.1"
+            )
         async with httpx.AsyncClient(base_url=url) as fresh:  # no cookie: no session to act in
             assert (
                 await fresh.post(f"/ui/messages/{queued}/retry", data={"a": "1"})

@@ -801,3 +801,35 @@ async def test_on_a_phone_the_filter_form_is_folded_and_the_list_is_on_the_first
         assert await page.get_by_label("Text contains").is_visible()
         await wide.close()
     assert errors.errors == []
+
+
+async def test_an_open_consoles_cancel_all_says_where_it_came_from_and_what_was_too_late(
+    tmp_path: Path, sandbox_url: str, clock: ManualClock, browser
+) -> None:
+    """On a bridge with no tokens, a phone's "Cancel all" read "cancelled by anonymous"
+    in each message's timeline: the operator could not tell who, or from where. The
+    timeline says the console, with no tokens configured, and the browser's address;
+    the note says how many the dispatcher had already taken (too late to cancel)."""
+    errors = ConsoleErrors()
+    config = bridge_config(tmp_path, sandbox_url)  # no [tokens.*]: the open console
+    async with running_bridge(config, clock) as (bridge, url):
+        pile = NewMessage("+12025550144", "disk full", "http", "SMS", 1, 1)
+        later = clock.now() + 3600  # not due yet: the running dispatcher leaves them queued
+        queued = await seed(bridge.store, [pile] * 3, later)
+        await seed(bridge.store, [pile._replace(state=State.SENDING)], later)
+        page = await browser.new_page()
+        errors.watch(page)
+        await page.goto(f"{url}/ui/messages/{queued[0]}")
+        page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        await page.get_by_role("button", name="Cancel every queued message to").click()
+        note = page.get_by_role("status").filter(has_text="Cancelled 3 queued messages")
+        await note.wait_for()
+        assert "1 being handed to the provider now: too late to cancel." in (
+            await note.inner_text()
+        )
+        await page.goto(f"{url}/ui/messages/{queued[0]}")
+        timeline = await page.locator("main").inner_text()
+        assert "cancelled by the console (no tokens configured), from 127.0.0.1" in timeline
+        assert "anonymous" not in timeline
+        await page.close()
+    assert errors.errors == []

@@ -1264,6 +1264,43 @@ async def test_the_recipes_local_curl_needs_no_token(
     assert states == ["suppressed", "suppressed"]
 
 
+@pytest.mark.slow  # runs bash and curl
+async def test_the_recipes_storm_cancel_curl_cancels_with_an_admin_token(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """ "Cancelling a storm from a script" as pasted (only the port changes), with an
+    `admin` token in the file the block reads: that phone's queued texts are cancelled
+    and the answer counts them; with a `read` token in the file, a 403 and nothing
+    cancelled."""
+    from bridge.models import NewMessage, State
+    from tests.stores import seed
+
+    [block] = blocks_in(section_of(RECIPES, "Cancelling a storm from a script"), "sh")
+    admin, reader = "storm-admin-0123456789abcdef", "storm-reader-0123456789abcdef"
+    body = (
+        f'[store]\npath = "{tmp_path / "bridge.db"}"\n'
+        f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
+        f'[tokens.oncall]\ntoken = "{admin}"\nscopes = ["admin"]\n'
+        f'[tokens.grafana]\ntoken = "{reader}"\nscopes = ["read"]\n'
+    )
+    config = load_config(write_config(tmp_path, body), env={})
+    token_file = tmp_path / ".config" / "sms-bridge-admin.token"
+    token_file.parent.mkdir()
+    queued = NewMessage("+12025550143", "disk full", "http", "SMS", 1, 1)
+    async with running_bridge(config, clock) as (bridge, url):
+        ids = await seed(bridge.store, [queued, queued, queued._replace(state=State.HELD)], 1.0)
+        block = block.replace("http://127.0.0.1:8080", url)
+        token_file.write_text(reader + "\n")
+        *refused, code = await _curl_block(block, "", tmp_path, tmp_path)
+        assert code == "403", refused
+        token_file.write_text(admin + "\n")
+        *answer, code = await _curl_block(block, "", tmp_path, tmp_path)
+        assert code == "200", answer
+        assert json.loads(" ".join(answer)) == {"cancelled": 2, "in_flight": 0, "more": False}
+        cancelled = [await bridge.store.get(i) for i in ids]
+    assert [m.reason for m in cancelled] == ["cancelled by oncall"] * 2 + [None]
+
+
 async def test_the_prometheus_recipes_token_reads_metrics_and_nothing_else(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:

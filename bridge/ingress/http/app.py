@@ -24,7 +24,14 @@ from bridge.config import LiveConfig
 from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.firewall import cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
-from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize, token_name
+from bridge.ingress.http.auth import (
+    ANONYMOUS,
+    AuthError,
+    Principal,
+    acting_name,
+    authorize,
+    token_name,
+)
 from bridge.ingress.http.bodies import (
     JSONAnswer,
     error_response,
@@ -33,6 +40,7 @@ from bridge.ingress.http.bodies import (
     query_int,
     read_body,
 )
+from bridge.ingress.http.bulk import cancel_waiting, read_waiting
 from bridge.ingress.http.changes import why_not
 from bridge.ingress.http.console.activity import RouteActivity
 from bridge.ingress.http.console.app import Console
@@ -161,6 +169,12 @@ def requires(scope: str, live: LiveConfig, handler: Handler) -> Handler:
     return handle_errors(guarded, live)
 
 
+def api_actor(request: Request) -> str:
+    """Who made a change through the API, for its reason and event (`acting_name`)."""
+    host = request.client.host if request.client else None
+    return acting_name(request.state.principal, "the API", host)
+
+
 def posted(path: str, endpoint: Handler, method: str = "POST") -> list[Route]:
     """A POST endpoint at `path` and at `path/`. The router's answer to the second was a
     307 to the first, which curl and most scripts do not follow for a POST: the alert
@@ -279,7 +293,7 @@ def create_app(
         """`POST .../retry` (failed -> queued) or `.../cancel` (queued, held -> failed)."""
         raw = request.path_params["message_id"]
         message_id = query_int(raw, "id", minimum=1) or 0  # never None: a path value
-        who = request.state.principal.name
+        who = api_actor(request)
         if action == "retry":
             done = await store.retry([message_id], clock.now(), by=who)
         else:
@@ -294,6 +308,19 @@ def create_app(
         if wake is not None:
             wake()
         return JSONAnswer(message.to_json())
+
+    async def cancel_many(request: Request) -> Response:
+        """`POST /api/v1/messages/cancel`: every waiting message a filter selects (the
+        console's "Cancel all", the same store operation: bridge.ingress.http.bulk)."""
+        config = live.current
+        body = await read_json(request, config.http.max_body_bytes)
+        wanted = await read_waiting(body, config.routes, store)
+        who = api_actor(request)
+        done = await cancel_waiting(store, wanted, clock.now, by=who)
+        log.info("api: %s cancelled %d waiting messages (%s)", who, done.cancelled, wanted)
+        return JSONAnswer(
+            {"cancelled": done.cancelled, "in_flight": done.in_flight, "more": done.more}
+        )
 
     async def metrics_endpoint(request: Request) -> Response:
         if metrics is None:
@@ -355,6 +382,8 @@ def create_app(
         routes=[
             *posted("/api/v1/messages", send_message),
             *posted("/api/v1/messages", requires("read", live, list_messages), "GET"),
+            # Before `{message_id}`, whose GET takes "cancel" for an id (a 400 saying so).
+            *posted("/api/v1/messages/cancel", requires("admin", live, cancel_many)),
             Route(
                 "/api/v1/messages/{message_id}",
                 requires("read", live, get_message),

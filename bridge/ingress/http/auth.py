@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from bridge.addresses import client_name
 from bridge.config import TokenConfig
 from bridge.ingress.credentials import same_secret
 
@@ -47,6 +48,17 @@ def token_name(principal: Principal) -> str | None:
     """The `[tokens.NAME]` a caller used, stored with what it sends (its daily cap counts
     it); None for the open bridge's anonymous caller."""
     return None if principal is ANONYMOUS else principal.name
+
+
+def acting_name(principal: Principal, face: str, client: str | None) -> str:
+    """Who made a change, as its reason and event record it: the token's name; on a
+    bridge with no tokens, which face (`face`: "the console", "the API") and which
+    client it came from. "cancelled by anonymous" left an operator asking who, and from
+    where: the client is what the checks saw (a trusted proxy's X-Forwarded-For read)."""
+    if principal is not ANONYMOUS:
+        return principal.name
+    where = f", from {client_name(client)}" if client else ""
+    return f"{face} (no tokens configured){where}"
 
 
 class AuthError(Exception):

@@ -121,6 +121,34 @@ _STATS = {
         },
     },
 }
+_CANCEL_REQUEST = {
+    "type": "object",
+    "additionalProperties": False,
+    "description": "one or more of recipient, route and q; each given narrows the selection",
+    "properties": {
+        "recipient": {"type": "string", "description": "one phone number, any spacing"},
+        "route": {"type": "string", "description": "a route's name"},
+        "q": {"type": "string", "description": "text the message holds (any case)"},
+        "state": {
+            "type": "string",
+            "enum": ["queued", "held"],
+            "description": "only these; absent: both",
+        },
+    },
+}
+_CANCELLED = {
+    "type": "object",
+    "required": ["cancelled", "in_flight", "more"],
+    "properties": {
+        "cancelled": {"type": "integer", "minimum": 0},
+        "in_flight": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "selected but being handed to the provider (sending): not cancelled",
+        },
+        "more": {"type": "boolean", "description": "messages may be left: post again"},
+    },
+}
 _RECIPIENTS = {
     "oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}],
     "description": "E.164 numbers or group names",
@@ -341,6 +369,20 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                         **_errors(400, 401, 403),
                     },
                 },
+            },
+            "/api/v1/messages/cancel": {
+                "post": {
+                    "summary": "end every queued or held message a filter selects as failed,"
+                    " 'cancelled by NAME' (admin)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _CANCEL_REQUEST}},
+                    },
+                    "responses": {
+                        "200": _json("how many were cancelled", _CANCELLED),
+                        **_errors(400, 401, 403, 413, 415, 503),
+                    },
+                }
             },
             "/api/v1/messages/{id}": {
                 "get": {

@@ -27,10 +27,18 @@ from bridge.errors import InputError, Unavailable
 from bridge.firewall import cap_recipients
 from bridge.health import ProviderHealth
 from bridge.ingress.http.auth import token_name
+from bridge.ingress.http.bulk import Cancelled, Waiting, cancel_waiting, phone_number
 from bridge.ingress.http.changes import CANCEL, RETRY, why_not
 from bridge.ingress.http.console import chart
 from bridge.ingress.http.console.activity import RouteActivity
-from bridge.ingress.http.console.gate import HERE, Caller, Gate, Refused, SecureHeaders
+from bridge.ingress.http.console.gate import (
+    HERE,
+    Caller,
+    Gate,
+    Refused,
+    SecureHeaders,
+    SlashlessPosts,
+)
 from bridge.ingress.http.console.routes import (
     authentication,
     encoding_name,
@@ -55,8 +63,6 @@ MAX_TEST_TEXT = 1000
 CHART_MINUTES = 180
 DELIVERY_WINDOW = 86400.0
 RECENT_FAILURES = 10
-CANCEL_BATCH = 500  # a phone's held or queued messages cancelled per store write
-MAX_CANCEL_ROUNDS = 100
 # The storms card's queued piles: phones with this many of the queue's next texts due
 # (store.queued_piles says why only so many are read).
 QUEUED_PILE_SCAN = 2000
@@ -98,6 +104,21 @@ def sender_of(token: str | None, source: str) -> dict[str, str | None]:
         login = token[len(SMTP_SENDER) :]
         return {"kind": "smtp", "name": login, "text": f"SMTP login {login}"}
     return {"kind": "token", "name": token, "text": f"API token {token}"}
+
+
+def _cancel_note(done: Cancelled, waiting: str, number: str) -> str:
+    """What a phone's "Cancel all" did, as the page it goes back to says it."""
+    plural = "" if done.cancelled == 1 else "s"
+    note = (
+        f"Cancelled {done.cancelled} {waiting} message{plural} to {number}."
+        if done.cancelled
+        else f"Nothing was {waiting} for {number}: nothing cancelled."
+    )
+    if done.in_flight:
+        note += f" {done.in_flight} being handed to the provider now: too late to cancel."
+    if done.more:
+        note += " More may be left: cancel again."
+    return note
 
 
 class Console(Gate):
@@ -404,22 +425,22 @@ class Console(Gate):
 
     # -- actions (admin) ---------------------------------------------------------------
     async def retry(self, request: Request, caller: Caller, form: dict[str, str]) -> Response:
-        message_id = request.path_params["message_id"]
-        done = await self.store.retry([message_id], self.clock.now(), by=caller.principal.name)
+        message_id, who = request.path_params["message_id"], self._who(request, caller)
+        done = await self.store.retry([message_id], self.clock.now(), by=who)
         if not done:
             return await self._not_now(request, message_id, RETRY)
         self.wake()
-        log.info("console: %s retried message %d", caller.principal.name, message_id)
+        log.info("console: %s retried message %d", who, message_id)
         return self._back(
             caller, f"/ui/messages/{message_id}", f"Message {message_id} queued again."
         )
 
     async def cancel(self, request: Request, caller: Caller, form: dict[str, str]) -> Response:
-        message_id = request.path_params["message_id"]
-        done = await self.store.cancel([message_id], self.clock.now(), by=caller.principal.name)
+        message_id, who = request.path_params["message_id"], self._who(request, caller)
+        done = await self.store.cancel([message_id], self.clock.now(), by=who)
         if not done:
             return await self._not_now(request, message_id, CANCEL)
-        log.info("console: %s cancelled message %d", caller.principal.name, message_id)
+        log.info("console: %s cancelled message %d", who, message_id)
         return self._back(caller, f"/ui/messages/{message_id}", f"Message {message_id} cancelled.")
 
     def cancel_waiting(
@@ -438,32 +459,18 @@ class Console(Gate):
                 return self._error(
                     request, 400, f"'recipient': which phone's {waiting} messages?", as_json=False
                 )
-            # Stored recipients are whole numbers (+CC...), as the firewall normalised
-            # them; anything else names no phone's messages. Not looked up as written: a
-            # NUL in it was a 500 on PostgreSQL (its text holds none), "nothing
-            # cancelled" on SQLite.
             try:
-                number = normalise_number(written)
-            except PhoneError as exc:
-                return self._error(
-                    request, 400, f"'recipient': {exc}, with its calling code", as_json=False
-                )
-            who, cancelled = caller.principal.name, 0
-            for _ in range(MAX_CANCEL_ROUNDS):  # bounded: a flood still arriving is not chased
-                found = await self.store.query(state=waiting, number=number, limit=CANCEL_BATCH)
-                done = await self.store.cancel([m.id for m in found], self.clock.now(), by=who)
-                cancelled += len(done)
-                # Fewer than found: the dispatcher took some meanwhile (a queued one it
-                # claims is the provider's now); the next round finds what is left.
-                if len(found) < CANCEL_BATCH or not done:
-                    break
-            log.info("console: %s cancelled %d %s messages to %s", who, cancelled, waiting, number)
-            plural = "" if cancelled == 1 else "s"
-            note = (
-                f"Cancelled {cancelled} {waiting} message{plural} to {number}."
-                if cancelled
-                else f"Nothing was {waiting} for {number}: nothing cancelled."
+                number = phone_number(written)
+            except InputError as exc:
+                return self._error(request, 400, f"'recipient': {exc.message}", as_json=False)
+            who = self._who(request, caller)
+            done = await cancel_waiting(
+                self.store, Waiting(states=(waiting,), number=number), self.clock.now, by=who
             )
+            log.info(
+                "console: %s cancelled %d %s messages to %s", who, done.cancelled, waiting, number
+            )
+            note = _cancel_note(done, waiting, number)
             return self._back(caller, f"/ui/messages?{urlencode({'recipient': number})}", note)
 
         return cancel
@@ -511,10 +518,9 @@ class Console(Gate):
             ]
         )
         ids = [a.id for a in accepted]
-        await self.store.note(
-            ids, f"test message sent from the console by {caller.principal.name}", self.clock.now()
-        )
-        log.info("console: %s sent a test message to %s", caller.principal.name, recipients)
+        who = self._who(request, caller)
+        await self.store.note(ids, f"test message sent from the console by {who}", self.clock.now())
+        log.info("console: %s sent a test message to %s", who, recipients)
         count = len(ids)
         return self._back(
             caller,
@@ -581,5 +587,8 @@ class Console(Gate):
 
         return [
             Route("/ui", to_slash, methods=["GET"]),
-            Mount("/ui", app=SecureHeaders(Router(routes=inner, default=not_found))),
+            Mount(
+                "/ui",
+                app=SecureHeaders(SlashlessPosts(Router(routes=inner, default=not_found))),
+            ),
         ]

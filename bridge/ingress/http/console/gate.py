@@ -35,7 +35,14 @@ from bridge.clock import Clock
 from bridge.config import LiveConfig
 from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.ingress.credentials import same_secret
-from bridge.ingress.http.auth import ANONYMOUS, AuthError, Principal, authorize, identify
+from bridge.ingress.http.auth import (
+    ANONYMOUS,
+    AuthError,
+    Principal,
+    acting_name,
+    authorize,
+    identify,
+)
 from bridge.ingress.http.bodies import error_response, read_bounded
 from bridge.ingress.http.console.routes import encoding_name
 from bridge.ingress.http.console.sessions import COOKIE, LIFETIME, Session, Sessions
@@ -111,6 +118,24 @@ class SecureHeaders:
             await send(message)
 
         await self.app(scope, receive, sending)
+
+
+class SlashlessPosts:
+    """A POST under `/ui/` to `path/` is served as `path`, as the API serves its POSTs
+    (`app.posted`). The router answered it with a 307 to `path`: curl without `-L`
+    stopped there (the cancel was not done, and nothing said so), and a client that
+    follows it may resend as a GET. Only POSTs: a GET's redirect is the browser's way
+    to the page, and a page's links never end in a slash but the overview's."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path: str = scope["path"]
+            if path.endswith("/") and path != scope.get("root_path", "") + "/":
+                scope = {**scope, "path": path[:-1]}
+        await self.app(scope, receive, send)
 
 
 def _clock_text(epoch: float | None) -> str:
@@ -219,6 +244,11 @@ class Gate:
         if not principal.may(scope):
             raise AuthError(403, f"token {principal.name!r} lacks the {scope!r} scope")
         return Caller(principal, session, new_id)
+
+    def _who(self, request: Request, caller: Caller) -> str:
+        """Who acts, for a change's reason and event (`auth.acting_name`)."""
+        host = request.client.host if request.client else None
+        return acting_name(caller.principal, "the console", host)
 
     async def _form(
         self, request: Request, caller: Caller, max_bytes: int = MAX_FORM_BYTES

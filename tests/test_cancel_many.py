@@ -1,0 +1,278 @@
+"""Cancelling many waiting messages at once, through the real listener with httpx: the
+API's `POST /api/v1/messages/cancel` (the console's "Cancel all" as a script's call, the
+same store operation), who a token-less bridge records as having cancelled, and the
+console's POSTs written with a trailing slash.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.ingress.http import bulk
+from bridge.models import NewMessage, State
+from tests.helpers import bridge_config, running_bridge
+from tests.stores import seed
+from tests.test_console import ADMIN, READER, SENDER, TOKENS, csrf_of, sign_in
+
+CANCEL = "/api/v1/messages/cancel"
+PHONE, OTHER = "+12025550144", "+12025550145"
+QUEUED = NewMessage(PHONE, "disk full on nas-1", "http", "SMS", 1, 1)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def states(bridge, ids: list[int]) -> list[State]:
+    return [(await bridge.store.get(i)).state for i in ids]
+
+
+async def test_the_api_cancels_a_phones_waiting_messages_with_the_admin_scope(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str
+) -> None:
+    """The console could cancel a phone's queued storm at once; a script could only
+    cancel a message at a time. `POST /api/v1/messages/cancel` takes the console's
+    filter (the phone, as a number in any spacing) and `state`: 401 without a token, 403
+    with a read or send one, nothing changed; with admin, that phone's queued messages
+    are failed "cancelled by NAME" with an event each, and the answer counts them and
+    those being handed to the provider (not cancelled). Held ones stay until asked for
+    (no `state`: both); other phones' and sent ones stay. Both stores."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        mine = await seed(bridge.store, [QUEUED] * 3, 1.0)
+        held, theirs, sending, sent = await seed(
+            bridge.store,
+            [
+                QUEUED._replace(state=State.HELD),
+                QUEUED._replace(recipient=OTHER),
+                QUEUED._replace(state=State.SENDING),
+                QUEUED._replace(state=State.SENT),
+            ],
+            1.0,
+        )
+        body = {"recipient": "+1 202 555 0144", "state": "queued"}
+        refused = await http.post(CANCEL, json=body)
+        assert refused.status_code == 401, refused.text
+        assert "missing bearer token" in refused.json()["error"]
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        for token in (READER, SENDER):
+            answer = await http.post(CANCEL, json=body, headers=bearer(token))
+            assert answer.status_code == 403, answer.text
+            assert "lacks the 'admin' scope" in answer.json()["error"]
+        assert await states(bridge, mine) == [State.QUEUED] * 3
+
+        done = await http.post(CANCEL, json=body, headers=bearer(ADMIN))
+        assert done.status_code == 200, done.text
+        assert done.json() == {"cancelled": 3, "in_flight": 1, "more": False}
+        for message_id in mine:
+            message = await bridge.store.get(message_id)
+            assert (message.state, message.reason) == (State.FAILED, "cancelled by root")
+            assert message.reason_kind == "cancelled"
+            events = await bridge.store.events(message_id)
+            assert (events[-1]["state"], events[-1]["detail"]) == (
+                "failed",
+                "cancelled by root",
+            )
+        assert await states(bridge, [held, theirs, sending, sent]) == [
+            State.HELD,
+            State.QUEUED,
+            State.SENDING,
+            State.SENT,
+        ]
+        # No state: queued and held alike; written with a trailing slash, served.
+        both = await http.post(f"{CANCEL}/", json={"recipient": PHONE}, headers=bearer(ADMIN))
+        assert both.json() == {"cancelled": 1, "in_flight": 1, "more": False}
+        assert await states(bridge, [held, theirs]) == [State.FAILED, State.QUEUED]
+        # Held only: what the dispatcher is sending was never selected (none of it held).
+        [held_too] = await seed(bridge.store, [QUEUED._replace(state=State.HELD)], 2.0)
+        only = {"recipient": PHONE, "state": "held"}
+        held_only = await http.post(CANCEL, json=only, headers=bearer(ADMIN))
+        assert held_only.json() == {"cancelled": 1, "in_flight": 0, "more": False}
+        assert await states(bridge, [held_too]) == [State.FAILED]
+        again = await http.post(CANCEL, json={"recipient": PHONE}, headers=bearer(ADMIN))
+        assert again.json() == {"cancelled": 0, "in_flight": 1, "more": False}
+
+
+async def test_the_api_cancels_by_route_and_text(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """A storm is often one route's, or one alert's text to many phones: `route` and `q`
+    (the list's filters, the same names) select those; given together, both hold."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url, headers=bearer(ADMIN)) as http,
+    ):
+        routed = QUEUED._replace(route="am", recipient=OTHER)
+        disk_am, cpu_am, disk_api, cpu_api = await seed(
+            bridge.store,
+            [
+                routed,
+                routed._replace(text="CPU hot on db-2"),
+                QUEUED,
+                QUEUED._replace(text="cpu hot on web-1"),
+            ],
+            1.0,
+        )
+        both = await http.post(CANCEL, json={"route": "am", "q": "DISK"})
+        assert both.json() == {"cancelled": 1, "in_flight": 0, "more": False}
+        assert await states(bridge, [disk_am, cpu_am]) == [State.FAILED, State.QUEUED]
+        text = await http.post(CANCEL, json={"q": "cpu hot"})
+        assert text.json()["cancelled"] == 2
+        assert await states(bridge, [cpu_am, disk_api, cpu_api]) == [
+            State.FAILED,
+            State.QUEUED,
+            State.FAILED,
+        ]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({}, 400, "give 'recipient', 'route' or 'q'"),
+        ({"state": "queued"}, 400, "give 'recipient', 'route' or 'q'"),
+        ({"recpient": PHONE}, 400, "unknown field 'recpient': one of recipient, route, q, state"),
+        ({"to": PHONE}, 400, "unknown field 'to'"),
+        ({"recipient": "nas.example.org"}, 400, "not a possible phone number"),
+        ({"recipient": "+1\x00"}, 400, "'recipient' holds a NUL character"),
+        ({"q": "\x00"}, 400, "'q' holds a NUL character"),
+        ({"route": "nope"}, 400, "unknown route 'nope'"),
+        ({"route": "\x00"}, 400, "'route' holds a NUL character"),
+        ({"q": "disk", "state": "sent"}, 400, "'state' 'sent' is not a waiting state"),
+        ({"q": " "}, 400, "'q' is empty"),
+        ({"q": 5}, 400, "'q' must be a string"),
+        ([PHONE], 400, "body must be a JSON object"),
+        ({"q": "x" * 5001}, 400, "longer than 5000 characters"),
+    ],
+)
+async def test_a_bad_filter_is_a_4xx_that_says_why_and_cancels_nothing(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str, body, status: int, words: str
+) -> None:
+    """Nothing selected is no "cancel everything": an empty or misspelt body is a 400
+    naming what is missing, as is a phone that is no number, a route neither configured
+    nor stored, a state no message can be cancelled from, and a NUL (PostgreSQL's text
+    holds none: a 500 there). Both stores; nothing is cancelled."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+        [queued] = await seed(bridge.store, [QUEUED], 1.0)
+        async with httpx.AsyncClient(base_url=url, headers=bearer(ADMIN)) as http:
+            answer = await http.post(CANCEL, json=body)
+        assert answer.status_code == status, answer.text
+        assert words in answer.json()["error"], answer.text
+        assert await states(bridge, [queued]) == [State.QUEUED]
+
+
+async def test_a_body_that_is_not_json_is_a_4xx(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    async with (
+        running_bridge(config, clock) as (_bridge, url),
+        httpx.AsyncClient(base_url=url, headers=bearer(ADMIN)) as http,
+    ):
+        form = await http.post(CANCEL, data={"recipient": PHONE})
+        assert form.status_code == 415, form.text
+        json_type = {"content-type": "application/json"}
+        answer = await http.post(CANCEL, content=b"recipient=+1202", headers=json_type)
+        assert answer.status_code == 400
+        assert "body is not valid JSON" in answer.json()["error"]
+        # The single cancel's id route stays a read: "cancel" is no id.
+        listed = await http.get(CANCEL)
+        assert listed.status_code == 400 and listed.json()["field"] == "id"
+
+
+async def test_a_token_less_bridge_records_where_a_cancel_came_from(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """With no tokens the caller is anonymous, and its cancels read "cancelled by
+    anonymous": who, from where, the operator could not tell. The reason and the event
+    say which face (the console, the API) and the client's address."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        by_console, by_api, one, retried = await seed(
+            bridge.store,
+            [
+                QUEUED,
+                QUEUED._replace(recipient=OTHER),
+                QUEUED._replace(text="one"),
+                QUEUED._replace(state=State.FAILED, text="two"),
+            ],
+            1.0,
+        )
+        async with httpx.AsyncClient(base_url=url) as http:
+            page = await http.get(f"/ui/messages/{by_console}")
+            done = await http.post(
+                "/ui/queued/cancel", data={"csrf": csrf_of(page), "recipient": PHONE}
+            )
+            assert done.status_code == 303, done.text
+            api = await http.post(CANCEL, json={"recipient": OTHER})
+            assert api.json()["cancelled"] == 1
+            single = await http.post(f"/ui/messages/{retried}/retry", data={"csrf": csrf_of(page)})
+            assert single.status_code == 303
+        console_words = "the console (no tokens configured), from 127.0.0.1"
+        api_words = "the API (no tokens configured), from 127.0.0.1"
+        for message_id, words in ((by_console, console_words), (one, console_words)):
+            message = await bridge.store.get(message_id)
+            assert message.reason == f"cancelled by {words}"
+            events = await bridge.store.events(message_id)
+            assert events[-1]["detail"] == f"cancelled by {words}"
+        assert (await bridge.store.get(by_api)).reason == f"cancelled by {api_words}"
+        assert console_words in (await bridge.store.events(retried))[-1]["detail"]
+
+
+async def test_console_posts_with_a_trailing_slash_are_served(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """A POST to `/ui/PATH/` got Starlette's 307 to `/ui/PATH`: curl without -L stopped
+    there, the cancel not done and nothing said. It is served as `/ui/PATH`, as the API
+    serves its POSTs; a GET keeps its redirect (a browser follows it), and a POST to no
+    page is the console's 404, not a redirect to one."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    async with running_bridge(config, clock) as (bridge, url):
+        one, pile = await seed(bridge.store, [QUEUED._replace(recipient=OTHER), QUEUED], 1.0)
+        async with httpx.AsyncClient(base_url=url) as admin:
+            form = await admin.get("/ui/signin/")
+            assert form.status_code == 307  # a GET: the redirect, as before
+            signed = await admin.post(
+                "/ui/signin/", data={"csrf": csrf_of(await admin.get("/ui/signin")), "token": ADMIN}
+            )
+            assert signed.status_code == 303 and signed.headers["location"] == "/ui/"
+            csrf = csrf_of(await admin.get("/ui/"))
+            single = await admin.post(f"/ui/messages/{one}/cancel/", data={"csrf": csrf})
+            assert single.status_code == 303, single.text
+            storm = await admin.post("/ui/queued/cancel/", data={"csrf": csrf, "recipient": PHONE})
+            assert storm.status_code == 303, storm.text
+            assert await states(bridge, [one, pile]) == [State.FAILED, State.FAILED]
+            nowhere = await admin.post("/ui/nowhere/", data={"csrf": csrf})
+            assert nowhere.status_code == 404 and "no page /ui/nowhere" in nowhere.text
+        async with httpx.AsyncClient(base_url=url) as reader:
+            await sign_in(reader, READER)
+            answer = await reader.post("/ui/messages/1/retry/", data={"csrf": "x"})
+            assert answer.status_code == 403  # the scope and CSRF hold as without the slash
+
+
+async def test_a_cancel_that_stops_at_its_bound_says_more_may_be_left(
+    tmp_path, sandbox_url: str, clock: ManualClock, monkeypatch
+) -> None:
+    """One call is bounded (a flood still arriving is not chased for ever): one that
+    stopped at its bound with messages maybe left says so (`more`), and the next call
+    cancels the rest."""
+    monkeypatch.setattr(bulk, "CANCEL_BATCH", 2)
+    monkeypatch.setattr(bulk, "MAX_CANCEL_ROUNDS", 1)
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url, headers=bearer(ADMIN)) as http,
+    ):
+        ids = await seed(bridge.store, [QUEUED] * 3, 1.0)
+        body = {"recipient": PHONE, "state": "queued"}
+        first = await http.post(CANCEL, json=body)
+        assert first.json() == {"cancelled": 2, "in_flight": 0, "more": True}
+        rest = await http.post(CANCEL, json=body)
+        assert rest.json() == {"cancelled": 1, "in_flight": 0, "more": False}
+        assert await states(bridge, ids) == [State.FAILED] * 3
