@@ -38,6 +38,19 @@ def server(args: list[str], port: int, env: dict[str, str], cwd: str) -> Iterato
         proc.wait(timeout=20)
 
 
+def bridge_env(tmp: str, port: int, **settings: str) -> dict[str, str]:
+    """This environment less any SMS_BRIDGE_ setting, plus what points `serve` at `port`
+    (HTTP only) and a store in `tmp`, and `settings` (more variables)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMS_BRIDGE_")}
+    return dict(
+        env,
+        SMS_BRIDGE_HTTP_LISTEN=f"127.0.0.1:{port}",
+        SMS_BRIDGE_SMTP_LISTEN="",
+        SMS_BRIDGE_STORE_PATH=f"{tmp}/bench.db",
+        **settings,
+    )
+
+
 SANDBOX_KEY = "bench-key"
 
 

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import httpx
-from common import free_port, sandbox_provider, server
+from common import bridge_env, free_port, sandbox_provider, server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -75,19 +75,13 @@ def one_round(n: int, distinct: bool, rpm: int, source: str | None = None) -> di
     tmp = tempfile.mkdtemp(prefix="bench-flood-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMS_BRIDGE_")}
     port = free_port()
-    bridge_env = dict(
-        env,
-        SMS_BRIDGE_HTTP_LISTEN=f"127.0.0.1:{port}",
-        SMS_BRIDGE_SMTP_LISTEN="",
-        SMS_BRIDGE_STORE_PATH=f"{tmp}/bench.db",
-        SMS_BRIDGE_PROVIDER_REQUESTS_PER_MINUTE=str(rpm),
-    )
+    serve_env = bridge_env(tmp, port, SMS_BRIDGE_PROVIDER_REQUESTS_PER_MINUTE=str(rpm))
     if source:  # that tree's `bridge` before the installed one
-        bridge_env["PYTHONPATH"] = source
+        serve_env["PYTHONPATH"] = source
     api = f"http://127.0.0.1:{port}"
     with sandbox_provider(env, tmp, requests_per_minute=rpm) as provider:
         sandbox = provider["SMS_BRIDGE_PROVIDER_BASE_URL"].removesuffix("/api/v1")
-        with server([sys.executable, "-m", "bridge", "serve"], port, bridge_env | provider, tmp):
+        with server([sys.executable, "-m", "bridge", "serve"], port, serve_env | provider, tmp):
             first_ack, last_ack = post_all(api, recipients(n), distinct)
             ages = []
             deadline = time.time() + SETTLE_TIMEOUT

@@ -95,12 +95,12 @@ async def test_the_dispatcher_outlives_a_failing_step_and_the_health_checks_say_
         calls = 0
         broken = True
 
-        async def due(now: float, limit: int) -> list[Message]:
+        async def due(now: float, limit: int, *, texts: int | None = None) -> list[Message]:
             nonlocal calls
             calls += 1
             if broken:  # a fault a live store cannot be made to produce: a bug's error
                 raise RuntimeError("a bug in the step")
-            return await real_due(now, limit)
+            return await real_due(now, limit, texts=texts)
 
         bridge.store.due = due  # type: ignore[method-assign]
         task = asyncio.create_task(bridge.run())

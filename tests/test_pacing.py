@@ -314,3 +314,89 @@ async def test_a_flood_of_distinct_texts_shows_its_queue_age(
         assert queue_age((await http.get(f"{url}/metrics", headers=auth)).text) == 0
     assert len(calls(sandbox_state)) == 130
     assert calls(sandbox_state)[-1].at - calls(sandbox_state)[0].at >= 60
+
+
+# -- what a step reads ---------------------------------------------------------------------
+async def post_each(url: str, texts: list[tuple[str, str]]) -> None:
+    async with httpx.AsyncClient() as http:
+        for number, text in texts:
+            r = await http.post(f"{url}/api/v1/messages", json={"to": number, "message": text})
+            assert r.status_code == 202, r.text
+
+
+def rows_read(bridge) -> list[int]:
+    """How many rows each of the dispatcher's reads of the queue returned, from now on."""
+    counts: list[int] = []
+    real_due = bridge.store.due
+
+    async def due(now: float, limit: int, **texts: int | None) -> list:
+        found = await real_due(now, limit, **texts)
+        counts.append(len(found))
+        return found
+
+    bridge.store.due = due
+    return counts
+
+
+@pytest.mark.usefixtures("backend")  # the read is SQL of each backend
+async def test_a_step_reads_only_the_texts_the_budget_can_take(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A backlog of distinct alerts while the budget is spent: each step that a freed
+    request wakes sends one call, and read the 5,000 oldest rows for it (turned into
+    messages and planned on the loop, every 0.6 s, beside ingest). It reads the texts it
+    can send, and those it may hold, and still sends the oldest first."""
+    sandbox_state.rate_limit = 20
+    config = bridge_config(tmp_path, sandbox_url, requests_per_minute=20)
+    async with running_bridge(config, clock) as (bridge, url):
+        alerts = [(n, f"alert {i}") for i, n in enumerate(numbers(200))]
+        await post_each(url, alerts)
+        read = rows_read(bridge)
+        await bridge.dispatcher.run_once()  # the price list, then 19 texts
+        assert len(calls(sandbox_state)) == 19
+        assert read == [19]  # of 200 queued
+        clock.advance(WINDOW)  # the window turns (the texts sent in it are new again)
+        await bridge.dispatcher.run_once()
+        assert read[1:] == [20] and len(calls(sandbox_state)) == 39
+        assert max_in_window([r.at for r in sandbox_state.requests]) <= 20
+    sent = [e.to for e in sorted(sandbox_state.entries, key=lambda e: e.message_id)]
+    assert sent == [n for n, _ in alerts[:39]]  # oldest first, none skipped
+
+
+@pytest.mark.usefixtures("backend")  # the read is SQL of each backend
+async def test_a_held_flood_neither_stalls_an_alert_behind_it_nor_splits_its_call(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """One request left, a flood of one text held for more recipients, an alert queued
+    behind its rows: the alert takes the request at once (a read of as many texts as
+    requests left found the flood alone, and the alert waited out its hold); and the
+    flood's next call carries every recipient queued, however many distinct alerts
+    came between them (a read of as many rows as one call holds split it)."""
+    sandbox_state.rate_limit = 20
+    config = bridge_config(tmp_path, sandbox_url, requests_per_minute=20, max_bulk=40)
+    async with running_bridge(config, clock) as (bridge, url):
+        await post_each(url, [(numbers(1)[0], TEXT)])
+        await post_each(url, [(n, f"alert {i}") for i, n in enumerate(numbers(17, 100))])
+        await bridge.dispatcher.run_once()  # the price list, the flood's first, 17 alerts
+        assert len(calls(sandbox_state)) == 18 and bridge.dispatcher.limiter.remaining() == 1
+        clock.advance(0.1)
+        flood_numbers = numbers(30, 1)
+        alerts = [(n, f"later {i}") for i, n in enumerate(numbers(30, 200))]
+        await post_each(
+            url,
+            [
+                x
+                for pair in zip(((n, TEXT) for n in flood_numbers), alerts, strict=True)
+                for x in pair
+            ],
+        )
+        await bridge.dispatcher.run_once()
+        assert calls(sandbox_state)[-1].path == "/api/v1/send"  # the oldest alert...
+        assert sandbox_state.entries[-1].message == "later 0"  # ...while the flood waits
+        assert bridge.dispatcher.limiter.remaining() == 0
+        clock.advance(WINDOW)  # the window turns: the flood's 30 go in one call of 40
+        await bridge.dispatcher.run_once()
+        bulk = [e.to for e in sandbox_state.entries if e.message == TEXT][1:]
+        assert sorted(bulk) == flood_numbers
+        assert len({e.bulk_id for e in sandbox_state.entries if e.to in flood_numbers}) == 1
+        assert max_in_window([r.at for r in sandbox_state.requests]) <= 20

@@ -382,8 +382,8 @@ class RacedStore(PostgresStore):
 
     race = False
 
-    async def due(self, now: float, limit: int) -> list[Message]:
-        found = await super().due(now, limit)
+    async def due(self, now: float, limit: int, *, texts: int | None = None) -> list[Message]:
+        found = await super().due(now, limit, texts=texts)
         if self.race and found:
             self.race = False
             assert await self.claim(

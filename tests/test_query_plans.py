@@ -160,3 +160,15 @@ async def test_the_overviews_recent_failures_read_the_latest_failed_only(traced:
     await store.recent_failures(10)
     [plan] = plans("ORDER BY updated_at DESC")
     assert plan == ["SCAN messages USING INDEX messages_failed"]
+
+
+async def test_the_dispatchers_read_of_its_first_texts_searches(traced: Traced) -> None:
+    # The oldest due rows through messages_due, their messages by id: a backlog of
+    # 100,000 is never walked to send one call.
+    store, plans = traced
+    await store.due(1.0, 5000, texts=10)
+    for plan in plans("WITH head AS"):
+        assert on_messages(plan) == [
+            "SEARCH messages USING INTEGER PRIMARY KEY (rowid=?)",
+            "SEARCH messages USING INDEX messages_due (state=? AND next_attempt_at<?)",
+        ], plan

@@ -454,6 +454,43 @@ async def test_a_pause_holds_every_booking_until_it_ends(store: Store) -> None:
     assert [b.kind for b in await store.request_rows(0)] == ["send", "cli:balance"]
 
 
+async def test_due_of_the_first_texts_keeps_the_full_reads_order_and_rows(store: Store) -> None:
+    """`due(texts=N)`: the rows of the first N texts (text, sender, type) among the oldest
+    `limit` due, each text placed by its first row (by due time, then id), in the order
+    the full read gives them: the dispatcher's plan sees each call it can make whole."""
+
+    at: dict[tuple[str, str, float], int] = {}
+    for body, sender, now in [
+        ("t1", "SMS", 1.0),
+        ("t2", "SMS", 2.0),
+        ("t1", "SMS", 3.0),
+        ("t1", "OPS", 3.5),  # another sender: another text
+        ("t3", "SMS", 4.0),
+        ("t2", "SMS", 5.0),
+        ("t4", "SMS", 0.5),  # the last id, due first (a retry's time, say)
+    ]:
+        phone = f"+120255501{len(at):02d}"
+        [at[body, sender, now]] = await seed(
+            store, [NewMessage(phone, body, "http", sender, 1, 1)], now
+        )
+
+    def ids(*keys: tuple[str, str, float]) -> list[int]:
+        return [at[k] for k in keys]
+
+    async def read(now: float, limit: int, texts: int) -> list[int]:
+        return [m.id for m in await store.due(now, limit, texts=texts)]
+
+    t1, t1b = ("t1", "SMS", 1.0), ("t1", "SMS", 3.0)
+    t2, t2b, t4 = ("t2", "SMS", 2.0), ("t2", "SMS", 5.0), ("t4", "SMS", 0.5)
+    assert await read(10.0, 100, 2) == ids(t4, t1, t1b)
+    assert await read(10.0, 100, 3) == ids(t4, t1, t2, t1b, t2b)
+    assert await read(10.0, 100, 4) == ids(t4, t1, t2, t1b, ("t1", "OPS", 3.5), t2b)
+    assert await read(10.0, 3, 10) == ids(t4, t1, t2)  # within the oldest `limit` only
+    assert await read(2.5, 100, 2) == ids(t4, t1)  # due ones only
+    every = [m.id for m in await store.due(10.0, 100)]
+    assert await read(10.0, 100, 100) == every and len(every) == 7
+
+
 async def test_a_bounded_claim_books_within_the_window_or_claims_nothing(store: Store) -> None:
     ids = await seed(store, [MESSAGE] * 4, 1.0)
     window = {"limit": 2, "window": 60.0}

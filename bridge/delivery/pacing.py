@@ -35,11 +35,16 @@ GroupKey = tuple[str, str, int]
 MIN_SPAN = 0.001  # seconds: arrivals counted over at least this, so a rate stays finite
 
 
+def text_of(m: Message) -> GroupKey:
+    """Its text, sender and type: what its calls share (`bridge.store.due` reads by it)."""
+    return (m.text, m.sender_id, m.message_type)
+
+
 def group_key(m: Message, *, bulk_types: bool) -> GroupKey | None:
     """Messages sharing this key may go in one bulk call; None: must go alone."""
     if m.solo or m.schedule_time or (m.message_type != TYPE_GSM and not bulk_types):
         return None
-    return (m.text, m.sender_id, m.message_type)
+    return text_of(m)
 
 
 def plan_batches(due: Sequence[Message], *, max_bulk: int, bulk_types: bool) -> list[list[Message]]:

@@ -123,8 +123,10 @@ class IngestOperations(Protocol):
 
 
 class DeliveryOperations(Protocol):
-    async def due(self, now: float, limit: int) -> list[Message]:
-        """Queued messages due at `now`, oldest due first: candidates, not yet claimed."""
+    async def due(self, now: float, limit: int, *, texts: int | None = None) -> list[Message]:
+        """Queued messages due at `now`, oldest due first: candidates, not yet claimed.
+        Of the oldest `limit`; with `texts`, only those of their first `texts` texts
+        (text, sender, type): `bridge.store.due`."""
         ...
 
     async def next_due_at(self) -> float | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from bridge.models import Message, State
+from bridge.store.due import due_sql
 from bridge.store.postgres.base import Base
 from bridge.store.postgres.pool import Conn
 from bridge.store.postgres.rate import TAKE_RATE_LOCK, insert_booking, wait_locked
@@ -61,13 +62,10 @@ async def note_late(conn: Conn, now: float, notes: Sequence[tuple[int, str]]) ->
 
 
 class DeliveryOps(Base):
-    async def due(self, now: float, limit: int) -> list[Message]:
-        return await self._messages(
-            "SELECT * FROM messages WHERE state = 'queued' AND next_attempt_at <= $1"
-            " ORDER BY next_attempt_at, id LIMIT $2",
-            now,
-            limit,
-        )
+    async def due(self, now: float, limit: int, *, texts: int | None = None) -> list[Message]:
+        if texts is None:
+            return await self._messages(due_sql("$1", "$2"), now, limit)
+        return await self._messages(due_sql("$1", "$2", "$3"), now, limit, texts)
 
     async def next_due_at(self) -> float | None:
         return await self._time("SELECT min(next_attempt_at) FROM messages WHERE state = 'queued'")

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from sqlite_utils import Database
 
 from bridge.models import Message, State
+from bridge.store.due import due_sql
 from bridge.store.sqlite.base import EngineBound
 from bridge.store.sqlite.rate import insert_booking, wait_in
 from bridge.store.sqlite.schema import JSON_IDS
@@ -55,17 +56,10 @@ def note_late(db: Database, now: float, notes: Iterable[tuple[int, str]]) -> lis
 
 
 class DeliveryOperations(EngineBound):
-    async def due(self, now: float, limit: int) -> list[Message]:
-        return await self.engine.read(
-            lambda c: [
-                Message.from_row(r)
-                for r in c.execute(
-                    "SELECT * FROM messages WHERE state = 'queued' AND next_attempt_at <= ?"
-                    " ORDER BY next_attempt_at, id LIMIT ?",
-                    (now, limit),
-                )
-            ]
-        )
+    async def due(self, now: float, limit: int, *, texts: int | None = None) -> list[Message]:
+        sql = due_sql("?1", "?2", None if texts is None else "?3")
+        args = (now, limit) if texts is None else (now, limit, texts)
+        return await self.engine.read(lambda c: [Message.from_row(r) for r in c.execute(sql, args)])
 
     async def next_due_at(self) -> float | None:
         return await self.engine.read(
