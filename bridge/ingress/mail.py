@@ -62,8 +62,8 @@ _QUOTE_INTRO = re.compile(
 # Gmail's and Thunderbird's inline forward: the forwarded mail follows, its header block
 # first. Not a quote to cut: the alert someone forwarded is what is to be texted.
 _FORWARD_INTRO = re.compile(r"-+\s*Forwarded message\s*-+", re.IGNORECASE)
-# Apple Mail's (iPhone's) forward: the forwarded mail follows quoted with ">", its header
-# block first; the quote is the alert, kept unquoted.
+# Apple Mail's forward: the forwarded mail follows, its header block first, quoted with ">"
+# (iPhone) or not (some Mac versions); the alert is kept, unquoted.
 _QUOTED_FORWARD_INTRO = re.compile(
     r"(Begin forwarded message|Anfang der weitergeleiteten Nachricht|Début du message"
     r" réexpédié|Inicio del mensaje reenviado|Inizio messaggio inoltrato|Begin doorgestuurd"
