@@ -691,6 +691,48 @@ async def test_an_html_mail_of_long_white_space_after_dashes_is_read_at_once(
     assert [e.message for e in sandbox_state.entries] == ["NAS\ndisk full on db-2\n--"]
 
 
+# Bodies built to make the line checks slow (each a line the cleaning looks at further,
+# or looks ahead from), and one long line: each cleaned in linear time.
+PATHOLOGICAL_BODIES = {
+    "plain": "x\r\n" * 50_000,  # the yardstick: as many lines, none looked at further
+    "dashes": "-\r\n" * 50_000,
+    "rules": "----\r\n" * 50_000,
+    "quotes": ">\r\n" * 50_000,
+    "from-words": "de\r\n" * 50_000,  # French for From: each line looked at further
+    "underscores": ("_" * 32 + "\r\nFrom: a\r\n") * 25_000,
+    "from-sent": "From: a\r\nSent: b\r\n" * 25_000,
+    "forwards": "Begin forwarded message:\r\n\r\n" * 25_000,
+    "one-line": "-" * 20_000 + "\r\n",
+    "one-line-from-sent": "From: a" + " Sent: b" * 5_000 + "\r\n",
+}
+
+
+async def test_pathological_bodies_are_cleaned_in_bounded_time(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """Each line of a body gets a few checks, some looking a line or two ahead; a check
+    that looked further (or cleaned the lines it looked at again) made the 10,000 lines
+    read of a body cost n * n. Timed against a plain body of as many lines (the transfer
+    is most of either), the best of three tries each: a load slows both, and one hiccup
+    is not a failure. A parse past smtp.parse_timeout is a 451, failing too."""
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        took = {}
+        for name, body in PATHOLOGICAL_BODIES.items():
+            mail = f"From: nas@example.org\r\nSubject: {name}\r\n\r\nnews\r\n{body}"
+            tries = []
+            for _ in range(3):  # the second and third: duplicates, parsed all the same
+                started = time.monotonic()
+                code, reply = await asyncio.to_thread(data_reply, port, mail.encode())
+                tries.append(time.monotonic() - started)
+                assert code == 250, (name, reply)
+            took[name] = min(tries)
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+    # Linear: within ~1.5x the plain body's time, measured; n * n: 10x and more.
+    assert all(seconds < 0.3 + 3 * took["plain"] for seconds in took.values()), took
+    texts = {e.message.partition("\n")[0] for e in sandbox_state.entries}
+    assert texts == set(PATHOLOGICAL_BODIES)
+
+
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory) -> tuple[trustme.CA, str, str]:
     ca = trustme.CA()

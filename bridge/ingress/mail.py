@@ -62,8 +62,8 @@ _QUOTE_INTRO = re.compile(
 # Gmail's and Thunderbird's inline forward: the forwarded mail follows, its header block
 # first. Not a quote to cut: the alert someone forwarded is what is to be texted.
 _FORWARD_INTRO = re.compile(r"-+\s*Forwarded message\s*-+", re.IGNORECASE)
-# Apple Mail's (iPhone's) forward: the forwarded mail follows quoted with ">", its header
-# block first; the quote is the alert, kept unquoted.
+# Apple Mail's forward: the forwarded mail follows, its header block first, quoted with ">"
+# (iPhone) or not (some Mac versions); the alert is kept, unquoted.
 _QUOTED_FORWARD_INTRO = re.compile(
     r"(Begin forwarded message|Anfang der weitergeleiteten Nachricht|Début du message"
     r" réexpédié|Inicio del mensaje reenviado|Inizio messaggio inoltrato|Begin doorgestuurd"
@@ -78,24 +78,37 @@ _MOBILE_FOOTER = re.compile(
     re.IGNORECASE,
 )
 # Outlook's (and Exchange web mail's) block before the earlier mail, the same in a reply
-# and a forward: a separator ("-----Original Message-----", localised, or a rule of
+# and a forward: a separator ("-----Original Message-----", localised, or a rule of 32
 # underscores), then From/Sent/To/Subject in the client's language. Only the subject's
 # prefix tells a forward (the alert is the news) from a reply (the reply is).
 _OUTLOOK_SEPARATOR = re.compile(
     r"-+\s*(Original Message|Urspr(ü|ue)ngliche Nachricht|Message d'origine|"
-    r"Mensaje original|Messaggio originale|Oorspronkelijk bericht|Mensagem original)\s*-+"
-    r"|_{10,}",
+    r"Mensaje original|Messaggio originale|Oorspronkelijk bericht|Mensagem original)\s*-+",
     re.IGNORECASE,
 )
-_OUTLOOK_FROM = re.compile(r"(From|Von|De|Da|Van|Fra|Från|Od)\s*:\s*\S", re.IGNORECASE)
-_OUTLOOK_SENT = re.compile(
-    r"(Sent|Gesendet|Envoy(é|e)|Enviado|Inviato|Verzonden|Sendt|Skickat|Wys(ł|l)ano)\s*:",
-    re.IGNORECASE,
+# Outlook's rule: exactly 32 underscores (desktop, web and mobile alike). Any rule of 10
+# or more was taken for it, and a report's rule above "From: /srv/data" cut the report.
+_OUTLOOK_RULE = "_" * 32
+# The words of the block's lines, by language (those whose From word is known: English,
+# German, French, Spanish, Portuguese, Italian, Dutch, Danish/Norwegian, Swedish, Polish,
+# Czech, Slovak).
+_FROM_WORDS = r"From|Von|De|Da|Van|Fra|Från|Od"
+_SENT_WORDS = (
+    r"Sent|Gesendet|Envoy(é|e)|Enviad[oa]|Inviato|Verzonden|Sendt|Skickat|Wys(ł|l)ano"
+    r"|Odesl(á|a)no|Odoslan(é|e)"
 )
-_OUTLOOK_ONE_LINE = re.compile(r"From: .+ Sent: .+", re.IGNORECASE)  # its HTML, flattened
+_TO_SUBJECT_WORDS = (
+    r"To|Cc|An|À|Para|A|Aan|Til|Till|Do|Komu|Subject|Betreff|Objet|Asunto|Oggetto"
+    r"|Onderwerp|Emne|Ämne|Temat|Assunto|P(ř|r)edm(ě|e)t"
+)
+_OUTLOOK_FROM = re.compile(rf"({_FROM_WORDS})\s*:\s*\S", re.IGNORECASE)
+_OUTLOOK_SENT = re.compile(rf"({_SENT_WORDS})\s*:", re.IGNORECASE)
+_OUTLOOK_TO_SUBJECT = re.compile(rf"({_TO_SUBJECT_WORDS})\s*:", re.IGNORECASE)
+# Its HTML, flattened onto one line: From, Sent, then To or Subject.
+_OUTLOOK_ONE_LINE = re.compile(r"From: .+ Sent: .+", re.IGNORECASE)
+_OUTLOOK_ONE_LINE_REST = re.compile(r" (To|Subject): ", re.IGNORECASE)
 _FORWARD_HEADER = re.compile(
-    r"(From|Date|Sent|Subject|To|Cc|Von|Gesendet|An|Betreff|De|Envoy(é|e)|À|Objet|Enviado"
-    r"|Para|Asunto|Da|Inviato|A|Oggetto|Van|Verzonden|Aan|Onderwerp|Datum)\s*:",
+    rf"({_FROM_WORDS}|{_SENT_WORDS}|{_TO_SUBJECT_WORDS}|Date|Datum)\s*:",
     re.IGNORECASE,
 )
 # The subject prefix Outlook and others write on a forward, by language: FW/Fwd, WG
@@ -107,15 +120,19 @@ _FORWARD_SUBJECT = re.compile(
 )
 # A rule drawn of one character (Jenkins' 42 dashes between its changes and the console,
 # "=====" under a heading): no news, and ~10 % of a 3-part text. Not `grep -C`'s `--`.
+_RULE_CHARACTERS = "-=_*#~+."
 _RULE = re.compile(r"([-=_*#~+.])\1{3,}")
 # Where a line may be one of the above (an intro, a separator, a header, a footer, a
 # rule): only such lines are looked at further, most lines of a log after one look.
+# A line of a character or two of a rule ("-", "**") is none of them: not looked at further
+# (10,000 lines of "-" took 25 ms, each looked at).
 _SPECIAL = re.compile(
-    r"(on |am |le |[-=_*#~+.]|from|von|de|da|van|fra|från|od|sent|get |envoy|enviado"
-    r"|begin|anfang|début|inicio|inizio)",
+    r"(?:on |am |le |([-=_*#~+.])\1{3}|-+\s*[^\W\d_]|from|von|de|da|van|fra|från|od|sent"
+    r"|get |envoy|enviado|begin|anfang|début|inicio|inizio)",
     re.IGNORECASE,
 )
-_DIFF_HUNK = re.compile(r"\d+(?:,\d+)?[acd]\d+(?:,\d+)?")  # `diff` (normal format): 3a4
+# A line of `diff`'s hunk header (normal format): 3a4, 12,14c12.
+_DIFF_HUNK = re.compile(r"^\d+(?:,\d+)?[acd]\d+(?:,\d+)?$", re.MULTILINE)
 _HTML_SIGNATURE = re.compile(r"^[ \t]*--[ \t]*$", re.MULTILINE)
 # The delimiter as the HTML has it, its space before the next tag (`-- <br>`, a
 # `gmail_signature_prefix` span's `-- </span>`): white space HTML's text then drops.
@@ -361,6 +378,8 @@ def is_forward(subject: str) -> bool:
 
 
 def _clean_line(raw: str) -> str:
+    if raw.isascii() and raw.isprintable() and "  " not in raw:
+        return raw.strip()  # no control, escape or run of spaces: most lines of a log
     return _SPACES.sub(" ", _CONTROL.sub("", raw)).strip().lstrip("\ufeff")
 
 
@@ -370,15 +389,139 @@ def _wrapped_intro(line: str, following: str) -> bool:
     return 0 < len(following) < 40 and bool(_QUOTE_INTRO.match(f"{line} {following}"))
 
 
-def _outlook_block(line: str, after: str) -> bool:
-    """Whether Outlook's block before an earlier mail starts at `line` (`after`: the next
-    line with text): its separator, or (in its HTML, where the separator is a border) a
-    From line with a Sent line under it, or both on one line."""
+def _text_after(lines: list[str], index: int) -> int | None:
+    """The next line with text after line `index`, past one blank line at most (the
+    blank an HTML block's margin leaves), or None."""
+    for following in range(index + 1, min(index + 3, len(lines))):
+        if lines[following]:
+            return following
+    return None
+
+
+def _sent_under(lines: list[str], index: int) -> int | None:
+    """The Sent line right under the From line `index` of Outlook's block, or None."""
+    sent = _text_after(lines, index)
+    return sent if sent is not None and _OUTLOOK_SENT.match(lines[sent]) else None
+
+
+def _outlook_one_line(line: str) -> bool:
+    """Outlook's block as its HTML flattened onto one line: From, Sent, then To or
+    Subject (a log line "From: a Sent: b" alone is no block)."""
+    if not _OUTLOOK_ONE_LINE.fullmatch(line):
+        return False
+    return _OUTLOOK_ONE_LINE_REST.search(line, line.lower().index(" sent: ")) is not None
+
+
+def _outlook_separator(line: str, lines: list[str], index: int) -> bool:
+    """Whether line `index` is the separator of Outlook's block before an earlier mail:
+    "-----Original Message-----" (localised), or its rule of 32 underscores with a From
+    line and a Sent line under it (a report's rule above "From: /srv/data" is a rule)."""
     if _OUTLOOK_SEPARATOR.fullmatch(line):
-        return not line.startswith("_") or bool(_OUTLOOK_FROM.match(after))
-    if _OUTLOOK_FROM.match(line):
-        return bool(_OUTLOOK_SENT.match(after)) or bool(_OUTLOOK_ONE_LINE.fullmatch(line))
-    return False
+        return True
+    if line != _OUTLOOK_RULE:
+        return False
+    sender = _text_after(lines, index)
+    return (
+        sender is not None
+        and bool(_OUTLOOK_FROM.match(lines[sender]))
+        and _sent_under(lines, sender) is not None
+    )
+
+
+def _outlook_headers(line: str, lines: list[str], index: int) -> bool:
+    """Whether Outlook's block starts at the line `index` with no separator above it (in
+    its HTML the separator is a border): From, Sent, then To or Subject, or all on one
+    line. A From line and a Sent line alone are two lines of a log as often."""
+    if not _OUTLOOK_FROM.match(line):
+        return False
+    if _outlook_one_line(line):
+        return True
+    sent = _sent_under(lines, index)
+    if sent is None:
+        return False
+    rest = _text_after(lines, sent)
+    return rest is not None and bool(_OUTLOOK_TO_SUBJECT.match(lines[rest]))
+
+
+_NO_HEAD, _HEAD_NEXT, _IN_HEAD = 0, 1, 2  # before, at and in a forwarded mail's headers
+
+
+class _Body:
+    """`clean_body`'s walk over the lines of one body, and where it is."""
+
+    def __init__(self, raws: list[str], *, forward: bool, quotes: bool) -> None:
+        self.raws = raws
+        # Each line cleaned once: the checks look a line or two ahead, and cleaning them
+        # there again tripled the work on a body of rules (10,000 lines of "-", measured).
+        self.lines = [_clean_line(raw) for raw in raws]
+        self.forward = forward
+        self.quotes = quotes  # whether a ">" line is a quote (not in a diff's output)
+        self.head = _NO_HEAD
+        self.unquote = False  # in a forwarded mail quoted with ">" (iPhone Mail's forward)
+
+    def text(self) -> str:
+        kept = []
+        for index, raw in enumerate(self.raws):
+            if raw == "-- ":
+                break  # signature delimiter: the rest is the signature
+            line = self.lines[index]
+            if raw[:1] == ">" or self.unquote or self.head:  # a quote, or a forward's
+                line = self._line(index, raw)
+            if not line:
+                continue
+            if _SPECIAL.match(line):  # one look for most lines; the rest only where it may be
+                kind = self._special(line, index)
+                if kind == "stop":
+                    break
+                if kind != "keep":
+                    continue
+            if not (self.head and self._header(line)):
+                kept.append(line)
+        return "\n".join(kept)
+
+    def _line(self, index: int, raw: str) -> str:
+        """The text of a line, unquoted in a quoted forward; "" for a quote's line."""
+        line = self.lines[index]
+        if self.quotes and raw[:1] == ">":
+            # A quote mark starts its line (RFC 3676 space-stuffs any other ">" line):
+            # Jenkins' " > git fetch ..." is the console echoing the command that failed.
+            if not self.unquote:
+                return ""
+            line = line[1:].strip().lstrip("\ufeff")
+        elif self.unquote and line:
+            self.unquote, self.head = False, _NO_HEAD  # the quoted forward ended
+        if not line and self.head == _IN_HEAD:
+            self.head = _NO_HEAD  # a header block ends at its first blank line
+        return line
+
+    def _header(self, line: str) -> bool:
+        """Whether `line` is a line of a forwarded mail's header block (left out)."""
+        if _FORWARD_HEADER.match(line) or _outlook_one_line(line):
+            self.head = _IN_HEAD
+            return True
+        self.head = _NO_HEAD
+        return False
+
+    def _special(self, line: str, index: int) -> str:
+        """What to do with a line `_SPECIAL` matched: "stop" (a reply's quote starts),
+        "drop" it (a rule, a phone's footer, an intro or separator) or "keep" it; where a
+        forwarded mail's header block comes next, noted."""
+        kind = _special(
+            line, self.lines, index, forward=self.forward, in_head=self.head != _NO_HEAD
+        )
+        if kind == "quoted":
+            # Apple Mail quotes the forwarded mail with ">", or (other versions) not.
+            self.unquote = self.quotes and self._quoted_next(index)
+        if kind in ("head", "quoted"):
+            self.head = self.head or _HEAD_NEXT
+            return "drop"
+        return kind
+
+    def _quoted_next(self, index: int) -> bool:
+        for following in range(index + 1, len(self.lines)):  # up to the next text: linear
+            if self.lines[following]:
+                return self.raws[following][:1] == ">"
+        return False
 
 
 def clean_body(text: str, *, forward: bool = False) -> str:
@@ -389,70 +532,42 @@ def clean_body(text: str, *, forward: bool = False) -> str:
     news. `>` lines (the mark at the line's start, not after a space) are a quoted reply,
     except in a body holding a `diff` hunk header (`3a4`, `12,14c12`): there they are the
     lines added, say to /etc/passwd. A forwarded mail (`---------- Forwarded message
-    ---------`) is kept, less its header block; so is the earlier mail after Outlook's
-    block (`-----Original Message-----`, From/Sent/To) when the mail is a `forward`
-    (its subject says FW:), where in a reply that block starts the quote, and after
-    iPhone Mail's "Begin forwarded message:", unquoted. A line that is a rule of one
-    character (`-----`, `=====`) or a phone's "Sent from my iPhone" is left out.
+    ---------`) is kept, less its header block (up to its first blank line); so is the
+    earlier mail after Outlook's block (`-----Original Message-----` or 32 underscores,
+    then From/Sent/To) when the mail is a `forward` (its subject says FW:), where in a
+    reply that block starts the quote, and after Apple Mail's "Begin forwarded message:",
+    unquoted if quoted. A line that is a rule of one character (`-----`, `=====`) or a
+    phone's "Sent from my iPhone" is left out.
     """
-    raws = text[:MAX_BODY_CHARS].replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    quotes = not any(_DIFF_HUNK.fullmatch(raw) for raw in raws)
-    lines = []
-    forward_head = False  # in the header block of a forwarded mail
-    unquote = False  # in a forwarded mail quoted with ">" (iPhone Mail's forward)
-    for index, raw in enumerate(raws):
-        if raw == "-- ":
-            break  # signature delimiter: the rest is the signature
-        line = _clean_line(raw)
-        if quotes and raw[:1] == ">":
-            # A quote mark starts its line (RFC 3676 space-stuffs any other ">" line):
-            # Jenkins' " > git fetch ..." is the console echoing the command that failed.
-            if not unquote:
-                continue
-            line = line[1:].strip().lstrip("\ufeff")
-        elif unquote and line:
-            unquote = forward_head = False  # the quoted forward ended
-        if not line:
-            continue
-        if _SPECIAL.match(line):  # one look for most lines; the rest only where it may be
-            kind = _special(line, raws, index, forward=forward, in_head=forward_head)
-            if kind == "stop":
-                break
-            if kind != "keep":
-                forward_head = forward_head or kind in ("head", "quoted")
-                unquote = unquote or kind == "quoted"
-                continue
-        if forward_head:
-            if _FORWARD_HEADER.match(line) or _OUTLOOK_ONE_LINE.fullmatch(line):
-                continue
-            forward_head = False
-        lines.append(line)
-    return "\n".join(lines)
+    text = text[:MAX_BODY_CHARS].replace("\r\n", "\n").replace("\r", "\n")
+    quotes = _DIFF_HUNK.search(text) is None
+    return _Body(text.split("\n"), forward=forward, quotes=quotes).text()
 
 
-def _special(line: str, raws: list[str], index: int, *, forward: bool, in_head: bool) -> str:
-    """What `clean_body` does with a line `_SPECIAL` matched (line `index` of `raws`):
+def _special(line: str, lines: list[str], index: int, *, forward: bool, in_head: bool) -> str:
+    """What `clean_body` does with a line `_SPECIAL` matched (line `index` of `lines`):
     "drop" it (a rule, a phone's footer), "stop" (a reply's quote starts), "head" (a
-    forwarded mail's header block starts), "quoted" (iPhone Mail's forward, quoted with
-    ">", starts) or "keep" it. `in_head`: in a forwarded mail's header block already."""
+    forwarded mail's header block starts), "quoted" (Apple Mail's forward starts) or
+    "keep" it. `in_head`: in (or at) a forwarded mail's header block already."""
+    if line[0] in _RULE_CHARACTERS:  # a rule, a forward's intro, Outlook's separator
+        rule = _RULE.fullmatch(line) is not None
+        if rule and line != _OUTLOOK_RULE:
+            return "drop"
+        if _FORWARD_INTRO.fullmatch(line):
+            return "head"
+        if not in_head and _outlook_separator(line, lines, index):
+            return "head" if forward else "stop"  # the quote of a reply, or a forward
+        return "drop" if rule else "keep"
     if _MOBILE_FOOTER.fullmatch(line):
-        return "drop"
-    # A rule is left out, but one of underscores may be Outlook's separator (a From line
-    # under it says so): dropped first, the quote after it was texted wherever the Sent
-    # line is in a language `_OUTLOOK_SENT` does not know.
-    rule = _RULE.fullmatch(line)
-    if rule and line[0] != "_":
         return "drop"
     if _QUOTED_FORWARD_INTRO.fullmatch(line):
         return "quoted"
-    after = [_clean_line(r) for r in raws[index + 1 : index + 3]] + ["", ""]
-    if _QUOTE_INTRO.match(line) or _wrapped_intro(line, after[0]):
+    following = lines[index + 1] if index + 1 < len(lines) else ""
+    if _QUOTE_INTRO.match(line) or _wrapped_intro(line, following):
         return "stop"
-    forwarded = _FORWARD_INTRO.fullmatch(line)
-    if forwarded or (not in_head and _outlook_block(line, after[0] or after[1])):
-        # a reply's quote of the mail it answers, or the forwarded mail's header block
-        return "head" if forward or forwarded else "stop"
-    return "drop" if rule else "keep"
+    if not in_head and _outlook_headers(line, lines, index):
+        return "head" if forward else "stop"
+    return "keep"
 
 
 def _loop_reason(content_type: str, found: dict[str, str], mail_from: str | None) -> str | None:
