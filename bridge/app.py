@@ -258,7 +258,11 @@ async def build(
                 lambda: ingestor.refused,
             )
             smtp_handler = SmtpHandler(
-                smtp=config.smtp, provider=p, recipients=live.recipients, ingestor=ingestor
+                smtp=config.smtp,
+                provider=p,
+                recipients=live.recipients,
+                ingestor=ingestor,
+                secrets=live.secrets,
             )
             _gauges(
                 metrics,

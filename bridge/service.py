@@ -208,7 +208,9 @@ class Bridge:
             self.dispatcher.wake.set()
         warnings = [f"{key} changed but needs a restart" for key in waiting]
         warnings += [f"{key}: {why}" for key, why in template_warnings]
-        warnings += self.smtp_handler.reload(smtp=new.smtp, recipients=recipients)
+        warnings += self.smtp_handler.reload(
+            smtp=new.smtp, recipients=recipients, secrets=secret_values(new)
+        )
         new = dataclasses.replace(new, smtp=self.smtp_handler.smtp)  # TLS files that stayed
         self.shaper.reload(new.limits)
         self.ingestor.reload(Rules.from_config(new))

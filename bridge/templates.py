@@ -15,6 +15,7 @@ import functools
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from jinja2 import TemplateError, UndefinedError, nodes
@@ -41,9 +42,11 @@ __all__ = [
     "render_noting",
 ]
 
-# What `render_noting` reports of the missing fields: a name may be a payload's value
-# (`labels[payload.key]`), and the report goes into the 202 and the log.
-MAX_MISSING, NAME_CHARS = 20, 100
+# How many missing fields `render_noting` reports: a name may be a payload's value
+# (`labels[payload.key]`), and the report goes into the 202 and the log. Each whole:
+# whoever tells of it masks our secrets in it first and only then cuts it
+# (`bridge.ingress.templated`), so no part of a secret is left past the cut.
+MAX_MISSING = 20
 
 # The names printed as "" because the payload lacked them, in this render.
 _missing: ContextVar[list[str] | None] = ContextVar("template_missing", default=None)
@@ -119,8 +122,7 @@ def check_template(source: str) -> str | None:
 @dataclass(frozen=True, slots=True)
 class Rendered:
     """A template's output, and the fields it printed as "" because the payload lacked
-    them (each name once, in the order met; the first MAX_MISSING, each cut to
-    NAME_CHARS)."""
+    them (each name once, in the order met; the first MAX_MISSING, each whole)."""
 
     text: str
     missing: tuple[str, ...] = ()
@@ -151,8 +153,9 @@ def render_noting(source: str, context: Mapping[str, Any]) -> Rendered:
             # One mapping, not keywords: a payload key `self` would clash with render's own.
             compiled = _compiled(source)
             text = read_bounded(compiled.template.generate(_fields(context, compiled.called)))
-        missing = dict.fromkeys(_utf8(name[:NAME_CHARS]) for name in _missing.get() or ())
-        return Rendered(text, tuple(missing)[:MAX_MISSING])
+        # Each name once before any is read whole: a loop may look one up 250,000 times.
+        names = islice(dict.fromkeys(_missing.get() or ()), MAX_MISSING)
+        return Rendered(text, tuple(dict.fromkeys(map(_utf8, names))))
     except TemplateError as exc:
         if (why := _utf8(str(exc))) != str(exc):
             raise TemplateError(why) from exc

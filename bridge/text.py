@@ -53,6 +53,8 @@ _CONTROLS = "\x00-\x09\x0b-\x1f\x7f-\x9f"
 # stay: they reorder no letter, and right-to-left texts need them.
 BIDI_CONTROLS = "\u202a-\u202e\u2066-\u2069"
 _HAS_CONTROL = re.compile(f"[{_CONTROLS}{BIDI_CONTROLS}]")
+_HAS_BIDI = re.compile(f"[{BIDI_CONTROLS}]")
+_BIDI_TABLE = dict.fromkeys([*range(0x202A, 0x202F), *range(0x2066, 0x206A)])
 # What stands for a control character in an SMS: a line break for those that end a line
 # (CR, NEL), a space for those that separate (tabs, form feed, the information
 # separators), nothing for the rest (BEL, ESC, NUL, backspace: noise, or a terminal's
@@ -63,7 +65,7 @@ _CONTROL_TABLE = {
     ord("\r"): "\n",
     0x85: "\n",
     ord("\n"): "\n",
-    **{code: None for code in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]},
+    **_BIDI_TABLE,
 }
 
 # A terminal's escape sequence (ECMA-48: CSI, as in a CI log's colours, or a two-character
@@ -73,8 +75,22 @@ _CONTROL_TABLE = {
 # becomes when its charset is mislabelled ISO-8859-15 or -2, and taken with the letter
 # after it, "\x9bdaily\x8b" lost its "d"; a sequence without parameters (CSI d) is rare
 # past a terminal.
+#
+# A control string likewise (ECMA-48 8.3.89 OSC, 8.3.27 DCS, 8.3.128 SOS, 8.3.94 PM, 8.3.2
+# APC), from ESC ], ESC P, ESC X, ESC ^ or ESC _ to its string terminator (ESC \\ or
+# U+009C; BEL too for OSC, as xterm ends a window title): only its opening pair was
+# taken out, and "ESC ]0;deploy BEL" left "0;deploy". Whole only where it ends on the
+# line it starts on (its body holds no control character): an unterminated one gives up
+# its opening pair alone, as before, and never swallows the lines of an alert up to some
+# later BEL; a body also ends at the next ESC, so a failed try reads to there at most.
+# Not the 8-bit openers (U+0090, U+0098, U+009D..U+009F): like U+009B, they are what
+# mislabelled text makes of cp1252's small tilde, "ž", "Ÿ" and UTF-8's quotes, and taken to the
+# next U+009C ("œ", or the byte that ends UTF-8's opening quote) they ate its words.
 _CSI_REST = r"[0-?]*[ -/]*[@-~]"  # parameters, intermediates, final
-ESCAPE_SEQUENCE = rf"\x1b(?:\[{_CSI_REST}|[@-Z\\-_])|\x9b[0-?]{_CSI_REST}"
+_STRING_BODY = r"[^\x00-\x1f\x9c]*"
+_STRING_END = r"(?:\x1b\\|\x9c)"
+_CONTROL_STRING = rf"\]{_STRING_BODY}(?:\x07|{_STRING_END})|[PX^_]{_STRING_BODY}{_STRING_END}"
+ESCAPE_SEQUENCE = rf"\x1b(?:\[{_CSI_REST}|{_CONTROL_STRING}|[@-Z\\-_])|\x9b[0-?]{_CSI_REST}"
 _ESCAPE_SEQUENCE = re.compile(ESCAPE_SEQUENCE)
 # Blank: a whole escape sequence too, as `without_controls` takes it out (a text that
 # opened with "ESC [31m" was trimmed of its ESC alone, and "[31m" went to the phone; one
@@ -108,6 +124,15 @@ def without_controls(text: str) -> str:
     if "\x1b" in text or "\x9b" in text:
         text = _ESCAPE_SEQUENCE.sub("", text)
     return text.replace("\r\n", "\n").translate(_CONTROL_TABLE)
+
+
+def without_bidi(text: str) -> str:
+    """`text` without the explicit bidi controls (BIDI_CONTROLS), and nothing else taken
+    out: for what a message carries besides its text (a topic, an instance, a dedupe key,
+    a note naming a payload's field), which the console, the log, the API and a digest's
+    text show. Only the text went through `without_controls`, and an RLO in an alert's
+    name or host reordered the console's row and the log's line."""
+    return text.translate(_BIDI_TABLE) if _HAS_BIDI.search(text) else text
 
 
 def is_gsm(text: str) -> bool:

@@ -1893,3 +1893,128 @@ allowed_networks = ["127.0.0.0/8"]
         assert sent.status_code == 202, sent.text
         api = await http.post("/api/v1/messages", json={"to": "oncall", "message": "cron: ok"})
         assert api.status_code == 202, api.text
+
+
+@pytest.mark.usefixtures("backend")
+async def test_bidi_controls_are_taken_out_of_every_field_a_payload_fills(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url, caplog
+) -> None:
+    """Unicode's bidi overrides and isolates were taken out of the SMS text only: an
+    alert's name and host (the message's topic and instance), a sender's dedupe key and
+    a missing field's name (the 202, the note, the log) kept them, and the console's
+    row, the API's JSON and the log's line showed "db-1" reordered. Each is now stored
+    and told without them, as the text is; the implicit RLM stays, as in the text."""
+    reader = "read-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + templated_route("tpl", "generic", "+12025550144", "{{ summary }}{{ labels[key] }}")
+        + '\n[routes.keyed]\nformat = "generic"\nto = ["+12025550145"]\npublic = true\n'
+        + 'dedupe_path = "id"\n'
+        + f'\n[tokens.ops]\ntoken = "{reader}"\nscopes = ["read"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    alert = {
+        "status": "firing",
+        "labels": {"alertname": "\u202eUPC\u202c High", "instance": "db-\u20661\u2069:9100"},
+        "annotations": {"summary": "load"},
+    }
+    payload = {"status": "firing", "groupKey": "g", "alerts": [alert], "commonLabels": {}}
+    bearer = {"authorization": f"Bearer {reader}"}
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        body = json.dumps(payload).encode()
+        am = await http.post(f"{url}/hooks/am", content=body, headers=auth_headers("am", body))
+        assert am.status_code == 202, am.text
+        gap = {"summary": "disk full", "labels": {}, "key": "te\u202eam\u200f"}
+        tpl = await http.post(f"{url}/hooks/tpl", json=gap)
+        assert tpl.status_code == 202, tpl.text
+        keyed = await http.post(f"{url}/hooks/keyed", json={"message": "m", "id": "k\u20681"})
+        assert keyed.status_code == 202, keyed.text
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+        rows = {}
+        for name, answer in (("am", am), ("tpl", tpl), ("keyed", keyed)):
+            message_id = answer.json()["ids"][0]
+            got = await http.get(f"{url}/api/v1/messages/{message_id}", headers=bearer)
+            assert got.status_code == 200, got.text
+            rows[name] = got.json()
+    assert (rows["am"]["topic"], rows["am"]["instance"]) == ("UPC High", "db-1")
+    assert tpl.json()["messages"][0]["template"]["missing"] == ["team\u200f"]
+    notes = [e["detail"] for e in rows["tpl"]["events"] if e["detail"]]
+    assert notes == ["the template printed as empty what the payload lacks: team\u200f"]
+    assert rows["keyed"]["dedupe_key"] == "route@keyed:generic:k1"
+    assert "route tpl: the payload lacks team\u200f (printed as empty)" in caplog.text
+    assert not any(c in json.dumps(rows, ensure_ascii=False) for c in "\u202e\u202c\u2066\u2069")
+    assert not any(c in caplog.text for c in "\u202e\u202c\u2066\u2068\u2069")
+
+
+async def test_an_osc_or_other_control_string_is_taken_out_whole(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A terminal's control strings (OSC: a window title, a hyperlink; DCS, APC, PM)
+    lost only their opening pair: "ESC ]0;deploy BEL" reached the phone as "0;deploy".
+    Each is now taken out whole, up to its terminator (BEL, ESC \\ or U+009C), and one
+    alone is blank; one with no terminator on its line still gives up only its pair (a
+    later BEL never swallows the alert's lines), and the 8-bit CSI keeps its rule."""
+    routes = ROUTES + '\n[routes.plain]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n'
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    texts = [
+        "deploy\x1b]0;owned by ci\x07 failed",
+        "see \x1b]8;;https://ci.example.org/7\x1b\\build 7\x1b]8;;\x1b\\ log",
+        "disk\x1bPq#0;2;0;0;0#0!7~\x1b\\ full\x1b_app\x9c on db-1\x1b^pm\x1b\\",
+        "open\x1b]0;no end\nstill here\x07",
+        "Sicherung \x9bdaily\x8b \x9b1;31mfehlgeschlagen",
+    ]
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for text in texts:
+            answer = await http.post(f"{url}/hooks/plain", json={"message": text})
+            assert answer.status_code == 202, answer.text
+        for blank in ("\x1b]0;title\x07", " \x1b]2;t\x1b\\\n\x1bPdata\x9c"):
+            answer = await http.post(f"{url}/hooks/plain", json={"message": blank})
+            assert answer.status_code == 400, answer.text
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert sorted(e.message for e in sandbox_state.entries) == sorted(
+        [
+            "deploy failed",
+            "see build 7 log",
+            "disk full on db-1",
+            "open0;no end\nstill here",
+            "Sicherung daily fehlgeschlagen",
+        ]
+    )
+
+
+async def test_a_secret_across_the_cut_of_a_name_or_an_error_is_masked_whole(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url, caplog
+) -> None:
+    """A missing field's name was cut to 100 characters, and a template's error to 300,
+    before our secrets were masked in it: a secret crossing the cut was no longer whole,
+    so its head went unmasked into the 202, the message's note and the log. Masked
+    first now, then cut."""
+    reader = "read-token-0123456789abcdef"
+    routes = (
+        ROUTES
+        + templated_route("named", "generic", "+12025550143", "{{ summary }}{{ labels[key] }}")
+        + templated_route("broken", "generic", "+12025550144", "{{ labels[key] + 1 }}")
+        + f'\n[tokens.ops]\ntoken = "{reader}"\nscopes = ["read"]\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    bearer = {"authorization": f"Bearer {reader}"}
+    head = reader[:10]  # what a cut across the secret left of it
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        answers, notes = {}, {}
+        for name, key in (("named", "n" * 90 + reader), ("broken", "b" * 240 + reader)):
+            payload = {"message": "disk full", "summary": "disk full", "labels": {}, "key": key}
+            answer = await http.post(f"{url}/hooks/{name}", json=payload)
+            assert answer.status_code == 202, answer.text
+            answers[name] = answer.json()["messages"][0]["template"]
+            await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+            got = await http.get(f"{url}/api/v1/messages/{answer.json()['ids'][0]}", headers=bearer)
+            notes[name] = [e["detail"] for e in got.json()["events"] if e["detail"]]
+    assert answers["named"]["missing"] == ["n" * 90 + "***"]
+    assert notes["named"] == [
+        "the template printed as empty what the payload lacks: " + "n" * 90 + "***"
+    ]
+    why = answers["broken"]["default_text"]
+    assert why.startswith("the template failed (") and why.endswith("b" * 240 + "***')"), why
+    assert notes["broken"] == [f"the route's default text went out: {why}"]
+    for told in (json.dumps(answers), json.dumps(notes), caplog.text):
+        assert head not in told

@@ -1129,6 +1129,65 @@ async def test_template_compose(tmp_path, clock, sandbox_state, sandbox_url) -> 
     assert [e.message for e in sandbox_state.entries] == ["ups@example.org: ON BATTERY"]
 
 
+async def test_a_mail_template_reports_what_it_missed_as_a_route_does(
+    tmp_path, clock, sandbox_state, sandbox_url, caplog
+) -> None:
+    """A route's template that printed a field the payload lacks as empty, or failed, put
+    a note on the message (its events: the console's page, the API) and a line in the
+    log; a mail's (`compose = "template"`) said nothing, or only "failed" in the log,
+    and the text went out with its gap. Now the same report: which fields the mail
+    lacked, or why subject and body went out, our secrets masked in both. A mail's
+    subject, its topic, is stored without bidi controls, as its text is."""
+    reader = "read-token-0123456789abcdef"
+    smtp = with_smtp(
+        'compose = "template"\ntemplate = "{{ subject }}: {{ headers.x_team }}{{ headers[body] }}"'
+    ).replace(
+        "[groups]",
+        '[[smtp.rules]]\nsubject = "^broken"\ncompose = "template"\n'
+        'template = "{{ subject + 1 }}"\n[groups]',
+    )
+    config = bridge_config(
+        tmp_path, sandbox_url, smtp + f'[tokens.ops]\ntoken = "{reader}"\nscopes = ["read"]\n'
+    )
+    mails = []
+    for subject, body in (("\u202eBackup\u202c failed", "n" * 90 + reader), ("broken", "x")):
+        mail = EmailMessage()
+        mail["From"] = "nas@example.org"
+        mail["Subject"] = subject
+        mail.set_content(body)
+        mails.append(mail.as_bytes())
+    async with running_bridge(config, clock) as (bridge, url), smtp_listening(bridge) as port:
+        for mail in mails:
+            assert (
+                await asyncio.to_thread(send, port, "nas@example.org", [DEFAULT_RCPT], mail) == {}
+            )
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=60)
+        stored = sorted(await bridge.store.query(limit=2), key=lambda m: m.id)
+        notes, topics = [], []
+        async with httpx.AsyncClient() as http:
+            for message in stored:
+                got = await http.get(
+                    f"{url}/api/v1/messages/{message.id}",
+                    headers={"authorization": f"Bearer {reader}"},
+                )
+                notes.append([e["detail"] for e in got.json()["events"] if e["detail"]])
+                topics.append(got.json()["topic"])
+    assert sorted(e.message for e in sandbox_state.entries) == ["Backup failed:", "broken\nx"]
+    assert notes == [
+        ["the template printed as empty what the mail lacks: x_team, " + "n" * 90 + "***"],
+        [
+            "subject and body went out: the template failed (TypeError: can only concatenate"
+            ' str (not "int") to str)'
+        ],
+    ]
+    assert topics == ["Backup failed", "broken"]
+    assert "smtp.template: the mail lacks x_team, " + "n" * 90 + "*** (printed as empty)" in (
+        caplog.text
+    )
+    assert "smtp.rules[0].template: the template failed (TypeError" in caplog.text
+    assert reader[:10] not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("smtp", "expected"),
     [

@@ -49,6 +49,7 @@ from bridge.ingress.mail import (
 from bridge.ingress.mailrules import apply_rule, rule_for
 from bridge.ingress.smtpauth import Authenticator, peer_host
 from bridge.ingress.smtplimits import LimitedSMTP, Sessions, TlsGate, call_limits
+from bridge.ingress.templated import Templated, render_template
 from bridge.ingress.throttle import FailureThrottle
 from bridge.ingress.workers import Workers
 from bridge.models import SMTP_SENDER
@@ -57,7 +58,6 @@ from bridge.policy.decide import content_hash, dedupe_scope, slotted_key
 from bridge.policy.shaping import Draft
 from bridge.schedule import MAIL_HEADER, parse_schedule_time, scheduled_epoch
 from bridge.sockets import bind_socket
-from bridge.templates import TemplateError, render
 from bridge.text import is_blank
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ class SmtpHandler:
         provider: ProviderConfig,
         recipients: Recipients,
         ingestor: Ingestor,
+        secrets: Sequence[str] = (),
     ) -> None:
         self.ingestor = ingestor
         self.provider = provider  # default sender id and time zone: fixed until restart
@@ -191,13 +192,17 @@ class SmtpHandler:
         # `AUTH throttle` called this object, a 451 and a traceback for every try.
         self.failed_logins = FailureThrottle(ingestor.clock)
         self.generation = 0  # one more at each reload: what RCPT read is stale after one
-        self.reload(smtp=smtp, recipients=recipients)
+        self.reload(smtp=smtp, recipients=recipients, secrets=secrets)
 
     def close(self) -> None:
         self.parsers.close()
 
-    def reload(self, *, smtp: SmtpConfig, recipients: Recipients) -> list[str]:
+    def reload(
+        self, *, smtp: SmtpConfig, recipients: Recipients, secrets: Sequence[str] = ()
+    ) -> list[str]:
         """Take everything new sessions use; sessions in progress carry on as they were.
+        `secrets` (the config's, `secret_values`) are masked in what a message's note
+        quotes of a mail (a template's missing field, its error).
 
         Returns problems to warn about (a certificate that does not load keeps the old:
         `self.smtp` then names the files still in force).
@@ -210,6 +215,7 @@ class SmtpHandler:
             smtp = dataclasses.replace(smtp, tls_cert=self.smtp.tls_cert, tls_key=self.smtp.tls_key)
         self.smtp = smtp
         self.recipients = recipients
+        self.secrets = tuple(secrets)
         self.generation += 1
         self.authenticator = Authenticator(dict(smtp.users), self.failed_logins)
         self.domains = {d.lower() for d in smtp.domains}
@@ -353,14 +359,18 @@ class SmtpHandler:
         return "250 2.1.5 OK"
 
     # -- the message ---------------------------------------------------------------------
-    def text_for(self, mail: MailText, mail_from: str | None) -> str:
+    def text_for(self, mail: MailText, mail_from: str | None) -> Templated:
         """The SMS text: the first matching `[[smtp.rules]]` picks the body's lines and may
-        set its own compose mode and template; else `smtp.compose`."""
+        set its own compose mode and template; else `smtp.compose`. A template's text
+        says, as a route's does, why subject and body went out instead or which fields
+        it printed as empty (the message's note)."""
         smtp = self.smtp
         rule = rule_for(smtp.rules, mail, mail_from)
-        mode, template = smtp.compose, smtp.template
+        mode, template, where = smtp.compose, smtp.template, "smtp.template"
         if rule is not None:
             mode, template = rule.compose or mode, rule.template or template
+            if rule.template:
+                where = f"smtp.rules[{smtp.rules.index(rule)}].template"
         # Where the text shows the subject, an echo of it in the body is noise; dropped
         # before a rule counts the body's lines (it is none of them). Where it does not
         # (`body`, a template without it), that line may be all that says what failed.
@@ -368,25 +378,29 @@ class SmtpHandler:
             mail = without_echoed_subject(mail)
         if rule is not None:
             mail = apply_rule(rule, mail)
-        if mode == "template":
-            try:
-                text = render(
-                    template,
-                    {
-                        "subject": mail.subject,
-                        "body": mail.body,
-                        "sender": mail.sender,
-                        "mail_from": mail_from or "",
-                        "headers": mail.headers,
-                    },
-                )
-                if text:  # a blank render is "" (templates.render)
-                    return text
-            except TemplateError as exc:
-                log.error("smtp.template failed (%s); using subject and body", exc)
-            # Subject and body as `subject_body` composes them: its echo in the body too.
-            return compose(without_echoed_subject(mail), "subject_body")
-        return compose(mail, mode)
+        if mode != "template":
+            return Templated(compose(mail, mode))
+        context = {
+            "subject": mail.subject,
+            "body": mail.body,
+            "sender": mail.sender,
+            "mail_from": mail_from or "",
+            "headers": mail.headers,
+        }
+        templated = render_template(
+            template,
+            context,
+            secrets=self.secrets,
+            where=where,
+            instead="subject and body",
+            lacking="mail",
+        )
+        if templated.text:
+            return templated
+        # Subject and body as `subject_body` composes them: its echo in the body too.
+        return dataclasses.replace(
+            templated, text=compose(without_echoed_subject(mail), "subject_body")
+        )
 
     def schedule_of(self, mail: MailText) -> tuple[str | None, str | None]:
         """The `X-SMS-Schedule` header (read by the parse worker): (its time as stored,
@@ -507,7 +521,8 @@ class SmtpHandler:
             scheduled_for, schedule = self.schedule_of(mail)
         except InputError as exc:
             return f"554 5.6.0 {MAIL_HEADER}: {exc.message}"
-        text = self.text_for(mail, envelope.mail_from)
+        composed = self.text_for(mail, envelope.mail_from)
+        text = composed.text
         if is_blank(text):  # as the API and hooks judge it: a zero-width space shows nothing
             text = f"(empty mail from {mail.sender or envelope.mail_from or 'unknown sender'})"
         draft = Draft(
@@ -522,6 +537,7 @@ class SmtpHandler:
             suppressed_reason=mail.loop_reason,
             topic=mail.subject[:32] or None,
             schedule_time=schedule,
+            note=composed.note(),
         )
         try:
             accepted = await self.ingestor.submit([draft])

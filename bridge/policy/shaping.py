@@ -28,6 +28,7 @@ from bridge.text import (
     shape,
     transliterate,
     truncate_to_parts,
+    without_bidi,
     without_controls,
 )
 
@@ -92,8 +93,12 @@ def _label(value: str | None) -> str | None:
 
 def _storable(value: str | None) -> str | None:
     """`value` without NUL (JSON's `\\u0000`): PostgreSQL's text cannot hold it (the
-    insert failed, a 500), and no phone shows it. Taken out on every backend alike."""
-    return value.replace("\x00", "") if value and "\x00" in value else value
+    insert failed, a 500), and no phone shows it. Taken out on every backend alike. And
+    without the explicit bidi controls (`without_bidi`), as the text is: a topic, an
+    instance or a key is a payload's string the console, the log and a digest show."""
+    if not value:
+        return value
+    return without_bidi(value.replace("\x00", "") if "\x00" in value else value)
 
 
 def _trimmed(text: str) -> str:
@@ -156,6 +161,7 @@ class Shaper:
                 self.arabic_type,
             )
             topic = _label(draft.topic) or default_topic(text)
+            instance, reason = _label(draft.instance), _storable(draft.suppressed_reason)
             if not draft.dedupe_key and draft.schedule_time:
                 # The same words for another time are another text (a reminder morning
                 # and evening); a retry of the same request still meets its first.
@@ -185,10 +191,10 @@ class Shaper:
                         dedupe_key=dedupe_key,
                         schedule_time=draft.schedule_time,
                         state=State.SUPPRESSED if draft.suppressed_reason else State.QUEUED,
-                        reason=draft.suppressed_reason,
+                        reason=reason,  # a mail's loop reason quotes its header
                         reason_kind="loop" if draft.suppressed_reason else None,
                         topic=topic,
-                        instance=_label(draft.instance),
+                        instance=instance,
                         token=draft.token,
                         estimated_cost=self.prices.estimate(recipient, form.parts),
                     )

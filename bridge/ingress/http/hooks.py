@@ -24,7 +24,7 @@ import base64
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -48,12 +48,11 @@ from bridge.ingress.http.bodies import (
 )
 from bridge.ingress.http.lockout import locked_answer, locked_for, vouch
 from bridge.ingress.ingest import Accepted, Ingestor
+from bridge.ingress.templated import Templated, render_template
 from bridge.ingress.throttle import QuietLog
-from bridge.ops.logs import mask
 from bridge.policy.decide import dedupe_scope
 from bridge.policy.shaping import Draft
 from bridge.schedule import FIELD, MAIL_HEADER, parse_schedule_time
-from bridge.templates import TemplateError, render_noting
 from bridge.text import is_blank
 
 log = logging.getLogger(__name__)
@@ -157,61 +156,33 @@ def _form_json(body: bytes, field: str) -> bytes:
     return values[0].encode()
 
 
-@dataclass(frozen=True, slots=True)
-class RouteText:
-    """The SMS text of one hook message, and what the operator should hear of it."""
-
-    text: str
-    default_text: str | None = None  # why the route's template was not used (None: it was)
-    missing: tuple[str, ...] = ()  # fields the template printed as "": the payload lacked them
-
-    def note(self, secrets: Sequence[str]) -> str | None:
-        """What the message's events say of its text: why the route's template was not
-        used, or the fields it printed as empty (the operator's view of the 202's report).
-        Masked as the log is: a name or a template's error may quote a payload's value."""
-        if self.default_text:
-            note = f"the route's default text went out: {self.default_text}"
-        elif self.missing:
-            note = (
-                f"the template printed as empty what the payload lacks: {', '.join(self.missing)}"
-            )
-        else:
-            return None
-        return mask(note, secrets)
-
-    def report(self, route: RouteConfig) -> dict[str, Any] | None:
-        """What the 202 tells the sender of this text, on a route with a template."""
-        if not route.template:
-            return None
-        return {"default_text": self.default_text, "missing": list(self.missing)}
+def template_report(route: RouteConfig, text: Templated) -> dict[str, Any] | None:
+    """What the 202 tells the sender of one message's text, on a route with a template."""
+    if not route.template:
+        return None
+    return {"default_text": text.default_text, "missing": list(text.missing)}
 
 
-def route_text(route: RouteConfig, message: HookMessage) -> RouteText:
+def route_text(route: RouteConfig, message: HookMessage, secrets: Sequence[str]) -> Templated:
     """The SMS text of one hook message: the route's template, else the format's text;
-    and why the template was not used, or which fields it found missing."""
-    why: str | None = None
-    missing: tuple[str, ...] = ()
+    and why the template was not used, or which fields it found missing (masked with
+    `secrets`, as the log is)."""
+    templated = None
     if route.template:
-        try:
-            rendered = render_noting(route.template, message.context)
-            if rendered.missing:
-                log.warning(
-                    "route %s: the payload lacks %s (printed as empty)",
-                    route.name,
-                    ", ".join(rendered.missing),
-                )
-            if not is_blank(rendered.text):
-                return RouteText(rendered.text, None, rendered.missing)
-            why, missing = "the template rendered nothing", rendered.missing
-            if missing:
-                why += f" (the payload lacks {', '.join(missing)})"
-        except TemplateError as exc:
-            why = f"the template failed ({str(exc)[:FALLBACK_CHARS]})"  # it may quote a value
-        log.error("route %s: %s; using the default text", route.name, why)
-    if not is_blank(message.text):
-        return RouteText(message.text, why, missing)  # the shaper reads what it needs
-    compact = json.dumps(message.context, ensure_ascii=False, separators=(",", ":"))
-    return RouteText(f"{route.name}: {compact[:FALLBACK_CHARS]}", why, missing)
+        templated = render_template(
+            route.template,
+            message.context,
+            secrets=secrets,
+            where=f"route {route.name}",
+            instead="the route's default text",
+        )
+        if templated.text:
+            return templated
+    text = message.text  # the shaper reads what it needs
+    if is_blank(text):
+        compact = json.dumps(message.context, ensure_ascii=False, separators=(",", ":"))
+        text = f"{route.name}: {compact[:FALLBACK_CHARS]}"
+    return replace(templated, text=text) if templated else Templated(text)
 
 
 def hook_recipients(
@@ -302,9 +273,9 @@ def hook_endpoint(
             raise HttpError(400, "this route does not take ?to= (allow_payload_to)", "to")
         drafts, reports = [], []
         for message in messages:
-            text = route_text(route, message)
+            text = route_text(route, message, live.secrets)
             recipients = hook_recipients(route, message, extra, config, resolver)
-            reports += [text.report(route)] * len(recipients)  # one row per recipient
+            reports += [template_report(route, text)] * len(recipients)  # one per recipient
             drafts.append(
                 Draft(
                     recipients=recipients,
@@ -317,7 +288,7 @@ def hook_endpoint(
                     topic=message.topic,
                     instance=message.instance,
                     schedule_time=schedule,
-                    note=text.note(live.secrets),
+                    note=text.note(),
                 )
             )
         return _accepted(await ingestor.submit(drafts), reports)

@@ -411,14 +411,12 @@ class Console(Gate):
             config=self.live.current,
             resolver=self.live.recipients,
             ingestor=self.ingestor,
+            secrets=self.live.secrets,  # a template's error (or a name) may quote a value
         )
         # A refusal or the reason a payload is ignored quotes the payload (or the event
         # typed), where someone may have pasted a secret.
         result.error = result.error and self._shown(result.error)
         result.ignored = result.ignored and self._shown(result.ignored)
-        for text in result.texts:  # a template's error (or a name) may quote a payload value
-            text.template_problem = text.template_problem and self._shown(text.template_problem)
-            text.missing = [self._shown(name) for name in text.missing]
         result.event = self._shown(result.event)  # shown again in its field, masked alike
         _, data = await self.route_page(request, caller, result)
         return self._render(request, caller, "route.html", data)

@@ -10,6 +10,7 @@ nothing.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,8 +214,10 @@ def preview(
     config: Config,
     resolver: Recipients,
     ingestor: Ingestor,
+    secrets: Sequence[str],
 ) -> Preview:
-    """The SMS `payload` would produce on `route`: texts, parts, costs. Stores nothing."""
+    """The SMS `payload` would produce on `route`: texts, parts, costs. Stores nothing.
+    What it says of the template is masked with `secrets` (it may quote the payload)."""
     result = Preview(payload=payload, event=event)
     body = payload.encode("utf-8", "surrogatepass")
     if len(body) > MAX_PREVIEW_BYTES:
@@ -238,7 +241,7 @@ def preview(
     try:
         for message in module.parse(hook):
             recipients = hook_recipients(route, message, (), config, resolver)
-            routed = route_text(route, message)
+            routed = route_text(route, message, secrets)
             text, template_problem = routed.text, routed.default_text
             shaped = ingestor.preview(
                 [
