@@ -10,6 +10,7 @@ socket family accepted it.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 
@@ -28,6 +29,12 @@ def client_address(host: str) -> Address | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def transport_host(transport: asyncio.BaseTransport) -> str:
+    """The client's address, as the socket of `transport` gives it."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer)
 
 
 def client_name(host: str) -> str:

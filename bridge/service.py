@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Literal
 
 import uvicorn
 from starlette.applications import Starlette
+from uvicorn.config import SSL_PROTOCOL_VERSION, create_ssl_context
 
 from bridge.addresses import with_mapped
 from bridge.clock import Clock
@@ -51,6 +53,7 @@ from bridge.delivery.dispatcher import Dispatcher
 from bridge.delivery.poller import StatusPoller
 from bridge.errors import ConfigError, InputError
 from bridge.ingress.formats import template_problems
+from bridge.ingress.http.handshake import tls_gate
 from bridge.ingress.http.limits import limited_protocol
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.smtp import SmtpHandler, start_smtp
@@ -93,6 +96,15 @@ def uvicorn_server(
     per connection (bridge.ingress.http.limits); proxies and TLS from `http` (default: the live
     config's at start; neither without both)."""
     http = http or (live.current.http if live is not None else HttpConfig())
+    protocol: type[asyncio.Protocol] | str = "auto"
+    uvicorn_tls = bool(http.tls_cert)  # TLS by asyncio's server, as uvicorn sets it up
+    if live is not None:
+        protocol = limited_protocol(live)
+        if http.tls_cert:
+            # TLS layered by the bridge's gate instead: a connection is then under the
+            # [http] limits from its first byte (bridge.ingress.http.handshake says why).
+            protocol = tls_gate(protocol, https_context(http.tls_cert, http.tls_key))
+            uvicorn_tls = False
     return QuietServer(
         uvicorn.Config(
             app,
@@ -100,7 +112,7 @@ def uvicorn_server(
             access_log=False,
             lifespan=lifespan,
             timeout_graceful_shutdown=SHUTDOWN_GRACE,
-            http=limited_protocol(live) if live is not None else "auto",
+            http=protocol,
             # uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise, which
             # would let any local process (or a loopback caller) pick its client address
             # and pass a route's allowed_networks: only http.trusted_proxies are believed.
@@ -108,9 +120,22 @@ def uvicorn_server(
             # uvicorn matches the peer as the socket gives it: on a dual-stack listener an
             # IPv4 proxy is ::ffff:a.b.c.d, so each IPv4 network goes with its mapped form.
             forwarded_allow_ips=with_mapped(http.trusted_proxies),
-            ssl_certfile=http.tls_cert or None,
-            ssl_keyfile=http.tls_key or None,
+            ssl_certfile=http.tls_cert if uvicorn_tls else None,
+            ssl_keyfile=(http.tls_key or None) if uvicorn_tls else None,
         )
+    )
+
+
+def https_context(cert: str, key: str) -> ssl.SSLContext:
+    """The HTTPS listener's TLS context, as uvicorn makes it from the same two files."""
+    return create_ssl_context(
+        certfile=cert,
+        keyfile=key or None,
+        password=None,
+        ssl_version=SSL_PROTOCOL_VERSION,
+        cert_reqs=ssl.CERT_NONE,
+        ca_certs=None,
+        ciphers=None,
     )
 
 

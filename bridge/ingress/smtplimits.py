@@ -39,6 +39,7 @@ from typing import Any, Protocol, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 
+from bridge.addresses import transport_host
 from bridge.config import SmtpConfig
 from bridge.ingress.throttle import client_key, reserved
 
@@ -47,12 +48,6 @@ log = logging.getLogger(__name__)
 # NOOP, RSET, HELP, VRFY, EXPN and refused commands never do.
 PROGRESS = ("HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA")
 YIELD_EVERY = 256  # DATA lines read between two turns of the event loop (~0.5 ms)
-
-
-def transport_host(transport: asyncio.BaseTransport) -> str:
-    """The client's address, as the socket gives it."""
-    peer = transport.get_extra_info("peername")
-    return str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer)
 
 
 class Counted(Protocol):

@@ -231,6 +231,7 @@ def create_app(
         schedule = _string(body, "schedule_time")
         recipients = resolver.resolve(targets)
         caller: Principal = request.state.principal
+        del body  # what else the caller sent must not wait for the store (hooks.py says why)
         accepted = await ingestor.submit(
             [
                 Draft(

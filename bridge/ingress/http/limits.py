@@ -29,7 +29,8 @@ three additions, each answered in the bridge's JSON error shape:
   comes from it, and the proxy must limit its own clients.
 
 Every connection reads the limits in force when it is made, so SIGHUP applies them
-to new connections. `http.keep_alive_timeout` is uvicorn's idle time between requests.
+to new connections. Over HTTPS a connection is counted (and its handshake timed) before
+this protocol is made: `bridge.ingress.http.handshake`. `http.keep_alive_timeout` is uvicorn's idle time between requests.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import functools
 import http
 import json
 import logging
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import httptools
@@ -47,7 +49,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from bridge.addresses import Network, in_networks, parse_network
 from bridge.clock import SystemClock
-from bridge.config import LiveConfig
+from bridge.config import HttpConfig, LiveConfig
 from bridge.ingress.throttle import QuietLog, client_key, reserved
 
 log = logging.getLogger(__name__)
@@ -123,25 +125,44 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.body_due: float | None = None  # loop time the body must be in by
         self.deadline_timer: asyncio.TimerHandle | None = None
         self.counted_as: str | None = None  # the key in `per_client` while counted
+        # Set by a TlsGate (bridge.ingress.http.handshake): its count of this connection
+        # during the handshake, released as this one counts itself.
+        self.handed_over: Callable[[], None] | None = None
         self.admitted: list[Any] = []  # this connection's requests in `in_flight`
 
     # -- connections -----------------------------------------------------------------
+    @classmethod
+    def admit(cls, host: str, limits: HttpConfig) -> tuple[str | None, str | None]:
+        """Count a connection from `host` in `per_client`: (its key, None); or (None,
+        why not) past `http.max_connections_per_client`. A trusted proxy's, and one
+        with no address, are not counted: (None, None)."""
+        if not host or is_trusted_proxy(host, limits.trusted_proxies):
+            return None, None
+        key, most = client_key(host), limits.max_connections_per_client
+        if cls.per_client[key] >= most:
+            cls.quiet.warning("connections", host, "HTTP: too many connections from %s", key)
+            why = f"too many connections from {host} (at most {most}, "
+            return None, why + "http.max_connections_per_client); retry"
+        cls.per_client[key] += 1
+        return key, None
+
+    @classmethod
+    def release(cls, key: str) -> None:
+        """Count out a connection `admit` counted in as `key`."""
+        cls.per_client[key] -= 1
+        if cls.per_client[key] <= 0:
+            del cls.per_client[key]
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.handed_over is not None:  # the TLS gate's count: this one counts itself now
+            self.handed_over()
         super().connection_made(transport)
-        host = self.client[0] if self.client else ""
-        limits = self.live.current.http
-        if host and not is_trusted_proxy(host, limits.trusted_proxies):
-            key, most = client_key(host), limits.max_connections_per_client
-            if self.per_client[key] >= most:
-                self.quiet.warning("connections", host, "HTTP: too many connections from %s", key)
-                self._refuse(
-                    503,
-                    f"too many connections from {host} (at most {most}, "
-                    "http.max_connections_per_client); retry",
-                )
-                return
-            self.per_client[key] += 1
-            self.counted_as = key
+        self.counted_as, refusal = self.admit(
+            self.client[0] if self.client else "", self.live.current.http
+        )
+        if refusal is not None:
+            self._refuse(503, refusal)
+            return
         self._expect_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -152,9 +173,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._settled(len(self.admitted))
         self.admitted.clear()
         if self.counted_as is not None:
-            self.per_client[self.counted_as] -= 1
-            if self.per_client[self.counted_as] <= 0:
-                del self.per_client[self.counted_as]
+            self.release(self.counted_as)
             self.counted_as = None
         super().connection_lost(exc)
 
