@@ -4,13 +4,17 @@ the defaults that keep a loaded machine from failing tests that are right."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.processes import clean_env
 
 ROOT = Path(__file__).parent.parent
 
@@ -55,3 +59,39 @@ async def test_a_starved_test_process_does_not_time_out_a_loopback_request(
             hog.cancel()
     assert response.status_code == 200
     assert time.monotonic() - started > 5  # the test meant what it says
+
+
+PROBE = """
+import os
+
+
+def test_where(postgres_server, worker_id, tmp_path_factory):
+    with open(os.environ["PROBE_OUT"], "a") as out:
+        out.write(f"{worker_id} {postgres_server}\\n")
+"""
+
+
+@pytest.mark.slow
+def test_the_workers_of_a_run_share_one_postgresql_and_the_last_stops_it(tmp_path) -> None:
+    """Each xdist worker started a PostgreSQL of its own (an initdb and a start, ~1.3 s
+    of CPU each): now the workers of a run share one (tests.postgres.shared_server), a
+    database each, and it is gone when the run ends."""
+    (tmp_path / "test_probe.py").write_text(PROBE)
+    out = tmp_path / "where.txt"
+    env = clean_env(PROBE_OUT=str(out), PYTHONPATH=str(ROOT))
+    env.pop("SMS_BRIDGE_TEST_POSTGRES", None)
+    run = ["-p", "tests.postgres", "-n", "2", "--dist", "each", "-p", "no:cacheprovider"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", *run, "--rootdir", str(tmp_path), "."],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = dict(line.split() for line in out.read_text().splitlines())
+    assert sorted(seen) == ["gw0", "gw1"] and len(set(seen.values())) == 1, seen
+    port = urllib.parse.urlsplit(seen["gw0"]).port
+    with pytest.raises(OSError):  # stopped at the end of the run
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
