@@ -23,13 +23,14 @@ from tests.stores import BACKENDS, FACTORIES
 pytest_plugins = ["tests.postgres"]
 
 # The default timeout of the tests' HTTP clients (those that set none): httpx's is 5 s,
-# a network's. Every server here is on loopback, where a connect completes in the kernel
-# at once, so what such a timeout measured was a stall of the test process itself: a
-# worker at nice 19 among busy processes, starved for 5 s, woke to both the connection
-# made and the deadline passed, and the deadline won (an httpx ConnectTimeout in
-# test_hooks' [github-status-success.json], a hook answered in a millisecond). A server
-# that hangs still fails its test, a minute later. The bridge's own clients set theirs
-# from the config, and no test waits for a client's default to expire.
+# a network's. Every server here is on loopback, where the kernel makes a connection at
+# once, so what such a timeout measured was the test process's share of the CPU: a
+# connect takes a few turns of the event loop (anyio's task group, the socket, the
+# transport), and a worker at nice 19 among busy processes, given the CPU a second or
+# more apart, took longer than 5 s for them (an httpx ConnectTimeout in test_hooks'
+# [github-status-success.json], a hook answered in a millisecond; test_suite.py
+# reproduces it). A server that hangs still fails its test, a minute later. The bridge's
+# own clients set theirs from the config, and no test waits for a client's default.
 LOOPBACK_TIMEOUT = httpx.Timeout(60.0)
 _API = ("request", "stream", "get", "options", "head", "post", "put", "patch", "delete")
 for _call in (httpx.Client.__init__, httpx.AsyncClient.__init__, *map(httpx.__dict__.get, _API)):
