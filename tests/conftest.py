@@ -19,8 +19,9 @@ from tests import helpers
 from tests.helpers import SetPattern, forget_the_metadata, served
 from tests.stores import BACKENDS, FACTORIES
 
-# A real PostgreSQL server and a fresh database per test (tests/postgres.py).
-pytest_plugins = ["tests.postgres"]
+# A real PostgreSQL server and a fresh database per test (tests/postgres.py); Hypothesis
+# imported by no process that has no property test (tests/hypothesis_summary.py).
+pytest_plugins = ["tests.postgres", "tests.hypothesis_summary"]
 
 # The default timeout of the tests' HTTP clients (those that set none): httpx's is 5 s,
 # a network's. Every server here is on loopback, where the kernel makes a connection at
