@@ -5,8 +5,9 @@ Each such module imports this one (`import tests.properties  # noqa: F401`) befo
 not in conftest.py: conftest is imported by every pytest process, and importing
 Hypothesis costs ~0.45 s of CPU in each (pytest rewrites its modules' asserts), also in
 the runs that collect no property test (`pytest tests/test_hooks.py`, each xdist worker
-and the controller; tests/hypothesis_summary.py keeps its plugin from doing it). conftest.py fails the collection of a
-property test decorated without this profile (`pytest_collection_modifyitems`).
+and the controller; tests/hypothesis_summary.py keeps its plugin from doing it).
+conftest.py fails the collection of a property test decorated without this profile
+(`pytest_collection_modifyitems`).
 
 Hypothesis fails an example slower than its deadline, 200 ms by default: wall time, so
 a test process starved of the CPU for a moment (2 cores shared by a busy suite, or a
