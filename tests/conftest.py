@@ -3,13 +3,13 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
-from hypothesis import settings
 from phonenumbers import PhoneMetadata, PhoneNumberDesc
 
 from bridge.clock import ManualClock
@@ -19,16 +19,24 @@ from tests import helpers
 from tests.helpers import SetPattern, forget_the_metadata, served
 from tests.stores import BACKENDS, FACTORIES
 
-# A real PostgreSQL server and a fresh database per test (tests/postgres.py).
-pytest_plugins = ["tests.postgres"]
+# A real PostgreSQL server and a fresh database per test (tests/postgres.py); Hypothesis
+# imported by no process that has no property test (tests/hypothesis_summary.py).
+pytest_plugins = ["tests.postgres", "tests.hypothesis_summary"]
 
-# Hypothesis fails an example slower than its deadline, 200 ms by default: wall time, so
-# a test process starved of the CPU for a moment (2 cores shared by a busy suite, or a
-# loaded CI runner) failed examples that take a millisecond (Flaky / DeadlineExceeded
-# in test_smtp's address memo and test_mail's parsers). 2 s still fails an example that
-# is really slow (a parser gone quadratic), not one that waited for its turn.
-settings.register_profile("sms-bridge", deadline=timedelta(seconds=2))
-settings.load_profile("sms-bridge")
+# The default timeout of the tests' HTTP clients (those that set none): httpx's is 5 s,
+# a network's. Every server here is on loopback, where the kernel makes a connection at
+# once, so what such a timeout measured was the test process's share of the CPU: a
+# connect takes a few turns of the event loop (anyio's task group, the socket, the
+# transport), and a worker at nice 19 among busy processes, given the CPU a second or
+# more apart, took longer than 5 s for them (an httpx ConnectTimeout in test_hooks'
+# [github-status-success.json], a hook answered in a millisecond; test_suite.py
+# reproduces it). A server that hangs still fails its test, a minute later. The bridge's
+# own clients set theirs from the config, and no test waits for a client's default.
+LOOPBACK_TIMEOUT = httpx.Timeout(60.0)
+_API = ("request", "stream", "get", "options", "head", "post", "put", "patch", "delete")
+for _call in (httpx.Client.__init__, httpx.AsyncClient.__init__, *map(httpx.__dict__.get, _API)):
+    _call = getattr(_call, "__wrapped__", _call)  # httpx.stream is a contextmanager's
+    _call.__kwdefaults__["timeout"] = LOOPBACK_TIMEOUT
 
 
 @pytest.fixture
@@ -119,6 +127,27 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
         yield request.param
     finally:
         helpers.STORE_URL["url"] = ""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fail the collection of a property test decorated under a deadline shorter than
+    the suite's: its module imported Hypothesis without tests.properties, which this
+    file does not import for every process (its docstring says why)."""
+    if "hypothesis" not in sys.modules:
+        return
+    from tests.properties import DEADLINE
+
+    loose = []
+    for item in items:
+        # The settings `@given` took from the default profile when it decorated the test.
+        chosen = getattr(getattr(item, "obj", None), "_hypothesis_internal_use_settings", None)
+        if chosen is not None and chosen.deadline is not None and chosen.deadline < DEADLINE:
+            loose.append(item.nodeid)
+    if loose:
+        raise pytest.UsageError(
+            f"property tests under a deadline shorter than the suite's {DEADLINE}"
+            f" (import tests.properties in their module): {', '.join(loose)}"
+        )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -7,6 +7,10 @@ Where the server comes from, in order:
 2. A private server from the installed binaries (`initdb`, `pg_ctl` under
    /usr/lib/postgresql/*/bin or on PATH) in a temporary directory, on a free port,
    for the session. `initdb` refuses root, so as root it runs as the `postgres` user.
+   The xdist workers of one run share one (`shared_server`): the first to need it
+   starts it, the last to finish stops it (an initdb and a start cost ~1.3 s of CPU
+   each, and a worker's databases are its own anyway). Tests that stop or restart
+   PostgreSQL start a private server of their own (`private_server`), never this one.
 3. Neither: the tests that need one are skipped with the reason (and CI, with
    SMS_BRIDGE_NO_SKIPS=1, fails on that skip).
 
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import glob
 import itertools
+import json
 import os
 import pwd
 import shutil
@@ -29,6 +35,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +133,7 @@ class PrivateServer:
             self.port = self.port or _free_port()
             options = (
                 f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
-                " -c fsync=off -c full_page_writes=off -c max_connections=200"
+                " -c fsync=off -c full_page_writes=off -c max_connections=300"
             )
             done = self._run(
                 "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"),
@@ -154,18 +161,100 @@ class PrivateServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def private_server() -> Iterator[PrivateServer]:
-    """A started private server for the block; RuntimeError if it cannot be had."""
+def start_private_server() -> PrivateServer:
+    """A private server, started; RuntimeError if it cannot be had."""
     bin_dir = find_binaries()
     if bin_dir is None:
         raise RuntimeError("no PostgreSQL binaries (initdb, pg_ctl) installed")
     server = PrivateServer.create(bin_dir)
     try:
         server.start()
+    except BaseException:
+        server.destroy()
+        raise
+    return server
+
+
+@contextlib.contextmanager
+def private_server() -> Iterator[PrivateServer]:
+    """A started private server for the block; RuntimeError if it cannot be had."""
+    server = start_private_server()
+    try:
         yield server
     finally:
         server.destroy()
+
+
+@contextlib.contextmanager
+def shared_server(run: str) -> Iterator[str]:
+    """The URL of the private server the xdist workers of run `run` share, for the block.
+
+    Under `lock`, the first worker to come starts it and writes where it is to
+    `server.json`; each worker holds a shared lock on `users` while it may use it. On
+    leaving, under `lock` again, a worker that can take `users` exclusively is the last
+    one (a worker that died let go of its lock with it) and stops the server. A worker
+    needing the server after that starts a new one. RuntimeError if it cannot be had."""
+    home = _shared_home(run)
+    home.mkdir(exist_ok=True)
+    where = home / "server.json"
+    with open(home / "lock", "a") as lock, open(home / "users", "a") as users:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            server = _started_at(where)
+            fcntl.flock(users, fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        try:
+            yield server.url
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last one out?
+            except BlockingIOError:
+                pass
+            else:
+                where.unlink(missing_ok=True)
+                server.destroy()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _shared_home(run: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"sms-bridge-pg-run-{run}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In xdist's controller: the run's id chosen here, so that it knows it too."""
+    controller = not hasattr(config, "workerinput") and config.pluginmanager.hasplugin("xdist")
+    if controller and config.getoption("testrunuid", None) is None:
+        config.option.testrunuid = uuid.uuid4().hex  # what xdist would have chosen
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """In xdist's controller, the workers gone: the shared server's directory removed,
+    and the server stopped if a worker died before it could (its last user)."""
+    run = config.getoption("testrunuid", None)
+    if hasattr(config, "workerinput") or not run or not _shared_home(run).exists():
+        return
+    with contextlib.suppress(FileNotFoundError):
+        _started_at(_shared_home(run) / "server.json", start=False).destroy()
+    shutil.rmtree(_shared_home(run), ignore_errors=True)
+
+
+def _started_at(where: Path, *, start: bool = True) -> PrivateServer:
+    """The server `where` describes, or one started now and described there."""
+    if where.exists():
+        known = json.loads(where.read_text())
+        user = tuple(known["user"]) if known["user"] else None
+        return PrivateServer(Path(known["bin"]), Path(known["root"]), known["port"], user)
+    if not start:
+        raise FileNotFoundError(where)
+    if not start:
+        raise FileNotFoundError(where)
+    server = start_private_server()
+    fields = {"bin": str(server.bin), "root": str(server.root), "port": server.port}
+    where.write_text(json.dumps({**fields, "user": server._user}))
+    return server
 
 
 def with_database(url: str, name: str) -> str:
@@ -244,15 +333,21 @@ def migrate_sync(url: str, target: int | None = None) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
+def postgres_server(request: pytest.FixtureRequest) -> Iterator[str]:
     """The URL of a PostgreSQL server's maintenance database; skips if none can be had."""
     given = os.environ.get(ENV)
     if given:
         yield given
         return
+    # pytest-xdist's id of the run, the same in each of its workers; none without xdist.
+    run = getattr(request.config, "workerinput", {}).get("testrunuid")
     try:
-        with private_server() as server:
-            yield server.url
+        if run is None:
+            with private_server() as server:
+                yield server.url
+        else:
+            with shared_server(run) as url:
+                yield url
     except RuntimeError as exc:
         pytest.skip(f"no PostgreSQL: set {ENV} or install postgresql ({exc})")
 

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tests.properties  # noqa: F401  (the suite's Hypothesis profile)
 from bridge.ingress.charsets import decode_best
 
 CYRILLIC = "Сервер db-2 недоступен, диск заполнен на 97 процентов"

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from phonenumbers import PhoneMetadata, PhoneNumberDesc
 
+import tests.properties  # noqa: F401  (the suite's Hypothesis profile)
 from bridge.digit_regex import DIGITS, Alternation, Concat, Digit, Node, Repeat, Unsupported, parse
 from bridge.digits import Automaton
 

@@ -24,6 +24,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
+import tests.properties  # noqa: F401  (the suite's Hypothesis profile)
 from bridge import phone
 from bridge.clock import ManualClock
 from bridge.config import Config, RouteConfig, load_config

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import tests.properties  # noqa: F401  (the suite's Hypothesis profile)
 from bridge.clock import ManualClock
 from bridge.errors import HttpError
 from bridge.ingress.http.bodies import parse_json

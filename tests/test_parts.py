@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
+import tests.properties  # noqa: F401  (the suite's Hypothesis profile)
 from bridge.clock import ManualClock
 from bridge.models import Message
 from bridge.pricing import PriceBook

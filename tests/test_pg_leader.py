@@ -145,6 +145,7 @@ async def who_leads(url: str) -> list[str]:
         rows = await conn.fetch(
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
             " WHERE l.locktype = 'advisory' AND l.classid = 1397576452 AND l.granted"
+            " AND a.datname = current_database()"
         )
     finally:
         await conn.close()
@@ -156,7 +157,9 @@ async def terminate(url: str, application_name: str) -> None:
     try:
         ended = await conn.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE application_name = $1",
+            # This test's database only: the server may be shared (by xdist workers, or
+            # SMS_BRIDGE_TEST_POSTGRES), its tests' instances named alike.
+            " WHERE application_name = $1 AND datname = current_database()",
             application_name,
         )
         assert ended == 1

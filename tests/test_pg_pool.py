@@ -2,8 +2,10 @@
 bridge's StoreUnavailable (what ingress turns into 503 / 451) in bounded time, and work
 again once the server is back, with the same `Database` object, no restart.
 
-These tests restart the server, so they run on a private one of their own (never on
-the shared `SMS_BRIDGE_TEST_POSTGRES`).
+The tests that restart the server run on a private one of their own (never on the
+shared `SMS_BRIDGE_TEST_POSTGRES`, nor the session's); the others on a database of their
+own on the session's server: the private one costs a worker an initdb and a start,
+which the tests of `make test-fast` (not slow) here do not need.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tests.postgres import (
     private_server,
     wait_until_up,
 )
+from tests.processes import free_port
 
 
 @pytest.fixture(scope="module")
@@ -96,21 +99,26 @@ async def test_connections_broken_by_a_quick_restart_are_replaced(
     assert outcomes == [1, 1, 1, 1], outcomes
 
 
-async def test_a_statement_error_is_not_unavailability(db: Database) -> None:
+async def test_a_statement_error_is_not_unavailability(postgres_empty_url: str) -> None:
     """A wrong statement is a bug to see, not an outage to answer 503 for forever."""
-    with pytest.raises(asyncpg.UndefinedTableError):
-        async with db.transaction() as conn:
-            await conn.execute("SELECT * FROM no_such_table")
-    assert await one(db) == 1
+    db = Database(postgres_empty_url, min_size=2, max_size=4)
+    await db.open()
+    try:
+        with pytest.raises(asyncpg.UndefinedTableError):
+            async with db.transaction() as conn:
+                await conn.execute("SELECT * FROM no_such_table")
+        assert await one(db) == 1
+    finally:
+        await db.close()
 
 
 async def test_a_stuck_statement_fails_as_unavailable_in_bounded_time(
-    server: PrivateServer,
+    postgres_empty_url: str,
 ) -> None:
     """A lock held elsewhere (a hung server, a long migration): the operation gives up."""
-    db = Database(server.url, max_size=2, command_timeout=0.5)
+    db = Database(postgres_empty_url, max_size=2, command_timeout=0.5)
     await db.open()
-    holder = await asyncpg.connect(server.url)
+    holder = await asyncpg.connect(postgres_empty_url)
     try:
         await holder.execute("SELECT pg_advisory_lock(42)")
         started = time.monotonic()
@@ -123,10 +131,8 @@ async def test_a_stuck_statement_fails_as_unavailable_in_bounded_time(
         await db.close()
 
 
-async def test_a_server_that_is_not_there_is_said_at_open_without_the_password(
-    server: PrivateServer,
-) -> None:
-    url = f"postgresql://bridge:s3cret@127.0.0.1:{server.port + 1}/nowhere"
+async def test_a_server_that_is_not_there_is_said_at_open_without_the_password() -> None:
+    url = f"postgresql://bridge:s3cret@127.0.0.1:{free_port()}/nowhere"  # nobody listens
     db = Database(url)
     with pytest.raises(StoreUnavailable, match="cannot connect to") as caught:
         await db.open()

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlite_utils import Database
 
+import tests.properties  # noqa: F401  (the suite's Hypothesis profile)
 from bridge.models import NewMessage, State
 from bridge.policy.decide import Rules
 from bridge.store.sqlite.schema import migrations
