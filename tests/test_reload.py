@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import smtplib
 from pathlib import Path
 
 import httpx
@@ -225,5 +226,82 @@ async def test_a_reload_whose_file_hangs_leaves_the_bridge_answering(
             assert bridge.config.store.path == config.store.path
         finally:
             mount_back.set()
+            bridge.stop.set()
+            await reloader
+
+
+async def test_a_reload_reads_its_certificate_off_the_loop_and_serves_it(
+    tmp_path, clock: ManualClock, sandbox_url: str, monkeypatch
+) -> None:
+    """A SIGHUP with `smtp.tls_cert` loaded the certificate on the event loop (and looked
+    at every secret file's mode there): a slow disk held every mail and request until
+    it answered. Read in a thread now: /healthz answers while the read hangs, and once
+    it is done both STARTTLS and the implicit-TLS listener serve the new certificate."""
+    import ssl
+    import threading
+    import time
+
+    import trustme
+
+    from bridge.ingress import smtp as smtp_module
+    from tests.test_smtp import DEFAULT_RCPT, implicit_tls_config, implicit_tls_listening
+
+    first, second = trustme.CA(), trustme.CA()
+    files = []
+    for name, ca in (("first", first), ("second", second)):
+        issued = ca.issue_cert("127.0.0.1")
+        issued.cert_chain_pems[0].write_to_path(str(tmp_path / f"{name}.pem"))
+        issued.private_key_pem.write_to_path(str(tmp_path / f"{name}.key"))
+        files.append((str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key")))
+    config = implicit_tls_config(tmp_path, sandbox_url, (first, *files[0]), "")
+    text = Path(config.source).read_text()  # noqa: ASYNC240 - the test's own small file
+    assert text and files[0][0] in text
+    renewed = write_config(
+        tmp_path,
+        text.replace(files[0][0], files[1][0]).replace(files[0][1], files[1][1]),
+        "new.toml",
+    )
+    disk_back = threading.Event()
+    real = smtp_module.tls_context
+
+    def slow(cert: str, key: str) -> ssl.SSLContext:
+        disk_back.wait(8)  # the disk answers 8 s later (or when the test lets it)
+        return real(cert, key)
+
+    def greeting(port: int, ca: trustme.CA) -> dict:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        with smtplib.SMTP_SSL("127.0.0.1", port, timeout=10, context=context) as client:
+            return client.sendmail("a@example.org", [DEFAULT_RCPT], "Subject: 465\r\n\r\nx")
+
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        implicit_tls_listening(bridge) as (_, tls_port),
+        httpx.AsyncClient() as http,
+    ):
+        assert await asyncio.to_thread(greeting, tls_port, first) == {}
+        monkeypatch.setattr(smtp_module, "tls_context", slow)
+        reloads: asyncio.Queue[str | None] = asyncio.Queue()
+        reloader = asyncio.create_task(bridge._reloader(reloads))
+        try:
+            reloads.put_nowait(str(renewed))
+            started = time.monotonic()
+            await asyncio.sleep(0.3)  # the reloader has read the file, is on the certificate
+            answer = await http.get(f"{url}/healthz", timeout=30)
+            # On the loop, the read held everything for its 8 s; 4 s leaves a loaded
+            # machine its slowness.
+            assert answer.status_code == 200 and time.monotonic() - started < 4
+            assert bridge.smtp_handler.smtp.tls_cert == files[0][0]  # not applied yet
+            disk_back.set()
+            for _ in range(200):
+                if bridge.smtp_handler.smtp.tls_cert == files[1][0]:
+                    break
+                await asyncio.sleep(0.05)
+            assert bridge.smtp_handler.smtp.tls_cert == files[1][0] and bridge.last_reload_ok
+            assert await asyncio.to_thread(greeting, tls_port, second) == {}
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await asyncio.to_thread(greeting, tls_port, first)
+        finally:
+            disk_back.set()
             bridge.stop.set()
             await reloader

@@ -84,6 +84,26 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """`smtp.tls_cert` and `tls_key` as read for a reload: their context (None: no
+    certificate configured), or why they did not load (`problem`)."""
+
+    context: ssl.SSLContext | None
+    problem: str | None = None
+
+
+def read_tls(smtp: SmtpConfig) -> TlsFiles:
+    """Read the certificate and key `smtp` names. Blocking file reads: a reload calls
+    this off the event loop (a slow disk held every session and request meanwhile)."""
+    if not smtp.tls_cert:
+        return TlsFiles(None)
+    try:
+        return TlsFiles(tls_context(smtp.tls_cert, smtp.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        return TlsFiles(None, str(exc))
+
+
 def smtp_login(session: Session) -> str | None:
     """The `[smtp.users]` login this session authenticated as, or None."""
     auth: Any = session.auth_data
@@ -182,8 +202,10 @@ class SmtpHandler:
         self.ingestor = ingestor
         self.provider = provider  # default sender id and time zone: fixed until restart
         self.smtp = smtp
-        self.tls: ssl.SSLContext | None = None
-        self.tls = self._tls(smtp)  # at start a certificate that does not load is fatal
+        # STARTTLS's context (None: no certificate), and the implicit-TLS listener's: the
+        # last certificate that loaded, taken by each connection as it is accepted.
+        self.tls = tls_context(smtp.tls_cert, smtp.tls_key) if smtp.tls_cert else None
+        self.listener_tls = self.tls  # at start a certificate that does not load is fatal
         self.sessions = Sessions(lambda: self.smtp)
         self.parsers = Workers(PARSE_WORKERS, "mail-parse")
         # Kept across reloads. Named so that no attribute of a handler starts with `auth_`:
@@ -191,22 +213,30 @@ class SmtpHandler:
         # `AUTH throttle` called this object, a 451 and a traceback for every try.
         self.failed_logins = FailureThrottle(ingestor.clock)
         self.generation = 0  # one more at each reload: what RCPT read is stale after one
-        self.reload(smtp=smtp, recipients=recipients)
+        self.reload(smtp=smtp, recipients=recipients, tls=TlsFiles(self.tls))
 
     def close(self) -> None:
         self.parsers.close()
 
-    def reload(self, *, smtp: SmtpConfig, recipients: Recipients) -> list[str]:
+    def reload(
+        self, *, smtp: SmtpConfig, recipients: Recipients, tls: TlsFiles | None = None
+    ) -> list[str]:
         """Take everything new sessions use; sessions in progress carry on as they were.
 
-        Returns problems to warn about (a certificate that does not load keeps the old:
-        `self.smtp` then names the files still in force).
+        `tls`: `smtp`'s certificate as `read_tls` read it, off the event loop; None reads
+        it here, blocking (a caller with no sessions to stall: tests). Returns problems to
+        warn about (a certificate that does not load keeps the old: `self.smtp` then
+        names the files still in force).
         """
         problems = []
-        try:
-            self.tls = self._tls(smtp)
-        except (OSError, ssl.SSLError) as exc:
-            problems.append(f"smtp.tls_cert: cannot load, the previous certificate stays: {exc}")
+        tls = read_tls(smtp) if tls is None else tls
+        if tls.problem is None:
+            self.tls = tls.context
+            self.listener_tls = tls.context or self.listener_tls  # tls_listen waits for a restart
+        else:
+            problems.append(
+                f"smtp.tls_cert: cannot load, the previous certificate stays: {tls.problem}"
+            )
             smtp = dataclasses.replace(smtp, tls_cert=self.smtp.tls_cert, tls_key=self.smtp.tls_key)
         self.smtp = smtp
         self.recipients = recipients
@@ -219,21 +249,6 @@ class SmtpHandler:
         }
         self.networks = [parse_network(n) for n in smtp.allowed_networks]
         return problems
-
-    def _tls(self, smtp: SmtpConfig) -> ssl.SSLContext | None:
-        """The TLS context for STARTTLS and implicit TLS, certificate read afresh.
-
-        Loaded into the running context when there is one, so the implicit-TLS listener
-        (whose context is fixed at bind) serves a renewed certificate too; a throwaway
-        context loads it first, so a bad file never leaves the live one half-changed.
-        """
-        if not smtp.tls_cert:
-            return None
-        fresh = tls_context(smtp.tls_cert, smtp.tls_key)
-        if self.tls is None:
-            return fresh
-        self.tls.load_cert_chain(smtp.tls_cert, smtp.tls_key)
-        return self.tls
 
     # -- who may send --------------------------------------------------------------------
     def _client_allowed(self, session: Session) -> bool:
@@ -650,9 +665,12 @@ async def start_smtp(
     servers.append(await loop.create_server(factory, sock=plain))
     if handler.smtp.tls_listen:
         tls = sockets[1] if sockets and len(sockets) > 1 else bind_socket(handler.smtp.tls_listen)
-        session, context = smtp_factory(handler, implicit_tls=True), handler.tls
-        assert context is not None  # validated: smtp.tls_listen needs smtp.tls_cert
-        servers.append(
-            await loop.create_server(lambda: TlsGate(handler.sessions, session, context), sock=tls)
-        )
+        session = smtp_factory(handler, implicit_tls=True)
+        assert handler.listener_tls is not None  # validated: smtp.tls_listen needs smtp.tls_cert
+
+        def gate() -> TlsGate:  # the certificate in force when the connection comes
+            assert handler.listener_tls is not None
+            return TlsGate(handler.sessions, session, handler.listener_tls)
+
+        servers.append(await loop.create_server(gate, sock=tls))
     return servers
