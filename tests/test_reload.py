@@ -305,3 +305,39 @@ async def test_a_reload_reads_its_certificate_off_the_loop_and_serves_it(
             disk_back.set()
             bridge.stop.set()
             await reloader
+
+
+async def test_a_stop_does_not_wait_for_a_reload_whose_file_hangs(
+    tmp_path, clock: ManualClock, sandbox_url: str, monkeypatch
+) -> None:
+    """SIGTERM while a SIGHUP's read hangs: the stop waited for the read's bound (10 s,
+    Docker's whole grace), then applied the file on its way out. It ends at once now,
+    the running config untouched."""
+    import threading
+
+    from bridge import service
+
+    config = bridge_config(tmp_path, sandbox_url)
+    path = write_config(tmp_path, f'[store]\npath = "{config.store.path}"\n', "reloaded.toml")
+    mount_back = threading.Event()
+    real_load = service.load_config
+
+    def hung(path: str | None) -> Config:
+        mount_back.wait(8)
+        return real_load(path)
+
+    monkeypatch.setattr(service, "load_config", hung)
+    async with running_bridge(config, clock) as (bridge, _):
+        reloads: asyncio.Queue[str | None] = asyncio.Queue()
+        running = bridge.config
+        reloader = asyncio.create_task(bridge._reloader(reloads))
+        try:
+            reloads.put_nowait(str(path))
+            await asyncio.sleep(0.1)  # the reloader takes the SIGHUP and starts reading
+            bridge.stop.set()
+            await asyncio.wait_for(asyncio.shield(reloader), timeout=3)
+            assert bridge.config is running  # nothing applied
+        finally:
+            mount_back.set()
+            bridge.stop.set()
+            await reloader
