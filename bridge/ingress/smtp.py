@@ -48,7 +48,8 @@ from bridge.ingress.mail import (
 )
 from bridge.ingress.mailrules import apply_rule, rule_for
 from bridge.ingress.smtpauth import Authenticator, peer_host
-from bridge.ingress.smtplimits import LimitedSMTP, Sessions, TlsGate, call_limits
+from bridge.ingress.smtplimits import LimitedSMTP, Sessions, call_limits
+from bridge.ingress.smtptls import ImplicitTlsListener, Listener
 from bridge.ingress.throttle import FailureThrottle
 from bridge.ingress.workers import Workers
 from bridge.models import SMTP_SENDER
@@ -654,11 +655,11 @@ def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
 
 async def start_smtp(
     handler: SmtpHandler, sockets: list[socket.socket] | None = None
-) -> list[asyncio.Server]:
+) -> list[Listener]:
     """Serve SMTP (and implicit TLS if configured) on this loop; the caller closes them."""
     loop = asyncio.get_running_loop()
     factory = smtp_factory(handler)
-    servers = []
+    servers: list[Listener] = []
     # `serve` binds both before start-up (a taken port is a config error there); tests
     # that call this directly let it bind.
     plain = sockets[0] if sockets else bind_socket(handler.smtp.listen)
@@ -668,9 +669,9 @@ async def start_smtp(
         session = smtp_factory(handler, implicit_tls=True)
         assert handler.listener_tls is not None  # validated: smtp.tls_listen needs smtp.tls_cert
 
-        def gate() -> TlsGate:  # the certificate in force when the connection comes
+        def context() -> ssl.SSLContext:  # the certificate in force when the connection comes
             assert handler.listener_tls is not None
-            return TlsGate(handler.sessions, session, handler.listener_tls)
+            return handler.listener_tls
 
-        servers.append(await loop.create_server(gate, sock=tls))
+        servers.append(ImplicitTlsListener(tls, handler.sessions, session, context))
     return servers
