@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from bridge.clock import Clock, sleep_until_woken
 from bridge.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 MAX_BACKOFF = 300.0  # seconds: the longest wait after a failed step (unless retry_after is longer)
 FAILING_AFTER = 3  # failed steps in a row before the health checks call a loop failing
 
@@ -122,3 +124,33 @@ async def run_steps(
         # the lead) is not failing: kept, its failures in a row made a follower's
         # /healthz say 503 for a loop it no longer runs. The counter stays.
         state.in_a_row, state.error = 0, ""
+
+
+class Stopped(Exception):
+    """A read cut short by a stop (`unless_stopped`): nothing was learnt from it."""
+
+
+async def unless_stopped(read: Coroutine[Any, Any, T], stop: asyncio.Event | None) -> T:
+    """`read`, cancelled if `stop` is set before it is done (Stopped, then).
+
+    For reads only (/logs, say): a slow provider held a stop for a whole request timeout
+    per read under way, past Docker's 10 s grace, while cutting a read loses nothing
+    (what it would have told is read again at the next start). A request that changes
+    something (a send) is never cut: whether it went would be unknown."""
+    if stop is None:
+        return await read
+    if stop.is_set():
+        read.close()  # never started
+        raise Stopped
+    task = asyncio.ensure_future(read)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # our own cancellation (a task group ending) takes both with it
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        raise Stopped
+    return task.result()

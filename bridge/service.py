@@ -25,9 +25,9 @@ import os
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
@@ -56,7 +56,7 @@ from bridge.ingress.formats import template_problems
 from bridge.ingress.http.handshake import tls_gate
 from bridge.ingress.http.limits import limited_protocol
 from bridge.ingress.ingest import Ingestor
-from bridge.ingress.smtp import SmtpHandler, start_smtp
+from bridge.ingress.smtp import SmtpHandler, TlsFiles, read_tls, start_smtp
 from bridge.loops import LoopHealth, run_steps
 from bridge.ops.logs import mask_secrets
 from bridge.policy.budgets import BudgetGuard
@@ -75,6 +75,7 @@ SHUTDOWN_GRACE = 8  # seconds uvicorn lets in-flight requests finish
 # send answered until the mount came back.
 RELOAD_READ_TIMEOUT = 10.0
 RETENTION_INTERVAL = 3600.0
+T = TypeVar("T")
 
 
 class QuietServer(uvicorn.Server):
@@ -139,33 +140,42 @@ def https_context(cert: str, key: str) -> ssl.SSLContext:
     )
 
 
-async def read_config(path: str | None, limit: float) -> Config:
-    """`load_config(path)` in a thread of its own, waited for `limit` seconds at most:
-    ConfigError past that (the running config stays). A daemon thread, not the loop's
-    executor: a read stuck in the kernel cannot be cancelled, and one left in the
-    executor would hold up the process's exit (asyncio waits for its threads)."""
+async def off_loop(work: Callable[[], T], limit: float) -> T:
+    """`work()` in a thread of its own, waited for `limit` seconds at most (TimeoutError
+    past that). A daemon thread, not the loop's executor: a read stuck in the kernel
+    cannot be cancelled, and one left in the executor would hold up the process's exit
+    (asyncio waits for its threads)."""
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[Config] = loop.create_future()
+    done: asyncio.Future[T] = loop.create_future()
 
     def settle(outcome: Callable[[], None]) -> None:
         if not done.done():  # else given up on: the file was read too late
             outcome()
 
-    def read() -> None:
+    def run() -> None:
         try:
-            config = load_config(path)
+            result = work()
         except BaseException as exc:  # handed to the loop, raised there
             outcome = functools.partial(done.set_exception, exc)
         else:
-            outcome = functools.partial(done.set_result, config)
+            outcome = functools.partial(done.set_result, result)
         with contextlib.suppress(RuntimeError):  # the loop closed while it read
             loop.call_soon_threadsafe(settle, outcome)
 
-    threading.Thread(target=read, name="config-reload", daemon=True).start()
+    threading.Thread(target=run, name="config-reload", daemon=True).start()
     try:
         return await asyncio.wait_for(asyncio.shield(done), limit)
     except TimeoutError:
         done.cancel()
+        raise
+
+
+async def read_config(path: str | None, limit: float) -> Config:
+    """`load_config(path)` off the loop (`off_loop`): ConfigError past `limit` seconds
+    (the running config stays)."""
+    try:
+        return await off_loop(functools.partial(load_config, path), limit)
+    except TimeoutError:
         why = f"not read within {limit:g} s (a file on a mount that hangs?)"
         raise ConfigError([(path or "config", why)]) from None
 
@@ -197,7 +207,7 @@ class Bridge:
     last_reload_ok: bool = True
     config_applied_at: float = 0.0
 
-    def reload(self, new: Config) -> list[str]:
+    def reload(self, new: Config, *, tls: TlsFiles | None = None) -> list[str]:
         """Apply everything but listen addresses, the store, the provider and logging.
 
         Routes, groups, phone rules, limits, budgets, dedupe, tokens, HTTP limits and
@@ -206,6 +216,7 @@ class Bridge:
         needs a restart, by name, and anything that could not be applied (a certificate
         that does not load). Raises ConfigError, applying nothing, where protected mode
         refuses what would then run or a recipient the budget names cannot be resolved.
+        `tls`: the SMTP certificate, read off the loop (`_reloader`); None: read here.
         """
         new, waiting = as_reloaded(new, self.config)
         refused = protection_problems(new)
@@ -234,7 +245,7 @@ class Bridge:
         warnings = [f"{key} changed but needs a restart" for key in waiting]
         warnings += [f"{key}: {why}" for key, why in template_warnings]
         warnings += self.smtp_handler.reload(
-            smtp=new.smtp, recipients=recipients, secrets=secret_values(new)
+            smtp=new.smtp, recipients=recipients, secrets=secret_values(new), tls=tls
         )
         new = dataclasses.replace(new, smtp=self.smtp_handler.smtp)  # TLS files that stayed
         self.shaper.reload(new.limits)
@@ -245,38 +256,68 @@ class Bridge:
         return warnings
 
     async def _reloader(self, reloads: asyncio.Queue[str | None]) -> None:
-        """Each SIGHUP puts the config path here; a bad file keeps the running config."""
+        """Each SIGHUP puts the config path here; a bad file keeps the running config.
+        A stop cuts a reload's reads short (nothing is applied until they are done)."""
         while not self.stop.is_set():
-            getter = asyncio.ensure_future(reloads.get())
-            stopper = asyncio.ensure_future(self.stop.wait())
-            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            for task in (getter, stopper):
-                task.cancel()
-            if getter not in done:
+            got = await self._until_stop(reloads.get())
+            if got is None or await self._until_stop(self._reload_from(got.result())) is None:
                 return
-            path = getter.result()
-            try:
-                warnings = self.reload(await read_config(path, RELOAD_READ_TIMEOUT))
-            except ConfigError as exc:
-                self.last_reload_ok = False
-                log.error("reload refused, keeping the running config: %s", exc)
-                continue
-            except Exception:
-                # A file nobody foresaw (a bug of ours on it) must not end the bridge: the
-                # reloader ran in the task group, and its error stopped everything.
-                self.last_reload_ok = False
-                log.exception("reload failed part way (a bug: report it); restart to be sure")
-                continue
-            self.last_reload_ok = True
-            self.config_applied_at = self.clock.now()
-            mask_secrets(secret_values(self.config))  # a new route token is masked from now on
-            # Files the new config reads (a token_file, a TLS key) are judged as at start.
-            warnings += exposed_secrets(self.config, path, os.environ)
-            for warning in warnings:
-                log.warning("reload: %s", warning)
-            # Last: the line that says the reload is over (what its warnings were is
-            # above it; a reader waiting for this line has them all).
-            log.info("configuration reloaded from %s", path or "built-in defaults")
+
+    async def _until_stop(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T] | None:
+        """`work` until it is done (its task) or `stop` is set (cancelled: None)."""
+        task = asyncio.ensure_future(work)
+        stopper = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if task.done():
+            return task
+        task.cancel()
+        await asyncio.wait({task})  # its end, without taking a cancellation of our own
+        return None
+
+    async def _reload_from(self, path: str | None) -> None:
+        """One SIGHUP: the file and every file it names read off the event loop (a slow
+        disk stalled every mail and request meanwhile), then applied on it."""
+        try:
+            new = await read_config(path, RELOAD_READ_TIMEOUT)
+            tls = await self._read_tls(new)
+            warnings = self.reload(new, tls=tls)
+        except ConfigError as exc:
+            self.last_reload_ok = False
+            log.error("reload refused, keeping the running config: %s", exc)
+            return
+        except Exception:
+            # A file nobody foresaw (a bug of ours on it) must not end the bridge: the
+            # reloader ran in the task group, and its error stopped everything.
+            self.last_reload_ok = False
+            log.exception("reload failed part way (a bug: report it); restart to be sure")
+            return
+        self.last_reload_ok = True
+        self.config_applied_at = self.clock.now()
+        mask_secrets(secret_values(self.config))  # a new route token is masked from now on
+        # Files the new config reads (a token_file, a TLS key) are judged as at start.
+        warnings += await self._exposure(path)
+        for warning in warnings:
+            log.warning("reload: %s", warning)
+        # Last: the line that says the reload is over (what its warnings were is
+        # above it; a reader waiting for this line has them all).
+        log.info("configuration reloaded from %s", path or "built-in defaults")
+
+    async def _read_tls(self, new: Config) -> TlsFiles:
+        """The new SMTP certificate, read off the loop; one that does not come within
+        the bound is one that does not load (the running certificate stays)."""
+        try:
+            return await off_loop(functools.partial(read_tls, new.smtp), RELOAD_READ_TIMEOUT)
+        except TimeoutError:
+            return TlsFiles(None, f"not read within {RELOAD_READ_TIMEOUT:g} s")
+
+    async def _exposure(self, path: str | None) -> list[str]:
+        """`exposed_secrets` for the config in force: its stat calls off the loop."""
+        check = functools.partial(exposed_secrets, self.config, path, dict(os.environ))
+        try:
+            return await off_loop(check, RELOAD_READ_TIMEOUT)
+        except TimeoutError:
+            return [f"secret files' modes not checked: not read within {RELOAD_READ_TIMEOUT:g} s"]
 
     async def retention(self, stop: asyncio.Event) -> None:
         """Purge finished messages older than `store.retention`, and the store's upkeep,

@@ -747,3 +747,63 @@ async def test_a_stop_during_a_step_finishes_the_request_under_way_only(
         await pump(bridge, clock, settled, max_seconds=600)
     sent = sorted(e.message for e in sandbox_state.entries)
     assert sent == ["backup failed", "disk full", "ups on battery"], sent
+
+
+@pytest.mark.parametrize("reader", ["status poller", "reconciler"])
+async def test_a_stop_cuts_a_slow_logs_read_short_and_loses_nothing(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, reader: str
+) -> None:
+    """A stop waited for the status poller's or the reconciler's /logs read under way: a
+    slow provider held it for the whole request timeout (60 s here), past Docker's 10 s
+    grace, for a read whose loss costs nothing. The read is cut short now; the message
+    stays as it was (`sent` waiting for its status, `sending` for its reconciliation)
+    and the next start reads /logs for it, texting nothing twice."""
+    from bridge.provider.sandbox.faults import Fault
+
+    config = bridge_config(tmp_path, sandbox_url, timeout=60.0)
+    answer = asyncio.Event()  # the provider's /logs answers only when the test lets it
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        posted = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "disk full"}
+        )
+        assert posted.status_code == 202, posted.text
+        [message] = posted.json()["messages"]
+        if reader == "status poller":  # sent, its delivery state to read from /logs
+            await pump(bridge, clock, lambda: sandbox_state.entries, max_seconds=600)
+            expected = State.SENT
+        else:  # claimed before a crash: its outcome to read from /logs before any resend
+            now = clock.now()
+            owner = bridge.dispatcher.owner
+            assert await bridge.store.claim([message["id"]], now, owner=owner, lease_until=now)
+            clock.advance(60)
+            expected = State.SENDING
+
+        def reads() -> int:
+            return len([r for r in sandbox_state.requests if r.path.endswith("/logs")])
+
+        before = reads()
+        sandbox_state.faults.append(Fault(status=0, hold=answer, path="/logs"))
+        runner = asyncio.create_task(bridge.run())
+        try:
+            for _ in range(400):  # the read reached the provider, which says nothing yet
+                if reads() > before:
+                    break
+                await asyncio.sleep(0.02)
+            assert reads() > before, reader
+            bridge.stop.set()
+            # Before, the read held the stop until the provider's 60 s timeout.
+            await asyncio.wait_for(runner, timeout=5)
+        finally:
+            answer.set()
+            bridge.stop.set()
+            await asyncio.wait({runner})
+        stored = await bridge.store.get(message["id"])
+        assert stored is not None and stored.state == expected, stored
+    async with running_bridge(config, clock) as (bridge, url):  # the next start
+
+        async def settled() -> bool:
+            counts = await bridge.store.counts()
+            return not counts.get("queued", 0) and not counts.get("sending", 0)
+
+        await pump(bridge, clock, settled, max_seconds=600)
+    assert [e.message for e in sandbox_state.entries] == ["disk full"]  # once, not lost

@@ -11,7 +11,11 @@ named for it. SIGHUP through a real `serve` process is driven in test_operations
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import smtplib
+import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -37,6 +41,38 @@ def reloaded(bridge: Bridge, tmp_path: Path, sandbox_url: str, extra: str) -> li
         f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n{extra}'
     )
     return bridge.reload(load_config(write_config(tmp_path, text, "reloaded.toml"), env={}))
+
+
+@contextlib.asynccontextmanager
+async def reloading(
+    bridge: Bridge, held: threading.Event
+) -> AsyncIterator[tuple[asyncio.Queue[str | None], asyncio.Task[None]]]:
+    """The bridge's reloader (the queue SIGHUP fills, its task) for the test; at its end
+    the read the test `held` is let go and the bridge stopped."""
+    reloads: asyncio.Queue[str | None] = asyncio.Queue()
+    reloader = asyncio.create_task(bridge._reloader(reloads))
+    try:
+        yield reloads, reloader
+    finally:
+        held.set()
+        bridge.stop.set()
+        await reloader
+
+
+def hung_config_reads(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """SIGHUP's read of the config hangs (a file on an NFS mount that does not answer)
+    for 8 s, or until the event returned is set."""
+    from bridge import service
+
+    mount_back = threading.Event()
+    real_load = service.load_config
+
+    def hung(path: str | None) -> Config:
+        mount_back.wait(8)
+        return real_load(path)
+
+    monkeypatch.setattr(service, "load_config", hung)
+    return mount_back
 
 
 async def post(http: httpx.AsyncClient, url: str, to: str, message: str) -> dict:
@@ -190,40 +226,118 @@ async def test_a_reload_whose_file_hangs_leaves_the_bridge_answering(
     read on the event loop, it stopped the bridge, no request answered until the mount
     came back. Read in a thread, waited for RELOAD_READ_TIMEOUT: the bridge answers
     meanwhile, and past the bound the reload is refused and the running config kept."""
-    import threading
     import time
 
     from bridge import service
 
     config = bridge_config(tmp_path, sandbox_url)
     path = write_config(tmp_path, f'[store]\npath = "{config.store.path}"\n', "reloaded.toml")
-    mount_back = threading.Event()
-    real_load = service.load_config
-
-    def hung(path: str | None) -> Config:
-        mount_back.wait(8)  # the mount answers 8 s later (or when the test ends)
-        return real_load(path)
-
-    monkeypatch.setattr(service, "load_config", hung)
+    mount_back = hung_config_reads(monkeypatch)
     monkeypatch.setattr(service, "RELOAD_READ_TIMEOUT", 1.0)
-    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
-        reloads: asyncio.Queue[str | None] = asyncio.Queue()
-        reloader = asyncio.create_task(bridge._reloader(reloads))
-        try:
-            reloads.put_nowait(str(path))
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient() as http,
+        reloading(bridge, mount_back) as (reloads, _),
+    ):
+        reloads.put_nowait(str(path))
+        started = time.monotonic()
+        await asyncio.sleep(0.05)  # the reloader takes the SIGHUP and starts reading
+        answer = await http.get(f"{url}/healthz", timeout=30)
+        # On the loop, the read held everything for its 8 s; 4 s leaves a loaded
+        # machine its slowness.
+        assert answer.status_code == 200 and time.monotonic() - started < 4
+        for _ in range(100):
+            if not bridge.last_reload_ok:
+                break
+            await asyncio.sleep(0.05)
+        assert not bridge.last_reload_ok  # refused past the bound: the bridge runs on
+        assert bridge.config.store.path == config.store.path
+
+
+async def test_a_reload_reads_its_certificate_off_the_loop_and_serves_it(
+    tmp_path, clock: ManualClock, sandbox_url: str, monkeypatch
+) -> None:
+    """A SIGHUP with `smtp.tls_cert` loaded the certificate on the event loop (and looked
+    at every secret file's mode there): a slow disk held every mail and request until
+    it answered. Read in a thread now: /healthz answers while the read hangs, and once
+    it is done both STARTTLS and the implicit-TLS listener serve the new certificate."""
+    import ssl
+    import time
+
+    import trustme
+
+    from bridge.ingress import smtp as smtp_module
+    from tests.test_smtp import DEFAULT_RCPT, implicit_tls_config, implicit_tls_listening
+
+    first, second = trustme.CA(), trustme.CA()
+    files = []
+    for name, ca in (("first", first), ("second", second)):
+        issued = ca.issue_cert("127.0.0.1")
+        issued.cert_chain_pems[0].write_to_path(str(tmp_path / f"{name}.pem"))
+        issued.private_key_pem.write_to_path(str(tmp_path / f"{name}.key"))
+        files.append((str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key")))
+    config = implicit_tls_config(tmp_path, sandbox_url, (first, *files[0]), "")
+    text = Path(config.source).read_text()  # noqa: ASYNC240 - the test's own small file
+    assert text and files[0][0] in text
+    renewed = write_config(
+        tmp_path,
+        text.replace(files[0][0], files[1][0]).replace(files[0][1], files[1][1]),
+        "new.toml",
+    )
+    disk_back = threading.Event()
+    real = smtp_module.tls_context
+
+    def slow(cert: str, key: str) -> ssl.SSLContext:
+        disk_back.wait(8)  # the disk answers 8 s later (or when the test lets it)
+        return real(cert, key)
+
+    def greeting(port: int, ca: trustme.CA) -> dict:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        with smtplib.SMTP_SSL("127.0.0.1", port, timeout=10, context=context) as client:
+            return client.sendmail("a@example.org", [DEFAULT_RCPT], "Subject: 465\r\n\r\nx")
+
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        implicit_tls_listening(bridge) as (_, tls_port),
+        httpx.AsyncClient() as http,
+    ):
+        assert await asyncio.to_thread(greeting, tls_port, first) == {}
+        monkeypatch.setattr(smtp_module, "tls_context", slow)
+        async with reloading(bridge, disk_back) as (reloads, _):
+            reloads.put_nowait(str(renewed))
             started = time.monotonic()
-            await asyncio.sleep(0.05)  # the reloader takes the SIGHUP and starts reading
+            await asyncio.sleep(0.3)  # the reloader has read the file, is on the certificate
             answer = await http.get(f"{url}/healthz", timeout=30)
             # On the loop, the read held everything for its 8 s; 4 s leaves a loaded
             # machine its slowness.
             assert answer.status_code == 200 and time.monotonic() - started < 4
-            for _ in range(100):
-                if not bridge.last_reload_ok:
+            assert bridge.smtp_handler.smtp.tls_cert == files[0][0]  # not applied yet
+            disk_back.set()
+            for _ in range(200):
+                if bridge.smtp_handler.smtp.tls_cert == files[1][0]:
                     break
                 await asyncio.sleep(0.05)
-            assert not bridge.last_reload_ok  # refused past the bound: the bridge runs on
-            assert bridge.config.store.path == config.store.path
-        finally:
-            mount_back.set()
+            assert bridge.smtp_handler.smtp.tls_cert == files[1][0] and bridge.last_reload_ok
+            assert await asyncio.to_thread(greeting, tls_port, second) == {}
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await asyncio.to_thread(greeting, tls_port, first)
+
+
+async def test_a_stop_does_not_wait_for_a_reload_whose_file_hangs(
+    tmp_path, clock: ManualClock, sandbox_url: str, monkeypatch
+) -> None:
+    """SIGTERM while a SIGHUP's read hangs: the stop waited for the read's bound (10 s,
+    Docker's whole grace), then applied the file on its way out. It ends at once now,
+    the running config untouched."""
+    config = bridge_config(tmp_path, sandbox_url)
+    path = write_config(tmp_path, f'[store]\npath = "{config.store.path}"\n', "reloaded.toml")
+    mount_back = hung_config_reads(monkeypatch)
+    async with running_bridge(config, clock) as (bridge, _):
+        running = bridge.config
+        async with reloading(bridge, mount_back) as (reloads, reloader):
+            reloads.put_nowait(str(path))
+            await asyncio.sleep(0.1)  # the reloader takes the SIGHUP and starts reading
             bridge.stop.set()
-            await reloader
+            await asyncio.wait_for(asyncio.shield(reloader), timeout=3)
+            assert bridge.config is running  # nothing applied

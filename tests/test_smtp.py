@@ -1029,6 +1029,50 @@ async def test_connections_to_the_implicit_tls_listener_count_before_their_hands
     assert bridge.smtp_handler.sessions.total == 0
 
 
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_client_hello_waiting_at_accept_reaches_the_tls_handshake(
+    tmp_path, sandbox_url, tls_files, loop_kind: str
+) -> None:
+    """A client whose ClientHello is already in the socket when the bridge accepts it (a
+    busy loop, a burst of connections). uvloop starts reading a connection right after
+    the protocol's `connection_made`, whatever it asked there: a TLS layered from a task
+    (`loop.start_tls`) came a turn later, the ClientHello had gone to the gate, and the
+    handshake hung until the client gave up. `serve` runs on uvloop where installed."""
+    import uvloop
+
+    ca = tls_files[0]
+    config = implicit_tls_config(tmp_path, sandbox_url, tls_files, "")
+    answers: list[Any] = []
+
+    def client(port: int) -> None:
+        try:
+            with smtplib.SMTP_SSL(
+                "127.0.0.1", port, timeout=10, context=_client_context(ca)
+            ) as session:
+                answers.append(
+                    session.sendmail("a@example.org", [DEFAULT_RCPT], "Subject: x\r\n\r\nx")
+                )
+        except Exception as exc:  # said below, with the loop's name
+            answers.append(exc)
+
+    async def scenario() -> None:
+        async with (
+            running_bridge(config, ManualClock()) as (bridge, _),
+            implicit_tls_listening(bridge) as (_, tls_port),
+        ):
+            for _ in range(3):
+                sender = threading.Thread(target=client, args=(tls_port,))
+                sender.start()
+                time.sleep(0.3)  # noqa: ASYNC251 - a busy loop: connect and ClientHello wait
+                await asyncio.to_thread(sender.join)
+
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    worker = threading.Thread(target=run, args=(scenario(),))
+    worker.start()
+    worker.join(60)
+    assert answers == [{}, {}, {}], (loop_kind, answers)
+
+
 async def test_client_network_and_sender_allowlists(tmp_path, clock, sandbox_url) -> None:
     config = bridge_config(tmp_path, sandbox_url, with_smtp('allowed_networks = ["::1/128"]'))
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:

@@ -453,3 +453,36 @@ def test_ids_continue_after_the_highest_the_source_gave_not_its_newest_row(
     assert f"message ids up to {max(given)};" in copied.stdout
     [new] = run_async(next_on_target)
     assert new > max(given)
+
+
+def test_replace_never_moves_the_id_sequence_back(tmp_path: Path, postgres_url: str) -> None:
+    """`--replace` into a database whose cluster gave more ids than the source ever did:
+    the sequence was set to the source's highest id, back below ids the cluster had
+    handed out (a caller holding #12 was then answered with another text). It goes to
+    the greater of the two."""
+    db = tmp_path / "bridge.db"
+
+    async def source() -> list[int]:
+        store = SqliteStore(db)
+        await store.open()
+        try:
+            return await seed(store, [_message(n) for n in range(3)], 1.0)
+        finally:
+            await store.close()
+
+    async def on_target(count: int) -> list[int]:
+        store = PostgresStore(postgres_url)
+        await store.open()
+        try:
+            return await seed(store, [_message(50 + n) for n in range(count)], time.time())
+        finally:
+            await store.close()
+
+    copied_ids = asyncio.run(source())
+    cluster_ids = run_async(lambda: on_target(12))  # the cluster ran ahead of the source
+    assert max(cluster_ids) > max(copied_ids)
+    replaced = _copy(tmp_path, db, postgres_url, "--replace")
+    assert replaced.returncode == 0, replaced.stderr
+    assert f"message ids up to {max(cluster_ids)};" in replaced.stdout
+    [new] = run_async(lambda: on_target(1))
+    assert new > max(cluster_ids) and new > max(copied_ids)

@@ -176,7 +176,7 @@ class Dispatcher:
 
     # -- the loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        self._stopping = stop
+        self._stopping = self.reconciler.stopping = stop
 
         async def step() -> float:
             # In the loop, not before it: a store that cannot be read at start (or any

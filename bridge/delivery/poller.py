@@ -36,7 +36,7 @@ from bridge.errors import (
     RateLimitedError,
 )
 from bridge.health import ProviderHealth
-from bridge.loops import LoopHealth, run_steps
+from bridge.loops import LoopHealth, Stopped, run_steps, unless_stopped
 from bridge.models import State
 from bridge.provider.client import MAX_LOGS_PER_PAGE, ProviderClient
 from bridge.provider.logmatch import LogMatcher, provider_date
@@ -78,9 +78,11 @@ class StatusPoller:
         # Which waiting messages a round tracks: those after this (sent_at, id), oldest
         # first (see the module docstring).
         self._track_after = START
+        self._stopping: asyncio.Event | None = None  # `run`'s: it cuts a /logs read short
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop` (on a cluster's leader: bridge.delivery.cluster)."""
+        self._stopping = stop
         await run_steps(
             self.run_once,
             name="status poller",
@@ -139,9 +141,11 @@ class StatusPoller:
                 self._resume_page = page  # nothing read: this page first, next round
                 break
             try:
-                logs = await self.client.logs(
-                    page=page, per_page=MAX_LOGS_PER_PAGE, date_from=date_from
-                )
+                read = self.client.logs(page=page, per_page=MAX_LOGS_PER_PAGE, date_from=date_from)
+                logs = await unless_stopped(read, self._stopping)
+            except Stopped:  # a stop, or the lead lost: nothing read, this page first
+                self._resume_page = page
+                break
             except ProviderError as exc:
                 # Nothing read: this page first, next round. From the newest again, a
                 # 429 whenever the sweep got this deep kept it from the oldest for good.

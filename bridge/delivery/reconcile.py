@@ -41,6 +41,7 @@ from bridge.errors import (
     RateLimitedError,
     TransientSendError,
 )
+from bridge.loops import Stopped, unless_stopped
 from bridge.models import Message
 from bridge.policy.budgets import BudgetGuard
 from bridge.provider.client import ProviderClient
@@ -82,6 +83,8 @@ class Reconciler:
         self.budget = budget
         self._logs_failures = 0
         self.logs_retry_at = 0.0  # /logs failed: when to ask it again (the dispatcher wakes)
+        # The dispatcher's stop (`Dispatcher.run`): it cuts a /logs read short.
+        self.stopping: asyncio.Event | None = None
         # A walk stopped before its end: the page each message it left goes on from.
         self._resume: dict[int, int] = {}
         self.owner, self.lease = owner, lease  # whose claims this settles (and takes over)
@@ -121,7 +124,11 @@ class Reconciler:
                 await self._stop_at(page, matcher, found, start)
                 return wait
             try:
-                logs = await self.client.logs(page=page, date_from=date_from)
+                read = self.client.logs(page=page, date_from=date_from)
+                logs = await unless_stopped(read, self.stopping)
+            except Stopped:  # they stay `sending`: the next start reads /logs for them
+                await self._stop_at(page, matcher, found, start)
+                return 0.0
             except ProviderAuthError as exc:
                 await self._stop_at(page, matcher, found, start)
                 return await self.outcomes.key_refused(exc)

@@ -48,7 +48,8 @@ from bridge.ingress.mail import (
 )
 from bridge.ingress.mailrules import apply_rule, rule_for
 from bridge.ingress.smtpauth import Authenticator, peer_host
-from bridge.ingress.smtplimits import LimitedSMTP, Sessions, TlsGate, call_limits
+from bridge.ingress.smtplimits import LimitedSMTP, Sessions, call_limits
+from bridge.ingress.smtptls import ImplicitTlsListener, Listener
 from bridge.ingress.templated import Templated, render_template
 from bridge.ingress.throttle import FailureThrottle
 from bridge.ingress.workers import Workers
@@ -82,6 +83,26 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     return context
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """`smtp.tls_cert` and `tls_key` as read for a reload: their context (None: no
+    certificate configured), or why they did not load (`problem`)."""
+
+    context: ssl.SSLContext | None
+    problem: str | None = None
+
+
+def read_tls(smtp: SmtpConfig) -> TlsFiles:
+    """Read the certificate and key `smtp` names. Blocking file reads: a reload calls
+    this off the event loop (a slow disk held every session and request meanwhile)."""
+    if not smtp.tls_cert:
+        return TlsFiles(None)
+    try:
+        return TlsFiles(tls_context(smtp.tls_cert, smtp.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        return TlsFiles(None, str(exc))
 
 
 def smtp_login(session: Session) -> str | None:
@@ -183,8 +204,10 @@ class SmtpHandler:
         self.ingestor = ingestor
         self.provider = provider  # default sender id and time zone: fixed until restart
         self.smtp = smtp
-        self.tls: ssl.SSLContext | None = None
-        self.tls = self._tls(smtp)  # at start a certificate that does not load is fatal
+        # STARTTLS's context (None: no certificate), and the implicit-TLS listener's: the
+        # last certificate that loaded, taken by each connection as it is accepted.
+        self.tls = tls_context(smtp.tls_cert, smtp.tls_key) if smtp.tls_cert else None
+        self.listener_tls = self.tls  # at start a certificate that does not load is fatal
         self.sessions = Sessions(lambda: self.smtp)
         self.parsers = Workers(PARSE_WORKERS, "mail-parse")
         # Kept across reloads. Named so that no attribute of a handler starts with `auth_`:
@@ -192,26 +215,37 @@ class SmtpHandler:
         # `AUTH throttle` called this object, a 451 and a traceback for every try.
         self.failed_logins = FailureThrottle(ingestor.clock)
         self.generation = 0  # one more at each reload: what RCPT read is stale after one
-        self.reload(smtp=smtp, recipients=recipients, secrets=secrets)
+        self.reload(smtp=smtp, recipients=recipients, secrets=secrets, tls=TlsFiles(self.tls))
 
     def close(self) -> None:
         self.parsers.close()
 
     def reload(
-        self, *, smtp: SmtpConfig, recipients: Recipients, secrets: Sequence[str] = ()
+        self,
+        *,
+        smtp: SmtpConfig,
+        recipients: Recipients,
+        secrets: Sequence[str] = (),
+        tls: TlsFiles | None = None,
     ) -> list[str]:
         """Take everything new sessions use; sessions in progress carry on as they were.
         `secrets` (the config's, `secret_values`) are masked in what a message's note
         quotes of a mail (a template's missing field, its error).
 
-        Returns problems to warn about (a certificate that does not load keeps the old:
-        `self.smtp` then names the files still in force).
+        `tls`: `smtp`'s certificate as `read_tls` read it, off the event loop; None reads
+        it here, blocking (a caller with no sessions to stall: tests). Returns problems to
+        warn about (a certificate that does not load keeps the old: `self.smtp` then
+        names the files still in force).
         """
         problems = []
-        try:
-            self.tls = self._tls(smtp)
-        except (OSError, ssl.SSLError) as exc:
-            problems.append(f"smtp.tls_cert: cannot load, the previous certificate stays: {exc}")
+        tls = read_tls(smtp) if tls is None else tls
+        if tls.problem is None:
+            self.tls = tls.context
+            self.listener_tls = tls.context or self.listener_tls  # tls_listen waits for a restart
+        else:
+            problems.append(
+                f"smtp.tls_cert: cannot load, the previous certificate stays: {tls.problem}"
+            )
             smtp = dataclasses.replace(smtp, tls_cert=self.smtp.tls_cert, tls_key=self.smtp.tls_key)
         self.smtp = smtp
         self.recipients = recipients
@@ -225,21 +259,6 @@ class SmtpHandler:
         }
         self.networks = [parse_network(n) for n in smtp.allowed_networks]
         return problems
-
-    def _tls(self, smtp: SmtpConfig) -> ssl.SSLContext | None:
-        """The TLS context for STARTTLS and implicit TLS, certificate read afresh.
-
-        Loaded into the running context when there is one, so the implicit-TLS listener
-        (whose context is fixed at bind) serves a renewed certificate too; a throwaway
-        context loads it first, so a bad file never leaves the live one half-changed.
-        """
-        if not smtp.tls_cert:
-            return None
-        fresh = tls_context(smtp.tls_cert, smtp.tls_key)
-        if self.tls is None:
-            return fresh
-        self.tls.load_cert_chain(smtp.tls_cert, smtp.tls_key)
-        return self.tls
 
     # -- who may send --------------------------------------------------------------------
     def _client_allowed(self, session: Session) -> bool:
@@ -655,20 +674,23 @@ def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
 
 async def start_smtp(
     handler: SmtpHandler, sockets: list[socket.socket] | None = None
-) -> list[asyncio.Server]:
+) -> list[Listener]:
     """Serve SMTP (and implicit TLS if configured) on this loop; the caller closes them."""
     loop = asyncio.get_running_loop()
     factory = smtp_factory(handler)
-    servers = []
+    servers: list[Listener] = []
     # `serve` binds both before start-up (a taken port is a config error there); tests
     # that call this directly let it bind.
     plain = sockets[0] if sockets else bind_socket(handler.smtp.listen)
     servers.append(await loop.create_server(factory, sock=plain))
     if handler.smtp.tls_listen:
         tls = sockets[1] if sockets and len(sockets) > 1 else bind_socket(handler.smtp.tls_listen)
-        session, context = smtp_factory(handler, implicit_tls=True), handler.tls
-        assert context is not None  # validated: smtp.tls_listen needs smtp.tls_cert
-        servers.append(
-            await loop.create_server(lambda: TlsGate(handler.sessions, session, context), sock=tls)
-        )
+        session = smtp_factory(handler, implicit_tls=True)
+        assert handler.listener_tls is not None  # validated: smtp.tls_listen needs smtp.tls_cert
+
+        def context() -> ssl.SSLContext:  # the certificate in force when the connection comes
+            assert handler.listener_tls is not None
+            return handler.listener_tls
+
+        servers.append(ImplicitTlsListener(tls, handler.sessions, session, context))
     return servers

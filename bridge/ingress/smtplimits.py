@@ -31,9 +31,7 @@ import asyncio
 import collections
 import functools
 import logging
-import ssl
 import sys
-from asyncio import sslproto
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, cast
 
@@ -51,7 +49,8 @@ YIELD_EVERY = 256  # DATA lines read between two turns of the event loop (~0.5 m
 
 
 class Counted(Protocol):
-    """What `Sessions` counts and ends: a session, or a TLS handshake (`TlsGate`)."""
+    """What `Sessions` counts and ends: a session, or a TLS handshake
+    (`bridge.ingress.smtptls.TlsGate`)."""
 
     def end_after_mail(self, reply: str, *, from_mail: bool = True) -> None: ...
 
@@ -128,71 +127,6 @@ class Sessions:
             log.warning("SMTP: %d sessions still open after %gs: closed", len(self.open), grace)
             for session in list(self.open):
                 session.end_now(reply)
-
-
-class TlsGate(asyncio.Protocol):
-    """A connection to the implicit-TLS listener until its TLS handshake is done: counted
-    in `Sessions` from the moment it is accepted, then handed to its SMTP session.
-
-    Served by asyncio's own TLS (`create_server(ssl=...)`), a session was counted only
-    once its handshake was done: connections that never began one were not counted at
-    all, each held up to asyncio's 60 s handshake timeout, so anyone could hold every
-    file descriptor of the bridge (its SMTP and HTTP listeners then took no one) while
-    `smtp.max_sessions` read 0. Past a limit the socket is closed at once: a 421 cannot
-    be told before TLS.
-
-    TLS is layered here as asyncio's server does it (and aiosmtpd's STARTTLS): in
-    `connection_made` itself, so no byte of the ClientHello can reach this protocol
-    (`loop.start_tls` from a task left a turn of the loop for it, and uvloop read it).
-    """
-
-    def __init__(
-        self, sessions: Sessions, session: Callable[[], LimitedSMTP], context: ssl.SSLContext
-    ) -> None:
-        self._sessions = sessions
-        self._session = session
-        self._context = context
-        self._transport: asyncio.BaseTransport | None = None
-        self._host: str | None = None  # counted in `sessions` while set
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-        host = transport_host(transport)
-        refusal = self._sessions.admit(self, host)
-        if refusal is not None:
-            log.warning("SMTP TLS connection from %s refused: %s", host, refusal)
-            transport.close()
-            return
-        self._host = host
-        loop = asyncio.get_running_loop()
-        session = self._session()
-        session.handed_over = self._release  # the session counts itself from its start
-        handshake = loop.create_future()
-        handshake.add_done_callback(self._handshake_done)
-        tls = sslproto.SSLProtocol(loop, session, self._context, handshake, server_side=True)
-        transport.set_protocol(tls)
-        tls.connection_made(transport)
-
-    def _handshake_done(self, handshake: asyncio.Future[None]) -> None:
-        exc = None if handshake.cancelled() else handshake.exception()
-        if exc is not None:  # the client went, timed out, or spoke no TLS: closed by TLS
-            log.info("SMTP TLS handshake from %s failed: %s", self._host, exc)
-        self._release()
-
-    def _release(self) -> None:
-        if self._host is not None:
-            self._sessions.release(self, self._host)
-            self._host = None
-
-    def connection_lost(self, exc: Exception | None) -> None:  # refused: never handed on
-        self._release()
-
-    def end_after_mail(self, reply: str, *, from_mail: bool = True) -> None:
-        self.end_now(reply)  # no mail before TLS
-
-    def end_now(self, reply: str) -> None:
-        if self._transport is not None:
-            self._transport.close()
 
 
 class MailReader:

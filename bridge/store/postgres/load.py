@@ -40,16 +40,29 @@ COLUMN_TYPES = (
     "SELECT column_name, data_type FROM information_schema.columns"
     " WHERE table_schema = current_schema() AND table_name = $1"
 )
+# Where a table's id sequence stands (null if it never gave one). `--replace` empties
+# the tables but not their sequences: a cluster that gave higher ids than the source's
+# meanwhile had them handed out again after the copy, had the sequence been set back.
+SEQUENCE_AT = (
+    "(SELECT last_value FROM pg_sequences WHERE format('%I.%I', schemaname, sequencename)"
+    "::regclass = pg_get_serial_sequence({table}, 'id')::regclass)"
+)
+_MESSAGES_AT = SEQUENCE_AT.format(table="'messages'")
+# Each sequence past the highest copied id and never back.
 ADVANCE = (
-    "SELECT setval(pg_get_serial_sequence($1, 'id'), m, true)"
+    "SELECT setval(pg_get_serial_sequence($1, 'id'), greatest(m, {at}), true)"
     " FROM (SELECT max(id) AS m FROM {table}) AS top WHERE m IS NOT NULL"
 )
 # The source's highest message id ever given (SQLite's message_ids), when above every
-# copied one: ids its callers hold for messages since purged are not given again.
+# copied one and where the sequence stands: ids its callers hold for messages since
+# purged are not given again.
 CARRY_IDS = (
     "SELECT setval(pg_get_serial_sequence('messages', 'id'), $1::bigint, true)"
-    " WHERE $1::bigint > (SELECT coalesce(max(id), 0) FROM messages)"
+    " WHERE $1::bigint > greatest((SELECT coalesce(max(id), 0) FROM messages),"
+    f" {_MESSAGES_AT})"
 )
+# The highest message id given, copied or not: the next ingest gets a higher one.
+TOP_ID = f"SELECT greatest((SELECT coalesce(max(id), 0) FROM messages), {_MESSAGES_AT})"
 
 
 class Rows(Protocol):
@@ -170,7 +183,8 @@ async def _load(db: Database, tables: Sequence[Rows], replace: bool) -> Loaded:
         # purged it too), else from the rows as well.
         await conn.execute(RECOUNT_STORED if brings_totals else REBUILD_TOTALS)
         for name in DATA_TABLES:
-            await conn.execute(ADVANCE.format(table=name), name)
+            at = SEQUENCE_AT.format(table="$1")
+            await conn.execute(ADVANCE.format(table=name, at=at), name)
         await conn.execute(CARRY_IDS, given)
-        top = await conn.fetchval("SELECT coalesce(max(id), 0) FROM messages")
+        top = await conn.fetchval(TOP_ID)
     return Loaded(counts, max(int(top), given))
