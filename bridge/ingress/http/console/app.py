@@ -100,6 +100,30 @@ def sender_of(token: str | None, source: str) -> dict[str, str | None]:
     return {"kind": "token", "name": token, "text": f"API token {token}"}
 
 
+# Where a phone's held or queued message found by a bulk cancel went before its write:
+# claimed by the dispatcher (the provider may have it), or ended another way.
+_LEFT = {
+    State.QUEUED: "already being sent, or ended",
+    State.HELD: "released or ended",
+}
+
+
+def cancel_note(state: State, number: str, cancelled: int, gone: int) -> str:
+    """What a bulk cancel did: `cancelled` of the phone's messages in `state`, and `gone`
+    others found in it that had left it before the write (the dispatcher claims queued
+    texts between the read and the write). "Nothing was queued" said of texts the
+    dispatcher had just taken told the operator there had been nothing to stop."""
+    waiting = str(state)
+    if not gone:
+        if not cancelled:
+            return f"Nothing was {waiting} for {number}: nothing cancelled."
+        plural = "" if cancelled == 1 else "s"
+        return f"Cancelled {cancelled} {waiting} message{plural} to {number}."
+    done = cancel_note(state, number, cancelled, 0) if cancelled else "Nothing cancelled."
+    were = "was" if gone == 1 else "were"
+    return f"{done} {gone} found {waiting} {were} no longer {waiting} ({_LEFT[state]})."
+
+
 class Console(Gate):
     def __init__(
         self,
@@ -448,22 +472,17 @@ class Console(Gate):
                 return self._error(
                     request, 400, f"'recipient': {exc}, with its calling code", as_json=False
                 )
-            who, cancelled = caller.principal.name, 0
+            who, cancelled, gone = caller.principal.name, 0, 0
             for _ in range(MAX_CANCEL_ROUNDS):  # bounded: a flood still arriving is not chased
                 found = await self.store.query(state=waiting, number=number, limit=CANCEL_BATCH)
                 done = await self.store.cancel([m.id for m in found], self.clock.now(), by=who)
-                cancelled += len(done)
+                cancelled, gone = cancelled + len(done), gone + len(found) - len(done)
                 # Fewer than found: the dispatcher took some meanwhile (a queued one it
                 # claims is the provider's now); the next round finds what is left.
                 if len(found) < CANCEL_BATCH or not done:
                     break
             log.info("console: %s cancelled %d %s messages to %s", who, cancelled, waiting, number)
-            plural = "" if cancelled == 1 else "s"
-            note = (
-                f"Cancelled {cancelled} {waiting} message{plural} to {number}."
-                if cancelled
-                else f"Nothing was {waiting} for {number}: nothing cancelled."
-            )
+            note = cancel_note(state, number, cancelled, gone)
             return self._back(caller, f"/ui/messages?{urlencode({'recipient': number})}", note)
 
         return cancel
