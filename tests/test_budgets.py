@@ -16,10 +16,10 @@ from bridge.config import Config, load_config
 from bridge.delivery.dispatcher import PRICED_NOW, PRICES_REFRESH
 from bridge.errors import ConfigError
 from bridge.models import State
-from bridge.provider.sandbox import SandboxState
+from bridge.provider.sandbox import SandboxState, create_sandbox_app
 from bridge.provider.sandbox.faults import Fault
 from bridge.provider.sandbox.shapes import Shape
-from tests.helpers import bridge_config, running_bridge, write_config
+from tests.helpers import bridge_config, running_bridge, served, write_config
 from tests.test_cli import run
 from tests.test_console import ADMIN, READER, SENDER, TOKENS, send, sign_in
 from tests.test_pacing import queue_age
@@ -902,6 +902,51 @@ async def test_texts_another_instance_held_for_a_price_are_released_by_a_live_on
         sandbox_state.faults.clear()  # the list answers from now on
         await steps(live, clock, 600)
         states = [(await live.store.get(i)).state for i in ids]
+    assert states.count(State.SENT) == 2 and states.count(State.QUEUED) == 2
+    assert sum(e.cost for e in sandbox_state.entries) <= 1
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+@pytest.mark.usefixtures("backend")
+async def test_an_instance_without_a_price_leaves_texts_released_for_one_alone(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two instances on one PostgreSQL; one's price list fails (it knows no price), the
+    other's answers. Texts wait "spend unknown". The priced instance releases them; the
+    unpriced one, woken too, claimed them first and held them again (spend still
+    unknown there), and a minute later the priced one released them again: two events
+    per text a minute until the priced one won the race. The unpriced instance leaves
+    them due for the priced one, without spinning on them."""
+    # The unpriced instance's provider: no price list, and sends answered without cost.
+    unpriced_state = SandboxState(clock=clock, api_key="test-key")
+    _nothing_priced_at_ten(tmp_path, sandbox_url, unpriced_state, clock)
+    async with served(create_sandbox_app(unpriced_state)) as unpriced_url:
+        cap = "[budget]\ncost_per_day = 1\n"
+        unpriced_config = bridge_config(
+            tmp_path, unpriced_url, f'{cap}[cluster]\ninstance = "unpriced"\n'
+        )
+        priced_config = bridge_config(
+            tmp_path, sandbox_url, f'{cap}[cluster]\ninstance = "priced"\n'
+        )
+        async with (
+            running_bridge(unpriced_config, clock) as (unpriced, url),
+            running_bridge(priced_config, clock) as (priced, _),
+            httpx.AsyncClient() as http,
+        ):
+            ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(4)]
+            await steps(unpriced, clock, 30)  # one goes; the day's spend is unknown
+            await priced.dispatcher.run_once()  # its list answers
+            waits = []
+            for _ in range(5):  # the race the unpriced instance won, five minutes running
+                await priced.dispatcher.release_holds()
+                waits.append(await unpriced.dispatcher.run_once())
+                await steps(unpriced, clock, 60)
+            events = {i: [e["detail"] or "" for e in await priced.store.events(i)] for i in ids[1:]}
+            await steps(priced, clock, 30)
+            states = [(await priced.store.get(i)).state for i in ids]
+    assert all(sum(PRICED_NOW in e for e in es) == 1 for es in events.values()), events
+    assert all(sum("spend unknown" in e for e in es) == 1 for es in events.values()), events
+    assert min(waits) >= 1.0, waits  # it does not spin on what it leaves
     assert states.count(State.SENT) == 2 and states.count(State.QUEUED) == 2
     assert sum(e.cost for e in sandbox_state.entries) <= 1
 

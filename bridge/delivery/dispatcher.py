@@ -230,9 +230,15 @@ class Dispatcher:
         if reconcile_wait is not None:
             return reconcile_wait
         due = await self.store.due(now, DUE_BATCH)
+        # Left due for an instance that knows a price: not re-read as due below, or this
+        # loop would spin on them.
+        left = (
+            {m.id for m in await self.budget.for_a_priced_instance(due)} if self.budget else set()
+        )
+        kept = [m for m in due if m.id not in left]
         held, sent = IDLE_WAIT, False
         for batch in plan_batches(
-            await self._keep_for_later(due, now),
+            await self._keep_for_later(kept, now),
             max_bulk=self.config.max_bulk,
             bulk_types=self.config.bulk_message_type,
         ):
@@ -262,7 +268,9 @@ class Dispatcher:
             return held
         now = self.clock.now()
         waits = [IDLE_WAIT]
-        next_due = await self.store.next_due_at()
+        next_due = await (
+            self.store.next_due_after(now) if left and not kept else self.store.next_due_at()
+        )
         if next_due is not None:
             waits.append(next_due - now)
         if self.reconciler.logs_retry_at > now:  # outcomes waiting for /logs to answer

@@ -40,7 +40,8 @@ spent: what follows waits for 00:00 UTC (or fails, as `on_exceeded` says), the r
 saying "spend unknown", until a price is known (the list answers, a bill says its cost,
 or the store recalls one at start), when what waits for it (and only that) is judged
 again at once; in a cluster, any instance that knows a price also releases them within a
-minute (`Dispatcher.release_holds`: the one that held them may be gone for good). A cap
+minute (`Dispatcher.release_holds`: the one that held them may be gone for good), and one
+that knows none leaves what was released today to it (`for_a_priced_instance`). A cap
 is a promise about money: with a provider that never states a cost and no price list, at
 most one text a day goes under a cost cap.
 """
@@ -261,6 +262,26 @@ class BudgetGuard:
         """Whether `m` waited for a daily cap and was released other than by the day's
         end (due then, at 00:00): by a reload, a start or a price."""
         return m.reason_kind == "budget" and m.due_at % 86400 != 0
+
+    async def for_a_priced_instance(self, due: list[Message]) -> list[Message]:
+        """What of `due` this instance leaves to one that knows a price: texts held
+        because today's spend was unknown, released today by an instance that knows a
+        price (or by a reload or start), while this one knows none. Judged here, they
+        were held again at once (spend still unknown here), and released again by the
+        priced instance a minute later: an event each a minute, every text, until the
+        priced instance won the race to claim them. At midnight (due at 00:00, a new
+        day's spend) any instance judges them, and this one too once it knows a price."""
+        if not self.config.cost_per_day or self.prices.ceiling() > 0:
+            return []
+        start, _, _ = day_bounds(self.clock.now())
+        released = [
+            m
+            for m in due
+            if self.held_before(m) and m.due_at >= start and UNKNOWABLE in (m.reason or "")
+        ]
+        if released:  # another instance's bill may price them here too
+            await self.recall_prices()
+        return released if self.prices.ceiling() == 0 else []
 
     async def mismatched(self, m: Message, cap: Cap) -> str | None:
         """Whether `m`, which this instance holds by `cap`, was released by a reload on
