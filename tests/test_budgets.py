@@ -983,6 +983,46 @@ async def test_a_text_one_instance_released_for_its_raised_cap_and_another_holds
     assert "\nsms_bridge_budget_cap_mismatch_total 1.0\n" in metrics
 
 
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("path", ["start", "midnight"])
+async def test_a_text_held_again_by_a_lower_cap_is_told_whatever_released_it(
+    path: str, tmp_path, clock: ManualClock, sandbox_url: str, caplog
+) -> None:
+    """Two instances: "high" with texts_per_day = 1 then 2, "low" with 1 (not reloaded).
+    Texts "high" held are released by its start with a cap raised to 3, or by the day's
+    end (held by its cap of 2); "low" holds one again by its cap of 1. Only a reload's
+    release named its caps, so these were held again silently: no log, no
+    `sms_bridge_budget_cap_mismatch_total`."""
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    low = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 1\n")
+    high = '[cluster]\ninstance = "high"\n[budget]\ntexts_per_day = '
+    async with (
+        running_bridge(low, clock) as (stale, stale_url),
+        httpx.AsyncClient() as http,
+    ):
+        # Held at start by a cap equal to "low"'s: only the start's release differs.
+        first = high + ("1\n" if path == "start" else "2\n")
+        async with running_bridge(bridge_config(tmp_path, sandbox_url, first), clock) as (
+            raised,
+            url,
+        ):
+            for i in range(4):
+                await post(http, url, f"+120255501{i:02d}", f"db-{i} down")
+                await steps(raised, clock, 30)  # one or two go, the rest wait for midnight
+        if path == "start":
+            again = bridge_config(tmp_path, sandbox_url, high + "3\n")
+            async with running_bridge(again, clock) as (restarted, _):
+                await restarted.dispatcher.load_budget()  # released: raised while stopped
+        else:
+            clock.advance(86400 - clock.now() % 86400)  # 00:00 UTC
+        await steps(stale, clock, 30)
+        metrics = (await http.get(f"{stale_url}/metrics")).text
+    told = [r.getMessage() for r in caplog.records if "caps differ" in r.getMessage()]
+    assert told and all("by high, whose caps are texts_per_day=" in t for t in told), told
+    assert f"\nsms_bridge_budget_cap_mismatch_total {len(told)}.0\n" in metrics  # each told
+
+
 @on_each_backend
 async def test_a_start_with_a_price_known_frees_only_what_waited_for_one(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str

@@ -172,7 +172,7 @@ class Dispatcher:
             before = page[-1].id
         self._holds_judged = True
         if self.budget.raised_over(reasons):
-            await self._release(RAISED_AT_START)
+            await self._release(self.budget.judged(RAISED_AT_START, self.owner))
 
     # -- the loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -343,7 +343,7 @@ class Dispatcher:
             await budget.recall_prices()
         if budget.newly_priced() or (look and budget.prices.ceiling() > 0):
             self._price_holds_at = now + PRICE_HOLDS_LOOK
-            await self._release(PRICED_NOW, waiting_for=UNKNOWABLE)
+            await self._release(budget.judged(PRICED_NOW, self.owner), waiting_for=UNKNOWABLE)
             budget.released_for_price()
         elif look:
             self._price_holds_at = now + PRICE_HOLDS_LOOK
@@ -396,6 +396,9 @@ class Dispatcher:
                 else f"daily budget reached ({cap.why})"
             )
             log.warning("%s: %d messages %s", reason, len(ids), outcome)
+            if not cap.never:  # before this hold's own event is written
+                mine = set(ids)
+                await self._mismatched([m for m in verdict.over if m.id in mine], cap)
             if outcome == "fail":
                 late = await self.store.finish(
                     [(i, State.FAILED, reason) for i in ids],
@@ -421,10 +424,9 @@ class Dispatcher:
                 # The state stays queued, which leaves no event: the timeline says why
                 # the message did not go (once a day at most: it is due tomorrow). Not on
                 # one another instance claimed meanwhile: it goes, it does not wait.
-                await self.store.note([i for i in ids if i not in late], waiting, now)
+                judged = self.budget.judged(waiting, self.owner)  # for `_mismatched` elsewhere
+                await self.store.note([i for i in ids if i not in late], judged, now)
             if not cap.never:  # the day's cap did not bite: other texts go on
-                mine = set(ids)
-                await self._mismatched([m for m in verdict.over if m.id in mine], cap)
                 await self.budget.warn(
                     cap.warning, f"sms-bridge: {reason}; further texts {outcome} until 00:00 UTC"
                 )
@@ -439,8 +441,10 @@ class Dispatcher:
         A few texts held again after a release are read (their events), not every one."""
         assert self.budget is not None
         budget = self.budget
-        for m in [m for m in held if budget.held_before(m)][:MISMATCH_LOOKS]:
-            event = await budget.mismatched(m, cap)
+        # Held before (reason kind budget): released by a reload, a start, a price or
+        # the day's end. Due at 00:00 too: held by a higher cap elsewhere till then.
+        for m in [m for m in held if m.reason_kind == "budget"][:MISMATCH_LOOKS]:
+            event = await budget.mismatched(m, cap, self.owner)
             if event is None:
                 continue
             budget.cap_mismatch_total += 1

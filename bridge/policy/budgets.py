@@ -72,6 +72,8 @@ UNKNOWABLE = "spend unknown: a text sent today had no cost and no price is known
 # caps in force there (`BudgetGuard.released_by_reload`), each NAME=VALUE.
 RELEASED_BY_RELOAD = "daily caps changed by a reload: judged again"
 CAPS_THERE = "whose caps are "
+# Who judged a text by which caps, at the end of its event (`BudgetGuard.judged`).
+JUDGED_BY = re.compile(rf"\(by (?P<owner>.+?), {CAPS_THERE}[^()]*\)$")
 RELEASE_CAP = re.compile(
     r"(texts_per_day|parts_per_day|cost_per_day|routes\.[^=\s,]+|tokens\.[^=\s,]+"
     r"|smtp\.user_texts_per_day\.[^=\s,]+)=([0-9.e+-]+)"
@@ -252,10 +254,17 @@ class BudgetGuard:
         return False
 
     def released_by_reload(self, owner: str) -> str:
-        """The event of a text a reload on `owner` released: it names the caps in force
-        there, for another instance to tell that its own differ (`mismatched`)."""
+        """The event of a text a reload on `owner` released (`judged`)."""
+        return self.judged(RELEASED_BY_RELOAD, owner)
+
+    def judged(self, detail: str, owner: str) -> str:
+        """`detail`, the event of a text `owner` held or released by its caps (a reload,
+        a start, a price), naming the caps in force there: another instance that holds
+        the text again tells that its own differ (`mismatched`). Only a reload's named
+        them: a text released at start or for a price, or held by a higher cap till
+        midnight, and held again by a lower one elsewhere, was held again silently."""
         caps = ", ".join(f"{name}={figure(cap)}" for name, cap in sorted(self.caps.items()))
-        return f"{RELEASED_BY_RELOAD} (by {owner}, {CAPS_THERE}{caps or 'none'})"
+        return f"{detail} (by {owner}, {CAPS_THERE}{caps or 'none'})"
 
     @staticmethod
     def held_before(m: Message) -> bool:
@@ -283,28 +292,29 @@ class BudgetGuard:
             await self.recall_prices()
         return released if self.prices.ceiling() == 0 else []
 
-    async def mismatched(self, m: Message, cap: Cap) -> str | None:
-        """Whether `m`, which this instance holds by `cap`, was released by a reload on
-        another instance whose cap of that name is higher (or none): caps are each
-        instance's own config, and one that has not reloaded holds again what another
-        released. Its event that said so, else None."""
+    async def mismatched(self, m: Message, cap: Cap, owner: str) -> str | None:
+        """Whether `m`, which `owner` (this instance) holds by `cap`, was last judged by
+        another instance whose cap of that name is higher (or none): released by its
+        reload, its start or its price, or held by it till midnight (`judged`). Caps are
+        each instance's own config, and one that has not reloaded holds again what
+        another released. That instance's event, else None."""
         held = CAP_IN_REASON.search(f"({cap.why}")  # as its reason will name it
         if held is None:
             return None
         name = held["name"]
         if name.startswith(("routes.", "tokens.")):
             name = name.rsplit(".", 1)[0]
-        released = [
-            e["detail"] or ""
+        judged = [
+            (found["owner"], e["detail"])
             for e in await self.store.events(m.id)
-            if (e["detail"] or "").startswith(RELEASED_BY_RELOAD)
+            if (found := JUDGED_BY.search(e["detail"] or "")) is not None
         ]
-        if not released:
+        if not judged or judged[-1][0] == owner:  # its own judgement: nothing differs
             return None
-        theirs = dict(RELEASE_CAP.findall(released[-1].partition(CAPS_THERE)[2]))
+        theirs = dict(RELEASE_CAP.findall(judged[-1][1].partition(CAPS_THERE)[2]))
         if name in theirs and float(theirs[name]) <= float(held["value"]):
             return None
-        return released[-1]
+        return str(judged[-1][1])
 
     def _caps(self) -> dict[str, float]:
         """Every daily cap in force by name; none of them 0."""
