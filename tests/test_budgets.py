@@ -1077,3 +1077,30 @@ async def test_an_idle_bridge_with_a_cost_cap_writes_nothing_while_nothing_waits
         after = bridge.store.engine.commits
     assert any(r.path.endswith("/pricing") for r in sandbox_state.requests)
     assert after == before
+
+
+@on_each_backend
+async def test_the_most_a_part_was_billed_recalled_at_start_falls_a_day_after_its_bill(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """No price list (404). A Lebanese part was billed 0.95; the bridge restarts and a US
+    part is billed 0.1 an hour later. The store keeps 0.95 as the most a part was billed
+    for a day after its bill; the price book recalled it without its time (as if billed
+    at 0), so the 0.1 bill replaced it here at once: this process priced unlisted
+    countries at 0.1 while the store (and every other instance) said 0.95."""
+    sandbox_state.prices[961], sandbox_state.prices[1] = 0.95, 0.1
+    sandbox_state.faults.append(Fault(status=404, times=1000, path="/pricing"))
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 5\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+9613123456", "yesterday")
+        await steps(bridge, clock, 30)
+    clock.advance(3600)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+12025550101", "now")
+        await steps(bridge, clock, 30)
+        here = bridge.dispatcher.prices
+        kept = (await bridge.store.billed_prices())[0]
+    assert [e.cost for e in sandbox_state.entries] == [0.95, 0.1]
+    assert here is not None and (here.billed_max, here.billed_max_at) == kept
+    assert kept[0] == 0.95
