@@ -126,19 +126,21 @@ class PriceBook:
             price >= self.billed_max or now - self.billed_max_at >= BILLED_MAX_FOR
         ):
             self.billed_max, self.billed_max_at = price, now
-        self.remember({c: p for c, p in learnt.items() if c != ANY_COUNTRY})
+        self.remember({c: (p, now) for c, p in learnt.items() if c != ANY_COUNTRY})
         return learnt
 
-    def remember(self, billed: Mapping[int, float]) -> None:
-        """Take prices learnt from bills (kept by the store from before a restart and
-        from the other instances): each country's as billed last; under ANY_COUNTRY, the
-        most a part was billed, as the store keeps it (`record_billed`: it falls a day
-        after a price cut, as here)."""
-        for code, price in billed.items():
+    def remember(self, billed: Mapping[int, tuple[float, float]]) -> None:
+        """Take prices learnt from bills, each with when it was billed (kept by the store
+        from before a restart and from the other instances): each country's as billed
+        last; under ANY_COUNTRY, the most a part was billed, as the store keeps it
+        (`record_billed`: it falls a day after a price cut, as here). With its time:
+        without it, the next bill here took the most a part was billed for a day old,
+        and a lower bill replaced it at once (the store kept it for the day)."""
+        for code, (price, at) in billed.items():
             if _price(price) is None:
                 continue
             if code == ANY_COUNTRY:
-                self.billed_max = price
+                self.billed_max, self.billed_max_at = price, at
             else:
                 self.billed_prices[code] = price
 

@@ -16,10 +16,10 @@ from bridge.config import Config, load_config
 from bridge.delivery.dispatcher import PRICED_NOW, PRICES_REFRESH
 from bridge.errors import ConfigError
 from bridge.models import State
-from bridge.provider.sandbox import SandboxState
+from bridge.provider.sandbox import SandboxState, create_sandbox_app
 from bridge.provider.sandbox.faults import Fault
 from bridge.provider.sandbox.shapes import Shape
-from tests.helpers import bridge_config, running_bridge, write_config
+from tests.helpers import bridge_config, running_bridge, served, write_config
 from tests.test_cli import run
 from tests.test_console import ADMIN, READER, SENDER, TOKENS, send, sign_in
 from tests.test_pacing import queue_age
@@ -908,6 +908,51 @@ async def test_texts_another_instance_held_for_a_price_are_released_by_a_live_on
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 @pytest.mark.usefixtures("backend")
+async def test_an_instance_without_a_price_leaves_texts_released_for_one_alone(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two instances on one PostgreSQL; one's price list fails (it knows no price), the
+    other's answers. Texts wait "spend unknown". The priced instance releases them; the
+    unpriced one, woken too, claimed them first and held them again (spend still
+    unknown there), and a minute later the priced one released them again: two events
+    per text a minute until the priced one won the race. The unpriced instance leaves
+    them due for the priced one, without spinning on them."""
+    # The unpriced instance's provider: no price list, and sends answered without cost.
+    unpriced_state = SandboxState(clock=clock, api_key="test-key")
+    _nothing_priced_at_ten(tmp_path, sandbox_url, unpriced_state, clock)
+    async with served(create_sandbox_app(unpriced_state)) as unpriced_url:
+        cap = "[budget]\ncost_per_day = 1\n"
+        unpriced_config = bridge_config(
+            tmp_path, unpriced_url, f'{cap}[cluster]\ninstance = "unpriced"\n'
+        )
+        priced_config = bridge_config(
+            tmp_path, sandbox_url, f'{cap}[cluster]\ninstance = "priced"\n'
+        )
+        async with (
+            running_bridge(unpriced_config, clock) as (unpriced, url),
+            running_bridge(priced_config, clock) as (priced, _),
+            httpx.AsyncClient() as http,
+        ):
+            ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(4)]
+            await steps(unpriced, clock, 30)  # one goes; the day's spend is unknown
+            await priced.dispatcher.run_once()  # its list answers
+            waits = []
+            for _ in range(5):  # the race the unpriced instance won, five minutes running
+                await priced.dispatcher.release_holds()
+                waits.append(await unpriced.dispatcher.run_once())
+                await steps(unpriced, clock, 60)
+            events = {i: [e["detail"] or "" for e in await priced.store.events(i)] for i in ids[1:]}
+            await steps(priced, clock, 30)
+            states = [(await priced.store.get(i)).state for i in ids]
+    assert all(sum(PRICED_NOW in e for e in es) == 1 for es in events.values()), events
+    assert all(sum("spend unknown" in e for e in es) == 1 for es in events.values()), events
+    assert min(waits) >= 1.0, waits  # it does not spin on what it leaves
+    assert states.count(State.SENT) == 2 and states.count(State.QUEUED) == 2
+    assert sum(e.cost for e in sandbox_state.entries) <= 1
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+@pytest.mark.usefixtures("backend")
 async def test_a_text_one_instance_released_for_its_raised_cap_and_another_holds_is_told(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, caplog
 ) -> None:
@@ -936,6 +981,46 @@ async def test_a_text_one_instance_released_for_its_raised_cap_and_another_holds
     told = [r.getMessage() for r in caplog.records if "caps differ" in r.getMessage()]
     assert len(told) == 1 and "texts_per_day=3" in told[0], told
     assert "\nsms_bridge_budget_cap_mismatch_total 1.0\n" in metrics
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("path", ["start", "midnight"])
+async def test_a_text_held_again_by_a_lower_cap_is_told_whatever_released_it(
+    path: str, tmp_path, clock: ManualClock, sandbox_url: str, caplog
+) -> None:
+    """Two instances: "high" with texts_per_day = 1 then 2, "low" with 1 (not reloaded).
+    Texts "high" held are released by its start with a cap raised to 3, or by the day's
+    end (held by its cap of 2); "low" holds one again by its cap of 1. Only a reload's
+    release named its caps, so these were held again silently: no log, no
+    `sms_bridge_budget_cap_mismatch_total`."""
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    low = bridge_config(tmp_path, sandbox_url, "[budget]\ntexts_per_day = 1\n")
+    high = '[cluster]\ninstance = "high"\n[budget]\ntexts_per_day = '
+    async with (
+        running_bridge(low, clock) as (stale, stale_url),
+        httpx.AsyncClient() as http,
+    ):
+        # Held at start by a cap equal to "low"'s: only the start's release differs.
+        first = high + ("1\n" if path == "start" else "2\n")
+        async with running_bridge(bridge_config(tmp_path, sandbox_url, first), clock) as (
+            raised,
+            url,
+        ):
+            for i in range(4):
+                await post(http, url, f"+120255501{i:02d}", f"db-{i} down")
+                await steps(raised, clock, 30)  # one or two go, the rest wait for midnight
+        if path == "start":
+            again = bridge_config(tmp_path, sandbox_url, high + "3\n")
+            async with running_bridge(again, clock) as (restarted, _):
+                await restarted.dispatcher.load_budget()  # released: raised while stopped
+        else:
+            clock.advance(86400 - clock.now() % 86400)  # 00:00 UTC
+        await steps(stale, clock, 30)
+        metrics = (await http.get(f"{stale_url}/metrics")).text
+    told = [r.getMessage() for r in caplog.records if "caps differ" in r.getMessage()]
+    assert told and all("by high, whose caps are texts_per_day=" in t for t in told), told
+    assert f"\nsms_bridge_budget_cap_mismatch_total {len(told)}.0\n" in metrics  # each told
 
 
 @on_each_backend
@@ -973,3 +1058,49 @@ async def test_a_start_with_a_price_known_frees_only_what_waited_for_one(
         freed = await bridge.store.get(priced)
     assert freed.state == State.SENT, freed.reason
     assert sum("daily budget reached" in e for e in events) == 1, events
+
+
+async def test_an_idle_bridge_with_a_cost_cap_writes_nothing_while_nothing_waits(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A cost cap and a price known: every minute the dispatcher looks for texts any
+    instance held for a price (`PRICE_HOLDS_LOOK`). On SQLite each look was a commit of
+    the writer (an fsync) releasing nothing, all day on an idle bridge. Nothing waits:
+    nothing is written."""
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 5\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+12025550101", "db-1 down")
+        await steps(bridge, clock, 60)  # sent, billed, priced
+        before = bridge.store.engine.commits
+        await steps(bridge, clock, 300, cap=60)
+        after = bridge.store.engine.commits
+    assert any(r.path.endswith("/pricing") for r in sandbox_state.requests)
+    assert after == before
+
+
+@on_each_backend
+async def test_the_most_a_part_was_billed_recalled_at_start_falls_a_day_after_its_bill(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """No price list (404). A Lebanese part was billed 0.95; the bridge restarts and a US
+    part is billed 0.1 an hour later. The store keeps 0.95 as the most a part was billed
+    for a day after its bill; the price book recalled it without its time (as if billed
+    at 0), so the 0.1 bill replaced it here at once: this process priced unlisted
+    countries at 0.1 while the store (and every other instance) said 0.95."""
+    sandbox_state.prices[961], sandbox_state.prices[1] = 0.95, 0.1
+    sandbox_state.faults.append(Fault(status=404, times=1000, path="/pricing"))
+    clock.advance(3600 * 10 - clock.now() % 86400)  # 10:00 UTC
+    config = bridge_config(tmp_path, sandbox_url, "[budget]\ncost_per_day = 5\n")
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+9613123456", "yesterday")
+        await steps(bridge, clock, 30)
+    clock.advance(3600)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await post(http, url, "+12025550101", "now")
+        await steps(bridge, clock, 30)
+        here = bridge.dispatcher.prices
+        kept = (await bridge.store.billed_prices())[0]
+    assert [e.cost for e in sandbox_state.entries] == [0.95, 0.1]
+    assert here is not None and (here.billed_max, here.billed_max_at) == kept
+    assert kept[0] == 0.95

@@ -16,6 +16,7 @@ import re
 import sqlite3
 import string
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -25,7 +26,7 @@ from bridge.clock import ManualClock
 from bridge.ingress.http.app import PROVIDER_REFUSED
 from bridge.ingress.http.console import app as console_app
 from bridge.ingress.http.console import sessions
-from bridge.models import NewMessage, State
+from bridge.models import Message, NewMessage, State
 from bridge.provider.sandbox import Fault, SandboxState
 from tests.helpers import bridge_config, pump, pump_until_state, running_bridge
 from tests.stores import faulty_store, seed
@@ -2033,3 +2034,38 @@ async def test_a_storm_of_queued_texts_to_one_phone_is_cancelled_at_once(
         )
         empty = await admin.post("/ui/queued/cancel", data={**form, "recipient": ""})
         assert empty.status_code == 400
+
+
+async def test_a_bulk_cancel_says_what_the_dispatcher_took_between_its_read_and_write(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str, monkeypatch
+) -> None:
+    """The queued texts to a phone are read, then cancelled: the dispatcher claims them
+    in between (a step woken by their ingest). The note said "Nothing was queued for
+    +12025550144: nothing cancelled.", and the operator took it that nothing had been
+    about to go. It says they were found, and that they were already being sent."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    texts = [NewMessage("+12025550144", f"disk {i} full", "http", "SMS", 1, 1) for i in range(3)]
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as admin,
+    ):
+        mine = await seed(bridge.store, texts, clock.now())
+        reads = bridge.store.query
+
+        async def read_then_dispatch(**filters: Any) -> list[Message]:
+            found = await reads(**filters)
+            await bridge.dispatcher.run_once()  # between the console's read and its write
+            return found
+
+        await sign_in(admin, ADMIN)
+        page = await admin.get(f"/ui/messages/{mine[0]}")
+        form = {"csrf": csrf_of(page), "recipient": "+12025550144"}
+        monkeypatch.setattr(bridge.store, "query", read_then_dispatch)
+        done = await admin.post("/ui/queued/cancel", data=form)
+        monkeypatch.undo()
+        shown = (await admin.get(done.headers["location"])).text
+        states = {(await bridge.store.get(i)).state for i in mine}
+    assert states == {State.SENT}
+    assert "Nothing was queued" not in shown
+    assert "Nothing cancelled. 3 found queued were no longer queued" in shown, shown
+    assert "already being sent" in shown

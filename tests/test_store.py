@@ -767,18 +767,23 @@ async def test_billed_prices_keep_each_countrys_last_and_the_most_any_part_cost(
     """What bills taught (bridge.pricing.PriceBook.billed): a country's price is its last
     bill's (prices change); under 0, the most any part was billed, raised by a higher
     bill, and replaced by the next bill once it is a day old: raised only, a price cut
-    by the provider never lowered it."""
-    assert await store.billed_prices() == {}
+    by the provider never lowered it. Each with when it was billed."""
+
+    async def billed_prices() -> dict[int, float]:
+        return {code: price for code, (price, _) in (await store.billed_prices()).items()}
+
+    assert await billed_prices() == {}
     await store.record_billed({0: 1.5, 961: 1.5}, 10.0)
     await store.record_billed({0: 0.5, 1: 0.5}, 20.0)
     await store.record_billed({0: 0.4, 961: 0.4}, 30.0)
-    assert await store.billed_prices() == {0: 1.5, 1: 0.5, 961: 0.4}
+    assert await billed_prices() == {0: 1.5, 1: 0.5, 961: 0.4}
     await store.record_billed({0: 0.3, 1: 0.3}, 10.0 + BILLED_MAX_FOR - 1)  # within the day
-    assert (await store.billed_prices())[0] == 1.5
+    assert (await billed_prices())[0] == 1.5
     await store.record_billed({0: 0.3, 1: 0.3}, 10.0 + BILLED_MAX_FOR)  # a day after it
-    assert await store.billed_prices() == {0: 0.3, 1: 0.3, 961: 0.4}
+    assert await billed_prices() == {0: 0.3, 1: 0.3, 961: 0.4}
     later = 10.0 + 2 * BILLED_MAX_FOR - 1
     await store.record_billed({0: 0.2, 1: 0.2}, later)  # a day after 1.5, not after 0.3
-    assert (await store.billed_prices())[0] == 0.3
+    assert (await billed_prices())[0] == 0.3
     await store.record_billed({0: 0.6, 44: 0.6}, later)  # a higher bill raises it at once
-    assert (await store.billed_prices())[0] == 0.6
+    assert (await billed_prices())[0] == 0.6
+    assert (await store.billed_prices())[0] == (0.6, later)  # and when

@@ -172,7 +172,7 @@ class Dispatcher:
             before = page[-1].id
         self._holds_judged = True
         if self.budget.raised_over(reasons):
-            await self._release(RAISED_AT_START)
+            await self._release(self.budget.judged(RAISED_AT_START, self.owner))
 
     # -- the loop ------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -235,10 +235,16 @@ class Dispatcher:
         # and read 5,000 rows for it, every 0.6 s (BENCHMARKS.md, issue #16).
         texts = max(1, self.limiter.remaining("send")) + len(self._last_call)
         due = await self.store.due(now, DUE_BATCH, texts=texts)
+        left = await self._left_to_a_priced_instance(due)
+        if left and len(due) < DUE_BATCH:  # they take none of the budget's texts: read past
+            texts += len({text_of(m) for m in due if m.id in left})
+            due = await self.store.due(now, DUE_BATCH, texts=texts)
+            left = await self._left_to_a_priced_instance(due)
         more = len(due) == DUE_BATCH or len({text_of(m) for m in due}) >= texts
+        kept = [m for m in due if m.id not in left]
         held, sent = IDLE_WAIT, False
         for batch in plan_batches(
-            await self._keep_for_later(due, now),
+            await self._keep_for_later(kept, now),
             max_bulk=self.config.max_bulk,
             bulk_types=self.config.bulk_message_type,
         ):
@@ -268,7 +274,9 @@ class Dispatcher:
             return held
         now = self.clock.now()
         waits = [IDLE_WAIT]
-        next_due = await self.store.next_due_at()
+        next_due = await (
+            self.store.next_due_after(now) if left and not kept else self.store.next_due_at()
+        )
         if next_due is not None:
             waits.append(next_due - now)
         if self.reconciler.logs_retry_at > now:  # outcomes waiting for /logs to answer
@@ -284,6 +292,13 @@ class Dispatcher:
         if expiry is not None:
             waits.append(max(LEASE_SLACK, expiry - now + LEASE_SLACK))
         return max(0.0, min(waits))
+
+    async def _left_to_a_priced_instance(self, due: list[Message]) -> set[int]:
+        """Ids of `due` left due for an instance that knows a price: not re-read as due
+        below, or this loop would spin on them (`BudgetGuard.for_a_priced_instance`)."""
+        if self.budget is None:
+            return set()
+        return {m.id for m in await self.budget.for_a_priced_instance(due)}
 
     async def _keep_for_later(self, due: list[Message], now: float) -> list[Message]:
         """`due` less the scheduled messages whose time cannot go to the provider as
@@ -341,7 +356,7 @@ class Dispatcher:
             await budget.recall_prices()
         if budget.newly_priced() or (look and budget.prices.ceiling() > 0):
             self._price_holds_at = now + PRICE_HOLDS_LOOK
-            await self._release(PRICED_NOW, waiting_for=UNKNOWABLE)
+            await self._release(budget.judged(PRICED_NOW, self.owner), waiting_for=UNKNOWABLE)
             budget.released_for_price()
         elif look:
             self._price_holds_at = now + PRICE_HOLDS_LOOK
@@ -394,6 +409,9 @@ class Dispatcher:
                 else f"daily budget reached ({cap.why})"
             )
             log.warning("%s: %d messages %s", reason, len(ids), outcome)
+            if not cap.never:  # before this hold's own event is written
+                mine = set(ids)
+                await self._mismatched([m for m in verdict.over if m.id in mine], cap)
             if outcome == "fail":
                 late = await self.store.finish(
                     [(i, State.FAILED, reason) for i in ids],
@@ -419,10 +437,9 @@ class Dispatcher:
                 # The state stays queued, which leaves no event: the timeline says why
                 # the message did not go (once a day at most: it is due tomorrow). Not on
                 # one another instance claimed meanwhile: it goes, it does not wait.
-                await self.store.note([i for i in ids if i not in late], waiting, now)
+                judged = self.budget.judged(waiting, self.owner)  # for `_mismatched` elsewhere
+                await self.store.note([i for i in ids if i not in late], judged, now)
             if not cap.never:  # the day's cap did not bite: other texts go on
-                mine = set(ids)
-                await self._mismatched([m for m in verdict.over if m.id in mine], cap)
                 await self.budget.warn(
                     cap.warning, f"sms-bridge: {reason}; further texts {outcome} until 00:00 UTC"
                 )
@@ -437,8 +454,10 @@ class Dispatcher:
         A few texts held again after a release are read (their events), not every one."""
         assert self.budget is not None
         budget = self.budget
-        for m in [m for m in held if budget.held_before(m)][:MISMATCH_LOOKS]:
-            event = await budget.mismatched(m, cap)
+        # Held before (reason kind budget): released by a reload, a start, a price or
+        # the day's end. Due at 00:00 too: held by a higher cap elsewhere till then.
+        for m in [m for m in held if m.reason_kind == "budget"][:MISMATCH_LOOKS]:
+            event = await budget.mismatched(m, cap, self.owner)
             if event is None:
                 continue
             budget.cap_mismatch_total += 1

@@ -40,7 +40,8 @@ spent: what follows waits for 00:00 UTC (or fails, as `on_exceeded` says), the r
 saying "spend unknown", until a price is known (the list answers, a bill says its cost,
 or the store recalls one at start), when what waits for it (and only that) is judged
 again at once; in a cluster, any instance that knows a price also releases them within a
-minute (`Dispatcher.release_holds`: the one that held them may be gone for good). A cap
+minute (`Dispatcher.release_holds`: the one that held them may be gone for good), and one
+that knows none leaves what was released today to it (`for_a_priced_instance`). A cap
 is a promise about money: with a provider that never states a cost and no price list, at
 most one text a day goes under a cost cap.
 """
@@ -71,6 +72,8 @@ UNKNOWABLE = "spend unknown: a text sent today had no cost and no price is known
 # caps in force there (`BudgetGuard.released_by_reload`), each NAME=VALUE.
 RELEASED_BY_RELOAD = "daily caps changed by a reload: judged again"
 CAPS_THERE = "whose caps are "
+# Who judged a text by which caps, at the end of its event (`BudgetGuard.judged`).
+JUDGED_BY = re.compile(rf"\(by (?P<owner>.+?), {CAPS_THERE}[^()]*\)$")
 RELEASE_CAP = re.compile(
     r"(texts_per_day|parts_per_day|cost_per_day|routes\.[^=\s,]+|tokens\.[^=\s,]+"
     r"|smtp\.user_texts_per_day\.[^=\s,]+)=([0-9.e+-]+)"
@@ -251,10 +254,17 @@ class BudgetGuard:
         return False
 
     def released_by_reload(self, owner: str) -> str:
-        """The event of a text a reload on `owner` released: it names the caps in force
-        there, for another instance to tell that its own differ (`mismatched`)."""
+        """The event of a text a reload on `owner` released (`judged`)."""
+        return self.judged(RELEASED_BY_RELOAD, owner)
+
+    def judged(self, detail: str, owner: str) -> str:
+        """`detail`, the event of a text `owner` held or released by its caps (a reload,
+        a start, a price), naming the caps in force there: another instance that holds
+        the text again tells that its own differ (`mismatched`). Only a reload's named
+        them: a text released at start or for a price, or held by a higher cap till
+        midnight, and held again by a lower one elsewhere, was held again silently."""
         caps = ", ".join(f"{name}={figure(cap)}" for name, cap in sorted(self.caps.items()))
-        return f"{RELEASED_BY_RELOAD} (by {owner}, {CAPS_THERE}{caps or 'none'})"
+        return f"{detail} (by {owner}, {CAPS_THERE}{caps or 'none'})"
 
     @staticmethod
     def held_before(m: Message) -> bool:
@@ -262,28 +272,49 @@ class BudgetGuard:
         end (due then, at 00:00): by a reload, a start or a price."""
         return m.reason_kind == "budget" and m.due_at % 86400 != 0
 
-    async def mismatched(self, m: Message, cap: Cap) -> str | None:
-        """Whether `m`, which this instance holds by `cap`, was released by a reload on
-        another instance whose cap of that name is higher (or none): caps are each
-        instance's own config, and one that has not reloaded holds again what another
-        released. Its event that said so, else None."""
+    async def for_a_priced_instance(self, due: list[Message]) -> list[Message]:
+        """What of `due` this instance leaves to one that knows a price: texts held
+        because today's spend was unknown, released today by an instance that knows a
+        price (or by a reload or start), while this one knows none. Judged here, they
+        were held again at once (spend still unknown here), and released again by the
+        priced instance a minute later: an event each a minute, every text, until the
+        priced instance won the race to claim them. At midnight (due at 00:00, a new
+        day's spend) any instance judges them, and this one too once it knows a price."""
+        if not self.config.cost_per_day or self.prices.ceiling() > 0:
+            return []
+        start, _, _ = day_bounds(self.clock.now())
+        released = [
+            m
+            for m in due
+            if self.held_before(m) and m.due_at >= start and UNKNOWABLE in (m.reason or "")
+        ]
+        if released:  # another instance's bill may price them here too
+            await self.recall_prices()
+        return released if self.prices.ceiling() == 0 else []
+
+    async def mismatched(self, m: Message, cap: Cap, owner: str) -> str | None:
+        """Whether `m`, which `owner` (this instance) holds by `cap`, was last judged by
+        another instance whose cap of that name is higher (or none): released by its
+        reload, its start or its price, or held by it till midnight (`judged`). Caps are
+        each instance's own config, and one that has not reloaded holds again what
+        another released. That instance's event, else None."""
         held = CAP_IN_REASON.search(f"({cap.why}")  # as its reason will name it
         if held is None:
             return None
         name = held["name"]
         if name.startswith(("routes.", "tokens.")):
             name = name.rsplit(".", 1)[0]
-        released = [
-            e["detail"] or ""
+        judged = [
+            (found["owner"], e["detail"])
             for e in await self.store.events(m.id)
-            if (e["detail"] or "").startswith(RELEASED_BY_RELOAD)
+            if (found := JUDGED_BY.search(e["detail"] or "")) is not None
         ]
-        if not released:
+        if not judged or judged[-1][0] == owner:  # its own judgement: nothing differs
             return None
-        theirs = dict(RELEASE_CAP.findall(released[-1].partition(CAPS_THERE)[2]))
+        theirs = dict(RELEASE_CAP.findall(judged[-1][1].partition(CAPS_THERE)[2]))
         if name in theirs and float(theirs[name]) <= float(held["value"]):
             return None
-        return released[-1]
+        return str(judged[-1][1])
 
     def _caps(self) -> dict[str, float]:
         """Every daily cap in force by name; none of them 0."""

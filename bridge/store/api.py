@@ -344,9 +344,10 @@ class BilledPrices(Protocol):
     every instance (`bridge.pricing.PriceBook.billed`): where no price list is known,
     the cost cap prices a country by them."""
 
-    async def billed_prices(self) -> dict[int, float]:
-        """The price of a part last billed per country calling code; under 0 (no country
-        has it), the most any part was billed."""
+    async def billed_prices(self) -> dict[int, tuple[float, float]]:
+        """The price of a part last billed per country calling code, and when; under 0
+        (no country has it), the most any part was billed, and when (it falls a day
+        after: the PriceBook recalling it needs that time too)."""
         ...
 
     async def record_billed(self, prices: Mapping[int, float], now: float) -> None:

@@ -44,11 +44,14 @@ class Waiting:
 @dataclass(frozen=True, slots=True)
 class Cancelled:
     """`cancelled` changed to failed; `in_flight` selected but in `sending` (at most
-    IN_FLIGHT_COUNTED counted); `more`: the rounds ran out with messages left."""
+    IN_FLIGHT_COUNTED counted); `more`: the rounds ran out with messages left; `gone`:
+    found waiting, but no longer waiting at the write (the dispatcher claims queued
+    texts between the read and the write, and may have sent them since)."""
 
     cancelled: int
     in_flight: int
     more: bool
+    gone: int = 0
 
 
 def phone_number(written: str, field: str = "recipient") -> str:
@@ -65,11 +68,11 @@ async def cancel_waiting(
     store: Store, wanted: Waiting, now: Callable[[], float], *, by: str
 ) -> Cancelled:
     """Cancel what `wanted` selects, `by` naming who asked (in each reason and event)."""
-    cancelled, more = 0, False
+    cancelled, more, gone = 0, False, 0
     for state in wanted.states:
-        done, left = await _cancel_in(store, state, wanted, now, by)
-        cancelled, more = cancelled + done, more or left
-    return Cancelled(cancelled, await _in_flight(store, wanted), more)
+        done, left, missed = await _cancel_in(store, state, wanted, now, by)
+        cancelled, more, gone = cancelled + done, more or left, gone + missed
+    return Cancelled(cancelled, await _in_flight(store, wanted), more, gone)
 
 
 async def _in_flight(store: Store, wanted: Waiting) -> int:
@@ -90,9 +93,10 @@ async def _in_flight(store: Store, wanted: Waiting) -> int:
 
 async def _cancel_in(
     store: Store, state: str, wanted: Waiting, now: Callable[[], float], by: str
-) -> tuple[int, bool]:
-    """(cancelled, whether messages are left after the last round) of one state."""
-    cancelled = 0
+) -> tuple[int, bool, int]:
+    """(cancelled, whether messages are left after the last round, how many found had
+    left the state before the write) of one state."""
+    cancelled = gone = 0
     for _ in range(MAX_CANCEL_ROUNDS):
         found = await store.query(
             state=state,
@@ -102,12 +106,12 @@ async def _cancel_in(
             limit=CANCEL_BATCH,
         )
         done = await store.cancel([m.id for m in found], now(), by=by)
-        cancelled += len(done)
+        cancelled, gone = cancelled + len(done), gone + len(found) - len(done)
         # Fewer than found: the dispatcher took some meanwhile (a queued one it claims
         # is the provider's now); the next round finds what is left.
         if len(found) < CANCEL_BATCH or not done:
-            return cancelled, False
-    return cancelled, True
+            return cancelled, False, gone
+    return cancelled, True, gone
 
 
 async def read_waiting(body: Any, routes: Collection[str], store: Store) -> Waiting:

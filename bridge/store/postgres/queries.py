@@ -190,9 +190,9 @@ class QueryOps(Base):
             )
         return float(known), [(r, int(p)) for r, p in unknown if p]
 
-    async def billed_prices(self) -> dict[int, float]:
-        rows = await self._fetch("SELECT country_code, price FROM billed_prices")
-        return {int(code): float(price) for code, price in rows}
+    async def billed_prices(self) -> dict[int, tuple[float, float]]:
+        rows = await self._fetch("SELECT country_code, price, billed_at FROM billed_prices")
+        return {int(code): (float(price), float(at)) for code, price, at in rows}
 
     async def record_billed(self, prices: Mapping[int, float], now: float) -> None:
         await self._execute(RECORD_BILLED, list(prices), list(prices.values()), now, BILLED_MAX_FOR)

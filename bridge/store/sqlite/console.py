@@ -379,18 +379,26 @@ class ConsoleQueries(EngineBound):
     ) -> list[int]:
         """Messages waiting for the next day's caps (queued, reason kind budget, due
         later; their reason holding `waiting_for`) due now, each with an event saying
-        `detail`; the ids changed."""
+        `detail`; the ids changed. Looked for first by a reader: with nothing waiting
+        (the usual case) nothing is written. The dispatcher asks every minute once a
+        price is known, and each ask was a commit of the writer (an fsync) of nothing."""
 
-        def job(db: Database) -> list[int]:
-            chosen = [
+        def waiting(c: sqlite3.Connection) -> list[int]:
+            return [
                 int(r[0])
-                for r in db.execute(
+                for r in c.execute(
                     "SELECT id FROM messages WHERE state = 'queued' AND next_attempt_at > ?"
                     " AND reason_kind = 'budget' AND instr(coalesce(reason, ''), ?) > 0"
                     " ORDER BY id",
                     (now, waiting_for),
                 )
             ]
+
+        if not await self.engine.read(waiting):
+            return []
+
+        def job(db: Database) -> list[int]:
+            chosen = waiting(db.conn)  # again: what the reader saw may have gone since
             ids = json.dumps(chosen)
             db.execute(
                 "UPDATE messages SET next_attempt_at = ?, updated_at = ?, due_at = ?"

@@ -127,11 +127,13 @@ class SqliteStore(DeliveryOperations, RateOperations, ConsoleQueries):
             lambda c: queries.used_since(c, since, exclude_source, route, token)
         )
 
-    async def billed_prices(self) -> dict[int, float]:
+    async def billed_prices(self) -> dict[int, tuple[float, float]]:
         return await self.engine.read(
             lambda c: {
-                int(code): float(price)
-                for code, price in c.execute("SELECT country_code, price FROM billed_prices")
+                int(code): (float(price), float(at))
+                for code, price, at in c.execute(
+                    "SELECT country_code, price, billed_at FROM billed_prices"
+                )
             }
         )
 

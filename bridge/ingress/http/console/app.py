@@ -106,14 +106,29 @@ def sender_of(token: str | None, source: str) -> dict[str, str | None]:
     return {"kind": "token", "name": token, "text": f"API token {token}"}
 
 
-def _cancel_note(done: Cancelled, waiting: str, number: str) -> str:
-    """What a phone's "Cancel all" did, as the page it goes back to says it."""
+# Where a phone's held or queued message found by a bulk cancel went before its write:
+# claimed by the dispatcher (the provider may have it), or ended another way.
+_LEFT = {
+    State.QUEUED: "already being sent, or ended",
+    State.HELD: "released or ended",
+}
+
+
+def cancel_note(done: Cancelled, state: State, number: str) -> str:
+    """What a phone's "Cancel all" did, as the page it goes back to says it. Texts the
+    dispatcher claimed between the read and the write are told as such: "Nothing was
+    queued" said of them told the operator there had been nothing to stop."""
+    waiting = str(state)
     plural = "" if done.cancelled == 1 else "s"
-    note = (
-        f"Cancelled {done.cancelled} {waiting} message{plural} to {number}."
-        if done.cancelled
-        else f"Nothing was {waiting} for {number}: nothing cancelled."
-    )
+    if done.cancelled:
+        note = f"Cancelled {done.cancelled} {waiting} message{plural} to {number}."
+    elif done.gone:
+        note = "Nothing cancelled."
+    else:
+        note = f"Nothing was {waiting} for {number}: nothing cancelled."
+    if done.gone:
+        were = "was" if done.gone == 1 else "were"
+        note += f" {done.gone} found {waiting} {were} no longer {waiting} ({_LEFT[state]})."
     if done.in_flight:
         note += f" {done.in_flight} being handed to the provider now: too late to cancel."
     if done.more:
@@ -468,7 +483,7 @@ class Console(Gate):
             log.info(
                 "console: %s cancelled %d %s messages to %s", who, done.cancelled, waiting, number
             )
-            note = _cancel_note(done, waiting, number)
+            note = cancel_note(done, state, number)
             return self._back(caller, f"/ui/messages?{urlencode({'recipient': number})}", note)
 
         return cancel
