@@ -27,10 +27,16 @@ PURGE = (
     " RETURNING id"
 )
 # bridge.store.totals: rows of connections no longer in pg_stat_activity, into slot 0.
+# Sessions of this database only: a slot is the pid of a connection to it, and a session
+# of another database on the same server (another bridge cluster's, anything) that got
+# a gone connection's pid again kept its rows unfolded for as long as it lived.
 TAKE_TOTALS_LOCK = f"SELECT pg_advisory_xact_lock({TOTALS_LOCK})"
+LIVE_SESSIONS = (
+    "SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL AND datname = current_database()"
+)
 FOLD_TOTALS = (
     "WITH gone AS (DELETE FROM message_totals WHERE ctid IN (SELECT ctid FROM message_totals"
-    " WHERE slot <> 0 AND slot NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)"
+    f" WHERE slot <> 0 AND slot NOT IN ({LIVE_SESSIONS})"
     " FOR UPDATE SKIP LOCKED) RETURNING source, state, reason_kind, sent, n, parts, cost_micros)"
     " INSERT INTO message_totals AS t SELECT 0, source, state, reason_kind, sent, sum(n),"
     " sum(parts), sum(cost_micros) FROM gone GROUP BY source, state, reason_kind, sent"
