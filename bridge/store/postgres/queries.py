@@ -71,6 +71,14 @@ BILLED = (
     " + CASE WHEN claimed_at >= $1 THEN unknown_resends ELSE 0 END)"
 )
 
+# Texts waiting for the next day's caps ($1: now) whose reason holds $2: what a release
+# changes, looked for by a read before the write. The UPDATE's own WHERE, not an
+# `id IN (...)`: a row claimed meanwhile is checked again there (READ COMMITTED), and left.
+BUDGET_HELD = (
+    "state = 'queued' AND next_attempt_at > $1"
+    " AND reason_kind = 'budget' AND strpos(coalesce(reason, ''), $2) > 0"
+)
+
 # SQLite's RECORD_BILLED: 0 holds the most any part was billed, raised by a higher
 # bill, replaced by any once it is $4 (`pricing.BILLED_MAX_FOR`) old.
 _REPLACES = (
@@ -266,13 +274,19 @@ class QueryOps(Base):
     async def release_budget_holds(
         self, now: float, detail: str, *, waiting_for: str = ""
     ) -> list[int]:
+        """Looked for first by a read (SQLite's too): with nothing waiting, the usual
+        case, no transaction is written. With a cost cap the dispatcher asks every
+        minute, and each ask was a write transaction that changed nothing (no WAL: no
+        row, no xid; but BEGIN, the UPDATE and its statement trigger, COMMIT)."""
+        waiting = f"SELECT EXISTS (SELECT 1 FROM messages WHERE {BUDGET_HELD})"
+        if not await self._fetchval(waiting, now, waiting_for):
+            return []
         async with self._write() as conn:
-            changed = sorted(
+            changed = sorted(  # again: what the read saw may have gone since
                 int(r[0])
                 for r in await conn.fetch(
                     "UPDATE messages SET next_attempt_at = $1, updated_at = $1, due_at = $1"
-                    " WHERE state = 'queued' AND next_attempt_at > $1 AND reason_kind = 'budget'"
-                    " AND strpos(coalesce(reason, ''), $2) > 0 RETURNING id",
+                    f" WHERE {BUDGET_HELD} RETURNING id",
                     now,
                     waiting_for,
                 )
