@@ -40,9 +40,20 @@ async def test_two_instances_writing_at_once_export_the_same_right_figures(
             else:
                 await store.finish([(mid, State.FAILED, "refused")], 3.0, owner=owner)
 
-        # Each store's pool (8 connections) runs many transactions at once: they touch
-        # counter rows of the same keys and must neither wait on nor deadlock each other.
-        await asyncio.gather(*(life(s, n) for n in range(60) for s in (a, b)))
+        # Each store's pool runs a transaction on each of its connections at once: they
+        # touch counter rows of the same keys and must neither wait on nor deadlock each
+        # other. No more lives at once than that: every claim books in the rate window
+        # the cluster shares, under one lock held to its commit (bridge.store.postgres.rate),
+        # and 60 lives at once queued ~100 claims of both stores ahead of the last ones'
+        # connections. On a loaded machine they waited longer than the pool's
+        # ACQUIRE_TIMEOUT (10 s): "store unavailable: TimeoutError".
+        bound = {s: asyncio.Semaphore(s.db.max_size) for s in (a, b)}
+
+        async def bounded(store: PostgresStore, n: int) -> None:
+            async with bound[store]:
+                await life(store, n)
+
+        await asyncio.gather(*(bounded(s, n) for n in range(60) for s in (a, b)))
         expected = await aggregated(a)
         assert await reported(a) == expected and await reported(b) == expected
         assert expected[3] == sum(1 + n % 2 for n in range(60) if n % 4) * 2
