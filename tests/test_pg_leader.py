@@ -32,6 +32,7 @@ from bridge.policy.shaping import Draft
 from bridge.service import Bridge
 from bridge.store.postgres.store import PostgresStore
 from tests.helpers import served, write_config
+from tests.postgres import fresh_database
 from tests.stores import seed
 
 MESSAGE = NewMessage("+12025550143", "disk full on db-1", "alertmanager", "SMS", 1, 1)
@@ -136,6 +137,27 @@ async def test_a_leader_that_lost_its_session_steps_down(
     await b.resign()
     assert await a.check()
     await a.resign()
+
+
+async def test_two_clusters_on_one_server_lead_each_its_own_database(
+    postgres_server: str, postgres_template: str, postgres_url: str, store: PostgresStore
+) -> None:
+    """Another bridge cluster in another database of the same server: advisory locks
+    are the database's own (each leads), and the leader's session, named alike there,
+    is not this database's leader in the query docs/cluster.md gives."""
+    with fresh_database(postgres_server, postgres_template) as elsewhere:
+        theirs = PostgresStore(elsewhere)
+        await theirs.open()
+        here, there = store.leadership(ROLE, holder="a"), theirs.leadership(ROLE, holder="a")
+        try:
+            assert await here.check() and await there.check()
+            assert await here.check() and await there.check()  # and each confirms it
+            for url in (postgres_url, elsewhere):
+                assert await who_leads(url) == ["sms-bridge leader a"]
+        finally:
+            await there.resign()
+            await theirs.close()
+            await here.resign()
 
 
 async def who_leads(url: str) -> list[str]:

@@ -25,6 +25,13 @@ from bridge.store.values import ended, not_applied, requeued, sent_late
 from bridge.store.window import Stamp, read_stamp
 
 UNSETTLED_LIMIT = 10_000  # per reconcile step; the rest waits for the next one
+# What `unsettled` hands the instance $1 at $2: its own `sending` rows and, with $3
+# (a takeover), those whose lease passed.
+UNSETTLED = (
+    "state = 'sending' AND (claimed_by = $1"
+    " OR ($3 AND (claimed_by IS NULL OR lease_until IS NULL OR lease_until < $2)))"
+)
+UNSETTLED_ANY = f"SELECT EXISTS (SELECT 1 FROM messages WHERE {UNSETTLED})"
 # A new attempt: what an earlier outcome was, and the daily caps that held it back (they
 # let it go now), no longer hold. `budget` kept past the claim showed a text the provider
 # refused as failed by the budget, and a reload that raised a cap "released" it from a
@@ -144,17 +151,21 @@ class DeliveryOps(Base):
         """Own `sending` messages and, with `take_over` (the leader's sweep), those whose
         lease passed, taken over (lease renewed to `lease_until`); rows another instance
         is updating right now are skipped."""
+        # Looked for first by a read: the dispatcher asks at every step, and an idle
+        # bridge (nothing in `sending`, the usual case) ran a write transaction of
+        # nothing each time (release_budget_holds says what one costs).
+        if not await self._fetchval(UNSETTLED_ANY, owner, now, take_over):
+            return []
         async with self._write() as conn:
             rows = await conn.fetch(
-                "UPDATE messages SET claimed_by = $1, lease_until = $2 WHERE id IN"
-                " (SELECT id FROM messages WHERE state = 'sending' AND (claimed_by = $1"
-                " OR ($5 AND (claimed_by IS NULL OR lease_until IS NULL OR lease_until < $3)))"
-                " ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING *",
+                "UPDATE messages SET claimed_by = $1, lease_until = $4 WHERE id IN"
+                f" (SELECT id FROM messages WHERE {UNSETTLED}"
+                " ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED) RETURNING *",
                 owner,
-                lease_until,
                 now,
-                UNSETTLED_LIMIT,
                 take_over,
+                lease_until,
+                UNSETTLED_LIMIT,
             )
         return sorted((Message.from_row(r) for r in rows), key=lambda m: m.id)
 

@@ -27,10 +27,16 @@ PURGE = (
     " RETURNING id"
 )
 # bridge.store.totals: rows of connections no longer in pg_stat_activity, into slot 0.
+# Sessions of this database only: a slot is the pid of a connection to it, and a session
+# of another database on the same server (another bridge cluster's, anything) that got
+# a gone connection's pid again kept its rows unfolded for as long as it lived.
 TAKE_TOTALS_LOCK = f"SELECT pg_advisory_xact_lock({TOTALS_LOCK})"
+LIVE_SESSIONS = (
+    "SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL AND datname = current_database()"
+)
 FOLD_TOTALS = (
     "WITH gone AS (DELETE FROM message_totals WHERE ctid IN (SELECT ctid FROM message_totals"
-    " WHERE slot <> 0 AND slot NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)"
+    f" WHERE slot <> 0 AND slot NOT IN ({LIVE_SESSIONS})"
     " FOR UPDATE SKIP LOCKED) RETURNING source, state, reason_kind, sent, n, parts, cost_micros)"
     " INSERT INTO message_totals AS t SELECT 0, source, state, reason_kind, sent, sum(n),"
     " sum(parts), sum(cost_micros) FROM gone GROUP BY source, state, reason_kind, sent"
@@ -63,6 +69,14 @@ RESENT = "(unknown_resends > 0 AND claimed_at >= $1)"
 BILLED = (
     "(CASE WHEN sent_at >= $1 OR state = 'sending' THEN 1 ELSE 0 END"
     " + CASE WHEN claimed_at >= $1 THEN unknown_resends ELSE 0 END)"
+)
+
+# Texts waiting for the next day's caps ($1: now) whose reason holds $2: what a release
+# changes, looked for by a read before the write. The UPDATE's own WHERE, not an
+# `id IN (...)`: a row claimed meanwhile is checked again there (READ COMMITTED), and left.
+BUDGET_HELD = (
+    "state = 'queued' AND next_attempt_at > $1"
+    " AND reason_kind = 'budget' AND strpos(coalesce(reason, ''), $2) > 0"
 )
 
 # SQLite's RECORD_BILLED: 0 holds the most any part was billed, raised by a higher
@@ -260,13 +274,19 @@ class QueryOps(Base):
     async def release_budget_holds(
         self, now: float, detail: str, *, waiting_for: str = ""
     ) -> list[int]:
+        """Looked for first by a read (SQLite's too): with nothing waiting, the usual
+        case, no transaction is written. With a cost cap the dispatcher asks every
+        minute, and each ask was a write transaction that changed nothing (no WAL: no
+        row, no xid; but BEGIN, the UPDATE and its statement trigger, COMMIT)."""
+        waiting = f"SELECT EXISTS (SELECT 1 FROM messages WHERE {BUDGET_HELD})"
+        if not await self._fetchval(waiting, now, waiting_for):
+            return []
         async with self._write() as conn:
-            changed = sorted(
+            changed = sorted(  # again: what the read saw may have gone since
                 int(r[0])
                 for r in await conn.fetch(
                     "UPDATE messages SET next_attempt_at = $1, updated_at = $1, due_at = $1"
-                    " WHERE state = 'queued' AND next_attempt_at > $1 AND reason_kind = 'budget'"
-                    " AND strpos(coalesce(reason, ''), $2) > 0 RETURNING id",
+                    f" WHERE {BUDGET_HELD} RETURNING id",
                     now,
                     waiting_for,
                 )
