@@ -43,6 +43,7 @@ import logging
 import os
 import queue
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -104,6 +105,26 @@ def whole_database(exc: sqlite3.Error) -> bool:
     if code is None:  # raised without a result code: trust the class
         return isinstance(exc, sqlite3.OperationalError)
     return code & 0xFF in WHOLE_DATABASE_CODES
+
+
+def _take(items: queue.SimpleQueue[list[T] | None], most: int) -> tuple[list[T], bool] | None:
+    """Wait for the next list put on `items`, then add the lists waiting behind it until
+    `most` items, the queue empty or the stop (None). None if the stop came first; else
+    the items and whether the stop came after them."""
+    first = items.get()
+    if first is None:
+        return None
+    taken, stop = first, False
+    while len(taken) < most:
+        try:
+            more = items.get_nowait()
+        except queue.Empty:
+            break
+        if more is None:
+            stop = True
+            break
+        taken += more
+    return taken, stop
 
 
 def _call_each(db: Database, fns: list[Callable[[Database], Any]]) -> list[Any]:
@@ -215,22 +236,9 @@ class Engine:
             self._fail_all(StoreUnavailable(f"cannot open store {self.path}: {exc}"))
             return
         try:
-            while True:
-                first = self._jobs.get()
-                if first is None:
-                    return
-                batch = first
-                stop = False
-                while len(batch) < MAX_GROUP:
-                    try:
-                        burst = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if burst is None:
-                        stop = True
-                        break
-                    batch += burst
-                # A burst may take a group past MAX_GROUP: one loop turn's jobs at most.
+            # A burst may take a group past MAX_GROUP: one loop turn's jobs at most.
+            while (taken := _take(self._jobs, MAX_GROUP)) is not None:
+                batch, stop = taken
                 self._run_batch(conn, db, batch)
                 if stop:
                     return
@@ -334,25 +342,12 @@ class Engine:
 
     # -- the syncer thread ---------------------------------------------------------
     def _sync_loop(self) -> None:
-        while True:
-            first = self._unsynced.get()
-            if first is None:
-                return
-            groups, stop = [first], False
-            while True:  # every group committed so far: one fdatasync covers them all
-                try:
-                    more = self._unsynced.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                groups.append(more)
-            failure = self.sync_failed or self._sync_wal()
-            for outcomes in groups:
-                if failure is not None:
-                    outcomes = [(job, None, error or failure) for job, _, error in outcomes]
-                self._resolve(outcomes)
+        # Every group committed so far: one fdatasync covers them all.
+        while (taken := _take(self._unsynced, sys.maxsize)) is not None:
+            outcomes, stop = taken
+            if failure := self.sync_failed or self._sync_wal():
+                outcomes = [(job, None, error or failure) for job, _, error in outcomes]
+            self._resolve(outcomes)
             if stop:
                 return
 
