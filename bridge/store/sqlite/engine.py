@@ -130,6 +130,16 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+def _wal_of(conn: sqlite3.Connection) -> str | None:
+    """The WAL file of `conn`'s main database, as SQLite names it: the file it opened
+    (symbolic links followed: a store reached by a link has its WAL next to the link's
+    target, not next to the link) with "-wal" added; None in memory."""
+    for _, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return f"{file}-wal"
+    return None
+
+
 def _create_private(path: str) -> None:
     """Create the store file 0600 before SQLite does: it holds numbers and texts.
 
@@ -159,6 +169,9 @@ class Engine:
         # Each item a committed group's outcomes, to settle once the WAL is on disk.
         self._unsynced: queue.SimpleQueue[list[_Outcome] | None] = queue.SimpleQueue()
         self._syncer: threading.Thread | None = None
+        # The WAL SQLite writes (`_wal_of`), set by the writer before its first commit;
+        # None for a store in memory.
+        self._wal_path: str | None = None
         self._wal_inode: int | None = None  # the WAL whose directory entry was synced
         self.sync_failed: StoreUnavailable | None = None  # writes end until a restart
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read")
@@ -208,6 +221,7 @@ class Engine:
             conn.execute("PRAGMA journal_mode = WAL")
             # Durable at the syncer's fdatasync of the WAL, not at each COMMIT (above).
             conn.execute("PRAGMA synchronous = NORMAL")
+            self._wal_path = _wal_of(conn)
             db = Database(conn, execute_plugins=False)
             self.migrated = [m.name for m in migrations.pending(db)]
             migrations.apply(db)
@@ -359,19 +373,19 @@ class Engine:
     def _sync_wal(self) -> StoreUnavailable | None:
         """fdatasync the WAL (and its directory, for a WAL the writer created since the
         last sync); the failure that ends writing, or None."""
-        if self.path == ":memory:":
+        if self._wal_path is None:  # in memory
             return None
         try:
-            fd = os.open(self.path + "-wal", os.O_RDONLY)
-        except FileNotFoundError:  # nothing written in WAL mode yet: nothing to sync
-            return None
+            fd = os.open(self._wal_path, os.O_RDONLY)
+        except FileNotFoundError:  # nothing written in WAL mode yet, or the last
+            return None  # connection's close checkpointed it (synced) and deleted it
         except OSError as exc:
             return self._fail_sync(exc)
         try:
             self._sync_file(fd)
             inode = os.fstat(fd).st_ino
             if inode != self._wal_inode:  # a new file: its name must survive a power loss
-                directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+                directory = os.open(os.path.dirname(self._wal_path), os.O_RDONLY)
                 try:
                     self._sync_file(directory)
                 finally:
