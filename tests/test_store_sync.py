@@ -16,9 +16,10 @@ from pathlib import Path
 import httpx
 
 from bridge.clock import ManualClock
+from bridge.provider.sandbox import SandboxState
 from bridge.service import Bridge
 from bridge.store.sqlite import SqliteStore
-from tests.helpers import bridge_config, running_bridge
+from tests.helpers import bridge_config, pump, running_bridge
 from tests.stores import HeldDisk, faulty_store
 from tests.test_smtp import DEFAULT_RCPT, SMTP_BASE, send, smtp_listening
 
@@ -81,6 +82,32 @@ async def test_an_smtp_250_comes_only_once_the_wal_is_on_disk(
         disk.release()
         assert await mail == {}  # 250: no recipient refused
     assert disk.synced[0] == f"{config.store.path}-wal"
+
+
+async def test_nothing_is_sent_before_its_ingest_is_on_disk(
+    tmp_path: Path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The dispatcher reads the queue on a reader connection, which sees a commit before
+    its sync; but the claim that precedes every send is a write, committed after the
+    ingest and settled by a sync that covers both: no text leaves for a message a power
+    loss could still take back (its sender, told nothing, would send it again)."""
+    config = bridge_config(tmp_path, sandbox_url)
+    store = faulty_store(config)
+    disk = HeldDisk()
+    async with running_bridge(config, clock, store) as (bridge, url), httpx.AsyncClient() as http:
+        store.fail_syncs(disk)
+        post = asyncio.ensure_future(
+            http.post(f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"})
+        )
+        await held_while_committed(bridge, disk, post)
+        step = asyncio.ensure_future(bridge.dispatcher.run_once())
+        await asyncio.sleep(0.3)
+        assert sandbox_state.entries == [], "sent before the ingest was on disk"
+        disk.release()
+        assert (await post).status_code == 202
+        await step
+        await pump(bridge, clock, lambda: sandbox_state.entries, max_seconds=60)
+    assert len(sandbox_state.entries) == 1
 
 
 async def test_a_stop_waits_for_the_sync_under_way_and_answers_what_it_covered(
