@@ -9,7 +9,9 @@ production classes: `FaultySqliteStore` plays a failing disk and runs raw SQL.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,22 @@ class FaultySqliteStore(SqliteStore):
     async def on_writer(self, fn: Callable[[Any], Any]) -> Any:
         """`fn(db)` on the writer's connection, in a transaction of its own."""
         return await self.engine.write(fn)
+
+
+class HeldDisk:
+    """A `fail_syncs` fault: every fdatasync of the syncer waits until `release()` (a slow
+    disk); `synced` names each file it was asked to sync, in order."""
+
+    def __init__(self) -> None:
+        self.synced: list[str] = []
+        self._released = threading.Event()
+
+    def __call__(self, fd: int) -> None:
+        self.synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        self._released.wait(10)
+
+    def release(self) -> None:
+        self._released.set()
 
 
 def faulty_store(config: Any) -> FaultySqliteStore:

@@ -151,6 +151,16 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
+def _wal_of(conn: sqlite3.Connection) -> str | None:
+    """The WAL file of `conn`'s main database, as SQLite names it: the file it opened
+    (symbolic links followed: a store reached by a link has its WAL next to the link's
+    target, not next to the link) with "-wal" added; None in memory."""
+    for _, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return f"{file}-wal"
+    return None
+
+
 def _create_private(path: str) -> None:
     """Create the store file 0600 before SQLite does: it holds numbers and texts.
 
@@ -180,7 +190,10 @@ class Engine:
         # Each item a committed group's outcomes, to settle once the WAL is on disk.
         self._unsynced: queue.SimpleQueue[list[_Outcome] | None] = queue.SimpleQueue()
         self._syncer: threading.Thread | None = None
-        self._wal_inode: int | None = None  # the WAL whose directory entry was synced
+        # The WAL SQLite writes (`_wal_of`), set by the writer before its first commit;
+        # None for a store in memory.
+        self._wal_path: str | None = None
+        self._wal_fd: int | None = None  # the syncer's descriptor of it (`_open_wal`)
         self.sync_failed: StoreUnavailable | None = None  # writes end until a restart
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-read")
         self._local = threading.local()
@@ -218,6 +231,7 @@ class Engine:
             self._unsynced.put(None)
             await asyncio.to_thread(self._syncer.join)
             self._syncer = None
+            self._close_wal()
         self._readers.shutdown(wait=True)
         while self._reader_conns:
             self._reader_conns.pop().close()
@@ -229,6 +243,7 @@ class Engine:
             conn.execute("PRAGMA journal_mode = WAL")
             # Durable at the syncer's fdatasync of the WAL, not at each COMMIT (above).
             conn.execute("PRAGMA synchronous = NORMAL")
+            self._wal_path = _wal_of(conn)
             db = Database(conn, execute_plugins=False)
             self.migrated = [m.name for m in migrations.pending(db)]
             migrations.apply(db)
@@ -352,31 +367,52 @@ class Engine:
                 return
 
     def _sync_wal(self) -> StoreUnavailable | None:
-        """fdatasync the WAL (and its directory, for a WAL the writer created since the
-        last sync); the failure that ends writing, or None."""
-        if self.path == ":memory:":
+        """fdatasync the WAL (and its directory, for a WAL file not synced before); the
+        failure that ends writing, or None."""
+        if self._wal_path is None:  # in memory
             return None
         try:
-            fd = os.open(self.path + "-wal", os.O_RDONLY)
-        except FileNotFoundError:  # nothing written in WAL mode yet: nothing to sync
-            return None
-        except OSError as exc:
-            return self._fail_sync(exc)
-        try:
-            self._sync_file(fd)
-            inode = os.fstat(fd).st_ino
-            if inode != self._wal_inode:  # a new file: its name must survive a power loss
-                directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            new = self._open_wal()
+            if self._wal_fd is None:  # nothing written in WAL mode yet, or the last
+                return None  # connection's close checkpointed it (synced) and deleted it
+            self._sync_file(self._wal_fd)
+            if new:  # a new file: its name must survive a power loss
+                directory = os.open(os.path.dirname(self._wal_path), os.O_RDONLY)
                 try:
                     self._sync_file(directory)
                 finally:
                     os.close(directory)
-                self._wal_inode = inode
         except OSError as exc:
             return self._fail_sync(exc)
-        finally:
-            os.close(fd)
         return None
+
+    def _open_wal(self) -> bool:
+        """Hold the file at `_wal_path` open in `_wal_fd` (None if there is none);
+        whether it was opened now. Kept open from one sync to the next, not opened for
+        each: Linux reports a failed write-back to every descriptor open when it failed,
+        but to one opened after it only if no descriptor saw it yet, and SQLite's own
+        (a checkpoint's fsync) or another process's may have. A fresh descriptor's
+        fdatasync could then succeed over pages the kernel dropped."""
+        assert self._wal_path is not None
+        try:
+            inode = os.stat(self._wal_path).st_ino
+        except FileNotFoundError:
+            inode = None
+        if self._wal_fd is not None and os.fstat(self._wal_fd).st_ino == inode:
+            return False
+        self._close_wal()
+        if inode is None:
+            return False
+        try:
+            self._wal_fd = os.open(self._wal_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _close_wal(self) -> None:
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
 
     def _sync_file(self, fd: int) -> None:
         """`os.fdatasync(fd)`; tests override it to play a slow or failing disk."""
