@@ -170,3 +170,43 @@ async def test_the_wal_is_synced_through_one_descriptor_held_open_from_sync_to_s
         held = [read_only_open_on(fd, f"{config.store.path}-wal") for fd in synced]
     assert len(synced) >= 2 and len(set(synced)) == 1, synced
     assert all(held), "the WAL's descriptor was closed between syncs"
+
+
+async def test_what_was_queued_to_the_writer_before_a_failed_sync_is_never_written(
+    tmp_path: Path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """A sync fails while the writer holds the next alert (queued before anyone knew):
+    that alert is refused (503) and not written, as every write after it, not written
+    and then answered 503 (a retried alert would meet its own ghost after the restart)."""
+    config = bridge_config(tmp_path, sandbox_url)
+    store = faulty_store(config)
+    synced, failing = threading.Event(), threading.Event()
+    writer_busy, go_on = threading.Event(), threading.Event()
+
+    def failing_disk(fd: int) -> None:
+        synced.set()
+        failing.wait(10)
+        raise OSError(5, "Input/output error")
+
+    def held_writer() -> None:
+        writer_busy.set()
+        go_on.wait(10)
+
+    alert = {"to": "+12025550143", "message": "first"}
+    async with running_bridge(config, clock, store) as (bridge, url), httpx.AsyncClient() as http:
+        store.fail_syncs(failing_disk)
+        first = asyncio.create_task(http.post(f"{url}/api/v1/messages", json=alert))
+        await asyncio.to_thread(synced.wait, 10)  # committed, its sync under way
+        store.fail_commits(held_writer)
+        second = asyncio.create_task(
+            http.post(f"{url}/api/v1/messages", json={**alert, "message": "second"})
+        )
+        await asyncio.to_thread(writer_busy.wait, 10)  # queued, the writer holding it
+        failing.set()
+        assert (await first).status_code == 503  # the failure is known from here on
+        go_on.set()
+        answers = [first.result(), await second]
+        store.fail_commits(None)
+        texts = [m.text for m in await bridge.store.query(limit=10)]
+    assert [a.status_code for a in answers] == [503, 503], [a.text for a in answers]
+    assert texts == ["first"], texts

@@ -240,10 +240,12 @@ class Engine:
     def _writer(self) -> None:
         try:
             conn = _connect(self.path)
-            conn.execute("PRAGMA journal_mode = WAL")
-            # Durable at the syncer's fdatasync of the WAL, not at each COMMIT (above).
-            conn.execute("PRAGMA synchronous = NORMAL")
-            self._wal_path = _wal_of(conn)
+            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] == "wal":
+                # Durable at the syncer's fdatasync of the WAL, not at each COMMIT (above).
+                conn.execute("PRAGMA synchronous = NORMAL")
+                self._wal_path = _wal_of(conn)
+            else:  # no WAL (in memory, or refused): NORMAL would not be durable here
+                conn.execute("PRAGMA synchronous = FULL")
             db = Database(conn, execute_plugins=False)
             self.migrated = [m.name for m in migrations.pending(db)]
             migrations.apply(db)
@@ -292,6 +294,7 @@ class Engine:
             return None
         try:
             self._before_write()
+            self._still_synced()
             outs = unlocked(db, [job.item for job in jobs])
         except sqlite3.Error as exc:
             if conn.in_transaction:  # never, outside one; but never leave one open
@@ -316,6 +319,7 @@ class Engine:
         """Run `jobs` in one BEGIN IMMEDIATE ... COMMIT; a storage error fails them all."""
         try:
             self._before_write()
+            self._still_synced()
             conn.execute("BEGIN IMMEDIATE")
             results: list[_Outcome] = []
             for batch, group in itertools.groupby(jobs, key=lambda job: job.batch):
@@ -350,6 +354,13 @@ class Engine:
         """Runs in the writer before each group writes, in a transaction or not. A storage
         error raised here fails the whole group as a failed commit would: tests override
         it to play a full or failing disk."""
+
+    def _still_synced(self) -> None:
+        """Raise, as a storage error fails the group, once a sync has failed: a job queued
+        before the failure was seen is not written (only to be answered 503 and found
+        after the restart, where its retry would meet it as a duplicate)."""
+        if self.sync_failed is not None:
+            raise sqlite3.OperationalError(str(self.sync_failed))
 
     def _settle(self, outcomes: list[_Outcome]) -> None:
         """Hand a committed group to the syncer, which settles it once durable."""
