@@ -30,6 +30,23 @@ ANNOUNCEMENTS = {
     "sandbox": r"sandbox provider on http://(\S+)/api/v1",
 }
 ANY_PORT = "127.0.0.1:0"
+SEND_TOKEN = "send-token-0123456789abcdef"
+SENDER_CONFIG = f"""
+[http]
+listen = "{ANY_PORT}"
+{{http}}
+[smtp]
+listen = ""
+[store]
+path = "{{db}}"
+[tokens.sender]
+token = "{SEND_TOKEN}"
+scopes = ["send"]
+[routes.open]
+format = "generic"
+to = ["+12025550101"]
+public = true
+"""
 
 
 def free_port() -> int:
@@ -106,6 +123,15 @@ class Child(subprocess.Popen[bytes]):
 
     def port(self, what: str = "HTTP") -> int:
         return int(self.address(what).rpartition(":")[2])
+
+
+def sender_config(tmp_path: Path, http: str = "") -> Path:
+    """A `serve` config in `tmp_path`: HTTP on any port (more `[http]` keys in `http`),
+    no SMTP, a `send` token (SEND_TOKEN) and a public generic route, `/hooks/open`."""
+    config = tmp_path / "bridge.toml"
+    config.write_text(SENDER_CONFIG.format(http=http, db=tmp_path / "bridge.db"))
+    config.chmod(0o600)
+    return config
 
 
 @contextlib.contextmanager

@@ -82,6 +82,7 @@ def test_every_problem_is_reported_with_its_key(tmp_path) -> None:
         """
         [http]
         listen = "nowhere"
+        max_json_items = -1
         [provider]
         base_url = "ftp://x"
         requests_per_minute = "lots"
@@ -101,6 +102,7 @@ def test_every_problem_is_reported_with_its_key(tmp_path) -> None:
     keys = [key for key, _ in caught.value.problems]
     for expected in (
         "http.listen",
+        "http.max_json_items",
         "provider.base_url",
         "provider.requests_per_minute",
         "provider.sender_id",

@@ -30,6 +30,11 @@ def _check(path: Path | None, cwd: Path, **env: str):
     return run_command(args, cwd, clean_env(**env), timeout=PROMPTLY)
 
 
+def _http_only(tmp_path: Path) -> str:
+    """A config's start: HTTP on any port, no SMTP, the store in `tmp_path`."""
+    return f'[http]\nlisten = "{ANY_PORT}"\n[smtp]\nlisten = ""\n[store]\npath = "{tmp_path / "bridge.db"}"\n'
+
+
 def _refused(result, *expected: str) -> str:
     assert result.returncode == EX_CONFIG, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -87,16 +92,7 @@ def test_a_reload_onto_a_fifo_secret_is_refused_and_the_bridge_still_reloads(
     """A reload read the FIFO inside the reloader: it waited for a writer forever, and
     every later SIGHUP queued behind it; the running bridge never took a config again."""
     path = tmp_path / "bridge.toml"
-    good = textwrap.dedent(f"""
-        [http]
-        listen = "{ANY_PORT}"
-        [smtp]
-        listen = ""
-        [store]
-        path = "{tmp_path / "bridge.db"}"
-        [groups]
-        oncall = ["+12025550101"]
-    """)
+    good = _http_only(tmp_path) + '[groups]\noncall = ["+12025550101"]\n'
     path.write_text(good)
     log = tmp_path / "serve.log"
     with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
@@ -171,6 +167,60 @@ def test_user_recipients_without_require_auth_are_named_as_escapable(tmp_path) -
     write_config(tmp_path, body.replace("require_auth = false", "require_auth = true"))
     checked = _check(config, tmp_path)
     assert checked.returncode == 0 and "user_recipients" not in checked.stderr, checked.stderr
+
+
+@pytest.mark.slow  # runs the CLI as a process
+def test_a_signed_grafana_route_without_a_timestamp_header_is_named_as_replayable(
+    tmp_path,
+) -> None:
+    """Grafana signs the body alone unless its "Timestamp header" is set: a captured
+    signed request passed again once the route's dedupe window was over, and its alert
+    was texted again, as often as replayed. Said by check-config, `serve` and a reload
+    (not refused: Grafana sends no timestamp by default, and a route that demands one
+    refuses every such call); a route with `timestamp_header` is not named, unless its
+    dedupe window is shorter than the signed time's skew."""
+    body = _http_only(tmp_path) + textwrap.dedent(f"""
+        [routes.graf]
+        format = "grafana"
+        to = ["+12025550101"]
+        secret = "{PASSWORD}"
+        [routes.stamped]
+        format = "grafana"
+        to = ["+12025550101"]
+        secret = "{PASSWORD}"
+        timestamp_header = "X-Grafana-Alerting-Timestamp"
+        [routes.tokened]
+        format = "grafana"
+        to = ["+12025550101"]
+        token = "{PASSWORD}"
+        [routes.short]
+        format = "grafana"
+        to = ["+12025550101"]
+        secret = "{PASSWORD}"
+        timestamp_header = "X-Grafana-Alerting-Timestamp"
+        dedupe_window = "1m"
+    """)
+    config = write_config(tmp_path, body)
+    checked = _check(config, tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    warned = [line for line in checked.stderr.splitlines() if "replay" in line]
+    assert len(warned) == 2 and warned[0].startswith("warning: routes.graf: "), checked.stderr
+    assert "routes.graf.timestamp_header" in warned[0], warned
+    # a signed time older than the dedupe window, within the skew: replayed between
+    assert warned[1].startswith("warning: routes.short: ") and "(300s)" in warned[1], warned
+    log = tmp_path / "serve.log"
+    with process(["serve", "--config", str(config)], tmp_path, clean_env(), log) as proc:
+        proc.address("HTTP")
+        assert "routes.graf: " in proc.output() and "routes.stamped" not in proc.output()
+        write_config(tmp_path, body.replace("[routes.graf]", "[routes.graf2]"))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload: routes.graf2: " in proc.output(), what="the reload's warning")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    closed = body.replace('secret = "', 'timestamp_header = "X-T"\nsecret = "', 1)
+    write_config(tmp_path, closed.replace('dedupe_window = "1m"', 'dedupe_window = "5m"'))
+    checked = _check(config, tmp_path)
+    assert checked.returncode == 0 and "replay" not in checked.stderr, checked.stderr
 
 
 DEEP = "[" * 2000

@@ -9,26 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.processes import ANY_PORT, clean_env, process, wait_for
+from tests.processes import SEND_TOKEN, clean_env, process, sender_config, wait_for
 
 pytestmark = pytest.mark.slow
 
-SEND_TOKEN = "send-token-0123456789abcdef"
-CONFIG = f"""
-[http]
-listen = "{{http}}"
-[smtp]
-listen = ""
-[store]
-path = "{{db}}"
-[tokens.sender]
-token = "{SEND_TOKEN}"
-scopes = ["send"]
-[routes.open]
-format = "generic"
-to = ["+12025550101"]
-public = true
-"""
 AT_ONCE = 16  # requests in flight from one client (under max_connections_per_client)
 # ~1 MiB (the default http.max_body_bytes) of empty lists: ~25 MB of objects parsed.
 PAD = b"[]," * 349_000 + b"[]"
@@ -66,9 +50,8 @@ def test_parsed_payloads_do_not_wait_for_the_store(
     objects) until its ingest was done: 30 such posts at once to a public route took the
     bridge from 95 MB to 850 MB, and `http.max_concurrency` (100) allowed some 2.5 GB.
     The payload is let go once the drafts are made, before the store is waited for."""
-    config = tmp_path / "bridge.toml"
-    config.write_text(CONFIG.format(http=ANY_PORT, db=tmp_path / "bridge.db"))
-    config.chmod(0o600)
+    # the payload's memory is measured here, not the refusal of its items
+    config = sender_config(tmp_path, "max_json_items = 0")
     log = tmp_path / "serve.log"
     with process(["serve", "--config", str(config)], tmp_path, clean_env(), log) as proc:
         url = proc.url()

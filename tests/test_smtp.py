@@ -1952,6 +1952,35 @@ async def test_an_overlong_auth_answer_is_refused_without_a_traceback(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_auth_mechanism_names_are_case_blind(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """RFC 4954 section 4: SASL mechanism names are case-insensitive. aiosmtpd looked
+    `plain` up as written and answered 504 "Unrecognized authentication type", so a
+    device that sends `auth plain ...` could not log in (and, with `require_auth`, not
+    send). Only the name is folded: the base64 answer after it is taken as sent."""
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(USERS))
+    plain = base64.b64encode(b"\0ups\0ups-pass-0123456789").decode()
+    user, password = (base64.b64encode(s).decode() for s in (b"nas", b"nas-pass-0123456789"))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+
+        def login(*commands: tuple[str, str]) -> list[int]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("tester")
+                codes = [client.docmd(*command)[0] for command in commands]
+                client.mail("ups@example.org")
+                return [*codes, client.rcpt(DEFAULT_RCPT)[0]]  # 550 for ups, 250 for nas
+
+        codes = [
+            await asyncio.to_thread(login, ("auth", f"plain {plain}")),
+            await asyncio.to_thread(login, ("Auth", f"Plain {plain}")),
+            await asyncio.to_thread(login, ("auth", "login"), (user, ""), (password, "")),
+            await asyncio.to_thread(login, ("AUTH", "lOgIn"), (user, ""), (password, "")),
+            await asyncio.to_thread(login, ("auth", f"  plain\t{plain}")),
+        ]
+    assert codes == [[235, 550], [235, 550], [334, 334, 235, 250], [334, 334, 235, 250], [235, 550]]
+
+
 async def test_a_user_a_reload_removes_texts_no_one_from_its_open_session(
     tmp_path, clock, sandbox_url
 ) -> None:

@@ -162,6 +162,41 @@ def unrestricted_sessions_warnings(config: Config) -> list[str]:
     ]
 
 
+def replayable_routes_warnings(config: Config) -> list[str]:
+    """Grafana routes that take a replayed signed request: a request captured on the way
+    (a proxy's log, a hop without TLS) passes again once the route's dedupe window is
+    over, its alert texted again as often as it is replayed.
+
+    Said, not refused: Grafana sends no timestamp unless its "Timestamp header" is set,
+    and a route that demands one refuses every call without it. check-config, `serve`
+    and each reload name the route and the settings that close it."""
+    return [
+        f"routes.{name}: {why}"
+        for name, route in sorted(config.routes.items())
+        if route.format == "grafana" and route.secret and (why := _replay_gap(config, name))
+    ]
+
+
+def _replay_gap(config: Config, name: str) -> str | None:
+    """Why the signed Grafana route `name` takes a replay, or None."""
+    route = config.routes[name]
+    if not route.timestamp_header:
+        return (
+            "signed without a timestamp, so a captured request is taken again (a replay)"
+            " once the route's dedupe window is over, its alert texted again; set Grafana's"
+            f' HMAC "Timestamp header" and routes.{name}.timestamp_header to one name,'
+            " e.g. X-Grafana-Alerting-Timestamp"
+        )
+    window = route.dedupe_window if route.dedupe_window >= 0 else config.dedupe.window
+    if window >= route.max_timestamp_skew:
+        return None
+    return (
+        f"a signed time up to max_timestamp_skew ({route.max_timestamp_skew:g}s) old is"
+        f" taken, but the dedupe window is {window:g}s: a request replayed between is"
+        f" texted again (a replay); set routes.{name}.dedupe_window to at least the skew"
+    )
+
+
 def protection_problems(config: Config) -> list[tuple[str, str]]:
     """What protected mode refuses in `config` (see `validate_protected`)."""
     problems: list[tuple[str, str]] = []

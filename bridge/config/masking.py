@@ -11,7 +11,11 @@ import tomllib
 from collections.abc import Mapping
 from typing import Any
 
-from bridge.config.exposure import plaintext_auth_warnings, unrestricted_sessions_warnings
+from bridge.config.exposure import (
+    plaintext_auth_warnings,
+    replayable_routes_warnings,
+    unrestricted_sessions_warnings,
+)
 from bridge.config.parsing import (
     CONFIG_FILE_MAX,
     config_dir,
@@ -186,8 +190,9 @@ def exposed_secrets(
     """Why files' modes expose secrets (`check-config`, `serve`, each SIGHUP): the config
     file's inline ones, a secret file it or the environment names (`SMS_BRIDGE_..._FILE`,
     read relative to the current directory as the loader reads it), or a listener's TLS
-    private key; SMTP passwords allowed in clear text on a listener beyond loopback; and
-    `smtp.user_recipients` that a client skipping AUTH escapes."""
+    private key; SMTP passwords allowed in clear text on a listener beyond loopback;
+    `smtp.user_recipients` that a client skipping AUTH escapes; and signed Grafana
+    routes that take a replayed request."""
     named = secret_env_files(env)
     named += [
         (f"{section}.tls_key", key)
@@ -208,4 +213,9 @@ def exposed_secrets(
             f"{path} is readable by every user and holds secrets ({', '.join(keys)}): "
             f"chmod 600 {path}, or move them to *_file keys",
         )
-    return warnings + plaintext_auth_warnings(config) + unrestricted_sessions_warnings(config)
+    return (
+        warnings
+        + plaintext_auth_warnings(config)
+        + unrestricted_sessions_warnings(config)
+        + replayable_routes_warnings(config)
+    )

@@ -18,6 +18,13 @@ DEFAULT_SMTP_LISTEN = "127.0.0.1:2525"
 DEFAULT_HTTP_LISTEN = "127.0.0.1:8080"
 DEFAULT_STORE_PATH = "sms-bridge.db"
 ONE_MIB = 1024 * 1024
+# `http.max_json_items`' default: the `,` `:` `[` `{` a JSON body may hold, counted before
+# it is parsed (bridge.ingress.http.bodies). The largest real payload seen (a GitHub
+# workflow_run) holds ~1,060, an Alertmanager group of 1,000 alerts ~37,000; real payloads
+# hold at most 0.08 a byte, ~84,000 in a megabyte. Parsing and checking cost up to ~0.3 us
+# an item: 100,000 hold the event loop ~30 ms at worst, where a megabyte of `[[],[],...]`
+# (700,000) held it 200 ms.
+MAX_JSON_ITEMS = 100_000
 ROUTE_FORMATS = ("alertmanager", "grafana", "github", "gitlab", "generic")
 SIGNED_FORMATS = ("grafana", "github", "gitlab")  # the formats that check routes.NAME.secret
 GROUP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
@@ -133,6 +140,8 @@ class BudgetConfig:
 class HttpConfig:
     listen: str = _opt(DEFAULT_HTTP_LISTEN)
     max_body_bytes: int = _opt(ONE_MIB)
+    # `,` `:` `[` `{` a JSON body may hold (each an item to parse); beyond: 413. 0 = no cap.
+    max_json_items: int = _opt(MAX_JSON_ITEMS)
     max_recipients: int = _opt(100)  # recipients one API or hook request may name; 0 = no cap
     max_concurrency: int = _opt(100)  # requests in flight; beyond: 503
     # open connections from one client (an IPv4 address or an IPv6 /64); beyond: 503.

@@ -257,6 +257,8 @@ def _validate_recipients(config: Config, problem: Problem) -> None:
             )
     if config.http.max_recipients < 0:
         problem("http.max_recipients", "must be 0 (no cap) or more")
+    if config.http.max_json_items < 0:
+        problem("http.max_json_items", "must be 0 (no cap) or more")
     for index, sender_id in enumerate(config.provider.allowed_sender_ids):
         if not valid_sender_id(sender_id):
             problem(f"provider.allowed_sender_ids[{index}]", SENDER_ID_RULE)

@@ -322,12 +322,17 @@ class LimitedSMTP(SMTP):
         """aiosmtpd's AUTH, refused inside a mail transaction (RFC 4954 section 4: 503).
         aiosmtpd took it: recipients accepted for an anonymous session were then sent
         as the user who logged in after them, whom the RCPTs were never checked for
-        (`smtp.user_recipients`), and DATA answered a misleading 451."""
+        (`smtp.user_recipients`), and DATA answered a misleading 451.
+
+        The mechanism's name is folded to upper case (RFC 4954 section 4: SASL names
+        are case-insensitive): aiosmtpd looked `auth plain` up as written, a 504. The
+        initial response after it is base64, taken as sent."""
         envelope = getattr(self, "envelope", None)
         if envelope is not None and envelope.mail_from is not None:
             await self.push("503 5.5.1 AUTH not permitted during a mail transaction")
             return
-        await super().smtp_AUTH(arg)
+        words = (arg or "").split(None, 1)  # as aiosmtpd splits it: any white space
+        await super().smtp_AUTH(" ".join([words[0].upper(), *words[1:]]) if words else "")
 
     async def challenge_auth(self, *args: Any, **kwargs: Any) -> Any:
         """aiosmtpd's AUTH challenge, its answer over the line limit refused as RFC 4954

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bridge.clock import Clock, zone
-from bridge.config import LiveConfig
+from bridge.config import HttpConfig, LiveConfig
 from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.firewall import cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
@@ -78,8 +78,9 @@ RETRY_AFTER = 5  # seconds a 503 "retry later" asks for (a busy or unreachable s
 MAX_TEXT_CHARS = 5000
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    return parse_json(await read_body(request, max_bytes))
+async def read_json(request: Request, http: HttpConfig) -> Any:
+    """The JSON body, bounded in bytes (`http.max_body_bytes`) and items (`max_json_items`)."""
+    return parse_json(await read_body(request, http.max_body_bytes), http.max_json_items)
 
 
 def _string(
@@ -220,7 +221,7 @@ def create_app(
 
     async def post_message(request: Request) -> Response:
         config, resolver = live.current, live.recipients  # both before the first await
-        body = await read_json(request, config.http.max_body_bytes)
+        body = await read_json(request, config.http)
         if not isinstance(body, dict):
             raise HttpError(400, "body must be a JSON object", "body")
         targets = recipients_field(body.get("to"))
@@ -314,7 +315,7 @@ def create_app(
         """`POST /api/v1/messages/cancel`: every waiting message a filter selects (the
         console's "Cancel all", the same store operation: bridge.ingress.http.bulk)."""
         config = live.current
-        body = await read_json(request, config.http.max_body_bytes)
+        body = await read_json(request, config.http)
         wanted = await read_waiting(body, config.routes, store)
         who = api_actor(request)
         done = await cancel_waiting(store, wanted, clock.now, by=who)

@@ -260,7 +260,10 @@ def hook_endpoint(
             route=route,
             headers=request.headers,
             body=body,
-            payload=parse_json(_form_json(body, form_field) if form and form_field else body),
+            payload=parse_json(
+                _form_json(body, form_field) if form and form_field else body,
+                config.http.max_json_items,
+            ),
             query=request.query_params,
         )
         try:

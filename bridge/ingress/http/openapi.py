@@ -231,7 +231,8 @@ def _errors(*codes: int) -> dict[str, dict[str, Any]]:
         404: "no such route or message",
         409: "the message's state does not allow it: the error says which state (also as"
         " `state`) and what can be done instead",
-        413: "body too large",
+        413: "body too large: more bytes than http.max_body_bytes, or more JSON items than"
+        " http.max_json_items",
         415: "not JSON",
         503: "not stored (store, overload, or phone metadata that fails on a recipient): retry",
     }

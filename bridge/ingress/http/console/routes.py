@@ -224,7 +224,7 @@ def preview(
         result.error = f"payload larger than {MAX_PREVIEW_BYTES} bytes"
         return result
     try:  # the webhook's own reading: same depth and surrogate limits, same words
-        data = parse_json(body)
+        data = parse_json(body, config.http.max_json_items)
     except HttpError as exc:
         result.error = exc.message
         return result
