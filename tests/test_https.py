@@ -80,8 +80,9 @@ def test_https_connections_count_and_time_out_before_their_handshake(
     only once a handshake was done: a client that connected and sent nothing was held
     for asyncio's 60 s handshake timeout, past `http.max_connections_per_client` and
     `http.header_timeout`, as many times as it liked (300 from one address held 300
-    file descriptors). Now the fifth silent connection from one client is closed at
-    once, the four others at the header timeout; another client is served meanwhile,
+    file descriptors). Now a fifth connection from one client (three silent, one served
+    and kept alive) is closed at once, the silent ones at the header timeout, on uvloop
+    and on asyncio's own loop; another client is served meanwhile,
     and the console still knows it is on HTTPS (its cookie is `Secure`)."""
     ca = trustme.CA()
     issued = ca.issue_cert("localhost", "127.0.0.1")
@@ -108,9 +109,10 @@ def test_https_connections_count_and_time_out_before_their_handshake(
         # The fourth from that client, handshake done: counted once, not twice.
         with httpx.Client(verify=trusting) as client:
             assert client.get(f"https://127.0.0.1:{port}/healthz").status_code == 200
-        held.append(_silent(port, "127.0.0.1"))
-        over = _silent(port, "127.0.0.1")
-        assert _closed_within(over, 1.0), "a fifth connection from one client was held"
+            # While it is kept alive (closed, it is counted out only once the bridge has
+            # read its end, which may come after the next connection's accept).
+            over = _silent(port, "127.0.0.1")
+            assert _closed_within(over, 1.0), "a fifth connection from one client was held"
         other = httpx.HTTPTransport(verify=trusting, local_address="127.0.0.2")
         with httpx.Client(transport=other, base_url=f"https://127.0.0.1:{port}") as client:
             assert client.get("/healthz").json() == {"status": "ok"}

@@ -81,6 +81,7 @@ class TlsListener:
     def __init__(
         self, sock: socket.socket, admit: Callable[[str], Handshake | None], name: str
     ) -> None:
+        sock.setblocking(False)  # as asyncio's server does: `sock_accept` must never block
         self._sock = sock
         self._admit = admit
         self._name = name
