@@ -33,7 +33,12 @@ def client_address(host: str) -> Address | None:
 
 def transport_host(transport: asyncio.BaseTransport) -> str:
     """The client's address, as the socket of `transport` gives it."""
-    peer = transport.get_extra_info("peername")
+    return host_of_peer(transport.get_extra_info("peername"))
+
+
+def host_of_peer(peer: object) -> str:
+    """The host of a socket's peer address (`accept`, `getpeername`): an (address, port,
+    ...) tuple, or a path (a Unix socket) as it is."""
     return str(peer[0]) if isinstance(peer, tuple | list) and peer else str(peer)
 
 

@@ -53,8 +53,8 @@ from bridge.delivery.dispatcher import Dispatcher
 from bridge.delivery.poller import StatusPoller
 from bridge.errors import ConfigError, InputError
 from bridge.ingress.formats import template_problems
-from bridge.ingress.http.handshake import tls_gate
-from bridge.ingress.http.limits import limited_protocol
+from bridge.ingress.http.handshake import HttpsServer
+from bridge.ingress.http.limits import LimitedHttpProtocol, limited_protocol
 from bridge.ingress.ingest import Ingestor
 from bridge.ingress.smtp import SmtpHandler, TlsFiles, read_tls, start_smtp
 from bridge.loops import LoopHealth, run_steps
@@ -86,6 +86,10 @@ class QuietServer(uvicorn.Server):
         yield
 
 
+class QuietHttpsServer(HttpsServer, QuietServer):
+    """The same, with HTTPS connections admitted from their first byte (`HttpsServer`)."""
+
+
 def uvicorn_server(
     app: Starlette,
     *,
@@ -95,36 +99,33 @@ def uvicorn_server(
 ) -> QuietServer:
     """The one place uvicorn is configured. With `live`, under the `[http]` limits, read
     per connection (bridge.ingress.http.limits); proxies and TLS from `http` (default: the live
-    config's at start; neither without both)."""
+    config's at start; neither without both). The server is then given its sockets."""
     http = http or (live.current.http if live is not None else HttpConfig())
-    protocol: type[asyncio.Protocol] | str = "auto"
-    uvicorn_tls = bool(http.tls_cert)  # TLS by asyncio's server, as uvicorn sets it up
-    if live is not None:
-        protocol = limited_protocol(live)
-        if http.tls_cert:
-            # TLS layered by the bridge's gate instead: a connection is then under the
-            # [http] limits from its first byte (bridge.ingress.http.handshake says why).
-            protocol = tls_gate(protocol, https_context(http.tls_cert, http.tls_key))
-            uvicorn_tls = False
-    return QuietServer(
-        uvicorn.Config(
-            app,
-            log_config=None,
-            access_log=False,
-            lifespan=lifespan,
-            timeout_graceful_shutdown=SHUTDOWN_GRACE,
-            http=protocol,
-            # uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise, which
-            # would let any local process (or a loopback caller) pick its client address
-            # and pass a route's allowed_networks: only http.trusted_proxies are believed.
-            proxy_headers=bool(http.trusted_proxies),
-            # uvicorn matches the peer as the socket gives it: on a dual-stack listener an
-            # IPv4 proxy is ::ffff:a.b.c.d, so each IPv4 network goes with its mapped form.
-            forwarded_allow_ips=with_mapped(http.trusted_proxies),
-            ssl_certfile=http.tls_cert if uvicorn_tls else None,
-            ssl_keyfile=(http.tls_key or None) if uvicorn_tls else None,
-        )
+    protocol: type[LimitedHttpProtocol] | None = None if live is None else limited_protocol(live)
+    # TLS by uvicorn (asyncio's server) only without the limits: with them the bridge's
+    # own TLS listener, so that a connection is under them from its first byte
+    # (bridge.ingress.http.handshake says why).
+    uvicorn_tls = bool(http.tls_cert) and protocol is None
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan=lifespan,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE,
+        http=protocol or "auto",
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise, which
+        # would let any local process (or a loopback caller) pick its client address
+        # and pass a route's allowed_networks: only http.trusted_proxies are believed.
+        proxy_headers=bool(http.trusted_proxies),
+        # uvicorn matches the peer as the socket gives it: on a dual-stack listener an
+        # IPv4 proxy is ::ffff:a.b.c.d, so each IPv4 network goes with its mapped form.
+        forwarded_allow_ips=with_mapped(http.trusted_proxies),
+        ssl_certfile=http.tls_cert if uvicorn_tls else None,
+        ssl_keyfile=(http.tls_key or None) if uvicorn_tls else None,
     )
+    if protocol is not None and http.tls_cert:
+        return QuietHttpsServer(config, protocol, https_context(http.tls_cert, http.tls_key))
+    return QuietServer(config)
 
 
 def https_context(cert: str, key: str) -> ssl.SSLContext:

@@ -1,11 +1,15 @@
 """The HTTPS listener (`http.tls_cert`) under the same connection limits as plain HTTP,
-through a real `serve` process: a connection counts and is timed from its first byte,
-not from the end of its TLS handshake."""
+through a real `serve` process and in this one, on uvloop and on asyncio's own loop: a
+connection counts and is timed from its first byte, not from the end of its TLS
+handshake."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
 import ssl
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +17,10 @@ import httpx
 import pytest
 import trustme
 
+from bridge.clock import ManualClock
+from tests.helpers import bridge_config, running_bridge
 from tests.processes import ANY_PORT, clean_env, process
+from tests.test_smtp import tls_files  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -54,13 +61,28 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
     return data == b"" and time.monotonic() - started < seconds
 
 
-def test_https_connections_count_and_time_out_before_their_handshake(tmp_path: Path) -> None:
+def _env(tmp_path: Path, loop_kind: str) -> dict[str, str]:
+    """`serve`'s environment: on uvloop (its loop where installed), or on asyncio's own
+    loop, uvloop made impossible to import."""
+    if loop_kind == "uvloop":
+        return clean_env()
+    shadow = tmp_path / "no-uvloop"
+    shadow.mkdir()
+    (shadow / "uvloop.py").write_text('raise ImportError("uvloop left out by the test")\n')
+    return clean_env(PYTHONPATH=os.pathsep.join([str(shadow), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_https_connections_count_and_time_out_before_their_handshake(
+    tmp_path: Path, loop_kind: str
+) -> None:
     """Behind asyncio's own TLS the HTTP protocol (and every limit of `[http]`) began
     only once a handshake was done: a client that connected and sent nothing was held
     for asyncio's 60 s handshake timeout, past `http.max_connections_per_client` and
     `http.header_timeout`, as many times as it liked (300 from one address held 300
-    file descriptors). Now the fifth silent connection from one client is closed at
-    once, the four others at the header timeout; another client is served meanwhile,
+    file descriptors). Now a fifth connection from one client (three silent, one served
+    and kept alive) is closed at once, the silent ones at the header timeout, on uvloop
+    and on asyncio's own loop; another client is served meanwhile,
     and the console still knows it is on HTTPS (its cookie is `Secure`)."""
     ca = trustme.CA()
     issued = ca.issue_cert("localhost", "127.0.0.1")
@@ -80,16 +102,17 @@ def test_https_connections_count_and_time_out_before_their_handshake(tmp_path: P
     trusting = ssl.create_default_context()
     ca.configure_trust(trusting)
     with process(
-        ["serve", "--config", str(config)], tmp_path, clean_env(), tmp_path / "log"
+        ["serve", "--config", str(config)], tmp_path, _env(tmp_path, loop_kind), tmp_path / "log"
     ) as proc:
         port = proc.port()
         held = [_silent(port, "127.0.0.1") for _ in range(3)]
         # The fourth from that client, handshake done: counted once, not twice.
         with httpx.Client(verify=trusting) as client:
             assert client.get(f"https://127.0.0.1:{port}/healthz").status_code == 200
-        held.append(_silent(port, "127.0.0.1"))
-        over = _silent(port, "127.0.0.1")
-        assert _closed_within(over, 1.0), "a fifth connection from one client was held"
+            # While it is kept alive (closed, it is counted out only once the bridge has
+            # read its end, which may come after the next connection's accept).
+            over = _silent(port, "127.0.0.1")
+            assert _closed_within(over, 1.0), "a fifth connection from one client was held"
         other = httpx.HTTPTransport(verify=trusting, local_address="127.0.0.2")
         with httpx.Client(transport=other, base_url=f"https://127.0.0.1:{port}") as client:
             assert client.get("/healthz").json() == {"status": "ok"}
@@ -103,3 +126,41 @@ def test_https_connections_count_and_time_out_before_their_handshake(tmp_path: P
         for sock in (*held, over):
             sock.close()
     assert "Traceback" not in (tmp_path / "log").read_text()
+
+
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_a_stop_cuts_the_https_handshakes_under_way(
+    tmp_path: Path,
+    sandbox_url: str,
+    tls_files: tuple[trustme.CA, str, str],  # noqa: F811 - the fixture imported above
+    loop_kind: str,
+) -> None:
+    """A connection still in its handshake when the bridge stops is closed with the
+    listener (it has said nothing, nothing is lost), not left open until its header
+    timeout, and the stop does not wait for it."""
+    import uvloop
+
+    _, cert, key = tls_files
+    config = bridge_config(
+        tmp_path,
+        sandbox_url,
+        f'[http]\ntls_cert = "{cert}"\ntls_key = "{key}"\nheader_timeout = "30s"\n',
+    )
+    seen: dict[str, object] = {}
+
+    async def scenario() -> None:
+        async with running_bridge(config, ManualClock()) as (_, url):
+            port = int(url.rsplit(":", 1)[1])
+            silent = await asyncio.to_thread(_silent, port, "127.0.0.1")
+            await asyncio.sleep(0.2)  # accepted, in its handshake
+            stopping = time.monotonic()
+        seen["stop"] = time.monotonic() - stopping
+        seen["closed"] = await asyncio.to_thread(_closed_within, silent, 5.0)
+        silent.close()
+
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    worker = threading.Thread(target=run, args=(scenario(),))
+    worker.start()
+    worker.join(60)
+    assert seen.get("closed") is True, (loop_kind, seen)
+    assert isinstance(seen["stop"], float) and seen["stop"] < 5.0, (loop_kind, seen)

@@ -10,78 +10,76 @@ timeout, each a file descriptor. Under systemd's default limit of 1,024 descript
 few hundred of those a minute left the bridge unable to accept an alert, a mail, or a
 connection to the provider.
 
-`TlsGate` is the protocol the listener makes instead: it counts the connection in the
-client's `per_client` at once (past the cap the socket is closed: no 503 can be told
-before TLS), bounds the handshake by `http.header_timeout`, and layers TLS as asyncio's
-server does (in `connection_made`, so no byte of the ClientHello reaches anything else).
-Once the handshake is done, the HTTP protocol takes the count over (`handed_over`), as
-the SMTP implicit-TLS listener's gate does (`bridge.ingress.smtplimits.TlsGate`).
+`HttpsServer` is uvicorn's server with its listening sockets served by the bridge's
+own TLS listener (`bridge.ingress.tlsaccept`, as the implicit-TLS SMTP listener's):
+each connection is counted in the client's `per_client` at once (past the cap the socket
+is closed: no 503 can be told before TLS), its handshake bounded by
+`http.header_timeout`; once the handshake is done the HTTP protocol takes the count
+over (`handed_over`). uvicorn is asked to serve no socket of its own (`sockets=[]`):
+it still runs the lifespan, the connections' shutdown and its main loop, and makes the
+protocol as it would (`config.http_protocol_class` with its server state).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
+import socket
 import ssl
-from asyncio import sslproto
-from typing import Any, ClassVar
 
-from bridge.addresses import transport_host
+import uvicorn
+
 from bridge.ingress.http.limits import LimitedHttpProtocol
+from bridge.ingress.tlsaccept import Handshake, TlsListener
 
-log = logging.getLogger(__name__)
+
+class HttpsHandshake(Handshake):
+    """A connection counted in `per_client` as `key` until the HTTP protocol counts it."""
+
+    def __init__(self, inner: type[LimitedHttpProtocol], key: str | None) -> None:
+        super().__init__()
+        self._inner = inner
+        self._key = key  # its key in `inner.per_client` while counted (None: not counted)
+
+    def release(self) -> None:
+        if self._key is not None:
+            self._inner.release(self._key)
+            self._key = None
 
 
-class TlsGate(asyncio.Protocol):
-    """A connection to the HTTPS listener until its TLS handshake is done; `inner` (the
-    HTTP protocol) and `context` are set per server (`tls_gate`). uvicorn makes one per
-    connection with the HTTP protocol's own arguments, which are handed on."""
+class HttpsServer(uvicorn.Server):
+    """uvicorn serving HTTP (`inner`, the limited protocol) behind TLS with `context` on
+    the sockets `serve` is given, each connection admitted from its first byte."""
 
-    inner: ClassVar[type[LimitedHttpProtocol]]
-    context: ClassVar[ssl.SSLContext]
+    def __init__(
+        self, config: uvicorn.Config, inner: type[LimitedHttpProtocol], context: ssl.SSLContext
+    ) -> None:
+        super().__init__(config)
+        self._inner = inner
+        self._context = context
+        self._listeners: list[TlsListener] = []
 
-    def __init__(self, **arguments: Any) -> None:
-        self._arguments = arguments
-        self._counted_as: str | None = None  # its key in `inner.per_client` while counted
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        limits = self.inner.live.current.http
-        self._counted_as, refusal = self.inner.admit(transport_host(transport), limits)
-        if refusal is not None:
-            transport.close()
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if sockets is None:  # the bridge binds its sockets itself (a taken port: config error)
+            raise ValueError("HttpsServer serves the sockets it is given only")
+        await super().startup(sockets=[])  # lifespan and `started`; no socket of uvicorn's
+        if not self.started:
             return
-        loop = asyncio.get_running_loop()
-        protocol = self.inner(**self._arguments)
-        protocol.handed_over = self._release
-        handshake = loop.create_future()
-        handshake.add_done_callback(self._handshake_done)
-        tls = sslproto.SSLProtocol(
-            loop,
-            protocol,
-            self.context,
-            handshake,
-            server_side=True,
-            # seconds (above 0, validated); typeshed says int, asyncio takes a float
-            ssl_handshake_timeout=limits.header_timeout,  # type: ignore[arg-type]
+        self._listeners = [TlsListener(sock, self._admit, "HTTPS") for sock in sockets]
+
+    def _admit(self, host: str) -> Handshake | None:
+        limits = self._inner.live.current.http
+        key, refusal = self._inner.admit(host, limits)  # a refusal is logged there
+        if refusal is not None:
+            return None
+        protocol = self._inner(  # as uvicorn's own `create_protocol`
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state
         )
-        transport.set_protocol(tls)
-        tls.connection_made(transport)
+        handshake = HttpsHandshake(self._inner, key)
+        protocol.handed_over = handshake.release
+        return handshake.layer(protocol, self._context, limits.header_timeout)
 
-    def _handshake_done(self, handshake: asyncio.Future[None]) -> None:
-        exc = None if handshake.cancelled() else handshake.exception()
-        if exc is not None:  # the client went, was too slow, or spoke no TLS: closed
-            log.debug("HTTPS handshake failed: %s", exc)
-        self._release()
-
-    def _release(self) -> None:
-        if self._counted_as is not None:
-            self.inner.release(self._counted_as)
-            self._counted_as = None
-
-    def connection_lost(self, exc: Exception | None) -> None:  # refused: never handed on
-        self._release()
-
-
-def tls_gate(inner: type[LimitedHttpProtocol], context: ssl.SSLContext) -> type[TlsGate]:
-    """The protocol class for one HTTPS server: `inner` behind TLS with `context`."""
-    return type("TlsGate", (TlsGate,), {"inner": inner, "context": context})
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for listener in self._listeners:  # no new connection; handshakes under way cut
+            listener.close()
+        await super().shutdown(sockets=sockets)
+        for listener in self._listeners:
+            await listener.wait_closed()

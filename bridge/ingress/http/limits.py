@@ -125,7 +125,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self.body_due: float | None = None  # loop time the body must be in by
         self.deadline_timer: asyncio.TimerHandle | None = None
         self.counted_as: str | None = None  # the key in `per_client` while counted
-        # Set by a TlsGate (bridge.ingress.http.handshake): its count of this connection
+        # Set over HTTPS (bridge.ingress.http.handshake): its count of this connection
         # during the handshake, released as this one counts itself.
         self.handed_over: Callable[[], None] | None = None
         self.admitted: list[Any] = []  # this connection's requests in `in_flight`
@@ -154,7 +154,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             del cls.per_client[key]
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if self.handed_over is not None:  # the TLS gate's count: this one counts itself now
+        if self.handed_over is not None:  # the TLS listener's count: this one counts itself now
             self.handed_over()
         super().connection_made(transport)
         self.counted_as, refusal = self.admit(
