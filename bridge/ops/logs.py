@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TypeAlias
 
+from bridge.text import BIDI_CODES
+
 # A one-character secret would turn every line into stars and show, by where the stars
 # fall, what it is; such a "secret" protects nothing anyway. Two characters and up are
 # masked even if that garbles some words: a garbled line is a nuisance, a leaked
@@ -68,7 +70,15 @@ def mask(text: str, secrets: Iterable[str]) -> str:
 # a request path, a provider's answer): written raw, a line break in it would start a
 # line that looks like the bridge's own, and an escape sequence (ESC, the 8-bit CSI)
 # would run in the terminal of whoever reads the log (`docker logs`, `tail -f`).
-_CONTROLS = (*map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0)), "\u2028", "\u2029")
+#
+# The explicit bidi controls (bridge.text.BIDI_CODES: LRE RLE PDF LRO RLO, LRI RLI FSI
+# PDI) likewise: a terminal that reorders text drew the rest of a line quoting a
+# caller's words (a route's refusal, a mail header) in another order than it was
+# written ("Trojan Source"), so the line read otherwise than the bridge wrote it. The
+# implicit marks (LRM, RLM, ALM) stay raw, as bridge.text keeps them in texts: they
+# reorder no letter, and right-to-left names need them.
+_BIDI = tuple(map(chr, BIDI_CODES))
+_CONTROLS = (*map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0)), "\u2028", "\u2029", *_BIDI)
 _LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in _CONTROLS if c != "\t"})
 # Starts every line a record writes after its first (traceback, stack): no such line
 # can pass for a record of its own, which starts with the time. Leading white space is
@@ -130,7 +140,8 @@ class LineFormatter(logging.Formatter):
         return "\n".join([first, *(f"{CONTINUATION}{line}".rstrip(" ") for line in rest)])
 
 
-_JSON_C1 = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
+# json escapes C0 itself; DEL, C1 and the explicit bidi controls it leaves raw.
+_JSON_RAW = {c: f"\\u{c:04x}" for c in (*range(0x7F, 0xA0), *BIDI_CODES)}
 
 
 class JsonFormatter(logging.Formatter):
@@ -148,8 +159,7 @@ class JsonFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             out["exception"] = record.exc_text
-        # json escapes C0 itself; DEL and C1 it leaves raw.
-        return json.dumps(out, ensure_ascii=False).translate(_JSON_C1)
+        return json.dumps(out, ensure_ascii=False).translate(_JSON_RAW)
 
 
 def setup_logging(level: str = "info", fmt: str = "human", secrets: Iterable[str] = ()) -> None:
