@@ -1221,6 +1221,31 @@ async def test_a_previews_refusal_is_masked_as_the_log_is(
     assert "***" in line and ADMIN not in line  # the payload's own box shows it as pasted
 
 
+async def test_a_routes_last_answer_is_masked_before_it_is_cut(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The route page's last call shows what the sender was told, which may quote its
+    payload (here a recipient as written): a secret of this config pasted there is
+    masked, as in the preview. Masked before the cut to 200 characters: cut first, a
+    token across the cut kept its first characters, and neither part was a whole secret
+    for the mask to find."""
+    config = bridge_config(tmp_path, sandbox_url, PAYLOAD_RECIPIENTS_ROUTE)
+    recipient = "a" * 167 + ADMIN  # quoted after "to[0]: no group named '" (23 characters)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        hook = await http.post(
+            "/hooks/anyjson",
+            json={"to": recipient, "message": "disk full"},
+            headers={"authorization": f"Bearer {ROUTE_TOKEN}"},
+        )
+        told = hook.json()["error"]  # the sender's own words, unmasked: its own to see
+        assert hook.status_code == 400 and told.index(ADMIN) < 200 < told.index(ADMIN) + len(ADMIN)
+        await sign_in(http, READER)
+        shown = (await http.get("/ui/routes/anyjson.json")).json()["last_call"]["answer"]
+        page = (await http.get("/ui/routes")).text
+    assert shown == told.replace(ADMIN, "***")[:200] and shown.endswith("a***' in [g"), shown
+    assert ADMIN[:4] not in shown and ADMIN[:4] not in page
+
+
 async def test_a_previews_ignored_line_is_masked_as_its_refusal_is(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:
