@@ -675,6 +675,28 @@ def test_a_bidi_override_sent_in_a_mail_header_is_escaped_in_the_log(tmp_path, f
         assert "(Auto-Submitted: auto-replied\\u202ex\\u2067y\u200fhuman)" in line, ascii(line)
 
 
+def test_a_secret_across_the_cut_of_a_past_schedule_is_masked_whole_in_the_log(tmp_path) -> None:
+    """A mail whose X-SMS-Schedule has passed is sent now, its header quoted in the log
+    cut to 40 characters. Fraction digits are any number, so the header can carry a
+    secret of digits (here a token): cut first, the log's mask met only its first part,
+    and wrote it. Masked before the cut, the token is `***` whole."""
+    token = "90817263544536271809"  # a configured secret of digits alone
+    path, log = tmp_path / "bridge.toml", tmp_path / "serve.log"
+    tokens = f'[tokens.ops]\ntoken = "{token}"\nscopes = ["read"]\n'
+    path.write_text(_config(str(tmp_path / "bridge.db"), tokens))
+    header = "2020-01-01T00:00:00." + "1" * 15 + token  # the token spans characters 36-55
+    mail = f"From: ups@example.org\r\nSubject: on battery\r\nX-SMS-Schedule: {header}\r\n\r\nx\r\n"
+    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
+        with smtplib.SMTP("127.0.0.1", proc.port("SMTP"), timeout=10) as smtp:
+            smtp.sendmail("ups@example.org", ["+12025550101@sms.localhost"], mail)
+        wait_for(lambda: "has passed" in log.read_text(), what="the log line")
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+    [line] = [line for line in log.read_text().splitlines() if "has passed" in line]
+    assert f"X-SMS-Schedule '{header.replace(token, '***')[:40]}' has passed" in line, line
+    assert token[:4] not in line, line
+
+
 # Fails on any alert (a label is text). A missing label's attribute no longer fails: it is
 # missing too, as the label itself is.
 BROKEN_TEMPLATE = "{{ alerts[0].labels.alertname + 1 }}"
