@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -12,13 +11,8 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TypeAlias
 
+from bridge.config.masking import mask_ordered, masked_first
 from bridge.text import BIDI_CODES
-
-# A one-character secret would turn every line into stars and show, by where the stars
-# fall, what it is; such a "secret" protects nothing anyway. Two characters and up are
-# masked even if that garbles some words: a garbled line is a nuisance, a leaked
-# password is not.
-MIN_MASKED_CHARS = 2
 
 
 class MaskingFilter(logging.Filter):
@@ -31,7 +25,7 @@ class MaskingFilter(logging.Filter):
 
     def update(self, secrets: Iterable[str]) -> None:
         """Mask these from now on (a reload may bring new ones)."""
-        self.secrets = list(_masked_first(frozenset(secrets)))
+        self.secrets = list(masked_first(frozenset(secrets)))
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
@@ -43,26 +37,7 @@ class MaskingFilter(logging.Filter):
         return True
 
     def mask(self, text: str) -> str:
-        return _replace(text, self.secrets)
-
-
-@functools.lru_cache(maxsize=16)  # one per config in force
-def _masked_first(secrets: frozenset[str]) -> tuple[str, ...]:
-    """The secrets worth masking, longest first: one that holds another goes whole."""
-    return tuple(sorted((s for s in secrets if len(s) >= MIN_MASKED_CHARS), key=len, reverse=True))
-
-
-def _replace(text: str, ordered: Iterable[str]) -> str:
-    for secret in ordered:
-        text = text.replace(secret, "***")
-    return text
-
-
-def mask(text: str, secrets: Iterable[str]) -> str:
-    """`text` as the log would show it: every secret `***`. For text that leaves the
-    bridge other than by the log (HTTP answers) and may quote what others wrote (a
-    provider's error, a database's)."""
-    return _replace(text, _masked_first(frozenset(secrets)))
+        return mask_ordered(text, self.secrets)
 
 
 # Every character str.splitlines breaks at, and every other control but tab (C0, DEL,
