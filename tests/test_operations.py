@@ -629,16 +629,20 @@ def _log_of_a_mail_auto_submitted(tmp_path: Path, encoded: str, fmt: str = "huma
     """serve's log (`fmt`) once a mail whose Auto-Submitted header is the encoded word
     `encoded` (q-encoding, utf-8) was stored: suppressed, the header's value in the log
     line."""
+    header = f"Auto-Submitted: =?utf-8?q?{encoded}?="
+    return _log_of_a_mail(tmp_path, header, f'[log]\nformat = "{fmt}"\n', "stored as suppressed")
+
+
+def _log_of_a_mail(tmp_path: Path, header: str, config: str, until: str) -> str:
+    """serve's log (`config` added to its own) once a mail with `header` was sent and a
+    line holding `until` written."""
     path, log = tmp_path / "bridge.toml", tmp_path / "serve.log"
-    path.write_text(_config(str(tmp_path / "bridge.db"), f'[log]\nformat = "{fmt}"\n'))
-    mail = (
-        "From: ups@example.org\r\nSubject: on battery\r\n"
-        f"Auto-Submitted: =?utf-8?q?{encoded}?=\r\n\r\nbody\r\n"
-    )
+    path.write_text(_config(str(tmp_path / "bridge.db"), config))
+    mail = f"From: ups@example.org\r\nSubject: on battery\r\n{header}\r\n\r\nbody\r\n"
     with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
         with smtplib.SMTP("127.0.0.1", proc.port("SMTP"), timeout=10) as smtp:
             smtp.sendmail("ups@example.org", ["+12025550101@sms.localhost"], mail)
-        wait_for(lambda: "stored as suppressed" in log.read_text(), what="the log line")
+        wait_for(lambda: until in log.read_text(), what="the log line")
         proc.terminate()
         assert proc.wait(timeout=15) == 0
     return log.read_text()
@@ -681,18 +685,10 @@ def test_a_secret_across_the_cut_of_a_past_schedule_is_masked_whole_in_the_log(t
     secret of digits (here a token): cut first, the log's mask met only its first part,
     and wrote it. Masked before the cut, the token is `***` whole."""
     token = "90817263544536271809"  # a configured secret of digits alone
-    path, log = tmp_path / "bridge.toml", tmp_path / "serve.log"
     tokens = f'[tokens.ops]\ntoken = "{token}"\nscopes = ["read"]\n'
-    path.write_text(_config(str(tmp_path / "bridge.db"), tokens))
     header = "2020-01-01T00:00:00." + "1" * 15 + token  # the token spans characters 36-55
-    mail = f"From: ups@example.org\r\nSubject: on battery\r\nX-SMS-Schedule: {header}\r\n\r\nx\r\n"
-    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
-        with smtplib.SMTP("127.0.0.1", proc.port("SMTP"), timeout=10) as smtp:
-            smtp.sendmail("ups@example.org", ["+12025550101@sms.localhost"], mail)
-        wait_for(lambda: "has passed" in log.read_text(), what="the log line")
-        proc.terminate()
-        assert proc.wait(timeout=15) == 0
-    [line] = [line for line in log.read_text().splitlines() if "has passed" in line]
+    text = _log_of_a_mail(tmp_path, f"X-SMS-Schedule: {header}", tokens, "has passed")
+    [line] = [line for line in text.splitlines() if "has passed" in line]
     assert f"X-SMS-Schedule '{header.replace(token, '***')[:40]}' has passed" in line, line
     assert token[:4] not in line, line
 

@@ -436,7 +436,11 @@ class SmtpHandler:
             return None, None
         now = self.ingestor.clock.now()
         when = parse_schedule_time(
-            mail.schedule, now=float("-inf"), tz=zone(self.provider.timezone), field=MAIL_HEADER
+            mail.schedule,
+            now=float("-inf"),
+            tz=zone(self.provider.timezone),
+            field=MAIL_HEADER,
+            secrets=self.secrets,
         )
         epoch = scheduled_epoch(when)
         if epoch is not None and epoch <= now:

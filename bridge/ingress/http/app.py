@@ -246,7 +246,10 @@ def create_app(
                     token=token_name(caller),
                     dedupe_key=dedupe_key,
                     schedule_time=parse_schedule_time(
-                        schedule, now=clock.now(), tz=zone(config.provider.timezone)
+                        schedule,
+                        now=clock.now(),
+                        tz=zone(config.provider.timezone),
+                        secrets=live.secrets,
                     )
                     if schedule
                     else None,
