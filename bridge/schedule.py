@@ -20,8 +20,10 @@ at their time without `schedule_time`:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, tzinfo
 
+from bridge.config.masking import mask
 from bridge.errors import InputError
 
 STORED_FORMAT = "%Y-%m-%d %H:%M:%S"  # UTC in the store; the provider's format too
@@ -29,8 +31,11 @@ FIELD = "schedule_time"
 MAIL_HEADER = "X-SMS-Schedule"
 
 
-def parse_schedule_time(value: str, *, now: float, tz: tzinfo, field: str = FIELD) -> str:
-    """The sender's time -> UTC `Y-m-d H:M:S`; InputError when unreadable or past."""
+def parse_schedule_time(
+    value: str, *, now: float, tz: tzinfo, field: str = FIELD, secrets: Iterable[str] = ()
+) -> str:
+    """The sender's time -> UTC `Y-m-d H:M:S`; InputError when unreadable or past, which
+    quotes the value with `secrets` (the config's) masked."""
     text = value.strip()
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -41,23 +46,26 @@ def parse_schedule_time(value: str, *, now: float, tz: tzinfo, field: str = FIEL
     if when.tzinfo is None:
         when = when.replace(tzinfo=tz)
     if when.timestamp() <= now:
-        raise InputError(field, f"{_shown(text)} is in the past; leave it out to send now")
+        raise InputError(field, f"{_shown(text, secrets)} is in the past; leave it out to send now")
     try:
         stored = when.astimezone(UTC)
         # As `for_provider` will write it: a time past year 9999 there raised in the
         # dispatcher, long after the sender was told "stored", and ended it.
         datetime.fromtimestamp(when.timestamp(), tz)
     except (OverflowError, ValueError) as exc:
-        raise InputError(field, f"{_shown(text)} is beyond the year 9999") from exc
+        raise InputError(field, f"{_shown(text, secrets)} is beyond the year 9999") from exc
     return stored.strftime(STORED_FORMAT)
 
 
 SHOWN_CHARS = 40  # of a refused value echoed back: enough to recognise, never a payload
 
 
-def _shown(text: str) -> str:
-    """`text` quoted for an error, cut: fromisoformat takes any number of fraction
-    digits, and a 400 echoing a whole megabyte helps nobody."""
+def _shown(text: str, secrets: Iterable[str]) -> str:
+    """`text` quoted for an error, masked, then cut: fromisoformat takes any number of
+    fraction digits, and a 400 echoing a whole megabyte helps nobody. Masked first: the
+    error reaches the log and the console's route page, which mask what the cut left,
+    and a secret of digits across the cut kept its first part."""
+    text = mask(text, secrets)
     return repr(text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "...")
 
 

@@ -54,7 +54,9 @@ _CONTROLS = "\x00-\x09\x0b-\x1f\x7f-\x9f"
 BIDI_CONTROLS = "\u202a-\u202e\u2066-\u2069"
 _HAS_CONTROL = re.compile(f"[{_CONTROLS}{BIDI_CONTROLS}]")
 _HAS_BIDI = re.compile(f"[{BIDI_CONTROLS}]")
-_BIDI_TABLE = dict.fromkeys([*range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+# The same characters one by one: what the log escapes (bridge.ops.logs).
+BIDI_CODES = (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_BIDI_TABLE = dict.fromkeys(BIDI_CODES)
 # What stands for a control character in an SMS: a line break for those that end a line
 # (CR, NEL), a space for those that separate (tabs, form feed, the information
 # separators), nothing for the rest (BEL, ESC, NUL, backspace: noise, or a terminal's

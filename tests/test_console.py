@@ -1221,6 +1221,60 @@ async def test_a_previews_refusal_is_masked_as_the_log_is(
     assert "***" in line and ADMIN not in line  # the payload's own box shows it as pasted
 
 
+async def test_a_routes_last_answer_is_masked_before_it_is_cut(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """The route page's last call shows what the sender was told, which may quote its
+    payload (here a recipient as written): a secret of this config pasted there is
+    masked, as in the preview. Masked before the cut to 200 characters: cut first, a
+    token across the cut kept its first characters, and neither part was a whole secret
+    for the mask to find."""
+    config = bridge_config(tmp_path, sandbox_url, PAYLOAD_RECIPIENTS_ROUTE)
+    recipient = "a" * 167 + ADMIN  # quoted after "to[0]: no group named '" (23 characters)
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        hook = await http.post(
+            "/hooks/anyjson",
+            json={"to": recipient, "message": "disk full"},
+            headers={"authorization": f"Bearer {ROUTE_TOKEN}"},
+        )
+        told = hook.json()["error"]  # the sender's own words, unmasked: its own to see
+        assert hook.status_code == 400 and told.index(ADMIN) < 200 < told.index(ADMIN) + len(ADMIN)
+        await sign_in(http, READER)
+        shown = (await http.get("/ui/routes/anyjson.json")).json()["last_call"]["answer"]
+        page = (await http.get("/ui/routes")).text
+    assert shown == told.replace(ADMIN, "***")[:200] and shown.endswith("a***' in [g"), shown
+    assert ADMIN[:4] not in shown and ADMIN[:4] not in page
+
+
+async def test_a_past_schedule_time_is_masked_before_its_echo_is_cut(
+    tmp_path, sandbox_url: str, clock: ManualClock
+) -> None:
+    """A past `schedule_time` is refused quoting it, cut to 40 characters; its fraction
+    digits are any number, so it can carry a secret of digits (here a token). Cut before
+    any mask, the route page's last answer kept the token's first part, which neither
+    the page's mask nor the log's could then find."""
+    digits = "908172635445362718091234"  # a configured secret of digits alone
+    config = bridge_config(
+        tmp_path,
+        sandbox_url,
+        f'{PAYLOAD_RECIPIENTS_ROUTE}[tokens.digits]\ntoken = "{digits}"\nscopes = ["read"]\n',
+    )
+    past = "2020-01-01T00:00:00." + "1" * 15 + digits  # the token spans characters 36-59
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient(base_url=url) as http:
+        hook = await http.post(
+            "/hooks/anyjson",
+            params={"schedule_time": past},
+            json={"to": "+12025550143", "message": "disk full"},
+            headers={"authorization": f"Bearer {ROUTE_TOKEN}"},
+        )
+        await sign_in(http, READER)
+        shown = (await http.get("/ui/routes/anyjson.json")).json()["last_call"]["answer"]
+    assert hook.status_code == 400 and "is in the past" in hook.json()["error"], hook.text
+    # Masked first, what is left is short enough to quote whole.
+    assert shown.startswith(f"schedule_time: '{past.replace(digits, '***')}' is in"), shown
+    assert digits[:4] not in shown and digits[:4] not in hook.text
+
+
 async def test_a_previews_ignored_line_is_masked_as_its_refusal_is(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:

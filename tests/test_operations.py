@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import smtplib
@@ -624,19 +625,24 @@ def test_a_line_break_sent_in_a_mail_header_cannot_forge_a_log_line(tmp_path) ->
     assert not any(line.startswith(forged.split(",")[0]) for line in text.splitlines())
 
 
-def _log_of_a_mail_auto_submitted(tmp_path: Path, encoded: str) -> str:
-    """serve's log once a mail whose Auto-Submitted header is the encoded word `encoded`
-    (q-encoding, utf-8) was stored: suppressed, the header's value in the log line."""
+def _log_of_a_mail_auto_submitted(tmp_path: Path, encoded: str, fmt: str = "human") -> str:
+    """serve's log (`fmt`) once a mail whose Auto-Submitted header is the encoded word
+    `encoded` (q-encoding, utf-8) was stored: suppressed, the header's value in the log
+    line."""
+    header = f"Auto-Submitted: =?utf-8?q?{encoded}?="
+    return _log_of_a_mail(tmp_path, header, f'[log]\nformat = "{fmt}"\n', "stored as suppressed")
+
+
+def _log_of_a_mail(tmp_path: Path, header: str, config: str, until: str) -> str:
+    """serve's log (`config` added to its own) once a mail with `header` was sent and a
+    line holding `until` written."""
     path, log = tmp_path / "bridge.toml", tmp_path / "serve.log"
-    path.write_text(_config(str(tmp_path / "bridge.db"), ""))
-    mail = (
-        "From: ups@example.org\r\nSubject: on battery\r\n"
-        f"Auto-Submitted: =?utf-8?q?{encoded}?=\r\n\r\nbody\r\n"
-    )
+    path.write_text(_config(str(tmp_path / "bridge.db"), config))
+    mail = f"From: ups@example.org\r\nSubject: on battery\r\n{header}\r\n\r\nbody\r\n"
     with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
         with smtplib.SMTP("127.0.0.1", proc.port("SMTP"), timeout=10) as smtp:
             smtp.sendmail("ups@example.org", ["+12025550101@sms.localhost"], mail)
-        wait_for(lambda: "stored as suppressed" in log.read_text(), what="the log line")
+        wait_for(lambda: until in log.read_text(), what="the log line")
         proc.terminate()
         assert proc.wait(timeout=15) == 0
     return log.read_text()
@@ -653,6 +659,38 @@ def test_an_escape_sequence_sent_in_a_mail_header_is_not_written_to_the_log_raw(
     [line] = [line for line in text.splitlines() if "stored as suppressed" in line]
     # ESC [2J and the 8-bit CSI's [8m taken out whole by the mail's decoding
     assert "(Auto-Submitted: auto-replied)" in line, line
+
+
+@pytest.mark.parametrize("fmt", ["human", "json"])
+def test_a_bidi_override_sent_in_a_mail_header_is_escaped_in_the_log(tmp_path, fmt) -> None:
+    """The same header, carrying RLO (U+202E) and RLI (U+2067): written raw, a terminal
+    drew the rest of the line reversed, and `tail -f` showed another reason than the
+    bridge wrote ("Trojan Source"). Escaped as the C0 and C1 controls are, in both
+    formats; an RLM (U+200F), which reorders no letter, stays as written."""
+    text = _log_of_a_mail_auto_submitted(
+        tmp_path, f"auto-replied=E2=80=AEx=E2=81=A7y=E2=80=8F{fmt}", fmt
+    )
+    assert "\u202e" not in text and "\u2067" not in text, ascii(text)
+    [line] = [line for line in text.splitlines() if "stored as suppressed" in line]
+    if fmt == "json":  # escaped in the JSON: read back, the message is as the sender wrote it
+        assert "auto-replied\\u202ex\\u2067y\u200fjson" in line, ascii(line)
+        assert "auto-replied\u202ex\u2067y\u200fjson" in json.loads(line)["message"]
+    else:
+        assert "(Auto-Submitted: auto-replied\\u202ex\\u2067y\u200fhuman)" in line, ascii(line)
+
+
+def test_a_secret_across_the_cut_of_a_past_schedule_is_masked_whole_in_the_log(tmp_path) -> None:
+    """A mail whose X-SMS-Schedule has passed is sent now, its header quoted in the log
+    cut to 40 characters. Fraction digits are any number, so the header can carry a
+    secret of digits (here a token): cut first, the log's mask met only its first part,
+    and wrote it. Masked before the cut, the token is `***` whole."""
+    token = "90817263544536271809"  # a configured secret of digits alone
+    tokens = f'[tokens.ops]\ntoken = "{token}"\nscopes = ["read"]\n'
+    header = "2020-01-01T00:00:00." + "1" * 15 + token  # the token spans characters 36-55
+    text = _log_of_a_mail(tmp_path, f"X-SMS-Schedule: {header}", tokens, "has passed")
+    [line] = [line for line in text.splitlines() if "has passed" in line]
+    assert f"X-SMS-Schedule '{header.replace(token, '***')[:40]}' has passed" in line, line
+    assert token[:4] not in line, line
 
 
 # Fails on any alert (a label is text). A missing label's attribute no longer fails: it is

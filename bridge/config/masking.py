@@ -1,14 +1,17 @@
 """Secrets: every key marked `secret=True` is masked in output and logs, and found in
-files (inline or `*_file`) for the permission warnings; none is listed by hand.
+files (inline or `*_file`) for the permission warnings; none is listed by hand. And
+`mask`, which stars them in any text (the log's filter, HTTP answers, an echoed value):
+here, below every layer that quotes a sender's words, so each masks before it cuts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bridge.config.exposure import (
@@ -219,3 +222,30 @@ def exposed_secrets(
         + unrestricted_sessions_warnings(config)
         + replayable_routes_warnings(config)
     )
+
+
+# A one-character secret would turn every line into stars and show, by where the stars
+# fall, what it is; such a "secret" protects nothing anyway. Two characters and up are
+# masked even if that garbles some words: a garbled line is a nuisance, a leaked
+# password is not.
+MIN_MASKED_CHARS = 2
+
+
+@functools.lru_cache(maxsize=16)  # one per config in force
+def masked_first(secrets: frozenset[str]) -> tuple[str, ...]:
+    """The secrets worth masking, longest first: one that holds another goes whole."""
+    return tuple(sorted((s for s in secrets if len(s) >= MIN_MASKED_CHARS), key=len, reverse=True))
+
+
+def mask_ordered(text: str, ordered: Iterable[str]) -> str:
+    """`text` with each of `ordered` (as `masked_first` orders them) `***`."""
+    for secret in ordered:
+        text = text.replace(secret, "***")
+    return text
+
+
+def mask(text: str, secrets: Iterable[str]) -> str:
+    """`text` as the log would show it: every secret `***`. For text that leaves the
+    bridge other than by the log (HTTP answers) and may quote what others wrote (a
+    provider's error, a database's)."""
+    return mask_ordered(text, masked_first(frozenset(secrets)))

@@ -50,14 +50,14 @@ from bridge.ingress.mailrules import apply_rule, rule_for
 from bridge.ingress.smtpauth import Authenticator, peer_host
 from bridge.ingress.smtplimits import LimitedSMTP, Sessions, call_limits
 from bridge.ingress.smtptls import ImplicitTlsListener, Listener
-from bridge.ingress.templated import Templated, render_template
+from bridge.ingress.templated import Templated, render_template, told
 from bridge.ingress.throttle import FailureThrottle
 from bridge.ingress.workers import Workers
 from bridge.models import SMTP_SENDER
 from bridge.phone import PhoneError
 from bridge.policy.decide import content_hash, dedupe_scope, slotted_key
 from bridge.policy.shaping import Draft
-from bridge.schedule import MAIL_HEADER, parse_schedule_time, scheduled_epoch
+from bridge.schedule import MAIL_HEADER, SHOWN_CHARS, parse_schedule_time, scheduled_epoch
 from bridge.sockets import bind_socket
 from bridge.text import is_blank
 
@@ -436,11 +436,18 @@ class SmtpHandler:
             return None, None
         now = self.ingestor.clock.now()
         when = parse_schedule_time(
-            mail.schedule, now=float("-inf"), tz=zone(self.provider.timezone), field=MAIL_HEADER
+            mail.schedule,
+            now=float("-inf"),
+            tz=zone(self.provider.timezone),
+            field=MAIL_HEADER,
+            secrets=self.secrets,
         )
         epoch = scheduled_epoch(when)
         if epoch is not None and epoch <= now:
-            log.info("%s %r has passed: sent now", MAIL_HEADER, mail.schedule[:40])
+            # Masked before the cut: the log masks the line, but only what the cut left,
+            # and a secret across it (fraction digits are any number) kept its start.
+            shown = told(mail.schedule, self.secrets, SHOWN_CHARS)
+            log.info("%s %r has passed: sent now", MAIL_HEADER, shown)
             return when, None
         return when, when
 

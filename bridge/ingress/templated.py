@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.ops.logs import mask
+from bridge.config.masking import mask
 from bridge.templates import TemplateError, render_noting
 from bridge.text import is_blank, without_bidi
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -12,11 +11,8 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TypeAlias
 
-# A one-character secret would turn every line into stars and show, by where the stars
-# fall, what it is; such a "secret" protects nothing anyway. Two characters and up are
-# masked even if that garbles some words: a garbled line is a nuisance, a leaked
-# password is not.
-MIN_MASKED_CHARS = 2
+from bridge.config.masking import mask_ordered, masked_first
+from bridge.text import BIDI_CODES
 
 
 class MaskingFilter(logging.Filter):
@@ -29,7 +25,7 @@ class MaskingFilter(logging.Filter):
 
     def update(self, secrets: Iterable[str]) -> None:
         """Mask these from now on (a reload may bring new ones)."""
-        self.secrets = list(_masked_first(frozenset(secrets)))
+        self.secrets = list(masked_first(frozenset(secrets)))
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.secrets:
@@ -41,26 +37,7 @@ class MaskingFilter(logging.Filter):
         return True
 
     def mask(self, text: str) -> str:
-        return _replace(text, self.secrets)
-
-
-@functools.lru_cache(maxsize=16)  # one per config in force
-def _masked_first(secrets: frozenset[str]) -> tuple[str, ...]:
-    """The secrets worth masking, longest first: one that holds another goes whole."""
-    return tuple(sorted((s for s in secrets if len(s) >= MIN_MASKED_CHARS), key=len, reverse=True))
-
-
-def _replace(text: str, ordered: Iterable[str]) -> str:
-    for secret in ordered:
-        text = text.replace(secret, "***")
-    return text
-
-
-def mask(text: str, secrets: Iterable[str]) -> str:
-    """`text` as the log would show it: every secret `***`. For text that leaves the
-    bridge other than by the log (HTTP answers) and may quote what others wrote (a
-    provider's error, a database's)."""
-    return _replace(text, _masked_first(frozenset(secrets)))
+        return mask_ordered(text, self.secrets)
 
 
 # Every character str.splitlines breaks at, and every other control but tab (C0, DEL,
@@ -68,7 +45,15 @@ def mask(text: str, secrets: Iterable[str]) -> str:
 # a request path, a provider's answer): written raw, a line break in it would start a
 # line that looks like the bridge's own, and an escape sequence (ESC, the 8-bit CSI)
 # would run in the terminal of whoever reads the log (`docker logs`, `tail -f`).
-_CONTROLS = (*map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0)), "\u2028", "\u2029")
+#
+# The explicit bidi controls (bridge.text.BIDI_CODES: LRE RLE PDF LRO RLO, LRI RLI FSI
+# PDI) likewise: a terminal that reorders text drew the rest of a line quoting a
+# caller's words (a route's refusal, a mail header) in another order than it was
+# written ("Trojan Source"), so the line read otherwise than the bridge wrote it. The
+# implicit marks (LRM, RLM, ALM) stay raw, as bridge.text keeps them in texts: they
+# reorder no letter, and right-to-left names need them.
+_BIDI = tuple(map(chr, BIDI_CODES))
+_CONTROLS = (*map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0)), "\u2028", "\u2029", *_BIDI)
 _LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in _CONTROLS if c != "\t"})
 # Starts every line a record writes after its first (traceback, stack): no such line
 # can pass for a record of its own, which starts with the time. Leading white space is
@@ -130,7 +115,8 @@ class LineFormatter(logging.Formatter):
         return "\n".join([first, *(f"{CONTINUATION}{line}".rstrip(" ") for line in rest)])
 
 
-_JSON_C1 = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
+# json escapes C0 itself; DEL, C1 and the explicit bidi controls it leaves raw.
+_JSON_RAW = {c: f"\\u{c:04x}" for c in (*range(0x7F, 0xA0), *BIDI_CODES)}
 
 
 class JsonFormatter(logging.Formatter):
@@ -148,8 +134,7 @@ class JsonFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             out["exception"] = record.exc_text
-        # json escapes C0 itself; DEL and C1 it leaves raw.
-        return json.dumps(out, ensure_ascii=False).translate(_JSON_C1)
+        return json.dumps(out, ensure_ascii=False).translate(_JSON_RAW)
 
 
 def setup_logging(level: str = "info", fmt: str = "human", secrets: Iterable[str] = ()) -> None:

@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from bridge.clock import Clock, zone
 from bridge.config import HttpConfig, LiveConfig
+from bridge.config.masking import mask
 from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.firewall import cap_recipients, sender_id_for
 from bridge.health import ProviderHealth
@@ -54,7 +55,6 @@ from bridge.ingress.ingest import Ingestor
 from bridge.ingress.throttle import FailureThrottle
 from bridge.loops import LoopHealth
 from bridge.models import events_json
-from bridge.ops.logs import mask
 from bridge.ops.metrics import Metrics
 from bridge.ops.probe import StoreProbe
 from bridge.policy.decide import dedupe_scope
@@ -246,7 +246,10 @@ def create_app(
                     token=token_name(caller),
                     dedupe_key=dedupe_key,
                     schedule_time=parse_schedule_time(
-                        schedule, now=clock.now(), tz=zone(config.provider.timezone)
+                        schedule,
+                        now=clock.now(),
+                        tz=zone(config.provider.timezone),
+                        secrets=live.secrets,
                     )
                     if schedule
                     else None,

@@ -214,12 +214,13 @@ def hook_recipients(
     )
 
 
-def _schedule(request: Request, config: Config, now: float) -> str | None:
+def _schedule(request: Request, config: Config, now: float, secrets: Sequence[str]) -> str | None:
     """`?schedule_time=` or the `X-SMS-Schedule` header (as for mail): one parser."""
     value = request.query_params.get(FIELD) or request.headers.get(MAIL_HEADER)
     if not value:
         return None
-    return parse_schedule_time(value, now=now, tz=zone(config.provider.timezone))
+    tz = zone(config.provider.timezone)
+    return parse_schedule_time(value, now=now, tz=tz, secrets=secrets)
 
 
 def hook_endpoint(
@@ -271,7 +272,7 @@ def hook_endpoint(
             messages = module.parse(hook)
         except Ignored as exc:
             return JSONAnswer({"ignored": str(exc)}, 200)
-        schedule = _schedule(request, config, clock.now())
+        schedule = _schedule(request, config, clock.now(), live.secrets)
         extra = request.query_params.getlist("to")
         if extra and not (route.allow_payload_to or route.allow_query_to):
             raise HttpError(400, "this route does not take ?to= (allow_payload_to)", "to")

@@ -9,6 +9,10 @@ endpoint says so in the request's scope) is the route's last call: a refused one
 anyone who knows the name hid the genuine sender's last call behind a 401. Refused calls
 are counted apart, the last of them kept beside the count, so a sender that lost its
 secret still shows.
+
+What a call was answered may quote its payload (a recipient as written, a template's
+error): masked as the log is, then cut, as `templated.told` tells it. Cut first, a
+secret across the cut kept the part before it, and nothing masked the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from bridge.addresses import client_name
 from bridge.clock import Clock
 from bridge.config import LiveConfig
 from bridge.ingress.http.hooks import AUTHENTICATED, REFUSAL
+from bridge.ingress.templated import told
 
 MAX_ANSWER_CHARS = 200
 
@@ -37,6 +42,7 @@ class Call:
 
 
 def _answer(response: Response) -> str:
+    """What the sender was told, uncut and unmasked (the caller does both, in order)."""
     try:
         body = json.loads(bytes(response.body))
     except (ValueError, AttributeError):
@@ -44,14 +50,14 @@ def _answer(response: Response) -> str:
     if not isinstance(body, dict):
         return ""
     if "error" in body:
-        return str(body["error"])[:MAX_ANSWER_CHARS]
+        return str(body["error"])
     if "ignored" in body:
-        return f"ignored: {body['ignored']}"[:MAX_ANSWER_CHARS]
+        return f"ignored: {body['ignored']}"
     ids = body.get("ids")
     if isinstance(ids, list):
         states = [m.get("state") for m in body.get("messages", []) if isinstance(m, dict)]
         summary = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
-        return f"stored {len(ids)}: {summary}"[:MAX_ANSWER_CHARS]
+        return f"stored {len(ids)}: {summary}"
     return ""
 
 
@@ -94,8 +100,11 @@ class RouteActivity:
                     at=self.clock.now(),
                     status=response.status_code,
                     # A refusal's real reason: the caller may have been told less.
-                    answer=str(request.scope.get(REFUSAL, ""))[:MAX_ANSWER_CHARS]
-                    or _answer(response),
+                    answer=told(
+                        str(request.scope.get(REFUSAL, "")) or _answer(response),
+                        self.live.secrets,
+                        MAX_ANSWER_CHARS,
+                    ),
                     client=client_name(request.client.host) if request.client else "",
                 ),
                 authenticated=bool(request.scope.get(AUTHENTICATED)),

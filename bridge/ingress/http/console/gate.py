@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bridge.addresses import client_name
 from bridge.clock import Clock
 from bridge.config import LiveConfig
+from bridge.config.masking import mask
 from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.ingress.credentials import same_secret
 from bridge.ingress.http.auth import (
@@ -48,7 +49,6 @@ from bridge.ingress.http.console.routes import encoding_name
 from bridge.ingress.http.console.sessions import COOKIE, LIFETIME, Session, Sessions
 from bridge.ingress.http.lockout import locked_for, vouch
 from bridge.models import iso_time
-from bridge.ops.logs import mask
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
