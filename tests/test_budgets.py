@@ -951,6 +951,35 @@ async def test_an_instance_without_a_price_leaves_texts_released_for_one_alone(
     assert sum(e.cost for e in sandbox_state.entries) <= 1
 
 
+@on_each_backend
+async def test_texts_left_for_a_priced_instance_do_not_starve_what_is_due_behind_them(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """An instance that knows no price leaves texts released today (here by a reload)
+    that wait for a price due, for one that knows one. The step reads only as many
+    texts as the rate budget can send, and read past those it leaves once: with more
+    left texts than that (six, two requests a minute), a text queued after them was
+    never read, left due with no reason, unjudged, until midnight. It is judged: held
+    with the reason the others have."""
+    _nothing_priced_at_ten(tmp_path, sandbox_url, sandbox_state, clock)
+    caps = "[budget]\ncost_per_day = {}\n"
+    config = bridge_config(tmp_path, sandbox_url, caps.format(1), requests_per_minute=2)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        ids = [await post(http, url, f"+120255501{i:02d}", f"alert {i}") for i in range(7)]
+        await steps(bridge, clock, 120)  # one goes; the day's spend is unknown
+        held = [(await bridge.store.get(i)).reason or "" for i in ids[1:]]
+        assert all("spend unknown" in reason for reason in held), held
+        reloaded(bridge, tmp_path, sandbox_url, "requests_per_minute = 2\n" + caps.format(2))
+        await steps(bridge, clock, 120)  # released by the reload: left for a priced one
+        behind = await post(http, url, "+12025550199", "disk full")
+        await steps(bridge, clock, 120)
+        late = await bridge.store.get(behind)
+        left = [await bridge.store.get(i) for i in ids[1:]]
+    assert all(m.state == State.QUEUED and m.next_attempt_at <= clock.now() for m in left)
+    assert late.state == State.QUEUED and "spend unknown" in (late.reason or ""), late
+    assert len(sandbox_state.entries) == 1
+
+
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 @pytest.mark.usefixtures("backend")
 async def test_a_text_one_instance_released_for_its_raised_cap_and_another_holds_is_told(

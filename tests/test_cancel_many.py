@@ -68,7 +68,7 @@ async def test_the_api_cancels_a_phones_waiting_messages_with_the_admin_scope(
 
         done = await http.post(CANCEL, json=body, headers=bearer(ADMIN))
         assert done.status_code == 200, done.text
-        assert done.json() == {"cancelled": 3, "in_flight": 1, "more": False}
+        assert done.json() == {"cancelled": 3, "in_flight": 1, "gone": 0, "more": False}
         for message_id in mine:
             message = await bridge.store.get(message_id)
             assert (message.state, message.reason) == (State.FAILED, "cancelled by root")
@@ -86,16 +86,16 @@ async def test_the_api_cancels_a_phones_waiting_messages_with_the_admin_scope(
         ]
         # No state: queued and held alike; written with a trailing slash, served.
         both = await http.post(f"{CANCEL}/", json={"recipient": PHONE}, headers=bearer(ADMIN))
-        assert both.json() == {"cancelled": 1, "in_flight": 1, "more": False}
+        assert both.json() == {"cancelled": 1, "in_flight": 1, "gone": 0, "more": False}
         assert await states(bridge, [held, theirs]) == [State.FAILED, State.QUEUED]
         # Held only: what the dispatcher is sending was never selected (none of it held).
         [held_too] = await seed(bridge.store, [QUEUED._replace(state=State.HELD)], 2.0)
         only = {"recipient": PHONE, "state": "held"}
         held_only = await http.post(CANCEL, json=only, headers=bearer(ADMIN))
-        assert held_only.json() == {"cancelled": 1, "in_flight": 0, "more": False}
+        assert held_only.json() == {"cancelled": 1, "in_flight": 0, "gone": 0, "more": False}
         assert await states(bridge, [held_too]) == [State.FAILED]
         again = await http.post(CANCEL, json={"recipient": PHONE}, headers=bearer(ADMIN))
-        assert again.json() == {"cancelled": 0, "in_flight": 1, "more": False}
+        assert again.json() == {"cancelled": 0, "in_flight": 1, "gone": 0, "more": False}
 
 
 async def test_the_api_cancels_by_route_and_text(
@@ -120,7 +120,7 @@ async def test_the_api_cancels_by_route_and_text(
             1.0,
         )
         both = await http.post(CANCEL, json={"route": "am", "q": "DISK"})
-        assert both.json() == {"cancelled": 1, "in_flight": 0, "more": False}
+        assert both.json() == {"cancelled": 1, "in_flight": 0, "gone": 0, "more": False}
         assert await states(bridge, [disk_am, cpu_am]) == [State.FAILED, State.QUEUED]
         text = await http.post(CANCEL, json={"q": "cpu hot"})
         assert text.json()["cancelled"] == 2
@@ -272,7 +272,66 @@ async def test_a_cancel_that_stops_at_its_bound_says_more_may_be_left(
         ids = await seed(bridge.store, [QUEUED] * 3, 1.0)
         body = {"recipient": PHONE, "state": "queued"}
         first = await http.post(CANCEL, json=body)
-        assert first.json() == {"cancelled": 2, "in_flight": 0, "more": True}
+        assert first.json() == {"cancelled": 2, "in_flight": 0, "gone": 0, "more": True}
         rest = await http.post(CANCEL, json=body)
-        assert rest.json() == {"cancelled": 1, "in_flight": 0, "more": False}
+        assert rest.json() == {"cancelled": 1, "in_flight": 0, "gone": 0, "more": False}
         assert await states(bridge, ids) == [State.FAILED] * 3
+
+
+async def test_a_round_the_dispatcher_took_whole_is_no_end_and_each_text_is_counted_once(
+    tmp_path, sandbox_url: str, clock: ManualClock, monkeypatch
+) -> None:
+    """The dispatcher (another instance) claims the first round's texts between the
+    cancel's read and its write. A round with nothing cancelled ended the call: `more`
+    false, nothing cancelled, the rest of the storm left to go. It goes on; what was
+    taken is `in_flight` (once: not `gone` too)."""
+    monkeypatch.setattr(bulk, "CANCEL_BATCH", 2)
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url, headers=bearer(ADMIN)) as http,
+    ):
+        ids = await seed(bridge.store, [QUEUED] * 5, 1.0)
+        reads, claimed = bridge.store.query, []
+
+        async def read_then_claim(**filters):
+            found = await reads(**filters)
+            if filters.get("state") == "queued" and not claimed:
+                claimed.extend(m.id for m in found)
+                await bridge.store.claim(claimed, clock.now(), owner="b", lease_until=1e10)
+            return found
+
+        monkeypatch.setattr(bridge.store, "query", read_then_claim)
+        answer = await http.post(CANCEL, json={"recipient": PHONE, "state": "queued"})
+        monkeypatch.undo()
+        left = [i for i in ids if i not in claimed]
+        assert answer.json() == {"cancelled": 3, "in_flight": 2, "gone": 0, "more": False}
+        assert await states(bridge, left) == [State.FAILED] * 3
+        assert await states(bridge, claimed) == [State.SENDING] * 2
+
+
+async def test_the_api_says_what_the_dispatcher_sent_between_its_read_and_write(
+    tmp_path, sandbox_url: str, clock: ManualClock, monkeypatch
+) -> None:
+    """Texts sent between the cancel's read and its write: the answer was
+    {"cancelled": 0, "in_flight": 0, "more": false}, as if nothing had been selected.
+    They are `gone`, as the console's note tells them."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url, headers=bearer(ADMIN)) as http,
+    ):
+        texts = [QUEUED._replace(text=f"disk {i} full") for i in range(3)]
+        ids = await seed(bridge.store, texts, clock.now())
+        reads = bridge.store.query
+
+        async def read_then_dispatch(**filters):
+            found = await reads(**filters)
+            await bridge.dispatcher.run_once()  # between the read and the write
+            return found
+
+        monkeypatch.setattr(bridge.store, "query", read_then_dispatch)
+        answer = await http.post(CANCEL, json={"recipient": PHONE})
+        monkeypatch.undo()
+        assert answer.json() == {"cancelled": 0, "in_flight": 0, "gone": 3, "more": False}
+        assert await states(bridge, ids) == [State.SENT] * 3

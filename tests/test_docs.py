@@ -1296,7 +1296,12 @@ async def test_the_recipes_storm_cancel_curl_cancels_with_an_admin_token(
         token_file.write_text(admin + "\n")
         *answer, code = await _curl_block(block, "", tmp_path, tmp_path)
         assert code == "200", answer
-        assert json.loads(" ".join(answer)) == {"cancelled": 2, "in_flight": 0, "more": False}
+        assert json.loads(" ".join(answer)) == {
+            "cancelled": 2,
+            "in_flight": 0,
+            "gone": 0,
+            "more": False,
+        }
         cancelled = [await bridge.store.get(i) for i in ids]
     assert [m.reason for m in cancelled] == ["cancelled by oncall"] * 2 + [None]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gc
 import hashlib
@@ -2026,3 +2027,48 @@ async def test_a_secret_across_the_cut_of_a_name_or_an_error_is_masked_whole(
     assert notes["broken"] == [f"the route's default text went out: {why}"]
     for told in (json.dumps(answers), json.dumps(notes), caplog.text):
         assert head not in told
+
+
+async def test_a_reload_during_a_posts_body_leaves_it_masked_by_the_config_it_began_under(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url, monkeypatch
+) -> None:
+    """A hook request takes the config in force when it begins, for the whole request,
+    even across a reload: its route, its recipients, and the secrets its template's
+    report is masked with. The secrets were read after the body: a SIGHUP during a slow
+    post that rotated a token left the token the post's payload held unmasked in its
+    202 and the message's note (stored for ever), under the route of the config before."""
+    from bridge.ingress.http import hooks
+    from tests.test_reload import reloaded
+
+    old, new = "read-token-0123456789abcdef", "read-token-fedcba9876543210"
+    route = templated_route("gaps", "generic", "+12025550143", "{{ summary }}{{ labels[key] }}")
+    token = '\n[tokens.ops]\ntoken = "{}"\nscopes = ["read"]\n'
+    config = bridge_config(tmp_path, sandbox_url, ROUTES + route + token.format(old))
+    payload = json.dumps({"message": "x", "summary": "disk full", "labels": {}, "key": old})
+    reading, rest = asyncio.Event(), asyncio.Event()
+    real = hooks._verified_body
+
+    async def begun(*args, **kwargs):
+        reading.set()  # the request has its config: its body is being read
+        return await real(*args, **kwargs)
+
+    async def slowly():
+        yield payload[:10].encode()
+        await rest.wait()
+        yield payload[10:].encode()
+
+    monkeypatch.setattr(hooks, "_verified_body", begun)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        json_type = {"content-type": "application/json"}
+        post = asyncio.create_task(
+            http.post(f"{url}/hooks/gaps", content=slowly(), headers=json_type)
+        )
+        await asyncio.wait_for(reading.wait(), 10)
+        reloaded(bridge, tmp_path, sandbox_url, ROUTES + route + token.format(new))
+        rest.set()
+        answer = await post
+        assert answer.status_code == 202, answer.text
+        [message_id] = answer.json()["ids"]
+        notes = [e["detail"] for e in await bridge.store.events(message_id) if e["detail"]]
+    assert answer.json()["messages"][0]["template"]["missing"] == ["***"]
+    assert notes == ["the template printed as empty what the payload lacks: ***"]

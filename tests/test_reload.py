@@ -16,6 +16,7 @@ import dataclasses
 import smtplib
 import threading
 from collections.abc import AsyncIterator
+from email.message import EmailMessage
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,7 @@ from bridge.provider.sandbox import SandboxState
 from bridge.service import Bridge
 from tests.helpers import bridge_config, running_bridge, write_config
 from tests.test_firewall import rcpt
-from tests.test_smtp import smtp_listening
+from tests.test_smtp import DEFAULT_RCPT, send, smtp_listening, with_smtp
 
 PHONE = "+12025550143"
 
@@ -341,3 +342,41 @@ async def test_a_stop_does_not_wait_for_a_reload_whose_file_hangs(
             bridge.stop.set()
             await asyncio.wait_for(asyncio.shield(reloader), timeout=3)
             assert bridge.config is running  # nothing applied
+
+
+async def test_a_sighup_brings_its_secrets_to_a_mail_templates_note(
+    tmp_path, clock: ManualClock, sandbox_url: str, caplog
+) -> None:
+    """A mail template's note quotes the mail (the field it lacked, here the body) masked
+    with the config's secrets. A SIGHUP that adds a token masks it there too: the SMTP
+    handler takes the reload's secrets beside its certificate read off the loop (two
+    branches' arguments to one call), not only the secrets it started with."""
+    smtp = with_smtp('compose = "template"\ntemplate = "{{ subject }}: {{ headers[body] }}"')
+    added = "rotated-token-0123456789abcdef"
+    config = bridge_config(tmp_path, sandbox_url, smtp)
+    path = write_config(
+        tmp_path,
+        f'[store]\npath = "{config.store.path}"\n[provider]\nbase_url = "{sandbox_url}/api/v1"'
+        f'\napi_key = "test-key"\n{smtp}[tokens.ops]\ntoken = "{added}"\nscopes = ["read"]\n',
+        "reloaded.toml",
+    )
+    mail = EmailMessage()
+    mail["From"] = "nas@example.org"
+    mail["Subject"] = "Backup failed"
+    mail.set_content(f"key {added}")
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        async with reloading(bridge, threading.Event()) as (reloads, _):
+            reloads.put_nowait(str(path))
+            for _ in range(200):  # the reloader reads the file off the loop
+                if bridge.config.tokens:
+                    break
+                await asyncio.sleep(0.05)
+            assert bridge.config.tokens and bridge.last_reload_ok
+            sent = await asyncio.to_thread(
+                send, port, "nas@example.org", [DEFAULT_RCPT], mail.as_bytes()
+            )
+            assert sent == {}
+        [stored] = await bridge.store.query(limit=1)
+        notes = [e["detail"] for e in await bridge.store.events(stored.id) if e["detail"]]
+    assert notes == ["the template printed as empty what the mail lacks: key ***"]
+    assert added not in caplog.text

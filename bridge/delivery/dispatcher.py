@@ -225,7 +225,7 @@ class Dispatcher:
         reconcile_wait = await self.reconciler.run_once()
         if reconcile_wait is not None:
             return reconcile_wait
-        due, left, more = await self._read_due(now)
+        due, left, more = await self._due(now)
         kept = [m for m in due if m.id not in left]
         held, sent = IDLE_WAIT, False
         for batch in plan_batches(
@@ -273,23 +273,6 @@ class Dispatcher:
             return self.config.auth_probe_interval
         return None
 
-    async def _read_due(self, now: float) -> tuple[list[Message], set[int], bool]:
-        """The due messages this step may send, the ids of those left to an instance that
-        knows a price, and whether more are due than were read."""
-        # Only the texts the budget can take now: one per request left, and one more per
-        # text sent in the window (only those can be held for more recipients, and what
-        # is held takes no request). Each step while the budget is spent sends one call,
-        # and read 5,000 rows for it, every 0.6 s (BENCHMARKS.md, issue #16).
-        texts = max(1, self.limiter.remaining("send")) + len(self._last_call)
-        due = await self.store.due(now, DUE_BATCH, texts=texts)
-        left = await self._left_to_a_priced_instance(due)
-        if left and len(due) < DUE_BATCH:  # they take none of the budget's texts: read past
-            texts += len({text_of(m) for m in due if m.id in left})
-            due = await self.store.due(now, DUE_BATCH, texts=texts)
-            left = await self._left_to_a_priced_instance(due)
-        more = len(due) == DUE_BATCH or len({text_of(m) for m in due}) >= texts
-        return due, left, more
-
     async def _hold_for_more(self, now: float, held: float) -> float:
         """A text is held for more recipients: wake when the hold ends, or sooner for the
         next message due; wake-ups before then are answered without reading the queue."""
@@ -320,6 +303,30 @@ class Dispatcher:
         if expiry is not None:
             waits.append(max(LEASE_SLACK, expiry - now + LEASE_SLACK))
         return max(0.0, min(waits))
+
+    async def _due(self, now: float) -> tuple[list[Message], set[int], bool]:
+        """What is due for this step; the ids of it left for an instance that knows a
+        price (`_left_to_a_priced_instance`); whether more texts are due than were read.
+
+        Only the texts the budget can take now: one per request left, and one more per
+        text sent in the window (only those can be held for more recipients, and what is
+        held takes no request). Each step while the budget is spent sends one call, and
+        read 5,000 rows for it, every 0.6 s (BENCHMARKS.md, issue #16). Texts left take
+        none of them: read past, as often as they fill the read. Read past once, more
+        left texts than the budget's (a day's overflow released by a reload) hid every
+        text queued after them, unjudged, until midnight.
+        """
+        wanted = max(1, self.limiter.remaining("send")) + len(self._last_call)
+        texts = wanted
+        while True:
+            due = await self.store.due(now, DUE_BATCH, texts=texts)
+            left = await self._left_to_a_priced_instance(due)
+            read = {text_of(m) for m in due}
+            more = len(due) == DUE_BATCH or len(read) >= texts
+            kept = {text_of(m) for m in due if m.id not in left}
+            if not left or not more or len(due) == DUE_BATCH or len(kept) >= wanted:
+                return due, left, more
+            texts += len(read - kept)  # at least the texts short: the reads end
 
     async def _left_to_a_priced_instance(self, due: list[Message]) -> set[int]:
         """Ids of `due` left due for an instance that knows a price: not re-read as due

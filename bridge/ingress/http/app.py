@@ -363,7 +363,12 @@ def create_app(
         done = await cancel_waiting(store, wanted, clock.now, by=who)
         log.info("api: %s cancelled %d waiting messages (%s)", who, done.cancelled, wanted)
         return JSONAnswer(
-            {"cancelled": done.cancelled, "in_flight": done.in_flight, "more": done.more}
+            {
+                "cancelled": done.cancelled,
+                "in_flight": done.in_flight,
+                "gone": done.gone,
+                "more": done.more,
+            }
         )
 
     async def metrics_endpoint(request: Request) -> Response:

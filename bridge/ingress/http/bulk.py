@@ -44,14 +44,18 @@ class Waiting:
 @dataclass(frozen=True, slots=True)
 class Cancelled:
     """`cancelled` changed to failed; `in_flight` selected but in `sending` (at most
-    IN_FLIGHT_COUNTED counted); `more`: the rounds ran out with messages left; `gone`:
-    found waiting, but no longer waiting at the write (the dispatcher claims queued
-    texts between the read and the write, and may have sent them since)."""
+    IN_FLIGHT_COUNTED counted); `more`: messages may be left; `gone`: found waiting, but
+    no longer waiting at the write (the dispatcher claims queued texts between the read
+    and the write) and not in `sending` either: sent or ended since (a held one released
+    or ended). `taken`: found queued, no longer at the write, and in `sending` now (of
+    `in_flight`). Each message counted once: those taken and still sending were in
+    `gone` and `in_flight` both, and a note that said both counted them twice."""
 
     cancelled: int
     in_flight: int
     more: bool
     gone: int = 0
+    taken: int = 0
 
 
 def phone_number(written: str, field: str = "recipient") -> str:
@@ -68,19 +72,21 @@ async def cancel_waiting(
     store: Store, wanted: Waiting, now: Callable[[], float], *, by: str
 ) -> Cancelled:
     """Cancel what `wanted` selects, `by` naming who asked (in each reason and event)."""
-    cancelled, more, gone = 0, False, 0
+    cancelled, more, gone = 0, False, set[int]()
     for state in wanted.states:
         done, left, missed = await _cancel_in(store, state, wanted, now, by)
-        cancelled, more, gone = cancelled + done, more or left, gone + missed
-    return Cancelled(cancelled, await _in_flight(store, wanted), more, gone)
+        cancelled, more, gone = cancelled + done, more or left, gone | missed
+    sending = await _in_flight(store, wanted)
+    taken = len(gone & sending)
+    return Cancelled(cancelled, len(sending), more, len(gone) - taken, taken)
 
 
-async def _in_flight(store: Store, wanted: Waiting) -> int:
-    """The selected messages the dispatcher has claimed: queued ones it took (a held one
-    goes into a digest, never to `sending` as itself). Counted after the cancel: one
-    claimed while it ran is here too."""
+async def _in_flight(store: Store, wanted: Waiting) -> set[int]:
+    """The ids of the selected messages the dispatcher has claimed: queued ones it took
+    (a held one goes into a digest, never to `sending` as itself). Read after the
+    cancel: one claimed while it ran is here too."""
     if str(State.QUEUED) not in wanted.states:
-        return 0
+        return set()
     sending = await store.query(
         state=str(State.SENDING),
         number=wanted.number,
@@ -88,15 +94,15 @@ async def _in_flight(store: Store, wanted: Waiting) -> int:
         text=wanted.text,
         limit=IN_FLIGHT_COUNTED,
     )
-    return len(sending)
+    return {m.id for m in sending}
 
 
 async def _cancel_in(
     store: Store, state: str, wanted: Waiting, now: Callable[[], float], by: str
-) -> tuple[int, bool, int]:
-    """(cancelled, whether messages are left after the last round, how many found had
-    left the state before the write) of one state."""
-    cancelled = gone = 0
+) -> tuple[int, bool, set[int]]:
+    """(cancelled, whether messages may be left after the last round, the ids found
+    that had left the state before the write) of one state."""
+    cancelled, gone = 0, set[int]()
     for _ in range(MAX_CANCEL_ROUNDS):
         found = await store.query(
             state=state,
@@ -106,10 +112,12 @@ async def _cancel_in(
             limit=CANCEL_BATCH,
         )
         done = await store.cancel([m.id for m in found], now(), by=by)
-        cancelled, gone = cancelled + len(done), gone + len(found) - len(done)
+        cancelled += len(done)
+        gone |= {m.id for m in found} - set(done)
         # Fewer than found: the dispatcher took some meanwhile (a queued one it claims
-        # is the provider's now); the next round finds what is left.
-        if len(found) < CANCEL_BATCH or not done:
+        # is the provider's now); the next round finds what is left. A full round it
+        # took whole is no end: it stopped there, "more": false, with a storm behind it.
+        if len(found) < CANCEL_BATCH:
             return cancelled, False, gone
     return cancelled, True, gone
 

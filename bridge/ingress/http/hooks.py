@@ -232,9 +232,10 @@ def hook_endpoint(
     quiet = QuietLog(log, clock)
 
     async def endpoint(request: Request) -> Response:
-        # One config and resolver for the whole request, even across a reload: both are
-        # read before the first await.
-        config, resolver = live.current, live.recipients
+        # One config, resolver and secrets for the whole request, even across a reload:
+        # all read before the first await (the secrets read after the body masked the
+        # old config's report with the new one's: a rotated token stayed unmasked).
+        config, resolver, secrets = live.current, live.recipients, live.secrets
         name = request.path_params["name"]
         route = config.routes.get(name)
         module = formats[route.format] if route is not None else None
@@ -275,7 +276,7 @@ def hook_endpoint(
         if extra and not (route.allow_payload_to or route.allow_query_to):
             raise HttpError(400, "this route does not take ?to= (allow_payload_to)", "to")
         drafts, reports = hook_drafts(
-            route, messages, extra, schedule, config=config, resolver=resolver, live=live
+            route, messages, extra, schedule, config=config, resolver=resolver, secrets=secrets
         )
         # Nothing of the payload waits for the store: a parsed megabyte of JSON is ~25 MB
         # of objects, and every request in flight held its own until its ingest was
@@ -294,12 +295,13 @@ def hook_drafts(
     *,
     config: Config,
     resolver: Recipients,
-    live: LiveConfig,
+    secrets: Sequence[str],
 ) -> tuple[list[Draft], list[dict[str, Any] | None]]:
-    """The drafts of a hook's messages, and what the 202 reports of each row's text."""
+    """The drafts of a hook's messages, and what the 202 reports of each row's text
+    (masked with `secrets`, those of `config`)."""
     drafts, reports = [], []
     for message in messages:
-        text = route_text(route, message, live.secrets)
+        text = route_text(route, message, secrets)
         recipients = hook_recipients(route, message, extra, config, resolver)
         reports += [template_report(route, text)] * len(recipients)  # one row per recipient
         drafts.append(

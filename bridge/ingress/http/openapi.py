@@ -138,13 +138,20 @@ _CANCEL_REQUEST = {
 }
 _CANCELLED = {
     "type": "object",
-    "required": ["cancelled", "in_flight", "more"],
+    "required": ["cancelled", "in_flight", "gone", "more"],
     "properties": {
         "cancelled": {"type": "integer", "minimum": 0},
         "in_flight": {
             "type": "integer",
             "minimum": 0,
-            "description": "selected but being handed to the provider (sending): not cancelled",
+            "description": "selected but being handed to the provider (sending, up to 500"
+            " counted): not cancelled",
+        },
+        "gone": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "found waiting, taken (or released, or ended) before the write,"
+            " and not sending: sent already, or ended; not counted in in_flight too",
         },
         "more": {"type": "boolean", "description": "messages may be left: post again"},
     },

@@ -106,10 +106,10 @@ def sender_of(token: str | None, source: str) -> dict[str, str | None]:
     return {"kind": "token", "name": token, "text": f"API token {token}"}
 
 
-# Where a phone's held or queued message found by a bulk cancel went before its write:
-# claimed by the dispatcher (the provider may have it), or ended another way.
+# Where a phone's held or queued message found by a bulk cancel went before its write,
+# those the dispatcher is sending now aside (told as being handed to the provider).
 _LEFT = {
-    State.QUEUED: "already being sent, or ended",
+    State.QUEUED: "already sent, or ended",
     State.HELD: "released or ended",
 }
 
@@ -122,7 +122,7 @@ def cancel_note(done: Cancelled, state: State, number: str) -> str:
     plural = "" if done.cancelled == 1 else "s"
     if done.cancelled:
         note = f"Cancelled {done.cancelled} {waiting} message{plural} to {number}."
-    elif done.gone:
+    elif done.gone or done.taken:
         note = "Nothing cancelled."
     else:
         note = f"Nothing was {waiting} for {number}: nothing cancelled."
@@ -130,7 +130,9 @@ def cancel_note(done: Cancelled, state: State, number: str) -> str:
         were = "was" if done.gone == 1 else "were"
         note += f" {done.gone} found {waiting} {were} no longer {waiting} ({_LEFT[state]})."
     if done.in_flight:
-        note += f" {done.in_flight} being handed to the provider now: too late to cancel."
+        # Those taken between the read and the write are among them: counted once.
+        taken = f" ({done.taken} taken after this cancel found them)" if done.taken else ""
+        note += f" {done.in_flight} being handed to the provider now{taken}: too late to cancel."
     if done.more:
         note += " More may be left: cancel again."
     return note
