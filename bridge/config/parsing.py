@@ -146,30 +146,51 @@ def coerce(value: object, kind: str, default: object, base: str | None = None) -
             raise ValueError("expected an array of tables [[smtp.rules]]")
         return tuple(_mail_rule(index, table) for index, table in enumerate(value))
     if kind == "table":
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise ValueError('expected a table of name = "text"')
-        twice = sorted(k for k in value if f"{k}_file" in value)
-        if twice:  # the later one silently won
-            raise ValueError(f"{twice[0]!r} set twice, as {twice[0]} and {twice[0]}_file: keep one")
-        return {
-            k.removesuffix("_file"): read_secret_file(v, base) if k.endswith("_file") else v
-            for k, v in value.items()
-        }
+        return _text_table(value, base)
     if kind == "list":
         return _strings(value)
     if kind == "counts":
-        if not isinstance(value, dict) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value.values()
-        ):
-            raise ValueError("expected a table of name = integer")
-        return dict(value)
+        return _counts(value)
     if kind == "lists":
-        if not isinstance(value, dict):
-            raise ValueError('expected a table of name = ["text", ...]')
-        try:
-            return {k: _strings(v) for k, v in value.items()}
-        except ValueError as exc:
-            raise ValueError(f'expected a table of name = ["text", ...]: {exc}') from None
+        return _string_lists(value)
+    return _scalar(value, default)
+
+
+def _text_table(value: object, base: str | None) -> dict[str, str]:
+    """A table of name = "text", where `name_file` = a file name reads `name` from the
+    file (`read_secret_file`)."""
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError('expected a table of name = "text"')
+    twice = sorted(k for k in value if f"{k}_file" in value)
+    if twice:  # the later one silently won
+        raise ValueError(f"{twice[0]!r} set twice, as {twice[0]} and {twice[0]}_file: keep one")
+    return {
+        k.removesuffix("_file"): read_secret_file(v, base) if k.endswith("_file") else v
+        for k, v in value.items()
+    }
+
+
+def _counts(value: object) -> dict[str, int]:
+    """A table of name = integer."""
+    if not isinstance(value, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value.values()
+    ):
+        raise ValueError("expected a table of name = integer")
+    return dict(value)
+
+
+def _string_lists(value: object) -> dict[str, tuple[str, ...]]:
+    """A table of name = ["text", ...] (a lone "text" for a list of one)."""
+    if not isinstance(value, dict):
+        raise ValueError('expected a table of name = ["text", ...]')
+    try:
+        return {k: _strings(v) for k, v in value.items()}
+    except ValueError as exc:
+        raise ValueError(f'expected a table of name = ["text", ...]: {exc}') from None
+
+
+def _scalar(value: object, default: object) -> object:
+    """A boolean, integer, number or string, as `default` is one."""
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError("expected true or false")

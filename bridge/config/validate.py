@@ -10,7 +10,7 @@ import ipaddress
 import logging
 import re
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import phonenumbers
 
@@ -26,6 +26,9 @@ from bridge.config.sections import (
     SANDBOX_VARIANTS,
     SCOPES,
     Config,
+    ProviderConfig,
+    RouteConfig,
+    SmtpConfig,
 )
 from bridge.errors import InputError, Unavailable
 from bridge.firewall import SENDER_ID_RULE, valid_sender_id
@@ -115,13 +118,95 @@ def _validate_budget(config: Config, problem: Problem) -> None:
 
 
 def _validate_sections(config: Config, problem: Problem) -> None:
+    _validate_listens(config, problem)
+    _validate_smtp(config.smtp, problem)
+    _validate_regions(config, problem)
+    if config.provider.arabic_type not in (2, 4):
+        problem("provider.arabic_type", "must be 2 (Unicode) or 4 (the provider's Arabic type)")
+    if config.limits.per_recipient < 0:
+        problem("limits.per_recipient", "must be 0 (off) or more")
+    _validate_listener_limits(config, problem)
+    if not 1 <= config.limits.max_parts <= 10:
+        problem("limits.max_parts", "must be between 1 and 10")
+    if config.smtp.listen and not config.smtp.domains:
+        problem("smtp.domains", "at least one domain is needed while SMTP is on")
+    _validate_store_url(config.store.url, problem)
+    if not 5 <= config.cluster.lease <= 3600:
+        # Shorter than a send's timeout would hand live sends to another instance.
+        problem("cluster.lease", "must be between 5s and 1h")
+    _validate_provider(config.provider, problem)
+    if not 0 < config.status.budget_share <= 1:
+        problem("status.budget_share", "must be above 0 and at most 1")
+    if not 0 <= config.sandbox.fail_share <= 1:
+        problem("sandbox.fail_share", "must be between 0 and 1")
+    _validate_provider_extras(config, problem)
+    if config.log.level.lower() not in ("debug", "info", "warning", "error"):
+        problem("log.level", "must be debug, info, warning or error")
+    if config.log.format not in ("human", "json"):
+        problem("log.format", "must be human or json")
+    _validate_routes(config.routes, problem)
+    _validate_recipients(config, problem)
+
+
+def _validate_listens(config: Config, problem: Problem) -> None:
+    """The SMTP and HTTP listeners' addresses."""
     for key, listen in (("smtp.listen", config.smtp.listen), ("http.listen", config.http.listen)):
         if listen:
             try:
                 parse_listen(listen)
             except ValueError as exc:
                 problem(key, str(exc))
-    smtp = config.smtp
+
+
+def _validate_regions(config: Config, problem: Problem) -> None:
+    """The region codes numbers without a country code are read in."""
+    for region_key, region in [
+        ("smtp.default_region", config.smtp.default_region),
+        ("phone.default_region", config.phone.default_region),
+        *((f"smtp.regions.{d}", r) for d, r in config.smtp.regions.items()),
+    ]:
+        if region and region.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            problem(region_key, f"{region!r} is not a region code such as US, GB or DE")
+
+
+def _validate_store_url(url: str, problem: Problem) -> None:
+    """store.url: a PostgreSQL URL whose password a reader can tell apart, or empty."""
+    if url and not re.match(r"^postgres(ql)?://\S*$", url):
+        problem("store.url", "must be a postgresql:// URL, or empty for SQLite at store.path")
+    elif url and url_passwords(url) == [url]:
+        # Read by the driver, "bridge:hunter" became a host and port, and its error
+        # quoted the password; which part is the password no reader can tell.
+        problem(
+            "store.url",
+            'a "/", "?", "#" or "@" in the password must be written %2F, %3F, %23, %40',
+        )
+
+
+def _validate_smtp(smtp: SmtpConfig, problem: Problem) -> None:
+    """[smtp]: its TLS, authentication, networks and how a mail becomes a text."""
+    _validate_smtp_tls(smtp, problem)
+    if smtp.require_auth and not smtp.users:
+        problem("smtp.require_auth", "no [smtp.users] to authenticate")
+    _validate_smtp_users(smtp, problem)
+    if smtp.require_auth and not smtp.tls_cert and not smtp.auth_allow_plaintext:
+        problem("smtp.require_auth", "AUTH needs TLS (smtp.tls_cert) or smtp.auth_allow_plaintext")
+    for index, net in enumerate(smtp.allowed_networks):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problem(f"smtp.allowed_networks[{index}]", f"{net!r} is not an address or CIDR network")
+    if smtp.compose not in ("subject", "body", "subject_body", "template"):
+        problem("smtp.compose", "must be subject, body, subject_body or template")
+    if smtp.compose == "template" and not smtp.template:
+        problem("smtp.template", 'required when smtp.compose = "template"')
+    if smtp.template and (why := template_problem(smtp.template)):
+        problem("smtp.template", why)  # each mail would fall back to subject and body
+    if smtp.sender_id and not valid_sender_id(smtp.sender_id):
+        problem("smtp.sender_id", SENDER_ID_RULE)
+
+
+def _validate_smtp_tls(smtp: SmtpConfig, problem: Problem) -> None:
+    """[smtp]'s TLS: a listener for implicit TLS, and the certificate and key it needs."""
     if smtp.tls_listen:
         try:
             parse_listen(smtp.tls_listen)
@@ -134,8 +219,10 @@ def _validate_sections(config: Config, problem: Problem) -> None:
             problem(f"smtp.{key}", f"{getattr(smtp, key)}: {why}")
     if smtp.tls_listen and not smtp.tls_cert:
         problem("smtp.tls_listen", "implicit TLS needs smtp.tls_cert and smtp.tls_key")
-    if smtp.require_auth and not smtp.users:
-        problem("smtp.require_auth", "no [smtp.users] to authenticate")
+
+
+def _validate_smtp_users(smtp: SmtpConfig, problem: Problem) -> None:
+    """[smtp.users]: logins a client can name, passwords not guessed."""
     for login, password in smtp.users.items():
         if not login or any(ord(c) < 32 or ord(c) == 127 for c in login):
             # `SMS_BRIDGE_SMTP_USERS==pw` made a login "", and a NUL or line break no
@@ -153,50 +240,10 @@ def _validate_sections(config: Config, problem: Problem) -> None:
             # A login is the only factor, and a short one falls to guessing spread over
             # time and addresses, however the lockout slows each client.
             problem(f"smtp.users.{login}", why)
-    if smtp.require_auth and not smtp.tls_cert and not smtp.auth_allow_plaintext:
-        problem("smtp.require_auth", "AUTH needs TLS (smtp.tls_cert) or smtp.auth_allow_plaintext")
-    for index, net in enumerate(smtp.allowed_networks):
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError:
-            problem(f"smtp.allowed_networks[{index}]", f"{net!r} is not an address or CIDR network")
-    if smtp.compose not in ("subject", "body", "subject_body", "template"):
-        problem("smtp.compose", "must be subject, body, subject_body or template")
-    if smtp.compose == "template" and not smtp.template:
-        problem("smtp.template", 'required when smtp.compose = "template"')
-    if smtp.template and (why := template_problem(smtp.template)):
-        problem("smtp.template", why)  # each mail would fall back to subject and body
-    if smtp.sender_id and not valid_sender_id(smtp.sender_id):
-        problem("smtp.sender_id", SENDER_ID_RULE)
-    for region_key, region in [
-        ("smtp.default_region", smtp.default_region),
-        ("phone.default_region", config.phone.default_region),
-        *((f"smtp.regions.{d}", r) for d, r in smtp.regions.items()),
-    ]:
-        if region and region.upper() not in phonenumbers.SUPPORTED_REGIONS:
-            problem(region_key, f"{region!r} is not a region code such as US, GB or DE")
-    if config.provider.arabic_type not in (2, 4):
-        problem("provider.arabic_type", "must be 2 (Unicode) or 4 (the provider's Arabic type)")
-    if config.limits.per_recipient < 0:
-        problem("limits.per_recipient", "must be 0 (off) or more")
-    _validate_listener_limits(config, problem)
-    if not 1 <= config.limits.max_parts <= 10:
-        problem("limits.max_parts", "must be between 1 and 10")
-    if config.smtp.listen and not config.smtp.domains:
-        problem("smtp.domains", "at least one domain is needed while SMTP is on")
-    if config.store.url and not re.match(r"^postgres(ql)?://\S*$", config.store.url):
-        problem("store.url", "must be a postgresql:// URL, or empty for SQLite at store.path")
-    elif config.store.url and url_passwords(config.store.url) == [config.store.url]:
-        # Read by the driver, "bridge:hunter" became a host and port, and its error
-        # quoted the password; which part is the password no reader can tell.
-        problem(
-            "store.url",
-            'a "/", "?", "#" or "@" in the password must be written %2F, %3F, %23, %40',
-        )
-    if not 5 <= config.cluster.lease <= 3600:
-        # Shorter than a send's timeout would hand live sends to another instance.
-        problem("cluster.lease", "must be between 5s and 1h")
-    p = config.provider
+
+
+def _validate_provider(p: ProviderConfig, problem: Problem) -> None:
+    """[provider]: where and how the bridge calls the SMS API."""
     if p.base_url and not re.match(r"^https?://[^/\s]+", p.base_url):
         problem("provider.base_url", "must be an http:// or https:// URL, or empty for the sandbox")
     if p.auth_header not in ("x-api-key", "bearer"):
@@ -215,16 +262,11 @@ def _validate_sections(config: Config, problem: Problem) -> None:
     for key in ("pricing_path", "account_path", "calculate_path"):
         if not getattr(p, key).startswith("/"):
             problem(f"provider.{key}", "must start with /")
-    if not 0 < config.status.budget_share <= 1:
-        problem("status.budget_share", "must be above 0 and at most 1")
-    if not 0 <= config.sandbox.fail_share <= 1:
-        problem("sandbox.fail_share", "must be between 0 and 1")
-    _validate_provider_extras(config, problem)
-    if config.log.level.lower() not in ("debug", "info", "warning", "error"):
-        problem("log.level", "must be debug, info, warning or error")
-    if config.log.format not in ("human", "json"):
-        problem("log.format", "must be human or json")
-    for name, route in config.routes.items():
+
+
+def _validate_routes(routes: Mapping[str, RouteConfig], problem: Problem) -> None:
+    """[routes.*]: each webhook route's authentication, recipients and sender."""
+    for name, route in routes.items():
         key = f"routes.{name}"
         if bool(route.username) != bool(route.password):
             problem(f"{key}.username", "username and password go together (basic auth)")
@@ -242,7 +284,6 @@ def _validate_sections(config: Config, problem: Problem) -> None:
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 problem(f"{key}.allowed_networks[{index}]", f"{net!r} is not a CIDR network")
-    _validate_recipients(config, problem)
 
 
 def _validate_recipients(config: Config, problem: Problem) -> None:

@@ -213,14 +213,10 @@ class Dispatcher:
             # bookings add to it): they are read when the wait ends.
             return wait
         await self.limiter.sync()  # what every instance (and the CLI) booked since
-        for text in [k for k, at in self._last_call.items() if at <= now - self.limiter.window]:
-            del self._last_call[text]  # a text not sent for a window is new again
-        if not self.health.ready:
-            if now < self.outcomes.next_probe:
-                return self.outcomes.next_probe - now
-            # An inactive account: the next send is the probe (see the module docstring).
-            if not self.health.inactive and not await self._probe():
-                return self.config.auth_probe_interval
+        self._forget_quiet_texts(now)
+        refused_wait = await self._wait_for_provider(now)
+        if refused_wait is not None:
+            return refused_wait
         wait = self.limiter.wait_time("send")
         if wait > 0:  # the CLI's requests took what was left
             return wait
@@ -257,15 +253,41 @@ class Dispatcher:
         if more and sent:  # what was left out is due too
             return 0.0
         if held < IDLE_WAIT:  # what is held is due already: wake for the rest or the hold
-            next_due = await self.store.next_due_after(now)
-            held = held if next_due is None else max(0.0, min(held, next_due - now))
-            self._held_until = now + held
-            return held
+            return await self._hold_for_more(now, held)
+        return await self._idle_wait(only_left=bool(left) and not kept)
+
+    def _forget_quiet_texts(self, now: float) -> None:
+        """A text not sent for a window is new again: no longer paced as a repeat."""
+        for text in [k for k, at in self._last_call.items() if at <= now - self.limiter.window]:
+            del self._last_call[text]
+
+    async def _wait_for_provider(self, now: float) -> float | None:
+        """While the provider refuses us: the wait until the next probe is due, or after
+        a probe that failed; None when sending may go on (a probe that passed, too)."""
+        if self.health.ready:
+            return None
+        if now < self.outcomes.next_probe:
+            return self.outcomes.next_probe - now
+        # An inactive account: the next send is the probe (see the module docstring).
+        if not self.health.inactive and not await self._probe():
+            return self.config.auth_probe_interval
+        return None
+
+    async def _hold_for_more(self, now: float, held: float) -> float:
+        """A text is held for more recipients: wake when the hold ends, or sooner for the
+        next message due; wake-ups before then are answered without reading the queue."""
+        next_due = await self.store.next_due_after(now)
+        held = held if next_due is None else max(0.0, min(held, next_due - now))
+        self._held_until = now + held
+        return held
+
+    async def _idle_wait(self, *, only_left: bool) -> float:
+        """Nothing more to send now: the wait until something is due, /logs may answer,
+        or a dead instance's claim lapses (at most IDLE_WAIT). `only_left`: every due
+        message was left to an instance that knows a price (due already: not those)."""
         now = self.clock.now()
         waits = [IDLE_WAIT]
-        next_due = await (
-            self.store.next_due_after(now) if left and not kept else self.store.next_due_at()
-        )
+        next_due = await (self.store.next_due_after(now) if only_left else self.store.next_due_at())
         if next_due is not None:
             waits.append(next_due - now)
         if self.reconciler.logs_retry_at > now:  # outcomes waiting for /logs to answer

@@ -37,9 +37,10 @@ from bridge.errors import (
 )
 from bridge.health import ProviderHealth
 from bridge.loops import LoopHealth, Stopped, run_steps, unless_stopped
-from bridge.models import State
+from bridge.models import Message, State
 from bridge.provider.client import MAX_LOGS_PER_PAGE, ProviderClient
 from bridge.provider.logmatch import LogMatcher, provider_date
+from bridge.provider.responses import LogEntry
 from bridge.schedule import STORED_FORMAT
 from bridge.store import Store
 
@@ -95,19 +96,7 @@ class StatusPoller:
     async def run_once(self) -> float:
         """One round over /logs; returns seconds until the next round."""
         now = self.clock.now()
-        horizon = now - self.config.give_up_after
-        scheduled_after = datetime.fromtimestamp(horizon, UTC).strftime(STORED_FORMAT)
-        waiting = await self.store.awaiting_status(
-            since=horizon,
-            limit=MAX_TRACKED_PER_ROUND,
-            scheduled_after=scheduled_after,
-            after=self._track_after,
-        )
-        if not waiting and self._track_after != START:  # past the newest: the oldest again
-            self._track_after, self._resume_page = START, 0
-            waiting = await self.store.awaiting_status(
-                since=horizon, limit=MAX_TRACKED_PER_ROUND, scheduled_after=scheduled_after
-            )
+        waiting = await self._tracked(now)
         self.limiter.status_demand = bool(waiting)
         if not waiting:
             self._resume_page = 0
@@ -133,7 +122,7 @@ class StatusPoller:
         start = first_page
         if first_page < self._resume_page <= deepest:
             start = self._resume_page
-        updates = []
+        updates: list[tuple[int, State, str | None]] = []
         found_ids: list[tuple[int, str]] = []
         for page in range(start, min(start + MAX_PAGES_PER_ROUND, deepest + 1)):
             self._resume_page = 0  # from the newest again, unless said below
@@ -153,26 +142,63 @@ class StatusPoller:
                 await self._failed(exc)
                 break
             self.limiter.answered()
-            known = (
-                await self.store.known_provider_ids([e.id for e in logs.entries])
-                if id_less
-                else set()
-            )
-            for entry in logs.entries:
-                m = by_id.pop(entry.id, None)
-                if m is None and id_less and entry.id not in known:
-                    m = id_less.take(entry.recipient, entry.message)
-                    if m is not None:
-                        found_ids.append((m.id, entry.id))
-                if m is not None and entry.status in FINAL_PROVIDER_STATES:
-                    reason = None if entry.status == "delivered" else "provider reports failed"
-                    updates.append((m.id, FINAL_PROVIDER_STATES[entry.status], reason))
+            await self._match_page(logs.entries, by_id, id_less, updates, found_ids)
             if (not by_id and not id_less) or not logs.has_more:
                 break
             # Unless a later page of this round reaches the end of /logs or finds them
             # all, the next round goes on from the next page: starting at the newest
             # again would never reach the oldest while a newer message waits.
             self._resume_page = page + 1
+        self._end_round(waiting, deepest)
+        if found_ids:
+            await self.store.set_provider_ids(found_ids)
+        if updates:
+            await self.store.record_status(updates, self.clock.now())
+        return max(self.config.poll_interval, self.limiter.wait_time("status"))
+
+    async def _tracked(self, now: float) -> list[Message]:
+        """The messages this round tracks: those waiting for a final state after the
+        last round's, or from the oldest again once past the newest."""
+        horizon = now - self.config.give_up_after
+        scheduled_after = datetime.fromtimestamp(horizon, UTC).strftime(STORED_FORMAT)
+        waiting = await self.store.awaiting_status(
+            since=horizon,
+            limit=MAX_TRACKED_PER_ROUND,
+            scheduled_after=scheduled_after,
+            after=self._track_after,
+        )
+        if not waiting and self._track_after != START:  # past the newest: the oldest again
+            self._track_after, self._resume_page = START, 0
+            waiting = await self.store.awaiting_status(
+                since=horizon, limit=MAX_TRACKED_PER_ROUND, scheduled_after=scheduled_after
+            )
+        return waiting
+
+    async def _match_page(
+        self,
+        entries: list[LogEntry],
+        by_id: dict[str, Message],
+        id_less: LogMatcher[Message],
+        updates: list[tuple[int, State, str | None]],
+        found_ids: list[tuple[int, str]],
+    ) -> None:
+        """Match one page of /logs to the tracked messages (taken out of `by_id` and
+        `id_less`): the final states into `updates`, the provider ids learnt for
+        messages sent without one into `found_ids`."""
+        known = await self.store.known_provider_ids([e.id for e in entries]) if id_less else set()
+        for entry in entries:
+            m = by_id.pop(entry.id, None)
+            if m is None and id_less and entry.id not in known:
+                m = id_less.take(entry.recipient, entry.message)
+                if m is not None:
+                    found_ids.append((m.id, entry.id))
+            if m is not None and entry.status in FINAL_PROVIDER_STATES:
+                reason = None if entry.status == "delivered" else "provider reports failed"
+                updates.append((m.id, FINAL_PROVIDER_STATES[entry.status], reason))
+
+    def _end_round(self, waiting: list[Message], deepest: int) -> None:
+        """Where the next round starts: from the newest page again once the sweep read
+        the oldest's, and then with the messages waiting after these."""
         if self._resume_page > deepest:
             self._resume_page = 0  # the sweep read the oldest's page
         if self._resume_page == 0:
@@ -182,11 +208,6 @@ class StatusPoller:
             # network that never reports): their states unread for `give_up_after`.
             last = max((m.sent_at or 0.0, m.id) for m in waiting)
             self._track_after = last if len(waiting) == MAX_TRACKED_PER_ROUND else START
-        if found_ids:
-            await self.store.set_provider_ids(found_ids)
-        if updates:
-            await self.store.record_status(updates, self.clock.now())
-        return max(self.config.poll_interval, self.limiter.wait_time("status"))
 
     async def _failed(self, exc: ProviderError) -> None:
         """A /logs read that failed: a 429 pauses every request (Retry-After, else a

@@ -46,6 +46,7 @@ from bridge.models import Message
 from bridge.policy.budgets import BudgetGuard
 from bridge.provider.client import ProviderClient
 from bridge.provider.logmatch import LogMatcher, provider_date, provider_time
+from bridge.provider.responses import LogEntry
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
@@ -141,44 +142,13 @@ class Reconciler:
                 if exc.status == 404 and self._logs_failures >= LOGS_TRIES:
                     log.error("/logs answered 404 %d times: outcomes stay unknown", LOGS_TRIES)
                     break
-                # What the pages read showed is settled now (dropped, it stayed `sending`
-                # and was resent once overdue: a second SMS of a text the provider had).
-                if found:
-                    await self.outcomes.record_sent(found)
-                # Only what has waited for /logs as long as a retry may last is decided
-                # without it; the rest waits for /logs to answer.
-                patience = self.config.retry_max_age
-                missing = matcher.remaining()
-                overdue = [m for m in missing if (m.claimed_at or now) + patience <= now]
-                # The rest goes on from this page when /logs answers again (from page 1,
-                # a 503 deep in a bulk's pages sent the walk back over what it had read).
-                self._resume = {m.id: max(page, start[m.id]) for m in missing if m not in overdue}
-                self.logs_retry_at = now + self.outcomes.backoff(self._logs_failures + 1)
-                log.warning("cannot read /logs to reconcile %d messages: %s", len(missing), exc)
-                if overdue:
-                    log.error(
-                        "/logs unreadable for %.0fs (%s): outcomes stay unknown", patience, exc
-                    )
-                    await self._not_found(overdue)
+                await self._wait_for_logs(exc, now, page, matcher, found, start)
                 return None
             self._logs_failures = 0
             self.logs_retry_at = 0.0
             self.limiter.answered()
             reads += 1
-            earliest: float | None = None  # the oldest entry on the page
-            known = await self.store.known_provider_ids([e.id for e in logs.entries])
-            for entry in logs.entries:
-                created = provider_time(entry.created_at, self.tz)
-                if created is not None:
-                    earliest = created if earliest is None else min(earliest, created)
-                if created is not None and created < oldest - CLOCK_SKEW:
-                    continue  # before our request: an earlier text, not this one
-                if entry.id in known:
-                    continue
-                m = matcher.take(entry.recipient, entry.message)
-                if m is not None:
-                    found.append((m.id, entry.id, entry.cost))
-                    known.add(entry.id)
+            earliest = await self._match_page(logs.entries, matcher, found, oldest)
             # The pages still worth reading for each message left: from where its entry
             # can be, until entries older than its request (newest first: not further).
             wanted = [
@@ -203,6 +173,60 @@ class Reconciler:
             await self.outcomes.record_sent(found)
         await self._not_found(matcher.remaining())
         return None
+
+    async def _match_page(
+        self,
+        entries: list[LogEntry],
+        matcher: LogMatcher[Message],
+        found: list[tuple[int, str | None, float | None]],
+        oldest: float,
+    ) -> float | None:
+        """Match one page of /logs to the messages left in `matcher` (taken out of it,
+        and added to `found`); returns when the page's oldest entry was created."""
+        earliest: float | None = None  # the oldest entry on the page
+        known = await self.store.known_provider_ids([e.id for e in entries])
+        for entry in entries:
+            created = provider_time(entry.created_at, self.tz)
+            if created is not None:
+                earliest = created if earliest is None else min(earliest, created)
+            if created is not None and created < oldest - CLOCK_SKEW:
+                continue  # before our request: an earlier text, not this one
+            if entry.id in known:
+                continue
+            m = matcher.take(entry.recipient, entry.message)
+            if m is not None:
+                found.append((m.id, entry.id, entry.cost))
+                known.add(entry.id)
+        return earliest
+
+    async def _wait_for_logs(
+        self,
+        exc: ProviderError,
+        now: float,
+        page: int,
+        matcher: LogMatcher[Message],
+        found: list[tuple[int, str | None, float | None]],
+        start: dict[int, int],
+    ) -> None:
+        """/logs failed mid-walk: what the pages read found is recorded, what has waited
+        for /logs too long is decided without it, and the rest waits for it to answer."""
+        # What the pages read showed is settled now (dropped, it stayed `sending`
+        # and was resent once overdue: a second SMS of a text the provider had).
+        if found:
+            await self.outcomes.record_sent(found)
+        # Only what has waited for /logs as long as a retry may last is decided
+        # without it; the rest waits for /logs to answer.
+        patience = self.config.retry_max_age
+        missing = matcher.remaining()
+        overdue = [m for m in missing if (m.claimed_at or now) + patience <= now]
+        # The rest goes on from this page when /logs answers again (from page 1,
+        # a 503 deep in a bulk's pages sent the walk back over what it had read).
+        self._resume = {m.id: max(page, start[m.id]) for m in missing if m not in overdue}
+        self.logs_retry_at = now + self.outcomes.backoff(self._logs_failures + 1)
+        log.warning("cannot read /logs to reconcile %d messages: %s", len(missing), exc)
+        if overdue:
+            log.error("/logs unreadable for %.0fs (%s): outcomes stay unknown", patience, exc)
+            await self._not_found(overdue)
 
     async def _stop_at(
         self,

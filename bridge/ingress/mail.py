@@ -718,6 +718,23 @@ def _plain_mail(raw: bytes) -> tuple[dict[str, str], bytes, str | None] | None:
     if not raw.isascii():
         return None
     text = raw.decode("ascii")
+    block = _header_block(text)
+    if block is None:
+        return None
+    end, eol = block
+    folded = _folded_headers(text[:end], eol)
+    if folded is None:
+        return None
+    read = _plain_headers(folded, eol)
+    if read is None:
+        return None
+    found, charset = read
+    return found, raw[end + 2 * len(eol) :], charset
+
+
+def _header_block(text: str) -> tuple[int, str] | None:
+    """Where the header block of a plain mail ends, and its one line ending; None where
+    there is no blank line after it, or its line endings are mixed."""
     end = text.find("\r\n\r\n")
     eol = "\r\n"
     if end < 0 or "\n\n" in text[:end]:
@@ -729,17 +746,31 @@ def _plain_mail(raw: bytes) -> tuple[dict[str, str], bytes, str | None] | None:
         return None
     if eol == "\r\n" and not head.count("\r") == head.count("\n") == head.count("\r\n"):
         return None
-    folded: list[tuple[str, list[str]]] = []  # a header's name and its lines
+    return end, eol
+
+
+def _folded_headers(head: str, eol: str) -> list[tuple[str, list[str]]] | None:
+    """Each header's name and its lines (the first less the name, then its folded
+    continuations); None at a line that is neither."""
+    folded: list[tuple[str, list[str]]] = []
     for line in head.split(eol):
         if line[:1] in (" ", "\t"):
             if not folded:
                 return None
-            folded[-1][1].append(line)  # joined once below: thousands of folds stay linear
+            folded[-1][1].append(line)  # joined once, by the reader: thousands of folds stay linear
         elif _HEADER_LINE.match(line):
             name, value = line.split(":", 1)
             folded.append((name, [value.lstrip(" \t")]))
         else:
             return None
+    return folded
+
+
+def _plain_headers(
+    folded: list[tuple[str, list[str]]], eol: str
+) -> tuple[dict[str, str], str | None] | None:
+    """The headers read (as `_headers` reads them) and the charset; None unless the
+    Content-Type is one simple text/plain and the transfer encoding a plain one."""
     found: dict[str, str] = {}
     charset: str | None = None
     seen_type = False
@@ -763,7 +794,7 @@ def _plain_mail(raw: bytes) -> tuple[dict[str, str], bytes, str | None] | None:
             return None
         if key in HEADERS_READ and key not in found:
             found[key] = header_text(POLICY, name, value)
-    return found, raw[end + 2 * len(eol) :], charset
+    return found, charset
 
 
 def _normalised(text: str) -> str:

@@ -9,7 +9,7 @@ because webhook senders retry 5xx and drop 4xx.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bridge.clock import Clock, zone
-from bridge.config import HttpConfig, LiveConfig
+from bridge.config import Config, HttpConfig, LiveConfig, Recipients
 from bridge.config.masking import mask
 from bridge.errors import HttpError, InputError, StoreUnavailable, Unavailable
 from bridge.firewall import cap_recipients, sender_id_for
@@ -51,7 +51,7 @@ from bridge.ingress.http.hosts import HostCheck
 from bridge.ingress.http.hot import HotRoutes
 from bridge.ingress.http.lockout import AuthLockout, vouch
 from bridge.ingress.http.openapi import LIST_LIMIT, MAX_LIST_LIMIT, openapi_spec
-from bridge.ingress.ingest import Ingestor
+from bridge.ingress.ingest import Accepted, Ingestor
 from bridge.ingress.throttle import FailureThrottle
 from bridge.loops import LoopHealth
 from bridge.models import events_json
@@ -188,6 +188,111 @@ def posted(path: str, endpoint: Handler, method: str = "POST") -> list[Route]:
     ]
 
 
+def message_draft(
+    body: Any,
+    config: Config,
+    resolver: Recipients,
+    caller: Principal,
+    clock: Clock,
+    secrets: Sequence[str],
+) -> Draft:
+    """The text a `POST /api/v1/messages` body asks for, its fields checked (a 400 says
+    which is wrong) and its recipients resolved."""
+    if not isinstance(body, dict):
+        raise HttpError(400, "body must be a JSON object", "body")
+    targets = recipients_field(body.get("to"))
+    cap_recipients(targets, config.http.max_recipients)
+    text = _string(body, "message", required=True, max_len=MAX_TEXT_CHARS)
+    sender_id = sender_id_for(config, _string(body, "sender_id"))
+    dedupe_key = _string(body, "dedupe_key", max_len=MAX_DEDUPE_KEY)
+    schedule = _string(body, "schedule_time")
+    recipients = resolver.resolve(targets)
+    return Draft(
+        recipients=recipients,
+        text=text or "",
+        source="http",
+        sender_id=sender_id,
+        # API keys never meet a route's or a mail's, and one token's keys
+        # never mute another's (no tokens: one anonymous caller, "api").
+        scope=dedupe_scope("api", caller.name if config.tokens else None),
+        token=token_name(caller),
+        dedupe_key=dedupe_key,
+        schedule_time=parse_schedule_time(
+            schedule, now=clock.now(), tz=zone(config.provider.timezone), secrets=secrets
+        )
+        if schedule
+        else None,
+    )
+
+
+def accepted_answer(accepted: list[Accepted]) -> Response:
+    """The 202 of `POST /api/v1/messages`: each recipient's message and its state."""
+    return JSONAnswer(
+        {
+            "ids": [a.id for a in accepted],
+            "messages": [
+                {"id": a.id, "to": a.recipient, "state": str(a.state), "reason": a.reason}
+                for a in accepted
+            ],
+        },
+        202,
+    )
+
+
+async def change_message(
+    request: Request, action: str, *, store: Store, clock: Clock, wake: Callable[[], None] | None
+) -> Response:
+    """`POST .../retry` (failed -> queued) or `.../cancel` (queued, held -> failed)."""
+    raw = request.path_params["message_id"]
+    message_id = query_int(raw, "id", minimum=1) or 0  # never None: a path value
+    who = api_actor(request)
+    if action == "retry":
+        done = await store.retry([message_id], clock.now(), by=who)
+    else:
+        done = await store.cancel([message_id], clock.now(), by=who)
+    message = await store.get(message_id)
+    if message is None:
+        raise HttpError(404, f"no message {raw}", "id")
+    if not done:
+        # The state too, for a script to act on without reading the words.
+        why = why_not(action, message_id, message.state)
+        return JSONAnswer({"error": why, "state": str(message.state)}, 409)
+    if wake is not None:
+        wake()
+    return JSONAnswer(message.to_json())
+
+
+def liveness_problems(loops: LoopHealth, store: Store) -> dict[str, Any]:
+    """Why /healthz answers 503 (empty: alive). Alive is more than answering: a
+    dispatcher whose every step fails leaves what was acknowledged unsent, and a
+    restart is what an orchestrator can offer."""
+    problems: dict[str, Any] = {}
+    if failing := loops.failing():
+        problems["loops"] = failing
+    if broken := store.stats().broken:  # nothing is acknowledged until a restart
+        problems["store"] = broken
+    return problems
+
+
+async def readiness_problems(
+    request: Request, live: LiveConfig, probe: StoreProbe, health: ProviderHealth, loops: LoopHealth
+) -> dict[str, str]:
+    """Why /readyz answers 503 (empty: ready)."""
+    problems: dict[str, str] = {}
+    try:
+        await probe.write()  # a real write, every time: a full disk fails it
+    except StoreUnavailable as exc:
+        problems["store"] = unavailable_reason(exc, request, live)
+    if not health.ready:
+        # Not the provider's words: anyone may ask /readyz, and a provider's error may
+        # quote anything (our key, the account's owner). A probe needs the status; the
+        # console (a token's) and the log show the words, masked.
+        problems["provider"] = PROVIDER_INACTIVE if health.inactive else PROVIDER_REFUSED
+    if failing := loops.failing():
+        problems["loops"] = "; ".join(f"{name}: {why}" for name, why in failing.items())
+    return problems
+
+
 def create_app(
     *,
     live: LiveConfig,
@@ -220,52 +325,12 @@ def create_app(
     )
 
     async def post_message(request: Request) -> Response:
-        config, resolver = live.current, live.recipients  # both before the first await
+        # all three before the first await: one config for the whole request
+        config, resolver, secrets = live.current, live.recipients, live.secrets
         body = await read_json(request, config.http)
-        if not isinstance(body, dict):
-            raise HttpError(400, "body must be a JSON object", "body")
-        targets = recipients_field(body.get("to"))
-        cap_recipients(targets, config.http.max_recipients)
-        text = _string(body, "message", required=True, max_len=MAX_TEXT_CHARS)
-        sender_id = sender_id_for(config, _string(body, "sender_id"))
-        dedupe_key = _string(body, "dedupe_key", max_len=MAX_DEDUPE_KEY)
-        schedule = _string(body, "schedule_time")
-        recipients = resolver.resolve(targets)
-        caller: Principal = request.state.principal
+        draft = message_draft(body, config, resolver, request.state.principal, clock, secrets)
         del body  # what else the caller sent must not wait for the store (hooks.py says why)
-        accepted = await ingestor.submit(
-            [
-                Draft(
-                    recipients=recipients,
-                    text=text or "",
-                    source="http",
-                    sender_id=sender_id,
-                    # API keys never meet a route's or a mail's, and one token's keys
-                    # never mute another's (no tokens: one anonymous caller, "api").
-                    scope=dedupe_scope("api", caller.name if config.tokens else None),
-                    token=token_name(caller),
-                    dedupe_key=dedupe_key,
-                    schedule_time=parse_schedule_time(
-                        schedule,
-                        now=clock.now(),
-                        tz=zone(config.provider.timezone),
-                        secrets=live.secrets,
-                    )
-                    if schedule
-                    else None,
-                )
-            ]
-        )
-        return JSONAnswer(
-            {
-                "ids": [a.id for a in accepted],
-                "messages": [
-                    {"id": a.id, "to": a.recipient, "state": str(a.state), "reason": a.reason}
-                    for a in accepted
-                ],
-            },
-            202,
-        )
+        return accepted_answer(await ingestor.submit([draft]))
 
     async def list_messages(request: Request) -> Response:
         wanted = await read_list_query(
@@ -290,29 +355,9 @@ def create_app(
 
     def change(action: str) -> Handler:
         async def changed(request: Request) -> Response:
-            return await change_message(request, action)
+            return await change_message(request, action, store=store, clock=clock, wake=wake)
 
         return changed
-
-    async def change_message(request: Request, action: str) -> Response:
-        """`POST .../retry` (failed -> queued) or `.../cancel` (queued, held -> failed)."""
-        raw = request.path_params["message_id"]
-        message_id = query_int(raw, "id", minimum=1) or 0  # never None: a path value
-        who = api_actor(request)
-        if action == "retry":
-            done = await store.retry([message_id], clock.now(), by=who)
-        else:
-            done = await store.cancel([message_id], clock.now(), by=who)
-        message = await store.get(message_id)
-        if message is None:
-            raise HttpError(404, f"no message {raw}", "id")
-        if not done:
-            # The state too, for a script to act on without reading the words.
-            why = why_not(action, message_id, message.state)
-            return JSONAnswer({"error": why, "state": str(message.state)}, 409)
-        if wake is not None:
-            wake()
-        return JSONAnswer(message.to_json())
 
     async def cancel_many(request: Request) -> Response:
         """`POST /api/v1/messages/cancel`: every waiting message a filter selects (the
@@ -346,31 +391,12 @@ def create_app(
         return JSONAnswer(openapi_spec(live.current))
 
     async def healthz(request: Request) -> Response:
-        # Alive is more than answering: a dispatcher whose every step fails leaves what
-        # was acknowledged unsent, and a restart is what an orchestrator can offer.
-        problems: dict[str, Any] = {}
-        if failing := loops.failing():
-            problems["loops"] = failing
-        if broken := store.stats().broken:  # nothing is acknowledged until a restart
-            problems["store"] = broken
-        if problems:
+        if problems := liveness_problems(loops, store):
             return JSONAnswer({"status": "failing", "problems": problems}, 503)
         return JSONAnswer({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        problems: dict[str, str] = {}
-        try:
-            await probe.write()  # a real write, every time: a full disk fails it
-        except StoreUnavailable as exc:
-            problems["store"] = unavailable_reason(exc, request, live)
-        if not health.ready:
-            # Not the provider's words: anyone may ask /readyz, and a provider's error may
-            # quote anything (our key, the account's owner). A probe needs the status; the
-            # console (a token's) and the log show the words, masked.
-            problems["provider"] = PROVIDER_INACTIVE if health.inactive else PROVIDER_REFUSED
-        if failing := loops.failing():
-            problems["loops"] = "; ".join(f"{name}: {why}" for name, why in failing.items())
-        if problems:
+        if problems := await readiness_problems(request, live, probe, health, loops):
             return JSONAnswer({"status": "unavailable", "problems": problems}, 503)
         return JSONAnswer({"status": "ready"})
 
