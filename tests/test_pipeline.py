@@ -599,13 +599,15 @@ async def test_a_store_error_quoting_a_secret_is_masked_in_answers(
 async def test_dedupe_key_suppresses_a_repeat(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
+    """The key, not the text: the repeat says other words (a disk at 91 %, then 93 %),
+    which identical-text dedupe would let through."""
     config = bridge_config(tmp_path, sandbox_url)
-    body = {"to": "+12025550143", "message": "x", "dedupe_key": "db-2-disk"}
+    body = {"to": "+12025550143", "message": "db-2 disk 91%", "dedupe_key": "db-2-disk"}
     async with running_bridge(config, clock) as (_bridge, url):
         first = (await post(url, body)).json()["messages"][0]
-        second = (await post(url, body)).json()["messages"][0]
+        second = (await post(url, {**body, "message": "db-2 disk 93%"})).json()["messages"][0]
         clock.advance(601)
-        third = (await post(url, body)).json()["messages"][0]
+        third = (await post(url, {**body, "message": "db-2 disk 95%"})).json()["messages"][0]
     assert first["state"] == "queued"
     assert second["state"] == "suppressed" and str(first["id"]) in second["reason"]
     assert third["state"] == "queued"
