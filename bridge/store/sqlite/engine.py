@@ -18,18 +18,20 @@ SQLite's NORMAL never corrupts a WAL database (a power loss rolls back to the la
 on disk), and every acknowledged commit's frames were on disk before its acknowledgement
 (BENCHMARKS.md, issue #16). A failed `fdatasync` cannot be retried safely (the kernel
 may have dropped the pages it could not write, and a later sync succeed without them):
-the jobs it covered fail, and so does every write after it until the bridge restarts. Consecutive jobs for the same batch function
-(`write_batched`: every ingest) run as one call, so a hundred concurrent ingests cost a
-handful of statements, not two hundred: each statement is a trip into SQLite that hands
-the GIL to the event loop and waits to get it back. The loop hands its jobs over in
-bursts: those issued in one turn of the loop go to the queue together at the start of the
-next, so the writer wakes once for them and takes them as one group, not the first alone
-while the rest queue behind its commit (each wake-up of the writer, and each time it
-takes the GIL back, waits on the busy loop). A group of one such batch alone may
-go without the transaction (`write_batched`'s `unlocked`: its reads, then one statement
-that commits itself, or nothing written and the transaction after all), which saves two
-of those trips. Readers run on their own connections in a small thread pool; WAL lets
-them read while the writer writes.
+the jobs it covered fail, and so does every write after it until the bridge restarts.
+
+Consecutive jobs for the same batch function (`write_batched`: every ingest) run as one
+call, so a hundred concurrent ingests cost a handful of statements, not two hundred:
+each statement is a trip into SQLite that hands the GIL to the event loop and waits to
+get it back. The loop hands its jobs over in bursts: those issued in one turn of the
+loop go to the queue together at the start of the next, so the writer wakes once for
+them and takes them as one group, not the first alone while the rest queue behind its
+commit (each wake-up of the writer, and each time it takes the GIL back, waits on the
+busy loop). A group of one such batch alone may go without the transaction
+(`write_batched`'s `unlocked`: its reads, then one statement that commits itself, or
+nothing written and the transaction after all), which saves two of those trips. Readers
+run on their own connections in a small thread pool; WAL lets them read while the writer
+writes.
 
 Knows nothing of messages: `bridge.store.sqlite.store.SqliteStore` builds the operations
 on it.
