@@ -7,12 +7,8 @@ bridge and sandbox, so a minute of rate window passes without sleeping.
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import itertools
-import os
 import sqlite3
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -476,69 +472,6 @@ async def test_store_unwritable_answers_503(tmp_path, clock: ManualClock, sandbo
         ok = await http.post(f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"})
         assert ok.status_code == 202
         assert await bridge.store.counts() == {"queued": 1}
-
-
-async def test_an_alert_is_acknowledged_only_once_the_wal_is_on_disk(
-    tmp_path, clock: ManualClock, sandbox_url: str
-) -> None:
-    """The writer commits with `synchronous=NORMAL` and goes on to the next group; the
-    syncer's fdatasync of the WAL makes the commit durable, and only then comes the 202.
-    A slow disk here holds the answer, not the commit."""
-    config = bridge_config(tmp_path, sandbox_url)
-    wal = f"{config.store.path}-wal"  # tmp_path is resolved already
-    store = faulty_store(config)
-    disk_done = threading.Event()
-    synced: list[str] = []
-
-    def slow_disk(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        disk_done.wait(10)
-
-    async with running_bridge(config, clock, store) as (bridge, url), httpx.AsyncClient() as http:
-        store.fail_syncs(slow_disk)
-        post = asyncio.create_task(
-            http.post(f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"})
-        )
-        for _ in range(100):  # committed (readers see it) while its sync is under way
-            if synced and await bridge.store.counts() == {"queued": 1}:
-                break
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.2)
-        assert not post.done(), "answered before the WAL was synced"
-        assert synced == [wal]
-        disk_done.set()
-        store.fail_syncs(None)
-        assert (await post).status_code == 202
-
-
-async def test_a_failed_sync_fails_what_it_covered_and_every_write_until_a_restart(
-    tmp_path, clock: ManualClock, sandbox_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """After a failed fdatasync the kernel may have dropped the pages it could not write,
-    and a later sync succeed without them: nothing may be acknowledged on that file until
-    the bridge restarts and reads what is really on disk."""
-    config = bridge_config(tmp_path, sandbox_url)
-    store = faulty_store(config)
-
-    def failing_disk(fd: int) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-
-    alert = {"to": "+12025550143", "message": "x"}
-    async with running_bridge(config, clock, store) as (_, url), httpx.AsyncClient() as http:
-        store.fail_syncs(failing_disk)
-        failed = await http.post(f"{url}/api/v1/messages", json=alert)
-        store.fail_syncs(None)  # the next sync would succeed: too late
-        after = await http.post(f"{url}/api/v1/messages", json={**alert, "message": "y"})
-        ready = await http.get(f"{url}/readyz")
-        alive = await http.get(f"{url}/healthz")  # a liveness probe restarts it
-    assert failed.status_code == 503 and "store sync failed" in failed.json()["error"]
-    assert after.status_code == 503 and "restart" in after.json()["error"], after.text
-    assert ready.status_code == 503
-    assert alive.status_code == 503 and "restart" in alive.json()["problems"]["store"]
-    assert "store sync failed, no more writes until a restart" in caplog.text
-    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
-        again = await http.post(f"{url}/api/v1/messages", json={**alert, "message": "y"})
-    assert again.status_code == 202, again.text
 
 
 async def test_readyz_turns_red_when_the_disk_refuses_writes(

@@ -8,12 +8,14 @@ the sync under way and answers what it covered.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from bridge.clock import ManualClock
 from bridge.provider.sandbox import SandboxState
@@ -37,6 +39,18 @@ async def held_while_committed(bridge: Bridge, disk: HeldDisk, answer: asyncio.F
     assert not answer.done(), f"answered before the WAL was synced: {answer}"
 
 
+async def held_post(
+    bridge: Bridge, disk: HeldDisk, http: httpx.AsyncClient, url: str
+) -> asyncio.Future[httpx.Response]:
+    """An alert posted while `disk` holds every sync: its answer, still pending once the
+    alert is committed and its sync under way."""
+    post = asyncio.ensure_future(
+        http.post(f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"})
+    )
+    await held_while_committed(bridge, disk, post)
+    return post
+
+
 def linked_elsewhere(path: Path) -> Path:
     """Make `path` a symbolic link to a new empty store in another directory: that file."""
     real = path.parent / "volume" / path.name
@@ -44,6 +58,23 @@ def linked_elsewhere(path: Path) -> Path:
     real.touch(mode=0o600)
     path.symlink_to(real)
     return real
+
+
+async def test_an_alert_is_acknowledged_only_once_the_wal_is_on_disk(
+    tmp_path: Path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """The writer commits with `synchronous=NORMAL` and goes on to the next group; the
+    syncer's fdatasync of the WAL makes the commit durable, and only then comes the 202.
+    A slow disk here holds the answer, not the commit."""
+    config = bridge_config(tmp_path, sandbox_url)
+    store = faulty_store(config)
+    disk = HeldDisk()
+    async with running_bridge(config, clock, store) as (bridge, url), httpx.AsyncClient() as http:
+        store.fail_syncs(disk)
+        post = await held_post(bridge, disk, http, url)
+        assert disk.synced == [f"{config.store.path}-wal"]  # tmp_path is resolved already
+        disk.release()
+        assert (await post).status_code == 202
 
 
 async def test_a_store_reached_by_a_symlink_is_acknowledged_after_its_real_wal_is_synced(
@@ -58,10 +89,7 @@ async def test_a_store_reached_by_a_symlink_is_acknowledged_after_its_real_wal_i
     disk = HeldDisk()
     async with running_bridge(config, clock, store) as (bridge, url), httpx.AsyncClient() as http:
         store.fail_syncs(disk)
-        post = asyncio.ensure_future(
-            http.post(f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"})
-        )
-        await held_while_committed(bridge, disk, post)
+        post = await held_post(bridge, disk, http, url)
         disk.release()
         assert (await post).status_code == 202
     assert disk.synced[0] == f"{real}-wal", disk.synced
@@ -96,10 +124,7 @@ async def test_nothing_is_sent_before_its_ingest_is_on_disk(
     disk = HeldDisk()
     async with running_bridge(config, clock, store) as (bridge, url), httpx.AsyncClient() as http:
         store.fail_syncs(disk)
-        post = asyncio.ensure_future(
-            http.post(f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"})
-        )
-        await held_while_committed(bridge, disk, post)
+        post = await held_post(bridge, disk, http, url)
         step = asyncio.ensure_future(bridge.dispatcher.run_once())
         await asyncio.sleep(0.3)
         assert sandbox_state.entries == [], "sent before the ingest was on disk"
@@ -210,3 +235,33 @@ async def test_what_was_queued_to_the_writer_before_a_failed_sync_is_never_writt
         texts = [m.text for m in await bridge.store.query(limit=10)]
     assert [a.status_code for a in answers] == [503, 503], [a.text for a in answers]
     assert texts == ["first"], texts
+
+
+async def test_a_failed_sync_fails_what_it_covered_and_every_write_until_a_restart(
+    tmp_path, clock: ManualClock, sandbox_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a failed fdatasync the kernel may have dropped the pages it could not write,
+    and a later sync succeed without them: nothing may be acknowledged on that file until
+    the bridge restarts and reads what is really on disk."""
+    config = bridge_config(tmp_path, sandbox_url)
+    store = faulty_store(config)
+
+    def failing_disk(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    alert = {"to": "+12025550143", "message": "x"}
+    async with running_bridge(config, clock, store) as (_, url), httpx.AsyncClient() as http:
+        store.fail_syncs(failing_disk)
+        failed = await http.post(f"{url}/api/v1/messages", json=alert)
+        store.fail_syncs(None)  # the next sync would succeed: too late
+        after = await http.post(f"{url}/api/v1/messages", json={**alert, "message": "y"})
+        ready = await http.get(f"{url}/readyz")
+        alive = await http.get(f"{url}/healthz")  # a liveness probe restarts it
+    assert failed.status_code == 503 and "store sync failed" in failed.json()["error"]
+    assert after.status_code == 503 and "restart" in after.json()["error"], after.text
+    assert ready.status_code == 503
+    assert alive.status_code == 503 and "restart" in alive.json()["problems"]["store"]
+    assert "store sync failed, no more writes until a restart" in caplog.text
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        again = await http.post(f"{url}/api/v1/messages", json={**alert, "message": "y"})
+    assert again.status_code == 202, again.text
