@@ -51,7 +51,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlite_utils import Database
 
@@ -70,6 +70,15 @@ BUSY_TIMEOUT_MS = 5000
 # group alone would only fail each again, slowly. Any other code (CONSTRAINT, TOOBIG,
 # MISMATCH, RANGE, a plain ERROR in one job's statement) is the job's own.
 WHOLE_DATABASE_CODES = frozenset({3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 26})
+
+# None binds as NULL either way, but Python's sqlite3 looks for an adapter for every
+# value that is not an int, float, str or bytes: for None it finds none, then raises and
+# clears two AttributeErrors (`__adapt__`, `__conform__`) before binding NULL as it
+# would have. An ingest binds ~7 NULLs a message in the writer thread, with the GIL
+# held: the lookups were 14 % of that thread's instructions (BENCHMARKS.md). A C
+# builtin that returns None makes the lookup one dict hit; process-wide, as sqlite3's
+# adapters are, and the same NULL for every connection.
+sqlite3.register_adapter(type(None), cast(Callable[[None], None], {}.get))
 
 
 class _JobFailed(Exception):
