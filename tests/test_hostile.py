@@ -264,6 +264,17 @@ def test_json_nested_50000_deep_is_a_400(bridge) -> None:
     _refused(_post(url, "/api/v1/messages", medium), 400, "nested deeper than 64")
 
 
+def test_json_nesting_is_refused_from_65_levels_as_the_bytes_count_them() -> None:
+    """parse_json checks the depth only of a body with more than 64 `[` and `{` bytes."""
+    deepest = b'{"a": ' + b"[" * 63 + b"]" * 63 + b"}"  # 64 levels: 64 marks
+    assert parse_json(deepest) == json.loads(deepest)
+    with pytest.raises(HttpError, match="nested deeper than 64"):
+        parse_json(b"[" + deepest + b"]")
+    # Brackets in strings count as well (towards the check, never past it).
+    as_text = b'{"a": "[[[[", ' + b'"b": ' + b"[" * 63 + b"]" * 63 + b"}"
+    assert parse_json(as_text) == json.loads(as_text)
+
+
 _PAD = 2**20 - 100  # a body within the default http.max_body_bytes, with its fields
 # A megabyte of items of each cheap shape: 350,000 to 520,000 items, 1.4 to 2.1 items a
 # byte, where real payloads hold under 0.08.
@@ -395,6 +406,13 @@ def test_a_lone_surrogate_is_a_400_naming_the_field(bridge) -> None:
         (b'{"a": {"\\udc00": 1}}', "a"),
         (b'{"": ["\\ud800"]}', "[0]"),
         (b'{"a": [{"b": ["x", {"c": "\\udfff"}]}]}', "a[0].b[1].c"),
+        (b'{"a": "\\uDBFF"}', "a"),  # an escape's hex digits in either case
+        # Not escaped: json.loads decodes with 'surrogatepass', so one in UTF-8's form,
+        # or a code unit of a UTF-16 or UTF-32 body, with or without its BOM
+        (b'{"a": "disk \xed\xa0\x80 full"}', "a"),
+        ('{"a": ["\ud800"]}'.encode("utf-16", "surrogatepass"), "a[0]"),
+        ('{"a": "\udc00"}'.encode("utf-16-be", "surrogatepass"), "a"),
+        ('{"a": "\udfff"}'.encode("utf-32-le", "surrogatepass"), "a"),
     ],
 )
 def test_a_lone_surrogate_anywhere_is_named_by_its_path(body: bytes, field: str) -> None:
@@ -403,6 +421,19 @@ def test_a_lone_surrogate_anywhere_is_named_by_its_path(body: bytes, field: str)
         parse_json(body)
     assert refused.value.status == 400 and "lone surrogate" in refused.value.message
     assert refused.value.field == field
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"to": "+12025550143", "message": "disk full"}',
+        b'{"message": "\\u00e9t\xc3\xa9 \xed\x95\x9c \\ud83d\\ude00"}',  # Hangul is ED 95..
+        b'{"message": "a path C:\\\\udev"}',  # an escaped backslash, then "udev"
+    ],
+)
+def test_bodies_without_a_lone_surrogate_parse(body: bytes) -> None:
+    """The search that spares most bodies the full check errs only towards checking."""
+    assert parse_json(body) == json.loads(body)
 
 
 def test_the_ingest_paths_neighbours_get_the_routers_answers(bridge) -> None:

@@ -157,8 +157,33 @@ def parse_json(body: bytes, max_items: int = MAX_JSON_ITEMS) -> Any:
         raise HttpError(400, "body is JSON nested too deeply", "body") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise HttpError(400, f"body is not valid JSON: {exc}", "body") from exc
-    check_json(value)
+    if may_nest_deeper(body) or may_hold_surrogates(body):  # else it would pass
+        check_json(value)
     return value
+
+
+def may_nest_deeper(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `body` parsed may nest deeper than `max_depth`: every level opens with a
+    `[` or `{` byte (those inside strings count too, erring towards the check)."""
+    return body.count(b"[") + body.count(b"{") > max_depth
+
+
+# Where json.loads can get a lone surrogate from in a UTF-8 body: a `\uD800`-`\uDFFF`
+# escape (JSON writes escapes with a lower-case u, as json reads them), or, since it
+# decodes with 'surrogatepass', the UTF-8 form of one (ED A0-BF ..). Pairs written as
+# escapes (json.dumps' emoji) match too: they only take the full check.
+_SURROGATE_SOURCE = re.compile(rb"\\u[dD]|\xed[\xa0-\xbf]")
+_UTF16_OR_32 = (b"\xff\xfe", b"\xfe\xff")  # json.detect_encoding's BOMs; or NULs in the head
+
+
+def may_hold_surrogates(body: bytes) -> bool:
+    """Whether `body` parsed may hold a lone surrogate. With `may_nest_deeper`, a search
+    at C speed (a few hundred ns for an alert) that spares nearly every body
+    `check_json`'s walk and its encoding of the whole value (BENCHMARKS.md, issue #16).
+    UTF-16 and UTF-32 bodies carry surrogates as plain code units: always checked."""
+    if body.startswith(_UTF16_OR_32) or b"\x00" in body[:4]:
+        return True
+    return _SURROGATE_SOURCE.search(body) is not None
 
 
 def check_items(body: bytes, max_items: int) -> None:
