@@ -232,6 +232,9 @@ HOSTILE = [
     ("[provider]\ntimeout = inf\n", {}, "provider.timeout"),
     ("[provider]\ntimeout = nan\n", {}, "provider.timeout"),
     ("[provider]\nconnect_timeout = 0\n", {}, "provider.connect_timeout"),
+    # A refused key probed back to back: the minute's 100 requests went in 8 s.
+    ("[provider]\nauth_probe_interval = 0\n", {}, "provider.auth_probe_interval"),
+    ('[provider]\nauth_probe_interval = "4s"\n', {}, "provider.auth_probe_interval"),
     ("[provider]\ntimeout = 1" + "0" * 400 + "\n", {}, "provider.timeout"),
     ("[budget]\nlow_balance = 1" + "0" * 400 + "\n", {}, "budget.low_balance"),
     ('[store]\nretention = "9999999999d"\n', {}, "store.retention"),

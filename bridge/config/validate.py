@@ -48,6 +48,7 @@ def validate(config: Config, problem: Problem) -> None:
 
 
 DAY = 86400.0
+MIN_AUTH_PROBE_INTERVAL = 5.0  # seconds: 12 probes a minute at most while a key is refused
 
 
 def daily_caps(config: Config) -> list[str]:
@@ -255,6 +256,14 @@ def _validate_provider(p: ProviderConfig, problem: Problem) -> None:
     for key in ("timeout", "connect_timeout"):
         if getattr(p, key) <= 0:  # httpx's 0 times out at once: every send failed
             problem(f"provider.{key}", "must be above 0")
+    if not p.auth_probe_interval >= MIN_AUTH_PROBE_INTERVAL:
+        # At 0 a refused key was probed back to back: the minute's 100 requests went in
+        # 8 s, every one a 401 the provider may count against the account.
+        problem(
+            "provider.auth_probe_interval",
+            f"must be at least {MIN_AUTH_PROBE_INTERVAL:g}s: each probe of a refused key"
+            " is a request of the minute's budget",
+        )
     if not 1 <= p.max_bulk <= 1000:
         problem("provider.max_bulk", "must be between 1 and 1000 (the provider's bulk limit)")
     if not valid_sender_id(p.sender_id):
