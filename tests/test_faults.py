@@ -18,6 +18,7 @@ import pytest
 
 from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
+from bridge.delivery.reconcile import RECONCILE_DELAY
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
 from tests.helpers import bridge_config, max_in_window, pump, served
@@ -245,3 +246,42 @@ async def test_variant_and_fault_matrix(
     assert {("+12025550300", "later"), ("+12025550200", "single 0")} <= delivered | {
         (m.recipient, m.text) for m in messages if m.state == State.SENT
     }
+
+
+@on_each_backend
+async def test_an_unknown_outcome_is_looked_up_in_the_logs_after_the_reconcile_delay(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A 502 after the provider took the text leaves it `sending` until /logs says what
+    became of it, which the reconciler reads RECONCILE_DELAY (5 s) after the send. With
+    nothing else queued, the dispatcher slept its idle wait (30 s) after that send and
+    only then looked: the alert's fate, and a resend if it was not taken, came 25 s late.
+    The wait the dispatcher asks for (what `Dispatcher.run` sleeps) is held here."""
+    sandbox_state.faults.append(
+        Fault(status=502, body="<html>Bad Gateway</html>", taken=True, path="/send")
+    )
+    config = bridge_config(tmp_path, sandbox_url)
+    async with (
+        build_bridge(config, clock=clock) as bridge,
+        served(bridge.app) as url,
+        httpx.AsyncClient() as http,
+    ):
+        await bridge.dispatcher.load_budget()
+        body = {"to": "+12025550201", "message": "disk 97% on db-2"}
+        (message_id,) = (await http.post(f"{url}/api/v1/messages", json=body)).json()["ids"]
+
+        def requests(path: str) -> int:
+            return sum(r.path.endswith(path) for r in sandbox_state.requests)
+
+        wait = await bridge.dispatcher.run_once()
+        assert requests("/send") == 1
+        assert (await bridge.store.get(message_id)).state == State.SENDING
+        assert wait <= RECONCILE_DELAY, f"the /logs look waits {wait:g}s"
+        slept = 0.0
+        while requests("/logs") == 0 and slept < 60:
+            clock.advance(wait)
+            slept += wait
+            wait = await bridge.dispatcher.run_once()
+        assert requests("/logs") >= 1 and slept <= RECONCILE_DELAY + 0.1, slept
+        assert (await bridge.store.get(message_id)).state in (State.SENT, State.DELIVERED)
+        assert requests("/send") == 1  # taken: found in /logs, never sent again

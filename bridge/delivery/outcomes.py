@@ -73,6 +73,8 @@ class Outcomes:
         self.balance: float | None = None  # the provider's last word on it
         self.next_probe = 0.0  # while the key is refused: when to try it again
         self._inactive_strikes = 0  # 403s in a row: the wait before the next try doubles
+        # When outcomes were left to /logs: the dispatcher wakes to look (`unknown_looks`).
+        self.unknown_noted: list[float] = []
 
     async def succeeded(self, batch: list[Message], result: SendResult) -> None:
         self.limiter.answered()
@@ -94,6 +96,7 @@ class Outcomes:
             unknown = "outcome unknown: the provider's answer named the others, not this one"
             late = await self.store.note_unknown(ids, now, unknown, "unknown", owner=self.owner)
             self.not_held(late, unknown)
+            self.unknown_noted.append(now)
         await self._check_balance(result.balance)
 
     async def record_sent(self, rows: list[tuple[int, str | None, float | None]]) -> None:
@@ -171,6 +174,7 @@ class Outcomes:
                 unknown = f"outcome unknown, checking the provider's logs: {exc}"
                 late = await self.store.note_unknown(ids, now, unknown, "unknown", owner=self.owner)
                 self.not_held(late, unknown)
+                self.unknown_noted.append(now)
             case ProviderFailed():
                 # It says it failed; /logs still decides, a 5xx is not proof of nothing sent.
                 self.limiter.answered()
@@ -179,6 +183,7 @@ class Outcomes:
                     ids, now, error, "provider-error", owner=self.owner
                 )
                 self.not_held(late, error)
+                self.unknown_noted.append(now)
             case TransientSendError():
                 await self.retry_later(batch, exc)
             case _:
