@@ -9,6 +9,7 @@ a 404 from /logs is not an auth failure; `success: false` is read for transient 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Awaitable, Callable
 
@@ -156,6 +157,24 @@ async def test_403_inactive_account_pauses_with_a_growing_wait_and_no_flapping(
     assert all(r["status"] != "ready" for r in readiness[first_red : first_red + len(red)])
     assert "account not active" in red[0]["problems"]["provider"]
     assert message.attempts == 1
+
+
+async def test_403_is_never_tried_again_sooner_than_the_probe_interval(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The 403's doubling wait is capped at `backoff_max`, which has no floor: at 0 an
+    inactive account was sent to back to back, 98 requests in 5 s, as a probe interval
+    of 0 did before it was refused (`provider.auth_probe_interval` >= 5 s)."""
+    body = '{"success": false, "message": "Account is not active."}'
+    sandbox_state.faults.append(Fault(status=403, path="/send", body=body, times=9999))
+    config = bridge_config(tmp_path, sandbox_url, backoff_max="0s", auth_probe_interval="5s")
+    async with running_bridge(config, clock) as (bridge, url):
+        await post(url, {"to": "+12025550143", "message": "x"})
+        with contextlib.suppress(AssertionError):  # never sent: the minute runs out
+            await pump(bridge, clock, lambda: False, max_seconds=60)
+    attempts = [r.at for r in sandbox_state.requests if r.path.endswith("/send")]
+    assert 2 <= len(attempts) <= 13, len(attempts)
+    assert min(b - a for a, b in itertools.pairwise(attempts)) >= 5 * 0.99
 
 
 async def test_404_from_logs_is_not_an_auth_failure(

@@ -223,6 +223,8 @@ class Dispatcher:
         if self._prices_due is not None and now >= self._prices_due:
             await self._load_prices()
         reconcile_wait = await self.reconciler.run_once()
+        # Every unknown outcome noted before was the reconciler's to look up or wait for.
+        self.outcomes.unknown_since = None
         if reconcile_wait is not None:
             return reconcile_wait
         due, left, more = await self._due(now)
@@ -254,7 +256,7 @@ class Dispatcher:
             return 0.0
         if held < IDLE_WAIT:  # what is held is due already: wake for the rest or the hold
             return await self._hold_for_more(now, held)
-        return await self._idle_wait(now, only_left=bool(left) and not kept)
+        return await self._idle_wait(only_left=bool(left) and not kept)
 
     def _forget_quiet_texts(self, now: float) -> None:
         """A text not sent for a window is new again: no longer paced as a repeat."""
@@ -278,26 +280,23 @@ class Dispatcher:
         next message due; wake-ups before then are answered without reading the queue."""
         next_due = await self.store.next_due_after(now)
         held = held if next_due is None else max(0.0, min(held, next_due - now))
-        held = min([held, *self._logs_looks(now, now)])
+        held = min([held, *self._logs_look(now)])
         self._held_until = now + held
         return held
 
-    def _logs_looks(self, looked: float, now: float) -> list[float]:
-        """The wait until the reconciler may read /logs for an outcome left to it that
-        it could not look up at this step's start (`looked`): RECONCILE_DELAY after it
-        was noted. Without it an unknown outcome, with nothing else queued, was looked
-        up at the idle wait: 25 s late."""
-        ahead = [at for at in self.outcomes.unknown_noted if at + RECONCILE_DELAY > looked]
-        self.outcomes.unknown_noted = ahead  # the others were ready when it looked
-        return [max(0.0, min(ahead) + RECONCILE_DELAY - now)] if ahead else []
+    def _logs_look(self, now: float) -> list[float]:
+        """The wait until the reconciler may read /logs for the outcomes this step left
+        to it (RECONCILE_DELAY after their claim), if any. Without it an unknown outcome,
+        with nothing else queued, was looked up at the idle wait: 25 s late."""
+        since = self.outcomes.unknown_since
+        return [] if since is None else [max(0.0, since + RECONCILE_DELAY - now)]
 
-    async def _idle_wait(self, looked: float, *, only_left: bool) -> float:
+    async def _idle_wait(self, *, only_left: bool) -> float:
         """Nothing more to send now: the wait until something is due, /logs may answer,
         or a dead instance's claim lapses (at most IDLE_WAIT). `only_left`: every due
-        message was left to an instance that knows a price (due already: not those).
-        `looked`: when this step began (the reconciler looked then)."""
+        message was left to an instance that knows a price (due already: not those)."""
         now = self.clock.now()
-        waits = [IDLE_WAIT, *self._logs_looks(looked, now)]
+        waits = [IDLE_WAIT, *self._logs_look(now)]
         next_due = await (self.store.next_due_after(now) if only_left else self.store.next_due_at())
         if next_due is not None:
             waits.append(next_due - now)

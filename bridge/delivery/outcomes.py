@@ -73,8 +73,9 @@ class Outcomes:
         self.balance: float | None = None  # the provider's last word on it
         self.next_probe = 0.0  # while the key is refused: when to try it again
         self._inactive_strikes = 0  # 403s in a row: the wait before the next try doubles
-        # When outcomes were left to /logs: the dispatcher wakes to look (`unknown_looks`).
-        self.unknown_noted: list[float] = []
+        # The earliest claim among the sends left to /logs since the reconciler last
+        # looked: it may look RECONCILE_DELAY after it, and the dispatcher wakes then.
+        self.unknown_since: float | None = None
 
     async def succeeded(self, batch: list[Message], result: SendResult) -> None:
         self.limiter.answered()
@@ -96,8 +97,15 @@ class Outcomes:
             unknown = "outcome unknown: the provider's answer named the others, not this one"
             late = await self.store.note_unknown(ids, now, unknown, "unknown", owner=self.owner)
             self.not_held(late, unknown)
-            self.unknown_noted.append(now)
+            self._left_to_logs(unnamed, now)
         await self._check_balance(result.balance)
+
+    def _left_to_logs(self, batch: list[Message], now: float) -> None:
+        """Note sends whose outcome /logs settles (`unknown_since`): counted from their
+        claim, as the reconciler counts (a read timeout's text is ready sooner)."""
+        claimed = min(m.claimed_at or now for m in batch)
+        since = self.unknown_since
+        self.unknown_since = claimed if since is None else min(since, claimed)
 
     async def record_sent(self, rows: list[tuple[int, str | None, float | None]]) -> None:
         """What the provider accepted (a call's answer, or found in /logs), as sent.
@@ -174,7 +182,7 @@ class Outcomes:
                 unknown = f"outcome unknown, checking the provider's logs: {exc}"
                 late = await self.store.note_unknown(ids, now, unknown, "unknown", owner=self.owner)
                 self.not_held(late, unknown)
-                self.unknown_noted.append(now)
+                self._left_to_logs(batch, now)
             case ProviderFailed():
                 # It says it failed; /logs still decides, a 5xx is not proof of nothing sent.
                 self.limiter.answered()
@@ -183,7 +191,7 @@ class Outcomes:
                     ids, now, error, "provider-error", owner=self.owner
                 )
                 self.not_held(late, error)
-                self.unknown_noted.append(now)
+                self._left_to_logs(batch, now)
             case TransientSendError():
                 await self.retry_later(batch, exc)
             case _:
@@ -233,7 +241,9 @@ class Outcomes:
         wait = self.config.auth_probe_interval
         if inactive:
             self._inactive_strikes += 1
-            wait = min(self.config.backoff_max, wait * 2 ** (self._inactive_strikes - 1))
+            doubled = min(self.config.backoff_max, wait * 2 ** (self._inactive_strikes - 1))
+            # never under the probe's interval: a backoff_max of 0 sent back to back
+            wait = max(wait, doubled)
         self.next_probe = now + wait
         # The key is the cluster's: the other instances wait too, rather than each
         # spending a request to learn it (the probe, or the next send, goes at the end).
