@@ -235,6 +235,11 @@ HOSTILE = [
     # A refused key probed back to back: the minute's 100 requests went in 8 s.
     ("[provider]\nauth_probe_interval = 0\n", {}, "provider.auth_probe_interval"),
     ('[provider]\nauth_probe_interval = "4s"\n', {}, "provider.auth_probe_interval"),
+    # A 429 without Retry-After paused 0 s: resent at once into the same full window.
+    ("[provider]\nbackoff_initial = 0\n", {}, "provider.backoff_initial"),
+    ('[provider]\nbackoff_initial = "500ms"\n', {}, "provider.backoff_initial"),
+    ('[provider]\nbackoff_initial = "1s"\nbackoff_max = 0\n', {}, "provider.backoff_max"),
+    ('[provider]\nbackoff_max = "2s"\n', {}, "provider.backoff_max"),  # under the 5s default
     ("[provider]\ntimeout = 1" + "0" * 400 + "\n", {}, "provider.timeout"),
     ("[budget]\nlow_balance = 1" + "0" * 400 + "\n", {}, "budget.low_balance"),
     ('[store]\nretention = "9999999999d"\n', {}, "store.retention"),

@@ -162,12 +162,14 @@ async def test_403_inactive_account_pauses_with_a_growing_wait_and_no_flapping(
 async def test_403_is_never_tried_again_sooner_than_the_probe_interval(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
-    """The 403's doubling wait is capped at `backoff_max`, which has no floor: at 0 an
-    inactive account was sent to back to back, 98 requests in 5 s, as a probe interval
-    of 0 did before it was refused (`provider.auth_probe_interval` >= 5 s)."""
+    """The 403's doubling wait is capped at `backoff_max`, which may be shorter than the
+    probe interval (at 0, accepted then, an inactive account was sent to back to back, 98
+    requests in 5 s). Its lowest now, 1 s, is still a fifth of the probe's 5 s."""
     body = '{"success": false, "message": "Account is not active."}'
     sandbox_state.faults.append(Fault(status=403, path="/send", body=body, times=9999))
-    config = bridge_config(tmp_path, sandbox_url, backoff_max="0s", auth_probe_interval="5s")
+    config = bridge_config(
+        tmp_path, sandbox_url, backoff_initial="1s", backoff_max="1s", auth_probe_interval="5s"
+    )
     async with running_bridge(config, clock) as (bridge, url):
         await post(url, {"to": "+12025550143", "message": "x"})
         with contextlib.suppress(AssertionError):  # never sent: the minute runs out

@@ -49,6 +49,7 @@ def validate(config: Config, problem: Problem) -> None:
 
 DAY = 86400.0
 MIN_AUTH_PROBE_INTERVAL = 5.0  # seconds: 12 probes a minute at most while a key is refused
+MIN_BACKOFF = 1.0  # seconds: the first resend of a 5xx, a timeout or a 429 without Retry-After
 
 
 def daily_caps(config: Config) -> list[str]:
@@ -264,6 +265,15 @@ def _validate_provider(p: ProviderConfig, problem: Problem) -> None:
             f"must be at least {MIN_AUTH_PROBE_INTERVAL:g}s: each probe of a refused key"
             " is a request of the minute's budget",
         )
+    if not p.backoff_initial >= MIN_BACKOFF:
+        # At 0 a 429 without Retry-After paused for 0 s: resent at once into the same full
+        # window, as often as the bridge's own budget allowed (and so were 5xx answers).
+        problem(
+            "provider.backoff_initial",
+            f"must be at least {MIN_BACKOFF:g}s: each retry is a request of the minute's budget",
+        )
+    elif not p.backoff_max >= p.backoff_initial:
+        problem("provider.backoff_max", "must be at least provider.backoff_initial")
     if not 1 <= p.max_bulk <= 1000:
         problem("provider.max_bulk", "must be between 1 and 1000 (the provider's bulk limit)")
     if not valid_sender_id(p.sender_id):
