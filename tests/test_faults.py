@@ -287,3 +287,34 @@ async def test_an_unknown_outcome_is_looked_up_in_the_logs_after_the_reconcile_d
         assert requests("/logs") >= 1 and slept <= RECONCILE_DELAY + 0.1, slept
         assert (await bridge.store.get(message_id)).state in (State.SENT, State.DELIVERED)
         assert requests("/send") == 1  # taken: found in /logs, never sent again
+
+
+async def test_a_failed_logs_read_is_asked_again_at_its_backoff_not_the_idle_wait(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """/logs answered 503 to the look for an unknown outcome: the reconciler asks again
+    after the dispatcher's backoff (`backoff_initial` with jitter: 1-2 s here). The
+    dispatcher's wait must end then, not at its idle wait (30 s), with nothing else
+    queued. The wait it asks for (what `Dispatcher.run` sleeps) is held here."""
+    sandbox_state.faults += [
+        Fault(status=502, body="<html>Bad Gateway</html>", taken=True, path="/send"),
+        Fault(status=503, path="/logs"),
+    ]
+    config = bridge_config(tmp_path, sandbox_url, backoff_initial="2s", backoff_max="2s")
+    async with build_bridge(config, clock=clock) as bridge, served(bridge.app) as url:
+        await bridge.dispatcher.load_budget()
+        async with httpx.AsyncClient() as http:
+            body = {"to": "+12025550202", "message": "disk 98% on db-3"}
+            response = await http.post(f"{url}/api/v1/messages", json=body)
+        (message_id,) = response.json()["ids"]
+        await bridge.dispatcher.run_once()
+        clock.advance(RECONCILE_DELAY)
+        wait = await bridge.dispatcher.run_once()  # the look: 503
+        logs = [r for r in sandbox_state.requests if r.path.endswith("/logs")]
+        assert [r.status for r in logs] == [503]
+        assert wait <= 2, f"/logs is asked again in {wait:g}s"
+        clock.advance(wait)
+        await bridge.dispatcher.run_once()
+        logs = [r for r in sandbox_state.requests if r.path.endswith("/logs")]
+        assert [r.status for r in logs] == [503, 200]
+        assert (await bridge.store.get(message_id)).state in (State.SENT, State.DELIVERED)

@@ -339,6 +339,36 @@ async def test_a_bulk_whose_outcome_is_unknown_is_found_past_ten_pages_of_logs(
     assert [r.status for r in sandbox_state.requests if "/send" in r.path] == [502]
 
 
+async def test_a_logs_walk_stopped_at_its_page_cap_goes_on_at_the_next_step(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A bulk's unknown outcome, its entries on /logs' pages 16 to 25: the walk reads 10
+    pages a step. With nothing else queued, the dispatcher slept its idle wait (30 s)
+    after each such step before reading on: the bulk's fate a minute late, with the
+    window's room to spare. The wait it asks for (what `Dispatcher.run` sleeps) is held
+    here: after a walk cut short by its cap, the next step is due at once."""
+    gateway = {"taken": True, "status": 502, "body": "<html>Bad Gateway</html>"}
+    sandbox_state.faults.append(Fault(path="/send-bulk", **gateway))
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        bulk = (await post(url, {"to": numbers(1000), "message": "maintenance tonight"})).json()
+        await bridge.dispatcher.run_once()
+        for number in numbers(1500, 5000):  # the account's other client, newer: pages 1-15
+            sandbox_state.record_send(number, "other", "SMS", 1, clock.now())
+        clock.advance(10)  # past RECONCILE_DELAY
+        slept = 0.0
+        for _ in range(20):  # a wait of 0 again and again fails here, not hangs
+            wait = await bridge.dispatcher.run_once()
+            if set(await states(bridge, bulk["ids"])) == {State.SENT}:
+                break
+            clock.advance(wait)
+            slept += wait
+    pages = [r.query["page"] for r in sandbox_state.requests if r.path.endswith("/logs")]
+    assert pages == [str(page) for page in range(1, 26)], pages
+    assert slept < 1, f"the walk waited {slept:g}s between its steps"
+    assert len([e for e in sandbox_state.entries if e.message == "maintenance tonight"]) == 1000
+
+
 async def test_a_deep_logs_walk_keeps_its_place_when_a_new_unknown_outcome_joins(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

@@ -285,11 +285,15 @@ class Dispatcher:
         return held
 
     def _logs_look(self, now: float) -> list[float]:
-        """The wait until the reconciler may read /logs for the outcomes this step left
-        to it (RECONCILE_DELAY after their claim), if any. Without it an unknown outcome,
-        with nothing else queued, was looked up at the idle wait: 25 s late."""
+        """The waits until the reconciler has /logs to read: for the outcomes this step
+        left to it (RECONCILE_DELAY after their claim), and for what its last walk left
+        (`Reconciler.next_look`). Without them an unknown outcome, with nothing else
+        queued, was looked up at the idle wait: 25 s late."""
         since = self.outcomes.unknown_since
-        return [] if since is None else [max(0.0, since + RECONCILE_DELAY - now)]
+        looks = [] if since is None else [since + RECONCILE_DELAY]
+        if (look := self.reconciler.next_look(now)) is not None:
+            looks.append(look)
+        return [max(0.0, at - now) for at in looks]
 
     async def _idle_wait(self, *, only_left: bool) -> float:
         """Nothing more to send now: the wait until something is due, /logs may answer,
@@ -300,8 +304,6 @@ class Dispatcher:
         next_due = await (self.store.next_due_after(now) if only_left else self.store.next_due_at())
         if next_due is not None:
             waits.append(next_due - now)
-        if self.reconciler.logs_retry_at > now:  # outcomes waiting for /logs to answer
-            waits.append(self.reconciler.logs_retry_at - now)
         # A claim of a dead instance is due when its lease runs out: taken over then, not
         # at the next idle look (that took ~30 s, whatever cluster.lease said). Never less
         # than LEASE_SLACK: a lapsed claim another instance is taking over right now

@@ -84,6 +84,7 @@ class Reconciler:
         self.budget = budget
         self._logs_failures = 0
         self.logs_retry_at = 0.0  # /logs failed: when to ask it again (the dispatcher wakes)
+        self._cut_short = False  # the last walk stopped at its page cap: more to read now
         # The dispatcher's stop (`Dispatcher.run`): it cuts a /logs read short.
         self.stopping: asyncio.Event | None = None
         # A walk stopped before its end: the page each message it left goes on from.
@@ -97,6 +98,7 @@ class Reconciler:
         Returns a wait when it needs more time or budget before sending anything new.
         """
         now = self.clock.now()
+        self._cut_short = False
         stale = await self.store.unsettled(
             now, owner=self.owner, lease_until=now + self.lease, take_over=self.takes_over()
         )
@@ -166,6 +168,7 @@ class Reconciler:
                 # oldest recipients were texted again.
                 self._logs_failures = 0
                 await self._stop_at(page, matcher, found, start)
+                self._cut_short = True  # sends go first; the walk goes on at the next step
                 return None
         self._logs_failures = 0
         if found:
@@ -173,6 +176,16 @@ class Reconciler:
             await self.outcomes.record_sent(found)
         await self._not_found(matcher.remaining())
         return None
+
+    def next_look(self, now: float) -> float | None:
+        """When the next step has /logs to read for what this one left, for the
+        dispatcher's wait (None: nothing, or only what `run_once` returned a wait for):
+        at once after a walk cut short by its page cap, which otherwise went on at the
+        idle wait, 30 s a cap's worth of pages; when /logs may be asked again after it
+        failed."""
+        if self._cut_short:
+            return now
+        return self.logs_retry_at if self.logs_retry_at > now else None
 
     async def _match_page(
         self,
