@@ -82,6 +82,22 @@ async def test_unopenable_store_reports_clearly(tmp_path) -> None:
     await store.close()
 
 
+def store_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name in ("store-writer", "store-sync")}
+
+
+async def test_a_failed_open_leaves_no_thread_behind(tmp_path) -> None:
+    """A store that cannot be opened (here a file that is no database) and is never
+    closed (the CLI's commands return with the error): the writer and the syncer stayed,
+    waiting on their queues, for as long as the process lived."""
+    before = store_threads()  # any that another test left open
+    (tmp_path / "s.db").write_bytes(b"not a database, " * 64)
+    store = SqliteStore(tmp_path / "s.db")
+    with pytest.raises(StoreUnavailable, match="cannot open store"):
+        await store.open()
+    assert store_threads() <= before
+
+
 def test_the_factory_picks_the_backend_from_config(tmp_path) -> None:
     store = open_store(StoreConfig(path=str(tmp_path / "x.db")))
     assert isinstance(store, SqliteStore) and store.path == str(tmp_path / "x.db")

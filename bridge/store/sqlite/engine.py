@@ -229,9 +229,23 @@ class Engine:
         self._thread.start()
         self._syncer = threading.Thread(target=self._sync_loop, name="store-sync", daemon=True)
         self._syncer.start()
-        await self.write(lambda db: None)  # surfaces a failed open or migration here
+        try:
+            await self.write(lambda db: None)  # surfaces a failed open or migration here
+        except BaseException:
+            # A caller whose open failed has no store to close (the CLI's commands return
+            # at once): the writer, left to fail the jobs that would come, and the syncer
+            # stayed behind, each waiting on its queue for good.
+            await self._stop_threads()
+            raise
 
     async def close(self) -> None:
+        await self._stop_threads()
+        self._readers.shutdown(wait=True)
+        while self._reader_conns:
+            self._reader_conns.pop().close()
+
+    async def _stop_threads(self) -> None:
+        """End the writer (after the jobs queued so far) and then the syncer."""
         if self._thread is not None:
             for loop in list(self._pending):  # jobs of this turn go before the stop
                 self._hand_over(loop)
@@ -243,9 +257,6 @@ class Engine:
             await asyncio.to_thread(self._syncer.join)
             self._syncer = None
             self._close_wal()
-        self._readers.shutdown(wait=True)
-        while self._reader_conns:
-            self._reader_conns.pop().close()
 
     # -- the writer thread ---------------------------------------------------------
     def _writer(self) -> None:
