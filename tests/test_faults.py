@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import email.utils
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -318,3 +318,54 @@ async def test_a_failed_logs_read_is_asked_again_at_its_backoff_not_the_idle_wai
         logs = [r for r in sandbox_state.requests if r.path.endswith("/logs")]
         assert [r.status for r in logs] == [503, 200]
         assert (await bridge.store.get(message_id)).state in (State.SENT, State.DELIVERED)
+
+
+@on_each_backend
+async def test_yesterdays_text_in_the_logs_is_not_taken_for_todays_lost_send(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A nightly job alerts at 00:00:30 with the same words to the same phone. Today
+    the gateway answers 502 and the provider did not take the text: /logs, read from
+    the day before our request (its `date_from` is a day, less CLOCK_SKEW), shows
+    yesterday's alert, which our store no longer knows (purged: `sms-bridge purge
+    --older-than 12h`; a text another client of the account sent is the same). Taken
+    for today's, the alert was settled as sent, with yesterday's id, and never sent."""
+    config = bridge_config(tmp_path, sandbox_url)
+    body = {"to": "+12025550201", "message": "nightly backup of db-2 failed"}
+    async with (
+        build_bridge(config, clock=clock) as bridge,
+        served(bridge.app) as url,
+        httpx.AsyncClient() as http,
+    ):
+        await bridge.dispatcher.load_budget()
+
+        async def alert() -> int:
+            (message_id,) = (await http.post(f"{url}/api/v1/messages", json=body)).json()["ids"]
+            return message_id
+
+        async def settled(message_id: int) -> None:
+            async def done() -> bool:
+                state = (await bridge.store.get(message_id)).state
+                return state in (State.SENT, State.DELIVERED)
+
+            await pump(bridge, clock, done, max_seconds=600)
+
+        midnight = datetime.fromtimestamp(clock.now(), UTC).replace(hour=0, minute=0, second=0)
+        clock.advance(midnight.timestamp() + 86400 + 30 - clock.now())  # tomorrow, 00:00:30
+        await settled(await alert())
+        assert len(sandbox_state.entries) == 1
+        clock.advance(sandbox_state.entries[0].created_at + 86400 - clock.now())
+        assert await bridge.store.purge(clock.now() - 12 * 3600) == 1
+        sandbox_state.faults.append(
+            Fault(status=502, body="<html>Bad Gateway</html>", path="/send")  # not taken
+        )
+        today = await alert()
+        await settled(today)
+        message = await bridge.store.get(today)
+    sends = [r.status for r in sandbox_state.requests if r.path.endswith("/send")]
+    assert sends == [200, 502, 200]
+    logs = [r for r in sandbox_state.requests if r.path.endswith("/logs")]
+    assert any(r.query.get("date_from") == str(midnight.date() + timedelta(days=1)) for r in logs)
+    yesterday, resent = sandbox_state.entries
+    assert resent.created_at - yesterday.created_at >= 86400
+    assert message.provider_message_id == str(resent.message_id)
