@@ -225,6 +225,35 @@ async def test_401_keeps_the_queue_turns_ready_red_and_recovers(
 
 
 @on_each_backend
+async def test_a_key_refused_to_the_poller_is_probed_back_with_nothing_queued(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The status poller's /logs read gets the 401 (the key rotated at the provider)
+    while nothing is queued: health red, and the poller asks nothing more while it is.
+    The operator fixes the key. No send will come to turn health green: the
+    dispatcher's /balance probe must (`Dispatcher._wait_for_provider`), or /readyz
+    stayed 503 and the sent text's state unread until the next text. The limiter's
+    pause only holds requests back; it never says the key works again."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        assert (await bridge.store.get(message_id)).state == State.SENT
+        sandbox_state.api_key = "rotated-key"
+        clock.advance(1)
+        await bridge.poller.run_once()
+        assert [r.status for r in sandbox_state.requests][-1] == 401
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{url}/readyz")).status_code == 503
+            sandbox_state.api_key = "test-key"  # the operator fixes the key upstream
+            fixed = len(sandbox_state.requests)
+            await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=300)
+            assert (await http.get(f"{url}/readyz")).status_code == 200
+    after = [r.path.rsplit("/", 1)[-1] for r in sandbox_state.requests[fixed:]]
+    assert after[0] == "balance" and "send" not in after, after
+
+
+@on_each_backend
 async def test_429_pauses_the_key_and_loses_nothing(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
