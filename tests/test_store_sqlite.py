@@ -131,6 +131,23 @@ async def test_a_store_named_by_an_sqlite_uri_makes_its_file_and_no_other(
     assert not (data / "absent.db").exists() and list(run.iterdir()) == []
 
 
+async def test_a_migration_that_raises_fails_the_open_and_leaves_no_thread(
+    tmp_path, monkeypatch
+) -> None:
+    """Only SQLite's errors failed the open: any other out of a migration ended the
+    writer with open()'s job unanswered, and open() waited for good."""
+
+    def broken(db: Database) -> list[Any]:
+        raise ValueError("a migration's own bug")
+
+    monkeypatch.setattr(migrations, "pending", broken)
+    before = store_threads()
+    store = SqliteStore(tmp_path / "s.db")
+    with pytest.raises(StoreUnavailable, match="a migration's own bug"):
+        await asyncio.wait_for(store.open(), 10)  # a hang fails here, after 10 s
+    assert store_threads() <= before
+
+
 def test_the_factory_picks_the_backend_from_config(tmp_path) -> None:
     store = open_store(StoreConfig(path=str(tmp_path / "x.db")))
     assert isinstance(store, SqliteStore) and store.path == str(tmp_path / "x.db")

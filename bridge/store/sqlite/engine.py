@@ -278,8 +278,14 @@ class Engine:
             db = Database(conn, execute_plugins=False)
             self.migrated = [m.name for m in migrations.pending(db)]
             migrations.apply(db)
-        except sqlite3.Error as exc:
-            self._fail_all(StoreUnavailable(f"cannot open store {self.path}: {exc}"))
+        except Exception as exc:
+            # Not SQLite's alone: a migration's own error ended the thread with the jobs
+            # unanswered, open() among them, waiting for good.
+            if not isinstance(exc, sqlite3.Error):
+                log.exception("store %s: opening it failed", self.path)
+            failure = StoreUnavailable(f"cannot open store {self.path}: {exc}")
+            failure.__cause__ = exc
+            self._fail_all(failure)
             return
         try:
             # A burst may take a group past MAX_GROUP: one loop turn's jobs at most.
