@@ -158,7 +158,8 @@ class _Loader:
                     value = read_secret_file(file_name, file_base)
                 if value is not dataclasses.MISSING:
                     value = coerce(value, kind, spec.default, where)
-                    # ":memory:" is SQLite's name for no file (the tests' stores)
+                    # Its own reading: ":memory:" is SQLite's name for no file (the tests'
+                    # stores), and a URI's file is resolved inside it.
                     if (name, fname) == ("store", "path"):
                         written, value = str(value), resolve_store_path(str(value), where)
                         self.refuse_a_store_left_behind(written, value, where)
