@@ -335,3 +335,63 @@ async def test_the_api_says_what_the_dispatcher_sent_between_its_read_and_write(
         monkeypatch.undo()
         assert answer.json() == {"cancelled": 0, "in_flight": 0, "gone": 3, "more": False}
         assert await states(bridge, ids) == [State.SENT] * 3
+
+
+@pytest.mark.parametrize("between", ["claimed then retried", "cancelled then retried"])
+async def test_a_text_found_again_in_a_later_round_is_counted_once(
+    between: str,
+    tmp_path,
+    sandbox_url: str,
+    clock: ManualClock,
+    backend: str,
+    monkeypatch,
+) -> None:
+    """A round that was full goes on to the next. A text of the first round the
+    dispatcher claimed before the write, then put back to queued (a transient failure
+    retried), is found and cancelled in the next round: it was `cancelled` and `gone`
+    both, four counts for three texts. One an operator retried after the first round
+    cancelled it is cancelled again: `cancelled` counted it twice. Both stores."""
+    monkeypatch.setattr(bulk, "CANCEL_BATCH", 2)
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url, headers=bearer(ADMIN)) as http,
+    ):
+        ids = await seed(bridge.store, [QUEUED] * 3, 1.0)
+        reads, rounds, first = bridge.store.query, [], []
+
+        async def read_between_rounds(**filters):
+            if filters.get("state") != "queued":
+                return await reads(**filters)
+            rounds.append(filters)
+            if len(rounds) == 2:  # the next round: one of the first's put back
+                again = first[0]
+                if between == "claimed then retried":
+                    noted = await bridge.store.requeue(
+                        [again], clock.now(), owner="b", at=clock.now(), reason="try again"
+                    )
+                    assert noted == []  # requeued, none noted instead
+                else:
+                    assert await bridge.store.retry([again], clock.now(), by="x") == [again]
+            found = await reads(**filters)
+            if len(rounds) == 1:
+                first.extend(m.id for m in found)
+                if between == "claimed then retried":  # before the first round's write
+                    claimed = await bridge.store.claim(
+                        first, clock.now(), owner="b", lease_until=1e10
+                    )
+                    assert claimed == first
+            return found
+
+        monkeypatch.setattr(bridge.store, "query", read_between_rounds)
+        answer = await http.post(CANCEL, json={"recipient": PHONE, "state": "queued"})
+        monkeypatch.undo()
+        if between == "claimed then retried":  # one claimed still, two cancelled
+            expected = {"cancelled": 2, "in_flight": 1, "gone": 0, "more": False}
+            assert sorted(await states(bridge, ids)) == sorted(
+                [State.FAILED, State.FAILED, State.SENDING]
+            )
+        else:
+            expected = {"cancelled": 3, "in_flight": 0, "gone": 0, "more": False}
+            assert await states(bridge, ids) == [State.FAILED] * 3
+        assert answer.json() == expected

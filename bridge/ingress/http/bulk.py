@@ -72,13 +72,17 @@ async def cancel_waiting(
     store: Store, wanted: Waiting, now: Callable[[], float], *, by: str
 ) -> Cancelled:
     """Cancel what `wanted` selects, `by` naming who asked (in each reason and event)."""
-    cancelled, more, gone = 0, False, set[int]()
+    cancelled, more, gone = set[int](), False, set[int]()
     for state in wanted.states:
         done, left, missed = await _cancel_in(store, state, wanted, now, by)
-        cancelled, more, gone = cancelled + done, more or left, gone | missed
+        cancelled, more, gone = cancelled | done, more or left, gone | missed
+    # Ids, not sums: a text one round missed (claimed, then put back to queued by a
+    # failed send) or cancelled (then retried by an operator) is found again by a later
+    # round, and was counted in both or cancelled twice. It ended cancelled: only that.
+    gone -= cancelled
     sending = await _in_flight(store, wanted)
     taken = len(gone & sending)
-    return Cancelled(cancelled, len(sending), more, len(gone) - taken, taken)
+    return Cancelled(len(cancelled), len(sending), more, len(gone) - taken, taken)
 
 
 async def _in_flight(store: Store, wanted: Waiting) -> set[int]:
@@ -99,10 +103,10 @@ async def _in_flight(store: Store, wanted: Waiting) -> set[int]:
 
 async def _cancel_in(
     store: Store, state: str, wanted: Waiting, now: Callable[[], float], by: str
-) -> tuple[int, bool, set[int]]:
-    """(cancelled, whether messages may be left after the last round, the ids found
-    that had left the state before the write) of one state."""
-    cancelled, gone = 0, set[int]()
+) -> tuple[set[int], bool, set[int]]:
+    """(the ids cancelled, whether messages may be left after the last round, the ids
+    found that had left the state before the write) of one state."""
+    cancelled, gone = set[int](), set[int]()
     for _ in range(MAX_CANCEL_ROUNDS):
         found = await store.query(
             state=state,
@@ -112,7 +116,7 @@ async def _cancel_in(
             limit=CANCEL_BATCH,
         )
         done = await store.cancel([m.id for m in found], now(), by=by)
-        cancelled += len(done)
+        cancelled.update(done)
         gone |= {m.id for m in found} - set(done)
         # Fewer than found: the dispatcher took some meanwhile (a queued one it claims
         # is the provider's now); the next round finds what is left. A full round it
