@@ -68,7 +68,13 @@ async def test_the_api_cancels_a_phones_waiting_messages_with_the_admin_scope(
 
         done = await http.post(CANCEL, json=body, headers=bearer(ADMIN))
         assert done.status_code == 200, done.text
-        assert done.json() == {"cancelled": 3, "in_flight": 1, "gone": 0, "more": False}
+        assert done.json() == {
+            "cancelled": 3,
+            "in_flight": 1,
+            "in_flight_more": False,
+            "gone": 0,
+            "more": False,
+        }
         for message_id in mine:
             message = await bridge.store.get(message_id)
             assert (message.state, message.reason) == (State.FAILED, "cancelled by root")
@@ -86,16 +92,34 @@ async def test_the_api_cancels_a_phones_waiting_messages_with_the_admin_scope(
         ]
         # No state: queued and held alike; written with a trailing slash, served.
         both = await http.post(f"{CANCEL}/", json={"recipient": PHONE}, headers=bearer(ADMIN))
-        assert both.json() == {"cancelled": 1, "in_flight": 1, "gone": 0, "more": False}
+        assert both.json() == {
+            "cancelled": 1,
+            "in_flight": 1,
+            "in_flight_more": False,
+            "gone": 0,
+            "more": False,
+        }
         assert await states(bridge, [held, theirs]) == [State.FAILED, State.QUEUED]
         # Held only: what the dispatcher is sending was never selected (none of it held).
         [held_too] = await seed(bridge.store, [QUEUED._replace(state=State.HELD)], 2.0)
         only = {"recipient": PHONE, "state": "held"}
         held_only = await http.post(CANCEL, json=only, headers=bearer(ADMIN))
-        assert held_only.json() == {"cancelled": 1, "in_flight": 0, "gone": 0, "more": False}
+        assert held_only.json() == {
+            "cancelled": 1,
+            "in_flight": 0,
+            "in_flight_more": False,
+            "gone": 0,
+            "more": False,
+        }
         assert await states(bridge, [held_too]) == [State.FAILED]
         again = await http.post(CANCEL, json={"recipient": PHONE}, headers=bearer(ADMIN))
-        assert again.json() == {"cancelled": 0, "in_flight": 1, "gone": 0, "more": False}
+        assert again.json() == {
+            "cancelled": 0,
+            "in_flight": 1,
+            "in_flight_more": False,
+            "gone": 0,
+            "more": False,
+        }
 
 
 async def test_the_api_cancels_by_route_and_text(
@@ -120,7 +144,13 @@ async def test_the_api_cancels_by_route_and_text(
             1.0,
         )
         both = await http.post(CANCEL, json={"route": "am", "q": "DISK"})
-        assert both.json() == {"cancelled": 1, "in_flight": 0, "gone": 0, "more": False}
+        assert both.json() == {
+            "cancelled": 1,
+            "in_flight": 0,
+            "in_flight_more": False,
+            "gone": 0,
+            "more": False,
+        }
         assert await states(bridge, [disk_am, cpu_am]) == [State.FAILED, State.QUEUED]
         text = await http.post(CANCEL, json={"q": "cpu hot"})
         assert text.json()["cancelled"] == 2
@@ -272,9 +302,21 @@ async def test_a_cancel_that_stops_at_its_bound_says_more_may_be_left(
         ids = await seed(bridge.store, [QUEUED] * 3, 1.0)
         body = {"recipient": PHONE, "state": "queued"}
         first = await http.post(CANCEL, json=body)
-        assert first.json() == {"cancelled": 2, "in_flight": 0, "gone": 0, "more": True}
+        assert first.json() == {
+            "cancelled": 2,
+            "in_flight": 0,
+            "in_flight_more": False,
+            "gone": 0,
+            "more": True,
+        }
         rest = await http.post(CANCEL, json=body)
-        assert rest.json() == {"cancelled": 1, "in_flight": 0, "gone": 0, "more": False}
+        assert rest.json() == {
+            "cancelled": 1,
+            "in_flight": 0,
+            "in_flight_more": False,
+            "gone": 0,
+            "more": False,
+        }
         assert await states(bridge, ids) == [State.FAILED] * 3
 
 
@@ -305,7 +347,13 @@ async def test_a_round_the_dispatcher_took_whole_is_no_end_and_each_text_is_coun
         answer = await http.post(CANCEL, json={"recipient": PHONE, "state": "queued"})
         monkeypatch.undo()
         left = [i for i in ids if i not in claimed]
-        assert answer.json() == {"cancelled": 3, "in_flight": 2, "gone": 0, "more": False}
+        assert answer.json() == {
+            "cancelled": 3,
+            "in_flight": 2,
+            "in_flight_more": False,
+            "gone": 0,
+            "more": False,
+        }
         assert await states(bridge, left) == [State.FAILED] * 3
         assert await states(bridge, claimed) == [State.SENDING] * 2
 
@@ -333,7 +381,13 @@ async def test_the_api_says_what_the_dispatcher_sent_between_its_read_and_write(
         monkeypatch.setattr(bridge.store, "query", read_then_dispatch)
         answer = await http.post(CANCEL, json={"recipient": PHONE})
         monkeypatch.undo()
-        assert answer.json() == {"cancelled": 0, "in_flight": 0, "gone": 3, "more": False}
+        assert answer.json() == {
+            "cancelled": 0,
+            "in_flight": 0,
+            "in_flight_more": False,
+            "gone": 3,
+            "more": False,
+        }
         assert await states(bridge, ids) == [State.SENT] * 3
 
 
@@ -387,11 +441,68 @@ async def test_a_text_found_again_in_a_later_round_is_counted_once(
         answer = await http.post(CANCEL, json={"recipient": PHONE, "state": "queued"})
         monkeypatch.undo()
         if between == "claimed then retried":  # one claimed still, two cancelled
-            expected = {"cancelled": 2, "in_flight": 1, "gone": 0, "more": False}
+            expected = {
+                "cancelled": 2,
+                "in_flight": 1,
+                "in_flight_more": False,
+                "gone": 0,
+                "more": False,
+            }
             assert sorted(await states(bridge, ids)) == sorted(
                 [State.FAILED, State.FAILED, State.SENDING]
             )
         else:
-            expected = {"cancelled": 3, "in_flight": 0, "gone": 0, "more": False}
+            expected = {
+                "cancelled": 3,
+                "in_flight": 0,
+                "in_flight_more": False,
+                "gone": 0,
+                "more": False,
+            }
             assert await states(bridge, ids) == [State.FAILED] * 3
         assert answer.json() == expected
+
+
+async def test_an_in_flight_count_cut_at_its_bound_says_so(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str, monkeypatch
+) -> None:
+    """`in_flight` counts at most IN_FLIGHT_COUNTED texts in `sending`: of more, the
+    answer said that many as if exact ("500 still going" of 800). `in_flight_more`
+    says the count stopped there; the console's note says "or more". At the bound
+    exactly, the count is whole. Both stores."""
+    monkeypatch.setattr(bulk, "IN_FLIGHT_COUNTED", 2)
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        sending = QUEUED._replace(state=State.SENDING)
+        await seed(bridge.store, [sending] * 2, 1.0)
+        body = {"recipient": PHONE}
+        whole = await http.post(CANCEL, json=body, headers=bearer(ADMIN))
+        assert whole.json() == {
+            "cancelled": 0,
+            "in_flight": 2,
+            "in_flight_more": False,
+            "gone": 0,
+            "more": False,
+        }
+        [queued, *_] = await seed(bridge.store, [QUEUED, sending], 2.0)
+        cut = await http.post(CANCEL, json=body, headers=bearer(ADMIN))
+        assert cut.json() == {
+            "cancelled": 1,
+            "in_flight": 2,
+            "in_flight_more": True,
+            "gone": 0,
+            "more": False,
+        }
+        assert await states(bridge, [queued]) == [State.FAILED]
+        await sign_in(http, ADMIN)
+        page = await http.get("/ui/")
+        form = {"csrf": csrf_of(page), "recipient": PHONE}
+        done = await http.post("/ui/queued/cancel", data=form)
+        shown = (await http.get(done.headers["location"])).text
+        assert (
+            "Nothing was queued for +12025550144: nothing cancelled. 2 or more being handed"
+            " to the provider now: too late to cancel." in shown
+        ), shown

@@ -1299,6 +1299,7 @@ async def test_the_recipes_storm_cancel_curl_cancels_with_an_admin_token(
         assert json.loads(" ".join(answer)) == {
             "cancelled": 2,
             "in_flight": 0,
+            "in_flight_more": False,
             "gone": 0,
             "more": False,
         }

@@ -372,6 +372,7 @@ def create_app(
             {
                 "cancelled": done.cancelled,
                 "in_flight": done.in_flight,
+                "in_flight_more": done.in_flight_more,
                 "gone": done.gone,
                 "more": done.more,
             }

@@ -44,18 +44,21 @@ class Waiting:
 @dataclass(frozen=True, slots=True)
 class Cancelled:
     """`cancelled` changed to failed; `in_flight` selected but in `sending` (at most
-    IN_FLIGHT_COUNTED counted); `more`: messages may be left; `gone`: found waiting, but
-    no longer waiting at the write (the dispatcher claims queued texts between the read
-    and the write) and not in `sending` either: sent or ended since (a held one released
-    or ended). `taken`: found queued, no longer at the write, and in `sending` now (of
-    `in_flight`). Each message counted once: those taken and still sending were in
-    `gone` and `in_flight` both, and a note that said both counted them twice."""
+    IN_FLIGHT_COUNTED counted); `in_flight_more`: more were in `sending` than counted
+    (`in_flight` is a floor, not the count); `more`: messages may be left; `gone`: found
+    waiting, but no longer waiting at the write (the dispatcher claims queued texts
+    between the read and the write) and not in `sending` either: sent or ended since (a
+    held one released or ended). `taken`: found queued, no longer at the
+    write, and in `sending` now (of `in_flight`). Each message counted once: those taken
+    and still sending were in `gone` and `in_flight` both, and a note that said both
+    counted them twice."""
 
     cancelled: int
     in_flight: int
     more: bool
     gone: int = 0
     taken: int = 0
+    in_flight_more: bool = False
 
 
 def phone_number(written: str, field: str = "recipient") -> str:
@@ -80,25 +83,29 @@ async def cancel_waiting(
     # failed send) or cancelled (then retried by an operator) is found again by a later
     # round, and was counted in both or cancelled twice. It ended cancelled: only that.
     gone -= cancelled
-    sending = await _in_flight(store, wanted)
+    sending, cut = await _in_flight(store, wanted)
     taken = len(gone & sending)
-    return Cancelled(len(cancelled), len(sending), more, len(gone) - taken, taken)
+    return Cancelled(
+        len(cancelled), len(sending), more, len(gone) - taken, taken, in_flight_more=cut
+    )
 
 
-async def _in_flight(store: Store, wanted: Waiting) -> set[int]:
-    """The ids of the selected messages the dispatcher has claimed: queued ones it took
-    (a held one goes into a digest, never to `sending` as itself). Read after the
-    cancel: one claimed while it ran is here too."""
+async def _in_flight(store: Store, wanted: Waiting) -> tuple[set[int], bool]:
+    """The ids of the selected messages the dispatcher has claimed, at most
+    IN_FLIGHT_COUNTED of them, and whether there were more: queued ones it took (a held
+    one goes into a digest, never to `sending` as itself). Read after the cancel: one
+    claimed while it ran is here too."""
     if str(State.QUEUED) not in wanted.states:
-        return set()
+        return set(), False
+    # One past the bound: a count that stopped there says so ("500" of 800 read as 500).
     sending = await store.query(
         state=str(State.SENDING),
         number=wanted.number,
         route=wanted.route,
         text=wanted.text,
-        limit=IN_FLIGHT_COUNTED,
+        limit=IN_FLIGHT_COUNTED + 1,
     )
-    return {m.id for m in sending}
+    return {m.id for m in sending[:IN_FLIGHT_COUNTED]}, len(sending) > IN_FLIGHT_COUNTED
 
 
 async def _cancel_in(

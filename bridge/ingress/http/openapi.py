@@ -138,7 +138,7 @@ _CANCEL_REQUEST = {
 }
 _CANCELLED = {
     "type": "object",
-    "required": ["cancelled", "in_flight", "gone", "more"],
+    "required": ["cancelled", "in_flight", "in_flight_more", "gone", "more"],
     "properties": {
         "cancelled": {"type": "integer", "minimum": 0},
         "in_flight": {
@@ -146,6 +146,11 @@ _CANCELLED = {
             "minimum": 0,
             "description": "selected but being handed to the provider (sending, up to 500"
             " counted): not cancelled",
+        },
+        "in_flight_more": {
+            "type": "boolean",
+            "description": "more were being handed to the provider than in_flight counts"
+            " (it stopped at 500): in_flight is at least, not exactly, how many",
         },
         "gone": {
             "type": "integer",

@@ -132,7 +132,9 @@ def cancel_note(done: Cancelled, state: State, number: str) -> str:
     if done.in_flight:
         # Those taken between the read and the write are among them: counted once.
         taken = f" ({done.taken} taken after this cancel found them)" if done.taken else ""
-        note += f" {done.in_flight} being handed to the provider now{taken}: too late to cancel."
+        # A count cut at its bound is a floor: "500" of 800 read as all there were.
+        count = f"{done.in_flight} or more" if done.in_flight_more else str(done.in_flight)
+        note += f" {count} being handed to the provider now{taken}: too late to cancel."
     if done.more:
         note += " More may be left: cancel again."
     return note
