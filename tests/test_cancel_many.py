@@ -506,3 +506,41 @@ async def test_an_in_flight_count_cut_at_its_bound_says_so(
             "Nothing was queued for +12025550144: nothing cancelled. 2 or more being handed"
             " to the provider now: too late to cancel." in shown
         ), shown
+
+
+async def test_texts_taken_meanwhile_are_in_flight_when_the_count_is_cut(
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str, monkeypatch
+) -> None:
+    """The dispatcher claims the texts the cancel found before its write, while more
+    texts to the phone are sending than `in_flight` counts. Those it took were told
+    only by the count's read: past the bound, they were `gone` ("sent already, or
+    ended") while being sent. They are `in_flight` (once). Both stores."""
+    monkeypatch.setattr(bulk, "IN_FLIGHT_COUNTED", 1)
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url, headers=bearer(ADMIN)) as http,
+    ):
+        found = await seed(bridge.store, [QUEUED] * 2, 1.0)
+        # Newer, so the count's read (newest first) reaches these, not those taken.
+        await seed(bridge.store, [QUEUED._replace(state=State.SENDING)] * 2, 2.0)
+        reads = bridge.store.query
+
+        async def read_then_claim(**filters):
+            seen = await reads(**filters)
+            if filters.get("state") == "queued" and seen:
+                ids = [m.id for m in seen]
+                assert await bridge.store.claim(ids, clock.now(), owner="b", lease_until=1e10)
+            return seen
+
+        monkeypatch.setattr(bridge.store, "query", read_then_claim)
+        answer = await http.post(CANCEL, json={"recipient": PHONE, "state": "queued"})
+        monkeypatch.undo()
+        assert await states(bridge, found) == [State.SENDING] * 2
+        assert answer.json() == {
+            "cancelled": 0,
+            "in_flight": 3,
+            "in_flight_more": True,
+            "gone": 0,
+            "more": False,
+        }

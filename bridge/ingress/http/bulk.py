@@ -44,14 +44,14 @@ class Waiting:
 @dataclass(frozen=True, slots=True)
 class Cancelled:
     """`cancelled` changed to failed; `in_flight` selected but in `sending` (at most
-    IN_FLIGHT_COUNTED counted); `in_flight_more`: more were in `sending` than counted
-    (`in_flight` is a floor, not the count); `more`: messages may be left; `gone`: found
-    waiting, but no longer waiting at the write (the dispatcher claims queued texts
-    between the read and the write) and not in `sending` either: sent or ended since (a
-    held one released or ended). `taken`: found queued, no longer at the
-    write, and in `sending` now (of `in_flight`). Each message counted once: those taken
-    and still sending were in `gone` and `in_flight` both, and a note that said both
-    counted them twice."""
+    IN_FLIGHT_COUNTED counted, besides those `taken`); `in_flight_more`: more were in
+    `sending` than counted (`in_flight` is a floor, not the count); `more`: messages may
+    be left; `gone`: found waiting, but no longer waiting at the write (the dispatcher
+    claims queued texts between the read and the write) and not in `sending` either:
+    sent or ended since (a held one released or ended). `taken`: found queued, no longer
+    at the write, and in `sending` now (of `in_flight`). Each message counted once:
+    those taken and still sending were in `gone` and `in_flight` both, and a note that
+    said both counted them twice."""
 
     cancelled: int
     in_flight: int
@@ -83,10 +83,13 @@ async def cancel_waiting(
     # failed send) or cancelled (then retried by an operator) is found again by a later
     # round, and was counted in both or cancelled twice. It ended cancelled: only that.
     gone -= cancelled
-    sending, cut = await _in_flight(store, wanted)
-    taken = len(gone & sending)
+    counted, cut = await _in_flight(store, wanted)
+    taken = gone & counted
+    if cut:  # those past the bound were not read: one taken there is no more gone
+        taken |= await _sending(store, gone - counted)
+    in_flight = len(counted | taken)
     return Cancelled(
-        len(cancelled), len(sending), more, len(gone) - taken, taken, in_flight_more=cut
+        len(cancelled), in_flight, more, len(gone - taken), len(taken), in_flight_more=cut
     )
 
 
@@ -106,6 +109,12 @@ async def _in_flight(store: Store, wanted: Waiting) -> tuple[set[int], bool]:
         limit=IN_FLIGHT_COUNTED + 1,
     )
     return {m.id for m in sending[:IN_FLIGHT_COUNTED]}, len(sending) > IN_FLIGHT_COUNTED
+
+
+async def _sending(store: Store, ids: set[int]) -> set[int]:
+    """Those of `ids` in `sending` now, read one by one: the few a cancel found that
+    were claimed before its write, looked up only when the count's read stopped short."""
+    return {i for i in sorted(ids) if (m := await store.get(i)) and m.state == State.SENDING}
 
 
 async def _cancel_in(

@@ -145,7 +145,8 @@ _CANCELLED = {
             "type": "integer",
             "minimum": 0,
             "description": "selected but being handed to the provider (sending, up to 500"
-            " counted): not cancelled",
+            " counted, besides those this call found waiting and the dispatcher took before"
+            " its write): not cancelled",
         },
         "in_flight_more": {
             "type": "boolean",
