@@ -544,3 +544,58 @@ async def test_texts_taken_meanwhile_are_in_flight_when_the_count_is_cut(
             "gone": 0,
             "more": False,
         }
+
+
+@pytest.mark.parametrize("via", ["api", "console"])
+async def test_held_texts_folded_between_the_read_and_the_write_are_gone(
+    via: str, tmp_path, sandbox_url: str, clock: ManualClock, backend: str, monkeypatch
+) -> None:
+    """A held text leaves `held` only by ending: cancelled, or folded into its phone's
+    digest (`suppressed`, the digest a new queued message of its own); none goes back
+    to `queued` as itself, so none found held is still waiting at the write. Those the
+    digest folded between a held cancel's read and its write are `gone`, counted once,
+    and the digest is not among them (never found held); the console's note says where
+    they went ("released" read as back in the queue). Both stores."""
+    config = bridge_config(tmp_path, sandbox_url, TOKENS)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        held = QUEUED._replace(state=State.HELD)
+        ids = await seed(bridge.store, [held] * 3, clock.now() - 86400)  # its digest is due
+        reads = bridge.store.query
+
+        async def read_then_fold(**filters):
+            found = await reads(**filters)
+            if filters.get("state") == "held":
+                await bridge.digests.run_once()  # between the read and the write
+            return found
+
+        if via == "console":
+            await sign_in(http, ADMIN)
+            form = {"csrf": csrf_of(await http.get("/ui/")), "recipient": PHONE}
+        monkeypatch.setattr(bridge.store, "query", read_then_fold)
+        if via == "api":
+            body = {"recipient": PHONE, "state": "held"}
+            answer = await http.post(CANCEL, json=body, headers=bearer(ADMIN))
+        else:
+            answer = await http.post("/ui/held/cancel", data=form)
+        monkeypatch.undo()
+        if via == "api":
+            assert answer.json() == {
+                "cancelled": 0,
+                "in_flight": 0,
+                "in_flight_more": False,
+                "gone": 3,
+                "more": False,
+            }
+        else:
+            shown = (await http.get(answer.headers["location"])).text
+            told = (
+                "Nothing cancelled. 3 found held were no longer held (folded into a digest,"
+                " or ended)."
+            )
+            assert told in shown, shown
+        assert await states(bridge, ids) == [State.SUPPRESSED] * 3
+        [digest] = await reads(state="queued", number=PHONE)
+        assert digest.id not in ids and digest.source == "digest"

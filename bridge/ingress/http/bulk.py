@@ -48,10 +48,10 @@ class Cancelled:
     `sending` than counted (`in_flight` is a floor, not the count); `more`: messages may
     be left; `gone`: found waiting, but no longer waiting at the write (the dispatcher
     claims queued texts between the read and the write) and not in `sending` either:
-    sent or ended since (a held one released or ended). `taken`: found queued, no longer
-    at the write, and in `sending` now (of `in_flight`). Each message counted once:
-    those taken and still sending were in `gone` and `in_flight` both, and a note that
-    said both counted them twice."""
+    sent or ended since (a held one folded into its phone's digest, or ended: none goes
+    back to queued). `taken`: found queued, no longer at the write, and in `sending` now
+    (of `in_flight`). Each message counted once: those taken and still sending were in
+    `gone` and `in_flight` both, and a note that said both counted them twice."""
 
     cancelled: int
     in_flight: int

@@ -156,8 +156,9 @@ _CANCELLED = {
         "gone": {
             "type": "integer",
             "minimum": 0,
-            "description": "found waiting, taken (or released, or ended) before the write,"
-            " and not sending: sent already, or ended; not counted in in_flight too",
+            "description": "found waiting, taken (or, held, folded into the phone's digest,"
+            " or ended) before the write, and not sending: sent already, or ended; not"
+            " counted in in_flight too",
         },
         "more": {"type": "boolean", "description": "messages may be left: post again"},
     },

@@ -110,7 +110,7 @@ def sender_of(token: str | None, source: str) -> dict[str, str | None]:
 # those the dispatcher is sending now aside (told as being handed to the provider).
 _LEFT = {
     State.QUEUED: "already sent, or ended",
-    State.HELD: "released or ended",
+    State.HELD: "folded into a digest, or ended",
 }
 
 
