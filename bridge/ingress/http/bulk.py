@@ -79,10 +79,6 @@ async def cancel_waiting(
     for state in wanted.states:
         done, left, missed = await _cancel_in(store, state, wanted, now, by)
         cancelled, more, gone = cancelled | done, more or left, gone | missed
-    # Ids, not sums: a text one round missed (claimed, then put back to queued by a
-    # failed send) or cancelled (then retried by an operator) is found again by a later
-    # round, and was counted in both or cancelled twice. It ended cancelled: only that.
-    gone -= cancelled
     counted, cut = await _in_flight(store, wanted)
     taken = gone & counted
     if cut:  # those past the bound were not read: one taken there is no more gone
@@ -131,9 +127,14 @@ async def _cancel_in(
             text=wanted.text,
             limit=CANCEL_BATCH,
         )
-        done = await store.cancel([m.id for m in found], now(), by=by)
-        cancelled.update(done)
-        gone |= {m.id for m in found} - set(done)
+        done = set(await store.cancel([m.id for m in found], now(), by=by))
+        missed = {m.id for m in found} - done
+        # Ids, not sums, and the last round's word on each: a text one round missed
+        # (claimed, then put back to queued by a failed send) or cancelled (then retried
+        # by an operator) is found again by a later one. It was counted in both, or
+        # cancelled twice, or cancelled and in flight.
+        cancelled = (cancelled - missed) | done
+        gone = (gone - done) | missed
         # Fewer than found: the dispatcher took some meanwhile (a queued one it claims
         # is the provider's now); the next round finds what is left. A full round it
         # took whole is no end: it stopped there, "more": false, with a storm behind it.
