@@ -218,6 +218,22 @@ async def test_success_false_with_a_transient_reason_is_retried_not_failed(
     assert "Invalid sender." in (refused.reason or "") and refused.attempts == 1
 
 
+async def test_a_long_refusal_from_the_provider_is_cut_in_the_reason(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The provider's `message` became the text's reason whole when it was a string (any
+    other shape was cut at 200 characters): 100 kB of it in every reason and event the
+    API and the console show, for each text it refused."""
+    long = '{"success": false, "message": "Invalid sender: ' + "x" * 100_000 + '"}'
+    sandbox_state.faults.append(Fault(status=400, body=long, path="/send"))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+        await pump_until_state(bridge, clock, message_id, State.FAILED, max_seconds=60)
+        shown = (await http.get(f"{url}/api/v1/messages/{message_id}")).json()
+    assert "Invalid sender: xxx" in shown["reason"] and len(shown["reason"]) < 300, shown["reason"]
+
+
 @pytest.mark.parametrize("retry_after", [None, "0", "Thu, 01 Jan 1970 00:00:00 GMT"])
 async def test_429_without_retry_after_backs_off_exponentially(
     tmp_path,

@@ -136,20 +136,28 @@ def _hidden(text: str, key: str) -> str:
     return text.replace(key, "***") if len(key) >= 2 else text
 
 
+REASON_CHARS = 200  # of the provider's words kept in a reason
+
+
+def _said(text: str, key: str) -> str:
+    """The provider's words as a reason: our key masked before the cut (`_hidden`), then
+    cut. Uncut, a refusal's 100 kB `message` went into every reason and event of the
+    texts it refused."""
+    return _hidden(text, key)[:REASON_CHARS]
+
+
 def _error_message(response: httpx.Response, key: str = "") -> str:
     try:
         body = response.json()
     except ValueError:
-        text = _hidden(response.text, key).strip()
-        return text[:200] or response.reason_phrase or "no reason given"
+        text = _said(response.text.strip(), key).strip()
+        return text or response.reason_phrase or "no reason given"
     if isinstance(body, dict):
         for name in ("message", "error", "detail", "errors"):
             if body.get(name):
                 value = body[name]
-                if isinstance(value, str):
-                    return _hidden(value, key)
-                return _hidden(json.dumps(value), key)[:200]
-    return _hidden(json.dumps(body), key)[:200]
+                return _said(value if isinstance(value, str) else json.dumps(value), key)
+    return _said(json.dumps(body), key)
 
 
 def _error_body(response: httpx.Response) -> bool:
