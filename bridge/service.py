@@ -141,6 +141,17 @@ def https_context(cert: str, key: str) -> ssl.SSLContext:
     )
 
 
+def read_https(http: HttpConfig) -> TlsFiles:
+    """`http.tls_cert` and `tls_key` read again, as `read_tls` reads SMTP's: blocking,
+    off the event loop on a reload."""
+    if not http.tls_cert:
+        return TlsFiles(None)
+    try:
+        return TlsFiles(https_context(http.tls_cert, http.tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        return TlsFiles(None, str(exc))
+
+
 async def off_loop(work: Callable[[], T], limit: float) -> T:
     """`work()` in a thread of its own, waited for `limit` seconds at most (TimeoutError
     past that). A daemon thread, not the loop's executor: a read stuck in the kernel
@@ -207,17 +218,21 @@ class Bridge:
     # force was (start, then each reload that applied).
     last_reload_ok: bool = True
     config_applied_at: float = 0.0
+    https: HttpsServer | None = None  # the HTTPS listener `run` serves, if any
 
-    def reload(self, new: Config, *, tls: TlsFiles | None = None) -> list[str]:
+    def reload(
+        self, new: Config, *, tls: TlsFiles | None = None, https: TlsFiles | None = None
+    ) -> list[str]:
         """Apply everything but listen addresses, the store, the provider and logging.
 
         Routes, groups, phone rules, limits, budgets, dedupe, tokens, HTTP limits and
         every SMTP setting (auth, users, networks, sizes, limits, TLS certificates) hold
-        for the next request or session. Returns warnings: each key that changed but
-        needs a restart, by name, and anything that could not be applied (a certificate
-        that does not load). Raises ConfigError, applying nothing, where protected mode
-        refuses what would then run or a recipient the budget names cannot be resolved.
-        `tls`: the SMTP certificate, read off the loop (`_reloader`); None: read here.
+        for the next request or session, and so does the HTTPS certificate read again
+        from its files. Returns warnings: each key that changed but needs a restart, by
+        name, and anything that could not be applied (a certificate that does not load).
+        Raises ConfigError, applying nothing, where protected mode refuses what would then
+        run or a recipient the budget names cannot be resolved. `tls` and `https`: the
+        SMTP and HTTPS certificates, read off the loop (`_reloader`); None: read here.
         """
         new, waiting = as_reloaded(new, self.config)
         refused = protection_problems(new)
@@ -249,12 +264,26 @@ class Bridge:
             smtp=new.smtp, recipients=recipients, secrets=secret_values(new), tls=tls
         )
         new = dataclasses.replace(new, smtp=self.smtp_handler.smtp)  # TLS files that stayed
+        warnings += self._renew_https(new.http, https)
         self.shaper.reload(new.limits)
         self.ingestor.reload(Rules.from_config(new))
         self.digests.reload(new.limits)
         self.live.update(new, recipients)
         self.config = new
         return warnings
+
+    def _renew_https(self, http: HttpConfig, https: TlsFiles | None) -> list[str]:
+        """The HTTPS listener's certificate and key, read again from the files it runs
+        with (a new path waits for a restart): a certificate renewed in place, as
+        certbot does, is served from the next connection on, where it once took a
+        restart. One that does not load keeps the running one, with a warning."""
+        if self.https is None:
+            return []
+        https = read_https(http) if https is None else https
+        if https.context is None:
+            return [f"http.tls_cert: cannot load, the previous certificate stays: {https.problem}"]
+        self.https.use_context(https.context)
+        return []
 
     async def _reloader(self, reloads: asyncio.Queue[str | None]) -> None:
         """Each SIGHUP puts the config path here; a bad file keeps the running config.
@@ -281,8 +310,11 @@ class Bridge:
         disk stalled every mail and request meanwhile), then applied on it."""
         try:
             new = await read_config(path, RELOAD_READ_TIMEOUT)
-            tls = await self._read_tls(new)
-            warnings = self.reload(new, tls=tls)
+            tls = await self._read_tls(functools.partial(read_tls, new.smtp))
+            https = None
+            if self.https is not None:  # its files as running: a new path waits for a restart
+                https = await self._read_tls(functools.partial(read_https, self.config.http))
+            warnings = self.reload(new, tls=tls, https=https)
         except ConfigError as exc:
             self.last_reload_ok = False
             log.error("reload refused, keeping the running config: %s", exc)
@@ -304,11 +336,11 @@ class Bridge:
         # above it; a reader waiting for this line has them all).
         log.info("configuration reloaded from %s", path or "built-in defaults")
 
-    async def _read_tls(self, new: Config) -> TlsFiles:
-        """The new SMTP certificate, read off the loop; one that does not come within
-        the bound is one that does not load (the running certificate stays)."""
+    async def _read_tls(self, read: Callable[[], TlsFiles]) -> TlsFiles:
+        """A certificate `read` (`read_tls`, `read_https`) off the loop; one that does not
+        come within the bound is one that does not load (the running one stays)."""
         try:
-            return await off_loop(functools.partial(read_tls, new.smtp), RELOAD_READ_TIMEOUT)
+            return await off_loop(read, RELOAD_READ_TIMEOUT)
         except TimeoutError:
             return TlsFiles(None, f"not read within {RELOAD_READ_TIMEOUT:g} s")
 
@@ -354,6 +386,7 @@ class Bridge:
     ) -> None:
         """Serve until `self.stop` is set; then stop accepting, drain and return."""
         server = uvicorn_server(self.app, live=self.live) if http_socket is not None else None
+        self.https = server if isinstance(server, HttpsServer) else None
         smtp_servers = await start_smtp(self.smtp_handler, smtp_sockets) if smtp_sockets else []
         try:
             async with asyncio.TaskGroup() as tasks:

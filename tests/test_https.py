@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import ssl
 import threading
@@ -19,7 +20,7 @@ import trustme
 
 from bridge.clock import ManualClock
 from tests.helpers import bridge_config, running_bridge
-from tests.processes import ANY_PORT, clean_env, process
+from tests.processes import ANY_PORT, clean_env, process, wait_for
 from tests.test_smtp import tls_files  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow
@@ -164,3 +165,51 @@ def test_a_stop_cuts_the_https_handshakes_under_way(
     worker.join(60)
     assert seen.get("closed") is True, (loop_kind, seen)
     assert isinstance(seen["stop"], float) and seen["stop"] < 5.0, (loop_kind, seen)
+
+
+def _served_by(port: int, ca: trustme.CA) -> bool:
+    """Whether the certificate `port` serves now is one `ca` issued (a new connection)."""
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    try:
+        with httpx.Client(verify=trusting) as client:
+            return client.get(f"https://127.0.0.1:{port}/healthz").status_code == 200
+    except httpx.ConnectError:  # its verification failed
+        return False
+
+
+def test_a_sighup_serves_a_certificate_renewed_in_place(tmp_path: Path) -> None:
+    """certbot renews a certificate in place (the same paths) and reloads the service.
+    SMTP's certificate was read again on SIGHUP, the HTTPS listener's only at a restart:
+    it served the old one until it expired. Now the next connection gets the new one; a
+    renewal that does not load (a half-written file) keeps the running one, warned of."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    first, second = trustme.CA(), trustme.CA()
+
+    def issue(ca: trustme.CA) -> None:
+        issued = ca.issue_cert("127.0.0.1")
+        issued.cert_chain_pems[0].write_to_path(cert)
+        issued.private_key_pem.write_to_path(key)
+
+    issue(first)
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        CONFIG.format(http=ANY_PORT, cert=cert, key=key, timeout=10, db=tmp_path / "bridge.db")
+    )
+    config.chmod(0o600)
+    log = tmp_path / "log"
+    with process(["serve", "--config", str(config)], tmp_path, clean_env(), log) as proc:
+        port = proc.port()
+        assert _served_by(port, first) and not _served_by(port, second)
+
+        issue(second)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: proc.output().count("configuration reloaded") == 1, what="a reload")
+        assert _served_by(port, second) and not _served_by(port, first)
+
+        cert.write_text("-----BEGIN CERTIFICATE-----\nhalf written")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: proc.output().count("configuration reloaded") == 2, what="a reload")
+        assert _served_by(port, second)
+        assert "http.tls_cert: cannot load, the previous certificate stays" in proc.output()
+    assert "Traceback" not in log.read_text()

@@ -65,6 +65,11 @@ class HttpsServer(uvicorn.Server):
             return
         self._listeners = [TlsListener(sock, self._admit, "HTTPS") for sock in sockets]
 
+    def use_context(self, context: ssl.SSLContext) -> None:
+        """Handshakes from now on use `context` (a renewed certificate, on SIGHUP); the
+        connections made before keep theirs."""
+        self._context = context
+
     def _admit(self, host: str) -> Handshake | None:
         limits = self._inner.live.current.http
         key, refusal = self._inner.admit(host, limits)  # a refusal is logged there
