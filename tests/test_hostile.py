@@ -322,7 +322,10 @@ def test_a_megabyte_of_json_items_is_a_413_that_holds_no_one_up(tmp_path) -> Non
     `/healthz` too, 70 to 300 ms each. Measured here, eight at once from one client:
     `/healthz` waited 125 to 380 ms and the bridge spent ~50 ms of CPU a post; now 15 to
     55 ms (the machine's own noise) and 2 to 4 ms. Counted in the raw bytes now, the
-    body is refused before it is parsed, saying why."""
+    body is refused before it is parsed, saying why. The CPU a post is the bound the
+    machine's load does not move; /healthz's wait is bounded above what the same probes
+    wait with nothing posted (idle, 5 ms here; 200 ms once, on 2 cores shared by three
+    test runs)."""
     config = sender_config(tmp_path)  # the default limits
     log = tmp_path / "serve.log"
     fields = {
@@ -333,6 +336,13 @@ def test_a_megabyte_of_json_items_is_a_413_that_holds_no_one_up(tmp_path) -> Non
     with process(["serve", "--config", str(config)], tmp_path, clean_env(), log) as proc:
         url = proc.url()
         wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+        idle: list[float] = []
+        prober = threading.Thread(target=_healthz_waits, args=(url, stop, idle))
+        prober.start()
+        time.sleep(0.5)
+        stop.set()
+        prober.join()
+        stop.clear()
         prober = threading.Thread(target=_healthz_waits, args=(url, stop, waits))
         prober.start()
         try:
@@ -348,9 +358,12 @@ def test_a_megabyte_of_json_items_is_a_413_that_holds_no_one_up(tmp_path) -> Non
         small = b'{"to":"+12025550143","message":"disk full"}'
         auth = {"authorization": f"Bearer {SEND_TOKEN}", "content-type": "application/json"}
         taken = httpx.post(f"{url}/api/v1/messages", content=small, headers=auth)
-    waited = max(waits)
-    print(f"/healthz waited up to {waited * 1000:.1f} ms, a post took {spent * 1000:.1f} ms CPU")
-    assert waited < 0.100, f"/healthz waited up to {waited * 1000:.0f} ms"
+    waited, noise = max(waits), max(idle)
+    print(
+        f"/healthz waited up to {waited * 1000:.1f} ms ({noise * 1000:.1f} idle),"
+        f" a post took {spent * 1000:.1f} ms CPU"
+    )
+    assert waited < 0.100 + noise, f"/healthz waited up to {waited * 1000:.0f} ms"
     assert spent < 0.030, f"{spent * 1000:.0f} ms of CPU a post"
     assert [a.status_code for a in answers] == [413] * len(answers), answers[0].text
     assert all("(http.max_json_items)" in a.json()["error"] for a in answers)
