@@ -23,7 +23,9 @@ from bridge.store import Store
 CANCEL_BATCH = 500  # messages cancelled per store write
 MAX_CANCEL_ROUNDS = 100  # bounded: a flood still arriving is not chased for ever
 IN_FLIGHT_COUNTED = 500  # `sending` messages counted at most (the dispatcher's claims)
-WAITING = (str(State.QUEUED), str(State.HELD))
+# Held first: a digest folded from held texts while they are cancelled is a new queued
+# text, which the queued pass after it finds (queued first, it went out).
+WAITING = (str(State.HELD), str(State.QUEUED))
 # What `POST /api/v1/messages/cancel` takes: the list's names for the same filters.
 SELECTORS = ("recipient", "route", "q")
 FIELDS = (*SELECTORS, "state")
