@@ -20,7 +20,7 @@ import tests.properties  # noqa: F401  (the suite's Hypothesis profile)
 from bridge.clock import ManualClock
 from bridge.delivery.pacing import hold
 from bridge.delivery.ratelimit import SlidingWindowLimiter
-from bridge.provider.sandbox import SandboxState
+from bridge.provider.sandbox import Fault, SandboxState
 from bridge.store import Store
 from tests.helpers import bridge_config, max_in_window, pump, running_bridge
 
@@ -401,3 +401,52 @@ async def test_a_held_flood_neither_stalls_an_alert_behind_it_nor_splits_its_cal
         assert sorted(bulk) == flood_numbers
         assert len({e.bulk_id for e in sandbox_state.entries if e.to in flood_numbers}) == 1
         assert max_in_window([r.at for r in sandbox_state.requests]) <= 20
+
+
+async def test_a_hold_of_half_a_minute_or_more_waits_instead_of_spinning(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """One request left in the window: a second call of a text is held for up to the
+    window (`hold`: window / remaining). A hold of IDLE_WAIT (30 s) or more fell through
+    to the idle wait, which found the held text due and answered 0: the dispatcher read
+    the queue again and again, a store query each lap (a write transaction on
+    PostgreSQL), until the hold ran out. The wait it asks for is held here."""
+    config = bridge_config(tmp_path, sandbox_url, requests_per_minute=3)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        await http.post(f"{url}/api/v1/messages", json={"to": numbers(1)[0], "message": TEXT})
+        await bridge.dispatcher.run_once()  # its first call (and the price list)
+        clock.advance(1)
+        for number in numbers(3, 400):
+            await http.post(f"{url}/api/v1/messages", json={"to": number, "message": TEXT})
+        waits = []
+        for _ in range(20):  # a minute at most, unless it spins
+            waits.append(await bridge.dispatcher.run_once())
+            clock.advance(max(waits[-1], 0.01))
+    assert waits.count(0.0) < 3, waits
+    assert len(calls(sandbox_state)) == 2  # the rest in one more call, within the limit
+
+
+async def test_a_held_text_does_not_put_off_a_failed_logs_reads_retry(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """/logs answered 503 to the look for an unknown outcome while a flood's text was
+    held for more recipients: the hold's wait ignored when /logs could be asked again
+    (`Reconciler.logs_retry_at`, the backoff: 1-2 s here), and the look came 5 s later,
+    when the hold ended."""
+    gateway = Fault(status=502, body="<html>Bad Gateway</html>", taken=True, path="/send")
+    sandbox_state.faults.append(gateway)
+    config = bridge_config(
+        tmp_path, sandbox_url, requests_per_minute=10, backoff_initial="2s", backoff_max="2s"
+    )
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        messages = f"{url}/api/v1/messages"
+        await http.post(messages, json={"to": "+12025550202", "message": "disk 98% on db-3"})
+        await http.post(messages, json={"to": numbers(1)[0], "message": TEXT})
+        await bridge.dispatcher.run_once()  # the unknown outcome, and the flood's first call
+        clock.advance(5)
+        sandbox_state.faults.append(Fault(status=503, path="/logs"))
+        for number in numbers(3, 400):
+            await http.post(messages, json={"to": number, "message": TEXT})
+        wait = await bridge.dispatcher.run_once()  # /logs: 503; the flood's text held
+    assert [r.status for r in sandbox_state.requests if r.path.endswith("/logs")] == [503]
+    assert wait <= 2, f"/logs is asked again in {wait:g}s"

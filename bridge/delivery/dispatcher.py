@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 from collections.abc import AsyncIterator, Callable
 
@@ -229,7 +230,7 @@ class Dispatcher:
             return reconcile_wait
         due, left, more = await self._due(now)
         kept = [m for m in due if m.id not in left]
-        held, sent = IDLE_WAIT, False
+        held, sent = math.inf, False
         for batch in plan_batches(
             await self._keep_for_later(kept, now),
             max_bulk=self.config.max_bulk,
@@ -254,8 +255,10 @@ class Dispatcher:
                 return self.limiter.wait_time("send")
         if more and sent:  # what was left out is due too
             return 0.0
-        if held < IDLE_WAIT:  # what is held is due already: wake for the rest or the hold
-            return await self._hold_for_more(now, held)
+        if held < math.inf:  # what is held is due already: wake for the rest or the hold
+            # Never the idle wait for a hold of IDLE_WAIT or more (one request left holds a
+            # text up to the window): it found the held text due and answered 0, a spin.
+            return await self._hold_for_more(now, min(held, IDLE_WAIT))
         return await self._idle_wait(only_left=bool(left) and not kept)
 
     def _forget_quiet_texts(self, now: float) -> None:
