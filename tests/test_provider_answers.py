@@ -234,6 +234,25 @@ async def test_a_long_refusal_from_the_provider_is_cut_in_the_reason(
     assert "Invalid sender: xxx" in shown["reason"] and len(shown["reason"]) < 300, shown["reason"]
 
 
+async def test_a_transient_reason_past_the_cut_is_still_retried(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A refusal is judged retryable on its words ("insufficient balance", "try again
+    later") before they are cut for the reason: judged on the cut, one whose words came
+    after 200 characters of numbers failed for good."""
+    listed = ", ".join(f"+96130000{i:02d}" for i in range(30))
+    words = f"Not sent to {listed}: insufficient balance, top up and try again later"
+    assert words.index("insufficient") > 200
+    body = '{"success": false, "message": "' + words + '"}'
+    sandbox_state.faults.append(Fault(status=200, body=body, path="/send"))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+        await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=600)
+        message = await bridge.store.get(message_id)
+    assert message.attempts == 2
+
+
 @pytest.mark.parametrize("retry_after", [None, "0", "Thu, 01 Jan 1970 00:00:00 GMT"])
 async def test_429_without_retry_after_backs_off_exponentially(
     tmp_path,

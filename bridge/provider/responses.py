@@ -136,28 +136,28 @@ def _hidden(text: str, key: str) -> str:
     return text.replace(key, "***") if len(key) >= 2 else text
 
 
-REASON_CHARS = 200  # of the provider's words kept in a reason
+# Of the provider's words kept in a reason. Uncut, a refusal's 100 kB `message` went
+# into every reason and event of the texts it refused.
+REASON_CHARS = 200
 
 
-def _said(text: str, key: str) -> str:
-    """The provider's words as a reason: our key masked before the cut (`_hidden`), then
-    cut. Uncut, a refusal's 100 kB `message` went into every reason and event of the
-    texts it refused."""
-    return _hidden(text, key)[:REASON_CHARS]
-
-
-def _error_message(response: httpx.Response, key: str = "") -> str:
+def _error_words(response: httpx.Response, key: str = "") -> str:
+    """What the provider says went wrong, whole, with our key masked (`_hidden`)."""
     try:
         body = response.json()
     except ValueError:
-        text = _said(response.text.strip(), key).strip()
-        return text or response.reason_phrase or "no reason given"
+        return _hidden(response.text, key).strip() or response.reason_phrase or "no reason given"
     if isinstance(body, dict):
         for name in ("message", "error", "detail", "errors"):
             if body.get(name):
                 value = body[name]
-                return _said(value if isinstance(value, str) else json.dumps(value), key)
-    return _said(json.dumps(body), key)
+                return _hidden(value if isinstance(value, str) else json.dumps(value), key)
+    return _hidden(json.dumps(body), key)
+
+
+def _error_message(response: httpx.Response, key: str = "") -> str:
+    """`_error_words` as a reason: cut to REASON_CHARS, the key masked before the cut."""
+    return _error_words(response, key)[:REASON_CHARS]
 
 
 def _error_body(response: httpx.Response) -> bool:
@@ -204,8 +204,11 @@ def classify(response: httpx.Response, now: float, *, key: str = "") -> dict[str
             status=status,
         )
     if body.get("success") is False:
-        reason = _error_message(response, key)
-        if _TRANSIENT_WORDS.search(reason):
+        # Judged on the whole words, stored cut: "insufficient balance" after the cut
+        # made a retryable refusal a permanent failure.
+        words = _error_words(response, key)
+        reason = words[:REASON_CHARS]
+        if _TRANSIENT_WORDS.search(words):
             raise TransientSendError(reason, status=status)
         raise PermanentSendError(reason, status=status)
     return body
