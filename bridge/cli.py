@@ -372,15 +372,15 @@ def _tls_problems(config: Config) -> list[tuple[str, str]]:
     a traceback (uvicorn's or the SMTP listener's) and exit 1, restarted for ever."""
     import ssl
 
+    from bridge.certificates import load_pair
+
     problems = []
     for section, tls in (("http", config.http), ("smtp", config.smtp)):
         if not tls.tls_cert:
             continue
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            # No password: the bridge has no key for one, and OpenSSL would ask for it
-            # on the terminal (or hang without one) for an encrypted key.
-            context.load_cert_chain(tls.tls_cert, tls.tls_key or None, password=lambda: b"")
+            load_pair(context, tls.tls_cert, tls.tls_key)
         except (OSError, ssl.SSLError) as exc:
             why = f"{tls.tls_cert} with {section}.tls_key {tls.tls_key} does not load: {exc}"
             problems.append((f"{section}.tls_cert", why))

@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
-from uvicorn.config import SSL_PROTOCOL_VERSION, create_ssl_context
+from uvicorn.config import SSL_PROTOCOL_VERSION
 
 from bridge.addresses import with_mapped
+from bridge.certificates import load_pair
 from bridge.clock import Clock
 from bridge.config import (
     Config,
@@ -129,16 +130,12 @@ def uvicorn_server(
 
 
 def https_context(cert: str, key: str) -> ssl.SSLContext:
-    """The HTTPS listener's TLS context, as uvicorn makes it from the same two files."""
-    return create_ssl_context(
-        certfile=cert,
-        keyfile=key or None,
-        password=None,
-        ssl_version=SSL_PROTOCOL_VERSION,
-        cert_reqs=ssl.CERT_NONE,
-        ca_certs=None,
-        ciphers=None,
-    )
+    """The HTTPS listener's TLS context, as uvicorn's `create_ssl_context` makes it from
+    the same two files (no password, CA or ciphers), but never asking for a passphrase."""
+    context = ssl.SSLContext(SSL_PROTOCOL_VERSION)
+    load_pair(context, cert, key)
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def read_https(http: HttpConfig) -> TlsFiles:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 from bridge.clock import ManualClock
 from tests.helpers import bridge_config, running_bridge
@@ -212,4 +213,18 @@ def test_a_sighup_serves_a_certificate_renewed_in_place(tmp_path: Path) -> None:
         wait_for(lambda: proc.output().count("configuration reloaded") == 2, what="a reload")
         assert _served_by(port, second)
         assert "http.tls_cert: cannot load, the previous certificate stays" in proc.output()
+
+        # A renewal with a passphrase on its key: OpenSSL asked for it on the terminal
+        # (the read hung to its bound; here, with none, "[Errno 22] Invalid argument").
+        issue(first)
+        encrypted = serialization.load_pem_private_key(key.read_bytes(), None).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"a passphrase"),
+        )
+        key.write_bytes(encrypted)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: proc.output().count("configuration reloaded") == 3, what="a reload")
+        assert _served_by(port, second)
+        assert f"the key {key} is encrypted, and the bridge has no passphrase" in proc.output()
     assert "Traceback" not in log.read_text()

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from aiosmtpd.smtp import SMTP, Envelope, LoginPassword, Session
 
 from bridge.addresses import in_networks, parse_network
+from bridge.certificates import load_pair
 from bridge.clock import zone
 from bridge.config import ProviderConfig, Recipients, SmtpConfig
 from bridge.config.recipients import unknown_group
@@ -81,7 +82,7 @@ _PLAIN_ADDRESS = re.compile(rf"<({_DOT_ATOM})@({_DOT_ATOM})>(?: ([^\s(].*))?", r
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
+    load_pair(context, cert, key)
     return context
 
 

@@ -1,0 +1,33 @@
+"""A listener's certificate and key loaded without a passphrase prompt.
+
+The bridge has no passphrase to give for an encrypted key. Asked for one, OpenSSL reads
+it from the terminal: `serve` in a foreground shell or `docker run -it` blocked there,
+and a SIGHUP's read of a renewed key hung until its bound and left a thread waiting on
+the terminal for good (another with each SIGHUP); without a terminal the error said
+"[Errno 22] Invalid argument". Here such a key fails at once, saying what it is.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+
+def load_pair(context: ssl.SSLContext, cert: str, key: str) -> None:
+    """`context.load_cert_chain(cert, key)` (the key in `cert` when `key` is empty),
+    never asking for a passphrase; ssl.SSLError naming an encrypted key."""
+    asked = False
+
+    def no_passphrase() -> bytes:
+        nonlocal asked
+        asked = True
+        return b""
+
+    try:
+        context.load_cert_chain(cert, key or None, password=no_passphrase)
+    except ssl.SSLError as exc:
+        if not asked:
+            raise
+        raise ssl.SSLError(
+            f"the key {key or cert} is encrypted, and the bridge has no passphrase for it:"
+            " give it the key decrypted (openssl pkey -in KEY -out PLAIN)"
+        ) from exc
