@@ -240,6 +240,8 @@ HOSTILE = [
     ('[provider]\nbackoff_initial = "500ms"\n', {}, "provider.backoff_initial"),
     ('[provider]\nbackoff_initial = "1s"\nbackoff_max = 0\n', {}, "provider.backoff_max"),
     ('[provider]\nbackoff_max = "2s"\n', {}, "provider.backoff_max"),  # under the 5s default
+    # Both told at once, not the second after the first is fixed.
+    ('[provider]\nbackoff_initial = 0\nbackoff_max = "500ms"\n', {}, "provider.backoff_max"),
     ("[provider]\ntimeout = 1" + "0" * 400 + "\n", {}, "provider.timeout"),
     ("[budget]\nlow_balance = 1" + "0" * 400 + "\n", {}, "budget.low_balance"),
     ('[store]\nretention = "9999999999d"\n', {}, "store.retention"),

@@ -368,6 +368,7 @@ async def test_a_bulk_whose_outcome_is_unknown_is_found_past_ten_pages_of_logs(
     assert [r.status for r in sandbox_state.requests if "/send" in r.path] == [502]
 
 
+@on_each_backend
 async def test_a_logs_walk_stopped_at_its_page_cap_goes_on_at_the_next_step(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

@@ -49,7 +49,9 @@ def validate(config: Config, problem: Problem) -> None:
 
 DAY = 86400.0
 MIN_AUTH_PROBE_INTERVAL = 5.0  # seconds: 12 probes a minute at most while a key is refused
-MIN_BACKOFF = 1.0  # seconds: the first resend of a 5xx, a timeout or a 429 without Retry-After
+# Seconds: the first wait of a 429 without Retry-After, and of a 5xx's or a timeout's
+# resend before its jitter (half to all of it).
+MIN_BACKOFF = 1.0
 
 
 def daily_caps(config: Config) -> list[str]:
@@ -272,8 +274,11 @@ def _validate_provider(p: ProviderConfig, problem: Problem) -> None:
             "provider.backoff_initial",
             f"must be at least {MIN_BACKOFF:g}s: each retry is a request of the minute's budget",
         )
-    elif not p.backoff_max >= p.backoff_initial:
-        problem("provider.backoff_max", "must be at least provider.backoff_initial")
+    if not p.backoff_max >= max(p.backoff_initial, MIN_BACKOFF):
+        problem(
+            "provider.backoff_max",
+            f"must be at least {MIN_BACKOFF:g}s and provider.backoff_initial",
+        )
     if not 1 <= p.max_bulk <= 1000:
         problem("provider.max_bulk", "must be between 1 and 1000 (the provider's bulk limit)")
     if not valid_sender_id(p.sender_id):
