@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from bridge.clock import Clock, SystemClock
-from bridge.config import Config, file_problem, parse_duration, purge_problem, store_file
+from bridge.config import Config, file_problem, parse_duration, purge_problem
 from bridge.errors import ProviderError, StoreUnavailable
 
 if TYPE_CHECKING:  # imported where used: each command loads only what it needs
@@ -54,9 +54,8 @@ def store_exists(config: Config) -> bool:
     """
     if config.store.url:
         return True  # a server: opening it says whether it is there
-    file = store_file(config.store.path)  # an SQLite URI's file
-    path = os.path.abspath(file or config.store.path)
-    if file is None or (why := file_problem(path)) is None:
+    path = os.path.abspath(config.store.path)
+    if config.store.path == ":memory:" or (why := file_problem(path)) is None:
         print(f"store: {path}", file=sys.stderr)
         return True
     # A store.path the config file wrote is already joined to the file's directory; one

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-from urllib.parse import quote
 
 import httpx
 import pytest
@@ -241,21 +240,6 @@ def test_reading_commands_say_which_store_and_never_create_an_empty_one(tmp_path
     for limit in ("0", "-1", "x"):  # -1 printed every message on SQLite
         bad = run("messages", "--limit", limit, cwd=elsewhere)
         assert bad.returncode == 2 and "must be a whole number from 1 up" in bad.stderr, limit
-
-
-def test_reading_commands_find_a_store_named_by_an_sqlite_uri(tmp_path) -> None:
-    """`SMS_BRIDGE_STORE_PATH` as an SQLite URI: the commands looked for a file named
-    after the whole URI ("no such file" for a store `serve` used), and `migrate` left
-    directories named `file:` in the current directory."""
-    data = tmp_path / "data"
-    env = {"SMS_BRIDGE_STORE_PATH": f"file:{quote(str(data))}/b.db?mode=rwc"}
-    missing = run("messages", cwd=tmp_path, env=env)
-    assert missing.returncode == 1 and f"store {data / 'b.db'}: no such file" in missing.stderr
-    assert run("migrate", cwd=tmp_path, env=env).returncode == 0
-    listed = run("messages", "--json", cwd=tmp_path, env=env)
-    assert listed.returncode == 0, listed.stderr
-    assert json.loads(listed.stdout) == [] and f"store: {data / 'b.db'}" in listed.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
 def test_provider_command_on_the_sandbox_says_it_is_a_sandbox_of_its_own(tmp_path) -> None:

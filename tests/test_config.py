@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 
@@ -167,29 +166,6 @@ def test_a_store_left_in_the_current_directory_by_an_upgrade_is_named_not_replac
     assert load_config(None, env={"SMS_BRIDGE_STORE_PATH": "bridge.db"}).store.path == (
         "bridge.db"  # the environment's, read from the current directory as before
     )
-
-
-def test_an_sqlite_uri_as_store_path_is_read_beside_the_config_as_a_name_is(
-    tmp_path, monkeypatch
-) -> None:
-    """A URI's relative file is the config directory's, as a relative name's is; the
-    URI's parameters kept. Joined whole to that directory, the URI was a file name there
-    (`etc/file:bridge.db?mode=rwc`): where such a store is and the URI's file is not, the
-    start is refused, naming both. An absolute URI, and the environment's, stay as they
-    are."""
-    etc, _ = _two_directories(tmp_path, monkeypatch)
-    path = write_config(etc, '[store]\npath = "file:bridge.db?mode=rwc"\n')
-    assert load_config(path, env={}).store.path == f"file:{quote(str(etc))}/bridge.db?mode=rwc"
-    absolute = f"file:{quote(str(tmp_path))}/data/x.db?mode=rwc&cache=private"
-    assert load_config(path, env={"SMS_BRIDGE_STORE_PATH": absolute}).store.path == absolute
-    written = write_config(etc, f'[store]\npath = "{absolute}"\n', name="absolute.toml")
-    assert load_config(written, env={}).store.path == absolute
-    (etc / "file:bridge.db?mode=rwc").write_bytes(b"")  # the store an earlier version used
-    with pytest.raises(ConfigError) as refused:
-        load_config(path, env={})
-    [(key, why)] = refused.value.problems
-    assert key == "store.path"
-    assert str(etc / "bridge.db") in why and str(etc / "file:bridge.db?mode=rwc") in why
 
 
 def test_relative_paths_in_a_config_file_are_relative_to_its_directory(

@@ -245,6 +245,10 @@ HOSTILE = [
     ("[provider]\ntimeout = 1" + "0" * 400 + "\n", {}, "provider.timeout"),
     ("[budget]\nlow_balance = 1" + "0" * 400 + "\n", {}, "budget.low_balance"),
     ('[store]\nretention = "9999999999d"\n', {}, "store.retention"),
+    # An SQLite URI: SQLite opened its file, the bridge's own steps made a stray file
+    # named after it (and left the store readable by all).
+    ('[store]\npath = "file:/var/lib/sms-bridge/bridge.db?mode=rwc"\n', {}, "store.path"),
+    ("", {"SMS_BRIDGE_STORE_PATH": "file:bridge.db"}, "SMS_BRIDGE_STORE_PATH"),
     ("[budget]\ntexts_per_day = 100000000000000000000\n", {}, "budget.texts_per_day"),
     ("", {"SMS_BRIDGE_PROVIDER_TIMEOUT": "nan"}, "SMS_BRIDGE_PROVIDER_TIMEOUT"),
     # Both a value and its file: the inline one won, the file meant was never read.

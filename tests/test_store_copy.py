@@ -10,7 +10,6 @@ import sqlite3
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
@@ -319,21 +318,6 @@ async def test_the_copy_counts_stored_messages_from_its_rows(
         assert await reported(target) == await aggregated(target)
     finally:
         await target.close()
-
-
-async def test_a_store_named_by_an_sqlite_uri_is_copied(tmp_path: Path, postgres_url: str) -> None:
-    """`--from` (or store.path) as an SQLite URI, as `serve` opens it: the copy took it
-    for a file name ("no SQLite store at file:...")."""
-    from bridge.store.copy import copy_sqlite_to_postgres
-
-    source = SqliteStore(tmp_path / "s.db")
-    await source.open()
-    await seed(source, [_message(n) for n in range(2)], 1.0)
-    await source.close()
-    uri = f"file:{quote(str(tmp_path))}/s.db?mode=rw"
-    summary = await copy_sqlite_to_postgres(uri, postgres_url, replace=False)
-    assert summary.messages == 2
-    assert await _pg_count(postgres_url, "messages") == 2
 
 
 async def _pg_pause(url: str, now: float) -> Any:

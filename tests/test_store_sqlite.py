@@ -8,7 +8,6 @@ import contextlib
 import sqlite3
 import threading
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -26,7 +25,6 @@ from bridge.store.postgres.store import PostgresStore
 from bridge.store.sqlite import SqliteStore
 from bridge.store.sqlite.engine import whole_database
 from bridge.store.sqlite.schema import migrations
-from bridge.store.sqlite.serving import only_serve
 from bridge.store.values import IngestQuestions, Lookups, Pending
 from tests.helpers import bridge_config, running_bridge
 from tests.stores import FaultySqliteStore, faulty_store, seed
@@ -98,37 +96,6 @@ async def test_a_failed_open_leaves_no_thread_behind(tmp_path) -> None:
     with pytest.raises(StoreUnavailable, match="cannot open store"):
         await store.open()
     assert store_threads() <= before
-
-
-async def test_a_store_named_by_an_sqlite_uri_makes_its_file_and_no_other(
-    tmp_path, monkeypatch
-) -> None:
-    """`store.path` as an SQLite URI: SQLite opened the file it names, while the open's
-    own steps took the URI for a file name: directories named `file:` in the current
-    directory, an empty file named after the whole URI in them, and the store itself
-    created by SQLite with the umask's mode, not 0600. Only the store and its WAL and
-    SHM now, private, and the serve lock beside the store."""
-    data, run = tmp_path / "data", tmp_path / "run"
-    run.mkdir()
-    monkeypatch.chdir(run)
-    uri = f"file:{urllib.parse.quote(str(data))}/bridge.db?mode=rwc"
-    with only_serve(uri):
-        store = SqliteStore(uri)
-        await store.open()
-        try:
-            await seed(store, [MESSAGE], 1.0)
-            files = sorted(p.name for p in data.iterdir())
-        finally:
-            await store.close()
-    assert files == ["bridge.db", "bridge.db-shm", "bridge.db-wal", "bridge.db.serve-lock"]
-    assert list(run.iterdir()) == []
-    assert (data / "bridge.db").stat().st_mode & 0o777 == 0o600
-    with contextlib.closing(sqlite3.connect(data / "bridge.db")) as conn:
-        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (1,)
-    # Read-only (`mode=ro`): a store that is not there is not made, empty, either.
-    with pytest.raises(StoreUnavailable, match="cannot open store"):
-        await SqliteStore(uri.replace("bridge.db?mode=rwc", "absent.db?mode=ro")).open()
-    assert not (data / "absent.db").exists() and list(run.iterdir()) == []
 
 
 async def test_a_migration_that_raises_fails_the_open_and_leaves_no_thread(

@@ -22,9 +22,7 @@ from bridge.config.parsing import (
     read_regular_file,
     read_secret_file,
     resolve_path,
-    resolve_store_path,
     secret_text_problem,
-    store_file,
 )
 from bridge.config.sections import (
     ENV_PREFIX,
@@ -62,27 +60,17 @@ class _Loader:
     def problem(self, key: str, why: str) -> None:
         self.problems.append((key, why))
 
-    def refuse_a_store_left_behind(self, written: str, resolved: str, base: str | None) -> None:
-        """`store.path` (`written`) names another file than earlier versions read: a
-        relative name was read from the current directory before it was read beside the
-        config; an SQLite URI written in the config file was a file name there, joined
-        whole to its directory. Where the new reading finds no store but the old one
-        does, SQLite would start an empty one: the queue, the held texts, the dedupe
+    def refuse_a_store_left_behind(self, written: str, resolved: str) -> None:
+        """A relative `store.path` was read from the current directory before it was read
+        beside the config. Where the new reading finds no store but the old one does,
+        SQLite would start an empty one there: the queue, the held texts, the dedupe
         window and today's cap counts left behind in the old file, silently."""
-        new = store_file(resolved)
-        if new is None or os.path.exists(new):
-            return
-        if written.startswith("file:") and base is not None:
-            old, how = resolve_path(written, base), "the URI taken for a file name"
-        elif written != resolved:
-            old, how = os.path.abspath(written), "read from the current directory"
-        else:
-            return
-        if os.path.exists(old):
+        if not os.path.exists(resolved) and os.path.exists(written):
             self.problem(
                 "store.path",
-                f"{written!r} is read as {new}, where no store is; the store at {old}"
-                f" ({how} by earlier versions) would be left behind: move it there, or"
+                f"{written!r} is read beside the config file, as {resolved}, where no store"
+                f" is; the store at {os.path.abspath(written)} (read from the current"
+                " directory by earlier versions) would be left behind: move it there, or"
                 " write its absolute path",
             )
 
@@ -158,13 +146,19 @@ class _Loader:
                     value = read_secret_file(file_name, file_base)
                 if value is not dataclasses.MISSING:
                     value = coerce(value, kind, spec.default, where)
-                    # Its own reading: ":memory:" is SQLite's name for no file (the tests'
-                    # stores), and a URI's file is resolved inside it.
-                    if (name, fname) == ("store", "path"):
-                        written, value = str(value), resolve_store_path(str(value), where)
-                        self.refuse_a_store_left_behind(written, value, where)
-                    elif kind == "path":
-                        value = resolve_path(str(value), where)
+                    if (name, fname) == ("store", "path") and str(value).startswith("file:"):
+                        # SQLite reads it as a URI, the bridge's own steps (the private
+                        # file, the serve lock, the commands' checks) as a file name: a
+                        # stray empty file named after it, the store not kept private.
+                        raise ValueError(
+                            "an SQLite URI: write the store file's path (a file whose name"
+                            " starts with file: as ./file:...)"
+                        )
+                    # ":memory:" is SQLite's name for no file (the tests' stores)
+                    if kind == "path" and value != ":memory:":
+                        written, value = str(value), resolve_path(str(value), where)
+                        if (name, fname) == ("store", "path") and value != written:
+                            self.refuse_a_store_left_behind(written, value)
                     if spec.metadata.get("secret"):  # a URL with a password too
                         self.refuse_spaced_secrets(origin, value)
                     values[fname] = value

@@ -240,54 +240,6 @@ def resolve_path(value: str, base: str | None) -> str:
     return os.path.join(base, value)
 
 
-SQLITE_URI = "file:"  # a store.path SQLite opens as a URI (https://sqlite.org/uri.html)
-
-
-def _sqlite_uri(path: str) -> tuple[urllib.parse.SplitResult, str, dict[str, str]] | None:
-    """An SQLite URI's parts, its file name (escapes decoded) and its parameters; None
-    for a plain file name."""
-    if not path.startswith(SQLITE_URI):
-        return None
-    parts = urllib.parse.urlsplit(path)
-    pairs = [item.partition("=") for item in parts.query.split("&") if item]
-    params = {urllib.parse.unquote(k): urllib.parse.unquote(v) for k, _, v in pairs}
-    return parts, urllib.parse.unquote(parts.path), params
-
-
-def store_file(path: str) -> str | None:
-    """The file a `store.path` names: the name itself, or an SQLite URI's file
-    (`file:/var/lib/sms-bridge/bridge.db?mode=rwc`); None for a store in memory. Only
-    SQLite reads a URI: taken for a file name, it made directories named `file:` and an
-    empty file named after the whole URI in the current directory."""
-    uri = _sqlite_uri(path)
-    if uri is None:
-        return None if path == ":memory:" else path
-    _, file, params = uri
-    return None if file in ("", ":memory:") or params.get("mode") == "memory" else file
-
-
-def store_read_only(path: str) -> bool:
-    """An SQLite URI's `mode=ro`: the file is opened as it is, never created."""
-    uri = _sqlite_uri(path)
-    return uri is not None and uri[2].get("mode") == "ro"
-
-
-def resolve_store_path(value: str, base: str | None) -> str:
-    """`store.path` as the config means it (`resolve_path`): an SQLite URI's relative
-    file is relative to the config file's directory as a name is; the rest of the URI
-    kept. Joined whole, the URI was a file name under the config's directory."""
-    uri = _sqlite_uri(value)
-    if store_file(value) is None:  # in memory: no file to find
-        return value
-    if uri is None:
-        return resolve_path(value, base)
-    parts, file, _ = uri
-    if base is None or parts.netloc or os.path.isabs(file):
-        return value
-    rest = value[len(SQLITE_URI) + len(parts.path) :]  # the query and fragment, as written
-    return f"{SQLITE_URI}{urllib.parse.quote(os.path.join(base, file))}{rest}"
-
-
 # A secret is a line (a key, a password, a URL); a config is pages of TOML. Anything
 # larger is a wrong file named (a log, a disk image, /dev/zero), not a config.
 SECRET_FILE_MAX = 64 * 1024

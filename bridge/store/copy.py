@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bridge.config.parsing import store_file
 from bridge.store.names import display_url
 
 
@@ -68,5 +67,4 @@ async def copy_sqlite_to_postgres(source: str | Path, url: str, *, replace: bool
 
 
 def _exists(path: str | Path) -> bool:
-    file = store_file(str(path))  # an SQLite URI's file
-    return file is not None and Path(file).is_file()
+    return Path(path).is_file()

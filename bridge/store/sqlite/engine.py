@@ -55,7 +55,6 @@ from typing import Any, TypeVar, cast
 
 from sqlite_utils import Database
 
-from bridge.config.parsing import SQLITE_URI, store_file, store_read_only
 from bridge.errors import StoreUnavailable
 from bridge.permissions import readable_by_everyone
 from bridge.store.sqlite.schema import migrations
@@ -157,9 +156,7 @@ def _check_sqlite() -> None:
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    # A URI said so, not left to how this SQLite was built (SQLITE_USE_URI).
-    uri = path.startswith(SQLITE_URI)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, uri=uri)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     return conn
@@ -222,16 +219,12 @@ class Engine:
     # -- lifecycle -----------------------------------------------------------------
     async def open(self) -> None:
         _check_sqlite()
-        # The file SQLite opens: a URI's, not the URI taken for a file name (directories
-        # named `file:` and an empty file named after the URI, the store itself created
-        # by SQLite with the umask's mode). None in memory; a read-only store as it is.
-        file = store_file(self.path)
-        if file is not None and not store_read_only(self.path):
+        if self.path != ":memory:":
             try:
-                Path(file).parent.mkdir(parents=True, exist_ok=True)
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreUnavailable(f"cannot create the store's directory: {exc}") from exc
-            _create_private(file)
+            _create_private(self.path)
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
         self._syncer = threading.Thread(target=self._sync_loop, name="store-sync", daemon=True)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bridge.config.parsing import SQLITE_URI, store_file
 from bridge.errors import StoreUnavailable
 
 CHUNK = 5000  # rows per fetch: a million-row store never sits in memory at once
@@ -77,12 +76,9 @@ def exclusive_tables(path: str | Path) -> Iterator[list[Table]]:
 
     StoreUnavailable if the file is missing, not an sms-bridge store, or in use.
     """
-    name = str(path)
-    file = store_file(name)  # an SQLite URI's file
-    if file is None or not Path(file).is_file():
+    if not Path(path).is_file():
         raise StoreUnavailable(f"no SQLite store at {path}")
-    uri = name.startswith(SQLITE_URI)
-    conn = sqlite3.connect(name, isolation_level=None, timeout=0.5, uri=uri)
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=0.5)
     try:
         # EXCLUSIVE locking mode keeps the lock until the connection closes; BEGIN
         # EXCLUSIVE takes it now, and fails while any other connection has the file open.

@@ -20,7 +20,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from bridge.config.parsing import store_file
 from bridge.errors import StoreUnavailable
 
 
@@ -34,13 +33,12 @@ def lock_path(path: str) -> str:
 def only_serve(path: str) -> Iterator[None]:
     """Hold the store at `path` for this `serve` until the block ends; StoreUnavailable
     if another process holds it."""
-    file = store_file(path)  # an SQLite URI's file, beside which the lock goes
-    if file is None:
+    if path == ":memory:":
         yield
         return
-    name = lock_path(file)
+    name = lock_path(path)
     try:
-        Path(file).parent.mkdir(parents=True, exist_ok=True)  # as the store's open does
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # as the store's open does
         fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise StoreUnavailable(f"cannot create {name}: {exc.strerror or exc}") from exc
