@@ -253,6 +253,23 @@ async def test_a_transient_reason_past_the_cut_is_still_retried(
     assert message.attempts == 2
 
 
+async def test_a_transient_word_inside_another_does_not_make_a_refusal_retryable(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Judged on its whole words, an invalid number's refusal that offered "unlimited"
+    plans further on was taken for "limit" (a rate limit) and retried until it gave up,
+    each try a request of the minute's budget."""
+    words = "Invalid recipient number. " + "x " * 150 + "Upgrade to unlimited plans today."
+    body = '{"success": false, "message": "' + words + '"}'
+    sandbox_state.faults.append(Fault(status=200, body=body, path="/send", times=9))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "x"})).json()["ids"]
+        await pump_until_state(bridge, clock, message_id, State.FAILED, max_seconds=60)
+        message = await bridge.store.get(message_id)
+    assert message.attempts == 1 and "Invalid recipient number" in (message.reason or "")
+
+
 @pytest.mark.parametrize("retry_after", [None, "0", "Thu, 01 Jan 1970 00:00:00 GMT"])
 async def test_429_without_retry_after_backs_off_exponentially(
     tmp_path,

@@ -38,9 +38,11 @@ from bridge.provider.logmatch import same_number
 
 _TRANSIENT_4XX = {408, 425}
 # A `"success": false` whose reason reads like one of these may pass: retry, do not fail.
+# Whole words (or their inflections): a refusal is judged on all its words, and
+# "unlimited" or "collateral" in an invalid number's refusal made it retryable.
 _TRANSIENT_WORDS = re.compile(
-    r"balance|credit|insufficient|limit|too many|try again|later|temporar|busy|throttl|"
-    r"unavailable|timeout|maintenance",
+    r"\b(?:balance|credit\w*|insufficient|limit\w*|too many|try again|later|temporar\w*|"
+    r"busy|throttl\w*|unavailable|timeout|maintenance)\b",
     re.IGNORECASE,
 )
 _ACCEPTED_WORDS = {"success", "ok", "sent", "queued", "accepted", "pending", "true"}
