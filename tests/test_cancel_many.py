@@ -6,6 +6,8 @@ console's POSTs written with a trailing slash.
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
@@ -553,6 +555,23 @@ async def test_texts_taken_meanwhile_are_in_flight_when_the_count_is_cut(
         }
 
 
+async def held_folded_midway(bridge, clock: ManualClock) -> tuple[list[int], Any, Any]:
+    """Three held texts to PHONE whose digest is due; their ids, the store's `query`,
+    and a stand-in for it (to patch in) that has the digest fold them between a held
+    cancel's read and its write."""
+    held = QUEUED._replace(state=State.HELD)
+    ids = await seed(bridge.store, [held] * 3, clock.now() - 86400)
+    reads = bridge.store.query
+
+    async def read_then_fold(**filters: Any) -> Any:
+        found = await reads(**filters)
+        if filters.get("state") == "held":
+            await bridge.digests.run_once()  # between the read and the write
+        return found
+
+    return ids, reads, read_then_fold
+
+
 @pytest.mark.parametrize("via", ["api", "console"])
 async def test_held_texts_folded_between_the_read_and_the_write_are_gone(
     via: str, tmp_path, sandbox_url: str, clock: ManualClock, backend: str, monkeypatch
@@ -568,15 +587,7 @@ async def test_held_texts_folded_between_the_read_and_the_write_are_gone(
         running_bridge(config, clock) as (bridge, url),
         httpx.AsyncClient(base_url=url) as http,
     ):
-        held = QUEUED._replace(state=State.HELD)
-        ids = await seed(bridge.store, [held] * 3, clock.now() - 86400)  # its digest is due
-        reads = bridge.store.query
-
-        async def read_then_fold(**filters):
-            found = await reads(**filters)
-            if filters.get("state") == "held":
-                await bridge.digests.run_once()  # between the read and the write
-            return found
+        ids, reads, read_then_fold = await held_folded_midway(bridge, clock)
 
         if via == "console":
             await sign_in(http, ADMIN)
@@ -617,15 +628,7 @@ async def test_a_digest_folded_during_a_cancel_of_every_waiting_text_is_cancelle
     first now, and the queued pass that follows finds the digest. Both stores."""
     config = bridge_config(tmp_path, sandbox_url, TOKENS)
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
-        held = QUEUED._replace(state=State.HELD)
-        ids = await seed(bridge.store, [held] * 3, clock.now() - 86400)  # its digest is due
-        reads = bridge.store.query
-
-        async def read_then_fold(**filters):
-            found = await reads(**filters)
-            if filters.get("state") == "held":
-                await bridge.digests.run_once()  # between the read and the write
-            return found
+        ids, reads, read_then_fold = await held_folded_midway(bridge, clock)
 
         monkeypatch.setattr(bridge.store, "query", read_then_fold)
         answer = await http.post(f"{url}{CANCEL}", json={"recipient": PHONE}, headers=bearer(ADMIN))

@@ -368,6 +368,21 @@ async def test_a_bulk_whose_outcome_is_unknown_is_found_past_ten_pages_of_logs(
     assert [r.status for r in sandbox_state.requests if "/send" in r.path] == [502]
 
 
+GATEWAY_AFTER_TAKING = {"taken": True, "status": 502, "body": "<html>Bad Gateway</html>"}
+
+
+async def lost_bulk_under_others(bridge, url: str, clock, sandbox_state: SandboxState) -> list[int]:
+    """A bulk of 1000 the provider took but answered with a gateway's 502 page, then 1500
+    texts of another client of the account after it: /logs holds the bulk on pages 16 to
+    25 (newest first). The bulk's ids."""
+    sandbox_state.faults.append(Fault(path="/send-bulk", **GATEWAY_AFTER_TAKING))
+    bulk = (await post(url, {"to": numbers(1000), "message": "maintenance tonight"})).json()
+    await bridge.dispatcher.run_once()
+    for number in numbers(1500, 5000):
+        sandbox_state.record_send(number, "other", "SMS", 1, clock.now())
+    return bulk["ids"]
+
+
 @on_each_backend
 async def test_a_logs_walk_stopped_at_its_page_cap_goes_on_at_the_next_step(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
@@ -377,19 +392,14 @@ async def test_a_logs_walk_stopped_at_its_page_cap_goes_on_at_the_next_step(
     after each such step before reading on: the bulk's fate a minute late, with the
     window's room to spare. The wait it asks for (what `Dispatcher.run` sleeps) is held
     here: after a walk cut short by its cap, the next step is due at once."""
-    gateway = {"taken": True, "status": 502, "body": "<html>Bad Gateway</html>"}
-    sandbox_state.faults.append(Fault(path="/send-bulk", **gateway))
     config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
     async with running_bridge(config, clock) as (bridge, url):
-        bulk = (await post(url, {"to": numbers(1000), "message": "maintenance tonight"})).json()
-        await bridge.dispatcher.run_once()
-        for number in numbers(1500, 5000):  # the account's other client, newer: pages 1-15
-            sandbox_state.record_send(number, "other", "SMS", 1, clock.now())
+        bulk = await lost_bulk_under_others(bridge, url, clock, sandbox_state)
         clock.advance(10)  # past RECONCILE_DELAY
         slept = 0.0
         for _ in range(20):  # a wait of 0 again and again fails here, not hangs
             wait = await bridge.dispatcher.run_once()
-            if set(await states(bridge, bulk["ids"])) == {State.SENT}:
+            if set(await states(bridge, bulk)) == {State.SENT}:
                 break
             clock.advance(wait)
             slept += wait
@@ -407,15 +417,10 @@ async def test_a_deep_logs_walk_keeps_its_place_when_a_new_unknown_outcome_joins
     them: pages 1 to 10 read again, and under a steady trickle of new unknown outcomes
     the oldest recipients' page was never reached. The newcomer is looked for from page 1
     (found there, the newest entry), then the walk goes on from where it stopped."""
-    gateway = {"taken": True, "status": 502, "body": "<html>Bad Gateway</html>"}
-    sandbox_state.faults.append(Fault(path="/send-bulk", **gateway))
     config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
     async with running_bridge(config, clock) as (bridge, url):
-        bulk = (await post(url, {"to": numbers(1000), "message": "maintenance tonight"})).json()
-        await bridge.dispatcher.run_once()
-        for number in numbers(1500, 5000):  # the account's other client: 26 pages in all
-            sandbox_state.record_send(number, "other", "SMS", 1, clock.now())
-        sandbox_state.faults.append(Fault(path="/send", **gateway))
+        bulk = await lost_bulk_under_others(bridge, url, clock, sandbox_state)
+        sandbox_state.faults.append(Fault(path="/send", **GATEWAY_AFTER_TAKING))
         [late] = (await post(url, {"to": "+12025559999", "message": "db-2 down"})).json()["ids"]
         clock.advance(10)
         await bridge.dispatcher.run_once()  # pages 1 to 10, then the text: unknown too
@@ -424,7 +429,7 @@ async def test_a_deep_logs_walk_keeps_its_place_when_a_new_unknown_outcome_joins
         clock.advance(10)  # it joins the walk
 
         for _ in range(100):  # the dispatcher alone: every /logs read is the walk's
-            if set(await states(bridge, [*bulk["ids"], late])) == {State.SENT}:
+            if set(await states(bridge, [*bulk, late])) == {State.SENT}:
                 break
             clock.advance(max(0.01, min(await bridge.dispatcher.run_once(), 30)))
     requests = [r for r in sandbox_state.requests if r.path.endswith(("/logs", "/send"))]
