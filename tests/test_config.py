@@ -173,7 +173,7 @@ def test_relative_paths_in_a_config_file_are_relative_to_its_directory(
 ) -> None:
     """/etc/sms-bridge/config.toml naming "api-key" means /etc/sms-bridge/api-key, not a
     file in the unit's WorkingDirectory (a first operator's surprise): every file name
-    the file writes, secret or not. Absolute names and SQLite's ":memory:" stay."""
+    the file writes, secret or not. Absolute names stay."""
     etc, _ = _two_directories(tmp_path, monkeypatch)
     path = write_config(
         etc,
@@ -211,8 +211,6 @@ def test_relative_paths_in_a_config_file_are_relative_to_its_directory(
     # Named from another directory by a relative path: still the file's own directory.
     monkeypatch.chdir(tmp_path)
     assert load_config("etc/bridge.toml", env={}).store.path == str(etc / "state" / "bridge.db")
-    memory = write_config(etc, '[store]\npath = ":memory:"\n', "memory.toml")
-    assert load_config(memory, env={}).store.path == ":memory:"
 
 
 def test_paths_from_the_environment_and_the_defaults_stay_relative_to_the_cwd(

@@ -39,6 +39,26 @@ from bridge.errors import ConfigError
 TOKEN_ENV_KEYS = ("TOKEN", "SCOPES", "TEXTS_PER_DAY")  # SMS_BRIDGE_TOKENS_<NAME>_<KEY>
 
 
+def _refuse_no_store_file(path: str) -> None:
+    """ValueError for a `store.path` that names no file the bridge can keep private and
+    find again: an SQLite URI (SQLite reads it as one, the bridge's own steps, the
+    private file, the serve lock and the commands' checks, as a file name: a stray empty
+    file named after it, the store not private), or `:memory:` (every message lost at
+    exit, acknowledged or not, and the API, the console and the commands reading
+    databases of their own, empty)."""
+    if path.startswith("file:"):
+        raise ValueError(
+            "an SQLite URI: write the store file's path (a file whose name starts with"
+            " file: as ./file:...)"
+        )
+    if path == ":memory:":
+        raise ValueError(
+            "a store in memory keeps nothing: every message would be lost at exit, and"
+            " the API and the console would read an empty database of their own;"
+            " write a file's path"
+        )
+
+
 class _Loader:
     """Collects problems instead of stopping at the first one.
 
@@ -146,16 +166,9 @@ class _Loader:
                     value = read_secret_file(file_name, file_base)
                 if value is not dataclasses.MISSING:
                     value = coerce(value, kind, spec.default, where)
-                    if (name, fname) == ("store", "path") and str(value).startswith("file:"):
-                        # SQLite reads it as a URI, the bridge's own steps (the private
-                        # file, the serve lock, the commands' checks) as a file name: a
-                        # stray empty file named after it, the store not kept private.
-                        raise ValueError(
-                            "an SQLite URI: write the store file's path (a file whose name"
-                            " starts with file: as ./file:...)"
-                        )
-                    # ":memory:" is SQLite's name for no file (the tests' stores)
-                    if kind == "path" and value != ":memory:":
+                    if (name, fname) == ("store", "path"):
+                        _refuse_no_store_file(str(value))
+                    if kind == "path":
                         written, value = str(value), resolve_path(str(value), where)
                         if (name, fname) == ("store", "path") and value != written:
                             self.refuse_a_store_left_behind(written, value)
