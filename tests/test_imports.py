@@ -25,6 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         *("bridge", "errors", "clock", "models", "config", "firewall", "phone", "text"),
         *("pricing", "templates", "health", "loops", "schedule", "sockets", "ranges", "digits"),
         *("digit_regex", "phone_patterns", "addresses", "permissions", "template_limits"),
+        "certificates",
     ),
     "store": ("store",),
     "policy": ("policy",),
