@@ -450,3 +450,33 @@ async def test_a_held_text_does_not_put_off_a_failed_logs_reads_retry(
         wait = await bridge.dispatcher.run_once()  # /logs: 503; the flood's text held
     assert [r.status for r in sandbox_state.requests if r.path.endswith("/logs")] == [503]
     assert wait <= 2, f"/logs is asked again in {wait:g}s"
+
+
+async def test_an_alert_during_a_long_hold_waits_seconds_not_the_hold(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """One request left: a flood's text is held for most of a minute. Wake-ups during a
+    hold are answered without reading the queue (each of the flood's acknowledgements
+    wakes the dispatcher), so an alert of another text that came then waited for the
+    hold's end. The queue is read again every HOLD_LOOK (5 s): the alert takes the
+    request within that. The waits `run_once` asks for are followed."""
+    config = bridge_config(tmp_path, sandbox_url, requests_per_minute=3)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        messages = f"{url}/api/v1/messages"
+        await http.post(messages, json={"to": numbers(1)[0], "message": TEXT})
+        await bridge.dispatcher.run_once()  # its first call (and the price list)
+        clock.advance(1)
+        for number in numbers(3, 400):
+            await http.post(messages, json={"to": number, "message": TEXT})
+        wait = await bridge.dispatcher.run_once()  # the flood held
+        clock.advance(1)
+        posted = clock.now()
+        await http.post(messages, json={"to": numbers(1, 900)[0], "message": "db-1 down"})
+        for _ in range(10):
+            wait = await bridge.dispatcher.run_once()
+            if any(e.message == "db-1 down" for e in sandbox_state.entries):
+                break
+            clock.advance(wait)
+    [alert] = [r for r in calls(sandbox_state) if r.at >= posted]
+    assert alert.at - posted <= 5, f"the alert waited {alert.at - posted:g}s"
+    assert max_in_window([r.at for r in sandbox_state.requests]) <= 3

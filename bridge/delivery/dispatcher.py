@@ -49,6 +49,11 @@ from bridge.store.api import DEFAULT_LEASE, instance_name
 log = logging.getLogger(__name__)
 LEASE_SLACK = 0.5  # after another instance's lease runs out, look this much later
 IDLE_WAIT = 30.0  # nothing queued: look again this often even without a wake-up
+# A text held for more recipients: the queue is read again this often at most, however
+# long the hold. Wake-ups before then go unanswered (each acknowledgement of its flood
+# wakes us), so an alert of another text that came meanwhile waited for the hold's end:
+# up to a minute with one request left in the window.
+HOLD_LOOK = 5.0
 DUE_BATCH = 5000
 PRICES_REFRESH = 86400.0  # the price list is fetched again daily: prices change
 PRICES_RETRY_FIRST = 60.0  # after a failed fetch, again this much later, doubling
@@ -256,9 +261,10 @@ class Dispatcher:
         if more and sent:  # what was left out is due too
             return 0.0
         if held < math.inf:  # what is held is due already: wake for the rest or the hold
-            # Never the idle wait for a hold of IDLE_WAIT or more (one request left holds a
-            # text up to the window): it found the held text due and answered 0, a spin.
-            return await self._hold_for_more(now, min(held, IDLE_WAIT))
+            # Never the idle wait, whatever the hold: for one of IDLE_WAIT or more (one
+            # request left holds a text up to the window) it found the held text due and
+            # answered 0, a spin.
+            return await self._hold_for_more(now, held)
         return await self._idle_wait(only_left=bool(left) and not kept)
 
     def _forget_quiet_texts(self, now: float) -> None:
@@ -280,8 +286,10 @@ class Dispatcher:
 
     async def _hold_for_more(self, now: float, held: float) -> float:
         """A text is held for more recipients: wake when the hold ends, or sooner for the
-        next message due; wake-ups before then are answered without reading the queue."""
+        next message due, or after HOLD_LOOK; wake-ups before then are answered without
+        reading the queue."""
         next_due = await self.store.next_due_after(now)
+        held = min(held, HOLD_LOOK)
         held = held if next_due is None else max(0.0, min(held, next_due - now))
         held = min([held, *self._logs_look(now)])
         self._held_until = now + held
