@@ -15,6 +15,7 @@ from bridge.errors import (
     TransientSendError,
 )
 from bridge.provider.client import ProviderClient, TransientUnknownOutcome, parse_retry_after
+from bridge.provider.responses import classify
 from bridge.provider.sandbox import Fault, SandboxState
 
 
@@ -166,3 +167,29 @@ async def test_transport_faults_are_transient(clock: ManualClock) -> None:
         result = await client.send_bulk(["+12025550143", "+12025550144"], "x")
     assert result.message_ids == {"+12025550143": "5", "+12025550144": "6"}
     assert result.batch_id == "77" and result.cost == 1.0
+
+
+@pytest.mark.parametrize(
+    ("said", "retried"),
+    [
+        ("Insufficient balance, please try again later", True),
+        ("insufficient_balance", True),  # error codes: their words joined by _ or case
+        ("RateLimitExceeded", True),
+        ("rate-limited", True),
+        ("TOO_MANY_REQUESTS", True),
+        ("temporarilyUnavailable", True),
+        ("GatewayTimeout", True),
+        ("credits exhausted", True),
+        ("Invalid recipient number; upgrade to unlimited plans", False),  # not "limit"
+        ("UnlimitedPlanRequired", False),
+        ("INVALID_NUMBER", False),
+    ],
+)
+def test_a_refusal_is_retried_on_its_words_or_codes(said: str, retried: bool) -> None:
+    """A `success: false` answer is retried when its words say it may pass later, judged
+    as whole words: "unlimited" is no "limit". Whole words alone missed the codes that
+    join them (insufficient_balance, RateLimitExceeded): those failed for good."""
+    answer = httpx.Response(200, json={"success": False, "message": said})
+    with pytest.raises((PermanentSendError, TransientSendError)) as refused:
+        classify(answer, 0.0)
+    assert isinstance(refused.value, TransientSendError) is retried, type(refused.value)

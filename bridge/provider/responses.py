@@ -45,6 +45,8 @@ _TRANSIENT_WORDS = re.compile(
     r"busy|throttl\w*|unavailable|timeout|maintenance)\b",
     re.IGNORECASE,
 )
+# Where an error code's words meet: insufficient_balance, RateLimitExceeded.
+_CODE_JOINS = re.compile(r"_|(?<=[a-z])(?=[A-Z])")
 _ACCEPTED_WORDS = {"success", "ok", "sent", "queued", "accepted", "pending", "true"}
 ID_KEYS = ("message_id", "id", "messageId", "sms_id", "uuid")
 NUMBER_KEYS = ("to", "recipient", "number", "phone", "msisdn", "mobile", "destination")
@@ -210,7 +212,7 @@ def classify(response: httpx.Response, now: float, *, key: str = "") -> dict[str
         # made a retryable refusal a permanent failure.
         words = _error_words(response, key)
         reason = words[:REASON_CHARS]
-        if _TRANSIENT_WORDS.search(words):
+        if _TRANSIENT_WORDS.search(_CODE_JOINS.sub(" ", words)):
             raise TransientSendError(reason, status=status)
         raise PermanentSendError(reason, status=status)
     return body
