@@ -251,6 +251,7 @@ HOSTILE = [
     ("", {"SMS_BRIDGE_STORE_PATH": "file:bridge.db"}, "SMS_BRIDGE_STORE_PATH"),
     # Every message lost at exit, and the readers saw empty databases of their own.
     ('[store]\npath = ":memory:"\n', {}, "store.path"),
+    ('[store]\npath = ""\n', {}, "store.path"),  # SQLite's temporary database
     ("[budget]\ntexts_per_day = 100000000000000000000\n", {}, "budget.texts_per_day"),
     ("", {"SMS_BRIDGE_PROVIDER_TIMEOUT": "nan"}, "SMS_BRIDGE_PROVIDER_TIMEOUT"),
     # Both a value and its file: the inline one won, the file meant was never read.

@@ -135,6 +135,9 @@ def _validate_sections(config: Config, problem: Problem) -> None:
     if config.smtp.listen and not config.smtp.domains:
         problem("smtp.domains", "at least one domain is needed while SMTP is on")
     _validate_store_url(config.store.url, problem)
+    if not config.store.url and not config.store.path.strip():
+        # SQLite takes "" for a temporary database: every message lost at exit.
+        problem("store.path", "is empty: name the store's file, or set store.url")
     if not 5 <= config.cluster.lease <= 3600:
         # Shorter than a send's timeout would hand live sends to another instance.
         problem("cluster.lease", "must be between 5s and 1h")

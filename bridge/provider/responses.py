@@ -41,12 +41,13 @@ _TRANSIENT_4XX = {408, 425}
 # Whole words (or their inflections): a refusal is judged on all its words, and
 # "unlimited" or "collateral" in an invalid number's refusal made it retryable.
 _TRANSIENT_WORDS = re.compile(
-    r"\b(?:balance|credit\w*|insufficient|limit\w*|too many|try again|later|temporar\w*|"
-    r"busy|throttl\w*|unavailable|timeout|maintenance)\b",
+    r"\b(?:balance\w*|credit\w*|insufficient|limit\w*|ratelimit\w*|too many|try again|later|"
+    r"temporar\w*|busy|throttl\w*|unavailable|time ?outs?|timed ?out|etimedout|maintenance)\b",
     re.IGNORECASE,
 )
-# Where an error code's words meet: insufficient_balance, RateLimitExceeded.
-_CODE_JOINS = re.compile(r"_|(?<=[a-z])(?=[A-Z])")
+# Where an error code's words meet: insufficient_balance, too-many-requests,
+# RateLimitExceeded, HTTP429TooManyRequests.
+_CODE_JOINS = re.compile(r"[_-]|(?<=[a-z0-9])(?=[A-Z])")
 _ACCEPTED_WORDS = {"success", "ok", "sent", "queued", "accepted", "pending", "true"}
 ID_KEYS = ("message_id", "id", "messageId", "sms_id", "uuid")
 NUMBER_KEYS = ("to", "recipient", "number", "phone", "msisdn", "mobile", "destination")
