@@ -34,7 +34,7 @@ from starlette.applications import Starlette
 from uvicorn.config import SSL_PROTOCOL_VERSION
 
 from bridge.addresses import with_mapped
-from bridge.certificates import load_pair
+from bridge.certificates import TlsFiles, load_pair, read_pair
 from bridge.clock import Clock
 from bridge.config import (
     Config,
@@ -57,7 +57,7 @@ from bridge.ingress.formats import template_problems
 from bridge.ingress.http.handshake import HttpsServer
 from bridge.ingress.http.limits import LimitedHttpProtocol, limited_protocol
 from bridge.ingress.ingest import Ingestor
-from bridge.ingress.smtp import SmtpHandler, TlsFiles, read_tls, start_smtp
+from bridge.ingress.smtp import SmtpHandler, read_tls, start_smtp
 from bridge.loops import LoopHealth, run_steps
 from bridge.ops.logs import mask_secrets
 from bridge.policy.budgets import BudgetGuard
@@ -141,12 +141,7 @@ def https_context(cert: str, key: str) -> ssl.SSLContext:
 def read_https(http: HttpConfig) -> TlsFiles:
     """`http.tls_cert` and `tls_key` read again, as `read_tls` reads SMTP's: blocking,
     off the event loop on a reload."""
-    if not http.tls_cert:
-        return TlsFiles(None)
-    try:
-        return TlsFiles(https_context(http.tls_cert, http.tls_key))
-    except (OSError, ssl.SSLError) as exc:
-        return TlsFiles(None, str(exc))
+    return read_pair(https_context, http.tls_cert, http.tls_key)
 
 
 async def off_loop(work: Callable[[], T], limit: float) -> T:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 from aiosmtpd.smtp import SMTP, Envelope, LoginPassword, Session
 
 from bridge.addresses import in_networks, parse_network
-from bridge.certificates import load_pair
+from bridge.certificates import TlsFiles, load_pair, read_pair
 from bridge.clock import zone
 from bridge.config import ProviderConfig, Recipients, SmtpConfig
 from bridge.config.recipients import unknown_group
@@ -86,24 +86,10 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class TlsFiles:
-    """`smtp.tls_cert` and `tls_key` as read for a reload: their context (None: no
-    certificate configured), or why they did not load (`problem`)."""
-
-    context: ssl.SSLContext | None
-    problem: str | None = None
-
-
 def read_tls(smtp: SmtpConfig) -> TlsFiles:
     """Read the certificate and key `smtp` names. Blocking file reads: a reload calls
     this off the event loop (a slow disk held every session and request meanwhile)."""
-    if not smtp.tls_cert:
-        return TlsFiles(None)
-    try:
-        return TlsFiles(tls_context(smtp.tls_cert, smtp.tls_key))
-    except (OSError, ssl.SSLError) as exc:
-        return TlsFiles(None, str(exc))
+    return read_pair(tls_context, smtp.tls_cert, smtp.tls_key)
 
 
 def smtp_login(session: Session) -> str | None:
