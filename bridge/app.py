@@ -314,12 +314,13 @@ async def build(
             # answer): what to alert on, as Prometheus's own config_last_reload_* are.
             metrics.gauge(
                 "config_last_reload_successful",
-                "0 while the last SIGHUP's config was refused (the running one is kept)",
+                "0 while the last SIGHUP's config was refused (the running one is kept) or"
+                " applied but for a certificate that did not load (the running one serves)",
                 lambda: 1.0 if bridge.last_reload_ok else 0.0,
             )
             metrics.gauge(
                 "config_last_reload_success_timestamp_seconds",
-                "When the config in force was applied (start, or the last reload that was)",
+                "When the start or the last reload applied in full (no part of it failed)",
                 lambda: bridge.config_applied_at,
             )
             yield bridge

@@ -206,8 +206,8 @@ class Bridge:
     loops: LoopHealth = field(default_factory=LoopHealth)  # every loop's failed steps
     sandbox: SandboxState | None = None  # the in-process provider, when configured
     stop: asyncio.Event = field(default_factory=asyncio.Event)
-    # For /metrics: whether the last SIGHUP's file was applied, and when the config in
-    # force was (start, then each reload that applied).
+    # For /metrics: whether the last SIGHUP's file was applied in full (a certificate that
+    # did not load fails it), and when the start or the last such reload was.
     last_reload_ok: bool = True
     config_applied_at: float = 0.0
     https: HttpsServer | None = None  # the HTTPS listener `run` serves, if any
@@ -317,13 +317,24 @@ class Bridge:
             self.last_reload_ok = False
             log.exception("reload failed part way (a bug: report it); restart to be sure")
             return
-        self.last_reload_ok = True
-        self.config_applied_at = self.clock.now()
+        # A certificate that did not load is a part of the file not applied (the running
+        # one stays, warned of below): the reload failed, as /metrics must say. It once
+        # counted as a success, so nothing could alert on a renewal that never took.
+        unloaded = [t for t in (tls, https) if t is not None and t.problem is not None]
+        self.last_reload_ok = not unloaded
+        if self.last_reload_ok:
+            self.config_applied_at = self.clock.now()
         mask_secrets(secret_values(self.config))  # a new route token is masked from now on
         # Files the new config reads (a token_file, a TLS key) are judged as at start.
         warnings += await self._exposure(path)
         for warning in warnings:
             log.warning("reload: %s", warning)
+        if unloaded:  # why is in the warnings above (the file's error, no secret in it)
+            log.error(
+                "reload failed in part: %d certificate(s) did not load, the previous"
+                " stays; everything else applied",
+                len(unloaded),
+            )
         # Last: the line that says the reload is over (what its warnings were is
         # above it; a reader waiting for this line has them all).
         log.info("configuration reloaded from %s", path or "built-in defaults")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import ssl
@@ -27,6 +28,7 @@ from tests.test_smtp import tls_files  # noqa: F401 - a fixture
 pytestmark = pytest.mark.slow
 
 HEADER_TIMEOUT = 3.0
+SCRAPER = "scraper-token-0123456789abcdef"
 CONFIG = """
 [http]
 listen = "{http}"
@@ -228,3 +230,54 @@ def test_a_sighup_serves_a_certificate_renewed_in_place(tmp_path: Path) -> None:
         assert _served_by(port, second)
         assert f"the key {key} is encrypted, and the bridge has no passphrase" in proc.output()
     assert "Traceback" not in log.read_text()
+
+
+def test_a_certificate_that_does_not_load_on_sighup_fails_the_reload_in_metrics(
+    tmp_path: Path,
+) -> None:
+    """A renewal that did not load kept the running certificate, as it should, but the
+    reload counted as a success: `sms_bridge_config_last_reload_successful` stayed 1, and
+    nothing could alert on a certificate that was never renewed. Now it is 0 (and its
+    success timestamp stays) until a reload applies in full."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(cert)
+    issued.private_key_pem.write_to_path(key)
+    auth = {"Authorization": f"Bearer {SCRAPER}"}
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        CONFIG.format(http=ANY_PORT, cert=cert, key=key, timeout=10, db=tmp_path / "bridge.db")
+        + f'[tokens.scraper]\ntoken = "{SCRAPER}"\nscopes = ["metrics"]\n'
+    )
+    config.chmod(0o600)
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+
+    def gauges() -> dict[str, float]:
+        with httpx.Client(verify=trusting) as client:  # served with the first certificate
+            got = client.get(f"https://127.0.0.1:{port}/metrics", headers=auth)
+        text = got.raise_for_status().text
+        found = re.findall(r"^sms_bridge_config_last_reload_(\w+) (\S+)$", text, re.MULTILINE)
+        return {name: float(value) for name, value in found}
+
+    def reloaded(times: int) -> None:
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: proc.output().count("configuration reloaded") == times, what="a reload")
+
+    with process(
+        ["serve", "--config", str(config)], tmp_path, clean_env(), tmp_path / "log"
+    ) as proc:
+        port = proc.port()
+        started = gauges()
+        assert started["successful"] == 1
+        cert.write_text("-----BEGIN CERTIFICATE-----\nhalf written")
+        reloaded(1)
+        assert gauges() == {**started, "successful": 0}  # served by the old one still
+        assert "reload failed in part: 1 certificate(s) did not load" in proc.output()
+        issued.cert_chain_pems[0].write_to_path(cert)
+        reloaded(2)
+        after = gauges()
+        assert after["successful"] == 1
+        assert after["success_timestamp_seconds"] > started["success_timestamp_seconds"]
+    assert "Traceback" not in (tmp_path / "log").read_text()

@@ -121,6 +121,13 @@ def test_a_file_nested_too_deeply_is_refused_not_the_end_of_the_bridge(tmp_path)
         assert proc.wait(timeout=15) == 0
 
 
+def _reload_gauges(url: str) -> dict[str, float]:
+    """`sms_bridge_config_last_reload_*` as /metrics says them now, by the name's end."""
+    text = httpx.get(f"{url}/metrics").text
+    found = re.findall(r"^sms_bridge_config_last_reload_(\w+) (\S+)$", text, re.MULTILINE)
+    return {name: float(value) for name, value in found}
+
+
 def test_metrics_say_whether_the_last_sighup_was_refused(tmp_path) -> None:
     """SIGHUP has no answer (`systemctl reload` exits 0 whatever the bridge made of the
     file): a refused config showed only as a log line, so nothing could alert on it."""
@@ -130,9 +137,7 @@ def test_metrics_say_whether_the_last_sighup_was_refused(tmp_path) -> None:
     log = tmp_path / "serve.log"
 
     def gauges() -> dict[str, float]:
-        text = httpx.get(f"{url}/metrics").text
-        found = re.findall(r"^sms_bridge_config_last_reload_(\w+) (\S+)$", text, re.MULTILINE)
-        return {name: float(value) for name, value in found}
+        return _reload_gauges(url)
 
     with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
         url = proc.url()
@@ -605,10 +610,15 @@ def test_sighup_applies_tls_settings_and_keeps_a_certificate_that_loads(tmp_path
         assert starttls(second_ca) == {} and implicit(second_ca) == {}
         with pytest.raises(ssl.SSLCertVerificationError):
             implicit(first_ca)
+        assert _reload_gauges(url)["successful"] == 1
         Path(cert).write_text("not a certificate\n")
         lines = _reloaded(proc, log, path, _smtp_config(db, tls))
         assert "reload: smtp.tls_cert: cannot load, the previous certificate stays" in lines
         assert starttls(second_ca) == {} and implicit(second_ca) == {}
+        # Kept, as it should be, but a failed part of the reload: it counted as a success,
+        # and nothing could alert on a renewal that never took.
+        assert _reload_gauges(url)["successful"] == 0
+        assert "reload failed in part: 1 certificate(s) did not load" in lines
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     assert "Traceback" not in log.read_text()
