@@ -29,6 +29,7 @@ from bridge.config import (
     masked,
     parse_listen,
     secret_values,
+    store_file_problem,
 )
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.models import MAX_ROW_ID, REASON_KINDS, State
@@ -150,7 +151,12 @@ def _parser() -> argparse.ArgumentParser:
             ),
         )
     )
-    copy.add_argument("--from", dest="source", help="the SQLite file (default: store.path)")
+    copy.add_argument(
+        "--from",
+        dest="source",
+        type=_store_file,
+        help="the SQLite file (default: store.path)",
+    )
     copy.add_argument(
         "--to",
         dest="target",
@@ -172,6 +178,15 @@ def _parser() -> argparse.ArgumentParser:
     provider.add_argument("--to", action="append", default=[], help="calculate: a recipient")
     provider.add_argument("--message", default="", help="calculate: the text")
     return parser
+
+
+def _store_file(text: str) -> str:
+    """`store copy --from`: a store file's path, refused as `store.path` is (a usage
+    error, exit 2). An SQLite URI opened another file than the one checked, `:memory:`
+    said "no SQLite store" without why, and an empty path copied store.path instead."""
+    if why := store_file_problem(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: {why}")
+    return text
 
 
 def _between(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], Any]:

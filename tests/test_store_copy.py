@@ -262,6 +262,36 @@ def test_copy_refuses_a_store_a_serve_has_open_and_a_target_without_schema(
     assert done.stdout.startswith("copied 1 messages")
 
 
+@pytest.mark.parametrize(
+    ("source", "why"),
+    [
+        ("file:bridge.db", "an SQLite URI"),
+        ("file:bridge.db?mode=ro", "an SQLite URI"),
+        (":memory:", "a store in memory keeps nothing"),
+        ("", "is empty"),
+        ("  ", "is empty"),
+    ],
+)
+def test_copy_refuses_a_from_that_store_path_would_refuse(
+    tmp_path: Path, postgres_url: str, source: str, why: str
+) -> None:
+    """`--from` went straight to SQLite, past the refusals `store.path` has: a URI was
+    checked as a file name and opened as another file ("no SQLite store at file:..."
+    though the store was there), `:memory:` said the same without why, and an empty
+    path copied store.path instead. Each is a usage error now, saying why."""
+    db = tmp_path / "bridge.db"
+    asyncio.run(_build_sqlite(db))
+    refused = _copy(tmp_path, db, postgres_url, "--from", source)
+    assert refused.returncode == 2, refused.stderr
+    assert f"argument --from: {source!r}: {why}" in refused.stderr
+    assert "Traceback" not in refused.stderr and refused.stdout == ""
+    assert run_async(lambda: _pg_count(postgres_url, "messages")) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bridge.db"]  # no stray file
+    # A file whose name starts with file: is named as a path, as the message says.
+    named = _copy(tmp_path, db, postgres_url, "--from", "./file:bridge.db")
+    assert named.returncode == 1 and "no SQLite store at ./file:bridge.db" in named.stderr
+
+
 async def test_what_was_sent_before_retention_stays_counted_after_the_copy(
     tmp_path: Path, postgres_url: str
 ) -> None:

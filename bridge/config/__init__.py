@@ -37,7 +37,7 @@ from bridge.config.masking import (
     secret_files,
     secret_values,
 )
-from bridge.config.parsing import file_problem, parse_duration, parse_listen
+from bridge.config.parsing import file_problem, parse_duration, parse_listen, store_file_problem
 from bridge.config.recipients import Recipients
 from bridge.config.sections import (
     COMPOSE_MODES,
@@ -126,4 +126,5 @@ __all__ = [
     "secret_env_files",
     "secret_files",
     "secret_values",
+    "store_file_problem",
 ]

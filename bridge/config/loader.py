@@ -23,6 +23,7 @@ from bridge.config.parsing import (
     read_secret_file,
     resolve_path,
     secret_text_problem,
+    store_file_problem,
 )
 from bridge.config.sections import (
     ENV_PREFIX,
@@ -41,22 +42,10 @@ TOKEN_ENV_KEYS = ("TOKEN", "SCOPES", "TEXTS_PER_DAY")  # SMS_BRIDGE_TOKENS_<NAME
 
 def _refuse_no_store_file(path: str) -> None:
     """ValueError for a `store.path` that names no file the bridge can keep private and
-    find again: an SQLite URI (SQLite reads it as one, the bridge's own steps, the
-    private file, the serve lock and the commands' checks, as a file name: a stray empty
-    file named after it, the store not private), or `:memory:` (every message lost at
-    exit, acknowledged or not, and the API, the console and the commands reading
-    databases of their own, empty)."""
-    if path.startswith("file:"):
-        raise ValueError(
-            "an SQLite URI: write the store file's path (a file whose name starts with"
-            " file: as ./file:...)"
-        )
-    if path == ":memory:":
-        raise ValueError(
-            "a store in memory keeps nothing: every message would be lost at exit, and"
-            " the API and the console would read an empty database of their own;"
-            " write a file's path"
-        )
+    find again (`store_file_problem`). An empty one is judged with `store.url`
+    (`validate`): it names no SQLite file where a PostgreSQL store is in use."""
+    if path.strip() and (why := store_file_problem(path)):
+        raise ValueError(why)
 
 
 class _Loader:

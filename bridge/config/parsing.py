@@ -271,6 +271,33 @@ def read_regular_file(path: str, limit: int) -> str:
         raise ValueError(f"{path!r} is not UTF-8 text: {exc}") from None
 
 
+def store_file_problem(path: str) -> str | None:
+    """Why `path` names no SQLite file the bridge can keep private and find again, in
+    words, or None: an SQLite URI (SQLite reads it as one, the bridge's own steps, the
+    private file, the serve lock and the commands' checks, as a file name: a stray empty
+    file named after it, the store not private), `:memory:` (every message lost at exit,
+    acknowledged or not, and the API, the console and the commands reading databases of
+    their own, empty), or nothing (SQLite's temporary database: the same). Judged for
+    `store.path` and for every path the commands take for a store (`store copy --from`)."""
+    if not path.strip():
+        return (
+            "is empty: SQLite would open a temporary database, every message lost at"
+            " exit; write the store file's path"
+        )
+    if path.startswith("file:"):
+        return (
+            "an SQLite URI: write the store file's path (a file whose name starts with"
+            " file: as ./file:...)"
+        )
+    if path == ":memory:":
+        return (
+            "a store in memory keeps nothing: every message would be lost at exit, and"
+            " the API and the console would read an empty database of their own;"
+            " write a file's path"
+        )
+    return None
+
+
 def file_problem(path: str) -> str | None:
     """What keeps `path` from being a regular file to read, in words, or None. Every case
     said "no such file": a directory named as the store, or a certificate that is a FIFO,
