@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from bridge.clock import ManualClock
+from bridge.delivery.reconcile import RECONCILE_DELAY
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
 from bridge.service import Bridge
@@ -470,6 +471,38 @@ async def test_a_logs_down_for_long_never_stops_the_dispatcher(
         sandbox_state.faults.clear()
         await pump(bridge, clock, went(bridge, message_id), max_seconds=60)
     assert len(sends(sandbox_state)) == 1
+
+
+async def test_a_look_after_every_overdue_outcome_was_decided_is_not_put_off(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """An unknown outcome that had waited `retry_max_age` met a /logs that answered 503:
+    decided without it, resent, and the resend's outcome unknown again (the provider took
+    it this time). Nothing waited for /logs any more, yet the failed read still set when
+    /logs could be asked again (the backoff, 30-60 s here): the resend's look, due
+    RECONCILE_DELAY after its claim with /logs answering again, waited for it (and an
+    alert the provider never got waited as long to be sent again)."""
+    gateway = "<html><body><h1>502 Bad Gateway</h1></body></html>"
+    sandbox_state.faults.append(Fault(status=502, body=gateway, path="/send"))
+    config = bridge_config(
+        tmp_path, sandbox_url, retry_max_age="60s", backoff_initial="60s", backoff_max="60s"
+    )
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "db down"})).json()["ids"]
+        await bridge.dispatcher.run_once()  # not taken; its outcome unknown
+        assert (await bridge.store.get(message_id)).state == State.SENDING  # type: ignore[union-attr]
+        clock.advance(61)  # overdue: waited retry_max_age since its claim
+        sandbox_state.faults.extend(
+            [
+                Fault(status=503, body=gateway, path="/logs"),
+                Fault(status=502, body=gateway, path="/send", taken=True),
+            ]
+        )
+        await pump(bridge, clock, lambda: len(sends(sandbox_state)) == 2, max_seconds=5)
+        assert (await bridge.store.get(message_id)).state == State.SENDING  # type: ignore[union-attr]
+        await pump(bridge, clock, went(bridge, message_id), max_seconds=RECONCILE_DELAY + 5)
+    assert [e.to for e in sandbox_state.entries] == ["+12025550143"]  # the resend's, once
+    assert len(sends(sandbox_state)) == 2
 
 
 @pytest.mark.usefixtures("backend")

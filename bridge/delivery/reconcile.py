@@ -235,7 +235,14 @@ class Reconciler:
         # The rest goes on from this page when /logs answers again (from page 1,
         # a 503 deep in a bulk's pages sent the walk back over what it had read).
         self._resume = {m.id: max(page, start[m.id]) for m in missing if m not in overdue}
-        self.logs_retry_at = now + self.outcomes.backoff(self._logs_failures + 1)
+        # The backoff paces the reads for what waits. With every one decided here nothing
+        # does: an outcome that comes after is looked up RECONCILE_DELAY after its claim,
+        # not at the backoff (up to backoff_max: a resend's look, and the next resend of
+        # an alert the provider never got, put off as long). The count of failed reads
+        # stays: should that look fail too, its backoff goes on from it.
+        self.logs_retry_at = (
+            now + self.outcomes.backoff(self._logs_failures + 1) if self._resume else 0.0
+        )
         log.warning("cannot read /logs to reconcile %d messages: %s", len(missing), exc)
         if overdue:
             log.error("/logs unreadable for %.0fs (%s): outcomes stay unknown", patience, exc)
