@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import sqlite3
 import threading
 import time
@@ -14,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
 
 from bridge.clock import ManualClock
 from bridge.config import StoreConfig
@@ -22,7 +25,7 @@ from bridge.models import NewMessage, State
 from bridge.policy.decide import Rules, text_key
 from bridge.store import open_store
 from bridge.store.postgres.store import PostgresStore
-from bridge.store.sqlite import SqliteStore
+from bridge.store.sqlite import SqliteStore, engine
 from bridge.store.sqlite.engine import whole_database
 from bridge.store.sqlite.schema import migrations
 from bridge.store.values import IngestQuestions, Lookups, Pending
@@ -113,6 +116,55 @@ async def test_a_migration_that_raises_fails_the_open_and_leaves_no_thread(
     with pytest.raises(StoreUnavailable, match="a migration's own bug"):
         await asyncio.wait_for(store.open(), 10)  # a hang fails here, after 10 s
     assert store_threads() <= before
+
+
+async def test_a_failed_migration_is_logged_once_with_its_reason_and_nothing_half_done(
+    tmp_path, monkeypatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A migration of a release that raises (a bug of ours, not SQLite's error): its
+    traceback is logged once, by the writer, with the reason; the open fails with a
+    StoreUnavailable that says it, and no thread stays; what the migration did is rolled
+    back and not recorded, the ones before it are kept, and the next open applies it."""
+    reason = "a migration's own bug: no column 'kind' in a row of 2019"
+    fixed = [False]
+    with_broken = Migrations(migrations.name)
+    for migration in migrations.pending(Database(memory=True)):  # every one, in order
+        with_broken(name=migration.name, transactional=migration.transactional)(migration.fn)
+
+    @with_broken(name="9999_broken")
+    def _broken(db: Database) -> None:
+        db.execute("CREATE TABLE half_done (x INTEGER)")
+        if not fixed[0]:
+            raise ValueError(reason)
+
+    monkeypatch.setattr(engine, "migrations", with_broken)
+    caplog.set_level(logging.DEBUG, logger="bridge")
+    path = tmp_path / "s.db"
+    before = store_threads()
+    with pytest.raises(StoreUnavailable, match=re.escape(f"cannot open store {path}: {reason}")):
+        await asyncio.wait_for(SqliteStore(path).open(), 10)
+    assert store_threads() <= before
+    [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert record.name == "bridge.store.sqlite.engine" and record.levelno == logging.ERROR
+    assert record.getMessage() == f"store {path}: opening it failed"
+    assert record.exc_info is not None and str(record.exc_info[1]) == reason
+    assert f"ValueError: {reason}" in caplog.text  # the traceback, said once
+    assert caplog.text.count("Traceback") == 1
+    db = Database(sqlite3.connect(path))
+    assert "half_done" not in db.table_names()
+    assert (
+        [m.name for m in with_broken.applied(db)]
+        == [m.name for m in migrations.applied(db)]
+        == [m.name for m in with_broken.pending(Database(memory=True))][:-1]
+    )
+    db.close()
+    fixed[0] = True
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.migrate() == ["9999_broken"]
+    finally:
+        await store.close()
 
 
 def test_the_factory_picks_the_backend_from_config(tmp_path) -> None:
