@@ -9,6 +9,7 @@ a 404 from /logs is not an auth failure; `success: false` is read for transient 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 from collections.abc import Awaitable, Callable
@@ -344,6 +345,7 @@ async def test_a_5xx_error_answer_is_looked_up_in_logs_before_the_retry(
 
         await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=600)
     paths = [r.path.rsplit("/", 1)[-1] for r in sandbox_state.requests]
+    print(paths, [(r.path, r.status) for r in sandbox_state.requests])
     first_send = paths.index("send")
     # After each 5xx, a /logs read comes before the next send.
     order = [p for p in paths[first_send:] if p in ("send", "logs")]
@@ -471,6 +473,45 @@ async def test_a_logs_down_for_long_never_stops_the_dispatcher(
         sandbox_state.faults.clear()
         await pump(bridge, clock, went(bridge, message_id), max_seconds=60)
     assert len(sends(sandbox_state)) == 1
+
+
+async def test_no_text_goes_in_a_step_after_the_poller_found_the_key_refused(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Why the dispatcher reads health after each send of a step, besides the pause: the
+    status poller, in a task of its own, turns health red on a refused key without
+    pausing the rate window (`StatusPoller._failed`). While one text's call was in
+    flight it did; that call then failed otherwise (a 500). "Sending paused", the log
+    said, yet without the check the step sent the next text into the refused key; with
+    it the step ends there, and the next one asks /balance before any text goes."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        await post(url, {"to": "+12025550140", "message": "disk 91% on db-1"})
+        await bridge.dispatcher.run_once()  # sent: the poller tracks it
+        await post(url, {"to": "+12025550141", "message": "disk 98% on db-2"})
+        await post(url, {"to": "+12025550142", "message": "db-3 down"})  # another call
+        answer = asyncio.Event()
+        sandbox_state.faults.extend(
+            [
+                Fault(status=500, path="/send", hold=answer),
+                Fault(status=401, path="/logs"),
+                Fault(status=401, path="/balance"),
+                Fault(status=401, path="/send"),
+            ]
+        )
+        before = len(sends(sandbox_state))
+        step = asyncio.create_task(bridge.dispatcher.run_once())
+        while len(sends(sandbox_state)) == before:  # the first text's call, held
+            assert not step.done(), step.result()
+            await asyncio.sleep(0.01)
+        await bridge.poller.run_once()  # /logs: 401
+        assert not bridge.dispatcher.health.ready
+        answer.set()
+        await asyncio.wait_for(step, 10)
+        assert len(sends(sandbox_state)) == before + 1  # nothing more in that step
+        await bridge.dispatcher.run_once()
+    paths = [r.path.rsplit("/", 1)[-1] for r in sandbox_state.requests]
+    assert paths[paths.index("logs") :] == ["logs", "balance"]  # a probe, no text
 
 
 async def test_a_look_after_every_overdue_outcome_was_decided_is_not_put_off(

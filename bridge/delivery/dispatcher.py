@@ -256,6 +256,10 @@ class Dispatcher:
                 self._last_call[key] = self.clock.now()
             await self._send(batch)
             sent = True
+            # Not the pause below said again: this send's refused key pauses the window,
+            # but the status poller turns health red without a pause (its /logs read
+            # refused while this call was in flight). No text goes then until a probe
+            # passes: the next step asks /balance first.
             if not self.health.ready:
                 return max(0.01, self.outcomes.next_probe - self.clock.now())
             if self.limiter.paused_until > self.clock.now():
