@@ -665,3 +665,26 @@ async def test_a_bulk_answers_price_is_what_each_message_cost(
         costs = [(await bridge.store.get(i)).cost for i in ids]
     assert sum(e.cost for e in sandbox_state.entries) == 1.5  # what the provider billed
     assert costs == [each] * 3
+
+
+async def test_a_text_left_sending_across_a_long_stop_is_not_resent_at_the_first_failed_look(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A text the provider took while answering a 502, then the bridge stopped before it
+    looked in /logs, and stayed down for longer than `retry_max_age`. Its patience was
+    counted from its claim: at the restart the first /logs read that failed (one 503)
+    found it "overdue" and resent it at once, a second SMS, although it had not waited
+    for /logs at all. The wait for /logs counts from this bridge's first look."""
+    gateway = "<html><body><h1>502 Bad Gateway</h1></body></html>"
+    config = bridge_config(tmp_path, sandbox_url, retry_max_age="1h")
+    sandbox_state.faults.append(Fault(status=502, body=gateway, path="/send", taken=True))
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "db down"})).json()["ids"]
+        await bridge.dispatcher.run_once()  # taken, answered 502: its outcome unknown
+    assert len(sandbox_state.entries) == 1
+    clock.advance(2 * 86400)  # down for two days
+    sandbox_state.faults.append(Fault(status=503, body=gateway, path="/logs"))
+    async with running_bridge(config, clock) as (bridge, url):
+        await pump(bridge, clock, went(bridge, message_id), max_seconds=600)
+    assert len(sends(sandbox_state)) == 1  # never sent again
+    assert [e.to for e in sandbox_state.entries] == ["+12025550143"]

@@ -84,6 +84,9 @@ class Reconciler:
         self.budget = budget
         self._logs_failures = 0
         self.logs_retry_at = 0.0  # /logs failed: when to ask it again (the dispatcher wakes)
+        # This reconciler's first step: a text claimed before it (a stop, a takeover) has
+        # waited for /logs since then at most, not since its claim (`_wait_for_logs`).
+        self._first_look: float | None = None
         self._cut_short = False  # the last walk stopped at its page cap: more to read now
         # The dispatcher's stop (`Dispatcher.run`): it cuts a /logs read short.
         self.stopping: asyncio.Event | None = None
@@ -98,6 +101,8 @@ class Reconciler:
         Returns a wait when it needs more time or budget before sending anything new.
         """
         now = self.clock.now()
+        if self._first_look is None:
+            self._first_look = now
         self._cut_short = False
         stale = await self.store.unsettled(
             now, owner=self.owner, lease_until=now + self.lease, take_over=self.takes_over()
@@ -228,10 +233,14 @@ class Reconciler:
         if found:
             await self.outcomes.record_sent(found)
         # Only what has waited for /logs as long as a retry may last is decided
-        # without it; the rest waits for /logs to answer.
+        # without it; the rest waits for /logs to answer. Waited since its claim, or
+        # since this reconciler's first look if later: counted from the claim, a text
+        # left `sending` by a stop longer than the patience was resent at the first
+        # failed read after the restart (a second SMS when the provider had taken it).
         patience = self.config.retry_max_age
         missing = matcher.remaining()
-        overdue = [m for m in missing if (m.claimed_at or now) + patience <= now]
+        since = self._first_look if self._first_look is not None else now
+        overdue = [m for m in missing if max(m.claimed_at or now, since) + patience <= now]
         # The rest goes on from this page when /logs answers again (from page 1,
         # a 503 deep in a bulk's pages sent the walk back over what it had read).
         self._resume = {m.id: max(page, start[m.id]) for m in missing if m not in overdue}
