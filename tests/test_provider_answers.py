@@ -688,3 +688,27 @@ async def test_a_text_left_sending_across_a_long_stop_is_not_resent_at_the_first
         await pump(bridge, clock, went(bridge, message_id), max_seconds=600)
     assert len(sends(sandbox_state)) == 1  # never sent again
     assert [e.to for e in sandbox_state.entries] == ["+12025550143"]
+
+
+async def test_an_inactive_accounts_probe_that_says_nothing_is_tried_again_after_the_interval(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """While the account is inactive (403) the next send is the probe. A probe answered
+    with a 500 said nothing of the account: health stayed red, but the time of the next
+    probe stayed in the past, so every step (10 ms apart) sent the next queued text into
+    an account known to be inactive, as many as the window allowed. An inconclusive
+    probe waits `auth_probe_interval` like a failed one."""
+    body = '{"success": false, "message": "Account is not active."}'
+    config = bridge_config(tmp_path, sandbox_url, auth_probe_interval="30s")
+    async with running_bridge(config, clock) as (bridge, url):
+        for n in range(6):
+            await post(url, {"to": f"+1202555014{n}", "message": f"disk {90 + n}% on db-{n}"})
+        sandbox_state.faults.append(Fault(status=403, path="/send", body=body))
+        sandbox_state.faults.append(Fault(status=500, path="/send", times=100))
+        with contextlib.suppress(AssertionError):  # the 500s never end
+            await pump(bridge, clock, lambda: False, max_seconds=65)
+    attempts = [r for r in sandbox_state.requests if r.path.endswith("/send")]
+    # At 0 (the 403), then a probe at 30 s and at 60 s: no text in between.
+    assert [r.status for r in attempts] == [403, 500, 500], [r.status for r in attempts]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(attempts)]
+    assert min(gaps) >= 30 * 0.99, gaps

@@ -285,9 +285,13 @@ class Dispatcher:
             return None
         if now < self.outcomes.next_probe:
             return self.outcomes.next_probe - now
+        if not self.health.inactive:
+            return None if await self._probe() else self.config.auth_probe_interval
         # An inactive account: the next send is the probe (see the module docstring).
-        if not self.health.inactive and not await self._probe():
-            return self.config.auth_probe_interval
+        # Should its answer say nothing of the account (a 5xx, a timeout), the next
+        # probe waits the interval as after a 403; the probe time left in the past, each
+        # step (10 ms apart) sent the next text into the account known to be inactive.
+        self.outcomes.next_probe = now + self.config.auth_probe_interval
         return None
 
     async def _hold_for_more(self, now: float, held: float) -> float:
