@@ -438,6 +438,31 @@ async def test_book_request_never_books_past_the_limit(store: Store) -> None:
     assert [b.kind for b in await store.request_rows(0)] == ["x"]
 
 
+async def test_a_booking_restamped_when_its_call_came_back_counts_from_then(store: Store) -> None:
+    """The provider counts a request when it arrives, after its booking: the booking is
+    moved to when its call came back. One booking of that time and kind moves, keeping
+    its seq (a cursor sees no new row); the others, and a move of one already moved or
+    pruned, change nothing. The window counts it from its new time."""
+    for at, kind in [(100.0, "send"), (100.0, "send"), (100.0, "status"), (101.0, "send")]:
+        assert await store.book_request(at, kind, limit=10, window=60.0) == 0.0
+    before = {b.seq: (b.at, b.kind) for b in await store.request_rows(0)}
+    await store.restamp_request(100.0, "send", 102.5)
+    after = {b.seq: (b.at, b.kind) for b in await store.request_rows(0)}
+    assert after.keys() == before.keys()
+    assert sorted(after.values()) == [
+        (100.0, "send"),
+        (100.0, "status"),
+        (101.0, "send"),
+        (102.5, "send"),
+    ]
+    await store.restamp_request(100.0, "send", 103.0)
+    await store.restamp_request(100.0, "send", 104.0)  # none left at 100.0: nothing
+    assert sorted(b.at for b in await store.request_rows(0)) == [100.0, 101.0, 102.5, 103.0]
+    # 60 s after the first stamps, the moved ones still count.
+    assert await store.book_request(160.0, "x", limit=3, window=60.0) > 0
+    assert await store.book_request(161.0, "x", limit=3, window=60.0) == 0.0
+
+
 async def test_a_pause_holds_every_booking_until_it_ends(store: Store) -> None:
     assert await store.requests_paused_until(0.0) is None
     await store.pause_requests(145.0, "429 from the provider")

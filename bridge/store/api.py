@@ -318,6 +318,14 @@ class RateWindow(Protocol):
         caller's clock, read once the store holds what the booking waited for."""
         ...
 
+    async def restamp_request(self, at: float, kind: str, to: float) -> None:
+        """Move one booking of `kind` stamped `at` to `to` (later): its call came back
+        then. The provider counts a request when it arrives, after the booking; stamped
+        when its call returned or failed, it stays in the window until the provider's
+        count has dropped it. Two bookings alike (time and kind) are interchangeable:
+        either moves. None left at `at` (pruned, or moved already): nothing."""
+        ...
+
     async def request_rows(
         self, since: float, kind_prefix: str = "", after: int = 0
     ) -> list[Booking]:

@@ -73,6 +73,18 @@ class RateOps(Base):
                 await insert_booking(conn, stamped, kind)
         return wait
 
+    async def restamp_request(self, at: float, kind: str, to: float) -> None:
+        """Without the rate lock: a booking only moves later, so a count that read it
+        before the move counted it already (it was in the window), and one after counts
+        it longer. Its `id` stays: cursors by `seq` see no new row."""
+        await self._execute(
+            "UPDATE provider_requests SET at = $3 WHERE id = (SELECT id FROM provider_requests"
+            " WHERE at = $1 AND kind = $2 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)",
+            at,
+            kind,
+            to,
+        )
+
     async def request_rows(
         self, since: float, kind_prefix: str = "", after: int = 0
     ) -> list[Booking]:

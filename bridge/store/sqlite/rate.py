@@ -51,6 +51,15 @@ class RateOperations(EngineBound):
 
         return await self.engine.write(job)
 
+    async def restamp_request(self, at: float, kind: str, to: float) -> None:
+        await self.engine.write(
+            lambda db: db.execute(
+                "UPDATE provider_requests SET at = ? WHERE rowid = (SELECT rowid FROM"
+                " provider_requests WHERE at = ? AND kind = ? ORDER BY rowid LIMIT 1)",
+                (to, at, kind),
+            )
+        )
+
     async def request_rows(
         self, since: float, kind_prefix: str = "", after: int = 0
     ) -> list[Booking]:
