@@ -18,7 +18,7 @@ import gc
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import httpx
@@ -64,8 +64,10 @@ async def open_provider(
     clock: Clock,
     transport: httpx.AsyncBaseTransport | None = None,
     observe: Callable[[str, str, float], None] | None = None,
+    after_call: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, ProviderClient, SandboxState | None]]:
-    """The one HTTP client and the provider client; the in-process sandbox if no base_url."""
+    """The one HTTP client and the provider client; the in-process sandbox if no base_url.
+    `after_call`: run after every request that came back (the rate window's re-stamp)."""
     sandbox = None
     base_url, api_key = config.provider.base_url, config.provider.api_key
     if config.uses_sandbox:
@@ -95,6 +97,7 @@ async def open_provider(
                 calculate_path=p.calculate_path,
                 bulk_message_type=p.bulk_message_type,
                 observe=observe,
+                after_call=after_call,
             ),
             sandbox,
         )
@@ -175,18 +178,22 @@ async def build(
     )
     smtp_handler: SmtpHandler | None = None
     try:
+        limiter = SlidingWindowLimiter(
+            limit=p.requests_per_minute,
+            clock=clock,
+            store=store,  # the window every instance books in
+            status_share=config.status.budget_share,
+            backoff_initial=p.backoff_initial,
+            backoff_max=p.backoff_max,
+        )
         async with open_provider(
-            config, clock=clock, transport=transport, observe=metrics.observe_request
+            config,
+            clock=clock,
+            transport=transport,
+            observe=metrics.observe_request,
+            after_call=limiter.came_back,  # every request's booking, stamped when it is over
         ) as (_, client, sandbox):
             live = LiveConfig(config, Recipients.from_config(config))
-            limiter = SlidingWindowLimiter(
-                limit=p.requests_per_minute,
-                clock=clock,
-                store=store,  # the window every instance books in
-                status_share=config.status.budget_share,
-                backoff_initial=p.backoff_initial,
-                backoff_max=p.backoff_max,
-            )
             health = ProviderHealth()
             prices = PriceBook()
             shaper = Shaper(limits=config.limits, provider=p, prices=prices)

@@ -156,24 +156,25 @@ async def book_cli_request(
     clock: Clock,
     kind: str,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> None:
+) -> float:
     """Book one request in the window `serve` persists (and reads back, see the
     dispatcher): waits while it is full, so a CLI call cannot push `serve` into 429s.
     Counting and booking are one step of the store's, so two CLI calls cannot both take
-    the last place."""
+    the last place. The booking's time: re-stamped once the call is over."""
     from bridge.delivery.dispatcher import FOREIGN_PREFIX
-    from bridge.delivery.ratelimit import WINDOW_MARGIN, WINDOW_SECONDS
+    from bridge.delivery.ratelimit import WINDOW_MARGIN, WINDOW_SECONDS, StampRead
 
     waited = 0.0
     while True:
+        stamp = StampRead(clock)
         wait = await store.book_request(
-            clock.now,
+            stamp,
             f"{FOREIGN_PREFIX}:{kind}",
             limit=config.provider.requests_per_minute,
             window=WINDOW_SECONDS + WINDOW_MARGIN,
         )
         if wait <= 0:
-            return
+            return stamp.at
         if waited + wait > CLI_MAX_WAIT:
             raise ProviderError(f"the provider's rate window is full for {wait:.0f}s more")
         print(f"rate window full (serve is busy): waiting {wait:.1f}s", file=sys.stderr)
@@ -213,10 +214,24 @@ async def call_provider(
 ) -> int:
     from bridge.app import open_provider
 
-    async with open_provider(config, clock=clock) as (_, client, _sandbox):
+    booked: float | None = None
+
+    async def came_back() -> None:
+        """As `serve`'s limiter does: the booking counts from when its call is over
+        (the provider counted it when it arrived, before that)."""
+        from bridge.delivery.dispatcher import FOREIGN_PREFIX
+
+        if store is None or booked is None or clock.now() <= booked:
+            return
+        try:
+            await store.restamp_request(booked, f"{FOREIGN_PREFIX}:{args.action}", clock.now())
+        except Exception as exc:  # the answer matters more: the booking keeps its stamp
+            print(f"note: the rate window's booking not re-stamped: {exc}", file=sys.stderr)
+
+    async with open_provider(config, clock=clock, after_call=came_back) as (_, client, _sandbox):
         try:
             if store is not None:
-                await book_cli_request(store, config, clock, args.action)
+                booked = await book_cli_request(store, config, clock, args.action)
             if args.action == "balance":
                 result: Any = await client.balance()
             elif args.action == "pricing":

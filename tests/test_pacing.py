@@ -17,12 +17,14 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import tests.properties  # noqa: F401  (the suite's Hypothesis profile)
+from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
 from bridge.delivery.pacing import hold
 from bridge.delivery.ratelimit import SlidingWindowLimiter
+from bridge.models import State
 from bridge.provider.sandbox import Fault, SandboxState
 from bridge.store import Store
-from tests.helpers import bridge_config, max_in_window, pump, running_bridge
+from tests.helpers import bridge_config, max_in_window, pump, running_bridge, served
 
 WINDOW = 60.5  # the limiter's: 60 s and its margin
 TEXT = "db-2: disk full, writes failing"
@@ -480,3 +482,59 @@ async def test_an_alert_during_a_long_hold_waits_seconds_not_the_hold(
     [alert] = [r for r in calls(sandbox_state) if r.at >= posted]
     assert alert.at - posted <= 5, f"the alert waited {alert.at - posted:g}s"
     assert max_in_window([r.at for r in sandbox_state.requests]) <= 3
+
+
+class SlowFirstArrival(httpx.AsyncBaseTransport):
+    """The real transport over loopback; the first request takes `delay` (simulated) to
+    reach the provider: a new TCP and TLS connection, a SYN retransmitted."""
+
+    def __init__(self, clock: ManualClock, delay: float) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.clock = clock
+        self.delay = delay
+        self.slowed = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not self.slowed:
+            self.slowed = True
+            self.clock.advance(self.delay)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.usefixtures("backend")  # the re-stamp is SQL of each backend
+async def test_a_request_slow_to_arrive_counts_from_when_it_came_back(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A booking was stamped before its call and the provider counts a request when it
+    arrives: a request 1 s on its way (the first, GET /pricing, on a new connection) left
+    the bridge's window 0.5 s (1 s less the window's margin) before the provider's, and
+    130 distinct alerts put 101 requests in one of the provider's minutes: a 429. Each
+    booking is now stamped again when its call comes back (the provider counted it
+    before that): none reaches a 101st."""
+    config = bridge_config(tmp_path, sandbox_url)
+    transport = SlowFirstArrival(clock, 1.0)
+    async with (
+        build_bridge(config, clock=clock, transport=transport) as bridge,
+        served(bridge.app) as url,
+        httpx.AsyncClient() as http,
+    ):
+        await bridge.dispatcher.load_budget()
+        ids = []
+        for i in range(130):
+            r = await http.post(
+                f"{url}/api/v1/messages", json={"to": numbers(1, i)[0], "message": f"alert {i}"}
+            )
+            assert r.status_code == 202, r.text
+            ids += r.json()["ids"]
+
+        async def sent() -> bool:
+            states = [(await bridge.store.get(i)).state for i in ids]
+            return all(s in (State.SENT, State.DELIVERED) for s in states)
+
+        await pump(bridge, clock, sent, max_seconds=600, step_cap=0.25)
+    assert sandbox_state.requests[0].path.endswith("/pricing")
+    assert [r.status for r in sandbox_state.requests if r.status == 429] == []
+    assert max_in_window([r.at for r in sandbox_state.requests]) <= 100

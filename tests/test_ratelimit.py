@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import tests.properties  # noqa: F401  (the suite's Hypothesis profile)
 from bridge.clock import ManualClock
 from bridge.delivery.ratelimit import SlidingWindowLimiter
+from bridge.store import Store
 
 LIMIT, WINDOW = 10, 60.5
 
@@ -105,3 +106,29 @@ def test_the_rules_were_met_both_ways() -> None:
     """The examples above waited and went (run after them, in file order)."""
     if seen:
         assert {wait for wait, _ in seen} == {True, False}
+
+
+async def test_a_booking_counts_from_when_its_call_came_back(store: Store) -> None:
+    """A booking is stamped before its call; the provider counts the call when it
+    arrives, up to a connect timeout later. When the call comes back the booking moves
+    to then, in the limiter's copy and in the store (what `sync` and every other
+    instance read): once, whichever task the call ran in (the poller reads /logs in a
+    task of its own), and never a booking this task did not make last."""
+    clock = ManualClock()
+    limiter = SlidingWindowLimiter(limit=2, clock=clock, store=store, window=WINDOW)
+    start = clock.now()
+    assert await limiter.acquire("send") == 0.0
+    clock.advance(3.0)  # a slow connect: the provider counts it about now
+    await limiter.came_back()
+    await limiter.came_back()  # a second call with no booking of its own moves nothing
+    assert await limiter.acquire("status") == 0.0
+    clock.advance(1.0)
+    await asyncio.ensure_future(limiter.came_back())  # the call in a task of its own
+    await limiter.came_back()
+    moved = [start + 3.0, start + 4.0]
+    assert [b.at for b in await store.request_rows(0)] == moved
+    clock.advance(WINDOW - 2.0)  # the first stamps left the window; the calls have not
+    assert abs(limiter.wait_time("send") - 1.0) < 1e-9
+    await limiter.sync()
+    assert abs(limiter.wait_time("send") - 1.0) < 1e-9
+    assert await limiter.acquire("send") > 0

@@ -3,6 +3,7 @@ followed by the poller until its time has passed; CLI calls share serve's rate w
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import smtplib
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ import pytest
 
 from bridge.cli import book_cli_request
 from bridge.clock import ManualClock
+from bridge.commands import call_provider
 from bridge.errors import InputError
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
@@ -308,6 +310,35 @@ async def test_cli_calls_book_the_window_serve_keeps(
     assert waits and waits[0] > 50
     assert 429 not in [r.status for r in sandbox_state.requests]
     assert max_in_window([r.at for r in sandbox_state.requests]) <= 5
+
+
+@pytest.mark.usefixtures("backend")  # the re-stamp is SQL of each backend
+async def test_a_cli_call_counts_in_the_window_from_when_its_answer_came(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """`sms-bridge provider ...` books its call before making it, and the provider counts
+    the call when it arrives, up to a connect timeout later. Its booking is stamped again
+    when the answer comes (the provider counted it before that), as serve's are: serve's
+    window keeps it at least as long as the provider does."""
+    config = bridge_config(tmp_path, sandbox_url)
+    answer = asyncio.Event()
+    sandbox_state.faults.append(Fault(status=0, hold=answer, path="/balance"))
+    cli = open_store(config.store)
+    await cli.open()
+    try:
+        start = clock.now()
+        args = argparse.Namespace(action="balance", json=True)
+        call = asyncio.create_task(call_provider(config, args, cli, clock))
+        for _ in range(400):  # the call reached the provider, which says nothing yet
+            if sandbox_state.requests:
+                break
+            await asyncio.sleep(0.02)
+        clock.advance(3.0)
+        answer.set()
+        assert await call == 0
+        assert [(b.at, b.kind) for b in await cli.request_rows(0)] == [(start + 3.0, "cli:balance")]
+    finally:
+        await cli.close()
 
 
 def test_a_refused_schedule_time_is_echoed_cut() -> None:

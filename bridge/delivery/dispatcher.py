@@ -583,7 +583,7 @@ class Dispatcher:
         batch, now = await self._claim_within_budget(batch)
         if not batch:
             return
-        self.limiter.booked(now, "send")
+        self.limiter.booked(now, "send")  # its stamp, moved when the call comes back
         try:
             async with self._held([m.id for m in batch]):
                 result = await self._call(batch, now)
@@ -610,11 +610,12 @@ class Dispatcher:
         # a full window (another instance took the room) or a pause claims nothing. The
         # clock goes in, not `now`: the store reads the booking's time once it holds a
         # connection and the rate lock (a flood's wait for the pool must not age it),
-        # and moves the lease on by that wait.
+        # and moves the lease on by that wait. The time it read is the booking's.
+        stamp = self.limiter.stamp()
         claimed = set(
             await self.store.claim(
                 [m.id for m in batch],
-                self.clock.now,
+                stamp,
                 owner=self.owner,
                 lease_until=now + self.lease,
                 limit=self.limiter.booking_limit("send"),
@@ -623,7 +624,7 @@ class Dispatcher:
         )
         if not claimed:
             await self.limiter.sync()  # the caller's next wait_time says how long
-        return [m for m in batch if m.id in claimed], self.clock.now()
+        return [m for m in batch if m.id in claimed], stamp.at
 
     async def _call(self, batch: list[Message], now: float) -> SendResult:
         """One /send or /send-bulk for `batch` (one text)."""

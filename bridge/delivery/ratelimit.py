@@ -2,8 +2,19 @@
 for every instance of a cluster together.
 
 The documentation does not say whether the provider's window is fixed or sliding, so we
-assume the strictest reading: a sliding 60 s window, counting every endpoint. A small
-margin covers the delay between booking and the provider's own timestamp.
+assume the strictest reading: a sliding 60 s window, counting every endpoint. The
+provider counts a request when it arrives, after its booking by as long as the way there
+took (a new TCP and TLS connection, a SYN sent again after 1 s, a slow connect up to
+`provider.connect_timeout`), and before its answer: so a booking is stamped again when
+its call comes back, answered or failed (`came_back`, which the provider client calls
+after every request), and counts from then. The window then holds each request at least
+as long as the provider does. A margin (WINDOW_MARGIN) covers half a second of what no
+answer tells: a call cut short by a stop, or the process dying mid-call, keeps its first
+stamp, short of the provider's by that one call's way there (its connect: up to the
+connect timeout). A margin of the connect timeout for every request instead (65 s, not
+60.5) would cost ~7 % of the throughput at all times, for what only a crash mid-call
+leaves; and a SYN retried twice, or a slow TLS handshake, outlasts any fixed margin
+short of the connect timeout.
 
 The window lives in the store, not here: every request (sends, status polls, /logs
 reconciliation, the price list, probes, and the CLI's) is booked there before it is
@@ -25,14 +36,42 @@ the window that this limiter did not make), sends leave its unused share free.
 
 from __future__ import annotations
 
+import bisect
+import contextvars
+import logging
 import math
 from collections import deque
+from dataclasses import dataclass
 
 from bridge.clock import Clock
 from bridge.store.api import RateWindow
 
+log = logging.getLogger(__name__)
+
 WINDOW_SECONDS = 60.0
-WINDOW_MARGIN = 0.5
+WINDOW_MARGIN = 0.5  # a call that never came back (see above); the others are re-stamped
+
+
+class StampRead:
+    """The clock as a booking's `Stamp`, remembering the time the store read from it
+    (the last read: a store may read it twice, the booking's time last)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.at = clock.now()
+
+    def __call__(self) -> float:
+        self.at = self.clock.now()
+        return self.at
+
+
+@dataclass
+class Pending:
+    """A booking whose call has not come back yet: re-stamped once, when it does."""
+
+    at: float
+    kind: str
+    settled: bool = False
 
 
 class SlidingWindowLimiter:
@@ -60,6 +99,12 @@ class SlidingWindowLimiter:
         self.pause_reason = ""
         self._booked: deque[tuple[float, str]] = deque()  # the store's window, as last read
         self._own_status: deque[float] = deque()  # status bookings made here
+        # The booking made last in this task (the dispatcher's, the poller's, the
+        # reconciler's), for `came_back` after its call: per task, since they book and
+        # call at once; a read the poller runs in a task of its own sees it too.
+        self._pending: contextvars.ContextVar[Pending | None] = contextvars.ContextVar(
+            f"pending-booking-{id(self)}", default=None
+        )
 
     # -- the copy of the store's window --------------------------------------------------
     async def sync(self) -> None:
@@ -143,20 +188,63 @@ class SlidingWindowLimiter:
             return wait
         # The clock, not a time read now: the store reads it once it holds the pool's
         # connection and the lock, so a wait for them does not age the booking.
+        stamp = self.stamp()
         refused = await self.store.book_request(
-            self.clock.now, kind, limit=self.booking_limit(counted), window=self.window
+            stamp, kind, limit=self.booking_limit(counted), window=self.window
         )
         if refused > 0:  # another instance took the room, or paused us: look again
             await self.sync()
             return max(refused, self.wait_time(counted))
-        self.booked(self.clock.now(), kind)  # no earlier than the store's stamp
+        self.booked(stamp.at, kind)  # the store's stamp, which `came_back` moves
         return 0.0
 
+    def stamp(self) -> StampRead:
+        """The clock to hand a booking (`book_request`, `claim`): it tells what time the
+        store stamped, for `booked`."""
+        return StampRead(self.clock)
+
     def booked(self, at: float, kind: str) -> None:
-        """A booking the store made for us (`acquire`, or a bounded `claim`)."""
+        """A booking the store made for us (`acquire`, or a bounded `claim`) at `at`,
+        whose call this task makes next (`came_back` moves it once that call is over)."""
         self._booked.append((at, kind))
         if kind == "status":
             self._own_status.append(at)
+        self._pending.set(Pending(at, kind))
+
+    async def came_back(self) -> None:
+        """The call booked last in this task came back, answered or failed: its booking
+        counts from now, here and in the store. The provider counts a request when it
+        arrives, which is after its booking by as long as the way there took (a new
+        TCP and TLS connection, a SYN sent again after 1 s, a connect of up to
+        `provider.connect_timeout`), and before the call came back: stamped now, the
+        booking leaves the window no earlier than the provider's count of it does. The
+        client calls this after every request (`ProviderClient(after_call=)`); a call
+        with no booking of its own in this task (one made already, or none) moves
+        nothing. A call cut short by a stop, or the process dying mid-call, leaves the
+        first stamp (WINDOW_MARGIN covers half a second of it)."""
+        pending = self._pending.get()
+        if pending is None or pending.settled:
+            return
+        pending.settled = True
+        self._pending.set(None)
+        now = self.clock.now()
+        if now <= pending.at:
+            return
+        try:
+            self._booked.remove((pending.at, pending.kind))
+        except ValueError:
+            pass  # left the copy (a sync re-read it already moved, or it expired)
+        else:
+            bisect.insort(self._booked, (now, pending.kind))
+        if pending.kind == "status" and pending.at in self._own_status:
+            self._own_status.remove(pending.at)
+            bisect.insort(self._own_status, now)
+        try:
+            await self.store.restamp_request(pending.at, pending.kind, now)
+        except Exception:
+            # The call's outcome matters more than this write: it goes on to be
+            # recorded. The booking keeps its first stamp, as after a crash mid-call.
+            log.warning("a booking's call came back, its stamp not moved", exc_info=True)
 
     # -- pauses --------------------------------------------------------------------------
     async def pause(self, until: float, reason: str) -> None:

@@ -12,8 +12,9 @@ is read by responses.py, the one classification of its answers.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -76,6 +77,7 @@ class ProviderClient:
         calculate_path: str = "/calculate",
         bulk_message_type: bool = False,
         observe: Callable[[str, str, float], None] | None = None,
+        after_call: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
@@ -90,6 +92,9 @@ class ProviderClient:
         self.paths = {"pricing": pricing_path, "account": account_path, "calculate": calculate_path}
         self.bulk_message_type = bulk_message_type
         self._observe = observe  # (endpoint, outcome, seconds) for metrics
+        # After every request, answered or failed (not cut short by a cancel): the rate
+        # window moves the request's booking to then (`SlidingWindowLimiter.came_back`).
+        self._after_call = after_call
 
     async def _request(
         self,
@@ -101,14 +106,20 @@ class ProviderClient:
     ) -> dict[str, Any]:
         started = time.perf_counter()
         outcome = "success"
+        cancelled = False
         try:
             return await self._exchange(method, path, body=body, params=params)
         except ProviderError as exc:
             outcome = OUTCOMES.get(type(exc), "transient")
             raise
+        except asyncio.CancelledError:
+            cancelled = True  # a stop: no store write on the way out
+            raise
         finally:
             if self._observe is not None:
                 self._observe(path.strip("/") or "/", outcome, time.perf_counter() - started)
+            if self._after_call is not None and not cancelled:
+                await self._after_call()
 
     async def _exchange(
         self,
