@@ -112,6 +112,36 @@ async def test_a_2xx_without_ids_is_sent_and_the_poller_matches_recipient_and_te
     assert all(m.provider_message_id == by_number[m.recipient] for m in final)
 
 
+async def test_two_sends_without_an_id_get_their_own_entries_states(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two sends of one text to one phone, both answered without an id, the second failing
+    at the handset. /logs lists the newest first and the poller gave each entry to the
+    oldest message waiting: the second's failure was recorded on the first, and each
+    kept the other's id. Entries go to messages in time order, the oldest to the
+    oldest."""
+    sandbox_state.shape = VARIANTS["count-only"]
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+        ids = []
+        for key in ("host-a", "host-b"):
+            ids += (await post(url, {**body, "dedupe_key": key})).json()["ids"]
+        for _ in range(10):  # two calls (one phone twice): two entries
+            if len(sandbox_state.entries) == 2:
+                break
+            clock.advance(max(0.01, await bridge.dispatcher.run_once()))
+        first_entry, second_entry = sandbox_state.entries
+        second_entry.fails = True  # the first arrives, the second fails at the handset
+        for _ in range(4):
+            clock.advance(5)
+            await bridge.poller.run_once()
+        first, second = [await bridge.store.get(i) for i in ids]
+    assert first.provider_message_id == str(first_entry.message_id), (first, second)
+    assert second.provider_message_id == str(second_entry.message_id), (first, second)
+    assert first.state == State.DELIVERED and second.state == State.FAILED
+
+
 async def test_a_batch_id_is_never_taken_for_a_message_id(
     tmp_path, clock: ManualClock, sandbox_url: str, sandbox_state: SandboxState
 ) -> None:

@@ -179,6 +179,28 @@ def test_log_matcher_takes_each_entry_once() -> None:
     assert matcher.take("12025550152", "same text") is None and not matcher
 
 
+def test_log_matcher_pairs_repeats_in_time_order() -> None:
+    """/logs is newest first: taken as read, the newest entry went to the oldest of two
+    repeats. Paired again, the oldest entry goes to the oldest message; an entry older
+    than a message went (less CLOCK_SKEW) is never that message's."""
+
+    class M:
+        def __init__(self, at: float) -> None:
+            self.recipient, self.text, self.at = "+12025550152", "same text", at
+
+    a, b = M(1000.0), M(1020.0)
+    matcher = LogMatcher([a, b], since=lambda m: m.at)
+    newest, oldest = ("e2", 1021.0), ("e1", 1001.0)
+    taken = []
+    for entry, created in (newest, oldest):
+        m = matcher.take("12025550152", "same text", created)
+        taken.append((entry, "12025550152", "same text", created, m))
+    assert [m for *_, m in taken] == [a, b]  # as read: swapped
+    assert matcher.in_time_order(taken) == [("e1", a), ("e2", b)]
+    late = LogMatcher([M(2000.0)], since=lambda m: m.at)
+    assert late.take("12025550152", "same text", 1001.0) is None  # 999 s before it went
+
+
 def test_new_provider_keys_are_checked(tmp_path) -> None:
     from bridge.config import load_config
     from bridge.errors import ConfigError

@@ -5,7 +5,10 @@ as sending, so the poller takes at most `status.budget_share` of it and stops as
 about a message after `status.give_up_after` (it then stays `sent`, its last known state);
 a scheduled message is asked about until `give_up_after` past its scheduled time. A
 message the provider took without giving an id is found by recipient and text (the same
-tolerant matching as reconciliation), and keeps the id found.
+tolerant matching as reconciliation), and keeps the id found. Repeats of one text to one
+phone get their entries in time order, the oldest entry to the oldest send, once the
+round has read its pages: /logs lists the newest first, and taken as read the newest
+entry went to the oldest send (their ids and states swapped).
 
 A round reads at most `MAX_PAGES_PER_ROUND` pages, from the page of the newest message
 waiting. When the waiting span more pages than that (a bulk of 1000, the phone of one of
@@ -39,7 +42,7 @@ from bridge.health import ProviderHealth
 from bridge.loops import LoopHealth, Stopped, run_steps, unless_stopped
 from bridge.models import Message, State
 from bridge.provider.client import MAX_LOGS_PER_PAGE, ProviderClient
-from bridge.provider.logmatch import LogMatcher, provider_date
+from bridge.provider.logmatch import LogMatcher, provider_date, provider_time
 from bridge.provider.responses import LogEntry
 from bridge.schedule import STORED_FORMAT
 from bridge.store import Store
@@ -104,7 +107,12 @@ class StatusPoller:
             return self.config.poll_interval
         await self.limiter.sync()  # the window as every instance booked it
         by_id = {m.provider_message_id: m for m in waiting if m.provider_message_id}
-        id_less = LogMatcher(m for m in waiting if not m.provider_message_id)
+        id_less = LogMatcher(
+            (m for m in waiting if not m.provider_message_id), since=lambda m: m.sent_at
+        )
+        # The id-less messages' entries, as read (newest first): paired in time order
+        # once the round has read its pages (`LogMatcher.in_time_order`).
+        taken: list[tuple[LogEntry, object, object, float | None, Message]] = []
         oldest = min(m.sent_at or now for m in waiting)
         date_from = provider_date(oldest - 86400, self.tz)
         # /logs is newest first. The tracked messages are the oldest waiting, so skip the
@@ -142,7 +150,7 @@ class StatusPoller:
                 await self._failed(exc)
                 break
             self.limiter.answered()
-            await self._match_page(logs.entries, by_id, id_less, updates, found_ids)
+            await self._match_page(logs.entries, by_id, id_less, updates, taken)
             if (not by_id and not id_less) or not logs.has_more:
                 break
             # Unless a later page of this round reaches the end of /logs or finds them
@@ -150,6 +158,9 @@ class StatusPoller:
             # again would never reach the oldest while a newer message waits.
             self._resume_page = page + 1
         self._end_round(waiting, deepest)
+        for entry, m in id_less.in_time_order(taken):
+            found_ids.append((m.id, entry.id))
+            self._final_state(entry, m, updates)
         if found_ids:
             await self.store.set_provider_ids(found_ids)
         if updates:
@@ -180,21 +191,33 @@ class StatusPoller:
         by_id: dict[str, Message],
         id_less: LogMatcher[Message],
         updates: list[tuple[int, State, str | None]],
-        found_ids: list[tuple[int, str]],
+        taken: list[tuple[LogEntry, object, object, float | None, Message]],
     ) -> None:
         """Match one page of /logs to the tracked messages (taken out of `by_id` and
-        `id_less`): the final states into `updates`, the provider ids learnt for
-        messages sent without one into `found_ids`."""
+        `id_less`): the final states of those with an id into `updates`, the entries
+        the id-less ones took into `taken` (paired in time order at the round's end)."""
         known = await self.store.known_provider_ids([e.id for e in entries]) if id_less else set()
+        # One set for the round: /logs may shift between two pages (new sends push
+        # entries on), and an entry read twice must not be taken for two repeats.
+        known.update(entry.id for entry, *_ in taken)
         for entry in entries:
             m = by_id.pop(entry.id, None)
-            if m is None and id_less and entry.id not in known:
-                m = id_less.take(entry.recipient, entry.message)
+            if m is not None:
+                self._final_state(entry, m, updates)
+            elif id_less and entry.id not in known:
+                created = provider_time(entry.created_at, self.tz)
+                m = id_less.take(entry.recipient, entry.message, created)
                 if m is not None:
-                    found_ids.append((m.id, entry.id))
-            if m is not None and entry.status in FINAL_PROVIDER_STATES:
-                reason = None if entry.status == "delivered" else "provider reports failed"
-                updates.append((m.id, FINAL_PROVIDER_STATES[entry.status], reason))
+                    taken.append((entry, entry.recipient, entry.message, created, m))
+                    known.add(entry.id)
+
+    @staticmethod
+    def _final_state(
+        entry: LogEntry, m: Message, updates: list[tuple[int, State, str | None]]
+    ) -> None:
+        if entry.status in FINAL_PROVIDER_STATES:
+            reason = None if entry.status == "delivered" else "provider reports failed"
+            updates.append((m.id, FINAL_PROVIDER_STATES[entry.status], reason))
 
     def _end_round(self, waiting: list[Message], deepest: int) -> None:
         """Where the next round starts: from the newest page again once the sweep read

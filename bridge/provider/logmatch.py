@@ -4,13 +4,15 @@ The shape of a /logs entry is not documented: numbers may come back with or with
 with `00`, or national; texts with their whitespace changed or cut short; timestamps in
 the provider's own time zone. Reconciliation (did an unknown outcome go out?) and the
 status poller (which entry is this id-less message?) both match through `LogMatcher`, so
-one tolerant rule decides everywhere. Pure functions, no I/O.
+one tolerant rule decides everywhere: an entry is a message's only if created no earlier
+than the message went (less CLOCK_SKEW), and entries of one recipient and text go to our
+messages in time order, the oldest entry to the oldest message. Pure functions, no I/O.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, tzinfo
 from typing import Generic, Protocol, TypeVar
 
@@ -21,6 +23,7 @@ _ELLIPSES = ("...", "…")
 # Epoch seconds or milliseconds as digits: nine or more (eight would be a `Ymd` date).
 _EPOCH = re.compile(r"[0-9]{9,}(\.[0-9]+)?")
 _STAMP_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%d/%m/%Y %H:%M:%S")
+CLOCK_SKEW = 120.0  # tolerance between our clock and the provider's timestamps
 
 
 def number_digits(value: object) -> str:
@@ -100,14 +103,32 @@ class Sent(Protocol):
 
 
 M = TypeVar("M", bound=Sent)
+E = TypeVar("E")
+
+
+def _no_time(message: object) -> float | None:
+    return None
 
 
 class LogMatcher(Generic[M]):
-    """Our messages indexed by the tail of their number; each matches one entry at most."""
+    """Our messages indexed by the tail of their number; each matches one entry at most.
 
-    def __init__(self, messages: Iterable[M]) -> None:
+    Given oldest first, with `since(m)` when each went (its claim, or its send), if known.
+    An entry goes to the oldest waiting message it can be: an entry created more than
+    CLOCK_SKEW before a message went is an earlier text, not that one.
+    """
+
+    def __init__(
+        self,
+        messages: Iterable[M],
+        *,
+        since: Callable[[M], float | None] = _no_time,
+    ) -> None:
+        self._since = since
+        self._order: dict[int, int] = {}  # id(m) -> its place, oldest first
         self._by_tail: dict[str, list[M]] = {}
-        for m in messages:
+        for index, m in enumerate(messages):
+            self._order[id(m)] = index
             self._by_tail.setdefault(number_digits(m.recipient)[-SUFFIX_DIGITS:], []).append(m)
 
     def __bool__(self) -> bool:
@@ -116,12 +137,38 @@ class LogMatcher(Generic[M]):
     def remaining(self) -> list[M]:
         return [m for group in self._by_tail.values() for m in group]
 
-    def take(self, recipient: object, text: object) -> M | None:
-        """The first waiting message this entry is, removed from the waiting; else None."""
+    def take(self, recipient: object, text: object, created: float | None = None) -> M | None:
+        """The oldest waiting message this entry (created at `created`, if known) can be,
+        removed from the waiting; else None."""
         group = self._by_tail.get(number_digits(recipient)[-SUFFIX_DIGITS:])
         if not group:
             return None
         for index, m in enumerate(group):
+            went = self._since(m)
+            if created is not None and went is not None and created < went - CLOCK_SKEW:
+                continue  # before this one went: an earlier text
             if same_number(m.recipient, recipient) and same_text(m.text, text):
                 return group.pop(index)
         return None
+
+    def in_time_order(
+        self,
+        taken: Sequence[tuple[E, object, object, float | None, M]],
+    ) -> list[tuple[E, M]]:
+        """The entries taken in a walk of /logs (newest first, as read: each entry with
+        its recipient, text and creation time, and the message `take` gave it) paired
+        again the oldest entry to the oldest message.
+
+        Read newest first, an entry went to the oldest message waiting: of two sends of
+        one text to one phone, the newest entry to the oldest send, their ids and states
+        swapped. Paired again from the oldest entry up, each to the oldest message it can
+        be (the same set of entries and messages), the order they went in decides.
+        """
+        messages = sorted((m for *_, m in taken), key=lambda m: self._order.get(id(m), 0))
+        again: LogMatcher[M] = LogMatcher(messages, since=self._since)
+        pairs: list[tuple[E, M]] = []
+        for entry, recipient, text, created, _ in reversed(taken):
+            m = again.take(recipient, text, created)
+            if m is not None:
+                pairs.append((entry, m))
+        return pairs
