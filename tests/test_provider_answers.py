@@ -17,12 +17,13 @@ from collections.abc import Awaitable, Callable
 import httpx
 import pytest
 
+from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
 from bridge.delivery.reconcile import RECONCILE_DELAY
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
 from bridge.service import Bridge
-from tests.helpers import bridge_config, pump, pump_until_state, running_bridge
+from tests.helpers import bridge_config, pump, pump_until_state, running_bridge, served
 
 ADMIN = '[budget]\nadmin = ["+12025550199"]\n'
 
@@ -110,6 +111,147 @@ async def test_a_2xx_without_ids_is_sent_and_the_poller_matches_recipient_and_te
     assert len(sandbox_state.entries) == 4
     by_number = {e.to: str(e.message_id) for e in sandbox_state.entries}
     assert all(m.provider_message_id == by_number[m.recipient] for m in final)
+
+
+@pytest.mark.usefixtures("backend")
+async def test_an_unknown_outcome_never_takes_the_entry_of_an_earlier_send_without_an_id(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two alerts of one text to one phone (two hosts, one template: two dedupe keys), the
+    provider answering without ids; the second's request dies at a gateway (a 502 page)
+    before the provider. /logs was matched from the oldest claim less CLOCK_SKEW, and only
+    ids already stored were not free: the first's entry, which it has no id for, was
+    taken for the second, recorded `sent` with that id (then `delivered`), and the first
+    kept none. An entry is taken only for a message claimed before it (less the skew), and
+    the oldest entries of a recipient and text go to our earlier sends without an id, the
+    oldest to the oldest: the second, never sent, is sent again."""
+    sandbox_state.shape = VARIANTS["count-only"]  # /send answers success, cost, no id
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+        [first] = (await post(url, {**body, "dedupe_key": "host-a"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        assert (await bridge.store.get(first)).state == State.SENT
+        clock.advance(20)
+        sandbox_state.faults.append(
+            Fault(status=502, body="<html>Bad Gateway</html>", path="/send")
+        )
+        [second] = (await post(url, {**body, "dedupe_key": "host-b"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        assert (await bridge.store.get(second)).state == State.SENDING
+        clock.advance(RECONCILE_DELAY + 0.1)
+        await bridge.dispatcher.run_once()  # /logs read: the one entry is the first's
+        looked = await bridge.store.get(second)  # not found: sent again in this step
+        await pump(bridge, clock, went(bridge, second), max_seconds=600)
+        for _ in range(4):  # the poller reads both entries' states
+            clock.advance(5)
+            await bridge.poller.run_once()
+        final = {i: await bridge.store.get(i) for i in (first, second)}
+    assert looked.unknown_resends == 1 and looked.provider_message_id is None, looked
+    one, two = sandbox_state.entries  # the second went once, when sent again
+    assert final[first].provider_message_id == str(one.message_id)
+    assert final[second].provider_message_id == str(two.message_id)
+
+
+@pytest.mark.usefixtures("backend")
+async def test_each_unknown_outcome_is_matched_from_its_own_claim(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two unknown outcomes looked up in one walk (the first's look met a 503 from /logs,
+    and the second was sent meanwhile), neither of which reached the provider; /logs
+    holds the second's text to its phone from another client of the account, 118 s
+    before the first's claim. Entries were kept from the oldest claim less CLOCK_SKEW
+    for all of them, so that entry, 123 s older than the second's claim, was taken for
+    it: recorded sent, never sent. Each message is matched only to entries no older
+    than its own claim less the skew: the second is sent again."""
+    gateway = {"status": 502, "body": "<html>Bad Gateway</html>", "path": "/send"}
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        sandbox_state.record_send("+12025550112", "FIRING: HighCPU", "SMS", 1, clock.now())
+        clock.advance(118)
+        sandbox_state.faults += [
+            Fault(**gateway),
+            Fault(**gateway),
+            Fault(status=503, body="<html>busy</html>", path="/logs"),
+        ]
+        [first] = (await post(url, {"to": "+12025550111", "message": "db down"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        clock.advance(RECONCILE_DELAY + 0.1)
+        body = {"to": "+12025550112", "message": "FIRING: HighCPU"}
+        [second] = (await post(url, body)).json()["ids"]
+        await bridge.dispatcher.run_once()  # /logs answers 503; the second goes meanwhile
+        assert {(await bridge.store.get(i)).state for i in (first, second)} == {State.SENDING}
+        clock.advance(30)
+        await bridge.dispatcher.run_once()  # one walk for both
+        looked = await bridge.store.get(second)
+    assert looked.unknown_resends == 1, looked  # not found: sent again
+    assert looked.provider_message_id != str(sandbox_state.entries[0].message_id), looked
+    assert [e.to for e in sandbox_state.entries].count("+12025550112") == 2
+
+
+class SendsBetweenPages(httpx.AsyncBaseTransport):
+    """The real transport; once /logs' first page is read, another client of the account
+    sends a text: every entry moves one place on, the first page's last onto the second."""
+
+    def __init__(self, state: SandboxState, clock: ManualClock) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.state, self.clock = state, clock
+        self.done = False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if not self.done and request.url.path.endswith("/logs"):
+            self.done = True
+            self.state.record_send("+12025559000", "other", "SMS", 1, self.clock.now())
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.usefixtures("backend")
+async def test_an_entry_read_twice_in_one_walk_is_taken_once(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two repeats of one text to one phone, both unknown outcomes, the provider took one;
+    its entry the last on /logs' first page, and a text of another client between the
+    two reads put it first on the second. Only ids already stored were not free, and
+    what the walk found was stored at its end: that one entry was taken for both, both
+    recorded sent under its id. An entry taken in a walk is not free for the rest of
+    it: one is found, the other sent again."""
+    for i in range(5):  # older entries: /logs has a second page
+        sandbox_state.record_send(f"+1202555800{i}", "older", "SMS", 1, clock.now())
+    gateway = {"status": 502, "body": "<html>Bad Gateway</html>", "path": "/send"}
+    sandbox_state.faults += [
+        Fault(**gateway, taken=True),
+        Fault(status=503, body="<html>busy</html>", path="/logs"),
+        Fault(**gateway),
+    ]
+    config = bridge_config(tmp_path, sandbox_url)
+    transport = SendsBetweenPages(sandbox_state, clock)
+    transport.done = True  # not yet
+    async with (
+        build_bridge(config, clock=clock, transport=transport) as bridge,
+        served(bridge.app) as url,
+    ):
+        await bridge.dispatcher.load_budget()
+        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+        [first] = (await post(url, {**body, "dedupe_key": "host-a"})).json()["ids"]
+        await bridge.dispatcher.run_once()  # the provider takes it; a 502 says otherwise
+        clock.advance(RECONCILE_DELAY + 0.1)
+        [second] = (await post(url, {**body, "dedupe_key": "host-b"})).json()["ids"]
+        await bridge.dispatcher.run_once()  # /logs answers 503; the second goes meanwhile
+        ids = [first, second]
+        assert {(await bridge.store.get(i)).state for i in ids} == {State.SENDING}
+        [taken] = [e for e in sandbox_state.entries if e.to == "+12025550111"]
+        for i in range(99):  # the entry is the last of /logs' first page (100 a page)
+            sandbox_state.record_send(f"+1202555{7000 + i}", "newer", "SMS", 1, clock.now())
+        clock.advance(30)
+        transport.done = False  # the walk's first read is the one a text follows
+        await bridge.dispatcher.run_once()
+        after = [await bridge.store.get(i) for i in ids]
+    assert [m.provider_message_id for m in after].count(str(taken.message_id)) == 1, after
+    assert sorted(m.unknown_resends for m in after) == [0, 1], after
 
 
 async def test_two_sends_without_an_id_get_their_own_entries_states(

@@ -103,6 +103,14 @@ async def test_known_provider_ids_are_looked_up_not_scanned(traced: Traced) -> N
     assert all("USING COVERING INDEX messages_provider_id" in line for line in plan), plan
 
 
+async def test_sends_without_an_id_are_looked_up_by_when_they_went(traced: Traced) -> None:
+    # Every /logs walk of the reconciler asks it: a few minutes' sends, not the table.
+    store, plans = traced
+    await store.sent_without_id(["+12025550143"], since=1.0, until=2.0)
+    [plan] = plans("provider_message_id IS NULL")
+    assert all(line.startswith("SEARCH") for line in on_messages(plan)), plan
+
+
 async def test_a_phones_page_looks_its_number_up(traced: Traced) -> None:
     # A substring search read rows newest first until the page was full: 110-155 ms on
     # a million messages for a rare number. In the index's own order, a busy number's

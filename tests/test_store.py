@@ -257,6 +257,27 @@ async def test_a_resend_or_settle_of_unknown_outcomes_answers_just_the_rows_it_l
     ]
 
 
+async def test_sends_without_an_id_are_listed_for_reconciliation(store: Store) -> None:
+    """What reconciliation keeps its hands off in /logs: the sends to these recipients
+    the provider took without naming an id, in the span asked, oldest first; not a send
+    with an id, one to another number, one outside the span, nor one ended "outcome
+    unknown" (the provider never said it took it)."""
+    other = NewMessage("+12025550144", "hi", "http", "SMS", 1, 1)
+    ids = await seed(store, [MESSAGE, MESSAGE, MESSAGE, other, MESSAGE, MESSAGE], 1.0)
+    late, early, with_id, elsewhere, after, unknown = ids
+    for at, i in enumerate(ids):
+        await store.claim([i], 10.0 + at, **OWNER)
+    await store.mark_sent([(late, None, None)], 20.0, owner=OWNER["owner"])
+    await store.mark_sent([(early, None, None)], 15.0, owner=OWNER["owner"])
+    await store.mark_sent([(with_id, "p-1", None)], 16.0, owner=OWNER["owner"])
+    await store.mark_sent([(elsewhere, None, None)], 17.0, owner=OWNER["owner"])
+    await store.mark_sent([(after, None, None)], 90.0, owner=OWNER["owner"])
+    await store.settle_unknown([unknown], 18.0, "outcome unknown", owner=OWNER["owner"])
+    got = await store.sent_without_id([MESSAGE.recipient], since=12.0, until=60.0)
+    assert [m.id for m in got] == [early, late]
+    assert await store.sent_without_id([], since=0.0, until=1e12) == []
+
+
 async def test_claim_only_takes_queued_messages_and_books_one_request(store: Store) -> None:
     ids = await seed(store, [MESSAGE] * 3, 1.0)
     assert await store.claim(ids[:2], 2.0, **OWNER) == ids[:2]

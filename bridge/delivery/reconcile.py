@@ -2,7 +2,11 @@
 
 A crash, a read timeout or a 5xx leaves a message whose fate the provider knows and we
 do not. Before anything is sent again, the provider's /logs is read (newest first, from
-a little before the oldest claim) and each entry matched by recipient and text:
+a little before the oldest claim) and each entry matched by recipient and text, to a
+message claimed no later than the entry was created (less CLOCK_SKEW). Entries of one
+recipient and text go to our messages in time order, the oldest entry to the oldest,
+counting our earlier sends to that recipient the provider took without naming an id:
+their entries are theirs, not free for a repeat of the text that never reached it.
 
     found in /logs           -> sent, with the provider's id and cost
     5xx, not in /logs        -> retried with the dispatcher's backoff
@@ -42,18 +46,50 @@ from bridge.errors import (
     TransientSendError,
 )
 from bridge.loops import Stopped, unless_stopped
-from bridge.models import Message
+from bridge.models import Message, State
 from bridge.policy.budgets import BudgetGuard
 from bridge.provider.client import ProviderClient
-from bridge.provider.logmatch import LogMatcher, provider_date, provider_time
+from bridge.provider.logmatch import (
+    CLOCK_SKEW,
+    SUFFIX_DIGITS,
+    LogMatcher,
+    number_digits,
+    provider_date,
+    provider_time,
+    same_number,
+    same_text,
+)
 from bridge.provider.responses import LogEntry
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
 RECONCILE_DELAY = 5.0  # let the provider's /logs catch up before looking there
 RECONCILE_MAX_PAGES = 10
-CLOCK_SKEW = 120.0  # tolerance between our clock and the provider's timestamps
 LOGS_TRIES = 3  # /logs answering 404 this often in a row: it is not there, decide without it
+
+
+Matcher = LogMatcher[Message]
+Taken = tuple[LogEntry, object, object, float | None, Message]  # `LogMatcher.in_time_order`
+Found = tuple[int, str | None, float | None]  # (id, provider id, cost): `record_sent`
+
+
+def _went(m: Message) -> float | None:
+    """When a message went to the provider: its send, or its claim if unsettled."""
+    return m.claimed_at if m.state == State.SENDING else m.sent_at
+
+
+def _waiting(matcher: Matcher) -> list[Message]:
+    """The messages being looked for that no entry was taken for yet, our earlier sends
+    without an id left out (they are not looked for)."""
+    return [m for m in matcher.remaining() if m.state == State.SENDING]
+
+
+def _missing(matcher: Matcher, taken: list[Taken], found: list[Found]) -> list[Message]:
+    """The messages being looked for that the entries taken, paired in time order, do
+    not show: those no entry was taken for, and any whose entry went to an earlier one."""
+    done = {message_id for message_id, *_ in found}
+    looked = [*matcher.remaining(), *(m for *_, m in taken)]
+    return [m for m in looked if m.state == State.SENDING and m.id not in done]
 
 
 class Reconciler:
@@ -115,8 +151,11 @@ class Reconciler:
         if now < self.logs_retry_at:
             return None  # /logs failed: these wait for it, new texts go meanwhile
         oldest = min(m.claimed_at or now for m in ready)
-        matcher = LogMatcher(ready)
-        found: list[tuple[int, str | None, float | None]] = []
+        matcher = await self._matcher(ready, oldest, now)
+        # The entries taken in this walk, as read (newest first): paired with the
+        # messages in time order when the walk ends or stops (`_found`).
+        taken: list[Taken] = []
+        pages: dict[str | None, int] = {}  # where each taken entry was read
         date_from = provider_date(oldest - CLOCK_SKEW, self.tz)
         # Where the last walk stopped, for the messages it left; from page 1 for those
         # that joined since (newer, or taken over): their entries are read there, and
@@ -126,22 +165,22 @@ class Reconciler:
         start = {m.id: self._resume.get(m.id, 1) for m in ready}
         self._resume = {}
         page, reads = min(start.values()), 0
-        while matcher and reads < RECONCILE_MAX_PAGES:
+        while _waiting(matcher) and reads < RECONCILE_MAX_PAGES:
             wait = await self.limiter.acquire("reconcile")
             if wait > 0:
-                await self._stop_at(page, matcher, found, start)
+                await self._stop_at(page, matcher, taken, pages, start)
                 return wait
             try:
                 read = self.client.logs(page=page, date_from=date_from)
                 logs = await unless_stopped(read, self.stopping)
             except Stopped:  # they stay `sending`: the next start reads /logs for them
-                await self._stop_at(page, matcher, found, start)
+                await self._stop_at(page, matcher, taken, pages, start)
                 return 0.0
             except ProviderAuthError as exc:
-                await self._stop_at(page, matcher, found, start)
+                await self._stop_at(page, matcher, taken, pages, start)
                 return await self.outcomes.key_refused(exc)
             except RateLimitedError as exc:
-                await self._stop_at(page, matcher, found, start)
+                await self._stop_at(page, matcher, taken, pages, start)
                 await self.limiter.rate_limited(exc.retry_after)
                 return self.limiter.wait_time("send")
             except ProviderError as exc:
@@ -149,37 +188,39 @@ class Reconciler:
                 if exc.status == 404 and self._logs_failures >= LOGS_TRIES:
                     log.error("/logs answered 404 %d times: outcomes stay unknown", LOGS_TRIES)
                     break
-                await self._wait_for_logs(exc, now, page, matcher, found, start)
+                await self._wait_for_logs(exc, now, page, matcher, taken, pages, start)
                 return None
             self._logs_failures = 0
             self.logs_retry_at = 0.0
             self.limiter.answered()
             reads += 1
-            earliest = await self._match_page(logs.entries, matcher, found, oldest)
+            earliest = await self._match_page(logs.entries, matcher, taken)
+            pages.update((entry.id, page) for entry, *_ in taken if entry.id not in pages)
             # The pages still worth reading for each message left: from where its entry
             # can be, until entries older than its request (newest first: not further).
             wanted = [
                 start[m.id]
-                for m in matcher.remaining()
+                for m in _waiting(matcher)
                 if earliest is None or earliest >= (m.claimed_at or now) - CLOCK_SKEW
             ]
             if not logs.has_more or not wanted:
                 break
             page = max(page + 1, min(wanted))
         else:
-            if matcher:
+            if _waiting(matcher):
                 # The page cap, not the end of what they could be in: not "not found". A
                 # bulk of 1000 with texts after it spans more than the cap, and its
                 # oldest recipients were texted again.
                 self._logs_failures = 0
-                await self._stop_at(page, matcher, found, start)
+                await self._stop_at(page, matcher, taken, pages, start)
                 self._cut_short = True  # sends go first; the walk goes on at the next step
                 return None
         self._logs_failures = 0
+        found = self._found(matcher, taken)
         if found:
             log.info("reconciled %d messages the provider had already accepted", len(found))
             await self.outcomes.record_sent(found)
-        await self._not_found(matcher.remaining())
+        await self._not_found(_missing(matcher, taken, found))
         return None
 
     def next_look(self, now: float) -> float | None:
@@ -192,44 +233,94 @@ class Reconciler:
             return now
         return self.logs_retry_at if self.logs_retry_at > now else None
 
+    async def _matcher(self, ready: list[Message], oldest: float, now: float) -> Matcher:
+        """The messages to look for, with our earlier sends that the provider took without
+        naming an id to the same recipients: their entries are not free to take.
+
+        Only ids already stored were excluded, so a repeat of an id-less send (another
+        dedupe key, one text) that never reached the provider took the earlier one's
+        entry, and was recorded sent, then delivered. Each entry of a recipient and text
+        now goes to the oldest message it can be (sent or claimed no later than the entry,
+        less CLOCK_SKEW), the earlier sends without an id included: what is left of them
+        is the text being looked for.
+        """
+        newest = max(m.claimed_at or now for m in ready)
+        earlier = await self.store.sent_without_id(
+            sorted({m.recipient for m in ready}), since=oldest - 2 * CLOCK_SKEW, until=newest
+        )
+        messages = sorted([*ready, *earlier], key=lambda m: (_went(m) or now, m.id))
+        return LogMatcher(messages, since=_went)
+
+    def _found(self, matcher: Matcher, taken: list[Taken]) -> list[Found]:
+        """What the entries taken show, in time order (`LogMatcher.in_time_order`): the
+        messages being looked for that the provider took, with its id and cost."""
+        return [
+            (m.id, entry.id, entry.cost)
+            for entry, m in matcher.in_time_order(taken)
+            if m.state == State.SENDING
+        ]
+
     async def _match_page(
-        self,
-        entries: list[LogEntry],
-        matcher: LogMatcher[Message],
-        found: list[tuple[int, str | None, float | None]],
-        oldest: float,
+        self, entries: list[LogEntry], matcher: Matcher, taken: list[Taken]
     ) -> float | None:
         """Match one page of /logs to the messages left in `matcher` (taken out of it,
-        and added to `found`); returns when the page's oldest entry was created."""
+        the entries into `taken`); returns when the page's oldest entry was created."""
         earliest: float | None = None  # the oldest entry on the page
         known = await self.store.known_provider_ids([e.id for e in entries])
+        # One set for the walk: /logs may shift between two pages (new sends push entries
+        # on), and an entry read twice must not be taken for two repeats.
+        known.update(entry.id for entry, *_ in taken)
         for entry in entries:
             created = provider_time(entry.created_at, self.tz)
             if created is not None:
                 earliest = created if earliest is None else min(earliest, created)
-            if created is not None and created < oldest - CLOCK_SKEW:
-                continue  # before our request: an earlier text, not this one
             if entry.id in known:
                 continue
-            m = matcher.take(entry.recipient, entry.message)
+            m = matcher.take(entry.recipient, entry.message, created)
             if m is not None:
-                found.append((m.id, entry.id, entry.cost))
+                taken.append((entry, entry.recipient, entry.message, created, m))
                 known.add(entry.id)
         return earliest
+
+    def _resume_at(
+        self,
+        page: int,
+        missing: list[Message],
+        taken: list[Taken],
+        pages: dict[str | None, int],
+        start: dict[int, int],
+    ) -> dict[int, int]:
+        """Where a walk stopped before its end goes on for each message it left: from
+        `page`, or from where its entry can be if further (entries only move to later
+        pages, so resuming skips none); from the first page an entry of its recipient and
+        text was taken on, if earlier: the next walk pairs them in time order again."""
+        by_tail: dict[str, list[Taken]] = {}  # a bulk's thousand: not each against each
+        for one in taken:
+            by_tail.setdefault(number_digits(one[1])[-SUFFIX_DIGITS:], []).append(one)
+        resume = {}
+        for m in missing:
+            at = max(page, start[m.id])
+            for entry, recipient, text, *_ in by_tail.get(m.recipient[-SUFFIX_DIGITS:], []):
+                if same_number(m.recipient, recipient) and same_text(m.text, text):
+                    at = min(at, pages.get(entry.id, at))
+            resume[m.id] = at
+        return resume
 
     async def _wait_for_logs(
         self,
         exc: ProviderError,
         now: float,
         page: int,
-        matcher: LogMatcher[Message],
-        found: list[tuple[int, str | None, float | None]],
+        matcher: Matcher,
+        taken: list[Taken],
+        pages: dict[str | None, int],
         start: dict[int, int],
     ) -> None:
         """/logs failed mid-walk: what the pages read found is recorded, what has waited
         for /logs too long is decided without it, and the rest waits for it to answer."""
         # What the pages read showed is settled now (dropped, it stayed `sending`
         # and was resent once overdue: a second SMS of a text the provider had).
+        found = self._found(matcher, taken)
         if found:
             await self.outcomes.record_sent(found)
         # Only what has waited for /logs as long as a retry may last is decided
@@ -238,12 +329,13 @@ class Reconciler:
         # left `sending` by a stop longer than the patience was resent at the first
         # failed read after the restart (a second SMS when the provider had taken it).
         patience = self.config.retry_max_age
-        missing = matcher.remaining()
+        missing = _missing(matcher, taken, found)
         since = self._first_look if self._first_look is not None else now
         overdue = [m for m in missing if max(m.claimed_at or now, since) + patience <= now]
         # The rest goes on from this page when /logs answers again (from page 1,
         # a 503 deep in a bulk's pages sent the walk back over what it had read).
-        self._resume = {m.id: max(page, start[m.id]) for m in missing if m not in overdue}
+        waits = [m for m in missing if m not in overdue]
+        self._resume = self._resume_at(page, waits, taken, pages, start)
         # The backoff paces the reads for what waits. With every one decided here nothing
         # does: an outcome that comes after is looked up RECONCILE_DELAY after its claim,
         # not at the backoff (up to backoff_max: a resend's look, and the next resend of
@@ -260,18 +352,21 @@ class Reconciler:
     async def _stop_at(
         self,
         page: int,
-        matcher: LogMatcher[Message],
-        found: list[tuple[int, str | None, float | None]],
+        matcher: Matcher,
+        taken: list[Taken],
+        pages: dict[str | None, int],
         start: dict[int, int],
     ) -> None:
         """A walk stopped before its end (the page cap, no budget, a 429): what it found
         is recorded, and the next step goes on from `page` for the rest, or from where
         one's entry can be if that is further (entries only move to later pages, so
         resuming skips none); messages that join them meanwhile start at page 1."""
+        found = self._found(matcher, taken)
         if found:
             log.info("reconciled %d messages the provider had already accepted", len(found))
             await self.outcomes.record_sent(found)
-        self._resume = {m.id: max(page, start[m.id]) for m in matcher.remaining()}
+        missing = _missing(matcher, taken, found)
+        self._resume = self._resume_at(page, missing, taken, pages, start)
 
     async def _not_found(self, missing: list[Message]) -> None:
         """/logs did not show these: retry a provider error; resend an unknown outcome

@@ -291,6 +291,14 @@ class DeliveryOperations(Protocol):
         """Which of these provider ids a stored message already carries."""
         ...
 
+    async def sent_without_id(
+        self, recipients: Sequence[str], *, since: float, until: float
+    ) -> list[Message]:
+        """`sent` messages to one of `recipients` that the provider took without naming
+        an id (not those ended "outcome unknown"), sent between `since` and `until`,
+        oldest first: their /logs entries are not free for reconciliation to take."""
+        ...
+
     async def sent_after(self, message: Message) -> int:
         """How many messages reached the provider after `message` (its /logs position):
         later `sent_at`, or the same one and a higher id."""

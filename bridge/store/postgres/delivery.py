@@ -378,6 +378,20 @@ class DeliveryOps(Base):
             )
         }
 
+    async def sent_without_id(
+        self, recipients: Sequence[str], *, since: float, until: float
+    ) -> list[Message]:
+        if not recipients:
+            return []
+        return await self._messages(
+            "SELECT * FROM messages WHERE sent_at >= $1 AND sent_at <= $2 AND state = 'sent'"
+            " AND provider_message_id IS NULL AND reason_kind IS DISTINCT FROM 'unknown'"
+            " AND recipient = ANY($3::text[]) ORDER BY sent_at, id",
+            since,
+            until,
+            list(recipients),
+        )
+
     async def sent_after(self, message: Message) -> int:
         sent_at = message.sent_at or 0.0
         return int(

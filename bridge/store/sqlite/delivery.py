@@ -131,6 +131,22 @@ class DeliveryOperations(EngineBound):
         sql = f"SELECT provider_message_id FROM messages WHERE provider_message_id IN ({marks})"
         return await self.engine.read(lambda c: {r[0] for r in c.execute(sql, list(provider_ids))})
 
+    async def sent_without_id(
+        self, recipients: Sequence[str], *, since: float, until: float
+    ) -> list[Message]:
+        if not recipients:
+            return []
+        marks = ",".join("?" * len(recipients))
+        sql = (
+            "SELECT * FROM messages WHERE sent_at >= ? AND sent_at <= ? AND state = 'sent'"
+            " AND provider_message_id IS NULL AND reason_kind IS NOT 'unknown'"
+            f" AND recipient IN ({marks}) ORDER BY sent_at, id"
+        )
+        params = [since, until, *recipients]
+        return await self.engine.read(
+            lambda c: [Message.from_row(r) for r in c.execute(sql, params)]
+        )
+
     async def sent_after(self, message: Message) -> int:
         """How many messages reached the provider after `message`: its /logs position.
 
