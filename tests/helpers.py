@@ -8,6 +8,7 @@ import textwrap
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import httpx
 from starlette.applications import Starlette
 
 from bridge import phone, phone_patterns, ranges
@@ -81,13 +82,19 @@ def bridge_config(tmp_path: Path, provider_url: str, extra: str = "", **provider
 
 @contextlib.asynccontextmanager
 async def running_bridge(
-    config: Config, clock: ManualClock, store: Store | None = None, *, listen: str = "127.0.0.1:0"
+    config: Config,
+    clock: ManualClock,
+    store: Store | None = None,
+    *,
+    listen: str = "127.0.0.1:0",
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[tuple[Bridge, str]]:
     """A bridge built as `serve` builds it, its web app on `listen` under the `[http]`
     connection limits as `serve` serves it, dispatcher not started; on `store` when given
-    (unopened: e.g. tests.stores.faulty_store)."""
+    (unopened: e.g. tests.stores.faulty_store); its provider calls through `transport`
+    when given (a fault a live server cannot play)."""
     async with (
-        build_bridge(config, clock=clock, store=store) as bridge,
+        build_bridge(config, clock=clock, store=store, transport=transport) as bridge,
         served(bridge.app, config.http, listen=listen, live=bridge.live) as url,
     ):
         await bridge.dispatcher.load_budget()

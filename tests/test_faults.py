@@ -21,7 +21,7 @@ from bridge.clock import ManualClock
 from bridge.delivery.reconcile import RECONCILE_DELAY
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
-from tests.helpers import bridge_config, max_in_window, pump, served
+from tests.helpers import bridge_config, max_in_window, pump, running_bridge, served
 
 # Run on each store backend (tests/conftest.py `backend`).
 on_each_backend = pytest.mark.usefixtures("backend")
@@ -115,11 +115,9 @@ async def test_fault(
     if "transport" in case:
         transport = FaultyTransport(list(case["transport"]), case.get("transport_path", "/send"))
     async with (
-        build_bridge(config, clock=clock, transport=transport) as bridge,
-        served(bridge.app) as url,
+        running_bridge(config, clock, transport=transport) as (bridge, url),
         httpx.AsyncClient() as http,
     ):
-        await bridge.dispatcher.load_budget()
         ids = []
         for i in range(3):
             r = await http.post(

@@ -17,14 +17,13 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import tests.properties  # noqa: F401  (the suite's Hypothesis profile)
-from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
 from bridge.delivery.pacing import hold
 from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.models import State
 from bridge.provider.sandbox import Fault, SandboxState
 from bridge.store import Store
-from tests.helpers import bridge_config, max_in_window, pump, running_bridge, served
+from tests.helpers import bridge_config, max_in_window, pump, running_bridge
 
 WINDOW = 60.5  # the limiter's: 60 s and its margin
 TEXT = "db-2: disk full, writes failing"
@@ -517,11 +516,9 @@ async def test_a_request_slow_to_arrive_counts_from_when_it_came_back(
     config = bridge_config(tmp_path, sandbox_url)
     transport = SlowFirstArrival(clock, 1.0)
     async with (
-        build_bridge(config, clock=clock, transport=transport) as bridge,
-        served(bridge.app) as url,
+        running_bridge(config, clock, transport=transport) as (bridge, url),
         httpx.AsyncClient() as http,
     ):
-        await bridge.dispatcher.load_budget()
         ids = []
         for i in range(130):
             r = await http.post(
