@@ -91,9 +91,16 @@ def vouch(scope: Scope, credential: str) -> None:
     scope.setdefault(_VOUCHED, []).append(credential)
 
 
+def _signs_in(scope: Scope) -> bool:
+    """Whether the request is to the sign-in form's path, or to it with the one trailing
+    slash the console serves a POST at as well (`SlashlessPosts`): seen by its exact path
+    alone, `POST /ui/signin/` guessed tokens in its body uncounted and past a lockout."""
+    return scope.get("path") in (SIGNIN_PATH, SIGNIN_PATH + "/")
+
+
 def _presents_credential(scope: Scope, credential_headers: frozenset[bytes]) -> bool:
     """`credential_headers`: CREDENTIAL_HEADERS and the routes' signature headers."""
-    if scope.get("path") == SIGNIN_PATH:
+    if _signs_in(scope):
         return True
     return any(name in credential_headers for name, _ in scope["headers"])
 
@@ -140,7 +147,7 @@ class AuthLockout:
                 "HTTP request from %s refused: locked out after failed logins",
                 host,
             )
-            if scope.get("path") == SIGNIN_PATH:
+            if _signs_in(scope):
                 # A browser's page: the console's sign-in page says why, not bare JSON.
                 scope[_LOCKED] = wait
                 await self.app(scope, receive, send)
@@ -178,7 +185,7 @@ class AuthLockout:
 
     def _vouched_for(self, host: str, scope: Scope, signed: frozenset[bytes]) -> bool:
         """Whether the request carries only credentials verified from `host` before."""
-        if scope.get("path") == SIGNIN_PATH:
+        if _signs_in(scope):
             return False
         static: list[str] = []
         for name, value in scope["headers"]:
