@@ -174,6 +174,27 @@ async def test_a_signed_in_operator_passes_a_lockout_of_their_address(served_bri
         assert signin.status_code == 503
 
 
+@pytest.mark.parametrize("path", ["/ui/signin", "/ui/signin/"])
+async def test_wrong_sign_ins_lock_the_form_out_at_either_path(served_bridge, path: str) -> None:
+    """The console serves a POST to `/ui/signin/` as `/ui/signin` (`SlashlessPosts`),
+    but the lockout knew the sign-in by its exact path alone: at the slash path the
+    token in the form was no credential to it, so wrong guesses went uncounted without
+    end, and a client locked out at the exact path still had every guess checked there
+    (the right one signed in). Ten wrong tokens lock out both paths, the right one too."""
+    _, url = served_bridge
+    async with httpx.AsyncClient(base_url=url) as http:
+        csrf = csrf_of(await http.get("/ui/signin"))
+
+        async def guess(token: str, at: str = path) -> int:
+            form = {"csrf": csrf, "token": token, "next": "/ui/"}
+            return (await http.post(at, data=form)).status_code
+
+        assert [await guess(f"wrong-token-{n:04d}") for n in range(10)] == [401] * 10
+        assert await guess("wrong-token-more") == 503
+        for at in ("/ui/signin", "/ui/signin/"):
+            assert await guess(READER, at) == 503, at
+
+
 async def test_a_sender_in_use_keeps_passing_a_lockout_however_many_others_follow(
     tmp_path, sandbox_url: str, clock: ManualClock
 ) -> None:
@@ -1997,6 +2018,22 @@ async def test_a_since_without_its_zone_is_a_400_that_says_what_to_add(served_br
                 path, params={"since": "2027-01-15T08:00:00+02:00"}, headers=reader
             )
             assert fine.status_code == 200, fine.text
+
+
+async def test_a_since_outside_the_years_utc_can_write_is_a_400(served_bridge) -> None:
+    """A `since` whose instant falls before the year 1 or after 9999 in UTC (its own
+    zone's date within them) passed the check, and the console's pages, which write it
+    back in UTC, answered 500 with a traceback logged. It is a 400 naming the field, on
+    the API too, on the console's JSON and on its page."""
+    _, url = served_bridge
+    reader = {"Authorization": f"Bearer {READER}"}
+    async with httpx.AsyncClient(base_url=url) as http:
+        assert (await sign_in(http, READER)).status_code == 303  # for the page
+        for path in ("/api/v1/messages", "/ui/messages.json", "/ui/messages"):
+            for given in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-23:59"):
+                bad = await http.get(path, params={"since": given}, headers=reader)
+                assert bad.status_code == 400, (path, given, bad.status_code)
+                assert "outside the years 1 to 9999 in UTC" in bad.text, bad.text
 
 
 async def test_a_messages_page_says_which_token_or_smtp_login_sent_it(served_bridge) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from starlette.datastructures import QueryParams
 
@@ -173,4 +173,13 @@ def since_filter(raw: str | None) -> float | None:
             "+02:00",
             "since",
         )
+    try:
+        # The time in UTC, as every answer writes it back: one before the year 1 or
+        # after 9999 there (0001-01-01T00:00:00+14:00) could not be written, and the
+        # console's pages answered 500.
+        when.astimezone(UTC)
+    except OverflowError:
+        raise HttpError(
+            400, f"'since' {raw!r} is outside the years 1 to 9999 in UTC", "since"
+        ) from None
     return when.timestamp()
