@@ -884,3 +884,103 @@ async def test_an_inactive_accounts_probe_that_says_nothing_is_tried_again_after
     assert [r.status for r in attempts] == [403, 500, 500], [r.status for r in attempts]
     gaps = [b.at - a.at for a, b in itertools.pairwise(attempts)]
     assert min(gaps) >= 30 * 0.99, gaps
+
+
+class SlowToLog(httpx.AsyncBaseTransport):
+    """The first /send reaches a provider still working on it when the client's read
+    timeout fires (`provider.timeout`, on the manual clock); the provider takes it, and
+    logs it, only when `provider_finishes` is called. A live server cannot be made to
+    answer after the clock moved, so the timeout is raised here."""
+
+    def __init__(self, clock: ManualClock, timeout: float) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.clock, self.timeout = clock, timeout
+        self.held: httpx.Request | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.held is None and request.url.path.endswith("/send"):
+            await request.aread()
+            self.held = request
+            self.clock.advance(self.timeout)
+            raise httpx.ReadTimeout("timed out", request=request)
+        return await self.inner.handle_async_request(request)
+
+    async def provider_finishes(self) -> None:
+        assert self.held is not None
+        held = self.held
+        again = httpx.Request(held.method, held.url, headers=held.headers, content=held.content)
+        await (await self.inner.handle_async_request(again)).aread()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.usefixtures("backend")
+async def test_a_read_timeout_is_looked_up_in_logs_a_delay_after_the_timeout_not_the_claim(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """RECONCILE_DELAY (time for the provider to log a request) counted from the claim,
+    but a read timeout makes the outcome unknown `provider.timeout` (10 s) after it: the
+    next step read /logs at once, before the slow provider had logged the request it was
+    still working on, found nothing and sent the text again; the provider then logged
+    the first request too, and the recipient got two SMS. An unknown outcome is looked
+    up RECONCILE_DELAY after it became unknown."""
+    from bridge.app import build as build_bridge
+    from tests.helpers import served
+
+    config = bridge_config(tmp_path, sandbox_url, timeout="10s")
+    transport = SlowToLog(clock, 10.0)
+    async with (
+        build_bridge(config, clock=clock, transport=transport) as bridge,
+        served(bridge.app) as url,
+    ):
+        await bridge.dispatcher.load_budget()
+        alert = {"to": "+12025550111", "message": "DiskFull on db-1"}
+        [message_id] = (await post(url, alert)).json()["ids"]
+        await bridge.dispatcher.run_once()  # claimed at 0, the read timeout at 10 s
+        timed_out = clock.now()
+        assert (await bridge.store.get(message_id)).state == State.SENDING
+        # Another alert wakes the dispatcher a moment later (a busy bridge steps whenever
+        # a text is stored or a request frees).
+        await post(url, {"to": "+12025550112", "message": "another alert"})
+        clock.advance(0.1)
+        await bridge.dispatcher.run_once()
+        clock.advance(0.5)
+        await transport.provider_finishes()  # the provider logs the first request now
+        await pump(bridge, clock, went(bridge, message_id), max_seconds=60)
+    logs = [r.at for r in sandbox_state.requests if r.path.endswith("/logs")]
+    assert logs and logs[0] >= timed_out + RECONCILE_DELAY, (logs, timed_out)
+    copies = [e for e in sandbox_state.entries if e.message == "DiskFull on db-1"]
+    assert len(copies) == 1, "texted twice"
+
+
+@pytest.mark.usefixtures("backend")
+async def test_a_text_a_crash_left_mid_call_is_looked_up_after_the_calls_timeouts(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A text claimed, its call under way, then the bridge killed: no answer was ever
+    noted, so nothing says when its outcome became unknown. Its call could have lasted
+    `connect_timeout` + `timeout` (15 s here), the provider working on it all along;
+    looked up RECONCILE_DELAY after the claim by the restarted bridge, /logs did not
+    show it yet and it was sent again. It waits for the call's timeouts and the delay."""
+    config = bridge_config(tmp_path, sandbox_url, timeout="10s", connect_timeout="5s")
+    async with running_bridge(config, clock) as (bridge, url):
+        alert = {"to": "+12025550143", "message": "db down"}
+        [message_id] = (await post(url, alert)).json()["ids"]
+        claimed = clock.now()  # the killed process's claim, under this one's name
+        owner = bridge.dispatcher.owner
+        assert await bridge.store.claim([message_id], claimed, owner=owner, lease_until=claimed)
+        clock.advance(3.0)  # restarted
+        for _ in range(3):
+            clock.advance(min(await bridge.dispatcher.run_once(), 4.0))
+        # The provider takes the killed process's request near the end of its timeout.
+        clock.advance(claimed + 14.0 - clock.now())
+        async with httpx.AsyncClient() as http:
+            taken = await http.post(
+                f"{sandbox_url}/api/v1/send", json=alert, headers={"X-API-Key": "test-key"}
+            )
+        assert taken.status_code == 200
+        await pump(bridge, clock, went(bridge, message_id), max_seconds=60)
+    logs = [r.at for r in sandbox_state.requests if r.path.endswith("/logs")]
+    assert logs and logs[0] >= claimed + 15.0 + RECONCILE_DELAY, (logs, claimed)
+    assert len(sends(sandbox_state)) == 1  # the killed process's call: never sent again

@@ -233,6 +233,8 @@ async def test_a_resend_or_settle_of_unknown_outcomes_answers_just_the_rows_it_l
     everyone = [kept, resent, lost_resent, lost_settled]
     unknown = ("outcome unknown: timeout", "unknown")
     assert await store.note_unknown(everyone, 3.0, *unknown, owner="a") == []
+    # When the outcome became unknown: the reconciler's wait for /logs counts from it.
+    assert {(await store.get(i)).updated_at for i in everyone} == {3.0}
     # b's sweep past the lapsed lease (PostgreSQL takes those over; SQLite, one process,
     # lists every row in `sending`), and its own verdicts on them.
     swept = {m.id for m in await store.unsettled(40.0, owner="b", lease_until=70.0)}

@@ -307,9 +307,9 @@ class Dispatcher:
 
     def _logs_look(self, now: float) -> list[float]:
         """The waits until the reconciler has /logs to read: for the outcomes this step
-        left to it (RECONCILE_DELAY after their claim), and for what its last walk left
-        (`Reconciler.next_look`). Without them an unknown outcome, with nothing else
-        queued, was looked up at the idle wait: 25 s late."""
+        left to it (RECONCILE_DELAY after they became unknown), and for what its last
+        walk left (`Reconciler.next_look`). Without them an unknown outcome, with nothing
+        else queued, was looked up at the idle wait: 25 s late."""
         since = self.outcomes.unknown_since
         looks = [] if since is None else [since + RECONCILE_DELAY]
         if (look := self.reconciler.next_look(now)) is not None:

@@ -73,8 +73,8 @@ class Outcomes:
         self.balance: float | None = None  # the provider's last word on it
         self.next_probe = 0.0  # while the key is refused: when to try it again
         self._inactive_strikes = 0  # 403s in a row: the wait before the next try doubles
-        # The earliest claim among the sends left to /logs since the reconciler last
-        # looked: it may look RECONCILE_DELAY after it, and the dispatcher wakes then.
+        # When the first of the sends left to /logs since the reconciler last looked
+        # became unknown: it may look RECONCILE_DELAY after it, the dispatcher wakes then.
         self.unknown_since: float | None = None
 
     async def succeeded(self, batch: list[Message], result: SendResult) -> None:
@@ -97,15 +97,14 @@ class Outcomes:
             unknown = "outcome unknown: the provider's answer named the others, not this one"
             late = await self.store.note_unknown(ids, now, unknown, "unknown", owner=self.owner)
             self.not_held(late, unknown)
-            self._left_to_logs(unnamed, now)
+            self._left_to_logs(now)
         await self._check_balance(result.balance)
 
-    def _left_to_logs(self, batch: list[Message], now: float) -> None:
-        """Note sends whose outcome /logs settles (`unknown_since`): counted from their
-        claim, as the reconciler counts (a read timeout's text is ready sooner)."""
-        claimed = min(m.claimed_at or now for m in batch)
+    def _left_to_logs(self, now: float) -> None:
+        """Note sends whose outcome /logs settles (`unknown_since`): from `now`, when
+        their outcome became unknown, as the reconciler counts (`Reconciler.look_at`)."""
         since = self.unknown_since
-        self.unknown_since = claimed if since is None else min(since, claimed)
+        self.unknown_since = now if since is None else min(since, now)
 
     async def record_sent(self, rows: list[tuple[int, str | None, float | None]]) -> None:
         """What the provider accepted (a call's answer, or found in /logs), as sent.
@@ -182,7 +181,7 @@ class Outcomes:
                 unknown = f"outcome unknown, checking the provider's logs: {exc}"
                 late = await self.store.note_unknown(ids, now, unknown, "unknown", owner=self.owner)
                 self.not_held(late, unknown)
-                self._left_to_logs(batch, now)
+                self._left_to_logs(now)
             case ProviderFailed():
                 # It says it failed; /logs still decides, a 5xx is not proof of nothing sent.
                 self.limiter.answered()
@@ -191,7 +190,7 @@ class Outcomes:
                     ids, now, error, "provider-error", owner=self.owner
                 )
                 self.not_held(late, error)
-                self._left_to_logs(batch, now)
+                self._left_to_logs(now)
             case TransientSendError():
                 await self.retry_later(batch, exc)
             case _:

@@ -7,6 +7,9 @@ message claimed no later than the entry was created (less CLOCK_SKEW). Entries o
 recipient and text go to our messages in time order, the oldest entry to the oldest,
 counting our earlier sends to that recipient the provider took without naming an id:
 their entries are theirs, not free for a repeat of the text that never reached it.
+/logs is read RECONCILE_DELAY after the outcome became unknown (the answer, or the
+timeout), so the provider has logged a request it took slowly; for a text a crash left
+mid-call (no answer ever noted), after the claim, the call's timeouts and that delay:
 
     found in /logs           -> sent, with the provider's id and cost
     5xx, not in /logs        -> retried with the dispatcher's backoff
@@ -66,6 +69,8 @@ log = logging.getLogger(__name__)
 RECONCILE_DELAY = 5.0  # let the provider's /logs catch up before looking there
 RECONCILE_MAX_PAGES = 10
 LOGS_TRIES = 3  # /logs answering 404 this often in a row: it is not there, decide without it
+# What `note_unknown` writes on a send whose answer (or timeout) left /logs to settle it.
+UNKNOWN_KINDS = ("unknown", "provider-error")
 
 
 Matcher = LogMatcher[Message]
@@ -145,9 +150,9 @@ class Reconciler:
         )
         if not stale:
             return None
-        ready = [m for m in stale if (m.claimed_at or 0) + RECONCILE_DELAY <= now]
+        ready = [m for m in stale if self.look_at(m) <= now]
         if not ready:
-            return min((m.claimed_at or 0) + RECONCILE_DELAY for m in stale) - now
+            return min(self.look_at(m) for m in stale) - now
         if now < self.logs_retry_at:
             return None  # /logs failed: these wait for it, new texts go meanwhile
         oldest = min(m.claimed_at or now for m in ready)
@@ -222,6 +227,18 @@ class Reconciler:
             await self.outcomes.record_sent(found)
         await self._not_found(_missing(matcher, taken, found))
         return None
+
+    def look_at(self, message: Message) -> float:
+        """When /logs may be read for a message in `sending`: RECONCILE_DELAY after its
+        outcome became unknown (an answer or a timeout noted it: `note_unknown` wrote
+        updated_at then), else after the longest its call could have lasted (a crash
+        mid-call: no answer ever noted). Counted from the claim, a read timeout's text
+        (unknown `timeout` after it) was looked up at once, before a slow provider had
+        logged the request it was still working on: not found, sent again, texted twice."""
+        if message.reason_kind in UNKNOWN_KINDS:
+            return message.updated_at + RECONCILE_DELAY
+        call = self.config.connect_timeout + self.config.timeout
+        return (message.claimed_at or 0.0) + call + RECONCILE_DELAY
 
     def next_look(self, now: float) -> float | None:
         """When the next step has /logs to read for what this one left, for the
@@ -337,7 +354,7 @@ class Reconciler:
         waits = [m for m in missing if m not in overdue]
         self._resume = self._resume_at(page, waits, taken, pages, start)
         # The backoff paces the reads for what waits. With every one decided here nothing
-        # does: an outcome that comes after is looked up RECONCILE_DELAY after its claim,
+        # does: an outcome that comes after is looked up at its `look_at`,
         # not at the backoff (up to backoff_max: a resend's look, and the next resend of
         # an alert the provider never got, put off as long). The count of failed reads
         # stays: should that look fail too, its backoff goes on from it.

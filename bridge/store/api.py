@@ -211,8 +211,10 @@ class DeliveryOperations(Protocol):
     async def note_unknown(
         self, ids: Sequence[int], now: float, reason: str, kind: str, *, owner: str
     ) -> list[int]:
-        """A send whose outcome /logs must settle: stays `sending`, with why and how;
-        only rows `owner` still holds in `sending` (the rule above; the ids noted)."""
+        """A send whose outcome /logs must settle: stays `sending`, with why and how,
+        and updated_at = `now`, when it became unknown (the reconciler looks in /logs
+        RECONCILE_DELAY after it); only rows `owner` still holds in `sending` (the rule
+        above; the ids noted)."""
         ...
 
     async def resend_unknown(

@@ -212,9 +212,9 @@ class DeliveryOps(Base):
         self, ids: Sequence[int], now: float, reason: str, kind: str, *, owner: str
     ) -> list[int]:
         return await self._owned_write(
-            "UPDATE messages m SET reason = $1, reason_kind = $2"
+            "UPDATE messages m SET reason = $1, reason_kind = $2, updated_at = $5"
             f" WHERE id = ANY($3::bigint[]) AND {HELD.format('$4')} RETURNING m.id",
-            (reason, kind, list(ids), owner),
+            (reason, kind, list(ids), owner, now),
             ids,
             now,
             not_applied(owner, reason),

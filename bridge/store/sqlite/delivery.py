@@ -246,10 +246,12 @@ class DeliveryOperations(EngineBound):
     async def note_unknown(
         self, ids: Sequence[int], now: float, reason: str, kind: str, *, owner: str
     ) -> list[int]:
-        """A send whose outcome /logs must settle: stays `sending`, says why and how."""
+        """A send whose outcome /logs must settle: stays `sending`, says why and how,
+        and since when (updated_at: the reconciler's wait for /logs counts from it)."""
         return await self._owned_write(
-            f"UPDATE messages SET reason = ?, reason_kind = ? WHERE id IN {JSON_IDS}",
-            (reason, kind),
+            "UPDATE messages SET reason = ?, reason_kind = ?, updated_at = ?"
+            f" WHERE id IN {JSON_IDS}",
+            (reason, kind, now),
             ids,
             HELD,
             now,
