@@ -392,6 +392,29 @@ async def test_success_false_with_a_transient_reason_is_retried_not_failed(
     assert "Invalid sender." in (refused.reason or "") and refused.attempts == 1
 
 
+@pytest.mark.parametrize("taken", [True, False])
+async def test_a_2xx_refusal_that_says_it_timed_out_is_looked_up_in_logs_before_the_retry(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, taken: bool
+) -> None:
+    """A 200 `"success": false` saying "timed out" was retried blind, as a refusal that
+    says nothing went (no balance, a rate limit): but a timeout upstream of the provider
+    (its SMSC) may come after the text went, and the retry texted twice. The same body
+    on a 5xx was looked up in /logs first; so is it on a 2xx, and retried only if the
+    provider's logs do not have it."""
+    said = '{"success": false, "message": "Upstream SMSC request timed out"}'
+    sandbox_state.faults.append(Fault(status=200, body=said, path="/send", taken=taken))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        alert = {"to": "+12025550143", "message": "DiskFull on db-1"}
+        [message_id] = (await post(url, alert)).json()["ids"]
+        await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=600)
+    paths = [r.path.rsplit("/", 1)[-1] for r in sandbox_state.requests]
+    order = [p for p in paths if p in ("send", "logs")]
+    assert order[:2] == ["send", "logs"], order  # /logs read before anything is resent
+    assert len(sandbox_state.entries) == 1, "texted twice"
+    assert order.count("send") == (1 if taken else 2), order
+
+
 async def test_a_long_refusal_from_the_provider_is_cut_in_the_reason(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

@@ -14,7 +14,12 @@ from bridge.errors import (
     RateLimitedError,
     TransientSendError,
 )
-from bridge.provider.client import ProviderClient, TransientUnknownOutcome, parse_retry_after
+from bridge.provider.client import (
+    ProviderClient,
+    ProviderFailed,
+    TransientUnknownOutcome,
+    parse_retry_after,
+)
 from bridge.provider.responses import classify
 from bridge.provider.sandbox import Fault, SandboxState
 
@@ -170,40 +175,49 @@ async def test_transport_faults_are_transient(clock: ManualClock) -> None:
 
 
 @pytest.mark.parametrize(
-    ("said", "retried"),
+    ("said", "retried", "looked_up"),
     [
-        ("Insufficient balance, please try again later", True),
-        ("insufficient_balance", True),  # error codes: their words joined by _ or case
-        ("RateLimitExceeded", True),
-        ("rate-limited", True),
-        ("TOO_MANY_REQUESTS", True),
-        ("temporarilyUnavailable", True),
-        ("GatewayTimeout", True),
-        ("credits exhausted", True),
-        ("Low balances", True),
-        ("TimeOut", True),
-        ("timed out", True),
-        ("time-out", True),
-        ("ETIMEDOUT", True),
-        ("RATELIMIT", True),
-        ("too-many-requests", True),
-        ("HTTP429TooManyRequests", True),
-        ("SERVER_BUSY", True),
-        ("maintenance_mode", True),
-        ("NO_CREDITS", True),
-        ("Number blacklisted", False),
-        ("Sender ID not approved", False),
-        ("collateral", False),
-        ("Invalid recipient number; upgrade to unlimited plans", False),  # not "limit"
-        ("UnlimitedPlanRequired", False),
-        ("INVALID_NUMBER", False),
+        ("Insufficient balance, please try again later", True, False),
+        ("insufficient_balance", True, False),  # error codes: their words joined by _ or case
+        ("RateLimitExceeded", True, False),
+        ("rate-limited", True, False),
+        ("TOO_MANY_REQUESTS", True, False),
+        ("temporarilyUnavailable", True, False),
+        ("GatewayTimeout", True, True),  # a timeout: the text may have gone before it
+        ("credits exhausted", True, False),
+        ("Low balances", True, False),
+        ("TimeOut", True, True),
+        ("timed out", True, True),
+        ("time-out", True, True),
+        ("ETIMEDOUT", True, True),
+        ("Upstream SMSC request timed out", True, True),
+        ("SMSC_TIMEOUT", True, True),
+        ("Request timed out, please try again later", True, True),  # the timeout decides
+        ("RATELIMIT", True, False),
+        ("too-many-requests", True, False),
+        ("HTTP429TooManyRequests", True, False),
+        ("SERVER_BUSY", True, False),
+        ("maintenance_mode", True, False),
+        ("NO_CREDITS", True, False),
+        ("Number blacklisted", False, False),
+        ("Sender ID not approved", False, False),
+        ("collateral", False, False),
+        ("Invalid recipient number; upgrade to unlimited plans", False, False),  # not "limit"
+        ("UnlimitedPlanRequired", False, False),
+        ("INVALID_NUMBER", False, False),
+        ("Invalid timezone for schedule_time", False, False),  # not "time out"
     ],
 )
-def test_a_refusal_is_retried_on_its_words_or_codes(said: str, retried: bool) -> None:
+def test_a_refusal_is_retried_on_its_words_or_codes(
+    said: str, retried: bool, looked_up: bool
+) -> None:
     """A `success: false` answer is retried when its words say it may pass later, judged
     as whole words: "unlimited" is no "limit". Whole words alone missed the codes that
-    join them (insufficient_balance, RateLimitExceeded): those failed for good."""
+    join them (insufficient_balance, RateLimitExceeded): those failed for good. One that
+    says it timed out is looked up in /logs before the retry (`ProviderFailed`, as a 5xx
+    in that shape): the provider may have sent it, and a blind retry texted twice."""
     answer = httpx.Response(200, json={"success": False, "message": said})
     with pytest.raises((PermanentSendError, TransientSendError)) as refused:
         classify(answer, 0.0)
     assert isinstance(refused.value, TransientSendError) is retried, type(refused.value)
+    assert isinstance(refused.value, ProviderFailed) is looked_up, type(refused.value)

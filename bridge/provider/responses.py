@@ -5,7 +5,8 @@ An HTTP answer becomes either a parsed JSON object or one of the exceptions in
 inactive account; 429 rate-limited with `Retry-After` (seconds or an HTTP-date); 5xx and
 unparseable bodies transient. Any 2xx is a success (201 = 200); a 2xx saying
 `"success": false` is transient when its reason reads so (balance, limit, try again),
-else permanent. A 2xx that says it took the message but gives no id is a success without
+else permanent; one that says it timed out is checked in /logs before the retry, as a
+5xx is (the text may have gone before the timeout). A 2xx that says it took the message but gives no id is a success without
 ids (the poller then matches the message by recipient and text); only an answer that says
 nothing is an unknown outcome, to be checked in /logs before anything is resent.
 
@@ -45,6 +46,13 @@ _TRANSIENT_WORDS = re.compile(
     r"temporar\w*|busy|throttl\w*|unavailable|time ?outs?|timed ?out|etimedout|maintenance)\b",
     re.IGNORECASE,
 )
+# Of those, a timeout's: it may have come after the text went (the provider's upstream
+# SMSC slow to answer it, as our own read timeout), so such a refusal is looked up in
+# /logs before it goes again (`ProviderFailed`, as the same body on a 5xx); retried blind,
+# a text the provider had sent went twice. The others say nothing went (no balance, a
+# limit, busy) and are retried as they are. Checked first: "timed out, try again later"
+# says both, and a /logs read costs a request where a resend costs an SMS.
+_TIMEOUT_WORDS = re.compile(r"\b(?:time ?outs?|timed ?out|etimedout)\b", re.IGNORECASE)
 # Where an error code's words meet: insufficient_balance, too-many-requests,
 # RateLimitExceeded, HTTP429TooManyRequests.
 _CODE_JOINS = re.compile(r"[_-]|(?<=[a-z0-9])(?=[A-Z])")
@@ -89,8 +97,9 @@ class TransientUnknownOutcome(TransientSendError):
 
 
 class ProviderFailed(TransientSendError):
-    """A 5xx in the provider's own error shape (`"success": false`): it says it failed, but
-    a send is still looked up in /logs before it goes again."""
+    """A 5xx in the provider's own error shape (`"success": false`), or a 2xx refusal
+    saying it timed out: it says it failed, but a send is still looked up in /logs before
+    it goes again."""
 
 
 # Each failure's name in the request metrics (an exact type: subclasses named apart).
@@ -213,7 +222,10 @@ def classify(response: httpx.Response, now: float, *, key: str = "") -> dict[str
         # made a retryable refusal a permanent failure.
         words = _error_words(response, key)
         reason = words[:REASON_CHARS]
-        if _TRANSIENT_WORDS.search(_CODE_JOINS.sub(" ", words)):
+        joined = _CODE_JOINS.sub(" ", words)
+        if _TIMEOUT_WORDS.search(joined):
+            raise ProviderFailed(reason, status=status)
+        if _TRANSIENT_WORDS.search(joined):
             raise TransientSendError(reason, status=status)
         raise PermanentSendError(reason, status=status)
     return body
