@@ -1007,3 +1007,33 @@ async def test_a_text_a_crash_left_mid_call_is_looked_up_after_the_calls_timeout
     logs = [r.at for r in sandbox_state.requests if r.path.endswith("/logs")]
     assert logs and logs[0] >= claimed + 15.0 + RECONCILE_DELAY, (logs, claimed)
     assert len(sends(sandbox_state)) == 1  # the killed process's call: never sent again
+
+
+async def test_a_text_not_ready_for_its_look_when_another_is_settled_is_looked_up_on_time(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two texts in `sending`: one whose 502 came 5 s ago (its look is due), one a
+    killed process left mid-call a moment ago (due 20 s after its claim). The step
+    that settled the first left the second to the idle wait: looked up 30 s later, not
+    at its time. The dispatcher wakes for it."""
+    gateway = "<html>Bad Gateway</html>"
+    sandbox_state.faults.append(Fault(status=502, body=gateway, path="/send", taken=True))
+    config = bridge_config(tmp_path, sandbox_url, timeout="10s", connect_timeout="5s")
+    async with running_bridge(config, clock) as (bridge, url):
+        [first] = (await post(url, {"to": "+12025550143", "message": "db down"})).json()["ids"]
+        await bridge.dispatcher.run_once()  # taken, answered 502: looked up in 5 s
+        clock.advance(4.0)
+        [left] = (await post(url, {"to": "+12025550144", "message": "db up"})).json()["ids"]
+        claimed = clock.now()  # a killed process's claim: looked up at claimed + 20 s
+        owner = bridge.dispatcher.owner
+        assert await bridge.store.claim([left], claimed, owner=owner, lease_until=claimed)
+        clock.advance(1.0)
+        wait = await bridge.dispatcher.run_once()  # the first one's look: found, sent
+        assert await went(bridge, first)()
+        assert wait <= claimed + 15.0 + RECONCILE_DELAY - clock.now(), wait
+        clock.advance(wait)
+        await bridge.dispatcher.run_once()
+        message = await bridge.store.get(left)
+    logs = [r.at for r in sandbox_state.requests if r.path.endswith("/logs")]
+    assert len(logs) == 2 and logs[1] >= claimed + 15.0 + RECONCILE_DELAY, (logs, claimed)
+    assert message.unknown_resends == 1  # not in /logs: the killed process never sent it

@@ -129,6 +129,7 @@ class Reconciler:
         # waited for /logs since then at most, not since its claim (`_wait_for_logs`).
         self._first_look: float | None = None
         self._cut_short = False  # the last walk stopped at its page cap: more to read now
+        self._not_ready: float | None = None  # when the first one left not ready may be
         # The dispatcher's stop (`Dispatcher.run`): it cuts a /logs read short.
         self.stopping: asyncio.Event | None = None
         # A walk stopped before its end: the page each message it left goes on from.
@@ -145,14 +146,19 @@ class Reconciler:
         if self._first_look is None:
             self._first_look = now
         self._cut_short = False
+        self._not_ready = None
         stale = await self.store.unsettled(
             now, owner=self.owner, lease_until=now + self.lease, take_over=self.takes_over()
         )
         if not stale:
             return None
-        ready = [m for m in stale if self.look_at(m) <= now]
+        looks = {m.id: self.look_at(m) for m in stale}
+        ready = [m for m in stale if looks[m.id] <= now]
+        # The rest is looked up at its own time (`next_look`): at the idle wait, a text
+        # taken over from a dead instance waited 30 s more once another was settled.
+        self._not_ready = min((at for at in looks.values() if at > now), default=None)
         if not ready:
-            return min(self.look_at(m) for m in stale) - now
+            return min(looks.values()) - now
         if now < self.logs_retry_at:
             return None  # /logs failed: these wait for it, new texts go meanwhile
         oldest = min(m.claimed_at or now for m in ready)
@@ -245,10 +251,11 @@ class Reconciler:
         dispatcher's wait (None: nothing, or only what `run_once` returned a wait for):
         at once after a walk cut short by its page cap, which otherwise went on at the
         idle wait, 30 s a cap's worth of pages; when /logs may be asked again after it
-        failed."""
+        failed; when the first message this step found not ready yet may be looked up."""
         if self._cut_short:
             return now
-        return self.logs_retry_at if self.logs_retry_at > now else None
+        looks = [at for at in (self.logs_retry_at, self._not_ready) if at is not None and at > now]
+        return min(looks, default=None)
 
     async def _matcher(self, ready: list[Message], oldest: float, now: float) -> Matcher:
         """The messages to look for, with our earlier sends that the provider took without
