@@ -19,9 +19,10 @@ mid-call (no answer ever noted), after the claim, the call's timeouts and that d
                                 1000 with texts after it; no budget; a 429) what was found
                                 recorded, the next step goes on from that page
     /logs unreadable         -> asked again with the dispatcher's backoff (new texts go
-                                meanwhile) for `provider.retry_max_age` from the claim,
-                                then as "not in /logs"; a /logs answering 404 (a plan
-                                without it) after LOGS_TRIES reads
+                                meanwhile) for `provider.retry_max_age` from the claim
+                                (or this reconciler's first look, if later), then as
+                                "not in /logs"; a /logs answering 404 (a plan without
+                                it) after LOGS_TRIES reads
 
 An unreadable /logs says nothing about the sends: a provider down behind its gateway
 answers 502/503 pages to /send and /logs alike, and taking the failed reads for "not
