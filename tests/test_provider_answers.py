@@ -948,16 +948,9 @@ async def test_a_read_timeout_is_looked_up_in_logs_a_delay_after_the_timeout_not
     still working on, found nothing and sent the text again; the provider then logged
     the first request too, and the recipient got two SMS. An unknown outcome is looked
     up RECONCILE_DELAY after it became unknown."""
-    from bridge.app import build as build_bridge
-    from tests.helpers import served
-
     config = bridge_config(tmp_path, sandbox_url, timeout="10s")
     transport = SlowToLog(clock, 10.0)
-    async with (
-        build_bridge(config, clock=clock, transport=transport) as bridge,
-        served(bridge.app) as url,
-    ):
-        await bridge.dispatcher.load_budget()
+    async with running_bridge(config, clock, transport=transport) as (bridge, url):
         alert = {"to": "+12025550111", "message": "DiskFull on db-1"}
         [message_id] = (await post(url, alert)).json()["ids"]
         await bridge.dispatcher.run_once()  # claimed at 0, the read timeout at 10 s
@@ -971,10 +964,36 @@ async def test_a_read_timeout_is_looked_up_in_logs_a_delay_after_the_timeout_not
         clock.advance(0.5)
         await transport.provider_finishes()  # the provider logs the first request now
         await pump(bridge, clock, went(bridge, message_id), max_seconds=60)
-    logs = [r.at for r in sandbox_state.requests if r.path.endswith("/logs")]
-    assert logs and logs[0] >= timed_out + RECONCILE_DELAY, (logs, timed_out)
+        # Settled by the reconciler's look, no sooner than the delay after the timeout
+        # (the status poller reads /logs too, for the other alert: not its reads).
+        events = await bridge.store.events(message_id)
+    [settled] = [e["at"] for e in events if e["state"] == State.SENT]
+    assert settled >= timed_out + RECONCILE_DELAY, (settled, timed_out)
     copies = [e for e in sandbox_state.entries if e.message == "DiskFull on db-1"]
     assert len(copies) == 1, "texted twice"
+
+
+async def test_new_alerts_go_while_an_unknown_outcome_waits_for_its_look(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """An unknown outcome waits RECONCILE_DELAY after its timeout (or, left by a crash
+    mid-call, the call's timeouts and the delay after its claim: 20 s at the defaults)
+    before /logs is read for it. The reconciler answered that wait to the dispatcher as
+    one before anything new may go: every new alert waited for it, up to 20 s after a
+    restart. The look waits; new texts go at once."""
+    config = bridge_config(tmp_path, sandbox_url, timeout="10s")
+    transport = SlowToLog(clock, 10.0)
+    async with running_bridge(config, clock, transport=transport) as (bridge, url):
+        [unknown] = (await post(url, {"to": "+12025550111", "message": "db-1 down"})).json()["ids"]
+        await bridge.dispatcher.run_once()  # the read timeout at 10 s: looked up at 15 s
+        [new] = (await post(url, {"to": "+12025550112", "message": "db-2 down"})).json()["ids"]
+        clock.advance(0.1)
+        wait = await bridge.dispatcher.run_once()
+        assert (await bridge.store.get(new)).state == State.SENT  # type: ignore[union-attr]
+        assert 0 < wait <= RECONCILE_DELAY  # and it wakes for the look
+        await transport.provider_finishes()
+        await pump(bridge, clock, went(bridge, unknown), max_seconds=60)
+    assert [e.message for e in sandbox_state.entries] == ["db-2 down", "db-1 down"]
 
 
 @pytest.mark.usefixtures("backend")

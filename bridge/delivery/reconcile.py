@@ -159,7 +159,10 @@ class Reconciler:
         # taken over from a dead instance waited 30 s more once another was settled.
         self._not_ready = min((at for at in looks.values() if at > now), default=None)
         if not ready:
-            return min(looks.values()) - now
+            # New texts go meanwhile; the dispatcher wakes for the look (`next_look`).
+            # Answered as a wait, every new alert waited for it: up to the 20 s a text
+            # left mid-call by a crash waits after its claim, at a restart.
+            return None
         if now < self.logs_retry_at:
             return None  # /logs failed: these wait for it, new texts go meanwhile
         oldest = min(m.claimed_at or now for m in ready)
