@@ -141,7 +141,9 @@ class Reconciler:
     async def run_once(self) -> float | None:
         """Settle messages left in `sending` by a crash or an unknown outcome.
 
-        Returns a wait when it needs more time or budget before sending anything new.
+        Returns a wait when it needs more time or budget before sending anything new
+        (the window full, a 429, a refused key); None when new texts may go, a look not
+        due yet included (`next_look` says when the dispatcher wakes for it).
         """
         now = self.clock.now()
         if self._first_look is None:
