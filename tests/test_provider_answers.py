@@ -1028,6 +1028,57 @@ async def test_a_text_a_crash_left_mid_call_is_looked_up_after_the_calls_timeout
     assert len(sends(sandbox_state)) == 1  # the killed process's call: never sent again
 
 
+class SlowProvider(httpx.AsyncBaseTransport):
+    """Every /send answered `seconds` after it went (on the manual clock): a provider
+    slow to answer, as the takeover benchmark's sandbox holds each send."""
+
+    def __init__(self, clock: ManualClock, seconds: float) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.clock, self.seconds = clock, seconds
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/send"):
+            self.clock.advance(self.seconds)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_look_that_falls_due_during_a_step_of_sends_ends_the_step(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A text a killed process left mid-call is looked up 20 s after its claim. A step
+    that began just before then sent every due text first, and each of eight took the
+    slow provider 3 s: the look came 24 s late (in the takeover benchmark, where the
+    sandbox holds each send 10 s, a dead instance's text was settled 40 s after the
+    kill, not 20). The step ends once the look is due; the rest goes in the next."""
+    config = bridge_config(tmp_path, sandbox_url, timeout="10s", connect_timeout="5s")
+    async with running_bridge(config, clock, transport=SlowProvider(clock, 3.0)) as (
+        bridge,
+        url,
+    ):
+        alert = {"to": "+12025550143", "message": "db down"}
+        [left] = (await post(url, alert)).json()["ids"]
+        claimed = clock.now()  # the killed process's claim, under this one's name
+        owner = bridge.dispatcher.owner
+        assert await bridge.store.claim([left], claimed, owner=owner, lease_until=claimed)
+        async with httpx.AsyncClient() as http:  # the provider took the killed call
+            taken = await http.post(
+                f"{sandbox_url}/api/v1/send", json=alert, headers={"X-API-Key": "test-key"}
+            )
+        assert taken.status_code == 200
+        for n in range(8):
+            await post(url, {"to": f"+1202555020{n}", "message": f"disk {90 + n}% on db-{n}"})
+        clock.advance(claimed + 19.0 - clock.now())  # its look is due in 1 s
+        assert await bridge.dispatcher.run_once() == 0.0
+        assert len(sends(sandbox_state)) == 2  # the killed call's, and one text: 3 s
+        await bridge.dispatcher.run_once()  # the look first
+        events = await bridge.store.events(left)
+    [settled] = [e["at"] for e in events if e["state"] == State.SENT]
+    assert settled <= claimed + 20.0 + 3.0 + 3.0, settled - claimed
+
+
 async def test_a_text_not_ready_for_its_look_when_another_is_settled_is_looked_up_on_time(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

@@ -264,6 +264,8 @@ class Dispatcher:
                 return max(0.01, self.outcomes.next_probe - self.clock.now())
             if self.limiter.paused_until > self.clock.now():
                 return self.limiter.wait_time("send")
+            if self._look_due(self.clock.now()):
+                return 0.0  # the reconciler's turn first; the rest stays due
         if more and sent:  # what was left out is due too
             return 0.0
         if held < math.inf:  # what is held is due already: wake for the rest or the hold
@@ -304,6 +306,17 @@ class Dispatcher:
         held = min([held, *self._logs_look(now)])
         self._held_until = now + held
         return held
+
+    def _look_due(self, now: float) -> bool:
+        """Whether /logs has an unknown outcome to settle by now: one this step's sends
+        left (RECONCILE_DELAY after it), or one the reconciler found not due yet at the
+        step's start. Looked up only at the step's end, a text taken over from a dead
+        instance waited for every send of a long step (four sends the provider held
+        10 s each: 40 s, where its look was due 20 s after its claim)."""
+        since = self.outcomes.unknown_since
+        return (since is not None and since + RECONCILE_DELAY <= now) or self.reconciler.look_due(
+            now
+        )
 
     def _logs_look(self, now: float) -> list[float]:
         """The waits until the reconciler has /logs to read: for the outcomes this step

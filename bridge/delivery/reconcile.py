@@ -263,6 +263,13 @@ class Reconciler:
         looks = [at for at in (self.logs_retry_at, self._not_ready) if at is not None and at > now]
         return min(looks, default=None)
 
+    def look_due(self, now: float) -> bool:
+        """Whether a look this step found not due yet, or a /logs read put off after it
+        failed, is due by `now`: the dispatcher ends a step of sends for it, which at a
+        slow provider's pace (or a hundred texts) lasted long past it. Not a walk cut
+        short by its page cap: sends go first there."""
+        return any(at is not None and 0 < at <= now for at in (self.logs_retry_at, self._not_ready))
+
     async def _matcher(self, ready: list[Message], oldest: float, now: float) -> Matcher:
         """The messages to look for, with our earlier sends that the provider took without
         naming an id to the same recipients: their entries are not free to take.
