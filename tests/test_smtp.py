@@ -1986,8 +1986,8 @@ async def test_a_user_a_reload_removes_texts_no_one_from_its_open_session(
 ) -> None:
     """A session logged in as a user whom a reload then removes (a device's password
     leaked): its `smtp.user_recipients` entry went with it, and the session could text
-    anyone. RCPT refuses it now, and DATA for what RCPT took before (451: the client
-    keeps the mail)."""
+    anyone. RCPT refuses it now, and DATA for what RCPT took before: its login no longer
+    logs in (530, as a new session's AUTH would fail)."""
     config = bridge_config(tmp_path, sandbox_url, with_smtp(USERS))
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
         taken, reloaded = threading.Event(), threading.Event()
@@ -2000,7 +2000,7 @@ async def test_a_user_a_reload_removes_texts_no_one_from_its_open_session(
                 taken.set()
                 reloaded.wait(10)
                 codes.append(client.rcpt(DEFAULT_RCPT)[0])
-                return [*codes, client.data("Subject: on battery\r\n\r\nx\r\n")[0]]
+                return [*codes, client.docmd("DATA")[0]]
 
         codes = asyncio.ensure_future(asyncio.to_thread(session))
         assert await asyncio.to_thread(taken.wait, 10)
@@ -2012,5 +2012,96 @@ async def test_a_user_a_reload_removes_texts_no_one_from_its_open_session(
             bridge.reload(bridge_config(tmp_path / "new", sandbox_url, with_smtp(without_ups)))
         finally:
             reloaded.set()
-        assert await codes == [250, 550, 451]
+        assert await codes == [250, 530, 530]
         assert await bridge.store.counts() == {}
+
+
+async def test_require_auth_by_reload_reaches_an_open_anonymous_session(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """A reload that turned on `smtp.require_auth` reached new sessions only: aiosmtpd
+    keeps the `auth_required` it was given at connect, and an anonymous session opened
+    before went on texting any number for `smtp.max_session_time`. MAIL and DATA ask the
+    settings in force now: 530 for each mail after the reload, nothing stored."""
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        connected, reloaded = threading.Event(), threading.Event()
+
+        def session() -> list[int]:
+            codes = []
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("intruder")
+                codes.append(client.mail("x@example.org")[0])  # before: accepted
+                codes.append(client.rcpt(DEFAULT_RCPT)[0])
+                connected.set()
+                reloaded.wait(10)
+                codes.append(client.docmd("DATA")[0])  # its RCPT came before the reload
+                client.rset()
+                for _ in range(2):  # each mail after the reload
+                    codes.append(client.mail("x@example.org")[0])
+            return codes
+
+        answer = asyncio.ensure_future(asyncio.to_thread(session))
+        assert await asyncio.to_thread(connected.wait, 10)
+        (tmp_path / "new").mkdir()
+        locked = with_smtp(
+            'require_auth = true\nauth_allow_plaintext = true\nusers = {ups = "ups-pass-0123456789"}\n'
+        )
+        try:
+            bridge.reload(bridge_config(tmp_path / "new", sandbox_url, locked))
+        finally:
+            reloaded.set()
+        assert await answer == [250, 250, 530, 530, 530]
+        assert await bridge.store.counts() == {}
+
+
+async def test_a_password_a_reload_replaced_no_longer_logs_in_or_sends(
+    tmp_path, clock, sandbox_url
+) -> None:
+    """The leaked password is rotated by SIGHUP. aiosmtpd keeps the authenticator it was
+    handed at connect, so on a session opened before, AUTH with the old password answered
+    235 and the mail was texted; and a session that had logged in with it went on. Both
+    meet the `[smtp.users]` in force now: AUTH 535, and MAIL 530 for the session that
+    logged in before (its login's fingerprint no longer matches; no password is kept)."""
+    old = with_smtp('auth_allow_plaintext = true\nusers = {ups = "old-pass-0123456789"}\n')
+    new = with_smtp('auth_allow_plaintext = true\nusers = {ups = "new-pass-0123456789"}\n')
+    config = bridge_config(tmp_path, sandbox_url, old)
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        connected, reloaded = threading.Event(), threading.Event()
+
+        def sessions() -> list[int]:
+            with (
+                smtplib.SMTP("127.0.0.1", port, timeout=10) as fresh,
+                smtplib.SMTP("127.0.0.1", port, timeout=10) as logged_in,
+            ):
+                fresh.ehlo("intruder")
+                codes = [logged_in.login("ups", "old-pass-0123456789")[0]]
+                connected.set()
+                reloaded.wait(10)
+                codes.append(fresh.docmd("AUTH", plain_auth("ups", "old-pass-0123456789"))[0])
+                codes.append(logged_in.mail("x@example.org")[0])
+                return codes
+
+        answer = asyncio.ensure_future(asyncio.to_thread(sessions))
+        assert await asyncio.to_thread(connected.wait, 10)
+        (tmp_path / "new").mkdir()
+        try:
+            bridge.reload(bridge_config(tmp_path / "new", sandbox_url, new))
+        finally:
+            reloaded.set()
+        assert await answer == [235, 535, 530]
+        assert await bridge.store.counts() == {}
+        # The new password logs in and sends.
+        login = await asyncio.to_thread(_login_and_send, port, "new-pass-0123456789")
+        assert login == {}
+        assert await bridge.store.counts() == {"queued": 1}
+
+
+def plain_auth(login: str, password: str) -> str:
+    """An `AUTH PLAIN` argument (RFC 4616: authzid, login, password)."""
+    return "PLAIN " + base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+
+
+def _login_and_send(port: int, password: str) -> dict:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.login("ups", password)
+        return client.sendmail("ups@example.org", [DEFAULT_RCPT], "Subject: x\r\n\r\nx\r\n")

@@ -11,7 +11,9 @@ stored as sent by `smtp:LOGIN` (the API's `token`).
 
 Session limits live in `bridge.ingress.smtplimits`; here the mail is parsed in a worker thread
 under MIME depth, part and time bounds. Every session
-takes the settings in force when it connects, so a SIGHUP reaches the next session.
+takes the settings in force when it connects, so a SIGHUP reaches the next session;
+who may send is asked of the settings in force at each MAIL, RCPT and DATA instead
+(`SmtpHandler.login_refusal`), so a reload that locks SMTP down reaches open ones too.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from aiosmtpd.smtp import SMTP, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from bridge.addresses import in_networks, parse_network
 from bridge.certificates import TlsFiles, load_pair, read_pair
@@ -142,6 +144,18 @@ class BridgeSMTP(LimitedSMTP):
     def _create_envelope(self) -> Envelope:
         return BridgeEnvelope()
 
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        # aiosmtpd asks its `auth_required`, fixed at connect: a reload that turned
+        # require_auth on, or replaced a leaked password, left every session opened
+        # before sending as it was (for up to smtp.max_session_time).
+        assert self.session is not None
+        refusal = self.event_handler.login_refusal(self.session)
+        if refusal is None:
+            return False
+        log.info("SMTP %s from %s refused: %s", caller_method, peer_host(self.session), refusal)
+        await self.push(refusal)
+        return True
+
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
         # RFC 4954's `AUTH=<mailbox>` MAIL parameter, which Exim and sendmail add once
         # they have logged in (Debian's Exim smarthost sends `AUTH=<>`): aiosmtpd knows
@@ -248,6 +262,28 @@ class SmtpHandler:
         return problems
 
     # -- who may send --------------------------------------------------------------------
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        """The Authenticator in force now (aiosmtpd keeps the one it was handed at
+        connect: a password a reload replaced still logged in on a session opened before)."""
+        return self.authenticator(server, session, envelope, mechanism, auth_data)
+
+    def login_refusal(self, session: Session) -> str | None:
+        """Why this session may not go on (MAIL, RCPT, DATA) under the settings in force
+        now, or None: require_auth and no login, or a login whose credential no longer
+        logs in under the current `[smtp.users]` (the password changed or the user went)."""
+        if not session.authenticated:
+            if self.smtp.require_auth:
+                return "530 5.7.0 Authentication required"
+            return None
+        if not self.authenticator.still_valid(session.auth_data):
+            return (
+                "530 5.7.0 Authentication required: the credentials this session logged in "
+                "with are no longer valid"
+            )
+        return None
+
     def _client_allowed(self, session: Session) -> bool:
         if not self.networks:
             return True
@@ -632,8 +668,10 @@ def _date_epoch(date: str) -> float | None:
 def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
     """A protocol factory for `loop.create_server`: one aiosmtpd `SMTP` per connection.
 
-    Each connection reads the handler's settings when it is made: require_auth, users,
-    TLS, sizes, timeouts and limits reloaded by SIGHUP apply from the next session on.
+    Each connection reads the handler's settings when it is made: TLS, sizes, timeouts
+    and limits reloaded by SIGHUP apply from the next session on. Not who may send:
+    require_auth and `[smtp.users]` are asked at each AUTH, MAIL, RCPT and DATA
+    (`SmtpHandler.authenticate`, `login_refusal`).
     On the implicit-TLS listener the connection is encrypted before aiosmtpd sees it,
     which aiosmtpd cannot tell by itself: it would offer STARTTLS again and refuse AUTH
     with 538 ("encryption required"); there it gets no STARTTLS context and is told the
@@ -656,7 +694,7 @@ def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
             auth_required=smtp.require_auth,
             auth_require_tls=not smtp.auth_allow_plaintext,
             auth_exclude_mechanism=[] if smtp.users else ["LOGIN", "PLAIN"],
-            authenticator=handler.authenticator,
+            authenticator=handler.authenticate,
             command_call_limit=call_limits(smtp),
             max_lines=smtp.max_lines,
             loop=asyncio.get_running_loop(),

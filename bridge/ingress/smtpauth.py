@@ -3,6 +3,7 @@ client (`bridge.ingress.throttle`), and logged without ever naming a password.""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import secrets
@@ -10,10 +11,17 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from bridge.ingress.credentials import same_secret
+from bridge.ingress.credentials import digest, same_secret
 from bridge.ingress.throttle import FailureThrottle, QuietLog
 
 log = logging.getLogger("bridge.ingress.smtp")  # where operators have always looked
+
+
+def fingerprint(login: bytes, password: bytes) -> bytes:
+    """The SHA-256 of a login and its password: what a session keeps of the credential
+    it logged in with, so that a reload that changed the password is seen at its next
+    MAIL or DATA (`Authenticator.still_valid`). Never the password itself."""
+    return digest(login + b"\0" + password)
 
 
 def peer_host(session: Session) -> str:
@@ -33,6 +41,7 @@ class Authenticator:
 
     def __init__(self, users: dict[str, str], throttle: FailureThrottle) -> None:
         self.users = {k.encode(): v.encode() for k, v in users.items()}
+        self.fingerprints = {login: fingerprint(login, pw) for login, pw in self.users.items()}
         # What an unknown login's password is compared with: a password no one has.
         self.nobody = secrets.token_urlsafe(24).encode()
         self.throttle = throttle
@@ -74,6 +83,20 @@ class Authenticator:
             self.quiet.warning("smtp-auth", host, "SMTP AUTH failed for %s from %s", who, host)
         # The login rides on the session (`auth_data`): what the user may text, its
         # dedupe scope and the name its messages are stored under are read from it.
-        # Not the password: nothing needs it once checked.
-        who_logged_in = LoginPassword(auth_data.login, b"") if ok else None
+        # Not the password: its fingerprint only, for `still_valid` after a reload.
+        who_logged_in = (
+            LoginPassword(auth_data.login, fingerprint(auth_data.login, auth_data.password))
+            if ok
+            else None
+        )
         return AuthResult(success=ok, handled=False, auth_data=who_logged_in)
+
+    def still_valid(self, auth_data: Any) -> bool:
+        """Whether a session's `auth_data` (as `__call__` left it: the login and the
+        fingerprint of what it logged in with) still logs in under these `users`: a
+        reload that removed the login or changed its password ends what a session
+        opened before may send (the Authenticator in force at its AUTH let it in)."""
+        if not isinstance(auth_data, LoginPassword):
+            return False
+        expected = self.fingerprints.get(auth_data.login)
+        return expected is not None and hmac.compare_digest(expected, auth_data.password)
