@@ -560,6 +560,53 @@ def _raw_session(port: int, steps: list[bytes]) -> list[bytes]:
     return replies
 
 
+async def test_an_address_of_bytes_that_are_not_utf8_is_refused_for_good(
+    tmp_path, clock, sandbox_url, caplog
+) -> None:
+    """aiosmtpd decodes a command's bytes with surrogateescape and encodes its replies as
+    strict UTF-8: a RCPT refusal quoting such an address (and, with `allowed_senders`
+    set, the MAIL refusal) raised in push(), a `451 4.3.0 Internal error` with a
+    traceback at ERROR, and a relay retried an address that can never be valid until
+    its queue lifetime ran out. Such an address is a 553 now (5.1.3 at RCPT, 5.1.7 at
+    MAIL), its bytes quoted as `\\xNN`, and nothing is logged at ERROR."""
+    extra = 'allowed_senders = ["*@example.org"]\n'
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(extra))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        steps = [
+            b"EHLO probe\r\n",
+            b"MAIL FROM:<\xe9t\xe9@evil.example>\r\n",  # refused by allowed_senders, too
+            b"MAIL FROM:<a@example.org>\r\n",
+            b"RCPT TO:<\xff\xfe@sms.localhost>\r\n",
+            b"RCPT TO:<+12025550143@\xff.example>\r\n",  # a relay attempt: the 550 quotes it
+        ]
+        # At ERROR: aiosmtpd's own INFO lines quote the address as it came (surrogates).
+        with caplog.at_level(logging.ERROR):
+            replies = await asyncio.to_thread(_raw_session, port, steps)
+        assert await bridge.store.counts() == {}
+    assert replies[1:] == [
+        b"553 5.1.7 Sender <\\xe9t\\xe9@evil.example>: not a valid address (not UTF-8)\r\n",
+        b"250 2.1.0 OK\r\n",
+        b"553 5.1.3 <\\xff\\xfe@sms.localhost>: not a valid address (not UTF-8)\r\n",
+        b"553 5.1.3 <+12025550143@\\xff.example>: not a valid address (not UTF-8)\r\n",
+    ]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_an_address_is_quoted_in_a_reply_whatever_it_holds() -> None:
+    """The one way an address goes into a reply: any string, none raises (compared as
+    the UTF-8 aiosmtpd's push() writes, which is what raised)."""
+    quoted = [
+        smtp_module.shown(address).encode("utf-8")
+        for address in ("a@example.org", "\udcff@x", "\ud800@x", "été@x")
+    ]
+    assert quoted == [
+        b"<a@example.org>",
+        b"<\\xff@x>",  # a byte as aiosmtpd decodes it (surrogateescape)
+        b"<\\ud800@x>",  # a lone surrogate no byte decodes to
+        "<été@x>".encode(),  # SMTPUTF8: as it is
+    ]
+
+
 async def test_bare_lf_dot_cannot_smuggle_a_second_message(tmp_path, clock, sandbox_url) -> None:
     steps = [
         b"EHLO smuggler\r\n",

@@ -109,12 +109,35 @@ def sent_by(login: str | None) -> str | None:
     return None if login is None else f"{SMTP_SENDER}{login}"
 
 
+def shown(address: str) -> str:
+    """`address` as a reply may quote it, in angle brackets: bytes that are not UTF-8 as
+    `\\xNN`. aiosmtpd decodes a command with surrogateescape and its push() encodes the
+    reply as strict UTF-8, so an address of such bytes in a reply raised: a 451 "internal
+    error" and a traceback, and a relay retried an address that can never be valid
+    until its queue lifetime ran out. Never raises."""
+    try:
+        raw = address.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no byte decodes to: escaped as itself
+        return f"<{address.encode('utf-8', 'backslashreplace').decode('utf-8')}>"
+    return f"<{raw.decode('utf-8', 'backslashreplace')}>"
+
+
+def not_utf8(address: str) -> bool:
+    """Whether `address` holds bytes that are not UTF-8 (surrogates, as aiosmtpd decodes
+    them): no mailbox RFC 5321 or 6531 allows, refused before anything reads it."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def unreadable(address: str, exc: Unavailable, session: Session) -> str:
     """The 451 for a recipient that cannot be read now. The reason (the broken region and
     the installed phonenumbers version) goes to the log only: an unauthenticated client
     would learn from it which library version, with which known bugs, runs here."""
     log.warning("SMTP recipient <%s> from %s answered 451: %s", address, peer_host(session), exc)
-    return f"451 4.3.0 <{address}>: cannot read this number now; try again later"
+    return f"451 4.3.0 {shown(address)}: cannot read this number now; try again later"
 
 
 class BridgeEnvelope(Envelope):
@@ -308,7 +331,7 @@ class SmtpHandler:
             )
         if any(p != "<>" and fnmatch.fnmatch(address.lower(), p.lower()) for p in patterns):
             return None
-        return f"550 5.7.1 Sender <{address}> is not allowed to send here"
+        return f"550 5.7.1 Sender {shown(address)} is not allowed to send here"
 
     async def handle_EHLO(
         self,
@@ -334,6 +357,8 @@ class SmtpHandler:
     ) -> str:
         if not self._client_allowed(session):
             return f"550 5.7.1 Client {peer_host(session)} is not allowed to send here"
+        if not_utf8(address):
+            return f"553 5.1.7 Sender {shown(address)}: not a valid address (not UTF-8)"
         refusal = self._sender_refusal(address)
         if refusal:
             return refusal
@@ -379,21 +404,23 @@ class SmtpHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= self.smtp.max_recipients:
             return f"452 4.5.3 Too many recipients (at most {self.smtp.max_recipients})"
+        if not_utf8(address):
+            return f"553 5.1.3 {shown(address)}: not a valid address (not UTF-8)"
         try:
             numbers = self.resolve(address)
         except PhoneError as exc:
             typo = unknown_group(address.rpartition("@")[0])
-            return f"550 5.1.1 <{address}>: {typo or exc}"
+            return f"550 5.1.1 {shown(address)}: {typo or exc}"
         except RefusedNumber as exc:  # a possible number this bridge may not text
-            return f"550 5.7.1 <{address}>: {exc}"
+            return f"550 5.7.1 {shown(address)}: {exc}"
         except InputError as exc:
             if exc.field == "domain":
-                return f"550 5.7.1 <{address}>: {exc.message}"
-            return f"550 5.1.1 <{address}>: {exc.message}"
+                return f"550 5.7.1 {shown(address)}: {exc.message}"
+            return f"550 5.1.1 {shown(address)}: {exc.message}"
         except Unavailable as exc:  # this recipient only: the MTA retries it, the rest go
             return unreadable(address, exc, session)
         if why := self.not_allowed(smtp_login(session), numbers):
-            return f"550 5.7.1 <{address}>: {why}"
+            return f"550 5.7.1 {shown(address)}: {why}"
         if isinstance(envelope, BridgeEnvelope):
             envelope.numbers[address] = (self.generation, numbers)
         envelope.rcpt_tos.append(address)
@@ -561,7 +588,7 @@ class SmtpHandler:
                 # answers each one by the new config, and the rest are texted.
                 log.warning("SMTP DATA refused with 451: <%s> %s since RCPT", address, exc)
                 return (
-                    f"451 4.3.0 <{address}>: refused since RCPT by a configuration reload; "
+                    f"451 4.3.0 {shown(address)}: refused since RCPT by a configuration reload; "
                     "try again later"
                 )
             except Unavailable as exc:
