@@ -29,6 +29,10 @@ from bridge.errors import InputError
 STORED_FORMAT = "%Y-%m-%d %H:%M:%S"  # UTC in the store; the provider's format too
 FIELD = "schedule_time"
 MAIL_HEADER = "X-SMS-Schedule"
+# strftime writes `%Y` unpadded below the year 1000 ("999-01-01"), which strptime, the
+# provider and `scheduled_epoch` do not read back: such a time was stored, answered
+# "stored", and failed for good when sent. No real schedule is that early.
+FIRST_YEAR = 1000
 
 
 def parse_schedule_time(
@@ -47,13 +51,21 @@ def parse_schedule_time(
         when = when.replace(tzinfo=tz)
     if when.timestamp() <= now:
         raise InputError(field, f"{_shown(text, secrets)} is in the past; leave it out to send now")
+    if when.year < FIRST_YEAR:  # before the conversions: year 1 can underflow in them
+        raise InputError(field, f"{_shown(text, secrets)} is before the year {FIRST_YEAR}")
     try:
         stored = when.astimezone(UTC)
         # As `for_provider` will write it: a time past year 9999 there raised in the
         # dispatcher, long after the sender was told "stored", and ended it.
-        datetime.fromtimestamp(when.timestamp(), tz)
+        provider = datetime.fromtimestamp(when.timestamp(), tz)
     except (OverflowError, ValueError) as exc:
         raise InputError(field, f"{_shown(text, secrets)} is beyond the year 9999") from exc
+    if min(stored.year, provider.year) < FIRST_YEAR:  # 1000-01-01 00:30 at +01:00 is 999 in UTC
+        raise InputError(
+            field,
+            f"{_shown(text, secrets)} is before the year {FIRST_YEAR} "
+            "(in UTC or the provider's time zone)",
+        )
     return stored.strftime(STORED_FORMAT)
 
 

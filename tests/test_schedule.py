@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import smtplib
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -15,10 +16,12 @@ from bridge.cli import book_cli_request
 from bridge.clock import ManualClock
 from bridge.commands import call_provider
 from bridge.errors import InputError
+from bridge.ingress import smtp as smtp_module
+from bridge.ingress.mail import parse_mail
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
 from bridge.provider.sandbox.shapes import Shape
-from bridge.schedule import held_until, parse_schedule_time
+from bridge.schedule import held_until, parse_schedule_time, scheduled_epoch
 from bridge.store import open_store
 from tests.helpers import bridge_config, max_in_window, pump, running_bridge
 from tests.test_smtp import smtp_listening
@@ -378,6 +381,67 @@ async def test_a_time_beyond_what_the_providers_zone_can_write_is_a_400(
     assert [e.deliver_from for e in sandbox_state.entries] == [
         datetime(2999, 1, 1, 6, tzinfo=UTC).timestamp()
     ]
+
+
+async def test_a_time_before_the_year_1000_is_refused_over_smtp_and_the_api(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """`X-SMS-Schedule: 0999-01-01 00:00:00` was answered 250: strftime writes `%Y`
+    unpadded below 1000 ("999-01-01 ..."), which `scheduled_epoch` cannot read back,
+    so the mail's time was taken as not passed yet, handed to the provider as it was
+    stored, and the text failed for good. It is the input error it is now: 554 over
+    SMTP, 400 over the API, as other bad schedule values; nothing stored."""
+    config = bridge_config(tmp_path, sandbox_url, SMTP)
+    async with (
+        running_bridge(config, clock) as (bridge, url),
+        smtp_listening(bridge) as port,
+        httpx.AsyncClient() as http,
+    ):
+        mail = (
+            "From: ops@example.com\r\nSubject: UPS on battery\r\n"
+            "X-SMS-Schedule: 0999-01-01 00:00:00\r\n\r\nups1 on battery\r\n"
+        )
+
+        def deliver() -> None:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.sendmail("ops@example.com", ["+12025550144@sms.localhost"], mail)
+
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            await asyncio.to_thread(deliver)
+        answer = await http.post(
+            f"{url}/api/v1/messages",
+            json={"to": "+12025550143", "message": "x", "schedule_time": "0999-01-01 00:00:00"},
+        )
+        assert await bridge.store.counts() == {}
+    assert refused.value.smtp_code == 554
+    assert b"before the year 1000" in refused.value.smtp_error
+    assert answer.status_code == 400 and answer.json()["field"] == "schedule_time"
+
+
+def test_a_schedule_is_stored_only_as_it_reads_back() -> None:
+    """A time whose UTC (or provider's) year is below 1000 is refused even where the
+    year written is 1000; the first year allowed is stored as `scheduled_epoch` reads."""
+    beirut = ZoneInfo("Asia/Beirut")
+    for early in ("0999-12-31 23:59:59", "1000-01-01T00:30:00+01:00", "0001-01-01 00:00:00"):
+        with pytest.raises(InputError, match="before the year 1000"):
+            parse_schedule_time(early, now=float("-inf"), tz=beirut, field="X-SMS-Schedule")
+    stored = parse_schedule_time("1000-01-02T00:00:00Z", now=float("-inf"), tz=UTC)
+    assert stored == "1000-01-02 00:00:00"
+    assert scheduled_epoch(stored) == datetime(1000, 1, 2, tzinfo=UTC).timestamp()
+
+
+async def test_a_stored_schedule_that_cannot_be_read_back_is_sent_now(
+    tmp_path, clock: ManualClock, sandbox_url: str, monkeypatch
+) -> None:
+    """Defensively: a schedule the parser stored in a form `scheduled_epoch` cannot
+    read (as year 999 was) is no schedule: sent now, not handed to the provider as
+    "not passed yet". Its key keeps the header's time all the same."""
+    monkeypatch.setattr(smtp_module, "parse_schedule_time", lambda *a, **k: "999-01-01 00:00:00")
+    config = bridge_config(tmp_path, sandbox_url, SMTP)
+    async with running_bridge(config, clock) as (bridge, _):
+        raw = b"Subject: x\r\nX-SMS-Schedule: whenever\r\n\r\nbody\r\n"
+        mail = parse_mail(raw, mail_from="a@example.org")
+        assert bridge.smtp_handler.schedule_of(mail) == ("999-01-01 00:00:00", None)
 
 
 async def test_the_same_words_for_another_time_are_not_a_duplicate(

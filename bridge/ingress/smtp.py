@@ -493,7 +493,14 @@ class SmtpHandler:
             secrets=self.secrets,
         )
         epoch = scheduled_epoch(when)
-        if epoch is not None and epoch <= now:
+        if epoch is None:
+            # parse_schedule_time writes only what this reads; should that ever break, a
+            # time nothing can read is no schedule (None was "not passed yet": stored,
+            # answered 250, then refused by the provider for good).
+            shown = told(mail.schedule, self.secrets, SHOWN_CHARS)
+            log.warning("%s %r stored as %r, unreadable: sent now", MAIL_HEADER, shown, when)
+            return when, None
+        if epoch <= now:
             # Masked before the cut: the log masks the line, but only what the cut left,
             # and a secret across it (fraction digits are any number) kept its start.
             shown = told(mail.schedule, self.secrets, SHOWN_CHARS)
