@@ -66,6 +66,76 @@ def test_plain_preferred_over_html() -> None:
     assert parse_mail(message.as_bytes()).body == "plain version"
 
 
+FLOWED = (
+    b"Subject: RAID degraded\r\nContent-Type: text/plain; charset=utf-8; format=flowed%s\r\n"
+    b"\r\n Disk sd \r\na failed on \r\nnas1\r\nRebuild pending\r\n-- \r\nsig\r\n"
+)
+
+
+def test_format_flowed_lines_are_joined_as_their_writer_meant() -> None:
+    """`format=flowed` (RFC 3676) was read as fixed lines: a mailer's soft breaks split
+    the alert (`Disk sd` / `a failed`), and with `delsp=yes` the space it inserted before
+    the break stayed inside the word. Soft breaks are joined now, that space deleted
+    with delsp=yes; a space-stuffed line loses its stuffing, the signature's `-- ` is no
+    soft break, and a line without `format=flowed` stays as it is. The plain reading
+    (on the loop) and the parser's agree."""
+    delsp = FLOWED % b"; delsp=yes"
+    plain = FLOWED % b""
+    fixed = FLOWED.replace(b"; format=flowed%s", b"")
+    for raw in (delsp, plain, fixed):
+        assert _plain_mail(raw) is not None
+        assert parse_mail(raw) == _parsed_mail(raw, None, ParseBounds())
+    assert parse_mail(delsp).body == "Disk sda failed onnas1\nRebuild pending"
+    assert parse_mail(plain).body == "Disk sd a failed on nas1\nRebuild pending"
+    assert parse_mail(fixed).body == "Disk sd\na failed on\nnas1\nRebuild pending"
+    # In a MIME part, quoted-printable (as Thunderbird sends it), the same.
+    mime = EmailMessage()
+    mime["Subject"] = "RAID degraded"
+    mime.set_content("Disk sd \na failed\n", cte="quoted-printable")
+    mime.set_param("format", "flowed")
+    mime.set_param("delsp", "yes")
+    mime.add_attachment(b"\x00", maintype="application", subtype="octet-stream")
+    assert parse_mail(mime.as_bytes()).body == "Disk sda failed"
+
+
+def test_a_multipart_without_a_boundary_keeps_its_text() -> None:
+    """`multipart/mixed` with no boundary parameter (a script's hand-built MIME): the
+    stdlib keeps its parts as one payload, and the whole body was dropped. The first
+    `--token` line is taken for the boundary; with none, the raw lines are not sent."""
+    raw = (
+        b"Subject: backup report\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed\r\n"
+        b"\r\n--sep42\r\nContent-Type: text/plain\r\n\r\nbackup of db-2 failed\r\n"
+        b"--sep42\r\nContent-Type: application/octet-stream\r\n\r\nxx\r\n--sep42--\r\n"
+    )
+    assert parse_mail(raw).body == "backup of db-2 failed"
+    nothing = b"Subject: s\r\nContent-Type: multipart/mixed\r\n\r\nno parts here\r\n"
+    assert parse_mail(nothing).body == ""
+
+
+def test_a_body_only_in_an_attachment_or_a_forwarded_mail_is_read() -> None:
+    """With no inline body (the text only in a `text/plain` attachment, as a NAS sends
+    its report, or in a mail forwarded as `message/rfc822`) the SMS held the subject
+    only. The first text part is read then; an inline body still comes first."""
+    attached = EmailMessage()
+    attached["Subject"] = "nightly report"
+    attached.add_attachment("disk 3 SMART errors\n", filename="report.txt")
+    assert parse_mail(attached.as_bytes()).body == "disk 3 SMART errors"
+
+    inner = EmailMessage()
+    inner["Subject"] = "UPS on battery"
+    inner.set_content("ups1 on battery, runtime 12 min\n")
+    forwarded = EmailMessage()
+    forwarded["Subject"] = "Fwd: UPS on battery"
+    forwarded.add_attachment(inner)  # message/rfc822
+    assert parse_mail(forwarded.as_bytes()).body == "ups1 on battery, runtime 12 min"
+
+    inline = EmailMessage()
+    inline["Subject"] = "nightly report"
+    inline.set_content("see the attachment\n")
+    inline.add_attachment("disk 3 SMART errors\n", filename="report.txt")
+    assert parse_mail(inline.as_bytes()).body == "see the attachment"
+
+
 def test_unknown_charset_and_broken_encodings_do_not_raise() -> None:
     raw = (
         b"Subject: =?x-unknown?q?caf=E9?=\r\nContent-Type: text/plain; charset=x-klingon\r\n"

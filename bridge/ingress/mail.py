@@ -25,6 +25,7 @@ from typing import Any
 from inscriptis import get_text
 
 from bridge.ingress.charsets import decode_best
+from bridge.ingress.flowed import unflow
 from bridge.schedule import MAIL_HEADER
 from bridge.text import ESCAPE_SEQUENCE
 
@@ -350,7 +351,10 @@ def _blank(part: Message) -> bool:
     return isinstance(payload, bytes) and not payload.strip()
 
 
-def _body(msg: Message) -> str:
+_BOUNDARY_LINE = re.compile(r'^--([^\s"]{1,70})[ \t]*\r?$', re.MULTILINE)
+
+
+def _body(msg: Message, bounds: ParseBounds, deadline: float | None) -> str:
     part: Message | None
     if isinstance(msg, EmailMessage):
         try:
@@ -362,6 +366,10 @@ def _body(msg: Message) -> str:
             part = None
     else:
         part = msg if not msg.is_multipart() else None
+    if part is None and msg.get_content_maintype() == "multipart" and not msg.is_multipart():
+        return _unbounded_body(msg, bounds, deadline)
+    if part is None:
+        part = _first_text_part(msg)
     if part is None:
         if msg.is_multipart() or msg.get_content_maintype() != "text":
             return ""
@@ -369,7 +377,48 @@ def _body(msg: Message) -> str:
     text = _part_text(part)
     if part.get_content_subtype() == "html":
         text = _html_to_text(text)
+    elif part.get_content_subtype() == "plain":
+        text = unflow(text, _param(part, "format"), _param(part, "delsp"))
     return text
+
+
+def _param(part: Message, name: str) -> str | None:
+    value = part.get_param(name)
+    return value if isinstance(value, str) else None  # an RFC 2231 tuple: not these
+
+
+def _first_text_part(msg: Message) -> Message | None:
+    """With no inline body (get_body found none): the first plain part anywhere, else the
+    first HTML one, attachments and forwarded `message/rfc822` mails included. A NAS
+    that attaches its log as `report.txt`, or a mail forwarded as an attachment, gave
+    a subject-only text."""
+    if not msg.is_multipart():
+        return None
+    parts = [p for p in msg.walk() if p is not msg and not p.is_multipart()]
+    for subtype in ("plain", "html"):
+        for part in parts:
+            if part.get_content_type() == f"text/{subtype}" and not _blank(part):
+                return part
+    return None
+
+
+def _unbounded_body(msg: Message, bounds: ParseBounds, deadline: float | None) -> str:
+    """The body of a `multipart/*` without a boundary parameter: the stdlib keeps its
+    parts as one payload and reads no body in it (the whole text was lost). The first
+    `--token` line is taken for the boundary and the payload read again under the same
+    bounds; with none, nothing (the raw MIME lines are no text to send)."""
+    payload = msg.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return ""
+    text = payload.decode("ascii", errors="replace")
+    found = _BOUNDARY_LINE.search(text)
+    if found is None:
+        return ""
+    head = f'Content-Type: multipart/mixed; boundary="{found.group(1)}"\r\n\r\n'.encode()
+    again, _ = _parse(head + payload, POLICY, bounds, deadline)
+    if not again.is_multipart():
+        return ""
+    return _body(again, bounds, deadline)
 
 
 def is_forward(subject: str) -> bool:
@@ -619,8 +668,9 @@ def parse_mail(
     plain = _plain_mail(raw)
     if plain is None:
         return _parsed_mail(raw, mail_from, bounds)
-    found, payload, charset = plain
-    body = clean_body(_payload_text(payload, charset), forward=_is_forward(found))
+    found, payload, charset, flow = plain
+    text = unflow(_payload_text(payload, charset), *flow)
+    body = clean_body(text, forward=_is_forward(found))
     return _mail_text(found, body, "text/plain", mail_from, None)
 
 
@@ -643,7 +693,10 @@ def _parsed_mail(raw: bytes, mail_from: str | None, bounds: ParseBounds) -> Mail
     found = _headers(msg)
     try:
         readable = len(msg) or msg.get_payload()
-        body = clean_body(_body(msg), forward=_is_forward(found)) if readable else _unreadable(raw)
+        text = _body(msg, bounds, deadline) if readable else None
+        body = _unreadable(raw) if text is None else clean_body(text, forward=_is_forward(found))
+    except ParseTimeout:  # a boundary-less multipart is parsed again: under the deadline
+        raise
     except Exception:
         body = _unreadable(raw)
     return _mail_text(found, body, msg.get_content_type(), mail_from, truncated)
@@ -703,9 +756,12 @@ _PLAIN_ENCODINGS = ("7bit", "8bit", "binary")
 _READ_RAW = ("content-type", "content-transfer-encoding")
 
 
-def _plain_mail(raw: bytes) -> tuple[dict[str, str], bytes, str | None] | None:
-    """The headers read (as `_headers` reads them), the body's bytes and its charset of a
-    mail in the plainest shape an alerting box sends, or None for the stdlib's parser.
+def _plain_mail(
+    raw: bytes,
+) -> tuple[dict[str, str], bytes, str | None, tuple[str | None, str | None]] | None:
+    """The headers read (as `_headers` reads them), the body's bytes, its charset and
+    its `format` and `delsp` parameters of a mail in the plainest shape an alerting box
+    sends, or None for the stdlib's parser.
 
     That shape: ASCII, every header line a `Name: value` or its folded continuation,
     one line ending throughout the header block, a blank line before the body, no
@@ -728,8 +784,8 @@ def _plain_mail(raw: bytes) -> tuple[dict[str, str], bytes, str | None] | None:
     read = _plain_headers(folded, eol)
     if read is None:
         return None
-    found, charset = read
-    return found, raw[end + 2 * len(eol) :], charset
+    found, charset, flow = read
+    return found, raw[end + 2 * len(eol) :], charset, flow
 
 
 def _header_block(text: str) -> tuple[int, str] | None:
@@ -768,11 +824,13 @@ def _folded_headers(head: str, eol: str) -> list[tuple[str, list[str]]] | None:
 
 def _plain_headers(
     folded: list[tuple[str, list[str]]], eol: str
-) -> tuple[dict[str, str], str | None] | None:
-    """The headers read (as `_headers` reads them) and the charset; None unless the
-    Content-Type is one simple text/plain and the transfer encoding a plain one."""
+) -> tuple[dict[str, str], str | None, tuple[str | None, str | None]] | None:
+    """The headers read (as `_headers` reads them), the charset and the `format` and
+    `delsp` parameters; None unless the Content-Type is one simple text/plain and the
+    transfer encoding a plain one."""
     found: dict[str, str] = {}
     charset: str | None = None
+    params: dict[str, str] = {}
     seen_type = False
     for name, lines in folded:
         value = eol.join(lines)  # the raw value as the policy parses a header
@@ -787,6 +845,7 @@ def _plain_headers(
             for param, quoted, token in _PARAM.findall(plain_type.group(1)):
                 if param.lower() == "charset" and charset is None:
                     charset = (quoted or token).lower()
+                params.setdefault(param.lower(), quoted or token)
         elif (
             key == "content-transfer-encoding"
             and header_text(POLICY, name, value).strip().lower() not in _PLAIN_ENCODINGS
@@ -794,7 +853,7 @@ def _plain_headers(
             return None
         if key in HEADERS_READ and key not in found:
             found[key] = header_text(POLICY, name, value)
-    return found, charset
+    return found, charset, (params.get("format"), params.get("delsp"))
 
 
 def _normalised(text: str) -> str:
