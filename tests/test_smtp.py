@@ -2033,8 +2033,9 @@ async def test_a_user_a_reload_removes_texts_no_one_from_its_open_session(
 ) -> None:
     """A session logged in as a user whom a reload then removes (a device's password
     leaked): its `smtp.user_recipients` entry went with it, and the session could text
-    anyone. RCPT refuses it now, and DATA for what RCPT took before: its login no longer
-    logs in (530, as a new session's AUTH would fail)."""
+    anyone. The session is refused at its next command and closed (421: temporary, so an
+    MTA reconnects and logs in with what it has now, where a 530 bounced the mail); a new
+    session's AUTH fails."""
     config = bridge_config(tmp_path, sandbox_url, with_smtp(USERS))
     async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
         taken, reloaded = threading.Event(), threading.Event()
@@ -2047,7 +2048,11 @@ async def test_a_user_a_reload_removes_texts_no_one_from_its_open_session(
                 taken.set()
                 reloaded.wait(10)
                 codes.append(client.rcpt(DEFAULT_RCPT)[0])
-                return [*codes, client.docmd("DATA")[0]]
+                try:
+                    client.docmd("DATA")
+                except smtplib.SMTPServerDisconnected:
+                    return [*codes, "closed"]
+                return codes
 
         codes = asyncio.ensure_future(asyncio.to_thread(session))
         assert await asyncio.to_thread(taken.wait, 10)
@@ -2059,7 +2064,7 @@ async def test_a_user_a_reload_removes_texts_no_one_from_its_open_session(
             bridge.reload(bridge_config(tmp_path / "new", sandbox_url, with_smtp(without_ups)))
         finally:
             reloaded.set()
-        assert await codes == [250, 530, 530]
+        assert await codes == [250, 421, "closed"]
         assert await bridge.store.counts() == {}
 
 
@@ -2107,8 +2112,9 @@ async def test_a_password_a_reload_replaced_no_longer_logs_in_or_sends(
     """The leaked password is rotated by SIGHUP. aiosmtpd keeps the authenticator it was
     handed at connect, so on a session opened before, AUTH with the old password answered
     235 and the mail was texted; and a session that had logged in with it went on. Both
-    meet the `[smtp.users]` in force now: AUTH 535, and MAIL 530 for the session that
-    logged in before (its login's fingerprint no longer matches; no password is kept)."""
+    meet the `[smtp.users]` in force now: AUTH 535, and MAIL 421 for the session that
+    logged in before (its login's fingerprint no longer matches; no password is kept),
+    which is closed: a temporary refusal, so the MTA reconnects with what it has now."""
     old = with_smtp('auth_allow_plaintext = true\nusers = {ups = "old-pass-0123456789"}\n')
     new = with_smtp('auth_allow_plaintext = true\nusers = {ups = "new-pass-0123456789"}\n')
     config = bridge_config(tmp_path, sandbox_url, old)
@@ -2135,7 +2141,7 @@ async def test_a_password_a_reload_replaced_no_longer_logs_in_or_sends(
             bridge.reload(bridge_config(tmp_path / "new", sandbox_url, new))
         finally:
             reloaded.set()
-        assert await answer == [235, 535, 530]
+        assert await answer == [235, 535, 421]
         assert await bridge.store.counts() == {}
         # The new password logs in and sends.
         login = await asyncio.to_thread(_login_and_send, port, "new-pass-0123456789")

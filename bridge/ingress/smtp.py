@@ -177,6 +177,10 @@ class BridgeSMTP(LimitedSMTP):
             return False
         log.info("SMTP %s from %s refused: %s", caller_method, peer_host(self.session), refusal)
         await self.push(refusal)
+        if refusal.startswith("421"):  # the channel closes, as RFC 5321 says a 421 does
+            assert self._handler_coroutine is not None and self.transport is not None
+            self._handler_coroutine.cancel()
+            self.transport.close()
         return True
 
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
@@ -301,9 +305,12 @@ class SmtpHandler:
                 return "530 5.7.0 Authentication required"
             return None
         if not self.authenticator.still_valid(session.auth_data):
+            # Temporary, and the session closed: an MTA whose password was rotated with
+            # the bridge's reconnects and logs in anew. A 530 here is permanent: the mail
+            # was bounced, an alert lost, where the next connection would have taken it.
             return (
-                "530 5.7.0 Authentication required: the credentials this session logged in "
-                "with are no longer valid"
+                "421 4.7.0 The credentials this session logged in with are no longer valid;"
+                " closing: log in again on a new connection"
             )
         return None
 
