@@ -909,6 +909,38 @@ async def test_an_inactive_accounts_probe_that_says_nothing_is_tried_again_after
     assert min(gaps) >= 30 * 0.99, gaps
 
 
+async def test_an_alert_after_an_idle_step_of_an_inactive_account_goes_as_the_probe(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """While the account is inactive the next send is the probe, once its time comes.
+    A step with nothing to send then put the probe off by the interval all the same, so
+    an alert that came a second later waited up to `auth_probe_interval` (30 s) on an
+    account that may be active again. It goes at once, as the probe."""
+    body = '{"success": false, "message": "Account is not active."}'
+    sandbox_state.faults.append(Fault(status=403, path="/send", body=body))
+    config = bridge_config(tmp_path, sandbox_url, auth_probe_interval="30s")
+    async with running_bridge(config, clock) as (bridge, url):
+        [first] = (await post(url, {"to": "+12025550140", "message": "disk 91% on db-1"})).json()[
+            "ids"
+        ]
+        await bridge.dispatcher.run_once()  # 403: the next send in 30 s is the probe
+        assert bridge.dispatcher.health.inactive
+        clock.advance(30.5)
+        await pump(bridge, clock, went(bridge, first), max_seconds=5)  # the probe: active
+        sandbox_state.faults.append(Fault(status=403, path="/send", body=body))
+        [second] = (await post(url, {"to": "+12025550141", "message": "db-2 down"})).json()["ids"]
+        await bridge.dispatcher.run_once()  # inactive again
+        async with httpx.AsyncClient() as http:  # an operator cancels it: nothing is due
+            cancel = await http.post(f"{url}/api/v1/messages/{second}/cancel")
+        assert cancel.status_code == 200, cancel.text
+        clock.advance(30.5)
+        await bridge.dispatcher.run_once()  # the probe's time, nothing to send
+        clock.advance(1.0)
+        [third] = (await post(url, {"to": "+12025550142", "message": "db-3 down"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        assert (await bridge.store.get(third)).state == State.SENT  # type: ignore[union-attr]
+
+
 class SlowToLog(httpx.AsyncBaseTransport):
     """The first /send reaches a provider still working on it when the client's read
     timeout fires (`provider.timeout`, on the manual clock); the provider takes it, and
@@ -1077,6 +1109,22 @@ async def test_a_look_that_falls_due_during_a_step_of_sends_ends_the_step(
         events = await bridge.store.events(left)
     [settled] = [e["at"] for e in events if e["state"] == State.SENT]
     assert settled <= claimed + 20.0 + 3.0 + 3.0, settled - claimed
+
+
+async def test_a_retry_time_left_with_nothing_waiting_for_logs_cuts_no_step_short(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A failed /logs read sets when to ask it again; if its texts then left `sending`
+    another way (taken over, cancelled), nothing cleared it: due for good, it ended every
+    step of sends after its first call (`Reconciler.look_due`). With nothing waiting for
+    /logs it is spent, and a step sends all that is due."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        for n in range(3):
+            await post(url, {"to": f"+1202555030{n}", "message": f"disk {90 + n}% on db-{n}"})
+        bridge.dispatcher.reconciler.logs_retry_at = clock.now() - 1.0  # as such a read left
+        await bridge.dispatcher.run_once()
+    assert len(sends(sandbox_state)) == 3
 
 
 async def test_a_text_not_ready_for_its_look_when_another_is_settled_is_looked_up_on_time(

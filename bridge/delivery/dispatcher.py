@@ -261,6 +261,7 @@ class Dispatcher:
             # refused while this call was in flight). No text goes then until a probe
             # passes: the next step asks /balance first.
             if not self.health.ready:
+                self._probe_said_nothing()
                 return max(0.01, self.outcomes.next_probe - self.clock.now())
             if self.limiter.paused_until > self.clock.now():
                 return self.limiter.wait_time("send")
@@ -289,12 +290,19 @@ class Dispatcher:
             return self.outcomes.next_probe - now
         if not self.health.inactive:
             return None if await self._probe() else self.config.auth_probe_interval
-        # An inactive account: the next send is the probe (see the module docstring).
-        # Should its answer say nothing of the account (a 5xx, a timeout), the next
-        # probe waits the interval as after a 403; the probe time left in the past, each
-        # step (10 ms apart) sent the next text into the account known to be inactive.
-        self.outcomes.next_probe = now + self.config.auth_probe_interval
+        # An inactive account: the next send is the probe (see the module docstring;
+        # `_probe_said_nothing` after it).
         return None
+
+    def _probe_said_nothing(self) -> None:
+        """After a send into an inactive account (the probe) whose answer said nothing of
+        it (a 5xx, a timeout: a 403 put the next probe off already): the next probe waits
+        the interval as after a 403. Left in the past, each step (10 ms apart) sent the
+        next text into the account known to be inactive. Only after a send: set at every
+        step while inactive, an idle one put off the alert that came a moment later."""
+        now = self.clock.now()
+        if self.health.inactive and self.outcomes.next_probe <= now:
+            self.outcomes.next_probe = now + self.config.auth_probe_interval
 
     async def _hold_for_more(self, now: float, held: float) -> float:
         """A text is held for more recipients: wake when the hold ends, or sooner for the

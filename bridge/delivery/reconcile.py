@@ -154,6 +154,10 @@ class Reconciler:
             now, owner=self.owner, lease_until=now + self.lease, take_over=self.takes_over()
         )
         if not stale:
+            # Nothing waits for /logs: a retry time a failed read set is spent (its texts
+            # left `sending` meanwhile, by another instance or an operator). Kept, it was
+            # due for good, and every step of sends ended after one call (`look_due`).
+            self.logs_retry_at = 0.0
             return None
         looks = {m.id: self.look_at(m) for m in stale}
         ready = [m for m in stale if looks[m.id] <= now]
