@@ -284,6 +284,134 @@ async def test_two_sends_without_an_id_get_their_own_entries_states(
     assert first.state == State.DELIVERED and second.state == State.FAILED
 
 
+@pytest.mark.usefixtures("backend")
+async def test_a_timed_out_repeat_reads_as_deep_as_the_earlier_sends_entries(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The sequence above, with 98 texts of another client of the account 10 s before the
+    second send: /logs' first page holds the third's and the second's entries and those
+    98, its oldest older than the third's claim less CLOCK_SKEW; the first's entry is on
+    the second page. Read only as deep as the third's own entry can be, the two entries
+    read went to the two earlier sends, the third "not found", sent again. The walk
+    reads as deep as the entries of the earlier sends of its text can be."""
+    sandbox_state.shape = VARIANTS["count-only"]
+    config = bridge_config(tmp_path, sandbox_url)
+    transport = TakenThenTimesOut(nth=3)
+    async with running_bridge(config, clock, transport=transport) as (bridge, url):
+        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+        ids = (await post(url, {**body, "dedupe_key": "host-a"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        clock.advance(110)
+        for i in range(98):  # page 1: the third's, the second's and these (100 a page)
+            sandbox_state.record_send(f"+1202555{7000 + i}", "other", "SMS", 1, clock.now())
+        clock.advance(10)
+        for key in ("host-b", "host-c"):
+            ids += (await post(url, {**body, "dedupe_key": key})).json()["ids"]
+            await bridge.dispatcher.run_once()
+            if key == "host-b":
+                clock.advance(120)
+        third = await bridge.store.get(ids[2])
+        assert third.state == State.SENDING and third.reason_kind == "unknown", third
+        # The reconciler's walk alone (the poller, reading first, stores the earlier
+        # sends' ids, and their entries are then known to the walk).
+        for _ in range(10):
+            if await went(bridge, third.id)():
+                break
+            clock.advance(max(0.01, await bridge.dispatcher.run_once() or 1.0))
+        final = await bridge.store.get(third.id)
+    logs = [r.query for r in sandbox_state.requests if r.path.endswith("/logs")]
+    assert final.unknown_resends == 0, final  # found in /logs, not sent again
+    assert [q["page"] for q in logs] == ["1", "2"], logs  # one walk, two pages
+    assert len(sends(sandbox_state)) == 3
+
+
+async def test_two_sends_without_an_id_minutes_apart_get_their_own_entries_states(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two sends of one text to one phone 200 s apart, answered without an id, the second
+    failing at the handset. Read newest first and settled as read, the second's entry
+    went to the first, and the first's, too old for the second (less CLOCK_SKEW), to
+    none: the first got the second's id and failure, the second was never matched. Every
+    entry that can be theirs is collected, then paired the oldest first."""
+    sandbox_state.shape = VARIANTS["count-only"]
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+        ids = []
+        for key in ("host-a", "host-b"):
+            if ids:
+                clock.advance(200)
+            ids += (await post(url, {**body, "dedupe_key": key})).json()["ids"]
+            await bridge.dispatcher.run_once()
+        first_entry, second_entry = sandbox_state.entries
+        second_entry.fails = True
+        for _ in range(4):
+            clock.advance(5)
+            await bridge.poller.run_once()
+        first, second = [await bridge.store.get(i) for i in ids]
+    assert first.provider_message_id == str(first_entry.message_id), (first, second)
+    assert second.provider_message_id == str(second_entry.message_id), (first, second)
+    assert first.state == State.DELIVERED and second.state == State.FAILED
+
+
+class TakenThenTimesOut(httpx.AsyncBaseTransport):
+    """The real transport; the `nth` /send reaches the provider (taken and logged), and
+    its answer never comes back: the client's read timeout (an unknown outcome)."""
+
+    def __init__(self, nth: int) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.nth, self.seen = nth, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.url.path.endswith("/send"):
+            self.seen += 1
+            if self.seen == self.nth:
+                await response.aread()
+                raise httpx.ReadTimeout("timed out", request=request)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.usefixtures("backend")
+async def test_a_timed_out_repeat_after_two_sends_without_an_id_is_found_not_resent(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two sends of one text to one phone 120 s apart, answered without an id, then a
+    third 120 s later whose answer times out after the provider took it. /logs lists the
+    newest first, and each entry went to the oldest message it could be as read: the
+    newest to the first send, the middle one to the second, and the oldest, too old for
+    the third's claim (less CLOCK_SKEW), to none: the third "not found", sent again, a
+    second SMS. Every entry that can be one of them is collected, then paired the oldest
+    entry to the oldest message: the third is found, and never sent again."""
+    sandbox_state.shape = VARIANTS["count-only"]  # /send answers success, cost, no id
+    config = bridge_config(tmp_path, sandbox_url)
+    transport = TakenThenTimesOut(nth=3)
+    async with running_bridge(config, clock, transport=transport) as (bridge, url):
+        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+        ids = []
+        for key in ("host-a", "host-b", "host-c"):
+            if ids:
+                clock.advance(120)
+            ids += (await post(url, {**body, "dedupe_key": key})).json()["ids"]
+            await bridge.dispatcher.run_once()
+        first, second, third = [await bridge.store.get(i) for i in ids]
+        assert first.state == second.state == State.SENT, (first, second)
+        assert first.provider_message_id is None and second.provider_message_id is None
+        assert third.state == State.SENDING and third.reason_kind == "unknown", third
+        assert len(sandbox_state.entries) == 3
+        await pump(bridge, clock, went(bridge, third.id), max_seconds=600)
+        for _ in range(20):  # anything a resend would do, done
+            clock.advance(max(0.01, await bridge.dispatcher.run_once() or 5))
+        final = await bridge.store.get(third.id)
+    assert final.unknown_resends == 0, final  # found in /logs, not sent again
+    assert len(sends(sandbox_state)) == 3 and len(sandbox_state.entries) == 3
+    entries = {str(e.message_id) for e in sandbox_state.entries}
+    assert final.provider_message_id in entries, final
+
+
 async def test_a_batch_id_is_never_taken_for_a_message_id(
     tmp_path, clock: ManualClock, sandbox_url: str, sandbox_state: SandboxState
 ) -> None:

@@ -173,32 +173,82 @@ def test_log_matcher_takes_each_entry_once() -> None:
             self.recipient, self.text = recipient, text
 
     a, b = M("+12025550152", "same text"), M("+12025550152", "same text")
-    matcher = LogMatcher([a, b])
-    assert matcher.take("12025550152", "same text") is a
-    assert matcher.take("12025550152", "same  text") is b
-    assert matcher.take("12025550152", "same text") is None and not matcher
+    matcher: LogMatcher[M, str] = LogMatcher([a, b])
+    assert matcher.offer("e2", "12025550152", "same  text", None)
+    assert matcher.offer("e1", "12025550152", "same text", None)
+    assert not matcher.offer("e0", "12025550152", "other text", None)
+    assert matcher.pairs() == [("e1", a), ("e2", b)] and not matcher
+    assert matcher.offer("e3", "12025550152", "same text", None)  # collected, unpaired
+    assert matcher.pairs() == [("e3", a), ("e1", b)] and not matcher.remaining()
 
 
 def test_log_matcher_pairs_repeats_in_time_order() -> None:
-    """/logs is newest first: taken as read, the newest entry went to the oldest of two
-    repeats. Paired again, the oldest entry goes to the oldest message; an entry older
-    than a message went (less CLOCK_SKEW) is never that message's."""
+    """/logs is newest first: settled as read, the newest entry went to the oldest of two
+    repeats. Paired over all entries, the oldest entry goes to the oldest message; an
+    entry older than a message went (less CLOCK_SKEW) is never that message's."""
 
     class M:
         def __init__(self, at: float) -> None:
             self.recipient, self.text, self.at = "+12025550152", "same text", at
 
     a, b = M(1000.0), M(1020.0)
-    matcher = LogMatcher([a, b], since=lambda m: m.at)
-    newest, oldest = ("e2", 1021.0), ("e1", 1001.0)
-    taken = []
-    for entry, created in (newest, oldest):
-        m = matcher.take("12025550152", "same text", created)
-        taken.append((entry, "12025550152", "same text", created, m))
-    assert [m for *_, m in taken] == [a, b]  # as read: swapped
-    assert matcher.in_time_order(taken) == [("e1", a), ("e2", b)]
-    late = LogMatcher([M(2000.0)], since=lambda m: m.at)
-    assert late.take("12025550152", "same text", 1001.0) is None  # 999 s before it went
+    matcher: LogMatcher[M, str] = LogMatcher([a, b], since=lambda m: m.at)
+    for entry, created in (("e2", 1021.0), ("e1", 1001.0)):  # newest first, as read
+        assert matcher.offer(entry, "12025550152", "same text", created)
+    assert matcher.pairs() == [("e1", a), ("e2", b)]
+    late: LogMatcher[M, str] = LogMatcher([M(2000.0)], since=lambda m: m.at)
+    assert not late.offer("e1", "12025550152", "same text", 1001.0)  # 999 s before it went
+    assert late.remaining() and late.reach(late.remaining()[0]) == 2000.0 - 120
+
+
+def test_log_matcher_pairs_over_every_entry_not_as_read() -> None:
+    """Id-less sends E0 at 0 and E1 at 120, then M claimed at 240 (same phone and text),
+    timed out; the provider logged all three. Read newest first and settled as read, the
+    entry at 240 went to E0, the one at 120 to E1, and the one at 0, too old for M (0 <
+    240 - CLOCK_SKEW), to none: M "not found", resent, a second SMS. Every entry is
+    collected, then the oldest paired first: M gets the entry at 240."""
+
+    class M:
+        def __init__(self, name: str, at: float) -> None:
+            self.recipient, self.text = "+12025550152", "FIRING: HighCPU"
+            self.name, self.at = name, at
+
+        def __repr__(self) -> str:
+            return self.name
+
+    e0, e1, m = M("E0", 0.0), M("E1", 120.0), M("M", 240.0)
+    matcher: LogMatcher[M, str] = LogMatcher([e0, e1, m], since=lambda x: x.at)
+    assert matcher.offer("@240", "12025550152", "FIRING: HighCPU", 240.0)
+    assert matcher.remaining() == [e1, m]  # so far: the entry at 240 is E0's
+    assert matcher.reach(m) == 0.0 - 120  # older entries still bear on M: read on
+    assert matcher.offer("@120", "12025550152", "FIRING: HighCPU", 120.0)
+    assert matcher.offer("@0", "12025550152", "FIRING: HighCPU", 0.0)
+    assert matcher.pairs() == [("@0", e0), ("@120", e1), ("@240", m)]
+    assert not matcher.remaining()
+    # Two sends suffice: E1 at 100, M at 300.
+    e1, m = M("E1", 100.0), M("M", 300.0)
+    two: LogMatcher[M, str] = LogMatcher([e1, m], since=lambda x: x.at)
+    for entry, created in (("@300", 300.0), ("@100", 100.0)):
+        assert two.offer(entry, "12025550152", "FIRING: HighCPU", created)
+    assert two.pairs() == [("@100", e1), ("@300", m)]
+
+
+def test_a_send_went_at_its_claim_when_the_answer_came_later() -> None:
+    """`sent_at` is when the answer came back, after the provider logged the request: an
+    id-less send whose answer took 200 s could not take its own entry (created more than
+    CLOCK_SKEW before it "went"). It went at its claim, or its send if earlier."""
+    from types import SimpleNamespace
+
+    from bridge.delivery.poller import _went as polled_went
+    from bridge.delivery.reconcile import _went
+    from bridge.models import State
+
+    slow = SimpleNamespace(state=State.SENT, claimed_at=1000.0, sent_at=1200.0)
+    sending = SimpleNamespace(state=State.SENDING, claimed_at=1300.0, sent_at=1200.0)
+    no_claim = SimpleNamespace(state=State.SENT, claimed_at=None, sent_at=1200.0)
+    assert _went(slow) == polled_went(slow) == 1000.0  # type: ignore[arg-type]
+    assert _went(sending) == 1300.0  # type: ignore[arg-type]
+    assert _went(no_claim) == polled_went(no_claim) == 1200.0  # type: ignore[arg-type]
 
 
 def test_new_provider_keys_are_checked(tmp_path) -> None:

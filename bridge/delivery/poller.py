@@ -6,9 +6,12 @@ about a message after `status.give_up_after` (it then stays `sent`, its last kno
 a scheduled message is asked about until `give_up_after` past its scheduled time. A
 message the provider took without giving an id is found by recipient and text (the same
 tolerant matching as reconciliation), and keeps the id found. Repeats of one text to one
-phone get their entries in time order, the oldest entry to the oldest send, once the
-round has read its pages: /logs lists the newest first, and taken as read the newest
-entry went to the oldest send (their ids and states swapped).
+phone get their entries in time order, the oldest entry to the oldest send, over every
+entry the round read that can be one of them (`LogMatcher.pairs`): /logs lists the
+newest first, and settled as read the newest entry went to the oldest send (their ids
+and states swapped), and an older entry, too old for the newer send, to none. A round
+that has found them all still reads on until entries older than any of them went (less
+CLOCK_SKEW), within its pages: an older entry changes which entry is whose.
 
 A round reads at most `MAX_PAGES_PER_ROUND` pages, from the page of the newest message
 waiting. When the waiting span more pages than that (a bulk of 1000, the phone of one of
@@ -53,6 +56,28 @@ MAX_PAGES_PER_ROUND = 5
 # Oldest first; more could not be matched in one round of MAX_PAGES_PER_ROUND pages anyway.
 MAX_TRACKED_PER_ROUND = 500
 START = (0.0, 0)  # track from the oldest waiting
+
+
+def _went(m: Message) -> float | None:
+    """When a sent message went: its claim or its send, the earlier (`sent_at` is when
+    the answer came, after the provider logged it)."""
+    if m.claimed_at is None or m.sent_at is None:
+        return m.sent_at if m.claimed_at is None else m.claimed_at
+    return min(m.claimed_at, m.sent_at)
+
+
+def _reads_on(id_less: LogMatcher[Message, LogEntry], earliest: float | None) -> bool:
+    """Whether entries older than `earliest` (a page's oldest) can still change the
+    id-less messages' pairing: one could be created after an id-less message went (less
+    CLOCK_SKEW, `LogMatcher.reach`), paired or not: stopped once each had an entry, the
+    newest entries were paired among them, and an older one of theirs never read."""
+    if earliest is None:
+        return bool(id_less.remaining())
+    for m in [*id_less.remaining(), *(m for _, m in id_less.pairs())]:
+        reach = id_less.reach(m)
+        if reach is None or earliest >= reach:
+            return True
+    return False
 
 
 class StatusPoller:
@@ -107,12 +132,16 @@ class StatusPoller:
             return self.config.poll_interval
         await self.limiter.sync()  # the window as every instance booked it
         by_id = {m.provider_message_id: m for m in waiting if m.provider_message_id}
-        id_less = LogMatcher(
-            (m for m in waiting if not m.provider_message_id), since=lambda m: m.sent_at
+        # Oldest first by when they went, as the pairing reads them.
+        id_less: LogMatcher[Message, LogEntry] = LogMatcher(
+            sorted(
+                (m for m in waiting if not m.provider_message_id),
+                key=lambda m: (_went(m) or now, m.id),
+            ),
+            since=_went,
         )
-        # The id-less messages' entries, as read (newest first): paired in time order
-        # once the round has read its pages (`LogMatcher.in_time_order`).
-        taken: list[tuple[LogEntry, object, object, float | None, Message]] = []
+        # The matcher collects the entries that can be the id-less messages': paired in
+        # time order once the round has read its pages (`LogMatcher.pairs`).
         oldest = min(m.sent_at or now for m in waiting)
         date_from = provider_date(oldest - 86400, self.tz)
         # /logs is newest first. The tracked messages are the oldest waiting, so skip the
@@ -150,15 +179,15 @@ class StatusPoller:
                 await self._failed(exc)
                 break
             self.limiter.answered()
-            await self._match_page(logs.entries, by_id, id_less, updates, taken)
-            if (not by_id and not id_less) or not logs.has_more:
+            earliest = await self._match_page(logs.entries, by_id, id_less, updates)
+            if (not by_id and not _reads_on(id_less, earliest)) or not logs.has_more:
                 break
             # Unless a later page of this round reaches the end of /logs or finds them
             # all, the next round goes on from the next page: starting at the newest
             # again would never reach the oldest while a newer message waits.
             self._resume_page = page + 1
         self._end_round(waiting, deepest)
-        for entry, m in id_less.in_time_order(taken):
+        for entry, m in id_less.pairs():
             found_ids.append((m.id, entry.id))
             self._final_state(entry, m, updates)
         if found_ids:
@@ -189,27 +218,33 @@ class StatusPoller:
         self,
         entries: list[LogEntry],
         by_id: dict[str, Message],
-        id_less: LogMatcher[Message],
+        id_less: LogMatcher[Message, LogEntry],
         updates: list[tuple[int, State, str | None]],
-        taken: list[tuple[LogEntry, object, object, float | None, Message]],
-    ) -> None:
-        """Match one page of /logs to the tracked messages (taken out of `by_id` and
-        `id_less`): the final states of those with an id into `updates`, the entries
-        the id-less ones took into `taken` (paired in time order at the round's end)."""
-        known = await self.store.known_provider_ids([e.id for e in entries]) if id_less else set()
+    ) -> float | None:
+        """Match one page of /logs to the tracked messages: the final states of those
+        with an id (taken out of `by_id`) into `updates`, the entries that can be the
+        id-less ones' collected in `id_less` (paired in time order at the round's end).
+        Returns when the page's oldest entry was created."""
+        earliest: float | None = None
+        looking = bool(id_less.remaining() or id_less.candidates())
+        known = await self.store.known_provider_ids([e.id for e in entries]) if looking else set()
         # One set for the round: /logs may shift between two pages (new sends push
         # entries on), and an entry read twice must not be taken for two repeats.
-        known.update(entry.id for entry, *_ in taken)
+        known.update(entry.id for entry, *_ in id_less.candidates())
         for entry in entries:
+            created = provider_time(entry.created_at, self.tz)
+            if created is not None:
+                earliest = created if earliest is None else min(earliest, created)
             m = by_id.pop(entry.id, None)
             if m is not None:
                 self._final_state(entry, m, updates)
-            elif id_less and entry.id not in known:
-                created = provider_time(entry.created_at, self.tz)
-                m = id_less.take(entry.recipient, entry.message, created)
-                if m is not None:
-                    taken.append((entry, entry.recipient, entry.message, created, m))
-                    known.add(entry.id)
+            elif (
+                looking
+                and entry.id not in known
+                and id_less.offer(entry, entry.recipient, entry.message, created)
+            ):
+                known.add(entry.id)
+        return earliest
 
     @staticmethod
     def _final_state(

@@ -6,7 +6,10 @@ a little before the oldest claim) and each entry matched by recipient and text, 
 message claimed no later than the entry was created (less CLOCK_SKEW). Entries of one
 recipient and text go to our messages in time order, the oldest entry to the oldest,
 counting our earlier sends to that recipient the provider took without naming an id:
-their entries are theirs, not free for a repeat of the text that never reached it.
+their entries are theirs, not free for a repeat of the text that never reached it. Every
+entry that can be one of them is collected over the walk and paired at its end (or where
+it stops), never as read: newest first, the newest entry went to the oldest earlier send,
+and the oldest, too old for the repeat, to nothing; the repeat was resent.
 /logs is read RECONCILE_DELAY after the outcome became unknown (the answer, or the
 timeout), so the provider has logged a request it took slowly; for a text a crash left
 mid-call (no answer ever noted), after the claim, the call's timeouts and that delay:
@@ -74,28 +77,31 @@ LOGS_TRIES = 3  # /logs answering 404 this often in a row: it is not there, deci
 UNKNOWN_KINDS = ("unknown", "provider-error")
 
 
-Matcher = LogMatcher[Message]
-Taken = tuple[LogEntry, object, object, float | None, Message]  # `LogMatcher.in_time_order`
+Matcher = LogMatcher[Message, LogEntry]
+Candidate = tuple[LogEntry, object, object, float | None]  # `LogMatcher.candidates`
 Found = tuple[int, str | None, float | None]  # (id, provider id, cost): `record_sent`
 
 
 def _went(m: Message) -> float | None:
-    """When a message went to the provider: its send, or its claim if unsettled."""
-    return m.claimed_at if m.state == State.SENDING else m.sent_at
+    """When a message went to the provider: its claim if unsettled; else its claim or its
+    send, the earlier (`sent_at` is when the answer came, after the provider logged it:
+    a send answered slowly could not take its own entry)."""
+    if m.state == State.SENDING or m.sent_at is None:
+        return m.claimed_at
+    return m.sent_at if m.claimed_at is None else min(m.claimed_at, m.sent_at)
 
 
 def _waiting(matcher: Matcher) -> list[Message]:
-    """The messages being looked for that no entry was taken for yet, our earlier sends
-    without an id left out (they are not looked for)."""
+    """The messages being looked for that the entries collected, paired in time order,
+    leave without one; our earlier sends without an id left out (not looked for)."""
     return [m for m in matcher.remaining() if m.state == State.SENDING]
 
 
-def _missing(matcher: Matcher, taken: list[Taken], found: list[Found]) -> list[Message]:
-    """The messages being looked for that the entries taken, paired in time order, do
-    not show: those no entry was taken for, and any whose entry went to an earlier one."""
+def _missing(matcher: Matcher, found: list[Found]) -> list[Message]:
+    """The messages being looked for that the entries collected, paired in time order,
+    do not show."""
     done = {message_id for message_id, *_ in found}
-    looked = [*matcher.remaining(), *(m for *_, m in taken)]
-    return [m for m in looked if m.state == State.SENDING and m.id not in done]
+    return [m for m in matcher.remaining() if m.state == State.SENDING and m.id not in done]
 
 
 class Reconciler:
@@ -173,11 +179,13 @@ class Reconciler:
             return None  # /logs failed: these wait for it, new texts go meanwhile
         oldest = min(m.claimed_at or now for m in ready)
         matcher = await self._matcher(ready, oldest, now)
-        # The entries taken in this walk, as read (newest first): paired with the
-        # messages in time order when the walk ends or stops (`_found`).
-        taken: list[Taken] = []
-        pages: dict[str | None, int] = {}  # where each taken entry was read
-        date_from = provider_date(oldest - CLOCK_SKEW, self.tz)
+        # The matcher collects the entries that can be the messages' over the walk:
+        # paired in time order when the walk ends or stops (`_found`).
+        pages: dict[str | None, int] = {}  # where each collected entry was read
+        # From the oldest any of them went, our earlier sends included: their entries
+        # are read too, or the oldest entries went to the repeat.
+        first_went = min((_went(m) or now for m in matcher.remaining()), default=oldest)
+        date_from = provider_date(min(oldest, first_went) - CLOCK_SKEW, self.tz)
         # Where the last walk stopped, for the messages it left; from page 1 for those
         # that joined since (newer, or taken over): their entries are read there, and
         # the walk then skips to where the others' can be. Restarted at page 1 for all
@@ -189,19 +197,19 @@ class Reconciler:
         while _waiting(matcher) and reads < RECONCILE_MAX_PAGES:
             wait = await self.limiter.acquire("reconcile")
             if wait > 0:
-                await self._stop_at(page, matcher, taken, pages, start)
+                await self._stop_at(page, matcher, pages, start)
                 return wait
             try:
                 read = self.client.logs(page=page, date_from=date_from)
                 logs = await unless_stopped(read, self.stopping)
             except Stopped:  # they stay `sending`: the next start reads /logs for them
-                await self._stop_at(page, matcher, taken, pages, start)
+                await self._stop_at(page, matcher, pages, start)
                 return 0.0
             except ProviderAuthError as exc:
-                await self._stop_at(page, matcher, taken, pages, start)
+                await self._stop_at(page, matcher, pages, start)
                 return await self.outcomes.key_refused(exc)
             except RateLimitedError as exc:
-                await self._stop_at(page, matcher, taken, pages, start)
+                await self._stop_at(page, matcher, pages, start)
                 await self.limiter.rate_limited(exc.retry_after)
                 return self.limiter.wait_time("send")
             except ProviderError as exc:
@@ -209,20 +217,22 @@ class Reconciler:
                 if exc.status == 404 and self._logs_failures >= LOGS_TRIES:
                     log.error("/logs answered 404 %d times: outcomes stay unknown", LOGS_TRIES)
                     break
-                await self._wait_for_logs(exc, now, page, matcher, taken, pages, start)
+                await self._wait_for_logs(exc, now, page, matcher, pages, start)
                 return None
             self._logs_failures = 0
             self.logs_retry_at = 0.0
             self.limiter.answered()
             reads += 1
-            earliest = await self._match_page(logs.entries, matcher, taken)
-            pages.update((entry.id, page) for entry, *_ in taken if entry.id not in pages)
-            # The pages still worth reading for each message left: from where its entry
-            # can be, until entries older than its request (newest first: not further).
+            earliest = await self._match_page(logs.entries, matcher)
+            pages.update((e.id, page) for e, *_ in matcher.candidates() if e.id not in pages)
+            # The pages still worth reading for each message left without an entry: from
+            # where its entry can be, until entries older than its request, or than an
+            # earlier send of its text that takes older entries first (`reach`; newest
+            # first: not further). A message paired stays so as more entries are read.
             wanted = [
                 start[m.id]
                 for m in _waiting(matcher)
-                if earliest is None or earliest >= (m.claimed_at or now) - CLOCK_SKEW
+                if earliest is None or (reach := matcher.reach(m)) is None or earliest >= reach
             ]
             if not logs.has_more or not wanted:
                 break
@@ -233,15 +243,15 @@ class Reconciler:
                 # bulk of 1000 with texts after it spans more than the cap, and its
                 # oldest recipients were texted again.
                 self._logs_failures = 0
-                await self._stop_at(page, matcher, taken, pages, start)
+                await self._stop_at(page, matcher, pages, start)
                 self._cut_short = True  # sends go first; the walk goes on at the next step
                 return None
         self._logs_failures = 0
-        found = self._found(matcher, taken)
+        found = self._found(matcher)
         if found:
             log.info("reconciled %d messages the provider had already accepted", len(found))
             await self.outcomes.record_sent(found)
-        await self._not_found(_missing(matcher, taken, found))
+        await self._not_found(_missing(matcher, found))
         return None
 
     def look_at(self, message: Message) -> float:
@@ -292,34 +302,29 @@ class Reconciler:
         messages = sorted([*ready, *earlier], key=lambda m: (_went(m) or now, m.id))
         return LogMatcher(messages, since=_went)
 
-    def _found(self, matcher: Matcher, taken: list[Taken]) -> list[Found]:
-        """What the entries taken show, in time order (`LogMatcher.in_time_order`): the
-        messages being looked for that the provider took, with its id and cost."""
+    def _found(self, matcher: Matcher) -> list[Found]:
+        """What the entries collected show, paired in time order (`LogMatcher.pairs`):
+        the messages being looked for that the provider took, with its id and cost."""
         return [
-            (m.id, entry.id, entry.cost)
-            for entry, m in matcher.in_time_order(taken)
-            if m.state == State.SENDING
+            (m.id, entry.id, entry.cost) for entry, m in matcher.pairs() if m.state == State.SENDING
         ]
 
-    async def _match_page(
-        self, entries: list[LogEntry], matcher: Matcher, taken: list[Taken]
-    ) -> float | None:
-        """Match one page of /logs to the messages left in `matcher` (taken out of it,
-        the entries into `taken`); returns when the page's oldest entry was created."""
+    async def _match_page(self, entries: list[LogEntry], matcher: Matcher) -> float | None:
+        """Collect the entries of one page of /logs that can be the messages in `matcher`
+        (paired when the walk ends or stops); returns when the page's oldest entry was
+        created."""
         earliest: float | None = None  # the oldest entry on the page
         known = await self.store.known_provider_ids([e.id for e in entries])
         # One set for the walk: /logs may shift between two pages (new sends push entries
         # on), and an entry read twice must not be taken for two repeats.
-        known.update(entry.id for entry, *_ in taken)
+        known.update(entry.id for entry, *_ in matcher.candidates())
         for entry in entries:
             created = provider_time(entry.created_at, self.tz)
             if created is not None:
                 earliest = created if earliest is None else min(earliest, created)
             if entry.id in known:
                 continue
-            m = matcher.take(entry.recipient, entry.message, created)
-            if m is not None:
-                taken.append((entry, entry.recipient, entry.message, created, m))
+            if matcher.offer(entry, entry.recipient, entry.message, created):
                 known.add(entry.id)
         return earliest
 
@@ -327,16 +332,16 @@ class Reconciler:
         self,
         page: int,
         missing: list[Message],
-        taken: list[Taken],
+        candidates: list[Candidate],
         pages: dict[str | None, int],
         start: dict[int, int],
     ) -> dict[int, int]:
         """Where a walk stopped before its end goes on for each message it left: from
         `page`, or from where its entry can be if further (entries only move to later
         pages, so resuming skips none); from the first page an entry of its recipient and
-        text was taken on, if earlier: the next walk pairs them in time order again."""
-        by_tail: dict[str, list[Taken]] = {}  # a bulk's thousand: not each against each
-        for one in taken:
+        text was collected on, if earlier: the next walk pairs them in time order again."""
+        by_tail: dict[str, list[Candidate]] = {}  # a bulk's thousand: not each against each
+        for one in candidates:
             by_tail.setdefault(number_digits(one[1])[-SUFFIX_DIGITS:], []).append(one)
         resume = {}
         for m in missing:
@@ -353,7 +358,6 @@ class Reconciler:
         now: float,
         page: int,
         matcher: Matcher,
-        taken: list[Taken],
         pages: dict[str | None, int],
         start: dict[int, int],
     ) -> None:
@@ -361,7 +365,7 @@ class Reconciler:
         for /logs too long is decided without it, and the rest waits for it to answer."""
         # What the pages read showed is settled now (dropped, it stayed `sending`
         # and was resent once overdue: a second SMS of a text the provider had).
-        found = self._found(matcher, taken)
+        found = self._found(matcher)
         if found:
             await self.outcomes.record_sent(found)
         # Only what has waited for /logs as long as a retry may last is decided
@@ -370,13 +374,13 @@ class Reconciler:
         # left `sending` by a stop longer than the patience was resent at the first
         # failed read after the restart (a second SMS when the provider had taken it).
         patience = self.config.retry_max_age
-        missing = _missing(matcher, taken, found)
+        missing = _missing(matcher, found)
         since = self._first_look if self._first_look is not None else now
         overdue = [m for m in missing if max(m.claimed_at or now, since) + patience <= now]
         # The rest goes on from this page when /logs answers again (from page 1,
         # a 503 deep in a bulk's pages sent the walk back over what it had read).
         waits = [m for m in missing if m not in overdue]
-        self._resume = self._resume_at(page, waits, taken, pages, start)
+        self._resume = self._resume_at(page, waits, matcher.candidates(), pages, start)
         # The backoff paces the reads for what waits. With every one decided here nothing
         # does: an outcome that comes after is looked up at its `look_at`,
         # not at the backoff (up to backoff_max: a resend's look, and the next resend of
@@ -394,7 +398,6 @@ class Reconciler:
         self,
         page: int,
         matcher: Matcher,
-        taken: list[Taken],
         pages: dict[str | None, int],
         start: dict[int, int],
     ) -> None:
@@ -402,12 +405,12 @@ class Reconciler:
         is recorded, and the next step goes on from `page` for the rest, or from where
         one's entry can be if that is further (entries only move to later pages, so
         resuming skips none); messages that join them meanwhile start at page 1."""
-        found = self._found(matcher, taken)
+        found = self._found(matcher)
         if found:
             log.info("reconciled %d messages the provider had already accepted", len(found))
             await self.outcomes.record_sent(found)
-        missing = _missing(matcher, taken, found)
-        self._resume = self._resume_at(page, missing, taken, pages, start)
+        missing = _missing(matcher, found)
+        self._resume = self._resume_at(page, missing, matcher.candidates(), pages, start)
 
     async def _not_found(self, missing: list[Message]) -> None:
         """/logs did not show these: retry a provider error; resend an unknown outcome

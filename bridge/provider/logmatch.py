@@ -6,13 +6,15 @@ the provider's own time zone. Reconciliation (did an unknown outcome go out?) an
 status poller (which entry is this id-less message?) both match through `LogMatcher`, so
 one tolerant rule decides everywhere: an entry is a message's only if created no earlier
 than the message went (less CLOCK_SKEW), and entries of one recipient and text go to our
-messages in time order, the oldest entry to the oldest message. Pure functions, no I/O.
+messages in time order, the oldest entry to the oldest message, once every entry that
+can be one of them is read (never as read: /logs is newest first). Pure functions, no
+I/O.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from datetime import datetime, tzinfo
 from typing import Generic, Protocol, TypeVar
 
@@ -110,12 +112,18 @@ def _no_time(message: object) -> float | None:
     return None
 
 
-class LogMatcher(Generic[M]):
-    """Our messages indexed by the tail of their number; each matches one entry at most.
+class LogMatcher(Generic[M, E]):
+    """Our messages indexed by the tail of their number, and the /logs entries that can
+    be theirs; each message is paired with one entry at most, each entry with one.
 
     Given oldest first, with `since(m)` when each went (its claim, or its send), if known.
-    An entry goes to the oldest waiting message it can be: an entry created more than
-    CLOCK_SKEW before a message went is an earlier text, not that one.
+    An entry created more than CLOCK_SKEW before a message went is an earlier text, not
+    that one. Entries are only collected as read (`offer`, newest first), never settled
+    while reading: `pairs` gives the oldest entry to the oldest message it can be, over
+    every entry collected. Settled as read, the newest entry went to the oldest message
+    it could be, and the older entries then fitted only newer messages, too old for them:
+    of two id-less sends and a timed-out repeat of one text, the repeat was "not found"
+    and sent again (a second SMS), and the poller swapped ids and states.
     """
 
     def __init__(
@@ -125,50 +133,77 @@ class LogMatcher(Generic[M]):
         since: Callable[[M], float | None] = _no_time,
     ) -> None:
         self._since = since
-        self._order: dict[int, int] = {}  # id(m) -> its place, oldest first
+        self._messages = list(messages)  # oldest first
         self._by_tail: dict[str, list[M]] = {}
-        for index, m in enumerate(messages):
-            self._order[id(m)] = index
-            self._by_tail.setdefault(number_digits(m.recipient)[-SUFFIX_DIGITS:], []).append(m)
+        for m in self._messages:
+            self._by_tail.setdefault(_tail(m.recipient), []).append(m)
+        self._entries: list[tuple[E, object, object, float | None]] = []  # as read
+        self._pairs: list[tuple[E, M]] | None = None  # `pairs`, until another entry
 
     def __bool__(self) -> bool:
-        return any(self._by_tail.values())
+        """Whether a message is left without an entry (`remaining`)."""
+        return bool(self.remaining())
+
+    def _fits(self, m: M, recipient: object, text: object, created: float | None) -> bool:
+        went = self._since(m)
+        if created is not None and went is not None and created < went - CLOCK_SKEW:
+            return False  # before this one went: an earlier text
+        return same_number(m.recipient, recipient) and same_text(m.text, text)
+
+    def offer(self, entry: E, recipient: object, text: object, created: float | None) -> bool:
+        """Collect an entry read (newest first; created at `created`, if known) if it
+        can be one of the messages; nothing is paired yet (`pairs`)."""
+        group = self._by_tail.get(_tail(recipient), [])
+        if not any(self._fits(m, recipient, text, created) for m in group):
+            return False
+        self._entries.append((entry, recipient, text, created))
+        self._pairs = None
+        return True
+
+    def candidates(self) -> list[tuple[E, object, object, float | None]]:
+        """The entries collected, as read: each with its recipient, text and creation."""
+        return list(self._entries)
+
+    def pairs(self) -> list[tuple[E, M]]:
+        """Every entry collected, the oldest first, paired with the oldest message it
+        can be that no older entry was: of one recipient and text, the order they went
+        in decides. A message paired stays paired as more (older) entries are read;
+        which of the repeats' entries it gets may change."""
+        if self._pairs is None:
+            free = {tail: list(group) for tail, group in self._by_tail.items()}
+            pairs: list[tuple[E, M]] = []
+            for entry, recipient, text, created in reversed(self._entries):
+                group = free.get(_tail(recipient), [])
+                for index, m in enumerate(group):
+                    if self._fits(m, recipient, text, created):
+                        pairs.append((entry, group.pop(index)))
+                        break
+            self._pairs = pairs
+        return self._pairs
 
     def remaining(self) -> list[M]:
-        return [m for group in self._by_tail.values() for m in group]
+        """The messages `pairs` leaves without an entry, oldest first."""
+        paired = {id(m) for _, m in self.pairs()}
+        return [m for m in self._messages if id(m) not in paired]
 
-    def take(self, recipient: object, text: object, created: float | None = None) -> M | None:
-        """The oldest waiting message this entry (created at `created`, if known) can be,
-        removed from the waiting; else None."""
-        group = self._by_tail.get(number_digits(recipient)[-SUFFIX_DIGITS:])
-        if not group:
-            return None
-        for index, m in enumerate(group):
-            went = self._since(m)
-            if created is not None and went is not None and created < went - CLOCK_SKEW:
-                continue  # before this one went: an earlier text
-            if same_number(m.recipient, recipient) and same_text(m.text, text):
-                return group.pop(index)
-        return None
+    def reach(self, m: M) -> float | None:
+        """How old an entry that bears on `m` can be: created no earlier than it, less
+        CLOCK_SKEW, or than any message of its recipient and text that went before it
+        (older entries go to those first, and theirs can then be the one left for `m`).
+        None: a time unknown, every entry may."""
+        oldest = self._since(m)
+        for other in self._by_tail.get(_tail(m.recipient), []):
+            went = self._since(other)
+            if other is m or not (
+                same_number(m.recipient, other.recipient) and same_text(m.text, other.text)
+            ):
+                continue
+            if went is None:
+                return None
+            if oldest is not None and went < oldest:
+                oldest = went
+        return None if oldest is None else oldest - CLOCK_SKEW
 
-    def in_time_order(
-        self,
-        taken: Sequence[tuple[E, object, object, float | None, M]],
-    ) -> list[tuple[E, M]]:
-        """The entries taken in a walk of /logs (newest first, as read: each entry with
-        its recipient, text and creation time, and the message `take` gave it) paired
-        again the oldest entry to the oldest message.
 
-        Read newest first, an entry went to the oldest message waiting: of two sends of
-        one text to one phone, the newest entry to the oldest send, their ids and states
-        swapped. Paired again from the oldest entry up, each to the oldest message it can
-        be (the same set of entries and messages), the order they went in decides.
-        """
-        messages = sorted((m for *_, m in taken), key=lambda m: self._order.get(id(m), 0))
-        again: LogMatcher[M] = LogMatcher(messages, since=self._since)
-        pairs: list[tuple[E, M]] = []
-        for entry, recipient, text, created, _ in reversed(taken):
-            m = again.take(recipient, text, created)
-            if m is not None:
-                pairs.append((entry, m))
-        return pairs
+def _tail(recipient: object) -> str:
+    return number_digits(recipient)[-SUFFIX_DIGITS:]
