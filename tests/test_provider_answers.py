@@ -154,6 +154,39 @@ async def test_an_unknown_outcome_never_takes_the_entry_of_an_earlier_send_witho
 
 
 @pytest.mark.usefixtures("backend")
+async def test_an_unknown_outcome_never_takes_the_entry_of_a_later_send_without_an_id(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The first of two alerts of one text to one phone dies at a gateway before the
+    provider; the second goes while the first waits for its look (new texts no longer
+    wait for it), answered without an id. Only id-less sends made up to the newest
+    claim looked up held their entries, and of two sends both able to be an entry's, the
+    older took it: the first, never sent, was recorded sent on the second's entry. A send
+    the provider answered has an entry for sure, an unknown outcome may not: the
+    answered sends take theirs first, and the first is sent again."""
+    sandbox_state.shape = VARIANTS["count-only"]  # /send answers success, cost, no id
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+        sandbox_state.faults.append(
+            Fault(status=502, body="<html>Bad Gateway</html>", path="/send")
+        )
+        [first] = (await post(url, {**body, "dedupe_key": "host-a"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        assert (await bridge.store.get(first)).state == State.SENDING  # type: ignore[union-attr]
+        clock.advance(1.0)
+        [second] = (await post(url, {**body, "dedupe_key": "host-b"})).json()["ids"]
+        await bridge.dispatcher.run_once()  # the first's look is not due: this one goes
+        assert (await bridge.store.get(second)).state == State.SENT  # type: ignore[union-attr]
+        clock.advance(RECONCILE_DELAY)
+        await bridge.dispatcher.run_once()  # /logs: the one entry is the second's
+        looked = await bridge.store.get(first)
+        await pump(bridge, clock, went(bridge, first), max_seconds=600)
+    assert looked.unknown_resends == 1, looked  # type: ignore[union-attr]
+    assert len(sandbox_state.entries) == 2  # the second's, then the first's, sent again
+
+
+@pytest.mark.usefixtures("backend")
 async def test_each_unknown_outcome_is_matched_from_its_own_claim(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

@@ -292,15 +292,16 @@ class Reconciler:
         dedupe key, one text) that never reached the provider took the earlier one's
         entry, and was recorded sent, then delivered. Each entry of a recipient and text
         now goes to the oldest message it can be (sent or claimed no later than the entry,
-        less CLOCK_SKEW), the earlier sends without an id included: what is left of them
-        is the text being looked for.
+        less CLOCK_SKEW), our sends without an id first (each has an entry for sure; the
+        text looked for may have none): what is left of them is the text looked for.
         """
-        newest = max(m.claimed_at or now for m in ready)
+        # Up to now, not the newest claim: a send of the text made while these waited
+        # for their look (new texts go meanwhile) has its entry too.
         earlier = await self.store.sent_without_id(
-            sorted({m.recipient for m in ready}), since=oldest - 2 * CLOCK_SKEW, until=newest
+            sorted({m.recipient for m in ready}), since=oldest - 2 * CLOCK_SKEW, until=now
         )
         messages = sorted([*ready, *earlier], key=lambda m: (_went(m) or now, m.id))
-        return LogMatcher(messages, since=_went)
+        return LogMatcher(messages, since=_went, answered=lambda m: m.state == State.SENT)
 
     def _found(self, matcher: Matcher) -> list[Found]:
         """What the entries collected show, paired in time order (`LogMatcher.pairs`):

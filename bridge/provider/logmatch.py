@@ -131,8 +131,12 @@ class LogMatcher(Generic[M, E]):
         messages: Iterable[M],
         *,
         since: Callable[[M], float | None] = _no_time,
+        answered: Callable[[M], bool] = lambda m: False,
     ) -> None:
         self._since = since
+        # Messages the provider answered for (sent without an id): each has an entry for
+        # sure, where one whose outcome is unknown may have none. They take theirs first.
+        self._answered = answered
         self._messages = list(messages)  # oldest first
         self._by_tail: dict[str, list[M]] = {}
         for m in self._messages:
@@ -167,19 +171,34 @@ class LogMatcher(Generic[M, E]):
     def pairs(self) -> list[tuple[E, M]]:
         """Every entry collected, the oldest first, paired with the oldest message it
         can be that no older entry was: of one recipient and text, the order they went
-        in decides. A message paired stays paired as more (older) entries are read;
-        which of the repeats' entries it gets may change."""
+        in decides, the messages the provider answered for (`answered`) before the
+        others. A message paired stays paired as more (older) entries are read; which of
+        the repeats' entries it gets may change."""
         if self._pairs is None:
-            free = {tail: list(group) for tail, group in self._by_tail.items()}
-            pairs: list[tuple[E, M]] = []
-            for entry, recipient, text, created in reversed(self._entries):
-                group = free.get(_tail(recipient), [])
-                for index, m in enumerate(group):
-                    if self._fits(m, recipient, text, created):
-                        pairs.append((entry, group.pop(index)))
-                        break
-            self._pairs = pairs
+            # The answered messages first: of an unknown outcome that never reached the
+            # provider and a send it answered later, both can be the one entry, and
+            # in time order alone the unknown one took it (recorded sent, never sent).
+            # At worst, two that both went swap their entries' ids.
+            oldest_first = list(reversed(range(len(self._entries))))
+            first = self._pair(oldest_first, self._answered)
+            left = [i for i in oldest_first if i not in first]
+            paired = {**first, **self._pair(left, lambda m: not self._answered(m))}
+            self._pairs = [(self._entries[i][0], paired[i]) for i in oldest_first if i in paired]
         return self._pairs
+
+    def _pair(self, indices: list[int], among: Callable[[M], bool]) -> dict[int, M]:
+        """The entries at `indices` (oldest first), each to the oldest message of `among`
+        it can be that no older one was."""
+        free = {tail: [m for m in group if among(m)] for tail, group in self._by_tail.items()}
+        pairs: dict[int, M] = {}
+        for i in indices:
+            _, recipient, text, created = self._entries[i]
+            group = free.get(_tail(recipient), [])
+            for index, m in enumerate(group):
+                if self._fits(m, recipient, text, created):
+                    pairs[i] = group.pop(index)
+                    break
+        return pairs
 
     def remaining(self) -> list[M]:
         """The messages `pairs` leaves without an entry, oldest first."""
