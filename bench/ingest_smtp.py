@@ -77,6 +77,9 @@ BARE_SERVER = textwrap.dedent("""
         async def handle_DATA(self, server, session, envelope):
             return "250 2.0.0 OK"
 
+        def login_refusal(self, session):  # BridgeSMTP asks its handler at each command
+            return None
+
     async def main(port):
         loop = asyncio.get_running_loop()
         sock = socket.socket()
