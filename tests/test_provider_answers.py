@@ -387,6 +387,44 @@ async def test_two_sends_without_an_id_minutes_apart_get_their_own_entries_state
     assert first.state == State.DELIVERED and second.state == State.FAILED
 
 
+async def test_a_status_round_cut_short_pairs_no_sends_without_an_id(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Two sends of one text to one phone, answered without an id, 150 texts between
+    them: the first's entry on /logs' second page, which answers 503. The round stopped
+    there and paired what it had read: the second's entry went to the first (the
+    oldest), for good, and the second, its entry known now, could never be matched (and
+    a reconciler looking for a repeat of it would send it again). A round cut short
+    pairs no id-less send; the next, reading both pages, gives each its own."""
+    sandbox_state.shape = VARIANTS["count-only"]
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+        [first] = (await post(url, {**body, "dedupe_key": "host-a"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        others = [f"+1202{5000000 + i:07d}" for i in range(150)]
+        await post(url, {"to": others, "message": "x"})
+        await bridge.dispatcher.run_once()
+        clock.advance(200)
+        [second] = (await post(url, {**body, "dedupe_key": "host-b"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        assert len(sandbox_state.entries) == 152
+        page = "<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>"
+        sandbox_state.faults.append(
+            Fault(status=503, body=page, path="/logs", query={"page": "2"}, times=1)
+        )
+        clock.advance(5)
+        await bridge.poller.run_once()  # page 1, then page 2's 503
+        cut = [await bridge.store.get(i) for i in (first, second)]
+        for _ in range(4):
+            clock.advance(60)
+            await bridge.poller.run_once()
+        final = [await bridge.store.get(i) for i in (first, second)]
+    assert [m.provider_message_id for m in cut] == [None, None], cut  # type: ignore[union-attr]
+    ours = [e for e in sandbox_state.entries if e.message == "FIRING: HighCPU"]
+    assert [m.provider_message_id for m in final] == [str(e.message_id) for e in ours], final  # type: ignore[union-attr]
+
+
 class TakenThenTimesOut(httpx.AsyncBaseTransport):
     """The real transport; the `nth` /send reaches the provider (taken and logged), and
     its answer never comes back: the client's read timeout (an unknown outcome)."""

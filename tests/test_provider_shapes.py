@@ -233,6 +233,25 @@ def test_log_matcher_pairs_over_every_entry_not_as_read() -> None:
     assert two.pairs() == [("@100", e1), ("@300", m)]
 
 
+def test_log_matcher_reach_counts_earlier_sends_of_any_text_to_the_number() -> None:
+    """An entry fits a message whose text it begins: M "Backup failed on host db1"'s
+    entry fits A "Backup failed on host db1 (retry 2)", sent 200 s before M. A takes it
+    (it went first), and A's own entry is older than M's claim less CLOCK_SKEW. How deep
+    the walk reads for M asked only of sends of M's own text: it stopped before A's
+    entry, and M, "not found", was sent again. Every earlier send to the number counts."""
+
+    class M:
+        def __init__(self, text: str, at: float) -> None:
+            self.recipient, self.text, self.at = "+12025550152", text, at
+
+    a = M("Backup failed on host db1 (retry 2)", 0.0)
+    m = M("Backup failed on host db1", 200.0)
+    matcher: LogMatcher[M, str] = LogMatcher([a, m], since=lambda x: x.at)
+    assert matcher.offer("@200", "12025550152", "Backup failed on host db1", 200.0)
+    assert matcher.remaining() == [m]  # so far: M's entry is A's
+    assert matcher.reach(m) == 0.0 - 120  # A's entry bears on M: read on
+
+
 def test_a_send_went_at_its_claim_when_the_answer_came_later() -> None:
     """`sent_at` is when the answer came back, after the provider logged the request: an
     id-less send whose answer took 200 s could not take its own entry (created more than

@@ -161,6 +161,11 @@ class StatusPoller:
             start = self._resume_page
         updates: list[tuple[int, State, str | None]] = []
         found_ids: list[tuple[int, str]] = []
+        # Whether the round read as deep as an id-less message's entry can be: paired
+        # before, on a round a budget, an error or the page cap cut short, a send took a
+        # newer repeat's entry (its own on a page not read), kept its id for good, and
+        # the repeat, its entry known, was "not found" by the reconciler and sent again.
+        id_less_read = False
         for page in range(start, min(start + MAX_PAGES_PER_ROUND, deepest + 1)):
             self._resume_page = 0  # from the newest again, unless said below
             if await self.limiter.acquire("status") > 0:
@@ -180,14 +185,15 @@ class StatusPoller:
                 break
             self.limiter.answered()
             earliest = await self._match_page(logs.entries, by_id, id_less, updates)
-            if (not by_id and not _reads_on(id_less, earliest)) or not logs.has_more:
+            id_less_read = not logs.has_more or not _reads_on(id_less, earliest)
+            if (not by_id and id_less_read) or not logs.has_more:
                 break
             # Unless a later page of this round reaches the end of /logs or finds them
             # all, the next round goes on from the next page: starting at the newest
             # again would never reach the oldest while a newer message waits.
             self._resume_page = page + 1
         self._end_round(waiting, deepest)
-        for entry, m in id_less.pairs():
+        for entry, m in id_less.pairs() if id_less_read else []:
             found_ids.append((m.id, entry.id))
             self._final_state(entry, m, updates)
         if found_ids:

@@ -207,15 +207,16 @@ class LogMatcher(Generic[M, E]):
 
     def reach(self, m: M) -> float | None:
         """How old an entry that bears on `m` can be: created no earlier than it, less
-        CLOCK_SKEW, or than any message of its recipient and text that went before it
-        (older entries go to those first, and theirs can then be the one left for `m`).
-        None: a time unknown, every entry may."""
+        CLOCK_SKEW, or than any message to its recipient that went before it (older
+        entries go to those first, and theirs can then be the one left for `m`). Any
+        text: an entry fits a message whose text it begins (`same_text`), so one of
+        `m`'s entries can go to a message of a longer text, whose own entry is older;
+        asked of our two texts alone, the walk stopped short of it and `m` was sent
+        again. None: a time unknown, every entry may."""
         oldest = self._since(m)
         for other in self._by_tail.get(_tail(m.recipient), []):
             went = self._since(other)
-            if other is m or not (
-                same_number(m.recipient, other.recipient) and same_text(m.text, other.text)
-            ):
+            if other is m or not same_number(m.recipient, other.recipient):
                 continue
             if went is None:
                 return None
