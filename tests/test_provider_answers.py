@@ -186,6 +186,37 @@ async def test_an_unknown_outcome_never_takes_the_entry_of_a_later_send_without_
     assert len(sandbox_state.entries) == 2  # the second's, then the first's, sent again
 
 
+async def test_an_unknown_outcome_waits_for_logs_to_show_a_send_made_while_it_waited(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The provider took the first of two alerts of one text to one phone but its answer
+    was a 502 page; the second went a second later, answered without an id, and /logs
+    showed it only some seconds after. Our answered sends take their entries first, so
+    at the first's look the second took the first's entry (its own not there yet): the
+    first, "not found", was sent again. A look waits until /logs can show every id-less
+    send to the number (RECONCILE_DELAY after it)."""
+    sandbox_state.shape = VARIANTS["count-only"]
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+        gateway = "<html>Bad Gateway</html>"
+        sandbox_state.faults.append(Fault(status=502, body=gateway, path="/send", taken=True))
+        [first] = (await post(url, {**body, "dedupe_key": "host-a"})).json()["ids"]
+        await bridge.dispatcher.run_once()  # taken, answered 502: looked up in 5 s
+        clock.advance(1.0)
+        [second] = (await post(url, {**body, "dedupe_key": "host-b"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        assert (await bridge.store.get(second)).state == State.SENT  # type: ignore[union-attr]
+        logged_late = sandbox_state.entries.pop()  # /logs does not show it yet
+        clock.advance(RECONCILE_DELAY - 1.0 + 0.1)  # the first's look is due
+        await bridge.dispatcher.run_once()
+        sandbox_state.entries.append(logged_late)  # now it does
+        await pump(bridge, clock, went(bridge, first), max_seconds=60)
+        looked = await bridge.store.get(first)
+    assert looked.unknown_resends == 0, looked  # type: ignore[union-attr]
+    assert len(sandbox_state.entries) == 2  # each went once
+
+
 @pytest.mark.usefixtures("backend")
 async def test_each_unknown_outcome_is_matched_from_its_own_claim(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str

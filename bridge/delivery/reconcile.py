@@ -177,6 +177,9 @@ class Reconciler:
             return None
         if now < self.logs_retry_at:
             return None  # /logs failed: these wait for it, new texts go meanwhile
+        ready = await self._after_young_sends(ready, now)
+        if not ready:
+            return None
         oldest = min(m.claimed_at or now for m in ready)
         matcher = await self._matcher(ready, oldest, now)
         # The matcher collects the entries that can be the messages' over the walk:
@@ -283,6 +286,25 @@ class Reconciler:
         slow provider's pace (or a hundred texts) lasted long past it. Not a walk cut
         short by its page cap: sends go first there."""
         return any(at is not None and 0 < at <= now for at in (self.logs_retry_at, self._not_ready))
+
+    async def _after_young_sends(self, ready: list[Message], now: float) -> list[Message]:
+        """`ready` less the texts to a number that an id-less send went to less than
+        RECONCILE_DELAY ago (new texts go while a look waits): /logs may not show that
+        send yet, and our sends take their entries first, so it took the entry of the
+        text looked for, "not found" and sent again. Those are looked up once /logs has
+        caught up with it (`next_look`)."""
+        young = await self.store.sent_without_id(
+            sorted({m.recipient for m in ready}), since=now - RECONCILE_DELAY, until=now
+        )
+        caught_up: dict[str, float] = {}
+        for sent in young:
+            at = (sent.sent_at or now) + RECONCILE_DELAY
+            if at > now:
+                caught_up[sent.recipient] = max(at, caught_up.get(sent.recipient, at))
+        later = [caught_up[m.recipient] for m in ready if m.recipient in caught_up]
+        if later:
+            self._not_ready = min([*later, *([self._not_ready] if self._not_ready else [])])
+        return [m for m in ready if m.recipient not in caught_up]
 
     async def _matcher(self, ready: list[Message], oldest: float, now: float) -> Matcher:
         """The messages to look for, with our earlier sends that the provider took without
