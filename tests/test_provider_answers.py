@@ -217,6 +217,40 @@ async def test_an_unknown_outcome_waits_for_logs_to_show_a_send_made_while_it_wa
     assert len(sandbox_state.entries) == 2  # each went once
 
 
+async def test_a_walk_cut_by_its_page_cap_goes_on_from_where_it_stopped(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """An id-less send of a text to a phone, a bulk of 1,100 to others, then a repeat of
+    the text whose answer was a 502 page after the provider took it. The repeat's walk
+    read its entry on page 1 (the earlier send's first, as answered sends are), read on
+    for the earlier send's own, and stopped at its 10-page cap; to pair them again the
+    next walk went back to page 1, and stopped at the same cap: the repeat stayed
+    `sending` for good, 10 /logs reads a step. The walk keeps what it collected and goes
+    on from where it stopped: the repeat is found, never sent again."""
+    sandbox_state.shape = VARIANTS["count-only"]
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 2000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+        await post(url, {**body, "dedupe_key": "host-a"})
+        await bridge.dispatcher.run_once()
+        others = [f"+1202{5000000 + i:07d}" for i in range(1100)]
+        await post(url, {"to": others, "message": "x"})
+        await bridge.dispatcher.run_once()
+        clock.advance(200)
+        gateway = "<html>Bad Gateway</html>"
+        sandbox_state.faults.append(Fault(status=502, body=gateway, path="/send", taken=True))
+        [repeat] = (await post(url, {**body, "dedupe_key": "host-b"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        assert (await bridge.store.get(repeat)).state == State.SENDING  # type: ignore[union-attr]
+        clock.advance(RECONCILE_DELAY + 0.1)
+        for _ in range(4):
+            await bridge.dispatcher.run_once()
+            clock.advance(1.0)
+        final = await bridge.store.get(repeat)
+    assert final.state == State.SENT and final.unknown_resends == 0, final  # type: ignore[union-attr]
+    assert len(sandbox_state.entries) == 1102  # nothing sent twice
+
+
 @pytest.mark.usefixtures("backend")
 async def test_each_unknown_outcome_is_matched_from_its_own_claim(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str

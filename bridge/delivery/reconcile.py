@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import tzinfo
 
 from bridge.clock import Clock
@@ -79,6 +80,21 @@ UNKNOWN_KINDS = ("unknown", "provider-error")
 
 Matcher = LogMatcher[Message, LogEntry]
 Candidate = tuple[LogEntry, object, object, float | None]  # `LogMatcher.candidates`
+
+
+@dataclass(frozen=True)
+class _Carried:
+    """What a walk cut by its page cap had collected, and where: the next walk goes on
+    from where it stopped with them, not from the first page an entry of a text was read
+    on (to pair them all again), which stopped at the same cap for good when more than
+    the cap lay between a repeat's entry and an earlier send's. `until`: the sends of
+    ours it counted (`sent_without_id`); later ones' entries are on pages it skips."""
+
+    candidates: list[Candidate]
+    pages: dict[str | None, int]
+    until: float
+
+
 Found = tuple[int, str | None, float | None]  # (id, provider id, cost): `record_sent`
 
 
@@ -141,6 +157,8 @@ class Reconciler:
         self.stopping: asyncio.Event | None = None
         # A walk stopped before its end: the page each message it left goes on from.
         self._resume: dict[int, int] = {}
+        # What a walk cut by its page cap collected, for the next to go on with (`_Carried`).
+        self._carried: _Carried | None = None
         self.owner, self.lease = owner, lease  # whose claims this settles (and takes over)
         self.takes_over = takes_over  # whether it takes over others' (the leader's sweep)
 
@@ -181,14 +199,6 @@ class Reconciler:
         if not ready:
             return None
         oldest = min(m.claimed_at or now for m in ready)
-        matcher = await self._matcher(ready, oldest, now)
-        # The matcher collects the entries that can be the messages' over the walk:
-        # paired in time order when the walk ends or stops (`_found`).
-        pages: dict[str | None, int] = {}  # where each collected entry was read
-        # From the oldest any of them went, our earlier sends included: their entries
-        # are read too, or the oldest entries went to the repeat.
-        first_went = min((_went(m) or now for m in matcher.remaining()), default=oldest)
-        date_from = provider_date(min(oldest, first_went) - CLOCK_SKEW, self.tz)
         # Where the last walk stopped, for the messages it left; from page 1 for those
         # that joined since (newer, or taken over): their entries are read there, and
         # the walk then skips to where the others' can be. Restarted at page 1 for all
@@ -196,6 +206,20 @@ class Reconciler:
         # (one a minute in an outage) reread its first pages at every step.
         start = {m.id: self._resume.get(m.id, 1) for m in ready}
         self._resume = {}
+        carried, self._carried = self._carried, None
+        if min(start.values()) == 1:
+            carried = None  # read from the first page: everything is read again
+        until = now if carried is None else carried.until
+        matcher = await self._matcher(ready, oldest, until)
+        # The matcher collects the entries that can be the messages' over the walk:
+        # paired in time order when the walk ends or stops (`_found`).
+        pages: dict[str | None, int] = {}  # where each collected entry was read
+        if carried is not None:
+            await self._go_on_with(carried, matcher, pages)
+        # From the oldest any of them went, our earlier sends included: their entries
+        # are read too, or the oldest entries went to the repeat.
+        first_went = min((_went(m) or now for m in matcher.remaining()), default=oldest)
+        date_from = provider_date(min(oldest, first_went) - CLOCK_SKEW, self.tz)
         page, reads = min(start.values()), 0
         while _waiting(matcher) and reads < RECONCILE_MAX_PAGES:
             wait = await self.limiter.acquire("reconcile")
@@ -247,6 +271,11 @@ class Reconciler:
                 # oldest recipients were texted again.
                 self._logs_failures = 0
                 await self._stop_at(page, matcher, pages, start)
+                # Going on from `page` with what it collected, not back to pair them all
+                # again (`_Carried`); what the pairing so far found is recorded above.
+                missing = _missing(matcher, self._found(matcher))
+                self._resume = {m.id: max(page, start[m.id]) for m in missing}
+                self._carried = _Carried(matcher.candidates(), dict(pages), until)
                 self._cut_short = True  # sends go first; the walk goes on at the next step
                 return None
         self._logs_failures = 0
@@ -306,7 +335,18 @@ class Reconciler:
             self._not_ready = min([*later, *([self._not_ready] if self._not_ready else [])])
         return [m for m in ready if m.recipient not in caught_up]
 
-    async def _matcher(self, ready: list[Message], oldest: float, now: float) -> Matcher:
+    async def _go_on_with(
+        self, carried: _Carried, matcher: Matcher, pages: dict[str | None, int]
+    ) -> None:
+        """Offer a walk what the last one collected before its page cap, less entries
+        recorded since as some message's (the stop records what it found)."""
+        ids = [entry.id for entry, *_ in carried.candidates]
+        known = await self.store.known_provider_ids(ids)
+        for entry, recipient, text, created in carried.candidates:
+            if entry.id not in known and matcher.offer(entry, recipient, text, created):
+                pages[entry.id] = carried.pages.get(entry.id, 1)
+
+    async def _matcher(self, ready: list[Message], oldest: float, until: float) -> Matcher:
         """The messages to look for, with our earlier sends that the provider took without
         naming an id to the same recipients: their entries are not free to take.
 
@@ -317,12 +357,13 @@ class Reconciler:
         less CLOCK_SKEW), our sends without an id first (each has an entry for sure; the
         text looked for may have none): what is left of them is the text looked for.
         """
-        # Up to now, not the newest claim: a send of the text made while these waited
-        # for their look (new texts go meanwhile) has its entry too.
+        # Up to now (`until`, unless a walk goes on), not the newest claim: a send of the
+        # text made while these waited for their look (new texts go meanwhile) has its
+        # entry too.
         earlier = await self.store.sent_without_id(
-            sorted({m.recipient for m in ready}), since=oldest - 2 * CLOCK_SKEW, until=now
+            sorted({m.recipient for m in ready}), since=oldest - 2 * CLOCK_SKEW, until=until
         )
-        messages = sorted([*ready, *earlier], key=lambda m: (_went(m) or now, m.id))
+        messages = sorted([*ready, *earlier], key=lambda m: (_went(m) or until, m.id))
         return LogMatcher(messages, since=_went, answered=lambda m: m.state == State.SENT)
 
     def _found(self, matcher: Matcher) -> list[Found]:
