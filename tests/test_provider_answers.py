@@ -251,6 +251,43 @@ async def test_a_walk_cut_by_its_page_cap_goes_on_from_where_it_stopped(
     assert len(sandbox_state.entries) == 1102  # nothing sent twice
 
 
+async def test_a_message_joining_a_cut_walk_leaves_no_carried_entry_unread(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """As above, with 150 texts after the repeat (its entry on page 2), and another
+    number's text taken behind a 502 page while the repeat's walk was cut. The next walk
+    read from page 1 for the newcomer without what the cut walk had carried, and jumped
+    to where the repeat's had stopped: the repeat's entry, on page 2, was never read
+    again, and the repeat, "not found", was sent again. The carried ones are read again
+    from where their entries were."""
+    sandbox_state.shape = VARIANTS["count-only"]
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 2000\n")
+    gateway = "<html>Bad Gateway</html>"
+    async with running_bridge(config, clock) as (bridge, url):
+        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+        await post(url, {**body, "dedupe_key": "host-a"})
+        await bridge.dispatcher.run_once()
+        await post(url, {"to": [f"+1202{5000000 + i:07d}" for i in range(1100)], "message": "x"})
+        await bridge.dispatcher.run_once()
+        clock.advance(200)
+        sandbox_state.faults.append(Fault(status=502, body=gateway, path="/send", taken=True))
+        [repeat] = (await post(url, {**body, "dedupe_key": "host-b"})).json()["ids"]
+        await bridge.dispatcher.run_once()
+        await post(url, {"to": [f"+1303{5000000 + i:07d}" for i in range(150)], "message": "y"})
+        await bridge.dispatcher.run_once()
+        clock.advance(RECONCILE_DELAY + 0.1)
+        sandbox_state.faults.append(Fault(status=502, body=gateway, path="/send", taken=True))
+        await post(url, {"to": "+14155550199", "message": "db-9 down"})
+        await bridge.dispatcher.run_once()  # the repeat's walk cut at 10 pages; the newcomer
+        clock.advance(RECONCILE_DELAY + 0.1)
+        for _ in range(4):
+            await bridge.dispatcher.run_once()
+            clock.advance(1.0)
+        final = await bridge.store.get(repeat)
+    assert final.state == State.SENT and final.unknown_resends == 0, final  # type: ignore[union-attr]
+    assert len(sandbox_state.entries) == 1 + 1100 + 1 + 150 + 1  # nothing sent twice
+
+
 @pytest.mark.usefixtures("backend")
 async def test_each_unknown_outcome_is_matched_from_its_own_claim(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str

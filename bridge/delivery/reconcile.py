@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import tzinfo
@@ -80,6 +81,17 @@ UNKNOWN_KINDS = ("unknown", "provider-error")
 
 Matcher = LogMatcher[Message, LogEntry]
 Candidate = tuple[LogEntry, object, object, float | None]  # `LogMatcher.candidates`
+
+
+def _first_page_of(m: Message, carried: _Carried) -> int:
+    """The first page the carried walk read an entry for `m`'s number on (any text: an
+    entry fits a longer text it begins), or a large page if none."""
+    found = [
+        carried.pages.get(entry.id, 1)
+        for entry, recipient, *_ in carried.candidates
+        if same_number(m.recipient, recipient)
+    ]
+    return min(found, default=sys.maxsize)
 
 
 @dataclass(frozen=True)
@@ -207,8 +219,14 @@ class Reconciler:
         start = {m.id: self._resume.get(m.id, 1) for m in ready}
         self._resume = {}
         carried, self._carried = self._carried, None
-        if min(start.values()) == 1:
-            carried = None  # read from the first page: everything is read again
+        if carried is not None and min(start.values()) == 1:
+            # A message joined (new, or taken over): read from the first page, and for
+            # the carried ones again from where their entries were, not with them. Left
+            # at the page the cut walk stopped at, their entries on the pages the walk
+            # then skips to were lost: "not found", a text the provider had sent again.
+            for m in ready:
+                start[m.id] = min(start[m.id], _first_page_of(m, carried))
+            carried = None
         until = now if carried is None else carried.until
         matcher = await self._matcher(ready, oldest, until)
         # The matcher collects the entries that can be the messages' over the walk:
@@ -218,7 +236,9 @@ class Reconciler:
             await self._go_on_with(carried, matcher, pages)
         # From the oldest any of them went, our earlier sends included: their entries
         # are read too, or the oldest entries went to the repeat.
-        first_went = min((_went(m) or now for m in matcher.remaining()), default=oldest)
+        # Every message, paired or not: a send paired with a carried entry for now still
+        # has its own entry to be read (left out, a send at 23:59 fell off the date).
+        first_went = min((_went(m) or now for m in matcher.messages()), default=oldest)
         date_from = provider_date(min(oldest, first_went) - CLOCK_SKEW, self.tz)
         page, reads = min(start.values()), 0
         while _waiting(matcher) and reads < RECONCILE_MAX_PAGES:

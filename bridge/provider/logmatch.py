@@ -200,6 +200,10 @@ class LogMatcher(Generic[M, E]):
                     break
         return pairs
 
+    def messages(self) -> list[M]:
+        """Every message, oldest first."""
+        return list(self._messages)
+
     def remaining(self) -> list[M]:
         """The messages `pairs` leaves without an entry, oldest first."""
         paired = {id(m) for _, m in self.pairs()}
