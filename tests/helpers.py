@@ -80,6 +80,21 @@ def bridge_config(tmp_path: Path, provider_url: str, extra: str = "", **provider
     return load_config(write_config(tmp_path, body), env={})
 
 
+class ToProvider(httpx.AsyncBaseTransport):
+    """The real HTTP transport to the provider, for a test's subclass to bend where a
+    live server cannot play the fault (a timeout after the provider took a request, a
+    slow arrival on the manual clock): `inner` carries the requests, `aclose` ends it."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 @contextlib.asynccontextmanager
 async def running_bridge(
     config: Config,

@@ -21,7 +21,7 @@ from bridge.clock import ManualClock
 from bridge.delivery.reconcile import RECONCILE_DELAY
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
-from tests.helpers import bridge_config, max_in_window, pump, running_bridge, served
+from tests.helpers import ToProvider, bridge_config, max_in_window, pump, running_bridge, served
 
 # Run on each store backend (tests/conftest.py `backend`).
 on_each_backend = pytest.mark.usefixtures("backend")
@@ -29,11 +29,11 @@ on_each_backend = pytest.mark.usefixtures("backend")
 GROUP = '[groups]\noncall = ["+12025550101", "+12025550102", "+12025550103"]\n'
 
 
-class FaultyTransport(httpx.AsyncBaseTransport):
+class FaultyTransport(ToProvider):
     """The real HTTP transport, with faults injected on the first matching requests."""
 
     def __init__(self, faults: list[str], path: str = "/send") -> None:
-        self.inner = httpx.AsyncHTTPTransport()
+        super().__init__()
         self.faults = faults
         self.path = path
 
@@ -50,9 +50,6 @@ class FaultyTransport(httpx.AsyncBaseTransport):
             await response.aread()
             raise httpx.RemoteProtocolError("peer closed connection", request=request)
         return response
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 def scenarios(clock_now: float) -> dict[str, dict]:

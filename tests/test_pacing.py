@@ -23,7 +23,7 @@ from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.models import State
 from bridge.provider.sandbox import Fault, SandboxState
 from bridge.store import Store
-from tests.helpers import bridge_config, max_in_window, pump, running_bridge
+from tests.helpers import ToProvider, bridge_config, max_in_window, pump, running_bridge
 
 WINDOW = 60.5  # the limiter's: 60 s and its margin
 TEXT = "db-2: disk full, writes failing"
@@ -483,12 +483,12 @@ async def test_an_alert_during_a_long_hold_waits_seconds_not_the_hold(
     assert max_in_window([r.at for r in sandbox_state.requests]) <= 3
 
 
-class SlowFirstArrival(httpx.AsyncBaseTransport):
+class SlowFirstArrival(ToProvider):
     """The real transport over loopback; the first request takes `delay` (simulated) to
     reach the provider: a new TCP and TLS connection, a SYN retransmitted."""
 
     def __init__(self, clock: ManualClock, delay: float) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
+        super().__init__()
         self.clock = clock
         self.delay = delay
         self.slowed = False
@@ -498,9 +498,6 @@ class SlowFirstArrival(httpx.AsyncBaseTransport):
             self.slowed = True
             self.clock.advance(self.delay)
         return await self.inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 @pytest.mark.usefixtures("backend")  # the re-stamp is SQL of each backend

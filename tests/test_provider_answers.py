@@ -23,7 +23,7 @@ from bridge.delivery.reconcile import RECONCILE_DELAY
 from bridge.models import State
 from bridge.provider.sandbox import VARIANTS, Fault, SandboxState
 from bridge.service import Bridge
-from tests.helpers import bridge_config, pump, pump_until_state, running_bridge, served
+from tests.helpers import ToProvider, bridge_config, pump, pump_until_state, running_bridge, served
 
 ADMIN = '[budget]\nadmin = ["+12025550199"]\n'
 
@@ -324,12 +324,12 @@ async def test_each_unknown_outcome_is_matched_from_its_own_claim(
     assert [e.to for e in sandbox_state.entries].count("+12025550112") == 2
 
 
-class SendsBetweenPages(httpx.AsyncBaseTransport):
+class SendsBetweenPages(ToProvider):
     """The real transport; once /logs' first page is read, another client of the account
     sends a text: every entry moves one place on, the first page's last onto the second."""
 
     def __init__(self, state: SandboxState, clock: ManualClock) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
+        super().__init__()
         self.state, self.clock = state, clock
         self.done = False
 
@@ -339,9 +339,6 @@ class SendsBetweenPages(httpx.AsyncBaseTransport):
             self.done = True
             self.state.record_send("+12025559000", "other", "SMS", 1, self.clock.now())
         return response
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 @pytest.mark.usefixtures("backend")
@@ -527,12 +524,12 @@ async def test_a_status_round_cut_short_pairs_no_sends_without_an_id(
     assert [m.provider_message_id for m in final] == [str(e.message_id) for e in ours], final  # type: ignore[union-attr]
 
 
-class TakenThenTimesOut(httpx.AsyncBaseTransport):
+class TakenThenTimesOut(ToProvider):
     """The real transport; the `nth` /send reaches the provider (taken and logged), and
     its answer never comes back: the client's read timeout (an unknown outcome)."""
 
     def __init__(self, nth: int) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
+        super().__init__()
         self.nth, self.seen = nth, 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -543,9 +540,6 @@ class TakenThenTimesOut(httpx.AsyncBaseTransport):
                 await response.aread()
                 raise httpx.ReadTimeout("timed out", request=request)
         return response
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 @pytest.mark.usefixtures("backend")
@@ -797,9 +791,9 @@ async def test_429_without_retry_after_backs_off_exponentially(
 async def test_a_5xx_after_the_provider_took_it_is_found_in_logs_not_resent(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
-    class TookItThen502(httpx.AsyncBaseTransport):
+    class TookItThen502(ToProvider):
         def __init__(self) -> None:
-            self.inner = httpx.AsyncHTTPTransport()
+            super().__init__()
             self.left = 1
 
         async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -809,9 +803,6 @@ async def test_a_5xx_after_the_provider_took_it_is_found_in_logs_not_resent(
                 await response.aread()
                 return httpx.Response(502, text="<html>Bad Gateway</html>")
             return response
-
-        async def aclose(self) -> None:
-            await self.inner.aclose()
 
     from bridge.app import build as build_bridge
     from tests.helpers import served
@@ -1242,14 +1233,14 @@ async def test_an_alert_after_an_idle_step_of_an_inactive_account_goes_as_the_pr
         assert (await bridge.store.get(third)).state == State.SENT  # type: ignore[union-attr]
 
 
-class SlowToLog(httpx.AsyncBaseTransport):
+class SlowToLog(ToProvider):
     """The first /send reaches a provider still working on it when the client's read
     timeout fires (`provider.timeout`, on the manual clock); the provider takes it, and
     logs it, only when `provider_finishes` is called. A live server cannot be made to
     answer after the clock moved, so the timeout is raised here."""
 
     def __init__(self, clock: ManualClock, timeout: float) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
+        super().__init__()
         self.clock, self.timeout = clock, timeout
         self.held: httpx.Request | None = None
 
@@ -1266,9 +1257,6 @@ class SlowToLog(httpx.AsyncBaseTransport):
         held = self.held
         again = httpx.Request(held.method, held.url, headers=held.headers, content=held.content)
         await (await self.inner.handle_async_request(again)).aread()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 @pytest.mark.usefixtures("backend")
@@ -1361,21 +1349,18 @@ async def test_a_text_a_crash_left_mid_call_is_looked_up_after_the_calls_timeout
     assert len(sends(sandbox_state)) == 1  # the killed process's call: never sent again
 
 
-class SlowProvider(httpx.AsyncBaseTransport):
+class SlowProvider(ToProvider):
     """Every /send answered `seconds` after it went (on the manual clock): a provider
     slow to answer, as the takeover benchmark's sandbox holds each send."""
 
     def __init__(self, clock: ManualClock, seconds: float) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
+        super().__init__()
         self.clock, self.seconds = clock, seconds
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/send"):
             self.clock.advance(self.seconds)
         return await self.inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_a_look_that_falls_due_during_a_step_of_sends_ends_the_step(
