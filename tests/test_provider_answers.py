@@ -386,6 +386,22 @@ async def test_an_entry_read_twice_in_one_walk_is_taken_once(
     assert sorted(m.unknown_resends for m in after) == [0, 1], after
 
 
+async def each_gets_its_own_entry(
+    bridge: Bridge, clock: ManualClock, sandbox_state: SandboxState, ids: list[int]
+) -> None:
+    """Two id-less sends, `ids`, whose entries are the sandbox's two: the second fails at
+    the handset; the poller's rounds must give each its own entry's id and state."""
+    first_entry, second_entry = sandbox_state.entries
+    second_entry.fails = True  # the first arrives, the second fails at the handset
+    for _ in range(4):
+        clock.advance(5)
+        await bridge.poller.run_once()
+    first, second = [await bridge.store.get(i) for i in ids]
+    assert first.provider_message_id == str(first_entry.message_id), (first, second)  # type: ignore[union-attr]
+    assert second.provider_message_id == str(second_entry.message_id), (first, second)  # type: ignore[union-attr]
+    assert first.state == State.DELIVERED and second.state == State.FAILED  # type: ignore[union-attr]
+
+
 async def test_two_sends_without_an_id_get_their_own_entries_states(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -405,15 +421,7 @@ async def test_two_sends_without_an_id_get_their_own_entries_states(
             if len(sandbox_state.entries) == 2:
                 break
             clock.advance(max(0.01, await bridge.dispatcher.run_once()))
-        first_entry, second_entry = sandbox_state.entries
-        second_entry.fails = True  # the first arrives, the second fails at the handset
-        for _ in range(4):
-            clock.advance(5)
-            await bridge.poller.run_once()
-        first, second = [await bridge.store.get(i) for i in ids]
-    assert first.provider_message_id == str(first_entry.message_id), (first, second)
-    assert second.provider_message_id == str(second_entry.message_id), (first, second)
-    assert first.state == State.DELIVERED and second.state == State.FAILED
+        await each_gets_its_own_entry(bridge, clock, sandbox_state, ids)
 
 
 @pytest.mark.usefixtures("backend")
@@ -475,15 +483,7 @@ async def test_two_sends_without_an_id_minutes_apart_get_their_own_entries_state
                 clock.advance(200)
             ids += (await post(url, {**body, "dedupe_key": key})).json()["ids"]
             await bridge.dispatcher.run_once()
-        first_entry, second_entry = sandbox_state.entries
-        second_entry.fails = True
-        for _ in range(4):
-            clock.advance(5)
-            await bridge.poller.run_once()
-        first, second = [await bridge.store.get(i) for i in ids]
-    assert first.provider_message_id == str(first_entry.message_id), (first, second)
-    assert second.provider_message_id == str(second_entry.message_id), (first, second)
-    assert first.state == State.DELIVERED and second.state == State.FAILED
+        await each_gets_its_own_entry(bridge, clock, sandbox_state, ids)
 
 
 async def test_a_status_round_cut_short_pairs_no_sends_without_an_id(
