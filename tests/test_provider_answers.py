@@ -217,6 +217,38 @@ async def test_an_unknown_outcome_waits_for_logs_to_show_a_send_made_while_it_wa
     assert len(sandbox_state.entries) == 2  # each went once
 
 
+GATEWAY_PAGE = "<html>Bad Gateway</html>"
+
+
+async def repeat_behind_a_bulk(
+    bridge: Bridge, url: str, clock: ManualClock, sandbox_state: SandboxState
+) -> int:
+    """An id-less send of a text to a phone, a bulk of 1,100 to others, then 200 s on a
+    repeat of the text whose answer was a 502 page after the provider took it (more than
+    a walk's 10 pages between the two entries): the repeat's id, `sending`."""
+    body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+    await post(url, {**body, "dedupe_key": "host-a"})
+    await bridge.dispatcher.run_once()
+    await post(url, {"to": [f"+1202{5000000 + i:07d}" for i in range(1100)], "message": "x"})
+    await bridge.dispatcher.run_once()
+    clock.advance(200)
+    sandbox_state.faults.append(Fault(status=502, body=GATEWAY_PAGE, path="/send", taken=True))
+    [repeat] = (await post(url, {**body, "dedupe_key": "host-b"})).json()["ids"]
+    await bridge.dispatcher.run_once()
+    assert (await bridge.store.get(repeat)).state == State.SENDING  # type: ignore[union-attr]
+    return int(repeat)
+
+
+async def found_not_sent_again(bridge: Bridge, clock: ManualClock, repeat: int) -> None:
+    """Four steps of the dispatcher after the repeat's look is due: found in /logs."""
+    clock.advance(RECONCILE_DELAY + 0.1)
+    for _ in range(4):
+        await bridge.dispatcher.run_once()
+        clock.advance(1.0)
+    final = await bridge.store.get(repeat)
+    assert final.state == State.SENT and final.unknown_resends == 0, final  # type: ignore[union-attr]
+
+
 async def test_a_walk_cut_by_its_page_cap_goes_on_from_where_it_stopped(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -230,24 +262,8 @@ async def test_a_walk_cut_by_its_page_cap_goes_on_from_where_it_stopped(
     sandbox_state.shape = VARIANTS["count-only"]
     config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 2000\n")
     async with running_bridge(config, clock) as (bridge, url):
-        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
-        await post(url, {**body, "dedupe_key": "host-a"})
-        await bridge.dispatcher.run_once()
-        others = [f"+1202{5000000 + i:07d}" for i in range(1100)]
-        await post(url, {"to": others, "message": "x"})
-        await bridge.dispatcher.run_once()
-        clock.advance(200)
-        gateway = "<html>Bad Gateway</html>"
-        sandbox_state.faults.append(Fault(status=502, body=gateway, path="/send", taken=True))
-        [repeat] = (await post(url, {**body, "dedupe_key": "host-b"})).json()["ids"]
-        await bridge.dispatcher.run_once()
-        assert (await bridge.store.get(repeat)).state == State.SENDING  # type: ignore[union-attr]
-        clock.advance(RECONCILE_DELAY + 0.1)
-        for _ in range(4):
-            await bridge.dispatcher.run_once()
-            clock.advance(1.0)
-        final = await bridge.store.get(repeat)
-    assert final.state == State.SENT and final.unknown_resends == 0, final  # type: ignore[union-attr]
+        repeat = await repeat_behind_a_bulk(bridge, url, clock, sandbox_state)
+        await found_not_sent_again(bridge, clock, repeat)
     assert len(sandbox_state.entries) == 1102  # nothing sent twice
 
 
@@ -262,29 +278,15 @@ async def test_a_message_joining_a_cut_walk_leaves_no_carried_entry_unread(
     from where their entries were."""
     sandbox_state.shape = VARIANTS["count-only"]
     config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 2000\n")
-    gateway = "<html>Bad Gateway</html>"
     async with running_bridge(config, clock) as (bridge, url):
-        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
-        await post(url, {**body, "dedupe_key": "host-a"})
-        await bridge.dispatcher.run_once()
-        await post(url, {"to": [f"+1202{5000000 + i:07d}" for i in range(1100)], "message": "x"})
-        await bridge.dispatcher.run_once()
-        clock.advance(200)
-        sandbox_state.faults.append(Fault(status=502, body=gateway, path="/send", taken=True))
-        [repeat] = (await post(url, {**body, "dedupe_key": "host-b"})).json()["ids"]
-        await bridge.dispatcher.run_once()
+        repeat = await repeat_behind_a_bulk(bridge, url, clock, sandbox_state)
         await post(url, {"to": [f"+1303{5000000 + i:07d}" for i in range(150)], "message": "y"})
         await bridge.dispatcher.run_once()
         clock.advance(RECONCILE_DELAY + 0.1)
-        sandbox_state.faults.append(Fault(status=502, body=gateway, path="/send", taken=True))
+        sandbox_state.faults.append(Fault(status=502, body=GATEWAY_PAGE, path="/send", taken=True))
         await post(url, {"to": "+14155550199", "message": "db-9 down"})
         await bridge.dispatcher.run_once()  # the repeat's walk cut at 10 pages; the newcomer
-        clock.advance(RECONCILE_DELAY + 0.1)
-        for _ in range(4):
-            await bridge.dispatcher.run_once()
-            clock.advance(1.0)
-        final = await bridge.store.get(repeat)
-    assert final.state == State.SENT and final.unknown_resends == 0, final  # type: ignore[union-attr]
+        await found_not_sent_again(bridge, clock, repeat)
     assert len(sandbox_state.entries) == 1 + 1100 + 1 + 150 + 1  # nothing sent twice
 
 
