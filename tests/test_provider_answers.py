@@ -1058,6 +1058,38 @@ async def test_a_cost_that_is_no_price_is_stored_as_unknown(
     assert "sms_bridge_cost_sent 0.0" in metrics
 
 
+NUL_ANSWERS = {
+    # A refusal, and a success whose id holds NUL, as JSON writes it (`\\u0000`).
+    "refusal": (400, '{"success": false, "message": "bad sender\\u0000id"}', State.FAILED),
+    "id": (200, '{"success": true, "data": {"message_id": "ab\\u0000c"}}', State.SENT),
+}
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("answer", sorted(NUL_ANSWERS))
+async def test_a_provider_answer_holding_nul_is_recorded_and_never_resent(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, answer: str
+) -> None:
+    """PostgreSQL's text cannot hold NUL: an answer whose reason or id held one could not
+    be written, the dispatcher took the outcome for unknown, found nothing in /logs and
+    sent the text again (a refused text ended `sent`, a sent one went twice). What the
+    provider says is stored with NUL shown as U+FFFD, on both stores alike."""
+    status, body, final = NUL_ANSWERS[answer]
+    sandbox_state.faults.append(Fault(status=status, body=body, path="/send", taken=True))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [message_id] = (await post(url, {"to": "+12025550143", "message": "db down"})).json()["ids"]
+
+        await pump_until_state(bridge, clock, message_id, final, max_seconds=120)
+        for _ in range(40):  # a simulated ten minutes more: nothing goes again
+            clock.advance(min(await bridge.dispatcher.run_once(), 15.0) or 0.01)
+        message = await bridge.store.get(message_id)
+    assert len(sends(sandbox_state)) == 1
+    assert message.state == final
+    shown = message.reason if answer == "refusal" else message.provider_message_id
+    assert "\ufffd" in (shown or ""), shown
+
+
 @pytest.mark.parametrize("taken", [False, True])
 async def test_a_bulk_answer_naming_some_recipients_leaves_the_others_unknown(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, taken: bool

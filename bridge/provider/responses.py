@@ -155,12 +155,41 @@ def _hidden(text: str, key: str) -> str:
 REASON_CHARS = 200
 
 
+# NUL shown as what it is not: PostgreSQL's text cannot hold NUL. A reason or an id that
+# held one could not be written; the dispatcher took the outcome for unknown and sent the
+# text again (a refused text ended `sent`, a sent one went twice).
+_NUL, _NUL_SHOWN = "\x00", "\ufffd"
+
+
+def _without_nul(value: Any) -> Any:
+    """`value` (decoded JSON) with NUL in every string and key shown as U+FFFD."""
+    if isinstance(value, str):
+        return value.replace(_NUL, _NUL_SHOWN)
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    return value
+
+
+def _json(response: httpx.Response) -> Any:
+    """The answer's JSON (ValueError if it is none), NUL shown as U+FFFD. JSON writes NUL
+    only as the escape `\\u0000` (a raw one is refused), so most answers skip the walk."""
+    body = response.json()
+    return _without_nul(body) if b"\\u0000" in response.content else body
+
+
+def _text(response: httpx.Response) -> str:
+    """The answer as text (a gateway's page, a body that is no JSON), NUL as U+FFFD."""
+    return response.text.replace(_NUL, _NUL_SHOWN)
+
+
 def _error_words(response: httpx.Response, key: str = "") -> str:
     """What the provider says went wrong, whole, with our key masked (`_hidden`)."""
     try:
-        body = response.json()
+        body = _json(response)
     except ValueError:
-        return _hidden(response.text, key).strip() or response.reason_phrase or "no reason given"
+        return _hidden(_text(response), key).strip() or response.reason_phrase or "no reason given"
     if isinstance(body, dict):
         for name in ("message", "error", "detail", "errors"):
             if body.get(name):
@@ -177,7 +206,7 @@ def _error_message(response: httpx.Response, key: str = "") -> str:
 def _error_body(response: httpx.Response) -> bool:
     """Is this the provider's documented error shape, `{"success": false, ...}`?"""
     try:
-        body = response.json()
+        body = _json(response)
     except ValueError:
         return False
     return isinstance(body, dict) and body.get("success") is False
@@ -206,15 +235,15 @@ def classify(response: httpx.Response, now: float, *, key: str = "") -> dict[str
     if status >= 400:
         raise PermanentSendError(_error_message(response, key), status=status)
     try:
-        body = response.json()
+        body = _json(response)
     except ValueError as exc:
         raise TransientUnknownOutcome(
-            f"unparseable provider answer (HTTP {status}): {_hidden(response.text, key)[:100]!r}",
+            f"unparseable provider answer (HTTP {status}): {_hidden(_text(response), key)[:100]!r}",
             status=status,
         ) from exc
     if not isinstance(body, dict):
         raise TransientUnknownOutcome(
-            f"unexpected provider answer (HTTP {status}): {_hidden(response.text, key)[:100]!r}",
+            f"unexpected provider answer (HTTP {status}): {_hidden(_text(response), key)[:100]!r}",
             status=status,
         )
     if body.get("success") is False:
