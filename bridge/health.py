@@ -19,6 +19,8 @@ class ProviderHealth:
         self.inactive = False
         self.since: float | None = None
         self.last_success: float | None = None
+        # The first of the sends since the last success that got no answer or a 5xx.
+        self.failing_since: float | None = None
 
     @property
     def ready(self) -> bool:
@@ -39,3 +41,13 @@ class ProviderHealth:
         self.inactive = False
         self.since = None
         self.last_success = now
+        self.failing_since = None
+
+    def unanswered(self, now: float) -> None:
+        """A send got no answer (connection refused, a timeout) or a 5xx."""
+        if self.failing_since is None:
+            self.failing_since = now
+
+    def unreachable_for(self, now: float) -> float | None:
+        """How long every send has failed so (None: the last one went through)."""
+        return None if self.failing_since is None else now - self.failing_since

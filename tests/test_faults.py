@@ -364,3 +364,37 @@ async def test_yesterdays_text_in_the_logs_is_not_taken_for_todays_lost_send(
     yesterday, resent = sandbox_state.entries
     assert resent.created_at - yesterday.created_at >= 86400
     assert message.provider_message_id == str(resent.message_id)
+
+
+async def test_readyz_says_when_no_send_has_gone_through_for_a_minute(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """The contract's readiness covers a reachable provider, but a provider refusing every
+    connection left /readyz `ready` with nothing said, for as long as it lasted. It stays
+    200 (this instance still takes alerts and keeps them, which a 503 would have a load
+    balancer refuse) and says, once no send has gone through for a minute, that none has;
+    that is gone with the first send that goes through."""
+    transport = FaultyTransport(["connect-refused"] * 8)
+    config = bridge_config(tmp_path, sandbox_url)
+    async with (
+        running_bridge(config, clock, transport=transport) as (bridge, url),
+        httpx.AsyncClient() as http,
+    ):
+        (message_id,) = (
+            await http.post(f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "x"})
+        ).json()["ids"]
+        start, seen = clock.now(), []
+        while transport.faults:
+            wait = await bridge.dispatcher.run_once()
+            answer = await http.get(f"{url}/readyz")
+            assert answer.status_code == 200, answer.text
+            seen.append((clock.now() - start, answer.json().get("warnings", {}).get("provider")))
+            clock.advance(min(wait, 30.0) or 0.01)
+        while (await bridge.store.get(message_id)).state == State.QUEUED:
+            clock.advance(min(await bridge.dispatcher.run_once(), 30.0) or 0.01)
+        after = (await http.get(f"{url}/readyz")).json()
+    assert seen[0] == (0.0, None)  # one failure says nothing yet
+    assert all(said is None for elapsed, said in seen if elapsed < 60), seen
+    late = [said for elapsed, said in seen if elapsed >= 60]
+    assert late and all(said and "no send has gone through for" in said for said in late), seen
+    assert after == {"status": "ready"}

@@ -148,6 +148,8 @@ class Outcomes:
         """A call's error, read by its class (most specific first)."""
         ids = [m.id for m in batch]
         now = self.clock.now()
+        if isinstance(exc, TransientSendError) and (exc.status is None or exc.status >= 500):
+            self.health.unanswered(now)
         match exc:
             case PermanentSendError():
                 await self._refused(batch, exc)

@@ -73,6 +73,10 @@ PROVIDER_INACTIVE = (
     "account not active (the provider answered 403): sending paused, queue kept; "
     "its answer is in the console and the log"
 )
+# How long every provider call must have failed before /readyz says so. Readiness stays
+# green meanwhile: this instance still takes alerts and keeps them until the provider is
+# back (that is its use in an outage); a 503 would have a load balancer refuse them all.
+UNREACHABLE_WARNING = 60.0
 MAX_DEDUPE_KEY = 256
 RETRY_AFTER = 5  # seconds a 503 "retry later" asks for (a busy or unreachable store)
 MAX_TEXT_CHARS = 5000
@@ -293,6 +297,20 @@ async def readiness_problems(
     return problems
 
 
+def readiness_warnings(health: ProviderHealth, now: float) -> dict[str, dict[str, str]]:
+    """What /readyz says beside its status without turning red: every send for
+    UNREACHABLE_WARNING or longer got no answer or a 5xx. In our words, as the problems
+    are: anyone may ask /readyz."""
+    failing = health.unreachable_for(now)
+    if failing is None or failing < UNREACHABLE_WARNING:
+        return {}
+    said = (
+        f"no send has gone through for {failing / 60:.0f} min (the provider gave no answer,"
+        " or a 5xx): alerts are still taken and kept, sending is retried; details in the log"
+    )
+    return {"warnings": {"provider": said}}
+
+
 def create_app(
     *,
     live: LiveConfig,
@@ -397,9 +415,10 @@ def create_app(
         return JSONAnswer({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        warnings = readiness_warnings(health, clock.now())
         if problems := await readiness_problems(request, live, probe, health, loops):
-            return JSONAnswer({"status": "unavailable", "problems": problems}, 503)
-        return JSONAnswer({"status": "ready"})
+            return JSONAnswer({"status": "unavailable", "problems": problems, **warnings}, 503)
+        return JSONAnswer({"status": "ready", **warnings})
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error_response(404, f"no such endpoint: {request.url.path}")
