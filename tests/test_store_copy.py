@@ -350,6 +350,34 @@ async def test_the_copy_counts_stored_messages_from_its_rows(
         await target.close()
 
 
+async def test_a_nul_an_older_bridge_stored_does_not_stop_the_copy(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """SQLite's text holds NUL, PostgreSQL's cannot: a reason or provider id an older
+    bridge stored with one (from a provider's answer, before they were read with NUL
+    shown as U+FFFD) failed the whole copy, naming no row. It is copied as U+FFFD."""
+    from bridge.store.copy import copy_sqlite_to_postgres
+
+    source = SqliteStore(tmp_path / "s.db")
+    await source.open()
+    [failed] = await seed(source, [_message(1, State.FAILED, "refused: bad\x00sender")], 1.0)
+    await source.close()
+    db = sqlite3.connect(tmp_path / "s.db")
+    db.execute("UPDATE messages SET provider_message_id = 'ab' || char(0) || 'c'")
+    db.commit()
+    db.close()
+
+    await copy_sqlite_to_postgres(tmp_path / "s.db", postgres_url, replace=False)
+    target = PostgresStore(postgres_url)
+    await target.open()
+    try:
+        copied = await target.get(failed)
+    finally:
+        await target.close()
+    assert copied is not None
+    assert (copied.reason, copied.provider_message_id) == ("refused: bad\ufffdsender", "ab\ufffdc")
+
+
 async def _pg_pause(url: str, now: float) -> Any:
     store = PostgresStore(url)
     await store.open()

@@ -92,19 +92,29 @@ def _chunks(rows: Iterable[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
         yield chunk
 
 
+def _boolean(value: Any) -> bool | None:
+    return None if value is None else bool(value)
+
+
+def _text(value: Any) -> Any:
+    """NUL shown as U+FFFD: SQLite's text holds it, PostgreSQL's cannot, and one NUL (a
+    provider's words an older bridge stored as they came) failed the whole copy."""
+    return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+
+_CONVERTERS = {"boolean": _boolean, "text": _text}
+
+
 async def _converters(conn: Conn, table: Rows) -> list[Any]:
-    """Per column, how a source value becomes the target's (SQLite 0/1 -> boolean);
-    a source column the target lacks is refused, never dropped."""
+    """Per column, how a source value becomes the target's (SQLite 0/1 -> boolean, NUL
+    out of text); a source column the target lacks is refused, never dropped."""
     types = {r[0]: r[1] for r in await conn.fetch(COLUMN_TYPES, table.name)}
     if unknown := [c for c in table.columns if c not in types]:
         raise StoreUnavailable(
             f"the target's {table.name} has no column {', '.join(unknown)}: run"
             " `sms-bridge migrate` with the release that wrote the source"
         )
-    return [
-        (lambda v: None if v is None else bool(v)) if types[c] == "boolean" else None
-        for c in table.columns
-    ]
+    return [_CONVERTERS.get(types[c]) for c in table.columns]
 
 
 async def _copy(conn: Conn, table: Rows) -> int:
