@@ -209,7 +209,10 @@ async def build(
                 prices=prices,
                 shaper=shaper,
             )
+            # The configured name names the leader's session (what an operator looks
+            # for in pg_stat_activity); claims are the process's own, tagged (`instance_name`).
             instance = config.cluster.instance or instance_name()
+            owner = instance_name(config.cluster.instance) if config.cluster.instance else instance
             leader = Leader(
                 store.leadership("singletons", holder=instance),
                 name=instance,
@@ -227,7 +230,7 @@ async def build(
                 budget=budget,
                 prices=prices,
                 # Whose claims these are, and for how long (a shared store: see [cluster]).
-                owner=instance,
+                owner=owner,
                 lease=config.cluster.lease,
                 # Others' claims whose lease passed: the leader's sweep (one instance).
                 takes_over=lambda: leader.leading,

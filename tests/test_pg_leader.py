@@ -459,3 +459,26 @@ async def state_is_not(store: PostgresStore, message_id: int, unwanted: State) -
 
 async def _true(value: object) -> bool:
     return bool(value)
+
+
+async def test_two_instances_given_one_name_stay_two_owners_of_claims(
+    tmp_path: Path, postgres_url: str, store: PostgresStore
+) -> None:
+    """Replicas given one `cluster.instance` (a ConfigMap every pod reads) were one owner
+    of claims: each took the other's sends in flight for its own, looked them up in
+    /logs before their call could have ended and sent them again. The name is a label;
+    each process's claims carry a tag of their own."""
+    async with (
+        instance(tmp_path, postgres_url, "pod") as (a, clock, _),
+        instance(tmp_path, postgres_url, "pod") as (b, _, _),
+    ):
+        [mid] = await seed(store, [MESSAGE], clock.now())
+        assert await a.store.claim(
+            [mid], clock.now(), owner=a.dispatcher.owner, lease_until=clock.now() + 30
+        ) == [mid]
+        # b's own claims, as its reconciler reads them: not a's, within a's lease.
+        mine = await b.store.unsettled(
+            clock.now() + 1, owner=b.dispatcher.owner, lease_until=clock.now() + 31, take_over=False
+        )
+    assert mine == []
+    assert a.dispatcher.owner.startswith("pod:") and b.dispatcher.owner.startswith("pod:")

@@ -219,7 +219,9 @@ class ClusterConfig:
     """Several `serve` on one PostgreSQL store (store.url): who this one is, and how long
     its claims hold when it stops answering. Unused with SQLite (one process)."""
 
-    instance: str = _opt("")  # unique per running instance; "" = host name, pid, random tag
+    # This instance's name in the log and its leader session; its claims are the name and
+    # a random tag (replicas given one name stay apart). "" = host name and pid.
+    instance: str = _opt("")
     lease: float = _opt(30.0, "duration")  # another instance takes a claim over after it
 
 

@@ -149,13 +149,15 @@ class StoreStats:
 DEFAULT_LEASE = 30.0  # seconds a claim holds before another instance may take it over
 
 
-def instance_name() -> str:
-    """This process as an owner of claims (`cluster.instance` = ""): host name, pid and a
-    random tag. Host and pid alone are not unique where it matters: every container
-    runs the bridge as pid 1, and replicas given one `hostname:` (or sharing the host's
-    network) were one owner, each taking the other's claims in flight for its own
+def instance_name(configured: str = "") -> str:
+    """This process as an owner of claims: `configured` (`cluster.instance`) or, without
+    one, host name and pid; and a random tag. Names alone are not unique where it
+    matters: every container runs the bridge as pid 1, replicas given one `hostname:`
+    (or sharing the host's network) or one `cluster.instance` (a ConfigMap every pod
+    reads) were one owner, each taking the other's claims in flight for its own
     (checked in /logs and sent again: texted twice)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    named = configured or f"{socket.gethostname()}:{os.getpid()}"
+    return f"{named}:{secrets.token_hex(3)}"
 
 
 def sent_late(owner: str, provider_id: str | None) -> str:
