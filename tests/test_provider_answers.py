@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -690,15 +691,22 @@ async def test_success_false_with_a_transient_reason_is_retried_not_failed(
 
 
 @pytest.mark.parametrize("taken", [True, False])
+@pytest.mark.parametrize("words", ["Upstream SMSC request timed out", "context deadline exceeded"])
 async def test_a_2xx_refusal_that_says_it_timed_out_is_looked_up_in_logs_before_the_retry(
-    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, taken: bool
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    taken: bool,
+    words: str,
 ) -> None:
     """A 200 `"success": false` saying "timed out" was retried blind, as a refusal that
     says nothing went (no balance, a rate limit): but a timeout upstream of the provider
     (its SMSC) may come after the text went, and the retry texted twice. The same body
     on a 5xx was looked up in /logs first; so is it on a 2xx, and retried only if the
-    provider's logs do not have it."""
-    said = '{"success": false, "message": "Upstream SMSC request timed out"}'
+    provider's logs do not have it. "Deadline exceeded" (Go's and gRPC's words for a
+    timeout) was a permanent refusal: failed, for a text the provider may have sent."""
+    said = json.dumps({"success": False, "message": words})
     sandbox_state.faults.append(Fault(status=200, body=said, path="/send", taken=taken))
     config = bridge_config(tmp_path, sandbox_url)
     async with running_bridge(config, clock) as (bridge, url):

@@ -193,6 +193,11 @@ async def test_transport_faults_are_transient(clock: ManualClock) -> None:
         ("Upstream SMSC request timed out", True, True),
         ("SMSC_TIMEOUT", True, True),
         ("Request timed out, please try again later", True, True),  # the timeout decides
+        ("context deadline exceeded", True, True),  # Go's and gRPC's timeout
+        ("DEADLINE_EXCEEDED", True, True),
+        ("DeadlineExceeded", True, True),
+        ("Upstream deadline expired", True, True),
+        ("Invalid deadline for schedule_time", False, False),  # a deadline, not one passed
         ("RATELIMIT", True, False),
         ("too-many-requests", True, False),
         ("HTTP429TooManyRequests", True, False),

@@ -5,8 +5,8 @@ An HTTP answer becomes either a parsed JSON object or one of the exceptions in
 inactive account; 429 rate-limited with `Retry-After` (seconds or an HTTP-date); 5xx and
 unparseable bodies transient. Any 2xx is a success (201 = 200); a 2xx saying
 `"success": false` is transient when its reason reads so (balance, limit, try again),
-else permanent; one that says it timed out is checked in /logs before the retry, as a
-5xx is (the text may have gone before the timeout). A 2xx that says it took the message but gives no id is a success without
+else permanent; one that says it timed out (or its deadline passed) is checked in /logs
+before the retry, as a 5xx is (the text may have gone before the timeout). A 2xx that says it took the message but gives no id is a success without
 ids (the poller then matches the message by recipient and text); only an answer that says
 nothing is an unknown outcome, to be checked in /logs before anything is resent.
 
@@ -38,12 +38,17 @@ from bridge.errors import (
 from bridge.provider.logmatch import same_number
 
 _TRANSIENT_4XX = {408, 425}
+# A timeout in the provider's words. "Deadline exceeded" is how gRPC and Go services
+# (context.DeadlineExceeded) say it: read as a refusal, a text the provider may have sent
+# before its deadline passed was marked failed. Only the deadline passing: a refusal that
+# names a deadline otherwise ("invalid deadline") is judged on its other words.
+_TIMEOUT = r"time ?outs?|timed ?out|etimedout|deadline ?(?:exceeded|expired)"
 # A `"success": false` whose reason reads like one of these may pass: retry, do not fail.
 # Whole words (or their inflections): a refusal is judged on all its words, and
 # "unlimited" or "collateral" in an invalid number's refusal made it retryable.
 _TRANSIENT_WORDS = re.compile(
     r"\b(?:balance\w*|credit\w*|insufficient|limit\w*|ratelimit\w*|too many|try again|later|"
-    r"temporar\w*|busy|throttl\w*|unavailable|time ?outs?|timed ?out|etimedout|maintenance)\b",
+    rf"temporar\w*|busy|throttl\w*|unavailable|{_TIMEOUT}|maintenance)\b",
     re.IGNORECASE,
 )
 # Of those, a timeout's: it may have come after the text went (the provider's upstream
@@ -52,7 +57,7 @@ _TRANSIENT_WORDS = re.compile(
 # a text the provider had sent went twice. The others say nothing went (no balance, a
 # limit, busy) and are retried as they are. Checked first: "timed out, try again later"
 # says both, and a /logs read costs a request where a resend costs an SMS.
-_TIMEOUT_WORDS = re.compile(r"\b(?:time ?outs?|timed ?out|etimedout)\b", re.IGNORECASE)
+_TIMEOUT_WORDS = re.compile(rf"\b(?:{_TIMEOUT})\b", re.IGNORECASE)
 # Where an error code's words meet: insufficient_balance, too-many-requests,
 # RateLimitExceeded, HTTP429TooManyRequests.
 _CODE_JOINS = re.compile(r"[_-]|(?<=[a-z0-9])(?=[A-Z])")
