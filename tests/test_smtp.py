@@ -2106,6 +2106,46 @@ async def test_require_auth_by_reload_reaches_an_open_anonymous_session(
         assert await bridge.store.counts() == {}
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "answers"),
+    [
+        (USERS, USERS.replace("plaintext = true", "plaintext = false"), (True, False, 538)),
+        ("", USERS, (False, True, 235)),  # the first [smtp.users]: AUTH offered and taken
+    ],
+    ids=["plaintext-forbidden", "users-added"],
+)
+async def test_what_auth_a_reload_allows_reaches_an_open_session(
+    tmp_path, clock, sandbox_url, before: str, after: str, answers: tuple[bool, bool, int]
+) -> None:
+    """aiosmtpd reads `auth_require_tls` and the AUTH mechanisms once, at connect: a
+    reload that turned `smtp.auth_allow_plaintext` off reached new sessions only, and a
+    session opened before still offered AUTH in clear text and took a password over it
+    (235). EHLO and AUTH ask the settings in force now: no AUTH offered, and AUTH 538
+    5.7.11 "Encryption required" (RFC 4954). So do the first users a reload adds."""
+    config = bridge_config(tmp_path, sandbox_url, with_smtp(before))
+    async with running_bridge(config, clock) as (bridge, _), smtp_listening(bridge) as port:
+        connected, reloaded = threading.Event(), threading.Event()
+
+        def session() -> tuple[bool, bool, int]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("device")
+                offered = client.has_extn("auth")
+                connected.set()
+                reloaded.wait(10)
+                client.ehlo("device")
+                login = client.docmd("AUTH", plain_auth("ups", "ups-pass-0123456789"))
+                return offered, client.has_extn("auth"), login[0]
+
+        answer = asyncio.ensure_future(asyncio.to_thread(session))
+        assert await asyncio.to_thread(connected.wait, 10)
+        (tmp_path / "new").mkdir()
+        try:
+            bridge.reload(bridge_config(tmp_path / "new", sandbox_url, with_smtp(after)))
+        finally:
+            reloaded.set()
+        assert await answer == answers
+
+
 async def test_a_password_a_reload_replaced_no_longer_logs_in_or_sends(
     tmp_path, clock, sandbox_url
 ) -> None:

@@ -13,7 +13,8 @@ Session limits live in `bridge.ingress.smtplimits`; here the mail is parsed in a
 under MIME depth, part and time bounds. Every session
 takes the settings in force when it connects, so a SIGHUP reaches the next session;
 who may send is asked of the settings in force at each MAIL, RCPT and DATA instead
-(`SmtpHandler.login_refusal`), so a reload that locks SMTP down reaches open ones too.
+(`SmtpHandler.login_refusal`), and how one may log in at each EHLO and AUTH
+(`BridgeSMTP._auth_in_force`), so a reload that locks SMTP down reaches open ones too.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from bridge.addresses import in_networks, parse_network
 from bridge.certificates import TlsFiles, load_pair, read_pair
@@ -163,6 +164,33 @@ class BridgeSMTP(LimitedSMTP):
     """
 
     _addresses: ClassVar[dict[tuple[str, int], tuple[str | None, str | None]]] = {}
+
+    def __init__(self, handler: SmtpHandler, *args: Any, **kwargs: Any) -> None:
+        super().__init__(handler, *args, **kwargs)
+        # Built with none excluded; narrowed to the settings in force at each EHLO and
+        # AUTH (before EHLO, AUTH is refused whatever they say).
+        self._every_auth_method = dict(self._auth_methods)
+
+    def _auth_in_force(self) -> None:
+        """Take the AUTH settings in force now. aiosmtpd reads `auth_require_tls` and the
+        mechanisms once, at connect: a reload that forbade AUTH in clear text left every
+        session opened before offering it and taking passwords over cleartext (for up to
+        smtp.max_session_time), and one that added the first `[smtp.users]` left them
+        answering 504 to AUTH. Asked at each EHLO and AUTH, as `login_refusal` is at
+        each MAIL, RCPT and DATA."""
+        smtp = self.event_handler.smtp
+        self._auth_require_tls = not smtp.auth_allow_plaintext
+        self._auth_methods = dict(self._every_auth_method) if smtp.users else {}
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._auth_in_force()  # what EHLO offers is what AUTH then takes
+        await super().smtp_EHLO(hostname)
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        self._auth_in_force()  # 538 without TLS once a reload forbade plaintext AUTH
+        await super().smtp_AUTH(arg)
 
     def _create_envelope(self) -> Envelope:
         return BridgeEnvelope()
@@ -711,8 +739,9 @@ def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
 
     Each connection reads the handler's settings when it is made: TLS, sizes, timeouts
     and limits reloaded by SIGHUP apply from the next session on. Not who may send:
-    require_auth and `[smtp.users]` are asked at each AUTH, MAIL, RCPT and DATA
-    (`SmtpHandler.authenticate`, `login_refusal`).
+    require_auth, `[smtp.users]` and whether AUTH needs TLS are asked at each EHLO, AUTH,
+    MAIL, RCPT and DATA (`BridgeSMTP._auth_in_force`, `SmtpHandler.authenticate`,
+    `login_refusal`).
     On the implicit-TLS listener the connection is encrypted before aiosmtpd sees it,
     which aiosmtpd cannot tell by itself: it would offer STARTTLS again and refuse AUTH
     with 538 ("encryption required"); there it gets no STARTTLS context and is told the
@@ -734,7 +763,7 @@ def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
             session_time=smtp.max_session_time,
             auth_required=smtp.require_auth,
             auth_require_tls=not smtp.auth_allow_plaintext,
-            auth_exclude_mechanism=[] if smtp.users else ["LOGIN", "PLAIN"],
+            auth_exclude_mechanism=[],  # all kept: BridgeSMTP offers them as `users` say
             authenticator=handler.authenticate,
             command_call_limit=call_limits(smtp),
             max_lines=smtp.max_lines,
