@@ -6,6 +6,8 @@ console's POSTs written with a trailing slash.
 
 from __future__ import annotations
 
+import inspect
+from collections import Counter
 from typing import Any
 
 import httpx
@@ -517,20 +519,38 @@ async def test_an_in_flight_count_cut_at_its_bound_says_so(
         ), shown
 
 
+def store_calls(store: Any, monkeypatch) -> list[str]:
+    """The name of each call made to `store`'s operations from now on, in order."""
+    calls: list[str] = []
+    for name in dir(store):
+        method = getattr(store, name)
+        if not name.startswith("_") and inspect.iscoroutinefunction(method):
+
+            async def counted(*args: Any, _name: str = name, _method: Any = method, **kw: Any):
+                calls.append(_name)
+                return await _method(*args, **kw)
+
+            monkeypatch.setattr(store, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("taken", [2, 1200])
 async def test_texts_taken_meanwhile_are_in_flight_when_the_count_is_cut(
-    tmp_path, sandbox_url: str, clock: ManualClock, backend: str, monkeypatch
+    tmp_path, sandbox_url: str, clock: ManualClock, backend: str, monkeypatch, taken: int
 ) -> None:
     """The dispatcher claims the texts the cancel found before its write, while more
     texts to the phone are sending than `in_flight` counts. Those it took were told
     only by the count's read: past the bound, they were `gone` ("sent already, or
-    ended") while being sent. They are `in_flight` (once). Both stores."""
+    ended") while being sent. They are `in_flight` (once). They were then looked up one
+    by one, a query for each (up to 50000 in one request): read a chunk at a time now,
+    with the same answer, every call to the store counted. Both stores."""
     monkeypatch.setattr(bulk, "IN_FLIGHT_COUNTED", 1)
     config = bridge_config(tmp_path, sandbox_url, TOKENS)
     async with (
         running_bridge(config, clock) as (bridge, url),
         httpx.AsyncClient(base_url=url, headers=bearer(ADMIN)) as http,
     ):
-        found = await seed(bridge.store, [QUEUED] * 2, 1.0)
+        found = await seed(bridge.store, [QUEUED] * taken, 1.0)
         # Newer, so the count's read (newest first) reaches these, not those taken.
         await seed(bridge.store, [QUEUED._replace(state=State.SENDING)] * 2, 2.0)
         reads = bridge.store.query
@@ -543,12 +563,15 @@ async def test_texts_taken_meanwhile_are_in_flight_when_the_count_is_cut(
             return seen
 
         monkeypatch.setattr(bridge.store, "query", read_then_claim)
+        calls = store_calls(bridge.store, monkeypatch)
         answer = await http.post(CANCEL, json={"recipient": PHONE, "state": "queued"})
         monkeypatch.undo()
-        assert await states(bridge, found) == [State.SENDING] * 2
+        assert await states(bridge, found) == [State.SENDING] * taken
+        # Rounds of 500 (a read, the claim, the cancel), the count's read, a read per 500.
+        assert len(calls) <= 20, Counter(calls)
         assert answer.json() == {
             "cancelled": 0,
-            "in_flight": 3,
+            "in_flight": taken + 1,
             "in_flight_more": True,
             "gone": 0,
             "more": False,

@@ -646,6 +646,17 @@ async def test_seeding_keeps_the_given_states(store: Store) -> None:
     assert await store.retry([i.id], 2.0, by="ops") == [i.id]
 
 
+async def test_in_state_answers_which_ids_are_in_a_state_in_one_read(store: Store) -> None:
+    """What a bulk cancel asks of those it found but could not cancel, a chunk at once:
+    only rows in the state, none for ids no row can have (0, past a bigint)."""
+    states = [State.SENDING, State.QUEUED, State.SENDING, State.SENT]
+    ids = await seed(store, [MESSAGE._replace(state=s) for s in states], 1.0)
+    asked = [*ids, 0, -1, 2**63, ids[-1] + 1000]
+    assert await store.in_state(asked, "sending") == {ids[0], ids[2]}
+    assert await store.in_state(asked, "queued") == {ids[1]}
+    assert await store.in_state([], "sending") == set()
+
+
 async def test_a_numbers_messages_are_looked_up_newest_created_first(store: Store) -> None:
     """The phone's page (`number`): that recipient only, not one it is a part of, newest
     by creation time, pages going on in that order even where the clock stepped back."""

@@ -380,6 +380,10 @@ class Queries(Protocol):
 
     async def get(self, message_id: int) -> Message | None: ...
 
+    async def in_state(self, ids: Sequence[int], state: str) -> set[int]:
+        """Those of `ids` in `state` now, read at once (not a `get` each)."""
+        ...
+
     async def events(self, message_id: int) -> list[dict[str, Any]]:
         """The message's event log, oldest first: at, state, attempts, detail."""
         ...

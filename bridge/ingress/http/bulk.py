@@ -110,9 +110,15 @@ async def _in_flight(store: Store, wanted: Waiting) -> tuple[set[int], bool]:
 
 
 async def _sending(store: Store, ids: set[int]) -> set[int]:
-    """Those of `ids` in `sending` now, read one by one: the few a cancel found that
-    were claimed before its write, looked up only when the count's read stopped short."""
-    return {i for i in sorted(ids) if (m := await store.get(i)) and m.state == State.SENDING}
+    """Those of `ids` in `sending` now: the ones a cancel found that were claimed before
+    its write, looked up only when the count's read stopped short. A read per
+    CANCEL_BATCH of them: one per id was a query per text the dispatcher took, up to
+    CANCEL_BATCH * MAX_CANCEL_ROUNDS of them in one request."""
+    wanted = sorted(ids)
+    taken = set[int]()
+    for start in range(0, len(wanted), CANCEL_BATCH):
+        taken |= await store.in_state(wanted[start : start + CANCEL_BATCH], str(State.SENDING))
+    return taken
 
 
 async def _cancel_in(

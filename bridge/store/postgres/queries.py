@@ -109,6 +109,12 @@ class QueryOps(Base):
         found = await self._messages("SELECT * FROM messages WHERE id = $1", message_id)
         return found[0] if found else None
 
+    async def in_state(self, ids: Sequence[int], state: str) -> set[int]:
+        rows = await self._fetch(
+            "SELECT id FROM messages WHERE id = ANY($1::bigint[]) AND state = $2", _ids(ids), state
+        )
+        return {int(r[0]) for r in rows}
+
     async def events(self, message_id: int) -> list[dict[str, Any]]:
         if not 0 < message_id <= MAX_ROW_ID:
             return []

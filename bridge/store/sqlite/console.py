@@ -227,6 +227,15 @@ class ConsoleQueries(EngineBound):
         )
         return None if row is None else Message.from_row(row)
 
+    async def in_state(self, ids: Sequence[int], state: str) -> set[int]:
+        wanted = json.dumps([i for i in ids if 0 < i <= MAX_ROW_ID])
+        rows = await self.engine.read(
+            lambda c: c.execute(
+                f"SELECT id FROM messages WHERE id IN {JSON_IDS} AND +state = ?", (wanted, state)
+            ).fetchall()
+        )
+        return {int(r[0]) for r in rows}
+
     async def events(self, message_id: int) -> list[dict[str, Any]]:
         return await self.engine.read(
             lambda c: [
