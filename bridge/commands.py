@@ -55,7 +55,7 @@ def store_exists(config: Config) -> bool:
     if config.store.url:
         return True  # a server: opening it says whether it is there
     path = os.path.abspath(config.store.path)
-    if config.store.path == ":memory:" or (why := file_problem(path)) is None:
+    if (why := file_problem(path)) is None:
         print(f"store: {path}", file=sys.stderr)
         return True
     # A store.path the config file wrote is already joined to the file's directory; one

@@ -165,7 +165,7 @@ def _connect(path: str) -> sqlite3.Connection:
 def _wal_of(conn: sqlite3.Connection) -> str | None:
     """The WAL file of `conn`'s main database, as SQLite names it: the file it opened
     (symbolic links followed: a store reached by a link has its WAL next to the link's
-    target, not next to the link) with "-wal" added; None in memory."""
+    target, not next to the link) with "-wal" added; None if SQLite names no file."""
     for _, name, file in conn.execute("PRAGMA database_list"):
         if name == "main" and file:
             return f"{file}-wal"
@@ -202,7 +202,7 @@ class Engine:
         self._unsynced: queue.SimpleQueue[list[_Outcome] | None] = queue.SimpleQueue()
         self._syncer: threading.Thread | None = None
         # The WAL SQLite writes (`_wal_of`), set by the writer before its first commit;
-        # None for a store in memory.
+        # None where SQLite refused WAL mode.
         self._wal_path: str | None = None
         self._wal_fd: int | None = None  # the syncer's descriptor of it (`_open_wal`)
         self.sync_failed: StoreUnavailable | None = None  # writes end until a restart
@@ -219,12 +219,11 @@ class Engine:
     # -- lifecycle -----------------------------------------------------------------
     async def open(self) -> None:
         _check_sqlite()
-        if self.path != ":memory:":
-            try:
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreUnavailable(f"cannot create the store's directory: {exc}") from exc
-            _create_private(self.path)
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create the store's directory: {exc}") from exc
+        _create_private(self.path)
         self._thread = threading.Thread(target=self._writer, name="store-writer", daemon=True)
         self._thread.start()
         self._syncer = threading.Thread(target=self._sync_loop, name="store-sync", daemon=True)
@@ -266,7 +265,7 @@ class Engine:
                 # Durable at the syncer's fdatasync of the WAL, not at each COMMIT (above).
                 conn.execute("PRAGMA synchronous = NORMAL")
                 self._wal_path = _wal_of(conn)
-            else:  # no WAL (in memory, or refused): NORMAL would not be durable here
+            else:  # WAL refused: NORMAL would not be durable here
                 conn.execute("PRAGMA synchronous = FULL")
             db = Database(conn, execute_plugins=False)
             self.migrated = [m.name for m in migrations.pending(db)]
@@ -408,7 +407,7 @@ class Engine:
     def _sync_wal(self) -> StoreUnavailable | None:
         """fdatasync the WAL (and its directory, for a WAL file not synced before); the
         failure that ends writing, or None."""
-        if self._wal_path is None:  # in memory
+        if self._wal_path is None:  # no WAL: each COMMIT synced itself (synchronous FULL)
             return None
         try:
             new = self._open_wal()
