@@ -165,7 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     copy.add_argument(
         "--replace",
         action="store_true",
-        help="delete the target's messages, events and bookings first",
+        help="delete the target's messages, events and bookings first"
+        " (refused while a bridge serves it)",
     )
     purge = with_config(sub.add_parser("purge", help="delete old finished messages"))
     purge.add_argument("--older-than", required=True, help="a duration such as 30d")

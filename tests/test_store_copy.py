@@ -15,6 +15,7 @@ import httpx
 import pytest
 from sqlite_utils import Database
 
+from bridge.errors import StoreUnavailable
 from bridge.models import NewMessage, State, events_json
 from bridge.store.postgres.store import PostgresStore
 from bridge.store.sqlite import SqliteStore
@@ -376,6 +377,28 @@ async def test_a_nul_an_older_bridge_stored_does_not_stop_the_copy(
         await target.close()
     assert copied is not None
     assert (copied.reason, copied.provider_message_id) == ("refused: bad\ufffdsender", "ab\ufffdc")
+
+
+async def test_replace_is_refused_while_bridges_serve_the_target(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """`--replace` deletes the target's messages: into a database a cluster still runs
+    on, it deleted the texts its instances had acknowledged and not sent yet."""
+    from bridge.store.copy import copy_sqlite_to_postgres
+    from tests.test_pg_leader import instance
+
+    source = SqliteStore(tmp_path / "s.db")
+    await source.open()
+    await seed(source, [_message(1)], 1.0)
+    await source.close()
+    async with instance(tmp_path, postgres_url, "live") as (bridge, clock, _):
+        [queued] = await seed(bridge.store, [_message(2)], clock.now())
+        with pytest.raises(StoreUnavailable, match="1 bridge instance"):
+            await copy_sqlite_to_postgres(tmp_path / "s.db", postgres_url, replace=True)
+        kept = await bridge.store.get(queued)
+    assert kept is not None and kept.text == "disk full on db-2"
+    # Once it stopped, the same copy replaces.
+    await copy_sqlite_to_postgres(tmp_path / "s.db", postgres_url, replace=True)
 
 
 async def _pg_pause(url: str, now: float) -> Any:

@@ -86,6 +86,14 @@ class TargetNotEmpty(StoreUnavailable):
     """The target already holds data and `replace` was not asked for."""
 
 
+# Bridges serving the target: each keeps a session of this name (`AdvisoryLeadership`),
+# whether it leads or waits to. A copy never does.
+SERVING = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+    " AND application_name LIKE 'sms-bridge leader %'"
+)
+
+
 def _chunks(rows: Iterable[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
     it = iter(rows)
     while chunk := list(islice(it, CHUNK)):
@@ -167,6 +175,12 @@ async def _load(db: Database, tables: Sequence[Rows], replace: bool) -> Loaded:
                 " or pass --replace to delete it first"
             )
         if any(held.values()):
+            if serving := await conn.fetchval(SERVING):
+                # Their queue is texts they acknowledged: deleted under them, lost.
+                raise TargetNotEmpty(
+                    f"{serving} bridge instance(s) serve the target: stop them first;"
+                    " --replace deletes the messages they took and have not sent yet"
+                )
             await conn.execute(f"TRUNCATE {', '.join(DATA_TABLES)}")
         # The source's bills priced its sends: the target's prices go whether the source
         # brings any or not (a store before SQLite 0014 kept none: the target's stayed,
