@@ -186,6 +186,12 @@ def summarize(
         ]
         if not alerts:
             raise Ignored("no alert matches this route's labels")
+        # The group's status is of every alert in it; the route's, of those it texts. A
+        # group firing on with only alerts the route leaves out is, for it, resolved: read
+        # as the group's, the resolved alert was texted as [FIRING] (and keyed as its own
+        # firing text, so first suppressed as a repeat of it).
+        firing = any(a.get("status", status) == "firing" for a in alerts)
+        status = "firing" if firing else "resolved"
     listed = [a for a in alerts if a.get("status", status) == status] or alerts
     total = len(listed) + truncated
 

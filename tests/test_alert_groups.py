@@ -1,0 +1,114 @@
+"""What one alert group's successive notifications (Alertmanager, Grafana unified) become
+on the phone, through a running bridge on loopback: which are texted, which are repeats.
+
+Alertmanager (and Grafana, which sends the same payload) notifies a group again whenever
+any alert in it changes, and again unchanged every `repeat_interval`: the dedupe key must
+tell the first from the second, whatever part of the group changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.models import Message
+from tests.helpers import bridge_config, running_bridge
+
+PHONE = "+12025550143"
+PAGES = 'match = { severity = "page" }\n'
+# A route of each format, and one of each that texts pages only (`_pages`); `public`:
+# what is tested is the payload's reading, not a route's credential.
+ROUTES = "".join(
+    f'[routes.{fmt}{suffix}]\nformat = "{fmt}"\nto = ["{PHONE}"]\npublic = true\n{match}'
+    for fmt in ("alertmanager", "grafana")
+    for suffix, match in (("", ""), ("_pages", PAGES))
+)
+STARTED = "2026-11-30T08:00:00Z"
+
+
+def alert(instance: str, status: str = "firing", severity: str = "page") -> dict[str, Any]:
+    """One DiskFull alert on `instance`, its fingerprint the instance's own."""
+    return {
+        "status": status,
+        "labels": {"alertname": "DiskFull", "instance": instance, "severity": severity},
+        "annotations": {"summary": "disk almost full"},
+        "startsAt": STARTED,
+        "endsAt": "0001-01-01T00:00:00Z" if status == "firing" else "2026-11-30T08:30:00Z",
+        "fingerprint": f"d15cf011{instance.encode().hex():0>8}",
+    }
+
+
+def group(*alerts: dict[str, Any]) -> dict:
+    """A notification of the group `alerts` are in, its status Alertmanager's own: firing
+    while any of them fires."""
+    firing = any(a["status"] == "firing" for a in alerts)
+    return {
+        "version": "4",
+        "groupKey": '{}:{alertname="DiskFull"}',
+        "truncatedAlerts": 0,
+        "status": "firing" if firing else "resolved",
+        "receiver": "sms",
+        "groupLabels": {"alertname": "DiskFull"},
+        "commonLabels": {"alertname": "DiskFull"},
+        "commonAnnotations": {"summary": "disk almost full"},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": list(alerts),
+    }
+
+
+async def notify(
+    route: str, payloads: list[dict], tmp_path, clock: ManualClock, sandbox_url: str, step: float
+) -> list[Message]:
+    """Post `payloads` to `route` `step` seconds apart; the message each is stored as."""
+    config = bridge_config(tmp_path, sandbox_url, ROUTES)
+    stored = []
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for payload in payloads:
+            response = await http.post(f"{url}/hooks/{route}", json=payload)
+            assert response.status_code == 202, response.text
+            [message_id] = response.json()["ids"]
+            message = await bridge.store.get(message_id)
+            assert message is not None
+            stored.append(message)
+            clock.advance(step)
+    return stored
+
+
+def told(messages: list[Message]) -> list[tuple[str, str]]:
+    return [(m.state.value, m.text) for m in messages]
+
+
+@pytest.mark.parametrize("route", ["alertmanager_pages", "grafana_pages"])
+async def test_a_matching_alert_that_resolves_while_the_group_fires_on_is_texted_resolved(
+    route: str, tmp_path, clock, sandbox_url
+) -> None:
+    """The route texts `severity = "page"` only. db-1 (page) resolves while db-2
+    (warning) fires on: the group's status is still "firing", but all the route keeps is
+    db-1, resolved. It was read as [FIRING:1] db-1 with the key of the first text, so
+    suppressed as its repeat, and texted as FIRING once past the window: the phone never
+    heard that db-1 is over. Its own repeat (a retry, `repeat_interval`) is a repeat."""
+    both = group(alert("db-1"), alert("db-2", severity="warning"))
+    page_over = group(alert("db-1", "resolved"), alert("db-2", severity="warning"))
+    messages = await notify(
+        route, [both, page_over, page_over], tmp_path, clock, sandbox_url, step=240
+    )
+    assert told(messages) == [
+        ("queued", "[FIRING:1] DiskFull db-1: disk almost full"),
+        ("queued", "[RESOLVED] DiskFull db-1: disk almost full"),
+        ("suppressed", "[RESOLVED] DiskFull db-1: disk almost full"),
+    ]
+
+
+@pytest.mark.parametrize("route", ["alertmanager_pages", "grafana_pages"])
+async def test_a_matching_alerts_resolve_read_after_the_window_is_still_resolved(
+    route: str, tmp_path, clock, sandbox_url
+) -> None:
+    """The same notification past the dedupe window (10 minutes): texted again, and as
+    what it says, RESOLVED (it went out as [FIRING:1] db-1)."""
+    both = group(alert("db-1"), alert("db-2", severity="warning"))
+    page_over = group(alert("db-1", "resolved"), alert("db-2", severity="warning"))
+    messages = await notify(route, [both, page_over], tmp_path, clock, sandbox_url, step=700)
+    assert told(messages)[1] == ("queued", "[RESOLVED] DiskFull db-1: disk almost full")
