@@ -112,3 +112,27 @@ async def test_a_matching_alerts_resolve_read_after_the_window_is_still_resolved
     page_over = group(alert("db-1", "resolved"), alert("db-2", severity="warning"))
     messages = await notify(route, [both, page_over], tmp_path, clock, sandbox_url, step=700)
     assert told(messages)[1] == ("queued", "[RESOLVED] DiskFull db-1: disk almost full")
+
+
+@pytest.mark.parametrize("route", ["alertmanager", "grafana"])
+async def test_an_alert_that_resolves_while_the_rest_of_its_group_fires_is_texted(
+    route: str, tmp_path, clock, sandbox_url
+) -> None:
+    """db-2 fires, db-1 joins, db-1 resolves while db-2 fires on. The third notification
+    lists the firing db-2 alone, as the first did, and had its key: suppressed, and the
+    phone's last word was [FIRING:2] db-1, db-2 with db-1 over. Repeats are still
+    repeats: a `repeat_interval` resend, a retry."""
+    db2 = group(alert("db-2"))
+    both = group(alert("db-1"), alert("db-2"))
+    db1_over = group(alert("db-1", "resolved"), alert("db-2"))
+    messages = await notify(
+        route, [db2, db2, both, db1_over, db1_over], tmp_path, clock, sandbox_url, step=60
+    )
+    db2_text = "[FIRING:1] DiskFull db-2: disk almost full"
+    assert told(messages) == [
+        ("queued", db2_text),
+        ("suppressed", db2_text),
+        ("queued", "[FIRING:2] DiskFull db-1, db-2: disk almost full"),
+        ("queued", db2_text),
+        ("suppressed", db2_text),
+    ]

@@ -265,16 +265,19 @@ def summarize(
     if with_values and len(listed) == 1:
         text += _values(listed[0])
 
-    # Each alert by its fingerprint and when it started: a repeat of an unchanged group
-    # keeps both, while an alert that resolved and fires again is a new episode with a new
-    # startsAt (else the flap's second "firing" was a duplicate of the first, and the phone's
-    # last word was [RESOLVED] while it fired).
+    # Each alert by its fingerprint, when it started and its own status: a repeat of an
+    # unchanged group keeps all three, while an alert that resolved and fires again is a
+    # new episode with a new startsAt (else the flap's second "firing" was a duplicate of
+    # the first, and the phone's last word was [RESOLVED] while it fired). Every alert,
+    # not only those listed: one resolving while the rest fire on lists what an earlier
+    # notification listed (db-2, before db-1 joined), and had its key.
     fingerprints = sorted(
         [
             str(a.get("fingerprint") or json.dumps(a.get("labels"), sort_keys=True)),
             str(a.get("startsAt") or ""),
+            str(a.get("status", status)),
         ]
-        for a in listed
+        for a in alerts
     )
     digest = hashlib.sha256(
         json.dumps([payload.get("groupKey"), status, fingerprints]).encode()
