@@ -41,14 +41,14 @@ def alert(instance: str, status: str = "firing", severity: str = "page") -> dict
     }
 
 
-def group(*alerts: dict[str, Any]) -> dict:
+def group(*alerts: dict[str, Any], truncated: int = 0) -> dict:
     """A notification of the group `alerts` are in, its status Alertmanager's own: firing
-    while any of them fires."""
+    while any of them fires; `truncated` more alerts that `max_alerts` left out."""
     firing = any(a["status"] == "firing" for a in alerts)
     return {
         "version": "4",
         "groupKey": '{}:{alertname="DiskFull"}',
-        "truncatedAlerts": 0,
+        "truncatedAlerts": truncated,
         "status": "firing" if firing else "resolved",
         "receiver": "sms",
         "groupLabels": {"alertname": "DiskFull"},
@@ -135,4 +135,22 @@ async def test_an_alert_that_resolves_while_the_rest_of_its_group_fires_is_texte
         ("queued", "[FIRING:2] DiskFull db-1, db-2: disk almost full"),
         ("queued", db2_text),
         ("suppressed", db2_text),
+    ]
+
+
+@pytest.mark.parametrize("route", ["alertmanager", "grafana"])
+async def test_a_group_that_grows_past_max_alerts_is_texted(
+    route: str, tmp_path, clock, sandbox_url
+) -> None:
+    """`max_alerts = 2` in the receiver: the payload carries the first two alerts and
+    counts the rest in `truncatedAlerts`. 3 disks full, then 40: the same two alerts
+    sent, so the same key, and the 37 more were suppressed. The same count again is a
+    repeat."""
+    first_two = (alert("db-1"), alert("db-2"))
+    three, forty = group(*first_two, truncated=1), group(*first_two, truncated=38)
+    messages = await notify(route, [three, forty, forty], tmp_path, clock, sandbox_url, step=60)
+    assert told(messages) == [
+        ("queued", "[FIRING:3] DiskFull db-1, db-2 +1: disk almost full"),
+        ("queued", "[FIRING:40] DiskFull db-1, db-2 +38: disk almost full"),
+        ("suppressed", "[FIRING:40] DiskFull db-1, db-2 +38: disk almost full"),
     ]

@@ -1,9 +1,9 @@
 """Prometheus Alertmanager webhook (payload version 4): one SMS per notification.
 
-The dedupe key is the group key, the status and each alert's fingerprint, start time
-and status, so Alertmanager's repeat notifications within the dedupe window send nothing
-new, while a change (another alert joins or resolves, the group resolves, or fires
-again) does.
+The dedupe key is the group key, the status, each alert's fingerprint, start time and
+status, and how many alerts `max_alerts` cut, so Alertmanager's repeat notifications
+within the dedupe window send nothing new, while a change (another alert joins or
+resolves, the group resolves, or fires again) does.
 """
 
 from __future__ import annotations
