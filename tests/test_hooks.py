@@ -1293,6 +1293,13 @@ async def test_what_counts_as_blank_is_what_a_phone_shows_as_nothing(
     ]
 
 
+# A generic route whose payloads carry their dedupe key at `id`.
+KEYED_ROUTE = (
+    '\n[routes.keyed]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n'
+    'dedupe_path = "id"\n'
+)
+
+
 @pytest.mark.usefixtures("backend")
 async def test_a_payloads_long_dedupe_key_or_topic_is_stored_and_still_meets_its_repeat(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
@@ -1303,11 +1310,7 @@ async def test_a_payloads_long_dedupe_key_or_topic_is_stored_and_still_meets_its
     500 the sender retried for ever; on SQLite a 100 kB index entry per text. An alert
     group's topic (its alerts' names) was as long too. A key past 256 characters is now
     stored as its digest, so its repeat still meets it, and a topic is cut there."""
-    routes = ROUTES + (
-        '\n[routes.keyed]\nformat = "generic"\nto = ["+12025550143"]\npublic = true\n'
-        'dedupe_path = "id"\n'
-    )
-    config = bridge_config(tmp_path, sandbox_url, routes)
+    config = bridge_config(tmp_path, sandbox_url, ROUTES + KEYED_ROUTE)
     key = secrets.token_urlsafe(75_000)  # 100 kB that no compression shrinks to 2,704
     group = json.loads((HOOKS / "alertmanager-firing.json").read_bytes())
     template = group["alerts"][0]
@@ -1330,6 +1333,30 @@ async def test_a_payloads_long_dedupe_key_or_topic_is_stored_and_still_meets_its
     assert [a.json()["messages"][0]["state"] for a in answers] == ["queued", "suppressed", "queued"]
     assert keyed is not None and len(keyed.dedupe_key or "") < 300
     assert grouped is not None and grouped.topic and len(grouped.topic) == 256
+
+
+async def test_a_payloads_blank_dedupe_key_is_no_key(tmp_path, clock, sandbox_url) -> None:
+    """A generic route's `dedupe_path` holding "" (there, but empty: an incident with no
+    id yet) keyed every such payload "generic:": each text within the dedupe window was
+    suppressed as a repeat of the first, whatever it said. A blank key is no key, as the
+    API's `dedupe_key: ""` is: the text is keyed by itself, and meets its own repeat."""
+    config = bridge_config(tmp_path, sandbox_url, ROUTES + KEYED_ROUTE)
+    sent = [
+        ("backup failed on nas-1", ""),
+        ("UPS on battery in rack 4", ""),
+        ("db-2 disk 95% full", " "),
+        ("db-2 disk 95% full", ""),  # a repeat of the text
+        ("db-3 disk 95% full", "INC-7"),
+        ("db-3 disk 96% full", "INC-7"),  # a repeat of the key
+    ]
+    states = []
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        for text, key in sent:
+            answer = await http.post(f"{url}/hooks/keyed", json={"id": key, "message": text})
+            assert answer.status_code == 202, answer.text
+            states.append(answer.json()["messages"][0]["state"])
+            clock.advance(60)
+    assert states == ["queued", "queued", "queued", "suppressed", "queued", "suppressed"]
 
 
 async def test_a_large_alert_group_is_read_in_time_linear_in_its_alerts(

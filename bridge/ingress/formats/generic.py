@@ -37,14 +37,15 @@ def parse(request: HookRequest) -> list[HookMessage]:
         recipients = tuple(targets)
     else:
         raise InputError(route.to_path, "must be a phone number, a group or a list of them")
-    dedupe = dig(payload, route.dedupe_path) if route.dedupe_path else None
+    path = route.dedupe_path
+    key = text_field(dig(payload, path), path) if path else ""  # dig(x, "") is all of x
     return [
         HookMessage(
             text=text,
             context=payload,
             recipients=recipients,
-            dedupe_key=None
-            if dedupe is None
-            else f"generic:{text_field(dedupe, route.dedupe_path)}",
+            # A blank key is none, as the API's `dedupe_key: ""`: kept, "generic:" made
+            # every payload of an incident with no id yet a repeat of the first.
+            dedupe_key=None if is_blank(key) else f"generic:{key}",
         )
     ]
