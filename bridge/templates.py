@@ -153,6 +153,7 @@ def render_noting(source: str, context: Mapping[str, Any]) -> Rendered:
             # One mapping, not keywords: a payload key `self` would clash with render's own.
             compiled = _compiled(source)
             text = read_bounded(compiled.template.generate(_fields(context, compiled.called)))
+        _check_encodable(text)
         # Each name once before any is read whole: a loop may look one up 250,000 times.
         names = islice(dict.fromkeys(_missing.get() or ()), MAX_MISSING)
         return Rendered(text, tuple(dict.fromkeys(map(_utf8, names))))
@@ -171,6 +172,20 @@ def _utf8(text: str) -> str:
     it: a lone surrogate the template made of a payload's number (`"%c" | format(55296)`)
     as its escape, `\\ud800`. Raw, the 202, the console's page and the store failed on it."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_encodable(text: str) -> None:
+    """A TemplateError if UTF-8 cannot write `text`: a lone surrogate the template made
+    of a payload's number is no character a phone can show, and the text failed where it
+    was first encoded (its dedupe key: a 500 on every retry, nothing stored). Failed, the
+    template's text gives way to the default text, and the sender hears why."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = f"\\u{ord(text[exc.start]):04x}"
+        raise TemplateError(
+            f"it rendered a lone surrogate, {char}, which no phone can show"
+        ) from None
 
 
 def render(source: str, context: Mapping[str, Any]) -> str:

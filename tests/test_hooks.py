@@ -1120,6 +1120,34 @@ async def test_a_note_the_store_cannot_take_never_fails_a_stored_message(
     assert notes == ["the template printed as empty what the payload lacks: \\ud800"]
 
 
+async def test_a_template_that_renders_a_lone_surrogate_sends_the_default_text(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """A template can make a lone surrogate of a payload's number (`"%c" | format(55296)`):
+    no character a phone can show, and none UTF-8 can hold. The text failed where it was
+    first encoded (its dedupe key): a 500 on every retry, nothing stored. It is a template
+    failure now, as any other: the route's default text goes out and the 202 says why. A
+    number that makes a character is still printed as one."""
+    template = "alert {{ '%c' | format(code) }} on {{ host }}"
+    _, config = _route_per_template(tmp_path, sandbox_url, {"coded": template})
+    reports = []
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for code in (0xD800, 65):
+            payload = {"message": f"db-1 down ({code})", "code": code, "host": "db-1"}
+            answer = await http.post(f"{url}/hooks/coded", json=payload)
+            assert answer.status_code == 202, answer.text
+            reports.append(answer.json()["messages"][0]["template"]["default_text"])
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert reports == [
+        "the template failed (it rendered a lone surrogate, \\ud800, which no phone can show)",
+        None,
+    ]
+    assert sorted(e.message for e in sandbox_state.entries) == [
+        "alert A on db-1",
+        "db-1 down (55296)",
+    ]
+
+
 async def test_control_characters_never_reach_the_phone(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
