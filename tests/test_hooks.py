@@ -527,6 +527,8 @@ async def test_bad_requests_get_clear_4xx_and_store_nothing(tmp_path, clock, san
                     "check_run.output",
                 ),
                 ("status", b'{"state": "failure", "context": {}}', "context"),
+                ("status", b'{"state": "failure", "branches": 1}', "branches"),
+                ("status", b'{"state": "failure", "branches": {"name": "main"}}', "branches"),
             )
         ),
     ]

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 from typing import Any
 
+from bridge.errors import InputError
 from bridge.ingress.credentials import same_secret
 from bridge.ingress.formats.base import (
     HookMessage,
@@ -162,6 +163,8 @@ def parse(request: HookRequest) -> list[HookMessage]:
     elif event == "status":
         outcome = text_field(payload.get("state"), "state")
         branches = payload.get("branches") or []
+        if not isinstance(branches, list):  # iterated, a number was a 500
+            raise InputError("branches", "must be a list of branches")
         names = [str(b["name"]) for b in branches if isinstance(b, dict) and b.get("name")] or [""]
         # a commit on several branches: the route's branch if it names one, else the first
         branch = next((b for b in names if b in request.route.branches), names[0])
