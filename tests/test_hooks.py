@@ -14,6 +14,7 @@ import time
 import tomllib
 import tracemalloc
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -2086,22 +2087,13 @@ async def test_a_secret_across_the_cut_of_a_name_or_an_error_is_masked_whole(
         assert head not in told
 
 
-async def test_a_reload_during_a_posts_body_leaves_it_masked_by_the_config_it_began_under(
-    tmp_path, clock, sandbox_state: SandboxState, sandbox_url, monkeypatch
-) -> None:
-    """A hook request takes the config in force when it begins, for the whole request,
-    even across a reload: its route, its recipients, and the secrets its template's
-    report is masked with. The secrets were read after the body: a SIGHUP during a slow
-    post that rotated a token left the token the post's payload held unmasked in its
-    202 and the message's note (stored for ever), under the route of the config before."""
+async def _posted_across_a_reload(
+    monkeypatch: pytest.MonkeyPatch, url: str, path: str, body: str, reload: Callable[[], object]
+) -> httpx.Response:
+    """The answer to `body` posted to `path`, the config reloaded (`reload`) while its
+    body is read: after the request took its config, before it read what it carries."""
     from bridge.ingress.http import hooks
-    from tests.test_reload import reloaded
 
-    old, new = "read-token-0123456789abcdef", "read-token-fedcba9876543210"
-    route = templated_route("gaps", "generic", "+12025550143", "{{ summary }}{{ labels[key] }}")
-    token = '\n[tokens.ops]\ntoken = "{}"\nscopes = ["read"]\n'
-    config = bridge_config(tmp_path, sandbox_url, ROUTES + route + token.format(old))
-    payload = json.dumps({"message": "x", "summary": "disk full", "labels": {}, "key": old})
     reading, rest = asyncio.Event(), asyncio.Event()
     real = hooks._verified_body
 
@@ -2110,22 +2102,79 @@ async def test_a_reload_during_a_posts_body_leaves_it_masked_by_the_config_it_be
         return await real(*args, **kwargs)
 
     async def slowly():
-        yield payload[:10].encode()
+        yield body[:10].encode()
         await rest.wait()
-        yield payload[10:].encode()
+        yield body[10:].encode()
 
     monkeypatch.setattr(hooks, "_verified_body", begun)
-    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+    async with httpx.AsyncClient() as http:
         json_type = {"content-type": "application/json"}
-        post = asyncio.create_task(
-            http.post(f"{url}/hooks/gaps", content=slowly(), headers=json_type)
-        )
+        post = asyncio.create_task(http.post(f"{url}{path}", content=slowly(), headers=json_type))
         await asyncio.wait_for(reading.wait(), 10)
-        reloaded(bridge, tmp_path, sandbox_url, ROUTES + route + token.format(new))
+        reload()
         rest.set()
-        answer = await post
+        return await post
+
+
+# A read token, rotated by a reload from OLD_TOKEN to NEW_TOKEN (digits: as a fraction of
+# a second in a time may be).
+ROTATED = '\n[tokens.ops]\ntoken = "{}"\nscopes = ["read"]\n'
+OLD_TOKEN, NEW_TOKEN = "7391046285173920", "5820937146028461"
+
+
+async def test_a_reload_during_a_posts_body_leaves_it_masked_by_the_config_it_began_under(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url, monkeypatch
+) -> None:
+    """A hook request takes the config in force when it begins, for the whole request,
+    even across a reload: its route, its recipients, and the secrets its template's
+    report is masked with. The secrets were read after the body: a SIGHUP during a slow
+    post that rotated a token left the token the post's payload held unmasked in its
+    202 and the message's note (stored for ever), under the route of the config before."""
+    from tests.test_reload import reloaded
+
+    route = templated_route("gaps", "generic", "+12025550143", "{{ summary }}{{ labels[key] }}")
+    config = bridge_config(tmp_path, sandbox_url, ROUTES + route + ROTATED.format(OLD_TOKEN))
+    payload = json.dumps({"message": "x", "summary": "disk full", "labels": {}, "key": OLD_TOKEN})
+    async with running_bridge(config, clock) as (bridge, url):
+        answer = await _posted_across_a_reload(
+            monkeypatch,
+            url,
+            "/hooks/gaps",
+            payload,
+            lambda: reloaded(
+                bridge, tmp_path, sandbox_url, ROUTES + route + ROTATED.format(NEW_TOKEN)
+            ),
+        )
         assert answer.status_code == 202, answer.text
         [message_id] = answer.json()["ids"]
         notes = [e["detail"] for e in await bridge.store.events(message_id) if e["detail"]]
     assert answer.json()["messages"][0]["template"]["missing"] == ["***"]
     assert notes == ["the template printed as empty what the payload lacks: ***"]
+
+
+async def test_a_reload_during_a_posts_body_leaves_its_schedule_masked_by_its_config(
+    tmp_path, clock, sandbox_url, monkeypatch, caplog
+) -> None:
+    """The same for `?schedule_time=`, read after the body: its error quotes the time
+    with the secrets masked, and they were the reloaded config's, not those the request
+    began under. A rotated token in the time (a fraction of a second may be any digits)
+    was told whole in the 400 and the log."""
+    from tests.test_reload import reloaded
+
+    route = templated_route("gaps", "generic", "+12025550143", "{{ summary }}")
+    config = bridge_config(tmp_path, sandbox_url, ROUTES + route + ROTATED.format(OLD_TOKEN))
+    when = urllib.parse.quote(f"2020-01-01T00:00:00.{OLD_TOKEN}")
+    async with running_bridge(config, clock) as (bridge, url):
+        answer = await _posted_across_a_reload(
+            monkeypatch,
+            url,
+            f"/hooks/gaps?schedule_time={when}",
+            json.dumps({"summary": "disk full"}),
+            lambda: reloaded(
+                bridge, tmp_path, sandbox_url, ROUTES + route + ROTATED.format(NEW_TOKEN)
+            ),
+        )
+        assert await bridge.store.counts() == {}
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"].startswith("schedule_time: '2020-01-01T00:00:00.***' is in")
+    assert OLD_TOKEN not in caplog.text

@@ -272,7 +272,7 @@ def hook_endpoint(
             messages = module.parse(hook)
         except Ignored as exc:
             return JSONAnswer({"ignored": str(exc)}, 200)
-        schedule = _schedule(request, config, clock.now(), live.secrets)
+        schedule = _schedule(request, config, clock.now(), secrets)
         extra = request.query_params.getlist("to")
         if extra and not (route.allow_payload_to or route.allow_query_to):
             raise HttpError(400, "this route does not take ?to= (allow_payload_to)", "to")
