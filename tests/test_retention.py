@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from datetime import UTC, datetime
 
 import httpx
 import pytest
 
 from bridge.clock import ManualClock
-from bridge.config import Config
-from bridge.errors import StoreUnavailable
+from bridge.config import Config, load_config
+from bridge.errors import ConfigError, StoreUnavailable
 from bridge.models import NewMessage, State
 from bridge.service import RETENTION_INTERVAL, Bridge
-from tests.helpers import bridge_config, pump_until_state, running_bridge
+from tests.helpers import bridge_config, pump_until_state, running_bridge, write_config
 from tests.stores import FaultySqliteStore, seed
+from tests.test_cli import run
+from tests.test_reload import reloaded
 
 DAY = 86400.0
 DONE = NewMessage("+12025550143", "old alert", "http", "SMS", 1, 1, state=State.SUPPRESSED)
@@ -175,3 +178,90 @@ async def test_a_text_scheduled_past_the_retention_is_kept_until_its_time(
         clock.advance(2 * DAY)  # delivered two days ago: retention takes it now
         await one_hourly_step(bridge, clock)
         assert (await http.get(f"{url}/api/v1/messages/{reminder}")).status_code == 404
+
+
+# -- retention under the windows the stored messages are read for ----------------------
+ROUTE_TOKEN = 'token = "route-token-0123456789abcdef"\nto = ["+12025550143"]\n'
+WINDOWS = [
+    # (the config, a retention under its longest window, the key named, the minimum)
+    ('[dedupe]\nwindow = "1h"\n', "5m", "dedupe.window", "1h"),
+    (
+        f'[routes.gh]\nformat = "github"\nsecret = "0123456789abcdef0123456789"\n{ROUTE_TOKEN}',
+        "2d",
+        "routes.gh",
+        "7d",
+    ),
+    (
+        f'[routes.am]\nformat = "alertmanager"\n{ROUTE_TOKEN}dedupe_window = "3h"\n',
+        "2h",
+        "routes.am.dedupe_window",
+        "3h",
+    ),
+    (
+        '[limits]\nper_recipient = 3\nper_recipient_window = "2h"\n',
+        "1h",
+        "limits.per_recipient_window",
+        "2h",
+    ),
+    ('[budget]\nadmin = ["+12025550101"]\nlow_balance = 5000.0\n', "1h", "budget.admin", "1d"),
+]
+
+
+@pytest.mark.parametrize(("extra", "short", "key", "minimum"), WINDOWS)
+def test_a_retention_under_a_window_the_store_is_read_for_is_refused(
+    tmp_path, sandbox_url: str, extra: str, short: str, key: str, minimum: str
+) -> None:
+    """Dedupe, a GitHub route's signed replay window, storm control and the admin's
+    once-a-day warnings all look back at the stored messages: with `dedupe.window = 1h`
+    and `store.retention = 5m`, the original was purged and the same dedupe_key six
+    minutes later was texted again (the daily warning went twice a day; a GitHub
+    delivery replayed after two days was taken). Refused, naming the key and the
+    minimum; the minimum itself and 0 (keep everything) load."""
+
+    def load(retention: str) -> Config:
+        text = (
+            f'[store]\npath = "{tmp_path / "bridge.db"}"\nretention = {retention}\n'
+            f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n{extra}'
+        )
+        return load_config(write_config(tmp_path, text), env={})
+
+    with pytest.raises(ConfigError) as refused:
+        load(f'"{short}"')
+    assert "store.retention" in str(refused.value)
+    assert key in str(refused.value) and f"use {minimum} or more" in str(refused.value)
+    for retention in (f'"{minimum}"', "0"):
+        load(retention)
+
+
+@pytest.mark.slow  # runs the CLI as a process
+async def test_a_manual_purge_under_the_dedupe_window_is_refused(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """`sms-bridge purge --older-than 5m` under `dedupe.window = 1h` was done, and the
+    same alert (its dedupe_key) was texted again six minutes after the first: refused
+    now (exit 2, naming the window and the minimum, the store untouched)."""
+    config = bridge_config(tmp_path, sandbox_url, '[dedupe]\nwindow = "1h"\n')
+    texted = DONE._replace(state=State.DELIVERED, dedupe_key="api:db-2-disk")
+    async with running_bridge(config, clock) as (bridge, _):
+        # Six minutes ago by the real clock, which the command reads.
+        await seed(bridge.store, [texted], time.time() - 360)
+    path = tmp_path / "bridge.toml"
+    short = run("purge", "--older-than", "5m", "--config", str(path), cwd=tmp_path)
+    assert short.returncode == 2, short.stdout
+    assert "dedupe.window" in short.stderr and "use 1h or more" in short.stderr
+    assert "delivered" in run("messages", "--config", str(path), cwd=tmp_path).stdout
+    kept = run("purge", "--older-than", "1h", "--config", str(path), cwd=tmp_path)
+    assert kept.returncode == 0, kept.stderr
+
+
+async def test_a_reload_lengthening_the_dedupe_window_past_the_retention_is_refused(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """The store (and its retention) waits for a restart: a reload lengthening the
+    dedupe window past it is judged against the retention that keeps running."""
+    config = kept_for(bridge_config(tmp_path, sandbox_url), 3600.0)
+    async with running_bridge(config, clock) as (bridge, _):
+        with pytest.raises(ConfigError) as refused:
+            reloaded(bridge, tmp_path, sandbox_url, '[dedupe]\nwindow = "2h"\n')
+        assert bridge.config.dedupe.window == 600.0
+    assert "store.retention" in str(refused.value) and "dedupe.window" in str(refused.value)

@@ -70,6 +70,7 @@ from bridge.config.sections import (
     StatusConfig,
     StoreConfig,
     TokenConfig,
+    route_dedupe_window,
 )
 from bridge.config.validate import purge_problem
 from bridge.errors import ConfigError
@@ -122,6 +123,7 @@ __all__ = [
     "parse_listen",
     "protection_problems",
     "purge_problem",
+    "route_dedupe_window",
     "route_env_prefix",
     "secret_env_files",
     "secret_files",

@@ -17,7 +17,7 @@ from typing import Any
 
 from bridge.addresses import client_address, parse_network
 from bridge.config.parsing import parse_listen
-from bridge.config.sections import SIGNED_FORMATS, Config
+from bridge.config.sections import SIGNED_FORMATS, Config, route_dedupe_window
 
 
 def is_loopback_host(host: str) -> bool:
@@ -187,7 +187,7 @@ def _replay_gap(config: Config, name: str) -> str | None:
             f' HMAC "Timestamp header" and routes.{name}.timestamp_header to one name,'
             " e.g. X-Grafana-Alerting-Timestamp"
         )
-    window = route.dedupe_window if route.dedupe_window >= 0 else config.dedupe.window
+    window = route_dedupe_window(route, config.dedupe.window)
     if window >= route.max_timestamp_skew:
         return None
     return (

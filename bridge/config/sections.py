@@ -273,6 +273,23 @@ class RouteConfig:
     public: bool = _opt(False)  # no authentication, knowingly (protected mode allows it)
 
 
+# GitHub signs no timestamp, so a captured body can be replayed at any time; its key is
+# the body's hash, and no genuine event repeats a body, so a long window costs nothing.
+SIGNED_REPLAY_WINDOW = 7 * 86400.0
+
+
+def route_dedupe_window(route: RouteConfig, default: float) -> float:
+    """How long `route`'s texts are deduplicated: its own window, else `default`
+    (dedupe.window); a GitHub route's default is at least a week (SIGNED_REPLAY_WINDOW),
+    unless dedupe is off altogether. Here, not in policy, because retention (config
+    validation) must outlast it too."""
+    if route.dedupe_window >= 0:
+        return route.dedupe_window
+    if route.format == "github" and default > 0:
+        return max(default, SIGNED_REPLAY_WINDOW)
+    return default
+
+
 SCOPES = ("send", "read", "admin", "metrics")
 # Shortest secret a caller authenticates with: API tokens, route tokens, basic-auth
 # passwords and HMAC secrets. 16 characters of a generated secret (token_urlsafe: 6 bits

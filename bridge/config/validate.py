@@ -29,6 +29,7 @@ from bridge.config.sections import (
     ProviderConfig,
     RouteConfig,
     SmtpConfig,
+    route_dedupe_window,
 )
 from bridge.errors import InputError, Unavailable
 from bridge.firewall import SENDER_ID_RULE, valid_sender_id
@@ -77,18 +78,52 @@ def daily_caps(config: Config) -> list[str]:
     return keys
 
 
+def purge_floor(config: Config) -> tuple[float, str, str]:
+    """The shortest age a purge may take: the longest time the bridge still reads a
+    finished message for, the key that sets it and what reads it ((0, "", "") if none)."""
+    floors = [(0.0, "", "")]
+    if caps := daily_caps(config):
+        floors.append((DAY, caps[0], "the daily caps count the messages sent today"))
+    if config.budget.admin:
+        # The warnings' dedupe key holds the day (bridge.policy.budgets.Budget.warn).
+        floors.append((DAY, "budget.admin", "its warnings go once a day by the day's stored one"))
+    repeat = "a repeat within it is suppressed by its stored original"
+    floors.append((config.dedupe.window, "dedupe.window", repeat))
+    for name, route in config.routes.items():
+        window = route_dedupe_window(route, config.dedupe.window)
+        if route.dedupe_window >= 0:
+            floors.append((window, f"routes.{name}.dedupe_window", repeat))
+        elif route.format == "github":  # a week by default: no key of its own says so
+            why = "a GitHub delivery replayed within a week is suppressed by its stored original"
+            floors.append((window, f"routes.{name}", why))
+    if config.limits.per_recipient > 0:
+        why = "storm control counts the texts stored within it"
+        floors.append((config.limits.per_recipient_window, "limits.per_recipient_window", why))
+    return max(floors, key=lambda floor: floor[0])  # the first of equals: the caps' wording
+
+
 def purge_problem(config: Config, age: float) -> str | None:
-    """Why purging the finished messages older than `age` would weaken the daily caps
-    (they count what today's stored messages sent: a purge of them lets as many again
-    through), or None. Refused rather than worked around: a retention the store silently
-    stretched to a day would not be the retention asked for."""
-    caps = daily_caps(config)
-    if age >= DAY or not caps:
+    """Why purging the finished messages older than `age` would forget what the bridge
+    still reads them for (`purge_floor`: a purge of today's sends lets as many again
+    through the daily caps; of an original within the dedupe window, its repeat), or
+    None. Refused rather than worked around: a retention the store silently stretched
+    would not be the retention asked for, and security.md advises a short one."""
+    floor, key, why = purge_floor(config)
+    if age >= floor:
         return None
+    shortest = _duration(floor)
     return (
-        f"under a day while {caps[0]} is set: the daily caps count the messages sent today"
-        " and a purge would forget them (the caps would let more through); use 1d or more"
+        f"under {'a day' if floor == DAY else shortest} while {key} is set: {why},"
+        f" which a purge would forget; use {shortest} or more"
     )
+
+
+def _duration(seconds: float) -> str:
+    """`seconds` as the largest whole unit a duration key takes (7d, 3h, 90s)."""
+    for unit, size in (("d", DAY), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _validate_budget(config: Config, problem: Problem) -> None:

@@ -29,7 +29,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from bridge.config import Config
+from bridge.config import Config, route_dedupe_window
 from bridge.models import NewMessage, State
 from bridge.schedule import scheduled_epoch
 from bridge.store.api import (
@@ -44,9 +44,6 @@ from bridge.store.api import (
 _WORDS = re.compile(r"\s+")
 # A key `slotted_key` made: the time slot it was made in, at its end.
 _SLOTTED = re.compile(r"@slot(\d+):(-?\d+)$")
-# GitHub signs no timestamp, so a captured body can be replayed at any time; its key is
-# the body's hash, and no genuine event repeats a body, so a long window costs nothing.
-SIGNED_REPLAY_WINDOW = 7 * 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +60,7 @@ class Rules:
             per_recipient=config.limits.per_recipient,
             per_recipient_window=config.limits.per_recipient_window,
             route_windows={
-                name: _route_window(r.format, r.dedupe_window, config.dedupe.window)
+                name: route_dedupe_window(r, config.dedupe.window)
                 for name, r in config.routes.items()
             },
         )
@@ -134,16 +131,6 @@ def _keyed(pending: Sequence[Pending]) -> Sequence[Pending]:
     return [
         (m if m.dedupe_key else m._replace(dedupe_key=text_key(m.text)), now) for m, now in pending
     ]
-
-
-def _route_window(route_format: str, window: float, default: float) -> float:
-    """A route's own window, else the default; a GitHub route's default is at least a week
-    (SIGNED_REPLAY_WINDOW), unless dedupe is off altogether."""
-    if window >= 0:
-        return window
-    if route_format == "github" and default > 0:
-        return max(default, SIGNED_REPLAY_WINDOW)
-    return default
 
 
 def dedupe_scope(kind: str, name: str | None = None) -> str:
