@@ -514,6 +514,51 @@ def test_tokens_from_the_environment(tmp_path) -> None:
     assert [k for k, _ in caught.value.problems] == ["tokens.x.token", "tokens.x.scopes"]
 
 
+async def test_a_token_rotated_through_the_environment_retires_the_files_token(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """`[tokens.Deploy]` in the file and `SMS_BRIDGE_TOKENS_DEPLOY_TOKEN` (a rotation
+    after a leak): the environment's name was lower-cased and looked up as written, so
+    a second token `deploy` was added and the leaked one still sent texts. The name is
+    matched case-blind (and `-` `.` as `_`, as the variable must spell them): one token,
+    the environment's, and the leaked one answered 401."""
+    leaked, rotated = "leaked-token-0123456789abcdef", "rotated-token-0123456789abcdef"
+    path = write_config(
+        tmp_path,
+        f'[store]\npath = "{tmp_path / "bridge.db"}"\n'
+        f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
+        f'[tokens.Deploy]\ntoken = "{leaked}"\nscopes = ["send"]\n'
+        f'[tokens."ci-bot.eu"]\ntoken = "{leaked}-ci"\nscopes = ["send"]\n',
+    )
+    env = {
+        "SMS_BRIDGE_TOKENS_DEPLOY_TOKEN": rotated,
+        "SMS_BRIDGE_TOKENS_DEPLOY_SCOPES": "send",
+        "SMS_BRIDGE_TOKENS_CI_BOT_EU_TOKEN": f"{rotated}-ci",
+    }
+    config = load_config(path, env=env)
+    assert sorted(config.tokens) == ["Deploy", "ci-bot.eu"]
+    body = {"to": "+12025550143", "message": "deployed"}
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        for token, status in ((leaked, 401), (rotated, 202), (f"{leaked}-ci", 401)):
+            headers = {"Authorization": f"Bearer {token}"}
+            answer = await http.post(f"{url}/api/v1/messages", json=body, headers=headers)
+            assert answer.status_code == status, (token, answer.text)
+
+
+def test_two_token_names_the_environment_cannot_tell_apart_are_refused(tmp_path) -> None:
+    """`[tokens.Deploy]` and `[tokens.deploy]`: one `SMS_BRIDGE_TOKENS_DEPLOY_TOKEN`
+    could rotate only one of them. Refused, as group names differing by case are."""
+    for other in ("deploy", "DEPLOY"):
+        body = (
+            f'[tokens.Deploy]\ntoken = "{TOKEN}"\nscopes = ["send"]\n'
+            f'[tokens.{other}]\ntoken = "{TOKEN}-2"\nscopes = ["send"]\n'
+        )
+        with pytest.raises(ConfigError) as refused:
+            load_config(write_config(tmp_path, body), env={})
+        [(key, why)] = refused.value.problems
+        assert key == f"tokens.{other}" and "tokens.Deploy" in why
+
+
 @pytest.mark.slow
 async def test_a_reload_cannot_open_what_the_running_provider_would_send_through(
     tmp_path, sandbox_url: str, clock: ManualClock

@@ -304,12 +304,23 @@ class _Loader:
             return {}
         raw = self._tokens_from_env({k: v for k, v in raw.items()})
         tokens: dict[str, TokenConfig] = {}
+        seen: dict[str, str] = {}  # the environment's spelling -> the name as first written
         for name, table in raw.items():
             if not GROUP_NAME.match(name):
                 self.problem(
                     f"tokens.{name}", "a token name starts with a letter: letters, digits, _ . -"
                 )
                 continue
+            if (spelling := _env_spelling(name)) in seen:
+                # One SMS_BRIDGE_TOKENS_<NAME>_TOKEN would rotate only one of the two.
+                self.problem(
+                    f"tokens.{name}",
+                    f"the same name as tokens.{seen[spelling]} but for case (or - . _): the"
+                    f" environment's SMS_BRIDGE_TOKENS_{spelling}_* cannot tell them apart;"
+                    " rename one",
+                )
+                continue
+            seen[spelling] = name
             tokens[name] = self.section(
                 f"tokens.{name}",
                 TokenConfig,
@@ -335,7 +346,13 @@ class _Loader:
                         "TOKEN_FILE, SCOPES or TEXTS_PER_DAY",
                     )
                 continue
-            name, key = match.group(1).lower(), match.group(2).lower()
+            key = match.group(2).lower()
+            # The file's token of that name however it is written there (`Deploy`,
+            # `ci-bot`): read as a new token, a rotation left the file's (leaked) one valid.
+            name = next(
+                (n for n in raw if _env_spelling(str(n)) == match.group(1).upper()),
+                match.group(1).lower(),
+            )
             table = raw.get(name)
             table = dict(table) if isinstance(table, dict) else {}
             if key == "scopes":
@@ -373,9 +390,15 @@ def _did_you_mean(key: str, known: Iterable[str], prefix: str = "") -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
+def _env_spelling(name: str) -> str:
+    """A route's or token's name as an environment variable spells it: upper-cased,
+    `-` and `.` as `_`."""
+    return re.sub(r"[.-]", "_", name).upper()
+
+
 def route_env_prefix(name: str) -> str:
-    """`SMS_BRIDGE_ROUTES_<NAME>_`: the name upper-cased, `-` and `.` as `_`."""
-    return f"{ENV_PREFIX}ROUTES_{re.sub(r'[.-]', '_', name).upper()}_"
+    """`SMS_BRIDGE_ROUTES_<NAME>_`: the name as the environment spells it."""
+    return f"{ENV_PREFIX}ROUTES_{_env_spelling(name)}_"
 
 
 def load_config(
