@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 
+from bridge.clock import ManualClock
 from bridge.config import load_config, parse_duration, parse_listen
 from bridge.errors import ConfigError
-from tests.helpers import write_config
+from tests.helpers import bridge_config, running_bridge, write_config
 from tests.processes import run_command
+from tests.test_hooks import HOOKS
 
 
 def test_no_file_means_built_in_defaults_with_the_sandbox() -> None:
@@ -489,6 +492,51 @@ def test_listener_limits_must_be_positive(tmp_path) -> None:
     }
 
 
+BYTE_LIMITS = [
+    ("http", "max_body_bytes", 0, "must be at least 4096"),
+    ("http", "max_body_bytes", 100, "must be at least 4096"),
+    ("http", "max_json_items", 10, "must be 0 (no cap) or at least 512"),
+    ("smtp", "max_message_bytes", 100, "must be at least 1024"),
+]
+
+
+@pytest.mark.slow  # runs a subprocess
+@pytest.mark.parametrize(("section", "key", "value", "why"), BYTE_LIMITS)
+def test_a_size_limit_that_refuses_ordinary_requests_is_refused(
+    tmp_path, section: str, key: str, value: int, why: str
+) -> None:
+    """`http.max_body_bytes = 0` passed check-config, then every API call and webhook
+    was answered 413 (a 4xx Alertmanager never retries: every alert dropped); so did a
+    body cap or a JSON item cap under the smallest real webhook, and a mail size under a
+    mail's headers. `check-config` refuses each, naming the key and the least value."""
+    path = write_config(tmp_path, f"[{section}]\n{key} = {value}\n")
+    result = run_command(["check-config", str(path)])
+    assert result.returncode == 78, result.stdout
+    assert f"{section}.{key}: {why}" in result.stderr
+
+
+async def test_the_least_body_size_takes_a_real_alert(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """At the least `http.max_body_bytes` and `max_json_items` a real Alertmanager
+    group and an API call are taken."""
+    extra = (
+        "[http]\nmax_body_bytes = 4096\nmax_json_items = 512\n"
+        '[routes.am]\nformat = "alertmanager"\nto = ["+12025550143"]\npublic = true\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, extra)
+    firing = (HOOKS / "alertmanager-firing.json").read_bytes()
+    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
+        hook = await http.post(
+            f"{url}/hooks/am", content=firing, headers={"content-type": "application/json"}
+        )
+        assert hook.status_code == 202, hook.text
+        api = await http.post(
+            f"{url}/api/v1/messages", json={"to": "+12025550143", "message": "disk full"}
+        )
+        assert api.status_code == 202, api.text
+
+
 def test_route_keys_are_overridden_from_the_environment(tmp_path) -> None:
     secret = tmp_path / "grafana.hmac"
     secret.write_text("from-a-file-0123456789\n")
@@ -677,7 +725,8 @@ def test_smtp_size_and_recipient_limits_are_above_zero(tmp_path, key: str) -> No
     """`smtp.max_message_bytes = 0` was no limit at all (aiosmtpd's reading of 0): one
     client's DATA could fill the bridge's memory; `max_recipients = 0` refused every
     RCPT. Both are refused by their key."""
+    why = "must be at least 1024" if key == "max_message_bytes" else "must be above 0"
     for value in (0, -1):
         with pytest.raises(ConfigError) as refused:
             load_config(write_config(tmp_path, f"[smtp]\n{key} = {value}\n"), env={})
-        assert dict(refused.value.problems) == {f"smtp.{key}": "must be above 0"}
+        assert dict(refused.value.problems) == {f"smtp.{key}": why}

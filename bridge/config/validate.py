@@ -50,6 +50,16 @@ def validate(config: Config, problem: Problem) -> None:
 
 DAY = 86400.0
 MIN_AUTH_PROBE_INTERVAL = 5.0  # seconds: 12 probes a minute at most while a key is refused
+# The least `http.max_body_bytes`: a minimal API call is ~50 bytes, but one Alertmanager
+# alert with its labels and annotations, a Grafana or GitHub delivery runs to 1-3 KB. At
+# 0 every request was answered 413, a 4xx no sender retries: every alert dropped.
+MIN_BODY_BYTES = 4096
+# The least `http.max_json_items` but 0 (no cap): real payloads hold up to 0.08 items a
+# byte, ~330 in MIN_BODY_BYTES; fewer would refuse bodies the byte limit lets in.
+MIN_JSON_ITEMS = 512
+# The least `smtp.max_message_bytes`: a mail's headers alone (Received, Date, From,
+# Message-ID, MIME) run to several hundred bytes; under it every real mail was refused.
+MIN_MESSAGE_BYTES = 1024
 # Seconds: the first wait of a 429 without Retry-After, and of a 5xx's or a timeout's
 # resend before its jitter (half to all of it).
 MIN_BACKOFF = 1.0
@@ -448,14 +458,13 @@ def _validate_provider_extras(config: Config, problem: Problem) -> None:
 
 
 def _validate_listener_limits(config: Config, problem: Problem) -> None:
-    """Connection, command and parse limits: each at least 1 (or above 0 for times)."""
+    """Connection, command and parse limits: each at least 1 (or above 0 for times), the
+    byte limits at least what ordinary traffic needs."""
     for section, keys in (
         (
             "smtp",
             (
-                # 0 read as "no limit" in aiosmtpd: a session then buffered whatever a
-                # client sent (gigabytes), and max_recipients 0 refused every RCPT.
-                "max_message_bytes",
+                # max_recipients 0 refused every RCPT.
                 "max_recipients",
                 "max_sessions",
                 "max_sessions_per_client",
@@ -473,7 +482,6 @@ def _validate_listener_limits(config: Config, problem: Problem) -> None:
             (
                 "max_concurrency",
                 "max_connections_per_client",
-                "max_header_bytes",
                 "header_timeout",
                 "keep_alive_timeout",
                 "body_timeout",
@@ -483,8 +491,17 @@ def _validate_listener_limits(config: Config, problem: Problem) -> None:
         for key in keys:
             if getattr(getattr(config, section), key) <= 0:
                 problem(f"{section}.{key}", "must be above 0")
-    if config.http.max_header_bytes < 1024:
-        problem("http.max_header_bytes", "must be at least 1024")
+    for key, value, least in (
+        ("http.max_header_bytes", config.http.max_header_bytes, 1024),
+        ("http.max_body_bytes", config.http.max_body_bytes, MIN_BODY_BYTES),
+        # 0 read as "no limit" in aiosmtpd: a session then buffered whatever a client
+        # sent (gigabytes).
+        ("smtp.max_message_bytes", config.smtp.max_message_bytes, MIN_MESSAGE_BYTES),
+    ):
+        if value < least:
+            problem(key, f"must be at least {least}")
+    if 0 < config.http.max_json_items < MIN_JSON_ITEMS:
+        problem("http.max_json_items", f"must be 0 (no cap) or at least {MIN_JSON_ITEMS}")
 
 
 def _validate_http(config: Config, problem: Problem) -> None:
