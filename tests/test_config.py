@@ -492,6 +492,30 @@ def test_listener_limits_must_be_positive(tmp_path) -> None:
     }
 
 
+@pytest.mark.slow  # runs a subprocess
+@pytest.mark.parametrize(
+    ("body", "key", "why"),
+    [
+        ('[status]\npoll_interval = "0s"\n', "status.poll_interval", "must be at least 1s"),
+        (
+            '[limits]\nper_recipient = 3\nper_recipient_window = "0s"\n',
+            "limits.per_recipient_window",
+            "must be at least 1s while limits.per_recipient is set",
+        ),
+    ],
+)
+def test_an_interval_of_zero_is_refused(tmp_path, body: str, key: str, why: str) -> None:
+    """`status.poll_interval = "0s"` passed check-config and the poller went round with
+    no pause (half a core on an idle bridge); `per_recipient_window = "0s"` with
+    `per_recipient` set counted no texts: storm control silently off. Both refused by
+    `check-config`, naming the key; storm control off by `per_recipient = 0` still loads."""
+    result = run_command(["check-config", str(write_config(tmp_path, body))])
+    assert result.returncode == 78, result.stdout
+    assert f"{key}: {why}" in result.stderr
+    off = write_config(tmp_path, '[limits]\nper_recipient = 0\nper_recipient_window = "0s"\n')
+    load_config(off, env={})
+
+
 BYTE_LIMITS = [
     ("http", "max_body_bytes", 0, "must be at least 4096"),
     ("http", "max_body_bytes", 100, "must be at least 4096"),

@@ -74,7 +74,7 @@ def console_config(tmp_path: Path) -> Config:
             sent_after = "0.2s"
             delivered_after = "0.5s"
             [status]
-            poll_interval = "0.5s"
+            poll_interval = "1s"  # the least it takes
             [limits]
             per_recipient = 1
             [groups]

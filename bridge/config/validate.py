@@ -60,6 +60,9 @@ MIN_JSON_ITEMS = 512
 # The least `smtp.max_message_bytes`: a mail's headers alone (Received, Date, From,
 # Message-ID, MIME) run to several hundred bytes; under it every real mail was refused.
 MIN_MESSAGE_BYTES = 1024
+# Seconds: the least status.poll_interval, and limits.per_recipient_window while storm
+# control is on (a text is counted by the second; a window shorter counts none).
+MIN_WINDOW = 1.0
 # Seconds: the first wait of a 429 without Retry-After, and of a 5xx's or a timeout's
 # resend before its jitter (half to all of it).
 MIN_BACKOFF = 1.0
@@ -174,6 +177,13 @@ def _validate_sections(config: Config, problem: Problem) -> None:
         problem("provider.arabic_type", "must be 2 (Unicode) or 4 (the provider's Arabic type)")
     if config.limits.per_recipient < 0:
         problem("limits.per_recipient", "must be 0 (off) or more")
+    elif config.limits.per_recipient and config.limits.per_recipient_window < MIN_WINDOW:
+        # A window of 0s counts no text before this one: storm control silently off.
+        problem(
+            "limits.per_recipient_window",
+            f"must be at least {MIN_WINDOW:g}s while limits.per_recipient is set"
+            " (0s counts no texts); set limits.per_recipient = 0 to turn storm control off",
+        )
     _validate_listener_limits(config, problem)
     if not 1 <= config.limits.max_parts <= 10:
         problem("limits.max_parts", "must be between 1 and 10")
@@ -187,6 +197,10 @@ def _validate_sections(config: Config, problem: Problem) -> None:
         # Shorter than a send's timeout would hand live sends to another instance.
         problem("cluster.lease", "must be between 5s and 1h")
     _validate_provider(config.provider, problem)
+    if config.status.poll_interval < MIN_WINDOW:
+        # At 0 the poller went round with no pause, nothing to poll or not: half a core
+        # of an idle bridge spent asking the store again.
+        problem("status.poll_interval", f"must be at least {MIN_WINDOW:g}s")
     if not 0 < config.status.budget_share <= 1:
         problem("status.budget_share", "must be above 0 and at most 1")
     if not 0 <= config.sandbox.fail_share <= 1:
