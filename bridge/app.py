@@ -378,8 +378,10 @@ async def serve(
         log.info("%s", rate_window(config.provider, config.store))
     http_socket = _listen("http.listen", config.http.listen)
     smtp_socket = _listen("smtp.listen", config.smtp.listen)
-    tls_socket = _listen("smtp.tls_listen", config.smtp.tls_listen) if smtp_socket else None
-    smtp_sockets = [s for s in (smtp_socket, tls_socket) if s is not None] or None
+    # Bound on its own too: implicit TLS alone (smtp.listen = "") keeps every mail
+    # encrypted, and check-config takes it.
+    tls_socket = _listen("smtp.tls_listen", config.smtp.tls_listen)
+    smtp_sockets = [smtp_socket, tls_socket] if smtp_socket or tls_socket else None
     async with build_serving(config, clock=clock) as bridge:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -407,11 +409,11 @@ async def serve(
         # started the process (a test, a supervisor script) reads the port from here.
         if http_socket is not None:
             log.info("HTTP listening on %s", bound_address(http_socket))
+        domains = ", ".join(config.smtp.domains)
         if smtp_socket is not None:
-            domains = ", ".join(config.smtp.domains)
             log.info("SMTP listening on %s for %s", bound_address(smtp_socket), domains)
         if tls_socket is not None:
-            log.info("SMTPS listening on %s", bound_address(tls_socket))
+            log.info("SMTPS listening on %s for %s", bound_address(tls_socket), domains)
         log.info(
             "store %s; %d requests/minute to the provider",
             describe(config.store),

@@ -360,7 +360,7 @@ def _listen_problems(config: Config) -> list[tuple[str, str]]:
         for key, listen in (
             ("http.listen", config.http.listen),
             ("smtp.listen", config.smtp.listen),
-            ("smtp.tls_listen", config.smtp.tls_listen if config.smtp.listen else ""),
+            ("smtp.tls_listen", config.smtp.tls_listen),
         )
         if listen
     ]

@@ -25,7 +25,7 @@ import os
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -383,7 +383,7 @@ class Bridge:
         self,
         *,
         http_socket: socket.socket | None = None,
-        smtp_sockets: list[socket.socket] | None = None,
+        smtp_sockets: Sequence[socket.socket | None] | None = None,
         started: asyncio.Event | None = None,
         reloads: asyncio.Queue[str | None] | None = None,
     ) -> None:

@@ -625,6 +625,35 @@ def test_sighup_applies_tls_settings_and_keeps_a_certificate_that_loads(tmp_path
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.slow  # runs serve as a process
+def test_smtp_over_implicit_tls_alone_is_served(tmp_path) -> None:
+    """`smtp.listen = ""` with `smtp.tls_listen` set (only implicit TLS offered, a setup
+    that keeps every mail encrypted) passed check-config, and serve bound no SMTP at
+    all: the TLS port was bound only beside the plain one. It is served alone now, and
+    a mail sent over it is stored."""
+    import ssl
+
+    import trustme
+
+    path, log = tmp_path / "bridge.toml", tmp_path / "serve.log"
+    ca = trustme.CA()
+    cert, key = _issue_cert(ca, tmp_path)
+    tls = f'tls_listen = "{ANY_PORT}"\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+    path.write_text(_smtp_config(str(tmp_path / "bridge.db"), tls, smtp_listen=""))
+    assert run_command(["check-config", str(path)], tmp_path, clean_env()).returncode == 0
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with process(["serve", "--config", str(path)], tmp_path, clean_env(), log) as proc:
+        url, tls_port = proc.url(), proc.port("SMTPS")
+        with smtplib.SMTP_SSL("127.0.0.1", tls_port, timeout=10, context=context) as client:
+            assert client.sendmail("a@example.org", ["oncall@sms.localhost"], _mail()) == {}
+        messages = httpx.get(f"{url}/api/v1/messages").json()["messages"]
+        assert [(m["recipient"], m["source"]) for m in messages] == [("+12025550101", "smtp")]
+        assert "SMTP listening" not in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
 def test_a_line_break_sent_in_a_mail_header_cannot_forge_a_log_line(tmp_path) -> None:
     """An encoded word decodes to any character, CR and LF included, and the header's
     value reaches the log (`mail stored as suppressed (...)`): in the human format the

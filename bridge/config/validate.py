@@ -187,7 +187,7 @@ def _validate_sections(config: Config, problem: Problem) -> None:
     _validate_listener_limits(config, problem)
     if not 1 <= config.limits.max_parts <= 10:
         problem("limits.max_parts", "must be between 1 and 10")
-    if config.smtp.listen and not config.smtp.domains:
+    if (config.smtp.listen or config.smtp.tls_listen) and not config.smtp.domains:
         problem("smtp.domains", "at least one domain is needed while SMTP is on")
     _validate_store_url(config.store.url, problem)
     if not config.store.url and not config.store.path.strip():

@@ -775,18 +775,21 @@ def smtp_factory(handler: SmtpHandler, *, implicit_tls: bool = False) -> Any:
 
 
 async def start_smtp(
-    handler: SmtpHandler, sockets: list[socket.socket] | None = None
+    handler: SmtpHandler, sockets: Sequence[socket.socket | None] | None = None
 ) -> list[Listener]:
-    """Serve SMTP (and implicit TLS if configured) on this loop; the caller closes them."""
+    """Serve SMTP and implicit TLS, each if configured, on this loop; the caller closes
+    them. `sockets`: the plain listener's and the TLS one's, None for one not served."""
     loop = asyncio.get_running_loop()
-    factory = smtp_factory(handler)
     servers: list[Listener] = []
     # `serve` binds both before start-up (a taken port is a config error there); tests
     # that call this directly let it bind.
-    plain = sockets[0] if sockets else bind_socket(handler.smtp.listen)
-    servers.append(await loop.create_server(factory, sock=plain))
-    if handler.smtp.tls_listen:
-        tls = sockets[1] if sockets and len(sockets) > 1 else bind_socket(handler.smtp.tls_listen)
+    smtp = handler.smtp
+    plain = sockets[0] if sockets else bind_socket(smtp.listen) if smtp.listen else None
+    if plain is not None:
+        servers.append(await loop.create_server(smtp_factory(handler), sock=plain))
+    if smtp.tls_listen:
+        tls = sockets[1] if sockets and len(sockets) > 1 else bind_socket(smtp.tls_listen)
+        assert tls is not None  # serve binds tls_listen whenever it is set
         session = smtp_factory(handler, implicit_tls=True)
         assert handler.listener_tls is not None  # validated: smtp.tls_listen needs smtp.tls_cert
 
