@@ -375,8 +375,12 @@ def _listen_problems(config: Config) -> list[tuple[str, str]]:
 
 
 def _overlap(host: str, other: str) -> bool:
-    """Whether two listen hosts on one port take the same connections: the same host,
-    `::` (dual-stack, bridge.sockets: every address), or `0.0.0.0` and an IPv4 one."""
+    """Whether two listen hosts on one port take the same connections: the same address
+    as bound (`localhost` and `127.0.0.1` are one), `::` (dual-stack, bridge.sockets:
+    every address), or `0.0.0.0` and an IPv4 one."""
+    from bridge.sockets import bound_host
+
+    host, other = bound_host(host), bound_host(other)
     if host == other or "::" in (host, other):
         return True
     return "0.0.0.0" in (host, other) and ":" not in host + other

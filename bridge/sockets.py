@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -11,10 +12,32 @@ from bridge.config import parse_listen
 log = logging.getLogger(__name__)
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def bound_host(host: str) -> str:
+    """The address `bind_socket` binds for a listen host: an address in its one
+    spelling (`::1`, not `0:0:0:0:0:0:0:1`), `localhost` as the resolver maps it (the
+    hosts file: no network asked), any other name as written (resolving it might ask
+    DNS, which check-config must not wait for)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if host.lower() == "localhost":
+        try:
+            found = socket.getaddrinfo(host, None, _family(host), socket.SOCK_STREAM)
+        except OSError:
+            return host.lower()
+        return str(found[0][4][0])
+    return host.lower()
+
+
 def bind_socket(listen: str) -> socket.socket:
     """A listening, non-blocking socket on `listen`; `[::]` takes IPv4 clients too."""
     host, port = parse_listen(listen)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = _family(host)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:

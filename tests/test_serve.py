@@ -237,13 +237,19 @@ def test_two_listeners_of_one_config_on_one_port_are_a_config_problem(tmp_path) 
     """`http.listen` and `smtp.listen` on one port (a copy-paste) passed check-config, then
     serve could not bind the second: "Address already in use", exit 1, which systemd
     restarts as a port another process may free. Both refuse it now (78), naming both;
-    the same port on addresses that do not overlap is fine."""
+    the same port on addresses that do not overlap is fine. `127.0.0.1` and `localhost`
+    (or `::1` written in full) are one address: compared as written, they passed."""
     port = free_port()
     for http, smtp, refused in (
         (f"127.0.0.1:{port}", f"127.0.0.1:{port}", True),
         (f"0.0.0.0:{port}", f"127.0.0.1:{port}", True),
         (f"[::]:{port}", f"127.0.0.1:{port}", True),  # dual-stack: IPv4 too
         (f"127.0.0.1:{port}", f"[::1]:{port}", False),
+        # One address written two ways: compared as bound, not as written.
+        (f"127.0.0.1:{port}", f"localhost:{port}", True),
+        (f"localhost:{port}", f"LOCALHOST:{port}", True),
+        (f"[::1]:{port}", f"[0:0:0:0:0:0:0:1]:{port}", True),
+        (f"0.0.0.0:{port}", f"localhost:{port}", True),
     ):
         (tmp_path / "bridge.toml").write_text(
             f'[http]\nlisten = "{http}"\n[smtp]\nlisten = "{smtp}"\n'
