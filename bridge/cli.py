@@ -30,6 +30,7 @@ from bridge.config import (
     parse_listen,
     secret_values,
     store_file_problem,
+    store_url_problem,
 )
 from bridge.errors import ConfigError, StoreUnavailable
 from bridge.models import MAX_ROW_ID, REASON_KINDS, State
@@ -160,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     copy.add_argument(
         "--to",
         dest="target",
+        type=_store_url,
         help="postgresql://... (default: store.url; a URL here shows its password in ps)",
     )
     copy.add_argument(
@@ -185,8 +187,25 @@ def _store_file(text: str) -> str:
     """`store copy --from`: a store file's path, refused as `store.path` is (a usage
     error, exit 2). An SQLite URI opened another file than the one checked, `:memory:`
     said "no SQLite store" without why, and an empty path copied store.path instead."""
+    if "://" in text:  # a URL named whole as a missing file showed its password
+        from bridge.store import display_url
+
+        raise argparse.ArgumentTypeError(
+            f"{display_url(text)}: a URL; --from takes the SQLite store's file (--to the URL)"
+        )
     if why := store_file_problem(text):
         raise argparse.ArgumentTypeError(f"{text!r}: {why}")
+    return text
+
+
+def _store_url(text: str) -> str:
+    """An argparse type: `store copy --to`, refused as store.url would be (a usage
+    error, exit 2): a raw "/" in the password went to the driver, whose error quoted
+    the part before it. Shown without its password."""
+    if why := store_url_problem(text):
+        from bridge.store import display_url
+
+        raise argparse.ArgumentTypeError(f"{display_url(text)}: {why}")
     return text
 
 

@@ -293,6 +293,35 @@ def test_copy_refuses_a_from_that_store_path_would_refuse(
     assert named.returncode == 1 and "no SQLite store at ./file:bridge.db" in named.stderr
 
 
+RAW_SLASH = "postgresql://bridge:hunter/2x@127.0.0.1:1/bridge"  # the password: hunter/2x
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--to", RAW_SLASH], 'argument --to: postgresql://***: a "/"'),
+        (["--to", "mysql://bridge@127.0.0.1:1/bridge"], "must be a postgresql:// URL"),
+        (
+            ["--from", RAW_SLASH, "--to", "postgresql://bridge@127.0.0.1:1/bridge"],
+            "argument --from: postgresql://***: a URL",
+        ),
+    ],
+)
+def test_copy_refuses_a_url_the_config_would_refuse_and_never_shows_its_password(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    """`--to postgresql://bridge:hunter/2x@...` went past the check store.url has (a raw
+    "/" in the password), and the driver's error quoted "hunter"; a URL given to
+    `--from` was named whole as a missing file. Both are usage errors now, the URL
+    shown without its password."""
+    db = tmp_path / "bridge.db"
+    asyncio.run(_build_sqlite(db))
+    refused = run("store", "copy", *args, cwd=tmp_path, env={"SMS_BRIDGE_STORE_PATH": str(db)})
+    assert refused.returncode == 2, refused.stderr
+    assert said in refused.stderr
+    assert "hunter" not in refused.stderr + refused.stdout
+
+
 async def test_what_was_sent_before_retention_stays_counted_after_the_copy(
     tmp_path: Path, postgres_url: str
 ) -> None:

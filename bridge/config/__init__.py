@@ -72,7 +72,7 @@ from bridge.config.sections import (
     TokenConfig,
     route_dedupe_window,
 )
-from bridge.config.validate import purge_problem
+from bridge.config.validate import purge_problem, store_url_problem
 from bridge.errors import ConfigError
 
 __all__ = [
@@ -129,4 +129,5 @@ __all__ = [
     "secret_files",
     "secret_values",
     "store_file_problem",
+    "store_url_problem",
 ]

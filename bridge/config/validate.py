@@ -235,17 +235,22 @@ def _validate_regions(config: Config, problem: Problem) -> None:
             problem(region_key, f"{region!r} is not a region code such as US, GB or DE")
 
 
-def _validate_store_url(url: str, problem: Problem) -> None:
-    """store.url: a PostgreSQL URL whose password a reader can tell apart, or empty."""
-    if url and not re.match(r"^postgres(ql)?://\S*$", url):
-        problem("store.url", "must be a postgresql:// URL, or empty for SQLite at store.path")
-    elif url and url_passwords(url) == [url]:
+def store_url_problem(url: str) -> str | None:
+    """Why `url` is no PostgreSQL URL whose password a reader can tell apart (store.url,
+    `store copy --to`), or None."""
+    if not re.match(r"^postgres(ql)?://\S*$", url):
+        return "must be a postgresql:// URL, or empty for SQLite at store.path"
+    if url_passwords(url) == [url]:
         # Read by the driver, "bridge:hunter" became a host and port, and its error
         # quoted the password; which part is the password no reader can tell.
-        problem(
-            "store.url",
-            'a "/", "?", "#" or "@" in the password must be written %2F, %3F, %23, %40',
-        )
+        return 'a "/", "?", "#" or "@" in the password must be written %2F, %3F, %23, %40'
+    return None
+
+
+def _validate_store_url(url: str, problem: Problem) -> None:
+    """store.url: a PostgreSQL URL whose password a reader can tell apart, or empty."""
+    if url and (why := store_url_problem(url)):
+        problem("store.url", why)
 
 
 def _validate_smtp(smtp: SmtpConfig, problem: Problem) -> None:
