@@ -365,6 +365,32 @@ def test_check_config_command_exits_78_naming_each_key(tmp_path) -> None:
     assert "abcd-1234" not in ok.stdout  # secrets masked
 
 
+@pytest.mark.slow  # runs a subprocess
+def test_a_listen_host_ending_in_a_dot_is_refused(tmp_path) -> None:
+    """`localhost.` and `127.0.0.1.` passed check-config, protected mode counting them as
+    loopback, but a name ending in a dot is looked up in DNS when bound: no such name
+    (serve exits 1, restarted for ever), or whatever address the DNS server answers.
+    Refused, naming the key and the host to write."""
+    path = write_config(
+        tmp_path,
+        """
+        [provider]
+        base_url = "https://sms.example.net/api/v1"
+        api_key = "live-key-123"
+        [http]
+        listen = "localhost.:8080"
+        [smtp]
+        listen = "127.0.0.1.:2525"
+    """,
+    )
+    result = run_command(["check-config", str(path)])
+    assert result.returncode == 78, result.stdout
+    assert "http.listen: 'localhost.:8080': write localhost, without the final '.'" in (
+        result.stderr
+    )
+    assert "smtp.listen: '127.0.0.1.:2525': write 127.0.0.1" in result.stderr
+
+
 def test_example_config_is_valid_and_documents_every_key() -> None:
     import dataclasses
     import tomllib

@@ -63,6 +63,13 @@ def parse_listen(value: str) -> tuple[str, int]:
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not host:
         raise ValueError(f"{value!r} has no host")
+    if host.endswith("."):
+        # `localhost.` passed as loopback (protected mode), but a name ending in a dot
+        # skips the hosts file when bound: asked of DNS, no such name or any address.
+        raise ValueError(
+            f"{value!r}: write {host.rstrip('.')}, without the final '.' (a name ending"
+            " in '.' is looked up in DNS, not in the hosts file)"
+        )
     if host == "*":  # nginx's way: check-config took it, then serve could not bind it
         raise ValueError(
             f"{value!r}: '*' is no address; every address is 0.0.0.0 (IPv4) or [::] (both)"
