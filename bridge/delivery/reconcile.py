@@ -57,6 +57,7 @@ from bridge.errors import (
 from bridge.loops import Stopped, unless_stopped
 from bridge.models import Message, State
 from bridge.policy.budgets import BudgetGuard
+from bridge.provider import logmatch
 from bridge.provider.client import ProviderClient
 from bridge.provider.logmatch import (
     CLOCK_SKEW,
@@ -80,7 +81,7 @@ UNKNOWN_KINDS = ("unknown", "provider-error")
 
 
 Matcher = LogMatcher[Message, LogEntry]
-Candidate = tuple[LogEntry, object, object, float | None]  # `LogMatcher.candidates`
+Candidate = logmatch.Candidate[LogEntry]
 
 
 def _first_page_of(m: Message, carried: _Carried) -> int:
@@ -362,9 +363,9 @@ class Reconciler:
         recorded since as some message's (the stop records what it found)."""
         ids = [entry.id for entry, *_ in carried.candidates]
         known = await self.store.known_provider_ids(ids)
-        for entry, recipient, text, created in carried.candidates:
-            if entry.id not in known and matcher.offer(entry, recipient, text, created):
-                pages[entry.id] = carried.pages.get(entry.id, 1)
+        free = [one for one in carried.candidates if one[0].id not in known]
+        for entry in matcher.offer_all(free):
+            pages[entry.id] = carried.pages.get(entry.id, 1)
 
     async def _matcher(self, ready: list[Message], oldest: float, until: float) -> Matcher:
         """The messages to look for, with our earlier sends that the provider took without

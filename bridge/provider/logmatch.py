@@ -106,6 +106,8 @@ class Sent(Protocol):
 
 M = TypeVar("M", bound=Sent)
 E = TypeVar("E")
+# An entry collected (`LogMatcher.candidates`): with its recipient, text and creation.
+Candidate = tuple[E, object, object, float | None]
 
 
 def _no_time(message: object) -> float | None:
@@ -141,7 +143,7 @@ class LogMatcher(Generic[M, E]):
         self._by_tail: dict[str, list[M]] = {}
         for m in self._messages:
             self._by_tail.setdefault(_tail(m.recipient), []).append(m)
-        self._entries: list[tuple[E, object, object, float | None]] = []  # as read
+        self._entries: list[Candidate[E]] = []  # as read
         self._pairs: list[tuple[E, M]] | None = None  # `pairs`, until another entry
 
     def __bool__(self) -> bool:
@@ -164,7 +166,12 @@ class LogMatcher(Generic[M, E]):
         self._pairs = None
         return True
 
-    def candidates(self) -> list[tuple[E, object, object, float | None]]:
+    def offer_all(self, collected: Iterable[Candidate[E]]) -> list[E]:
+        """Offer what another matcher collected (`candidates`: a walk cut short, gone on
+        with by the next); returns the entries taken."""
+        return [one[0] for one in collected if self.offer(*one)]
+
+    def candidates(self) -> list[Candidate[E]]:
         """The entries collected, as read: each with its recipient, text and creation."""
         return list(self._entries)
 
