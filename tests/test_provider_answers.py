@@ -527,6 +527,72 @@ async def test_a_status_round_cut_short_pairs_no_sends_without_an_id(
     assert [m.provider_message_id for m in final] == [str(e.message_id) for e in ours], final  # type: ignore[union-attr]
 
 
+async def id_less_behind_a_backlog(
+    bridge: Bridge, url: str, clock: ManualClock, sandbox_state: SandboxState
+) -> tuple[int, str]:
+    """A send answered without an id, then a bulk of 499 (ids given) whose phones are
+    off, for good: the id-less send's entry is the last on /logs' fifth page, the last a
+    round reads, with another client's text below it on page 6. Its id, and its entry's;
+    sends are answered without ids from here on."""
+    sandbox_state.record_send("+12025559000", "other", "SMS", 1, clock.now())
+    clock.advance(200)
+    sandbox_state.shape = VARIANTS["count-only"]
+    body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+    [alone] = (await post(url, body)).json()["ids"]
+    await bridge.dispatcher.run_once()
+    sandbox_state.shape = VARIANTS["documented"]
+    await post(url, {"to": [f"+1202{5000000 + i:07d}" for i in range(499)], "message": "x"})
+    await bridge.dispatcher.run_once()
+    sandbox_state.shape = VARIANTS["count-only"]
+    _, entry, *backlog = sandbox_state.entries
+    assert len(backlog) == 499 and (await bridge.store.get(alone)).state == State.SENT  # type: ignore[union-attr]
+    for off in backlog:
+        off.deliver_from = float("inf")  # phones off: no final state, ever
+    return int(alone), str(entry.message_id)
+
+
+@pytest.mark.usefixtures("backend")
+async def test_a_send_without_an_id_on_a_rounds_last_page_is_paired_by_the_next_round(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """An id-less send's entry the last on the last page a round reads, behind a backlog
+    of phones off. A round cut short pairs nothing; the next went on from page 6 without
+    what the cut one had read, and the one after started over at page 1: the send stayed
+    `sent`, no id and no final state, until `give_up_after`. The walk goes on from where
+    its round stopped with what it collected, and pairs when whole."""
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        alone, entry = await id_less_behind_a_backlog(bridge, url, clock, sandbox_state)
+        for _ in range(6):  # a round a minute (the status budget: 10 /logs reads a minute)
+            clock.advance(60)
+            await bridge.poller.run_once()
+        final = await bridge.store.get(alone)
+    assert final.provider_message_id == entry and final.state == State.DELIVERED, final  # type: ignore[union-attr]
+
+
+async def test_alerts_sent_while_a_walk_goes_on_are_paired_by_the_next(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The backlog above, and an id-less alert to another phone before each round: the
+    first ones' entries, within CLOCK_SKEW of the bulk's, were read for as deep as the
+    id-less send's, and stuck with it. A walk left unfinished goes on with the alerts
+    sent before it began; those sent after (entries above where it goes on) wait for the
+    next walk, and every send gets its own entry."""
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 1000\n")
+    async with running_bridge(config, clock) as (bridge, url):
+        alone, entry = await id_less_behind_a_backlog(bridge, url, clock, sandbox_state)
+        later = []
+        for n in range(12):  # the alerts are tracked once a sweep read the 500 before them
+            if n < 4:
+                alert = {"to": f"+1202555013{n}", "message": f"disk {90 + n}% on db-{n}"}
+                later += (await post(url, alert)).json()["ids"]
+                await bridge.dispatcher.run_once()
+            clock.advance(60)
+            await bridge.poller.run_once()
+        ids = [(await bridge.store.get(i)).provider_message_id for i in [alone, *later]]  # type: ignore[union-attr]
+    assert ids == [entry, *(str(e.message_id) for e in sandbox_state.entries[-4:])], ids
+
+
 class TakenThenTimesOut(ToProvider):
     """The real transport; the `nth` /send reaches the provider (taken and logged), and
     its answer never comes back: the client's read timeout (an unknown outcome)."""

@@ -7,11 +7,15 @@ a scheduled message is asked about until `give_up_after` past its scheduled time
 message the provider took without giving an id is found by recipient and text (the same
 tolerant matching as reconciliation), and keeps the id found. Repeats of one text to one
 phone get their entries in time order, the oldest entry to the oldest send, over every
-entry the round read that can be one of them (`LogMatcher.pairs`): /logs lists the
+entry the walk read that can be one of them (`LogMatcher.pairs`): /logs lists the
 newest first, and settled as read the newest entry went to the oldest send (their ids
-and states swapped), and an older entry, too old for the newer send, to none. A round
+and states swapped), and an older entry, too old for the newer send, to none. A walk
 that has found them all still reads on until entries older than any of them went (less
-CLOCK_SKEW), within its pages: an older entry changes which entry is whose.
+CLOCK_SKEW): an older entry changes which entry is whose. Nothing is paired from a walk
+cut short (the page cap, the budget, an error): the next round goes on with it from the
+page where it stopped, with what it collected (`_Walk`), and pairs once it is whole.
+Each round starting over, an id-less send whose walk ended a page past a round's last
+(a backlog of phones off above it) was never paired.
 
 A round reads at most `MAX_PAGES_PER_ROUND` pages, from the page of the newest message
 waiting. When the waiting span more pages than that (a bulk of 1000, the phone of one of
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from bridge.clock import Clock, zone
@@ -45,7 +50,7 @@ from bridge.health import ProviderHealth
 from bridge.loops import LoopHealth, Stopped, run_steps, unless_stopped
 from bridge.models import Message, State
 from bridge.provider.client import MAX_LOGS_PER_PAGE, ProviderClient
-from bridge.provider.logmatch import LogMatcher, provider_date, provider_time
+from bridge.provider.logmatch import Candidate, LogMatcher, provider_date, provider_time
 from bridge.provider.responses import LogEntry
 from bridge.schedule import STORED_FORMAT
 from bridge.store import Store
@@ -64,6 +69,25 @@ def _went(m: Message) -> float | None:
     if m.claimed_at is None or m.sent_at is None:
         return m.sent_at if m.claimed_at is None else m.claimed_at
     return min(m.claimed_at, m.sent_at)
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """The id-less messages' walk over /logs that a round left before it was whole, for
+    the next to go on with: the entries it collected, the messages it pairs (`members`),
+    when it began, and the page it goes on from.
+
+    A message that went after it began is left to the next walk: its entry is above the
+    page it goes on from, never read by this one. One that joins it otherwise (tracked
+    once older ones are done, or committed by another instance late) is counted, so
+    that it holds its entry among theirs in time order, but not paired by it: its
+    entry can be on a page read before it joined, not collected, and an older entry of
+    its text then taken for its own."""
+
+    candidates: list[Candidate[LogEntry]]
+    members: frozenset[int]
+    began: float
+    page: int
 
 
 def _reads_on(id_less: LogMatcher[Message, LogEntry], earliest: float | None) -> bool:
@@ -107,6 +131,7 @@ class StatusPoller:
         # Which waiting messages a round tracks: those after this (sent_at, id), oldest
         # first (see the module docstring).
         self._track_after = START
+        self._walk: _Walk | None = None  # the id-less walk a round left unfinished
         self._stopping: asyncio.Event | None = None  # `run`'s: it cuts a /logs read short
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -132,16 +157,6 @@ class StatusPoller:
             return self.config.poll_interval
         await self.limiter.sync()  # the window as every instance booked it
         by_id = {m.provider_message_id: m for m in waiting if m.provider_message_id}
-        # Oldest first by when they went, as the pairing reads them.
-        id_less: LogMatcher[Message, LogEntry] = LogMatcher(
-            sorted(
-                (m for m in waiting if not m.provider_message_id),
-                key=lambda m: (_went(m) or now, m.id),
-            ),
-            since=_went,
-        )
-        # The matcher collects the entries that can be the id-less messages': paired in
-        # time order once the round has read its pages (`LogMatcher.pairs`).
         oldest = min(m.sent_at or now for m in waiting)
         date_from = provider_date(oldest - 86400, self.tz)
         # /logs is newest first. The tracked messages are the oldest waiting, so skip the
@@ -159,9 +174,30 @@ class StatusPoller:
         start = first_page
         if first_page < self._resume_page <= deepest:
             start = self._resume_page
+        # A walk left unfinished goes on unless this round starts above where it stopped
+        # (the sweep starting over). Further down, the pages skipped hold only entries
+        # newer than every waiting message (`first_page`).
+        walk, self._walk = self._walk, None
+        if walk is not None and start < walk.page:
+            walk = None
+        began = now if walk is None else walk.began
+        # Oldest first by when they went, as the pairing reads them; not those that went
+        # after the walk began (`_Walk`).
+        id_less: LogMatcher[Message, LogEntry] = LogMatcher(
+            sorted(
+                (m for m in waiting if not m.provider_message_id and (_went(m) or now) <= began),
+                key=lambda m: (_went(m) or now, m.id),
+            ),
+            since=_went,
+        )
+        members = frozenset(m.id for m in id_less.messages()) if walk is None else walk.members
+        if walk is not None:
+            await self._go_on_with(walk, id_less)
+        # The matcher collects the entries that can be the id-less messages': paired in
+        # time order once the walk has read its pages (`LogMatcher.pairs`).
         updates: list[tuple[int, State, str | None]] = []
         found_ids: list[tuple[int, str]] = []
-        # Whether the round read as deep as an id-less message's entry can be: paired
+        # Whether the walk read as deep as an id-less message's entry can be: paired
         # before, on a round a budget, an error or the page cap cut short, a send took a
         # newer repeat's entry (its own on a page not read), kept its id for good, and
         # the repeat, its entry known, was "not found" by the reconciler and sent again.
@@ -193,9 +229,12 @@ class StatusPoller:
             # again would never reach the oldest while a newer message waits.
             self._resume_page = page + 1
         self._end_round(waiting, deepest)
+        if not id_less_read and self._resume_page and id_less.messages():
+            self._walk = _Walk(id_less.candidates(), members, began, self._resume_page)
         for entry, m in id_less.pairs() if id_less_read else []:
-            found_ids.append((m.id, entry.id))
-            self._final_state(entry, m, updates)
+            if m.id in members:
+                found_ids.append((m.id, entry.id))
+                self._final_state(entry, m, updates)
         if found_ids:
             await self.store.set_provider_ids(found_ids)
         if updates:
@@ -219,6 +258,12 @@ class StatusPoller:
                 since=horizon, limit=MAX_TRACKED_PER_ROUND, scheduled_after=scheduled_after
             )
         return waiting
+
+    async def _go_on_with(self, walk: _Walk, id_less: LogMatcher[Message, LogEntry]) -> None:
+        """Offer the walk's entries again, less those recorded since as some message's (the
+        reconciler's, say: a text it found in /logs)."""
+        known = await self.store.known_provider_ids([entry.id for entry, *_ in walk.candidates])
+        id_less.offer_all(one for one in walk.candidates if one[0].id not in known)
 
     async def _match_page(
         self,
