@@ -221,6 +221,113 @@ async def test_an_unknown_outcome_waits_for_logs_to_show_a_send_made_while_it_wa
 GATEWAY_PAGE = "<html>Bad Gateway</html>"
 
 
+class LogsLag(ToProvider):
+    """The real transport; /logs shows an entry only `lag` seconds (on the manual clock)
+    after the provider took it: a log that catches up late, which the sandbox, logging
+    at once, cannot play."""
+
+    def __init__(self, state: SandboxState, clock: ManualClock, lag: float) -> None:
+        super().__init__()
+        self.state, self.clock, self.lag = state, clock, lag
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if not request.url.path.endswith("/logs") or response.status_code != 200:
+            return response
+        body = json.loads(await response.aread())
+        shown = self.clock.now() - self.lag
+        hidden = {e.message_id for e in self.state.entries if e.created_at > shown}
+        body["data"] = [e for e in body["data"] if e["id"] not in hidden]
+        return httpx.Response(200, json=body)
+
+
+async def storm_behind_an_unknown_outcome(
+    bridge: Bridge,
+    url: str,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    text: str,
+    *,
+    taken: bool = True,
+) -> int:
+    """A text to the on-call phone behind a 502 page (the provider took it, or not), then
+    a minute of alerts to that phone 2 s apart (`text`, numbered if it has a `{}`),
+    answered without ids: the text's id, stepped through the storm by the dispatcher."""
+    sandbox_state.shape = VARIANTS["count-only"]
+    body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+    sandbox_state.faults.append(Fault(status=502, body=GATEWAY_PAGE, path="/send", taken=taken))
+    [first] = (await post(url, {**body, "dedupe_key": "first"})).json()["ids"]
+    await bridge.dispatcher.run_once()
+    assert (await bridge.store.get(first)).state == State.SENDING  # type: ignore[union-attr]
+    for n in range(30):
+        clock.advance(2.0)
+        alert = {**body, "message": text.format(n), "dedupe_key": f"storm-{n}"}
+        await post(url, alert)
+        await bridge.dispatcher.run_once()
+    return int(first)
+
+
+@pytest.mark.usefixtures("backend")
+async def test_a_look_is_put_off_for_an_alert_storm_to_its_number_a_while_only(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A look waits until /logs can show the id-less sends to its number (above); alerts
+    to that phone less than RECONCILE_DELAY apart, from a provider that never names
+    ids, put it off for as long as they came: the text stayed `sending`, unsettled,
+    through the storm. It is put off a few RECONCILE_DELAYs at most, then looked up
+    with the young sends counted as pending: found, and never sent again."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        first = await storm_behind_an_unknown_outcome(
+            bridge, url, clock, sandbox_state, "disk {}% on db-1"
+        )
+        final = await bridge.store.get(first)
+    assert final.state == State.SENT and final.unknown_resends == 0, final  # type: ignore[union-attr]
+    assert final.provider_message_id == str(sandbox_state.entries[0].message_id), final  # type: ignore[union-attr]
+    assert len(sandbox_state.entries) == 31  # nothing sent twice
+
+
+@pytest.mark.usefixtures("backend")
+async def test_a_look_in_a_storm_of_its_own_text_never_sends_it_twice(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The storm is of the very text looked for, and /logs shows an entry 3 s after the
+    provider took it. Looked up with the young sends holding entries first, one /logs
+    did not show yet took the text's own: "not found", sent again; holding none, a
+    text that never went takes a young send's. Whose the entry is cannot be told while
+    the storm lasts: the text is looked up again, never sent twice, and after
+    `retry_max_age` (30 s here) ends `sent`, "outcome unknown"."""
+    config = bridge_config(tmp_path, sandbox_url, retry_max_age="30s")
+    transport = LogsLag(sandbox_state, clock, 3.0)
+    async with running_bridge(config, clock, transport=transport) as (bridge, url):
+        first = await storm_behind_an_unknown_outcome(
+            bridge, url, clock, sandbox_state, "FIRING: HighCPU"
+        )
+        final = await bridge.store.get(first)
+    assert final.state == State.SENT and final.unknown_resends == 0, final  # type: ignore[union-attr]
+    assert final.reason_kind == "unknown", final  # type: ignore[union-attr]
+    assert len(sandbox_state.entries) == 31  # nothing sent twice
+
+
+async def test_a_text_that_never_went_is_sent_once_a_storm_of_its_text_ends(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """As above, the text never reaching the provider: through the storm whose entries
+    are whose cannot be told, and it is not recorded sent (a young send's entry taken
+    for it, never sent); once the storm ends its look finds none: sent again, once."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        first = await storm_behind_an_unknown_outcome(
+            bridge, url, clock, sandbox_state, "FIRING: HighCPU", taken=False
+        )
+        during = await bridge.store.get(first)
+        await pump(bridge, clock, went(bridge, first), max_seconds=120)
+        final = await bridge.store.get(first)
+    assert during.state == State.SENDING, during  # type: ignore[union-attr]
+    assert final.unknown_resends == 1, final  # type: ignore[union-attr]
+    assert len(sandbox_state.entries) == 31  # the storm's 30, and the text once
+
+
 async def repeat_behind_a_bulk(
     bridge: Bridge, url: str, clock: ManualClock, sandbox_state: SandboxState
 ) -> int:

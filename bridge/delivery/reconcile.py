@@ -18,6 +18,11 @@ mid-call (no answer ever noted), after the claim, the call's timeouts and that d
     5xx, not in /logs        -> retried with the dispatcher's backoff
     unknown, not in /logs    -> sent again, at most `provider.max_unknown_resends`
                                 times; then ended `sent`, "outcome unknown", admin warned
+    an entry that is it, or  -> (an id-less send to its number /logs may not show yet:
+    a send of its text made     the look waits for /logs, YOUNG_SENDS_PATIENCE at most,
+    with it: /logs cannot       for an alert storm) neither sent again nor recorded
+    tell which yet              sent: looked at again RECONCILE_DELAY on; "outcome
+                                unknown", not sent again, after `retry_max_age`
     walk stopped early       -> (more than RECONCILE_MAX_PAGES pages to read, as a bulk of
                                 1000 with texts after it; no budget; a 429) what was found
                                 recorded, the next step goes on from that page
@@ -74,6 +79,9 @@ from bridge.store import Store
 
 log = logging.getLogger(__name__)
 RECONCILE_DELAY = 5.0  # let the provider's /logs catch up before looking there
+# How long past its first look a look waits for /logs to show the id-less sends to its
+# number (`_after_young_sends`): a storm to one phone sends them closer than that.
+YOUNG_SENDS_PATIENCE = 3 * RECONCILE_DELAY
 RECONCILE_MAX_PAGES = 10
 LOGS_TRIES = 3  # /logs answering 404 this often in a row: it is not there, decide without it
 # What `note_unknown` writes on a send whose answer (or timeout) left /logs to settle it.
@@ -101,11 +109,13 @@ class _Carried:
     from where it stopped with them, not from the first page an entry of a text was read
     on (to pair them all again), which stopped at the same cap for good when more than
     the cap lay between a repeat's entry and an earlier send's. `until`: the sends of
-    ours it counted (`sent_without_id`); later ones' entries are on pages it skips."""
+    ours it counted (`sent_without_id`); later ones' entries are on pages it skips.
+    `young`: those of them /logs might not show yet when it began (`_unsure`)."""
 
     candidates: list[Candidate]
     pages: dict[str | None, int]
     until: float
+    young: frozenset[int]
 
 
 Found = tuple[int, str | None, float | None]  # (id, provider id, cost): `record_sent`
@@ -124,6 +134,26 @@ def _waiting(matcher: Matcher) -> list[Message]:
     """The messages being looked for that the entries collected, paired in time order,
     leave without one; our earlier sends without an id left out (not looked for)."""
     return [m for m in matcher.remaining() if m.state == State.SENDING]
+
+
+def _new_matcher(messages: list[Message]) -> Matcher:
+    """Messages oldest first, our sends the provider answered taking entries first."""
+    return LogMatcher(messages, since=_went, answered=lambda m: m.state == State.SENT)
+
+
+def _unsure(matcher: Matcher, missing: list[Message], young: frozenset[int]) -> list[Message]:
+    """Of `missing`, those an entry collected would show if our sends `young` (made less
+    than RECONCILE_DELAY before the look: /logs may not show them yet) held none: that
+    entry is one of theirs, or the one looked for with one of theirs not shown yet.
+    Counted as holding theirs, a send /logs did not show yet took the looked-for text's
+    entry (sent again: a second SMS); counted as holding none, the looked-for text took
+    a young send's (recorded sent, never sent)."""
+    if not young or not missing:
+        return []
+    without = _new_matcher([m for m in matcher.messages() if m.id not in young])
+    without.offer_all(matcher.candidates())
+    shown = {m.id for _, m in without.pairs()}
+    return [m for m in missing if m.id in shown]
 
 
 def _missing(matcher: Matcher, found: list[Found]) -> list[Message]:
@@ -166,6 +196,8 @@ class Reconciler:
         self._first_look: float | None = None
         self._cut_short = False  # the last walk stopped at its page cap: more to read now
         self._not_ready: float | None = None  # when the first one left not ready may be
+        # When to look again for texts a look could not tell from a young send (`_unsure`).
+        self._look_again: dict[int, float] = {}
         # The dispatcher's stop (`Dispatcher.run`): it cuts a /logs read short.
         self.stopping: asyncio.Event | None = None
         # A walk stopped before its end: the page each message it left goes on from.
@@ -196,7 +228,8 @@ class Reconciler:
             # due for good, and every step of sends ended after one call (`look_due`).
             self.logs_retry_at = 0.0
             return None
-        looks = {m.id: self.look_at(m) for m in stale}
+        looks = {m.id: max(self.look_at(m), self._look_again.get(m.id, 0.0)) for m in stale}
+        self._look_again = {i: at for i, at in self._look_again.items() if i in looks}
         ready = [m for m in stale if looks[m.id] <= now]
         # The rest is looked up at its own time (`next_look`): at the idle wait, a text
         # taken over from a dead instance waited 30 s more once another was settled.
@@ -208,7 +241,7 @@ class Reconciler:
             return None
         if now < self.logs_retry_at:
             return None  # /logs failed: these wait for it, new texts go meanwhile
-        ready = await self._after_young_sends(ready, now)
+        ready, young = await self._after_young_sends(ready, now)
         if not ready:
             return None
         oldest = min(m.claimed_at or now for m in ready)
@@ -229,6 +262,7 @@ class Reconciler:
                 start[m.id] = min(start[m.id], _first_page_of(m, carried))
             carried = None
         until = now if carried is None else carried.until
+        young = young if carried is None else carried.young  # as when the walk began
         matcher = await self._matcher(ready, oldest, until)
         # The matcher collects the entries that can be the messages' over the walk:
         # paired in time order when the walk ends or stops (`_found`).
@@ -296,7 +330,7 @@ class Reconciler:
                 # again (`_Carried`); what the pairing so far found is recorded above.
                 missing = _missing(matcher, self._found(matcher))
                 self._resume = {m.id: max(page, start[m.id]) for m in missing}
-                self._carried = _Carried(matcher.candidates(), dict(pages), until)
+                self._carried = _Carried(matcher.candidates(), dict(pages), until, young)
                 self._cut_short = True  # sends go first; the walk goes on at the next step
                 return None
         self._logs_failures = 0
@@ -304,7 +338,10 @@ class Reconciler:
         if found:
             log.info("reconciled %d messages the provider had already accepted", len(found))
             await self.outcomes.record_sent(found)
-        await self._not_found(_missing(matcher, found))
+        missing = _missing(matcher, found)
+        unsure = {m.id for m in _unsure(matcher, missing, young)}
+        await self._not_found([m for m in missing if m.id not in unsure])
+        await self._look_again_later([m for m in missing if m.id in unsure], now)
         return None
 
     def look_at(self, message: Message) -> float:
@@ -337,12 +374,17 @@ class Reconciler:
         short by its page cap: sends go first there."""
         return any(at is not None and 0 < at <= now for at in (self.logs_retry_at, self._not_ready))
 
-    async def _after_young_sends(self, ready: list[Message], now: float) -> list[Message]:
+    async def _after_young_sends(
+        self, ready: list[Message], now: float
+    ) -> tuple[list[Message], frozenset[int]]:
         """`ready` less the texts to a number that an id-less send went to less than
         RECONCILE_DELAY ago (new texts go while a look waits): /logs may not show that
         send yet, and our sends take their entries first, so it took the entry of the
         text looked for, "not found" and sent again. Those are looked up once /logs has
-        caught up with it (`next_look`)."""
+        caught up with it (`next_look`), or YOUNG_SENDS_PATIENCE past their first look:
+        alerts to one phone closer than RECONCILE_DELAY (a storm, from a provider that
+        never names ids) put it off for as long as they came. Returned with the ready:
+        the sends /logs may not show yet, for `_unsure`."""
         young = await self.store.sent_without_id(
             sorted({m.recipient for m in ready}), since=now - RECONCILE_DELAY, until=now
         )
@@ -351,10 +393,47 @@ class Reconciler:
             at = (sent.sent_at or now) + RECONCILE_DELAY
             if at > now:
                 caught_up[sent.recipient] = max(at, caught_up.get(sent.recipient, at))
-        later = [caught_up[m.recipient] for m in ready if m.recipient in caught_up]
-        if later:
-            self._not_ready = min([*later, *([self._not_ready] if self._not_ready else [])])
-        return [m for m in ready if m.recipient not in caught_up]
+        held = {
+            m.id: min(caught_up[m.recipient], self.look_at(m) + YOUNG_SENDS_PATIENCE)
+            for m in ready
+            if m.recipient in caught_up and now < self.look_at(m) + YOUNG_SENDS_PATIENCE
+        }
+        self._wake_at(list(held.values()))
+        pending = frozenset(s.id for s in young if s.recipient in caught_up)
+        return [m for m in ready if m.id not in held], pending
+
+    def _wake_at(self, looks: list[float]) -> None:
+        """Texts left for a later look: the dispatcher wakes for the first (`next_look`)."""
+        if looks:
+            self._not_ready = min([*looks, *([self._not_ready] if self._not_ready else [])])
+
+    def _overdue(self, messages: list[Message], now: float) -> list[Message]:
+        """Those of `messages` that have waited for /logs to settle them `retry_max_age`:
+        since their claim, or since this reconciler's first look if later (counted from
+        the claim, a text left `sending` by a stop longer than that was decided at the
+        first look after the restart)."""
+        since = self._first_look if self._first_look is not None else now
+        patience = self.config.retry_max_age
+        return [m for m in messages if max(m.claimed_at or now, since) + patience <= now]
+
+    async def _look_again_later(self, unsure: list[Message], now: float) -> None:
+        """Texts whose entry /logs may show, or may be a young send's (`_unsure`): neither
+        sent again (a second SMS, if it went) nor recorded sent (never sent, if it did
+        not), but looked up again RECONCILE_DELAY on, once those sends show. Still so
+        after `retry_max_age` (a storm of their very text that long), they end `sent`,
+        "outcome unknown", not sent again: an entry of their text beyond every send we
+        settled is in /logs, so the phone got that text, theirs or the same one again."""
+        overdue = {m.id for m in self._overdue(unsure, now)}
+        later = [m for m in unsure if m.id not in overdue]
+        self._look_again.update((m.id, now + RECONCILE_DELAY) for m in later)
+        self._wake_at([now + RECONCILE_DELAY] if later else [])
+        if overdue:
+            await self._settle_unknown(
+                sorted(overdue),
+                "outcome unknown: its text is in the provider's logs, but as this or as an"
+                " alert sent with it the logs never told; not sent again",
+                "among alerts of its text",
+            )
 
     async def _go_on_with(
         self, carried: _Carried, matcher: Matcher, pages: dict[str | None, int]
@@ -384,8 +463,7 @@ class Reconciler:
         earlier = await self.store.sent_without_id(
             sorted({m.recipient for m in ready}), since=oldest - 2 * CLOCK_SKEW, until=until
         )
-        messages = sorted([*ready, *earlier], key=lambda m: (_went(m) or until, m.id))
-        return LogMatcher(messages, since=_went, answered=lambda m: m.state == State.SENT)
+        return _new_matcher(sorted([*ready, *earlier], key=lambda m: (_went(m) or until, m.id)))
 
     def _found(self, matcher: Matcher) -> list[Found]:
         """What the entries collected show, paired in time order (`LogMatcher.pairs`):
@@ -454,14 +532,9 @@ class Reconciler:
         if found:
             await self.outcomes.record_sent(found)
         # Only what has waited for /logs as long as a retry may last is decided
-        # without it; the rest waits for /logs to answer. Waited since its claim, or
-        # since this reconciler's first look if later: counted from the claim, a text
-        # left `sending` by a stop longer than the patience was resent at the first
-        # failed read after the restart (a second SMS when the provider had taken it).
-        patience = self.config.retry_max_age
+        # without it (`_overdue`); the rest waits for /logs to answer.
         missing = _missing(matcher, found)
-        since = self._first_look if self._first_look is not None else now
-        overdue = [m for m in missing if max(m.claimed_at or now, since) + patience <= now]
+        overdue = self._overdue(missing, now)
         # The rest goes on from this page when /logs answers again (from page 1,
         # a 503 deep in a bulk's pages sent the walk back over what it had read).
         waits = [m for m in missing if m not in overdue]
@@ -476,6 +549,7 @@ class Reconciler:
         )
         log.warning("cannot read /logs to reconcile %d messages: %s", len(missing), exc)
         if overdue:
+            patience = self.config.retry_max_age
             log.error("/logs unreadable for %.0fs (%s): outcomes stay unknown", patience, exc)
             await self._not_found(overdue)
 
@@ -524,18 +598,24 @@ class Reconciler:
                 )
         given_up = [m.id for m in unknown if m.unknown_resends >= cap]
         if given_up:
-            settled = (
+            await self._settle_unknown(
+                given_up,
                 f"outcome unknown: sent {cap + 1} times, the provider's answers and logs"
-                " never said whether it went; not sent again"
+                " never said whether it went; not sent again",
+                f"after {cap} resends",
             )
-            late = await self.store.settle_unknown(given_up, now, settled, owner=self.owner)
-            self.outcomes.not_held(late, settled)
-            given_up = [i for i in given_up if i not in late]
+
+    async def _settle_unknown(self, ids: list[int], settled: str, why: str) -> None:
+        """End these `sent`, "outcome unknown" (`settled` says why, `why` in the log), not
+        sent again; the admin is warned."""
+        late = await self.store.settle_unknown(ids, self.clock.now(), settled, owner=self.owner)
+        self.outcomes.not_held(late, settled)
+        given_up = [i for i in ids if i not in late]
         if given_up:
             log.error(
-                "outcome of %d messages unknown after %d resends: not sent again (%s)",
+                "outcome of %d messages unknown %s: not sent again (%s)",
                 len(given_up),
-                cap,
+                why,
                 given_up[:20],
             )
             if self.budget is not None and await self.budget.warn(
