@@ -677,6 +677,31 @@ async def test_a_send_without_an_id_on_a_rounds_last_page_is_paired_by_the_next_
     assert final.provider_message_id == entry and final.state == State.DELIVERED, final  # type: ignore[union-attr]
 
 
+async def test_a_send_without_an_id_right_after_a_burst_is_paired(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """600 texts of another client of the account 10 s before a send answered without
+    an id: six pages of entries within CLOCK_SKEW below its own, which can be its, and
+    the rounds read no deeper than the page after its (`deepest`, five pages here):
+    started over at page 1 each round, it was never paired. The walk reads on past
+    that while it is not whole."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        for i in range(600):
+            sandbox_state.record_send(f"+1202555{7000 + i}", "other", "SMS", 1, clock.now())
+        clock.advance(10)
+        sandbox_state.shape = VARIANTS["count-only"]
+        body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
+        [alone] = (await post(url, body)).json()["ids"]
+        await bridge.dispatcher.run_once()
+        for _ in range(4):  # a round a minute (the status budget: 10 /logs reads a minute)
+            clock.advance(60)
+            await bridge.poller.run_once()
+        final = await bridge.store.get(alone)
+    entry = str(sandbox_state.entries[-1].message_id)
+    assert final.provider_message_id == entry and final.state == State.DELIVERED, final  # type: ignore[union-attr]
+
+
 async def test_alerts_sent_while_a_walk_goes_on_are_paired_by_the_next(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:

@@ -171,13 +171,13 @@ class StatusPoller:
             first_page + MAX_PAGES_PER_ROUND - 1,
             await self.store.sent_after(oldest_waiting) // MAX_LOGS_PER_PAGE + 2,
         )
-        start = first_page
-        if first_page < self._resume_page <= deepest:
-            start = self._resume_page
         # A walk left unfinished goes on unless this round starts above where it stopped
-        # (the sweep starting over). Further down, the pages skipped hold only entries
-        # newer than every waiting message (`first_page`).
+        # (the sweep starting over), past `deepest` too (below). Further down, the pages
+        # skipped hold only entries newer than every waiting message (`first_page`).
         walk, self._walk = self._walk, None
+        start = first_page
+        if first_page < self._resume_page <= max(deepest, walk.page if walk else 0):
+            start = self._resume_page
         if walk is not None and start < walk.page:
             walk = None
         began = now if walk is None else walk.began
@@ -202,7 +202,13 @@ class StatusPoller:
         # newer repeat's entry (its own on a page not read), kept its id for good, and
         # the repeat, its entry known, was "not found" by the reconciler and sent again.
         id_less_read = False
-        for page in range(start, min(start + MAX_PAGES_PER_ROUND, deepest + 1)):
+        for page in range(start, start + MAX_PAGES_PER_ROUND):
+            # Past the oldest's page only while the id-less walk is not whole: an id-less
+            # send right after a burst (a bulk, another client's) has a page's worth of
+            # entries within CLOCK_SKEW below its own; stopped at `deepest` and started
+            # over, it was never paired.
+            if page > deepest and (id_less_read or not id_less.messages()):
+                break
             self._resume_page = 0  # from the newest again, unless said below
             if await self.limiter.acquire("status") > 0:
                 self._resume_page = page  # nothing read: this page first, next round
@@ -228,8 +234,9 @@ class StatusPoller:
             # all, the next round goes on from the next page: starting at the newest
             # again would never reach the oldest while a newer message waits.
             self._resume_page = page + 1
-        self._end_round(waiting, deepest)
-        if not id_less_read and self._resume_page and id_less.messages():
+        walking = not id_less_read and bool(id_less.messages())
+        self._end_round(waiting, deepest, walking)
+        if walking and self._resume_page:
             self._walk = _Walk(id_less.candidates(), members, began, self._resume_page)
         for entry, m in id_less.pairs() if id_less_read else []:
             if m.id in members:
@@ -305,10 +312,11 @@ class StatusPoller:
             reason = None if entry.status == "delivered" else "provider reports failed"
             updates.append((m.id, FINAL_PROVIDER_STATES[entry.status], reason))
 
-    def _end_round(self, waiting: list[Message], deepest: int) -> None:
+    def _end_round(self, waiting: list[Message], deepest: int, walking: bool) -> None:
         """Where the next round starts: from the newest page again once the sweep read
-        the oldest's, and then with the messages waiting after these."""
-        if self._resume_page > deepest:
+        the oldest's (and the id-less walk is whole: not `walking`), and then with the
+        messages waiting after these."""
+        if self._resume_page > deepest and not walking:
             self._resume_page = 0  # the sweep read the oldest's page
         if self._resume_page == 0:
             # Swept: the next round tracks the waiting after these, if these were as many
