@@ -115,3 +115,24 @@ def test_a_text_is_crowded_only_by_a_window_that_holds_it() -> None:
     assert not crowded([at - 540, at + 540], at, w, 2)  # no window holds all three
     assert crowded([at + 10, at + 600], at, w, 2)  # texts scheduled after it count too
     assert not crowded([at + 601], at, w, 1)
+
+
+# The characters `\s` matches in a str pattern (str.isspace's), and some that are not.
+_SPACES = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
+
+
+@given(st.text(alphabet=st.sampled_from([*_SPACES, "a", "B", "ß", "\x00", "\ud800", "😀"])))
+def test_a_text_key_reads_spacing_as_the_regex_did(text: str) -> None:
+    """`text_key` collapses runs of white space (any str.isspace character) into one
+    space and drops them at the ends, as `re.sub(r"\\s+", " ", text).strip()` did before
+    it was written with `split`: a stored text's key, and so its duplicates, unchanged."""
+    import hashlib
+    import re
+
+    from bridge.policy.decide import text_key
+
+    before = re.sub(r"\s+", " ", text).strip().casefold()
+    digest = hashlib.sha256(before.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    if "\ud800" not in text:  # encode() refuses a lone surrogate, before and after alike
+        assert text_key(text) == "text:" + digest
+    assert text_key("  Disk\u00a0 full\n") == text_key("disk full")

@@ -41,7 +41,6 @@ from bridge.store.api import (
     StormState,
 )
 
-_WORDS = re.compile(r"\s+")
 # A key `slotted_key` made: the time slot it was made in, at its end.
 _SLOTTED = re.compile(r"@slot(\d+):(-?\d+)$")
 
@@ -178,7 +177,11 @@ def repeated_keys(key: str) -> tuple[str, ...]:
 
 def text_key(text: str) -> str:
     """A dedupe key for messages without one: case and spacing do not make news."""
-    normalised = _WORDS.sub(" ", text).strip().casefold()
+    # Each run of white space as one space, none at the ends: what `re.sub(r"\s+", " ")`
+    # and `strip()` made, as both `\s` and `str.split` take str.isspace's characters, at
+    # a tenth of the instructions (a regex sub builds a list of pieces; ~3 % of the loop's
+    # work on a distinct alert, BENCHMARKS.md, issue #16).
+    normalised = " ".join(text.split()).casefold()
     return "text:" + hashlib.sha256(normalised.encode()).hexdigest()[:24]
 
 
