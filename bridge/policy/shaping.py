@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bridge.config import LimitsConfig, ProviderConfig
 from bridge.models import NewMessage, State
@@ -110,9 +110,13 @@ def _trimmed(text: str) -> str:
     return without_controls(text[start : start + SHAPED_CHARS]).rstrip()
 
 
-@dataclass(frozen=True, slots=True)
-class Draft:
-    """One text to one or more already-resolved E.164 recipients (Recipients.resolve)."""
+class Draft(NamedTuple):
+    """One text to one or more already-resolved E.164 recipients (Recipients.resolve).
+
+    A NamedTuple, as `NewMessage` is: built once a request, and a frozen dataclass's
+    `__init__` sets each of its 13 fields through `object.__setattr__`, ~3x the
+    instructions of a tuple's (~3 % of the loop's work on an alert, BENCHMARKS.md,
+    issue #16). Nothing unpacks, indexes or compares one with a plain tuple."""
 
     recipients: Sequence[str]
     text: str
