@@ -27,7 +27,9 @@ from hypothesis import strategies as st
 import tests.properties  # noqa: F401  (the suite's Hypothesis profile)
 from bridge.clock import ManualClock
 from bridge.errors import HttpError
-from bridge.ingress.http.bodies import parse_json
+from bridge.ingress.http.bodies import JSONAnswer, accepted_response, parse_json
+from bridge.ingress.ingest import Accepted
+from bridge.models import State
 from tests.helpers import bridge_config, running_bridge
 from tests.processes import ANY_PORT, SEND_TOKEN, clean_env, process, sender_config, wait_for
 
@@ -447,6 +449,45 @@ def test_a_lone_surrogate_anywhere_is_named_by_its_path(body: bytes, field: str)
 def test_bodies_without_a_lone_surrogate_parse(body: bytes) -> None:
     """The search that spares most bodies the full check errs only towards checking."""
     assert parse_json(body) == json.loads(body)
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+_ROWS = st.lists(
+    st.builds(
+        Accepted,
+        st.integers(1, 2**63 - 1),
+        st.text(),  # a template's name made of a payload's value: any text, surrogates too
+        st.sampled_from(State),
+        st.none() | st.text(),
+    ),
+    max_size=4,
+)
+
+
+@given(rows=_ROWS, with_reports=st.booleans(), data=st.data())
+def test_the_202_is_written_as_the_encoder_wrote_it(
+    rows: list[Accepted], with_reports: bool, data: st.DataObject
+) -> None:
+    """An ingest's 202, written without the JSON encoder (`accepted_response`), is the
+    same bytes and headers as the JSONAnswer of the same content it replaced."""
+    reports = data.draw(st.lists(st.none() | _JSONISH, min_size=len(rows), max_size=len(rows)))
+    messages = []
+    for row, report in zip(rows, reports, strict=True):
+        message = {"id": row.id, "to": row.recipient, "state": str(row.state), "reason": row.reason}
+        if with_reports and report is not None:
+            message["template"] = report
+        messages.append(message)
+    before = JSONAnswer({"ids": [row.id for row in rows], "messages": messages}, 202)
+    after = accepted_response(rows, reports if with_reports else None)
+    assert (after.status_code, after.body, after.raw_headers) == (
+        before.status_code,
+        before.body,
+        before.raw_headers,
+    )
 
 
 def test_the_ingest_paths_neighbours_get_the_routers_answers(bridge) -> None:

@@ -35,6 +35,7 @@ from bridge.ingress.http.auth import (
 )
 from bridge.ingress.http.bodies import (
     JSONAnswer,
+    accepted_response,
     error_response,
     header,
     parse_json,
@@ -231,16 +232,7 @@ def message_draft(
 
 def accepted_answer(accepted: list[Accepted]) -> Response:
     """The 202 of `POST /api/v1/messages`: each recipient's message and its state."""
-    return JSONAnswer(
-        {
-            "ids": [a.id for a in accepted],
-            "messages": [
-                {"id": a.id, "to": a.recipient, "state": str(a.state), "reason": a.reason}
-                for a in accepted
-            ],
-        },
-        202,
-    )
+    return accepted_response(accepted)
 
 
 async def change_message(

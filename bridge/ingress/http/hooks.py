@@ -41,6 +41,7 @@ from bridge.ingress.formats import HookMessage, HookRequest, Ignored, Unauthoriz
 from bridge.ingress.http.auth import AuthError, authorize
 from bridge.ingress.http.bodies import (
     JSONAnswer,
+    accepted_response,
     media_type,
     parse_json,
     read_body,
@@ -416,11 +417,4 @@ def _refused(
 
 def _accepted(accepted: list[Accepted], reports: list[dict[str, Any] | None]) -> Response:
     """The 202: each row's id, phone, state and reason, and what its template did."""
-    answers = []
-    for row, report in zip(accepted, reports, strict=True):
-        answer = {"id": row.id, "to": row.recipient, "state": str(row.state)}
-        answer["reason"] = row.reason
-        if report is not None:
-            answer["template"] = report
-        answers.append(answer)
-    return JSONAnswer({"ids": [a.id for a in accepted], "messages": answers}, 202)
+    return accepted_response(accepted, reports)
