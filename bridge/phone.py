@@ -262,10 +262,16 @@ def _first_possible(text: str, compact: str, default_region: str | None) -> tupl
     unassigned: tuple[str, NumberFacts] | None = None
     for digits, region in candidates:
         try:
-            number = _international(digits) if region is None else None
-            number = number or phonenumbers.parse(digits, region)
+            plain = _international(digits) if region is None else None
+            number = plain or phonenumbers.parse(digits, region)
             result = phonenumbers.is_possible_number_with_reason(number)
-            e164 = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+            # A plain reading's E.164 is the digits it read: `+`, the code, the national
+            # number without a leading 0 (the library's formatting: ~1 % of an alert).
+            e164 = (
+                digits
+                if plain is not None
+                else str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+            )
         except NumberParseException as exc:
             first_reason = _PARSE_REASONS.get(exc.error_type, first_reason)
             continue
