@@ -351,24 +351,30 @@ async def test_what_was_sent_before_retention_stays_counted_after_the_copy(
         await target.close()
 
 
+async def _edited_by_hand(path: Path, messages: list[NewMessage], edit: str) -> list[int]:
+    """A SQLite store of `messages`, then `edit` run on it as a hand would (no trigger
+    of the bridge's own code): a source the bridge could not have written itself."""
+    source = SqliteStore(path)
+    await source.open()
+    ids = await seed(source, messages, 1.0)
+    await source.close()
+    db = sqlite3.connect(path)
+    db.execute(edit)
+    db.commit()
+    db.close()
+    return ids
+
+
 async def test_the_copy_counts_stored_messages_from_its_rows(
     tmp_path: Path, postgres_url: str
 ) -> None:
     """The source's totals bring what it sent before retention; the messages stored now
     are counted from the copied rows, so a source whose totals disagree with its rows
     (a hand edit, a bulk load that skipped the rebuild) does not pass its error on."""
-    import sqlite3
-
     from bridge.store.copy import copy_sqlite_to_postgres
 
-    source = SqliteStore(tmp_path / "s.db")
-    await source.open()
-    await seed(source, [_message(n) for n in range(3)], 1.0)
-    await source.close()
-    db = sqlite3.connect(tmp_path / "s.db")
-    db.execute("DELETE FROM message_totals WHERE state = 'queued'")
-    db.commit()
-    db.close()
+    edit = "DELETE FROM message_totals WHERE state = 'queued'"
+    await _edited_by_hand(tmp_path / "s.db", [_message(n) for n in range(3)], edit)
 
     await copy_sqlite_to_postgres(tmp_path / "s.db", postgres_url, replace=False)
     target = PostgresStore(postgres_url)
@@ -388,14 +394,9 @@ async def test_a_nul_an_older_bridge_stored_does_not_stop_the_copy(
     shown as U+FFFD) failed the whole copy, naming no row. It is copied as U+FFFD."""
     from bridge.store.copy import copy_sqlite_to_postgres
 
-    source = SqliteStore(tmp_path / "s.db")
-    await source.open()
-    [failed] = await seed(source, [_message(1, State.FAILED, "refused: bad\x00sender")], 1.0)
-    await source.close()
-    db = sqlite3.connect(tmp_path / "s.db")
-    db.execute("UPDATE messages SET provider_message_id = 'ab' || char(0) || 'c'")
-    db.commit()
-    db.close()
+    refused = _message(1, State.FAILED, "refused: bad\x00sender")
+    edit = "UPDATE messages SET provider_message_id = 'ab' || char(0) || 'c'"
+    [failed] = await _edited_by_hand(tmp_path / "s.db", [refused], edit)
 
     await copy_sqlite_to_postgres(tmp_path / "s.db", postgres_url, replace=False)
     target = PostgresStore(postgres_url)
