@@ -812,6 +812,40 @@ async def test_routes_show_auth_snippets_last_call_and_never_a_secret(served_bri
         assert "nonexistent" not in (await http.get("/ui/routes")).text
 
 
+async def test_ci_setup_snippets_subscribe_one_level_of_events(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """A failed Actions run sends its workflow_run and its check suite (app
+    github-actions); a failed pipeline its pipeline and its failed jobs: a webhook set
+    up with both levels texts each failure twice. The snippets pick one (the recipes'
+    "Pick one level"), the same in the form's words and the command line's."""
+    gitlab = f'[routes.gl]\nformat = "gitlab"\nto = ["oncall"]\nsecret = "{ROUTE_TOKEN}"\n'
+    config = bridge_config(tmp_path, sandbox_url, GITHUB_ROUTE + gitlab)
+    async with (
+        running_bridge(config, clock) as (_, url),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await sign_in(http, READER)
+        github, gitlab = [
+            "\n".join(
+                s["text"] for s in (await http.get(f"/ui/routes/{n}.json")).json()["snippets"]
+            )
+            for n in ("gh", "gl")
+        ]
+    levels = {
+        "workflow_run": "Workflow runs",
+        "workflow_job": "Workflow jobs",
+        "check_suite": "Check suites",
+        "check_run": "Check runs",
+    }
+    assert "Events:        Workflow runs, Deployment statuses\n" in github
+    assert [e for e in re.findall(r"events\[\]=(\w+)", github) if e in levels] == ["workflow_run"]
+    assert not [words for words in levels.values() if words in github and words != "Workflow runs"]
+    assert "Trigger:       Pipeline events, Deployment events\n" in gitlab
+    assert "pipeline_events=true" in gitlab and "job_events=true" not in gitlab
+    assert "Job events" not in gitlab
+
+
 async def test_preview_shows_the_sms_and_stores_nothing(served_bridge) -> None:
     bridge, url = served_bridge
     async with httpx.AsyncClient(base_url=url) as http:

@@ -105,30 +105,34 @@ def snippets(route: RouteConfig, url: str) -> list[tuple[str, str]]:
             )
         )
     elif fmt == "github":
+        # One level of CI events (docs/recipes.md, "Pick one level"): a failed Actions run
+        # also completes its check suite (app github-actions), so runs and suites both
+        # texted each failure twice.
         out.append(
             (
                 "GitHub: Settings > Webhooks > Add webhook",
                 f"Payload URL:   {url}\nContent type:  application/json\n"
                 "Secret:        the route's secret\n"
-                "Events:        Workflow runs, Check suites, Deployment statuses\n",
+                "Events:        Workflow runs, Deployment statuses\n",
             )
         )
         out.append(
             (
                 "or with the gh CLI",
                 "gh api repos/OWNER/REPO/hooks -f name=web -F active=true \\\n"
-                "  -f 'events[]=workflow_run' -f 'events[]=check_suite' "
-                "-f 'events[]=deployment_status' \\\n"
+                "  -f 'events[]=workflow_run' -f 'events[]=deployment_status' \\\n"
                 f"  -f 'config[url]={url}' -f 'config[content_type]=json' \\\n"
                 '  -f "config[secret]=$SMS_BRIDGE_SECRET"\n',
             )
         )
     elif fmt == "gitlab":
+        # Pipelines alone, as above: a failed pipeline's text names its failed jobs, and
+        # job events texted each of them besides.
         out.append(
             (
                 "GitLab: Settings > Webhooks > Add new webhook",
                 f"URL:           {url}\nSecret token:  the route's secret\n"
-                "Trigger:       Pipeline events, Job events, Deployment events\n",
+                "Trigger:       Pipeline events, Deployment events\n",
             )
         )
         out.append(
@@ -136,7 +140,7 @@ def snippets(route: RouteConfig, url: str) -> list[tuple[str, str]]:
                 "or with the GitLab API",
                 'curl --request POST --header "PRIVATE-TOKEN: $GITLAB_TOKEN" \\\n'
                 f'  --data-urlencode "url={url}" --data-urlencode "token=$SMS_BRIDGE_SECRET" \\\n'
-                '  --data "pipeline_events=true&job_events=true&deployment_events=true'
+                '  --data "pipeline_events=true&job_events=false&deployment_events=true'
                 '&push_events=false" \\\n'
                 '  "https://gitlab.example.org/api/v4/projects/PROJECT_ID/hooks"\n',
             )
