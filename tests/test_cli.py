@@ -181,6 +181,54 @@ def test_check_config_refuses_a_star_listen_address_serve_cannot_bind(tmp_path) 
     assert "0.0.0.0" in checked.stderr and "[::]" in checked.stderr
 
 
+# Filters on a route of each format (TOML lines by format): ones each format reads, in its
+# sender's words, and ones it cannot meet.
+MEETABLE_FILTERS = {
+    "gitlab": 'conclusions = ["failed", "canceled"]\nbranches = ["main"]',
+    "github": 'conclusions = ["failure", "cancelled", "error"]',
+    "grafana": 'match = {team = "web"}',
+    "alertmanager": 'match = {severity = "critical"}',
+}
+UNMEETABLE_FILTERS = {
+    "gitlab": 'conclusions = ["failed", "failure"]',
+    "github": 'conclusions = ["failed"]\nmatch = {repo = "api"}',
+    "alertmanager": 'conclusions = ["firing"]\nbranches = ["main"]',
+    "generic": 'match = {severity = "critical"}',
+}
+
+
+def check_ci_routes(tmp_path, filters: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """check-config on a route of each format to one phone, with `filters` added."""
+    (tmp_path / "routes.toml").write_text(
+        "".join(
+            f'[routes.{form}]\nformat = "{form}"\nto = ["+12025550143"]\n'
+            f'secret = "route-secret-0123456789"\npublic = true\n{filters.get(form, "")}\n'
+            for form in ("alertmanager", "grafana", "github", "gitlab", "generic")
+        )
+    )
+    return run("check-config", "routes.toml", cwd=tmp_path)
+
+
+def test_check_config_refuses_a_filter_its_routes_format_cannot_meet(tmp_path) -> None:
+    """`conclusions = ["failure"]` on a GitLab route (GitHub's word; GitLab says "failed")
+    passed check-config, and every failed pipeline was answered `200 ignored`: nothing
+    texted, nothing said. An outcome the format's sender never writes, or a filter key
+    the format does not read (`match` on GitHub, `conclusions` on Alertmanager), filters
+    everything or nothing: refused, naming the key and the words that work."""
+    checked = check_ci_routes(tmp_path, UNMEETABLE_FILTERS)
+    assert checked.returncode == 78, checked.stdout
+    problems = checked.stderr
+    assert "routes.gitlab.conclusions[1]: 'failure' is not a gitlab outcome" in problems
+    assert "routes.gitlab.conclusions[0]" not in problems
+    assert "failed, manual" in problems  # the valid ones, named
+    assert "routes.github.conclusions[0]: 'failed' is not a github outcome" in problems
+    for key in ("github.match", "alertmanager.conclusions", "alertmanager.branches"):
+        assert f"routes.{key}: " in problems
+    assert "routes.generic.match: " in problems and "alertmanager, grafana" in problems
+    right = check_ci_routes(tmp_path, MEETABLE_FILTERS)
+    assert right.returncode == 0, right.stderr
+
+
 def test_a_store_that_cannot_be_opened_is_a_clear_error(tmp_path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the store's directory should be")

@@ -780,3 +780,22 @@ def test_smtp_size_and_recipient_limits_are_above_zero(tmp_path, key: str) -> No
         with pytest.raises(ConfigError) as refused:
             load_config(write_config(tmp_path, f"[smtp]\n{key} = {value}\n"), env={})
         assert dict(refused.value.problems) == {f"smtp.{key}": why}
+
+
+def test_the_outcomes_a_ci_route_may_name_hold_its_formats_defaults() -> None:
+    """check-config refuses a `conclusions` word outside ROUTE_OUTCOMES: every outcome a
+    format texts by default must be one of them, or writing the default out is refused."""
+    from bridge.config import sections
+    from bridge.ingress.formats import github, gitlab
+
+    defaults = {
+        "github": (
+            github.DEFAULT_CONCLUSIONS
+            + github.DEFAULT_STATUS_STATES
+            + github.DEFAULT_DEPLOYMENT_STATES
+        ),
+        "gitlab": gitlab.DEFAULT_STATUSES,
+    }
+    assert set(defaults) == set(sections.ROUTE_OUTCOMES)
+    for form, outcomes in defaults.items():
+        assert set(outcomes) <= set(sections.ROUTE_OUTCOMES[form]), form

@@ -27,6 +27,49 @@ ONE_MIB = 1024 * 1024
 MAX_JSON_ITEMS = 100_000
 ROUTE_FORMATS = ("alertmanager", "grafana", "github", "gitlab", "generic")
 SIGNED_FORMATS = ("grafana", "github", "gitlab")  # the formats that check routes.NAME.secret
+# The words a CI route's `conclusions` may name, as its sender writes them in a payload:
+# GitHub's check and workflow conclusions, commit status states and deployment states;
+# GitLab's pipeline, job and deployment statuses. Any other word matches no event (GitLab
+# writes "failed" where GitHub writes "failure"): check-config refuses it.
+ROUTE_OUTCOMES: Mapping[str, tuple[str, ...]] = {
+    "github": (
+        "action_required",
+        "cancelled",
+        "error",
+        "failure",
+        "in_progress",
+        "inactive",
+        "neutral",
+        "pending",
+        "queued",
+        "skipped",
+        "stale",
+        "startup_failure",
+        "success",
+        "timed_out",
+    ),
+    "gitlab": (
+        "blocked",
+        "canceled",
+        "canceling",
+        "created",
+        "failed",
+        "manual",
+        "pending",
+        "preparing",
+        "running",
+        "scheduled",
+        "skipped",
+        "success",
+        "waiting_for_resource",
+    ),
+}
+# The formats that read each filter key: on a route of another format it filters nothing.
+ROUTE_FILTERS: Mapping[str, tuple[str, ...]] = {
+    "match": ("alertmanager", "grafana"),
+    "conclusions": tuple(ROUTE_OUTCOMES),
+    "branches": tuple(ROUTE_OUTCOMES),
+}
 GROUP_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 

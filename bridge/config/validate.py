@@ -6,6 +6,7 @@ bridge uses (`bridge.config.recipients`), so `check-config` and `serve` agree.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import logging
 import re
@@ -23,6 +24,8 @@ from bridge.config.sections import (
     MAX_REQUESTS_PER_MINUTE,
     MIN_SECRET_CHARS,
     MIN_SMTP_PASSWORD_CHARS,
+    ROUTE_FILTERS,
+    ROUTE_OUTCOMES,
     SANDBOX_VARIANTS,
     SCOPES,
     Config,
@@ -356,7 +359,7 @@ def _validate_provider(p: ProviderConfig, problem: Problem) -> None:
 
 
 def _validate_routes(routes: Mapping[str, RouteConfig], problem: Problem) -> None:
-    """[routes.*]: each webhook route's authentication, recipients and sender."""
+    """[routes.*]: each webhook route's authentication, recipients, sender and filters."""
     for name, route in routes.items():
         key = f"routes.{name}"
         if bool(route.username) != bool(route.password):
@@ -375,6 +378,28 @@ def _validate_routes(routes: Mapping[str, RouteConfig], problem: Problem) -> Non
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 problem(f"{key}.allowed_networks[{index}]", f"{net!r} is not a CIDR network")
+        _validate_filters(key, route, problem)
+
+
+def _validate_filters(key: str, route: RouteConfig, problem: Problem) -> None:
+    """A filter the route's format cannot meet: a key it does not read, or an outcome its
+    sender never writes. Either texted nothing or everything with nothing said (a gitlab
+    route's "failure", GitHub's word, answered every failed pipeline `200 ignored`)."""
+    for name, formats in ROUTE_FILTERS.items():
+        if getattr(route, name) and route.format not in formats:
+            problem(
+                f"{key}.{name}",
+                f"{route.format} routes do not read it (only {', '.join(formats)} routes)",
+            )
+    outcomes = ROUTE_OUTCOMES.get(route.format, ())
+    for index, outcome in enumerate(route.conclusions if outcomes else ()):
+        if outcome not in outcomes:
+            near = difflib.get_close_matches(outcome, outcomes, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            problem(
+                f"{key}.conclusions[{index}]",
+                f"{outcome!r} is not a {route.format} outcome{hint}: use {', '.join(outcomes)}",
+            )
 
 
 def _validate_recipients(config: Config, problem: Problem) -> None:
