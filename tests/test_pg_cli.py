@@ -9,7 +9,7 @@ import urllib.parse
 import pytest
 
 from bridge.store.postgres.schema import LATEST, MIGRATIONS
-from tests.postgres import migrate_sync, run_async
+from tests.postgres import admin, fresh_database, migrate_sync, new_database_name, run_async
 from tests.processes import ANY_PORT, clean_env, process, wait_for
 from tests.test_cli import run
 
@@ -163,3 +163,63 @@ def test_a_url_of_several_hosts_is_named_not_a_traceback(tmp_path, postgres_empt
     assert "pw-of-two-hosts" not in migrated.stdout + migrated.stderr
     shown = urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{hosts}"))
     assert migrated.stdout.splitlines()[-1] == f"store {shown}: schema up to date"
+
+
+def test_migrate_as_a_role_that_does_not_own_the_database_says_how_to_fix_it(
+    tmp_path, postgres_server: str
+) -> None:
+    """docs/cluster.md's set-up once ran `createdb` as postgres and `migrate` as bridge:
+    on PostgreSQL 15 and later only the database's owner may create tables in schema
+    public, and migrate ended in a traceback (InsufficientPrivilegeError). A database of
+    the server's own user, a role of the test's own that does not own it."""
+    role = new_database_name() + "_role"
+    admin(postgres_server, f"CREATE ROLE {role} LOGIN")
+    try:
+        with fresh_database(postgres_server) as url:
+            admin(url, f"REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}")  # as on 15+
+            parts = urllib.parse.urlsplit(url)
+            as_role = urllib.parse.urlunsplit(
+                parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}")
+            )
+            name = parts.path.lstrip("/")
+            refused = run("migrate", cwd=tmp_path, env=env_for(as_role))
+            assert refused.returncode == 1, refused.stderr
+            assert "Traceback" not in refused.stderr
+            [line] = refused.stderr.splitlines()
+            assert line == (
+                f"store {as_role}: permission denied for schema public: store.url's role"
+                f" {role} may not create tables there (PostgreSQL 15 and later let only the"
+                f" database's owner): make it the owner, with `createdb -O {role} {name}`"
+                f" or `ALTER DATABASE {name} OWNER TO {role}`"
+            )
+            # The fix it names works; serve as the role then runs on the schema.
+            admin(url, f"ALTER DATABASE {name} OWNER TO {role}")
+            migrated = run("migrate", cwd=tmp_path, env=env_for(as_role))
+            assert migrated.returncode == 0, migrated.stderr
+    finally:
+        admin(postgres_server, f"DROP ROLE IF EXISTS {role}")
+
+
+def test_serve_as_a_role_that_cannot_read_the_schema_is_one_line(
+    tmp_path, postgres_url: str, postgres_server: str
+) -> None:
+    """The schema created by another role (migrate run as the owner, serve as bridge):
+    a line naming the table and what to change, not a traceback."""
+    role = new_database_name() + "_role"
+    admin(postgres_server, f"CREATE ROLE {role} LOGIN")
+    try:
+        parts = urllib.parse.urlsplit(postgres_url)
+        as_role = urllib.parse.urlunsplit(
+            parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}")
+        )
+        refused = run("serve", cwd=tmp_path, env=env_for(as_role))
+        assert refused.returncode == 1, refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert refused.stderr.splitlines()[-1] == (
+            f"store {as_role}: permission denied for table schema_version: store.url's"
+            f" role {role} may not use sms-bridge's tables, another role created them:"
+            f" give store.url the role `migrate` ran as, or make {role} the owner of the"
+            " database and its tables"
+        )
+    finally:
+        admin(postgres_server, f"DROP ROLE IF EXISTS {role}")

@@ -10,7 +10,12 @@ and says which command fixes it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import urllib.parse
+from collections.abc import AsyncIterator
+
+import asyncpg
 
 from bridge.errors import SchemaError
 from bridge.store.postgres.pool import Conn, Database
@@ -47,7 +52,7 @@ async def migrate(db: Database, *, target: int = LATEST) -> list[Migration]:
     for migration in MIGRATIONS:
         if migration.version > target:
             break
-        async with db.transaction() as conn:
+        async with _permitted(db), db.transaction() as conn:
             await conn.execute(TAKE_MIGRATION_LOCK)
             await conn.execute(CREATE_VERSION_TABLE)
             current = await read_version(conn)
@@ -64,7 +69,7 @@ async def migrate(db: Database, *, target: int = LATEST) -> list[Migration]:
 
 async def check_schema(db: Database) -> int:
     """The schema version, if it is the one this bridge runs on; else SchemaError."""
-    async with db.connection() as conn:
+    async with _permitted(db), db.connection() as conn:
         current = await read_version(conn)
     if current == LATEST:
         return current
@@ -83,7 +88,7 @@ async def check_schema(db: Database) -> int:
 
 async def check_not_newer(db: Database) -> int:
     """The schema version, unless it is newer than this bridge knows (SchemaError)."""
-    async with db.connection() as conn:
+    async with _permitted(db), db.connection() as conn:
         current = await read_version(conn)
     if current > LATEST:
         raise _newer(db, current)
@@ -94,4 +99,37 @@ def _newer(db: Database, current: int) -> SchemaError:
     return SchemaError(
         f"{db.shown} has schema version {current}, newer than this sms-bridge knows"
         f" (up to {LATEST}): run a release that knows it; this one refuses to touch it"
+    )
+
+
+@contextlib.asynccontextmanager
+async def _permitted(db: Database) -> AsyncIterator[None]:
+    """A privilege the role of store.url lacks, as a SchemaError that says how to grant
+    it: on PostgreSQL 15 and later only the database's owner may create tables in schema
+    `public`, so `migrate` as a role that a plain `createdb` did not make the owner died
+    in a traceback (`InsufficientPrivilegeError: permission denied for schema public`)."""
+    try:
+        yield
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise SchemaError(_denied(db, exc)) from exc
+
+
+def _denied(db: Database, exc: asyncpg.InsufficientPrivilegeError) -> str:
+    parts = urllib.parse.urlsplit(db.url)
+    try:
+        role = urllib.parse.unquote(parts.username or "") or "ROLE"
+    except ValueError:
+        role = "ROLE"
+    database = parts.path.lstrip("/") or "DATABASE"
+    why = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    if "for schema " in why:
+        return (
+            f"{why}: store.url's role {role} may not create tables there (PostgreSQL 15"
+            f" and later let only the database's owner): make it the owner, with"
+            f" `createdb -O {role} {database}` or `ALTER DATABASE {database} OWNER TO {role}`"
+        )
+    return (
+        f"{why}: store.url's role {role} may not use sms-bridge's tables, another role"
+        f" created them: give store.url the role `migrate` ran as, or make {role} the"
+        f" owner of the database and its tables"
     )
