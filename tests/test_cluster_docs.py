@@ -25,7 +25,7 @@ from bridge.config.sections import DEFAULT_HTTP_LISTEN
 from bridge.models import NewMessage, State
 from bridge.store import open_store
 from bridge.store.copy import CopySummary
-from tests.postgres import find_binaries, fresh_database, new_database_name
+from tests.postgres import admin, find_binaries, fresh_database, new_database_name
 from tests.processes import clean_env, free_port, run_command
 from tests.stores import seed
 from tests.test_docs import blocks, blocks_in, check_config, run_pasted, section_of
@@ -173,6 +173,44 @@ def test_the_copy_block_reads_the_store_the_systemd_unit_keeps(
         returncode, output, err = run_pasted(script, tmp_path / "work", env, timeout=120)
     assert returncode == 0, output + err
     assert f"copied 1 messages, 1 events and 0 rate-window bookings from {db}" in output
+
+
+@pytest.mark.slow
+def test_the_set_up_block_migrates_as_the_role_it_creates(
+    tmp_path: Path, postgres_server: str
+) -> None:
+    """The block pasted on a PostgreSQL 15 server: it once ran `createdb` as postgres
+    and `migrate` as a role `bridge` nobody created (and that, created, did not own the
+    database: `permission denied for schema public`). The pip line is left out (the
+    tests run in the installed checkout); the server, the role and the database change.
+    (The private test server is the newest PostgreSQL installed: 15 here.)"""
+    [script] = blocks_in(section_of(CLUSTER, "Set up"), "sh")
+    assert "createuser" in script and "-O bridge" in script
+    server = urllib.parse.urlsplit(postgres_server)
+    host, port = server.hostname or "127.0.0.1", server.port or 5432
+    name = new_database_name()
+    role = name + "_role"
+    script = "\n".join(line for line in script.splitlines() if not line.startswith("pip "))
+    script = (
+        script.replace("-h db.example.org -U postgres", f"-h {host} -p {port} -U {server.username}")
+        .replace("bridge@db.example.org/sms_bridge", f"{role}@{host}:{port}/{name}")
+        .replace("-O bridge sms_bridge", f"-O {role} {name}")
+        .replace(" bridge ", f" {role} ")
+    )
+    path = [str(Path(sys.executable).parent)]
+    if binaries := find_binaries():
+        path.append(str(binaries))  # createuser and createdb, beside the fixture's initdb
+    env = clean_env(PATH=os.pathsep.join([*path, os.environ["PATH"]]))
+    try:
+        returncode, output, err = run_pasted(script, tmp_path / "work", env, timeout=120)
+    finally:
+        admin(postgres_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin(postgres_server, f"DROP ROLE IF EXISTS {role}")
+    assert returncode == 0, output + err
+    assert (
+        output.splitlines()[-1]
+        == f"store postgresql://{role}@{host}:{port}/{name}: schema up to date"
+    )
 
 
 @pytest.mark.slow
