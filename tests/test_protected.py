@@ -161,6 +161,56 @@ def test_an_smtp_user_with_an_empty_password_is_refused(tmp_path: Path) -> None:
             + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\nallowed_networks = ["10.1.0.0/16"]\n',
             [],
         ),
+        # Behind a local proxy (allowed_hosts names its host) every caller is loopback:
+        # an allowlist of loopback alone admits the Internet unless trusted_proxies
+        # makes the bridge judge the forwarded client.
+        (
+            REAL
+            + '[http]\nallowed_hosts = ["sms.example.org"]\n'
+            + TOKENS
+            + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\n'
+            + 'allowed_networks = ["127.0.0.0/8", "::1/128"]\n',
+            ["routes.n"],
+        ),
+        (
+            REAL
+            + '[http]\nallowed_hosts = ["*"]\n'
+            + TOKENS
+            + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\n'
+            + 'allowed_networks = ["::ffff:127.0.0.1/128"]\n',
+            ["routes.n"],
+        ),
+        (
+            REAL
+            + '[http]\nallowed_hosts = ["sms.example.org"]\ntrusted_proxies = ["127.0.0.1/32"]\n'
+            + TOKENS
+            + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\n'
+            + 'allowed_networks = ["127.0.0.0/8", "::1/128"]\n',
+            [],
+        ),
+        (
+            REAL
+            + '[http]\nallowed_hosts = ["sms.example.org"]\n'
+            + TOKENS
+            + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\n'
+            + 'allowed_networks = ["127.0.0.0/8"]\ntoken = "route-token-0123456789"\n',
+            [],
+        ),
+        (  # no name but loopback's: no proxy in front, the address is the caller's
+            REAL
+            + '[http]\nallowed_hosts = ["localhost"]\n'
+            + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\n'
+            + 'allowed_networks = ["127.0.0.0/8", "::1/128"]\n',
+            [],
+        ),
+        (  # not loopback alone: behind the proxy it admits no one, which is no hole
+            REAL
+            + '[http]\nallowed_hosts = ["sms.example.org"]\n'
+            + TOKENS
+            + '[routes.n]\nformat = "generic"\nto = ["+12025550143"]\n'
+            + 'allowed_networks = ["127.0.0.0/8", "10.1.0.0/16"]\n',
+            [],
+        ),
         # A route on a bridge without an HTTP listener cannot be reached.
         (
             REAL

@@ -281,10 +281,43 @@ def validate_protected(config: Config, problem: Callable[[str, str], None]) -> N
         if route.public:
             continue
         signed = route.secret and route.format in SIGNED_FORMATS  # others never check it
-        if not (route.token or route.username or signed or _restricts(route.allowed_networks)):
+        if route.token or route.username or signed:
+            continue
+        if not _restricts(route.allowed_networks):
             broad = f"; its allowed_networks {_ADMITS_ALL}" if route.allowed_networks else ""
             problem(
                 f"routes.{name}",
                 f"no authentication {real}{broad}: set token, username/password, secret "
                 "(grafana, github, gitlab) or allowed_networks, or public = true to accept anyone",
             )
+        elif why := _proxied_loopback(config, route.allowed_networks):
+            problem(f"routes.{name}", f"{why} {real}: {_PROXIED_LOOPBACK_FIX}")
+
+
+_PROXIED_LOOPBACK_FIX = (
+    'set http.trusted_proxies to the proxy\'s address (e.g. ["127.0.0.1/32"]) so that'
+    " allowed_networks sees the real client, or give the route a token"
+)
+
+
+def _proxied_loopback(config: Config, networks: tuple[str, ...]) -> str | None:
+    """Why an allowlist of loopback alone protects nothing here, or None.
+
+    `http.allowed_hosts` naming a host other than loopback's means a proxy on this
+    machine passes the senders' requests on (docs/recipes.md's Caddy): without
+    `http.trusted_proxies` the bridge sees each of them coming from 127.0.0.1, and
+    ["127.0.0.0/8", "::1/128"] (config.example.toml's) admits the whole Internet."""
+    if config.http.trusted_proxies:
+        return None
+    named = [h for h in config.http.allowed_hosts if not is_loopback_host(h)]
+    try:
+        loopback_only = all(parse_network(n).is_loopback for n in networks)
+    except ValueError:
+        return None  # the bad entry is reported by _validate
+    if not (named and networks and loopback_only):
+        return None
+    return (
+        f"its only protection is allowed_networks of loopback, but http.allowed_hosts"
+        f" serves {named[0]!r} with no http.trusted_proxies: through a proxy on this"
+        " machine every caller is 127.0.0.1, and anyone who reaches the proxy passes"
+    )
