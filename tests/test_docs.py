@@ -1365,3 +1365,65 @@ async def test_every_metric_the_docs_name_is_served(
     # A loop's series come with its loop (not started here): judged where one is served.
     judged = {(m, label) for m, label in labelled if any(m == s for s, _ in series)}
     assert judged and sorted(judged - served_labels) == []
+
+
+def _caddy_bridge(tmp_path: Path, sandbox_url: str, snippet: str, name: str) -> Path:
+    """The bridge of "A TLS proxy in front": the recipe's [http] and [tokens.scripts], and
+    config.example.toml's [routes.alertmanager] as it ships (token "", allowed_networks
+    of loopback), with a provider that counts as real (base_url set)."""
+    shipped = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))["routes"]["alertmanager"]
+    route = "".join(f"{key} = {json.dumps(value)}\n" for key, value in shipped.items())
+    body = (
+        f'[store]\npath = "{tmp_path / "bridge.db"}"\n'
+        f'[provider]\nbase_url = "{sandbox_url}/api/v1"\napi_key = "test-key"\n'
+        + toml_snippets(RECIPES)[0]
+        + with_secret_files(snippet, tmp_path)
+        + "\n[routes.alertmanager]\n"
+        + route
+    )
+    path = write_config(tmp_path, body, name)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.slow  # runs check-config
+async def test_the_caddy_recipe_lets_no_one_through_the_example_route(
+    tmp_path, clock: ManualClock, sandbox_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind Caddy every caller is 127.0.0.1: the recipe without `trusted_proxies` let
+    anyone on the Internet through config.example.toml's loopback-only alertmanager route
+    (token "") to text the on-call group, and check-config said OK. Refused now, naming
+    the route and the fix; the recipe as written passes, and judges the client Caddy
+    names in X-Forwarded-For: an Internet caller refused (401, as every hook refusal
+    is answered; the log says it was the address), a local Alertmanager 202."""
+    [snippet] = [s for s in toml_snippets(RECIPES) if "[tokens.scripts]" in s][:1]
+    assert 'trusted_proxies = ["127.0.0.1/32"]' in snippet
+    without = re.sub(r"^trusted_proxies = .*\n", "", snippet, flags=re.MULTILINE)
+    open_config = _caddy_bridge(tmp_path, sandbox_url, without, "open.toml")
+    for command in ("check-config", "serve"):
+        refused = run_command([command, "--config", str(open_config)], env=clean_env())
+        assert refused.returncode == 78, (command, refused.stderr)
+        [said] = [line for line in refused.stderr.splitlines() if "routes.alertmanager" in line]
+        assert "'sms-bridge.example.org' with no http.trusted_proxies" in said
+        assert 'set http.trusted_proxies to the proxy\'s address (e.g. ["127.0.0.1/32"])' in said
+    assert not (tmp_path / "bridge.db").exists()  # refused before anything opened
+
+    config = _caddy_bridge(tmp_path, sandbox_url, snippet, "recipe.toml")
+    accepted = run_command(["check-config", str(config)], env=clean_env())
+    assert accepted.returncode == 0, accepted.stderr
+    body = (HOOKS / "alertmanager-firing.json").read_bytes()
+    headers = {"content-type": "application/json", "host": "sms-bridge.example.org"}
+    async with (
+        running_bridge(load_config(config, env={}), clock) as (bridge, url),
+        httpx.AsyncClient() as http,
+    ):
+        hook = f"{url}/hooks/alertmanager"
+        # What Caddy passes on for a caller on the Internet (it sets X-Forwarded-For).
+        outside = await http.post(
+            hook, content=body, headers={**headers, "x-forwarded-for": "203.0.113.9"}
+        )
+        assert outside.status_code == 401, outside.text
+        assert "client 203.0.113.9 is not allowed on this route" in caplog.text
+        assert await bridge.store.get(1) is None
+        local = await http.post(hook, content=body, headers=headers)  # Alertmanager here
+        assert local.status_code == 202, local.text
