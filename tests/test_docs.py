@@ -1219,17 +1219,25 @@ async def test_the_readme_remote_curl_sends_with_the_deploy_token(
     tmp_path, clock: ManualClock, sandbox_url: str
 ) -> None:
     """The README's curl beside its [tokens.deploy] example, with the token file the
-    comment makes, on the HTTPS listener the example configures."""
+    comment makes, on the HTTPS listener the example configures. The comment, the config
+    and the curl name one file (the curl read `deploy-token` in the current directory,
+    the config /run/secrets/deploy-token); /run/secrets/ is the test's directory."""
     [snippet] = [s for s in toml_snippets(README) if "[tokens.deploy]" in s]
     path = _tls_bridge_config(tmp_path, sandbox_url, snippet)
     [block] = [b for b in blocks(README, "sh") if "deploy-token" in b]
+    named = re.search(r'^token_file = "(\S+)"', snippet, re.MULTILINE)
+    assert named is not None and f"$(cat {named.group(1)})" in block
+    secrets = tmp_path / "secrets"
+    block = block.replace("/run/secrets/", f"{secrets}/")
     # The token as the comment makes it, in the file the config names.
-    made = re.search(r"# \((umask 077; openssl rand -hex 24 > deploy-token)\)", snippet)
-    assert made is not None
-    maker = await asyncio.create_subprocess_exec("bash", "-c", made.group(1), cwd=tmp_path)
+    made = re.search(r"# \((umask 077; openssl rand -hex 24 > (\S+))\)", snippet)
+    assert made is not None and made.group(2) == named.group(1)
+    (secrets / "deploy-token").unlink()  # with_secret_files' stand-in, made anew here
+    maker = await asyncio.create_subprocess_exec(
+        "bash", "-c", made.group(1).replace("/run/secrets/", f"{secrets}/"), cwd=tmp_path
+    )
     assert await asyncio.wait_for(maker.wait(), timeout=60) == 0
-    assert (tmp_path / "deploy-token").stat().st_mode & 0o077 == 0  # no warning for it
-    (tmp_path / "secrets" / "deploy-token").write_text((tmp_path / "deploy-token").read_text())
+    assert (secrets / "deploy-token").stat().st_mode & 0o077 == 0  # no warning for it
     config = load_config(path, env={})
     async with running_bridge(config, clock) as (_bridge, url):
         options = (
