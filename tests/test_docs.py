@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import grp
 import hashlib
 import hmac
 import json
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tomllib
@@ -1435,3 +1437,47 @@ async def test_the_caddy_recipe_lets_no_one_through_the_example_route(
         assert await bridge.store.get(1) is None
         local = await http.post(hook, content=body, headers=headers)  # Alertmanager here
         assert local.status_code == 202, local.text
+
+
+@pytest.mark.slow  # runs install
+@pytest.mark.parametrize(
+    ("heading", "unit"),
+    [
+        ("Prometheus Alertmanager", "prometheus-alertmanager.service"),
+        ("Prometheus scraping /metrics", "prometheus.service"),
+    ],
+)
+def test_the_token_copy_is_readable_by_the_reader_and_no_one_else(
+    tmp_path, heading: str, unit: str
+) -> None:
+    """Alertmanager and Prometheus read the bridge's token from a copy of their own: the
+    recipe said "copy the token", and the copy root made stayed root's 0600 while
+    Debian runs both as `prometheus`: every notification failed to read it. The
+    install line copies what the bridge's config names to what the YAML reads, 0640, in
+    the group of the user Debian's unit runs as (checked where that unit is installed)."""
+    section = section_of(RECIPES, heading)
+    [install] = [b for b in blocks_in(section, "sh") if b.startswith("install ")]
+    words = install.split()
+    assert words[:5] == ["install", "-m", "640", "-g", "prometheus"], install
+    source, target = words[5:]
+    assert any(f'token_file = "{source}"' in toml for toml in blocks_in(section, "toml"))
+    assert any(
+        re.search(rf"credentials_file: {re.escape(target)}\s", yaml)
+        for yaml in blocks_in(section, "yaml")
+    )
+    installed = Path("/lib/systemd/system") / unit
+    if installed.exists():
+        user = re.search(r"^User=(\S+)$", installed.read_text(), re.MULTILINE)
+        assert user is not None and user.group(1) == "prometheus"
+    try:
+        group = grp.getgrnam("prometheus")
+    except KeyError:
+        pytest.skip("no group prometheus here to install into")
+    if os.geteuid() != 0:
+        pytest.skip("install -g needs root here")
+    (tmp_path / "src").write_text("a-token-of-24-characters\n")
+    os.chmod(tmp_path / "src", 0o600)  # as the bridge's own copy is
+    script = install.replace(source, str(tmp_path / "src")).replace(target, str(tmp_path / "dst"))
+    subprocess.run(["bash", "-e", "-c", script], check=True, timeout=30)
+    made = (tmp_path / "dst").stat()
+    assert stat.S_IMODE(made.st_mode) == 0o640 and made.st_gid == group.gr_gid
