@@ -44,6 +44,55 @@ def _kind(kind: str) -> dict[str, Any]:
     return found
 
 
+def _secret_block() -> str:
+    [block] = blocks_in(section_of(CLUSTER, "Kubernetes"), "sh")
+    return block
+
+
+def _secret_keys() -> list[str]:
+    """The keys the `kubectl create secret` line gives the Secret."""
+    return re.findall(r"--from-(?:literal|file)=([\w-]+)=", _secret_block())
+
+
+# `kubectl` for the block: the Secret's keys written as files where the pod mounts them
+# (the directory in $SECRETS), `get secret ... jsonpath='{.data.KEY}'` their base64.
+_KUBECTL = r"""
+kubectl() {
+  case "$1 $2" in
+    "create secret")
+      shift 4
+      for arg in "$@"; do
+        arg=${arg#--from-}; kind=${arg%%=*}; rest=${arg#*=}; key=${rest%%=*}; value=${rest#*=}
+        if [ "$kind" = file ]; then cp "$value" "$SECRETS/$key"; else printf %s "$value" > "$SECRETS/$key"; fi
+      done ;;
+    "get secret")
+      key=${5#*data.}; base64 < "$SECRETS/${key%\}}" ;;
+    *) echo "kubectl $*: not simulated" >&2; return 1 ;;
+  esac
+}
+"""
+
+
+def _made_secret(tmp_path: Path) -> tuple[Path, str]:
+    """The Secret's files as the block makes them (the provider's key file beside it),
+    and what the block prints for the callers."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "sms-api-key.txt").write_text("live-key-0123456789\n")
+    result = subprocess.run(
+        ["bash", "-e", "-c", _KUBECTL + _secret_block()],
+        cwd=work,
+        env=clean_env(SECRETS=str(secrets)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return secrets, result.stdout
+
+
 def _port(listen: str) -> int:
     return int(listen.rpartition(":")[2])
 
@@ -74,8 +123,19 @@ def test_the_kubernetes_probes_and_ports_are_the_bridges() -> None:
     named = re.findall(
         rf'_file = "{secret_dir}/([\w-]+)"', _kind("ConfigMap")["data"]["config.toml"]
     )
-    assert sorted(named) == sorted(_kind("Secret")["stringData"])
+    assert sorted(named) == sorted(_secret_keys())
     assert "store-url" in named
+    assert not [m for m in _manifests() if m["kind"] == "Secret"]  # no placeholder to apply
+    # The image's user (Dockerfile: uid 10001) reads the Secret's root-owned files
+    # through their group: fsGroup, and a mode with the group's read bit.
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    uid = re.search(r"useradd [^\n]*--uid (\d+)", dockerfile)
+    assert uid is not None
+    security = spec["securityContext"]
+    assert security["runAsUser"] == security["fsGroup"] == int(uid.group(1))
+    [secret_volume] = [v for v in spec["volumes"] if v["name"] == "secrets"]
+    mode = secret_volume["secret"]["defaultMode"]
+    assert mode & 0o040 and not mode & 0o007, oct(mode)
     config_path = env["SMS_BRIDGE_CONFIG"]["value"]
     assert config_path == f"{mounts['config']}/config.toml"
     service = _kind("Service")
@@ -85,18 +145,22 @@ def test_the_kubernetes_probes_and_ports_are_the_bridges() -> None:
 
 @pytest.mark.slow  # runs a subprocess
 def test_the_kubernetes_config_passes_check_config(tmp_path: Path) -> None:
-    """With the Secret's own values in the files its keys name (as the mount puts them)."""
+    """With the files the block's `kubectl create secret` makes (as the mount puts
+    them): the API token a random one of 48 characters, printed for the callers (the
+    manifest's placeholder passed the 16-character minimum and would have been used)."""
     text = _kind("ConfigMap")["data"]["config.toml"]
-    secrets = _kind("Secret")["stringData"]
-    for key, value in secrets.items():
-        (tmp_path / key).write_text(value + "\n")
-    text = re.sub(r'(_file = ")/run/secrets/sms-bridge/', rf"\g<1>{tmp_path}/", text)
+    secrets, printed = _made_secret(tmp_path)
+    assert sorted(p.name for p in secrets.iterdir()) == sorted(_secret_keys())
+    token = (secrets / "api-token").read_text()
+    assert re.fullmatch(r"[0-9a-f]{48}", token) and printed.strip() == token
+    text = re.sub(r'(_file = ")/run/secrets/sms-bridge/', rf"\g<1>{secrets}/", text)
     path = tmp_path / "k8s.toml"
     path.write_text(text)
     result = run_command(["check-config", str(path)], env=clean_env())
     assert result.returncode == 0, result.stderr
     config = load_config(path, env={})
-    assert config.store.url == secrets["store-url"]
+    assert config.store.url == (secrets / "store-url").read_text()
+    assert config.tokens["alerting"].token == token
     assert config.cluster.instance == ""  # each pod names itself through the environment
 
 
