@@ -6,6 +6,7 @@ secrets), every TOML block through check-config, every shell block through `bash
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -17,14 +18,17 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
+from bridge.clock import ManualClock
 from bridge.config import StoreConfig, load_config
 from bridge.config.sections import DEFAULT_HTTP_LISTEN
 from bridge.models import NewMessage, State
 from bridge.store import open_store
 from bridge.store.copy import CopySummary
+from tests.helpers import running_bridge, write_config
 from tests.postgres import admin, find_binaries, fresh_database, new_database_name
 from tests.processes import clean_env, free_port, run_command
 from tests.stores import seed
@@ -178,6 +182,9 @@ def test_every_shell_block_parses_and_the_haproxy_backend_checks_readyz() -> Non
     front = section_of(CLUSTER, "In front: a load balancer, or two MX records")
     haproxy = blocks_in(front, "")[0]
     assert "option httpchk GET /readyz" in haproxy
+    # The bridges' trusted_proxies believe an X-Forwarded-For HAProxy only sends with it.
+    assert re.search(r"^\s*option forwardfor\b", haproxy, re.MULTILINE)
+    assert "http.trusted_proxies" in front
     assert all(
         _port(s.split()[2]) == _port(DEFAULT_HTTP_LISTEN)
         for s in re.findall(r"^\s*server .*$", haproxy, re.MULTILINE)
@@ -333,3 +340,62 @@ async def main():
     await conn.close()
 asyncio.run(main())
 """
+
+
+@pytest.mark.slow  # runs haproxy
+async def test_haproxy_passes_the_client_to_trusted_proxies(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """The HAProxy backend as written (its servers one bridge on loopback), behind a
+    frontend of ours: without `option forwardfor` the bridge saw every caller as
+    HAProxy's address and a route's allowed_networks could only admit all or none. The
+    client here is 127.0.0.2; the route admits it alone."""
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy not installed (Debian: haproxy)")
+    front = section_of(CLUSTER, "In front: a load balancer, or two MX records")
+    backend = blocks_in(front, "")[0]
+    bridge_port, front_port = free_port(), free_port()
+    backend = re.sub(r"^\s*server b .*\n", "", backend, flags=re.MULTILINE)
+    backend = re.sub(r"server a \S+", f"server a 127.0.0.1:{bridge_port}", backend)
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(
+        "defaults\n    mode http\n    timeout connect 5s\n    timeout client 30s\n"
+        f"    timeout server 30s\nfrontend f\n    bind 127.0.0.1:{front_port}\n"
+        "    default_backend sms_bridge\n" + backend
+    )
+    checked = await asyncio.create_subprocess_exec(
+        haproxy,
+        "-c",
+        "-f",
+        str(cfg),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    said, _ = await asyncio.wait_for(checked.communicate(), timeout=30)
+    assert checked.returncode == 0, said.decode()
+    body = (
+        f'[store]\npath = "{tmp_path / "b.db"}"\n[groups]\noncall = ["+12025550101"]\n'
+        '[http]\ntrusted_proxies = ["127.0.0.1/32"]\n'
+        '[routes.n]\nformat = "generic"\nto = ["oncall"]\nallowed_networks = ["127.0.0.2/32"]\n'
+    )
+    config = load_config(write_config(tmp_path, body), env={})
+    proxy = await asyncio.create_subprocess_exec(
+        haproxy, "-db", "-f", str(cfg), stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        async with running_bridge(config, clock, listen=f"127.0.0.1:{bridge_port}"):
+            transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+            async with httpx.AsyncClient(transport=transport) as http:
+                for _ in range(100):  # until HAProxy listens and counts the server up
+                    with contextlib.suppress(httpx.TransportError):
+                        answer = await http.post(
+                            f"http://127.0.0.1:{front_port}/hooks/n", json={"message": "via lb"}
+                        )
+                        if answer.status_code != 503:
+                            break
+                    await asyncio.sleep(0.1)
+    finally:
+        proxy.terminate()
+        await asyncio.wait_for(proxy.wait(), timeout=10)
+    assert answer.status_code == 202, answer.text
