@@ -223,3 +223,69 @@ def test_serve_as_a_role_that_cannot_read_the_schema_is_one_line(
         )
     finally:
         admin(postgres_server, f"DROP ROLE IF EXISTS {role}")
+
+
+_WITHOUT_ASYNCPG = (
+    "import sys; sys.modules['asyncpg'] = None; from bridge.cli import main;"
+    " sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.parametrize("command", [["migrate"], ["store", "copy", "--from", "none.db"]])
+def test_a_missing_driver_names_the_pip_of_the_python_that_runs(
+    tmp_path, command: list[str]
+) -> None:
+    """Without asyncpg, the error said "pip install -e '.[postgres]' in the checkout": on
+    the systemd install (/opt/sms-bridge/venv, from `pip install .`) the shell's pip is
+    another Python's, and "-e" a different install. It names this interpreter's pip."""
+    import subprocess
+    import sys
+
+    (tmp_path / "none.db").touch()
+    env = clean_env(**env_for("postgresql://bridge@127.0.0.1:1/bridge"))
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_ASYNCPG, *command],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = [ln for ln in result.stderr.splitlines() if "store.url" in ln]
+    assert f"which {sys.executable} lacks: {sys.executable} -m pip install " in line
+    assert "[postgres]" in line and "in the checkout" not in line
+
+
+@pytest.mark.parametrize(
+    ("origin", "install"),
+    [
+        (
+            '{"url": "file:///src/sms-bridge", "dir_info": {"editable": true}}',
+            "-e '/src/sms-bridge[postgres]'",
+        ),
+        ('{"url": "file:///src/sms%20bridge", "dir_info": {}}', "'/src/sms bridge[postgres]'"),
+        (None, "'sms-bridge[postgres]'"),
+    ],
+)
+def test_the_install_named_is_the_one_the_bridge_came_from(
+    monkeypatch: pytest.MonkeyPatch, origin: str | None, install: str
+) -> None:
+    """A checkout installed editable (the README's `pip install -e .`), one installed
+    from its directory (the systemd recipe's `pip install .`), one from an index."""
+    import importlib.metadata
+    import sys
+
+    from bridge.store import postgres_extra
+
+    class Installed:
+        def read_text(self, name: str) -> str | None:
+            return origin if name == "direct_url.json" else None
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed())
+    said = postgres_extra(ImportError("No module named 'asyncpg'"))
+    assert said == (
+        f"its extra (asyncpg), which {sys.executable} lacks: {sys.executable} -m pip"
+        f" install {install} (No module named 'asyncpg')"
+    )

@@ -9,6 +9,12 @@ default, `bridge.store.sqlite`) unless `store.url` names a shared server.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import json
+import shlex
+import sys
+import urllib.parse
+import urllib.request
 from typing import TYPE_CHECKING
 
 from bridge.errors import ConfigError
@@ -53,7 +59,7 @@ def open_store(config: StoreConfig, *, migrating: bool = False) -> Store:
         try:
             from bridge.store.postgres.store import PostgresStore
         except ImportError as exc:  # asyncpg is the optional extra
-            needs = f"the PostgreSQL store needs its extra: pip install -e '.[postgres]' in the checkout, or asyncpg ({exc})"
+            needs = f"the PostgreSQL store needs {postgres_extra(exc)}"
             raise ConfigError([("store.url", needs)]) from exc
         return PostgresStore(config.url, migrating=migrating)
     from bridge.store.sqlite import SqliteStore  # the embedded default
@@ -82,6 +88,27 @@ async def copy_into_postgres(source: str | Path, url: str, *, replace: bool) -> 
         from bridge.store.copy import copy_sqlite_to_postgres
         from bridge.store.postgres.load import load  # noqa: F401  (the driver is there)
     except ImportError as exc:
-        needs = f"copying into PostgreSQL needs its extra: pip install -e '.[postgres]' in the checkout, or asyncpg ({exc})"
+        needs = f"copying into PostgreSQL needs {postgres_extra(exc)}"
         raise ConfigError([("store.url", needs)]) from exc
     return await copy_sqlite_to_postgres(source, url, replace=replace)
+
+
+def postgres_extra(exc: ImportError) -> str:
+    """What is missing, and the command that installs it into the Python that runs this
+    bridge: the unit's venv (`/opt/sms-bridge/venv`) is not the shell's `pip`, and an
+    install from a checkout is reinstalled from that checkout, editable if it was."""
+    python = shlex.quote(sys.executable)
+    try:
+        origin = json.loads(
+            importlib.metadata.distribution("sms-bridge").read_text("direct_url.json") or "{}"
+        )
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        origin = {}
+    url = urllib.parse.urlsplit(origin.get("url", ""))
+    if url.scheme == "file" and "dir_info" in origin:  # installed from a checkout
+        editable = "-e " if origin["dir_info"].get("editable") else ""
+        target = urllib.request.url2pathname(url.path) + "[postgres]"
+        install = f"{python} -m pip install {editable}{shlex.quote(target)}"
+    else:
+        install = f"{python} -m pip install 'sms-bridge[postgres]'"
+    return f"its extra (asyncpg), which {sys.executable} lacks: {install} ({exc})"
