@@ -235,8 +235,11 @@ def test_the_copy_block_reads_the_store_the_systemd_unit_keeps(
     asyncio.run(seeded())
     env = clean_env(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
     with fresh_database(postgres_server) as url:
+        assert "/opt/sms-bridge/venv/bin/pip install '.[postgres]'" in script
         script = (
             script.replace("systemctl stop sms-bridge", ":")
+            .replace("/opt/sms-bridge/venv/bin/pip install", ": ")  # installed here already
+            .replace("/opt/sms-bridge/venv/bin/", f"{Path(sys.executable).parent}/")
             .replace("postgresql://bridge@db.example.org/sms_bridge", url)
             .replace(" /etc/", f" {root}/etc/")
             .replace(" /var/lib/", f" {root}/var/lib/")
