@@ -1481,3 +1481,30 @@ def test_the_token_copy_is_readable_by_the_reader_and_no_one_else(
     subprocess.run(["bash", "-e", "-c", script], check=True, timeout=30)
     made = (tmp_path / "dst").stat()
     assert stat.S_IMODE(made.st_mode) == 0o640 and made.st_gid == group.gr_gid
+
+
+@pytest.mark.slow  # runs check-config
+def test_the_systemd_check_config_line_sees_the_units_store(tmp_path) -> None:
+    """The recipe's check-config on the installed config (config.example.toml in
+    /etc/sms-bridge): the store it shows is the one the unit keeps (its
+    SMS_BRIDGE_STORE_PATH), run by the venv's sms-bridge. Only the tree's root and the
+    venv change."""
+    [line] = [b for b in blocks_in(section_of(RECIPES, "systemd"), "sh") if "check-config" in b]
+    unit = (ROOT / "systemd" / "sms-bridge.service").read_text(encoding="utf-8")
+    kept = re.search(r"^Environment=SMS_BRIDGE_STORE_PATH=(\S+)$", unit, re.MULTILINE)
+    assert kept is not None and f"SMS_BRIDGE_STORE_PATH={kept.group(1)} " in line
+    assert "/opt/sms-bridge/venv/bin/sms-bridge check-config /etc/sms-bridge/config.toml" in line
+    root = tmp_path / "root"
+    (root / "etc" / "sms-bridge").mkdir(parents=True)
+    (root / "var" / "lib" / "sms-bridge").mkdir(parents=True)
+    shutil.copy(EXAMPLE, root / "etc" / "sms-bridge" / "config.toml")
+    script = (
+        line.replace("/opt/sms-bridge/venv/bin/", f"{Path(sys.executable).parent}/")
+        .replace("=/var/lib/", f"={root}/var/lib/")
+        .replace(" /etc/", f" {root}/etc/")
+    )
+    result = subprocess.run(
+        ["bash", "-e", "-c", script], capture_output=True, text=True, timeout=60, env=clean_env()
+    )
+    assert result.returncode == 0, result.stderr
+    assert f'"path": "{root}{kept.group(1)}"' in result.stdout
