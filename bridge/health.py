@@ -19,8 +19,10 @@ class ProviderHealth:
         self.inactive = False
         self.since: float | None = None
         self.last_success: float | None = None
-        # The first of the sends since the last success that got no answer or a 5xx.
+        # The first of the sends since the last success that got no answer or a 5xx, and
+        # the latest of them.
         self.failing_since: float | None = None
+        self.last_unanswered: float | None = None
 
     @property
     def ready(self) -> bool:
@@ -47,7 +49,15 @@ class ProviderHealth:
         """A send got no answer (connection refused, a timeout) or a 5xx."""
         if self.failing_since is None:
             self.failing_since = now
+        self.last_unanswered = now
 
-    def unreachable_for(self, now: float) -> float | None:
-        """How long every send has failed so (None: the last one went through)."""
-        return None if self.failing_since is None else now - self.failing_since
+    def unreachable_for(self, now: float, *, retried_within: float) -> float | None:
+        """How long every send has failed so: None if the last one went through, or if
+        none failed within `retried_within` (the longest wait between retries): the texts
+        that failed were given up or cancelled, nothing has been tried since, and an
+        idle bridge would say for ever that the provider is down."""
+        if self.failing_since is None or self.last_unanswered is None:
+            return None
+        if now - self.last_unanswered > retried_within:
+            return None
+        return now - self.failing_since

@@ -398,3 +398,31 @@ async def test_readyz_says_when_no_send_has_gone_through_for_a_minute(
     late = [said for elapsed, said in seen if elapsed >= 60]
     assert late and all(said and "no send has gone through for" in said for said in late), seen
     assert after == {"status": "ready"}
+
+
+async def test_readyz_stops_saying_so_once_nothing_is_tried_any_more(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """Only a send that went through ended the warning: a text that failed and was then
+    cancelled (or given up) left an idle bridge saying a day later that no send had gone
+    through for 1440 min. Once nothing failed for longer than the longest wait between
+    retries (`provider.backoff_max`), nothing is being tried and it says nothing."""
+    transport = FaultyTransport(["connect-refused"] * 50)
+    config = bridge_config(tmp_path, sandbox_url, backoff_max="2m")
+    async with (
+        running_bridge(config, clock, transport=transport) as (bridge, url),
+        httpx.AsyncClient() as http,
+    ):
+        body = {"to": "+12025550143", "message": "x"}
+        (message_id,) = (await http.post(f"{url}/api/v1/messages", json=body)).json()["ids"]
+        start = clock.now()
+        while clock.now() - start < 300:  # retried every 2 minutes at most: still said
+            clock.advance(min(await bridge.dispatcher.run_once(), 30.0) or 0.01)
+        during = (await http.get(f"{url}/readyz")).json()
+        cancelled = await http.post(f"{url}/api/v1/messages/{message_id}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        for _ in range(8):  # six minutes more with nothing to send
+            clock.advance(min(await bridge.dispatcher.run_once(), 45.0) or 0.01)
+        after = (await http.get(f"{url}/readyz")).json()
+    assert "no send has gone through for" in during["warnings"]["provider"]
+    assert after == {"status": "ready"}

@@ -289,11 +289,13 @@ async def readiness_problems(
     return problems
 
 
-def readiness_warnings(health: ProviderHealth, now: float) -> dict[str, dict[str, str]]:
+def readiness_warnings(
+    health: ProviderHealth, now: float, backoff_max: float
+) -> dict[str, dict[str, str]]:
     """What /readyz says beside its status without turning red: every send for
     UNREACHABLE_WARNING or longer got no answer or a 5xx. In our words, as the problems
     are: anyone may ask /readyz."""
-    failing = health.unreachable_for(now)
+    failing = health.unreachable_for(now, retried_within=backoff_max + UNREACHABLE_WARNING)
     if failing is None or failing < UNREACHABLE_WARNING:
         return {}
     said = (
@@ -407,7 +409,7 @@ def create_app(
         return JSONAnswer({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        warnings = readiness_warnings(health, clock.now())
+        warnings = readiness_warnings(health, clock.now(), live.current.provider.backoff_max)
         if problems := await readiness_problems(request, live, probe, health, loops):
             return JSONAnswer({"status": "unavailable", "problems": problems, **warnings}, 503)
         return JSONAnswer({"status": "ready", **warnings})
