@@ -220,7 +220,8 @@ async def test_metrics_after_a_known_sequence(
     route = f'[routes.am]\nformat = "generic"\nto = ["+12025550144"]\ntoken = "{HOOK}"\n'
     config = bridge_config(tmp_path, sandbox_url, route)
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
-        for text in ("one", "two", "one"):  # the second "one" is a duplicate
+        # The second "one" is a duplicate (after "two" it would be news: a flap back).
+        for text in ("one", "one", "two"):
             await http.post(f"{url}/api/v1/messages", json={"to": "+12025550143", "message": text})
         hooked = await http.post(
             f"{url}/hooks/am", json={"message": "hook"}, headers={"Authorization": f"Bearer {HOOK}"}
