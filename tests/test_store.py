@@ -13,7 +13,7 @@ from bridge.models import NewMessage, State
 from bridge.policy.decide import Rules
 from bridge.pricing import BILLED_MAX_FOR
 from bridge.store import Store
-from bridge.store.api import Held, IngestQuestions, Lookups, OriginalQuestion, Pause
+from bridge.store.api import Held, IngestQuestions, Lookups, Pause
 from tests.stores import AS_GIVEN, BACKENDS, FACTORIES, aggregated, reported, seed
 
 MESSAGE = NewMessage("+12025550143", "hi", "http", "SMS", 1, 1)
@@ -384,10 +384,7 @@ async def test_the_store_answers_what_policy_asks(store: Store) -> None:
     class Asking:
         def questions(self, pending):
             return IngestQuestions(
-                originals=[
-                    OriginalQuestion("k", MESSAGE.recipient, 0.0),
-                    OriginalQuestion("k", MESSAGE.recipient, 5.5),
-                ],
+                originals=[("k", MESSAGE.recipient, 0.0), ("k", MESSAGE.recipient, 5.5)],
                 storms=[
                     (mine, 8.0, 100.0, 0.0),
                     (theirs, 8.0, 100.0, 0.0),
@@ -401,7 +398,7 @@ async def test_the_store_answers_what_policy_asks(store: Store) -> None:
             return [m for m, _ in pending]
 
     await store.ingest([(MESSAGE, 8.0)], Asking())
-    assert seen[0].originals == {OriginalQuestion("k", MESSAGE.recipient, 0.0): first}
+    assert seen[0].originals == {("k", MESSAGE.recipient, 0.0): first}
     assert seen[0].storms == {
         (mine, 8.0, 100.0, 0.0): (False, (5.0, 5.0, 100.0)),  # not the failed one
         (theirs, 8.0, 100.0, 0.0): (True, ()),
@@ -409,37 +406,6 @@ async def test_the_store_answers_what_policy_asks(store: Store) -> None:
         (uk, 250.0, 100.0, 150.0): (True, ()),
     }
     assert held > first
-
-
-async def test_the_store_answers_with_the_latest_run_of_a_key_when_asked(store: Store) -> None:
-    """`run_of`: the first message of the key's latest run among its scope's messages to
-    the phone (a text's own key: ALERTING, OK, ALERTING is news, not a repeat)."""
-    down, up = (MESSAGE._replace(text=t, dedupe_key=f"route@k:text:{t}") for t in ("d", "u"))
-    [_, _, flap, _] = await seed(store, [down, up, down, down], 5.0)
-    [failed] = await seed(store, [up], 6.0)  # ends nobody's run: it never reached the phone
-    await store.finish([(failed, State.FAILED, "refused")], 6.5, owner=OWNER["owner"], queued=True)
-    elsewhere = [  # another scope's word, another phone's: neither ends the run
-        MESSAGE._replace(text="u", dedupe_key="route@kuma:text:u"),
-        up._replace(recipient="+12025550144"),
-    ]
-    await seed(store, elsewhere, 7.0)
-    questions = [
-        OriginalQuestion("route@k:text:d", MESSAGE.recipient, 0.0, "route@k:"),
-        OriginalQuestion("route@k:text:u", MESSAGE.recipient, 0.0, "route@k:"),
-        OriginalQuestion("route@k:text:d", MESSAGE.recipient, 0.0),  # any run: the first
-    ]
-    seen: list[Lookups] = []
-
-    class Asking:
-        def questions(self, pending):
-            return IngestQuestions(originals=questions)
-
-        def decide(self, lookups, pending, ids):
-            seen.append(lookups)
-            return [m for m, _ in pending]
-
-    await store.ingest([(MESSAGE, 8.0)], Asking())
-    assert seen[0].originals == {questions[0]: flap, questions[2]: flap - 2}
 
 
 async def test_the_store_answers_a_batch_of_many_questions_whole(store: Store) -> None:
@@ -457,10 +423,7 @@ async def test_the_store_answers_a_batch_of_many_questions_whole(store: Store) -
         def questions(self, pending):
             return IngestQuestions(
                 # every other key is stored; the storms ask about 350 phones, 300 known
-                originals=[
-                    OriginalQuestion(f"k{n}" if n % 2 else f"new{n}", p, 0.0)
-                    for n, p in enumerate(phones)
-                ],
+                originals=[(f"k{n}" if n % 2 else f"new{n}", p, 0.0) for n, p in enumerate(phones)],
                 storms=[(p, 8.0, 60.0, 0.0) for p in phones[100:]]
                 + [(f"+1303555{n:04d}", 8.0, 60.0, 0.0) for n in range(50)],
             )
@@ -472,7 +435,7 @@ async def test_the_store_answers_a_batch_of_many_questions_whole(store: Store) -
     [after] = await store.ingest([(MESSAGE, 8.0)], Asking())
     assert after.id == stored[-1] + 1
     assert seen[0].originals == {
-        OriginalQuestion(f"k{n}", p, 0.0): stored[n] for n, p in enumerate(phones) if n % 2
+        (f"k{n}", p, 0.0): stored[n] for n, p in enumerate(phones) if n % 2
     }
     assert seen[0].storms == {
         **{(p, 8.0, 60.0, 0.0): (False, (5.0,)) for p in phones[100:]},

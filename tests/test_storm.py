@@ -188,64 +188,6 @@ async def test_per_route_dedupe_window(tmp_path, clock: ManualClock, sandbox_url
         assert await bridge.store.counts() == {"queued": 3}
 
 
-# Routes to one phone whose texts carry no key of their own: the text is the key.
-FLAPPING = "".join(
-    f'[routes.{name}]\nformat = "{form}"\nto = ["+12025550143"]\npublic = true\n{more}\n'
-    for name, form, more in (
-        ("grafana", "grafana", ""),
-        ("kuma", "generic", 'text_path = "msg"'),
-        ("other", "generic", 'text_path = "msg"'),
-    )
-)
-
-
-def legacy_grafana(state: str) -> dict:
-    """A legacy Grafana alert (no group key, no fingerprint: its text is its key)."""
-    return {
-        "ruleName": "Host down",
-        "ruleId": 7,
-        "ruleUrl": "http://grafana.example/d/7",
-        "state": state,
-        "title": f"[{state.title()}] Host down",
-        "message": "web-1 does not answer",
-        "tags": {},
-        "evalMatches": [],
-    }
-
-
-@on_each_backend
-async def test_a_text_keyed_alert_that_flaps_back_is_news_and_its_retry_is_not(
-    tmp_path, clock: ManualClock, sandbox_url: str
-) -> None:
-    """Text-keyed routes (legacy Grafana, generic without dedupe_path): a repeat is a
-    duplicate only while its original is still the route's last word to the phone."""
-    config = bridge_config(tmp_path, sandbox_url, FLAPPING)
-    async with running_bridge(config, clock) as (_, url), httpx.AsyncClient() as http:
-
-        async def post(route: str, body: dict) -> dict:
-            response = await http.post(f"{url}/hooks/{route}", json=body)
-            assert response.status_code == 202, response.text
-            clock.advance(120)  # all within the 10 minutes' dedupe window
-            return response.json()["messages"][0]
-
-        grafana = [await post("grafana", legacy_grafana(s)) for s in ("alerting", "ok", "alerting")]
-        grafana.append(await post("grafana", legacy_grafana("alerting")))  # its retry
-        down, up = {"msg": "[shop] [Down] timeout"}, {"msg": "[shop] [Up] 200 - OK"}
-        kuma = [await post("kuma", body) for body in (down, up, down, down)]
-        # Another route's words to the phone are not this route's news: a repeat after
-        # them is still a repeat.
-        before = await post("kuma", {"msg": "disk full"})
-        await post("other", {"msg": "something else"})
-        again = await post("kuma", {"msg": "disk full"})
-        flapped = (await http.get(f"{url}/api/v1/messages/{grafana[2]['id']}")).json()
-    for first, change, flap, retry in (grafana, kuma):
-        assert [m["state"] for m in (first, change, flap)] == ["queued"] * 3
-        assert retry["state"] == "suppressed"
-        assert f"duplicate of message {flap['id']} " in retry["reason"]
-    assert flapped["text"].startswith("[ALERTING] Host down")  # the phone's last word
-    assert again["state"] == "suppressed" and str(before["id"]) in again["reason"]
-
-
 @on_each_backend
 async def test_budget_cap_waits_loses_nothing_and_warns_once(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str

@@ -11,11 +11,6 @@ the interface's vocabulary.
   GitHub body hash, alert fingerprints and status; otherwise the normalised text) to the
   same recipient within the window -> `suppressed`, naming the original. Every key
   carries its scope (`dedupe_scope`): keys from the API, a route or mail never meet.
-  A text's own key (`text_key`) is all a legacy Grafana alert or a generic route without
-  `dedupe_path` has, and it cannot tell a retry from a flap: ALERTING, OK, ALERTING has
-  the first text's key again. So such a repeat is a duplicate only while its original
-  is still its scope's last word to the phone (`run_scope`); a sender's own keys say
-  what is news themselves (an alert's carries its episode's start) and keep theirs.
 - Storm control: more than `per_recipient` texts to one phone within the window ->
   `held`; the digest worker (`bridge.delivery.digests`) later folds held messages into one SMS.
   A text counts when it reaches the phone: a scheduled one at its `schedule_time`, not
@@ -46,11 +41,6 @@ from bridge.store.api import (
     StormState,
 )
 
-_TEXT = "text:"
-_TEXT_KEY_CHARS = len(_TEXT) + 24  # `text_key`'s, after its scope's `:`
-# Where a scoped text key says `:text:`, counted from its end, and where its scope ends.
-_RUN_MARK, _RUN_MARK_AT = ":" + _TEXT, slice(-_TEXT_KEY_CHARS - 1, -_TEXT_KEY_CHARS + len(_TEXT))
-_SCOPE_ENDS = slice(None, -_TEXT_KEY_CHARS)
 # A key `slotted_key` made: the time slot it was made in, at its end.
 _SLOTTED = re.compile(r"@slot(\d+):(-?\d+)$")
 
@@ -92,7 +82,7 @@ class Rules:
         """The stored originals and storm counts the decisions of `pending` need."""
         queued = [(m, now) for m, now in _keyed(pending) if m.state == State.QUEUED]
         originals = {
-            OriginalQuestion(key, m.recipient, now - window, run_scope(key))
+            OriginalQuestion(key, m.recipient, now - window)
             for m, now in queued
             if (window := self.window_for(m.route)) > 0
             for key in repeated_keys(m.dedupe_key or "")
@@ -192,19 +182,7 @@ def text_key(text: str) -> str:
     # a tenth of the instructions (a regex sub builds a list of pieces; ~3 % of the loop's
     # work on a distinct alert, BENCHMARKS.md, issue #16).
     normalised = " ".join(text.split()).casefold()
-    return _TEXT + hashlib.sha256(normalised.encode()).hexdigest()[:24]
-
-
-def run_scope(key: str) -> str:
-    """For a scoped text key, its scope's prefix (`route@kuma:`): a repeat of it is a
-    duplicate only within the latest run of its key among that scope's messages to the
-    phone (`OriginalQuestion.run_of`). "" for any other key: a sender's own, and a
-    scheduled text's (a reminder's retry must meet its first whatever was scheduled
-    between them; what a phone shows last is not the order they were sent in)."""
-    # Read from its end, without a regular expression: this runs twice for every message
-    # of every ingest (issue #16). A scope holds no `:` (`dedupe_scope`); a scheduled
-    # text's key ends in its time.
-    return key[_SCOPE_ENDS] if key[_RUN_MARK_AT] == _RUN_MARK else ""
+    return "text:" + hashlib.sha256(normalised.encode()).hexdigest()[:24]
 
 
 @dataclass
@@ -216,28 +194,13 @@ class _Batch:
     storms: Mapping[StormQuestion, StormState]  # (recipient, at, ...) -> stored state
     # (key, phone) -> [(id, arrival)] of this batch, oldest first
     earlier: dict[tuple[str, str], list[tuple[int, float]]] = field(default_factory=dict)
-    # (scope, phone) -> the key of the scope's last message in this batch, whether its
-    # run is the batch's first there (so it goes on from what is stored, if the stored
-    # run is this key's), and the run's [(id, arrival)] of this batch
-    runs: dict[tuple[str, str], tuple[str, bool, list[tuple[int, float]]]] = field(
-        default_factory=dict
-    )
     # phone -> when its texts held / let through within this batch reach it
     held: dict[str, list[float]] = field(default_factory=dict)
     let_through: dict[str, list[float]] = field(default_factory=dict)
 
     def original(self, message: NewMessage, since: float) -> int | None:
-        scope = run_scope(message.dedupe_key or "")
-        if scope and (run := self.runs.get((scope, message.recipient))) is not None:
-            # The batch spoke to the phone from this scope since what is stored.
-            key, first, members = run
-            if key != message.dedupe_key:
-                return None
-            question = OriginalQuestion(key, message.recipient, since, scope)
-            stored = self.originals.get(question) if first else None
-            return stored or next((i for i, at in members if at >= since), None)
         for key in repeated_keys(message.dedupe_key or ""):
-            stored = self.originals.get(OriginalQuestion(key, message.recipient, since, scope))
+            stored = self.originals.get(OriginalQuestion(key, message.recipient, since))
             if stored is not None:
                 return stored
             repeats = self.earlier.get((key, message.recipient), [])
@@ -258,12 +221,6 @@ class _Batch:
     def record(self, message: NewMessage, message_id: int, now: float) -> None:
         pair = (message.dedupe_key or "", message.recipient)
         self.earlier.setdefault(pair, []).append((message_id, now))
-        place = (pair[0][: pair[0].find(":") + 1], message.recipient)  # its scope's
-        run = self.runs.get(place)
-        if run is not None and run[0] == pair[0]:
-            run[2].append((message_id, now))
-        else:
-            self.runs[place] = (pair[0], run is None, [(message_id, now)])
         if message.state == State.HELD:
             self.held.setdefault(message.recipient, []).append(reaches_phone(message, now))
         elif message.state == State.QUEUED:

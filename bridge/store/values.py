@@ -18,18 +18,11 @@ from bridge.models import NewMessage
 
 
 class OriginalQuestion(NamedTuple):
-    """Is there a stored message with this dedupe key to this recipient since `since`?
-
-    With `run_of` (a key prefix: the scope a text's own key carries), only one that no
-    other message to the recipient whose key starts with `run_of` followed: the first of
-    the latest run of this key among that scope's messages to the phone, if the scope's
-    last word to it is this key's.
-    """
+    """Is there a stored message with this dedupe key to this recipient since `since`?"""
 
     dedupe_key: str
     recipient: str
     since: float
-    run_of: str = ""
 
 
 class StormQuestion(NamedTuple):
@@ -69,9 +62,7 @@ class Lookups:
     """The store's answers to `IngestQuestions`, read inside the ingest transaction.
 
     `originals`: the first stored message (lowest `created_at`, not failed) each question
-    repeats (of its latest run, with `run_of`: see there; a failed message neither
-    repeats nor ends a run); questions without one are absent. `storms`: an entry for
-    every question.
+    repeats; questions without one are absent. `storms`: an entry for every question.
     """
 
     originals: Mapping[OriginalQuestion, int]

@@ -36,21 +36,11 @@ from bridge.store.postgres.pool import Conn
 from bridge.store.rows import row
 
 # One statement answers every question of a batch (each statement is a round trip).
-# With a run prefix (w.o), only a message no other of that scope to the phone followed
-# (`OriginalQuestion`; SQLite's _ORIGINALS), under the same lock on (key, recipient):
-# two instances given one repeat still decide it one after the other. A message with
-# another key committed meanwhile could only have made the repeat news: unseen, the
-# repeat is decided as if it had come first.
 ORIGINALS = (
     "SELECT w.i, (SELECT m.id FROM messages m WHERE m.dedupe_key = w.k"
     " AND m.recipient = w.r AND m.created_at >= w.s AND m.state <> 'failed'"
-    " AND (w.o = '' OR NOT EXISTS (SELECT 1 FROM messages n WHERE n.recipient = w.r"
-    " AND n.created_at >= m.created_at AND (n.created_at, n.id) > (m.created_at, m.id)"
-    " AND n.state <> 'failed' AND left(n.dedupe_key, length(w.o)) = w.o"
-    " AND n.dedupe_key <> w.k))"
-    " ORDER BY m.created_at LIMIT 1)"
-    " FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[])"
-    " WITH ORDINALITY AS w(k, r, s, o, i)"
+    " ORDER BY m.created_at LIMIT 1) FROM unnest($1::text[], $2::text[], $3::float8[])"
+    " WITH ORDINALITY AS w(k, r, s, i)"
 )
 # When a message reaches its phone: its schedule_time (UTC text), else when it was stored
 # (SQLite's EFFECTIVE); the pattern keeps a row of some other form from failing the cast.
@@ -101,7 +91,9 @@ async def answer(conn: Conn, questions: IngestQuestions) -> Lookups:
     originals: dict[OriginalQuestion, int] = {}
     storms: dict[StormQuestion, StormState] = {}
     if asked := list(questions.originals):
-        for i, found in await conn.fetch(ORIGINALS, *([q[k] for q in asked] for k in range(4))):
+        for i, found in await conn.fetch(
+            ORIGINALS, [q[0] for q in asked], [q[1] for q in asked], [q[2] for q in asked]
+        ):
             if found is not None:
                 originals[asked[i - 1]] = int(found)
     if asked_storms := list(questions.storms):

@@ -34,10 +34,10 @@ from bridge.store.sqlite.schema import (
 )
 
 # The columns of each kind of question (`_values` adds its index to each row).
-ORIGINAL_COLUMNS = ("key", "recipient", "since", "run_of")
+ORIGINAL_COLUMNS = ("key", "recipient", "since")
 STORM_COLUMNS = ("recipient", "at", "window", "held_since")
-# Questions of each kind per statement: 5 + 5 parameters a pair (99), under SQLite's
-# oldest limit of 999 parameters. Left at 140 when a storm question grew from 2 values to 4,
+# Questions of each kind per statement: 4 + 5 parameters a pair, under SQLite's oldest
+# limit of 999 parameters. Left at 140 when a storm question grew from 2 values to 4,
 # a request to 112 phones or more was a 503 ("too many SQL variables") there.
 QUESTIONS_PER_STATEMENT = 999 // (len(ORIGINAL_COLUMNS) + len(STORM_COLUMNS) + 2)
 
@@ -159,22 +159,16 @@ def _lookups(db: Database, questions: IngestQuestions, version: str) -> tuple[in
 
 
 # The answers, one JSON array of [i, answer...] per kind. Originals: for each (key,
-# recipient, since, run_of) the first stored message it repeats, if any, ordered as the
-# index is (so the first hit answers however many repeats exist); with run_of, the first
-# that no message of that scope with another key followed (`OriginalQuestion`: looked
-# for only once a repeat is found, so a distinct alert costs nothing more); absent when
-# none. Storms: for each (recipient, at, window, held_since): a message held at a time
-# from held_since to at?, and when each text let through reaches the phone, from
-# at - window to at + window (a scheduled one at its time: EFFECTIVE; found through
-# messages_scheduled by its UTC text, a second either side, then exactly).
+# recipient, since) the first stored message it repeats, if any, ordered as the index is
+# (so the first hit answers however many repeats exist); absent when none. Storms: for each
+# (recipient, at, window, held_since): a message held at a time from held_since to at?,
+# and when each text let through reaches the phone, from at - window to at + window (a
+# scheduled one at its time: EFFECTIVE; found through messages_scheduled by its UTC text,
+# a second either side, then exactly).
 _ORIGINALS = (
-    "SELECT json_group_array(json_array(i, original)) FROM (SELECT i, (SELECT id FROM messages m"
+    "SELECT json_group_array(json_array(i, original)) FROM (SELECT i, (SELECT id FROM messages"
     " WHERE dedupe_key = o.key AND dedupe_key IS NOT NULL AND recipient = o.recipient"
-    " AND created_at >= o.since AND state != 'failed' AND (o.run_of = '' OR NOT EXISTS("
-    " SELECT 1 FROM messages n WHERE n.recipient = o.recipient"
-    " AND n.created_at >= m.created_at AND (n.created_at, n.id) > (m.created_at, m.id)"
-    " AND n.state != 'failed' AND substr(n.dedupe_key, 1, length(o.run_of)) = o.run_of"
-    " AND n.dedupe_key != o.key)) ORDER BY created_at LIMIT 1)"
+    " AND created_at >= o.since AND state != 'failed' ORDER BY created_at LIMIT 1)"
     " AS original FROM o) WHERE original IS NOT NULL"
 )
 EFFECTIVE = f"coalesce({totals.SCHEDULED_AT_SQLITE.format(t='')}, created_at)"
