@@ -68,7 +68,7 @@ def mail(workload: str, n: int) -> bytes:
 
 
 BARE_SERVER = textwrap.dedent("""
-    import asyncio, socket, sys
+    import asyncio, socket, sys, types
     from aiosmtpd.smtp import SMTP
     if sys.argv[2:] == ["memo"]:
         from bridge.ingress.smtp import BridgeSMTP as SMTP
@@ -79,6 +79,9 @@ BARE_SERVER = textwrap.dedent("""
 
         def login_refusal(self, session):  # BridgeSMTP asks its handler at each command
             return None
+
+        # and its AUTH settings at each EHLO and AUTH: no users, no AUTH offered
+        smtp = types.SimpleNamespace(auth_allow_plaintext=False, users={})
 
     async def main(port):
         loop = asyncio.get_running_loop()
