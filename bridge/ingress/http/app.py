@@ -52,7 +52,7 @@ from bridge.ingress.http.hosts import HostCheck
 from bridge.ingress.http.hot import HotRoutes
 from bridge.ingress.http.lockout import AuthLockout, vouch
 from bridge.ingress.http.openapi import LIST_LIMIT, MAX_LIST_LIMIT, openapi_spec
-from bridge.ingress.ingest import Accepted, Ingestor
+from bridge.ingress.ingest import Ingestor
 from bridge.ingress.throttle import FailureThrottle
 from bridge.loops import LoopHealth
 from bridge.models import events_json
@@ -74,7 +74,7 @@ PROVIDER_INACTIVE = (
     "account not active (the provider answered 403): sending paused, queue kept; "
     "its answer is in the console and the log"
 )
-# How long every provider call must have failed before /readyz says so. Readiness stays
+# How long every send must have got no answer (or a 5xx) before /readyz says so. Readiness stays
 # green meanwhile: this instance still takes alerts and keeps them until the provider is
 # back (that is its use in an outage); a 503 would have a load balancer refuse them all.
 UNREACHABLE_WARNING = 60.0
@@ -230,11 +230,6 @@ def message_draft(
     )
 
 
-def accepted_answer(accepted: list[Accepted]) -> Response:
-    """The 202 of `POST /api/v1/messages`: each recipient's message and its state."""
-    return accepted_response(accepted)
-
-
 async def change_message(
     request: Request, action: str, *, store: Store, clock: Clock, wake: Callable[[], None] | None
 ) -> Response:
@@ -342,7 +337,7 @@ def create_app(
         body = await read_json(request, config.http)
         draft = message_draft(body, config, resolver, request.state.principal, clock, secrets)
         del body  # what else the caller sent must not wait for the store (hooks.py says why)
-        return accepted_answer(await ingestor.submit([draft]))
+        return accepted_response(await ingestor.submit([draft]))
 
     async def list_messages(request: Request) -> Response:
         wanted = await read_list_query(
