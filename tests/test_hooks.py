@@ -1409,12 +1409,15 @@ async def test_a_large_alert_group_is_read_in_time_linear_in_its_alerts(
     body = json.dumps(group, separators=(",", ":")).encode()
     assert len(body) < 2**20  # within http.max_body_bytes
     async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
-        started = time.monotonic()
+        # The process's CPU time, not the wall clock: the bridge and this client share
+        # the process, and a loaded machine (CI beside other jobs) stretched the wall
+        # time of a linear read past the bound (2.6 s at a load of 19).
+        started = time.process_time()
         answer = await http.post(f"{url}/hooks/am", content=body, headers=auth_headers("am", body))
-        took = time.monotonic() - started
+        took = time.process_time() - started
         assert answer.status_code == 202, answer.text
         await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
-    assert took < 2.5, f"{took:.1f} s"  # 7 s and more before, on this machine
+    assert took < 2.5, f"{took:.1f} s of CPU"  # 7 s and more before, on this machine
     assert {e.message for e in sandbox_state.entries} == {
         "[FIRING:13000] A0, A1 +12998 h0, h1 +12998: p99 above 2s"
     }
