@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from pathlib import Path
 
 import httpx
@@ -10,8 +12,10 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.config import load_config, parse_duration, parse_listen
 from bridge.errors import ConfigError
-from tests.helpers import bridge_config, running_bridge, write_config
+from bridge.models import State
+from tests.helpers import bridge_config, pump_until_state, running_bridge, write_config
 from tests.processes import run_command
+from tests.test_faults import FaultyTransport
 from tests.test_hooks import HOOKS
 
 
@@ -799,3 +803,125 @@ def test_the_outcomes_a_ci_route_may_name_hold_its_formats_defaults() -> None:
     assert set(defaults) == set(sections.ROUTE_OUTCOMES)
     for form, outcomes in defaults.items():
         assert set(outcomes) <= set(sections.ROUTE_OUTCOMES[form]), form
+
+
+# Each accepted before, and each broke the bridge quietly (the harm in the comment).
+ZERO_REFUSALS = [
+    # The poller asked about no text (each was past it when sent): all stayed `sent`.
+    (
+        "status",
+        'give_up_after = "0s"',
+        "status.give_up_after: must be at least 10m and status.poll_interval",
+    ),
+    # A text failed at its first 5xx, timeout or refused connection.
+    (
+        "provider",
+        'retry_max_age = "0s"',
+        "provider.retry_max_age: must be at least 30s and provider.backoff_initial",
+    ),
+    # Every genuine signed Grafana alert was answered 401 "replay?".
+    (
+        'routes.g]\nformat = "grafana"\nto = ["+12025550143"]\npublic = true\n'
+        'secret = "graf-secret-0123456789"\ntimestamp_header = "X-Ts"\n#',
+        'max_timestamp_skew = "0s"',
+        "routes.g.max_timestamp_skew: must be at least 5s",
+    ),
+    # The strict sandbox refused every send; the others reported a debt.
+    ("sandbox", "balance = -5.0", "sandbox.balance: must be 0 (an empty account) or more"),
+    # A blank name in place of host name and pid, in the log and pg_stat_activity.
+    ("cluster", 'instance = " "', 'cluster.instance: is blank: name the instance, or ""'),
+    # aiosmtpd closed every SMTP session the moment it opened: no mail taken at all.
+    ("smtp", 'idle_timeout = "0s"', "smtp.idle_timeout: must be above 0"),
+]
+
+
+@pytest.mark.slow  # runs a subprocess
+def test_a_setting_that_breaks_the_bridge_is_refused_by_check_config_and_serve(
+    tmp_path,
+) -> None:
+    """Each of ZERO_REFUSALS passed check-config and `serve` started on it. Both refuse
+    it now (exit 78), naming the key and the least value."""
+    body = "".join(f"[{section}]\n{line}\n" for section, line, _ in ZERO_REFUSALS)
+    path = write_config(tmp_path, body)
+    for command in ("check-config", "serve"):
+        result = run_command([command, "--config", str(path)], cwd=tmp_path)
+        assert result.returncode == 78, result.stdout + result.stderr
+        for _, _, why in ZERO_REFUSALS:
+            assert f"  {why}" in result.stderr, (command, why, result.stderr)
+
+
+async def test_at_their_least_values_a_signed_alert_is_taken_retried_and_delivered(
+    tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """The paths the refused values broke, at the least values taken: a Grafana alert
+    signed 4 s ago is taken under a 5 s skew (one 6 s old is not); its first send meets
+    a refused connection and is retried within a 30 s `retry_max_age`, not failed; and
+    the poller, giving up after 10 minutes, still reads it delivered."""
+    secret = "graf-secret-0123456789"
+    extra = (
+        '[status]\ngive_up_after = "10m"\n'
+        f'[routes.g]\nformat = "grafana"\nto = ["+12025550143"]\nsecret = "{secret}"\n'
+        'timestamp_header = "X-Ts"\nmax_timestamp_skew = "5s"\ndedupe_window = "5s"\n'
+    )
+    config = bridge_config(tmp_path, sandbox_url, extra, retry_max_age="30s")
+    body = (HOOKS / "grafana-single.json").read_bytes()
+
+    def signed(age: int) -> dict[str, str]:
+        stamp = str(int(clock.now()) - age)
+        mac = hmac.new(secret.encode(), f"{stamp}:".encode() + body, hashlib.sha256)
+        return {
+            "content-type": "application/json",
+            "X-Grafana-Alerting-Signature": mac.hexdigest(),
+            "X-Ts": stamp,
+        }
+
+    transport = FaultyTransport(["connect-refused"])
+    async with (
+        running_bridge(config, clock, transport=transport) as (bridge, url),
+        httpx.AsyncClient() as http,
+    ):
+        late = await http.post(f"{url}/hooks/g", content=body, headers=signed(6))
+        assert late.status_code == 401, late.text
+        taken = await http.post(f"{url}/hooks/g", content=body, headers=signed(4))
+        assert taken.status_code == 202, taken.text
+        [message_id] = taken.json()["ids"]
+        await pump_until_state(bridge, clock, message_id, State.DELIVERED, max_seconds=600)
+        message = await bridge.store.get(message_id)
+    assert message is not None and message.attempts == 2  # the refused one, then sent
+
+
+@pytest.mark.parametrize(("section", "line", "why"), ZERO_REFUSALS)
+def test_each_breaking_setting_is_named_alone_and_its_least_value_loads(
+    tmp_path, section: str, line: str, why: str
+) -> None:
+    """One at a time, each is the only problem; the least value it takes loads."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(write_config(tmp_path, f"[{section}]\n{line}\n"), env={})
+    [(key, reason)] = refused.value.problems
+    assert f"{key}: {reason}".startswith(why), reason
+    least = {
+        "status": 'give_up_after = "10m"',
+        "provider": 'retry_max_age = "30s"',
+        "sandbox": "balance = 0.0",
+        "cluster": 'instance = ""',
+        "smtp": 'idle_timeout = "1s"',
+    }.get(section, 'max_timestamp_skew = "5s"')
+    load_config(write_config(tmp_path, f"[{section}]\n{least}\n"), env={})
+
+
+def test_retry_max_age_is_at_least_backoff_initial_and_give_up_after_poll_interval(
+    tmp_path,
+) -> None:
+    """Under `backoff_initial` the first retry's wait ran past `retry_max_age`: a text
+    failed at its first transient error all the same; under `poll_interval` no round
+    came before a text was given up."""
+    body = (
+        '[provider]\nbackoff_initial = "2m"\nbackoff_max = "2m"\nretry_max_age = "1m"\n'
+        '[status]\npoll_interval = "20m"\ngive_up_after = "15m"\n'
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_config(write_config(tmp_path, body), env={})
+    assert [key for key, _ in refused.value.problems] == [
+        "provider.retry_max_age",
+        "status.give_up_after",
+    ]

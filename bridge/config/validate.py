@@ -69,6 +69,23 @@ MIN_WINDOW = 1.0
 # Seconds: the first wait of a 429 without Retry-After, and of a 5xx's or a timeout's
 # resend before its jitter (half to all of it).
 MIN_BACKOFF = 1.0
+# The least `status.give_up_after`. At 0 the poller asked about no text at all (each was
+# past it the moment it was sent): every text stayed `sent` for good, never `delivered`
+# nor `failed`. A carrier's report takes seconds to minutes, and a round over many waiting
+# texts reads /logs for several poll intervals (its share of the minute's requests):
+# under ten minutes most reports would go unread.
+MIN_STATUS_PATIENCE = 600.0
+# The least `provider.retry_max_age`. At 0 a text was failed at its first 5xx, timeout or
+# refused connection ("gave up after 1 attempts"), and a send whose outcome was unsure was
+# settled "outcome unknown" at the first look in /logs, never looked at again. The
+# reconciler looks again 5 s on, waiting ~15 s for young sends to show
+# (bridge.delivery.reconcile): 30 s lets it look twice.
+MIN_RETRY_MAX_AGE = 30.0
+# The least `routes.NAME.max_timestamp_skew`. Grafana's timestamp is whole seconds taken
+# before the request is sent: at 0 every genuine alert was older than that by the time
+# it came (a fraction of a second will do) and was answered 401 "replay?": every alert
+# lost. A second of rounding, the delivery and two clocks a little apart fit in 5 s.
+MIN_TIMESTAMP_SKEW = 5.0
 
 
 def daily_caps(config: Config) -> list[str]:
@@ -196,6 +213,10 @@ def _validate_sections(config: Config, problem: Problem) -> None:
     if not config.store.url and not config.store.path.strip():
         # SQLite takes "" for a temporary database: every message lost at exit.
         problem("store.path", "is empty: name the store's file, or set store.url")
+    if config.cluster.instance and not config.cluster.instance.strip():
+        # " " is not "": it replaced the host name and pid, and every instance so named
+        # was a blank in the log and in pg_stat_activity's leader session.
+        problem("cluster.instance", 'is blank: name the instance, or "" for host name and pid')
     if not 5 <= config.cluster.lease <= 3600:
         # Shorter than a send's timeout would hand live sends to another instance.
         problem("cluster.lease", "must be between 5s and 1h")
@@ -204,10 +225,20 @@ def _validate_sections(config: Config, problem: Problem) -> None:
         # At 0 the poller went round with no pause, nothing to poll or not: half a core
         # of an idle bridge spent asking the store again.
         problem("status.poll_interval", f"must be at least {MIN_WINDOW:g}s")
+    if config.status.give_up_after < max(MIN_STATUS_PATIENCE, config.status.poll_interval):
+        problem(
+            "status.give_up_after",
+            f"must be at least {_duration(MIN_STATUS_PATIENCE)} and status.poll_interval:"
+            " texts older are never asked about again (0 asked about none)",
+        )
     if not 0 < config.status.budget_share <= 1:
         problem("status.budget_share", "must be above 0 and at most 1")
     if not 0 <= config.sandbox.fail_share <= 1:
         problem("sandbox.fail_share", "must be between 0 and 1")
+    if config.sandbox.balance < 0:
+        # No account starts in debt: the strict variant refused every send, and the
+        # others reported a balance below zero that no rehearsal can mean.
+        problem("sandbox.balance", "must be 0 (an empty account) or more")
     _validate_provider_extras(config, problem)
     if config.log.level.lower() not in ("debug", "info", "warning", "error"):
         problem("log.level", "must be debug, info, warning or error")
@@ -349,6 +380,13 @@ def _validate_provider(p: ProviderConfig, problem: Problem) -> None:
             "provider.backoff_max",
             f"must be at least {MIN_BACKOFF:g}s and provider.backoff_initial",
         )
+    if not p.retry_max_age >= max(MIN_RETRY_MAX_AGE, p.backoff_initial):
+        # Under backoff_initial the first retry's wait already ran past it: no retry.
+        problem(
+            "provider.retry_max_age",
+            f"must be at least {MIN_RETRY_MAX_AGE:g}s and provider.backoff_initial:"
+            " a shorter one fails a text at its first transient error",
+        )
     if not 1 <= p.max_bulk <= 1000:
         problem("provider.max_bulk", "must be between 1 and 1000 (the provider's bulk limit)")
     if not valid_sender_id(p.sender_id):
@@ -378,6 +416,12 @@ def _validate_routes(routes: Mapping[str, RouteConfig], problem: Problem) -> Non
                 ipaddress.ip_network(net, strict=False)
             except ValueError:
                 problem(f"{key}.allowed_networks[{index}]", f"{net!r} is not a CIDR network")
+        if not route.max_timestamp_skew >= MIN_TIMESTAMP_SKEW:
+            problem(
+                f"{key}.max_timestamp_skew",
+                f"must be at least {MIN_TIMESTAMP_SKEW:g}s: a signed time is whole seconds"
+                " taken before sending, so a shorter one refuses genuine alerts",
+            )
         _validate_filters(key, route, problem)
 
 
@@ -518,6 +562,8 @@ def _validate_listener_limits(config: Config, problem: Problem) -> None:
                 "max_mime_depth",
                 "max_mime_parts",
                 "parse_timeout",
+                # idle_timeout 0 closed every session at once: no mail taken at all.
+                "idle_timeout",
                 "max_session_time",
             ),
         ),
