@@ -925,3 +925,21 @@ def test_retry_max_age_is_at_least_backoff_initial_and_give_up_after_poll_interv
         "provider.retry_max_age",
         "status.give_up_after",
     ]
+
+
+def test_route_names_the_environment_cannot_tell_apart_are_refused(tmp_path) -> None:
+    """`[routes.Ops]` and `[routes.ops]` (or `a-b` and `a_b`): one
+    `SMS_BRIDGE_ROUTES_OPS_TOKEN` set both routes' tokens, a rotation meant for one
+    changing the other's too. Refused, as tokens' names are."""
+    route = 'to = ["+12025550143"]\ntoken = "route-token-0123456789"\n'
+    for first, other in (("Ops", "ops"), ("Ops", "OPS"), ("a-b", "a_b"), ("a.b", "A-B")):
+        body = f'[routes."{first}"]\n{route}[routes."{other}"]\n{route}'
+        with pytest.raises(ConfigError) as refused:
+            load_config(write_config(tmp_path, body), env={})
+        [(key, why)] = refused.value.problems
+        assert key == f"routes.{other}" and f"routes.{first}" in why, why
+        assert "SMS_BRIDGE_ROUTES_" in why and "rename one" in why
+    # one route, any case in the file: the environment names it
+    path = write_config(tmp_path, f"[routes.Ops]\n{route}")
+    config = load_config(path, env={"SMS_BRIDGE_ROUTES_OPS_TOKEN": "rotated-0123456789abc"})
+    assert config.routes["Ops"].token == "rotated-0123456789abc"

@@ -91,6 +91,23 @@ class _Loader:
             if why:
                 self.problem(f"{origin}.{name}" if name else origin, why)
 
+    def env_twin(self, table: str, name: str, seen: dict[str, str]) -> bool:
+        """Is `name` of `[table.NAME]` spelt in the environment as a name in `seen` (the
+        environment's spelling -> the name as first written) is? Then a problem, and True.
+        `SMS_BRIDGE_<TABLE>_<NAME>_*` would set both: a token rotation changed one of the
+        two tokens, a route's override (`Ops`, `ops`) set both routes' keys."""
+        spelling = _env_spelling(name)
+        if spelling not in seen:
+            seen[spelling] = name
+            return False
+        self.problem(
+            f"{table}.{name}",
+            f"the same name as {table}.{seen[spelling]} but for case (or - . _): the"
+            f" environment's {ENV_PREFIX}{table.upper()}_{spelling}_* cannot tell them apart;"
+            " rename one",
+        )
+        return True
+
     def env_list(self, env_name: str) -> object:
         """A list from the environment (`SMS_BRIDGE_GROUPS_<NAME>`, a token's `_SCOPES`):
         comma-separated or a TOML array. Not TOML after all: a problem under the variable's
@@ -258,9 +275,12 @@ class _Loader:
             self.problem("routes", "expected tables [routes.NAME]")
             return {}
         routes: dict[str, RouteConfig] = {}
+        seen: dict[str, str] = {}  # the environment's spelling -> the name as first written
         for name, table in raw.items():
             if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
                 self.problem(f"routes.{name}", "a route name is letters, digits, _ . - only")
+                continue
+            if self.env_twin("routes", name, seen):
                 continue
             route = self.section(
                 f"routes.{name}",
@@ -311,16 +331,8 @@ class _Loader:
                     f"tokens.{name}", "a token name starts with a letter: letters, digits, _ . -"
                 )
                 continue
-            if (spelling := _env_spelling(name)) in seen:
-                # One SMS_BRIDGE_TOKENS_<NAME>_TOKEN would rotate only one of the two.
-                self.problem(
-                    f"tokens.{name}",
-                    f"the same name as tokens.{seen[spelling]} but for case (or - . _): the"
-                    f" environment's SMS_BRIDGE_TOKENS_{spelling}_* cannot tell them apart;"
-                    " rename one",
-                )
+            if self.env_twin("tokens", name, seen):
                 continue
-            seen[spelling] = name
             tokens[name] = self.section(
                 f"tokens.{name}",
                 TokenConfig,
