@@ -173,34 +173,51 @@ def run_as_docker(
 
 
 @pytest.mark.slow  # runs the bridge
-def test_the_images_healthcheck_asks_a_mail_only_bridge_for_its_smtp_greeting(tmp_path) -> None:
+@pytest.mark.parametrize("scheme", ["smtp", "smtps"])
+def test_the_images_healthcheck_asks_a_mail_only_bridge_for_its_smtp_greeting(
+    tmp_path, scheme: str
+) -> None:
     """With `http.listen = ""` (a bridge that only takes mail) the HEALTHCHECK exited 1
     ("no HTTP listener to ask"): the container was "unhealthy" for ever, and the recipe
-    said to run it with --no-healthcheck. It asks the SMTP listener for its greeting."""
+    said to run it with --no-healthcheck. It asks the SMTP listener for its greeting.
+    smtps: `smtp.listen = ""` too, mail over implicit TLS only (`smtp.tls_listen`), said
+    "both empty" and exited 1 the same; it is asked over TLS, the certificate not
+    verified (issued here for the public name, as a real one is, not the 127.0.0.1 the
+    probe dials)."""
+    import trustme
+
     port = free_port()  # the check reads the port from the config: port 0 would not do
+    listeners = f'listen = "0.0.0.0:{port}"'
+    if scheme == "smtps":
+        pem = tmp_path / "mail.pem"
+        cert = trustme.CA().issue_cert("mail.example.org")
+        cert.private_key_and_cert_chain_pem.write_to_path(str(pem))
+        listeners = (
+            f'listen = ""\ntls_listen = "0.0.0.0:{port}"\ntls_cert = "{pem}"\ntls_key = "{pem}"'
+        )
     config = write_config(
         tmp_path,
         f"""
-        [http]
-        listen = ""
-        [smtp]
-        listen = "0.0.0.0:{port}"
-        [store]
-        path = "{tmp_path / "bridge.db"}"
-        """,
+[http]
+listen = ""
+[smtp]
+{listeners}
+[store]
+path = "{tmp_path / "bridge.db"}"
+""",
     )
     env = _env_of_the_image(config)
     with process(["serve"], tmp_path, env, tmp_path / "serve.log") as proc:
-        proc.address("SMTP")
+        proc.address(scheme.upper())
         healthy = run_as_docker(images_healthcheck(), env, tmp_path)
         assert healthy.returncode == 0, healthy.stdout + healthy.stderr
-        assert f"smtp://127.0.0.1:{port}: 220 " in healthy.stdout
+        assert f"{scheme}://127.0.0.1:{port}: 220 " in healthy.stdout
         proc.terminate()
         assert proc.wait(timeout=15) == 0
         assert "Traceback" not in proc.output() and "ERROR" not in proc.output()
     down = run_as_docker(images_healthcheck(), env, tmp_path)
     assert down.returncode == 1 and "Traceback" not in down.stderr, down.stderr
-    assert f"smtp://127.0.0.1:{port}: " in down.stderr
+    assert f"{scheme}://127.0.0.1:{port}: " in down.stderr
     # Docker knows 0 and 1 (2 is reserved): a file edited into one serve refuses said 78.
     config.write_text(config.read_text() + "[limits]\nmax_parts = 0\n")
     refused = run_as_docker(images_healthcheck(), env, tmp_path)
