@@ -154,3 +154,34 @@ async def test_a_group_that_grows_past_max_alerts_is_texted(
         ("queued", "[FIRING:40] DiskFull db-1, db-2 +38: disk almost full"),
         ("suppressed", "[FIRING:40] DiskFull db-1, db-2 +38: disk almost full"),
     ]
+
+
+@pytest.mark.parametrize("fmt", ["alertmanager", "grafana"])
+async def test_a_templates_status_and_alerts_on_a_match_route_are_the_kept_alerts(
+    fmt: str, tmp_path, clock, sandbox_url
+) -> None:
+    """db-1 (page) resolves while db-2 (warning) fires on, on a route that texts pages:
+    the default text said [RESOLVED] db-1, but a template's `{{ status }}` was the
+    group's, "firing", and its `alerts` held db-2, which the route leaves out: the
+    template texted "FIRING" for the page that was over. Both are the kept alerts', as
+    `firing`, `resolved` and the default text are."""
+    template = (
+        "{{ status | upper }} {{ alerts | map(attribute='labels.instance') | join(',') }}"
+        " {{ firing | length }}/{{ resolved | length }}"
+    )
+    routes = (
+        f'[routes.t]\nformat = "{fmt}"\nto = ["{PHONE}"]\npublic = true\n{PAGES}'
+        f"template = {template!r}\n"
+    )
+    config = bridge_config(tmp_path, sandbox_url, routes)
+    both = group(alert("db-1"), alert("db-2", severity="warning"))
+    page_over = group(alert("db-1", "resolved"), alert("db-2", severity="warning"))
+    texts = []
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        for payload in (both, page_over):
+            response = await http.post(f"{url}/hooks/t", json=payload)
+            assert response.status_code == 202, response.text
+            message = await bridge.store.get(response.json()["ids"][0])
+            assert message is not None
+            texts.append(message.text)
+    assert texts == ["FIRING db-1 1/0", "RESOLVED db-1 0/1"]

@@ -286,6 +286,11 @@ def summarize(
     ).hexdigest()[:32]
     context = dict(payload)
     context.update(
+        # On a route with `match`, the alerts it keeps and their status, as the default
+        # text has them: the group's said "firing" (and listed the alerts the route leaves
+        # out) while the text said [RESOLVED] for the page that was over.
+        status=status,
+        alerts=alerts,
         firing=[a for a in alerts if a.get("status") == "firing"],
         resolved=[a for a in alerts if a.get("status") == "resolved"],
         summary=summary,
