@@ -736,6 +736,23 @@ def test_groups_that_differ_only_by_case_are_refused(tmp_path) -> None:
     assert dict(config.groups) == {"OnCall": ("+12025550102",)}
 
 
+def test_a_groups_environment_override_names_the_files_group_as_spelt_there(tmp_path) -> None:
+    """`SMS_BRIDGE_GROUPS_ON_CALL` (a variable cannot hold `-`) was read as a group
+    `on_call`, added beside the file's `on-call`, whose members stayed the old ones: a
+    rotation of the on-call phone that changed nothing. It names the file's group, as a
+    route's and a token's variables do; and `on-call` beside `on_call`, which one
+    variable cannot tell apart, is refused."""
+    path = write_config(tmp_path, '[groups]\non-call = ["+12025550101"]\n')
+    config = load_config(path, env={"SMS_BRIDGE_GROUPS_ON_CALL": "+12025550102"})
+    assert dict(config.groups) == {"on-call": ("+12025550102",)}
+    twins = '[groups]\non-call = ["+12025550101"]\non_call = ["+12025550102"]\n'
+    with pytest.raises(ConfigError) as refused:
+        load_config(write_config(tmp_path, twins), env={})
+    [(key, why)] = refused.value.problems
+    assert key == "groups.on_call" and "groups.on-call" in why, why
+    assert "SMS_BRIDGE_GROUPS_ON_CALL cannot tell them apart" in why
+
+
 def test_a_group_without_members_is_refused(tmp_path) -> None:
     """`ops = []` (or SMS_BRIDGE_GROUPS_OPS=""): ops@ was answered 250 "stored as message"
     over SMTP, and 202 over HTTP, with nothing stored and no one texted."""

@@ -94,17 +94,19 @@ class _Loader:
     def env_twin(self, table: str, name: str, seen: dict[str, str]) -> bool:
         """Is `name` of `[table.NAME]` spelt in the environment as a name in `seen` (the
         environment's spelling -> the name as first written) is? Then a problem, and True.
-        `SMS_BRIDGE_<TABLE>_<NAME>_*` would set both: a token rotation changed one of the
-        two tokens, a route's override (`Ops`, `ops`) set both routes' keys."""
+        One variable would set both: a token rotation changed one of the two tokens, a
+        route's override (`Ops`, `ops`) set both routes' keys, a group's (`on-call`,
+        `on_call`) only one of them."""
         spelling = _env_spelling(name)
         if spelling not in seen:
             seen[spelling] = name
             return False
+        keys = "" if table == "groups" else "_*"  # SMS_BRIDGE_GROUPS_<NAME> is the group
         self.problem(
             f"{table}.{name}",
             f"the same name as {table}.{seen[spelling]} but for case (or - . _): the"
-            f" environment's {ENV_PREFIX}{table.upper()}_{spelling}_* cannot tell them apart;"
-            " rename one",
+            f" environment's {ENV_PREFIX}{table.upper()}_{spelling}{keys} cannot tell them"
+            " apart; rename one",
         )
         return True
 
@@ -234,14 +236,18 @@ class _Loader:
         raw = dict(raw)
         for env_name in self.env:
             if env_name.startswith(f"{ENV_PREFIX}GROUPS_"):
-                name = env_name.removeprefix(f"{ENV_PREFIX}GROUPS_").lower()
-                # the file's group of that name in whatever case it is written there
-                name = next((n for n in raw if str(n).lower() == name), name)
+                spelt = env_name.removeprefix(f"{ENV_PREFIX}GROUPS_")
+                # The file's group so spelt, in whatever case and with - . as written there:
+                # read by its lower case alone, `..._ON_CALL` added a group on_call beside
+                # the file's on-call, whose members stayed the old ones.
+                name = next((n for n in raw if _env_spelling(str(n)) == spelt.upper()), None)
+                name = spelt.lower() if name is None else name
                 members = self.env_list(env_name)
                 if members is not None:
                     raw[name] = members
         groups: dict[str, tuple[str, ...]] = {}
         seen: dict[str, str] = {}  # lower case -> the name as first written
+        spellings: dict[str, str] = {}  # the environment's spelling -> the name
         for name, members in raw.items():
             key = f"groups.{name}"
             if not GROUP_NAME.match(name):
@@ -255,6 +261,8 @@ class _Loader:
                 )
                 continue
             seen[name.lower()] = name
+            if self.env_twin("groups", name, spellings):
+                continue
             if isinstance(members, str):
                 members = [members]
             if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
