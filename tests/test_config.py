@@ -856,14 +856,22 @@ ZERO_REFUSALS = [
 def test_a_setting_that_breaks_the_bridge_is_refused_by_check_config_and_serve(
     tmp_path,
 ) -> None:
-    """Each of ZERO_REFUSALS passed check-config and `serve` started on it. Both refuse
-    it now (exit 78), naming the key and the least value."""
+    """Each of ZERO_REFUSALS passed check-config and `serve` started on it, as did names
+    one environment variable cannot tell apart. Both refuse them now (exit 78), naming
+    the key and the least value (or the other name)."""
     body = "".join(f"[{section}]\n{line}\n" for section, line, _ in ZERO_REFUSALS)
+    route = 'to = ["+12025550143"]\npublic = true\n'
+    body += f"[routes.Ops]\n{route}[routes.ops]\n{route}"
+    body += '[groups]\non-call = ["+12025550101"]\non_call = ["+12025550102"]\n'
+    expected = [why for _, _, why in ZERO_REFUSALS] + [
+        "routes.ops: the same name as routes.Ops but for case",
+        "groups.on_call: the same name as groups.on-call but for case",
+    ]
     path = write_config(tmp_path, body)
     for command in ("check-config", "serve"):
         result = run_command([command, "--config", str(path)], cwd=tmp_path)
         assert result.returncode == 78, result.stdout + result.stderr
-        for _, _, why in ZERO_REFUSALS:
+        for why in expected:
             assert f"  {why}" in result.stderr, (command, why, result.stderr)
 
 
