@@ -71,9 +71,9 @@ MIN_WINDOW = 1.0
 MIN_BACKOFF = 1.0
 # The least `status.give_up_after`. At 0 the poller asked about no text at all (each was
 # past it the moment it was sent): every text stayed `sent` for good, never `delivered`
-# nor `failed`. A carrier's report takes seconds to minutes, and a round over many waiting
-# texts reads /logs for several poll intervals (its share of the minute's requests):
-# under ten minutes most reports would go unread.
+# nor `failed`. A carrier's report may take minutes (a phone out of coverage, a carrier
+# retrying), and a round over many waiting texts reads /logs for several poll intervals
+# (its share of the minute's requests): a floor of ten minutes leaves room for both.
 MIN_STATUS_PATIENCE = 600.0
 # The least `provider.retry_max_age`. At 0 a text was failed at its first 5xx, timeout or
 # refused connection ("gave up after 1 attempts"), and a send whose outcome was unsure was
