@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from email.message import EmailMessage
 from pathlib import Path
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tests.properties  # noqa: F401  (the suite's Hypothesis profile)
+from bridge.clock import ManualClock
 from bridge.ingress.mail import (
     POLICY,
     MailText,
@@ -24,6 +26,9 @@ from bridge.ingress.mail import (
     parses_quickly,
     policy_header_text,
 )
+from bridge.provider.sandbox import SandboxState
+from tests.helpers import pump
+from tests.test_smtp import send, settled, smtp_bridge
 
 MAIL_DIR = Path(__file__).parent / "data" / "mail"
 
@@ -134,6 +139,36 @@ def test_a_body_only_in_an_attachment_or_a_forwarded_mail_is_read() -> None:
     inline.set_content("see the attachment\n")
     inline.add_attachment("disk 3 SMART errors\n", filename="report.txt")
     assert parse_mail(inline.as_bytes()).body == "see the attachment"
+
+
+async def test_a_blank_inline_part_beside_the_text_is_no_body(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Thunderbird's and Outlook's "forward as attachment", and a NAS attaching its
+    report, send a blank text/plain first: it was read as the body, and the SMS held the
+    subject only. Over SMTP, as the provider receives it."""
+    inner = EmailMessage()
+    inner["Subject"] = "UPS on battery"
+    inner.set_content("ups1 on battery, runtime 12 min\n")
+    forwarded = EmailMessage()
+    forwarded["Subject"] = "Fwd: UPS on battery"
+    forwarded.set_content("\n")
+    forwarded.add_attachment(inner)  # message/rfc822
+    report = EmailMessage()
+    report["Subject"] = "nightly report"
+    report.set_content(" \r\n\r\n")
+    report.add_attachment("disk 3 SMART errors\n", filename="report.txt")
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        for mail in (forwarded, report):
+            refused = await asyncio.to_thread(
+                send, port, "nas@example.org", ["+12025550143@sms.localhost"], mail.as_bytes()
+            )
+            assert refused == {}
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert sorted(e.message for e in sandbox_state.entries) == [
+        "Fwd: UPS on battery\nups1 on battery, runtime 12 min",
+        "nightly report\ndisk 3 SMART errors",
+    ]
 
 
 def test_unknown_charset_and_broken_encodings_do_not_raise() -> None:

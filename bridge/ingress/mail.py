@@ -362,6 +362,11 @@ def _body(msg: Message, bounds: ParseBounds, deadline: float | None) -> str:
             if part is not None and part.get_content_subtype() == "plain" and _blank(part):
                 # an empty plain alternative (Spring's setText("", html)): the HTML is the mail
                 part = msg.get_body(preferencelist=("html",)) or part
+            if part is not None and _blank(part):
+                # A blank inline body is none: Thunderbird's and Outlook's "forward as
+                # attachment", and a NAS attaching report.txt, send an empty text/plain
+                # first, and the SMS held the subject only.
+                part = _first_text_part(msg) or part
         except Exception:
             part = None
     else:
@@ -388,10 +393,10 @@ def _param(part: Message, name: str) -> str | None:
 
 
 def _first_text_part(msg: Message) -> Message | None:
-    """With no inline body (get_body found none): the first plain part anywhere, else the
-    first HTML one, attachments and forwarded `message/rfc822` mails included. A NAS
-    that attaches its log as `report.txt`, or a mail forwarded as an attachment, gave
-    a subject-only text."""
+    """With no inline body (get_body found none, or a blank one): the first plain part
+    that is not blank, anywhere, else the first such HTML one, attachments and forwarded
+    `message/rfc822` mails included. A NAS that attaches its log as `report.txt`, or a
+    mail forwarded as an attachment, gave a subject-only text."""
     if not msg.is_multipart():
         return None
     parts = [p for p in msg.walk() if p is not msg and not p.is_multipart()]
