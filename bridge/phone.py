@@ -62,6 +62,12 @@ if hasattr(phonenumbers, "enable_pattern_cache"):  # releases without it: re's o
 _SEPARATORS = re.compile(r"[\s().\-/]")
 _DIGITS = re.compile(r"\+?\d+")
 _MIN_NATIONAL, _MAX_NATIONAL = 2, 17  # the library's bounds on a national number's digits
+_POSSIBLE = phonenumbers.ValidationResult.IS_POSSIBLE
+# Reasons a caller may reword for its senders (the SMTP listener: mail software drops a
+# parenthesis and what it holds before the bridge sees it).
+ONLY_DIGITS = "only digits, an optional leading +, and separators - . ( ) space"
+AREA_CODE_MISSING = "the area code is missing after the country code"
+_WRITE_THE_AREA_CODE = "write it with its area code, or with + and its country code"
 # The library's own words ("Could not interpret numbers after plus-sign.") name its
 # parser's state, not what the sender got wrong.
 _PARSE_REASONS = {
@@ -199,7 +205,7 @@ def _parse_possible(text: str, default_region: str | None) -> tuple[str, NumberF
     """The E.164 form of `text` and its facts, or PhoneError (PhoneDataUnavailable)."""
     compact = _compact(text)
     if not compact or not _DIGITS.fullmatch(compact):
-        raise PhoneError(text, "only digits, an optional leading +, and separators - . ( ) space")
+        raise PhoneError(text, ONLY_DIGITS)
     if default_region and compact.startswith("00"):
         dialled = _dialled_from(text, compact, default_region)
         if dialled is not None:
@@ -223,8 +229,8 @@ def _dialled_from(text: str, compact: str, region: str) -> tuple[str, NumberFact
         number = phonenumbers.parse(compact, region, keep_raw_input=True)
         if number.country_code_source != phonenumbers.CountryCodeSource.FROM_NUMBER_WITH_IDD:
             return None  # the region's prefix is not 00...: read as 00 and a country code
-        if not phonenumbers.is_possible_number(number):
-            return None
+        if phonenumbers.is_possible_number_with_reason(number) != _POSSIBLE:
+            return None  # local-only too: 001 555 0143 from GB is no phone (see below)
         e164 = str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
     except NumberParseException:
         return None
@@ -277,11 +283,12 @@ def _first_possible(text: str, compact: str, default_region: str | None) -> tupl
             continue
         except Exception as exc:  # not the number's fault: the library's metadata
             raise _unavailable(text, digits, region, exc) from exc
-        # The library's "possible" for 7 US digits read in the configured region is what a
-        # landline of the same area dials, never a number an SMS reaches (read as
-        # +1 555 0143, it went out): not possible here.
+        # The library's "possible" for 7 US digits is what a landline of the same area
+        # dials, never a number an SMS reaches (read as +1 555 0143, it went out): not
+        # possible here, with its country code as without (+1(202)555-0143 reaches the
+        # bridge as +1555-0143 once a mail library took `(202)` for a comment).
         local_only = result == phonenumbers.ValidationResult.IS_POSSIBLE_LOCAL_ONLY
-        if result == phonenumbers.ValidationResult.IS_POSSIBLE or (local_only and not region):
+        if result == _POSSIBLE:
             # the next questions come at once (the firewall's); assigned is is_valid_number
             known = _facts.get(e164) or _learn(e164, number)
             if known.assigned:
@@ -302,8 +309,8 @@ def _first_possible(text: str, compact: str, default_region: str | None) -> tupl
                 continue
         if digits == candidates[0][0]:
             first_reason = (
-                f"a local number only ({len(str(number.national_number))} digits):"
-                " write it with its area code, or with + and its country code"
+                f"a local number only ({len(str(number.national_number))} digits): "
+                + (AREA_CODE_MISSING if written_international else _WRITE_THE_AREA_CODE)
                 if local_only
                 else _REASONS.get(result, "not a possible number")
             )

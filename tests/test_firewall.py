@@ -50,7 +50,7 @@ COSTLY = {
     "+80012345678": "UIFN",
     "+19005550123": "premium-rate",
     "+33810123456": "shared-cost",
-    "+97912345678": "international premium",
+    "+979123456789": "international premium (9 digits: 8, a length the metadata calls local-only, is refused)",
     "+447011234567": "UK 070 personal number",
     "+4990012345678": "German 0900 premium, one digit too many: not a known number",
     "+499002123456": "German 0900 premium, a block the metadata does not list",

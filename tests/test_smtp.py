@@ -236,6 +236,59 @@ async def test_a_local_only_number_is_refused_with_why(
     assert sandbox_state.entries == []
 
 
+async def test_parentheses_in_a_recipient_are_the_numbers_separators(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """The 550 lists ( ) as separators, but aiosmtpd's header parser read `(202)` as a
+    comment and dropped it: RCPT TO:<001(202)555-0143@...> was accepted and texted to
+    +1 555 0143. Now the digits in parentheses are the number's; `(0)` after the country
+    code is the trunk prefix, dropped where the country has one (+44, +49) and kept
+    where it is part of the number (+39). A sender whose mail library dropped `(202)`
+    before the bridge saw it (smtplib: +1555-0143) is refused, told the area code is
+    missing, and the refusals quote the address as it was sent."""
+    config = bridge_config(tmp_path, sandbox_url, SMTP_BASE)
+    forms = {
+        "<001(202)555-0143@sms.localhost>": "+12025550143",
+        "<+1(202)555-0144@sms.localhost>": "+12025550144",
+        "<(202)555-0145@us.sms.localhost>": "+12025550145",
+        "1(202)555-0146@sms.localhost": "+12025550146",
+        "<+44(0)20-7946-0000@sms.localhost>": "+442079460000",
+        "<+49(0)30-1234567@sms.localhost>": "+49301234567",
+        "<+39(0)6-6982-0000@sms.localhost>": "+390669820000",
+    }
+    async with running_bridge(config, clock) as (bridge, url), smtp_listening(bridge) as port:
+        async with httpx.AsyncClient() as http:
+            api = await http.post(
+                f"{url}/api/v1/messages", json={"to": "+1 555 0143", "message": "db-1 down"}
+            )
+
+        def session() -> tuple[list[tuple[int, str]], tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("monitor.example.org")
+                client.mail("monitor@example.org")
+                accepted = [client.docmd("RCPT", f"TO:{form}") for form in forms]
+                refused = [
+                    client.rcpt("+1(202)555-0143@sms.localhost"),  # smtplib drops (202)
+                    client.docmd("RCPT", "TO:<(202)555-0143@sms.localhost>"),
+                    client.docmd("RCPT", "TO:<+1#202#555#0143@sms.localhost>"),
+                ]
+                replies = [(code, text.decode()) for code, text in accepted + refused]
+                return replies, client.data(b"Subject: db-1 down\r\n\r\nHost db-1 DOWN\r\n")
+
+        replies, data = await asyncio.to_thread(session)
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [code for code, _ in replies] == [250] * len(forms) + [550] * 3, replies
+    lost, unwritten, sign = (text for _, text in replies[len(forms) :])
+    assert lost.startswith("5.1.1 <+1555-0143@sms.localhost>: '+1555-0143' is not a possible")
+    assert "the area code is missing" in lost and "parentheses" in lost
+    assert unwritten.startswith("5.1.1 <(202)555-0143@sms.localhost>: '(202)555-0143'")
+    assert "separators - and ." in sign and "( )" not in sign
+    assert data[0] == 250
+    assert sorted(e.to for e in sandbox_state.entries) == sorted(forms.values())
+    assert api.status_code == 400, api.text
+    assert "the area code is missing" in api.json()["error"]
+
+
 async def test_a_group_name_is_case_blind_over_smtp_and_http_alike(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
@@ -1339,6 +1392,21 @@ address_args = st.one_of(
         st.sampled_from(["sms.localhost", "example.org", "", "[127.0.0.1]", "a..b"]),
         st.sampled_from(["", " SIZE=100", " BODY=8BITMIME", "  SMTPUTF8"]),
     ),
+    # A number's characters with parentheses, which the header parser misreads.
+    st.builds(
+        lambda open_, local, domain, close, params: f"{open_}{local}@{domain}{close}{params}",
+        st.sampled_from(["<", ""]),
+        st.text(alphabet="+0123456789().- a", max_size=20),
+        st.sampled_from(["sms.localhost", "", "a..b"]),
+        st.sampled_from([">", ""]),
+        st.sampled_from(["", " SIZE=100", "  SIZE=1", " (x)"]),
+    ),
+)
+# Where ours reads the address as written, unlike aiosmtpd's header parser (a comment
+# there): the local part of a number's characters holding a parenthesis.
+_DOT_ATOM = rf"[{re.escape(_ATEXT)}A-Za-z0-9]+(?:\.[{re.escape(_ATEXT)}A-Za-z0-9]+)*"  # RFC 5321
+AS_WRITTEN = re.compile(
+    rf"(<)?([0-9+.-]*[()][0-9+().-]*)@({_DOT_ATOM})(?(1)>)(?: ([^\s(].*))?", re.DOTALL
 )
 
 
@@ -1353,6 +1421,11 @@ def test_memoised_address_parsing_answers_as_aiosmtpd_does(arg: str, limit: int)
             expected = theirs._getaddr(arg)
         except Exception:  # aiosmtpd crashes on some junk ("0@"); ours calls it malformed
             expected = (None, None)
+        if (written := AS_WRITTEN.fullmatch(arg)) is not None:
+            _, local, domain, rest = written.groups()
+            expected = (
+                (None, None) if limit and len(local) > limit else (f"{local}@{domain}", rest or "")
+            )
         assert ours._getaddr(arg) == expected  # parsed
         assert ours._getaddr(arg) == expected  # remembered
     finally:
