@@ -289,6 +289,31 @@ async def test_parentheses_in_a_recipient_are_the_numbers_separators(
     assert "the area code is missing" in api.json()["error"]
 
 
+async def test_a_domain_written_with_its_root_dot_is_the_domain(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url
+) -> None:
+    """`sms.localhost.` (the root's dot, as DNS writes a name) is the bridge's domain:
+    `resolve` dropped the dot, but aiosmtpd's parser refused the address first, 553."""
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+
+        def session() -> list[tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                client.ehlo("monitor.example.org")
+                client.mail("monitor@example.org")
+                replies = [
+                    client.docmd("RCPT", "TO:<+12025550143@sms.localhost.>"),
+                    client.docmd("RCPT", "TO:<+12025550144@SMS.LOCALHOST.>"),
+                    client.docmd("RCPT", "TO:<+12025550145@evil.example.>"),
+                ]
+                return [*replies, client.data(b"Subject: db-1 down\r\n\r\nDOWN\r\n")]
+
+        replies = await asyncio.to_thread(session)
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    assert [code for code, _ in replies] == [250, 250, 550, 250], replies
+    assert b"relaying denied" in replies[2][1]
+    assert sorted(e.to for e in sandbox_state.entries) == ["+12025550143", "+12025550144"]
+
+
 async def test_a_group_name_is_case_blind_over_smtp_and_http_alike(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:
@@ -1397,16 +1422,18 @@ address_args = st.one_of(
         lambda open_, local, domain, close, params: f"{open_}{local}@{domain}{close}{params}",
         st.sampled_from(["<", ""]),
         st.text(alphabet="+0123456789().- a", max_size=20),
-        st.sampled_from(["sms.localhost", "", "a..b"]),
+        st.sampled_from(["sms.localhost", "sms.localhost.", "", "a..b", "a.."]),
         st.sampled_from([">", ""]),
         st.sampled_from(["", " SIZE=100", "  SIZE=1", " (x)"]),
     ),
 )
 # Where ours reads the address as written, unlike aiosmtpd's header parser (a comment
-# there): the local part of a number's characters holding a parenthesis.
+# there): the local part of a number's characters holding a parenthesis, and a domain
+# ending in a dot (malformed there).
 _DOT_ATOM = rf"[{re.escape(_ATEXT)}A-Za-z0-9]+(?:\.[{re.escape(_ATEXT)}A-Za-z0-9]+)*"  # RFC 5321
 AS_WRITTEN = re.compile(
-    rf"(<)?([0-9+.-]*[()][0-9+().-]*)@({_DOT_ATOM})(?(1)>)(?: ([^\s(].*))?", re.DOTALL
+    rf"(<)?([0-9+.-]*[()][0-9+().-]*|{_DOT_ATOM})@({_DOT_ATOM}\.?)(?(1)>)(?: ([^\s(].*))?",
+    re.DOTALL,
 )
 
 
@@ -1421,7 +1448,8 @@ def test_memoised_address_parsing_answers_as_aiosmtpd_does(arg: str, limit: int)
             expected = theirs._getaddr(arg)
         except Exception:  # aiosmtpd crashes on some junk ("0@"); ours calls it malformed
             expected = (None, None)
-        if (written := AS_WRITTEN.fullmatch(arg)) is not None:
+        written = AS_WRITTEN.fullmatch(arg)
+        if written is not None and (set(written[2]) & set("()") or written[3].endswith(".")):
             _, local, domain, rest = written.groups()
             expected = (
                 (None, None) if limit and len(local) > limit else (f"{local}@{domain}", rest or "")

@@ -82,7 +82,9 @@ _QUOTED_PAIR = re.compile(r"\\(.)")  # a backslash-escaped character in a quoted
 # parameters (no comment, no folding): held to aiosmtpd's parse by a property test.
 _PLAIN_ADDRESS = re.compile(rf"<({_DOT_ATOM})@({_DOT_ATOM})>(?: ([^\s(].*))?", re.DOTALL)
 # What the header parser would misread, taken as written (in angle brackets or not): a
-# local part of a number's characters holding a parenthesis. RFC 5321 has no comments
+# local part of a number's characters holding a parenthesis, and a domain ending in a
+# dot (the root, as DNS writes it: `resolve` drops it; aiosmtpd answered 553 "malformed
+# address"). RFC 5321 has no comments
 # in a path, but the parser reads `(202)` as one and drops it: RCPT
 # TO:<001(202)555-0143@...> was texted to +1 555 0143 (a stranger, or nobody), and
 # <(202)555-0143@...> refused quoting an address the sender never wrote. `(0)` after the
@@ -92,7 +94,7 @@ _PLAIN_ADDRESS = re.compile(rf"<({_DOT_ATOM})@({_DOT_ATOM})>(?: ([^\s(].*))?", r
 # the comment dropped, was +39 6...).
 _NUMBER_LOCAL = r"[0-9+.\-]*[()][0-9+().\-]*"
 _LENIENT_ADDRESS = re.compile(
-    rf"(<)?({_NUMBER_LOCAL})@({_DOT_ATOM})(?(1)>)(?: ([^\s(].*))?", re.DOTALL
+    rf"(<)?({_NUMBER_LOCAL}|{_DOT_ATOM})@({_DOT_ATOM}\.?)(?(1)>)(?: ([^\s(].*))?", re.DOTALL
 )
 
 
@@ -110,7 +112,9 @@ def _as_written(arg: str) -> tuple[str, str, str | None] | None:
     if lenient is None:
         return None
     _, local, domain, rest = lenient.groups()
-    return local, domain, rest
+    if "(" in local or ")" in local or domain.endswith("."):
+        return local, domain, rest
+    return None  # a plain address without angle brackets: the parser's
 
 
 # bridge.phone's ONLY_DIGITS for mail: no parentheses (`for_mail`), and a space only
