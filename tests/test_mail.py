@@ -141,6 +141,20 @@ def test_a_body_only_in_an_attachment_or_a_forwarded_mail_is_read() -> None:
     assert parse_mail(inline.as_bytes()).body == "see the attachment"
 
 
+async def texted(
+    tmp_path, clock: ManualClock, sandbox_url: str, sandbox: SandboxState, mails: list[EmailMessage]
+) -> list[str]:
+    """The texts the sandbox provider receives of `mails`, sent over SMTP (smtplib to the
+    bridge's listener) each to one number, sorted."""
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        for mail in mails:
+            rcpt = ["+12025550143@sms.localhost"]
+            refused = await asyncio.to_thread(send, port, "ops@example.org", rcpt, mail.as_bytes())
+            assert refused == {}
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
+    return sorted(e.message for e in sandbox.entries)
+
+
 async def test_a_blank_inline_part_beside_the_text_is_no_body(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
@@ -158,16 +172,37 @@ async def test_a_blank_inline_part_beside_the_text_is_no_body(
     report["Subject"] = "nightly report"
     report.set_content(" \r\n\r\n")
     report.add_attachment("disk 3 SMART errors\n", filename="report.txt")
-    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
-        for mail in (forwarded, report):
-            refused = await asyncio.to_thread(
-                send, port, "nas@example.org", ["+12025550143@sms.localhost"], mail.as_bytes()
-            )
-            assert refused == {}
-        await pump(bridge, clock, lambda: settled(bridge), max_seconds=120)
-    assert sorted(e.message for e in sandbox_state.entries) == [
+    assert await texted(tmp_path, clock, sandbox_url, sandbox_state, [forwarded, report]) == [
         "Fwd: UPS on battery\nups1 on battery, runtime 12 min",
         "nightly report\ndisk 3 SMART errors",
+    ]
+
+
+async def test_a_mailing_lists_footer_is_left_out_and_nothing_else(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Mailman's footer (a rule of underscores, "ops mailing list", the list's address
+    and listinfo URL, or Mailman 3's unsubscribe line) went out in every text of an
+    alert mailed through a list. Only that shape, to the mail's end: under a rule that
+    holds anything else, every line is kept."""
+    rule = "_" * 47
+    bodies = {
+        "mailman 2": f"Backup of /srv failed\n\n{rule}\nops mailing list\nops@lists.example.org\n"
+        "https://lists.example.org/mailman/listinfo/ops\n",
+        "mailman 3": f"RAID degraded\n{rule}\nops mailing list -- ops@lists.example.org\n"
+        "To unsubscribe send an email to ops-leave@lists.example.org\n",
+        "not a footer": f"disk 3 failed\n{rule}\nops mailing list\nops@lists.example.org\n"
+        "replace it today\n",
+    }
+    mails = []
+    for subject, body in bodies.items():
+        mails.append(EmailMessage())
+        mails[-1]["Subject"] = subject
+        mails[-1].set_content(body)
+    assert await texted(tmp_path, clock, sandbox_url, sandbox_state, mails) == [
+        "mailman 2\nBackup of /srv failed",
+        "mailman 3\nRAID degraded",
+        "not a footer\ndisk 3 failed\nops mailing list\nops@lists.example.org\nreplace it today",
     ]
 
 

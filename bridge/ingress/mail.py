@@ -132,6 +132,16 @@ _SPECIAL = re.compile(
     r"|get |envoy|enviado|begin|anfang|début|inicio|inizio)",
     re.IGNORECASE,
 )
+# The footer Mailman adds under a list's mail, below a rule of underscores: the list's
+# name ("ops mailing list"; Mailman 3: "... -- ops@lists.example.org"), then its address,
+# its listinfo URL or how to unsubscribe, and nothing else to the mail's end.
+_LIST_FOOTER_TITLE = re.compile(r"\S[^@]{0,80} mailing list(?: -- \S+@\S+)?", re.IGNORECASE)
+_LIST_FOOTER_LINE = re.compile(
+    r"[^\s@]+@[^\s@]+|https?://\S+/(?:mailman|listinfo|postorius)\S*"
+    r"|To unsubscribe,? send an? e-?mail to \S+@\S+",
+    re.IGNORECASE,
+)
+_LIST_FOOTER_LINES = 4  # the title and at most three lines under it
 # A line of `diff`'s hunk header (normal format): 3a4, 12,14c12.
 _DIFF_HUNK = re.compile(r"^\d+(?:,\d+)?[acd]\d+(?:,\d+)?$", re.MULTILINE)
 _HTML_SIGNATURE = re.compile(r"^[ \t]*--[ \t]*$", re.MULTILINE)
@@ -605,6 +615,8 @@ def _special(line: str, lines: list[str], index: int, *, forward: bool, in_head:
     "keep" it. `in_head`: in (or at) a forwarded mail's header block already."""
     if line[0] in _RULE_CHARACTERS:  # a rule, a forward's intro, Outlook's separator
         rule = _RULE.fullmatch(line) is not None
+        if rule and line[0] == "_" and _list_footer(lines, index):
+            return "stop"
         if rule and line != _OUTLOOK_RULE:
             return "drop"
         if _FORWARD_INTRO.fullmatch(line):
@@ -622,6 +634,26 @@ def _special(line: str, lines: list[str], index: int, *, forward: bool, in_head:
     if not in_head and _outlook_headers(line, lines, index):
         return "head" if forward else "stop"
     return "keep"
+
+
+def _list_footer(lines: list[str], index: int) -> bool:
+    """Whether the lines after the rule at `index` are a mailing list's footer and the
+    mail's end (`_LIST_FOOTER_TITLE`): "ops mailing list", the list's address and its
+    listinfo URL went out in every text of a list's alert. Anything else under the rule
+    (more lines, other words) keeps it all: an alert's text is never dropped for looking
+    like one. Looks at most a few lines past blank ones (linear over a body of rules)."""
+    found = []
+    for following in range(index + 1, len(lines)):  # no slice: a copy per rule
+        line = lines[following]
+        if line:
+            found.append(line)
+            if len(found) > _LIST_FOOTER_LINES:
+                return False
+    return (
+        len(found) >= 2
+        and _LIST_FOOTER_TITLE.fullmatch(found[0]) is not None
+        and all(_LIST_FOOTER_LINE.fullmatch(line) for line in found[1:])
+    )
 
 
 def _loop_reason(content_type: str, found: dict[str, str], mail_from: str | None) -> str | None:
