@@ -244,11 +244,25 @@ def truncate_to_parts(text: str, max_parts: int) -> str:
     # still need one more: give back a character per such edge.
     while cut > 0 and count_parts(text[:cut] + ellipsis) > max_parts:
         cut -= 1
+    cut = _whole_flags(text, cut)
     head = text[:cut]
     boundary = max(head.rfind(" "), head.rfind("\n"))
     if boundary > cut * 0.8:  # a word boundary near the end: do not chop a word
         head = head[:boundary]
     return head.rstrip() + ellipsis
+
+
+def _whole_flags(text: str, cut: int) -> int:
+    """`cut`, one earlier if it falls between the two regional indicators of a flag (🇺🇸
+    is U+1F1FA U+1F1F8, paired from the start of a run of them): a text of flags cut at
+    max_parts ended in half a flag, a lone letter in a box on the phone."""
+    start = cut
+    while start > 0 and _REGIONAL_A <= text[start - 1] <= _REGIONAL_Z:
+        start -= 1
+    return cut - 1 if (cut - start) % 2 else cut
+
+
+_REGIONAL_A, _REGIONAL_Z = "\U0001f1e6", "\U0001f1ff"  # regional indicator symbols A to Z
 
 
 def _gsm_head(text: str) -> str:

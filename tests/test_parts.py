@@ -258,3 +258,20 @@ async def test_a_text_gsm_up_to_just_before_a_full_cut_still_goes_as_gsm(
     assert stored.text.startswith("rsync error") and stored.text.endswith("...")
     assert (stored.message_type, stored.parts) == (1, parts)
     assert len(stored.text) > septets - 12
+
+
+FLAG = "\U0001f1fa\U0001f1f8"  # 🇺🇸: two regional indicators, a surrogate pair each
+
+
+@pytest.mark.parametrize("before", ["Status: x", "Status: xx"])
+async def test_a_text_of_flags_is_cut_between_flags(
+    before: str, tmp_path, clock: ManualClock, sandbox_url: str
+) -> None:
+    """Cut at limits.max_parts a code point at a time, a text of flags ended in half of
+    one (a lone regional indicator: a letter in a box on the phone) whenever the budget
+    left room for an odd number of them: with "xx" before the flags here."""
+    text = before + FLAG * 40
+    stored = await stored_as(tmp_path, clock, sandbox_url, text, "[limits]\nmax_parts = 1\n")
+    flags = stored.text.removeprefix(before).removesuffix("…")
+    assert stored.text.startswith(before) and stored.text.endswith("…") and stored.parts == 1
+    assert flags == FLAG * (len(flags) // 2) and len(flags) >= 28, stored.text
