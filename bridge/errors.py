@@ -12,6 +12,8 @@ BridgeError
     ├── PermanentSendError  400: never retried, the provider's reason kept
     ├── ProviderAuthError   401, 403, 404: stop sending, keep the queue, health red
     │   └── ProviderInactiveError  403 "account not active": paused with its own backoff
+    │       └── ProviderAccountError  any answer whose words say the account cannot send
+    │                                 (no balance, key invalid, suspended): as a 403
     └── TransientSendError  5xx, timeouts, resets, unparseable bodies: retry later
         └── RateLimitedError   429: pause the whole key, honour retry_after
 """
@@ -90,6 +92,12 @@ class ProviderAuthError(ProviderError):
 
 class ProviderInactiveError(ProviderAuthError):
     """403: the key is known but the account is not active; /balance may still answer."""
+
+
+class ProviderAccountError(ProviderInactiveError):
+    """Any answer (a 402, a 400, a 200 `"success": false`) whose words say the account
+    cannot send, whatever the message: no balance, a key the provider calls invalid, a
+    suspended account. Not the message's fault: waited out as an inactive account."""
 
 
 class TransientSendError(ProviderError):

@@ -17,6 +17,9 @@ class ProviderHealth:
     def __init__(self) -> None:
         self.auth_error: str | None = None
         self.inactive = False
+        # The provider's words said the account cannot send (no balance, key invalid,
+        # suspended: `ProviderAccountError`), waited out as an inactive account.
+        self.account = False
         self.since: float | None = None
         self.last_success: float | None = None
         # The first of the sends since the last success that got no answer or a 5xx, and
@@ -28,19 +31,24 @@ class ProviderHealth:
     def ready(self) -> bool:
         return self.auth_error is None
 
-    def auth_failed(self, reason: str, now: float, *, inactive: bool = False) -> None:
+    def auth_failed(
+        self, reason: str, now: float, *, inactive: bool = False, account: bool = False
+    ) -> None:
         if self.auth_error is None:
             what = "says the account is not active" if inactive else "refused our key or path"
+            what = "says the account cannot send" if account else what
             log.error("provider %s: %s; sending paused, queue kept", what, reason)
             self.since = now
-        self.inactive = inactive
-        self.auth_error = f"account not active: {reason}" if inactive else reason
+        self.inactive = inactive or account
+        self.account = account
+        label = "account cannot send" if account else "account not active"
+        self.auth_error = f"{label}: {reason}" if self.inactive else reason
 
     def succeeded(self, now: float) -> None:
         if self.auth_error is not None:
             log.warning("provider accepts our requests again: sending resumes")
         self.auth_error = None
-        self.inactive = False
+        self.inactive = self.account = False
         self.since = None
         self.last_success = now
         self.failing_since = None

@@ -870,7 +870,8 @@ async def test_404_from_logs_is_not_an_auth_failure(
 async def test_success_false_with_a_transient_reason_is_retried_not_failed(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
-    low = '{"success": false, "message": "Insufficient balance, please try again later"}'
+    # A transient cause; the balance is the account's (tests/test_provider_readings.py).
+    low = '{"success": false, "message": "Daily limit reached, please try again later"}'
     sandbox_state.faults.append(Fault(status=200, body=low, path="/send", times=2))
     config = bridge_config(tmp_path, sandbox_url)
     async with running_bridge(config, clock) as (bridge, url):
@@ -937,12 +938,12 @@ async def test_a_long_refusal_from_the_provider_is_cut_in_the_reason(
 async def test_a_transient_reason_past_the_cut_is_still_retried(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
 ) -> None:
-    """A refusal is judged retryable on its words ("insufficient balance", "try again
-    later") before they are cut for the reason: judged on the cut, one whose words came
-    after 200 characters of numbers failed for good."""
+    """A refusal is judged retryable on its words ("throttled", "try again later")
+    before they are cut for the reason: judged on the cut, one whose words came after 200
+    characters of numbers failed for good."""
     listed = ", ".join(f"+96130000{i:02d}" for i in range(30))
-    words = f"Not sent to {listed}: insufficient balance, top up and try again later"
-    assert words.index("insufficient") > 200
+    words = f"Not sent to {listed}: throttled, try again later"
+    assert words.index("throttled") > 200
     body = '{"success": false, "message": "' + words + '"}'
     sandbox_state.faults.append(Fault(status=200, body=body, path="/send"))
     config = bridge_config(tmp_path, sandbox_url)

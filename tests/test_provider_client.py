@@ -10,6 +10,7 @@ import pytest
 from bridge.clock import ManualClock
 from bridge.errors import (
     PermanentSendError,
+    ProviderAccountError,
     ProviderAuthError,
     RateLimitedError,
     TransientSendError,
@@ -175,54 +176,87 @@ async def test_transport_faults_are_transient(clock: ManualClock) -> None:
 
 
 @pytest.mark.parametrize(
-    ("said", "retried", "looked_up"),
+    ("said", "kind"),
     [
-        ("Insufficient balance, please try again later", True, False),
-        ("insufficient_balance", True, False),  # error codes: their words joined by _ or case
-        ("RateLimitExceeded", True, False),
-        ("rate-limited", True, False),
-        ("TOO_MANY_REQUESTS", True, False),
-        ("temporarilyUnavailable", True, False),
-        ("GatewayTimeout", True, True),  # a timeout: the text may have gone before it
-        ("credits exhausted", True, False),
-        ("Low balances", True, False),
-        ("TimeOut", True, True),
-        ("timed out", True, True),
-        ("time-out", True, True),
-        ("ETIMEDOUT", True, True),
-        ("Upstream SMSC request timed out", True, True),
-        ("SMSC_TIMEOUT", True, True),
-        ("Request timed out, please try again later", True, True),  # the timeout decides
-        ("context deadline exceeded", True, True),  # Go's and gRPC's timeout
-        ("DEADLINE_EXCEEDED", True, True),
-        ("DeadlineExceeded", True, True),
-        ("Upstream deadline expired", True, True),
-        ("Invalid deadline for schedule_time", False, False),  # a deadline, not one passed
-        ("RATELIMIT", True, False),
-        ("too-many-requests", True, False),
-        ("HTTP429TooManyRequests", True, False),
-        ("SERVER_BUSY", True, False),
-        ("maintenance_mode", True, False),
-        ("NO_CREDITS", True, False),
-        ("Number blacklisted", False, False),
-        ("Sender ID not approved", False, False),
-        ("collateral", False, False),
-        ("Invalid recipient number; upgrade to unlimited plans", False, False),  # not "limit"
-        ("UnlimitedPlanRequired", False, False),
-        ("INVALID_NUMBER", False, False),
-        ("Invalid timezone for schedule_time", False, False),  # not "time out"
+        ("Insufficient balance, please try again later", "account"),  # the account's
+        ("Invalid API key", "account"),
+        ("invalid_api_key", "account"),
+        ("Your account has been suspended", "account"),
+        ("Account is not active", "account"),
+        ("Subscription expired", "account"),
+        ("Recipient number not active", "failed"),  # the number's, not the account's
+        ("Unicode disabled for this sender", "failed"),
+        ("insufficient_balance", "account"),  # error codes: their words joined by _ or case
+        ("RateLimitExceeded", "retried"),
+        ("rate-limited", "retried"),
+        ("TOO_MANY_REQUESTS", "retried"),
+        ("temporarilyUnavailable", "retried"),
+        ("GatewayTimeout", "looked_up"),  # a timeout: the text may have gone before it
+        ("credits exhausted", "account"),
+        ("Low balances", "account"),
+        ("TimeOut", "looked_up"),
+        ("timed out", "looked_up"),
+        ("time-out", "looked_up"),
+        ("ETIMEDOUT", "looked_up"),
+        ("Upstream SMSC request timed out", "looked_up"),
+        ("SMSC_TIMEOUT", "looked_up"),
+        ("Request timed out, please try again later", "looked_up"),  # the timeout decides
+        ("context deadline exceeded", "looked_up"),  # Go's and gRPC's timeout
+        ("DEADLINE_EXCEEDED", "looked_up"),
+        ("DeadlineExceeded", "looked_up"),
+        ("Upstream deadline expired", "looked_up"),
+        ("Invalid deadline for schedule_time", "failed"),  # a deadline, not one passed
+        ("RATELIMIT", "retried"),
+        ("rate limit exceeded", "retried"),
+        ("Throttled, try again", "retried"),
+        ("too-many-requests", "retried"),
+        ("HTTP429TooManyRequests", "retried"),
+        ("SERVER_BUSY", "retried"),
+        ("maintenance_mode", "retried"),
+        ("NO_CREDITS", "account"),
+        ("Number blacklisted", "failed"),
+        ("Sender ID not approved", "failed"),
+        ("collateral", "failed"),
+        ("Invalid recipient number; upgrade to unlimited plans", "failed"),  # not "limit"
+        ("UnlimitedPlanRequired", "failed"),
+        ("INVALID_NUMBER", "failed"),
+        ("Invalid timezone for schedule_time", "failed"),  # not "time out"
     ],
 )
-def test_a_refusal_is_retried_on_its_words_or_codes(
-    said: str, retried: bool, looked_up: bool
+@pytest.mark.parametrize(
+    "answer",
+    [
+        (200, {"success": False}),
+        (200, {"success": 0}),  # read `is False` only, these were an unknown outcome
+        (200, {"success": "false"}),
+        (200, {"success": "error"}),
+        (200, {"status": "error"}),
+        (200, {"status": "Failed"}),
+        (400, {"success": False}),
+        (402, {"success": False}),  # read by status alone, every 4xx was permanent
+        (413, {"error": None}),
+        (422, {}),
+    ],
+)
+def test_a_refusal_is_read_on_its_words_or_codes(
+    said: str, kind: str, answer: tuple[int, dict[str, object]]
 ) -> None:
-    """A `success: false` answer is retried when its words say it may pass later, judged
-    as whole words: "unlimited" is no "limit". Whole words alone missed the codes that
-    join them (insufficient_balance, RateLimitExceeded): those failed for good. One that
-    says it timed out is looked up in /logs before the retry (`ProviderFailed`, as a 5xx
-    in that shape): the provider may have sent it, and a blind retry texted twice."""
-    answer = httpx.Response(200, json={"success": False, "message": said})
-    with pytest.raises((PermanentSendError, TransientSendError)) as refused:
-        classify(answer, 0.0)
-    assert isinstance(refused.value, TransientSendError) is retried, type(refused.value)
-    assert isinstance(refused.value, ProviderFailed) is looked_up, type(refused.value)
+    """A refusal (a 4xx other than 401/403/404/429, or a 2xx whose success flag is falsy
+    in any spelling) is read on its words, whatever its status: retried when they say it
+    may pass later, waited out when they say the account cannot send (no balance, key
+    invalid, suspended: `ProviderAccountError`, not the text's fault), failed otherwise.
+    Judged as whole words: "unlimited" is no "limit"; codes join them (insufficient_balance,
+    RateLimitExceeded). One that says it timed out is looked up in /logs before the retry
+    (`ProviderFailed`, as a 5xx in that shape): the provider may have sent it."""
+    status, shape = answer
+    body = {**shape, "message": said}
+    with pytest.raises((PermanentSendError, TransientSendError, ProviderAccountError)) as refused:
+        classify(httpx.Response(status, json=body), 0.0)
+    got = {
+        ProviderFailed: "looked_up",
+        TransientSendError: "retried",
+        ProviderAccountError: "account",
+        PermanentSendError: "failed",
+    }[type(refused.value)]
+    assert got == kind, type(refused.value)
+    assert refused.value.reason == said and refused.value.status == status

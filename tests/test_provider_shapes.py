@@ -11,6 +11,7 @@ import pytest
 from bridge.clock import ManualClock, zone
 from bridge.errors import (
     PermanentSendError,
+    ProviderAccountError,
     ProviderInactiveError,
     TransientSendError,
 )
@@ -94,12 +95,18 @@ async def test_status_classification(
         sandbox_state.faults.append(Fault(status=502, path="/send", body="<html>gateway</html>"))
         with pytest.raises(TransientUnknownOutcome):  # a gateway's: it may have gone
             await client.send("+12025550143", "x")
-        for words in ("Insufficient balance", "Daily limit reached", "Please try again"):
+        for words in ("Daily limit reached", "Please try again"):
             body = f'{{"success": false, "message": "{words}"}}'
             sandbox_state.faults.append(Fault(status=200, path="/send", body=body))
             with pytest.raises(TransientSendError) as transient:
                 await client.send("+12025550143", "x")
             assert not isinstance(transient.value, PermanentSendError)
+        # The account's words, on a 200 or a 402: the account waits, not the text fails.
+        for status in (200, 402):
+            body = '{"success": false, "message": "Insufficient balance"}'
+            sandbox_state.faults.append(Fault(status=status, path="/send", body=body))
+            with pytest.raises(ProviderAccountError):
+                await client.send("+12025550143", "x")
         sandbox_state.faults.append(
             Fault(status=200, path="/send", body='{"success": false, "message": "Bad sender"}')
         )

@@ -8,6 +8,11 @@
     401/404           -> queue kept, sending paused, health red, /balance probed until OK
     403               -> account not active: paused with a doubling wait; the next send is
                          the probe (/balance answers for an inactive account: no flapping)
+    account refused   -> any answer whose words say the account cannot send (a 402 or 400
+                         "Insufficient balance", a 200 "Invalid API key", "account
+                         suspended"): as a 403, health says why, the admins warned once a
+                         day; a 4xx or 2xx refusal naming a transient cause (rate limit,
+                         try again) is retried as a 5xx is, other refusals fail the text
     429               -> the whole key paused for Retry-After, else a doubling backoff
     connect fail      -> retried with exponential backoff and jitter, failed past max age
     5xx               -> checked in /logs first; if not there, retried as above
@@ -31,6 +36,7 @@ from bridge.config import ProviderConfig
 from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.errors import (
     PermanentSendError,
+    ProviderAccountError,
     ProviderAuthError,
     ProviderError,
     ProviderInactiveError,
@@ -156,7 +162,9 @@ class Outcomes:
             case ProviderAuthError():
                 await self.key_refused(exc)
                 what = (
-                    "provider says the account is not active"
+                    "provider says the account cannot send"
+                    if isinstance(exc, ProviderAccountError)
+                    else "provider says the account is not active"
                     if isinstance(exc, ProviderInactiveError)
                     else "provider refused the key"
                 )
@@ -238,7 +246,17 @@ class Outcomes:
         doubling); the seconds until then."""
         now = self.clock.now()
         inactive = isinstance(exc, ProviderInactiveError)
-        self.health.auth_failed(str(exc), now, inactive=inactive)
+        account = isinstance(exc, ProviderAccountError)
+        self.health.auth_failed(str(exc), now, inactive=inactive, account=account)
+        if account and self.budget is not None:
+            # Once a day (`warn`); queued, it goes with the rest once the account sends.
+            # Only the provider's words say why: a 200 said so was otherwise a green
+            # /readyz and texts failing one by one.
+            await self.budget.warn(
+                "provider-account",
+                f"sms-bridge: the provider says the account cannot send ({exc.reason[:100]});"
+                " texts wait until it sends again",
+            )
         wait = self.config.auth_probe_interval
         if inactive:
             self._inactive_strikes += 1

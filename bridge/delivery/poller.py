@@ -41,6 +41,7 @@ from bridge.clock import Clock, zone
 from bridge.config import ProviderConfig, StatusConfig
 from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.errors import (
+    ProviderAccountError,
     ProviderAuthError,
     ProviderError,
     ProviderInactiveError,
@@ -334,6 +335,7 @@ class StatusPoller:
             await self.limiter.rate_limited(exc.retry_after)
         elif isinstance(exc, ProviderAuthError):
             inactive = isinstance(exc, ProviderInactiveError)
-            self.health.auth_failed(str(exc), self.clock.now(), inactive=inactive)
+            account = isinstance(exc, ProviderAccountError)
+            self.health.auth_failed(str(exc), self.clock.now(), inactive=inactive, account=account)
         else:
             log.info("status poll failed: %s", exc)

@@ -1,12 +1,15 @@
 """Reading the provider's answers into outcomes: the one classification of every answer.
 
 An HTTP answer becomes either a parsed JSON object or one of the exceptions in
-`bridge.errors`: 400 permanent; 401/404 (and redirects) auth or configuration; 403 an
-inactive account; 429 rate-limited with `Retry-After` (seconds or an HTTP-date); 5xx and
-unparseable bodies transient. Any 2xx is a success (201 = 200); a 2xx saying
-`"success": false` is transient when its reason reads so (balance, limit, try again),
-else permanent; one that says it timed out (or its deadline passed) is checked in /logs
-before the retry, as a 5xx is (the text may have gone before the timeout). A 2xx that says it took the message but gives no id is a success without
+`bridge.errors`: 401/404 (and redirects) auth or configuration; 403 an inactive account;
+429 rate-limited with `Retry-After` (seconds or an HTTP-date); 5xx and unparseable bodies
+transient. Any 2xx is a success (201 = 200) unless it says it failed (`"success"` false,
+0, "false", a `"status"` of "error": `_says_failed`). Such a 2xx and any other 4xx are
+refusals, read on their words whatever the status (`_refusal`): one that says it timed
+out (or its deadline passed) is checked in /logs before the retry, as a 5xx is (the text
+may have gone before the timeout); the account's words (balance, key invalid, suspended)
+hold the queue as a 403 does; a transient cause (limit, try again) is retried; any other
+is permanent. A 2xx that says it took the message but gives no id is a success without
 ids (the poller then matches the message by recipient and text); only an answer that says
 nothing is an unknown outcome, to be checked in /logs before anything is resent.
 
@@ -29,6 +32,7 @@ import httpx
 
 from bridge.errors import (
     PermanentSendError,
+    ProviderAccountError,
     ProviderAuthError,
     ProviderError,
     ProviderInactiveError,
@@ -43,15 +47,33 @@ _TRANSIENT_4XX = {408, 425}
 # before its deadline passed was marked failed. Only the deadline passing: a refusal that
 # names a deadline otherwise ("invalid deadline") is judged on its other words.
 _TIMEOUT = r"time ?outs?|timed ?out|etimedout|deadline ?(?:exceeded|expired)"
-# A `"success": false` whose reason reads like one of these may pass: retry, do not fail.
+# A refusal (a 4xx, a 2xx whose success flag is falsy) whose reason reads like one of
+# these may pass: retry, do not fail, whatever the status ("rate limit exceeded" on a 400
+# failed for good).
 # Whole words (or their inflections): a refusal is judged on all its words, and
 # "unlimited" or "collateral" in an invalid number's refusal made it retryable.
 _TRANSIENT_WORDS = re.compile(
-    r"\b(?:balance\w*|credit\w*|insufficient|limit\w*|ratelimit\w*|too many|try again|later|"
+    r"\b(?:limit\w*|ratelimit\w*|too many|try again|later|"
     rf"temporar\w*|busy|throttl\w*|unavailable|{_TIMEOUT}|maintenance)\b",
     re.IGNORECASE,
 )
-# Of those, a timeout's: it may have come after the text went (the provider's upstream
+# Words saying the *account* cannot send, whatever the message: no balance or credit, a
+# key the provider says is wrong, an account suspended or ended. Not the message's fault:
+# failed for good, every queued alert was lost to an empty balance (and none went after
+# the top-up); taken for a transient refusal, each text gave up after retry_max_age. Read
+# as an inactive account (`ProviderAccountError`): the queue waits, the next send is the
+# probe. Checked before _TRANSIENT_WORDS ("insufficient balance, try again later" is the
+# account's). Only the account's words: "number not active", "sender disabled" or an
+# invalid number's refusal offering "unlimited plans" are the message's.
+_ACCOUNT_WORDS = re.compile(
+    r"\b(?:balance\w*|credits?|insufficient|funds|top ?up|"
+    r"(?:invalid|wrong|unknown|expired|revoked|bad|missing)\s+(?:api\s*)?(?:key|token)|"
+    r"account (?:is |has been )?(?:suspended|blocked|locked|closed|expired|banned|disabled"
+    r"|deactivated|inactive|not active)|suspended|"
+    r"(?:plan|subscription) (?:has )?(?:expired|ended|lapsed))\b",
+    re.IGNORECASE,
+)
+# Of the transient ones, a timeout's: it may have come after the text went (the provider's upstream
 # SMSC slow to answer it, as our own read timeout), so such a refusal is looked up in
 # /logs before it goes again (`ProviderFailed`, as the same body on a 5xx); retried blind,
 # a text the provider had sent went twice. The others say nothing went (no balance, a
@@ -62,6 +84,8 @@ _TIMEOUT_WORDS = re.compile(rf"\b(?:{_TIMEOUT})\b", re.IGNORECASE)
 # RateLimitExceeded, HTTP429TooManyRequests.
 _CODE_JOINS = re.compile(r"[_-]|(?<=[a-z0-9])(?=[A-Z])")
 _ACCEPTED_WORDS = {"success", "ok", "sent", "queued", "accepted", "pending", "true"}
+# A success flag or status saying the request failed (`_says_failed`).
+_FAILED_WORDS = {"false", "0", "no", "error", "failed", "fail", "failure", "rejected", "refused"}
 ID_KEYS = ("message_id", "id", "messageId", "sms_id", "uuid")
 NUMBER_KEYS = ("to", "recipient", "number", "phone", "msisdn", "mobile", "destination")
 TEXT_KEYS = ("message", "sms", "text", "content", "body")
@@ -110,6 +134,7 @@ class ProviderFailed(TransientSendError):
 # Each failure's name in the request metrics (an exact type: subclasses named apart).
 OUTCOMES: dict[type[ProviderError], str] = {
     PermanentSendError: "permanent",
+    ProviderAccountError: "inactive",
     ProviderAuthError: "auth",
     ProviderInactiveError: "inactive",
     ProviderFailed: "transient",
@@ -208,13 +233,48 @@ def _error_message(response: httpx.Response, key: str = "") -> str:
     return _error_words(response, key)[:REASON_CHARS]
 
 
+def _says_failed(body: Any) -> bool:
+    """Does a JSON answer say it failed, in any spelling: `"success"` false, 0, "false"
+    (read `is False` only, `"success": 0, "message": "Insufficient balance"` was taken for
+    an answer saying nothing: sent twice, then `sent` "outcome unknown", its reason lost),
+    or a `"status"` of failure ("error", "failed")."""
+    if not isinstance(body, dict):
+        return False
+    flag = body.get("success")
+    if isinstance(flag, bool):
+        return not flag
+    if isinstance(flag, int | float):
+        return flag == 0
+    if isinstance(flag, str) and flag.strip().lower() in _FAILED_WORDS:
+        return True
+    status = body.get("status")
+    return isinstance(status, str) and status.strip().lower() in _FAILED_WORDS
+
+
 def _error_body(response: httpx.Response) -> bool:
-    """Is this the provider's documented error shape, `{"success": false, ...}`?"""
+    """Is this the provider's error shape, `{"success": false, ...}` in any spelling?"""
     try:
         body = _json(response)
     except ValueError:
         return False
-    return isinstance(body, dict) and body.get("success") is False
+    return _says_failed(body)
+
+
+def _refusal(response: httpx.Response, key: str) -> ProviderError:
+    """What a refusal (a 4xx that is none of the statuses read apart, a 2xx saying it
+    failed) means, by its words: judged on all of them, stored cut ("insufficient
+    balance" after the cut made a retryable refusal a permanent failure)."""
+    status = response.status_code
+    words = _error_words(response, key)
+    reason = words[:REASON_CHARS]
+    joined = _CODE_JOINS.sub(" ", words)
+    if _TIMEOUT_WORDS.search(joined):
+        return ProviderFailed(reason, status=status)
+    if _ACCOUNT_WORDS.search(joined):
+        return ProviderAccountError(reason, status=status)
+    if _TRANSIENT_WORDS.search(joined):
+        return TransientSendError(reason, status=status)
+    return PermanentSendError(reason, status=status)
 
 
 def classify(response: httpx.Response, now: float, *, key: str = "") -> dict[str, Any]:
@@ -238,7 +298,9 @@ def classify(response: httpx.Response, now: float, *, key: str = "") -> dict[str
     if status in (401, 404) or 300 <= status < 400:
         raise ProviderAuthError(_error_message(response, key), status=status)
     if status >= 400:
-        raise PermanentSendError(_error_message(response, key), status=status)
+        # Read for its words as a 2xx refusal is: a 402 "Insufficient balance" failed
+        # every queued alert for good, a 400 "rate limit exceeded" its text.
+        raise _refusal(response, key)
     try:
         body = _json(response)
     except ValueError as exc:
@@ -251,23 +313,17 @@ def classify(response: httpx.Response, now: float, *, key: str = "") -> dict[str
             f"unexpected provider answer (HTTP {status}): {_hidden(_text(response), key)[:100]!r}",
             status=status,
         )
-    if body.get("success") is False:
-        # Judged on the whole words, stored cut: "insufficient balance" after the cut
-        # made a retryable refusal a permanent failure.
-        words = _error_words(response, key)
-        reason = words[:REASON_CHARS]
-        joined = _CODE_JOINS.sub(" ", words)
-        if _TIMEOUT_WORDS.search(joined):
-            raise ProviderFailed(reason, status=status)
-        if _TRANSIENT_WORDS.search(joined):
-            raise TransientSendError(reason, status=status)
-        raise PermanentSendError(reason, status=status)
+    if _says_failed(body):
+        raise _refusal(response, key)
     return body
 
 
 def accepted(body: Mapping[str, Any]) -> bool:
     """Does the answer say the provider took the request (whatever else it omits)?"""
-    if body.get("success") is True:
+    flag = body.get("success")
+    if flag is True or (isinstance(flag, int | float) and not isinstance(flag, bool) and flag == 1):
+        return True
+    if isinstance(flag, str) and flag.strip().lower() in _ACCEPTED_WORDS:
         return True
     status = body.get("status")
     return isinstance(status, str) and status.strip().lower() in _ACCEPTED_WORDS

@@ -74,6 +74,11 @@ PROVIDER_INACTIVE = (
     "account not active (the provider answered 403): sending paused, queue kept; "
     "its answer is in the console and the log"
 )
+PROVIDER_ACCOUNT = (
+    "the provider says the account cannot send (no balance, key invalid, suspended): "
+    "sending paused, queue kept, resumes once a send goes through; its answer is in the "
+    "console and the log"
+)
 # How long every send must have got no answer (or a 5xx) before /readyz says so. Readiness stays
 # green meanwhile: this instance still takes alerts and keeps them until the provider is
 # back (that is its use in an outage); a 503 would have a load balancer refuse them all.
@@ -278,7 +283,8 @@ async def readiness_problems(
         # Not the provider's words: anyone may ask /readyz, and a provider's error may
         # quote anything (our key, the account's owner). A probe needs the status; the
         # console (a token's) and the log show the words, masked.
-        problems["provider"] = PROVIDER_INACTIVE if health.inactive else PROVIDER_REFUSED
+        refused = PROVIDER_INACTIVE if health.inactive else PROVIDER_REFUSED
+        problems["provider"] = PROVIDER_ACCOUNT if health.account else refused
     if failing := loops.failing():
         problems["loops"] = "; ".join(f"{name}: {why}" for name, why in failing.items())
     return problems

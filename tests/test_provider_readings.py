@@ -1,0 +1,185 @@
+"""The provider's answers in the shapes sms-api.md leaves open, read for what they say,
+end to end: the bridge built as `serve` builds it, the sandbox on loopback, a ManualClock.
+
+An account that cannot send (no balance, key invalid, suspended) holds the queue rather
+than failing it, and it goes once the provider sends again; a refusal naming a transient
+cause is retried whatever its status; a 2xx whose success flag is falsy in any spelling
+is a refusal with its reason; /logs pages read without a last page, or one as a string,
+or fewer rows than asked; /logs statuses beyond the four documented; ids as floats, and
+one id given to several recipients of a bulk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from bridge.clock import ManualClock
+from bridge.models import State
+from bridge.provider.sandbox import Fault, SandboxState
+from bridge.service import Bridge
+from tests.helpers import ToProvider, bridge_config, pump, pump_until_state, running_bridge
+
+ADMIN_NUMBER = "+12025550199"
+ADMIN = f'[budget]\nadmin = ["{ADMIN_NUMBER}"]\n'
+
+
+async def post(url: str, body: dict[str, object]) -> list[int]:
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(f"{url}/api/v1/messages", json=body)
+    ids: list[int] = answer.json()["ids"]
+    return ids
+
+
+def calls(state: SandboxState, path: str) -> list[int]:
+    """The statuses the sandbox answered on `path`."""
+    return [r.status for r in state.requests if r.path.endswith(path)]
+
+
+async def run_for(bridge: Bridge, clock: ManualClock, seconds: float) -> None:
+    """Dispatcher and poller steps for `seconds` of simulated time, whatever happens."""
+    start = clock.now()
+    while clock.now() - start < seconds:
+        wait = min(await bridge.dispatcher.run_once(), await bridge.poller.run_once(), 30.0)
+        clock.advance(max(wait, 0.01))
+
+
+class Rewrite(ToProvider):
+    """The sandbox's answers on one path rewritten by `change` (its JSON body, the
+    request): the provider took the request for real."""
+
+    def __init__(self, path: str, change: Callable[[Any, httpx.Request], Any]) -> None:
+        super().__init__()
+        self.path, self.change = path, change
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith(self.path) and self.path == "/logs":
+            # Twenty rows a page whatever was asked, as a provider's own cap does.
+            params = dict(request.url.params) | {"per_page": "20"}
+            request = httpx.Request(
+                request.method, request.url.copy_with(params=params), headers=request.headers
+            )
+        answer = await self.inner.handle_async_request(request)
+        if not request.url.path.endswith(self.path):
+            return answer
+        body = json.loads(await answer.aread())
+        return httpx.Response(answer.status_code, json=self.change(body, request))
+
+
+# -- an account that cannot send ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "words"),
+    [
+        (402, "Insufficient balance"),
+        (400, "insufficient_balance"),
+        (200, "Invalid API key"),
+        (200, "Your account has been suspended"),
+    ],
+)
+async def test_an_account_that_cannot_send_holds_the_queue_and_sends_it_once_it_can(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    status: int,
+    words: str,
+) -> None:
+    """A 402 or 400 was a permanent failure by its status alone, and the same words on a
+    200 failed each text too: an empty balance failed every queued alert for good (a
+    bulk split and each recipient failed), health green, no admin told, nothing sent
+    after the top-up. The account's words now hold the queue as a 403 does: nothing
+    failed, /readyz says why, the admins warned once, all sent once the provider is."""
+    body = json.dumps({"success": False, "message": words})
+    for path in ("/send", "/send-bulk"):
+        sandbox_state.faults.append(Fault(status=status, path=path, body=body, times=10**6))
+    config = bridge_config(tmp_path, sandbox_url, ADMIN)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+        alerts = await post(url, {"to": "+12025550143", "message": "db down"})
+        alerts += await post(url, {"to": "+12025550144", "message": "disk full"})
+        alerts += await post(url, {"to": ["+12025550145", "+12025550146"], "message": "dns"})
+        await run_for(bridge, clock, 1800)
+        held = [await bridge.store.get(i) for i in alerts]
+        ready = await http.get(f"{url}/readyz")
+        warnings = [m for m in await bridge.store.query(limit=50) if m.recipient == ADMIN_NUMBER]
+
+        sandbox_state.faults.clear()  # topped up, the key fixed, the account back
+
+        async def all_went() -> bool:
+            got = [await bridge.store.get(i) for i in [*alerts, *(m.id for m in warnings)]]
+            return all(m.state in (State.SENT, State.DELIVERED) for m in got)
+
+        await pump(bridge, clock, all_went, max_seconds=3600)
+        after = await http.get(f"{url}/readyz")
+    assert all(m.state == State.QUEUED for m in held), [(m.state, m.reason) for m in held]
+    assert all("account cannot send" in (m.reason or "") for m in held)
+    assert ready.status_code == 503
+    assert "account cannot send" in ready.json()["problems"]["provider"]
+    assert len(warnings) == 1 and "cannot send" in warnings[0].text
+    assert after.status_code == 200
+    # Waited as an inactive account: a probe now and then, not every text tried in turn.
+    assert len(calls(sandbox_state, "/send")) + len(calls(sandbox_state, "/send-bulk")) < 25
+    to = sorted(e.to for e in sandbox_state.entries)
+    assert to == ["+12025550143", "+12025550144", "+12025550145", "+12025550146", ADMIN_NUMBER]
+
+
+@pytest.mark.parametrize("status", [400, 413, 200])
+async def test_a_refusal_naming_a_rate_limit_is_retried_whatever_its_status(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, status: int
+) -> None:
+    """A 400 (or 413) "rate limit exceeded" failed its text for good, by status alone."""
+    body = '{"success": false, "message": "Rate limit exceeded, try again later"}'
+    sandbox_state.faults.append(Fault(status=status, path="/send", body=body))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [alert] = await post(url, {"to": "+12025550143", "message": "db down"})
+        await pump_until_state(bridge, clock, alert, State.DELIVERED, max_seconds=600)
+        message = await bridge.store.get(alert)
+    assert calls(sandbox_state, "/send") == [status, 200] and message.attempts == 2
+
+
+# -- a 2xx refusal in another spelling ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [{"success": 0}, {"success": "false"}, {"status": "error"}, {"success": "error"}],
+)
+async def test_a_2xx_refusal_in_another_spelling_fails_with_the_providers_reason(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    shape: dict[str, object],
+) -> None:
+    """Read `"success": false` only, these were answers that said nothing: sent twice,
+    then `sent` "outcome unknown", the reason lost and /logs read for the text for 48 h."""
+    body = json.dumps({**shape, "message": "Invalid number"})
+    sandbox_state.faults.append(Fault(status=200, path="/send", body=body))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [alert] = await post(url, {"to": "+12025550143", "message": "db down"})
+        await pump_until_state(bridge, clock, alert, State.FAILED, max_seconds=60)
+        await run_for(bridge, clock, 120)
+        message = await bridge.store.get(alert)
+    assert message.state == State.FAILED and "Invalid number" in (message.reason or "")
+    assert calls(sandbox_state, "/send") == [200] and not calls(sandbox_state, "/logs")
+
+
+async def test_a_2xx_saying_success_0_for_the_balance_holds_the_queue(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    body = '{"success": 0, "message": "Insufficient balance"}'
+    sandbox_state.faults.append(Fault(status=200, path="/send", body=body, times=2))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock) as (bridge, url):
+        [alert] = await post(url, {"to": "+12025550143", "message": "db down"})
+        await pump_until_state(bridge, clock, alert, State.DELIVERED, max_seconds=900)
+        message = await bridge.store.get(alert)
+    assert calls(sandbox_state, "/send") == [200, 200, 200] and len(sandbox_state.entries) == 1
+    assert message.unknown_resends == 0 and message.attempts == 1  # waits refund the try
