@@ -183,3 +183,69 @@ async def test_a_2xx_saying_success_0_for_the_balance_holds_the_queue(
         message = await bridge.store.get(alert)
     assert calls(sandbox_state, "/send") == [200, 200, 200] and len(sandbox_state.entries) == 1
     assert message.unknown_resends == 0 and message.attempts == 1  # waits refund the try
+
+
+# -- /logs pages --------------------------------------------------------------------
+
+
+def no_paging(body: Any, request: httpx.Request) -> Any:
+    body.pop("pagination", None)
+    return body
+
+
+def paging_as_text(body: Any, request: httpx.Request) -> Any:
+    body["pagination"]["last_page"] = str(body["pagination"]["last_page"])
+    return body
+
+
+def paging_as_is(body: Any, request: httpx.Request) -> Any:
+    return body
+
+
+OTHERS = [f"+120255502{i:02d}" for i in range(25)]
+
+
+@pytest.mark.parametrize("paging", [no_paging, paging_as_text])
+async def test_a_text_taken_behind_a_gateway_error_is_found_on_logs_second_page(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    paging: Callable[[Any, httpx.Request], Any],
+) -> None:
+    """/logs serving 20 rows a page (per_page=100 ignored), without paging fields or
+    with `last_page` as a string: the reconciler's walk ended at page 1, taken for the
+    end since it held fewer rows than asked; the text the provider took behind a 502,
+    below a bulk of 25, was "not found" and sent again: two SMS."""
+    page = "<html><body>502 Bad Gateway</body></html>"
+    sandbox_state.faults.append(Fault(status=502, path="/send", body=page, taken=True))
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock, transport=Rewrite("/logs", paging)) as (bridge, url):
+        [alert] = await post(url, {"to": "+12025550143", "message": "db down"})
+        await post(url, {"to": OTHERS, "message": "network flap"})
+        await pump_until_state(bridge, clock, alert, State.DELIVERED, max_seconds=900)
+    assert [e.to for e in sandbox_state.entries].count("+12025550143") == 1
+    assert calls(sandbox_state, "/send") == [502]
+
+
+@pytest.mark.parametrize(("paging", "others"), [(no_paging, 25), (paging_as_is, 150)])
+async def test_the_poller_reads_logs_pages_of_fewer_rows_than_asked(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+    paging: Callable[[Any, httpx.Request], Any],
+    others: int,
+) -> None:
+    """The poller read /logs as the reconciler did: without paging fields, a page of 20
+    rows ended its round; and it skipped pages counted in 100s, past a state 150 sends
+    deep on a provider serving 20 a page. Either way the text stayed `sent` for 48 h."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock, transport=Rewrite("/logs", paging)) as (bridge, url):
+        [alert] = await post(url, {"to": "+12025550143", "message": "db down"})
+        await bridge.dispatcher.run_once()
+        numbers = [f"+1202555{i:04d}" for i in range(1000, 1000 + others)]
+        for part in range(0, others, 50):  # under the API's recipients a request
+            await post(url, {"to": numbers[part : part + 50], "message": "network flap"})
+        await pump_until_state(bridge, clock, alert, State.DELIVERED, max_seconds=900)
+    assert len(sandbox_state.entries) == 1 + others

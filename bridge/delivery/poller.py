@@ -133,6 +133,10 @@ class StatusPoller:
         # first (see the module docstring).
         self._track_after = START
         self._walk: _Walk | None = None  # the id-less walk a round left unfinished
+        # The rows a /logs page holds: as asked (100) until a provider serves fewer on a
+        # page that has more after it. The pages skipped to reach the oldest waiting are
+        # counted in them: counted in 100s, a provider serving 20 had them skipped past.
+        self._page_rows = MAX_LOGS_PER_PAGE
         self._stopping: asyncio.Event | None = None  # `run`'s: it cuts a /logs read short
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -164,13 +168,13 @@ class StatusPoller:
         # pages that hold what we sent after them (less one page of slack for entries
         # from other clients of the same account), instead of rereading the newest.
         newest = max(waiting, key=lambda m: (m.sent_at or now, m.id))
-        first_page = max(1, await self.store.sent_after(newest) // MAX_LOGS_PER_PAGE)
+        first_page = max(1, await self.store.sent_after(newest) // self._page_rows)
         # The page after the oldest's (the same slack), or at least a round's worth: a
         # sweep covers them all, a round at a time (see the module docstring).
         oldest_waiting = min(waiting, key=lambda m: (m.sent_at or now, m.id))
         deepest = max(
             first_page + MAX_PAGES_PER_ROUND - 1,
-            await self.store.sent_after(oldest_waiting) // MAX_LOGS_PER_PAGE + 2,
+            await self.store.sent_after(oldest_waiting) // self._page_rows + 2,
         )
         # A walk left unfinished goes on unless this round starts above where it stopped
         # (the sweep starting over), past `deepest` too (below). Further down, the pages
@@ -227,6 +231,8 @@ class StatusPoller:
                 await self._failed(exc)
                 break
             self.limiter.answered()
+            if logs.has_more and 0 < logs.rows < self._page_rows:
+                self._page_rows = logs.rows
             earliest = await self._match_page(logs.entries, by_id, id_less, updates)
             id_less_read = not logs.has_more or not _reads_on(id_less, earliest)
             if (not by_id and id_less_read) or not logs.has_more:

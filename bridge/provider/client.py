@@ -226,4 +226,4 @@ class ProviderClient:
             # /balance and /send work with this key and base URL, so a 404 here says
             # nothing about them (an empty page, a path the plan lacks): not an auth error.
             raise TransientSendError(f"/logs answered 404: {exc.reason}", status=404) from exc
-        return read_logs(body, page, per_page)
+        return read_logs(body, page)

@@ -119,6 +119,7 @@ class LogsPage:
     entries: list[LogEntry]
     page: int
     has_more: bool
+    rows: int = 0  # as served, with or without an id: a provider may serve fewer than asked
 
 
 class TransientUnknownOutcome(TransientSendError):
@@ -470,7 +471,7 @@ def _bulk_cost(data: Mapping[str, Any], messages: int) -> float | None:
     return None if price is None else _cost(round(price * messages, 6))
 
 
-def read_logs(body: Mapping[str, Any], page: int, per_page: int) -> LogsPage:
+def read_logs(body: Mapping[str, Any], page: int) -> LogsPage:
     """One /logs page: entries with an id, and whether another page follows."""
     data = _first(body, *LIST_KEYS)
     meta: Mapping[str, Any] = body
@@ -499,11 +500,25 @@ def read_logs(body: Mapping[str, Any], page: int, per_page: int) -> LogsPage:
                 created_at=None if created is None else str(created),
             )
         )
-    last_page = _first(paging, "last_page", "total_pages", "pages")
-    if isinstance(last_page, int):
-        has_more = page < last_page
-    elif isinstance(paging.get("has_more"), bool):
-        has_more = paging["has_more"]
-    else:
-        has_more = len(entries) >= per_page
-    return LogsPage(entries=entries, page=page, has_more=has_more)
+    more = _more_pages(paging, page, len(rows))
+    return LogsPage(entries=entries, page=page, has_more=more, rows=len(rows))
+
+
+def _more_pages(paging: Mapping[str, Any], page: int, rows: int) -> bool:
+    """Whether a /logs page has another after it: its last page read leniently (a
+    number in any form: "2" as a string ended the walk), a `has_more` flag; with no paging
+    information, while pages hold rows. Judged by the rows asked for (100), a provider
+    serving 20 a page ended every walk at page 1: a text it took not found, sent twice.
+    One extra request a walk, and the walks' own page caps bound a provider that ignores
+    `page`."""
+    last_page = _number(_first(paging, "last_page", "total_pages", "pages"))
+    if last_page is not None:
+        return page < last_page
+    flag = paging.get("has_more")
+    if isinstance(flag, str):
+        flag = flag.strip().lower() in ("true", "1", "yes")
+    if isinstance(flag, bool | int | float):
+        return bool(flag)
+    if "next_page_url" in paging:  # Laravel's paginator without its last page
+        return bool(paging["next_page_url"])
+    return rows > 0
