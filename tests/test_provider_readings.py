@@ -249,3 +249,57 @@ async def test_the_poller_reads_logs_pages_of_fewer_rows_than_asked(
             await post(url, {"to": numbers[part : part + 50], "message": "network flap"})
         await pump_until_state(bridge, clock, alert, State.DELIVERED, max_seconds=900)
     assert len(sandbox_state.entries) == 1 + others
+
+
+# -- /logs statuses -------------------------------------------------------------------
+
+
+def status_said(word: str, until: list[float], clock: ManualClock) -> Callable[[Any, Any], Any]:
+    """/logs saying `word` for every entry the sandbox reports delivered, until until[0]."""
+
+    def change(body: Any, request: httpx.Request) -> Any:
+        for row in body["data"]:
+            if row["status"] == "delivered" and clock.now() < until[0]:
+                row["status"] = word
+        return body
+
+    return change
+
+
+@pytest.mark.parametrize("word", ["undelivered", "REJECTED", "expired", "Undeliverable"])
+async def test_a_final_status_beyond_the_documented_fails_the_text_with_its_word(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, word: str
+) -> None:
+    """Only "delivered" and "failed" were final: an "undelivered" text stayed `sent`, and
+    /logs was read for it 1,191 times in two hours, until `give_up_after` (48 h)."""
+    change = status_said(word, [float("inf")], clock)
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock, transport=Rewrite("/logs", change)) as (bridge, url):
+        [alert] = await post(url, {"to": "+12025550143", "message": "db down"})
+        await pump_until_state(bridge, clock, alert, State.FAILED, max_seconds=600)
+        message = await bridge.store.get(alert)
+    assert message.reason == f"provider reports {word.lower()}"
+
+
+async def test_an_unknown_status_is_asked_about_less_often_until_it_ends(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A status neither final nor in flight is not final (the provider may report one
+    later), but asked about at the poll interval it read /logs 12 times a minute for
+    `give_up_after`. Now a minute after it is seen, then doubling up to 15 minutes; the
+    message's events say so, once."""
+    until = [float("inf")]
+    change = status_said("dlr_unknown_7", until, clock)
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock, transport=Rewrite("/logs", change)) as (bridge, url):
+        [alert] = await post(url, {"to": "+12025550143", "message": "db down"})
+        await run_for(bridge, clock, 7200)
+        still = await bridge.store.get(alert)
+        reads = len(calls(sandbox_state, "/logs"))
+        events = await bridge.store.events(alert)
+        until[0] = clock.now()  # the provider reports it delivered now
+        await pump_until_state(bridge, clock, alert, State.DELIVERED, max_seconds=1000)
+    assert still.state == State.SENT
+    assert reads <= 25, reads  # 1,191 before, in the same two hours
+    noted = [e for e in events if "dlr_unknown_7" in json.dumps(e)]
+    assert len(noted) == 1, events

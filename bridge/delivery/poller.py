@@ -52,12 +52,17 @@ from bridge.loops import LoopHealth, Stopped, run_steps, unless_stopped
 from bridge.models import Message, State
 from bridge.provider.client import MAX_LOGS_PER_PAGE, ProviderClient
 from bridge.provider.logmatch import Candidate, LogMatcher, provider_date, provider_time
-from bridge.provider.responses import LogEntry
+from bridge.provider.responses import REASON_CHARS, LogEntry, status_kind
 from bridge.schedule import STORED_FORMAT
 from bridge.store import Store
 
 log = logging.getLogger(__name__)
-FINAL_PROVIDER_STATES = {"delivered": State.DELIVERED, "failed": State.FAILED}
+FINAL_PROVIDER_STATES = {"delivered": State.DELIVERED, "failed": State.FAILED}  # status_kind's
+# A message whose entry shows a status neither final nor in flight (`status_kind`
+# "unknown"): asked about again after a minute, then doubling up to 15 minutes. At the
+# poll interval, one such text read /logs 12 times a minute for `give_up_after` (48 h).
+UNKNOWN_STATUS_FIRST = 60.0
+UNKNOWN_STATUS_MAX = 900.0
 MAX_PAGES_PER_ROUND = 5
 # Oldest first; more could not be matched in one round of MAX_PAGES_PER_ROUND pages anyway.
 MAX_TRACKED_PER_ROUND = 500
@@ -133,6 +138,9 @@ class StatusPoller:
         # first (see the module docstring).
         self._track_after = START
         self._walk: _Walk | None = None  # the id-less walk a round left unfinished
+        # Messages whose entry showed an unknown status: (when to ask again, the gap).
+        self._parked: dict[int, tuple[float, float]] = {}
+        self._seen_unknown: dict[int, str] = {}  # this round's: message id -> status
         # The rows a /logs page holds: as asked (100) until a provider serves fewer on a
         # page that has more after it. The pages skipped to reach the oldest waiting are
         # counted in them: counted in 100s, a provider serving 20 had them skipped past.
@@ -154,10 +162,13 @@ class StatusPoller:
     async def run_once(self) -> float:
         """One round over /logs; returns seconds until the next round."""
         now = self.clock.now()
-        waiting = await self._tracked(now)
+        tracked = await self._tracked(now)
+        waiting = self._unparked(tracked, now)
         self.limiter.status_demand = bool(waiting)
         if not waiting:
             self._resume_page = 0
+            if tracked:
+                return self._all_parked(tracked, now)
         if not waiting or not self.health.ready:
             return self.config.poll_interval
         await self.limiter.sync()  # the window as every instance booked it
@@ -242,7 +253,7 @@ class StatusPoller:
             # again would never reach the oldest while a newer message waits.
             self._resume_page = page + 1
         walking = not id_less_read and bool(id_less.messages())
-        self._end_round(waiting, deepest, walking)
+        self._end_round(tracked, deepest, walking)  # parked too: the next 500 after them
         if walking and self._resume_page:
             self._walk = _Walk(id_less.candidates(), members, began, self._resume_page)
         for entry, m in id_less.pairs() if id_less_read else []:
@@ -253,7 +264,49 @@ class StatusPoller:
             await self.store.set_provider_ids(found_ids)
         if updates:
             await self.store.record_status(updates, self.clock.now())
+        await self._park_unknown()
         return max(self.config.poll_interval, self.limiter.wait_time("status"))
+
+    def _unparked(self, tracked: list[Message], now: float) -> list[Message]:
+        """Of the tracked messages, those to ask about now: not parked by an unknown
+        status (`_park_unknown`), or parked and due again. The parked of messages that
+        no longer wait (settled, given up) are forgotten once every waiting one is seen."""
+        if self._track_after == START and len(tracked) < MAX_TRACKED_PER_ROUND:
+            ids = {m.id for m in tracked}
+            self._parked = {i: at for i, at in self._parked.items() if i in ids}
+        return [m for m in tracked if self._parked.get(m.id, (0.0, 0.0))[0] <= now]
+
+    def _all_parked(self, tracked: list[Message], now: float) -> float:
+        """Every tracked message is parked: no /logs read until the first is due again,
+        and the next round tracks those after them if these were as many as a round
+        tracks (500 parked kept every newer message from being asked about)."""
+        if len(tracked) == MAX_TRACKED_PER_ROUND:
+            self._track_after = max((m.sent_at or 0.0, m.id) for m in tracked)
+            return self.config.poll_interval
+        due = min(self._parked[m.id][0] for m in tracked)
+        return max(self.config.poll_interval, due - now)
+
+    async def _park_unknown(self) -> None:
+        """Park the messages whose entry showed an unknown status this round: asked about
+        again a gap later, the gap doubling (UNKNOWN_STATUS_FIRST to _MAX). Not final:
+        the provider may still report one. Noted in the message's events when first seen."""
+        seen, self._seen_unknown = self._seen_unknown, {}
+        now = self.clock.now()
+        first: dict[str, list[int]] = {}
+        for message_id, status in seen.items():
+            _, gap = self._parked.get(message_id, (0.0, 0.0))
+            if not gap:
+                first.setdefault(status, []).append(message_id)
+            gap = min(UNKNOWN_STATUS_MAX, 2 * gap) if gap else UNKNOWN_STATUS_FIRST
+            self._parked[message_id] = (now + gap, gap)
+        for status, ids in first.items():
+            log.info("provider reports status %r for messages %s: not final", status, ids)
+            await self.store.note(
+                ids,
+                f"provider reports status {status!r}, not one the bridge knows: still sent,"
+                f" asked about less often (up to every {UNKNOWN_STATUS_MAX:g}s)",
+                now,
+            )
 
     async def _tracked(self, now: float) -> list[Message]:
         """The messages this round tracks: those waiting for a final state after the
@@ -311,13 +364,21 @@ class StatusPoller:
                 known.add(entry.id)
         return earliest
 
-    @staticmethod
     def _final_state(
-        entry: LogEntry, m: Message, updates: list[tuple[int, State, str | None]]
+        self, entry: LogEntry, m: Message, updates: list[tuple[int, State, str | None]]
     ) -> None:
-        if entry.status in FINAL_PROVIDER_STATES:
-            reason = None if entry.status == "delivered" else "provider reports failed"
-            updates.append((m.id, FINAL_PROVIDER_STATES[entry.status], reason))
+        """`m`'s state from its entry: final ones into `updates` (a failure with the
+        provider's word: "undelivered", "expired"); an unknown status noted to park it."""
+        kind = status_kind(entry.status)
+        if kind in FINAL_PROVIDER_STATES:
+            reason = None if kind == "delivered" else f"provider reports {entry.status}"
+            updates.append(
+                (m.id, FINAL_PROVIDER_STATES[kind], reason[:REASON_CHARS] if reason else None)
+            )
+        if kind == "unknown":
+            self._seen_unknown[m.id] = entry.status[:REASON_CHARS]
+        else:
+            self._parked.pop(m.id, None)
 
     def _end_round(self, waiting: list[Message], deepest: int, walking: bool) -> None:
         """Where the next round starts: from the newest page again once the sweep read

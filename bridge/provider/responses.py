@@ -86,6 +86,46 @@ _CODE_JOINS = re.compile(r"[_-]|(?<=[a-z0-9])(?=[A-Z])")
 _ACCEPTED_WORDS = {"success", "ok", "sent", "queued", "accepted", "pending", "true"}
 # A success flag or status saying the request failed (`_says_failed`).
 _FAILED_WORDS = {"false", "0", "no", "error", "failed", "fail", "failure", "rejected", "refused"}
+# A /logs entry's status, lower case. sms-api.md names four (pending, sent, delivered,
+# failed); providers write more. The final ones beside `delivered` all say the text did
+# not reach the phone: read as `failed`, the provider's word as the reason (only
+# delivered and failed were final, an "undelivered" text asked about for 48 h). The
+# in-flight ones are not final and expected; any other is not final either but unknown
+# (`bridge.delivery.poller` asks about it less often).
+DELIVERED_STATUSES = frozenset({"delivered", "delivrd"})
+FAILED_STATUSES = frozenset(
+    {
+        "failed",
+        "failure",
+        "undelivered",
+        "undeliverable",
+        "undeliv",
+        "rejected",
+        "rejectd",
+        "expired",
+        "blocked",
+        "cancelled",
+        "canceled",
+        "error",
+        "refused",
+        "deleted",
+    }
+)
+IN_FLIGHT_STATUSES = frozenset(
+    {"pending", "sent", "queued", "accepted", "scheduled", "submitted", "sending", "enroute"}
+)
+
+
+def status_kind(status: str) -> str:
+    """A /logs status read: "delivered", "failed", "pending" (in flight) or "unknown"."""
+    word = re.sub(r"[\s_-]", "", status.lower())
+    if word in DELIVERED_STATUSES:
+        return "delivered"
+    if word in FAILED_STATUSES:
+        return "failed"
+    return "pending" if word in IN_FLIGHT_STATUSES or not word else "unknown"
+
+
 ID_KEYS = ("message_id", "id", "messageId", "sms_id", "uuid")
 NUMBER_KEYS = ("to", "recipient", "number", "phone", "msisdn", "mobile", "destination")
 TEXT_KEYS = ("message", "sms", "text", "content", "body")
