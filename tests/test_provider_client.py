@@ -21,7 +21,7 @@ from bridge.provider.client import (
     TransientUnknownOutcome,
     parse_retry_after,
 )
-from bridge.provider.responses import classify
+from bridge.provider.responses import classify, read_bulk, read_send
 from bridge.provider.sandbox import Fault, SandboxState
 
 
@@ -260,3 +260,29 @@ def test_a_refusal_is_read_on_its_words_or_codes(
     }[type(refused.value)]
     assert got == kind, type(refused.value)
     assert refused.value.reason == said and refused.value.status == status
+
+
+def test_an_id_given_to_several_recipients_is_none_of_theirs() -> None:
+    """A bulk answer's ids read as the provider's /logs writes them (10000.0 is 10000),
+    and an id it gives to several recipients is the call's: those recipients are taken
+    (`shared`, sent and matched in /logs by recipient and text), not unknown outcomes."""
+    numbers = ["+12025550143", "+12025550144", "+12025550145"]
+    answer = {
+        "success": True,
+        "data": {
+            "messages": [
+                {"to": numbers[0], "message_id": 777},
+                {"to": numbers[1], "message_id": "777"},
+                {"to": numbers[2], "message_id": 10000.0},
+            ]
+        },
+    }
+    result = read_bulk(answer, numbers)
+    assert result.message_ids == {numbers[2]: "10000"}
+    assert result.shared == frozenset(numbers[:2])
+    everyone = {"success": True, "data": {"message_ids": [777, 777, 777]}}
+    alike = read_bulk(everyone, numbers)
+    assert alike.message_ids == {} and alike.shared == frozenset(numbers)
+    assert read_send(
+        {"success": True, "data": {"message_id": 10000.0}}, numbers[0]
+    ).message_ids == {numbers[0]: "10000"}

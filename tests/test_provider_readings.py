@@ -303,3 +303,60 @@ async def test_an_unknown_status_is_asked_about_less_often_until_it_ends(
     assert reads <= 25, reads  # 1,191 before, in the same two hours
     noted = [e for e in events if "dlr_unknown_7" in json.dumps(e)]
     assert len(noted) == 1, events
+
+
+# -- ids ------------------------------------------------------------------------------
+
+
+def float_id(body: Any, request: httpx.Request) -> Any:
+    body["data"]["message_id"] = float(body["data"]["message_id"])
+    return body
+
+
+async def test_an_id_written_as_an_integral_float_is_its_integer(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """`"message_id": 10000.0` was stored "10000.0", never the "10000" of /logs: the
+    text stayed `sent`, /logs read for it 10 times a minute."""
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock, transport=Rewrite("/send", float_id)) as (
+        bridge,
+        url,
+    ):
+        [alert] = await post(url, {"to": "+12025550143", "message": "db down"})
+        await pump_until_state(bridge, clock, alert, State.DELIVERED, max_seconds=600)
+        message = await bridge.store.get(alert)
+    [entry] = sandbox_state.entries
+    assert message.provider_message_id == str(entry.message_id)
+
+
+def one_id_for_all(body: Any, request: httpx.Request) -> Any:
+    for item in body["data"]["messages"]:
+        item["message_id"] = 777
+    return body
+
+
+async def test_one_id_given_to_every_recipient_of_a_bulk_is_no_ones(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """A bulk answer giving the same id to every recipient stored it on each: /logs
+    could pair it with one at most, the others' states never learnt (and asked about for
+    48 h). It is the call's: each is sent without an id, matched in /logs by recipient
+    and text, and keeps the id found there; none is sent again."""
+    recipients = ["+12025550143", "+12025550144", "+12025550145"]
+    transport = Rewrite("/send-bulk", one_id_for_all)
+    config = bridge_config(tmp_path, sandbox_url)
+    async with running_bridge(config, clock, transport=transport) as (bridge, url):
+        ids = await post(url, {"to": recipients, "message": "db down"})
+        await bridge.dispatcher.run_once()
+        after_send = [await bridge.store.get(i) for i in ids]
+
+        async def delivered() -> bool:
+            return all(m.state == State.DELIVERED for m in await bridge.store.query())
+
+        await pump(bridge, clock, delivered, max_seconds=900)
+        final = [await bridge.store.get(i) for i in ids]
+    assert all(m.state == State.SENT and m.provider_message_id is None for m in after_send)
+    by_number = {e.to: str(e.message_id) for e in sandbox_state.entries}
+    assert {m.recipient: m.provider_message_id for m in final} == by_number
+    assert len(calls(sandbox_state, "/send-bulk")) == 1 and not calls(sandbox_state, "/send")

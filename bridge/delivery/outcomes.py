@@ -305,7 +305,8 @@ def _unnamed(batch: list[Message], result: SendResult) -> list[Message]:
     """The messages of a call whose answer gave recipients' ids but none of theirs."""
     if not result.message_ids:  # no ids at all (a batch id, a count): all taken alike
         return []
-    return [m for m in batch if m.recipient not in result.message_ids]
+    named = result.message_ids.keys() | result.shared  # an id shared: taken, no id of its own
+    return [m for m in batch if m.recipient not in named]
 
 
 def _sent_rows(

@@ -24,6 +24,7 @@ import email.utils
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +143,9 @@ class SendResult:
     batch_id: str | None = None
     cost: float | None = None
     balance: float | None = None
+    # Recipients the answer named with an id it gave to others too (`_own_ids`): taken,
+    # without an id of their own.
+    shared: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,11 +388,14 @@ MAX_COST = 1e9
 
 
 def _id(value: Any) -> str | None:
-    """An id as the provider gave it, or None for none: JSON null, a bool, a container,
-    or blank text (`"message_id": ""` kept as an id was looked for in /logs for ever,
+    """An id as the provider gave it (an integral float as its integer), or None for
+    none: JSON null, a bool, a container, or blank text (`"message_id": ""` kept as an id was looked for in /logs for ever,
     the text's delivery never known)."""
     if value is None or isinstance(value, bool | dict | list):
         return None
+    if isinstance(value, float) and value.is_integer():
+        # 10000.0 is the id /logs writes 10000: kept as "10000.0", it never matched.
+        return str(int(value))
     text = str(value)
     return text if text.strip() else None
 
@@ -435,7 +442,9 @@ def read_bulk(answer: Mapping[str, Any], recipients: Sequence[str]) -> SendResul
         raise TransientUnknownOutcome(
             f"provider accepted {count} of {len(recipients)} recipients, without ids"
         )
-    nothing = not result.message_ids and result.batch_id is None and count is None
+    nothing = (
+        not result.message_ids and not result.shared and result.batch_id is None and count is None
+    )
     if nothing and not accepted(answer):
         # An unexpected body: whether the provider took it is unknown: /logs decides.
         raise TransientUnknownOutcome("provider answered without ids or a success flag")
@@ -459,9 +468,9 @@ def _parse_bulk(data: Any, recipients: Sequence[str]) -> tuple[SendResult, int |
     items = _first(data, "messages", "results", "message_ids", "ids", "recipients")
     if isinstance(items, dict):
         for number, mid in items.items():
-            ours = _ours(number, recipients)
-            if ours is not None and _id(mid) is not None:
-                ids[ours] = str(mid)
+            ours, their_id = _ours(number, recipients), _id(mid)
+            if ours is not None and their_id is not None:
+                ids[ours] = their_id
     elif isinstance(items, list):
         for index, item in enumerate(items):
             if isinstance(item, dict):
@@ -469,10 +478,10 @@ def _parse_bulk(data: Any, recipients: Sequence[str]) -> tuple[SendResult, int |
                 ours = None if to is None else _ours(to, recipients)
                 if ours is not None and mid is not None:
                     ids[ours] = mid
-            elif isinstance(item, int) and not isinstance(item, bool):
+            elif isinstance(item, int | float) and not isinstance(item, bool) and _id(item):
                 bare += 1
                 if len(items) == len(recipients):  # ids in the order sent
-                    ids[recipients[index]] = str(item)
+                    ids[recipients[index]] = str(_id(item))
             # An id, not blank, not one of our numbers echoed back.
             elif isinstance(item, str) and _id(item) and _ours(item, recipients) is None:
                 bare += 1
@@ -488,15 +497,30 @@ def _parse_bulk(data: Any, recipients: Sequence[str]) -> tuple[SendResult, int |
         # those it had not taken too (an alert lost under a state that says it went).
         count = bare
     accepted = None if count is None else int(float(count))
+    ids, shared = _own_ids(ids)
     return (
         SendResult(
             message_ids=ids,
+            shared=shared,
             batch_id=None if batch is None else str(batch),
             cost=_bulk_cost(data, len(ids) or accepted or len(recipients)),
             balance=_number(data.get("balance")),
         ),
         accepted,
     )
+
+
+def _own_ids(ids: dict[str, str]) -> tuple[dict[str, str], frozenset[str]]:
+    """The ids each naming one recipient. An id the answer gives to several is the
+    call's, not a message's (a batch id written in each recipient's place): kept on each,
+    /logs could pair it with one of them at most, the others' states never learnt and
+    asked about until `give_up_after`. Those recipients (returned apart) are left without
+    an id, as after a bulk answer without ids: sent, matched in /logs by recipient and
+    text; not unknown outcomes (looked up, and resent if /logs showed only the shared id,
+    taken by another of them)."""
+    twice = {mid for mid, n in Counter(ids.values()).items() if n > 1}
+    own = {number: mid for number, mid in ids.items() if mid not in twice}
+    return own, frozenset(number for number, mid in ids.items() if mid in twice)
 
 
 def _bulk_cost(data: Mapping[str, Any], messages: int) -> float | None:
