@@ -15,14 +15,14 @@ cannot.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from bridge.clock import Clock, zone
 from bridge.config import ProviderConfig
+from bridge.delivery.leases import renewed
 from bridge.delivery.outcomes import Outcomes
 from bridge.delivery.pacing import GroupKey, group_key, hold, plan_batches, text_of
 from bridge.delivery.ratelimit import SlidingWindowLimiter
@@ -32,7 +32,6 @@ from bridge.errors import (
     ProviderAuthError,
     ProviderError,
     RateLimitedError,
-    StoreUnavailable,
     TransientSendError,
 )
 from bridge.health import ProviderHealth
@@ -606,7 +605,18 @@ class Dispatcher:
             return
         self.limiter.booked(now, "send")  # its stamp, moved when the call comes back
         try:
-            async with self._held([m.id for m in batch]):
+            # A call outlasting the lease (provider.timeout 10 s plus connect 5 s, against
+            # a cluster.lease that may be 5 s) was looked up by its taker before the
+            # provider logged it, and the text sent twice.
+            ids = [m.id for m in batch]
+            async with renewed(
+                self.store,
+                self.clock,
+                ids,
+                owner=self.owner,
+                lease=self.lease,
+                what="a send in flight",
+            ):
                 result = await self._call(batch, now)
         except (PermanentSendError, ProviderAuthError, TransientSendError) as exc:
             await self.outcomes.failed(batch, exc)
@@ -664,33 +674,6 @@ class Dispatcher:
             sender_id=first.sender_id,
             message_type=first.message_type,
         )
-
-    @contextlib.asynccontextmanager
-    async def _held(self, ids: list[int]) -> AsyncIterator[None]:
-        """Claims renewed every third of the lease while their call is in flight. Another
-        instance takes a claim over once its lease has passed and checks /logs before
-        sending again; a call outlasting the lease (provider.timeout 10 s plus connect
-        5 s, against a cluster.lease that may be 5 s) would be checked before the
-        provider logged it, and the text sent twice."""
-        renewing = asyncio.create_task(self._renew(ids))
-        try:
-            yield
-        finally:
-            renewing.cancel()
-
-    async def _renew(self, ids: list[int]) -> None:
-        while True:
-            await self.clock.sleep(self.lease / 3)
-            try:
-                until = self.clock.now() + self.lease
-                await self.store.renew(ids, owner=self.owner, lease_until=until)
-            except StoreUnavailable as exc:  # the call goes on; the lease may run out
-                log.warning("claims of a send in flight not renewed: %s", exc)
-            except Exception:
-                # Any other error too: ending the renewals here let the lease lapse while
-                # the call was in flight, and another instance take the text over and
-                # send it again. The next renewal may well go through.
-                log.exception("claims of a send in flight not renewed; trying again")
 
     async def _probe(self) -> bool:
         """While the key is refused, one cheap /balance now and then tells when it works."""
