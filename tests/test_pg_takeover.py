@@ -570,3 +570,48 @@ async def test_a_renewal_that_fails_unexpectedly_does_not_end_the_renewals(
         answer.set()
         await sending
         assert (await bridge.store.get(mid)).state == State.SENT
+
+
+@pytest.mark.usefixtures("on_postgresql")
+async def test_a_logs_walk_past_its_lease_keeps_the_claims_it_is_deciding(
+    tmp_path,
+    clock: ManualClock,
+    sandbox_state: SandboxState,
+    sandbox_url: str,
+) -> None:
+    """The provider took a text behind a 502 page; its look's /logs read is slow (held
+    until the clock has moved three leases on: a big backlog, a provider under load). The
+    walk did not renew the claims it was deciding: past the lease the leader took the
+    text over and read /logs for it again (another request of the shared window) and
+    found it; this walk, its page then showing an entry already recorded, decided "not
+    found: resend", dropped only because it no longer held the text (an event that says
+    it). The walk's claims are renewed while it reads: nothing to take over, one read,
+    the text found by the walk that looked, sent once. (Without renewals no renewer
+    sleeps on the clock: `_renewer_asleep` says so.)"""
+    async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
+        sandbox_state.faults.append(
+            Fault(status=502, body="<html>Bad Gateway</html>", path="/send", taken=True)
+        )
+        mid = await _post(url, "rack 4 on battery")
+        await bridge.dispatcher.run_once()
+        assert (await bridge.store.get(mid)).state == State.SENDING
+        clock.advance(RECONCILE_DELAY)
+        answer = asyncio.Event()
+        sandbox_state.faults.append(Fault(status=0, hold=answer, path="/logs"))
+        reconcile = bridge.dispatcher.reconciler.run_once
+        reconciling = await _in_flight(bridge, sandbox_state, "/logs", reconcile)
+        for _ in range(6):
+            await _renewer_asleep(clock)
+            clock.advance(LEASE / 2)
+            await _lease_runs_past(bridge.store, clock.now())
+        now = clock.now()
+        assert await bridge.store.unsettled(now, owner="other", lease_until=now + LEASE) == []
+        answer.set()
+        assert await reconciling is None
+        message = await bridge.store.get(mid)
+        events = await bridge.store.events(mid)
+    assert message is not None and message.state == State.SENT, message
+    [entry] = sandbox_state.entries
+    assert message.provider_message_id == str(entry.message_id)
+    assert [r.path for r in sandbox_state.requests if r.path.endswith("/logs")] == ["/api/v1/logs"]
+    assert not [e for e in events if (e["detail"] or "").startswith("not applied")]

@@ -51,6 +51,7 @@ from datetime import tzinfo
 
 from bridge.clock import Clock
 from bridge.config import ProviderConfig
+from bridge.delivery.leases import renewed
 from bridge.delivery.outcomes import Outcomes
 from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.errors import (
@@ -228,6 +229,17 @@ class Reconciler:
             # due for good, and every step of sends ended after one call (`look_due`).
             self.logs_retry_at = 0.0
             return None
+        # Held while they are decided: a walk of slow or many /logs pages (ten, each up to
+        # the call's timeouts) outlasted the lease, the leader took them over and read
+        # /logs for them again, and this walk's decision was dropped as no longer held.
+        ids, lease = [m.id for m in stale], self.lease
+        async with renewed(
+            self.store, self.clock, ids, owner=self.owner, lease=lease, what="a walk"
+        ):
+            return await self._settle(stale, now)
+
+    async def _settle(self, stale: list[Message], now: float) -> float | None:
+        """`run_once` for the messages in `sending` this owner holds, `stale`."""
         looks = {m.id: max(self.look_at(m), self._look_again.get(m.id, 0.0)) for m in stale}
         self._look_again = {i: at for i, at in self._look_again.items() if i in looks}
         ready = [m for m in stale if looks[m.id] <= now]
