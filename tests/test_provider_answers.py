@@ -249,17 +249,19 @@ async def storm_behind_an_unknown_outcome(
     text: str,
     *,
     taken: bool = True,
+    alerts: int = 30,
 ) -> int:
     """A text to the on-call phone behind a 502 page (the provider took it, or not), then
-    a minute of alerts to that phone 2 s apart (`text`, numbered if it has a `{}`),
-    answered without ids: the text's id, stepped through the storm by the dispatcher."""
+    `alerts` alerts to that phone 2 s apart (a minute's: `text`, numbered if it has a
+    `{}`), answered without ids: the text's id, stepped through the storm by the
+    dispatcher."""
     sandbox_state.shape = VARIANTS["count-only"]
     body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
     sandbox_state.faults.append(Fault(status=502, body=GATEWAY_PAGE, path="/send", taken=taken))
     [first] = (await post(url, {**body, "dedupe_key": "first"})).json()["ids"]
     await bridge.dispatcher.run_once()
     assert (await bridge.store.get(first)).state == State.SENDING  # type: ignore[union-attr]
-    for n in range(30):
+    for n in range(alerts):
         clock.advance(2.0)
         alert = {**body, "message": text.format(n), "dedupe_key": f"storm-{n}"}
         await post(url, alert)
@@ -307,6 +309,36 @@ async def test_a_look_in_a_storm_of_its_own_text_never_sends_it_twice(
     assert final.state == State.SENT and final.unknown_resends == 0, final  # type: ignore[union-attr]
     assert final.reason_kind == "unknown", final  # type: ignore[union-attr]
     assert len(sandbox_state.entries) == 31  # nothing sent twice
+
+
+def logs_reads(state: SandboxState) -> list[float]:
+    return [r.at for r in state.requests if r.path.endswith("/logs")]
+
+
+async def test_a_look_unsure_through_a_long_storm_of_its_text_backs_off(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """As above for ten minutes (`retry_max_age` an hour): a look that cannot tell the
+    text's entry from a young send's was made again every RECONCILE_DELAY for as long
+    as the storm lasted, 196 /logs reads out of the window its 300 sends share (a fifth
+    of it). The wait between such looks doubles up to `backoff_max`: a few reads, and
+    once the storm ends the text is found, never sent twice, a backoff_max later at most."""
+    config = bridge_config(tmp_path, sandbox_url)
+    transport = LogsLag(sandbox_state, clock, 3.0)
+    async with running_bridge(config, clock, transport=transport) as (bridge, url):
+        first = await storm_behind_an_unknown_outcome(
+            bridge, url, clock, sandbox_state, "FIRING: HighCPU", alerts=300
+        )
+        during = await bridge.store.get(first)
+        reads = logs_reads(sandbox_state)
+        await pump(bridge, clock, went(bridge, first), max_seconds=config.provider.backoff_max)
+        final = await bridge.store.get(first)
+    assert during.state == State.SENDING, during  # type: ignore[union-attr]
+    # 1 % of the 1,000 requests of those ten minutes' windows, at most.
+    assert len(reads) <= 10, reads
+    # Found: one of its text's 301 entries (which, the storm's repeats cannot tell).
+    assert final.unknown_resends == 0 and final.provider_message_id, final  # type: ignore[union-attr]
+    assert len(sandbox_state.entries) == 301  # nothing sent twice
 
 
 async def test_a_text_that_never_went_is_sent_once_a_storm_of_its_text_ends(

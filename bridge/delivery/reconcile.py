@@ -21,8 +21,9 @@ mid-call (no answer ever noted), after the claim, the call's timeouts and that d
     an entry that is it, or  -> (an id-less send to its number /logs may not show yet:
     a send of its text made     the look waits for /logs, YOUNG_SENDS_PATIENCE at most,
     with it: /logs cannot       for an alert storm) neither sent again nor recorded
-    tell which yet              sent: looked at again RECONCILE_DELAY on; "outcome
-                                unknown", not sent again, after `retry_max_age`
+    tell which yet              sent: looked at again RECONCILE_DELAY on, the wait
+                                doubling up to `backoff_max` while it stays so;
+                                "outcome unknown", not sent again, after `retry_max_age`
     walk stopped early       -> (more than RECONCILE_MAX_PAGES pages to read, as a bulk of
                                 1000 with texts after it; no budget; a 429) what was found
                                 recorded, the next step goes on from that page
@@ -52,7 +53,7 @@ from datetime import tzinfo
 from bridge.clock import Clock
 from bridge.config import ProviderConfig
 from bridge.delivery.leases import renewed
-from bridge.delivery.outcomes import Outcomes
+from bridge.delivery.outcomes import MAX_DOUBLINGS, Outcomes
 from bridge.delivery.ratelimit import SlidingWindowLimiter
 from bridge.errors import (
     ProviderAuthError,
@@ -197,8 +198,10 @@ class Reconciler:
         self._first_look: float | None = None
         self._cut_short = False  # the last walk stopped at its page cap: more to read now
         self._not_ready: float | None = None  # when the first one left not ready may be
-        # When to look again for texts a look could not tell from a young send (`_unsure`).
+        # When to look again for texts a look could not tell from a young send (`_unsure`),
+        # and how many looks in a row could not (the wait doubles: `_look_again_later`).
         self._look_again: dict[int, float] = {}
+        self._unsure_looks: dict[int, int] = {}
         # The dispatcher's stop (`Dispatcher.run`): it cuts a /logs read short.
         self.stopping: asyncio.Event | None = None
         # A walk stopped before its end: the page each message it left goes on from.
@@ -242,6 +245,7 @@ class Reconciler:
         """`run_once` for the messages in `sending` this owner holds, `stale`."""
         looks = {m.id: max(self.look_at(m), self._look_again.get(m.id, 0.0)) for m in stale}
         self._look_again = {i: at for i, at in self._look_again.items() if i in looks}
+        self._unsure_looks = {i: n for i, n in self._unsure_looks.items() if i in looks}
         ready = [m for m in stale if looks[m.id] <= now]
         # The rest is looked up at its own time (`next_look`): at the idle wait, a text
         # taken over from a dead instance waited 30 s more once another was settled.
@@ -424,21 +428,25 @@ class Reconciler:
         since their claim, or since this reconciler's first look if later (counted from
         the claim, a text left `sending` by a stop longer than that was decided at the
         first look after the restart)."""
+        return [m for m in messages if self._overdue_at(m, now) <= now]
+
+    def _overdue_at(self, message: Message, now: float) -> float:
+        """When `message` will have waited for /logs `retry_max_age` (`_overdue`)."""
         since = self._first_look if self._first_look is not None else now
-        patience = self.config.retry_max_age
-        return [m for m in messages if max(m.claimed_at or now, since) + patience <= now]
+        return max(message.claimed_at or now, since) + self.config.retry_max_age
 
     async def _look_again_later(self, unsure: list[Message], now: float) -> None:
         """Texts whose entry /logs may show, or may be a young send's (`_unsure`): neither
         sent again (a second SMS, if it went) nor recorded sent (never sent, if it did
-        not), but looked up again RECONCILE_DELAY on, once those sends show. Still so
+        not), but looked up again once those sends show (`_next_unsure_look`). Still so
         after `retry_max_age` (a storm of their very text that long), they end `sent`,
         "outcome unknown", not sent again: an entry of their text beyond every send we
         settled is in /logs, so the phone got that text, theirs or the same one again."""
         overdue = {m.id for m in self._overdue(unsure, now)}
         later = [m for m in unsure if m.id not in overdue]
-        self._look_again.update((m.id, now + RECONCILE_DELAY) for m in later)
-        self._wake_at([now + RECONCILE_DELAY] if later else [])
+        for m in later:
+            self._look_again[m.id] = self._next_unsure_look(m, now)
+        self._wake_at([self._look_again[m.id] for m in later])
         if overdue:
             await self._settle_unknown(
                 sorted(overdue),
@@ -446,6 +454,21 @@ class Reconciler:
                 " alert sent with it the logs never told; not sent again",
                 "among alerts of its text",
             )
+
+    def _next_unsure_look(self, message: Message, now: float) -> float:
+        """When to look again for a text a look could not tell from a young send:
+        RECONCILE_DELAY on, doubling with each look that could not, up to
+        `backoff_max`; never past when it is overdue (it ends then, not sent again). At
+        RECONCILE_DELAY each time, a storm of its text with /logs lagging read /logs
+        every 5 s for as long as it lasted, up to `retry_max_age`: 196 requests in a
+        10-minute storm (a fifth of the window every send shares). Looked up late once
+        the storm ends, a text that never went is sent late; its phone had that text
+        then (the entry that left it unsure is of its text, to its number)."""
+        looks = self._unsure_looks.get(message.id, 0)
+        self._unsure_looks[message.id] = looks + 1
+        doubled = RECONCILE_DELAY * 2 ** min(looks, MAX_DOUBLINGS)
+        wait = max(RECONCILE_DELAY, min(self.config.backoff_max, doubled))
+        return max(now, min(now + wait, self._overdue_at(message, now)))
 
     async def _go_on_with(
         self, carried: _Carried, matcher: Matcher, pages: dict[str | None, int]
