@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -361,17 +362,19 @@ async def test_a_text_that_never_went_is_sent_once_a_storm_of_its_text_ends(
 
 
 async def repeat_behind_a_bulk(
-    bridge: Bridge, url: str, clock: ManualClock, sandbox_state: SandboxState
+    bridge: Bridge, url: str, clock: ManualClock, sandbox_state: SandboxState, gap: float = 0.0
 ) -> int:
-    """An id-less send of a text to a phone, a bulk of 1,100 to others, then 200 s on a
-    repeat of the text whose answer was a 502 page after the provider took it (more than
-    a walk's 10 pages between the two entries): the repeat's id, `sending`."""
+    """An id-less send of a text to a phone, `gap` s on a bulk of 1,100 to others, then
+    200 s after the send a repeat of the text whose answer was a 502 page after the
+    provider took it (more than a walk's 10 pages between the two entries): the repeat's
+    id, `sending`."""
     body = {"to": "+12025550111", "message": "FIRING: HighCPU"}
     await post(url, {**body, "dedupe_key": "host-a"})
     await bridge.dispatcher.run_once()
+    clock.advance(gap)
     await post(url, {"to": [f"+1202{5000000 + i:07d}" for i in range(1100)], "message": "x"})
     await bridge.dispatcher.run_once()
-    clock.advance(200)
+    clock.advance(200 - gap)
     sandbox_state.faults.append(Fault(status=502, body=GATEWAY_PAGE, path="/send", taken=True))
     [repeat] = (await post(url, {**body, "dedupe_key": "host-b"})).json()["ids"]
     await bridge.dispatcher.run_once()
@@ -404,6 +407,29 @@ async def test_a_walk_cut_by_its_page_cap_goes_on_from_where_it_stopped(
     async with running_bridge(config, clock) as (bridge, url):
         repeat = await repeat_behind_a_bulk(bridge, url, clock, sandbox_state)
         await found_not_sent_again(bridge, clock, repeat)
+    assert len(sandbox_state.entries) == 1102  # nothing sent twice
+
+
+async def test_a_carried_walk_reads_from_the_day_of_the_oldest_send_it_pairs(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """As above across midnight: the earlier send at 23:59, the bulk at 00:00:30 and the
+    repeat at 00:02:20. The walk goes on from page 11 to the earlier send's entry, the
+    last of page 12, read from the day of the oldest send it pairs (less CLOCK_SKEW):
+    yesterday, for both the cut walk and the one carrying it on. From today (the repeat's
+    claim, the newest send; or the step's clock) /logs ended at page 12 without it, the
+    repeat took the earlier send's entry's place, "not found", and was sent again."""
+    sandbox_state.shape = VARIANTS["count-only"]
+    config = bridge_config(tmp_path, sandbox_url, "[http]\nmax_recipients = 2000\n")
+    midnight = datetime.fromtimestamp(clock.now(), UTC).replace(hour=0, minute=0, second=0)
+    midnight += timedelta(days=1)
+    clock.advance(midnight.timestamp() - 60 - clock.now())  # 23:59:00
+    async with running_bridge(config, clock) as (bridge, url):
+        repeat = await repeat_behind_a_bulk(bridge, url, clock, sandbox_state, gap=90)
+        await found_not_sent_again(bridge, clock, repeat)
+    logs = [r.query for r in sandbox_state.requests if r.path.endswith("/logs")]
+    assert [q["page"] for q in logs] == [str(page) for page in range(1, 13)]  # cut at 10
+    assert {q["date_from"] for q in logs} == {str(midnight.date() - timedelta(days=1))}
     assert len(sandbox_state.entries) == 1102  # nothing sent twice
 
 
