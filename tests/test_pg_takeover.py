@@ -143,14 +143,18 @@ async def _renewer_asleep(clock: ManualClock) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _lease_runs_past(store: PostgresStore, now: float) -> None:
+async def _lease_runs_past(store: PostgresStore, now: float, mid: int | None = None) -> bool:
     """Until the in-flight claim's lease runs past `now` (renewed if need be): waits for
-    the renewal's write itself, not for a time (a starved machine only makes it later)."""
+    the renewal's write itself, not for a time (a starved machine only makes it later).
+    With `mid`, or until that message is no longer `sending`: whether it still is."""
     deadline = time.monotonic() + 60  # only a renewal that never comes ends here
     while (await store.next_lease_expiry(owner="nobody") or 0) <= now:
+        if mid is not None and (await store.get(mid)).state != State.SENDING:  # type: ignore[union-attr]
+            return False
         if time.monotonic() > deadline:
             raise AssertionError(f"the claim in flight was not renewed past {now}")
         await asyncio.sleep(0.01)
+    return True
 
 
 async def _held_past_three_leases(
@@ -615,3 +619,44 @@ async def test_a_logs_walk_past_its_lease_keeps_the_claims_it_is_deciding(
     assert message.provider_message_id == str(entry.message_id)
     assert [r.path for r in sandbox_state.requests if r.path.endswith("/logs")] == ["/api/v1/logs"]
     assert not [e for e in events if (e["detail"] or "").startswith("not applied")]
+
+
+@pytest.mark.usefixtures("on_postgresql")
+async def test_an_unknown_outcome_waiting_for_logs_past_its_lease_stays_its_instances(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """The provider took a text behind a 502 page, and /logs answers 503 four times: the
+    look waits for it at the dispatcher's backoff (5 s doubling), longer than the lease.
+    Its claim was renewed only by the dispatcher's steps, asleep until the look: it
+    lapsed, and the leader took the text over and read /logs at once, past the backoff.
+    The dispatcher's loop renews what its reconciler holds while it sleeps: the claim
+    holds, the text is found once /logs answers, sent once."""
+    async with _leased_bridge(tmp_path, clock, sandbox_url) as (bridge, url):
+        gateway = "<html>Bad Gateway</html>"
+        sandbox_state.faults += [
+            Fault(status=502, body=gateway, path="/send", taken=True),
+            Fault(status=503, body="<html>busy</html>", path="/logs", times=4),
+        ]
+        mid = await _post(url, "chiller 2 tripped")
+        stop = asyncio.Event()
+        loop = asyncio.create_task(bridge.dispatcher.run(stop))
+        try:
+            deadline = time.monotonic() + 60  # the loop's first step sends it
+            while (await bridge.store.get(mid)).reason_kind is None:  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "the loop sent nothing"
+                await asyncio.sleep(0.01)
+            start = now = clock.now()
+            while await _lease_runs_past(bridge.store, now, mid):
+                await asyncio.sleep(0.05)  # the loop's step under way ends, then sleeps
+                clock.advance(1.0)
+                now = clock.now()
+                assert now < start + 600, "never settled"
+        finally:
+            stop.set()
+            await loop
+        message = await bridge.store.get(mid)
+    logs = [r.status for r in sandbox_state.requests if r.path.endswith("/logs")]
+    assert logs == [503, 503, 503, 503, 200]
+    assert message is not None and message.state == State.SENT, message
+    [entry] = sandbox_state.entries
+    assert message.provider_message_id == str(entry.message_id)

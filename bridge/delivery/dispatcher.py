@@ -193,15 +193,22 @@ class Dispatcher:
                 self._budget_loaded = True
             return await self.run_once()
 
-        await run_steps(
-            step,
-            name="dispatcher",
-            clock=self.clock,
-            stop=stop,
-            retry_after=5.0,
-            wake=self.wake,
-            health=self.loops,
-        )
+        # Renewed only by the steps, an unknown outcome waiting for its look longer than
+        # the lease (the steps sleep until then) was taken over by the leader, which looked
+        # at once: past a /logs backoff, a storm's put-off look, another read of the window.
+        held = self.reconciler.held
+        async with renewed(
+            self.store, self.clock, held, owner=self.owner, lease=self.lease, what="/logs looks"
+        ):
+            await run_steps(
+                step,
+                name="dispatcher",
+                clock=self.clock,
+                stop=stop,
+                retry_after=5.0,
+                wake=self.wake,
+                health=self.loops,
+            )
 
     async def run_once(self) -> float:
         """One step: send what is due and within budget; return seconds until the next."""

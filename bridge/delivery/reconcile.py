@@ -210,6 +210,9 @@ class Reconciler:
         self._carried: _Carried | None = None
         self.owner, self.lease = owner, lease  # whose claims this settles (and takes over)
         self.takes_over = takes_over  # whether it takes over others' (the leader's sweep)
+        # The claims in `sending` the last step held: the dispatcher renews them between
+        # steps (`held`).
+        self._held: list[int] = []
 
     async def run_once(self) -> float | None:
         """Settle messages left in `sending` by a crash or an unknown outcome.
@@ -226,6 +229,7 @@ class Reconciler:
         stale = await self.store.unsettled(
             now, owner=self.owner, lease_until=now + self.lease, take_over=self.takes_over()
         )
+        self._held = [m.id for m in stale]
         if not stale:
             # Nothing waits for /logs: a retry time a failed read set is spent (its texts
             # left `sending` meanwhile, by another instance or an operator). Kept, it was
@@ -359,6 +363,14 @@ class Reconciler:
         await self._not_found([m for m in missing if m.id not in unsure])
         await self._look_again_later([m for m in missing if m.id in unsure], now)
         return None
+
+    def held(self) -> list[int]:
+        """The claims in `sending` this reconciler held at its last step, waiting for a
+        look (or in one): the dispatcher's loop renews them while it sleeps, a look put
+        off longer than the lease (a /logs backoff, a storm's unsure look, the 20 s a
+        crash's text waits) included. Ids decided since are no longer `sending` under
+        this owner: a renewal passes them by."""
+        return self._held
 
     def look_at(self, message: Message) -> float:
         """When /logs may be read for a message in `sending`: RECONCILE_DELAY after its
