@@ -199,7 +199,7 @@ class Reconciler:
         self._cut_short = False  # the last walk stopped at its page cap: more to read now
         self._not_ready: float | None = None  # when the first one left not ready may be
         # When to look again for texts a look could not tell from a young send (`_unsure`),
-        # and how many looks in a row could not (the wait doubles: `_look_again_later`).
+        # and how many looks could not so far (the wait doubles: `_next_unsure_look`).
         self._look_again: dict[int, float] = {}
         self._unsure_looks: dict[int, int] = {}
         # The dispatcher's stop (`Dispatcher.run`): it cuts a /logs read short.
