@@ -53,10 +53,10 @@ def _leased_bridge(
     return running_bridge(bridge_config(tmp_path, sandbox_url, extra, **provider), clock)
 
 
-async def _post(url: str, text: str) -> int:
+async def _post(url: str, text: str, **more: str) -> int:
     async with httpx.AsyncClient() as http:
         response = await http.post(
-            f"{url}/api/v1/messages", json={"to": "+12025550143", "message": text}
+            f"{url}/api/v1/messages", json={"to": "+12025550143", "message": text, **more}
         )
     [mid] = response.json()["ids"]
     return int(mid)
@@ -660,3 +660,62 @@ async def test_an_unknown_outcome_waiting_for_logs_past_its_lease_stays_its_inst
     assert message is not None and message.state == State.SENT, message
     [entry] = sandbox_state.entries
     assert message.provider_message_id == str(entry.message_id)
+
+
+class MatchedStore(PostgresStore):
+    """Once `hold` is set, the next look at which /logs entries are known answers as
+    it found them, but only once `go` is set: another instance records an entry between
+    this walk's reading it and this walk's recording."""
+
+    hold: asyncio.Event | None = None
+    go = asyncio.Event()
+
+    async def known_provider_ids(self, provider_ids: Any) -> set[str]:
+        known = await super().known_provider_ids(provider_ids)
+        if self.hold is not None and provider_ids:
+            self.hold.set()
+            self.hold = None
+            await self.go.wait()
+        return known
+
+
+@pytest.mark.usefixtures("on_postgresql")
+async def test_an_entry_two_instances_read_at_once_settles_one_of_their_texts(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str, postgres_url: str
+) -> None:
+    """Two instances each sent "db-1 down" to one phone behind a 502 page; the provider
+    took A's only. Each looked in /logs for its own (the other's `sending` text is not
+    its to count): both walks read the one entry before either recorded it, and both
+    recorded it, B's text sent with A's provider id and never texted. A walk records
+    no entry another instance recorded meanwhile: B's text stays `sending`, and its next
+    look, with that entry known, finds none: sent again, once."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    b_store = MatchedStore(postgres_url)
+    config_b = bridge_config(tmp_path / "b", sandbox_url, f'[cluster]\nlease = "{LEASE:g}s"\n')
+    async with (
+        _leased_bridge(tmp_path / "a", clock, sandbox_url) as (a, url_a),
+        running_bridge(config_b, clock, store=b_store) as (b, url_b),
+    ):
+        gateway = "<html>Bad Gateway</html>"
+        sandbox_state.faults.append(Fault(status=502, body=gateway, path="/send", taken=True))
+        ours = await _post(url_a, "db-1 down", dedupe_key="db-1 on a")
+        await a.dispatcher.run_once()
+        clock.advance(1.0)
+        sandbox_state.faults.append(Fault(status=502, body=gateway, path="/send"))
+        theirs = await _post(url_b, "db-1 down", dedupe_key="db-1 on b")
+        await b.dispatcher.run_once()
+        clock.advance(RECONCILE_DELAY)
+        matched = b_store.hold = asyncio.Event()
+        walk_b = asyncio.create_task(b.dispatcher.reconciler.run_once())
+        await asyncio.wait_for(matched.wait(), 60)  # B read the entry: not known yet
+        assert await a.dispatcher.reconciler.run_once() is None  # A found and recorded it
+        b_store.go.set()
+        assert await walk_b is None
+        [entry] = sandbox_state.entries
+        assert (await b.store.get(theirs)).state == State.SENDING  # type: ignore[union-attr]
+        await pump(b, clock, lambda: len(sandbox_state.entries) == 2, max_seconds=60)
+        found, resent = [await a.store.get(i) for i in (ours, theirs)]
+    assert found is not None and found.provider_message_id == str(entry.message_id), found
+    assert resent is not None and resent.unknown_resends == 1, resent
+    assert resent.provider_message_id != found.provider_message_id, resent

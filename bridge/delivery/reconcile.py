@@ -357,7 +357,7 @@ class Reconciler:
         found = self._found(matcher)
         if found:
             log.info("reconciled %d messages the provider had already accepted", len(found))
-            await self.outcomes.record_sent(found)
+            await self._record(found)
         missing = _missing(matcher, found)
         unsure = {m.id for m in _unsure(matcher, missing, young)}
         await self._not_found([m for m in missing if m.id not in unsure])
@@ -577,7 +577,7 @@ class Reconciler:
         # and was resent once overdue: a second SMS of a text the provider had).
         found = self._found(matcher)
         if found:
-            await self.outcomes.record_sent(found)
+            await self._record(found)
         # Only what has waited for /logs as long as a retry may last is decided
         # without it (`_overdue`); the rest waits for /logs to answer.
         missing = _missing(matcher, found)
@@ -614,9 +614,21 @@ class Reconciler:
         found = self._found(matcher)
         if found:
             log.info("reconciled %d messages the provider had already accepted", len(found))
-            await self.outcomes.record_sent(found)
+            await self._record(found)
         missing = _missing(matcher, found)
         self._resume = self._resume_at(page, missing, matcher.candidates(), pages, start)
+
+    async def _record(self, found: list[Found]) -> None:
+        """Record `found` as sent, less the entries another instance recorded meanwhile
+        for a text of its own: its walk and this one read the entry before either
+        recorded it (each counts only its own texts, not the other's still `sending`),
+        and both took it, one text recorded sent that never went. Those stay `sending`,
+        neither decided nor missing: the next step looks again, that entry known.
+        (A read just before the other's write still races it; the window is that short,
+        not a walk's pages.)"""
+        known = await self.store.known_provider_ids([pid for _, pid, _ in found if pid])
+        if mine := [one for one in found if one[1] not in known]:
+            await self.outcomes.record_sent(mine)
 
     async def _not_found(self, missing: list[Message]) -> None:
         """/logs did not show these: retry a provider error; resend an unknown outcome
