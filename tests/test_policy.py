@@ -15,7 +15,7 @@ from sqlite_utils import Database
 
 import tests.properties  # noqa: F401  (the suite's Hypothesis profile)
 from bridge.models import NewMessage, State
-from bridge.policy.decide import Rules
+from bridge.policy.decide import Rules, content_hash, scoped_key, text_key
 from bridge.store.sqlite.schema import migrations
 from bridge.store.sqlite.store import ingest_all, ingest_unlocked
 
@@ -33,6 +33,22 @@ def store_all(
     return [(s.id, str(s.message.state), s.message.reason) for s in stored]
 
 
+# Keys as ingest makes them: a scope's text keys (`scope` for `scoped_key(scope,
+# text_key(text))`) and a mail's content in a Date slot (`mail@N`: slot N): their
+# repeats are duplicates only while their key (a slot's: its neighbours') is the scope's
+# last word to the phone, which a scope's message with any other key ends; a scope's own
+# key (`api:b`), and unscoped ones.
+SCOPED_TEXT = ("api", "route@kuma")
+MAIL_SLOTS = ("mail@0", "mail@1", "mail@2", "mail@3")
+
+
+def _key(key: str | None, text: str) -> str | None:
+    if key in MAIL_SLOTS:
+        content = f"sent:{content_hash(' '.join(text.split()).casefold())}"
+        return scoped_key("mail", f"{content}@slot300:{key[-1]}")
+    return scoped_key(key, text_key(text)) if key in SCOPED_TEXT else key
+
+
 messages = st.builds(
     lambda phone, text, key, route, gap: (
         NewMessage(
@@ -43,13 +59,13 @@ messages = st.builds(
             message_type=1,
             parts=1,
             route=route,
-            dedupe_key=key,
+            dedupe_key=_key(key, text),
         ),
         gap,
     ),
     phone=st.integers(0, 2),
     text=st.sampled_from(["disk full", "Disk  FULL", "load high", "back to normal"]),
-    key=st.sampled_from([None, None, "a", "b"]),
+    key=st.sampled_from([None, None, "a", "b", *SCOPED_TEXT, *SCOPED_TEXT, "api:b", *MAIL_SLOTS]),
     route=st.sampled_from([None, "quick", "never"]),
     gap=st.sampled_from([0.0, 0.5, 30.0, 400.0]),
 )

@@ -510,6 +510,39 @@ async def test_a_devices_own_retry_built_anew_is_texted_once(
     assert states == [queued, dup, dup, queued, dup], states
 
 
+async def test_a_devices_flap_back_within_minutes_is_texted(
+    tmp_path, clock, sandbox_state: SandboxState, sandbox_url, backend: str
+) -> None:
+    """A mail's content within a Date slot's reach is its retry only while it is still
+    the mail's last word to the phone: a UPS on battery, back on mains, on battery again
+    within minutes texts all three (the second "on battery" was suppressed: the phone
+    said "power restored" while the UPS ran down). Its retry is still one."""
+
+    def ups(date: str, n: int, subject: str) -> str:
+        return (
+            f"Date: {date}\r\nMessage-ID: <{n}@ups-rack1.example.org>\r\n"
+            f"From: ups-rack1@example.org\r\nSubject: UPS ups-rack1: {subject}\r\n\r\n"
+            "See the UPS log\r\n"
+        )
+
+    sends = [
+        ("Tue, 01 Dec 2026 02:04:50 +0000", "on battery"),
+        ("Tue, 01 Dec 2026 02:05:10 +0000", "power restored"),
+        ("Tue, 01 Dec 2026 02:05:40 +0000", "on battery"),  # a flap: news
+        ("Tue, 01 Dec 2026 02:06:30 +0000", "on battery"),  # its retry, built anew
+    ]
+    async with smtp_bridge(tmp_path, clock, sandbox_url) as (bridge, port):
+        for n, (date, subject) in enumerate(sends):
+            raw = ups(date, n, subject)
+            await asyncio.to_thread(send, port, "ups-rack1@example.org", [DEFAULT_RCPT], raw)
+            clock.advance(30)
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=600)
+        states = [m.state for m in sorted(await bridge.store.query(), key=lambda m: m.id)]
+    assert states[3] == State.SUPPRESSED and State.SUPPRESSED not in states[:3], states
+    texted = [e.message.split("\n")[0].rsplit(": ", 1)[1] for e in sandbox_state.entries]
+    assert texted == ["on battery", "power restored", "on battery"], texted
+
+
 async def test_an_auto_reply_with_the_alerts_words_does_not_silence_the_alert(
     tmp_path, clock, sandbox_state: SandboxState, sandbox_url
 ) -> None:

@@ -13,7 +13,7 @@ from bridge.models import NewMessage, State
 from bridge.policy.decide import Rules
 from bridge.pricing import BILLED_MAX_FOR
 from bridge.store import Store
-from bridge.store.api import Held, IngestQuestions, Lookups, Pause
+from bridge.store.api import Held, IngestQuestions, Lookups, OriginalQuestion, Pause
 from tests.stores import AS_GIVEN, BACKENDS, FACTORIES, aggregated, reported, seed
 
 MESSAGE = NewMessage("+12025550143", "hi", "http", "SMS", 1, 1)
@@ -384,7 +384,10 @@ async def test_the_store_answers_what_policy_asks(store: Store) -> None:
     class Asking:
         def questions(self, pending):
             return IngestQuestions(
-                originals=[("k", MESSAGE.recipient, 0.0), ("k", MESSAGE.recipient, 5.5)],
+                originals=[
+                    OriginalQuestion("k", MESSAGE.recipient, 0.0),
+                    OriginalQuestion("k", MESSAGE.recipient, 5.5),
+                ],
                 storms=[
                     (mine, 8.0, 100.0, 0.0),
                     (theirs, 8.0, 100.0, 0.0),
@@ -398,7 +401,7 @@ async def test_the_store_answers_what_policy_asks(store: Store) -> None:
             return [m for m, _ in pending]
 
     await store.ingest([(MESSAGE, 8.0)], Asking())
-    assert seen[0].originals == {("k", MESSAGE.recipient, 0.0): first}
+    assert seen[0].originals == {OriginalQuestion("k", MESSAGE.recipient, 0.0): first}
     assert seen[0].storms == {
         (mine, 8.0, 100.0, 0.0): (False, (5.0, 5.0, 100.0)),  # not the failed one
         (theirs, 8.0, 100.0, 0.0): (True, ()),
@@ -406,6 +409,50 @@ async def test_the_store_answers_what_policy_asks(store: Store) -> None:
         (uk, 250.0, 100.0, 150.0): (True, ()),
     }
     assert held > first
+
+
+async def test_the_store_answers_a_scopes_last_word_to_the_phone_when_asked(store: Store) -> None:
+    """`last_of`: with an original found, the key of the newest message from that scope
+    to the phone (a key the bridge derived repeats only while it is the last word)."""
+    down, up = (MESSAGE._replace(text=t, dedupe_key=f"route@k:text:{t}") for t in ("d", "u"))
+    # One moment: the newest is the one stored last (by id).
+    [first, change, _, _] = await seed(store, [down, up, down, down], 5.0)
+    [failed] = await seed(store, [up], 6.0)  # not a word: it never reached the phone
+    await store.finish([(failed, State.FAILED, "refused")], 6.5, owner=OWNER["owner"], queued=True)
+    elsewhere = [  # another scope's word, another phone's: neither is this scope's
+        MESSAGE._replace(text="u", dedupe_key="route@kuma:text:u"),
+        up._replace(recipient="+12025550144"),
+    ]
+    await seed(store, elsewhere, 7.0)
+    questions = [
+        OriginalQuestion("route@k:text:d", MESSAGE.recipient, 0.0, "route@k:"),
+        OriginalQuestion("route@k:text:u", MESSAGE.recipient, 0.0, "route@k:"),
+        OriginalQuestion("route@k:text:d", MESSAGE.recipient, 0.0),  # not asked
+        OriginalQuestion("route@k:text:x", MESSAGE.recipient, 0.0, "route@k:"),  # no original
+        OriginalQuestion("route@kuma:text:u", MESSAGE.recipient, 0.0, "route@kuma:"),
+    ]
+    seen: list[Lookups] = []
+
+    class Asking:
+        def questions(self, pending):
+            return IngestQuestions(originals=questions)
+
+        def decide(self, lookups, pending, ids):
+            seen.append(lookups)
+            return [m for m, _ in pending]
+
+    await store.ingest([(MESSAGE, 8.0)], Asking())
+    assert seen[0].originals == {
+        questions[0]: first,
+        questions[1]: change,
+        questions[2]: first,
+        questions[4]: failed + 1,
+    }
+    assert seen[0].last_words == {
+        questions[0]: "route@k:text:d",
+        questions[1]: "route@k:text:d",
+        questions[4]: "route@kuma:text:u",
+    }
 
 
 async def test_the_store_answers_a_batch_of_many_questions_whole(store: Store) -> None:
@@ -423,7 +470,10 @@ async def test_the_store_answers_a_batch_of_many_questions_whole(store: Store) -
         def questions(self, pending):
             return IngestQuestions(
                 # every other key is stored; the storms ask about 350 phones, 300 known
-                originals=[(f"k{n}" if n % 2 else f"new{n}", p, 0.0) for n, p in enumerate(phones)],
+                originals=[
+                    OriginalQuestion(f"k{n}" if n % 2 else f"new{n}", p, 0.0)
+                    for n, p in enumerate(phones)
+                ],
                 storms=[(p, 8.0, 60.0, 0.0) for p in phones[100:]]
                 + [(f"+1303555{n:04d}", 8.0, 60.0, 0.0) for n in range(50)],
             )
@@ -435,7 +485,7 @@ async def test_the_store_answers_a_batch_of_many_questions_whole(store: Store) -
     [after] = await store.ingest([(MESSAGE, 8.0)], Asking())
     assert after.id == stored[-1] + 1
     assert seen[0].originals == {
-        (f"k{n}", p, 0.0): stored[n] for n, p in enumerate(phones) if n % 2
+        OriginalQuestion(f"k{n}", p, 0.0): stored[n] for n, p in enumerate(phones) if n % 2
     }
     assert seen[0].storms == {
         **{(p, 8.0, 60.0, 0.0): (False, (5.0,)) for p in phones[100:]},

@@ -188,6 +188,112 @@ async def test_per_route_dedupe_window(tmp_path, clock: ManualClock, sandbox_url
         assert await bridge.store.counts() == {"queued": 3}
 
 
+# Routes to one phone whose texts carry no key of their own: the text is the key.
+FLAPPING = "".join(
+    f'[routes.{name}]\nformat = "{form}"\nto = ["+12025550143"]\npublic = true\n{more}\n'
+    for name, form, more in (
+        ("grafana", "grafana", ""),
+        ("kuma", "generic", 'text_path = "msg"'),
+        ("other", "generic", 'text_path = "msg"'),
+    )
+)
+
+
+def legacy_grafana(state: str) -> dict:
+    """A legacy Grafana alert (no group key, no fingerprint: its text is its key)."""
+    return {
+        "ruleName": "Host down",
+        "ruleId": 7,
+        "ruleUrl": "http://grafana.example/d/7",
+        "state": state,
+        "title": f"[{state.title()}] Host down",
+        "message": "web-1 does not answer",
+        "tags": {},
+        "evalMatches": [],
+    }
+
+
+@on_each_backend
+async def test_a_text_keyed_alert_that_flaps_back_is_news_and_its_retry_is_not(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """Text-keyed routes (legacy Grafana, generic without dedupe_path): a repeat is a
+    duplicate only while its key is still the route's last word to the phone."""
+    config = bridge_config(tmp_path, sandbox_url, FLAPPING)
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+
+        async def post(route: str, body: dict) -> dict:
+            response = await http.post(f"{url}/hooks/{route}", json=body)
+            assert response.status_code == 202, response.text
+            clock.advance(120)  # all within the 10 minutes' dedupe window
+            return response.json()["messages"][0]
+
+        grafana = [await post("grafana", legacy_grafana(s)) for s in ("alerting", "ok", "alerting")]
+        grafana.append(await post("grafana", legacy_grafana("alerting")))  # its retry
+        down, up = {"msg": "[shop] [Down] timeout"}, {"msg": "[shop] [Up] 200 - OK"}
+        kuma = [await post("kuma", body) for body in (down, up, down, down)]
+        # Another route's words to the phone are not this route's news: a repeat after
+        # them is still a repeat.
+        before = await post("kuma", {"msg": "disk full"})
+        await post("other", {"msg": "something else"})
+        again = await post("kuma", {"msg": "disk full"})
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=600)
+    for first, change, flap, retry in (grafana, kuma):
+        assert [m["state"] for m in (first, change, flap)] == ["queued"] * 3
+        assert retry["state"] == "suppressed"
+        # The original named is the key's first within the window, as for any key.
+        assert f"duplicate of message {first['id']} " in retry["reason"]
+    assert again["state"] == "suppressed" and str(before["id"]) in again["reason"]
+    texts = [e.message for e in sandbox_state.entries]
+    assert [t.split("]")[0] for t in texts if "Host down" in t] == ["[ALERTING", "[OK", "[ALERTING"]
+    assert [t for t in texts if "[shop]" in t] == [down["msg"], up["msg"], down["msg"]]
+    assert texts.count("disk full") == 1 and len(texts) == 8
+
+
+@on_each_backend
+async def test_an_api_text_without_a_key_repeats_only_while_it_is_the_last_word(
+    tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str
+) -> None:
+    """API sends without `dedupe_key`: a repeat is a duplicate while it is still the API's
+    last word to that phone (another phone's texts do not matter); after another text to
+    it, news. A sender's own `dedupe_key` says "the same event" whatever came between."""
+    config = bridge_config(tmp_path, sandbox_url)
+    one, two = "+12025550143", "+12025550144"
+    async with running_bridge(config, clock) as (bridge, url), httpx.AsyncClient() as http:
+
+        async def post(to: str, text: str, **more: str) -> str:
+            response = await http.post(
+                f"{url}/api/v1/messages", json={"to": to, "message": text, **more}
+            )
+            assert response.status_code == 202, response.text
+            clock.advance(30)  # all within the 10 minutes' dedupe window
+            return str(response.json()["messages"][0]["state"])
+
+        states = [
+            await post(one, "db-1 DOWN"),
+            await post(one, "db-1 down"),  # a repeat: the same text key
+            await post(two, "db-1 UP"),  # to another phone
+            await post(one, "db-1 DOWN"),  # still phone one's last word: a repeat
+            await post(one, "db-1 UP"),
+            await post(one, "db-1 DOWN"),  # a flap: news
+            await post(one, "db-1 DOWN"),  # and its repeat
+            await post(one, "deploy 7 done", dedupe_key="deploy-7"),
+            await post(one, "db-1 UP"),
+            await post(one, "deploy 7 done", dedupe_key="deploy-7"),  # the sender's key
+        ]
+        await pump(bridge, clock, lambda: settled(bridge), max_seconds=600)
+    q, dup = "queued", "suppressed"
+    assert states == [q, dup, q, dup, q, q, dup, q, q, dup]
+    assert [(e.to, e.message) for e in sandbox_state.entries] == [
+        (one, "db-1 DOWN"),
+        (two, "db-1 UP"),
+        (one, "db-1 UP"),
+        (one, "db-1 DOWN"),
+        (one, "deploy 7 done"),
+        (one, "db-1 UP"),
+    ]
+
+
 @on_each_backend
 async def test_budget_cap_waits_loses_nothing_and_warns_once(
     tmp_path, clock: ManualClock, sandbox_state: SandboxState, sandbox_url: str

@@ -11,6 +11,15 @@ the interface's vocabulary.
   GitHub body hash, alert fingerprints and status; otherwise the normalised text) to the
   same recipient within the window -> `suppressed`, naming the original. Every key
   carries its scope (`dedupe_scope`): keys from the API, a route or mail never meet.
+  A key the bridge derives from a text (`text_key`: a legacy Grafana alert, a generic
+  route without `dedupe_path`, an API send without `dedupe_key`, a mail without
+  headers) or from a mail's content and Date slot cannot tell a retry from a flap:
+  ALERTING, OK, ALERTING has the first text's key again. So such a repeat is a
+  duplicate only while its key is still its scope's last word to the phone
+  (`last_word_scope`); once another text of that scope reached the phone, it is news.
+  A sender's own key (API `dedupe_key`, a route's `dedupe_path`, GitHub/GitLab ids,
+  alert fingerprints with their episode's start, a Message-ID) says "the same event"
+  and keeps the plain rule.
 - Storm control: more than `per_recipient` texts to one phone within the window ->
   `held`; the digest worker (`bridge.delivery.digests`) later folds held messages into one SMS.
   A text counts when it reaches the phone: a scheduled one at its `schedule_time`, not
@@ -43,6 +52,11 @@ from bridge.store.api import (
 
 # A key `slotted_key` made: the time slot it was made in, at its end.
 _SLOTTED = re.compile(r"@slot(\d+):(-?\d+)$")
+_TEXT = "text:"
+_TEXT_KEY_CHARS = len(_TEXT) + 24  # `text_key`'s
+# The start of a mail's content-and-Date key after its scope (`mail_dedupe_key`), and
+# the scopes mail keys carry.
+_MAIL_SLOTTED, _MAIL_SCOPES = "sent:", ("mail:", "mail@")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +96,7 @@ class Rules:
         """The stored originals and storm counts the decisions of `pending` need."""
         queued = [(m, now) for m, now in _keyed(pending) if m.state == State.QUEUED]
         originals = {
-            OriginalQuestion(key, m.recipient, now - window)
+            OriginalQuestion(key, m.recipient, now - window, last_word_scope(m.dedupe_key or ""))
             for m, now in queued
             if (window := self.window_for(m.route)) > 0
             for key in repeated_keys(m.dedupe_key or "")
@@ -99,7 +113,12 @@ class Rules:
         decision sees the stored rows and the messages before it, exactly as if they had
         been decided and inserted one at a time.
         """
-        batch = _Batch(rules=self, originals=lookups.originals, storms=lookups.storms)
+        batch = _Batch(
+            rules=self,
+            originals=lookups.originals,
+            storms=lookups.storms,
+            last_words=lookups.last_words,
+        )
         out = []
         for message_id, (message, now) in zip(ids, _keyed(pending), strict=True):
             decided = _decide(message, now, batch)
@@ -182,7 +201,28 @@ def text_key(text: str) -> str:
     # a tenth of the instructions (a regex sub builds a list of pieces; ~3 % of the loop's
     # work on a distinct alert, BENCHMARKS.md, issue #16).
     normalised = " ".join(text.split()).casefold()
-    return "text:" + hashlib.sha256(normalised.encode()).hexdigest()[:24]
+    return _TEXT + hashlib.sha256(normalised.encode()).hexdigest()[:24]
+
+
+def last_word_scope(key: str) -> str:
+    """For a key the bridge derived (a scoped `text_key`, a mail's content and Date
+    slot), its scope's prefix (`route@kuma:`): a repeat of it is a duplicate only while
+    its key is that scope's last word to the phone. "" for any other key: a sender's own
+    says what is the same event itself (an alert's carries its episode's start, so its
+    flap is news already), and a scheduled text's (its key holds its time after an `@`):
+    a reminder's retry must meet its first whatever was scheduled between them, as what a
+    phone shows last is not the order they were sent in."""
+    # String tests, no regular expression: this runs for every message of every ingest
+    # (issue #16). A scope holds no `:` (`dedupe_scope`), so the first ends it.
+    colon = key.find(":")
+    if colon <= 0:
+        return ""  # unscoped: no scope to speak for
+    rest = key[colon + 1 :]
+    if len(rest) == _TEXT_KEY_CHARS and rest.startswith(_TEXT):
+        return key[: colon + 1]
+    if key.startswith(_MAIL_SCOPES) and rest.startswith(_MAIL_SLOTTED) and rest.count("@") == 1:
+        return key[: colon + 1]  # the one `@` is its slot's: not scheduled
+    return ""
 
 
 @dataclass
@@ -190,23 +230,37 @@ class _Batch:
     """What the decisions of one transaction see: the stored rows and the batch so far."""
 
     rules: Rules
-    originals: Mapping[OriginalQuestion, int]  # (key, recipient, since) -> stored id
+    originals: Mapping[OriginalQuestion, int]  # (key, recipient, since, _) -> stored id
     storms: Mapping[StormQuestion, StormState]  # (recipient, at, ...) -> stored state
+    last_words: Mapping[OriginalQuestion, str]  # -> the stored last word of its scope
     # (key, phone) -> [(id, arrival)] of this batch, oldest first
     earlier: dict[tuple[str, str], list[tuple[int, float]]] = field(default_factory=dict)
+    # (scope prefix, phone) -> the key of this batch's newest message from that scope to
+    # the phone: its last word there once this batch is stored
+    said: dict[tuple[str, str], str] = field(default_factory=dict)
     # phone -> when its texts held / let through within this batch reach it
     held: dict[str, list[float]] = field(default_factory=dict)
     let_through: dict[str, list[float]] = field(default_factory=dict)
 
     def original(self, message: NewMessage, since: float) -> int | None:
-        for key in repeated_keys(message.dedupe_key or ""):
-            stored = self.originals.get(OriginalQuestion(key, message.recipient, since))
-            if stored is not None:
-                return stored
-            repeats = self.earlier.get((key, message.recipient), [])
-            found = next((i for i, at in repeats if at >= since), None)
-            if found is not None:
+        scope = last_word_scope(message.dedupe_key or "")
+        keys = repeated_keys(message.dedupe_key or "")
+        for key in keys:
+            question = OriginalQuestion(key, message.recipient, since, scope)
+            found = self.originals.get(question)
+            if found is None:
+                repeats = self.earlier.get((key, message.recipient), [])
+                found = next((i for i, at in repeats if at >= since), None)
+            if found is None:
+                continue
+            if not scope:
                 return found
+            # The scope's last word to the phone: this batch's, else the store's (known
+            # whenever an original is: this batch's own original is one of its words).
+            said = self.said.get((scope, message.recipient))
+            last = self.last_words.get(question) if said is None else said
+            # Not the same key, or one of its slots: another text reached the phone since.
+            return found if last in keys else None
         return None
 
     def storming(self, message: NewMessage, now: float) -> bool:
@@ -221,6 +275,10 @@ class _Batch:
     def record(self, message: NewMessage, message_id: int, now: float) -> None:
         pair = (message.dedupe_key or "", message.recipient)
         self.earlier.setdefault(pair, []).append((message_id, now))
+        if message.state != State.FAILED:  # a failed text never reached the phone
+            # Every key of a scope is its word, whether derived or the sender's own.
+            colon = pair[0].find(":")
+            self.said[(pair[0][: colon + 1], message.recipient)] = pair[0]
         if message.state == State.HELD:
             self.held.setdefault(message.recipient, []).append(reaches_phone(message, now))
         elif message.state == State.QUEUED:

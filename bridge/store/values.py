@@ -9,7 +9,7 @@ import os
 import secrets
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from bridge.models import NewMessage
@@ -18,11 +18,18 @@ from bridge.models import NewMessage
 
 
 class OriginalQuestion(NamedTuple):
-    """Is there a stored message with this dedupe key to this recipient since `since`?"""
+    """Is there a stored message with this dedupe key to this recipient since `since`?
+
+    With `last_of` (a key prefix: the scope a key the bridge derived carries, `route@kuma:`),
+    and such a message found: also the key of the newest message (not failed) to the
+    recipient whose key starts with `last_of`, that scope's last word to the phone
+    (`Lookups.last_words`).
+    """
 
     dedupe_key: str
     recipient: str
     since: float
+    last_of: str = ""
 
 
 class StormQuestion(NamedTuple):
@@ -62,11 +69,17 @@ class Lookups:
     """The store's answers to `IngestQuestions`, read inside the ingest transaction.
 
     `originals`: the first stored message (lowest `created_at`, not failed) each question
-    repeats; questions without one are absent. `storms`: an entry for every question.
+    repeats; questions without one are absent. `last_words`: for each question with
+    `last_of` and an original, the key of the newest stored message (by `created_at`,
+    then id; not failed) to the recipient whose key starts with `last_of`. It is never
+    older than the original (which is one), so the store finds it walking the
+    recipient's messages back from the newest, no further than the original.
+    `storms`: an entry for every question.
     """
 
     originals: Mapping[OriginalQuestion, int]
     storms: Mapping[StormQuestion, StormState]
+    last_words: Mapping[OriginalQuestion, str] = field(default_factory=dict)
 
 
 Pending = tuple[NewMessage, float]  # a message to store, and when it arrived

@@ -36,11 +36,21 @@ from bridge.store.postgres.pool import Conn
 from bridge.store.rows import row
 
 # One statement answers every question of a batch (each statement is a round trip).
+# With a scope (w.o) and an original found, the scope's last word to the phone: SQLite's
+# _ORIGINALS, messages_recipient walked back from the newest to the first row of the
+# scope, never past the original. Read under the lock on (key, recipient) only: a text
+# of another key from the scope that another instance commits meanwhile is unseen, and
+# the repeat is decided as if it had arrived first (the two arrived at the same moment).
 ORIGINALS = (
-    "SELECT w.i, (SELECT m.id FROM messages m WHERE m.dedupe_key = w.k"
+    "SELECT w.i, f.id, CASE WHEN w.o <> '' THEN (SELECT n.dedupe_key FROM messages n"
+    " WHERE n.recipient = w.r AND n.created_at >= f.created_at AND n.state <> 'failed'"
+    " AND left(n.dedupe_key, length(w.o)) = w.o"
+    " ORDER BY n.created_at DESC, n.id DESC LIMIT 1) END"
+    " FROM unnest($1::text[], $2::text[], $3::float8[], $4::text[])"
+    " WITH ORDINALITY AS w(k, r, s, o, i)"
+    " CROSS JOIN LATERAL (SELECT m.id, m.created_at FROM messages m WHERE m.dedupe_key = w.k"
     " AND m.recipient = w.r AND m.created_at >= w.s AND m.state <> 'failed'"
-    " ORDER BY m.created_at LIMIT 1) FROM unnest($1::text[], $2::text[], $3::float8[])"
-    " WITH ORDINALITY AS w(k, r, s, i)"
+    " ORDER BY m.created_at LIMIT 1) f"
 )
 # When a message reaches its phone: its schedule_time (UTC text), else when it was stored
 # (SQLite's EFFECTIVE); the pattern keeps a row of some other form from failing the cast.
@@ -89,19 +99,21 @@ def lock_keys(questions: IngestQuestions) -> list[str]:
 
 async def answer(conn: Conn, questions: IngestQuestions) -> Lookups:
     originals: dict[OriginalQuestion, int] = {}
+    last_words: dict[OriginalQuestion, str] = {}
     storms: dict[StormQuestion, StormState] = {}
     if asked := list(questions.originals):
-        for i, found in await conn.fetch(
-            ORIGINALS, [q[0] for q in asked], [q[1] for q in asked], [q[2] for q in asked]
+        for i, found, last_word in await conn.fetch(
+            ORIGINALS, *([q[k] for q in asked] for k in range(4))
         ):
-            if found is not None:
-                originals[asked[i - 1]] = int(found)
+            originals[asked[i - 1]] = int(found)
+            if last_word is not None:
+                last_words[asked[i - 1]] = last_word
     if asked_storms := list(questions.storms):
         for i, held, times in await conn.fetch(
             STORMS, *([q[k] for q in asked_storms] for k in range(4))
         ):
             storms[asked_storms[i - 1]] = StormState(bool(held), tuple(map(float, times)))
-    return Lookups(originals=originals, storms=storms)
+    return Lookups(originals=originals, storms=storms, last_words=last_words)
 
 
 @dataclass

@@ -34,9 +34,9 @@ from bridge.store.sqlite.schema import (
 )
 
 # The columns of each kind of question (`_values` adds its index to each row).
-ORIGINAL_COLUMNS = ("key", "recipient", "since")
+ORIGINAL_COLUMNS = ("key", "recipient", "since", "last_of")
 STORM_COLUMNS = ("recipient", "at", "window", "held_since")
-# Questions of each kind per statement: 4 + 5 parameters a pair, under SQLite's oldest
+# Questions of each kind per statement: 5 + 5 parameters a pair, under SQLite's oldest
 # limit of 999 parameters. Left at 140 when a storm question grew from 2 values to 4,
 # a request to 112 phones or more was a 503 ("too many SQL variables") there.
 QUESTIONS_PER_STATEMENT = 999 // (len(ORIGINAL_COLUMNS) + len(STORM_COLUMNS) + 2)
@@ -135,6 +135,7 @@ def ingest_lookups(db: Database, questions: IngestQuestions) -> tuple[int, Looku
 
 def _lookups(db: Database, questions: IngestQuestions, version: str) -> tuple[int, Lookups, int]:
     originals: dict[OriginalQuestion, int] = {}
+    last_words: dict[OriginalQuestion, str] = {}
     storms: dict[StormQuestion, StormState] = {}
     first_id = 0
     data_version = 0
@@ -150,26 +151,43 @@ def _lookups(db: Database, questions: IngestQuestions, version: str) -> tuple[in
             o_args + s_args,
         ).fetchone()
         first_id = first_id or int(next_id)
-        originals.update((chunk_o[i], int(original)) for i, original in json.loads(found_o))
+        for i, original, last_word in json.loads(found_o):
+            originals[chunk_o[i]] = int(original)
+            if last_word is not None:
+                last_words[chunk_o[i]] = last_word
         storms.update(
             (chunk_s[i], StormState(bool(held), tuple(float(t) for t in times)))
             for i, held, times in json.loads(found_s)
         )
-    return first_id, Lookups(originals=originals, storms=storms), int(data_version)
+    lookups = Lookups(originals=originals, storms=storms, last_words=last_words)
+    return first_id, lookups, int(data_version)
 
 
 # The answers, one JSON array of [i, answer...] per kind. Originals: for each (key,
-# recipient, since) the first stored message it repeats, if any, ordered as the index is
-# (so the first hit answers however many repeats exist); absent when none. Storms: for each
+# recipient, since, last_of) the first stored message it repeats, if any, ordered as the
+# index is (so the first hit answers however many repeats exist); absent when none. With
+# last_of, and an original found, the key of the newest message to the recipient from
+# that scope (`Lookups.last_words`): messages_recipient walked back from the newest, the
+# first row of the scope ends it (LIMIT 1), and never past the original, itself one. So
+# it reads one row in a flood of one text to a phone (its suppressed repeats are the
+# newest), and at most the phone's other scopes' rows since the scope last spoke, each
+# once: the next ingest of that scope stops at the row this one adds (the flap rule's
+# first SQL asked, for every candidate, whether any later row differed: quadratic,
+# BENCHMARKS.md). The original is joined by its id, so its time bounds the walk without
+# finding it twice. Storms: for each
 # (recipient, at, window, held_since): a message held at a time from held_since to at?,
 # and when each text let through reaches the phone, from at - window to at + window (a
 # scheduled one at its time: EFFECTIVE; found through messages_scheduled by its UTC text,
 # a second either side, then exactly).
 _ORIGINALS = (
-    "SELECT json_group_array(json_array(i, original)) FROM (SELECT i, (SELECT id FROM messages"
+    "SELECT json_group_array(json_array(o.i, f.id, CASE WHEN o.last_of != '' THEN"
+    " (SELECT n.dedupe_key FROM messages n WHERE n.recipient = o.recipient"
+    " AND n.created_at >= f.created_at AND n.state != 'failed'"
+    " AND substr(n.dedupe_key, 1, length(o.last_of)) = o.last_of"
+    " ORDER BY n.created_at DESC, n.id DESC LIMIT 1) END))"
+    " FROM o JOIN messages f ON f.id = (SELECT id FROM messages"
     " WHERE dedupe_key = o.key AND dedupe_key IS NOT NULL AND recipient = o.recipient"
     " AND created_at >= o.since AND state != 'failed' ORDER BY created_at LIMIT 1)"
-    " AS original FROM o) WHERE original IS NOT NULL"
 )
 EFFECTIVE = f"coalesce({totals.SCHEDULED_AT_SQLITE.format(t='')}, created_at)"
 _LET_THROUGH = "state IN ('queued', 'sending', 'sent', 'delivered') AND source != 'digest'"
