@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from bridge.models import NewMessage
+from bridge.policy.decide import Rules, scoped_key, text_key
 from bridge.store.sqlite import SqliteStore, engine
 
 Traced = tuple[SqliteStore, Callable[[str], list[list[str]]]]
@@ -180,3 +182,23 @@ async def test_the_dispatchers_read_of_its_first_texts_searches(traced: Traced) 
             "SEARCH messages USING INTEGER PRIMARY KEY (rowid=?)",
             "SEARCH messages USING INDEX messages_due (state=? AND next_attempt_at<?)",
         ], plan
+
+
+async def test_a_repeats_original_and_its_scopes_last_word_are_looked_up(traced: Traced) -> None:
+    # The flap rule's first SQL read every later message to the phone for each
+    # candidate original (BENCHMARKS.md): now the original by messages_dedupe, its row by
+    # id, and the scope's last word by messages_recipient in its order (LIMIT 1), no sort.
+    store, plans = traced
+    key = scoped_key("route@kuma", text_key("disk full"))
+    message = NewMessage("+12025550143", "disk full", "hook", "Bridge", 1, 1, dedupe_key=key)
+    for now in (1.0, 2.0):
+        await store.ingest([(message, now)], Rules(dedupe_window=600.0))
+    [*_, plan] = plans("json_group_array(json_array(o.i")
+    assert not [line for line in plan if "TEMP B-TREE" in line], plan  # no sort
+    looked_up = [
+        "SEARCH f USING INTEGER PRIMARY KEY (rowid=?)",
+        "SEARCH messages USING INDEX messages_dedupe (dedupe_key=? AND recipient=? AND created_at>?)",
+        "SEARCH n USING INDEX messages_recipient (recipient=? AND created_at>?)",
+    ]
+    assert [line for line in plan if line in looked_up] == looked_up, plan
+    assert not [line for line in plan if line.startswith(("SCAN f", "SCAN n", "SCAN messages"))]
