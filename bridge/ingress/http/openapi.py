@@ -318,7 +318,9 @@ def openapi_spec(config: Config) -> dict[str, Any]:
                 "type": "string",
                 "maxLength": 256,
                 "description": "suppresses a repeat to the same recipient within the dedupe"
-                " window; scoped to the API, so it never meets a webhook's or a mail's key",
+                " window; scoped to the API, so it never meets a webhook's or a mail's key."
+                " Without it the text is the key, and a repeat is suppressed only while it is"
+                " still the API's last text to that phone",
             },
             "schedule_time": {
                 "type": "string",
