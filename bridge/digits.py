@@ -19,15 +19,39 @@ from collections.abc import Iterable, Sequence
 from bridge.digit_regex import DIGITS, Alternation, Concat, Digit, Node
 
 _NONE: frozenset[int] = frozenset()
+_ZERO = ord("0")
 MAX_STATES = 20_000  # remembered states of one automaton; beyond, the memo starts over
 
 
-class _Nfa:
+class Nfa:
     """Thompson's construction: states with digit edges and empty edges."""
 
     def __init__(self) -> None:
         self.edges: list[list[tuple[frozenset[str], int]]] = []
         self.empty: list[list[int]] = []
+        self._closures: dict[int, frozenset[int]] = {}
+
+    def closure(self, state: int) -> frozenset[int]:
+        """`state` and the states its empty edges reach (asked once the NFA is built)."""
+        found = self._closures.get(state)
+        if found is None:
+            seen, todo = {state}, [state]
+            while todo:
+                for nxt in self.empty[todo.pop()]:
+                    if nxt not in seen:
+                        seen.add(nxt)
+                        todo.append(nxt)
+            found = self._closures[state] = frozenset(seen)
+        return found
+
+    def step(self, states: frozenset[int], digit: str) -> frozenset[int]:
+        """The states `digit` leads to from `states`, with their closures."""
+        reached: set[int] = set()
+        for s in states:
+            for allowed, nxt in self.edges[s]:
+                if digit in allowed:
+                    reached |= self.closure(nxt)
+        return frozenset(reached)
 
     def state(self) -> int:
         self.edges.append([])
@@ -84,7 +108,7 @@ class Automaton:
     """
 
     def __init__(self, patterns: Iterable[tuple[Node, Sequence[int]]]) -> None:
-        self._nfa = _Nfa()
+        self._nfa = Nfa()
         self._accept: dict[int, frozenset[int]] = {}  # final NFA state -> its lengths
         starts = []
         for tree, lengths in patterns:  # trees of `bridge.digit_regex.parse`
@@ -93,22 +117,9 @@ class Automaton:
             self._accept[end] = self._accept.get(end, frozenset()) | frozenset(lengths)
         self._finals = frozenset(self._accept)
         self.longest = max((max(v) for v in self._accept.values() if v), default=0)
-        self._closures: dict[int, frozenset[int]] = {}
         self._steps: dict[tuple[frozenset[int], str], frozenset[int]] = {}
         self._facts: dict[frozenset[int], tuple[frozenset[int], frozenset[int]]] = {}
-        self.start = frozenset().union(*(self._closure(s) for s in starts))
-
-    def _closure(self, state: int) -> frozenset[int]:
-        found = self._closures.get(state)
-        if found is None:
-            seen, todo = {state}, [state]
-            while todo:
-                for nxt in self._nfa.empty[todo.pop()]:
-                    if nxt not in seen:
-                        seen.add(nxt)
-                        todo.append(nxt)
-            found = self._closures[state] = frozenset(seen)
-        return found
+        self.start = frozenset().union(*(self._nfa.closure(s) for s in starts))
 
     def step(self, states: frozenset[int], digit: str) -> frozenset[int]:
         key = (states, digit)
@@ -117,12 +128,7 @@ class Automaton:
             if len(self._steps) >= MAX_STATES:  # bounded: an odd stream only clears it
                 self._steps.clear()
                 self._facts.clear()
-            reached: set[int] = set()
-            for s in states:
-                for allowed, nxt in self._nfa.edges[s]:
-                    if digit in allowed:
-                        reached |= self._closure(nxt)
-            found = self._steps[key] = frozenset(reached)
+            found = self._steps[key] = self._nfa.step(states, digit)
         return found
 
     def _lengths(self, states: frozenset[int]) -> frozenset[int]:
@@ -162,3 +168,63 @@ class Automaton:
             if cut < len(number):
                 here = self.step(here, number[cut])
         return out
+
+
+class Matcher:
+    """Which of many patterns match a string of digits whole, in one walk along it.
+
+    The patterns become one automaton over digits, made deterministic as strings walk
+    it: each set of pattern states met is numbered, with a row of its ten successors
+    filled in as digits first lead out of it, and the patterns accepting there. A walk
+    along a string whose every step is known costs a list index a digit, however many
+    patterns there are (+1's 25 regions hold ~300). Past `MAX_STATES` sets the rows
+    start over, so no stream of strings makes them grow without bound.
+    """
+
+    def __init__(self, patterns: Sequence[Node]) -> None:
+        self._nfa = Nfa()
+        self._tag: dict[int, int] = {}  # final NFA state -> index of its pattern
+        starts = []
+        for index, tree in enumerate(patterns):  # trees of `bridge.digit_regex.parse`
+            start, end = self._nfa.build(tree)
+            starts.append(start)
+            self._tag[end] = index
+        self._finals = frozenset(self._tag)
+        self._start = frozenset().union(*(self._nfa.closure(s) for s in starts))
+        self._reset()
+
+    def _reset(self) -> None:
+        self._ids: dict[frozenset[int], int] = {}
+        self._sets: list[frozenset[int]] = []
+        self._rows: list[list[int]] = []  # state -> successor by digit, -1: not yet known
+        self._accepting: list[frozenset[int]] = []  # state -> the patterns matched there
+        self._number(self._start)
+
+    @property
+    def states(self) -> int:
+        """How many states are remembered (`MAX_STATES` bounds them)."""
+        return len(self._sets)
+
+    def _number(self, states: frozenset[int]) -> int:
+        found = self._ids.get(states)
+        if found is None:
+            found = self._ids[states] = len(self._sets)
+            self._sets.append(states)
+            self._rows.append([-1] * 10)
+            self._accepting.append(frozenset(self._tag[s] for s in states & self._finals))
+        return found
+
+    def _successor(self, state: int, digit: int) -> int:
+        found = self._number(self._nfa.step(self._sets[state], DIGITS[digit]))
+        self._rows[state][digit] = found
+        return found
+
+    def matching(self, digits: str) -> frozenset[int]:
+        """The indexes of the patterns that match `digits` (ASCII digits only) whole."""
+        if len(self._sets) >= MAX_STATES:  # checked between walks: one adds at most a
+            self._reset()  # state a digit, so the bound is passed by 17 at most
+        rows, state = self._rows, 0
+        for byte in digits.encode():
+            nxt = rows[state][byte - _ZERO]
+            state = nxt if nxt >= 0 else self._successor(state, byte - _ZERO)
+        return self._accepting[state]

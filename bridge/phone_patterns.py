@@ -50,14 +50,24 @@ class Unread(NamedTuple):
         )
 
 
+class Matched(NamedTuple):
+    """The patterns an automaton found matching a number (`bridge.phone_automaton`), by
+    their text: those that match it whole, and the leading digits that match its start."""
+
+    whole: frozenset[str]
+    leading: frozenset[str]
+
+
 class _Desc(NamedTuple):
     pattern: re.Pattern[str] | None  # None: no pattern, or none `re` reads: matches nothing
     lengths: tuple[int, ...]
 
-    def matches(self, national: str) -> bool:
+    def matches(self, national: str, matched: Matched | None) -> bool:
         """The library's _is_number_matching_desc: the lengths, then the whole pattern."""
         if self.pattern is None or (self.lengths and len(national) not in self.lengths):
             return False
+        if matched is not None:
+            return self.pattern.pattern in matched.whole
         return self.pattern.fullmatch(national) is not None
 
 
@@ -74,25 +84,34 @@ class _Region:
     mobile: _Desc
     same_fixed_and_mobile: bool
 
-    def kind(self, national: str) -> int:
-        if not self.general.matches(national):
+    def kind(self, national: str, matched: Matched | None) -> int:
+        if not self.general.matches(national, matched):
             return PhoneNumberType.UNKNOWN
         for desc, kind in self.kinds:
-            if desc.matches(national):
+            if desc.matches(national, matched):
                 return kind
-        if self.fixed_line.matches(national):
-            if self.same_fixed_and_mobile or self.mobile.matches(national):
+        if self.fixed_line.matches(national, matched):
+            if self.same_fixed_and_mobile or self.mobile.matches(national, matched):
                 return PhoneNumberType.FIXED_LINE_OR_MOBILE
             return PhoneNumberType.FIXED_LINE
-        if not self.same_fixed_and_mobile and self.mobile.matches(national):
+        if not self.same_fixed_and_mobile and self.mobile.matches(national, matched):
             return PhoneNumberType.MOBILE
         return PhoneNumberType.UNKNOWN
 
-    def claims(self, national: str) -> bool:
+    def claims(self, national: str, matched: Matched | None) -> bool:
         """Whether a number of a shared calling code is this region's."""
-        if self.by_leading:
-            return self.leading is not None and self.leading.match(national) is not None
-        return self.kind(national) != PhoneNumberType.UNKNOWN
+        if not self.by_leading:
+            return self.kind(national, matched) != PhoneNumberType.UNKNOWN
+        if self.leading is None:
+            return False
+        if matched is not None:
+            return self.leading.pattern in matched.leading
+        return self.leading.match(national) is not None
+
+    def patterns(self) -> list[str]:
+        """The texts of the national number patterns `kind` reads (`re` compiled them)."""
+        descs = (self.general, *(desc for desc, _ in self.kinds), self.fixed_line, self.mobile)
+        return [desc.pattern.pattern for desc in descs if desc.pattern is not None]
 
 
 def _read_region(code: int, name: str, unread: list[Unread]) -> _Region | None:
@@ -137,18 +156,31 @@ class CallingCode:
     read: dict[str, _Region]
     unread: tuple[Unread, ...]
 
-    def facts(self, national: str) -> tuple[str | None, int]:
+    def facts(self, national: str, matched: Matched | None = None) -> tuple[str | None, int]:
         """(phonenumbers.region_code_for_number, phonenumbers.number_type) of the number
-        with this calling code and national significant number."""
+        with this calling code and national significant number; with `matched`, which
+        patterns match it is taken from there, not asked of `re`."""
         region: str | None = self.regions[0] if len(self.regions) == 1 else None
         if region is None:
-            region = next((n for n in self.regions if self._claims(n, national)), None)
+            region = next((n for n in self.regions if self._claims(n, national, matched)), None)
         reader = self.read.get(region) if region else None
-        return region, reader.kind(national) if reader else PhoneNumberType.UNKNOWN
+        return region, reader.kind(national, matched) if reader else PhoneNumberType.UNKNOWN
 
-    def _claims(self, region: str, national: str) -> bool:
+    def _claims(self, region: str, national: str, matched: Matched | None) -> bool:
         reader = self.read.get(region)
-        return reader is not None and reader.claims(national)
+        return reader is not None and reader.claims(national, matched)
+
+    def patterns(self) -> tuple[list[str], list[str]]:
+        """The distinct texts of the patterns `facts` reads: those matched whole, and the
+        leading digits matched at the start (read only where regions share the code)."""
+        whole = dict.fromkeys(p for region in self.read.values() for p in region.patterns())
+        shared = len(self.regions) > 1
+        leading = dict.fromkeys(
+            region.leading.pattern
+            for region in self.read.values()
+            if shared and region.by_leading and region.leading is not None
+        )
+        return list(whole), list(leading)
 
 
 @functools.lru_cache(maxsize=256)  # more than the 215 calling codes

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from starlette.applications import Starlette
 
-from bridge import phone, phone_patterns, ranges
+from bridge import phone, phone_automaton, phone_patterns, ranges
 from bridge.app import build as build_bridge
 from bridge.clock import ManualClock
 from bridge.config import Config, HttpConfig, LiveConfig, load_config
@@ -182,3 +182,4 @@ def forget_the_metadata() -> None:
     phone._facts.clear()
     phone._warned.clear()
     phone_patterns.read.cache_clear()
+    phone_automaton.reader.cache_clear()

@@ -24,8 +24,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "core": (
         *("bridge", "errors", "clock", "models", "config", "firewall", "phone", "text"),
         *("pricing", "templates", "health", "loops", "schedule", "sockets", "ranges", "digits"),
-        *("digit_regex", "phone_patterns", "addresses", "permissions", "template_limits"),
-        "certificates",
+        *("digit_regex", "phone_patterns", "phone_automaton", "addresses", "permissions"),
+        *("template_limits", "certificates"),
     ),
     "store": ("store",),
     "policy": ("policy",),
