@@ -172,6 +172,37 @@ def _candidates(compact: str, default_region: str | None) -> list[tuple[str, str
     return [("+" + compact, None)]
 
 
+# What the plain reading asks of the metadata that depends on the calling code alone,
+# asked once: a new number paid ~25k instructions for these lookups, a third of reading
+# it (issue #16). Bounded: the calling code by at most three ASCII digits (1,110 keys),
+# the others by the ~215 codes (and the national number's 2 to 17 lengths).
+_CODE_UNSEEN = -1
+_plain_codes: dict[str, int | None] = {}  # "+" and digits' first three -> _calling_code
+_plain_metadata: dict[int, PhoneMetadata] = {}  # a calling code -> its main region's
+_plain_lengths: dict[tuple[int, int], int] = {}  # (calling code, length) -> ValidationResult
+
+
+def _plain_code(digits: str) -> int | None:
+    """`_calling_code(digits[1:])` for `+` and ASCII digits, remembered by the first
+    three digits, all it reads (no calling code starts with 0)."""
+    lead = digits[1:4]
+    found = _plain_codes.get(lead, _CODE_UNSEEN)
+    if found == _CODE_UNSEEN:
+        found = _plain_codes[lead] = _calling_code(lead) if lead[0] != "0" else None
+    return found
+
+
+def _plain_possible(number: phonenumbers.PhoneNumber, digits: str) -> int:
+    """`phonenumbers.is_possible_number_with_reason` of the plain reading of `digits`:
+    the library reads the calling code's possible lengths, so the answer depends on the
+    code and the national number's length only (`digits`' own, given the code)."""
+    key = (int(number.country_code or 0), len(digits))
+    found = _plain_lengths.get(key)
+    if found is None:
+        found = _plain_lengths[key] = phonenumbers.is_possible_number_with_reason(number)
+    return found
+
+
 def _international(digits: str) -> phonenumbers.PhoneNumber | None:
     """`phonenumbers.parse(digits, None)` for `+` and digits when its answer is plain:
     the calling code, then a national number of 2 to 17 digits, not starting with 0
@@ -185,16 +216,19 @@ def _international(digits: str) -> phonenumbers.PhoneNumber | None:
     plain = digits[:1] == "+" and digits[1:].isdigit() and len(digits) > 3
     if not (_LIBRARY_HELPERS and plain and digits.isascii()):
         return None  # other digits (Arabic-Indic...) the library maps to ASCII first
-    code = _calling_code(digits[1:]) if digits[1] != "0" else None  # none starts with 0
+    code = _plain_code(digits)
     if code is None:
         return None
     national = digits[1 + len(str(code)) :]
     if not _MIN_NATIONAL <= len(national) <= _MAX_NATIONAL or national[0] == "0":
         return None
-    region = phonenumbers.region_code_for_country_code(code)
-    metadata = PhoneMetadata.metadata_for_region_or_calling_code(code, region)
+    metadata = _plain_metadata.get(code)
     if metadata is None:
-        return None
+        region = phonenumbers.region_code_for_country_code(code)
+        metadata = PhoneMetadata.metadata_for_region_or_calling_code(code, region)
+        if metadata is None:
+            return None
+        _plain_metadata[code] = metadata  # the library's own object: patched in place
     prefix = metadata.national_prefix_for_parsing
     if prefix and re_compile(prefix).match(national):
         return None
@@ -270,7 +304,11 @@ def _first_possible(text: str, compact: str, default_region: str | None) -> tupl
         try:
             plain = _international(digits) if region is None else None
             number = plain or phonenumbers.parse(digits, region)
-            result = phonenumbers.is_possible_number_with_reason(number)
+            result = (
+                _plain_possible(number, digits)
+                if plain is not None
+                else phonenumbers.is_possible_number_with_reason(number)
+            )
             # A plain reading's E.164 is the digits it read: `+`, the code, the national
             # number without a leading 0 (the library's formatting: ~1 % of an alert).
             e164 = (
